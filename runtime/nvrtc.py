@@ -1,0 +1,293 @@
+"""CUDA C++ -> cubin / PTX with NVRTC (through cuda-python's `cuda.bindings.nvrtc`).
+
+One call, `compile_cuda`, does create -> compile -> fetch -> destroy. A failed compile raises
+`NVRTCError` carrying the log, the path of the failing source (written to a temp dir) and a
+command that reproduces it: `python -m layerforge.runtime.nvrtc FILE --arch sm_90 ...`.
+Headers (cuda_fp16.h, cuda_bf16.h) come from the pip wheels, found at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cuda.bindings import nvrtc as _nvrtc
+
+_ARCH_RE = re.compile(r"^sm_(\d{2,3})([af]?)$")  # sm_80, sm_90a, sm_100f
+_STDS = ("c++11", "c++14", "c++17", "c++20")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything besides the source that decides the compiled bytes (and so the cache key)."""
+
+    arch: str
+    std: str = "c++17"
+    use_fast_math: bool = False
+    line_info: bool = False
+    max_registers: int | None = None
+    extra: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.arch, str) or not _ARCH_RE.match(self.arch):
+            raise ValueError(f"arch must look like 'sm_90' or 'sm_90a', got {self.arch!r}")
+        if self.std not in _STDS:
+            raise ValueError(f"std must be one of {_STDS}, got {self.std!r}")
+        if self.max_registers is not None and not (
+            isinstance(self.max_registers, int) and 16 <= self.max_registers <= 255
+        ):
+            raise ValueError(f"max_registers must be an int in [16, 255], got {self.max_registers!r}")
+        if isinstance(self.extra, (str, bytes)) or not all(isinstance(e, str) for e in self.extra):
+            raise TypeError(f"extra must be a sequence of str, got {self.extra!r}")
+        object.__setattr__(self, "extra", tuple(self.extra))  # lists in, hashable tuple kept
+
+    @property
+    def virtual_arch(self) -> str:
+        """`compute_XY[a|f]`: the PTX target matching `arch`."""
+        return "compute_" + self.arch[len("sm_"):]
+
+    def to_args(self, *, ptx_only: bool = False) -> list[str]:
+        """NVRTC command-line options. `ptx_only` targets the virtual arch (no ptxas run)."""
+        args = [
+            f"--gpu-architecture={self.virtual_arch if ptx_only else self.arch}",
+            f"--std={self.std}",
+            "-default-device",  # plain functions are __device__: templates need no annotations
+        ]
+        if not ptx_only:
+            args.append("--ptxas-options=-v")  # per-kernel registers / spills / smem in the log
+        if self.use_fast_math:
+            args.append("--use_fast_math")
+        if self.line_info:
+            args.append("-lineinfo")
+        if self.max_registers is not None:
+            args.append(f"--maxrregcount={self.max_registers}")
+        args += [f"-I{d}" for d in find_cuda_include_dirs()]
+        return args + list(self.extra)
+
+    def to_cli(self) -> list[str]:
+        """The options as arguments of this module's `__main__` (see `_main`)."""
+        cli = ["--arch", self.arch, "--std", self.std]
+        cli += ["--fast-math"] * self.use_fast_math + ["--line-info"] * self.line_info
+        if self.max_registers is not None:
+            cli += ["--max-registers", str(self.max_registers)]
+        return cli + [f"--extra={e}" for e in self.extra]
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """What ptxas reported for one kernel (`--ptxas-options=-v`)."""
+
+    registers: int = 0
+    spill_stores: int = 0  # bytes
+    spill_loads: int = 0  # bytes
+    stack_frame: int = 0  # bytes
+    shared_mem: int = 0  # static shared memory, bytes
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.spill_stores or self.spill_loads)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    name: str
+    options: CompileOptions
+    cubin: bytes | None
+    ptx: str | None
+    log: str
+    resources: dict[str, KernelResources] = field(default_factory=dict)  # by (mangled) kernel name
+    lowered_names: dict[str, str] = field(default_factory=dict)  # name expression -> mangled name
+    compile_seconds: float = 0.0
+
+
+class NVRTCError(RuntimeError):
+    def __init__(self, message: str, *, log: str = "", source_path: str | None = None,
+                 command: str | None = None):
+        self.log, self.source_path, self.command = log, source_path, command
+        parts = [message]
+        if log.strip():
+            parts.append("NVRTC log:\n" + log.rstrip())
+        if source_path:
+            parts.append(f"source written to: {source_path}")
+        if command:
+            parts.append(f"reproduce with: {command}")
+        super().__init__("\n".join(parts))
+
+
+def _check(result, call: str):
+    """cuda.bindings returns (status, *values): raise on a bad status, return the values."""
+    status, *values = result
+    if status != _nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, what = _nvrtc.nvrtcGetErrorString(status)
+        raise NVRTCError(f"{call} failed: {what.decode()}")
+    return values[0] if len(values) == 1 else values
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    major, minor = _check(_nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return major, minor
+
+
+@functools.cache
+def supported_archs() -> tuple[int, ...]:
+    """Real architectures this NVRTC can emit cubin for, e.g. (75, 80, 86, ..., 90, 100)."""
+    return tuple(_check(_nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
+
+
+@functools.cache
+def find_cuda_include_dirs() -> tuple[str, ...]:
+    """Directories holding cuda_fp16.h / cuda_bf16.h: pip wheels first, then $CUDA_HOME."""
+    candidates: list[Path] = []
+    try:  # cuda.pathfinder knows the wheel, conda and toolkit layouts
+        from cuda.pathfinder import locate_nvidia_header_directory
+
+        found = locate_nvidia_header_directory("cudart")
+        if found is not None:
+            candidates.append(Path(found.abs_path))
+    except Exception:  # older cuda-python without pathfinder, or nothing found
+        pass
+    spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        # CUDA 13 wheels share nvidia/cu13/include; CUDA 12 wheels use nvidia/cuda_runtime/include
+        candidates += sorted(Path(root).glob("cu*/include")) + [Path(root, "cuda_runtime", "include")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var], "include"))
+    for cand in candidates:
+        if (cand / "cuda_fp16.h").is_file() and (cand / "cuda_bf16.h").is_file():
+            return (str(cand),)
+    return ()
+
+
+def default_arch() -> str:
+    """`sm_XY` of torch's current CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU is visible, so the target arch cannot be guessed: "
+                           "pass one explicitly, e.g. CompileOptions(arch='sm_90')")
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
+_FIELDS = {  # KernelResources field -> pattern in ptxas -v output
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack_frame": re.compile(r"(\d+) bytes stack frame"),
+    "shared_mem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
+    """Per-kernel resources from the ptxas -v report; each section starts at 'Compiling entry'."""
+    starts = list(_ENTRY_RE.finditer(log))
+    out = {}
+    for i, m in enumerate(starts):
+        section = log[m.end(): starts[i + 1].start() if i + 1 < len(starts) else len(log)]
+        values = {k: int(hit.group(1)) for k, rx in _FIELDS.items() if (hit := rx.search(section))}
+        out[m.group(1)] = KernelResources(**values)
+    return out
+
+
+def _fetch(prog, size_fn, get_fn, call: str) -> bytes:
+    size = _check(size_fn(prog), call + "Size")
+    buf = b" " * size
+    _check(get_fn(prog, buf), call)
+    return buf
+
+
+def _write_failing_source(source: str, name: str) -> str:
+    path = Path(tempfile.mkdtemp(prefix="layerforge-nvrtc-")) / Path(name).name
+    path.write_text(source)
+    return str(path)
+
+
+def compile_cuda(source: str, name: str, options: CompileOptions, *, want_ptx: bool = False,
+                 want_cubin: bool = True, name_expressions: tuple[str, ...] = ()) -> CompileResult:
+    """Compile one translation unit. `name` is the program's file name (e.g. 'rms_norm.cu').
+
+    A real-arch compile yields cubin (and the PTX it went through, on request); PTX alone is
+    compiled for the virtual arch, skipping ptxas. `name_expressions` (e.g. 'k<128>') are
+    resolved to mangled names in `lowered_names`, for templated kernels.
+    """
+    if not (want_ptx or want_cubin):
+        raise ValueError("nothing to produce: want_ptx and want_cubin are both False")
+    if int(_ARCH_RE.match(options.arch).group(1)) not in supported_archs():
+        raise NVRTCError(f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot target "
+                         f"{options.arch}; it supports sm_{supported_archs()}")
+    name = name if name.endswith((".cu", ".cuh")) else name + ".cu"
+    args = options.to_args(ptx_only=not want_cubin)
+    start = time.perf_counter()
+    prog = _check(_nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []),
+                  "nvrtcCreateProgram")
+    try:
+        for expr in name_expressions:
+            _check(_nvrtc.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
+        status, = _nvrtc.nvrtcCompileProgram(prog, len(args), [a.encode() for a in args])
+        log = _fetch(prog, _nvrtc.nvrtcGetProgramLogSize, _nvrtc.nvrtcGetProgramLog,
+                     "nvrtcGetProgramLog").rstrip(b"\0").decode(errors="replace")
+        if status != _nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            path = _write_failing_source(source, name)
+            command = shlex.join([sys.executable, "-m", "layerforge.runtime.nvrtc", path,
+                                  *options.to_cli()])
+            hint = ("\nhint: CUDA headers not found; install the nvidia-cuda-runtime wheel or set "
+                    "CUDA_HOME" if "could not open source file" in log and not find_cuda_include_dirs()
+                    else "")
+            raise NVRTCError(f"NVRTC failed to compile {name} for {options.arch}{hint}", log=log,
+                             source_path=path, command=command)
+        cubin = bytes(_fetch(prog, _nvrtc.nvrtcGetCUBINSize, _nvrtc.nvrtcGetCUBIN,
+                             "nvrtcGetCUBIN")) if want_cubin else None
+        ptx = _fetch(prog, _nvrtc.nvrtcGetPTXSize, _nvrtc.nvrtcGetPTX,
+                     "nvrtcGetPTX").rstrip(b"\0").decode() if want_ptx else None
+        lowered = {e: _check(_nvrtc.nvrtcGetLoweredName(prog, e.encode()),
+                             "nvrtcGetLoweredName").decode() for e in name_expressions}
+    finally:
+        _nvrtc.nvrtcDestroyProgram(prog)
+    return CompileResult(name=name, options=options, cubin=cubin, ptx=ptx, log=log,
+                         resources=parse_ptxas_log(log), lowered_names=lowered,
+                         compile_seconds=time.perf_counter() - start)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m layerforge.runtime.nvrtc FILE --arch sm_90`: compile FILE, print the log."""
+    p = argparse.ArgumentParser(prog="python -m layerforge.runtime.nvrtc", description=_main.__doc__)
+    p.add_argument("file", type=Path)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--std", default="c++17")
+    p.add_argument("--fast-math", action="store_true")
+    p.add_argument("--line-info", action="store_true")
+    p.add_argument("--max-registers", type=int)
+    p.add_argument("--extra", action="append", default=[], help="raw NVRTC option, e.g. --extra=-DX=1")
+    p.add_argument("--ptx", action="store_true", help="print the PTX too")
+    p.add_argument("-o", "--output", type=Path, help="write the cubin here")
+    a = p.parse_args(argv)
+    options = CompileOptions(a.arch, a.std, a.fast_math, a.line_info, a.max_registers, tuple(a.extra))
+    print("nvrtc", ".".join(map(str, nvrtc_version())), shlex.join(options.to_args()), file=sys.stderr)
+    try:
+        result = compile_cuda(a.file.read_text(), a.file.name, options, want_ptx=a.ptx)
+    except NVRTCError as e:
+        print(e.log or e, file=sys.stderr)
+        return 1
+    print(result.log, file=sys.stderr)
+    if a.ptx:
+        print(result.ptx)
+    if a.output:
+        a.output.write_bytes(result.cubin)
+    print(f"ok: {len(result.cubin)} bytes of cubin in {result.compile_seconds:.3f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
