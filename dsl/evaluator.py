@@ -1,0 +1,324 @@
+"""The reference evaluator: what every layerforge program means.
+
+`evaluate(fn, inputs)` runs a specialised IR function on torch tensors (CPU or GPU).
+
+Precision modes:
+  * "program" (default): every op's result is rounded to its static dtype, as the program is
+    written; half-precision operands are computed in f32 and reductions accumulate in f32.
+  * "float64": every float value is held in float64 and casts between float dtypes do not
+    round; this is the exact math that generated kernels are tested against.
+Dynamic dims (token counts, batch) are bound from the inputs' shapes; any mismatch is a
+`LayerInputError` naming the parameter, before anything runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from .ir import AttentionSpec, Function, Node, Op, ReduceArg, toposort, unary_name
+from .types import DType, dim_str, shape_str
+
+
+class LayerInputError(ValueError):
+    """An input does not fit the layer: wrong shape, dtype, device, or a missing argument."""
+
+
+PRECISIONS = ("program", "float64")
+
+
+def bind_inputs(fn: Function, inputs: Mapping[str, Any], *, check_device: bool = True) -> dict[str, int]:
+    """Check inputs against the function's parameters; return the dynamic dims they bind."""
+    dims: dict[str, int] = {}
+    known = {p.name for p in fn.params}
+    for k in inputs:
+        if k not in known:
+            raise LayerInputError(f"{fn.name}: unexpected input '{k}' (parameters: {', '.join(sorted(known))})")
+    device = None
+    for p in fn.params:
+        if p.kind == "const":
+            continue
+        if p.name not in inputs:
+            if p.kind == "scalar" and p.default is not None:
+                continue
+            raise LayerInputError(f"{fn.name}: missing input '{p.name}'")
+        x = inputs[p.name]
+        if p.kind == "scalar":
+            if isinstance(x, torch.Tensor) and x.numel() != 1:
+                raise LayerInputError(f"{fn.name}: '{p.name}' is a scalar, got a tensor of shape {tuple(x.shape)}")
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise LayerInputError(f"{fn.name}: '{p.name}' must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != p.dtype.torch:
+            raise LayerInputError(f"{fn.name}: '{p.name}' must be {p.dtype} ({p.dtype.torch}), got {x.dtype}")
+        if check_device:
+            if device is None:
+                device = x.device
+            elif x.device != device:
+                raise LayerInputError(f"{fn.name}: '{p.name}' is on {x.device} but other inputs are on {device}")
+        if x.dim() != len(p.shape):
+            raise LayerInputError(f"{fn.name}: '{p.name}' must have shape {shape_str(p.shape)} "
+                                  f"(rank {len(p.shape)}), got {tuple(x.shape)}")
+        for axis, (d, n) in enumerate(zip(p.shape, x.shape)):
+            _bind_dim(fn, p.name, axis, d, int(n), dims)
+    return dims
+
+
+def _bind_dim(fn, pname, axis, d: sympy.Expr, n: int, dims: dict[str, int]) -> None:
+    d = d.subs({sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()})
+    if d.is_Integer:
+        if int(d) != n:
+            raise LayerInputError(f"{fn.name}: '{pname}' dim {axis} must be {int(d)}, got {n}")
+        return
+    syms = list(d.free_symbols)
+    if len(syms) == 1:
+        sol = sympy.solve(sympy.Eq(d, n), syms[0])
+        if len(sol) == 1 and sol[0].is_Integer and sol[0] > 0:
+            dims[syms[0].name] = int(sol[0])
+            return
+        raise LayerInputError(f"{fn.name}: '{pname}' dim {axis} is {n}, which does not fit {dim_str(d)}")
+    raise LayerInputError(f"{fn.name}: cannot bind {dim_str(d)} from '{pname}'")
+
+
+def evaluate(fn: Function, inputs: Mapping[str, Any], *, precision: str = "program",
+             q_positions: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, ...]:
+    """Run `fn` on `inputs` (a mapping from parameter name to tensor or scalar)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dims = bind_inputs(fn, inputs)
+    ev = _Evaluator(fn, inputs, dims, precision == "float64", q_positions, kv_positions)
+    return tuple(ev.value(o) for o in fn.outputs)
+
+
+class _Evaluator:
+    def __init__(self, fn: Function, inputs, dims, f64: bool, q_positions, kv_positions):
+        self.fn, self.inputs, self.f64 = fn, inputs, f64
+        self.subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+        self.params = {p.name: p for p in fn.params}
+        self.device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        self.memo: dict[int, torch.Tensor] = {}
+        self.q_positions, self.kv_positions = q_positions, kv_positions
+        self.attn_env: dict[str, torch.Tensor] = {}
+
+    # ---- helpers
+    def int_of(self, d) -> int:
+        v = sympy.sympify(d).subs(self.subs)
+        if not v.is_Integer:
+            raise LayerInputError(f"{self.fn.name}: size {dim_str(d)} is not bound")
+        return int(v)
+
+    def storage(self, dt: DType) -> torch.dtype:
+        if self.f64 and dt.is_float:
+            return torch.float64
+        return dt.torch
+
+    def compute(self, dt: DType) -> torch.dtype:
+        """The dtype arithmetic runs in: f32 for half types (f64 in float64 mode)."""
+        if self.f64 and dt.is_float:
+            return torch.float64
+        if dt in (DType.f16, DType.bf16):
+            return torch.float32
+        return dt.torch
+
+    def up(self, x: torch.Tensor, dt: DType) -> torch.Tensor:
+        return x.to(self.compute(dt))
+
+    def out(self, x: torch.Tensor, n: Node) -> torch.Tensor:
+        return x.to(self.storage(n.dtype))
+
+    def value(self, n: Node) -> torch.Tensor:
+        for m in toposort([n]):
+            if id(m) not in self.memo:
+                self.memo[id(m)] = self.eval_node(m)
+        return self.memo[id(n)]
+
+    def arg(self, n: Node, i: int = 0) -> torch.Tensor:
+        return self.memo[id(n.src[i])] if id(n.src[i]) in self.memo else self.value(n.src[i])
+
+    # ---- ops
+    def eval_node(self, n: Node) -> torch.Tensor:
+        return getattr(self, "op_" + n.op.value)(n)
+
+    def op_input(self, n):
+        x = self.inputs[n.arg]
+        return x.to(self.storage(n.dtype))
+
+    def op_scalar(self, n):
+        p = self.params[n.arg]
+        v = self.inputs.get(n.arg, p.default)
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        return torch.tensor(v, dtype=self.storage(n.dtype), device=self.device)
+
+    def op_const(self, n):
+        return torch.tensor(n.arg, dtype=self.storage(n.dtype), device=self.device)
+
+    def op_dim(self, n):
+        return torch.tensor(self.int_of(n.arg), dtype=torch.int64, device=self.device)
+
+    def op_attn_var(self, n):
+        return self.attn_env[n.arg]
+
+    def op_unary(self, n):
+        name = unary_name(n)
+        x = self.arg(n)
+        if name == "not":
+            return ~x
+        if name == "alibi_slope":
+            _, heads, max_bias = n.arg
+            slopes = alibi_slopes(self.int_of(heads), max_bias, x.device, torch.float64 if self.f64 else torch.float32)
+            return slopes[x.long()]
+        if name == "t5_bucket":
+            _, nb, md, bd = n.arg
+            return t5_relative_bucket(x.long(), nb, md, bd).to(torch.int32)
+        x = self.up(x, n.dtype)
+        f = {
+            "neg": torch.neg, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+            "silu": F.silu, "gelu": lambda v: F.gelu(v), "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+            "relu": torch.relu, "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "abs": torch.abs, "cos": torch.cos,
+            "sin": torch.sin, "erf": torch.erf,
+        }[name]
+        return self.out(f(x), n)
+
+    def op_binary(self, n):
+        a, b = self.arg(n, 0), self.arg(n, 1)
+        op = n.arg
+        if op in ("and", "or"):
+            return (a & b) if op == "and" else (a | b)
+        cdt = self.compute(n.src[0].dtype if n.dtype is DType.bool else n.dtype)
+        if n.dtype is DType.bool and n.src[0].dtype != n.src[1].dtype:
+            cdt = torch.promote_types(self.compute(n.src[0].dtype), self.compute(n.src[1].dtype))
+        a, b = a.to(cdt), b.to(cdt)
+        f = {
+            "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+            "floordiv": lambda x, y: torch.div(x, y, rounding_mode="floor"), "mod": torch.remainder,
+            "pow": torch.pow, "max": torch.maximum, "min": torch.minimum, "eq": torch.eq, "ne": torch.ne,
+            "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+        }[op]
+        return self.out(f(a, b), n)
+
+    def op_where(self, n):
+        c, a, b = (self.arg(n, i) for i in range(3))
+        cdt = self.compute(n.dtype)
+        return self.out(torch.where(c, a.to(cdt), b.to(cdt)), n)
+
+    def op_cast(self, n):
+        x = self.arg(n)
+        if n.dtype.is_int and x.is_floating_point():
+            x = torch.trunc(x)
+        return x.to(self.storage(n.dtype))
+
+    def op_reduce(self, n):
+        r: ReduceArg = n.arg
+        x = self.arg(n)
+        acc = self.compute(n.dtype) if n.dtype.is_float else n.dtype.torch
+        if n.dtype.is_float:
+            acc = torch.float64 if self.f64 else torch.float32
+        x = x.to(acc)
+        if r.fn == "sum":
+            y = x.sum(dim=r.axis, keepdim=r.keepdim)
+        elif r.fn == "mean":
+            y = x.mean(dim=r.axis, keepdim=r.keepdim)
+        elif r.fn == "max":
+            y = x.amax(dim=r.axis, keepdim=r.keepdim)
+        elif r.fn == "min":
+            y = x.amin(dim=r.axis, keepdim=r.keepdim)
+        else:
+            y = x.var(dim=r.axis, keepdim=r.keepdim, correction=r.correction)
+        return self.out(y, n)
+
+    def op_softmax(self, n):
+        x = self.up(self.arg(n), n.dtype)
+        return self.out(torch.softmax(x, dim=n.arg), n)
+
+    def op_topk(self, n):
+        k, axis, which = n.arg
+        x = self.arg(n)
+        vals, idx = torch.topk(x, self.int_of(k), dim=axis, largest=True, sorted=True)
+        return vals if which == 0 else idx.to(torch.int32)
+
+    def op_gather(self, n):
+        x, idx = self.arg(n, 0), self.arg(n, 1)
+        size = x.shape[n.arg]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise LayerInputError(f"{self.fn.name}: gather index out of range [0, {size})")
+        return torch.gather(x, n.arg, idx.long())
+
+    def op_slice(self, n):
+        axis, start, stop, step = n.arg
+        x = self.arg(n)
+        sl = [slice(None)] * x.dim()
+        sl[axis] = slice(self.int_of(start), self.int_of(stop), self.int_of(step))
+        return x[tuple(sl)]
+
+    def op_concat(self, n):
+        xs = [self.arg(n, i) for i in range(len(n.src))]
+        return torch.cat(xs, dim=n.arg)
+
+    def op_interleave(self, n):
+        a, b = self.arg(n, 0), self.arg(n, 1)
+        axis = n.arg
+        st = torch.stack([a, b], dim=axis + 1)
+        return st.flatten(axis, axis + 1)
+
+    def op_reshape(self, n):
+        return self.arg(n).reshape([self.int_of(d) for d in n.shape])
+
+    def op_iota(self, n):
+        return torch.arange(self.int_of(n.arg), dtype=torch.int32, device=self.device)
+
+    def op_matmul(self, n):
+        a, b = self.arg(n, 0), self.arg(n, 1)
+        cdt = self.compute(n.dtype)
+        return self.out(torch.matmul(a.to(cdt), b.to(cdt)), n)
+
+    def op_transpose(self, n):
+        return self.arg(n).transpose(-1, -2)
+
+    def op_index(self, n):
+        table = self.arg(n, 0)
+        idx = [self.arg(n, i).long() for i in range(1, len(n.src))]
+        for axis, i in enumerate(idx):
+            size = table.shape[axis]
+            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= size):
+                raise LayerInputError(f"{self.fn.name}: index into '{n.src[0].arg}' out of range [0, {size}) "
+                                      f"on dim {axis}")
+        return table[tuple(idx)]
+
+    def op_attention(self, n):
+        from .attention_ref import attention_reference
+        return attention_reference(self, n)
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.; BLOOM/MPT), including non-power-of-two head counts."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-max_bias / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < num_heads:
+        extra_base = 2.0 ** (-max_bias / (2 * closest))
+        slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=dtype, device=device)
+
+
+def t5_relative_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
+                       bidirectional: bool = True) -> torch.Tensor:
+    """T5's relative position buckets for rel = kv_pos - q_pos (as in the T5 paper's code)."""
+    ret = torch.zeros_like(rel)
+    n = num_buckets
+    if bidirectional:
+        n //= 2
+        ret = ret + (rel > 0).to(rel.dtype) * n
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = n // 2
+    is_small = rel < max_exact
+    large = max_exact + (torch.log(rel.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+                         * (n - max_exact)).to(rel.dtype)
+    large = torch.clamp(large, max=n - 1)
+    return ret + torch.where(is_small, rel, large)

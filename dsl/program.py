@@ -1,0 +1,208 @@
+"""The front door of the DSL: load source (files, text or the standard library), check it,
+and specialise a definition into a typed, verified IR function."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import ast
+from .checker import Bindings, Checker, ModuleInfo
+from .errors import DiagnosticSink, DSLError
+from .ir import Function, verify
+from .parser import parse
+from .source import SourceFile, Span
+from .types import DType, parse_dtype
+
+# Hugging Face config keys -> DSL names (dims and const parameters) used by the standard library.
+HF_CONFIG_NAMES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("H",),
+    "intermediate_size": ("F",),
+    "moe_intermediate_size": ("F",),
+    "num_attention_heads": ("Hq",),
+    "num_key_value_heads": ("Hkv",),
+    "head_dim": ("D",),
+    "num_local_experts": ("E",),
+    "num_experts": ("E",),
+    "n_routed_experts": ("E",),
+    "num_experts_per_tok": ("k",),
+    "rope_theta": ("theta",),
+    "sliding_window": ("window",),
+    "attn_logit_softcapping": ("softcap",),
+    "norm_topk_prob": ("renormalize",),
+}
+
+
+def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters."""
+    if not isinstance(config, Mapping):
+        config = json.loads(Path(config).read_text())
+    cfg = dict(config)
+    if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):
+        cfg = {**cfg, **cfg["text_config"]}
+    out: dict[str, Any] = {}
+    for key, names in HF_CONFIG_NAMES.items():
+        if cfg.get(key) is not None:
+            for n in names:
+                out.setdefault(n, cfg[key])
+    if "Hq" in out:
+        out.setdefault("Hkv", out["Hq"])
+        if "H" in out:
+            out.setdefault("D", out["H"] // out["Hq"])
+    return out
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A definition specialised for one model: its IR function and the bindings used."""
+
+    function: Function
+    dims: tuple[tuple[str, int], ...]
+    dtype: DType | None
+    consts: tuple[tuple[str, Any], ...]
+
+    @property
+    def name(self) -> str:
+        return self.function.name
+
+
+class Program:
+    """A checked set of DSL definitions (one or more files)."""
+
+    def __init__(self, files: list[SourceFile]):
+        self.sources = {f.name: f for f in files}
+        sink = DiagnosticSink()
+        items: list = []
+        for f in files:
+            try:
+                items.extend(parse(f.text, f.name).items)
+            except DSLError as e:
+                sink.items.extend(e.diagnostics)
+        sink.raise_if_any(self.sources)
+        # later files shadow earlier definitions of the same name (user code over the stdlib)
+        last: dict[str, Any] = {}
+        for it in items:
+            if isinstance(it, (ast.LayerDef, ast.AttentionDef)):
+                if it.name in last and last[it.name].span.file != it.span.file:
+                    items = [x for x in items if x is not last[it.name]]
+                last[it.name] = it
+        self.ast = ast.Program(Span("<program>", 1, 1, 1, 1), tuple(items))
+        self.info = ModuleInfo(self.ast, sink)
+        sink.raise_if_any(self.sources)
+        self._generic: dict[str, Function] = {}
+        self.check()
+
+    # ---- construction
+    @classmethod
+    def from_source(cls, text: str, file: str = "<string>", *, with_stdlib: bool = False) -> "Program":
+        files = stdlib_sources() if with_stdlib else []
+        return cls(files + [SourceFile(file, text)])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, with_stdlib: bool = False) -> "Program":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DSLError([_file_diag(str(p), f"file is not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+        except OSError as e:
+            raise DSLError([_file_diag(str(p), f"cannot read file: {e.strerror}")]) from None
+        return cls.from_source(text, str(p), with_stdlib=with_stdlib)
+
+    @classmethod
+    def stdlib(cls) -> "Program":
+        return cls(stdlib_sources())
+
+    # ---- queries
+    @property
+    def names(self) -> list[str]:
+        return list(self.info.defs)
+
+    def definition(self, name: str):
+        if name not in self.info.defs:
+            import difflib
+            close = difflib.get_close_matches(name, self.names, n=3)
+            raise KeyError(f"no layer or attention named '{name}'"
+                           + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return self.info.defs[name]
+
+    def generic(self, name: str) -> Function:
+        self.definition(name)
+        return self._generic[name]
+
+    def check(self) -> None:
+        """Type-check every definition generically; raise DSLError listing all errors."""
+        sink = DiagnosticSink()
+        ck = Checker(self.info, sink)
+        for name in self.info.defs:
+            fn = ck.build(name)
+            if fn is not None and not sink:
+                verify(fn)
+                self._generic[name] = fn
+        sink.raise_if_any(self.sources)
+
+    def const_params(self, name: str) -> list[str]:
+        return [p.name for p in self.definition(name).params if p.is_const]
+
+    def specialise(self, name: str, *, dims: Mapping[str, int] | None = None, dtype: str | DType | None = None,
+                   config: Mapping[str, Any] | str | None = None, **kwargs: Any) -> Layer:
+        """Bind dims, the dtype parameter T and const parameters, and re-check with numbers.
+
+        `config` is a model config (dict or config.json path) read through HF_CONFIG_NAMES;
+        explicit `dims` and keyword arguments override it. Keyword arguments may name dims or
+        const parameters. Dynamic dims (token counts) stay symbolic and bind at run time.
+        """
+        d = self.definition(name)
+        values: dict[str, Any] = dims_from_config(config) if config is not None else {}
+        given_explicitly = dict(dims or {}) | kwargs
+        values.update(given_explicitly)
+        if isinstance(dtype, str):
+            dtype = parse_dtype(dtype)
+        consts = {p.name for p in d.params if p.is_const}
+        bound_dims: dict[str, int] = {}
+        bound_consts: dict[str, Any] = {}
+        for k, v in values.items():
+            if k in consts:
+                bound_consts[k] = v
+            elif k in self.info.static_dims:
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise DSLError([Diagnostic(self.info.static_dims[k].span,
+                                               f"dim '{k}' must be bound to a positive integer, got {v!r}")],
+                                   self.sources)
+                bound_dims[k] = int(v)
+            elif k in self.info.dynamic_dims:
+                if k in given_explicitly:
+                    raise ValueError(f"'{k}' is a dynamic dim: it is bound at run time from the inputs' shapes")
+            elif k in given_explicitly:
+                raise ValueError(f"'{name}' has no dim or const parameter named '{k}' (dims: "
+                                 f"{', '.join(sorted(self.info.static_dims))}; consts: "
+                                 f"{', '.join(sorted(consts)) or 'none'})")
+        sink = DiagnosticSink()
+        ck = Checker(self.info, sink)
+        fn = ck.build(name, Bindings(bound_dims, dtype, bound_consts))
+        sink.raise_if_any(self.sources)
+        assert fn is not None
+        verify(fn)
+        if dtype is None and _uses_T(fn):
+            raise ValueError(f"'{name}' has the dtype parameter T: pass dtype='bf16' (or f16, f32)")
+        return Layer(fn, tuple(sorted(bound_dims.items())), dtype, tuple(sorted(bound_consts.items(), key=str)))
+
+
+def _uses_T(fn: Function) -> bool:
+    return any(p.dtype is DType.T for p in fn.params) or any(n.dtype is DType.T for n in fn.nodes())
+
+
+from .errors import Diagnostic  # noqa: E402
+
+
+def _file_diag(path: str, msg: str) -> Diagnostic:
+    return Diagnostic(Span(path, 0, 0, 0, 0), msg)
+
+
+def stdlib_sources() -> list[SourceFile]:
+    root = resources.files("layerforge.dsl.stdlib")
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".lf")), key=lambda p: p.name)
+    return [SourceFile(f"<stdlib>/{p.name}", p.read_text(encoding="utf-8")) for p in files]

@@ -1,0 +1,104 @@
+"""Call signatures of the builtins: names, defaults, and binding of call arguments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import ast
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Signature:
+    params: tuple[tuple[str, Any], ...]   # (name, default or REQUIRED)
+    varargs: bool = False                  # extra positionals collected into the first param
+
+    def bind(self, name: str, call_span, args: tuple, kwargs: tuple[ast.KwArg, ...], error) -> dict | None:
+        """Bind AST arguments; report mistakes through `error(span, msg)`; None if unbindable."""
+        out: dict[str, Any] = {}
+        names = [p for p, _ in self.params]
+        if self.varargs:
+            out[names[0]] = tuple(args)
+            rest = names[1:]
+            pos: list = []
+        else:
+            rest = names
+            pos = list(args)
+        if len(pos) > len(rest):
+            error(pos[len(rest)].span,
+                  f"{name}() takes {_count(len(rest))} positional argument{'s' * (len(rest) != 1)} "
+                  f"but {len(pos)} were given")
+            return None
+        for pname, a in zip(rest, pos):
+            out[pname] = a
+        ok = True
+        for kw in kwargs:
+            if kw.name not in rest:
+                error(kw.span, f"{name}() got an unexpected keyword argument '{kw.name}'"
+                      + (f" (it takes {', '.join(rest)})" if rest else ""))
+                ok = False
+            elif kw.name in out:
+                error(kw.span, f"{name}() got multiple values for argument '{kw.name}'")
+                ok = False
+            else:
+                out[kw.name] = kw.value
+        for pname, default in self.params:
+            if pname not in out:
+                if default is REQUIRED:
+                    error(call_span, f"{name}() missing required argument '{pname}'")
+                    ok = False
+                else:
+                    out[pname] = default
+        if self.varargs and not out[names[0]]:
+            error(call_span, f"{name}() needs at least one operand")
+            ok = False
+        return out if ok else None
+
+
+def _count(n: int) -> str:
+    return str(n)
+
+
+def sig(*params, varargs: bool = False) -> Signature:
+    """sig("x", ("axis", -1)) -> Signature; a bare name is required."""
+    norm = tuple((p, REQUIRED) if isinstance(p, str) else p for p in params)
+    return Signature(norm, varargs)
+
+
+UNARY_MATH = ("exp", "log", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "rsqrt", "sqrt",
+              "abs", "cos", "sin", "erf")
+
+BUILTINS: dict[str, Signature] = {
+    **{f: sig("x") for f in UNARY_MATH},
+    "where": sig("cond", "a", "b"),
+    "maximum": sig("a", "b"),
+    "minimum": sig("a", "b"),
+    "sum": sig("x", ("axis", -1), ("keepdim", True)),
+    "mean": sig("x", ("axis", -1), ("keepdim", True)),
+    "var": sig("x", ("axis", -1), ("keepdim", True), ("correction", 0)),
+    # max/min: one operand = reduction, two operands = elementwise
+    "max": sig("x", ("y", None), ("axis", -1), ("keepdim", True)),
+    "min": sig("x", ("y", None), ("axis", -1), ("keepdim", True)),
+    "softmax": sig("x", ("axis", -1)),
+    "topk": sig("x", "k", ("axis", -1)),
+    "gather": sig("x", "index", ("axis", -1)),
+    "split": sig("x", "sections", ("axis", -1)),
+    "concat": sig("tensors", ("axis", -1), varargs=True),
+    "slice": sig("x", "start", "stop", ("step", 1), ("axis", -1)),
+    "interleave": sig("a", "b", ("axis", -1)),
+    "reshape": sig("dims", varargs=True),  # reshape(x, d0, d1, ...): first of dims is x
+    "unsqueeze": sig("x", "axis"),
+    "iota": sig("n"),
+    "transpose": sig("x"),
+    "cast": sig("x", "dtype"),
+    # attention-only helpers
+    "alibi_slope": sig("h", ("max_bias", 8.0)),
+    "t5_bucket": sig("rel", ("num_buckets", 32), ("max_distance", 128), ("bidirectional", True)),
+}
+ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
+
+ATTENTION_DIRECTIVES: dict[str, Signature] = {
+    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None)),
+    "alibi": sig(("max_bias", 8.0)),
+}

@@ -1,0 +1,130 @@
+"""Dtypes and symbolic shapes.
+
+Dims are sympy expressions over positive-integer symbols (`2*F`, `H/Hq`); a specialised
+dim is a sympy Integer. Shapes are tuples of dims. `T` is the dtype parameter.
+"""
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+
+import sympy
+import torch
+
+
+class DType(enum.Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    f64 = "f64"  # internal: the float64 reference mode; not spelled in the DSL
+    i32 = "i32"
+    i64 = "i64"
+    bool = "bool"
+    T = "T"  # the dtype parameter, bound by specialisation
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.f32, DType.f16, DType.bf16, DType.f64, DType.T)
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.i32, DType.i64)
+
+    @property
+    def itemsize(self) -> int:
+        return {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "bool": 1}[self.value]
+
+    @property
+    def torch(self) -> torch.dtype:
+        if self is DType.T:
+            raise TypeError("dtype parameter T is unbound")
+        return _TORCH[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TORCH = {
+    DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
+    DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool,
+}
+DSL_DTYPES = {"f32": DType.f32, "f16": DType.f16, "bf16": DType.bf16, "i32": DType.i32,
+              "i64": DType.i64, "bool": DType.bool, "T": DType.T}
+FLOAT_STORAGE = (DType.f32, DType.f16, DType.bf16)
+# Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars.
+SCALAR_TYPES = {**DSL_DTYPES, "int": DType.i64, "float": DType.f32}
+
+
+def dtype_from_torch(dt: torch.dtype) -> DType:
+    for k, v in _TORCH.items():
+        if v == dt:
+            return k
+    raise TypeError(f"unsupported torch dtype {dt}")
+
+
+def parse_dtype(name: str) -> DType:
+    """A user-facing dtype name ('bf16', 'bfloat16', 'float16', ...) -> DType."""
+    aliases = {"bfloat16": "bf16", "float16": "f16", "half": "f16", "float32": "f32", "float": "f32",
+               "int32": "i32", "int64": "i64"}
+    key = aliases.get(name, name)
+    if key not in DSL_DTYPES or key == "T":
+        raise ValueError(f"unknown dtype '{name}' (expected one of f32, f16, bf16, i32, i64, bool)")
+    return DSL_DTYPES[key]
+
+
+# ---- dims ------------------------------------------------------------------------
+Dim = sympy.Expr
+Shape = tuple
+
+
+@lru_cache(maxsize=None)
+def dim_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def dim_const(n: int) -> sympy.Integer:
+    return sympy.Integer(n)
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    return a == b or sympy.simplify(a - b) == 0
+
+
+def is_concrete(d: Dim) -> bool:
+    return bool(d.is_Integer)
+
+
+def dim_str(d: Dim) -> str:
+    return str(d).replace(" ", "")
+
+
+def shape_str(shape: Shape) -> str:
+    return "[" + ", ".join(dim_str(d) for d in shape) + "]"
+
+
+def type_str(dtype: DType, shape: Shape) -> str:
+    return f"{dtype}{shape_str(shape)}" if shape else f"{dtype} scalar"
+
+
+def broadcast_shapes(a: Shape, b: Shape) -> Shape | None:
+    """numpy broadcasting on symbolic shapes; None when they do not broadcast."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        da = a[-i] if i <= len(a) else sympy.Integer(1)
+        db = b[-i] if i <= len(b) else sympy.Integer(1)
+        if dims_equal(da, db):
+            out.append(da)
+        elif da == 1:
+            out.append(db)
+        elif db == 1:
+            out.append(da)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def free_dims(shape: Shape) -> set[str]:
+    names: set[str] = set()
+    for d in shape:
+        names |= {s.name for s in d.free_symbols}
+    return names
