@@ -118,7 +118,7 @@ class KernelCache:
         folder.mkdir(parents=True, exist_ok=True)
         # flock excludes other processes and, through separate open()s, other threads too
         with _file_lock(folder / f"{key}.lock"):
-            hit = self._lookup(key, folder, options, want_ptx)  # built while we waited?
+            hit = self._lookup(key, folder, options, want_ptx, final=True)  # built meanwhile?
             if hit is not None:
                 return hit
             result = self._compile(source, name, options, want_ptx=want_ptx)
@@ -128,15 +128,15 @@ class KernelCache:
         return result
 
     # -- entries --------------------------------------------------------------------------
-    def _lookup(self, key: str, folder: Path, options: CompileOptions, want_ptx: bool
-                ) -> CompileResult | None:
+    def _lookup(self, key: str, folder: Path, options: CompileOptions, want_ptx: bool,
+                final: bool = False) -> CompileResult | None:
         hit = self._memory.get(key)
         if hit is not None and (hit.ptx is not None or not want_ptx):
             self.stats.memory_hits += 1
             return hit
         hit = self._read(key, folder, options)
         if hit is _CORRUPT:
-            self.stats.corrupt += 1
+            self.stats.corrupt += final  # counted once, by the lookup that decides to rebuild
             return None
         if hit is None or (want_ptx and hit.ptx is None):  # built without PTX: rebuild with it
             return None
