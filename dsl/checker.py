@@ -19,7 +19,7 @@ from .errors import DiagnosticSink
 from .ir import ATTN_VARS, AttentionSpec, Function, Node, Op, Param, ReduceArg, RopeSpec, toposort
 from .signatures import ATTENTION_DIRECTIVES, ATTENTION_ONLY, BUILTINS, REQUIRED, UNARY_MATH
 from .source import Span
-from .types import (DSL_DTYPES, SCALAR_TYPES, DType, broadcast_shapes, dim_symbol, dims_equal,
+from .types import (DSL_DTYPES, SCALAR_TYPES, DType, broadcast_shapes, dim_str, dim_symbol, dims_equal,
                     shape_str, type_str)
 
 ERR = Node(Op.ERROR, DType.f32, ())
@@ -132,9 +132,8 @@ class Checker:
         return Node(Op.CONST, dt, (), (), value, span or Span("<const>", 0, 0, 0, 0))
 
     def dim_node(self, d: sympy.Expr, span: Span) -> Node:
-        if d.is_Integer:
-            return self.const(int(d), span)
-        return Node(Op.DIM, DType.i64, (), (), d, span)
+        """A size used as a value. It stays a DIM (not a CONST) so that size / size is a size."""
+        return Node(Op.DIM, DType.i64, (), (), sympy.sympify(d), span)
 
     # ---- entry points ----------------------------------------------------------------
     def build(self, name: str, bindings: Bindings | None = None) -> Function | None:
@@ -250,10 +249,13 @@ class Checker:
                 scope.vars[p.name] = ERR
                 continue
             default = None
+            default_node = None
             if p.default is not None:
                 dv = self.expr(p.default, _Scope({}, scope.dims, scope.dtype_T))
                 if dv.op is Op.CONST:
                     default = self.coerce_scalar(dv.arg, dt, p.default.span)
+                elif dv.op is Op.DIM and p.is_const and dt.is_int:
+                    default_node = dv  # a symbolic size, e.g. `const rotary_dim: int = D`
                 elif dv.op is not Op.ERROR:
                     self.error(p.default.span, "a default must be a constant")
             if p.is_const:
@@ -261,7 +263,9 @@ class Checker:
                     value = self.coerce_scalar(bindings.consts[p.name], dt, p.span)
                     scope.vars[p.name] = self.const(value, p.span)
                 elif default is not None:
-                    scope.vars[p.name] = self.const(default, p.span)
+                    scope.vars[p.name] = Node(Op.CONST, dt, (), (), default, p.span)
+                elif default_node is not None:
+                    scope.vars[p.name] = default_node
                 elif bindings.specialised:
                     self.error(p.span, f"const parameter '{p.name}' has no default and was not given",
                                f"pass {p.name}=... when specialising")
@@ -584,12 +588,25 @@ class Checker:
                 r = int(r)
             return self.const(r, span)
         dims = (Op.DIM, Op.CONST)
-        if a.op in dims and b.op in dims and a.dtype.is_int and b.dtype.is_int and \
-                op in ("add", "sub", "mul", "floordiv"):
+        if a.op in dims and b.op in dims and a.dtype.is_int and b.dtype.is_int:
             x = a.arg if a.op is Op.DIM else sympy.Integer(a.arg)
             y = b.arg if b.op is Op.DIM else sympy.Integer(b.arg)
-            r = {"add": x + y, "sub": x - y, "mul": x * y, "floordiv": x / y}[op]
-            return self.dim_node(r, span)
+            if op == "div" and a.op is Op.DIM and b.op is Op.DIM:  # size / size stays a size
+                r = x / y
+                if r.is_Rational and not r.is_Integer:
+                    return self.error(span, f"size {dim_str(x)} / {dim_str(y)} = {x}/{y} does not divide evenly")
+                return self.dim_node(r, span)
+            if op in ("add", "sub", "mul", "floordiv"):
+                r = {"add": x + y, "sub": x - y, "mul": x * y, "floordiv": x / y}[op]
+                if op == "floordiv" and r.is_Rational and not r.is_Integer:
+                    r = sympy.floor(r)
+                return self.dim_node(r, span)
+            rel = {"eq": sympy.Eq, "ne": sympy.Ne, "lt": sympy.Lt, "le": sympy.Le, "gt": sympy.Gt,
+                   "ge": sympy.Ge}.get(op)
+            if rel is not None:
+                r = rel(x, y)
+                if r in (sympy.true, sympy.false):
+                    return self.const(bool(r), span)
         return None
 
     def cast(self, x: Node, dt: DType, span: Span) -> Node:
@@ -597,6 +614,8 @@ class Checker:
             return x
         if x.dtype == dt:
             return x
+        if x.op is Op.DIM and x.arg.is_Integer:
+            x = Node(Op.CONST, DType.i64, (), (), int(x.arg), x.span)
         if x.op is Op.CONST:
             v = bool(x.arg) if dt is DType.bool else int(x.arg) if dt.is_int else float(x.arg)
             return Node(Op.CONST, dt, (), (), v, span)
@@ -654,7 +673,9 @@ class Checker:
         if v.op is Op.ERROR:
             return None
         if v.op is Op.DIM and kind is int:
-            return v.arg  # symbolic size (generic check)
+            return int(v.arg) if v.arg.is_Integer else v.arg  # symbolic only in the generic check
+        if v.op is Op.DIM and kind is float and v.arg.is_Integer:
+            return float(v.arg)
         if v.op is not Op.CONST:
             self.error(e.span, f"{what} must be known at build time")
             return None
@@ -950,7 +971,7 @@ class Checker:
             return ERR
         if not rel.dtype.is_int or rel.shape != ():
             return self.error(e.span, "t5_bucket(rel): rel must be an integer position difference")
-        return Node(Op.UNARY, DType.i32, (), (rel,), ("t5_bucket", int(nb), int(md), bool(bd)), e.span)
+        return Node(Op.UNARY, DType.i32, (), (rel,), ("t5_bucket", nb, md, bool(bd)), e.span)
 
     # ---- inlining calls to layers --------------------------------------------------------
     def inline_call(self, e: ast.Call, d, scope: _Scope):

@@ -174,7 +174,7 @@ class _Evaluator:
             return slopes[x.long()]
         if name == "t5_bucket":
             _, nb, md, bd = n.arg
-            return t5_relative_bucket(x.long(), nb, md, bd).to(torch.int32)
+            return t5_relative_bucket(x.long(), self.int_of(nb), self.int_of(md), bd).to(torch.int32)
         x = self.up(x, n.dtype)
         f = {
             "neg": torch.neg, "exp": torch.exp, "log": torch.log, "tanh": torch.tanh, "sigmoid": torch.sigmoid,

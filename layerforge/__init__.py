@@ -1,0 +1,37 @@
+"""layerforge: a code-generating layer DSL for LLM inference.
+
+    import layerforge as lf
+    prog = lf.stdlib()                                   # or lf.load("my_layers.lf")
+    norm = prog.specialise("rms_norm", H=4096, dtype="bf16")
+    (y,) = lf.evaluate(norm.function, {"x": x, "w": w})  # the reference semantics
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .dsl.errors import DSLError
+from .dsl.evaluator import LayerInputError, evaluate
+from .dsl.program import Layer, Program, dims_from_config
+
+try:
+    __version__ = _version("layerforge")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+local"
+
+
+def load(path, *, with_stdlib: bool = True) -> Program:
+    """Load and check a DSL file; its definitions may call the standard library's."""
+    return Program.from_file(path, with_stdlib=with_stdlib)
+
+
+def loads(text: str, file: str = "<string>", *, with_stdlib: bool = True) -> Program:
+    return Program.from_source(text, file, with_stdlib=with_stdlib)
+
+
+def stdlib() -> Program:
+    """The standard library (norms, activations, RoPE, MoE routing, LoRA, attention variants)."""
+    return Program.stdlib()
+
+
+__all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
+           "dims_from_config", "__version__"]

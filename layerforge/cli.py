@@ -1,0 +1,70 @@
+"""The `layerforge` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .dsl.errors import DSLError
+
+
+def _cmd_check(args) -> int:
+    from .dsl.program import Program
+    paths = args.files or []
+    status = 0
+    if not paths:
+        Program.stdlib()
+        print("standard library: ok")
+        return 0
+    for path in paths:
+        try:
+            prog = Program.from_file(path, with_stdlib=not args.no_stdlib)
+        except DSLError as e:
+            print(e.format(), file=sys.stderr)
+            status = 1
+            continue
+        own = [n for n in prog.names if prog.definition(n).span.file == path]
+        print(f"{path}: ok ({len(own)} definition{'s' * (len(own) != 1)}: {', '.join(own)})")
+    return status
+
+
+def _cmd_list(args) -> int:
+    from .dsl.program import Program
+    prog = Program.stdlib()
+    for name in prog.names:
+        d = prog.definition(name)
+        params = ", ".join(p.name for p in d.params)
+        print(f"{type(d).__name__.replace('Def', '').lower():9s} {name}({params})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerforge", description="A code-generating layer DSL for LLM inference.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"layerforge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("check", help="parse and type-check DSL files (no files: the standard library)")
+    c.add_argument("files", nargs="*", help="DSL source files (.lf)")
+    c.add_argument("--no-stdlib", action="store_true", help="do not make the standard library visible")
+    c.set_defaults(func=_cmd_check)
+    ls = sub.add_parser("list", help="list the standard library's layers and attention blocks")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except DSLError as e:
+        print(e.format(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
