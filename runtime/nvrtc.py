@@ -64,6 +64,10 @@ class CompileOptions:
         ]
         if not ptx_only:
             args.append("--ptxas-options=-v")  # per-kernel registers / spills / smem in the log
+        if nvrtc_version() >= (12, 9):
+            # NVRTC's own disk cache (12.9+) returns hits without the ptxas report; layerforge
+            # caches results itself (runtime/cache.py), log included.
+            args.append("--no-cache")
         if self.use_fast_math:
             args.append("--use_fast_math")
         if self.line_info:

@@ -152,6 +152,9 @@ def _build_in_child(root, marker, barrier, results):
     results.put(hashlib.sha256(result.cubin).hexdigest())
 
 
+# fork is cheap and needs no importable target; the children touch only NVRTC and files, so
+# Python's warning about forking a process that has threads (torch's, CUDA's) does not apply.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_processes_racing_for_one_kernel_compile_it_once(root, compiler):
     ctx = multiprocessing.get_context("fork")
     n = 4
