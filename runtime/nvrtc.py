@@ -151,26 +151,29 @@ def supported_archs() -> tuple[int, ...]:
 @functools.cache
 def find_cuda_include_dirs() -> tuple[str, ...]:
     """Directories holding cuda_fp16.h / cuda_bf16.h: pip wheels first, then $CUDA_HOME."""
-    candidates: list[Path] = []
-    try:  # cuda.pathfinder knows the wheel, conda and toolkit layouts
+    for cand in _header_dir_candidates():  # lazily: the cheap places are tried first
+        if (cand / "cuda_fp16.h").is_file() and (cand / "cuda_bf16.h").is_file():
+            return (str(cand),)
+    return ()
+
+
+def _header_dir_candidates():
+    spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        # CUDA 13 wheels share nvidia/cu13/include; CUDA 12 wheels use nvidia/cuda_runtime/include
+        yield from sorted(Path(root).glob("cu[0-9]*/include"), reverse=True)
+        yield Path(root, "cuda_runtime", "include")
+    try:  # cuda.pathfinder also knows conda and toolkit layouts (~0.1 s, so not first)
         from cuda.pathfinder import locate_nvidia_header_directory
 
         found = locate_nvidia_header_directory("cudart")
         if found is not None:
-            candidates.append(Path(found.abs_path))
+            yield Path(found.abs_path)
     except Exception:  # older cuda-python without pathfinder, or nothing found
         pass
-    spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        # CUDA 13 wheels share nvidia/cu13/include; CUDA 12 wheels use nvidia/cuda_runtime/include
-        candidates += sorted(Path(root).glob("cu*/include")) + [Path(root, "cuda_runtime", "include")]
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            candidates.append(Path(os.environ[var], "include"))
-    for cand in candidates:
-        if (cand / "cuda_fp16.h").is_file() and (cand / "cuda_bf16.h").is_file():
-            return (str(cand),)
-    return ()
+            yield Path(os.environ[var], "include")
 
 
 def default_arch() -> str:

@@ -1,10 +1,12 @@
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import layerforge.runtime.nvrtc as nvrtc_mod
 from layerforge.runtime.nvrtc import (
     CompileOptions,
     KernelResources,
@@ -74,6 +76,17 @@ def test_cuda_headers_are_found_in_an_installed_location():
     dirs = find_cuda_include_dirs()
     assert dirs, "cuda_fp16.h / cuda_bf16.h not found in the nvidia wheels or $CUDA_HOME"
     assert (Path(dirs[0]) / "cuda_bf16.h").is_file()
+
+
+@pytest.mark.parametrize("layout", ["cu13/include", "cuda_runtime/include"])  # CUDA 13, 12 wheels
+def test_cuda_headers_are_looked_up_in_the_nvidia_wheels_first(tmp_path, monkeypatch, layout):
+    include = tmp_path / "nvidia" / layout
+    include.mkdir(parents=True)
+    for header in ("cuda_fp16.h", "cuda_bf16.h"):
+        (include / header).touch()
+    wheels = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "nvidia")])
+    monkeypatch.setattr(nvrtc_mod.importlib.util, "find_spec", lambda name: wheels)
+    assert find_cuda_include_dirs.__wrapped__() == (str(include),)
 
 
 def test_nvrtc_version_is_a_pair_of_ints():
