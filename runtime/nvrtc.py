@@ -233,7 +233,8 @@ def compile_cuda(source: str, name: str, options: CompileOptions, *, want_ptx: b
         raise ValueError("nothing to produce: want_ptx and want_cubin are both False")
     if int(_ARCH_RE.match(options.arch).group(1)) not in supported_archs():
         raise NVRTCError(f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot target "
-                         f"{options.arch}; it supports sm_{supported_archs()}")
+                         f"{options.arch}; it supports "
+                         + ", ".join(f"sm_{a}" for a in supported_archs()))
     name = name if name.endswith((".cu", ".cuh")) else name + ".cu"
     args = options.to_args(ptx_only=not want_cubin)
     start = time.perf_counter()
@@ -249,9 +250,10 @@ def compile_cuda(source: str, name: str, options: CompileOptions, *, want_ptx: b
             path = _write_failing_source(source, name)
             command = shlex.join([sys.executable, "-m", "layerforge.runtime.nvrtc", path,
                                   *options.to_cli()])
-            hint = ("\nhint: CUDA headers not found; install the nvidia-cuda-runtime wheel or set "
-                    "CUDA_HOME" if "could not open source file" in log and not find_cuda_include_dirs()
-                    else "")
+            hint = ""
+            if "could not open source file" in log and not find_cuda_include_dirs():
+                hint = ("\nhint: no CUDA headers were found; install the nvidia-cuda-runtime "
+                        "wheel or set CUDA_HOME")
             raise NVRTCError(f"NVRTC failed to compile {name} for {options.arch}{hint}", log=log,
                              source_path=path, command=command)
         cubin = bytes(_fetch(prog, _nvrtc.nvrtcGetCUBINSize, _nvrtc.nvrtcGetCUBIN,
