@@ -1,0 +1,66 @@
+"""The op table: how each IR operation is spelled in CUDA C.
+
+Values are computed in `float` for every float dtype (f32, f16, bf16), in `int` / `long long`
+for integers and `bool` for predicates. A node whose dtype is a half type is rounded to it
+(`lf_round_bf16`), so the kernel computes what the program says, as the reference does.
+"""
+from __future__ import annotations
+
+from ..dsl.types import DType
+
+C_TYPE = {DType.f32: "float", DType.f16: "float", DType.bf16: "float", DType.i32: "int",
+          DType.i64: "long long", DType.bool: "bool"}
+STORAGE_TYPE = {DType.f32: "float", DType.f16: "__half", DType.bf16: "__nv_bfloat16", DType.i32: "int",
+                DType.i64: "long long", DType.bool: "bool"}
+LOAD = {DType.f32: "{}", DType.f16: "__half2float({})", DType.bf16: "__bfloat162float({})",
+        DType.i32: "{}", DType.i64: "{}", DType.bool: "{}"}
+STORE = {DType.f32: "{}", DType.f16: "__float2half_rn({})", DType.bf16: "__float2bfloat16_rn({})",
+         DType.i32: "{}", DType.i64: "{}", DType.bool: "{}"}
+ROUND = {DType.f16: "lf_round_f16({})", DType.bf16: "lf_round_bf16({})"}
+
+UNARY_FLOAT = {
+    "neg": "(-{x})",
+    "exp": "__expf({x})",
+    "log": "__logf({x})",
+    "tanh": "tanhf({x})",
+    "sigmoid": "lf_sigmoid({x})",
+    "silu": "lf_silu({x})",
+    "gelu": "lf_gelu({x})",
+    "gelu_tanh": "lf_gelu_tanh({x})",
+    "relu": "fmaxf({x}, 0.0f)",
+    "rsqrt": "rsqrtf({x})",
+    "sqrt": "sqrtf({x})",
+    "abs": "fabsf({x})",
+    "cos": "cosf({x})",
+    "sin": "sinf({x})",
+    "erf": "erff({x})",
+}
+UNARY_INT = {"neg": "(-{x})", "abs": "abs({x})", "not": "(!{x})", "relu": "max({x}, 0)"}
+
+BINARY_FLOAT = {
+    "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "div": "({a} / {b})",
+    "floordiv": "floorf({a} / {b})", "mod": "lf_fmod_floor({a}, {b})", "pow": "powf({a}, {b})",
+    "max": "fmaxf({a}, {b})", "min": "fminf({a}, {b})",
+}
+BINARY_INT = {
+    "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "floordiv": "lf_floordiv({a}, {b})",
+    "mod": "lf_mod_floor({a}, {b})", "max": "max({a}, {b})", "min": "min({a}, {b})",
+}
+COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+LOGICAL = {"and": "({a} && {b})", "or": "({a} || {b})"}
+
+REDUCE_INIT = {"sum": "0.0f", "mean": "0.0f", "max": "-INFINITY", "min": "INFINITY"}
+REDUCE_COMBINE = {"sum": "({a} + {b})", "mean": "({a} + {b})", "max": "fmaxf({a}, {b})", "min": "fminf({a}, {b})"}
+REDUCE_INIT_INT = {"sum": "0", "max": "INT_MIN", "min": "INT_MAX"}
+REDUCE_COMBINE_INT = {"sum": "({a} + {b})", "max": "max({a}, {b})", "min": "min({a}, {b})"}
+
+
+def float_literal(v: float) -> str:
+    if v == float("inf"):
+        return "INFINITY"
+    if v == float("-inf"):
+        return "(-INFINITY)"
+    r = repr(float(v))
+    if "e" not in r and "." not in r:
+        r += ".0"
+    return f"{r}f"
