@@ -15,8 +15,8 @@ def bindings(name: str, width: int) -> dict:
         return {"F": width}
     if name == "group_norm":
         return {"H": width, "G": 4 if width % 4 == 0 else 1}
-    if name == "rope":
-        return {"D": width, "rotary_dim": width if width % 4 else width // 2 * 2, "neox": width % 16 != 8}
+    if name == "rope":  # full and partial rotary dims, both styles
+        return {"D": width, "rotary_dim": width // 2 if width in (64, 256) else width, "neox": width >= 128}
     if name.startswith("moe_route"):
         return {"E": width, "k": min(8, width)}
     return {"H": width}
