@@ -7,6 +7,15 @@
 """
 from __future__ import annotations
 
+import os as _os
+
+# In a source checkout the stage folders (dsl/, codegen/, runtime/, grammars/, templates/)
+# sit beside this package rather than inside it; make them its subpackages, as the wheel does.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_root = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "dsl")) and _os.path.isfile(_os.path.join(_root, "dsl", "program.py")):
+    __path__.append(_root)  # noqa: F821 (module __path__)
+
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .dsl.errors import DSLError

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build, test and benchmark on a machine with a CUDA GPU, in one go.
+#   bash scripts/gpu-check.sh [--quick] [OUT_DIR]
+# Uses the python that has a CUDA build of torch. Wheels found in .whl/ (e.g. lark, for a
+# machine without network) are installed into a private folder first. Logs and the benchmark
+# JSON go to OUT_DIR (default out/gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=""
+if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; shift; fi
+OUT_DIR=${1:-${OUT:-out/gpu-check}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl
+    export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+export LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee "$OUT_DIR/nvidia-smi.txt"
+status=0
+echo "== GPU tests"
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+echo "== benchmarks"
+"$PY" -m benchmarks.bench_rows $QUICK --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+exit $status
