@@ -57,7 +57,7 @@ class IndexSpace:
             if not idx:
                 total += term
                 continue
-            if len(idx) != 1 or sympy.degree(rest, idx[0]) != 1:
+            if len(idx) != 1 or not rest.is_polynomial(idx[0]) or sympy.degree(rest, idx[0]) != 1:
                 return None
             s = idx[0]
             total += term.subs(s, self.syms[s].upper - 1)
@@ -86,7 +86,8 @@ class IndexSpace:
         exact, rest = sympy.Integer(0), sympy.Integer(0)
         for term in sympy.Add.make_args(sympy.expand(e)):
             q = sympy.simplify(term / d)
-            if q.is_polynomial() and sympy.fraction(sympy.together(q))[1] == 1:
+            if not q.has(sympy.Min, sympy.Max, fdiv, fmod) and q.is_polynomial() and \
+                    sympy.fraction(sympy.together(q))[1] == 1:
                 exact += term
             else:
                 rest += term

@@ -15,6 +15,9 @@ WIDTHS = [8, 1536, 4096, 5120, 14336]
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # relative tolerance per storage dtype; outputs round to the dtype, intermediates may too
 RTOL = {"f32": 2e-5, "f16": 4e-3, "bf16": 2.5e-2}
+# worst single element, relative to its magnitude (plus 1% of the largest): f32 allows for
+# ill-conditioned rows (a group of two nearly equal values normalised by f32 statistics)
+ELEM = {"f32": 1e-3, "f16": 3.2e-2, "bf16": 0.2}
 
 
 def widths_for(name):
@@ -42,14 +45,15 @@ def poisoned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_close(name, got, ref, dtype):
+def check_close(name, got, ref, dtype, rtol=None):
     assert not torch.isnan(got).any(), f"{name}: NaN in output"
     assert torch.isfinite(got).all() or not torch.isfinite(ref).all()
     g, r = got.double(), ref.double()
     err = (g - r).norm() / r.norm().clamp_min(1e-30)
-    assert err <= RTOL[dtype], f"{name}: relative error {err:.3g} > {RTOL[dtype]}"
+    rtol = rtol or RTOL[dtype]
+    assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
     elem = ((g - r).abs() / (r.abs() + 1e-2 * r.abs().max() + 1e-6)).max()
-    assert elem <= 8 * RTOL[dtype], f"{name}: worst element error {elem:.3g}"
+    assert elem <= ELEM[dtype], f"{name}: worst element error {elem:.3g}"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -70,8 +74,11 @@ def test_kernel_matches_reference(prog, name, width, dtype):
         if name.startswith("moe_route"):
             check_routing(name, got, ref, mod, args)
         else:
+            # f32 RoPE angles pos * inv_freq round at large positions (as in every f32
+            # implementation): ~1e-7 relative of up to 32768 rad
+            rtol = 1e-4 if (name == "rope" and dtype == "f32") else None
             for g, r in zip(got, ref):
-                check_close(f"{name} n={n} w={width} {dtype}", g, r, dtype)
+                check_close(f"{name} n={n} w={width} {dtype}", g, r, dtype, rtol)
 
 
 def check_routing(name, got, ref, mod, args):
