@@ -90,7 +90,8 @@ class RowLowering:
         self.loops = self._loops()
         chunks = max([math.ceil(l.width / l.vec) for l in self.loops.values()] + [1])
         self.tpr = tpr or min(1024, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
-        self.rpb = max(1, min(64, 256 // self.tpr))
+        # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
+        self.rpb = max(1, min(64, 256 // self.tpr)) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
         self.col_info: dict = {}          # chunk column symbol -> (loop, chunk, guard)
         self.cur_elem: tuple | None = None  # (chunk column symbol, element number) being generated
@@ -306,15 +307,24 @@ class RowLowering:
         for _, elems in self._columns(loop):
             for col, okv, i in elems:
                 vals.append((self.emit_elem(src, self._row_idx(src, col), col, i), self.cidx(col), okv))
+        # Each thread keeps its candidates in registers (compile-time indexed, fully
+        # unrolled); a round takes the row's arg-max and the owner knocks its winner out.
+        m = len(vals)
+        self.lines.append(f"float {name}_v[{m}]; int {name}_c[{m}];")
+        for j, (v, c, okv) in enumerate(vals):
+            self.lines.append(f"{name}_v[{j}] = {okv} ? (float)({v}) : -INFINITY; {name}_c[{j}] = {c};")
+        self.lines.append(f"#pragma unroll 1")
         self.lines.append(f"for (int t = 0; t < {k}; ++t) {{")
-        self.lines.append("  float best = -INFINITY; int best_i = 0x7fffffff;")
-        for v, c, okv in vals:
-            self.lines.append(f"  if ({okv} && !lf_chosen({name}_i[threadIdx.y], t, {c}) && "
-                              f"({v} > best || ({v} == best && {c} < best_i))) {{ best = {v}; best_i = {c}; }}")
+        self.lines.append(f"  float best = -INFINITY; int best_i = 0x7fffffff;")
+        self.lines.append(f"  #pragma unroll")
+        self.lines.append(f"  for (int j = 0; j < {m}; ++j) if ({name}_v[j] > best || ({name}_v[j] == best && "
+                          f"{name}_c[j] < best_i)) {{ best = {name}_v[j]; best_i = {name}_c[j]; }}")
         self.lines.append(f"  lf_row_argmax<{self.tpr}>(best, best_i, lf_smem_f, lf_smem_i);")
+        self.lines.append(f"  #pragma unroll")
+        self.lines.append(f"  for (int j = 0; j < {m}; ++j) if ({name}_c[j] == best_i) {name}_v[j] = -INFINITY;")
         self.lines.append(f"  if (tid == 0) {{ {name}[threadIdx.y][t] = best; {name}_i[threadIdx.y][t] = best_i; }}")
-        self.lines.append("  __syncthreads();")
         self.lines.append("}")
+        self.lines.append("__syncthreads();")
 
     # ---- outputs --------------------------------------------------------------------
     def _store_output(self, i: int, o: Node):

@@ -45,14 +45,14 @@ def poisoned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def check_close(name, got, ref, dtype, rtol=None):
+def check_close(name, got, ref, dtype, rtol=None, atol=0.0):
     assert not torch.isnan(got).any(), f"{name}: NaN in output"
     assert torch.isfinite(got).all() or not torch.isfinite(ref).all()
     g, r = got.double(), ref.double()
     err = (g - r).norm() / r.norm().clamp_min(1e-30)
     rtol = rtol or RTOL[dtype]
     assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
-    elem = ((g - r).abs() / (r.abs() + 1e-2 * r.abs().max() + 1e-6)).max()
+    elem = (((g - r).abs() - atol).clamp_min(0) / (r.abs() + 1e-2 * r.abs().max() + 1e-6)).max()
     assert elem <= ELEM[dtype], f"{name}: worst element error {elem:.3g}"
 
 
@@ -76,15 +76,17 @@ def test_kernel_matches_reference(prog, name, width, dtype):
         else:
             # f32 RoPE angles pos * inv_freq round at large positions (as in every f32
             # implementation): ~1e-7 relative of up to 32768 rad
+            # angles pos * inv_freq carry f32 rounding: up to max_pos * 2^-24 rad (HF does the same)
             rtol = 1e-4 if (name == "rope" and dtype == "f32") else None
+            atol = 4 * 32768 * 2.0**-24 * float(args[0].abs().max()) if name == "rope" else 0.0
             for g, r in zip(got, ref):
-                check_close(f"{name} n={n} w={width} {dtype}", g, r, dtype, rtol)
+                check_close(f"{name} n={n} w={width} {dtype}", g, r, dtype, rtol, atol)
 
 
 def check_routing(name, got, ref, mod, args):
     w, idx = got
     rw, ridx = ref
-    assert (idx >= 0).all() and (idx < mod.function.params[0].shape[-1]).all()
+    assert (idx >= 0).all() and (idx < int(mod.function.params[0].shape[-1])).all()
     assert (idx.sort(dim=-1).values.diff(dim=-1) != 0).all(), "duplicate experts"
     assert not torch.isnan(w).any()
     # ties between near-equal scores may order differently: compare the chosen weights
