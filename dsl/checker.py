@@ -1063,8 +1063,10 @@ class Checker:
         if not unknowns:
             if dims_equal(want, actual):
                 return True
-            self.error(span, f"argument '{pname}' of {fname}(): dim {_ast_dim(dexpr)} = {want} "
-                             f"does not match {actual}")
+            shown = _ast_dim(dexpr)
+            if dim_str(want) != shown:  # say "H = 64", not "H = H"
+                shown += f" = {dim_str(want)}"
+            self.error(span, f"argument '{pname}' of {fname}(): dim {shown} does not match {dim_str(actual)}")
             return False
         if len(unknowns) > 1:
             self.error(span, f"argument '{pname}' of {fname}(): cannot infer dims of {_ast_dim(dexpr)}")

@@ -17,7 +17,8 @@ class Diagnostic:
     hint: str | None = None
 
     def format(self, source: SourceFile | None = None) -> str:
-        head = f"{self.span}: error: {self.message}"
+        where = str(self.span) if self.span.line > 0 else self.span.file  # no position: a file-level error
+        head = f"{where}: error: {self.message}"
         lines = [head]
         if source is not None and self.span.line > 0:
             text = source.line_text(self.span.line).replace("\t", " ")

@@ -177,8 +177,9 @@ def verify(fn: Function) -> None:
             fail(n, f"expects {_ARITY[n.op]} operands, has {len(n.src)}")
         if n.op is Op.INPUT and (n.arg not in params or params[n.arg].kind != "tensor"):
             fail(n, "input is not a tensor parameter")
-        if n.op is Op.SCALAR and (n.arg not in params or params[n.arg].kind != "scalar"):
-            fail(n, "scalar is not a runtime scalar parameter")
+        # (a const parameter is a SCALAR too until specialisation binds it)
+        if n.op is Op.SCALAR and (n.arg not in params or params[n.arg].kind not in ("scalar", "const")):
+            fail(n, "scalar is not a scalar parameter")
         if n.op is Op.ATTN_VAR and (not in_attention or n.arg not in ATTN_VARS):
             fail(n, "attention variable outside an attention block")
         if n.op is Op.UNARY and unary_name(n) not in UNARY_FUNCS:

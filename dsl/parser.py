@@ -18,6 +18,8 @@ from .errors import Diagnostic, DiagnosticSink, DSLError
 from .source import SourceFile, Span
 
 MAX_IDENTIFIER = 64
+MAX_NESTING = 200  # syntax-tree levels; deeper trees would exhaust Python's recursion limit
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOP_LEVEL = re.compile(r"^(layer|attention|dims|dynamic|const)\b", re.M)
 
 # Terminal names as a person would say them.
@@ -35,13 +37,25 @@ _TOKEN_WORDS = {
 @functools.lru_cache(maxsize=1)
 def grammar_parser() -> Lark:
     text = resources.files("layerforge.grammars").joinpath("layerforge.lark").read_text()
-    return Lark(text, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True)
+    keywords: dict[str, str] = {}
+
+    def reserve_keywords(tok: Token) -> Token:
+        # The contextual lexer only knows the keywords a parser state accepts, so in
+        # `y = x *  return y` it would read `return` as a name and fail far away.
+        kind = keywords.get(str(tok))
+        return tok if kind is None else Token.new_borrow_pos(kind, str(tok), tok)
+
+    parser = Lark(text, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True,
+                  lexer_callbacks={"NAME": reserve_keywords})
+    keywords.update({t.pattern.value: t.name for t in parser.terminals
+                     if t.pattern.type == "str" and _IDENTIFIER.fullmatch(t.pattern.value)})
+    return parser
 
 
 class _UserError(Exception):
-    def __init__(self, span: Span, message: str):
+    def __init__(self, span: Span, message: str, hint: str | None = None):
         super().__init__(message)
-        self.span, self.message = span, message
+        self.span, self.message, self.hint = span, message, hint
 
 
 def _check_identifier(tok: Token, file: str) -> str:
@@ -228,7 +242,8 @@ class _ToAst(Transformer):
             if isinstance(a, ast.KwArg):
                 seen_kw = True
             elif seen_kw:
-                raise _UserError(a.span, "positional argument follows keyword argument")
+                raise _UserError(a.span, "positional argument follows keyword argument",
+                                 "keyword arguments (`name = value`) come last; to compare, use '=='")
         return pos, kws
 
     @v_args(meta=True)
@@ -295,6 +310,11 @@ def _syntax_diagnostic(err: UnexpectedInput, file: str, text: str) -> Diagnostic
         msg = f"unexpected {_show(tok)}; a definition needs a return type after its parameters: `-> T[N, H]`"
     elif expected & _EXPR_START and not (expected - _EXPR_START - {"RPAR", "RSQB"}):
         msg = f"unexpected {_show(tok)}; expected an expression"
+    elif tok.type == "RETURN" and "RBRACE" in expected:  # only attention blocks lack `return`
+        msg = "attention blocks do not return: the output is softmax(score) @ v"
+        hint = "set `score = ...` and `mask = ...` instead"
+    elif tok.type != "NAME" and _IDENTIFIER.fullmatch(val) and "NAME" in expected and "RBRACE" not in expected:
+        msg = f"'{val}' is a reserved word and cannot be used as a name"
     else:
         msg = f"unexpected {_show(tok)}; expected {_describe_expected(expected)}"
         if val in ("{", "}"):
@@ -311,8 +331,22 @@ def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
 
 
+def _check_nesting(tree: lark.Tree, file: str) -> None:
+    """Reject absurdly deep expressions with a diagnostic instead of a RecursionError."""
+    stack = [(tree, 1, tree.meta)]
+    while stack:
+        node, depth, meta = stack.pop()
+        meta = meta if getattr(node.meta, "empty", True) else node.meta
+        if depth > MAX_NESTING:
+            raise _UserError(Span(file, meta.line, meta.column, meta.end_line, meta.end_column),
+                             f"expression is nested too deeply (more than {MAX_NESTING} levels)",
+                             "split it into several statements")
+        stack.extend((c, depth + 1, meta) for c in node.children if isinstance(c, lark.Tree))
+
+
 def _parse_once(text: str, file: str) -> ast.Program:
     tree = grammar_parser().parse(text)
+    _check_nesting(tree, file)
     try:
         return _ToAst(file).transform(tree)
     except VisitError as e:  # a user error raised while building the AST
@@ -342,14 +376,14 @@ def parse(text: str, file: str = "<string>") -> ast.Program:
         except UnexpectedInput as e:
             sink.error(*_unpack(_syntax_diagnostic(e, file, piece)))
         except _UserError as e:
-            sink.error(e.span, e.message)
+            sink.error(e.span, e.message, e.hint)
     if not sink:  # the split parse passed where the whole failed: report the whole's error
         try:
             _parse_once(text, file)
         except UnexpectedInput as e:
             sink.error(*_unpack(_syntax_diagnostic(e, file, text)))
         except _UserError as e:
-            sink.error(e.span, e.message)
+            sink.error(e.span, e.message, e.hint)
     sink.raise_if_any({file: source})
     return ast.Program(Span(file, 1, 1, 1, 1), tuple(items))
 

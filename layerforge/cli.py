@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .dsl.errors import DSLError
 
@@ -22,8 +24,10 @@ def _cmd_check(args) -> int:
             print(e.format(), file=sys.stderr)
             status = 1
             continue
-        own = [n for n in prog.names if prog.definition(n).span.file == path]
-        print(f"{path}: ok ({len(own)} definition{'s' * (len(own) != 1)}: {', '.join(own)})")
+        file = str(Path(path))  # as Program.from_file names it
+        own = [n for n in prog.names if prog.definition(n).span.file == file]
+        listed = f": {', '.join(own)}" if own else ""
+        print(f"{path}: ok ({len(own)} definition{'s' * (len(own) != 1)}{listed})")
     return status
 
 
@@ -64,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early, e.g. `layerforge list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

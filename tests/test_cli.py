@@ -1,0 +1,189 @@
+"""The `layerforge` command line: `check` reports ok or file:line:col errors, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from layerforge.cli import main
+
+GOOD = """\
+dims Z
+dynamic N
+layer double(x: f32[N, Z]) -> f32[N, Z] {
+    return x * 2.0
+}
+layer halve(x: f32[N, Z]) -> f32[N, Z] {
+    return x / 2.0
+}
+"""
+
+BAD = """\
+dims Z
+dynamic N
+layer f(x: f32[N, Z]) -> f32[N, Z] {
+    return x $ 2.0
+}
+"""
+
+USES_STDLIB = """\
+layer norm_then_silu(x: T[N, H], w: T[H]) -> T[N, H] {
+    return T(silu(f32(rms_norm(x, w))))
+}
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "good.lf").write_text(GOOD)
+    (tmp_path / "bad.lf").write_text(BAD)
+    (tmp_path / "uses_stdlib.lf").write_text(USES_STDLIB)
+    (tmp_path / "latin1.lf").write_bytes(b"dims H\n# caf\xe9\n")
+    return tmp_path
+
+
+def run_module(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerforge", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_no_traceback(*streams: str) -> None:
+    for s in streams:
+        assert "Traceback" not in s
+
+
+# ---- through `python -m layerforge` -----------------------------------------------------------------
+
+def test_module_help(tmp_path):
+    r = run_module("--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert r.stdout.startswith("usage: layerforge")
+    assert "check" in r.stdout and "list" in r.stdout
+
+
+def test_module_check_good_file(files):
+    r = run_module("check", "good.lf", cwd=files)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "good.lf: ok (2 definitions: double, halve)\n"
+    assert r.stderr == ""
+
+
+def test_module_check_bad_file(files):
+    r = run_module("check", "bad.lf", cwd=files)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr == ("bad.lf:4:14: error: unexpected character '$'\n"
+                        "        return x $ 2.0\n"
+                        "                 ^\n")
+
+
+def test_module_check_without_files_checks_the_standard_library(tmp_path):
+    r = run_module("check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "standard library: ok\n"
+
+
+def test_module_check_nonexistent_file(tmp_path):
+    r = run_module("check", "missing.lf", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr == "missing.lf: error: cannot read file: No such file or directory\n"
+    assert_no_traceback(r.stdout, r.stderr)
+
+
+def test_module_unknown_command_is_an_argparse_error(tmp_path):
+    r = run_module("frobnicate", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "invalid choice: 'frobnicate'" in r.stderr
+    assert_no_traceback(r.stderr)
+
+
+# ---- through layerforge.cli.main -------------------------------------------------------------------
+
+def test_main_without_a_command_prints_help(capsys):
+    assert main([]) == 0
+    assert capsys.readouterr().out.startswith("usage: layerforge")
+
+
+def test_main_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "check" in capsys.readouterr().out
+
+
+def test_main_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("layerforge ")
+
+
+def test_main_check_good_file(files, capsys):
+    path = str(files / "good.lf")
+    assert main(["check", path]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"{path}: ok (2 definitions: double, halve)\n" and out.err == ""
+
+
+def test_main_check_names_definitions_even_for_an_unnormalised_path(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    assert main(["check", "./good.lf"]) == 0
+    assert capsys.readouterr().out == "./good.lf: ok (2 definitions: double, halve)\n"
+
+
+def test_main_check_bad_file(files, capsys):
+    path = str(files / "bad.lf")
+    assert main(["check", path]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(f"{path}:4:14: error: unexpected character '$'\n")
+    assert "    return x $ 2.0\n" in out.err
+
+
+def test_main_check_without_files(capsys):
+    assert main(["check"]) == 0
+    assert capsys.readouterr().out == "standard library: ok\n"
+
+
+def test_main_check_reports_every_file_and_fails_if_any_fails(files, capsys):
+    good, bad, missing = (str(files / n) for n in ("good.lf", "bad.lf", "missing.lf"))
+    assert main(["check", good, bad, missing]) == 1
+    out = capsys.readouterr()
+    assert out.out == f"{good}: ok (2 definitions: double, halve)\n"
+    assert f"{bad}:4:14: error:" in out.err
+    assert f"{missing}: error: cannot read file: No such file or directory" in out.err
+
+
+def test_main_check_nonexistent_file(tmp_path, capsys):
+    path = str(tmp_path / "missing.lf")
+    assert main(["check", path]) == 1
+    assert capsys.readouterr().err == f"{path}: error: cannot read file: No such file or directory\n"
+
+
+def test_main_check_directory(tmp_path, capsys):
+    assert main(["check", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"{tmp_path}: error: cannot read file")
+
+
+def test_main_check_non_utf8_file(files, capsys):
+    path = str(files / "latin1.lf")
+    assert main(["check", path]) == 1
+    assert capsys.readouterr().err.startswith(f"{path}: error: file is not UTF-8 text")
+
+
+def test_main_check_sees_the_standard_library_unless_told_not_to(files, capsys):
+    path = str(files / "uses_stdlib.lf")
+    assert main(["check", path]) == 0
+    assert capsys.readouterr().out == f"{path}: ok (1 definition: norm_then_silu)\n"
+    assert main(["check", "--no-stdlib", path]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:1:27: error: unknown dim 'N'" in err
+    assert "unknown function 'rms_norm'" in err
+
+
+def test_main_list_names_the_standard_library(capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["layer", "rms_norm(x,"] for line in lines)
+    assert any(line.startswith("attention") and "llama_attn(q, k, v" in line for line in lines)
