@@ -180,6 +180,8 @@ class Program:
                 raise ValueError(f"'{name}' has no dim or const parameter named '{k}' (dims: "
                                  f"{', '.join(sorted(self.info.static_dims))}; consts: "
                                  f"{', '.join(sorted(consts)) or 'none'})")
+        used = _used_dims(self._generic[name]) if name in self._generic else set(bound_dims)
+        bound_dims = {k: v for k, v in bound_dims.items() if k in used}
         sink = DiagnosticSink()
         ck = Checker(self.info, sink)
         fn = ck.build(name, Bindings(bound_dims, dtype, bound_consts))
@@ -189,6 +191,31 @@ class Program:
         if dtype is None and _uses_T(fn):
             raise ValueError(f"'{name}' has the dtype parameter T: pass dtype='bf16' (or f16, f32)")
         return Layer(fn, tuple(sorted(bound_dims.items())), dtype, tuple(sorted(bound_consts.items(), key=str)))
+
+
+def _used_dims(fn: Function) -> set[str]:
+    """Names of the dims a (generic) function mentions anywhere."""
+    import sympy
+    from .ir import Op
+    exprs = [d for p in fn.params for d in p.shape]
+    stack = list(fn.nodes())
+    while stack:
+        n = stack.pop()
+        exprs.extend(n.shape)
+        if n.op is Op.DIM:
+            exprs.append(n.arg)
+        elif n.op is Op.ATTENTION:
+            spec = n.arg
+            exprs += [spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim]
+            if spec.rope is not None:
+                exprs.append(spec.rope.rotary_dim)
+            from .ir import toposort
+            for g in (spec.scale, spec.score, spec.mask):
+                if g is not None:
+                    stack.extend(toposort([g]))
+        elif isinstance(n.arg, tuple):
+            exprs.extend(a for a in n.arg if isinstance(a, sympy.Basic))
+    return {s.name for e in exprs if isinstance(e, sympy.Basic) for s in e.free_symbols}
 
 
 def _uses_T(fn: Function) -> bool:

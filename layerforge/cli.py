@@ -41,6 +41,29 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from .runtime.build import cli_build
+    return cli_build(args)
+
+
+def _cmd_show(args) -> int:
+    from .codegen.plan import plan_layer
+    from .dsl.program import Program, dims_from_config
+    from .runtime.build import _default_arch, _number
+    prog = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
+    kw = dims_from_config(args.config) if args.config else {}
+    for item in args.dims or []:
+        for part in filter(None, item.split(",")):
+            k, _, v = part.partition("=")
+            kw[k.strip()] = _number(v.strip())
+    consts = set(prog.const_params(args.layer))
+    kw = {k: v for k, v in kw.items() if k in prog.info.static_dims or k in consts}
+    layer = prog.specialise(args.layer, dtype=args.dtype, **kw)
+    plan = plan_layer(layer, args.arch or _default_arch())
+    print(plan.source(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerforge", description="A code-generating layer DSL for LLM inference.")
     from . import __version__
@@ -52,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
     ls = sub.add_parser("list", help="list the standard library's layers and attention blocks")
     ls.set_defaults(func=_cmd_list)
+    b = sub.add_parser("build", help="generate and compile a model's kernels: sources, cubins, manifest")
+    b.add_argument("file", nargs="?", help="DSL file (default: the standard library only)")
+    b.add_argument("--config", help="a model's config.json (Hugging Face) for the dims")
+    b.add_argument("--dims", action="append", help="NAME=VALUE[,NAME=VALUE]: dims and const parameters")
+    b.add_argument("--dtype", default="bf16", help="the dtype parameter T (default bf16)")
+    b.add_argument("--arch", help="target, e.g. sm_90 (default: this machine's GPU)")
+    b.add_argument("--layers", help="comma-separated layer names (default: all that fit the model)")
+    b.add_argument("-j", "--jobs", type=int, help="parallel compiles")
+    b.add_argument("-o", "--output", required=True, help="output folder")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=_cmd_build)
+    sh = sub.add_parser("show", help="print the generated CUDA of one layer")
+    sh.add_argument("layer")
+    sh.add_argument("--file", help="DSL file defining the layer (default: the standard library)")
+    sh.add_argument("--config", help="a model's config.json for the dims")
+    sh.add_argument("--dims", action="append", help="NAME=VALUE[,NAME=VALUE]")
+    sh.add_argument("--dtype", default="bf16")
+    sh.add_argument("--arch", help="e.g. sm_90 (default: this machine's GPU)")
+    sh.set_defaults(func=_cmd_show)
     return p
 
 

@@ -22,7 +22,7 @@ export LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee "$OUT_DIR/nvidia-smi.txt"
 status=0
 echo "== GPU tests"
-"$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu tests/runtime} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
+"$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-tests/gpu tests/runtime} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== benchmarks"
 "$PY" -m benchmarks.bench_rows $QUICK --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"

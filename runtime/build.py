@@ -1,0 +1,158 @@
+"""Ahead-of-time builds: a model's layers -> CUDA sources, cubins and a manifest.
+
+    layerforge build --config config.json --dtype bf16 --arch sm_90 -o out/llama
+
+writes `<key>.cu` and `<key>.cubin` per kernel and `manifest.json` (what each kernel is, its
+launch shape and argument layout, resources, checksums). Kernels compile in parallel through
+the disk cache, so a second build is nearly free; a pack loads without NVRTC.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..codegen.plan import KernelPlan, LoweringError, plan_layer
+from ..dsl.errors import DSLError
+from ..dsl.program import Program, dims_from_config
+
+
+@dataclass
+class BuiltKernel:
+    plan: KernelPlan
+    seconds: float
+    cached: bool
+    registers: int
+    spills: int
+
+
+def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
+                    names: list[str] | None = None) -> tuple[list[KernelPlan], dict[str, str]]:
+    """Plans for every layer whose dims the bindings cover; the others with the reason."""
+    plans, skipped = [], {}
+    for name in names or program.names:
+        d = program.definition(name)
+        if type(d).__name__ == "AttentionDef":
+            skipped[name] = "attention kernels are a separate family (not built here yet)"
+            continue
+        consts = set(program.const_params(name))
+        kw = {k: v for k, v in bindings.items() if k in program.info.static_dims or k in consts}
+        try:
+            layer = program.specialise(name, dtype=dtype, **kw)
+            plans.append(plan_layer(layer, arch))
+        except DSLError as e:
+            first = e.diagnostics[0].message
+            skipped[name] = f"not specialisable for this model: {first}"
+        except LoweringError as e:
+            skipped[name] = str(e)
+    return plans, skipped
+
+
+def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
+          names: list[str] | None = None, jobs: int | None = None, cache=None,
+          progress: Callable[[str], None] | None = None) -> dict:
+    from .cache import default_cache
+    from .nvrtc import CompileOptions, nvrtc_version
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = cache or default_cache()
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names)
+    options = CompileOptions(arch)
+    say = progress or (lambda s: None)
+    t0 = time.perf_counter()
+
+    def one(plan: KernelPlan):
+        src = plan.source()
+        before = cache.stats.misses
+        t = time.perf_counter()
+        res = cache.get_or_compile(src, plan.kernel_name, options, plan.key)
+        dt = time.perf_counter() - t
+        _write_if_changed(out / f"{plan.key}.cu", src.encode())
+        _write_if_changed(out / f"{plan.key}.cubin", res.cubin)
+        kr = next(iter(res.resources.values()), None)
+        return plan, res, dt, cache.stats.misses == before, kr
+
+    entries = []
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 2)) as pool:
+        for plan, res, dt, hit, kr in pool.map(one, plans):
+            done += 1
+            say(f"[{done}/{len(plans)}] {plan.key:48s} {'cached' if hit else f'{dt:5.2f} s'}"
+                + (f"  {kr.registers} regs, {kr.spill_stores} B spilled" if kr else ""))
+            k = plan.lowered()
+            entries.append({
+                "key": plan.key, "layer": plan.layer.name, "kernel": plan.kernel_name, "family": plan.family,
+                "dims": dict(plan.layer.dims), "consts": {k_: v for k_, v in plan.layer.consts},
+                "dtype": str(plan.layer.dtype), "arch": arch, "source": f"{plan.key}.cu", "cubin": f"{plan.key}.cubin",
+                "cubin_sha256": hashlib.sha256(res.cubin).hexdigest(),
+                "block": [k.tpr, k.rpb, 1], "rows_per_block": k.rpb,
+                "args": [{"name": a.name, "kind": a.kind, "ref": a.ref, "ctype": a.ctype} for a in k.args],
+                "registers": kr.registers if kr else None, "spill_bytes": kr.spill_stores if kr else None,
+                "compile_seconds": round(dt, 4), "cached": hit,
+            })
+    from .cache import layerforge_version
+    manifest = {
+        "layerforge": layerforge_version(), "nvrtc": ".".join(map(str, nvrtc_version())), "arch": arch,
+        "dtype": dtype, "bindings": bindings, "kernels": entries, "skipped": skipped,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if path.exists() and path.read_bytes() == data:
+        return
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def cli_build(args) -> int:
+    program = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
+    bindings: dict[str, Any] = dims_from_config(args.config) if args.config else {}
+    for item in args.dims or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise SystemExit(f"--dims takes NAME=VALUE pairs, got {part!r}")
+            k, v = part.split("=", 1)
+            bindings[k.strip()] = _number(v.strip())
+    arch = args.arch or _default_arch()
+    names = args.layers.split(",") if args.layers else None
+    show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
+    m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
+              progress=show)
+    n = len(m["kernels"])
+    print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
+    for name, why in m["skipped"].items():
+        print(f"  skipped {name}: {why}")
+    return 0 if n else 1
+
+
+def _number(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(v)
+    except ValueError:
+        return float(v)
+
+
+def _default_arch() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return "sm_%d%d" % torch.cuda.get_device_capability()
+    except Exception:
+        pass
+    raise SystemExit("no GPU here: pass --arch (e.g. --arch sm_90)")

@@ -1,0 +1,83 @@
+"""LayerModule on the CPU: weights under conventional names, Hugging Face state dicts, the
+reference path, and clear errors for bad inputs before anything runs."""
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.runtime.layers import LayerModule, module
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+def test_weights_are_parameters_under_conventional_names(prog):
+    m = LayerModule(prog.specialise("layer_norm", H=32, dtype="f32"))
+    assert sorted(n for n, _ in m.named_parameters()) == ["bias", "weight"]
+    assert m.input_names == ["x"]
+    assert m.weight.shape == (32,) and m.bias.shape == (32,)
+
+
+def test_llama_rmsnorm_state_dict_loads_and_matches(prog):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    hf = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.normal_()
+    m = module("rms_norm", H=48, dtype="f32", eps=1e-5)
+    m.load_state_dict(hf.state_dict())
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(m(x), hf(x), rtol=1e-5, atol=1e-6)
+
+
+def test_two_outputs_and_scalar_override(prog):
+    m = module("add_rms_norm", H=16, dtype="f32")
+    x, r = torch.randn(3, 16), torch.randn(3, 16)
+    y, s = m(x, r, eps=1e-2)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (16,), m.weight, 1e-2))
+
+
+def test_wrong_shape_is_a_clear_error(prog):
+    m = module("rms_norm", H=16, dtype="f32")
+    with pytest.raises(lf.LayerInputError, match=r"'x' must have shape \[N, 16\]; dim 1 is 8"):
+        m(torch.randn(3, 8))
+
+
+def test_wrong_rank_is_a_clear_error(prog):
+    m = module("rms_norm", H=16, dtype="f32")
+    with pytest.raises(lf.LayerInputError, match=r"'x' must have shape \[N, 16\]"):
+        m(torch.randn(16))
+
+
+def test_wrong_dtype_is_a_clear_error(prog):
+    m = module("rms_norm", H=16, dtype="bf16")
+    with pytest.raises(lf.LayerInputError, match=r"'x' must be bf16"):
+        m(torch.randn(3, 16))
+
+
+def test_wrong_device_is_a_clear_error(prog):
+    m = module("rms_norm", H=16, dtype="f32")
+    with pytest.raises(lf.LayerInputError, match=r"'w' is on meta"):
+        m.to("meta")(torch.randn(3, 16))
+
+
+def test_inconsistent_dynamic_dim_is_a_clear_error(prog):
+    m = module("add_rms_norm", H=16, dtype="f32")
+    with pytest.raises(lf.LayerInputError, match=r"N = 3"):
+        m(torch.randn(3, 16), torch.randn(4, 16))
+
+
+def test_unbound_dim_is_a_clear_error(prog):
+    with pytest.raises(lf.DSLError, match=r"dim 'H' is unbound"):
+        module("rms_norm", dtype="f32")
+
+
+def test_wrong_argument_count_and_unknown_scalar(prog):
+    m = module("rms_norm", H=16, dtype="f32")
+    with pytest.raises(lf.LayerInputError, match="expected 1 tensor argument"):
+        m(torch.randn(3, 16), torch.randn(3, 16))
+    with pytest.raises(lf.LayerInputError, match="unknown argument 'epsilon'"):
+        m(torch.randn(3, 16), epsilon=1e-3)
+    with pytest.raises(ValueError, match="'swiglu' has no dim or const parameter named 'eps'"):
+        module("swiglu", F=8, dtype="f32", eps=1e-5)
