@@ -227,7 +227,8 @@ class LayerModule(torch.nn.Module):
                     argv.append(dims[ref])
                 else:
                     argv.append(rows)
-            launch.kernel.launch(recipe[3], recipe[4], argv)
+            k = launch.plan.lowered()  # the plan for this alignment has its own block shape
+            launch.kernel.launch((rows + k.rpb - 1) // k.rpb, (k.tpr, k.rpb), argv)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _recipe(self, tensors, sig):
@@ -238,8 +239,7 @@ class LayerModule(torch.nn.Module):
         rows = 1
         for s in self._lead:
             rows *= self._size(s, dims)
-        k = launch.plan.lowered()
-        recipe = (dims, out_shapes, rows, (rows + k.rpb - 1) // k.rpb, (k.tpr, k.rpb))
+        recipe = (dims, out_shapes, rows)
         if len(self._recipes) > 64:
             self._recipes.clear()
         self._recipes[sig] = recipe
