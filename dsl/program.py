@@ -33,6 +33,8 @@ HF_CONFIG_NAMES: dict[str, tuple[str, ...]] = {
     "sliding_window": ("window",),
     "attn_logit_softcapping": ("softcap",),
     "norm_topk_prob": ("renormalize",),
+    "query_pre_attn_scalar": ("query_scalar",),
+    "routed_scaling_factor": ("scaling",),
 }
 
 
@@ -43,6 +45,11 @@ def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     cfg = dict(config)
     if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):
         cfg = {**cfg, **cfg["text_config"]}
+    # transformers 5 keeps RoPE settings in `rope_parameters` (older configs: `rope_scaling`)
+    for nested in ("rope_parameters", "rope_scaling"):
+        sub = cfg.get(nested)
+        if isinstance(sub, Mapping) and sub.get("rope_theta") is not None:
+            cfg.setdefault("rope_theta", sub["rope_theta"])
     out: dict[str, Any] = {}
     for key, names in HF_CONFIG_NAMES.items():
         if cfg.get(key) is not None:

@@ -368,15 +368,11 @@ def test_moe_route_sigmoid_matches_DeepseekV3_router_with_one_group(top_k, E, no
 
 
 # --------------------------------------------------------------------------- model configs
-@pytest.mark.xfail(reason="dims_from_config reads only a top-level rope_theta; transformers 5 configs keep it in "
-                          "rope_parameters, so theta silently falls back to the default 10000", strict=False)
 def test_config_binding_reads_rope_theta_from_a_transformers_5_config():
     layer = stdlib().specialise("llama_attn", dtype="f32", config=llama_config(8, 2).to_dict())
     assert dict(layer.consts).get("theta") == 500000.0
 
 
-@pytest.mark.xfail(reason="dims_from_config does not map query_pre_attn_scalar (Gemma-2) to query_scalar, so "
-                          "gemma2_attn specialised from a config scales by D^-1/2", strict=False)
 def test_config_binding_reads_gemma2_query_pre_attn_scalar():
     cfg = transformers.Gemma2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     query_pre_attn_scalar=24, **TINY)
