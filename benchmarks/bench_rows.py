@@ -140,6 +140,7 @@ def main(argv=None):
         eager = bench(lambda: eager_fn(*nxt(), *weights))
         comp = float("nan")
         if not a.no_compile:
+            torch._dynamo.reset()  # a fresh compile per shape (no recompile limit, no fallback to eager)
             cf = torch.compile(eager_fn, dynamic=False)
             for s in inputs:
                 cf(*s, *weights)

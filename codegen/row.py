@@ -89,9 +89,11 @@ class RowLowering:
         self.max_vec_bytes = max_vec_bytes
         self.loops = self._loops()
         chunks = max([math.ceil(l.width / l.vec) for l in self.loops.values()] + [1])
-        self.tpr = tpr or min(1024, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
+        # top-k rounds are latency-bound: fewer candidates per thread, more threads per row
+        items = 2 if any(p.op is Op.TOPK for p in self.phases) else self.ITEMS_PER_THREAD
+        self.tpr = tpr or min(1024, _pow2ceil(math.ceil(chunks / items)))
         # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
-        self.rpb = max(1, min(64, 256 // self.tpr)) if self.tpr < 64 else 1
+        self.rpb = max(1, 256 // self.tpr) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
         self.col_info: dict = {}          # chunk column symbol -> (loop, chunk, guard)
         self.cur_elem: tuple | None = None  # (chunk column symbol, element number) being generated
@@ -315,10 +317,22 @@ class RowLowering:
             self.lines.append(f"{name}_v[{j}] = {okv} ? (float)({v}) : -INFINITY; {name}_c[{j}] = {c};")
         self.lines.append(f"#pragma unroll 1")
         self.lines.append(f"for (int t = 0; t < {k}; ++t) {{")
-        self.lines.append(f"  float best = -INFINITY; int best_i = 0x7fffffff;")
-        self.lines.append(f"  #pragma unroll")
-        self.lines.append(f"  for (int j = 0; j < {m}; ++j) if ({name}_v[j] > best || ({name}_v[j] == best && "
-                          f"{name}_c[j] < best_i)) {{ best = {name}_v[j]; best_i = {name}_c[j]; }}")
+        # local arg-max as a balanced tree (depth log2(m), not a serial chain of m)
+        level = [(f"{name}_v[{j}]", f"{name}_c[{j}]") for j in range(m)]
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for a in range(0, len(level) - 1, 2):
+                (va, ca), (vb, cb) = level[a], level[a + 1]
+                tv, tc = f"{name}_t{depth}_{a // 2}v", f"{name}_t{depth}_{a // 2}c"
+                take_a = f"({va} > {vb} || ({va} == {vb} && {ca} < {cb}))"
+                self.lines.append(f"  const bool {tv}s = {take_a}; const float {tv} = {tv}s ? {va} : {vb}; "
+                                  f"const int {tc} = {tv}s ? {ca} : {cb};")
+                nxt.append((tv, tc))
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level, depth = nxt, depth + 1
+        self.lines.append(f"  float best = {level[0][0]}; int best_i = {level[0][1]};")
         self.lines.append(f"  lf_row_argmax<{self.tpr}>(best, best_i, lf_smem_f, lf_smem_i);")
         self.lines.append(f"  #pragma unroll")
         self.lines.append(f"  for (int j = 0; j < {m}; ++j) if ({name}_c[j] == best_i) {name}_v[j] = -INFINITY;")
