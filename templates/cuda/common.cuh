@@ -95,3 +95,11 @@ __device__ __forceinline__ bool lf_chosen(const int* chosen, int t, int c) {
     for (int j = 0; j < t; ++j) if (chosen[j] == c) return true;
     return false;
 }
+
+__device__ __forceinline__ float lf_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float lf_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float lf_to_float(float x) { return x; }
+template <typename T> __device__ __forceinline__ T lf_from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 lf_from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half lf_from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ float lf_from_float<float>(float x) { return x; }

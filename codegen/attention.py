@@ -1,0 +1,138 @@
+"""Attention blocks -> a paged-KV attention kernel (decode and chunked prefill, split-KV).
+
+    plan = plan_paged_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"),
+                                arch="sm_90", page_size=16)
+    plan.key -> 'llama_attn_d128_hkv8_hq32_bf16_p16_sm90'
+
+The block's `score` and `mask` expressions become two inline device functions; the mask's
+causal / window / length conjuncts also bound each query's key range, so keys the mask
+rules out are never read. RoPE rotates q in the kernel (K is rotated when appended).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import sympy
+
+from ..dsl.ir import AttentionSpec, Op
+from ..dsl.program import Layer
+from ..dsl.types import DType
+from . import ops
+from .render import read_template, render
+from .row import LoweringError
+from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds
+
+VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
+
+
+@dataclass(frozen=True)
+class PagedAttentionPlan:
+    layer: Layer
+    arch: str
+    page_size: int = 16
+    warps: int = 4
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return self.layer.function.outputs[0].arg
+
+    @property
+    def key(self) -> str:
+        parts = [self.layer.name] + [f"{k.lower()}{v}" for k, v in self.layer.dims]
+        parts += [f"{k}{_fmt(v)}" for k, v in self.layer.consts]
+        parts += [str(self.layer.dtype), f"p{self.page_size}", self.arch.replace("_", "")]
+        return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
+
+    @property
+    def kernel_name(self) -> str:
+        return "lf_" + self.key
+
+    @property
+    def merge_name(self) -> str:
+        return "lf_" + self.key + "_merge"
+
+    @property
+    def heads_per_cta(self) -> int:
+        g = int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
+        gc = 1
+        while gc * 2 <= min(g, 8) and g % (gc * 2) == 0:
+            gc *= 2
+        return gc
+
+    def source(self) -> str:
+        return _render(self)
+
+    def extra_inputs(self):
+        fn = self.layer.function
+        return [p for p in fn.params[3:] if p.kind == "tensor"], [p for p in fn.params if p.kind == "scalar"]
+
+    def table_dims(self) -> list[str]:
+        tensors, _ = self.extra_inputs()
+        return sorted({s.name for p in tensors for d in p.shape for s in sympy.sympify(d).free_symbols})
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "T" if v else "F"
+    if isinstance(v, float):
+        return f"{v:g}".replace(".", "p").replace("-", "m").replace("+", "")
+    return str(v)
+
+
+@functools.lru_cache(maxsize=128)
+def _render(plan: PagedAttentionPlan) -> str:
+    spec = plan.spec
+    dtype = plan.layer.dtype
+    if dtype not in (DType.bf16, DType.f16):
+        raise LoweringError(f"{plan.layer.name}: paged attention stores bf16 or f16, not {dtype}")
+    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
+    if hd != hdv or hd not in (64, 128, 256):
+        raise LoweringError(f"{plan.layer.name}: no paged-attention specialisation for head dim {hd} "
+                            f"(value dim {hdv}); supported: 64, 128, 256")
+    hq, hkv = int(spec.num_q_heads), int(spec.num_kv_heads)
+    group = hq // hkv
+    gc = plan.heads_per_cta
+    tensors, scalars = plan.extra_inputs()
+    dims = {d: f"d_{d}" for d in plan.table_dims()}
+    tables = {p.name: TableInfo(p.name, p.dtype, p.shape, dims) for p in tensors}
+    extra_params = [f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__ p_{p.name}" for p in tensors]
+    extra_params += [f"{ops.C_TYPE[p.dtype]} s_{p.name}" for p in scalars]
+    extra_params += [f"long long {c}" for c in dims.values()]
+    extra_args = [f"p_{p.name}" for p in tensors] + [f"s_{p.name}" for p in scalars] + list(dims.values())
+
+    score_em = ScalarEmitter(VARS, tables, dims)
+    score_value = score_em.emit(spec.score) if spec.score is not None else "score"
+    mask_em = ScalarEmitter(VARS, tables, dims)
+    mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
+    bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims)
+    lows, highs = mask_bounds(spec.mask, bound_em)
+    scale_em = ScalarEmitter({}, tables, dims)
+    scale_value = scale_em.emit(spec.scale)
+    if scale_em.lines:
+        scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
+    alibi = score_em.alibi or mask_em.alibi
+    rope = None
+    if spec.rope is not None:
+        rope = {"style": spec.rope.style, "theta": repr(float(spec.rope.theta)), "rdim": int(spec.rope.rotary_dim)}
+        rope["theta"] = rope["theta"] if "." in rope["theta"] or "e" in rope["theta"] else rope["theta"] + ".0"
+    return render(
+        "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
+        plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
+        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, rope=rope,
+        scale=scale_value, extra_params=extra_params, extra_args=extra_args, score_lines=score_em.lines,
+        score_value=score_value, mask_lines=mask_em.lines, mask_value=mask_value, bound_lines=bound_em.lines,
+        lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
+
+
+def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4) -> PagedAttentionPlan:
+    if layer.function.kind != "attention":
+        raise LoweringError(f"{layer.name} is not an attention block")
+    if layer.function.outputs[0].op is not Op.ATTENTION:
+        raise LoweringError(f"{layer.name}: unexpected attention IR")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page size must be a power of two, got {page_size}")
+    plan = PagedAttentionPlan(layer, arch, page_size, warps)
+    plan.source()
+    return plan

@@ -1,0 +1,161 @@
+"""Scalar C code for attention hooks: the `score`, `mask` and `scale` sub-graphs of an
+attention block, with the attention variables bound to C names.
+
+Every value becomes a `const` local (common sub-expressions are shared); indexing of extra
+tensor inputs clamps each index into its dim, so a hook can never read out of bounds.
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..dsl.evaluator import alibi_slopes
+from ..dsl.ir import Node, Op, toposort, unary_name
+from ..dsl.types import DType
+from . import ops
+
+ATTN_VAR_TYPES = {"score": "float", "b": "int", "h": "int", "kv_h": "int", "q_pos": "int", "kv_pos": "int"}
+
+
+class ScalarEmitter:
+    def __init__(self, var_names: dict[str, str], tables: dict[str, "TableInfo"], dims: dict[str, str]):
+        self.var_names = var_names      # attention variable -> C expression
+        self.tables = tables            # extra input name -> TableInfo
+        self.dims = dims                # dynamic dim name -> C expression
+        self.lines: list[str] = []
+        self.cache: dict[int, str] = {}
+        self.n = 0
+        self.alibi: tuple[int, float] | None = None
+
+    def fresh(self) -> str:
+        self.n += 1
+        return f"e{self.n}"
+
+    def emit(self, root: Node) -> str:
+        for n in toposort([root]):
+            if id(n) not in self.cache:
+                self.cache[id(n)] = self._node(n)
+        return self.cache[id(root)]
+
+    def _let(self, ctype: str, expr: str) -> str:
+        name = self.fresh()
+        self.lines.append(f"const {ctype} {name} = {expr};")
+        return name
+
+    def _dim(self, d) -> str:
+        d = sympy.sympify(d)
+        if d.is_Integer:
+            return str(int(d))
+        return "(" + str(d.subs({s: sympy.Symbol(self.dims[s.name]) for s in d.free_symbols})) + ")"
+
+    def _node(self, n: Node) -> str:
+        a = [self.cache[id(s)] for s in n.src]
+        ct = ops.C_TYPE[n.dtype]
+        if n.op is Op.ATTN_VAR:
+            return self.var_names[n.arg]
+        if n.op is Op.CONST:
+            if n.dtype is DType.bool:
+                return "true" if n.arg else "false"
+            return str(int(n.arg)) if n.dtype.is_int else ops.float_literal(n.arg)
+        if n.op is Op.SCALAR:
+            return f"s_{n.arg}"
+        if n.op is Op.DIM:
+            return f"((long long){self._dim(n.arg)})"
+        if n.op is Op.INPUT:
+            return f"p_{n.arg}"
+        if n.op is Op.CAST:
+            if n.dtype.is_int and n.src[0].dtype.is_float:
+                return self._let(ct, f"({ct})truncf({a[0]})")
+            return self._let(ct, f"({ct})({a[0]})")
+        if n.op is Op.UNARY:
+            name = unary_name(n)
+            if name == "alibi_slope":
+                heads, max_bias = int(sympy.sympify(n.arg[1])), float(n.arg[2])
+                self.alibi = (heads, max_bias)
+                return self._let("float", f"lf_alibi_slopes[min(max({a[0]}, 0), {heads - 1})]")
+            if name == "t5_bucket":
+                nb, md, bd = n.arg[1], n.arg[2], n.arg[3]
+                return self._let("int", f"lf_t5_bucket({a[0]}, {self._dim(nb)}, {self._dim(md)}, "
+                                        f"{'true' if bd else 'false'})")
+            if n.dtype.is_float:
+                return self._let(ct, ops.UNARY_FLOAT[name].format(x=a[0]))
+            return self._let(ct, ops.UNARY_INT[name].format(x=a[0]))
+        if n.op is Op.BINARY:
+            if n.arg in ops.COMPARE:
+                return self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
+            if n.arg in ops.LOGICAL:
+                return self._let("bool", ops.LOGICAL[n.arg].format(a=a[0], b=a[1]))
+            table = ops.BINARY_FLOAT if n.dtype.is_float else ops.BINARY_INT
+            return self._let(ct, table[n.arg].format(a=a[0], b=a[1]))
+        if n.op is Op.WHERE:
+            return self._let(ct, f"({a[0]} ? ({ct})({a[1]}) : ({ct})({a[2]}))")
+        if n.op is Op.INDEX:
+            t = self.tables[n.src[0].arg]
+            idx = []
+            for i, (x, size) in enumerate(zip(a[1:], t.sizes)):
+                idx.append(f"min(max((long long)({x}), 0LL), (long long)({size}) - 1)")
+            addr = " + ".join(f"{i} * {s}" for i, s in zip(idx, t.strides))
+            return self._let(ct, ops.LOAD[t.dtype].format(f"p_{t.name}[{addr}]"))
+        raise NotImplementedError(f"{n.op.value} in an attention hook")
+
+
+class TableInfo:
+    """An extra tensor input indexed by attention hooks: sizes and strides as C expressions."""
+
+    def __init__(self, name: str, dtype: DType, shape, dims: dict[str, str]):
+        self.name, self.dtype = name, dtype
+        em = ScalarEmitter({}, {}, dims)
+        self.sizes = [em._dim(d) for d in shape]
+        self.strides = []
+        acc = "1"
+        for s in reversed(self.sizes):
+            self.strides.append(acc)
+            acc = f"({acc} * {s})"
+        self.strides.reverse()
+
+
+def alibi_table(heads: int, max_bias: float) -> str:
+    vals = alibi_slopes(heads, max_bias, dtype=__import__("torch").float64).tolist()
+    return ", ".join(ops.float_literal(v) for v in vals)
+
+
+def mask_bounds(mask: Node | None, emitter: ScalarEmitter) -> tuple[list[str], list[str]]:
+    """Key-range bounds implied by a mask's conjuncts: (lower bounds, upper bounds), C ints.
+
+    Recognised: q_pos >= kv_pos (causal), q_pos - kv_pos < W (window), kv_pos < X (length).
+    Keys outside [max(lower), min(upper)) are never visited; the mask is still applied."""
+    lows: list[str] = []
+    highs: list[str] = []
+    if mask is None:
+        return lows, highs
+
+    def is_var(n, v):
+        return n.op is Op.ATTN_VAR and n.arg == v
+
+    def free_of_kv(n):  # a bound shared by the CTA's keys and heads
+        return not any(m.op is Op.ATTN_VAR and m.arg in ("kv_pos", "score", "h") for m in toposort([n]))
+
+    def visit(n):
+        if n.op is Op.BINARY and n.arg == "and":
+            visit(n.src[0])
+            visit(n.src[1])
+            return
+        if n.op is not Op.BINARY:
+            return
+        x, y = n.src
+        op = n.arg
+        if op in ("le", "lt"):  # flip to ge/gt form: y >= x
+            x, y, op = y, x, {"le": "ge", "lt": "gt"}[op]
+        # x (op) y with op in ge, gt
+        if is_var(x, "q_pos") and is_var(y, "kv_pos"):
+            highs.append("qp + 1" if op == "ge" else "qp")
+        elif is_var(y, "kv_pos") and free_of_kv(x):  # X >= kv_pos or X > kv_pos
+            bound = emitter.emit(x)
+            highs.append(f"(int)({bound}) + 1" if op == "ge" else f"(int)({bound})")
+        elif (y.op is Op.BINARY and y.arg == "sub" and is_var(y.src[0], "q_pos") and is_var(y.src[1], "kv_pos")
+              and free_of_kv(x)):  # W > q_pos - kv_pos  ->  kv_pos > q_pos - W
+            w = emitter.emit(x)
+            lows.append(f"qp - (int)({w}) + 1" if op == "gt" else f"qp - (int)({w})")
+
+    visit(mask)
+    return lows, highs
+
