@@ -25,6 +25,10 @@ echo "== GPU tests"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-tests/gpu tests/runtime} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== benchmarks"
-[ -n "${SKIP_BENCH:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ -z "${SKIP_BENCH:-}" ]; then
+    "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 exit $status
