@@ -99,6 +99,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (its cold compiles take minutes)")
+    ap.add_argument("--only", default=None, help="run the kernels whose name contains this text")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     prog = lf.stdlib()
@@ -112,6 +113,8 @@ def main(argv=None):
     ordered = sorted(cases(prog, a.quick), key=lambda c: (not (c["n"] == 32768 and c["model"] in ("llama3-8b", "-")),
                                                            c["model"] != "llama3-8b", c["n"]))
     for c in ordered:
+        if a.only and a.only not in c["kernel"]:
+            continue
         mod = LayerModule(c["layer"], device="cuda")
         if "eps" in mod._scalars:
             mod._scalars["eps"] = 1e-5

@@ -28,7 +28,7 @@ echo "== benchmarks"
 if [ -z "${SKIP_BENCH:-}" ]; then
     "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
+    [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 exit $status
