@@ -121,7 +121,6 @@ def _render(plan: PagedAttentionPlan) -> str:
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
         plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
         HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, rope=rope,
-        U=4 if gc <= 4 else 2,
         scale=scale_value, extra_params=extra_params, extra_args=extra_args, score_lines=score_em.lines,
         score_value=score_value, mask_lines=mask_em.lines, mask_value=mask_value, bound_lines=bound_em.lines,
         lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)

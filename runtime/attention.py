@@ -141,9 +141,7 @@ class PagedAttention:
         ctas = T * self.hkv * nchunk
         if num_splits is None:
             sms = self._sms[dev.index]
-            # enough CTAs for several waves (a lone partial wave wastes up to half the chip),
-            # but no split shorter than 128 keys
-            num_splits = max(1, min(math.ceil(8 * sms / ctas), math.ceil(max_kv_len / 128), 64))
+            num_splits = 1 if ctas >= sms else max(1, min(math.ceil(2 * sms / ctas), math.ceil(max_kv_len / 256), 64))
         if num_splits > 1:
             part_o = torch.empty((T * self.hq * num_splits * self.d,), dtype=torch.float32, device=dev)
             part_lse = torch.empty((T * self.hq * num_splits,), dtype=torch.float32, device=dev)
