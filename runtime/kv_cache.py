@@ -1,0 +1,455 @@
+"""A paged KV cache, managed from Python, and its append (RoPE fused into one generated kernel).
+
+    cache = PagedKVCache(num_pages=4096, page_size=16, num_kv_heads=8, head_dim=128,
+                         dtype=torch.bfloat16, device="cuda", max_seqs=256, max_pages_per_seq=512)
+    cache.allocate(3, 100)                       # sequence 3 can now hold 100 tokens
+    pos = cache.append([3, 3, 3], k, v, rope)    # k, v: [3, Hkv, D]; K rotated at positions `pos`
+    k3, v3 = cache.gather(3)                     # [len, Hkv, D] copies, for tests and debugging
+
+Layout (the attention kernels read it exactly): `k_cache`, `v_cache` [num_pages, page_size,
+Hkv, D]; `page_table` int32 [max_seqs, max_pages_per_seq], -1 where unused; `seq_lens` int32
+[max_seqs]. Token position t of sequence s lives in page page_table[s, t // page_size], slot
+t % page_size. K is stored already rotated by RoPE at t (when the attention has rope), V as given.
+
+The bookkeeping lives on the host: numpy mirrors of page_table and seq_lens and a free list of
+pages. So an append is checked completely (dtypes, devices, shapes, capacity, page table)
+without reading the GPU, and then costs one pinned host-to-device copy of its metadata plus
+one kernel launch on torch's current stream: it never synchronises. The device `page_table`
+and `seq_lens` follow the mirrors in stream order: allocate()/free() queue their changes, and
+the next append's kernel writes them (or `flush()`; the two properties flush first).
+
+An append cannot be captured in a CUDA graph: its metadata comes from the host at each call.
+
+On a CPU device the same bookkeeping runs and torch ops do the kernel's work (the same f32
+math), so the cache's behaviour can be used and tested without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..codegen.kv_append import BLOCK, KV_APPEND_ARG_TYPES, KVAppendPlan, rope_fields, rope_inv_freq
+from ..dsl.evaluator import LayerInputError
+
+__all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError"]
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16}
+_MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
+_I32_MAX = (1 << 31) - 1
+
+
+class KVCacheError(ValueError):
+    """A request that does not fit the cache's state: a position past a sequence's pages, an
+    unknown sequence, a corrupt page table."""
+
+
+class OutOfPagesError(KVCacheError):
+    """allocate() needs more pages than are free."""
+
+
+@dataclass
+class _Append:
+    """One checked append: everything the write needs, nothing applied yet."""
+    k: torch.Tensor
+    v: torch.Tensor
+    rope: tuple[str, float, int] | None
+    pages: np.ndarray        # int32 [T]: the page of each token
+    positions: np.ndarray    # int32 [T]
+    len_seqs: np.ndarray     # int32 [U]: seq_lens updates (queued ones and this append's)
+    len_values: np.ndarray
+    pt_index: np.ndarray     # int32 [W]: queued page_table updates, flat index
+    pt_values: np.ndarray
+    new_lens: dict[int, int]
+
+    @property
+    def meta(self) -> np.ndarray:
+        """The kernel's metadata, in the order it reads it (templates/cuda/kv_append.cu.jinja)."""
+        return np.concatenate([self.pages, self.positions, self.len_seqs, self.len_values,
+                               self.pt_index, self.pt_values]).astype(np.int32, copy=False)
+
+
+_LOADED: dict[tuple[KVAppendPlan, int], Any] = {}  # (plan, device index) -> LoadedKernel, shared by caches
+
+
+class PagedKVCache:
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype | str, device: torch.device | str | int, max_seqs: int,
+                 max_pages_per_seq: int, *, arch: str | None = None, kernel_cache=None):
+        for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_seqs", max_seqs),
+                            ("max_pages_per_seq", max_pages_per_seq)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
+        dtype = _DTYPE_NAMES.get(dtype, dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16 or torch.float16 ('bf16', 'f16'), "
+                             f"got {dtype!r}")
+        if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
+            raise ValueError("PagedKVCache: page numbers and page_table indices must fit int32")
+        if max_pages_per_seq * page_size > _MAX_POSITION:
+            raise ValueError(f"PagedKVCache: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
+                             f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
+        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"PagedKVCache: device must be a CUDA device or the CPU, got {device}")
+        self.num_pages, self.page_size = int(num_pages), int(page_size)
+        self.num_kv_heads, self.head_dim = int(num_kv_heads), int(head_dim)
+        self.max_seqs, self.max_pages_per_seq = int(max_seqs), int(max_pages_per_seq)
+        self.dtype, self.device = dtype, device
+        self.arch = arch
+        self._kernel_cache = kernel_cache
+
+        shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
+        self._seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
+
+        # host mirrors (the truth) and the changes not yet written to the device tensors
+        self._pt = np.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=np.int32)
+        self._lens = np.zeros(self.max_seqs, dtype=np.int64)
+        self._npages = np.zeros(self.max_seqs, dtype=np.int64)
+        self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() gives the lowest page first
+        self._queued_pt: dict[int, int] = {}    # flat page_table index -> value
+        self._queued_lens: dict[int, int] = {}  # sequence -> length
+        self._ropes: dict[Any, tuple | None] = {}
+        self._kernels: dict[tuple, Any] = {}
+
+    # ---- tensors (the layout the attention kernels read) -----------------------------------
+    @property
+    def k_cache(self) -> torch.Tensor:
+        return self._k
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        return self._v
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """int32 [max_seqs, max_pages_per_seq] on the device (queued changes flushed first)."""
+        self.flush()
+        return self._page_table
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """int32 [max_seqs] on the device (queued changes flushed first)."""
+        self.flush()
+        return self._seq_lens
+
+    @property
+    def page_table_host(self) -> np.ndarray:
+        """A read-only view of the host mirror of page_table (current, never behind)."""
+        view = self._pt.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def seq_lens_host(self) -> np.ndarray:
+        """A read-only view of the host mirror of seq_lens (int64; current, never behind)."""
+        view = self._lens.view()
+        view.flags.writeable = False
+        return view
+
+    # ---- sequences and pages ------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def seq_len(self, seq_id: int) -> int:
+        return int(self._lens[self._seq(seq_id)])
+
+    def pages(self, seq_id: int) -> list[int]:
+        s = self._seq(seq_id)
+        return self._pt[s, : self._npages[s]].tolist()
+
+    def capacity(self, seq_id: int) -> int:
+        """Tokens the sequence's pages hold."""
+        return int(self._npages[self._seq(seq_id)]) * self.page_size
+
+    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Grow sequence `seq_id`'s pages until they hold `num_tokens` tokens in all (never
+        shrinks; its tokens stay where they are). Returns its pages. Raises OutOfPagesError,
+        changing nothing, when too few pages are free."""
+        s = self._seq(seq_id)
+        n = operator.index(num_tokens)
+        if n < 0:
+            raise ValueError(f"allocate: num_tokens must be >= 0, got {n}")
+        need = -(-n // self.page_size)
+        if need > self.max_pages_per_seq:
+            raise KVCacheError(f"allocate: sequence {s} needs {need} pages for {n} tokens; at most "
+                               f"max_pages_per_seq = {self.max_pages_per_seq} "
+                               f"({self.max_pages_per_seq * self.page_size} tokens)")
+        have = int(self._npages[s])
+        if need - have > len(self._free):
+            raise OutOfPagesError(f"allocate: sequence {s} needs {need - have} more pages for {n} tokens; "
+                                  f"{len(self._free)} of {self.num_pages} are free")
+        for j in range(have, need):
+            page = self._free.pop()
+            self._pt[s, j] = page
+            self._queued_pt[s * self.max_pages_per_seq + j] = page
+        self._npages[s] = max(have, need)
+        return self.pages(s)
+
+    def free(self, seq_id: int) -> None:
+        """Return sequence `seq_id`'s pages to the free list; its length becomes 0."""
+        s = self._seq(seq_id)
+        n = int(self._npages[s])
+        self._free.extend(reversed(self._pt[s, :n].tolist()))
+        for j in range(n):
+            self._queued_pt[s * self.max_pages_per_seq + j] = -1
+        self._pt[s, :n] = -1
+        self._npages[s] = 0
+        if self._lens[s] or s in self._queued_lens:
+            self._queued_lens[s] = 0
+        self._lens[s] = 0
+
+    # ---- append -------------------------------------------------------------------------
+    def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor, rope=None, *, positions=None) -> torch.Tensor:
+        """Write tokens into their sequences' pages and advance seq_lens; returns the positions
+        used (a CPU int32 tensor [T]).
+
+        seq_ids: int [T] on the host (list, numpy array or CPU tensor): token t belongs to
+        sequence seq_ids[t]. k, v: [T, Hkv, D] of the cache's dtype on its device, each token's
+        [Hkv, D] dense (tokens may be strided, e.g. views of a fused QKV output). rope: the
+        attention's `RopeSpec` (numeric rotary_dim) or None. positions: int [T] on the host;
+        by default a sequence's new tokens take the positions after its length, in their order
+        in seq_ids. A sequence's length becomes max(length, its largest position + 1).
+
+        Everything is checked before anything is written: a bad call raises ValueError
+        (LayerInputError for tensors, KVCacheError for positions and pages) and changes nothing.
+        """
+        prep = self._prepare(seq_ids, k, v, rope, positions)
+        if prep.pages.size:
+            if self.device.type == "cuda":
+                self._write_cuda(prep)
+            else:
+                self._write_torch(prep)
+            self._queued_pt.clear()
+            self._queued_lens.clear()
+            for s, n in prep.new_lens.items():
+                self._lens[s] = n
+        return torch.from_numpy(prep.positions)
+
+    def flush(self) -> None:
+        """Write queued allocate()/free() changes to the device page_table and seq_lens (torch
+        ops on the current stream; no synchronisation)."""
+        if not (self._queued_pt or self._queued_lens):
+            return
+        len_seqs, len_values = _columns(self._queued_lens)
+        pt_index, pt_values = _columns(self._queued_pt)
+        self._apply_torch(len_seqs, len_values, pt_index, pt_values)
+        self._queued_pt.clear()
+        self._queued_lens.clear()
+
+    def gather(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence `seq_id`'s keys (as stored: rotated) and values, contiguous [len, Hkv, D]
+        copies. For tests and debugging (plain torch indexing; may synchronise)."""
+        s = self._seq(seq_id)
+        n = int(self._lens[s])
+        pages = torch.from_numpy(self._pt[s, : -(-n // self.page_size)].astype(np.int64)).to(self.device)
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        return self._k[pages].reshape(shape)[:n], self._v[pages].reshape(shape)[:n]
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(pages={self.num_pages}x{self.page_size}, Hkv={self.num_kv_heads}, "
+                f"D={self.head_dim}, {_DTYPES[self.dtype]}, {self.device}, free={len(self._free)}, "
+                f"max_seqs={self.max_seqs}, max_pages_per_seq={self.max_pages_per_seq})")
+
+    # ---- checks -------------------------------------------------------------------------
+    def _seq(self, seq_id) -> int:
+        try:
+            s = operator.index(seq_id)
+        except TypeError:
+            raise KVCacheError(f"seq_id must be an int, got {type(seq_id).__name__}") from None
+        if not 0 <= s < self.max_seqs:
+            raise KVCacheError(f"seq_id {s} is out of range [0, max_seqs={self.max_seqs})")
+        return s
+
+    def _check_tensor(self, name: str, x) -> None:
+        H, D = self.num_kv_heads, self.head_dim
+        if not isinstance(x, torch.Tensor):
+            raise LayerInputError(f"append: '{name}' must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise LayerInputError(f"append: '{name}' must be {self.dtype} (the cache's dtype), got {x.dtype}")
+        if x.device != self.device:
+            raise LayerInputError(f"append: '{name}' is on {x.device}, the cache on {self.device}")
+        if x.dim() != 3 or x.shape[1] != H or x.shape[2] != D:
+            raise LayerInputError(f"append: '{name}' must have shape [T, {H}, {D}], got {tuple(x.shape)}")
+        if (D > 1 and x.stride(2) != 1) or (H > 1 and x.stride(1) != D):
+            raise LayerInputError(f"append: each token of '{name}' must be a dense [{H}, {D}] block "
+                                  f"(strides {x.stride()}); call .contiguous() first")
+
+    def _host_ints(self, name: str, values, count: int) -> np.ndarray:
+        if isinstance(values, torch.Tensor):
+            if values.device.type != "cpu":
+                raise LayerInputError(
+                    f"append: '{name}' must be on the host (a list, numpy array or CPU tensor), got a tensor "
+                    f"on {values.device}: the cache is managed from Python, and reading it would synchronise")
+            if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+                raise LayerInputError(f"append: '{name}' must hold integers, got {values.dtype}")
+            out = values.numpy()
+        else:
+            out = np.asarray(values)
+            if out.size == 0:
+                out = out.astype(np.int64)
+            if out.dtype.kind not in "iu":
+                raise LayerInputError(f"append: '{name}' must hold integers, got {out.dtype}")
+        if out.shape != (count,):
+            raise LayerInputError(f"append: '{name}' must have shape [{count}] (one per token), got {list(out.shape)}")
+        return out.astype(np.int64)
+
+    def _rope(self, rope) -> tuple[str, float, int] | None:
+        try:
+            return self._ropes[rope]
+        except KeyError:
+            fields = self._ropes[rope] = rope_fields(rope, self.head_dim)
+            return fields
+        except TypeError:  # unhashable: not a RopeSpec
+            return rope_fields(rope, self.head_dim)
+
+    def _prepare(self, seq_ids, k, v, rope, positions) -> _Append:
+        self._check_tensor("k", k)
+        self._check_tensor("v", v)
+        T = k.shape[0]
+        if v.shape[0] != T:
+            raise LayerInputError(f"append: 'k' has {T} tokens, 'v' {v.shape[0]}")
+        fields = self._rope(rope)
+        ids = self._host_ints("seq_ids", seq_ids, T)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.max_seqs))
+        if bad.size:
+            raise KVCacheError(f"append: seq_ids[{bad[0]}] = {ids[bad[0]]} is out of range "
+                               f"[0, max_seqs={self.max_seqs})")
+        seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        if positions is None:  # after each sequence's length, in order of appearance
+            order = np.argsort(inverse, kind="stable")
+            rank = np.empty(T, dtype=np.int64)
+            rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
+            pos = self._lens[ids] + rank
+        else:
+            pos = self._host_ints("positions", positions, T)
+            bad = np.flatnonzero(pos < 0)
+            if bad.size:
+                raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
+
+        P = self.page_size
+        capacity = self._npages[ids] * P
+        bad = np.flatnonzero(pos >= capacity)
+        if bad.size:
+            t, s = int(bad[0]), int(ids[bad[0]])
+            need = int(pos[ids == s].max()) + 1
+            raise KVCacheError(f"append: token {t} of sequence {s} goes to position {pos[t]}, past the "
+                               f"{self._npages[s]} page(s) of {P} it has (capacity {capacity[t]}); "
+                               f"call allocate({s}, {need}) first")
+        if positions is not None:
+            key = ids * (self.max_pages_per_seq * P) + pos
+            if np.unique(key).size != T:
+                uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
+                t = int(first[np.flatnonzero(cnt > 1)[0]])
+                raise KVCacheError(f"append: position {pos[t]} of sequence {ids[t]} is written twice in one call")
+        pages = self._pt[ids, pos // P]
+        bad = np.flatnonzero((pages < 0) | (pages >= self.num_pages))
+        if bad.size:
+            t, s = int(bad[0]), int(ids[bad[0]])
+            raise KVCacheError(f"append: page_table[{s}, {pos[t] // P}] = {pages[t]} (for token {t} at position "
+                               f"{pos[t]}) is not a page in [0, num_pages={self.num_pages})")
+
+        ends = np.zeros(seqs.size, dtype=np.int64)
+        np.maximum.at(ends, inverse, pos + 1)
+        ends = np.maximum(ends, self._lens[seqs])
+        new_lens = {int(s): int(n) for s, n in zip(seqs, ends) if n != self._lens[s]}
+        len_seqs, len_values = _columns({**self._queued_lens, **new_lens})
+        pt_index, pt_values = _columns(self._queued_pt)
+        return _Append(k, v, fields, pages.astype(np.int32), pos.astype(np.int32), len_seqs, len_values,
+                       pt_index, pt_values, new_lens)
+
+    # ---- writes -------------------------------------------------------------------------
+    def _write_cuda(self, a: _Append) -> None:
+        kernel, plan = self._kernel(a.rope, _vec_bytes(a.k, a.v))
+        meta = torch.from_numpy(a.meta).pin_memory().to(self.device, non_blocking=True)
+        T, U, W = a.pages.size, a.len_seqs.size, a.pt_index.size
+        kernel.launch(plan.grid(T, U + W), BLOCK,
+                      (self._k, self._v, a.k, a.v, a.k.stride(0), a.v.stride(0), meta, T, U, W,
+                       self._seq_lens, self._page_table))
+
+    def _kernel(self, rope: tuple | None, vec_bytes: int):
+        hit = self._kernels.get((rope, vec_bytes))
+        if hit is not None:
+            return hit
+        from .cache import default_cache
+        from .driver import LoadedKernel
+        from .nvrtc import CompileOptions
+
+        arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(self.device)
+        style, theta, rd = rope or (None, None, None)
+        plan = KVAppendPlan(_DTYPES[self.dtype], self.num_kv_heads, self.head_dim, self.page_size, style, theta,
+                            rd, arch=arch, vec_bytes=vec_bytes)
+        kernel = _LOADED.get((plan, self.device.index))
+        if kernel is None:
+            cache = self._kernel_cache or default_cache()
+            result = cache.get_or_compile(plan.source(), plan.kernel_name, CompileOptions(arch), plan.key)
+            kernel = LoadedKernel.load(result.cubin, plan.kernel_name, KV_APPEND_ARG_TYPES, self.device)
+            _LOADED[(plan, self.device.index)] = kernel
+        self._kernels[(rope, vec_bytes)] = (kernel, plan)
+        return kernel, plan
+
+    @torch.no_grad()
+    def _write_torch(self, a: _Append) -> None:
+        """The kernel's work with torch ops (CPU caches): same f32 angles and rotation, one rounding."""
+        pages = torch.from_numpy(a.pages.astype(np.int64)).to(self.device)
+        slots = torch.from_numpy((a.positions % self.page_size).astype(np.int64)).to(self.device)
+        self._k[pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k
+        self._v[pages, slots] = a.v
+        self._apply_torch(a.len_seqs, a.len_values, a.pt_index, a.pt_values)
+
+    def _apply_torch(self, len_seqs, len_values, pt_index, pt_values) -> None:
+        def upload(x: np.ndarray, dtype) -> torch.Tensor:
+            t = torch.from_numpy(x.astype(dtype))
+            if self.device.type == "cuda":
+                return t.pin_memory().to(self.device, non_blocking=True)
+            return t
+
+        if len_seqs.size:
+            self._seq_lens[upload(len_seqs, np.int64)] = upload(len_values, np.int32)
+        if pt_index.size:
+            self._page_table.view(-1)[upload(pt_index, np.int64)] = upload(pt_values, np.int32)
+
+
+def _columns(updates: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.fromiter(updates.keys(), dtype=np.int32, count=len(updates))
+    values = np.fromiter(updates.values(), dtype=np.int32, count=len(updates))
+    return keys, values
+
+
+def _vec_bytes(*tensors: torch.Tensor) -> int:
+    """The widest access (bytes) that every token row of these 2-byte tensors is aligned to."""
+    align = 16
+    for x in tensors:
+        for b in (x.data_ptr(), 2 * x.stride(0) if x.shape[0] > 1 else 0):
+            while align > 2 and b % align:
+                align //= 2
+    return align
+
+
+def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple[str, float, int]) -> torch.Tensor:
+    style, theta, rd = rope
+    inv = torch.tensor(rope_inv_freq(theta, rd), dtype=torch.float32, device=x.device)
+    ang = torch.from_numpy(positions.astype(np.float32)).to(x.device)[:, None] * inv  # f32, as the kernel
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    xf = x.float()
+    rot = xf[..., :rd]
+    if style == "neox":
+        x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, xf[..., rd:]], dim=-1).to(x.dtype)
