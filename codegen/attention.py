@@ -11,7 +11,6 @@ rules out are never read. RoPE rotates q in the kernel (K is rotated when append
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import sympy
@@ -20,6 +19,7 @@ from ..dsl.ir import AttentionSpec, Op
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
+from .plan import layer_key
 from .render import read_template, render
 from .row import LoweringError
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds
@@ -40,10 +40,7 @@ class PagedAttentionPlan:
 
     @property
     def key(self) -> str:
-        parts = [self.layer.name] + [f"{k.lower()}{v}" for k, v in self.layer.dims]
-        parts += [f"{k}{_fmt(v)}" for k, v in self.layer.consts]
-        parts += [str(self.layer.dtype), f"p{self.page_size}", self.arch.replace("_", "")]
-        return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
+        return layer_key(self.layer, f"p{self.page_size}", self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -71,14 +68,6 @@ class PagedAttentionPlan:
     def table_dims(self) -> list[str]:
         tensors, _ = self.extra_inputs()
         return sorted({s.name for p in tensors for d in p.shape for s in sympy.sympify(d).free_symbols})
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "T" if v else "F"
-    if isinstance(v, float):
-        return f"{v:g}".replace(".", "p").replace("-", "m").replace("+", "")
-    return str(v)
 
 
 @functools.lru_cache(maxsize=128)

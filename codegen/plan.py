@@ -28,17 +28,9 @@ class KernelPlan:
 
     @property
     def key(self) -> str:
-        parts = [self.layer.name]
-        parts += [f"{k.lower()}{v}" for k, v in self.layer.dims]
-        parts += [f"{k}{_fmt(v)}" for k, v in self.layer.consts]
-        if self.layer.dtype is not None:
-            parts.append(str(self.layer.dtype))
-        if self.vec_bytes != 16:
-            parts.append(f"v{self.vec_bytes}")
-        if self.tpr is not None:
-            parts.append(f"t{self.tpr}")
-        parts.append(self.arch.replace("_", ""))
-        return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
+        extra = [f"v{self.vec_bytes}"] if self.vec_bytes != 16 else []
+        extra += [f"t{self.tpr}"] if self.tpr is not None else []
+        return layer_key(self.layer, *extra, self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -70,6 +62,15 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}".replace(".", "p").replace("-", "m").replace("+", "")
     return str(v)
+
+
+def layer_key(layer: Layer, *suffix: str) -> str:
+    """A readable kernel key: name, bound dims, consts, dtype, then `suffix` (arch, variant)."""
+    parts = [layer.name] + [f"{k.lower()}{v}" for k, v in layer.dims]
+    parts += [f"{k}{_fmt(v)}" for k, v in layer.consts]
+    if layer.dtype is not None:
+        parts.append(str(layer.dtype))
+    return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts + list(suffix)))
 
 
 def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None) -> KernelPlan:
