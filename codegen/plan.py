@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 
 from ..dsl.program import Layer
-from ..dsl.types import DType
 from .render import read_template, render
 from .row import KernelArg, LoweringError, RowKernel, RowLowering
 

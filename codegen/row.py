@@ -194,7 +194,7 @@ class RowLowering:
     def lower(self) -> RowKernel:
         args = self._args()
         L = self.lines
-        L.append(f"const int tid = threadIdx.x;")
+        L.append("const int tid = threadIdx.x;")
         L.append(f"const long long row = (long long)blockIdx.x * {self.rpb} + threadIdx.y;")
         L.append("const bool row_ok = row < n_rows;")
         self.row_syms = self._row_index()
@@ -315,7 +315,7 @@ class RowLowering:
         self.lines.append(f"float {name}_v[{m}]; int {name}_c[{m}];")
         for j, (v, c, okv) in enumerate(vals):
             self.lines.append(f"{name}_v[{j}] = {okv} ? (float)({v}) : -INFINITY; {name}_c[{j}] = {c};")
-        self.lines.append(f"#pragma unroll 1")
+        self.lines.append("#pragma unroll 1")
         self.lines.append(f"for (int t = 0; t < {k}; ++t) {{")
         # local arg-max as a balanced tree (depth log2(m), not a serial chain of m)
         level = [(f"{name}_v[{j}]", f"{name}_c[{j}]") for j in range(m)]
@@ -334,7 +334,7 @@ class RowLowering:
             level, depth = nxt, depth + 1
         self.lines.append(f"  float best = {level[0][0]}; int best_i = {level[0][1]};")
         self.lines.append(f"  lf_row_argmax<{self.tpr}>(best, best_i, lf_smem_f, lf_smem_i);")
-        self.lines.append(f"  #pragma unroll")
+        self.lines.append("  #pragma unroll")
         self.lines.append(f"  for (int j = 0; j < {m}; ++j) if ({name}_c[j] == best_i) {name}_v[j] = -INFINITY;")
         self.lines.append(f"  if (tid == 0) {{ {name}[threadIdx.y][t] = best; {name}_i[threadIdx.y][t] = best_i; }}")
         self.lines.append("}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .ir import AttentionSpec, Node, RopeSpec, toposort
-from .types import DType
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .ir import AttentionSpec, Function, Node, Op, ReduceArg, toposort, unary_name
+from .ir import Function, Node, ReduceArg, toposort, unary_name
 from .types import DType, dim_str, shape_str
 
 

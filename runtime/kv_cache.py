@@ -25,10 +25,9 @@ math), so the cache's behaviour can be used and tested without a GPU.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

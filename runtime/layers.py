@@ -235,7 +235,7 @@ class LayerModule(torch.nn.Module):
         device = sig[0][2]
         dims = self._bind(tensors, device)
         out_shapes = [torch.Size([self._size(s, dims) for s in spec]) for spec in self._out_specs]
-        launch = self._launch_for(device, 16)
+        self._launch_for(device, 16)  # loads the kernel and fixes the row space (self._lead)
         rows = 1
         for s in self._lead:
             rows *= self._size(s, dims)

@@ -1,0 +1,287 @@
+"""Typing rules of the builtin functions (`exp`, `sum`, `topk`, `split`, ...), one method each.
+
+Mixed into `Checker`: each `builtin_<name>(name, args, call, scope)` receives the call's bound
+AST arguments (see signatures.py), type-checks them and returns IR nodes (or ERR after an error).
+"""
+from __future__ import annotations
+
+import sympy
+
+from . import ast
+from .ir import Node, Op, ReduceArg
+from .types import DType, broadcast_shapes, dims_equal, shape_str, type_str
+from .values import _CAST_NAMES, ERR, _Tuple
+
+
+class BuiltinRules:
+    def builtin_unary(self, name, args, e, scope):
+        x = self.float_operand(self.value(args["x"], scope), name, e.span)
+        if x.op is Op.ERROR:
+            return x
+        if x.op is Op.CONST:
+            try:
+                return self.const(float(_fold_unary(name, x.arg)), e.span)
+            except (ValueError, OverflowError):
+                return self.error(e.span, f"{name}({x.arg}) is undefined")
+        return Node(Op.UNARY, x.dtype, x.shape, (x,), name, e.span)
+
+    def builtin_where(self, name, args, e, scope):
+        c, a, b = (self.value(args[k], scope) for k in ("cond", "a", "b"))
+        if ERR in (c, a, b):
+            return ERR
+        if c.dtype is not DType.bool:
+            return self.error(args["cond"].span, f"where() condition must be bool, got {c.dtype}")
+        dt = self.unify_dtypes(a, b, e.span, "where()")
+        s1 = broadcast_shapes(a.shape, b.shape)
+        shape = broadcast_shapes(c.shape, s1) if s1 is not None else None
+        if dt is None:
+            return ERR
+        if shape is None:
+            return self.error(e.span, f"where(): shapes {shape_str(c.shape)}, {shape_str(a.shape)}, "
+                                      f"{shape_str(b.shape)} do not broadcast")
+        if c.op is Op.CONST:
+            return self.cast(a if c.arg else b, dt, e.span) if (a if c.arg else b).shape == shape else \
+                Node(Op.WHERE, dt, shape, (c, a, b), None, e.span)
+        return Node(Op.WHERE, dt, shape, (c, self.cast_weak(a, dt), self.cast_weak(b, dt)), None, e.span)
+
+    def cast_weak(self, x: Node, dt: DType) -> Node:
+        return self.cast(x, dt, x.span) if x.shape == () and x.dtype != dt else x
+
+    def builtin_maximum(self, name, args, e, scope):
+        return self.binary("max" if name == "maximum" else "min", self.value(args["a"], scope),
+                           self.value(args["b"], scope), e.span)
+
+    builtin_minimum = builtin_maximum
+
+    def builtin_sum(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        if name in ("max", "min") and args.get("y") is not None:
+            return self.binary(name, x, self.value(args["y"], scope), e.span)
+        if x.rank == 0:
+            return self.error(e.span, f"{name}() reduces along an axis; its operand is a scalar")
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        keep = self.build_time(args["keepdim"], scope, "keepdim", bool)
+        corr = self.build_time(args.get("correction", 0), scope, "correction")
+        if axis is None or keep is None or corr is None:
+            return ERR
+        if x.dtype is DType.bool:
+            return self.error(e.span, f"{name}() does not take bool tensors")
+        if name in ("mean", "var") and not x.dtype.is_float:
+            return self.error(e.span, f"{name}() needs a float tensor, got {x.dtype}", "cast it: f32(x)")
+        shape = x.shape[:axis] + ((sympy.Integer(1),) if keep else ()) + x.shape[axis + 1:]
+        return Node(Op.REDUCE, x.dtype, shape, (x,), ReduceArg(name, axis, keep, corr), e.span)
+
+    builtin_mean = builtin_var = builtin_max = builtin_min = builtin_sum
+
+    def builtin_softmax(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        if not x.dtype.is_float:
+            return self.error(e.span, f"softmax() needs a float tensor, got {x.dtype}")
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        return Node(Op.SOFTMAX, x.dtype, x.shape, (x,), axis, e.span)
+
+    def builtin_topk(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        k = self.build_time(args["k"], scope, "k")
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if k is None or axis is None:
+            return ERR
+        if x.dtype is DType.bool:
+            return self.error(e.span, "topk() does not take bool tensors")
+        k = sympy.sympify(k)
+        if k.is_Integer and k <= 0:
+            return self.error(args["k"].span, "k must be positive")
+        if k.is_Integer and x.shape[axis].is_Integer and k > x.shape[axis]:
+            return self.error(args["k"].span, f"k = {k} is larger than the axis it selects from "
+                                              f"({x.shape[axis]})")
+        shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+        return _Tuple([Node(Op.TOPK, x.dtype, shape, (x,), (k, axis, 0), e.span),
+                       Node(Op.TOPK, DType.i32, shape, (x,), (k, axis, 1), e.span)])
+
+    def builtin_gather(self, name, args, e, scope):
+        x, idx = self.value(args["x"], scope), self.value(args["index"], scope)
+        if ERR in (x, idx):
+            return ERR
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        if not idx.dtype.is_int:
+            return self.error(args["index"].span, f"gather() index must be an integer tensor, got {idx.dtype}")
+        if idx.rank != x.rank or not all(dims_equal(a, b) for i, (a, b) in enumerate(zip(x.shape, idx.shape))
+                                         if i != axis):
+            return self.error(e.span, f"gather(): index shape {shape_str(idx.shape)} must match "
+                                      f"{shape_str(x.shape)} except along axis {axis}")
+        return Node(Op.GATHER, x.dtype, idx.shape, (x, idx), axis, e.span)
+
+    def builtin_split(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        n = x.shape[axis]
+        sec = args["sections"]
+        if isinstance(sec, ast.ListLit):
+            sizes = [self.build_time(s, scope, "a section size") for s in sec.items]
+            if any(s is None for s in sizes):
+                return ERR
+            sizes = [sympy.sympify(s) for s in sizes]
+            if not dims_equal(sum(sizes), n):
+                return self.error(sec.span, f"split sizes add up to {sum(sizes)}, but the axis has {n}")
+        else:
+            parts = self.build_time(sec, scope, "the number of parts")
+            if parts is None:
+                return ERR
+            parts = sympy.sympify(parts)
+            if parts.is_Integer and parts <= 0:
+                return self.error(sec.span, "the number of parts must be positive")
+            size = n / parts
+            if size.is_Rational and not size.is_Integer:
+                return self.error(e.span, f"split: axis of size {n} does not divide into {parts} parts")
+            if not parts.is_Integer:
+                return self.error(sec.span, "the number of parts must be a constant")
+            sizes = [size] * int(parts)
+        out, start = [], sympy.Integer(0)
+        for s in sizes:
+            shape = x.shape[:axis] + (s,) + x.shape[axis + 1:]
+            out.append(Node(Op.SLICE, x.dtype, shape, (x,), (axis, start, start + s, 1), e.span))
+            start = start + s
+        return _Tuple(out)
+
+    def builtin_slice(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        vals = [self.build_time(args[k], scope, k) for k in ("start", "stop", "step")]
+        if axis is None or any(v is None for v in vals):
+            return ERR
+        start, stop, step = (sympy.sympify(v) for v in vals)
+        n = x.shape[axis]
+        if step.is_Integer and step <= 0:
+            return self.error(args["step"].span if isinstance(args["step"], ast.Node) else e.span,
+                              "slice step must be positive")
+        length = sympy.ceiling((stop - start) / step) if (stop - start).is_Integer else (stop - start) / step
+        bad = (start.is_Integer and start < 0) or ((stop - n).is_Integer and stop > n) or \
+              ((stop - start).is_Integer and stop <= start)
+        if bad:
+            return self.error(e.span, f"slice [{start}:{stop}] is out of range for an axis of size {n}")
+        shape = x.shape[:axis] + (sympy.sympify(length),) + x.shape[axis + 1:]
+        return Node(Op.SLICE, x.dtype, shape, (x,), (axis, start, stop, step), e.span)
+
+    def builtin_concat(self, name, args, e, scope):
+        xs = [self.value(a, scope) for a in args["tensors"]]
+        if ERR in xs:
+            return ERR
+        axis = self.axis(xs[0], self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        for x in xs[1:]:
+            if x.dtype != xs[0].dtype:
+                return self.error(e.span, f"concat(): dtypes differ ({xs[0].dtype} and {x.dtype})")
+            if x.rank != xs[0].rank or not all(dims_equal(a, b) for i, (a, b) in
+                                               enumerate(zip(x.shape, xs[0].shape)) if i != axis):
+                return self.error(e.span, f"concat(): shapes {shape_str(xs[0].shape)} and {shape_str(x.shape)} "
+                                          f"differ outside axis {axis}")
+        total = sum((x.shape[axis] for x in xs), sympy.Integer(0))
+        shape = xs[0].shape[:axis] + (total,) + xs[0].shape[axis + 1:]
+        return Node(Op.CONCAT, xs[0].dtype, shape, tuple(xs), axis, e.span)
+
+    def builtin_interleave(self, name, args, e, scope):
+        a, b = self.value(args["a"], scope), self.value(args["b"], scope)
+        if ERR in (a, b):
+            return ERR
+        axis = self.axis(a, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        if a.dtype != b.dtype or a.rank != b.rank or not all(dims_equal(x, y) for x, y in zip(a.shape, b.shape)):
+            return self.error(e.span, f"interleave() needs two tensors of one type, got "
+                                      f"{type_str(a.dtype, a.shape)} and {type_str(b.dtype, b.shape)}")
+        shape = a.shape[:axis] + (2 * a.shape[axis],) + a.shape[axis + 1:]
+        return Node(Op.INTERLEAVE, a.dtype, shape, (a, b), axis, e.span)
+
+    def builtin_reshape(self, name, args, e, scope):
+        items = args["dims"]
+        if len(items) < 2:
+            return self.error(e.span, "reshape(x, d0, d1, ...) needs a tensor and at least one dim")
+        x = self.value(items[0], scope)
+        dims = [self.build_time(d, scope, "a reshape dim") for d in items[1:]]
+        if x.op is Op.ERROR or any(d is None for d in dims):
+            return ERR
+        dims = [sympy.sympify(d) for d in dims]
+        if not dims_equal(sympy.Mul(*dims), sympy.Mul(*x.shape)):
+            return self.error(e.span, f"reshape(): {shape_str(x.shape)} has {sympy.Mul(*x.shape)} elements, "
+                                      f"{shape_str(tuple(dims))} has {sympy.Mul(*dims)}")
+        return Node(Op.RESHAPE, x.dtype, tuple(dims), (x,), None, e.span)
+
+    def builtin_unsqueeze(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        a = self.build_time(args["axis"], scope, "axis")
+        if x.op is Op.ERROR or a is None:
+            return ERR
+        if not -x.rank - 1 <= a <= x.rank:
+            return self.error(e.span, f"axis {a} is out of range for unsqueeze of rank {x.rank}")
+        a = a % (x.rank + 1)
+        shape = x.shape[:a] + (sympy.Integer(1),) + x.shape[a:]
+        return Node(Op.RESHAPE, x.dtype, shape, (x,), None, e.span)
+
+    def builtin_iota(self, name, args, e, scope):
+        n = self.build_time(args["n"], scope, "iota's length")
+        if n is None:
+            return ERR
+        n = sympy.sympify(n)
+        if n.is_Integer and n <= 0:
+            return self.error(e.span, "iota's length must be positive")
+        return Node(Op.IOTA, DType.i32, (n,), (), n, e.span)
+
+    def builtin_transpose(self, name, args, e, scope):
+        return self.transpose(self.value(args["x"], scope), e.span)
+
+    def builtin_cast(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        d = args["dtype"]
+        if not isinstance(d, ast.Name) or d.id not in _CAST_NAMES:
+            return self.error(d.span, "cast(x, dtype): dtype must be a dtype name such as f32 or T")
+        dt = scope.dtype_T if _CAST_NAMES[d.id] is DType.T else _CAST_NAMES[d.id]
+        return self.cast(x, dt, e.span)
+
+    def builtin_alibi_slope(self, name, args, e, scope):
+        h = self.value(args["h"], scope)
+        mb = self.build_time(args["max_bias"], scope, "max_bias", float)
+        if h.op is Op.ERROR or mb is None:
+            return ERR
+        if not h.dtype.is_int or h.shape != ():
+            return self.error(e.span, "alibi_slope(h): h must be an integer head index")
+        return Node(Op.UNARY, DType.f32, (), (h,), ("alibi_slope", scope.attn_heads, float(mb)), e.span)
+
+    def builtin_t5_bucket(self, name, args, e, scope):
+        rel = self.value(args["rel"], scope)
+        nb = self.build_time(args["num_buckets"], scope, "num_buckets")
+        md = self.build_time(args["max_distance"], scope, "max_distance")
+        bd = self.build_time(args["bidirectional"], scope, "bidirectional", bool)
+        if rel.op is Op.ERROR or None in (nb, md, bd):
+            return ERR
+        if not rel.dtype.is_int or rel.shape != ():
+            return self.error(e.span, "t5_bucket(rel): rel must be an integer position difference")
+        return Node(Op.UNARY, DType.i32, (), (rel,), ("t5_bucket", nb, md, bool(bd)), e.span)
+
+
+
+def _fold_unary(name: str, x: float) -> float:
+    import math as m
+    f = {"exp": m.exp, "log": m.log, "tanh": m.tanh, "sigmoid": lambda v: 1 / (1 + m.exp(-v)),
+         "silu": lambda v: v / (1 + m.exp(-v)), "gelu": lambda v: 0.5 * v * (1 + m.erf(v / m.sqrt(2))),
+         "gelu_tanh": lambda v: 0.5 * v * (1 + m.tanh(m.sqrt(2 / m.pi) * (v + 0.044715 * v ** 3))),
+         "relu": lambda v: max(v, 0.0), "rsqrt": lambda v: 1 / m.sqrt(v), "sqrt": m.sqrt, "abs": abs,
+         "cos": m.cos, "sin": m.sin, "erf": m.erf}[name]
+    return f(x)
+

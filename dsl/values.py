@@ -1,0 +1,15 @@
+"""Values the checker passes around besides IR nodes."""
+from __future__ import annotations
+
+from .ir import Node, Op
+from .types import DSL_DTYPES, DType
+
+ERR = Node(Op.ERROR, DType.f32, ())  # after a reported error: propagates without new messages
+
+
+class _Tuple(tuple):
+    """Several values (from split, topk or a layer returning several outputs)."""
+
+
+# names callable as casts: f32(x), bf16(x), T(x), float(x), int(x)
+_CAST_NAMES = {**DSL_DTYPES, "float": DType.f32, "int": DType.i64}
