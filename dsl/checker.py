@@ -456,10 +456,30 @@ class Checker(BuiltinRules):
         c = self.value(e.cond, scope)
         if c.op is Op.ERROR:
             return c
+        if c.dtype is DType.bool and c.op is not Op.CONST and not self.bindings.specialised \
+                and self._build_time_only(c):
+            # generic check of a condition on unbound const parameters: both branches must
+            # check and agree in type; specialisation binds the consts and picks one
+            a, b = self.value(e.then, scope), self.value(e.other, scope)
+            if a is ERR or b is ERR:
+                return ERR
+            if a.dtype != b.dtype or len(a.shape) != len(b.shape) or \
+                    not all(dims_equal(x, y) for x, y in zip(a.shape, b.shape)):
+                return self.error(e.span, f"the branches of 'a if c else b' differ: {type_str(a.dtype, a.shape)} "
+                                          f"and {type_str(b.dtype, b.shape)}")
+            return a
         if c.op is not Op.CONST or c.dtype is not DType.bool:
             return self.error(e.cond.span, "the condition of 'a if c else b' must be a bool known at build "
                               "time (a const parameter)", "for a run-time choice use where(c, a, b)")
         return self.expr(e.then if c.arg else e.other, scope)
+
+    def _build_time_only(self, n: Node) -> bool:
+        """True if `n` depends only on sizes and const parameters (no tensors, no run-time scalars)."""
+        consts = {p.name for d in self.info.defs.values() for p in d.params if p.is_const}
+        for m in toposort([n]):
+            if m.op in (Op.INPUT, Op.ATTN_VAR, Op.INDEX) or (m.op is Op.SCALAR and m.arg not in consts):
+                return False
+        return True
 
     def expr_BinOp(self, e: ast.BinOp, scope):
         a = self.value(e.left, scope)

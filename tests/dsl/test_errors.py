@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 
 import layerforge
 from layerforge import DSLError
@@ -732,9 +733,6 @@ def test_const_parameter_without_a_value():
     assert layerforge.loads(text, FILE, with_stdlib=False).specialise("scaled", H=4, c=2.0).function
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: the generic check needs a const bool's value to pick "
-                                       "a branch of `a if c else b`, so a const bool without a default is "
-                                       "rejected before specialisation could bind it")
 def test_const_bool_without_default_can_choose_a_branch_once_bound():
     text = src("""\
         dims H
@@ -743,7 +741,25 @@ def test_const_bool_without_default_can_choose_a_branch_once_bound():
             return -x if neg else x
         }
         """)
-    assert layerforge.loads(text, FILE, with_stdlib=False).specialise("pick", H=4, neg=True).function
+    prog = layerforge.loads(text, FILE, with_stdlib=False)
+    x = torch.randn(2, 4)
+    (y,) = layerforge.evaluate(prog.specialise("pick", H=4, neg=True).function, {"x": x})
+    assert torch.equal(y, -x)
+    (y,) = layerforge.evaluate(prog.specialise("pick", H=4, neg=False).function, {"x": x})
+    assert torch.equal(y, x)
+
+
+def test_const_condition_branches_must_agree_before_binding():
+    err = load_error(src("""\
+        dims H
+        dynamic N
+        layer pick(x: f32[N, H], const neg: bool) -> f32[N, H] {
+            return sum(x) if neg else x
+        }
+        """))
+    d = err.diagnostics[0]
+    assert (d.span.line, d.span.col) == (4, 12)
+    assert "the branches of 'a if c else b' differ: f32[N, 1] and f32[N, H]" in d.message
 
 
 def test_topk_larger_than_the_axis_after_specialisation():
