@@ -33,29 +33,60 @@ class BuiltKernel:
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
-                    names: list[str] | None = None) -> tuple[list[KernelPlan], dict[str, str]]:
-    """Plans for every layer whose dims the bindings cover; the others with the reason."""
+                    names: list[str] | None = None, page_size: int = 16) -> tuple[list, dict[str, str]]:
+    """Plans for every definition whose dims the bindings cover; the others with the reason.
+
+    Layers give row kernels; attention blocks give the paged-attention kernel and, for the
+    model's cache, the KV-append kernel (RoPE fused when the block rotates)."""
+    from ..codegen.attention import plan_paged_attention
+    from ..codegen.kv_append import plan_kv_append
     plans, skipped = [], {}
+    seen: set[str] = set()
     for name in names or program.names:
         d = program.definition(name)
-        if type(d).__name__ == "AttentionDef":
-            skipped[name] = "attention kernels are a separate family (not built here yet)"
-            continue
+        is_attention = type(d).__name__ == "AttentionDef"
         consts = set(program.const_params(name))
         kw = {k: v for k, v in bindings.items() if k in program.info.static_dims or k in consts}
         try:
             layer = program.specialise(name, dtype=dtype, **kw)
-            plans.append(plan_layer(layer, arch))
+            if not is_attention:
+                plans.append(plan_layer(layer, arch))
+                continue
+            plan = plan_paged_attention(layer, arch, page_size=page_size)
+            plans.append(plan)
+            spec = plan.spec
+            append = plan_kv_append(dtype, int(spec.num_kv_heads), int(spec.head_dim), page_size, spec.rope, arch)
+            if append.key not in seen:
+                seen.add(append.key)
+                plans.append(append)
         except DSLError as e:
-            first = e.diagnostics[0].message
-            skipped[name] = f"not specialisable for this model: {first}"
+            skipped[name] = f"not specialisable for this model: {e.diagnostics[0].message}"
         except LoweringError as e:
             skipped[name] = str(e)
     return plans, skipped
 
 
+def _describe(plan) -> dict:
+    """Manifest fields that depend on the kernel family."""
+    from ..codegen.attention import PagedAttentionPlan
+    if isinstance(plan, KernelPlan):
+        k = plan.lowered()
+        return {"family": "row", "layer": plan.layer.name, "dims": dict(plan.layer.dims),
+                "consts": {c: v for c, v in plan.layer.consts}, "dtype": str(plan.layer.dtype),
+                "kernels": [plan.kernel_name], "block": [k.tpr, k.rpb, 1],
+                "args": [{"name": a.name, "kind": a.kind, "ref": a.ref, "ctype": a.ctype} for a in k.args]}
+    if isinstance(plan, PagedAttentionPlan):
+        return {"family": "paged_attention", "layer": plan.layer.name, "dims": dict(plan.layer.dims),
+                "consts": {c: v for c, v in plan.layer.consts}, "dtype": str(plan.layer.dtype),
+                "kernels": [plan.kernel_name, plan.merge_name], "page_size": plan.page_size,
+                "block": [plan.warps * 32, 1, 1], "heads_per_cta": plan.heads_per_cta}
+    return {"family": "kv_append", "layer": None, "dtype": plan.dtype, "kernels": [plan.kernel_name],
+            "page_size": plan.page_size, "num_kv_heads": plan.num_kv_heads, "head_dim": plan.head_dim,
+            "rope": {"style": plan.rope_style, "theta": plan.rope_theta, "rotary_dim": plan.rotary_dim}}
+
+
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
-          names: list[str] | None = None, jobs: int | None = None, cache=None,
+          names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
           progress: Callable[[str], None] | None = None) -> dict:
     from .cache import default_cache
     from .nvrtc import CompileOptions, nvrtc_version
@@ -63,12 +94,12 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or default_cache()
-    plans, skipped = plans_for_model(program, bindings, dtype, arch, names)
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size)
     options = CompileOptions(arch)
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
 
-    def one(plan: KernelPlan):
+    def one(plan):
         src = plan.source()
         before = cache.stats.misses
         t = time.perf_counter()
@@ -84,18 +115,14 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     with ThreadPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 2)) as pool:
         for plan, res, dt, hit, kr in pool.map(one, plans):
             done += 1
+            spilled = sum(r.spill_stores for r in res.resources.values())
+            regs = max((r.registers for r in res.resources.values()), default=0)
             say(f"[{done}/{len(plans)}] {plan.key:48s} {'cached' if hit else f'{dt:5.2f} s'}"
-                + (f"  {kr.registers} regs, {kr.spill_stores} B spilled" if kr else ""))
-            k = plan.lowered()
+                f"  {regs} regs, {spilled} B spilled")
             entries.append({
-                "key": plan.key, "layer": plan.layer.name, "kernel": plan.kernel_name, "family": plan.family,
-                "dims": dict(plan.layer.dims), "consts": {k_: v for k_, v in plan.layer.consts},
-                "dtype": str(plan.layer.dtype), "arch": arch, "source": f"{plan.key}.cu", "cubin": f"{plan.key}.cubin",
-                "cubin_sha256": hashlib.sha256(res.cubin).hexdigest(),
-                "block": [k.tpr, k.rpb, 1], "rows_per_block": k.rpb,
-                "args": [{"name": a.name, "kind": a.kind, "ref": a.ref, "ctype": a.ctype} for a in k.args],
-                "registers": kr.registers if kr else None, "spill_bytes": kr.spill_stores if kr else None,
-                "compile_seconds": round(dt, 4), "cached": hit,
+                "key": plan.key, **_describe(plan), "arch": arch, "source": f"{plan.key}.cu",
+                "cubin": f"{plan.key}.cubin", "cubin_sha256": hashlib.sha256(res.cubin).hexdigest(),
+                "registers": regs, "spill_bytes": spilled, "compile_seconds": round(dt, 4), "cached": hit,
             })
     from .cache import layerforge_version
     manifest = {
