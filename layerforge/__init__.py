@@ -42,5 +42,24 @@ def stdlib() -> Program:
     return Program.stdlib()
 
 
+# The runtime (NVRTC, CUDA driver) loads on first use, so `import layerforge` stays light.
+_LAZY = {
+    "module": ("runtime.layers", "module"),
+    "LayerModule": ("runtime.layers", "LayerModule"),
+    "PagedAttention": ("runtime.attention", "PagedAttention"),
+    "PagedKVCache": ("runtime.kv_cache", "PagedKVCache"),
+    "LlamaPagedAttention": ("runtime.llama_attention", "LlamaPagedAttention"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+    raise AttributeError(f"module 'layerforge' has no attribute '{name}'")
+
+
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
-           "dims_from_config", "__version__"]
+           "dims_from_config", "module", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
+           "__version__"]

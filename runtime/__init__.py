@@ -1,1 +1,1 @@
-
+"""Compiling (NVRTC), caching, loading and launching generated kernels; PyTorch layers."""
