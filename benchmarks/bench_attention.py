@@ -19,9 +19,9 @@ from layerforge.runtime.attention import PagedAttention
 from .bench_rows import bench, copy_ceiling
 
 
-def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16):
+def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16, vpl=1):
     layer = prog.specialise("llama_attn", Hq=hq, Hkv=hkv, D=d, dtype="bf16")
-    attn = PagedAttention(layer, page_size=page)
+    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl)
     pages_per = ctx // page
     total = batch * pages_per
     kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -42,7 +42,7 @@ def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16):
     qq = q.view(batch, hq, 1, d)
     sdpa = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True))
     nbytes = 2 * batch * ctx * hkv * d * 2
-    return dict(batch=batch, ctx=ctx, ours_s=ours, graph_s=graph, sdpa_s=sdpa, bytes=nbytes)
+    return dict(batch=batch, ctx=ctx, vpl=vpl, ours_s=ours, graph_s=graph, sdpa_s=sdpa, bytes=nbytes)
 
 
 def main(argv=None):
@@ -55,13 +55,14 @@ def main(argv=None):
     print(f"{'decode GQA 32/8 D128':22s} {'ours us':>8s} {'TB/s':>6s} {'graph us':>9s} {'SDPA us':>8s} "
           f"{'SDPA TB/s':>9s} {'ours/copy':>9s} {'ours/SDPA':>9s}")
     rows = []
-    for batch, ctx in [(64, 4096), (1, 4096), (8, 4096), (1, 32768), (16, 1024), (64, 512)]:
-        r = case(prog, batch, ctx)
+    for batch, ctx, vpl in [(64, 4096, 1), (64, 4096, 2), (1, 4096, 1), (8, 4096, 1), (8, 4096, 2), (1, 32768, 1),
+                            (16, 1024, 1), (64, 512, 1)]:
+        r = case(prog, batch, ctx, vpl=vpl)
         best = min(r["ours_s"], r["graph_s"])
         r.update(ours_TBps=r["bytes"] / best / 1e12, sdpa_TBps=r["bytes"] / r["sdpa_s"] / 1e12,
                  ours_over_copy=r["bytes"] / best / ceiling, sdpa_over_ours=r["sdpa_s"] / best)
         rows.append(r)
-        print(f"{f'{batch} seqs x {ctx}':22s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} {r['graph_s']*1e6:9.1f} "
+        print(f"{f'{batch} seqs x {ctx}' + (f' vpl{vpl}' if vpl > 1 else ''):22s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} {r['graph_s']*1e6:9.1f} "
               f"{r['sdpa_s']*1e6:8.1f} {r['sdpa_TBps']:9.2f} {r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f}",
               flush=True)
         torch.cuda.empty_cache()

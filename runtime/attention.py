@@ -23,12 +23,14 @@ from ..dsl.program import Layer
 
 
 class PagedAttention:
-    def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None, **scalars: Any):
+    def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None,
+                 vectors_per_lane: int = 1, **scalars: Any):
         if layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         self.layer = layer
         self.spec = layer.function.outputs[0].arg
         self.page_size = page_size
+        self.vectors_per_lane = vectors_per_lane
         self.arch = arch
         self._cache = cache
         self.hq, self.hkv = int(self.spec.num_q_heads), int(self.spec.num_kv_heads)
@@ -48,7 +50,8 @@ class PagedAttention:
     def plan(self) -> PagedAttentionPlan:
         if self._plan is None:
             arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
-            self._plan = plan_paged_attention(self.layer, arch, page_size=self.page_size)
+            self._plan = plan_paged_attention(self.layer, arch, page_size=self.page_size,
+                                              vectors_per_lane=self.vectors_per_lane)
         return self._plan
 
     def _load(self, device: torch.device):

@@ -45,7 +45,8 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
     return kc, vc, table.cuda(), lens.cuda()
 
 
-def run_case(prog, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None, **consts):
+def run_case(prog, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None, vpl=1,
+             **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
     gen = torch.Generator().manual_seed(hash((name, hq, hkv, d, page, tuple(lens), tuple(new))) % 2**31)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
@@ -62,7 +63,7 @@ def run_case(prog, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extr
     q = torch.cat(qs)
     q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
     q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
-    attn = PagedAttention(layer, page_size=page)
+    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl)
     out = torch.full_like(q, float("nan"))
     attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), extra=extra, out=out, num_splits=splits)
     torch.cuda.synchronize()
@@ -126,6 +127,12 @@ def test_t5_relative_bias(prog):
 def test_decode_long_contexts_with_split_kv(prog, ctx):
     run_case(prog, "llama_attn", 32, 8, 128, 64, lens=[ctx, max(1, ctx // 3)], new=[1, 1])
     run_case(prog, "llama_attn", 32, 8, 128, 64, lens=[ctx], new=[1], splits=7)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (16, 4, 256)])
+def test_two_vectors_per_lane_variant(prog, hq, hkv, d):
+    run_case(prog, "gemma2_attn", hq, hkv, d, 16, lens=[1, 40, 300], new=[1, 5, 1], vpl=2, window=64)
+    run_case(prog, "llama_attn", hq, hkv, d, 64, lens=[4096], new=[1], splits=5, vpl=2)
 
 
 def test_bad_inputs_fail_before_launch(prog):
