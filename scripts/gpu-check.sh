@@ -24,6 +24,12 @@ status=0
 echo "== GPU tests"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-tests/gpu tests/runtime} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ]; then
+    echo "== compute-sanitizer memcheck (row kernel, paged decode and chunked prefill, KV append)"
+    compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" scripts/sanitize_cases.py 2>&1 \
+        | tee "$OUT_DIR/sanitizer.log" | tail -4
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 echo "== benchmarks"
 if [ -z "${SKIP_BENCH:-}" ]; then
     "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"

@@ -1,0 +1,47 @@
+"""Small launches for compute-sanitizer (memcheck): one row kernel, a paged decode step and a
+chunked prefill over ragged sequences, and a KV append. Run by scripts/gpu-check.sh as
+    compute-sanitizer --tool memcheck python scripts/sanitize_cases.py"""
+import torch
+
+import layerforge as lf
+from layerforge.runtime.attention import PagedAttention
+from layerforge.runtime.kv_cache import PagedKVCache
+from layerforge.runtime.layers import module
+
+
+def main():
+    prog = lf.stdlib()
+    bf = torch.bfloat16
+    norm = module("add_rms_norm", H=5120, dtype="bf16", device="cuda", eps=1e-5)
+    x = torch.randn(7, 5120, device="cuda", dtype=bf)
+    norm(x, x.clone())
+    route = module("moe_route", E=64, k=8, dtype="f32", device="cuda")
+    route(torch.randn(33, 64, device="cuda"))
+
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    rope = layer.function.outputs[0].arg.rope
+    cache = PagedKVCache(64, 16, 8, 128, dtype=bf, device="cuda", max_seqs=4, max_pages_per_seq=16)
+    lens = {0: 1, 1: 37, 3: 100}
+    for s, n in lens.items():
+        cache.allocate(s, n + 1)
+        cache.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf),
+                     torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
+    attn = PagedAttention(layer, page_size=16)
+    # chunked prefill: the last tokens of each sequence attend to the cache
+    q_seq = torch.tensor([0, 1, 1, 1, 3, 3], dtype=torch.int32, device="cuda")
+    q_pos = torch.tensor([0, 34, 35, 36, 98, 99], dtype=torch.int32, device="cuda")
+    q = torch.randn(6, 32, 128, device="cuda", dtype=bf)
+    attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos, max_kv_len=100)
+    # decode step with split-KV
+    ids = [0, 1, 3]
+    pos = cache.append(ids, torch.randn(3, 8, 128, device="cuda", dtype=bf),
+                       torch.randn(3, 8, 128, device="cuda", dtype=bf), rope)
+    q = torch.randn(3, 32, 128, device="cuda", dtype=bf)
+    attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
+         torch.tensor(ids, dtype=torch.int32, device="cuda"), pos.cuda(), max_kv_len=101, num_splits=4)
+    torch.cuda.synchronize()
+    print("sanitize cases ran")
+
+
+if __name__ == "__main__":
+    main()
