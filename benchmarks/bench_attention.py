@@ -7,7 +7,6 @@ contiguously ([B, Hkv, S, D], GQA through enable_gqa)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
 
-from .bench_rows import bench, copy_ceiling
+from .bench_rows import bench, copy_ceiling, write_results
 
 
 def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16, vpl=1):
@@ -67,8 +66,7 @@ def main(argv=None):
               flush=True)
         torch.cuda.empty_cache()
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)
+        write_results(a.json, ceiling, rows)
     return 0
 
 

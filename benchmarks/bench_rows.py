@@ -37,6 +37,11 @@ def copy_ceiling() -> float:
     return 2 * n * 2 / t
 
 
+def write_results(path: str, ceiling: float, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)
+
+
 def rms_eager(x, w, eps=1e-5):
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -159,8 +164,7 @@ def main(argv=None):
         inputs = outs = g = None  # free the buffers before the next shape
         torch.cuda.empty_cache()
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)
+        write_results(a.json, ceiling, rows)
     return 0
 
 

@@ -118,17 +118,12 @@ def c_expr(e, space: IndexSpace, names: dict | None = None) -> str:
         return f"({c_expr(e.args[0], space, names)} / {c_expr(e.args[1], space, names)})"
     if isinstance(e, fmod):
         return f"({c_expr(e.args[0], space, names)} % {c_expr(e.args[1], space, names)})"
-    if isinstance(e, sympy.Min):
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        fn = "min" if isinstance(e, sympy.Min) else "max"
         a, *rest = e.args
         out = c_expr(a, space, names)
         for r in rest:
-            out = f"min({out}, {c_expr(r, space, names)})"
-        return out
-    if isinstance(e, sympy.Max):
-        a, *rest = e.args
-        out = c_expr(a, space, names)
-        for r in rest:
-            out = f"max({out}, {c_expr(r, space, names)})"
+            out = f"{fn}({out}, {c_expr(r, space, names)})"
         return out
     if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
         return "(" + " * ".join([c_expr(e.base, space, names)] * int(e.exp)) + ")"

@@ -154,6 +154,12 @@ class Program:
     def const_params(self, name: str) -> list[str]:
         return [p.name for p in self.definition(name).params if p.is_const]
 
+    def bindings_for(self, name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of `values` (e.g. a whole model's config) that `name` can take: static
+        dims and its const parameters."""
+        consts = set(self.const_params(name))
+        return {k: v for k, v in values.items() if k in self.info.static_dims or k in consts}
+
     def specialise(self, name: str, *, dims: Mapping[str, int] | None = None, dtype: str | DType | None = None,
                    config: Mapping[str, Any] | str | None = None, **kwargs: Any) -> Layer:
         """Bind dims, the dtype parameter T and const parameters, and re-check with numbers.

@@ -48,17 +48,9 @@ def _cmd_build(args) -> int:
 
 def _cmd_show(args) -> int:
     from .codegen.plan import plan_layer
-    from .dsl.program import Program, dims_from_config
-    from .runtime.build import _default_arch, _number
-    prog = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
-    kw = dims_from_config(args.config) if args.config else {}
-    for item in args.dims or []:
-        for part in filter(None, item.split(",")):
-            k, _, v = part.partition("=")
-            kw[k.strip()] = _number(v.strip())
-    consts = set(prog.const_params(args.layer))
-    kw = {k: v for k, v in kw.items() if k in prog.info.static_dims or k in consts}
-    layer = prog.specialise(args.layer, dtype=args.dtype, **kw)
+    from .runtime.build import _default_arch, program_and_bindings
+    prog, bindings = program_and_bindings(args)
+    layer = prog.specialise(args.layer, dtype=args.dtype, **prog.bindings_for(args.layer, bindings))
     plan = plan_layer(layer, args.arch or _default_arch())
     print(plan.source(), end="")
     return 0

@@ -45,10 +45,8 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
     for name in names or program.names:
         d = program.definition(name)
         is_attention = type(d).__name__ == "AttentionDef"
-        consts = set(program.const_params(name))
-        kw = {k: v for k, v in bindings.items() if k in program.info.static_dims or k in consts}
         try:
-            layer = program.specialise(name, dtype=dtype, **kw)
+            layer = program.specialise(name, dtype=dtype, **program.bindings_for(name, bindings))
             if not is_attention:
                 plans.append(plan_layer(layer, arch))
                 continue
@@ -142,7 +140,8 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def cli_build(args) -> int:
+def program_and_bindings(args) -> tuple[Program, dict[str, Any]]:
+    """The CLI's `FILE --config config.json --dims NAME=VALUE,...`: the program and its bindings."""
     program = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
     bindings: dict[str, Any] = dims_from_config(args.config) if args.config else {}
     for item in args.dims or []:
@@ -153,6 +152,11 @@ def cli_build(args) -> int:
                 raise SystemExit(f"--dims takes NAME=VALUE pairs, got {part!r}")
             k, v = part.split("=", 1)
             bindings[k.strip()] = _number(v.strip())
+    return program, bindings
+
+
+def cli_build(args) -> int:
+    program, bindings = program_and_bindings(args)
     arch = args.arch or _default_arch()
     names = args.layers.split(",") if args.layers else None
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None

@@ -44,6 +44,8 @@ class _Launch:
     kernel: Any
     plan: KernelPlan
     arg_kinds: list
+    tpr: int   # threads per row and rows per block of this plan (plans differ by alignment)
+    rpb: int
 
 
 class LayerModule(torch.nn.Module):
@@ -174,10 +176,11 @@ class LayerModule(torch.nn.Module):
                 types.append("i64")
             kinds.append((a.kind, a.ref))
         kernel = LoadedKernel.load(result.cubin, plan.kernel_name, types, device)
-        launch = _Launch(kernel, plan, kinds)
+        lowered = plan.lowered()
+        launch = _Launch(kernel, plan, kinds, lowered.tpr, lowered.rpb)
         self._launches[key] = launch
         if self._lead is None:
-            self._lead = [_dim_spec(d) for d in plan.lowered().lead_dims]
+            self._lead = [_dim_spec(d) for d in lowered.lead_dims]
         return launch
 
     def _run_cuda(self, tensors, scalars, out):
@@ -185,8 +188,7 @@ class LayerModule(torch.nn.Module):
         # depends only on shapes (dims, output shapes, grid, argument layout) is a recipe
         # computed once per shape signature.
         ts = list(tensors.values())
-        sig = tuple((t.shape, t.dtype, t.device) if t.__class__ is torch.Tensor or isinstance(t, torch.Tensor)
-                    else None for t in ts)
+        sig = tuple((t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in ts)
         recipe = self._recipes.get(sig)
         if recipe is None:
             recipe = self._recipe(tensors, sig)
@@ -204,10 +206,7 @@ class LayerModule(torch.nn.Module):
         else:
             outs = [torch.empty(shape, dtype=dt, device=device) for shape, dt in zip(out_shapes, self._out_dtypes)]
         align = 16
-        for t in ts:
-            while align > 1 and t.data_ptr() % align:
-                align //= 2
-        for t in outs:
+        for t in (*ts, *outs):
             while align > 1 and t.data_ptr() % align:
                 align //= 2
         launch = self._launches.get((device.index, align)) or self._launch_for(device, align)
@@ -227,8 +226,7 @@ class LayerModule(torch.nn.Module):
                     argv.append(dims[ref])
                 else:
                     argv.append(rows)
-            k = launch.plan.lowered()  # the plan for this alignment has its own block shape
-            launch.kernel.launch((rows + k.rpb - 1) // k.rpb, (k.tpr, k.rpb), argv)
+            launch.kernel.launch((rows + launch.rpb - 1) // launch.rpb, (launch.tpr, launch.rpb), argv)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _recipe(self, tensors, sig):

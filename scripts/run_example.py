@@ -31,9 +31,8 @@ def main(config_path: str) -> int:
     print(f"{'layer':14s} {'tokens':>6s} {'max rel err':>12s} {'us':>8s}")
     status = 0
     for name, args in cases.items():
-        consts = {k: v for k, v in lf.dims_from_config(cfg).items() if k in prog.const_params(name)}
-        dims = {k: v for k, v in lf.dims_from_config(cfg).items() if k in ("H", "F", "D")}
-        mod = LayerModule(prog.specialise(name, dtype="bf16", **dims, **consts), device="cuda")
+        bindings = prog.bindings_for(name, lf.dims_from_config(cfg))
+        mod = LayerModule(prog.specialise(name, dtype="bf16", **bindings), device="cuda")
         if "eps" in mod._scalars:
             mod._scalars["eps"] = cfg.get("rms_norm_eps", 1e-5)
         out = mod(*args)
