@@ -1,6 +1,6 @@
 """Small launches for compute-sanitizer (memcheck): one row kernel, a paged decode step and a
 chunked prefill over ragged sequences, and a KV append. Run by scripts/gpu-check.sh as
-    compute-sanitizer --tool memcheck python scripts/sanitize_cases.py"""
+    compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
 import layerforge as lf

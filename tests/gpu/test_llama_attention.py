@@ -9,11 +9,12 @@ transformers = pytest.importorskip("transformers")
 
 def hf_reference(attn, rope, cfg, xs):
     """HF causal attention over a whole sequence [1, L, H] (the last rows are the new tokens)."""
-    from transformers.masking_utils import create_causal_mask
     L = xs.shape[1]
     pos = torch.arange(L, device=xs.device)[None]
+    # the additive 4-D mask eager attention takes (built here: the helpers' signatures differ
+    # between transformers releases)
+    mask = torch.full((L, L), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)[None, None]
     with torch.no_grad():
-        mask = create_causal_mask(config=cfg, inputs_embeds=xs, attention_mask=None, cache=None)
         out, _ = attn(xs, position_embeddings=rope(xs, pos), attention_mask=mask)
     return out[0]
 
