@@ -1,9 +1,13 @@
-"""Decode attention over a paged KV cache beside SDPA on contiguous KV and the copy ceiling.
+"""Attention over a paged KV cache beside SDPA, in one run on one card.
 
-    python -m benchmarks.bench_attention [--json out.json]
+    python -m benchmarks.bench_attention [--json out.json] [--only decode|prefill]
 
-Bytes are the K and V the step must read (each once); SDPA reads the same K/V laid out
-contiguously ([B, Hkv, S, D], GQA through enable_gqa)."""
+Decode: one new token per sequence against its paged cache, ours (tensor-core and CUDA-core
+kernels) beside SDPA on the same K/V laid out contiguously ([B, Hkv, S, D], GQA through
+enable_gqa) and the copy ceiling. Bytes are the K and V the step must read, each once.
+Prefill: causal attention over whole prompts, ours (ragged form, K/V read through the page
+table) beside SDPA's flash and cuDNN backends on contiguous [B, H, S, D] tensors. FLOPs count
+the visible half of the causal score matrix: 4 * B * Hq * S^2 * D / 2."""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +22,9 @@ from layerforge.runtime.attention import PagedAttention
 from .bench_rows import bench, copy_ceiling, write_results
 
 
-def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16, vpl=1):
+def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16):
     layer = prog.specialise("llama_attn", Hq=hq, Hkv=hkv, D=d, dtype="bf16")
-    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl)
+    attn = PagedAttention(layer, page_size=page, kernel=kernel)
     pages_per = ctx // page
     total = batch * pages_per
     kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -36,35 +40,83 @@ def case(prog, batch, ctx, hq=32, hkv=8, d=128, page=16, vpl=1):
     with torch.cuda.graph(g):
         attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out)
     graph = bench(g.replay)
+    del kc, vc
     kk = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
     vv = torch.randn_like(kk)
     qq = q.view(batch, hq, 1, d)
     sdpa = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True))
     nbytes = 2 * batch * ctx * hkv * d * 2
-    return dict(batch=batch, ctx=ctx, vpl=vpl, ours_s=ours, graph_s=graph, sdpa_s=sdpa, bytes=nbytes)
+    return dict(kind="decode", kernel=kernel, batch=batch, ctx=ctx, ours_s=ours, graph_s=graph, sdpa_s=sdpa,
+                bytes=nbytes)
+
+
+def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+    attn = PagedAttention(layer, page_size=page)
+    q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.arange(batch * seq // page, dtype=torch.int32, device="cuda").view(batch, seq // page)
+    lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    ours = bench(lambda: attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out))
+    qq = q.view(batch, seq, hq, d).transpose(1, 2)
+    kk = kc.view(batch, seq, hkv, d).transpose(1, 2)
+    vv = vc.view(batch, seq, hkv, d).transpose(1, 2)
+    res = dict(kind="prefill", block=name, batch=batch, seq=seq, hq=hq, hkv=hkv, d=d, ours_s=ours,
+               flops=4 * batch * hq * seq * seq * d / 2)
+    for label, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        try:
+            with sdpa_kernel(backend):
+                res[f"{label}_s"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
+                                                                                   enable_gqa=hq != hkv))
+        except RuntimeError as e:   # a backend that does not take this case
+            print(f"  SDPA {label}: {str(e).splitlines()[0][:100]}")
+            res[f"{label}_s"] = None
+    return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["decode", "prefill"], default=None)
     a = ap.parse_args(argv)
     prog = lf.stdlib()
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
-    print(f"{'decode GQA 32/8 D128':22s} {'ours us':>8s} {'TB/s':>6s} {'graph us':>9s} {'SDPA us':>8s} "
-          f"{'SDPA TB/s':>9s} {'ours/copy':>9s} {'ours/SDPA':>9s}")
     rows = []
-    for batch, ctx, vpl in [(64, 4096, 1), (64, 4096, 2), (1, 4096, 1), (8, 4096, 1), (8, 4096, 2), (1, 32768, 1),
-                            (16, 1024, 1), (64, 512, 1)]:
-        r = case(prog, batch, ctx, vpl=vpl)
-        best = min(r["ours_s"], r["graph_s"])
-        r.update(ours_TBps=r["bytes"] / best / 1e12, sdpa_TBps=r["bytes"] / r["sdpa_s"] / 1e12,
-                 ours_over_copy=r["bytes"] / best / ceiling, sdpa_over_ours=r["sdpa_s"] / best)
-        rows.append(r)
-        print(f"{f'{batch} seqs x {ctx}' + (f' vpl{vpl}' if vpl > 1 else ''):22s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} {r['graph_s']*1e6:9.1f} "
-              f"{r['sdpa_s']*1e6:8.1f} {r['sdpa_TBps']:9.2f} {r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f}",
-              flush=True)
-        torch.cuda.empty_cache()
+    if a.only in (None, "decode"):
+        print(f"{'decode GQA 32/8 D128':24s} {'ours us':>8s} {'TB/s':>6s} {'graph us':>9s} {'SDPA us':>8s} "
+              f"{'SDPA TB/s':>9s} {'ours/copy':>9s} {'SDPA/ours':>9s}")
+        for batch, ctx in [(64, 4096), (1, 4096), (8, 4096), (1, 32768), (16, 1024), (64, 512)]:
+            for kernel in ("tc", "simt"):
+                r = decode_case(prog, batch, ctx, kernel)
+                best = min(r["ours_s"], r["graph_s"])
+                r.update(ours_TBps=r["bytes"] / best / 1e12, sdpa_TBps=r["bytes"] / r["sdpa_s"] / 1e12,
+                         ours_over_copy=r["bytes"] / best / ceiling, sdpa_over_ours=r["sdpa_s"] / best)
+                rows.append(r)
+                print(f"{f'{batch} seqs x {ctx} {kernel}':24s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} "
+                      f"{r['graph_s']*1e6:9.1f} {r['sdpa_s']*1e6:8.1f} {r['sdpa_TBps']:9.2f} "
+                      f"{r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f}", flush=True)
+                torch.cuda.empty_cache()
+    if a.only in (None, "prefill"):
+        print(f"\n{'causal prefill bf16':34s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
+              f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
+        for name, batch, seq, hq, hkv, d in [("gpt2_attn", 4, 4096, 32, 32, 128), ("llama_attn", 4, 4096, 32, 8, 128),
+                                             ("gpt2_attn", 1, 1024, 32, 32, 128), ("gpt2_attn", 4, 4096, 16, 16, 64),
+                                             ("gpt2_attn", 2, 4096, 16, 16, 256)]:
+            r = prefill_case(prog, name, batch, seq, hq, hkv, d)
+            fl, cd = r["flash_s"], r["cudnn_s"]
+            r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,
+                     ours_over_flash=fl / r["ours_s"] if fl else None, ours_over_cudnn=cd / r["ours_s"] if cd else None)
+            rows.append(r)
+            fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>9s}"  # noqa: E731
+            print(f"{f'{name} B{batch} H{hq}/{hkv} S{seq} D{d}':34s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
+                  f"{fmt(fl and fl * 1e3)} {fmt(cd and cd * 1e3)} {fmt(r['ours_over_flash'], '10.2f')} "
+                  f"{fmt(r['ours_over_cudnn'], '10.2f')}", flush=True)
+            torch.cuda.empty_cache()
     if a.json:
         write_results(a.json, ceiling, rows)
     return 0

@@ -22,7 +22,7 @@ from . import ops
 from .plan import layer_key
 from .render import read_template, render
 from .row import LoweringError
-from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds
+from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact
 
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
 
@@ -88,8 +88,24 @@ def _render(plan: PagedAttentionPlan) -> str:
     if plan.vectors_per_lane > 1 and gc > 4:
         raise LoweringError(f"{plan.layer.name}: vectors_per_lane={plan.vectors_per_lane} with {gc} query heads "
                             f"per CTA would spill registers (at most 4 heads)")
-    tensors, scalars = plan.extra_inputs()
-    dims = {d: f"d_{d}" for d in plan.table_dims()}
+    ctx = hook_context(plan.layer)
+    return render(
+        "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
+        plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
+        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps,
+        VPL=plan.vectors_per_lane, **ctx)
+
+
+def hook_context(layer: Layer) -> dict:
+    """Template variables of an attention block's hooks, shared by the attention templates:
+    extra inputs and scalars, the score / mask / scale expressions, the mask's key bounds,
+    RoPE and ALiBi."""
+    spec = layer.function.outputs[0].arg
+    fn = layer.function
+    tensors = [p for p in fn.params[3:] if p.kind == "tensor"]
+    scalars = [p for p in fn.params if p.kind == "scalar"]
+    dims = {d: f"d_{d}" for d in sorted({s.name for p in tensors for d in p.shape
+                                         for s in sympy.sympify(d).free_symbols})}
     tables = {p.name: TableInfo(p.name, p.dtype, p.shape, dims) for p in tensors}
     extra_params = [f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__ p_{p.name}" for p in tensors]
     extra_params += [f"{ops.C_TYPE[p.dtype]} s_{p.name}" for p in scalars]
@@ -111,13 +127,10 @@ def _render(plan: PagedAttentionPlan) -> str:
     if spec.rope is not None:
         rope = {"style": spec.rope.style, "theta": repr(float(spec.rope.theta)), "rdim": int(spec.rope.rotary_dim)}
         rope["theta"] = rope["theta"] if "." in rope["theta"] or "e" in rope["theta"] else rope["theta"] + ".0"
-    return render(
-        "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
-        plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
-        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, VPL=plan.vectors_per_lane, rope=rope,
-        scale=scale_value, extra_params=extra_params, extra_args=extra_args, score_lines=score_em.lines,
-        score_value=score_value, mask_lines=mask_em.lines, mask_value=mask_value, bound_lines=bound_em.lines,
-        lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
+    return dict(rope=rope, scale=scale_value, extra_params=extra_params, extra_args=extra_args,
+                score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
+                mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
+                bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 
 def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4,

@@ -121,41 +121,68 @@ def alibi_table(heads: int, max_bias: float) -> str:
 def mask_bounds(mask: Node | None, emitter: ScalarEmitter) -> tuple[list[str], list[str]]:
     """Key-range bounds implied by a mask's conjuncts: (lower bounds, upper bounds), C ints.
 
-    Recognised: q_pos >= kv_pos (causal), q_pos - kv_pos < W (window), kv_pos < X (length).
-    Keys outside [max(lower), min(upper)) are never visited; the mask is still applied."""
+    Recognised: q_pos >= kv_pos (causal), q_pos - kv_pos < W (window), kv_pos < X (length),
+    where W and X depend on neither q_pos, kv_pos, h nor the score, so every bound is
+    non-decreasing in q_pos and shared by a CTA's heads. Keys outside [max(lower), min(upper))
+    are never visited; the mask is still applied unless `mask_is_exact` says it need not be."""
     lows: list[str] = []
     highs: list[str] = []
-    if mask is None:
-        return lows, highs
-
-    def is_var(n, v):
-        return n.op is Op.ATTN_VAR and n.arg == v
-
-    def free_of_kv(n):  # a bound shared by the CTA's keys and heads
-        return not any(m.op is Op.ATTN_VAR and m.arg in ("kv_pos", "score", "h") for m in toposort([n]))
-
-    def visit(n):
-        if n.op is Op.BINARY and n.arg == "and":
-            visit(n.src[0])
-            visit(n.src[1])
-            return
-        if n.op is not Op.BINARY:
-            return
-        x, y = n.src
-        op = n.arg
-        if op in ("le", "lt"):  # flip to ge/gt form: y >= x
-            x, y, op = y, x, {"le": "ge", "lt": "gt"}[op]
-        # x (op) y with op in ge, gt
-        if is_var(x, "q_pos") and is_var(y, "kv_pos"):
+    for n in _conjuncts(mask):
+        kind = _bound(n)
+        if kind is None:
+            continue
+        side, op, x = kind
+        if side == "causal":
             highs.append("qp + 1" if op == "ge" else "qp")
-        elif is_var(y, "kv_pos") and free_of_kv(x):  # X >= kv_pos or X > kv_pos
+        elif side == "high":
             bound = emitter.emit(x)
             highs.append(f"(int)({bound}) + 1" if op == "ge" else f"(int)({bound})")
-        elif (y.op is Op.BINARY and y.arg == "sub" and is_var(y.src[0], "q_pos") and is_var(y.src[1], "kv_pos")
-              and free_of_kv(x)):  # W > q_pos - kv_pos  ->  kv_pos > q_pos - W
+        else:
             w = emitter.emit(x)
             lows.append(f"qp - (int)({w}) + 1" if op == "gt" else f"qp - (int)({w})")
-
-    visit(mask)
     return lows, highs
 
+
+def mask_is_exact(mask: Node | None) -> bool:
+    """True when the mask is nothing but the bounds `mask_bounds` finds (or constant true), so
+    a tile of keys inside every row's bounds needs no per-element mask."""
+    for n in _conjuncts(mask):
+        if _bound(n) is None and not (n.op is Op.CONST and n.arg is True):
+            return False
+    return True
+
+
+def _conjuncts(mask: Node | None):
+    if mask is None:
+        return
+    if mask.op is Op.BINARY and mask.arg == "and":
+        yield from _conjuncts(mask.src[0])
+        yield from _conjuncts(mask.src[1])
+    else:
+        yield mask
+
+
+def _is_var(n: Node, v: str) -> bool:
+    return n.op is Op.ATTN_VAR and n.arg == v
+
+
+def _free_of_rows(n: Node) -> bool:  # a bound shared by the CTA's keys, heads and query rows
+    return not any(m.op is Op.ATTN_VAR and m.arg in ("kv_pos", "score", "h", "q_pos") for m in toposort([n]))
+
+
+def _bound(n: Node):
+    """('causal' | 'high' | 'low', op, expr) for a recognised conjunct, else None."""
+    if n.op is not Op.BINARY or n.arg not in ("le", "lt", "ge", "gt"):
+        return None
+    x, y = n.src
+    op = n.arg
+    if op in ("le", "lt"):  # flip to ge/gt form: x >= y
+        x, y, op = y, x, {"le": "ge", "lt": "gt"}[op]
+    if _is_var(x, "q_pos") and _is_var(y, "kv_pos"):
+        return "causal", op, None
+    if _is_var(y, "kv_pos") and _free_of_rows(x):  # X >= kv_pos or X > kv_pos
+        return "high", op, x
+    if (y.op is Op.BINARY and y.arg == "sub" and _is_var(y.src[0], "q_pos") and _is_var(y.src[1], "kv_pos")
+            and _free_of_rows(x)):  # W > q_pos - kv_pos  ->  kv_pos > q_pos - W
+        return "low", op, x
+    return None

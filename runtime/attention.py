@@ -1,12 +1,19 @@
-"""Attention over a paged KV cache: one generated kernel per attention block.
+"""Attention over a paged KV cache: kernels generated from each attention block.
 
     attn = PagedAttention(stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), page_size=16)
-    out = attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=4096)
+    out = attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=4096)      # per token
+    out = attn.prefill(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=512,
+                       max_kv_len=4096)                                                        # ragged
 
-q is [T, Hq, D]: the new query tokens of every sequence, concatenated (decode: one per
-sequence; chunked prefill: several). q_seq[t] is token t's sequence (a row of page_table)
-and q_pos[t] its position. The cache holds K already rotated (see runtime/kv_cache.py);
-seq_lens counts the tokens each sequence has in the cache, the new ones included.
+q is [T, Hq, D]: the new query tokens of every sequence, concatenated. In the per-token form
+q_seq[t] is token t's sequence (a row of page_table) and q_pos[t] its position (decode: one
+token per sequence). In the ragged form, sequence s owns q rows cu_seqlens[s] ..
+cu_seqlens[s+1]-1, which are its last tokens (prefill, chunked prefill over a cached prefix).
+The cache holds K already rotated (see runtime/kv_cache.py); seq_lens counts the tokens each
+sequence has in the cache, the new ones included.
+
+kernel="tc" (the default) runs the tensor-core kernel (codegen/attention_tc.py), kernel="simt"
+the CUDA-core one (codegen/attention.py), which serves only the per-token form.
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs.
 """
@@ -18,15 +25,19 @@ from typing import Any
 import torch
 
 from ..codegen.attention import PagedAttentionPlan, plan_paged_attention
+from ..codegen.attention_tc import TCAttentionPlan, plan_tc_attention
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
 
 
 class PagedAttention:
     def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None,
-                 vectors_per_lane: int = 1, **scalars: Any):
+                 kernel: str = "tc", vectors_per_lane: int = 1, **scalars: Any):
         if layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
+        if kernel not in ("tc", "simt"):
+            raise ValueError(f"kernel must be 'tc' or 'simt', got {kernel!r}")
+        self.kernel = kernel
         self.layer = layer
         self.spec = layer.function.outputs[0].arg
         self.page_size = page_size
@@ -43,7 +54,8 @@ class PagedAttention:
         if scalars:
             raise TypeError(f"{layer.name}: unknown scalar arguments {sorted(scalars)}")
         self._plan: PagedAttentionPlan | None = None
-        self._kernels: dict[int, tuple] = {}
+        self._tc_plans: dict[str, TCAttentionPlan] = {}
+        self._kernels: dict[tuple, tuple] = {}
         self._sms: dict[int, int] = {}
 
     @property
@@ -54,26 +66,40 @@ class PagedAttention:
                                               vectors_per_lane=self.vectors_per_lane)
         return self._plan
 
-    def _load(self, device: torch.device):
-        hit = self._kernels.get(device.index)
+    def tc_plan(self, mode: str) -> TCAttentionPlan:
+        plan = self._tc_plans.get(mode)
+        if plan is None:
+            arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
+            plan = self._tc_plans[mode] = plan_tc_attention(self.layer, arch, page_size=self.page_size, mode=mode)
+        return plan
+
+    def _load(self, device: torch.device, mode: str | None = None):
+        """(main, merge) kernels of the CUDA-core plan (mode None) or of a tensor-core plan."""
+        hit = self._kernels.get((device.index, mode))
         if hit is not None:
             return hit
         from .cache import default_cache
         from .driver import CudaModule
         from .nvrtc import CompileOptions
-        plan = self.plan
+        plan = self.plan if mode is None else self.tc_plan(mode)
         res = (self._cache or default_cache()).get_or_compile(plan.source(), plan.kernel_name,
                                                               CompileOptions(plan.arch), plan.key)
         module = CudaModule(res.cubin, device)
-        types = ["ptr"] * 10 + ["i32"] * 4
+        types = ["ptr"] * 10 + ["i32"] * 4 if mode is None else ["ptr"] * 11 + ["i32"] * 5
         types += ["ptr"] * len(self.extra)
         types += ["f32" if p.dtype.is_float else "i32" for p in self.scalar_params]
-        types += ["i64"] * len(plan.table_dims())
+        types += ["i64"] * len(self._table_dims())
         main = module.function(plan.kernel_name, types)
+        if mode is not None:
+            main.set_max_dynamic_shared_mem(plan.shared_bytes)   # before any graph capture
         merge = module.function(plan.merge_name, ["ptr", "ptr", "ptr", "i32"])
-        self._kernels[device.index] = (main, merge)
+        self._kernels[(device.index, mode)] = (main, merge)
         self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return main, merge
+
+    def _table_dims(self) -> list[str]:
+        import sympy
+        return sorted({s.name for p in self.extra for d in p.shape for s in sympy.sympify(d).free_symbols})
 
     def _check(self, name, t, dtype, shape=None, ndim=None, device=None):
         if not isinstance(t, torch.Tensor):
@@ -92,9 +118,7 @@ class PagedAttention:
         if not t.is_contiguous():
             raise LayerInputError(f"{self.layer.name}: '{name}' must be contiguous")
 
-    def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len: int,
-                 extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
+    def _common_checks(self, q, k_cache, v_cache, page_table, seq_lens, max_kv_len, extra, out, scalars):
         dev = q.device if isinstance(q, torch.Tensor) else None
         if dev is None or dev.type != "cuda":
             raise LayerInputError(f"{self.layer.name}: paged attention runs on CUDA tensors")
@@ -102,7 +126,6 @@ class PagedAttention:
             raise LayerInputError(f"{self.layer.name}: q must be [T, {self.hq}, {self.d}] (Hq heads of dim D), "
                                   f"got {tuple(q.shape)}")
         self._check("q", q, self.dtype, (None, self.hq, self.d), 3, dev)
-        T = q.shape[0]
         self._check("k_cache", k_cache, self.dtype, (None, self.page_size, self.hkv, self.d), 4, dev)
         if k_cache.shape[2] != self.hkv:
             raise LayerInputError(f"{self.layer.name}: the cache has {k_cache.shape[2]} KV heads, the block {self.hkv}")
@@ -110,8 +133,6 @@ class PagedAttention:
         self._check("page_table", page_table, torch.int32, None, 2, dev)
         S, max_pages = page_table.shape
         self._check("seq_lens", seq_lens, torch.int32, (S,), 1, dev)
-        self._check("q_seq", q_seq, torch.int32, (T,), 1, dev)
-        self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
         if max_kv_len > max_pages * self.page_size:
             raise LayerInputError(f"{self.layer.name}: max_kv_len {max_kv_len} is past the page table's capacity "
                                   f"({max_pages} pages of {self.page_size})")
@@ -136,26 +157,84 @@ class PagedAttention:
             out = torch.empty_like(q)
         else:
             self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
+        tail = tables + [sc[p.name] for p in self.scalar_params] + [dims[d] for d in self._table_dims()]
+        return dev, S, max_pages, out, tail
+
+    def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256) -> int:
+        if num_splits is not None:
+            if num_splits < 1:
+                raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+            return num_splits
+        sms = self._sms[dev.index]
+        if ctas >= sms:
+            return 1
+        return max(1, min(math.ceil(2 * sms / ctas), math.ceil(max_kv_len / tile), 64))
+
+    def _workspace(self, dev, T: int, num_splits: int):
+        if num_splits == 1:
+            return None, None
+        return (torch.empty((T * self.hq * num_splits * self.d,), dtype=torch.float32, device=dev),
+                torch.empty((T * self.hq * num_splits,), dtype=torch.float32, device=dev))
+
+    def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len: int,
+                 extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
+                 out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
+        """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position."""
+        dev, S, max_pages, out, tail = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
+                                                           extra, out, scalars)
+        T = q.shape[0]
+        self._check("q_seq", q_seq, torch.int32, (T,), 1, dev)
+        self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
         if T == 0:
             return out
+        if self.kernel == "tc":
+            return self._launch_tc(dev, "decode", q, k_cache, v_cache, page_table, seq_lens, None, q_seq, q_pos, out,
+                                   S, max_pages, T, 1, max_kv_len, num_splits, tail)
         main, merge = self._load(dev)
         plan = self.plan
         nchunk = (self.hq // self.hkv) // plan.heads_per_cta
         ctas = T * self.hkv * nchunk
-        if num_splits is None:
-            sms = self._sms[dev.index]
-            num_splits = 1 if ctas >= sms else max(1, min(math.ceil(2 * sms / ctas), math.ceil(max_kv_len / 256), 64))
-        if num_splits > 1:
-            part_o = torch.empty((T * self.hq * num_splits * self.d,), dtype=torch.float32, device=dev)
-            part_lse = torch.empty((T * self.hq * num_splits,), dtype=torch.float32, device=dev)
-        else:
-            part_o = part_lse = None
+        num_splits = self._splits(dev, ctas, max_kv_len, num_splits)
+        part_o, part_lse = self._workspace(dev, T, num_splits)
         args = [q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, out, part_o, part_lse,
-                max_pages, k_cache.shape[0], S, num_splits]
-        args += tables
-        args += [sc[p.name] for p in self.scalar_params]
-        args += [dims[d] for d in plan.table_dims()]
+                max_pages, k_cache.shape[0], S, num_splits] + tail
         main.launch((ctas, num_splits), plan.warps * 32, args)
+        if num_splits > 1:
+            merge.launch(T * self.hq, self.d, [part_o, part_lse, out, num_splits])
+        return out
+
+    def prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, *, max_q_len: int, max_kv_len: int,
+                extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
+                out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
+        """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
+        max_q_len bounds every sequence's new tokens (a host int, like max_kv_len)."""
+        if self.kernel != "tc":
+            raise LayerInputError(f"{self.layer.name}: the ragged prefill form needs kernel='tc'")
+        dev, S, max_pages, out, tail = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
+                                                           extra, out, scalars)
+        T = q.shape[0]
+        self._check("cu_seqlens", cu_seqlens, torch.int32, (S + 1,), 1, dev)
+        if max_q_len > max_kv_len:
+            raise LayerInputError(f"{self.layer.name}: max_q_len {max_q_len} is more than max_kv_len {max_kv_len} "
+                                  f"(the new tokens are part of the cache)")
+        if T == 0 or max_q_len <= 0:
+            return out
+        mode = "prefill" if max_q_len * (self.hq // self.hkv) > 16 else "decode"
+        return self._launch_tc(dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, None, None, out,
+                               S, max_pages, S, max_q_len, max_kv_len, num_splits, tail)
+
+    def _launch_tc(self, dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, S,
+                   max_pages, chunks, max_q_len, max_kv_len, num_splits, tail):
+        main, merge = self._load(dev, mode)
+        plan = self.tc_plan(mode)
+        cfg = plan.config
+        T = q.shape[0]
+        row_blocks = math.ceil(max_q_len * plan.group / cfg.rows)
+        num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * cfg.keys)
+        part_o, part_lse = self._workspace(dev, T, num_splits)
+        args = [q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, part_o, part_lse,
+                max_pages, k_cache.shape[0], S, num_splits, T] + tail
+        main.launch((chunks, row_blocks, self.hkv * num_splits), cfg.threads, args, shared_mem=plan.shared_bytes)
         if num_splits > 1:
             merge.launch(T * self.hq, self.d, [part_o, part_lse, out, num_splits])
         return out

@@ -1,8 +1,10 @@
-"""The paged-KV attention kernel against the reference evaluator in float64: every stdlib
+"""The paged-KV attention kernels against the reference evaluator in float64: every stdlib
 variant, GQA ratios 1/4/8/32, head dims 64/128/256, page sizes 16/64, decode and chunked
 prefill over ragged sequences (length 1, not multiples of a page), split-KV, fully masked
-rows. The cache is filled here with torch (K rotated by the reference's RoPE), so these
+rows. Each case runs three ways: the tensor-core kernel in the per-token form ("tc") and in
+the ragged cu_seqlens form ("tc-ragged"), and the CUDA-core kernel ("simt"). The cache is filled here with torch (K rotated by the reference's RoPE), so these
 tests do not depend on the append kernel."""
+import itertools
 import math
 
 import pytest
@@ -17,6 +19,11 @@ from layerforge.runtime.attention import PagedAttention
 @pytest.fixture(scope="module")
 def prog():
     return lf.stdlib()
+
+
+@pytest.fixture(params=["tc", "tc-ragged", "simt"])
+def form(request):
+    return request.param
 
 
 def build_cache(ks, vs, page_size, spec, dtype, gen):
@@ -45,8 +52,8 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
     return kc, vc, table.cuda(), lens.cuda()
 
 
-def run_case(prog, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None, vpl=1,
-             **consts):
+def run_case(prog, form, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
+             vpl=1, **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
     gen = torch.Generator().manual_seed(hash((name, hq, hkv, d, page, tuple(lens), tuple(new))) % 2**31)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
@@ -63,9 +70,15 @@ def run_case(prog, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extr
     q = torch.cat(qs)
     q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
     q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
-    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl)
+    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl, kernel="simt" if form == "simt" else "tc")
     out = torch.full_like(q, float("nan"))
-    attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), extra=extra, out=out, num_splits=splits)
+    if form == "tc-ragged":
+        cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
+        attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra,
+                     out=out, num_splits=splits)
+    else:
+        attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), extra=extra, out=out,
+             num_splits=splits)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), "NaN in output"
     start = 0
@@ -91,48 +104,48 @@ VARIANTS = ["llama_attn", "mistral_attn", "gemma2_attn", "bloom_attn", "gpt2_att
 
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("page", [16, 64])
-def test_decode_variants(prog, name, page):
+def test_decode_variants(prog, form, name, page):
     consts = {"window": 37} if name in ("mistral_attn", "gemma2_attn") else {}
-    run_case(prog, name, 32, 8, 128, page, lens=[1, 17, 100, 300], new=[1, 1, 1, 1], **consts)
+    run_case(prog, form, name, 32, 8, 128, page, lens=[1, 17, 100, 300], new=[1, 1, 1, 1], **consts)
 
 
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 8), (32, 4), (32, 1)])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gqa_ratios_and_head_dims(prog, hq, hkv, d):
-    run_case(prog, "llama_attn", hq, hkv, d, 16, lens=[5, 33, 70], new=[5, 3, 1])
+def test_gqa_ratios_and_head_dims(prog, form, hq, hkv, d):
+    run_case(prog, form, "llama_attn", hq, hkv, d, 16, lens=[5, 33, 70], new=[5, 3, 1])
 
 
-def test_chunked_prefill_ragged(prog):
-    run_case(prog, "llama_attn", 32, 8, 128, 16, lens=[1, 7, 64, 129, 250], new=[1, 7, 30, 129, 17])
+def test_chunked_prefill_ragged(prog, form):
+    run_case(prog, form, "llama_attn", 32, 8, 128, 16, lens=[1, 7, 64, 129, 250], new=[1, 7, 30, 129, 17])
 
 
-def test_f16(prog):
-    run_case(prog, "gemma2_attn", 16, 8, 128, 16, lens=[40, 90], new=[4, 1], dtype=torch.float16, window=32)
+def test_f16(prog, form):
+    run_case(prog, form, "gemma2_attn", 16, 8, 128, 16, lens=[40, 90], new=[4, 1], dtype=torch.float16, window=32)
 
 
-def test_bert_padding_and_fully_masked_rows(prog):
+def test_bert_padding_and_fully_masked_rows(prog, form):
     def extra(nseq, gen):
         return {"kv_len": torch.tensor([3, 0, 20][:nseq], dtype=torch.int32).cuda()}
-    run_case(prog, "bert_attn", 8, 8, 64, 16, lens=[10, 10, 20], new=[10, 10, 20], extra_fn=extra)
+    run_case(prog, form, "bert_attn", 8, 8, 64, 16, lens=[10, 10, 20], new=[10, 10, 20], extra_fn=extra)
 
 
-def test_t5_relative_bias(prog):
+def test_t5_relative_bias(prog, form):
     def extra(nseq, gen):
         return {"rel_bias": torch.randn(32, 8, generator=gen).cuda()}
-    run_case(prog, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 3], extra_fn=extra)
-    run_case(prog, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 3], extra_fn=extra, bidirectional=False)
+    run_case(prog, form, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 3], extra_fn=extra)
+    run_case(prog, form, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 3], extra_fn=extra, bidirectional=False)
 
 
 @pytest.mark.parametrize("ctx", [1, 255, 4096, 32768])
-def test_decode_long_contexts_with_split_kv(prog, ctx):
-    run_case(prog, "llama_attn", 32, 8, 128, 64, lens=[ctx, max(1, ctx // 3)], new=[1, 1])
-    run_case(prog, "llama_attn", 32, 8, 128, 64, lens=[ctx], new=[1], splits=7)
+def test_decode_long_contexts_with_split_kv(prog, form, ctx):
+    run_case(prog, form, "llama_attn", 32, 8, 128, 64, lens=[ctx, max(1, ctx // 3)], new=[1, 1])
+    run_case(prog, form, "llama_attn", 32, 8, 128, 64, lens=[ctx], new=[1], splits=7)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (16, 4, 256)])
 def test_two_vectors_per_lane_variant(prog, hq, hkv, d):
-    run_case(prog, "gemma2_attn", hq, hkv, d, 16, lens=[1, 40, 300], new=[1, 5, 1], vpl=2, window=64)
-    run_case(prog, "llama_attn", hq, hkv, d, 64, lens=[4096], new=[1], splits=5, vpl=2)
+    run_case(prog, "simt", "gemma2_attn", hq, hkv, d, 16, lens=[1, 40, 300], new=[1, 5, 1], vpl=2, window=64)
+    run_case(prog, "simt", "llama_attn", hq, hkv, d, 64, lens=[4096], new=[1], splits=5, vpl=2)
 
 
 def test_bad_inputs_fail_before_launch(prog):
@@ -151,3 +164,45 @@ def test_bad_inputs_fail_before_launch(prog):
         attn(q, kc, kc, table, lens, qs, qs, max_kv_len=33)
     with pytest.raises(LoweringError, match="head dim 96"):
         PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=96, dtype="bf16")).plan.source()
+    with pytest.raises(LoweringError, match="head dim 96"):
+        PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=96, dtype="bf16")).tc_plan("prefill")
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
+    with pytest.raises(lf.LayerInputError, match="cu_seqlens"):
+        attn.prefill(q, kc, kc, table, lens, cu[:2], max_q_len=1, max_kv_len=1)
+    with pytest.raises(lf.LayerInputError, match="max_q_len"):
+        attn.prefill(q, kc, kc, table, lens, cu, max_q_len=5, max_kv_len=2)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn"])
+def test_prefill_long_ragged(prog, name, d):
+    """Whole prompts (and one chunk over a cached prefix) through the tensor-core prefill
+    tiles: lengths 1, not multiples of a tile, past several row blocks."""
+    consts = {"window": 200} if name != "llama_attn" else {}
+    run_case(prog, "tc-ragged", name, 16, 4, d, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77], **consts)
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_prefill_matches_sdpa(prog, hq, hkv):
+    """Causal prefill of two ragged sequences against F.scaled_dot_product_attention."""
+    import torch.nn.functional as F
+    layer = prog.specialise("gpt2_attn", Hq=hq, Hkv=hkv, D=128, dtype="bf16")
+    spec = layer.function.outputs[0].arg
+    gen = torch.Generator().manual_seed(7)
+    lens = [1000, 257]
+    ks = [torch.randn(n, hkv, 128, generator=gen).bfloat16().cuda() for n in lens]
+    vs = [torch.randn(n, hkv, 128, generator=gen).bfloat16().cuda() for n in lens]
+    qs = [torch.randn(n, hq, 128, generator=gen).bfloat16().cuda() for n in lens]
+    kc, vc, table, seq_lens = build_cache(ks, vs, 64, spec, torch.bfloat16, gen)
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
+    attn = PagedAttention(layer, page_size=64)
+    out = attn.prefill(torch.cat(qs), kc, vc, table, seq_lens, cu, max_q_len=max(lens), max_kv_len=max(lens))
+    torch.cuda.synchronize()
+    for s, n in enumerate(lens):
+        want = F.scaled_dot_product_attention(qs[s].transpose(0, 1)[None], ks[s].transpose(0, 1)[None],
+                                              vs[s].transpose(0, 1)[None], is_causal=True,
+                                              enable_gqa=hq != hkv)[0].transpose(0, 1)
+        got = out[cu[s]:cu[s + 1]]
+        assert not torch.isnan(got).any()
+        err = (got.double() - want.double()).norm() / want.double().norm()
+        assert err < 2e-2, f"seq {s}: relative error {err:.3g} against SDPA"

@@ -1,0 +1,143 @@
+"""Attention blocks -> a tensor-core flash-attention kernel over a paged KV cache.
+
+    plan = plan_tc_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"),
+                             arch="sm_90", page_size=16, mode="prefill")
+    plan.key -> 'llama_attn_d128_hkv8_hq32_bf16_p16_tcprefill_sm90'
+
+One template (templates/cuda/attention_tc.cu.jinja), two tile shapes:
+  prefill: 4 warps along the query rows (32 rows each, 16 for head dim 256), one softmax
+           state per row, K/V tiles of 32-64 keys;
+  decode:  one m16 row tile (a token's query heads, padded) and 4 warps along the keys,
+           each with its own softmax state, merged at the end; used when a query chunk has
+           few rows (decode, short chunks).
+The hooks (score, mask, bounds, RoPE) are the same as the paged CUDA-core kernel's.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..dsl.ir import AttentionSpec, Op
+from ..dsl.program import Layer
+from ..dsl.types import DType
+from . import ops
+from .attention import hook_context
+from .plan import layer_key
+from .render import read_template, render
+from .row import LoweringError
+
+MODES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    wm: int        # warps along query rows
+    wn: int        # warps along keys (each its own softmax state)
+    mt: int        # m16 row tiles per warp
+    bnw: int       # keys per warp per tile
+    stages: int    # K/V shared-memory buffers
+    min_blocks: int
+
+    @property
+    def threads(self) -> int:
+        return self.wm * self.wn * 32
+
+    @property
+    def rows(self) -> int:
+        return self.wm * self.mt * 16
+
+    @property
+    def keys(self) -> int:
+        return self.wn * self.bnw
+
+
+def tile_config(mode: str, head_dim: int, group: int) -> TileConfig:
+    if mode == "prefill":
+        if head_dim == 256:
+            return TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2)
+        if head_dim == 128:
+            return TileConfig(wm=4, wn=1, mt=2, bnw=16, stages=3, min_blocks=2)
+        return TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2)
+    mt = 1 if group <= 16 else 2
+    if head_dim == 256:
+        return TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=2, min_blocks=1)
+    return TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2)
+
+
+@dataclass(frozen=True)
+class TCAttentionPlan:
+    layer: Layer
+    arch: str
+    page_size: int = 16
+    mode: str = "prefill"
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return self.layer.function.outputs[0].arg
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", self.arch.replace("_", ""))
+
+    @property
+    def kernel_name(self) -> str:
+        return "lf_" + self.key
+
+    @property
+    def merge_name(self) -> str:
+        return "lf_" + self.key + "_merge"
+
+    @property
+    def group(self) -> int:
+        return int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
+
+    @property
+    def config(self) -> TileConfig:
+        return tile_config(self.mode, int(self.spec.head_dim), self.group)
+
+    @property
+    def shared_bytes(self) -> int:
+        c, hd = self.config, int(self.spec.head_dim)
+        return 2 * (c.rows * hd + 2 * c.stages * c.keys * hd)
+
+    def source(self) -> str:
+        return _render(self)
+
+
+@functools.lru_cache(maxsize=128)
+def _render(plan: TCAttentionPlan) -> str:
+    spec = plan.spec
+    dtype = plan.layer.dtype
+    if dtype not in (DType.bf16, DType.f16):
+        raise LoweringError(f"{plan.layer.name}: tensor-core attention takes bf16 or f16, not {dtype}")
+    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
+    if hd != hdv or hd not in (64, 128, 256):
+        raise LoweringError(f"{plan.layer.name}: no tensor-core attention specialisation for head dim {hd} "
+                            f"(value dim {hdv}); supported: 64, 128, 256")
+    c = plan.config
+    if c.wn > 1:   # the warps' partial results are merged in the K/V buffers
+        need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
+        assert need <= 2 * 2 * c.stages * c.keys * hd, (need, c)
+    return render(
+        "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
+        common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
+        MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
+        HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
+        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, **hook_context(plan.layer))
+
+
+def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill") -> TCAttentionPlan:
+    if layer.function.kind != "attention":
+        raise LoweringError(f"{layer.name} is not an attention block")
+    if layer.function.outputs[0].op is not Op.ATTENTION:
+        raise LoweringError(f"{layer.name}: unexpected attention IR")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page size must be a power of two, got {page_size}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    major = int(arch.removeprefix("sm_").rstrip("a")) // 10
+    if major < 8:
+        raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
+    plan = TCAttentionPlan(layer, arch, page_size, mode)
+    plan.source()
+    return plan
