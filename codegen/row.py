@@ -28,6 +28,7 @@ from ..dsl.types import DType, dims_equal
 from . import ops
 from .index import IndexSpace, c_expr
 from .rewrite import lower_composites
+from .topk import round_depths, sort_ops
 
 
 class LoweringError(NotImplementedError):
@@ -70,6 +71,8 @@ class RowLowering:
     """IR function (specialised: static widths, dynamic leading dims) -> RowKernel."""
 
     ITEMS_PER_THREAD = 4   # target chunks (VEC elements each) per thread and loop
+    TOPK_ITEMS = 16        # top-k rows: target candidates (elements) per lane, sub-warp path
+    TOPK_MAX_ITEMS = 32    # past this many per lane (or 32 lanes), the shared-memory path
 
     def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None):
         self.fn = lower_composites(fn)
@@ -89,15 +92,24 @@ class RowLowering:
         self.max_vec_bytes = max_vec_bytes
         self.loops = self._loops()
         chunks = max([math.ceil(l.width / l.vec) for l in self.loops.values()] + [1])
-        # top-k rounds are latency-bound: fewer candidates per thread, more threads per row
-        items = 2 if any(p.op is Op.TOPK for p in self.phases) else self.ITEMS_PER_THREAD
-        self.tpr = tpr or min(1024, _pow2ceil(math.ceil(chunks / items)))
+        widest = max([l.width for l in self.loops.values()] + [1])
+        if tpr:
+            self.tpr = tpr
+        elif any(p.op is Op.TOPK for p in self.phases) and _pow2ceil(math.ceil(widest / self.TOPK_ITEMS)) <= 32:
+            # sub-warp top-k: ~16 candidates per lane, sorted in registers; few shuffle steps
+            self.tpr = _pow2ceil(math.ceil(widest / self.TOPK_ITEMS))
+        elif any(p.op is Op.TOPK for p in self.phases):
+            # wide top-k rows (shared-memory path): fewer candidates per thread, more threads
+            self.tpr = min(1024, _pow2ceil(math.ceil(chunks / 2)))
+        else:
+            self.tpr = min(1024, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
         # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
         self.rpb = max(1, 256 // self.tpr) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
         self.col_info: dict = {}          # chunk column symbol -> (loop, chunk, guard)
         self.cur_elem: tuple | None = None  # (chunk column symbol, element number) being generated
-        self.topk_arrays: dict[int, tuple[str, str, int]] = {}
+        self.topk_arrays: dict[int, tuple[str, str, int]] = {}     # shared-memory path
+        self.topk_regs: dict[tuple, tuple[list[str], list[str]]] = {}  # sub-warp path: per-rank names
 
     # ---- analysis ------------------------------------------------------------------
     def _check_supported(self):
@@ -299,6 +311,100 @@ class RowLowering:
         self.red_values[id(ph)] = red
 
     def _topk_phase(self, ph: Node):
+        loop = self.loops[("phase", id(ph))]
+        m = math.ceil(loop.width / (loop.vec * self.tpr)) * loop.vec
+        if self.tpr <= 32 and m <= self.TOPK_MAX_ITEMS:
+            self._topk_phase_lanes(ph)
+        else:
+            self._topk_phase_smem(ph)
+
+    def _topk_phase_lanes(self, ph: Node):
+        """Sub-warp top-k (codegen/topk.py): keys sorted per lane, k butterfly rounds over the
+        row's lanes; every lane ends with the whole top-k in registers (no shared memory)."""
+        k = int(ph.arg[0])
+        src = ph.src[0]
+        loop = self.loops[("phase", id(ph))]
+        name = self.fresh("tk")
+        L = self.lines
+        keys = []
+        for kk, elems in self._columns(loop):
+            tail = (kk + 1) * self.tpr * loop.vec > loop.width
+            for col, okv, i in elems:
+                v = self.emit_elem(src, self._row_idx(src, col), col, i)
+                key = f"{name}_k{len(keys)}"
+                expr = f"lf_topk_key((float)({v}), {self.cidx(col)})"
+                L.append(f"const unsigned long long {key} = " + (f"{okv} ? {expr} : 0ull;" if tail else f"{expr};"))
+                keys.append(key)
+        m = len(keys)
+        keep = min(k, m)
+        # 1. sort this lane's keys (descending), only the `keep` largest
+        n = _pow2ceil(m)
+        wires: list[str | None] = keys + [None] * (n - m)
+        for j, (op, a, b) in enumerate(sort_ops(m, keep)):
+            x, y = wires[a], wires[b]
+            if op == "swap":
+                wires[a], wires[b] = y, x
+                continue
+            g = f"{name}_s{j}"
+            L.append(f"const bool {g} = {x} > {y};")
+            if op in ("cas", "max"):
+                L.append(f"const unsigned long long {g}h = {g} ? {x} : {y};")
+                wires[a] = f"{g}h"
+            if op in ("cas", "min"):
+                L.append(f"const unsigned long long {g}l = {g} ? {y} : {x};")
+                wires[b] = f"{g}l"
+        lst = wires[:keep]
+        assert all(w is not None for w in lst)
+        # 2. k rounds: the row's best head; its lane pops it
+        if self.tpr == 1:
+            assert keep == k
+            best = lst
+        else:
+            best = []
+            for r, depth in enumerate(round_depths(k, keep)):
+                b = f"{name}_b{r}"
+                L.append(f"const unsigned long long {b} = lf_topk_best<{self.tpr}>({lst[0]});")
+                best.append(b)
+                if depth:
+                    pop = f"{name}_p{r}"
+                    L.append(f"const bool {pop} = (unsigned){lst[0]} == (unsigned){b};")
+                    nxt = []
+                    for j in range(depth):
+                        after = lst[j + 1] if j + 1 < len(lst) else "0ull"
+                        L.append(f"const unsigned long long {pop}_{j} = {pop} ? {after} : {lst[j]};")
+                        nxt.append(f"{pop}_{j}")
+                    lst = nxt
+        vals, idxs = [], []
+        for r, b in enumerate(best):
+            L.append(f"const float {name}_v{r} = lf_topk_value({b}); const int {name}_i{r} = lf_topk_index({b});")
+            vals.append(f"{name}_v{r}")
+            idxs.append(f"{name}_i{r}")
+        self.topk_regs[(id(src), k)] = (vals, idxs)
+
+    def _topk_pick(self, names: list[str], e) -> str:
+        """names[clamp(e, 0, k-1)] for a runtime column e, by selects on registers. A chunk
+        column c0 + i (c0 a multiple of vec) narrows the choice to names[j*vec + i]."""
+        k = len(names)
+        e = sympy.expand(e)
+        if e.is_Integer:
+            return names[min(max(int(e), 0), k - 1)]
+        cols = [c for c in e.free_symbols if c in self.col_info]
+        if len(cols) == 1 and (e - cols[0]).is_Integer:
+            c0, off = cols[0], int(e - cols[0])
+            loop = self.col_info[c0][0]
+            c = self.cidx(c0)   # takes only the values 0, vec, 2*vec, ... <= width - vec
+            picks = [(f"{c} == {s0}", names[min(max(s0 + off, 0), k - 1)])
+                     for s0 in range(0, loop.width - loop.vec + 1, loop.vec)]
+        else:
+            c = f"(int)({self.cidx(e)})"
+            picks = [(f"{c} <= 0", names[0])] + [(f"{c} == {j}", names[j]) for j in range(1, k)]
+        expr = picks[-1][1]
+        for cond, nm in reversed(picks[:-1]):
+            if nm != expr:
+                expr = f"({cond} ? {nm} : {expr})"
+        return expr
+
+    def _topk_phase_smem(self, ph: Node):
         k_, _, _ = ph.arg
         k = int(k_)
         src = ph.src[0]
@@ -487,6 +593,10 @@ class RowLowering:
             return self.red_values[id(n)], ct if n.dtype.is_int else "float"
         if op is Op.TOPK:
             self._check_row_local(n, idx)
+            regs = self.topk_regs.get((id(n.src[0]), int(n.arg[0])))
+            if regs is not None:
+                return (self._topk_pick(regs[0], idx[-1]), "float") if n.arg[2] == 0 else \
+                    (self._topk_pick(regs[1], idx[-1]), "int")
             arr, arr_i, k = self.topk_arrays[(id(n.src[0]), int(n.arg[0]))]
             col = f"min(max((int){self.cidx(idx[-1])}, 0), {k - 1})"
             return (f"{arr}[threadIdx.y][{col}]", "float") if n.arg[2] == 0 else (f"{arr_i}[threadIdx.y][{col}]", "int")

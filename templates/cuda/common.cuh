@@ -91,6 +91,32 @@ __device__ __forceinline__ void lf_row_argmax(float& v, int& i, float* smem_f, i
     }
 }
 
+// Top-k over a sub-warp (codegen/topk.py): one 64-bit key per candidate that orders like
+// (value desc, index asc). High word: the value's bits made order-preserving as unsigned, NaN
+// canonical and above +inf (torch.topk's order), -0.0 as +0.0 (it ties with +0.0). Low word:
+// ~index. Key 0 is below every real key: "no candidate".
+__device__ __forceinline__ unsigned long long lf_topk_key(float v, int c) {
+    unsigned u = __float_as_uint(v);
+    u = (u == 0x80000000u) ? 0u : u;
+    const unsigned h = (v != v) ? 0xffffffffu : (u ^ ((unsigned)((int)u >> 31) | 0x80000000u));
+    return ((unsigned long long)h << 32) | (unsigned)(~c);
+}
+__device__ __forceinline__ float lf_topk_value(unsigned long long k) {
+    const unsigned h = (unsigned)(k >> 32);
+    return __uint_as_float((h & 0x80000000u) ? (h ^ 0x80000000u) : ~h);
+}
+__device__ __forceinline__ int lf_topk_index(unsigned long long k) { return ~(int)(unsigned)k; }
+// The largest key over the T lanes of a row (T <= 32, a power of two); every lane gets it.
+template <int T>
+__device__ __forceinline__ unsigned long long lf_topk_best(unsigned long long k) {
+#pragma unroll
+    for (int o = T / 2; o > 0; o >>= 1) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, o, T);
+        k = other > k ? other : k;
+    }
+    return k;
+}
+
 __device__ __forceinline__ bool lf_chosen(const int* chosen, int t, int c) {
     for (int j = 0; j < t; ++j) if (chosen[j] == c) return true;
     return false;
