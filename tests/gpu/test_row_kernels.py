@@ -154,3 +154,53 @@ def test_bad_inputs_fail_before_launch(prog):
         mod(torch.randn(256, 4, device="cuda", dtype=torch.bfloat16).t())
     with pytest.raises(lf.LayerInputError, match="cpu|device"):
         mod.cpu()(x)
+
+
+MOE_TOKENS = TOKENS + [32768]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("e", [8, 64, 128])
+@pytest.mark.parametrize("name", ["moe_route", "moe_route_sigmoid"])
+def test_moe_routing_topk(prog, name, e, k, ties):
+    """Both routing layers at E 8/64/128, top-2 and top-8, every token count; with `ties` the
+    logits (and the sigmoid layer's bias) take a few values only, so many experts tie exactly:
+    the chosen ones must then be the lowest-indexed (torch.topk's order as the tests define it)."""
+    mod = LayerModule(prog.specialise(name, E=e, k=k, dtype="f32"), device="cuda")
+    gen = torch.Generator().manual_seed(e * 100 + k * 10 + ties)
+    for n in MOE_TOKENS:
+        (x,) = make_inputs(mod, n, "cuda", torch.float32, gen)
+        if ties:
+            x = (torch.randint(-3, 4, (n, e), generator=gen).float() * 0.5).cuda()
+            if name == "moe_route_sigmoid":
+                with torch.no_grad():
+                    mod.bias.copy_(torch.randint(0, 2, (e,), generator=gen).float() * 0.25)
+        ins = {"logits": x, **({"bias": mod.bias} if name == "moe_route_sigmoid" else {})}
+        ref = lf.evaluate(mod.function, {**ins, **mod._scalars}, precision="float64")
+        outs = tuple(poisoned(torch.empty(r.shape, dtype=o.dtype.torch, device="cuda"))
+                     for r, o in zip(ref, mod.function.outputs))
+        got = mod(x, out=outs)
+        torch.cuda.synchronize()
+        check_routing(name, got, ref, mod, [x])
+        if ties:
+            _check_lowest_index_on_ties(name, got[1], x, mod)
+
+
+def _check_lowest_index_on_ties(name, idx, x, mod):
+    """Experts with identical inputs score identically: a chosen one must precede every
+    unchosen twin, and twins among the chosen come in ascending index order."""
+    feat = x.double()
+    if name == "moe_route_sigmoid":
+        feat = feat * 16 + mod.bias.double()  # logits are multiples of 0.5, bias of 0.25 in [0, 0.25]
+    idx = idx.long()
+    n, e = feat.shape
+    k = idx.shape[-1]
+    chosen_feat = feat.gather(-1, idx)                                   # [n, k]
+    chosen = torch.zeros(n, e, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
+    cols = torch.arange(e, device=x.device)
+    for j in range(k):
+        twin = (feat == chosen_feat[:, j:j + 1]) & ~chosen                # unchosen experts with equal input
+        assert not (twin & (cols < idx[:, j:j + 1])).any(), "a tie went to a higher index"
+    same = chosen_feat[:, 1:] == chosen_feat[:, :-1]
+    assert (idx[:, 1:] > idx[:, :-1])[same].all(), "tied experts out of index order"
