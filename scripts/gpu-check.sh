@@ -4,6 +4,9 @@
 # Uses the python that has a CUDA build of torch. Wheels found in .whl/ (e.g. lark, for a
 # machine without network) are installed into a private folder first. Logs and the benchmark
 # JSON go to OUT_DIR (default out/gpu-check).
+# Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime"), PYTEST_K (pytest -k),
+# SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only),
+# SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only TEXT), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""
@@ -32,8 +35,10 @@ if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ];
 fi
 echo "== benchmarks"
 if [ -z "${SKIP_BENCH:-}" ]; then
-    "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    if [ -z "${SKIP_ATTENTION:-}" ]; then
+        "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    fi
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
