@@ -52,7 +52,7 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
     return kc, vc, table.cuda(), lens.cuda()
 
 
-def run_case(prog, form, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
+def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
              vpl=1, **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
     gen = torch.Generator().manual_seed(hash((name, hq, hkv, d, page, tuple(lens), tuple(new))) % 2**31)
