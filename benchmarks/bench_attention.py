@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import layerforge as lf
+from layerforge.codegen.attention_tc import TileConfig
 from layerforge.runtime.attention import PagedAttention
 
 from .bench_rows import bench, copy_ceiling, write_results
@@ -50,10 +51,10 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16):
                 bytes=nbytes)
 
 
-def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64):
+def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
-    attn = PagedAttention(layer, page_size=page)
+    attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None)
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
@@ -66,6 +67,7 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64):
     kk = kc.view(batch, seq, hkv, d).transpose(1, 2)
     vv = vc.view(batch, seq, hkv, d).transpose(1, 2)
     res = dict(kind="prefill", block=name, batch=batch, seq=seq, hq=hq, hkv=hkv, d=d, ours_s=ours,
+               tiles=attn.tc_plan("prefill").config.label,
                flops=4 * batch * hq * seq * seq * d / 2)
     for label, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
         try:
@@ -104,16 +106,19 @@ def main(argv=None):
     if a.only in (None, "prefill"):
         print(f"\n{'causal prefill bf16':34s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
               f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
-        for name, batch, seq, hq, hkv, d in [("gpt2_attn", 4, 4096, 32, 32, 128), ("llama_attn", 4, 4096, 32, 8, 128),
-                                             ("gpt2_attn", 1, 1024, 32, 32, 128), ("gpt2_attn", 4, 4096, 16, 16, 64),
-                                             ("gpt2_attn", 2, 4096, 16, 16, 256)]:
-            r = prefill_case(prog, name, batch, seq, hq, hkv, d)
+        alt = TileConfig(wm=4, wn=1, mt=2, bnw=16, stages=3, min_blocks=2, qreg=True)
+        for name, batch, seq, hq, hkv, d, tiles in [
+                ("gpt2_attn", 4, 4096, 32, 32, 128, None), ("gpt2_attn", 4, 4096, 32, 32, 128, alt),
+                ("llama_attn", 4, 4096, 32, 8, 128, None), ("gpt2_attn", 1, 1024, 32, 32, 128, None),
+                ("gpt2_attn", 4, 4096, 16, 16, 64, None), ("gpt2_attn", 2, 4096, 16, 16, 256, None)]:
+            r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles)
             fl, cd = r["flash_s"], r["cudnn_s"]
             r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,
                      ours_over_flash=fl / r["ours_s"] if fl else None, ours_over_cudnn=cd / r["ours_s"] if cd else None)
             rows.append(r)
             fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>9s}"  # noqa: E731
-            print(f"{f'{name} B{batch} H{hq}/{hkv} S{seq} D{d}':34s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
+            label = f"{name} B{batch} H{hq}/{hkv} S{seq} D{d}" + (f" {r['tiles']}" if tiles else "")
+            print(f"{label:34s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
                   f"{fmt(fl and fl * 1e3)} {fmt(cd and cd * 1e3)} {fmt(r['ours_over_flash'], '10.2f')} "
                   f"{fmt(r['ours_over_cudnn'], '10.2f')}", flush=True)
             torch.cuda.empty_cache()

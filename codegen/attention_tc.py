@@ -37,6 +37,11 @@ class TileConfig:
     bnw: int       # keys per warp per tile
     stages: int    # K/V shared-memory buffers
     min_blocks: int
+    qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
+
+    @property
+    def label(self) -> str:
+        return f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
 
     @property
     def threads(self) -> int:
@@ -54,9 +59,9 @@ class TileConfig:
 def tile_config(mode: str, head_dim: int, group: int) -> TileConfig:
     if mode == "prefill":
         if head_dim == 256:
-            return TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2)
+            return TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False)
         if head_dim == 128:
-            return TileConfig(wm=4, wn=1, mt=2, bnw=16, stages=3, min_blocks=2)
+            return TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=2, min_blocks=2, qreg=False)
         return TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2)
     mt = 1 if group <= 16 else 2
     if head_dim == 256:
@@ -70,6 +75,7 @@ class TCAttentionPlan:
     arch: str
     page_size: int = 16
     mode: str = "prefill"
+    tiles: TileConfig | None = None   # None: tile_config's choice for the mode
 
     @property
     def spec(self) -> AttentionSpec:
@@ -77,7 +83,8 @@ class TCAttentionPlan:
 
     @property
     def key(self) -> str:
-        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", self.arch.replace("_", ""))
+        extra = [self.tiles.label] if self.tiles is not None else []
+        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", *extra, self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -93,7 +100,7 @@ class TCAttentionPlan:
 
     @property
     def config(self) -> TileConfig:
-        return tile_config(self.mode, int(self.spec.head_dim), self.group)
+        return self.tiles or tile_config(self.mode, int(self.spec.head_dim), self.group)
 
     @property
     def shared_bytes(self) -> int:
@@ -115,18 +122,19 @@ def _render(plan: TCAttentionPlan) -> str:
         raise LoweringError(f"{plan.layer.name}: no tensor-core attention specialisation for head dim {hd} "
                             f"(value dim {hdv}); supported: 64, 128, 256")
     c = plan.config
-    if c.wn > 1:   # the warps' partial results are merged in the K/V buffers
+    if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
         need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
-        assert need <= 2 * 2 * c.stages * c.keys * hd, (need, c)
+        assert need <= plan.shared_bytes, (need, c)
     return render(
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, **hook_context(plan.layer))
+        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, **hook_context(plan.layer))
 
 
-def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill") -> TCAttentionPlan:
+def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
+                      tiles: TileConfig | None = None) -> TCAttentionPlan:
     if layer.function.kind != "attention":
         raise LoweringError(f"{layer.name} is not an attention block")
     if layer.function.outputs[0].op is not Op.ATTENTION:
@@ -138,6 +146,6 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     major = int(arch.removeprefix("sm_").rstrip("a")) // 10
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
-    plan = TCAttentionPlan(layer, arch, page_size, mode)
+    plan = TCAttentionPlan(layer, arch, page_size, mode, tiles)
     plan.source()
     return plan

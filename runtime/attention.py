@@ -32,12 +32,13 @@ from ..dsl.program import Layer
 
 class PagedAttention:
     def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None,
-                 kernel: str = "tc", vectors_per_lane: int = 1, **scalars: Any):
+                 kernel: str = "tc", vectors_per_lane: int = 1, tiles: dict | None = None, **scalars: Any):
         if layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         if kernel not in ("tc", "simt"):
             raise ValueError(f"kernel must be 'tc' or 'simt', got {kernel!r}")
         self.kernel = kernel
+        self.tiles = dict(tiles or {})   # mode -> codegen.attention_tc.TileConfig, to override the default tiles
         self.layer = layer
         self.spec = layer.function.outputs[0].arg
         self.page_size = page_size
@@ -70,7 +71,8 @@ class PagedAttention:
         plan = self._tc_plans.get(mode)
         if plan is None:
             arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
-            plan = self._tc_plans[mode] = plan_tc_attention(self.layer, arch, page_size=self.page_size, mode=mode)
+            plan = self._tc_plans[mode] = plan_tc_attention(self.layer, arch, page_size=self.page_size, mode=mode,
+                                                            tiles=self.tiles.get(mode))
         return plan
 
     def _load(self, device: torch.device, mode: str | None = None):
