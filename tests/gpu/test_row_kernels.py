@@ -99,7 +99,16 @@ def check_routing(name, got, ref, mod, args):
     best = score.topk(k, dim=-1).values
     assert torch.allclose(chosen, best, rtol=1e-5, atol=1e-6), "not a top-k choice"
     assert (chosen.diff(dim=-1) <= 1e-6).all(), "not in descending order"
-    assert torch.allclose(w.double().sort(-1).values, rw.sort(-1).values, rtol=1e-3, atol=1e-5)
+    # Rows whose chosen set equals the reference's must carry its weights (compared per expert).
+    # A near-tie in the selection score (f32 here, float64 there) may pick another expert
+    # of equal score; the check above already holds those rows to a valid top-k, and they
+    # must stay rare.
+    order, rorder = idx.long().sort(-1), ridx.long().sort(-1)
+    same = (order.values == rorder.values).all(-1)
+    assert (~same).sum() <= max(1, same.numel() // 1000), f"{int((~same).sum())} rows chose other experts"
+    wg = w.double().gather(-1, order.indices)[same]
+    wr = rw.double().gather(-1, rorder.indices)[same]
+    assert torch.allclose(wg, wr, rtol=1e-3, atol=1e-5)
 
 
 def test_unaligned_inputs_use_a_narrower_plan(prog):
