@@ -106,9 +106,10 @@ def main(argv=None):
     if a.only in (None, "prefill"):
         print(f"\n{'causal prefill bf16':34s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
               f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
-        alt = TileConfig(wm=4, wn=1, mt=2, bnw=16, stages=3, min_blocks=2, qreg=True)
+        alts = [TileConfig(4, 1, 2, 32, 3, 2, False), TileConfig(4, 1, 2, 64, 2, 2, False),
+                TileConfig(8, 1, 1, 64, 2, 1, True), TileConfig(8, 1, 1, 32, 3, 1, True)]
         for name, batch, seq, hq, hkv, d, tiles in [
-                ("gpt2_attn", 4, 4096, 32, 32, 128, None), ("gpt2_attn", 4, 4096, 32, 32, 128, alt),
+                ("gpt2_attn", 4, 4096, 32, 32, 128, None)] + [("gpt2_attn", 4, 4096, 32, 32, 128, t) for t in alts] + [
                 ("llama_attn", 4, 4096, 32, 8, 128, None), ("gpt2_attn", 1, 1024, 32, 32, 128, None),
                 ("gpt2_attn", 4, 4096, 16, 16, 64, None), ("gpt2_attn", 2, 4096, 16, 16, 256, None)]:
             r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles)

@@ -56,17 +56,23 @@ class TileConfig:
         return self.wn * self.bnw
 
 
-def tile_config(mode: str, head_dim: int, group: int) -> TileConfig:
+def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
+    """Tile shapes to try, best first. Wider key tiles amortise the per-tile work (barrier,
+    row maxima, rescale) but hold more score registers; the first that compiles without
+    register spills for the block at hand is used (hooks such as soft-capping or ALiBi cost
+    registers too)."""
     if mode == "prefill":
         if head_dim == 256:
-            return TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False)
+            return [TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False),
+                    TileConfig(wm=4, wn=1, mt=1, bnw=16, stages=2, min_blocks=2, qreg=False)]
         if head_dim == 128:
-            return TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=2, min_blocks=2, qreg=False)
-        return TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2)
+            return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False) for b in (64, 48, 32)]
+        return [TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2),
+                TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)]
     mt = 1 if group <= 16 else 2
     if head_dim == 256:
-        return TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=2, min_blocks=1)
-    return TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2)
+        return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=2, min_blocks=1)]
+    return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2)]
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class TCAttentionPlan:
     arch: str
     page_size: int = 16
     mode: str = "prefill"
-    tiles: TileConfig | None = None   # None: tile_config's choice for the mode
+    tiles: TileConfig | None = None   # None: the first of tile_candidates (plan_tc_attention chooses)
 
     @property
     def spec(self) -> AttentionSpec:
@@ -83,8 +89,8 @@ class TCAttentionPlan:
 
     @property
     def key(self) -> str:
-        extra = [self.tiles.label] if self.tiles is not None else []
-        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", *extra, self.arch.replace("_", ""))
+        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", self.config.label,
+                         self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -100,7 +106,7 @@ class TCAttentionPlan:
 
     @property
     def config(self) -> TileConfig:
-        return self.tiles or tile_config(self.mode, int(self.spec.head_dim), self.group)
+        return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group)[0]
 
     @property
     def shared_bytes(self) -> int:
@@ -134,7 +140,9 @@ def _render(plan: TCAttentionPlan) -> str:
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
-                      tiles: TileConfig | None = None) -> TCAttentionPlan:
+                      tiles: TileConfig | None = None, cache=None) -> TCAttentionPlan:
+    """The tensor-core plan of an attention block. Without `tiles`, the first of
+    `tile_candidates` that compiles without register spills (NVRTC, through `cache`)."""
     if layer.function.kind != "attention":
         raise LoweringError(f"{layer.name} is not an attention block")
     if layer.function.outputs[0].op is not Op.ATTENTION:
@@ -146,6 +154,30 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     major = int(arch.removeprefix("sm_").rstrip("a")) // 10
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
-    plan = TCAttentionPlan(layer, arch, page_size, mode, tiles)
-    plan.source()
-    return plan
+    if tiles is not None:
+        plan = TCAttentionPlan(layer, arch, page_size, mode, tiles)
+        plan.source()
+        return plan
+    spec = layer.function.outputs[0].arg
+    candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads))
+    for c in candidates:
+        plan = TCAttentionPlan(layer, arch, page_size, mode, c)
+        plan.source()
+        if c is candidates[-1] or _spill_free(plan, cache):
+            return plan
+    raise AssertionError("unreachable")
+
+
+def _spill_free(plan: TCAttentionPlan, cache=None) -> bool:
+    """Compile (through the kernel cache, so a build or a second call pays nothing) and read
+    ptxas' spill report. With compiling at run time disabled, a candidate that is not in the
+    cache was not the one a build chose."""
+    from ..runtime.cache import KernelNotCachedError, default_cache
+    from ..runtime.nvrtc import CompileOptions
+    try:
+        res = (cache or default_cache()).get_or_compile(plan.source(), plan.kernel_name, CompileOptions(plan.arch),
+                                                        plan.key)
+    except KernelNotCachedError:
+        return False
+    kr = res.resources.get(plan.kernel_name)
+    return kr is not None and kr.spill_stores == 0 and kr.spill_loads == 0

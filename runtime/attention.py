@@ -72,7 +72,7 @@ class PagedAttention:
         if plan is None:
             arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
             plan = self._tc_plans[mode] = plan_tc_attention(self.layer, arch, page_size=self.page_size, mode=mode,
-                                                            tiles=self.tiles.get(mode))
+                                                            tiles=self.tiles.get(mode), cache=self._cache)
         return plan
 
     def _load(self, device: torch.device, mode: str | None = None):

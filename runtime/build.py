@@ -33,12 +33,14 @@ class BuiltKernel:
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
-                    names: list[str] | None = None, page_size: int = 16) -> tuple[list, dict[str, str]]:
+                    names: list[str] | None = None, page_size: int = 16, cache=None) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover; the others with the reason.
 
-    Layers give row kernels; attention blocks give the paged-attention kernel and, for the
-    model's cache, the KV-append kernel (RoPE fused when the block rotates)."""
+    Layers give row kernels; attention blocks give the tensor-core prefill and decode kernels,
+    the CUDA-core paged kernel and, for the model's cache, the KV-append kernel (RoPE fused
+    when the block rotates)."""
     from ..codegen.attention import plan_paged_attention
+    from ..codegen.attention_tc import plan_tc_attention
     from ..codegen.kv_append import plan_kv_append
     plans, skipped = [], {}
     seen: set[str] = set()
@@ -50,6 +52,8 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
             if not is_attention:
                 plans.append(plan_layer(layer, arch))
                 continue
+            for mode in ("prefill", "decode"):
+                plans.append(plan_tc_attention(layer, arch, page_size=page_size, mode=mode, cache=cache))
             plan = plan_paged_attention(layer, arch, page_size=page_size)
             plans.append(plan)
             spec = plan.spec
@@ -67,6 +71,14 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
 def _describe(plan) -> dict:
     """Manifest fields that depend on the kernel family."""
     from ..codegen.attention import PagedAttentionPlan
+    from ..codegen.attention_tc import TCAttentionPlan
+    if isinstance(plan, TCAttentionPlan):
+        c = plan.config
+        return {"family": "tc_attention", "mode": plan.mode, "layer": plan.layer.name, "dims": dict(plan.layer.dims),
+                "consts": {k: v for k, v in plan.layer.consts}, "dtype": str(plan.layer.dtype),
+                "kernels": [plan.kernel_name, plan.merge_name], "page_size": plan.page_size,
+                "block": [c.threads, 1, 1], "shared_bytes": plan.shared_bytes,
+                "tiles": {"rows": c.rows, "keys": c.keys, "warps": [c.wm, c.wn], "stages": c.stages}}
     if isinstance(plan, KernelPlan):
         k = plan.lowered()
         return {"family": "row", "layer": plan.layer.name, "dims": dict(plan.layer.dims),
@@ -92,7 +104,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or default_cache()
-    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size)
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache)
     options = CompileOptions(arch)
     say = progress or (lambda s: None)
     t0 = time.perf_counter()

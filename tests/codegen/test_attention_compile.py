@@ -1,9 +1,11 @@
 """Every attention block of the standard library renders and compiles, for sm_80 and sm_90,
-into the paged-KV kernel without register spills (no GPU needed)."""
+into the tensor-core prefill and decode kernels and the CUDA-core paged kernel, without
+register spills (no GPU needed)."""
 import pytest
 
 import layerforge as lf
 from layerforge.codegen.attention import plan_paged_attention
+from layerforge.codegen.attention_tc import plan_tc_attention, tile_candidates
 from layerforge.codegen.row import LoweringError
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
@@ -76,3 +78,47 @@ def test_two_vectors_per_lane_compiles_without_spills(prog, hq, hkv, d):
 def test_two_vectors_per_lane_refuses_wide_groups(prog):
     with pytest.raises(LoweringError, match="would spill"):
         plan_paged_attention(specialise(prog, "llama_attn", 32, 1, 128), "sm_90", vectors_per_lane=2)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ATTENTION)
+def test_tensor_core_attention_compiles_without_spills(prog, name, d, arch, mode, tmp_path):
+    from layerforge.runtime.cache import KernelCache
+    plan = plan_tc_attention(specialise(prog, name, 32, 8, d), arch, mode=mode, cache=KernelCache(tmp_path))
+    assert f"_tc{mode}_" in plan.key
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    assert set(res.resources) == {plan.kernel_name, plan.merge_name}
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.config, kr)
+    assert plan.shared_bytes <= 227 * 1024
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 4), (32, 1), (40, 8)])
+def test_tensor_core_gqa_groups_compile(prog, hq, hkv):
+    """Any group size packs into the tile rows (40/8 = 5 rows per token; MQA: 32)."""
+    for mode in ("prefill", "decode"):
+        tiles = tile_candidates(mode, 128, hq // hkv)[-1]
+        plan = plan_tc_attention(specialise(prog, "llama_attn", hq, hkv, 128, "f16"), "sm_90", mode=mode, tiles=tiles)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+        assert all(kr.spill_stores == 0 for kr in res.resources.values())
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in plan.source()
+
+
+def test_exact_masks_skip_the_mask_on_full_tiles(prog):
+    from layerforge.codegen.scalar_expr import mask_is_exact
+    spec = lambda n, **kw: specialise(prog, n, 8, 8, 64).function.outputs[0].arg if not kw else \
+        prog.specialise(n, Hq=8, Hkv=8, D=64, dtype="bf16", **kw).function.outputs[0].arg  # noqa: E731
+    assert mask_is_exact(spec("llama_attn").mask)            # causal
+    assert mask_is_exact(spec("mistral_attn").mask)          # causal and window
+    assert mask_is_exact(spec("bert_attn").mask)             # kv_pos < kv_len[b]: a bound from a table
+    assert mask_is_exact(spec("t5_attn").mask)               # none (bidirectional)
+    odd = lf.loads("""
+attention striped(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    mask = q_pos >= kv_pos and kv_pos % 2 == 0
+}
+""").specialise("striped", Hq=8, Hkv=8, D=64, dtype="bf16")
+    assert not mask_is_exact(odd.function.outputs[0].arg.mask)
+    src = plan_tc_attention(odd, "sm_90", tiles=tile_candidates("prefill", 64, 1)[0]).source()
+    assert "const bool full = false;" in src
