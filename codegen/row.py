@@ -57,6 +57,10 @@ class RowKernel:
     uses: set = field(default_factory=set)
 
 
+def _pow2floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 def _pow2ceil(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
@@ -96,8 +100,10 @@ class RowLowering:
         if tpr:
             self.tpr = tpr
         elif any(p.op is Op.TOPK for p in self.phases) and _pow2ceil(math.ceil(widest / self.TOPK_ITEMS)) <= 32:
-            # sub-warp top-k: ~16 candidates per lane, sorted in registers; few shuffle steps
-            self.tpr = _pow2ceil(math.ceil(widest / self.TOPK_ITEMS))
+            # sub-warp top-k: ~16 candidates per lane, sorted in registers; few shuffle steps.
+            # Narrow rows (E = 8) still get 4 lanes: one lane per row left 8 warps per SM
+            # (32768 rows), too few to hide the serial sort (measured 9.9x eager at E8/top-8)
+            self.tpr = max(_pow2ceil(math.ceil(widest / self.TOPK_ITEMS)), min(4, _pow2floor(max(1, widest // 2))))
         elif any(p.op is Op.TOPK for p in self.phases):
             # wide top-k rows (shared-memory path): fewer candidates per thread, more threads
             self.tpr = min(1024, _pow2ceil(math.ceil(chunks / 2)))

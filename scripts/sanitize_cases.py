@@ -1,5 +1,6 @@
-"""Small launches for compute-sanitizer (memcheck): one row kernel, a paged decode step and a
-chunked prefill over ragged sequences, and a KV append. Run by scripts/gpu-check.sh as
+"""Small launches for compute-sanitizer (memcheck): a row kernel, MoE routing, a ragged prefill
+(tensor-core prefill tiles), a chunked prefill and a split-KV decode step (tensor-core and
+CUDA-core kernels), and a KV append. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
@@ -26,12 +27,19 @@ def main():
         cache.allocate(s, n + 1)
         cache.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf),
                      torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
-    attn = PagedAttention(layer, page_size=16)
+    attn = PagedAttention(layer, page_size=16)          # tensor-core kernels
+    simt = PagedAttention(layer, page_size=16, kernel="simt")
+    # ragged prefill (tensor-core prefill tiles): each sequence's cached tokens as new queries
+    cu = torch.tensor([0, 1, 38, 38, 138], dtype=torch.int32, device="cuda")
+    qr = torch.randn(138, 32, 128, device="cuda", dtype=bf)
+    attn.prefill(qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
+                 max_kv_len=100)
     # chunked prefill: the last tokens of each sequence attend to the cache
     q_seq = torch.tensor([0, 1, 1, 1, 3, 3], dtype=torch.int32, device="cuda")
     q_pos = torch.tensor([0, 34, 35, 36, 98, 99], dtype=torch.int32, device="cuda")
     q = torch.randn(6, 32, 128, device="cuda", dtype=bf)
     attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos, max_kv_len=100)
+    simt(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos, max_kv_len=100)
     # decode step with split-KV
     ids = [0, 1, 3]
     pos = cache.append(ids, torch.randn(3, 8, 128, device="cuda", dtype=bf),
