@@ -107,7 +107,7 @@ def main(argv=None):
         print(f"\n{'causal prefill bf16':34s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
               f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
         # the default (widest key tile without spills) beside the neighbouring tile widths
-        alts = [TileConfig(4, 1, 2, 64, 2, 2, False), TileConfig(4, 1, 2, 32, 2, 2, False)]
+        alts = [TileConfig(4, 1, 2, 48, 2, 2, False), TileConfig(4, 1, 2, 32, 2, 2, False)]
         for name, batch, seq, hq, hkv, d, tiles in [
                 ("gpt2_attn", 4, 4096, 32, 32, 128, None)] + [("gpt2_attn", 4, 4096, 32, 32, 128, t) for t in alts] + [
                 ("llama_attn", 4, 4096, 32, 8, 128, None), ("gpt2_attn", 1, 1024, 32, 32, 128, None),

@@ -101,9 +101,12 @@ class RowLowering:
             self.tpr = tpr
         elif any(p.op is Op.TOPK for p in self.phases) and _pow2ceil(math.ceil(widest / self.TOPK_ITEMS)) <= 32:
             # sub-warp top-k: ~16 candidates per lane, sorted in registers; few shuffle steps.
-            # Narrow rows (E = 8) still get 4 lanes: one lane per row left 8 warps per SM
-            # (32768 rows), too few to hide the serial sort (measured 9.9x eager at E8/top-8)
-            self.tpr = max(_pow2ceil(math.ceil(widest / self.TOPK_ITEMS)), min(4, _pow2floor(max(1, widest // 2))))
+            # Narrow rows with a large k (E8/top-8) get 4 lanes: one lane per row left 8 warps
+            # per SM at 32768 rows, too few to hide the serial sort (9.9x eager; 4 lanes: 11.1x).
+            # A small k keeps one lane (E8/top-2: 16.2x with one lane, 12.7x with four).
+            k_max = max(int(p.arg[0]) for p in self.phases if p.op is Op.TOPK)
+            lanes = min(4, _pow2floor(max(1, widest // 2))) if k_max >= 4 else 1
+            self.tpr = max(_pow2ceil(math.ceil(widest / self.TOPK_ITEMS)), lanes)
         elif any(p.op is Op.TOPK for p in self.phases):
             # wide top-k rows (shared-memory path): fewer candidates per thread, more threads
             self.tpr = min(1024, _pow2ceil(math.ceil(chunks / 2)))
