@@ -33,7 +33,6 @@ class PagedAttentionPlan:
     arch: str
     page_size: int = 16
     warps: int = 4
-    vectors_per_lane: int = 1   # 2: each lane holds 16 channels, halving the dot-product shuffles
 
     @property
     def spec(self) -> AttentionSpec:
@@ -41,8 +40,7 @@ class PagedAttentionPlan:
 
     @property
     def key(self) -> str:
-        variant = [f"vpl{self.vectors_per_lane}"] if self.vectors_per_lane != 1 else []
-        return layer_key(self.layer, f"p{self.page_size}", *variant, self.arch.replace("_", ""))
+        return layer_key(self.layer, f"p{self.page_size}", self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -85,15 +83,11 @@ def _render(plan: PagedAttentionPlan) -> str:
     hq, hkv = int(spec.num_q_heads), int(spec.num_kv_heads)
     group = hq // hkv
     gc = plan.heads_per_cta
-    if plan.vectors_per_lane > 1 and gc > 4:
-        raise LoweringError(f"{plan.layer.name}: vectors_per_lane={plan.vectors_per_lane} with {gc} query heads "
-                            f"per CTA would spill registers (at most 4 heads)")
     ctx = hook_context(plan.layer)
     return render(
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
         plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
-        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps,
-        VPL=plan.vectors_per_lane, **ctx)
+        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, **ctx)
 
 
 def hook_context(layer: Layer) -> dict:
@@ -135,16 +129,13 @@ def hook_context(layer: Layer) -> dict:
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 
-def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4,
-                         vectors_per_lane: int = 1) -> PagedAttentionPlan:
+def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4) -> PagedAttentionPlan:
     if layer.function.kind != "attention":
         raise LoweringError(f"{layer.name} is not an attention block")
     if layer.function.outputs[0].op is not Op.ATTENTION:
         raise LoweringError(f"{layer.name}: unexpected attention IR")
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page size must be a power of two, got {page_size}")
-    if vectors_per_lane not in (1, 2):
-        raise ValueError(f"vectors_per_lane must be 1 or 2, got {vectors_per_lane}")
-    plan = PagedAttentionPlan(layer, arch, page_size, warps, vectors_per_lane)
+    plan = PagedAttentionPlan(layer, arch, page_size, warps)
     plan.source()
     return plan

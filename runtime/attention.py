@@ -32,7 +32,7 @@ from ..dsl.program import Layer
 
 class PagedAttention:
     def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None,
-                 kernel: str = "tc", vectors_per_lane: int = 1, tiles: dict | None = None, **scalars: Any):
+                 kernel: str = "tc", tiles: dict | None = None, **scalars: Any):
         if layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         if kernel not in ("tc", "simt"):
@@ -42,7 +42,6 @@ class PagedAttention:
         self.layer = layer
         self.spec = layer.function.outputs[0].arg
         self.page_size = page_size
-        self.vectors_per_lane = vectors_per_lane
         self.arch = arch
         self._cache = cache
         self.hq, self.hkv = int(self.spec.num_q_heads), int(self.spec.num_kv_heads)
@@ -63,8 +62,7 @@ class PagedAttention:
     def plan(self) -> PagedAttentionPlan:
         if self._plan is None:
             arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
-            self._plan = plan_paged_attention(self.layer, arch, page_size=self.page_size,
-                                              vectors_per_lane=self.vectors_per_lane)
+            self._plan = plan_paged_attention(self.layer, arch, page_size=self.page_size)
         return self._plan
 
     def tc_plan(self, mode: str) -> TCAttentionPlan:

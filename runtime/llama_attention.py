@@ -8,8 +8,10 @@
     y = layer(x_next, seq_ids=[0, 1], cache=cache)               # one decode step for both
 
 The projections are torch Linear layers (cuBLAS); the new K/V go into the cache through the
-generated append kernel (K rotated on the way), and attention is the generated paged kernel
-of the DSL's `llama_attn` block, specialised from the config.
+generated append kernel (K rotated on the way), and attention runs the tensor-core kernels
+generated from the DSL's `llama_attn` block, specialised from the config: prefill tiles when
+a step brings several tokens of a sequence (tokens grouped by sequence, in sequence order),
+decode tiles otherwise.
 """
 from __future__ import annotations
 
@@ -56,11 +58,25 @@ class LlamaPagedAttention(torch.nn.Module):
         k = self.k_proj(hidden).view(T, self.hkv, self.d)
         v = self.v_proj(hidden).view(T, self.hkv, self.d)
         positions = cache.append(seq_ids, k, v, self.rope)
-        ids = torch.as_tensor(list(seq_ids), dtype=torch.int32)
-        involved = sorted(set(ids.tolist()))
-        max_len = max(cache.seq_len(s) for s in involved)
-        q_seq = ids.to(hidden.device, non_blocking=True)
-        q_pos = positions.to(hidden.device, non_blocking=True)
-        o = self.attention(q.contiguous(), cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
-                           q_seq, q_pos, max_kv_len=max_len)
+        ids = [int(i) for i in seq_ids]
+        max_len = max(cache.seq_len(s) for s in set(ids))
+        q = q.contiguous()
+        counts = {}
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+        if max(counts.values()) > 1 and ids == sorted(ids):
+            # prefill / chunked prefill: each sequence's tokens are one ragged chunk (prefill tiles)
+            S = cache.page_table.shape[0]
+            cu = [0] * (S + 1)
+            for s in range(S):
+                cu[s + 1] = cu[s] + counts.get(s, 0)
+            cu_t = torch.tensor(cu, dtype=torch.int32).to(hidden.device, non_blocking=True)
+            o = self.attention.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu_t,
+                                       max_q_len=max(counts.values()), max_kv_len=max_len)
+        else:
+            # decode (or tokens in any order): one chunk per token
+            q_seq = torch.tensor(ids, dtype=torch.int32).to(hidden.device, non_blocking=True)
+            q_pos = positions.to(hidden.device, non_blocking=True)
+            o = self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
+                               max_kv_len=max_len)
         return self.o_proj(o.view(T, self.hq * self.d))

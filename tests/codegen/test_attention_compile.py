@@ -67,19 +67,6 @@ def test_f32_storage_is_a_clear_error(prog):
         plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 64, "f32"), "sm_90")
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (16, 4, 256)])
-def test_two_vectors_per_lane_compiles_without_spills(prog, hq, hkv, d):
-    plan = plan_paged_attention(specialise(prog, "gemma2_attn", hq, hkv, d), "sm_90", vectors_per_lane=2)
-    assert plan.key.endswith("_vpl2_sm90")
-    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
-    assert all(kr.spill_stores == 0 for kr in res.resources.values())
-
-
-def test_two_vectors_per_lane_refuses_wide_groups(prog):
-    with pytest.raises(LoweringError, match="would spill"):
-        plan_paged_attention(specialise(prog, "llama_attn", 32, 1, 128), "sm_90", vectors_per_lane=2)
-
-
 @pytest.mark.parametrize("mode", ["prefill", "decode"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("d", [64, 128, 256])

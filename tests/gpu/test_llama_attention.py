@@ -1,6 +1,6 @@
 """A Llama attention layer built from the DSL, served from the paged cache, against
 transformers' LlamaAttention (random small config, no download): a prefill of two ragged
-sequences followed by several decode steps."""
+sequences, several decode steps, a chunked-prefill step and a step with interleaved tokens."""
 import pytest
 import torch
 
@@ -53,6 +53,17 @@ def test_prefill_then_decode_matches_transformers(hq, hkv):
             history[s] = torch.cat([history[s], new[s]])
         want = torch.cat([hf_reference(hf, rope, cfg, history[s][None])[-1:] for s in (0, 2)])
         check(y, want, f"decode step {step}")
+    # a chunk of several tokens per sequence over the cached prefix (ragged prefill form),
+    # then a step whose tokens are not grouped by sequence (per-token form)
+    for ids in ([0, 0, 0, 2, 2], [2, 0, 2, 0]):
+        new = torch.randn(len(ids), cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+        y = ours(new, seq_ids=ids, cache=cache)
+        want = torch.empty_like(y)
+        for s in (0, 2):
+            rows = [i for i, j in enumerate(ids) if j == s]
+            history[s] = torch.cat([history[s], new[rows]])
+            want[rows] = hf_reference(hf, rope, cfg, history[s][None])[-len(rows):]
+        check(y, want, f"chunk {ids}")
 
 
 def check(got, want, what):

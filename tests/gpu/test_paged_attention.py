@@ -53,7 +53,7 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
 
 
 def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
-             vpl=1, **consts):
+             **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
     gen = torch.Generator().manual_seed(hash((name, hq, hkv, d, page, tuple(lens), tuple(new))) % 2**31)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
@@ -70,7 +70,7 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
     q = torch.cat(qs)
     q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
     q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
-    attn = PagedAttention(layer, page_size=page, vectors_per_lane=vpl, kernel="simt" if form == "simt" else "tc")
+    attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc")
     out = torch.full_like(q, float("nan"))
     if form == "tc-ragged":
         cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
@@ -140,12 +140,6 @@ def test_t5_relative_bias(prog, form):
 def test_decode_long_contexts_with_split_kv(prog, form, ctx):
     run_case(prog, form, "llama_attn", 32, 8, 128, 64, lens=[ctx, max(1, ctx // 3)], new=[1, 1])
     run_case(prog, form, "llama_attn", 32, 8, 128, 64, lens=[ctx], new=[1], splits=7)
-
-
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 64), (16, 4, 256)])
-def test_two_vectors_per_lane_variant(prog, hq, hkv, d):
-    run_case(prog, "simt", "gemma2_attn", hq, hkv, d, 16, lens=[1, 40, 300], new=[1, 5, 1], vpl=2, window=64)
-    run_case(prog, "simt", "llama_attn", hq, hkv, d, 64, lens=[4096], new=[1], splits=5, vpl=2)
 
 
 def test_bad_inputs_fail_before_launch(prog):
