@@ -1,6 +1,7 @@
 """Small launches for compute-sanitizer (memcheck): a row kernel, MoE routing, a ragged prefill
 (tensor-core prefill tiles), a chunked prefill and a split-KV decode step (tensor-core and
-CUDA-core kernels), and a KV append. Run by scripts/gpu-check.sh as
+CUDA-core kernels), the same kernels on corrupt page tables, lengths and offsets, and a KV
+append. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
@@ -47,6 +48,18 @@ def main():
     q = torch.randn(3, 32, 128, device="cuda", dtype=bf)
     attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
          torch.tensor(ids, dtype=torch.int32, device="cuda"), pos.cuda(), max_kv_len=101, num_splits=4)
+    # corrupt inputs the host cannot check without a sync: page ids past the cache and
+    # negative, lengths past the page table, a sequence id out of range, offsets past q.
+    # The kernels clamp them: wrong numbers, never an out-of-bounds access.
+    bad_table = cache.page_table.clone()
+    bad_table[1, 0] = 10**6
+    bad_table[3, 2] = -5
+    bad_lens = torch.tensor([1, 10**6, 0, 5000], dtype=torch.int32, device="cuda")
+    bad_seq = torch.tensor([0, 7, 3], dtype=torch.int32, device="cuda")
+    for kernel in (attn, simt):
+        kernel(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, bad_seq, pos.cuda(), max_kv_len=256)
+    bad_cu = torch.tensor([0, 1, 500, 38, 10**6], dtype=torch.int32, device="cuda")
+    attn.prefill(qr, cache.k_cache, cache.v_cache, bad_table, bad_lens, bad_cu, max_q_len=100, max_kv_len=256)
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
