@@ -41,7 +41,6 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16):
     with torch.cuda.graph(g):
         attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out)
     graph = bench(g.replay)
-    del kc, vc
     kk = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
     vv = torch.randn_like(kk)
     qq = q.view(batch, hq, 1, d)

@@ -27,20 +27,12 @@ from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mas
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
 
 
-@dataclass(frozen=True)
-class PagedAttentionPlan:
-    layer: Layer
-    arch: str
-    page_size: int = 16
-    warps: int = 4
+class AttentionPlanNames:
+    """What every attention plan derives from its layer and key (a mixin: needs .layer, .key)."""
 
     @property
     def spec(self) -> AttentionSpec:
         return self.layer.function.outputs[0].arg
-
-    @property
-    def key(self) -> str:
-        return layer_key(self.layer, f"p{self.page_size}", self.arch.replace("_", ""))
 
     @property
     def kernel_name(self) -> str:
@@ -49,6 +41,51 @@ class PagedAttentionPlan:
     @property
     def merge_name(self) -> str:
         return "lf_" + self.key + "_merge"
+
+
+def extra_inputs(layer: Layer):
+    """The block's extra tensor inputs (after q, k, v) and its scalar parameters."""
+    fn = layer.function
+    return [p for p in fn.params[3:] if p.kind == "tensor"], [p for p in fn.params if p.kind == "scalar"]
+
+
+def table_dims(layer: Layer) -> list[str]:
+    """Dims of the extra inputs that are passed to the kernel as ints (in this order)."""
+    tensors, _ = extra_inputs(layer)
+    return sorted({s.name for p in tensors for d in p.shape for s in sympy.sympify(d).free_symbols})
+
+
+def check_attention_layer(layer: Layer, page_size: int) -> None:
+    if layer.function.kind != "attention":
+        raise LoweringError(f"{layer.name} is not an attention block")
+    if layer.function.outputs[0].op is not Op.ATTENTION:
+        raise LoweringError(f"{layer.name}: unexpected attention IR")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page size must be a power of two, got {page_size}")
+
+
+def check_specialisable(layer: Layer, what: str) -> int:
+    """bf16/f16 storage and a head dim with a specialisation; returns the head dim."""
+    spec = layer.function.outputs[0].arg
+    if layer.dtype not in (DType.bf16, DType.f16):
+        raise LoweringError(f"{layer.name}: {what} takes bf16 or f16, not {layer.dtype}")
+    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
+    if hd != hdv or hd not in (64, 128, 256):
+        raise LoweringError(f"{layer.name}: no {what} specialisation for head dim {hd} "
+                            f"(value dim {hdv}); supported: 64, 128, 256")
+    return hd
+
+
+@dataclass(frozen=True)
+class PagedAttentionPlan(AttentionPlanNames):
+    layer: Layer
+    arch: str
+    page_size: int = 16
+    warps: int = 4
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.layer, f"p{self.page_size}", self.arch.replace("_", ""))
 
     @property
     def heads_per_cta(self) -> int:
@@ -61,25 +98,12 @@ class PagedAttentionPlan:
     def source(self) -> str:
         return _render(self)
 
-    def extra_inputs(self):
-        fn = self.layer.function
-        return [p for p in fn.params[3:] if p.kind == "tensor"], [p for p in fn.params if p.kind == "scalar"]
-
-    def table_dims(self) -> list[str]:
-        tensors, _ = self.extra_inputs()
-        return sorted({s.name for p in tensors for d in p.shape for s in sympy.sympify(d).free_symbols})
-
 
 @functools.lru_cache(maxsize=128)
 def _render(plan: PagedAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    if dtype not in (DType.bf16, DType.f16):
-        raise LoweringError(f"{plan.layer.name}: paged attention stores bf16 or f16, not {dtype}")
-    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
-    if hd != hdv or hd not in (64, 128, 256):
-        raise LoweringError(f"{plan.layer.name}: no paged-attention specialisation for head dim {hd} "
-                            f"(value dim {hdv}); supported: 64, 128, 256")
+    hd = check_specialisable(plan.layer, "paged attention")
     hq, hkv = int(spec.num_q_heads), int(spec.num_kv_heads)
     group = hq // hkv
     gc = plan.heads_per_cta
@@ -95,11 +119,8 @@ def hook_context(layer: Layer) -> dict:
     extra inputs and scalars, the score / mask / scale expressions, the mask's key bounds,
     RoPE and ALiBi."""
     spec = layer.function.outputs[0].arg
-    fn = layer.function
-    tensors = [p for p in fn.params[3:] if p.kind == "tensor"]
-    scalars = [p for p in fn.params if p.kind == "scalar"]
-    dims = {d: f"d_{d}" for d in sorted({s.name for p in tensors for d in p.shape
-                                         for s in sympy.sympify(d).free_symbols})}
+    tensors, scalars = extra_inputs(layer)
+    dims = {d: f"d_{d}" for d in table_dims(layer)}
     tables = {p.name: TableInfo(p.name, p.dtype, p.shape, dims) for p in tensors}
     extra_params = [f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__ p_{p.name}" for p in tensors]
     extra_params += [f"{ops.C_TYPE[p.dtype]} s_{p.name}" for p in scalars]
@@ -130,12 +151,7 @@ def hook_context(layer: Layer) -> dict:
 
 
 def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4) -> PagedAttentionPlan:
-    if layer.function.kind != "attention":
-        raise LoweringError(f"{layer.name} is not an attention block")
-    if layer.function.outputs[0].op is not Op.ATTENTION:
-        raise LoweringError(f"{layer.name}: unexpected attention IR")
-    if page_size <= 0 or page_size & (page_size - 1):
-        raise ValueError(f"page size must be a power of two, got {page_size}")
+    check_attention_layer(layer, page_size)
     plan = PagedAttentionPlan(layer, arch, page_size, warps)
     plan.source()
     return plan

@@ -17,11 +17,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..dsl.ir import AttentionSpec, Op
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
-from .attention import hook_context
+from .attention import AttentionPlanNames, check_attention_layer, check_specialisable, hook_context
 from .plan import layer_key
 from .render import read_template, render
 from .row import LoweringError
@@ -76,7 +75,7 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
 
 
 @dataclass(frozen=True)
-class TCAttentionPlan:
+class TCAttentionPlan(AttentionPlanNames):
     layer: Layer
     arch: str
     page_size: int = 16
@@ -84,21 +83,9 @@ class TCAttentionPlan:
     tiles: TileConfig | None = None   # None: the first of tile_candidates (plan_tc_attention chooses)
 
     @property
-    def spec(self) -> AttentionSpec:
-        return self.layer.function.outputs[0].arg
-
-    @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", self.config.label,
                          self.arch.replace("_", ""))
-
-    @property
-    def kernel_name(self) -> str:
-        return "lf_" + self.key
-
-    @property
-    def merge_name(self) -> str:
-        return "lf_" + self.key + "_merge"
 
     @property
     def group(self) -> int:
@@ -121,12 +108,7 @@ class TCAttentionPlan:
 def _render(plan: TCAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    if dtype not in (DType.bf16, DType.f16):
-        raise LoweringError(f"{plan.layer.name}: tensor-core attention takes bf16 or f16, not {dtype}")
-    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
-    if hd != hdv or hd not in (64, 128, 256):
-        raise LoweringError(f"{plan.layer.name}: no tensor-core attention specialisation for head dim {hd} "
-                            f"(value dim {hdv}); supported: 64, 128, 256")
+    hd = check_specialisable(plan.layer, "tensor-core attention")
     c = plan.config
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
         need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
@@ -143,12 +125,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                       tiles: TileConfig | None = None, cache=None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (NVRTC, through `cache`)."""
-    if layer.function.kind != "attention":
-        raise LoweringError(f"{layer.name} is not an attention block")
-    if layer.function.outputs[0].op is not Op.ATTENTION:
-        raise LoweringError(f"{layer.name}: unexpected attention IR")
-    if page_size <= 0 or page_size & (page_size - 1):
-        raise ValueError(f"page size must be a power of two, got {page_size}")
+    check_attention_layer(layer, page_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     major = int(arch.removeprefix("sm_").rstrip("a")) // 10

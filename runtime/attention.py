@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..codegen.attention import PagedAttentionPlan, plan_paged_attention
+from ..codegen.attention import PagedAttentionPlan, plan_paged_attention, table_dims
 from ..codegen.attention_tc import TCAttentionPlan, plan_tc_attention
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
@@ -98,8 +98,7 @@ class PagedAttention:
         return main, merge
 
     def _table_dims(self) -> list[str]:
-        import sympy
-        return sorted({s.name for p in self.extra for d in p.shape for s in sympy.sympify(d).free_symbols})
+        return table_dims(self.layer)
 
     def _check(self, name, t, dtype, shape=None, ndim=None, device=None):
         if not isinstance(t, torch.Tensor):
