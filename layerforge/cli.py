@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from .codegen.row import LoweringError
 from .dsl.errors import DSLError
 
 
@@ -51,7 +52,16 @@ def _cmd_show(args) -> int:
     from .runtime.build import _default_arch, program_and_bindings
     prog, bindings = program_and_bindings(args)
     layer = prog.specialise(args.layer, dtype=args.dtype, **prog.bindings_for(args.layer, bindings))
-    plan = plan_layer(layer, args.arch or _default_arch())
+    arch = args.arch or _default_arch()
+    if layer.function.kind == "attention":
+        if args.kernel == "simt":
+            from .codegen.attention import plan_paged_attention
+            plan = plan_paged_attention(layer, arch, page_size=args.page_size)
+        else:
+            from .codegen.attention_tc import plan_tc_attention
+            plan = plan_tc_attention(layer, arch, page_size=args.page_size, mode=args.kernel)
+    else:
+        plan = plan_layer(layer, arch)
     print(plan.source(), end="")
     return 0
 
@@ -85,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--dims", action="append", help="NAME=VALUE[,NAME=VALUE]")
     sh.add_argument("--dtype", default="bf16")
     sh.add_argument("--arch", help="e.g. sm_90 (default: this machine's GPU)")
+    sh.add_argument("--kernel", choices=["prefill", "decode", "simt"], default="prefill",
+                    help="attention blocks: the tensor-core prefill or decode kernel, or the CUDA-core one")
+    sh.add_argument("--page-size", type=int, default=16, help="attention blocks: tokens per KV-cache page")
     sh.set_defaults(func=_cmd_show)
     return p
 
@@ -99,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DSLError as e:
         print(e.format(), file=sys.stderr)
+        return 1
+    except (LoweringError, ValueError) as e:   # no kernel for this specialisation, bad option values
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -12,8 +12,9 @@ cu_seqlens[s+1]-1, which are its last tokens (prefill, chunked prefill over a ca
 The cache holds K already rotated (see runtime/kv_cache.py); seq_lens counts the tokens each
 sequence has in the cache, the new ones included.
 
-kernel="tc" (the default) runs the tensor-core kernel (codegen/attention_tc.py), kernel="simt"
-the CUDA-core one (codegen/attention.py), which serves only the per-token form.
+kernel="tc" runs the tensor-core kernels (codegen/attention_tc.py; the default from sm_80 on),
+kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80), which
+serves only the per-token form.
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs.
 """
@@ -32,12 +33,12 @@ from ..dsl.program import Layer
 
 class PagedAttention:
     def __init__(self, layer: Layer, *, page_size: int = 16, arch: str | None = None, cache=None,
-                 kernel: str = "tc", tiles: dict | None = None, **scalars: Any):
+                 kernel: str | None = None, tiles: dict | None = None, **scalars: Any):
         if layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
-        if kernel not in ("tc", "simt"):
-            raise ValueError(f"kernel must be 'tc' or 'simt', got {kernel!r}")
-        self.kernel = kernel
+        if kernel not in (None, "tc", "simt"):
+            raise ValueError(f"kernel must be 'tc' or 'simt' (None: 'tc' from sm_80 on), got {kernel!r}")
+        self._kernel = kernel
         self.tiles = dict(tiles or {})   # mode -> codegen.attention_tc.TileConfig, to override the default tiles
         self.layer = layer
         self.spec = layer.function.outputs[0].arg
@@ -59,18 +60,28 @@ class PagedAttention:
         self._sms: dict[int, int] = {}
 
     @property
+    def target(self) -> str:
+        return self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
+
+    @property
+    def kernel(self) -> str:
+        """'tc' (tensor cores, sm_80 and newer) or 'simt' (CUDA cores, any GPU)."""
+        if self._kernel is None:
+            self._kernel = "tc" if int(self.target.removeprefix("sm_").rstrip("a")) >= 80 else "simt"
+        return self._kernel
+
+    @property
     def plan(self) -> PagedAttentionPlan:
         if self._plan is None:
-            arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
-            self._plan = plan_paged_attention(self.layer, arch, page_size=self.page_size)
+            self._plan = plan_paged_attention(self.layer, self.target, page_size=self.page_size)
         return self._plan
 
     def tc_plan(self, mode: str) -> TCAttentionPlan:
         plan = self._tc_plans.get(mode)
         if plan is None:
-            arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
-            plan = self._tc_plans[mode] = plan_tc_attention(self.layer, arch, page_size=self.page_size, mode=mode,
-                                                            tiles=self.tiles.get(mode), cache=self._cache)
+            plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
+                                     tiles=self.tiles.get(mode), cache=self._cache)
+            self._tc_plans[mode] = plan
         return plan
 
     def _load(self, device: torch.device, mode: str | None = None):
@@ -208,7 +219,8 @@ class PagedAttention:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
         max_q_len bounds every sequence's new tokens (a host int, like max_kv_len)."""
         if self.kernel != "tc":
-            raise LayerInputError(f"{self.layer.name}: the ragged prefill form needs kernel='tc'")
+            raise LayerInputError(f"{self.layer.name}: the ragged prefill form needs the tensor-core kernels "
+                                  f"(kernel='tc', sm_80 or newer)")
         dev, S, max_pages, out, tail = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
                                                            extra, out, scalars)
         T = q.shape[0]

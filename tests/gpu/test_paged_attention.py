@@ -2,7 +2,8 @@
 variant, GQA ratios 1/4/8/32, head dims 64/128/256, page sizes 16/64, decode and chunked
 prefill over ragged sequences (length 1, not multiples of a page), split-KV, fully masked
 rows. Each case runs three ways: the tensor-core kernel in the per-token form ("tc") and in
-the ragged cu_seqlens form ("tc-ragged"), and the CUDA-core kernel ("simt"). The cache is filled here with torch (K rotated by the reference's RoPE), so these
+the ragged cu_seqlens form ("tc-ragged"), and the CUDA-core kernel ("simt"). The cache is
+filled here with torch (K rotated by the reference's RoPE), so these
 tests do not depend on the append kernel."""
 import itertools
 import math
