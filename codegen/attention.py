@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from ..dsl.attention_ref import rope_inv_freq
 from ..dsl.ir import AttentionSpec, Op
 from ..dsl.program import Layer
 from ..dsl.types import DType
@@ -143,7 +144,8 @@ def hook_context(layer: Layer) -> dict:
         rope = {"style": spec.rope.style, "theta": repr(float(spec.rope.theta)), "rdim": int(spec.rope.rotary_dim)}
         rope["theta"] = rope["theta"] if "." in rope["theta"] or "e" in rope["theta"] else rope["theta"] + ".0"
         r = rope["rdim"]
-        rope["inv_freq"] = ", ".join(repr(float(spec.rope.theta) ** (-2.0 * p / r)) for p in range(r // 2))
+        inv = rope_inv_freq(float(spec.rope.theta), r, spec.rope.scaling)   # float64, Llama 3 scaling applied
+        rope["inv_freq"] = ", ".join(repr(float(x)) for x in inv)
     return dict(rope=rope, scale=scale_value, extra_params=extra_params, extra_args=extra_args,
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),

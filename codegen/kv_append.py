@@ -49,13 +49,13 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def rope_inv_freq(theta: float, rotary_dim: int) -> tuple[float, ...]:
-    """theta^(-2i/rotary_dim), i < rotary_dim/2: computed in float64 exactly as
-    `dsl.attention_ref.rope_tables` does, then rounded to f32 (the values the kernel uses)."""
+def rope_inv_freq(theta: float, rotary_dim: int, scaling: tuple | None = None) -> tuple[float, ...]:
+    """theta^(-2i/rotary_dim), i < rotary_dim/2 (Llama 3 scaling applied): computed in float64
+    by `dsl.attention_ref.rope_inv_freq`, then rounded to f32 (the values the kernel uses)."""
     import torch
 
-    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    return tuple(float(x) for x in inv.to(torch.float32))
+    from ..dsl.attention_ref import rope_inv_freq as inv_freq_f64
+    return tuple(float(x) for x in inv_freq_f64(theta, rotary_dim, scaling).to(torch.float32))
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class KVAppendPlan:
     rope_style: str | None = None  # "neox" | "gptj" | None (K copied unrotated)
     rope_theta: float | None = None
     rotary_dim: int | None = None  # <= head_dim; channels past it are copied
+    rope_scaling: tuple | None = None  # Llama 3: (factor, low_freq_factor, high_freq_factor, original_max_position)
     arch: str = "sm_90"
     vec_bytes: int = 16           # widest access; less for k/v that are not 16-byte aligned
 
@@ -80,8 +81,8 @@ class KVAppendPlan:
         if self.vec_bytes not in (2, 4, 8, 16):
             raise ValueError(f"kv append: vec_bytes must be 2, 4, 8 or 16, got {self.vec_bytes!r}")
         if self.rope_style is None:
-            if self.rope_theta is not None or self.rotary_dim is not None:
-                raise ValueError("kv append: rope_theta/rotary_dim given without a rope_style")
+            if self.rope_theta is not None or self.rotary_dim is not None or self.rope_scaling is not None:
+                raise ValueError("kv append: rope_theta/rotary_dim/rope_scaling given without a rope_style")
             return
         check_rope(self.rope_style, self.rope_theta, self.rotary_dim, self.head_dim)
         object.__setattr__(self, "rope_theta", float(self.rope_theta))  # 10000 and 10000.0: one plan
@@ -97,6 +98,8 @@ class KVAppendPlan:
             if self.rotary_dim != self.head_dim:
                 parts.append(f"rd{self.rotary_dim}")
             parts.append("theta" + f"{self.rope_theta:g}".replace(".", "p").replace("+", ""))
+            if self.rope_scaling is not None:
+                parts.append("l3_" + "_".join(f"{x:g}".replace(".", "p").replace("+", "") for x in self.rope_scaling))
         if self.vec_bytes != 16:
             parts.append(f"v{self.vec_bytes}")
         parts.append(self.arch.replace("_", ""))
@@ -157,7 +160,7 @@ def _layout(plan: KVAppendPlan) -> dict[str, int]:
 @functools.lru_cache(maxsize=256)
 def _source(plan: KVAppendPlan) -> str:
     ctype, to_f32, from_f32, ctype2, from_f32x2 = _DTYPES[plan.dtype]
-    inv_freq = [] if plan.rope_style is None else rope_inv_freq(plan.rope_theta, plan.rotary_dim)
+    inv_freq = [] if plan.rope_style is None else rope_inv_freq(plan.rope_theta, plan.rotary_dim, plan.rope_scaling)
     return render(
         "cuda/kv_append.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
         common=read_template("cuda/common.cuh"), ctype=ctype, to_f32=to_f32, from_f32=from_f32,
@@ -178,9 +181,9 @@ def check_rope(style, theta, rotary_dim, head_dim: int) -> None:
         raise ValueError(f"kv append: rotary_dim must be an even int in [2, head_dim={head_dim}], got {rd!r}")
 
 
-def rope_fields(rope, head_dim: int) -> tuple[str, float, int] | None:
-    """(style, theta, rotary_dim) of a `dsl.ir.RopeSpec` whose rotary_dim is a number (a
-    specialised attention block's), checked against head_dim; None for None."""
+def rope_fields(rope, head_dim: int) -> tuple[str, float, int, tuple | None] | None:
+    """(style, theta, rotary_dim, scaling) of a `dsl.ir.RopeSpec` whose rotary_dim is a number
+    (a specialised attention block's), checked against head_dim; None for None."""
     if rope is None:
         return None
     rd = rope.rotary_dim
@@ -192,12 +195,13 @@ def rope_fields(rope, head_dim: int) -> tuple[str, float, int] | None:
     if rd_int != rd:
         raise ValueError(f"kv append: rotary_dim must be an integer, got {rd!r}")
     check_rope(rope.style, rope.theta, rd_int, head_dim)
-    return rope.style, float(rope.theta), rd_int
+    scaling = getattr(rope, "scaling", None)
+    return rope.style, float(rope.theta), rd_int, (tuple(float(x) for x in scaling) if scaling else None)
 
 
 def plan_kv_append(dtype: str, num_kv_heads: int, head_dim: int, page_size: int, rope, arch: str,
                    *, vec_bytes: int = 16) -> KVAppendPlan:
     """The plan for a cache of `dtype` [*, page_size, num_kv_heads, head_dim]; `rope` is a
     `dsl.ir.RopeSpec` with a numeric rotary_dim, or None (K copied as given)."""
-    fields = rope_fields(rope, head_dim) or (None, None, None)
+    fields = rope_fields(rope, head_dim) or (None, None, None, None)
     return KVAppendPlan(dtype, num_kv_heads, head_dim, page_size, *fields, arch=arch, vec_bytes=vec_bytes)

@@ -199,4 +199,22 @@ def _rope(ck, st: ast.AttnCall, args, scope, head_dim) -> RopeSpec | None:
     if (head_dim - dim).is_Integer and dim > head_dim:
         ck.error(span, f"rotary dim {dim} is larger than the head dim {head_dim}")
         return None
-    return RopeSpec(float(theta), style_name, dim)
+    scaling = None
+    if args["factor"] is not None:   # Llama 3 frequency scaling
+        factor = ck.build_time(args["factor"], scope, "rope factor", float)
+        low = ck.build_time(args["low_freq_factor"], scope, "low_freq_factor", float)
+        high = ck.build_time(args["high_freq_factor"], scope, "high_freq_factor", float)
+        original = ck.build_time(args["original_max_position"], scope, "original_max_position", float)
+        if None in (factor, low, high, original):
+            return None
+        factor, low, high, original = float(factor), float(low), float(high), float(original)
+        if factor <= 0:
+            ck.error(args["factor"].span, f"rope factor must be positive, got {factor:g}")
+            return None
+        if not 0 < low < high or original <= 0:
+            ck.error(st.span, "rope scaling needs 0 < low_freq_factor < high_freq_factor and "
+                              f"original_max_position > 0 (got {low:g}, {high:g}, {original:g})")
+            return None
+        if factor != 1.0:   # factor 1 is the identity
+            scaling = (factor, low, high, original)
+    return RopeSpec(float(theta), style_name, dim, scaling)

@@ -15,16 +15,37 @@ import torch
 from .ir import AttentionSpec, Node, RopeSpec, toposort
 
 
-def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(theta: float, rotary_dim: int, scaling=None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies theta^(-2i/rotary_dim), i < rotary_dim/2, in float64;
+    every kernel's tables and the reference come from here.
+
+    scaling = (factor, low_freq_factor, high_freq_factor, original_max_position) applies
+    Llama 3's rule: wavelengths longer than original_max_position / low_freq_factor are
+    divided by factor, those shorter than original_max_position / high_freq_factor kept, and
+    the ones between interpolated smoothly."""
+    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
+    if scaling is None:
+        return inv
+    factor, low, high, original = (float(x) for x in scaling)
+    wavelen = 2 * torch.pi / inv
+    low_wavelen, high_wavelen = original / low, original / high
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype, scaling=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [..., rotary_dim/2] for integer positions."""
-    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device) / rotary_dim))
+    inv = rope_inv_freq(theta, rotary_dim, scaling, positions.device)
     ang = positions.to(torch.float64)[..., None] * inv
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, rotary_dim: int) -> torch.Tensor:
     """x: [B, S, H, D] in a float dtype; positions: [B, S]. Rotates the first rotary_dim channels."""
-    cos, sin = rope_tables(positions, rotary_dim, spec.theta, x.dtype)
+    cos, sin = rope_tables(positions, rotary_dim, spec.theta, x.dtype, spec.scaling)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     if spec.style == "neox":

@@ -38,6 +38,17 @@ HF_CONFIG_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Llama 3's RoPE frequency scaling (rope_type "llama3"): config key -> the stdlib's const
+LLAMA3_ROPE_NAMES = {
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_position",
+}
+# a binding that marks a RoPE scaling the DSL does not implement (yarn, dynamic, longrope, ...)
+ROPE_UNSUPPORTED = "rope_scaling_unsupported"
+
+
 def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
     """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters."""
     if not isinstance(config, Mapping):
@@ -46,11 +57,20 @@ def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str,
     if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):
         cfg = {**cfg, **cfg["text_config"]}
     # transformers 5 keeps RoPE settings in `rope_parameters` (older configs: `rope_scaling`)
+    out: dict[str, Any] = {}
     for nested in ("rope_parameters", "rope_scaling"):
         sub = cfg.get(nested)
-        if isinstance(sub, Mapping) and sub.get("rope_theta") is not None:
+        if not isinstance(sub, Mapping):
+            continue
+        if sub.get("rope_theta") is not None:
             cfg.setdefault("rope_theta", sub["rope_theta"])
-    out: dict[str, Any] = {}
+        kind = sub.get("rope_type", sub.get("type"))
+        if kind == "llama3":
+            for key, name in LLAMA3_ROPE_NAMES.items():
+                if sub.get(key) is not None:
+                    out.setdefault(name, sub[key])
+        elif kind not in (None, "default"):
+            out.setdefault(ROPE_UNSUPPORTED, kind)
     for key, names in HF_CONFIG_NAMES.items():
         if cfg.get(key) is not None:
             for n in names:
@@ -157,7 +177,7 @@ class Program:
     def bindings_for(self, name: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of `values` (e.g. a whole model's config) that `name` can take: static
         dims and its const parameters."""
-        consts = set(self.const_params(name))
+        consts = set(self.const_params(name)) | {ROPE_UNSUPPORTED}
         return {k: v for k, v in values.items() if k in self.info.static_dims or k in consts}
 
     def specialise(self, name: str, *, dims: Mapping[str, int] | None = None, dtype: str | DType | None = None,
@@ -172,6 +192,12 @@ class Program:
         values: dict[str, Any] = dims_from_config(config) if config is not None else {}
         given_explicitly = dict(dims or {}) | kwargs
         values.update(given_explicitly)
+        unsupported = values.pop(ROPE_UNSUPPORTED, None)
+        given_explicitly.pop(ROPE_UNSUPPORTED, None)
+        if unsupported is not None and any(p.is_const and p.name == "theta" for p in d.params):
+            raise DSLError([Diagnostic(d.name_span,
+                                       f"the model's RoPE scaling '{unsupported}' is not supported; '{name}' "
+                                       f"rotates by position (supported: default, llama3)")], self.sources)
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         consts = {p.name for p in d.params if p.is_const}

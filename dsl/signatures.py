@@ -99,6 +99,7 @@ BUILTINS: dict[str, Signature] = {
 ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
 
 ATTENTION_DIRECTIVES: dict[str, Signature] = {
-    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None)),
+    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), ("factor", None), ("low_freq_factor", 1.0),
+                ("high_freq_factor", 4.0), ("original_max_position", 8192)),
     "alibi": sig(("max_bias", 8.0)),
 }

@@ -57,7 +57,7 @@ class _Append:
     """One checked append: everything the write needs, nothing applied yet."""
     k: torch.Tensor
     v: torch.Tensor
-    rope: tuple[str, float, int] | None
+    rope: tuple | None       # (style, theta, rotary_dim, scaling), see rope_fields
     pages: np.ndarray        # int32 [T]: the page of each token
     positions: np.ndarray    # int32 [T]
     len_seqs: np.ndarray     # int32 [U]: seq_lens updates (queued ones and this append's)
@@ -305,7 +305,7 @@ class PagedKVCache:
             raise LayerInputError(f"append: '{name}' must have shape [{count}] (one per token), got {list(out.shape)}")
         return out.astype(np.int64)
 
-    def _rope(self, rope) -> tuple[str, float, int] | None:
+    def _rope(self, rope) -> tuple | None:
         try:
             return self._ropes[rope]
         except KeyError:
@@ -388,9 +388,9 @@ class PagedKVCache:
         from .nvrtc import CompileOptions
 
         arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(self.device)
-        style, theta, rd = rope or (None, None, None)
+        style, theta, rd, scaling = rope or (None, None, None, None)
         plan = KVAppendPlan(_DTYPES[self.dtype], self.num_kv_heads, self.head_dim, self.page_size, style, theta,
-                            rd, arch=arch, vec_bytes=vec_bytes)
+                            rd, scaling, arch=arch, vec_bytes=vec_bytes)
         kernel = _LOADED.get((plan, self.device.index))
         if kernel is None:
             cache = self._kernel_cache or default_cache()
@@ -438,9 +438,9 @@ def _vec_bytes(*tensors: torch.Tensor) -> int:
     return align
 
 
-def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple[str, float, int]) -> torch.Tensor:
-    style, theta, rd = rope
-    inv = torch.tensor(rope_inv_freq(theta, rd), dtype=torch.float32, device=x.device)
+def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple) -> torch.Tensor:
+    style, theta, rd, scaling = rope
+    inv = torch.tensor(rope_inv_freq(theta, rd, scaling), dtype=torch.float32, device=x.device)
     ang = torch.from_numpy(positions.astype(np.float32)).to(x.device)[:, None] * inv  # f32, as the kernel
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
     xf = x.float()

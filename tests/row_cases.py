@@ -6,7 +6,7 @@ import torch
 
 ROW_LAYERS = ["rms_norm", "gemma_rms_norm", "layer_norm", "layer_norm_nobias", "group_norm", "add_rms_norm",
               "add_layer_norm", "swiglu", "geglu", "geglu_tanh", "gelu_act", "gelu_tanh_act", "silu_act",
-              "relu_act", "softmax_rows", "rope", "moe_route", "moe_route_sigmoid"]
+              "relu_act", "softmax_rows", "rope", "rope_llama3", "moe_route", "moe_route_sigmoid"]
 
 
 def bindings(name: str, width: int) -> dict:
@@ -17,6 +17,8 @@ def bindings(name: str, width: int) -> dict:
         return {"H": width, "G": 4 if width % 4 == 0 else 1}
     if name == "rope":  # full and partial rotary dims, both styles
         return {"D": width, "rotary_dim": width // 2 if width in (64, 256) else width, "neox": width >= 128}
+    if name == "rope_llama3":
+        return {"D": width}
     if name.startswith("moe_route"):
         return {"E": width, "k": min(8, width)}
     return {"H": width}

@@ -19,7 +19,9 @@ def test_wheel_contains_package_data(tmp_path):
     for must in ["layerforge/__init__.py", "layerforge/cli.py", "layerforge/grammars/layerforge.lark",
                  "layerforge/dsl/program.py", "layerforge/dsl/stdlib/norms.lf", "layerforge/dsl/stdlib/attention.lf",
                  "layerforge/codegen/row.py", "layerforge/templates/cuda/row_kernel.cu.jinja",
-                 "layerforge/templates/cuda/common.cuh", "layerforge/runtime/nvrtc.py"]:
+                 "layerforge/templates/cuda/common.cuh", "layerforge/runtime/nvrtc.py",
+                 "layerforge/templates/cuda/attention_tc.cu.jinja", "layerforge/templates/cuda/attention_hooks.cuh.jinja",
+                 "layerforge/templates/cuda/attention_merge.cuh.jinja"]:
         assert must in names, must
     # installed from the wheel alone (no source tree on the path), the stdlib loads and renders
     site = tmp_path / "site"
@@ -32,4 +34,4 @@ def test_wheel_contains_package_data(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["26", "rms_norm_h64_f32_sm80"]
+    assert r.stdout.split() == ["27", "rms_norm_h64_f32_sm80"]

@@ -109,3 +109,20 @@ attention striped(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D])
     assert not mask_is_exact(odd.function.outputs[0].arg.mask)
     src = plan_tc_attention(odd, "sm_90", tiles=tile_candidates("prefill", 64, 1)[0]).source()
     assert "const bool full = false;" in src
+
+
+def test_llama3_rope_scaling_reaches_every_attention_kernel(prog):
+    """rope_factor & co. (a Llama 3.1 config's rope_scaling) change the q-rotation tables of
+    the tensor-core and CUDA-core kernels; factor 1 leaves them as they were."""
+    from layerforge.dsl.attention_ref import rope_inv_freq
+    base = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16", theta=500000.0)
+    l3 = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16", theta=500000.0, rope_factor=8.0)
+    last = repr(float(rope_inv_freq(500000.0, 128, (8.0, 1.0, 4.0, 8192.0))[-1]))
+    for make in (lambda l: plan_paged_attention(l, "sm_90"),
+                 lambda l: plan_tc_attention(l, "sm_90", tiles=tile_candidates("decode", 128, 4)[0], mode="decode")):
+        a, b = make(base), make(l3)
+        assert a.key != b.key and last in b.source() and last not in a.source()
+        res = nvrtc.compile_cuda(b.source(), b.kernel_name, nvrtc.CompileOptions("sm_90"))
+        assert all(kr.spill_stores == 0 for kr in res.resources.values())
+    same = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16", theta=500000.0, rope_factor=1.0)
+    assert same.function.outputs[0].arg.rope.scaling is None

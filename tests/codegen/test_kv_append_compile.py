@@ -170,3 +170,16 @@ def test_symbolic_rotary_dim_needs_a_specialised_block():
     import sympy
     with pytest.raises(ValueError, match="symbolic"):
         plan_kv_append("bf16", 8, 128, 16, RopeSpec(1e4, "neox", sympy.Symbol("D")), "sm_90")
+
+
+def test_llama3_rope_scaling_changes_the_table_and_the_key():
+    from layerforge.dsl.ir import RopeSpec
+    from layerforge.dsl.attention_ref import rope_inv_freq as f64
+    plain = plan_kv_append("bf16", 8, 128, 16, RopeSpec(500000.0, "neox", 128), "sm_90")
+    scaled = plan_kv_append("bf16", 8, 128, 16, RopeSpec(500000.0, "neox", 128, (8.0, 1.0, 4.0, 8192.0)), "sm_90")
+    assert scaled.key != plain.key and "_l3_8_1_4_8192_" in scaled.key
+    want = [float(x) for x in f64(500000.0, 128, (8.0, 1.0, 4.0, 8192.0)).float()]
+    assert list(rope_inv_freq(500000.0, 128, (8.0, 1.0, 4.0, 8192.0))) == want
+    assert want[-1].hex() + "f" in scaled.source() and want[-1].hex() + "f" not in plain.source()
+    res = nvrtc.compile_cuda(scaled.source(), scaled.kernel_name, nvrtc.CompileOptions("sm_90"))
+    assert all(kr.spill_stores == 0 for kr in res.resources.values())

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import layerforge as lf
+
 from .reference_checks import BF16, F32, F64, MODES, assert_matches, run, seed_per_test, stdlib  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
@@ -378,3 +380,90 @@ def test_config_binding_reads_gemma2_query_pre_attn_scalar():
                                     query_pre_attn_scalar=24, **TINY)
     layer = stdlib().specialise("gemma2_attn", dtype="f32", config=cfg.to_dict())
     assert dict(layer.consts).get("query_scalar") == 24
+
+
+@pytest.mark.parametrize("mode", [F32, BF16], ids=str)
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama_attn_with_llama3_rope_scaling_matches_LlamaAttention(mode, factor):
+    """Llama 3.1+ configs scale the rotary frequencies (rope_type "llama3"). With D 8 and theta
+    500000 the four wavelengths (6, 167, 4446, 118k) fall in every band of the rule: kept,
+    smoothed between original/high and original/low, and divided by the factor."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    cfg = transformers.LlamaConfig(hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                   rope_parameters=rope, max_position_embeddings=131072, attn_implementation="eager",
+                                   **TINY)
+    attn = redraw(LlamaAttention(cfg, layer_idx=0)).to(mode.storage)
+    B, S, D = 2, 7, cfg.head_dim
+    x = mode.inp(torch.randn(B, S, cfg.hidden_size))
+    pos = (torch.arange(S) * 1500 + 11).expand(B, S)        # up to 9011: past the original context
+    with torch.no_grad():
+        cos_sin = LlamaRotaryEmbedding(cfg)(x, pos)
+        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=None)
+        want, _ = attn(x, position_embeddings=cos_sin, attention_mask=mask)
+        q, k, v = (heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype)
+    assert layer.function.outputs[0].arg.rope.scaling == (factor, 1.0, 4.0, 8192.0)
+    (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict())
+    with torch.no_grad():
+        got = attn.o_proj(o.reshape(B, S, -1))
+    # transformers computes the angles in f32: position * 2^-24 rad of rounding (9011 * 6e-8 =
+    # 5e-4 rad) against the float64 angles here, so f32 gets that much room
+    tol = module_tol(mode, want) if mode is BF16 else {"rtol": 2e-3, "atol": 1e-3 * float(want.abs().max())}
+    assert_matches(got, want, mode, **tol)
+    # without the scaling the same inputs give a different answer (the test can fail)
+    (o0,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos,
+                Hq=8, Hkv=2, D=D, theta=500000.0)
+    with torch.no_grad():
+        assert not torch.allclose(attn.o_proj(o0.reshape(B, S, -1)).float(), want.float(), atol=1e-2)
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(lf.DSLError, match="RoPE scaling 'yarn' is not supported"):
+        stdlib().specialise("llama_attn", config=cfg, dtype="bf16")
+    stdlib().specialise("rms_norm", config=cfg, dtype="bf16")   # layers without RoPE do not care
+
+
+def test_llama3_inverse_frequencies_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from layerforge.dsl.attention_ref import rope_inv_freq
+    for factor, low, high, original in [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 2.0, 8.0, 4096)]:
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=low,
+                    high_freq_factor=high, original_max_position_embeddings=original)
+        cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, rope_parameters=rope,
+                                       max_position_embeddings=131072)
+        want, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+        assert attention_factor == 1.0
+        got = rope_inv_freq(500000.0, 128, (factor, low, high, float(original)))
+        torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=0)   # theirs is f32
+        assert not torch.allclose(got, rope_inv_freq(500000.0, 128)), "the scaling must change something"
+
+
+@pytest.mark.parametrize("mode", [F64, F32], ids=str)
+def test_rope_llama3_layer_rotates_like_transformers(mode):
+    """The row layer writes Llama 3's rule in the DSL. Expected: rotation by the float64
+    frequencies that the test above checks against transformers."""
+    from layerforge.dsl.attention_ref import rope_inv_freq
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, rope_parameters=rope,
+                                   max_position_embeddings=131072)
+    inv = rope_inv_freq(500000.0, 64, (8.0, 1.0, 4.0, 8192.0))
+    pos = torch.tensor([0, 1, 100, 2047, 5000, 8191, 9000, 20000])
+    x = torch.randn(len(pos), 3, 64, dtype=torch.float32).double()
+    ang = pos.double()[:, None, None] * inv
+
+    def rotate(a):
+        x1, x2 = x[..., :32], x[..., 32:]
+        return torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], dim=-1)
+
+    layer = stdlib().specialise("rope_llama3", config=cfg.to_dict(), dtype=mode.dsl_dtype)
+    (y,) = lf.evaluate(layer.function, {"x": mode.inp(x), "pos": pos.to(torch.int32)}, precision=mode.precision)
+    # the f32 program computes the frequencies and angles in f32: ~ position * 2^-24 rad each
+    atol = 1e-9 if mode is F64 else 20000 * 2.0**-24 * 8 * float(x.abs().max())
+    torch.testing.assert_close(y.double(), rotate(ang), rtol=0, atol=atol)
+    plain = pos.double()[:, None, None] * rope_inv_freq(500000.0, 64)
+    assert (y.double() - rotate(plain)).abs().max() > 100 * atol, "the scaling must change the rotation"

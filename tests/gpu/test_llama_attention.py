@@ -19,15 +19,23 @@ def hf_reference(attn, rope, cfg, xs):
     return out[0]
 
 
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
-def test_prefill_then_decode_matches_transformers(hq, hkv):
+# Llama 3.1's frequency scaling, with a short original context so that it matters at the
+# positions of the test (wavelengths past 64 tokens are scaled)
+LLAMA3_SHORT = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("hq,hkv,rope", [(8, 2, None), (4, 4, None), (8, 2, LLAMA3_SHORT)],
+                         ids=["gqa", "mha", "gqa-llama3"])
+def test_prefill_then_decode_matches_transformers(hq, hkv, rope):
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     from layerforge.runtime.llama_attention import LlamaPagedAttention
     torch.manual_seed(0)
+    rope_kw = {"rope_parameters": rope} if rope else {"rope_theta": 500000.0}
     cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=64,
-                                   rope_theta=500000.0, attn_implementation="eager", vocab_size=11,
-                                   num_hidden_layers=1, intermediate_size=32)
+                                   attn_implementation="eager", vocab_size=11, num_hidden_layers=1,
+                                   intermediate_size=32, **rope_kw)
     hf = LlamaAttention(cfg, layer_idx=0)
     with torch.no_grad():
         for p in hf.parameters():
