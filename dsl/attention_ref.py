@@ -79,7 +79,8 @@ def attention_reference(ev, n: Node) -> torch.Tensor:
     if spec.rope is not None:
         rd = ev.int_of(spec.rope.rotary_dim)
         qf = apply_rope(qf, qpos, spec.rope, rd)
-        kf = apply_rope(kf, kvpos, spec.rope, rd)
+        if not ev.k_rotated:
+            kf = apply_rope(kf, kvpos, spec.rope, rd)
         if not ev.f64:  # the program stores the rotated q, k in its dtype
             qf, kf = qf.to(q.dtype).to(cdt), kf.to(k.dtype).to(cdt)
     group = Hq // Hkv

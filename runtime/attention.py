@@ -16,7 +16,8 @@ kernel="tc" runs the tensor-core kernels (codegen/attention_tc.py; the default f
 kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80), which
 serves only the per-token form.
 Everything is checked before the launch; the split-KV workspace is allocated here, through
-torch's allocator, so calls are capturable in CUDA graphs.
+torch's allocator, so calls are capturable in CUDA graphs. CPU tensors run the DSL's
+reference evaluator instead (slow, exact; bad page tables are errors there).
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ class PagedAttention:
 
     def _common_checks(self, q, k_cache, v_cache, page_table, seq_lens, max_kv_len, extra, out, scalars):
         dev = q.device if isinstance(q, torch.Tensor) else None
-        if dev is None or dev.type != "cuda":
-            raise LayerInputError(f"{self.layer.name}: paged attention runs on CUDA tensors")
+        if dev is None or dev.type not in ("cuda", "cpu"):
+            raise LayerInputError(f"{self.layer.name}: q must be a CUDA tensor (the kernels) or a CPU tensor "
+                                  f"(the reference evaluator)")
         if isinstance(q, torch.Tensor) and q.dim() == 3 and (q.shape[1] != self.hq or q.shape[2] != self.d):
             raise LayerInputError(f"{self.layer.name}: q must be [T, {self.hq}, {self.d}] (Hq heads of dim D), "
                                   f"got {tuple(q.shape)}")
@@ -197,6 +199,11 @@ class PagedAttention:
         self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
         if T == 0:
             return out
+        if dev.type == "cpu":
+            ids, pos = q_seq.long(), q_pos.long()
+            groups = [(int(b), (ids == b).nonzero()[:, 0]) for b in ids.unique()]
+            return self._reference(q, k_cache, v_cache, page_table, seq_lens, [(b, r, pos[r]) for b, r in groups],
+                                   extra, scalars, out)
         if self.kernel == "tc":
             return self._launch_tc(dev, "decode", q, k_cache, v_cache, page_table, seq_lens, None, q_seq, q_pos, out,
                                    S, max_pages, T, 1, max_kv_len, num_splits, tail)
@@ -218,7 +225,7 @@ class PagedAttention:
                 out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
         max_q_len bounds every sequence's new tokens (a host int, like max_kv_len)."""
-        if self.kernel != "tc":
+        if isinstance(q, torch.Tensor) and q.device.type == "cuda" and self.kernel != "tc":
             raise LayerInputError(f"{self.layer.name}: the ragged prefill form needs the tensor-core kernels "
                                   f"(kernel='tc', sm_80 or newer)")
         dev, S, max_pages, out, tail = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
@@ -230,9 +237,48 @@ class PagedAttention:
                                   f"(the new tokens are part of the cache)")
         if T == 0 or max_q_len <= 0:
             return out
+        if dev.type == "cpu":
+            cu = cu_seqlens.long().tolist()
+            if cu[0] != 0 or cu[-1] != T or any(a > b for a, b in zip(cu, cu[1:])):
+                raise LayerInputError(f"{self.layer.name}: cu_seqlens must rise from 0 to q's {T} rows, got {cu}")
+            groups = []
+            for b in range(S):
+                n, length = cu[b + 1] - cu[b], int(seq_lens[b])
+                if n:
+                    groups.append((b, torch.arange(cu[b], cu[b + 1]), torch.arange(length - n, length)))
+            return self._reference(q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out)
         mode = "prefill" if max_q_len * (self.hq // self.hkv) > 16 else "decode"
         return self._launch_tc(dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, None, None, out,
                                S, max_pages, S, max_q_len, max_kv_len, num_splits, tail)
+
+    def _reference(self, q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out):
+        """CPU tensors: the DSL's reference evaluator, one sequence at a time, over K/V gathered
+        from the pages (K is stored rotated, so only q is rotated). Bad tables are errors here."""
+        from ..dsl.evaluator import evaluate
+        num_pages, max_pages = k_cache.shape[0], page_table.shape[1]
+        sc = {**self.scalars, **scalars}
+        for b, rows, pos in groups:
+            if not 0 <= b < page_table.shape[0]:
+                raise LayerInputError(f"{self.layer.name}: sequence {b} is not a row of the page table")
+            length = int(seq_lens[b])
+            if not 0 < length <= max_pages * self.page_size:
+                raise LayerInputError(f"{self.layer.name}: sequence {b} has length {length}, outside "
+                                      f"[1, {max_pages * self.page_size}] (the page table's capacity)")
+            pages = page_table[b, : -(-length // self.page_size)].long()
+            if ((pages < 0) | (pages >= num_pages)).any():
+                raise LayerInputError(f"{self.layer.name}: sequence {b}'s page table points outside the cache's "
+                                      f"{num_pages} pages: {pages.tolist()}")
+            k = k_cache[pages].reshape(-1, self.hkv, self.d)[:length]
+            v = v_cache[pages].reshape(-1, self.hkv, self.d)[:length]
+            inputs = {"q": q[rows][None], "k": k[None], "v": v[None]}
+            for p in self.extra:
+                t = (extra or {})[p.name]
+                inputs[p.name] = t[b:b + 1] if str(p.shape[0]) == "B" else t
+            inputs.update({p.name: sc[p.name] for p in self.scalar_params})
+            (o,) = evaluate(self.layer.function, inputs, q_positions=pos[None], kv_positions=torch.arange(length)[None],
+                            k_rotated=True)
+            out[rows] = o[0].to(out.dtype)
+        return out
 
     def _launch_tc(self, dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, S,
                    max_pages, chunks, max_q_len, max_kv_len, num_splits, tail):

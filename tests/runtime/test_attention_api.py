@@ -1,5 +1,6 @@
 """PagedAttention's choices and checks that need no GPU."""
 import pytest
+import torch
 
 import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
@@ -24,10 +25,46 @@ def test_unknown_kernel_is_a_clear_error(layer):
         PagedAttention(layer, kernel="wgmma")
 
 
-def test_ragged_prefill_needs_the_tensor_core_kernels(layer):
-    attn = PagedAttention(layer, arch="sm_75")
-    with pytest.raises(lf.LayerInputError, match="needs the tensor-core kernels"):
-        attn.prefill(None, None, None, None, None, None, max_q_len=1, max_kv_len=1)
+def paged(layer, lens, page=16, pages=8, seed=0):
+    """A CPU cache holding random K/V for sequences of the given lengths, pages in order."""
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(pages, page, 2, 64, generator=g).bfloat16()
+    vc = torch.randn(pages, page, 2, 64, generator=g).bfloat16()
+    table = torch.arange(len(lens) * 2, dtype=torch.int32).view(len(lens), 2)
+    return kc, vc, table, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_cpu_tensors_run_the_reference_in_both_forms(layer):
+    """Per-token and ragged forms agree with each other and with the evaluator on gathered K/V."""
+    attn = PagedAttention(layer, arch="sm_75")           # CPU: the kernel choice does not matter
+    kc, vc, table, lens = paged(layer, [5, 20])
+    q = torch.randn(4, 8, 64).bfloat16()
+    a = attn(q, kc, vc, table, lens, torch.tensor([0, 1, 1, 1], dtype=torch.int32),
+             torch.tensor([4, 17, 18, 19], dtype=torch.int32), max_kv_len=20)
+    b = attn.prefill(q, kc, vc, table, lens, torch.tensor([0, 1, 4], dtype=torch.int32), max_q_len=3, max_kv_len=20)
+    assert torch.equal(a, b) and not torch.isnan(a).any()
+    k = kc[:2].reshape(-1, 2, 64)[:5]
+    v = vc[:2].reshape(-1, 2, 64)[:5]
+    (want,) = lf.evaluate(layer.function, {"q": q[:1][None], "k": k[None], "v": v[None]},
+                          q_positions=torch.tensor([[4]]), kv_positions=torch.arange(5)[None], k_rotated=True)
+    assert torch.equal(a[:1], want[0])
+
+
+@pytest.mark.parametrize("bad,match", [("page", "points outside the cache"), ("len", "outside \\[1, 32\\]"),
+                                       ("seq", "not a row of the page table")])
+def test_cpu_reference_rejects_bad_tables(layer, bad, match):
+    attn = PagedAttention(layer, arch="sm_90")
+    kc, vc, table, lens = paged(layer, [5, 20])
+    seq = torch.tensor([1], dtype=torch.int32)
+    if bad == "page":
+        table[1, 1] = 99
+    elif bad == "len":
+        lens[1] = 40
+    else:
+        seq = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(lf.LayerInputError, match=match):
+        attn(torch.randn(1, 8, 64).bfloat16(), kc, vc, table, lens, seq, torch.tensor([19], dtype=torch.int32),
+             max_kv_len=20)
 
 
 def test_tensor_core_plans_for_both_modes(layer, tmp_path):
