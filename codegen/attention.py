@@ -146,7 +146,8 @@ def hook_context(layer: Layer) -> dict:
         r = rope["rdim"]
         inv = rope_inv_freq(float(spec.rope.theta), r, spec.rope.scaling)   # float64, Llama 3 scaling applied
         rope["inv_freq"] = ", ".join(repr(float(x)) for x in inv)
-    return dict(rope=rope, scale=scale_value, extra_params=extra_params, extra_args=extra_args,
+    scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
+    return dict(rope=rope, scale=scale_value, scale_const=scale_const, extra_params=extra_params, extra_args=extra_args,
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)

@@ -37,10 +37,12 @@ class TileConfig:
     stages: int    # K/V shared-memory buffers
     min_blocks: int
     qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
+    fold: bool = False  # fold the scale into the exponential when it is a positive constant and no score hook
 
     @property
     def label(self) -> str:
-        return f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
+        return (f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
+                f"{'f' if self.fold else ''}{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}")
 
     @property
     def threads(self) -> int:
@@ -110,6 +112,8 @@ def _render(plan: TCAttentionPlan) -> str:
     dtype = plan.layer.dtype
     hd = check_specialisable(plan.layer, "tensor-core attention")
     c = plan.config
+    ctx = hook_context(plan.layer)
+    fold = c.fold and not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
         need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
         assert need <= plan.shared_bytes, (need, c)
@@ -118,7 +122,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, **hook_context(plan.layer))
+        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",

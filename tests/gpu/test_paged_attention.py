@@ -14,6 +14,7 @@ import torch
 import layerforge as lf
 from layerforge.dsl.attention_ref import apply_rope
 from layerforge.codegen.row import LoweringError
+from layerforge.codegen.attention_tc import TileConfig
 from layerforge.runtime.attention import PagedAttention
 
 
@@ -54,7 +55,7 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
 
 
 def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
-             **consts):
+             tiles=None, **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
     gen = torch.Generator().manual_seed(hash((name, hq, hkv, d, page, tuple(lens), tuple(new))) % 2**31)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
@@ -71,7 +72,7 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
     q = torch.cat(qs)
     q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
     q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
-    attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc")
+    attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc", tiles=tiles)
     out = torch.full_like(q, float("nan"))
     if form == "tc-ragged":
         cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
@@ -201,3 +202,19 @@ def test_prefill_matches_sdpa(prog, hq, hkv):
         assert not torch.isnan(got).any()
         err = (got.double() - want.double()).norm() / want.double().norm()
         assert err < 2e-2, f"seq {s}: relative error {err:.3g} against SDPA"
+
+
+# Prefill tile shapes the benchmark compares with the default: the scale folded into the
+# exponential, and one m16 row tile per warp with three CTAs per SM.
+ALT_TILES = [TileConfig(4, 1, 2, 64, 2, 2, False, True), TileConfig(4, 1, 1, 32, 3, 3, True),
+             TileConfig(4, 1, 1, 32, 3, 3, True, True)]
+
+
+@pytest.mark.parametrize("tiles", ALT_TILES, ids=lambda t: t.label)
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn", "bert_attn"])
+def test_prefill_alternative_tiles(prog, name, tiles):
+    consts = {"window": 200} if name in ("mistral_attn", "gemma2_attn") else {}
+    extra_fn = (lambda nseq, gen: {"kv_len": torch.tensor([700, 1, 100, 900][:nseq], dtype=torch.int32).cuda()}) \
+        if name == "bert_attn" else None
+    run_case(prog, "tc-ragged", name, 16, 4, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77],
+             tiles={"prefill": tiles}, extra_fn=extra_fn, **consts)
