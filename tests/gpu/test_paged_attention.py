@@ -218,3 +218,15 @@ def test_prefill_alternative_tiles(prog, name, tiles):
         if name == "bert_attn" else None
     run_case(prog, "tc-ragged", name, 16, 4, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77],
              tiles={"prefill": tiles}, extra_fn=extra_fn, **consts)
+
+
+@pytest.mark.parametrize("splits", [None, 5])
+def test_prefill_tiles_with_split_kv(prog, splits):
+    """A short chunk over a long cached prefix on few CTAs: the prefill tiles split the keys
+    (automatically: 8 CTAs; or 5 splits) and the merge kernel combines them."""
+    run_case(prog, "tc-ragged", "llama_attn", 8, 8, 128, 64, lens=[4096], new=[20], splits=splits)
+
+
+def test_prefill_tiles_f16(prog):
+    run_case(prog, "tc-ragged", "gemma2_attn", 16, 8, 128, 16, lens=[300, 90], new=[300, 40], dtype=torch.float16,
+             window=64)
