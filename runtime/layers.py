@@ -12,6 +12,10 @@ other tensor parameters are `forward` arguments, in declaration order; runtime s
 Before a launch every input is checked (dtype, device, shape, contiguity) with per-shape
 work done once; the launch goes on torch's current stream and allocates only the outputs
 (or writes into `out=`), so a call is capturable in a CUDA graph.
+
+Layers no kernel family lowers yet (matrix products, e.g. `lora`) run the reference
+evaluator on CUDA tensors too: torch operations, so cuBLAS for the products.
+`module.kernel_reason` says why (None when a generated kernel runs).
 """
 from __future__ import annotations
 
@@ -82,6 +86,20 @@ class LayerModule(torch.nn.Module):
         self._launches: dict[tuple, _Launch] = {}
         self._lead: list | None = None
         self._recipes: dict[tuple, tuple] = {}  # per input shapes: everything but the pointers
+        self._no_kernel: str | None | bool = False   # False: not decided yet
+
+    @property
+    def kernel_reason(self) -> str | None:
+        """None when CUDA tensors run a generated kernel; otherwise why they run the reference
+        evaluator's torch operations instead (no kernel family lowers this layer yet)."""
+        if self._no_kernel is False:
+            from ..codegen.row import LoweringError
+            try:
+                plan_layer(self.layer, self.arch or "sm_90").lowered()
+                self._no_kernel = None
+            except LoweringError as e:
+                self._no_kernel = str(e)
+        return self._no_kernel
 
     # ---- public -----------------------------------------------------------------------
     @property
@@ -106,9 +124,16 @@ class LayerModule(torch.nn.Module):
         first = args[0] if args else next(iter(tensors.values()))
         if not isinstance(first, torch.Tensor):
             raise LayerInputError(f"{self.layer.name}: '{self._inputs[0]}' must be a torch.Tensor")
-        if first.device.type != "cuda":
+        if first.device.type != "cuda" or self.kernel_reason is not None:
             self._bind(tensors, first.device, contiguous=False)
             outs = evaluate(self.function, {**tensors, **scalars})
+            if out is not None:
+                if len(out) != len(outs) or any(o.shape != r.shape or o.dtype != r.dtype for o, r in zip(out, outs)):
+                    raise LayerInputError(f"{self.layer.name}: out= must be {len(outs)} tensor(s) shaped "
+                                          f"{[tuple(r.shape) for r in outs]}")
+                for o, r in zip(out, outs):
+                    o.copy_(r)
+                outs = tuple(out)
             return outs[0] if len(outs) == 1 else outs
         return self._run_cuda(tensors, scalars, out)
 

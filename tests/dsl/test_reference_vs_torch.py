@@ -325,7 +325,7 @@ def test_lora_matches_two_linear_layers(mode, N, I, R, O):
         expand.weight.normal_()
     x = torch.randn(N, I)
     a, b, x = mode.inp(shrink.weight.detach()), mode.inp(expand.weight.detach()), mode.inp(x)
-    (y,) = run("lora", mode, {"x": x, "a": a, "b": b, "scale": 0.5}, I=I, R=R, O=O)
+    (y,) = run("lora", mode, {"x": x, "lora_a": a, "lora_b": b, "scale": 0.5}, I=I, R=R, O=O)
     # the DSL layer computes in f32 (f64) and rounds once; so do the linears here
     cd = torch.float64 if mode is F64 else torch.float32
     with torch.no_grad():

@@ -213,3 +213,18 @@ def _check_lowest_index_on_ties(name, idx, x, mod):
         assert not (twin & (cols < idx[:, j:j + 1])).any(), "a tie went to a higher index"
     same = chosen_feat[:, 1:] == chosen_feat[:, :-1]
     assert (idx[:, 1:] > idx[:, :-1])[same].all(), "tied experts out of index order"
+
+
+def test_lora_on_cuda_runs_torch_operations(prog):
+    """No kernel family lowers matrix products yet: CUDA tensors go through the reference's
+    torch operations (cuBLAS), with the same checks."""
+    mod = LayerModule(prog.specialise("lora", I=1536, O=256, R=16, dtype="bf16"), device="cuda", scale=2.0)
+    with torch.no_grad():
+        mod.lora_a.normal_(0, 0.05), mod.lora_b.normal_(0, 0.05)
+    x = torch.randn(33, 1536, device="cuda", dtype=torch.bfloat16)
+    y = mod(x)
+    want = (2.0 * (x.float() @ mod.lora_a.float().T) @ mod.lora_b.float().T).to(torch.bfloat16)
+    assert y.device.type == "cuda" and not torch.isnan(y).any()
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(lf.LayerInputError):
+        mod(x.float())

@@ -81,3 +81,22 @@ def test_wrong_argument_count_and_unknown_scalar(prog):
         m(torch.randn(3, 16), epsilon=1e-3)
     with pytest.raises(ValueError, match="'swiglu' has no dim or const parameter named 'eps'"):
         module("swiglu", F=8, dtype="f32", eps=1e-5)
+
+
+def test_layers_without_a_kernel_family_run_torch_operations():
+    """lora has matrix products, which no kernel family lowers yet: the module says so and
+    runs the reference's torch operations (cuBLAS on CUDA tensors), out= included."""
+    import layerforge as lf
+    from layerforge.runtime.layers import LayerModule
+    mod = LayerModule(lf.stdlib().specialise("lora", I=64, O=32, R=8, dtype="f32"), scale=0.5)
+    assert "not lowered" in mod.kernel_reason
+    assert sorted(n for n, _ in mod.named_parameters()) == ["lora_a", "lora_b"]
+    with torch.no_grad():
+        mod.lora_a.normal_(), mod.lora_b.normal_()
+    x = torch.randn(5, 64)
+    want = 0.5 * (x @ mod.lora_a.T) @ mod.lora_b.T
+    torch.testing.assert_close(mod(x), want, rtol=1e-5, atol=1e-5)
+    out = torch.full((5, 32), float("nan"))
+    assert mod(x, out=(out,)) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert LayerModule(lf.stdlib().specialise("rms_norm", H=64, dtype="f32")).kernel_reason is None
