@@ -49,6 +49,7 @@ _LAZY = {
     "PagedAttention": ("runtime.attention", "PagedAttention"),
     "PagedKVCache": ("runtime.kv_cache", "PagedKVCache"),
     "LlamaPagedAttention": ("runtime.llama_attention", "LlamaPagedAttention"),
+    "LlamaPagedDecoderLayer": ("runtime.llama_decoder", "LlamaPagedDecoderLayer"),
 }
 
 
@@ -62,4 +63,5 @@ def __getattr__(name: str):
 
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
            "dims_from_config", "module", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
+           "LlamaPagedDecoderLayer",
            "__version__"]
