@@ -6,7 +6,8 @@
 # JSON go to OUT_DIR (default out/gpu-check).
 # Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime"), PYTEST_K (pytest -k),
 # SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only),
-# SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only TEXT), PYTHON.
+# SKIP_DECODER (bench_decoder only), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
+# TEXT), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""
@@ -39,6 +40,8 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
+    [ -n "${SKIP_DECODER:-}" ] || "$PY" -m benchmarks.bench_decoder --no-compile --json "$OUT_DIR/bench_decoder.json" 2>&1 | tee "$OUT_DIR/bench_decoder.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

@@ -1,0 +1,139 @@
+"""A whole Llama decoder layer: ours (generated RMSNorm, add+RMSNorm, SwiGLU and paged
+attention kernels; cuBLAS projections) beside the same layer in torch (F.rms_norm, SDPA over
+contiguous K/V, silu * up) eager and under torch.compile, in one run on one card.
+
+    python -m benchmarks.bench_decoder [--json out.json] [--config examples/llama-3-8b/config.json]
+
+Decode: one new token for each of `batch` sequences holding `ctx` tokens. Prefill: `batch`
+prompts of `ctx` tokens. The torch layer reads K/V that are already in place (it does not
+append), so it is a lower bound for a torch serving path."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timer(fn, device) -> float:
+    if device.type == "cuda":
+        from .bench_rows import bench
+        return bench(fn)
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class TorchLayer(torch.nn.Module):
+    """The same math in torch: the peer."""
+
+    def __init__(self, ours, cfg):
+        super().__init__()
+        self.ours, self.cfg = ours, cfg
+        self.hq, self.hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.d = cfg.get("head_dim") or cfg["hidden_size"] // self.hq
+        self.eps = float(cfg.get("rms_norm_eps", 1e-6))
+
+    def forward(self, x, k, v, cos, sin, causal: bool):
+        o = self.ours
+        B, S, H = x.shape
+        h = F.rms_norm(x, (H,), o.input_layernorm.weight, self.eps)
+        a = o.self_attn
+        q = a.q_proj(h).view(B, S, self.hq, self.d).transpose(1, 2)
+        q1, q2 = q[..., : self.d // 2], q[..., self.d // 2:]
+        q = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        x = x + a.o_proj(att.transpose(1, 2).reshape(B, S, -1))
+        h = F.rms_norm(x, (H,), o.post_attention_layernorm.weight, self.eps)
+        g, u = o.mlp.gate_up_proj(h).chunk(2, dim=-1)
+        return x + o.mlp.down_proj(F.silu(g) * u)
+
+
+def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compile_peer: bool) -> dict:
+    from layerforge.runtime.llama_decoder import LlamaPagedDecoderLayer
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    layer = LlamaPagedDecoderLayer(cfg, page_size=16).to(device).to(dt)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(1.0 + 0.05 * torch.randn_like(p) if "layernorm" in name else 0.02 * torch.randn_like(p))
+    H, hkv = cfg["hidden_size"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    new = 1 if mode == "decode" else ctx
+    room = ctx + (8192 if mode == "decode" else 0)      # decode calls each append one token
+    pages_per = -(-room // 16)
+    cache = layer.make_cache(num_pages=batch * pages_per, max_seqs=batch, max_pages_per_seq=pages_per)
+    for s in range(batch):
+        cache.allocate(s, room)
+    if mode == "decode":   # the context: ctx random tokens per sequence
+        kv = torch.randn(batch * ctx, hkv, d, device=device, dtype=dt)
+        cache.append([s for s in range(batch) for _ in range(ctx)], kv, kv, layer.self_attn.rope)
+    x = torch.randn(batch * new, H, device=device, dtype=dt)
+    seq_ids = [s for s in range(batch) for _ in range(new)]
+
+    def ours():
+        if mode == "prefill":   # every call is a fresh prompt
+            for s in range(batch):
+                cache.free(s)
+                cache.allocate(s, room)
+        with torch.no_grad():
+            return layer(x, seq_ids=seq_ids, cache=cache)
+
+    peer = TorchLayer(layer, cfg)
+    kk = torch.randn(batch, hkv, ctx + (1 if mode == "decode" else 0), d, device=device, dtype=dt)
+    pos = torch.arange(ctx, ctx + 1, device=device) if mode == "decode" else torch.arange(ctx, device=device)
+    theta = float(cfg.get("rope_theta", 10000.0))
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    ang = pos[:, None].float() * inv
+    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    xb = x.view(batch, new, H)
+
+    def eager():
+        with torch.no_grad():
+            return peer(xb, kk, kk, cos, sin, mode != "decode")
+    res = {"mode": mode, "batch": batch, "ctx": ctx, "ours_s": timer(ours, device), "eager_s": timer(eager, device)}
+    if compile_peer and device.type == "cuda":
+        compiled = torch.compile(peer)
+
+        def comp():
+            with torch.no_grad():
+                return compiled(xb, kk, kk, cos, sin, mode != "decode")
+        res["compile_s"] = timer(comp, device)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--config", default=str(ROOT / "examples/llama-3-8b/config.json"))
+    ap.add_argument("--cases", default="decode:64:4096,decode:1:4096,prefill:1:4096,prefill:4:1024")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = json.loads(Path(a.config).read_text())
+    device = torch.device(a.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}  layer: {Path(a.config).parent.name}")
+    print(f"{'case':22s} {'ours ms':>9s} {'eager ms':>9s} {'compile ms':>11s} {'eager/ours':>11s}")
+    rows = []
+    for case in a.cases.split(","):
+        mode, batch, ctx = case.split(":")
+        r = run(cfg, int(batch), int(ctx), mode, device, not a.no_compile)
+        rows.append(r)
+        comp = r.get("compile_s")
+        print(f"{f'{mode} {batch} x {ctx}':22s} {r['ours_s']*1e3:9.3f} {r['eager_s']*1e3:9.3f} "
+              f"{(f'{comp*1e3:11.3f}' if comp else f'{chr(45):>11s}')} {r['eager_s'] / r['ours_s']:11.2f}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

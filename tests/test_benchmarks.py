@@ -1,0 +1,17 @@
+"""The decoder-layer benchmark runs end to end on the CPU with a tiny config (ours through the
+reference evaluator, the torch peer eager), so a GPU run does not discover a broken script."""
+import json
+
+
+def test_decoder_benchmark_smoke(tmp_path, capsys):
+    from benchmarks.bench_decoder import main
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 10000.0,
+                               "rms_norm_eps": 1e-5}))
+    out = tmp_path / "r.json"
+    assert main(["--device", "cpu", "--config", str(cfg), "--cases", "decode:2:40,prefill:2:24", "--no-compile",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["decode", "prefill"] and all(r["ours_s"] > 0 for r in rows)
+    assert "decode 2 x 40" in capsys.readouterr().out
