@@ -52,6 +52,7 @@ class PagedAttention:
         fn = layer.function
         self.extra = [p for p in fn.params[3:] if p.kind == "tensor"]
         self.scalar_params = [p for p in fn.params if p.kind == "scalar"]
+        self.table_dims = table_dims(layer)   # dims of the extra inputs passed as ints (sympy: once, not per call)
         self.scalars = {p.name: scalars.pop(p.name, p.default) for p in self.scalar_params}
         if scalars:
             raise TypeError(f"{layer.name}: unknown scalar arguments {sorted(scalars)}")
@@ -100,7 +101,7 @@ class PagedAttention:
         types = ["ptr"] * 10 + ["i32"] * 4 if mode is None else ["ptr"] * 11 + ["i32"] * 5
         types += ["ptr"] * len(self.extra)
         types += ["f32" if p.dtype.is_float else "i32" for p in self.scalar_params]
-        types += ["i64"] * len(self._table_dims())
+        types += ["i64"] * len(self.table_dims)
         main = module.function(plan.kernel_name, types)
         if mode is not None:
             main.set_max_dynamic_shared_mem(plan.shared_bytes)   # before any graph capture
@@ -108,9 +109,6 @@ class PagedAttention:
         self._kernels[(device.index, mode)] = (main, merge)
         self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return main, merge
-
-    def _table_dims(self) -> list[str]:
-        return table_dims(self.layer)
 
     def _check(self, name, t, dtype, shape=None, ndim=None, device=None):
         if not isinstance(t, torch.Tensor):
@@ -169,7 +167,7 @@ class PagedAttention:
             out = torch.empty_like(q)
         else:
             self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
-        tail = tables + [sc[p.name] for p in self.scalar_params] + [dims[d] for d in self._table_dims()]
+        tail = tables + [sc[p.name] for p in self.scalar_params] + [dims[d] for d in self.table_dims]
         return dev, S, max_pages, out, tail
 
     def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256) -> int:
