@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from layerforge.dsl.attention_ref import rope_inv_freq
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,8 +91,8 @@ def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compil
     peer = TorchLayer(layer, cfg)
     kk = torch.randn(batch, hkv, ctx + (1 if mode == "decode" else 0), d, device=device, dtype=dt)
     pos = torch.arange(ctx, ctx + 1, device=device) if mode == "decode" else torch.arange(ctx, device=device)
-    theta = float(cfg.get("rope_theta", 10000.0))
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    spec = layer.self_attn.rope      # the block's RoPE, Llama 3 scaling included: the same frequencies as ours
+    inv = rope_inv_freq(spec.theta, d, spec.scaling, device).float()
     ang = pos[:, None].float() * inv
     cos, sin = ang.cos().to(dt), ang.sin().to(dt)
     xb = x.view(batch, new, H)

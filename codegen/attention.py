@@ -141,11 +141,9 @@ def hook_context(layer: Layer) -> dict:
     alibi = score_em.alibi or mask_em.alibi
     rope = None
     if spec.rope is not None:
-        rope = {"style": spec.rope.style, "theta": repr(float(spec.rope.theta)), "rdim": int(spec.rope.rotary_dim)}
-        rope["theta"] = rope["theta"] if "." in rope["theta"] or "e" in rope["theta"] else rope["theta"] + ".0"
-        r = rope["rdim"]
+        r = int(spec.rope.rotary_dim)
         inv = rope_inv_freq(float(spec.rope.theta), r, spec.rope.scaling)   # float64, Llama 3 scaling applied
-        rope["inv_freq"] = ", ".join(repr(float(x)) for x in inv)
+        rope = {"style": spec.rope.style, "rdim": r, "inv_freq": ", ".join(repr(float(x)) for x in inv)}
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
     return dict(rope=rope, scale=scale_value, scale_const=scale_const, extra_params=extra_params, extra_args=extra_args,
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,

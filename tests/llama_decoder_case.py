@@ -4,14 +4,16 @@ two ragged sequences, then decode steps. Run on CUDA by tests/gpu/test_llama_dec
 the CPU (the reference evaluator behind the same modules) by tests/runtime/test_llama_decoder_cpu.py."""
 import torch
 
+from .llama_attention_case import causal_mask
+from .llama_attention_case import check as shared_check
+
 
 def hf_layer_over(layer, rope, xs):
     """transformers' decoder layer over a whole sequence [1, L, H] (causal, no cache)."""
     L = xs.shape[1]
     pos = torch.arange(L, device=xs.device)[None]
-    mask = torch.full((L, L), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)[None, None]
     with torch.no_grad():
-        out = layer(xs, attention_mask=mask, position_ids=pos, position_embeddings=rope(xs, pos))
+        out = layer(xs, attention_mask=causal_mask(xs), position_ids=pos, position_embeddings=rope(xs, pos))
     out = out[0] if isinstance(out, tuple) else out
     return out[0]
 
@@ -53,6 +55,4 @@ def prefill_then_decode(device):
 
 
 def check(got, want, what):
-    assert not torch.isnan(got).any(), f"{what}: NaN"
-    err = (got.double() - want.double()).norm() / want.double().norm()
-    assert err < 2e-2, f"{what}: relative error {err:.3g}"
+    shared_check(got, want, what, tol=2e-2)
