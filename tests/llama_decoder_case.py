@@ -1,7 +1,8 @@
 """A Llama decoder layer built from generated kernels (RMSNorm, add+RMSNorm, SwiGLU, paged
 attention) against transformers' LlamaDecoderLayer, loaded from its state dict: a prefill of
 two ragged sequences, then decode steps. Run on CUDA by tests/gpu/test_llama_decoder.py and on
-the CPU (the reference evaluator behind the same modules) by tests/runtime/test_llama_decoder_cpu.py."""
+the CPU (the reference evaluator behind the same modules) by tests/runtime/test_llama_decoder_cpu.py.
+Head dim 64: the attention kernels specialise 64, 128 and 256."""
 import torch
 
 from .llama_attention_case import causal_mask
@@ -24,8 +25,8 @@ def prefill_then_decode(device):
 
     from layerforge.runtime.llama_decoder import LlamaPagedDecoderLayer
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=320, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=32, rope_theta=500000.0, rms_norm_eps=1e-5,
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=640, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
                                    attn_implementation="eager", vocab_size=11, num_hidden_layers=1)
     hf = LlamaDecoderLayer(cfg, layer_idx=0)
     with torch.no_grad():
