@@ -105,10 +105,11 @@ def main(argv=None):
     if a.only in (None, "prefill"):
         print(f"\n{'causal prefill bf16':34s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
               f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
-        # the default (widest key tile without spills) beside other tile shapes: 48-key tiles;
-        # the scale folded into the exponential (f); one m16 row tile per warp, 3 CTAs per SM (b3)
-        alts = [TileConfig(4, 1, 2, 48, 2, 2, False), TileConfig(4, 1, 2, 64, 2, 2, False, True),
-                TileConfig(4, 1, 1, 32, 3, 3, True), TileConfig(4, 1, 1, 32, 3, 3, True, True)]
+        # the default (widest key tile without spills) beside other tile shapes: 64-, 48- and
+        # 32-key tiles (forced, spills or not), with the scale folded into the exponential (f)
+        alts = [TileConfig(4, 1, 2, 64, 2, 2, False), TileConfig(4, 1, 2, 64, 2, 2, False, True),
+                TileConfig(4, 1, 2, 48, 2, 2, False), TileConfig(4, 1, 2, 48, 2, 2, False, True),
+                TileConfig(4, 1, 2, 32, 2, 2, False)]
         for name, batch, seq, hq, hkv, d, tiles in [
                 ("gpt2_attn", 4, 4096, 32, 32, 128, None)] + [("gpt2_attn", 4, 4096, 32, 32, 128, t) for t in alts] + [
                 ("llama_attn", 4, 4096, 32, 8, 128, None), ("gpt2_attn", 1, 1024, 32, 32, 128, None),

@@ -99,8 +99,10 @@ class TCAttentionPlan(AttentionPlanNames):
 
     @property
     def shared_bytes(self) -> int:
-        c, hd = self.config, int(self.spec.head_dim)
-        return 2 * (c.rows * hd + 2 * c.stages * c.keys * hd)
+        c, hd, page = self.config, int(self.spec.head_dim), self.page_size
+        bn = c.keys
+        npg = 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
+        return 2 * (c.rows * hd + 2 * c.stages * bn * hd) + 4 * 2 * c.stages * npg   # Q, K/V stages, page entries
 
     def source(self) -> str:
         return _render(self)
