@@ -70,10 +70,11 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
             return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False) for b in (64, 48, 32)]
         return [TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2),
                 TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)]
+    # decode: Q fragments in registers where they fit, else re-read from shared memory
     mt = 1 if group <= 16 else 2
-    if head_dim == 256:
-        return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=2, min_blocks=1)]
-    return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2)]
+    if head_dim == 256:   # O of two m16 row tiles would take all 256 registers: groups > 16 take 2 row blocks
+        return [TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=1, qreg=q) for q in (True, False)]
+    return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
 
 
 @dataclass(frozen=True)
