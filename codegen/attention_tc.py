@@ -38,11 +38,13 @@ class TileConfig:
     min_blocks: int
     qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
     fold: bool = False  # fold the scale into the exponential when it is a positive constant and no score hook
+    ksub: int = 0       # keys per softmax step within a warp's bnw (0: all bnw at once)
 
     @property
     def label(self) -> str:
         return (f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
-                f"{'f' if self.fold else ''}{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}")
+                f"{'f' if self.fold else ''}{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}"
+                f"{f'k{self.ksub}' if self.ksub and self.ksub != self.bnw else ''}")
 
     @property
     def threads(self) -> int:
@@ -125,7 +127,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
+        BNW=c.bnw, KW=c.ksub or c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
