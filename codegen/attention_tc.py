@@ -39,12 +39,14 @@ class TileConfig:
     qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
     fold: bool = False  # fold the scale into the exponential when it is a positive constant and no score hook
     ksub: int = 0       # keys per softmax step within a warp's bnw (0: all bnw at once)
+    sunroll: int = 0    # unroll of the S = Q K^T loop over head-dim steps (0: 1 for 64-key steps, else full)
 
     @property
     def label(self) -> str:
         return (f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
                 f"{'f' if self.fold else ''}{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}"
-                f"{f'k{self.ksub}' if self.ksub and self.ksub != self.bnw else ''}")
+                f"{f'k{self.ksub}' if self.ksub and self.ksub != self.bnw else ''}"
+                f"{f'u{self.sunroll}' if self.sunroll else ''}")
 
     @property
     def threads(self) -> int:
@@ -68,8 +70,9 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
         if head_dim == 256:
             return [TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False),
                     TileConfig(wm=4, wn=1, mt=1, bnw=16, stages=2, min_blocks=2, qreg=False)]
-        if head_dim == 128:
-            return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False) for b in (64, 48, 32)]
+        if head_dim == 128:   # 64-key tiles, at once or (fewer live scores) in two softmax steps
+            return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False, ksub=k)
+                    for b, k in ((64, 0), (64, 32), (48, 0), (32, 0))]
         return [TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2),
                 TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)]
     # decode: Q fragments in registers where they fit, else re-read from shared memory
@@ -127,7 +130,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, KW=c.ksub or c.bnw, STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
+        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (1 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
