@@ -39,7 +39,7 @@ class TileConfig:
     qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
     fold: bool = False  # fold the scale into the exponential when it is a positive constant and no score hook
     ksub: int = 0       # keys per softmax step within a warp's bnw (0: all bnw at once)
-    sunroll: int = 0    # unroll of the S = Q K^T loop over head-dim steps (0: 1 for 64-key steps, else full)
+    sunroll: int = 0    # unroll of the S = Q K^T loop over head-dim steps (0: 2 for 64-key steps, else full)
 
     @property
     def label(self) -> str:
@@ -70,9 +70,10 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
         if head_dim == 256:
             return [TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False),
                     TileConfig(wm=4, wn=1, mt=1, bnw=16, stages=2, min_blocks=2, qreg=False)]
-        if head_dim == 128:   # 64-key tiles, at once or (fewer live scores) in two softmax steps
-            return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False, ksub=k)
-                    for b, k in ((64, 0), (64, 32), (48, 0), (32, 0))]
+        if head_dim == 128:   # 64-key tiles: S loop unrolled by 2, or not (fewer registers), or in
+            # two softmax steps of 32 keys (fewer live scores); then narrower tiles
+            return [TileConfig(wm=4, wn=1, mt=2, bnw=b, stages=2, min_blocks=2, qreg=False, ksub=k, sunroll=u)
+                    for b, k, u in ((64, 0, 0), (64, 0, 1), (64, 32, 0), (48, 0, 0), (32, 0, 0))]
         return [TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2),
                 TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)]
     # decode: Q fragments in registers where they fit, else re-read from shared memory
@@ -130,7 +131,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (1 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
+        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
