@@ -48,7 +48,7 @@ class TorchLayer(torch.nn.Module):
         B, S, H = x.shape
         h = F.rms_norm(x, (H,), o.input_layernorm.weight, self.eps)
         a = o.self_attn
-        q = a.q_proj(h).view(B, S, self.hq, self.d).transpose(1, 2)
+        q = F.linear(h, a.qkv_proj.weight[: self.hq * self.d]).view(B, S, self.hq, self.d).transpose(1, 2)
         q1, q2 = q[..., : self.d // 2], q[..., self.d // 2:]
         q = torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -58,7 +58,8 @@ class TorchLayer(torch.nn.Module):
         return x + o.mlp.down_proj(F.silu(g) * u)
 
 
-def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compile_peer: bool) -> dict:
+def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compile_peer: bool,
+        profile: bool = False) -> dict:
     from layerforge.runtime.llama_decoder import LlamaPagedDecoderLayer
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -101,6 +102,17 @@ def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compil
         with torch.no_grad():
             return peer(xb, kk, kk, cos, sin, mode != "decode")
     res = {"mode": mode, "batch": batch, "ctx": ctx, "ours_s": timer(ours, device), "eager_s": timer(eager, device)}
+    if profile:   # where the host time of our layer goes (cProfile over 50 calls, top 25 by own time)
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            ours()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if compile_peer and device.type == "cuda":
         compiled = torch.compile(peer)
 
@@ -118,6 +130,7 @@ def main(argv=None):
     ap.add_argument("--cases", default="decode:64:4096,decode:1:4096,prefill:1:4096,prefill:4:1024")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a host-side profile of our layer per case")
     a = ap.parse_args(argv)
     cfg = json.loads(Path(a.config).read_text())
     device = torch.device(a.device)
@@ -127,7 +140,7 @@ def main(argv=None):
     rows = []
     for case in a.cases.split(","):
         mode, batch, ctx = case.split(":")
-        r = run(cfg, int(batch), int(ctx), mode, device, not a.no_compile)
+        r = run(cfg, int(batch), int(ctx), mode, device, not a.no_compile, a.profile)
         rows.append(r)
         comp = r.get("compile_s")
         print(f"{f'{mode} {batch} x {ctx}':22s} {r['ours_s']*1e3:9.3f} {r['eager_s']*1e3:9.3f} "

@@ -1,13 +1,13 @@
 """A Llama-style attention layer served from a paged KV cache.
 
     layer = LlamaPagedAttention(config).cuda().to(torch.bfloat16)
-    layer.load_state_dict(hf_llama_attention.state_dict())      # q_proj/k_proj/v_proj/o_proj
+    layer.load_state_dict(hf_llama_attention.state_dict())      # q_proj/k_proj/v_proj/o_proj (q/k/v fused)
     cache = layer.make_cache(num_pages=1024, max_seqs=8, max_pages_per_seq=256)
     cache.allocate(0, 100); cache.allocate(1, 100)
     y = layer(x, seq_ids=[0] * 7 + [1] * 3, cache=cache)       # prefill: 7 tokens of seq 0, 3 of seq 1
     y = layer(x_next, seq_ids=[0, 1], cache=cache)               # one decode step for both
 
-The projections are torch Linear layers (cuBLAS); the new K/V go into the cache through the
+The projections are torch Linear layers (cuBLAS; q, k and v as one); the new K/V go into the cache through the
 generated append kernel (K rotated on the way), and attention runs the tensor-core kernels
 generated from the DSL's `llama_attn` block, specialised from the config: prefill tiles when
 a step brings several tokens of a sequence (tokens grouped by sequence, in sequence order),
@@ -34,9 +34,9 @@ class LlamaPagedAttention(torch.nn.Module):
         self.hkv = cfg.get("num_key_value_heads") or self.hq
         self.d = cfg.get("head_dim") or self.hidden // self.hq
         bias = bool(cfg.get("attention_bias", False))
-        self.q_proj = torch.nn.Linear(self.hidden, self.hq * self.d, bias=bias)
-        self.k_proj = torch.nn.Linear(self.hidden, self.hkv * self.d, bias=bias)
-        self.v_proj = torch.nn.Linear(self.hidden, self.hkv * self.d, bias=bias)
+        # q, k and v as one projection (one GEMM); loaded from and saved as q_proj/k_proj/v_proj
+        self.qkv_proj = torch.nn.Linear(self.hidden, (self.hq + 2 * self.hkv) * self.d, bias=bias)
+        self._register_state_dict_hook(_split_qkv)
         self.o_proj = torch.nn.Linear(self.hq * self.d, self.hidden, bias=bias)
         prog = program or Program.stdlib()
         layer = prog.specialise("llama_attn", config=dict(cfg), Hq=self.hq, Hkv=self.hkv, D=self.d, dtype=dtype)
@@ -46,7 +46,7 @@ class LlamaPagedAttention(torch.nn.Module):
         self.attention = PagedAttention(layer, page_size=page_size)
 
     def make_cache(self, *, num_pages: int, max_seqs: int, max_pages_per_seq: int) -> PagedKVCache:
-        w = self.q_proj.weight
+        w = self.qkv_proj.weight
         return PagedKVCache(num_pages, self.page_size, self.hkv, self.d, dtype=w.dtype, device=w.device,
                             max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq)
 
@@ -54,13 +54,12 @@ class LlamaPagedAttention(torch.nn.Module):
         """hidden: [T, H], the new tokens of one or more sequences; seq_ids: the sequence of
         each token (host ints). Tokens of a sequence take the positions after its cached ones."""
         T = hidden.shape[0]
-        q = self.q_proj(hidden).view(T, self.hq, self.d)
-        k = self.k_proj(hidden).view(T, self.hkv, self.d)
-        v = self.v_proj(hidden).view(T, self.hkv, self.d)
-        positions = cache.append(seq_ids, k, v, self.rope)
+        q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
+        # k and v stay strided views of the fused output (the append kernel takes token strides)
+        positions = cache.append(seq_ids, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
         ids = [int(i) for i in seq_ids]
         max_len = max(cache.seq_len(s) for s in set(ids))
-        q = q.contiguous()
+        q = q.contiguous().view(T, self.hq, self.d)
         counts = {}
         for i in ids:
             counts[i] = counts.get(i, 0) + 1
@@ -75,8 +74,31 @@ class LlamaPagedAttention(torch.nn.Module):
                                        max_q_len=max(counts.values()), max_kv_len=max_len)
         else:
             # decode (or tokens in any order): one chunk per token
-            q_seq = torch.tensor(ids, dtype=torch.int32).to(hidden.device, non_blocking=True)
-            q_pos = positions.to(hidden.device, non_blocking=True)
+            # each token's sequence and position, in one upload
+            meta = torch.stack([torch.tensor(ids, dtype=torch.int32), positions])
+            meta = meta.pin_memory().to(hidden.device, non_blocking=True) if hidden.is_cuda else meta
+            q_seq, q_pos = meta[0], meta[1]
             o = self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
                                max_kv_len=max_len)
         return self.o_proj(o.view(T, self.hq * self.d))
+
+    @property
+    def splits(self) -> tuple[int, int, int]:
+        return (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # transformers' q_proj / k_proj / v_proj -> the fused projection (q rows, then k, then v)
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{n}_proj.{kind}" for n in "qkv"]
+            if all(key in state_dict for key in keys):
+                state_dict[f"{prefix}qkv_proj.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _split_qkv(module: LlamaPagedAttention, state_dict, prefix, local_metadata):
+    for kind in ("weight", "bias"):
+        key = f"{prefix}qkv_proj.{kind}"
+        if key in state_dict:
+            for n, part in zip("qkv", state_dict.pop(key).split(module.splits)):
+                state_dict[f"{prefix}{n}_proj.{kind}"] = part
+    return state_dict
