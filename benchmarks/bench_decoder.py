@@ -102,6 +102,8 @@ def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compil
         with torch.no_grad():
             return peer(xb, kk, kk, cos, sin, mode != "decode")
     res = {"mode": mode, "batch": batch, "ctx": ctx, "ours_s": timer(ours, device), "eager_s": timer(eager, device)}
+    if profile and mode == "decode":
+        host_breakdown(layer, cache, x, seq_ids, device)
     if profile:   # where the host time of our layer goes (cProfile over 50 calls, top 25 by own time)
         import cProfile
         import pstats
@@ -121,6 +123,50 @@ def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compil
                 return compiled(xb, kk, kk, cos, sin, mode != "decode")
         res["compile_s"] = timer(comp, device)
     return res
+
+
+def host_breakdown(layer, cache, x, seq_ids, device, n: int = 200) -> None:
+    """Host microseconds per call of each step of a decode call (enqueue cost, no sync;
+    the GPU work here is shorter than the host work, so the queue never fills)."""
+    a = layer.self_attn
+    T = x.shape[0]
+    h = layer.input_layernorm(x)
+    qkv = a.qkv_proj(h)
+    q, k, v = qkv.split(a.splits, dim=-1)
+    k, v = k.view(T, a.hkv, a.d), v.view(T, a.hkv, a.d)
+    qc = q.contiguous().view(T, a.hq, a.d)
+    ids = torch.tensor(seq_ids, dtype=torch.int32, device=device)
+    pos = cache.seq_lens.to(torch.int32)[ids.long()] - 1
+    max_len = max(cache.seq_len(s) for s in set(seq_ids)) + n + 2
+    o = torch.empty(T, a.hq * a.d, device=device, dtype=x.dtype)
+    pos_host = pos.cpu()
+
+    def upload(t):
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    steps = {
+        "whole layer": lambda: layer(x, seq_ids=seq_ids, cache=cache),
+        "input rms_norm": lambda: layer.input_layernorm(x),
+        "qkv projection": lambda: a.qkv_proj(h),
+        "kv append": lambda: cache.append(seq_ids, k, v, a.rope),
+        "q contiguous": lambda: q.contiguous(),
+        "seq/pos upload": lambda: upload(torch.stack([torch.tensor(seq_ids, dtype=torch.int32), pos_host])),
+        "attention kernel": lambda: a.attention(qc, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
+                                                ids, pos, max_kv_len=max_len),
+        "o projection": lambda: a.o_proj(o),
+        "add+rms_norm": lambda: layer.post_attention_layernorm(x, x),
+        "mlp": lambda: layer.mlp(x),
+    }
+    print("host us per call (decode step, no sync):")
+    with torch.no_grad():
+        for name, fn in steps.items():
+            fn()
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = (time.perf_counter() - t) / n
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            print(f"  {name:18s} {dt * 1e6:8.1f}")
 
 
 def main(argv=None):

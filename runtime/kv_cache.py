@@ -64,7 +64,8 @@ class _Append:
     len_values: np.ndarray
     pt_index: np.ndarray     # int32 [W]: queued page_table updates, flat index
     pt_values: np.ndarray
-    new_lens: dict[int, int]
+    new_seqs: np.ndarray     # int64: the sequences whose length this append changes
+    new_ends: np.ndarray     # int64: their new lengths
 
     @property
     def meta(self) -> np.ndarray:
@@ -233,8 +234,7 @@ class PagedKVCache:
                 self._write_torch(prep)
             self._queued_pt.clear()
             self._queued_lens.clear()
-            for s, n in prep.new_lens.items():
-                self._lens[s] = n
+            self._lens[prep.new_seqs] = prep.new_ends
         return torch.from_numpy(prep.positions)
 
     def flush(self) -> None:
@@ -326,9 +326,16 @@ class PagedKVCache:
         if bad.size:
             raise KVCacheError(f"append: seq_ids[{bad[0]}] = {ids[bad[0]]} is out of range "
                                f"[0, max_seqs={self.max_seqs})")
-        seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        if positions is None:  # after each sequence's length, in order of appearance
+        distinct = positions is None and T <= 4096 and len(set(ids.tolist())) == T
+        if distinct:   # a decode step: one token per sequence, each at its sequence's end
+            seqs, inverse, counts = ids, None, None
+            pos = self._lens[ids]
+        else:
+            seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+            inverse = inverse.reshape(-1)
+        if distinct:
+            pass
+        elif positions is None:  # after each sequence's length, in order of appearance
             order = np.argsort(inverse, kind="stable")
             rank = np.empty(T, dtype=np.int64)
             rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -361,14 +368,22 @@ class PagedKVCache:
             raise KVCacheError(f"append: page_table[{s}, {pos[t] // P}] = {pages[t]} (for token {t} at position "
                                f"{pos[t]}) is not a page in [0, num_pages={self.num_pages})")
 
-        ends = np.zeros(seqs.size, dtype=np.int64)
-        np.maximum.at(ends, inverse, pos + 1)
-        ends = np.maximum(ends, self._lens[seqs])
-        new_lens = {int(s): int(n) for s, n in zip(seqs, ends) if n != self._lens[s]}
-        len_seqs, len_values = _columns({**self._queued_lens, **new_lens})
+        if distinct:
+            ends = pos + 1
+        else:
+            ends = np.zeros(seqs.size, dtype=np.int64)
+            np.maximum.at(ends, inverse, pos + 1)
+            ends = np.maximum(ends, self._lens[seqs])
+        changed = ends != self._lens[seqs]
+        new_seqs, new_ends = seqs[changed], ends[changed]
+        if self._queued_lens:   # queued allocate()/free() length changes go in the same launch
+            merged = {**self._queued_lens, **dict(zip(new_seqs.tolist(), new_ends.tolist()))}
+            len_seqs, len_values = _columns(merged)
+        else:
+            len_seqs, len_values = new_seqs.astype(np.int32), new_ends.astype(np.int32)
         pt_index, pt_values = _columns(self._queued_pt)
         return _Append(k, v, fields, pages.astype(np.int32), pos.astype(np.int32), len_seqs, len_values,
-                       pt_index, pt_values, new_lens)
+                       pt_index, pt_values, new_seqs, new_ends)
 
     # ---- writes -------------------------------------------------------------------------
     def _write_cuda(self, a: _Append) -> None:
