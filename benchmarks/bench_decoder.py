@@ -139,17 +139,12 @@ def host_breakdown(layer, cache, x, seq_ids, device, n: int = 200) -> None:
     pos = cache.seq_lens.to(torch.int32)[ids.long()] - 1
     max_len = max(cache.seq_len(s) for s in set(seq_ids)) + n + 2
     o = torch.empty(T, a.hq * a.d, device=device, dtype=x.dtype)
-    pos_host = pos.cpu()
-
-    def upload(t):
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
     steps = {
         "whole layer": lambda: layer(x, seq_ids=seq_ids, cache=cache),
         "input rms_norm": lambda: layer.input_layernorm(x),
         "qkv projection": lambda: a.qkv_proj(h),
         "kv append": lambda: cache.append(seq_ids, k, v, a.rope),
         "q contiguous": lambda: q.contiguous(),
-        "seq/pos upload": lambda: upload(torch.stack([torch.tensor(seq_ids, dtype=torch.int32), pos_host])),
         "attention kernel": lambda: a.attention(qc, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
                                                 ids, pos, max_kv_len=max_len),
         "o projection": lambda: a.o_proj(o),

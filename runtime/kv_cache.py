@@ -66,12 +66,13 @@ class _Append:
     pt_values: np.ndarray
     new_seqs: np.ndarray     # int64: the sequences whose length this append changes
     new_ends: np.ndarray     # int64: their new lengths
+    seq_ids: np.ndarray      # int32 [T]: each token's sequence (uploaded with the rest, see last_tokens)
 
     @property
     def meta(self) -> np.ndarray:
         """The kernel's metadata, in the order it reads it (templates/cuda/kv_append.cu.jinja)."""
         return np.concatenate([self.pages, self.positions, self.len_seqs, self.len_values,
-                               self.pt_index, self.pt_values]).astype(np.int32, copy=False)
+                               self.pt_index, self.pt_values, self.seq_ids]).astype(np.int32, copy=False)
 
 
 _LOADED: dict[tuple[KVAppendPlan, int], Any] = {}  # (plan, device index) -> LoadedKernel, shared by caches
@@ -116,6 +117,7 @@ class PagedKVCache:
         # host mirrors (the truth) and the changes not yet written to the device tensors
         self._pt = np.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=np.int32)
         self._lens = np.zeros(self.max_seqs, dtype=np.int64)
+        self._last_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
         self._npages = np.zeros(self.max_seqs, dtype=np.int64)
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() gives the lowest page first
         self._queued_pt: dict[int, int] = {}    # flat page_table index -> value
@@ -162,6 +164,15 @@ class PagedKVCache:
     @property
     def num_free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def last_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_ids, positions) of the tokens of the last append(), int32 [T] on the cache's
+        device: what a decode step passes to the attention kernel, already uploaded with the
+        append's metadata (no second copy). Valid until the next append()."""
+        if self._last_tokens is None:
+            raise KVCacheError("last_tokens: nothing has been appended yet")
+        return self._last_tokens
 
     def seq_len(self, seq_id: int) -> int:
         return int(self._lens[self._seq(seq_id)])
@@ -383,13 +394,14 @@ class PagedKVCache:
             len_seqs, len_values = new_seqs.astype(np.int32), new_ends.astype(np.int32)
         pt_index, pt_values = _columns(self._queued_pt)
         return _Append(k, v, fields, pages.astype(np.int32), pos.astype(np.int32), len_seqs, len_values,
-                       pt_index, pt_values, new_seqs, new_ends)
+                       pt_index, pt_values, new_seqs, new_ends, ids.astype(np.int32))
 
     # ---- writes -------------------------------------------------------------------------
     def _write_cuda(self, a: _Append) -> None:
         kernel, plan = self._kernel(a.rope, _vec_bytes(a.k, a.v))
         meta = torch.from_numpy(a.meta).pin_memory().to(self.device, non_blocking=True)
         T, U, W = a.pages.size, a.len_seqs.size, a.pt_index.size
+        self._last_tokens = (meta[meta.numel() - T:], meta[T: 2 * T])   # (seq ids, positions), on the device
         kernel.launch(plan.grid(T, U + W), BLOCK,
                       (self._k, self._v, a.k, a.v, a.k.stride(0), a.v.stride(0), meta, T, U, W,
                        self._seq_lens, self._page_table))
@@ -418,6 +430,7 @@ class PagedKVCache:
     @torch.no_grad()
     def _write_torch(self, a: _Append) -> None:
         """The kernel's work with torch ops (CPU caches): same f32 angles and rotation, one rounding."""
+        self._last_tokens = (torch.from_numpy(a.seq_ids), torch.from_numpy(a.positions))
         pages = torch.from_numpy(a.pages.astype(np.int64)).to(self.device)
         slots = torch.from_numpy((a.positions % self.page_size).astype(np.int64)).to(self.device)
         self._k[pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k

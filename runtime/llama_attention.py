@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from ..dsl.program import Program
@@ -58,26 +59,21 @@ class LlamaPagedAttention(torch.nn.Module):
         # k and v stay strided views of the fused output (the append kernel takes token strides)
         positions = cache.append(seq_ids, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
         ids = [int(i) for i in seq_ids]
-        max_len = max(cache.seq_len(s) for s in set(ids))
+        # every token went to its sequence's end, so the longest sequence is the last position + 1
+        max_len = int(positions.max()) + 1 if T else 0
         q = q.contiguous().view(T, self.hq, self.d)
-        counts = {}
-        for i in ids:
-            counts[i] = counts.get(i, 0) + 1
-        if max(counts.values()) > 1 and ids == sorted(ids):
+        if len(set(ids)) < T and ids == sorted(ids):
             # prefill / chunked prefill: each sequence's tokens are one ragged chunk (prefill tiles)
-            S = cache.page_table.shape[0]
-            cu = [0] * (S + 1)
-            for s in range(S):
-                cu[s + 1] = cu[s] + counts.get(s, 0)
-            cu_t = torch.tensor(cu, dtype=torch.int32).to(hidden.device, non_blocking=True)
+            counts = np.bincount(ids, minlength=cache.page_table.shape[0])
+            cu = np.zeros(counts.size + 1, dtype=np.int32)
+            np.cumsum(counts, out=cu[1:])
+            cu_t = torch.from_numpy(cu).to(hidden.device, non_blocking=True)
             o = self.attention.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu_t,
-                                       max_q_len=max(counts.values()), max_kv_len=max_len)
+                                       max_q_len=int(counts.max()), max_kv_len=max_len)
         else:
-            # decode (or tokens in any order): one chunk per token
-            # each token's sequence and position, in one upload
-            meta = torch.stack([torch.tensor(ids, dtype=torch.int32), positions])
-            meta = meta.pin_memory().to(hidden.device, non_blocking=True) if hidden.is_cuda else meta
-            q_seq, q_pos = meta[0], meta[1]
+            # decode (or tokens in any order): one chunk per token; the tokens' sequences and
+            # positions were uploaded by the append
+            q_seq, q_pos = cache.last_tokens
             o = self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
                                max_kv_len=max_len)
         return self.o_proj(o.view(T, self.hq * self.d))

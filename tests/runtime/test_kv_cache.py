@@ -180,18 +180,19 @@ def test_empty_append_does_nothing():
 
 def test_queued_page_table_and_lengths_travel_with_the_next_append():
     """The metadata the kernel reads (templates/cuda/kv_append.cu.jinja): page[T], position[T],
-    then the queued seq_lens and page_table writes as (keys, values) columns."""
+    then the queued seq_lens and page_table writes as (keys, values) columns, then each
+    token's sequence (not read by the kernel: cache.last_tokens views it)."""
     c = make_cache(max_pages_per_seq=6)
     c.allocate(1, 5)                               # queues page_table[1, 0:2] = 0, 1
     prep = c._prepare([1, 1], *tokens(2), None, None)
     assert prep.meta.dtype == np.int32
-    assert prep.meta.tolist() == [0, 0, 0, 1] + [1, 2] + [6, 7, 0, 1]
+    assert prep.meta.tolist() == [0, 0, 0, 1] + [1, 2] + [6, 7, 0, 1] + [1, 1]
     c.append([1, 1], *tokens(2))
     assert not c._queued_pt and not c._queued_lens
     c.free(1)                                      # queues seq_lens[1] = 0 and page_table[1, 0:2] = -1
     c.allocate(1, 1)                               # page 0 comes back first
     prep = c._prepare([1], *tokens(1), None, None)
-    assert prep.meta.tolist() == [0, 0] + [1, 1] + [6, 7, 0, -1]
+    assert prep.meta.tolist() == [0, 0] + [1, 1] + [6, 7, 0, -1] + [1]
 
 
 def test_device_tensors_follow_allocate_and_free_without_an_append():
@@ -326,3 +327,18 @@ def test_dtype_by_name_and_layout():
     assert c.k_cache.shape == c.v_cache.shape == (8, 16, 4, 64) and c.k_cache.dtype == torch.float16
     assert c.page_table.shape == (3, 5) and c.page_table.dtype == torch.int32
     assert c.seq_lens.shape == (3,) and c.seq_lens.dtype == torch.int32
+
+
+def test_last_tokens_are_the_appended_sequences_and_positions():
+    c = make_cache()
+    with pytest.raises(KVCacheError, match="nothing has been appended"):
+        c.last_tokens
+    c.allocate(0, 8)
+    c.allocate(2, 8)
+    c.append([2, 0, 2], *tokens(3))
+    ids, pos = c.last_tokens
+    assert ids.dtype == pos.dtype == torch.int32 and ids.device == c.device
+    assert ids.tolist() == [2, 0, 2] and pos.tolist() == [0, 0, 1]
+    c.append([0, 2], *tokens(2))                   # a decode step: one token per sequence
+    assert [t.tolist() for t in c.last_tokens] == [[0, 2], [1, 2]]
+    assert c.seq_lens_host.tolist()[:3] == [2, 0, 3]
