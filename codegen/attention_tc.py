@@ -105,11 +105,16 @@ class TCAttentionPlan(AttentionPlanNames):
         return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group)[0]
 
     @property
+    def page_entries(self) -> int:
+        """Pages a key tile spans at most (tiles start at multiples of their width)."""
+        bn, page = self.config.keys, self.page_size
+        return 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
+
+    @property
     def shared_bytes(self) -> int:
-        c, hd, page = self.config, int(self.spec.head_dim), self.page_size
-        bn = c.keys
-        npg = 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
-        return 2 * (c.rows * hd + 2 * c.stages * bn * hd) + 4 * 2 * c.stages * npg   # Q, K/V stages, page entries
+        c, hd = self.config, int(self.spec.head_dim)
+        # Q, K/V stages, and a ring of 2 * stages tiles' page entries
+        return 2 * (c.rows * hd + 2 * c.stages * c.keys * hd) + 4 * 2 * c.stages * self.page_entries
 
     def source(self) -> str:
         return _render(self)
@@ -130,7 +135,7 @@ def _render(plan: TCAttentionPlan) -> str:
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
-        HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, WM=c.wm, WN=c.wn, MT=c.mt,
+        HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
 
 
