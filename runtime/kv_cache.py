@@ -339,23 +339,21 @@ class PagedKVCache:
                                f"[0, max_seqs={self.max_seqs})")
         distinct = positions is None and T <= 4096 and len(set(ids.tolist())) == T
         if distinct:   # a decode step: one token per sequence, each at its sequence's end
-            seqs, inverse, counts = ids, None, None
+            seqs, inverse = ids, None
             pos = self._lens[ids]
         else:
             seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
             inverse = inverse.reshape(-1)
-        if distinct:
-            pass
-        elif positions is None:  # after each sequence's length, in order of appearance
-            order = np.argsort(inverse, kind="stable")
-            rank = np.empty(T, dtype=np.int64)
-            rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
-            pos = self._lens[ids] + rank
-        else:
-            pos = self._host_ints("positions", positions, T)
-            bad = np.flatnonzero(pos < 0)
-            if bad.size:
-                raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
+            if positions is None:  # after each sequence's length, in order of appearance
+                order = np.argsort(inverse, kind="stable")
+                rank = np.empty(T, dtype=np.int64)
+                rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
+                pos = self._lens[ids] + rank
+            else:
+                pos = self._host_ints("positions", positions, T)
+                bad = np.flatnonzero(pos < 0)
+                if bad.size:
+                    raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
 
         P = self.page_size
         capacity = self._npages[ids] * P
