@@ -7,10 +7,8 @@ dtype, finiteness and closeness with the tolerance that fits the mode.
 from __future__ import annotations
 
 import functools
-import zlib
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 import layerforge as lf
@@ -78,12 +76,6 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, mode: Mode, *, 
     assert_finite(actual)
     torch.testing.assert_close(actual.double(), expected.double(),
                                rtol=mode.rtol if rtol is None else rtol, atol=mode.atol if atol is None else atol)
-
-
-@pytest.fixture(autouse=True)
-def seed_per_test(request):
-    """Fresh random inputs for every test, reproducible from its node id."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def distinct_rows(n: int, e: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

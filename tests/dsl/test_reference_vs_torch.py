@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .reference_checks import (BF16, F32, F64, MODES, assert_finite, assert_matches, distinct_rows, run,  # noqa: F401
-                               seed_per_test)
+from .reference_checks import BF16, F32, F64, MODES, assert_finite, assert_matches, distinct_rows, run
 
 ROWS = [(1, 7), (5, 64), (3, 1536)]  # (N, H): one token, a small width, a model-sized width
 

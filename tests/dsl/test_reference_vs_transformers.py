@@ -14,7 +14,7 @@ import torch
 
 import layerforge as lf
 
-from .reference_checks import BF16, F32, F64, MODES, assert_matches, run, seed_per_test, stdlib  # noqa: F401
+from .reference_checks import BF16, F32, F64, MODES, assert_matches, run, stdlib
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import ACT2FN  # noqa: E402

@@ -1,7 +1,6 @@
 import pytest
-import torch
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+from ..devices import requires_gpu
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@
 decode steps), the cache poisoned with NaN first; K must equal `apply_rope` in float64 at each
 token's position, cast to the cache dtype, and V must be copied bit for bit."""
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ from layerforge.codegen.kv_append import rope_inv_freq
 from layerforge.dsl.attention_ref import apply_rope
 from layerforge.dsl.ir import RopeSpec
 from layerforge.runtime.kv_cache import PagedKVCache
+
+from ..seeding import seeded_generator
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 # The kernel rotates in f32 and rounds once; the reference rotates in float64. The two may
@@ -121,7 +122,7 @@ def check_cache(cache, ks, vs, rope, dtype, lengths=LENGTHS):
 def test_appended_tokens_match_the_reference(dtype, page_size, rope):
     cache = poisoned_cache(DTYPES[dtype], page_size)
     spec = ROPES[rope](cache.head_dim)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}-{page_size}-{rope}".encode()))
+    gen = seeded_generator(dtype, page_size, rope)
     ks, vs = fill(cache, LENGTHS, spec, DTYPES[dtype], gen)
     check_cache(cache, ks, vs, spec, DTYPES[dtype])
 
@@ -132,7 +133,7 @@ def test_other_head_shapes(num_kv_heads, head_dim, rope):
     dtype = torch.bfloat16
     cache = poisoned_cache(dtype, 16, num_kv_heads, head_dim)
     spec = ROPES[rope](head_dim)
-    gen = torch.Generator().manual_seed(num_kv_heads * 1000 + head_dim)
+    gen = seeded_generator(num_kv_heads, head_dim, rope)
     ks, vs = fill(cache, LENGTHS, spec, dtype, gen)
     check_cache(cache, ks, vs, spec, dtype)
 
@@ -146,7 +147,7 @@ def test_unaligned_views_of_a_fused_projection(rope, offset):
     cache = poisoned_cache(dtype, 16, H, D)
     spec = ROPES[rope](D)
     width = (Hq + 2 * H) * D
-    base = torch.randn(T, width + offset, generator=torch.Generator().manual_seed(offset)).to(dtype).cuda()
+    base = torch.randn(T, width + offset, generator=seeded_generator(rope, offset)).to(dtype).cuda()
     qkv = base[:, offset:]
     k = qkv[:, Hq * D:(Hq + H) * D].view(T, H, D)
     v = qkv[:, (Hq + H) * D:].view(T, H, D)
@@ -167,7 +168,7 @@ def test_large_positions_use_f32_angles(rope):
     start, T = 50_000, 40
     cache = PagedKVCache(start // P + 4, P, H, D, dtype, "cuda", 2, start // P + 4)
     cache.allocate(0, start + T)
-    gen = torch.Generator().manual_seed(7)
+    gen = seeded_generator(rope)
     k = torch.randn(T, H, D, generator=gen).to(dtype).cuda()
     v = torch.randn(T, H, D, generator=gen).to(dtype).cuda()
     pos = torch.arange(start, start + T, dtype=torch.int32)
@@ -193,7 +194,7 @@ def test_explicit_positions_rewrite_tokens():
     dtype = torch.bfloat16
     cache = poisoned_cache(dtype, 16)
     spec = ROPES["neox"](128)
-    gen = torch.Generator().manual_seed(3)
+    gen = seeded_generator("rewrite")
     k = torch.randn(20, 4, 128, generator=gen).to(dtype).cuda()
     v = torch.randn(20, 4, 128, generator=gen).to(dtype).cuda()
     cache.allocate(0, 20)

@@ -1,7 +1,5 @@
 """Every generated row/pointwise kernel against the reference evaluator in float64, on fresh
 random inputs with outputs poisoned first, across dtypes, token counts and widths."""
-import math
-
 import pytest
 import torch
 
@@ -9,6 +7,7 @@ import layerforge as lf
 from layerforge.runtime.layers import LayerModule
 
 from ..row_cases import ROW_LAYERS, bindings, make_inputs
+from ..seeding import seeded_generator
 
 TOKENS = [1, 7, 256, 4097]
 WIDTHS = [8, 1536, 4096, 5120, 14336]
@@ -60,7 +59,7 @@ def check_close(name, got, ref, dtype, rtol=None, atol=0.0):
 @pytest.mark.parametrize("name,width", CASES)
 def test_kernel_matches_reference(prog, name, width, dtype):
     mod = LayerModule(prog.specialise(name, dtype=dtype, **bindings(name, width)), device="cuda")
-    gen = torch.Generator().manual_seed(hash((name, width, dtype)) % 2**31)
+    gen = seeded_generator(name, width, dtype)
     for n in TOKENS:
         args = make_inputs(mod, n, "cuda", DTYPES[dtype], gen)
         ref_inputs = dict(zip(mod.input_names, args))
@@ -177,7 +176,7 @@ def test_moe_routing_topk(prog, name, e, k, ties):
     logits (and the sigmoid layer's bias) take a few values only, so many experts tie exactly:
     the chosen ones must then be the lowest-indexed (torch.topk's order as the tests define it)."""
     mod = LayerModule(prog.specialise(name, E=e, k=k, dtype="f32"), device="cuda")
-    gen = torch.Generator().manual_seed(e * 100 + k * 10 + ties)
+    gen = seeded_generator(name, e, k, ties)
     for n in MOE_TOKENS:
         (x,) = make_inputs(mod, n, "cuda", torch.float32, gen)
         if ties:

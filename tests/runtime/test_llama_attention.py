@@ -1,30 +1,37 @@
-"""A Llama attention layer built from the DSL, served from the paged cache, against
+"""The Llama attention layer built from the DSL, served from the paged cache, against
 transformers' LlamaAttention (random small config, no download): a prefill of two ragged
 sequences, several decode steps, a chunked-prefill step and a step with interleaved tokens.
-Run on CUDA by tests/gpu/test_llama_attention.py (the generated kernels) and on the CPU by
-tests/runtime/test_llama_attention_cpu.py (the reference evaluator behind the same layer)."""
+On CUDA the generated kernels run; on the CPU the reference evaluator behind the same layer,
+cache and append path."""
+import pytest
 import torch
+
+from ..devices import DEVICES
+from .hf_llama import causal_mask, check
+
+transformers = pytest.importorskip("transformers")
 
 # Llama 3.1's frequency scaling, with a short original context so that it matters at the
 # positions of the test (wavelengths past 64 tokens are scaled)
 LLAMA3_SHORT = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=64)
-CASES = [(8, 2, None), (4, 4, None), (8, 2, LLAMA3_SHORT)]
-CASE_IDS = ["gqa", "mha", "gqa-llama3"]
+CASES = [pytest.param(8, 2, None, id="gqa"), pytest.param(4, 4, None, id="mha"),
+         pytest.param(8, 2, LLAMA3_SHORT, id="gqa-llama3")]
+TOL = 3e-2
 
 
-def hf_reference(attn, rope, cfg, xs):
+def hf_reference(attn, rope, xs):
     """HF causal attention over a whole sequence [1, L, H] (the last rows are the new tokens)."""
     L = xs.shape[1]
     pos = torch.arange(L, device=xs.device)[None]
-    mask = causal_mask(xs)
     with torch.no_grad():
-        out, _ = attn(xs, position_embeddings=rope(xs, pos), attention_mask=mask)
+        out, _ = attn(xs, position_embeddings=rope(xs, pos), attention_mask=causal_mask(xs))
     return out[0]
 
 
-def prefill_then_decode(device, hq, hkv, rope):
-    import transformers
+@pytest.mark.parametrize("hq,hkv,rope", CASES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_then_decode_matches_transformers(device, hq, hkv, rope):
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     from layerforge.runtime.llama_attention import LlamaPagedAttention
@@ -49,15 +56,15 @@ def prefill_then_decode(device, hq, hkv, rope):
     x = torch.cat([history[0], history[2]])
     seq_ids = [0] * lens[0] + [2] * lens[2]
     y = ours(x, seq_ids=seq_ids, cache=cache)
-    want = torch.cat([hf_reference(hf, rope, cfg, history[0][None]), hf_reference(hf, rope, cfg, history[2][None])])
-    check(y, want, "prefill")
+    want = torch.cat([hf_reference(hf, rope, history[0][None]), hf_reference(hf, rope, history[2][None])])
+    check(y, want, "prefill", TOL)
     for step in range(3):
         new = {s: torch.randn(1, cfg.hidden_size, device=device, dtype=torch.bfloat16) for s in lens}
         y = ours(torch.cat([new[0], new[2]]), seq_ids=[0, 2], cache=cache)
         for s in lens:
             history[s] = torch.cat([history[s], new[s]])
-        want = torch.cat([hf_reference(hf, rope, cfg, history[s][None])[-1:] for s in (0, 2)])
-        check(y, want, f"decode step {step}")
+        want = torch.cat([hf_reference(hf, rope, history[s][None])[-1:] for s in (0, 2)])
+        check(y, want, f"decode step {step}", TOL)
     # a chunk of several tokens per sequence over the cached prefix (ragged prefill form),
     # then a step whose tokens are not grouped by sequence (per-token form)
     for ids in ([0, 0, 0, 2, 2], [2, 0, 2, 0]):
@@ -67,18 +74,5 @@ def prefill_then_decode(device, hq, hkv, rope):
         for s in (0, 2):
             rows = [i for i, j in enumerate(ids) if j == s]
             history[s] = torch.cat([history[s], new[rows]])
-            want[rows] = hf_reference(hf, rope, cfg, history[s][None])[-len(rows):]
-        check(y, want, f"chunk {ids}")
-
-
-def causal_mask(xs):
-    """The additive 4-D causal mask eager attention takes, for xs [1, L, H] (built here: the
-    mask helpers' signatures differ between transformers releases)."""
-    L = xs.shape[1]
-    return torch.full((L, L), float("-inf"), device=xs.device, dtype=xs.dtype).triu(1)[None, None]
-
-
-def check(got, want, what, tol=3e-2):
-    assert not torch.isnan(got).any(), f"{what}: NaN"
-    err = (got.double() - want.double()).norm() / want.double().norm()
-    assert err < tol, f"{what}: relative error {err:.3g}"
+            want[rows] = hf_reference(hf, rope, history[s][None])[-len(rows):]
+        check(y, want, f"chunk {ids}", TOL)

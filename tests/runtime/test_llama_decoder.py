@@ -1,12 +1,17 @@
-"""A Llama decoder layer built from generated kernels (RMSNorm, add+RMSNorm, SwiGLU, paged
-attention) against transformers' LlamaDecoderLayer, loaded from its state dict: a prefill of
-two ragged sequences, then decode steps. Run on CUDA by tests/gpu/test_llama_decoder.py and on
-the CPU (the reference evaluator behind the same modules) by tests/runtime/test_llama_decoder_cpu.py.
-Head dim 64: the attention kernels specialise 64, 128 and 256."""
+"""The Llama decoder layer (RMSNorm, add+RMSNorm, SwiGLU, paged attention) against
+transformers' LlamaDecoderLayer, loaded from its state dict: a prefill of two ragged
+sequences, then decode steps. On CUDA the generated kernels run; on the CPU the reference
+evaluator behind the same modules. Head dim 64: the attention kernels specialise 64, 128
+and 256."""
+import pytest
 import torch
 
-from .llama_attention_case import causal_mask
-from .llama_attention_case import check as shared_check
+from ..devices import DEVICES
+from .hf_llama import causal_mask, check
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 2e-2
 
 
 def hf_layer_over(layer, rope, xs):
@@ -19,8 +24,8 @@ def hf_layer_over(layer, rope, xs):
     return out[0]
 
 
-def prefill_then_decode(device):
-    import transformers
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_layer_matches_transformers(device):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from layerforge.runtime.llama_decoder import LlamaPagedDecoderLayer
@@ -45,15 +50,11 @@ def prefill_then_decode(device):
     history = {s: torch.randn(n, cfg.hidden_size, device=device, dtype=torch.bfloat16) for s, n in lens.items()}
     y = ours(torch.cat([history[0], history[1]]), seq_ids=[0] * lens[0] + [1] * lens[1], cache=cache)
     want = torch.cat([hf_layer_over(hf, rope, history[s][None]) for s in (0, 1)])
-    check(y, want, "prefill")
+    check(y, want, "prefill", TOL)
     for step in range(2):
         new = {s: torch.randn(1, cfg.hidden_size, device=device, dtype=torch.bfloat16) for s in lens}
         y = ours(torch.cat([new[0], new[1]]), seq_ids=[0, 1], cache=cache)
         for s in lens:
             history[s] = torch.cat([history[s], new[s]])
         want = torch.cat([hf_layer_over(hf, rope, history[s][None])[-1:] for s in (0, 1)])
-        check(y, want, f"decode step {step}")
-
-
-def check(got, want, what):
-    shared_check(got, want, what, tol=2e-2)
+        check(y, want, f"decode step {step}", TOL)
