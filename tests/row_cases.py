@@ -24,7 +24,7 @@ def bindings(name: str, width: int) -> dict:
     return {"H": width}
 
 
-def make_inputs(mod, n: int, device, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+def make_inputs(mod, n: int, device, gen: torch.Generator) -> list[torch.Tensor]:
     """Fresh random forward() inputs for a LayerModule (weights are randomised in place too)."""
     fn = mod.function
     args = []

@@ -1,5 +1,6 @@
 """`layerforge build` on a machine without a GPU writes a complete pack."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,8 @@ pytest.importorskip("layerforge.runtime.nvrtc")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_build_example_model_writes_sources_cubins_and_manifest(tmp_path, monkeypatch):
-    env = {"LAYERFORGE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    import os
-    env = {**os.environ, **env}
+def test_build_example_model_writes_sources_cubins_and_manifest(tmp_path):
+    env = {**os.environ, "LAYERFORGE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     out = tmp_path / "pack"
     cmd = [sys.executable, "-m", "layerforge", "build", "--config", str(ROOT / "examples/llama-3-8b/config.json"),
            "--arch", "sm_90", "--layers", "rms_norm,add_rms_norm,swiglu,rope", "-o", str(out)]

@@ -31,7 +31,7 @@ def reference(row: list[float], k: int) -> list[tuple[float, int]]:
     return [(row[c], c) for c in order[:k]]
 
 
-def run_generated(body: list[str], row: list[float], tpr: int, vec: int, k: int, name: str):
+def run_generated(body: list[str], row: list[float], tpr: int, k: int, name: str):
     """Run the top-k statements of `body` for lanes 0..tpr-1; return each lane's (values, indices)."""
     envs = [{"tid": t} for t in range(tpr)]
     width = len(row)
@@ -148,11 +148,10 @@ def test_generated_topk_matches_torch_order(width, k, tpr):
     assert "__syncthreads" not in "\n".join(low.body)
     name = next(re.match(r"const unsigned long long (tk\d+)_k0", l).group(1) for l in low.body
                 if re.match(r"const unsigned long long tk\d+_k0 ", l))
-    vec = int(re.search(r"const int cb(\d+) = tid", "\n".join(low.body)).group(1))
     rng = random.Random(width * 1000 + k)
     for row in rows_for(width, rng):
         want = reference(row, k)
-        for vals, idxs in run_generated(low.body, row, low.tpr, vec, k, name):
+        for vals, idxs in run_generated(low.body, row, low.tpr, k, name):
             assert idxs == [c for _, c in want], (row, idxs, want)
             assert all(same(a, b) for a, b in zip(vals, [v for v, _ in want]))
 

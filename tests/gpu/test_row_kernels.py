@@ -61,7 +61,7 @@ def test_kernel_matches_reference(prog, name, width, dtype):
     mod = LayerModule(prog.specialise(name, dtype=dtype, **bindings(name, width)), device="cuda")
     gen = seeded_generator(name, width, dtype)
     for n in TOKENS:
-        args = make_inputs(mod, n, "cuda", DTYPES[dtype], gen)
+        args = make_inputs(mod, n, "cuda", gen)
         ref_inputs = dict(zip(mod.input_names, args))
         ref_inputs.update({k: getattr(mod, a) for k, a in mod._weights.items()})
         ref = lf.evaluate(mod.function, {**ref_inputs, **mod._scalars}, precision="float64")
@@ -178,7 +178,7 @@ def test_moe_routing_topk(prog, name, e, k, ties):
     mod = LayerModule(prog.specialise(name, E=e, k=k, dtype="f32"), device="cuda")
     gen = seeded_generator(name, e, k, ties)
     for n in MOE_TOKENS:
-        (x,) = make_inputs(mod, n, "cuda", torch.float32, gen)
+        (x,) = make_inputs(mod, n, "cuda", gen)
         if ties:
             x = (torch.randint(-3, 4, (n, e), generator=gen).float() * 0.5).cuda()
             if name == "moe_route_sigmoid":

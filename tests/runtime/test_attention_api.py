@@ -25,7 +25,7 @@ def test_unknown_kernel_is_a_clear_error(layer):
         PagedAttention(layer, kernel="wgmma")
 
 
-def paged(layer, lens, page=16, pages=8, seed=0):
+def paged(lens, page=16, pages=8, seed=0):
     """A CPU cache holding random K/V for sequences of the given lengths, pages in order."""
     g = torch.Generator().manual_seed(seed)
     kc = torch.randn(pages, page, 2, 64, generator=g).bfloat16()
@@ -37,7 +37,7 @@ def paged(layer, lens, page=16, pages=8, seed=0):
 def test_cpu_tensors_run_the_reference_in_both_forms(layer):
     """Per-token and ragged forms agree with each other and with the evaluator on gathered K/V."""
     attn = PagedAttention(layer, arch="sm_75")           # CPU: the kernel choice does not matter
-    kc, vc, table, lens = paged(layer, [5, 20])
+    kc, vc, table, lens = paged([5, 20])
     q = torch.randn(4, 8, 64).bfloat16()
     a = attn(q, kc, vc, table, lens, torch.tensor([0, 1, 1, 1], dtype=torch.int32),
              torch.tensor([4, 17, 18, 19], dtype=torch.int32), max_kv_len=20)
@@ -54,7 +54,7 @@ def test_cpu_tensors_run_the_reference_in_both_forms(layer):
                                        ("seq", "not a row of the page table")])
 def test_cpu_reference_rejects_bad_tables(layer, bad, match):
     attn = PagedAttention(layer, arch="sm_90")
-    kc, vc, table, lens = paged(layer, [5, 20])
+    kc, vc, table, lens = paged([5, 20])
     seq = torch.tensor([1], dtype=torch.int32)
     if bad == "page":
         table[1, 1] = 99

@@ -19,7 +19,7 @@ def test_weights_are_parameters_under_conventional_names(prog):
     assert m.weight.shape == (32,) and m.bias.shape == (32,)
 
 
-def test_llama_rmsnorm_state_dict_loads_and_matches(prog):
+def test_llama_rmsnorm_state_dict_loads_and_matches():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     hf = LlamaRMSNorm(48, eps=1e-5)
     with torch.no_grad():
@@ -30,7 +30,7 @@ def test_llama_rmsnorm_state_dict_loads_and_matches(prog):
     torch.testing.assert_close(m(x), hf(x), rtol=1e-5, atol=1e-6)
 
 
-def test_two_outputs_and_scalar_override(prog):
+def test_two_outputs_and_scalar_override():
     m = module("add_rms_norm", H=16, dtype="f32")
     x, r = torch.randn(3, 16), torch.randn(3, 16)
     y, s = m(x, r, eps=1e-2)
@@ -38,42 +38,42 @@ def test_two_outputs_and_scalar_override(prog):
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (16,), m.weight, 1e-2))
 
 
-def test_wrong_shape_is_a_clear_error(prog):
+def test_wrong_shape_is_a_clear_error():
     m = module("rms_norm", H=16, dtype="f32")
     with pytest.raises(lf.LayerInputError, match=r"'x' must have shape \[N, 16\]; dim 1 is 8"):
         m(torch.randn(3, 8))
 
 
-def test_wrong_rank_is_a_clear_error(prog):
+def test_wrong_rank_is_a_clear_error():
     m = module("rms_norm", H=16, dtype="f32")
     with pytest.raises(lf.LayerInputError, match=r"'x' must have shape \[N, 16\]"):
         m(torch.randn(16))
 
 
-def test_wrong_dtype_is_a_clear_error(prog):
+def test_wrong_dtype_is_a_clear_error():
     m = module("rms_norm", H=16, dtype="bf16")
     with pytest.raises(lf.LayerInputError, match=r"'x' must be bf16"):
         m(torch.randn(3, 16))
 
 
-def test_wrong_device_is_a_clear_error(prog):
+def test_wrong_device_is_a_clear_error():
     m = module("rms_norm", H=16, dtype="f32")
     with pytest.raises(lf.LayerInputError, match=r"'w' is on meta"):
         m.to("meta")(torch.randn(3, 16))
 
 
-def test_inconsistent_dynamic_dim_is_a_clear_error(prog):
+def test_inconsistent_dynamic_dim_is_a_clear_error():
     m = module("add_rms_norm", H=16, dtype="f32")
     with pytest.raises(lf.LayerInputError, match=r"N = 3"):
         m(torch.randn(3, 16), torch.randn(4, 16))
 
 
-def test_unbound_dim_is_a_clear_error(prog):
+def test_unbound_dim_is_a_clear_error():
     with pytest.raises(lf.DSLError, match=r"dim 'H' is unbound"):
         module("rms_norm", dtype="f32")
 
 
-def test_wrong_argument_count_and_unknown_scalar(prog):
+def test_wrong_argument_count_and_unknown_scalar():
     m = module("rms_norm", H=16, dtype="f32")
     with pytest.raises(lf.LayerInputError, match="expected 1 tensor argument"):
         m(torch.randn(3, 16), torch.randn(3, 16))
@@ -86,8 +86,6 @@ def test_wrong_argument_count_and_unknown_scalar(prog):
 def test_layers_without_a_kernel_family_run_torch_operations():
     """lora has matrix products, which no kernel family lowers yet: the module says so and
     runs the reference's torch operations (cuBLAS on CUDA tensors), out= included."""
-    import layerforge as lf
-    from layerforge.runtime.layers import LayerModule
     mod = LayerModule(lf.stdlib().specialise("lora", I=64, O=32, R=8, dtype="f32"), scale=0.5)
     assert "not lowered" in mod.kernel_reason
     assert sorted(n for n, _ in mod.named_parameters()) == ["lora_a", "lora_b"]
