@@ -184,9 +184,6 @@ class AttentionDef(Node):
     body: tuple[Stmt, ...]
 
 
-Definition = LayerDef | AttentionDef
-
-
 @dataclass(frozen=True)
 class Program(Node):
     items: tuple[DimsDecl | ConstDecl | LayerDef | AttentionDef, ...]

@@ -96,10 +96,6 @@ class AttentionSpec:
     rope: RopeSpec | None
     extra: tuple[str, ...]     # names of the extra inputs, in src order after q, k, v
 
-    @property
-    def group_size(self):
-        return self.num_q_heads / self.num_kv_heads
-
 
 @dataclass(frozen=True)
 class Param:
@@ -122,10 +118,6 @@ class Function:
     @property
     def tensor_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.kind == "tensor")
-
-    @property
-    def runtime_params(self) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if p.kind in ("tensor", "scalar"))
 
     def nodes(self) -> list[Node]:
         return toposort(self.outputs)

@@ -156,10 +156,6 @@ class Program:
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
         return self.info.defs[name]
 
-    def generic(self, name: str) -> Function:
-        self.definition(name)
-        return self._generic[name]
-
     def check(self) -> None:
         """Type-check every definition generically; raise DSLError listing all errors."""
         sink = DiagnosticSink()

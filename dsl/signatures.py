@@ -27,7 +27,7 @@ class Signature:
             pos = list(args)
         if len(pos) > len(rest):
             error(pos[len(rest)].span,
-                  f"{name}() takes {_count(len(rest))} positional argument{'s' * (len(rest) != 1)} "
+                  f"{name}() takes {len(rest)} positional argument{'s' * (len(rest) != 1)} "
                   f"but {len(pos)} were given")
             return None
         for pname, a in zip(rest, pos):
@@ -54,10 +54,6 @@ class Signature:
             error(call_span, f"{name}() needs at least one operand")
             ok = False
         return out if ok else None
-
-
-def _count(n: int) -> str:
-    return str(n)
 
 
 def sig(*params, varargs: bool = False) -> Signature:

@@ -50,16 +50,8 @@ _TORCH = {
 }
 DSL_DTYPES = {"f32": DType.f32, "f16": DType.f16, "bf16": DType.bf16, "i32": DType.i32,
               "i64": DType.i64, "bool": DType.bool, "T": DType.T}
-FLOAT_STORAGE = (DType.f32, DType.f16, DType.bf16)
 # Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars.
 SCALAR_TYPES = {**DSL_DTYPES, "int": DType.i64, "float": DType.f32}
-
-
-def dtype_from_torch(dt: torch.dtype) -> DType:
-    for k, v in _TORCH.items():
-        if v == dt:
-            return k
-    raise TypeError(f"unsupported torch dtype {dt}")
 
 
 def parse_dtype(name: str) -> DType:
@@ -82,16 +74,8 @@ def dim_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
 
-def dim_const(n: int) -> sympy.Integer:
-    return sympy.Integer(n)
-
-
 def dims_equal(a: Dim, b: Dim) -> bool:
     return a == b or sympy.simplify(a - b) == 0
-
-
-def is_concrete(d: Dim) -> bool:
-    return bool(d.is_Integer)
 
 
 def dim_str(d: Dim) -> str:
@@ -121,10 +105,3 @@ def broadcast_shapes(a: Shape, b: Shape) -> Shape | None:
         else:
             return None
     return tuple(reversed(out))
-
-
-def free_dims(shape: Shape) -> set[str]:
-    names: set[str] = set()
-    for d in shape:
-        names |= {s.name for s in d.free_symbols}
-    return names
