@@ -38,7 +38,7 @@ class TorchLayer(torch.nn.Module):
 
     def __init__(self, ours, cfg):
         super().__init__()
-        self.ours, self.cfg = ours, cfg
+        self.ours = ours
         self.hq, self.hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
         self.d = cfg.get("head_dim") or cfg["hidden_size"] // self.hq
         self.eps = float(cfg.get("rms_norm_eps", 1e-6))
