@@ -3,7 +3,8 @@
 One call, `compile_cuda`, does create -> compile -> fetch -> destroy. A failed compile raises
 `NVRTCError` carrying the log, the path of the failing source (written to a temp dir) and a
 command that reproduces it: `python -m layerforge.runtime.nvrtc FILE --arch sm_90 ...`.
-Headers (cuda_fp16.h, cuda_bf16.h) come from the pip wheels, found at run time.
+Headers (cuda_fp16.h, cuda_bf16.h) come from the `nvidia-cuda-runtime` wheel of NVRTC's major
+version, found at run time (`find_cuda_include_dirs`; `$LAYERFORGE_CUDA_INCLUDE` overrides).
 """
 
 from __future__ import annotations
@@ -148,32 +149,96 @@ def supported_archs() -> tuple[int, ...]:
     return tuple(_check(_nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
 
 
+# -- CUDA headers ------------------------------------------------------------------------------
+# The kernels include cuda_fp16.h and cuda_bf16.h (nv/target, which they pull in, is built into
+# NVRTC). They are a declared dependency: the `nvidia-cuda-runtime` wheel of NVRTC's major
+# version (pyproject's `cuda` extra), found in the `nvidia` namespace package at run time.
+# Headers of another major do not fit NVRTC's builtins, so every candidate is version-checked.
+
+INCLUDE_ENV = "LAYERFORGE_CUDA_INCLUDE"  # override: directories (os.pathsep-separated)
+HEADER_PACKAGE = "nvidia-cuda-runtime"
+_REQUIRED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h")
+_CUDART_VERSION_RE = re.compile(rb"#define\s+CUDART_VERSION\s+(\d+)")
+
+
+class CudaHeadersNotFound(NVRTCError):
+    """No directory with the CUDA headers the kernels include, for this NVRTC's major version."""
+
+
 @functools.cache
 def find_cuda_include_dirs() -> tuple[str, ...]:
-    """Directories holding cuda_fp16.h / cuda_bf16.h: pip wheels first, then $CUDA_HOME."""
-    for cand in _header_dir_candidates():  # lazily: the cheap places are tried first
-        if (cand / "cuda_fp16.h").is_file() and (cand / "cuda_bf16.h").is_file():
-            return (str(cand),)
-    return ()
+    """The `-I` directories for cuda_fp16.h / cuda_bf16.h, in this order:
+
+    1. `$LAYERFORGE_CUDA_INCLUDE`, when set (it must hold the headers);
+    2. the `nvidia-cuda-runtime` wheel of NVRTC's major version (`nvidia/cu13/include`);
+    3. `$CUDA_HOME/include` or `$CUDA_PATH/include`, when set and of NVRTC's major version.
+    No path is guessed (no /usr/local/cuda): a machine without the wheel gets an error naming it.
+    """
+    major = nvrtc_version()[0]
+    override = os.environ.get(INCLUDE_ENV)
+    if override:
+        dirs = tuple(d for d in override.split(os.pathsep) if d)
+        missing = [h for h in _REQUIRED_HEADERS if not any(Path(d, h).is_file() for d in dirs)]
+        if missing:
+            raise CudaHeadersNotFound(f"${INCLUDE_ENV}={override!r} holds no {', '.join(missing)}")
+        _check_header_major(Path(next(d for d in dirs if Path(d, "cuda_bf16.h").is_file())),
+                            major, f"${INCLUDE_ENV}")
+        return dirs
+    tried = []
+    for where, candidate in _header_dir_candidates(major):
+        tried.append(f"{candidate} ({where})")
+        if all((candidate / h).is_file() for h in _REQUIRED_HEADERS) and \
+                cuda_header_version(candidate)[0] in (major, None):
+            return (str(candidate),)
+    raise CudaHeadersNotFound(
+        f"the CUDA headers the kernels include ({', '.join(_REQUIRED_HEADERS)}) were not found "
+        f"for NVRTC {major}.x: install the {HEADER_PACKAGE} wheel of the same major version "
+        f"(pip install '{HEADER_PACKAGE}>={major},<{major + 1}', or layerforge's 'cuda' extra), "
+        f"or set {INCLUDE_ENV} to a directory holding them."
+        + ("\nlooked in: " + "; ".join(tried) if tried else ""))
 
 
-def _header_dir_candidates():
-    spec = importlib.util.find_spec("nvidia")  # namespace package of the nvidia-* wheels
+def _header_dir_candidates(major: int):
+    """(where, directory) pairs, the wheels first; `nvidia` is their namespace package."""
+    spec = importlib.util.find_spec("nvidia")
+    # CUDA 13+ wheels share nvidia/cuXY/include; CUDA 12's runtime wheel has its own folder
+    wheel_dir = f"cu{major}/include" if major >= 13 else "cuda_runtime/include"
     for root in (spec.submodule_search_locations or []) if spec else []:
-        # CUDA 13 wheels share nvidia/cu13/include; CUDA 12 wheels use nvidia/cuda_runtime/include
-        yield from sorted(Path(root).glob("cu[0-9]*/include"), reverse=True)
-        yield Path(root, "cuda_runtime", "include")
-    try:  # cuda.pathfinder also knows conda and toolkit layouts (~0.1 s, so not first)
-        from cuda.pathfinder import locate_nvidia_header_directory
-
-        found = locate_nvidia_header_directory("cudart")
-        if found is not None:
-            yield Path(found.abs_path)
-    except Exception:  # older cuda-python without pathfinder, or nothing found
-        pass
+        yield f"{HEADER_PACKAGE} wheel", Path(root, wheel_dir)
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            yield Path(os.environ[var], "include")
+            yield f"${var}", Path(os.environ[var], "include")
+
+
+def cuda_header_version(include_dir: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(major, minor) from CUDART_VERSION in `include_dir`'s cuda_runtime_api.h; None if absent."""
+    try:
+        head = Path(include_dir, "cuda_runtime_api.h").read_bytes()
+    except OSError:
+        return None, None
+    hit = _CUDART_VERSION_RE.search(head)
+    if not hit:
+        return None, None
+    version = int(hit.group(1))  # e.g. 13050
+    return version // 1000, version % 1000 // 10
+
+
+def _check_header_major(include_dir: Path, major: int, where: str) -> None:
+    found = cuda_header_version(include_dir)[0]
+    if found not in (major, None):
+        raise CudaHeadersNotFound(f"{where}: the headers in {include_dir} are CUDA {found}.x, "
+                                  f"NVRTC is {major}.x; point it at CUDA {major}.x headers")
+
+
+def nvrtc_library_path() -> str | None:
+    """The libnvrtc file this process has loaded (Linux: /proc/self/maps), for diagnostics."""
+    nvrtc_version()  # makes sure the library is loaded
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    hits = [line.split(None, 5)[-1] for line in maps.splitlines() if "/libnvrtc.so" in line]
+    return hits[0] if hits else None
 
 
 def default_arch() -> str:
@@ -250,11 +315,7 @@ def compile_cuda(source: str, name: str, options: CompileOptions, *, want_ptx: b
             path = _write_failing_source(source, name)
             command = shlex.join([sys.executable, "-m", "layerforge.runtime.nvrtc", path,
                                   *options.to_cli()])
-            hint = ""
-            if "could not open source file" in log and not find_cuda_include_dirs():
-                hint = ("\nhint: no CUDA headers were found; install the nvidia-cuda-runtime "
-                        "wheel or set CUDA_HOME")
-            raise NVRTCError(f"NVRTC failed to compile {name} for {options.arch}{hint}", log=log,
+            raise NVRTCError(f"NVRTC failed to compile {name} for {options.arch}", log=log,
                              source_path=path, command=command)
         cubin = bytes(_fetch(prog, _nvrtc.nvrtcGetCUBINSize, _nvrtc.nvrtcGetCUBIN,
                              "nvrtcGetCUBIN")) if want_cubin else None
@@ -270,10 +331,12 @@ def compile_cuda(source: str, name: str, options: CompileOptions, *, want_ptx: b
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """`python -m layerforge.runtime.nvrtc FILE --arch sm_90`: compile FILE, print the log."""
+    """`python -m layerforge.runtime.nvrtc FILE --arch sm_90`: compile FILE, print the log.
+    `--where` prints which NVRTC library and CUDA headers this environment uses."""
     p = argparse.ArgumentParser(prog="python -m layerforge.runtime.nvrtc", description=_main.__doc__)
-    p.add_argument("file", type=Path)
-    p.add_argument("--arch", required=True)
+    p.add_argument("file", type=Path, nargs="?")
+    p.add_argument("--where", action="store_true", help="print the NVRTC library and header paths")
+    p.add_argument("--arch")
     p.add_argument("--std", default="c++17")
     p.add_argument("--fast-math", action="store_true")
     p.add_argument("--line-info", action="store_true")
@@ -282,6 +345,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--ptx", action="store_true", help="print the PTX too")
     p.add_argument("-o", "--output", type=Path, help="write the cubin here")
     a = p.parse_args(argv)
+    if a.where:
+        return _print_toolchain()
+    if a.file is None or a.arch is None:
+        p.error("FILE and --arch are required (or --where)")
     options = CompileOptions(a.arch, a.std, a.fast_math, a.line_info, a.max_registers, tuple(a.extra))
     print("nvrtc", ".".join(map(str, nvrtc_version())), shlex.join(options.to_args()), file=sys.stderr)
     try:
@@ -295,6 +362,18 @@ def _main(argv: list[str] | None = None) -> int:
     if a.output:
         a.output.write_bytes(result.cubin)
     print(f"ok: {len(result.cubin)} bytes of cubin in {result.compile_seconds:.3f} s", file=sys.stderr)
+    return 0
+
+
+def _print_toolchain() -> int:
+    print("nvrtc", ".".join(map(str, nvrtc_version())), nvrtc_library_path())
+    try:
+        dirs = find_cuda_include_dirs()
+    except CudaHeadersNotFound as e:
+        print(e, file=sys.stderr)
+        return 1
+    major, minor = cuda_header_version(dirs[0])
+    print("headers", f"{major}.{minor}" if major is not None else "unknown", *dirs)
     return 0
 
 

@@ -9,11 +9,14 @@ import torch
 import layerforge.runtime.nvrtc as nvrtc_mod
 from layerforge.runtime.nvrtc import (
     CompileOptions,
+    CudaHeadersNotFound,
     KernelResources,
     NVRTCError,
     compile_cuda,
+    cuda_header_version,
     default_arch,
     find_cuda_include_dirs,
+    nvrtc_library_path,
     nvrtc_version,
     parse_ptxas_log,
 )
@@ -72,21 +75,116 @@ def test_ptx_only_args_target_the_virtual_arch_without_ptxas():
     assert "--ptxas-options=-v" not in args
 
 
-def test_cuda_headers_are_found_in_an_installed_location():
-    dirs = find_cuda_include_dirs()
-    assert dirs, "cuda_fp16.h / cuda_bf16.h not found in the nvidia wheels or $CUDA_HOME"
-    assert (Path(dirs[0]) / "cuda_bf16.h").is_file()
+# -- CUDA headers: a declared wheel, found at run time -----------------------------------------
 
-
-@pytest.mark.parametrize("layout", ["cu13/include", "cuda_runtime/include"])  # CUDA 13, 12 wheels
-def test_cuda_headers_are_looked_up_in_the_nvidia_wheels_first(tmp_path, monkeypatch, layout):
-    include = tmp_path / "nvidia" / layout
+def _make_headers(include: Path, cudart_version: int | None = 13050) -> Path:
     include.mkdir(parents=True)
     for header in ("cuda_fp16.h", "cuda_bf16.h"):
         (include / header).touch()
-    wheels = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "nvidia")])
+    if cudart_version is not None:
+        (include / "cuda_runtime_api.h").write_text(f"#define CUDART_VERSION {cudart_version}\n")
+    return include
+
+
+@pytest.fixture
+def no_header_sources(monkeypatch):
+    """No wheels, no override, no toolkit variables: only what a test adds is found."""
+    monkeypatch.setattr(nvrtc_mod.importlib.util, "find_spec", lambda name: None)
+    for var in (nvrtc_mod.INCLUDE_ENV, "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def _wheels_at(monkeypatch, namespace: Path):
+    wheels = types.SimpleNamespace(submodule_search_locations=[str(namespace)])
     monkeypatch.setattr(nvrtc_mod.importlib.util, "find_spec", lambda name: wheels)
+
+
+def test_cuda_headers_come_from_the_runtime_wheel_of_nvrtcs_major(monkeypatch):
+    monkeypatch.delenv(nvrtc_mod.INCLUDE_ENV, raising=False)
+    (include,) = find_cuda_include_dirs.__wrapped__()
+    assert Path(include).parts[-3:] == ("nvidia", f"cu{nvrtc_version()[0]}", "include")
+    assert (Path(include) / "cuda_bf16.h").is_file()
+    assert cuda_header_version(include)[0] == nvrtc_version()[0]
+
+
+@pytest.mark.parametrize("major, layout", [(13, "cu13/include"), (12, "cuda_runtime/include")])
+def test_each_major_looks_in_its_own_wheel_layout(tmp_path, no_header_sources, major, layout):
+    include = _make_headers(tmp_path / "nvidia" / layout, cudart_version=major * 1000 + 80)
+    _make_headers(tmp_path / "nvidia" / ("cu12/include" if major == 13 else "cu13/include"))
+    _wheels_at(no_header_sources, tmp_path / "nvidia")
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (major, 8))
     assert find_cuda_include_dirs.__wrapped__() == (str(include),)
+
+
+def test_headers_of_another_major_are_not_used(tmp_path, no_header_sources):
+    _make_headers(tmp_path / "nvidia" / "cu13" / "include", cudart_version=12080)
+    _wheels_at(no_header_sources, tmp_path / "nvidia")
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+    with pytest.raises(CudaHeadersNotFound, match="looked in: .*cu13/include"):
+        find_cuda_include_dirs.__wrapped__()
+
+
+def test_without_the_wheel_the_error_names_the_package_and_the_override(no_header_sources):
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+    with pytest.raises(CudaHeadersNotFound) as info:
+        find_cuda_include_dirs.__wrapped__()  # and /usr/local/cuda, if present, is not guessed
+    message = str(info.value)
+    assert "nvidia-cuda-runtime>=13,<14" in message and "LAYERFORGE_CUDA_INCLUDE" in message
+    assert isinstance(info.value, NVRTCError)
+
+
+def test_the_override_comes_before_the_wheels(tmp_path, no_header_sources):
+    _wheels_at(no_header_sources, _make_headers(tmp_path / "nvidia" / "cu13" / "include").parent.parent)
+    mine = _make_headers(tmp_path / "mine", cudart_version=None)  # version unknown: trusted
+    extra = tmp_path / "extra"
+    no_header_sources.setenv(nvrtc_mod.INCLUDE_ENV, f"{mine}:{extra}")
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+    assert find_cuda_include_dirs.__wrapped__() == (str(mine), str(extra))
+
+
+@pytest.mark.parametrize("version, match", [(None, "holds no cuda_fp16.h"), (12040, "CUDA 12.x")])
+def test_an_override_without_fitting_headers_is_an_error(tmp_path, no_header_sources, version, match):
+    include = tmp_path / "inc"
+    if version is None:
+        include.mkdir()
+    else:
+        _make_headers(include, cudart_version=version)
+    no_header_sources.setenv(nvrtc_mod.INCLUDE_ENV, str(include))
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+    with pytest.raises(CudaHeadersNotFound, match=match):
+        find_cuda_include_dirs.__wrapped__()
+
+
+def test_cuda_home_is_a_fallback_after_the_wheels(tmp_path, no_header_sources):
+    toolkit = _make_headers(tmp_path / "toolkit" / "include")
+    no_header_sources.setenv("CUDA_HOME", str(toolkit.parent))
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+    assert find_cuda_include_dirs.__wrapped__() == (str(toolkit),)
+    wheel = _make_headers(tmp_path / "nvidia" / "cu13" / "include")
+    _wheels_at(no_header_sources, tmp_path / "nvidia")
+    assert find_cuda_include_dirs.__wrapped__() == (str(wheel),)
+
+
+def test_header_version_is_read_from_cudart_version(tmp_path):
+    assert cuda_header_version(_make_headers(tmp_path / "a", 13050)) == (13, 5)
+    assert cuda_header_version(_make_headers(tmp_path / "b", 12090)) == (12, 9)
+    assert cuda_header_version(_make_headers(tmp_path / "c", None)) == (None, None)
+
+
+def test_the_loaded_nvrtc_library_is_named():
+    path = nvrtc_library_path()
+    assert path is not None and Path(path).name.startswith("libnvrtc.so")
+
+
+def test_cli_where_prints_library_and_header_directories(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "layerforge.runtime.nvrtc", "--where"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    nvrtc_line, headers_line = run.stdout.splitlines()
+    assert nvrtc_line.split()[:2] == ["nvrtc", ".".join(map(str, nvrtc_version()))]
+    assert "libnvrtc.so" in nvrtc_line
+    assert headers_line.split()[0] == "headers" and headers_line.endswith("include")
 
 
 def test_nvrtc_version_is_a_pair_of_ints():
