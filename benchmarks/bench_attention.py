@@ -107,16 +107,16 @@ def main(argv=None):
               f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
         # the default (the first tile of tile_candidates that compiles without spills) beside
         # other tile shapes, forced whether they spill or not: 64-key tiles at once or in
-        # softmax steps of 32 keys (k32), the S loop not unrolled (u1), 48-key tiles, the scale
-        # folded into the exponential (f)
-        alts = [TileConfig(4, 1, 2, 64, 2, 2, False), TileConfig(4, 1, 2, 64, 2, 2, False, sunroll=1),
-                TileConfig(4, 1, 2, 64, 2, 2, False, True), TileConfig(4, 1, 2, 64, 2, 2, False, ksub=32),
-                TileConfig(4, 1, 2, 48, 2, 2, False)]
+        # softmax steps of 32 keys (k32), the S loop not unrolled (u1), 48-key tiles
+        tile = dict(wm=4, wn=1, mt=2, stages=2, min_blocks=2, qreg=False)
+        alts = [TileConfig(bnw=64, **tile), TileConfig(bnw=64, sunroll=1, **tile),
+                TileConfig(bnw=64, ksub=32, **tile), TileConfig(bnw=48, **tile)]
         for name, batch, seq, hq, hkv, d, tiles in [
                 ("gpt2_attn", 4, 4096, 32, 32, 128, None)] + [("gpt2_attn", 4, 4096, 32, 32, 128, t) for t in alts] + [
                 ("llama_attn", 4, 4096, 32, 8, 128, None)] + [("llama_attn", 4, 4096, 32, 8, 128, t) for t in alts[:3]] + [
                 ("gpt2_attn", 1, 1024, 32, 32, 128, None),
-                ("gpt2_attn", 4, 4096, 16, 16, 64, None), ("gpt2_attn", 4, 4096, 16, 16, 64, TileConfig(4, 1, 2, 64, 3, 2, sunroll=1)),
+                ("gpt2_attn", 4, 4096, 16, 16, 64, None), ("gpt2_attn", 4, 4096, 16, 16, 64,
+                                                         TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2, sunroll=1)),
                 ("gpt2_attn", 2, 4096, 16, 16, 256, None)]:
             r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles)
             fl, cd = r["flash_s"], r["cudnn_s"]

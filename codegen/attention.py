@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import sympy
 
@@ -20,7 +21,8 @@ from ..dsl.ir import AttentionSpec, Op
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
-from .plan import layer_key
+from .abi import Arg, KernelABI
+from .plan import KernelPlan, layer_key
 from .render import read_template, render
 from .row import LoweringError
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact
@@ -28,20 +30,93 @@ from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mas
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
 
 
-class AttentionPlanNames:
-    """What every attention plan derives from its layer and key (a mixin: needs .layer, .key)."""
+class AttentionPlan(KernelPlan):
+    """What every attention plan derives from its layer and key (needs .layer, .key): the main
+    kernel and the split-KV merge kernel, the extra inputs' arguments, the manifest fields."""
 
     @property
     def spec(self) -> AttentionSpec:
         return self.layer.function.outputs[0].arg
 
     @property
-    def kernel_name(self) -> str:
-        return "lf_" + self.key
-
-    @property
     def merge_name(self) -> str:
         return "lf_" + self.key + "_merge"
+
+    @property
+    def group(self) -> int:
+        return int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
+
+    def main_abi(self) -> KernelABI:
+        raise NotImplementedError
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return _attention_kernels(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": dict(self.layer.consts),
+                "page_size": self.page_size, "interface": attention_interface(self.layer)}
+
+
+def attention_interface(layer: Layer) -> dict[str, Any]:
+    """What a runtime module needs to check and launch a block's kernels, as JSON: heads, head
+    dim, dtype, RoPE (for the cache's append kernel), extra inputs, scalars, and the dims of
+    the extra inputs that the kernels take as ints (in order)."""
+    spec = layer.function.outputs[0].arg
+    tensors, scalars = extra_inputs(layer)
+    return {"num_q_heads": int(spec.num_q_heads), "num_kv_heads": int(spec.num_kv_heads),
+            "head_dim": int(spec.head_dim), "dtype": str(layer.dtype), "rope": rope_description(layer),
+            "extra": [{"name": p.name, "dtype": str(p.dtype), "shape": [str(d) for d in p.shape]} for p in tensors],
+            "scalars": [{"name": p.name, "dtype": str(p.dtype), "default": p.default} for p in scalars],
+            "table_dims": table_dims(layer)}
+
+
+@functools.lru_cache(maxsize=256)
+def _attention_kernels(plan: AttentionPlan) -> tuple[KernelABI, ...]:
+    return plan.main_abi(), merge_abi(plan.merge_name, plan.layer.dtype, int(plan.spec.num_q_heads),
+                                      int(plan.spec.head_dim))
+
+
+def merge_abi(name: str, dtype: DType, num_q_heads: int, head_dim: int) -> KernelABI:
+    """The split-KV merge (attention_merge.cuh.jinja): one block per (token, query head)."""
+    return KernelABI(name=name, args=(
+        Arg("part_o", "const float* __restrict__", "workspace"),
+        Arg("part_lse", "const float* __restrict__", "workspace"),
+        Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output", "0"),
+        Arg("num_splits", "int", "dim")), grid=(f"tokens * {num_q_heads}",), block=(head_dim,), problem=("tokens",))
+
+
+def cache_args(dtype: DType) -> tuple[Arg, ...]:
+    """q and the paged cache, as every attention kernel takes them first."""
+    t = ops.STORAGE_TYPE[dtype]
+    return (Arg("q", f"const {t}* __restrict__", "input"), Arg("k_cache", f"const {t}* __restrict__", "input"),
+            Arg("v_cache", f"const {t}* __restrict__", "input"),
+            Arg("page_table", "const int* __restrict__", "input"), Arg("seq_lens", "const int* __restrict__", "input"))
+
+
+def output_args(dtype: DType) -> tuple[Arg, ...]:
+    """The output and the split-KV workspace (partial outputs and log-sum-exps)."""
+    return (Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output", "0"),
+            Arg("part_o", "float* __restrict__", "workspace"), Arg("part_lse", "float* __restrict__", "workspace"))
+
+
+def extra_args(layer: Layer) -> tuple[Arg, ...]:
+    """The block's extra tensor inputs, scalars and the dims of the extra inputs, in the order
+    every attention kernel (and its hooks) takes them last."""
+    tensors, scalars = extra_inputs(layer)
+    args = [Arg(f"p_{p.name}", f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__", "table", p.name) for p in tensors]
+    args += [Arg(f"s_{p.name}", ops.C_TYPE[p.dtype], "scalar", p.name) for p in scalars]
+    args += [Arg(f"d_{d}", "long long", "dim", d) for d in table_dims(layer)]
+    return tuple(args)
+
+
+def rope_description(layer: Layer) -> dict[str, Any] | None:
+    """The block's RoPE (what the KV-cache append kernel needs), as JSON; None without one."""
+    rope = layer.function.outputs[0].arg.rope
+    if rope is None:
+        return None
+    return {"style": rope.style, "theta": float(rope.theta), "rotary_dim": int(rope.rotary_dim),
+            "scaling": [float(x) for x in rope.scaling] if rope.scaling else None}
 
 
 def extra_inputs(layer: Layer):
@@ -77,8 +152,11 @@ def check_specialisable(layer: Layer, what: str) -> int:
     return hd
 
 
-@dataclass(frozen=True)
-class PagedAttentionPlan(AttentionPlanNames):
+@dataclass(frozen=True, kw_only=True)
+class PagedAttentionPlan(AttentionPlan):
+    """The CUDA-core kernel: a CTA per (token, KV head, chunk of its query heads), warps along keys."""
+
+    family: ClassVar[str] = "paged_attention"
     layer: Layer
     arch: str
     page_size: int = 16
@@ -99,6 +177,18 @@ class PagedAttentionPlan(AttentionPlanNames):
     def source(self) -> str:
         return _render(self)
 
+    def main_abi(self) -> KernelABI:
+        dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits"))
+        args = (*cache_args(self.layer.dtype), Arg("q_seq", "const int* __restrict__", "input"),
+                Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(self.layer.dtype), *dims,
+                *extra_args(self.layer))
+        nchunk = self.group // self.heads_per_cta
+        return KernelABI(name=self.kernel_name, args=args, grid=(f"tokens * {int(self.spec.num_kv_heads) * nchunk}",
+                         "num_splits"), block=(self.warps * 32,), problem=("tokens", "num_splits"))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "heads_per_cta": self.heads_per_cta}
+
 
 @functools.lru_cache(maxsize=128)
 def _render(plan: PagedAttentionPlan) -> str:
@@ -111,7 +201,7 @@ def _render(plan: PagedAttentionPlan) -> str:
     ctx = hook_context(plan.layer)
     return render(
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
-        plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
+        signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
         HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, **ctx)
 
 
@@ -123,10 +213,8 @@ def hook_context(layer: Layer) -> dict:
     tensors, scalars = extra_inputs(layer)
     dims = {d: f"d_{d}" for d in table_dims(layer)}
     tables = {p.name: TableInfo(p.name, p.dtype, p.shape, dims) for p in tensors}
-    extra_params = [f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__ p_{p.name}" for p in tensors]
-    extra_params += [f"{ops.C_TYPE[p.dtype]} s_{p.name}" for p in scalars]
-    extra_params += [f"long long {c}" for c in dims.values()]
-    extra_args = [f"p_{p.name}" for p in tensors] + [f"s_{p.name}" for p in scalars] + list(dims.values())
+    extra = extra_args(layer)   # the hooks take the kernel's extra arguments as they are
+    extra_params = [f"{a.ctype} {a.name}" for a in extra]
 
     score_em = ScalarEmitter(VARS, tables, dims)
     score_value = score_em.emit(spec.score) if spec.score is not None else "score"
@@ -145,7 +233,8 @@ def hook_context(layer: Layer) -> dict:
         inv = rope_inv_freq(float(spec.rope.theta), r, spec.rope.scaling)   # float64, Llama 3 scaling applied
         rope = {"style": spec.rope.style, "rdim": r, "inv_freq": ", ".join(repr(float(x)) for x in inv)}
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
-    return dict(rope=rope, scale=scale_value, scale_const=scale_const, extra_params=extra_params, extra_args=extra_args,
+    return dict(rope=rope, scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+                extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
@@ -153,6 +242,6 @@ def hook_context(layer: Layer) -> dict:
 
 def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4) -> PagedAttentionPlan:
     check_attention_layer(layer, page_size)
-    plan = PagedAttentionPlan(layer, arch, page_size, warps)
+    plan = PagedAttentionPlan(layer=layer, arch=arch, page_size=page_size, warps=warps)
     plan.source()
     return plan

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
-from .attention import AttentionPlanNames, check_attention_layer, check_specialisable, hook_context
-from .plan import layer_key
+from .abi import Arg, KernelABI, SharedLayout
+from .attention import (AttentionPlan, cache_args, check_attention_layer, check_specialisable, extra_args,
+                        hook_context, output_args)
+from .plan import CompileFn, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
 MODES = ("prefill", "decode")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TileConfig:
     wm: int        # warps along query rows
     wn: int        # warps along keys (each its own softmax state)
@@ -37,14 +40,13 @@ class TileConfig:
     stages: int    # K/V shared-memory buffers
     min_blocks: int
     qreg: bool = True   # Q fragments in registers for the whole loop (else re-read from shared memory)
-    fold: bool = False  # fold the scale into the exponential when it is a positive constant and no score hook
     ksub: int = 0       # keys per softmax step within a warp's bnw (0: all bnw at once)
     sunroll: int = 0    # unroll of the S = Q K^T loop over head-dim steps (0: 2 for 64-key steps, else full)
 
     @property
     def label(self) -> str:
         return (f"w{self.wm}x{self.wn}m{self.mt}n{self.bnw}s{self.stages}{'q' if self.qreg else ''}"
-                f"{'f' if self.fold else ''}{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}"
+                f"{f'b{self.min_blocks}' if self.min_blocks > 2 else ''}"
                 f"{f'k{self.ksub}' if self.ksub and self.ksub != self.bnw else ''}"
                 f"{f'u{self.sunroll}' if self.sunroll else ''}")
 
@@ -83,8 +85,9 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
     return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
 
 
-@dataclass(frozen=True)
-class TCAttentionPlan(AttentionPlanNames):
+@dataclass(frozen=True, kw_only=True)
+class TCAttentionPlan(AttentionPlan):
+    family: ClassVar[str] = "tc_attention"
     layer: Layer
     arch: str
     page_size: int = 16
@@ -97,10 +100,6 @@ class TCAttentionPlan(AttentionPlanNames):
                          self.arch.replace("_", ""))
 
     @property
-    def group(self) -> int:
-        return int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
-
-    @property
     def config(self) -> TileConfig:
         return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group)[0]
 
@@ -111,13 +110,42 @@ class TCAttentionPlan(AttentionPlanNames):
         return 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
 
     @property
-    def shared_bytes(self) -> int:
+    def shared_layout(self) -> SharedLayout:
+        """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries."""
         c, hd = self.config, int(self.spec.head_dim)
-        # Q, K/V stages, and a ring of 2 * stages tiles' page entries
-        return 2 * (c.rows * hd + 2 * c.stages * c.keys * hd) + 4 * 2 * c.stages * self.page_entries
+        return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
+                             ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries)))
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.shared_layout.bytes
+
+    def main_abi(self) -> KernelABI:
+        dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
+        args = (*cache_args(self.layer.dtype), Arg("cu_q", "const int* __restrict__", "input"),
+                Arg("q_seq", "const int* __restrict__", "input"),
+                Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(self.layer.dtype), *dims,
+                *extra_args(self.layer))
+        # (query chunks, row blocks of the longest chunk, KV heads x splits)
+        grid = ("chunks", f"cdiv(max_q_len * {self.group}, {self.config.rows})",
+                f"{int(self.spec.num_kv_heads)} * num_splits")
+        return KernelABI(name=self.kernel_name, args=args, grid=grid, block=(self.config.threads,),
+                         shared_bytes=self.shared_bytes, problem=("chunks", "max_q_len", "num_splits"))
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {**super().describe(), "mode": self.mode,
+                "tiles": {"rows": c.rows, "keys": c.keys, "warps": [c.wm, c.wn], "stages": c.stages}}
 
     def source(self) -> str:
         return _render(self)
+
+
+def pick_mode(max_q_len: int, group: int) -> str:
+    """The tile shape for a call whose longest query chunk has `max_q_len` tokens: decode (one
+    m16 row tile, warps along keys) while a chunk's rows (tokens x grouped heads) fit in one
+    m16 tile, prefill past that."""
+    return "prefill" if max_q_len * group > 16 else "decode"
 
 
 @functools.lru_cache(maxsize=128)
@@ -127,52 +155,38 @@ def _render(plan: TCAttentionPlan) -> str:
     hd = check_specialisable(plan.layer, "tensor-core attention")
     c = plan.config
     ctx = hook_context(plan.layer)
-    fold = c.fold and not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
         need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
         assert need <= plan.shared_bytes, (need, c)
     return render(
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
+        signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, FOLD=fold, **ctx)
+        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
-                      tiles: TileConfig | None = None, cache=None) -> TCAttentionPlan:
+                      tiles: TileConfig | None = None, compile_fn: CompileFn | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
-    `tile_candidates` that compiles without register spills (NVRTC, through `cache`)."""
+    `tile_candidates` that compiles without register spills (through `compile_fn`; without
+    one, or when it cannot compile, the last candidate, which is the safest)."""
     check_attention_layer(layer, page_size)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    major = int(arch.removeprefix("sm_").rstrip("a")) // 10
+    major = int(arch.removeprefix("sm_").rstrip("af")) // 10
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
-        plan = TCAttentionPlan(layer, arch, page_size, mode, tiles)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads))
     for c in candidates:
-        plan = TCAttentionPlan(layer, arch, page_size, mode, c)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c)
         plan.source()
-        if c is candidates[-1] or _spill_free(plan, cache):
+        if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan
     raise AssertionError("unreachable")
-
-
-def _spill_free(plan: TCAttentionPlan, cache=None) -> bool:
-    """Compile (through the kernel cache, so a build or a second call pays nothing) and read
-    ptxas' spill report. With compiling at run time disabled, a candidate that is not in the
-    cache was not the one a build chose."""
-    from ..runtime.cache import KernelNotCachedError, default_cache
-    from ..runtime.nvrtc import CompileOptions
-    try:
-        res = (cache or default_cache()).get_or_compile(plan.source(), plan.kernel_name, CompileOptions(plan.arch),
-                                                        plan.key)
-    except KernelNotCachedError:
-        return False
-    kr = res.resources.get(plan.kernel_name)
-    return kr is not None and kr.spill_stores == 0 and kr.spill_loads == 0

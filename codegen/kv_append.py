@@ -22,15 +22,17 @@ import math
 import re
 from dataclasses import dataclass
 
+from typing import Any, ClassVar
+
+from ..dsl.types import DType
+from . import ops
+from .abi import Arg, KernelABI
+from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "rope_inv_freq", "KV_APPEND_ARG_TYPES",
-           "BLOCK"]
+__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "rope_inv_freq", "BLOCK"]
 
 BLOCK = 256  # threads per block
-# launch order: k_cache, v_cache, k, v, k_token_stride, v_token_stride, meta,
-#               num_tokens, num_len_updates, num_page_updates, seq_lens, page_table
-KV_APPEND_ARG_TYPES = ("ptr", "ptr", "ptr", "ptr", "i64", "i64", "ptr", "i32", "i32", "i32", "ptr", "ptr")
 
 _DTYPES = {  # name -> (C type, to float, from float, two-lane type, from two floats); rounding to nearest even
     "bf16": ("__nv_bfloat16", "__bfloat162float", "__float2bfloat16_rn", "__nv_bfloat162", "__floats2bfloat162_rn"),
@@ -58,8 +60,9 @@ def rope_inv_freq(theta: float, rotary_dim: int, scaling: tuple | None = None) -
     return tuple(float(x) for x in inv_freq_f64(theta, rotary_dim, scaling).to(torch.float32))
 
 
-@dataclass(frozen=True)
-class KVAppendPlan:
+@dataclass(frozen=True, kw_only=True)
+class KVAppendPlan(KernelPlan):
+    family: ClassVar[str] = "kv_append"
     dtype: str                    # "bf16" | "f16": the cache's (and k's, v's) dtype
     num_kv_heads: int
     head_dim: int
@@ -105,10 +108,6 @@ class KVAppendPlan:
         parts.append(self.arch.replace("_", ""))
         return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
 
-    @property
-    def kernel_name(self) -> str:
-        return "lf_" + self.key
-
     # ---- work split ---------------------------------------------------------------------
     @property
     def _rd(self) -> int:
@@ -123,10 +122,16 @@ class KVAppendPlan:
         """Channels per item (W_*) and per load (VE_*) of each item kind, and item counts."""
         return dict(_layout(self))
 
-    def grid(self, num_tokens: int, num_updates: int) -> int:
-        """Blocks for `num_tokens` tokens and `num_updates` queued seq_lens/page_table writes."""
-        total = num_tokens * _layout(self)["items_per_token"] + num_updates
-        return (total + BLOCK - 1) // BLOCK
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_abi(self),)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "page_size": self.page_size, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "vec_bytes": self.vec_bytes,
+                "rope": None if self.rope_style is None else {
+                    "style": self.rope_style, "theta": self.rope_theta, "rotary_dim": self.rotary_dim,
+                    "scaling": list(self.rope_scaling) if self.rope_scaling else None}}
 
     # ---- source -------------------------------------------------------------------------
     def source(self) -> str:
@@ -158,11 +163,27 @@ def _layout(plan: KVAppendPlan) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=256)
+def _abi(plan: KVAppendPlan) -> KernelABI:
+    """One thread per item of a token (rotary K, K copied, V) or per queued bookkeeping write."""
+    c = ops.STORAGE_TYPE[DType[plan.dtype]]
+    args = (Arg("k_cache", f"{c}* __restrict__", "output"), Arg("v_cache", f"{c}* __restrict__", "output"),
+            Arg("k", f"const {c}* __restrict__", "input"), Arg("v", f"const {c}* __restrict__", "input"),
+            Arg("k_stride", "long long", "dim"), Arg("v_stride", "long long", "dim"),   # token rows, elements
+            # page[T], position[T], then (seq, len)[U] and (index, page)[W] as columns
+            Arg("meta", "const int* __restrict__", "input"),
+            Arg("num_tokens", "int", "dim"), Arg("num_len_updates", "int", "dim"), Arg("num_page_updates", "int", "dim"),
+            Arg("seq_lens", "int* __restrict__", "output"), Arg("page_table", "int* __restrict__", "output"))
+    items = _layout(plan)["items_per_token"]
+    return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens * {items} + updates, {BLOCK})",),
+                     block=(BLOCK,), problem=("tokens", "updates"))
+
+
+@functools.lru_cache(maxsize=256)
 def _source(plan: KVAppendPlan) -> str:
     ctype, to_f32, from_f32, ctype2, from_f32x2 = _DTYPES[plan.dtype]
     inv_freq = [] if plan.rope_style is None else rope_inv_freq(plan.rope_theta, plan.rotary_dim, plan.rope_scaling)
     return render(
-        "cuda/kv_append.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
+        "cuda/kv_append.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key, signature=plan.abi.signature,
         common=read_template("cuda/common.cuh"), ctype=ctype, to_f32=to_f32, from_f32=from_f32,
         ctype2=ctype2, from_f32x2=from_f32x2,
         num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim, page_size=plan.page_size,
@@ -204,4 +225,7 @@ def plan_kv_append(dtype: str, num_kv_heads: int, head_dim: int, page_size: int,
     """The plan for a cache of `dtype` [*, page_size, num_kv_heads, head_dim]; `rope` is a
     `dsl.ir.RopeSpec` with a numeric rotary_dim, or None (K copied as given)."""
     fields = rope_fields(rope, head_dim) or (None, None, None, None)
-    return KVAppendPlan(dtype, num_kv_heads, head_dim, page_size, *fields, arch=arch, vec_bytes=vec_bytes)
+    style, theta, rotary_dim, scaling = fields
+    return KVAppendPlan(dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                        rope_style=style, rope_theta=theta, rotary_dim=rotary_dim, rope_scaling=scaling, arch=arch,
+                        vec_bytes=vec_bytes)

@@ -1,26 +1,94 @@
-"""Kernel plans: what one generated kernel is, as a frozen, hashable value with a readable key.
+"""Kernel plans: what one generated kernel (or a kernel and its helpers) is, as a frozen,
+hashable value with keyword fields and a readable key.
 
-    plan = plan_layer(program.specialise("add_rms_norm", H=4096, dtype="bf16"), arch="sm_90")
-    plan.key        -> 'add_rms_norm_h4096_bf16_sm90'
-    plan.source()   -> CUDA C (deterministic: same plan, same bytes)
+Every family's plan (rows here; attention in attention.py / attention_tc.py; the KV-cache
+append in kv_append.py) is a `KernelPlan`:
+
+    plan.key        'add_rms_norm_h4096_bf16_sm90'  (readable; names the cubin and the cache entry)
+    plan.source()   CUDA C (deterministic: same plan, same bytes)
+    plan.kernels    the KernelABI of every __global__ function in the source, main kernel first
+    plan.describe() what the runtime needs besides the ABI, as JSON (the manifest's entry)
+
+The build, the runtime and the TensorRT generator handle every family through this
+interface alone. Tile searches take a `CompileFn` (codegen never imports the runtime).
 """
 from __future__ import annotations
 
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 from ..dsl.program import Layer
+from .abi import KernelABI
 from .render import read_template, render
-from .row import KernelArg, LoweringError, RowKernel, RowLowering
+from .row import LoweringError, RowKernel, RowLowering
 
-__all__ = ["KernelPlan", "plan_layer", "LoweringError"]
+__all__ = ["KernelPlan", "RowPlan", "plan_layer", "layer_key", "layer_interface", "LoweringError", "CompileFn",
+           "Resources"]
 
 
-@dataclass(frozen=True)
+class Resources(Protocol):
+    """What ptxas reports for one kernel (runtime.nvrtc.KernelResources has these fields)."""
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+
+# plan -> ptxas resources by kernel name, or None when it cannot compile now (e.g. compiling
+# at run time is disabled and the plan is not in the cache). Given by the runtime.
+CompileFn = Callable[["KernelPlan"], "Mapping[str, Resources] | None"]
+
+
 class KernelPlan:
+    """The interface every family's plan has (subclasses are frozen keyword dataclasses)."""
+
+    family: ClassVar[str]
+    arch: str
+
+    @property
+    def key(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def kernel_name(self) -> str:
+        return "lf_" + self.key
+
+    def source(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        raise NotImplementedError
+
+    @property
+    def abi(self) -> KernelABI:
+        """The main kernel's ABI."""
+        return self.kernels[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Family fields of the manifest entry: what the runtime needs besides the ABIs."""
+        raise NotImplementedError
+
+
+def spill_free(plan: KernelPlan, compile_fn: CompileFn | None) -> bool:
+    """True when the main kernel of `plan` compiles without register spills. Without a compile
+    function (or when it cannot compile now) a candidate counts as spilling."""
+    if compile_fn is None:
+        return False
+    res = compile_fn(plan)
+    if res is None:
+        return False
+    main = res.get(plan.abi.name)
+    return main is not None and main.spill_stores == 0 and main.spill_loads == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowPlan(KernelPlan):
+    """Elementwise work plus reductions along the last axis, fused into one kernel."""
+
+    family: ClassVar[str] = "row"
     layer: Layer
-    family: str            # "row"
     arch: str              # "sm_90"
     vec_bytes: int = 16    # widest vector access; 0..16 (a plan with 2 serves unaligned tensors)
     tpr: int | None = None # threads per row; None = chosen from the widths
@@ -31,28 +99,50 @@ class KernelPlan:
         extra += [f"t{self.tpr}"] if self.tpr is not None else []
         return layer_key(self.layer, *extra, self.arch.replace("_", ""))
 
-    @property
-    def kernel_name(self) -> str:
-        return "lf_" + self.key
-
     def lowered(self) -> RowKernel:
         return _lower(self)
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_row_abi(self),)
 
     def source(self) -> str:
         k = self.lowered()
         return render("cuda/row_kernel.cu.jinja", kernel_name=self.kernel_name, plan_key=self.key,
-                      common=read_template("cuda/common.cuh"), args=k.args, tpr=k.tpr, rpb=k.rpb,
+                      common=read_template("cuda/common.cuh"), signature=self.abi.signature, tpr=k.tpr, rpb=k.rpb,
                       smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
 
-    @property
-    def args(self) -> list[KernelArg]:
-        return self.lowered().args
+    def describe(self) -> dict[str, Any]:
+        return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": dict(self.layer.consts),
+                "dtype": str(self.layer.dtype), "vec_bytes": self.vec_bytes,
+                "rows": [str(d) for d in self.lowered().lead_dims], "interface": layer_interface(self.layer)}
 
 
 @functools.lru_cache(maxsize=512)
-def _lower(plan: KernelPlan) -> RowKernel:
+def _lower(plan: RowPlan) -> RowKernel:
     return RowLowering(plan.layer.function, plan.kernel_name, max_vec_bytes=max(1, plan.vec_bytes),
                        tpr=plan.tpr).lower()
+
+
+@functools.lru_cache(maxsize=512)
+def _row_abi(plan: RowPlan) -> KernelABI:
+    k = plan.lowered()
+    return KernelABI(name=plan.kernel_name, args=tuple(k.args), grid=(f"cdiv(rows, {k.rpb})",),
+                     block=(k.tpr, k.rpb), problem=("rows",))
+
+
+def layer_interface(layer: Layer) -> dict[str, Any]:
+    """A layer's parameters and outputs as JSON (dims as expressions over the dynamic dims):
+    what a module needs to check inputs and shape outputs without the DSL."""
+    fn = layer.function
+    params = []
+    for p in fn.params:
+        if p.kind == "tensor":
+            params.append({"name": p.name, "kind": "tensor", "dtype": str(p.dtype), "shape": [str(d) for d in p.shape]})
+        elif p.kind == "scalar":
+            params.append({"name": p.name, "kind": "scalar", "dtype": str(p.dtype), "default": p.default})
+    outputs = [{"dtype": str(o.dtype), "shape": [str(d) for d in o.shape]} for o in fn.outputs]
+    return {"params": params, "outputs": outputs}
 
 
 def _fmt(v) -> str:
@@ -72,10 +162,10 @@ def layer_key(layer: Layer, *suffix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts + list(suffix)))
 
 
-def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None) -> KernelPlan:
-    """The kernel plan for a specialised layer; raises LoweringError if no family fits."""
+def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None) -> RowPlan:
+    """The row-kernel plan for a specialised layer; raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
         raise LoweringError(f"{layer.name}: attention blocks use the attention kernel family")
-    plan = KernelPlan(layer, "row", arch, vec_bytes, tpr)
+    plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr)
     plan.lowered()  # fail early, with the reason
     return plan

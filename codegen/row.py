@@ -26,6 +26,7 @@ import sympy
 from ..dsl.ir import Function, Node, Op, ReduceArg, toposort, unary_name
 from ..dsl.types import DType, dims_equal
 from . import ops
+from .abi import Arg
 from .index import IndexSpace, c_expr
 from .rewrite import lower_composites
 from .topk import round_depths, sort_ops
@@ -35,19 +36,10 @@ class LoweringError(NotImplementedError):
     """The layer does not fit this kernel family (the message says why)."""
 
 
-@dataclass(frozen=True)
-class KernelArg:
-    name: str          # C identifier
-    kind: str          # "input" | "output" | "scalar" | "dim" | "rows"
-    ref: str           # parameter name, output index or dim name
-    ctype: str         # C type as declared
-    dtype: DType | None = None
-
-
 @dataclass
 class RowKernel:
     name: str
-    args: list[KernelArg]
+    args: list[Arg]
     body: list[str]
     tpr: int
     rpb: int
@@ -231,22 +223,21 @@ class RowLowering:
                          topk_smem=[(v, k) for (v, _, k) in self.topk_arrays.values()],
                          lead_dims=tuple(self.lead), uses=self.uses)
 
-    def _args(self) -> list[KernelArg]:
+    def _args(self) -> list[Arg]:
         args = []
         for p in self.fn.params:
             if p.kind == "tensor":
-                args.append(KernelArg(f"p_{p.name}", "input", p.name,
-                                      f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__", p.dtype))
+                args.append(Arg(f"p_{p.name}", f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__", "input", p.name))
             elif p.kind == "scalar":
-                args.append(KernelArg(f"s_{p.name}", "scalar", p.name, ops.C_TYPE[p.dtype], p.dtype))
+                args.append(Arg(f"s_{p.name}", ops.C_TYPE[p.dtype], "scalar", p.name))
         for i, o in enumerate(self.fn.outputs):
-            args.append(KernelArg(f"o_{i}", "output", str(i), f"{ops.STORAGE_TYPE[o.dtype]}* __restrict__", o.dtype))
+            args.append(Arg(f"o_{i}", f"{ops.STORAGE_TYPE[o.dtype]}* __restrict__", "output", str(i)))
         dyn = sorted({s.name for p in self.fn.params for d in p.shape for s in sympy.sympify(d).free_symbols} |
                      {s.name for o in self.fn.outputs for d in o.shape for s in sympy.sympify(d).free_symbols})
         self.dyn_dims = dyn
         for d in dyn:
-            args.append(KernelArg(f"d_{d}", "dim", d, "long long"))
-        args.append(KernelArg("n_rows", "rows", "", "long long"))
+            args.append(Arg(f"d_{d}", "long long", "dim", d))
+        args.append(Arg("n_rows", "long long", "dim", "rows"))   # the row space's size (a problem size)
         return args
 
     def _row_index(self) -> list:

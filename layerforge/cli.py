@@ -59,7 +59,8 @@ def _cmd_show(args) -> int:
             plan = plan_paged_attention(layer, arch, page_size=args.page_size)
         else:
             from .codegen.attention_tc import plan_tc_attention
-            plan = plan_tc_attention(layer, arch, page_size=args.page_size, mode=args.kernel)
+            from .runtime.launch import compile_fn
+            plan = plan_tc_attention(layer, arch, page_size=args.page_size, mode=args.kernel, compile_fn=compile_fn())
     else:
         plan = plan_layer(layer, arch)
     print(plan.source(), end="")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="bf16", help="the dtype parameter T (default bf16)")
     b.add_argument("--arch", help="target, e.g. sm_90 (default: this machine's GPU)")
     b.add_argument("--layers", help="comma-separated layer names (default: all that fit the model)")
+    b.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page (attention kernels)")
     b.add_argument("-j", "--jobs", type=int, help="parallel compiles")
     b.add_argument("-o", "--output", required=True, help="output folder")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

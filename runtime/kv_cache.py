@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..codegen.kv_append import BLOCK, KV_APPEND_ARG_TYPES, KVAppendPlan, rope_fields, rope_inv_freq
+from ..codegen.kv_append import KVAppendPlan, rope_fields, rope_inv_freq
 from ..dsl.evaluator import LayerInputError
 
 __all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError"]
@@ -75,7 +75,15 @@ class _Append:
                                self.pt_index, self.pt_values, self.seq_ids]).astype(np.int32, copy=False)
 
 
-_LOADED: dict[tuple[KVAppendPlan, int], Any] = {}  # (plan, device index) -> LoadedKernel, shared by caches
+# (plan key, device index) -> (Launcher, its argument getter), shared by caches
+_LOADED: dict[tuple[str, int], tuple[Any, Any]] = {}
+# plan key -> (cubin, KernelABI): append kernels a pack provides (runtime/pack.py), used instead of compiling
+_IMAGES: dict[str, tuple[bytes, Any]] = {}
+
+
+def register_append_kernel(key: str, cubin: bytes, abi) -> None:
+    """Make a compiled append kernel (a pack's) available to every cache that needs its plan."""
+    _IMAGES[key] = (cubin, abi)
 
 
 class PagedKVCache:
@@ -396,34 +404,34 @@ class PagedKVCache:
 
     # ---- writes -------------------------------------------------------------------------
     def _write_cuda(self, a: _Append) -> None:
-        kernel, plan = self._kernel(a.rope, _vec_bytes(a.k, a.v))
+        kernel, args = self._kernel(a.rope, _vec_bytes(a.k, a.v))
         meta = torch.from_numpy(a.meta).pin_memory().to(self.device, non_blocking=True)
         T, U, W = a.pages.size, a.len_seqs.size, a.pt_index.size
         self._last_tokens = (meta[meta.numel() - T:], meta[T: 2 * T])   # (seq ids, positions), on the device
-        kernel.launch(plan.grid(T, U + W), BLOCK,
-                      (self._k, self._v, a.k, a.v, a.k.stride(0), a.v.stride(0), meta, T, U, W,
-                       self._seq_lens, self._page_table))
+        kernel((T, U + W), args(dict(
+            k_cache=self._k, v_cache=self._v, k=a.k, v=a.v, k_stride=a.k.stride(0), v_stride=a.v.stride(0), meta=meta,
+            num_tokens=T, num_len_updates=U, num_page_updates=W, seq_lens=self._seq_lens, page_table=self._page_table)))
 
     def _kernel(self, rope: tuple | None, vec_bytes: int):
         hit = self._kernels.get((rope, vec_bytes))
         if hit is not None:
             return hit
-        from .cache import default_cache
-        from .driver import LoadedKernel
-        from .nvrtc import CompileOptions
+        from .launch import compile_plan, load_kernels
 
         arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(self.device)
         style, theta, rd, scaling = rope or (None, None, None, None)
-        plan = KVAppendPlan(_DTYPES[self.dtype], self.num_kv_heads, self.head_dim, self.page_size, style, theta,
-                            rd, scaling, arch=arch, vec_bytes=vec_bytes)
-        kernel = _LOADED.get((plan, self.device.index))
-        if kernel is None:
-            cache = self._kernel_cache or default_cache()
-            result = cache.get_or_compile(plan.source(), plan.kernel_name, CompileOptions(arch), plan.key)
-            kernel = LoadedKernel.load(result.cubin, plan.kernel_name, KV_APPEND_ARG_TYPES, self.device)
-            _LOADED[(plan, self.device.index)] = kernel
-        self._kernels[(rope, vec_bytes)] = (kernel, plan)
-        return kernel, plan
+        plan = KVAppendPlan(dtype=_DTYPES[self.dtype], num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                            page_size=self.page_size, rope_style=style, rope_theta=theta, rotary_dim=rd,
+                            rope_scaling=scaling, arch=arch, vec_bytes=vec_bytes)
+        hit = _LOADED.get((plan.key, self.device.index))
+        if hit is None:
+            image = _IMAGES.get(plan.key)
+            if image is None:
+                image = (compile_plan(plan, self._kernel_cache).cubin, plan.abi)
+            kernel = load_kernels(image[0], image[1:], self.device)[plan.kernel_name]
+            hit = _LOADED[(plan.key, self.device.index)] = (kernel, operator.itemgetter(*(a.ref for a in kernel.abi.args)))
+        self._kernels[(rope, vec_bytes)] = hit
+        return hit
 
     @torch.no_grad()
     def _write_torch(self, a: _Append) -> None:

@@ -25,13 +25,12 @@ from typing import Any
 import sympy
 import torch
 
-from ..codegen.plan import KernelPlan, plan_layer
+from ..codegen.plan import RowPlan, plan_layer
 from ..dsl.evaluator import LayerInputError, evaluate
 from ..dsl.program import Layer
-from ..dsl.types import DType, shape_str
+from ..dsl.types import shape_str
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
-_ARG_TYPE = {DType.f32: "f32", DType.i32: "i32", DType.i64: "i64", DType.bool: "bool"}
 
 
 def _dim_spec(d) -> int | str | sympy.Expr:
@@ -45,11 +44,9 @@ def _dim_spec(d) -> int | str | sympy.Expr:
 
 @dataclass
 class _Launch:
-    kernel: Any
-    plan: KernelPlan
-    arg_kinds: list
-    tpr: int   # threads per row and rows per block of this plan (plans differ by alignment)
-    rpb: int
+    kernel: Any          # runtime.launch.Launcher
+    plan: RowPlan
+    arg_refs: list       # (role, ref) of each kernel argument, in the ABI's order
 
 
 class LayerModule(torch.nn.Module):
@@ -184,28 +181,15 @@ class LayerModule(torch.nn.Module):
         hit = self._launches.get(key)
         if hit is not None:
             return hit
-        from .cache import default_cache
-        from .driver import LoadedKernel
-        from .nvrtc import CompileOptions
+        from .launch import compile_plan, load_kernels
         arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(device)
         plan = plan_layer(self.layer, arch, vec_bytes=vec_bytes)
-        cache = self._cache or default_cache()
-        result = cache.get_or_compile(plan.source(), plan.kernel_name, CompileOptions(arch), plan.key)
-        kinds, types = [], []
-        for a in plan.args:
-            if a.kind in ("input", "output"):
-                types.append("ptr")
-            elif a.kind == "scalar":
-                types.append(_ARG_TYPE.get(a.dtype, "f32"))
-            else:
-                types.append("i64")
-            kinds.append((a.kind, a.ref))
-        kernel = LoadedKernel.load(result.cubin, plan.kernel_name, types, device)
-        lowered = plan.lowered()
-        launch = _Launch(kernel, plan, kinds, lowered.tpr, lowered.rpb)
+        result = compile_plan(plan, self._cache)
+        kernel = load_kernels(result.cubin, plan.kernels, device)[plan.kernel_name]
+        launch = _Launch(kernel, plan, [(a.role, a.ref) for a in plan.abi.args])
         self._launches[key] = launch
         if self._lead is None:
-            self._lead = [_dim_spec(d) for d in lowered.lead_dims]
+            self._lead = [_dim_spec(d) for d in plan.lowered().lead_dims]
         return launch
 
     def _run_cuda(self, tensors, scalars, out):
@@ -237,21 +221,21 @@ class LayerModule(torch.nn.Module):
         launch = self._launches.get((device.index, align)) or self._launch_for(device, align)
         if rows > 0:
             argv = []
-            for kind, ref in launch.arg_kinds:
-                if kind == "input":
+            for role, ref in launch.arg_refs:
+                if role == "input":
                     argv.append(tensors[ref])
-                elif kind == "output":
+                elif role == "output":
                     argv.append(outs[int(ref)])
-                elif kind == "scalar":
+                elif role == "scalar":
                     v = scalars[ref]
                     if v is None:
                         raise LayerInputError(f"{self.layer.name}: scalar '{ref}' has no value")
                     argv.append(v)
-                elif kind == "dim":
-                    argv.append(dims[ref])
-                else:
+                elif ref == "rows":
                     argv.append(rows)
-            launch.kernel.launch((rows + launch.rpb - 1) // launch.rpb, (launch.tpr, launch.rpb), argv)
+                else:
+                    argv.append(dims[ref])
+            launch.kernel((rows,), argv)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _recipe(self, tensors, sig):

@@ -70,7 +70,8 @@ def test_plan_key_is_readable():
 
 def test_source_is_deterministic():
     a = plan_kv_append("bf16", 8, 128, 16, RopeSpec(10000.0, "neox", 128), "sm_90")
-    b = KVAppendPlan("bf16", 8, 128, 16, "neox", 10000, 128, arch="sm_90")  # int theta: the same plan
+    b = KVAppendPlan(dtype="bf16", num_kv_heads=8, head_dim=128, page_size=16, rope_style="neox", rope_theta=10000,
+                     rotary_dim=128, arch="sm_90")  # int theta: the same plan
     assert a == b and a.key == b.key
     from layerforge.codegen import kv_append
     kv_append._source.cache_clear()

@@ -207,10 +207,10 @@ def test_prefill_matches_sdpa(prog, hq, hkv):
         assert err < 2e-2, f"seq {s}: relative error {err:.3g} against SDPA"
 
 
-# Prefill tile shapes chosen by hand (spills allowed): 64-key tiles forced, the scale folded
-# into the exponential, and one m16 row tile per warp with three CTAs per SM.
-ALT_TILES = [TileConfig(4, 1, 2, 64, 2, 2, False), TileConfig(4, 1, 2, 64, 2, 2, False, True),
-             TileConfig(4, 1, 2, 48, 2, 2, False, True), TileConfig(4, 1, 1, 32, 3, 3, True)]
+# Prefill tile shapes chosen by hand (spills allowed): 64-key tiles forced, in softmax steps of
+# 32 keys, and 48-key tiles.
+_TILE = dict(wm=4, wn=1, mt=2, stages=2, min_blocks=2, qreg=False)
+ALT_TILES = [TileConfig(bnw=64, **_TILE), TileConfig(bnw=64, ksub=32, **_TILE), TileConfig(bnw=48, **_TILE)]
 
 
 @pytest.mark.parametrize("tiles", ALT_TILES, ids=lambda t: t.label)

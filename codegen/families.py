@@ -1,0 +1,32 @@
+"""Which kernel families serve a specialised definition: the one place that knows.
+
+    plans_for_layer(layer, "sm_90", page_size=16, compile_fn=...)  -> [KernelPlan, ...]
+
+A layer gives its row kernel; an attention block gives the tensor-core prefill and decode
+kernels (sm_80+), the CUDA-core paged kernel, and the KV-cache append kernel its cache
+needs (RoPE fused when the block rotates). Everything downstream (build, manifest, packs,
+TensorRT plugins) handles the plans through the KernelPlan interface alone.
+"""
+from __future__ import annotations
+
+from ..dsl.program import Layer
+from .attention import plan_paged_attention
+from .attention_tc import MODES, plan_tc_attention
+from .kv_append import plan_kv_append
+from .plan import CompileFn, KernelPlan, plan_layer
+
+__all__ = ["plans_for_layer"]
+
+
+def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn: CompileFn | None = None
+                    ) -> list[KernelPlan]:
+    """The plans of every kernel `layer` needs; LoweringError when no family lowers it."""
+    if layer.function.kind != "attention":
+        return [plan_layer(layer, arch)]
+    plans: list[KernelPlan] = []
+    if int(arch.removeprefix("sm_").rstrip("af")) >= 80:
+        plans += [plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn) for m in MODES]
+    paged = plan_paged_attention(layer, arch, page_size=page_size)
+    spec = paged.spec
+    append = plan_kv_append(str(layer.dtype), int(spec.num_kv_heads), int(spec.head_dim), page_size, spec.rope, arch)
+    return plans + [paged, append]

@@ -1,0 +1,81 @@
+"""The one compile path and the one launcher of every kernel family.
+
+    result = compile_plan(plan)                      # render -> NVRTC -> disk cache (cubin + ptxas report)
+    kernels = load_kernels(result.cubin, plan.kernels, device)   # Launcher per KernelABI, by name
+    kernels[plan.abi.name](problem=(rows,), args=[...])          # grid from the ABI, args in its order
+
+Packs (runtime/pack.py) call `load_kernels` with the ABIs read from the manifest: no NVRTC.
+Tile searches take `compile_fn(cache)`, so codegen never imports the runtime.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..codegen.abi import KernelABI
+from ..codegen.plan import CompileFn, KernelPlan
+from .driver import CudaModule, LoadedKernel
+
+__all__ = ["compile_plan", "compile_fn", "load_kernels", "Launcher"]
+
+_DEFAULT_SMEM = 48 * 1024
+
+
+def compile_plan(plan: KernelPlan, cache=None):
+    """The plan's cubin and ptxas report, through the disk cache (compiling on a miss unless
+    compiling at run time is disabled: then KernelNotCachedError)."""
+    from .cache import default_cache
+    from .nvrtc import CompileOptions
+    return (cache or default_cache()).get_or_compile(plan.source(), plan.kernel_name, CompileOptions(plan.arch),
+                                                     plan.key)
+
+
+def compile_fn(cache=None) -> CompileFn:
+    """A compile function for the tile searches: resources by kernel name, or None for a plan
+    that cannot be compiled now (compiling at run time disabled and the plan not cached; a
+    build would have cached the candidate it chose)."""
+    from .cache import KernelNotCachedError
+
+    def run(plan: KernelPlan):
+        try:
+            return compile_plan(plan, cache).resources
+        except KernelNotCachedError:
+            return None
+    return run
+
+
+class Launcher:
+    """One loaded kernel and its ABI: computes the grid from the problem sizes and launches on
+    torch's current stream. Arguments come in the ABI's order (`abi.args`)."""
+
+    __slots__ = ("abi", "function", "_grid", "_block", "_smem")
+
+    def __init__(self, abi: KernelABI, function: LoadedKernel):
+        self.abi, self.function = abi, function
+        self._grid, self._block, self._smem = abi.grid_for, abi.block, abi.shared_bytes
+        if self._smem > _DEFAULT_SMEM:
+            function.set_max_dynamic_shared_mem(self._smem)   # at load: before any graph capture
+
+    def grid(self, *problem: int) -> tuple[int, int, int]:
+        return self._grid(*problem)
+
+    def __call__(self, problem: Sequence[int], args: Sequence[Any]) -> None:
+        self.function.launch(self._grid(*problem), self._block, args, shared_mem=self._smem)
+
+
+def load_kernels(cubin: bytes, abis: Sequence[KernelABI], device: Any) -> dict[str, Launcher]:
+    """Load a cubin into `device`'s primary context; a Launcher for each ABI, by kernel name."""
+    module = CudaModule(cubin, device)
+    return {abi.name: Launcher(abi, module.function(abi.name, abi.launch_types)) for abi in abis}
+
+
+def device_arch(device: Any = None) -> str:
+    """'sm_90' for the device's compute capability."""
+    return "sm_%d%d" % torch.cuda.get_device_capability(device)
+
+
+def pointer_args(abi: KernelABI, values: Mapping[str, Any]) -> list[Any]:
+    """The ABI's arguments in order, each taken from `values` by its ref (for callers that
+    hold their arguments by name; hot paths precompute the order instead)."""
+    return [values[a.ref] for a in abi.args]
