@@ -19,21 +19,27 @@ evaluator on CUDA tensors too: torch operations, so cuBLAS for the products.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import sympy
 import torch
 
-from ..codegen.plan import RowPlan, plan_layer
-from ..dsl.evaluator import LayerInputError, evaluate
+from ..codegen.plan import layer_interface, plan_layer
+from ..dsl.evaluator import LayerInputError, _bind_dim, evaluate
 from ..dsl.program import Layer
-from ..dsl.types import shape_str
+from ..dsl.types import DType
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
 
 
 def _dim_spec(d) -> int | str | sympy.Expr:
+    """A dim as an int, a dim name, or an expression over dim symbols (integer, positive, as
+    the DSL makes them); `d` is a sympy expression or its text (a manifest's)."""
+    if isinstance(d, str):
+        names = {n: sympy.Symbol(n, integer=True, positive=True) for n in re.findall(r"[A-Za-z_]\w*", d)}
+        d = sympy.parse_expr(d, local_dict=names)
     d = sympy.sympify(d)
     if d.is_Integer:
         return int(d)
@@ -45,45 +51,60 @@ def _dim_spec(d) -> int | str | sympy.Expr:
 @dataclass
 class _Launch:
     kernel: Any          # runtime.launch.Launcher
-    plan: RowPlan
     arg_refs: list       # (role, ref) of each kernel argument, in the ABI's order
 
 
 class LayerModule(torch.nn.Module):
-    def __init__(self, layer: Layer, *, arch: str | None = None, cache=None, device=None, **scalars: Any):
+    def __init__(self, layer: Layer | None, *, arch: str | None = None, cache=None, device=None,
+                 interface: dict | None = None, name: str | None = None, **scalars: Any):
         super().__init__()
-        fn = layer.function
-        if fn.kind != "layer":
+        if layer is not None and layer.function.kind != "layer":
             raise TypeError(f"{layer.name} is an attention block; use the attention module")
         self.layer = layer
-        self.function = fn
+        self.function = layer.function if layer is not None else None
+        self.name = layer.name if layer is not None else name
         self.arch = arch
         self._cache = cache
+        info = interface or layer_interface(layer)
         self._weights: dict[str, str] = {}   # DSL name -> attribute name
         self._inputs: list[str] = []          # DSL names of forward() tensor arguments
         self._scalars: dict[str, Any] = {}
-        self._specs = {p.name: [_dim_spec(d) for d in p.shape] for p in fn.tensor_params}
-        for p in fn.params:
-            if p.kind == "tensor":
-                if all(isinstance(s, int) for s in self._specs[p.name]):
-                    attr = WEIGHT_NAMES.get(p.name, p.name)
+        self._params = [(p["name"], p["dtype"], DType[p["dtype"]].torch, [_dim_spec(d) for d in p["shape"]])
+                        for p in info["params"] if p["kind"] == "tensor"]
+        self._specs = {n: spec for n, _, _, spec in self._params}
+        for p in info["params"]:
+            if p["kind"] == "tensor":
+                spec = self._specs[p["name"]]
+                if all(isinstance(s, int) for s in spec):
+                    attr = WEIGHT_NAMES.get(p["name"], p["name"])
                     init = torch.zeros if attr == "bias" else torch.ones
-                    t = init(*self._specs[p.name], dtype=p.dtype.torch, device=device)
+                    t = init(*spec, dtype=DType[p["dtype"]].torch, device=device)
                     self.register_parameter(attr, torch.nn.Parameter(t, requires_grad=False))
-                    self._weights[p.name] = attr
+                    self._weights[p["name"]] = attr
                 else:
-                    self._inputs.append(p.name)
-            elif p.kind == "scalar":
-                self._scalars[p.name] = scalars.pop(p.name, p.default)
+                    self._inputs.append(p["name"])
+            else:
+                self._scalars[p["name"]] = scalars.pop(p["name"], p["default"])
         if scalars:
-            raise TypeError(f"{layer.name}: unknown scalar arguments {sorted(scalars)}; "
+            raise TypeError(f"{self.name}: unknown scalar arguments {sorted(scalars)}; "
                             f"it takes {sorted(self._scalars) or 'none'}")
-        self._out_specs = [[_dim_spec(d) for d in o.shape] for o in fn.outputs]
-        self._out_dtypes = [o.dtype.torch for o in fn.outputs]
+        self._out_specs = [[_dim_spec(d) for d in o["shape"]] for o in info["outputs"]]
+        self._out_dtypes = [DType[o["dtype"]].torch for o in info["outputs"]]
         self._launches: dict[tuple, _Launch] = {}
+        self._images: dict[int, tuple] = {}   # vec_bytes -> (cubin, KernelABI, row dims): a pack's kernels
         self._lead: list | None = None
         self._recipes: dict[tuple, tuple] = {}  # per input shapes: everything but the pointers
-        self._no_kernel: str | None | bool = False   # False: not decided yet
+        self._no_kernel: str | None | bool = False if layer is not None else None   # False: not decided yet
+
+    @classmethod
+    def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None, **scalars: Any
+                    ) -> LayerModule:
+        """A module over compiled kernels (a pack's): `images` maps the vector width a kernel
+        assumes (16: aligned tensors) to (cubin, KernelABI, row dims). No NVRTC and no DSL; CPU
+        tensors and tensors the pack has no kernel for are errors."""
+        self = cls(None, arch=arch, device=device, interface=interface, name=name, **scalars)
+        self._images = dict(images)
+        return self
 
     @property
     def kernel_reason(self) -> str | None:
@@ -104,15 +125,15 @@ class LayerModule(torch.nn.Module):
         return list(self._inputs)
 
     def extra_repr(self) -> str:
-        return f"{self.layer.name}, inputs={self._inputs}, scalars={self._scalars}"
+        return f"{self.name}, inputs={self._inputs}, scalars={self._scalars}"
 
     def forward(self, *args: torch.Tensor, out: tuple[torch.Tensor, ...] | None = None, **kwargs: Any):
         if len(args) != len(self._inputs):
-            raise LayerInputError(f"{self.layer.name}: expected {len(self._inputs)} tensor argument"
+            raise LayerInputError(f"{self.name}: expected {len(self._inputs)} tensor argument"
                                   f"{'s' * (len(self._inputs) != 1)} ({', '.join(self._inputs)}), got {len(args)}")
         for k in kwargs:
             if k not in self._scalars:
-                raise LayerInputError(f"{self.layer.name}: unknown argument '{k}' "
+                raise LayerInputError(f"{self.name}: unknown argument '{k}' "
                                       f"(scalars: {', '.join(self._scalars) or 'none'})")
         tensors = dict(zip(self._inputs, args))
         for name, attr in self._weights.items():
@@ -120,13 +141,16 @@ class LayerModule(torch.nn.Module):
         scalars = {**self._scalars, **kwargs}
         first = args[0] if args else next(iter(tensors.values()))
         if not isinstance(first, torch.Tensor):
-            raise LayerInputError(f"{self.layer.name}: '{self._inputs[0]}' must be a torch.Tensor")
+            raise LayerInputError(f"{self.name}: '{self._inputs[0]}' must be a torch.Tensor")
         if first.device.type != "cuda" or self.kernel_reason is not None:
+            if self.layer is None:
+                raise LayerInputError(f"{self.name}: a module loaded from a pack runs CUDA tensors only (the "
+                                      f"reference evaluator on {first.device.type} tensors needs the DSL definition)")
             self._bind(tensors, first.device, contiguous=False)
             outs = evaluate(self.function, {**tensors, **scalars})
             if out is not None:
                 if len(out) != len(outs) or any(o.shape != r.shape or o.dtype != r.dtype for o, r in zip(out, outs)):
-                    raise LayerInputError(f"{self.layer.name}: out= must be {len(outs)} tensor(s) shaped "
+                    raise LayerInputError(f"{self.name}: out= must be {len(outs)} tensor(s) shaped "
                                           f"{[tuple(r.shape) for r in outs]}")
                 for o, r in zip(out, outs):
                     o.copy_(r)
@@ -138,34 +162,32 @@ class LayerModule(torch.nn.Module):
     def _bind(self, tensors: dict[str, torch.Tensor], device: torch.device, contiguous: bool = True
               ) -> dict[str, int]:
         dims: dict[str, int] = {}
-        fn = self.function
-        for p in fn.tensor_params:
-            x = tensors[p.name]
+        name = self.name
+        for pname, dtype_name, dtype, spec in self._params:
+            x = tensors[pname]
+            shape = "[" + ", ".join(map(str, spec)) + "]"
             if not isinstance(x, torch.Tensor):
-                raise LayerInputError(f"{fn.name}: '{p.name}' must be a torch.Tensor, got {type(x).__name__}")
-            if x.dtype != p.dtype.torch:
-                raise LayerInputError(f"{fn.name}: '{p.name}' must be {p.dtype} ({p.dtype.torch}), got {x.dtype}")
+                raise LayerInputError(f"{name}: '{pname}' must be a torch.Tensor, got {type(x).__name__}")
+            if x.dtype != dtype:
+                raise LayerInputError(f"{name}: '{pname}' must be {dtype_name} ({dtype}), got {x.dtype}")
             if x.device != device:
-                raise LayerInputError(f"{fn.name}: '{p.name}' is on {x.device}, expected {device} "
+                raise LayerInputError(f"{name}: '{pname}' is on {x.device}, expected {device} "
                                       f"(all inputs and weights on one device)")
-            spec = self._specs[p.name]
             if x.dim() != len(spec):
-                raise LayerInputError(f"{fn.name}: '{p.name}' must have shape {shape_str(p.shape)}, "
-                                      f"got {tuple(x.shape)}")
+                raise LayerInputError(f"{name}: '{pname}' must have shape {shape}, got {tuple(x.shape)}")
             for axis, (s, n) in enumerate(zip(spec, x.shape)):
                 if s.__class__ is int:
                     if n != s:
-                        raise LayerInputError(f"{fn.name}: '{p.name}' must have shape {shape_str(p.shape)}; "
-                                              f"dim {axis} is {n}, expected {s}")
+                        raise LayerInputError(f"{name}: '{pname}' must have shape {shape}; dim {axis} is {n}, "
+                                              f"expected {s}")
                 elif s.__class__ is str:
                     if dims.setdefault(s, n) != n:
-                        raise LayerInputError(f"{fn.name}: '{p.name}' dim {axis} is {n} but {s} = {dims[s]} "
+                        raise LayerInputError(f"{name}: '{pname}' dim {axis} is {n} but {s} = {dims[s]} "
                                               f"from an earlier input")
                 else:
-                    from ..dsl.evaluator import _bind_dim
-                    _bind_dim(fn, p.name, axis, s, int(n), dims)
+                    _bind_dim(self, pname, axis, s, int(n), dims)
             if contiguous and not x.is_contiguous():
-                raise LayerInputError(f"{fn.name}: '{p.name}' must be contiguous (strides {x.stride()}); "
+                raise LayerInputError(f"{name}: '{pname}' must be contiguous (strides {x.stride()}); "
                                       f"call .contiguous() first")
         return dims
 
@@ -182,14 +204,21 @@ class LayerModule(torch.nn.Module):
         if hit is not None:
             return hit
         from .launch import compile_plan, load_kernels
-        arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(device)
-        plan = plan_layer(self.layer, arch, vec_bytes=vec_bytes)
-        result = compile_plan(plan, self._cache)
-        kernel = load_kernels(result.cubin, plan.kernels, device)[plan.kernel_name]
-        launch = _Launch(kernel, plan, [(a.role, a.ref) for a in plan.abi.args])
+        if self.layer is None:   # a pack's module: the kernels it was built with
+            image = self._images.get(vec_bytes) or self._images.get(16)
+            if image is None or (vec_bytes < 16 and vec_bytes not in self._images):
+                raise LayerInputError(f"{self.name}: the pack has no kernel for tensors aligned to {vec_bytes} bytes "
+                                      f"(it has {sorted(self._images)}); pass 16-byte aligned tensors")
+            cubin, abi, lead = image
+        else:
+            arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(device)
+            plan = plan_layer(self.layer, arch, vec_bytes=vec_bytes)
+            cubin, abi, lead = compile_plan(plan, self._cache).cubin, plan.abi, plan.lowered().lead_dims
+        kernel = load_kernels(cubin, (abi,), device)[abi.name]
+        launch = _Launch(kernel, [(a.role, a.ref) for a in abi.args])
         self._launches[key] = launch
         if self._lead is None:
-            self._lead = [_dim_spec(d) for d in plan.lowered().lead_dims]
+            self._lead = [_dim_spec(d) for d in lead]
         return launch
 
     def _run_cuda(self, tensors, scalars, out):
@@ -210,7 +239,7 @@ class LayerModule(torch.nn.Module):
             outs = list(out)
             for i, (o, shape, dt) in enumerate(zip(outs, out_shapes, self._out_dtypes)):
                 if o.shape != shape or o.dtype != dt or o.device != device or not o.is_contiguous():
-                    raise LayerInputError(f"{self.layer.name}: out[{i}] must be a contiguous {dt} tensor of shape "
+                    raise LayerInputError(f"{self.name}: out[{i}] must be a contiguous {dt} tensor of shape "
                                           f"{tuple(shape)} on {device}")
         else:
             outs = [torch.empty(shape, dtype=dt, device=device) for shape, dt in zip(out_shapes, self._out_dtypes)]
@@ -229,7 +258,7 @@ class LayerModule(torch.nn.Module):
                 elif role == "scalar":
                     v = scalars[ref]
                     if v is None:
-                        raise LayerInputError(f"{self.layer.name}: scalar '{ref}' has no value")
+                        raise LayerInputError(f"{self.name}: scalar '{ref}' has no value")
                     argv.append(v)
                 elif ref == "rows":
                     argv.append(rows)
