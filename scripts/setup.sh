@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
+# the cuda extra: NVRTC and the CUDA headers as wheels (no CUDA toolkit needed; see README)
 "$PY" -m pip install -q -e ".[cuda,test]"
