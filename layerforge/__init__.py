@@ -48,6 +48,7 @@ _LAZY = {
     "LayerModule": ("runtime.layers", "LayerModule"),
     "PagedAttention": ("runtime.attention", "PagedAttention"),
     "PagedKVCache": ("runtime.kv_cache", "PagedKVCache"),
+    "load_pack": ("runtime.pack", "load_pack"),
     "LlamaPagedAttention": ("runtime.llama_attention", "LlamaPagedAttention"),
     "LlamaPagedDecoderLayer": ("runtime.llama_decoder", "LlamaPagedDecoderLayer"),
 }
@@ -62,6 +63,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
-           "dims_from_config", "module", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
+           "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer",
            "__version__"]

@@ -21,8 +21,7 @@ from ..codegen.families import plans_for_layer
 from ..codegen.plan import KernelPlan, LoweringError
 from ..dsl.errors import DSLError
 from ..dsl.program import Program, dims_from_config
-
-MANIFEST_FORMAT = 2   # packs of another format are refused by runtime/pack.py
+from .pack import MANIFEST_FORMAT
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import __version__
 from . import nvrtc as _nvrtc
 from .nvrtc import CompileOptions, CompileResult, KernelResources
 
@@ -39,14 +40,8 @@ Compiler = Callable[..., CompileResult]
 _CORRUPT = object()
 
 
-@functools.cache
 def layerforge_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("layerforge")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
+    return __version__   # one definition (layerforge/__init__.py); packs check it too
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,149 @@
+"""Load a `layerforge build` output folder (a pack) into modules, without a compiler.
+
+    pack = lf.load_pack("out/llama-3-8b")             # reads manifest.json, checks every cubin
+    norm = pack.layer("rms_norm", eps=1e-5)           # LayerModule over the pack's cubin
+    attn = pack.attention("llama_attn")               # PagedAttention (tensor-core prefill/decode)
+    cache = pack.kv_cache("llama_attn", num_pages=..., max_seqs=..., max_pages_per_seq=...)
+
+Everything a module needs comes from the manifest: each kernel's ABI (arguments, grid,
+block, shared memory) and its family's fields (a layer's interface, an attention block's
+heads and extra inputs, the append kernel's RoPE). Nothing here imports NVRTC or parses the
+DSL. A pack for another arch, format or layerforge version, or with a missing or corrupt
+cubin, is a clear `PackError` naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..codegen.abi import KernelABI
+
+__all__ = ["load_pack", "Pack", "PackError"]
+
+MANIFEST_FORMAT = 2   # what runtime/build.py writes; packs of another format are refused
+
+
+class PackError(RuntimeError):
+    """A pack that cannot be used here (the message says why and names the file)."""
+
+
+class Pack:
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+        self.arch: str = manifest["arch"]
+        self.dtype: str = manifest["dtype"]
+        self.page_size: int = manifest.get("page_size", 16)
+        self._entries = manifest["kernels"]
+        self._cubins: dict[str, bytes] = {}
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the row layers in the pack."""
+        return sorted({e["layer"] for e in self._entries if e["family"] == "row"})
+
+    @property
+    def attention_blocks(self) -> list[str]:
+        return sorted({e["layer"] for e in self._entries if e["family"] in ("tc_attention", "paged_attention")})
+
+    # ---- modules ----------------------------------------------------------------------------
+    def layer(self, name: str, *, device=None, **scalars: Any):
+        """The row layer `name` as a LayerModule (weights as parameters, CUDA tensors only)."""
+        from .layers import LayerModule
+        entries = [e for e in self._entries if e["family"] == "row" and e["layer"] == name]
+        if not entries:
+            raise PackError(f"{self.root}: no row layer {name!r} in the pack (it has {', '.join(self.layers)})")
+        images = {e["vec_bytes"]: (self._cubin(e), KernelABI.from_json(e["kernels"][0]), e["rows"]) for e in entries}
+        return LayerModule.from_images(name, entries[0]["interface"], images, arch=self.arch, device=device,
+                                       **scalars)
+
+    def attention(self, name: str, **scalars: Any):
+        """The attention block `name` as a PagedAttention over the pack's kernels."""
+        from .attention import PagedAttention
+        entries = [e for e in self._entries if e["family"] in ("tc_attention", "paged_attention") and e["layer"] == name]
+        if not entries:
+            raise PackError(f"{self.root}: no attention block {name!r} in the pack "
+                            f"(it has {', '.join(self.attention_blocks) or 'none'})")
+        images = {}
+        for e in entries:
+            mode = e.get("mode") if e["family"] == "tc_attention" else None
+            keys = e["tiles"]["keys"] if mode else 64
+            images[mode] = (self._cubin(e), tuple(KernelABI.from_json(k) for k in e["kernels"]), keys)
+        module = PagedAttention.from_images(name, entries[0]["interface"], images, page_size=entries[0]["page_size"],
+                                            arch=self.arch, **scalars)
+        module.rope = _rope_spec(entries[0]["interface"]["rope"])   # what the cache's append needs
+        return module
+
+    def kv_cache(self, name: str, *, num_pages: int, max_seqs: int, max_pages_per_seq: int, device=None):
+        """A PagedKVCache for attention block `name`, appending through the pack's kernel."""
+        from .kv_cache import PagedKVCache, register_append_kernel
+        info = next((e["interface"] for e in self._entries if e.get("layer") == name and "interface" in e
+                     and e["family"] != "row"), None)
+        if info is None:
+            raise PackError(f"{self.root}: no attention block {name!r} in the pack")
+        for e in self._entries:
+            if e["family"] == "kv_append":
+                register_append_kernel(e["key"], self._cubin(e), KernelABI.from_json(e["kernels"][0]))
+        return PagedKVCache(num_pages, self.page_size, info["num_kv_heads"], info["head_dim"], info["dtype"],
+                            device if device is not None else torch.device("cuda", torch.cuda.current_device()),
+                            max_seqs, max_pages_per_seq, arch=self.arch)
+
+    # ---- files ------------------------------------------------------------------------------
+    def _cubin(self, entry: dict) -> bytes:
+        key = entry["key"]
+        if key not in self._cubins:
+            path = self.root / entry["cubin"]
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise PackError(f"{path}: the pack's cubin for {key} cannot be read ({e.strerror})") from None
+            if hashlib.sha256(data).hexdigest() != entry["cubin_sha256"]:
+                raise PackError(f"{path}: the cubin for {key} does not match the manifest's checksum "
+                                f"(corrupt or replaced); rebuild the pack")
+            self._cubins[key] = data
+        return self._cubins[key]
+
+    def check_device(self, device=None) -> None:
+        """Raise PackError unless the GPU runs this pack's cubins (same compute capability)."""
+        have = "sm_%d%d" % torch.cuda.get_device_capability(device)
+        if have != self.arch.rstrip("af"):
+            raise PackError(f"{self.root}: the pack was built for {self.arch}, this GPU is {have}; "
+                            f"rebuild with `layerforge build --arch {have}`")
+
+
+def load_pack(path: str | Path, *, check_device: bool = True) -> Pack:
+    """Open a pack and check it: its format and layerforge version, every cubin against its
+    checksum, and (with a GPU, unless check_device=False) the arch."""
+    root = Path(path)
+    mpath = root / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise PackError(f"{mpath}: no manifest; is {root} a `layerforge build` output folder?") from None
+    except json.JSONDecodeError as e:
+        raise PackError(f"{mpath}: not valid JSON ({e})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise PackError(f"{mpath}: pack format {manifest.get('format')!r}, this layerforge reads {MANIFEST_FORMAT}; "
+                        f"rebuild the pack")
+    if manifest.get("layerforge") != __version__:
+        raise PackError(f"{mpath}: built by layerforge {manifest.get('layerforge')}, this is {__version__}; "
+                        f"rebuild the pack (kernel ABIs may differ between versions)")
+    pack = Pack(root, manifest)
+    for entry in pack._entries:
+        pack._cubin(entry)
+    if check_device and torch.cuda.is_available():
+        pack.check_device()
+    return pack
+
+
+def _rope_spec(desc: dict | None):
+    if desc is None:
+        return None
+    from ..dsl.ir import RopeSpec
+    scaling = tuple(desc["scaling"]) if desc.get("scaling") else None
+    return RopeSpec(theta=desc["theta"], style=desc["style"], rotary_dim=desc["rotary_dim"], scaling=scaling)
