@@ -115,10 +115,6 @@ class Function:
     span: Span = UNKNOWN_SPAN
     bindings: tuple = ()           # ((name, value), ...) applied at specialisation
 
-    @property
-    def tensor_params(self) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if p.kind == "tensor")
-
     def nodes(self) -> list[Node]:
         return toposort(self.outputs)
 
