@@ -19,23 +19,27 @@ from typing import Any, Callable
 
 from ..codegen.families import plans_for_layer
 from ..codegen.plan import KernelPlan, LoweringError
+from ..dsl.ast import AttentionDef
 from ..dsl.errors import DSLError
 from ..dsl.program import Program, dims_from_config
 from .pack import MANIFEST_FORMAT
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
-                    names: list[str] | None = None, page_size: int = 16, cache=None) -> tuple[list, dict[str, str]]:
+                    names: list[str] | None = None, page_size: int = 16, cache=None,
+                    kv_dtype: str | None = None) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover (codegen.families decides
     which kernels a definition needs; shared ones, like a KV append, appear once); the others
-    with the reason."""
+    with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`)."""
     from .launch import compile_fn
     plans, skipped = [], {}
     seen: set[str] = set()
     tile_compile = compile_fn(cache)
     for name in names or program.names:
         try:
-            layer = program.specialise(name, dtype=dtype, **program.bindings_for(name, bindings))
+            is_attention = isinstance(program.definition(name), AttentionDef)
+            t = (kv_dtype or dtype) if is_attention else dtype
+            layer = program.specialise(name, dtype=t, **program.bindings_for(name, bindings))
             for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile):
                 if plan.key not in seen:
                     seen.add(plan.key)
@@ -55,7 +59,7 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
-          progress: Callable[[str], None] | None = None) -> dict:
+          kv_dtype: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan
     from .nvrtc import nvrtc_version
@@ -63,7 +67,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or default_cache()
-    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache)
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype)
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
 
@@ -93,7 +97,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
             })
     manifest = {
         "format": MANIFEST_FORMAT, "layerforge": layerforge_version(), "nvrtc": ".".join(map(str, nvrtc_version())),
-        "arch": arch, "dtype": dtype, "page_size": page_size, "bindings": bindings, "kernels": entries,
+        "arch": arch, "dtype": dtype, "kv_dtype": kv_dtype or dtype, "page_size": page_size, "bindings": bindings, "kernels": entries,
         "skipped": skipped, "build_seconds": round(time.perf_counter() - t0, 3),
     }
     _write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -129,7 +133,7 @@ def cli_build(args) -> int:
     names = args.layers.split(",") if args.layers else None
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
-              page_size=args.page_size, progress=show)
+              page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show)
     n = len(m["kernels"])
     print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
     for name, why in m["skipped"].items():

@@ -60,3 +60,19 @@ def test_build_includes_attention_and_kv_append_kernels(tmp_path):
     att = next(k for k in m["kernels"] if k["layer"] == "llama_attn" and k["family"] == "paged_attention")
     assert att["consts"] == {"theta": 500000.0} and att["dims"] == {"D": 128, "Hkv": 8, "Hq": 32}
     assert len(att["kernels"]) == 2 and all(k["spill_bytes"] == 0 for k in m["kernels"])
+
+
+def test_build_flags_choose_the_page_size_and_the_kv_dtype(tmp_path):
+    env = {**os.environ, "LAYERFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "pack"
+    cmd = [sys.executable, "-m", "layerforge", "build", "--config", str(ROOT / "examples/llama-3-8b/config.json"),
+           "--arch", "sm_90", "--dtype", "f32", "--kv-dtype", "f16", "--page-size", "64",
+           "--layers", "rms_norm,llama_attn", "-o", str(out), "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["dtype"], m["kv_dtype"], m["page_size"]) == ("f32", "f16", 64)
+    by_family = {k["family"]: k for k in m["kernels"]}
+    assert by_family["row"]["key"] == "rms_norm_h4096_f32_sm90"
+    assert by_family["kv_append"]["key"].startswith("kv_append_hkv8_d128_p64_f16_")
+    assert by_family["paged_attention"]["interface"]["dtype"] == "f16" and by_family["paged_attention"]["page_size"] == 64
