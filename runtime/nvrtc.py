@@ -156,7 +156,6 @@ def supported_archs() -> tuple[int, ...]:
 # Headers of another major do not fit NVRTC's builtins, so every candidate is version-checked.
 
 INCLUDE_ENV = "LAYERFORGE_CUDA_INCLUDE"  # override: directories (os.pathsep-separated)
-HEADER_PACKAGE = "nvidia-cuda-runtime"
 _REQUIRED_HEADERS = ("cuda_fp16.h", "cuda_bf16.h")
 _CUDART_VERSION_RE = re.compile(rb"#define\s+CUDART_VERSION\s+(\d+)")
 
@@ -190,12 +189,18 @@ def find_cuda_include_dirs() -> tuple[str, ...]:
         if all((candidate / h).is_file() for h in _REQUIRED_HEADERS) and \
                 cuda_header_version(candidate)[0] in (major, None):
             return (str(candidate),)
+    package = header_package(major)
     raise CudaHeadersNotFound(
         f"the CUDA headers the kernels include ({', '.join(_REQUIRED_HEADERS)}) were not found "
-        f"for NVRTC {major}.x: install the {HEADER_PACKAGE} wheel of the same major version "
-        f"(pip install '{HEADER_PACKAGE}>={major},<{major + 1}', or layerforge's 'cuda' extra), "
+        f"for NVRTC {major}.x: install the {package} wheel of the same major version "
+        f"(pip install '{package}>={major},<{major + 1}', or layerforge's 'cuda' extra), "
         f"or set {INCLUDE_ENV} to a directory holding them."
         + ("\nlooked in: " + "; ".join(tried) if tried else ""))
+
+
+def header_package(major: int) -> str:
+    """The pip package with the CUDA headers of NVRTC `major` (CUDA 12's wheels had a suffix)."""
+    return "nvidia-cuda-runtime" if major >= 13 else f"nvidia-cuda-runtime-cu{major}"
 
 
 def _header_dir_candidates(major: int):
@@ -204,7 +209,7 @@ def _header_dir_candidates(major: int):
     # CUDA 13+ wheels share nvidia/cuXY/include; CUDA 12's runtime wheel has its own folder
     wheel_dir = f"cu{major}/include" if major >= 13 else "cuda_runtime/include"
     for root in (spec.submodule_search_locations or []) if spec else []:
-        yield f"{HEADER_PACKAGE} wheel", Path(root, wheel_dir)
+        yield f"{header_package(major)} wheel", Path(root, wheel_dir)
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             yield f"${var}", Path(os.environ[var], "include")

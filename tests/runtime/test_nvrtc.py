@@ -125,12 +125,15 @@ def test_headers_of_another_major_are_not_used(tmp_path, no_header_sources):
         find_cuda_include_dirs.__wrapped__()
 
 
-def test_without_the_wheel_the_error_names_the_package_and_the_override(no_header_sources):
-    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (13, 0))
+@pytest.mark.parametrize("major, requirement", [(13, "nvidia-cuda-runtime>=13,<14"),
+                                                (12, "nvidia-cuda-runtime-cu12>=12,<13")])
+def test_without_the_wheel_the_error_names_the_package_and_the_override(no_header_sources, major,
+                                                                        requirement):
+    no_header_sources.setattr(nvrtc_mod, "nvrtc_version", lambda: (major, 0))
     with pytest.raises(CudaHeadersNotFound) as info:
         find_cuda_include_dirs.__wrapped__()  # and /usr/local/cuda, if present, is not guessed
     message = str(info.value)
-    assert "nvidia-cuda-runtime>=13,<14" in message and "LAYERFORGE_CUDA_INCLUDE" in message
+    assert requirement in message and "LAYERFORGE_CUDA_INCLUDE" in message
     assert isinstance(info.value, NVRTCError)
 
 
