@@ -59,7 +59,7 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
-          kv_dtype: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+          kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False) -> dict:
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan
     from .nvrtc import nvrtc_version
@@ -101,7 +101,23 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
         "skipped": skipped, "build_seconds": round(time.perf_counter() - t0, 3),
     }
     _write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    if trt:
+        write_trt_plugins(plans, out / "trt", arch, cache)
     return manifest
+
+
+def write_trt_plugins(plans: list[KernelPlan], folder: Path, arch: str, cache) -> None:
+    """`build --trt`: TensorRT plugin sources for the plans (codegen/trt_render.py) in `folder`;
+    the AOT entries' PTX comes through the disk cache like every compile."""
+    from ..codegen.trt_render import plugin_files
+    from .nvrtc import CompileOptions
+
+    def compile_ptx(source: str, name: str, key: str) -> str:
+        return cache.get_or_compile(source, name, CompileOptions(arch), key, want_ptx=True).ptx
+    folder.mkdir(parents=True, exist_ok=True)
+    files = plugin_files(plans, arch=arch, cubin_files={p.key: f"{p.key}.cubin" for p in plans}, compile_ptx=compile_ptx)
+    for name, text in files.items():
+        _write_if_changed(folder / name, text.encode())
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -133,7 +149,7 @@ def cli_build(args) -> int:
     names = args.layers.split(",") if args.layers else None
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
-              page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show)
+              page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt)
     n = len(m["kernels"])
     print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
     for name, why in m["skipped"].items():
