@@ -126,12 +126,16 @@ def _python_context(spec: PluginSpec, entry: AotEntry) -> dict:
                                                                 for a in spec.attributes],
         "dims": [f"v_{d} = {spec.inputs[i].name}[{axis}]" for d, i, axis in spec.dims],
         "sizes": [f"v_{n} = {ex.python(e)}" for n, e in spec.sizes],
-        "outputs": [("(" + "".join(f"{ex.python(e)}, " for e in t.shape) + ")", TRT_DTYPES[t.dtype][0])
-                    for t in spec.outputs],
+        "outputs": [(_py_tuple(ex.python(e) for e in t.shape), TRT_DTYPES[t.dtype][0]) for t in spec.outputs],
         "grid": [ex.python(g) for g in abi.grid], "block": list(abi.block), "shared_mem": abi.shared_bytes,
-        "extras": [v for _, v in entry.extras], "extra_names": [n for n, _ in entry.extras],
+        "extras": _py_tuple(v for _, v in entry.extras), "extra_names": [n for n, _ in entry.extras],
         "io_types": ", ".join(TRT_DTYPES[t.dtype][1] for t in (*spec.inputs, *spec.outputs)),
     }
+
+
+def _py_tuple(items) -> str:
+    items = list(items)
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 def _cpp_context(spec: PluginSpec, cubin_file: str) -> dict:
@@ -151,12 +155,15 @@ def _cpp_context(spec: PluginSpec, cubin_file: str) -> dict:
         else:
             args.append((ctype, f"static_cast<{ctype}>(v_{ref})"))
     checks = [(i, axis, int(e)) for i, t in enumerate(spec.inputs) for axis, e in enumerate(t.shape) if e.isdigit()]
+    bound = {(i, axis) for _, i, axis in spec.dims}
+    agree = [(i, axis, ex.c_int(e)) for i, t in enumerate(spec.inputs) for axis, e in enumerate(t.shape)
+             if not e.isdigit() and (i, axis) not in bound]   # e.g. a second input's N, a table's B
     return {
         "key": spec.name, "cls": "Plugin_" + spec.name, "form": spec.form, "kernel": abi.name,
         "cubin": cubin_file, "cubin_symbol": "lf_cubin_" + spec.name,
         "inputs": spec.inputs, "nb_outputs": len(spec.outputs),
         "types": [TRT_DTYPES[t.dtype][2] for t in (*spec.inputs, *spec.outputs)],
-        "ranks": [len(t.shape) for t in spec.inputs], "checks": checks,
+        "ranks": [len(t.shape) for t in spec.inputs], "checks": checks, "agree": agree,
         "attributes": [(a.name, "kFLOAT32" if a.dtype == "f32" else "kINT32", a.default) for a in spec.attributes],
         "expr_dims": [f"IDimensionExpr const* e_{d} = inputs[{i}].d[{axis}];" for d, i, axis in spec.dims],
         "expr_sizes": [f"IDimensionExpr const* e_{n} = {ex.c_expr(e)};" for n, e in spec.sizes],

@@ -1,0 +1,73 @@
+"""The generated tensorrt.plugin module: it compiles, imports with or without TensorRT, serves
+or names every kernel of the example pack, and asks TensorRT for what the runtime launches."""
+import py_compile
+
+import pytest
+
+from .pack import attention_input_shapes, expected_launch, f32_bits, import_plugins, row_input_shapes
+
+ROW_DIMS = [{"N": 1, "Nh": 1}, {"N": 7, "Nh": 32}, {"N": 300, "Nh": 8}]
+ATTENTION_SHAPES = [dict(T=1, S=1, MP=1, P=1), dict(T=5, S=3, MP=9, P=40), dict(T=64, S=64, MP=256, P=4096)]
+
+
+@pytest.fixture(scope="module")
+def plugins(trt_pack):
+    return import_plugins(trt_pack)
+
+
+def test_module_compiles_and_imports_without_tensorrt(trt_pack, plugins):
+    py_compile.compile(str(trt_pack / "trt" / "layerforge_trt_plugins.py"), doraise=True)
+    try:
+        import tensorrt.plugin  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    assert (plugins.trtp is not None) == has_trt
+
+
+def test_every_kernel_is_a_plugin_or_excluded_with_its_reason(manifest, plugins):
+    keys = {e["key"]: e for e in manifest["kernels"]}
+    assert set(plugins.PLUGINS) | set(plugins.EXCLUDED) == set(keys)
+    assert not set(plugins.PLUGINS) & set(plugins.EXCLUDED)
+    served = {keys[k]["family"] for k in plugins.PLUGINS}
+    assert served == {"row", "paged_attention"}
+    for key, why in plugins.EXCLUDED.items():
+        family, mode = keys[key]["family"], keys[key].get("mode")
+        expected = {"kv_append": "in place", "tc_attention": "max_q_len" if mode == "prefill" else "shared memory"}
+        assert expected[family] in why, (key, why)
+
+
+def test_ptx_of_every_plugin_is_beside_the_module_and_declares_its_entry(trt_pack, plugins):
+    for key, p in plugins.PLUGINS.items():
+        ptx = (trt_pack / "trt" / p["ptx"]).read_text()
+        assert f".visible .entry {p['kernel']}(" in ptx, key
+
+
+@pytest.mark.parametrize("dims", ROW_DIMS, ids=lambda d: f"N{d['N']}")
+def test_row_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugins, dims):
+    rows = [e for e in manifest["kernels"] if e["family"] == "row"]
+    assert rows and all(e["key"] in plugins.PLUGINS for e in rows)   # every row kernel has a plugin
+    for e in rows:
+        p = plugins.PLUGINS[e["key"]]
+        shapes = row_input_shapes(e, dims)
+        want = expected_launch(trt_pack, e, shapes)
+        scalars = [want.args[f"s_{n}"] for n in p["attributes"]]
+        got = p["launch"](*shapes, *scalars)
+        assert (got.grid, got.block, got.shared_mem) == (want.grid, want.block, want.shared_mem), e["key"]
+        expected_extras = tuple(f32_bits(v) if isinstance(v, float) else v for v in want.args.values())
+        assert got.extra_args == expected_extras, e["key"]
+        assert [(tuple(s), d) for s, d in p["shapes"](*shapes)] == [(s, "bfloat16") for s in want.outputs], e["key"]
+
+
+@pytest.mark.parametrize("sizes", ATTENTION_SHAPES, ids=lambda s: f"T{s['T']}")
+def test_attention_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugins, sizes):
+    entries = [e for e in manifest["kernels"] if e["family"] == "paged_attention"]
+    assert entries and all(e["key"] in plugins.PLUGINS for e in entries)
+    for e in entries:
+        p = plugins.PLUGINS[e["key"]]
+        shapes = attention_input_shapes(e, **sizes)
+        want = expected_launch(trt_pack, e, shapes)
+        got = p["launch"](*shapes, *[want.args[f"s_{n}"] for n in p["attributes"]])
+        assert (got.grid, got.block, got.shared_mem) == (want.grid, want.block, want.shared_mem), e["key"]
+        assert got.extra_args == tuple(f32_bits(v) if isinstance(v, float) else v for v in want.args.values())
+        assert [tuple(s) for s, _ in p["shapes"](*shapes)] == want.outputs
