@@ -32,6 +32,7 @@ from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
 from ..dsl.types import DType
+from . import ops
 
 
 class PagedAttention:
@@ -206,6 +207,10 @@ class PagedAttention:
                  extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
                  out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
         """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position."""
+        if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
+            return ops.paged_attention(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos,
+                                       max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
+                                       scalars=scalars)
         dev, S, max_pages, out, values = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
                                                            extra, out, scalars)
         T = q.shape[0]
@@ -238,6 +243,10 @@ class PagedAttention:
                 out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
         max_q_len bounds every sequence's new tokens (a host int, like max_kv_len)."""
+        if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
+            return ops.paged_prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=max_q_len,
+                                     max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
+                                     scalars=scalars)
         if isinstance(q, torch.Tensor) and q.device.type == "cuda" and self.kernel != "tc":
             raise LayerInputError(f"{self.name}: the ragged prefill form needs the tensor-core kernels "
                                   f"(kernel='tc', sm_80 or newer)")

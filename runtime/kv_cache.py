@@ -34,6 +34,7 @@ import torch
 
 from ..codegen.kv_append import KVAppendPlan, rope_fields, rope_inv_freq
 from ..dsl.evaluator import LayerInputError
+from . import ops
 
 __all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError"]
 
@@ -244,7 +245,13 @@ class PagedKVCache:
 
         Everything is checked before anything is written: a bad call raises ValueError
         (LayerInputError for tensors, KVCacheError for positions and pages) and changes nothing.
+
+        Traced (torch.compile, torch.export): one `layerforge::kv_append` op whose real
+        implementation is this method, so the bookkeeping runs on the host at each call of the
+        compiled program (runtime/ops.py).
         """
+        if torch.compiler.is_compiling():
+            return ops.kv_append(self, seq_ids, k, v, rope, positions)[0]
         prep = self._prepare(seq_ids, k, v, rope, positions)
         if prep.pages.size:
             if self.device.type == "cuda":

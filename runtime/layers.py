@@ -30,6 +30,7 @@ from ..codegen.plan import layer_interface, plan_layer
 from ..dsl.evaluator import LayerInputError, _bind_dim, evaluate
 from ..dsl.program import Layer
 from ..dsl.types import DType
+from . import ops
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
 
@@ -135,11 +136,17 @@ class LayerModule(torch.nn.Module):
             if k not in self._scalars:
                 raise LayerInputError(f"{self.name}: unknown argument '{k}' "
                                       f"(scalars: {', '.join(self._scalars) or 'none'})")
+        if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
+            return ops.row_layer(self, args, kwargs, out)
         tensors = dict(zip(self._inputs, args))
         for name, attr in self._weights.items():
             tensors[name] = getattr(self, attr)
-        scalars = {**self._scalars, **kwargs}
-        first = args[0] if args else next(iter(tensors.values()))
+        return self._forward_bound(tensors, {**self._scalars, **kwargs}, out)
+
+    def _forward_bound(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], out):
+        """The direct path, over every tensor (inputs and weights) and scalar by DSL name; the
+        custom op's implementation calls it with the weights the graph passes."""
+        first = next(iter(tensors.values()))
         if not isinstance(first, torch.Tensor):
             raise LayerInputError(f"{self.name}: '{self._inputs[0]}' must be a torch.Tensor")
         if first.device.type != "cuda" or self.kernel_reason is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..dsl.program import Program
+from . import ops
 from .attention import PagedAttention
 from .kv_cache import PagedKVCache
 
@@ -54,6 +55,8 @@ class LlamaPagedAttention(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, *, seq_ids, cache: PagedKVCache) -> torch.Tensor:
         """hidden: [T, H], the new tokens of one or more sequences; seq_ids: the sequence of
         each token (host ints). Tokens of a sequence take the positions after its cached ones."""
+        if torch.compiler.is_compiling():
+            return self._traced_forward(hidden, seq_ids, cache)
         T = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
         # k and v stay strided views of the fused output (the append kernel takes token strides)
@@ -76,6 +79,35 @@ class LlamaPagedAttention(torch.nn.Module):
             q_seq, q_pos = cache.last_tokens
             o = self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
                                max_kv_len=max_len)
+        return self.o_proj(o.view(T, self.hq * self.d))
+
+    def _traced_forward(self, hidden: torch.Tensor, seq_ids, cache: PagedKVCache) -> torch.Tensor:
+        """forward() under torch.compile / torch.export: the append and the attention are custom
+        ops (runtime/ops.py). What eager reads from the host after the append cannot be traced, so
+        here: seq_ids is a list the graph specialises on (prefill or decode is chosen from it when
+        tracing; a decode step of a fixed batch traces once), the kernels' max_kv_len is the
+        page table's capacity (an upper bound: the kernels read the lengths from seq_lens; only
+        the split-KV heuristic sees it), and the tokens' sequences and positions on the device
+        come out of the append op."""
+        T = hidden.shape[0]
+        ids = [int(i) for i in seq_ids]
+        q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
+        _, q_seq, q_pos = ops.kv_append(cache, ids, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d),
+                                        self.rope)
+        page_table, seq_lens = ops.cache_tables(cache)
+        capacity = page_table.shape[1] * self.page_size
+        q = q.contiguous().view(T, self.hq, self.d)
+        if len(set(ids)) < T and ids == sorted(ids):
+            counts = [ids.count(s) for s in range(page_table.shape[0])]
+            cu = [0]
+            for c in counts:
+                cu.append(cu[-1] + c)
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=hidden.device)
+            o = self.attention.prefill(q, cache.k_cache, cache.v_cache, page_table, seq_lens, cu_t,
+                                       max_q_len=max(counts), max_kv_len=capacity)
+        else:
+            o = self.attention(q, cache.k_cache, cache.v_cache, page_table, seq_lens, q_seq, q_pos,
+                               max_kv_len=capacity)
         return self.o_proj(o.view(T, self.hq * self.d))
 
     @property
