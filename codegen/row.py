@@ -67,6 +67,11 @@ class RowLowering:
     """IR function (specialised: static widths, dynamic leading dims) -> RowKernel."""
 
     ITEMS_PER_THREAD = 4   # target chunks (VEC elements each) per thread and loop
+    # At most 512 threads per row (and block): wider rows take more chunks per thread. A
+    # 1024-thread block above 32 registers is alone on its SM (half the threads an SM can
+    # hold) and, as its warps finish, leaves the SM idle until the next block starts;
+    # 512-thread blocks fit two to four per SM and overlap (benchmarks/NOTES.md, SwiGLU).
+    MAX_TPR = 512
     TOPK_ITEMS = 16        # top-k rows: target candidates (elements) per lane, sub-warp path
     TOPK_MAX_ITEMS = 32    # past this many per lane (or 32 lanes), the shared-memory path
 
@@ -101,9 +106,9 @@ class RowLowering:
             self.tpr = max(_pow2ceil(math.ceil(widest / self.TOPK_ITEMS)), lanes)
         elif any(p.op is Op.TOPK for p in self.phases):
             # wide top-k rows (shared-memory path): fewer candidates per thread, more threads
-            self.tpr = min(1024, _pow2ceil(math.ceil(chunks / 2)))
+            self.tpr = min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / 2)))
         else:
-            self.tpr = min(1024, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
+            self.tpr = min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
         # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
         self.rpb = max(1, 256 // self.tpr) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
@@ -209,7 +214,14 @@ class RowLowering:
         L = self.lines
         L.append("const int tid = threadIdx.x;")
         L.append(f"const long long row = (long long)blockIdx.x * {self.rpb} + threadIdx.y;")
-        L.append("const bool row_ok = row < n_rows;")
+        if self.phases:
+            L.append("const bool row_ok = row < n_rows;")
+        else:
+            # No thread of a row waits for another (no reduction: no shuffle, no barrier), so
+            # rows past the end leave here, and full chunks need no guard: no zero fill of
+            # their loads (a select per element) and no predicate on their stores.
+            L.append("if (row >= n_rows) return;")
+            L.append("const bool row_ok = true;")
         self.row_syms = self._row_index()
         for ph in self.phases:
             if ph.op is Op.REDUCE:
