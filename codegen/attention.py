@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import sympy
 
-from ..dsl.attention_ref import rope_inv_freq
 from ..dsl.ir import AttentionSpec, Op
+from ..dsl.numerics import rope_scaling_to_json
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
@@ -25,7 +25,8 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan, layer_key
 from .render import read_template, render
 from .row import LoweringError
-from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact
+from .rope import rope_context
+from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, t5_tables
 
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
 
@@ -116,7 +117,7 @@ def rope_description(layer: Layer) -> dict[str, Any] | None:
     if rope is None:
         return None
     return {"style": rope.style, "theta": float(rope.theta), "rotary_dim": int(rope.rotary_dim),
-            "scaling": [float(x) for x in rope.scaling] if rope.scaling else None}
+            "scaling": rope_scaling_to_json(rope.scaling)}
 
 
 def extra_inputs(layer: Layer):
@@ -227,13 +228,8 @@ def hook_context(layer: Layer) -> dict:
     if scale_em.lines:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
     alibi = score_em.alibi or mask_em.alibi
-    rope = None
-    if spec.rope is not None:
-        r = int(spec.rope.rotary_dim)
-        inv = rope_inv_freq(float(spec.rope.theta), r, spec.rope.scaling)   # float64, Llama 3 scaling applied
-        rope = {"style": spec.rope.style, "rdim": r, "inv_freq": ", ".join(repr(float(x)) for x in inv)}
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
-    return dict(rope=rope, scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+    return dict(rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),

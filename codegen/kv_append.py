@@ -24,13 +24,16 @@ from dataclasses import dataclass
 
 from typing import Any, ClassVar
 
+from ..dsl.ir import RopeSpec
+from ..dsl.numerics import RopeScaling, as_rope_scaling, rope_scaling_key, rope_scaling_to_json
 from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
+from .rope import rope_context, static_table
 
-__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "rope_inv_freq", "BLOCK"]
+__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "BLOCK"]
 
 BLOCK = 256  # threads per block
 
@@ -50,16 +53,6 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return w
 
 
-@functools.lru_cache(maxsize=64)
-def rope_inv_freq(theta: float, rotary_dim: int, scaling: tuple | None = None) -> tuple[float, ...]:
-    """theta^(-2i/rotary_dim), i < rotary_dim/2 (Llama 3 scaling applied): computed in float64
-    by `dsl.attention_ref.rope_inv_freq`, then rounded to f32 (the values the kernel uses)."""
-    import torch
-
-    from ..dsl.attention_ref import rope_inv_freq as inv_freq_f64
-    return tuple(float(x) for x in inv_freq_f64(theta, rotary_dim, scaling).to(torch.float32))
-
-
 @dataclass(frozen=True, kw_only=True)
 class KVAppendPlan(KernelPlan):
     family: ClassVar[str] = "kv_append"
@@ -70,7 +63,7 @@ class KVAppendPlan(KernelPlan):
     rope_style: str | None = None  # "neox" | "gptj" | None (K copied unrotated)
     rope_theta: float | None = None
     rotary_dim: int | None = None  # <= head_dim; channels past it are copied
-    rope_scaling: tuple | None = None  # Llama 3: (factor, low_freq_factor, high_freq_factor, original_max_position)
+    rope_scaling: RopeScaling | None = None  # dsl/numerics (Llama 3's four numbers are accepted too)
     arch: str = "sm_90"
     vec_bytes: int = 16           # widest access; less for k/v that are not 16-byte aligned
 
@@ -89,6 +82,8 @@ class KVAppendPlan(KernelPlan):
             return
         check_rope(self.rope_style, self.rope_theta, self.rotary_dim, self.head_dim)
         object.__setattr__(self, "rope_theta", float(self.rope_theta))  # 10000 and 10000.0: one plan
+        object.__setattr__(self, "rope_scaling", as_rope_scaling(self.rope_scaling))
+        static_table(self.rope_theta, self.rotary_dim, self.rope_scaling)  # a length-dependent type: an error
 
     # ---- names --------------------------------------------------------------------------
     @property
@@ -102,7 +97,7 @@ class KVAppendPlan(KernelPlan):
                 parts.append(f"rd{self.rotary_dim}")
             parts.append("theta" + f"{self.rope_theta:g}".replace(".", "p").replace("+", ""))
             if self.rope_scaling is not None:
-                parts.append("l3_" + "_".join(f"{x:g}".replace(".", "p").replace("+", "") for x in self.rope_scaling))
+                parts.append(rope_scaling_key(self.rope_scaling))
         if self.vec_bytes != 16:
             parts.append(f"v{self.vec_bytes}")
         parts.append(self.arch.replace("_", ""))
@@ -131,7 +126,7 @@ class KVAppendPlan(KernelPlan):
                 "head_dim": self.head_dim, "vec_bytes": self.vec_bytes,
                 "rope": None if self.rope_style is None else {
                     "style": self.rope_style, "theta": self.rope_theta, "rotary_dim": self.rotary_dim,
-                    "scaling": list(self.rope_scaling) if self.rope_scaling else None}}
+                    "scaling": rope_scaling_to_json(self.rope_scaling)}}
 
     # ---- source -------------------------------------------------------------------------
     def source(self) -> str:
@@ -181,14 +176,15 @@ def _abi(plan: KVAppendPlan) -> KernelABI:
 @functools.lru_cache(maxsize=256)
 def _source(plan: KVAppendPlan) -> str:
     ctype, to_f32, from_f32, ctype2, from_f32x2 = _DTYPES[plan.dtype]
-    inv_freq = [] if plan.rope_style is None else rope_inv_freq(plan.rope_theta, plan.rotary_dim, plan.rope_scaling)
+    rope = None if plan.rope_style is None else RopeSpec(plan.rope_theta, plan.rope_style, plan.rotary_dim,
+                                                         plan.rope_scaling)
     return render(
         "cuda/kv_append.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key, signature=plan.abi.signature,
         common=read_template("cuda/common.cuh"), ctype=ctype, to_f32=to_f32, from_f32=from_f32,
         ctype2=ctype2, from_f32x2=from_f32x2,
         num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim, page_size=plan.page_size,
         rope_style=plan.rope_style or "none", rotary_dim=plan._rd,
-        inv_freq=[f"{x.hex()}f" for x in inv_freq], block=BLOCK, **_layout(plan))
+        rope=rope_context(rope, memory="global"), block=BLOCK, **_layout(plan))
 
 
 def check_rope(style, theta, rotary_dim, head_dim: int) -> None:
@@ -202,7 +198,7 @@ def check_rope(style, theta, rotary_dim, head_dim: int) -> None:
         raise ValueError(f"kv append: rotary_dim must be an even int in [2, head_dim={head_dim}], got {rd!r}")
 
 
-def rope_fields(rope, head_dim: int) -> tuple[str, float, int, tuple | None] | None:
+def rope_fields(rope, head_dim: int) -> tuple[str, float, int, RopeScaling | None] | None:
     """(style, theta, rotary_dim, scaling) of a `dsl.ir.RopeSpec` whose rotary_dim is a number
     (a specialised attention block's), checked against head_dim; None for None."""
     if rope is None:
@@ -216,8 +212,7 @@ def rope_fields(rope, head_dim: int) -> tuple[str, float, int, tuple | None] | N
     if rd_int != rd:
         raise ValueError(f"kv append: rotary_dim must be an integer, got {rd!r}")
     check_rope(rope.style, rope.theta, rd_int, head_dim)
-    scaling = getattr(rope, "scaling", None)
-    return rope.style, float(rope.theta), rd_int, (tuple(float(x) for x in scaling) if scaling else None)
+    return rope.style, float(rope.theta), rd_int, as_rope_scaling(getattr(rope, "scaling", None))
 
 
 def plan_kv_append(dtype: str, num_kv_heads: int, head_dim: int, page_size: int, rope, arch: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sympy
 
-from ..dsl.evaluator import alibi_slopes
+from ..dsl.numerics import alibi_slopes, t5_bucket_table
 from ..dsl.ir import Node, Op, toposort, unary_name
 from ..dsl.types import DType
 from . import ops
@@ -25,6 +25,7 @@ class ScalarEmitter:
         self.cache: dict[int, str] = {}
         self.n = 0
         self.alibi: tuple[int, float] | None = None
+        self.t5: set[tuple[int, int, bool]] = set()   # bucket tables used: (num_buckets, max_distance, bidirectional)
 
     def fresh(self) -> str:
         self.n += 1
@@ -73,9 +74,10 @@ class ScalarEmitter:
                 self.alibi = (heads, max_bias)
                 return self._let("float", f"lf_alibi_slopes[min(max({a[0]}, 0), {heads - 1})]")
             if name == "t5_bucket":
-                nb, md, bd = n.arg[1], n.arg[2], n.arg[3]
-                return self._let("int", f"lf_t5_bucket({a[0]}, {self._dim(nb)}, {self._dim(md)}, "
-                                        f"{'true' if bd else 'false'})")
+                nb, md = (_build_time_int(x, "t5_bucket's num_buckets / max_distance") for x in n.arg[1:3])
+                bd = bool(n.arg[3])
+                self.t5.add((nb, md, bd))
+                return self._let("int", f"{t5_bucket_name(nb, md, bd)}({a[0]})")
             if n.dtype.is_float:
                 return self._let(ct, ops.UNARY_FLOAT[name].format(x=a[0]))
             return self._let(ct, ops.UNARY_INT[name].format(x=a[0]))
@@ -114,8 +116,26 @@ class TableInfo:
 
 
 def alibi_table(heads: int, max_bias: float) -> str:
-    vals = alibi_slopes(heads, max_bias, dtype=__import__("torch").float64).tolist()
-    return ", ".join(ops.float_literal(v) for v in vals)
+    """The slopes of dsl/numerics, as C float literals."""
+    return ", ".join(ops.float_literal(v) for v in alibi_slopes(heads, max_bias).tolist())
+
+
+def t5_bucket_name(num_buckets: int, max_distance: int, bidirectional: bool) -> str:
+    return f"lf_t5_bucket_{num_buckets}_{max_distance}_{'bi' if bidirectional else 'causal'}"
+
+
+def t5_tables(uses) -> list[dict]:
+    """Template data of the T5 bucket functions a kernel uses: each indexes the bucket table of
+    dsl/numerics (distances 0 .. max_distance in one direction) with the clamped distance."""
+    return [{"name": t5_bucket_name(nb, md, bd), "max_distance": md, "bidirectional": bd, "half": nb // 2,
+             "table": ", ".join(str(b) for b in t5_bucket_table(nb, md, bd))} for nb, md, bd in sorted(uses)]
+
+
+def _build_time_int(d, what: str) -> int:
+    d = sympy.sympify(d)
+    if not d.is_Integer:
+        raise ValueError(f"{what} must be known when the kernel is generated, got '{d}'")
+    return int(d)
 
 
 def mask_bounds(mask: Node | None, emitter: ScalarEmitter) -> tuple[list[str], list[str]]:

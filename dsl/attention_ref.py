@@ -13,42 +13,28 @@ from __future__ import annotations
 import torch
 
 from .ir import AttentionSpec, Node, RopeSpec, toposort
+from .numerics import rope_cos_sin, rope_inv_freq  # noqa: F401  (rope_inv_freq: re-exported)
 
 
-def rope_inv_freq(theta: float, rotary_dim: int, scaling=None, device=None) -> torch.Tensor:
-    """The rotary inverse frequencies theta^(-2i/rotary_dim), i < rotary_dim/2, in float64;
-    every kernel's tables and the reference come from here.
-
-    scaling = (factor, low_freq_factor, high_freq_factor, original_max_position) applies
-    Llama 3's rule: wavelengths longer than original_max_position / low_freq_factor are
-    divided by factor, those shorter than original_max_position / high_freq_factor kept, and
-    the ones between interpolated smoothly."""
-    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
-    if scaling is None:
-        return inv
-    factor, low, high, original = (float(x) for x in scaling)
-    wavelen = 2 * torch.pi / inv
-    low_wavelen, high_wavelen = original / low, original / high
-    smooth = (original / wavelen - low) / (high - low)
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, (1 - smooth) * inv / factor + smooth * inv, scaled)
+def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype, scaling=None,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [..., rotary_dim/2] for integer positions (dsl/numerics.rope_cos_sin)."""
+    return rope_cos_sin(positions, rotary_dim, theta, scaling, dtype, seq_len)
 
 
-def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype, scaling=None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [..., rotary_dim/2] for integer positions."""
-    inv = rope_inv_freq(theta, rotary_dim, scaling, positions.device)
-    ang = positions.to(torch.float64)[..., None] * inv
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, rotary_dim: int,
+               seq_len: int | None = None) -> torch.Tensor:
+    """x: [B, S, H, D] in a float dtype; positions: [B, S]. Rotates the first rotary_dim channels.
+    seq_len (default: the largest position + 1) picks the frequencies of length-dependent types."""
+    cos, sin = rope_tables(positions, rotary_dim, spec.theta, x.dtype, spec.scaling, seq_len)
+    return rotate(x, cos[:, :, None, :], sin[:, :, None, :], spec.style, rotary_dim)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, rotary_dim: int) -> torch.Tensor:
-    """x: [B, S, H, D] in a float dtype; positions: [B, S]. Rotates the first rotary_dim channels."""
-    cos, sin = rope_tables(positions, rotary_dim, spec.theta, x.dtype, spec.scaling)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str, rotary_dim: int) -> torch.Tensor:
+    """x [..., D] with its first rotary_dim channels rotated pair by pair (cos, sin broadcast
+    to [..., rotary_dim / 2]); neox pairs the halves, gptj interleaved channels."""
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if spec.style == "neox":
+    if style == "neox":
         x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     else:  # gptj: pairs (0,1), (2,3), ...
@@ -78,9 +64,10 @@ def attention_reference(ev, n: Node) -> torch.Tensor:
     qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
     if spec.rope is not None:
         rd = ev.int_of(spec.rope.rotary_dim)
-        qf = apply_rope(qf, qpos, spec.rope, rd)
+        seq_len = int(max(qpos.max(), kvpos.max())) + 1 if qpos.numel() and kvpos.numel() else 0
+        qf = apply_rope(qf, qpos, spec.rope, rd, seq_len)
         if not ev.k_rotated:
-            kf = apply_rope(kf, kvpos, spec.rope, rd)
+            kf = apply_rope(kf, kvpos, spec.rope, rd, seq_len)
         if not ev.f64:  # the program stores the rotated q, k in its dtype
             qf, kf = qf.to(q.dtype).to(cdt), kf.to(k.dtype).to(cdt)
     group = Hq // Hkv

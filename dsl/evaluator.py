@@ -12,7 +12,6 @@ Dynamic dims (token counts, batch) are bound from the inputs' shapes; any mismat
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import sympy
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .ir import Function, Node, ReduceArg, toposort, unary_name
+from .numerics import alibi_slopes, t5_relative_bucket
 from .types import DType, dim_str, shape_str
 
 
@@ -298,33 +298,3 @@ class _Evaluator:
     def op_attention(self, n):
         from .attention_ref import attention_reference
         return attention_reference(self, n)
-
-
-def alibi_slopes(num_heads: int, max_bias: float = 8.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """ALiBi head slopes (Press et al.; BLOOM/MPT), including non-power-of-two head counts."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-max_bias / closest)
-    slopes = [base ** (i + 1) for i in range(closest)]
-    if closest < num_heads:
-        extra_base = 2.0 ** (-max_bias / (2 * closest))
-        slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
-    return torch.tensor(slopes, dtype=dtype, device=device)
-
-
-def t5_relative_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
-                       bidirectional: bool = True) -> torch.Tensor:
-    """T5's relative position buckets for rel = kv_pos - q_pos (as in the T5 paper's code)."""
-    ret = torch.zeros_like(rel)
-    n = num_buckets
-    if bidirectional:
-        n //= 2
-        ret = ret + (rel > 0).to(rel.dtype) * n
-        rel = rel.abs()
-    else:
-        rel = -torch.clamp(rel, max=0)
-    max_exact = n // 2
-    is_small = rel < max_exact
-    large = max_exact + (torch.log(rel.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
-                         * (n - max_exact)).to(rel.dtype)
-    large = torch.clamp(large, max=n - 1)
-    return ret + torch.where(is_small, rel, large)

@@ -78,9 +78,9 @@ class RopeSpec:
     theta: float
     style: str  # "neox" (rotate halves) or "gptj" (rotate interleaved pairs)
     rotary_dim: Any  # dim expression; <= head dim
-    # Llama-3 frequency scaling (rope_type "llama3"): (factor, low_freq_factor, high_freq_factor,
-    # original_max_position); None: plain theta^(-2i/d). See dsl/attention_ref.rope_inv_freq.
-    scaling: tuple[float, float, float, float] | None = None
+    # a dsl/numerics RopeScaling (linear, llama3, yarn, longrope with its regime, dynamic) or
+    # None: plain theta^(-2i/d). Llama 3's four numbers (the first form) are read as llama3.
+    scaling: Any = None
 
 
 @dataclass(frozen=True)

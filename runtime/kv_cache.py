@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..codegen.kv_append import KVAppendPlan, rope_fields, rope_inv_freq
+from ..codegen.kv_append import KVAppendPlan, rope_fields
+from ..dsl.attention_ref import rotate
+from ..dsl.numerics import rope_cos_sin
 from ..dsl.evaluator import LayerInputError
 from . import ops
 
@@ -480,16 +482,9 @@ def _vec_bytes(*tensors: torch.Tensor) -> int:
 
 
 def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple) -> torch.Tensor:
+    """The kernel's rotation with torch ops: cos/sin of the float64 angles (dsl/numerics), the
+    rotation in f32, one rounding."""
     style, theta, rd, scaling = rope
-    inv = torch.tensor(rope_inv_freq(theta, rd, scaling), dtype=torch.float32, device=x.device)
-    ang = torch.from_numpy(positions.astype(np.float32)).to(x.device)[:, None] * inv  # f32, as the kernel
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    xf = x.float()
-    rot = xf[..., :rd]
-    if style == "neox":
-        x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    return torch.cat([out, xf[..., rd:]], dim=-1).to(x.dtype)
+    pos = torch.from_numpy(positions.astype(np.int64)).to(x.device)
+    cos, sin = rope_cos_sin(pos, rd, theta, scaling, torch.float32)
+    return rotate(x.float(), cos[:, None, :], sin[:, None, :], style, rd).to(x.dtype)

@@ -145,5 +145,6 @@ def _rope_spec(desc: dict | None):
     if desc is None:
         return None
     from ..dsl.ir import RopeSpec
-    scaling = tuple(desc["scaling"]) if desc.get("scaling") else None
+    from ..dsl.numerics import rope_scaling_from_json
+    scaling = rope_scaling_from_json(desc.get("scaling"))
     return RopeSpec(theta=desc["theta"], style=desc["style"], rotary_dim=desc["rotary_dim"], scaling=scaling)
