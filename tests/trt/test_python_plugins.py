@@ -1,6 +1,11 @@
 """The generated tensorrt.plugin module: it compiles, imports with or without TensorRT, serves
 or names every kernel of the example pack, and asks TensorRT for what the runtime launches."""
+import os
 import py_compile
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +76,28 @@ def test_attention_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugin
         assert (got.grid, got.block, got.shared_mem) == (want.grid, want.block, want.shared_mem), e["key"]
         assert got.extra_args == tuple(f32_bits(v) if isinstance(v, float) else v for v in want.args.values())
         assert [tuple(s) for s, _ in p["shapes"](*shapes)] == want.outputs
+
+
+@pytest.mark.skipif(not os.environ.get("TENSORRT_PLUGIN_SRC"),
+                    reason="TENSORRT_PLUGIN_SRC is not set (a folder holding TensorRT's tensorrt/plugin/ Python "
+                           "sources, e.g. python/packaging/bindings_wheel of github.com/NVIDIA/TensorRT)")
+def test_tensorrt_plugin_validators_accept_the_module(trt_pack, plugins, tmp_path):
+    """tensorrt.plugin's own register/autotune/aot_impl decorators check each function's
+    signature against the documented schema; they run here over a stand-in C extension."""
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    shutil.copy(Path(__file__).with_name("tensorrt_stand_in.py"), package / "__init__.py")
+    (package / "plugin").symlink_to(Path(os.environ["TENSORRT_PLUGIN_SRC"]) / "tensorrt" / "plugin")
+    script = (f"import importlib.util\n"
+              f"spec = importlib.util.spec_from_file_location('p', {str(trt_pack / 'trt' / 'layerforge_trt_plugins.py')!r})\n"
+              f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+              f"from tensorrt.plugin._lib import QDP_REGISTRY\n"
+              f"for k, d in QDP_REGISTRY.items():\n"
+              f"    print(k, d.aot_impl_func is not None, d.autotune_func is not None, ','.join(d.input_tensor_names))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    registered = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()}
+    assert set(registered) == {f"layerforge::{k}" for k in plugins.PLUGINS}
+    for key, p in plugins.PLUGINS.items():
+        assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
