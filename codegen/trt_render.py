@@ -125,6 +125,7 @@ def _python_context(spec: PluginSpec, entry: AotEntry) -> dict:
         "inputs": [t.name for t in spec.inputs], "attributes": [(a.name, "float" if a.dtype == "f32" else "int", a.default)
                                                                 for a in spec.attributes],
         "dims": [f"v_{d} = {spec.inputs[i].name}[{axis}]" for d, i, axis in spec.dims],
+        "static": [(t.name, axis, int(e)) for t in spec.inputs for axis, e in enumerate(t.shape) if e.isdigit()],
         "sizes": [f"v_{n} = {ex.python(e)}" for n, e in spec.sizes],
         "outputs": [(_py_tuple(ex.python(e) for e in t.shape), TRT_DTYPES[t.dtype][0]) for t in spec.outputs],
         "grid": [ex.python(g) for g in abi.grid], "block": list(abi.block), "shared_mem": abi.shared_bytes,

@@ -101,3 +101,9 @@ def test_tensorrt_plugin_validators_accept_the_module(trt_pack, plugins, tmp_pat
     assert set(registered) == {f"layerforge::{k}" for k in plugins.PLUGINS}
     for key, p in plugins.PLUGINS.items():
         assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
+
+
+def test_shapes_refuse_an_input_the_kernel_was_not_generated_for(plugins):
+    rms_norm = next(p for k, p in plugins.PLUGINS.items() if k.startswith("rms_norm_h4096"))
+    with pytest.raises(ValueError, match="x dim 1 is 4095; the kernel was generated for 4096"):
+        rms_norm["shapes"]((7, 4095), (4096,))
