@@ -85,29 +85,29 @@ class PluginSpec:
         if arg.ref in self.nulls:
             return "null", None
         if arg.role in ("input", "table"):
-            return "input", [t.name for t in self.inputs].index(arg.ref)
+            names = [t.name for t in self.inputs]
+            if arg.ref not in names:
+                raise NotAPlugin(f"argument {arg.name}: {arg.ref!r} is not an input of the plugin")
+            return "input", names.index(arg.ref)
         if arg.role == "output":
             return "output", int(arg.ref)
         if arg.role == "scalar":
             return "attribute", arg.ref
         return "size", arg.ref
 
-    @property
-    def names(self) -> set[str]:
-        """Every dim and size a plugin computes."""
-        return {d for d, _, _ in self.dims} | {s for s, _ in self.sizes}
-
 
 def plugin_specs(plans: Iterable[KernelPlan]) -> tuple[list[PluginSpec], dict[str, str]]:
     """A PluginSpec for every plan TensorRT can serve; the others' keys with the reason."""
     specs, excluded = [], {}
     for plan in plans:
+        builder = _BUILDERS.get(plan.family)
+        if builder is None:
+            excluded[plan.key] = f"no TensorRT plugin for the {plan.family} family yet"
+            continue
         try:
-            specs.append(_checked(_BUILDERS[plan.family](plan)))
+            specs.append(_checked(builder(plan)))
         except NotAPlugin as e:
             excluded[plan.key] = str(e)
-        except KeyError:
-            excluded[plan.key] = f"no TensorRT plugin for the {plan.family} family yet"
     return specs, excluded
 
 
