@@ -95,7 +95,10 @@ BUILTINS: dict[str, Signature] = {
 ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
 
 ATTENTION_DIRECTIVES: dict[str, Signature] = {
-    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), ("factor", None), ("low_freq_factor", 1.0),
-                ("high_freq_factor", 4.0), ("original_max_position", 8192)),
+    # type: default | linear | llama3 | yarn | longrope | dynamic (dsl/numerics); `factor` alone is llama3
+    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), ("factor", None), ("low_freq_factor", None),
+                ("high_freq_factor", None), ("original_max_position", None), ("type", None), ("beta_fast", None),
+                ("beta_slow", None), ("mscale", None), ("mscale_all_dim", None), ("attention_factor", None),
+                ("short_factor", None), ("long_factor", None), ("regime", None), ("max_position", None)),
     "alibi": sig(("max_bias", 8.0)),
 }

@@ -195,3 +195,60 @@ def test_one_module_holds_the_formulas():
     assert attention_ref.rope_inv_freq is numerics.rope_inv_freq
     assert evaluator.alibi_slopes is numerics.alibi_slopes
     assert evaluator.t5_relative_bucket is numerics.t5_relative_bucket
+
+
+# ---- the rope(...) directive of attention blocks takes every static type ------------------
+
+def _block(rope_args: str) -> str:
+    return ("dims Hq, Hkv, D\ndynamic S, Skv\n"
+            "attention a(q: T[S, Hq, D], k: T[Skv, Hkv, D], v: T[Skv, Hkv, D]) -> T[S, Hq, D] {\n"
+            f"    rope({rope_args})\n"
+            "    mask = q_pos >= kv_pos\n}\n")
+
+
+def _rope_of(rope_args: str):
+    from layerforge.dsl.program import Program
+    layer = Program.from_source(_block(rope_args), "blk.lf").specialise("a", Hq=4, Hkv=2, D=64, dtype="bf16")
+    return layer, layer.function.outputs[0].arg.rope
+
+
+def test_yarn_directive_gives_transformers_frequencies_and_scales_the_kernels_rotation():
+    from layerforge.codegen.attention import plan_paged_attention
+    layer, rope = _rope_of("theta = 1000000.0, type = yarn, factor = 4.0, original_max_position = 32768")
+    cls, kw, _ = CONFIGS["qwen2-yarn"]
+    cfg = cls(**{**kw, "hidden_size": 64 * 28})
+    want, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(rope.theta, 64, rope.scaling), want.double(), rtol=F32_RTOL, atol=0)
+    src = plan_paged_attention(layer, "sm_90").source()
+    assert f"sn *= {factor!r}f;" in src and f"cs *= {factor!r}f;" in src
+
+
+def test_longrope_directive_needs_its_regime():
+    short = ", ".join(["1.0"] * 32)
+    _, rope = _rope_of(f"type = longrope, short_factor = [{short}], long_factor = [{short}], "
+                       "original_max_position = 4096, regime = long")
+    assert rope.scaling.regime == "long"
+    from layerforge.dsl.errors import DSLError
+    with pytest.raises(DSLError, match=r"blk.lf:4:5: .*longrope rope frequencies depend on the sequence length"):
+        _rope_of(f"type = longrope, short_factor = [{short}], long_factor = [{short}], original_max_position = 4096")
+
+
+@pytest.mark.parametrize("args, message", [
+    ("type = ntk, factor = 2.0", r"blk.lf:4:17: .*unknown rope type(.|\n)*known: default, linear, llama3, yarn, "
+                                   r"longrope \(dynamic NTK"),
+    ("type = yarn, factor = 4.0", r"blk.lf:4:5: .*yarn rope needs original_max_position"),
+    ("type = linear, factor = 0.0", r"blk.lf:4:5: .*linear rope factor must be a positive number"),
+])
+def test_bad_rope_directives_point_at_the_source(args, message):
+    from layerforge.dsl.errors import DSLError
+    with pytest.raises(DSLError, match=message):
+        _rope_of(args)
+
+
+def test_dynamic_rope_is_a_lowering_error_for_constant_table_kernels():
+    from layerforge.codegen.kv_append import plan_kv_append
+    from layerforge.codegen.rope import RopeLoweringError
+    from layerforge.dsl.ir import RopeSpec
+    dynamic = rope_scaling_from_hf({"rope_type": "dynamic", "factor": 2.0}, 4096)
+    with pytest.raises(RopeLoweringError, match="rope type 'dynamic'"):
+        plan_kv_append("bf16", 8, 128, 16, RopeSpec(10000.0, "neox", 128, dynamic), "sm_90")
