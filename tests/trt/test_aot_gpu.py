@@ -76,9 +76,14 @@ def test_row_plugin_ptx_computes_what_the_runtime_kernel_does(pack, name):
 
 
 def test_attention_plugin_ptx_computes_what_the_runtime_kernel_does(pack):
+    """The CUDA-core kernel in the per-token form, num_splits = 1: the plugin's PTX against the
+    pack's cubin launched by the runtime's Launcher (arguments by ref, as runtime/attention.py
+    fills them) and against the reference evaluator (the attention module on CPU tensors)."""
     import json
 
+    from layerforge.codegen.abi import KernelABI
     from layerforge.runtime.attention import PagedAttention
+    from layerforge.runtime.launch import load_kernels, pointer_args
     manifest = json.loads((pack / "manifest.json").read_text())
     entry = next(e for e in manifest["kernels"] if e["family"] == "paged_attention")
     plugin = import_plugins(pack).PLUGINS[entry["key"]]
@@ -92,13 +97,20 @@ def test_attention_plugin_ptx_computes_what_the_runtime_kernel_does(pack):
     q_seq = torch.tensor([0, 1, 1, 2, 2, 2], dtype=torch.int32, device=dev)
     q_pos = (seq_lens[q_seq.long()] - 1 - torch.tensor([0, 0, 5, 0, 9, 100], device=dev)).int()
     q = torch.randn(T, hq, d).to(torch.bfloat16).to(dev)
-    layer = lf.stdlib().specialise("llama_attn", dtype="bf16",
-                                   **lf.stdlib().bindings_for("llama_attn", dims_from_config(str(CONFIG))))
-    attn = PagedAttention(layer, page_size=page, kernel="simt")
     args = (q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos)
-    want = attn(*args, max_kv_len=MP * page, num_splits=1)
+
+    abi = KernelABI.from_json(entry["kernels"][0])
+    runtime_kernel = load_kernels((pack / entry["cubin"]).read_bytes(), (abi,), dev)[abi.name]
+    want = torch.full_like(q, float("nan"))
+    values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "page_table": page_table, "seq_lens": seq_lens,
+              "q_seq": q_seq, "q_pos": q_pos, "0": want, "part_o": None, "part_lse": None, "max_pages": MP,
+              "num_pages": P, "num_seqs": S, "num_splits": 1}
+    runtime_kernel((T, 1), pointer_args(abi, values))
     got = torch.full_like(q, float("nan"))
     run_plugin(pack, plugin, list(args), [got], [])
     assert torch.equal(got, want)
-    ref = attn(*(t.cpu() for t in args), max_kv_len=MP * page)
+
+    layer = lf.stdlib().specialise("llama_attn", dtype="bf16",
+                                   **lf.stdlib().bindings_for("llama_attn", dims_from_config(str(CONFIG))))
+    ref = PagedAttention(layer, page_size=page)(*(t.cpu() for t in args), max_kv_len=MP * page)
     torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
