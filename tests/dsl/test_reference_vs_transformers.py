@@ -404,7 +404,9 @@ def test_llama_attn_with_llama3_rope_scaling_matches_LlamaAttention(mode, factor
         want, _ = attn(x, position_embeddings=cos_sin, attention_mask=mask)
         q, k, v = (heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype)
-    assert layer.function.outputs[0].arg.rope.scaling == (factor, 1.0, 4.0, 8192.0)
+    from layerforge.dsl.numerics import Llama3Scaling
+    assert layer.function.outputs[0].arg.rope.scaling == Llama3Scaling(factor=factor, low_freq_factor=1.0,
+                                                                       high_freq_factor=4.0, original_max_position=8192)
     (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict())
     with torch.no_grad():
         got = attn.o_proj(o.reshape(B, S, -1))
