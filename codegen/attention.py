@@ -83,7 +83,7 @@ def merge_abi(name: str, dtype: DType, num_q_heads: int, head_dim: int) -> Kerne
     return KernelABI(name=name, args=(
         Arg("part_o", "const float* __restrict__", "workspace"),
         Arg("part_lse", "const float* __restrict__", "workspace"),
-        Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output", "0"),
+        Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output"),
         Arg("num_splits", "int", "dim")), grid=(f"tokens * {num_q_heads}",), block=(head_dim,), problem=("tokens",))
 
 
@@ -97,7 +97,7 @@ def cache_args(dtype: DType) -> tuple[Arg, ...]:
 
 def output_args(dtype: DType) -> tuple[Arg, ...]:
     """The output and the split-KV workspace (partial outputs and log-sum-exps)."""
-    return (Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output", "0"),
+    return (Arg("out", f"{ops.STORAGE_TYPE[dtype]}* __restrict__", "output"),
             Arg("part_o", "float* __restrict__", "workspace"), Arg("part_lse", "float* __restrict__", "workspace"))
 
 
