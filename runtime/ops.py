@@ -38,6 +38,7 @@ eager append, the op cannot be captured in a CUDA graph (its metadata comes from
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import weakref
 from typing import Any, Optional
@@ -61,12 +62,19 @@ def register(obj: Any, name: str) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
 def handle(obj: Any) -> str:
     """The op handle of `obj`, made on first use: its name and a number ('rms_norm#3').
     A constant to the tracer, so the graph holds a string, not the object."""
+    return _handle_at(id(obj))
+
+
+@torch.compiler.assume_constant_result
+def _handle_at(address: int) -> str:
+    # The tracer runs this for real and keeps the result as a constant, but passes it only
+    # constants: so the object travels as its id, and is alive (the traced code holds it).
+    obj = ctypes.cast(address, ctypes.py_object).value
     name = obj.__dict__.get("_op_handle")
-    if name is None or _LIVE.get(name) is not obj:
+    if name is None or _LIVE.get(name) is not obj:   # new, or a copy that carries its original's handle
         name = register(obj, f"{getattr(obj, 'name', None) or type(obj).__name__}#{next(_NUMBERS)}")
     return name
 
@@ -79,10 +87,13 @@ def _owner(name: str) -> Any:
     return obj
 
 
-@torch.compiler.assume_constant_result
 def _rope_handle(rope: Any) -> Optional[str]:
-    if rope is None:
-        return None
+    return None if rope is None else _rope_handle_at(id(rope))
+
+
+@torch.compiler.assume_constant_result
+def _rope_handle_at(address: int) -> str:
+    rope = ctypes.cast(address, ctypes.py_object).value    # as in _handle_at
     key = repr(rope)
     _ROPES.setdefault(key, rope)
     return key

@@ -60,6 +60,13 @@ def block_inputs(device, T=3):
     return x, kc, vc, table, lens, q_seq, lens - 1
 
 
+def assert_matches(got, want, device):
+    """Exact on the CPU (the same evaluator runs); on CUDA within bf16 rounding, since the
+    compiler may pick its own kernels for the torch operations between the layers."""
+    tol = 0 if device == "cpu" else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def layerforge_ops(gm: torch.fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("layerforge.")]
 
@@ -120,6 +127,13 @@ def test_handles_name_modules_and_a_freed_module_is_a_clear_error():
         torch.ops.layerforge.row_layer(h, [torch.randn(2, 64), w], [1e-5])
 
 
+def test_a_copied_module_gets_its_own_handle():
+    import copy
+    norm = module("rms_norm", H=64, dtype="f32", eps=1e-5)
+    twin = copy.deepcopy(norm)
+    assert ops.handle(twin) != ops.handle(norm)
+
+
 def test_eager_calls_take_the_direct_path(monkeypatch):
     """Outside tracing no op is dispatched (the host cost of a decode call stays as it was)."""
     def refuse(*args, **kwargs):
@@ -145,7 +159,7 @@ def test_block_compiles_fullgraph_and_matches_eager(device):
     got = torch.compile(block, fullgraph=True, backend=record)(*inputs)
     assert len(graphs) == 1
     assert layerforge_ops(graphs[0]) == ["layerforge.row_layer", "layerforge.paged_attention", "layerforge.row_layer"]
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_matches(got, want, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,10 +172,10 @@ def test_block_exports_and_the_program_matches_eager(device):
     ep = torch.export.export(block, inputs, dynamic_shapes=(tokens, None, None, {0: T}, {0: T}, {0: T}, {0: T}))
     assert [str(n.target) for n in ep.graph.nodes if "layerforge" in str(n.target)] == [
         "layerforge.row_layer.default", "layerforge.paged_attention.default", "layerforge.row_layer.default"]
-    torch.testing.assert_close(ep.module()(*inputs), want, rtol=0, atol=0)
+    assert_matches(ep.module()(*inputs), want, device)
     # the dynamic token count: the program serves another batch size
     fewer = block_inputs(device, T=2)
-    torch.testing.assert_close(ep.module()(*fewer), block(*fewer), rtol=0, atol=0)
+    assert_matches(ep.module()(*fewer), block(*fewer), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -205,9 +219,9 @@ def test_llama_attention_with_cache_appends_compiles_fullgraph(device):
         x = torch.randn(len(seq_ids), 256, device=device).bfloat16()
         want = layer(x, seq_ids=seq_ids, cache=caches[0])
         got = compiled(x, seq_ids=seq_ids, cache=caches[1])
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)   # max_kv_len differs: see _traced_forward
     assert caches[1].seq_len(0) == 8 and caches[1].seq_len(1) == 6
-    torch.testing.assert_close(caches[1].k_cache, caches[0].k_cache, rtol=0, atol=0)
+    assert_matches(caches[1].k_cache, caches[0].k_cache, device)
 
 
 # ---- the device: CUDA graphs and the host cost ----------------------------------------------
@@ -230,7 +244,7 @@ def test_block_runs_in_a_cuda_graph_eager_and_compiled():
             for s, f in zip(static, fresh):
                 s.copy_(f)
             graph.replay()
-            torch.testing.assert_close(captured, block(*fresh), rtol=0, atol=0)
+            assert_matches(captured, block(*fresh), "cuda")
 
 
 def _host_us(fn, calls=2000) -> float:
