@@ -19,8 +19,10 @@ What TensorRT's plugin interface allows, per family:
                   and merge kernel are not used, so the plugin allocates nothing); every
                   int argument is a dim of an input. The tensor-core prefill kernel is left
                   out: its grid needs the longest query chunk, a host value no shape gives.
-  kv_append       left out: it writes the cache, sequence lengths and page table in place
-                  from host-side bookkeeping (runtime/kv_cache.py) that a plugin cannot own.
+  kv_append       append-only: the caches are inputs with outputs aliased to them (written in
+                  place), each token's page and position an input; the sequence-length and
+                  page-table updates the runtime's PagedKVCache queues into the same launch are
+                  the caller's (none in the launch).
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class PluginSpec:
     dims: tuple[tuple[str, int, int], ...]     # (dim, input index, axis): where each dim is read
     sizes: tuple[tuple[str, str], ...]         # (name, expression over dims and earlier sizes), in order
     nulls: frozenset[str] = frozenset()        # argument refs passed as null pointers
+    aliases: tuple[int, ...] = ()              # per output: the input it is written into in place (-1: none)
     form: str = ""                             # which calling form the plugin serves, for people
     qdp_reason: str | None = None              # why the Python AOT plugin leaves it out (None: it serves it)
 
@@ -89,8 +92,13 @@ class PluginSpec:
             if arg.ref not in names:
                 raise NotAPlugin(f"argument {arg.name}: {arg.ref!r} is not an input of the plugin")
             return "input", names.index(arg.ref)
-        if arg.role == "output":
-            return "output", int(arg.ref)
+        if arg.role == "output":   # by index (a layer's outputs) or by name
+            if arg.ref.isdigit():
+                return "output", int(arg.ref)
+            names = [t.name for t in self.outputs]
+            if arg.ref not in names:
+                raise NotAPlugin(f"argument {arg.name}: {arg.ref!r} is not an output of the plugin")
+            return "output", names.index(arg.ref)
         if arg.role == "scalar":
             return "attribute", arg.ref
         return "size", arg.ref
@@ -138,7 +146,7 @@ def _attention_spec(plan) -> PluginSpec:
               TensorSpec("page_table", "i32", ("S", "MP")), TensorSpec("seq_lens", "i32", ("S",)),
               TensorSpec("q_seq", "i32", ("T",)), TensorSpec("q_pos", "i32", ("T",)),
               *(TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in info["extra"]))
-    outputs = (TensorSpec("out0", dtype, ("T", str(hq), str(d))),)
+    outputs = (TensorSpec("out", dtype, ("T", str(hq), str(d))),)
     attributes = tuple(Attribute(s["name"], s["dtype"], s["default"]) for s in info["scalars"])
     # The values runtime/attention.py gives the same arguments, with num_splits fixed at 1
     # (one CTA column per token; no workspace, no merge kernel) and the per-token form's
@@ -156,10 +164,27 @@ def _attention_spec(plan) -> PluginSpec:
                       qdp_reason=reason)
 
 
+# ---- the KV-cache append, append-only form -----------------------------------------------------
 def _kv_append_spec(plan) -> PluginSpec:
-    raise NotAPlugin("the KV append writes the paged cache, the sequence lengths and the page table in place, from "
-                     "pages, positions and queued updates that the runtime's PagedKVCache prepares on the host "
-                     "(runtime/kv_cache.py); a plugin would have to own that bookkeeping across engine calls")
+    """k, v [T, Hkv, D] written (K rotated) into the paged cache in place: each cache is an input
+    and the output aliased to it. `slots` [2, T] holds each token's page and position (the first
+    T and next T ints of the kernel's `meta`). The runtime's PagedKVCache also queues sequence-
+    length and page-table updates into the same launch; here there are none (U = W = 0: those
+    pointers are null and never read): the caller owns its page table and lengths, which the
+    attention plugins take as inputs."""
+    hkv, d, page = plan.num_kv_heads, plan.head_dim, plan.page_size
+    cache = ("P", str(page), str(hkv), str(d))
+    inputs = (TensorSpec("k_cache", plan.dtype, cache), TensorSpec("v_cache", plan.dtype, cache),
+              TensorSpec("k", plan.dtype, ("T", str(hkv), str(d))), TensorSpec("v", plan.dtype, ("T", str(hkv), str(d))),
+              TensorSpec("meta", "i32", ("2", "T")))
+    outputs = (TensorSpec("k_cache", plan.dtype, cache), TensorSpec("v_cache", plan.dtype, cache))
+    # runtime/kv_cache.py launches (tokens = T, updates = U + W) with k_stride = k.stride(0): dense rows here
+    sizes = (("tokens", "T"), ("updates", "0"), ("num_tokens", "T"), ("num_len_updates", "0"),
+             ("num_page_updates", "0"), ("k_stride", str(hkv * d)), ("v_stride", str(hkv * d)))
+    return PluginSpec(name=plan.key, family=plan.family, kernel=plan.abi, inputs=inputs, outputs=outputs,
+                      attributes=(), dims=_bind_dims(inputs, {s for s, _ in sizes}), sizes=sizes,
+                      nulls=frozenset({"seq_lens", "page_table"}), aliases=(0, 1),
+                      form="append-only (cache in place; no length or page-table updates)")
 
 
 _BUILDERS = {"row": _row_spec, "paged_attention": _attention_spec, "tc_attention": _attention_spec,

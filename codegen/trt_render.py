@@ -131,6 +131,11 @@ def _python_context(spec: PluginSpec, entry: AotEntry) -> dict:
         "grid": [ex.python(g) for g in abi.grid], "block": list(abi.block), "shared_mem": abi.shared_bytes,
         "extras": _py_tuple(v for _, v in entry.extras), "extra_names": [n for n, _ in entry.extras],
         "io_types": ", ".join(TRT_DTYPES[t.dtype][1] for t in (*spec.inputs, *spec.outputs)),
+        "aliased": [spec.inputs[i].name for i in spec.aliases if i >= 0],   # outputs written into these inputs
+        "tensor_params": [f"{t.name}: TensorDesc" for t in spec.inputs],
+        "attribute_params": [f"{a.name}: {'float' if a.dtype == 'f32' else 'int'}" for a in spec.attributes],
+        "shape_args": [f"{t.name}.shape_expr" for t in spec.inputs],
+        "desc_type": "TensorDesc" if len(spec.outputs) == 1 else f"Tuple[{', '.join(['TensorDesc'] * len(spec.outputs))}]",
     }
 
 
@@ -165,6 +170,7 @@ def _cpp_context(spec: PluginSpec, cubin_file: str) -> dict:
         "inputs": spec.inputs, "nb_outputs": len(spec.outputs),
         "types": [TRT_DTYPES[t.dtype][2] for t in (*spec.inputs, *spec.outputs)],
         "ranks": [len(t.shape) for t in spec.inputs], "checks": checks, "agree": agree,
+        "aliases": list(spec.aliases) or [-1] * len(spec.outputs),
         "attributes": [(a.name, "kFLOAT32" if a.dtype == "f32" else "kINT32", a.default) for a in spec.attributes],
         "expr_dims": [f"IDimensionExpr const* e_{d} = inputs[{i}].d[{axis}];" for d, i, axis in spec.dims],
         "expr_sizes": [f"IDimensionExpr const* e_{n} = {ex.c_expr(e)};" for n, e in spec.sizes],

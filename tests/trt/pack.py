@@ -6,7 +6,8 @@ input shapes: the yardstick the plugins' launch parameters are held to.
 Rows: a pack's LayerModule (runtime/layers.py) binds the dims, shapes the outputs and counts
 the rows for those shapes, as before a launch; the grid is the runtime Launcher's. Attention:
 the per-token form of runtime/attention.py (PagedAttention.__call__) with num_splits = 1,
-whose argument values are the input dims (max_pages, num_pages, num_seqs, ...).
+whose argument values are the input dims (max_pages, num_pages, num_seqs, ...). KV append:
+runtime/kv_cache.py's launch with no queued length or page-table updates.
 """
 from __future__ import annotations
 
@@ -75,11 +76,29 @@ def attention_input_shapes(entry: dict, T: int, S: int, MP: int, P: int) -> list
     return shapes + [tuple(S if x == "B" else int(x) for x in e["shape"]) for e in i["extra"]]
 
 
+def append_input_shapes(entry: dict, T: int, P: int) -> list[tuple[int, ...]]:
+    cache = (P, entry["page_size"], entry["num_kv_heads"], entry["head_dim"])
+    token = (T, entry["num_kv_heads"], entry["head_dim"])
+    return [cache, cache, token, token, (2, T)]
+
+
+def input_shapes(entry: dict, case: int) -> list[tuple[int, ...]]:
+    """Input shapes of case 0, 1 or 2 (small to large) for any served kernel."""
+    if entry["family"] == "row":
+        return row_input_shapes(entry, [dict(N=1, Nh=1), dict(N=7, Nh=32), dict(N=300, Nh=8)][case])
+    if entry["family"] == "kv_append":
+        return append_input_shapes(entry, *[(1, 1), (5, 40), (300, 4096)][case])
+    return attention_input_shapes(entry, **[dict(T=1, S=1, MP=1, P=1), dict(T=5, S=3, MP=9, P=40),
+                                            dict(T=64, S=64, MP=256, P=4096)][case])
+
+
 def expected_launch(pack: Path, entry: dict, shapes: list[tuple[int, ...]]) -> Expected:
     abi = KernelABI.from_json(entry["kernels"][0])
     launcher = Launcher(abi, _NoFunction())
     if entry["family"] == "row":
         return _row(pack, entry, abi, launcher, shapes)
+    if entry["family"] == "kv_append":
+        return _append(abi, launcher, shapes)
     return _attention(entry, abi, launcher, shapes)
 
 
@@ -111,6 +130,16 @@ def _attention(entry, abi, launcher, shapes) -> Expected:
     problem = (T, 1) if entry["family"] == "paged_attention" else (T, 1, 1)
     args = {a.name: values[a.ref] for a in abi.args if a.role in ("dim", "scalar")}
     return Expected(launcher.grid(*problem), abi.block, abi.shared_bytes, args, [tuple(q)])
+
+
+def _append(abi, launcher, shapes) -> Expected:
+    cache, _, k, v, _ = shapes
+    T = k[0]
+    # runtime/kv_cache.py: kernel((T, U + W), ...) with k_stride = k.stride(0); no queued updates here
+    values = {"k_stride": k[1] * k[2], "v_stride": v[1] * v[2], "num_tokens": T, "num_len_updates": 0,
+              "num_page_updates": 0}
+    args = {a.name: values[a.ref] for a in abi.args if a.role in ("dim", "scalar")}
+    return Expected(launcher.grid(T, 0), abi.block, abi.shared_bytes, args, [tuple(cache), tuple(cache)])
 
 
 def _size(d: str, dims: dict[str, int]) -> int:

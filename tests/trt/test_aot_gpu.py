@@ -103,7 +103,7 @@ def test_attention_plugin_ptx_computes_what_the_runtime_kernel_does(pack):
     runtime_kernel = load_kernels((pack / entry["cubin"]).read_bytes(), (abi,), dev)[abi.name]
     want = torch.full_like(q, float("nan"))
     values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "page_table": page_table, "seq_lens": seq_lens,
-              "q_seq": q_seq, "q_pos": q_pos, "0": want, "part_o": None, "part_lse": None, "max_pages": MP,
+              "q_seq": q_seq, "q_pos": q_pos, "0": want, "out": want, "part_o": None, "part_lse": None, "max_pages": MP,
               "num_pages": P, "num_seqs": S, "num_splits": 1}
     runtime_kernel((T, 1), pointer_args(abi, values))
     got = torch.full_like(q, float("nan"))

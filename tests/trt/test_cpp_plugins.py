@@ -16,7 +16,7 @@ import pytest
 
 from layerforge.codegen.abi import KernelABI
 
-from .pack import attention_input_shapes, expected_launch, f32_bits, row_input_shapes
+from .pack import expected_launch, f32_bits, input_shapes
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++ or clang++) on this machine")
@@ -60,7 +60,7 @@ def test_plugin_library_declares_a_plugin_per_served_kernel(manifest, trt_pack):
     source = (trt_pack / "trt" / "layerforge_plugins.cpp").read_text()
     served = set(re.findall(r"class Plugin_(\w+) final", source))
     families = {e["key"]: (e["family"], e.get("mode")) for e in manifest["kernels"]}
-    want = {k for k, (f, mode) in families.items() if f in ("row", "paged_attention") or mode == "decode"}
+    want = {k for k, (f, mode) in families.items() if f in ("row", "paged_attention", "kv_append") or mode == "decode"}
     assert served == want
     assert source.count("static lf_trt::Creator<") == len(want)
 
@@ -99,11 +99,7 @@ def test_enqueue_computes_the_runtime_launch(manifest, trt_pack, tmp_path):
     for e in manifest["kernels"]:
         if e["key"] not in statements:
             continue
-        if e["family"] == "row":
-            cases += [(e, row_input_shapes(e, dims)) for dims in (dict(N=3, Nh=5), dict(N=257, Nh=32))]
-        else:
-            cases += [(e, attention_input_shapes(e, **sizes)) for sizes in (dict(T=1, S=1, MP=1, P=2),
-                                                                          dict(T=33, S=7, MP=12, P=500))]
+        cases += [(e, input_shapes(e, case)) for case in (0, 1, 2)]
         body = statements[e["key"]]
         shows = "".join(f"    show({k}, a{k});\n" for k in
                         (int(m) for m in re.findall(r"^\s*(?:int|long long|float) a(\d+) =", body, re.M)))

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .pack import attention_input_shapes, expected_launch, f32_bits, import_plugins, row_input_shapes
+from .pack import expected_launch, f32_bits, import_plugins, input_shapes, row_input_shapes
 
 ROW_DIMS = [{"N": 1, "Nh": 1}, {"N": 7, "Nh": 32}, {"N": 300, "Nh": 8}]
-ATTENTION_SHAPES = [dict(T=1, S=1, MP=1, P=1), dict(T=5, S=3, MP=9, P=40), dict(T=64, S=64, MP=256, P=4096)]
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,10 @@ def test_every_kernel_is_a_plugin_or_excluded_with_its_reason(manifest, plugins)
     assert set(plugins.PLUGINS) | set(plugins.EXCLUDED) == set(keys)
     assert not set(plugins.PLUGINS) & set(plugins.EXCLUDED)
     served = {keys[k]["family"] for k in plugins.PLUGINS}
-    assert served == {"row", "paged_attention"}
+    assert served == {"row", "paged_attention", "kv_append"}
     for key, why in plugins.EXCLUDED.items():
-        family, mode = keys[key]["family"], keys[key].get("mode")
-        expected = {"kv_append": "in place", "tc_attention": "max_q_len" if mode == "prefill" else "shared memory"}
-        assert expected[family] in why, (key, why)
+        assert keys[key]["family"] == "tc_attention", key
+        assert ("max_q_len" if keys[key]["mode"] == "prefill" else "shared memory") in why, (key, why)
 
 
 def test_ptx_of_every_plugin_is_beside_the_module_and_declares_its_entry(trt_pack, plugins):
@@ -64,13 +62,13 @@ def test_row_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugins, dim
         assert [(tuple(s), d) for s, d in p["shapes"](*shapes)] == [(s, "bfloat16") for s in want.outputs], e["key"]
 
 
-@pytest.mark.parametrize("sizes", ATTENTION_SHAPES, ids=lambda s: f"T{s['T']}")
-def test_attention_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugins, sizes):
-    entries = [e for e in manifest["kernels"] if e["family"] == "paged_attention"]
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_attention_and_append_plugins_ask_for_the_runtime_launch(trt_pack, manifest, plugins, case):
+    entries = [e for e in manifest["kernels"] if e["family"] in ("paged_attention", "kv_append")]
     assert entries and all(e["key"] in plugins.PLUGINS for e in entries)
     for e in entries:
         p = plugins.PLUGINS[e["key"]]
-        shapes = attention_input_shapes(e, **sizes)
+        shapes = input_shapes(e, case)
         want = expected_launch(trt_pack, e, shapes)
         got = p["launch"](*shapes, *[want.args[f"s_{n}"] for n in p["attributes"]])
         assert (got.grid, got.block, got.shared_mem) == (want.grid, want.block, want.shared_mem), e["key"]
