@@ -54,6 +54,31 @@ _ROPES: dict[str, Any] = {}    # repr -> RopeSpec (small frozen values, kept)
 _NUMBERS = itertools.count()
 
 
+# ---- registration ----------------------------------------------------------------------
+_LIB = torch.library.Library("layerforge", "FRAGMENT")
+
+
+def _op(mutates_args: tuple[str, ...] = (), tags: tuple = ()):
+    """Define layerforge::<the function's name, less its underscore>, its schema inferred from
+    the annotations and the function its implementation on every backend. Registered on the
+    Library directly, not through torch.library.custom_op, whose Python layers (autograd,
+    alias checks on every call) cost ~11 us more per call (benchmarks/NOTES.md): a compiled
+    graph pays that at every launch."""
+    def define(fn):
+        name = fn.__name__.lstrip("_")
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args), tags=tags)
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+    return define
+
+
+def _fake(name: str):
+    def register(fn):
+        torch.library.register_fake(f"layerforge::{name}", fn, lib=_LIB)
+        return fn
+    return register
+
+
 # ---- handles ---------------------------------------------------------------------------
 def register(obj: Any, name: str) -> str:
     """Bind handle `name` to `obj` (a LayerModule, PagedAttention or PagedKVCache)."""
@@ -127,24 +152,24 @@ def _row_direct(h: str, tensors: list[Tensor], scalars: list[float], out) -> tup
     return outs if isinstance(outs, tuple) else (outs,)
 
 
-@torch.library.custom_op("layerforge::row_layer", mutates_args=())
+@_op()
 def _row_layer(h: str, tensors: list[Tensor], scalars: list[float]) -> list[Tensor]:
     return list(_row_direct(h, tensors, scalars, None))
 
 
-@torch.library.custom_op("layerforge::row_layer_out", mutates_args=("out",))
+@_op(mutates_args=("out",))
 def _row_layer_out(h: str, tensors: list[Tensor], scalars: list[float], out: list[Tensor]) -> None:
     _row_direct(h, tensors, scalars, tuple(out))
 
 
-@_row_layer.register_fake
+@_fake("row_layer")
 def _row_layer_fake(h: str, tensors: list[Tensor], scalars: list[float]) -> list[Tensor]:
     module = _owner(h)
     device = tensors[0].device
     return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in _row_outputs(module, tensors)]
 
 
-@_row_layer_out.register_fake
+@_fake("row_layer_out")
 def _row_layer_out_fake(h: str, tensors: list[Tensor], scalars: list[float], out: list[Tensor]) -> None:
     return None
 
@@ -223,7 +248,7 @@ def paged_attention(attn, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_po
     return out
 
 
-@torch.library.custom_op("layerforge::paged_attention", mutates_args=())
+@_op()
 def _paged_attention(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seq_lens: Tensor,
                      q_seq: Tensor, q_pos: Tensor, max_kv_len: int, num_splits: Optional[int],
                      extra: list[Tensor], scalars: list[float]) -> Tensor:
@@ -232,7 +257,7 @@ def _paged_attention(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_t
                 num_splits=num_splits, **_attention_kwargs(attn, extra, scalars))
 
 
-@torch.library.custom_op("layerforge::paged_attention_out", mutates_args=("out",))
+@_op(mutates_args=("out",))
 def _paged_attention_out(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
                          seq_lens: Tensor, q_seq: Tensor, q_pos: Tensor, max_kv_len: int, num_splits: Optional[int],
                          extra: list[Tensor], scalars: list[float], out: Tensor) -> None:
@@ -253,7 +278,7 @@ def paged_prefill(attn, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, *
     return out
 
 
-@torch.library.custom_op("layerforge::paged_prefill", mutates_args=())
+@_op()
 def _paged_prefill(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seq_lens: Tensor,
                    cu_seqlens: Tensor, max_q_len: int, max_kv_len: int, num_splits: Optional[int],
                    extra: list[Tensor], scalars: list[float]) -> Tensor:
@@ -262,7 +287,7 @@ def _paged_prefill(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tab
                         max_kv_len=max_kv_len, num_splits=num_splits, **_attention_kwargs(attn, extra, scalars))
 
 
-@torch.library.custom_op("layerforge::paged_prefill_out", mutates_args=("out",))
+@_op(mutates_args=("out",))
 def _paged_prefill_out(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seq_lens: Tensor,
                        cu_seqlens: Tensor, max_q_len: int, max_kv_len: int, num_splits: Optional[int],
                        extra: list[Tensor], scalars: list[float], out: Tensor) -> None:
@@ -279,10 +304,9 @@ def _attention_fake(h: str, q: Tensor, *args) -> Tensor:
     return torch.empty_like(q)
 
 
-_paged_attention.register_fake(_attention_fake)
-_paged_prefill.register_fake(_attention_fake)
-_paged_attention_out.register_fake(lambda *args: None)
-_paged_prefill_out.register_fake(lambda *args: None)
+for _name in ("paged_attention", "paged_prefill"):
+    _fake(_name)(_attention_fake)
+    _fake(f"{_name}_out")(lambda *args: None)
 
 
 # ---- KV cache append -------------------------------------------------------------------
@@ -305,8 +329,7 @@ def cache_tables(cache) -> tuple[Tensor, Tensor]:
 
 
 # cudagraph_unsafe: a graph replay would write the metadata of the call that was captured
-@torch.library.custom_op("layerforge::kv_append", mutates_args=("k_cache", "v_cache", "page_table", "seq_lens"),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+@_op(mutates_args=("k_cache", "v_cache", "page_table", "seq_lens"), tags=(torch.Tag.cudagraph_unsafe,))
 def _kv_append(h: str, k: Tensor, v: Tensor, seq_ids: Tensor, positions: Optional[Tensor], rope: Optional[str],
                k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seq_lens: Tensor
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -325,10 +348,12 @@ def _kv_append(h: str, k: Tensor, v: Tensor, seq_ids: Tensor, positions: Optiona
         empty = torch.empty(0, dtype=torch.int32, device=k.device)
         return pos.clone(), empty, empty.clone()
     q_seq, q_pos = cache.last_tokens
-    return pos.clone(), q_seq, q_pos    # a copy: on a CPU cache, q_pos shares the positions' memory
+    # An op's outputs may not share memory: on CUDA both are views of the uploaded metadata,
+    # on the CPU q_pos is the positions' array; one small copy each way.
+    return pos.clone(), q_seq, q_pos.clone()
 
 
-@_kv_append.register_fake
+@_fake("kv_append")
 def _kv_append_fake(h, k, v, seq_ids, positions, rope, k_cache, v_cache, page_table, seq_lens):
     T = k.shape[0]
     return (torch.empty(T, dtype=torch.int32, device="cpu"), torch.empty(T, dtype=torch.int32, device=k.device),

@@ -91,6 +91,23 @@ def test_attention_ops_pass_torch_library_opcheck():
     opcheck(torch.ops.layerforge.paged_prefill.default, (h, q, kc, vc, table, lens, cu, 1, 64, None, [], []))
 
 
+def test_kv_append_op_passes_opcheck_and_declares_its_writes():
+    """opcheck's schema test fails an op that writes a tensor it does not declare as mutated
+    (or declares one it never writes): the append writes the cache tensors it is given."""
+    from layerforge.runtime.kv_cache import PagedKVCache
+    cache = PagedKVCache(PAGES, PAGE, HKV, D, torch.bfloat16, "cpu", max_seqs=2, max_pages_per_seq=MAX_PAGES)
+    cache.allocate(0, 16)
+    k, v = torch.randn(2, 1, HKV, D).bfloat16()
+    page_table, seq_lens = ops.cache_tables(cache)
+    args = (ops.handle(cache), k, v, torch.tensor([0]), torch.tensor([3]), None, cache.k_cache, cache.v_cache,
+            page_table, seq_lens)
+    positions, q_seq, q_pos = torch.ops.layerforge.kv_append(*args)
+    assert positions.tolist() == [3] and q_seq.tolist() == [0] and q_pos.tolist() == [3]
+    assert cache.seq_len(0) == 4 and seq_lens.tolist() == [4, 0]
+    torch.testing.assert_close(cache.gather(0)[1][3], v[0], rtol=0, atol=0)
+    opcheck(torch.ops.layerforge.kv_append.default, args)   # (runs it again, on copies of the tensors)
+
+
 @pytest.mark.parametrize("name,dims,inputs,outputs", [
     ("rms_norm", dict(H=64), [(7, 64)], [(7, 64)]),
     ("swiglu", dict(F=48), [(7, 96)], [(7, 48)]),
