@@ -67,6 +67,17 @@ def moe_eager(logits, k):
     return w / w.sum(-1, keepdim=True), i.to(torch.int32)
 
 
+def rope_eager(x, pos, theta=10000.0):
+    """The stdlib `rope` layer's math (neox, all channels) in torch."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos[:, None].float() * inv
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    xf = x.float()
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
 def cases(prog, quick):
     toks = [1, 256, 32768] if quick else TOKENS
     models = {"llama3-8b": MODELS["llama3-8b"]} if quick else MODELS
@@ -86,6 +97,11 @@ def cases(prog, quick):
             yield dict(kernel="swiglu", model=mname, n=n, layer=prog.specialise("swiglu", F=Fd, dtype="bf16"),
                        make=lambda n=n, Fd=Fd: [torch.randn(n, 2 * Fd, device="cuda", dtype=torch.bfloat16)],
                        bytes=lambda n=n, Fd=Fd: 2 * 3 * n * Fd, eager=swiglu_eager, library=None)
+    for n in (2048,) if quick else (2048, 32768):   # 32 heads x 128 (Llama-3-8B's q)
+        yield dict(kernel="rope", model="llama3-8b", n=n, layer=prog.specialise("rope", D=128, dtype="bf16"),
+                   make=lambda n=n: [torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16),
+                                     torch.randint(0, 8192, (n,), device="cuda", dtype=torch.int32)],
+                   bytes=lambda n=n: 2 * 2 * n * 32 * 128 + 4 * n, eager=rope_eager, library=None, weightless=True)
     for e in (8, 64, 128):
         for k in (2, 8):
             if k > e:

@@ -85,6 +85,7 @@ class RowLowering:
         self.counter = 0
         self.params = {p.name: p for p in self.fn.params}
         self.uses: set[str] = set()
+        self.tables: dict[int, str] = {}   # TABLE node -> its static array
         self._check_supported()
         self.phases = self._phases()
         self.lead = self._lead_shape()
@@ -653,6 +654,13 @@ class RowLowering:
             return self.emit(src, sidx), ct
         if op is Op.IOTA:
             return f"(int)({self.cidx(idx[-1])})", "int"
+        if op is Op.TABLE:   # a build-time vector (rope_freqs): one static array, read by column
+            name = self.tables.get(id(n))
+            if name is None:
+                name = self.tables[id(n)] = f"lf_table{len(self.tables)}"
+                values = ", ".join(ops.float_literal(v) for v in n.arg)
+                self.lines.insert(0, f"static const float {name}[{len(n.arg)}] = {{ {values} }};")
+            return f"{name}[{self.cidx(idx[-1])}]", ct
         raise LoweringError(f"{op.value} is not lowered to row kernels")
 
     def _check_row_local(self, n: Node, idx: tuple):

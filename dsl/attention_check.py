@@ -23,8 +23,8 @@ import math
 import sympy
 
 from . import ast
+from .builtins import rope_scaling_of
 from .ir import AttentionSpec, Node, Op, Param, RopeSpec
-from .numerics import ROPE_TYPES, RopeParameterError, make_rope_scaling, rope_is_static
 from .signatures import ATTENTION_DIRECTIVES
 from .types import DType, dims_equal, shape_str
 
@@ -201,65 +201,7 @@ def _rope(ck, st: ast.AttnCall, args, scope, head_dim) -> RopeSpec | None:
     if (head_dim - dim).is_Integer and dim > head_dim:
         ck.error(span, f"rotary dim {dim} is larger than the head dim {head_dim}")
         return None
-    scaling = _rope_scaling(ck, st, args, scope)
+    scaling = rope_scaling_of(ck, st.span, args, scope)
     if scaling is False:
         return None
     return RopeSpec(float(theta), style_name, dim, scaling)
-
-
-# the rope types a block can name: those with one frequency table (longrope with its regime)
-_DIRECTIVE_TYPES = tuple(t for t in ROPE_TYPES if t != "dynamic")
-# Llama 3's keys, when `factor` is given without a type (the directive's first form)
-_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192.0}
-
-
-def _rope_scaling(ck, st: ast.AttnCall, args, scope):
-    """The directive's frequency scaling (dsl/numerics): None for the default type, False
-    after an error. Unknown types, missing keys and values out of range point at the source."""
-    kind_arg = args["type"]
-    if kind_arg is None:
-        kind = "llama3" if args["factor"] is not None else "default"
-    elif isinstance(kind_arg, ast.Name) and kind_arg.id in _DIRECTIVE_TYPES:
-        kind = kind_arg.id
-    else:
-        ck.error(kind_arg.span, "unknown rope type", f"known: {', '.join(_DIRECTIVE_TYPES)} (dynamic NTK depends on "
-                                                     "the sequence length: no kernel with one frequency table applies it)")
-        return False
-    values = {}
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position", "beta_fast", "beta_slow",
-                "mscale", "mscale_all_dim", "attention_factor", "max_position"):
-        if args[key] is not None:
-            v = ck.build_time(args[key], scope, f"rope {key}", float)
-            if v is None:
-                return False
-            values[key] = float(v)
-    for key in ("short_factor", "long_factor"):
-        e = args[key]
-        if e is None:
-            continue
-        if not isinstance(e, ast.ListLit):
-            ck.error(e.span, f"rope {key} must be a list of numbers, one per rotary pair")
-            return False
-        items = [ck.build_time(x, scope, f"rope {key}", float) for x in e.items]
-        if None in items:
-            return False
-        values[key] = tuple(float(x) for x in items)
-    if args["regime"] is not None:
-        r = args["regime"]
-        if not (isinstance(r, ast.Name) and r.id in ("short", "long")):
-            ck.error(r.span, "longrope regime must be short or long")
-            return False
-        values["regime"] = r.id
-    if kind_arg is None and kind == "llama3":
-        values = {**_LLAMA3_DEFAULTS, **values}
-        if values["factor"] == 1.0:   # factor 1 is the identity
-            return None
-    try:
-        scaling = make_rope_scaling(kind, values)
-        if not rope_is_static(scaling):   # the block's kernels carry one frequency table
-            raise RopeParameterError("longrope rope frequencies depend on the sequence length; give "
-                                     "regime = short (up to original_max_position) or long")
-    except RopeParameterError as e:
-        ck.error(st.span, str(e))
-        return False
-    return scaling

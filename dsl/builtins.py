@@ -8,6 +8,8 @@ from __future__ import annotations
 import sympy
 
 from . import ast
+from .numerics import (ROPE_TYPES, RopeParameterError, make_rope_scaling, rope_attention_factor,
+                       rope_is_static, static_inv_freq)
 from .ir import Node, Op, ReduceArg
 from .types import DType, broadcast_shapes, dims_equal, shape_str, type_str
 from .values import _CAST_NAMES, ERR, _Tuple
@@ -243,6 +245,30 @@ class BuiltinRules:
             return self.error(e.span, "iota's length must be positive")
         return Node(Op.IOTA, DType.i32, (n,), (), n, e.span)
 
+    def builtin_rope_freqs(self, name, args, e, scope):
+        """The inverse frequency of each of the first rotary_dim channels (dsl/numerics, any static
+        rope type): neox pairs channel c with c + rotary_dim/2, gptj 2i with 2i + 1, and a pair
+        shares its frequency. Folded to a table at specialisation."""
+        rd = self.build_time(args["rotary_dim"], scope, "rope_freqs' rotary_dim")
+        theta = self.build_time(args["theta"], scope, "rope theta", float)
+        neox = self.build_time(args["neox"], scope, "rope_freqs' neox", bool)
+        scaling = rope_scaling_of(self, e.span, args, scope)
+        if rd is None or theta is None or neox is None or scaling is False:
+            return ERR
+        rd = sympy.sympify(rd)
+        if rd.is_Integer and (rd <= 0 or rd % 2):
+            return self.error(args["rotary_dim"].span, f"rotary dim must be a positive even number, got {rd}")
+        if float(theta) <= 0:
+            return self.error(args["theta"].span, "rope theta must be positive")
+        if rope_attention_factor(scaling) != 1.0:
+            return self.error(e.span, f"rope type '{scaling.rope_type}' scales cos and sin by its attention "
+                                      "factor, which rope_freqs does not carry; use an attention block's rope(...)")
+        if not rd.is_Integer:   # the generic check: the table comes with the dims
+            return Node(Op.TABLE, DType.f32, (rd,), (), None, e.span)
+        inv = static_inv_freq(float(theta), int(rd), scaling)
+        per_channel = inv + inv if neox else tuple(f for f in inv for _ in range(2))
+        return Node(Op.TABLE, DType.f32, (rd,), (), per_channel, e.span)
+
     def builtin_transpose(self, name, args, e, scope):
         return self.transpose(self.value(args["x"], scope), e.span)
 
@@ -285,3 +311,60 @@ def _fold_unary(name: str, x: float) -> float:
          "cos": m.cos, "sin": m.sin, "erf": m.erf}[name]
     return f(x)
 
+
+# the rope types a block can name: those with one frequency table (longrope with its regime)
+_DIRECTIVE_TYPES = tuple(t for t in ROPE_TYPES if t != "dynamic")
+# Llama 3's keys, when `factor` is given without a type (the directive's first form)
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position": 8192.0}
+
+
+def rope_scaling_of(ck, span, args, scope):
+    """The directive's frequency scaling (dsl/numerics): None for the default type, False
+    after an error. Unknown types, missing keys and values out of range point at the source."""
+    kind_arg = args["type"]
+    if kind_arg is None:
+        kind = "llama3" if args["factor"] is not None else "default"
+    elif isinstance(kind_arg, ast.Name) and kind_arg.id in _DIRECTIVE_TYPES:
+        kind = kind_arg.id
+    else:
+        ck.error(kind_arg.span, "unknown rope type", f"known: {', '.join(_DIRECTIVE_TYPES)} (dynamic NTK depends on "
+                                                     "the sequence length: no kernel with one frequency table applies it)")
+        return False
+    values = {}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim", "attention_factor", "max_position"):
+        if args[key] is not None:
+            v = ck.build_time(args[key], scope, f"rope {key}", float)
+            if v is None:
+                return False
+            values[key] = float(v)
+    for key in ("short_factor", "long_factor"):
+        e = args[key]
+        if e is None:
+            continue
+        if not isinstance(e, ast.ListLit):
+            ck.error(e.span, f"rope {key} must be a list of numbers, one per rotary pair")
+            return False
+        items = [ck.build_time(x, scope, f"rope {key}", float) for x in e.items]
+        if None in items:
+            return False
+        values[key] = tuple(float(x) for x in items)
+    if args["regime"] is not None:
+        r = args["regime"]
+        if not (isinstance(r, ast.Name) and r.id in ("short", "long")):
+            ck.error(r.span, "longrope regime must be short or long")
+            return False
+        values["regime"] = r.id
+    if kind_arg is None and kind == "llama3":
+        values = {**_LLAMA3_DEFAULTS, **values}
+        if values["factor"] == 1.0:   # factor 1 is the identity
+            return None
+    try:
+        scaling = make_rope_scaling(kind, values)
+        if not rope_is_static(scaling):   # the block's kernels carry one frequency table
+            raise RopeParameterError("longrope rope frequencies depend on the sequence length; give "
+                                     "regime = short (up to original_max_position) or long")
+    except RopeParameterError as e:
+        ck.error(span, str(e))
+        return False
+    return scaling

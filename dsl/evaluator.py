@@ -277,6 +277,9 @@ class _Evaluator:
     def op_iota(self, n):
         return torch.arange(self.int_of(n.arg), dtype=torch.int32, device=self.device)
 
+    def op_table(self, n):  # float64 values, rounded to the storage dtype
+        return torch.tensor(n.arg, dtype=torch.float64, device=self.device).to(self.storage(n.dtype))
+
     def op_matmul(self, n):
         a, b = self.arg(n, 0), self.arg(n, 1)
         cdt = self.compute(n.dtype)

@@ -32,6 +32,7 @@ class Op(enum.Enum):
     INTERLEAVE = "interleave"  # src: a, b; arg: axis; out[..., 2i] = a[..., i], out[..., 2i+1] = b[..., i]
     RESHAPE = "reshape"        # to node.shape
     IOTA = "iota"              # 0..n-1 as i32; shape (n,)
+    TABLE = "table"            # a build-time f32 vector; arg: tuple of floats (None in the generic check)
     MATMUL = "matmul"          # batched over leading dims
     TRANSPOSE = "transpose"    # swap the last two axes
     ATTENTION = "attention"    # src: q, k, v, *extra inputs; arg: AttentionSpec
@@ -151,7 +152,7 @@ class IRVerificationError(AssertionError):
 
 _ARITY = {Op.INPUT: 0, Op.SCALAR: 0, Op.CONST: 0, Op.DIM: 0, Op.UNARY: 1, Op.BINARY: 2, Op.WHERE: 3,
           Op.CAST: 1, Op.REDUCE: 1, Op.SOFTMAX: 1, Op.TOPK: 1, Op.GATHER: 2, Op.SLICE: 1,
-          Op.INTERLEAVE: 2, Op.RESHAPE: 1, Op.IOTA: 0, Op.MATMUL: 2, Op.TRANSPOSE: 1, Op.ATTN_VAR: 0}
+          Op.INTERLEAVE: 2, Op.RESHAPE: 1, Op.IOTA: 0, Op.TABLE: 0, Op.MATMUL: 2, Op.TRANSPOSE: 1, Op.ATTN_VAR: 0}
 
 
 def verify(fn: Function) -> None:
@@ -186,6 +187,8 @@ def verify(fn: Function) -> None:
             fail(n, "where condition must be bool")
         if n.op is Op.MATMUL and not dims_equal(n.src[0].shape[-1], n.src[1].shape[-2]):
             fail(n, "matmul inner dims differ")
+        if n.op is Op.TABLE and n.arg is not None and (len(n.shape) != 1 or n.shape[0] != len(n.arg)):
+            fail(n, "table length differs from its shape")
         if n.op is Op.CONCAT and any(s.dtype != n.dtype for s in n.src):
             fail(n, "concat operands differ in dtype")
 

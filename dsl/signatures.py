@@ -62,6 +62,11 @@ def sig(*params, varargs: bool = False) -> Signature:
     return Signature(norm, varargs)
 
 
+# A RoPE frequency scaling's keys (dsl/numerics), shared by rope(...) and rope_freqs(...)
+ROPE_SCALING_KEYS = tuple((k, None) for k in (
+    "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position", "beta_fast", "beta_slow",
+    "mscale", "mscale_all_dim", "attention_factor", "short_factor", "long_factor", "regime", "max_position"))
+
 UNARY_MATH = ("exp", "log", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "rsqrt", "sqrt",
               "abs", "cos", "sin", "erf")
 
@@ -86,6 +91,8 @@ BUILTINS: dict[str, Signature] = {
     "reshape": sig("dims", varargs=True),  # reshape(x, d0, d1, ...): first of dims is x
     "unsqueeze": sig("x", "axis"),
     "iota": sig("n"),
+    # the inverse frequency of each rotary channel, f32[rotary_dim], a build-time table from dsl/numerics
+    "rope_freqs": sig("rotary_dim", ("theta", 10000.0), ("neox", True), *ROPE_SCALING_KEYS),
     "transpose": sig("x"),
     "cast": sig("x", "dtype"),
     # attention-only helpers
@@ -95,10 +102,7 @@ BUILTINS: dict[str, Signature] = {
 ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
 
 ATTENTION_DIRECTIVES: dict[str, Signature] = {
-    # type: default | linear | llama3 | yarn | longrope | dynamic (dsl/numerics); `factor` alone is llama3
-    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), ("factor", None), ("low_freq_factor", None),
-                ("high_freq_factor", None), ("original_max_position", None), ("type", None), ("beta_fast", None),
-                ("beta_slow", None), ("mscale", None), ("mscale_all_dim", None), ("attention_factor", None),
-                ("short_factor", None), ("long_factor", None), ("regime", None), ("max_position", None)),
+    # type: default | linear | llama3 | yarn | longrope (dsl/numerics); `factor` alone is llama3
+    "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), *ROPE_SCALING_KEYS),
     "alibi": sig(("max_bias", 8.0)),
 }

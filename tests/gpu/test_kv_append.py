@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from layerforge import LayerInputError
-from layerforge.codegen.kv_append import rope_inv_freq
 from layerforge.dsl.attention_ref import apply_rope
 from layerforge.dsl.ir import RopeSpec
 from layerforge.runtime.kv_cache import PagedKVCache
@@ -160,9 +159,9 @@ def test_unaligned_views_of_a_fused_projection(rope, offset):
 
 
 @pytest.mark.parametrize("rope", ["neox", "gptj"])
-def test_large_positions_use_f32_angles(rope):
-    """Far into a sequence the angle is pos * inv_freq rounded to f32 (as in every f32 RoPE):
-    compared with the float64 rotation of exactly that angle."""
+def test_large_positions_rotate_like_the_float64_reference(rope):
+    """Far into a sequence the kernel's angle (pos * inv_freq formed in double, reduced to
+    [-pi, pi] before __sincosf) still gives the float64 reference's rotation."""
     dtype, H, D, P = torch.bfloat16, 2, 128, 64
     spec = ROPES[rope](D)
     start, T = 50_000, 40
@@ -177,16 +176,8 @@ def test_large_positions_use_f32_angles(rope):
     assert cache.seq_len(0) == start + T
     gk = cache.gather(0)[0][start:]
 
-    inv = torch.tensor(rope_inv_freq(spec.theta, D), dtype=torch.float32, device="cuda")
-    ang = (pos.cuda().float()[:, None] * inv).double()  # f32 product, as the kernel forms it
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    x = k.double()
-    if rope == "neox":
-        x1, x2 = x[..., : D // 2], x[..., D // 2:]
-        ref = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    else:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        ref = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    # the kernel forms the angle in double from the float64 table: the reference's rotation
+    ref = reference_k(k, pos.cuda().long(), spec, dtype)
     check_k("large positions", gk, ref.to(dtype), dtype)
 
 
