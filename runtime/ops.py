@@ -125,6 +125,8 @@ def _rope_handle_at(address: int) -> str:
 
 
 # ---- row layers ------------------------------------------------------------------------
+# These read the LayerModule's parsed interface (_inputs, _weights, _scalars, _params,
+# _out_specs, _out_dtypes): the op is the module's traced face, not a second interface.
 def row_layer(module, args: tuple, scalars: dict[str, Any], out) -> Tensor | tuple[Tensor, ...]:
     """A LayerModule call as one op: `args` are forward()'s tensors, `scalars` its keyword scalars."""
     tensors = [*args, *(getattr(module, attr) for attr in module._weights.values())]

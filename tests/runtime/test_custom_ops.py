@@ -241,6 +241,29 @@ def test_llama_attention_with_cache_appends_compiles_fullgraph(device):
     assert_matches(caches[1].k_cache, caches[0].k_cache, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_llama_decoder_layer_compiles_fullgraph(device):
+    """The decoder layer needs nothing of its own: its norms, attention, append and SwiGLU
+    route themselves, so the whole layer is one graph."""
+    transformers = pytest.importorskip("transformers")
+    from layerforge.runtime.llama_decoder import LlamaPagedDecoderLayer
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+                                   vocab_size=11, num_hidden_layers=1, intermediate_size=96, rope_theta=500000.0)
+    layer = LlamaPagedDecoderLayer(cfg, page_size=PAGE).to(device).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "layernorm" not in name:
+                p.normal_(0.0, 0.06)
+    caches = [layer.make_cache(num_pages=PAGES, max_seqs=1, max_pages_per_seq=MAX_PAGES) for _ in range(2)]
+    for cache in caches:
+        cache.allocate(0, 32)
+    compiled = torch.compile(layer, fullgraph=True, backend=backend(device))
+    for seq_ids in ([0] * 6, [0], [0]):
+        x = torch.randn(len(seq_ids), 256, device=device).bfloat16()
+        want = layer(x, seq_ids=seq_ids, cache=caches[0])
+        torch.testing.assert_close(compiled(x, seq_ids=seq_ids, cache=caches[1]), want, rtol=2e-2, atol=2e-2)
+
+
 # ---- the device: CUDA graphs and the host cost ----------------------------------------------
 @pytest.mark.gpu
 @requires_gpu
