@@ -110,6 +110,8 @@ class RowLowering:
             self.tpr = min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / 2)))
         else:
             self.tpr = min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
+            if not self.phases:
+                self.tpr = self._threads_for_whole_chunks(self.tpr, chunks)
         # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
         self.rpb = max(1, 256 // self.tpr) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
@@ -117,6 +119,17 @@ class RowLowering:
         self.cur_elem: tuple | None = None  # (chunk column symbol, element number) being generated
         self.topk_arrays: dict[int, tuple[str, str, int]] = {}     # shared-memory path
         self.topk_regs: dict[tuple, tuple[list[str], list[str]]] = {}  # sub-warp path: per-rank names
+        self.chunk_loads_at: int | None = None   # inside _columns: where the chunk's next load goes
+
+    def _threads_for_whole_chunks(self, tpr: int, chunks: int) -> int:
+        """Fewer threads, down to 2 x ITEMS_PER_THREAD chunks each, when that leaves no partial
+        last chunk (on which part of the block idles). Only rows without reductions: a row with
+        one keeps every chunk's values live until its stores. SwiGLU F 14336 (1792 chunks):
+        256 threads x 7 chunks ran 7% faster than 512 x 3.5 (benchmarks/NOTES.md)."""
+        t = tpr
+        while chunks % t and t > 1 and math.ceil(chunks / (t // 2)) <= 2 * self.ITEMS_PER_THREAD:
+            t //= 2
+        return t if chunks % t == 0 else tpr
 
     # ---- analysis ------------------------------------------------------------------
     def _check_supported(self):
@@ -273,6 +286,8 @@ class RowLowering:
 
         A thread's chunk k covers columns c0 + i, i < vec, with c0 = tid*vec + k*tpr*vec a
         multiple of vec; c0's range is [0, width - vec] so index reasoning stays exact.
+        In rows without reductions the chunk's vector loads go ahead of its arithmetic
+        (`_place_load`).
         """
         cb = f"cb{loop.vec}"
         if cb not in self.cache:
@@ -293,7 +308,11 @@ class RowLowering:
                 self.cache[key] = sym
                 self.col_info[sym] = (loop, k, okv)
             c0 = self.cache[key]
+            # rows with reductions keep their measured code: their chunk loops have no branch
+            # for ptxas to stop at, and their values stay live across phases anyway
+            self.chunk_loads_at = None if self.phases else len(self.lines)
             yield k, [(c0 + i, okv, i) for i in range(loop.vec)]
+            self.chunk_loads_at = None
 
     # ---- phases ---------------------------------------------------------------------
     def _row_idx(self, node: Node, col) -> tuple:
@@ -683,11 +702,25 @@ class RowLowering:
                 key = (n.arg, sympy.srepr(base), loop.vec)
                 if key not in self.vec_slots:
                     name = self.fresh("ld")
-                    self.lines.append(f"const lf_vec<{st}, {loop.vec}> {name} = "
-                                      f"lf_load_vec<{st}, {loop.vec}>(p_{n.arg} + {self.cidx(base)}, {okv});")
+                    self._place_load(f"const lf_vec<{st}, {loop.vec}> {name} = "
+                                     f"lf_load_vec<{st}, {loop.vec}>(p_{n.arg} + {self.cidx(base)}, {okv});", base)
                     self.vec_slots[key] = name
                 return conv.format(f"{self.vec_slots[key]}.v[{elem}]")
         return conv.format(f"({okv} ? p_{n.arg}[{self.cidx(addr)}] : ({st})0)")
+
+    def _place_load(self, line: str, base) -> None:
+        """Emit a vector load at the start of its chunk, with the chunk's other loads, when its
+        address needs only the row, the columns and the dims (not a gathered index computed
+        in the chunk). All loads of a chunk are then in flight before its arithmetic starts:
+        emitted at first use, the `up` load of SwiGLU waited behind the IEEE division of the
+        first `gate` element, whose slow-path branch ptxas does not move loads across
+        (benchmarks/NOTES.md: F 28672 1468 -> 1314 us)."""
+        known = set(self.row_syms) | set(self.col_info) | set(self.space.sizes.values())
+        if self.chunk_loads_at is not None and sympy.sympify(base).free_symbols <= known:
+            self.lines.insert(self.chunk_loads_at, line)
+            self.chunk_loads_at += 1
+        else:
+            self.lines.append(line)
 
     def _ok_for(self, idx: tuple) -> str:
         """The guard of the loop column this index was derived from (or the row's)."""

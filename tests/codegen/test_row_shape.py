@@ -1,0 +1,58 @@
+"""The thread shape and statement order of generated row kernels (no GPU needed): what
+benchmarks/NOTES.md measured for SwiGLU at Llama-3 8B/70B widths."""
+import pytest
+
+import layerforge as lf
+from layerforge.codegen.plan import plan_layer
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+def lowered(prog, name, dtype="bf16", **dims):
+    return plan_layer(prog.specialise(name, dtype=dtype, **dims), "sm_90").lowered()
+
+
+@pytest.mark.parametrize("width,threads", [(28672, 512), (14336, 256), (4096, 128)])
+def test_elementwise_rows_take_at_most_512_threads_and_whole_chunks(prog, width, threads):
+    k = lowered(prog, "swiglu", F=width)
+    assert (k.tpr, k.rpb) == (threads, 1)
+    chunks = width // 8                       # 16-byte chunks of bf16
+    assert chunks % k.tpr == 0                # no partial last chunk
+    assert chunks // k.tpr <= 8
+
+
+@pytest.mark.parametrize("width,threads", [(4096, 128), (8192, 256)])
+def test_rows_with_reductions_keep_four_chunks_per_thread(prog, width, threads):
+    assert lowered(prog, "rms_norm", H=width).tpr == threads
+
+
+def test_elementwise_rows_return_early_and_load_full_chunks_unguarded(prog):
+    body = lowered(prog, "swiglu", F=28672).body
+    assert "if (row >= n_rows) return;" in body
+    assert "const bool row_ok = true;" in body
+    guards = [line for line in body if line.startswith("const bool ok_")]
+    assert len(guards) == 7 and all(line.endswith("= row_ok;") for line in guards)   # 7 full chunks
+
+
+def test_rows_with_reductions_guard_rows_past_the_end(prog):
+    body = lowered(prog, "rms_norm", H=4096).body
+    assert "const bool row_ok = row < n_rows;" in body
+    assert not any("return;" in line for line in body)
+
+
+def test_each_chunk_loads_gate_and_up_before_its_arithmetic(prog):
+    body = lowered(prog, "swiglu", F=28672).body
+    chunks, current = [], []
+    for line in body:
+        current.append(line)
+        if "lf_store_vec" in line:
+            chunks.append(current)
+            current = []
+    assert len(chunks) == 28672 // 8 // 512
+    for lines in chunks:
+        loads = [i for i, l in enumerate(lines) if "lf_load_vec" in l]
+        first_math = next(i for i, l in enumerate(lines) if "lf_silu" in l)
+        assert len(loads) == 2 and max(loads) < first_math
