@@ -14,7 +14,10 @@ Ops are registered once per kind of launch, not per module: the module travels a
 (a string; `handle(obj)`), resolved at run time through a registry of live objects, as
 vLLM's attention ops carry a layer name. The handle is made when the object is first traced
 and is meaningful only in the process that holds the object: an exported program runs where
-its modules live (`register(obj, handle)` binds a handle to an object again).
+its modules live (`register(obj, handle)` binds a handle to an object again). Being a
+constant of the graph, the handle makes the compiler guard on the object's identity: compile
+the model that holds the layers (each layer appears once in its graph), not one layer class's
+forward reused over many instances (a graph per instance, up to the recompile limit).
 Weights, runtime scalars and every tensor a kernel reads or writes are op arguments, so the
 graph holds the real data flow.
 
