@@ -13,8 +13,6 @@ from ..dsl.ir import Node, Op, toposort, unary_name
 from ..dsl.types import DType
 from . import ops
 
-ATTN_VAR_TYPES = {"score": "float", "b": "int", "h": "int", "kv_h": "int", "q_pos": "int", "kv_pos": "int"}
-
 
 class ScalarEmitter:
     def __init__(self, var_names: dict[str, str], tables: dict[str, "TableInfo"], dims: dict[str, str]):

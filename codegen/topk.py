@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import math
 
-SENTINEL = None  # a wire known at build time to hold key 0
-
-
 def _oddeven_merge_sort(n: int) -> list[tuple[int, int]]:
     """Batcher's odd-even merge sort on n (a power of two) wires; (i, j), i < j."""
     comps = []

@@ -78,7 +78,8 @@ class PagedAttention:
 
     @property
     def target(self) -> str:
-        return self.arch or "sm_%d%d" % torch.cuda.get_device_capability()
+        from .launch import device_arch
+        return self.arch or device_arch()
 
     @property
     def kernel(self) -> str:

@@ -168,10 +168,8 @@ def _number(v: str):
 
 
 def _default_arch() -> str:
+    from .nvrtc import default_arch
     try:
-        import torch
-        if torch.cuda.is_available():
-            return "sm_%d%d" % torch.cuda.get_device_capability()
-    except Exception:
-        pass
-    raise SystemExit("no GPU here: pass --arch (e.g. --arch sm_90)")
+        return default_arch()
+    except RuntimeError:
+        raise SystemExit("no GPU here: pass --arch (e.g. --arch sm_90)") from None

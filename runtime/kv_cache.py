@@ -384,7 +384,7 @@ class PagedKVCache:
         if positions is not None:
             key = ids * (self.max_pages_per_seq * P) + pos
             if np.unique(key).size != T:
-                uniq, first, cnt = np.unique(key, return_index=True, return_counts=True)
+                _, first, cnt = np.unique(key, return_index=True, return_counts=True)
                 t = int(first[np.flatnonzero(cnt > 1)[0]])
                 raise KVCacheError(f"append: position {pos[t]} of sequence {ids[t]} is written twice in one call")
         pages = self._pt[ids, pos // P]
@@ -425,9 +425,9 @@ class PagedKVCache:
         hit = self._kernels.get((rope, vec_bytes))
         if hit is not None:
             return hit
-        from .launch import compile_plan, load_kernels
+        from .launch import compile_plan, device_arch, load_kernels
 
-        arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(self.device)
+        arch = self.arch or device_arch(self.device)
         style, theta, rd, scaling = rope or (None, None, None, None)
         plan = KVAppendPlan(dtype=_DTYPES[self.dtype], num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                             page_size=self.page_size, rope_style=style, rope_theta=theta, rotary_dim=rd,

@@ -9,7 +9,7 @@ Tile searches take `compile_fn(cache)`, so codegen never imports the runtime.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -71,11 +71,5 @@ def load_kernels(cubin: bytes, abis: Sequence[KernelABI], device: Any) -> dict[s
 
 
 def device_arch(device: Any = None) -> str:
-    """'sm_90' for the device's compute capability."""
+    """'sm_90' for the device's compute capability (the arch the runtime compiles for)."""
     return "sm_%d%d" % torch.cuda.get_device_capability(device)
-
-
-def pointer_args(abi: KernelABI, values: Mapping[str, Any]) -> list[Any]:
-    """The ABI's arguments in order, each taken from `values` by its ref (for callers that
-    hold their arguments by name; hot paths precompute the order instead)."""
-    return [values[a.ref] for a in abi.args]

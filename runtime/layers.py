@@ -210,7 +210,7 @@ class LayerModule(torch.nn.Module):
         hit = self._launches.get(key)
         if hit is not None:
             return hit
-        from .launch import compile_plan, load_kernels
+        from .launch import compile_plan, device_arch, load_kernels
         if self.layer is None:   # a pack's module: the kernels it was built with
             image = self._images.get(vec_bytes) or self._images.get(16)
             if image is None or (vec_bytes < 16 and vec_bytes not in self._images):
@@ -218,7 +218,7 @@ class LayerModule(torch.nn.Module):
                                       f"(it has {sorted(self._images)}); pass 16-byte aligned tensors")
             cubin, abi, lead = image
         else:
-            arch = self.arch or "sm_%d%d" % torch.cuda.get_device_capability(device)
+            arch = self.arch or device_arch(device)
             plan = plan_layer(self.layer, arch, vec_bytes=vec_bytes)
             cubin, abi, lead = compile_plan(plan, self._cache).cubin, plan.abi, plan.lowered().lead_dims
         kernel = load_kernels(cubin, (abi,), device)[abi.name]

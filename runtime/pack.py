@@ -110,7 +110,8 @@ class Pack:
 
     def check_device(self, device=None) -> None:
         """Raise PackError unless the GPU runs this pack's cubins (same compute capability)."""
-        have = "sm_%d%d" % torch.cuda.get_device_capability(device)
+        from .launch import device_arch
+        have = device_arch(device)
         if have != self.arch.rstrip("af"):
             raise PackError(f"{self.root}: the pack was built for {self.arch}, this GPU is {have}; "
                             f"rebuild with `layerforge build --arch {have}`")
