@@ -83,7 +83,7 @@ def test_attention_plugin_ptx_computes_what_the_runtime_kernel_does(pack):
 
     from layerforge.codegen.abi import KernelABI
     from layerforge.runtime.attention import PagedAttention
-    from layerforge.runtime.launch import load_kernels, pointer_args
+    from layerforge.runtime.launch import load_kernels
     manifest = json.loads((pack / "manifest.json").read_text())
     entry = next(e for e in manifest["kernels"] if e["family"] == "paged_attention")
     plugin = import_plugins(pack).PLUGINS[entry["key"]]
@@ -105,7 +105,7 @@ def test_attention_plugin_ptx_computes_what_the_runtime_kernel_does(pack):
     values = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "page_table": page_table, "seq_lens": seq_lens,
               "q_seq": q_seq, "q_pos": q_pos, "0": want, "out": want, "part_o": None, "part_lse": None, "max_pages": MP,
               "num_pages": P, "num_seqs": S, "num_splits": 1}
-    runtime_kernel((T, 1), pointer_args(abi, values))
+    runtime_kernel((T, 1), [values[a.ref] for a in abi.args])   # the ABI's order, each by its ref
     got = torch.full_like(q, float("nan"))
     run_plugin(pack, plugin, list(args), [got], [])
     assert torch.equal(got, want)
