@@ -32,6 +32,10 @@ from .rewrite import lower_composites
 from .topk import round_depths, sort_ops
 
 
+# Where the current chunk's loads go (_columns replaces it when the chunk ends).
+_CHUNK_LOADS = "// (this chunk's loads)"
+
+
 class LoweringError(NotImplementedError):
     """The layer does not fit this kernel family (the message says why)."""
 
@@ -119,7 +123,7 @@ class RowLowering:
         self.cur_elem: tuple | None = None  # (chunk column symbol, element number) being generated
         self.topk_arrays: dict[int, tuple[str, str, int]] = {}     # shared-memory path
         self.topk_regs: dict[tuple, tuple[list[str], list[str]]] = {}  # sub-warp path: per-rank names
-        self.chunk_loads_at: int | None = None   # inside _columns: where the chunk's next load goes
+        self.chunk_loads: list[str] | None = None   # inside _columns: the chunk's loads, put at _CHUNK_LOADS
 
     def _threads_for_whole_chunks(self, tpr: int, chunks: int) -> int:
         """Fewer threads, down to 2 x ITEMS_PER_THREAD chunks each, when that leaves no partial
@@ -310,9 +314,14 @@ class RowLowering:
             c0 = self.cache[key]
             # rows with reductions keep their measured code: their chunk loops have no branch
             # for ptxas to stop at, and their values stay live across phases anyway
-            self.chunk_loads_at = None if self.phases else len(self.lines)
+            if not self.phases:
+                self.chunk_loads = []
+                self.lines.append(_CHUNK_LOADS)
             yield k, [(c0 + i, okv, i) for i in range(loop.vec)]
-            self.chunk_loads_at = None
+            if self.chunk_loads is not None:   # the placeholder (lines may have been put before it)
+                at = len(self.lines) - 1 - self.lines[::-1].index(_CHUNK_LOADS)
+                self.lines[at:at + 1] = self.chunk_loads
+                self.chunk_loads = None
 
     # ---- phases ---------------------------------------------------------------------
     def _row_idx(self, node: Node, col) -> tuple:
@@ -716,9 +725,8 @@ class RowLowering:
         first `gate` element, whose slow-path branch ptxas does not move loads across
         (benchmarks/NOTES.md: F 28672 1468 -> 1314 us)."""
         known = set(self.row_syms) | set(self.col_info) | set(self.space.sizes.values())
-        if self.chunk_loads_at is not None and sympy.sympify(base).free_symbols <= known:
-            self.lines.insert(self.chunk_loads_at, line)
-            self.chunk_loads_at += 1
+        if self.chunk_loads is not None and sympy.sympify(base).free_symbols <= known:
+            self.chunk_loads.append(line)
         else:
             self.lines.append(line)
 
