@@ -24,6 +24,7 @@ import sympy
 
 from . import ast
 from .builtins import rope_scaling_of
+from .numerics import rope_is_static
 from .ir import AttentionSpec, Node, Op, Param, RopeSpec
 from .signatures import ATTENTION_DIRECTIVES
 from .types import DType, dims_equal, shape_str
@@ -204,4 +205,16 @@ def _rope(ck, st: ast.AttnCall, args, scope, head_dim) -> RopeSpec | None:
     scaling = rope_scaling_of(ck, st.span, args, scope)
     if scaling is False:
         return None
+    model = ck.bindings.rope_scaling
+    if model is not None:
+        if scaling is not None:
+            ck.error(st.span, f"rope(...) sets its own frequency scaling ({scaling.rope_type}) and the model's "
+                              f"config gives rope type '{model.rope_type}'")
+            return None
+        if not rope_is_static(model):
+            ck.error(st.span, f"the model's rope type '{model.rope_type}' depends on the sequence length; the "
+                              "block's kernels carry one frequency table",
+                     "longrope: pass rope_regime='short' or 'long' when specialising")
+            return None
+        scaling = model
     return RopeSpec(float(theta), style_name, dim, scaling)

@@ -38,10 +38,13 @@ class Bindings:
     dims: dict[str, int] = field(default_factory=dict)
     dtype: DType | None = None
     consts: dict[str, Any] = field(default_factory=dict)
+    # the model's RoPE frequency scaling (dsl/numerics), applied by a rope(...) directive that
+    # sets none itself; from a config's rope_parameters / rope_scaling
+    rope_scaling: Any = None
 
     @property
     def specialised(self) -> bool:
-        return self.dtype is not None or bool(self.dims) or bool(self.consts)
+        return self.dtype is not None or bool(self.dims) or bool(self.consts) or self.rope_scaling is not None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from . import ast
 from .checker import Bindings, Checker, ModuleInfo
 from .errors import DiagnosticSink, DSLError
 from .ir import Function, verify
+from .numerics import RopeParameterError, as_rope_scaling, rope_scaling_from_hf
 from .parser import parse
 from .source import SourceFile, Span
 from .types import DType, parse_dtype
@@ -45,8 +46,9 @@ LLAMA3_ROPE_NAMES = {
     "high_freq_factor": "rope_high_freq_factor",
     "original_max_position_embeddings": "rope_original_max_position",
 }
-# a binding that marks a RoPE scaling the DSL does not implement (yarn, dynamic, longrope, ...)
-ROPE_UNSUPPORTED = "rope_scaling_unsupported"
+# the binding of a config's other RoPE scalings (linear, yarn, longrope, dynamic): its
+# rope_parameters and max_position_embeddings, read by dsl/numerics at specialisation
+ROPE_SCALING = "rope_scaling"
 
 
 def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str,
                 if sub.get(key) is not None:
                     out.setdefault(name, sub[key])
         elif kind not in (None, "default"):
-            out.setdefault(ROPE_UNSUPPORTED, kind)
+            out.setdefault(ROPE_SCALING, (dict(sub), cfg.get("max_position_embeddings")))
     for key, names in HF_CONFIG_NAMES.items():
         if cfg.get(key) is not None:
             for n in names:
@@ -173,7 +175,7 @@ class Program:
     def bindings_for(self, name: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of `values` (e.g. a whole model's config) that `name` can take: static
         dims and its const parameters."""
-        consts = set(self.const_params(name)) | {ROPE_UNSUPPORTED}
+        consts = set(self.const_params(name)) | {ROPE_SCALING}
         return {k: v for k, v in values.items() if k in self.info.static_dims or k in consts}
 
     def specialise(self, name: str, *, dims: Mapping[str, int] | None = None, dtype: str | DType | None = None,
@@ -188,12 +190,9 @@ class Program:
         values: dict[str, Any] = dims_from_config(config) if config is not None else {}
         given_explicitly = dict(dims or {}) | kwargs
         values.update(given_explicitly)
-        unsupported = values.pop(ROPE_UNSUPPORTED, None)
-        given_explicitly.pop(ROPE_UNSUPPORTED, None)
-        if unsupported is not None and any(p.is_const and p.name == "theta" for p in d.params):
-            raise DSLError([Diagnostic(d.name_span,
-                                       f"the model's RoPE scaling '{unsupported}' is not supported; '{name}' "
-                                       f"rotates by position (supported: default, llama3)")], self.sources)
+        rope_scaling = self._rope_scaling(d, values.pop(ROPE_SCALING, None), values.pop("rope_regime", None))
+        given_explicitly.pop(ROPE_SCALING, None)
+        given_explicitly.pop("rope_regime", None)
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         consts = {p.name for p in d.params if p.is_const}
@@ -219,13 +218,43 @@ class Program:
         bound_dims = {k: v for k, v in bound_dims.items() if k in used}
         sink = DiagnosticSink()
         ck = Checker(self.info, sink)
-        fn = ck.build(name, Bindings(bound_dims, dtype, bound_consts))
+        fn = ck.build(name, Bindings(bound_dims, dtype, bound_consts, rope_scaling))
         sink.raise_if_any(self.sources)
         assert fn is not None
+        if rope_scaling is not None and _rotates(d) and not _applies(fn, rope_scaling):
+            raise DSLError([Diagnostic(d.name_span, f"the model's RoPE scaling '{rope_scaling.rope_type}' is not "
+                                                    f"applied by '{name}', which rotates by position (its "
+                                                    "frequencies are plain theta or llama3 consts)")], self.sources)
         verify(fn)
         if dtype is None and _uses_T(fn):
             raise ValueError(f"'{name}' has the dtype parameter T: pass dtype='bf16' (or f16, f32)")
         return Layer(fn, tuple(sorted(bound_dims.items())), dtype, tuple(sorted(bound_consts.items(), key=str)))
+
+
+    def _rope_scaling(self, d, binding, regime):
+        """The model's RoPE scaling (dsl/numerics) from a config's binding or an explicit one;
+        errors point at the definition, and only definitions that rotate care."""
+        if binding is None or not _rotates(d):
+            return None
+        try:
+            if isinstance(binding, tuple):   # (rope_parameters, max_position_embeddings) of a config
+                return rope_scaling_from_hf(binding[0], binding[1], longrope_regime=regime)
+            return as_rope_scaling(binding)
+        except RopeParameterError as e:
+            raise DSLError([Diagnostic(d.name_span, f"the model's RoPE scaling: {e}")], self.sources) from None
+
+
+def _rotates(d) -> bool:
+    """A definition that rotates by position: an attention block with rope(...), or a layer
+    with a const theta (the stdlib's rope rows)."""
+    if isinstance(d, ast.AttentionDef):
+        return any(isinstance(st, ast.AttnCall) and st.name == "rope" for st in d.body)
+    return any(p.is_const and p.name == "theta" for p in d.params)
+
+
+def _applies(fn: Function, scaling) -> bool:
+    from .ir import Op
+    return any(n.op is Op.ATTENTION and n.arg.rope is not None and n.arg.rope.scaling == scaling for n in fn.nodes())
 
 
 def _used_dims(fn: Function) -> set[str]:

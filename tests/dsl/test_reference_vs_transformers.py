@@ -421,11 +421,66 @@ def test_llama_attn_with_llama3_rope_scaling_matches_LlamaAttention(mode, factor
         assert not torch.allclose(attn.o_proj(o0.reshape(B, S, -1)).float(), want.float(), atol=1e-2)
 
 
-def test_unsupported_rope_scaling_is_a_clear_error():
-    cfg = {"hidden_size": 64, "num_attention_heads": 4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-    with pytest.raises(lf.DSLError, match="RoPE scaling 'yarn' is not supported"):
+SCALED_ROPES = {  # D 8: four frequencies, spread over each rule's bands
+    "linear": dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+    "yarn": dict(rope_type="yarn", rope_theta=500000.0, factor=16.0, original_max_position_embeddings=4096),
+    "longrope": dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5, 2.0, 4.0],
+                     long_factor=[1.0, 3.0, 9.0, 30.0], original_max_position_embeddings=4096),
+}
+
+
+@pytest.mark.parametrize("mode", [F32, BF16], ids=str)
+@pytest.mark.parametrize("kind", list(SCALED_ROPES))
+def test_llama_attn_with_a_configs_rope_scaling_matches_LlamaAttention(mode, kind):
+    """linear, yarn (cos/sin scaled by its attention factor) and longrope (the long regime:
+    positions past original_max_position) from a config's rope_parameters reach the block."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    cfg = transformers.LlamaConfig(hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                   rope_parameters=SCALED_ROPES[kind], max_position_embeddings=65536,
+                                   attn_implementation="eager", **TINY)
+    attn = redraw(LlamaAttention(cfg, layer_idx=0)).to(mode.storage)
+    B, S, D = 2, 7, cfg.head_dim
+    x = mode.inp(torch.randn(B, S, cfg.hidden_size))
+    pos = (torch.arange(S) * 1500 + 11).expand(B, S)        # up to 9011: past the original context
+    with torch.no_grad():
+        cos_sin = LlamaRotaryEmbedding(cfg)(x, pos)
+        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=None)
+        want, _ = attn(x, position_embeddings=cos_sin, attention_mask=mask)
+        q, k, v = (heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    extra = {"rope_regime": "long"} if kind == "longrope" else {}
+    layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype, **extra)
+    assert layer.function.outputs[0].arg.rope.scaling.rope_type == kind
+    (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict(),
+               **extra)
+    with torch.no_grad():
+        got = attn.o_proj(o.reshape(B, S, -1))
+    tol = module_tol(mode, want) if mode is BF16 else {"rtol": 2e-3, "atol": 1e-3 * float(want.abs().max())}
+    assert_matches(got, want, mode, **tol)
+    (o0,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos,
+                Hq=8, Hkv=2, D=D, theta=SCALED_ROPES[kind]["rope_theta"])
+    with torch.no_grad():
+        assert not torch.allclose(attn.o_proj(o0.reshape(B, S, -1)).float(), want.float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "the model's RoPE scaling: yarn rope needs original_max_position"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic' depends on the sequence length"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+      "original_max_position_embeddings": 4096}, "rope type 'longrope' depends on the sequence length"),
+    ({"rope_type": "ntk-parts", "factor": 2.0}, "unknown rope type 'ntk-parts'"),
+])
+def test_rope_scalings_a_block_cannot_apply_are_clear_errors(rope, message):
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 8192, "rope_scaling": rope}
+    with pytest.raises(lf.DSLError, match=message):
         stdlib().specialise("llama_attn", config=cfg, dtype="bf16")
     stdlib().specialise("rms_norm", config=cfg, dtype="bf16")   # layers without RoPE do not care
+
+
+def test_a_rope_row_layer_does_not_drop_a_configs_scaling():
+    cfg = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 131072,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    with pytest.raises(lf.DSLError, match="RoPE scaling 'yarn' is not applied by 'rope'"):
+        stdlib().specialise("rope", config=cfg, dtype="bf16")
 
 
 def test_llama3_inverse_frequencies_match_transformers():
