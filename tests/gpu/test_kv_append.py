@@ -11,6 +11,7 @@ import torch
 from layerforge import LayerInputError
 from layerforge.dsl.attention_ref import apply_rope
 from layerforge.dsl.ir import RopeSpec
+from layerforge.dsl.numerics import YarnScaling
 from layerforge.runtime.kv_cache import PagedKVCache
 
 from ..seeding import seeded_generator
@@ -28,6 +29,8 @@ ROPES = {
     "gptj": lambda d: RopeSpec(500000.0, "gptj", d),
     "partial": lambda d: RopeSpec(10000.0, "neox", d // 2),
     "partial_gptj": lambda d: RopeSpec(10000.0, "gptj", d // 4),
+    # scaled frequencies, and cos/sin times its attention factor (dsl/numerics)
+    "yarn": lambda d: RopeSpec(500000.0, "neox", d, YarnScaling(factor=16.0, original_max_position=4096)),
 }
 LENGTHS = [1, 17, 64, 100, 33, 5, 300]
 

@@ -141,6 +141,22 @@ def test_t5_relative_bias(prog, form):
     run_case(prog, form, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 3], extra_fn=extra, bidirectional=False)
 
 
+YARN_BLOCK = """
+attention yarn_attn(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    rope(theta = 500000.0, style = neox, type = yarn, factor = 16.0, original_max_position = 4096)
+    mask = q_pos >= kv_pos
+}
+"""
+
+
+def test_yarn_rope_scales_the_rotation(form):
+    """A yarn block: q rotated in the kernel by the scaled frequencies, cos and sin times the
+    attention factor (K in the cache as the append kernel stores it), at positions past the
+    original context."""
+    prog = lf.Program.from_source(YARN_BLOCK, "yarn.lf", with_stdlib=True)
+    run_case(prog, form, "yarn_attn", 32, 8, 128, 16, lens=[5000, 300], new=[3, 300])
+
+
 @pytest.mark.parametrize("ctx", [1, 255, 4096, 32768])
 def test_decode_long_contexts_with_split_kv(prog, form, ctx):
     run_case(prog, form, "llama_attn", 32, 8, 128, 64, lens=[ctx, max(1, ctx // 3)], new=[1, 1])
