@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from layerforge.dsl.attention_ref import rope_inv_freq
+from layerforge.dsl.numerics import rope_cos_sin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,7 @@ def run(cfg: dict, batch: int, ctx: int, mode: str, device: torch.device, compil
     kk = torch.randn(batch, hkv, ctx + (1 if mode == "decode" else 0), d, device=device, dtype=dt)
     pos = torch.arange(ctx, ctx + 1, device=device) if mode == "decode" else torch.arange(ctx, device=device)
     spec = layer.self_attn.rope      # the block's RoPE, Llama 3 scaling included: the same frequencies as ours
-    inv = rope_inv_freq(spec.theta, d, spec.scaling, device).float()
-    ang = pos[:, None].float() * inv
-    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    cos, sin = rope_cos_sin(pos, d, spec.theta, spec.scaling, dtype=dt)
     xb = x.view(batch, new, H)
 
     def eager():
