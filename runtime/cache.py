@@ -40,6 +40,16 @@ Compiler = Callable[..., CompileResult]
 _CORRUPT = object()
 
 
+@functools.cache
+def _header_versions() -> list:
+    """The CUDA header versions the compiles include (they change the cubin as NVRTC does);
+    empty where none are found (a machine that only reads its cache)."""
+    try:
+        return [list(_nvrtc.cuda_header_version(d)) for d in _nvrtc.find_cuda_include_dirs()]
+    except _nvrtc.NVRTCError:
+        return []
+
+
 def layerforge_version() -> str:
     return __version__   # one definition (layerforge/__init__.py); packs check it too
 
@@ -82,6 +92,7 @@ class KernelCache:
         recipe = json.dumps({
             "format": FORMAT_VERSION, "name": name, "options": dataclasses.asdict(options),
             "arch": options.arch, "nvrtc": _nvrtc.nvrtc_version(), "layerforge": layerforge_version(),
+            "headers": _header_versions(),
         }, sort_keys=True)
         digest = hashlib.sha256(recipe.encode() + b"\0" + source.encode()).hexdigest()
         prefix = _UNSAFE.sub("_", key_prefix or name)[:96].strip("_.") or "kernel"
