@@ -241,10 +241,8 @@ def rope_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling | None = N
 
 
 def static_inv_freq(theta: float, rotary_dim: int, scaling: RopeScaling | None = None) -> tuple[float, ...]:
-    """The table a kernel carries (float64 values); RopeNotStatic where there is no one table."""
-    scaling = as_rope_scaling(scaling)
-    if not rope_is_static(scaling):
-        return tuple(rope_inv_freq(theta, rotary_dim, scaling, seq_len=None).tolist())  # raises
+    """The table a kernel carries (float64 values). Length-dependent types (dynamic NTK,
+    LongRoPE without its regime) raise RopeNotStatic."""
     return tuple(rope_inv_freq(theta, rotary_dim, scaling).tolist())
 
 
