@@ -185,16 +185,11 @@ def _names(expr: str) -> set[str]:
     return {n.id for n in ast.walk(_parse(expr)) if isinstance(n, ast.Name) and n.id not in _FUNCS}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)
 def _grid_function(grid: tuple[str, ...], problem: tuple[str, ...]) -> Callable[..., tuple[int, int, int]]:
-    for g in grid:
-        _parse(g)
-    src = f"lambda {', '.join(problem)}: ({', '.join(grid)},)"
-    return eval(compile(src, "<grid>", "eval"), {"__builtins__": {}, "cdiv": _cdiv, "min": min, "max": max})
+    # cdiv inlined as -(-a // b): the grid is computed on every launch's host path
+    src = f"lambda {', '.join(problem)}: ({', '.join(_ToPython().visit(_parse(g)) for g in grid)},)"
+    return eval(compile(src, "<grid>", "eval"), {"__builtins__": {}, "min": min, "max": max})
 
 
 class _ToC(ast.NodeVisitor):
@@ -214,6 +209,14 @@ class _ToC(ast.NodeVisitor):
 
     def visit_Call(self, n):
         return f"lf_{n.func.id}({', '.join(self.visit(a) for a in n.args)})"
+
+
+class _ToPython(_ToC):
+    _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//"}
+
+    def visit_Call(self, n):
+        a, b = (self.visit(x) for x in n.args)
+        return f"(-(-{a} // {b}))" if n.func.id == "cdiv" else f"{n.func.id}({a}, {b})"
 
 
 def _to_c(expr: str) -> str:

@@ -163,8 +163,14 @@ class LoadedKernel:
     def launch(self, grid: int | Sequence[int], block: int | Sequence[int], args: Sequence[Any],
                shared_mem: int = 0, stream: int | torch.cuda.Stream | None = None) -> None:
         """Enqueue one launch. Pointer args take tensors (their data_ptr()), ints or None."""
-        gx, gy, gz = (grid, 1, 1) if grid.__class__ is int else _dim3(grid)
-        bx, by, bz = (block, 1, 1) if block.__class__ is int else _dim3(block)
+        if grid.__class__ is tuple and len(grid) == 3:   # what runtime.launch.Launcher passes
+            gx, gy, gz = grid
+        else:
+            gx, gy, gz = (grid, 1, 1) if grid.__class__ is int else _dim3(grid)
+        if block.__class__ is tuple and len(block) == 3:
+            bx, by, bz = block
+        else:
+            bx, by, bz = (block, 1, 1) if block.__class__ is int else _dim3(block)
         if shared_mem > self.max_dynamic_shared_mem:
             self.set_max_dynamic_shared_mem(shared_mem)  # once; better done before capture
         if stream is None:

@@ -36,7 +36,8 @@ def pack_dir(tmp_path_factory):
 
 def run_case(pack: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tests.runtime.pack_case", str(pack), *args], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
 
 
 def test_pack_loads_with_nvrtc_hidden_and_without_parsing(pack_dir):
