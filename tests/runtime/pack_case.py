@@ -82,8 +82,9 @@ def main(pack_dir: str, run: bool) -> None:
     prog = lf.stdlib()
     b = pack.manifest["bindings"]
     ref_norm = lf.evaluate(prog.specialise("rms_norm", H=H, dtype="bf16").function,
-                           {"x": x.cpu().double(), "w": w.cpu().double(), "eps": 1e-5})[0]
-    ref_act = lf.evaluate(prog.specialise("swiglu", F=F, dtype="bf16").function, {"gu": gu.cpu().double()})[0]
+                           {"x": x.cpu(), "w": w.cpu(), "eps": 1e-5}, precision="float64")[0]
+    ref_act = lf.evaluate(prog.specialise("swiglu", F=F, dtype="bf16").function, {"gu": gu.cpu()},
+                          precision="float64")[0]
     for got, want, what in ((y_norm, ref_norm, "rms_norm"), (y_act, ref_act, "swiglu")):
         err = (got.cpu().double() - want.double()).norm() / want.double().norm()
         assert not torch.isnan(got).any() and err < 1e-2, (what, float(err))
@@ -94,7 +95,8 @@ def main(pack_dir: str, run: bool) -> None:
     for s in range(2):
         kg, vg = cache.gather(s)
         kr, vr = ref_cache.gather(s)
-        assert torch.equal(vg.cpu(), vr) and (kg.cpu().double() - kr.double()).abs().max() < 2e-2, "kv append"
+        err = (kg.cpu().double() - kr.double()).norm() / kr.double().norm()   # K rotated: bf16 rounding apart
+        assert torch.equal(vg.cpu(), vr) and err < 1e-2, ("kv append", float(err))
     layer = prog.specialise("llama_attn", dtype="bf16", **prog.bindings_for("llama_attn", b))
     ref = lf.PagedAttention(layer, page_size=pack.page_size)
     want = ref(q.cpu(), ref_cache.k_cache, ref_cache.v_cache, ref_cache.page_table, ref_cache.seq_lens,
