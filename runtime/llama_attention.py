@@ -23,6 +23,7 @@ import torch
 from ..dsl.program import Program
 from . import ops
 from .attention import PagedAttention
+from .fused_linear import fuse_parts, split_parts
 from .kv_cache import PagedKVCache
 
 
@@ -116,17 +117,12 @@ class LlamaPagedAttention(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # transformers' q_proj / k_proj / v_proj -> the fused projection (q rows, then k, then v)
-        for kind in ("weight", "bias"):
-            keys = [f"{prefix}{n}_proj.{kind}" for n in "qkv"]
-            if all(key in state_dict for key in keys):
-                state_dict[f"{prefix}qkv_proj.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+        fuse_parts(state_dict, prefix, "qkv_proj", _QKV)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
 def _split_qkv(module: LlamaPagedAttention, state_dict, prefix, local_metadata):
-    for kind in ("weight", "bias"):
-        key = f"{prefix}qkv_proj.{kind}"
-        if key in state_dict:
-            for n, part in zip("qkv", state_dict.pop(key).split(module.splits)):
-                state_dict[f"{prefix}{n}_proj.{kind}"] = part
-    return state_dict
+    return split_parts(state_dict, prefix, "qkv_proj", _QKV, module.splits)

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 
 from ..dsl.program import Program
+from .fused_linear import fuse_parts, split_parts
 from .kv_cache import PagedKVCache
 from .layers import LayerModule
 from .llama_attention import LlamaPagedAttention
@@ -44,21 +45,15 @@ class LlamaGatedMLP(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # transformers' gate_proj / up_proj -> the fused projection (gate rows first)
-        for kind in ("weight", "bias"):
-            g, u = f"{prefix}gate_proj.{kind}", f"{prefix}up_proj.{kind}"
-            if g in state_dict and u in state_dict:
-                state_dict[f"{prefix}gate_up_proj.{kind}"] = torch.cat([state_dict.pop(g), state_dict.pop(u)])
+        fuse_parts(state_dict, prefix, "gate_up_proj", _GATE_UP)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+_GATE_UP = ("gate_proj", "up_proj")
+
+
 def _split_gate_up(module: LlamaGatedMLP, state_dict, prefix, local_metadata):
-    for kind in ("weight", "bias"):
-        key = f"{prefix}gate_up_proj.{kind}"
-        if key in state_dict:
-            gate, up = state_dict.pop(key).split(module.intermediate)
-            state_dict[f"{prefix}gate_proj.{kind}"] = gate
-            state_dict[f"{prefix}up_proj.{kind}"] = up
-    return state_dict
+    return split_parts(state_dict, prefix, "gate_up_proj", _GATE_UP, [module.intermediate] * 2)
 
 
 class LlamaPagedDecoderLayer(torch.nn.Module):
