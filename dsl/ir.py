@@ -41,8 +41,10 @@ class Op(enum.Enum):
     ERROR = "error"            # placeholder after a reported error; never in a checked function
 
 
-UNARY_FUNCS = ("neg", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "rsqrt",
-               "sqrt", "abs", "cos", "sin", "erf", "not", "alibi_slope", "t5_bucket")
+# the elementwise math the language offers by name (dsl/signatures.py makes them builtins)
+UNARY_MATH = ("exp", "log", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "rsqrt", "sqrt",
+              "abs", "cos", "sin", "erf")
+UNARY_FUNCS = ("neg", *UNARY_MATH, "not", "alibi_slope", "t5_bucket")
 BINARY_OPS = ("add", "sub", "mul", "div", "floordiv", "mod", "pow", "max", "min",
               "eq", "ne", "lt", "le", "gt", "ge", "and", "or")
 COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")

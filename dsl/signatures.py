@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import ast
+from .ir import UNARY_MATH
 
 REQUIRED = object()
 
@@ -67,8 +68,6 @@ ROPE_SCALING_KEYS = tuple((k, None) for k in (
     "type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position", "beta_fast", "beta_slow",
     "mscale", "mscale_all_dim", "attention_factor", "short_factor", "long_factor", "regime", "max_position"))
 
-UNARY_MATH = ("exp", "log", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "relu", "rsqrt", "sqrt",
-              "abs", "cos", "sin", "erf")
 
 BUILTINS: dict[str, Signature] = {
     **{f: sig("x") for f in UNARY_MATH},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .ir import Node, Op
-from .types import DSL_DTYPES, DType
+from .types import SCALAR_TYPES, DType
 
 ERR = Node(Op.ERROR, DType.f32, ())  # after a reported error: propagates without new messages
 
@@ -11,5 +11,5 @@ class _Tuple(tuple):
     """Several values (from split, topk or a layer returning several outputs)."""
 
 
-# names callable as casts: f32(x), bf16(x), T(x), float(x), int(x)
-_CAST_NAMES = {**DSL_DTYPES, "float": DType.f32, "int": DType.i64}
+# names callable as casts: f32(x), bf16(x), T(x), float(x), int(x): the scalar type names
+_CAST_NAMES = SCALAR_TYPES
