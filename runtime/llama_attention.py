@@ -15,9 +15,9 @@ decode tiles otherwise.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from ..dsl.program import Program
@@ -62,24 +62,11 @@ class LlamaPagedAttention(torch.nn.Module):
         q, k, v = self.qkv_proj(hidden).split(self.splits, dim=-1)
         # k and v stay strided views of the fused output (the append kernel takes token strides)
         positions = cache.append(seq_ids, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
-        ids = [int(i) for i in seq_ids]
-        # every token went to its sequence's end, so the longest sequence is the last position + 1
-        max_len = int(positions.max()) + 1 if T else 0
-        q = q.contiguous().view(T, self.hq, self.d)
-        if len(set(ids)) < T and ids == sorted(ids):
-            # prefill / chunked prefill: each sequence's tokens are one ragged chunk (prefill tiles)
-            counts = np.bincount(ids, minlength=cache.page_table.shape[0])
-            cu = np.zeros(counts.size + 1, dtype=np.int32)
-            np.cumsum(counts, out=cu[1:])
-            cu_t = torch.from_numpy(cu).to(hidden.device, non_blocking=True)
-            o = self.attention.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu_t,
-                                       max_q_len=int(counts.max()), max_kv_len=max_len)
-        else:
-            # decode (or tokens in any order): one chunk per token; the tokens' sequences and
-            # positions were uploaded by the append
-            q_seq, q_pos = cache.last_tokens
-            o = self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
-                               max_kv_len=max_len)
+        # every token went to its sequence's end, so the longest sequence is the last position + 1;
+        # the tokens' sequences and positions were uploaded by the append
+        q_seq, q_pos = cache.last_tokens
+        o = self._attend(q, cache, [int(i) for i in seq_ids], cache.page_table, cache.seq_lens, q_seq, q_pos,
+                         max_kv_len=int(positions.max()) + 1 if T else 0)
         return self.o_proj(o.view(T, self.hq * self.d))
 
     def _traced_forward(self, hidden: torch.Tensor, seq_ids, cache: PagedKVCache) -> torch.Tensor:
@@ -96,20 +83,25 @@ class LlamaPagedAttention(torch.nn.Module):
         _, q_seq, q_pos = ops.kv_append(cache, ids, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d),
                                         self.rope)
         page_table, seq_lens = ops.cache_tables(cache)
-        capacity = page_table.shape[1] * self.page_size
+        o = self._attend(q, cache, ids, page_table, seq_lens, q_seq, q_pos,
+                         max_kv_len=page_table.shape[1] * self.page_size)
+        return self.o_proj(o.view(T, self.hq * self.d))
+
+    def _attend(self, q, cache: PagedKVCache, ids: list[int], page_table, seq_lens, q_seq, q_pos, *,
+                max_kv_len: int) -> torch.Tensor:
+        T = len(ids)
         q = q.contiguous().view(T, self.hq, self.d)
         if len(set(ids)) < T and ids == sorted(ids):
-            counts = [ids.count(s) for s in range(page_table.shape[0])]
-            cu = [0]
-            for c in counts:
-                cu.append(cu[-1] + c)
-            cu_t = torch.tensor(cu, dtype=torch.int32, device=hidden.device)
-            o = self.attention.prefill(q, cache.k_cache, cache.v_cache, page_table, seq_lens, cu_t,
-                                       max_q_len=max(counts), max_kv_len=capacity)
-        else:
-            o = self.attention(q, cache.k_cache, cache.v_cache, page_table, seq_lens, q_seq, q_pos,
-                               max_kv_len=capacity)
-        return self.o_proj(o.view(T, self.hq * self.d))
+            # prefill / chunked prefill: each sequence's tokens are one ragged chunk (prefill tiles)
+            counts = [0] * page_table.shape[0]
+            for i in ids:
+                counts[i] += 1
+            cu_t = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
+            return self.attention.prefill(q, cache.k_cache, cache.v_cache, page_table, seq_lens, cu_t,
+                                          max_q_len=max(counts), max_kv_len=max_kv_len)
+        # decode (or tokens in any order): one chunk per token
+        return self.attention(q, cache.k_cache, cache.v_cache, page_table, seq_lens, q_seq, q_pos,
+                              max_kv_len=max_kv_len)
 
     @property
     def splits(self) -> tuple[int, int, int]:
