@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .ir import AttentionSpec, Node, RopeSpec, toposort
-from .numerics import rope_cos_sin, rope_inv_freq  # noqa: F401  (rope_inv_freq: re-exported)
+from .numerics import rope_cos_sin
 
 
 def rope_tables(positions: torch.Tensor, rotary_dim: int, theta: float, dtype, scaling=None,

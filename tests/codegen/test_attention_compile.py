@@ -118,7 +118,7 @@ attention striped(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D])
 def test_llama3_rope_scaling_reaches_every_attention_kernel(prog):
     """rope_factor & co. (a Llama 3.1 config's rope_scaling) change the q-rotation tables of
     the tensor-core and CUDA-core kernels; factor 1 leaves them as they were."""
-    from layerforge.dsl.attention_ref import rope_inv_freq
+    from layerforge.dsl.numerics import rope_inv_freq
     base = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16", theta=500000.0)
     l3 = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16", theta=500000.0, rope_factor=8.0)
     last = repr(float(rope_inv_freq(500000.0, 128, (8.0, 1.0, 4.0, 8192.0))[-1]))

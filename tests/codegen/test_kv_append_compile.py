@@ -6,7 +6,6 @@ import re
 import pytest
 
 from layerforge.codegen.kv_append import KVAppendPlan, plan_kv_append
-from layerforge.dsl.attention_ref import rope_tables
 from layerforge.dsl.ir import RopeSpec
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")

@@ -486,7 +486,7 @@ def test_a_rope_row_layer_does_not_drop_a_configs_scaling():
 def test_llama3_inverse_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from layerforge.dsl.attention_ref import rope_inv_freq
+    from layerforge.dsl.numerics import rope_inv_freq
     for factor, low, high, original in [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 2.0, 8.0, 4096)]:
         rope = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=low,
                     high_freq_factor=high, original_max_position_embeddings=original)
@@ -503,7 +503,7 @@ def test_llama3_inverse_frequencies_match_transformers():
 def test_rope_llama3_layer_rotates_like_transformers(mode):
     """The row layer writes Llama 3's rule in the DSL. Expected: rotation by the float64
     frequencies that the test above checks against transformers."""
-    from layerforge.dsl.attention_ref import rope_inv_freq
+    from layerforge.dsl.numerics import rope_inv_freq
     rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                 original_max_position_embeddings=8192)
     cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, rope_parameters=rope,
