@@ -78,14 +78,20 @@ class ScalarEmitter:
                 return self._let("int", f"{t5_bucket_name(nb, md, bd)}({a[0]})")
             if n.dtype.is_float:
                 return self._let(ct, ops.UNARY_FLOAT[name].format(x=a[0]))
+            if name == "relu":  # max(x, 0) with both sides of x's type
+                return self._let(ct, f"max(({ct})({a[0]}), ({ct})0)")
             return self._let(ct, ops.UNARY_INT[name].format(x=a[0]))
         if n.op is Op.BINARY:
             if n.arg in ops.COMPARE:
                 return self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
             if n.arg in ops.LOGICAL:
                 return self._let("bool", ops.LOGICAL[n.arg].format(a=a[0], b=a[1]))
-            table = ops.BINARY_FLOAT if n.dtype.is_float else ops.BINARY_INT
-            return self._let(ct, table[n.arg].format(a=a[0], b=a[1]))
+            if n.dtype.is_float:
+                return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=a[0], b=a[1]))
+            # both operands in the result's type: min/max and the floor helpers are overloaded or
+            # templated on one integer type, so `min(int, long long)` would not resolve
+            x, y = (f"({ct})({v})" for v in a)
+            return self._let(ct, ops.BINARY_INT[n.arg].format(a=x, b=y))
         if n.op is Op.WHERE:
             return self._let(ct, f"({a[0]} ? ({ct})({a[1]}) : ({ct})({a[2]}))")
         if n.op is Op.INDEX:

@@ -1,0 +1,41 @@
+"""Attention hooks that the DSL types and the reference runs also compile with NVRTC: integer
+`min`/`max`, `//` and `%` of mixed widths (an i32 position against an i64 dim) are emitted
+with both operands in the result's type, in the CUDA-core paged kernel and in both
+tensor-core kernels (no GPU needed)."""
+import pytest
+
+import layerforge as lf
+from layerforge.codegen.attention import plan_paged_attention
+from layerforge.codegen.attention_tc import plan_tc_attention, tile_candidates
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+
+MIXED_WIDTHS = """
+dims Hq, Hkv, D, NR, W
+dynamic B, S, Skv
+attention mixed(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], rel: f32[NR]) -> T[B, S, Hq, D] {
+    score = score + rel[min(q_pos - kv_pos, NR - 1)] + f32(max(q_pos // W, 6)) + f32(kv_pos % W)
+    mask = q_pos >= kv_pos and max(kv_pos, NR) >= min(W, q_pos)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return lf.loads(MIXED_WIDTHS).specialise("mixed", Hq=8, Hkv=8, D=64, NR=32, W=4, dtype="bf16")
+
+
+def compiles(plan, arch="sm_90"):
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    assert set(res.resources) == {plan.kernel_name, plan.merge_name}
+
+
+def test_mixed_width_min_max_compile_in_the_paged_kernel(layer):
+    compiles(plan_paged_attention(layer, "sm_90"))
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_mixed_width_min_max_compile_in_the_tensor_core_kernels(layer, mode):
+    plan = plan_tc_attention(layer, "sm_90", mode=mode, tiles=tile_candidates(mode, 64, 1)[0])
+    compiles(plan)
+    assert "min((long long)(" in plan.source()   # both operands of the i64 min in one type
