@@ -18,6 +18,8 @@ Without a batch dim, q is [Sq, Hq, D]. Query positions are aligned to the end of
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 
 import sympy
@@ -30,6 +32,7 @@ from .signatures import ATTENTION_DIRECTIVES
 from .types import DType, dims_equal, shape_str
 
 _RESERVED = ("b", "h", "kv_h", "q_pos", "kv_pos")
+_HOOKS = ("score", "mask", "scale")   # what a block's statements may set for the kernels
 
 
 def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
@@ -88,6 +91,7 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
 
     scope.in_attention = True
     scope.attn_heads = hq
+    scope.attn_main = ("q", "k", "v")
     score0 = Node(Op.ATTN_VAR, DType.f32, (), (), "score", d.span)
     scope.vars["score"] = score0
     for n in _RESERVED:
@@ -157,6 +161,12 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
                     scope.vars[t.id] = ERR
                 else:
                     scale = ck.cast(val, DType.f32, st.value.span)
+    for t in _unused_locals(d.body):
+        if scope.vars.get(t.id) is not ERR:
+            close = difflib.get_close_matches(t.id, _HOOKS, n=1)
+            ck.error(t.span, f"'{t.id}' is assigned but never used: an attention block's results are only "
+                             f"`score`, `mask` and `scale`",
+                     f"did you mean '{close[0]}'?" if close else "use it in score, mask or scale, or remove it")
     score = scope.vars.get("score")
     if score is None or score.op is Op.ERROR or (mask is not None and mask.op is Op.ERROR):
         return None
@@ -171,6 +181,31 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
     extra_nodes = tuple(scope.vars[n] for n in extra)
     out = Node(Op.ATTENTION, q.dtype, want, (q, k, v) + extra_nodes, spec, d.span)
     return [out]
+
+
+def _unused_locals(body) -> list[ast.Name]:
+    """The names a block assigns that are not hooks and that no later statement reads (a
+    misspelt `scroe = ...` would otherwise be dropped without a word)."""
+    unused = []
+    for i, st in enumerate(body):
+        if not isinstance(st, ast.Assign):
+            continue
+        later = set().union(*(_names_read(s) for s in body[i + 1:]))
+        unused += [t for t in st.targets if t.id not in _HOOKS + _RESERVED and t.id not in later]
+    return unused
+
+
+def _names_read(node) -> set[str]:
+    """Every name an AST node reads (an assignment's targets are written, not read)."""
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Assign):
+        return _names_read(node.value)
+    if isinstance(node, tuple):
+        return set().union(*(_names_read(x) for x in node))
+    if dataclasses.is_dataclass(node):
+        return set().union(*(_names_read(getattr(node, f.name)) for f in dataclasses.fields(node)))
+    return set()
 
 
 def _uses_position(n: Node) -> bool:

@@ -55,6 +55,7 @@ class _Scope:
     in_attention: bool = False
     callstack: tuple[str, ...] = ()
     attn_heads: Any = None  # number of query heads, inside attention blocks
+    attn_main: tuple[str, ...] = ()  # an attention block's q, k, v: its hooks may not index them
 
 
 class ModuleInfo:
@@ -508,6 +509,10 @@ class Checker(BuiltinRules):
                               "use slice(...), split(...) or gather(...) on tensors")
         if table.op is not Op.INPUT:
             return self.error(e.base.span, "only tensor parameters can be indexed")
+        if table.arg in scope.attn_main:  # the kernels stream q, k, v in tiles; hooks see one score element
+            return self.error(e.base.span, f"'{table.arg}' is one of the block's q, k, v; hooks can index only "
+                                           f"its extra tensor parameters",
+                              "pass what the hook needs as an extra parameter, e.g. `bias: f32[Hq]` and `bias[h]`")
         if len(e.indices) != table.rank:
             return self.error(e.span, f"'{table.arg}' has {table.rank} dims but {len(e.indices)} "
                                       f"indices were given")
