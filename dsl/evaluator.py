@@ -289,14 +289,14 @@ class _Evaluator:
         return self.arg(n).transpose(-1, -2)
 
     def op_index(self, n):
+        """A hook's table read. Each index is clamped into its dim, [0, size - 1], for every score
+        element (masked ones too): the kernels cannot raise, so this is what such a read means."""
         table = self.arg(n, 0)
         idx = [self.arg(n, i).long() for i in range(1, len(n.src))]
         for axis, i in enumerate(idx):
-            size = table.shape[axis]
-            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= size):
-                raise LayerInputError(f"{self.fn.name}: index into '{n.src[0].arg}' out of range [0, {size}) "
-                                      f"on dim {axis}")
-        return table[tuple(idx)]
+            if i.numel() and table.shape[axis] == 0:
+                raise LayerInputError(f"{self.fn.name}: '{n.src[0].arg}' is indexed but its dim {axis} is empty")
+        return table[tuple(i.clamp(0, table.shape[axis] - 1) for axis, i in enumerate(idx))]
 
     def op_attention(self, n):
         from .attention_ref import attention_reference
