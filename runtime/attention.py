@@ -168,13 +168,21 @@ class PagedAttention:
         if unknown:
             raise LayerInputError(f"{self.name}: unknown extra inputs {sorted(unknown)}")
         values = {}   # the extra inputs, scalars and extra-input dims, by their kernel arguments' refs
-        dims = {"B": S}
+        dims = {"B": S}   # B is the page table's rows; other dynamic dims are bound by the first table that has them
         for name, dtype, shape in self.extra:
             if name not in extra:
                 raise LayerInputError(f"{self.name}: missing extra input '{name}'")
             t = extra[name]
+            self._check(name, t, dtype, None, len(shape), dev)
+            for d, n in zip(shape, t.shape):
+                if d.isidentifier():
+                    dims.setdefault(d, int(n))
             self._check(name, t, dtype, tuple(int(d) if d.isdigit() else dims.get(d) for d in shape), len(shape), dev)
             values[name] = t
+        unbound = [d for d in self.table_dims if d not in dims]
+        if unbound:
+            raise LayerInputError(f"{self.name}: dims {unbound} of the extra inputs cannot be bound from their shapes "
+                                  f"(only a dim that is a whole axis of some extra input can)")
         sc = {**self.scalars, **scalars}
         for name in self.scalar_names:
             if sc.get(name) is None:
@@ -297,9 +305,10 @@ class PagedAttention:
             k = k_cache[pages].reshape(-1, self.hkv, self.d)[:length]
             v = v_cache[pages].reshape(-1, self.hkv, self.d)[:length]
             inputs = {"q": q[rows][None], "k": k[None], "v": v[None]}
+            seq_dims = _dims_of(self.layer.function.params[:3], (inputs["q"], k[None], v[None]))
             for name, _, shape in self.extra:
                 t = (extra or {})[name]
-                inputs[name] = t[b:b + 1] if shape[0] == "B" else t
+                inputs[name] = _fit_table(t[b:b + 1] if shape[0] == "B" else t, shape, seq_dims)
             inputs.update({name: sc[name] for name in self.scalar_names})
             (o,) = evaluate(self.layer.function, inputs, q_positions=pos[None], kv_positions=torch.arange(length)[None],
                             k_rotated=True)
@@ -320,3 +329,20 @@ class PagedAttention:
         if num_splits > 1:
             merge((T,), merge_args(values))
         return out
+
+
+def _dims_of(params, tensors) -> dict[str, int]:
+    """The dynamic dims (plain names) that q, k, v bind for the reference evaluator."""
+    return {str(d): int(n) for p, t in zip(params, tensors) for d, n in zip(p.shape, t.shape)
+            if getattr(d, "is_Symbol", False) and str(d) != "B"}
+
+
+def _fit_table(t: torch.Tensor, shape, seq_dims: dict[str, int]) -> torch.Tensor:
+    """An extra input resized, along the axes sized by a dim that q, k, v also bind (a table
+    `doc: i32[B, Skv]` passed as wide as the page table), to one sequence's size, as the
+    evaluator binds it: its first columns, or its last column repeated, which is what the
+    kernels' clamped reads of the whole table give for every index inside the sequence."""
+    for axis, d in enumerate(shape):
+        if d in seq_dims and t.shape[axis] != seq_dims[d] and t.shape[axis] > 0:
+            t = t.index_select(axis, torch.arange(seq_dims[d], device=t.device).clamp(max=t.shape[axis] - 1))
+    return t
