@@ -39,3 +39,12 @@ def test_mixed_width_min_max_compile_in_the_tensor_core_kernels(layer, mode):
     plan = plan_tc_attention(layer, "sm_90", mode=mode, tiles=tile_candidates(mode, 64, 1)[0])
     compiles(plan)
     assert "min((long long)(" in plan.source()   # both operands of the i64 min in one type
+
+
+def test_table_sized_by_a_dynamic_dim_other_than_b_compiles_with_its_dim_argument():
+    from tests.runtime.test_attention_tables import DOC_MASK
+    doc = lf.loads(DOC_MASK).specialise("doc_attn", Hq=4, Hkv=2, D=64, dtype="bf16")
+    for plan in (plan_paged_attention(doc, "sm_90"),
+                 plan_tc_attention(doc, "sm_90", mode="decode", tiles=tile_candidates("decode", 64, 2)[0])):
+        compiles(plan)
+        assert [a.name for a in plan.kernels[0].args if a.ref in ("B", "Skv")] == ["d_B", "d_Skv"]
