@@ -49,6 +49,14 @@ def _dim_spec(d) -> int | str | sympy.Expr:
     return d
 
 
+def _zero_dim(d: sympy.Expr, dims: dict[str, int]) -> str | None:
+    """The one unbound dim of `d` that a size of 0 binds to 0 (an empty batch), or None. Dim
+    symbols are positive, so solving for them, as the evaluator does, finds no 0."""
+    free = [x for x in d.free_symbols if x.name not in dims]
+    bound = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+    return free[0].name if len(free) == 1 and d.subs({**bound, free[0]: 0}) == 0 else None
+
+
 @dataclass
 class _Launch:
     kernel: Any          # runtime.launch.Launcher
@@ -153,8 +161,10 @@ class LayerModule(torch.nn.Module):
             if self.layer is None:
                 raise LayerInputError(f"{self.name}: a module loaded from a pack runs CUDA tensors only (the "
                                       f"reference evaluator on {first.device.type} tensors needs the DSL definition)")
-            self._bind(tensors, first.device, contiguous=False)
-            outs = evaluate(self.function, {**tensors, **scalars})
+            dims = self._bind(tensors, first.device, contiguous=False)
+            outs = self._empty_outputs(dims, first.device)
+            if outs is None:
+                outs = evaluate(self.function, {**tensors, **scalars})
             if out is not None:
                 if len(out) != len(outs) or any(o.shape != r.shape or o.dtype != r.dtype for o, r in zip(out, outs)):
                     raise LayerInputError(f"{self.name}: out= must be {len(outs)} tensor(s) shaped "
@@ -164,6 +174,16 @@ class LayerModule(torch.nn.Module):
                 outs = tuple(out)
             return outs[0] if len(outs) == 1 else outs
         return self._run_cuda(tensors, scalars, out)
+
+    def _empty_outputs(self, dims: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """An empty batch (a dynamic dim of 0, e.g. no tokens) has empty outputs and nothing to
+        compute (the evaluator binds dims >= 1); None when some output is not empty."""
+        if 0 not in dims.values():
+            return None
+        shapes = [[self._size(s, dims) for s in spec] for spec in self._out_specs]
+        if not all(0 in shape for shape in shapes):
+            return None
+        return tuple(torch.empty(shape, dtype=dt, device=device) for shape, dt in zip(shapes, self._out_dtypes))
 
     # ---- CUDA path ------------------------------------------------------------------------
     def _bind(self, tensors: dict[str, torch.Tensor], device: torch.device, contiguous: bool = True
@@ -191,6 +211,8 @@ class LayerModule(torch.nn.Module):
                     if dims.setdefault(s, n) != n:
                         raise LayerInputError(f"{name}: '{pname}' dim {axis} is {n} but {s} = {dims[s]} "
                                               f"from an earlier input")
+                elif n == 0 and _zero_dim(s, dims):
+                    dims[_zero_dim(s, dims)] = 0   # an empty batch, e.g. [2*N] with no tokens
                 else:
                     _bind_dim(self, pname, axis, s, int(n), dims)
             if contiguous and not x.is_contiguous():
@@ -289,13 +311,24 @@ class LayerModule(torch.nn.Module):
         return recipe
 
 
-def module(name: str, *, program=None, dims: dict | None = None, dtype: str | None = None, config=None,
-           arch: str | None = None, device=None, **kwargs) -> LayerModule:
-    """Specialise a (standard-library) layer and wrap it: `module("rms_norm", H=4096, dtype="bf16", eps=1e-5)`."""
+def module(name: str, *, program=None, dims: dict | None = None, dtype: str | torch.dtype | None = None,
+           config=None, arch: str | None = None, device=None, **kwargs) -> LayerModule:
+    """Specialise a (standard-library) layer and wrap it: `module("rms_norm", H=4096, dtype="bf16", eps=1e-5)`;
+    `dtype` is a name ('bf16', 'bfloat16', ...) or a torch dtype (torch.bfloat16)."""
     from ..dsl.program import Program
     prog = program or Program.stdlib()
     d = prog.definition(name)
     scalar_names = {p.name for p in d.params if not p.is_const and not hasattr(p.type, "dims")}
     scalars = {k: kwargs.pop(k) for k in list(kwargs) if k in scalar_names}
-    layer = prog.specialise(name, dims=dims, dtype=dtype, config=config, **kwargs)
+    layer = prog.specialise(name, dims=dims, dtype=_dtype_name(dtype), config=config, **kwargs)
     return LayerModule(layer, arch=arch, device=device, **scalars)
+
+
+def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """A torch dtype's DSL name (torch.bfloat16 -> 'bf16'); names and None pass through."""
+    if not isinstance(dtype, torch.dtype):
+        return dtype
+    for t in (DType.f32, DType.f16, DType.bf16, DType.i32, DType.i64, DType.bool):
+        if t.torch == dtype:
+            return t.value
+    raise ValueError(f"dtype {dtype} has no DSL dtype (f32, f16, bf16, i32, i64, bool)")

@@ -98,3 +98,51 @@ def test_layers_without_a_kernel_family_run_torch_operations():
     assert mod(x, out=(out,)) is out
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert LayerModule(lf.stdlib().specialise("rms_norm", H=64, dtype="f32")).kernel_reason is None
+
+
+def test_dtype_may_be_a_torch_dtype():
+    m = module("rms_norm", H=16, dtype=torch.bfloat16)
+    assert m.weight.dtype == torch.bfloat16 and m.layer.dtype.value == "bf16"
+    assert m(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype torch.complex64 has no DSL dtype"):
+        module("rms_norm", H=16, dtype=torch.complex64)
+
+
+@pytest.mark.parametrize("name,dims,inputs,outputs", [
+    ("rms_norm", {"H": 16}, [(0, 16)], [(0, 16)]),
+    ("add_rms_norm", {"H": 16}, [(0, 16), (0, 16)], [(0, 16), (0, 16)]),
+    ("swiglu", {"F": 8}, [(0, 16)], [(0, 8)]),
+])
+def test_an_empty_batch_has_empty_outputs(name, dims, inputs, outputs):
+    m = module(name, dtype="f32", **dims)
+    got = m(*(torch.randn(s) for s in inputs))
+    got = got if isinstance(got, tuple) else (got,)
+    assert [tuple(o.shape) for o in got] == outputs and all(o.dtype == torch.float32 for o in got)
+    out = tuple(torch.empty(s) for s in outputs)
+    got = m(*(torch.randn(s) for s in inputs), out=out)
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(out) and all(g is o for g, o in zip(got, out))
+
+
+def test_an_empty_batch_binds_a_dynamic_dim_inside_an_expression_to_zero():
+    prog = lf.Program.from_source("dims Z\ndynamic N\n"
+                                  "layer halves(x: f32[2*N, Z]) -> f32[2*N, Z] {\n    return x * 0.5\n}\n")
+    m = LayerModule(prog.specialise("halves", Z=4))
+    assert m(torch.randn(0, 4)).shape == (0, 4)
+
+
+def test_an_empty_batch_launches_no_kernel_on_the_cuda_path():
+    """The CUDA path (driven here with a stand-in kernel, so that it runs without a GPU): the
+    row count sizes the grid, and 0 rows launch nothing."""
+    from layerforge.runtime.layers import _Launch
+    m = module("rms_norm", H=16, dtype="f32")
+    launched = []
+
+    def launch_for(device, vec_bytes):
+        m._lead = ["N"]
+        return _Launch(lambda problem, argv: launched.append(problem), [])
+    m._launch_for = launch_for
+    y = m._run_cuda({"x": torch.randn(0, 16), "w": m.weight}, {"eps": 1e-6}, None)
+    assert y.shape == (0, 16) and launched == []
+    m._run_cuda({"x": torch.randn(3, 16), "w": m.weight}, {"eps": 1e-6}, None)
+    assert launched == [(3,)]
