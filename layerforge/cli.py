@@ -49,8 +49,9 @@ def _cmd_build(args) -> int:
 
 def _cmd_show(args) -> int:
     from .codegen.plan import plan_layer
-    from .runtime.build import _default_arch, program_and_bindings
+    from .runtime.build import _default_arch, check_definition_names, program_and_bindings
     prog, bindings = program_and_bindings(args)
+    check_definition_names(prog, [args.layer])
     layer = prog.specialise(args.layer, dtype=args.dtype, **prog.bindings_for(args.layer, bindings))
     arch = args.arch or _default_arch()
     if layer.function.kind == "attention":

@@ -27,15 +27,23 @@ from .pack import MANIFEST_FORMAT
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
                     names: list[str] | None = None, page_size: int = 16, cache=None,
-                    kv_dtype: str | None = None) -> tuple[list, dict[str, str]]:
+                    kv_dtype: str | None = None, progress: Callable[[str], None] | None = None
+                    ) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover (codegen.families decides
     which kernels a definition needs; shared ones, like a KV append, appear once); the others
-    with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`)."""
+    with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`).
+    An unknown name in `names` is a ValueError before anything is planned. Planning an
+    attention block compiles its tile candidates, which takes seconds: `progress` gets a line
+    per definition."""
     from .launch import compile_fn
+    names = list(names) if names else program.names
+    check_definition_names(program, names)
+    say = progress or (lambda s: None)
     plans, skipped = [], {}
     seen: set[str] = set()
     tile_compile = compile_fn(cache)
-    for name in names or program.names:
+    for i, name in enumerate(names, 1):
+        t0 = time.perf_counter()
         try:
             is_attention = isinstance(program.definition(name), AttentionDef)
             t = (kv_dtype or dtype) if is_attention else dtype
@@ -48,7 +56,18 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
             skipped[name] = f"not specialisable for this model: {e.diagnostics[0].message}"
         except LoweringError as e:
             skipped[name] = str(e)
+        say(f"[plan {i}/{len(names)}] {name:40s} "
+            + ("skipped" if name in skipped else f"{time.perf_counter() - t0:5.2f} s"))
     return plans, skipped
+
+
+def check_definition_names(program: Program, names: list[str]) -> None:
+    """A ValueError naming the first name that is no definition of `program` (with close names)."""
+    for name in names:
+        try:
+            program.definition(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
 
 
 def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
@@ -60,49 +79,49 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
           kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False) -> dict:
+    t0 = time.perf_counter()
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan
-    from .nvrtc import nvrtc_version
+    from .nvrtc import CompileOptions, nvrtc_version
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = cache or default_cache()
-    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype)
     say = progress or (lambda s: None)
-    t0 = time.perf_counter()
+    already_compiled = cache.compiled_keys()   # by this process, before this build
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say)
 
     def one(plan):
         src = plan.source()
-        before = cache.stats.misses
-        t = time.perf_counter()
         res = compile_plan(plan, cache)
-        dt = time.perf_counter() - t
         _write_if_changed(out / f"{plan.key}.cu", src.encode())
         _write_if_changed(out / f"{plan.key}.cubin", res.cubin)
-        return plan, res, dt, cache.stats.misses == before
+        # compiled by this build, here or while its tile search probed it during planning
+        key = cache.key(src, plan.kernel_name, CompileOptions(plan.arch), plan.key)   # as compile_plan's
+        return plan, res, key in cache.compiled_keys() - already_compiled
 
     entries = []
     done = 0
     with ThreadPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 2)) as pool:
-        for plan, res, dt, hit in pool.map(one, plans):
+        for plan, res, compiled in pool.map(one, plans):
             done += 1
             spilled = sum(r.spill_stores for r in res.resources.values())
             regs = max((r.registers for r in res.resources.values()), default=0)
-            say(f"[{done}/{len(plans)}] {plan.key:48s} {'cached' if hit else f'{dt:5.2f} s'}"
+            say(f"[{done}/{len(plans)}] {plan.key:48s} {f'{res.compile_seconds:5.2f} s' if compiled else 'cached':>7}"
                 f"  {regs} regs, {spilled} B spilled")
             entries.append({
                 **manifest_entry(plan), "source": f"{plan.key}.cu", "cubin": f"{plan.key}.cubin",
                 "cubin_sha256": hashlib.sha256(res.cubin).hexdigest(), "registers": regs, "spill_bytes": spilled,
-                "compile_seconds": round(dt, 4), "cached": hit,
+                "compile_seconds": round(res.compile_seconds, 4) if compiled else 0.0, "cached": not compiled,
             })
+    if trt:
+        write_trt_plugins(plans, out / "trt", arch, cache)
     manifest = {
         "format": MANIFEST_FORMAT, "layerforge": layerforge_version(), "nvrtc": ".".join(map(str, nvrtc_version())),
         "arch": arch, "dtype": dtype, "kv_dtype": kv_dtype or dtype, "page_size": page_size, "bindings": bindings, "kernels": entries,
-        "skipped": skipped, "build_seconds": round(time.perf_counter() - t0, 3),
+        "skipped": skipped, "build_seconds": round(time.perf_counter() - t0, 3),   # planning (tile searches) included
     }
     _write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-    if trt:
-        write_trt_plugins(plans, out / "trt", arch, cache)
     return manifest
 
 
@@ -129,9 +148,11 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def program_and_bindings(args) -> tuple[Program, dict[str, Any]]:
-    """The CLI's `FILE --config config.json --dims NAME=VALUE,...`: the program and its bindings."""
+    """The CLI's `FILE --config config.json --dims NAME=VALUE,...`: the program and its bindings.
+    A config that cannot be read or is no JSON object, and a `--dims` name that is no static dim
+    or const parameter of the program, are ValueErrors naming it."""
     program = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
-    bindings: dict[str, Any] = dims_from_config(args.config) if args.config else {}
+    bindings: dict[str, Any] = dims_from_config(read_config(args.config)) if args.config else {}
     for item in args.dims or []:
         for part in item.split(","):
             if not part.strip():
@@ -139,14 +160,46 @@ def program_and_bindings(args) -> tuple[Program, dict[str, Any]]:
             if "=" not in part:
                 raise SystemExit(f"--dims takes NAME=VALUE pairs, got {part!r}")
             k, v = part.split("=", 1)
-            bindings[k.strip()] = _number(v.strip())
+            bindings[_bindable_name(program, k.strip())] = _number(v.strip())
     return program, bindings
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A config.json as a dict; a missing file, bad JSON or a JSON value that is no object is a
+    ValueError naming the file."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read --config {path}: {e.strerror}") from None
+    except ValueError as e:   # bad JSON or bad UTF-8
+        raise ValueError(f"--config {path} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a JSON object (a model's config.json), "
+                         f"not a {type(config).__name__}")
+    return config
+
+
+def _bindable_name(program: Program, name: str) -> str:
+    """`name` if `--dims` can bind it: a static dim or a const parameter of some definition."""
+    info = program.info
+    if name in info.static_dims or any(name in program.const_params(d) for d in program.names):
+        return name
+    if name in info.dynamic_dims:
+        raise ValueError(f"--dims {name}: '{name}' is a dynamic dim, bound at run time from the inputs' shapes")
+    import difflib
+    known = sorted(set(info.static_dims) | {c for d in program.names for c in program.const_params(d)})
+    close = difflib.get_close_matches(name, known, n=3)
+    raise ValueError(f"--dims {name}: no dim or const parameter of that name"
+                     + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
 def cli_build(args) -> int:
     program, bindings = program_and_bindings(args)
     arch = args.arch or _default_arch()
     names = args.layers.split(",") if args.layers else None
+    if names:
+        check_definition_names(program, names)
+    _check_writable(Path(args.output))
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
               page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt)
@@ -155,6 +208,17 @@ def cli_build(args) -> int:
     for name, why in m["skipped"].items():
         print(f"  skipped {name}: {why}")
     return 0 if n else 1
+
+
+def _check_writable(folder: Path) -> None:
+    """`-o`: made if missing; a ValueError naming it if it cannot be made or written to, before
+    any (slow) planning."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise ValueError(f"cannot write the output folder {folder}: {e.strerror or e}") from None
 
 
 def _number(v: str):

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,6 +86,10 @@ class KernelCache:
         self._compile = compiler or _nvrtc.compile_cuda
         self._memory: dict[str, CompileResult] = {}  # key -> result, for repeated lookups
         self.stats = CacheStats()
+        # keys this object compiled: stats.misses counts every thread's compiles, so a caller that
+        # shares the cache across threads asks `compiled_keys()` about its own kernels instead
+        self._compiled: set[str] = set()
+        self._stats_lock = threading.Lock()
 
     # -- keys and paths -------------------------------------------------------------------
     def key(self, source: str, name: str, options: CompileOptions, key_prefix: str | None = None
@@ -129,9 +134,16 @@ class KernelCache:
                 return hit
             result = self._compile(source, name, options, want_ptx=want_ptx)
             self._write(key, folder, source, result)
-        self.stats.misses += 1
+        with self._stats_lock:
+            self.stats.misses += 1
+            self._compiled.add(key)
         self._memory[key] = result
         return result
+
+    def compiled_keys(self) -> frozenset[str]:
+        """The keys of the entries this object compiled (rather than found in the cache) so far."""
+        with self._stats_lock:
+            return frozenset(self._compiled)
 
     # -- entries --------------------------------------------------------------------------
     def _lookup(self, key: str, folder: Path, options: CompileOptions, want_ptx: bool,

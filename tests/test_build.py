@@ -76,3 +76,43 @@ def test_build_flags_choose_the_page_size_and_the_kv_dtype(tmp_path):
     assert by_family["row"]["key"] == "rms_norm_h4096_f32_sm90"
     assert by_family["kv_append"]["key"].startswith("kv_append_hkv8_d128_p64_f16_")
     assert by_family["paged_attention"]["interface"]["dtype"] == "f16" and by_family["paged_attention"]["page_size"] == 64
+
+
+def test_build_reports_planning_as_it_goes_and_kernels_its_tile_search_compiled(tmp_path):
+    """Planning an attention block compiles its tile candidates (seconds): a progress line comes
+    per definition as it is planned, the kernels it compiled count as compiled (not "cached"),
+    and the build's time covers the planning too."""
+    import time
+
+    import layerforge as lf
+    from layerforge.dsl.program import dims_from_config
+    from layerforge.runtime.build import build
+    from layerforge.runtime.cache import KernelCache
+
+    cache = KernelCache(tmp_path / "cache")
+    lines = []
+
+    def progress(line):
+        lines.append((time.perf_counter(), line))
+
+    program, bindings = lf.stdlib(), dims_from_config(str(ROOT / "examples/llama-3-8b/config.json"))
+
+    def build_once(out):
+        start = time.perf_counter()
+        m = build(program, bindings, dtype="bf16", arch="sm_90", out_dir=tmp_path / out,
+                  names=["llama_attn", "rms_norm"], cache=cache, progress=progress)
+        return start, m
+
+    start, m = build_once("first")
+    planned = [(t, line) for t, line in lines if line.startswith("[plan ")]
+    assert [line.split()[2] for _, line in planned] == ["llama_attn", "rms_norm"]
+    first_kernel = next(t for t, line in lines if line.startswith("[1/"))
+    assert planned[0][0] < first_kernel
+    assert m["build_seconds"] >= lines[-1][0] - start - 0.05   # the whole build, planning included
+    assert not any(k["cached"] for k in m["kernels"]), [k["key"] for k in m["kernels"] if k["cached"]]
+    assert all(k["compile_seconds"] > 0 for k in m["kernels"])
+    assert all(" cached " not in line for _, line in lines)
+
+    lines.clear()
+    _, again = build_once("second")   # same process, same cache object: every kernel from the cache
+    assert all(k["cached"] and k["compile_seconds"] == 0 for k in again["kernels"])

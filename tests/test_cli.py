@@ -209,3 +209,48 @@ def test_main_show_attention_errors_are_one_line(capsys, args, message):
     rc = main(["show", "llama_attn", "--arch", "sm_90", *args])
     err = capsys.readouterr().err
     assert rc == 1 and message in err and "Traceback" not in err
+
+
+# ---- bad inputs to `build` and `show`: one-line errors naming the thing, before any planning -------
+
+@pytest.fixture
+def configs(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]\n")
+    (tmp_path / "broken.json").write_text("{\"hidden_size\": \n")
+    (tmp_path / "a_file").write_text("")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "{dir}/missing.json"], "error: cannot read --config {dir}/missing.json: No such file or directory"),
+    (["--config", "{dir}/list.json"], "error: --config {dir}/list.json must hold a JSON object (a model's "
+                                      "config.json), not a list"),
+    (["--config", "{dir}/broken.json"], "error: --config {dir}/broken.json is not JSON: "),
+    (["--dims", "H=64", "--layers", "rms_norm,rms_nrom"],
+     "error: no layer or attention named 'rms_nrom'; did you mean rms_norm"),
+    (["--dims", "H=64,Hkvv=8"], "error: --dims Hkvv: no dim or const parameter of that name; did you mean Hkv"),
+    (["--dims", "H=64,N=8"], "error: --dims N: 'N' is a dynamic dim, bound at run time from the inputs' shapes"),
+    (["--dims", "H=64", "-o", "{dir}/a_file/pack"], "error: cannot write the output folder {dir}/a_file/pack: "
+                                                    "Not a directory"),
+])
+def test_main_build_bad_inputs_are_one_line_errors(configs, capsys, args, message):
+    args = [a.format(dir=configs) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(configs / "pack")]
+    rc = main(["build", "--arch", "sm_90", "-q", *args])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(message.format(dir=configs)) and err.count("\n") == 1, err
+    assert not (configs / "pack").exists()
+
+
+def test_main_show_unknown_name_is_a_one_line_error_with_a_hint(capsys):
+    assert main(["show", "rms_nrom", "--dims", "H=64", "--arch", "sm_90"]) == 1
+    assert capsys.readouterr().err == ("error: no layer or attention named 'rms_nrom'; "
+                                       "did you mean rms_norm, add_rms_norm, gemma_rms_norm?\n")
+
+
+def test_module_build_missing_config_has_no_traceback(tmp_path):
+    r = run_module("build", "--config", "missing.json", "--arch", "sm_90", "-o", "pack", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr == "error: cannot read --config missing.json: No such file or directory\n"

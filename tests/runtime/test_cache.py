@@ -71,6 +71,19 @@ def test_miss_compiles_then_hits_from_disk_and_memory(root, compiler):
     assert second.stats.memory_hits == 1
 
 
+def test_compiled_keys_name_the_entries_this_object_compiled_whatever_the_thread(root, compiler):
+    """stats.misses counts every thread's compiles; compiled_keys() says which entries were compiled
+    (a build's thread pool asks it about its own kernel)."""
+    from concurrent.futures import ThreadPoolExecutor
+    sm80 = CompileOptions("sm_80")
+    KernelCache(root, compiler=compiler).get_or_compile(SAXPY, "saxpy", sm80, PREFIX)   # on disk already
+    cache = KernelCache(root, compiler=compiler)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda o: cache.get_or_compile(SAXPY, "saxpy", o, PREFIX), [SM90, sm80]))
+    assert cache.compiled_keys() == {cache.key(SAXPY, "saxpy", SM90, PREFIX)}
+    assert cache.stats.misses == 1 and cache.stats.disk_hits == 1
+
+
 def test_lookup_never_compiles(root, compiler):
     cache = KernelCache(root, compiler=compiler)
     assert cache.lookup(SAXPY, "saxpy", SM90, PREFIX) is None
