@@ -192,7 +192,7 @@ def test_t5_bucket_table_gives_every_distance_by_clamping(bidirectional):
 def test_one_module_holds_the_formulas():
     """The reference and the codegen take their numbers from dsl/numerics (no second copy)."""
     from layerforge.dsl import attention_ref, evaluator
-    assert attention_ref.rope_inv_freq is numerics.rope_inv_freq
+    assert attention_ref.rope_cos_sin is numerics.rope_cos_sin
     assert evaluator.alibi_slopes is numerics.alibi_slopes
     assert evaluator.t5_relative_bucket is numerics.t5_relative_bucket
 
