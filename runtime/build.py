@@ -81,8 +81,8 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
           kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False) -> dict:
     t0 = time.perf_counter()
     from .cache import default_cache, layerforge_version
-    from .launch import compile_plan
-    from .nvrtc import CompileOptions, nvrtc_version
+    from .launch import compile_plan, plan_cache_key
+    from .nvrtc import nvrtc_version
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +97,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
         _write_if_changed(out / f"{plan.key}.cu", src.encode())
         _write_if_changed(out / f"{plan.key}.cubin", res.cubin)
         # compiled by this build, here or while its tile search probed it during planning
-        key = cache.key(src, plan.kernel_name, CompileOptions(plan.arch), plan.key)   # as compile_plan's
-        return plan, res, key in cache.compiled_keys() - already_compiled
+        return plan, res, plan_cache_key(plan, cache) in cache.compiled_keys() - already_compiled
 
     entries = []
     done = 0

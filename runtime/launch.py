@@ -26,9 +26,17 @@ def compile_plan(plan: KernelPlan, cache=None):
     """The plan's cubin and ptxas report, through the disk cache (compiling on a miss unless
     compiling at run time is disabled: then KernelNotCachedError)."""
     from .cache import default_cache
+    return (cache or default_cache()).get_or_compile(*_cache_args(plan))
+
+
+def plan_cache_key(plan: KernelPlan, cache) -> str:
+    """The key under which compile_plan stores `plan` in `cache`."""
+    return cache.key(*_cache_args(plan))
+
+
+def _cache_args(plan: KernelPlan) -> tuple:
     from .nvrtc import CompileOptions
-    return (cache or default_cache()).get_or_compile(plan.source(), plan.kernel_name, CompileOptions(plan.arch),
-                                                     plan.key)
+    return plan.source(), plan.kernel_name, CompileOptions(plan.arch), plan.key
 
 
 def compile_fn(cache=None) -> CompileFn:
