@@ -382,43 +382,51 @@ def test_config_binding_reads_gemma2_query_pre_attn_scalar():
     assert dict(layer.consts).get("query_scalar") == 24
 
 
-@pytest.mark.parametrize("mode", [F32, BF16], ids=str)
-@pytest.mark.parametrize("factor", [8.0, 32.0])
-def test_llama_attn_with_llama3_rope_scaling_matches_LlamaAttention(mode, factor):
-    """Llama 3.1+ configs scale the rotary frequencies (rope_type "llama3"). With D 8 and theta
-    500000 the four wavelengths (6, 167, 4446, 118k) fall in every band of the rule: kept,
-    smoothed between original/high and original/low, and divided by the factor."""
+def check_scaled_llama_attn(mode, rope: dict, max_position: int, **specialise_extra):
+    """A LlamaAttention whose config carries `rope` (rope_parameters) against llama_attn built
+    from the same config, at positions up to 9011 (past the original context); and without the
+    scaling, the same inputs give a different answer (the check can fail). Returns the block."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=8192)
     cfg = transformers.LlamaConfig(hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                                   rope_parameters=rope, max_position_embeddings=131072, attn_implementation="eager",
-                                   **TINY)
+                                   rope_parameters=rope, max_position_embeddings=max_position,
+                                   attn_implementation="eager", **TINY)
     attn = redraw(LlamaAttention(cfg, layer_idx=0)).to(mode.storage)
     B, S, D = 2, 7, cfg.head_dim
     x = mode.inp(torch.randn(B, S, cfg.hidden_size))
-    pos = (torch.arange(S) * 1500 + 11).expand(B, S)        # up to 9011: past the original context
+    pos = (torch.arange(S) * 1500 + 11).expand(B, S)
     with torch.no_grad():
         cos_sin = LlamaRotaryEmbedding(cfg)(x, pos)
         mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=None)
         want, _ = attn(x, position_embeddings=cos_sin, attention_mask=mask)
         q, k, v = (heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype)
-    from layerforge.dsl.numerics import Llama3Scaling
-    assert layer.function.outputs[0].arg.rope.scaling == Llama3Scaling(factor=factor, low_freq_factor=1.0,
-                                                                       high_freq_factor=4.0, original_max_position=8192)
-    (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict())
+    layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype, **specialise_extra)
+    (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict(),
+               **specialise_extra)
     with torch.no_grad():
         got = attn.o_proj(o.reshape(B, S, -1))
     # transformers computes the angles in f32: position * 2^-24 rad of rounding (9011 * 6e-8 =
     # 5e-4 rad) against the float64 angles here, so f32 gets that much room
     tol = module_tol(mode, want) if mode is BF16 else {"rtol": 2e-3, "atol": 1e-3 * float(want.abs().max())}
     assert_matches(got, want, mode, **tol)
-    # without the scaling the same inputs give a different answer (the test can fail)
     (o0,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos,
-                Hq=8, Hkv=2, D=D, theta=500000.0)
+                Hq=8, Hkv=2, D=D, theta=rope["rope_theta"])
     with torch.no_grad():
         assert not torch.allclose(attn.o_proj(o0.reshape(B, S, -1)).float(), want.float(), atol=1e-2)
+    return layer
+
+
+@pytest.mark.parametrize("mode", [F32, BF16], ids=str)
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama_attn_with_llama3_rope_scaling_matches_LlamaAttention(mode, factor):
+    """Llama 3.1+ configs scale the rotary frequencies (rope_type "llama3"). With D 8 and theta
+    500000 the four wavelengths (6, 167, 4446, 118k) fall in every band of the rule: kept,
+    smoothed between original/high and original/low, and divided by the factor."""
+    from layerforge.dsl.numerics import Llama3Scaling
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    layer = check_scaled_llama_attn(mode, rope, 131072)
+    assert layer.function.outputs[0].arg.rope.scaling == Llama3Scaling(factor=factor, low_freq_factor=1.0,
+                                                                       high_freq_factor=4.0, original_max_position=8192)
 
 
 SCALED_ROPES = {  # D 8: four frequencies, spread over each rule's bands
@@ -434,32 +442,9 @@ SCALED_ROPES = {  # D 8: four frequencies, spread over each rule's bands
 def test_llama_attn_with_a_configs_rope_scaling_matches_LlamaAttention(mode, kind):
     """linear, yarn (cos/sin scaled by its attention factor) and longrope (the long regime:
     positions past original_max_position) from a config's rope_parameters reach the block."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
-    cfg = transformers.LlamaConfig(hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                                   rope_parameters=SCALED_ROPES[kind], max_position_embeddings=65536,
-                                   attn_implementation="eager", **TINY)
-    attn = redraw(LlamaAttention(cfg, layer_idx=0)).to(mode.storage)
-    B, S, D = 2, 7, cfg.head_dim
-    x = mode.inp(torch.randn(B, S, cfg.hidden_size))
-    pos = (torch.arange(S) * 1500 + 11).expand(B, S)        # up to 9011: past the original context
-    with torch.no_grad():
-        cos_sin = LlamaRotaryEmbedding(cfg)(x, pos)
-        mask = create_causal_mask(config=cfg, inputs_embeds=x, attention_mask=None, cache=None)
-        want, _ = attn(x, position_embeddings=cos_sin, attention_mask=mask)
-        q, k, v = (heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     extra = {"rope_regime": "long"} if kind == "longrope" else {}
-    layer = lf.stdlib().specialise("llama_attn", config=cfg.to_dict(), dtype=mode.dsl_dtype, **extra)
+    layer = check_scaled_llama_attn(mode, SCALED_ROPES[kind], 65536, **extra)
     assert layer.function.outputs[0].arg.rope.scaling.rope_type == kind
-    (o,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos, config=cfg.to_dict(),
-               **extra)
-    with torch.no_grad():
-        got = attn.o_proj(o.reshape(B, S, -1))
-    tol = module_tol(mode, want) if mode is BF16 else {"rtol": 2e-3, "atol": 1e-3 * float(want.abs().max())}
-    assert_matches(got, want, mode, **tol)
-    (o0,) = run("llama_attn", mode, {"q": q, "k": k, "v": v}, q_positions=pos, kv_positions=pos,
-                Hq=8, Hkv=2, D=D, theta=SCALED_ROPES[kind]["rope_theta"])
-    with torch.no_grad():
-        assert not torch.allclose(attn.o_proj(o0.reshape(B, S, -1)).float(), want.float(), atol=1e-2)
 
 
 @pytest.mark.parametrize("rope, message", [
