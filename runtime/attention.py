@@ -69,7 +69,7 @@ class PagedAttention:
     def from_images(cls, name: str, interface: dict, images: dict, *, page_size: int, arch: str,
                     **scalars: Any) -> PagedAttention:
         """A module over compiled kernels (a pack's): `images` maps a mode ('prefill', 'decode',
-        or None for the CUDA-core kernel) to (cubin, (main ABI, merge ABI), keys per tile). No NVRTC, no DSL;
+        or None for the CUDA-core kernel) to (cubin, (main ABI, merge ABI), keys per tile, None for the CUDA-core kernel). No NVRTC, no DSL;
         CPU tensors are not served (the reference needs the DSL)."""
         self = cls(None, page_size=page_size, arch=arch, interface=interface, name=name,
                    kernel="tc" if "decode" in images else "simt", **scalars)
@@ -118,7 +118,7 @@ class PagedAttention:
         else:
             plan = self.plan if mode is None else self.tc_plan(mode)
             cubin, abis = compile_plan(plan, self._cache).cubin, plan.kernels
-            keys = plan.config.keys if mode is not None else 64
+            keys = plan.config.keys if mode is not None else None   # the CUDA-core kernel has no key tile
         kernels = load_kernels(cubin, abis, device)
         main, merge = kernels[abis[0].name], kernels[abis[1].name]
         hit = (main, merge, itemgetter(*(a.ref for a in abis[0].args)), itemgetter(*(a.ref for a in abis[1].args)),

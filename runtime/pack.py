@@ -38,7 +38,7 @@ class Pack:
         self.manifest = manifest
         self.arch: str = manifest["arch"]
         self.dtype: str = manifest["dtype"]
-        self.page_size: int = manifest.get("page_size", 16)
+        self.page_size: int = manifest["page_size"]   # format 2 always records it
         self._entries = manifest["kernels"]
         self._cubins: dict[str, bytes] = {}
 
@@ -72,7 +72,7 @@ class Pack:
         images = {}
         for e in entries:
             mode = e.get("mode") if e["family"] == "tc_attention" else None
-            keys = e["tiles"]["keys"] if mode else 64
+            keys = e["tiles"]["keys"] if mode else None   # the CUDA-core kernel has no key tile
             images[mode] = (self._cubin(e), tuple(KernelABI.from_json(k) for k in e["kernels"]), keys)
         module = PagedAttention.from_images(name, entries[0]["interface"], images, page_size=entries[0]["page_size"],
                                             arch=self.arch, **scalars)
