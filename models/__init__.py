@@ -1,0 +1,2 @@
+"""Whole models from Hugging Face checkpoints: the family registry (config -> ModelSpec and
+weight names), the decoder model built from generated kernels, loading and generation."""

@@ -1,0 +1,104 @@
+"""What a decoder-only model is made of, independent of the family it came from.
+
+A family (models/families.py) reads a Hugging Face config into a `ModelSpec` and renames its
+checkpoint's tensors to the canonical names below; the model (models/model.py) is built from
+the spec alone. Every field is explicit: a family that cannot say what a field is raises
+`ConfigError` naming the key, instead of a default that gives wrong kernels.
+
+Canonical tensor names (those of `DecoderModel.state_dict()`; W is [out, in] as torch Linear):
+
+    embed.weight                     [V, H]
+    pos_embed.weight                 [P, H]          positions == "learned"
+    embed_norm.weight / .bias        [H]             embed_norm (BLOOM)
+    layers.{i}.attn_norm.weight / .bias              the norm before attention (and, with
+                                                     residual == "parallel_shared", before the MLP)
+    layers.{i}.attn.qkv.weight       [(Hq + 2 Hkv) D, H]   q rows, then k rows, then v rows;
+                                                     each head's D rows contiguous (heads in order)
+    layers.{i}.attn.qkv.bias         [(Hq + 2 Hkv) D]       qkv_bias
+    layers.{i}.attn.q_norm.weight    [D]             qk_norm (Qwen3: RMSNorm over each head)
+    layers.{i}.attn.k_norm.weight    [D]
+    layers.{i}.attn.o.weight         [H, Hq D]       .bias [H] with o_bias
+    layers.{i}.post_attn_norm.weight [H]             sandwich_norms (Gemma-2): norm of the attention output
+    layers.{i}.mlp_norm.weight / .bias               the norm before the MLP (absent with "parallel_shared")
+    layers.{i}.mlp.gate_up.weight    [2F, H]         gated MLPs: gate rows, then up rows (.bias with mlp_bias)
+    layers.{i}.mlp.up.weight         [F, H]          plain MLPs (.bias with mlp_bias)
+    layers.{i}.mlp.down.weight       [H, F]          (.bias with mlp_bias)
+    layers.{i}.post_mlp_norm.weight  [H]             sandwich_norms
+    final_norm.weight / .bias        [H]
+    lm_head.weight                   [V, H]          absent when tie_word_embeddings
+    lm_head.bias                     [V]             lm_head_bias
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+NORMS = ("rms", "rms_1p", "layer")          # RMSNorm, Gemma's RMSNorm with (1 + w), LayerNorm (bias per norm_bias)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+RESIDUALS = ("sequential", "parallel", "parallel_shared")
+POSITIONS = ("rope", "learned", "alibi", "none")
+
+
+class ConfigError(ValueError):
+    """A config the family cannot serve: an unknown model_type, a missing key, or a feature
+    (RoPE type, head dim, ...) it does not support. The message names the key, on one line."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """One layer's attention: the DSL definition and the const bindings it is specialised with.
+
+    definition: a stdlib attention block: "decoder_attn" (causal; RoPE over rotary_dim dims,
+    0 = none rotated... see dsl/stdlib/attention.lf), "bloom_attn" (ALiBi), "gpt2_attn" (no
+    positions in attention). consts: its const parameters (theta, rotary_dim, window,
+    softcap, query_scalar, max_bias). rope_scaling: the config's rope parameters for scaled
+    RoPE (llama3, linear, yarn, ...) as (rope_parameters dict, max_position_embeddings), or None.
+    """
+    definition: str
+    consts: tuple[tuple[str, Any], ...] = ()
+    rope_scaling: tuple[tuple[tuple[str, Any], ...], int | None] | None = None
+
+    def const_dict(self) -> dict[str, Any]:
+        return dict(self.consts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    # norms
+    norm: str                       # one of NORMS
+    norm_eps: float
+    norm_bias: bool = False         # LayerNorm with bias
+    # attention
+    attention: tuple[AttentionSpec, ...]   # one per layer
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False           # Qwen3: RMSNorm of each q and k head (norm_eps), before RoPE
+    # MLP
+    activation: str = "silu"        # one of ACTIVATIONS
+    gated: bool = True              # act(gate) * up (SwiGLU / GeGLU) or act(up)
+    mlp_bias: bool = False
+    # block structure
+    residual: str = "sequential"    # one of RESIDUALS
+    sandwich_norms: bool = False    # Gemma-2: post_attn_norm and post_mlp_norm on the branch outputs
+    # embeddings and head
+    positions: str = "rope"         # one of POSITIONS (informational: attention carries RoPE / ALiBi)
+    max_positions: int | None = None    # learned positions: rows of pos_embed
+    embed_scale: float | None = None    # Gemma: x * sqrt(H), in the model dtype
+    embed_norm: bool = False        # BLOOM: LayerNorm after the embedding
+    final_logit_softcap: float | None = None   # Gemma-2
+    tie_word_embeddings: bool = False
+    lm_head_bias: bool = False
+    # what else the family wants known (e.g. the config it came from), never read by the model
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
