@@ -57,9 +57,9 @@ class OutOfPagesError(KVCacheError):
 
 @dataclass
 class _Append:
-    """One checked append: everything the write needs, nothing applied yet."""
-    k: torch.Tensor
-    v: torch.Tensor
+    """One checked append (or a model's step, begin_step()): everything the writes need."""
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     rope: tuple | None       # (style, theta, rotary_dim, scaling), see rope_fields
     pages: np.ndarray        # int32 [T]: the page of each token
     positions: np.ndarray    # int32 [T]
@@ -70,6 +70,8 @@ class _Append:
     new_seqs: np.ndarray     # int64: the sequences whose length this append changes
     new_ends: np.ndarray     # int64: their new lengths
     seq_ids: np.ndarray      # int32 [T]: each token's sequence (uploaded with the rest, see last_tokens)
+    meta_dev: torch.Tensor | None = None   # begin_step(): the uploaded meta
+    pending: bool = False    # begin_step(): length / page-table updates not yet written on the device
 
     @property
     def meta(self) -> np.ndarray:
@@ -92,16 +94,18 @@ def register_append_kernel(key: str, cubin: bytes, abi) -> None:
 class PagedKVCache:
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype | str, device: torch.device | str | int, max_seqs: int,
-                 max_pages_per_seq: int, *, arch: str | None = None, kernel_cache=None):
+                 max_pages_per_seq: int, *, num_layers: int = 1, arch: str | None = None, kernel_cache=None):
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("max_seqs", max_seqs),
-                            ("max_pages_per_seq", max_pages_per_seq)):
+                            ("max_pages_per_seq", max_pages_per_seq), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
         dtype = _DTYPE_NAMES.get(dtype, dtype)
-        if dtype not in _DTYPES:
-            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16 or torch.float16 ('bf16', 'f16'), "
-                             f"got {dtype!r}")
+        cpu = torch.device(device).type == "cpu" if not isinstance(device, int) else False
+        if dtype not in _DTYPES and not (cpu and dtype in (torch.float32, "f32")):
+            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16 or torch.float16 ('bf16', 'f16') "
+                             f"(float32 on the CPU), got {dtype!r}")
+        dtype = torch.float32 if dtype == "f32" else dtype
         if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
             raise ValueError("PagedKVCache: page numbers and page_table indices must fit int32")
         if max_pages_per_seq * page_size > _MAX_POSITION:
@@ -115,11 +119,12 @@ class PagedKVCache:
         self.num_pages, self.page_size = int(num_pages), int(page_size)
         self.num_kv_heads, self.head_dim = int(num_kv_heads), int(head_dim)
         self.max_seqs, self.max_pages_per_seq = int(max_seqs), int(max_pages_per_seq)
+        self.num_layers = int(num_layers)
         self.dtype, self.device = dtype, device
         self.arch = arch
         self._kernel_cache = kernel_cache
 
-        shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        shape = (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
         self._k = torch.zeros(shape, dtype=dtype, device=device)
         self._v = torch.zeros(shape, dtype=dtype, device=device)
         self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
@@ -139,11 +144,19 @@ class PagedKVCache:
     # ---- tensors (the layout the attention kernels read) -----------------------------------
     @property
     def k_cache(self) -> torch.Tensor:
-        return self._k
+        """Layer 0's keys [num_pages, page_size, Hkv, D] (see layer() for the others)."""
+        return self._k[0]
 
     @property
     def v_cache(self) -> torch.Tensor:
-        return self._v
+        return self._v[0]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (k_cache, v_cache), each [num_pages, page_size, Hkv, D]: every layer
+        has its own pages' storage; the page table and lengths are shared."""
+        if not 0 <= index < self.num_layers:
+            raise KVCacheError(f"layer {index} is out of range [0, num_layers={self.num_layers})")
+        return self._k[index], self._v[index]
 
     @property
     def page_table(self) -> torch.Tensor:
@@ -234,7 +247,8 @@ class PagedKVCache:
         self._lens[s] = 0
 
     # ---- append -------------------------------------------------------------------------
-    def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor, rope=None, *, positions=None) -> torch.Tensor:
+    def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor, rope=None, *, positions=None,
+               layer: int = 0) -> torch.Tensor:
         """Write tokens into their sequences' pages and advance seq_lens; returns the positions
         used (a CPU int32 tensor [T]).
 
@@ -243,7 +257,9 @@ class PagedKVCache:
         [Hkv, D] dense (tokens may be strided, e.g. views of a fused QKV output). rope: the
         attention's `RopeSpec` (numeric rotary_dim) or None. positions: int [T] on the host;
         by default a sequence's new tokens take the positions after its length, in their order
-        in seq_ids. A sequence's length becomes max(length, its largest position + 1).
+        in seq_ids. A sequence's length becomes max(length, its largest position + 1). layer: the
+        layer whose pages are written (a model's cache: see begin_step(), which plans a step once
+        for every layer).
 
         Everything is checked before anything is written: a bad call raises ValueError
         (LayerInputError for tensors, KVCacheError for positions and pages) and changes nothing.
@@ -254,16 +270,65 @@ class PagedKVCache:
         """
         if torch.compiler.is_compiling():
             return ops.kv_append(self, seq_ids, k, v, rope, positions)[0]
+        if not 0 <= layer < self.num_layers:
+            raise KVCacheError(f"append: layer {layer} is out of range [0, num_layers={self.num_layers})")
         prep = self._prepare(seq_ids, k, v, rope, positions)
         if prep.pages.size:
             if self.device.type == "cuda":
-                self._write_cuda(prep)
+                self._write_cuda(prep, layer)
             else:
-                self._write_torch(prep)
+                self._write_torch(prep, layer)
             self._queued_pt.clear()
             self._queued_lens.clear()
             self._lens[prep.new_seqs] = prep.new_ends
         return torch.from_numpy(prep.positions)
+
+    def begin_step(self, seq_ids, *, positions=None) -> _Append:
+        """Plan one step of a model's tokens once, for every layer: positions, pages and length
+        updates (host bookkeeping, checked as append() checks it), uploaded in one copy. Then
+        write(step, layer, k, v, rope) once per layer writes that layer's K/V (the first write
+        also applies the step's length and page-table updates on the device). The lengths are
+        advanced here: a step begun must be written before the attention of each layer reads."""
+        T = len(seq_ids)
+        step = self._plan(seq_ids, T, positions)
+        if self.device.type == "cuda":
+            step.meta_dev = torch.from_numpy(step.meta).pin_memory().to(self.device, non_blocking=True)
+            self._last_tokens = (step.meta_dev[step.meta_dev.numel() - T:], step.meta_dev[T: 2 * T])
+            step.pending = bool(step.len_seqs.size or step.pt_index.size)
+        else:
+            self._last_tokens = (torch.from_numpy(step.seq_ids), torch.from_numpy(step.positions))
+            self._apply_torch(step.len_seqs, step.len_values, step.pt_index, step.pt_values)
+            step.pending = False
+        self._queued_pt.clear()
+        self._queued_lens.clear()
+        self._lens[step.new_seqs] = step.new_ends
+        return step
+
+    def write(self, step: _Append, layer: int, k: torch.Tensor, v: torch.Tensor, rope=None) -> None:
+        """Write one layer's K/V of a step planned by begin_step() (K rotated by `rope`)."""
+        if not 0 <= layer < self.num_layers:
+            raise KVCacheError(f"write: layer {layer} is out of range [0, num_layers={self.num_layers})")
+        self._check_tensor("k", k)
+        self._check_tensor("v", v)
+        T = step.pages.size
+        if k.shape[0] != T or v.shape[0] != T:
+            raise LayerInputError(f"write: the step has {T} tokens, 'k' {k.shape[0]}, 'v' {v.shape[0]}")
+        if not T:
+            return
+        step.k, step.v, step.rope = k, v, self._rope(rope)
+        if self.device.type == "cuda":
+            self._launch(step.rope, k, v, step.meta_dev, T, layer,
+                         (step.len_seqs.size, step.pt_index.size) if step.pending else (0, 0))
+            step.pending = False
+        else:
+            self._write_torch(step, layer, apply=False)
+
+    def write_device(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope, meta: torch.Tensor) -> None:
+        """One layer's K/V at pages and positions already on the device: `meta` is int32 [2T]
+        (T pages, then T positions), computed on the device (a CUDA-graph decode step, whose
+        bookkeeping is on the device). Capturable: no host work beyond the launch."""
+        T = k.shape[0]
+        self._launch(self._rope(rope), k, v, meta, T, layer, (0, 0))
 
     def flush(self) -> None:
         """Write queued allocate()/free() changes to the device page_table and seq_lens (torch
@@ -276,14 +341,14 @@ class PagedKVCache:
         self._queued_pt.clear()
         self._queued_lens.clear()
 
-    def gather(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, seq_id: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence `seq_id`'s keys (as stored: rotated) and values, contiguous [len, Hkv, D]
         copies. For tests and debugging (plain torch indexing; may synchronise)."""
         s = self._seq(seq_id)
         n = int(self._lens[s])
         pages = torch.from_numpy(self._pt[s, : -(-n // self.page_size)].astype(np.int64)).to(self.device)
         shape = (-1, self.num_kv_heads, self.head_dim)
-        return self._k[pages].reshape(shape)[:n], self._v[pages].reshape(shape)[:n]
+        return self._k[layer][pages].reshape(shape)[:n], self._v[layer][pages].reshape(shape)[:n]
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(pages={self.num_pages}x{self.page_size}, Hkv={self.num_kv_heads}, "
@@ -348,7 +413,9 @@ class PagedKVCache:
         T = k.shape[0]
         if v.shape[0] != T:
             raise LayerInputError(f"append: 'k' has {T} tokens, 'v' {v.shape[0]}")
-        fields = self._rope(rope)
+        return self._plan(seq_ids, T, positions, k, v, self._rope(rope))
+
+    def _plan(self, seq_ids, T: int, positions, k=None, v=None, fields=None) -> _Append:
         ids = self._host_ints("seq_ids", seq_ids, T)
         bad = np.flatnonzero((ids < 0) | (ids >= self.max_seqs))
         if bad.size:
@@ -412,14 +479,19 @@ class PagedKVCache:
                        pt_index, pt_values, new_seqs, new_ends, ids.astype(np.int32))
 
     # ---- writes -------------------------------------------------------------------------
-    def _write_cuda(self, a: _Append) -> None:
-        kernel, args = self._kernel(a.rope, _vec_bytes(a.k, a.v))
+    def _write_cuda(self, a: _Append, layer: int = 0) -> None:
         meta = torch.from_numpy(a.meta).pin_memory().to(self.device, non_blocking=True)
-        T, U, W = a.pages.size, a.len_seqs.size, a.pt_index.size
+        T = a.pages.size
         self._last_tokens = (meta[meta.numel() - T:], meta[T: 2 * T])   # (seq ids, positions), on the device
+        self._launch(a.rope, a.k, a.v, meta, T, layer, (a.len_seqs.size, a.pt_index.size))
+
+    def _launch(self, rope, k, v, meta, T: int, layer: int, updates: tuple[int, int]) -> None:
+        kernel, args = self._kernel(rope, _vec_bytes(k, v))
+        U, W = updates
         kernel((T, U + W), args(dict(
-            k_cache=self._k, v_cache=self._v, k=a.k, v=a.v, k_stride=a.k.stride(0), v_stride=a.v.stride(0), meta=meta,
-            num_tokens=T, num_len_updates=U, num_page_updates=W, seq_lens=self._seq_lens, page_table=self._page_table)))
+            k_cache=self._k[layer], v_cache=self._v[layer], k=k, v=v, k_stride=k.stride(0), v_stride=v.stride(0),
+            meta=meta, num_tokens=T, num_len_updates=U, num_page_updates=W, seq_lens=self._seq_lens,
+            page_table=self._page_table)))
 
     def _kernel(self, rope: tuple | None, vec_bytes: int):
         hit = self._kernels.get((rope, vec_bytes))
@@ -443,14 +515,16 @@ class PagedKVCache:
         return hit
 
     @torch.no_grad()
-    def _write_torch(self, a: _Append) -> None:
+    def _write_torch(self, a: _Append, layer: int = 0, apply: bool = True) -> None:
         """The kernel's work with torch ops (CPU caches): same f32 angles and rotation, one rounding."""
-        self._last_tokens = (torch.from_numpy(a.seq_ids), torch.from_numpy(a.positions))
+        if apply:
+            self._last_tokens = (torch.from_numpy(a.seq_ids), torch.from_numpy(a.positions))
         pages = torch.from_numpy(a.pages.astype(np.int64)).to(self.device)
         slots = torch.from_numpy((a.positions % self.page_size).astype(np.int64)).to(self.device)
-        self._k[pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k
-        self._v[pages, slots] = a.v
-        self._apply_torch(a.len_seqs, a.len_values, a.pt_index, a.pt_values)
+        self._k[layer][pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k
+        self._v[layer][pages, slots] = a.v
+        if apply:
+            self._apply_torch(a.len_seqs, a.len_values, a.pt_index, a.pt_values)
 
     def _apply_torch(self, len_seqs, len_values, pt_index, pt_values) -> None:
         def upload(x: np.ndarray, dtype) -> torch.Tensor:

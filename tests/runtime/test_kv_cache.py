@@ -310,7 +310,9 @@ def test_bad_rope(cache, no_write, rope, match):
 # ---- construction -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dtype=torch.float32), "dtype must be torch.bfloat16 or torch.float16"),
+    (dict(dtype=torch.float32, device="cuda"), "dtype must be torch.bfloat16 or torch.float16"),
+    (dict(dtype=torch.int32), "dtype must be torch.bfloat16 or torch.float16"),
+    (dict(num_layers=0), "num_layers must be a positive int"),
     (dict(num_pages=0), "num_pages must be a positive int"),
     (dict(max_pages_per_seq=1 << 23), "positions past 2"),
     (dict(device="meta"), "device must be"),
@@ -342,3 +344,27 @@ def test_last_tokens_are_the_appended_sequences_and_positions():
     c.append([0, 2], *tokens(2))                   # a decode step: one token per sequence
     assert [t.tolist() for t in c.last_tokens] == [[0, 2], [1, 2]]
     assert c.seq_lens_host.tolist()[:3] == [2, 0, 3]
+
+
+def test_model_steps_write_every_layer_once_planned():
+    """begin_step plans a step once (lengths advance once), write() fills each layer's pages."""
+    c = PagedKVCache(8, 4, H, D, torch.float32, "cpu", 3, 4, num_layers=3)
+    c.allocate(0, 6)
+    c.allocate(2, 3)
+    ks = [torch.randn(5, H, D) for _ in range(3)]
+    vs = [torch.randn(5, H, D) for _ in range(3)]
+    step = c.begin_step([0, 0, 0, 2, 2])
+    assert step.positions.tolist() == [0, 1, 2, 0, 1]
+    for layer in range(3):
+        c.write(step, layer, ks[layer], vs[layer])
+    assert c.seq_len(0) == 3 and c.seq_len(2) == 2 and c.seq_lens.tolist() == [3, 0, 2]
+    for layer in range(3):
+        k0, v0 = c.gather(0, layer)
+        k2, _ = c.gather(2, layer)
+        assert torch.equal(k0, ks[layer][:3]) and torch.equal(v0, vs[layer][:3]) and torch.equal(k2, ks[layer][3:])
+    step = c.begin_step([2, 0])
+    assert step.positions.tolist() == [2, 3]
+    with pytest.raises(LayerInputError, match="the step has 2 tokens"):
+        c.write(step, 0, ks[0], vs[0])
+    with pytest.raises(KVCacheError, match="layer 3 is out of range"):
+        c.write(step, 3, ks[0][:2], vs[0][:2])
