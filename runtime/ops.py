@@ -344,7 +344,8 @@ def _kv_append(h: str, k: Tensor, v: Tensor, seq_ids: Tensor, positions: Optiona
     # The op writes the tensors it is given: a functionalised graph may pass copies and
     # write them back afterwards (the compiler turns that back into in-place writes).
     own = cache._k, cache._v, cache._page_table, cache._seq_lens
-    cache._k, cache._v, cache._page_table, cache._seq_lens = k_cache, v_cache, page_table, seq_lens
+    # (the cache keeps [layers, ...]; the op serves a one-layer cache's layer 0)
+    cache._k, cache._v, cache._page_table, cache._seq_lens = k_cache[None], v_cache[None], page_table, seq_lens
     try:
         pos = cache.append(seq_ids, k, v, _ROPES[rope] if rope is not None else None, positions=positions)
     finally:
