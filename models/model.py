@@ -1,0 +1,344 @@
+"""A decoder-only model built from a ModelSpec: generated kernels for the norms (fused with the
+residual adds), activations and attention (paged KV cache), cuBLAS for the projections.
+
+    spec = spec_from_config("config.json")                  # models/families.py
+    model = DecoderModel(spec, dtype=torch.bfloat16, device="cuda")
+    model.load_state_dict(canonical_state_dict(spec, tensors))
+    cache = model.make_cache(num_pages=1024, max_seqs=8, max_pages_per_seq=256)
+    cache.allocate(0, 7)
+    logits = model.step(ids, [0] * 7, cache)                # prefill 7 tokens of sequence 0: [1, V]
+
+A step takes the new tokens of one or more sequences (token ids [T] and each token's sequence,
+grouped by sequence in sequence order for prefill) and returns the logits of each sequence's
+last token (or of every token: `logits="all"`). Each layer is
+
+    sequential:       r = x + attn(norm1(x));  out = r + mlp(norm2(r))       (Gemma-2: norms on the branch outputs too)
+    parallel:         out = x + attn(norm1(x)) + mlp(norm2(x))               (GPT-NeoX, Falcon-40B)
+    parallel_shared:  h = norm1(x); out = x + attn(h) + mlp(h)               (Falcon-7B)
+
+and each residual add is fused with the norm that follows it (`add_rms_norm`: one pass returns
+the normalised rows and the sum), the last one with the final norm. CPU tensors run the same
+modules through the DSL's reference evaluator.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..dsl.program import Program
+from ..runtime.attention import PagedAttention
+from ..runtime.kv_cache import PagedKVCache
+from ..runtime.layers import LayerModule, _dtype_name
+from .spec import AttentionSpec, ModelSpec
+
+__all__ = ["DecoderModel", "StepContext"]
+
+_NORMS = {"rms": ("rms_norm", "add_rms_norm"), "rms_1p": ("gemma_rms_norm", "add_gemma_rms_norm"),
+          "layer": ("layer_norm", "add_layer_norm")}
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+_PLAIN = {"silu": "silu_act", "gelu": "gelu_act", "gelu_tanh": "gelu_tanh_act", "relu": "relu_act"}
+
+
+class Norm(torch.nn.Module):
+    """A norm's weight (and bias) and its two kernels: norm(x), and add_norm(x, res) ->
+    (norm(x + res), x + res). The kernels are not submodules: the weights are this module's."""
+
+    def __init__(self, kind: str, size: int, eps: float, *, bias: bool, program: Program, dtype: str, device=None):
+        super().__init__()
+        plain, fused = _NORMS[kind]
+        tdtype = _torch_dtype(dtype)
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=tdtype, device=device), requires_grad=False)
+        if kind == "rms_1p":
+            torch.nn.init.zeros_(self.weight)
+        self.bias = (torch.nn.Parameter(torch.zeros(size, dtype=tdtype, device=device), requires_grad=False)
+                     if kind == "layer" else None)
+        if kind == "layer" and not bias:
+            plain, fused = "layer_norm_nobias", None
+        self.eps = float(eps)
+        self._kernels = (LayerModule(program.specialise(plain, H=size, dtype=dtype), eps=self.eps),
+                         LayerModule(program.specialise(fused, H=size, dtype=dtype), eps=self.eps) if fused else None)
+
+    def _tensors(self, **inputs) -> dict[str, torch.Tensor]:
+        inputs["w"] = self.weight
+        if self.bias is not None:
+            inputs["b"] = self.bias
+        return inputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (y,) = _as_tuple(self._kernels[0]._forward_bound(self._tensors(x=x), {"eps": self.eps}, None))
+        return y
+
+    def add(self, x: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + res), x + res) in one pass."""
+        if self._kernels[1] is None:
+            s = x + res
+            return self(s), s
+        y, s = self._kernels[1]._forward_bound(self._tensors(x=x, res=res), {"eps": self.eps}, None)
+        return y, s
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@dataclass
+class StepContext:
+    """What every layer's attention needs for one step: where its K/V go and how to attend.
+
+    Eager steps come from PagedKVCache.begin_step (host bookkeeping, uploaded once); a captured
+    decode step (models/graphs.py) computes `meta` (pages, positions) on the device."""
+    cache: PagedKVCache
+    q_seq: torch.Tensor          # int32 [T]: each token's sequence, on the device
+    q_pos: torch.Tensor          # int32 [T]: each token's position
+    max_kv_len: int              # a bound on every sequence's length (the split-KV heuristic)
+    step: Any = None             # eager: the cache's planned step
+    meta: torch.Tensor | None = None   # captured: int32 [2T] pages then positions, on the device
+    cu_seqlens: torch.Tensor | None = None   # prefill form: int32 [max_seqs + 1]
+    max_q_len: int = 1
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope) -> None:
+        if self.meta is not None:
+            self.cache.write_device(layer, k, v, rope, self.meta)
+        else:
+            self.cache.write(self.step, layer, k, v, rope)
+
+    def attend(self, attn: PagedAttention, layer: int, q: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.layer(layer)
+        pt, lens = self.cache._page_table, self.cache._seq_lens
+        if self.cu_seqlens is not None:
+            return attn.prefill(q, k_cache, v_cache, pt, lens, self.cu_seqlens, max_q_len=self.max_q_len,
+                                max_kv_len=self.max_kv_len)
+        return attn(q, k_cache, v_cache, pt, lens, self.q_seq, self.q_pos, max_kv_len=self.max_kv_len)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, index: int, attn: PagedAttention, rope, *, program: Program, dtype: str,
+                 device=None):
+        super().__init__()
+        self.index = index
+        self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        td = _torch_dtype(dtype)
+        self.qkv = torch.nn.Linear(spec.hidden_size, spec.qkv_size, bias=spec.qkv_bias, dtype=td, device=device)
+        self.o = torch.nn.Linear(self.hq * self.d, spec.hidden_size, bias=spec.o_bias, dtype=td, device=device)
+        if spec.qk_norm:
+            self.q_norm = Norm("rms", self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
+            self.k_norm = Norm("rms", self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = attn
+        self.rope = rope
+        self.splits = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        if self.q_norm is not None:   # Qwen3: RMSNorm of each head (before RoPE)
+            q = self.q_norm(q.reshape(T * self.hq, self.d))
+            k = self.k_norm(k.reshape(T * self.hkv, self.d))
+        # k and v may stay strided views of the fused output (the append takes token strides)
+        ctx.write(self.index, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
+        o = ctx.attend(self.attn, self.index, q.contiguous().view(T, self.hq, self.d))
+        return self.o(o.view(T, self.hq * self.d))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, *, program: Program, dtype: str, device=None):
+        super().__init__()
+        td = _torch_dtype(dtype)
+        H, Fd = spec.hidden_size, spec.intermediate_size
+        if spec.gated:
+            if spec.activation not in _GATED:
+                raise ValueError(f"no gated kernel for activation '{spec.activation}'")
+            self.gate_up = torch.nn.Linear(H, 2 * Fd, bias=spec.mlp_bias, dtype=td, device=device)
+            self.act = LayerModule(program.specialise(_GATED[spec.activation], F=Fd, dtype=dtype))
+        else:
+            self.up = torch.nn.Linear(H, Fd, bias=spec.mlp_bias, dtype=td, device=device)
+            self.act = LayerModule(program.specialise(_PLAIN[spec.activation], F=Fd, dtype=dtype))
+        self.down = torch.nn.Linear(Fd, H, bias=spec.mlp_bias, dtype=td, device=device)
+        self.gated = spec.gated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate_up(x) if self.gated else self.up(x)))
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, index: int, attn: PagedAttention, rope, *, program: Program, dtype: str,
+                 device=None):
+        super().__init__()
+        norm = dict(bias=spec.norm_bias, program=program, dtype=dtype, device=device)
+        H, eps = spec.hidden_size, spec.norm_eps
+        self.residual = spec.residual
+        self.attn_norm = Norm(spec.norm, H, eps, **norm)
+        self.attn = Attention(spec, index, attn, rope, program=program, dtype=dtype, device=device)
+        self.post_attn_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
+        self.mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.residual != "parallel_shared" else None
+        self.mlp = MLP(spec, program=program, dtype=dtype, device=device)
+        self.post_mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's branch output (or the embeddings, residual None); returns
+        (this layer's branch output, the residual stream before it is added)."""
+        h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm.add(x, residual)
+        a = self.attn(h, ctx)
+        if self.residual == "sequential":
+            if self.post_attn_norm is not None:
+                a = self.post_attn_norm(a)
+            h, residual = self.mlp_norm.add(a, residual)
+            m = self.mlp(h)
+            if self.post_mlp_norm is not None:
+                m = self.post_mlp_norm(m)
+            return m, residual
+        # parallel: both branches read the same input; transformers adds (mlp + attn) + x
+        m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(residual))
+        return m + a, residual
+
+
+class DecoderModel(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
+                 page_size: int = 16, program: Program | None = None):
+        super().__init__()
+        self.spec = spec
+        self.page_size = page_size
+        dname = _dtype_name(dtype)
+        td = _torch_dtype(dname)
+        prog = program or Program.stdlib()
+        H = spec.hidden_size
+        self.embed = torch.nn.Embedding(spec.vocab_size, H, dtype=td, device=device)
+        self.pos_embed = (torch.nn.Embedding(spec.max_positions, H, dtype=td, device=device)
+                          if spec.positions == "learned" else None)
+        norm = dict(bias=spec.norm_bias, program=prog, dtype=dname, device=device)
+        self.embed_norm = Norm(spec.norm, H, spec.norm_eps, **norm) if spec.embed_norm else None
+        # one attention module (kernels) per distinct attention spec, shared by the layers that have it
+        self._attention: dict[AttentionSpec, tuple[PagedAttention, Any]] = {}
+        layers = []
+        for i, aspec in enumerate(spec.attention):
+            attn, rope = self._attention_for(aspec, prog, dname)
+            layers.append(DecoderLayer(spec, i, attn, rope, program=prog, dtype=dname, device=device))
+        self.layers = torch.nn.ModuleList(layers)
+        self.final_norm = Norm(spec.norm, H, spec.norm_eps, **norm)
+        self.lm_head = (None if spec.tie_word_embeddings else
+                        torch.nn.Linear(H, spec.vocab_size, bias=spec.lm_head_bias, dtype=td, device=device))
+        self._embed_scale = spec.embed_scale
+
+    def _attention_for(self, aspec: AttentionSpec, prog: Program, dname: str):
+        hit = self._attention.get(aspec)
+        if hit is None:
+            s = self.spec
+            kw = dict(aspec.consts)
+            if aspec.rope_scaling is not None:
+                params, max_pos = aspec.rope_scaling
+                kw["rope_scaling"] = (dict(params), max_pos)
+            layer = prog.specialise(aspec.definition, Hq=s.num_heads, Hkv=s.num_kv_heads, D=s.head_dim,
+                                    dtype=dname, **kw)
+            hit = self._attention[aspec] = (PagedAttention(layer, page_size=self.page_size),
+                                            layer.function.outputs[0].arg.rope)
+        return hit
+
+    # ---- weights ------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # ---- cache --------------------------------------------------------------------------
+    def make_cache(self, *, num_pages: int, max_seqs: int, max_pages_per_seq: int) -> PagedKVCache:
+        s = self.spec
+        return PagedKVCache(num_pages, self.page_size, s.num_kv_heads, s.head_dim, dtype=self.dtype,
+                            device=self.device, max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq,
+                            num_layers=s.num_layers)
+
+    def context(self, cache: PagedKVCache, seq_ids: list[int]) -> StepContext:
+        """Plan a step of tokens (host bookkeeping) for every layer: prefill form when tokens of
+        a sequence come several at a time, grouped by sequence in order; per-token otherwise."""
+        step = cache.begin_step(seq_ids)
+        q_seq, q_pos = cache.last_tokens
+        T = len(seq_ids)
+        max_kv_len = int(step.positions.max()) + 1 if T else 0
+        ctx = StepContext(cache, q_seq, q_pos, max_kv_len, step=step)
+        ids = [int(i) for i in seq_ids]
+        if len(set(ids)) < T and all(a <= b for a, b in zip(ids, ids[1:])):
+            counts = np.bincount(np.asarray(ids), minlength=cache.max_seqs)
+            ctx.cu_seqlens = torch.tensor([0, *itertools.accumulate(counts.tolist())], dtype=torch.int32,
+                                          device=cache.device)
+            ctx.max_q_len = int(counts.max())
+        return ctx
+
+    # ---- forward ------------------------------------------------------------------------
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        x = F.embedding(tokens, self.embed.weight)
+        if self._embed_scale is not None:   # Gemma: scaled in the model's dtype, as transformers does
+            x = x * torch.tensor(self._embed_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions.long(), self.pos_embed.weight)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x
+
+    def hidden(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states of `rows` (all tokens when None) after a step's layers."""
+        if self.pos_embed is not None and int(ctx.max_kv_len) > self.spec.max_positions:
+            raise ValueError(f"{self.spec.model_type}: position {ctx.max_kv_len - 1} is past the model's "
+                             f"{self.spec.max_positions} learned positions")
+        x = self.embed_tokens(tokens, ctx.q_pos)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx)
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
+        return self.final_norm.add(x, residual)[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.head_weight(), None if self.lm_head is None else self.lm_head.bias)
+        cap = self.spec.final_logit_softcap
+        if cap:   # Gemma-2, as transformers: in the logits' dtype
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, seq_ids, cache: PagedKVCache, *, logits: str = "last") -> torch.Tensor:
+        """Run one step: tokens [T] (ids on the model's device), seq_ids [T] (host ints; for prefill
+        grouped by sequence in order). Returns the logits of each sequence's last token of the step,
+        in order of appearance ([num_seqs, V]), or of every token (`logits="all"`, [T, V])."""
+        ids = [int(i) for i in seq_ids]
+        if tokens.shape != (len(ids),):
+            raise ValueError(f"step: tokens must have shape [{len(ids)}] (one per seq_ids entry), "
+                             f"got {list(tokens.shape)}")
+        ctx = self.context(cache, ids)
+        rows = None
+        if logits == "last":
+            last = {s: t for t, s in enumerate(ids)}
+            rows = torch.tensor(list(last.values()), dtype=torch.long, device=tokens.device)
+        elif logits != "all":
+            raise ValueError(f"step: logits must be 'last' or 'all', got {logits!r}")
+        return self.logits(self.hidden(tokens, ctx, rows))
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position of a batch of prompts [B, S] (no cache kept): [B, S, V]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        B, S = input_ids.shape
+        pages = -(-S // self.page_size)
+        cache = self.make_cache(num_pages=max(1, B * pages), max_seqs=B, max_pages_per_seq=max(1, pages))
+        for b in range(B):
+            cache.allocate(b, S)
+        out = self.step(input_ids.reshape(-1).to(self.device), [b for b in range(B) for _ in range(S)], cache,
+                        logits="all")
+        return out.view(B, S, -1)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[name]
