@@ -1,0 +1,801 @@
+"""The model-family registry: a Hugging Face `config.json` -> `ModelSpec`, keyed by `model_type`,
+and a checkpoint's tensors -> the canonical names of models/spec.py.
+
+    spec = spec_from_config("config.json")             # or a dict, or a PretrainedConfig
+    weights = canonical_state_dict(spec, tensors)      # safetensors names -> canonical names
+    definitions_for(spec)                              # [(stdlib definition, bindings)] to build
+    bindings_from_spec(spec)                           # model-wide DSL bindings (dims_from_config)
+
+Each family reads the keys its transformers class reads, with that class's defaults for keys a
+config.json may leave out (rope_theta, norm eps, biases), and raises `ConfigError` naming the
+key for a key it needs (sizes) or a feature it cannot serve. No torch at import time: tensors
+are touched only by `canonical_state_dict`; transformers is never imported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .spec import ACTIVATIONS, AttentionSpec, ConfigError, ModelSpec
+
+__all__ = ["FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
+           "bindings_from_spec", "read_config", "ConfigError"]
+
+# transformers' activation names -> ours (spec.ACTIVATIONS)
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a config.
+
+def read_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> dict[str, Any]:
+    """A config as a plain dict: a mapping, a config.json path (or its folder), or an object with
+    `.to_dict()` (a transformers PretrainedConfig). Multimodal configs' `text_config` is merged in."""
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
+    if isinstance(config, (str, os.PathLike)):
+        p = Path(config)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            config = json.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConfigError(f"{p} is not JSON: {e}") from None
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config.json: must be a JSON object, not a {type(config).__name__}")
+    cfg = dict(config)
+    if isinstance(cfg.get("text_config"), Mapping):
+        cfg = {**cfg, **cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    return cfg
+
+
+class _Config:
+    """One family's view of a config: reads with the family's name in every error."""
+
+    def __init__(self, family: str, cfg: Mapping[str, Any]):
+        self.family = family
+        self.cfg = cfg
+
+    def error(self, msg: str) -> ConfigError:
+        return ConfigError(f"{self.family} config: {msg}")
+
+    def has(self, key: str) -> bool:
+        return self.cfg.get(key) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.cfg.get(key)
+        return default if v is None else v
+
+    def first(self, *keys: str, default: Any = None) -> Any:
+        for k in keys:
+            if self.cfg.get(k) is not None:
+                return self.cfg[k]
+        return default
+
+    def int(self, *keys: str, default: int | None = None, positive: bool = True) -> int:
+        """The first of `keys` present, an integer (> 0 unless told); missing without a default:
+        an error naming the first key."""
+        for k in keys:
+            v = self.cfg.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, float) and v.is_integer()):
+                raise self.error(f"'{k}' must be an integer, got {v!r}")
+            if positive and v <= 0:
+                raise self.error(f"'{k}' must be positive, got {v!r}")
+            return int(v)
+        if default is None:
+            raise self.error(f"missing '{keys[0]}'")
+        return default
+
+    def float(self, *keys: str, default: float | None = None) -> float:
+        for k in keys:
+            v = self.cfg.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise self.error(f"'{k}' must be a number, got {v!r}")
+            return float(v)
+        if default is None:
+            raise self.error(f"missing '{keys[0]}'")
+        return default
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.cfg.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.error(f"'{key}' must be true or false, got {v!r}")
+        return v
+
+    def activation(self, *keys: str, default: str | None = None, aliases: Mapping[str, str] | None = None) -> str:
+        key = next((k for k in keys if self.cfg.get(k) is not None), None)
+        name = self.cfg[key] if key else default
+        if name is None:
+            raise self.error(f"missing '{keys[0]}'")
+        if aliases and name in aliases:
+            name = aliases[name]
+        if not isinstance(name, str) or name not in _ACTIVATIONS:
+            raise self.error(f"'{key or keys[0]}' {name!r} is not supported (supported: "
+                             f"{', '.join(sorted(_ACTIVATIONS))})")
+        return _ACTIVATIONS[name]
+
+    def head_dim(self, hidden: int, heads: int, key: str | None = "head_dim") -> int:
+        if key and self.has(key):
+            return self.int(key)
+        if hidden % heads:
+            raise self.error(f"hidden size {hidden} is not a multiple of num_attention_heads {heads} "
+                             f"(and no '{key or 'head_dim'}')")
+        return hidden // heads
+
+    def kv_heads(self, heads: int, key: str = "num_key_value_heads") -> int:
+        kv = self.int(key, default=heads)
+        if heads % kv:
+            raise self.error(f"'{key}' {kv} does not divide num_attention_heads {heads}")
+        return kv
+
+    def rope(self, head_dim: int, *, theta_keys: tuple[str, ...] = ("rope_theta",), default_theta: float = 10000.0,
+             partial_keys: tuple[str, ...] = ("partial_rotary_factor",), default_partial: float = 1.0
+             ) -> tuple[float, int, tuple | None]:
+        """(theta, rotary_dim (0: the whole head), rope_scaling) from `rope_parameters`
+        (transformers 5) or the top-level keys and `rope_scaling` (older configs)."""
+        params: dict[str, Any] = {}
+        for nested in ("rope_scaling", "rope_parameters"):   # rope_parameters wins
+            sub = self.cfg.get(nested)
+            if sub is None:
+                continue
+            if not isinstance(sub, Mapping):
+                raise self.error(f"'{nested}' must be an object, got {sub!r}")
+            params.update({k: v for k, v in sub.items() if v is not None})
+        theta = params.get("rope_theta")
+        if theta is None:
+            theta = self.float(*theta_keys, default=default_theta)
+        elif isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise self.error(f"'rope_parameters.rope_theta' must be a positive number, got {theta!r}")
+        partial = params.get("partial_rotary_factor")
+        if partial is None:
+            partial = self.float(*partial_keys, default=default_partial)
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise self.error(f"'partial_rotary_factor' must be in (0, 1], got {partial!r}")
+        rotary = int(head_dim * partial)          # transformers: int(head_dim * partial_rotary_factor)
+        if rotary % 2 or rotary <= 0:
+            raise self.error(f"rotary dim {rotary} (head_dim {head_dim} * partial_rotary_factor {partial}) "
+                             "is not a positive even number")
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = None
+        if kind not in (None, "default"):
+            from ..dsl.numerics import ROPE_TYPES, RopeParameterError, rope_scaling_from_hf
+            if kind not in ROPE_TYPES:
+                raise self.error(f"rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            rest = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()
+                    if k not in ("rope_theta", "partial_rotary_factor", "type")}
+            rest["rope_type"] = kind
+            maxpos = self.get("max_position_embeddings")
+            try:
+                rope_scaling_from_hf(rest, maxpos)
+            except RopeParameterError as e:
+                raise self.error(f"rope_parameters: {e}") from None
+            scaling = (tuple(sorted(rest.items())), maxpos)
+        return float(theta), (0 if rotary == head_dim else rotary), scaling
+
+
+def _layer_windows(c: _Config, n: int, window: int, sliding_default: Callable[[int], bool]) -> list[int]:
+    """Per layer window (0: none): `layer_types` when the config has it, else the family's rule."""
+    types = c.cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n:
+            raise c.error(f"'layer_types' must list one type per layer ({n}), got {types!r}")
+        bad = [t for t in types if t not in ("sliding_attention", "full_attention")]
+        if bad:
+            raise c.error(f"'layer_types' entry {bad[0]!r} is not supported (sliding_attention, full_attention)")
+        sliding = [t == "sliding_attention" for t in types]
+    else:
+        sliding = [sliding_default(i) for i in range(n)]
+    if any(sliding) and not window:
+        raise c.error("'layer_types' has sliding_attention layers but 'sliding_window' is null")
+    return [window if s else 0 for s in sliding]
+
+
+def _window(c: _Config, key: str = "sliding_window") -> int:
+    """A sliding window (0: none; null is none)."""
+    return c.int(key, default=0) if c.has(key) else 0
+
+
+def _decoder_attention(n: int, theta: float, rotary_dim: int, scaling, windows: list[int] | None = None,
+                       softcap: float = 0.0, query_scalar: float = 0.0) -> tuple[AttentionSpec, ...]:
+    out = []
+    for i in range(n):
+        consts = (("theta", float(theta)), ("rotary_dim", int(rotary_dim)), ("window", int(windows[i] if windows else 0)),
+                  ("softcap", float(softcap)), ("query_scalar", float(query_scalar)))
+        out.append(AttentionSpec(definition="decoder_attn", consts=consts, rope_scaling=scaling))
+    return tuple(out)
+
+
+def _common(c: _Config, *, hidden_keys=("hidden_size",), heads_keys=("num_attention_heads",),
+            layers_keys=("num_hidden_layers",)) -> dict[str, int]:
+    return {"vocab_size": c.int("vocab_size"), "hidden_size": c.int(*hidden_keys),
+            "num_layers": c.int(*layers_keys), "num_heads": c.int(*heads_keys)}
+
+
+def _check_heads(c: _Config, hidden: int, heads: int, head_dim: int, what: str = "hidden_size") -> None:
+    if heads * head_dim != hidden:
+        raise c.error(f"head_dim {head_dim} * num_attention_heads {heads} != {what} {hidden}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The families.
+
+def _llama_like(c: _Config, *, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False,
+                windows: Callable[[int], list[int]] | None = None, head_dim_key: str | None = "head_dim",
+                act_default: str = "silu") -> ModelSpec:
+    base = _common(c)
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq, head_dim_key)
+    Hkv = c.kv_heads(Hq)
+    theta, rotary, scaling = c.rope(D)
+    attention_bias = c.bool("attention_bias", False)
+    return ModelSpec(
+        model_type=c.family, **base, num_kv_heads=Hkv, head_dim=D, intermediate_size=c.int("intermediate_size"),
+        norm="rms", norm_eps=c.float("rms_norm_eps", default=1e-6),
+        attention=_decoder_attention(n, theta, rotary, scaling, windows(n) if windows else None),
+        qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
+        o_bias=attention_bias if o_bias is None else o_bias, qk_norm=qk_norm,
+        activation=c.activation("hidden_act", default=act_default), gated=True, mlp_bias=c.bool("mlp_bias", False),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), extra={"config": dict(c.cfg)})
+
+
+def llama(c: _Config) -> ModelSpec:
+    return _llama_like(c)
+
+
+def mistral(c: _Config) -> ModelSpec:
+    w = _window(c)
+    return _llama_like(c, windows=lambda n: [w] * n)
+
+
+def _qwen_windows(c: _Config) -> Callable[[int], list[int]]:
+    """Qwen2/Qwen3: a window only with use_sliding_window, on the layers from max_window_layers
+    on (or as layer_types says); without it, no layer has one."""
+    use = c.bool("use_sliding_window", False)
+    w = _window(c) if use else 0
+    if use and not w:
+        raise c.error("'use_sliding_window' is true but 'sliding_window' is null")
+
+    def windows(n: int) -> list[int]:
+        if not use:
+            types = c.cfg.get("layer_types")
+            if isinstance(types, list) and "sliding_attention" in types:
+                raise c.error("'layer_types' has sliding_attention layers but 'use_sliding_window' is false")
+            return [0] * n
+        first = c.int("max_window_layers", default=28, positive=False)
+        return _layer_windows(c, n, w, lambda i: i >= first)
+    return windows
+
+
+def qwen2(c: _Config) -> ModelSpec:
+    # q/k/v always have a bias, o none
+    return _llama_like(c, qkv_bias=True, o_bias=False, windows=_qwen_windows(c))
+
+
+def qwen3(c: _Config) -> ModelSpec:
+    # RMSNorm over each q and k head; attention_bias covers q, k, v and o
+    return _llama_like(c, qk_norm=True, windows=_qwen_windows(c))
+
+
+def _gemma_common(c: _Config, *, gemma2: bool) -> ModelSpec:
+    base = _common(c)
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq)
+    Hkv = c.kv_heads(Hq)
+    theta, rotary, scaling = c.rope(D)
+    # Gemma: `hidden_activation` (older configs) or `hidden_act`; "gelu" is the legacy name of
+    # the tanh approximation (transformers rewrites it)
+    act = c.activation("hidden_activation", "hidden_act", default="gelu_pytorch_tanh",
+                       aliases={"gelu": "gelu_pytorch_tanh"})
+    if gemma2:
+        w = _window(c)
+        windows = _layer_windows(c, n, w, lambda i: i % 2 == 0)
+        softcap = c.float("attn_logit_softcapping", default=0.0)
+        qs = c.float("query_pre_attn_scalar", default=0.0)
+        final = c.float("final_logit_softcapping", default=0.0) or None
+        attention = _decoder_attention(n, theta, rotary, scaling, windows, softcap, qs)
+    else:
+        final = None
+        attention = _decoder_attention(n, theta, rotary, scaling)
+    bias = c.bool("attention_bias", False)
+    return ModelSpec(
+        model_type=c.family, **base, num_kv_heads=Hkv, head_dim=D, intermediate_size=c.int("intermediate_size"),
+        norm="rms_1p", norm_eps=c.float("rms_norm_eps", default=1e-6), attention=attention,
+        qkv_bias=bias, o_bias=bias, activation=act, gated=True, sandwich_norms=gemma2,
+        embed_scale=math.sqrt(H), final_logit_softcap=final,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
+def gemma(c: _Config) -> ModelSpec:
+    return _gemma_common(c, gemma2=False)
+
+
+def gemma2(c: _Config) -> ModelSpec:
+    return _gemma_common(c, gemma2=True)
+
+
+def phi3(c: _Config) -> ModelSpec:
+    w = _window(c)
+    spec = _llama_like(c, qkv_bias=False, o_bias=False, windows=lambda n: [w] * n)
+    if c.bool("attention_bias", False):
+        raise c.error("'attention_bias' true is not supported (Phi-3's qkv_proj has no bias)")
+    return spec
+
+
+def gpt_neox(c: _Config) -> ModelSpec:
+    base = _common(c)
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq, None)
+    theta, rotary, scaling = c.rope(D, theta_keys=("rope_theta", "rotary_emb_base"),
+                                    partial_keys=("partial_rotary_factor", "rotary_pct"), default_partial=0.25)
+    bias = c.bool("attention_bias", True)
+    return ModelSpec(
+        model_type="gpt_neox", **base, num_kv_heads=Hq, head_dim=D, intermediate_size=c.int("intermediate_size"),
+        norm="layer", norm_eps=c.float("layer_norm_eps", default=1e-5), norm_bias=True,
+        attention=_decoder_attention(n, theta, rotary, scaling), qkv_bias=bias, o_bias=bias,
+        activation=c.activation("hidden_act", default="gelu"), gated=False, mlp_bias=True,
+        residual="parallel" if c.bool("use_parallel_residual", True) else "sequential",
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), extra={"config": dict(c.cfg)})
+
+
+def falcon(c: _Config) -> ModelSpec:
+    base = _common(c, hidden_keys=("hidden_size", "n_embed"), heads_keys=("num_attention_heads", "n_head"),
+                   layers_keys=("num_hidden_layers", "n_layer"))
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq, None)
+    new = c.bool("new_decoder_architecture", False)
+    mq = c.bool("multi_query", True)
+    parallel = c.bool("parallel_attn", True)
+    if new:
+        Hkv = c.kv_heads(Hq, "num_kv_heads")
+        if not parallel:
+            raise c.error("'parallel_attn' false with 'new_decoder_architecture' is not supported "
+                          "(transformers' FalconDecoderLayer cannot run it either)")
+        lns = c.int("num_ln_in_parallel_attn", default=2)
+        if lns not in (1, 2):
+            raise c.error(f"'num_ln_in_parallel_attn' must be 1 or 2, got {lns}")
+        residual = "parallel" if lns == 2 else "parallel_shared"
+    else:
+        if mq:
+            Hkv = 1
+        else:
+            Hkv = c.int("num_kv_heads", default=Hq)
+            if Hkv != Hq:
+                raise c.error(f"'num_kv_heads' {Hkv} != num_attention_heads {Hq} without multi_query or "
+                              "new_decoder_architecture (transformers cannot run it)")
+        residual = "parallel_shared" if parallel else "sequential"
+    if c.bool("alibi", False):
+        # Falcon adds ALiBi to q.k before the 1/sqrt(D) scaling (bloom_attn adds it after):
+        # slopes / sqrt(D), which no max_bias of bloom_attn gives
+        raise c.error("'alibi' true is not supported (Falcon scales its ALiBi biases by 1/sqrt(head_dim); "
+                      "bloom_attn does not)")
+    theta, rotary, scaling = c.rope(D)
+    attention = _decoder_attention(n, theta, rotary, scaling)
+    positions = "rope"
+    bias = c.bool("bias", False)
+    return ModelSpec(
+        model_type="falcon", **base, num_kv_heads=Hkv, head_dim=D,
+        intermediate_size=c.int("ffn_hidden_size", default=4 * H),
+        norm="layer", norm_eps=c.float("layer_norm_epsilon", default=1e-5), norm_bias=True,
+        attention=attention, qkv_bias=bias, o_bias=bias,
+        activation=c.activation("activation", default="gelu"), gated=False, mlp_bias=bias,
+        residual=residual, positions=positions,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
+def gpt2(c: _Config) -> ModelSpec:
+    base = _common(c, hidden_keys=("n_embd",), heads_keys=("n_head",), layers_keys=("n_layer",))
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq, None)
+    if not c.bool("scale_attn_weights", True):
+        raise c.error("'scale_attn_weights' false is not supported (gpt2_attn scales by 1/sqrt(head_dim))")
+    if c.bool("scale_attn_by_inverse_layer_idx", False):
+        raise c.error("'scale_attn_by_inverse_layer_idx' true is not supported")
+    if c.bool("add_cross_attention", False):
+        raise c.error("'add_cross_attention' true is not supported (decoder-only models)")
+    return ModelSpec(
+        model_type="gpt2", **base, num_kv_heads=Hq, head_dim=D, intermediate_size=c.int("n_inner", default=4 * H),
+        norm="layer", norm_eps=c.float("layer_norm_epsilon", default=1e-5), norm_bias=True,
+        attention=tuple(AttentionSpec(definition="gpt2_attn") for _ in range(n)), qkv_bias=True, o_bias=True,
+        activation=c.activation("activation_function", default="gelu_new"), gated=False, mlp_bias=True,
+        positions="learned", max_positions=c.int("n_positions"),
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
+def bloom(c: _Config) -> ModelSpec:
+    base = _common(c, hidden_keys=("hidden_size", "n_embed"), heads_keys=("n_head", "num_attention_heads"),
+                   layers_keys=("n_layer", "num_hidden_layers"))
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq, None)
+    if c.bool("apply_residual_connection_post_layernorm", False):
+        raise c.error("'apply_residual_connection_post_layernorm' true is not supported")
+    return ModelSpec(
+        model_type="bloom", **base, num_kv_heads=Hq, head_dim=D, intermediate_size=4 * H,
+        norm="layer", norm_eps=c.float("layer_norm_epsilon", default=1e-5), norm_bias=True,
+        attention=tuple(AttentionSpec(definition="bloom_attn", consts=(("max_bias", 8.0),)) for _ in range(n)),
+        qkv_bias=True, o_bias=True, activation="gelu_tanh", gated=False, mlp_bias=True,
+        positions="alibi", embed_norm=True,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
+FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
+    "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
+    "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
+}
+
+
+def spec_from_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> ModelSpec:
+    """The ModelSpec of a transformers config (dict, config.json path, or PretrainedConfig)."""
+    cfg = read_config(config)
+    kind = cfg.get("model_type")
+    if kind is None:
+        raise ConfigError(f"config.json: missing 'model_type' (supported: {', '.join(FAMILIES)})")
+    if kind not in FAMILIES:
+        raise ConfigError(f"config.json: model_type {kind!r} is not supported (supported: {', '.join(FAMILIES)})")
+    spec = FAMILIES[kind](_Config(kind, cfg))
+    _check(spec)
+    return spec
+
+
+def _check(spec: ModelSpec) -> None:
+    assert spec.activation in ACTIVATIONS and len(spec.attention) == spec.num_layers
+    if spec.num_heads % spec.num_kv_heads:
+        raise ConfigError(f"{spec.model_type} config: {spec.num_kv_heads} kv heads do not divide "
+                          f"{spec.num_heads} heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint names.
+
+# a recipe: (op, hf names); ops: "copy", "cat" (rows, in order), "T" (a Conv1D's [in, out]),
+# "heads3" (fused [H, 3, D] rows -> q, k, v), "groups" (Falcon's [Hkv, Hq/Hkv + 2, D] rows)
+Recipe = tuple[str, tuple[str, ...]]
+
+# the base model's prefix in a CausalLM's state dict; checkpoints saved from the base model
+# (GPT-2, BLOOM) have none
+_PREFIX = {"gpt_neox": "gpt_neox", "falcon": "transformer", "gpt2": "transformer", "bloom": "transformer"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "attention.bias",
+                     "attention.masked_bias")
+
+
+def hf_names(spec: ModelSpec) -> dict[str, Recipe]:
+    """canonical name -> (op, the transformers checkpoint names it is made from), as a CausalLM's
+    state_dict() names them."""
+    f = spec.model_type
+    out: dict[str, Recipe] = {}
+    biases_ln = spec.norm_bias
+
+    def norm(canon: str, hf: str):
+        out[f"{canon}.weight"] = ("copy", (f"{hf}.weight",))
+        if biases_ln:
+            out[f"{canon}.bias"] = ("copy", (f"{hf}.bias",))
+
+    def linear(canon: str, hf: str, bias: bool, op: str = "copy"):
+        out[f"{canon}.weight"] = (op, (f"{hf}.weight",))
+        if bias:
+            out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
+
+    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+        out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
+        norm("final_norm", "model.norm")
+        for i in range(spec.num_layers):
+            p, L = f"model.layers.{i}", f"layers.{i}"
+            a = f"{p}.self_attn"
+            norm(f"{L}.attn_norm", f"{p}.input_layernorm")
+            if f == "phi3":
+                linear(f"{L}.attn.qkv", f"{a}.qkv_proj", spec.qkv_bias)
+                linear(f"{L}.mlp.gate_up", f"{p}.mlp.gate_up_proj", spec.mlp_bias)
+            else:
+                out[f"{L}.attn.qkv.weight"] = ("cat", tuple(f"{a}.{x}_proj.weight" for x in "qkv"))
+                if spec.qkv_bias:
+                    out[f"{L}.attn.qkv.bias"] = ("cat", tuple(f"{a}.{x}_proj.bias" for x in "qkv"))
+                out[f"{L}.mlp.gate_up.weight"] = ("cat", (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"))
+                if spec.mlp_bias:
+                    out[f"{L}.mlp.gate_up.bias"] = ("cat", (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"))
+            linear(f"{L}.attn.o", f"{a}.o_proj", spec.o_bias)
+            linear(f"{L}.mlp.down", f"{p}.mlp.down_proj", spec.mlp_bias)
+            if spec.qk_norm:
+                norm(f"{L}.attn.q_norm", f"{a}.q_norm")
+                norm(f"{L}.attn.k_norm", f"{a}.k_norm")
+            if spec.sandwich_norms:   # Gemma-2's names: post_attention_layernorm is the sandwich norm
+                norm(f"{L}.post_attn_norm", f"{p}.post_attention_layernorm")
+                norm(f"{L}.mlp_norm", f"{p}.pre_feedforward_layernorm")
+                norm(f"{L}.post_mlp_norm", f"{p}.post_feedforward_layernorm")
+            else:
+                norm(f"{L}.mlp_norm", f"{p}.post_attention_layernorm")
+        head = "lm_head"
+    elif f == "gpt_neox":
+        out["embed.weight"] = ("copy", ("gpt_neox.embed_in.weight",))
+        norm("final_norm", "gpt_neox.final_layer_norm")
+        for i in range(spec.num_layers):
+            p, L = f"gpt_neox.layers.{i}", f"layers.{i}"
+            norm(f"{L}.attn_norm", f"{p}.input_layernorm")
+            norm(f"{L}.mlp_norm", f"{p}.post_attention_layernorm")
+            linear(f"{L}.attn.qkv", f"{p}.attention.query_key_value", spec.qkv_bias, "heads3")
+            linear(f"{L}.attn.o", f"{p}.attention.dense", spec.o_bias)
+            linear(f"{L}.mlp.up", f"{p}.mlp.dense_h_to_4h", True)
+            linear(f"{L}.mlp.down", f"{p}.mlp.dense_4h_to_h", True)
+        head = "lm_head"          # transformers 5's name; checkpoints say embed_out (_ALIASES)
+    elif f == "falcon":
+        out["embed.weight"] = ("copy", ("transformer.word_embeddings.weight",))
+        norm("final_norm", "transformer.ln_f")
+        for i in range(spec.num_layers):
+            p, L = f"transformer.h.{i}", f"layers.{i}"
+            if spec.residual == "parallel":
+                norm(f"{L}.attn_norm", f"{p}.ln_attn")
+                norm(f"{L}.mlp_norm", f"{p}.ln_mlp")
+            else:
+                norm(f"{L}.attn_norm", f"{p}.input_layernorm")
+                if spec.residual == "sequential":
+                    norm(f"{L}.mlp_norm", f"{p}.post_attention_layernorm")
+            linear(f"{L}.attn.qkv", f"{p}.self_attention.query_key_value", spec.qkv_bias, "groups")
+            linear(f"{L}.attn.o", f"{p}.self_attention.dense", spec.o_bias)
+            linear(f"{L}.mlp.up", f"{p}.mlp.dense_h_to_4h", spec.mlp_bias)
+            linear(f"{L}.mlp.down", f"{p}.mlp.dense_4h_to_h", spec.mlp_bias)
+        head = "lm_head"
+    elif f == "gpt2":
+        out["embed.weight"] = ("copy", ("transformer.wte.weight",))
+        out["pos_embed.weight"] = ("copy", ("transformer.wpe.weight",))
+        norm("final_norm", "transformer.ln_f")
+        for i in range(spec.num_layers):
+            p, L = f"transformer.h.{i}", f"layers.{i}"
+            norm(f"{L}.attn_norm", f"{p}.ln_1")
+            norm(f"{L}.mlp_norm", f"{p}.ln_2")
+            linear(f"{L}.attn.qkv", f"{p}.attn.c_attn", True, "T")
+            linear(f"{L}.attn.o", f"{p}.attn.c_proj", True, "T")
+            linear(f"{L}.mlp.up", f"{p}.mlp.c_fc", True, "T")
+            linear(f"{L}.mlp.down", f"{p}.mlp.c_proj", True, "T")
+        head = "lm_head"
+    elif f == "bloom":
+        out["embed.weight"] = ("copy", ("transformer.word_embeddings.weight",))
+        norm("embed_norm", "transformer.word_embeddings_layernorm")
+        norm("final_norm", "transformer.ln_f")
+        for i in range(spec.num_layers):
+            p, L = f"transformer.h.{i}", f"layers.{i}"
+            norm(f"{L}.attn_norm", f"{p}.input_layernorm")
+            norm(f"{L}.mlp_norm", f"{p}.post_attention_layernorm")
+            linear(f"{L}.attn.qkv", f"{p}.self_attention.query_key_value", True, "heads3")
+            linear(f"{L}.attn.o", f"{p}.self_attention.dense", True)
+            linear(f"{L}.mlp.up", f"{p}.mlp.dense_h_to_4h", True)
+            linear(f"{L}.mlp.down", f"{p}.mlp.dense_4h_to_h", True)
+        head = "lm_head"
+    else:
+        raise ConfigError(f"model_type {f!r} has no checkpoint names (supported: {', '.join(FAMILIES)})")
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = ("copy", (f"{head}.weight",))
+        if spec.lm_head_bias:
+            out["lm_head.bias"] = ("copy", (f"{head}.bias",))
+    return out
+
+
+# older checkpoint names transformers 5 renames on load
+_ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"}}
+
+
+def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers checkpoint's tensors (its safetensors names, with or without the base
+    model's prefix) under the canonical names of models/spec.py: q/k/v and gate/up fused, fused
+    per-head layouts reordered, Conv1D weights transposed. Rotary and causal-mask buffers are
+    ignored, and so is a tied lm_head; a missing or unexpected tensor is a ConfigError naming it."""
+    recipes = hf_names(spec)
+    wanted = {n for _, names in recipes.values() for n in names}
+    prefix = _PREFIX.get(spec.model_type, "model") + "."
+    have: dict[str, Any] = {}
+    unexpected = []
+    tied = "lm_head.weight" if spec.tie_word_embeddings else None
+    aliases = _ALIASES.get(spec.model_type, {})
+    for name, t in tensors.items():
+        name = aliases.get(name, name)
+        key = name if name in wanted or name == tied else prefix + name
+        if key in wanted:
+            if key in have:
+                raise ConfigError(f"checkpoint: tensor {key!r} given twice (with and without the '{prefix}' prefix)")
+            have[key] = t
+        elif key == tied:
+            continue       # transformers' state_dict lists the tied head too
+        elif name.endswith(_IGNORED_SUFFIXES):
+            continue
+        else:
+            unexpected.append(name)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConfigError(f"checkpoint: unexpected tensor {unexpected[0]!r}{more} for a {spec.model_type} model")
+    missing = sorted(wanted - set(have))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"checkpoint: missing tensor {missing[0]!r}{more} for a {spec.model_type} model")
+    import torch
+    out: dict[str, Any] = {}
+    for canon, (op, names) in recipes.items():
+        ts = [have[n] for n in names]
+        if op == "copy":
+            t = ts[0]
+        elif op == "cat":
+            t = torch.cat(ts, dim=0)
+        elif op == "T":
+            t = ts[0].t().contiguous()
+        elif op == "heads3":
+            t = _heads3(spec, ts[0], names[0])
+        elif op == "groups":
+            t = _groups(spec, ts[0], names[0])
+        else:   # pragma: no cover
+            raise AssertionError(op)
+        out[canon] = t
+    _check_shapes(spec, out)
+    return out
+
+
+def _heads3(spec: ModelSpec, t, name: str):
+    """[H, 3, D] rows (each head's q, k, v together: GPT-NeoX, BLOOM) -> q rows, k rows, v rows."""
+    Hq, D = spec.num_heads, spec.head_dim
+    if t.shape[0] != 3 * Hq * D:
+        raise ConfigError(f"checkpoint: {name!r} has {t.shape[0]} rows, expected {3 * Hq * D} (3 * heads * head_dim)")
+    rest = tuple(t.shape[1:])
+    return t.reshape(Hq, 3, D, *rest).transpose(0, 1).reshape(3 * Hq * D, *rest).contiguous()
+
+
+def _groups(spec: ModelSpec, t, name: str):
+    """Falcon's fused rows: per kv head, its Hq/Hkv query heads, then its key, then its value
+    ([Hkv, Hq/Hkv + 2, D]; MHA is [H, 3, D], multi-query [Hq q heads, k, v])."""
+    Hq, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    g = Hq // Hkv
+    if t.shape[0] != (Hq + 2 * Hkv) * D:
+        raise ConfigError(f"checkpoint: {name!r} has {t.shape[0]} rows, expected {(Hq + 2 * Hkv) * D}")
+    rest = tuple(t.shape[1:])
+    x = t.reshape(Hkv, g + 2, D, *rest)
+    q = x[:, :g].reshape(Hq * D, *rest)
+    k = x[:, g].reshape(Hkv * D, *rest)
+    v = x[:, g + 1].reshape(Hkv * D, *rest)
+    import torch
+    return torch.cat([q, k, v], dim=0).contiguous()
+
+
+def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every canonical tensor the spec's model has."""
+    H, F, D, V = spec.hidden_size, spec.intermediate_size, spec.head_dim, spec.vocab_size
+    out: dict[str, tuple[int, ...]] = {"embed.weight": (V, H)}
+    nb = spec.norm_bias
+
+    def norm(name, n=H):
+        out[f"{name}.weight"] = (n,)
+        if nb:
+            out[f"{name}.bias"] = (n,)
+    if spec.positions == "learned":
+        out["pos_embed.weight"] = (spec.max_positions, H)
+    if spec.embed_norm:
+        norm("embed_norm")
+    for i in range(spec.num_layers):
+        L = f"layers.{i}"
+        norm(f"{L}.attn_norm")
+        out[f"{L}.attn.qkv.weight"] = (spec.qkv_size, H)
+        if spec.qkv_bias:
+            out[f"{L}.attn.qkv.bias"] = (spec.qkv_size,)
+        if spec.qk_norm:
+            out[f"{L}.attn.q_norm.weight"] = (D,)
+            out[f"{L}.attn.k_norm.weight"] = (D,)
+        out[f"{L}.attn.o.weight"] = (H, spec.num_heads * D)
+        if spec.o_bias:
+            out[f"{L}.attn.o.bias"] = (H,)
+        if spec.sandwich_norms:
+            norm(f"{L}.post_attn_norm")
+            norm(f"{L}.post_mlp_norm")
+        if spec.residual != "parallel_shared":
+            norm(f"{L}.mlp_norm")
+        up = "gate_up" if spec.gated else "up"
+        out[f"{L}.mlp.{up}.weight"] = ((2 if spec.gated else 1) * F, H)
+        out[f"{L}.mlp.down.weight"] = (H, F)
+        if spec.mlp_bias:
+            out[f"{L}.mlp.{up}.bias"] = ((2 if spec.gated else 1) * F,)
+            out[f"{L}.mlp.down.bias"] = (H,)
+    norm("final_norm")
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (V, H)
+        if spec.lm_head_bias:
+            out["lm_head.bias"] = (V,)
+    return out
+
+
+def _check_shapes(spec: ModelSpec, tensors: Mapping[str, Any]) -> None:
+    want = canonical_shapes(spec)
+    assert set(want) == set(tensors), sorted(set(want) ^ set(tensors))
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise ConfigError(f"checkpoint: {name} has shape {list(got)}, the config says {list(shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# DSL bindings and the definitions a model uses.
+
+_NORM_DEFS = {"rms": ("rms_norm", "add_rms_norm"), "rms_1p": ("gemma_rms_norm",),
+              ("layer", True): ("layer_norm", "add_layer_norm"), ("layer", False): ("layer_norm_nobias",)}
+_ACT_DEFS = {(True, "silu"): "swiglu", (True, "gelu"): "geglu", (True, "gelu_tanh"): "geglu_tanh",
+             (False, "silu"): "silu_act", (False, "gelu"): "gelu_act", (False, "gelu_tanh"): "gelu_tanh_act",
+             (False, "relu"): "relu_act"}
+
+
+def _attention_bindings(a: AttentionSpec) -> dict[str, Any]:
+    b: dict[str, Any] = a.const_dict()
+    if a.rope_scaling is not None:
+        params, maxpos = a.rope_scaling
+        b["rope_scaling"] = ({k: list(v) if isinstance(v, tuple) else v for k, v in params}, maxpos)
+    return b
+
+
+def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
+    """Model-wide DSL bindings: dims H, F, Hq, Hkv, D; the attention consts every layer agrees on
+    (a const that differs between layers, like Gemma-2's window, is left out); `eps` (the norms'
+    runtime scalar); and, for Llama-3 RoPE, llama_attn's rope consts."""
+    out: dict[str, Any] = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads,
+                           "Hkv": spec.num_kv_heads, "D": spec.head_dim, "eps": spec.norm_eps}
+    per_layer = [_attention_bindings(a) for a in spec.attention]
+    for key in sorted({k for b in per_layer for k in b}, key=str):
+        values = [b.get(key, _MISSING) for b in per_layer]
+        if all(v == values[0] for v in values) and values[0] is not _MISSING:
+            out[key] = values[0]
+    scaling = out.get("rope_scaling")
+    if scaling is not None and scaling[0].get("rope_type") == "llama3":
+        from ..dsl.program import LLAMA3_ROPE_NAMES
+        for key, name in LLAMA3_ROPE_NAMES.items():
+            if scaling[0].get(key) is not None:
+                out[name] = scaling[0][key]
+    return out
+
+
+_MISSING = object()
+
+
+def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The stdlib definitions the model uses, each with its bindings: its norms (and the
+    residual-add forms), its activation, its attention block once per distinct const set, the
+    q/k norm (H = D) of Qwen3, and the rope row where its rotation is plain or llama3."""
+    dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
+            "D": spec.head_dim}
+    out: list[tuple[str, dict[str, Any]]] = []
+    norm_key = ("layer", spec.norm_bias) if spec.norm == "layer" else spec.norm
+    for name in _NORM_DEFS[norm_key]:
+        out.append((name, {"H": spec.hidden_size}))
+    if spec.qk_norm:
+        out.append((_NORM_DEFS[norm_key][0], {"H": spec.head_dim}))
+    act = _ACT_DEFS.get((spec.gated, spec.activation))
+    if act is None:
+        raise ConfigError(f"{spec.model_type}: no stdlib activation for a {'gated ' * spec.gated}{spec.activation} MLP")
+    out.append((act, {"F": spec.intermediate_size}))
+    seen = []
+    for a in spec.attention:
+        b = {**dims, **_attention_bindings(a)}
+        b = {k: v for k, v in b.items() if k not in ("H", "F")}
+        if (a.definition, b) not in seen:
+            seen.append((a.definition, b))
+    out += seen
+    rows = []
+    for name, b in seen:
+        if name != "decoder_attn":
+            continue
+        rotary_dim, rs = b.get("rotary_dim"), b.get("rope_scaling")
+        if rs is None:
+            row = {"D": spec.head_dim, "theta": b["theta"], "neox": True, **({"rotary_dim": rotary_dim} if rotary_dim else {})}
+            row_name = "rope"
+        elif rs[0].get("rope_type") == "llama3" and not rotary_dim:
+            from ..dsl.program import LLAMA3_ROPE_NAMES
+            row = {"D": spec.head_dim, "theta": b["theta"],
+                   **{n: rs[0][k] for k, n in LLAMA3_ROPE_NAMES.items() if rs[0].get(k) is not None}}
+            row_name = "rope_llama3"
+        else:
+            continue
+        if (row_name, row) not in rows:
+            rows.append((row_name, row))
+    out += rows
+        # other scalings: the attention block and its KV append rotate; no row layer applies them
+    return out
