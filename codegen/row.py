@@ -619,6 +619,8 @@ class RowLowering:
             table = ops.BINARY_FLOAT if n.dtype.is_float else ops.BINARY_INT
             if n.arg not in table:
                 raise LoweringError(f"operator {n.arg} on {n.dtype}")
+            if n.dtype.is_int:   # both operands in the result's type: min/max and the floor helpers
+                a, b = f"({ct})({a})", f"({ct})({b})"   # take one integer type (`max(long long, int)` is ambiguous)
             return table[n.arg].format(a=a, b=b), ct
         if op is Op.WHERE:
             c, a, b = (self.emit(s, self.operand_index(n, s, idx)) for s in n.src)

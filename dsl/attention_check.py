@@ -97,9 +97,9 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
     for n in _RESERVED:
         scope.vars[n] = Node(Op.ATTN_VAR, DType.i32, (), (), n, d.span)
     extra = tuple(p.name for p in params[3:] if p.kind == "tensor")
-    for p in params[3:]:
-        if p.kind == "tensor":
-            scope.vars[p.name] = Node(Op.INPUT, p.dtype, p.shape, (), p.name, span[p.name])
+    tables = {p.name: Node(Op.INPUT, p.dtype, p.shape, (), p.name, span[p.name]) for p in params[3:]
+              if p.kind == "tensor"}
+    scope.vars.update(tables)
 
     scale = None
     mask = None
@@ -178,7 +178,7 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
             scale = Node(Op.UNARY, DType.f32, (), (dn,), "rsqrt", d.span)
     spec = AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=hd, v_head_dim=hdv, batched=batched,
                          scale=scale, score=None if score is score0 else score, mask=mask, rope=rope, extra=extra)
-    extra_nodes = tuple(scope.vars[n] for n in extra)
+    extra_nodes = tuple(tables[n] for n in extra)   # the inputs, even where a local took a table's name
     out = Node(Op.ATTENTION, q.dtype, want, (q, k, v) + extra_nodes, spec, d.span)
     return [out]
 

@@ -1,0 +1,66 @@
+"""Programs the code-generator fuzzer (tests/fuzz) found: each checks and evaluates, and used
+to fail only at build time or to crash. Minimal forms, compiled with NVRTC (no GPU needed)."""
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.codegen.families import plans_for_layer
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+
+
+def builds(layer, arch="sm_90"):
+    for plan in plans_for_layer(layer, arch):
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        assert {k.name for k in plan.kernels} <= set(res.resources)
+
+
+MIXED_INT_ROW = """
+dims H
+dynamic N
+layer mixed(i: i32[N, H], big: i64[N, 1], const c: int = 3) -> (i64[N, H], i64[N, H]) {
+    m = max(i64(i) // 3, i64(c)) % 5
+    return m + min(big, 2), max(big, -1) - i64(i)
+}
+"""
+
+
+def test_row_integer_min_max_floordiv_mod_relu_with_literals_of_another_width_compile():
+    """A row kernel's i64 `max(x, 3)`, `x // 3`, `x % 5`: both operands in one type
+    (`max(long long, int)` is ambiguous, the floor helpers are templates of one type)."""
+    layer = lf.loads(MIXED_INT_ROW, with_stdlib=False).specialise("mixed", H=7)
+    builds(layer)
+    i = torch.arange(-7, 7, dtype=torch.int32).view(2, 7)
+    big = torch.tensor([[5], [-9]])
+    m, r = lf.evaluate(layer.function, {"i": i, "big": big})
+    want = torch.maximum(i.long().div(3, rounding_mode="floor"), torch.tensor(3)).remainder(5)
+    assert torch.equal(m, want + big.clamp(max=2))
+    assert torch.equal(r, big.clamp(min=-1) - i.long())
+
+
+def test_a_hook_local_named_like_an_extra_table_keeps_the_table_as_the_kernels_input():
+    """`rel = ...` in a block with a table parameter `rel`: the block's inputs are still the
+    tables (it used to give the attention node an attention variable as input: IR crash)."""
+    layer = lf.loads("""
+dims Hq, Hkv, D, NB
+dynamic B, S, Skv
+attention a(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], rel: f32[NB]) -> T[B, S, Hq, D] {
+    rel = kv_pos - q_pos
+    score = score + f32(rel)
+}
+""", with_stdlib=False).specialise("a", Hq=4, Hkv=4, D=64, NB=3, dtype="bf16")
+    assert [p.name for p in layer.function.params][3:] == ["rel"]
+    builds(layer)
+
+
+def test_a_dim_that_the_generic_check_folds_away_is_still_bound_when_specialising():
+    """`NB - NB` folds to 0 before specialisation; binding NB must not then say 'NB is unbound'."""
+    layer = lf.loads("""
+dims Hq, Hkv, D, NB
+dynamic B, S, Skv
+attention a(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    score = score + f32((NB - NB) % 3)
+}
+""", with_stdlib=False).specialise("a", Hq=4, Hkv=4, D=64, NB=5, dtype="bf16")
+    assert layer.dims == (("D", 64), ("Hkv", 4), ("Hq", 4))   # the key names only the dims used
+    builds(layer)
