@@ -94,6 +94,10 @@ class RowLowering:
         self.phases = self._phases()
         self.lead = self._lead_shape()
         tensors = [p for p in self.fn.params if p.kind == "tensor"] + list(self.fn.outputs)
+        if any(n.op is Op.INDEX for n in self.fn.nodes()):
+            # row lookups: the ids ([N], a dynamic last dim) load once per row, never as vectors,
+            # so they do not narrow the table rows' vectors (i32 ids: 8 bf16 columns, not 4)
+            tensors = [t for t in tensors if t.shape and sympy.sympify(t.shape[-1]).is_Integer]
         self.max_item = max([t.dtype.itemsize for t in tensors] + [1])
         self.max_vec_bytes = max_vec_bytes
         self.loops = self._loops()
@@ -124,6 +128,8 @@ class RowLowering:
         self.topk_arrays: dict[int, tuple[str, str, int]] = {}     # shared-memory path
         self.topk_regs: dict[tuple, tuple[list[str], list[str]]] = {}  # sub-warp path: per-rank names
         self.chunk_loads: list[str] | None = None   # inside _columns: the chunk's loads, put at _CHUNK_LOADS
+        self.lookup_syms: set = set()   # the clamped row numbers of INDEX lookups
+        self.guard: str | None = None   # inside a `where` branch of row lookups: when its loads are needed
 
     def _threads_for_whole_chunks(self, tpr: int, chunks: int) -> int:
         """Fewer threads, down to 2 x ITEMS_PER_THREAD chunks each, when that leaves no partial
@@ -138,10 +144,12 @@ class RowLowering:
     # ---- analysis ------------------------------------------------------------------
     def _check_supported(self):
         bad = {Op.MATMUL: "matrix products", Op.TRANSPOSE: "transposes", Op.ATTENTION: "attention",
-               Op.ATTN_VAR: "attention", Op.INDEX: "attention"}
+               Op.ATTN_VAR: "attention"}
         for n in self.fn.nodes():
             if n.op in bad:
                 raise LoweringError(f"{self.fn.name}: {bad[n.op]} are not lowered to row kernels")
+            if n.op is Op.INDEX and n.src[0].shape[len(n.src) - 1:] != n.shape[n.rank - n.src[0].rank + len(n.src) - 1:]:
+                raise LoweringError(f"{self.fn.name}: indexing that is not a row lookup")
             if n.op in (Op.REDUCE, Op.TOPK, Op.GATHER, Op.SLICE, Op.CONCAT, Op.INTERLEAVE):
                 axis = n.arg.axis if isinstance(n.arg, ReduceArg) else (n.arg[1] if n.op is Op.TOPK else
                                                                           n.arg if isinstance(n.arg, int) else n.arg[0])
@@ -568,7 +576,8 @@ class RowLowering:
             return f"s_{n.arg}"
         if n.op is Op.DIM:
             return f"((long long){self.cidx(self.size_expr(n.arg))})"
-        key = (id(n), tuple(sympy.srepr(sympy.expand(i)) for i in idx))
+        key = (id(n), tuple(sympy.srepr(sympy.expand(i)) for i in idx),
+               self.guard if self.guard is not None and self._looks_up(n) else None)
         if key in self.cache:
             return self.cache[key]
         expr, ctype = self._value(n, idx)
@@ -623,7 +632,15 @@ class RowLowering:
                 a, b = f"({ct})({a})", f"({ct})({b})"   # take one integer type (`max(long long, int)` is ambiguous)
             return table[n.arg].format(a=a, b=b), ct
         if op is Op.WHERE:
-            c, a, b = (self.emit(s, self.operand_index(n, s, idx)) for s in n.src)
+            cn, an, bn = n.src
+            cidx = self.operand_index(n, cn, idx)
+            c = self.emit(cn, cidx)
+            # A condition fixed per row (an embedding's id checks) guards the loads of the
+            # branches that look up rows: a token loads only the row it takes.
+            row_cond = cn.op is not Op.CONST and all(s in self.row_syms for i in cidx
+                                                     for s in sympy.sympify(i).free_symbols)
+            a = self._branch(an, self.operand_index(n, an, idx), c if row_cond else None)
+            b = self._branch(bn, self.operand_index(n, bn, idx), f"!{c}" if row_cond else None)
             return f"({c} ? ({ct})({a}) : ({ct})({b}))", ct
         if op is Op.CAST:
             x = self.emit(n.src[0], idx)
@@ -651,6 +668,24 @@ class RowLowering:
             self.lines.append(f"const int {cname} = min(max((int)({iv}), 0), {self.cidx(self.size_expr(w) - 1)});")
             sym = self.space.index(cname, cname, self.size_expr(w))
             return self.emit(x, idx[:-1] + (sym,)), ct
+        if op is Op.INDEX:   # table[i, ...]: a row lookup; each index is clamped into its axis
+            table, inds = n.src[0], n.src[1:]
+            nb = n.rank - (table.rank - len(inds))   # the indices' broadcast shape is idx[:nb]
+            syms = []
+            guard, self.guard = self.guard, None   # the ids themselves load for every row
+            for axis, ind in enumerate(inds):
+                iv = self.emit(ind, self.operand_index(n, ind, idx[:nb]))
+                size = self.size_expr(table.shape[axis])
+                key = ("index", iv, sympy.srepr(size))
+                if key not in self.cache:
+                    g = self.fresh("g")
+                    self.lines.append(f"const long long {g} = min(max((long long)({iv}), 0LL), "
+                                      f"(long long)({self.cidx(size - 1)}));")
+                    self.cache[key] = self.space.index(g, g, size)
+                    self.lookup_syms.add(self.cache[key])
+                syms.append(self.cache[key])
+            self.guard = guard
+            return self.emit(table, tuple(syms) + tuple(idx[nb:])), ct
         if op is Op.SLICE:
             axis, start, stop, step = n.arg
             col = self.size_expr(start) + idx[-1] * self.size_expr(step)
@@ -693,6 +728,26 @@ class RowLowering:
             return f"{name}[{self.cidx(idx[-1])}]", ct
         raise LoweringError(f"{op.value} is not lowered to row kernels")
 
+    def _branch(self, n: Node, idx: tuple, cond: str | None) -> str:
+        """A `where` branch; under `cond` (a row's condition) when it looks up rows (INDEX), so
+        its loads are predicated off where the other branch is taken. Other branches are
+        emitted as before (their values may be shared with code outside the `where`)."""
+        if cond is None or not self._looks_up(n):
+            return self.emit(n, idx)
+        saved = self.guard
+        self.guard = cond if saved is None else f"({saved}) && ({cond})"
+        try:
+            return self.emit(n, idx)
+        finally:
+            self.guard = saved
+
+    def _looks_up(self, n: Node) -> bool:
+        """Whether `n` depends on a row lookup (INDEX): only those values depend on a guard."""
+        key = ("looks_up", id(n))
+        if key not in self.cache:
+            self.cache[key] = any(m.op is Op.INDEX for m in toposort([n]))
+        return self.cache[key]
+
     def _check_row_local(self, n: Node, idx: tuple):
         lead = idx[:-1] if len(n.shape) == len(self.lead) + 1 else idx
         want = tuple(self.row_syms[-len(lead):]) if lead else ()
@@ -705,12 +760,17 @@ class RowLowering:
         conv = ops.LOAD[p.dtype]
         st = ops.STORAGE_TYPE[p.dtype]
         okv = self._ok_for(idx)
+        if self.guard is not None and any(s in self.lookup_syms for i in idx for s in sympy.sympify(i).free_symbols):
+            okv = f"({okv} && {self.guard})"
         if self.cur_elem is not None:
             c0, elem = self.cur_elem
             loop = self.col_info[c0][0] if c0 in self.col_info else None
             base = self._aligned_base(addr, elem, loop.vec) if loop is not None else None
+            if loop is not None and loop.vec * p.dtype.itemsize > self.max_vec_bytes:
+                base = None   # wider than a vector this plan may load (a tensor loaded along columns
+                #               that the vector width did not count): element loads
             if base is not None:
-                key = (n.arg, sympy.srepr(base), loop.vec)
+                key = (n.arg, sympy.srepr(base), loop.vec, okv)
                 if key not in self.vec_slots:
                     name = self.fresh("ld")
                     self._place_load(f"const lf_vec<{st}, {loop.vec}> {name} = "
@@ -727,7 +787,7 @@ class RowLowering:
         first `gate` element, whose slow-path branch ptxas does not move loads across
         (benchmarks/NOTES.md: F 28672 1468 -> 1314 us)."""
         known = set(self.row_syms) | set(self.col_info) | set(self.space.sizes.values())
-        if self.chunk_loads is not None and sympy.sympify(base).free_symbols <= known:
+        if self.chunk_loads is not None and sympy.sympify(base).free_symbols <= known and self.guard is None:
             self.chunk_loads.append(line)
         else:
             self.lines.append(line)

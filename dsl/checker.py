@@ -505,8 +505,7 @@ class Checker(BuiltinRules):
         if table.op is Op.ERROR:
             return table
         if not scope.in_attention:
-            return self.error(e.span, "indexing is only allowed inside attention score/mask expressions",
-                              "use slice(...), split(...) or gather(...) on tensors")
+            return self._row_index(table, e, scope)
         if table.op is not Op.INPUT:
             return self.error(e.base.span, "only tensor parameters can be indexed")
         if table.arg in scope.attn_main:  # the kernels stream q, k, v in tiles; hooks see one score element
@@ -523,6 +522,30 @@ class Checker(BuiltinRules):
             if not n.dtype.is_int or n.shape != ():
                 return self.error(i.span, f"an index must be an integer scalar, got {type_str(n.dtype, n.shape)}")
         return Node(Op.INDEX, table.dtype, (), (table, *idx), None, e.span)
+
+    def _row_index(self, table: Node, e: ast.Index, scope):
+        """`table[i, ...]` in a layer: integer index tensors for the leading axes of a tensor
+        parameter (an embedding's `w[ids]`). The result is the indices' broadcast shape followed
+        by the axes left; each index is clamped into its axis, [0, size - 1], as hooks' are."""
+        if table.op is not Op.INPUT:
+            return self.error(e.base.span, "only tensor parameters can be indexed",
+                              "use slice(...), split(...) or gather(...) on computed tensors")
+        if len(e.indices) > table.rank:
+            return self.error(e.span, f"'{table.arg}' has {table.rank} dims but {len(e.indices)} "
+                                      f"indices were given")
+        idx = [self.value(i, scope) for i in e.indices]
+        shape: tuple | None = ()
+        for i, n in zip(e.indices, idx):
+            if n.op is Op.ERROR:
+                return n
+            if not n.dtype.is_int:
+                return self.error(i.span, f"an index must be an integer tensor or scalar, got "
+                                          f"{type_str(n.dtype, n.shape)}")
+            shape = broadcast_shapes(shape, n.shape)
+            if shape is None:
+                return self.error(e.span, "the indices' shapes " + ", ".join(shape_str(n.shape) for n in idx)
+                                  + " do not broadcast")
+        return Node(Op.INDEX, table.dtype, tuple(shape) + table.shape[len(idx):], (table, *idx), None, e.span)
 
     # ---- typing rules ------------------------------------------------------------------
     def unify_dtypes(self, a: Node, b: Node, span: Span, what: str) -> DType | None:

@@ -51,6 +51,8 @@ _LAZY = {
     "load_pack": ("runtime.pack", "load_pack"),
     "LlamaPagedAttention": ("runtime.llama_attention", "LlamaPagedAttention"),
     "LlamaPagedDecoderLayer": ("runtime.llama_decoder", "LlamaPagedDecoderLayer"),
+    "Embedding": ("runtime.embedding", "Embedding"),
+    "PromptTuningEmbedding": ("runtime.embedding", "PromptTuningEmbedding"),
 }
 
 
@@ -64,5 +66,5 @@ def __getattr__(name: str):
 
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
-           "LlamaPagedDecoderLayer",
+           "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding",
            "__version__"]
