@@ -289,7 +289,7 @@ class DecoderModel(torch.nn.Module):
 
     def hidden(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states of `rows` (all tokens when None) after a step's layers."""
-        if self.pos_embed is not None and int(ctx.max_kv_len) > self.spec.max_positions:
+        if self.pos_embed is not None and ctx.step is not None and ctx.max_kv_len > self.spec.max_positions:
             raise ValueError(f"{self.spec.model_type}: position {ctx.max_kv_len - 1} is past the model's "
                              f"{self.spec.max_positions} learned positions")
         x = self.embed_tokens(tokens, ctx.q_pos)
@@ -324,6 +324,15 @@ class DecoderModel(torch.nn.Module):
         elif logits != "all":
             raise ValueError(f"step: logits must be 'last' or 'all', got {logits!r}")
         return self.logits(self.hidden(tokens, ctx, rows))
+
+    def generate(self, prompts, *, max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """New tokens for each prompt (lists of token ids, or a [B, S] tensor), generated together:
+        greedy, or sampled with do_sample=True, temperature, top_k, top_p, seed; stop_tokens
+        end a sequence (models/engine.py generate)."""
+        from .engine import generate
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

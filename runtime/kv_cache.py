@@ -330,6 +330,21 @@ class PagedKVCache:
         T = k.shape[0]
         self._launch(self._rope(rope), k, v, meta, T, layer, (0, 0))
 
+    def advance_host(self, seq_ids) -> None:
+        """Record on the host that a step whose bookkeeping ran on the device (a captured decode
+        step: it reads seq_lens, writes each token at its sequence's length and increments it)
+        appended one token to each of these distinct sequences. Checked like an append: each
+        must have a page for its new position (allocate() first); nothing changes on an error."""
+        ids = np.asarray([self._seq(s) for s in seq_ids], dtype=np.int64)
+        if np.unique(ids).size != ids.size:
+            raise KVCacheError("advance_host: a sequence appears twice in one step")
+        short = np.flatnonzero(self._lens[ids] >= self._npages[ids] * self.page_size)
+        if short.size:
+            s = int(ids[short[0]])
+            raise KVCacheError(f"advance_host: sequence {s} has no page for position {self._lens[s]}; "
+                               f"call allocate({s}, {self._lens[s] + 1}) first")
+        self._lens[ids] += 1
+
     def flush(self) -> None:
         """Write queued allocate()/free() changes to the device page_table and seq_lens (torch
         ops on the current stream; no synchronisation)."""

@@ -1,0 +1,209 @@
+"""Serving a DecoderModel: a paged-cache manager, steps over many sequences, generation.
+
+    engine = Engine(model, max_seqs=8, max_seq_len=4096)
+    a = engine.add([1, 15043, 29892])            # a sequence joins: its slot
+    b = engine.add(prompt_b)
+    out = engine.step()                           # {slot: logits [V]} of sequences that need a token
+    engine.feed(a, next_token)                    # the token it decodes next step
+    engine.release(b)                             # a sequence leaves; its pages are free again
+
+A step runs every active sequence once: sequences with prompt tokens left take a chunk of them
+(chunked prefill: at most `prefill_chunk` tokens a step over all sequences), the others their
+one new token, all in one model step (the ragged prefill kernels serve both). A step in which
+every sequence decodes one token replays a CUDA graph (models/graphs.py) on a GPU: its cache
+bookkeeping runs on the device, so its host cost does not grow with the number of layers.
+
+`generate(model, prompts, ...)`: greedy or sampled (temperature, top-k, top-p) generation with
+stop tokens, of several prompts of different lengths together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import DecoderModel
+
+__all__ = ["Engine", "generate", "sample", "EngineError"]
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve: no free slot, a sequence longer than max_seq_len,
+    an unknown slot."""
+
+
+@dataclass
+class _Seq:
+    tokens: list[int]
+    fed: int = 0                 # tokens already in the cache
+    new: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: DecoderModel, *, max_seqs: int = 8, max_seq_len: int = 2048,
+                 num_pages: int | None = None, prefill_chunk: int = 2048, cuda_graphs: bool | None = None,
+                 graph_buckets: tuple[int, ...] | None = None):
+        if max_seqs < 1 or max_seq_len < 1 or prefill_chunk < 1:
+            raise EngineError("max_seqs, max_seq_len and prefill_chunk must be positive")
+        self.model = model
+        P = model.page_size
+        self.max_seqs, self.max_seq_len, self.prefill_chunk = max_seqs, max_seq_len, prefill_chunk
+        pages_per_seq = -(-max_seq_len // P)
+        if num_pages is None:
+            num_pages = max_seqs * pages_per_seq
+        # one more slot, with one page, for the padding rows of captured decode steps
+        self.pad_slot = max_seqs
+        self.cache = model.make_cache(num_pages=num_pages + 1, max_seqs=max_seqs + 1,
+                                      max_pages_per_seq=pages_per_seq)
+        self.cache.allocate(self.pad_slot, 1)
+        self._free = list(range(max_seqs - 1, -1, -1))
+        self.seqs: dict[int, _Seq] = {}
+        on_gpu = model.device.type == "cuda"
+        if cuda_graphs and not on_gpu:
+            raise EngineError("cuda_graphs needs the model on a CUDA device")
+        self.graphs = None
+        if on_gpu and cuda_graphs is not False:
+            from .graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(model, self.cache, self.pad_slot, max_batch=max_seqs, buckets=graph_buckets)
+
+    # ---- sequences ----------------------------------------------------------------------
+    def add(self, prompt) -> int:
+        """A sequence joins with its prompt (token ids); returns its slot."""
+        tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise EngineError("add: the prompt is empty")
+        if len(tokens) > self.max_seq_len:
+            raise EngineError(f"add: the prompt has {len(tokens)} tokens; max_seq_len is {self.max_seq_len}")
+        vocab = self.model.spec.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"add: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if not self._free:
+            raise EngineError(f"add: all {self.max_seqs} slots are taken; release() one first")
+        slot = self._free.pop()
+        self.seqs[slot] = _Seq(tokens)
+        return slot
+
+    def feed(self, slot: int, token: int) -> None:
+        """The token sequence `slot` takes next (the one sampled from its last logits)."""
+        s = self._get(slot)
+        if len(s.tokens) >= self.max_seq_len:
+            raise EngineError(f"feed: sequence {slot} reached max_seq_len {self.max_seq_len}")
+        if not 0 <= int(token) < self.model.spec.vocab_size:
+            raise EngineError(f"feed: token id {int(token)} is outside the vocabulary")
+        s.tokens.append(int(token))
+        s.new.append(int(token))
+
+    def release(self, slot: int) -> None:
+        """A sequence leaves: its pages go back to the free list, its slot to new sequences."""
+        self._get(slot)
+        del self.seqs[slot]
+        self.cache.free(slot)
+        self._free.append(slot)
+
+    def length(self, slot: int) -> int:
+        return len(self._get(slot).tokens)
+
+    def _get(self, slot: int) -> _Seq:
+        try:
+            return self.seqs[slot]
+        except KeyError:
+            raise EngineError(f"sequence {slot} is not active") from None
+
+    # ---- steps --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> dict[int, torch.Tensor]:
+        """Run every active sequence with tokens to feed once; returns {slot: logits [V]} for each
+        sequence whose tokens are all in the cache after the step (it needs its next token)."""
+        work = sorted((slot, s) for slot, s in self.seqs.items() if s.fed < len(s.tokens))
+        if not work:
+            return {}
+        if self.graphs is not None and all(len(s.tokens) - s.fed == 1 for _, s in work):
+            slots = [slot for slot, _ in work]
+            tokens = [s.tokens[-1] for _, s in work]
+            for slot, s in work:
+                self.cache.allocate(slot, s.fed + 1)
+            logits = self.graphs.decode(tokens, slots)
+            for _, s in work:
+                s.fed += 1
+            return {slot: logits[i] for i, slot in enumerate(slots)}
+        budget = self.prefill_chunk
+        chunks = []
+        for slot, s in work:
+            n = len(s.tokens) - s.fed
+            if n > 1:        # prompt tokens: a chunk of what the budget leaves (at least one token)
+                n = max(1, min(n, budget))
+            budget -= n
+            chunks.append((slot, s, n))
+        ids = [t for _, s, n in chunks for t in s.tokens[s.fed: s.fed + n]]
+        seq_ids = [slot for slot, _, n in chunks for _ in range(n)]
+        for slot, s, n in chunks:
+            self.cache.allocate(slot, s.fed + n)
+        tokens = torch.tensor(ids, dtype=torch.long).to(self.model.device, non_blocking=True)
+        logits = self.model.step(tokens, seq_ids, self.cache)
+        out = {}
+        for i, (slot, s, n) in enumerate(chunks):
+            s.fed += n
+            if s.fed == len(s.tokens):
+                out[slot] = logits[i]
+        return out
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [N] from logits [N, V]: greedy when temperature is 0, else softmax(logits /
+    temperature) restricted to the top_k most likely (0: all) and to the smallest set whose
+    probability reaches top_p, sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("sample: temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+    x = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return torch.multinomial(x.softmax(dim=-1), 1, generator=generator)[..., 0]
+
+
+@torch.no_grad()
+def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens=(),
+             seed: int | None = None, prefill_chunk: int = 2048, cuda_graphs: bool | None = None
+             ) -> list[list[int]]:
+    """Generate for several prompts (lists of token ids) together; returns each one's new tokens
+    (ending with the stop token when one was produced). Greedy unless do_sample."""
+    prompts = [[int(t) for t in p] for p in prompts]
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    stop = {int(t) for t in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or ())}
+    engine = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens,
+                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+    gen = None
+    if do_sample and seed is not None:
+        gen = torch.Generator(device=model.device)
+        gen.manual_seed(seed)
+    slots = [engine.add(p) for p in prompts]
+    out: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.seqs:
+        ready = engine.step()
+        if not ready:
+            continue
+        order = sorted(ready)
+        logits = torch.stack([ready[s] for s in order])
+        nxt = sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                     generator=gen).tolist()
+        for slot, tok in zip(order, nxt):
+            out[slot].append(tok)
+            if tok in stop or len(out[slot]) >= max_new_tokens:
+                engine.release(slot)
+            else:
+                engine.feed(slot, tok)
+    return [out[s] for s in slots]

@@ -1,0 +1,99 @@
+"""Decode steps of a whole model as CUDA-graph replays, one graph per batch-size bucket.
+
+A captured step keeps the cache's bookkeeping on the device: from the slots of its sequences
+it reads their lengths (the new tokens' positions), looks up their pages, writes each layer's
+K/V there, increments the lengths and runs every layer, the final norm and the LM head. The
+host, before a replay, only copies the step's token ids and slots into the graph's inputs (one
+small copy), allocates a page where a sequence crosses into a new one (written to the device
+page table before the replay) and advances its own mirror of the lengths: its cost does not
+depend on the number of layers. A replayed step equals an eager one (tests/gpu).
+
+Batches smaller than their bucket are padded with a reserved slot that owns one page: its rows
+write there and their results are dropped; its length is reset at every replay.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..runtime.kv_cache import PagedKVCache
+from .model import DecoderModel, StepContext
+
+__all__ = ["DecodeGraphs"]
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderModel, cache: PagedKVCache, pad_slot: int, *, max_batch: int,
+                 buckets: tuple[int, ...] | None = None):
+        if cache.device.type != "cuda":
+            raise ValueError("DecodeGraphs needs a CUDA cache")
+        self.model, self.cache, self.pad_slot = model, cache, pad_slot
+        bs = sorted(b for b in (buckets or DEFAULT_BUCKETS) if b < max_batch)
+        self.buckets = (*bs, max_batch)
+        self._graphs: dict[int, tuple] = {}
+        self._pool = None
+        self._pad = torch.tensor([pad_slot], dtype=torch.long, device=cache.device)
+        self.replays = 0
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"a decode step of {n} sequences is more than the largest bucket {self.buckets[-1]}")
+
+    # ---- the captured step --------------------------------------------------------------
+    def _body(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        cache, P = self.cache, self.cache.page_size
+        lens = cache._seq_lens
+        lens.index_fill_(0, self._pad, 0)                 # padding rows: position 0 of the pad page
+        pos = lens.index_select(0, slots)                  # the new tokens' positions (int32)
+        lens.index_copy_(0, slots, pos + 1)                # every padding row writes the same value
+        pages = cache._page_table[slots, torch.div(pos, P, rounding_mode="floor").long()]
+        meta = torch.cat([pages, pos])
+        ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
+        return self.model.logits(self.model.hidden(tokens, ctx))
+
+    def _capture(self, b: int):
+        dev = self.cache.device
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        slots = torch.full((b,), self.pad_slot, dtype=torch.long, device=dev)
+        # warm up outside the capture (kernels compile and load on first use), on padding rows only
+        self._body(tokens, slots)
+        torch.cuda.synchronize(dev)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            logits = self._body(tokens, slots)
+        staging = torch.empty((2, b), dtype=torch.long, pin_memory=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        hit = self._graphs[b] = (g, tokens, slots, logits, staging, copied)
+        return hit
+
+    # ---- a step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step: token ids and the distinct slots they extend (each slot must have a
+        page for its new position: allocate() first). Returns logits [len(slots), V] (a view
+        of the graph's output, valid until the next replay of the same bucket)."""
+        n = len(slots)
+        if n != len(tokens) or n == 0:
+            raise ValueError("decode: one token per slot, at least one")
+        b = self.bucket(n)
+        self.cache.advance_host(slots)      # checks pages; the graph advances the device lengths
+        self.cache.flush()                  # new pages (and freed sequences) onto the device first
+        hit = self._graphs.get(b) or self._capture(b)
+        g, tok_in, slot_in, logits, staging, copied = hit
+        copied.synchronize()                # the last copy out of the staging buffer is done
+        staging[0, :n] = torch.as_tensor(tokens, dtype=torch.long)
+        staging[1, :n] = torch.as_tensor(slots, dtype=torch.long)
+        staging[0, n:] = 0
+        staging[1, n:] = self.pad_slot
+        tok_in.copy_(staging[0], non_blocking=True)
+        slot_in.copy_(staging[1], non_blocking=True)
+        copied.record()
+        g.replay()
+        self.replays += 1
+        return logits[:n]
