@@ -52,22 +52,12 @@ ROPE_SCALING = "rope_scaling"
 
 
 def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters.
-
-    A config whose model_type the family registry knows (models/families.py) binds what its
-    ModelSpec says: dims, the attention consts every layer shares (window 0: none), the model's
-    RoPE scaling and `eps` (the norms' runtime scalar); a config it cannot serve is a
-    ConfigError (a ValueError) naming the key. Other configs are read through HF_CONFIG_NAMES."""
-    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
-        config = config.to_dict()
+    """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters."""
     if not isinstance(config, Mapping):
         config = json.loads(Path(config).read_text())
     cfg = dict(config)
     if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):
         cfg = {**cfg, **cfg["text_config"]}
-    from ..models import families   # models.families imports no dsl module at import time
-    if cfg.get("model_type") in families.FAMILIES:
-        return families.bindings_from_spec(families.spec_from_config(cfg))
     # transformers 5 keeps RoPE settings in `rope_parameters` (older configs: `rope_scaling`)
     out: dict[str, Any] = {}
     for nested in ("rope_parameters", "rope_scaling"):
