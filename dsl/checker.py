@@ -61,7 +61,10 @@ class _Scope:
 class ModuleInfo:
     """The top-level declarations of one program (possibly several files)."""
 
-    def __init__(self, program: ast.Program, sink: DiagnosticSink):
+    def __init__(self, program: ast.Program, sink: DiagnosticSink, shadowed: dict | None = None):
+        # name -> (a definition a later file shadows, the files loaded before that one): calls
+        # from those files still resolve to it
+        self.shadowed: dict[str, tuple[Any, frozenset[str]]] = dict(shadowed or {})
         self.static_dims: dict[str, ast.Name] = {}
         self.dynamic_dims: dict[str, ast.Name] = {}
         self.consts: dict[str, ast.ConstDecl] = {}
@@ -751,6 +754,8 @@ class Checker(BuiltinRules):
                 return self.error(e.span, f"{name}(x) takes exactly one argument")
             dt = scope.dtype_T if _CAST_NAMES[name] is DType.T else _CAST_NAMES[name]
             return self.cast(self.value(e.args[0], scope), dt, e.span)
+        if name in self.info.shadowed and e.span.file in self.info.shadowed[name][1]:
+            return self.inline_call(e, self.info.shadowed[name][0], scope)
         if name in self.info.defs:
             return self.inline_call(e, self.info.defs[name], scope)
         if name not in BUILTINS:

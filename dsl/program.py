@@ -111,15 +111,22 @@ class Program:
             except DSLError as e:
                 sink.items.extend(e.diagnostics)
         sink.raise_if_any(self.sources)
-        # later files shadow earlier definitions of the same name (user code over the stdlib)
+        # Later files shadow earlier definitions of the same name (user code over the stdlib).
+        # Calls from the files loaded before the shadowing one keep the definition they were
+        # written against (the stdlib's add_rms_norm calls the stdlib's rms_norm), so a user's
+        # rms_norm of another signature breaks nothing there and its errors stay in its file.
         last: dict[str, Any] = {}
+        shadowed: dict[str, tuple[Any, frozenset[str]]] = {}
+        order = [f.name for f in files]
         for it in items:
             if isinstance(it, (ast.LayerDef, ast.AttentionDef)):
                 if it.name in last and last[it.name].span.file != it.span.file:
                     items = [x for x in items if x is not last[it.name]]
+                    before = frozenset(order[:order.index(it.span.file)]) if it.span.file in order else frozenset()
+                    shadowed[it.name] = (last[it.name], before)
                 last[it.name] = it
         self.ast = ast.Program(Span("<program>", 1, 1, 1, 1), tuple(items))
-        self.info = ModuleInfo(self.ast, sink)
+        self.info = ModuleInfo(self.ast, sink, shadowed)
         sink.raise_if_any(self.sources)
         self._generic: dict[str, Function] = {}
         self.check()
