@@ -53,6 +53,11 @@ _LAZY = {
     "LlamaPagedDecoderLayer": ("runtime.llama_decoder", "LlamaPagedDecoderLayer"),
     "Embedding": ("runtime.embedding", "Embedding"),
     "PromptTuningEmbedding": ("runtime.embedding", "PromptTuningEmbedding"),
+    "from_pretrained": ("models.loading", "from_pretrained"),
+    "DecoderModel": ("models.model", "DecoderModel"),
+    "Engine": ("models.engine", "Engine"),
+    "generate": ("models.engine", "generate"),
+    "spec_from_config": ("models.families", "spec_from_config"),
 }
 
 
@@ -67,4 +72,5 @@ def __getattr__(name: str):
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding",
+           "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
            "__version__"]
