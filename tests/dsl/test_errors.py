@@ -606,7 +606,8 @@ def test_attention_without_q_k_v():
     expect(err, 3, 11, "attention 'a' must take q, k, v as its first three parameters")
 
 
-def test_indexing_outside_attention():
+def test_indexing_in_layers_is_a_row_lookup():
+    # layers index tensor parameters with integer tensors (w[ids]); a full index gives a scalar
     err = load_error(src("""\
         dims H
         dynamic N
@@ -614,8 +615,15 @@ def test_indexing_outside_attention():
             return x[0, 1]
         }
         """))
-    expect(err, 4, 12, "indexing is only allowed inside attention score/mask expressions",
-           hint="use slice(...), split(...) or gather(...)")
+    expect(err, 4, 12, "returned value has shape [] but the signature declares [N, H]")
+    err = load_error(src("""\
+        dims H
+        dynamic N
+        layer f(x: f32[N, H], i: i32[N]) -> f32[N, H] {
+            return (x + 1.0)[i]
+        }
+        """))
+    expect(err, 4, 13, "only tensor parameters can be indexed", hint="use slice(...), split(...) or gather(...)")
 
 
 def test_assigning_to_a_position_inside_attention():
