@@ -58,6 +58,13 @@ class _Scope:
     attn_main: tuple[str, ...] = ()  # an attention block's q, k, v: its hooks may not index them
 
 
+def _declare_dim_hint(name: str, leading: bool) -> str:
+    """Both declarations, the likelier first: a tensor's leading dim is usually a run-time size."""
+    static = f"`dims {name}` if each model fixes it (e.g. from config.json)"
+    dynamic = f"`dynamic {name}` if it is known only at run time (tokens, batch)"
+    return f"declare it with {dynamic}, or {static}" if leading else f"declare it with {static}, or {dynamic}"
+
+
 class ModuleInfo:
     """The top-level declarations of one program (possibly several files)."""
 
@@ -172,8 +179,11 @@ class Checker(BuiltinRules):
         dt = table[name]
         return scope.dtype_T if dt is DType.T else dt
 
-    def resolve_dim(self, d: ast.DimExpr, scope: _Scope, free: dict | None = None) -> sympy.Expr | None:
-        """AST dim -> sympy; unknown names are errors unless `free` collects them as unknowns."""
+    def resolve_dim(self, d: ast.DimExpr, scope: _Scope, free: dict | None = None, *,
+                    leading: bool = False) -> sympy.Expr | None:
+        """AST dim -> sympy; unknown names are errors unless `free` collects them as unknowns.
+        `leading`: the dim is a tensor's first of several (where token counts go), which orders
+        the hint for an undeclared name."""
         if isinstance(d, ast.DimInt):
             if d.value <= 0:
                 self.error(d.span, "a dim must be a positive integer")
@@ -194,10 +204,10 @@ class Checker(BuiltinRules):
                 return free[d.name]
             close = difflib.get_close_matches(d.name, list(scope.dims), n=1)
             self.error(d.span, f"unknown dim '{d.name}'",
-                       f"did you mean '{close[0]}'?" if close else f"declare it with `dims {d.name}`")
+                       f"did you mean '{close[0]}'?" if close else _declare_dim_hint(d.name, leading))
             return None
-        a = self.resolve_dim(d.left, scope, free)
-        b = self.resolve_dim(d.right, scope, free)
+        a = self.resolve_dim(d.left, scope, free, leading=leading)
+        b = self.resolve_dim(d.right, scope, free, leading=leading)
         if a is None or b is None:
             return None
         if d.op == "+":
@@ -241,7 +251,8 @@ class Checker(BuiltinRules):
                 if p.default is not None:
                     self.error(p.default.span, "tensor parameters cannot have defaults")
                 dt = self.resolve_dtype(p.type.dtype, p.type.span, scope)
-                shape = [self.resolve_dim(x, scope) for x in p.type.dims]
+                shape = [self.resolve_dim(x, scope, leading=i == 0 and len(p.type.dims) > 1)
+                         for i, x in enumerate(p.type.dims)]
                 if dt is None or any(s is None for s in shape):
                     scope.vars[p.name] = ERR
                     continue
@@ -310,7 +321,7 @@ class Checker(BuiltinRules):
                 out.append((dt, ()) if dt else None)
                 continue
             dt = self.resolve_dtype(t.dtype, t.span, scope)
-            shape = [self.resolve_dim(x, scope) for x in t.dims]
+            shape = [self.resolve_dim(x, scope, leading=i == 0 and len(t.dims) > 1) for i, x in enumerate(t.dims)]
             out.append(None if dt is None or any(s is None for s in shape) else (dt, tuple(shape)))
         return None if any(o is None for o in out) else out
 
