@@ -1,0 +1,56 @@
+"""Tiny random transformers models of every family, saved with save_pretrained (no download):
+shared by the CPU tests (tests/models) and the GPU tests (tests/gpu)."""
+from __future__ import annotations
+
+import torch
+
+# family -> (transformers config class, its arguments); head_dim 64 where the family lets us
+# choose, so the GPU tests' tensor-core kernels have a specialisation
+def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
+    H = 4 * head_dim
+    common = dict(vocab_size=96, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    return {
+        "llama": ("LlamaConfig", dict(common, num_key_value_heads=2)),
+        "llama3_scaled": ("LlamaConfig", dict(common, num_key_value_heads=2, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))),
+        "mistral": ("MistralConfig", dict(common, num_key_value_heads=2, sliding_window=6)),
+        "qwen2": ("Qwen2Config", dict(common, num_key_value_heads=2)),
+        "qwen3": ("Qwen3Config", dict(common, num_key_value_heads=2, head_dim=head_dim)),
+        "gemma": ("GemmaConfig", dict(common, num_key_value_heads=1, head_dim=head_dim)),
+        "gemma2": ("Gemma2Config", dict(common, num_key_value_heads=2, head_dim=head_dim, sliding_window=5,
+                                        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                        query_pre_attn_scalar=2 * head_dim)),
+        "phi3": ("Phi3Config", dict(common, num_key_value_heads=2, partial_rotary_factor=0.5,
+                                    pad_token_id=0)),
+        "gpt_neox": ("GPTNeoXConfig", dict(common, rotary_pct=0.25, use_parallel_residual=True)),
+        "gpt_neox_seq": ("GPTNeoXConfig", dict(common, rotary_pct=0.5, use_parallel_residual=False)),
+        "falcon": ("FalconConfig", dict(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                        multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                        bias=False)),
+        "falcon_40b": ("FalconConfig", dict(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                            num_kv_heads=2, new_decoder_architecture=True, bias=False)),
+        "falcon_alibi": ("FalconConfig", dict(vocab_size=96, hidden_size=H, num_hidden_layers=2,
+                                              num_attention_heads=4, multi_query=False, alibi=True, bias=True,
+                                              parallel_attn=False)),
+        "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=H, n_layer=2, n_head=4, n_positions=128)),
+        "bloom": ("BloomConfig", dict(vocab_size=96, hidden_size=H, n_layer=2, n_head=4)),
+    }
+
+
+def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=torch.float32):
+    """Build the family's tiny random model with transformers, save it to `folder`, return it (eval)."""
+    import transformers
+    cls_name, kwargs = tiny_configs(head_dim)[name]
+    cfg = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).eval()
+    with torch.no_grad():   # norms and biases away from their init values, so that loading them matters
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
