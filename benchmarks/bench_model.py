@@ -1,0 +1,202 @@
+"""Whole-model speed beside transformers, in one run on one GPU: a Llama-3-8B-shaped model
+(8 layers by default, random weights, bf16).
+
+    python -m benchmarks.bench_model [--layers 8] [--context 2048] [--batches 1,8,64] [--no-compile]
+
+Decode (one new token per sequence, `context` tokens already cached), per step:
+  ours        Engine.step() with CUDA-graph replay + argmax + feed (the host sees every token)
+  ours-graph  the graph replay alone, back to back (device time of a step)
+  hf-eager    transformers' forward with its default (dynamic) cache + argmax on the device
+  hf-compiled torch.compile(mode="reduce-overhead") over forward with a StaticCache
+  roofline    (weights + the KV read once) / the copy bandwidth measured in this run
+Prefill (1 x 2048 and 8 x 512 tokens): ours (model.step) against transformers eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                      high_freq_factor=4.0, original_max_position_embeddings=8192))
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    dt = timed(lambda: y.copy_(x), 20)
+    return 2 * x.numel() / dt
+
+
+def make_models(layers: int):
+    import transformers
+    from layerforge.models.families import canonical_state_dict, spec_from_config
+    from layerforge.models.model import DecoderModel
+    cfg = transformers.LlamaConfig(**LLAMA3_8B, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    d = cfg.to_dict()
+    d["model_type"] = "llama"
+    spec = spec_from_config(d)
+    ours = DecoderModel(spec, dtype=torch.bfloat16, device="cuda").eval()
+    ours.load_state_dict(canonical_state_dict(spec, hf.state_dict()))
+    return cfg, hf, ours, spec
+
+
+def weight_bytes(spec, batch: int) -> int:
+    H, Fd, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    per_layer = H * spec.qkv_size + spec.num_heads * spec.head_dim * H + 3 * H * Fd + 2 * H
+    return 2 * (L * per_layer + spec.vocab_size * H + H + batch * H)
+
+
+def kv_bytes(spec, batch: int, context: int) -> int:
+    return 2 * 2 * spec.num_layers * batch * context * spec.num_kv_heads * spec.head_dim
+
+
+def bench_ours_decode(ours, batch: int, context: int, steps: int) -> tuple[float, float]:
+    from layerforge.models.engine import Engine
+    eng = Engine(ours, max_seqs=batch, max_seq_len=context + 3 * steps + 16, prefill_chunk=8192)
+    g = torch.Generator().manual_seed(batch)
+    slots = [eng.add(torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist()) for _ in range(batch)]
+    out = {}
+    while any(eng.seqs[s].fed < context for s in slots):     # prefill
+        out.update(eng.step())
+    for s in slots:
+        eng.feed(s, int(out[s].argmax()))
+
+    def step():
+        out = eng.step()
+        order = sorted(out)
+        toks = torch.stack([out[s] for s in order]).argmax(-1).tolist()
+        for s, t in zip(order, toks):
+            eng.feed(s, t)
+    full = timed(step, steps)
+    graphs = eng.graphs
+    toks, sl = [1] * batch, list(range(batch))
+
+    def replay():
+        for s in sl:
+            eng.cache.allocate(s, eng.cache.seq_len(s) + 1)
+        graphs.decode(toks, sl)
+    replay_t = timed(replay, steps)
+    return full, replay_t
+
+
+def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool) -> float:
+    import transformers
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
+    with torch.no_grad():
+        if not compiled:
+            cache = transformers.DynamicCache(config=cfg) if _takes_config(transformers.DynamicCache) else \
+                transformers.DynamicCache()
+            out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            state = {"tok": tok}
+
+            def step():
+                o = hf(input_ids=state["tok"], past_key_values=cache, use_cache=True)
+                state["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
+            return timed(step, steps)
+        max_len = context + 3 * steps + 16
+        try:
+            cache = transformers.StaticCache(config=cfg, max_cache_len=max_len)
+        except TypeError:
+            cache = transformers.StaticCache(config=cfg, max_batch_size=batch, max_cache_len=max_len,
+                                             device="cuda", dtype=torch.bfloat16)
+        pos = torch.arange(context, device="cuda")
+        out = hf(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+        state = {"tok": out.logits[:, -1].argmax(-1, keepdim=True), "pos": context}
+
+        def fwd(tok, cache_position):
+            return hf(input_ids=tok, past_key_values=cache, cache_position=cache_position, use_cache=True).logits
+
+        cfwd = torch.compile(fwd, mode="reduce-overhead", fullgraph=True)
+
+        def step():
+            p = torch.tensor([state["pos"]], device="cuda")
+            logits = cfwd(state["tok"], p)
+            state["tok"] = logits[:, -1].argmax(-1, keepdim=True)
+            state["pos"] += 1
+        return timed(step, steps, warmup=5)
+
+
+def _takes_config(cls) -> bool:
+    import inspect
+    return "config" in inspect.signature(cls.__init__).parameters
+
+
+def bench_prefill(hf, ours, batch: int, length: int, iters: int) -> tuple[float, float]:
+    ids = torch.randint(0, ours.spec.vocab_size, (batch, length), device="cuda")
+    P = ours.page_size
+    cache = ours.make_cache(num_pages=batch * (-(-length // P)) + 1, max_seqs=batch, max_pages_per_seq=-(-length // P))
+    flat = ids.reshape(-1)
+    seq_ids = [b for b in range(batch) for _ in range(length)]
+
+    def ours_step():
+        for b in range(batch):
+            cache.free(b)
+            cache.allocate(b, length)
+        ours.step(flat, seq_ids, cache)
+    t_ours = timed(ours_step, iters)
+    with torch.no_grad():
+        t_hf = timed(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), iters)
+    return t_ours, t_hf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    cfg, hf, ours, spec = make_models(args.layers)
+    print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s  Llama-3-8B shape, {args.layers} layers, bf16, "
+          f"context {args.context}")
+    rows = []
+    print(f"{'decode':>8} {'ours':>9} {'graph':>9} {'hf-eager':>9} {'hf-comp':>9} {'roofline':>9}  "
+          f"{'vs comp':>7} {'of roof':>7}")
+    for B in [int(b) for b in args.batches.split(",")]:
+        full, replay = bench_ours_decode(ours, B, args.context, args.steps)
+        eager = bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False)
+        comp = float("nan") if args.no_compile else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
+        roof = (weight_bytes(spec, B) + kv_bytes(spec, B, args.context)) / bw
+        rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, hf_eager_ms=eager * 1e3,
+                         hf_compiled_ms=comp * 1e3, roofline_ms=roof * 1e3))
+        print(f"{B:>8} {full * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m {comp * 1e3:>8.3f}m "
+              f"{roof * 1e3:>8.3f}m  {comp / full:>7.2f} {roof / full:>7.2f}")
+        torch.cuda.empty_cache()
+    print(f"{'prefill':>8} {'ours':>9} {'hf-eager':>9} {'speedup':>8}")
+    for B, S in ((1, 2048), (8, 512)):
+        t_ours, t_hf = bench_prefill(hf, ours, B, S, 10)
+        rows.append(dict(kind="prefill", batch=B, length=S, ours_ms=t_ours * 1e3, hf_eager_ms=t_hf * 1e3))
+        print(f"{B:>3}x{S:<4} {t_ours * 1e3:>8.3f}m {t_hf * 1e3:>8.3f}m {t_hf / t_ours:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_tb_s=bw / 1e12, layers=args.layers,
+                           context=args.context, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
