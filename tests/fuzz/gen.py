@@ -131,9 +131,12 @@ class RowExpr(_Expr):
         return f"{dtype}({inner})"
 
     def any_leaf(self, dtype, kind):
-        for src in ("T", "f32", "i32", "i64"):
+        order = ("i32", "i64", "T", "f32") if dtype in self.INTS else ("T", "f32", "i32", "i64")
+        for src in order:
             x = self.leaf(src, kind)
             if x is not None:
+                if dtype in self.INTS and src in self.FLOATS:
+                    x = self.float_for_int(src, kind, 0, x)
                 return f"{dtype}({x})"
         assert kind == "stat", kind   # a row always has x; operands pick only kinds that exist
         return f"{dtype}(max(x, axis=-1))"
@@ -148,8 +151,9 @@ class RowExpr(_Expr):
         if not self.gpu_safe:
             return inner
         x = self.raw_leaf(src, kind)
-        if x is None:
-            return "0.0" if kind == "scalar" else f"{src}({self.any_leaf('i32', kind)})"
+        if x is None:   # no input of that type: a float of an integer input, or 0
+            i = self.raw_leaf("i32", kind) or self.raw_leaf("i64", kind)
+            return f"{src}({i})" if i is not None else "0.0"
         return f"{x} * {self.pick(['4.0', '8.0', '16.0', '1.0'])}"
 
     def reduction(self, dtype: str, depth: int) -> str:
