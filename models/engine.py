@@ -139,7 +139,7 @@ class Engine:
         seq_ids = [slot for slot, _, n in chunks for _ in range(n)]
         for slot, s, n in chunks:
             self.cache.allocate(slot, s.fed + n)
-        tokens = torch.tensor(ids, dtype=torch.long).to(self.model.device, non_blocking=True)
+        tokens = torch.tensor(ids, dtype=torch.int32).to(self.model.device, non_blocking=True)
         logits = self.model.step(tokens, seq_ids, self.cache)
         out = {}
         for i, (slot, s, n) in enumerate(chunks):

@@ -223,11 +223,6 @@ def _common(c: _Config, *, hidden_keys=("hidden_size",), heads_keys=("num_attent
             "num_layers": c.int(*layers_keys), "num_heads": c.int(*heads_keys)}
 
 
-def _check_heads(c: _Config, hidden: int, heads: int, head_dim: int, what: str = "hidden_size") -> None:
-    if heads * head_dim != hidden:
-        raise c.error(f"head_dim {head_dim} * num_attention_heads {heads} != {what} {hidden}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The families.
 
@@ -450,6 +445,9 @@ def spec_from_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> Mod
 
 def _check(spec: ModelSpec) -> None:
     assert spec.activation in ACTIVATIONS and len(spec.attention) == spec.num_layers
+    if spec.gated and spec.activation == "relu":
+        raise ConfigError(f"{spec.model_type} config: 'hidden_act' relu is not supported in a gated MLP "
+                          "(supported: silu, gelu, gelu_tanh)")
     if spec.num_heads % spec.num_kv_heads:
         raise ConfigError(f"{spec.model_type} config: {spec.num_kv_heads} kv heads do not divide "
                           f"{spec.num_heads} heads")
@@ -718,7 +716,7 @@ def _check_shapes(spec: ModelSpec, tensors: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # DSL bindings and the definitions a model uses.
 
-_NORM_DEFS = {"rms": ("rms_norm", "add_rms_norm"), "rms_1p": ("gemma_rms_norm",),
+_NORM_DEFS = {"rms": ("rms_norm", "add_rms_norm"), "rms_1p": ("gemma_rms_norm", "add_gemma_rms_norm"),
               ("layer", True): ("layer_norm", "add_layer_norm"), ("layer", False): ("layer_norm_nobias",)}
 _ACT_DEFS = {(True, "silu"): "swiglu", (True, "gelu"): "geglu", (True, "gelu_tanh"): "geglu_tanh",
              (False, "silu"): "silu_act", (False, "gelu"): "gelu_act", (False, "gelu_tanh"): "gelu_tanh_act",
@@ -736,7 +734,8 @@ def _attention_bindings(a: AttentionSpec) -> dict[str, Any]:
 def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """Model-wide DSL bindings: dims H, F, Hq, Hkv, D; the attention consts every layer agrees on
     (a const that differs between layers, like Gemma-2's window, is left out); `eps` (the norms'
-    runtime scalar); and, for Llama-3 RoPE, llama_attn's rope consts."""
+    runtime scalar); and, for Llama-3 RoPE, llama_attn's rope consts besides `rope_scaling` (the
+    two agree, so llama_attn takes both)."""
     out: dict[str, Any] = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads,
                            "Hkv": spec.num_kv_heads, "D": spec.head_dim, "eps": spec.norm_eps}
     per_layer = [_attention_bindings(a) for a in spec.attention]
@@ -757,45 +756,29 @@ _MISSING = object()
 
 
 def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
-    """The stdlib definitions the model uses, each with its bindings: its norms (and the
-    residual-add forms), its activation, its attention block once per distinct const set, the
-    q/k norm (H = D) of Qwen3, and the rope row where its rotation is plain or llama3."""
+    """The stdlib definitions the model (models/model.py) uses, each with its bindings: its norms
+    and their residual-add forms, the q/k norms (H = D) of Qwen3, its MLP activation, and its
+    attention block once per distinct const set (with the model's RoPE scaling). No rope row
+    layer: the attention block and its KV append rotate q and k."""
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
             "D": spec.head_dim}
     out: list[tuple[str, dict[str, Any]]] = []
     norm_key = ("layer", spec.norm_bias) if spec.norm == "layer" else spec.norm
     for name in _NORM_DEFS[norm_key]:
         out.append((name, {"H": spec.hidden_size}))
-    if spec.qk_norm:
-        out.append((_NORM_DEFS[norm_key][0], {"H": spec.head_dim}))
+    if spec.qk_norm:    # Qwen3's per-head RMSNorm (models/model.py builds both of its kernels)
+        out += [(name, {"H": spec.head_dim}) for name in _NORM_DEFS["rms"]]
     act = _ACT_DEFS.get((spec.gated, spec.activation))
     if act is None:
         raise ConfigError(f"{spec.model_type}: no stdlib activation for a {'gated ' * spec.gated}{spec.activation} MLP")
     out.append((act, {"F": spec.intermediate_size}))
-    seen = []
+    out = list(dict.fromkeys(out and [(n, tuple(b.items())) for n, b in out]))
+    out = [(n, dict(b)) for n, b in out]
+    seen: list[tuple[str, dict[str, Any]]] = []
     for a in spec.attention:
         b = {**dims, **_attention_bindings(a)}
         b = {k: v for k, v in b.items() if k not in ("H", "F")}
         if (a.definition, b) not in seen:
             seen.append((a.definition, b))
     out += seen
-    rows = []
-    for name, b in seen:
-        if name != "decoder_attn":
-            continue
-        rotary_dim, rs = b.get("rotary_dim"), b.get("rope_scaling")
-        if rs is None:
-            row = {"D": spec.head_dim, "theta": b["theta"], "neox": True, **({"rotary_dim": rotary_dim} if rotary_dim else {})}
-            row_name = "rope"
-        elif rs[0].get("rope_type") == "llama3" and not rotary_dim:
-            from ..dsl.program import LLAMA3_ROPE_NAMES
-            row = {"D": spec.head_dim, "theta": b["theta"],
-                   **{n: rs[0][k] for k, n in LLAMA3_ROPE_NAMES.items() if rs[0].get(k) is not None}}
-            row_name = "rope_llama3"
-        else:
-            continue
-        if (row_name, row) not in rows:
-            rows.append((row_name, row))
-    out += rows
-        # other scalings: the attention block and its KV append rotate; no row layer applies them
     return out

@@ -52,7 +52,7 @@ class DecodeGraphs:
         pages = cache._page_table[slots, torch.div(pos, P, rounding_mode="floor").long()]
         meta = torch.cat([pages, pos])
         ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
-        return self.model.logits(self.model.hidden(tokens, ctx))
+        return self.model.logits(self.model.hidden(tokens.to(torch.int32), ctx))
 
     def _capture(self, b: int):
         dev = self.cache.device

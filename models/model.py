@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..dsl.program import Program
 from ..runtime.attention import PagedAttention
+from ..runtime.embedding import Embedding, PromptTuningEmbedding
 from ..runtime.kv_cache import PagedKVCache
 from ..runtime.layers import LayerModule, _dtype_name
 from .spec import AttentionSpec, ModelSpec
@@ -210,9 +211,12 @@ class DecoderModel(torch.nn.Module):
         td = _torch_dtype(dname)
         prog = program or Program.stdlib()
         H = spec.hidden_size
-        self.embed = torch.nn.Embedding(spec.vocab_size, H, dtype=td, device=device)
-        self.pos_embed = (torch.nn.Embedding(spec.max_positions, H, dtype=td, device=device)
+        # the generated gather kernels (runtime/embedding.py); `weight` as torch.nn.Embedding's
+        self.embed = Embedding(spec.vocab_size, H, dname, device=device, program=prog)
+        self.pos_embed = (Embedding(spec.max_positions, H, dname, device=device, program=prog)
                           if spec.positions == "learned" else None)
+        self._prompt_tuning: PromptTuningEmbedding | None = None
+        self._program = prog
         norm = dict(bias=spec.norm_bias, program=prog, dtype=dname, device=device)
         self.embed_norm = Norm(spec.norm, H, spec.norm_eps, **norm) if spec.embed_norm else None
         # one attention module (kernels) per distinct attention spec, shared by the layers that have it
@@ -277,22 +281,36 @@ class DecoderModel(torch.nn.Module):
         return ctx
 
     # ---- forward ------------------------------------------------------------------------
-    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        x = F.embedding(tokens, self.embed.weight)
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor | None, prompt_table=None,
+                     tasks=None) -> torch.Tensor:
+        if prompt_table is None:
+            x = self.embed(tokens)
+        else:   # ids >= vocab_size are virtual tokens: rows of their task's prompt table
+            x = self.prompt_tuning(tokens, prompt_table, 0 if tasks is None else tasks)
         if self._embed_scale is not None:   # Gemma: scaled in the model's dtype, as transformers does
             x = x * torch.tensor(self._embed_scale, dtype=x.dtype)
         if self.pos_embed is not None:
-            x = x + F.embedding(positions.long(), self.pos_embed.weight)
+            x = x + self.pos_embed(positions)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         return x
 
-    def hidden(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_tuning(self, tokens, prompt_table, tasks) -> torch.Tensor:
+        """TensorRT-LLM's PromptTuningEmbedding over this model's embedding weight."""
+        if self._prompt_tuning is None:
+            pt = PromptTuningEmbedding(self.spec.vocab_size, self.spec.hidden_size, self.dtype, device="meta",
+                                       program=self._program)
+            pt._parameters["weight"] = self.embed.weight     # shared, not a copy (nor a submodule)
+            self._prompt_tuning = pt
+        return self._prompt_tuning(tokens, prompt_table, tasks)
+
+    def hidden(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None, *,
+               prompt_table=None, tasks=None) -> torch.Tensor:
         """The final-norm hidden states of `rows` (all tokens when None) after a step's layers."""
         if self.pos_embed is not None and ctx.step is not None and ctx.max_kv_len > self.spec.max_positions:
             raise ValueError(f"{self.spec.model_type}: position {ctx.max_kv_len - 1} is past the model's "
                              f"{self.spec.max_positions} learned positions")
-        x = self.embed_tokens(tokens, ctx.q_pos)
+        x = self.embed_tokens(tokens, ctx.q_pos, prompt_table, tasks)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
@@ -308,10 +326,13 @@ class DecoderModel(torch.nn.Module):
         return logits
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, seq_ids, cache: PagedKVCache, *, logits: str = "last") -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, seq_ids, cache: PagedKVCache, *, logits: str = "last",
+             prompt_table: torch.Tensor | None = None, tasks: torch.Tensor | int | None = None) -> torch.Tensor:
         """Run one step: tokens [T] (ids on the model's device), seq_ids [T] (host ints; for prefill
         grouped by sequence in order). Returns the logits of each sequence's last token of the step,
-        in order of appearance ([num_seqs, V]), or of every token (`logits="all"`, [T, V])."""
+        in order of appearance ([num_seqs, V]), or of every token (`logits="all"`, [T, V]).
+        prompt_table ([NT, NV, H]) and tasks (each token's task, or one for all): prompt tuning,
+        token ids >= vocab_size are virtual tokens of their task (PromptTuningEmbedding)."""
         ids = [int(i) for i in seq_ids]
         if tokens.shape != (len(ids),):
             raise ValueError(f"step: tokens must have shape [{len(ids)}] (one per seq_ids entry), "
@@ -323,7 +344,7 @@ class DecoderModel(torch.nn.Module):
             rows = torch.tensor(list(last.values()), dtype=torch.long, device=tokens.device)
         elif logits != "all":
             raise ValueError(f"step: logits must be 'last' or 'all', got {logits!r}")
-        return self.logits(self.hidden(tokens, ctx, rows))
+        return self.logits(self.hidden(tokens, ctx, rows, prompt_table=prompt_table, tasks=tasks))
 
     def generate(self, prompts, *, max_new_tokens: int, **kwargs) -> list[list[int]]:
         """New tokens for each prompt (lists of token ids, or a [B, S] tensor), generated together:

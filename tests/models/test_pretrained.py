@@ -114,3 +114,17 @@ def test_stop_tokens_end_a_sequence(loaded):
     stop = full[4]
     cut = generate(ours, [[5, 6, 7]], max_new_tokens=12, stop_tokens=[stop])[0]
     assert cut == full[: full.index(stop) + 1]
+
+
+def test_prompt_tuning_virtual_tokens_index_the_task_table(loaded):
+    _, ours = loaded("llama")
+
+    def run(ids, **kw):
+        cache = ours.make_cache(num_pages=4, max_seqs=1, max_pages_per_seq=4)
+        cache.allocate(0, len(ids))
+        return ours.step(torch.tensor(ids, dtype=torch.int32), [0] * len(ids), cache, logits="all", **kw)
+    table = torch.stack([torch.randn(3, ours.spec.hidden_size), ours.embed.weight[[5, 9, 11]]])   # [2 tasks, 3, H]
+    V = ours.spec.vocab_size
+    torch.testing.assert_close(run([1, V, V + 1, V + 2, 4], prompt_table=table, tasks=1), run([1, 5, 9, 11, 4]),
+                               rtol=0, atol=0)
+    assert not torch.equal(run([1, V, 4], prompt_table=table, tasks=0), run([1, 5, 4]))
