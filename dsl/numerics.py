@@ -23,9 +23,26 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar, Mapping
 
-import torch
+from types import ModuleType
 
-F64 = torch.float64
+
+class _LazyTorch(ModuleType):
+    """torch, imported at first use: the checker uses this module's constants and RoPE rules,
+    and `layerforge check` / `list` should not pay torch's import (seconds)."""
+
+    def __getattr__(self, name: str):
+        import torch as _torch
+        globals()["torch"] = _torch
+        return getattr(_torch, name)
+
+
+torch = _LazyTorch("torch")
+
+
+def __getattr__(name: str):   # F64 (torch.float64), without importing torch on import
+    if name == "F64":
+        return torch.float64
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RopeParameterError(ValueError):
@@ -41,7 +58,7 @@ class RopeNotStatic(ValueError):
 
 def _default_inv_freq(theta: float, rotary_dim: int, device=None) -> torch.Tensor:
     """theta^(-2i/rotary_dim), i < rotary_dim/2."""
-    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=F64, device=device) / rotary_dim)
+    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim)
 
 
 @dataclass(frozen=True)
@@ -115,7 +132,7 @@ class YarnScaling:
         low, high = max(low, 0), min(high, rotary_dim - 1)
         if low == high:
             high += 0.001  # a ramp of zero width would divide by zero
-        ramp = ((torch.arange(rotary_dim // 2, dtype=F64, device=device) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64, device=device) - low) / (high - low)).clamp(0, 1)
         keep = 1 - ramp   # 1: extrapolate (high frequencies), 0: interpolate
         return interpolated * (1 - keep) + extrapolated * keep
 
@@ -156,7 +173,7 @@ class LongRopeScaling:
                 raise RopeNotStatic("longrope frequencies depend on the sequence length: fix the regime "
                                     "('short' up to original_max_position, 'long' beyond) for a constant table")
             regime = "long" if seq_len > self.original_max_position else "short"
-        ext = torch.tensor(self.long_factor if regime == "long" else self.short_factor, dtype=F64, device=device)
+        ext = torch.tensor(self.long_factor if regime == "long" else self.short_factor, dtype=torch.float64, device=device)
         if ext.numel() != rotary_dim // 2:
             raise RopeParameterError(f"longrope {regime}_factor has {ext.numel()} entries; rotary dim "
                                      f"{rotary_dim} needs {rotary_dim // 2}")
@@ -256,14 +273,15 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
 
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, scaling: RopeScaling | None = None,
-                 dtype=F64, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype=None, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [..., rotary_dim / 2] at integer positions, in float64, times the
     attention factor, then cast to dtype. seq_len defaults to the largest position + 1."""
     if seq_len is None:
         seq_len = int(positions.max()) + 1 if positions.numel() else 0
     inv = rope_inv_freq(theta, rotary_dim, scaling, seq_len=seq_len, device=positions.device)
-    ang = positions.to(F64)[..., None] * inv
+    ang = positions.to(torch.float64)[..., None] * inv
     m = rope_attention_factor(scaling)
+    dtype = torch.float64 if dtype is None else dtype
     return (ang.cos() * m).to(dtype), (ang.sin() * m).to(dtype)
 
 
@@ -366,7 +384,7 @@ def rope_scaling_key(scaling: RopeScaling | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # ALiBi and T5.
 
-def alibi_slopes(num_heads: int, max_bias: float = 8.0, device=None, dtype=F64) -> torch.Tensor:
+def alibi_slopes(num_heads: int, max_bias: float = 8.0, device=None, dtype=None) -> torch.Tensor:
     """ALiBi head slopes (Press et al.): 2^(-max_bias * (i + 1) / n) for the n = largest power
     of two <= num_heads; BLOOM's rule for the remaining heads takes every other slope of
     2n heads, the odd ones."""
@@ -375,7 +393,7 @@ def alibi_slopes(num_heads: int, max_bias: float = 8.0, device=None, dtype=F64) 
     slopes = [base ** (i + 1) for i in range(closest)]
     extra_base = 2.0 ** (-max_bias / (2 * closest))
     slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
-    return torch.tensor(slopes, dtype=dtype, device=device)
+    return torch.tensor(slopes, dtype=torch.float64 if dtype is None else dtype, device=device)
 
 
 def t5_relative_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,

@@ -9,7 +9,6 @@ import enum
 from functools import lru_cache
 
 import sympy
-import torch
 
 
 class DType(enum.Enum):
@@ -35,19 +34,22 @@ class DType(enum.Enum):
         return {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "bool": 1}[self.value]
 
     @property
-    def torch(self) -> torch.dtype:
+    def torch(self) -> "torch.dtype":
         if self is DType.T:
             raise TypeError("dtype parameter T is unbound")
-        return _TORCH[self]
+        return _torch_dtypes()[self]
 
     def __str__(self) -> str:
         return self.value
 
 
-_TORCH = {
-    DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
-    DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool,
-}
+@lru_cache(maxsize=None)
+def _torch_dtypes() -> dict:
+    """DType -> torch dtype; torch is imported here, at first use, so checking DSL source
+    (`layerforge check`, `list`) does not import it."""
+    import torch
+    return {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
+            DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool}
 DSL_DTYPES = {"f32": DType.f32, "f16": DType.f16, "bf16": DType.bf16, "i32": DType.i32,
               "i64": DType.i64, "bool": DType.bool, "T": DType.T}
 # Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars.
@@ -75,7 +77,17 @@ def dim_symbol(name: str) -> sympy.Symbol:
 
 
 def dims_equal(a: Dim, b: Dim) -> bool:
-    return a == b or sympy.simplify(a - b) == 0
+    if a == b:
+        return True
+    d = sympy.expand(a - b)
+    # Expanded polynomials are canonical and cancel() decides rational functions (H/G), so only
+    # other expressions (floor, Min, ...) pay for simplify(), whose first call also imports
+    # sympy.physics (0.7 s of `layerforge check`).
+    if d.is_Number or d.is_polynomial():
+        return d == 0
+    if d.is_rational_function():
+        return sympy.cancel(d) == 0
+    return sympy.simplify(d) == 0
 
 
 def dim_str(d: Dim) -> str:

@@ -19,7 +19,6 @@ if not _os.path.isdir(_os.path.join(_here, "dsl")) and _os.path.isfile(_os.path.
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .dsl.errors import DSLError
-from .dsl.evaluator import LayerInputError, evaluate
 from .dsl.program import Layer, Program, dims_from_config
 
 try:
@@ -42,8 +41,11 @@ def stdlib() -> Program:
     return Program.stdlib()
 
 
-# The runtime (NVRTC, CUDA driver) loads on first use, so `import layerforge` stays light.
+# The reference evaluator (torch) and the runtime (NVRTC, CUDA driver) load on first use, so
+# `import layerforge` stays light: `layerforge check` and `list` never import torch.
 _LAZY = {
+    "evaluate": ("dsl.evaluator", "evaluate"),
+    "LayerInputError": ("dsl.evaluator", "LayerInputError"),
     "module": ("runtime.layers", "module"),
     "LayerModule": ("runtime.layers", "LayerModule"),
     "PagedAttention": ("runtime.attention", "PagedAttention"),
