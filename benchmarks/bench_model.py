@@ -20,7 +20,7 @@ import time
 import torch
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                 num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
                  rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                       high_freq_factor=4.0, original_max_position_embeddings=8192))
 
@@ -104,16 +104,14 @@ def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: boo
     import transformers
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     with torch.no_grad():
-        if not compiled:
-            cache = transformers.DynamicCache(config=cfg) if _takes_config(transformers.DynamicCache) else \
-                transformers.DynamicCache()
-            out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            state = {"tok": tok}
+        if not compiled:   # the default cache, as transformers' forward makes it
+            out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            state = {"tok": out.logits[:, -1].argmax(-1, keepdim=True), "cache": out.past_key_values}
 
             def step():
-                o = hf(input_ids=state["tok"], past_key_values=cache, use_cache=True)
+                o = hf(input_ids=state["tok"], past_key_values=state["cache"], use_cache=True)
                 state["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
+                state["cache"] = o.past_key_values
             return timed(step, steps)
         max_len = context + 3 * steps + 16
         try:
@@ -138,9 +136,33 @@ def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: boo
         return timed(step, steps, warmup=5)
 
 
-def _takes_config(cls) -> bool:
-    import inspect
-    return "config" in inspect.signature(cls.__init__).parameters
+def profile_decode(ours, context: int) -> None:
+    """The kernels of one batch-1 graph replay, by total time (torch.profiler / CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    from layerforge.models.engine import Engine
+    eng = Engine(ours, max_seqs=1, max_seq_len=context + 64)
+    eng.add(list(range(1, context + 1)))
+    while eng.seqs[0].fed < context:
+        out = eng.step()
+    eng.feed(0, 1)
+    eng.step()
+    eng.feed(0, 2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(5):
+            eng.step()
+            eng.feed(0, 3)
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            r = rows.setdefault(e.name[:90], [0, 0.0])
+            r[0] += 1
+            r[1] += e.device_time if hasattr(e, "device_time") else e.cuda_time
+    total = sum(v[1] for v in rows.values()) / 5
+    print(f"batch-1 decode step, GPU kernel time {total:.1f} us per step:")
+    for name, (n, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {t / 5:8.1f} us  {n // 5:4d}x  {name}")
 
 
 def bench_prefill(hf, ours, batch: int, length: int, iters: int) -> tuple[float, float]:
@@ -169,11 +191,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
     args = ap.parse_args()
     bw = copy_bandwidth()
     cfg, hf, ours, spec = make_models(args.layers)
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s  Llama-3-8B shape, {args.layers} layers, bf16, "
           f"context {args.context}")
+    if args.profile:
+        profile_decode(ours, args.context)
     rows = []
     print(f"{'decode':>8} {'ours':>9} {'graph':>9} {'hf-eager':>9} {'hf-comp':>9} {'roofline':>9}  "
           f"{'vs comp':>7} {'of roof':>7}")
