@@ -64,3 +64,29 @@ attention a(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[
 """, with_stdlib=False).specialise("a", Hq=4, Hkv=4, D=64, NB=5, dtype="bf16")
     assert layer.dims == (("D", 64), ("Hkv", 4), ("Hq", 4))   # the key names only the dims used
     builds(layer)
+
+
+MASK_READS_SCORE = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention a(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    score = score * 2.0
+    mask = score > -1.0 and q_pos >= kv_pos
+}
+"""
+
+
+def test_a_mask_that_reads_the_score_compiles_in_every_attention_kernel():
+    """A mask reads `score` as the block has it at that point (here after the hook: its graph
+    starts from the scaled q.k), as the reference does; the kernels' mask function had no
+    score argument ('identifier "score" is undefined')."""
+    layer = lf.loads(MASK_READS_SCORE, with_stdlib=False).specialise("a", Hq=4, Hkv=2, D=64, dtype="bf16")
+    builds(layer)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, n, 64, generator=g).bfloat16() for n in (4, 2, 2))
+    (out,) = lf.evaluate(layer.function, {"q": q, "k": k, "v": v}, precision="float64")
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k.double().repeat_interleave(2, dim=2)) / 8
+    keep = (s * 2 > -1.0) & torch.ones(5, 5, dtype=torch.bool).tril()
+    p = torch.where(keep, s * 2, float("-inf")).softmax(-1).nan_to_num(0.0)
+    want = torch.einsum("bhij,bjhd->bihd", p, v.double().repeat_interleave(2, dim=2))
+    assert torch.allclose(out.double(), want, rtol=1e-2, atol=1e-2)
