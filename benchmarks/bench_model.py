@@ -4,7 +4,8 @@
     python -m benchmarks.bench_model [--layers 8] [--context 2048] [--batches 1,8,64] [--no-compile]
 
 Decode (one new token per sequence, `context` tokens already cached), per step:
-  ours        Engine.step() with CUDA-graph replay + argmax + feed (the host sees every token)
+  step        Engine.step() with CUDA-graph replay + argmax + feed (the host waits for every token)
+  generate    greedy generate(): self-feeding graphs, the host reads tokens one step behind
   ours-graph  the graph replay alone, back to back (device time of a step)
   hf-eager    transformers' forward with its default (dynamic) cache + argmax on the device
   hf-compiled torch.compile(mode="reduce-overhead") over forward with a StaticCache
@@ -98,6 +99,24 @@ def bench_ours_decode(ours, batch: int, context: int, steps: int) -> tuple[float
         graphs.decode(toks, sl)
     replay_t = timed(replay, steps)
     return full, replay_t
+
+
+def bench_generate(ours, batch: int, context: int, steps: int) -> float:
+    """A decode step of greedy generate() (self-feeding graphs, tokens read one step behind):
+    (time of 1 + steps new tokens - time of 1 new token) / steps, same prompts (prefill cancels)."""
+    from layerforge.models.engine import generate
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
+    generate(ours, prompts, max_new_tokens=4)     # warm: graphs of this bucket
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    generate(ours, prompts, max_new_tokens=1)
+    torch.cuda.synchronize()
+    short = time.perf_counter() - t
+    t = time.perf_counter()
+    generate(ours, prompts, max_new_tokens=1 + steps)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t - short) / steps
 
 
 def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool) -> float:
@@ -200,17 +219,19 @@ def main() -> None:
     if args.profile:
         profile_decode(ours, args.context)
     rows = []
-    print(f"{'decode':>8} {'ours':>9} {'graph':>9} {'hf-eager':>9} {'hf-comp':>9} {'roofline':>9}  "
-          f"{'vs comp':>7} {'of roof':>7}")
+    print(f"{'decode':>8} {'step':>9} {'generate':>9} {'graph':>9} {'hf-eager':>9} {'hf-comp':>9} {'roofline':>9}  "
+          f"{'gen/comp':>8} {'gen/roof':>8}")
     for B in [int(b) for b in args.batches.split(",")]:
         full, replay = bench_ours_decode(ours, B, args.context, args.steps)
+        gen = bench_generate(ours, B, args.context, 2 * args.steps)
         eager = bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False)
         comp = float("nan") if args.no_compile else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
         roof = (weight_bytes(spec, B) + kv_bytes(spec, B, args.context)) / bw
-        rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, hf_eager_ms=eager * 1e3,
+        rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, generate_ms=gen * 1e3,
+                         hf_eager_ms=eager * 1e3,
                          hf_compiled_ms=comp * 1e3, roofline_ms=roof * 1e3))
-        print(f"{B:>8} {full * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m {comp * 1e3:>8.3f}m "
-              f"{roof * 1e3:>8.3f}m  {comp / full:>7.2f} {roof / full:>7.2f}")
+        print(f"{B:>8} {full * 1e3:>8.3f}m {gen * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m "
+              f"{comp * 1e3:>8.3f}m {roof * 1e3:>8.3f}m  {comp / gen:>8.2f} {roof / gen:>8.2f}")
         torch.cuda.empty_cache()
     print(f"{'prefill':>8} {'ours':>9} {'hf-eager':>9} {'speedup':>8}")
     for B, S in ((1, 2048), (8, 512)):

@@ -184,6 +184,7 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     stop = {int(t) for t in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or ())}
+    greedy_graphs = not do_sample and cuda_graphs is not False and model.device.type == "cuda"
     engine = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens,
                     prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
     gen = None
@@ -193,6 +194,10 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
     slots = [engine.add(p) for p in prompts]
     out: dict[int, list[int]] = {s: [] for s in slots}
     while engine.seqs:
+        if greedy_graphs and engine.graphs is not None and all(
+                s.fed == len(s.tokens) - 1 for s in engine.seqs.values()):
+            _greedy_loop(engine, out, max_new_tokens, stop)   # every sequence decodes: graphs feed themselves
+            continue
         ready = engine.step()
         if not ready:
             continue
@@ -207,3 +212,43 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
             else:
                 engine.feed(slot, tok)
     return [out[s] for s in slots]
+
+
+def _greedy_loop(engine: Engine, out: dict[int, list[int]], max_new_tokens: int, stop: set[int]) -> None:
+    """Greedy decoding of the engine's sequences (each with one token to feed) from self-feeding
+    CUDA graphs: a step's tokens are read on the host while the next step runs, one step behind.
+    A sequence that stops leaves after the step in flight (its extra token is dropped); then the
+    batch changes and the next step starts from host tokens. Returns when every sequence is done."""
+    graphs = engine.graphs
+    pending = None    # (slots, pinned tokens, event) of the step whose tokens are not read yet
+    while True:
+        cur = sorted(engine.seqs)
+        ahead = set(pending[0]) if pending else set()
+        launch = bool(cur) and (pending is None or pending[0] == cur) and all(
+            len(out[s]) + (s in ahead) < max_new_tokens for s in cur)
+        nxt = None
+        if launch:
+            for s in cur:
+                engine.cache.allocate(s, engine.seqs[s].fed + 1)
+            toks = None if pending else [engine.seqs[s].tokens[-1] for s in cur]
+            host, ev = graphs.decode_greedy(toks, cur)
+            for s in cur:
+                engine.seqs[s].fed += 1
+            nxt = (cur, host, ev)
+        if pending is not None:
+            p_slots, host, ev = pending
+            ev.synchronize()
+            for slot, tok in zip(p_slots, host.tolist()):
+                if slot not in engine.seqs:
+                    continue
+                out[slot].append(tok)
+                engine.seqs[slot].tokens.append(tok)
+                engine.seqs[slot].new.append(tok)
+                if tok in stop or len(out[slot]) >= max_new_tokens:
+                    engine.release(slot)
+        elif not launch:
+            return
+        pending = nxt
+        if pending is not None and any(s not in engine.seqs for s in pending[0]):
+            # a sequence left while a step ran for it: read that step, then go on from host tokens
+            continue

@@ -10,6 +10,11 @@ depend on the number of layers. A replayed step equals an eager one (tests/gpu).
 
 Batches smaller than their bucket are padded with a reserved slot that owns one page: its rows
 write there and their results are dropped; its length is reset at every replay.
+
+Greedy decoding feeds itself: each graph ends with the argmax of its logits written into its own
+token input, so consecutive steps of the same sequences need nothing from the host but the page
+bookkeeping (`decode_greedy`); the host reads a step's tokens (a pinned copy) while the next
+step runs.
 """
 from __future__ import annotations
 
@@ -52,7 +57,10 @@ class DecodeGraphs:
         pages = cache._page_table[slots, torch.div(pos, P, rounding_mode="floor").long()]
         meta = torch.cat([pages, pos])
         ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
-        return self.model.logits(self.model.hidden(tokens.to(torch.int32), ctx))
+        logits = self.model.logits(self.model.hidden(tokens.to(torch.int32), ctx))
+        nxt = logits.argmax(dim=-1)
+        tokens.copy_(nxt)       # the greedy token is the next step's input (decode_greedy)
+        return logits, nxt
 
     def _capture(self, b: int):
         dev = self.cache.device
@@ -65,11 +73,12 @@ class DecodeGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            logits = self._body(tokens, slots)
+            logits, nxt = self._body(tokens, slots)
         staging = torch.empty((2, b), dtype=torch.long, pin_memory=True)
         copied = torch.cuda.Event()
         copied.record()
-        hit = self._graphs[b] = (g, tokens, slots, logits, staging, copied)
+        outs = [torch.empty(b, dtype=torch.long, pin_memory=True) for _ in range(2)]   # double-buffered
+        hit = self._graphs[b] = [g, tokens, slots, logits, staging, copied, nxt, outs, 0, None]
         return hit
 
     # ---- a step -------------------------------------------------------------------------
@@ -85,7 +94,7 @@ class DecodeGraphs:
         self.cache.advance_host(slots)      # checks pages; the graph advances the device lengths
         self.cache.flush()                  # new pages (and freed sequences) onto the device first
         hit = self._graphs.get(b) or self._capture(b)
-        g, tok_in, slot_in, logits, staging, copied = hit
+        g, tok_in, slot_in, logits, staging, copied = hit[:6]
         copied.synchronize()                # the last copy out of the staging buffer is done
         staging[0, :n] = torch.as_tensor(tokens, dtype=torch.long)
         staging[1, :n] = torch.as_tensor(slots, dtype=torch.long)
@@ -95,5 +104,32 @@ class DecodeGraphs:
         slot_in.copy_(staging[1], non_blocking=True)
         copied.record()
         g.replay()
+        hit[9] = list(slots)
         self.replays += 1
         return logits[:n]
+
+    @torch.no_grad()
+    def decode_greedy(self, tokens: list[int] | None, slots: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """One greedy decode step whose input tokens are `tokens` (host ints) or, with None, the
+        greedy tokens of the previous replay of these same slots, still on the device. Returns
+        (this step's greedy tokens as a pinned host tensor [len(slots)], an event recorded after
+        their copy): read them after event.synchronize(), while later steps run."""
+        n = len(slots)
+        b = self.bucket(n)
+        if tokens is None:
+            hit = self._graphs.get(b)
+            if hit is None or hit[9] != list(slots):
+                raise ValueError("decode_greedy: tokens=None continues the previous step of the same slots")
+            self.cache.advance_host(slots)
+            self.cache.flush()
+            hit[0].replay()
+            self.replays += 1
+        else:
+            self.decode(tokens, slots)
+            hit = self._graphs[b]
+        hit[8] ^= 1
+        out = hit[7][hit[8]][:n]
+        out.copy_(hit[6][:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return out, done

@@ -87,3 +87,15 @@ def test_batch_decodes_like_each_alone(loaded):
         alone.add(p)
         _close(together[s], alone.step()[0], rel=2e-2)
     assert all(len(x) == 6 for x in generate(ours, prompts, max_new_tokens=6))
+
+
+def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
+    _, ours = loaded("llama")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 17, 2, 9)]
+    a = generate(ours, prompts, max_new_tokens=12)                      # graphs, tokens fed on the device
+    b = generate(ours, prompts, max_new_tokens=12, cuda_graphs=False)   # eager steps, tokens from the host
+    assert a == b and all(len(x) == 12 for x in a)
+    stop = a[1][5]    # a sequence leaves while the others go on
+    c = generate(ours, prompts, max_new_tokens=12, stop_tokens=[stop])
+    assert c == [x[: x.index(stop) + 1] if stop in x else x for x in a]
