@@ -52,6 +52,7 @@ LOGICAL = {"and": "({a} && {b})", "or": "({a} || {b})"}
 REDUCE_INIT = {"sum": "0.0f", "mean": "0.0f", "max": "-INFINITY", "min": "INFINITY"}
 REDUCE_COMBINE = {"sum": "({a} + {b})", "mean": "({a} + {b})", "max": "fmaxf({a}, {b})", "min": "fminf({a}, {b})"}
 REDUCE_INIT_INT = {"sum": "0", "max": "INT_MIN", "min": "INT_MAX"}
+REDUCE_INIT_I64 = {"sum": "0LL", "max": "(-9223372036854775807LL - 1)", "min": "9223372036854775807LL"}
 REDUCE_COMBINE_INT = {"sum": "({a} + {b})", "max": "max({a}, {b})", "min": "min({a}, {b})"}
 
 

@@ -341,7 +341,8 @@ class RowLowering:
         src = ph.src[0]
         loop = self.loops[("phase", id(ph))]
         is_float = ph.dtype.is_float
-        init = ops.REDUCE_INIT[r.fn] if is_float else ops.REDUCE_INIT_INT[r.fn]
+        wide = ph.dtype is DType.i64   # a 64-bit accumulator: 64-bit identities and shared slots
+        init = ops.REDUCE_INIT[r.fn] if is_float else (ops.REDUCE_INIT_I64 if wide else ops.REDUCE_INIT_INT)[r.fn]
         comb = ops.REDUCE_COMBINE[r.fn] if is_float else ops.REDUCE_COMBINE_INT[r.fn]
         acc = self.fresh("acc")
         ctype = "float" if is_float else ops.C_TYPE[ph.dtype]
@@ -349,10 +350,16 @@ class RowLowering:
         for k, elems in self._columns(loop):
             for col, okv, i in elems:
                 v = self.emit_elem(src, self._row_idx(src, col), col, i)
+                v = v if is_float else f"({ctype})({v})"
                 self.lines.append(f"{acc} = {okv} ? {comb.format(a=acc, b=v)} : {acc};")
         op = {"sum": "LfSum", "mean": "LfSum", "max": "LfMax", "min": "LfMin"}[r.fn]
         red = self.fresh("red")
-        self.lines.append(f"{ctype} {red} = lf_row_reduce<{self.tpr}, {ctype}, {op}>({acc}, lf_smem_f);")
+        smem = "lf_smem_f"
+        if wide and self.tpr > 32:   # lf_smem_f holds one float per warp: too small and 4-byte aligned
+            smem = self.fresh("smem")
+            self.lines.append(f"__shared__ long long {smem}[{self.rpb * (self.tpr // 32)}];")
+            smem = f"reinterpret_cast<float*>({smem})"
+        self.lines.append(f"{ctype} {red} = lf_row_reduce<{self.tpr}, {ctype}, {op}>({acc}, {smem});")
         if r.fn == "mean":
             self.lines.append(f"{red} *= {ops.float_literal(1.0 / loop.width)};")
         if ph.dtype in ops.ROUND:

@@ -90,3 +90,26 @@ def test_a_mask_that_reads_the_score_compiles_in_every_attention_kernel():
     p = torch.where(keep, s * 2, float("-inf")).softmax(-1).nan_to_num(0.0)
     want = torch.einsum("bhij,bjhd->bihd", p, v.double().repeat_interleave(2, dim=2))
     assert torch.allclose(out.double(), want, rtol=1e-2, atol=1e-2)
+
+
+WIDE_I64_REDUCTIONS = """
+dims H
+dynamic N
+layer r(big: i64[N, H]) -> i64[N, H] {
+    return big - max(big, axis=-1) + min(big, axis=-1) + sum(big, axis=-1)
+}
+"""
+
+
+def test_i64_row_reductions_start_from_64_bit_identities_and_share_64_bit_slots():
+    """An i64 max/min started from INT_MIN / INT_MAX (wrong for values beyond 32 bits), and past
+    one warp the partials went through the 4-byte-aligned float array, one float per warp (a
+    64-bit store overran it). tests/gpu/test_fuzz_gpu.py runs this layer on values past 2^32."""
+    layer = lf.loads(WIDE_I64_REDUCTIONS, with_stdlib=False).specialise("r", H=4096)
+    builds(layer)
+    src = plans_for_layer(layer, "sm_90")[0].source()
+    assert "INT_MIN" not in src.split("extern")[1] and "(-9223372036854775807LL - 1)" in src
+    assert "__shared__ long long" in src and "lf_row_reduce<512, long long, LfMax>" in src
+    big = torch.tensor([[-2**40, 3, 2**35], [5, 6, 7]])
+    (out,) = lf.evaluate(lf.loads(WIDE_I64_REDUCTIONS, with_stdlib=False).specialise("r", H=3).function, {"big": big})
+    assert torch.equal(out, big - big.amax(-1, keepdim=True) + big.amin(-1, keepdim=True) + big.sum(-1, keepdim=True))

@@ -30,6 +30,7 @@ GUARDED_UNARY = {  # functions whose domain is kept safe: written around a posit
     "sqrt": "sqrt(abs({x}))",
     "rsqrt": "rsqrt(abs({x}) + 1.0)",
     "div": "{x} / (abs({y}) + 1.0)",
+    "pow": "(abs({x}) + 1.0) ** 0.5",
 }
 INT_DIVISORS = ["2", "3", "5", "7", "-3", "-4"]
 COMPARE = ["<", "<=", ">", ">=", "==", "!="]
@@ -184,6 +185,8 @@ class RowExpr(_Expr):
             return f"({x()} {self.pick(['//', '%'])} {self.pick(['2.0', '0.75', '-1.5'])})"
         if r == 9:
             return f"({x()} if flag else {x()})"
+        if r == 10 and kind == "row" and dtype == "f32":
+            return f"softmax({x()}, axis=-1)"
         return self.convert(dtype, kind, depth)
 
     def int_expr(self, dtype: str, kind: str, depth: int) -> str:
@@ -366,7 +369,7 @@ class HookExpr(_Expr):
         if r == 7:
             return f"f32({self.expr(self.pick(['i32', 'i64']), depth + 1)})"
         if r == 8:
-            return "(" + GUARDED_UNARY[self.pick(["exp", "log", "div", "sqrt"])].format(x=x(), y=x()) + ")"
+            return "(" + GUARDED_UNARY[self.pick(["exp", "log", "div", "sqrt", "pow"])].format(x=x(), y=x()) + ")"
         return self.leafy("f32")
 
     def int_expr(self, dtype, depth):

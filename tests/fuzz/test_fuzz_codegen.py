@@ -10,7 +10,8 @@ A LoweringError (a layer no kernel family lowers) is tolerated but counted: the 
 writes only what the families are meant to lower, and the tests bound how often it happens.
 
 Bounded for CI: a fixed derandomized seed, a fixed number of examples per family, no deadline
-(NVRTC takes ~0.1-1 s a kernel). LF_FUZZ_EXAMPLES overrides the count for longer local runs.
+(NVRTC takes ~0.1-1 s a kernel). LF_FUZZ_EXAMPLES overrides the count and LF_FUZZ_SEED the
+seed, for longer local hunts.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 
 import layerforge as lf
 from layerforge.codegen.attention import plan_paged_attention
@@ -35,7 +36,8 @@ nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 ARCH = "sm_90"
 ROW_EXAMPLES = int(os.environ.get("LF_FUZZ_EXAMPLES", 60))
 ATTN_EXAMPLES = int(os.environ.get("LF_FUZZ_EXAMPLES", 40))
-FUZZ = dict(derandomize=True, deadline=None, database=None, print_blob=True,
+SEED = os.environ.get("LF_FUZZ_SEED")   # another fixed seed, for longer local hunts
+FUZZ = dict(derandomize=SEED is None, deadline=None, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 STATS: dict[str, Counter] = {"layer": Counter(), "attention": Counter()}
@@ -116,6 +118,11 @@ def reference_runs(layer, case: Case):
 
 # ---- the properties ----------------------------------------------------------------------
 
+def seeded(test):
+    return seed(int(SEED))(test) if SEED is not None else test
+
+
+@seeded
 @settings(max_examples=ROW_EXAMPLES, **FUZZ)
 @given(case=row_layers())
 def test_row_layers_build_or_fail_with_a_position(case):
@@ -132,6 +139,7 @@ def test_row_layers_build_or_fail_with_a_position(case):
     STATS["layer"]["built"] += 1
 
 
+@seeded
 @settings(max_examples=ATTN_EXAMPLES, **FUZZ)
 @given(case=attention_blocks())
 def test_attention_hooks_build_or_fail_with_a_position(case):

@@ -200,3 +200,20 @@ def test_fuzzed_row_layers_match_the_reference(case):
 @given(case=attention_blocks(gpu_safe=True))
 def test_fuzzed_attention_hooks_match_the_reference(case):
     run_attention_case(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [3, 4096])
+def test_i64_row_reductions_beyond_32_bits(h):
+    """The fuzzer's i64 reductions (tests/codegen/test_fuzz_regressions.py), on values past 2^32:
+    64-bit identities, and 64-bit partials shared across warps."""
+    from ..codegen.test_fuzz_regressions import WIDE_I64_REDUCTIONS
+    layer = lf.loads(WIDE_I64_REDUCTIONS, with_stdlib=False).specialise("r", H=h)
+    mod = LayerModule(layer, device="cuda")
+    gen = seeded_generator("i64 reductions", h)
+    big = (torch.randint(-2**20, 2**20, (9, h), generator=gen) * 2**21 - 2**41).cuda()
+    (ref,) = lf.evaluate(layer.function, {"big": big})
+    out = poisoned(ref.shape, ref.dtype, "cuda")
+    mod(big, out=(out,))
+    torch.cuda.synchronize()
+    compare("i64 reductions", out, ref, 0.0)
