@@ -174,10 +174,15 @@ class RowLowering:
 
     def _lead_shape(self) -> tuple:
         leads = [p.src[0].shape[:-1] for p in self.phases] or [self.fn.outputs[0].shape[:-1]]
-        lead = leads[0]
-        for l in leads[1:]:
-            if len(l) != len(lead) or not all(dims_equal(a, b) for a, b in zip(l, lead)):
+        lead = max(leads, key=len)   # shorter leads (an [H] weight's: none) broadcast over its rows
+        for l in leads:
+            if not all(dims_equal(a, b) for a, b in zip(l[::-1], lead[::-1])):
                 raise LoweringError(f"{self.fn.name}: reductions over rows of different shapes")
+        out = self.fn.outputs[0].shape[:-1] if self.fn.outputs else ()
+        if len(out) > len(lead) and all(dims_equal(a, b) for a, b in zip(lead[::-1], out[::-1])):
+            # the reduced rows broadcast over the outputs' (a reduction of an [H] weight): every
+            # output row reduces its own copy of them, as it loads broadcast operands
+            lead = out
         return lead
 
     def _vec_for(self, width: int) -> int:
@@ -756,7 +761,7 @@ class RowLowering:
         return self.cache[key]
 
     def _check_row_local(self, n: Node, idx: tuple):
-        lead = idx[:-1] if len(n.shape) == len(self.lead) + 1 else idx
+        lead = idx[:-1] if len(n.shape) <= len(self.lead) + 1 else idx   # fewer: broadcast over rows
         want = tuple(self.row_syms[-len(lead):]) if lead else ()
         if tuple(sympy.expand(a) for a in lead) != tuple(want):
             raise LoweringError(f"{self.fn.name}: a reduction is used outside its own row")

@@ -113,3 +113,22 @@ def test_i64_row_reductions_start_from_64_bit_identities_and_share_64_bit_slots(
     big = torch.tensor([[-2**40, 3, 2**35], [5, 6, 7]])
     (out,) = lf.evaluate(lf.loads(WIDE_I64_REDUCTIONS, with_stdlib=False).specialise("r", H=3).function, {"big": big})
     assert torch.equal(out, big - big.amax(-1, keepdim=True) + big.amin(-1, keepdim=True) + big.sum(-1, keepdim=True))
+
+
+WEIGHT_REDUCTION = """
+dims H
+dynamic N
+layer fz(x: T[N, H], wf: f32[H]) -> T[N, H] {
+    return T(softmax(wf, axis=-1) + max(wf, axis=-1) + f32(x) - sum(f32(x), axis=-1))
+}
+"""
+
+
+@pytest.mark.parametrize("h", [1, 8, 4096])
+def test_a_reduction_of_an_h_weight_broadcasts_over_the_rows(h):
+    """A reduction of an [H] weight has no rows of its own: it broadcasts over the outputs' rows
+    (each row reduces its copy). It was 'output [N, H] does not match the row space' (alone)
+    or 'reductions over rows of different shapes' (beside a reduction of x)."""
+    layer = lf.loads(WEIGHT_REDUCTION, with_stdlib=False).specialise("fz", H=h, dtype="bf16")
+    builds(layer)
+    assert plans_for_layer(layer, "sm_90")[0].describe()["rows"] == ["N"]

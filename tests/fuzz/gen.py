@@ -114,9 +114,9 @@ class RowExpr(_Expr):
 
     def convert(self, dtype: str, kind: str, depth: int, force_leaf: bool = False) -> str:
         """A cast into `dtype` from another dtype (or a reduction for "stat")."""
-        if kind == "stat" and dtype in ("f32", "T", "i32") and not force_leaf and self.chance(0.5):
+        if kind == "stat" and dtype != "bool" and not force_leaf and self.chance(0.5):
             return self.reduction(dtype, depth)
-        others = [d for d in ("T", "f32", "i32", "i64") if d != dtype]
+        others = [d for d in ("T", "f32", "i32", "i64", "bool") if d != dtype]
         for _ in range(4):
             src = self.pick(others)
             if (src, kind) in self.leaves or not force_leaf:

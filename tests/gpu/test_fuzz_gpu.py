@@ -217,3 +217,12 @@ def test_i64_row_reductions_beyond_32_bits(h):
     mod(big, out=(out,))
     torch.cuda.synchronize()
     compare("i64 reductions", out, ref, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [1, 8, 4096])
+def test_reductions_of_an_h_weight_broadcast_over_the_rows(h):
+    """tests/codegen/test_fuzz_regressions.py: a weight's reduction beside a row's."""
+    from ..codegen.test_fuzz_regressions import WEIGHT_REDUCTION
+    case = Case(WEIGHT_REDUCTION, "fz", {"H": h}, "bf16", "layer")
+    run_row_case(case)
