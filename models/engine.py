@@ -121,8 +121,7 @@ class Engine:
         if self.graphs is not None and all(len(s.tokens) - s.fed == 1 for _, s in work):
             slots = [slot for slot, _ in work]
             tokens = [s.tokens[-1] for _, s in work]
-            for slot, s in work:
-                self.cache.allocate(slot, s.fed + 1)
+            self.cache.reserve(slots, [s.fed + 1 for _, s in work])
             logits = self.graphs.decode(tokens, slots)
             for _, s in work:
                 s.fed += 1
@@ -228,8 +227,7 @@ def _greedy_loop(engine: Engine, out: dict[int, list[int]], max_new_tokens: int,
             len(out[s]) + (s in ahead) < max_new_tokens for s in cur)
         nxt = None
         if launch:
-            for s in cur:
-                engine.cache.allocate(s, engine.seqs[s].fed + 1)
+            engine.cache.reserve(cur, [engine.seqs[s].fed + 1 for s in cur])
             toks = None if pending else [engine.seqs[s].tokens[-1] for s in cur]
             host, ev = graphs.decode_greedy(toks, cur)
             for s in cur:

@@ -233,6 +233,19 @@ class PagedKVCache:
         self._npages[s] = max(have, need)
         return self.pages(s)
 
+    def reserve(self, seq_ids, num_tokens) -> None:
+        """allocate() for many sequences at once: each seq_ids[i] gets pages for num_tokens[i]
+        tokens (an int: the same for all). Only sequences short of pages reach allocate(), so a
+        decode step's check costs a few numpy operations, whatever the batch."""
+        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        n = np.broadcast_to(np.asarray(num_tokens, dtype=np.int64), ids.shape)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.max_seqs):
+            bad = int(ids[(ids < 0) | (ids >= self.max_seqs)][0])
+            raise KVCacheError(f"seq_id {bad} is out of range [0, max_seqs={self.max_seqs})")
+        short = np.flatnonzero(-(-n // self.page_size) > self._npages[ids])
+        for i in short.tolist():
+            self.allocate(int(ids[i]), int(n[i]))
+
     def free(self, seq_id: int) -> None:
         """Return sequence `seq_id`'s pages to the free list; its length becomes 0."""
         s = self._seq(seq_id)
@@ -335,8 +348,11 @@ class PagedKVCache:
         step: it reads seq_lens, writes each token at its sequence's length and increments it)
         appended one token to each of these distinct sequences. Checked like an append: each
         must have a page for its new position (allocate() first); nothing changes on an error."""
-        ids = np.asarray([self._seq(s) for s in seq_ids], dtype=np.int64)
-        if np.unique(ids).size != ids.size:
+        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.max_seqs):
+            bad = int(ids[(ids < 0) | (ids >= self.max_seqs)][0])
+            raise KVCacheError(f"seq_id {bad} is out of range [0, max_seqs={self.max_seqs})")
+        if len(set(ids.tolist())) != ids.size:
             raise KVCacheError("advance_host: a sequence appears twice in one step")
         short = np.flatnonzero(self._lens[ids] >= self._npages[ids] * self.page_size)
         if short.size:

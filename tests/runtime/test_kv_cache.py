@@ -368,3 +368,22 @@ def test_model_steps_write_every_layer_once_planned():
         c.write(step, 0, ks[0], vs[0])
     with pytest.raises(KVCacheError, match="layer 3 is out of range"):
         c.write(step, 3, ks[0][:2], vs[0][:2])
+
+
+def test_reserve_and_advance_host():
+    c = PagedKVCache(8, 4, H, D, torch.float32, "cpu", 3, 4)
+    c.reserve([0, 2], [5, 1])
+    assert len(c.pages(0)) == 2 and len(c.pages(2)) == 1 and c.pages(1) == []
+    c.reserve([0, 2], 4)            # already enough: nothing allocated
+    assert c.num_free_pages == 5
+    c.advance_host([0, 2])
+    assert c.seq_len(0) == 1 and c.seq_len(2) == 1
+    with pytest.raises(KVCacheError, match="appears twice"):
+        c.advance_host([0, 0])
+    with pytest.raises(KVCacheError, match="out of range"):
+        c.reserve([3], 1)
+    for _ in range(3):
+        c.advance_host([2])
+    with pytest.raises(KVCacheError, match="no page for position 4"):
+        c.advance_host([2])
+    assert c.seq_len(2) == 4
