@@ -1,0 +1,48 @@
+"""The split-KV count of the tensor-core decode kernel: the heuristic's choice against a sweep,
+per (batch, context), graph replays (the launch cost out), Llama-3-8B heads (GQA 32/8, D 128).
+
+    python -m benchmarks.bench_splits
+"""
+from __future__ import annotations
+
+import torch
+
+from layerforge.dsl.program import Program
+from layerforge.runtime.attention import PagedAttention
+
+from .bench_rows import bench
+
+
+def case(attn, batch, ctx, splits):
+    hq, hkv, d, page = 32, 8, 128, 16
+    pages_per = ctx // page
+    total = batch * pages_per
+    kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(total, device="cuda").to(torch.int32).view(batch, pages_per)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
+    q_pos = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    run = lambda: attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out, num_splits=splits)
+    run()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return bench(g.replay)
+
+
+def main():
+    attn = PagedAttention(Program.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), page_size=16)
+    print(f"{'batch x ctx':>12} {'heuristic':>12} {'best':>16}  sweep (splits: us)")
+    for batch, ctx in ((1, 2048), (1, 4096), (1, 16384), (4, 2048), (8, 2048), (8, 4096), (16, 1024), (32, 2048)):
+        base = case(attn, batch, ctx, None) * 1e6
+        sweep = {s: case(attn, batch, ctx, s) * 1e6 for s in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64) if s * 64 <= ctx}
+        best = min(sweep, key=sweep.get)
+        print(f"{batch:>5} x {ctx:<5} {base:>10.1f}us {best:>4} -> {sweep[best]:>6.1f}us  "
+              + " ".join(f"{s}:{t:.1f}" for s, t in sweep.items()))
+
+
+if __name__ == "__main__":
+    main()
