@@ -242,7 +242,7 @@ def _rope(ck, st: ast.AttnCall, args, scope, head_dim) -> RopeSpec | None:
         return None
     model = ck.bindings.rope_scaling
     if model is not None:
-        if scaling is not None:
+        if scaling is not None and scaling != model:   # the same scaling (llama3 consts from the config) agrees
             ck.error(st.span, f"rope(...) sets its own frequency scaling ({scaling.rope_type}) and the model's "
                               f"config gives rope type '{model.rope_type}'")
             return None

@@ -52,12 +52,22 @@ ROPE_SCALING = "rope_scaling"
 
 
 def dims_from_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters."""
+    """Read a model's config.json (dict or path) into DSL bindings: dims and const parameters.
+
+    A config whose model_type the family registry knows (models/families.py) binds what its
+    ModelSpec says: dims, the attention consts every layer shares (window 0: none), the model's
+    RoPE scaling and `eps` (the norms' runtime scalar); a config it cannot serve is a
+    ConfigError (a ValueError) naming the key. Other configs are read through HF_CONFIG_NAMES."""
+    if hasattr(config, "to_dict") and not isinstance(config, Mapping):
+        config = config.to_dict()
     if not isinstance(config, Mapping):
         config = json.loads(Path(config).read_text())
     cfg = dict(config)
     if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):
         cfg = {**cfg, **cfg["text_config"]}
+    from ..models import families   # models.families imports no dsl module at import time
+    if cfg.get("model_type") in families.FAMILIES:
+        return families.bindings_from_spec(families.spec_from_config(cfg))
     # transformers 5 keeps RoPE settings in `rope_parameters` (older configs: `rope_scaling`)
     out: dict[str, Any] = {}
     for nested in ("rope_parameters", "rope_scaling"):
@@ -231,7 +241,8 @@ class Program:
         fn = ck.build(name, Bindings(all_dims, dtype, bound_consts, rope_scaling))
         sink.raise_if_any(self.sources)
         assert fn is not None
-        if rope_scaling is not None and _rotates(d) and not _applies(fn, rope_scaling):
+        if rope_scaling is not None and _rotates(d) and not _applies(fn, rope_scaling) \
+                and not _own_llama3(bound_consts, rope_scaling):
             raise DSLError([Diagnostic(d.name_span, f"the model's RoPE scaling '{rope_scaling.rope_type}' is not "
                                                     f"applied by '{name}', which rotates by position (its "
                                                     "frequencies are plain theta or llama3 consts)")], self.sources)
@@ -265,6 +276,16 @@ def _rotates(d) -> bool:
 def _applies(fn: Function, scaling) -> bool:
     from .ir import Op
     return any(n.op is Op.ATTENTION and n.arg.rope is not None and n.arg.rope.scaling == scaling for n in fn.nodes())
+
+
+def _own_llama3(consts: Mapping[str, Any], scaling) -> bool:
+    """A definition whose llama3 rope consts (LLAMA3_ROPE_NAMES, as a config binds them) give the
+    model's llama3 scaling: it applies it itself (the rope_llama3 row)."""
+    if getattr(scaling, "rope_type", None) != "llama3" or not all(n in consts for n in LLAMA3_ROPE_NAMES.values()):
+        return False
+    fields = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+              "high_freq_factor": "rope_high_freq_factor", "original_max_position": "rope_original_max_position"}
+    return all(float(getattr(scaling, f)) == float(consts[n]) for f, n in fields.items())
 
 
 def _used_dims(fn: Function) -> set[str]:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dims", action="append", help="NAME=VALUE[,NAME=VALUE]: dims and const parameters")
     b.add_argument("--dtype", default="bf16", help="the dtype parameter T (default bf16)")
     b.add_argument("--arch", help="target, e.g. sm_90 (default: this machine's GPU)")
-    b.add_argument("--layers", help="comma-separated layer names (default: all that fit the model)")
+    b.add_argument("--layers", help="comma-separated layer names (default: with a config of a known model_type "
+                                    "and no FILE, the definitions that model uses; else all that fit the model)")
     b.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page (attention kernels)")
     b.add_argument("--kv-dtype", choices=["bf16", "f16"],
                    help="dtype of the attention kernels and their KV cache (default: --dtype)")

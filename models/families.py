@@ -371,13 +371,14 @@ def falcon(c: _Config) -> ModelSpec:
                               "new_decoder_architecture (transformers cannot run it)")
         residual = "parallel_shared" if parallel else "sequential"
     if c.bool("alibi", False):
-        # Falcon adds ALiBi to q.k before the 1/sqrt(D) scaling (bloom_attn adds it after):
-        # slopes / sqrt(D), which no max_bias of bloom_attn gives
-        raise c.error("'alibi' true is not supported (Falcon scales its ALiBi biases by 1/sqrt(head_dim); "
-                      "bloom_attn does not)")
-    theta, rotary, scaling = c.rope(D)
-    attention = _decoder_attention(n, theta, rotary, scaling)
-    positions = "rope"
+        # Falcon adds ALiBi to q.k before the 1/sqrt(D) scaling (BLOOM after it): its own block
+        attention = tuple(AttentionSpec(definition="falcon_alibi_attn", consts=(("max_bias", 8.0),))
+                          for _ in range(n))
+        positions = "alibi"
+    else:
+        theta, rotary, scaling = c.rope(D)
+        attention = _decoder_attention(n, theta, rotary, scaling)
+        positions = "rope"
     bias = c.bool("bias", False)
     return ModelSpec(
         model_type="falcon", **base, num_kv_heads=Hkv, head_dim=D,
@@ -743,6 +744,8 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
         values = [b.get(key, _MISSING) for b in per_layer]
         if all(v == values[0] for v in values) and values[0] is not _MISSING:
             out[key] = values[0]
+    if out.get("rotary_dim") == 0:   # the whole head: decoder_attn's 0, the rope row's default D
+        del out["rotary_dim"]
     scaling = out.get("rope_scaling")
     if scaling is not None and scaling[0].get("rope_type") == "llama3":
         from ..dsl.program import LLAMA3_ROPE_NAMES

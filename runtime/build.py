@@ -27,37 +27,54 @@ from .pack import MANIFEST_FORMAT
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
                     names: list[str] | None = None, page_size: int = 16, cache=None,
-                    kv_dtype: str | None = None, progress: Callable[[str], None] | None = None
+                    kv_dtype: str | None = None, progress: Callable[[str], None] | None = None,
+                    definitions: list[tuple[str, dict[str, Any]]] | None = None
                     ) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover (codegen.families decides
     which kernels a definition needs; shared ones, like a KV append, appear once); the others
     with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`).
     An unknown name in `names` is a ValueError before anything is planned. Planning an
     attention block compiles its tile candidates, which takes seconds: `progress` gets a line
-    per definition."""
+    per definition.
+
+    `definitions` (instead of `names`): (name, bindings) pairs, each specialised with its own
+    bindings over `bindings` (models.families.definitions_for: a model's definitions, an
+    attention block once per const set); a name given twice is reported as `name[i]`."""
     from .launch import compile_fn
-    names = list(names) if names else program.names
-    check_definition_names(program, names)
+    if definitions is None:
+        names = list(names) if names else program.names
+        definitions = [(n, {}) for n in names]
+    elif names:
+        raise ValueError("plans_for_model: give names or definitions, not both")
+    check_definition_names(program, [n for n, _ in definitions])
     say = progress or (lambda s: None)
     plans, skipped = [], {}
     seen: set[str] = set()
     tile_compile = compile_fn(cache)
-    for i, name in enumerate(names, 1):
+    counts: dict[str, int] = {}
+    for n, _ in definitions:
+        counts[n] = counts.get(n, 0) + 1
+    index: dict[str, int] = {}
+    for i, (name, own) in enumerate(definitions, 1):
         t0 = time.perf_counter()
+        label = name
+        if counts[name] > 1:
+            index[name] = index.get(name, 0) + 1
+            label = f"{name}[{index[name]}]"
         try:
             is_attention = isinstance(program.definition(name), AttentionDef)
             t = (kv_dtype or dtype) if is_attention else dtype
-            layer = program.specialise(name, dtype=t, **program.bindings_for(name, bindings))
+            layer = program.specialise(name, dtype=t, **program.bindings_for(name, {**bindings, **own}))
             for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile):
                 if plan.key not in seen:
                     seen.add(plan.key)
                     plans.append(plan)
         except DSLError as e:
-            skipped[name] = f"not specialisable for this model: {e.diagnostics[0].message}"
+            skipped[label] = f"not specialisable for this model: {e.diagnostics[0].message}"
         except LoweringError as e:
-            skipped[name] = str(e)
-        say(f"[plan {i}/{len(names)}] {name:40s} "
-            + ("skipped" if name in skipped else f"{time.perf_counter() - t0:5.2f} s"))
+            skipped[label] = str(e)
+        say(f"[plan {i}/{len(definitions)}] {label:40s} "
+            + ("skipped" if label in skipped else f"{time.perf_counter() - t0:5.2f} s"))
     return plans, skipped
 
 
@@ -78,7 +95,8 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
-          kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False) -> dict:
+          kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False,
+          definitions: list[tuple[str, dict[str, Any]]] | None = None) -> dict:
     t0 = time.perf_counter()
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan, plan_cache_key
@@ -89,7 +107,8 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     cache = cache or default_cache()
     say = progress or (lambda s: None)
     already_compiled = cache.compiled_keys()   # by this process, before this build
-    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say)
+    plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say,
+                                     definitions)
 
     def one(plan):
         src = plan.source()
@@ -152,6 +171,13 @@ def program_and_bindings(args) -> tuple[Program, dict[str, Any]]:
     or const parameter of the program, are ValueErrors naming it."""
     program = Program.from_file(args.file, with_stdlib=True) if args.file else Program.stdlib()
     bindings: dict[str, Any] = dims_from_config(read_config(args.config)) if args.config else {}
+    bindings.update(explicit_dims(program, args))
+    return program, bindings
+
+
+def explicit_dims(program: Program, args) -> dict[str, Any]:
+    """`--dims NAME=VALUE,...` as a dict (names checked against the program)."""
+    out: dict[str, Any] = {}
     for item in args.dims or []:
         for part in item.split(","):
             if not part.strip():
@@ -159,8 +185,22 @@ def program_and_bindings(args) -> tuple[Program, dict[str, Any]]:
             if "=" not in part:
                 raise SystemExit(f"--dims takes NAME=VALUE pairs, got {part!r}")
             k, v = part.split("=", 1)
-            bindings[_bindable_name(program, k.strip())] = _number(v.strip())
-    return program, bindings
+            out[_bindable_name(program, k.strip())] = _number(v.strip())
+    return out
+
+
+def model_definitions(program: Program, args) -> list[tuple[str, dict[str, Any]]] | None:
+    """What `build --config` builds without --layers or a DSL file, for a config whose model_type
+    models/families.py knows: the definitions that model uses (definitions_for), each with its
+    bindings and `--dims` over them; None otherwise (every definition the bindings fit)."""
+    if not args.config or args.layers or args.file:
+        return None
+    from ..models import families
+    config = read_config(args.config)
+    if config.get("model_type") not in families.FAMILIES:
+        return None
+    extra = explicit_dims(program, args)
+    return [(name, {**b, **extra}) for name, b in families.definitions_for(families.spec_from_config(config))]
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -199,9 +239,11 @@ def cli_build(args) -> int:
     if names:
         check_definition_names(program, names)
     _check_writable(Path(args.output))
+    definitions = model_definitions(program, args)
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
-              page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt)
+              page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt,
+              definitions=definitions)
     n = len(m["kernels"])
     print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
     for name, why in m["skipped"].items():

@@ -314,12 +314,18 @@ class LayerModule(torch.nn.Module):
 def module(name: str, *, program=None, dims: dict | None = None, dtype: str | torch.dtype | None = None,
            config=None, arch: str | None = None, device=None, **kwargs) -> LayerModule:
     """Specialise a (standard-library) layer and wrap it: `module("rms_norm", H=4096, dtype="bf16", eps=1e-5)`;
-    `dtype` is a name ('bf16', 'bfloat16', ...) or a torch dtype (torch.bfloat16)."""
+    `dtype` is a name ('bf16', 'bfloat16', ...) or a torch dtype (torch.bfloat16). With a `config`
+    of a model_type models/families.py knows, `eps` defaults to the config's norm eps."""
     from ..dsl.program import Program
     prog = program or Program.stdlib()
     d = prog.definition(name)
     scalar_names = {p.name for p in d.params if not p.is_const and not hasattr(p.type, "dims")}
     scalars = {k: kwargs.pop(k) for k in list(kwargs) if k in scalar_names}
+    if config is not None and "eps" in scalar_names and "eps" not in scalars:
+        from ..dsl.program import dims_from_config
+        eps = dims_from_config(config).get("eps")   # a known model_type's norm eps
+        if eps is not None:
+            scalars["eps"] = eps
     layer = prog.specialise(name, dims=dims, dtype=_dtype_name(dtype), config=config, **kwargs)
     return LayerModule(layer, arch=arch, device=device, **scalars)
 
