@@ -638,6 +638,10 @@ class RowLowering:
             if n.arg in ops.LOGICAL:
                 return ops.LOGICAL[n.arg].format(a=a, b=b), "bool"
             table = ops.BINARY_FLOAT if n.dtype.is_float else ops.BINARY_INT
+            if n.dtype.is_float:   # integer operands (an int scalar's `n / 2` is f32) divide as floats
+                a, b = (f"(float)({v})" if s.dtype.is_int else v for v, s in zip((a, b), n.src))
+            elif n.arg == "pow" and n.src[1].op is Op.CONST:   # the checker's exponents: constants 0..64
+                return " * ".join([f"({ct})({a})"] * int(n.src[1].arg)) or f"({ct})1", ct
             if n.arg not in table:
                 raise LoweringError(f"operator {n.arg} on {n.dtype}")
             if n.dtype.is_int:   # both operands in the result's type: min/max and the floor helpers

@@ -86,8 +86,11 @@ class ScalarEmitter:
                 return self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
             if n.arg in ops.LOGICAL:
                 return self._let("bool", ops.LOGICAL[n.arg].format(a=a[0], b=a[1]))
-            if n.dtype.is_float:
-                return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=a[0], b=a[1]))
+            if n.dtype.is_float:   # integer operands (`kv_pos / 2` is f32) divide as floats, as in the reference
+                x, y = (f"(float)({v})" if s.dtype.is_int else v for v, s in zip(a, n.src))
+                return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=x, b=y))
+            if n.arg == "pow":   # the checker allows integer powers with a constant exponent 0..64 only
+                return self._let(ct, " * ".join([f"({ct})({a[0]})"] * int(n.src[1].arg)) or f"({ct})1")
             # both operands in the result's type: min/max and the floor helpers are overloaded or
             # templated on one integer type, so `min(int, long long)` would not resolve
             x, y = (f"({ct})({v})" for v in a)

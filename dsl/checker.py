@@ -619,6 +619,10 @@ class Checker(BuiltinRules):
                     return self.error(span, "'/' on integer tensors", "use '//' for integer division, or cast")
             if op == "pow" and dt.is_int and a.shape != ():
                 return self.error(span, "'**' on integer tensors is not supported")
+            if (op == "pow" and dt.is_int and not (a.op in (Op.CONST, Op.DIM) and b.op in (Op.CONST, Op.DIM))
+                    and not (b.op is Op.CONST and 0 <= b.arg <= 64)):
+                return self.error(span, "'**' on an integer needs a constant exponent from 0 to 64",
+                                  "cast to f32 first for a float power")
         shape = self.broadcast(a, b, span, what)
         if shape is None:
             return ERR

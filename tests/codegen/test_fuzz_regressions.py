@@ -132,3 +132,44 @@ def test_a_reduction_of_an_h_weight_broadcasts_over_the_rows(h):
     layer = lf.loads(WEIGHT_REDUCTION, with_stdlib=False).specialise("fz", H=h, dtype="bf16")
     builds(layer)
     assert plans_for_layer(layer, "sm_90")[0].describe()["rows"] == ["N"]
+
+
+INT_HOOK_ARITHMETIC = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention a(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    score = score + kv_pos / 2 - f32(q_pos ** 2) / 64.0
+}
+"""
+
+
+def test_hook_true_division_of_integers_and_integer_powers():
+    """`kv_pos / 2` is f32 (true division, as in the reference) but was emitted as C's integer
+    division; `q_pos ** 2` crashed the emitter (KeyError 'pow'). Integer powers take a constant
+    exponent 0..64 (else a positioned error)."""
+    layer = lf.loads(INT_HOOK_ARITHMETIC, with_stdlib=False).specialise("a", Hq=4, Hkv=4, D=64, dtype="bf16")
+    builds(layer)
+    from layerforge.codegen.attention import plan_paged_attention
+    src = plan_paged_attention(layer, "sm_90").source()
+    assert "((float)(kv_pos) / (float)(2))" in src and "(long long)(q_pos) * (long long)(q_pos)" in src
+    with pytest.raises(lf.DSLError, match=r"m.lf:5:\d+: error: '\*\*' on an integer needs a constant exponent"):
+        lf.loads(INT_HOOK_ARITHMETIC.replace("q_pos ** 2", "q_pos ** kv_pos"), "m.lf", with_stdlib=False)
+
+
+INT_SCALAR_ROW = """
+dims H
+dynamic N
+layer fz(x: f32[N, H], n: i32 = 3) -> f32[N, H] {
+    return x * (n / 2) + f32(n ** 2)
+}
+"""
+
+
+def test_row_true_division_of_an_int_scalar_and_its_integer_power():
+    """The row kernels' `n / 2` (f32) was C's integer division; `n ** 2` did not lower."""
+    layer = lf.loads(INT_SCALAR_ROW, with_stdlib=False).specialise("fz", H=8)
+    builds(layer)
+    src = plans_for_layer(layer, "sm_90")[0].source()
+    assert "((float)(s_n) / (float)(2))" in src and "(long long)(s_n) * (long long)(s_n)" in src
+    (out,) = lf.evaluate(layer.function, {"x": torch.ones(2, 8), "n": 3})
+    assert torch.equal(out, torch.full((2, 8), 10.5))

@@ -226,3 +226,11 @@ def test_reductions_of_an_h_weight_broadcast_over_the_rows(h):
     from ..codegen.test_fuzz_regressions import WEIGHT_REDUCTION
     case = Case(WEIGHT_REDUCTION, "fz", {"H": h}, "bf16", "layer")
     run_row_case(case)
+
+
+@pytest.mark.gpu
+def test_true_division_of_integers_and_integer_powers():
+    """tests/codegen/test_fuzz_regressions.py: `n / 2`, `kv_pos / 2` are float divisions; `** 2`."""
+    from ..codegen.test_fuzz_regressions import INT_HOOK_ARITHMETIC, INT_SCALAR_ROW
+    run_row_case(Case(INT_SCALAR_ROW, "fz", {"H": 8}, "f32", "layer"))
+    run_attention_case(Case(INT_HOOK_ARITHMETIC, "a", {"Hq": 4, "Hkv": 4, "D": 64}, "bf16", "attention"))
