@@ -4,8 +4,8 @@
 # Uses the python that has a CUDA build of torch. Wheels found in .whl/ (e.g. lark, for a
 # machine without network) are installed into a private folder first. Logs and the benchmark
 # JSON go to OUT_DIR (default out/gpu-check).
-# Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime tests/trt"; add e.g. "-n 8" with pytest-xdist), PYTEST_K (pytest -k),
-# SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only),
+# Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime tests/trt tests/models"; add e.g. "-n 8" with pytest-xdist), PYTEST_K (pytest -k),
+# SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only), SKIP_MODEL (bench_model only),
 # SKIP_DECODER (bench_decoder only), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
 # TEXT), PYTHON.
 set -uo pipefail
@@ -26,7 +26,7 @@ export LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee "$OUT_DIR/nvidia-smi.txt"
 status=0
 echo "== GPU tests"
-"$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-tests/gpu tests/runtime tests/trt} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
+"$PY" -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-tests/gpu tests/runtime tests/trt tests/models} 2>&1 | tee "$OUT_DIR/pytest-gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ]; then
     echo "== compute-sanitizer memcheck (row kernel, paged decode and chunked prefill, KV append)"
@@ -43,6 +43,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     [ -n "${SKIP_DECODER:-}" ] || "$PY" -m benchmarks.bench_decoder --no-compile --json "$OUT_DIR/bench_decoder.json" 2>&1 | tee "$OUT_DIR/bench_decoder.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     "$PY" -m benchmarks.bench_host 2>&1 | tee "$OUT_DIR/bench_host.txt"
+    # whole model (Llama-3-8B shape, 8 layers) beside transformers eager and compiled
+    [ -n "${SKIP_MODEL:-}" ] || "$PY" -m benchmarks.bench_model ${QUICK:+--no-compile} --json "$OUT_DIR/bench_model.json" 2>&1 | tee "$OUT_DIR/bench_model.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
