@@ -48,10 +48,11 @@ class ConfigError(ValueError):
 class AttentionSpec:
     """One layer's attention: the DSL definition and the const bindings it is specialised with.
 
-    definition: a stdlib attention block: "decoder_attn" (causal; RoPE over rotary_dim dims,
-    0 = none rotated... see dsl/stdlib/attention.lf), "bloom_attn" (ALiBi), "gpt2_attn" (no
-    positions in attention). consts: its const parameters (theta, rotary_dim, window,
-    softcap, query_scalar, max_bias). rope_scaling: the config's rope parameters for scaled
+    definition: a stdlib attention block (dsl/stdlib/attention.lf): "decoder_attn" (causal;
+    RoPE over the first rotary_dim dims of each head, 0 = all; window, softcap and
+    query_scalar 0 = none), "bloom_attn" (ALiBi), "falcon_alibi_attn" (ALiBi added before the
+    1/sqrt(D) scaling, as Falcon does), "gpt2_attn" (no positions in attention). consts: its
+    const parameters (theta, rotary_dim, window, softcap, query_scalar, max_bias). rope_scaling: the config's rope parameters for scaled
     RoPE (llama3, linear, yarn, ...) as (rope_parameters dict, max_position_embeddings), or None.
     """
     definition: str
