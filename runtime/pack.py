@@ -52,23 +52,47 @@ class Pack:
         return sorted({e["layer"] for e in self._entries if e["family"] in ("tc_attention", "paged_attention")})
 
     # ---- modules ----------------------------------------------------------------------------
-    def layer(self, name: str, *, device=None, **scalars: Any):
-        """The row layer `name` as a LayerModule (weights as parameters, CUDA tensors only)."""
+    def _select(self, entries: list[dict], name: str, dims: dict | None, consts: dict | None) -> list[dict]:
+        """The entries of one specialisation of `name`: those matching the given dims and consts;
+        several specialisations left (a model's norm at two widths, an attention block with two
+        const sets) is an error listing them, never a silent pick."""
+        want_d, want_c = dict(dims or {}), dict(consts or {})
+        entries = [e for e in entries if all(e.get("dims", {}).get(k) == v for k, v in want_d.items())
+                   and all(e.get("consts", {}).get(k) == v for k, v in want_c.items())]
+        variants = {(tuple(sorted(e.get("dims", {}).items())), tuple(sorted(e.get("consts", {}).items(), key=str)))
+                    for e in entries}
+        if len(variants) > 1:
+            listed = "; ".join(f"dims={dict(d)} consts={dict(c)}" for d, c in sorted(variants, key=str))
+            raise PackError(f"{self.root}: {name!r} is in the pack {len(variants)} times ({listed}): pass dims= "
+                            f"and/or consts= to pick one")
+        return entries
+
+    def layer(self, name: str, *, device=None, dims: dict | None = None, consts: dict | None = None,
+              **scalars: Any):
+        """The row layer `name` as a LayerModule (weights as parameters, CUDA tensors only).
+        dims / consts pick one specialisation where the pack has several."""
         from .layers import LayerModule
         entries = [e for e in self._entries if e["family"] == "row" and e["layer"] == name]
         if not entries:
             raise PackError(f"{self.root}: no row layer {name!r} in the pack (it has {', '.join(self.layers)})")
+        entries = self._select(entries, name, dims, consts)
+        if not entries:
+            raise PackError(f"{self.root}: no row layer {name!r} with dims={dims} consts={consts} in the pack")
         images = {e["vec_bytes"]: (self._cubin(e), KernelABI.from_json(e["kernels"][0]), e["rows"]) for e in entries}
         return LayerModule.from_images(name, entries[0]["interface"], images, arch=self.arch, device=device,
                                        **scalars)
 
-    def attention(self, name: str, **scalars: Any):
-        """The attention block `name` as a PagedAttention over the pack's kernels."""
+    def attention(self, name: str, *, dims: dict | None = None, consts: dict | None = None, **scalars: Any):
+        """The attention block `name` as a PagedAttention over the pack's kernels. dims / consts
+        pick one specialisation where the pack has several (e.g. Gemma-2's two windows)."""
         from .attention import PagedAttention
         entries = [e for e in self._entries if e["family"] in ("tc_attention", "paged_attention") and e["layer"] == name]
         if not entries:
             raise PackError(f"{self.root}: no attention block {name!r} in the pack "
                             f"(it has {', '.join(self.attention_blocks) or 'none'})")
+        entries = self._select(entries, name, dims, consts)
+        if not entries:
+            raise PackError(f"{self.root}: no attention block {name!r} with dims={dims} consts={consts} in the pack")
         images = {}
         for e in entries:
             mode = e.get("mode") if e["family"] == "tc_attention" else None

@@ -105,3 +105,23 @@ def test_pack_kernels_match_the_reference_with_nvrtc_hidden(pack_dir):
     r = run_case(pack_dir, "--run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "from the pack: ok" in r.stdout
+
+
+def test_a_name_built_twice_is_picked_by_dims_or_consts(tmp_path):
+    """A Qwen3 pack has rms_norm at the hidden size and at the head dim: the pack makes the
+    caller say which, instead of silently taking one."""
+    from layerforge.models.families import definitions_for, spec_from_config
+    from layerforge.runtime.build import build
+    spec = spec_from_config({"model_type": "qwen3", "vocab_size": 64, "hidden_size": 256, "intermediate_size": 512,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "head_dim": 64, "rms_norm_eps": 1e-6})
+    defs = [(n, b) for n, b in definitions_for(spec) if n == "rms_norm"]
+    assert len(defs) == 2
+    build(lf.stdlib(), {}, dtype="bf16", arch="sm_90", out_dir=tmp_path, definitions=defs)
+    pack = load_pack(tmp_path, check_device=False)
+    with pytest.raises(PackError, match=r"'rms_norm' is in the pack 2 times .*pass dims="):
+        pack.layer("rms_norm")
+    assert pack.layer("rms_norm", dims={"H": 64}).weight.shape == (64,)
+    assert pack.layer("rms_norm", dims={"H": 256}).weight.shape == (256,)
+    with pytest.raises(PackError, match="no row layer 'rms_norm' with dims"):
+        pack.layer("rms_norm", dims={"H": 128})
