@@ -109,8 +109,8 @@ class RowExpr(_Expr):
 
     def literal(self, dtype: str) -> str:
         if dtype in self.INTS:
-            return self.pick(["1", "2", "3", "-2", "7", "H", "c"])
-        return self.pick(["0.5", "2.0", "-1.25", "s", "cf", "1e-3", "3"])
+            return self.pick(["1", "2", "3", "-2", "7", "H", "c", "n", "n ** 2"])
+        return self.pick(["0.5", "2.0", "-1.25", "s", "cf", "1e-3", "3", "(n / 2)", "(c / 4)"])
 
     def convert(self, dtype: str, kind: str, depth: int, force_leaf: bool = False) -> str:
         """A cast into `dtype` from another dtype (or a reduction for "stat")."""
@@ -261,7 +261,7 @@ def row_layers(draw, gpu_safe: bool = False, max_depth: int = 3) -> Case:
     g.add("s", "f32", "scalar")
     g.add("c", "i32", "scalar")
     params = [f"{n}: {ROW_PARAMS[n][0]}" for n in names]
-    params += ["s: f32 = 0.5", "const c: int = 3", "const cf: f32 = 1.5", "const flag: bool = true"]
+    params += ["s: f32 = 0.5", "n: i32 = 3", "const c: int = 3", "const cf: f32 = 1.5", "const flag: bool = true"]
     stmts = []
     for i in range(draw(st.integers(0, 3))):
         dt = g.pick(["T", "f32", "i32", "i64", "bool"])
@@ -367,7 +367,9 @@ class HookExpr(_Expr):
         if r == 6:
             return f"where({self.expr('bool', depth + 1)}, {x()}, {x()})"
         if r == 7:
-            return f"f32({self.expr(self.pick(['i32', 'i64']), depth + 1)})"
+            return self.pick([f"f32({self.expr(self.pick(['i32', 'i64']), depth + 1)})",
+                              f"({self.expr(self.pick(['i32', 'i64']), depth + 1)} / {self.pick(['3', 'W', 'c'])})",
+                              f"f32({self.expr(self.pick(['i32', 'i64']), depth + 1)} ** 2) / 64.0"])
         if r == 8:
             return "(" + GUARDED_UNARY[self.pick(["exp", "log", "div", "sqrt", "pow"])].format(x=x(), y=x()) + ")"
         return self.leafy("f32")
