@@ -10,8 +10,8 @@ A LoweringError (a layer no kernel family lowers) is tolerated but counted: the 
 writes only what the families are meant to lower, and the tests bound how often it happens.
 
 Bounded for CI: a fixed derandomized seed, a fixed number of examples per family, no deadline
-(NVRTC takes ~0.1-1 s a kernel). LF_FUZZ_EXAMPLES overrides the count and LF_FUZZ_SEED the
-seed, for longer local hunts.
+(NVRTC takes ~0.1-1 s a kernel). LF_FUZZ_EXAMPLES overrides the count, LF_FUZZ_SEED the
+seed and LF_FUZZ_DEPTH the expression depth, for longer local hunts.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ ARCH = "sm_90"
 ROW_EXAMPLES = int(os.environ.get("LF_FUZZ_EXAMPLES", 60))
 ATTN_EXAMPLES = int(os.environ.get("LF_FUZZ_EXAMPLES", 40))
 SEED = os.environ.get("LF_FUZZ_SEED")   # another fixed seed, for longer local hunts
+DEPTH = int(os.environ.get("LF_FUZZ_DEPTH", 3))   # expression depth
 FUZZ = dict(derandomize=SEED is None, deadline=None, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
@@ -124,7 +125,7 @@ def seeded(test):
 
 @seeded
 @settings(max_examples=ROW_EXAMPLES, **FUZZ)
-@given(case=row_layers())
+@given(case=row_layers(max_depth=DEPTH))
 def test_row_layers_build_or_fail_with_a_position(case):
     layer = specialise(case)
     if layer is None:
@@ -141,7 +142,7 @@ def test_row_layers_build_or_fail_with_a_position(case):
 
 @seeded
 @settings(max_examples=ATTN_EXAMPLES, **FUZZ)
-@given(case=attention_blocks())
+@given(case=attention_blocks(max_depth=DEPTH))
 def test_attention_hooks_build_or_fail_with_a_position(case):
     layer = specialise(case)
     if layer is None:
