@@ -1,11 +1,13 @@
 """Row/pointwise kernels beside their peers, on one GPU, in one run.
 
-    python -m benchmarks.bench_rows [--quick] [--json out.json]
+    python -m benchmarks.bench_rows [--quick] [--json out.json] [--only swiglu] [--ab]
 
 Per kernel and token count: our time and GB/s (fewest bytes the op must move), torch eager,
 torch.compile, the library path where one exists (F.rms_norm), and the device-to-device
 copy ceiling measured in the same run; ratios ours/compile and ours/copy. Medians of
 triton.testing.do_bench; inputs rotate over several buffers when they would fit in L2.
+With --ab, kernels whose rows are split over several blocks (grid y) are also timed with
+one block per row (the plan before the split), in the same run.
 """
 from __future__ import annotations
 
@@ -40,6 +42,26 @@ def copy_ceiling() -> float:
 def write_results(path: str, ceiling: float, rows: list[dict]) -> None:
     with open(path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)
+
+
+def row_per_block(layer, like: LayerModule) -> LayerModule | None:
+    """`layer` as a module whose kernel has one block per row (RowPlan split=1), or None when
+    its plan does not split rows: the A/B of --ab."""
+    import functools
+    from layerforge.codegen.plan import plan_layer
+    from layerforge.runtime import layers as L
+    if int(plan_layer(layer, "sm_90").abi.grid[1]) == 1:
+        return None
+    mod = LayerModule(layer, device="cuda")
+    mod.load_state_dict(like.state_dict())
+    mod._scalars.update(like._scalars)
+    orig = L.plan_layer
+    L.plan_layer = functools.partial(orig, split=1)
+    try:   # loads the 16-byte aligned kernel now, with the patched plan; later calls reuse it
+        mod._launch_for(torch.device("cuda", torch.cuda.current_device()), 16)
+    finally:
+        L.plan_layer = orig
+    return mod
 
 
 def rms_eager(x, w, eps=1e-5):
@@ -120,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (its cold compiles take minutes)")
     ap.add_argument("--only", default=None, help="run the kernels whose name contains this text")
+    ap.add_argument("--ab", action="store_true", help="split rows: also time one block per row (split=1)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     prog = lf.stdlib()
@@ -177,6 +200,15 @@ def main(argv=None):
         print(f"{c['kernel']:22s} {c['model']:10s} {c['n']:6d} {ours*1e6:9.1f} {row['ours_TBps']:6.2f} {graph*1e6:9.1f} "
               f"{eager*1e6:9.1f} {comp*1e6:10.1f} {lib*1e6:8.1f} {row['ours_over_compile']:12.2f} "
               f"{row['ours_over_copy']:9.2f} {row['speedup_vs_eager']:8.1f}", flush=True)
+        one = row_per_block(c["layer"], mod) if a.ab else None
+        if one is not None:
+            t1 = bench(lambda: one(*nxt()))
+            again = bench(lambda: mod(*nxt()))   # ours again, after: drift between the two
+            row.update(row_per_block_s=t1, ours_again_s=again)
+            print(f"{'  1 block per row':22s} {'':10s} {'':6s} {t1*1e6:9.1f} {nbytes / t1 / 1e12:6.2f}   "
+                  f"(split again {again*1e6:.1f} us; split/1-per-row time {ours / t1:.3f}, {again / t1:.3f})",
+                  flush=True)
+            one = None
         inputs = g = None  # free the buffers before the next shape
         torch.cuda.empty_cache()
     if a.json:

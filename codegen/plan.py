@@ -91,12 +91,15 @@ class RowPlan(KernelPlan):
     layer: Layer
     arch: str              # "sm_90"
     vec_bytes: int = 16    # widest vector access; 0..16 (a plan with 2 serves unaligned tensors)
-    tpr: int | None = None # threads per row; None = chosen from the widths
+    tpr: int | None = None # threads per row (per block in split rows); None = chosen from the widths
+    split: int | None = None  # blocks per row (grid y), rows without reductions; None = chosen
+    #                            (wide rows split, others 1), 1 = one block per row
 
     @property
     def key(self) -> str:
         extra = [f"v{self.vec_bytes}"] if self.vec_bytes != 16 else []
         extra += [f"t{self.tpr}"] if self.tpr is not None else []
+        extra += [f"s{self.split}"] if self.split is not None else []
         return layer_key(self.layer, *extra, self.arch.replace("_", ""))
 
     def lowered(self) -> RowKernel:
@@ -110,7 +113,7 @@ class RowPlan(KernelPlan):
         k = self.lowered()
         return render("cuda/row_kernel.cu.jinja", kernel_name=self.kernel_name, plan_key=self.key,
                       common=read_template("cuda/common.cuh"), signature=self.abi.signature, tpr=k.tpr, rpb=k.rpb,
-                      smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
+                      split=k.split, smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": dict(self.layer.consts),
@@ -121,14 +124,14 @@ class RowPlan(KernelPlan):
 @functools.lru_cache(maxsize=512)
 def _lower(plan: RowPlan) -> RowKernel:
     return RowLowering(plan.layer.function, plan.kernel_name, max_vec_bytes=max(1, plan.vec_bytes),
-                       tpr=plan.tpr).lower()
+                       tpr=plan.tpr, split=plan.split).lower()
 
 
 @functools.lru_cache(maxsize=512)
 def _row_abi(plan: RowPlan) -> KernelABI:
     k = plan.lowered()
-    return KernelABI(name=plan.kernel_name, args=tuple(k.args), grid=(f"cdiv(rows, {k.rpb})",),
-                     block=(k.tpr, k.rpb), problem=("rows",))
+    grid = (f"cdiv(rows, {k.rpb})",) + ((str(k.split),) if k.split > 1 else ())
+    return KernelABI(name=plan.kernel_name, args=tuple(k.args), grid=grid, block=(k.tpr, k.rpb), problem=("rows",))
 
 
 def layer_interface(layer: Layer) -> dict[str, Any]:
@@ -162,10 +165,11 @@ def layer_key(layer: Layer, *suffix: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts + list(suffix)))
 
 
-def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None) -> RowPlan:
+def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None,
+               split: int | None = None) -> RowPlan:
     """The row-kernel plan for a specialised layer; raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
         raise LoweringError(f"{layer.name}: attention blocks use the attention kernel family")
-    plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr)
+    plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr, split=split)
     plan.lowered()  # fail early, with the reason
     return plan

@@ -2,7 +2,8 @@
 
 The kernel's *row space* is the leading dims of the rows that are reduced (or, with no
 reduction, of the first output); its *rows* are processed by TPR threads each (a warp or a
-block), RPB rows per block. A layer body becomes:
+block), RPB rows per block. Wide rows without reductions are split over SPLIT blocks
+(grid y), each taking one contiguous span of the columns. A layer body becomes:
 
   phases   one per reduction / top-k along the last axis, in dependency order: the
            threads of a row stride over the reduced row's columns, combine, and share the
@@ -51,6 +52,7 @@ class RowKernel:
     topk_smem: list[tuple[str, int]] = field(default_factory=list)   # (array name, k)
     lead_dims: tuple = ()
     uses: set = field(default_factory=set)
+    split: int = 1    # blocks per row (grid y): each takes one contiguous span of every output's columns
 
 
 def _pow2floor(n: int) -> int:
@@ -78,8 +80,15 @@ class RowLowering:
     MAX_TPR = 512
     TOPK_ITEMS = 16        # top-k rows: target candidates (elements) per lane, sub-warp path
     TOPK_MAX_ITEMS = 32    # past this many per lane (or 32 lanes), the shared-memory path
+    # Rows without reductions at least this wide (output elements) may be split over several
+    # blocks (grid y), each SPLIT_THREADS threads x SPLIT_ITEMS chunks (`_split_shape`).
+    SPLIT_MIN_WIDTH = 4096
+    SPLIT_THREADS = (256, 128)   # in order of preference
+    SPLIT_ITEMS = (2, 3, 4)      # 16-byte chunks per thread, in order of preference (narrower chunks: more)
+    MAX_GRID_Y = 65535
 
-    def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None):
+    def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None,
+                 split: int | None = None):
         self.fn = lower_composites(fn)
         self.name = kernel_name
         self.space = IndexSpace()
@@ -102,6 +111,9 @@ class RowLowering:
         self.max_vec_bytes = max_vec_bytes
         self.loops = self._loops()
         chunks = max([math.ceil(l.width / l.vec) for l in self.loops.values()] + [1])
+        # bytes of one chunk of the loop with the most chunks (16 unless alignment or an odd width narrows it)
+        self.chunk_bytes = max([(math.ceil(l.width / l.vec), l.vec * self.max_item) for l in self.loops.values()] +
+                               [(0, 16)])[1]
         widest = max([l.width for l in self.loops.values()] + [1])
         if tpr:
             self.tpr = tpr
@@ -120,6 +132,22 @@ class RowLowering:
             self.tpr = min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / self.ITEMS_PER_THREAD)))
             if not self.phases:
                 self.tpr = self._threads_for_whole_chunks(self.tpr, chunks)
+        self.split = 1
+        if split is not None and split > 1:
+            if self.phases:
+                raise LoweringError(f"{self.fn.name}: only rows without reductions split over blocks")
+            if split > self.MAX_GRID_Y:
+                raise LoweringError(f"{self.fn.name}: {split} blocks per row (grid y is at most {self.MAX_GRID_Y})")
+            self.split = split
+            if not tpr:
+                self.tpr = self._split_shape(chunks, split)[0]
+        elif split is None and not tpr and not self.phases and widest >= self.SPLIT_MIN_WIDTH:
+            # wide rows without reductions: many small blocks, not one large block per row
+            # (SwiGLU F 28672 at 4096 tokens: 4096 blocks of 512 threads, 3 per SM, left a
+            # partial last wave); a row that fits one such block keeps the row-per-block plan
+            shape = self._split_shape(chunks)
+            if shape is not None and shape[1] > 1:
+                self.tpr, self.split = shape
         # small rows: several per block; wide rows: one row per block (TPR >= 64 threads)
         self.rpb = max(1, 256 // self.tpr) if self.tpr < 64 else 1
         self.red_values: dict[int, str] = {}
@@ -140,6 +168,28 @@ class RowLowering:
         while chunks % t and t > 1 and math.ceil(chunks / (t // 2)) <= 2 * self.ITEMS_PER_THREAD:
             t //= 2
         return t if chunks % t == 0 else tpr
+
+    def _split_shape(self, chunks: int, split: int | None = None) -> tuple[int, int] | None:
+        """(threads, blocks per row) for a wide row without reductions: SPLIT_THREADS threads x
+        SPLIT_ITEMS chunks per block (or `split` blocks), the fewest idle chunk slots first, then
+        the order of preference. Chunks narrower than 16 bytes (vectors narrowed by alignment or
+        an odd width) count proportionally more per thread. Any column split is safe here: no
+        thread of a row reads another's values, each output element is computed from its own
+        index (slices, concatenations and gathers included). SwiGLU F 28672 (3584 chunks of 8
+        bf16): 256 threads x 2 chunks x 7 blocks; F 14336 (1792): 128 x 2 x 7; F 4096 (512):
+        256 x 2 x 1, so the row-per-block plan."""
+        best = None
+        per16 = max(1, 16 // self.chunk_bytes)
+        for ti, t in enumerate(self.SPLIT_THREADS):
+            for ci, c in enumerate(self.SPLIT_ITEMS):
+                s = split or math.ceil(chunks / (t * c * per16))
+                if s > self.MAX_GRID_Y:
+                    continue
+                slots = s * t * math.ceil(chunks / (t * s))
+                rank = ((slots - chunks) / slots, ti, ci)
+                if best is None or rank < best[0]:
+                    best = (rank, t, s)
+        return None if best is None else best[1:]
 
     # ---- analysis ------------------------------------------------------------------
     def _check_supported(self):
@@ -264,7 +314,7 @@ class RowLowering:
         nw = max(1, self.tpr // 32)
         return RowKernel(self.name, args, self.lines, self.tpr, self.rpb, smem_floats=self.rpb * nw,
                          topk_smem=[(v, k) for (v, _, k) in self.topk_arrays.values()],
-                         lead_dims=tuple(self.lead), uses=self.uses)
+                         lead_dims=tuple(self.lead), uses=self.uses, split=self.split)
 
     def _args(self) -> list[Arg]:
         args = []
@@ -302,21 +352,26 @@ class RowLowering:
         """Yield (chunk, elements): elements are (column expression, ok guard, element number).
 
         A thread's chunk k covers columns c0 + i, i < vec, with c0 = tid*vec + k*tpr*vec a
-        multiple of vec; c0's range is [0, width - vec] so index reasoning stays exact.
+        multiple of vec (plus blockIdx.y * span in split rows); c0's range is [0, width - vec]
+        where its guard holds, so index reasoning stays exact.
         In rows without reductions the chunk's vector loads go ahead of its arithmetic
         (`_place_load`).
         """
-        cb = f"cb{loop.vec}"
+        nchunks = math.ceil(loop.width / (loop.vec * self.tpr * self.split))
+        # split rows: block y takes the columns [y * span, (y + 1) * span) of every output
+        span = nchunks * self.tpr * loop.vec
+        cb = f"cb{loop.vec}" if self.split == 1 else f"cb{loop.vec}_{span}"
         if cb not in self.cache:
             self.cache[cb] = cb
-            self.lines.append(f"const int {cb} = tid * {loop.vec};")
-        nchunks = math.ceil(loop.width / (loop.vec * self.tpr))
+            first = "" if self.split == 1 else f"(int)blockIdx.y * {span} + "
+            self.lines.append(f"const int {cb} = {first}tid * {loop.vec};")
+        last = (self.split - 1) * span   # the first column of the last block's span
         for k in range(nchunks):
             base = k * self.tpr * loop.vec
             okv = f"ok_{loop.width}_{loop.vec}_{k}"
             key = ("col", loop.width, loop.vec, k)
             if key not in self.cache:
-                tail = (k + 1) * self.tpr * loop.vec > loop.width
+                tail = last + (k + 1) * self.tpr * loop.vec > loop.width
                 cond = f"row_ok && ({cb} + {base} < {loop.width})" if tail else "row_ok"
                 self.lines.append(f"const bool {okv} = {cond};")
                 name = f"c_{loop.width}_{loop.vec}_{k}"

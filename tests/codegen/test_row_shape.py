@@ -1,5 +1,7 @@
 """The thread shape and statement order of generated row kernels (no GPU needed): what
-benchmarks/NOTES.md measured for SwiGLU at Llama-3 8B/70B widths."""
+benchmarks/NOTES.md measured for SwiGLU at Llama-3 8B/70B widths. The row-per-block plan
+(split=1) is what wide rows without reductions had before they were split over blocks
+(tests/codegen/test_row_split.py)."""
 import pytest
 
 import layerforge as lf
@@ -11,13 +13,13 @@ def prog():
     return lf.stdlib()
 
 
-def lowered(prog, name, dtype="bf16", **dims):
-    return plan_layer(prog.specialise(name, dtype=dtype, **dims), "sm_90").lowered()
+def lowered(prog, name, dtype="bf16", split=None, **dims):
+    return plan_layer(prog.specialise(name, dtype=dtype, **dims), "sm_90", split=split).lowered()
 
 
 @pytest.mark.parametrize("width,threads", [(28672, 512), (14336, 256), (4096, 128)])
 def test_elementwise_rows_take_at_most_512_threads_and_whole_chunks(prog, width, threads):
-    k = lowered(prog, "swiglu", F=width)
+    k = lowered(prog, "swiglu", F=width, split=1)
     assert (k.tpr, k.rpb) == (threads, 1)
     chunks = width // 8                       # 16-byte chunks of bf16
     assert chunks % k.tpr == 0                # no partial last chunk
@@ -29,12 +31,13 @@ def test_rows_with_reductions_keep_four_chunks_per_thread(prog, width, threads):
     assert lowered(prog, "rms_norm", H=width).tpr == threads
 
 
-def test_elementwise_rows_return_early_and_load_full_chunks_unguarded(prog):
-    body = lowered(prog, "swiglu", F=28672).body
+@pytest.mark.parametrize("split,chunks", [(1, 7), (None, 2)])   # 512 x 7 chunks; 7 blocks of 256 x 2
+def test_elementwise_rows_return_early_and_load_full_chunks_unguarded(prog, split, chunks):
+    body = lowered(prog, "swiglu", F=28672, split=split).body
     assert "if (row >= n_rows) return;" in body
     assert "const bool row_ok = true;" in body
     guards = [line for line in body if line.startswith("const bool ok_")]
-    assert len(guards) == 7 and all(line.endswith("= row_ok;") for line in guards)   # 7 full chunks
+    assert len(guards) == chunks and all(line.endswith("= row_ok;") for line in guards)   # full chunks
 
 
 def test_rows_with_reductions_guard_rows_past_the_end(prog):
@@ -43,15 +46,16 @@ def test_rows_with_reductions_guard_rows_past_the_end(prog):
     assert not any("return;" in line for line in body)
 
 
-def test_each_chunk_loads_gate_and_up_before_its_arithmetic(prog):
-    body = lowered(prog, "swiglu", F=28672).body
+@pytest.mark.parametrize("split,threads", [(1, 512), (None, 256 * 7)])
+def test_each_chunk_loads_gate_and_up_before_its_arithmetic(prog, split, threads):
+    body = lowered(prog, "swiglu", F=28672, split=split).body
     chunks, current = [], []
     for line in body:
         current.append(line)
         if "lf_store_vec" in line:
             chunks.append(current)
             current = []
-    assert len(chunks) == 28672 // 8 // 512
+    assert len(chunks) == 28672 // 8 // threads
     for lines in chunks:
         loads = [i for i, l in enumerate(lines) if "lf_load_vec" in l]
         first_math = next(i for i, l in enumerate(lines) if "lf_silu" in l)
