@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # checkout folder -> where the wheel puts it (pyproject.toml's package-dir)
 STAGE_PACKAGES = {"layerforge": "layerforge", "grammars": "layerforge/grammars", "dsl": "layerforge/dsl",
                   "codegen": "layerforge/codegen", "templates": "layerforge/templates",
-                  "runtime": "layerforge/runtime"}
+                  "runtime": "layerforge/runtime", "models": "layerforge/models"}
 SHIPPED_SUFFIXES = {".py", ".lark", ".lf", ".jinja", ".cuh"}
 
 
@@ -46,4 +46,4 @@ def test_wheel_contains_package_data(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["27", "rms_norm_h64_f32_sm80"]
+    assert r.stdout.split() == ["32", "rms_norm_h64_f32_sm80"]
