@@ -37,13 +37,6 @@ def timed(fn, iters: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def copy_bandwidth() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    dt = timed(lambda: y.copy_(x), 20)
-    return 2 * x.numel() / dt
-
-
 def make_models(layers: int):
     import transformers
     from layerforge.models.families import canonical_state_dict, spec_from_config
@@ -162,7 +155,7 @@ def profile_decode(ours, context: int) -> None:
     eng = Engine(ours, max_seqs=1, max_seq_len=context + 64)
     eng.add(list(range(1, context + 1)))
     while eng.seqs[0].fed < context:
-        out = eng.step()
+        eng.step()
     eng.feed(0, 1)
     eng.step()
     eng.feed(0, 2)
@@ -212,7 +205,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
     args = ap.parse_args()
-    bw = copy_bandwidth()
+    from .bench_rows import copy_ceiling
+    bw = copy_ceiling()
     cfg, hf, ours, spec = make_models(args.layers)
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s  Llama-3-8B shape, {args.layers} layers, bf16, "
           f"context {args.context}")

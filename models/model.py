@@ -23,7 +23,6 @@ modules through the DSL's reference evaluator.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 

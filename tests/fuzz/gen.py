@@ -470,3 +470,13 @@ def attention_blocks(draw, gpu_safe: bool = False, max_depth: int = 3) -> Case:
              "W": draw(st.sampled_from([1, 4, 37]))}
     return Case(src, "fz", binds, draw(st.sampled_from(["bf16", "f16"])), "attention",
                 {t: TABLES[t] for t in tables})
+
+
+def random_tensor(dtype, shape, gen):
+    """A random input of a generated program's parameter (CPU; small ints, floats around 0)."""
+    import torch
+    if dtype.is_float:
+        return (torch.randn(shape, generator=gen) * 2).to(dtype.torch)
+    if dtype.name == "bool":
+        return torch.rand(shape, generator=gen) < 0.5
+    return torch.randint(-40, 41, shape, generator=gen).to(dtype.torch)

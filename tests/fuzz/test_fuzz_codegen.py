@@ -23,13 +23,11 @@ import torch
 from hypothesis import HealthCheck, given, seed, settings
 
 import layerforge as lf
-from layerforge.codegen.attention import plan_paged_attention
-from layerforge.codegen.attention_tc import plan_tc_attention
 from layerforge.codegen.families import plans_for_layer
 from layerforge.codegen.row import LoweringError
 from layerforge.dsl.errors import DSLError
 
-from .gen import Case, attention_blocks, row_layers
+from .gen import Case, attention_blocks, random_tensor, row_layers
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -69,14 +67,6 @@ def compile_all(plans):
 
 
 # ---- reference inputs ----------------------------------------------------------------------
-
-def random_tensor(dtype, shape, gen):
-    if dtype.is_float:
-        return (torch.randn(shape, generator=gen) * 2).to(dtype.torch)
-    if dtype.name == "bool":
-        return torch.rand(shape, generator=gen) < 0.5
-    return torch.randint(-40, 41, shape, generator=gen).to(dtype.torch)
-
 
 def row_inputs(layer, n: int, gen) -> dict:
     """Inputs of a specialised row layer: dynamic dims (N) bound to n, static ones as given."""

@@ -26,7 +26,7 @@ from layerforge.dsl.errors import DSLError
 from layerforge.runtime.attention import PagedAttention
 from layerforge.runtime.layers import LayerModule
 
-from ..fuzz.gen import Case, attention_blocks, row_layers
+from ..fuzz.gen import Case, attention_blocks, random_tensor, row_layers
 from ..seeding import seeded_generator
 
 EXAMPLES = int(os.environ.get("LF_FUZZ_GPU_EXAMPLES", 150))   # per family: a few hundred in all
@@ -43,14 +43,6 @@ def layer_of(case: Case):
     except DSLError as e:   # a positioned refusal: tests/fuzz checks these; nothing to run
         assert all(d.span.line > 0 for d in e.diagnostics), str(e)
         return None
-
-
-def random_tensor(dtype, shape, gen):
-    if dtype.is_float:
-        return (torch.randn(shape, generator=gen) * 2).to(dtype.torch)
-    if dtype.name == "bool":
-        return torch.rand(shape, generator=gen) < 0.5
-    return torch.randint(-40, 41, shape, generator=gen).to(dtype.torch)
 
 
 def poisoned(shape, dtype, device):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import layerforge as lf
 from layerforge.models.engine import Engine, generate
 
-from ..models.hf_tiny import make_tiny, tiny_configs
+from ..models.hf_tiny import tiny_configs, tiny_loader
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")
@@ -21,15 +20,7 @@ FAMILIES = sorted(tiny_configs())
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            hf = make_tiny(name, folder, head_dim=64)
-            cache[name] = hf.cuda(), lf.from_pretrained(folder, dtype=torch.bfloat16, device="cuda")
-        return cache[name]
-    return get
+    return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.bfloat16, device="cuda")
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 3e-2) -> None:

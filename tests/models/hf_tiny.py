@@ -54,3 +54,18 @@ def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=tor
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def tiny_loader(tmp_path_factory, *, head_dim: int, dtype, device: str):
+    """A module-scoped cache: name -> (transformers model on `device`, lf.from_pretrained of its
+    saved checkpoint in `dtype` on `device`), each family built once per test module."""
+    import layerforge as lf
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            hf = make_tiny(name, folder, head_dim=head_dim)
+            cache[name] = hf.to(device), lf.from_pretrained(folder, dtype=dtype, device=device)
+        return cache[name]
+    return get

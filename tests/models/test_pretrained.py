@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import layerforge as lf
 from layerforge.models.engine import Engine, EngineError, generate
 
-from .hf_tiny import make_tiny, tiny_configs
+from .hf_tiny import tiny_configs, tiny_loader
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,15 +17,7 @@ FAMILIES = sorted(tiny_configs())
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            hf = make_tiny(name, folder)
-            cache[name] = hf, lf.from_pretrained(folder, dtype=torch.float32, device="cpu")
-        return cache[name]
-    return get
+    return tiny_loader(tmp_path_factory, head_dim=16, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("name", FAMILIES)
