@@ -76,7 +76,7 @@ def attention_reference(ev, n: Node) -> torch.Tensor:
     scale = ev.value(spec.scale).to(cdt)
     s = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
 
-    b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    b_idx = (torch.arange(B, device=dev) + ev.batch_offset).view(B, 1, 1, 1)
     h_idx = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
     env = {
         "b": b_idx.to(torch.int32), "h": h_idx.to(torch.int32), "kv_h": (h_idx // group).to(torch.int32),

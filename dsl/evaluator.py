@@ -85,17 +85,19 @@ def _bind_dim(fn, pname, axis, d: sympy.Expr, n: int, dims: dict[str, int]) -> N
 
 def evaluate(fn: Function, inputs: Mapping[str, Any], *, precision: str = "program",
              q_positions: torch.Tensor | None = None, kv_positions: torch.Tensor | None = None,
-             k_rotated: bool = False) -> tuple[torch.Tensor, ...]:
+             k_rotated: bool = False, batch_offset: int = 0) -> tuple[torch.Tensor, ...]:
     """Run `fn` on `inputs` (a mapping from parameter name to tensor or scalar).
 
     Attention blocks: q_positions / kv_positions ([B, Sq] / [B, Skv]) place the queries and
     keys; k_rotated says that k already carries its RoPE rotation (as a paged cache stores it),
-    so only q is rotated."""
+    so only q is rotated; batch_offset is the batch index of the inputs' first entry, which hooks
+    reading `b` see (one sequence of a larger batch evaluated alone)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dims = bind_inputs(fn, inputs)
     ev = _Evaluator(fn, inputs, dims, precision == "float64", q_positions, kv_positions)
     ev.k_rotated = k_rotated
+    ev.batch_offset = int(batch_offset)
     return tuple(ev.value(o) for o in fn.outputs)
 
 
@@ -109,6 +111,7 @@ class _Evaluator:
         self.q_positions, self.kv_positions = q_positions, kv_positions
         self.attn_env: dict[str, torch.Tensor] = {}
         self.k_rotated = False
+        self.batch_offset = 0
 
     # ---- helpers
     def int_of(self, d) -> int:

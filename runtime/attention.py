@@ -311,7 +311,7 @@ class PagedAttention:
                 inputs[name] = _fit_table(t[b:b + 1] if shape[0] == "B" else t, shape, seq_dims)
             inputs.update({name: sc[name] for name in self.scalar_names})
             (o,) = evaluate(self.layer.function, inputs, q_positions=pos[None], kv_positions=torch.arange(length)[None],
-                            k_rotated=True)
+                            k_rotated=True, batch_offset=b)
             out[rows] = o[0].to(out.dtype)
         return out
 

@@ -161,7 +161,7 @@ def run_attention_case(case: Case, device: str = "cuda", kernels=("tc", "simt"))
                                 for x in dims)]
         ref = lf.evaluate(layer.function, ins, precision="float64",
                           q_positions=torch.arange(n - m, n, device=device)[None],
-                          kv_positions=torch.arange(n, device=device)[None])[0][0]
+                          kv_positions=torch.arange(n, device=device)[None], batch_offset=s)[0][0]
         refs.append(ref)
     for kernel in kernels:
         attn = PagedAttention(layer, page_size=16, kernel=kernel)
