@@ -70,3 +70,30 @@ def test_tables_that_disagree_on_a_dim_are_an_error(layer):
     with pytest.raises(lf.LayerInputError, match="'weight' dim 1 must be 32, got 33"):
         attn(torch.randn(1, 4, 64).bfloat16(), kc, vc, table, lens, torch.tensor([1], dtype=torch.int32),
              torch.tensor([19], dtype=torch.int32), max_kv_len=20, extra=extra)
+
+
+BATCH_MASK = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention by_batch(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    mask = b < h
+}
+"""
+
+
+def test_hooks_reading_b_see_the_sequence_index_on_cpu():
+    """The CPU path evaluates one sequence at a time; a hook reading `b` must still see the
+    sequence's batch index (it saw 0 for every sequence, so `b < h` masked nothing in sequence 1)."""
+    layer = lf.loads(BATCH_MASK).specialise("by_batch", Hq=4, Hkv=2, D=64, dtype="f32")
+    attn = PagedAttention(layer, arch="sm_90")
+    kc, vc, table, lens = cache([5, 20])
+    kc, vc = kc.float(), vc.float()
+    q = torch.randn(2, 4, 64)
+    out = attn(q, kc, vc, table, lens, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([4, 19], dtype=torch.int32),
+               max_kv_len=20)
+    k = torch.stack([kc[0:2].reshape(-1, 2, 64)[:20], kc[2:4].reshape(-1, 2, 64)[:20]])
+    v = torch.stack([vc[0:2].reshape(-1, 2, 64)[:20], vc[2:4].reshape(-1, 2, 64)[:20]])
+    (want,) = lf.evaluate(layer.function, {"q": q[1:][None].expand(2, -1, -1, -1), "k": k, "v": v},
+                          q_positions=torch.tensor([[19], [19]]), kv_positions=torch.arange(20).expand(2, 20), k_rotated=True)
+    torch.testing.assert_close(out[1], want[1, 0], rtol=1e-5, atol=1e-6)
+    assert (out[1, :2] == 0).all() and (out[1, 2:] != 0).any()   # heads 0, 1 fully masked in sequence 1
