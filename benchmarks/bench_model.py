@@ -112,7 +112,7 @@ def bench_generate(ours, batch: int, context: int, steps: int) -> float:
     return (time.perf_counter() - t - short) / steps
 
 
-def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool) -> float:
+def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool, profile: bool = False) -> float:
     import transformers
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     with torch.no_grad():
@@ -124,6 +124,14 @@ def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: boo
                 o = hf(input_ids=state["tok"], past_key_values=state["cache"], use_cache=True)
                 state["tok"] = o.logits[:, -1].argmax(-1, keepdim=True)
                 state["cache"] = o.past_key_values
+            if profile:
+                from torch.profiler import ProfilerActivity, profile as prof_
+                step()
+                with prof_(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
             return timed(step, steps)
         max_len = context + 3 * steps + 16
         try:
@@ -204,6 +212,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
+    ap.add_argument("--profile-hf", action="store_true", help="print the ops of transformers' eager decode step")
     args = ap.parse_args()
     from .bench_rows import copy_ceiling
     bw = copy_ceiling()
@@ -218,7 +227,7 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         full, replay = bench_ours_decode(ours, B, args.context, args.steps)
         gen = bench_generate(ours, B, args.context, 2 * args.steps)
-        eager = bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False)
+        eager = bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False, profile=args.profile_hf and B == 1)
         comp = float("nan") if args.no_compile else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
         roof = (weight_bytes(spec, B) + kv_bytes(spec, B, args.context)) / bw
         rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, generate_ms=gen * 1e3,

@@ -100,6 +100,7 @@ class Engine:
         del self.seqs[slot]
         self.cache.free(slot)
         self._free.append(slot)
+        self._free.sort(reverse=True)   # add() takes the lowest free slot: the same prompts get the same slots
 
     def length(self, slot: int) -> int:
         return len(self._get(slot).tokens)
@@ -184,8 +185,7 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
         return [[] for _ in prompts]
     stop = {int(t) for t in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or ())}
     greedy_graphs = not do_sample and cuda_graphs is not False and model.device.type == "cuda"
-    engine = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + max_new_tokens,
-                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+    engine = _engine_for(model, len(prompts), max(map(len, prompts)) + max_new_tokens, prefill_chunk, cuda_graphs)
     gen = None
     if do_sample and seed is not None:
         gen = torch.Generator(device=model.device)
@@ -211,6 +211,27 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
             else:
                 engine.feed(slot, tok)
     return [out[s] for s in slots]
+
+
+def _engine_for(model: DecoderModel, n: int, seq_len: int, prefill_chunk: int, cuda_graphs: bool | None) -> Engine:
+    """The model's generation engine, kept between calls so that its cache and captured graphs
+    are reused: rebuilt only when a call needs more sequences or a longer context than it has
+    (sizes rounded up to powers of two, so a few calls settle on one engine) or other graph
+    settings. `model.release_engine()` frees it."""
+    want_graphs = model.device.type == "cuda" and cuda_graphs is not False
+    engine = getattr(model, "_engine", None)
+    if engine is not None and (engine.seqs or engine.max_seqs < n or engine.max_seq_len < seq_len
+                               or (engine.graphs is not None) != want_graphs):
+        model.release_engine()
+        engine = None
+    if engine is None:
+        P = model.page_size
+        engine = Engine(model, max_seqs=1 << (n - 1).bit_length(),
+                        max_seq_len=max(P, 1 << (seq_len - 1).bit_length()),
+                        prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+        model._engine = engine
+    engine.prefill_chunk = prefill_chunk
+    return engine
 
 
 def _greedy_loop(engine: Engine, out: dict[int, list[int]], max_new_tokens: int, stop: set[int]) -> None:

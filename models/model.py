@@ -354,6 +354,14 @@ class DecoderModel(torch.nn.Module):
             prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
         return generate(self, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
+    def release_engine(self) -> None:
+        """Free the cache and CUDA graphs that generate() keeps for its next call."""
+        engine = self.__dict__.pop("_engine", None)
+        if engine is not None:
+            for slot in list(engine.seqs):
+                engine.release(slot)
+            engine.graphs = None
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of every position of a batch of prompts [B, S] (no cache kept): [B, S, V]."""

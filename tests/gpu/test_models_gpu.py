@@ -85,8 +85,16 @@ def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 17, 2, 9)]
     a = generate(ours, prompts, max_new_tokens=12)                      # graphs, tokens fed on the device
-    b = generate(ours, prompts, max_new_tokens=12, cuda_graphs=False)   # eager steps, tokens from the host
-    assert a == b and all(len(x) == 12 for x in a)
+    engine = ours._engine
+    captured = dict(engine.graphs._graphs)
+    assert captured
     stop = a[1][5]    # a sequence leaves while the others go on
     c = generate(ours, prompts, max_new_tokens=12, stop_tokens=[stop])
     assert c == [x[: x.index(stop) + 1] if stop in x else x for x in a]
+    # the next call reuses the engine and its graphs: nothing is captured again
+    assert generate(ours, prompts, max_new_tokens=12) == a
+    assert ours._engine is engine and engine.graphs._graphs.keys() == captured.keys()
+    assert all(engine.graphs._graphs[k] is captured[k] for k in captured)
+    b = generate(ours, prompts, max_new_tokens=12, cuda_graphs=False)   # eager steps, tokens from the host
+    assert a == b and all(len(x) == 12 for x in a)
+    ours.release_engine()

@@ -49,6 +49,19 @@ def test_batch_of_prompts_equals_each_alone(loaded, name):
     assert generate(ours, prompts, max_new_tokens=10, prefill_chunk=3) == together
 
 
+def test_generate_keeps_its_engine_between_calls(loaded):
+    _, ours = loaded("llama")
+    ours.release_engine()
+    a = generate(ours, [[1, 2, 3], [4, 5]], max_new_tokens=5)
+    engine = ours._engine
+    assert engine.max_seqs == 2 and engine.max_seq_len == 16 and not engine.seqs   # rounded up to a page
+    assert generate(ours, [[4, 5]], max_new_tokens=5)[0] == a[1] and ours._engine is engine   # fits: reused
+    assert generate(ours, [[1, 2, 3]] * 3, max_new_tokens=5) == [a[0]] * 3                      # more sequences
+    assert ours._engine is not engine and ours._engine.max_seqs == 4
+    ours.release_engine()
+    assert not hasattr(ours, "_engine")
+
+
 def test_sequences_join_and_leave_between_steps(loaded):
     _, ours = loaded("llama")
     g = torch.Generator().manual_seed(4)
