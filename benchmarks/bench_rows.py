@@ -6,7 +6,7 @@ Per kernel and token count: our time and GB/s (fewest bytes the op must move), t
 torch.compile, the library path where one exists (F.rms_norm), and the device-to-device
 copy ceiling measured in the same run; ratios ours/compile and ours/copy. Medians of
 triton.testing.do_bench; inputs rotate over several buffers when they would fit in L2.
-With --ab, kernels whose rows are split over several blocks (grid y) are also timed with
+With --ab, kernels whose rows are split over several blocks are also timed with
 one block per row (the plan before the split), in the same run.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def row_per_block(layer, like: LayerModule) -> LayerModule | None:
     import functools
     from layerforge.codegen.plan import plan_layer
     from layerforge.runtime import layers as L
-    if int(plan_layer(layer, "sm_90").abi.grid[1]) == 1:
+    if plan_layer(layer, "sm_90").lowered().split == 1:
         return None
     mod = LayerModule(layer, device="cuda")
     mod.load_state_dict(like.state_dict())

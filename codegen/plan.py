@@ -92,7 +92,7 @@ class RowPlan(KernelPlan):
     arch: str              # "sm_90"
     vec_bytes: int = 16    # widest vector access; 0..16 (a plan with 2 serves unaligned tensors)
     tpr: int | None = None # threads per row (per block in split rows); None = chosen from the widths
-    split: int | None = None  # blocks per row (grid y), rows without reductions; None = chosen
+    split: int | None = None  # blocks per row (consecutive blocks), rows without reductions; None = chosen
     #                            (wide rows split, others 1), 1 = one block per row
 
     @property
@@ -130,7 +130,7 @@ def _lower(plan: RowPlan) -> RowKernel:
 @functools.lru_cache(maxsize=512)
 def _row_abi(plan: RowPlan) -> KernelABI:
     k = plan.lowered()
-    grid = (f"cdiv(rows, {k.rpb})",) + ((str(k.split),) if k.split > 1 else ())
+    grid = (f"rows * {k.split}",) if k.split > 1 else (f"cdiv(rows, {k.rpb})",)   # split: one row per block
     return KernelABI(name=plan.kernel_name, args=tuple(k.args), grid=grid, block=(k.tpr, k.rpb), problem=("rows",))
 
 

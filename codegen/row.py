@@ -2,8 +2,10 @@
 
 The kernel's *row space* is the leading dims of the rows that are reduced (or, with no
 reduction, of the first output); its *rows* are processed by TPR threads each (a warp or a
-block), RPB rows per block. Wide rows without reductions are split over SPLIT blocks
-(grid y), each taking one contiguous span of the columns. A layer body becomes:
+block), RPB rows per block. Wide rows without reductions are split over SPLIT blocks, each
+taking one contiguous span of the columns; block x is part x % SPLIT of row x / SPLIT, so
+consecutive blocks walk memory in order (a grid y of parts ran the blocks down a column of
+parts, rows apart: 4% slower at 32768 tokens, benchmarks/NOTES.md). A layer body becomes:
 
   phases   one per reduction / top-k along the last axis, in dependency order: the
            threads of a row stride over the reduced row's columns, combine, and share the
@@ -52,7 +54,7 @@ class RowKernel:
     topk_smem: list[tuple[str, int]] = field(default_factory=list)   # (array name, k)
     lead_dims: tuple = ()
     uses: set = field(default_factory=set)
-    split: int = 1    # blocks per row (grid y): each takes one contiguous span of every output's columns
+    split: int = 1    # blocks per row (consecutive blocks): each takes one contiguous span of every output's columns
 
 
 def _pow2floor(n: int) -> int:
@@ -81,11 +83,11 @@ class RowLowering:
     TOPK_ITEMS = 16        # top-k rows: target candidates (elements) per lane, sub-warp path
     TOPK_MAX_ITEMS = 32    # past this many per lane (or 32 lanes), the shared-memory path
     # Rows without reductions at least this wide (output elements) may be split over several
-    # blocks (grid y), each SPLIT_THREADS threads x SPLIT_ITEMS chunks (`_split_shape`).
+    # blocks (consecutive in grid x), each SPLIT_THREADS threads x SPLIT_ITEMS chunks (`_split_shape`).
     SPLIT_MIN_WIDTH = 4096
     SPLIT_THREADS = (256, 128)   # in order of preference
     SPLIT_ITEMS = (2, 3, 4)      # 16-byte chunks per thread, in order of preference (narrower chunks: more)
-    MAX_GRID_Y = 65535
+    MAX_SPLIT = 65535
 
     def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None,
                  split: int | None = None):
@@ -136,8 +138,8 @@ class RowLowering:
         if split is not None and split > 1:
             if self.phases:
                 raise LoweringError(f"{self.fn.name}: only rows without reductions split over blocks")
-            if split > self.MAX_GRID_Y:
-                raise LoweringError(f"{self.fn.name}: {split} blocks per row (grid y is at most {self.MAX_GRID_Y})")
+            if split > self.MAX_SPLIT:
+                raise LoweringError(f"{self.fn.name}: {split} blocks per row (at most {self.MAX_SPLIT})")
             self.split = split
             if not tpr:
                 self.tpr = self._split_shape(chunks, split)[0]
@@ -183,7 +185,7 @@ class RowLowering:
         for ti, t in enumerate(self.SPLIT_THREADS):
             for ci, c in enumerate(self.SPLIT_ITEMS):
                 s = split or math.ceil(chunks / (t * c * per16))
-                if s > self.MAX_GRID_Y:
+                if s > self.MAX_SPLIT:
                     continue
                 slots = s * t * math.ceil(chunks / (t * s))
                 rank = ((slots - chunks) / slots, ti, ci)
@@ -294,7 +296,11 @@ class RowLowering:
         args = self._args()
         L = self.lines
         L.append("const int tid = threadIdx.x;")
-        L.append(f"const long long row = (long long)blockIdx.x * {self.rpb} + threadIdx.y;")
+        if self.split > 1:   # one row per block (tpr >= 64): part blockIdx.x % split of row blockIdx.x / split
+            L.append(f"const long long row = (long long)(blockIdx.x / {self.split}u);")
+            L.append(f"const int part = (int)(blockIdx.x % {self.split}u);")
+        else:
+            L.append(f"const long long row = (long long)blockIdx.x * {self.rpb} + threadIdx.y;")
         if self.phases:
             L.append("const bool row_ok = row < n_rows;")
         else:
@@ -352,18 +358,18 @@ class RowLowering:
         """Yield (chunk, elements): elements are (column expression, ok guard, element number).
 
         A thread's chunk k covers columns c0 + i, i < vec, with c0 = tid*vec + k*tpr*vec a
-        multiple of vec (plus blockIdx.y * span in split rows); c0's range is [0, width - vec]
+        multiple of vec (plus part * span in split rows); c0's range is [0, width - vec]
         where its guard holds, so index reasoning stays exact.
         In rows without reductions the chunk's vector loads go ahead of its arithmetic
         (`_place_load`).
         """
         nchunks = math.ceil(loop.width / (loop.vec * self.tpr * self.split))
-        # split rows: block y takes the columns [y * span, (y + 1) * span) of every output
+        # split rows: part y takes the columns [y * span, (y + 1) * span) of every output
         span = nchunks * self.tpr * loop.vec
         cb = f"cb{loop.vec}" if self.split == 1 else f"cb{loop.vec}_{span}"
         if cb not in self.cache:
             self.cache[cb] = cb
-            first = "" if self.split == 1 else f"(int)blockIdx.y * {span} + "
+            first = "" if self.split == 1 else f"part * {span} + "
             self.lines.append(f"const int {cb} = {first}tid * {loop.vec};")
         last = (self.split - 1) * span   # the first column of the last block's span
         for k in range(nchunks):

@@ -1,4 +1,4 @@
-"""Wide rows without reductions split over several blocks (grid y) (no GPU needed): the plan
+"""Wide rows without reductions split over several consecutive blocks (no GPU needed): the plan
 and its ABI, NVRTC compiles without spills, and, by running the generated column
 statements in Python for every (block y, thread), each output element of a row stored
 exactly once, every load and store inside the row, at odd widths and narrowed vectors too."""
@@ -42,20 +42,19 @@ def plan(prog, name, dtype="bf16", vec_bytes=16, split=None, **dims):
     ("swiglu", 10000, 128, 5),     # 1250 chunks: 128 x 2 x 5 (1280 slots)
     ("swiglu", 4097, 128, 3),      # odd: 4097 chunks of one element, 128 x 11 x 3
 ])
-def test_wide_rows_without_reductions_split_over_grid_y(prog, name, F, threads, blocks):
+def test_wide_rows_without_reductions_split_over_consecutive_blocks(prog, name, F, threads, blocks):
     p = plan(prog, name, F=F)
     k = p.lowered()
     assert (k.tpr, k.rpb, k.split) == (threads, 1, blocks)
-    assert p.abi.grid == ("cdiv(rows, 1)", str(blocks), "1") and p.abi.block == (threads, 1, 1)
-    assert p.abi.grid_for(4096) == (4096, blocks, 1) and p.abi.grid_for(rows=1) == (1, blocks, 1)
+    assert p.abi.grid == (f"rows * {blocks}", "1", "1") and p.abi.block == (threads, 1, 1)
+    assert p.abi.grid_for(4096) == (4096 * blocks, 1, 1) and p.abi.grid_for(rows=1) == (blocks, 1, 1)
     assert p.abi.problem == ("rows",)
     # every consumer of the grid reads it from the ABI: the manifest, the TensorRT plugins
     assert KernelABI.from_json(p.abi.to_json()) == p.abi
-    assert [trt_exprs.c_int(g) for g in p.abi.grid] == ["lf_cdiv(v_rows, int64_t(1))", f"int64_t({blocks})",
-                                                       "int64_t(1)"]
-    assert trt_exprs.python(p.abi.grid[1]) == str(blocks)
+    assert [trt_exprs.c_int(g) for g in p.abi.grid] == [f"(v_rows * int64_t({blocks}))", "int64_t(1)", "int64_t(1)"]
+    assert trt_exprs.python(p.abi.grid[0]) == f"(v_rows * {blocks})"
     src = p.source()
-    assert f"// grid.y = {blocks}:" in src and "blockIdx.y" in src
+    assert f"// grid.x = rows x {blocks}:" in src and f"blockIdx.x % {blocks}u" in src and "blockIdx.y" not in src
     # the signature is the row-per-block kernel's
     assert p.abi.signature == plan(prog, name, F=F, split=1).abi.signature
 
@@ -73,17 +72,17 @@ def test_narrow_rows_and_rows_with_reductions_keep_one_block_per_row(prog, name,
     assert auto.lowered().split == 1
     assert auto.abi.grid[1:] == ("1", "1")
     assert (auto.lowered().tpr, auto.lowered().body) == (one.lowered().tpr, one.lowered().body)
-    assert "blockIdx.y" not in auto.source() and "grid.y" not in auto.source()
+    assert "const int part" not in auto.source() and "grid.x = rows x" not in auto.source()
 
 
 def test_split_is_a_plan_field(prog):
     p = plan(prog, "swiglu", F=14336, split=4)
-    assert p.key == "swiglu_f14336_bf16_s4_sm90" and p.lowered().split == 4 and p.abi.grid[1] == "4"
+    assert p.key == "swiglu_f14336_bf16_s4_sm90" and p.lowered().split == 4 and p.abi.grid[0] == "rows * 4"
     assert plan(prog, "swiglu", F=28672, split=1).key.endswith("_s1_sm90")
     assert plan(prog, "swiglu", F=28672).key == "swiglu_f28672_bf16_sm90"
     with pytest.raises(LoweringError, match="without reductions"):
         plan(prog, "rms_norm", H=28672, split=2)
-    with pytest.raises(LoweringError, match="grid y"):
+    with pytest.raises(LoweringError, match="at most 65535"):
         plan(prog, "swiglu", F=28672, split=70000)
 
 
@@ -92,7 +91,7 @@ _DECL = re.compile(r"^const (?:int|bool) ((?:cb|ok_|c_)\w+) = (.*);$")
 
 
 def _py(expr: str) -> str:
-    expr = expr.replace("(int)blockIdx.y", "by").replace("&&", "and").replace("true", "True")
+    expr = expr.replace("part", "by").replace("&&", "and").replace("true", "True")
     return re.sub(r"(?<!/)/(?!/)", "//", expr)   # C's / on non-negative ints
 
 

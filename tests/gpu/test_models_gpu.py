@@ -86,11 +86,11 @@ def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 17, 2, 9)]
     a = generate(ours, prompts, max_new_tokens=12)                      # graphs, tokens fed on the device
     engine = ours._engine
-    captured = dict(engine.graphs._graphs)
-    assert captured
-    stop = a[1][5]    # a sequence leaves while the others go on
+    stop = a[1][5]    # a sequence leaves while the others go on (smaller buckets are captured)
     c = generate(ours, prompts, max_new_tokens=12, stop_tokens=[stop])
     assert c == [x[: x.index(stop) + 1] if stop in x else x for x in a]
+    captured = dict(engine.graphs._graphs)
+    assert captured
     # the next call reuses the engine and its graphs: nothing is captured again
     assert generate(ours, prompts, max_new_tokens=12) == a
     assert ours._engine is engine and engine.graphs._graphs.keys() == captured.keys()
