@@ -73,8 +73,9 @@ def main() -> None:
     ap.add_argument("--layer", default="swiglu")
     ap.add_argument("--widths", default="28672,14336")
     ap.add_argument("--tokens", default="32768,4096,16")
-    ap.add_argument("--shapes", default="256x0,128x0,256x1,512x1,128x1,256x2,128x2,256x4",
-                    help="threads x chunks per thread (0: the planner's choice; 1-per-row: 'row')")
+    ap.add_argument("--hints", action="store_true", help="also time the planner's shape with cache hints")
+    ap.add_argument("--shapes", default="128x1,256x1,512x1,128x2,256x2,256x4",
+                    help="threads x 16-byte chunks per thread (the row-per-block plan is always timed, as 'row')")
     a = ap.parse_args()
     ceiling = copy_ceiling()
     print(f"{torch.cuda.get_device_name()}  copy {ceiling / 1e12:.2f} TB/s")
@@ -101,8 +102,6 @@ def main() -> None:
                     kw = dict(split=1)
                 else:
                     t, c = (int(v) for v in shape.split("x"))
-                    if c == 0:
-                        continue
                     s = -(-chunks // (t * c))
                     if s * t * c != chunks and chunks % t:
                         continue   # partial last chunk slots: skip uneven shapes
@@ -110,7 +109,7 @@ def main() -> None:
                 mod, grid = variant_module(layer, base, **kw)
                 t_ = bench(lambda: mod(nxt()))
                 print(f"   {shape:>7} grid {str(grid):>22}  {t_ * 1e6:9.1f} us  {comp / t_:.3f} x compile", flush=True)
-            for hint in HINTS:
+            for hint in HINTS if a.hints else ():
                 mod, grid = variant_module(layer, base, hint=hint)
                 t_ = bench(lambda: mod(nxt()))
                 again = bench(lambda: base(nxt()))
