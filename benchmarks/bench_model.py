@@ -8,6 +8,7 @@ Decode (one new token per sequence, `context` tokens already cached), per step:
   generate    greedy generate(): self-feeding graphs, the host reads tokens one step behind
   ours-graph  the graph replay alone, back to back (device time of a step)
   hf-eager    transformers' forward with its default (dynamic) cache + argmax on the device
+  hf-flash    the same with SDPA held to its flash backend (the default, cuDNN, re-plans every step)
   hf-compiled torch.compile(mode="reduce-overhead") over forward with a StaticCache
   roofline    (weights + the KV read once) / the copy bandwidth measured in this run
 Prefill (1 x 2048 and 8 x 512 tokens): ours (model.step) against transformers eager.
@@ -65,9 +66,9 @@ def kv_bytes(spec, batch: int, context: int) -> int:
     return 2 * 2 * spec.num_layers * batch * context * spec.num_kv_heads * spec.head_dim
 
 
-def bench_ours_decode(ours, batch: int, context: int, steps: int) -> tuple[float, float]:
+def bench_ours_decode(ours, batch: int, context: int, steps: int, max_seq_len: int = 0) -> tuple[float, float]:
     from layerforge.models.engine import Engine
-    eng = Engine(ours, max_seqs=batch, max_seq_len=context + 3 * steps + 16, prefill_chunk=8192)
+    eng = Engine(ours, max_seqs=batch, max_seq_len=max_seq_len or context + 3 * steps + 16, prefill_chunk=8192)
     g = torch.Generator().manual_seed(batch)
     slots = [eng.add(torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist()) for _ in range(batch)]
     out = {}
@@ -94,9 +95,10 @@ def bench_ours_decode(ours, batch: int, context: int, steps: int) -> tuple[float
     return full, replay_t
 
 
-def bench_generate(ours, batch: int, context: int, steps: int) -> float:
+def bench_generate(ours, batch: int, context: int, steps: int, profile: bool = False) -> float:
     """A decode step of greedy generate() (self-feeding graphs, tokens read one step behind):
-    (time of 1 + steps new tokens - time of 1 new token) / steps, same prompts (prefill cancels)."""
+    the time of its decode loop for 1 + steps new tokens, over steps (the first token comes from
+    the prefill's logits). Also printed: the whole call and a 1-token call (the prefill)."""
     from layerforge.models.engine import generate
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
@@ -106,13 +108,48 @@ def bench_generate(ours, batch: int, context: int, steps: int) -> float:
     generate(ours, prompts, max_new_tokens=1)
     torch.cuda.synchronize()
     short = time.perf_counter() - t
-    t = time.perf_counter()
-    generate(ours, prompts, max_new_tokens=1 + steps)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t - short) / steps
+    from layerforge.models import engine as E
+    loop, spent = E._greedy_loop, []
+
+    def timed_loop(*a, **k):   # the decode loop alone, beside the difference of the two calls
+        t0 = time.perf_counter()
+        loop(*a, **k)
+        torch.cuda.synchronize()
+        spent.append(time.perf_counter() - t0)
+    E._greedy_loop = timed_loop
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+    try:
+        t = time.perf_counter()
+        if prof:
+            prof.enable()
+        generate(ours, prompts, max_new_tokens=1 + steps)
+        torch.cuda.synchronize()
+    finally:
+        E._greedy_loop = loop
+        if prof:
+            prof.disable()
+    if prof:
+        import pstats
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    total = time.perf_counter() - t
+    print(f"   generate b{batch}: 1 token {short * 1e3:.1f} ms, {1 + steps} tokens {total * 1e3:.1f} ms, "
+          f"greedy loop {sum(spent) * 1e3:.1f} ms in {len(spent)} call(s)", flush=True)
+    return sum(spent) / steps   # the loop makes `steps` tokens (the first comes from the prefill)
 
 
-def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool, profile: bool = False) -> float:
+def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: bool, profile: bool = False,
+                    flash: bool = False) -> float:
+    """transformers' decode step: eager with its default cache (SDPA picks its backend; with
+    flash=True, SDPA is held to its flash backend: in torch 2.11 on the H200 the default picks
+    cuDNN, which rebuilds its plan every step as the key length changes, ~4.9 ms of host time
+    per call), or compiled with a StaticCache."""
+    if flash:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return bench_hf_decode(hf, cfg, batch, context, steps, compiled, profile)
     import transformers
     ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
     with torch.no_grad():
@@ -210,9 +247,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-hf", action="store_true", help="ours only (no transformers decode)")
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--max-seq-len", type=int, default=0, help="the step/graph engine's (default: what the run needs)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
     ap.add_argument("--profile-hf", action="store_true", help="print the ops of transformers' eager decode step")
+    ap.add_argument("--profile-generate", action="store_true", help="cProfile the host side of generate()")
     args = ap.parse_args()
     from .bench_rows import copy_ceiling
     bw = copy_ceiling()
@@ -222,22 +263,24 @@ def main() -> None:
     if args.profile:
         profile_decode(ours, args.context)
     rows = []
-    print(f"{'decode':>8} {'step':>9} {'generate':>9} {'graph':>9} {'hf-eager':>9} {'hf-comp':>9} {'roofline':>9}  "
+    print(f"{'decode':>8} {'step':>9} {'generate':>9} {'graph':>9} {'hf-eager':>9} {'hf-flash':>9} {'hf-comp':>9} {'roofline':>9}  "
           f"{'gen/comp':>8} {'gen/roof':>8}")
     for B in [int(b) for b in args.batches.split(",")]:
-        full, replay = bench_ours_decode(ours, B, args.context, args.steps)
-        gen = bench_generate(ours, B, args.context, 2 * args.steps)
-        eager = bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False, profile=args.profile_hf and B == 1)
-        comp = float("nan") if args.no_compile else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
+        full, replay = bench_ours_decode(ours, B, args.context, args.steps, args.max_seq_len)
+        gen = bench_generate(ours, B, args.context, 2 * args.steps, profile=args.profile_generate)
+        eager = float("nan") if args.no_hf else bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False,
+                                                                profile=args.profile_hf and B == 1)
+        flash = float("nan") if args.no_hf else bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False, flash=True)
+        comp = float("nan") if args.no_compile or args.no_hf else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
         roof = (weight_bytes(spec, B) + kv_bytes(spec, B, args.context)) / bw
         rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, generate_ms=gen * 1e3,
-                         hf_eager_ms=eager * 1e3,
+                         hf_eager_ms=eager * 1e3, hf_eager_flash_ms=flash * 1e3,
                          hf_compiled_ms=comp * 1e3, roofline_ms=roof * 1e3))
-        print(f"{B:>8} {full * 1e3:>8.3f}m {gen * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m "
+        print(f"{B:>8} {full * 1e3:>8.3f}m {gen * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m {flash * 1e3:>8.3f}m "
               f"{comp * 1e3:>8.3f}m {roof * 1e3:>8.3f}m  {comp / gen:>8.2f} {roof / gen:>8.2f}")
         torch.cuda.empty_cache()
     print(f"{'prefill':>8} {'ours':>9} {'hf-eager':>9} {'speedup':>8}")
-    for B, S in ((1, 2048), (8, 512)):
+    for B, S in () if args.no_prefill else ((1, 2048), (8, 512)):
         t_ours, t_hf = bench_prefill(hf, ours, B, S, 10)
         rows.append(dict(kind="prefill", batch=B, length=S, ours_ms=t_ours * 1e3, hf_eager_ms=t_hf * 1e3))
         print(f"{B:>3}x{S:<4} {t_ours * 1e3:>8.3f}m {t_hf * 1e3:>8.3f}m {t_hf / t_ours:>8.2f}")

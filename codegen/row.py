@@ -86,7 +86,7 @@ class RowLowering:
     # blocks (consecutive in grid x), each SPLIT_THREADS threads x SPLIT_ITEMS chunks (`_split_shape`).
     SPLIT_MIN_WIDTH = 4096
     SPLIT_THREADS = (256, 128)   # in order of preference
-    SPLIT_ITEMS = (2, 3, 4)      # 16-byte chunks per thread, in order of preference (narrower chunks: more)
+    SPLIT_ITEMS = (1, 2, 3, 4)   # 16-byte chunks per thread, in order of preference (narrower chunks: more)
     MAX_SPLIT = 65535
 
     def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None,

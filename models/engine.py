@@ -131,7 +131,9 @@ class Engine:
         chunks = []
         for slot, s in work:
             n = len(s.tokens) - s.fed
-            if n > 1:        # prompt tokens: a chunk of what the budget leaves (at least one token)
+            if n > 1:        # prompt tokens: a chunk of what the budget leaves; none once it is spent
+                if budget <= 0 and chunks:
+                    continue
                 n = max(1, min(n, budget))
             budget -= n
             chunks.append((slot, s, n))
