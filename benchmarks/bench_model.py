@@ -131,10 +131,11 @@ def bench_generate(ours, batch: int, context: int, steps: int, profile: bool = F
         E._greedy_loop = loop
         if prof:
             prof.disable()
+    total = time.perf_counter() - t
     if prof:
         import pstats
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-    total = time.perf_counter() - t
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        pstats.Stats(prof).sort_stats("cumtime").print_stats(r"engine|graphs|kv_cache|Event|replay|copy_|tolist", 25)
     print(f"   generate b{batch}: 1 token {short * 1e3:.1f} ms, {1 + steps} tokens {total * 1e3:.1f} ms, "
           f"greedy loop {sum(spent) * 1e3:.1f} ms in {len(spent)} call(s)", flush=True)
     return sum(spent) / steps   # the loop makes `steps` tokens (the first comes from the prefill)

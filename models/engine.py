@@ -179,7 +179,8 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
              seed: int | None = None, prefill_chunk: int = 2048, cuda_graphs: bool | None = None
              ) -> list[list[int]]:
     """Generate for several prompts (lists of token ids) together; returns each one's new tokens
-    (ending with the stop token when one was produced). Greedy unless do_sample."""
+    (ending with the stop token when one was produced). Greedy unless do_sample. Every prompt is
+    prefilled (in chunks of prefill_chunk tokens a step) before the batch decodes together."""
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
@@ -194,7 +195,12 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
         gen.manual_seed(seed)
     slots = [engine.add(p) for p in prompts]
     out: dict[int, list[int]] = {s: [] for s in slots}
+    held: dict[int, int] = {}   # first tokens, fed once no prompt is left to prefill: the batch decodes together
     while engine.seqs:
+        if held and not any(s.fed < len(s.tokens) for s in engine.seqs.values()):
+            for slot, tok in held.items():
+                engine.feed(slot, tok)
+            held.clear()
         if greedy_graphs and engine.graphs is not None and all(
                 s.fed == len(s.tokens) - 1 for s in engine.seqs.values()):
             _greedy_loop(engine, out, max_new_tokens, stop)   # every sequence decodes: graphs feed themselves
@@ -210,6 +216,8 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
             out[slot].append(tok)
             if tok in stop or len(out[slot]) >= max_new_tokens:
                 engine.release(slot)
+            elif len(out[slot]) == 1:
+                held[slot] = tok
             else:
                 engine.feed(slot, tok)
     return [out[s] for s in slots]

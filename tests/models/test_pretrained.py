@@ -62,6 +62,26 @@ def test_generate_keeps_its_engine_between_calls(loaded):
     assert not hasattr(ours, "_engine")
 
 
+def test_generate_prefills_every_prompt_before_decoding(loaded, monkeypatch):
+    """No step mixes new tokens with prompt chunks: the batch decodes together (one graph bucket
+    on the GPU), not sequence by sequence while the others still prefill."""
+    _, ours = loaded("llama")
+    seen = []
+    step = Engine.step
+
+    def checked(self):
+        prefilling = any(s.fed < len(s.tokens) - len(s.new) for s in self.seqs.values())
+        decoding = any(s.new and s.fed < len(s.tokens) for s in self.seqs.values())
+        seen.append((prefilling, decoding))
+        return step(self)
+    monkeypatch.setattr(Engine, "step", checked)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    got = generate(ours, prompts, max_new_tokens=4, prefill_chunk=4)
+    assert not any(p and d for p, d in seen) and any(d for _, d in seen) and sum(p for p, _ in seen) >= 5
+    monkeypatch.undo()
+    assert got == [generate(ours, [p], max_new_tokens=4)[0] for p in prompts]
+
+
 def test_sequences_join_and_leave_between_steps(loaded):
     _, ours = loaded("llama")
     g = torch.Generator().manual_seed(4)
