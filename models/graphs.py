@@ -28,6 +28,21 @@ __all__ = ["DecodeGraphs"]
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of [B, V] logits in two passes when V splits into chunks of 128-512:
+    the arg-max of each chunk, then of the chunks' maxima. Same index (the first maximal one,
+    NaN above all); at batch 1 torch's one-pass reduction of a 128256-wide row takes one block
+    (36 us on the H200, 2.5% of a Llama-3-8B-shaped 8-layer step)."""
+    B, V = logits.shape
+    c = next((c for c in (256, 512, 384, 128) if V % c == 0 and V // c >= 8), 0)
+    if not c:
+        return logits.argmax(dim=-1)
+    x = logits.view(B, V // c, c)
+    i = x.argmax(dim=-1, keepdim=True)                       # [B, V/c, 1]: first max of each chunk
+    best = x.gather(-1, i).squeeze(-1).argmax(dim=-1, keepdim=True)   # first chunk holding the max
+    return (best * c + i.squeeze(-1).gather(-1, best)).squeeze(-1)
+
+
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, cache: PagedKVCache, pad_slot: int, *, max_batch: int,
                  buckets: tuple[int, ...] | None = None):
@@ -58,7 +73,7 @@ class DecodeGraphs:
         meta = torch.cat([pages, pos])
         ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
         logits = self.model.logits(self.model.hidden(tokens.to(torch.int32), ctx))
-        nxt = logits.argmax(dim=-1)
+        nxt = greedy_argmax(logits)
         tokens.copy_(nxt)       # the greedy token is the next step's input (decode_greedy)
         return logits, nxt
 

@@ -152,3 +152,15 @@ def test_prompt_tuning_virtual_tokens_index_the_task_table(loaded):
     torch.testing.assert_close(run([1, V, V + 1, V + 2, 4], prompt_table=table, tasks=1), run([1, 5, 9, 11, 4]),
                                rtol=0, atol=0)
     assert not torch.equal(run([1, V, 4], prompt_table=table, tasks=0), run([1, 5, 4]))
+
+
+@pytest.mark.parametrize("V", [128256, 32000, 50257, 96])
+def test_two_pass_greedy_argmax_is_torch_argmax(V):
+    """The decode graphs' arg-max (chunks, then their maxima): the first maximal index, NaN above all."""
+    from layerforge.models.graphs import greedy_argmax
+    g = torch.Generator().manual_seed(V)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(4, V, generator=g) * 3).round().to(dtype)   # many ties
+        x[1, V // 2] = x[1, V // 3] = x[1].max() + 1                  # a tie for the max across chunks
+        x[2, V - 1] = x[2, 5] = float("nan")
+        assert torch.equal(greedy_argmax(x), x.argmax(dim=-1)), (V, dtype)
