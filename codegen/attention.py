@@ -141,10 +141,11 @@ def check_attention_layer(layer: Layer, page_size: int) -> None:
         raise ValueError(f"page size must be a power of two, got {page_size}")
 
 
-def check_specialisable(layer: Layer, what: str) -> int:
-    """bf16/f16 storage and a head dim with a specialisation; returns the head dim."""
+def check_specialisable(layer: Layer, what: str, f32: bool = False) -> int:
+    """bf16/f16 storage (f32 too where f32 is set) and a head dim with a specialisation;
+    returns the head dim."""
     spec = layer.function.outputs[0].arg
-    if layer.dtype not in (DType.bf16, DType.f16):
+    if layer.dtype not in (DType.bf16, DType.f16) + ((DType.f32,) if f32 else ()):
         raise LoweringError(f"{layer.name}: {what} takes bf16 or f16, not {layer.dtype}")
     hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
     if hd != hdv or hd not in (64, 128, 256):
@@ -195,7 +196,7 @@ class PagedAttentionPlan(AttentionPlan):
 def _render(plan: PagedAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    hd = check_specialisable(plan.layer, "paged attention")
+    hd = check_specialisable(plan.layer, "paged attention", f32=True)
     hq, hkv = int(spec.num_q_heads), int(spec.num_kv_heads)
     group = hq // hkv
     gc = plan.heads_per_cta

@@ -40,9 +40,10 @@ BLOCK = 256  # threads per block
 _DTYPES = {  # name -> (C type, to float, from float, two-lane type, from two floats); rounding to nearest even
     "bf16": ("__nv_bfloat16", "__bfloat162float", "__float2bfloat16_rn", "__nv_bfloat162", "__floats2bfloat162_rn"),
     "f16": ("__half", "__half2float", "__float2half_rn", "__half2", "__floats2half2_rn"),
+    "f32": ("float", "", "", "float2", "make_float2"),
 }
 _STYLES = ("neox", "gptj")
-_ELEM_BYTES = 2
+_ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -56,7 +57,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 @dataclass(frozen=True, kw_only=True)
 class KVAppendPlan(KernelPlan):
     family: ClassVar[str] = "kv_append"
-    dtype: str                    # "bf16" | "f16": the cache's (and k's, v's) dtype
+    dtype: str                    # "bf16" | "f16" | "f32": the cache's (and k's, v's) dtype
     num_kv_heads: int
     head_dim: int
     page_size: int
@@ -111,7 +112,7 @@ class KVAppendPlan(KernelPlan):
     @property
     def _max_load(self) -> int:
         """Elements per load: within vec_bytes and dividing D, so every head starts aligned."""
-        return _pow2_divisor(self.head_dim, self.vec_bytes // _ELEM_BYTES)
+        return _pow2_divisor(self.head_dim, self.vec_bytes // _ELEM_BYTES[self.dtype])
 
     def layout(self) -> dict[str, int]:
         """Channels per item (W_*) and per load (VE_*) of each item kind, and item counts."""

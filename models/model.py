@@ -111,7 +111,7 @@ class StepContext:
     def attend(self, attn: PagedAttention, layer: int, q: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.layer(layer)
         pt, lens = self.cache._page_table, self.cache._seq_lens
-        if self.cu_seqlens is not None:
+        if self.cu_seqlens is not None and (q.device.type != "cuda" or attn.kernel == "tc"):   # simt: per token
             return attn.prefill(q, k_cache, v_cache, pt, lens, self.cu_seqlens, max_q_len=self.max_q_len,
                                 max_kv_len=self.max_kv_len)
         return attn(q, k_cache, v_cache, pt, lens, self.q_seq, self.q_pos, max_kv_len=self.max_kv_len)

@@ -83,9 +83,10 @@ class PagedAttention:
 
     @property
     def kernel(self) -> str:
-        """'tc' (tensor cores, sm_80 and newer) or 'simt' (CUDA cores, any GPU)."""
-        if self._kernel is None:
-            self._kernel = "tc" if int(self.target.removeprefix("sm_").rstrip("af")) >= 80 else "simt"
+        """'tc' (tensor cores, sm_80 and newer, bf16/f16) or 'simt' (CUDA cores, any GPU, f32 too)."""
+        if self._kernel is None:   # f32: the CUDA-core kernel (tensor cores take bf16/f16 here)
+            tc = int(self.target.removeprefix("sm_").rstrip("af")) >= 80 and self.dtype != torch.float32
+            self._kernel = "tc" if tc else "simt"
         return self._kernel
 
     @property

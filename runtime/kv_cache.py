@@ -40,8 +40,8 @@ from . import ops
 
 __all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError"]
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16}
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
 _I32_MAX = (1 << 31) - 1
 
@@ -101,11 +101,9 @@ class PagedKVCache:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"PagedKVCache: {name} must be a positive int, got {value!r}")
         dtype = _DTYPE_NAMES.get(dtype, dtype)
-        cpu = torch.device(device).type == "cpu" if not isinstance(device, int) else False
-        if dtype not in _DTYPES and not (cpu and dtype in (torch.float32, "f32")):
-            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16 or torch.float16 ('bf16', 'f16') "
-                             f"(float32 on the CPU), got {dtype!r}")
-        dtype = torch.float32 if dtype == "f32" else dtype
+        if dtype not in _DTYPES:
+            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16, torch.float16 or torch.float32 "
+                             f"('bf16', 'f16', 'f32'), got {dtype!r}")
         if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
             raise ValueError("PagedKVCache: page numbers and page_table indices must fit int32")
         if max_pages_per_seq * page_size > _MAX_POSITION:

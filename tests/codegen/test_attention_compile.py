@@ -1,6 +1,6 @@
 """Every attention block of the standard library renders and compiles, for sm_80 and sm_90,
-into the tensor-core prefill and decode kernels and the CUDA-core paged kernel, without
-register spills (no GPU needed)."""
+into the tensor-core prefill and decode kernels and the CUDA-core paged kernel (bf16/f16; f32
+on the CUDA-core kernel), without register spills (no GPU needed)."""
 import pytest
 
 import layerforge as lf
@@ -62,9 +62,19 @@ def test_unsupported_head_dim_is_a_clear_error(prog):
         plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 96), "sm_90")
 
 
-def test_f32_storage_is_a_clear_error(prog):
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "bloom_attn"])
+def test_f32_paged_kernel_compiles_without_spills(prog, name, d):
+    """f32 storage runs on the CUDA-core kernel (4 channels a 16-byte lane load; 8 at head dim 256)."""
+    plan = plan_paged_attention(specialise(prog, name, 8, 2, d, "f32"), "sm_90")
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+
+
+def test_f32_storage_on_tensor_cores_is_a_clear_error(prog):
     with pytest.raises(LoweringError, match="bf16 or f16"):
-        plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 64, "f32"), "sm_90")
+        plan_tc_attention(specialise(prog, "llama_attn", 8, 8, 64, "f32"), "sm_90", mode="decode")
 
 
 @pytest.mark.parametrize("mode", ["prefill", "decode"])

@@ -26,7 +26,7 @@ def compile_plan(plan: KVAppendPlan, ptx: bool = False):
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("page_size", [16, 64])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_append_kernel_compiles_without_spills(arch, dtype, head_dim, page_size, rope):
     plan = plan_kv_append(dtype, 8, head_dim, page_size, ROPES[rope](head_dim), arch)

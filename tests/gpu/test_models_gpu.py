@@ -1,5 +1,6 @@
 """Whole models on the GPU: every family's tiny random transformers model, loaded with
-lf.from_pretrained in bf16, gives transformers' logits (f32 reference, bf16 tolerance); a decode
+lf.from_pretrained in bf16, gives transformers' logits (f32 reference, bf16 tolerance), and in f32
+its logits and 16 greedy tokens equal transformers'; a decode
 step replayed from a CUDA graph equals the eager step; a batch decodes like its members alone."""
 from __future__ import annotations
 
@@ -97,4 +98,28 @@ def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
     assert all(engine.graphs._graphs[k] is captured[k] for k in captured)
     b = generate(ours, prompts, max_new_tokens=12, cuda_graphs=False)   # eager steps, tokens from the host
     assert a == b and all(len(x) == 12 for x in a)
+    ours.release_engine()
+
+
+@pytest.fixture(scope="module")
+def loaded_f32(tmp_path_factory):
+    return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_f32_logits_and_greedy_generation_equal_transformers(loaded_f32, name):
+    """float32 on the GPU (the CUDA-core attention kernel and an f32 paged cache): logits close to
+    transformers' and 16 greedy tokens identical, from eager steps and from self-feeding graphs."""
+    hf, ours = loaded_f32(name)
+    ids = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(7)).cuda()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    got = ours(ids)
+    assert got.dtype == torch.float32 and not got.isnan().any()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    prompt = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=16, do_sample=False)[0, 7:].tolist()
+    assert generate(ours, [prompt[0].tolist()], max_new_tokens=16) == [want]
+    assert generate(ours, [prompt[0].tolist()], max_new_tokens=16, cuda_graphs=False) == [want]
     ours.release_engine()

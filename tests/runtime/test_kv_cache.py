@@ -310,8 +310,8 @@ def test_bad_rope(cache, no_write, rope, match):
 # ---- construction -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dtype=torch.float32, device="cuda"), "dtype must be torch.bfloat16 or torch.float16"),
-    (dict(dtype=torch.int32), "dtype must be torch.bfloat16 or torch.float16"),
+    (dict(dtype=torch.int32), "dtype must be torch.bfloat16, torch.float16 or torch.float32"),
+    (dict(dtype="f64"), "dtype must be torch.bfloat16, torch.float16 or torch.float32"),
     (dict(num_layers=0), "num_layers must be a positive int"),
     (dict(num_pages=0), "num_pages must be a positive int"),
     (dict(max_pages_per_seq=1 << 23), "positions past 2"),
