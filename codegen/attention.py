@@ -26,6 +26,7 @@ from .plan import KernelPlan, layer_key
 from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context
+from .mask_tiles import tile_context
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, t5_tables
 
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
@@ -230,7 +231,9 @@ def hook_context(layer: Layer) -> dict:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
     alibi = score_em.alibi or mask_em.alibi
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
-    return dict(rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+    tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask))
+    return dict(tile_lines=tiles.get("tile_lines"), tile_true=tiles.get("tile_true"), tile_false=tiles.get("tile_false"),
+                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),

@@ -148,7 +148,7 @@ def test_work_split_writes_every_channel_once(num_kv_heads, head_dim, rope):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(dtype="f32"), "dtype"),
+    (dict(dtype="f64"), "dtype"),
     (dict(head_dim=0), "head_dim"),
     (dict(rope_style="yarn", rope_theta=1e4, rotary_dim=128), "neox' or 'gptj"),
     (dict(rope_style="neox", rope_theta=-1.0, rotary_dim=128), "theta"),

@@ -1,0 +1,263 @@
+"""Block sparsity of an attention mask, decided per tile from position ranges.
+
+A tensor-core CTA covers a range of query positions and heads and walks key tiles. For a tile of
+keys [k_lo, k_hi] and the CTA's query positions [q_lo, q_hi] and heads [h_lo, h_hi], the mask is
+evaluated over intervals with three-valued logic: every integer sub-expression becomes a range
+that holds all its values over the tile, every boolean one a pair (may be true, may be false).
+A tile whose mask cannot be true is skipped (no loads, no MMAs); one whose mask cannot be false
+runs without evaluating the mask per element; the others evaluate it per element as before.
+This serves any mask over positions, heads, constants and scalars (prefix-LM, sinks plus a
+window, dilated windows, 2-D neighbourhoods through `//` and `%`); what it cannot bound (the
+score, float arithmetic, table lookups) is "unknown", so the classification stays sound: a
+tile is only skipped or unmasked when that holds for every element.
+
+`classify(mask)` gives the lines of a C function body and, for tests, the same computation as
+Python source; both compute `may_true`, `may_false` from q_lo, q_hi, k_lo, k_hi, h_lo, h_hi,
+kv_h, b and the kernel's scalars / dims (Python: a dict of them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..dsl.ir import Node, Op, toposort, unary_name
+from ..dsl.types import DType
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+_RANGES = {"q_pos": ("q_lo", "q_hi"), "kv_pos": ("k_lo", "k_hi"), "h": ("h_lo", "h_hi"),
+           "kv_h": ("kv_h", "kv_h"), "b": ("b", "b")}
+
+
+@dataclass
+class TileClassifier:
+    """C lines (and twin Python lines) bounding a mask over a tile; `value` is (may_true, may_false)."""
+    dims: dict[str, str]                 # dynamic dim name -> C name of its kernel argument
+    c: list[str] = field(default_factory=list)
+    py: list[str] = field(default_factory=list)
+    n: int = 0
+    useful: bool = False                 # some sub-expression was bounded from the positions
+
+    def _let(self, ctype: str, c_expr: str, py_expr: str) -> str:
+        self.n += 1
+        name = f"t{self.n}"
+        self.c.append(f"const {ctype} {name} = {c_expr};")
+        self.py.append(f"{name} = {py_expr}")
+        return name
+
+    def _int(self, c_expr: str, py_expr: str | None = None) -> str:
+        return self._let("long long", c_expr, c_expr if py_expr is None else py_expr)
+
+    def _bool(self, c_expr: str, py_expr: str) -> str:
+        return self._let("bool", c_expr, py_expr)
+
+    # ---- helpers over (lo, hi) ranges and (may_true, may_false) pairs
+    def _min(self, a, b):
+        return self._int(f"min({a}, {b})")
+
+    def _max(self, a, b):
+        return self._int(f"max({a}, {b})")
+
+    def _and(self, a, b):
+        return self._bool(f"({a} && {b})", f"({a} and {b})")
+
+    def _or(self, a, b):
+        return self._bool(f"({a} || {b})", f"({a} or {b})")
+
+    def _not(self, a):
+        return self._bool(f"(!{a})", f"(not {a})")
+
+    def _cmp(self, a, op, b):
+        py_op = op
+        return self._bool(f"({a} {op} {b})", f"({a} {py_op} {b})")
+
+    def classify(self, mask: Node) -> tuple[str, str]:
+        vals: dict[int, object] = {}
+        for n in toposort([mask]):
+            vals[id(n)] = self._node(n, [vals[id(s)] for s in n.src])
+        v = vals[id(mask)]
+        return v if isinstance(v, tuple) and v[0] != "int" else ("true", "true")
+
+    # value forms: ("int", lo, hi) | ("int", None) unknown | (t, f) booleans | "float"
+    def _node(self, n: Node, a: list):
+        if n.op is Op.ATTN_VAR:
+            if n.arg in _RANGES:
+                if n.arg in ("q_pos", "kv_pos", "h"):
+                    self.useful = True
+                return ("int",) + _RANGES[n.arg]
+            return "float"                                   # the score
+        if n.op is Op.CONST:
+            if n.dtype is DType.bool:
+                return ("true", "false") if n.arg else ("false", "true")
+            if n.dtype.is_int or float(n.arg).is_integer() and abs(n.arg) < 2 ** 24:   # an integral float too
+                return ("int", f"{int(n.arg)}LL", f"{int(n.arg)}LL")
+            return "float"
+        if n.op is Op.SCALAR:
+            if n.dtype.is_int:
+                return ("int", f"(long long)s_{n.arg}", f"(long long)s_{n.arg}")
+            if n.dtype is DType.bool:
+                t = self._bool(f"(bool)s_{n.arg}", f"bool(s_{n.arg})")
+                return (t, self._not(t))
+            return "float"
+        if n.op is Op.DIM:
+            d = sympy.sympify(n.arg)
+            if d.is_Integer:
+                return ("int", f"{int(d)}LL", f"{int(d)}LL")
+            if all(s.name in self.dims for s in d.free_symbols):
+                x = self._int("(long long)(" + str(d.subs({s: sympy.Symbol(self.dims[s.name]) for s in d.free_symbols})) + ")")
+                return ("int", x, x)
+            return ("int", None)
+        if n.op is Op.CAST:
+            src = a[0]
+            if (n.dtype.is_int or n.dtype.is_float) and _known_int(src):
+                return src          # int widths: positions never wrap; to float: exact below 2^24
+            if n.dtype.is_float:
+                return "float"
+            if n.dtype.is_int and isinstance(src, tuple) and src[0] != "int":    # bool -> 0/1
+                lo = self._int(f"({src[1]} ? 0LL : 1LL)", f"(0 if {src[1]} else 1)")
+                hi = self._int(f"({src[0]} ? 1LL : 0LL)", f"(1 if {src[0]} else 0)")
+                return ("int", lo, hi)
+            if n.dtype is DType.bool and isinstance(src, tuple) and src[0] == "int" and src[1] is not None:
+                zero_in = self._bool(f"({src[1]} <= 0LL && {src[2]} >= 0LL)", f"({src[1]} <= 0 and {src[2]} >= 0)")
+                nonzero = self._bool(f"({src[1]} != 0LL || {src[2]} != 0LL)", f"({src[1]} != 0 or {src[2]} != 0)")
+                return (nonzero, zero_in)
+            return ("int", None) if n.dtype.is_int else ("true", "true")
+        if n.op is Op.UNARY:
+            name, x = unary_name(n), a[0]
+            if n.dtype is DType.bool and name == "not" and isinstance(x, tuple) and x[0] != "int":
+                return (x[1], x[0])
+            if not _known_int(x) or name not in ("neg", "abs", "relu"):
+                return _unknown(n)
+            lo, hi = x[1], x[2]
+            if name == "neg":
+                return ("int", self._int(f"(-{hi})"), self._int(f"(-{lo})"))
+            if name == "abs":
+                alo = self._int(f"({lo} >= 0LL ? {lo} : ({hi} <= 0LL ? -{hi} : 0LL))",
+                                f"({lo} if {lo} >= 0 else (-{hi} if {hi} <= 0 else 0))")
+                return ("int", alo, self._max(f"(-{lo})", hi))
+            return ("int", self._max(lo, "0LL"), self._max(hi, "0LL"))   # relu
+        if n.op is Op.BINARY:
+            return self._binary(n, a)
+        if n.op is Op.WHERE:
+            c, x, y = a
+            if not (isinstance(c, tuple) and c[0] != "int"):
+                c = ("true", "true")
+            if n.dtype is DType.bool:
+                if not all(isinstance(v, tuple) and v[0] != "int" for v in (x, y)):
+                    return ("true", "true")
+                t = self._or(self._and(c[0], x[0]), self._and(c[1], y[0]))
+                f = self._or(self._and(c[0], x[1]), self._and(c[1], y[1]))
+                return (t, f)
+            if not (_known_int(x) and _known_int(y)):
+                return _unknown(n)
+            lo = self._int(f"({c[0]} ? ({c[1]} ? min({x[1]}, {y[1]}) : {x[1]}) : {y[1]})",
+                           f"(({min_py(x[1], y[1])} if {c[1]} else {x[1]}) if {c[0]} else {y[1]})")
+            hi = self._int(f"({c[0]} ? ({c[1]} ? max({x[2]}, {y[2]}) : {x[2]}) : {y[2]})",
+                           f"(({max_py(x[2], y[2])} if {c[1]} else {x[2]}) if {c[0]} else {y[2]})")
+            return ("int", lo, hi)
+        return _unknown(n)   # INDEX (table lookups), INPUT and anything else
+
+    def _binary(self, n: Node, a: list):
+        op = n.arg
+        x, y = a
+        if op in ("and", "or"):
+            if not all(isinstance(v, tuple) and v[0] != "int" for v in (x, y)):
+                return ("true", "true")
+            if op == "and":
+                return (self._and(x[0], y[0]), self._or(x[1], y[1]))
+            return (self._or(x[0], y[0]), self._and(x[1], y[1]))
+        known = _known_int(x) and _known_int(y)
+        if op in ("eq", "ne", "lt", "le", "gt", "ge"):
+            if not known:
+                return ("true", "true")
+            (_, alo, ahi), (_, blo, bhi) = x, y
+            if op in ("eq", "ne"):
+                overlap = self._and(self._cmp(alo, "<=", bhi), self._cmp(blo, "<=", ahi))
+                single = self._bool(f"({alo} == {ahi} && {blo} == {bhi} && {alo} == {blo})",
+                                    f"({alo} == {ahi} and {blo} == {bhi} and {alo} == {blo})")
+                differ = self._not(single)
+                return (overlap, differ) if op == "eq" else (differ, overlap)
+            if op == "lt":
+                return (self._cmp(alo, "<", bhi), self._cmp(ahi, ">=", blo))
+            if op == "le":
+                return (self._cmp(alo, "<=", bhi), self._cmp(ahi, ">", blo))
+            if op == "gt":
+                return (self._cmp(ahi, ">", blo), self._cmp(alo, "<=", bhi))
+            return (self._cmp(ahi, ">=", blo), self._cmp(alo, "<", bhi))          # ge
+        # floats: only sums and extremes of integers (exact in f32 for positions below 2^22)
+        if not known or not (n.dtype.is_int or op in ("add", "sub", "min", "max")):
+            return _unknown(n)
+        (_, alo, ahi), (_, blo, bhi) = x, y
+        if op == "add":
+            return ("int", self._int(f"({alo} + {blo})"), self._int(f"({ahi} + {bhi})"))
+        if op == "sub":
+            return ("int", self._int(f"({alo} - {bhi})"), self._int(f"({ahi} - {blo})"))
+        if op == "mul":
+            ps = [self._int(f"({p} * {q})") for p in (alo, ahi) for q in (blo, bhi)]
+            lo = self._min(self._min(ps[0], ps[1]), self._min(ps[2], ps[3]))
+            hi = self._max(self._max(ps[0], ps[1]), self._max(ps[2], ps[3]))
+            return ("int", lo, hi)
+        if op == "min":
+            return ("int", self._min(alo, blo), self._min(ahi, bhi))
+        if op == "max":
+            return ("int", self._max(alo, blo), self._max(ahi, bhi))
+        const = y[1] if y[1] == y[2] and y[1].endswith("LL") and y[1][:-2].lstrip("-").isdigit() else None
+        if op in ("floordiv", "mod") and const is not None and int(const[:-2]) > 0:
+            c = const
+            lo = self._int(f"lf_floordiv({alo}, {c})", f"({alo} // {c[:-2]})")
+            hi = self._int(f"lf_floordiv({ahi}, {c})", f"({ahi} // {c[:-2]})")
+            if op == "floordiv":            # non-decreasing in the dividend
+                return ("int", lo, hi)
+            one = self._bool(f"({lo} == {hi})", f"({lo} == {hi})")   # one period: mod is increasing on it
+            mlo = self._int(f"({one} ? lf_mod_floor({alo}, {c}) : 0LL)", f"(({alo} % {c[:-2]}) if {one} else 0)")
+            mhi = self._int(f"({one} ? lf_mod_floor({ahi}, {c}) : {c} - 1LL)",
+                            f"(({ahi} % {c[:-2]}) if {one} else {c[:-2]} - 1)")
+            return ("int", mlo, mhi)
+        return _unknown(n)
+
+
+def _known_int(v) -> bool:
+    return isinstance(v, tuple) and v[0] == "int" and v[1] is not None
+
+
+def _unknown(n: Node):
+    if n.dtype is DType.bool:
+        return ("true", "true")
+    return ("int", None) if n.dtype.is_int else "float"
+
+
+def min_py(a: str, b: str) -> str:
+    return f"min({a}, {b})"
+
+
+def max_py(a: str, b: str) -> str:
+    return f"max({a}, {b})"
+
+
+def tile_context(mask: Node | None, dims: dict[str, str], exact: bool) -> dict:
+    """Template data of a kernel's tile classifier: {'tile_lines': [...], 'tile_true': C bool,
+    'tile_false': C bool}, or {} where it cannot help (no mask, a mask of key bounds only, which
+    the key range already covers, or nothing bounded from positions or heads)."""
+    if mask is None or exact:
+        return {}
+    tc = TileClassifier(dims)
+    t, f = tc.classify(mask)
+    if not tc.useful or (t == "true" and f == "true"):
+        return {}
+    return {"tile_lines": tc.c, "tile_true": t, "tile_false": f}
+
+
+def python_classifier(mask: Node, dims: dict[str, str] | None = None):
+    """The classifier as a Python function of (q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b,
+    **scalars) -> EMPTY / PARTIAL / FULL: the same interval computation as the C lines (tests)."""
+    tc = TileClassifier(dict(dims or {}))
+    t, f = tc.classify(mask)
+    py_t, py_f = ({"true": "True", "false": "False"}.get(v, v) for v in (t, f))
+    body = "\n".join("    " + line.replace("LL", "").replace("(long long)", "") for line in tc.py)
+    src = (f"def classify(q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b, **env):\n"
+           f"    globals().update(env)\n    true, false = True, False\n{body}\n"
+           f"    return {EMPTY} if not {py_t} else ({FULL} if not {py_f} else {PARTIAL})\n")
+    ns: dict = {}
+    exec(compile(src, "<tile classifier>", "exec"), ns)
+    return ns["classify"]

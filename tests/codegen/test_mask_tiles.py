@@ -1,0 +1,151 @@
+"""Block sparsity of attention masks (codegen/mask_tiles.py), no GPU needed: the tile classifier
+says "empty" only where the mask is false on every element of the tile and "full" only where it
+is true on every one, checked element by element with the reference evaluator's own mask, for
+the FlexAttention-style masks and for the fuzzer's random hooks."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import layerforge as lf
+from layerforge.codegen.mask_tiles import EMPTY, FULL, PARTIAL, python_classifier, tile_context
+from layerforge.dsl.attention_ref import _subgraph
+from layerforge.dsl.evaluator import _Evaluator, bind_inputs
+
+from ..fuzz.gen import attention_blocks, random_tensor
+
+MASKS = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention prefix_lm(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], const P: int = 40) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos or kv_pos < P
+}
+attention sinks(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], const W: int = 64) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and (q_pos - kv_pos < W or kv_pos < 4)
+}
+attention dilated(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and q_pos - kv_pos < 128 and (q_pos - kv_pos) % 2 == 0
+}
+attention natten(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], const G: int = 32) -> T[B, S, Hq, D] {
+    mask = abs(q_pos // G - kv_pos // G) <= 2 and abs(q_pos % G - kv_pos % G) <= 2
+}
+attention causal(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos
+}
+attention doc(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], ids: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = ids[b, kv_pos] == ids[b, q_pos]
+}
+attention by_head(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    mask = h < 2 or kv_pos <= q_pos
+}
+"""
+
+
+def mask_of(layer):
+    return layer.function.outputs[0].arg.mask
+
+
+def exact_grid(layer, q_len: int, kv_len: int, tables: dict, batch: int = 2):
+    """The mask over b < batch, every head, q_pos < q_len, kv_pos < kv_len: bool [B, Hq, Q, K]."""
+    fn = layer.function
+    spec = fn.outputs[0].arg
+    hq, hkv, d = int(spec.num_q_heads), int(spec.num_kv_heads), int(spec.head_dim)
+    dt = fn.params[0].dtype.torch
+    inputs = {"q": torch.zeros(batch, q_len, hq, d, dtype=dt), "k": torch.zeros(batch, kv_len, hkv, d, dtype=dt),
+              "v": torch.zeros(batch, kv_len, hkv, d, dtype=dt), **tables}
+    ev = _Evaluator(fn, inputs, bind_inputs(fn, inputs), True, None, None)
+    h = torch.arange(hq).view(1, hq, 1, 1).int()
+    env = {"b": torch.arange(batch).view(batch, 1, 1, 1).int(), "h": h, "kv_h": h // (hq // hkv),
+           "q_pos": torch.arange(q_len).view(1, 1, q_len, 1).int(), "kv_pos": torch.arange(kv_len).view(1, 1, 1, kv_len).int(),
+           "score": torch.randn(batch, hq, q_len, kv_len, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    return _subgraph(ev, spec.mask, env).expand(batch, hq, q_len, kv_len).bool(), hq, hkv
+
+
+def check_sound(layer, tables=None, q_len=160, kv_len=160, tiles=200, seed=0, scalars=None):
+    """Random tiles (and aligned ones): EMPTY only over all-false elements, FULL over all-true."""
+    grid, hq, hkv = exact_grid(layer, q_len, kv_len, tables or {})
+    classify = python_classifier(mask_of(layer))
+    rng = random.Random(seed)
+    group = hq // hkv
+    seen = set()
+    for i in range(tiles):
+        if i % 2:
+            q0, k0 = rng.randrange(0, q_len, 16), rng.randrange(0, kv_len, 16)
+            q1, k1 = min(q_len, q0 + 16) - 1, min(kv_len, k0 + 16) - 1
+        else:
+            q0, k0 = rng.randrange(q_len), rng.randrange(kv_len)
+            q1, k1 = rng.randrange(q0, q_len), rng.randrange(k0, kv_len)
+        b, kvh = rng.randrange(2), rng.randrange(hkv)
+        h0 = kvh * group + rng.randrange(group)
+        h1 = rng.randrange(h0, kvh * group + group)
+        got = classify(q0, q1, k0, k1, h0, h1, kvh, b, **(scalars or {}))
+        block = grid[b, h0:h1 + 1, q0:q1 + 1, k0:k1 + 1]
+        if got == EMPTY:
+            assert not block.any(), (q0, q1, k0, k1, h0, h1, b)
+        elif got == FULL:
+            assert block.all(), (q0, q1, k0, k1, h0, h1, b)
+        seen.add(got)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.loads(MASKS, "masks.lf", with_stdlib=False)
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head"])
+def test_position_masks_get_empty_and_full_tiles(prog, name):
+    layer = prog.specialise(name, Hq=4, Hkv=2, D=64, dtype="bf16")
+    ctx = tile_context(mask_of(layer), {}, exact=False)
+    assert ctx and ctx["tile_lines"]
+    seen = check_sound(layer, q_len=256, kv_len=256, tiles=400)
+    assert EMPTY in seen, name                       # the point: tiles skipped
+    if name not in ("dilated", "natten"):            # every 2nd key, a 5 x 5 neighbourhood: no tile is full
+        assert FULL in seen, name
+
+
+def test_exact_tiles(prog):
+    prefix = python_classifier(mask_of(prog.specialise("prefix_lm", Hq=4, Hkv=2, D=64, dtype="bf16")))
+    assert prefix(0, 63, 64, 127, 0, 3, 0, 0) == EMPTY      # above the diagonal and past the prefix
+    assert prefix(0, 63, 0, 31, 0, 3, 0, 0) == FULL         # inside the prefix
+    assert prefix(0, 63, 32, 63, 0, 3, 0, 0) == PARTIAL
+    assert prefix(128, 191, 32, 95, 0, 3, 0, 0) == FULL     # below the diagonal
+    natten = python_classifier(mask_of(prog.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")))
+    assert natten(0, 31, 512, 575, 0, 3, 0, 0) == EMPTY     # grid rows 0 and 16-17: far apart
+
+
+def test_no_classifier_where_it_cannot_help(prog):
+    causal = prog.specialise("causal", Hq=4, Hkv=2, D=64, dtype="bf16")
+    assert tile_context(mask_of(causal), {}, exact=True) == {}          # key bounds already do it
+    doc = prog.specialise("doc", Hq=4, Hkv=2, D=64, dtype="bf16")
+    assert tile_context(mask_of(doc), {}, exact=False) == {}            # tables only: unknown
+    assert tile_context(None, {}, exact=False) == {}
+
+
+FUZZ = dict(derandomize=True, deadline=None, database=None, max_examples=int(os.environ.get("LF_TILE_EXAMPLES", 120)),
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+@settings(**FUZZ)
+@given(case=attention_blocks())
+def test_fuzzed_masks_are_classified_soundly(case):
+    try:
+        layer = lf.loads(case.source, "fuzz.lf", with_stdlib=False).specialise(case.name, dtype=case.dtype,
+                                                                                 **case.bindings)
+    except lf.DSLError:
+        return
+    if mask_of(layer) is None:
+        return
+    spec = layer.function.outputs[0].arg
+    if int(spec.num_q_heads) % int(spec.num_kv_heads):
+        return
+    params = {p.name: p for p in layer.function.params}
+    gen = torch.Generator().manual_seed(1)
+    sizes = {"B": 2, "Skv": 96, **{k: v for k, v in case.bindings.items() if isinstance(v, int)}}
+    tables = {name: random_tensor(params[name].dtype, [sizes[x] for x in dims], gen)
+              for name, (_, dims) in case.tables.items()}
+    check_sound(layer, tables, q_len=96, kv_len=96, tiles=60)
