@@ -39,6 +39,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     if [ -z "${SKIP_ATTENTION:-}" ]; then
         "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # sparse masks (block sparsity) beside FlexAttention
+        "$PY" -m benchmarks.bench_masks 2>&1 | tee "$OUT_DIR/bench_masks.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_DECODER:-}" ] || "$PY" -m benchmarks.bench_decoder --no-compile --json "$OUT_DIR/bench_decoder.json" 2>&1 | tee "$OUT_DIR/bench_decoder.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1

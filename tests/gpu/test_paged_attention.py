@@ -249,3 +249,14 @@ def test_prefill_tiles_with_split_kv(prog, splits):
 def test_prefill_tiles_f16(prog):
     run_case(prog, "tc-ragged", "gemma2_attn", 16, 8, 128, 16, lens=[300, 90], new=[300, 40], dtype=torch.float16,
              window=64)
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head"])
+@pytest.mark.parametrize("form", ["tc", "tc-ragged"])
+def test_block_sparse_masks(form, name):
+    """Masks whose tiles the kernels skip or run unmasked (codegen/mask_tiles.py): prefix-LM,
+    sinks + window, dilated, a 2-D neighbourhood and a per-head mask, long ragged prompts."""
+    from ..codegen.test_mask_tiles import MASKS
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    run_case(prog, form, name, 8, 2, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77])
+    run_case(prog, form, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
