@@ -225,18 +225,21 @@ def hook_context(layer: Layer) -> dict:
     mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
     bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims)
     lows, highs = mask_bounds(spec.mask, bound_em)
+    sink_em = ScalarEmitter(VARS, tables, dims)
+    sink_value = sink_em.emit(spec.sink) if spec.sink is not None else None
     scale_em = ScalarEmitter({}, tables, dims)
     scale_value = scale_em.emit(spec.scale)
     if scale_em.lines:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
-    alibi = score_em.alibi or mask_em.alibi
+    alibi = score_em.alibi or mask_em.alibi or sink_em.alibi
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
     tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask))
     return dict(tile_lines=tiles.get("tile_lines"), tile_true=tiles.get("tile_true"), tile_false=tiles.get("tile_false"),
-                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
+                sink_lines=sink_em.lines, sink_value=sink_value,
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 

@@ -8,7 +8,8 @@
         scale = 1.0 / sqrt(D)                          # optional, this is the default
         score = 50.0 * tanh(score / 50.0)              # optional: any scalar f32 expression
         mask  = q_pos >= kv_pos                        # optional: any scalar bool expression
-    }
+        sink  = sinks[h]                               # optional: a logit in every row's softmax
+    }                                                  #   denominator that weighs no value (gpt-oss)
 
 Inside the block the scalars `score` (f32, the scaled q.k), `b` (batch), `h` (query head),
 `kv_h` (its KV head), `q_pos` and `kv_pos` (i32 positions) are defined; extra tensor
@@ -32,7 +33,7 @@ from .signatures import ATTENTION_DIRECTIVES
 from .types import DType, dims_equal, shape_str
 
 _RESERVED = ("b", "h", "kv_h", "q_pos", "kv_pos")
-_HOOKS = ("score", "mask", "scale")   # what a block's statements may set for the kernels
+_HOOKS = ("score", "mask", "scale", "sink")   # what a block's statements may set for the kernels
 
 
 def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
@@ -103,6 +104,7 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
 
     scale = None
     mask = None
+    sink = None
     rope = None
     for st in d.body:
         if isinstance(st, ast.AttnCall):
@@ -155,6 +157,13 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
                     scope.vars[t.id] = ERR
                 else:
                     mask = val
+            elif t.id == "sink":
+                if not (val.dtype.is_float or val.dtype.is_int) or _reads(val, ("kv_pos", "score")):
+                    ck.error(st.value.span, "sink must be a number per row: it may read b, h, kv_h, q_pos and "
+                                            "tables, not kv_pos or the score", "e.g. sink = sinks[h]")
+                    scope.vars[t.id] = ERR
+                else:
+                    sink = ck.cast(val, DType.f32, st.value.span) if val.dtype is not DType.f32 else val
             elif t.id == "scale":
                 if not (val.dtype.is_float or val.dtype.is_int) or _uses_position(val):
                     ck.error(st.value.span, "scale must be a number that does not depend on the score element")
@@ -165,10 +174,12 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
         if scope.vars.get(t.id) is not ERR:
             close = difflib.get_close_matches(t.id, _HOOKS, n=1)
             ck.error(t.span, f"'{t.id}' is assigned but never used: an attention block's results are only "
-                             f"`score`, `mask` and `scale`",
-                     f"did you mean '{close[0]}'?" if close else "use it in score, mask or scale, or remove it")
+                             f"`score`, `mask`, `scale` and `sink`",
+                     f"did you mean '{close[0]}'?" if close else "use it in score, mask, scale or sink, or remove it")
     score = scope.vars.get("score")
     if score is None or score.op is Op.ERROR or (mask is not None and mask.op is Op.ERROR):
+        return None
+    if sink is not None and sink.op is Op.ERROR:
         return None
     if scale is None:
         if hd.is_Integer:
@@ -177,7 +188,8 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
             dn = Node(Op.CAST, DType.f32, (), (Node(Op.DIM, DType.i64, (), (), hd, d.span),), None, d.span)
             scale = Node(Op.UNARY, DType.f32, (), (dn,), "rsqrt", d.span)
     spec = AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=hd, v_head_dim=hdv, batched=batched,
-                         scale=scale, score=None if score is score0 else score, mask=mask, rope=rope, extra=extra)
+                         scale=scale, score=None if score is score0 else score, mask=mask, rope=rope, extra=extra,
+                         sink=sink)
     extra_nodes = tuple(tables[n] for n in extra)   # the inputs, even where a local took a table's name
     out = Node(Op.ATTENTION, q.dtype, want, (q, k, v) + extra_nodes, spec, d.span)
     return [out]
@@ -206,6 +218,11 @@ def _names_read(node) -> set[str]:
     if dataclasses.is_dataclass(node):
         return set().union(*(_names_read(getattr(node, f.name)) for f in dataclasses.fields(node)))
     return set()
+
+
+def _reads(n: Node, names) -> bool:
+    from .ir import toposort
+    return any(m.op is Op.ATTN_VAR and m.arg in names for m in toposort([n]))
 
 
 def _uses_position(n: Node) -> bool:

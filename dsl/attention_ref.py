@@ -90,9 +90,15 @@ def attention_reference(ev, n: Node) -> torch.Tensor:
         m = _subgraph(ev, spec.mask, env).expand(B, Hq, Sq, Skv)
         s = s.masked_fill(~m, float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True)
+    sink = None
+    if spec.sink is not None:   # a logit in each row's denominator that weighs no value
+        sink = _subgraph(ev, spec.sink, env).to(cdt).expand(B, Hq, Sq, 1)
+        row_max = torch.maximum(row_max, sink)
     empty = torch.isneginf(row_max)
     p = torch.exp(s - torch.where(empty, torch.zeros_like(row_max), row_max))
     denom = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - torch.where(empty, torch.zeros_like(row_max), row_max))
     p = torch.where(empty, torch.zeros_like(p), p / torch.where(empty, torch.ones_like(denom), denom))
     out = torch.einsum("bhij,bjhd->bihd", p, vf)
     if not spec.batched:

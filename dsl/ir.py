@@ -98,6 +98,7 @@ class AttentionSpec:
     mask: Node | None          # bool sub-graph; None = every position visible
     rope: RopeSpec | None
     extra: tuple[str, ...]     # names of the extra inputs, in src order after q, k, v
+    sink: Node | None = None   # f32 per-row logit in the softmax's denominator (attention sinks); None = none
 
 
 @dataclass(frozen=True)

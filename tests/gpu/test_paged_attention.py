@@ -260,3 +260,16 @@ def test_block_sparse_masks(form, name):
     prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
     run_case(prog, form, name, 8, 2, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77])
     run_case(prog, form, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("window", [0, 40])
+def test_attention_sinks(form, window, splits):
+    """gpt-oss sinks: one logit per row in the softmax denominator (counted once across split-KV
+    parts and key slices), decode, chunked prefill and long prompts."""
+    from ..dsl.test_attention_sinks import SINKS
+    prog = lf.loads(SINKS, "sinks.lf", with_stdlib=False)
+    sinks = lambda n, gen: {"sinks": (torch.randn(8, generator=gen) * 2).cuda()}   # noqa: E731
+    run_case(prog, form, "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[700, 1, 1, 7],
+             extra_fn=sinks, splits=splits, window=window)
+    run_case(prog, form, "sink_attn", 8, 2, 64, 16, lens=[1], new=[1], extra_fn=sinks, splits=splits, window=window)
