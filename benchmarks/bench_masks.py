@@ -70,6 +70,20 @@ def ours(layer, q, kc, vc, table, lens, cu, seq, sparse: bool = True, extra=None
     return bench(run), out
 
 
+def problem(B, S, hq, hkv, d, page, seed):
+    """Random q and a paged cache of B whole prompts of S tokens (pages in order), the ragged
+    prefill's offsets, and the same q/k/v as [B, H, S, D] views for Flex and SDPA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B * S, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    kc = torch.randn(B * S // page, page, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    table = torch.arange(B * S // page, dtype=torch.int32, device="cuda").view(B, S // page)
+    lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device="cuda")
+    views = tuple(x.view(B, S, x.shape[-2], d).transpose(1, 2) for x in (q, kc, vc))
+    return q, kc, vc, table, lens, cu, views
+
+
 def variants(B: int, S: int) -> None:
     """The stdlib's blocks beside Flex with the same score / mask (B4 S4096 D128 bf16)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -89,21 +103,12 @@ def variants(B: int, S: int) -> None:
     ]
     print(f"\n{'stdlib block':>14} {'ours ms':>8} {'flex ms':>8} {'ours/flex':>9} {'max err':>8}")
     for name, hq, hkv, consts, mask_mod, score_mod, rope in cases:
-        g = torch.Generator(device="cuda").manual_seed(1)
-        q = torch.randn(B * S, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        kc = torch.randn(B * S // page, page, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16, generator=g)
-        table = torch.arange(B * S // page, dtype=torch.int32, device="cuda").view(B, S // page)
-        lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
-        cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device="cuda")
+        q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=1)
         extra = {"kv_len": lens.clone()} if name == "bert_attn" else None
         layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **consts)
         t_ours, out = ours(layer, q, kc, vc, table, lens, cu, S, extra=extra)
         torch._dynamo.reset()   # a fresh compile per case (past the recompile limit Flex runs unfused)
         flex = torch.compile(flex_attention, dynamic=False)
-        qq = q.view(B, S, hq, d).transpose(1, 2)
-        kk = kc.view(B, S, hkv, d).transpose(1, 2)
-        vv = vc.view(B, S, hkv, d).transpose(1, 2)
         bm = create_block_mask(mask_mod, None, None, S, S, device="cuda") if mask_mod else None
         run = lambda: flex(qq, kk, vv, score_mod=score_mod, block_mask=bm, enable_gqa=hq != hkv)   # noqa: E731
         ref = run()
@@ -124,16 +129,7 @@ def main() -> None:
     a = ap.parse_args()
     B, S, hq, hkv, d, page = a.batch, a.seq, 32, 8, 128, 64
     prog = lf.loads(SRC, "masks.lf", with_stdlib=False)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B * S, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    kc = torch.randn(B * S // page, page, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    table = torch.arange(B * S // page, dtype=torch.int32, device="cuda").view(B, S // page)
-    lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
-    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device="cuda")
-    qq = q.view(B, S, hq, d).transpose(1, 2)
-    kk = kc.view(B, S, hkv, d).transpose(1, 2)
-    vv = vc.view(B, S, hkv, d).transpose(1, 2)
+    q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=0)
     flex = torch.compile(flex_attention, dynamic=False)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         flash = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
