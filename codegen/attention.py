@@ -233,7 +233,7 @@ def hook_context(layer: Layer) -> dict:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
     alibi = score_em.alibi or mask_em.alibi or sink_em.alibi
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
-    tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask))
+    tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask), tables=tables)
     return dict(tile_lines=tiles.get("tile_lines"), tile_true=tiles.get("tile_true"), tile_false=tiles.get("tile_false"),
                 rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],

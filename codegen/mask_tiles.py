@@ -7,13 +7,17 @@ that holds all its values over the tile, every boolean one a pair (may be true, 
 A tile whose mask cannot be true is skipped (no loads, no MMAs); one whose mask cannot be false
 runs without evaluating the mask per element; the others evaluate it per element as before.
 This serves any mask over positions, heads, constants and scalars (prefix-LM, sinks plus a
-window, dilated windows, 2-D neighbourhoods through `//` and `%`); what it cannot bound (the
-score, float arithmetic, table lookups) is "unknown", so the classification stays sound: a
-tile is only skipped or unmasked when that holds for every element.
+window, dilated windows, 2-D neighbourhoods through `//` and `%`), and integer table lookups
+whose indices are one value over the tile (`prefix[b]`, `window[h]` with one head a row,
+`kv_len[b]`): those are loaded at run time (clamped as the hooks clamp them); a lookup over a
+range of indices is unknown, i.e. [-2^36, 2^36] (i32 tables only, so that bound holds), and
+so is what derives from it by multiplication other than by a small constant. What it cannot bound (the score, float arithmetic) is "unknown" too, so the
+classification stays sound: a tile is only skipped or unmasked when that holds for every
+element.
 
 `classify(mask)` gives the lines of a C function body and, for tests, the same computation as
 Python source; both compute `may_true`, `may_false` from q_lo, q_hi, k_lo, k_hi, h_lo, h_hi,
-kv_h, b and the kernel's scalars / dims (Python: a dict of them).
+kv_h, b and the kernel's scalars, dims and tables (Python: a dict of them, tables as tensors).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from ..dsl.ir import Node, Op, toposort, unary_name
 from ..dsl.types import DType
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+WIDE = 1 << 36   # the bounds of an i32 table value not known over the tile (with the small constants
+#                  below, sums of thousands of such terms stay in 64 bits)
 
 _RANGES = {"q_pos": ("q_lo", "q_hi"), "kv_pos": ("k_lo", "k_hi"), "h": ("h_lo", "h_hi"),
            "kv_h": ("kv_h", "kv_h"), "b": ("b", "b")}
@@ -34,6 +40,7 @@ _RANGES = {"q_pos": ("q_lo", "q_hi"), "kv_pos": ("k_lo", "k_hi"), "h": ("h_lo", 
 class TileClassifier:
     """C lines (and twin Python lines) bounding a mask over a tile; `value` is (may_true, may_false)."""
     dims: dict[str, str]                 # dynamic dim name -> C name of its kernel argument
+    tables: dict = field(default_factory=dict)   # extra input name -> scalar_expr.TableInfo (C sizes, strides)
     c: list[str] = field(default_factory=list)
     py: list[str] = field(default_factory=list)
     n: int = 0
@@ -75,7 +82,11 @@ class TileClassifier:
     def classify(self, mask: Node) -> tuple[str, str]:
         vals: dict[int, object] = {}
         for n in toposort([mask]):
-            vals[id(n)] = self._node(n, [vals[id(s)] for s in n.src])
+            srcs = [vals[id(s)] for s in n.src]
+            v = self._node(n, srcs)
+            if _known_int(v) and any(_wide(x) for x in srcs):   # derived from a table value: maybe WIDE
+                v = ("int", v[1], v[2], True)
+            vals[id(n)] = v
         v = vals[id(mask)]
         return v if isinstance(v, tuple) and v[0] != "int" else ("true", "true")
 
@@ -156,7 +167,31 @@ class TileClassifier:
             hi = self._int(f"({c[0]} ? ({c[1]} ? max({x[2]}, {y[2]}) : {x[2]}) : {y[2]})",
                            f"(({max_py(x[2], y[2])} if {c[1]} else {x[2]}) if {c[0]} else {y[2]})")
             return ("int", lo, hi)
-        return _unknown(n)   # INDEX (table lookups), INPUT and anything else
+        if n.op is Op.INDEX:
+            return self._lookup(n, a[1:])
+        return _unknown(n)   # INPUT and anything else
+
+    def _lookup(self, n: Node, idx: list):
+        """An integer table element: loaded where every index is one value over the tile (each
+        clamped into its dim, as the hooks index), else [-WIDE, WIDE]."""
+        t = self.tables.get(n.src[0].arg)
+        if t is None or n.dtype is not DType.i32 or not all(_known_int(i) for i in idx):
+            return _unknown(n)
+        conds = [f"{i[1]} == {i[2]}" for i in idx]
+        single = self._bool("(" + " && ".join(conds) + ")", "(" + " and ".join(conds) + ")")
+        at = [self._int(f"min(max({i[1]}, 0LL), (long long)({size}) - 1)", f"min(max({i[1]}, 0), {{SIZE{k}}})")
+              for k, (i, size) in enumerate(zip(idx, t.sizes))]
+        addr = " + ".join(f"{x} * {st}" for x, st in zip(at, t.strides))
+        name = f"p_{t.name}"
+        py_at = ", ".join(at)
+        # the Python twin clamps with the tensor's own sizes: {SIZEk} -> name.shape[k] - 1
+        for k in range(len(at)):
+            self.py[-len(at) + k] = self.py[-len(at) + k].replace(f"{{SIZE{k}}}", f"{name}.shape[{k}] - 1")
+        v = self._int(f"({single} ? (long long)({name}[{addr}]) : 0LL)", f"(int({name}[{py_at}]) if {single} else 0)")
+        lo = self._int(f"({single} ? {v} : -{WIDE}LL)", f"({v} if {single} else -{WIDE})")
+        hi = self._int(f"({single} ? {v} : {WIDE}LL)", f"({v} if {single} else {WIDE})")
+        self.useful = True
+        return ("int", lo, hi, True)
 
     def _binary(self, n: Node, a: list):
         op = n.arg
@@ -171,7 +206,7 @@ class TileClassifier:
         if op in ("eq", "ne", "lt", "le", "gt", "ge"):
             if not known:
                 return ("true", "true")
-            (_, alo, ahi), (_, blo, bhi) = x, y
+            (alo, ahi), (blo, bhi) = x[1:3], y[1:3]
             if op in ("eq", "ne"):
                 overlap = self._and(self._cmp(alo, "<=", bhi), self._cmp(blo, "<=", ahi))
                 single = self._bool(f"({alo} == {ahi} && {blo} == {bhi} && {alo} == {blo})",
@@ -188,12 +223,15 @@ class TileClassifier:
         # floats: only sums and extremes of integers (exact in f32 for positions below 2^22)
         if not known or not (n.dtype.is_int or op in ("add", "sub", "min", "max")):
             return _unknown(n)
-        (_, alo, ahi), (_, blo, bhi) = x, y
+        (alo, ahi), (blo, bhi) = x[1:3], y[1:3]
         if op == "add":
             return ("int", self._int(f"({alo} + {blo})"), self._int(f"({ahi} + {bhi})"))
         if op == "sub":
             return ("int", self._int(f"({alo} - {bhi})"), self._int(f"({ahi} - {blo})"))
         if op == "mul":
+            # products with WIDE bounds stay in 64 bits only against a small constant
+            if (_wide(x) or _wide(y)) and not any(_small_const(v) for v in (x, y)):
+                return _unknown(n)
             ps = [self._int(f"({p} * {q})") for p in (alo, ahi) for q in (blo, bhi)]
             lo = self._min(self._min(ps[0], ps[1]), self._min(ps[2], ps[3]))
             hi = self._max(self._max(ps[0], ps[1]), self._max(ps[2], ps[3]))
@@ -221,6 +259,15 @@ def _known_int(v) -> bool:
     return isinstance(v, tuple) and v[0] == "int" and v[1] is not None
 
 
+def _small_const(v) -> bool:
+    lo = v[1] if _known_int(v) and v[1] == v[2] else ""
+    return lo.endswith("LL") and lo[:-2].lstrip("-").isdigit() and abs(int(lo[:-2])) < 1 << 16
+
+
+def _wide(v) -> bool:
+    return isinstance(v, tuple) and len(v) == 4 and v[3]
+
+
 def _unknown(n: Node):
     if n.dtype is DType.bool:
         return ("true", "true")
@@ -235,23 +282,24 @@ def max_py(a: str, b: str) -> str:
     return f"max({a}, {b})"
 
 
-def tile_context(mask: Node | None, dims: dict[str, str], exact: bool) -> dict:
+def tile_context(mask: Node | None, dims: dict[str, str], exact: bool, tables: dict | None = None) -> dict:
     """Template data of a kernel's tile classifier: {'tile_lines': [...], 'tile_true': C bool,
     'tile_false': C bool}, or {} where it cannot help (no mask, a mask of key bounds only, which
     the key range already covers, or nothing bounded from positions or heads)."""
     if mask is None or exact:
         return {}
-    tc = TileClassifier(dims)
+    tc = TileClassifier(dims, dict(tables or {}))
     t, f = tc.classify(mask)
     if not tc.useful or (t == "true" and f == "true"):
         return {}
     return {"tile_lines": tc.c, "tile_true": t, "tile_false": f}
 
 
-def python_classifier(mask: Node, dims: dict[str, str] | None = None):
+def python_classifier(mask: Node, dims: dict[str, str] | None = None, tables: dict | None = None):
     """The classifier as a Python function of (q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b,
-    **scalars) -> EMPTY / PARTIAL / FULL: the same interval computation as the C lines (tests)."""
-    tc = TileClassifier(dict(dims or {}))
+    **env) -> EMPTY / PARTIAL / FULL: the same interval computation as the C lines (tests).
+    env holds the scalars (s_name), dims (d_name) and tables (p_name: tensors)."""
+    tc = TileClassifier(dict(dims or {}), dict(tables or {}))
     t, f = tc.classify(mask)
     py_t, py_f = ({"true": "True", "false": "False"}.get(v, v) for v in (t, f))
     body = "\n".join("    " + line.replace("LL", "").replace("(long long)", "") for line in tc.py)

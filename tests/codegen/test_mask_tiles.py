@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import layerforge as lf
 from layerforge.codegen.mask_tiles import EMPTY, FULL, PARTIAL, python_classifier, tile_context
+from layerforge.codegen.scalar_expr import TableInfo
 from layerforge.dsl.attention_ref import _subgraph
 from layerforge.dsl.evaluator import _Evaluator, bind_inputs
 
@@ -42,7 +43,21 @@ attention doc(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], ids
 attention by_head(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
     mask = h < 2 or kv_pos <= q_pos
 }
+attention prefix_table(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], prefix: i32[B]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos or kv_pos < prefix[b]
+}
+attention head_window(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], win: i32[Hq]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and q_pos - kv_pos < win[h] * 2
+}
 """
+
+
+class _Dims(dict):
+    def __missing__(self, name):   # every dynamic dim by its kernel argument's name (the C sizes)
+        return f"d_{name}"
+
+
+DIMS = _Dims()
 
 
 def mask_of(layer):
@@ -68,7 +83,10 @@ def exact_grid(layer, q_len: int, kv_len: int, tables: dict, batch: int = 2):
 def check_sound(layer, tables=None, q_len=160, kv_len=160, tiles=200, seed=0, scalars=None):
     """Random tiles (and aligned ones): EMPTY only over all-false elements, FULL over all-true."""
     grid, hq, hkv = exact_grid(layer, q_len, kv_len, tables or {})
-    classify = python_classifier(mask_of(layer))
+    params = {p.name: p for p in layer.function.params}
+    infos = {n: TableInfo(n, params[n].dtype, params[n].shape, DIMS) for n in (tables or {})}
+    classify = python_classifier(mask_of(layer), tables=infos)
+    scalars = {**(scalars or {}), **{f"p_{n}": t for n, t in (tables or {}).items()}}
     rng = random.Random(seed)
     group = hq // hkv
     seen = set()
@@ -97,12 +115,19 @@ def prog():
     return lf.loads(MASKS, "masks.lf", with_stdlib=False)
 
 
-@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head"])
+TABLES = {"prefix_table": lambda: {"prefix": torch.tensor([40, 100], dtype=torch.int32)},
+          "head_window": lambda: {"win": torch.tensor([4, 16, 64, 1000], dtype=torch.int32)}}
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head", "prefix_table", "head_window"])
 def test_position_masks_get_empty_and_full_tiles(prog, name):
     layer = prog.specialise(name, Hq=4, Hkv=2, D=64, dtype="bf16")
-    ctx = tile_context(mask_of(layer), {}, exact=False)
+    tables = TABLES.get(name, dict)()
+    params = {p.name: p for p in layer.function.params}
+    infos = {n: TableInfo(n, params[n].dtype, params[n].shape, DIMS) for n in tables}
+    ctx = tile_context(mask_of(layer), {}, exact=False, tables=infos)
     assert ctx and ctx["tile_lines"]
-    seen = check_sound(layer, q_len=256, kv_len=256, tiles=400)
+    seen = check_sound(layer, tables, q_len=256, kv_len=256, tiles=400)
     assert EMPTY in seen, name                       # the point: tiles skipped
     if name not in ("dilated", "natten"):            # every 2nd key, a 5 x 5 neighbourhood: no tile is full
         assert FULL in seen, name
@@ -149,3 +174,18 @@ def test_fuzzed_masks_are_classified_soundly(case):
     tables = {name: random_tensor(params[name].dtype, [sizes[x] for x in dims], gen)
               for name, (_, dims) in case.tables.items()}
     check_sound(layer, tables, q_len=96, kv_len=96, tiles=60)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+@pytest.mark.parametrize("name", ["prefix_lm", "natten", "prefix_table", "head_window"])
+def test_classified_kernels_compile_without_spills(prog, name, mode):
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    plan = plan_tc_attention(prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16"), "sm_90", mode=mode)
+    src = plan.source()
+    assert "lf_mask_tile(" in src and "if (tile_cls == 0) continue;" in src
+    if name in TABLES:   # one run-time load per lookup, at a clamped index
+        assert f"p_{next(iter(TABLES[name]()))}[" in src.split("lf_mask_tile(long long")[1].split("}")[0]
+    res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, kr

@@ -92,7 +92,7 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
         for p in layer.function.params[3:]:
             if p.kind == "tensor":
                 t = extra[p.name]
-                ins[p.name] = t[s:s + 1] if p.name == "kv_len" else t
+                ins[p.name] = t[s:s + 1] if str(p.shape[0]) == "B" else t   # per-sequence tables
         ref = lf.evaluate(layer.function, ins, precision="float64",
                           q_positions=torch.arange(n - m, n, device="cuda")[None],
                           kv_positions=torch.arange(n, device="cuda")[None])[0][0]
@@ -273,3 +273,15 @@ def test_attention_sinks(form, window, splits):
     run_case(prog, form, "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[700, 1, 1, 7],
              extra_fn=sinks, splits=splits, window=window)
     run_case(prog, form, "sink_attn", 8, 2, 64, 16, lens=[1], new=[1], extra_fn=sinks, splits=splits, window=window)
+
+
+@pytest.mark.parametrize("name", ["prefix_table", "head_window"])
+@pytest.mark.parametrize("form", ["tc", "tc-ragged"])
+def test_block_sparse_masks_from_tables(form, name):
+    """Masks whose tiles are classified from i32 table values loaded at run time (one index
+    over the tile): per-sequence prefix lengths, per-head windows."""
+    from ..codegen.test_mask_tiles import MASKS
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    tables = {"prefix_table": lambda n, gen: {"prefix": torch.randint(0, 400, (n,), generator=gen, dtype=torch.int32).cuda()},
+              "head_window": lambda n, gen: {"win": torch.randint(1, 300, (8,), generator=gen, dtype=torch.int32).cuda()}}
+    run_case(prog, form, name, 8, 8, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77], extra_fn=tables[name])
