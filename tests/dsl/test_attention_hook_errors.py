@@ -33,7 +33,7 @@ def test_unused_local_is_an_error_and_used_locals_are_fine():
             score = score + f32(rel)
         }
         """))
-    expect(err, 5, 5, "'unrelated' is assigned but never used", hint="use it in score, mask or scale")
+    expect(err, 5, 5, "'unrelated' is assigned but never used", hint="use it in score, mask, scale or sink")
     ok = ATTN_DIMS + src("""\
         attention a(q: bf16[B, S, Hq, D], k: bf16[B, Skv, Hkv, D], v: bf16[B, Skv, Hkv, D]) -> bf16[B, S, Hq, D] {
             rel = kv_pos - q_pos
