@@ -197,12 +197,23 @@ class PagedAttention:
             self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
         return dev, S, max_pages, out, values
 
-    def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256) -> int:
+    def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256,
+                one_wave: bool = False) -> int:
+        """Split-KV parts: enough CTAs for about two per SM, no more parts than key tiles.
+        one_wave (the tensor-core kernels): the CTAs of all parts fit one wave of two per SM and
+        a grid that already holds ~one CTA per SM is not split (a split costs a merge launch).
+        H200, Llama GQA 32/8 decode (benchmarks/bench_splits.py sweeps): 8 x 4096 took 58.7 us
+        with 5 parts (320 CTAs: a second, partial wave) and 50.7 with 4; 8 x 2048 38.4 / 33.4;
+        16 x 1024 37.7 with 2 parts, 30.5 unsplit; the other cases swept gain nothing from it."""
         if num_splits is not None:
             if num_splits < 1:
                 raise ValueError(f"num_splits must be >= 1, got {num_splits}")
             return num_splits
         sms = self._sms[dev.index]
+        if one_wave:
+            if 10 * ctas >= 9 * sms:
+                return 1
+            return max(1, min(2 * sms // ctas, math.ceil(max_kv_len / tile), 64))
         if ctas >= sms:
             return 1
         return max(1, min(math.ceil(2 * sms / ctas), math.ceil(max_kv_len / tile), 64))
@@ -321,7 +332,8 @@ class PagedAttention:
         main, merge, main_args, merge_args, keys = self._load(dev, mode)
         T = q.shape[0]
         _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
-        num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys)
+        num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys,
+                                  one_wave=True)
         part_o, part_lse = self._workspace(dev, T, num_splits)
         values.update(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, cu_q=cu_q,
                       q_seq=q_seq, q_pos=q_pos, out=out, part_o=part_o, part_lse=part_lse, max_pages=max_pages,

@@ -73,3 +73,17 @@ def test_tensor_core_plans_for_both_modes(layer, tmp_path):
     pre, dec = attn.tc_plan("prefill"), attn.tc_plan("decode")
     assert pre.config.wn == 1 and dec.config.wn == 4       # rows split across warps vs keys
     assert pre.key != dec.key and attn.tc_plan("prefill") is pre
+
+
+@pytest.mark.parametrize("batch,ctx,want", [
+    (1, 2048, 8), (1, 4096, 16), (4, 2048, 8),   # few CTAs: up to two per SM, no more parts than key tiles
+    (8, 2048, 4), (8, 4096, 4),                  # 64 CTAs: 4 parts fill one wave of two per SM (5 spilled over)
+    (16, 1024, 1), (32, 2048, 1),                # ~one CTA per SM already: no split, no merge launch
+])
+def test_tensor_core_split_kv_fills_one_wave(batch, ctx, want):
+    """The split-KV choice of the tensor-core decode (H200: 132 SMs; Llama GQA 32/8, 8 CTAs a
+    token; key tiles of 256): the counts that benchmarks/bench_splits.py measured best."""
+    attn = PagedAttention(lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch="sm_90")
+    attn._sms[0] = 132
+    assert attn._splits(torch.device("cuda", 0), batch * 8, ctx, None, tile=256, one_wave=True) == want
+    assert attn._splits(torch.device("cuda", 0), batch * 8, ctx, 3, tile=256, one_wave=True) == 3   # given: kept
