@@ -290,9 +290,36 @@ def tile_context(mask: Node | None, dims: dict[str, str], exact: bool, tables: d
         return {}
     tc = TileClassifier(dims, dict(tables or {}))
     t, f = tc.classify(mask)
-    if not tc.useful or (t == "true" and f == "true"):
+    if not tc.useful or (t == "true" and f == "true") or _never_decides(mask):
         return {}
     return {"tile_lines": tc.c, "tile_true": t, "tile_false": f}
+
+
+def _never_decides(mask: Node, tile: int = 64, extent: int = 2048, heads: int = 8) -> bool:
+    """True when the conjuncts that are not key bounds (which the key range already applies)
+    leave no sampled tile empty or full: 64 x 64 tiles over 2048 positions, head 0 and heads
+    0-7, batch 0. A dilated window (`(q_pos - kv_pos) % 2 == 0` beside causal and window
+    bounds) is such a mask: classifying its tiles only cost time (6% on the H200). Masks whose
+    residue reads tables, scalars or dims are kept (their values are not known here)."""
+    from .scalar_expr import _bound, _conjuncts
+    rest = [n for n in _conjuncts(mask) if _bound(n) is None]
+    if not rest:
+        return True
+    residue = rest[0]
+    for n in rest[1:]:
+        residue = Node(Op.BINARY, DType.bool, (), (residue, n), "and", n.span)
+    if any(m.op in (Op.INDEX, Op.INPUT, Op.SCALAR, Op.DIM) for m in toposort([residue])):
+        return False
+    try:
+        classify = python_classifier(residue)
+        for q0 in range(0, extent, tile):
+            for k0 in range(0, extent, tile):
+                for h0, h1 in ((0, heads - 1), (0, 0)):
+                    if classify(q0, q0 + tile - 1, k0, k0 + tile - 1, h0, h1, 0, 0) != PARTIAL:
+                        return False
+    except (NameError, ZeroDivisionError, TypeError):
+        return False
+    return True
 
 
 def python_classifier(mask: Node, dims: dict[str, str] | None = None, tables: dict | None = None):

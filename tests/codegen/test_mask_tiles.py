@@ -126,7 +126,9 @@ def test_position_masks_get_empty_and_full_tiles(prog, name):
     params = {p.name: p for p in layer.function.params}
     infos = {n: TableInfo(n, params[n].dtype, params[n].shape, DIMS) for n in tables}
     ctx = tile_context(mask_of(layer), {}, exact=False, tables=infos)
-    assert ctx and ctx["tile_lines"]
+    # dilated: beside its causal and window bounds, `% 2` leaves every tile partial, so the
+    # kernel gets no classifier (it only cost time)
+    assert bool(ctx and ctx["tile_lines"]) == (name != "dilated")
     seen = check_sound(layer, tables, q_len=256, kv_len=256, tiles=400)
     assert EMPTY in seen, name                       # the point: tiles skipped
     if name not in ("dilated", "natten"):            # every 2nd key, a 5 x 5 neighbourhood: no tile is full
