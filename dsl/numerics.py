@@ -103,6 +103,12 @@ class Llama3Scaling:
                                      f"{self.low_freq_factor:g}, {self.high_freq_factor:g}")
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude scale 0.1 m ln(factor) + 1 (1 for factor <= 1), as transformers'
+    yarn_get_mscale: the cos/sin factor, and DeepSeek's softmax scale (squared, m = mscale_all_dim)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 @dataclass(frozen=True)
 class YarnScaling:
     """YaRN: frequencies that turn fewer than beta_slow times over the pretraining length are
@@ -141,12 +147,9 @@ class YarnScaling:
         if self.attention_factor is not None:
             return float(self.attention_factor)
 
-        def mscale(m=1.0):
-            return 1.0 if self.factor <= 1 else 0.1 * m * math.log(self.factor) + 1.0
-
         if self.mscale and self.mscale_all_dim:
-            return mscale(self.mscale) / mscale(self.mscale_all_dim)
-        return mscale()
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
 
     def check(self):
         _positive(self, "factor", "original_max_position", "beta_fast", "beta_slow")
