@@ -27,6 +27,7 @@ import sympy
 
 from ..dsl.ir import Node, Op, toposort, unary_name
 from ..dsl.types import DType
+from .scalar_expr import _bound, _conjuncts
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 WIDE = 1 << 36   # the bounds of an i32 table value not known over the tile (with the small constants
@@ -301,7 +302,6 @@ def _never_decides(mask: Node, tile: int = 64, extent: int = 2048, heads: int = 
     0-7, batch 0. A dilated window (`(q_pos - kv_pos) % 2 == 0` beside causal and window
     bounds) is such a mask: classifying its tiles only cost time (6% on the H200). Masks whose
     residue reads tables, scalars or dims are kept (their values are not known here)."""
-    from .scalar_expr import _bound, _conjuncts
     rest = [n for n in _conjuncts(mask) if _bound(n) is None]
     if not rest:
         return True

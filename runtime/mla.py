@@ -26,6 +26,7 @@ import torch
 from ..dsl.attention_ref import apply_rope
 from ..dsl.evaluator import evaluate
 from ..dsl.numerics import rope_scaling_from_hf, yarn_mscale
+from ..dsl.program import Program
 
 __all__ = ["MLA_SOURCE", "MLAConfig", "MLAAttention", "LatentCache"]
 
@@ -122,7 +123,6 @@ class MLAAttention(torch.nn.Module):
 
     def __init__(self, config: MLAConfig, *, dtype=torch.float32, device=None):
         super().__init__()
-        import layerforge as lf
         c = self.config = config
         H, nh = c.hidden_size, c.num_heads
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
@@ -142,7 +142,7 @@ class MLAAttention(torch.nn.Module):
         kw = {}
         if c.rope_scaling is not None:
             kw["rope_scaling"] = (dict(c.rope_parameters), c.max_position_embeddings)
-        self.layer = lf.loads(MLA_SOURCE, "mla.lf", with_stdlib=False).specialise(
+        self.layer = Program.from_source(MLA_SOURCE, "mla.lf").specialise(
             "mla_attn", Hq=nh, Hkv=1, D=c.qk_rope_head_dim + c.kv_lora_rank, Dv=c.kv_lora_rank,
             dtype={torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype],
             theta=c.rope_theta, rope_dim=c.qk_rope_head_dim, softmax_scale=c.softmax_scale, **kw)
