@@ -102,7 +102,7 @@ def bench_generate(ours, batch: int, context: int, steps: int, profile: bool = F
     from layerforge.models.engine import generate
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
-    generate(ours, prompts, max_new_tokens=4)     # warm: graphs of this bucket
+    generate(ours, prompts, max_new_tokens=1 + steps)   # warm: the engine for the longest call, its graphs
     torch.cuda.synchronize()
     t = time.perf_counter()
     generate(ours, prompts, max_new_tokens=1)

@@ -226,19 +226,21 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
 def _engine_for(model: DecoderModel, n: int, seq_len: int, prefill_chunk: int, cuda_graphs: bool | None) -> Engine:
     """The model's generation engine, kept between calls so that its cache and captured graphs
     are reused: rebuilt only when a call needs more sequences or a longer context than it has
-    (sizes rounded up to powers of two, so a few calls settle on one engine) or other graph
-    settings. `model.release_engine()` frees it."""
+    (then as large as both calls need, the context rounded up to whole pages: the cache never
+    holds more than the largest call asked for) or other graph settings.
+    `model.release_engine()` frees it."""
     want_graphs = model.device.type == "cuda" and cuda_graphs is not False
+    P = model.page_size
+    seq_len = -(-seq_len // P) * P
     engine = getattr(model, "_engine", None)
     if engine is not None and (engine.seqs or engine.max_seqs < n or engine.max_seq_len < seq_len
                                or (engine.graphs is not None) != want_graphs):
+        if not engine.seqs and (engine.graphs is not None) == want_graphs:   # grow to cover both calls
+            n, seq_len = max(n, engine.max_seqs), max(seq_len, engine.max_seq_len)
         model.release_engine()
         engine = None
     if engine is None:
-        P = model.page_size
-        engine = Engine(model, max_seqs=1 << (n - 1).bit_length(),
-                        max_seq_len=max(P, 1 << (seq_len - 1).bit_length()),
-                        prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+        engine = Engine(model, max_seqs=n, max_seq_len=seq_len, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
         model._engine = engine
     engine.prefill_chunk = prefill_chunk
     return engine

@@ -57,7 +57,9 @@ def test_generate_keeps_its_engine_between_calls(loaded):
     assert engine.max_seqs == 2 and engine.max_seq_len == 16 and not engine.seqs   # rounded up to a page
     assert generate(ours, [[4, 5]], max_new_tokens=5)[0] == a[1] and ours._engine is engine   # fits: reused
     assert generate(ours, [[1, 2, 3]] * 3, max_new_tokens=5) == [a[0]] * 3                      # more sequences
-    assert ours._engine is not engine and ours._engine.max_seqs == 4
+    assert ours._engine is not engine and ours._engine.max_seqs == 3 and ours._engine.max_seq_len == 16
+    assert generate(ours, [[1, 2, 3, 4] * 5], max_new_tokens=5)[0]                              # a longer context:
+    assert (ours._engine.max_seqs, ours._engine.max_seq_len) == (3, 32)                         # covers both calls
     ours.release_engine()
     assert not hasattr(ours, "_engine")
 
