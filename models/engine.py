@@ -129,12 +129,14 @@ class Engine:
             return {slot: logits[i] for i, slot in enumerate(slots)}
         budget = self.prefill_chunk
         chunks = []
+        prompt = False   # a prompt chunk is in this step: at least one goes, so no prompt starves
         for slot, s in work:
             n = len(s.tokens) - s.fed
-            if n > 1:        # prompt tokens: a chunk of what the budget leaves; none once it is spent
-                if budget <= 0 and chunks:
+            if n > 1:        # prompt tokens: a chunk of what the budget leaves; no more once it is spent
+                if budget <= 0 and prompt:
                     continue
                 n = max(1, min(n, budget))
+                prompt = True
             budget -= n
             chunks.append((slot, s, n))
         ids = [t for _, s, n in chunks for t in s.tokens[s.fed: s.fed + n]]

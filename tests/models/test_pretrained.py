@@ -84,6 +84,25 @@ def test_generate_prefills_every_prompt_before_decoding(loaded, monkeypatch):
     assert got == [generate(ours, [p], max_new_tokens=4)[0] for p in prompts]
 
 
+def test_a_prompt_joining_many_decoding_sequences_is_not_starved(loaded):
+    """Decode tokens spend the step's prefill budget first; a waiting prompt still gets a chunk."""
+    _, ours = loaded("llama")
+    eng = Engine(ours, max_seqs=4, max_seq_len=32, prefill_chunk=2)
+    for p in ([1, 2], [3, 4], [5, 6]):
+        eng.add(p)
+    while any(s.fed < len(s.tokens) for s in eng.seqs.values()):
+        eng.step()
+    for slot in list(eng.seqs):
+        eng.feed(slot, 7)
+    late = eng.add([8, 9, 10, 11, 12])
+    for _ in range(5):
+        eng.step()
+        for slot in eng.seqs:
+            if slot != late and len(eng.seqs[slot].tokens) < 20:
+                eng.feed(slot, 7)
+    assert eng.seqs[late].fed == 5
+
+
 def test_sequences_join_and_leave_between_steps(loaded):
     _, ours = loaded("llama")
     g = torch.Generator().manual_seed(4)
