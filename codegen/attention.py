@@ -142,17 +142,37 @@ def check_attention_layer(layer: Layer, page_size: int) -> None:
         raise ValueError(f"page size must be a power of two, got {page_size}")
 
 
-def check_specialisable(layer: Layer, what: str, f32: bool = False) -> int:
-    """bf16/f16 storage (f32 too where f32 is set) and a head dim with a specialisation;
+TC_HEAD_DIMS = (64, 128, 256)
+
+
+def check_specialisable(layer: Layer, what: str, f32: bool = False, any_head_dim: bool = False) -> int:
+    """bf16/f16 storage (f32 too where f32 is set) and a head dim with a specialisation
+    (64, 128, 256; with any_head_dim, the CUDA-core kernel's: multiples of 16 up to 256);
     returns the head dim."""
     spec = layer.function.outputs[0].arg
     if layer.dtype not in (DType.bf16, DType.f16) + ((DType.f32,) if f32 else ()):
         raise LoweringError(f"{layer.name}: {what} takes bf16 or f16, not {layer.dtype}")
     hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
-    if hd != hdv or hd not in (64, 128, 256):
-        raise LoweringError(f"{layer.name}: no {what} specialisation for head dim {hd} "
-                            f"(value dim {hdv}); supported: 64, 128, 256")
+    ok = hd % 16 == 0 and 16 <= hd <= 256 if any_head_dim else hd in TC_HEAD_DIMS
+    if hd != hdv or not ok:
+        raise LoweringError(f"{layer.name}: no {what} specialisation for head dim {hd} (value dim {hdv}); "
+                            f"supported: {'multiples of 16 up to 256' if any_head_dim else '64, 128, 256'}, "
+                            f"equal to the value dim")
     return hd
+
+
+def lane_shape(hd: int, itemsize: int) -> dict[str, int] | None:
+    """The CUDA-core kernel's lanes for a head dim whose 16-byte vectors do not tile a warp
+    (80, 96, ...): LPK lanes a key (a power of two), EPL channels a lane loaded as EPL / VW
+    vectors of VW; None where the kernel's own 16-byte shape applies (64, 128, 256)."""
+    per16 = 16 // itemsize
+    epl = hd // 32 if hd // per16 > 32 else per16     # the kernel's own shape (templates/cuda/attention_paged)
+    if hd % epl == 0 and 32 % (hd // epl) == 0 and epl & (epl - 1) == 0:
+        return None
+    lpk = next(p for p in (32, 16, 8, 4, 2, 1) if hd % p == 0 and hd // p >= per16 or p == 1)
+    epl = hd // lpk
+    vw = next(v for v in (per16, per16 // 2, per16 // 4, per16 // 8, 1) if v and epl % v == 0)
+    return {"EPL": epl, "LPK": lpk, "VW": vw}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,15 +217,19 @@ class PagedAttentionPlan(AttentionPlan):
 def _render(plan: PagedAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    hd = check_specialisable(plan.layer, "paged attention", f32=True)
+    hd = check_specialisable(plan.layer, "paged attention", f32=True, any_head_dim=True)
     hq, hkv = int(spec.num_q_heads), int(spec.num_kv_heads)
     group = hq // hkv
     gc = plan.heads_per_cta
     ctx = hook_context(plan.layer)
+    t = ops.STORAGE_TYPE[dtype]
+    lanes = lane_shape(hd, dtype.itemsize)
     return render(
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
-        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps, **ctx)
+        HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps,
+        lanes=lanes, kv_type=f"{'lf_arr' if lanes else 'lf_vec'}<{t}, EPL>",
+        kv_load=(f"lf_load_kv_arr<{t}, EPL, VW, " if lanes else f"lf_load_kv<{t}, EPL, ") + "PAGE, HKV * HD>", **ctx)
 
 
 def hook_context(layer: Layer) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
+from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
@@ -83,9 +83,11 @@ class PagedAttention:
 
     @property
     def kernel(self) -> str:
-        """'tc' (tensor cores, sm_80 and newer, bf16/f16) or 'simt' (CUDA cores, any GPU, f32 too)."""
-        if self._kernel is None:   # f32: the CUDA-core kernel (tensor cores take bf16/f16 here)
-            tc = int(self.target.removeprefix("sm_").rstrip("af")) >= 80 and self.dtype != torch.float32
+        """'tc' (tensor cores, sm_80 and newer, bf16/f16, head dims 64/128/256) or 'simt' (CUDA
+        cores, any GPU, f32 too, head dims that are multiples of 16 up to 256)."""
+        if self._kernel is None:   # f32 or a head dim but 64/128/256: the CUDA-core kernel
+            tc = (int(self.target.removeprefix("sm_").rstrip("af")) >= 80 and self.dtype != torch.float32
+                  and self.d in TC_HEAD_DIMS)
             self._kernel = "tc" if tc else "simt"
         return self._kernel
 

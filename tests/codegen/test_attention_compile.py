@@ -58,8 +58,27 @@ def test_hooks_are_inlined(prog):
 
 
 def test_unsupported_head_dim_is_a_clear_error(prog):
+    with pytest.raises(LoweringError, match="head dim 72"):
+        plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 72), "sm_90")
     with pytest.raises(LoweringError, match="head dim 96"):
-        plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 96), "sm_90")
+        plan_tc_attention(specialise(prog, "llama_attn", 8, 8, 96), "sm_90", mode="decode")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("d", [16, 48, 80, 96, 112, 160, 192, 224])
+def test_cuda_core_kernel_serves_other_head_dims(prog, d, dtype):
+    """Phi-3 and GPT-NeoX-20B (96), 80, ...: lanes of EPL channels loaded as EPL / VW vectors
+    (codegen/attention.py lane_shape); the tensor-core kernels keep 64/128/256."""
+    from layerforge.codegen.attention import lane_shape
+    plan = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 2, d, dtype), "sm_90")
+    src = plan.source()
+    shape = lane_shape(d, 2 if dtype == "bf16" else 4)
+    assert (shape is not None) == ("lf_load_kv_arr" in src)
+    if shape:
+        assert 32 % shape["LPK"] == 0 and shape["EPL"] * shape["LPK"] == d and shape["EPL"] % shape["VW"] == 0
+    res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -285,3 +285,12 @@ def test_block_sparse_masks_from_tables(form, name):
     tables = {"prefix_table": lambda n, gen: {"prefix": torch.randint(0, 400, (n,), generator=gen, dtype=torch.int32).cuda()},
               "head_window": lambda n, gen: {"win": torch.randint(1, 300, (8,), generator=gen, dtype=torch.int32).cuda()}}
     run_case(prog, form, name, 8, 8, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77], extra_fn=tables[name])
+
+
+@pytest.mark.parametrize("d", [80, 96, 160])
+@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "bloom_attn"])
+def test_cuda_core_kernel_other_head_dims(prog, name, d):
+    """Head dims the tensor-core kernels do not serve: the CUDA-core kernel, ragged decode and
+    chunked prefill, with and without split-KV."""
+    run_case(prog, "simt", name, 8, 2, d, 16, lens=[1, 37, 300], new=[1, 5, 1])
+    run_case(prog, "simt", name, 8, 2, d, 16, lens=[1000], new=[1], splits=4)
