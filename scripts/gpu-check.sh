@@ -39,8 +39,11 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     if [ -z "${SKIP_ATTENTION:-}" ]; then
         "$PY" -m benchmarks.bench_attention --json "$OUT_DIR/bench_attention.json" 2>&1 | tee "$OUT_DIR/bench_attention.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
-        # sparse masks (block sparsity) beside FlexAttention
-        "$PY" -m benchmarks.bench_masks 2>&1 | tee "$OUT_DIR/bench_masks.txt"
+        # sparse masks (block sparsity) and the stdlib blocks beside FlexAttention
+        "$PY" -m benchmarks.bench_masks --variants 2>&1 | tee "$OUT_DIR/bench_masks.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # the split-KV choice against a sweep of forced part counts
+        "$PY" -m benchmarks.bench_splits 2>&1 | tee "$OUT_DIR/bench_splits.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_DECODER:-}" ] || "$PY" -m benchmarks.bench_decoder --no-compile --json "$OUT_DIR/bench_decoder.json" 2>&1 | tee "$OUT_DIR/bench_decoder.txt"
