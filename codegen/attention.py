@@ -151,7 +151,7 @@ def check_specialisable(layer: Layer, what: str, f32: bool = False, any_head_dim
     returns the head dim."""
     spec = layer.function.outputs[0].arg
     if layer.dtype not in (DType.bf16, DType.f16) + ((DType.f32,) if f32 else ()):
-        raise LoweringError(f"{layer.name}: {what} takes bf16 or f16, not {layer.dtype}")
+        raise LoweringError(f"{layer.name}: {what} takes bf16{', f16 or f32' if f32 else ' or f16'}, not {layer.dtype}")
     hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
     ok = hd % 16 == 0 and 16 <= hd <= 256 if any_head_dim else hd in TC_HEAD_DIMS
     if hd != hdv or not ok:
@@ -226,7 +226,7 @@ def _render(plan: PagedAttentionPlan) -> str:
     lanes = lane_shape(hd, dtype.itemsize)
     return render(
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
-        signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], HD=hd, HQ=hq,
+        signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, HD=hd, HQ=hq,
         HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps,
         lanes=lanes, kv_type=f"{'lf_arr' if lanes else 'lf_vec'}<{t}, EPL>",
         kv_load=(f"lf_load_kv_arr<{t}, EPL, VW, " if lanes else f"lf_load_kv<{t}, EPL, ") + "PAGE, HKV * HD>", **ctx)

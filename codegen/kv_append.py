@@ -43,7 +43,6 @@ _DTYPES = {  # name -> (C type, to float, from float, two-lane type, from two fl
     "f32": ("float", "", "", "float2", "make_float2"),
 }
 _STYLES = ("neox", "gptj")
-_ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -112,7 +111,7 @@ class KVAppendPlan(KernelPlan):
     @property
     def _max_load(self) -> int:
         """Elements per load: within vec_bytes and dividing D, so every head starts aligned."""
-        return _pow2_divisor(self.head_dim, self.vec_bytes // _ELEM_BYTES[self.dtype])
+        return _pow2_divisor(self.head_dim, self.vec_bytes // DType[self.dtype].itemsize)
 
     def layout(self) -> dict[str, int]:
         """Channels per item (W_*) and per load (VE_*) of each item kind, and item counts."""

@@ -27,7 +27,7 @@ import sympy
 
 from ..dsl.ir import Node, Op, toposort, unary_name
 from ..dsl.types import DType
-from .scalar_expr import _bound, _conjuncts
+from .scalar_expr import ScalarEmitter, _bound, _conjuncts
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 WIDE = 1 << 36   # the bounds of an i32 table value not known over the tile (with the small constants
@@ -39,7 +39,8 @@ _RANGES = {"q_pos": ("q_lo", "q_hi"), "kv_pos": ("k_lo", "k_hi"), "h": ("h_lo", 
 
 @dataclass
 class TileClassifier:
-    """C lines (and twin Python lines) bounding a mask over a tile; `value` is (may_true, may_false)."""
+    """C lines (and twin Python lines) bounding a mask over a tile; `classify` gives the names of
+    (may_true, may_false)."""
     dims: dict[str, str]                 # dynamic dim name -> C name of its kernel argument
     tables: dict = field(default_factory=dict)   # extra input name -> scalar_expr.TableInfo (C sizes, strides)
     c: list[str] = field(default_factory=list)
@@ -77,8 +78,7 @@ class TileClassifier:
         return self._bool(f"(!{a})", f"(not {a})")
 
     def _cmp(self, a, op, b):
-        py_op = op
-        return self._bool(f"({a} {op} {b})", f"({a} {py_op} {b})")
+        return self._bool(f"({a} {op} {b})", f"({a} {op} {b})")
 
     def classify(self, mask: Node) -> tuple[str, str]:
         vals: dict[int, object] = {}
@@ -116,8 +116,8 @@ class TileClassifier:
             d = sympy.sympify(n.arg)
             if d.is_Integer:
                 return ("int", f"{int(d)}LL", f"{int(d)}LL")
-            if all(s.name in self.dims for s in d.free_symbols):
-                x = self._int("(long long)(" + str(d.subs({s: sympy.Symbol(self.dims[s.name]) for s in d.free_symbols})) + ")")
+            if all(s.name in self.dims for s in d.free_symbols):   # the hooks' own rendering of a dim
+                x = self._int(f"(long long){ScalarEmitter({}, {}, self.dims)._dim(d)}")
                 return ("int", x, x)
             return ("int", None)
         if n.op is Op.CAST:
@@ -164,9 +164,9 @@ class TileClassifier:
             if not (_known_int(x) and _known_int(y)):
                 return _unknown(n)
             lo = self._int(f"({c[0]} ? ({c[1]} ? min({x[1]}, {y[1]}) : {x[1]}) : {y[1]})",
-                           f"(({min_py(x[1], y[1])} if {c[1]} else {x[1]}) if {c[0]} else {y[1]})")
+                           f"((min({x[1]}, {y[1]}) if {c[1]} else {x[1]}) if {c[0]} else {y[1]})")
             hi = self._int(f"({c[0]} ? ({c[1]} ? max({x[2]}, {y[2]}) : {x[2]}) : {y[2]})",
-                           f"(({max_py(x[2], y[2])} if {c[1]} else {x[2]}) if {c[0]} else {y[2]})")
+                           f"((max({x[2]}, {y[2]}) if {c[1]} else {x[2]}) if {c[0]} else {y[2]})")
             return ("int", lo, hi)
         if n.op is Op.INDEX:
             return self._lookup(n, a[1:])
@@ -273,14 +273,6 @@ def _unknown(n: Node):
     if n.dtype is DType.bool:
         return ("true", "true")
     return ("int", None) if n.dtype.is_int else "float"
-
-
-def min_py(a: str, b: str) -> str:
-    return f"min({a}, {b})"
-
-
-def max_py(a: str, b: str) -> str:
-    return f"max({a}, {b})"
 
 
 def tile_context(mask: Node | None, dims: dict[str, str], exact: bool, tables: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ import sympy
 from . import ast
 from .builtins import rope_scaling_of
 from .numerics import rope_is_static
-from .ir import AttentionSpec, Node, Op, Param, RopeSpec
+from .ir import AttentionSpec, Node, Op, Param, RopeSpec, toposort
 from .signatures import ATTENTION_DIRECTIVES
 from .types import DType, dims_equal, shape_str
 
@@ -221,12 +221,10 @@ def _names_read(node) -> set[str]:
 
 
 def _reads(n: Node, names) -> bool:
-    from .ir import toposort
     return any(m.op is Op.ATTN_VAR and m.arg in names for m in toposort([n]))
 
 
 def _uses_position(n: Node) -> bool:
-    from .ir import toposort
     return any(m.op in (Op.ATTN_VAR, Op.INDEX) for m in toposort([n]))
 
 

@@ -18,7 +18,6 @@ MLA decode kernel), and a GPU launch is refused with that reason rather than run
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ from ..dsl.attention_ref import apply_rope
 from ..dsl.evaluator import evaluate
 from ..dsl.numerics import rope_scaling_from_hf, yarn_mscale
 from ..dsl.program import Program
+from ..models.families import _Config
 
 __all__ = ["MLA_SOURCE", "MLAConfig", "MLAAttention", "LatentCache"]
 
@@ -61,18 +61,23 @@ class MLAConfig:
 
     @classmethod
     def from_hf(cls, config) -> "MLAConfig":
-        """From a transformers DeepseekV2/V3 config (object or dict)."""
+        """From a transformers DeepseekV2/V3 config (object or dict), read as the model registry
+        reads configs: a missing or mistyped key is a ConfigError naming it; the defaults are
+        transformers' (q_lora_rank null: no q LoRA)."""
         d = config if isinstance(config, dict) else config.to_dict()
-        if not d.get("rope_interleave", True):
-            raise ValueError("MLAConfig: rope_interleave = false (halves-rotated RoPE) is not served; "
-                             "DeepSeek-V2/V3 checkpoints rotate interleaved pairs")
-        rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
-        return cls(hidden_size=d["hidden_size"], num_heads=d["num_attention_heads"], q_lora_rank=d.get("q_lora_rank"),
-                   kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
-                   qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
-                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), attention_bias=bool(d.get("attention_bias", False)),
-                   rope_theta=theta, rope_parameters=rp, max_position_embeddings=d.get("max_position_embeddings"))
+        c = _Config(str(d.get("model_type") or "deepseek_v3"), d)
+        if not c.bool("rope_interleave", True):
+            raise c.error("'rope_interleave' false (halves-rotated RoPE) is not served; DeepSeek-V2/V3 "
+                          "checkpoints rotate interleaved pairs")
+        rp = dict(c.first("rope_parameters", "rope_scaling", default={}))
+        theta = float(rp["rope_theta"]) if rp.get("rope_theta") is not None else c.float("rope_theta", default=10000.0)
+        return cls(hidden_size=c.int("hidden_size"), num_heads=c.int("num_attention_heads"),
+                   q_lora_rank=c.int("q_lora_rank") if c.has("q_lora_rank") else None,
+                   kv_lora_rank=c.int("kv_lora_rank"), qk_nope_head_dim=c.int("qk_nope_head_dim"),
+                   qk_rope_head_dim=c.int("qk_rope_head_dim"), v_head_dim=c.int("v_head_dim"),
+                   rms_norm_eps=c.float("rms_norm_eps", default=1e-6), attention_bias=c.bool("attention_bias", False),
+                   rope_theta=theta, rope_parameters=rp,
+                   max_position_embeddings=c.int("max_position_embeddings") if c.has("max_position_embeddings") else None)
 
     @property
     def rope_scaling(self):
@@ -93,7 +98,6 @@ class LatentCache:
 
     def __init__(self, batch: int, rope_dim: int, latent_dim: int, dtype, device):
         self.rows = torch.empty(batch, 0, 1, rope_dim + latent_dim, dtype=dtype, device=device)
-        self.rope_dim = rope_dim
 
     @property
     def length(self) -> int:

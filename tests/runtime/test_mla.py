@@ -81,3 +81,11 @@ def test_halves_rotated_rope_is_refused():
     cfg.rope_interleave = False
     with pytest.raises(ValueError, match="rope_interleave"):
         MLAConfig.from_hf(cfg)
+
+
+def test_a_missing_key_is_an_error_naming_it():
+    from layerforge.models.spec import ConfigError
+    d = hf_config(None, YARN).to_dict()
+    del d["kv_lora_rank"]
+    with pytest.raises(ConfigError, match="missing 'kv_lora_rank'"):
+        MLAConfig.from_hf(d)
