@@ -1,0 +1,94 @@
+"""Tile shapes of the tensor-core decode kernel against SDPA, per (batch, context): each
+candidate shape with the split-KV heuristic and with the best of a few forced part counts,
+graph replays (launch cost out), Llama-3-8B heads (GQA 32/8, D 128, bf16, page 16).
+
+    python -m benchmarks.bench_decode_tiles [--cases 64x512,8x4096]
+
+The first shape is the default (codegen.attention_tc.tile_candidates). A shape with more CTAs
+per SM (fewer stages, min_blocks 3-4) or more warps along keys changes how many key tiles are
+in flight per SM; this sweep says which one each case wants.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from layerforge.codegen.attention_tc import TileConfig, tile_candidates
+from layerforge.dsl.program import Program
+from layerforge.runtime.attention import PagedAttention
+
+from .bench_rows import bench, copy_ceiling
+
+CASES = ((64, 4096), (1, 4096), (8, 4096), (1, 32768), (16, 1024), (64, 512))
+SHAPES = (   # (shared memory per CTA at D 128; CTAs per SM the 228 KB allow)
+    dict(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=3),   # 70 KB, 3
+    dict(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=2),   # 70 KB, 3 (registers for 2)
+    dict(wm=1, wn=2, mt=1, bnw=16, stages=3, min_blocks=4),   # 53 KB, 4
+    dict(wm=1, wn=2, mt=1, bnw=32, stages=2, min_blocks=3),   # 70 KB, 3
+    dict(wm=1, wn=8, mt=1, bnw=16, stages=2, min_blocks=1),   # 135 KB, 1
+)
+
+
+def inputs(batch, ctx, hq=32, hkv=8, d=128, page=16):
+    pages_per = -(-ctx // page)
+    total = batch * pages_per
+    kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.randperm(total, device="cuda").to(torch.int32).view(batch, pages_per)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
+    q_pos = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")
+    return q, kc, vc, table, lens, q_seq, q_pos
+
+
+def timed(attn, args, ctx, splits):
+    out = torch.empty_like(args[0])
+    run = lambda: attn(*args, max_kv_len=ctx, out=out, num_splits=splits)
+    run()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    return bench(g.replay) * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=None, help="comma-separated BATCHxCTX, default: bench_attention's decode cases")
+    a = ap.parse_args(argv)
+    cases = CASES if not a.cases else tuple(tuple(int(x) for x in c.split("x")) for c in a.cases.split(","))
+    layer = Program.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    default = tile_candidates("decode", 128, 4)[0]
+    shapes = [default] + [TileConfig(**s) for s in SHAPES]
+    mods = {}
+    for c in shapes:
+        try:
+            attn = PagedAttention(layer, page_size=16, tiles={"decode": c})
+            attn.tc_plan("decode")
+            mods[c.label] = attn
+        except Exception as e:  # a shape that does not build for this block is reported, not timed
+            print(f"# {c.label}: {type(e).__name__}: {e}")
+    ceiling = copy_ceiling()
+    print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s; default {default.label}")
+    print(f"{'batch x ctx':>12} {'SDPA':>7} {'copy':>7}  shape: heuristic us / best forced (splits) ...")
+    for batch, ctx in cases:
+        args = inputs(batch, ctx)
+        q = args[0]
+        kk = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
+        vv = torch.randn_like(kk)
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q.view(batch, 32, 1, 128), kk, vv, enable_gqa=True)) * 1e6
+        floor = 2 * batch * ctx * 8 * 128 * 2 / ceiling * 1e6
+        cells = []
+        for label, attn in mods.items():
+            auto = timed(attn, args, ctx, None)
+            forced = {s: timed(attn, args, ctx, s) for s in (1, 2, 4, 8, 16) if s * 64 <= ctx}
+            best = min(forced, key=forced.get)
+            cells.append(f"{label}: {auto:.1f} / {forced[best]:.1f} ({best})")
+        print(f"{batch:>5} x {ctx:<5} {sdpa:>7.1f} {floor:>7.1f}  " + " | ".join(cells))
+        del kk, vv, args
+
+
+if __name__ == "__main__":
+    main()
