@@ -5,32 +5,14 @@ per (batch, context), graph replays (the launch cost out), Llama-3-8B heads (GQA
 """
 from __future__ import annotations
 
-import torch
-
 from layerforge.dsl.program import Program
 from layerforge.runtime.attention import PagedAttention
 
-from .bench_rows import bench
+from .bench_decode_tiles import inputs, timed
 
 
 def case(attn, batch, ctx, splits):
-    hq, hkv, d, page = 32, 8, 128, 16
-    pages_per = ctx // page
-    total = batch * pages_per
-    kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    table = torch.randperm(total, device="cuda").to(torch.int32).view(batch, pages_per)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
-    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
-    q_pos = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    run = lambda: attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out, num_splits=splits)
-    run()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    return bench(g.replay)
+    return timed(attn, inputs(batch, ctx), ctx, splits) * 1e-6
 
 
 def main():
