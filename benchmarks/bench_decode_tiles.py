@@ -87,7 +87,6 @@ def main(argv=None):
             best = min(forced, key=forced.get)
             cells.append(f"{label}: {auto:.1f} / {forced[best]:.1f} ({best})")
         print(f"{batch:>5} x {ctx:<5} {sdpa:>7.1f} {floor:>7.1f}  " + " | ".join(cells))
-        del kk, vv, args
 
 
 if __name__ == "__main__":
