@@ -1,0 +1,127 @@
+"""torch.nn.Linear whose decode-sized calls run a generated kernel.
+
+    lin = Linear(4096, 6144, bias=False, dtype=torch.bfloat16, device="cuda")
+    y = lin(x)                       # x [..., 4096]; <= 16 rows on CUDA: the generated kernel
+    gu = Linear(4096, 2 * 14336, bias=False, dtype=torch.bfloat16, device="cuda")
+    h = gu(x, gated="silu")          # silu(x W_gate^T) * (x W_up^T): [..., 14336], fused
+    y = lin(x, residual=r)           # x W^T (+ b) + r, fused
+
+Parameters, state-dict names and initialisation are torch.nn.Linear's, so Hugging Face weights
+load unchanged. A call runs the generated small-token kernel (codegen/gemv.py) when it has at
+most 16 rows, is on a CUDA GPU of sm_80 or newer, in bf16/f16 with the weight's dtype, K a
+multiple of 8 and 16-byte aligned rows; anything else (more rows, f32, CPU, torch.compile
+tracing) runs torch's own product (cuBLAS) with the same epilogue in torch. The row limit is
+where the kernel stops being weight-bandwidth bound (issue 12 has the GEMM family for more).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..codegen.gemv import GATED, MAX_M, plan_gemv
+
+__all__ = ["Linear", "gemv", "LinearInputError"]
+
+
+class LinearInputError(ValueError):
+    """Inputs a product cannot take (shape, dtype, device), raised before any launch."""
+
+
+_ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, device) -> launcher
+_MAJOR: dict[int, int] = {}          # device index -> compute capability major
+
+
+def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, cache=None):
+    key = (x.dtype, n, k, rows > 8, gated, bias, residual, x.device.index)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        from .launch import compile_plan, device_arch, load_kernels
+        plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=rows, gated=gated,
+                         bias=bias, residual=residual, arch=device_arch(x.device))
+        hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
+        _KERNELS[key] = hit
+    return hit
+
+
+def _reference(x, weight, bias, gated, residual):
+    """torch's product and the same epilogue, rounded where the unfused layers round."""
+    y = F.linear(x, weight, bias)
+    if gated:
+        g, u = y.chunk(2, dim=-1)
+        y = (_ACT[gated](g.float()) * u.float()).to(x.dtype)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.device == x.device and 1 <= rows <= MAX_M and x.shape[-1] % 8 == 0
+            and not torch.compiler.is_compiling() and _major(x.device) >= 8)
+
+
+def _major(device: torch.device) -> int:
+    m = _MAJOR.get(device.index)
+    if m is None:
+        m = _MAJOR[device.index] = torch.cuda.get_device_capability(device)[0]
+    return m
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: str | None = None,
+         residual: torch.Tensor | None = None, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two output halves
+    when `gated`, then + residual [..., N_out]; the generated kernel where it serves the call
+    (see the module's docstring), torch otherwise."""
+    if gated is not None and gated not in GATED:
+        raise LinearInputError(f"gated must be one of {GATED} or None, got {gated!r}")
+    if weight.dim() != 2:
+        raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise LinearInputError(f"x's last dim {x.shape[-1]} is not the weight's K = {k}")
+    if gated and n % 2:
+        raise LinearInputError(f"a gated product needs an even number of weight rows (gate then up), got {n}")
+    n_out = n // 2 if gated else n
+    lead = tuple(x.shape[:-1])
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise LinearInputError(f"bias must be [{n}], got shape {tuple(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != lead + (n_out,):
+        raise LinearInputError(f"residual must be {list(lead + (n_out,))}, got {list(residual.shape)}")
+    if out is not None and tuple(out.shape) != lead + (n_out,):
+        raise LinearInputError(f"out must be {list(lead + (n_out,))}, got {list(out.shape)}")
+    rows = x.numel() // k if k else 0
+    if not _kernel_ok(x, weight, rows):
+        y = _reference(x, weight, bias, gated, residual)
+        return y if out is None else out.copy_(y)
+    for name, t in (("bias", bias), ("residual", residual), ("out", out)):
+        if t is not None and (t.device != x.device or t.dtype != x.dtype):
+            raise LinearInputError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
+    x2 = x.reshape(rows, k)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
+    res = None if residual is None else residual.reshape(rows, n_out).contiguous()
+    y = out.view(rows, n_out) if out is not None and out.is_contiguous() else torch.empty(
+        rows, n_out, dtype=x.dtype, device=x.device)
+    args = [x2, w] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else []) + [y, rows]
+    _launcher(x, n, k, rows, gated, bias is not None, res is not None, cache)((), args)
+    if out is not None and not out.is_contiguous():
+        out.copy_(y.view(out.shape))
+        return out
+    return y.view(*lead, n_out) if out is None else out
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear (same parameters, state dict and initialisation) with the generated
+    small-token kernel for decode-sized CUDA calls, a fused gated activation and a fused
+    residual add (see the module's docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 cache=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._cache = cache
+
+    def forward(self, x: torch.Tensor, *, gated: str | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return gemv(x, self.weight, self.bias, gated=gated, residual=residual, cache=self._cache)

@@ -1,0 +1,84 @@
+"""The generated small-token product on the GPU against float64: 1-16 tokens, bf16 and f16,
+K and N not multiples of the tiles, bias, the fused gated activations and the residual add,
+outputs poisoned with NaN first; and the Linear module's choice between it and torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime.linear import Linear, gemv
+
+from ..seeding import seeded_generator
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(6144, 4096), (4096, 14336), (5632, 2048), (1000, 3000), (3000, 1000), (24, 8), (57344 // 8, 1024)]
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def reference(x, w, b, gated, r):
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    if gated:
+        g, u = y.chunk(2, -1)
+        y = ACT[gated](g) * u
+    return y if r is None else y + r.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gemv_against_float64(n, k, m, dtype):
+    gen = seeded_generator("gemv", n, k, m, dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    y = gemv(x, w, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    ref = reference(x, w, None, None, None)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (2 * 5632, 2048), (48, 8)])
+def test_gemv_epilogues(n, k, m, gated):
+    gen = seeded_generator("gemv-epi", n, k, m, gated)
+    dtype = torch.bfloat16
+    n_out = n // 2 if gated else n
+    x = torch.randn(2, m, k, generator=gen).to(dtype).cuda()[1]          # a view: not the storage's start
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda()
+    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda()
+    out = torch.full((m, n_out), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, b, gated=gated, residual=r, out=out)
+    ref = reference(x, w, b, gated, r)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+def test_linear_module_picks_kernel_or_torch():
+    """<= 16 rows on the kernel, more on torch; both agree with float64; 3-D inputs keep their shape."""
+    lin = Linear(2048, 2 * 1376, bias=False, dtype=torch.bfloat16, device="cuda")
+    for rows in (1, 16, 17, 300):
+        x = torch.randn(rows, 1, 2048, dtype=torch.bfloat16, device="cuda")
+        y = lin(x, gated="silu")
+        assert y.shape == (rows, 1, 1376)
+        ref = reference(x, lin.weight, None, "silu", None)
+        assert (y.double() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_graph_capture():
+    lin = Linear(4096, 4096, bias=True, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
+    lin(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = lin(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    ref = reference(x, lin.weight, lin.bias, None, None)
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2

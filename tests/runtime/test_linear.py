@@ -1,0 +1,50 @@
+"""runtime/linear.py on the CPU: torch.nn.Linear's parameters and state dict, the torch path
+of every epilogue against float64, and input errors raised before anything runs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime.linear import Linear, LinearInputError, gemv
+
+
+def test_state_dict_is_torch_linears():
+    a = Linear(32, 48, bias=True)
+    b = torch.nn.Linear(32, 48, bias=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(a(x), b(x))
+    assert set(a.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
+def test_torch_path_epilogues(gated):
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True, dtype=torch.float32)
+    x = torch.randn(2, 3, 64)
+    n_out = 48 if gated else 96
+    r = torch.randn(2, 3, n_out)
+    y = lin(x, gated=gated, residual=r)
+    ref = x.double() @ lin.weight.double().T + lin.bias.double()
+    if gated:
+        g, u = ref.chunk(2, -1)
+        act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[gated]
+        ref = act(g) * u
+    ref = ref + r.double()
+    assert y.shape == (2, 3, n_out)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_input_errors():
+    w = torch.randn(96, 64)
+    with pytest.raises(LinearInputError, match="last dim 63"):
+        gemv(torch.randn(2, 63), w)
+    with pytest.raises(LinearInputError, match="gated must be"):
+        gemv(torch.randn(2, 64), w, gated="relu")
+    with pytest.raises(LinearInputError, match="even number"):
+        gemv(torch.randn(2, 64), torch.randn(95, 64), gated="silu")
+    with pytest.raises(LinearInputError, match="bias must be"):
+        gemv(torch.randn(2, 64), w, torch.randn(95))
+    with pytest.raises(LinearInputError, match="residual must be"):
+        gemv(torch.randn(2, 64), w, residual=torch.randn(2, 95))
+    with pytest.raises(LinearInputError, match="weight must be"):
+        gemv(torch.randn(2, 64), torch.randn(96, 64, 1))
