@@ -103,7 +103,6 @@ def main(argv=None):
                     f"{s}:{t * 1e6:.1f}" for s, t in sweep.items())
             print(line)
             rows.append(r)
-        del w
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)
