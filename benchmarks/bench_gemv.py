@@ -61,7 +61,10 @@ def swiglu_module(f: int):
 def split_launcher(n, k, m, gated, rt, warps, unroll):
     from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
     plan = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=device_arch(), rt=rt, warps=warps, unroll=unroll)
-    return load_kernels(compile_plan(plan).cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
+    res = compile_plan(plan)
+    if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
+        return None
+    return load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
 
 
 def main(argv=None):
@@ -93,8 +96,10 @@ def main(argv=None):
                     f"{both / ours:>11.2f} {wbytes / ours / ceiling:>7.2f}")
             if a.sweep and m in (1, 16):
                 sweep = {}
-                for rt, warps, unroll in itertools.product((1, 2), (4, 8), (4, 8)):
+                for rt, warps, unroll in itertools.product((1, 2), (4, 8), (2, 4, 8)):
                     launch = split_launcher(n, k, m, gated, rt, warps, unroll)
+                    if launch is None:   # spills: not a candidate
+                        continue
                     y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
                     sweep[f"r{rt}w{warps}u{unroll}"] = graph_time(lambda: launch((), [x, w, y, m]))
                 best = min(sweep, key=sweep.get)

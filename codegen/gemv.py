@@ -115,10 +115,18 @@ def _render(plan: GemvPlan) -> str:
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
-              residual: bool = False, arch: str = "sm_90", rt: int = 1, warps: int = 8, unroll: int = 4) -> GemvPlan:
+              residual: bool = False, arch: str = "sm_90", rt: int = 1, warps: int = 8,
+              unroll: int | None = None) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8 or 16); rt, warps and
-    unroll override the work split (benchmarks/bench_gemv.py sweeps them)."""
+    unroll override the work split (benchmarks/bench_gemv.py sweeps them). The default unroll
+    keeps the two steps of loads in flight (2 x unroll x 16-byte loads of W and x per lane)
+    within about 100 registers."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
-    return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 if max_m <= 8 else 16, gated=gated, bias=bias, residual=residual,
+    mt = 1 if max_m <= 8 else 2
+    if unroll is None:
+        loads = 2 * rt * (2 if gated else 1) + mt   # 16-byte loads per lane per chunk
+        unroll = max(1, 12 // loads) if loads <= 12 else 1
+        unroll = 1 << (unroll.bit_length() - 1)       # a power of two
+    return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual,
                     arch=arch, rt=rt, warps=warps, unroll=unroll)
