@@ -29,6 +29,7 @@ SHAPES = [  # (name, N, K, gated)
     ("70B down", 8192, 28672, None),
 ]
 TOKENS = (1, 4, 8, 16)
+SPLITS = tuple(itertools.product((1, 2), (4, 8), (2, 4, 8)))   # (16-column tiles, warps, unroll)
 
 
 def graph_time(fn, calls: int = 20) -> float:
@@ -67,6 +68,19 @@ def split_launcher(n, k, m, gated, rt, warps, unroll):
     return load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
 
 
+def _compile(plan):
+    from layerforge.runtime.launch import compile_plan
+    compile_plan(plan)
+
+
+def precompile(plans) -> None:
+    """Fill the kernel cache from a process per core (the sweep's plans are many)."""
+    import concurrent.futures as cf
+    import os
+    with cf.ProcessPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
+        list(ex.map(_compile, plans))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -78,6 +92,14 @@ def main(argv=None):
     print(f"{'shape':12s} {'M':>3s} {'ours us':>8s} {'TB/s':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'+act us':>8s} "
           f"{'ours/cuBLAS':>11s} {'of copy':>7s}")
     rows = []
+    if a.sweep:
+        from layerforge.runtime.launch import device_arch
+        arch = device_arch()
+        precompile([plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch, rt=rt, warps=wp, unroll=u)
+                    for name, n, k, g in SHAPES if not a.only or a.only in name
+                    for m in (1, 16) for rt, wp, u in SPLITS] +
+                   [plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch)
+                    for name, n, k, g in SHAPES if not a.only or a.only in name for m in (1, 16)])
     for name, n, k, gated in SHAPES:
         if a.only and a.only not in name:
             continue
@@ -96,7 +118,7 @@ def main(argv=None):
                     f"{both / ours:>11.2f} {wbytes / ours / ceiling:>7.2f}")
             if a.sweep and m in (1, 16):
                 sweep = {}
-                for rt, warps, unroll in itertools.product((1, 2), (4, 8), (2, 4, 8)):
+                for rt, warps, unroll in SPLITS:
                     launch = split_launcher(n, k, m, gated, rt, warps, unroll)
                     if launch is None:   # spills: not a candidate
                         continue
