@@ -115,18 +115,21 @@ def _render(plan: GemvPlan) -> str:
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
-              residual: bool = False, arch: str = "sm_90", rt: int = 1, warps: int = 8,
+              residual: bool = False, arch: str = "sm_90", rt: int = 1, warps: int | None = None,
               unroll: int | None = None) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8 or 16); rt, warps and
-    unroll override the work split (benchmarks/bench_gemv.py sweeps them). The default unroll
-    keeps the two steps of loads in flight (2 x unroll x 16-byte loads of W and x per lane)
-    within about 100 registers."""
+    unroll override the work split (benchmarks/bench_gemv.py sweeps them).
+    Defaults from the H200 sweep (NOTES.md, "Small-token products"): occupancy is what moves
+    the weight stream, so the fewest registers win — 2 chunks in flight per step where a chunk
+    is 3 loads per lane (one 16-row tile, up to 8 tokens), else 1; 8 warps split K, 4 where
+    there are 512 or more CTAs (gate/up, lm_head) to fill the GPU anyway."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = 1 if max_m <= 8 else 2
     if unroll is None:
         loads = 2 * rt * (2 if gated else 1) + mt   # 16-byte loads per lane per chunk
-        unroll = max(1, 12 // loads) if loads <= 12 else 1
-        unroll = 1 << (unroll.bit_length() - 1)       # a power of two
+        unroll = 2 if loads <= 3 else 1
+    if warps is None:
+        warps = 4 if -(-(n // 2 if gated else n) // (16 * rt)) >= 512 else 8
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual,
                     arch=arch, rt=rt, warps=warps, unroll=unroll)

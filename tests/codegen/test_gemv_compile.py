@@ -28,7 +28,7 @@ def test_gemv_loads_are_unconditional():
     """The loads of an unrolled step are unconditional (a load behind a branch kept ptxas from
     having more than one chunk's loads in flight), once in the prologue and once in the loop
     (the next step's, issued before the current step's tensor-core ops)."""
-    plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90")
+    plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", unroll=4)
     ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
     loads = [line.strip() for line in ptx.splitlines() if "ld.global.nc.v4" in line]
     assert len(loads) == 2 * 3 * plan.unroll and not any(line.startswith("@") for line in loads)
