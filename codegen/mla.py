@@ -200,8 +200,10 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
 
 def plan_mla_append(*, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64, dtype: str = "bf16",
                     rope: RopeSpec, arch: str) -> MLAAppendPlan:
-    """The append plan for a latent cache; `rope` is the block's RopeSpec (its theta and scaling;
-    the style is DeepSeek's interleaved pairs whatever it says, rotary_dim must be rope_dim)."""
+    """The append plan for a latent cache; `rope` is the block's RopeSpec: interleaved pairs (gptj,
+    as DeepSeek's rope_interleave) over rotary_dim = rope_dim channels."""
+    if rope.style != "gptj":
+        raise LoweringError(f"mla append: RoPE style {rope.style!r}; the latent cache rotates interleaved pairs (gptj)")
     if int(rope.rotary_dim) != rope_dim:
         raise ValueError(f"mla append: the RoPE rotates {rope.rotary_dim} channels, the cache has {rope_dim}")
     plan = MLAAppendPlan(latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size, dtype=dtype,
