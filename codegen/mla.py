@@ -2,7 +2,7 @@
 
     plan = plan_mla_decode(num_heads=128, latent_dim=512, rope_dim=64, page_size=64,
                            dtype="bf16", arch="sm_90")
-    plan.key -> 'mla_decode_h128_l512_r64_p64_bf16_n32_sm90'
+    plan.key -> 'mla_decode_h128_l512_r64_p64_bf16_n64_sm90'   (n64: 64-key tiles)
     plan = plan_mla_append(latent_dim=512, rope_dim=64, page_size=64, dtype="bf16",
                            rope=RopeSpec(10000.0, "gptj", 64, yarn), arch="sm_90")
 
@@ -29,12 +29,14 @@ from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context, static_table
 
-__all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "HEADS_PER_CTA",
-           "APPEND_TOKENS_PER_BLOCK"]
+__all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
+           "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
 APPEND_TOKENS_PER_BLOCK = 8   # one warp a token
+# dynamic shared memory a block may opt into, by compute capability (others: 99 KB)
+SMEM_LIMIT = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
 _DTYPES = ("bf16", "f16")
 
 
@@ -58,7 +60,7 @@ class MLADecodePlan(KernelPlan):
     rope_dim: int = 64
     page_size: int = 64
     dtype: str = "bf16"
-    keys: int = 32            # keys per tile (BN): 32 (fits sm_80's shared memory) or 64
+    keys: int = 32            # keys per tile (BN): 32 or 64 (plan_mla_decode picks 64 where shared memory allows)
     arch: str = "sm_90"
 
     def __post_init__(self):
@@ -72,6 +74,10 @@ class MLADecodePlan(KernelPlan):
                                 f"(a thread holds latent / 4 accumulators)")
         if self.keys not in (32, 64):
             raise ValueError(f"mla decode: keys per tile must be 32 or 64, got {self.keys!r}")
+        limit = smem_limit(self.arch)
+        if self.shared_layout.bytes > limit:
+            raise LoweringError(f"mla decode: {self.keys}-key tiles with 64 heads of {dk} channels take "
+                                f"{self.shared_layout.bytes} bytes of shared memory; {self.arch} allows {limit}")
 
     @property
     def key(self) -> str:
@@ -88,10 +94,7 @@ class MLADecodePlan(KernelPlan):
 
     @property
     def shared_layout(self) -> SharedLayout:
-        """Q (64 heads), two K/V tiles, P, the page-entry ring (3 tiles) and the row exchange."""
-        dk, bn = self.row_dim, self.keys
-        return SharedLayout((("sQ", 2 * HEADS_PER_CTA * dk), ("sKV", 2 * 2 * bn * dk), ("sP", 2 * HEADS_PER_CTA * bn),
-                             ("sPg", 4 * 3 * bn), ("sRed", 4 * 2 * HEADS_PER_CTA)))
+        return decode_layout(self.row_dim, self.keys)
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -188,12 +191,26 @@ def _append_abi(plan: MLAAppendPlan) -> KernelABI:
                      block=(APPEND_TOKENS_PER_BLOCK * 32,), problem=("tokens",))
 
 
+def decode_layout(row_dim: int, keys: int) -> SharedLayout:
+    """The decode kernel's shared memory: Q (64 heads), two K/V tiles, P, the page-entry ring
+    (3 tiles) and the row exchange (2 x 64 floats)."""
+    return SharedLayout((("sQ", 2 * HEADS_PER_CTA * row_dim), ("sKV", 2 * 2 * keys * row_dim),
+                         ("sP", 2 * HEADS_PER_CTA * keys), ("sPg", 4 * 3 * keys), ("sRed", 4 * 2 * HEADS_PER_CTA)))
+
+
+def smem_limit(arch: str) -> int:
+    return SMEM_LIMIT.get(int(arch.removeprefix("sm_").rstrip("af")), 101376)
+
+
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                     dtype: str = "bf16", arch: str, keys: int | None = None) -> MLADecodePlan:
-    """The decode plan; keys per tile default to 32 (two 64-key tiles and Q take 221 KB of shared
-    memory, past sm_80's 163 KB)."""
+    """The decode plan. Keys per tile default to 64 where shared memory holds Q and two such tiles
+    (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys, not 16: 17 %
+    less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB)."""
+    if keys is None:
+        keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
-                         dtype=dtype, keys=keys or 32, arch=arch)
+                         dtype=dtype, keys=keys, arch=arch)
     plan.source()
     return plan
 

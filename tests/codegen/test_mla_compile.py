@@ -32,10 +32,14 @@ def test_decode_compiles_without_spills(heads, latent, rope, page, arch):
     assert plan.kernels[1].block == (latent, 1, 1)   # the merge: a thread per latent channel
 
 
-def test_decode_64_key_tiles_compile_for_sm90():
-    plan = plan_mla_decode(num_heads=128, arch="sm_90", keys=64)
-    compile_clean(plan, "sm_90")
-    assert SMEM_LIMIT["sm_80"] < plan.abi.shared_bytes <= SMEM_LIMIT["sm_90"]
+def test_key_tiles_follow_the_arch_shared_memory():
+    """64-key tiles where Q and two of them fit (sm_90), else 32 (sm_80); both compile for sm_90."""
+    big = plan_mla_decode(num_heads=128, arch="sm_90")
+    assert big.keys == 64 and SMEM_LIMIT["sm_80"] < big.abi.shared_bytes <= SMEM_LIMIT["sm_90"]
+    assert plan_mla_decode(num_heads=128, arch="sm_80").keys == 32
+    compile_clean(plan_mla_decode(num_heads=128, arch="sm_90", keys=32), "sm_90")
+    with pytest.raises(LoweringError, match="shared memory"):
+        plan_mla_decode(num_heads=128, arch="sm_89")      # 99 KB: Q alone takes 72 KB
 
 
 def test_decode_f16_compiles():
@@ -55,7 +59,7 @@ def test_decode_grid_covers_heads_in_blocks_of_64():
     plan = plan_mla_decode(num_heads=100, arch="sm_90")
     assert plan.abi.grid_for(7, 3) == (7, 2, 3)
     assert plan.kernels[1].grid_for(7) == (700, 1, 1)
-    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n32_sm90"
+    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_sm90"
 
 
 @pytest.mark.parametrize("kw,match", [

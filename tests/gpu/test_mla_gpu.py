@@ -36,8 +36,8 @@ def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
     return cache.cuda(), table.cuda()
 
 
-def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag):
-    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag)
+def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None):
+    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys)
     dk = latent + rope
     cache, table = build_cache(lens, page, dk, gen)
     T = len(lens) + 1
@@ -46,7 +46,7 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag):
     q = torch.randn(T, heads, dk, generator=gen).to(torch.bfloat16).cuda()
     seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
     q_seq = q_seq.cuda()
-    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page)
+    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys)
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -60,10 +60,11 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag):
 LENS = [1, 37, 64, 200, 513, 1]   # one token, partial last pages, a whole page, several pages
 
 
+@pytest.mark.parametrize("keys", [None, 32])   # None: the arch's default (64 on sm_90)
 @pytest.mark.parametrize("num_splits", [1, 3, 8, None])
 @pytest.mark.parametrize("page", [64, 16])
-def test_decode_deepseek_shape(page, num_splits):
-    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base")
+def test_decode_deepseek_shape(page, num_splits, keys):
+    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys)
 
 
 @pytest.mark.parametrize("heads", [16, 100, 4])
@@ -75,9 +76,10 @@ def test_decode_smaller_latent_and_page_of_one():
     run_decode(32, 256, 64, 1, [1, 5, 70], 2, 0.1, "small")
 
 
-def test_decode_peaked_scores_rescale_exactly():
+@pytest.mark.parametrize("keys", [None, 32])
+def test_decode_peaked_scores_rescale_exactly(keys):
     """Large scores: the running maximum moves many times along a long sequence (lazy rescaling)."""
-    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked")
+    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys)
 
 
 def test_decode_more_splits_than_tiles_and_an_empty_sequence():
