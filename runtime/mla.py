@@ -12,9 +12,18 @@ DSL (`MLA_SOURCE`): RoPE on the first R channels (interleaved pairs, as DeepSeek
 rope_interleave), YaRN from the numerics module, the softmax scale qk_head_dim^-1/2 times
 YaRN's mscale(factor, mscale_all_dim)^2 (transformers' yarn_apply_mscale).
 
-This module runs the reference evaluator (CPU tensors, or any device through torch): the
-kernels have no specialisation for a 576-channel key with 512-channel values yet (issue 11's
-MLA decode kernel), and a GPU launch is refused with that reason rather than run wrongly.
+Two paths:
+- the reference (a `LatentCache`, or no cache, on CPU tensors): the DSL's reference evaluator
+  over the absorbed form;
+- the paged path (a `PagedLatentCache` from runtime/mla_cache.py, or CUDA tensors): rows are
+  appended by the latent-cache append kernel (RoPE on k_r at write); a decode step (one new
+  token a sequence) runs the MLA decode kernel (runtime/mla_decode.py) over the pages; a prefill
+  (several new tokens, with or without cached ones before them) runs the non-absorbed form
+  (per-head keys [W_uk c, k_r] of 192 channels, values W_uv c of 128) through torch's
+  scaled_dot_product_attention, which takes Dqk != Dv: an interim until a prefill kernel of
+  ours serves Dqk 192 / Dv 128. On CPU tensors the paged path runs the same steps with torch
+  ops in place of the kernels (the decode's float64 reference), so its logic is tested without
+  a GPU.
 """
 from __future__ import annotations
 
@@ -22,13 +31,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..dsl.attention_ref import apply_rope
+import numpy as np
+import torch.nn.functional as F
+
+from ..dsl.attention_ref import apply_rope, rotate
 from ..dsl.evaluator import evaluate
-from ..dsl.numerics import rope_scaling_from_hf, yarn_mscale
+from ..dsl.numerics import rope_cos_sin, rope_scaling_from_hf, yarn_mscale
 from ..dsl.program import Program
 from ..models.families import _Config
+from .mla_cache import PagedLatentCache
+from .mla_decode import MLADecode
 
-__all__ = ["MLA_SOURCE", "MLAConfig", "MLAAttention", "LatentCache"]
+__all__ = ["MLA_SOURCE", "MLAConfig", "MLAAttention", "LatentCache", "PagedLatentCache"]
 
 MLA_SOURCE = """
 dims Hq, Hkv, D, Dv
@@ -151,35 +165,68 @@ class MLAAttention(torch.nn.Module):
             dtype={torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype],
             theta=c.rope_theta, rope_dim=c.qk_rope_head_dim, softmax_scale=c.softmax_scale, **kw)
         self.rope = self.layer.function.outputs[0].arg.rope
+        self._decoders: dict = {}
 
-    def make_cache(self, batch: int) -> LatentCache:
+    def make_cache(self, batch: int, *, max_tokens: int | None = None, page_size: int = 64,
+                   paged: bool | None = None):
+        """A cache for `batch` sequences (sequence b: row b of the hidden states): a LatentCache
+        (the reference path), or with paged (the default on CUDA) a PagedLatentCache with pages for
+        max_tokens tokens a sequence."""
         w = self.kv_a_proj_with_mqa.weight
-        return LatentCache(batch, self.config.qk_rope_head_dim, self.config.kv_lora_rank, w.dtype, w.device)
+        c = self.config
+        if paged is None:
+            paged = w.device.type == "cuda"
+        if not paged:
+            return LatentCache(batch, c.qk_rope_head_dim, c.kv_lora_rank, w.dtype, w.device)
+        if max_tokens is None:
+            raise ValueError("make_cache: a paged cache needs max_tokens (tokens a sequence may hold)")
+        per = -(-max_tokens // page_size)
+        return PagedLatentCache(batch * per, page_size, c.kv_lora_rank, c.qk_rope_head_dim, w.dtype, w.device,
+                                max_seqs=batch, max_pages_per_seq=per)
 
     def _absorbed(self):
         c = self.config
         w = self.kv_b_proj.weight.view(c.num_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         return w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]     # W_uk [nh, nope, L], W_uv [nh, v, L]
 
-    @torch.no_grad()
-    def forward(self, hidden: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
+    def _project(self, hidden: torch.Tensor):
+        """q_nope [B, S, nh, nope], q_rope [B, S, nh, R], the normed latent [B, S, L], k_r [B, S, R] (not rotated)."""
         c = self.config
         B, S, _ = hidden.shape
-        if hidden.device.type == "cuda":
-            raise NotImplementedError("MLAAttention: no attention kernel for a 576-channel latent key with "
-                                      "512-channel values yet; run it on CPU tensors (the reference)")
-        R, L = c.qk_rope_head_dim, c.kv_lora_rank
+        L = c.kv_lora_rank
         if c.q_lora_rank is None:
             q = self.q_proj(hidden)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
-        q = q.view(B, S, c.num_heads, c.qk_nope_head_dim + R)
-        q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+        q = q.view(B, S, c.num_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
         kv = self.kv_a_proj_with_mqa(hidden)
-        latent, k_rope = self.kv_a_layernorm(kv[..., :L]), kv[..., L:]
+        return q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:], self.kv_a_layernorm(kv[..., :L]), kv[..., L:]
+
+    def _rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [B, S, ..., R] rotated at positions pos [B, S] as the append kernel rotates k_r: f32
+        cos/sin of the float64 angles (dsl/numerics, attention factor included), one rounding."""
+        R = self.config.qk_rope_head_dim
+        cos, sin = rope_cos_sin(pos, R, float(self.rope.theta), self.rope.scaling, torch.float32)
+        shape = cos.shape[:2] + (1,) * (x.dim() - 3) + cos.shape[2:]
+        return rotate(x.float(), cos.view(shape), sin.view(shape), "gptj", R).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor, cache: LatentCache | PagedLatentCache | None = None,
+                seq_ids=None) -> torch.Tensor:
+        """hidden [B, S, hidden]; with a PagedLatentCache, seq_ids (host ints, default 0..B-1) are
+        the cache's sequences of the B rows."""
+        if isinstance(cache, PagedLatentCache) or (cache is None and hidden.device.type == "cuda"):
+            return self._forward_paged(hidden, cache, seq_ids)
+        if hidden.device.type == "cuda":
+            raise TypeError("MLAAttention: CUDA tensors take a PagedLatentCache (make_cache(batch, max_tokens=...)), "
+                            "not the reference path's LatentCache")
+        c = self.config
+        B, S, _ = hidden.shape
+        R = c.qk_rope_head_dim
+        q_nope, q_rope, latent, k_rope = self._project(hidden)
         past = cache.length if cache is not None else 0
         pos = torch.arange(past, past + S, device=hidden.device).expand(B, S)
-        k_rope = apply_rope(k_rope[:, :, None].double(), pos, self.rope, R, past + S)[:, :, 0].to(kv.dtype)
+        k_rope = apply_rope(k_rope[:, :, None].double(), pos, self.rope, R, past + S)[:, :, 0].to(latent.dtype)
         rows = torch.cat([k_rope, latent], dim=-1)[:, :, None]            # [B, S, 1, R + L]
         keys = cache.append(rows) if cache is not None else rows
         w_uk, w_uv = self._absorbed()
@@ -191,3 +238,67 @@ class MLAAttention(torch.nn.Module):
                             k_rotated=True)
         out = torch.einsum("bshl,hvl->bshv", o_lat, w_uv).reshape(B, S, c.num_heads * c.v_head_dim)
         return self.o_proj(out)
+
+    def _forward_paged(self, hidden, cache, seq_ids):
+        c = self.config
+        B, S, _ = hidden.shape
+        nh, L, R = c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        q_nope, q_rope, latent, k_rope = self._project(hidden)
+        if cache is None:   # a prefill of the S tokens among themselves
+            pos = torch.arange(S, device=hidden.device).expand(B, S)
+            k_rope = self._rotate(k_rope, pos)
+            out = self._prefill(q_nope, self._rotate(q_rope, pos), latent, k_rope, past=0)
+            return self.o_proj(out.reshape(B, S, nh * c.v_head_dim))
+        seqs = np.arange(B) if seq_ids is None else np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        if seqs.shape != (B,) or len(set(seqs.tolist())) != B:
+            raise ValueError(f"MLAAttention: seq_ids must be {B} distinct sequences (one per row), got {seqs.tolist()}")
+        if (cache.latent_dim, cache.rope_dim) != (L, R):
+            raise ValueError(f"MLAAttention: the cache holds latent {cache.latent_dim} + rope {cache.rope_dim}, "
+                             f"the layer {L} + {R}")
+        past = np.array([cache.seq_len(int(s)) for s in seqs])
+        cache.reserve(seqs, past + S)
+        pos = cache.append(np.repeat(seqs, S), latent.reshape(B * S, L).contiguous(),
+                           k_rope.reshape(B * S, R).contiguous(), self.rope)
+        pos = pos.to(device=hidden.device, dtype=torch.int64).view(B, S)
+        q_rope = self._rotate(q_rope, pos)
+        if S == 1:   # decode: the absorbed form over the pages
+            w_uk, w_uv = self._absorbed()
+            q_lat = torch.einsum("bhn,hnl->bhl", q_nope[:, 0], w_uk)
+            q = torch.cat([q_lat, q_rope[:, 0]], dim=-1).contiguous()          # [B, nh, L + R]: the cache's row order
+            o_lat = self._decoder(cache)(q, cache.cache, cache.page_table, cache.seq_lens,
+                                         torch.from_numpy(seqs.astype(np.int32)).to(hidden.device),
+                                         scale=c.softmax_scale, max_kv_len=int(past.max()) + 1)
+            out = torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
+        else:        # prefill over the cached tokens and the new ones
+            out = torch.stack([self._prefill(q_nope[b:b + 1], q_rope[b:b + 1], *self._cached(cache, int(s)),
+                                             past=int(p))[0] for b, (s, p) in enumerate(zip(seqs, past))])
+        return self.o_proj(out.reshape(B, S, nh * c.v_head_dim))
+
+    def _cached(self, cache: PagedLatentCache, seq: int):
+        rows = cache.gather(seq)[None]                                      # [1, n, L + R]
+        return rows[..., :self.config.kv_lora_rank], rows[..., self.config.kv_lora_rank:]
+
+    def _prefill(self, q_nope, q_rope, latent, k_rope, *, past: int) -> torch.Tensor:
+        """The non-absorbed form through SDPA: q [B, S, nh, nope + R] (rotated) against keys
+        [W_uk c, k_r] and values W_uv c of the n = past + S tokens of `latent` [B, n, L] and
+        `k_rope` [B, n, R] (rotated); query i sees keys up to past + i. Returns [B, S, nh, v]."""
+        c = self.config
+        B, S = q_nope.shape[:2]
+        n = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(B, n, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        k = torch.cat([kv[..., :c.qk_nope_head_dim], k_rope[:, :, None].expand(B, n, c.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        mask = torch.arange(n, device=q.device)[None] <= torch.arange(past, past + S, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), kv[..., c.qk_nope_head_dim:].transpose(1, 2),
+                                           attn_mask=mask, scale=c.softmax_scale)
+        return o.transpose(1, 2)
+
+    def _decoder(self, cache: PagedLatentCache) -> MLADecode:
+        key = (cache.page_size, cache.dtype)
+        dec = self._decoders.get(key)
+        if dec is None:
+            c = self.config
+            dec = self._decoders[key] = MLADecode(num_heads=c.num_heads, latent_dim=c.kv_lora_rank,
+                                                  rope_dim=c.qk_rope_head_dim, page_size=cache.page_size,
+                                                  dtype=cache.dtype)
+        return dec

@@ -1,0 +1,109 @@
+"""MLA decode (DeepSeek-V2/V3 absorbed form) over a paged latent cache, beside torch, in one run.
+
+    python -m benchmarks.bench_mla [--heads 128] [--page 64] [--json out.json] [--no-compile]
+
+Per (batch, context): ours (runtime/mla_decode.py; eager launch and CUDA-graph replay) beside
+the same absorbed decode in torch on a contiguous latent [B, S, 576]: matmuls + softmax
+(eager and torch.compile) and SDPA (one latent "head", enable_gqa; the backend that takes
+Dqk 576 != Dv 512). Bytes: the latent rows the step must read once, B * S * 576 * 2. FLOPs:
+B * H * S * (576 + 512) * 2. At 128 heads a row is worth 128 * 1088 * 2 / 1152 = 242 FLOP per
+byte, past an H200's ~700 TFLOP/s / 4.25 TB/s = 165: the step is bound by the tensor cores,
+not memory; the `bound` column is the larger of bytes / copy ceiling and FLOPs / --peak."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime.mla_decode import MLADecode
+
+from .bench_rows import bench, copy_ceiling, write_results
+
+L, R = 512, 64
+
+
+def absorbed_torch(q, kv, scale):
+    """q [B, H, L + R], kv [B, S, L + R] -> [B, H, L]."""
+    s = torch.matmul(q, kv.transpose(1, 2)).float() * scale
+    return torch.matmul(torch.softmax(s, dim=-1).to(kv.dtype), kv[..., :L])
+
+
+def case(batch, ctx, heads, page, compiled, keys=None):
+    scale = 192 ** -0.5
+    per = -(-ctx // page)
+    cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(batch * per, device="cuda").to(torch.int32).view(batch, per)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
+    dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys)
+    run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731
+    run()
+    splits = dec.splits(q.device, batch, ctx)
+    ours = bench(run)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    graph = bench(g.replay)
+    kv = cache[table.long()].view(batch, per * page, L + R)[:, :ctx].contiguous()
+    run()
+    torch.testing.assert_close(out.float(), absorbed_torch(q, kv, scale).float(), rtol=2e-2, atol=2e-2)
+    r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=dec.plan.keys, splits=splits, ours_s=ours, graph_s=graph,
+             bytes=batch * ctx * (L + R) * 2, flops=2 * batch * heads * ctx * (L + R + L))
+    r["eager_s"] = bench(lambda: absorbed_torch(q, kv, scale))
+    r["compile_s"] = None
+    if compiled:
+        fn = torch.compile(absorbed_torch)
+        fn(q, kv, scale)
+        r["compile_s"] = bench(lambda: fn(q, kv, scale))
+    try:
+        qq, kk, vv = q[:, :, None], kv[:, None], kv[:, None, :, :L]
+        r["sdpa_s"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, scale=scale, enable_gqa=True))
+    except RuntimeError as e:
+        print(f"  SDPA: {str(e).splitlines()[0][:100]}")
+        r["sdpa_s"] = None
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heads", type=int, default=128)
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--peak", type=float, default=700e12, help="dense bf16 FLOP/s for the bound (H200 cuBLAS: ~700e12)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    ceiling = copy_ceiling()
+    print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s  "
+          f"peak for the bound: {a.peak / 1e12:.0f} TFLOP/s")
+    print(f"{f'MLA decode H{a.heads} L{L}+{R} p{a.page}':26s} {'splits':>6s} {'ours us':>8s} {'graph us':>9s} "
+          f"{'TB/s':>6s} {'TFLOP/s':>8s} {'ours/copy':>9s} {'bound us':>9s} {'ours/bound':>10s} {'eager us':>9s} "
+          f"{'compile us':>10s} {'SDPA us':>8s} {'eager/ours':>10s}")
+    rows = []
+    # the first case again with 32-key tiles (the sm_80 shape; the default on sm_90 is 64): the A/B
+    for batch, ctx, keys in [(64, 4096, None), (64, 4096, 32), (32, 4096, None), (16, 4096, None), (8, 4096, None),
+                             (1, 4096, None), (1, 32768, None), (64, 1024, None), (16, 1024, None)]:
+        r = case(batch, ctx, a.heads, a.page, not a.no_compile, keys)
+        best = min(r["ours_s"], r["graph_s"])
+        bound = max(r["bytes"] / ceiling, r["flops"] / a.peak)
+        r.update(ours_TBps=r["bytes"] / best / 1e12, ours_TFLOPs=r["flops"] / best / 1e12,
+                 ours_over_copy=r["bytes"] / best / ceiling, bound_s=bound, ours_over_bound=bound / best,
+                 eager_over_ours=r["eager_s"] / best)
+        rows.append(r)
+        fmt = lambda x: f"{x * 1e6:.1f}" if x else "-"  # noqa: E731
+        label = f"{batch} seqs x {ctx} n{r['keys']}"
+        print(f"{label:26s} {r['splits']:6d} {r['ours_s'] * 1e6:8.1f} {r['graph_s'] * 1e6:9.1f} "
+              f"{r['ours_TBps']:6.2f} {r['ours_TFLOPs']:8.0f} {r['ours_over_copy']:9.2f} {bound * 1e6:9.1f} "
+              f"{r['ours_over_bound']:10.2f} {fmt(r['eager_s']):>9s} {fmt(r['compile_s']):>10s} "
+              f"{fmt(r['sdpa_s']):>8s} {r['eager_over_ours']:10.2f}", flush=True)
+        torch.cuda.empty_cache()
+    if a.json:
+        write_results(a.json, ceiling, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

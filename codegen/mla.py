@@ -1,0 +1,229 @@
+"""DeepSeek MLA kernels: decode over a paged latent cache, and the cache's append.
+
+    plan = plan_mla_decode(num_heads=128, latent_dim=512, rope_dim=64, page_size=64,
+                           dtype="bf16", arch="sm_90")
+    plan.key -> 'mla_decode_h128_l512_r64_p64_bf16_n64_sm90'   (n64: 64-key tiles)
+    plan = plan_mla_append(latent_dim=512, rope_dim=64, page_size=64, dtype="bf16",
+                           rope=RopeSpec(10000.0, "gptj", 64, yarn), arch="sm_90")
+
+A latent cache row is a token's [latent (L) | rotated RoPE key (R)]. Decode in the absorbed
+form is multi-query attention of every query head over those rows (K: the whole row, V: its
+latent), templates/cuda/mla_decode.cu.jinja; split-KV parts are merged by the attention
+family's merge kernel (attention_merge.cuh.jinja) with a row of L channels. The append writes
+rows into pages, rotating the RoPE key (templates/cuda/mla_append.cu.jinja).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..dsl.ir import RopeSpec
+from ..dsl.numerics import RopeScaling, as_rope_scaling, rope_scaling_key
+from ..dsl.types import DType
+from . import ops
+from .abi import Arg, KernelABI, SharedLayout
+from .attention import merge_abi
+from .plan import KernelPlan
+from .render import read_template, render
+from .row import LoweringError
+from .rope import rope_context, static_table
+
+__all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
+           "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+
+HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
+DECODE_THREADS = 256
+APPEND_TOKENS_PER_BLOCK = 8   # one warp a token
+# dynamic shared memory a block may opt into, by compute capability (others: 99 KB)
+SMEM_LIMIT = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
+_DTYPES = ("bf16", "f16")
+
+
+def _check_dims(latent_dim: int, rope_dim: int, page_size: int, dtype: str, arch: str) -> None:
+    for name, v in (("latent_dim", latent_dim), ("rope_dim", rope_dim), ("page_size", page_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"mla: {name} must be a positive int, got {v!r}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"mla: page size must be a power of two, got {page_size}")
+    if dtype not in _DTYPES:
+        raise LoweringError(f"mla: the kernels take bf16 or f16, not {dtype!r}")
+    if int(arch.removeprefix("sm_").rstrip("af")) < 80:
+        raise LoweringError(f"mla: the kernels need sm_80 or newer (mma.sync bf16, cp.async), not {arch}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLADecodePlan(KernelPlan):
+    family: ClassVar[str] = "mla_decode"
+    num_heads: int
+    latent_dim: int = 512
+    rope_dim: int = 64
+    page_size: int = 64
+    dtype: str = "bf16"
+    keys: int = 32            # keys per tile (BN): 32 or 64 (plan_mla_decode picks 64 where shared memory allows)
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"mla decode: num_heads must be a positive int, got {self.num_heads!r}")
+        dk = self.latent_dim + self.rope_dim
+        if dk % 64 or self.latent_dim % 32 or self.latent_dim > 512:
+            raise LoweringError(f"mla decode: no specialisation for latent {self.latent_dim} + rope {self.rope_dim}: "
+                                f"needs latent + rope a multiple of 64 and latent a multiple of 32, at most 512 "
+                                f"(a thread holds latent / 4 accumulators)")
+        if self.keys not in (32, 64):
+            raise ValueError(f"mla decode: keys per tile must be 32 or 64, got {self.keys!r}")
+        limit = smem_limit(self.arch)
+        if self.shared_layout.bytes > limit:
+            raise LoweringError(f"mla decode: {self.keys}-key tiles with 64 heads of {dk} channels take "
+                                f"{self.shared_layout.bytes} bytes of shared memory; {self.arch} allows {limit}")
+
+    @property
+    def key(self) -> str:
+        return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
+                f"_n{self.keys}_{self.arch.replace('_', '')}")
+
+    @property
+    def merge_name(self) -> str:
+        return self.kernel_name + "_merge"
+
+    @property
+    def row_dim(self) -> int:
+        return self.latent_dim + self.rope_dim
+
+    @property
+    def shared_layout(self) -> SharedLayout:
+        return decode_layout(self.row_dim, self.keys)
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return _decode_kernels(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
+                "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys}
+
+    def source(self) -> str:
+        return _decode_source(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_kernels(plan: MLADecodePlan) -> tuple[KernelABI, ...]:
+    t = ops.STORAGE_TYPE[DType[plan.dtype]]
+    args = (Arg("q", f"const {t}* __restrict__", "input"), Arg("cache", f"const {t}* __restrict__", "input"),
+            Arg("page_table", "const int* __restrict__", "input"), Arg("seq_lens", "const int* __restrict__", "input"),
+            Arg("q_seq", "const int* __restrict__", "input"), Arg("out", f"{t}* __restrict__", "output"),
+            Arg("part_o", "float* __restrict__", "workspace"), Arg("part_lse", "float* __restrict__", "workspace"),
+            Arg("scale", "float", "scalar"),
+            *(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits")))
+    main = KernelABI(name=plan.kernel_name, args=args,
+                     grid=("tokens", f"cdiv({plan.num_heads}, {HEADS_PER_CTA})", "num_splits"),
+                     block=(DECODE_THREADS,), shared_bytes=plan.shared_layout.bytes, problem=("tokens", "num_splits"))
+    return main, merge_abi(plan.merge_name, DType[plan.dtype], plan.num_heads, plan.latent_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_source(plan: MLADecodePlan) -> str:
+    main, merge = plan.kernels
+    return render("cuda/mla_decode.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
+                  plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
+                  MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
+                  BN=plan.keys, signature=main.signature, merge_signature=merge.signature,
+                  smem=plan.shared_layout.offsets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLAAppendPlan(KernelPlan):
+    family: ClassVar[str] = "mla_append"
+    latent_dim: int = 512
+    rope_dim: int = 64
+    page_size: int = 64
+    dtype: str = "bf16"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
+        if self.latent_dim % 8 or self.rope_dim % 2:
+            raise LoweringError(f"mla append: latent {self.latent_dim} must be a multiple of 8 and rope "
+                                f"{self.rope_dim} even")
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        object.__setattr__(self, "rope_scaling", as_rope_scaling(self.rope_scaling))
+        static_table(self.rope_theta, self.rope_dim, self.rope_scaling)   # a length-dependent type: an error
+
+    @property
+    def rope(self) -> RopeSpec:
+        return RopeSpec(self.rope_theta, "gptj", self.rope_dim, self.rope_scaling)
+
+    @property
+    def key(self) -> str:
+        theta = "theta" + f"{self.rope_theta:g}".replace(".", "p").replace("+", "")
+        scaling = [rope_scaling_key(self.rope_scaling)] if self.rope_scaling is not None else []
+        return "_".join(["mla_append", f"l{self.latent_dim}", f"r{self.rope_dim}", f"p{self.page_size}", self.dtype,
+                         theta, *scaling, self.arch.replace("_", "")]).replace("-", "m").replace(".", "p")
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_append_abi(self),)
+
+    def describe(self) -> dict[str, Any]:
+        return {"latent_dim": self.latent_dim, "rope_dim": self.rope_dim, "page_size": self.page_size,
+                "dtype": self.dtype, "rope_theta": self.rope_theta}
+
+    def source(self) -> str:
+        return render("cuda/mla_append.cu.jinja", kernel_name=self.kernel_name, plan_key=self.key,
+                      signature=self.abi.signature, common=read_template("cuda/common.cuh"),
+                      T=ops.STORAGE_TYPE[DType[self.dtype]], L=self.latent_dim, R=self.rope_dim, PAGE=self.page_size,
+                      TPB=APPEND_TOKENS_PER_BLOCK, rope=rope_context(self.rope, memory="global"))
+
+
+@functools.lru_cache(maxsize=64)
+def _append_abi(plan: MLAAppendPlan) -> KernelABI:
+    t = ops.STORAGE_TYPE[DType[plan.dtype]]
+    args = (Arg("cache", f"{t}* __restrict__", "output"), Arg("latent", f"const {t}* __restrict__", "input"),
+            Arg("k_pe", f"const {t}* __restrict__", "input"),
+            Arg("latent_stride", "long long", "dim"), Arg("k_pe_stride", "long long", "dim"),   # token rows, elements
+            Arg("meta", "const int* __restrict__", "input"),   # pages [T], then positions [T]
+            Arg("num_tokens", "int", "dim"))
+    return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens, {APPEND_TOKENS_PER_BLOCK})",),
+                     block=(APPEND_TOKENS_PER_BLOCK * 32,), problem=("tokens",))
+
+
+def decode_layout(row_dim: int, keys: int) -> SharedLayout:
+    """The decode kernel's shared memory: Q (64 heads), two K/V tiles, P, the page-entry ring
+    (3 tiles) and the row exchange (2 x 64 floats)."""
+    return SharedLayout((("sQ", 2 * HEADS_PER_CTA * row_dim), ("sKV", 2 * 2 * keys * row_dim),
+                         ("sP", 2 * HEADS_PER_CTA * keys), ("sPg", 4 * 3 * keys), ("sRed", 4 * 2 * HEADS_PER_CTA)))
+
+
+def smem_limit(arch: str) -> int:
+    return SMEM_LIMIT.get(int(arch.removeprefix("sm_").rstrip("af")), 101376)
+
+
+def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
+                    dtype: str = "bf16", arch: str, keys: int | None = None) -> MLADecodePlan:
+    """The decode plan. Keys per tile default to 64 where shared memory holds Q and two such tiles
+    (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys, not 16: 17 %
+    less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB)."""
+    if keys is None:
+        keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
+    plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
+                         dtype=dtype, keys=keys, arch=arch)
+    plan.source()
+    return plan
+
+
+def plan_mla_append(*, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64, dtype: str = "bf16",
+                    rope: RopeSpec, arch: str) -> MLAAppendPlan:
+    """The append plan for a latent cache; `rope` is the block's RopeSpec: interleaved pairs (gptj,
+    as DeepSeek's rope_interleave) over rotary_dim = rope_dim channels."""
+    if rope.style != "gptj":
+        raise LoweringError(f"mla append: RoPE style {rope.style!r}; the latent cache rotates interleaved pairs (gptj)")
+    if int(rope.rotary_dim) != rope_dim:
+        raise ValueError(f"mla append: the RoPE rotates {rope.rotary_dim} channels, the cache has {rope_dim}")
+    plan = MLAAppendPlan(latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size, dtype=dtype,
+                         rope_theta=float(rope.theta), rope_scaling=rope.scaling, arch=arch)
+    plan.source()
+    return plan

@@ -1,0 +1,78 @@
+"""The MLA kernels (codegen/mla.py) render and compile for sm_80 and sm_90 without register
+spills, and within each arch's shared memory (no GPU needed); bad specialisations are clear
+errors before anything renders."""
+import pytest
+
+from layerforge.codegen.mla import MLADecodePlan, plan_mla_append, plan_mla_decode
+from layerforge.codegen.row import LoweringError
+from layerforge.dsl.ir import RopeSpec
+from layerforge.dsl.numerics import rope_scaling_from_hf
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+SMEM_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # dynamic shared memory a block may opt into
+YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def compile_clean(plan, arch):
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    assert set(res.resources) == {k.name for k in plan.kernels}
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+    return res
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("heads,latent,rope,page", [(128, 512, 64, 64), (16, 512, 64, 16), (4, 256, 64, 64),
+                                                    (100, 512, 64, 1)])
+def test_decode_compiles_without_spills(heads, latent, rope, page, arch):
+    plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, arch=arch)
+    compile_clean(plan, arch)
+    assert plan.abi.shared_bytes <= SMEM_LIMIT[arch]
+    assert plan.kernels[1].block == (latent, 1, 1)   # the merge: a thread per latent channel
+
+
+def test_key_tiles_follow_the_arch_shared_memory():
+    """64-key tiles where Q and two of them fit (sm_90), else 32 (sm_80); both compile for sm_90."""
+    big = plan_mla_decode(num_heads=128, arch="sm_90")
+    assert big.keys == 64 and SMEM_LIMIT["sm_80"] < big.abi.shared_bytes <= SMEM_LIMIT["sm_90"]
+    assert plan_mla_decode(num_heads=128, arch="sm_80").keys == 32
+    compile_clean(plan_mla_decode(num_heads=128, arch="sm_90", keys=32), "sm_90")
+    with pytest.raises(LoweringError, match="shared memory"):
+        plan_mla_decode(num_heads=128, arch="sm_89")      # 99 KB: Q alone takes 72 KB
+
+
+def test_decode_f16_compiles():
+    compile_clean(plan_mla_decode(num_heads=128, dtype="f16", arch="sm_90"), "sm_90")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("scaling", [None, YARN])
+@pytest.mark.parametrize("page", [1, 64])
+def test_append_compiles_without_spills(scaling, page, arch):
+    plan = plan_mla_append(page_size=page, rope=RopeSpec(10000.0, "gptj", 64, scaling and rope_scaling_from_hf(scaling, 163840)), arch=arch)
+    compile_clean(plan, arch)
+    assert ("yarn" in plan.key) == (scaling is not None)
+
+
+def test_decode_grid_covers_heads_in_blocks_of_64():
+    plan = plan_mla_decode(num_heads=100, arch="sm_90")
+    assert plan.abi.grid_for(7, 3) == (7, 2, 3)
+    assert plan.kernels[1].grid_for(7) == (700, 1, 1)
+    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_sm90"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(latent_dim=544), "at most 512"), (dict(rope_dim=32), "multiple of 64"),
+    (dict(dtype="f32"), "bf16 or f16"), (dict(arch="sm_75"), "sm_80"),
+])
+def test_bad_decode_specialisations_are_clear_errors(kw, match):
+    with pytest.raises(LoweringError, match=match):
+        MLADecodePlan(**{"num_heads": 16, "arch": "sm_90", **kw})
+
+
+def test_bad_append_rope_is_an_error():
+    with pytest.raises(LoweringError, match="interleaved"):
+        plan_mla_append(rope=RopeSpec(10000.0, "neox", 64), arch="sm_90")
+    with pytest.raises(ValueError, match="rotates 32"):
+        plan_mla_append(rope=RopeSpec(10000.0, "gptj", 32), arch="sm_90")

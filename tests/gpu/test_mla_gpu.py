@@ -1,0 +1,191 @@
+"""The MLA kernels on the GPU: the decode kernel against the float64 reference (outputs and
+every cache row outside the sequences poisoned with NaN first; split-KV 1, several and the
+heuristic's; ragged lengths with 1-token sequences, partial last pages and an empty sequence;
+pages in random order; head counts that fill 64-head blocks or not), the append kernel against
+the cache's torch path, and MLAAttention (bf16) against transformers' DeepseekV3Attention in
+bf16 and in float64."""
+import math
+
+import pytest
+import torch
+
+from layerforge.dsl.ir import RopeSpec
+from layerforge.runtime.mla import MLAAttention, MLAConfig
+from layerforge.runtime.mla_cache import PagedLatentCache
+from layerforge.runtime.mla_decode import MLADecode, mla_decode_reference
+
+from ..seeding import seeded_generator
+
+
+def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
+    """Random page placement; rows past each sequence's length (and spare pages) are NaN."""
+    pages_per = [max(1, math.ceil(n / page)) for n in lens]
+    total = sum(pages_per) + spare
+    perm = torch.randperm(total, generator=gen).tolist()
+    cache = torch.full((total, page, dk), float("nan"), dtype=dtype)
+    table = torch.full((len(lens), max(pages_per) + 1), -1, dtype=torch.int32)   # a spare column of -1
+    at = 0
+    for b, n in enumerate(lens):
+        for j in range(pages_per[b]):
+            p = perm[at]
+            at += 1
+            table[b, j] = p
+            k = min(page, n - j * page)
+            if k > 0:
+                cache[p, :k] = torch.randn(k, dk, generator=gen).to(dtype)
+    return cache.cuda(), table.cuda()
+
+
+def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None):
+    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys)
+    dk = latent + rope
+    cache, table = build_cache(lens, page, dk, gen)
+    T = len(lens) + 1
+    q_seq = torch.randint(0, len(lens), (T,), generator=gen, dtype=torch.int32)
+    q_seq[: len(lens)] = torch.randperm(len(lens), generator=gen).to(torch.int32)   # every sequence, then a repeat
+    q = torch.randn(T, heads, dk, generator=gen).to(torch.bfloat16).cuda()
+    seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
+    q_seq = q_seq.cuda()
+    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys)
+    out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
+    dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
+    want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
+                                latent_dim=latent)
+    got = out.cpu().double()
+    assert torch.isfinite(got).all(), "NaN or inf in the output (a poisoned row was read, or a row not written)"
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    return got, want
+
+
+LENS = [1, 37, 64, 200, 513, 1]   # one token, partial last pages, a whole page, several pages
+
+
+@pytest.mark.parametrize("keys", [None, 32])   # None: the arch's default (64 on sm_90)
+@pytest.mark.parametrize("num_splits", [1, 3, 8, None])
+@pytest.mark.parametrize("page", [64, 16])
+def test_decode_deepseek_shape(page, num_splits, keys):
+    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys)
+
+
+@pytest.mark.parametrize("heads", [16, 100, 4])
+def test_decode_head_counts(heads):
+    run_decode(heads, 512, 64, 64, LENS, None, 192 ** -0.5, "heads")
+
+
+def test_decode_smaller_latent_and_page_of_one():
+    run_decode(32, 256, 64, 1, [1, 5, 70], 2, 0.1, "small")
+
+
+@pytest.mark.parametrize("keys", [None, 32])
+def test_decode_peaked_scores_rescale_exactly(keys):
+    """Large scores: the running maximum moves many times along a long sequence (lazy rescaling)."""
+    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys)
+
+
+def test_decode_more_splits_than_tiles_and_an_empty_sequence():
+    got, _ = run_decode(64, 512, 64, 64, [0, 40, 1], 16, 0.05, "empty")
+    # the empty sequence's tokens are zeros, the others' not
+    assert got.abs().sum() > 0
+
+
+def test_decode_checks_before_launch():
+    from layerforge.dsl.evaluator import LayerInputError
+    dec = MLADecode(num_heads=16, page_size=64)
+    q = torch.zeros(2, 16, 576, dtype=torch.bfloat16, device="cuda")
+    cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16, device="cuda")
+    table = torch.zeros(2, 2, dtype=torch.int32, device="cuda")
+    lens = torch.ones(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(LayerInputError, match="q_seq"):
+        dec(q, cache, table, lens, torch.zeros(3, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=1)
+    with pytest.raises(LayerInputError, match="cache"):
+        dec(q, cache[:, :16], table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=1)
+    with pytest.raises(LayerInputError, match="max_kv_len"):
+        dec(q, cache, table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=129)
+
+
+@pytest.mark.parametrize("page", [64, 16])
+def test_append_kernel_matches_the_torch_path(page):
+    from layerforge.dsl.numerics import rope_scaling_from_hf
+    yarn = rope_scaling_from_hf({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}, 163840)
+    rope = RopeSpec(10000.0, "gptj", 64, yarn)
+    caches = [PagedLatentCache(16, page, 512, 64, torch.bfloat16, dev, max_seqs=3, max_pages_per_seq=8)
+              for dev in ("cpu", "cuda")]
+    gen = seeded_generator("mla_append", page)
+    kv = torch.randn(150, 576 + 8, generator=gen).to(torch.bfloat16)   # a strided view, as kv_a_proj's output
+    seqs = [2] * 100 + [0] * 49 + [1]
+    for c in caches:
+        c.reserve([0, 1, 2], [49, 1, 100])
+        x = kv.to(c.device)
+        c.append(seqs[:120], x[:120, :512], x[:120, 512:576], rope)
+        c.append(seqs[120:], x[120:, :512], x[120:, 512:576], rope)       # a second call continues the sequences
+    for s in range(3):
+        cpu, gpu = caches[0].gather(s), caches[1].gather(s).cpu()
+        assert torch.equal(gpu[:, :512], cpu[:, :512])
+        torch.testing.assert_close(gpu[:, 512:].float(), cpu[:, 512:].float(), rtol=1e-2, atol=1e-2)
+    assert caches[1].seq_lens.tolist() == [49, 1, 100]
+    assert torch.equal(caches[1].page_table.cpu(), caches[0].page_table)
+
+
+# ---- the layer ---------------------------------------------------------------------------
+def hf_modules():
+    transformers = pytest.importorskip("transformers")
+    return transformers, pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+
+
+def tiny_config(q_lora_rank, yarn):
+    transformers, _ = hf_modules()
+    rope = ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0} if yarn
+            else {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=256, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=q_lora_rank,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=512,
+        rope_parameters=rope, rms_norm_eps=1e-6, num_hidden_layers=1, intermediate_size=64, moe_intermediate_size=32,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def hf_reference(cfg, x, dtype, device):
+    _, mod = hf_modules()
+    torch.manual_seed(0)
+    attn = mod.DeepseekV3Attention(cfg, layer_idx=0).eval()
+    for name, p in attn.named_parameters():
+        p.data.copy_(torch.randn_like(p) * (0.05 if "norm" not in name else 0.1) + (1.0 if "norm" in name else 0.0))
+    attn = attn.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype)
+    S = x.shape[1]
+    cos, sin = mod.DeepseekV3RotaryEmbedding(cfg).to(device)(x, torch.arange(S, device=device)[None])
+    mask = torch.full((S, S), float("-inf"), device=device, dtype=dtype).triu(1)[None, None]
+    with torch.no_grad():
+        out, _ = attn(x, (cos, sin), mask)
+    return attn, out
+
+
+def close_to(got, want, tol):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.isfinite(got).all()
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < tol, f"relative error {err:.3g} >= {tol}"
+    assert (got - want).abs().max() <= 8 * tol * want.abs().max()
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 96])
+@pytest.mark.parametrize("yarn", [True, False])
+def test_layer_matches_deepseek_v3_bf16_and_float64(q_lora_rank, yarn):
+    cfg = tiny_config(q_lora_rank, yarn)
+    x = torch.randn(3, 70, 256, generator=seeded_generator("mla_layer", q_lora_rank, yarn))
+    hf, want_bf16 = hf_reference(cfg, x, torch.bfloat16, "cuda")
+    _, want_f64 = hf_reference(cfg, x, torch.float64, "cpu")
+    ours = MLAAttention(MLAConfig.from_hf(cfg), dtype=torch.bfloat16, device="cuda")
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and not unexpected
+    close_to(ours(x.cuda().bfloat16()), want_f64, 2e-2)                  # prefill without a cache
+    cache = ours.make_cache(3, max_tokens=80, page_size=16)
+    got = [ours(x[:, :61].cuda().bfloat16(), cache)]                     # prefill 61, then 9 decode steps
+    got += [ours(x[:, t:t + 1].cuda().bfloat16(), cache) for t in range(61, 70)]
+    got = torch.cat(got, dim=1)
+    close_to(got, want_f64, 2e-2)
+    close_to(got, want_bf16, 3e-2)
+    close_to(got[:, 61:], want_f64[:, 61:], 2e-2)                          # the decode steps alone
