@@ -137,7 +137,7 @@ def test_split_kv_over_the_tile_lists(prog, splits):
 
 def test_block_mask_shared_by_calls_and_cached(prog):
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
-    lens, new = [300, 200], [300, 50]
+    lens = [300, 200]                                                      # 300 and 50 new tokens
     gen = torch.Generator().manual_seed(12)
     ks = [torch.randn(n, 8, 128, generator=gen).bfloat16().cuda() for n in lens]
     kc, vc, table, seq_lens = build_cache(ks, ks, 64, layer.function.outputs[0].arg, torch.bfloat16, gen)
