@@ -90,7 +90,8 @@ class BlockMaskPlan(KernelPlan):
         return (_abi(self),)
 
     def describe(self) -> dict[str, Any]:
-        return {"layer": self.layer.name, "rows": self.rows, "keys": self.keys, "heads": self.heads}
+        return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": dict(self.layer.consts),
+                "rows": self.rows, "keys": self.keys, "heads": self.heads}
 
     def source(self) -> str:
         return _render(self)

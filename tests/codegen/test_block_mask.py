@@ -175,3 +175,23 @@ def test_pre_pass_compiles_without_spills(prog, name, arch):
     res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions(arch))
     for kr in res.resources.values():
         assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+
+
+def test_packs_carry_the_pre_pass(prog, tmp_path):
+    """A built pack holds the pre-pass beside the prefill kernel it serves (same tiling), and
+    the pack's module knows it needs one."""
+    pytest.importorskip("layerforge.runtime.nvrtc")
+    from layerforge.codegen.families import plans_for_layer
+    from layerforge.runtime.build import build
+    from layerforge.runtime.pack import load_pack
+    layer = prog.specialise("doc_causal", Hq=8, Hkv=8, D=64, dtype="bf16")
+    families = [p.family for p in plans_for_layer(layer, "sm_90")]
+    assert families.count("block_mask") == 1
+    llama = lf.stdlib().specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16")
+    assert "block_mask" not in [p.family for p in plans_for_layer(llama, "sm_90")]
+    build(prog, {"Hq": 8, "Hkv": 8, "D": 64}, dtype="bf16", arch="sm_90", out_dir=tmp_path, names=["doc_causal"])
+    attn = load_pack(tmp_path, check_device=False).attention("doc_causal")
+    assert attn.needs_block_mask
+    _, (abi,), (rows, keys, heads, key) = attn._images["block_mask"]
+    _, _, prefill_keys = attn._images["prefill"]
+    assert keys == prefill_keys and heads == 1 and abi.name == "lf_" + key
