@@ -5,17 +5,20 @@ score allowed), on random document tables; its lists are the compacted classes; 
 and the prefill kernels that read its lists compile without spills."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
 
 import layerforge as lf
 from layerforge.codegen.block_mask import block_mask_model, mask_heads, needs_block_mask, plan_block_mask
 from layerforge.codegen.mask_tiles import EMPTY, FULL, PARTIAL
 
-from .test_mask_tiles import exact_grid
+from ..fuzz.gen import attention_blocks, random_tensor
+from .test_mask_tiles import FUZZ, check_sound, exact_grid
 
 MASKS = """
 dims Hq, Hkv, D
@@ -152,6 +155,84 @@ def test_document_mask_skips_tiles_at_scale(prog):
                   for b in range(2)) / 2
     assert walked < 0.25 * dense_causal and walked < 2 * density + 0.02, (walked, density)
     assert (cls == FULL).sum() > 0.5 * (cls != EMPTY).sum()     # most walked tiles skip the element mask
+
+
+@settings(**FUZZ)
+@given(case=attention_blocks())
+def test_fuzzed_masks_are_classified_soundly_with_position_lookups(case):
+    """The fuzzer's masks (lookups at kv_pos, q_pos, q_pos - kv_pos, kv_pos // 3, ...) over
+    random i32 tables, classified as the pre-pass does, on random tiles."""
+    try:
+        layer = lf.loads(case.source, "fuzz.lf", with_stdlib=False).specialise(case.name, dtype=case.dtype,
+                                                                                 **case.bindings)
+    except lf.DSLError:
+        return
+    spec = layer.function.outputs[0].arg
+    if spec.mask is None or int(spec.num_q_heads) % int(spec.num_kv_heads):
+        return
+    params = {p.name: p for p in layer.function.params}
+    gen = torch.Generator().manual_seed(2)
+    sizes = {"B": 2, "Skv": 96, **{k: v for k, v in case.bindings.items() if isinstance(v, int)}}
+    tables = {}
+    for name, (_, dims) in case.tables.items():
+        t = random_tensor(params[name].dtype, [sizes[x] for x in dims], gen)
+        if params[name].dtype.is_int:   # few distinct values: lookups that agree over tiles, as documents do
+            t = t % 3
+        tables[name] = t
+    check_sound(layer, tables, q_len=96, kv_len=96, tiles=60, ranges=True)
+
+
+ATOMS = ["doc[b, kv_pos] == doc[b, q_pos]", "doc[b, kv_pos] <= doc[b, q_pos]", "doc[b, kv_pos // 3] != doc[b, q_pos // 2]",
+         "keep[b, kv_pos] != 0", "keep[b, q_pos] > 0", "doc[b, min(q_pos - kv_pos + 48, 95)] > 1", "kv_pos <= q_pos",
+         "q_pos - kv_pos < 20", "doc[b, kv_pos] + kv_pos % 5 < doc[b, q_pos] * 2", "h < 2 or doc[b, kv_pos] == 1",
+         "abs(doc[b, kv_pos] - doc[b, q_pos]) <= 1", "where(keep[b, q_pos] > 0, doc[b, kv_pos], 0) == doc[b, q_pos]",
+         "doc[b, kv_pos] - doc[b, q_pos] >= -1 and keep[b, kv_pos] * 3 + doc[b, q_pos] < 6"]
+
+
+def random_mask(rng: random.Random, depth: int = 2) -> str:
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice(ATOMS)
+    op = rng.choice(["and", "or", "not"])
+    if op == "not":
+        return f"not ({random_mask(rng, depth - 1)})"
+    return f"({random_mask(rng, depth - 1)}) {op} ({random_mask(rng, depth - 1)})"
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_position_lookup_masks_are_sound(seed):
+    """Random and/or/not combinations of lookups at positions (and // % min abs where around
+    them), every tile of the pre-pass model against the evaluator, packed or unordered ids."""
+    rng = random.Random(seed)
+    mask = random_mask(rng)
+    while "[" not in mask:
+        mask = random_mask(rng)
+    src = ("dims Hq, Hkv, D\ndynamic B, S, Skv\nattention m(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], "
+           "v: T[B, Skv, Hkv, D], doc: i32[B, Skv], keep: i32[B, Skv]) -> T[B, S, Hq, D] {\n"
+           f"    mask = {mask}\n}}\n")
+    layer = lf.loads(src, "random.lf", with_stdlib=False).specialise("m", Hq=4, Hkv=2, D=64, dtype="bf16")
+    assert needs_block_mask(layer), mask
+    lens, news = [150, 97], [150, 20]
+    kind = "packed" if seed % 2 else "unordered"
+    doc = torch.tensor([doc_ids(150, rng, kind) for _ in lens], dtype=torch.int32)
+    keep = torch.tensor([[int(rng.random() < 0.8) for _ in range(150)] for _ in lens], dtype=torch.int32)
+    spec = layer.function.outputs[0].arg
+    group = int(spec.num_q_heads) // int(spec.num_kv_heads)
+    cls, num, idx = block_mask_model(layer, rows=32, keys=16, seq_lens=lens, cu_seqlens=[0, 150, 170], max_q_len=150,
+                                     max_kv_len=150, env={"p_doc": doc, "p_keep": keep})
+    grid, _, hkv = exact_grid(layer, 150, 150, {"doc": doc, "keep": keep}, batch=2)
+    heads = mask_heads(layer)
+    for b, hb, y, j in itertools.product(range(2), range(heads), range(cls.shape[2]), range(cls.shape[3])):
+        c = int(cls[b, hb, y, j])
+        R = np.arange(y * 32, min((y + 1) * 32, news[b] * group))
+        k = np.arange(j * 16, min((j + 1) * 16, lens[b]))
+        if len(R) == 0 or len(k) == 0:
+            assert c == EMPTY
+            continue
+        for kvh in ([hb] if heads > 1 else range(hkv)):
+            block = grid[b, torch.as_tensor(kvh * group + R % group), torch.as_tensor(lens[b] - news[b] + R // group)]
+            block = block[:, torch.as_tensor(k)]
+            assert c != EMPTY or not block.any(), (mask, b, hb, y, j)
+            assert c != FULL or block.all(), (mask, b, hb, y, j)
 
 
 def test_mask_reads_heads_only_when_it_does(prog):
