@@ -18,6 +18,7 @@ from layerforge.codegen.block_mask import block_mask_model, mask_heads, needs_bl
 from layerforge.codegen.mask_tiles import EMPTY, FULL, PARTIAL
 
 from ..fuzz.gen import attention_blocks, random_tensor
+from ..seeding import stable_seed
 from .test_mask_tiles import FUZZ, check_sound, exact_grid
 
 MASKS = """
@@ -114,7 +115,7 @@ def check_block_mask(layer, *, rows, keys, lens, news, table, name, seed=0):
 def test_block_mask_classes_are_sound(prog, name, kind, rows, keys):
     layer = prog.specialise(name, Hq=4, Hkv=2, D=64, dtype="bf16")
     assert needs_block_mask(layer)
-    rng = random.Random(hash((name, kind, rows)) & 0xFFFF)
+    rng = random.Random(stable_seed(name, kind, rows))
     lens, news = [150, 300, 97], [150, 41, 1]                   # whole prompts, a chunk after a prefix, one token
     width = max(lens)
     if name == "shared_doc":

@@ -3,7 +3,7 @@
 alone in their document, one document, rows with nothing to attend to -> zeros), GQA with a
 head-dependent document mask, split-KV over the tile lists, an explicit BlockMask shared by
 calls and the automatic cache; the device pre-pass equals its CPU model tile for tile. T5
-buckets and a clamped relative bias (the per-tile distance table) over several key tiles."""
+buckets and clamped relative biases (the per-tile distance table) over several key tiles."""
 from __future__ import annotations
 
 import itertools
@@ -38,6 +38,10 @@ attention doc_heads(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D
 }
 attention rel_bias(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], bias: f32[129, Hq]) -> T[B, S, Hq, D] {
     score = score + bias[min(max(kv_pos - q_pos, -64), 64) + 64, h]
+    mask = kv_pos <= q_pos
+}
+attention back_bias(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], bias: f32[64]) -> T[B, S, Hq, D] {
+    score = score * 0.5 + bias[min(q_pos - kv_pos, 63)]
     mask = kv_pos <= q_pos
 }
 """
@@ -154,7 +158,7 @@ def test_block_mask_shared_by_calls_and_cached(prog):
     assert len(bmc._CACHE) == 1 and torch.equal(explicit, auto)
     attn.prefill(q, kc, vc, table, seq_lens, cu, **call)                   # a hit
     assert len(bmc._CACHE) == 1
-    doc[1, :] = 0                                                          # in place: the version moves
+    doc[1, :] = torch.arange(300, device="cuda") % 2                       # in place: the version moves
     changed = attn.prefill(q, kc, vc, table, seq_lens, cu, **call)
     assert len(bmc._CACHE) == 2 and not torch.equal(changed[300:], auto[300:])
     small = attn.block_mask(seq_lens, cu, max_q_len=100, max_kv_len=300, extra={"doc": doc})
@@ -174,3 +178,10 @@ def test_clamped_relative_bias_hoisted(prog):
     layer = prog.specialise("rel_bias", Hq=32, Hkv=8, D=128, dtype="bf16")
     gen = torch.Generator().manual_seed(4)
     run(layer, [500, 130], [500, 129], {"bias": torch.randn(129, 32, generator=gen)}, hq=32, hkv=8)
+
+
+def test_negated_distance_term_hoisted(prog):
+    """rel = q_pos - kv_pos (the table is built over kv_pos - q_pos and negated), one column."""
+    layer = prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16")
+    gen = torch.Generator().manual_seed(6)
+    run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64)
