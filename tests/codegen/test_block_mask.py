@@ -277,3 +277,25 @@ def test_packs_carry_the_pre_pass(prog, tmp_path):
     _, (abi,), (rows, keys, heads, key) = attn._images["block_mask"]
     _, _, prefill_keys = attn._images["prefill"]
     assert keys == prefill_keys and heads == 1 and abi.name == "lf_" + key
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name,hq,hkv,d", [("doc_causal", 32, 8, 128), ("doc", 32, 32, 64), ("doc_heads", 16, 4, 256),
+                                           ("doc_pairs", 32, 8, 128), ("keep", 32, 4, 64), ("shared_doc", 8, 8, 128)])
+def test_prefill_kernels_walk_the_lists_and_compile_without_spills(prog, name, hq, hkv, d, arch):
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    from layerforge.codegen.attention_tc import plan_tc_attention
+
+    def compile_fn(plan):
+        return nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch)).resources
+    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+    plan = plan_tc_attention(layer, arch, mode="prefill", compile_fn=compile_fn)
+    src = plan.source()
+    assert plan.block_mask and "tile_k0(i)" in src and "lf_mask_tile" not in src
+    assert [a.name for a in plan.abi.args if a.name.startswith("bm_")] == ["bm_num", "bm_idx", "bm_rows", "bm_cols"]
+    for kr in compile_fn(plan).values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.config, kr)
+    pre = plan.block_mask_plan()
+    assert (pre.rows, pre.keys) == (plan.config.rows, plan.config.keys)
+    decode = plan_tc_attention(layer, arch, mode="decode", tiles=None)   # short chunks: the decode tiling, no lists
+    assert not decode.block_mask and "bm_idx" not in decode.source()
