@@ -219,7 +219,7 @@ def main() -> None:
         t_sparse, out, t_pre = ours(layer, q, kc, vc, table, lens, cu, S, True, extra)
         t_dense, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, False, extra)
         make_bm = lambda: create_block_mask(mod, B if extra and "doc" in extra else None, None, S, S,  # noqa: E731
-                                            device="cuda")
+                                            device="cuda", _compile=True)   # Flex's compiled mask evaluation
         bm = make_bm()
         t_flex_bm = bench(make_bm)
         ref = flex(qq, kk, vv, score_mod=score_mod, block_mask=bm, enable_gqa=True)
