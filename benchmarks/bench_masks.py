@@ -187,6 +187,16 @@ def variants(B: int, S: int) -> None:
         torch.cuda.empty_cache()
 
 
+def flex_block_mask(create_block_mask, mod, B, S):
+    """Flex's block-mask builder for the case, its mask evaluation compiled where this torch
+    offers that (`_compile`), else as it is."""
+    try:
+        create_block_mask(mod, B, None, S, S, device="cuda", _compile=True)
+        return lambda: create_block_mask(mod, B, None, S, S, device="cuda", _compile=True)
+    except TypeError:
+        return lambda: create_block_mask(mod, B, None, S, S, device="cuda")
+
+
 def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -218,8 +228,7 @@ def main() -> None:
         flex = torch.compile(flex_attention, dynamic=False)
         t_sparse, out, t_pre = ours(layer, q, kc, vc, table, lens, cu, S, True, extra)
         t_dense, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, False, extra)
-        make_bm = lambda: create_block_mask(mod, B if extra and "doc" in extra else None, None, S, S,  # noqa: E731
-                                            device="cuda", _compile=True)   # Flex's compiled mask evaluation
+        make_bm = flex_block_mask(create_block_mask, mod, B if extra and "doc" in extra else None, S)
         bm = make_bm()
         t_flex_bm = bench(make_bm)
         ref = flex(qq, kk, vv, score_mod=score_mod, block_mask=bm, enable_gqa=True)
