@@ -3,10 +3,14 @@ D128 bf16, GQA 32/8 by default):
 
     python -m benchmarks.bench_masks [--batch 4] [--seq 4096] [--variants]
 
-For each mask: ours with per-tile block sparsity (codegen/mask_tiles.py), ours without it (the
-same kernel with every tile masked per element: the A/B), FlexAttention (torch.compile'd
-flex_attention with its block mask, built once outside the timing) and SDPA flash causal as a
-yardstick. Outputs are compared with Flex's (bf16 tolerance).
+For each mask: ours with per-tile block sparsity (codegen/mask_tiles.py; for masks that read
+tables at positions, the block-mask pre-pass of codegen/block_mask.py; for score terms of the
+query-key distance, the per-tile tables of codegen/distance_terms.py), ours without them (the
+same kernel with every tile masked and scored per element: the A/B), FlexAttention
+(torch.compile'd flex_attention with its block mask) and SDPA flash causal as a yardstick.
+Block masks are built outside the kernels' timing and timed on their own: ours ("pre ms", the
+pre-pass, once per batch and shared by the layers; "ours+pre" adds it) beside Flex's
+create_block_mask ("flex bm ms"). Outputs are compared with Flex's (bf16 tolerance).
 
 --variants: the standard library's attention blocks beside Flex with the equivalent
 score_mod / mask_mod (MHA 32/32, Llama GQA 32/8). Flex has no RoPE: the blocks that rotate q in
@@ -14,6 +18,7 @@ the kernel (llama, mistral, gemma2) do that work on top, and their outputs are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -40,6 +45,17 @@ attention dilated(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D],
 attention natten(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], const G: int = 64) -> T[B, S, Hq, D] {
     mask = abs(q_pos // G - kv_pos // G) <= 3 and abs(q_pos % G - kv_pos % G) <= 3
 }
+attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}
+attention t5(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], rel_bias: f32[32, Hq]) -> T[B, S, Hq, D] {
+    score = score + rel_bias[t5_bucket(kv_pos - q_pos, num_buckets = 32, max_distance = 128, bidirectional = false), h]
+    mask = kv_pos <= q_pos
+}
+attention rel_bias(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], bias: f32[129, Hq]) -> T[B, S, Hq, D] {
+    score = score + bias[min(max(kv_pos - q_pos, -64), 64) + 64, h]
+    mask = kv_pos <= q_pos
+}
 """
 
 MODS = {   # the same masks as FlexAttention mask_mods
@@ -49,25 +65,78 @@ MODS = {   # the same masks as FlexAttention mask_mods
     "dilated": lambda b, h, q, k: (k <= q) & (q - k < 2048) & ((q - k) % 2 == 0),
     "natten": lambda b, h, q, k: ((q // 64 - k // 64).abs() <= 3) & ((q % 64 - k % 64).abs() <= 3),
 }
+TABLE_CASES = ("document", "t5", "rel_bias")   # masks and scores over tables (table_case builds them)
+
+
+def doc_ids(B: int, S: int, seed: int = 0) -> torch.Tensor:
+    """Packed sequences: documents of 128-1024 tokens (uniform), ids rising along each row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        lengths = []
+        while sum(lengths) < S:
+            lengths.append(int(torch.randint(128, 1025, (1,), generator=g)))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:S])
+    return torch.stack(rows).int().cuda()
+
+
+def table_case(name: str, B: int, S: int, hq: int):
+    """(extra inputs of ours, Flex mask_mod, Flex score_mod) of a table case."""
+    from layerforge.dsl.numerics import t5_bucket_table
+    causal = lambda b, h, q, k: k <= q                                        # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    if name == "document":
+        doc = doc_ids(B, S)
+        return {"doc": doc}, lambda b, h, q, k: (k <= q) & (doc[b, k] == doc[b, q]), None
+    if name == "t5":   # causal buckets: distances 0..128 (farther: the last bucket)
+        bias = torch.randn(32, hq, generator=g).cuda()
+        buckets = torch.tensor(t5_bucket_table(32, 128, False), dtype=torch.int64, device="cuda")
+        return ({"rel_bias": bias}, causal,
+                lambda s, b, h, q, k: s + bias[buckets[(q - k).clamp(0, 128)], h])
+    bias = torch.randn(129, hq, generator=g).cuda()
+    return {"bias": bias}, causal, lambda s, b, h, q, k: s + bias[(k - q).clamp(-64, 64) + 64, h]
+
+
+@contextlib.contextmanager
+def per_element():
+    """Kernels rendered without per-tile work: no tile classes, block masks or distance tables
+    (every tile masked and scored per element: the A/B). Kernels loaded inside stay loaded."""
+    from layerforge.codegen import attention as A
+    from layerforge.codegen import attention_tc as TC
+    from layerforge.runtime import attention as RA
+    saved = A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term
+
+    def clear():
+        TC._render.cache_clear()
+        A._attention_kernels.cache_clear()   # the ABIs: block-mask arguments, shared memory
+    A.tile_context = lambda *a, **k: {}
+    TC.needs_block_mask = RA.needs_block_mask = lambda layer: False
+    TC.distance_term = lambda score: None
+    clear()
+    try:
+        yield
+    finally:
+        A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term = saved
+        clear()
 
 
 def ours(layer, q, kc, vc, table, lens, cu, seq, sparse: bool = True, extra=None):
-    from layerforge.codegen import attention as A
+    """(kernel seconds, output, pre-pass seconds or None). A block mask is built first and
+    passed, so the kernel's time holds no pre-pass; the pre-pass is timed on its own."""
+    from layerforge.codegen.block_mask import needs_block_mask
     attn = PagedAttention(layer, page_size=64)
     out = torch.empty_like(q)
-    run = lambda: attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out, extra=extra)
-    if not sparse:   # load the kernel rendered without the tile classifier; later calls reuse it
-        from layerforge.codegen import attention_tc as TC
-        orig = A.tile_context
-        A.tile_context = lambda *a, **k: {}
-        TC._render.cache_clear()
-        try:
-            run()
-        finally:
-            A.tile_context = orig
-            TC._render.cache_clear()
+    bm = None
+    if not sparse:   # load the kernel rendered without per-tile work; later calls reuse it
+        with per_element():
+            attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out, extra=extra)
+    elif needs_block_mask(layer):
+        bm = attn.block_mask(lens, cu, max_q_len=seq, max_kv_len=seq, extra=extra)
+    run = lambda: attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out, extra=extra,  # noqa: E731
+                               block_mask=bm)
     run()
-    return bench(run), out
+    pre = bench(lambda: attn.block_mask(lens, cu, max_q_len=seq, max_kv_len=seq, extra=extra)) if bm else None
+    return bench(run), out, pre
 
 
 def problem(B, S, hq, hkv, d, page, seed):
@@ -106,7 +175,7 @@ def variants(B: int, S: int) -> None:
         q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=1)
         extra = {"kv_len": lens.clone()} if name == "bert_attn" else None
         layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **consts)
-        t_ours, out = ours(layer, q, kc, vc, table, lens, cu, S, extra=extra)
+        t_ours, out, _ = ours(layer, q, kc, vc, table, lens, cu, S, extra=extra)
         torch._dynamo.reset()   # a fresh compile per case (past the recompile limit Flex runs unfused)
         flex = torch.compile(flex_attention, dynamic=False)
         bm = create_block_mask(mask_mod, None, None, S, S, device="cuda") if mask_mod else None
@@ -116,6 +185,16 @@ def variants(B: int, S: int) -> None:
         err = "rope" if rope else f"{(out.view(B, S, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item():.4f}"
         print(f"{name:>14} {t_ours * 1e3:>8.3f} {t_flex * 1e3:>8.3f} {t_flex / t_ours:>9.2f} {err:>8}", flush=True)
         torch.cuda.empty_cache()
+
+
+def flex_block_mask(create_block_mask, mod, B, S):
+    """Flex's block-mask builder for the case, its mask evaluation compiled where this torch
+    offers that (`_compile`), else as it is."""
+    try:
+        create_block_mask(mod, B, None, S, S, device="cuda", _compile=True)
+        return lambda: create_block_mask(mod, B, None, S, S, device="cuda", _compile=True)
+    except TypeError:
+        return lambda: create_block_mask(mod, B, None, S, S, device="cuda")
 
 
 def main() -> None:
@@ -135,24 +214,33 @@ def main() -> None:
         flash = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
                                                                                enable_gqa=True))
     print(f"{torch.cuda.get_device_name()}  B{B} H{hq}/{hkv} S{S} D{d} bf16; SDPA flash causal {flash * 1e3:.3f} ms")
-    print(f"{'mask':>10} {'density':>8} {'ours ms':>8} {'dense ms':>9} {'flex ms':>8} {'ours/flex':>9} {'sparse gain':>11} {'max err':>8}")
-    for name, mod in MODS.items():
+    print(f"{'mask':>10} {'density':>8} {'ours ms':>8} {'pre ms':>7} {'ours+pre':>8} {'dense ms':>9} {'flex ms':>8} "
+          f"{'flex bm ms':>10} {'ours/flex':>9} {'sparse gain':>11} {'max err':>8}")
+    for name in [*MODS, *TABLE_CASES]:
         if a.only and name != a.only:
             continue
+        if name in MODS:
+            extra, mod, score_mod = None, MODS[name], None
+        else:
+            extra, mod, score_mod = table_case(name, B, S, hq)
         layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
         torch._dynamo.reset()   # a fresh compile per mask (past the recompile limit Flex runs unfused)
         flex = torch.compile(flex_attention, dynamic=False)
-        t_sparse, out = ours(layer, q, kc, vc, table, lens, cu, S, True)
-        t_dense, _ = ours(layer, q, kc, vc, table, lens, cu, S, False)
-        bm = create_block_mask(mod, None, None, S, S, device="cuda")
-        ref = flex(qq, kk, vv, block_mask=bm, enable_gqa=True)
-        t_flex = bench(lambda: flex(qq, kk, vv, block_mask=bm, enable_gqa=True))
+        t_sparse, out, t_pre = ours(layer, q, kc, vc, table, lens, cu, S, True, extra)
+        t_dense, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, False, extra)
+        make_bm = flex_block_mask(create_block_mask, mod, B if extra and "doc" in extra else None, S)
+        bm = make_bm()
+        t_flex_bm = bench(make_bm)
+        ref = flex(qq, kk, vv, score_mod=score_mod, block_mask=bm, enable_gqa=True)
+        t_flex = bench(lambda: flex(qq, kk, vv, score_mod=score_mod, block_mask=bm, enable_gqa=True))
         got = out.view(B, S, hq, d).transpose(1, 2)
         err = (got.float() - ref.float()).abs().max().item()
         qi = torch.arange(S, device="cuda")
-        density = mod(0, 0, qi[:, None], qi[None, :]).float().mean().item()
-        print(f"{name:>10} {density:>8.3f} {t_sparse * 1e3:>8.3f} {t_dense * 1e3:>9.3f} {t_flex * 1e3:>8.3f} "
-              f"{t_flex / t_sparse:>9.2f} {t_dense / t_sparse:>11.2f} {err:>8.4f}", flush=True)
+        density = sum(mod(b, 0, qi[:, None], qi[None, :]).float().mean().item() for b in range(B)) / B
+        pre = f"{t_pre * 1e3:>7.3f}" if t_pre else f"{'-':>7}"
+        print(f"{name:>10} {density:>8.3f} {t_sparse * 1e3:>8.3f} {pre} {(t_sparse + (t_pre or 0)) * 1e3:>8.3f} "
+              f"{t_dense * 1e3:>9.3f} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_sparse:>9.2f} "
+              f"{t_dense / t_sparse:>11.2f} {err:>8.4f}", flush=True)
     if a.variants:
         variants(B, S)
 

@@ -26,6 +26,7 @@ from .plan import KernelPlan, layer_key
 from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context
+from .distance_terms import distance_term
 from .mask_tiles import tile_context
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, t5_tables
 
@@ -232,10 +233,11 @@ def _render(plan: PagedAttentionPlan) -> str:
         kv_load=(f"lf_load_kv_arr<{t}, EPL, VW, " if lanes else f"lf_load_kv<{t}, EPL, ") + "PAGE, HKV * HD>", **ctx)
 
 
-def hook_context(layer: Layer) -> dict:
+def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     """Template variables of an attention block's hooks, shared by the attention templates:
     extra inputs and scalars, the score / mask / scale expressions, the mask's key bounds,
-    RoPE and ALiBi."""
+    RoPE and ALiBi. distance_table: the score's distance term (codegen/distance_terms.py)
+    becomes `lf_rel_term(rel, ...)`, and lf_score takes its value (`rel_v`) from the kernel."""
     spec = layer.function.outputs[0].arg
     tensors, scalars = extra_inputs(layer)
     dims = {d: f"d_{d}" for d in table_dims(layer)}
@@ -244,6 +246,15 @@ def hook_context(layer: Layer) -> dict:
     extra_params = [f"{a.ctype} {a.name}" for a in extra]
 
     score_em = ScalarEmitter(VARS, tables, dims)
+    term = distance_term(spec.score) if distance_table else None
+    rel_em = ScalarEmitter({"b": "b", "h": "h", "kv_h": "kv_h"}, tables, dims)
+    rel_term = None
+    if term is not None:
+        score_em.cache[id(term.node)] = "rel_v"
+        rel_em.cache.update({id(d): "rel" for d in term.distances})
+        rel_value = rel_em.emit(term.node)
+        rel_term = {"ctype": term.ctype, "lines": rel_em.lines, "value": rel_value, "sign": term.sign,
+                    "heads": term.heads}
     score_value = score_em.emit(spec.score) if spec.score is not None else "score"
     mask_em = ScalarEmitter(VARS, tables, dims)
     mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
@@ -255,15 +266,15 @@ def hook_context(layer: Layer) -> dict:
     scale_value = scale_em.emit(spec.scale)
     if scale_em.lines:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
-    alibi = score_em.alibi or mask_em.alibi or sink_em.alibi
+    alibi = score_em.alibi or mask_em.alibi or sink_em.alibi or rel_em.alibi
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
     tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask), tables=tables)
     return dict(tile_lines=tiles.get("tile_lines"), tile_true=tiles.get("tile_true"), tile_false=tiles.get("tile_false"),
-                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5 | rel_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
-                sink_lines=sink_em.lines, sink_value=sink_value,
+                sink_lines=sink_em.lines, sink_value=sink_value, rel_term=rel_term,
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 

@@ -24,11 +24,14 @@ from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .attention import (AttentionPlan, cache_args, check_attention_layer, check_specialisable, extra_args,
                         hook_context, output_args)
+from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
+from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
 MODES = ("prefill", "decode")
+DISTANCE_TABLE_BYTES = 8192   # the most shared memory a tile's distance table takes (two buffers: 16 KB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +107,29 @@ class TCAttentionPlan(AttentionPlan):
         return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group)[0]
 
     @property
+    def block_mask(self) -> bool:
+        """The prefill kernel of a mask that reads tables at positions walks the key tiles a
+        block-mask pre-pass lists (codegen/block_mask.py)."""
+        return self.mode == "prefill" and needs_block_mask(self.layer)
+
+    def block_mask_plan(self) -> BlockMaskPlan:
+        """The pre-pass for this kernel's tiling."""
+        return BlockMaskPlan(layer=self.layer, arch=self.arch, rows=self.config.rows, keys=self.config.keys)
+
+    @property
+    def distance_table(self) -> tuple[int, int] | None:
+        """(heads, distances) of the prefill kernel's per-tile table of the score's distance term
+        (codegen/distance_terms.py): one column per query head of a KV head where the term reads
+        h, BN + (BM - 1) // GROUP + 1 distances (the most a tile spans); None without a term, or
+        where the table would pass DISTANCE_TABLE_BYTES (many heads a KV head: MQA)."""
+        term = distance_term(self.spec.score) if self.mode == "prefill" else None
+        if term is None:
+            return None
+        c = self.config
+        shape = (self.group if term.heads else 1, c.keys + (c.rows - 1) // self.group + 1)
+        return shape if 4 * shape[0] * shape[1] <= DISTANCE_TABLE_BYTES else None
+
+    @property
     def page_entries(self) -> int:
         """Pages a key tile spans at most (tiles start at multiples of their width)."""
         bn, page = self.config.keys, self.page_size
@@ -113,8 +139,10 @@ class TCAttentionPlan(AttentionPlan):
     def shared_layout(self) -> SharedLayout:
         """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries."""
         c, hd = self.config, int(self.spec.head_dim)
+        rel = self.distance_table
         return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
-                             ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries)))
+                             ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
+                             *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ())))
 
     @property
     def shared_bytes(self) -> int:
@@ -122,6 +150,9 @@ class TCAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
+        if self.block_mask:   # the pre-pass's lists (runtime BlockMask)
+            dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
+                     Arg("bm_rows", "int", "dim"), Arg("bm_cols", "int", "dim"))
         args = (*cache_args(self.layer.dtype), Arg("cu_q", "const int* __restrict__", "input"),
                 Arg("q_seq", "const int* __restrict__", "input"),
                 Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(self.layer.dtype), *dims,
@@ -154,7 +185,10 @@ def _render(plan: TCAttentionPlan) -> str:
     dtype = plan.layer.dtype
     hd = check_specialisable(plan.layer, "tensor-core attention")
     c = plan.config
-    ctx = hook_context(plan.layer)
+    rel = plan.distance_table
+    ctx = hook_context(plan.layer, distance_table=rel is not None)
+    if plan.block_mask:   # the pre-pass classifies the tiles
+        ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
         need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
         assert need <= plan.shared_bytes, (need, c)
@@ -164,7 +198,9 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
-        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg, **ctx)
+        BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
+        block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
+        RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",

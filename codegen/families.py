@@ -26,6 +26,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
     plans: list[KernelPlan] = []
     if int(arch.removeprefix("sm_").rstrip("af")) >= 80:
         plans += [plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn) for m in MODES]
+        if plans[0].block_mask:   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
+            plans.append(plans[0].block_mask_plan())
     paged = plan_paged_attention(layer, arch, page_size=page_size)
     spec = paged.spec
     append = plan_kv_append(str(layer.dtype), int(spec.num_kv_heads), int(spec.head_dim), page_size, spec.rope, arch)

@@ -30,6 +30,7 @@ from ..dsl.types import DType
 from .scalar_expr import ScalarEmitter, _bound, _conjuncts
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
+RANGE_CAP = 1 << 12   # the longest index range a pre-pass lookup scans (tiles are far shorter)
 WIDE = 1 << 36   # the bounds of an i32 table value not known over the tile (with the small constants
 #                  below, sums of thousands of such terms stay in 64 bits)
 
@@ -47,6 +48,8 @@ class TileClassifier:
     py: list[str] = field(default_factory=list)
     n: int = 0
     useful: bool = False                 # some sub-expression was bounded from the positions
+    ranges: bool = False                 # a lookup over a range of one index takes the table's least and
+    #                                      greatest element over it (the run-time block-mask pre-pass)
 
     def _let(self, ctype: str, c_expr: str, py_expr: str) -> str:
         self.n += 1
@@ -178,6 +181,9 @@ class TileClassifier:
         t = self.tables.get(n.src[0].arg)
         if t is None or n.dtype is not DType.i32 or not all(_known_int(i) for i in idx):
             return _unknown(n)
+        axis = range_axis(n) if self.ranges else None
+        if axis is not None:
+            return self._range_lookup(n, t, idx, axis)
         conds = [f"{i[1]} == {i[2]}" for i in idx]
         single = self._bool("(" + " && ".join(conds) + ")", "(" + " and ".join(conds) + ")")
         at = [self._int(f"min(max({i[1]}, 0LL), (long long)({size}) - 1)", f"min(max({i[1]}, 0), {{SIZE{k}}})")
@@ -193,6 +199,30 @@ class TileClassifier:
         hi = self._int(f"({single} ? {v} : {WIDE}LL)", f"({v} if {single} else {WIDE})")
         self.useful = True
         return ("int", lo, hi, True)
+
+    def _range_lookup(self, n: Node, t, idx: list, axis: int):
+        """A table element whose index along `axis` ranges over the tile (`doc[b, kv_pos]`): the
+        least and greatest element over the clamped range (the hooks clamp each index, and
+        clamping is monotone), read at run time; unknown where another index is not one value
+        or the range is longer than RANGE_CAP."""
+        name = f"p_{t.name}"
+        others = [f"{i[1]} == {i[2]}" for k, i in enumerate(idx) if k != axis]
+        at, py_at = [], []
+        for k, (i, size) in enumerate(zip(idx, t.sizes)):
+            for bound in ((1, 2) if k == axis else (1,)):
+                at.append(self._int(f"min(max({i[bound]}, 0LL), (long long)({size}) - 1)",
+                                    f"min(max({i[bound]}, 0), {name}.shape[{k}] - 1)"))
+            py_at.append("None" if k == axis else at[-1])
+        rlo, rhi = at[axis], at[axis + 1]
+        base = [x for k, x in enumerate(at) if k not in (axis, axis + 1)]
+        strides = [st for k, st in enumerate(t.strides) if k != axis]
+        ok = self._bool("(" + " && ".join(others + [f"{rhi} - {rlo} < {RANGE_CAP}LL"]) + ")",
+                        "(" + " and ".join(others + [f"{rhi} - {rlo} < {RANGE_CAP}"]) + ")")
+        addr = " + ".join(f"{x} * {st}" for x, st in zip(base, strides)) or "0LL"
+        r = self._let("lf_range", f"lf_table_range({name} + ({addr}), {t.strides[axis]}, {rlo}, {rhi}, {ok})",
+                      f"lf_table_range({name}, ({', '.join(py_at)},), {rlo}, {rhi}, {ok})")
+        self.useful = True
+        return ("int", f"{r}.lo", f"{r}.hi", True)
 
     def _binary(self, n: Node, a: list):
         op = n.arg
@@ -256,6 +286,14 @@ class TileClassifier:
         return _unknown(n)
 
 
+def range_axis(n: Node) -> int | None:
+    """The one index of a table lookup that reads the query or key position (`doc[b, kv_pos]`:
+    1), or None where none or several do."""
+    axes = [k for k, i in enumerate(n.src[1:]) if any(m.op is Op.ATTN_VAR and m.arg in ("q_pos", "kv_pos")
+                                                       for m in toposort([i]))]
+    return axes[0] if len(axes) == 1 else None
+
+
 def _known_int(v) -> bool:
     return isinstance(v, tuple) and v[0] == "int" and v[1] is not None
 
@@ -314,17 +352,35 @@ def _never_decides(mask: Node, tile: int = 64, extent: int = 2048, heads: int = 
     return True
 
 
-def python_classifier(mask: Node, dims: dict[str, str] | None = None, tables: dict | None = None):
+def python_classifier(mask: Node, dims: dict[str, str] | None = None, tables: dict | None = None,
+                      ranges: bool = False):
     """The classifier as a Python function of (q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b,
     **env) -> EMPTY / PARTIAL / FULL: the same interval computation as the C lines (tests).
-    env holds the scalars (s_name), dims (d_name) and tables (p_name: tensors)."""
-    tc = TileClassifier(dict(dims or {}), dict(tables or {}))
+    env holds the scalars (s_name), dims (d_name) and tables (p_name: tensors). ranges: as the
+    block-mask pre-pass classifies (lookups over a range of positions read the range's extremes)."""
+    tc = TileClassifier(dict(dims or {}), dict(tables or {}), ranges=ranges)
     t, f = tc.classify(mask)
     py_t, py_f = ({"true": "True", "false": "False"}.get(v, v) for v in (t, f))
     body = "\n".join("    " + line.replace("LL", "").replace("(long long)", "") for line in tc.py)
     src = (f"def classify(q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b, **env):\n"
            f"    globals().update(env)\n    true, false = True, False\n{body}\n"
            f"    return {EMPTY} if not {py_t} else ({FULL} if not {py_f} else {PARTIAL})\n")
-    ns: dict = {}
+    ns: dict = {"lf_table_range": _table_range}
     exec(compile(src, "<tile classifier>", "exec"), ns)
     return ns["classify"]
+
+
+@dataclass(frozen=True)
+class _Range:
+    lo: int
+    hi: int
+
+
+def _table_range(table, at: tuple, lo: int, hi: int, ok: bool) -> _Range:
+    """The Python twin of the pre-pass's lf_table_range: the extremes of table[at] along the
+    axis marked None, over indices lo..hi (both already clamped), or unknown."""
+    if not ok:
+        return _Range(-WIDE, WIDE)
+    axis = at.index(None)
+    line = table[tuple(slice(lo, hi + 1) if k == axis else i for k, i in enumerate(at))]
+    return _Range(int(line.min()), int(line.max()))

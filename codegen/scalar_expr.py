@@ -30,9 +30,10 @@ class ScalarEmitter:
         return f"e{self.n}"
 
     def emit(self, root: Node) -> str:
-        for n in toposort([root]):
-            if id(n) not in self.cache:
-                self.cache[id(n)] = self._node(n)
+        """C of `root`; nodes already in `cache` (emitted, or given from outside: a tabulated
+        distance term) are used as they are, their sources not visited."""
+        for n in _toposort_past(root, self.cache):
+            self.cache[id(n)] = self._node(n)
         return self.cache[id(root)]
 
     def _let(self, ctype: str, expr: str) -> str:
@@ -105,6 +106,26 @@ class ScalarEmitter:
             addr = " + ".join(f"{i} * {s}" for i, s in zip(idx, t.strides))
             return self._let(ct, ops.LOAD[t.dtype].format(f"p_{t.name}[{addr}]"))
         raise NotImplementedError(f"{n.op.value} in an attention hook")
+
+
+def _toposort_past(root: Node, done: dict) -> list[Node]:
+    """The nodes under `root` that are not in `done`, sources first, as ir.toposort orders
+    them, without descending into `done`."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            order.append(n)
+            continue
+        if id(n) in seen or id(n) in done:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        for s in reversed(n.src):
+            stack.append((s, False))
+    return order
 
 
 class TableInfo:

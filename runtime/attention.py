@@ -29,10 +29,12 @@ import torch
 
 from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
+from ..codegen.block_mask import needs_block_mask
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
 from ..dsl.types import DType
-from . import ops
+from . import block_mask as bmc, ops
+from .block_mask import BlockMask
 
 
 class PagedAttention:
@@ -166,6 +168,15 @@ class PagedAttention:
         if max_kv_len > max_pages * self.page_size:
             raise LayerInputError(f"{self.name}: max_kv_len {max_kv_len} is past the page table's capacity "
                                   f"({max_pages} pages of {self.page_size})")
+        values = self._extra_values(extra, scalars, dev, S)
+        if out is None:
+            out = torch.empty_like(q)
+        else:
+            self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
+        return dev, S, max_pages, out, values
+
+    def _extra_values(self, extra, scalars, dev, S: int) -> dict:
+        """The extra inputs, scalars and extra-input dims, checked, by their kernel arguments' refs."""
         extra = extra or {}
         unknown = set(extra) - {name for name, _, _ in self.extra}
         if unknown:
@@ -193,11 +204,7 @@ class PagedAttention:
             values[name] = sc[name]
         for d in self.table_dims:
             values[d] = dims[d]
-        if out is None:
-            out = torch.empty_like(q)
-        else:
-            self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
-        return dev, S, max_pages, out, values
+        return values
 
     def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256,
                 one_wave: bool = False) -> int:
@@ -263,9 +270,12 @@ class PagedAttention:
 
     def prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, *, max_q_len: int, max_kv_len: int,
                 extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
-                out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
+                out: torch.Tensor | None = None, block_mask: BlockMask | None = None, **scalars) -> torch.Tensor:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
-        max_q_len bounds every sequence's new tokens (a host int, like max_kv_len)."""
+        max_q_len bounds every sequence's new tokens (a host int, like max_kv_len).
+        block_mask: for a mask that reads tables at positions (document ids), the batch's
+        `self.block_mask(...)`, shared by the layers; without it one is looked up in a cache or
+        computed (runtime/block_mask.py). Short chunks (the decode tiling) need none."""
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=max_q_len,
                                      max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
@@ -293,8 +303,94 @@ class PagedAttention:
                     groups.append((b, torch.arange(cu[b], cu[b + 1]), torch.arange(length - n, length)))
             return self._reference(q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out)
         mode = pick_mode(max_q_len, self.hq // self.hkv)
+        if mode == "prefill" and self.needs_block_mask:
+            bm = self._prefill_block_mask(block_mask, dev, seq_lens, cu_seqlens, T, max_q_len, max_kv_len, values)
+            values.update(bm_num=bm.num, bm_idx=bm.idx, bm_rows=bm.row_blocks, bm_cols=bm.key_tiles)
         return self._launch_tc(dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, None, None, out,
                                S, max_pages, S, max_q_len, max_kv_len, num_splits, values)
+
+    def block_mask(self, seq_lens, cu_seqlens, *, max_q_len: int, max_kv_len: int,
+                   extra: dict[str, torch.Tensor] | None = None, **scalars) -> BlockMask:
+        """The block mask of a ragged prefill batch, for blocks whose mask reads tables at
+        positions: computed once on the device (the generated pre-pass) and passed to each
+        layer's `prefill(..., block_mask=)` of that batch. Arguments as `prefill` takes them."""
+        dev = seq_lens.device if isinstance(seq_lens, torch.Tensor) else None
+        if dev is None or dev.type != "cuda":
+            raise LayerInputError(f"{self.name}: block masks are computed on a CUDA device; seq_lens is not a CUDA tensor")
+        if not self.needs_block_mask:
+            raise LayerInputError(f"{self.name}: its mask reads no table at a query or key position, so the prefill "
+                                  f"kernel needs no block mask")
+        self._check("seq_lens", seq_lens, torch.int32, None, 1, dev)
+        S = seq_lens.shape[0]
+        self._check("cu_seqlens", cu_seqlens, torch.int32, (S + 1,), 1, dev)
+        if not 0 < max_q_len <= max_kv_len:
+            raise LayerInputError(f"{self.name}: need 0 < max_q_len <= max_kv_len, got {max_q_len}, {max_kv_len}")
+        values = self._extra_values(extra, scalars, dev, S)
+        return self._run_block_mask(dev, seq_lens, cu_seqlens, 2 ** 31 - 1, max_q_len, max_kv_len, values)
+
+    @property
+    def needs_block_mask(self) -> bool:
+        """The prefill kernel walks a block mask's tile lists (the mask reads tables at positions)."""
+        return needs_block_mask(self.layer) if self.layer is not None else "block_mask" in self._images
+
+    def _block_mask_kernel(self, dev):
+        """(launcher, argument getter, rows, keys, head slices, key) of the block-mask pre-pass."""
+        hit = self._kernels.get((dev.index, "block_mask"))
+        if hit is not None:
+            return hit
+        from .launch import compile_plan, load_kernels
+        if "block_mask" in self._images:
+            cubin, abis, (rows, keys, heads, key) = self._images["block_mask"]
+        elif self.layer is None:
+            raise LayerInputError(f"{self.name}: the pack has no block-mask pre-pass for this prefill kernel")
+        else:
+            plan = self.tc_plan("prefill").block_mask_plan()
+            cubin, abis = compile_plan(plan, self._cache).cubin, plan.kernels
+            rows, keys, heads, key = plan.rows, plan.keys, plan.heads, plan.key
+        hit = (load_kernels(cubin, abis, dev)[abis[0].name], itemgetter(*(a.ref for a in abis[0].args)), rows, keys,
+               heads, key)
+        self._kernels[(dev.index, "block_mask")] = hit
+        return hit
+
+    def _run_block_mask(self, dev, seq_lens, cu_seqlens, num_tokens, max_q_len, max_kv_len, values) -> BlockMask:
+        launch, args, rows, keys, heads, key = self._block_mask_kernel(dev)
+        S, group = seq_lens.shape[0], self.hq // self.hkv
+        Y, J = -(-max_q_len * group // rows), -(-max_kv_len // keys)
+        cls = torch.empty((S, heads, Y, J), dtype=torch.uint8, device=dev)
+        num = torch.empty((S, heads, Y), dtype=torch.int32, device=dev)
+        idx = torch.empty((S, heads, Y, J), dtype=torch.int32, device=dev)
+        if S:
+            launch((S, Y), args({**values, "seq_lens": seq_lens, "cu_q": cu_seqlens, "bm_cls": cls, "bm_num": num,
+                                 "bm_idx": idx, "num_tokens": num_tokens, "bm_rows": Y, "bm_cols": J}))
+        return BlockMask(cls=cls, num=num, idx=idx, rows=rows, keys=keys, kernel=key)
+
+    def _prefill_block_mask(self, given, dev, seq_lens, cu_seqlens, T, max_q_len, max_kv_len, values) -> BlockMask:
+        """The caller's block mask, checked against this kernel and call, or a cached or new one."""
+        _, _, rows, keys, _, kernel = self._block_mask_kernel(dev)
+        S = seq_lens.shape[0]
+        Y, J = -(-max_q_len * (self.hq // self.hkv) // rows), -(-max_kv_len // keys)
+        if given is not None:
+            if not isinstance(given, BlockMask):
+                raise LayerInputError(f"{self.name}: block_mask must be a BlockMask (from .block_mask()), got "
+                                      f"{type(given).__name__}")
+            if given.kernel != kernel:
+                raise LayerInputError(f"{self.name}: the block mask was made for {given.kernel}, not {kernel}")
+            if given.cls.device != dev or (given.num_seqs, given.row_blocks, given.key_tiles) != (S, Y, J):
+                raise LayerInputError(f"{self.name}: the block mask covers {given.num_seqs} sequences x "
+                                      f"{given.row_blocks} row blocks x {given.key_tiles} key tiles on "
+                                      f"{given.cls.device}; this call needs {S} x {Y} x {J} on {dev} (make it with "
+                                      f"the call's seq_lens, cu_seqlens, max_q_len and max_kv_len)")
+            return given
+        tensors = (seq_lens, cu_seqlens, *(values[name] for name, _, _ in self.extra))
+        key = bmc.cache_key(kernel, dev, tensors, {n: values[n] for n in self.scalar_names},
+                            (max_q_len, max_kv_len, T))
+        capturing = bmc.capturing()
+        mask = None if capturing else bmc.cached(key)
+        if mask is None:
+            mask = self._run_block_mask(dev, seq_lens, cu_seqlens, T, max_q_len, max_kv_len, values)
+            if not capturing:
+                bmc.remember(key, mask, tensors)
+        return mask
 
     def _reference(self, q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out):
         """CPU tensors: the DSL's reference evaluator, one sequence at a time, over K/V gathered
@@ -332,6 +428,9 @@ class PagedAttention:
     def _launch_tc(self, dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, S,
                    max_pages, chunks, max_q_len, max_kv_len, num_splits, values):
         main, merge, main_args, merge_args, keys = self._load(dev, mode)
+        if "bm_num" not in values and any(a.ref == "bm_num" for a in main.abi.args):   # a pack without its pre-pass
+            raise LayerInputError(f"{self.name}: this prefill kernel reads a block mask and there is no pre-pass "
+                                  f"kernel to make one")
         T = q.shape[0]
         _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
         num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys,

@@ -86,7 +86,8 @@ class Pack:
         """The attention block `name` as a PagedAttention over the pack's kernels. dims / consts
         pick one specialisation where the pack has several (e.g. Gemma-2's two windows)."""
         from .attention import PagedAttention
-        entries = [e for e in self._entries if e["family"] in ("tc_attention", "paged_attention") and e["layer"] == name]
+        entries = [e for e in self._entries if e["family"] in ("tc_attention", "paged_attention", "block_mask")
+                   and e["layer"] == name]
         if not entries:
             raise PackError(f"{self.root}: no attention block {name!r} in the pack "
                             f"(it has {', '.join(self.attention_blocks) or 'none'})")
@@ -95,6 +96,10 @@ class Pack:
             raise PackError(f"{self.root}: no attention block {name!r} with dims={dims} consts={consts} in the pack")
         images = {}
         for e in entries:
+            if e["family"] == "block_mask":   # the prefill's pre-pass: its tiling and key
+                images["block_mask"] = (self._cubin(e), (KernelABI.from_json(e["kernels"][0]),),
+                                        (e["rows"], e["keys"], e["heads"], e["key"]))
+                continue
             mode = e.get("mode") if e["family"] == "tc_attention" else None
             keys = e["tiles"]["keys"] if mode else None   # the CUDA-core kernel has no key tile
             images[mode] = (self._cubin(e), tuple(KernelABI.from_json(k) for k in e["kernels"]), keys)

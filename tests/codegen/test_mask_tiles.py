@@ -80,12 +80,13 @@ def exact_grid(layer, q_len: int, kv_len: int, tables: dict, batch: int = 2):
     return _subgraph(ev, spec.mask, env).expand(batch, hq, q_len, kv_len).bool(), hq, hkv
 
 
-def check_sound(layer, tables=None, q_len=160, kv_len=160, tiles=200, seed=0, scalars=None):
-    """Random tiles (and aligned ones): EMPTY only over all-false elements, FULL over all-true."""
+def check_sound(layer, tables=None, q_len=160, kv_len=160, tiles=200, seed=0, scalars=None, ranges=False):
+    """Random tiles (and aligned ones): EMPTY only over all-false elements, FULL over all-true.
+    ranges: the classifier as the block-mask pre-pass runs it (codegen/block_mask.py)."""
     grid, hq, hkv = exact_grid(layer, q_len, kv_len, tables or {})
     params = {p.name: p for p in layer.function.params}
     infos = {n: TableInfo(n, params[n].dtype, params[n].shape, DIMS) for n in (tables or {})}
-    classify = python_classifier(mask_of(layer), tables=infos)
+    classify = python_classifier(mask_of(layer), tables=infos, ranges=ranges)
     scalars = {**(scalars or {}), **{f"p_{n}": t for n, t in (tables or {}).items()}}
     rng = random.Random(seed)
     group = hq // hkv

@@ -1,0 +1,187 @@
+"""Block masks and hoisted distance terms on the GPU, against the reference evaluator in float64
+(outputs poisoned with NaN first): document masks over random document boundaries (tokens
+alone in their document, one document, rows with nothing to attend to -> zeros), GQA with a
+head-dependent document mask, split-KV over the tile lists, an explicit BlockMask shared by
+calls and the automatic cache; the device pre-pass equals its CPU model tile for tile. T5
+buckets and clamped relative biases (the per-tile distance table) over several key tiles."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.codegen.block_mask import block_mask_model
+from layerforge.dsl.evaluator import LayerInputError
+from layerforge.runtime import block_mask as bmc
+from layerforge.runtime.attention import PagedAttention
+
+from ..seeding import seeded_generator
+from .test_paged_attention import build_cache
+
+SRC = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention doc_causal(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}
+attention doc(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = doc[b, kv_pos] == doc[b, q_pos]
+}
+attention doc_pad(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos] and doc[b, q_pos] >= 0
+}
+attention doc_heads(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = (h % 3 == 0 or kv_pos <= q_pos) and doc[b, kv_pos] == doc[b, q_pos]
+}
+attention rel_bias(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], bias: f32[129, Hq]) -> T[B, S, Hq, D] {
+    score = score + bias[min(max(kv_pos - q_pos, -64), 64) + 64, h]
+    mask = kv_pos <= q_pos
+}
+attention back_bias(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], bias: f32[64]) -> T[B, S, Hq, D] {
+    score = score * 0.5 + bias[min(q_pos - kv_pos, 63)]
+    mask = kv_pos <= q_pos
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.loads(SRC, "block_masks.lf", with_stdlib=False)
+
+
+def doc_table(lens, kind, rng) -> torch.Tensor:
+    width = max(lens)
+    rows = []
+    for _ in lens:
+        if kind == "one":
+            rows.append([3] * width)
+            continue
+        ids, d = [], 0
+        while len(ids) < width:
+            run = rng.choice([1, 1, 2, 9, 33, 64, 150, 400])
+            ids += [d if kind != "pad" or rng.random() < 0.7 else -1] * run
+            d += 1
+        rows.append(ids[:width])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def run(layer, lens, new, extra, *, hq, hkv, d=128, splits=None, block_mask=None, attn=None, check_model=True):
+    gen = seeded_generator(layer.name, hq, hkv, d, tuple(lens), tuple(new))
+    dtype = torch.bfloat16
+    ks = [torch.randn(n, hkv, d, generator=gen).to(dtype).cuda() for n in lens]
+    vs = [torch.randn(n, hkv, d, generator=gen).to(dtype).cuda() for n in lens]
+    qs = [torch.randn(m, hq, d, generator=gen).to(dtype).cuda() for m in new]
+    spec = layer.function.outputs[0].arg
+    kc, vc, table, seq_lens = build_cache(ks, vs, 64, spec, dtype, gen)
+    q = torch.cat(qs)
+    cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
+    attn = attn or PagedAttention(layer, page_size=64)
+    extra = {k: v.cuda() for k, v in extra.items()}
+    out = torch.full_like(q, float("nan"))
+    attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra, out=out,
+                 num_splits=splits, block_mask=block_mask)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "NaN in output"
+    start = 0
+    for s, (n, m) in enumerate(zip(lens, new)):
+        ins = {"q": qs[s][None], "k": ks[s][None], "v": vs[s][None]}
+        for name, t in extra.items():
+            ins[name] = t[s:s + 1, :n] if name == "doc" else t
+        ref = lf.evaluate(layer.function, ins, precision="float64", q_positions=torch.arange(n - m, n, device="cuda")[None],
+                          kv_positions=torch.arange(n, device="cuda")[None])[0][0]
+        got = out[start:start + m].double()
+        start += m
+        err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
+        assert err < 2e-2, f"{layer.name} seq {s} (len {n}, {m} new): relative error {err:.3g}"
+        dead = ref.abs().amax(dim=-1) == 0                       # rows with nothing to attend to
+        assert (got[dead] == 0).all(), "a fully masked row must give zeros"
+    if check_model and "doc" in extra:   # the device pre-pass is its CPU model, tile for tile
+        bm = attn.block_mask(seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra)
+        cls, num, idx = block_mask_model(layer, rows=bm.rows, keys=bm.keys, seq_lens=seq_lens.tolist(),
+                                         cu_seqlens=cu.tolist(), max_q_len=max(new), max_kv_len=max(lens),
+                                         env={"p_doc": extra["doc"].cpu(), "d_B": len(lens), "d_Skv": max(lens)})
+        assert torch.equal(bm.cls.cpu(), torch.from_numpy(cls))
+        assert torch.equal(bm.num.cpu(), torch.from_numpy(num))
+        for row in itertools.product(*map(range, num.shape)):
+            assert bm.idx[row][:num[row]].tolist() == idx[row][:num[row]].tolist()
+    return attn, out
+
+
+LENS, NEW = [700, 1000, 64, 513, 1], [700, 300, 17, 1, 1]    # whole prompts, chunks after a prefix, single tokens
+
+
+@pytest.mark.parametrize("kind", ["random", "one"])
+@pytest.mark.parametrize("name", ["doc_causal", "doc"])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (8, 8)])
+def test_document_masks(prog, name, kind, hq, hkv):
+    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=128, dtype="bf16")
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv)
+
+
+def test_fully_masked_rows_give_zeros(prog):
+    layer = prog.specialise("doc_pad", Hq=32, Hkv=8, D=128, dtype="bf16")
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, "pad", random.Random(5))}, hq=32, hkv=8)
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_head_dependent_document_mask(prog, d):
+    layer = prog.specialise("doc_heads", Hq=16, Hkv=4, D=d, dtype="bf16")
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, "random", random.Random(7))}, hq=16, hkv=4, d=d)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_kv_over_the_tile_lists(prog, splits):
+    layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    run(layer, [900, 40], [3, 40], {"doc": doc_table([900, 40], "random", random.Random(9))}, hq=32, hkv=8,
+        splits=splits)
+
+
+def test_block_mask_shared_by_calls_and_cached(prog):
+    layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    lens = [300, 200]                                                      # 300 and 50 new tokens
+    gen = torch.Generator().manual_seed(12)
+    ks = [torch.randn(n, 8, 128, generator=gen).bfloat16().cuda() for n in lens]
+    kc, vc, table, seq_lens = build_cache(ks, ks, 64, layer.function.outputs[0].arg, torch.bfloat16, gen)
+    q = torch.randn(350, 32, 128, generator=gen).bfloat16().cuda()
+    cu = torch.tensor([0, 300, 350], dtype=torch.int32, device="cuda")
+    doc = doc_table(lens, "random", random.Random(11)).cuda()
+    attn = PagedAttention(layer, page_size=64)
+    call = dict(max_q_len=300, max_kv_len=300, extra={"doc": doc})
+    bm = attn.block_mask(seq_lens, cu, **call)
+    assert 0 < bm.walked() < 1
+    bmc.clear_block_masks()
+    explicit = attn.prefill(q, kc, vc, table, seq_lens, cu, block_mask=bm, **call)
+    auto = attn.prefill(q, kc, vc, table, seq_lens, cu, **call)            # computes one and caches it
+    assert len(bmc._CACHE) == 1 and torch.equal(explicit, auto)
+    attn.prefill(q, kc, vc, table, seq_lens, cu, **call)                   # a hit
+    assert len(bmc._CACHE) == 1
+    doc[1, :] = torch.arange(300, device="cuda") % 2                       # in place: the version moves
+    changed = attn.prefill(q, kc, vc, table, seq_lens, cu, **call)
+    assert len(bmc._CACHE) == 2 and not torch.equal(changed[300:], auto[300:])
+    small = attn.block_mask(seq_lens, cu, max_q_len=100, max_kv_len=300, extra={"doc": doc})
+    with pytest.raises(LayerInputError, match="needs"):
+        attn.prefill(q, kc, vc, table, seq_lens, cu, block_mask=small, **call)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (16, 4)])
+def test_t5_buckets_hoisted(hq, hkv, bidirectional):
+    layer = lf.stdlib().specialise("t5_attn", Hq=hq, Hkv=hkv, D=64, NB=32, dtype="bf16", bidirectional=bidirectional)
+    gen = torch.Generator().manual_seed(3)
+    run(layer, [600, 250, 1], [600, 70, 1], {"rel_bias": torch.randn(32, hq, generator=gen)}, hq=hq, hkv=hkv, d=64)
+
+
+def test_clamped_relative_bias_hoisted(prog):
+    layer = prog.specialise("rel_bias", Hq=32, Hkv=8, D=128, dtype="bf16")
+    gen = torch.Generator().manual_seed(4)
+    run(layer, [500, 130], [500, 129], {"bias": torch.randn(129, 32, generator=gen)}, hq=32, hkv=8)
+
+
+def test_negated_distance_term_hoisted(prog):
+    """rel = q_pos - kv_pos (the table is built over kv_pos - q_pos and negated), one column."""
+    layer = prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16")
+    gen = torch.Generator().manual_seed(6)
+    run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64)
