@@ -1,7 +1,8 @@
 """Small launches for compute-sanitizer (memcheck): a row kernel, MoE routing, a ragged prefill
-(tensor-core prefill tiles), a chunked prefill and a split-KV decode step (tensor-core and
-CUDA-core kernels), the same kernels on corrupt page tables, lengths and offsets, and a KV
-append. Run by scripts/gpu-check.sh as
+(tensor-core prefill tiles; the wgmma kernel on Hopper), a chunked prefill and a split-KV decode
+step (tensor-core and CUDA-core kernels), the same kernels on corrupt page tables, lengths and
+offsets, a KV append, a document-mask prefill with its block-mask pre-pass, an MLA decode over a
+paged latent cache (split), and small-token products (odd N and K, gated). Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
@@ -61,6 +62,32 @@ def main():
         kernel(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, bad_seq, pos.cuda(), max_kv_len=256)
     bad_cu = torch.tensor([0, 1, 500, 38, 10**6], dtype=torch.int32, device="cuda")
     attn.prefill(qr, cache.k_cache, cache.v_cache, bad_table, bad_lens, bad_cu, max_q_len=100, max_kv_len=256)
+    # a document mask (packed sequences): the block-mask pre-pass, then the prefill walking its lists
+    doc_prog = lf.loads("""
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}""", "document.lf", with_stdlib=False)
+    dlayer = doc_prog.specialise("document", Hq=32, Hkv=8, D=128, dtype="bf16")
+    dattn = PagedAttention(dlayer, page_size=16)
+    doc = (torch.arange(128, device="cuda") // 37).to(torch.int32).repeat(4, 1)
+    dattn.prefill(qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
+                  max_kv_len=100, extra={"doc": doc})
+    # MLA decode: 64 heads over a paged latent cache of 576-wide rows, split in 3
+    from layerforge.runtime.mla_decode import MLADecode
+    lat = torch.randn(9, 64, 576, device="cuda", dtype=bf)
+    lat_table = torch.tensor([[0, 3, 5], [7, -1, -1]], dtype=torch.int32, device="cuda")
+    MLADecode(num_heads=64, page_size=64)(torch.randn(2, 64, 576, device="cuda", dtype=bf), lat, lat_table,
+                                           torch.tensor([150, 1], dtype=torch.int32, device="cuda"),
+                                           torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+                                           scale=0.07, max_kv_len=150, num_splits=3)
+    # small-token products: N and K off the tiles, 3 and 11 tokens, gated with bias and residual
+    from layerforge.runtime.linear import gemv
+    w = torch.randn(1000, 3000, device="cuda", dtype=bf)
+    gemv(torch.randn(3, 3000, device="cuda", dtype=bf), w)
+    gemv(torch.randn(11, 3000, device="cuda", dtype=bf), w, torch.randn(1000, device="cuda", dtype=bf),
+         gated="silu", residual=torch.randn(11, 500, device="cuda", dtype=bf))
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
