@@ -45,12 +45,18 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         # the split-KV choice against a sweep of forced part counts
         "$PY" -m benchmarks.bench_splits 2>&1 | tee "$OUT_DIR/bench_splits.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # MLA decode over the paged latent cache beside torch (eager and compiled)
+        "$PY" -m benchmarks.bench_mla --json "$OUT_DIR/bench_mla.json" 2>&1 | tee "$OUT_DIR/bench_mla.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_DECODER:-}" ] || "$PY" -m benchmarks.bench_decoder --no-compile --json "$OUT_DIR/bench_decoder.json" 2>&1 | tee "$OUT_DIR/bench_decoder.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     "$PY" -m benchmarks.bench_host 2>&1 | tee "$OUT_DIR/bench_host.txt"
     # whole model (Llama-3-8B shape, 8 layers) beside transformers eager and compiled
     [ -n "${SKIP_MODEL:-}" ] || "$PY" -m benchmarks.bench_model ${QUICK:+--no-compile} --json "$OUT_DIR/bench_model.json" 2>&1 | tee "$OUT_DIR/bench_model.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # small-token products (decode GEMV) beside cuBLAS
+    "$PY" -m benchmarks.bench_gemv --json "$OUT_DIR/bench_gemv.json" 2>&1 | tee "$OUT_DIR/bench_gemv.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
