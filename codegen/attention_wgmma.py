@@ -33,17 +33,20 @@ class WGTileConfig:
     bn: int               # keys per tile (the N of S = Q K^T)
     stages: int           # K/V shared-memory buffers (the mbarrier ring)
     consumers: int = 2    # consumer warpgroups, 64 query rows each
+    pingpong: bool = True # the two consumers take turns issuing their MMAs
     producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
     consumer_regs: int = 232
 
     def __post_init__(self):
         # every register of the SM is accounted for: 128 * producer + 128 * consumers * consumer
+        if self.pingpong and self.consumers != 2:
+            raise ValueError("the ping-pong schedule takes two consumer warpgroups")
         if 128 * (self.producer_regs + self.consumers * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
 
     @property
     def label(self) -> str:
-        return f"c{self.consumers}n{self.bn}s{self.stages}"
+        return f"c{self.consumers}n{self.bn}s{self.stages}{'p' if self.pingpong else ''}"
 
     @property
     def threads(self) -> int:
@@ -64,8 +67,8 @@ def tile_candidates(head_dim: int) -> list[WGTileConfig]:
     per consumer thread."""
     if head_dim == 256:
         return [WGTileConfig(bn=64, stages=2)]
-    if head_dim == 128:
-        return [WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
+    if head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
+        return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
     return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
 
 
@@ -132,7 +135,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, NCW=c.consumers, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs,
+        CONSUMER_REGS=c.consumer_regs, PINGPONG=c.pingpong,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}], **hook_context(plan.layer))
 
 

@@ -31,7 +31,7 @@ import torch
 
 from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
-from ..codegen.attention_wgmma import WGMMAAttentionPlan, plan_wgmma_attention, supports as wgmma_supports
+from ..codegen.attention_wgmma import WGMMAAttentionPlan, WGTileConfig, plan_wgmma_attention, supports as wgmma_supports
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
 from ..dsl.types import DType
@@ -51,7 +51,9 @@ class PagedAttention:
                              f"got {prefill!r}")
         self._kernel = kernel
         self._prefill = prefill
-        self.tiles = dict(tiles or {})   # mode -> codegen.attention_tc.TileConfig, to override the default tiles
+        # mode -> codegen.attention_tc.TileConfig (or, for prefill, attention_wgmma.WGTileConfig),
+        # to override the default tiles
+        self.tiles = dict(tiles or {})
         self.layer = layer
         self.name = layer.name if layer is not None else name
         info = interface or attention_interface(layer)
@@ -104,8 +106,11 @@ class PagedAttention:
         64/128/256, pages of 4+ keys) or 'tc' (mma.sync, sm_80 and newer)."""
         if self._prefill is None:
             hopper = self.target in ("sm_90", "sm_90a") and self.layer is not None and self.kernel == "tc"
-            self._prefill = ("wgmma" if hopper and "prefill" not in self.tiles and wgmma_supports(self.layer, self.page_size)
-                             else "tc")
+            forced = self.tiles.get("prefill")   # a TileConfig (mma.sync) or a WGTileConfig (wgmma)
+            if forced is not None:
+                self._prefill = "wgmma" if isinstance(forced, WGTileConfig) else "tc"
+            else:
+                self._prefill = "wgmma" if hopper and wgmma_supports(self.layer, self.page_size) else "tc"
         elif self._prefill == "wgmma":
             if self.layer is None or not self.target.startswith("sm_90"):
                 raise LayerInputError(f"{self.name}: the wgmma prefill kernel needs an sm_90 GPU and the DSL block "
@@ -123,7 +128,8 @@ class PagedAttention:
         if plan is None:
             from .launch import compile_fn
             if mode == "prefill" and self.prefill_kernel == "wgmma":
-                plan = plan_wgmma_attention(self.layer, page_size=self.page_size, compile_fn=compile_fn(self._cache))
+                plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
+                                            compile_fn=compile_fn(self._cache))
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache))
