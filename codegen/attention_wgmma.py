@@ -4,7 +4,7 @@ templates/cuda/hopper.cuh.jinja).
 
     plan = plan_wgmma_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"),
                                 page_size=16)
-    plan.key -> 'llama_attn_d128_hkv8_hq32_bf16_p16_wgprefill_c2n128s2_sm90a'
+    plan.key -> 'llama_attn_d128_hkv8_hq32_bf16_p16_wgprefill_n128s3_sm90a'
 
 Same ABI, hooks and split-KV merge as the tensor-core prefill kernel (codegen/attention_tc.py),
 so the runtime launches either the same way. Compiled for sm_90a only (wgmma, setmaxnreg).
@@ -26,35 +26,32 @@ from .render import read_template, render
 from .row import LoweringError
 
 ARCH = "sm_90a"
+CONSUMERS = 2   # consumer warpgroups of 64 query rows, taking turns at the tensor cores (the template's NCW)
 
 
 @dataclass(frozen=True, kw_only=True)
 class WGTileConfig:
     bn: int               # keys per tile (the N of S = Q K^T)
     stages: int           # K/V shared-memory buffers (the mbarrier ring)
-    consumers: int = 2    # consumer warpgroups, 64 query rows each
-    pingpong: bool = True # the two consumers take turns issuing their MMAs
     producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
     consumer_regs: int = 232
 
     def __post_init__(self):
-        # every register of the SM is accounted for: 128 * producer + 128 * consumers * consumer
-        if self.pingpong and self.consumers != 2:
-            raise ValueError("the ping-pong schedule takes two consumer warpgroups")
-        if 128 * (self.producer_regs + self.consumers * self.consumer_regs) > 65536:
+        # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
+        if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
 
     @property
     def label(self) -> str:
-        return f"c{self.consumers}n{self.bn}s{self.stages}{'p' if self.pingpong else ''}"
+        return f"n{self.bn}s{self.stages}"
 
     @property
     def threads(self) -> int:
-        return 128 * (self.consumers + 1)
+        return 128 * (CONSUMERS + 1)
 
     @property
     def rows(self) -> int:
-        return 64 * self.consumers
+        return 64 * CONSUMERS
 
     @property
     def keys(self) -> int:
@@ -116,7 +113,7 @@ class WGMMAAttentionPlan(AttentionPlan):
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {**super().describe(), "mode": "prefill",
-                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": c.consumers + 1, "stages": c.stages}}
+                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": CONSUMERS + 1, "stages": c.stages}}
 
     def source(self) -> str:
         return _render(self)
@@ -134,8 +131,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
-        NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, NCW=c.consumers, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, PINGPONG=c.pingpong,
+        NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
+        CONSUMER_REGS=c.consumer_regs,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}], **hook_context(plan.layer))
 
 

@@ -54,7 +54,6 @@ def test_gqa_pages_and_dtypes_compile(prog, hq, hkv, page, dtype):
 
 
 CANDIDATES = [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)]
-CANDIDATES += [(d, WGTileConfig(bn=c.bn, stages=c.stages, pingpong=False)) for d, c in CANDIDATES]
 
 
 @pytest.mark.parametrize("d,tiles", CANDIDATES, ids=lambda x: getattr(x, "label", str(x)))
