@@ -47,7 +47,7 @@ def test_wgmma_prefill_compiles_without_spills(prog, name, d):
 
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 4), (32, 1)])
-@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("page", [4, 16, 64, 256])
 def test_gqa_pages_and_dtypes_compile(prog, hq, hkv, page, dtype):
     plan = plan_wgmma_attention(specialise(prog, "gemma2_attn", hq, hkv, 128, dtype), page_size=page)
     assert_spill_free(compile_main(plan)[0])
