@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import layerforge as lf
+from layerforge.codegen.attention_wgmma import tile_candidates
 from layerforge.runtime.attention import PagedAttention
 
 from .test_paged_attention import run_case
@@ -87,3 +88,11 @@ def test_block_sparse_masks(name):
     prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
     wgmma(prog, name, 8, 2, 128, 16, **LONG)
     wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
+
+
+@pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
+                         ids=lambda x: getattr(x, "label", str(x)))
+def test_every_tile_candidate(prog, d, tiles):
+    """The planner's fallbacks (taken where a block's hooks spill the first), forced."""
+    wgmma(prog, "gemma2_attn", 16, 4, d, 16, lens=[700, 1, 333], new=[700, 1, 100], window=200,
+          tiles={"prefill": tiles})
