@@ -60,10 +60,10 @@ class WGTileConfig:
 
 def tile_candidates(head_dim: int) -> list[WGTileConfig]:
     """Tile shapes, best first. Shared memory bounds BN x STAGES: Q (128 rows) plus STAGES
-    K and V tiles must fit in 227 KB; registers bound BN: S (BN / 2), two P buffers (BN / 4
-    each) and O (HD / 2) per consumer thread."""
-    if head_dim == 256:   # 32-key tiles for blocks whose hooks leave too few registers (T5's bias table)
-        return [WGTileConfig(bn=64, stages=2), WGTileConfig(bn=32, stages=3)]
+    K and V tiles must fit in 227 KB; registers bound BN: S (BN / 2), P (BN / 4) and O (HD / 2)
+    per consumer thread."""
+    if head_dim == 256:
+        return [WGTileConfig(bn=64, stages=2)]
     if head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
         return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
     return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
