@@ -1,13 +1,15 @@
 """Attention over a paged KV cache beside SDPA, in one run on one card.
 
-    python -m benchmarks.bench_attention [--json out.json] [--only decode|prefill]
+    python -m benchmarks.bench_attention [--json out.json] [--only decode|prefill] [--prefill-set main]
 
 Decode: one new token per sequence against its paged cache, ours (tensor-core and CUDA-core
 kernels) beside SDPA on the same K/V laid out contiguously ([B, Hkv, S, D], GQA through
 enable_gqa) and the copy ceiling. Bytes are the K and V the step must read, each once.
 Prefill: causal attention over whole prompts, ours (ragged form, K/V read through the page
-table) beside SDPA's flash and cuDNN backends on contiguous [B, H, S, D] tensors. FLOPs count
-the visible half of the causal score matrix: 4 * B * Hq * S^2 * D / 2."""
+table; on sm_90 both the wgmma kernel and the mma.sync one) beside SDPA's flash and cuDNN
+backends and FlexAttention (torch.compile'd, causal block mask built outside the timing) on
+[B, H, S, D] tensors. FLOPs count the visible half of the causal score matrix:
+4 * B * Hq * S^2 * D / 2. --prefill-set main: only the default tiles of each shape."""
 from __future__ import annotations
 
 import argparse
@@ -50,10 +52,10 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16):
                 bytes=nbytes)
 
 
-def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None):
+def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
-    attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None)
+    attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
@@ -66,8 +68,10 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None):
     kk = kc.view(batch, seq, hkv, d).transpose(1, 2)
     vv = vc.view(batch, seq, hkv, d).transpose(1, 2)
     res = dict(kind="prefill", block=name, batch=batch, seq=seq, hq=hq, hkv=hkv, d=d, ours_s=ours,
-               tiles=attn.tc_plan("prefill").config.label,
-               flops=4 * batch * hq * seq * seq * d / 2)
+               kernel=attn.prefill_kernel, tiles=attn.tc_plan("prefill").config.label,
+               flops=4 * batch * hq * seq * seq * d / 2, flash_s=None, cudnn_s=None, flex_s=None)
+    if not peers:
+        return res
     for label, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
         try:
             with sdpa_kernel(backend):
@@ -76,13 +80,27 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None):
         except RuntimeError as e:   # a backend that does not take this case
             print(f"  SDPA {label}: {str(e).splitlines()[0][:100]}")
             res[f"{label}_s"] = None
+    res["flex_s"] = flex_causal(qq, kk, vv, hq != hkv)
     return res
+
+
+def flex_causal(q, k, v, gqa: bool) -> float:
+    """FlexAttention, causal, compiled for this shape (a fresh compile per shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False)
+    B, _, S, _ = q.shape
+    bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, S, S, device="cuda")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=gqa))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", choices=["decode", "prefill"], default=None)
+    ap.add_argument("--prefill-set", choices=["all", "main"], default="all",
+                    help="main: the default tiles of each shape only (no alternative tile shapes)")
     a = ap.parse_args(argv)
     prog = lf.stdlib()
     ceiling = copy_ceiling()
@@ -103,32 +121,44 @@ def main(argv=None):
                       f"{r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f}", flush=True)
                 torch.cuda.empty_cache()
     if a.only in (None, "prefill"):
-        print(f"\n{'causal prefill bf16 (tile: auto = chosen by the planner)':52s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
-              f"{'ours/flash':>10s} {'ours/cuDNN':>10s}")
+        print(f"\n{'causal prefill bf16 (tile: auto = chosen by the planner)':60s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
+              f"{'Flex ms':>9s} {'ours/flash':>10s} {'ours/cuDNN':>10s} {'ours/Flex':>10s}")
+        # on sm_90 each shape's default tiles run on both kernels (wgmma, then mma.sync), the
+        # peers measured once per shape (with the first)
+        kernels = ("wgmma", "tc") if torch.cuda.get_device_capability() == (9, 0) else (None,)
         # the default (the first tile of tile_candidates that compiles without spills) beside
         # other tile shapes, forced whether they spill or not: 64-key tiles at once or in
         # softmax steps of 32 keys (k32), the S loop not unrolled (u1), 48-key tiles
         tile = dict(wm=4, wn=1, mt=2, stages=2, min_blocks=2, qreg=False)
         alts = [TileConfig(bnw=64, **tile), TileConfig(bnw=64, sunroll=1, **tile),
                 TileConfig(bnw=64, ksub=32, **tile), TileConfig(bnw=48, **tile)]
-        for name, batch, seq, hq, hkv, d, tiles in [
+        cases = [
                 ("gpt2_attn", 4, 4096, 32, 32, 128, None)] + [("gpt2_attn", 4, 4096, 32, 32, 128, t) for t in alts] + [
                 ("llama_attn", 4, 4096, 32, 8, 128, None)] + [("llama_attn", 4, 4096, 32, 8, 128, t) for t in alts[:3]] + [
                 ("gpt2_attn", 1, 1024, 32, 32, 128, None),
                 ("gpt2_attn", 4, 4096, 16, 16, 64, None), ("gpt2_attn", 4, 4096, 16, 16, 64,
                                                          TileConfig(wm=4, wn=1, mt=2, bnw=64, stages=3, min_blocks=2, sunroll=1)),
-                ("gpt2_attn", 2, 4096, 16, 16, 256, None)]:
-            r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles)
-            fl, cd = r["flash_s"], r["cudnn_s"]
-            r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,
-                     ours_over_flash=fl / r["ours_s"] if fl else None, ours_over_cudnn=cd / r["ours_s"] if cd else None)
-            rows.append(r)
-            fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>9s}"  # noqa: E731
-            label = f"{name} B{batch} H{hq}/{hkv} S{seq} D{d} {r['tiles']}" + ("" if tiles else " (auto)")
-            print(f"{label:52s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
-                  f"{fmt(fl and fl * 1e3)} {fmt(cd and cd * 1e3)} {fmt(r['ours_over_flash'], '10.2f')} "
-                  f"{fmt(r['ours_over_cudnn'], '10.2f')}", flush=True)
-            torch.cuda.empty_cache()
+                ("gpt2_attn", 2, 4096, 16, 16, 256, None)]
+        if a.prefill_set == "main":
+            cases = [c for c in cases if c[-1] is None]
+        fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>{f.split('.')[0]}s}"  # noqa: E731
+        for name, batch, seq, hq, hkv, d, tiles in cases:
+            peers = None
+            for kernel in kernels if tiles is None else (None,):
+                r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None)
+                if peers is None:
+                    peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
+                r.update(peers)
+                fl, cd, fx = peers["flash_s"], peers["cudnn_s"], peers["flex_s"]
+                r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,
+                         ours_over_flash=fl / r["ours_s"] if fl else None, ours_over_cudnn=cd / r["ours_s"] if cd else None,
+                         ours_over_flex=fx / r["ours_s"] if fx else None)
+                rows.append(r)
+                label = f"{name} B{batch} H{hq}/{hkv} S{seq} D{d} {r['kernel']} {r['tiles']}" + ("" if tiles else " (auto)")
+                print(f"{label:60s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
+                      f"{fmt(fl and fl * 1e3)} {fmt(cd and cd * 1e3)} {fmt(fx and fx * 1e3)} {fmt(r['ours_over_flash'], '10.2f')} "
+                      f"{fmt(r['ours_over_cudnn'], '10.2f')} {fmt(r['ours_over_flex'], '10.2f')}", flush=True)
+                torch.cuda.empty_cache()
     if a.json:
         write_results(a.json, ceiling, rows)
     return 0

@@ -149,19 +149,8 @@ class TCAttentionPlan(AttentionPlan):
         return self.shared_layout.bytes
 
     def main_abi(self) -> KernelABI:
-        dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
-        if self.block_mask:   # the pre-pass's lists (runtime BlockMask)
-            dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
-                     Arg("bm_rows", "int", "dim"), Arg("bm_cols", "int", "dim"))
-        args = (*cache_args(self.layer.dtype), Arg("cu_q", "const int* __restrict__", "input"),
-                Arg("q_seq", "const int* __restrict__", "input"),
-                Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(self.layer.dtype), *dims,
-                *extra_args(self.layer))
-        # (query chunks, row blocks of the longest chunk, KV heads x splits)
-        grid = ("chunks", f"cdiv(max_q_len * {self.group}, {self.config.rows})",
-                f"{int(self.spec.num_kv_heads)} * num_splits")
-        return KernelABI(name=self.kernel_name, args=args, grid=grid, block=(self.config.threads,),
-                         shared_bytes=self.shared_bytes, problem=("chunks", "max_q_len", "num_splits"))
+        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes,
+                           block_mask=self.block_mask)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -170,6 +159,25 @@ class TCAttentionPlan(AttentionPlan):
 
     def source(self) -> str:
         return _render(self)
+
+
+def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
+                block_mask: bool = False) -> KernelABI:
+    """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
+    per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
+    lists of the block-mask pre-pass (runtime BlockMask)."""
+    dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
+    if block_mask:
+        dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
+                 Arg("bm_rows", "int", "dim"), Arg("bm_cols", "int", "dim"))
+    args = (*cache_args(plan.layer.dtype), Arg("cu_q", "const int* __restrict__", "input"),
+            Arg("q_seq", "const int* __restrict__", "input"),
+            Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(plan.layer.dtype), *dims,
+            *extra_args(plan.layer))
+    # (query chunks, row blocks of the longest chunk, KV heads x splits)
+    grid = ("chunks", f"cdiv(max_q_len * {plan.group}, {rows})", f"{int(plan.spec.num_kv_heads)} * num_splits")
+    return KernelABI(name=plan.kernel_name, args=args, grid=grid, block=(threads,), shared_bytes=shared_bytes,
+                     problem=("chunks", "max_q_len", "num_splits"))
 
 
 def pick_mode(max_q_len: int, group: int) -> str:

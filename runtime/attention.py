@@ -14,7 +14,9 @@ sequence has in the cache, the new ones included.
 
 kernel="tc" runs the tensor-core kernels (codegen/attention_tc.py; the default from sm_80 on),
 kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80), which
-serves only the per-token form.
+serves only the per-token form. Under kernel="tc", prefill="wgmma" runs the ragged prefill
+tiles on the Hopper kernel (codegen/attention_wgmma.py, compiled for sm_90a; the default on
+sm_90 where it serves the block), prefill="tc" on the mma.sync one.
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs. CPU tensors run the DSL's
 reference evaluator instead (slow, exact; bad page tables are errors there).
@@ -29,6 +31,7 @@ import torch
 
 from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
+from ..codegen.attention_wgmma import WGMMAAttentionPlan, WGTileConfig, plan_wgmma_attention, supports as wgmma_supports
 from ..codegen.block_mask import needs_block_mask
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
@@ -39,14 +42,20 @@ from .block_mask import BlockMask
 
 class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
-                 kernel: str | None = None, tiles: dict | None = None, interface: dict | None = None,
-                 name: str | None = None, **scalars: Any):
+                 kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
+                 interface: dict | None = None, name: str | None = None, **scalars: Any):
         if layer is not None and layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         if kernel not in (None, "tc", "simt"):
             raise ValueError(f"kernel must be 'tc' or 'simt' (None: 'tc' from sm_80 on), got {kernel!r}")
+        if prefill not in (None, "tc", "wgmma"):
+            raise ValueError(f"prefill must be 'tc' or 'wgmma' (None: 'wgmma' on sm_90 where it serves the block), "
+                             f"got {prefill!r}")
         self._kernel = kernel
-        self.tiles = dict(tiles or {})   # mode -> codegen.attention_tc.TileConfig, to override the default tiles
+        self._prefill = prefill
+        # mode -> codegen.attention_tc.TileConfig (or, for prefill, attention_wgmma.WGTileConfig),
+        # to override the default tiles
+        self.tiles = dict(tiles or {})
         self.layer = layer
         self.name = layer.name if layer is not None else name
         info = interface or attention_interface(layer)
@@ -62,7 +71,7 @@ class PagedAttention:
         if scalars:
             raise TypeError(f"{self.name}: unknown scalar arguments {sorted(scalars)}")
         self._plan: PagedAttentionPlan | None = None
-        self._tc_plans: dict[str, TCAttentionPlan] = {}
+        self._tc_plans: dict[str, TCAttentionPlan | WGMMAAttentionPlan] = {}
         self._kernels: dict[tuple, tuple] = {}   # (device, mode) -> (main, merge, arguments getter)
         self._images: dict[str | None, tuple] = {}   # mode -> (cubin, ABIs): a pack's kernels
         self._sms: dict[int, int] = {}
@@ -94,17 +103,38 @@ class PagedAttention:
         return self._kernel
 
     @property
+    def prefill_kernel(self) -> str:
+        """The kernel of the ragged prefill tiles: 'wgmma' (Hopper, sm_90; bf16/f16, head dims
+        64/128/256, pages of 4+ keys) or 'tc' (mma.sync, sm_80 and newer)."""
+        if self._prefill is None:
+            hopper = self.target in ("sm_90", "sm_90a") and self.layer is not None and self.kernel == "tc"
+            forced = self.tiles.get("prefill")   # a TileConfig (mma.sync) or a WGTileConfig (wgmma)
+            if forced is not None:
+                self._prefill = "wgmma" if isinstance(forced, WGTileConfig) else "tc"
+            else:
+                self._prefill = "wgmma" if hopper and wgmma_supports(self.layer, self.page_size) else "tc"
+        elif self._prefill == "wgmma":
+            if self.layer is None or not self.target.startswith("sm_90"):
+                raise LayerInputError(f"{self.name}: the wgmma prefill kernel needs an sm_90 GPU and the DSL block "
+                                      f"(target {self.target})")
+        return self._prefill
+
+    @property
     def plan(self) -> PagedAttentionPlan:
         if self._plan is None:
             self._plan = plan_paged_attention(self.layer, self.target, page_size=self.page_size)
         return self._plan
 
-    def tc_plan(self, mode: str) -> TCAttentionPlan:
+    def tc_plan(self, mode: str) -> TCAttentionPlan | WGMMAAttentionPlan:
         plan = self._tc_plans.get(mode)
         if plan is None:
             from .launch import compile_fn
-            plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
-                                     tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache))
+            if mode == "prefill" and self.prefill_kernel == "wgmma":
+                plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
+                                            compile_fn=compile_fn(self._cache))
+            else:
+                plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
+                                         tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache))
             self._tc_plans[mode] = plan
         return plan
 

@@ -57,8 +57,9 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
 
 
 def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
-             tiles=None, **consts):
-    """lens: total kv length per sequence; new: query tokens per sequence (the last ones)."""
+             tiles=None, prefill=None, **consts):
+    """lens: total kv length per sequence; new: query tokens per sequence (the last ones);
+    prefill: PagedAttention's prefill kernel (None: its default for the device)."""
     # seeded by the problem, not the form or tiles: every kernel of a case sees the same inputs
     gen = seeded_generator(name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
@@ -75,7 +76,9 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
     q = torch.cat(qs)
     q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
     q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
-    attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc", tiles=tiles)
+    attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc", tiles=tiles, prefill=prefill)
+    if prefill is not None and form == "tc-ragged" and max(new) * (hq // hkv) > 16:
+        assert attn.tc_plan("prefill").key.endswith("sm90a") == (prefill == "wgmma")
     out = torch.full_like(q, float("nan"))
     if form == "tc-ragged":
         cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")

@@ -69,10 +69,35 @@ def test_cpu_reference_rejects_bad_tables(layer, bad, match):
 
 def test_tensor_core_plans_for_both_modes(layer, tmp_path):
     from layerforge.runtime.cache import KernelCache
-    attn = PagedAttention(layer, arch="sm_90", cache=KernelCache(tmp_path))
+    attn = PagedAttention(layer, arch="sm_90", cache=KernelCache(tmp_path), prefill="tc")
     pre, dec = attn.tc_plan("prefill"), attn.tc_plan("decode")
     assert pre.config.wn == 1 and dec.config.wn == 4       # rows split across warps vs keys
     assert pre.key != dec.key and attn.tc_plan("prefill") is pre
+
+
+@pytest.mark.parametrize("arch,want", [("sm_90", "wgmma"), ("sm_80", "tc"), ("sm_89", "tc"), ("sm_100", "tc")])
+def test_prefill_kernel_by_arch(layer, arch, want):
+    """sm_90 prefills on the wgmma kernel (an sm_90a cubin), other archs on mma.sync; decode
+    tiles stay on mma.sync everywhere."""
+    attn = PagedAttention(layer, arch=arch)
+    assert attn.prefill_kernel == want
+    if want == "wgmma":
+        assert attn.tc_plan("prefill").arch == "sm_90a" and attn.tc_plan("decode").arch == "sm_90"
+
+
+def test_prefill_kernel_falls_back_where_wgmma_does_not_serve():
+    from layerforge.codegen.attention_tc import TileConfig
+    prog = lf.stdlib()
+    f32 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="f32"), arch="sm_90")
+    assert f32.kernel == "simt"
+    d96 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=96, dtype="bf16"), arch="sm_90")
+    assert d96.prefill_kernel == "tc"
+    tiles = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_90",
+                           tiles={"prefill": TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)})
+    assert tiles.prefill_kernel == "tc"
+    with pytest.raises(lf.LayerInputError, match="sm_90"):
+        _ = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_80",
+                           prefill="wgmma").prefill_kernel
 
 
 @pytest.mark.parametrize("batch,ctx,want", [

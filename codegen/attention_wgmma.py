@@ -1,0 +1,171 @@
+"""Attention blocks -> a Hopper (sm_90a) prefill kernel: warpgroup MMAs, a producer warpgroup
+and an mbarrier ring (templates/cuda/attention_wgmma.cu.jinja, on the toolkit in
+templates/cuda/hopper.cuh.jinja).
+
+    plan = plan_wgmma_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"),
+                                page_size=16)
+    plan.key -> 'llama_attn_d128_hkv8_hq32_bf16_p16_wgprefill_n128s3_sm90a'
+
+Same ABI, hooks and split-KV merge as the tensor-core prefill kernel (codegen/attention_tc.py),
+so the runtime launches either the same way. Compiled for sm_90a only (wgmma, setmaxnreg).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..dsl.program import Layer
+from ..dsl.types import DType
+from . import ops
+from .abi import KernelABI, SharedLayout
+from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context
+from .attention_tc import chunked_abi
+from .plan import CompileFn, layer_key, spill_free
+from .render import read_template, render
+from .row import LoweringError
+
+ARCH = "sm_90a"
+CONSUMERS = 2   # consumer warpgroups of 64 query rows, taking turns at the tensor cores (the template's NCW)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WGTileConfig:
+    bn: int               # keys per tile (the N of S = Q K^T)
+    stages: int           # K/V shared-memory buffers (the mbarrier ring)
+    producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
+    consumer_regs: int = 232
+
+    def __post_init__(self):
+        # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
+        if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
+            raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
+
+    @property
+    def label(self) -> str:
+        return f"n{self.bn}s{self.stages}"
+
+    @property
+    def threads(self) -> int:
+        return 128 * (CONSUMERS + 1)
+
+    @property
+    def rows(self) -> int:
+        return 64 * CONSUMERS
+
+    @property
+    def keys(self) -> int:
+        return self.bn
+
+
+def tile_candidates(head_dim: int) -> list[WGTileConfig]:
+    """Tile shapes, best first. Shared memory bounds BN x STAGES: Q (128 rows) plus STAGES
+    K and V tiles must fit in 227 KB; registers bound BN: S (BN / 2), P (BN / 4) and O (HD / 2)
+    per consumer thread."""
+    if head_dim == 256:
+        return [WGTileConfig(bn=64, stages=2)]
+    if head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
+        return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
+    return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WGMMAAttentionPlan(AttentionPlan):
+    family: ClassVar[str] = "wgmma_attention"
+    layer: Layer
+    arch: str = ARCH
+    page_size: int = 16
+    tiles: WGTileConfig | None = None   # None: the first of tile_candidates
+
+    @property
+    def key(self) -> str:
+        return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label, self.arch.replace("_", ""))
+
+    @property
+    def mode(self) -> str:
+        return "prefill"
+
+    @property
+    def config(self) -> WGTileConfig:
+        return self.tiles or tile_candidates(int(self.spec.head_dim))[0]
+
+    @property
+    def page_entries(self) -> int:
+        """Pages a key tile spans at most (tiles start at multiples of their width)."""
+        bn, page = self.config.keys, self.page_size
+        return 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
+
+    @property
+    def shared_layout(self) -> SharedLayout:
+        """Q, the K and V stages (each 1024-byte aligned: the swizzle reads address bits 7-9),
+        then the full / empty mbarriers."""
+        c, hd = self.config, int(self.spec.head_dim)
+        return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
+                             ("sV", 2 * c.stages * c.keys * hd), ("bars", 8 * 2 * c.stages)), align=1024)
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
+
+    def main_abi(self) -> KernelABI:
+        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {**super().describe(), "mode": "prefill",
+                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": CONSUMERS + 1, "stages": c.stages}}
+
+    def source(self) -> str:
+        return _render(self)
+
+
+@functools.lru_cache(maxsize=128)
+def _render(plan: WGMMAAttentionPlan) -> str:
+    spec = plan.spec
+    dtype = plan.layer.dtype
+    hd = check_specialisable(plan.layer, "wgmma attention")
+    c = plan.config
+    mma_t = "bf16" if dtype is DType.bf16 else "f16"
+    return render(
+        "cuda/attention_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
+        signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
+        common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
+        HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
+        NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
+        CONSUMER_REGS=c.consumer_regs,
+        wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}], **hook_context(plan.layer))
+
+
+def supports(layer: Layer, page_size: int) -> bool:
+    """Whether the wgmma kernel serves this block: bf16/f16, head dims 64/128/256 equal to the
+    value dim, and pages of at least BN / 32 keys (a tile's page entries, one per lane). A mask
+    that reads tables at positions (document ids) wants the block-mask pre-pass's lists, which
+    only the mma.sync prefill walks so far: such blocks stay there."""
+    from .block_mask import needs_block_mask
+    if needs_block_mask(layer):
+        return False
+    try:
+        check_specialisable(layer, "wgmma attention")
+    except LoweringError:
+        return False
+    plan = WGMMAAttentionPlan(layer=layer, page_size=page_size)
+    return plan.page_entries <= 32
+
+
+def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
+                         compile_fn: CompileFn | None = None) -> WGMMAAttentionPlan:
+    """The Hopper prefill plan of an attention block. Without `tiles`, the first of
+    `tile_candidates` that compiles without register spills (through `compile_fn`; without
+    one, the first)."""
+    check_attention_layer(layer, page_size)
+    check_specialisable(layer, "wgmma attention")
+    candidates = [tiles] if tiles is not None else tile_candidates(int(layer.function.outputs[0].arg.head_dim))
+    for c in candidates:
+        plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c)
+        if plan.page_entries > 32:
+            raise LoweringError(f"{layer.name}: wgmma attention needs pages of at least {c.keys // 32 + 1} keys "
+                                f"for {c.keys}-key tiles, not {page_size}")
+        plan.source()
+        if compile_fn is None or c is candidates[-1] or spill_free(plan, compile_fn):
+            return plan
+    raise AssertionError("unreachable")

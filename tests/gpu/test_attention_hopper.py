@@ -1,0 +1,98 @@
+"""The Hopper (sm_90a, wgmma) prefill kernel against the reference evaluator in float64, as
+tests/gpu/test_paged_attention.py runs the other kernels (fresh random inputs, outputs
+NaN-filled first, NaN fails): causal, sliding window, soft-cap, ALiBi, T5 bias, GQA up to
+32 heads a KV head, head dims 64/128/256, ragged sequences and chunks over a cached prefix,
+pages of 16 and 64, split-KV, sinks, block-sparse masks, fully masked rows, f16. Runs only on
+sm_90 GPUs (the kernel is compiled for sm_90a)."""
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.codegen.attention_wgmma import tile_candidates
+from layerforge.runtime.attention import PagedAttention
+
+from .test_paged_attention import run_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the wgmma prefill kernel runs on sm_90 GPUs (H100, H200) only")
+LONG = dict(lens=[700, 1, 333, 900], new=[700, 1, 333, 77])   # whole prompts, a length-1 one, a chunk
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+def wgmma(prog, name, hq, hkv, d, page, **kw):
+    run_case(prog, "tc-ragged", name, hq, hkv, d, page, prefill="wgmma", **kw)
+
+
+def test_default_on_sm90_is_wgmma(prog):
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    attn = PagedAttention(layer, page_size=16)
+    assert attn.prefill_kernel == "wgmma" and attn.tc_plan("prefill").arch == "sm_90a"
+    assert PagedAttention(layer, page_size=16, prefill="tc").tc_plan("prefill").arch == "sm_90"
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 8), (32, 1)])
+def test_causal_gqa_head_dims(prog, hq, hkv, d):
+    wgmma(prog, "llama_attn", hq, hkv, d, 16, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn", "bloom_attn", "gpt2_attn"])
+def test_variants_long_ragged(prog, name, d, page):
+    """Causal, window (mistral), soft-cap + window (gemma2), ALiBi (bloom), no RoPE (gpt2)."""
+    consts = {"window": 200} if name in ("mistral_attn", "gemma2_attn") else {}
+    wgmma(prog, name, 16, 4, d, page, **LONG, **consts)
+
+
+def test_bert_padding_and_fully_masked_rows(prog):
+    extra = lambda nseq, gen: {"kv_len": torch.tensor([10, 0, 20], dtype=torch.int32).cuda()}   # noqa: E731
+    wgmma(prog, "bert_attn", 8, 8, 64, 16, lens=[10, 10, 200], new=[10, 10, 200], extra_fn=extra)
+    extra = lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}   # noqa: E731
+    wgmma(prog, "bert_attn", 16, 4, 128, 16, **LONG, extra_fn=extra)
+
+
+def test_t5_relative_bias(prog):
+    extra = lambda nseq, gen: {"rel_bias": torch.randn(32, 8, generator=gen).cuda()}   # noqa: E731
+    wgmma(prog, "t5_attn", 8, 8, 64, 16, lens=[12, 200], new=[12, 200], extra_fn=extra)
+
+
+@pytest.mark.parametrize("splits", [None, 5])
+def test_split_kv(prog, splits):
+    """A short chunk over a long cached prefix: the keys split across CTAs, merged after."""
+    wgmma(prog, "llama_attn", 8, 8, 128, 64, lens=[4096], new=[20], splits=splits)
+    wgmma(prog, "llama_attn", 32, 8, 128, 16, lens=[3000, 17], new=[300, 17], splits=splits)
+
+
+def test_f16(prog):
+    wgmma(prog, "gemma2_attn", 16, 8, 128, 16, lens=[300, 90], new=[300, 40], dtype=torch.float16, window=64)
+
+
+@pytest.mark.parametrize("window", [0, 40])
+def test_attention_sinks(window):
+    from ..dsl.test_attention_sinks import SINKS
+    prog = lf.loads(SINKS, "sinks.lf", with_stdlib=False)
+    sinks = lambda n, gen: {"sinks": (torch.randn(8, generator=gen) * 2).cuda()}   # noqa: E731
+    wgmma(prog, "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[700, 1, 1, 7], extra_fn=sinks, window=window)
+    wgmma(prog, "sink_attn", 8, 2, 128, 16, lens=[700, 333], new=[700, 100], extra_fn=sinks, splits=3, window=window)
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head"])
+def test_block_sparse_masks(name):
+    """Masks whose tiles the tile classifier skips (both warpgroup roles alike) or runs unmasked."""
+    from ..codegen.test_mask_tiles import MASKS
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    wgmma(prog, name, 8, 2, 128, 16, **LONG)
+    wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
+
+
+@pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
+                         ids=lambda x: getattr(x, "label", str(x)))
+def test_every_tile_candidate(prog, d, tiles):
+    """The planner's fallbacks (taken where a block's hooks spill the first), forced."""
+    wgmma(prog, "gemma2_attn", 16, 4, d, 16, lens=[700, 1, 333], new=[700, 1, 100], window=200,
+          tiles={"prefill": tiles})
