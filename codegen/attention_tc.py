@@ -119,10 +119,10 @@ class TCAttentionPlan(AttentionPlan):
     @property
     def shared_layout(self) -> SharedLayout:
         """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries (fp8: one widened
-        K/V tile each, the e4m3 stages after the page entries)."""
+        V tile, the page entries, then the e4m3 K/V stages)."""
         c, hd = self.config, int(self.spec.head_dim)
         if self.kv_dtype:
-            return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.keys * hd), ("sV", 2 * c.keys * hd),
+            return SharedLayout((("sQ", 2 * c.rows * hd), ("sV", 2 * c.keys * hd),
                                  ("sPg", 4 * 2 * c.stages * self.page_entries), ("sK8", c.stages * c.keys * hd),
                                  ("sV8", c.stages * c.keys * hd)))
         return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),

@@ -10,33 +10,28 @@ __device__ __forceinline__ float lf_e4m3_to_float(unsigned char x) {
     return __uint_as_float(((b & 0x80u) << 24) | ((b & 0x7fu) << 20)) * __uint_as_float(0x7b800000u);   // 2^120
 }
 
-// Four e4m3 values (channel c in byte c of w) -> two pairs of T: (c0, c1) in .x, (c2, c3) in .y.
-template <typename T> __device__ __forceinline__ uint2 lf_e4m3x4_to(unsigned w);
-template <> __device__ __forceinline__ uint2 lf_e4m3x4_to<__nv_bfloat16>(unsigned w) {
-    // bytes to the top of each 16-bit lane, then exponent and mantissa down by 4: x * 2^-120
-    const unsigned lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
-    unsigned a = (lo & 0x80008000u) | ((lo >> 4) & 0x07f007f0u);
-    unsigned c = (hi & 0x80008000u) | ((hi >> 4) & 0x07f007f0u);
+// Two e4m3 values (channel c in byte c of the low 16 bits of w) -> a pair of T, c0 in the low half.
+template <typename T> __device__ __forceinline__ unsigned lf_e4m3x2_to(unsigned w);
+template <> __device__ __forceinline__ unsigned lf_e4m3x2_to<__nv_bfloat16>(unsigned w) {
+    // the bytes to the top of each 16-bit lane, then exponent and mantissa down by 4: x * 2^-120
+    const unsigned t = __byte_perm(w, 0u, 0x1404);
+    unsigned a = (t & 0x80008000u) | ((t >> 4) & 0x07f007f0u);
     const __nv_bfloat162 k = __halves2bfloat162(__ushort_as_bfloat16(0x7b80), __ushort_as_bfloat16(0x7b80));   // 2^120
-    __nv_bfloat162 ra = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), k);
-    __nv_bfloat162 rc = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&c), k);
-    return make_uint2(*reinterpret_cast<unsigned*>(&ra), *reinterpret_cast<unsigned*>(&rc));
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), k);
+    return *reinterpret_cast<unsigned*>(&r);
 }
-template <> __device__ __forceinline__ uint2 lf_e4m3x4_to<__half>(unsigned w) {
-    // bytes to the top of each 16-bit lane, then exponent and mantissa down by 1: x * 2^-8
-    const unsigned lo = __byte_perm(w, 0u, 0x1404), hi = __byte_perm(w, 0u, 0x3424);
-    unsigned a = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
-    unsigned c = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
+template <> __device__ __forceinline__ unsigned lf_e4m3x2_to<__half>(unsigned w) {
+    // the bytes to the top of each 16-bit lane, then exponent and mantissa down by 1: x * 2^-8
+    const unsigned t = __byte_perm(w, 0u, 0x1404);
+    unsigned a = (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
     const __half2 k = __halves2half2(__ushort_as_half(0x5c00), __ushort_as_half(0x5c00));   // 2^8
-    __half2 ra = __hmul2(*reinterpret_cast<__half2*>(&a), k);
-    __half2 rc = __hmul2(*reinterpret_cast<__half2*>(&c), k);
-    return make_uint2(*reinterpret_cast<unsigned*>(&ra), *reinterpret_cast<unsigned*>(&rc));
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), k);
+    return *reinterpret_cast<unsigned*>(&r);
 }
 
-// 16 e4m3 values -> two 16-byte chunks of T (channels 0-7 at lo, 8-15 at hi).
+// 8 e4m3 values (channel c in byte c of w) -> one 16-byte chunk of T.
 template <typename T>
-__device__ __forceinline__ void lf_e4m3x16_store(T* lo, T* hi, const uint4 w) {
-    const uint2 a = lf_e4m3x4_to<T>(w.x), b = lf_e4m3x4_to<T>(w.y), c = lf_e4m3x4_to<T>(w.z), d = lf_e4m3x4_to<T>(w.w);
-    *reinterpret_cast<uint4*>(lo) = make_uint4(a.x, a.y, b.x, b.y);
-    *reinterpret_cast<uint4*>(hi) = make_uint4(c.x, c.y, d.x, d.y);
+__device__ __forceinline__ void lf_e4m3x8_store(T* dst, const uint2 w) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(lf_e4m3x2_to<T>(w.x), lf_e4m3x2_to<T>(w.x >> 16),
+                                                lf_e4m3x2_to<T>(w.y), lf_e4m3x2_to<T>(w.y >> 16));
 }

@@ -83,7 +83,8 @@ def test_fp8_tensor_core_attention_compiles_without_spills(prog, name, d, arch, 
     assert set(res.resources) == {plan.kernel_name, plan.merge_name}
     assert plan.shared_bytes <= 227 * 1024
     src = plan.source()
-    assert "lf_e4m3x16_store<__nv_bfloat16>" in src and "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src
+    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and "lf_e4m3x8_store<__nv_bfloat16>(sV" in src
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src and "lf_ldsm4(bk" not in src
     assert "* k_scale[kvh]" in src and ("v_sc / l[sl]" in src or "aa / ll * v_sc" in src)
 
 
@@ -93,7 +94,7 @@ def test_fp8_tensor_core_attention_f16_and_other_groups(prog, mode):
         plan = plan_tc_attention(specialise(prog, "llama_attn", 128, "f16", hq, hkv), "sm_90", mode=mode,
                                  kv_dtype=FP8, tiles=None)
         compile_clean(plan, "sm_90")
-        assert "lf_e4m3x16_store<__half>" in plan.source()
+        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3x8_store<__half>" in plan.source()
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
