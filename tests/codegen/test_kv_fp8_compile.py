@@ -123,3 +123,50 @@ def test_fp8_plans_have_their_own_keys_and_arguments(prog):
         plan_paged_attention(specialise(prog, "llama_attn", 128, "f32"), "sm_90", kv_dtype=FP8)
     with pytest.raises(ValueError, match="kv_dtype must be one of"):
         plan_tc_attention(layer, "sm_90", kv_dtype="e4m3")
+
+
+def test_fp8_widening_constants_decode_every_e4m3_code():
+    """The integer widening in templates/cuda/fp8.cuh (its masks, shifts, byte selector and
+    power-of-two factors, read from the file) gives torch's e4m3 value for every finite code,
+    subnormals and both zeros included, in f32, bf16 and f16."""
+    import re
+    from importlib import resources
+
+    import numpy as np
+    import torch
+
+    src = resources.files("layerforge.templates").joinpath("cuda/fp8.cuh").read_text()
+    codes = np.arange(256, dtype=np.uint32)
+    want = torch.from_numpy(codes.astype(np.uint8)).view(torch.float8_e4m3fn).double().numpy()
+    finite = ~np.isnan(want)
+
+    f32 = re.search(r"\(\(b & 0x80u\) << 24\) \| \(\(b & 0x7fu\) << (\d+)\)\) \* __uint_as_float\((0x[0-9a-f]+)u\)", src)
+    got = ((((codes & 0x80) << 24) | ((codes & 0x7F) << int(f32[1]))).astype(np.uint32).view(np.float32).astype(np.float64)
+           * np.array([int(f32[2], 16)], dtype=np.uint32).view(np.float32)[0])
+    assert np.array_equal(got[finite], want[finite])
+
+    def prmt(x, sel):   # __byte_perm(x, 0, sel) on arrays
+        out = np.zeros_like(x)
+        for i in range(4):
+            s = (sel >> (4 * i)) & 7
+            out |= (((x >> (8 * s)) & 0xFF) if s < 4 else 0) << (8 * i)
+        return out
+
+    for ctype, half_type in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
+        body = src[src.index(f"lf_e4m3x2_to<{ctype}>(unsigned w) {{"):]
+        sel = int(re.search(r"__byte_perm\(w, 0u, (0x[0-9a-f]+)\)", body)[1], 16)
+        shift, mask = re.search(r"\(\(t >> (\d+)\) & (0x[0-9a-f]+)u\)", body).groups()
+        factor = int(re.search(r"__ushort_as_(?:bfloat16|half)\((0x[0-9a-f]+)\)", body)[1], 16)
+        pair = codes | ((255 - codes) << 8)   # two channels: c0 = code, c1 = 255 - code
+        t = prmt(pair, sel)
+        a = (t & 0x80008000) | ((t >> int(shift)) & int(mask, 16))
+        lanes = np.stack([a & 0xFFFF, a >> 16], axis=-1).astype(np.uint16)
+        if half_type == "bf16":
+            val = (lanes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+            k = float(np.array([factor << 16], dtype=np.uint32).view(np.float32)[0])
+        else:
+            val = lanes.view(np.float16).astype(np.float64)
+            k = float(np.array([factor], dtype=np.uint16).view(np.float16)[0])
+        got = val * k   # exact: a power of two
+        both = finite & finite[255 - codes]
+        assert np.array_equal(got[both, 0], want[both]) and np.array_equal(got[both, 1], want[255 - codes][both])
