@@ -118,13 +118,14 @@ class TCAttentionPlan(AttentionPlan):
 
     @property
     def shared_layout(self) -> SharedLayout:
-        """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries (fp8: one widened
-        V tile, the page entries, then the e4m3 K/V stages)."""
+        """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries (fp8: the K/V
+        stages are e4m3, after the page entries)."""
         c, hd = self.config, int(self.spec.head_dim)
-        if self.kv_dtype:
-            return SharedLayout((("sQ", 2 * c.rows * hd), ("sV", 2 * c.keys * hd),
-                                 ("sPg", 4 * 2 * c.stages * self.page_entries), ("sK8", c.stages * c.keys * hd),
-                                 ("sV8", c.stages * c.keys * hd)))
+        if self.kv_dtype:   # the warps' merge (WN > 1) reuses all of it: padded to its size
+            bufs = (("sQ", 2 * c.rows * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
+                    ("sK8", c.stages * c.keys * hd), ("sV8", c.stages * c.keys * hd))
+            merge = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows) if c.wn > 1 else 0
+            return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs).bytes)),))
         return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
                              ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries)))
 

@@ -83,8 +83,9 @@ def test_fp8_tensor_core_attention_compiles_without_spills(prog, name, d, arch, 
     assert set(res.resources) == {plan.kernel_name, plan.merge_name}
     assert plan.shared_bytes <= 227 * 1024
     src = plan.source()
-    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and "lf_e4m3x8_store<__nv_bfloat16>(sV" in src
+    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and "lf_e4m3_odd_to<__nv_bfloat16>(bv[3])" in src
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src and "lf_ldsm4(bk" not in src
+    assert "sK8" in src and "sV8" in src and " sV = " not in src   # no widened copy in shared memory
     assert "* k_scale[kvh]" in src and ("v_sc / l[sl]" in src or "aa / ll * v_sc" in src)
 
 
@@ -94,7 +95,7 @@ def test_fp8_tensor_core_attention_f16_and_other_groups(prog, mode):
         plan = plan_tc_attention(specialise(prog, "llama_attn", 128, "f16", hq, hkv), "sm_90", mode=mode,
                                  kv_dtype=FP8, tiles=None)
         compile_clean(plan, "sm_90")
-        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3x8_store<__half>" in plan.source()
+        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3_even_to<__half>" in plan.source()
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -128,7 +129,8 @@ def test_fp8_plans_have_their_own_keys_and_arguments(prog):
 def test_fp8_widening_constants_decode_every_e4m3_code():
     """The integer widening in templates/cuda/fp8.cuh (its masks, shifts, byte selector and
     power-of-two factors, read from the file) gives torch's e4m3 value for every finite code,
-    subnormals and both zeros included, in f32, bf16 and f16."""
+    subnormals and both zeros included, in f32, bf16 and f16; and for the byte pairs the kernels
+    take: consecutive channels (lf_e4m3x2_to) and bytes (0, 2) / (1, 3) (lf_e4m3_even_to / odd_to)."""
     import re
     from importlib import resources
 
@@ -152,21 +154,30 @@ def test_fp8_widening_constants_decode_every_e4m3_code():
             out |= (((x >> (8 * s)) & 0xFF) if s < 4 else 0) << (8 * i)
         return out
 
-    for ctype, half_type in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
-        body = src[src.index(f"lf_e4m3x2_to<{ctype}>(unsigned w) {{"):]
-        sel = int(re.search(r"__byte_perm\(w, 0u, (0x[0-9a-f]+)\)", body)[1], 16)
+    x2_sel = int(re.search(r"lf_e4m3x2_to\(unsigned w\) \{\s*return lf_e4m3_top_to<T>\(__byte_perm\(w, 0u, (0x[0-9a-f]+)\)", src)[1], 16)
+    assert "lf_e4m3_even_to(unsigned w) { return lf_e4m3_top_to<T>(w << 8); }" in src
+    assert "lf_e4m3_odd_to(unsigned w) { return lf_e4m3_top_to<T>(w); }" in src
+    c0, c1 = codes, (codes * 37 + 11) % 256   # two channels a word, every code in each
+    words = {   # the word each helper reads -> the codes in its (low, high) halves
+        "x2": (prmt(c0 | (c1 << 8), x2_sel), c0, c1),
+        "even": ((c0 | (c1 << 16) | (((c1 + 5) % 256) << 8) | (((c0 + 9) % 256) << 24)) << 8, c0, c1),
+        "odd": ((((c0 + 3) % 256) | (c0 << 8) | (((c1 + 7) % 256) << 16) | (c1 << 24)), c0, c1),
+    }
+    for ctype in ("__nv_bfloat16", "__half"):
+        body = src[src.index(f"lf_e4m3_top_to<{ctype}>(unsigned t) {{"):]
         shift, mask = re.search(r"\(\(t >> (\d+)\) & (0x[0-9a-f]+)u\)", body).groups()
         factor = int(re.search(r"__ushort_as_(?:bfloat16|half)\((0x[0-9a-f]+)\)", body)[1], 16)
-        pair = codes | ((255 - codes) << 8)   # two channels: c0 = code, c1 = 255 - code
-        t = prmt(pair, sel)
-        a = (t & 0x80008000) | ((t >> int(shift)) & int(mask, 16))
-        lanes = np.stack([a & 0xFFFF, a >> 16], axis=-1).astype(np.uint16)
-        if half_type == "bf16":
-            val = (lanes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-            k = float(np.array([factor << 16], dtype=np.uint32).view(np.float32)[0])
-        else:
-            val = lanes.view(np.float16).astype(np.float64)
-            k = float(np.array([factor], dtype=np.uint16).view(np.float16)[0])
-        got = val * k   # exact: a power of two
-        both = finite & finite[255 - codes]
-        assert np.array_equal(got[both, 0], want[both]) and np.array_equal(got[both, 1], want[255 - codes][both])
+        for name, (t, lo, hi) in words.items():
+            t = t.astype(np.uint64).astype(np.uint32)   # 32-bit words (the even case shifts out byte 3)
+            a = (t & 0x80008000) | ((t >> int(shift)) & int(mask, 16))
+            lanes = np.stack([a & 0xFFFF, a >> 16], axis=-1).astype(np.uint16)
+            if ctype == "__nv_bfloat16":
+                val = (lanes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+                k = float(np.array([factor << 16], dtype=np.uint32).view(np.float32)[0])
+            else:
+                val = lanes.view(np.float16).astype(np.float64)
+                k = float(np.array([factor], dtype=np.uint16).view(np.float16)[0])
+            got = val * k   # exact: a power of two
+            ok = finite[lo] & finite[hi]
+            assert np.array_equal(got[ok, 0], want[lo][ok]), (ctype, name)
+            assert np.array_equal(got[ok, 1], want[hi][ok]), (ctype, name)
