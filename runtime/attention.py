@@ -269,12 +269,10 @@ class PagedAttention:
                  v_scale: torch.Tensor | None = None, **scalars) -> torch.Tensor:
         """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position. k_scale,
         v_scale: an fp8 cache's float32 [Hkv] scales (required then, refused otherwise)."""
-        if torch.compiler.is_compiling() and self.kv_dtype:
-            raise LayerInputError(f"{self.name}: fp8 caches are not traced yet (call the module eagerly)")
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_attention(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos,
                                        max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
-                                       scalars=scalars)
+                                       scalars=scalars, scales=(k_scale, v_scale))
         dev, S, max_pages, out, values = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
                                                            extra, out, scalars, k_scale, v_scale)
         T = q.shape[0]
@@ -309,12 +307,10 @@ class PagedAttention:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
         max_q_len bounds every sequence's new tokens (a host int, like max_kv_len). k_scale,
         v_scale: as in the per-token form."""
-        if torch.compiler.is_compiling() and self.kv_dtype:
-            raise LayerInputError(f"{self.name}: fp8 caches are not traced yet (call the module eagerly)")
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=max_q_len,
                                      max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
-                                     scalars=scalars)
+                                     scalars=scalars, scales=(k_scale, v_scale))
         if isinstance(q, torch.Tensor) and q.device.type == "cuda" and self.kernel != "tc":
             raise LayerInputError(f"{self.name}: the ragged prefill form needs the tensor-core kernels "
                                   f"(kernel='tc', sm_80 or newer)")

@@ -279,3 +279,37 @@ def test_fp8_attention_checks_its_inputs(layer):
     with pytest.raises(ValueError, match="bf16 or f16"):
         PagedAttention(lf.stdlib().specialise("llama_attn", Hq=8, Hkv=2, D=64, dtype="f32"), kv_dtype=FP8)
     assert math.isfinite(fp8(*args(c8), max_kv_len=4, k_scale=ks, v_scale=vs).double().sum().item())
+
+
+def test_fp8_attention_compiles_fullgraph_and_matches_eager(layer):
+    """Traced, the scales ride in the op's tensor list (runtime/ops.py): the compiled per-token and
+    ragged forms give the eager outputs, and the op passes torch.library's fake-tensor checks."""
+    from torch.library import opcheck
+
+    from layerforge.runtime import ops
+    gen = seeded_generator("fp8 compile")
+    lens = [5, 40]
+    c = filled_caches(layer, lens, gen)[FP8]
+    attn = PagedAttention(layer, page_size=16, kv_dtype=FP8)
+    ks, vs = c.layer_scales(0)
+    q = torch.randn(2, 8, 64, generator=gen).bfloat16()
+    q_seq, q_pos = torch.arange(2, dtype=torch.int32), torch.tensor([4, 39], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32)   # the page table has 4 rows
+    pt, sl = c.page_table, c.seq_lens
+
+    def step(q, k_cache, v_cache, k_scale, v_scale):
+        a = attn(q, k_cache, v_cache, pt, sl, q_seq, q_pos, max_kv_len=40, k_scale=k_scale, v_scale=v_scale)
+        b = attn.prefill(q, k_cache, v_cache, pt, sl, cu, max_q_len=1, max_kv_len=40, k_scale=k_scale, v_scale=v_scale)
+        return a, b
+
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, c.k_cache, c.v_cache, ks, vs)
+    want = step(q, c.k_cache, c.v_cache, ks, vs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # (opcheck's schema test multiplies every input, which torch's CPU e4m3 tensors do not support)
+    opcheck(torch.ops.layerforge.paged_attention.default,
+            (ops.handle(attn), q, c.k_cache, c.v_cache, pt, sl, q_seq, q_pos, 40, None, [ks, vs], []),
+            test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises(ValueError, match="needs 'k_scale' and 'v_scale'"):
+        ops.paged_attention(attn, q, c.k_cache, c.v_cache, pt, sl, q_seq, q_pos, max_kv_len=40, extra=None,
+                            num_splits=None, out=None, scalars={})
