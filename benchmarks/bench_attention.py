@@ -4,7 +4,9 @@
 
 Decode: one new token per sequence against its paged cache, ours (tensor-core and CUDA-core
 kernels) beside SDPA on the same K/V laid out contiguously ([B, Hkv, S, D], GQA through
-enable_gqa) and the copy ceiling. Bytes are the K and V the step must read, each once.
+enable_gqa) and the copy ceiling. Bytes are the K and V the step must read, each once. The
+fp8 rows (tc-fp8, simt-fp8) read an e4m3 cache (PagedKVCache(kv_dtype="fp8_e4m3")): half the
+bytes; "x bf16" is the bf16 row's time over theirs (same kernel kind, same shape).
 Prefill: causal attention over whole prompts, ours (ragged form, K/V read through the page
 table; on sm_90 both the wgmma kernel and the mma.sync one) beside SDPA's flash and cuDNN
 backends and FlexAttention (torch.compile'd, causal block mask built outside the timing) on
@@ -25,31 +27,36 @@ from layerforge.runtime.attention import PagedAttention
 from .bench_rows import bench, copy_ceiling, write_results
 
 
-def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16):
+def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16, kv_dtype=None, tiles=None):
     layer = prog.specialise("llama_attn", Hq=hq, Hkv=hkv, D=d, dtype="bf16")
-    attn = PagedAttention(layer, page_size=page, kernel=kernel)
+    attn = PagedAttention(layer, page_size=page, kernel=kernel, kv_dtype=kv_dtype,
+                          tiles={"decode": tiles} if tiles else None)
     pages_per = ctx // page
     total = batch * pages_per
     kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
+    scales = {}
+    if kv_dtype:   # e4m3 values of about the same spread, scales of one per KV head
+        kc, vc = (16 * kc).to(torch.float8_e4m3fn), (16 * vc).to(torch.float8_e4m3fn)
+        scales = dict(k_scale=torch.full((hkv,), 1 / 16, device="cuda"), v_scale=torch.full((hkv,), 1 / 16, device="cuda"))
     table = torch.randperm(total, device="cuda", dtype=torch.int64).to(torch.int32).view(batch, pages_per)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
     q_pos = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    ours = bench(lambda: attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out))
+    ours = bench(lambda: attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out, **scales))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out)
+        attn(q, kc, vc, table, lens, q_seq, q_pos, max_kv_len=ctx, out=out, **scales)
     graph = bench(g.replay)
     kk = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
     vv = torch.randn_like(kk)
     qq = q.view(batch, hq, 1, d)
     sdpa = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True))
-    nbytes = 2 * batch * ctx * hkv * d * 2
-    return dict(kind="decode", kernel=kernel, batch=batch, ctx=ctx, ours_s=ours, graph_s=graph, sdpa_s=sdpa,
-                bytes=nbytes)
+    nbytes = 2 * batch * ctx * hkv * d * kc.element_size()
+    return dict(kind="decode", kernel=kernel, kv_dtype=kv_dtype, batch=batch, ctx=ctx, ours_s=ours, graph_s=graph,
+                sdpa_s=sdpa, bytes=nbytes)
 
 
 def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True):
@@ -108,17 +115,26 @@ def main(argv=None):
     rows = []
     if a.only in (None, "decode"):
         print(f"{'decode GQA 32/8 D128':24s} {'ours us':>8s} {'TB/s':>6s} {'graph us':>9s} {'SDPA us':>8s} "
-              f"{'SDPA TB/s':>9s} {'ours/copy':>9s} {'SDPA/ours':>9s}")
+              f"{'SDPA TB/s':>9s} {'ours/copy':>9s} {'SDPA/ours':>9s} {'x bf16':>7s}")
+        # fp8: the default tiles, and (64 x 4096) 4 stages of e4m3 tiles (half the bytes in flight per stage)
+        fp8_s4 = TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=4, min_blocks=2, qreg=False)
         for batch, ctx in [(64, 4096), (1, 4096), (8, 4096), (1, 32768), (16, 1024), (64, 512)]:
-            for kernel in ("tc", "simt"):
-                r = decode_case(prog, batch, ctx, kernel)
+            variants = [("tc", None, None), ("simt", None, None), ("tc", "fp8_e4m3", None), ("simt", "fp8_e4m3", None)]
+            if (batch, ctx) == (64, 4096):
+                variants.append(("tc", "fp8_e4m3", fp8_s4))
+            base = {}
+            for kernel, kv_dtype, tiles in variants:
+                r = decode_case(prog, batch, ctx, kernel, kv_dtype=kv_dtype, tiles=tiles)
                 best = min(r["ours_s"], r["graph_s"])
+                base.setdefault(kernel, best)   # the bf16 row comes first
                 r.update(ours_TBps=r["bytes"] / best / 1e12, sdpa_TBps=r["bytes"] / r["sdpa_s"] / 1e12,
-                         ours_over_copy=r["bytes"] / best / ceiling, sdpa_over_ours=r["sdpa_s"] / best)
+                         ours_over_copy=r["bytes"] / best / ceiling, sdpa_over_ours=r["sdpa_s"] / best,
+                         over_bf16=base[kernel] / best, tiles=tiles.label if tiles else None)
                 rows.append(r)
-                print(f"{f'{batch} seqs x {ctx} {kernel}':24s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} "
+                label = f"{batch} seqs x {ctx} {kernel}" + ("-fp8" if kv_dtype else "") + (f" {tiles.label}" if tiles else "")
+                print(f"{label:24s} {r['ours_s']*1e6:8.1f} {r['ours_TBps']:6.2f} "
                       f"{r['graph_s']*1e6:9.1f} {r['sdpa_s']*1e6:8.1f} {r['sdpa_TBps']:9.2f} "
-                      f"{r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f}", flush=True)
+                      f"{r['ours_over_copy']:9.2f} {r['sdpa_over_ours']:9.2f} {r['over_bf16']:7.2f}", flush=True)
                 torch.cuda.empty_cache()
     if a.only in (None, "prefill"):
         print(f"\n{'causal prefill bf16 (tile: auto = chosen by the planner)':60s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "

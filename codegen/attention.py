@@ -7,6 +7,11 @@
 The block's `score` and `mask` expressions become two inline device functions; the mask's
 causal / window / length conjuncts also bound each query's key range, so keys the mask
 rules out are never read. RoPE rotates q in the kernel (K is rotated when appended).
+
+kv_dtype="fp8_e4m3" (both attention kernels): the cache holds e4m3 values and the kernel takes
+float32 k_scale / v_scale [Hkv] (runtime/kv_cache.py). A CTA serves one KV head, so K's scale
+folds into the score scale and V's into the output normalisation; values are widened exactly
+(templates/cuda/fp8.cuh).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI
+from .kv_append import KV_DTYPES
 from .plan import KernelPlan, layer_key
 from .render import read_template, render
 from .row import LoweringError
@@ -48,6 +54,12 @@ class AttentionPlan(KernelPlan):
     @property
     def group(self) -> int:
         return int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
+
+    @property
+    def kv_suffix(self) -> tuple[str, ...]:
+        """The key's part for the cache's storage: ('kvfp8e4m3',) for an fp8 cache, else ()."""
+        kv = getattr(self, "kv_dtype", None)
+        return ("kv" + kv.replace("_", ""),) if kv else ()
 
     def main_abi(self) -> KernelABI:
         raise NotImplementedError
@@ -89,12 +101,28 @@ def merge_abi(name: str, dtype: DType, num_q_heads: int, head_dim: int) -> Kerne
         Arg("num_splits", "int", "dim")), grid=(f"tokens * {num_q_heads}",), block=(head_dim,), problem=("tokens",))
 
 
-def cache_args(dtype: DType) -> tuple[Arg, ...]:
-    """q and the paged cache, as every attention kernel takes them first."""
+def cache_args(dtype: DType, kv_dtype: str | None = None) -> tuple[Arg, ...]:
+    """q and the paged cache, as every attention kernel takes them first (an fp8 cache: e4m3
+    bytes, then its float32 scales [Hkv])."""
     t = ops.STORAGE_TYPE[dtype]
-    return (Arg("q", f"const {t}* __restrict__", "input"), Arg("k_cache", f"const {t}* __restrict__", "input"),
-            Arg("v_cache", f"const {t}* __restrict__", "input"),
+    kt = "unsigned char" if kv_dtype else t
+    args = (Arg("q", f"const {t}* __restrict__", "input"), Arg("k_cache", f"const {kt}* __restrict__", "input"),
+            Arg("v_cache", f"const {kt}* __restrict__", "input"),
             Arg("page_table", "const int* __restrict__", "input"), Arg("seq_lens", "const int* __restrict__", "input"))
+    if kv_dtype:
+        args += (Arg("k_scale", "const float* __restrict__", "input"),
+                 Arg("v_scale", "const float* __restrict__", "input"))
+    return args
+
+
+def check_kv_dtype(layer: Layer, kv_dtype: str | None) -> None:
+    """An fp8 cache serves bf16/f16 blocks (kv_dtype: None or one of codegen.kv_append.KV_DTYPES)."""
+    if kv_dtype is None:
+        return
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES} or None, got {kv_dtype!r}")
+    if layer.dtype not in (DType.bf16, DType.f16):
+        raise LoweringError(f"{layer.name}: an {kv_dtype} cache serves bf16 or f16 blocks, not {layer.dtype}")
 
 
 def output_args(dtype: DType) -> tuple[Arg, ...]:
@@ -185,16 +213,18 @@ class PagedAttentionPlan(AttentionPlan):
     arch: str
     page_size: int = 16
     warps: int = 4
+    kv_dtype: str | None = None   # "fp8_e4m3": e4m3 cache with per-head scales
 
     @property
     def key(self) -> str:
-        return layer_key(self.layer, f"p{self.page_size}", self.arch.replace("_", ""))
+        return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, self.arch.replace("_", ""))
 
     @property
     def heads_per_cta(self) -> int:
         g = int(self.spec.num_q_heads) // int(self.spec.num_kv_heads)
+        cap = 4 if self.kv_dtype else 8   # fp8: 16 channels a lane, so half the heads' registers
         gc = 1
-        while gc * 2 <= min(g, 8) and g % (gc * 2) == 0:
+        while gc * 2 <= min(g, cap) and g % (gc * 2) == 0:
             gc *= 2
         return gc
 
@@ -203,7 +233,7 @@ class PagedAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits"))
-        args = (*cache_args(self.layer.dtype), Arg("q_seq", "const int* __restrict__", "input"),
+        args = (*cache_args(self.layer.dtype, self.kv_dtype), Arg("q_seq", "const int* __restrict__", "input"),
                 Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(self.layer.dtype), *dims,
                 *extra_args(self.layer))
         nchunk = self.group // self.heads_per_cta
@@ -211,7 +241,8 @@ class PagedAttentionPlan(AttentionPlan):
                          "num_splits"), block=(self.warps * 32,), problem=("tokens", "num_splits"))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "heads_per_cta": self.heads_per_cta}
+        kv = {"kv_dtype": self.kv_dtype} if self.kv_dtype else {}
+        return {**super().describe(), **kv, "heads_per_cta": self.heads_per_cta}
 
 
 @functools.lru_cache(maxsize=128)
@@ -224,13 +255,19 @@ def _render(plan: PagedAttentionPlan) -> str:
     gc = plan.heads_per_cta
     ctx = hook_context(plan.layer)
     t = ops.STORAGE_TYPE[dtype]
-    lanes = lane_shape(hd, dtype.itemsize)
+    fp8 = plan.kv_dtype is not None
+    kt = "unsigned char" if fp8 else t   # the cache's element: e4m3 bytes, or the block's dtype
+    lanes = lane_shape(hd, 1 if fp8 else dtype.itemsize)
+    if fp8 and lanes:   # head dims off the 16-byte shape: the 2-byte lanes' channels (their registers fit)
+        lanes = lane_shape(hd, 2)
     return render(
         "cuda/attention_paged.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, HD=hd, HQ=hq,
         HKV=hkv, GROUP=group, GC=gc, NCHUNK=group // gc, PAGE=plan.page_size, NW=plan.warps,
-        lanes=lanes, kv_type=f"{'lf_arr' if lanes else 'lf_vec'}<{t}, EPL>",
-        kv_load=(f"lf_load_kv_arr<{t}, EPL, VW, " if lanes else f"lf_load_kv<{t}, EPL, ") + "PAGE, HKV * HD>", **ctx)
+        lanes=lanes, kv_type=f"{'lf_arr' if lanes else 'lf_vec'}<{kt}, EPL>",
+        kv_load=(f"lf_load_kv_arr<{kt}, EPL, VW, " if lanes else f"lf_load_kv<{kt}, EPL, ") + "PAGE, HKV * HD>",
+        fp8=fp8, KT=kt, fp8_helpers=read_template("cuda/fp8.cuh") if fp8 else "",
+        to_float="lf_e4m3_to_float" if fp8 else "lf_to_float", **ctx)
 
 
 def hook_context(layer: Layer, distance_table: bool = False) -> dict:
@@ -278,8 +315,10 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 
-def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4) -> PagedAttentionPlan:
+def plan_paged_attention(layer: Layer, arch: str, *, page_size: int = 16, warps: int = 4,
+                         kv_dtype: str | None = None) -> PagedAttentionPlan:
     check_attention_layer(layer, page_size)
-    plan = PagedAttentionPlan(layer=layer, arch=arch, page_size=page_size, warps=warps)
+    check_kv_dtype(layer, kv_dtype)
+    plan = PagedAttentionPlan(layer=layer, arch=arch, page_size=page_size, warps=warps, kv_dtype=kv_dtype)
     plan.source()
     return plan

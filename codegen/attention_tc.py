@@ -11,6 +11,12 @@ One template (templates/cuda/attention_tc.cu.jinja), two tile shapes:
            each with its own softmax state, merged at the end; used when a query chunk has
            few rows (decode, short chunks).
 The hooks (score, mask, bounds, RoPE) are the same as the paged CUDA-core kernel's.
+
+kv_dtype="fp8_e4m3": the K/V tiles are copied as e4m3 bytes (half the bytes of bf16, still
+16-byte cp.async) into STAGES staging buffers, and each tile is widened once, exactly, into a
+bf16/f16 tile in shared memory before mma.sync (the sm_80 path on every arch; sm_89/sm_90 fp8
+mma, which would skip the widening, is not used yet). K's per-head scale folds into the score
+scale, V's into the output normalisation.
 """
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
-from .attention import (AttentionPlan, cache_args, check_attention_layer, check_specialisable, extra_args,
-                        hook_context, output_args)
+from .attention import (AttentionPlan, cache_args, check_attention_layer, check_kv_dtype, check_specialisable,
+                        extra_args, hook_context, output_args)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
@@ -96,10 +102,11 @@ class TCAttentionPlan(AttentionPlan):
     page_size: int = 16
     mode: str = "prefill"
     tiles: TileConfig | None = None   # None: the first of tile_candidates (plan_tc_attention chooses)
+    kv_dtype: str | None = None       # "fp8_e4m3": e4m3 cache with per-head scales
 
     @property
     def key(self) -> str:
-        return layer_key(self.layer, f"p{self.page_size}", f"tc{self.mode}", self.config.label,
+        return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
                          self.arch.replace("_", ""))
 
     @property
@@ -137,9 +144,16 @@ class TCAttentionPlan(AttentionPlan):
 
     @property
     def shared_layout(self) -> SharedLayout:
-        """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries."""
+        """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries (fp8: the K/V
+        stages are e4m3, after the page entries)."""
         c, hd = self.config, int(self.spec.head_dim)
         rel = self.distance_table
+        if self.kv_dtype:   # the warps' merge (WN > 1) reuses all of it: padded to its size
+            bufs = (("sQ", 2 * c.rows * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
+                    ("sK8", c.stages * c.keys * hd), ("sV8", c.stages * c.keys * hd),
+                    *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ()))
+            merge = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows) if c.wn > 1 else 0
+            return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs).bytes)),))
         return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
                              ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
                              *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ())))
@@ -150,11 +164,12 @@ class TCAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes,
-                           block_mask=self.block_mask)
+                           block_mask=self.block_mask, kv_dtype=self.kv_dtype)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
-        return {**super().describe(), "mode": self.mode,
+        kv = {"kv_dtype": self.kv_dtype} if self.kv_dtype else {}
+        return {**super().describe(), **kv, "mode": self.mode,
                 "tiles": {"rows": c.rows, "keys": c.keys, "warps": [c.wm, c.wn], "stages": c.stages}}
 
     def source(self) -> str:
@@ -162,15 +177,15 @@ class TCAttentionPlan(AttentionPlan):
 
 
 def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
-                block_mask: bool = False) -> KernelABI:
+                block_mask: bool = False, kv_dtype: str | None = None) -> KernelABI:
     """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
     per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
-    lists of the block-mask pre-pass (runtime BlockMask)."""
+    lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8)."""
     dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
     if block_mask:
         dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
                  Arg("bm_rows", "int", "dim"), Arg("bm_cols", "int", "dim"))
-    args = (*cache_args(plan.layer.dtype), Arg("cu_q", "const int* __restrict__", "input"),
+    args = (*cache_args(plan.layer.dtype, kv_dtype), Arg("cu_q", "const int* __restrict__", "input"),
             Arg("q_seq", "const int* __restrict__", "input"),
             Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(plan.layer.dtype), *dims,
             *extra_args(plan.layer))
@@ -208,28 +223,34 @@ def _render(plan: TCAttentionPlan) -> str:
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
-        RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
+        RELH=rel[0] if rel else None, RELW=rel[1] if rel else None,
+        fp8=plan.kv_dtype is not None, KT="unsigned char" if plan.kv_dtype else ops.STORAGE_TYPE[dtype],
+        SWZ="lf_st8" if plan.kv_dtype else "lf_swz", fp8_helpers=read_template("cuda/fp8.cuh") if plan.kv_dtype else "",
+        **ctx)
 
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
-                      tiles: TileConfig | None = None, compile_fn: CompileFn | None = None) -> TCAttentionPlan:
+                      tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
+                      kv_dtype: str | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
-    one, or when it cannot compile, the last candidate, which is the safest)."""
+    one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
+    "fp8_e4m3": over an e4m3 cache with per-head scales."""
     check_attention_layer(layer, page_size)
+    check_kv_dtype(layer, kv_dtype)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     major = int(arch.removeprefix("sm_").rstrip("af")) // 10
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads))
     for c in candidates:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

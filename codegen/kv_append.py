@@ -7,9 +7,12 @@
 
 The kernel writes T new tokens into a cache laid out as [num_pages, page_size, Hkv, D]:
 token t goes to page `pages[t]`, slot `positions[t] % page_size`, with K rotated by RoPE at
-`positions[t]` (V copied). Pages come from the host (runtime/kv_cache.py checks them), so the
-kernel reads no page table. The same launch also applies queued scalar updates to the device
-`seq_lens` and `page_table` (after the host mirrors, see runtime/kv_cache.py).
+`positions[t]` (V copied). With kv_dtype="fp8_e4m3" the cache holds e4m3 bits: each value, K
+after its rotation, is divided by its KV head's float32 scale (k_scale / v_scale [Hkv]) and
+rounded once to e4m3 (nearest even, saturating to +-448; cuda_fp8.h). Pages come from the
+host (runtime/kv_cache.py checks them), so the kernel reads no page table. The same launch
+also applies queued scalar updates to the device `seq_lens` and `page_table` (after the host
+mirrors, see runtime/kv_cache.py).
 
 Work is split into items of a few channels (16 bytes where the shapes allow), one per
 thread: rotary K items (neox: a vector from each half of the rotary channels; gptj: a vector
@@ -33,9 +36,11 @@ from .plan import KernelPlan
 from .render import read_template, render
 from .rope import rope_context, static_table
 
-__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "BLOCK"]
+__all__ = ["KVAppendPlan", "plan_kv_append", "rope_fields", "check_rope", "BLOCK", "KV_DTYPES", "FP8_MAX"]
 
 BLOCK = 256  # threads per block
+KV_DTYPES = ("fp8_e4m3",)   # cache storage other than the model's dtype (None: the model's dtype)
+FP8_MAX = 448.0             # the largest finite e4m3 value: quantised values saturate to +-FP8_MAX
 
 _DTYPES = {  # name -> (C type, to float, from float, two-lane type, from two floats); rounding to nearest even
     "bf16": ("__nv_bfloat16", "__bfloat162float", "__float2bfloat16_rn", "__nv_bfloat162", "__floats2bfloat162_rn"),
@@ -66,10 +71,17 @@ class KVAppendPlan(KernelPlan):
     rope_scaling: RopeScaling | None = None  # dsl/numerics (Llama 3's four numbers are accepted too)
     arch: str = "sm_90"
     vec_bytes: int = 16           # widest access; less for k/v that are not 16-byte aligned
+    kv_dtype: str | None = None   # "fp8_e4m3": the cache stores e4m3 bits, scaled per KV head
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"kv append: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype is not None:
+            if self.kv_dtype not in KV_DTYPES:
+                raise ValueError(f"kv append: kv_dtype must be one of {KV_DTYPES} or None, got {self.kv_dtype!r}")
+            if self.dtype == "f32" or self.head_dim % 16:
+                raise ValueError(f"kv append: an fp8 cache takes bf16/f16 K/V of a head dim that is a multiple "
+                                 f"of 16, got {self.dtype} and {self.head_dim}")
         for name in ("num_kv_heads", "head_dim", "page_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -89,6 +101,8 @@ class KVAppendPlan(KernelPlan):
     @property
     def key(self) -> str:
         parts = ["kv_append", f"hkv{self.num_kv_heads}", f"d{self.head_dim}", f"p{self.page_size}", self.dtype]
+        if self.kv_dtype is not None:
+            parts.append("kv" + self.kv_dtype.replace("_", ""))
         if self.rope_style is None:
             parts.append("norope")
         else:
@@ -122,7 +136,8 @@ class KVAppendPlan(KernelPlan):
         return (_abi(self),)
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "page_size": self.page_size, "num_kv_heads": self.num_kv_heads,
+        kv = {"kv_dtype": self.kv_dtype} if self.kv_dtype else {}
+        return {"dtype": self.dtype, **kv, "page_size": self.page_size, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "vec_bytes": self.vec_bytes,
                 "rope": None if self.rope_style is None else {
                     "style": self.rope_style, "theta": self.rope_theta, "rotary_dim": self.rotary_dim,
@@ -161,13 +176,16 @@ def _layout(plan: KVAppendPlan) -> dict[str, int]:
 def _abi(plan: KVAppendPlan) -> KernelABI:
     """One thread per item of a token (rotary K, K copied, V) or per queued bookkeeping write."""
     c = ops.STORAGE_TYPE[DType[plan.dtype]]
-    args = (Arg("k_cache", f"{c}* __restrict__", "output"), Arg("v_cache", f"{c}* __restrict__", "output"),
+    kc = "unsigned char" if plan.kv_dtype else c   # e4m3 bits (cuda_fp8.h's __nv_fp8_storage_t)
+    args = (Arg("k_cache", f"{kc}* __restrict__", "output"), Arg("v_cache", f"{kc}* __restrict__", "output"),
             Arg("k", f"const {c}* __restrict__", "input"), Arg("v", f"const {c}* __restrict__", "input"),
             Arg("k_stride", "long long", "dim"), Arg("v_stride", "long long", "dim"),   # token rows, elements
             # page[T], position[T], then (seq, len)[U] and (index, page)[W] as columns
             Arg("meta", "const int* __restrict__", "input"),
             Arg("num_tokens", "int", "dim"), Arg("num_len_updates", "int", "dim"), Arg("num_page_updates", "int", "dim"),
             Arg("seq_lens", "int* __restrict__", "output"), Arg("page_table", "int* __restrict__", "output"))
+    if plan.kv_dtype:   # float32 [Hkv]: a stored value is the value / its head's scale
+        args += (Arg("k_scale", "const float* __restrict__", "input"), Arg("v_scale", "const float* __restrict__", "input"))
     items = _layout(plan)["items_per_token"]
     return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens * {items} + updates, {BLOCK})",),
                      block=(BLOCK,), problem=("tokens", "updates"))
@@ -184,7 +202,7 @@ def _source(plan: KVAppendPlan) -> str:
         ctype2=ctype2, from_f32x2=from_f32x2,
         num_kv_heads=plan.num_kv_heads, head_dim=plan.head_dim, page_size=plan.page_size,
         rope_style=plan.rope_style or "none", rotary_dim=plan._rd,
-        rope=rope_context(rope, memory="global"), block=BLOCK, **_layout(plan))
+        rope=rope_context(rope, memory="global"), block=BLOCK, fp8=plan.kv_dtype is not None, **_layout(plan))
 
 
 def check_rope(style, theta, rotary_dim, head_dim: int) -> None:
@@ -216,11 +234,12 @@ def rope_fields(rope, head_dim: int) -> tuple[str, float, int, RopeScaling | Non
 
 
 def plan_kv_append(dtype: str, num_kv_heads: int, head_dim: int, page_size: int, rope, arch: str,
-                   *, vec_bytes: int = 16) -> KVAppendPlan:
+                   *, vec_bytes: int = 16, kv_dtype: str | None = None) -> KVAppendPlan:
     """The plan for a cache of `dtype` [*, page_size, num_kv_heads, head_dim]; `rope` is a
-    `dsl.ir.RopeSpec` with a numeric rotary_dim, or None (K copied as given)."""
+    `dsl.ir.RopeSpec` with a numeric rotary_dim, or None (K copied as given). kv_dtype
+    "fp8_e4m3": K/V of `dtype` stored as scaled e4m3."""
     fields = rope_fields(rope, head_dim) or (None, None, None, None)
     style, theta, rotary_dim, scaling = fields
     return KVAppendPlan(dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                         rope_style=style, rope_theta=theta, rotary_dim=rotary_dim, rope_scaling=scaling, arch=arch,
-                        vec_bytes=vec_bytes)
+                        vec_bytes=vec_bytes, kv_dtype=kv_dtype)

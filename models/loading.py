@@ -62,10 +62,12 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = torch.bfloat16,
-                    device: torch.device | str | None = None, page_size: int = 16, program=None) -> DecoderModel:
+                    device: torch.device | str | None = None, page_size: int = 16, program=None,
+                    kv_dtype: str | None = None, kv_scales: str = "per_tensor") -> DecoderModel:
     """A DecoderModel with the weights of a transformers checkpoint folder (config.json plus
     model.safetensors, or shards with model.safetensors.index.json). The config's model_type
-    picks the family (models/families.py); what the family cannot serve is a ConfigError."""
+    picks the family (models/families.py); what the family cannot serve is a ConfigError.
+    kv_dtype / kv_scales: the paged cache's storage (DecoderModel)."""
     root = Path(folder)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -77,6 +79,7 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     spec = spec_from_config(config)
     tensors = canonical_state_dict(spec, load_tensors(checkpoint_files(root)))
     device = torch.device(device) if device is not None else torch.device("cpu")
-    model = DecoderModel(spec, dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program)
+    model = DecoderModel(spec, dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program,
+                         kv_dtype=kv_dtype, kv_scales=kv_scales)
     model.load_state_dict(tensors, strict=True)
     return model.eval()

@@ -19,6 +19,11 @@ last token (or of every token: `logits="all"`). Each layer is
 and each residual add is fused with the norm that follows it (`add_rms_norm`: one pass returns
 the normalised rows and the sum), the last one with the final norm. CPU tensors run the same
 modules through the DSL's reference evaluator.
+
+kv_dtype="fp8_e4m3" stores the paged cache as e4m3 with float32 scales per layer
+(kv_scales="per_tensor" or "per_head"; runtime/kv_cache.py): make_cache() builds such a cache,
+whose scales start at 1.0 (calibrate with cache.set_scales(layer, k_scale, v_scale)), and
+every layer's attention reads it with that layer's scales.
 """
 from __future__ import annotations
 
@@ -111,10 +116,13 @@ class StepContext:
     def attend(self, attn: PagedAttention, layer: int, q: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.layer(layer)
         pt, lens = self.cache._page_table, self.cache._seq_lens
+        scales = {}
+        if self.cache.kv_dtype:   # views of the layer's scales: nothing read on the host (capturable)
+            scales = dict(zip(("k_scale", "v_scale"), self.cache.layer_scales(layer)))
         if self.cu_seqlens is not None and (q.device.type != "cuda" or attn.kernel == "tc"):   # simt: per token
             return attn.prefill(q, k_cache, v_cache, pt, lens, self.cu_seqlens, max_q_len=self.max_q_len,
-                                max_kv_len=self.max_kv_len)
-        return attn(q, k_cache, v_cache, pt, lens, self.q_seq, self.q_pos, max_kv_len=self.max_kv_len)
+                                max_kv_len=self.max_kv_len, **scales)
+        return attn(q, k_cache, v_cache, pt, lens, self.q_seq, self.q_pos, max_kv_len=self.max_kv_len, **scales)
 
 
 class Attention(torch.nn.Module):
@@ -202,10 +210,12 @@ class DecoderLayer(torch.nn.Module):
 
 class DecoderModel(torch.nn.Module):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
-                 page_size: int = 16, program: Program | None = None):
+                 page_size: int = 16, program: Program | None = None, kv_dtype: str | None = None,
+                 kv_scales: str = "per_tensor"):
         super().__init__()
         self.spec = spec
         self.page_size = page_size
+        self.kv_dtype, self.kv_scales = kv_dtype, kv_scales   # the cache make_cache() builds
         dname = _dtype_name(dtype)
         td = _torch_dtype(dname)
         prog = program or Program.stdlib()
@@ -240,7 +250,7 @@ class DecoderModel(torch.nn.Module):
                 kw["rope_scaling"] = (dict(params), max_pos)
             layer = prog.specialise(aspec.definition, Hq=s.num_heads, Hkv=s.num_kv_heads, D=s.head_dim,
                                     dtype=dname, **kw)
-            hit = self._attention[aspec] = (PagedAttention(layer, page_size=self.page_size),
+            hit = self._attention[aspec] = (PagedAttention(layer, page_size=self.page_size, kv_dtype=self.kv_dtype),
                                             layer.function.outputs[0].arg.rope)
         return hit
 
@@ -261,7 +271,7 @@ class DecoderModel(torch.nn.Module):
         s = self.spec
         return PagedKVCache(num_pages, self.page_size, s.num_kv_heads, s.head_dim, dtype=self.dtype,
                             device=self.device, max_seqs=max_seqs, max_pages_per_seq=max_pages_per_seq,
-                            num_layers=s.num_layers)
+                            num_layers=s.num_layers, kv_dtype=self.kv_dtype, scales=self.kv_scales)
 
     def context(self, cache: PagedKVCache, seq_ids: list[int]) -> StepContext:
         """Plan a step of tokens (host bookkeeping) for every layer: prefill form when tokens of

@@ -12,6 +12,14 @@ cu_seqlens[s+1]-1, which are its last tokens (prefill, chunked prefill over a ca
 The cache holds K already rotated (see runtime/kv_cache.py); seq_lens counts the tokens each
 sequence has in the cache, the new ones included.
 
+An fp8 cache (PagedKVCache(kv_dtype="fp8_e4m3")) is read by a module built with the same
+kv_dtype, and every call passes the layer's scales (cache.layer_scales(i)):
+
+    attn = PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3")
+    k_scale, v_scale = cache.layer_scales(0)
+    out = attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=4096,
+               k_scale=k_scale, v_scale=v_scale)
+
 kernel="tc" runs the tensor-core kernels (codegen/attention_tc.py; the default from sm_80 on),
 kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80), which
 serves only the per-token form. Under kernel="tc", prefill="wgmma" runs the ragged prefill
@@ -23,6 +31,8 @@ reference evaluator instead (slow, exact; bad page tables are errors there).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from operator import itemgetter
 from typing import Any
@@ -33,19 +43,25 @@ from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_inte
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
 from ..codegen.attention_wgmma import WGMMAAttentionPlan, WGTileConfig, plan_wgmma_attention, supports as wgmma_supports
 from ..codegen.block_mask import needs_block_mask
+from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import block_mask as bmc, ops
 from .block_mask import BlockMask
+from .kv_cache import dequantise
 
 
 class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
                  kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
-                 interface: dict | None = None, name: str | None = None, **scalars: Any):
+                 interface: dict | None = None, name: str | None = None, kv_dtype: str | None = None,
+                 **scalars: Any):
         if layer is not None and layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
+        if kv_dtype not in (None, *KV_DTYPES):
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES} or None (the block's dtype), got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         if kernel not in (None, "tc", "simt"):
             raise ValueError(f"kernel must be 'tc' or 'simt' (None: 'tc' from sm_80 on), got {kernel!r}")
         if prefill not in (None, "tc", "wgmma"):
@@ -64,6 +80,10 @@ class PagedAttention:
         self._cache = cache
         self.hq, self.hkv, self.d = info["num_q_heads"], info["num_kv_heads"], info["head_dim"]
         self.dtype = DType[info["dtype"]].torch
+        if kv_dtype and self.dtype == torch.float32:
+            raise ValueError(f"{self.name}: an {kv_dtype} cache serves bf16 or f16 blocks, not float32")
+        # what k_cache / v_cache hold
+        self.cache_dtype = torch.float8_e4m3fn if kv_dtype else self.dtype
         self.extra = [(e["name"], DType[e["dtype"]].torch, e["shape"]) for e in info["extra"]]
         self.scalar_names = [p["name"] for p in info["scalars"]]
         self.table_dims = info["table_dims"]   # dims of the extra inputs passed as ints
@@ -107,7 +127,9 @@ class PagedAttention:
         """The kernel of the ragged prefill tiles: 'wgmma' (Hopper, sm_90; bf16/f16, head dims
         64/128/256, pages of 4+ keys) or 'tc' (mma.sync, sm_80 and newer)."""
         if self._prefill is None:
-            hopper = self.target in ("sm_90", "sm_90a") and self.layer is not None and self.kernel == "tc"
+            # the wgmma kernel reads bf16/f16 caches only: an fp8 cache stays on mma.sync
+            hopper = (self.target in ("sm_90", "sm_90a") and self.layer is not None and self.kernel == "tc"
+                      and not self.kv_dtype)
             forced = self.tiles.get("prefill")   # a TileConfig (mma.sync) or a WGTileConfig (wgmma)
             if forced is not None:
                 self._prefill = "wgmma" if isinstance(forced, WGTileConfig) else "tc"
@@ -122,7 +144,7 @@ class PagedAttention:
     @property
     def plan(self) -> PagedAttentionPlan:
         if self._plan is None:
-            self._plan = plan_paged_attention(self.layer, self.target, page_size=self.page_size)
+            self._plan = plan_paged_attention(self.layer, self.target, page_size=self.page_size, kv_dtype=self.kv_dtype)
         return self._plan
 
     def tc_plan(self, mode: str) -> TCAttentionPlan | WGMMAAttentionPlan:
@@ -134,7 +156,8 @@ class PagedAttention:
                                             compile_fn=compile_fn(self._cache))
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
-                                         tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache))
+                                         tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
+                                         kv_dtype=self.kv_dtype)
             self._tc_plans[mode] = plan
         return plan
 
@@ -179,7 +202,8 @@ class PagedAttention:
         if not t.is_contiguous():
             raise LayerInputError(f"{self.name}: '{name}' must be contiguous")
 
-    def _common_checks(self, q, k_cache, v_cache, page_table, seq_lens, max_kv_len, extra, out, scalars):
+    def _common_checks(self, q, k_cache, v_cache, page_table, seq_lens, max_kv_len, extra, out, scalars,
+                       k_scale=None, v_scale=None):
         dev = q.device if isinstance(q, torch.Tensor) else None
         if dev is None or dev.type not in ("cuda", "cpu"):
             raise LayerInputError(f"{self.name}: q must be a CUDA tensor (the kernels) or a CPU tensor "
@@ -188,10 +212,25 @@ class PagedAttention:
             raise LayerInputError(f"{self.name}: q must be [T, {self.hq}, {self.d}] (Hq heads of dim D), "
                                   f"got {tuple(q.shape)}")
         self._check("q", q, self.dtype, (None, self.hq, self.d), 3, dev)
-        self._check("k_cache", k_cache, self.dtype, (None, self.page_size, self.hkv, self.d), 4, dev)
+        if isinstance(k_cache, torch.Tensor) and k_cache.dtype != self.cache_dtype and (
+                k_cache.dtype == torch.float8_e4m3fn or self.kv_dtype):
+            raise LayerInputError(f"{self.name}: 'k_cache' is {k_cache.dtype}; this module reads "
+                                  f"{self.cache_dtype} caches (build it with kv_dtype="
+                                  f"{'None' if self.kv_dtype else repr(KV_DTYPES[0])} to read the other)")
+        self._check("k_cache", k_cache, self.cache_dtype, (None, self.page_size, self.hkv, self.d), 4, dev)
         if k_cache.shape[2] != self.hkv:
             raise LayerInputError(f"{self.name}: the cache has {k_cache.shape[2]} KV heads, the block {self.hkv}")
-        self._check("v_cache", v_cache, self.dtype, tuple(k_cache.shape), 4, dev)
+        self._check("v_cache", v_cache, self.cache_dtype, tuple(k_cache.shape), 4, dev)
+        scales = {}
+        if self.kv_dtype:
+            for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if t is None:
+                    raise LayerInputError(f"{self.name}: an {self.kv_dtype} cache needs '{name}' (float32 [{self.hkv}], "
+                                          f"PagedKVCache.layer_scales)")
+                self._check(name, t, torch.float32, (self.hkv,), 1, dev)
+                scales[name] = t
+        elif k_scale is not None or v_scale is not None:
+            raise LayerInputError(f"{self.name}: k_scale / v_scale are for fp8 caches; this module reads {self.dtype}")
         self._check("page_table", page_table, torch.int32, None, 2, dev)
         S, max_pages = page_table.shape
         self._check("seq_lens", seq_lens, torch.int32, (S,), 1, dev)
@@ -199,6 +238,7 @@ class PagedAttention:
             raise LayerInputError(f"{self.name}: max_kv_len {max_kv_len} is past the page table's capacity "
                                   f"({max_pages} pages of {self.page_size})")
         values = self._extra_values(extra, scalars, dev, S)
+        values.update(scales)
         if out is None:
             out = torch.empty_like(q)
         else:
@@ -265,14 +305,16 @@ class PagedAttention:
 
     def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len: int,
                  extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, **scalars) -> torch.Tensor:
-        """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position."""
+                 out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None, **scalars) -> torch.Tensor:
+        """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position. k_scale,
+        v_scale: an fp8 cache's float32 [Hkv] scales (required then, refused otherwise)."""
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_attention(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos,
                                        max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
-                                       scalars=scalars)
+                                       scalars=scalars, scales=(k_scale, v_scale))
         dev, S, max_pages, out, values = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
-                                                           extra, out, scalars)
+                                                           extra, out, scalars, k_scale, v_scale)
         T = q.shape[0]
         self._check("q_seq", q_seq, torch.int32, (T,), 1, dev)
         self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
@@ -282,7 +324,7 @@ class PagedAttention:
             ids, pos = q_seq.long(), q_pos.long()
             groups = [(int(b), (ids == b).nonzero()[:, 0]) for b in ids.unique()]
             return self._reference(q, k_cache, v_cache, page_table, seq_lens, [(b, r, pos[r]) for b, r in groups],
-                                   extra, scalars, out)
+                                   extra, scalars, out, values)
         if self.kernel == "tc":
             return self._launch_tc(dev, "decode", q, k_cache, v_cache, page_table, seq_lens, None, q_seq, q_pos, out,
                                    S, max_pages, T, 1, max_kv_len, num_splits, values)
@@ -300,21 +342,23 @@ class PagedAttention:
 
     def prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, *, max_q_len: int, max_kv_len: int,
                 extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
-                out: torch.Tensor | None = None, block_mask: BlockMask | None = None, **scalars) -> torch.Tensor:
+                out: torch.Tensor | None = None, block_mask: BlockMask | None = None,
+                k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, **scalars) -> torch.Tensor:
         """Ragged form: sequence s owns q rows cu_seqlens[s] .. cu_seqlens[s+1]-1, its last tokens.
         max_q_len bounds every sequence's new tokens (a host int, like max_kv_len).
         block_mask: for a mask that reads tables at positions (document ids), the batch's
         `self.block_mask(...)`, shared by the layers; without it one is looked up in a cache or
-        computed (runtime/block_mask.py). Short chunks (the decode tiling) need none."""
+        computed (runtime/block_mask.py). Short chunks (the decode tiling) need none. k_scale,
+        v_scale: as in the per-token form."""
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_prefill(self, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=max_q_len,
                                      max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
-                                     scalars=scalars)
+                                     scalars=scalars, scales=(k_scale, v_scale))
         if isinstance(q, torch.Tensor) and q.device.type == "cuda" and self.kernel != "tc":
             raise LayerInputError(f"{self.name}: the ragged prefill form needs the tensor-core kernels "
                                   f"(kernel='tc', sm_80 or newer)")
         dev, S, max_pages, out, values = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
-                                                           extra, out, scalars)
+                                                           extra, out, scalars, k_scale, v_scale)
         T = q.shape[0]
         self._check("cu_seqlens", cu_seqlens, torch.int32, (S + 1,), 1, dev)
         if max_q_len > max_kv_len:
@@ -331,7 +375,7 @@ class PagedAttention:
                 n, length = cu[b + 1] - cu[b], int(seq_lens[b])
                 if n:
                     groups.append((b, torch.arange(cu[b], cu[b + 1]), torch.arange(length - n, length)))
-            return self._reference(q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out)
+            return self._reference(q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out, values)
         mode = pick_mode(max_q_len, self.hq // self.hkv)
         if mode == "prefill" and self.needs_block_mask:
             bm = self._prefill_block_mask(block_mask, dev, seq_lens, cu_seqlens, T, max_q_len, max_kv_len, values)
@@ -422,9 +466,10 @@ class PagedAttention:
                 bmc.remember(key, mask, tensors)
         return mask
 
-    def _reference(self, q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out):
+    def _reference(self, q, k_cache, v_cache, page_table, seq_lens, groups, extra, scalars, out, values):
         """CPU tensors: the DSL's reference evaluator, one sequence at a time, over K/V gathered
-        from the pages (K is stored rotated, so only q is rotated). Bad tables are errors here."""
+        from the pages (K is stored rotated, so only q is rotated). Bad tables are errors here.
+        An fp8 cache: over its dequantised values (float32 K/V, runtime/kv_cache.dequantise)."""
         from ..dsl.evaluator import evaluate
         if self.layer is None:
             raise LayerInputError(f"{self.name}: a module loaded from a pack runs CUDA tensors only (the reference "
@@ -444,13 +489,17 @@ class PagedAttention:
                                       f"{num_pages} pages: {pages.tolist()}")
             k = k_cache[pages].reshape(-1, self.hkv, self.d)[:length]
             v = v_cache[pages].reshape(-1, self.hkv, self.d)[:length]
+            fn = self.layer.function
+            if self.kv_dtype:
+                k, v = dequantise(k, values["k_scale"]), dequantise(v, values["v_scale"])
+                fn = float32_kv(fn)
             inputs = {"q": q[rows][None], "k": k[None], "v": v[None]}
-            seq_dims = _dims_of(self.layer.function.params[:3], (inputs["q"], k[None], v[None]))
+            seq_dims = _dims_of(fn.params[:3], (inputs["q"], k[None], v[None]))
             for name, _, shape in self.extra:
                 t = (extra or {})[name]
                 inputs[name] = _fit_table(t[b:b + 1] if shape[0] == "B" else t, shape, seq_dims)
             inputs.update({name: sc[name] for name in self.scalar_names})
-            (o,) = evaluate(self.layer.function, inputs, q_positions=pos[None], kv_positions=torch.arange(length)[None],
+            (o,) = evaluate(fn, inputs, q_positions=pos[None], kv_positions=torch.arange(length)[None],
                             k_rotated=True, batch_offset=b)
             out[rows] = o[0].to(out.dtype)
         return out
@@ -473,6 +522,15 @@ class PagedAttention:
         if num_splits > 1:
             merge((T,), merge_args(values))
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def float32_kv(fn):
+    """An attention block's function with k and v taken as float32: the reference over an fp8
+    cache's dequantised values (which bf16/f16 cannot hold exactly)."""
+    q, k, v, *rest = fn.params
+    return dataclasses.replace(fn, params=(q, dataclasses.replace(k, dtype=DType.f32),
+                                           dataclasses.replace(v, dtype=DType.f32), *rest))
 
 
 def _dims_of(params, tensors) -> dict[str, int]:

@@ -20,6 +20,14 @@ the next append's kernel writes them (or `flush()`; the two properties flush fir
 
 An append cannot be captured in a CUDA graph: its metadata comes from the host at each call.
 
+FP8 (`kv_dtype="fp8_e4m3"`): the pages hold e4m3 values (torch.float8_e4m3fn) and each layer
+owns float32 scales for K and V, [num_layers, Hkv]: a stored value is x / scale[head], rounded
+once to e4m3 (nearest even, saturating to +-448), after K's RoPE; the attention kernels read
+x ~= stored * scale. `scales="per_tensor"` keeps one scale per layer (every head's entry equal),
+`"per_head"` one per KV head. Scales start at 1.0; calibrate them with set_scales() before the
+first append (values already stored keep the scales they were written with: changing a scale
+rescales what the attention reads, so a cache refilled after set_scales is the supported use).
+
 On a CPU device the same bookkeeping runs and torch ops do the kernel's work (the same f32
 math), so the cache's behaviour can be used and tested without a GPU.
 """
@@ -32,16 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..codegen.kv_append import KVAppendPlan, rope_fields
+from ..codegen.kv_append import FP8_MAX, KV_DTYPES, KVAppendPlan, rope_fields
 from ..dsl.attention_ref import rotate
 from ..dsl.numerics import rope_cos_sin
 from ..dsl.evaluator import LayerInputError
 from . import ops
 
-__all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError"]
+__all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError", "quantise", "dequantise"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+_SCALES = ("per_tensor", "per_head")
 _MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
 _I32_MAX = (1 << 31) - 1
 
@@ -94,7 +103,8 @@ def register_append_kernel(key: str, cubin: bytes, abi) -> None:
 class PagedKVCache:
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype | str, device: torch.device | str | int, max_seqs: int,
-                 max_pages_per_seq: int, *, num_layers: int = 1, arch: str | None = None, kernel_cache=None):
+                 max_pages_per_seq: int, *, num_layers: int = 1, arch: str | None = None, kernel_cache=None,
+                 kv_dtype: str | None = None, scales: str = "per_tensor"):
         for name, value in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("max_seqs", max_seqs),
                             ("max_pages_per_seq", max_pages_per_seq), ("num_layers", num_layers)):
@@ -104,6 +114,15 @@ class PagedKVCache:
         if dtype not in _DTYPES:
             raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16, torch.float16 or torch.float32 "
                              f"('bf16', 'f16', 'f32'), got {dtype!r}")
+        if kv_dtype is not None:
+            if kv_dtype not in KV_DTYPES:
+                raise ValueError(f"PagedKVCache: kv_dtype must be one of {KV_DTYPES} or None (the dtype), "
+                                 f"got {kv_dtype!r}")
+            if dtype == torch.float32 or head_dim % 16:
+                raise ValueError(f"PagedKVCache: an fp8 cache takes bf16 or f16 K/V and a head dim that is a "
+                                 f"multiple of 16, got {dtype} and {head_dim}")
+        if scales not in _SCALES:
+            raise ValueError(f"PagedKVCache: scales must be one of {_SCALES}, got {scales!r}")
         if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
             raise ValueError("PagedKVCache: page numbers and page_table indices must fit int32")
         if max_pages_per_seq * page_size > _MAX_POSITION:
@@ -119,12 +138,20 @@ class PagedKVCache:
         self.max_seqs, self.max_pages_per_seq = int(max_seqs), int(max_pages_per_seq)
         self.num_layers = int(num_layers)
         self.dtype, self.device = dtype, device
+        self.kv_dtype, self.scales = kv_dtype, scales
+        # what the pages hold: the dtype, or e4m3 values
+        self.storage_dtype = torch.float8_e4m3fn if kv_dtype else dtype
         self.arch = arch
         self._kernel_cache = kernel_cache
 
         shape = (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
-        self._k = torch.zeros(shape, dtype=dtype, device=device)
-        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self._k = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        self._v = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        # fp8: float32 scales [num_layers, Hkv] (per_tensor: a layer's entries are equal); None otherwise
+        self._k_scale = self._v_scale = None
+        if kv_dtype:
+            self._k_scale = torch.ones((self.num_layers, self.num_kv_heads), dtype=torch.float32, device=device)
+            self._v_scale = torch.ones_like(self._k_scale)
         self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
         self._seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
 
@@ -155,6 +182,49 @@ class PagedKVCache:
         if not 0 <= index < self.num_layers:
             raise KVCacheError(f"layer {index} is out of range [0, num_layers={self.num_layers})")
         return self._k[index], self._v[index]
+
+    def layer_scales(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp8 caches: layer `index`'s (k_scale, v_scale), float32 [Hkv] views on the cache's
+        device (what the attention kernels take)."""
+        if self._k_scale is None:
+            raise KVCacheError(f"layer_scales: the cache stores {self.dtype}, not fp8; it has no scales")
+        self.layer(index)   # range check
+        return self._k_scale[index], self._v_scale[index]
+
+    def set_scales(self, index: int, k_scale, v_scale) -> None:
+        """Set layer `index`'s scales (calibration): a stored value is x / scale. per_tensor: a
+        number (or a 1-element tensor); per_head: that or Hkv values, one per KV head. Every
+        scale must be finite and positive. Written with a torch copy on the current stream
+        (values from a device tensor are read to check them, which synchronises)."""
+        if self._k_scale is None:
+            raise KVCacheError(f"set_scales: the cache stores {self.dtype}, not fp8; it has no scales")
+        self.layer(index)
+        for name, value, dst in (("k_scale", k_scale, self._k_scale), ("v_scale", v_scale, self._v_scale)):
+            dst[index] = torch.from_numpy(self._scale_values(name, value)).to(self.device)
+
+    def _scale_values(self, name: str, value) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu", torch.float64).numpy()
+        x = np.asarray(value, dtype=np.float64).reshape(-1)
+        H = self.num_kv_heads
+        if x.size == 1:
+            x = np.repeat(x, H)
+        elif self.scales == "per_tensor":
+            raise LayerInputError(f"set_scales: '{name}' must be one number (scales='per_tensor'), got {x.size} values")
+        elif x.size != H:
+            raise LayerInputError(f"set_scales: '{name}' must be one number or {H} (one per KV head), got {x.size}")
+        x32 = x.astype(np.float32)
+        if not (np.isfinite(x32).all() and (x32 > 0).all()):
+            raise LayerInputError(f"set_scales: '{name}' must be finite and positive (as float32), got {x.tolist()}")
+        return x32
+
+    def dequantised(self, seq_id: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather() as float32 values: fp8 entries times their head's scale (exact in float64,
+        then rounded to float32 once); a cache of another dtype: its values as float32."""
+        k, v = self.gather(seq_id, layer)
+        if self._k_scale is None:
+            return k.float(), v.float()
+        return (dequantise(k, self._k_scale[layer]), dequantise(v, self._v_scale[layer]))
 
     @property
     def page_table(self) -> torch.Tensor:
@@ -381,7 +451,7 @@ class PagedKVCache:
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(pages={self.num_pages}x{self.page_size}, Hkv={self.num_kv_heads}, "
-                f"D={self.head_dim}, {_DTYPES[self.dtype]}, {self.device}, free={len(self._free)}, "
+                f"D={self.head_dim}, {_DTYPES[self.dtype]}{f', {self.kv_dtype} {self.scales}' if self.kv_dtype else ''}, {self.device}, free={len(self._free)}, "
                 f"max_seqs={self.max_seqs}, max_pages_per_seq={self.max_pages_per_seq})")
 
     # ---- checks -------------------------------------------------------------------------
@@ -520,7 +590,12 @@ class PagedKVCache:
         kernel((T, U + W), args(dict(
             k_cache=self._k[layer], v_cache=self._v[layer], k=k, v=v, k_stride=k.stride(0), v_stride=v.stride(0),
             meta=meta, num_tokens=T, num_len_updates=U, num_page_updates=W, seq_lens=self._seq_lens,
-            page_table=self._page_table)))
+            page_table=self._page_table, **self._scale_args(layer))))
+
+    def _scale_args(self, layer: int) -> dict:
+        if self._k_scale is None:
+            return {}
+        return {"k_scale": self._k_scale[layer], "v_scale": self._v_scale[layer]}
 
     def _kernel(self, rope: tuple | None, vec_bytes: int):
         hit = self._kernels.get((rope, vec_bytes))
@@ -532,7 +607,7 @@ class PagedKVCache:
         style, theta, rd, scaling = rope or (None, None, None, None)
         plan = KVAppendPlan(dtype=_DTYPES[self.dtype], num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                             page_size=self.page_size, rope_style=style, rope_theta=theta, rotary_dim=rd,
-                            rope_scaling=scaling, arch=arch, vec_bytes=vec_bytes)
+                            rope_scaling=scaling, arch=arch, vec_bytes=vec_bytes, kv_dtype=self.kv_dtype)
         hit = _LOADED.get((plan.key, self.device.index))
         if hit is None:
             image = _IMAGES.get(plan.key)
@@ -550,8 +625,13 @@ class PagedKVCache:
             self._last_tokens = (torch.from_numpy(a.seq_ids), torch.from_numpy(a.positions))
         pages = torch.from_numpy(a.pages.astype(np.int64)).to(self.device)
         slots = torch.from_numpy((a.positions % self.page_size).astype(np.int64)).to(self.device)
-        self._k[layer][pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k
-        self._v[layer][pages, slots] = a.v
+        if self._k_scale is not None:   # fp8: K rotated in f32, then each value quantised once
+            k = _rope_f32(a.k, a.positions, a.rope, round_to=None) if a.rope else a.k.float()
+            self._k[layer][pages, slots] = quantise(k, self._k_scale[layer])
+            self._v[layer][pages, slots] = quantise(a.v.float(), self._v_scale[layer])
+        else:
+            self._k[layer][pages, slots] = _rope_f32(a.k, a.positions, a.rope) if a.rope else a.k
+            self._v[layer][pages, slots] = a.v
         if apply:
             self._apply_torch(a.len_seqs, a.len_values, a.pt_index, a.pt_values)
 
@@ -584,10 +664,24 @@ def _vec_bytes(*tensors: torch.Tensor) -> int:
     return align
 
 
-def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple) -> torch.Tensor:
+def _rope_f32(x: torch.Tensor, positions: np.ndarray, rope: tuple, round_to="input") -> torch.Tensor:
     """The kernel's rotation with torch ops: cos/sin of the float64 angles (dsl/numerics), the
-    rotation in f32, one rounding."""
+    rotation in f32, one rounding (to x's dtype; round_to=None: the f32 result, for fp8)."""
     style, theta, rd, scaling = rope
     pos = torch.from_numpy(positions.astype(np.int64)).to(x.device)
     cos, sin = rope_cos_sin(pos, rd, theta, scaling, torch.float32)
-    return rotate(x.float(), cos[:, None, :], sin[:, None, :], style, rd).to(x.dtype)
+    out = rotate(x.float(), cos[:, None, :], sin[:, None, :], style, rd)
+    return out if round_to is None else out.to(x.dtype)
+
+
+def quantise(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 x [..., Hkv, D] as the fp8 cache stores it: x / scale[head] in float32, rounded to
+    e4m3 (nearest even) and saturated to +-448, as the append kernel does (NaN stays NaN)."""
+    q = x.float() / scale.float()[:, None]
+    return q.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantise(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp8 values [..., Hkv, D] times their head's scale: the values the attention kernels use
+    (the product is exact in float64; the result is that, rounded to `dtype`)."""
+    return (x.double() * scale.double()[:, None]).to(dtype)

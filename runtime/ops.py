@@ -220,13 +220,17 @@ def _eval_dim(spec, dims: dict[str, Any]):
 
 
 # ---- attention -------------------------------------------------------------------------
-def _attention_args(attn, extra, scalars) -> tuple[list[Tensor], list[float]]:
+def _attention_args(attn, extra, scalars, scales=(None, None)) -> tuple[list[Tensor], list[float]]:
     extra = extra or {}
     tensors = []
     for name, _, _ in attn.extra:
         if name not in extra:
             raise ValueError(f"{attn.name}: missing extra input '{name}'")
         tensors.append(extra[name])
+    if getattr(attn, "kv_dtype", None):   # an fp8 cache's k_scale, v_scale travel after the extra inputs
+        if scales[0] is None or scales[1] is None:
+            raise ValueError(f"{attn.name}: an {attn.kv_dtype} cache needs 'k_scale' and 'v_scale'")
+        tensors += list(scales)
     values = []
     for name in attn.scalar_names:
         value = scalars.get(name, attn.scalars.get(name))
@@ -237,14 +241,18 @@ def _attention_args(attn, extra, scalars) -> tuple[list[Tensor], list[float]]:
 
 
 def _attention_kwargs(attn, extra: list[Tensor], scalars: list[float]) -> dict[str, Any]:
-    return {"extra": dict(zip((name for name, _, _ in attn.extra), extra)),
-            **dict(zip(attn.scalar_names, scalars))}
+    n = len(attn.extra)
+    kwargs = {"extra": dict(zip((name for name, _, _ in attn.extra), extra[:n])),
+              **dict(zip(attn.scalar_names, scalars))}
+    if getattr(attn, "kv_dtype", None):
+        kwargs.update(k_scale=extra[n], v_scale=extra[n + 1])
+    return kwargs
 
 
 def paged_attention(attn, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len, extra,
-                    num_splits, out, scalars) -> Tensor:
-    """PagedAttention.__call__ (the per-token form) as one op."""
-    tensors, values = _attention_args(attn, extra, scalars)
+                    num_splits, out, scalars, scales=(None, None)) -> Tensor:
+    """PagedAttention.__call__ (the per-token form) as one op (an fp8 cache's scales ride in `extra`)."""
+    tensors, values = _attention_args(attn, extra, scalars, scales)
     args = (handle(attn), q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len, num_splits,
             tensors, values)
     if out is None:
@@ -272,9 +280,9 @@ def _paged_attention_out(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, pa
 
 
 def paged_prefill(attn, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, *, max_q_len, max_kv_len, extra,
-                  num_splits, out, scalars) -> Tensor:
-    """PagedAttention.prefill (the ragged form) as one op."""
-    tensors, values = _attention_args(attn, extra, scalars)
+                  num_splits, out, scalars, scales=(None, None)) -> Tensor:
+    """PagedAttention.prefill (the ragged form) as one op (an fp8 cache's scales ride in `extra`)."""
+    tensors, values = _attention_args(attn, extra, scalars, scales)
     args = (handle(attn), q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len, max_kv_len, num_splits,
             tensors, values)
     if out is None:

@@ -1,0 +1,183 @@
+"""Every FP8 (e4m3) KV-cache specialisation renders and compiles with NVRTC for sm_80 and sm_90
+without register spills or warnings: the append kernel with and without RoPE, the tensor-core
+decode and prefill kernels (head dims 64/128/256) and the CUDA-core kernel; fp8 keys are their
+own, and a plan without kv_dtype renders no fp8 code (no GPU needed)."""
+import pytest
+
+import layerforge as lf
+from layerforge.codegen.attention import plan_paged_attention
+from layerforge.codegen.attention_tc import plan_tc_attention
+from layerforge.codegen.kv_append import plan_kv_append
+from layerforge.codegen.row import LoweringError
+from layerforge.dsl.ir import RopeSpec
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+FP8 = "fp8_e4m3"
+ROPES = {
+    "none": lambda d: None,
+    "neox": lambda d: RopeSpec(10000.0, "neox", d),
+    "gptj": lambda d: RopeSpec(500000.0, "gptj", d),
+    "partial": lambda d: RopeSpec(10000.0, "neox", d // 2),
+}
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+def compile_clean(plan, arch):
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+    assert "warning" not in res.log, res.log
+    return res
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fp8_append_compiles_without_spills(arch, dtype, head_dim, rope):
+    plan = plan_kv_append(dtype, 8, head_dim, 16, ROPES[rope](head_dim), arch, kv_dtype=FP8)
+    res = compile_clean(plan, arch)
+    (kr,) = res.resources.values()
+    assert kr.registers <= 64, kr
+    src = plan.source()
+    assert "__nv_cvt_float_to_fp8" in src and "__NV_SATFINITE" in src and "k_scale[h]" in src
+    assert "unsigned char* __restrict__ k_cache" in src
+
+
+def test_fp8_append_keys_and_arguments():
+    plain = plan_kv_append("bf16", 8, 128, 16, RopeSpec(10000.0, "neox", 128), "sm_90")
+    fp8 = plan_kv_append("bf16", 8, 128, 16, RopeSpec(10000.0, "neox", 128), "sm_90", kv_dtype=FP8)
+    assert fp8.key == "kv_append_hkv8_d128_p16_bf16_kvfp8e4m3_neox_theta10000_sm90"
+    assert plain.key == "kv_append_hkv8_d128_p16_bf16_neox_theta10000_sm90"
+    assert [a.name for a in fp8.abi.args][-2:] == ["k_scale", "v_scale"]
+    assert "k_scale" not in [a.name for a in plain.abi.args]
+    assert "fp8" not in plain.source() and "e4m3" not in plain.source()
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        plan_kv_append("bf16", 8, 128, 16, None, "sm_90", kv_dtype="fp8")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_kv_append("bf16", 8, 72, 16, None, "sm_90", kv_dtype=FP8)
+
+
+def specialise(prog, name, d, dtype="bf16", hq=32, hkv=8):
+    kw = dict(Hq=hq, Hkv=hkv, D=d)
+    if name == "t5_attn":
+        kw["NB"] = 32
+    return prog.specialise(name, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn"])
+def test_fp8_tensor_core_attention_compiles_without_spills(prog, name, d, arch, mode, tmp_path):
+    from layerforge.runtime.cache import KernelCache
+    from layerforge.runtime.launch import compile_fn
+    plan = plan_tc_attention(specialise(prog, name, d), arch, mode=mode, kv_dtype=FP8,
+                             compile_fn=compile_fn(KernelCache(tmp_path)))
+    assert f"_kvfp8e4m3_tc{mode}_" in plan.key
+    res = compile_clean(plan, arch)
+    assert set(res.resources) == {plan.kernel_name, plan.merge_name}
+    assert plan.shared_bytes <= 227 * 1024
+    src = plan.source()
+    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and "lf_e4m3_odd_to<__nv_bfloat16>(bv[3])" in src
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src and "lf_ldsm4(bk" not in src
+    assert "sK8" in src and "sV8" in src and " sV = " not in src   # no widened copy in shared memory
+    assert "* k_scale[kvh]" in src and ("v_sc / l[sl]" in src or "aa / ll * v_sc" in src)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_fp8_tensor_core_attention_f16_and_other_groups(prog, mode):
+    for hq, hkv in ((8, 8), (32, 4), (32, 1)):
+        plan = plan_tc_attention(specialise(prog, "llama_attn", 128, "f16", hq, hkv), "sm_90", mode=mode,
+                                 kv_dtype=FP8, tiles=None)
+        compile_clean(plan, "sm_90")
+        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3_even_to<__half>" in plan.source()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "bloom_attn"])
+def test_fp8_cuda_core_attention_compiles_without_spills(prog, name, d, arch):
+    plan = plan_paged_attention(specialise(prog, name, d), arch, kv_dtype=FP8)
+    assert "_kvfp8e4m3_" in plan.key
+    compile_clean(plan, arch)
+    src = plan.source()
+    assert "lf_e4m3_to_float(kv.v[e])" in src and "* k_scale[kvh]" in src
+    if d != 96:   # 16 channels a lane: 16-byte loads of the e4m3 rows
+        assert "lf_vec<unsigned char, EPL>" in src and "lf_load_kv<unsigned char, EPL, " in src
+
+
+def test_fp8_plans_have_their_own_keys_and_arguments(prog):
+    layer = specialise(prog, "llama_attn", 128)
+    plain = plan_tc_attention(layer, "sm_90", mode="decode")
+    fp8 = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8)
+    assert plain.key.replace("_tcdecode", "_kvfp8e4m3_tcdecode") == fp8.key
+    names = [a.name for a in fp8.main_abi().args]
+    assert names[:7] == ["q", "k_cache", "v_cache", "page_table", "seq_lens", "k_scale", "v_scale"]
+    assert "k_scale" not in [a.name for a in plain.main_abi().args]
+    assert "e4m3" not in plain.source() and "e4m3" not in plan_paged_attention(layer, "sm_90").source()
+    with pytest.raises(LoweringError, match="bf16 or f16"):
+        plan_paged_attention(specialise(prog, "llama_attn", 128, "f32"), "sm_90", kv_dtype=FP8)
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        plan_tc_attention(layer, "sm_90", kv_dtype="e4m3")
+
+
+def test_fp8_widening_constants_decode_every_e4m3_code():
+    """The integer widening in templates/cuda/fp8.cuh (its masks, shifts, byte selector and
+    power-of-two factors, read from the file) gives torch's e4m3 value for every finite code,
+    subnormals and both zeros included, in f32, bf16 and f16; and for the byte pairs the kernels
+    take: consecutive channels (lf_e4m3x2_to) and bytes (0, 2) / (1, 3) (lf_e4m3_even_to / odd_to)."""
+    import re
+    from importlib import resources
+
+    import numpy as np
+    import torch
+
+    src = resources.files("layerforge.templates").joinpath("cuda/fp8.cuh").read_text()
+    codes = np.arange(256, dtype=np.uint32)
+    want = torch.from_numpy(codes.astype(np.uint8)).view(torch.float8_e4m3fn).double().numpy()
+    finite = ~np.isnan(want)
+
+    f32 = re.search(r"\(\(b & 0x80u\) << 24\) \| \(\(b & 0x7fu\) << (\d+)\)\) \* __uint_as_float\((0x[0-9a-f]+)u\)", src)
+    got = ((((codes & 0x80) << 24) | ((codes & 0x7F) << int(f32[1]))).astype(np.uint32).view(np.float32).astype(np.float64)
+           * np.array([int(f32[2], 16)], dtype=np.uint32).view(np.float32)[0])
+    assert np.array_equal(got[finite], want[finite])
+
+    def prmt(x, sel):   # __byte_perm(x, 0, sel) on arrays
+        out = np.zeros_like(x)
+        for i in range(4):
+            s = (sel >> (4 * i)) & 7
+            out |= (((x >> (8 * s)) & 0xFF) if s < 4 else 0) << (8 * i)
+        return out
+
+    x2_sel = int(re.search(r"lf_e4m3x2_to\(unsigned w\) \{\s*return lf_e4m3_top_to<T>\(__byte_perm\(w, 0u, (0x[0-9a-f]+)\)", src)[1], 16)
+    assert "lf_e4m3_even_to(unsigned w) { return lf_e4m3_top_to<T>(w << 8); }" in src
+    assert "lf_e4m3_odd_to(unsigned w) { return lf_e4m3_top_to<T>(w); }" in src
+    c0, c1 = codes, (codes * 37 + 11) % 256   # two channels a word, every code in each
+    words = {   # the word each helper reads -> the codes in its (low, high) halves
+        "x2": (prmt(c0 | (c1 << 8), x2_sel), c0, c1),
+        "even": ((c0 | (c1 << 16) | (((c1 + 5) % 256) << 8) | (((c0 + 9) % 256) << 24)) << 8, c0, c1),
+        "odd": ((((c0 + 3) % 256) | (c0 << 8) | (((c1 + 7) % 256) << 16) | (c1 << 24)), c0, c1),
+    }
+    for ctype in ("__nv_bfloat16", "__half"):
+        body = src[src.index(f"lf_e4m3_top_to<{ctype}>(unsigned t) {{"):]
+        shift, mask = re.search(r"\(\(t >> (\d+)\) & (0x[0-9a-f]+)u\)", body).groups()
+        factor = int(re.search(r"__ushort_as_(?:bfloat16|half)\((0x[0-9a-f]+)\)", body)[1], 16)
+        for name, (t, lo, hi) in words.items():
+            t = t.astype(np.uint64).astype(np.uint32)   # 32-bit words (the even case shifts out byte 3)
+            a = (t & 0x80008000) | ((t >> int(shift)) & int(mask, 16))
+            lanes = np.stack([a & 0xFFFF, a >> 16], axis=-1).astype(np.uint16)
+            if ctype == "__nv_bfloat16":
+                val = (lanes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+                k = float(np.array([factor << 16], dtype=np.uint32).view(np.float32)[0])
+            else:
+                val = lanes.view(np.float16).astype(np.float64)
+                k = float(np.array([factor], dtype=np.uint16).view(np.float16)[0])
+            got = val * k   # exact: a power of two
+            ok = finite[lo] & finite[hi]
+            assert np.array_equal(got[ok, 0], want[lo][ok]), (ctype, name)
+            assert np.array_equal(got[ok, 1], want[hi][ok]), (ctype, name)

@@ -1,0 +1,250 @@
+"""The FP8 (e4m3) KV cache on the GPU.
+
+Append: the generated kernel against the cache's torch path (a CPU cache fed the same calls),
+bit for bit where no RoPE is involved (V, K without rope or past rotary_dim: one float32
+division and one rounding on both sides), and within one e4m3 step almost everywhere exact
+for rotated K (the kernel's f32 sin/cos differ from torch's in the last bits).
+Attention: decode (tensor-core and CUDA-core kernels) and ragged prefill (tensor cores) over
+an e4m3 cache with per-head scales, outputs poisoned with NaN first, against the float64
+reference evaluator over the dequantised cache (the kernel's exact task), and against the
+bf16 cache of the same tokens within e4m3's error (one step, 2^-3 of the output's norm)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.dsl.attention_ref import apply_rope
+from layerforge.dsl.ir import RopeSpec
+from layerforge.runtime.attention import PagedAttention, float32_kv
+from layerforge.runtime.kv_cache import PagedKVCache, dequantise, quantise
+
+from ..seeding import seeded_generator
+
+FP8 = "fp8_e4m3"
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+ROPES = {
+    "none": lambda d: None,
+    "neox": lambda d: RopeSpec(10000.0, "neox", d),
+    "gptj": lambda d: RopeSpec(500000.0, "gptj", d),
+    "partial": lambda d: RopeSpec(10000.0, "neox", d // 2),
+}
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+# ---- append -------------------------------------------------------------------------------
+@pytest.mark.parametrize("scales", ["per_tensor", "per_head"])
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_append_kernel_matches_the_torch_path(dtype, d, rope, scales):
+    gen = seeded_generator("fp8 append gpu", dtype, d, rope, scales)
+    H, dt = 4, DTYPES[dtype]
+    spec = ROPES[rope](d)
+    caches = {dev: PagedKVCache(64, 16, H, d, dt, dev, 8, 16, num_layers=2, kv_dtype=FP8, scales=scales)
+              for dev in ("cuda", "cpu")}
+    k_scale = torch.rand(H, generator=gen) * 0.02 + 0.01 if scales == "per_head" else 0.015
+    v_scale = torch.rand(H, generator=gen) * 0.01 + 0.005 if scales == "per_head" else 0.008
+    lengths = [1, 17, 100, 33, 200]
+    for c in caches.values():
+        c.set_scales(1, k_scale, v_scale)
+        for s, n in enumerate(lengths):
+            c.allocate(s, n)
+    caches["cuda"].layer(1)[0].view(torch.uint8).fill_(0x7F)   # NaN codes: a slot not written stays NaN
+    caches["cuda"].layer(1)[1].view(torch.uint8).fill_(0x7F)
+    ks = {s: (torch.randn(n, H, d, generator=gen) * 3).to(dt) for s, n in enumerate(lengths)}   # some saturate
+    vs = {s: torch.randn(n, H, d, generator=gen).to(dt) for s, n in enumerate(lengths)}
+    done = {s: 0 for s in ks}
+    prefix = {s: max(0, ks[s].shape[0] - 3) for s in ks}   # prefill chunks, then three decode steps
+    while any(done[s] < prefix[s] for s in ks):
+        ids, rows_k, rows_v = [], [], []
+        for s in ks:
+            take = min(int(torch.randint(1, 40, (1,), generator=gen)), prefix[s] - done[s])
+            if take > 0:
+                ids += [s] * take
+                rows_k.append(ks[s][done[s]:done[s] + take])
+                rows_v.append(vs[s][done[s]:done[s] + take])
+                done[s] += take
+        k, v = torch.cat(rows_k), torch.cat(rows_v)
+        for dev, c in caches.items():
+            c.append(ids, k.to(dev), v.to(dev), spec, layer=1)
+    for _ in range(3):
+        ids = [s for s in ks if done[s] < ks[s].shape[0]]
+        k = torch.stack([ks[s][done[s]] for s in ids])
+        v = torch.stack([vs[s][done[s]] for s in ids])
+        for s in ids:
+            done[s] += 1
+        for dev, c in caches.items():
+            c.append(ids, k.to(dev), v.to(dev), spec, layer=1)
+    assert all(done[s] == ks[s].shape[0] for s in ks)
+    torch.cuda.synchronize()
+    rd = int(spec.rotary_dim) if spec is not None else 0
+    for s in ks:
+        gk, gv = (x.cpu().view(torch.uint8) for x in caches["cuda"].gather(s, 1))
+        wk, wv = (x.view(torch.uint8) for x in caches["cpu"].gather(s, 1))
+        assert torch.equal(gv, wv), f"sequence {s}: V differs from the torch path"
+        assert torch.equal(gk[..., rd:], wk[..., rd:]), f"sequence {s}: unrotated K differs"
+        if rd:
+            got = dequantise(gk[..., :rd].view(torch.float8_e4m3fn), caches["cpu"].layer_scales(1)[0], torch.float64)
+            want = dequantise(wk[..., :rd].view(torch.float8_e4m3fn), caches["cpu"].layer_scales(1)[0], torch.float64)
+            assert not got.isnan().any(), f"sequence {s}: a rotated K slot was not written"
+            step = want.abs() * 2 ** -3 + 2 ** -9 * 0.03   # one e4m3 step (relative 2^-3 at worst), subnormals
+            assert ((got - want).abs() <= step).all(), f"sequence {s}: rotated K off by more than one e4m3 step"
+            assert (gk[..., :rd] == wk[..., :rd]).double().mean() >= 0.97
+    # the other layer is untouched
+    assert (caches["cuda"].layer(0)[0].view(torch.uint8) == 0).all()
+
+
+# ---- attention ----------------------------------------------------------------------------
+def build_caches(ks, vs, page, spec, dtype, k_scale, v_scale, gen):
+    """An e4m3 cache and a bf16/f16 one of the same tokens, random page placement, K rotated in
+    float64 at its positions (as the append kernel stores it); pages not in use hold NaN codes."""
+    hkv, d = ks[0].shape[1], ks[0].shape[2]
+    pages_per = [max(1, math.ceil(k.shape[0] / page)) for k in ks]
+    total = sum(pages_per) + 3
+    perm = torch.randperm(total, generator=gen).tolist()
+    k8 = torch.full((total, page, hkv, d), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    v8 = k8.clone()
+    k16 = torch.full((total, page, hkv, d), float("nan"), dtype=dtype)
+    v16 = k16.clone()
+    table = torch.full((len(ks), max(pages_per) + 1), -1, dtype=torch.int32)
+    for s, (k, v) in enumerate(zip(ks, vs)):
+        n = k.shape[0]
+        kr = k.double()
+        if spec.rope is not None and n:
+            kr = apply_rope(kr[None], torch.arange(n)[None], spec.rope, int(spec.rope.rotary_dim))[0]
+        for i in range(pages_per[s]):
+            pg = perm.pop()
+            table[s, i] = pg
+            lo, hi = i * page, min(n, (i + 1) * page)
+            if hi > lo:
+                k8[pg, : hi - lo] = quantise(kr[lo:hi].float(), k_scale)
+                v8[pg, : hi - lo] = quantise(v[lo:hi].float(), v_scale)
+                k16[pg, : hi - lo] = kr[lo:hi].to(dtype)
+                v16[pg, : hi - lo] = v[lo:hi]
+    lens = torch.tensor([k.shape[0] for k in ks], dtype=torch.int32)
+    return (k8.cuda(), v8.cuda()), (k16.cuda(), v16.cuda()), table.cuda(), lens.cuda()
+
+
+def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, splits=None, **consts):
+    gen = seeded_generator("fp8 attention", name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts)
+    kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
+    layer = prog.specialise(name, dtype="bf16" if dtype == torch.bfloat16 else "f16", **kw)
+    spec = layer.function.outputs[0].arg
+    ks = [(torch.randn(n, hkv, d, generator=gen) * 2).to(dtype) for n in lens]
+    vs = [torch.randn(n, hkv, d, generator=gen).to(dtype) for n in lens]
+    qs = [torch.randn(m, hq, d, generator=gen).to(dtype) for m in new]
+    # per-head scales from the heads' maxima (K: room for the rotation), each head its own
+    k_scale = torch.stack([k.float().abs().amax(dim=(0, 2)) for k in ks]).amax(0) * 1.5 / 448
+    v_scale = torch.stack([v.float().abs().amax(dim=(0, 2)) for v in vs]).amax(0) / 448
+    k_scale = k_scale * (1 + 0.5 * torch.rand(hkv, generator=gen))   # unequal heads
+    (k8, v8), (k16, v16), table, seq_lens = build_caches(ks, vs, page, spec, dtype, k_scale, v_scale, gen)
+    q = torch.cat(qs).cuda()
+    q_seq = torch.cat([torch.full((m,), s, dtype=torch.int32) for s, m in enumerate(new)]).cuda()
+    q_pos = torch.cat([torch.arange(n - m, n, dtype=torch.int32) for n, m in zip(lens, new)]).cuda()
+    cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
+    kernel = "simt" if form == "simt" else "tc"
+
+    def attend(kc, vc, kv_dtype, **sc):
+        attn = PagedAttention(layer, page_size=page, kernel=kernel, kv_dtype=kv_dtype)
+        out = torch.full_like(q, float("nan"))
+        if form == "tc-ragged":
+            attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), out=out,
+                         num_splits=splits, **sc)
+        else:
+            attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), out=out, num_splits=splits, **sc)
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any(), "NaN in output"
+        return out.double()
+
+    got = attend(k8, v8, FP8, k_scale=k_scale.cuda(), v_scale=v_scale.cuda())
+    ref16 = attend(k16, v16, None)
+    start = 0
+    for s, (n, m) in enumerate(zip(lens, new)):
+        pages = table[s, : math.ceil(n / page)].long()
+        kd = dequantise(k8[pages].reshape(-1, hkv, d)[:n].cpu(), k_scale)
+        vd = dequantise(v8[pages].reshape(-1, hkv, d)[:n].cpu(), v_scale)
+        ref = lf.evaluate(float32_kv(layer.function), {"q": qs[s][None], "k": kd[None], "v": vd[None]},
+                          precision="float64", q_positions=torch.arange(n - m, n)[None],
+                          kv_positions=torch.arange(n)[None], k_rotated=True)[0][0].cuda()
+        rows = got[start:start + m]
+        err = (rows - ref).norm() / ref.norm().clamp_min(1e-6)
+        assert err < 2e-2, f"{name} seq {s} (len {n}, {m} new): relative error {err:.3g} to the dequantised reference"
+        if ref.abs().max() == 0:
+            assert (rows == 0).all(), "a fully masked row must give zeros"
+        else:
+            # e4m3 rounds each value within 2^-4; K's errors also move the softmax weights, which
+            # long contexts do not average out (the CPU run of these cases: 0.068 at 1000 keys)
+            e16 = (rows - ref16[start:start + m]).norm() / ref16[start:start + m].norm()
+            assert e16 < 2 ** -3, f"{name} seq {s}: {e16:.3g} from the bf16 cache's output (e4m3: one step, 2^-3)"
+        start += m
+
+
+@pytest.fixture(params=["tc", "tc-ragged", "simt"])
+def form(request):
+    return request.param
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (8, 8), (32, 4)])
+def test_decode_over_fp8(prog, form, hq, hkv, d):
+    run_case(prog, form, "llama_attn", hq, hkv, d, 16, lens=[1, 17, 100, 300], new=[1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn", "bloom_attn"])
+@pytest.mark.parametrize("page", [16, 64])
+def test_variants_and_pages_over_fp8(prog, form, name, page):
+    consts = {"window": 37} if name in ("mistral_attn", "gemma2_attn") else {}
+    run_case(prog, form, name, 32, 8, 128, page, lens=[5, 33, 70, 130], new=[1, 1, 1, 1], **consts)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_chunked_prefill_over_fp8(prog, d):
+    run_case(prog, "tc-ragged", "llama_attn", 32, 8, d, 16, lens=[5, 33, 200, 64], new=[5, 3, 150, 17])
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_split_kv_over_fp8(prog, form, splits):
+    run_case(prog, form, "llama_attn", 32, 8, 128, 16, lens=[300, 1000], new=[1, 1], splits=splits)
+
+
+def test_f16_over_fp8(prog, form):
+    run_case(prog, form, "llama_attn", 32, 8, 128, 16, lens=[17, 300], new=[1, 1], dtype=torch.float16)
+
+
+def test_append_then_decode_end_to_end(prog):
+    """The append kernel fills the cache (RoPE fused, per-head scales), the decode kernels read
+    it: the float64 reference over cache.dequantised()."""
+    gen = seeded_generator("fp8 end to end")
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    rope = layer.function.outputs[0].arg.rope
+    cache = PagedKVCache(64, 16, 8, 128, torch.bfloat16, "cuda", 4, 32, kv_dtype=FP8, scales="per_head")
+    cache.set_scales(0, torch.rand(8, generator=gen) * 0.01 + 0.02, torch.rand(8, generator=gen) * 0.005 + 0.006)
+    lens = [3, 250, 77]
+    for s, n in enumerate(lens):
+        cache.allocate(s, n)
+        cache.append([s] * n, (torch.randn(n, 8, 128, generator=gen) * 2).bfloat16().cuda(),
+                     torch.randn(n, 8, 128, generator=gen).bfloat16().cuda(), rope)
+    q = torch.randn(3, 32, 128, generator=gen).bfloat16().cuda()
+    for kernel in ("tc", "simt"):
+        attn = PagedAttention(layer, page_size=16, kernel=kernel, kv_dtype=FP8)
+        k_scale, v_scale = cache.layer_scales(0)
+        out = torch.full_like(q, float("nan"))
+        attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
+             torch.arange(3, dtype=torch.int32, device="cuda"), torch.tensor([n - 1 for n in lens], dtype=torch.int32,
+                                                                               device="cuda"),
+             max_kv_len=max(lens), out=out, k_scale=k_scale, v_scale=v_scale)
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        for s, n in enumerate(lens):
+            k, v = (x.cpu() for x in cache.dequantised(s))
+            ref = lf.evaluate(float32_kv(layer.function), {"q": q[s].cpu()[None, None], "k": k[None], "v": v[None]},
+                              precision="float64", q_positions=torch.tensor([[n - 1]]),
+                              kv_positions=torch.arange(n)[None], k_rotated=True)[0][0, 0]
+            err = (out[s].double().cpu() - ref).norm() / ref.norm()
+            assert err < 2e-2, f"{kernel} seq {s}: relative error {err:.3g}"
