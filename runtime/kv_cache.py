@@ -45,6 +45,7 @@ from ..dsl.attention_ref import rotate
 from ..dsl.numerics import rope_cos_sin
 from ..dsl.evaluator import LayerInputError
 from . import ops
+from .pages import KVCacheError, OutOfPagesError, PagedSequences, columns
 
 __all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError", "quantise", "dequantise"]
 
@@ -52,16 +53,6 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _SCALES = ("per_tensor", "per_head")
 _MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
-_I32_MAX = (1 << 31) - 1
-
-
-class KVCacheError(ValueError):
-    """A request that does not fit the cache's state: a position past a sequence's pages, an
-    unknown sequence, a corrupt page table."""
-
-
-class OutOfPagesError(KVCacheError):
-    """allocate() needs more pages than are free."""
 
 
 @dataclass
@@ -100,7 +91,7 @@ def register_append_kernel(key: str, cubin: bytes, abi) -> None:
     _IMAGES[key] = (cubin, abi)
 
 
-class PagedKVCache:
+class PagedKVCache(PagedSequences):
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype | str, device: torch.device | str | int, max_seqs: int,
                  max_pages_per_seq: int, *, num_layers: int = 1, arch: str | None = None, kernel_cache=None,
@@ -123,8 +114,6 @@ class PagedKVCache:
                                  f"multiple of 16, got {dtype} and {head_dim}")
         if scales not in _SCALES:
             raise ValueError(f"PagedKVCache: scales must be one of {_SCALES}, got {scales!r}")
-        if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
-            raise ValueError("PagedKVCache: page numbers and page_table indices must fit int32")
         if max_pages_per_seq * page_size > _MAX_POSITION:
             raise ValueError(f"PagedKVCache: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
                              f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
@@ -133,9 +122,8 @@ class PagedKVCache:
             device = torch.device("cuda", torch.cuda.current_device())
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"PagedKVCache: device must be a CUDA device or the CPU, got {device}")
-        self.num_pages, self.page_size = int(num_pages), int(page_size)
+        self._init_pages("PagedKVCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
         self.num_kv_heads, self.head_dim = int(num_kv_heads), int(head_dim)
-        self.max_seqs, self.max_pages_per_seq = int(max_seqs), int(max_pages_per_seq)
         self.num_layers = int(num_layers)
         self.dtype, self.device = dtype, device
         self.kv_dtype, self.scales = kv_dtype, scales
@@ -152,17 +140,7 @@ class PagedKVCache:
         if kv_dtype:
             self._k_scale = torch.ones((self.num_layers, self.num_kv_heads), dtype=torch.float32, device=device)
             self._v_scale = torch.ones_like(self._k_scale)
-        self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
-        self._seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
-
-        # host mirrors (the truth) and the changes not yet written to the device tensors
-        self._pt = np.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=np.int32)
-        self._lens = np.zeros(self.max_seqs, dtype=np.int64)
         self._last_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._npages = np.zeros(self.max_seqs, dtype=np.int64)
-        self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() gives the lowest page first
-        self._queued_pt: dict[int, int] = {}    # flat page_table index -> value
-        self._queued_lens: dict[int, int] = {}  # sequence -> length
         self._ropes: dict[Any, tuple | None] = {}
         self._kernels: dict[tuple, Any] = {}
 
@@ -226,37 +204,7 @@ class PagedKVCache:
             return k.float(), v.float()
         return (dequantise(k, self._k_scale[layer]), dequantise(v, self._v_scale[layer]))
 
-    @property
-    def page_table(self) -> torch.Tensor:
-        """int32 [max_seqs, max_pages_per_seq] on the device (queued changes flushed first)."""
-        self.flush()
-        return self._page_table
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        """int32 [max_seqs] on the device (queued changes flushed first)."""
-        self.flush()
-        return self._seq_lens
-
-    @property
-    def page_table_host(self) -> np.ndarray:
-        """A read-only view of the host mirror of page_table (current, never behind)."""
-        view = self._pt.view()
-        view.flags.writeable = False
-        return view
-
-    @property
-    def seq_lens_host(self) -> np.ndarray:
-        """A read-only view of the host mirror of seq_lens (int64; current, never behind)."""
-        view = self._lens.view()
-        view.flags.writeable = False
-        return view
-
-    # ---- sequences and pages ------------------------------------------------------------
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free)
-
+    # ---- sequences and pages (allocate, reserve, free, ...: runtime/pages.py) -------------
     @property
     def last_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_ids, positions) of the tokens of the last append(), int32 [T] on the cache's
@@ -265,67 +213,6 @@ class PagedKVCache:
         if self._last_tokens is None:
             raise KVCacheError("last_tokens: nothing has been appended yet")
         return self._last_tokens
-
-    def seq_len(self, seq_id: int) -> int:
-        return int(self._lens[self._seq(seq_id)])
-
-    def pages(self, seq_id: int) -> list[int]:
-        s = self._seq(seq_id)
-        return self._pt[s, : self._npages[s]].tolist()
-
-    def capacity(self, seq_id: int) -> int:
-        """Tokens the sequence's pages hold."""
-        return int(self._npages[self._seq(seq_id)]) * self.page_size
-
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grow sequence `seq_id`'s pages until they hold `num_tokens` tokens in all (never
-        shrinks; its tokens stay where they are). Returns its pages. Raises OutOfPagesError,
-        changing nothing, when too few pages are free."""
-        s = self._seq(seq_id)
-        n = operator.index(num_tokens)
-        if n < 0:
-            raise ValueError(f"allocate: num_tokens must be >= 0, got {n}")
-        need = -(-n // self.page_size)
-        if need > self.max_pages_per_seq:
-            raise KVCacheError(f"allocate: sequence {s} needs {need} pages for {n} tokens; at most "
-                               f"max_pages_per_seq = {self.max_pages_per_seq} "
-                               f"({self.max_pages_per_seq * self.page_size} tokens)")
-        have = int(self._npages[s])
-        if need - have > len(self._free):
-            raise OutOfPagesError(f"allocate: sequence {s} needs {need - have} more pages for {n} tokens; "
-                                  f"{len(self._free)} of {self.num_pages} are free")
-        for j in range(have, need):
-            page = self._free.pop()
-            self._pt[s, j] = page
-            self._queued_pt[s * self.max_pages_per_seq + j] = page
-        self._npages[s] = max(have, need)
-        return self.pages(s)
-
-    def reserve(self, seq_ids, num_tokens) -> None:
-        """allocate() for many sequences at once: each seq_ids[i] gets pages for num_tokens[i]
-        tokens (an int: the same for all). Only sequences short of pages reach allocate(), so a
-        decode step's check costs a few numpy operations, whatever the batch."""
-        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
-        n = np.broadcast_to(np.asarray(num_tokens, dtype=np.int64), ids.shape)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.max_seqs):
-            bad = int(ids[(ids < 0) | (ids >= self.max_seqs)][0])
-            raise KVCacheError(f"seq_id {bad} is out of range [0, max_seqs={self.max_seqs})")
-        short = np.flatnonzero(-(-n // self.page_size) > self._npages[ids])
-        for i in short.tolist():
-            self.allocate(int(ids[i]), int(n[i]))
-
-    def free(self, seq_id: int) -> None:
-        """Return sequence `seq_id`'s pages to the free list; its length becomes 0."""
-        s = self._seq(seq_id)
-        n = int(self._npages[s])
-        self._free.extend(reversed(self._pt[s, :n].tolist()))
-        for j in range(n):
-            self._queued_pt[s * self.max_pages_per_seq + j] = -1
-        self._pt[s, :n] = -1
-        self._npages[s] = 0
-        if self._lens[s] or s in self._queued_lens:
-            self._queued_lens[s] = 0
-        self._lens[s] = 0
 
     # ---- append -------------------------------------------------------------------------
     def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor, rope=None, *, positions=None,
@@ -429,17 +316,6 @@ class PagedKVCache:
                                f"call allocate({s}, {self._lens[s] + 1}) first")
         self._lens[ids] += 1
 
-    def flush(self) -> None:
-        """Write queued allocate()/free() changes to the device page_table and seq_lens (torch
-        ops on the current stream; no synchronisation)."""
-        if not (self._queued_pt or self._queued_lens):
-            return
-        len_seqs, len_values = _columns(self._queued_lens)
-        pt_index, pt_values = _columns(self._queued_pt)
-        self._apply_torch(len_seqs, len_values, pt_index, pt_values)
-        self._queued_pt.clear()
-        self._queued_lens.clear()
-
     def gather(self, seq_id: int, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence `seq_id`'s keys (as stored: rotated) and values, contiguous [len, Hkv, D]
         copies. For tests and debugging (plain torch indexing; may synchronise)."""
@@ -455,15 +331,6 @@ class PagedKVCache:
                 f"max_seqs={self.max_seqs}, max_pages_per_seq={self.max_pages_per_seq})")
 
     # ---- checks -------------------------------------------------------------------------
-    def _seq(self, seq_id) -> int:
-        try:
-            s = operator.index(seq_id)
-        except TypeError:
-            raise KVCacheError(f"seq_id must be an int, got {type(seq_id).__name__}") from None
-        if not 0 <= s < self.max_seqs:
-            raise KVCacheError(f"seq_id {s} is out of range [0, max_seqs={self.max_seqs})")
-        return s
-
     def _check_tensor(self, name: str, x) -> None:
         H, D = self.num_kv_heads, self.head_dim
         if not isinstance(x, torch.Tensor):
@@ -477,25 +344,6 @@ class PagedKVCache:
         if (D > 1 and x.stride(2) != 1) or (H > 1 and x.stride(1) != D):
             raise LayerInputError(f"append: each token of '{name}' must be a dense [{H}, {D}] block "
                                   f"(strides {x.stride()}); call .contiguous() first")
-
-    def _host_ints(self, name: str, values, count: int) -> np.ndarray:
-        if isinstance(values, torch.Tensor):
-            if values.device.type != "cpu":
-                raise LayerInputError(
-                    f"append: '{name}' must be on the host (a list, numpy array or CPU tensor), got a tensor "
-                    f"on {values.device}: the cache is managed from Python, and reading it would synchronise")
-            if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-                raise LayerInputError(f"append: '{name}' must hold integers, got {values.dtype}")
-            out = values.numpy()
-        else:
-            out = np.asarray(values)
-            if out.size == 0:
-                out = out.astype(np.int64)
-            if out.dtype.kind not in "iu":
-                raise LayerInputError(f"append: '{name}' must hold integers, got {out.dtype}")
-        if out.shape != (count,):
-            raise LayerInputError(f"append: '{name}' must have shape [{count}] (one per token), got {list(out.shape)}")
-        return out.astype(np.int64)
 
     def _rope(self, rope) -> tuple | None:
         try:
@@ -570,10 +418,10 @@ class PagedKVCache:
         new_seqs, new_ends = seqs[changed], ends[changed]
         if self._queued_lens:   # queued allocate()/free() length changes go in the same launch
             merged = {**self._queued_lens, **dict(zip(new_seqs.tolist(), new_ends.tolist()))}
-            len_seqs, len_values = _columns(merged)
+            len_seqs, len_values = columns(merged)
         else:
             len_seqs, len_values = new_seqs.astype(np.int32), new_ends.astype(np.int32)
-        pt_index, pt_values = _columns(self._queued_pt)
+        pt_index, pt_values = columns(self._queued_pt)
         return _Append(k, v, fields, pages.astype(np.int32), pos.astype(np.int32), len_seqs, len_values,
                        pt_index, pt_values, new_seqs, new_ends, ids.astype(np.int32))
 
@@ -634,24 +482,6 @@ class PagedKVCache:
             self._v[layer][pages, slots] = a.v
         if apply:
             self._apply_torch(a.len_seqs, a.len_values, a.pt_index, a.pt_values)
-
-    def _apply_torch(self, len_seqs, len_values, pt_index, pt_values) -> None:
-        def upload(x: np.ndarray, dtype) -> torch.Tensor:
-            t = torch.from_numpy(x.astype(dtype))
-            if self.device.type == "cuda":
-                return t.pin_memory().to(self.device, non_blocking=True)
-            return t
-
-        if len_seqs.size:
-            self._seq_lens[upload(len_seqs, np.int64)] = upload(len_values, np.int32)
-        if pt_index.size:
-            self._page_table.view(-1)[upload(pt_index, np.int64)] = upload(pt_values, np.int32)
-
-
-def _columns(updates: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.fromiter(updates.keys(), dtype=np.int32, count=len(updates))
-    values = np.fromiter(updates.values(), dtype=np.int32, count=len(updates))
-    return keys, values
 
 
 def _vec_bytes(*tensors: torch.Tensor) -> int:

@@ -21,7 +21,6 @@ metadata comes from the host at each call). On a CPU device torch ops do the ker
 """
 from __future__ import annotations
 
-import operator
 
 import numpy as np
 import torch
@@ -32,16 +31,15 @@ from ..dsl.ir import RopeSpec
 from ..dsl.attention_ref import rotate
 from ..dsl.evaluator import LayerInputError
 from ..dsl.numerics import rope_cos_sin
-from .kv_cache import KVCacheError, OutOfPagesError
+from .pages import KVCacheError, OutOfPagesError, PagedSequences
 
 __all__ = ["PagedLatentCache", "KVCacheError", "OutOfPagesError"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 _MAX_POSITION = 1 << 24   # positions become f32 in the RoPE angle's product: exact up to 2^24
-_I32_MAX = (1 << 31) - 1
 
 
-class PagedLatentCache:
+class PagedLatentCache(PagedSequences):
     def __init__(self, num_pages: int, page_size: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
                  device, max_seqs: int, max_pages_per_seq: int, *, num_layers: int = 1, arch: str | None = None,
                  kernel_cache=None):
@@ -58,8 +56,6 @@ class PagedLatentCache:
         if latent_dim % 8 or rope_dim % 2:
             raise ValueError(f"PagedLatentCache: latent_dim must be a multiple of 8 and rope_dim even, "
                              f"got {latent_dim}, {rope_dim}")
-        if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
-            raise ValueError("PagedLatentCache: page numbers and page_table indices must fit int32")
         if max_pages_per_seq * page_size > _MAX_POSITION:
             raise ValueError(f"PagedLatentCache: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
                              f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
@@ -68,22 +64,14 @@ class PagedLatentCache:
             device = torch.device("cuda", torch.cuda.current_device())
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"PagedLatentCache: device must be a CUDA device or the CPU, got {device}")
-        self.num_pages, self.page_size = int(num_pages), int(page_size)
+        self._init_pages("PagedLatentCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
         self.latent_dim, self.rope_dim = int(latent_dim), int(rope_dim)
         self.row_dim = self.latent_dim + self.rope_dim
-        self.max_seqs, self.max_pages_per_seq, self.num_layers = int(max_seqs), int(max_pages_per_seq), int(num_layers)
+        self.num_layers = int(num_layers)
         self.dtype, self.device, self.arch = dtype, device, arch
         self._kernel_cache = kernel_cache
         self._rows = torch.zeros((self.num_layers, self.num_pages, self.page_size, self.row_dim), dtype=dtype,
                                  device=device)
-        self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
-        self._seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
-        self._pt = np.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=np.int32)
-        self._lens = np.zeros(self.max_seqs, dtype=np.int64)
-        self._npages = np.zeros(self.max_seqs, dtype=np.int64)
-        self._free = list(range(self.num_pages - 1, -1, -1))   # a stack: pop() gives the lowest page first
-        self._queued_pt: dict[int, int] = {}     # flat page_table index -> value
-        self._queued_lens: dict[int, int] = {}   # sequence -> length
         self._kernels: dict = {}
 
     # ---- tensors ------------------------------------------------------------------------
@@ -97,81 +85,7 @@ class PagedLatentCache:
             raise KVCacheError(f"layer {index} is out of range [0, num_layers={self.num_layers})")
         return self._rows[index]
 
-    @property
-    def page_table(self) -> torch.Tensor:
-        """int32 [max_seqs, max_pages_per_seq] on the device (queued changes flushed first)."""
-        self.flush()
-        return self._page_table
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        """int32 [max_seqs] on the device (queued changes flushed first)."""
-        self.flush()
-        return self._seq_lens
-
-    @property
-    def seq_lens_host(self) -> np.ndarray:
-        view = self._lens.view()
-        view.flags.writeable = False
-        return view
-
-    # ---- sequences and pages ------------------------------------------------------------
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free)
-
-    def seq_len(self, seq_id: int) -> int:
-        return int(self._lens[self._seq(seq_id)])
-
-    def pages(self, seq_id: int) -> list[int]:
-        s = self._seq(seq_id)
-        return self._pt[s, : self._npages[s]].tolist()
-
-    def capacity(self, seq_id: int) -> int:
-        return int(self._npages[self._seq(seq_id)]) * self.page_size
-
-    def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grow sequence `seq_id`'s pages until they hold `num_tokens` tokens (never shrinks).
-        Raises OutOfPagesError, changing nothing, when too few pages are free."""
-        s = self._seq(seq_id)
-        n = operator.index(num_tokens)
-        if n < 0:
-            raise ValueError(f"allocate: num_tokens must be >= 0, got {n}")
-        need = -(-n // self.page_size)
-        if need > self.max_pages_per_seq:
-            raise KVCacheError(f"allocate: sequence {s} needs {need} pages for {n} tokens; at most "
-                               f"max_pages_per_seq = {self.max_pages_per_seq}")
-        have = int(self._npages[s])
-        if need - have > len(self._free):
-            raise OutOfPagesError(f"allocate: sequence {s} needs {need - have} more pages for {n} tokens; "
-                                  f"{len(self._free)} of {self.num_pages} are free")
-        for j in range(have, need):
-            page = self._free.pop()
-            self._pt[s, j] = page
-            self._queued_pt[s * self.max_pages_per_seq + j] = page
-        self._npages[s] = max(have, need)
-        return self.pages(s)
-
-    def reserve(self, seq_ids, num_tokens) -> None:
-        """allocate() for many sequences: seq_ids[i] gets pages for num_tokens[i] tokens (or an int for all)."""
-        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
-        n = np.broadcast_to(np.asarray(num_tokens, dtype=np.int64), ids.shape)
-        for s, k in zip(ids.tolist(), n.tolist()):
-            if -(-k // self.page_size) > self._npages[self._seq(s)]:
-                self.allocate(s, k)
-
-    def free(self, seq_id: int) -> None:
-        """Return sequence `seq_id`'s pages to the free list; its length becomes 0."""
-        s = self._seq(seq_id)
-        n = int(self._npages[s])
-        self._free.extend(reversed(self._pt[s, :n].tolist()))
-        for j in range(n):
-            self._queued_pt[s * self.max_pages_per_seq + j] = -1
-        self._pt[s, :n] = -1
-        self._npages[s] = 0
-        if self._lens[s] or s in self._queued_lens:
-            self._queued_lens[s] = 0
-        self._lens[s] = 0
+    # ---- sequences and pages: allocate, reserve, free, page_table, seq_lens, ... (runtime/pages.py)
 
     # ---- append -------------------------------------------------------------------------
     def append(self, seq_ids, latent: torch.Tensor, k_pe: torch.Tensor, rope, *, positions=None,
@@ -203,23 +117,6 @@ class PagedLatentCache:
             self.flush()
         return torch.from_numpy(pos.astype(np.int32))
 
-    def flush(self) -> None:
-        """Write queued page-table and length changes to the device tensors (stream order)."""
-        if not (self._queued_pt or self._queued_lens):
-            return
-
-        def upload(values, dtype) -> torch.Tensor:
-            t = torch.from_numpy(np.fromiter(values, dtype=dtype))
-            return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
-
-        if self._queued_lens:
-            self._seq_lens[upload(self._queued_lens.keys(), np.int64)] = upload(self._queued_lens.values(), np.int32)
-        if self._queued_pt:
-            self._page_table.view(-1)[upload(self._queued_pt.keys(), np.int64)] = upload(self._queued_pt.values(),
-                                                                                        np.int32)
-        self._queued_pt.clear()
-        self._queued_lens.clear()
-
     def gather(self, seq_id: int, layer: int = 0) -> torch.Tensor:
         """Sequence `seq_id`'s rows as stored (k_pe rotated), a contiguous [len, L + R] copy."""
         s = self._seq(seq_id)
@@ -232,15 +129,6 @@ class PagedLatentCache:
                 f"{self.dtype}, {self.device}, free={len(self._free)}, max_seqs={self.max_seqs})")
 
     # ---- checks and placement -----------------------------------------------------------
-    def _seq(self, seq_id) -> int:
-        try:
-            s = operator.index(seq_id)
-        except TypeError:
-            raise KVCacheError(f"seq_id must be an int, got {type(seq_id).__name__}") from None
-        if not 0 <= s < self.max_seqs:
-            raise KVCacheError(f"seq_id {s} is out of range [0, max_seqs={self.max_seqs})")
-        return s
-
     def _check_tensor(self, name: str, x, width: int, T: int) -> None:
         if not isinstance(x, torch.Tensor):
             raise LayerInputError(f"append: '{name}' must be a torch.Tensor, got {type(x).__name__}")
@@ -257,24 +145,6 @@ class PagedLatentCache:
         if x.shape[0] and (x.data_ptr() % align or (x.shape[0] > 1 and (x.stride(0) * x.element_size()) % align)):
             raise LayerInputError(f"append: rows of '{name}' must start at {align}-byte boundaries "
                                   f"(strides {x.stride()}); call .contiguous() first")
-
-    def _host_ints(self, name: str, values, count: int) -> np.ndarray:
-        if isinstance(values, torch.Tensor):
-            if values.device.type != "cpu":
-                raise LayerInputError(f"append: '{name}' must be on the host (a list, numpy array or CPU tensor), "
-                                      f"got a tensor on {values.device}: reading it would synchronise")
-            if values.dtype.is_floating_point or values.dtype == torch.bool:
-                raise LayerInputError(f"append: '{name}' must hold integers, got {values.dtype}")
-            out = values.numpy()
-        else:
-            out = np.asarray(values)
-            if out.size == 0:
-                out = out.astype(np.int64)
-            if out.dtype.kind not in "iu":
-                raise LayerInputError(f"append: '{name}' must hold integers, got {out.dtype}")
-        if out.shape != (count,):
-            raise LayerInputError(f"append: '{name}' must have shape [{count}] (one per token), got {list(out.shape)}")
-        return out.astype(np.int64)
 
     def _place(self, seq_ids, T: int, positions):
         """(pages, positions, sequences whose length changes, their new lengths), all checked."""
