@@ -363,66 +363,14 @@ class PagedKVCache(PagedSequences):
         return self._plan(seq_ids, T, positions, k, v, self._rope(rope))
 
     def _plan(self, seq_ids, T: int, positions, k=None, v=None, fields=None) -> _Append:
-        ids = self._host_ints("seq_ids", seq_ids, T)
-        bad = np.flatnonzero((ids < 0) | (ids >= self.max_seqs))
-        if bad.size:
-            raise KVCacheError(f"append: seq_ids[{bad[0]}] = {ids[bad[0]]} is out of range "
-                               f"[0, max_seqs={self.max_seqs})")
-        distinct = positions is None and T <= 4096 and len(set(ids.tolist())) == T
-        if distinct:   # a decode step: one token per sequence, each at its sequence's end
-            seqs, inverse = ids, None
-            pos = self._lens[ids]
-        else:
-            seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-            inverse = inverse.reshape(-1)
-            if positions is None:  # after each sequence's length, in order of appearance
-                order = np.argsort(inverse, kind="stable")
-                rank = np.empty(T, dtype=np.int64)
-                rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
-                pos = self._lens[ids] + rank
-            else:
-                pos = self._host_ints("positions", positions, T)
-                bad = np.flatnonzero(pos < 0)
-                if bad.size:
-                    raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
-
-        P = self.page_size
-        capacity = self._npages[ids] * P
-        bad = np.flatnonzero(pos >= capacity)
-        if bad.size:
-            t, s = int(bad[0]), int(ids[bad[0]])
-            need = int(pos[ids == s].max()) + 1
-            raise KVCacheError(f"append: token {t} of sequence {s} goes to position {pos[t]}, past the "
-                               f"{self._npages[s]} page(s) of {P} it has (capacity {capacity[t]}); "
-                               f"call allocate({s}, {need}) first")
-        if positions is not None:
-            key = ids * (self.max_pages_per_seq * P) + pos
-            if np.unique(key).size != T:
-                _, first, cnt = np.unique(key, return_index=True, return_counts=True)
-                t = int(first[np.flatnonzero(cnt > 1)[0]])
-                raise KVCacheError(f"append: position {pos[t]} of sequence {ids[t]} is written twice in one call")
-        pages = self._pt[ids, pos // P]
-        bad = np.flatnonzero((pages < 0) | (pages >= self.num_pages))
-        if bad.size:
-            t, s = int(bad[0]), int(ids[bad[0]])
-            raise KVCacheError(f"append: page_table[{s}, {pos[t] // P}] = {pages[t]} (for token {t} at position "
-                               f"{pos[t]}) is not a page in [0, num_pages={self.num_pages})")
-
-        if distinct:
-            ends = pos + 1
-        else:
-            ends = np.zeros(seqs.size, dtype=np.int64)
-            np.maximum.at(ends, inverse, pos + 1)
-            ends = np.maximum(ends, self._lens[seqs])
-        changed = ends != self._lens[seqs]
-        new_seqs, new_ends = seqs[changed], ends[changed]
+        ids, pages, pos, new_seqs, new_ends = self._place(seq_ids, T, positions)
         if self._queued_lens:   # queued allocate()/free() length changes go in the same launch
             merged = {**self._queued_lens, **dict(zip(new_seqs.tolist(), new_ends.tolist()))}
             len_seqs, len_values = columns(merged)
         else:
             len_seqs, len_values = new_seqs.astype(np.int32), new_ends.astype(np.int32)
         pt_index, pt_values = columns(self._queued_pt)
-        return _Append(k, v, fields, pages.astype(np.int32), pos.astype(np.int32), len_seqs, len_values,
+        return _Append(k, v, fields, pages, pos.astype(np.int32), len_seqs, len_values,
                        pt_index, pt_values, new_seqs, new_ends, ids.astype(np.int32))
 
     # ---- writes -------------------------------------------------------------------------

@@ -21,7 +21,6 @@ metadata comes from the host at each call). On a CPU device torch ops do the ker
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
@@ -105,7 +104,7 @@ class PagedLatentCache(PagedSequences):
         self._check_tensor("latent", latent, self.latent_dim, T)
         self._check_tensor("k_pe", k_pe, self.rope_dim, T)
         rope = self._check_rope(rope)   # before anything is written
-        pages, pos, new_seqs, new_ends = self._place(seq_ids, T, positions)
+        _, pages, pos, new_seqs, new_ends = self._place(seq_ids, T, positions)
         if T:
             if self.device.type == "cuda":
                 self._write_cuda(self._plan(rope), layer, latent, k_pe, pages, pos)
@@ -145,47 +144,6 @@ class PagedLatentCache(PagedSequences):
         if x.shape[0] and (x.data_ptr() % align or (x.shape[0] > 1 and (x.stride(0) * x.element_size()) % align)):
             raise LayerInputError(f"append: rows of '{name}' must start at {align}-byte boundaries "
                                   f"(strides {x.stride()}); call .contiguous() first")
-
-    def _place(self, seq_ids, T: int, positions):
-        """(pages, positions, sequences whose length changes, their new lengths), all checked."""
-        ids = self._host_ints("seq_ids", seq_ids, T)
-        bad = np.flatnonzero((ids < 0) | (ids >= self.max_seqs))
-        if bad.size:
-            raise KVCacheError(f"append: seq_ids[{bad[0]}] = {ids[bad[0]]} is out of range [0, max_seqs={self.max_seqs})")
-        seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        if positions is None:   # after each sequence's length, in order of appearance
-            order = np.argsort(inverse, kind="stable")
-            rank = np.empty(T, dtype=np.int64)
-            rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
-            pos = self._lens[ids] + rank
-        else:
-            pos = self._host_ints("positions", positions, T)
-            bad = np.flatnonzero(pos < 0)
-            if bad.size:
-                raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
-            key = ids * (self.max_pages_per_seq * self.page_size) + pos
-            if np.unique(key).size != T:
-                raise KVCacheError("append: a position of a sequence is written twice in one call")
-        capacity = self._npages[ids] * self.page_size
-        bad = np.flatnonzero(pos >= capacity)
-        if bad.size:
-            t, s = int(bad[0]), int(ids[bad[0]])
-            raise KVCacheError(f"append: token {t} of sequence {s} goes to position {pos[t]}, past the "
-                               f"{self._npages[s]} page(s) of {self.page_size} it has; call "
-                               f"allocate({s}, {int(pos[ids == s].max()) + 1}) first")
-        pages = self._pt[ids, pos // self.page_size]
-        bad = np.flatnonzero((pages < 0) | (pages >= self.num_pages))
-        if bad.size:
-            t = int(bad[0])
-            raise KVCacheError(f"append: page_table[{ids[t]}, {pos[t] // self.page_size}] = {pages[t]} is not a page "
-                               f"in [0, num_pages={self.num_pages})")
-        ends = np.zeros(seqs.size, dtype=np.int64)
-        if T:
-            np.maximum.at(ends, inverse, pos + 1)
-        ends = np.maximum(ends, self._lens[seqs])
-        changed = ends != self._lens[seqs]
-        return pages.astype(np.int32), pos, seqs[changed], ends[changed]
 
     def _check_rope(self, rope) -> RopeSpec:
         """The block's RopeSpec, checked: interleaved pairs over the R channels, a constant table."""

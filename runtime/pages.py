@@ -172,6 +172,65 @@ class PagedSequences:
             self._queued_lens[s] = 0
         self._lens[s] = 0
 
+    # ---- where an append's tokens go ---------------------------------------------------
+    def _place(self, seq_ids, T: int, positions):
+        """An append's placement, checked before anything changes: (ids int64 [T], pages int32
+        [T], positions int64 [T], the sequences whose length changes, their new lengths).
+        Without `positions` a sequence's tokens go after its length in order of appearance."""
+        ids = self._host_ints("seq_ids", seq_ids, T)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.max_seqs))
+        if bad.size:
+            raise KVCacheError(f"append: seq_ids[{bad[0]}] = {ids[bad[0]]} is out of range "
+                               f"[0, max_seqs={self.max_seqs})")
+        distinct = positions is None and T <= 4096 and len(set(ids.tolist())) == T
+        if distinct:   # a decode step: one token per sequence, each at its sequence's end
+            seqs, inverse = ids, None
+            pos = self._lens[ids]
+        else:
+            seqs, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+            inverse = inverse.reshape(-1)
+            if positions is None:  # after each sequence's length, in order of appearance
+                order = np.argsort(inverse, kind="stable")
+                rank = np.empty(T, dtype=np.int64)
+                rank[order] = np.arange(T) - np.repeat(np.cumsum(counts) - counts, counts)
+                pos = self._lens[ids] + rank
+            else:
+                pos = self._host_ints("positions", positions, T)
+                bad = np.flatnonzero(pos < 0)
+                if bad.size:
+                    raise KVCacheError(f"append: positions[{bad[0]}] = {pos[bad[0]]} is negative")
+
+        P = self.page_size
+        capacity = self._npages[ids] * P
+        bad = np.flatnonzero(pos >= capacity)
+        if bad.size:
+            t, s = int(bad[0]), int(ids[bad[0]])
+            need = int(pos[ids == s].max()) + 1
+            raise KVCacheError(f"append: token {t} of sequence {s} goes to position {pos[t]}, past the "
+                               f"{self._npages[s]} page(s) of {P} it has (capacity {capacity[t]}); "
+                               f"call allocate({s}, {need}) first")
+        if positions is not None:
+            key = ids * (self.max_pages_per_seq * P) + pos
+            if np.unique(key).size != T:
+                _, first, cnt = np.unique(key, return_index=True, return_counts=True)
+                t = int(first[np.flatnonzero(cnt > 1)[0]])
+                raise KVCacheError(f"append: position {pos[t]} of sequence {ids[t]} is written twice in one call")
+        pages = self._pt[ids, pos // P]
+        bad = np.flatnonzero((pages < 0) | (pages >= self.num_pages))
+        if bad.size:
+            t, s = int(bad[0]), int(ids[bad[0]])
+            raise KVCacheError(f"append: page_table[{s}, {pos[t] // P}] = {pages[t]} (for token {t} at position "
+                               f"{pos[t]}) is not a page in [0, num_pages={self.num_pages})")
+        if distinct:
+            ends = pos + 1
+        else:
+            ends = np.zeros(seqs.size, dtype=np.int64)
+            if T:
+                np.maximum.at(ends, inverse, pos + 1)
+            ends = np.maximum(ends, self._lens[seqs])
+        changed = ends != self._lens[seqs]
+        return ids, pages.astype(np.int32), pos, seqs[changed], ends[changed]
+
     # ---- checks -------------------------------------------------------------------------
     def _seq(self, seq_id) -> int:
         try:
