@@ -52,7 +52,6 @@ __all__ = ["PagedKVCache", "KVCacheError", "OutOfPagesError", "quantise", "dequa
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _SCALES = ("per_tensor", "per_head")
-_MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
 
 
 @dataclass
@@ -114,15 +113,7 @@ class PagedKVCache(PagedSequences):
                                  f"multiple of 16, got {dtype} and {head_dim}")
         if scales not in _SCALES:
             raise ValueError(f"PagedKVCache: scales must be one of {_SCALES}, got {scales!r}")
-        if max_pages_per_seq * page_size > _MAX_POSITION:
-            raise ValueError(f"PagedKVCache: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
-                             f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
-        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"PagedKVCache: device must be a CUDA device or the CPU, got {device}")
-        self._init_pages("PagedKVCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
+        device = self._init_pages("PagedKVCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
         self.num_kv_heads, self.head_dim = int(num_kv_heads), int(head_dim)
         self.num_layers = int(num_layers)
         self.dtype, self.device = dtype, device

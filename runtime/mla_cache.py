@@ -35,7 +35,6 @@ from .pages import KVCacheError, OutOfPagesError, PagedSequences
 __all__ = ["PagedLatentCache", "KVCacheError", "OutOfPagesError"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_MAX_POSITION = 1 << 24   # positions become f32 in the RoPE angle's product: exact up to 2^24
 
 
 class PagedLatentCache(PagedSequences):
@@ -55,15 +54,7 @@ class PagedLatentCache(PagedSequences):
         if latent_dim % 8 or rope_dim % 2:
             raise ValueError(f"PagedLatentCache: latent_dim must be a multiple of 8 and rope_dim even, "
                              f"got {latent_dim}, {rope_dim}")
-        if max_pages_per_seq * page_size > _MAX_POSITION:
-            raise ValueError(f"PagedLatentCache: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
-                             f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
-        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"PagedLatentCache: device must be a CUDA device or the CPU, got {device}")
-        self._init_pages("PagedLatentCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
+        device = self._init_pages("PagedLatentCache", num_pages, page_size, max_seqs, max_pages_per_seq, device)
         self.latent_dim, self.rope_dim = int(latent_dim), int(rope_dim)
         self.row_dim = self.latent_dim + self.rope_dim
         self.num_layers = int(num_layers)

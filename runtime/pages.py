@@ -19,6 +19,7 @@ from ..dsl.evaluator import LayerInputError
 __all__ = ["PagedSequences", "KVCacheError", "OutOfPagesError", "columns"]
 
 _I32_MAX = 2 ** 31 - 1
+_MAX_POSITION = 1 << 24  # positions are converted to f32 for the RoPE angle: exact up to 2^24
 
 
 class KVCacheError(ValueError):
@@ -40,9 +41,18 @@ class PagedSequences:
     """Sequences over a pool of pages. Subclasses call `_init_pages` from their constructor."""
 
     def _init_pages(self, what: str, num_pages: int, page_size: int, max_seqs: int, max_pages_per_seq: int,
-                    device: torch.device) -> None:
+                    device) -> torch.device:
+        """Checks the sizes and the device (returned as a torch.device with its index)."""
         if num_pages > _I32_MAX or max_seqs * max_pages_per_seq > _I32_MAX:
             raise ValueError(f"{what}: page numbers and page_table indices must fit int32")
+        if max_pages_per_seq * page_size > _MAX_POSITION:
+            raise ValueError(f"{what}: max_pages_per_seq * page_size = {max_pages_per_seq * page_size} "
+                             f"tokens; positions past 2^24 are not exact in the f32 RoPE angle")
+        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{what}: device must be a CUDA device or the CPU, got {device}")
         self.num_pages, self.page_size = int(num_pages), int(page_size)
         self.max_seqs, self.max_pages_per_seq = int(max_seqs), int(max_pages_per_seq)
         self._page_table = torch.full((self.max_seqs, self.max_pages_per_seq), -1, dtype=torch.int32, device=device)
@@ -54,6 +64,7 @@ class PagedSequences:
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() gives the lowest page first
         self._queued_pt: dict[int, int] = {}    # flat page_table index -> value
         self._queued_lens: dict[int, int] = {}  # sequence -> length
+        return device
 
     # ---- the device tensors and their host mirrors --------------------------------------
     @property
