@@ -3,7 +3,7 @@
     plans_for_layer(layer, "sm_90", page_size=16, compile_fn=...)  -> [KernelPlan, ...]
 
 A layer gives its row kernel; an attention block gives the tensor-core prefill and decode
-kernels (sm_80+), the CUDA-core paged kernel, and the KV-cache append kernel its cache
+kernels (sm_80+; on sm_90 the prefill is the wgmma kernel where it serves the block), the CUDA-core paged kernel, and the KV-cache append kernel its cache
 needs (RoPE fused when the block rotates). Everything downstream (build, manifest, packs,
 TensorRT plugins) handles the plans through the KernelPlan interface alone.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..dsl.program import Layer
 from .attention import plan_paged_attention
 from .attention_tc import MODES, plan_tc_attention
+from .attention_wgmma import plan_wgmma_attention, supports as wgmma_supports
 from .kv_append import plan_kv_append
 from .plan import CompileFn, KernelPlan, plan_layer
 
@@ -25,8 +26,12 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
         return [plan_layer(layer, arch)]
     plans: list[KernelPlan] = []
     if int(arch.removeprefix("sm_").rstrip("af")) >= 80:
-        plans += [plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn) for m in MODES]
-        if plans[0].block_mask:   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
+        # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a)
+        hopper = arch.rstrip("af") == "sm_90" and wgmma_supports(layer, page_size)
+        plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn)
+                  if m == "prefill" and hopper else
+                  plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn) for m in MODES]
+        if getattr(plans[0], "block_mask", False):   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
             plans.append(plans[0].block_mask_plan())
     paged = plan_paged_attention(layer, arch, page_size=page_size)
     spec = paged.spec

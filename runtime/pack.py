@@ -25,6 +25,8 @@ from ..codegen.abi import KernelABI
 
 __all__ = ["load_pack", "Pack", "PackError"]
 
+_ATTENTION = ("tc_attention", "wgmma_attention", "paged_attention")   # the attention kernels' families
+
 MANIFEST_FORMAT = 2   # what runtime/build.py writes; packs of another format are refused
 
 
@@ -49,7 +51,7 @@ class Pack:
 
     @property
     def attention_blocks(self) -> list[str]:
-        return sorted({e["layer"] for e in self._entries if e["family"] in ("tc_attention", "paged_attention")})
+        return sorted({e["layer"] for e in self._entries if e["family"] in _ATTENTION})
 
     # ---- modules ----------------------------------------------------------------------------
     def _select(self, entries: list[dict], name: str, dims: dict | None, consts: dict | None) -> list[dict]:
@@ -86,8 +88,7 @@ class Pack:
         """The attention block `name` as a PagedAttention over the pack's kernels. dims / consts
         pick one specialisation where the pack has several (e.g. Gemma-2's two windows)."""
         from .attention import PagedAttention
-        entries = [e for e in self._entries if e["family"] in ("tc_attention", "paged_attention", "block_mask")
-                   and e["layer"] == name]
+        entries = [e for e in self._entries if e["family"] in (*_ATTENTION, "block_mask") and e["layer"] == name]
         if not entries:
             raise PackError(f"{self.root}: no attention block {name!r} in the pack "
                             f"(it has {', '.join(self.attention_blocks) or 'none'})")
@@ -100,7 +101,7 @@ class Pack:
                 images["block_mask"] = (self._cubin(e), (KernelABI.from_json(e["kernels"][0]),),
                                         (e["rows"], e["keys"], e["heads"], e["key"]))
                 continue
-            mode = e.get("mode") if e["family"] == "tc_attention" else None
+            mode = e.get("mode") if e["family"] != "paged_attention" else None   # tc / wgmma: by mode
             keys = e["tiles"]["keys"] if mode else None   # the CUDA-core kernel has no key tile
             images[mode] = (self._cubin(e), tuple(KernelABI.from_json(k) for k in e["kernels"]), keys)
         module = PagedAttention.from_images(name, entries[0]["interface"], images, page_size=entries[0]["page_size"],

@@ -74,6 +74,13 @@ def main(pack_dir: str, run: bool) -> None:
     q_pos = torch.tensor([n - 1 for n in lens], dtype=torch.int32, device=dev)
     out = torch.full_like(q, float("nan"))
     attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos, max_kv_len=max(lens), out=out)
+    # a ragged prefill of each sequence's last 40 tokens (the pack's prefill kernel: wgmma on sm_90)
+    new = 40
+    qp = torch.randn(2 * new, hq, d, generator=g).to(dev, torch.bfloat16)
+    cu = torch.tensor([0, new, 2 * new], dtype=torch.int32, device=dev)
+    out_p = torch.full_like(qp, float("nan"))
+    attn.prefill(qp, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=new,
+                 max_kv_len=max(lens), out=out_p)
     torch.cuda.synchronize()
     assert not any(m.startswith(BLOCKED) for m in sys.modules), "NVRTC was imported"
 
@@ -103,7 +110,11 @@ def main(pack_dir: str, run: bool) -> None:
                q_seq.cpu(), q_pos.cpu(), max_kv_len=max(lens))
     err = (out.cpu().double() - want.double()).norm() / want.double().norm()
     assert not torch.isnan(out).any() and err < 2e-2, float(err)
-    print("ran rms_norm, swiglu, kv append and llama_attn decode from the pack: ok")
+    want_p = ref.prefill(qp.cpu(), ref_cache.k_cache, ref_cache.v_cache, ref_cache.page_table, ref_cache.seq_lens,
+                         cu.cpu(), max_q_len=new, max_kv_len=max(lens))
+    err = (out_p.cpu().double() - want_p.double()).norm() / want_p.double().norm()
+    assert not torch.isnan(out_p).any() and err < 2e-2, ("prefill", float(err))
+    print("ran rms_norm, swiglu, kv append and llama_attn decode and prefill from the pack: ok")
 
 
 if __name__ == "__main__":

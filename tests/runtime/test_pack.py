@@ -49,11 +49,12 @@ def test_pack_loads_with_nvrtc_hidden_and_without_parsing(pack_dir):
 def test_manifest_describes_every_kernel_with_its_abi(pack_dir):
     m = json.loads((pack_dir / "manifest.json").read_text())
     fams = sorted(e["family"] for e in m["kernels"])
-    assert fams == ["kv_append", "paged_attention", "row", "row", "tc_attention", "tc_attention"]
+    prefill = "wgmma_attention" if m["arch"] == "sm_90" else "tc_attention"   # Hopper: the wgmma prefill
+    assert fams == sorted(["kv_append", "paged_attention", "row", "row", "tc_attention", prefill])
     for e in m["kernels"]:
         for k in e["kernels"]:
             assert k["name"].startswith("lf_") and k["args"] and k["block"][0] > 0 and k["problem"]
-    tc = [e for e in m["kernels"] if e["family"] == "tc_attention"]
+    tc = [e for e in m["kernels"] if e["family"] in ("tc_attention", "wgmma_attention")]
     assert all(len(e["kernels"]) == 2 and e["kernels"][0]["shared_bytes"] > 0 for e in tc)   # main + merge
 
 
@@ -104,7 +105,7 @@ def test_unknown_names_and_cpu_tensors_are_clear_errors(pack_dir):
 def test_pack_kernels_match_the_reference_with_nvrtc_hidden(pack_dir):
     r = run_case(pack_dir, "--run")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "from the pack: ok" in r.stdout
+    assert "decode and prefill from the pack: ok" in r.stdout
 
 
 def test_a_name_built_twice_is_picked_by_dims_or_consts(tmp_path):
