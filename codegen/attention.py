@@ -162,6 +162,11 @@ def table_dims(layer: Layer) -> list[str]:
     return sorted({s.name for p in tensors for d in p.shape for s in sympy.sympify(d).free_symbols})
 
 
+def tile_page_entries(keys: int, page: int) -> int:
+    """Pages a key tile of `keys` keys spans at most (tiles start at multiples of their width)."""
+    return 1 if page % keys == 0 else (keys // page if keys % page == 0 else (keys - 1) // page + 2)
+
+
 def check_attention_layer(layer: Layer, page_size: int) -> None:
     if layer.function.kind != "attention":
         raise LoweringError(f"{layer.name} is not an attention block")

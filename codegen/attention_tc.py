@@ -29,7 +29,7 @@ from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .attention import (AttentionPlan, cache_args, check_attention_layer, check_kv_dtype, check_specialisable,
-                        extra_args, hook_context, output_args)
+                        extra_args, hook_context, output_args, tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
@@ -138,9 +138,8 @@ class TCAttentionPlan(AttentionPlan):
 
     @property
     def page_entries(self) -> int:
-        """Pages a key tile spans at most (tiles start at multiples of their width)."""
-        bn, page = self.config.keys, self.page_size
-        return 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
+        """Pages a key tile spans at most."""
+        return tile_page_entries(self.config.keys, self.page_size)
 
     @property
     def shared_layout(self) -> SharedLayout:

@@ -19,7 +19,7 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
 from .abi import KernelABI, SharedLayout
-from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context
+from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context, tile_page_entries
 from .attention_tc import chunked_abi
 from .plan import CompileFn, layer_key, spill_free
 from .render import read_template, render
@@ -91,9 +91,8 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     @property
     def page_entries(self) -> int:
-        """Pages a key tile spans at most (tiles start at multiples of their width)."""
-        bn, page = self.config.keys, self.page_size
-        return 1 if page % bn == 0 else (bn // page if bn % page == 0 else (bn - 1) // page + 2)
+        """Pages a key tile spans at most."""
+        return tile_page_entries(self.config.keys, self.page_size)
 
     @property
     def shared_layout(self) -> SharedLayout:

@@ -324,12 +324,7 @@ class PagedKVCache(PagedSequences):
     # ---- checks -------------------------------------------------------------------------
     def _check_tensor(self, name: str, x) -> None:
         H, D = self.num_kv_heads, self.head_dim
-        if not isinstance(x, torch.Tensor):
-            raise LayerInputError(f"append: '{name}' must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise LayerInputError(f"append: '{name}' must be {self.dtype} (the cache's dtype), got {x.dtype}")
-        if x.device != self.device:
-            raise LayerInputError(f"append: '{name}' is on {x.device}, the cache on {self.device}")
+        self._check_dtype_device(name, x)
         if x.dim() != 3 or x.shape[1] != H or x.shape[2] != D:
             raise LayerInputError(f"append: '{name}' must have shape [T, {H}, {D}], got {tuple(x.shape)}")
         if (D > 1 and x.stride(2) != 1) or (H > 1 and x.stride(1) != D):

@@ -120,12 +120,7 @@ class PagedLatentCache(PagedSequences):
 
     # ---- checks and placement -----------------------------------------------------------
     def _check_tensor(self, name: str, x, width: int, T: int) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise LayerInputError(f"append: '{name}' must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise LayerInputError(f"append: '{name}' must be {self.dtype} (the cache's dtype), got {x.dtype}")
-        if x.device != self.device:
-            raise LayerInputError(f"append: '{name}' is on {x.device}, the cache on {self.device}")
+        self._check_dtype_device(name, x)
         if x.dim() != 2 or x.shape[0] != T or x.shape[1] != width:
             raise LayerInputError(f"append: '{name}' must have shape [{T}, {width}], got {tuple(x.shape)}")
         if x.stride(1) != 1:

@@ -252,6 +252,15 @@ class PagedSequences:
             raise KVCacheError(f"seq_id {s} is out of range [0, max_seqs={self.max_seqs})")
         return s
 
+    def _check_dtype_device(self, name: str, x) -> None:
+        """An appended tensor is a torch.Tensor of the cache's dtype on its device."""
+        if not isinstance(x, torch.Tensor):
+            raise LayerInputError(f"append: '{name}' must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise LayerInputError(f"append: '{name}' must be {self.dtype} (the cache's dtype), got {x.dtype}")
+        if x.device != self.device:
+            raise LayerInputError(f"append: '{name}' is on {x.device}, the cache on {self.device}")
+
     @staticmethod
     def _host_ints(name: str, values, count: int) -> np.ndarray:
         """Per-token integers given on the host (a list, numpy array or CPU tensor), as int64."""
