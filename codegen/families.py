@@ -19,21 +19,24 @@ from .plan import CompileFn, KernelPlan, plan_layer
 __all__ = ["plans_for_layer"]
 
 
-def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn: CompileFn | None = None
-                    ) -> list[KernelPlan]:
-    """The plans of every kernel `layer` needs; LoweringError when no family lowers it."""
+def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn: CompileFn | None = None,
+                    kv_cache: str | None = None) -> list[KernelPlan]:
+    """The plans of every kernel `layer` needs; LoweringError when no family lowers it.
+    kv_cache: the KV cache's storage when it is not the block's dtype ("fp8_e4m3")."""
     if layer.function.kind != "attention":
         return [plan_layer(layer, arch)]
     plans: list[KernelPlan] = []
     if int(arch.removeprefix("sm_").rstrip("af")) >= 80:
         # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a)
-        hopper = arch.rstrip("af") == "sm_90" and wgmma_supports(layer, page_size)
+        hopper = arch.rstrip("af") == "sm_90" and not kv_cache and wgmma_supports(layer, page_size)
         plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn)
                   if m == "prefill" and hopper else
-                  plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn) for m in MODES]
+                  plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache)
+                  for m in MODES]
         if getattr(plans[0], "block_mask", False):   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
             plans.append(plans[0].block_mask_plan())
-    paged = plan_paged_attention(layer, arch, page_size=page_size)
+    paged = plan_paged_attention(layer, arch, page_size=page_size, kv_dtype=kv_cache)
     spec = paged.spec
-    append = plan_kv_append(str(layer.dtype), int(spec.num_kv_heads), int(spec.head_dim), page_size, spec.rope, arch)
+    append = plan_kv_append(str(layer.dtype), int(spec.num_kv_heads), int(spec.head_dim), page_size, spec.rope, arch,
+                            kv_dtype=kv_cache)
     return plans + [paged, append]

@@ -138,6 +138,8 @@ def _attention_spec(plan) -> PluginSpec:
     if plan.family == "tc_attention" and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")
+    if getattr(plan, "kv_dtype", None):
+        raise NotAPlugin(f"no TensorRT plugin reads an {plan.kv_dtype} KV cache yet")
     info = attention_interface(plan.layer)
     hq, hkv, d, dtype, page = info["num_q_heads"], info["num_kv_heads"], info["head_dim"], info["dtype"], plan.page_size
     inputs = (TensorSpec("q", dtype, ("T", str(hq), str(d))),
@@ -172,6 +174,8 @@ def _kv_append_spec(plan) -> PluginSpec:
     length and page-table updates into the same launch; here there are none (U = W = 0: those
     pointers are null and never read): the caller owns its page table and lengths, which the
     attention plugins take as inputs."""
+    if getattr(plan, "kv_dtype", None):
+        raise NotAPlugin(f"no TensorRT plugin writes an {plan.kv_dtype} KV cache yet")
     hkv, d, page = plan.num_kv_heads, plan.head_dim, plan.page_size
     cache = ("P", str(page), str(hkv), str(d))
     inputs = (TensorSpec("k_cache", plan.dtype, cache), TensorSpec("v_cache", plan.dtype, cache),

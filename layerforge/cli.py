@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page (attention kernels)")
     b.add_argument("--kv-dtype", choices=["bf16", "f16"],
                    help="dtype of the attention kernels and their KV cache (default: --dtype)")
+    b.add_argument("--kv-cache", choices=["fp8_e4m3"],
+                   help="store the KV cache as e4m3 with per-layer scales (default: the kernels' dtype)")
     b.add_argument("--trt", action="store_true",
                    help="also write TensorRT plugin sources (Python AOT plugins, a C++ plugin library) to OUTPUT/trt")
     b.add_argument("-j", "--jobs", type=int, help="parallel compiles")

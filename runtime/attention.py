@@ -98,12 +98,12 @@ class PagedAttention:
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, page_size: int, arch: str,
-                    **scalars: Any) -> PagedAttention:
+                    kv_dtype: str | None = None, **scalars: Any) -> PagedAttention:
         """A module over compiled kernels (a pack's): `images` maps a mode ('prefill', 'decode',
         or None for the CUDA-core kernel) to (cubin, (main ABI, merge ABI), keys per tile, None for the CUDA-core kernel). No NVRTC, no DSL;
         CPU tensors are not served (the reference needs the DSL)."""
         self = cls(None, page_size=page_size, arch=arch, interface=interface, name=name,
-                   kernel="tc" if "decode" in images else "simt", **scalars)
+                   kernel="tc" if "decode" in images else "simt", kv_dtype=kv_dtype, **scalars)
         self._images = dict(images)
         return self
 

@@ -28,11 +28,12 @@ from .pack import MANIFEST_FORMAT
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
                     names: list[str] | None = None, page_size: int = 16, cache=None,
                     kv_dtype: str | None = None, progress: Callable[[str], None] | None = None,
-                    definitions: list[tuple[str, dict[str, Any]]] | None = None
+                    definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None
                     ) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover (codegen.families decides
     which kernels a definition needs; shared ones, like a KV append, appear once); the others
-    with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`).
+    with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`);
+    `kv_cache` ("fp8_e4m3") stores the cache in another format, read by the attention kernels.
     An unknown name in `names` is a ValueError before anything is planned. Planning an
     attention block compiles its tile candidates, which takes seconds: `progress` gets a line
     per definition.
@@ -65,7 +66,8 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
             is_attention = isinstance(program.definition(name), AttentionDef)
             t = (kv_dtype or dtype) if is_attention else dtype
             layer = program.specialise(name, dtype=t, **program.bindings_for(name, {**bindings, **own}))
-            for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile):
+            for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile,
+                                        kv_cache=kv_cache if is_attention else None):
                 if plan.key not in seen:
                     seen.add(plan.key)
                     plans.append(plan)
@@ -96,7 +98,7 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
           kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False,
-          definitions: list[tuple[str, dict[str, Any]]] | None = None) -> dict:
+          definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None) -> dict:
     t0 = time.perf_counter()
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan, plan_cache_key
@@ -108,7 +110,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     say = progress or (lambda s: None)
     already_compiled = cache.compiled_keys()   # by this process, before this build
     plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say,
-                                     definitions)
+                                     definitions, kv_cache)
 
     def one(plan):
         src = plan.source()
@@ -136,7 +138,8 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
         write_trt_plugins(plans, out / "trt", arch, cache)
     manifest = {
         "format": MANIFEST_FORMAT, "layerforge": layerforge_version(), "nvrtc": ".".join(map(str, nvrtc_version())),
-        "arch": arch, "dtype": dtype, "kv_dtype": kv_dtype or dtype, "page_size": page_size, "bindings": bindings, "kernels": entries,
+        "arch": arch, "dtype": dtype, "kv_dtype": kv_dtype or dtype, "kv_cache": kv_cache, "page_size": page_size,
+        "bindings": bindings, "kernels": entries,
         "skipped": skipped, "build_seconds": round(time.perf_counter() - t0, 3),   # planning (tile searches) included
     }
     _write_if_changed(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -243,7 +246,7 @@ def cli_build(args) -> int:
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
               page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt,
-              definitions=definitions)
+              definitions=definitions, kv_cache=args.kv_cache)
     n = len(m["kernels"])
     print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
     for name, why in m["skipped"].items():

@@ -105,12 +105,14 @@ class Pack:
             keys = e["tiles"]["keys"] if mode else None   # the CUDA-core kernel has no key tile
             images[mode] = (self._cubin(e), tuple(KernelABI.from_json(k) for k in e["kernels"]), keys)
         module = PagedAttention.from_images(name, entries[0]["interface"], images, page_size=entries[0]["page_size"],
-                                            arch=self.arch, **scalars)
+                                            arch=self.arch, kv_dtype=self.manifest.get("kv_cache"), **scalars)
         module.rope = _rope_spec(entries[0]["interface"]["rope"])   # what the cache's append needs
         return module
 
-    def kv_cache(self, name: str, *, num_pages: int, max_seqs: int, max_pages_per_seq: int, device=None):
-        """A PagedKVCache for attention block `name`, appending through the pack's kernel."""
+    def kv_cache(self, name: str, *, num_pages: int, max_seqs: int, max_pages_per_seq: int, device=None,
+                 scales: str = "per_tensor"):
+        """A PagedKVCache for attention block `name`, appending through the pack's kernel (an e4m3
+        cache with `scales` when the pack was built with `--kv-cache fp8_e4m3`)."""
         from .kv_cache import PagedKVCache, register_append_kernel
         info = next((e["interface"] for e in self._entries if e.get("layer") == name and "interface" in e
                      and e["family"] != "row"), None)
@@ -121,7 +123,8 @@ class Pack:
                 register_append_kernel(e["key"], self._cubin(e), KernelABI.from_json(e["kernels"][0]))
         return PagedKVCache(num_pages, self.page_size, info["num_kv_heads"], info["head_dim"], info["dtype"],
                             device if device is not None else torch.device("cuda", torch.cuda.current_device()),
-                            max_seqs, max_pages_per_seq, arch=self.arch)
+                            max_seqs, max_pages_per_seq, arch=self.arch, kv_dtype=self.manifest.get("kv_cache"),
+                            scales=scales)
 
     # ---- files ------------------------------------------------------------------------------
     def _cubin(self, entry: dict) -> bytes:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("layerforge.runtime.nvrtc")
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +117,26 @@ def test_build_reports_planning_as_it_goes_and_kernels_its_tile_search_compiled(
     lines.clear()
     _, again = build_once("second")   # same process, same cache object: every kernel from the cache
     assert all(k["cached"] and k["compile_seconds"] == 0 for k in again["kernels"])
+
+
+def test_build_with_an_fp8_kv_cache_and_load_it(tmp_path):
+    """--kv-cache fp8_e4m3: the append, tensor-core and CUDA-core kernels read and write e4m3
+    (the wgmma prefill reads bf16/f16 only, so the sm_90 pack keeps the mma.sync prefill); the
+    pack's attention module and cache come back in that format."""
+    from layerforge.runtime.pack import load_pack
+    env = {**os.environ, "LAYERFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "pack"
+    cmd = [sys.executable, "-m", "layerforge", "build", "--config", str(ROOT / "examples/llama-3-8b/config.json"),
+           "--arch", "sm_90", "--kv-cache", "fp8_e4m3", "--layers", "llama_attn", "-o", str(out), "-q"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kv_cache"] == "fp8_e4m3"
+    fams = sorted(k["family"] for k in m["kernels"])
+    assert fams == ["kv_append", "paged_attention", "tc_attention", "tc_attention"], fams
+    assert all("fp8" in k["key"] or k.get("kv_dtype") == "fp8_e4m3" for k in m["kernels"]), [k["key"] for k in m["kernels"]]
+    pack = load_pack(out, check_device=False)
+    attn = pack.attention("llama_attn")
+    assert attn.kv_dtype == "fp8_e4m3" and attn.cache_dtype == torch.float8_e4m3fn
+    cache = pack.kv_cache("llama_attn", num_pages=4, max_seqs=1, max_pages_per_seq=4, device="cpu", scales="per_head")
+    assert cache.kv_dtype == "fp8_e4m3" and cache.storage_dtype == torch.float8_e4m3fn and cache.scales == "per_head"
