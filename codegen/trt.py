@@ -135,7 +135,7 @@ def _row_spec(plan) -> PluginSpec:
 
 # ---- attention, per-token form -----------------------------------------------------------------
 def _attention_spec(plan) -> PluginSpec:
-    if plan.family == "tc_attention" and plan.mode != "decode":
+    if plan.family in ("tc_attention", "wgmma_attention") and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")
     if getattr(plan, "kv_dtype", None):
@@ -192,7 +192,7 @@ def _kv_append_spec(plan) -> PluginSpec:
 
 
 _BUILDERS = {"row": _row_spec, "paged_attention": _attention_spec, "tc_attention": _attention_spec,
-             "kv_append": _kv_append_spec}
+             "wgmma_attention": _attention_spec, "kv_append": _kv_append_spec}
 
 
 # ---- checks ------------------------------------------------------------------------------------
