@@ -55,6 +55,8 @@ _LAZY = {
     "LlamaPagedDecoderLayer": ("runtime.llama_decoder", "LlamaPagedDecoderLayer"),
     "Embedding": ("runtime.embedding", "Embedding"),
     "PromptTuningEmbedding": ("runtime.embedding", "PromptTuningEmbedding"),
+    "Linear": ("runtime.linear", "Linear"),
+    "MLAAttention": ("runtime.mla", "MLAAttention"),
     "from_pretrained": ("models.loading", "from_pretrained"),
     "DecoderModel": ("models.model", "DecoderModel"),
     "Engine": ("models.engine", "Engine"),
@@ -73,6 +75,6 @@ def __getattr__(name: str):
 
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
-           "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding",
+           "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
            "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
            "__version__"]
