@@ -8,6 +8,14 @@ templates/cuda/hopper.cuh.jinja).
 
 Same ABI, hooks and split-KV merge as the tensor-core prefill kernel (codegen/attention_tc.py),
 so the runtime launches either the same way. Compiled for sm_90a only (wgmma, setmaxnreg).
+
+As the tensor-core prefill, a mask that reads tables at positions (document ids) walks the
+key-tile lists of the block-mask pre-pass (codegen/block_mask.py) over this kernel's tiling
+(`block_mask_plan()`); `supports()` still leaves such blocks to the mma.sync kernel until the
+wgmma path is measured, so it runs where asked for (PagedAttention(prefill="wgmma"), or a
+WGTileConfig in `tiles`). `distance_table=True` tabulates the score's distance term per tile
+(codegen/distance_terms.py) in shared memory, one table per consumer warpgroup; off by default
+until measured.
 """
 from __future__ import annotations
 
@@ -20,13 +28,16 @@ from ..dsl.types import DType
 from . import ops
 from .abi import KernelABI, SharedLayout
 from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context, tile_page_entries
-from .attention_tc import chunked_abi
+from .attention_tc import DISTANCE_TABLE_BYTES, chunked_abi
+from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
+from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
 ARCH = "sm_90a"
 CONSUMERS = 2   # consumer warpgroups of 64 query rows, taking turns at the tensor cores (the template's NCW)
+SHARED_LIMIT = 232448   # dynamic shared memory of a CTA on sm_90 (227 KB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +71,8 @@ class WGTileConfig:
 
 def tile_candidates(head_dim: int) -> list[WGTileConfig]:
     """Tile shapes, best first. Shared memory bounds BN x STAGES: Q (128 rows) plus STAGES
-    K and V tiles must fit in 227 KB; registers bound BN: S (BN / 2), P (BN / 4) and O (HD / 2)
-    per consumer thread."""
+    K and V tiles must fit in 227 KB (with a distance table too: the planner skips those that
+    do not); registers bound BN: S (BN / 2), P (BN / 4) and O (HD / 2) per consumer thread."""
     if head_dim == 256:
         return [WGTileConfig(bn=64, stages=2)]
     if head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
@@ -76,10 +87,12 @@ class WGMMAAttentionPlan(AttentionPlan):
     arch: str = ARCH
     page_size: int = 16
     tiles: WGTileConfig | None = None   # None: the first of tile_candidates
+    distance_table: bool = False        # tabulate the score's distance term per tile (rel_table)
 
     @property
     def key(self) -> str:
-        return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label, self.arch.replace("_", ""))
+        return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label,
+                         *(("dt",) if self.rel_table else ()), self.arch.replace("_", ""))
 
     @property
     def mode(self) -> str:
@@ -90,6 +103,28 @@ class WGMMAAttentionPlan(AttentionPlan):
         return self.tiles or tile_candidates(int(self.spec.head_dim))[0]
 
     @property
+    def block_mask(self) -> bool:
+        """A mask that reads tables at positions: the kernel walks the key tiles a block-mask
+        pre-pass lists (codegen/block_mask.py)."""
+        return needs_block_mask(self.layer)
+
+    def block_mask_plan(self) -> BlockMaskPlan:
+        """The pre-pass for this kernel's tiling (BM = 128 rows, BN keys)."""
+        return BlockMaskPlan(layer=self.layer, arch=self.arch, rows=self.config.rows, keys=self.config.keys)
+
+    @property
+    def rel_table(self) -> tuple[int, int] | None:
+        """With distance_table: (heads, distances) of each consumer warpgroup's per-tile table of
+        the score's distance term: one column per query head of the KV head where the term reads
+        h, BN + 63 // GROUP + 1 distances (the most a tile spans over a warpgroup's 64 rows).
+        None without the flag or a term, or where a table would pass DISTANCE_TABLE_BYTES."""
+        term = distance_term(self.spec.score) if self.distance_table else None
+        if term is None:
+            return None
+        shape = (self.group if term.heads else 1, self.config.keys + 63 // self.group + 1)
+        return shape if 4 * shape[0] * shape[1] <= DISTANCE_TABLE_BYTES else None
+
+    @property
     def page_entries(self) -> int:
         """Pages a key tile spans at most."""
         return tile_page_entries(self.config.keys, self.page_size)
@@ -97,17 +132,19 @@ class WGMMAAttentionPlan(AttentionPlan):
     @property
     def shared_layout(self) -> SharedLayout:
         """Q, the K and V stages (each 1024-byte aligned: the swizzle reads address bits 7-9),
-        then the full / empty mbarriers."""
+        then the full / empty mbarriers, and the distance tables (two buffers per consumer)."""
         c, hd = self.config, int(self.spec.head_dim)
+        rel = self.rel_table
         return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
-                             ("sV", 2 * c.stages * c.keys * hd), ("bars", 8 * 2 * c.stages)), align=1024)
+                             ("sV", 2 * c.stages * c.keys * hd), ("bars", 8 * 2 * c.stages),
+                             *((("sRel", CONSUMERS * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
     def shared_bytes(self) -> int:
         return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
 
     def main_abi(self) -> KernelABI:
-        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes)
+        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -125,6 +162,10 @@ def _render(plan: WGMMAAttentionPlan) -> str:
     hd = check_specialisable(plan.layer, "wgmma attention")
     c = plan.config
     mma_t = "bf16" if dtype is DType.bf16 else "f16"
+    rel = plan.rel_table
+    ctx = hook_context(plan.layer, distance_table=rel is not None)
+    if plan.block_mask:   # the pre-pass classifies the tiles
+        ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     return render(
         "cuda/attention_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
@@ -132,15 +173,17 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs,
-        wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}], **hook_context(plan.layer))
+        wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}],
+        block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
+        RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
 
 
 def supports(layer: Layer, page_size: int) -> bool:
-    """Whether the wgmma kernel serves this block: bf16/f16, head dims 64/128/256 equal to the
-    value dim, and pages of at least BN / 32 keys (a tile's page entries, one per lane). A mask
-    that reads tables at positions (document ids) wants the block-mask pre-pass's lists, which
-    only the mma.sync prefill walks so far: such blocks stay there."""
-    from .block_mask import needs_block_mask
+    """Whether the wgmma kernel is the default prefill of this block: bf16/f16, head dims
+    64/128/256 equal to the value dim, and pages of at least BN / 32 keys (a tile's page
+    entries, one per lane). A mask that reads tables at positions (document ids) stays on the
+    mma.sync prefill by default until the wgmma kernel's block-mask path is measured (it runs
+    when asked for: plan_wgmma_attention, PagedAttention(prefill="wgmma"))."""
     if needs_block_mask(layer):
         return False
     try:
@@ -152,15 +195,21 @@ def supports(layer: Layer, page_size: int) -> bool:
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
-                         compile_fn: CompileFn | None = None) -> WGMMAAttentionPlan:
+                         compile_fn: CompileFn | None = None, distance_table: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
-    `tile_candidates` that compiles without register spills (through `compile_fn`; without
-    one, the first)."""
+    `tile_candidates` whose shared memory fits and that compiles without register spills
+    (through `compile_fn`; without one, the first that fits). distance_table: tabulate the
+    score's distance term per tile (WGMMAAttentionPlan.rel_table)."""
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention")
     candidates = [tiles] if tiles is not None else tile_candidates(int(layer.function.outputs[0].arg.head_dim))
+    fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
+                                                        distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
+    if not fits:
+        raise LoweringError(f"{layer.name}: no wgmma tile candidate fits {SHARED_LIMIT} bytes of shared memory")
+    candidates = fits
     for c in candidates:
-        plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c)
+        plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table)
         if plan.page_entries > 32:
             raise LoweringError(f"{layer.name}: wgmma attention needs pages of at least {c.keys // 32 + 1} keys "
                                 f"for {c.keys}-key tiles, not {page_size}")
