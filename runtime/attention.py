@@ -24,7 +24,11 @@ kernel="tc" runs the tensor-core kernels (codegen/attention_tc.py; the default f
 kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80), which
 serves only the per-token form. Under kernel="tc", prefill="wgmma" runs the ragged prefill
 tiles on the Hopper kernel (codegen/attention_wgmma.py, compiled for sm_90a; the default on
-sm_90 where it serves the block), prefill="tc" on the mma.sync one.
+sm_90 where it serves the block), prefill="tc" on the mma.sync one. A block whose mask reads
+tables at positions (document ids) runs on the wgmma kernel only when asked for (prefill="wgmma"
+or a WGTileConfig in tiles), over the same block-mask pre-pass; distance_table=True makes the
+wgmma kernel tabulate the score's distance term per tile (T5 buckets, relative-bias tables;
+off by default: codegen/attention_wgmma.py).
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs. CPU tensors run the DSL's
 reference evaluator instead (slow, exact; bad page tables are errors there).
@@ -56,7 +60,7 @@ class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
                  kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
                  interface: dict | None = None, name: str | None = None, kv_dtype: str | None = None,
-                 **scalars: Any):
+                 distance_table: bool = False, **scalars: Any):
         if layer is not None and layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         if kv_dtype not in (None, *KV_DTYPES):
@@ -69,6 +73,7 @@ class PagedAttention:
                              f"got {prefill!r}")
         self._kernel = kernel
         self._prefill = prefill
+        self.distance_table = distance_table   # the wgmma prefill's per-tile distance tables
         # mode -> codegen.attention_tc.TileConfig (or, for prefill, attention_wgmma.WGTileConfig),
         # to override the default tiles
         self.tiles = dict(tiles or {})
@@ -153,7 +158,7 @@ class PagedAttention:
             from .launch import compile_fn
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
-                                            compile_fn=compile_fn(self._cache))
+                                            compile_fn=compile_fn(self._cache), distance_table=self.distance_table)
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
