@@ -1,7 +1,7 @@
 """Sparse attention masks in prefill beside FlexAttention, in one run on one card (B4 H32 S4096
 D128 bf16, GQA 32/8 by default):
 
-    python -m benchmarks.bench_masks [--batch 4] [--seq 4096] [--variants]
+    python -m benchmarks.bench_masks [--batch 4] [--seq 4096] [--variants] [--wgmma [--wgmma-tiles n64s3]]
 
 For each mask: ours with per-tile block sparsity (codegen/mask_tiles.py; for masks that read
 tables at positions, the block-mask pre-pass of codegen/block_mask.py; for score terms of the
@@ -11,6 +11,11 @@ same kernel with every tile masked and scored per element: the A/B), FlexAttenti
 Block masks are built outside the kernels' timing and timed on their own: ours ("pre ms", the
 pre-pass, once per batch and shared by the layers; "ours+pre" adds it) beside Flex's
 create_block_mask ("flex bm ms"). Outputs are compared with Flex's (bf16 tolerance).
+
+--wgmma: for the table cases, also the Hopper prefill asked for explicitly (prefill="wgmma"
+with its block-mask lists and distance_table=True; neither is the default yet), one more line
+per case ("<case> wg": its kernel time, its own pre-pass, its error against Flex, its tile
+label); --wgmma-tiles picks its WGTileConfig (n<keys>s<stages>), else the planner's.
 
 --variants: the standard library's attention blocks beside Flex with the equivalent
 score_mod / mask_mod (MHA 32/32, Llama GQA 32/8). Flex has no RoPE: the blocks that rotate q in
@@ -120,11 +125,12 @@ def per_element():
         clear()
 
 
-def ours(layer, q, kc, vc, table, lens, cu, seq, sparse: bool = True, extra=None):
-    """(kernel seconds, output, pre-pass seconds or None). A block mask is built first and
-    passed, so the kernel's time holds no pre-pass; the pre-pass is timed on its own."""
+def ours(layer, q, kc, vc, table, lens, cu, seq, sparse: bool = True, extra=None, **module):
+    """(kernel seconds, output, pre-pass seconds or None, the module). A block mask is built
+    first and passed, so the kernel's time holds no pre-pass; the pre-pass is timed on its own.
+    module: PagedAttention's options (prefill=, distance_table=, tiles=)."""
     from layerforge.codegen.block_mask import needs_block_mask
-    attn = PagedAttention(layer, page_size=64)
+    attn = PagedAttention(layer, page_size=64, **module)
     out = torch.empty_like(q)
     bm = None
     if not sparse:   # load the kernel rendered without per-tile work; later calls reuse it
@@ -136,7 +142,7 @@ def ours(layer, q, kc, vc, table, lens, cu, seq, sparse: bool = True, extra=None
                                block_mask=bm)
     run()
     pre = bench(lambda: attn.block_mask(lens, cu, max_q_len=seq, max_kv_len=seq, extra=extra)) if bm else None
-    return bench(run), out, pre
+    return bench(run), out, pre, attn
 
 
 def problem(B, S, hq, hkv, d, page, seed):
@@ -175,7 +181,7 @@ def variants(B: int, S: int) -> None:
         q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=1)
         extra = {"kv_len": lens.clone()} if name == "bert_attn" else None
         layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **consts)
-        t_ours, out, _ = ours(layer, q, kc, vc, table, lens, cu, S, extra=extra)
+        t_ours, out, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, extra=extra)
         torch._dynamo.reset()   # a fresh compile per case (past the recompile limit Flex runs unfused)
         flex = torch.compile(flex_attention, dynamic=False)
         bm = create_block_mask(mask_mod, None, None, S, S, device="cuda") if mask_mod else None
@@ -205,7 +211,17 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--only", default=None, help="one mask ('none': no mask, e.g. with --variants)")
     ap.add_argument("--variants", action="store_true", help="also the stdlib's blocks beside Flex")
+    ap.add_argument("--wgmma", action="store_true",
+                    help="the table cases also on the wgmma prefill with block-mask lists and distance tables")
+    ap.add_argument("--wgmma-tiles", default=None, help="its WGTileConfig as n<keys>s<stages> (e.g. n64s3)")
     a = ap.parse_args()
+    wg_module = None
+    if a.wgmma:
+        from layerforge.codegen.attention_wgmma import WGTileConfig
+        wg_module = {"prefill": "wgmma", "distance_table": True}
+        if a.wgmma_tiles:
+            bn, stages = a.wgmma_tiles.removeprefix("n").split("s")
+            wg_module["tiles"] = {"prefill": WGTileConfig(bn=int(bn), stages=int(stages))}
     B, S, hq, hkv, d, page = a.batch, a.seq, 32, 8, 128, 64
     prog = lf.loads(SRC, "masks.lf", with_stdlib=False)
     q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=0)
@@ -215,7 +231,7 @@ def main() -> None:
                                                                                enable_gqa=True))
     print(f"{torch.cuda.get_device_name()}  B{B} H{hq}/{hkv} S{S} D{d} bf16; SDPA flash causal {flash * 1e3:.3f} ms")
     print(f"{'mask':>10} {'density':>8} {'ours ms':>8} {'pre ms':>7} {'ours+pre':>8} {'dense ms':>9} {'flex ms':>8} "
-          f"{'flex bm ms':>10} {'ours/flex':>9} {'sparse gain':>11} {'max err':>8}")
+          f"{'flex bm ms':>10} {'ours/flex':>9} {'sparse gain':>11} {'max err':>8}  kernel")
     for name in [*MODS, *TABLE_CASES]:
         if a.only and name != a.only:
             continue
@@ -226,8 +242,8 @@ def main() -> None:
         layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
         torch._dynamo.reset()   # a fresh compile per mask (past the recompile limit Flex runs unfused)
         flex = torch.compile(flex_attention, dynamic=False)
-        t_sparse, out, t_pre = ours(layer, q, kc, vc, table, lens, cu, S, True, extra)
-        t_dense, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, False, extra)
+        t_sparse, out, t_pre, attn = ours(layer, q, kc, vc, table, lens, cu, S, True, extra)
+        t_dense, _, _, _ = ours(layer, q, kc, vc, table, lens, cu, S, False, extra)
         make_bm = flex_block_mask(create_block_mask, mod, B if extra and "doc" in extra else None, S)
         bm = make_bm()
         t_flex_bm = bench(make_bm)
@@ -240,7 +256,15 @@ def main() -> None:
         pre = f"{t_pre * 1e3:>7.3f}" if t_pre else f"{'-':>7}"
         print(f"{name:>10} {density:>8.3f} {t_sparse * 1e3:>8.3f} {pre} {(t_sparse + (t_pre or 0)) * 1e3:>8.3f} "
               f"{t_dense * 1e3:>9.3f} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_sparse:>9.2f} "
-              f"{t_dense / t_sparse:>11.2f} {err:>8.4f}", flush=True)
+              f"{t_dense / t_sparse:>11.2f} {err:>8.4f}  {attn.tc_plan('prefill').key.split('_p64_')[1]}", flush=True)
+        if wg_module and name in TABLE_CASES:   # the wgmma path beside the default
+            t_wg, out_wg, t_wpre, wg = ours(layer, q, kc, vc, table, lens, cu, S, True, extra, **wg_module)
+            err_wg = (out_wg.view(B, S, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item()
+            wpre = f"{t_wpre * 1e3:>7.3f}" if t_wpre else f"{'-':>7}"
+            print(f"{name + ' wg':>10} {density:>8.3f} {t_wg * 1e3:>8.3f} {wpre} {(t_wg + (t_wpre or 0)) * 1e3:>8.3f} "
+                  f"{'-':>9} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_wg:>9.2f} {'-':>11} "
+                  f"{err_wg:>8.4f}  {wg.tc_plan('prefill').key.split('_p64_')[1]} ({t_sparse / t_wg:.2f}x the line above)",
+                  flush=True)
     if a.variants:
         variants(B, S)
 

@@ -105,3 +105,97 @@ def test_what_it_does_not_serve(prog):
     assert supports(specialise(prog, "llama_attn", 8, 8, 128), 16)
     with pytest.raises(ValueError, match="64K"):
         WGTileConfig(bn=128, stages=2, producer_regs=64, consumer_regs=240)
+
+
+# ---- the block-mask lists and the per-tile distance tables (reachable when asked for) ----------
+GQA = [(8, 8), (32, 8), (32, 4)]   # groups 1, 4, 8
+
+
+@pytest.fixture(scope="module")
+def mask_prog():
+    from ..gpu.test_block_mask import SRC
+    return lf.loads(SRC, "block_masks.lf", with_stdlib=False)
+
+
+def check_block_mask_source(plan):
+    src = plan.source()
+    assert plan.block_mask and not supports(plan.layer, plan.page_size)   # not the default prefill
+    assert [a.name for a in plan.abi.args if a.name.startswith("bm_")] == ["bm_num", "bm_idx", "bm_rows", "bm_cols"]
+    # the producer and both consumers walk the list; no per-tile classifier of its own
+    assert src.count("const int k0 = tile_k0(t);") == 2 and "LF_TILE" not in src
+    assert "(bm_list[t_begin + t] & 1) != 0" in src
+    bm = plan.block_mask_plan()
+    assert (bm.rows, bm.keys) == (plan.config.rows, plan.config.keys)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", GQA)
+def test_document_mask_walks_the_block_mask(mask_prog, hq, hkv, d):
+    plan = plan_wgmma_attention(mask_prog.specialise("doc_causal", Hq=hq, Hkv=hkv, D=d, dtype="bf16"),
+                                page_size=64, compile_fn=resources)
+    check_block_mask_source(plan)
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["doc_heads", "doc_pad", "doc"])
+def test_other_document_masks_walk_the_block_mask(mask_prog, name, d):
+    from layerforge.codegen.block_mask import mask_heads
+    layer = mask_prog.specialise(name, Hq=16, Hkv=4, D=d, dtype="bf16")
+    plan = plan_wgmma_attention(layer, compile_fn=resources)
+    check_block_mask_source(plan)
+    assert ("* 4 + kvh) * bm_rows" in plan.source()) == (mask_heads(layer) == 4) == (name == "doc_heads")
+    assert_spill_free(compile_main(plan)[0])
+
+
+def test_block_mask_tiles_follow_the_tile_config(mask_prog):
+    layer = mask_prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    for c in tile_candidates(128):
+        plan = plan_wgmma_attention(layer, tiles=c)
+        check_block_mask_source(plan)
+        assert_spill_free(compile_main(plan)[0])
+
+
+def distance_blocks(prog, mask_prog, name, hq, hkv, d):
+    if name == "t5_attn":
+        return specialise(prog, "t5_attn", hq, hkv, d)
+    return mask_prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", GQA)
+@pytest.mark.parametrize("name", ["t5_attn", "rel_bias"])
+def test_distance_tables_compile(prog, mask_prog, name, hq, hkv, d):
+    from layerforge.codegen.attention_wgmma import SHARED_LIMIT
+    layer = distance_blocks(prog, mask_prog, name, hq, hkv, d)
+    plan = plan_wgmma_attention(layer, compile_fn=resources, distance_table=True)
+    heads, width = plan.rel_table
+    assert heads == hq // hkv and width == plan.config.keys + 63 // (hq // hkv) + 1   # both read h
+    assert plan.key.endswith("_dt_sm90a") and plan.shared_bytes <= SHARED_LIMIT
+    src = plan.source()
+    score_body = src.split("__device__ __forceinline__ float lf_score(")[1].split("{", 1)[1].split("}")[0]
+    assert "rel_tab[x] = lf_rel_term(" in src and "rel_v" in score_body and "[" not in score_body   # no gather per score
+    assert_spill_free(compile_main(plan)[0])
+
+
+def test_negated_distance_term_table(mask_prog):
+    plan = plan_wgmma_attention(mask_prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16"),
+                                compile_fn=resources, distance_table=True)
+    assert plan.rel_table == (1, plan.config.keys + 63 // 4 + 1)
+    assert "lf_rel_term(-rel," in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+
+
+def test_new_paths_are_off_by_default(prog, mask_prog):
+    """The default plans are as before: no distance table, no block mask for blocks that need
+    none, and a flag on a block without a distance term changes nothing."""
+    t5 = specialise(prog, "t5_attn", 32, 8, 128)
+    plan = plan_wgmma_attention(t5)
+    assert not plan.distance_table and plan.rel_table is None and "lf_rel_term" not in plan.source()
+    assert not plan.block_mask and "bm_list" not in plan.source()
+    llama = specialise(prog, "llama_attn", 32, 8, 128)
+    on, off = plan_wgmma_attention(llama, distance_table=True), plan_wgmma_attention(llama)
+    assert on.rel_table is None and on.key == off.key and on.source() == off.source()
+    assert not supports(mask_prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16"), 16)
+    with pytest.raises(LoweringError, match="shared memory"):   # 3 stages of 128 keys leave no room for the tables
+        plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3), distance_table=True)

@@ -3,7 +3,9 @@
 alone in their document, one document, rows with nothing to attend to -> zeros), GQA with a
 head-dependent document mask, split-KV over the tile lists, an explicit BlockMask shared by
 calls and the automatic cache; the device pre-pass equals its CPU model tile for tile. T5
-buckets and clamped relative biases (the per-tile distance table) over several key tiles."""
+buckets and clamped relative biases (the per-tile distance table) over several key tiles. The
+same on the Hopper (wgmma) prefill where asked for (prefill="wgmma", distance_table=True; sm_90
+only): its producer and consumers walk the pre-pass's lists over its own tiling."""
 from __future__ import annotations
 
 import itertools
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import layerforge as lf
+from layerforge.codegen.attention_wgmma import WGTileConfig
 from layerforge.codegen.block_mask import block_mask_model
 from layerforge.dsl.evaluator import LayerInputError
 from layerforge.runtime import block_mask as bmc
@@ -185,3 +188,93 @@ def test_negated_distance_term_hoisted(prog):
     layer = prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16")
     gen = torch.Generator().manual_seed(6)
     run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64)
+
+
+# ---- the same on the Hopper (wgmma) prefill, asked for explicitly ----------------------------
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="the wgmma prefill kernel runs on sm_90 GPUs (H100, H200) only")
+
+
+def wgmma_attn(layer, *, distance_table=False, tiles=None):
+    attn = PagedAttention(layer, page_size=64, prefill="wgmma", distance_table=distance_table,
+                          tiles={"prefill": tiles} if tiles else None)
+    plan = attn.tc_plan("prefill")
+    assert attn.prefill_kernel == "wgmma" and plan.arch == "sm_90a"
+    assert plan.block_mask == ("doc" in layer.name)
+    assert (plan.rel_table is not None) == distance_table
+    return attn
+
+
+@hopper
+@pytest.mark.parametrize("kind", ["random", "one"])
+@pytest.mark.parametrize("name", ["doc_causal", "doc"])
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (8, 8)])
+def test_wgmma_document_masks(prog, name, kind, hq, hkv):
+    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=128, dtype="bf16")
+    attn = wgmma_attn(layer)
+    assert PagedAttention(layer, page_size=64).prefill_kernel == "tc"   # not the default (yet)
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv, attn=attn)
+
+
+@hopper
+def test_wgmma_fully_masked_rows_give_zeros(prog):
+    layer = prog.specialise("doc_pad", Hq=32, Hkv=8, D=128, dtype="bf16")
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, "pad", random.Random(5))}, hq=32, hkv=8, attn=wgmma_attn(layer))
+
+
+@hopper
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_wgmma_head_dependent_document_mask(prog, d):
+    layer = prog.specialise("doc_heads", Hq=16, Hkv=4, D=d, dtype="bf16")
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, "random", random.Random(7))}, hq=16, hkv=4, d=d,
+        attn=wgmma_attn(layer))
+
+
+@hopper
+@pytest.mark.parametrize("splits", [2, 5])
+def test_wgmma_split_kv_over_the_tile_lists(prog, splits):
+    layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    run(layer, [900, 40], [3, 40], {"doc": doc_table([900, 40], "random", random.Random(9))}, hq=32, hkv=8,
+        splits=splits, attn=wgmma_attn(layer))
+
+
+@hopper
+def test_wgmma_block_mask_of_64_key_tiles(prog):
+    """The pre-pass follows the kernel's tiling (128 rows x 64 keys here)."""
+    layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    attn = wgmma_attn(layer, tiles=WGTileConfig(bn=64, stages=3))
+    attn, _ = run(layer, LENS, NEW, {"doc": doc_table(LENS, "random", random.Random(13))}, hq=32, hkv=8, attn=attn)
+    bm = attn.block_mask(torch.tensor(LENS, dtype=torch.int32, device="cuda"),
+                         torch.tensor([0, *itertools.accumulate(NEW)], dtype=torch.int32, device="cuda"),
+                         max_q_len=max(NEW), max_kv_len=max(LENS),
+                         extra={"doc": doc_table(LENS, "random", random.Random(13)).cuda()})
+    assert (bm.rows, bm.keys) == (128, 64)
+
+
+@hopper
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (16, 4), (32, 4)])
+def test_wgmma_t5_distance_table(hq, hkv, bidirectional, d):
+    layer = lf.stdlib().specialise("t5_attn", Hq=hq, Hkv=hkv, D=d, NB=32, dtype="bf16", bidirectional=bidirectional)
+    gen = torch.Generator().manual_seed(3)
+    run(layer, [600, 250, 1], [600, 70, 1], {"rel_bias": torch.randn(32, hq, generator=gen)}, hq=hq, hkv=hkv, d=d,
+        attn=wgmma_attn(layer, distance_table=True))
+
+
+@hopper
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_wgmma_clamped_relative_bias_table(prog, d):
+    layer = prog.specialise("rel_bias", Hq=32, Hkv=8, D=d, dtype="bf16")
+    gen = torch.Generator().manual_seed(4)
+    run(layer, [500, 130], [500, 129], {"bias": torch.randn(129, 32, generator=gen)}, hq=32, hkv=8, d=d,
+        attn=wgmma_attn(layer, distance_table=True))
+
+
+@hopper
+@pytest.mark.parametrize("splits", [None, 3])
+def test_wgmma_negated_distance_term_table(prog, splits):
+    layer = prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16")
+    gen = torch.Generator().manual_seed(6)
+    run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64, splits=splits,
+        attn=wgmma_attn(layer, distance_table=True))
