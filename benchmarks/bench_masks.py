@@ -263,8 +263,8 @@ def main() -> None:
             wpre = f"{t_wpre * 1e3:>7.3f}" if t_wpre else f"{'-':>7}"
             print(f"{name + ' wg':>10} {density:>8.3f} {t_wg * 1e3:>8.3f} {wpre} {(t_wg + (t_wpre or 0)) * 1e3:>8.3f} "
                   f"{'-':>9} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_wg:>9.2f} {'-':>11} "
-                  f"{err_wg:>8.4f}  {wg.tc_plan('prefill').key.split('_p64_')[1]} ({t_sparse / t_wg:.2f}x the line above)",
-                  flush=True)
+                  f"{err_wg:>8.4f}  {wg.tc_plan('prefill').key.split('_p64_')[1]} "
+                  f"({t_sparse / t_wg:.2f}x the line above)", flush=True)
     if a.variants:
         variants(B, S)
 
