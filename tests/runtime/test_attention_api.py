@@ -101,12 +101,42 @@ dynamic B, S, Skv
 attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
     mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
 }""", "doc.lf", with_stdlib=False).specialise("document", Hq=8, Hkv=8, D=64, dtype="bf16")
-    documents = PagedAttention(doc, arch="sm_90")   # the block-mask lists: only the mma.sync prefill walks them
+    documents = PagedAttention(doc, arch="sm_90")   # the block-mask lists: the wgmma prefill's wait to be measured
     assert documents.needs_block_mask and documents.prefill_kernel == "tc"
     assert documents.tc_plan("prefill").block_mask_plan() is not None
     with pytest.raises(lf.LayerInputError, match="sm_90"):
         _ = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_80",
                            prefill="wgmma").prefill_kernel
+
+
+DOC = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}"""
+
+
+def test_wgmma_block_mask_when_asked_for():
+    """prefill="wgmma" (or a WGTileConfig) runs a document mask on the wgmma kernel, which walks
+    the pre-pass's lists over its own tiling: 128 rows x the tile's keys."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig
+    doc = lf.loads(DOC, "doc.lf", with_stdlib=False).specialise("document", Hq=32, Hkv=8, D=128, dtype="bf16")
+    for attn, keys in ((PagedAttention(doc, arch="sm_90", prefill="wgmma"), 128),
+                       (PagedAttention(doc, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=3)}), 64)):
+        plan = attn.tc_plan("prefill")
+        assert attn.prefill_kernel == "wgmma" and plan.block_mask and "bm_idx" in plan.abi.signature
+        bm = plan.block_mask_plan()
+        assert (bm.rows, bm.keys, bm.arch) == (128, keys, "sm_90a")
+
+
+def test_wgmma_distance_table_only_when_asked_for():
+    t5 = lf.stdlib().specialise("t5_attn", Hq=32, Hkv=8, D=128, NB=32, dtype="bf16")
+    default = PagedAttention(t5, arch="sm_90").tc_plan("prefill")
+    assert not default.distance_table and default.rel_table is None
+    plan = PagedAttention(t5, arch="sm_90", distance_table=True).tc_plan("prefill")
+    assert plan.rel_table == (4, plan.config.keys + 16) and "_dt_" in plan.key
+    assert plan.config.stages == 2   # 3 stages of 128 keys leave no room for the tables at D128
 
 
 @pytest.mark.parametrize("batch,ctx,want", [
