@@ -11,7 +11,7 @@ nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
 def builds(layer, arch="sm_90"):
     for plan in plans_for_layer(layer, arch):
-        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))   # sm_90a: wgmma
         assert {k.name for k in plan.kernels} <= set(res.resources)
 
 

@@ -62,7 +62,7 @@ def specialise(case: Case):
 
 def compile_all(plans):
     for plan in plans:
-        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(ARCH))
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))   # sm_90a: wgmma
         assert {k.name for k in plan.kernels} <= set(res.resources), plan.key
 
 
