@@ -40,6 +40,13 @@ MODES = ("prefill", "decode")
 DISTANCE_TABLE_BYTES = 8192   # the most shared memory a tile's distance table takes (two buffers: 16 KB)
 
 
+def distance_table_shape(term, group: int, keys: int, rows: int) -> tuple[int, int] | None:
+    """(heads, distances) of a tile's distance table for `rows` packed query rows (GROUP heads a
+    position) and `keys` keys: the most distances a tile spans; None past DISTANCE_TABLE_BYTES."""
+    shape = (group if term.heads else 1, keys + (rows - 1) // group + 1)
+    return shape if 4 * shape[0] * shape[1] <= DISTANCE_TABLE_BYTES else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TileConfig:
     wm: int        # warps along query rows
@@ -132,9 +139,7 @@ class TCAttentionPlan(AttentionPlan):
         term = distance_term(self.spec.score) if self.mode == "prefill" else None
         if term is None:
             return None
-        c = self.config
-        shape = (self.group if term.heads else 1, c.keys + (c.rows - 1) // self.group + 1)
-        return shape if 4 * shape[0] * shape[1] <= DISTANCE_TABLE_BYTES else None
+        return distance_table_shape(term, self.group, self.config.keys, self.config.rows)
 
     @property
     def page_entries(self) -> int:

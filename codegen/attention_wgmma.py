@@ -28,7 +28,7 @@ from ..dsl.types import DType
 from . import ops
 from .abi import KernelABI, SharedLayout
 from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context, tile_page_entries
-from .attention_tc import DISTANCE_TABLE_BYTES, chunked_abi
+from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
@@ -121,8 +121,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         term = distance_term(self.spec.score) if self.distance_table else None
         if term is None:
             return None
-        shape = (self.group if term.heads else 1, self.config.keys + 63 // self.group + 1)
-        return shape if 4 * shape[0] * shape[1] <= DISTANCE_TABLE_BYTES else None
+        return distance_table_shape(term, self.group, self.config.keys, 64)   # per consumer: 64 rows
 
     @property
     def page_entries(self) -> int:

@@ -7,20 +7,12 @@ import layerforge as lf
 from layerforge.codegen.attention_wgmma import WGTileConfig, plan_wgmma_attention, supports, tile_candidates
 from layerforge.codegen.row import LoweringError
 
-nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
-ATTENTION = ["llama_attn", "mistral_attn", "bert_attn", "gemma2_attn", "bloom_attn", "gpt2_attn", "t5_attn"]
+from .test_attention_compile import ATTENTION, nvrtc, specialise
 
 
 @pytest.fixture(scope="module")
 def prog():
     return lf.stdlib()
-
-
-def specialise(prog, name, hq, hkv, d, dtype="bf16"):
-    kw = dict(Hq=hq, Hkv=hkv, D=d)
-    if name == "t5_attn":
-        kw["NB"] = 32
-    return prog.specialise(name, dtype=dtype, **kw)
 
 
 def compile_main(plan):

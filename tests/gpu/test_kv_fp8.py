@@ -16,20 +16,13 @@ import torch
 
 import layerforge as lf
 from layerforge.dsl.attention_ref import apply_rope
-from layerforge.dsl.ir import RopeSpec
 from layerforge.runtime.attention import PagedAttention, float32_kv
 from layerforge.runtime.kv_cache import PagedKVCache, dequantise, quantise
 
+from ..codegen.test_kv_fp8_compile import FP8, ROPES
 from ..seeding import seeded_generator
 
-FP8 = "fp8_e4m3"
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
-ROPES = {
-    "none": lambda d: None,
-    "neox": lambda d: RopeSpec(10000.0, "neox", d),
-    "gptj": lambda d: RopeSpec(500000.0, "gptj", d),
-    "partial": lambda d: RopeSpec(10000.0, "neox", d // 2),
-}
 
 
 @pytest.fixture(scope="module")
