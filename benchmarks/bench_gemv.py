@@ -5,8 +5,10 @@ copy ceiling, CUDA-graph replays (kernel time, launch cost out), same run.
     python -m benchmarks.bench_gemv [--sweep] [--json out.json]
 
 Gated rows (gate/up) run fused (act(gate) * up in the epilogue) against cuBLAS followed by
-the generated SwiGLU row kernel; --sweep also times every work split (16-column tiles per CTA,
-warps, K chunks in flight) of each shape to choose the default.
+the generated SwiGLU row kernel. The "+norm" columns put the RMSNorm before the product, as a
+decoder layer has it: ours fused in the prologue against the generated rms_norm row kernel
+followed by cuBLAS (and the SwiGLU kernel). --sweep also times every work split (16-column
+tiles per CTA, warps, ring stages) of each shape to choose the default.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from layerforge.codegen.gemv import plan_gemv
-from layerforge.runtime.linear import gemv
+from layerforge.runtime.linear import KERNEL_MAX_ROWS, gemv
 
 from .bench_rows import copy_ceiling
 
@@ -28,8 +30,9 @@ SHAPES = [  # (name, N, K, gated)
     ("70B qkv", 10240, 8192, None), ("70B o", 8192, 8192, None), ("70B gate/up", 57344, 8192, "silu"),
     ("70B down", 8192, 28672, None),
 ]
-TOKENS = (1, 4, 8, 16)
-SPLITS = tuple(itertools.product((1,), (4, 8), (1, 2, 4)))   # (16-column tiles, warps, unroll)
+TOKENS = (1, 4, 8, 16, 32, 64)
+SWEEP_TOKENS = (1, 8, 16, 64)
+SPLITS = tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6)))   # (16-column tiles, warps, stages)
 
 
 def graph_time(fn, calls: int = 20) -> float:
@@ -59,9 +62,28 @@ def swiglu_module(f: int):
     return LayerModule(Program.stdlib().specialise("swiglu", F=f, dtype="bf16"))
 
 
-def split_launcher(n, k, m, gated, rt, warps, unroll):
+def norm_module(k: int):
+    from layerforge.dsl.program import Program
+    from layerforge.runtime.layers import LayerModule
+    return LayerModule(Program.stdlib().specialise("rms_norm", H=k, dtype="bf16"), eps=1e-5)
+
+
+def normed(norm, x, gamma):
+    return norm._forward_bound({"x": x, "w": gamma}, {"eps": 1e-5}, None)
+
+
+def split_plan(n, k, m, gated, rt, warps, stages, arch):
+    try:
+        return plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps, stages=stages)
+    except ValueError:   # more shared memory than a CTA has
+        return None
+
+
+def split_launcher(n, k, m, gated, rt, warps, stages):
     from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
-    plan = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=device_arch(), rt=rt, warps=warps, unroll=unroll)
+    plan = split_plan(n, k, m, gated, rt, warps, stages, device_arch())
+    if plan is None:
+        return None
     res = compile_plan(plan)
     if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
         return None
@@ -90,40 +112,55 @@ def main(argv=None):
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
     print(f"{'shape':12s} {'M':>3s} {'ours us':>8s} {'TB/s':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'+act us':>8s} "
-          f"{'ours/cuBLAS':>11s} {'of copy':>7s}")
+          f"{'ours/cuBLAS':>11s} {'of copy':>7s} {'+norm ours':>10s} {'norm+cuBLAS':>11s} {'ratio':>5s}")
     rows = []
     if a.sweep:
         from layerforge.runtime.launch import device_arch
         arch = device_arch()
-        precompile([plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch, rt=rt, warps=wp, unroll=u)
-                    for name, n, k, g in SHAPES if not a.only or a.only in name
-                    for m in (1, 16) for rt, wp, u in SPLITS] +
+        precompile([p for name, n, k, g in SHAPES if not a.only or a.only in name
+                    for m in SWEEP_TOKENS for rt, wp, st in SPLITS
+                    for p in [split_plan(n, k, m, g, rt, wp, st, arch)] if p is not None] +
                    [plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch)
-                    for name, n, k, g in SHAPES if not a.only or a.only in name for m in (1, 16)])
+                    for name, n, k, g in SHAPES if not a.only or a.only in name for m in TOKENS])
     for name, n, k, gated in SHAPES:
         if a.only and a.only not in name:
             continue
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
         act = swiglu_module(n // 2) if gated else None
+        norm = norm_module(k)
+        gamma = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         wbytes = n * k * 2
         for m in TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ours = graph_time(lambda: gemv(x, w, gated=gated))
+            if m <= KERNEL_MAX_ROWS:
+                ours = graph_time(lambda: gemv(x, w, gated=gated))
+            else:   # past the rows Linear sends to the kernel: the default plan, launched directly
+                launch = split_launcher(n, k, m, gated, 1, None, None)
+                y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+                ours = graph_time(lambda: launch((), [x, w, y, m])) if launch else float("nan")
             cublas = graph_time(lambda: F.linear(x, w))
             both = graph_time(lambda: act(F.linear(x, w))) if gated else cublas
+            ours_n = graph_time(lambda: gemv(x, w, gated=gated, norm=(gamma, 1e-5))) if m <= KERNEL_MAX_ROWS else float("nan")
+            if m > KERNEL_MAX_ROWS:
+                theirs_n = float("nan")
+            elif gated:
+                theirs_n = graph_time(lambda: act(F.linear(normed(norm, x, gamma), w)))
+            else:
+                theirs_n = graph_time(lambda: F.linear(normed(norm, x, gamma), w))
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas, cublas_act_s=both,
-                     weight_bytes=wbytes)
+                     ours_norm_s=ours_n, norm_cublas_s=theirs_n, weight_bytes=wbytes)
             line = (f"{name:12s} {m:>3d} {ours * 1e6:>8.1f} {wbytes / ours / 1e12:>5.2f} {cublas * 1e6:>9.1f} "
                     f"{wbytes / cublas / 1e12:>5.2f} {both * 1e6 if gated else float('nan'):>8.1f} "
-                    f"{both / ours:>11.2f} {wbytes / ours / ceiling:>7.2f}")
-            if a.sweep and m in (1, 16):
+                    f"{both / ours:>11.2f} {wbytes / ours / ceiling:>7.2f} {ours_n * 1e6:>10.1f} "
+                    f"{theirs_n * 1e6:>11.1f} {theirs_n / ours_n:>5.2f}")
+            if a.sweep and m in SWEEP_TOKENS:
                 sweep = {}
-                for rt, warps, unroll in SPLITS:
-                    launch = split_launcher(n, k, m, gated, rt, warps, unroll)
-                    if launch is None:   # spills: not a candidate
+                for rt, warps, stages in SPLITS:
+                    launch = split_launcher(n, k, m, gated, rt, warps, stages)
+                    if launch is None:   # spills or too much shared memory: not a candidate
                         continue
                     y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-                    sweep[f"r{rt}w{warps}u{unroll}"] = graph_time(lambda: launch((), [x, w, y, m]))
+                    sweep[f"r{rt}w{warps}s{stages}"] = graph_time(lambda: launch((), [x, w, y, m]))
                 best = min(sweep, key=sweep.get)
                 r["sweep_s"] = sweep
                 line += f"  best {best} {sweep[best] * 1e6:.1f} | " + " ".join(

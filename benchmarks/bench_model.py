@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
     ap.add_argument("--profile-hf", action="store_true", help="print the ops of transformers' eager decode step")
     ap.add_argument("--profile-generate", action="store_true", help="cProfile the host side of generate()")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also the decode step with model.fused_decode = False (norm, activation and add kernels, cuBLAS)")
     args = ap.parse_args()
     from .bench_rows import copy_ceiling
     bw = copy_ceiling()
@@ -279,6 +281,17 @@ def main() -> None:
                          hf_compiled_ms=comp * 1e3, roofline_ms=roof * 1e3))
         print(f"{B:>8} {full * 1e3:>8.3f}m {gen * 1e3:>8.3f}m {replay * 1e3:>8.3f}m {eager * 1e3:>8.3f}m {flash * 1e3:>8.3f}m "
               f"{comp * 1e3:>8.3f}m {roof * 1e3:>8.3f}m  {comp / gen:>8.2f} {roof / gen:>8.2f}")
+        if args.unfused:
+            ours.release_engine()
+            ours.fused_decode = False
+            u_full, u_replay = bench_ours_decode(ours, B, args.context, args.steps, args.max_seq_len)
+            u_gen = bench_generate(ours, B, args.context, 2 * args.steps)
+            ours.release_engine()
+            ours.fused_decode = True
+            rows[-1].update(unfused_ours_ms=u_full * 1e3, unfused_graph_ms=u_replay * 1e3,
+                            unfused_generate_ms=u_gen * 1e3)
+            print(f"{'unfused':>8} {u_full * 1e3:>8.3f}m {u_gen * 1e3:>8.3f}m {u_replay * 1e3:>8.3f}m {'':>9} {'':>9} "
+                  f"{'':>9} {roof * 1e3:>8.3f}m  {comp / u_gen:>8.2f} {roof / u_gen:>8.2f}")
         torch.cuda.empty_cache()
     print(f"{'prefill':>8} {'ours':>9} {'hf-eager':>9} {'speedup':>8}")
     for B, S in () if args.no_prefill else ((1, 2048), (8, 512)):

@@ -1,15 +1,22 @@
-"""Small-token matrix products (decode): y = x @ W^T for up to 16 tokens, with the epilogue of
+"""Small-token matrix products (decode): y = x @ W^T for up to 64 tokens, with the epilogue of
 the layer around it fused (bias, a gated activation over W's two row halves, a residual add).
 
     plan = plan_gemv("bf16", n=6144, k=4096, max_m=8, arch="sm_90")
-    plan.key       -> 'gemv_n6144_k4096_m8_bf16_r1w8u4_sm90'
+    plan.key       -> 'gemv_n6144_k4096_m8_bf16_r1w4s4_sm90'
     plan.source()  -> CUDA C
 
 At 1-16 tokens a product is bound by reading W (N x K elements, once), and cuBLAS reaches
-2.2-3.8 TB/s of the H200's 4.25 at Llama shapes (issue 12's measurements). The kernel streams
-W in 16-byte loads, UNROLL chunks in flight per warp, and computes on the tensor cores with the
-tokens on the narrow (n8) side of m16n8k16, W rows on the wide one; the warps of a CTA split K
-and add their partial sums in shared memory, where the epilogue runs.
+2.2-3.8 TB/s of the H200's 4.25 at Llama shapes (issue 12's measurements). Each warp of the
+kernel streams its share of the CTA's W rows (interleaved 64-wide K chunks) through its own ring
+of STAGES chunks in shared memory by cp.async, so the bytes in flight cost no registers and the
+SM keeps many CTAs resident; it computes on the tensor cores with the tokens on the narrow (n8)
+side of m16n8k16, W rows on the wide one; the warps add their partial sums in shared memory,
+where the epilogue runs. (The first kernel loaded W into registers: its bytes in flight were
+bounded by the registers, i.e. by CTAs per SM, and it stayed at 0.76-0.82 of the copy ceiling.)
+norm="rms": RMSNorm of x fused in the prologue, y = rstd[m] * sum_k (x[m, k] (gamma[k] + offset))
+W[n, k]: the scale of a token factors out of its dot products, so each CTA adds up the token's
+sum of squares from the x chunks it reads anyway, and the separate norm kernel (and its launch)
+goes away.
 Gated (SwiGLU / GeGLU): W holds the gate rows then the up rows ([2 F, K], as a fused gate/up
 Linear does), and y[m, f] = act(gate[m, f]) * up[m, f] comes out without the [M, 2 F] round trip.
 """
@@ -25,7 +32,8 @@ from .render import read_template, render
 
 __all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED"]
 
-MAX_M = 16
+MAX_M = 64
+SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
 GATED = ("silu", "gelu", "gelu_tanh")
 _TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
 
@@ -36,30 +44,41 @@ class GemvPlan(KernelPlan):
     dtype: str                   # "bf16" | "f16": x, W, bias, residual and y
     n: int                       # W's rows (gated: 2 x the output columns)
     k: int                       # the reduction length (W's columns), a multiple of 8
-    max_m: int = 8               # tokens the kernel serves: 8 (one n8 tile) or 16 (two)
+    max_m: int = 8               # tokens the kernel serves: 8, 16, 32 or 64 (n8 tiles of tokens)
     gated: str | None = None     # None | "silu" | "gelu" (erf) | "gelu_tanh"
     bias: bool = False
     residual: bool = False
     arch: str = "sm_90"
+    norm: str | None = None      # None | "rms": RMSNorm of x (weight gamma [K], eps) in the prologue
+    norm_offset: float = 0.0     # 0: x * gamma; 1: x * (1 + gamma) (Gemma)
     rt: int = 1                  # 16-column output tiles per CTA
-    warps: int = 8               # warps per CTA, splitting K
-    unroll: int = 4              # 32-wide K chunks per warp in flight
+    warps: int = 4               # warps per CTA, splitting K
+    stages: int = 4              # 64-wide K chunks in each warp's shared-memory ring
 
     def __post_init__(self):
         if self.dtype not in _TYPES:
             raise ValueError(f"gemv: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
-        for name in ("n", "k", "rt", "warps", "unroll"):
+        for name in ("n", "k", "rt", "warps", "stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"gemv: {name} must be a positive int, got {v!r}")
         if self.k % 8:
             raise ValueError(f"gemv: K = {self.k} must be a multiple of 8 (rows of 16-byte vectors)")
-        if self.max_m not in (8, 16):
-            raise ValueError(f"gemv: max_m must be 8 or 16, got {self.max_m!r}")
+        if self.max_m not in (8, 16, 32, 64):
+            raise ValueError(f"gemv: max_m must be 8, 16, 32 or 64, got {self.max_m!r}")
         if self.gated is not None and self.gated not in GATED:
             raise ValueError(f"gemv: gated must be one of {GATED} or None, got {self.gated!r}")
         if self.gated and self.n % 2:
             raise ValueError(f"gemv: a gated product needs an even number of rows (gate then up), got {self.n}")
+        if self.stages < 2:
+            raise ValueError(f"gemv: stages must be at least 2, got {self.stages}")
+        if self.norm not in (None, "rms"):
+            raise ValueError(f"gemv: norm must be None or 'rms', got {self.norm!r}")
+        if self.norm_offset not in (0.0, 1.0):
+            raise ValueError(f"gemv: norm_offset must be 0 or 1, got {self.norm_offset!r}")
+        if self.shared_bytes > SHARED_LIMIT:
+            raise ValueError(f"gemv: {self.shared_bytes} bytes of shared memory (rings of {self.warps} warps x "
+                             f"{self.stages} stages) pass the {SHARED_LIMIT} a CTA can have")
         if int(self.arch.removeprefix("sm_").rstrip("af")) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
 
@@ -76,9 +95,20 @@ class GemvPlan(KernelPlan):
             parts.append("bias")
         if self.residual:
             parts.append("res")
-        parts.append(f"r{self.rt}w{self.warps}u{self.unroll}")
+        if self.norm:
+            parts.append(self.norm + ("1p" if self.norm_offset else ""))
+        parts.append(f"r{self.rt}w{self.warps}s{self.stages}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
+
+    @property
+    def stage_bytes(self) -> int:
+        """One chunk of a warp's ring: 128-byte rows of W (16 per tile), x (8 per token tile) and gamma."""
+        return 128 * (16 * (2 if self.gated else 1) * self.rt + 8 * (self.max_m // 8) + (1 if self.norm else 0))
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.warps * self.stages * self.stage_bytes
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -89,7 +119,8 @@ class GemvPlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "n": self.n, "k": self.k, "max_m": self.max_m, "gated": self.gated,
-                "bias": self.bias, "residual": self.residual, "n_out": self.n_out}
+                "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
+                "n_out": self.n_out}
 
 
 @functools.lru_cache(maxsize=256)
@@ -100,9 +131,13 @@ def _abi(plan: GemvPlan) -> KernelABI:
         args.append(Arg("bias", f"const {t}* __restrict__", "input"))
     if plan.residual:
         args.append(Arg("residual", f"const {t}* __restrict__", "input"))
+    if plan.norm:
+        args.append(Arg("gamma", f"const {t}* __restrict__", "input"))
     args += [Arg("out", f"{t}* __restrict__", "output"), Arg("M", "int", "dim")]
+    if plan.norm:
+        args.append(Arg("eps", "float", "scalar"))
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"cdiv({plan.n_out}, {16 * plan.rt})",),
-                     block=(32 * plan.warps,), problem=())
+                     block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=())
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,26 +145,19 @@ def _render(plan: GemvPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/gemv.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
-                  NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, UNROLL=plan.unroll,
-                  GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual)
+                  NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
+                  GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None,
+                  NORM_OFFSET=f"{plan.norm_offset:.1f}")
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
-              residual: bool = False, arch: str = "sm_90", rt: int = 1, warps: int | None = None,
-              unroll: int | None = None) -> GemvPlan:
-    """The plan for a product of at most `max_m` tokens (rounded up to 8 or 16); rt, warps and
-    unroll override the work split (benchmarks/bench_gemv.py sweeps them).
-    Defaults from the H200 sweep (NOTES.md, "Small-token products"): occupancy is what moves
-    the weight stream, so the fewest registers win — 2 chunks in flight per step where a chunk
-    is 3 loads per lane (one 16-row tile, up to 8 tokens), else 1; 8 warps split K, 4 where
-    there are 512 or more CTAs (gate/up, lm_head) to fill the GPU anyway."""
+              residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
+              rt: int = 1, warps: int | None = None, stages: int | None = None) -> GemvPlan:
+    """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
+    and stages override the work split (benchmarks/bench_gemv.py sweeps them)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
-    mt = 1 if max_m <= 8 else 2
-    if unroll is None:
-        loads = 2 * rt * (2 if gated else 1) + mt   # 16-byte loads per lane per chunk
-        unroll = 2 if loads <= 3 else 1
-    if warps is None:
-        warps = 4 if -(-(n // 2 if gated else n) // (16 * rt)) >= 512 else 8
-    return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual,
-                    arch=arch, rt=rt, warps=warps, unroll=unroll)
+    mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
+    return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
+                    norm_offset=float(norm_offset), arch=arch, rt=rt, warps=4 if warps is None else warps,
+                    stages=4 if stages is None else stages)

@@ -20,6 +20,13 @@ and each residual add is fused with the norm that follows it (`add_rms_norm`: on
 the normalised rows and the sum), the last one with the final norm. CPU tensors run the same
 modules through the DSL's reference evaluator.
 
+Decode-sized steps (at most 16 tokens, bf16/f16 on an sm_80+ GPU) of sequential-residual
+RMSNorm models run each layer as four generated small-token products (runtime/linear.py) with
+the rest of the layer fused into them: the norm in the q/k/v and gate/up products' prologues,
+the gated activation in the gate/up epilogue, the residual adds in the o and down epilogues
+(DecoderLayer.fused; `model.fused_decode = False` turns it off). A step then launches no norm,
+activation or add kernels.
+
 kv_dtype="fp8_e4m3" stores the paged cache as e4m3 with float32 scales per layer
 (kv_scales="per_tensor" or "per_head"; runtime/kv_cache.py): make_cache() builds such a cache,
 whose scales start at 1.0 (calibrate with cache.set_scales(layer, k_scale, v_scale)), and
@@ -35,9 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..codegen.gemv import GATED as GEMV_GATED
 from ..dsl.program import Program
 from ..runtime.attention import PagedAttention
 from ..runtime.embedding import Embedding, PromptTuningEmbedding
+from ..runtime.linear import KERNEL_MAX_ROWS, device_major, gemv
 from ..runtime.kv_cache import PagedKVCache
 from ..runtime.layers import LayerModule, _dtype_name
 from .spec import AttentionSpec, ModelSpec
@@ -66,6 +75,7 @@ class Norm(torch.nn.Module):
         if kind == "layer" and not bias:
             plain, fused = "layer_norm_nobias", None
         self.eps = float(eps)
+        self.kind = kind
         self._kernels = (LayerModule(program.specialise(plain, H=size, dtype=dtype), eps=self.eps),
                          LayerModule(program.specialise(fused, H=size, dtype=dtype), eps=self.eps) if fused else None)
 
@@ -144,15 +154,24 @@ class Attention(torch.nn.Module):
         self.splits = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        return self.o(self._attend(self.qkv(x), ctx))
+
+    def fused(self, x: torch.Tensor, ctx: StepContext, norm, offset: float) -> torch.Tensor:
+        """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue and the
+        residual add in the output product's epilogue (the small-token kernel: runtime/linear.py)."""
+        qkv = gemv(x, self.qkv.weight, self.qkv.bias, norm=norm, norm_offset=offset)
+        return gemv(self._attend(qkv, ctx), self.o.weight, self.o.bias, residual=x)
+
+    def _attend(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        T = qkv.shape[0]
+        q, k, v = qkv.split(self.splits, dim=-1)
         if self.q_norm is not None:   # Qwen3: RMSNorm of each head (before RoPE)
             q = self.q_norm(q.reshape(T * self.hq, self.d))
             k = self.k_norm(k.reshape(T * self.hkv, self.d))
         # k and v may stay strided views of the fused output (the append takes token strides)
         ctx.write(self.index, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
         o = ctx.attend(self.attn, self.index, q.contiguous().view(T, self.hq, self.d))
-        return self.o(o.view(T, self.hq * self.d))
+        return o.view(T, self.hq * self.d)
 
 
 class MLP(torch.nn.Module):
@@ -170,9 +189,19 @@ class MLP(torch.nn.Module):
             self.act = LayerModule(program.specialise(_PLAIN[spec.activation], F=Fd, dtype=dtype))
         self.down = torch.nn.Linear(Fd, H, bias=spec.mlp_bias, dtype=td, device=device)
         self.gated = spec.gated
+        self.activation = spec.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate_up(x) if self.gated else self.up(x)))
+
+    def fused(self, r: torch.Tensor, norm, offset: float) -> torch.Tensor:
+        """r + mlp(norm(r)): the norm in the first product's prologue, the gated activation in its
+        epilogue, the residual add in the down product's epilogue."""
+        if self.gated:
+            h = gemv(r, self.gate_up.weight, self.gate_up.bias, gated=self.activation, norm=norm, norm_offset=offset)
+        else:
+            h = self.act(gemv(r, self.up.weight, self.up.bias, norm=norm, norm_offset=offset))
+        return gemv(h, self.down.weight, self.down.bias, residual=r)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -207,6 +236,13 @@ class DecoderLayer(torch.nn.Module):
         m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(residual))
         return m + a, residual
 
+    def fused(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The layer on the residual stream x (sequential residual, RMSNorms): x + attn + mlp, four
+        small-token products with the norms and residual adds fused in (DecoderModel.fuses)."""
+        off = 1.0 if self.attn_norm.kind == "rms_1p" else 0.0
+        r = self.attn.fused(x, ctx, (self.attn_norm.weight, self.attn_norm.eps), off)
+        return self.mlp.fused(r, (self.mlp_norm.weight, self.mlp_norm.eps), off)
+
 
 class DecoderModel(torch.nn.Module):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
@@ -239,6 +275,7 @@ class DecoderModel(torch.nn.Module):
         self.lm_head = (None if spec.tie_word_embeddings else
                         torch.nn.Linear(H, spec.vocab_size, bias=spec.lm_head_bias, dtype=td, device=device))
         self._embed_scale = spec.embed_scale
+        self.fused_decode = True   # decode steps on the fused small-token products where they serve (fuses())
 
     def _attention_for(self, aspec: AttentionSpec, prog: Program, dname: str):
         hit = self._attention.get(aspec)
@@ -320,12 +357,30 @@ class DecoderModel(torch.nn.Module):
             raise ValueError(f"{self.spec.model_type}: position {ctx.max_kv_len - 1} is past the model's "
                              f"{self.spec.max_positions} learned positions")
         x = self.embed_tokens(tokens, ctx.q_pos, prompt_table, tasks)
+        if self.fuses(x):
+            for layer in self.layers:
+                x = layer.fused(x, ctx)
+            return self.final_norm(x if rows is None else x[rows])
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
         if rows is not None:
             x, residual = x[rows], residual[rows]
         return self.final_norm.add(x, residual)[0]
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether a step over x (the embeddings, [T, H]) runs the layers as small-token products
+        with the norms and residual adds fused in (DecoderLayer.fused): decode-sized steps (at
+        most 16 tokens) in bf16/f16 on an sm_80+ GPU, of a model with sequential residuals and
+        RMSNorms (no sandwich norms), unless `fused_decode` is turned off. Same meaning either way;
+        the fused step rounds once per product where the unfused one rounds after the norm too."""
+        s = self.spec
+        return (self.fused_decode and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and 1 <= x.shape[0] <= KERNEL_MAX_ROWS and s.residual == "sequential" and not s.sandwich_norms
+                and s.norm in ("rms", "rms_1p") and not torch.compiler.is_compiling()
+                and (not s.gated or s.activation in GEMV_GATED)
+                and all(n % 8 == 0 for n in (s.hidden_size, s.num_heads * s.head_dim, s.intermediate_size))
+                and device_major(x.device) >= 8)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h, self.head_weight(), None if self.lm_head is None else self.lm_head.bias)

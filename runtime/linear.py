@@ -5,6 +5,7 @@
     gu = Linear(4096, 2 * 14336, bias=False, dtype=torch.bfloat16, device="cuda")
     h = gu(x, gated="silu")          # silu(x W_gate^T) * (x W_up^T): [..., 14336], fused
     y = lin(x, residual=r)           # x W^T (+ b) + r, fused
+    y = lin(x, norm=(gamma, 1e-5))   # rms_norm(x) * gamma, then the product: the norm fused
 
 Parameters, state-dict names and initialisation are torch.nn.Linear's, so Hugging Face weights
 load unchanged. A call runs the generated small-token kernel (codegen/gemv.py) when it has at
@@ -18,9 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..codegen.gemv import GATED, MAX_M, plan_gemv
+from ..codegen.gemv import GATED, plan_gemv
 
-__all__ = ["Linear", "gemv", "LinearInputError"]
+# Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
+# 64 tokens the kernel is a GEMM tile in registers, measured in benchmarks/bench_gemv.py)
+KERNEL_MAX_ROWS = 16
+
+__all__ = ["Linear", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS"]
 
 
 class LinearInputError(ValueError):
@@ -28,24 +33,34 @@ class LinearInputError(ValueError):
 
 
 _ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, device) -> launcher
+_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, norm, device) -> launcher
 _MAJOR: dict[int, int] = {}          # device index -> compute capability major
 
 
-def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, cache=None):
-    key = (x.dtype, n, k, rows > 8, gated, bias, residual, x.device.index)
+def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None):
+    key = (x.dtype, n, k, rows > 8, gated, bias, residual, norm_offset, x.device.index)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import compile_plan, device_arch, load_kernels
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=rows, gated=gated,
-                         bias=bias, residual=residual, arch=device_arch(x.device))
+                         bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
+                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device))
         hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
         _KERNELS[key] = hit
     return hit
 
 
-def _reference(x, weight, bias, gated, residual):
-    """torch's product and the same epilogue, rounded where the unfused layers round."""
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (gamma + offset), in float32, cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (gamma.float() + offset)
+    return y.to(x.dtype)
+
+
+def _reference(x, weight, bias, gated, residual, norm=None, norm_offset=0.0):
+    """torch's product and the same prologue and epilogue, rounded where the unfused layers round."""
+    if norm is not None:
+        x = rms_norm(x, norm[0], norm[1], norm_offset)
     y = F.linear(x, weight, bias)
     if gated:
         g, u = y.chunk(2, dim=-1)
@@ -57,11 +72,12 @@ def _reference(x, weight, bias, gated, residual):
 
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.device == x.device and 1 <= rows <= MAX_M and x.shape[-1] % 8 == 0
-            and not torch.compiler.is_compiling() and _major(x.device) >= 8)
+            and weight.device == x.device and 1 <= rows <= KERNEL_MAX_ROWS and x.shape[-1] % 8 == 0
+            and not torch.compiler.is_compiling() and device_major(x.device) >= 8)
 
 
-def _major(device: torch.device) -> int:
+def device_major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA device (cached: no driver call per step)."""
     m = _MAJOR.get(device.index)
     if m is None:
         m = _MAJOR[device.index] = torch.cuda.get_device_capability(device)[0]
@@ -69,12 +85,16 @@ def _major(device: torch.device) -> int:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: str | None = None,
-         residual: torch.Tensor | None = None, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two output halves
-    when `gated`, then + residual [..., N_out]; the generated kernel where it serves the call
-    (see the module's docstring), torch otherwise."""
+         residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+         norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """rms_norm(x) (when `norm` = (gamma [K], eps): x * rsqrt(mean(x^2) + eps) * (gamma +
+    norm_offset)), then x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two
+    output halves when `gated`, then + residual [..., N_out]; the generated kernel where it
+    serves the call (see the module's docstring), torch otherwise."""
     if gated is not None and gated not in GATED:
         raise LinearInputError(f"gated must be one of {GATED} or None, got {gated!r}")
+    if norm_offset not in (0.0, 1.0):
+        raise LinearInputError(f"norm_offset must be 0 or 1, got {norm_offset!r}")
     if weight.dim() != 2:
         raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -90,11 +110,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise LinearInputError(f"residual must be {list(lead + (n_out,))}, got {list(residual.shape)}")
     if out is not None and tuple(out.shape) != lead + (n_out,):
         raise LinearInputError(f"out must be {list(lead + (n_out,))}, got {list(out.shape)}")
+    gamma = None
+    if norm is not None:
+        gamma, eps = norm
+        if tuple(gamma.shape) != (k,):
+            raise LinearInputError(f"the norm's weight must be [{k}], got shape {tuple(gamma.shape)}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
+            raise LinearInputError(f"the norm's eps must be a number >= 0, got {eps!r}")
     rows = x.numel() // k if k else 0
     if not _kernel_ok(x, weight, rows):
-        y = _reference(x, weight, bias, gated, residual)
+        y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
-    for name, t in (("bias", bias), ("residual", residual), ("out", out)):
+    for name, t in (("bias", bias), ("residual", residual), ("norm weight", gamma), ("out", out)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise LinearInputError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
     x2 = x.reshape(rows, k)
@@ -104,8 +131,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res = None if residual is None else residual.reshape(rows, n_out).contiguous()
     y = out.view(rows, n_out) if out is not None and out.is_contiguous() else torch.empty(
         rows, n_out, dtype=x.dtype, device=x.device)
-    args = [x2, w] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else []) + [y, rows]
-    _launcher(x, n, k, rows, gated, bias is not None, res is not None, cache)((), args)
+    args = ([x2, w] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
+            + ([gamma.contiguous()] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
+    _launcher(x, n, k, rows, gated, bias is not None, res is not None,
+              None if gamma is None else float(norm_offset), cache)((), args)
     if out is not None and not out.is_contiguous():
         out.copy_(y.view(out.shape))
         return out
@@ -122,6 +151,7 @@ class Linear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._cache = cache
 
-    def forward(self, x: torch.Tensor, *, gated: str | None = None, residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        return gemv(x, self.weight, self.bias, gated=gated, residual=residual, cache=self._cache)
+    def forward(self, x: torch.Tensor, *, gated: str | None = None, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None, norm_offset: float = 0.0) -> torch.Tensor:
+        return gemv(x, self.weight, self.bias, gated=gated, residual=residual, norm=norm, norm_offset=norm_offset,
+                    cache=self._cache)

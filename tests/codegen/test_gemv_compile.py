@@ -1,6 +1,6 @@
 """The small-token product kernel (codegen/gemv.py): every specialisation the models and the
-benchmark use renders and compiles for sm_80 and sm_90 without register spills, keeps its
-loads in flight (no GPU needed), and bad plans are clear errors."""
+benchmark use renders and compiles for sm_80 and sm_90 without register spills, streams W through
+shared memory (no GPU needed), and bad plans are clear errors."""
 import pytest
 
 from layerforge.codegen.gemv import plan_gemv
@@ -14,7 +14,7 @@ SHAPES = [(6144, 4096, None), (4096, 4096, None), (28672, 4096, "silu"), (4096, 
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("max_m", [8, 16, 32])
 @pytest.mark.parametrize("n,k,gated", SHAPES)
 def test_gemv_compiles_without_spills(n, k, gated, max_m, arch):
     for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
@@ -24,27 +24,48 @@ def test_gemv_compiles_without_spills(n, k, gated, max_m, arch):
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
 
 
-def test_gemv_loads_are_unconditional():
-    """The loads of an unrolled step are unconditional (a load behind a branch kept ptxas from
-    having more than one chunk's loads in flight), once in the prologue and once in the loop
-    (the next step's, issued before the current step's tensor-core ops)."""
-    plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", unroll=4)
-    ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
-    loads = [line.strip() for line in ptx.splitlines() if "ld.global.nc.v4" in line]
-    assert len(loads) == 2 * 3 * plan.unroll and not any(line.startswith("@") for line in loads)
-    body = ptx.split("mma.sync", 1)[0].rsplit("ld.global.nc.v4", 1)[0]
-    assert body.count("ld.global.nc.v4") == 2 * 3 * plan.unroll - 1   # all before the first mma
+def test_gemv_streams_w_through_shared_memory():
+    """W and x reach the tensor cores through each warp's cp.async ring only (the bytes in flight
+    cost no registers): no global loads in the kernel but the epilogue's (bias, residual), and
+    the loop keeps STAGES - 1 chunks in flight (cp.async.wait_group STAGES - 1)."""
+    for stages in (2, 4, 6):
+        plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", stages=stages)
+        ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+        assert "ld.global" not in ptx and "cp.async.cg.shared.global" in ptx
+        assert f"cp.async.wait_group {stages - 1};" in ptx and "cp.async.wait_group 0;" in ptx
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_gemv_norm_prologue_compiles(arch):
+    """RMSNorm fused in the prologue (Llama's gamma and Gemma's 1 + gamma), with every epilogue."""
+    for gated, offset, max_m in ((None, 0.0, 8), ("silu", 0.0, 16), ("gelu_tanh", 1.0, 8), (None, 1.0, 16)):
+        plan = plan_gemv("bf16", n=28672 if gated else 6144, k=4096, max_m=max_m, gated=gated, norm="rms",
+                         norm_offset=offset, bias=True, residual=True, arch=arch)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+        assert [a.name for a in plan.abi.args][-3:] == ["out", "M", "eps"] and plan.abi.arg("gamma")
+        assert plan.shared_bytes == plan.abi.shared_bytes == plan.warps * plan.stages * plan.stage_bytes
 
 
 def test_gemv_plan_errors():
     with pytest.raises(ValueError, match="multiple of 8"):
         plan_gemv("bf16", n=64, k=60)
-    with pytest.raises(ValueError, match="1 to 16 tokens"):
-        plan_gemv("bf16", n=64, k=64, max_m=17)
+    with pytest.raises(ValueError, match="1 to 64 tokens"):
+        plan_gemv("bf16", n=64, k=64, max_m=65)
     with pytest.raises(ValueError, match="even number"):
         plan_gemv("bf16", n=63, k=64, gated="silu")
     with pytest.raises(ValueError, match="sm_80"):
         plan_gemv("bf16", n=64, k=64, arch="sm_75")
     with pytest.raises(ValueError, match="dtype"):
         plan_gemv("f32", n=64, k=64)
-    assert plan_gemv("bf16", n=64, k=64, max_m=3).max_m == 8 and plan_gemv("bf16", n=64, k=64, max_m=9).max_m == 16
+    with pytest.raises(ValueError, match="stages"):
+        plan_gemv("bf16", n=64, k=64, stages=1)
+    with pytest.raises(ValueError, match="norm"):
+        plan_gemv("bf16", n=64, k=64, norm="layer")
+    with pytest.raises(ValueError, match="norm_offset"):
+        plan_gemv("bf16", n=64, k=64, norm="rms", norm_offset=0.5)
+    with pytest.raises(ValueError, match="shared memory"):
+        plan_gemv("bf16", n=64, k=64, gated="silu", rt=4, warps=8, stages=8)
+    assert [plan_gemv("bf16", n=64, k=64, max_m=m).max_m for m in (1, 3, 8, 9, 16, 17, 33, 64)] == [
+        8, 8, 8, 16, 16, 32, 64, 64]

@@ -15,7 +15,10 @@ SHAPES = [(6144, 4096), (4096, 14336), (5632, 2048), (1000, 3000), (3000, 1000),
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
-def reference(x, w, b, gated, r):
+def reference(x, w, b, gated, r, norm=None, offset=0.0):
+    if norm is not None:
+        xd = x.double()
+        x = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1]) * (norm[0].double() + offset)
     y = x.double() @ w.double().T
     if b is not None:
         y = y + b.double()
@@ -58,6 +61,32 @@ def test_gemv_epilogues(n, k, m, gated):
     assert not torch.isnan(out).any()
     err = (out.double() - ref).norm() / ref.norm()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("gated", [None, "silu"])
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (6144, 4096), (40, 24)])
+def test_gemv_norm_prologue(n, k, m, gated, offset):
+    """RMSNorm of x fused in the prologue (gamma, or Gemma's 1 + gamma), with bias and residual,
+    against float64; rows of very different scales (the per-token rstd)."""
+    gen = seeded_generator("gemv-norm", n, k, m, gated, offset)
+    dtype = torch.bfloat16
+    n_out = n // 2 if gated else n
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    gamma = (torch.randn(k, generator=gen) * 0.5 + (0.0 if offset else 1.0)).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda()
+    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda()
+    out = torch.full((m, n_out), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, b, gated=gated, residual=r, norm=(gamma, 1e-5), norm_offset=offset, out=out)
+    ref = reference(x, w, b, gated, r, (gamma, 1e-5), offset)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+    cpu = gemv(x.cpu().float(), w.cpu().float(), b.cpu().float(), gated=gated, residual=r.cpu().float(),
+               norm=(gamma.cpu().float(), 1e-5), norm_offset=offset)   # the torch path, same meaning
+    assert ((cpu.double() - ref.cpu()).norm() / ref.norm()) < 1e-4
 
 
 def test_linear_module_picks_kernel_or_torch():

@@ -101,6 +101,41 @@ def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
     ours.release_engine()
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "qwen3", "phi3"])
+def test_fused_decode_step_equals_unfused(loaded, name):
+    """Decode steps on the fused small-token products (norms in the prologues, activation and
+    residual adds in the epilogues; Qwen2's q/k/v bias, Gemma's 1 + w norms, Qwen3's q/k norms)
+    give the unfused step's logits, eager and from CUDA graphs, and transformers'."""
+    hf, ours = loaded(name)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (4, 13, 9)]
+    x = torch.zeros(3, ours.spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    assert ours.fuses(x) and not ours.fuses(torch.zeros(17, ours.spec.hidden_size, dtype=torch.bfloat16,
+                                                           device="cuda"))
+    runs = {}
+    for fused, graphs in ((True, False), (False, False), (True, True)):
+        ours.fused_decode = fused
+        try:
+            eng = Engine(ours, max_seqs=3, max_seq_len=64, cuda_graphs=graphs, graph_buckets=(3,))
+            for p in prompts:
+                eng.add(p)
+            out = []
+            for step in range(5):
+                res = eng.step()
+                out.append(torch.stack([res[s] for s in range(3)]))
+                for s in range(3):
+                    eng.feed(s, int(out[0][s].argmax()) if step == 0 else (step * 7 + s) % 96)
+            runs[fused, graphs] = out
+        finally:
+            ours.fused_decode = True
+    for step in range(1, 5):   # decode steps
+        _close(runs[True, False][step], runs[False, False][step], rel=2e-2)
+        _close(runs[True, True][step], runs[True, False][step], rel=1e-2)
+    seq = prompts[1] + [int(runs[True, False][0][1].argmax())] + [(step * 7 + 1) % 96 for step in range(1, 4)]
+    with torch.no_grad():
+        _close(runs[True, False][4][1], hf(torch.tensor([seq], device="cuda")).logits[0, -1])
+
+
 @pytest.fixture(scope="module")
 def loaded_f32(tmp_path_factory):
     return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.float32, device="cuda")
