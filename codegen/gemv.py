@@ -158,6 +158,10 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
+    # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
+    # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
+    # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
+    dw, ds = {1: (2, 3), 2: (8, 3)}.get(mt, (4, 4)) if gated else (4, 4)
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
-                    norm_offset=float(norm_offset), arch=arch, rt=rt, warps=4 if warps is None else warps,
-                    stages=4 if stages is None else stages)
+                    norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
+                    stages=ds if stages is None else stages)

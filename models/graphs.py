@@ -72,7 +72,7 @@ class DecodeGraphs:
         pages = cache._page_table[slots, torch.div(pos, P, rounding_mode="floor").long()]
         meta = torch.cat([pages, pos])
         ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
-        logits = self.model.logits(self.model.hidden(tokens.to(torch.int32), ctx))
+        logits = self.model.step_logits(tokens.to(torch.int32), ctx)
         nxt = greedy_argmax(logits)
         tokens.copy_(nxt)       # the greedy token is the next step's input (decode_greedy)
         return logits, nxt
