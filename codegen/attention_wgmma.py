@@ -11,11 +11,17 @@ so the runtime launches either the same way. Compiled for sm_90a only (wgmma, se
 
 As the tensor-core prefill, a mask that reads tables at positions (document ids) walks the
 key-tile lists of the block-mask pre-pass (codegen/block_mask.py) over this kernel's tiling
-(`block_mask_plan()`); `supports()` still leaves such blocks to the mma.sync kernel until the
-wgmma path is measured, so it runs where asked for (PagedAttention(prefill="wgmma"), or a
-WGTileConfig in `tiles`). `distance_table=True` tabulates the score's distance term per tile
-(codegen/distance_terms.py) in shared memory, one table per consumer warpgroup; off by default
-until measured.
+(`block_mask_plan()`); `supports()` leaves such blocks to the mma.sync kernel, which was
+faster on an H200 (wgmma n128s3 0.68x, n64s3 0.90x its speed on documents), so it runs where
+asked for (PagedAttention(prefill="wgmma"), or a WGTileConfig in `tiles`).
+
+The score's distance term (T5 buckets, relative-bias tables: codegen/distance_terms.py) is
+tabulated per tile in shared memory by default, one table per consumer warpgroup
+(`distance_table=True`; at D128 the planner then takes n128s2, as 3 stages of 128 keys leave
+no room for the tables). Measured on an H200 (B4 H32/8 S4096 D128 bf16, benchmarks/NOTES.md):
+T5 1.76 ms with tables against 2.95 per score (1.67x), relative bias 1.76 against 3.06
+(1.74x). `distance_table=False` keeps the per-score kernel (the term computed for every
+score). Blocks without a distance term get the same plan either way.
 """
 from __future__ import annotations
 
@@ -87,7 +93,7 @@ class WGMMAAttentionPlan(AttentionPlan):
     arch: str = ARCH
     page_size: int = 16
     tiles: WGTileConfig | None = None   # None: the first of tile_candidates
-    distance_table: bool = False        # tabulate the score's distance term per tile (rel_table)
+    distance_table: bool = True         # tabulate the score's distance term per tile (rel_table); False: per score
 
     @property
     def key(self) -> str:
@@ -117,7 +123,8 @@ class WGMMAAttentionPlan(AttentionPlan):
         """With distance_table: (heads, distances) of each consumer warpgroup's per-tile table of
         the score's distance term: one column per query head of the KV head where the term reads
         h, BN + 63 // GROUP + 1 distances (the most a tile spans over a warpgroup's 64 rows).
-        None without the flag or a term, or where a table would pass DISTANCE_TABLE_BYTES."""
+        None with distance_table=False, without a term, or where a table would pass
+        DISTANCE_TABLE_BYTES (then the term is computed per score)."""
         term = distance_term(self.spec.score) if self.distance_table else None
         if term is None:
             return None
@@ -181,8 +188,9 @@ def supports(layer: Layer, page_size: int) -> bool:
     """Whether the wgmma kernel is the default prefill of this block: bf16/f16, head dims
     64/128/256 equal to the value dim, and pages of at least BN / 32 keys (a tile's page
     entries, one per lane). A mask that reads tables at positions (document ids) stays on the
-    mma.sync prefill by default until the wgmma kernel's block-mask path is measured (it runs
-    when asked for: plan_wgmma_attention, PagedAttention(prefill="wgmma"))."""
+    mma.sync prefill by default: the wgmma kernel's block-mask path measured 0.68x (n128s3) /
+    0.90x (n64s3) its speed on an H200 (it runs when asked for: plan_wgmma_attention,
+    PagedAttention(prefill="wgmma"))."""
     if needs_block_mask(layer):
         return False
     try:
@@ -194,18 +202,24 @@ def supports(layer: Layer, page_size: int) -> bool:
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
-                         compile_fn: CompileFn | None = None, distance_table: bool = False) -> WGMMAAttentionPlan:
+                         compile_fn: CompileFn | None = None, distance_table: bool = True) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
-    (through `compile_fn`; without one, the first that fits). distance_table: tabulate the
-    score's distance term per tile (WGMMAAttentionPlan.rel_table)."""
+    (through `compile_fn`; without one, the first that fits). distance_table (the default):
+    tabulate the score's distance term per tile (WGMMAAttentionPlan.rel_table; 1.67-1.74x
+    the per-score kernel on T5 / relative bias, H200); False computes it per score. Blocks
+    without a distance term plan the same either way."""
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention")
     candidates = [tiles] if tiles is not None else tile_candidates(int(layer.function.outputs[0].arg.head_dim))
     fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
                                                         distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
     if not fits:
-        raise LoweringError(f"{layer.name}: no wgmma tile candidate fits {SHARED_LIMIT} bytes of shared memory")
+        tables = any(WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
+                                        distance_table=distance_table).rel_table for c in candidates)
+        raise LoweringError(f"{layer.name}: no wgmma tile candidate fits {SHARED_LIMIT} bytes of shared memory"
+                            + (" beside the distance tables (distance_table=False: the per-score kernel)"
+                               if tables else ""))
     candidates = fits
     for c in candidates:
         plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table)

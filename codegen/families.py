@@ -27,7 +27,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
         return [plan_layer(layer, arch)]
     plans: list[KernelPlan] = []
     if int(arch.removeprefix("sm_").rstrip("af")) >= 80:
-        # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a)
+        # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a), with
+        # its default distance tables, as PagedAttention plans it (so a pack holds what runs)
         hopper = arch.rstrip("af") == "sm_90" and not kv_cache and wgmma_supports(layer, page_size)
         plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn)
                   if m == "prefill" and hopper else

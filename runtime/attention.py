@@ -26,9 +26,10 @@ serves only the per-token form. Under kernel="tc", prefill="wgmma" runs the ragg
 tiles on the Hopper kernel (codegen/attention_wgmma.py, compiled for sm_90a; the default on
 sm_90 where it serves the block), prefill="tc" on the mma.sync one. A block whose mask reads
 tables at positions (document ids) runs on the wgmma kernel only when asked for (prefill="wgmma"
-or a WGTileConfig in tiles), over the same block-mask pre-pass; distance_table=True makes the
-wgmma kernel tabulate the score's distance term per tile (T5 buckets, relative-bias tables;
-off by default: codegen/attention_wgmma.py).
+or a WGTileConfig in tiles), over the same block-mask pre-pass. The wgmma kernel tabulates
+the score's distance term per tile (T5 buckets, relative-bias tables) by default: 1.67-1.74x
+the per-score kernel on an H200 (codegen/attention_wgmma.py, benchmarks/NOTES.md);
+distance_table=False computes the term per score instead.
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs. CPU tensors run the DSL's
 reference evaluator instead (slow, exact; bad page tables are errors there).
@@ -60,7 +61,7 @@ class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
                  kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
                  interface: dict | None = None, name: str | None = None, kv_dtype: str | None = None,
-                 distance_table: bool = False, **scalars: Any):
+                 distance_table: bool = True, **scalars: Any):
         if layer is not None and layer.function.kind != "attention":
             raise TypeError(f"{layer.name} is not an attention block")
         if kv_dtype not in (None, *KV_DTYPES):
@@ -73,7 +74,7 @@ class PagedAttention:
                              f"got {prefill!r}")
         self._kernel = kernel
         self._prefill = prefill
-        self.distance_table = distance_table   # the wgmma prefill's per-tile distance tables
+        self.distance_table = distance_table   # the wgmma prefill's per-tile distance tables (False: per score)
         # mode -> codegen.attention_tc.TileConfig (or, for prefill, attention_wgmma.WGTileConfig),
         # to override the default tiles
         self.tiles = dict(tiles or {})

@@ -2,8 +2,9 @@
 (tensor-core prefill tiles; the wgmma kernel on Hopper), a chunked prefill and a split-KV decode
 step (tensor-core and CUDA-core kernels), the same kernels on corrupt page tables, lengths and
 offsets, a KV append, a document-mask prefill with its block-mask pre-pass (on sm_90 the wgmma
-prefill's too, over a corrupt block mask as well, and T5 with its distance tables), an MLA decode over a
-paged latent cache (split), and small-token products (odd N and K, gated). Run by scripts/gpu-check.sh as
+prefill's too, over a corrupt block mask as well, and T5 with its distance tables (the default)
+and per score), an MLA decode over a paged latent cache (split), and small-token products (odd N
+and K, gated). Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
@@ -76,8 +77,9 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     dattn.prefill(qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
                   max_kv_len=100, extra={"doc": doc})
     if torch.cuda.get_device_capability() == (9, 0):
-        # the same on the wgmma prefill (asked for: not the default yet), then over a corrupt block
-        # mask (counts and tile entries out of range: clamped), and T5 with its distance tables
+        # the same on the wgmma prefill (asked for: documents stay on mma.sync by default), then over
+        # a corrupt block mask (counts and tile entries out of range: clamped), and T5 with its
+        # distance tables (the default, asked for explicitly here) and per score
         from layerforge.runtime.block_mask import BlockMask
         wattn = PagedAttention(dlayer, page_size=16, prefill="wgmma")
         call = dict(max_q_len=100, max_kv_len=100, extra={"doc": doc})
@@ -88,9 +90,10 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
                         rows=good.rows, keys=good.keys, kernel=good.kernel)
         wattn.prefill(qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, block_mask=bad, **call)
         t5 = lf.stdlib().specialise("t5_attn", Hq=32, Hkv=8, D=128, NB=32, dtype="bf16")
-        PagedAttention(t5, page_size=16, prefill="wgmma", distance_table=True).prefill(
-            qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100, max_kv_len=100,
-            extra={"rel_bias": torch.randn(32, 32, device="cuda")})
+        for tables in (True, False):
+            PagedAttention(t5, page_size=16, prefill="wgmma", distance_table=tables).prefill(
+                qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
+                max_kv_len=100, extra={"rel_bias": torch.randn(32, 32, device="cuda")})
     # MLA decode: 64 heads over a paged latent cache of 576-wide rows, split in 3
     from layerforge.runtime.mla_decode import MLADecode
     lat = torch.randn(9, 64, 576, device="cuda", dtype=bf)

@@ -99,7 +99,7 @@ def test_what_it_does_not_serve(prog):
         WGTileConfig(bn=128, stages=2, producer_regs=64, consumer_regs=240)
 
 
-# ---- the block-mask lists and the per-tile distance tables (reachable when asked for) ----------
+# ---- the block-mask lists (reachable when asked for) and the per-tile distance tables ---------
 GQA = [(8, 8), (32, 8), (32, 4)]   # groups 1, 4, 8
 
 
@@ -160,7 +160,7 @@ def distance_blocks(prog, mask_prog, name, hq, hkv, d):
 def test_distance_tables_compile(prog, mask_prog, name, hq, hkv, d):
     from layerforge.codegen.attention_wgmma import SHARED_LIMIT
     layer = distance_blocks(prog, mask_prog, name, hq, hkv, d)
-    plan = plan_wgmma_attention(layer, compile_fn=resources, distance_table=True)
+    plan = plan_wgmma_attention(layer, compile_fn=resources)   # tables: the default
     heads, width = plan.rel_table
     assert heads == hq // hkv and width == plan.config.keys + 63 // (hq // hkv) + 1   # both read h
     assert plan.key.endswith("_dt_sm90a") and plan.shared_bytes <= SHARED_LIMIT
@@ -179,16 +179,23 @@ def test_negated_distance_term_table(mask_prog):
     assert_spill_free(compile_main(plan)[0])
 
 
-def test_new_paths_are_off_by_default(prog, mask_prog):
-    """The default plans are as before: no distance table, no block mask for blocks that need
-    none, and a flag on a block without a distance term changes nothing."""
+def test_distance_tables_by_default(prog, mask_prog):
+    """Distance tables are the default (distance_table=False: the per-score kernel); no block
+    mask for blocks that need none, documents stay off the default wgmma prefill, and the flag
+    on a block without a distance term changes nothing."""
     t5 = specialise(prog, "t5_attn", 32, 8, 128)
     plan = plan_wgmma_attention(t5)
-    assert not plan.distance_table and plan.rel_table is None and "lf_rel_term" not in plan.source()
+    assert plan.distance_table and plan.rel_table == (4, 144) and plan.config.label == "n128s2"
+    assert plan.key.endswith("_n128s2_dt_sm90a") and "rel_tab[x] = lf_rel_term(" in plan.source()
     assert not plan.block_mask and "bm_list" not in plan.source()
+    off = plan_wgmma_attention(t5, distance_table=False)
+    assert off.rel_table is None and off.config.label == "n128s3" and "lf_rel_term" not in off.source()
+    assert off.key == "t5_attn_d128_hkv8_hq32_nb32_bf16_p16_wgprefill_n128s3_sm90a"
     llama = specialise(prog, "llama_attn", 32, 8, 128)
-    on, off = plan_wgmma_attention(llama, distance_table=True), plan_wgmma_attention(llama)
+    on, off = plan_wgmma_attention(llama), plan_wgmma_attention(llama, distance_table=False)
     assert on.rel_table is None and on.key == off.key and on.source() == off.source()
     assert not supports(mask_prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16"), 16)
-    with pytest.raises(LoweringError, match="shared memory"):   # 3 stages of 128 keys leave no room for the tables
-        plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3), distance_table=True)
+    # 3 stages of 128 keys leave no room for the tables: asked for, they are an error that says the way out
+    with pytest.raises(LoweringError, match=r"shared memory beside the distance tables \(distance_table=False"):
+        plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3))
+    assert plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3), distance_table=False).rel_table is None

@@ -4,8 +4,9 @@ alone in their document, one document, rows with nothing to attend to -> zeros),
 head-dependent document mask, split-KV over the tile lists, an explicit BlockMask shared by
 calls and the automatic cache; the device pre-pass equals its CPU model tile for tile. T5
 buckets and clamped relative biases (the per-tile distance table) over several key tiles. The
-same on the Hopper (wgmma) prefill where asked for (prefill="wgmma", distance_table=True; sm_90
-only): its producer and consumers walk the pre-pass's lists over its own tiling."""
+same on the Hopper (wgmma) prefill (sm_90 only): document masks where asked for
+(prefill="wgmma"; its producer and consumers walk the pre-pass's lists over its own tiling),
+distance tables by default and the per-score kernel with distance_table=False."""
 from __future__ import annotations
 
 import itertools
@@ -190,18 +191,19 @@ def test_negated_distance_term_hoisted(prog):
     run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64)
 
 
-# ---- the same on the Hopper (wgmma) prefill, asked for explicitly ----------------------------
+# ---- the same on the Hopper (wgmma) prefill (document masks asked for explicitly) -------------
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                             reason="the wgmma prefill kernel runs on sm_90 GPUs (H100, H200) only")
 
 
-def wgmma_attn(layer, *, distance_table=False, tiles=None):
+def wgmma_attn(layer, *, distance_table=True, tiles=None):
     attn = PagedAttention(layer, page_size=64, prefill="wgmma", distance_table=distance_table,
                           tiles={"prefill": tiles} if tiles else None)
     plan = attn.tc_plan("prefill")
     assert attn.prefill_kernel == "wgmma" and plan.arch == "sm_90a"
     assert plan.block_mask == ("doc" in layer.name)
-    assert (plan.rel_table is not None) == distance_table
+    # tables (the default) for the blocks with a distance term (the non-document ones here)
+    assert (plan.rel_table is not None) == (distance_table and "doc" not in layer.name)
     return attn
 
 
@@ -259,7 +261,7 @@ def test_wgmma_t5_distance_table(hq, hkv, bidirectional, d):
     layer = lf.stdlib().specialise("t5_attn", Hq=hq, Hkv=hkv, D=d, NB=32, dtype="bf16", bidirectional=bidirectional)
     gen = torch.Generator().manual_seed(3)
     run(layer, [600, 250, 1], [600, 70, 1], {"rel_bias": torch.randn(32, hq, generator=gen)}, hq=hq, hkv=hkv, d=d,
-        attn=wgmma_attn(layer, distance_table=True))
+        attn=wgmma_attn(layer))
 
 
 @hopper
@@ -268,7 +270,7 @@ def test_wgmma_clamped_relative_bias_table(prog, d):
     layer = prog.specialise("rel_bias", Hq=32, Hkv=8, D=d, dtype="bf16")
     gen = torch.Generator().manual_seed(4)
     run(layer, [500, 130], [500, 129], {"bias": torch.randn(129, 32, generator=gen)}, hq=32, hkv=8, d=d,
-        attn=wgmma_attn(layer, distance_table=True))
+        attn=wgmma_attn(layer))
 
 
 @hopper
@@ -277,4 +279,18 @@ def test_wgmma_negated_distance_term_table(prog, splits):
     layer = prog.specialise("back_bias", Hq=32, Hkv=8, D=64, dtype="bf16")
     gen = torch.Generator().manual_seed(6)
     run(layer, [400, 90], [400, 90], {"bias": torch.randn(64, generator=gen)}, hq=32, hkv=8, d=64, splits=splits,
-        attn=wgmma_attn(layer, distance_table=True))
+        attn=wgmma_attn(layer))
+
+
+@hopper
+@pytest.mark.parametrize("name", ["t5_attn", "rel_bias"])
+def test_wgmma_per_score_distance_term(prog, name):
+    """distance_table=False: the per-score kernel (the term computed for every score)."""
+    gen = torch.Generator().manual_seed(8)
+    if name == "t5_attn":
+        layer = lf.stdlib().specialise("t5_attn", Hq=16, Hkv=4, D=128, NB=32, dtype="bf16")
+        extra = {"rel_bias": torch.randn(32, 16, generator=gen)}
+    else:
+        layer = prog.specialise("rel_bias", Hq=16, Hkv=4, D=128, dtype="bf16")
+        extra = {"bias": torch.randn(129, 16, generator=gen)}
+    run(layer, [600, 250, 1], [600, 70, 1], extra, hq=16, hkv=4, d=128, attn=wgmma_attn(layer, distance_table=False))

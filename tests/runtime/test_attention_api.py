@@ -130,13 +130,18 @@ def test_wgmma_block_mask_when_asked_for():
         assert (bm.rows, bm.keys, bm.arch) == (128, keys, "sm_90a")
 
 
-def test_wgmma_distance_table_only_when_asked_for():
+def test_wgmma_distance_table_by_default():
+    """The wgmma prefill tabulates the distance term per tile unless distance_table=False; a
+    pack builds the same prefill (codegen.families), so its manifest's key is what runs."""
+    from layerforge.codegen.families import plans_for_layer
     t5 = lf.stdlib().specialise("t5_attn", Hq=32, Hkv=8, D=128, NB=32, dtype="bf16")
-    default = PagedAttention(t5, arch="sm_90").tc_plan("prefill")
-    assert not default.distance_table and default.rel_table is None
-    plan = PagedAttention(t5, arch="sm_90", distance_table=True).tc_plan("prefill")
-    assert plan.rel_table == (4, plan.config.keys + 16) and "_dt_" in plan.key
+    plan = PagedAttention(t5, arch="sm_90").tc_plan("prefill")
+    assert plan.distance_table and plan.rel_table == (4, plan.config.keys + 16) and "_dt_" in plan.key
     assert plan.config.stages == 2   # 3 stages of 128 keys leave no room for the tables at D128
+    assert plans_for_layer(t5, "sm_90")[0].key == plan.key
+    off = PagedAttention(t5, arch="sm_90", distance_table=False).tc_plan("prefill")
+    assert not off.distance_table and off.rel_table is None and "_dt_" not in off.key
+    assert "lf_rel_term" not in off.source()
 
 
 @pytest.mark.parametrize("batch,ctx,want", [
