@@ -19,11 +19,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..codegen.gemm import plan_gemm
 from ..codegen.gemv import GATED, plan_gemv
 
 # Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
 # 64 tokens the kernel is a GEMM tile in registers, measured in benchmarks/bench_gemv.py)
 KERNEL_MAX_ROWS = 16
+# Calls of at least this many rows run the Hopper GEMM (codegen/gemm.py) on sm_90; off (a row
+# count no call has) until it is measured at least as fast as cuBLAS (benchmarks/bench_gemm.py)
+WGMMA_MIN_ROWS = 1 << 62
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 __all__ = ["Linear", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS"]
 
@@ -76,6 +81,31 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
             and not torch.compiler.is_compiling() and device_major(x.device) >= 8)
 
 
+def _gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.device == x.device and x.shape[-1] % 8 == 0 and x.numel() > 0
+            and not torch.compiler.is_compiling() and _capability(x.device) == (9, 0))
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    c = _CAPABILITY.get(device.index)
+    if c is None:
+        c = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
+    return c
+
+
+def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None):
+    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        from .launch import compile_plan, load_kernels
+        plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
+                         residual=residual)
+        hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
+        _KERNELS[key] = hit
+    return hit
+
+
 def device_major(device: torch.device) -> int:
     """The compute capability's major number of a CUDA device (cached: no driver call per step)."""
     m = _MAJOR.get(device.index)
@@ -86,11 +116,15 @@ def device_major(device: torch.device) -> int:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: str | None = None,
          residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+         norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None, kernel: str | None = None
+         ) -> torch.Tensor:
     """rms_norm(x) (when `norm` = (gamma [K], eps): x * rsqrt(mean(x^2) + eps) * (gamma +
     norm_offset)), then x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two
     output halves when `gated`, then + residual [..., N_out]; the generated kernel where it
-    serves the call (see the module's docstring), torch otherwise."""
+    serves the call (see the module's docstring), torch otherwise. kernel="wgmma" runs the
+    Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot)."""
+    if kernel not in (None, "wgmma"):
+        raise LinearInputError(f"kernel must be None or 'wgmma', got {kernel!r}")
     if gated is not None and gated not in GATED:
         raise LinearInputError(f"gated must be one of {GATED} or None, got {gated!r}")
     if norm_offset not in (0.0, 1.0):
@@ -118,7 +152,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
             raise LinearInputError(f"the norm's eps must be a number >= 0, got {eps!r}")
     rows = x.numel() // k if k else 0
-    if not _kernel_ok(x, weight, rows):
+    wgmma = gamma is None and (kernel == "wgmma" or (kernel is None and WGMMA_MIN_ROWS <= rows)) and _gemm_ok(x, weight)
+    if kernel == "wgmma" and not wgmma:
+        raise LinearInputError("kernel='wgmma' needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 and no norm")
+    if not wgmma and not _kernel_ok(x, weight, rows):
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     for name, t in (("bias", bias), ("residual", residual), ("norm weight", gamma), ("out", out)):
@@ -133,8 +170,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         rows, n_out, dtype=x.dtype, device=x.device)
     args = ([x2, w] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
             + ([gamma.contiguous()] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
-    _launcher(x, n, k, rows, gated, bias is not None, res is not None,
-              None if gamma is None else float(norm_offset), cache)((), args)
+    if wgmma:
+        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache)((rows,), args)
+    else:
+        _launcher(x, n, k, rows, gated, bias is not None, res is not None,
+                  None if gamma is None else float(norm_offset), cache)((), args)
     if out is not None and not out.is_contiguous():
         out.copy_(y.view(out.shape))
         return out

@@ -1,0 +1,88 @@
+"""Prefill-sized products: the Hopper GEMM (codegen/gemm.py, wgmma) beside cuBLAS
+(torch.nn.functional.linear) at Llama-3-8B / 70B shapes, TFLOP/s, CUDA-graph replays, same run.
+
+    python -m benchmarks.bench_gemm [--only NAME] [--tokens 128,1024,4096,8192] [--json out.json]
+
+Gated rows (gate/up) run fused (act(gate) * up in the epilogue) against cuBLAS followed by the
+generated SwiGLU row kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime.linear import gemv
+
+from .bench_gemv import swiglu_module
+
+SHAPES = [  # (name, N, K, gated)
+    ("8B qkv", 6144, 4096, None), ("8B o", 4096, 4096, None), ("8B gate/up", 28672, 4096, "silu"),
+    ("8B down", 4096, 14336, None), ("70B gate/up", 57344, 8192, "silu"), ("70B down", 8192, 28672, None),
+]
+
+
+def graph_time(fn, calls: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None, help="substring of the shape names")
+    ap.add_argument("--tokens", default="128,1024,4096,8192")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"{'shape':12s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
+          f"{'ours/cuBLAS':>11s} {'max err':>8s}")
+    rows = []
+    for name, n, k, gated in SHAPES:
+        if a.only and a.only not in name:
+            continue
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        act = swiglu_module(n // 2) if gated else None
+        for m in [int(t) for t in a.tokens.split(",")]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            flop = 2 * m * n * k
+            calls = max(2, min(20, int(2e11 // flop)))
+            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="wgmma"), calls)
+            cublas = graph_time(lambda: F.linear(x, w), calls)
+            both = graph_time(lambda: act(F.linear(x, w)), calls) if gated else cublas
+            y = gemv(x, w, gated=gated, kernel="wgmma").float()
+            ref = F.linear(x, w).float()
+            if gated:
+                gt, up = ref.chunk(2, -1)
+                ref = F.silu(gt) * up
+            err = ((y - ref).norm() / ref.norm()).item()
+            r = dict(shape=name, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas, cublas_act_s=both, rel_err=err)
+            rows.append(r)
+            print(f"{name:12s} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} {cublas * 1e6:>9.1f} "
+                  f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} {both / ours:>11.2f} "
+                  f"{err:>8.1e}")
+        del w
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The Hopper GEMM (codegen/gemm.py, sm_90 only) against float64: M from 1 to 4097 (tiles of
+128 rows, partial ones), N and K not multiples of the tiles, bf16 and f16, bias, the gated
+activations and the residual add, outputs poisoned with NaN first; graph capture."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime.linear import gemv
+
+from ..seeding import seeded_generator
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("the wgmma GEMM needs an sm_90 GPU", allow_module_level=True)
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def reference(x, w, b, gated, r):
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    if gated:
+        g, u = y.chunk(2, -1)
+        y = ACT[gated](g) * u
+    return y if r is None else y + r.double()
+
+
+def check(m, n, k, dtype, gated=None, bias=False, residual=False):
+    gen = seeded_generator("gemm", m, n, k, dtype, gated, bias, residual)
+    n_out = n // 2 if gated else n
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
+    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
+    out = torch.full((m, n_out), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, b, gated=gated, residual=r, out=out, kernel="wgmma")
+    ref = reference(x, w, b, gated, r)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 127, 128, 1000, 4097])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (5632, 2048), (1000, 3000), (24, 8)])
+def test_gemm_against_float64(m, n, k, dtype):
+    check(m, n, k, dtype)
+
+
+@pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [5, 300])
+@pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (2 * 5632, 2048), (48, 8)])
+def test_gemm_epilogues(m, n, k, gated):
+    check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True)
+
+
+def test_gemm_graph_capture():
+    x = torch.randn(512, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(2 * 1024, 4096, dtype=torch.bfloat16, device="cuda") / 64
+    gemv(x, w, gated="silu", kernel="wgmma")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = gemv(x, w, gated="silu", kernel="wgmma")
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    ref = reference(x, w, None, "silu", None)
+    assert (y.double() - ref).norm() / ref.norm() < 1e-2
