@@ -81,6 +81,8 @@ class KernelABI:
     block: tuple[int, int, int]
     shared_bytes: int = 0              # dynamic shared memory per block
     problem: tuple[str, ...] = ()      # the problem sizes the grid depends on, in call order
+    pdl: bool = False                  # launched as a programmatic dependent launch (sm_90; the kernel
+                                       # runs griddepcontrol.wait before touching its predecessor's data)
 
     def __post_init__(self):
         object.__setattr__(self, "args", tuple(self.args))
@@ -131,12 +133,13 @@ class KernelABI:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "args": [[a.name, a.ctype, a.role, a.ref] for a in self.args],
                 "grid": list(self.grid), "block": list(self.block), "shared_bytes": self.shared_bytes,
-                "problem": list(self.problem)}
+                "problem": list(self.problem), **({"pdl": True} if self.pdl else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> KernelABI:
         return cls(name=d["name"], args=tuple(Arg(*a) for a in d["args"]), grid=tuple(d["grid"]),
-                   block=tuple(d["block"]), shared_bytes=int(d["shared_bytes"]), problem=tuple(d["problem"]))
+                   block=tuple(d["block"]), shared_bytes=int(d["shared_bytes"]), problem=tuple(d["problem"]),
+                   pdl=bool(d.get("pdl", False)))
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,12 @@ class GemvPlan(KernelPlan):
         return "_".join(parts)
 
     @property
+    def pdl(self) -> bool:
+        """Launched as a programmatic dependent launch: on sm_90 and newer (griddepcontrol), where
+        the weight stream of the first chunks starts while the kernel before still runs."""
+        return int(self.arch.removeprefix("sm_").rstrip("af")) >= 90
+
+    @property
     def stage_bytes(self) -> int:
         """One chunk of a warp's ring: 128-byte rows of W (16 per tile), x (8 per token tile) and gamma."""
         return 128 * (16 * (2 if self.gated else 1) * self.rt + 8 * (self.max_m // 8) + (1 if self.norm else 0))
@@ -137,7 +143,7 @@ def _abi(plan: GemvPlan) -> KernelABI:
     if plan.norm:
         args.append(Arg("eps", "float", "scalar"))
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"cdiv({plan.n_out}, {16 * plan.rt})",),
-                     block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=())
+                     block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=(), pdl=plan.pdl)
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,7 +152,7 @@ def _render(plan: GemvPlan) -> str:
     return render("cuda/gemv.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
-                  GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None,
+                  GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}")
 
 

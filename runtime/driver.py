@@ -117,6 +117,17 @@ class CudaModule:
             check(cu.cuModuleUnload(self.handle), "cuModuleUnload")
 
 
+def _pdl_config() -> cu.CUlaunchConfig:
+    """A launch configuration with programmatic stream serialisation allowed (PDL)."""
+    attr = cu.CUlaunchAttribute()
+    attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg = cu.CUlaunchConfig()
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    return cfg
+
+
 class LoadedKernel:
     """One `__global__` function of a loaded module, with its argument layout fixed."""
 
@@ -142,6 +153,7 @@ class LoadedKernel:
         self.max_threads_per_block = attr(_ATTR.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
         self.max_dynamic_shared_mem = attr(_ATTR.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
         self._pack = _make_packer(self.arg_types)
+        self._pdl_config = None   # the CUlaunchConfig of programmatic dependent launches, made once
 
     @classmethod
     def load(cls, cubin: bytes, name: str, arg_types: Sequence[str | type],
@@ -161,8 +173,11 @@ class LoadedKernel:
         self.max_dynamic_shared_mem = nbytes
 
     def launch(self, grid: int | Sequence[int], block: int | Sequence[int], args: Sequence[Any],
-               shared_mem: int = 0, stream: int | torch.cuda.Stream | None = None) -> None:
-        """Enqueue one launch. Pointer args take tensors (their data_ptr()), ints or None."""
+               shared_mem: int = 0, stream: int | torch.cuda.Stream | None = None, pdl: bool = False) -> None:
+        """Enqueue one launch. Pointer args take tensors (their data_ptr()), ints or None.
+        pdl: a programmatic dependent launch (sm_90): the kernel may start while the one before
+        it in the stream finishes, and must execute `griddepcontrol.wait` before it reads what
+        that kernel wrote or writes anything (the generated kernels that ask for it do)."""
         if grid.__class__ is tuple and len(grid) == 3:   # what runtime.launch.Launcher passes
             gx, gy, gz = grid
         else:
@@ -178,6 +193,18 @@ class LoadedKernel:
         elif stream.__class__ is not int:
             stream = getattr(stream, "cuda_stream", stream)  # torch.cuda.Stream or CUstream
         params = self._pack(args)
+        if pdl:
+            cfg = self._pdl_config
+            if cfg is None:
+                cfg = self._pdl_config = _pdl_config()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, gz
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = bx, by, bz
+            cfg.sharedMemBytes, cfg.hStream = shared_mem, stream
+            status, = cu.cuLaunchKernelEx(cfg, self.handle, params, 0)
+            if status:
+                raise CudaDriverError(f"cuLaunchKernelEx({self.name!r}, grid={(gx, gy, gz)}, block={(bx, by, bz)}, "
+                                      f"shared_mem={shared_mem}, programmatic serialisation)", status)
+            return
         status, = cu.cuLaunchKernel(self.handle, gx, gy, gz, bx, by, bz, shared_mem, stream,
                                     params, 0)
         if status:

@@ -53,15 +53,23 @@ def compile_fn(cache=None) -> CompileFn:
     return run
 
 
+def pdl_enabled() -> bool:
+    """Whether kernels that allow it are launched as programmatic dependent launches
+    (LAYERFORGE_PDL=0 turns it off, e.g. to measure what it gains)."""
+    import os
+    return os.environ.get("LAYERFORGE_PDL", "1") != "0"
+
+
 class Launcher:
     """One loaded kernel and its ABI: computes the grid from the problem sizes and launches on
     torch's current stream. Arguments come in the ABI's order (`abi.args`)."""
 
-    __slots__ = ("abi", "function", "_grid", "_block", "_smem")
+    __slots__ = ("abi", "function", "_grid", "_block", "_smem", "_pdl")
 
     def __init__(self, abi: KernelABI, function: LoadedKernel):
         self.abi, self.function = abi, function
         self._grid, self._block, self._smem = abi.grid_for, abi.block, abi.shared_bytes
+        self._pdl = abi.pdl and pdl_enabled()
         if self._smem > _DEFAULT_SMEM:
             function.set_max_dynamic_shared_mem(self._smem)   # at load: before any graph capture
 
@@ -69,7 +77,7 @@ class Launcher:
         return self._grid(*problem)
 
     def __call__(self, problem: Sequence[int], args: Sequence[Any]) -> None:
-        self.function.launch(self._grid(*problem), self._block, args, shared_mem=self._smem)
+        self.function.launch(self._grid(*problem), self._block, args, shared_mem=self._smem, pdl=self._pdl)
 
 
 def load_kernels(cubin: bytes, abis: Sequence[KernelABI], device: Any) -> dict[str, Launcher]:

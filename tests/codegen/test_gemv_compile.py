@@ -35,6 +35,20 @@ def test_gemv_streams_w_through_shared_memory():
         assert f"cp.async.wait_group {stages - 1};" in ptx and "cp.async.wait_group 0;" in ptx
 
 
+def test_gemv_is_a_programmatic_dependent_launch_on_sm90():
+    """On sm_90 the kernel is launched with programmatic stream serialisation (abi.pdl): it lets
+    the next kernel launch, copies W's first chunks, then waits for the kernel before it
+    (griddepcontrol.wait) before anything else; on sm_80 none of it."""
+    p90 = plan_gemv("bf16", n=6144, k=4096, norm="rms", arch="sm_90")
+    ptx = nvrtc.compile_cuda(p90.source(), p90.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+    assert p90.abi.pdl and "griddepcontrol.launch_dependents" in ptx
+    before, after = ptx.split("griddepcontrol.wait", 1)
+    assert "cp.async.cg.shared.global" in before and "st.global" not in before and "cp.async.commit_group" not in before
+    assert "st.global" in after
+    p80 = plan_gemv("bf16", n=6144, k=4096, norm="rms", arch="sm_80")
+    assert not p80.abi.pdl and "griddepcontrol" not in p80.source()
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_gemv_norm_prologue_compiles(arch):
     """RMSNorm fused in the prologue (Llama's gamma and Gemma's 1 + gamma), with every epilogue."""
