@@ -238,8 +238,8 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
     if x.device != qw.device:
         raise LinearInputError(f"x is on {x.device}, the quantised weight on {qw.device}")
     if not _kernel_ok(x, qw, rows):
-        w = dequantize(qw).to(x.dtype)
-        y = _reference(x, w, bias, gated, residual, norm, norm_offset)
+        w = dequantize(qw).to(x.dtype)   # the module's bias is in W's dtype: x's for torch
+        y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     return launch_gemv(x, qw.kernel_tensors, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out, cache,
                        qw.wtype, qw.group)
