@@ -3,12 +3,16 @@
 copy ceiling, CUDA-graph replays (kernel time, launch cost out), same run.
 
     python -m benchmarks.bench_gemv [--sweep] [--json out.json]
+    python -m benchmarks.bench_gemv --quant [--json out.json]
 
 Gated rows (gate/up) run fused (act(gate) * up in the epilogue) against cuBLAS followed by
 the generated SwiGLU row kernel. The "+norm" columns put the RMSNorm before the product, as a
 decoder layer has it: ours fused in the prologue against the generated rms_norm row kernel
 followed by cuBLAS (and the SwiGLU kernel). --sweep also times every work split (16-column
-tiles per CTA, warps, ring stages) of each shape to choose the default.
+tiles per CTA, warps, ring stages) of each shape to choose the default. --quant times the
+weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B shapes beside cuBLAS on
+bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128), "of copy" on
+the bytes each reads for W (packed weight and its scales).
 """
 from __future__ import annotations
 
@@ -103,14 +107,66 @@ def precompile(plans) -> None:
         list(ex.map(_compile, plans))
 
 
+QUANT_SHAPES = SHAPES[:4]   # the 8B layer's products
+QUANT_TOKENS = (1, 4, 8, 16)
+
+
+def torch_int4(w: torch.Tensor, group: int):
+    """torch's int4 weight-only product on W [N, K] (values irrelevant to the time), or None."""
+    try:
+        n, k = w.shape
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=w.device)
+        packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.rand(k // group, n, 2, device=w.device).to(torch.bfloat16)
+        x = torch.randn(1, k, device=w.device, dtype=torch.bfloat16)
+        torch._weight_int4pack_mm(x, packed, group, sz)
+        return lambda x: torch._weight_int4pack_mm(x, packed, group, sz)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def main_quant(a, ceiling):
+    from layerforge.runtime.quant import QuantLinear
+    print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'i8 us':>7s} {'of copy':>7s} {'cuBLAS us':>9s} "
+          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s}")
+    rows = []
+    for name, n, k, gated in QUANT_SHAPES:
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        u4 = QuantLinear.from_float(w, 128, wtype="u4")
+        i8 = QuantLinear.from_float(w, 0, wtype="i8")
+        t4 = torch_int4(w, 128)
+        for m in QUANT_TOKENS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ours4 = graph_time(lambda: u4(x, gated=gated))
+            ours8 = graph_time(lambda: i8(x, gated=gated))
+            cublas = graph_time(lambda: F.linear(x, w))
+            theirs4 = graph_time(lambda: t4(x)) if t4 else float("nan")
+            b4, b8 = u4.qw.nbytes(), i8.qw.nbytes()
+            r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, i8_s=ours8, cublas_s=cublas,
+                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8)
+            print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {ours8 * 1e6:>7.1f} "
+                  f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
+                  f"{theirs4 * 1e6 if t4 else float('nan'):>13.1f} {cublas / ours4:>9.2f}")
+            rows.append(r)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quant", action="store_true", help="the weight-only quantised kernels (u4, i8)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
+    if a.quant:
+        rows = main_quant(a, ceiling)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f,
+                          indent=1)
+        return
     print(f"{'shape':12s} {'M':>3s} {'ours us':>8s} {'TB/s':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'+act us':>8s} "
           f"{'ours/cuBLAS':>11s} {'of copy':>7s} {'+norm ours':>10s} {'norm+cuBLAS':>11s} {'ratio':>5s}")
     rows = []

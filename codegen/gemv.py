@@ -19,6 +19,18 @@ sum of squares from the x chunks it reads anyway, and the separate norm kernel (
 goes away.
 Gated (SwiGLU / GeGLU): W holds the gate rows then the up rows ([2 F, K], as a fused gate/up
 Linear does), and y[m, f] = act(gate[m, f]) * up[m, f] comes out without the [M, 2 F] round trip.
+
+Weight-only quantised W (wtype, runtime/quant.py repacks checkpoints into these layouts once):
+    "u4"  W[n, k] = (q - z) * s, q in 0..15: w int32 [N, K / 8], word j of row n holds
+          k = 8 j + (0 2 4 6 1 3 5 7)[i] at bits 4 i (pair 2i, 2i + 1 at bits 4 i and 16 + 4 i: one
+          lop3 makes a pair of T); wgroup int32 [N, GPAD]: per group of `group` k (32, 64, 128) the
+          T pair (s, z) (z a whole number), rows padded with zeros to a multiple of 4 words.
+    "i8"  W[n, k] = q * s, q int8 (symmetric): w int8 [N, K]; group 0: wscale T [N], one scale a
+          row, applied in f32 to the sum (q is exact in T); group 32/64/128: wgroup as u4's, z = 0.
+A 128-byte stage row of W is then 256 (u4) or 128 (i8) k, x has 4 or 2 rows a token, and each
+lane converts the 16 bytes it reads to T in registers right before the mma (the instruction
+counts are in templates/cuda/gemv_quant.cuh.jinja); the pairs reach shared memory by cp.async
+with the chunk. One template: the ring, the reduction and the epilogue are the bf16 kernel's.
 """
 from __future__ import annotations
 
@@ -30,12 +42,15 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED"]
+__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "WTYPES", "GROUPS"]
 
 MAX_M = 64
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
 GATED = ("silu", "gelu", "gelu_tanh")
 _TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
+WTYPES = {"u4": 4, "i8": 2}      # weight type -> 128-byte x rows a token per chunk (k per chunk / 64)
+GROUPS = {"u4": (32, 64, 128), "i8": (0, 32, 64, 128)}   # k per scale (0: one scale a W row)
+QUANT_SHARED_BUDGET = 160 * 1024  # the default stages of a quantised plan keep a CTA under this (sm_80: 163 KB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +68,9 @@ class GemvPlan(KernelPlan):
     norm_offset: float = 0.0     # 0: x * gamma; 1: x * (1 + gamma) (Gemma)
     rt: int = 1                  # 16-column output tiles per CTA
     warps: int = 4               # warps per CTA, splitting K
-    stages: int = 4              # 64-wide K chunks in each warp's shared-memory ring
+    stages: int = 4              # 64-wide K chunks in each warp's shared-memory ring (u4: 256, i8: 128)
+    wtype: str | None = None     # None: W in dtype; "u4" | "i8": weight-only quantised (module docstring)
+    group: int = 0               # k per (scale, zero) pair of a quantised W; i8: 0 = one scale a row
 
     def __post_init__(self):
         if self.dtype not in _TYPES:
@@ -79,6 +96,18 @@ class GemvPlan(KernelPlan):
         if self.shared_bytes > SHARED_LIMIT:
             raise ValueError(f"gemv: {self.shared_bytes} bytes of shared memory (rings of {self.warps} warps x "
                              f"{self.stages} stages) pass the {SHARED_LIMIT} a CTA can have")
+        if self.wtype is None and self.group:
+            raise ValueError(f"gemv: a group size ({self.group}) needs a quantised wtype")
+        if self.wtype is not None:
+            if self.wtype not in WTYPES:
+                raise ValueError(f"gemv: wtype must be one of {sorted(WTYPES)} or None, got {self.wtype!r}")
+            if self.group not in GROUPS[self.wtype]:
+                raise ValueError(f"gemv: {self.wtype} group size must be one of {GROUPS[self.wtype]}, got {self.group!r}")
+            if self.group and self.k % self.group:
+                raise ValueError(f"gemv: the group size {self.group} must divide K = {self.k}")
+            if self.k % (8 * self.xr):
+                raise ValueError(f"gemv: {self.wtype} K = {self.k} must be a multiple of {8 * self.xr} "
+                                 f"(rows of 16-byte pieces of W)")
         if int(self.arch.removeprefix("sm_").rstrip("af")) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
 
@@ -89,6 +118,8 @@ class GemvPlan(KernelPlan):
     @property
     def key(self) -> str:
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
+        if self.wtype:
+            parts.append(f"{self.wtype}g{self.group}" if self.group else f"{self.wtype}ch")
         if self.gated:
             parts.append(self.gated)
         if self.bias:
@@ -108,9 +139,17 @@ class GemvPlan(KernelPlan):
         return int(self.arch.removeprefix("sm_").rstrip("af")) >= 90
 
     @property
+    def xr(self) -> int:
+        """128-byte x rows a token per chunk: the k of one 128-byte row of W over 64."""
+        return WTYPES.get(self.wtype, 1)
+
+    @property
     def stage_bytes(self) -> int:
-        """One chunk of a warp's ring: 128-byte rows of W (16 per tile), x (8 per token tile) and gamma."""
-        return 128 * (16 * (2 if self.gated else 1) * self.rt + 8 * (self.max_m // 8) + (1 if self.norm else 0))
+        """One chunk of a warp's ring: 128-byte rows of W (16 per tile), x (8 per token tile, XR
+        rows each) and gamma (XR), then a quantised W's (scale, zero) words of the chunk."""
+        wrows = 16 * (2 if self.gated else 1) * self.rt
+        pairs = wrows * (64 * self.xr // self.group) * 4 if self.group else 0
+        return 128 * (wrows + self.xr * (8 * (self.max_m // 8) + (1 if self.norm else 0))) + pairs
 
     @property
     def shared_bytes(self) -> int:
@@ -124,15 +163,21 @@ class GemvPlan(KernelPlan):
         return _render(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "n": self.n, "k": self.k, "max_m": self.max_m, "gated": self.gated,
-                "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
-                "n_out": self.n_out}
+        d = {"dtype": self.dtype, "n": self.n, "k": self.k, "max_m": self.max_m, "gated": self.gated,
+             "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
+             "n_out": self.n_out}
+        return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
 
 
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemvPlan) -> KernelABI:
     t = _TYPES[plan.dtype][0]
-    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {t}* __restrict__", "input")]
+    wt = {None: t, "u4": "unsigned", "i8": "signed char"}[plan.wtype]
+    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input")]
+    if plan.group:
+        args.append(Arg("wgroup", "const unsigned* __restrict__", "input"))
+    elif plan.wtype:
+        args.append(Arg("wscale", f"const {t}* __restrict__", "input"))
     if plan.bias:
         args.append(Arg("bias", f"const {t}* __restrict__", "input"))
     if plan.residual:
@@ -153,14 +198,16 @@ def _render(plan: GemvPlan) -> str:
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
-                  NORM_OFFSET=f"{plan.norm_offset:.1f}")
+                  NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr)
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
-              rt: int = 1, warps: int | None = None, stages: int | None = None) -> GemvPlan:
+              rt: int = 1, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
+              group: int = 0) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
-    and stages override the work split (benchmarks/bench_gemv.py sweeps them)."""
+    and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
+    make W weight-only quantised (the module's docstring)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
@@ -168,6 +215,13 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
     dw, ds = {1: (2, 3), 2: (8, 3)}.get(mt, (4, 4)) if gated else (4, 4)
+    if wtype is not None:
+        # not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
+        # (x's rows per token grow 2x / 4x with the k of a chunk)
+        dw = 4 if warps is None else warps
+        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt, warps=dw, stages=2,
+                         wtype=wtype, group=group, arch=arch)
+        ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
-                    stages=ds if stages is None else stages)
+                    stages=ds if stages is None else stages, wtype=wtype, group=group)

@@ -30,7 +30,8 @@ KERNEL_MAX_ROWS = 16
 WGMMA_MIN_ROWS = 1 << 62
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
-__all__ = ["Linear", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS"]
+__all__ = ["Linear", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS", "check_call",
+           "launch_gemv"]
 
 
 class LinearInputError(ValueError):
@@ -38,18 +39,19 @@ class LinearInputError(ValueError):
 
 
 _ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, norm, device) -> launcher
+_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, norm, device, wtype, group) -> launcher
 _MAJOR: dict[int, int] = {}          # device index -> compute capability major
 
 
-def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None):
-    key = (x.dtype, n, k, rows > 8, gated, bias, residual, norm_offset, x.device.index)
+def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
+              wtype: str | None = None, group: int = 0):
+    key = (x.dtype, n, k, rows > 8, gated, bias, residual, norm_offset, x.device.index, wtype, group)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import compile_plan, device_arch, load_kernels
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=rows, gated=gated,
                          bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
-                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device))
+                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group)
         hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
         _KERNELS[key] = hit
     return hit
@@ -125,13 +127,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot)."""
     if kernel not in (None, "wgmma"):
         raise LinearInputError(f"kernel must be None or 'wgmma', got {kernel!r}")
+    if weight.dim() != 2:
+        raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    rows = check_call(x, n, k, bias, gated, residual, norm, norm_offset, out)
+    wgmma = norm is None and (kernel == "wgmma" or (kernel is None and WGMMA_MIN_ROWS <= rows)) and _gemm_ok(x, weight)
+    if kernel == "wgmma" and not wgmma:
+        raise LinearInputError("kernel='wgmma' needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 and no norm")
+    if not wgmma and not _kernel_ok(x, weight, rows):
+        y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
+        return y if out is None else out.copy_(y)
+    w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
+    return launch_gemv(x, [w], n, k, bias, gated, residual, norm, norm_offset, out, cache, wgmma=wgmma)
+
+
+def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, norm_offset, out) -> int:
+    """The shape checks of a product of x [..., K] and an [N, K] weight (LinearInputError);
+    returns the rows of x."""
     if gated is not None and gated not in GATED:
         raise LinearInputError(f"gated must be one of {GATED} or None, got {gated!r}")
     if norm_offset not in (0.0, 1.0):
         raise LinearInputError(f"norm_offset must be 0 or 1, got {norm_offset!r}")
-    if weight.dim() != 2:
-        raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
     if x.shape[-1] != k:
         raise LinearInputError(f"x's last dim {x.shape[-1]} is not the weight's K = {k}")
     if gated and n % 2:
@@ -144,37 +160,40 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise LinearInputError(f"residual must be {list(lead + (n_out,))}, got {list(residual.shape)}")
     if out is not None and tuple(out.shape) != lead + (n_out,):
         raise LinearInputError(f"out must be {list(lead + (n_out,))}, got {list(out.shape)}")
-    gamma = None
     if norm is not None:
         gamma, eps = norm
         if tuple(gamma.shape) != (k,):
             raise LinearInputError(f"the norm's weight must be [{k}], got shape {tuple(gamma.shape)}")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps < 0:
             raise LinearInputError(f"the norm's eps must be a number >= 0, got {eps!r}")
-    rows = x.numel() // k if k else 0
-    wgmma = gamma is None and (kernel == "wgmma" or (kernel is None and WGMMA_MIN_ROWS <= rows)) and _gemm_ok(x, weight)
-    if kernel == "wgmma" and not wgmma:
-        raise LinearInputError("kernel='wgmma' needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 and no norm")
-    if not wgmma and not _kernel_ok(x, weight, rows):
-        y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
-        return y if out is None else out.copy_(y)
+    return x.numel() // k if k else 0
+
+
+def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
+                norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
+                wgmma: bool = False) -> torch.Tensor:
+    """Run the generated kernel on a call check_call accepted and the kernel serves; `weights`
+    are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales)."""
+    n_out = n // 2 if gated else n
+    lead = tuple(x.shape[:-1])
+    rows = x.numel() // k
+    gamma, eps = norm if norm is not None else (None, None)
     for name, t in (("bias", bias), ("residual", residual), ("norm weight", gamma), ("out", out)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise LinearInputError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
     x2 = x.reshape(rows, k)
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous()
-    w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
     res = None if residual is None else residual.reshape(rows, n_out).contiguous()
     y = out.view(rows, n_out) if out is not None and out.is_contiguous() else torch.empty(
         rows, n_out, dtype=x.dtype, device=x.device)
-    args = ([x2, w] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
+    args = ([x2, *weights] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
             + ([gamma.contiguous()] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
     if wgmma:
         _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache)((rows,), args)
     else:
         _launcher(x, n, k, rows, gated, bias is not None, res is not None,
-                  None if gamma is None else float(norm_offset), cache)((), args)
+                  None if gamma is None else float(norm_offset), cache, wtype, group)((), args)
     if out is not None and not out.is_contiguous():
         out.copy_(y.view(out.shape))
         return out

@@ -1,0 +1,306 @@
+"""Weight-only quantised Linear layers for decode: 4-bit (AWQ / GPTQ checkpoints, or round to
+nearest) and 8-bit weights, read by the small-token product kernel (codegen/gemv.py) as packed.
+
+    lin = QuantLinear.from_awq(qweight, qzeros, scales, group_size=128, dtype=torch.float16)
+    lin = QuantLinear.from_gptq(qweight, qzeros, scales, g_idx, group_size=128)
+    lin = QuantLinear.from_float(weight, group_size=128)            # u4, round to nearest, per group
+    lin = QuantLinear.from_float(weight, wtype="i8")                # i8, one scale a row
+    y = lin(x, gated="silu", residual=r, norm=(gamma, eps))         # Linear's fused epilogues
+
+Checkpoint formats (what the repack functions read; W is the [N, K] = [out, in] weight):
+  AWQ ("GEMM" version, autoawq / transformers): qweight int32 [K, N / 8], packed along N: the
+    8 nibbles of a word, from bit 0, are columns 8j + (0, 2, 4, 6, 1, 3, 5, 7); qzeros int32
+    [K / G, N / 8] in the same order; scales fp16 [K / G, N]; W[n, k] = (q - z) * s of group k // G.
+  GPTQ (auto-gptq / optimum, classic "v1" checkpoints): qweight int32 [K / 8, N], packed along K
+    (nibble j of word i is k = 8 i + j); qzeros int32 [K / G, N / 8] packed along N in plain
+    order, holding zero - 1 (the packer subtracts 1, the dequantiser adds it back; `zero_offset=0`
+    reads "v2" checkpoints that store the zero itself); scales [K / G, N]; g_idx [K] the group of
+    each k. A symmetric checkpoint (sym=True) is the same format with every zero 8 (stored 7).
+    Act-order checkpoints (desc_act: g_idx not k // G) are refused: the kernel's groups are
+    contiguous runs of K, and reordering W's columns would make the caller permute x.
+The kernel's layouts (the codegen/gemv.py docstring) are repacked from these once, at load.
+Scales and zeros are kept in the activation dtype: a zero is a whole number, exact in bf16/f16,
+and the kernel computes (q - z) * s with the multiply the only rounding (scales cast from the
+checkpoint's fp16 to bf16 round once, at load, as any bf16 deployment of fp16 scales does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen.gemv import GROUPS
+from .linear import KERNEL_MAX_ROWS, LinearInputError, _reference, check_call, device_major, launch_gemv
+
+__all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "quantize_u4", "quantize_i8",
+           "awq_to_kernel", "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq",
+           "unpack_awq", "unpack_gptq", "gemv_quant"]
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # the element at nibble i of a word, AWQ's and the kernel's u4
+_SHIFTS = torch.arange(0, 32, 4)
+
+
+def _nibbles(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., W] -> [..., W, 8]: nibble i (bits 4i) of each word, as int64."""
+    return (words.to(torch.int64)[..., None] >> _SHIFTS.to(words.device)) & 0xF
+
+
+def _words(nib: torch.Tensor) -> torch.Tensor:
+    """[..., W, 8] nibbles (nibble i to bits 4i) -> int32 [..., W] (bit 31 wraps to the sign)."""
+    v = (nib.to(torch.int64) << _SHIFTS.to(nib.device)).sum(-1)
+    return torch.where(v >= 2 ** 31, v - 2 ** 32, v).to(torch.int32)
+
+
+_INV_AWQ = [AWQ_ORDER.index(i) for i in range(8)]   # the nibble that holds element i
+
+
+# ---- checkpoint formats -> integer q [N, K], zeros [N, K / G], scales [N, K / G] ----------------
+def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
+    """AWQ GEMM tensors -> (q int64 [N, K], z int64 [N, K / G], s [N, K / G])."""
+    k, n8 = qweight.shape
+    if qzeros.shape != (k // group_size, n8) or scales.shape != (k // group_size, 8 * n8) or k % group_size:
+        raise LinearInputError(f"AWQ: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+                               f"{tuple(scales.shape)} do not fit [K, N/8], [K/G, N/8], [K/G, N] with G = {group_size}")
+    q = _nibbles(qweight)[..., _INV_AWQ].reshape(k, 8 * n8)
+    z = _nibbles(qzeros)[..., _INV_AWQ].reshape(k // group_size, 8 * n8)
+    return q.T.contiguous(), z.T.contiguous(), scales.T.contiguous()
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                group_size: int, zero_offset: int = 1):
+    """GPTQ tensors -> (q int64 [N, K], z int64 [N, groups], s [N, groups], g_idx [K])."""
+    k8, n = qweight.shape
+    k = 8 * k8
+    groups = scales.shape[0]
+    if qzeros.shape != (groups, n // 8) or scales.shape != (groups, n) or n % 8:
+        raise LinearInputError(f"GPTQ: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+                               f"{tuple(scales.shape)} do not fit [K/8, N], [groups, N/8], [groups, N]")
+    q = _nibbles(qweight).permute(0, 2, 1).reshape(k, n)          # k = 8 i + j
+    z = (_nibbles(qzeros).reshape(groups, n) + zero_offset) & 0xF if zero_offset else _nibbles(qzeros).reshape(groups, n)
+    if g_idx is None:
+        g_idx = torch.arange(k, device=qweight.device) // group_size
+    return q.T.contiguous(), z.T.contiguous(), scales.T.contiguous(), g_idx.to(torch.int64)
+
+
+def dequantize_awq(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
+    """The AWQ checkpoint's W [N, K] in float64: (q - z) * s (the format's own meaning)."""
+    q, z, s = unpack_awq(qweight, qzeros, scales, group_size)
+    return ((q - z.repeat_interleave(group_size, 1)) * s.double().repeat_interleave(group_size, 1))
+
+
+def dequantize_gptq(qweight, qzeros, scales, g_idx, group_size: int, zero_offset: int = 1) -> torch.Tensor:
+    """The GPTQ checkpoint's W [N, K] in float64: (q[k] - z[g_idx[k]]) * s[g_idx[k]], any g_idx."""
+    q, z, s, g = unpack_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+    return (q - z[:, g]) * s.double()[:, g]
+
+
+# ---- the kernel's layouts ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantWeight:
+    """W [N, K] in a layout of the quantised gemv kernel (codegen/gemv.py's docstring)."""
+    wtype: str                     # "u4" | "i8"
+    group: int                     # k per (scale, zero) pair; 0: one scale a row (i8)
+    qweight: torch.Tensor          # u4: int32 [N, K / 8] (AWQ's nibble order along K); i8: int8 [N, K]
+    wgroup: torch.Tensor | None    # int32 [N, GPAD]: the dtype pair (scale, zero) of each group, zero padded
+    wscale: torch.Tensor | None    # dtype [N]: i8's row scales (group 0)
+    n: int
+    k: int
+    dtype: torch.dtype             # the activation dtype: x, the pairs' halves, wscale, y
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def kernel_tensors(self) -> list[torch.Tensor]:
+        """W's arguments of the kernel, in its ABI's order."""
+        return [self.qweight, self.wgroup if self.group else self.wscale]
+
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs as (scales, zeros), each [N, K / G] in the activation dtype."""
+        pairs = self.wgroup[:, : self.k // self.group].contiguous().view(self.dtype).view(self.n, -1, 2)
+        return pairs[..., 0], pairs[..., 1]
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for W (packed weight and its scales)."""
+        return sum(t.numel() * t.element_size() for t in self.kernel_tensors)
+
+
+def _pairs(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scales, zeros [N, G] -> int32 [N, GPAD]: (scale, zero) in dtype, scale in the low half."""
+    n, g = scales.shape
+    pad = (g + 3) // 4 * 4
+    both = torch.zeros(n, pad, 2, dtype=dtype, device=scales.device)
+    both[:, :g, 0] = scales.to(dtype)
+    both[:, :g, 1] = zeros.to(dtype)
+    return both.view(torch.int32).view(n, pad)
+
+
+def _check_group(wtype: str, group: int, k: int) -> None:
+    if group not in GROUPS[wtype]:
+        raise ValueError(f"{wtype}: group size must be one of {GROUPS[wtype]}, got {group!r}")
+    if group and k % group:
+        raise ValueError(f"{wtype}: the group size {group} must divide K = {k}")
+
+
+def pack_u4(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int,
+            dtype: torch.dtype = torch.bfloat16) -> QuantWeight:
+    """q [N, K] in 0..15, zeros [N, K / G] in 0..15, scales [N, K / G] -> the kernel's u4 layout."""
+    n, k = q.shape
+    _check_group("u4", group, k)
+    if zeros.shape != (n, k // group) or scales.shape != (n, k // group):
+        raise ValueError(f"u4: zeros and scales must be [{n}, {k // group}], got {tuple(zeros.shape)}, "
+                         f"{tuple(scales.shape)}")
+    qweight = _words(q.reshape(n, k // 8, 8)[..., list(AWQ_ORDER)])
+    return QuantWeight("u4", group, qweight.contiguous(), _pairs(scales, zeros, dtype), None, n, k, dtype)
+
+
+def pack_i8(q: torch.Tensor, scales: torch.Tensor, group: int = 0, dtype: torch.dtype = torch.bfloat16) -> QuantWeight:
+    """q int8 [N, K] and scales [N] (group 0) or [N, K / G] -> the kernel's i8 layout."""
+    n, k = q.shape
+    _check_group("i8", group, k)
+    if k % 16:
+        raise ValueError(f"i8: K = {k} must be a multiple of 16 (rows of 16-byte pieces)")
+    q8 = q.to(torch.int8).contiguous()
+    if group == 0:
+        if scales.shape != (n,):
+            raise ValueError(f"i8: row scales must be [{n}], got {tuple(scales.shape)}")
+        return QuantWeight("i8", 0, q8, None, scales.to(dtype).contiguous(), n, k, dtype)
+    if scales.shape != (n, k // group):
+        raise ValueError(f"i8: scales must be [{n}, {k // group}], got {tuple(scales.shape)}")
+    return QuantWeight("i8", group, q8, _pairs(scales, torch.zeros_like(scales), dtype), None, n, k, dtype)
+
+
+def dequantize(qw: QuantWeight) -> torch.Tensor:
+    """W [N, K] in float64 from the kernel's layout: the reference the kernel is tested against."""
+    if qw.wtype == "u4":
+        q = _nibbles(qw.qweight)[..., _INV_AWQ].reshape(qw.n, qw.k)
+        s, z = (t.double().repeat_interleave(qw.group, 1) for t in qw.scales_zeros())
+        return (q - z) * s
+    q = qw.qweight.double()
+    if qw.group == 0:
+        return q * qw.wscale.double()[:, None]
+    return q * qw.scales_zeros()[0].double().repeat_interleave(qw.group, 1)
+
+
+def quantize_u4(weight: torch.Tensor, group: int):
+    """Round to nearest, asymmetric, per group of `group` k: (q, zeros, scales) with
+    W ~ (q - z) * s, q and z in 0..15."""
+    n, k = weight.shape
+    _check_group("u4", group, k)
+    w = weight.double().reshape(n, k // group, group)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    z = (-lo / s).round().clamp(0, 15)
+    q = (w / s[..., None] + z[..., None]).round().clamp(0, 15)
+    return q.reshape(n, k).to(torch.int64), z.to(torch.int64), s
+
+
+def quantize_i8(weight: torch.Tensor, group: int = 0):
+    """Round to nearest, symmetric: (q int8, scales [N] or [N, K / G]) with W ~ q * s."""
+    n, k = weight.shape
+    _check_group("i8", group, k)
+    w = weight.double().reshape(n, 1 if group == 0 else k // group, -1)
+    s = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = (w / s[..., None]).round().clamp(-127, 127).reshape(n, k).to(torch.int8)
+    return q, s[:, 0] if group == 0 else s
+
+
+def awq_to_kernel(qweight, qzeros, scales, group_size: int, dtype: torch.dtype = torch.float16) -> QuantWeight:
+    """Repack an AWQ (GEMM) checkpoint's tensors into the kernel's u4 layout."""
+    q, z, s = unpack_awq(qweight, qzeros, scales, group_size)
+    return pack_u4(q, z, s, group_size, dtype)
+
+
+def gptq_to_kernel(qweight, qzeros, scales, g_idx, group_size: int, dtype: torch.dtype = torch.float16,
+                   zero_offset: int = 1) -> QuantWeight:
+    """Repack a GPTQ checkpoint's 4-bit tensors into the kernel's u4 layout (not act-order)."""
+    q, z, s, g = unpack_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
+    k = q.shape[1]
+    if z.shape[1] != k // group_size or not torch.equal(g.cpu(), torch.arange(k) // group_size):
+        raise NotImplementedError("GPTQ act-order (desc_act) checkpoints: g_idx is not k // group_size, and the "
+                                  "kernel's groups are contiguous runs of K; re-quantise without act-order")
+    return pack_u4(q, z, s, group_size, dtype)
+
+
+# ---- the product -------------------------------------------------------------------------------
+def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
+    return (x.is_cuda and x.dtype == qw.dtype and 1 <= rows <= KERNEL_MAX_ROWS
+            and not torch.compiler.is_compiling() and device_major(x.device) >= 8)
+
+
+def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *, gated: str | None = None,
+               residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+               norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """runtime/linear.gemv's product with a quantised W: the generated kernel for <= 16 rows in
+    W's activation dtype on an sm_80+ GPU; otherwise W dequantised to x's dtype and torch's product."""
+    rows = check_call(x, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out)
+    if x.device != qw.device:
+        raise LinearInputError(f"x is on {x.device}, the quantised weight on {qw.device}")
+    if not _kernel_ok(x, qw, rows):
+        w = dequantize(qw).to(x.dtype)   # the module's bias is in W's dtype: x's for torch
+        y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
+        return y if out is None else out.copy_(y)
+    return launch_gemv(x, qw.kernel_tensors, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out, cache,
+                       qw.wtype, qw.group)
+
+
+class QuantLinear(torch.nn.Module):
+    """A Linear layer whose weight is weight-only quantised (u4 or i8) in the kernel's layout;
+    forward is runtime/linear.Linear's (gated, residual, norm). Build it with a from_* method."""
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None, *, cache=None):
+        super().__init__()
+        self.qw = qw
+        self.in_features, self.out_features = qw.k, qw.n
+        for name, t in (("qweight", qw.qweight), ("wgroup", qw.wgroup), ("wscale", qw.wscale), ("bias", bias)):
+            self.register_buffer(name, t)
+        self._cache = cache
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, group_size: int, bias=None, *, dtype=torch.float16, cache=None):
+        return cls(awq_to_kernel(qweight, qzeros, scales, group_size, dtype), _cast(bias, dtype), cache=cache)
+
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, g_idx, group_size: int, bias=None, *, dtype=torch.float16,
+                  zero_offset: int = 1, cache=None):
+        return cls(gptq_to_kernel(qweight, qzeros, scales, g_idx, group_size, dtype, zero_offset),
+                   _cast(bias, dtype), cache=cache)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 128, bias=None, *, wtype: str = "u4",
+                   dtype: torch.dtype | None = None, cache=None):
+        """Quantise a float weight [N, K] by rounding to nearest: u4 asymmetric per group; i8
+        symmetric, per row (group_size 0) or per group."""
+        dtype = dtype or (weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        if wtype == "u4":
+            qw = pack_u4(*quantize_u4(weight, group_size), group_size, dtype)
+        elif wtype == "i8":
+            qw = pack_i8(*quantize_i8(weight, group_size), group_size, dtype)
+        else:
+            raise ValueError(f"wtype must be 'u4' or 'i8', got {wtype!r}")
+        return cls(qw, _cast(bias, dtype), cache=cache)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move the buffers: qw follows. A dtype change is refused: the pairs
+        # are T halves stored in int32 words, which a float cast does not reach.
+        super()._apply(fn, recurse)
+        qw = self.qw
+        dtype = qw.dtype if self.wscale is None else self.wscale.dtype
+        if dtype != qw.dtype or (self.bias is not None and self.bias.dtype != qw.dtype):
+            raise TypeError(f"QuantLinear: its dtype is {qw.dtype} (build it with dtype= to change it)")
+        self.qw = QuantWeight(qw.wtype, qw.group, self.qweight, self.wgroup, self.wscale, qw.n, qw.k, qw.dtype)
+        return self
+
+    def dequantized(self) -> torch.Tensor:
+        """W [N, K] in float64."""
+        return dequantize(self.qw)
+
+    def forward(self, x: torch.Tensor, *, gated: str | None = None, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None, norm_offset: float = 0.0) -> torch.Tensor:
+        return gemv_quant(x, self.qw, self.bias, gated=gated, residual=residual, norm=norm, norm_offset=norm_offset,
+                          cache=self._cache)
+
+
+def _cast(bias, dtype):
+    return None if bias is None else bias.to(dtype)

@@ -1,0 +1,92 @@
+"""The weight-only quantised small-token product (codegen/gemv.py, wtype u4 / i8): every
+specialisation compiles for sm_80 and sm_90 without register spills, W and its pairs reach the
+tensor cores through the cp.async ring, the conversion is the documented instruction sequence,
+the plain bf16/f16 plans are untouched, and bad plans are clear errors."""
+import pytest
+
+from layerforge.codegen.gemv import plan_gemv
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+
+WTYPES = [("u4", 32), ("u4", 64), ("u4", 128), ("i8", 0), ("i8", 32), ("i8", 128)]
+
+
+def resources(plan):
+    (kr,) = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch)).resources.values()
+    return kr
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("wtype,group", WTYPES)
+def test_quant_gemv_compiles_without_spills(wtype, group, max_m, arch):
+    for n, k, gated, extra in ((6144, 4096, None, {}), (28672, 4096, "silu", dict(bias=True, residual=True)),
+                               (4096, 14336, None, dict(norm="rms")), (2000, 3072, "gelu_tanh", dict(norm="rms", norm_offset=1.0, bias=True))):
+        plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype=wtype, group=group, **extra)
+        kr = resources(plan)
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+@pytest.mark.parametrize("wtype,group", WTYPES)
+def test_quant_gemv_f16_compiles(wtype, group):
+    plan = plan_gemv("f16", n=5632, k=2048, max_m=16, arch="sm_80", wtype=wtype, group=group, residual=True)
+    kr = resources(plan)
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_quant_keys_and_abi():
+    u4 = plan_gemv("bf16", n=6144, k=4096, wtype="u4", group=128)
+    assert u4.key == "gemv_n6144_k4096_m8_bf16_u4g128_r1w4s4_sm90"
+    assert [(a.name, a.ctype) for a in u4.abi.args[:3]] == [
+        ("x", "const __nv_bfloat16* __restrict__"), ("w", "const unsigned* __restrict__"),
+        ("wgroup", "const unsigned* __restrict__")]
+    i8 = plan_gemv("f16", n=4096, k=4096, wtype="i8", gated="silu", max_m=16)
+    assert i8.key.startswith("gemv_n4096_k4096_m16_f16_i8ch_silu_")
+    assert [a.name for a in i8.abi.args[:3]] == ["x", "w", "wscale"]
+    for p in (u4, i8):
+        assert p.shared_bytes == p.abi.shared_bytes == p.warps * p.stages * p.stage_bytes <= 160 * 1024
+    # a u4 stage: 16 W rows of 256 k, 8 tokens x 4 rows of x, the chunk's 2 (scale, zero) words a W row
+    assert u4.stage_bytes == 128 * (16 + 32) + 16 * 8
+
+
+def test_quant_gemv_streams_w_and_pairs_through_shared_memory():
+    """W, x and the pairs come in by cp.async only (no global loads in the loop; the row scales
+    of i8 are read once each in the epilogue)."""
+    for wtype, group in (("u4", 64), ("i8", 32)):
+        plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", wtype=wtype, group=group)
+        ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+        assert "ld.global" not in ptx and "cp.async.cg.shared.global" in ptx and "cp.async.ca.shared.global" in ptx
+
+
+def test_u4_conversion_is_lop3_then_two_ops_a_pair():
+    """The u4 loop converts 8 k with 4 lop3 (the magic-number OR) and 8 bf16x2 ops (subtract
+    MAGIC + z, multiply by s): per chunk of 256 k a lane converts 2 pieces x 2 rows x 4 words,
+    and each word of row g with its row g + 8 partner feeds 2 mma (PTX of the loop)."""
+    plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", wtype="u4", group=128)
+    ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+    words = 2 * 2 * 4
+    assert ptx.count("lop3.b32") >= 4 * words
+    assert ptx.count("mma.sync.aligned.m16n8k16") == words
+
+
+def test_plain_plans_unchanged():
+    """A plan without wtype renders no quantised code and keeps its key."""
+    plan = plan_gemv("bf16", n=6144, k=4096)
+    assert plan.key == "gemv_n6144_k4096_m8_bf16_r1w4s4_sm90"
+    assert "lf_dequant" not in plan.source() and "__launch_bounds__(NT)" in plan.source()
+    assert "wtype" not in plan.describe()
+
+
+def test_quant_plan_errors():
+    with pytest.raises(ValueError, match="group size 128 must divide K = 1000"):
+        plan_gemv("bf16", n=64, k=1000, wtype="i8", group=128)
+    with pytest.raises(ValueError, match="group size 96 must divide|group size must be one of"):
+        plan_gemv("bf16", n=64, k=4096, wtype="u4", group=96)
+    with pytest.raises(ValueError, match="group size must be one of"):
+        plan_gemv("bf16", n=64, k=4096, wtype="u4", group=0)
+    with pytest.raises(ValueError, match="wtype"):
+        plan_gemv("bf16", n=64, k=4096, wtype="u8", group=128)
+    with pytest.raises(ValueError, match="needs a quantised wtype"):
+        plan_gemv("bf16", n=64, k=4096, group=128)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_gemv("bf16", n=64, k=104, wtype="i8")
