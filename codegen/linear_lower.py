@@ -150,7 +150,7 @@ class _Matcher:
             self.fail(fn.outputs[1], "a product layer has one output")
         (out,) = fn.outputs
         if out.dtype not in _DTYPES:
-            self.fail(out, f"the small-token product kernel takes bf16 or f16, not {out.dtype}")
+            self.fail(None, f"the small-token product kernel takes bf16 or f16, not {out.dtype}")
         product = products[0]
         core, extras = self._split_sum(out)
         residual = bias = None
