@@ -118,6 +118,11 @@ def _describe(n: Node) -> str:
             Op.CONST: f"the constant {n.arg}"}.get(n.op, f"a {n.op.value}")
 
 
+def _at(term: Node, total: Node) -> Node:
+    """Where to report a term of a sum: a leaf's own span is its declaration, so the sum's."""
+    return _peel(total) if term.op in (Op.INPUT, Op.SCALAR, Op.CONST) else term
+
+
 def _static(d) -> int | None:
     d = sympy.sympify(d)
     return int(d) if d.is_Integer else None
@@ -153,13 +158,14 @@ class _Matcher:
             self.fail(None, f"the small-token product kernel takes bf16 or f16, not {out.dtype}")
         product = products[0]
         core, extras = self._split_sum(out)
+        outer_sum = _peel(out)
         residual = bias = None
         gate = self._gate(core)
         if gate is not None:
             act, y = gate
             core, inner = self._split_sum(y)
             for t in inner:
-                bias = self._bias(t, product, bias)
+                bias = self._bias(t, product, bias, y)
         else:
             act = None
         if _peel(core) is not product:
@@ -170,11 +176,11 @@ class _Matcher:
             if t.op is Op.INPUT and _same_shape(t.shape, out.shape) and residual is None:
                 residual = t
             elif gate is None and t.op is Op.INPUT and len(t.shape) == 1 and bias is None:
-                bias = self._bias(t, product, bias)
+                bias = self._bias(t, product, bias, outer_sum)
             else:
-                self.fail(t, f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
+                self.fail(_at(t, outer_sum), f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
         x, gamma, offset, eps = self._prologue(_peel(product.src[0]))
-        w = self._weight(_peel(product.src[1]))
+        w = self._weight(_peel(product.src[1]), product)
         k, n = _static(w.shape[1]), _static(w.shape[0])
         if k is None or n is None or n != n_rows:
             self.fail(w, f"the weight '{w.arg}' must have a static shape [out, in]")
@@ -194,10 +200,10 @@ class _Matcher:
             self.fail(n, "the product must be one term of the output's sum")
         return holding[0], [t for t in terms if t is not holding[0]]
 
-    def _bias(self, t: Node, product: Node, bias: Node | None) -> Node:
+    def _bias(self, t: Node, product: Node, bias: Node | None, total: Node) -> Node:
         if bias is not None or t.op is not Op.INPUT or len(t.shape) != 1 \
                 or not _same_shape(t.shape, product.shape[-1:]):
-            self.fail(t, f"+ {_describe(t)} before the activation cannot be fused: the product's bias is one "
+            self.fail(_at(t, total), f"+ {_describe(t)} before the activation cannot be fused: the product's bias is one "
                          f"input of shape [{product.shape[-1]}]")
         return t
 
@@ -223,10 +229,10 @@ class _Matcher:
             self.fail(n, "the gate must be the first half of the product's last axis and up the second")
         return unary_name(act), y
 
-    def _weight(self, b: Node) -> Node:
+    def _weight(self, b: Node, product: Node) -> Node:
         w = _peel(b.src[0]) if b.op is Op.TRANSPOSE else None
         if w is None or w.op is not Op.INPUT or len(w.shape) != 2:
-            self.fail(b, "the product's right operand must be a weight's transpose, w.T with w [out, in] as "
+            self.fail(product, "the product's right operand must be a weight's transpose, w.T with w [out, in] as "
                          "torch.nn.Linear stores it (linear(x, w) writes it)")
         return w
 
