@@ -215,7 +215,7 @@ class _Matcher:
             return None
         acts = [f for f in factors if f.op is Op.UNARY and unary_name(f) in GATED]
         if len(factors) != 2 or len(acts) != 1:
-            self.fail(n, "a product around the matrix product fuses only as a gated activation, "
+            self.fail(n, "a multiplication after the matrix product fuses only as a gated activation, "
                          "act(gate) * up over the product's two halves (swiglu, geglu, geglu_tanh)")
         act = acts[0]
         gate, up = _peel(act.src[0]), next(f for f in factors if f is not act)
