@@ -2,7 +2,8 @@
 
     plans_for_layer(layer, "sm_90", page_size=16, compile_fn=...)  -> [KernelPlan, ...]
 
-A layer gives its row kernel; an attention block gives the tensor-core prefill and decode
+A layer gives its row kernel, or, with a matrix product, the small-token product kernels for up
+to 8 and up to 16 rows (codegen/linear_lower.py); an attention block gives the tensor-core prefill and decode
 kernels (sm_80+; on sm_90 the prefill is the wgmma kernel where it serves the block), the CUDA-core paged kernel, and the KV-cache append kernel its cache
 needs (RoPE fused when the block rotates). Everything downstream (build, manifest, packs,
 TensorRT plugins) handles the plans through the KernelPlan interface alone.
@@ -14,6 +15,7 @@ from .attention import plan_paged_attention
 from .attention_tc import MODES, plan_tc_attention
 from .attention_wgmma import plan_wgmma_attention, supports as wgmma_supports
 from .kv_append import plan_kv_append
+from .linear_lower import has_matmul, linear_plans
 from .plan import CompileFn, KernelPlan, plan_layer
 
 __all__ = ["plans_for_layer"]
@@ -24,6 +26,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
     """The plans of every kernel `layer` needs; LoweringError when no family lowers it.
     kv_cache: the KV cache's storage when it is not the block's dtype ("fp8_e4m3")."""
     if layer.function.kind != "attention":
+        if has_matmul(layer.function):
+            return list(linear_plans(layer, arch))
         return [plan_layer(layer, arch)]
     plans: list[KernelPlan] = []
     if int(arch.removeprefix("sm_").rstrip("af")) >= 80:

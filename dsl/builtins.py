@@ -272,6 +272,39 @@ class BuiltinRules:
     def builtin_transpose(self, name, args, e, scope):
         return self.transpose(self.value(args["x"], scope), e.span)
 
+    def builtin_linear(self, name, args, e, scope):
+        """torch.nn.functional.linear: x [..., K] @ w^T with w [O, K] (torch.nn.Linear's layout, as
+        checkpoints store it), plus b [O]. Products accumulate in f32; the result is x's dtype,
+        rounded once: with a bias, the sum is formed in f32 before the rounding (as F.linear does)."""
+        x, w = self.value(args["x"], scope), self.value(args["w"], scope)
+        b = None if args["b"] is None else self.value(args["b"], scope)
+        if ERR in (x, w, b):
+            return ERR
+        if x.rank < 2:
+            return self.error(args["x"].span, f"linear(): x must be [..., in] of rank >= 2, got "
+                                              f"{type_str(x.dtype, x.shape)}")
+        if w.rank != 2:
+            return self.error(args["w"].span, f"linear(): the weight must be [out, in], got {type_str(w.dtype, w.shape)}",
+                              "torch.nn.Linear's layout: weight [out_features, in_features]")
+        if not x.dtype.is_float or w.dtype != x.dtype:
+            return self.error(e.span, f"linear(): x and the weight must be float tensors of one dtype, got "
+                                      f"{type_str(x.dtype, x.shape)} and {type_str(w.dtype, w.shape)}")
+        if not dims_equal(x.shape[-1], w.shape[1]):
+            return self.error(e.span, f"linear(): x's last dim {x.shape[-1]} differs from the weight's in-features "
+                                      f"{w.shape[1]} (x {shape_str(x.shape)}, weight {shape_str(w.shape)})",
+                              "the weight is [out, in], as torch.nn.Linear stores it")
+        if b is not None:
+            if b.rank != 1 or not dims_equal(b.shape[0], w.shape[0]):
+                return self.error(args["b"].span, f"linear(): the bias must be [{w.shape[0]}] (the weight's "
+                                                  f"out-features), got {type_str(b.dtype, b.shape)}")
+            if b.dtype != x.dtype:
+                return self.error(args["b"].span, f"linear(): the bias must be {x.dtype} like x, got {b.dtype}")
+        if b is None:
+            return self.matmul(x, self.transpose(w, args["w"].span), e.span)
+        f32 = DType.f32
+        y = self.matmul(self.cast(x, f32, e.span), self.transpose(self.cast(w, f32, e.span), args["w"].span), e.span)
+        return self.cast(self.binary("add", y, self.cast(b, f32, e.span), e.span), x.dtype, e.span)
+
     def builtin_cast(self, name, args, e, scope):
         x = self.value(args["x"], scope)
         d = args["dtype"]

@@ -93,6 +93,8 @@ BUILTINS: dict[str, Signature] = {
     # the inverse frequency of each rotary channel, f32[rotary_dim], a build-time table from dsl/numerics
     "rope_freqs": sig("rotary_dim", ("theta", 10000.0), ("neox", True), *ROPE_SCALING_KEYS),
     "transpose": sig("x"),
+    # torch.nn.functional.linear: x [..., K] @ w[O, K]^T (+ b [O]), w in torch.nn.Linear's layout
+    "linear": sig("x", "w", ("b", None)),
     "cast": sig("x", "dtype"),
     # attention-only helpers
     "alibi_slope": sig("h", ("max_bias", 8.0)),

@@ -37,7 +37,7 @@ def loads(text: str, file: str = "<string>", *, with_stdlib: bool = True) -> Pro
 
 
 def stdlib() -> Program:
-    """The standard library (norms, activations, RoPE, MoE routing, LoRA, attention variants)."""
+    """The standard library (norms, activations, linear layers, RoPE, MoE routing, LoRA, attention variants)."""
     return Program.stdlib()
 
 

@@ -48,6 +48,7 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_show(args) -> int:
+    from .codegen.linear_lower import has_matmul, plan_linear
     from .codegen.plan import plan_layer
     from .runtime.build import _default_arch, check_definition_names, program_and_bindings
     prog, bindings = program_and_bindings(args)
@@ -62,6 +63,8 @@ def _cmd_show(args) -> int:
             from .codegen.attention_tc import plan_tc_attention
             from .runtime.launch import compile_fn
             plan = plan_tc_attention(layer, arch, page_size=args.page_size, mode=args.kernel, compile_fn=compile_fn())
+    elif has_matmul(layer.function):   # the small-token product kernel for up to 16 rows
+        plan = plan_linear(layer, arch, max_m=16)
     else:
         plan = plan_layer(layer, arch)
     print(plan.source(), end="")

@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..codegen.families import plans_for_layer
+from ..codegen.linear_lower import has_matmul, match_linear
 from ..codegen.plan import KernelPlan, LoweringError
 from ..dsl.ast import AttentionDef
 from ..dsl.errors import DSLError
 from ..dsl.program import Program, dims_from_config
 from .pack import MANIFEST_FORMAT
+
+# Product layers (the stdlib's linear.lf) lower to the small-token product kernels, but a pack's
+# modules are row layers and attention blocks only: a LayerModule of such a layer compiles its
+# two kernels (up to 8 and up to 16 rows) at first use instead.
+PRODUCT_LAYERS_NOT_PACKED = ("a small-token product layer (gemv family): packs do not carry these yet; "
+                             "lf.module(...) compiles its kernels at first use")
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
@@ -66,11 +73,15 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
             is_attention = isinstance(program.definition(name), AttentionDef)
             t = (kv_dtype or dtype) if is_attention else dtype
             layer = program.specialise(name, dtype=t, **program.bindings_for(name, {**bindings, **own}))
-            for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile,
-                                        kv_cache=kv_cache if is_attention else None):
-                if plan.key not in seen:
-                    seen.add(plan.key)
-                    plans.append(plan)
+            if not is_attention and has_matmul(layer.function):
+                match_linear(layer)   # a product that does not fuse: skipped with the lowering's reason
+                skipped[label] = PRODUCT_LAYERS_NOT_PACKED
+            else:
+                for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile,
+                                            kv_cache=kv_cache if is_attention else None):
+                    if plan.key not in seen:
+                        seen.add(plan.key)
+                        plans.append(plan)
         except DSLError as e:
             skipped[label] = f"not specialisable for this model: {e.diagnostics[0].message}"
         except LoweringError as e:

@@ -13,9 +13,13 @@ Before a launch every input is checked (dtype, device, shape, contiguity) with p
 work done once; the launch goes on torch's current stream and allocates only the outputs
 (or writes into `out=`), so a call is capturable in a CUDA graph.
 
-Layers no kernel family lowers yet (matrix products, e.g. `lora`) run the reference
-evaluator on CUDA tensors too: torch operations, so cuBLAS for the products.
-`module.kernel_reason` says why (None when a generated kernel runs).
+A layer with one matrix product and the math around it that codegen/linear_lower.py fuses
+(an RMSNorm before it; a bias, a gated activation, a residual add after it: the stdlib's
+linear.lf) runs runtime/linear.py's `gemv` on CUDA tensors: the small-token product kernel
+for up to 16 rows, torch's product (cuBLAS) with the same epilogue beyond. Layers no kernel
+family lowers (two products, e.g. `lora`; a product with an epilogue the kernel lacks) run
+the reference evaluator on CUDA tensors too: torch operations, so cuBLAS for the products.
+`module.kernel_reason` says why (None when a generated kernel serves the layer).
 """
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ from typing import Any
 import sympy
 import torch
 
+from ..codegen.linear_lower import LinearPattern, has_matmul, match_linear
 from ..codegen.plan import layer_interface, plan_layer
+from ..codegen.row import LoweringError
 from ..dsl.evaluator import LayerInputError, _bind_dim, evaluate
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
+from .linear import LinearInputError, gemv
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
 
@@ -104,6 +111,8 @@ class LayerModule(torch.nn.Module):
         self._lead: list | None = None
         self._recipes: dict[tuple, tuple] = {}  # per input shapes: everything but the pointers
         self._no_kernel: str | None | bool = False if layer is not None else None   # False: not decided yet
+        self._linear: LinearPattern | None = None   # a product layer's pattern (set with kernel_reason)
+        self._linear_checked: set[tuple] = set()    # input signatures a product layer has checked
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None, **scalars: Any
@@ -120,9 +129,13 @@ class LayerModule(torch.nn.Module):
         """None when CUDA tensors run a generated kernel; otherwise why they run the reference
         evaluator's torch operations instead (no kernel family lowers this layer yet)."""
         if self._no_kernel is False:
-            from ..codegen.row import LoweringError
             try:
-                plan_layer(self.layer, self.arch or "sm_90").lowered()
+                if has_matmul(self.function):   # the small-token product family
+                    pattern = match_linear(self.layer)
+                    pattern.plan(self.arch or "sm_90")
+                    self._linear = pattern
+                else:
+                    plan_layer(self.layer, self.arch or "sm_90").lowered()
                 self._no_kernel = None
             except LoweringError as e:
                 self._no_kernel = str(e)
@@ -173,7 +186,35 @@ class LayerModule(torch.nn.Module):
                     o.copy_(r)
                 outs = tuple(out)
             return outs[0] if len(outs) == 1 else outs
+        if self._linear is not None:
+            return self._run_linear(tensors, scalars, out)
         return self._run_cuda(tensors, scalars, out)
+
+    def _run_linear(self, tensors, scalars, out):
+        """A product layer: runtime/linear.py's gemv with the pattern's prologue and epilogue (the
+        kernel for up to 16 rows, torch's product beyond), after the layer's own input checks."""
+        p = self._linear
+        sig = tuple((t.shape, t.dtype, t.device) for t in tensors.values())
+        if sig not in self._linear_checked:
+            self._bind(tensors, sig[0][2], contiguous=False)   # dtype, device and shape errors by DSL name
+            if len(self._linear_checked) > 64:
+                self._linear_checked.clear()
+            self._linear_checked.add(sig)
+        if out is not None and len(out) != 1:
+            raise LayerInputError(f"{self.name}: out= must be one tensor")
+        norm = None
+        if p.norm_weight is not None:
+            eps = scalars[p.eps] if isinstance(p.eps, str) else p.eps
+            if eps is None:
+                raise LayerInputError(f"{self.name}: scalar '{p.eps}' has no value")
+            norm = (tensors[p.norm_weight], float(eps))
+        bias = None if p.bias is None else tensors[p.bias]
+        residual = None if p.residual is None else tensors[p.residual]
+        try:
+            return gemv(tensors[p.x], tensors[p.weight], bias, gated=p.gated, residual=residual, norm=norm,
+                        norm_offset=p.norm_offset, out=None if out is None else out[0], cache=self._cache)
+        except LinearInputError as e:
+            raise LayerInputError(f"{self.name}: {e}") from None
 
     def _empty_outputs(self, dims: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """An empty batch (a dynamic dim of 0, e.g. no tokens) has empty outputs and nothing to

@@ -1,0 +1,292 @@
+"""Lowering a layer with a matrix product to the small-token product family (codegen/gemv.py).
+
+    pattern = match_linear(layer)              # LinearPattern, or LoweringError saying what does not fuse
+    plan = plan_linear(layer, "sm_90", max_m=16)
+    plan.key -> 'gemv_n6144_k4096_m16_bf16_rms_r1w4s4_sm90'
+
+A layer lowers when its one output is, up to float casts,
+
+    [r +]  act(y[..., :n/2]) * y[..., n/2:]   or   [r +] y,      y = norm(x) @ w.T [+ b]
+
+with x [..., K], w [n, K] (torch.nn.Linear's layout), b [n] and r (the output's shape) tensor
+inputs; norm(x) is x, or an RMSNorm of it, x * rsqrt(mean(x * x) + eps) times gamma [K] (or
+1 + gamma, Gemma's), with eps a runtime scalar or a constant; act is silu, gelu or gelu_tanh
+(swiglu / geglu / geglu_tanh over the product). The stdlib's `linear(x, w[, b])`, `rms_norm`,
+`gemma_rms_norm`, `swiglu`, `geglu`, `geglu_tanh` and `res + ...` inline to exactly these shapes.
+
+Float casts are looked through: the kernel keeps every intermediate in f32 and rounds once, at
+the output, where the reference rounds after some steps too (the normed x, the product); the
+difference is that rounding, within the tolerance the kernels are tested to. Anything else with
+a product (a second product, an activation that is not gated, a scale, a product with the weight
+not transposed) is a LoweringError naming the expression and its source position.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy
+
+from ..dsl.errors import Diagnostic
+from ..dsl.ir import Function, Node, Op, toposort, unary_name
+from ..dsl.program import Layer, stdlib_sources
+from ..dsl.source import SourceFile, Span
+from ..dsl.types import DType
+from .gemv import GATED, GemvPlan, plan_gemv
+from .row import LoweringError
+
+__all__ = ["LinearPattern", "has_matmul", "match_linear", "plan_linear", "linear_plans"]
+
+_DTYPES = (DType.bf16, DType.f16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearPattern:
+    """What a layer's product and the math around it map to: the names of its tensor inputs
+    (None: absent) and the kernel's switches."""
+    x: str                       # [..., K]
+    weight: str                  # [n, K]
+    n: int                       # weight rows (gated: 2 x the output columns)
+    k: int
+    dtype: str                   # "bf16" | "f16"
+    bias: str | None = None      # [n]
+    residual: str | None = None  # the output's shape
+    gated: str | None = None     # None | "silu" | "gelu" | "gelu_tanh"
+    norm_weight: str | None = None   # gamma [K] of the RMSNorm of x in the prologue
+    norm_offset: float = 0.0         # 1.0: x * (1 + gamma)
+    eps: str | float | None = None   # the norm's eps: a runtime scalar's name or a constant
+
+    def plan(self, arch: str, max_m: int = 16) -> GemvPlan:
+        try:
+            return plan_gemv(self.dtype, n=self.n, k=self.k, max_m=max_m, gated=self.gated, bias=self.bias is not None,
+                             residual=self.residual is not None, norm="rms" if self.norm_weight else None,
+                             norm_offset=self.norm_offset, arch=arch)
+        except ValueError as e:
+            raise LoweringError(str(e)) from None
+
+
+def has_matmul(fn: Function) -> bool:
+    return any(n.op is Op.MATMUL for n in fn.nodes())
+
+
+@functools.lru_cache(maxsize=256)
+def _match_cached(layer: Layer) -> LinearPattern:
+    return _Matcher(layer.function).match()
+
+
+def match_linear(layer: Layer) -> LinearPattern:
+    """The layer's product and its fused prologue / epilogue; LoweringError when it has none or
+    some part does not fit (the message names the expression and where it is)."""
+    return _match_cached(layer)
+
+
+def plan_linear(layer: Layer, arch: str, max_m: int = 16) -> GemvPlan:
+    return match_linear(layer).plan(arch, max_m)
+
+
+def linear_plans(layer: Layer, arch: str) -> list[GemvPlan]:
+    """The kernels a module of the layer launches: one for up to 8 rows, one for 9 to 16
+    (runtime/linear.py's KERNEL_MAX_ROWS)."""
+    pattern = match_linear(layer)
+    return [pattern.plan(arch, 8), pattern.plan(arch, 16)]
+
+
+# ---- the matcher ------------------------------------------------------------------------------
+
+def _peel(n: Node) -> Node:
+    """Look through float-to-float casts (the kernel keeps f32 and rounds once)."""
+    while n.op is Op.CAST and n.dtype.is_float and n.src[0].dtype.is_float:
+        n = n.src[0]
+    return n
+
+
+def _terms(n: Node, op: str) -> list[Node]:
+    """The operands of a chain of one binary operator (a + b + c -> [a, b, c]), casts peeled."""
+    n = _peel(n)
+    if n.op is Op.BINARY and n.arg == op:
+        return _terms(n.src[0], op) + _terms(n.src[1], op)
+    return [n]
+
+
+def _describe(n: Node) -> str:
+    if n.op is Op.UNARY:
+        return f"{unary_name(n)}(...)"
+    if n.op is Op.BINARY:
+        return {"add": "a sum", "sub": "a difference", "mul": "a product", "div": "a quotient"}.get(
+            n.arg, f"'{n.arg}'")
+    return {Op.MATMUL: "a matrix product", Op.INPUT: f"input '{n.arg}'", Op.SCALAR: f"scalar '{n.arg}'",
+            Op.CONST: f"the constant {n.arg}"}.get(n.op, f"a {n.op.value}")
+
+
+def _at(term: Node, total: Node) -> Node:
+    """Where to report a term of a sum: a leaf's own span is its declaration, so the sum's."""
+    return _peel(total) if term.op in (Op.INPUT, Op.SCALAR, Op.CONST) else term
+
+
+def _static(d) -> int | None:
+    d = sympy.sympify(d)
+    return int(d) if d.is_Integer else None
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(sympy.simplify(sympy.sympify(x) - sympy.sympify(y)) == 0 for x, y in zip(a, b))
+
+
+class _Matcher:
+    EPILOGUE = ("the small-token product fuses an RMSNorm of its input, + a bias [n], a gated activation "
+                "(swiglu / geglu / geglu_tanh over the product) and + a residual of the output's shape")
+
+    def __init__(self, fn: Function):
+        self.fn = fn
+
+    def fail(self, n: Node | None, what: str):
+        span = n.span if n is not None and n.span.line > 0 else self.fn.span
+        raise LoweringError(f"{self.fn.name}: {_format(span, what)}")
+
+    def match(self) -> LinearPattern:
+        fn = self.fn
+        products = [n for n in fn.nodes() if n.op is Op.MATMUL]
+        if not products:
+            self.fail(None, "no matrix product (a row kernel's layer)")
+        if len(products) > 1:
+            self.fail(products[1], f"{len(products)} matrix products; the small-token product kernel fuses one "
+                                   "(write each product as a layer of its own)")
+        if len(fn.outputs) != 1:
+            self.fail(fn.outputs[1], "a product layer has one output")
+        (out,) = fn.outputs
+        if out.dtype not in _DTYPES:
+            self.fail(None, f"the small-token product kernel takes bf16 or f16, not {out.dtype}")
+        product = products[0]
+        core, extras = self._split_sum(out)
+        outer_sum = _peel(out)
+        residual = bias = None
+        gate = self._gate(core)
+        if gate is not None:
+            act, y = gate
+            core, inner = self._split_sum(y)
+            for t in inner:
+                bias = self._bias(t, product, bias, y)
+        else:
+            act = None
+        if _peel(core) is not product:
+            self.fail(_peel(core), f"{_describe(_peel(core))} around the product cannot be fused: "
+                                   + self.EPILOGUE)
+        n_rows = _static(product.shape[-1])
+        for t in extras:
+            if t.op is Op.INPUT and _same_shape(t.shape, out.shape) and residual is None:
+                residual = t
+            elif gate is None and t.op is Op.INPUT and len(t.shape) == 1 and bias is None:
+                bias = self._bias(t, product, bias, outer_sum)
+            else:
+                self.fail(_at(t, outer_sum), f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
+        x, gamma, offset, eps = self._prologue(_peel(product.src[0]))
+        w = self._weight(_peel(product.src[1]), product)
+        k, n = _static(w.shape[1]), _static(w.shape[0])
+        if k is None or n is None or n != n_rows:
+            self.fail(w, f"the weight '{w.arg}' must have a static shape [out, in]")
+        for t in (x, w, bias, residual, gamma):
+            if t is not None and t.dtype != out.dtype:
+                self.fail(t, f"input '{t.arg}' is {t.dtype}; the kernel takes every tensor in the output's "
+                             f"dtype, {out.dtype}")
+        return LinearPattern(x=x.arg, weight=w.arg, n=n, k=k, dtype=str(out.dtype),
+                             bias=None if bias is None else bias.arg, residual=None if residual is None else residual.arg,
+                             gated=act, norm_weight=None if gamma is None else gamma.arg, norm_offset=offset, eps=eps)
+
+    def _split_sum(self, n: Node) -> tuple[Node, list[Node]]:
+        """A sum's term that holds the product, and the other terms."""
+        terms = _terms(n, "add")
+        holding = [t for t in terms if any(m.op is Op.MATMUL for m in toposort([t]))]
+        if len(holding) != 1:   # one product (checked): only a sub-expression of a term can hold it
+            self.fail(n, "the product must be one term of the output's sum")
+        return holding[0], [t for t in terms if t is not holding[0]]
+
+    def _bias(self, t: Node, product: Node, bias: Node | None, total: Node) -> Node:
+        if bias is not None or t.op is not Op.INPUT or len(t.shape) != 1 \
+                or not _same_shape(t.shape, product.shape[-1:]):
+            self.fail(_at(t, total), f"+ {_describe(t)} before the activation cannot be fused: the product's bias is one "
+                         f"input of shape [{product.shape[-1]}]")
+        return t
+
+    def _gate(self, n: Node) -> tuple[str, Node] | None:
+        """act(y[..., :h]) * y[..., h:] -> (act, y); None when `n` is no product of two factors."""
+        n = _peel(n)
+        factors = _terms(n, "mul")
+        if n.op is not Op.BINARY or n.arg != "mul":
+            return None
+        acts = [f for f in factors if f.op is Op.UNARY and unary_name(f) in GATED]
+        if len(factors) != 2 or len(acts) != 1:
+            self.fail(n, "a multiplication after the matrix product fuses only as a gated activation, "
+                         "act(gate) * up over the product's two halves (swiglu, geglu, geglu_tanh)")
+        act = acts[0]
+        gate, up = _peel(act.src[0]), next(f for f in factors if f is not act)
+        if gate.op is not Op.SLICE or up.op is not Op.SLICE or _peel(gate.src[0]) is not _peel(up.src[0]):
+            self.fail(n, f"{unary_name(act)}(gate) * up fuses when gate and up are the two halves of the product "
+                         "(gate, up = split(y, 2))")
+        y = _peel(gate.src[0])
+        width = y.shape[-1]
+        last = len(y.shape) - 1
+        if gate.arg != (last, 0, width / 2, 1) or up.arg != (last, width / 2, width, 1):
+            self.fail(n, "the gate must be the first half of the product's last axis and up the second")
+        return unary_name(act), y
+
+    def _weight(self, b: Node, product: Node) -> Node:
+        w = _peel(b.src[0]) if b.op is Op.TRANSPOSE else None
+        if w is None or w.op is not Op.INPUT or len(w.shape) != 2:
+            self.fail(product, "the product's right operand must be a weight's transpose, w.T with w [out, in] as "
+                         "torch.nn.Linear stores it (linear(x, w) writes it)")
+        return w
+
+    def _prologue(self, a: Node):
+        """x, or an RMSNorm of x -> (x, gamma, offset, eps)."""
+        if a.op is Op.INPUT:
+            return a, None, 0.0, None
+        factors = _terms(a, "mul")
+        xs = [f for f in factors if f.op is Op.INPUT and _same_shape(f.shape, a.shape)]
+        rstd = [f for f in factors if f.op is Op.UNARY and unary_name(f) == "rsqrt"]
+        rest = [f for f in factors if not any(f is g for g in xs + rstd)]
+        if len(xs) != 1 or len(rstd) != 1 or len(rest) != 1:
+            self.fail(a, f"{_describe(a)} before the product cannot be fused: the product's input is a tensor "
+                         "input x or its RMSNorm, x * rsqrt(mean(x * x) + eps) * gamma (or * (1 + gamma))")
+        x = xs[0]
+        eps = self._rstd_eps(rstd[0], x)
+        gamma, offset = self._gamma(rest[0], x)
+        return x, gamma, offset, eps
+
+    def _rstd_eps(self, r: Node, x: Node):
+        s = _peel(r.src[0])
+        terms = _terms(s, "add")
+        means = [t for t in terms if t.op is Op.REDUCE and t.arg.fn == "mean" and t.arg.axis == x.rank - 1]
+        eps = [t for t in terms if t.op in (Op.SCALAR, Op.CONST) and t.shape == ()]
+        if len(terms) != 2 or len(means) != 1 or len(eps) != 1:
+            self.fail(r, "an RMSNorm's scale is rsqrt(mean(x * x, axis=-1) + eps)")
+        sq = _terms(means[0].src[0], "mul")
+        if len(sq) != 2 or not all(t is x for t in sq):
+            self.fail(means[0], f"an RMSNorm's statistic is the mean of x * x, with x the input '{x.arg}'")
+        e = eps[0]
+        return e.arg if e.op is Op.SCALAR else float(e.arg)
+
+    def _gamma(self, g: Node, x: Node) -> tuple[Node, float]:
+        k = x.shape[-1:]
+        if g.op is Op.INPUT and _same_shape(g.shape, k):
+            return g, 0.0
+        terms = _terms(g, "add")
+        ones = [t for t in terms if t.op is Op.CONST and float(t.arg) == 1.0]
+        ws = [t for t in terms if t.op is Op.INPUT and _same_shape(t.shape, k)]
+        if len(terms) == 2 and len(ones) == 1 and len(ws) == 1:
+            return ws[0], 1.0
+        self.fail(g, f"an RMSNorm's weight is an input gamma [{x.shape[-1]}] or 1 + gamma")
+
+
+def _format(span: Span, what: str) -> str:
+    """`file:line:col: what`, with the source line and a caret where the source can be read (the
+    standard library's, a file's; not a string's, which a Layer does not keep)."""
+    source = None
+    if span.file.startswith("<stdlib>/"):
+        source = next((s for s in stdlib_sources() if s.name == span.file), None)
+    elif span.line > 0:
+        try:
+            with open(span.file, encoding="utf-8") as f:
+                source = SourceFile(span.file, f.read())
+        except OSError:
+            source = None
+    return Diagnostic(span, what).format(source).replace(": error: ", ": ", 1)

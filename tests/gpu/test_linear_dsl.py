@@ -1,0 +1,87 @@
+"""Product layers written in the DSL (the stdlib's linear.lf) on the GPU: the small-token product
+kernel for 1-16 rows, torch's product past them (40 rows), each against the reference in
+float64, outputs poisoned with NaN first; a layer whose product does not fuse runs the
+reference's torch operations on CUDA tensors."""
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.runtime import linear
+from layerforge.runtime.layers import LayerModule, module
+
+from ..seeding import seeded_generator
+
+pytestmark = pytest.mark.gpu
+
+DIMS = {"H": 1024, "F": 1536, "I": 2048, "O": 768}
+NAMES = ["linear_layer", "linear_bias", "linear_residual", "rms_norm_linear", "gemma_rms_norm_linear",
+         "gate_up_swiglu", "rms_norm_gate_up_swiglu", "gemma_rms_norm_gate_up_geglu"]
+
+
+def make(name):
+    prog = lf.stdlib()
+    scalars = {"eps": 1e-5} if "norm" in name else {}
+    return module(name, dims=prog.bindings_for(name, DIMS), dtype="bf16", device="cuda", **scalars)
+
+
+def fill(mod, gen, m):
+    """Fresh weights (W / sqrt(K), gamma near 1 (near 0 for Gemma's 1 + gamma), bias) and inputs
+    of m rows with per-row scales that differ (the norm's per-token rstd)."""
+    with torch.no_grad():
+        for pname, t in mod.named_parameters():
+            if t.dim() == 2:
+                v = torch.randn(t.shape, generator=gen) / t.shape[1] ** 0.5
+            elif pname == "gamma":
+                v = torch.randn(t.shape, generator=gen) * 0.2 + (0.0 if "gemma" in mod.name else 1.0)
+            else:
+                v = torch.randn(t.shape, generator=gen)
+            t.copy_(v.to(t.dtype))
+    params = {p.name: p for p in mod.function.params}
+    scale = torch.logspace(-1, 1, m)[:, None]
+    return [(torch.randn(m, int(params[n].shape[1]), generator=gen) * scale).to(torch.bfloat16).cuda()
+            for n in mod.input_names]
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("name", NAMES)
+def test_product_layer_against_float64(name, m):
+    mod = make(name)
+    assert mod.kernel_reason is None
+    args = fill(mod, seeded_generator("linear-dsl", name, m), m)
+    tensors = {**dict(zip(mod.input_names, args)), **{p: getattr(mod, a) for p, a in mod._weights.items()}}
+    (want,) = lf.evaluate(mod.function, {**tensors, "eps": 1e-5} if "norm" in name else tensors, precision="float64")
+    out = torch.full(tuple(want.shape), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = mod(*args, out=(out,))
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(out).any()
+    err = (out.double() - want).norm() / want.norm()
+    assert err < 1e-2, err
+    if m <= linear.KERNEL_MAX_ROWS:   # the generated kernel of this row count was loaded (runtime/linear.py's key)
+        p = mod._linear
+        key = (torch.bfloat16, p.n, p.k, m > 8, p.gated, p.bias is not None, p.residual is not None,
+               None if p.norm_weight is None else p.norm_offset, out.device.index)
+        assert key in linear._KERNELS
+
+
+@pytest.mark.parametrize("name", ["rms_norm_gate_up_swiglu", "linear_residual"])
+def test_product_layer_without_out(name):
+    mod = make(name)
+    args = fill(mod, seeded_generator("linear-dsl-alloc", name), 3)
+    y = mod(*args)
+    tensors = {**dict(zip(mod.input_names, args)), **{p: getattr(mod, a) for p, a in mod._weights.items()}}
+    (want,) = lf.evaluate(mod.function, {**tensors, "eps": 1e-5} if "norm" in name else tensors, precision="float64")
+    assert y.dtype == torch.bfloat16 and y.shape == want.shape and y.is_cuda
+    assert (y.double() - want).norm() / want.norm() < 1e-2
+
+
+def test_unfused_product_runs_the_reference_on_cuda():
+    prog = lf.loads("layer scaled(x: T[N, I], w: T[O, I]) -> T[N, O] { return T(0.5 * f32(x @ w.T)) }\n", "s.lf",
+                    with_stdlib=True)
+    mod = LayerModule(prog.specialise("scaled", I=256, O=128, dtype="bf16"), device="cuda")
+    assert mod.kernel_reason is not None
+    with torch.no_grad():
+        mod.weight.normal_(0, 0.05)
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device="cuda")
+    want = (0.5 * (x.double() @ mod.weight.double().T))
+    assert (mod(x).double() - want).norm() / want.norm() < 1e-2
