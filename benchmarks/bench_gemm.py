@@ -16,32 +16,12 @@ import torch.nn.functional as F
 
 from layerforge.runtime.linear import gemv
 
-from .bench_gemv import swiglu_module
+from .bench_gemv import graph_time, swiglu_module
 
 SHAPES = [  # (name, N, K, gated)
     ("8B qkv", 6144, 4096, None), ("8B o", 4096, 4096, None), ("8B gate/up", 28672, 4096, "silu"),
     ("8B down", 4096, 14336, None), ("70B gate/up", 57344, 8192, "silu"), ("70B down", 8192, 28672, None),
 ]
-
-
-def graph_time(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):
@@ -63,9 +43,9 @@ def main(argv=None):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             flop = 2 * m * n * k
             calls = max(2, min(20, int(2e11 // flop)))
-            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="wgmma"), calls)
-            cublas = graph_time(lambda: F.linear(x, w), calls)
-            both = graph_time(lambda: act(F.linear(x, w)), calls) if gated else cublas
+            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="wgmma"), calls, 5)
+            cublas = graph_time(lambda: F.linear(x, w), calls, 5)
+            both = graph_time(lambda: act(F.linear(x, w)), calls, 5) if gated else cublas
             y = gemv(x, w, gated=gated, kernel="wgmma").float()
             ref = F.linear(x, w).float()
             if gated:
@@ -77,7 +57,7 @@ def main(argv=None):
             print(f"{name:12s} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} {cublas * 1e6:>9.1f} "
                   f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} {both / ours:>11.2f} "
                   f"{err:>8.1e}")
-        del w
+        w = act = None   # free the weight before the next shape's
         torch.cuda.empty_cache()
     if a.json:
         with open(a.json, "w") as f:

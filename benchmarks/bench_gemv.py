@@ -39,8 +39,8 @@ SWEEP_TOKENS = (1, 8, 16, 64)
 SPLITS = tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6)))   # (16-column tiles, warps, stages)
 
 
-def graph_time(fn, calls: int = 20) -> float:
-    """Seconds per call of `fn`, from replays of a graph of `calls` calls."""
+def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
+    """Seconds per call of `fn`, the median over `replays` replays of a graph of `calls` calls."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -51,7 +51,7 @@ def graph_time(fn, calls: int = 20) -> float:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(10):
+    for _ in range(replays):
         start.record()
         g.replay()
         end.record()

@@ -23,8 +23,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .abi import Arg, KernelABI, SharedLayout
-from .gemv import GATED
+from .abi import KernelABI, SharedLayout
+from .gemv import _TYPES, check_product, product_args
 from .plan import KernelPlan
 from .render import read_template, render
 
@@ -33,7 +33,6 @@ __all__ = ["GemmPlan", "plan_gemm", "BM"]
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
 SHARED_LIMIT = 227 * 1024
-_TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,20 +51,9 @@ class GemmPlan(KernelPlan):
     consumer_regs: int = 232
 
     def __post_init__(self):
-        if self.dtype not in _TYPES:
-            raise ValueError(f"gemm: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
-        for name in ("n", "k", "bn", "stages"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"gemm: {name} must be a positive int, got {v!r}")
-        if self.k % 8:
-            raise ValueError(f"gemm: K = {self.k} must be a multiple of 8 (rows of 16-byte vectors)")
+        check_product(self, "gemm", ("n", "k", "bn", "stages"))
         if self.bn not in (64, 128, 256) or self.stages < 2:
             raise ValueError(f"gemm: bn must be 64, 128 or 256 and stages >= 2, got {self.bn}, {self.stages}")
-        if self.gated is not None and self.gated not in GATED:
-            raise ValueError(f"gemm: gated must be one of {GATED} or None, got {self.gated!r}")
-        if self.gated and self.n % 2:
-            raise ValueError(f"gemm: a gated product needs an even number of rows (gate then up), got {self.n}")
         if self.arch != "sm_90a":
             raise ValueError(f"gemm: the kernel uses sm_90a's wgmma and setmaxnreg, not {self.arch}")
         if 128 * (self.producer_regs + 2 * self.consumer_regs) > 65536:
@@ -120,14 +108,7 @@ class GemmPlan(KernelPlan):
 
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemmPlan) -> KernelABI:
-    t = _TYPES[plan.dtype][0]
-    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {t}* __restrict__", "input")]
-    if plan.bias:
-        args.append(Arg("bias", f"const {t}* __restrict__", "input"))
-    if plan.residual:
-        args.append(Arg("residual", f"const {t}* __restrict__", "input"))
-    args += [Arg("out", f"{t}* __restrict__", "output"), Arg("M", "int", "dim")]
-    return KernelABI(name=plan.kernel_name, args=tuple(args),
+    return KernelABI(name=plan.kernel_name, args=tuple(product_args(plan)),
                      grid=(f"cdiv({plan.n_out}, {plan.bn_out})", f"cdiv(M, {BM})"), block=(384,),
                      shared_bytes=plan.shared_bytes, problem=("M",))
 

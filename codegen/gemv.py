@@ -42,7 +42,7 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "WTYPES", "GROUPS"]
+__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS"]
 
 MAX_M = 64
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
@@ -73,20 +73,9 @@ class GemvPlan(KernelPlan):
     group: int = 0               # k per (scale, zero) pair of a quantised W; i8: 0 = one scale a row
 
     def __post_init__(self):
-        if self.dtype not in _TYPES:
-            raise ValueError(f"gemv: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
-        for name in ("n", "k", "rt", "warps", "stages"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"gemv: {name} must be a positive int, got {v!r}")
-        if self.k % 8:
-            raise ValueError(f"gemv: K = {self.k} must be a multiple of 8 (rows of 16-byte vectors)")
+        check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
         if self.max_m not in (8, 16, 32, 64):
             raise ValueError(f"gemv: max_m must be 8, 16, 32 or 64, got {self.max_m!r}")
-        if self.gated is not None and self.gated not in GATED:
-            raise ValueError(f"gemv: gated must be one of {GATED} or None, got {self.gated!r}")
-        if self.gated and self.n % 2:
-            raise ValueError(f"gemv: a gated product needs an even number of rows (gate then up), got {self.n}")
         if self.stages < 2:
             raise ValueError(f"gemv: stages must be at least 2, got {self.stages}")
         if self.norm not in (None, "rms"):
@@ -169,24 +158,45 @@ class GemvPlan(KernelPlan):
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
 
 
+def check_product(plan, family: str, positive: tuple[str, ...]) -> None:
+    """The checks every product plan (gemv, gemm) shares: dtype, positive sizes, K a multiple of
+    8, the gated activation and its even row count."""
+    if plan.dtype not in _TYPES:
+        raise ValueError(f"{family}: dtype must be one of {sorted(_TYPES)}, got {plan.dtype!r}")
+    for name in positive:
+        v = getattr(plan, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{family}: {name} must be a positive int, got {v!r}")
+    if plan.k % 8:
+        raise ValueError(f"{family}: K = {plan.k} must be a multiple of 8 (rows of 16-byte vectors)")
+    if plan.gated is not None and plan.gated not in GATED:
+        raise ValueError(f"{family}: gated must be one of {GATED} or None, got {plan.gated!r}")
+    if plan.gated and plan.n % 2:
+        raise ValueError(f"{family}: a gated product needs an even number of rows (gate then up), got {plan.n}")
+
+
+def product_args(plan, weights: tuple[Arg, ...] = ()) -> list[Arg]:
+    """The arguments of a product kernel, in the order runtime/linear.launch_gemv passes them:
+    x, W (then `weights`: a quantised W's scales), bias, residual, gamma, out, M, eps."""
+    t = _TYPES[plan.dtype][0]
+    wt = {None: t, "u4": "unsigned", "i8": "signed char"}[getattr(plan, "wtype", None)]
+    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input"), *weights]
+    norm = getattr(plan, "norm", None)
+    for on, name in ((plan.bias, "bias"), (plan.residual, "residual"), (norm, "gamma")):
+        if on:
+            args.append(Arg(name, f"const {t}* __restrict__", "input"))
+    args += [Arg("out", f"{t}* __restrict__", "output"), Arg("M", "int", "dim")]
+    if norm:
+        args.append(Arg("eps", "float", "scalar"))
+    return args
+
+
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemvPlan) -> KernelABI:
     t = _TYPES[plan.dtype][0]
-    wt = {None: t, "u4": "unsigned", "i8": "signed char"}[plan.wtype]
-    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input")]
-    if plan.group:
-        args.append(Arg("wgroup", "const unsigned* __restrict__", "input"))
-    elif plan.wtype:
-        args.append(Arg("wscale", f"const {t}* __restrict__", "input"))
-    if plan.bias:
-        args.append(Arg("bias", f"const {t}* __restrict__", "input"))
-    if plan.residual:
-        args.append(Arg("residual", f"const {t}* __restrict__", "input"))
-    if plan.norm:
-        args.append(Arg("gamma", f"const {t}* __restrict__", "input"))
-    args += [Arg("out", f"{t}* __restrict__", "output"), Arg("M", "int", "dim")]
-    if plan.norm:
-        args.append(Arg("eps", "float", "scalar"))
+    scales = ((Arg("wgroup", "const unsigned* __restrict__", "input"),) if plan.group else
+              (Arg("wscale", f"const {t}* __restrict__", "input"),) if plan.wtype else ())
+    args = product_args(plan, scales)
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"cdiv({plan.n_out}, {16 * plan.rt})",),
                      block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=(), pdl=plan.pdl)
 

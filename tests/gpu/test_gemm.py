@@ -3,29 +3,17 @@
 activations and the residual add, outputs poisoned with NaN first; graph capture."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from layerforge.runtime.linear import gemv
 
 from ..seeding import seeded_generator
+from .products import reference
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
 if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the wgmma GEMM needs an sm_90 GPU", allow_module_level=True)
-
-ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
-def reference(x, w, b, gated, r):
-    y = x.double() @ w.double().T
-    if b is not None:
-        y = y + b.double()
-    if gated:
-        g, u = y.chunk(2, -1)
-        y = ACT[gated](g) * u
-    return y if r is None else y + r.double()
 
 
 def check(m, n, k, dtype, gated=None, bias=False, residual=False):

@@ -3,29 +3,15 @@ K and N not multiples of the tiles, bias, the fused gated activations and the re
 outputs poisoned with NaN first; and the Linear module's choice between it and torch."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from layerforge.runtime.linear import Linear, gemv
 
 from ..seeding import seeded_generator
+from .products import reference
 
 pytestmark = pytest.mark.gpu
 
 SHAPES = [(6144, 4096), (4096, 14336), (5632, 2048), (1000, 3000), (3000, 1000), (24, 8), (57344 // 8, 1024)]
-ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-
-
-def reference(x, w, b, gated, r, norm=None, offset=0.0):
-    if norm is not None:
-        xd = x.double()
-        x = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1]) * (norm[0].double() + offset)
-    y = x.double() @ w.double().T
-    if b is not None:
-        y = y + b.double()
-    if gated:
-        g, u = y.chunk(2, -1)
-        y = ACT[gated](g) * u
-    return y if r is None else y + r.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,38 +4,24 @@ the fused epilogues and the norm prologue, outputs poisoned with NaN first; AWQ-
 weights against the formats' own dequantisation; CUDA-graph capture."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from layerforge.runtime.quant import QuantLinear, dequantize, gemv_quant
 
 from ..runtime.quant_formats import awq_tensors, format_dequant, gptq_tensors, random_u4
 from ..seeding import seeded_generator
+from .products import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # (N, K): 8B down, TinyLlama gate, odd N, K a multiple of 128 but not of u4's 256-k chunk, tiny
 SHAPES = [(4096, 14336), (5632, 2048), (1000, 3072), (3000, 1152), (24, 128), (6144, 4096)]
 WTYPES = [("u4", 32), ("u4", 64), ("u4", 128), ("i8", 0), ("i8", 32), ("i8", 128)]
-ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
 def quant_linear(n, k, wtype, group, dtype, gen, bias=False):
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     b = torch.randn(n, generator=gen) if bias else None
     return QuantLinear.from_float(w, group, b, wtype=wtype, dtype=dtype).cuda()
-
-
-def reference(x, w, b, gated, r, norm=None, offset=0.0):
-    if norm is not None:
-        xd = x.double()
-        x = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1]) * (norm[0].double() + offset)
-    y = x.double() @ w.double().T
-    if b is not None:
-        y = y + b.double()
-    if gated:
-        g, u = y.chunk(2, -1)
-        y = ACT[gated](g) * u
-    return y if r is None else y + r.double()
 
 
 def rel_err(out, ref):

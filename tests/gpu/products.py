@@ -1,0 +1,20 @@
+"""The float64 meaning of a product call (runtime/linear.gemv and its kernels), shared by the GPU
+tests of the small-token, quantised and Hopper products: RMSNorm (gamma + offset), x W^T, bias,
+act(gate) * up over the output halves, residual."""
+import torch
+import torch.nn.functional as F
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def reference(x, w, b, gated, r, norm=None, offset=0.0):
+    if norm is not None:
+        xd = x.double()
+        x = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1]) * (norm[0].double() + offset)
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    if gated:
+        g, u = y.chunk(2, -1)
+        y = ACT[gated](g) * u
+    return y if r is None else y + r.double()
