@@ -55,9 +55,17 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # whole model (Llama-3-8B shape, 8 layers) beside transformers eager and compiled
     [ -n "${SKIP_MODEL:-}" ] || "$PY" -m benchmarks.bench_model ${QUICK:+--no-compile} --json "$OUT_DIR/bench_model.json" 2>&1 | tee "$OUT_DIR/bench_model.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    # small-token products (decode GEMV) beside cuBLAS
+    # small-token products (decode GEMV) beside cuBLAS, and the weight-only quantised ones beside
+    # cuBLAS and torch's int4 kernel
     "$PY" -m benchmarks.bench_gemv --json "$OUT_DIR/bench_gemv.json" 2>&1 | tee "$OUT_DIR/bench_gemv.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    "$PY" -m benchmarks.bench_gemv --quant --json "$OUT_DIR/bench_gemv_quant.json" 2>&1 | tee "$OUT_DIR/bench_gemv_quant.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # prefill-sized products: the Hopper GEMM beside cuBLAS (sm_90 only)
+    if "$PY" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() != (9, 0))"; then
+        "$PY" -m benchmarks.bench_gemm --json "$OUT_DIR/bench_gemm.json" 2>&1 | tee "$OUT_DIR/bench_gemm.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    fi
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
