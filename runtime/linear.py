@@ -30,7 +30,7 @@ KERNEL_MAX_ROWS = 16
 WGMMA_MIN_ROWS = 1 << 62
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
-__all__ = ["Linear", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS", "check_call",
+__all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS", "check_call",
            "launch_gemv"]
 
 
@@ -214,3 +214,42 @@ class Linear(torch.nn.Linear):
                 norm: tuple[torch.Tensor, float] | None = None, norm_offset: float = 0.0) -> torch.Tensor:
         return gemv(x, self.weight, self.bias, gated=gated, residual=residual, norm=norm, norm_offset=norm_offset,
                     cache=self._cache)
+
+
+class GatedMLP(torch.nn.Module):
+    """TensorRT-LLM's GatedMLP (Llama's MLP): residual + down(act(x W_gate^T) * (x W_up^T)), with
+    the gate and up weights as one [2 F, H] projection (`gate_up.weight`: the gate rows, then the
+    up rows) and `down.weight` [H, F]. Decode-sized CUDA calls run two generated products: the
+    gated activation in the first one's epilogue (and an optional RMSNorm of x in its prologue),
+    the residual add in the down product's epilogue; other calls run torch's products with the
+    same meaning. From a transformers LlamaMLP: `GatedMLP.from_llama(mlp)` (gate_proj, up_proj,
+    down_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
+                 device=None, dtype=None, *, cache=None):
+        super().__init__()
+        if activation not in GATED:
+            raise ValueError(f"activation must be one of {GATED}, got {activation!r}")
+        self.activation = activation
+        self.gate_up = Linear(hidden_size, 2 * intermediate_size, bias=bias, device=device, dtype=dtype, cache=cache)
+        self.down = Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype, cache=cache)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
+                norm: tuple[torch.Tensor, float] | None = None, norm_offset: float = 0.0) -> torch.Tensor:
+        h = self.gate_up(x, gated=self.activation, norm=norm, norm_offset=norm_offset)
+        return self.down(h, residual=residual)
+
+    @classmethod
+    def from_llama(cls, mlp: torch.nn.Module, activation: str = "silu") -> "GatedMLP":
+        """From a module with gate_proj, up_proj and down_proj linears (transformers' LlamaMLP,
+        MistralMLP, Qwen2MLP): the weights are copied into the fused layout."""
+        g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        w = g.weight
+        out = cls(g.in_features, g.out_features, activation, bias=g.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.gate_up.weight.copy_(torch.cat([g.weight, u.weight]))
+            out.down.weight.copy_(d.weight)
+            if g.bias is not None:
+                out.gate_up.bias.copy_(torch.cat([g.bias, u.bias]))
+                out.down.bias.copy_(d.bias)
+        return out

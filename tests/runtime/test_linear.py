@@ -1,5 +1,6 @@
 """runtime/linear.py on the CPU: torch.nn.Linear's parameters and state dict, the torch path
-of every epilogue against float64, and input errors raised before anything runs."""
+of every epilogue against float64, GatedMLP against transformers' LlamaMLP, and input errors
+raised before anything runs."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,3 +49,24 @@ def test_input_errors():
         gemv(torch.randn(2, 64), w, residual=torch.randn(2, 95))
     with pytest.raises(LinearInputError, match="weight must be"):
         gemv(torch.randn(2, 64), torch.randn(96, 64, 1))
+
+
+def test_gated_mlp_matches_transformers_llama_mlp():
+    """GatedMLP.from_llama gives transformers' LlamaMLP (torch path on the CPU, float64 check),
+    with the residual added; state-dict names gate_up.weight and down.weight."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from layerforge.runtime.linear import GatedMLP
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, hidden_act="silu")
+    torch.manual_seed(0)
+    ref = LlamaMLP(cfg).double()
+    mlp = GatedMLP.from_llama(ref)
+    assert sorted(mlp.state_dict()) == ["down.weight", "gate_up.weight"]
+    x, r = torch.randn(5, 64, dtype=torch.float64), torch.randn(5, 64, dtype=torch.float64)
+    torch.testing.assert_close(mlp(x, r), ref(x) + r, rtol=1e-5, atol=1e-6)   # the activation in f32
+    g = torch.rand(64, dtype=torch.float64) + 0.5
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+    torch.testing.assert_close(mlp(x, norm=(g, 1e-5)), ref(xn), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        GatedMLP(8, 8, activation="relu")
