@@ -12,7 +12,9 @@ followed by cuBLAS (and the SwiGLU kernel). --sweep also times every work split 
 tiles per CTA, warps, ring stages) of each shape to choose the default. --quant times the
 weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B shapes beside cuBLAS on
 bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128), "of copy" on
-the bytes each reads for W (packed weight and its scales).
+the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
+(f8e4m3, per-row and 128 x 128 block scales, x quantised inside) beside torch._scaled_mm (e4m3 x
+already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
 """
 from __future__ import annotations
 
@@ -125,16 +127,33 @@ def torch_int4(w: torch.Tensor, group: int):
         return None
 
 
+def torch_fp8(w: torch.Tensor, m: int):
+    """torch._scaled_mm on W [N, K] in e4m3 and an e4m3 x of max(m, 16) rows (its kernels want
+    multiples of 16), per-tensor scales, bf16 out; None where torch or the GPU has none."""
+    try:
+        wq = w.to(torch.float8_e4m3fn)
+        xq = torch.randn(max(m, 16), w.shape[1], device=w.device).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=w.device)
+        torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
 def main_quant(a, ceiling):
     from layerforge.runtime.quant import QuantLinear
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'i8 us':>7s} {'of copy':>7s} {'cuBLAS us':>9s} "
-          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s}")
+          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
+          f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
         u4 = QuantLinear.from_float(w, 128, wtype="u4")
         i8 = QuantLinear.from_float(w, 0, wtype="i8")
         t4 = torch_int4(w, 128)
+        f8 = QuantLinear.from_float(w, 0, wtype="f8e4m3") if fp8 else None
+        f8b = QuantLinear.from_float(w, 128, wtype="f8e4m3") if fp8 else None
         for m in QUANT_TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ours4 = graph_time(lambda: u4(x, gated=gated))
@@ -142,11 +161,20 @@ def main_quant(a, ceiling):
             cublas = graph_time(lambda: F.linear(x, w))
             theirs4 = graph_time(lambda: t4(x)) if t4 else float("nan")
             b4, b8 = u4.qw.nbytes(), i8.qw.nbytes()
+            nan = float("nan")
+            ours_f8 = graph_time(lambda: f8(x, gated=gated)) if fp8 else nan
+            ours_f8b = graph_time(lambda: f8b(x, gated=gated)) if fp8 else nan
+            smm = torch_fp8(w, m) if fp8 else None
+            theirs_f8 = graph_time(smm) if smm else nan
+            bf8, bf8b = (f8.qw.nbytes(), f8b.qw.nbytes()) if fp8 else (nan, nan)
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, i8_s=ours8, cublas_s=cublas,
-                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8)
+                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_block_s=ours_f8b,
+                     scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b)
             print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
-                  f"{theirs4 * 1e6 if t4 else float('nan'):>13.1f} {cublas / ours4:>9.2f}")
+                  f"{theirs4 * 1e6 if t4 else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
+                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8b * 1e6:>8.1f} {bf8b / ours_f8b / ceiling:>7.2f} "
+                  f"{theirs_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f}")
             rows.append(r)
     return rows
 
@@ -154,7 +182,7 @@ def main_quant(a, ceiling):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--quant", action="store_true", help="the weight-only quantised kernels (u4, i8)")
+    ap.add_argument("--quant", action="store_true", help="the quantised kernels (u4, i8; f8e4m3 W8A8 on sm_89+)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
     a = ap.parse_args(argv)

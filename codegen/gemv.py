@@ -31,6 +31,14 @@ A 128-byte stage row of W is then 256 (u4) or 128 (i8) k, x has 4 or 2 rows a to
 lane converts the 16 bytes it reads to T in registers right before the mma (the instruction
 counts are in templates/cuda/gemv_quant.cuh.jinja); the pairs reach shared memory by cp.async
 with the chunk. One template: the ring, the reduction and the epilogue are the bf16 kernel's.
+
+W8A8 (sm_89+): "f8e4m3"  W[n, k] = q * s, q float8_e4m3fn: w [N, K] bytes; wscale f32: group 0:
+          [N], one scale a row (a per-tensor scale is repeated N times), applied after the sum;
+          group 128: [ceil(N / 128), ceil(K / 128)], one per 128 x 128 block (DeepSeek-V3's
+          weight_scale_inv), applied to each 128-k chunk's sums. x stays T in the ring (2 rows a
+          token, as i8's) and each token is quantised to e4m3 per 128-k chunk in registers, scale
+          amax / 448 (runtime/quant.quantize_fp8_rows; the template's loop says why per chunk);
+          the products run on m16n8k32 e4m3 mma, 16 k of W a lane's 16-byte read (two mma).
 """
 from __future__ import annotations
 
@@ -42,14 +50,16 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS"]
+__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
+           "FP8_MIN_ARCH"]
 
 MAX_M = 64
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
 GATED = ("silu", "gelu", "gelu_tanh")
 _TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
-WTYPES = {"u4": 4, "i8": 2}      # weight type -> 128-byte x rows a token per chunk (k per chunk / 64)
-GROUPS = {"u4": (32, 64, 128), "i8": (0, 32, 64, 128)}   # k per scale (0: one scale a W row)
+WTYPES = {"u4": 4, "i8": 2, "f8e4m3": 2}   # weight type -> 128-byte x rows a token per chunk (k per chunk / 64)
+GROUPS = {"u4": (32, 64, 128), "i8": (0, 32, 64, 128), "f8e4m3": (0, 128)}   # k per scale (0: one scale a W row)
+FP8_MIN_ARCH = 89                # the e4m3 mma.sync and cvt: sm_89 (Ada) and newer
 QUANT_SHARED_BUDGET = 160 * 1024  # the default stages of a quantised plan keep a CTA under this (sm_80: 163 KB)
 
 
@@ -69,8 +79,9 @@ class GemvPlan(KernelPlan):
     rt: int = 1                  # 16-column output tiles per CTA
     warps: int = 4               # warps per CTA, splitting K
     stages: int = 4              # 64-wide K chunks in each warp's shared-memory ring (u4: 256, i8: 128)
-    wtype: str | None = None     # None: W in dtype; "u4" | "i8": weight-only quantised (module docstring)
-    group: int = 0               # k per (scale, zero) pair of a quantised W; i8: 0 = one scale a row
+    wtype: str | None = None     # None: W in dtype; "u4" | "i8": weight-only quantised; "f8e4m3": W8A8 (module docstring)
+    group: int = 0               # k per (scale, zero) pair of a quantised W; i8, f8e4m3: 0 = one scale a row
+                                 # (f8e4m3 128: 128 x 128 blocks)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -94,10 +105,12 @@ class GemvPlan(KernelPlan):
                 raise ValueError(f"gemv: {self.wtype} group size must be one of {GROUPS[self.wtype]}, got {self.group!r}")
             if self.group and self.k % self.group:
                 raise ValueError(f"gemv: the group size {self.group} must divide K = {self.k}")
+            if self.wtype == "f8e4m3" and _arch_number(self.arch) < FP8_MIN_ARCH:
+                raise ValueError(f"gemv: f8e4m3 runs the fp8 tensor-core mma of sm_89 and newer, not {self.arch}")
             if self.k % (8 * self.xr):
                 raise ValueError(f"gemv: {self.wtype} K = {self.k} must be a multiple of {8 * self.xr} "
                                  f"(rows of 16-byte pieces of W)")
-        if int(self.arch.removeprefix("sm_").rstrip("af")) < 80:
+        if _arch_number(self.arch) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
 
     @property
@@ -107,7 +120,9 @@ class GemvPlan(KernelPlan):
     @property
     def key(self) -> str:
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
-        if self.wtype:
+        if self.wtype == "f8e4m3":
+            parts.append(f"{self.wtype}b{self.group}" if self.group else f"{self.wtype}ch")   # b: 128 x 128 blocks
+        elif self.wtype:
             parts.append(f"{self.wtype}g{self.group}" if self.group else f"{self.wtype}ch")
         if self.gated:
             parts.append(self.gated)
@@ -125,7 +140,7 @@ class GemvPlan(KernelPlan):
     def pdl(self) -> bool:
         """Launched as a programmatic dependent launch: on sm_90 and newer (griddepcontrol), where
         the weight stream of the first chunks starts while the kernel before still runs."""
-        return int(self.arch.removeprefix("sm_").rstrip("af")) >= 90
+        return _arch_number(self.arch) >= 90
 
     @property
     def xr(self) -> int:
@@ -135,7 +150,8 @@ class GemvPlan(KernelPlan):
     @property
     def stage_bytes(self) -> int:
         """One chunk of a warp's ring: 128-byte rows of W (16 per tile), x (8 per token tile, XR
-        rows each) and gamma (XR), then a quantised W's (scale, zero) words of the chunk."""
+        rows each) and gamma (XR), then a quantised W's (scale, zero) words of the chunk (f8e4m3
+        blocks: one f32 scale a W row)."""
         wrows = 16 * (2 if self.gated else 1) * self.rt
         pairs = wrows * (64 * self.xr // self.group) * 4 if self.group else 0
         return 128 * (wrows + self.xr * (8 * (self.max_m // 8) + (1 if self.norm else 0))) + pairs
@@ -156,6 +172,10 @@ class GemvPlan(KernelPlan):
              "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
              "n_out": self.n_out}
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
+
+
+def _arch_number(arch: str) -> int:
+    return int(arch.removeprefix("sm_").rstrip("af"))
 
 
 def check_product(plan, family: str, positive: tuple[str, ...]) -> None:
@@ -179,7 +199,7 @@ def product_args(plan, weights: tuple[Arg, ...] = ()) -> list[Arg]:
     """The arguments of a product kernel, in the order runtime/linear.launch_gemv passes them:
     x, W (then `weights`: a quantised W's scales), bias, residual, gamma, out, M, eps."""
     t = _TYPES[plan.dtype][0]
-    wt = {None: t, "u4": "unsigned", "i8": "signed char"}[getattr(plan, "wtype", None)]
+    wt = {None: t, "u4": "unsigned", "i8": "signed char", "f8e4m3": "unsigned char"}[getattr(plan, "wtype", None)]
     args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input"), *weights]
     norm = getattr(plan, "norm", None)
     for on, name in ((plan.bias, "bias"), (plan.residual, "residual"), (norm, "gamma")):
@@ -194,7 +214,8 @@ def product_args(plan, weights: tuple[Arg, ...] = ()) -> list[Arg]:
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemvPlan) -> KernelABI:
     t = _TYPES[plan.dtype][0]
-    scales = ((Arg("wgroup", "const unsigned* __restrict__", "input"),) if plan.group else
+    scales = ((Arg("wscale", "const float* __restrict__", "input"),) if plan.wtype == "f8e4m3" else
+              (Arg("wgroup", "const unsigned* __restrict__", "input"),) if plan.group else
               (Arg("wscale", f"const {t}* __restrict__", "input"),) if plan.wtype else ())
     args = product_args(plan, scales)
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"cdiv({plan.n_out}, {16 * plan.rt})",),

@@ -1,10 +1,14 @@
-"""Weight-only quantised Linear layers for decode: 4-bit (AWQ / GPTQ checkpoints, or round to
-nearest) and 8-bit weights, read by the small-token product kernel (codegen/gemv.py) as packed.
+"""Quantised Linear layers for decode: weight-only 4-bit (AWQ / GPTQ checkpoints, or round to
+nearest) and 8-bit weights, and fp8 W8A8 (e4m3 weights and activations), read by the small-token
+product kernel (codegen/gemv.py) as packed.
 
     lin = QuantLinear.from_awq(qweight, qzeros, scales, group_size=128, dtype=torch.float16)
     lin = QuantLinear.from_gptq(qweight, qzeros, scales, g_idx, group_size=128)
     lin = QuantLinear.from_float(weight, group_size=128)            # u4, round to nearest, per group
     lin = QuantLinear.from_float(weight, wtype="i8")                # i8, one scale a row
+    lin = QuantLinear.from_fp8(weight, weight_scale)                # fp8 checkpoint, per tensor / channel
+    lin = QuantLinear.from_fp8(weight, weight_scale_inv, block=128) # DeepSeek-V3's 128 x 128 blocks
+    lin = QuantLinear.from_float(weight, 0, wtype="f8e4m3")         # e4m3, one scale a row (128: blocks)
     y = lin(x, gated="silu", residual=r, norm=(gamma, eps))         # Linear's fused epilogues
 
 Checkpoint formats (what the repack functions read; W is the [N, K] = [out, in] weight):
@@ -18,7 +22,15 @@ Checkpoint formats (what the repack functions read; W is the [N, K] = [out, in] 
     each k. A symmetric checkpoint (sym=True) is the same format with every zero 8 (stored 7).
     Act-order checkpoints (desc_act: g_idx not k // G) are refused: the kernel's groups are
     contiguous runs of K, and reordering W's columns would make the caller permute x.
+  FP8 (compressed-tensors / HF "fp8", DeepSeek-V3): weight float8_e4m3fn [N, K], W = q * s with
+    weight_scale f32 [] / [1] (per tensor) or [N, 1] (per channel), or weight_scale_inv f32
+    [ceil(N / 128), ceil(K / 128)], one per 128 x 128 block (despite its name a multiplier too).
+    The activations are quantised on the fly: W8A8 (below).
 The kernel's layouts (the codegen/gemv.py docstring) are repacked from these once, at load.
+W8A8 numerics (quantize_fp8_rows; the kernel computes the same q): each token's x (after the
+RMSNorm's gamma, when fused; rstd factors out) in groups of 128 k, amax the largest |x| of the
+group, scale = amax * f32(1 / 448), q = e4m3(x * (448 / amax)) with the f32 product rounded once
+to nearest even (q = 0 where amax = 0); y = sum over groups of scale * sum_k q_x q_w * W's scale.
 Scales and zeros are kept in the activation dtype: a zero is a whole number, exact in bf16/f16,
 and the kernel computes (q - z) * s with the multiply the only rounding (scales cast from the
 checkpoint's fp16 to bf16 round once, at load, as any bf16 deployment of fp16 scales does).
@@ -29,13 +41,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codegen.gemv import GROUPS
-from .linear import KERNEL_MAX_ROWS, LinearInputError, _reference, check_call, device_major, launch_gemv
+import torch.nn.functional as F
 
-__all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "quantize_u4", "quantize_i8",
-           "awq_to_kernel", "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq",
-           "unpack_awq", "unpack_gptq", "gemv_quant"]
+from ..codegen.gemv import FP8_MIN_ARCH, GROUPS
+from .linear import (_ACT, KERNEL_MAX_ROWS, LinearInputError, _capability, _reference, check_call, device_major,
+                     launch_gemv)
 
+__all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
+           "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
+           "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
+           "gemv_quant", "FP8_MAX", "FP8_BLOCK"]
+
+FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
+FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # the element at nibble i of a word, AWQ's and the kernel's u4
 _SHIFTS = torch.arange(0, 32, 4)
 
@@ -98,11 +116,13 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, group_size: int, zero_offset
 @dataclass(frozen=True)
 class QuantWeight:
     """W [N, K] in a layout of the quantised gemv kernel (codegen/gemv.py's docstring)."""
-    wtype: str                     # "u4" | "i8"
-    group: int                     # k per (scale, zero) pair; 0: one scale a row (i8)
-    qweight: torch.Tensor          # u4: int32 [N, K / 8] (AWQ's nibble order along K); i8: int8 [N, K]
+    wtype: str                     # "u4" | "i8" | "f8e4m3"
+    group: int                     # k per (scale, zero) pair; 0: one scale a row (i8, f8e4m3); f8e4m3 128: blocks
+    qweight: torch.Tensor          # u4: int32 [N, K / 8] (AWQ's nibble order along K); i8: int8 [N, K];
+                                   # f8e4m3: float8_e4m3fn [N, K]
     wgroup: torch.Tensor | None    # int32 [N, GPAD]: the dtype pair (scale, zero) of each group, zero padded
-    wscale: torch.Tensor | None    # dtype [N]: i8's row scales (group 0)
+    wscale: torch.Tensor | None    # dtype [N]: i8's row scales (group 0); f8e4m3: f32 [N] or
+                                   # [ceil(N / 128), ceil(K / 128)] (group 128)
     n: int
     k: int
     dtype: torch.dtype             # the activation dtype: x, the pairs' halves, wscale, y
@@ -114,7 +134,7 @@ class QuantWeight:
     @property
     def kernel_tensors(self) -> list[torch.Tensor]:
         """W's arguments of the kernel, in its ABI's order."""
-        return [self.qweight, self.wgroup if self.group else self.wscale]
+        return [self.qweight, self.wgroup if self.group and self.wtype != "f8e4m3" else self.wscale]
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs as (scales, zeros), each [N, K / G] in the activation dtype."""
@@ -178,6 +198,8 @@ def dequantize(qw: QuantWeight) -> torch.Tensor:
         s, z = (t.double().repeat_interleave(qw.group, 1) for t in qw.scales_zeros())
         return (q - z) * s
     q = qw.qweight.double()
+    if qw.wtype == "f8e4m3" and qw.group:
+        return q * _blocks(qw.wscale.double(), qw.n, qw.k)
     if qw.group == 0:
         return q * qw.wscale.double()[:, None]
     return q * qw.scales_zeros()[0].double().repeat_interleave(qw.group, 1)
@@ -223,20 +245,128 @@ def gptq_to_kernel(qweight, qzeros, scales, g_idx, group_size: int, dtype: torch
     return pack_u4(q, z, s, group_size, dtype)
 
 
+# ---- fp8 (e4m3) ---------------------------------------------------------------------------------
+def _e4m3(v: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """v / (amax / 448) as the kernel rounds it: v * (448 / amax) in f32, once to e4m3 (0 where amax = 0)."""
+    inv = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, torch.zeros_like(amax))
+    return (v * inv).to(torch.float8_e4m3fn)
+
+
+def _blocks(scale: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[ceil(N / 128), ceil(K / 128)] block scales -> [N, K]."""
+    return scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+
+
+def quantize_fp8_rows(x: torch.Tensor, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The W8A8 kernel's activation quantisation (the module's docstring): x [..., K] ->
+    (q float8_e4m3fn [..., K], scale f32 [..., ceil(K / group)]), x ~ q * scale per group of k."""
+    k = x.shape[-1]
+    groups = -(-k // group)
+    xg = F.pad(x.float(), (0, groups * group - k)).reshape(*x.shape[:-1], groups, group)
+    amax = xg.abs().amax(-1)
+    q = _e4m3(xg, amax[..., None]).reshape(*x.shape[:-1], groups * group)[..., :k]
+    return q, amax * (1.0 / FP8_MAX)
+
+
+def dequantize_fp8_rows(q: torch.Tensor, scale: torch.Tensor, group: int = FP8_BLOCK) -> torch.Tensor:
+    """quantize_fp8_rows's x in float64: q * scale of its group."""
+    return q.double() * scale.double().repeat_interleave(group, -1)[..., : q.shape[-1]]
+
+
+def quantize_fp8(weight: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float W [N, K] -> (q float8_e4m3fn [N, K], f32 scales): one a row (block None) or one per
+    128 x 128 block (block 128, [ceil(N / 128), ceil(K / 128)]); scale = amax / 448."""
+    n, k = weight.shape
+    w = weight.float()
+    if block is None:
+        amax = w.abs().amax(1)
+        return _e4m3(w, amax[:, None]), amax * (1.0 / FP8_MAX)
+    _check_block(block)
+    nb, kb = -(-n // block), -(-k // block)
+    wb = F.pad(w, (0, kb * block - k, 0, nb * block - n)).reshape(nb, block, kb, block)
+    amax = wb.abs().amax((1, 3))
+    q = _e4m3(wb, amax[:, None, :, None]).reshape(nb * block, kb * block)[:n, :k]
+    return q.contiguous(), amax * (1.0 / FP8_MAX)
+
+
+def _check_block(block) -> int:
+    """128, (128, 128) or [128, 128] (a checkpoint's weight_block_size) -> 128."""
+    b = tuple(block) if isinstance(block, (tuple, list)) else (block, block)
+    if b != (FP8_BLOCK, FP8_BLOCK):
+        raise ValueError(f"f8e4m3: weight scale blocks must be {FP8_BLOCK} x {FP8_BLOCK}, got {block!r}")
+    return FP8_BLOCK
+
+
+def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtype = torch.bfloat16) -> QuantWeight:
+    """q float8_e4m3fn [N, K] and its f32 scales -> the kernel's f8e4m3 layout: scale [] or [1]
+    (per tensor, repeated a row), [N] or [N, 1] (per channel), or with block 128 the block scales
+    [ceil(N / 128), ceil(K / 128)]. `dtype` is the activations' (x, bias, y)."""
+    if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
+        raise ValueError(f"f8e4m3: the weight must be float8_e4m3fn [N, K], got {q.dtype} {tuple(q.shape)}")
+    n, k = q.shape
+    if k % 16:
+        raise ValueError(f"f8e4m3: K = {k} must be a multiple of 16 (rows of 16-byte pieces)")
+    if block is not None:
+        _check_block(block)
+        if k % FP8_BLOCK:
+            raise ValueError(f"f8e4m3: with block scales K = {k} must be a multiple of {FP8_BLOCK}")
+        want = (-(-n // FP8_BLOCK), k // FP8_BLOCK)
+        if tuple(scale.shape) != want:
+            raise ValueError(f"f8e4m3: block scales must be {list(want)}, got {list(scale.shape)}")
+        return QuantWeight("f8e4m3", FP8_BLOCK, q.contiguous(), None, scale.float().contiguous(), n, k, dtype)
+    if scale.numel() == 1:
+        rows = scale.float().reshape(1).expand(n)
+    elif tuple(scale.shape) in ((n,), (n, 1)):
+        rows = scale.float().reshape(n)
+    else:
+        raise ValueError(f"f8e4m3: scales must be [], [1], [{n}] or [{n}, 1] (or blocks with block=128), "
+                         f"got {list(scale.shape)}")
+    return QuantWeight("f8e4m3", 0, q.contiguous(), None, rows.contiguous(), n, k, dtype)
+
+
+def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset) -> torch.Tensor:
+    """The W8A8 product in torch, the kernel's meaning: x (times gamma + offset) quantised as
+    quantize_fp8_rows, the dequantised operands multiplied in f32, rstd, bias, act(gate) * up,
+    residual, rounded to x's dtype once at the end."""
+    u = x
+    if norm is not None:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
+        u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
+    q, s = quantize_fp8_rows(u)
+    xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
+    y = xd @ dequantize(qw).float().T
+    if norm is not None:
+        y = y * rstd
+    if bias is not None:
+        y = y + bias.float()
+    if gated:
+        g, up = y.chunk(2, dim=-1)
+        y = _ACT[gated](g) * up
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
 # ---- the product -------------------------------------------------------------------------------
 def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
     return (x.is_cuda and x.dtype == qw.dtype and 1 <= rows <= KERNEL_MAX_ROWS
-            and not torch.compiler.is_compiling() and device_major(x.device) >= 8)
+            and not torch.compiler.is_compiling() and device_major(x.device) >= 8
+            and (qw.wtype != "f8e4m3" or _capability(x.device) >= divmod(FP8_MIN_ARCH, 10)))
 
 
 def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *, gated: str | None = None,
                residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """runtime/linear.gemv's product with a quantised W: the generated kernel for <= 16 rows in
-    W's activation dtype on an sm_80+ GPU; otherwise W dequantised to x's dtype and torch's product."""
+    W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); otherwise W dequantised to x's dtype and
+    torch's product (f8e4m3: x quantised as the kernel does, products in f32: _fp8_product)."""
     rows = check_call(x, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out)
     if x.device != qw.device:
         raise LinearInputError(f"x is on {x.device}, the quantised weight on {qw.device}")
+    if not _kernel_ok(x, qw, rows) and qw.wtype == "f8e4m3":
+        y = _fp8_product(x, qw, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
+        return y if out is None else out.copy_(y)
     if not _kernel_ok(x, qw, rows):
         w = dequantize(qw).to(x.dtype)   # the module's bias is in W's dtype: x's for torch
         y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
@@ -246,8 +376,9 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
 
 
 class QuantLinear(torch.nn.Module):
-    """A Linear layer whose weight is weight-only quantised (u4 or i8) in the kernel's layout;
-    forward is runtime/linear.Linear's (gated, residual, norm). Build it with a from_* method."""
+    """A Linear layer whose weight is quantised in the kernel's layout: weight-only u4 or i8, or
+    f8e4m3 (W8A8: x quantised too, the module's docstring); forward is runtime/linear.Linear's
+    (gated, residual, norm). Build it with a from_* method."""
 
     def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None, *, cache=None):
         super().__init__()
@@ -268,17 +399,32 @@ class QuantLinear(torch.nn.Module):
                    _cast(bias, dtype), cache=cache)
 
     @classmethod
+    def from_fp8(cls, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias=None, block=None, *,
+                 dtype=torch.bfloat16, cache=None):
+        """An fp8 checkpoint's Linear (the module's docstring): weight float8_e4m3fn [N, K] and
+        weight_scale [] / [1] / [N, 1], or with block=128 (a config's weight_block_size [128, 128])
+        weight_scale_inv [ceil(N / 128), K / 128]. `dtype` is the activations'."""
+        return cls(pack_fp8(weight_fp8, weight_scale, block, dtype), _cast(bias, dtype), cache=cache)
+
+    @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 128, bias=None, *, wtype: str = "u4",
                    dtype: torch.dtype | None = None, cache=None):
         """Quantise a float weight [N, K] by rounding to nearest: u4 asymmetric per group; i8
-        symmetric, per row (group_size 0) or per group."""
+        symmetric, per row (group_size 0) or per group; f8e4m3 per row (group_size 0) or per
+        128 x 128 block (group_size 128)."""
         dtype = dtype or (weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
         if wtype == "u4":
             qw = pack_u4(*quantize_u4(weight, group_size), group_size, dtype)
         elif wtype == "i8":
             qw = pack_i8(*quantize_i8(weight, group_size), group_size, dtype)
+        elif wtype == "f8e4m3":
+            if group_size not in GROUPS["f8e4m3"]:
+                raise ValueError(f"f8e4m3: group size must be one of {GROUPS['f8e4m3']} (128: 128 x 128 blocks), "
+                                 f"got {group_size!r}")
+            block = group_size or None
+            qw = pack_fp8(*quantize_fp8(weight, block), block, dtype)
         else:
-            raise ValueError(f"wtype must be 'u4' or 'i8', got {wtype!r}")
+            raise ValueError(f"wtype must be 'u4', 'i8' or 'f8e4m3', got {wtype!r}")
         return cls(qw, _cast(bias, dtype), cache=cache)
 
     def _apply(self, fn, recurse=True):
@@ -286,7 +432,9 @@ class QuantLinear(torch.nn.Module):
         # are T halves stored in int32 words, which a float cast does not reach.
         super()._apply(fn, recurse)
         qw = self.qw
-        dtype = qw.dtype if self.wscale is None else self.wscale.dtype
+        dtype = qw.dtype if self.wscale is None or qw.wtype == "f8e4m3" else self.wscale.dtype
+        if qw.wtype == "f8e4m3" and (self.qweight.dtype != torch.float8_e4m3fn or self.wscale.dtype != torch.float32):
+            raise TypeError("QuantLinear: an f8e4m3 weight stays float8_e4m3fn with f32 scales")
         if dtype != qw.dtype or (self.bias is not None and self.bias.dtype != qw.dtype):
             raise TypeError(f"QuantLinear: its dtype is {qw.dtype} (build it with dtype= to change it)")
         self.qw = QuantWeight(qw.wtype, qw.group, self.qweight, self.wgroup, self.wscale, qw.n, qw.k, qw.dtype)

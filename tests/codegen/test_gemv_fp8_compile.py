@@ -1,0 +1,86 @@
+"""The W8A8 fp8 small-token product (codegen/gemv.py, wtype f8e4m3): every specialisation compiles
+for sm_89 and sm_90 without register spills, runs the e4m3 m16n8k32 mma on x converted in
+registers, streams W and its block scales through the cp.async ring, and is refused below sm_89."""
+import pytest
+
+from layerforge.codegen.gemv import plan_gemv
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+
+CASES = [  # (N, K, gated, epilogue and prologue)
+    (6144, 4096, None, {}),
+    (28672, 4096, "silu", dict(bias=True, residual=True)),
+    (4096, 14336, None, dict(norm="rms")),
+    (2048, 3072, "gelu_tanh", dict(norm="rms", norm_offset=1.0, bias=True, residual=True)),
+]
+
+
+def compiled(plan, ptx=False):
+    return nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=ptx)
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("group", [0, 128])
+@pytest.mark.parametrize("n,k,gated,extra", CASES)
+def test_fp8_gemv_compiles_without_spills(n, k, gated, extra, group, max_m, arch):
+    plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="f8e4m3", group=group, **extra)
+    (kr,) = compiled(plan).resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_fp8_gemv_f16_compiles():
+    plan = plan_gemv("f16", n=5632, k=2048, max_m=16, arch="sm_89", wtype="f8e4m3", group=128, residual=True)
+    (kr,) = compiled(plan).resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+@pytest.mark.parametrize("max_m,gated", [(8, None), (16, "silu")])
+def test_fp8_loop_is_e4m3_mma_on_converted_x(max_m, gated):
+    """Per 128-k chunk a lane reads 2 pieces of 16 k of each W row pair: 2 mma of 32 k per piece,
+    tile and token tile; its 32 k of each token become e4m3 by 16 cvt (2 values each), and no
+    bf16 mma is left."""
+    plan = plan_gemv("bf16", n=28672 if gated else 6144, k=4096, max_m=max_m, gated=gated, arch="sm_90",
+                     wtype="f8e4m3")
+    ptx = compiled(plan, ptx=True).ptx
+    tiles, mt = (2 if gated else 1), max_m // 8
+    assert ptx.count("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32") == 2 * 2 * tiles * mt
+    assert ptx.count("cvt.rn.satfinite.e4m3x2.f32") == 16 * mt
+    assert "m16n8k16" not in ptx
+
+
+def test_fp8_streams_w_and_block_scales_through_shared_memory():
+    """With block scales, W, x and the chunk's scale of each W row come in by cp.async only (no
+    global loads at all); per-row scales are read once each in the epilogue."""
+    block = plan_gemv("bf16", n=7168, k=2048, arch="sm_90", wtype="f8e4m3", group=128)
+    ptx = compiled(block, ptx=True).ptx
+    assert "ld.global" not in ptx and "cp.async.cg.shared.global" in ptx and "cp.async.ca.shared.global [%r" in ptx
+    row = plan_gemv("bf16", n=7168, k=2048, arch="sm_90", wtype="f8e4m3")
+    assert "cp.async.ca" not in compiled(row, ptx=True).ptx
+
+
+def test_fp8_keys_and_abi():
+    ch = plan_gemv("bf16", n=6144, k=4096, wtype="f8e4m3")
+    assert ch.key == "gemv_n6144_k4096_m8_bf16_f8e4m3ch_r1w4s4_sm90"
+    assert [(a.name, a.ctype) for a in ch.abi.args[:3]] == [
+        ("x", "const __nv_bfloat16* __restrict__"), ("w", "const unsigned char* __restrict__"),
+        ("wscale", "const float* __restrict__")]
+    blk = plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, gated="silu", arch="sm_89")
+    assert blk.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128_silu_r1w4s4_sm89"
+    assert not blk.pdl
+    # a stage: 32 W rows of 128 k, 16 tokens x 2 rows of x, one f32 block scale a W row
+    assert blk.stage_bytes == 128 * (32 + 32) + 32 * 4
+    assert blk.shared_bytes == blk.abi.shared_bytes <= 160 * 1024
+
+
+def test_fp8_plan_errors():
+    with pytest.raises(ValueError, match="sm_89 and newer, not sm_80"):
+        plan_gemv("bf16", n=64, k=4096, wtype="f8e4m3", arch="sm_80")
+    with pytest.raises(ValueError, match="sm_89 and newer, not sm_86"):
+        plan_gemv("bf16", n=64, k=4096, wtype="f8e4m3", group=128, arch="sm_86")
+    with pytest.raises(ValueError, match="group size must be one of"):
+        plan_gemv("bf16", n=64, k=4096, wtype="f8e4m3", group=64)
+    with pytest.raises(ValueError, match="group size 128 must divide K = 1040"):
+        plan_gemv("bf16", n=64, k=1040, wtype="f8e4m3", group=128)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_gemv("bf16", n=64, k=1000, wtype="f8e4m3")

@@ -1,0 +1,134 @@
+"""runtime/quant.py's fp8 W8A8 on the CPU: the activation quantisation is the kernel's (q = e4m3 of
+x * (448 / amax) per token and 128 k), weight quantisation round trips per row and per 128 x 128
+block, checkpoint layouts (per tensor, per channel, DeepSeek-V3's block scale_inv) repack to the
+kernel's, and QuantLinear's torch path equals float64 of the dequantised operands."""
+import pytest
+import torch
+
+from layerforge.runtime.linear import LinearInputError
+from layerforge.runtime.quant import (FP8_MAX, QuantLinear, dequantize, dequantize_fp8_rows, pack_fp8, quantize_fp8,
+                                      quantize_fp8_rows)
+
+from ..seeding import seeded_generator
+
+E4M3_STEP = 2.0 ** -3   # e4m3 keeps 3 mantissa bits: a normal value rounds within half of 2^-3 of itself
+
+
+def test_rows_quantisation_is_per_token_and_128_k():
+    gen = seeded_generator("fp8-rows")
+    x = torch.randn(3, 300, generator=gen) * torch.tensor([1e-3, 1.0, 50.0])[:, None]
+    x[1, 128:256] = 0.0                                 # an all-zero group: scale 0, q 0
+    q, s = quantize_fp8_rows(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (3, 300) and s.shape == (3, 3) and s.dtype == torch.float32
+    xb = x.to(torch.bfloat16).float()
+    for g in range(3):
+        part = xb[:, 128 * g: 128 * (g + 1)]
+        assert torch.equal(s[:, g], part.abs().amax(1) * (1.0 / 448))
+        assert q[:, 128 * g: 128 * (g + 1)].float().abs().amax(1).tolist() == [0.0 if a == 0 else FP8_MAX
+                                                                               for a in part.abs().amax(1).tolist()]
+    assert s[1, 1] == 0 and q[1, 128:256].float().abs().max() == 0
+    err = (dequantize_fp8_rows(q, s) - xb.double()).abs()
+    # relative error of a normal e4m3 at most 2^-4; values below 2^-6 of the group's scale are subnormal
+    bound = torch.maximum(xb.double().abs() * E4M3_STEP / 2, s.double().repeat_interleave(128, 1)[:, :300] * 2.0 ** -10)
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+def test_rows_quantisation_rounds_the_f32_product_once():
+    """q is e4m3(x * f32(448 / amax)), the kernel's cvt.rn.satfinite of the f32 product."""
+    gen = seeded_generator("fp8-rows-rounding")
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
+    q, _ = quantize_fp8_rows(x)
+    amax = x.float().abs().amax(1, keepdim=True)
+    inv = torch.full_like(amax, 448.0) / amax
+    assert torch.equal(q.view(torch.uint8), (x.float() * inv).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@pytest.mark.parametrize("block", [None, 128])
+def test_weight_round_trip(block):
+    gen = seeded_generator("fp8-weight", block)
+    w = torch.randn(300, 384, generator=gen) * torch.logspace(-2, 1, 300)[:, None]
+    q, s = quantize_fp8(w, block)
+    assert s.shape == ((300,) if block is None else (3, 3))
+    qw = pack_fp8(q, s, block)
+    deq = dequantize(qw)
+    rows = s.double()[:, None] if block is None else s.double().repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)
+    assert torch.equal(deq, q.double() * rows)
+    bound = torch.maximum(w.double().abs() * E4M3_STEP / 2, rows * 2.0 ** -10)
+    assert ((deq - w.double()).abs() <= bound * (1 + 1e-6)).all()
+    assert q.float().abs().max() == FP8_MAX
+
+
+def f32_scalar(v):
+    return torch.tensor(v, dtype=torch.float32).double()
+
+
+def test_checkpoint_scale_layouts():
+    """compressed-tensors per tensor ([] or [1]) and per channel ([N, 1]) scales become the
+    kernel's f32 row scales; DeepSeek-V3's weight_scale_inv [ceil(N / 128), K / 128] stays blocks."""
+    gen = seeded_generator("fp8-layouts")
+    q = (torch.randn(200, 256, generator=gen) * 40).to(torch.float8_e4m3fn)
+    for scale in (torch.tensor(0.02), torch.tensor([0.02])):
+        qw = pack_fp8(q, scale)
+        assert qw.group == 0 and qw.wscale.shape == (200,) and torch.equal(dequantize(qw), q.double() * f32_scalar(0.02))
+    ch = torch.rand(200, 1, generator=gen)
+    qw = pack_fp8(q, ch)
+    assert torch.equal(dequantize(qw), q.double() * ch.double())
+    inv = torch.rand(2, 2, generator=gen)
+    qw = pack_fp8(q, inv, block=[128, 128])
+    assert qw.group == 128 and qw.kernel_tensors[1] is qw.wscale and qw.nbytes() == 200 * 256 + 4 * 4
+    deq = dequantize(qw)
+    assert torch.equal(deq[130, 200], q[130, 200].double() * inv[1, 1].double())
+    assert torch.equal(deq[127, 127], q[127, 127].double() * inv[0, 0].double())
+
+
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("gated", [None, "silu"])
+@pytest.mark.parametrize("block", [0, 128])
+def test_torch_path_matches_float64(block, gated, norm):
+    """Off the kernel (CPU here) QuantLinear quantises x as the kernel does and multiplies the
+    dequantised operands: float64 of the same operands agrees to f32 accumulation and the final
+    bf16 rounding."""
+    gen = seeded_generator("fp8-torch", block, gated, norm)
+    n, k = 256, 384
+    lin = QuantLinear.from_float(torch.randn(n, k, generator=gen) / k ** 0.5, block, torch.randn(n, generator=gen),
+                                 wtype="f8e4m3")
+    x = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16)
+    gamma = (1 + 0.2 * torch.randn(k, generator=gen)).to(torch.bfloat16)
+    r = torch.randn(2, 3, n // 2 if gated else n, generator=gen).to(torch.bfloat16)
+    y = lin(x, gated=gated, residual=r, norm=(gamma, 1e-5) if norm else None)
+    xd = x.double()
+    u = (x.float() * gamma.float()).to(torch.bfloat16) if norm else x
+    ref = dequantize_fp8_rows(*quantize_fp8_rows(u)) @ lin.dequantized().T
+    if norm:
+        ref = ref * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = ref + lin.bias.double()
+    if gated:
+        g, up = ref.chunk(2, -1)
+        ref = torch.nn.functional.silu(g) * up
+    ref = ref + r.double()
+    assert y.shape == r.shape and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3)   # bf16's half step, not fp8's
+
+
+def test_from_fp8_and_errors():
+    gen = seeded_generator("fp8-from")
+    q = (torch.randn(256, 128, generator=gen) * 20).to(torch.float8_e4m3fn)
+    lin = QuantLinear.from_fp8(q, torch.rand(256, 1, generator=gen), torch.zeros(256), dtype=torch.float16)
+    assert lin.qw.dtype == torch.float16 and lin.bias.dtype == torch.float16 and lin.wscale.dtype == torch.float32
+    assert lin(torch.randn(4, 128, generator=gen).half()).dtype == torch.float16
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        QuantLinear.from_fp8(q.float(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"block scales must be \[2, 1\]"):
+        QuantLinear.from_fp8(q, torch.ones(2, 2), block=128)
+    with pytest.raises(ValueError, match="128 x 128"):
+        QuantLinear.from_fp8(q, torch.ones(2, 1), block=(64, 64))
+    with pytest.raises(ValueError, match=r"scales must be \[\], \[1\], \[256\]"):
+        QuantLinear.from_fp8(q, torch.ones(3))
+    with pytest.raises(ValueError, match="group size must be one of"):
+        QuantLinear.from_float(torch.randn(64, 128), 64, wtype="f8e4m3")
+    with pytest.raises(LinearInputError, match="last dim 127"):
+        lin(torch.randn(2, 127).half())
+    with pytest.raises(TypeError, match="float8_e4m3fn with f32 scales"):
+        lin.double()
