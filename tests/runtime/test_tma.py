@@ -40,6 +40,7 @@ def test_layouts_tma_cannot_take_are_errors(make, box, message):
         map_params(make(), box)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_encoded_maps_are_cached_by_their_parameters():
     x = torch.randn(300, 4096, dtype=torch.bfloat16, device="cuda")
