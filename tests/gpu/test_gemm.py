@@ -52,9 +52,9 @@ def test_gemm_epilogues(m, n, k, gated, kernel):
 
 
 @pytest.mark.parametrize("m", [129, 5000])
-def test_persistent_grid_smaller_than_the_tiles(m):
-    """More tiles than SMs: each CTA walks several, the ring running on across them (8B qkv
-    at 5000 tokens: 40 x 24 tiles on 132 SMs)."""
+def test_persistent_grid_against_the_tile_count(m):
+    """The persistent grid with fewer tiles than SMs (129 tokens: 2 x 24 tiles) and more (5000:
+    40 x 24 on 132 SMs, each CTA walking several, the ring running on across them)."""
     check(m, 6144, 4096, torch.bfloat16, kernel="wgmma_persistent")
 
 
