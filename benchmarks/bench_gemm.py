@@ -2,6 +2,10 @@
 (torch.nn.functional.linear) at Llama-3-8B / 70B shapes, TFLOP/s, CUDA-graph replays, same run.
 
     python -m benchmarks.bench_gemm [--only NAME] [--tokens 128,1024,4096,8192] [--json out.json]
+                                    [--variant wgmma,wgmma_tma,wgmma_persistent]
+
+--variant times each named GEMM variant (runtime/linear.GEMM_KERNELS: the cp.async kernel, TMA
+loads, TMA + the persistent schedule) beside cuBLAS in the same run, one row each.
 
 Gated rows (gate/up) run fused (act(gate) * up in the epilogue) against cuBLAS followed by the
 generated SwiGLU row kernel.
@@ -14,7 +18,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from layerforge.runtime.linear import gemv
+from layerforge.runtime.linear import GEMM_KERNELS, gemv
 
 from .bench_gemv import graph_time, swiglu_module
 
@@ -29,9 +33,14 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default="128,1024,4096,8192")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variant", default="wgmma", help=f"comma-separated, of {sorted(GEMM_KERNELS)}")
     a = ap.parse_args(argv)
+    variants = a.variant.split(",")
+    unknown = sorted(set(variants) - set(GEMM_KERNELS))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {sorted(GEMM_KERNELS)}")
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'shape':12s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
+    print(f"{'shape':12s} {'variant':16s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
           f"{'ours/cuBLAS':>11s} {'max err':>8s}")
     rows = []
     for name, n, k, gated in SHAPES:
@@ -43,20 +52,23 @@ def main(argv=None):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             flop = 2 * m * n * k
             calls = max(2, min(20, int(2e11 // flop)))
-            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="wgmma"), calls, 5)
             cublas = graph_time(lambda: F.linear(x, w), calls, 5)
             both = graph_time(lambda: act(F.linear(x, w)), calls, 5) if gated else cublas
-            y = gemv(x, w, gated=gated, kernel="wgmma").float()
             ref = F.linear(x, w).float()
             if gated:
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
-            err = ((y - ref).norm() / ref.norm()).item()
-            r = dict(shape=name, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas, cublas_act_s=both, rel_err=err)
-            rows.append(r)
-            print(f"{name:12s} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} {cublas * 1e6:>9.1f} "
-                  f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} {both / ours:>11.2f} "
-                  f"{err:>8.1e}")
+            for variant in variants:
+                ours = graph_time(lambda v=variant: gemv(x, w, gated=gated, kernel=v), calls, 5)
+                y = gemv(x, w, gated=gated, kernel=variant).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                r = dict(shape=name, variant=variant, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas,
+                         cublas_act_s=both, rel_err=err)
+                rows.append(r)
+                print(f"{name:12s} {variant:16s} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} "
+                      f"{cublas * 1e6:>9.1f} "
+                      f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} "
+                      f"{both / ours:>11.2f} {err:>8.1e}")
         w = act = None   # free the weight before the next shape's
         torch.cuda.empty_cache()
     if a.json:

@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["Arg", "KernelABI", "SharedLayout", "ROLES", "GridExprError"]
+__all__ = ["Arg", "KernelABI", "SharedLayout", "ROLES", "TENSOR_MAP_CTYPE", "GridExprError"]
 
 # What the launcher puts in an argument:
 #   input / output   a tensor's data pointer (ref: the tensor's name, or an output's index)
@@ -31,11 +31,17 @@ __all__ = ["Arg", "KernelABI", "SharedLayout", "ROLES", "GridExprError"]
 #   workspace        scratch the launcher allocates (split-KV partial results)
 #   dim              an integer size (ref: the dim or problem variable it carries)
 #   scalar           a runtime scalar parameter of the layer (ref: its name)
-ROLES = ("input", "output", "table", "workspace", "dim", "scalar")
+#   tmap             a TMA tensor map over an input tensor, passed by value (ref: the tensor's
+#                    name; the launcher encodes it, runtime/tma.py)
+ROLES = ("input", "output", "table", "workspace", "dim", "scalar", "tmap")
 
-# C parameter types -> the driver's argument kinds (runtime/driver.py).
+# C parameter types -> the driver's argument kinds (runtime/driver.py). A tensor map is a
+# 128-byte, 64-byte-aligned struct the kernel reads from the parameter space: it must be
+# `const __grid_constant__` (the address of a by-value parameter is then the parameter's own,
+# which TMA needs), and the driver copies its 128 bytes at launch.
+TENSOR_MAP_CTYPE = "const __grid_constant__ lf_tensor_map"
 _LAUNCH_TYPES = {"int": "i32", "unsigned": "u32", "long long": "i64", "unsigned long long": "u64",
-                 "float": "f32", "double": "f64", "bool": "bool"}
+                 "float": "f32", "double": "f64", "bool": "bool", "__grid_constant__ lf_tensor_map": "tmap"}
 
 
 class GridExprError(ValueError):
@@ -54,6 +60,9 @@ class Arg:
             raise ValueError(f"{self.name}: role must be one of {ROLES}, got {self.role!r}")
         if not self.name.isidentifier():
             raise ValueError(f"argument name {self.name!r} is not a C identifier")
+        if (self.role == "tmap") != (self.ctype == TENSOR_MAP_CTYPE):
+            raise ValueError(f"{self.name}: a tensor map has role 'tmap' and C type {TENSOR_MAP_CTYPE!r}, "
+                             f"got {self.role!r}, {self.ctype!r}")
         if not self.ref:
             object.__setattr__(self, "ref", self.name)
         self.launch_type  # validates the C type

@@ -14,8 +14,17 @@ and W tiles by cp.async into a ring of STAGES buffers in the 128-byte swizzle la
 descriptors read and signals each on a "full" mbarrier; two consumer warpgroups (64 rows each)
 run wgmma with both operands from shared memory, keep one k-slice of MMAs in flight and hand
 each buffer back on its "empty" mbarrier. The epilogue goes from the accumulators to memory.
-Not yet here: TMA loads (host-encoded tensor maps), a persistent tile scheduler, FP8 / 4-bit
-weights on this path (the small-token kernel has them).
+
+Two options, off by default until measured (benchmarks/NOTES.md, "Hopper GEMM: TMA loads and a
+persistent schedule"):
+    tma=True         one producer thread loads each stage by TMA (cp.async.bulk.tensor) from
+                     tensor maps the launcher encodes (runtime/tma.py; the kernel takes them by
+                     value instead of x's and W's pointers); the box's 128-byte swizzle is the
+                     layout the wgmma descriptors read and rows / columns outside the tensors
+                     arrive as zeros.
+    persistent=True  (needs tma) one CTA an SM walks the tiles in `tile_order`; the ring runs on
+                     across tiles, so the loads of the next tile overlap this tile's epilogue.
+Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
 
@@ -23,16 +32,29 @@ import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .abi import KernelABI, SharedLayout
+from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, check_product, product_args
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["GemmPlan", "plan_gemm", "BM"]
+__all__ = ["GemmPlan", "plan_gemm", "tile_order", "BM"]
 
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
 SHARED_LIMIT = 227 * 1024
+# A persistent grid walks bands of W's column tiles whose rows fit in this much L2 (H100 / H200:
+# 50 MB), so a band stays resident while every row tile of x passes it.
+L2_BAND_BYTES = 24 << 20
+
+
+def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]:
+    """(row tile, column tile) of the persistent grid's t-th tile: bands of `band` column tiles
+    (the last one narrower), each walked a row tile at a time with its columns fastest, so the
+    CTAs in flight share x's row tiles and the band's W rows stay in L2. The kernel computes the
+    same formula (lf_gemm_tile in templates/cuda/gemm_wgmma.cu.jinja)."""
+    b, r = divmod(t, band * tiles_m)
+    width = min(band, tiles_n - b * band)
+    return r // width, b * band + r % width
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,9 +71,13 @@ class GemmPlan(KernelPlan):
     stages: int = 4
     producer_regs: int = 40
     consumer_regs: int = 232
+    tma: bool = False            # x and W by TMA from tensor maps (the module's docstring)
+    persistent: bool = False     # one CTA an SM walking tile_order (needs tma)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
+        if self.persistent and not self.tma:
+            raise ValueError("gemm: the persistent schedule needs tma=True (the cp.async producer is one tile's)")
         if self.bn not in (64, 128, 256) or self.stages < 2:
             raise ValueError(f"gemm: bn must be 64, 128 or 256 and stages >= 2, got {self.bn}, {self.stages}")
         if self.arch != "sm_90a":
@@ -80,8 +106,27 @@ class GemmPlan(KernelPlan):
         if self.residual:
             parts.append("res")
         parts.append(f"bn{self.bn}s{self.stages}")
+        if self.tma:
+            parts.append("tma")
+        if self.persistent:
+            parts.append(f"persist{self.band}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
+
+    @property
+    def tiles_n(self) -> int:
+        return -(-self.n_out // self.bn_out)
+
+    @property
+    def band(self) -> int:
+        """Column tiles per band of the persistent schedule (tile_order)."""
+        return max(1, min(self.tiles_n, L2_BAND_BYTES // (self.bn * self.k * 2)))
+
+    @property
+    def tma_boxes(self) -> dict[str, tuple[int, int]]:
+        """(rows, columns) of the box each tensor map copies: x's 128 rows, W's BN rows (gated:
+        BN / 2, copied twice, gate rows then up rows), 64 columns (one 128-byte swizzle row)."""
+        return {"x": (BM, BK), "w": (self.bn // 2 if self.gated else self.bn, BK)}
 
     @property
     def shared_layout(self) -> SharedLayout:
@@ -103,12 +148,19 @@ class GemmPlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "n": self.n, "k": self.k, "gated": self.gated, "bias": self.bias,
-                "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages}
+                "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
+                **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {})}
 
 
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemmPlan) -> KernelABI:
-    return KernelABI(name=plan.kernel_name, args=tuple(product_args(plan)),
+    args = product_args(plan)
+    if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
+        args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
+    if plan.persistent:   # SMS: the device's multiprocessors
+        return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min(SMS, cdiv(M, {BM}) * {plan.tiles_n})",),
+                         block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
+    return KernelABI(name=plan.kernel_name, args=tuple(args),
                      grid=(f"cdiv({plan.n_out}, {plan.bn_out})", f"cdiv(M, {BM})"), block=(384,),
                      shared_bytes=plan.shared_bytes, problem=("M",))
 
@@ -120,15 +172,17 @@ def _render(plan: GemmPlan) -> str:
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, BN=plan.bn, STAGES=plan.stages, GATED=plan.gated, BIAS=plan.bias,
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
-                  CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}])
+                  CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
+                  PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
-              arch: str = "sm_90a", bn: int | None = None, stages: int | None = None) -> GemmPlan:
+              arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
+              persistent: bool = False) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
-    192 KB of shared memory, one CTA an SM)."""
+    192 KB of shared memory, one CTA an SM); tma and persistent: the module's docstring."""
     bn = 256 if bn is None else bn
     if stages is None:
         stages = max(2, min(6, (SHARED_LIMIT - 2048) // ((BM + bn) * BK * 2)))
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages)
+                    stages=stages, tma=tma, persistent=persistent)

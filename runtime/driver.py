@@ -7,7 +7,9 @@ a CUDA graph. Only cubins are loaded: PTX from a newer NVRTC may not JIT on an o
 
 Kernel arguments are described once (`("ptr", "ptr", "f32", "i32")`); per call they are
 written into per-thread ctypes slots whose addresses form the `void**` that cuLaunchKernel
-takes (the driver copies the values at launch, so reusing the slots is safe).
+takes (the driver copies the values at launch, so reusing the slots is safe). A TMA tensor
+map ("tmap", a `const __grid_constant__` kernel parameter) is 128 bytes copied by value into a
+64-byte-aligned slot the same way.
 
 Why not cuda.core's `launch` (measured on an H200, torch 2.11, cuda.core 1.2.0; see
 benchmarks/NOTES.md): a launch here costs 7.3 µs of host time against 7.7 µs through cuda.core
@@ -32,6 +34,13 @@ _ARG_TYPES = {
     "i32": ctypes.c_int32, "u32": ctypes.c_uint32, "i64": ctypes.c_int64, "u64": ctypes.c_uint64,
     "f32": ctypes.c_float, "f64": ctypes.c_double,
 }
+
+# The host image of a tensor map parameter (CUtensorMap: 128 opaque bytes, alignas(64) in C).
+# Its slot is over-allocated and used from a 64-byte boundary (ctypes aligns less): the driver
+# reads the parameter's bytes from there at launch.
+TensorMapParam = ctypes.c_uint8 * 128
+TENSOR_MAP_BYTES, TENSOR_MAP_ALIGN = 128, 64
+_ARG_TYPES["tmap"] = TensorMapParam
 _TYPE_NAMES = {t: name for name, t in _ARG_TYPES.items()}
 _SCALAR_CTYPES = frozenset(_ARG_TYPES.values()) | {ctypes.c_int8, ctypes.c_uint8,
                                                    ctypes.c_int16, ctypes.c_uint16}
@@ -253,24 +262,29 @@ def _make_packer(arg_types: tuple[type, ...]):
     local = threading.local()
 
     def slots() -> tuple:
-        values = tuple(t() for t in arg_types)
-        array = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(v) for v in values])
-        local.slots = (values, array, ctypes.addressof(array))  # array kept alive here
+        values = tuple(_slot(t) for t in arg_types)
+        addresses = [_slot_address(v, t) for v, t in zip(values, arg_types)]
+        array = (ctypes.c_void_p * max(n, 1))(*addresses)
+        local.slots = (values, array, ctypes.addressof(array), addresses)  # kept alive here
         return local.slots
 
     names = [f"a{i}" for i in range(n)]
     lines = ["def pack(args):",
-             "    try:", "        s, _, address = local.slots",
-             "    except AttributeError:", "        s, _, address = slots()",
+             "    try:", "        s, _, address, at = local.slots",
+             "    except AttributeError:", "        s, _, address, at = slots()",
              f"    {''.join(a + ', ' for a in names)}= args" if n else
              "    if len(args): raise ValueError"]
     for i, (a, t) in enumerate(zip(names, arg_types)):
+        if t is TensorMapParam:
+            lines.append(f"    memmove(at[{i}], _tensor_map_source({a}), {TENSOR_MAP_BYTES})")
+            continue
         # tensors take the fast path; ints, None and CUdeviceptr go through _pointer
         value = f"{a}.data_ptr() if {a}.__class__ in TENSORS else _pointer({a})" \
             if t is ctypes.c_void_p else a
         lines.append(f"    s[{i}].value = {value}")
     lines.append("    return address")
-    namespace = {"local": local, "slots": slots, "_pointer": _pointer,
+    namespace = {"local": local, "slots": slots, "_pointer": _pointer, "memmove": ctypes.memmove,
+                 "_tensor_map_source": _tensor_map_source,
                  "TENSORS": frozenset({torch.Tensor, torch.nn.Parameter})}
     exec("\n".join(lines), namespace)
     pack = namespace["pack"]
@@ -278,10 +292,33 @@ def _make_packer(arg_types: tuple[type, ...]):
     def checked_pack(args):
         try:
             return pack(args)
-        except (TypeError, ValueError) as e:  # slow path: say which argument is wrong
+        except (TypeError, ValueError, AttributeError) as e:  # slow path: say which argument is wrong
             raise TypeError(_describe_bad_args(arg_types, args)) from e
 
     return checked_pack
+
+
+def _slot(t: type):
+    """The ctypes object an argument of type `t` is written into (a tensor map's: with room to
+    start at a 64-byte boundary)."""
+    if t is TensorMapParam:
+        return (ctypes.c_uint8 * (TENSOR_MAP_BYTES + TENSOR_MAP_ALIGN - 1))()
+    return t()
+
+
+def _slot_address(slot, t: type) -> int:
+    address = ctypes.addressof(slot)
+    return -(-address // TENSOR_MAP_ALIGN) * TENSOR_MAP_ALIGN if t is TensorMapParam else address
+
+
+def _tensor_map_source(value: Any) -> bytes | int:
+    """What a tensor map argument's 128 bytes are copied from: bytes, or the host address of a
+    cuda.bindings CUtensorMap (runtime/tma.py encodes them)."""
+    if value.__class__ in (bytes, bytearray):
+        if len(value) != TENSOR_MAP_BYTES:
+            raise ValueError(f"a tensor map is {TENSOR_MAP_BYTES} bytes, got {len(value)}")
+        return bytes(value)
+    return value.getPtr()
 
 
 def _type_name(t: type) -> str:
@@ -294,7 +331,10 @@ def _describe_bad_args(arg_types: tuple[type, ...], args: Sequence[Any]) -> str:
         return f"kernel takes {len(arg_types)} arguments ({signature}), got {len(args)}"
     for i, (t, value) in enumerate(zip(arg_types, args)):
         try:
-            t().value = _pointer(value) if t is ctypes.c_void_p else value
-        except (TypeError, ValueError) as e:
+            if t is TensorMapParam:
+                _tensor_map_source(value)
+            else:
+                t().value = _pointer(value) if t is ctypes.c_void_p else value
+        except (TypeError, ValueError, AttributeError) as e:
             return f"argument {i} ({_type_name(t)}) cannot take {type(value).__name__} {value!r}: {e}"
     return f"bad kernel arguments for ({signature})"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..codegen.gemm import plan_gemm
 from ..codegen.gemv import GATED, plan_gemv
+from .tma import tensor_map
 
 # Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
 # 64 tokens the kernel is a GEMM tile in registers, measured in benchmarks/bench_gemv.py)
@@ -28,10 +29,13 @@ KERNEL_MAX_ROWS = 16
 # Calls of at least this many rows run the Hopper GEMM (codegen/gemm.py) on sm_90; off (a row
 # count no call has) until it is measured at least as fast as cuBLAS (benchmarks/bench_gemm.py)
 WGMMA_MIN_ROWS = 1 << 62
+# The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
+# TMA loads and the persistent schedule are not measured yet, benchmarks/NOTES.md)
+GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
-__all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS", "check_call",
-           "launch_gemv"]
+__all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
+           "check_call", "launch_gemv", "GEMM_KERNELS"]
 
 
 class LinearInputError(ValueError):
@@ -96,14 +100,32 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return c
 
 
-def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None):
-    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index)
+class _GemmLauncher:
+    """A loaded Hopper GEMM and what its variant adds per call: tensor maps of x and W in place
+    of their pointers (tma; runtime/tma.py caches them), the device's SM count (persistent)."""
+
+    __slots__ = ("plan", "launcher", "sms")
+
+    def __init__(self, plan, launcher, sms: int):
+        self.plan, self.launcher, self.sms = plan, launcher, sms
+
+    def __call__(self, rows: int, args: list) -> None:
+        if self.plan.tma:
+            boxes = self.plan.tma_boxes
+            args = [tensor_map(args[0], boxes["x"]), tensor_map(args[1], boxes["w"]), *args[2:]]
+        self.launcher((rows, self.sms) if self.plan.persistent else (rows,), args)
+
+
+def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
+                   variant: str = "wgmma") -> _GemmLauncher:
+    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import compile_plan, load_kernels
         plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
-                         residual=residual)
-        hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
+                         residual=residual, **GEMM_KERNELS[variant])
+        launcher = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
+        hit = _GemmLauncher(plan, launcher, torch.cuda.get_device_properties(x.device).multi_processor_count)
         _KERNELS[key] = hit
     return hit
 
@@ -124,21 +146,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     norm_offset)), then x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two
     output halves when `gated`, then + residual [..., N_out]; the generated kernel where it
     serves the call (see the module's docstring), torch otherwise. kernel="wgmma" runs the
-    Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot)."""
-    if kernel not in (None, "wgmma"):
-        raise LinearInputError(f"kernel must be None or 'wgmma', got {kernel!r}")
+    Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot); "wgmma_tma" and
+    "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS)."""
+    if kernel is not None and kernel not in GEMM_KERNELS:
+        raise LinearInputError(f"kernel must be None or one of {sorted(GEMM_KERNELS)}, got {kernel!r}")
     if weight.dim() != 2:
         raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     rows = check_call(x, n, k, bias, gated, residual, norm, norm_offset, out)
-    wgmma = norm is None and (kernel == "wgmma" or (kernel is None and WGMMA_MIN_ROWS <= rows)) and _gemm_ok(x, weight)
-    if kernel == "wgmma" and not wgmma:
-        raise LinearInputError("kernel='wgmma' needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 and no norm")
+    wgmma = norm is None and (kernel is not None or WGMMA_MIN_ROWS <= rows) and _gemm_ok(x, weight)
+    if kernel is not None and not wgmma:
+        raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
+                               "and no norm")
     if not wgmma and not _kernel_ok(x, weight, rows):
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
-    return launch_gemv(x, [w], n, k, bias, gated, residual, norm, norm_offset, out, cache, wgmma=wgmma)
+    return launch_gemv(x, [w], n, k, bias, gated, residual, norm, norm_offset, out, cache,
+                       wgmma=(kernel or "wgmma") if wgmma else None)
 
 
 def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, norm_offset, out) -> int:
@@ -171,9 +196,10 @@ def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, nor
 
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
                 norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
-                wgmma: bool = False) -> torch.Tensor:
+                wgmma: str | None = None) -> torch.Tensor:
     """Run the generated kernel on a call check_call accepted and the kernel serves; `weights`
-    are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales)."""
+    are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales);
+    `wgmma`: the Hopper GEMM variant (GEMM_KERNELS) instead of the small-token kernel."""
     n_out = n // 2 if gated else n
     lead = tuple(x.shape[:-1])
     rows = x.numel() // k
@@ -190,7 +216,7 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
     args = ([x2, *weights] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
             + ([gamma.contiguous()] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
     if wgmma:
-        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache)((rows,), args)
+        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma)(rows, args)
     else:
         _launcher(x, n, k, rows, gated, bias is not None, res is not None,
                   None if gamma is None else float(norm_offset), cache, wtype, group)((), args)

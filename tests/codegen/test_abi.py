@@ -3,7 +3,7 @@ and the manifest come; malformed descriptions are errors at construction."""
 import pytest
 
 import layerforge as lf
-from layerforge.codegen.abi import Arg, GridExprError, KernelABI, SharedLayout
+from layerforge.codegen.abi import TENSOR_MAP_CTYPE, Arg, GridExprError, KernelABI, SharedLayout
 from layerforge.codegen.attention_tc import plan_tc_attention, tile_candidates
 from layerforge.codegen.families import plans_for_layer
 
@@ -20,6 +20,17 @@ def test_signature_launch_types_and_grid_come_from_one_object():
     assert a.launch_types == ("ptr", "i64") and a.block == (128, 4, 1) and a.threads == 512
     assert a.grid_for(9) == a.grid_for(rows=9) == (3, 1, 1) and a.grid_for(0) == (0, 1, 1)
     assert a.grid_c == ("lf_cdiv(rows, 4)", "1", "1")
+
+
+def test_a_tensor_map_argument_is_passed_by_value_as_tmap():
+    a = abi(args=(Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("n", "long long", "dim", "rows")))
+    assert a.launch_types == ("tmap", "i64") and not a.args[0].is_pointer
+    assert a.signature.startswith("const __grid_constant__ lf_tensor_map x_map,")
+    assert KernelABI.from_json(a.to_json()) == a
+    with pytest.raises(ValueError, match="role 'tmap'"):
+        Arg("x_map", TENSOR_MAP_CTYPE, "input")
+    with pytest.raises(ValueError, match="role 'tmap'"):
+        Arg("x", "const float* __restrict__", "tmap")
 
 
 def test_grid_expressions_are_a_checked_subset():

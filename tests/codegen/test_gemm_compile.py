@@ -1,9 +1,10 @@
 """The Hopper GEMM (codegen/gemm.py): every specialisation the benchmark and the tests use
 renders and compiles for sm_90a without register spills, serialised wgmma or ignored
-setmaxnreg (no GPU needed); bad plans are clear errors."""
+setmaxnreg, with its TMA and persistent variants (no GPU needed); the persistent schedule
+visits every tile once; bad plans are clear errors."""
 import pytest
 
-from layerforge.codegen.gemm import plan_gemm
+from layerforge.codegen.gemm import BM, plan_gemm, tile_order
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -40,3 +41,77 @@ def test_gemm_plan_errors():
         plan_gemm("f32", n=64, k=64)
     p = plan_gemm("bf16", n=28672, k=4096, gated="silu")
     assert p.key == "gemm_n28672_k4096_bf16_silu_bn256s4_sm90a" and p.bn_out == 128 and p.stages == 4
+
+
+VARIANTS = [dict(tma=True), dict(tma=True, persistent=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tma", "persistent"])
+@pytest.mark.parametrize("bn", [128, 256])
+@pytest.mark.parametrize("n,k,gated", SHAPES)
+def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
+    for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
+        plan = plan_gemm(dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, bn=bn, **variant)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515"):
+            assert code not in res.log, (plan.key, res.log)
+        assert "cp.async.bulk.tensor.2d" in res.ptx and "cp.async.cg" not in res.ptx, plan.key
+        assert "prefetch.tensormap" in res.ptx
+
+
+def test_tma_plan_takes_tensor_maps_for_x_and_w():
+    plan = plan_gemm("bf16", n=28672, k=4096, gated="silu", bias=True, tma=True)
+    assert plan.key == "gemm_n28672_k4096_bf16_silu_bias_bn256s4_tma_sm90a"
+    assert plan.abi.launch_types == ("tmap", "tmap", "ptr", "ptr", "i32")
+    assert [(a.name, a.role, a.ref) for a in plan.abi.args[:2]] == [("x_map", "tmap", "x"), ("w_map", "tmap", "w")]
+    assert "const __grid_constant__ lf_tensor_map x_map" in plan.abi.signature
+    assert plan.tma_boxes == {"x": (128, 64), "w": (128, 64)}          # gated: BN / 2 rows, twice
+    assert plan_gemm("f16", n=4096, k=4096, bn=128, tma=True).tma_boxes["w"] == (128, 64)
+    assert plan.abi.grid_for(1000) == (112, 8, 1) and plan.shared_bytes == plan_gemm("bf16", n=28672, k=4096,
+                                                                                      gated="silu").shared_bytes
+
+
+@pytest.mark.parametrize("bn", [64, 128, 256])
+@pytest.mark.parametrize("gated", [None, "silu"])
+def test_tma_box_destinations_keep_the_swizzle_phase(bn, gated):
+    """TMA's 128-byte swizzle XORs with address bits 7-9, lf_sw128_offset with the row % 8: they
+    agree only where every box lands 1024-byte aligned (every stage; gated, the up rows' box)."""
+    plan = plan_gemm("bf16", n=4096, k=4096, gated=gated, bn=bn, tma=True)
+    offsets = plan.shared_layout.offsets
+    box_rows = plan.tma_boxes["w"][0]
+    starts = [offsets["sA"] + s * BM * 128 for s in range(plan.stages)]
+    starts += [offsets["sB"] + s * bn * 128 + h * box_rows * 128 for s in range(plan.stages)
+               for h in range(2 if gated else 1)]
+    assert all(a % 1024 == 0 for a in starts), starts
+    for r in range(16):   # the TMA pattern of a 128-byte row r, chunk c, against lf_sw128_offset
+        for c in range(8):
+            linear = r * 128 + c * 16
+            tma = linear ^ (((linear >> 7) & 7) << 4)
+            assert tma == r * 128 + (((c & 7) ^ (r & 7)) << 4)
+
+
+def test_persistent_plan_grid_is_the_sms_or_the_tiles():
+    plan = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True)
+    assert plan.abi.problem == ("M", "SMS") and plan.tiles_n == 24
+    assert plan.abi.grid_for(4096, 132) == (132, 1, 1) and plan.abi.grid_for(100, 132) == (24, 1, 1)
+    assert plan.band == 12 and plan.key.endswith("_tma_persist12_sm90a")   # 12 x 256 W rows x 8 KB: 24 MB
+    assert plan_gemm("bf16", n=8192, k=28672, tma=True, persistent=True).band == 1
+
+
+@pytest.mark.parametrize("tiles_m,tiles_n,band", [(1, 1, 1), (32, 24, 12), (7, 24, 12), (5, 13, 4), (3, 112, 12),
+                                                  (9, 5, 8), (64, 1, 1)])
+def test_tile_order_visits_every_tile_once_band_by_band(tiles_m, tiles_n, band):
+    band = min(band, tiles_n)
+    order = [tile_order(t, tiles_m, tiles_n, band) for t in range(tiles_m * tiles_n)]
+    assert sorted(order) == [(m, n) for m in range(tiles_m) for n in range(tiles_n)]
+    bands = [n // band for _, n in order]
+    assert bands == sorted(bands)                      # a band is finished before the next starts
+    first = order[:min(band, tiles_n)]                 # inside a band, columns fastest
+    assert first == [(0, n) for n in range(len(first))]
+
+
+def test_persistent_needs_tma():
+    with pytest.raises(ValueError, match="needs tma"):
+        plan_gemm("bf16", n=64, k=64, persistent=True)

@@ -1,10 +1,11 @@
 """The Hopper GEMM (codegen/gemm.py, sm_90 only) against float64: M from 1 to 4097 (tiles of
 128 rows, partial ones), N and K not multiples of the tiles, bf16 and f16, bias, the gated
-activations and the residual add, outputs poisoned with NaN first; graph capture."""
+activations and the residual add, outputs poisoned with NaN first; graph capture; each check
+for the cp.async kernel and its TMA and persistent variants (runtime/linear.GEMM_KERNELS)."""
 import pytest
 import torch
 
-from layerforge.runtime.linear import gemv
+from layerforge.runtime.linear import GEMM_KERNELS, gemv
 
 from ..seeding import seeded_generator
 from .products import reference
@@ -16,7 +17,10 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the wgmma GEMM needs an sm_90 GPU", allow_module_level=True)
 
 
-def check(m, n, k, dtype, gated=None, bias=False, residual=False):
+VARIANTS = sorted(GEMM_KERNELS)   # wgmma, wgmma_persistent, wgmma_tma
+
+
+def check(m, n, k, dtype, gated=None, bias=False, residual=False, kernel="wgmma"):
     gen = seeded_generator("gemm", m, n, k, dtype, gated, bias, residual)
     n_out = n // 2 if gated else n
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
@@ -24,34 +28,46 @@ def check(m, n, k, dtype, gated=None, bias=False, residual=False):
     b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
     r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
     out = torch.full((m, n_out), float("nan"), dtype=dtype, device="cuda")
-    gemv(x, w, b, gated=gated, residual=r, out=out, kernel="wgmma")
+    gemv(x, w, b, gated=gated, residual=r, out=out, kernel=kernel)
     ref = reference(x, w, b, gated, r)
     assert not torch.isnan(out).any()
     err = (out.double() - ref).norm() / ref.norm()
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("kernel", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 16, 127, 128, 1000, 4097])
 @pytest.mark.parametrize("n,k", [(4096, 14336), (5632, 2048), (1000, 3000), (24, 8)])
-def test_gemm_against_float64(m, n, k, dtype):
-    check(m, n, k, dtype)
+def test_gemm_against_float64(m, n, k, dtype, kernel):
+    check(m, n, k, dtype, kernel=kernel)
 
 
+@pytest.mark.parametrize("kernel", VARIANTS)
 @pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("m", [5, 300])
 @pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (2 * 5632, 2048), (48, 8)])
-def test_gemm_epilogues(m, n, k, gated):
-    check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True)
+def test_gemm_epilogues(m, n, k, gated, kernel):
+    check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True, kernel=kernel)
 
 
-def test_gemm_graph_capture():
+@pytest.mark.parametrize("m", [129, 5000])
+def test_persistent_grid_against_the_tile_count(m):
+    """The persistent grid with fewer tiles than SMs (129 tokens: 2 x 24 tiles) and more (5000:
+    40 x 24 on 132 SMs, each CTA walking several, the ring running on across them)."""
+    check(m, 6144, 4096, torch.bfloat16, kernel="wgmma_persistent")
+
+
+@pytest.mark.parametrize("kernel", VARIANTS)
+def test_gemm_graph_capture(kernel):
+    """The tensor maps are encoded before capture and copied into the graph like pointers: a
+    replay reads the captured tensors' new contents."""
     x = torch.randn(512, 4096, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(2 * 1024, 4096, dtype=torch.bfloat16, device="cuda") / 64
-    gemv(x, w, gated="silu", kernel="wgmma")
+    gemv(x, w, gated="silu", kernel=kernel)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = gemv(x, w, gated="silu", kernel="wgmma")
+        y = gemv(x, w, gated="silu", kernel=kernel)
     x.copy_(torch.randn_like(x))
     g.replay()
     ref = reference(x, w, None, "silu", None)

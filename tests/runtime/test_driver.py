@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from layerforge.runtime.driver import CudaDriverError, CudaModule, LoadedKernel, _dim3, _make_packer
+from layerforge.runtime.driver import CudaDriverError, CudaModule, LoadedKernel, TensorMapParam, _dim3, _make_packer
 from layerforge.runtime.nvrtc import CompileOptions, compile_cuda, default_arch
 
 from .kernels import REVERSE_IN_SMEM, SAXPY, SAXPY_ARGS
@@ -52,6 +52,34 @@ def test_packer_slots_are_per_thread():
     worker.join()
     assert there[0][0] != here and there[0][1] == [2]
     assert read_params(here, (I32,)) == [1]
+
+
+def test_packer_copies_a_tensor_map_by_value_into_a_64_byte_aligned_slot():
+    types = (PTR, TensorMapParam, I32, TensorMapParam)
+    pack = _make_packer(types)
+    first, second = bytes(range(128)), bytes(range(255, 127, -1))
+    array = (ctypes.c_void_p * 4).from_address(pack((0x1000, first, 7, bytearray(second))))
+    assert [array[i] % 64 for i in (1, 3)] == [0, 0]
+    assert ctypes.string_at(array[1], 128) == first and ctypes.string_at(array[3], 128) == second
+    assert PTR.from_address(array[0]).value == 0x1000 and I32.from_address(array[2]).value == 7
+
+
+def test_packer_copies_a_tensor_map_from_its_host_address():
+    class Map:   # what cuda.bindings' CUtensorMap offers: getPtr(), the address of its 128 bytes
+        def __init__(self, data):
+            self.buffer = ctypes.create_string_buffer(data, 128)
+
+        def getPtr(self):
+            return ctypes.addressof(self.buffer)
+
+    array = (ctypes.c_void_p * 1).from_address(_make_packer((TensorMapParam,))((Map(b"\x5a" * 128),)))
+    assert ctypes.string_at(array[0], 128) == b"\x5a" * 128
+
+
+@pytest.mark.parametrize("value, message", [(b"short", "tensor map is 128 bytes"), (5, "getPtr")])
+def test_packer_names_a_bad_tensor_map(value, message):
+    with pytest.raises(TypeError, match=f"argument 0 \\(tmap\\) cannot take .*{message}"):
+        _make_packer((TensorMapParam,))((value,))
 
 
 def test_packer_with_no_arguments():

@@ -1,0 +1,51 @@
+"""Tensor maps (runtime/tma.py): the parameters passed to cuTensorMapEncodeTiled for the GEMM's
+boxes, the layouts TMA refuses, and the cache (the encoding itself needs the driver library:
+GPU machines only)."""
+import pytest
+import torch
+
+from layerforge.runtime.tma import MapParams, map_params, tensor_map
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def test_x_and_w_maps_describe_rows_of_64_column_boxes_innermost_first():
+    x = torch.empty(1000, 4096, dtype=torch.bfloat16)
+    p = map_params(x, (128, 64))
+    assert p == MapParams(dtype="bf16", address=x.data_ptr(), global_dim=(4096, 1000), global_strides=(8192,),
+                          box_dim=(64, 128))
+    assert p.swizzle == "CU_TENSOR_MAP_SWIZZLE_128B" and p.oob_fill == "CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE"
+    assert p.element_strides == (1, 1) and p.interleave == "CU_TENSOR_MAP_INTERLEAVE_NONE"
+    w = torch.empty(28672, 4096, dtype=torch.float16)
+    assert map_params(w, (128, 64)).global_dim == (4096, 28672) and map_params(w, (128, 64)).dtype == "f16"
+
+
+def test_a_row_stride_wider_than_the_row_is_kept():
+    base = torch.empty(64, 4096 + 64, dtype=torch.bfloat16)
+    p = map_params(base[:, :4096], (128, 64))
+    assert p.global_dim == (4096, 64) and p.global_strides == ((4096 + 64) * 2,)
+
+
+@pytest.mark.parametrize("make, box, message", [
+    (lambda: torch.empty(8, 64, dtype=torch.float32), (8, 64), "bf16/f16"),
+    (lambda: torch.empty(8, 8, 64, dtype=torch.bfloat16), (8, 64), "2-D"),
+    (lambda: torch.empty(64, 16, dtype=torch.bfloat16).t(), (8, 64), "unit column stride"),
+    (lambda: torch.empty(8, 12, dtype=torch.bfloat16), (8, 64), "16-byte aligned"),       # 24-byte rows
+    (lambda: torch.empty(8, 72, dtype=torch.bfloat16)[:, 1:65], (8, 64), "16-byte aligned"),
+    (lambda: torch.empty(8, 64, dtype=torch.bfloat16), (8, 32), "64 columns"),
+    (lambda: torch.empty(8, 64, dtype=torch.bfloat16), (257, 64), "1..256 rows"),
+])
+def test_layouts_tma_cannot_take_are_errors(make, box, message):
+    with pytest.raises(ValueError, match=message):
+        map_params(make(), box)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_encoded_maps_are_cached_by_their_parameters():
+    x = torch.randn(300, 4096, dtype=torch.bfloat16, device="cuda")
+    first = tensor_map(x, (128, 64))
+    assert tensor_map(x, (128, 64)) is first
+    assert tensor_map(x[:200], (128, 64)) is not first                 # fewer rows: another map
+    assert len(first.opaque) == 16                                      # 128 opaque bytes
+    assert first.getPtr() % 64 == 0
