@@ -618,6 +618,12 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
     out: dict[str, Any] = {}
     for canon, (op, names) in recipes.items():
         ts = [have[n] for n in names]
+        if any(type(t).__name__ == "QuantPart" for t in ts):   # a quantised Linear (models/loading.py)
+            if op not in ("copy", "cat") or not all(type(t).__name__ == "QuantPart" for t in ts):
+                raise ConfigError(f"checkpoint: {names[0]} is quantised, and the {spec.model_type} model's "
+                                  f"{canon} needs it reordered ({op}): not served for quantised checkpoints")
+            out[canon] = ts[0] if op == "copy" else list(ts)
+            continue
         if op == "copy":
             t = ts[0]
         elif op == "cat":
@@ -709,7 +715,8 @@ def _check_shapes(spec: ModelSpec, tensors: Mapping[str, Any]) -> None:
     want = canonical_shapes(spec)
     assert set(want) == set(tensors), sorted(set(want) ^ set(tensors))
     for name, shape in want.items():
-        got = tuple(tensors[name].shape)
+        t = tensors[name]   # a list: quantised parts fused along N (models/loading.py)
+        got = (sum(p.shape[0] for p in t), t[0].shape[1]) if isinstance(t, list) else tuple(t.shape)
         if got != shape:
             raise ConfigError(f"checkpoint: {name} has shape {list(got)}, the config says {list(shape)}")
 

@@ -3,6 +3,12 @@ DecoderModel, without transformers.
 
     model = lf.from_pretrained("path/to/Llama-3-8B", dtype=torch.bfloat16, device="cuda")
     model.generate([[128000, 9906]], max_new_tokens=32)
+
+A checkpoint with a `quantization_config` of 4-bit AWQ (GEMM layout) or GPTQ (not act-order)
+loads its quantised projections as runtime/quant.QuantLinear modules in the kernel's u4 layout
+(fused q/k/v and gate/up concatenated along N): decode-sized steps run the weight-only
+quantised small-token product, longer ones dequantise. The model is built with float
+projections first, then they are replaced (loading needs the float model's memory for a moment).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from .families import canonical_state_dict, spec_from_config
 from .model import DecoderModel
 from .spec import ConfigError
 
-__all__ = ["from_pretrained", "checkpoint_files", "load_tensors"]
+__all__ = ["from_pretrained", "checkpoint_files", "load_tensors", "quant_config", "split_quantized"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -61,6 +67,108 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# ---- quantised checkpoints (AWQ GEMM, GPTQ: 4-bit weight-only) ---------------------------------
+_QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quant_config(config: dict) -> dict | None:
+    """What a config's `quantization_config` asks for, as the loader serves it: {"method": "awq"
+    | "gptq", "group": G, "zero_offset": 1 (GPTQ's classic format) or 0 (gptq_v2)}; None
+    without one. A method, bit width or layout the kernels do not serve is a ConfigError."""
+    q = config.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise ConfigError("config.json: quantization_config must be an object")
+    method = q.get("quant_method")
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not served "
+                          f"(4-bit 'awq' and 'gptq' are)")
+    if q.get("bits", q.get("w_bit", 4)) != 4:
+        raise ConfigError(f"config.json: quantization_config.bits {q.get('bits', q.get('w_bit'))!r}: only 4-bit "
+                          f"{method} checkpoints are served")
+    group = q.get("group_size", q.get("q_group_size"))
+    if not isinstance(group, int) or group not in (32, 64, 128):
+        raise ConfigError(f"config.json: quantization_config.group_size {group!r}: the kernel serves 32, 64 or 128")
+    if method == "awq":
+        version = str(q.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ConfigError(f"config.json: quantization_config.version {version!r}: only AWQ's 'gemm' layout is served")
+        if not q.get("zero_point", True):
+            raise ConfigError("config.json: quantization_config.zero_point false: AWQ without zero points is not served")
+        return {"method": "awq", "group": group, "zero_offset": 0}
+    fmt = str(q.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ConfigError(f"config.json: quantization_config.checkpoint_format {fmt!r} is not served (gptq, gptq_v2)")
+    return {"method": "gptq", "group": group, "zero_offset": 0 if fmt == "gptq_v2" else 1}
+
+
+class QuantPart:
+    """One quantised Linear of a checkpoint (its qweight, qzeros, scales, g_idx), standing in
+    for its `.weight` while the checkpoint is mapped to the model's names: `shape` is the
+    logical [N, K]; parts concatenated along N (fused q/k/v, gate/up) stay a list."""
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor], method: str):
+        self.name, self.tensors, self.method = name, tensors, method
+        missing = [x for x in ("qweight", "qzeros", "scales") if x not in tensors]
+        if missing:
+            raise ConfigError(f"checkpoint: {name}.{missing[0]} is missing beside {name}.qweight")
+        qw = tensors["qweight"]
+        n, k = (qw.shape[1] * 8, qw.shape[0]) if method == "awq" else (qw.shape[1], qw.shape[0] * 8)
+        self.shape = torch.Size((n, k))
+
+    def to_kernel(self, q: dict, dtype: torch.dtype):
+        from ..runtime.quant import awq_to_kernel, gptq_to_kernel
+        t = self.tensors
+        try:
+            if self.method == "awq":
+                return awq_to_kernel(t["qweight"], t["qzeros"], t["scales"], q["group"], dtype)
+            return gptq_to_kernel(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), q["group"], dtype,
+                                  q["zero_offset"])
+        except NotImplementedError as e:
+            raise ConfigError(f"checkpoint: {self.name}: {e}") from None
+
+
+def split_quantized(tensors: dict[str, torch.Tensor], method: str) -> dict[str, object]:
+    """The checkpoint's tensors with each quantised Linear's qweight/qzeros/scales/g_idx replaced
+    by one QuantPart under the name its float weight would have (`<linear>.weight`)."""
+    out: dict[str, object] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        base, _, leaf = name.rpartition(".")
+        if leaf in _QUANT_SUFFIXES:
+            parts.setdefault(base, {})[leaf] = t
+        else:
+            out[name] = t
+    for base, ts in parts.items():
+        if "qweight" not in ts:
+            raise ConfigError(f"checkpoint: {base}.{next(iter(ts))} without {base}.qweight")
+        out[f"{base}.weight"] = QuantPart(base, ts, method)
+    return out
+
+
+def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict, dtype: torch.dtype) -> None:
+    """Replace the model's Linears whose canonical weight is quantised (QuantPart, or a list of
+    them for a fused projection) by QuantLinears in the kernel's u4 layout; their biases too."""
+    from ..runtime.quant import QuantLinear, QuantWeight
+    for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list))]:
+        parts = weights.pop(name)
+        qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
+        qw = qws[0] if len(qws) == 1 else QuantWeight(
+            "u4", q["group"], torch.cat([w.qweight for w in qws]), torch.cat([w.wgroup for w in qws]), None,
+            sum(w.n for w in qws), qws[0].k, dtype)
+        path = name.removesuffix(".weight")
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (qw.n, qw.k):
+            raise ConfigError(f"checkpoint: the quantised {path} is [{qw.n}, {qw.k}], the model's is not a Linear of "
+                              f"that shape")
+        bias = weights.pop(f"{path}.bias", None)
+        bias = None if bias is None else bias.to(dtype)   # QuantLinear keeps its bias in its dtype
+        setattr(parent, attr, QuantLinear(qw, bias, cache=None).to(old.weight.device))
+
+
 def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = torch.bfloat16,
                     device: torch.device | str | None = None, page_size: int = 16, program=None,
                     kv_dtype: str | None = None, kv_scales: str = "per_tensor") -> DecoderModel:
@@ -77,9 +185,24 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     except ValueError as e:
         raise ConfigError(f"{config_path}: not JSON ({e})") from None
     spec = spec_from_config(config)
-    tensors = canonical_state_dict(spec, load_tensors(checkpoint_files(root)))
+    q = quant_config(config)
+    raw = load_tensors(checkpoint_files(root))
+    if q is not None:
+        raw = split_quantized(raw, q["method"])
+    tensors = canonical_state_dict(spec, raw)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model = DecoderModel(spec, dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program,
                          kv_dtype=kv_dtype, kv_scales=kv_scales)
-    model.load_state_dict(tensors, strict=True)
+    if q is None:
+        model.load_state_dict(tensors, strict=True)
+        return model.eval()
+    # the quantised projections become QuantLinears (activations in the model's dtype where it is
+    # 16-bit, else fp16 pairs); the rest loads as usual
+    td = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.float16
+    _quantised_modules(model, tensors, q, td)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quant_buffers = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    missing = [k for k in missing if k.rpartition(".")[0] not in quant_buffers]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
     return model.eval()

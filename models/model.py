@@ -103,6 +103,14 @@ class Norm(torch.nn.Module):
         return y, s
 
 
+def _product(lin: torch.nn.Module, x: torch.Tensor, **epilogue) -> torch.Tensor:
+    """A projection with the fused prologue/epilogue (runtime/linear.gemv's keywords): a float
+    Linear's weight through gemv; a quantised one (runtime/quant.QuantLinear) through its own."""
+    if isinstance(lin, torch.nn.Linear):
+        return gemv(x, lin.weight, lin.bias, **epilogue)
+    return lin(x, **epilogue)
+
+
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
@@ -164,8 +172,8 @@ class Attention(torch.nn.Module):
     def fused(self, x: torch.Tensor, ctx: StepContext, norm, offset: float) -> torch.Tensor:
         """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue and the
         residual add in the output product's epilogue (the small-token kernel: runtime/linear.py)."""
-        qkv = gemv(x, self.qkv.weight, self.qkv.bias, norm=norm, norm_offset=offset)
-        return gemv(self._attend(qkv, ctx), self.o.weight, self.o.bias, residual=x)
+        qkv = _product(self.qkv, x, norm=norm, norm_offset=offset)
+        return _product(self.o, self._attend(qkv, ctx), residual=x)
 
     def _attend(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = qkv.shape[0]
@@ -203,10 +211,10 @@ class MLP(torch.nn.Module):
         """r + mlp(norm(r)): the norm in the first product's prologue, the gated activation in its
         epilogue, the residual add in the down product's epilogue."""
         if self.gated:
-            h = gemv(r, self.gate_up.weight, self.gate_up.bias, gated=self.activation, norm=norm, norm_offset=offset)
+            h = _product(self.gate_up, r, gated=self.activation, norm=norm, norm_offset=offset)
         else:
-            h = self.act(gemv(r, self.up.weight, self.up.bias, norm=norm, norm_offset=offset))
-        return gemv(h, self.down.weight, self.down.bias, residual=r)
+            h = self.act(_product(self.up, r, norm=norm, norm_offset=offset))
+        return _product(self.down, h, residual=r)
 
 
 class DecoderLayer(torch.nn.Module):

@@ -136,6 +136,39 @@ def test_fused_decode_step_equals_unfused(loaded, name):
         _close(runs[True, False][4][1], hf(torch.tensor([seq], device="cuda")).logits[0, -1])
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_quantised_checkpoint_decodes_on_the_gpu(tmp_path, method):
+    """A 4-bit AWQ / GPTQ tiny Llama in bf16 on the GPU: decode steps on the fused quantised
+    products (QuantLinear through DecoderLayer.fused) equal the unfused steps and follow
+    transformers with the dequantised weights."""
+    import layerforge as lf
+
+    from ..models.test_quantized_pretrained import quantised_checkpoint
+    hf = quantised_checkpoint("llama", tmp_path, method, head_dim=64).to("cuda")
+    ours = lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 12)]
+    runs = {}
+    for fused in (True, False):
+        ours.fused_decode = fused
+        eng = Engine(ours, max_seqs=2, max_seq_len=64, cuda_graphs=False)
+        for p in prompts:
+            eng.add(p)
+        out = []
+        for step in range(4):
+            res = eng.step()
+            out.append(torch.stack([res[s] for s in range(2)]))
+            for s in range(2):
+                eng.feed(s, (step * 5 + s) % 96)
+        runs[fused] = out
+    ours.fused_decode = True
+    for step in range(1, 4):
+        _close(runs[True][step], runs[False][step], rel=2e-2)
+    seq = prompts[0] + [(step * 5) % 96 for step in range(3)]
+    with torch.no_grad():
+        _close(runs[True][3][0], hf(torch.tensor([seq], device="cuda")).logits[0, -1])
+
+
 @pytest.fixture(scope="module")
 def loaded_f32(tmp_path_factory):
     return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.float32, device="cuda")

@@ -1,0 +1,99 @@
+"""4-bit AWQ and GPTQ checkpoints through lf.from_pretrained (CPU): a tiny random Llama / Qwen2
+whose projections are quantised (round to nearest, group 32) and written in each format's
+layout by the test's own packers (tests/runtime/quant_formats.py) gives the logits of the same
+transformers model holding the dequantised weights; fused q/k/v and gate/up become one
+QuantLinear each; bad quantisation configs are one-line ConfigErrors naming the key."""
+import json
+
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.models.spec import ConfigError
+from layerforge.runtime.quant import QuantLinear, quantize_u4
+
+from ..runtime.quant_formats import awq_tensors, format_dequant, gptq_tensors
+from .hf_tiny import make_tiny
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUP = 32
+
+
+def quantised_checkpoint(name, folder, method, group=GROUP, head_dim=16, **extra_config):
+    """The tiny model saved in `folder` with its projections in `method`'s layout; returns the
+    transformers model with the dequantised weights (the checkpoint's meaning)."""
+    hf = make_tiny(name, folder, head_dim=head_dim)
+    state = {k: v for k, v in hf.state_dict().items()}
+    out = {}
+    with torch.no_grad():
+        for key, w in state.items():
+            base, _, leaf = key.rpartition(".")
+            if leaf != "weight" or base.rpartition(".")[2] not in PROJ:
+                out[key] = w.contiguous()
+                continue
+            q, z, s = quantize_u4(w, group)                         # [N, K], [N, K / G]
+            q, z, s = q.T.contiguous(), z.T.contiguous(), s.T.contiguous()
+            if method == "awq":
+                qweight, qzeros, scales = awq_tensors(q, z, s)
+                out.update({f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales})
+            else:
+                qweight, qzeros, scales, g_idx = gptq_tensors(q, z, s, group)
+                out.update({f"{base}.qweight": qweight, f"{base}.qzeros": qzeros, f"{base}.scales": scales,
+                            f"{base}.g_idx": g_idx})
+            hf.get_submodule(base).weight.copy_(format_dequant(q, z, s, group).float())
+    out.pop("lm_head.weight", None) if hf.config.tie_word_embeddings else None
+    safetensors_torch.save_file(out, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = {"quant_method": method, "bits": 4, "group_size": group}
+    qc.update({"zero_point": True, "version": "gemm"} if method == "awq" else {"desc_act": False, "sym": False})
+    qc.update(extra_config)
+    cfg["quantization_config"] = qc
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return hf
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_quantised_checkpoint_logits(tmp_path, name, method):
+    hf = quantised_checkpoint(name, tmp_path, method)
+    ours = lf.from_pretrained(tmp_path, dtype=torch.float32)
+    layer = ours.layers[0]
+    assert isinstance(layer.attn.qkv, QuantLinear) and isinstance(layer.mlp.gate_up, QuantLinear)
+    assert isinstance(layer.attn.o, QuantLinear) and isinstance(layer.mlp.down, QuantLinear)
+    assert layer.attn.qkv.qw.n == hf.config.hidden_size + 2 * hf.config.num_key_value_heads * (
+        hf.config.hidden_size // hf.config.num_attention_heads)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    got = ours(ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qc, match", [
+    ({"quant_method": "bitsandbytes"}, "quant_method"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 32}, "bits"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 48}, "group_size"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"}, "checkpoint_format"),
+])
+def test_bad_quantisation_configs(tmp_path, qc, match):
+    quantised_checkpoint("llama", tmp_path, "awq")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        lf.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_act_order_gptq_is_a_clear_error(tmp_path):
+    quantised_checkpoint("llama", tmp_path, "gptq")
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.g_idx"
+    t[key] = torch.flip(t[key], [0]).contiguous()
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match="act-order"):
+        lf.from_pretrained(tmp_path, dtype=torch.float32)
