@@ -158,6 +158,9 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
             "u4", q["group"], torch.cat([w.qweight for w in qws]), torch.cat([w.wgroup for w in qws]), None,
             sum(w.n for w in qws), qws[0].k, dtype)
         path = name.removesuffix(".weight")
+        if not path.startswith("layers."):
+            raise ConfigError(f"checkpoint: {path} is quantised: only the decoder layers' projections are served "
+                              f"quantised (the LM head and embeddings stay in the model's dtype)")
         parent_name, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
