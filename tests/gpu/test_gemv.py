@@ -151,8 +151,11 @@ def test_every_swept_split_is_correct(split, gated, m):
     from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
     rt, warps, stages = split
     n, k = (2 * 1000, 3000) if gated else (1000, 3000)
-    plan = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, residual=True, arch=device_arch(), rt=rt, warps=warps,
-                     stages=stages)
+    try:
+        plan = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, residual=True, arch=device_arch(), rt=rt,
+                         warps=warps, stages=stages)
+    except ValueError as e:   # more shared memory than a CTA has: the sweep skips it too
+        pytest.skip(str(e))
     launch = load_kernels(compile_plan(plan).cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
     gen = seeded_generator("gemv-split", split, gated, m)
     n_out = n // 2 if gated else n
