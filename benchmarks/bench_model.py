@@ -2,6 +2,7 @@
 (8 layers by default, random weights, bf16).
 
     python -m benchmarks.bench_model [--layers 8] [--context 2048] [--batches 1,8,64] [--no-compile]
+                                     [--weights u4|i8|f8e4m3]   (our projections quantised)
 
 Decode (one new token per sequence, `context` tokens already cached), per step:
   step        Engine.step() with CUDA-graph replay + argmax + feed (the host waits for every token)
@@ -60,6 +61,15 @@ def weight_bytes(spec, batch: int) -> int:
     H, Fd, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
     per_layer = H * spec.qkv_size + spec.num_heads * spec.head_dim * H + 3 * H * Fd + 2 * H
     return 2 * (L * per_layer + spec.vocab_size * H + H + batch * H)
+
+
+def model_weight_bytes(ours, batch: int) -> int:
+    """Bytes a decode step reads of the model as it is (quantised projections at their packed
+    size): every parameter and buffer but the embedding table, of which `batch` rows."""
+    emb = ours.embed.weight
+    total = sum(t.numel() * t.element_size() for t in list(ours.parameters()) + list(ours.buffers())
+                if t.data_ptr() != emb.data_ptr())
+    return total + batch * emb.shape[1] * emb.element_size()
 
 
 def kv_bytes(spec, batch: int, context: int) -> int:
@@ -255,12 +265,18 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the kernels of a batch-1 decode step")
     ap.add_argument("--profile-hf", action="store_true", help="print the ops of transformers' eager decode step")
     ap.add_argument("--profile-generate", action="store_true", help="cProfile the host side of generate()")
+    ap.add_argument("--weights", default="bf16", choices=["bf16", "u4", "i8", "f8e4m3"],
+                    help="quantise our projections (DecoderModel.quantize_; u4 group 128, i8 / f8e4m3 per row); "
+                         "the roofline counts the packed bytes; transformers stays bf16")
     ap.add_argument("--unfused", action="store_true",
                     help="also the decode step with model.fused_decode = False (norm, activation and add kernels, cuBLAS)")
     args = ap.parse_args()
     from .bench_rows import copy_ceiling
     bw = copy_ceiling()
     cfg, hf, ours, spec = make_models(args.layers)
+    if args.weights != "bf16":
+        ours.quantize_(args.weights, 128 if args.weights == "u4" else 0)
+        torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s  Llama-3-8B shape, {args.layers} layers, bf16, "
           f"context {args.context}")
     if args.profile:
@@ -275,7 +291,8 @@ def main() -> None:
                                                                 profile=args.profile_hf and B == 1)
         flash = float("nan") if args.no_hf else bench_hf_decode(hf, cfg, B, args.context, args.steps, compiled=False, flash=True)
         comp = float("nan") if args.no_compile or args.no_hf else bench_hf_decode(hf, cfg, B, args.context, args.steps, True)
-        roof = (weight_bytes(spec, B) + kv_bytes(spec, B, args.context)) / bw
+        wb = weight_bytes(spec, B) if args.weights == "bf16" else model_weight_bytes(ours, B)
+        roof = (wb + kv_bytes(spec, B, args.context)) / bw
         rows.append(dict(kind="decode", batch=B, ours_ms=full * 1e3, graph_ms=replay * 1e3, generate_ms=gen * 1e3,
                          hf_eager_ms=eager * 1e3, hf_eager_flash_ms=flash * 1e3,
                          hf_compiled_ms=comp * 1e3, roofline_ms=roof * 1e3))

@@ -399,6 +399,23 @@ class DecoderModel(torch.nn.Module):
             return self._softcap(logits)
         return self.logits(self.final_norm(x) if residual is None else self.final_norm.add(x, residual)[0])
 
+    @torch.no_grad()
+    def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "DecoderModel":
+        """Quantise the decoder layers' projections in place (round to nearest: runtime/quant.py
+        QuantLinear.from_float; u4 per group, i8 per row or group, f8e4m3 per row or 128 x 128
+        block): decode steps then run the quantised small-token products. The embeddings and the
+        LM head stay in the model's dtype. Returns the model."""
+        from ..runtime.quant import QuantLinear
+        td = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.float16
+        for layer in self.layers:
+            for owner, attr in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "up"),
+                                (layer.mlp, "down")):
+                lin = getattr(owner, attr, None)
+                if isinstance(lin, torch.nn.Linear):
+                    q = QuantLinear.from_float(lin.weight.detach(), group_size, lin.bias, wtype=wtype, dtype=td)
+                    setattr(owner, attr, q.to(lin.weight.device))
+        return self
+
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether a step over x (the embeddings, [T, H]) runs the layers as small-token products
         with the norms and residual adds fused in (DecoderLayer.fused): decode-sized steps (at

@@ -97,3 +97,22 @@ def test_act_order_gptq_is_a_clear_error(tmp_path):
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError, match="act-order"):
         lf.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("wtype, group", [("u4", 32), ("i8", 0)])
+def test_quantize_in_place_gives_the_dequantised_models_logits(tmp_path, wtype, group):
+    """DecoderModel.quantize_ replaces every projection by a QuantLinear; its logits are those of
+    the same model holding the dequantised weights (CPU: the torch path of the products)."""
+    make_tiny("llama", tmp_path)
+    model = lf.from_pretrained(tmp_path, dtype=torch.float32)
+    model.quantize_(wtype, group)
+    ref = lf.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        for a, b in zip(model.layers, ref.layers):
+            for owner_a, owner_b, attr in ((a.attn, b.attn, "qkv"), (a.attn, b.attn, "o"), (a.mlp, b.mlp, "gate_up"),
+                                           (a.mlp, b.mlp, "down")):
+                q = getattr(owner_a, attr)
+                assert isinstance(q, QuantLinear)
+                getattr(owner_b, attr).weight.copy_(q.dequantized().float())
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(ids), ref(ids), rtol=1e-4, atol=1e-4)
