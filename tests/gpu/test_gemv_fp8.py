@@ -12,7 +12,7 @@ import torch
 from layerforge.runtime.quant import QuantLinear, dequantize, dequantize_fp8_rows, gemv_quant, quantize_fp8_rows
 
 from ..seeding import seeded_generator
-from .products import ACT
+from .products import ACT, replayed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an sm_89+ GPU")]
@@ -131,10 +131,5 @@ def test_graph_capture():
     gen = seeded_generator("gemv-fp8-graph")
     lin = fp8_linear(4096, 4096, 128, gen, bias=True)
     x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
-    lin(x)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = lin(x)
-    x.copy_(torch.randn_like(x))
-    g.replay()
+    y = replayed(lin, x)
     assert rel_err(y, w8a8_reference(x, lin, bias=lin.bias)) < 1e-2
