@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
-from .gemv import _TYPES, check_product, product_args
-from .plan import KernelPlan
+from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
 __all__ = ["GemmPlan", "plan_gemm", "tile_order", "BM"]
@@ -58,14 +57,8 @@ def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
-class GemmPlan(KernelPlan):
+class GemmPlan(ProductPlan):
     family: ClassVar[str] = "gemm"
-    dtype: str                   # "bf16" | "f16": x, W, bias, residual and y
-    n: int                       # W's rows (gated: 2 x the output columns)
-    k: int                       # the reduction length, a multiple of 8
-    gated: str | None = None
-    bias: bool = False
-    residual: bool = False
     arch: str = "sm_90a"
     bn: int = 256                # W rows per CTA tile (the wgmma N)
     stages: int = 4
@@ -86,10 +79,6 @@ class GemmPlan(KernelPlan):
             raise ValueError(f"gemm: register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
         if self.shared_bytes > SHARED_LIMIT:
             raise ValueError(f"gemm: {self.shared_bytes} bytes of shared memory pass the {SHARED_LIMIT} a CTA can have")
-
-    @property
-    def n_out(self) -> int:
-        return self.n // 2 if self.gated else self.n
 
     @property
     def bn_out(self) -> int:

@@ -50,7 +50,7 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["GemvPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
+__all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
            "FP8_MIN_ARCH"]
 
 MAX_M = 64
@@ -64,15 +64,26 @@ QUANT_SHARED_BUDGET = 160 * 1024  # the default stages of a quantised plan keep 
 
 
 @dataclass(frozen=True, kw_only=True)
-class GemvPlan(KernelPlan):
-    family: ClassVar[str] = "gemv"
+class ProductPlan(KernelPlan):
+    """What every matrix-product plan has (GemvPlan, codegen/gemm.py's GemmPlan): y = x @ W^T
+    with W [n, k] as torch.nn.Linear stores it, then the epilogue (bias, gated activation over
+    W's two row halves, residual)."""
     dtype: str                   # "bf16" | "f16": x, W, bias, residual and y
     n: int                       # W's rows (gated: 2 x the output columns)
     k: int                       # the reduction length (W's columns), a multiple of 8
-    max_m: int = 8               # tokens the kernel serves: 8, 16, 32 or 64 (n8 tiles of tokens)
     gated: str | None = None     # None | "silu" | "gelu" (erf) | "gelu_tanh"
     bias: bool = False
     residual: bool = False
+
+    @property
+    def n_out(self) -> int:
+        return self.n // 2 if self.gated else self.n
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemvPlan(ProductPlan):
+    family: ClassVar[str] = "gemv"
+    max_m: int = 8               # tokens the kernel serves: 8, 16, 32 or 64 (n8 tiles of tokens)
     arch: str = "sm_90"
     norm: str | None = None      # None | "rms": RMSNorm of x (weight gamma [K], eps) in the prologue
     norm_offset: float = 0.0     # 0: x * gamma; 1: x * (1 + gamma) (Gemma)
@@ -112,10 +123,6 @@ class GemvPlan(KernelPlan):
                                  f"(rows of 16-byte pieces of W)")
         if _arch_number(self.arch) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
-
-    @property
-    def n_out(self) -> int:
-        return self.n // 2 if self.gated else self.n
 
     @property
     def key(self) -> str:

@@ -84,6 +84,12 @@ class Norm(torch.nn.Module):
         self._kernels = (LayerModule(program.specialise(plain, H=size, dtype=dtype), eps=self.eps),
                          LayerModule(program.specialise(fused, H=size, dtype=dtype), eps=self.eps) if fused else None)
 
+    @property
+    def prologue(self) -> dict[str, Any]:
+        """This RMSNorm as a product's prologue (runtime/linear.gemv's norm, norm_offset keywords):
+        Gemma's scale is 1 + w."""
+        return {"norm": (self.weight, self.eps), "norm_offset": 1.0 if self.kind == "rms_1p" else 0.0}
+
     def _tensors(self, **inputs) -> dict[str, torch.Tensor]:
         inputs["w"] = self.weight
         if self.bias is not None:
@@ -169,10 +175,10 @@ class Attention(torch.nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return self.o(self._attend(self.qkv(x), ctx))
 
-    def fused(self, x: torch.Tensor, ctx: StepContext, norm, offset: float) -> torch.Tensor:
-        """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue and the
-        residual add in the output product's epilogue (the small-token kernel: runtime/linear.py)."""
-        qkv = _product(self.qkv, x, norm=norm, norm_offset=offset)
+    def fused(self, x: torch.Tensor, ctx: StepContext, prologue: dict) -> torch.Tensor:
+        """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue (Norm.prologue)
+        and the residual add in the output product's epilogue (the small-token kernel: runtime/linear.py)."""
+        qkv = _product(self.qkv, x, **prologue)
         return _product(self.o, self._attend(qkv, ctx), residual=x)
 
     def _attend(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -207,13 +213,13 @@ class MLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate_up(x) if self.gated else self.up(x)))
 
-    def fused(self, r: torch.Tensor, norm, offset: float) -> torch.Tensor:
-        """r + mlp(norm(r)): the norm in the first product's prologue, the gated activation in its
-        epilogue, the residual add in the down product's epilogue."""
+    def fused(self, r: torch.Tensor, prologue: dict) -> torch.Tensor:
+        """r + mlp(norm(r)): the norm in the first product's prologue (Norm.prologue), the gated
+        activation in its epilogue, the residual add in the down product's epilogue."""
         if self.gated:
-            h = _product(self.gate_up, r, gated=self.activation, norm=norm, norm_offset=offset)
+            h = _product(self.gate_up, r, gated=self.activation, **prologue)
         else:
-            h = self.act(_product(self.up, r, norm=norm, norm_offset=offset))
+            h = self.act(_product(self.up, r, **prologue))
         return _product(self.down, h, residual=r)
 
 
@@ -252,9 +258,8 @@ class DecoderLayer(torch.nn.Module):
     def fused(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The layer on the residual stream x (sequential residual, RMSNorms): x + attn + mlp, four
         small-token products with the norms and residual adds fused in (DecoderModel.fuses)."""
-        off = 1.0 if self.attn_norm.kind == "rms_1p" else 0.0
-        r = self.attn.fused(x, ctx, (self.attn_norm.weight, self.attn_norm.eps), off)
-        return self.mlp.fused(r, (self.mlp_norm.weight, self.mlp_norm.eps), off)
+        r = self.attn.fused(x, ctx, self.attn_norm.prologue)
+        return self.mlp.fused(r, self.mlp_norm.prologue)
 
 
 class DecoderModel(torch.nn.Module):
@@ -366,7 +371,9 @@ class DecoderModel(torch.nn.Module):
     def hidden(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None, *,
                prompt_table=None, tasks=None) -> torch.Tensor:
         """The final-norm hidden states of `rows` (all tokens when None) after a step's layers."""
-        x, residual = self._layers(tokens, ctx, rows, prompt_table, tasks)
+        return self._final_norm(*self._layers(tokens, ctx, rows, prompt_table, tasks))
+
+    def _final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.final_norm(x) if residual is None else self.final_norm.add(x, residual)[0]
 
     def _layers(self, tokens, ctx, rows, prompt_table, tasks) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -393,11 +400,9 @@ class DecoderModel(torch.nn.Module):
         small-token product with the final norm in its prologue (no norm kernel)."""
         x, residual = self._layers(tokens, ctx, rows, prompt_table, tasks)
         if residual is None and x.shape[0] <= HEAD_FUSED_ROWS:
-            n = self.final_norm
-            logits = gemv(x, self.head_weight(), None if self.lm_head is None else self.lm_head.bias,
-                          norm=(n.weight, n.eps), norm_offset=1.0 if n.kind == "rms_1p" else 0.0)
-            return self._softcap(logits)
-        return self.logits(self.final_norm(x) if residual is None else self.final_norm.add(x, residual)[0])
+            return self._softcap(gemv(x, self.head_weight(), None if self.lm_head is None else self.lm_head.bias,
+                                      **self.final_norm.prologue))
+        return self.logits(self._final_norm(x, residual))
 
     @torch.no_grad()
     def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "DecoderModel":

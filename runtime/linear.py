@@ -32,7 +32,7 @@ WGMMA_MIN_ROWS = 1 << 62
 # The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
 # TMA loads and the persistent schedule are not measured yet, benchmarks/NOTES.md)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}   # device index -> compute capability
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -44,7 +44,6 @@ class LinearInputError(ValueError):
 
 _ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 _KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, norm, device, wtype, group) -> launcher
-_MAJOR: dict[int, int] = {}          # device index -> compute capability major
 
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
@@ -132,10 +131,7 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
 
 def device_major(device: torch.device) -> int:
     """The compute capability's major number of a CUDA device (cached: no driver call per step)."""
-    m = _MAJOR.get(device.index)
-    if m is None:
-        m = _MAJOR[device.index] = torch.cuda.get_device_capability(device)[0]
-    return m
+    return _capability(device)[0]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: str | None = None,

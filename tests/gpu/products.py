@@ -11,7 +11,11 @@ def reference(x, w, b, gated, r, norm=None, offset=0.0):
     if norm is not None:
         xd = x.double()
         x = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1]) * (norm[0].double() + offset)
-    y = x.double() @ w.double().T
+    return epilogue(x.double() @ w.double().T, b, gated, r)
+
+
+def epilogue(y, b, gated, r):
+    """The product's epilogue on y (float64): + bias, act(gate) * up over its halves, + residual."""
     if b is not None:
         y = y + b.double()
     if gated:

@@ -12,7 +12,7 @@ import torch
 from layerforge.runtime.quant import QuantLinear, dequantize, dequantize_fp8_rows, gemv_quant, quantize_fp8_rows
 
 from ..seeding import seeded_generator
-from .products import ACT, replayed
+from .products import epilogue, replayed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs an sm_89+ GPU")]
@@ -41,12 +41,7 @@ def w8a8_reference(x, lin, gated=None, bias=None, r=None, norm=None, offset=0.0)
     if norm is not None:
         xd = x.double()
         y = y * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1])
-    if bias is not None:
-        y = y + bias.double()
-    if gated:
-        g, up = y.chunk(2, -1)
-        y = ACT[gated](g) * up
-    return y if r is None else y + r.double()
+    return epilogue(y, bias, gated, r)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])

@@ -101,6 +101,27 @@ def test_greedy_generation_from_self_feeding_graphs_equals_eager(loaded):
     ours.release_engine()
 
 
+def decode_logits(model, prompts, steps, token, *, fused=True, graphs=False):
+    """The logits [len(prompts), V] of each of `steps` engine steps (the prompts' prefill, then
+    decode), with model.fused_decode = `fused` (restored after) and CUDA graphs or eager steps;
+    after step i, sequence s is fed token(i, s, logits so far)."""
+    model.fused_decode = fused
+    try:
+        eng = Engine(model, max_seqs=len(prompts), max_seq_len=64, cuda_graphs=graphs,
+                     graph_buckets=(len(prompts),))
+        for p in prompts:
+            eng.add(p)
+        out = []
+        for step in range(steps):
+            res = eng.step()
+            out.append(torch.stack([res[s] for s in range(len(prompts))]))
+            for s in range(len(prompts)):
+                eng.feed(s, token(step, s, out))
+        return out
+    finally:
+        model.fused_decode = True
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "qwen3", "phi3"])
 def test_fused_decode_step_equals_unfused(loaded, name):
     """Decode steps on the fused small-token products (norms in the prologues, activation and
@@ -112,22 +133,11 @@ def test_fused_decode_step_equals_unfused(loaded, name):
     x = torch.zeros(3, ours.spec.hidden_size, dtype=torch.bfloat16, device="cuda")
     assert ours.fuses(x) and not ours.fuses(torch.zeros(17, ours.spec.hidden_size, dtype=torch.bfloat16,
                                                            device="cuda"))
-    runs = {}
-    for fused, graphs in ((True, False), (False, False), (True, True)):
-        ours.fused_decode = fused
-        try:
-            eng = Engine(ours, max_seqs=3, max_seq_len=64, cuda_graphs=graphs, graph_buckets=(3,))
-            for p in prompts:
-                eng.add(p)
-            out = []
-            for step in range(5):
-                res = eng.step()
-                out.append(torch.stack([res[s] for s in range(3)]))
-                for s in range(3):
-                    eng.feed(s, int(out[0][s].argmax()) if step == 0 else (step * 7 + s) % 96)
-            runs[fused, graphs] = out
-        finally:
-            ours.fused_decode = True
+
+    def token(step, s, out):   # the prefill's greedy token, then fixed ones
+        return int(out[0][s].argmax()) if step == 0 else (step * 7 + s) % 96
+    runs = {(fused, graphs): decode_logits(ours, prompts, 5, token, fused=fused, graphs=graphs)
+            for fused, graphs in ((True, False), (False, False), (True, True))}
     for step in range(1, 5):   # decode steps
         _close(runs[True, False][step], runs[False, False][step], rel=2e-2)
         _close(runs[True, True][step], runs[True, False][step], rel=1e-2)
@@ -148,20 +158,8 @@ def test_quantised_checkpoint_decodes_on_the_gpu(tmp_path, method):
     ours = lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
     g = torch.Generator().manual_seed(12)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 12)]
-    runs = {}
-    for fused in (True, False):
-        ours.fused_decode = fused
-        eng = Engine(ours, max_seqs=2, max_seq_len=64, cuda_graphs=False)
-        for p in prompts:
-            eng.add(p)
-        out = []
-        for step in range(4):
-            res = eng.step()
-            out.append(torch.stack([res[s] for s in range(2)]))
-            for s in range(2):
-                eng.feed(s, (step * 5 + s) % 96)
-        runs[fused] = out
-    ours.fused_decode = True
+    runs = {fused: decode_logits(ours, prompts, 4, lambda step, s, out: (step * 5 + s) % 96, fused=fused)
+            for fused in (True, False)}
     for step in range(1, 4):
         _close(runs[True][step], runs[False][step], rel=2e-2)
     seq = prompts[0] + [(step * 5) % 96 for step in range(3)]
