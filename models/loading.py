@@ -84,12 +84,15 @@ def quant_config(config: dict) -> dict | None:
     if method not in ("awq", "gptq"):
         raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not served "
                           f"(4-bit 'awq' and 'gptq' are)")
-    if q.get("bits", q.get("w_bit", 4)) != 4:
-        raise ConfigError(f"config.json: quantization_config.bits {q.get('bits', q.get('w_bit'))!r}: only 4-bit "
-                          f"{method} checkpoints are served")
+    bits = q.get("bits", q.get("w_bit"))   # autoawq's own configs name it w_bit
+    if bits is None:
+        raise ConfigError("config.json: quantization_config has no 'bits'")
+    if bits != 4:
+        raise ConfigError(f"config.json: quantization_config.bits {bits!r}: only 4-bit {method} checkpoints are served")
     group = q.get("group_size", q.get("q_group_size"))
     if not isinstance(group, int) or group not in (32, 64, 128):
         raise ConfigError(f"config.json: quantization_config.group_size {group!r}: the kernel serves 32, 64 or 128")
+    # version, zero_point and checkpoint_format default as transformers' AwqConfig / GPTQConfig do
     if method == "awq":
         version = str(q.get("version", "gemm")).lower()
         if version != "gemm":

@@ -75,6 +75,7 @@ def test_quantised_checkpoint_logits(tmp_path, name, method):
 @pytest.mark.parametrize("qc, match", [
     ({"quant_method": "bitsandbytes"}, "quant_method"),
     ({"quant_method": "awq", "bits": 8, "group_size": 32}, "bits"),
+    ({"quant_method": "gptq", "group_size": 32}, "no 'bits'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 48}, "group_size"),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "marlin"}, "checkpoint_format"),
