@@ -18,6 +18,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from layerforge.codegen.gemm import pick_bn
+from layerforge.runtime import linear
 from layerforge.runtime.linear import GEMM_KERNELS, gemv
 
 from .bench_gemv import graph_time, swiglu_module
@@ -34,13 +36,16 @@ def main(argv=None):
     ap.add_argument("--tokens", default="128,1024,4096,8192")
     ap.add_argument("--json", default=None)
     ap.add_argument("--variant", default="wgmma", help=f"comma-separated, of {sorted(GEMM_KERNELS)}")
+    ap.add_argument("--bn", default="auto", help="comma-separated tile widths (128, 256) or auto (codegen/gemm.pick_bn)")
     a = ap.parse_args(argv)
     variants = a.variant.split(",")
+    bns = [None if b == "auto" else int(b) for b in a.bn.split(",")]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     unknown = sorted(set(variants) - set(GEMM_KERNELS))
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {sorted(GEMM_KERNELS)}")
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'shape':12s} {'variant':16s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
+    print(f"{'shape':12s} {'variant':16s} {'bn':>4s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
           f"{'ours/cuBLAS':>11s} {'max err':>8s}")
     rows = []
     for name, n, k, gated in SHAPES:
@@ -58,14 +63,17 @@ def main(argv=None):
             if gated:
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
-            for variant in variants:
+            for variant, bn in [(v, b) for v in variants for b in bns]:
+                linear.GEMM_BN = bn
+                bn = bn or pick_bn(m, n // 2 if gated else n, bool(gated), sms)
                 ours = graph_time(lambda v=variant: gemv(x, w, gated=gated, kernel=v), calls, 5)
                 y = gemv(x, w, gated=gated, kernel=variant).float()
+                linear.GEMM_BN = None
                 err = ((y - ref).norm() / ref.norm()).item()
-                r = dict(shape=name, variant=variant, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas,
+                r = dict(shape=name, variant=variant, bn=bn, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas,
                          cublas_act_s=both, rel_err=err)
                 rows.append(r)
-                print(f"{name:12s} {variant:16s} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} "
+                print(f"{name:12s} {variant:16s} {bn:>4d} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} "
                       f"{cublas * 1e6:>9.1f} "
                       f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} "
                       f"{both / ours:>11.2f} {err:>8.1e}")

@@ -141,7 +141,12 @@ def torch_fp8(w: torch.Tensor, m: int):
 
 
 def main_quant(a, ceiling):
+    from layerforge.runtime import quant
     from layerforge.runtime.quant import QuantLinear
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else QUANT_TOKENS
+    if a.kernel_rows:
+        quant.QUANT_KERNEL_MAX_ROWS = a.kernel_rows
+    print(f"small-token kernel up to {quant.QUANT_KERNEL_MAX_ROWS} rows; past them W dequantised + cuBLAS")
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'i8 us':>7s} {'of copy':>7s} {'cuBLAS us':>9s} "
           f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
@@ -154,7 +159,7 @@ def main_quant(a, ceiling):
         t4 = torch_int4(w, 128)
         f8 = QuantLinear.from_float(w, 0, wtype="f8e4m3") if fp8 else None
         f8b = QuantLinear.from_float(w, 128, wtype="f8e4m3") if fp8 else None
-        for m in QUANT_TOKENS:
+        for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ours4 = graph_time(lambda: u4(x, gated=gated))
             ours8 = graph_time(lambda: i8(x, gated=gated))
@@ -185,6 +190,9 @@ def main(argv=None):
     ap.add_argument("--quant", action="store_true", help="the quantised kernels (u4, i8; f8e4m3 W8A8 on sm_89+)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
+    ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16)")
+    ap.add_argument("--kernel-rows", type=int, default=0,
+                    help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")

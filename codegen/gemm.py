@@ -36,7 +36,7 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
-__all__ = ["GemmPlan", "plan_gemm", "tile_order", "BM"]
+__all__ = ["GemmPlan", "plan_gemm", "tile_order", "pick_bn", "BM", "BN_COST"]
 
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
@@ -44,6 +44,23 @@ SHARED_LIMIT = 227 * 1024
 # A persistent grid walks bands of W's column tiles whose rows fit in this much L2 (H100 / H200:
 # 50 MB), so a band stays resident while every row tile of x passes it.
 L2_BAND_BYTES = 24 << 20
+
+
+# Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
+# memory bytes a 128 x 256 one does per MMA, and pays its prologue and epilogue over half the
+# work): a guess of the planner until the sweep (benchmarks/bench_gemm.py --bn) measures it.
+BN_COST = {256: 1.0, 128: 1.1}
+
+
+def pick_bn(m: int, n_out: int, gated: bool, sms: int) -> int:
+    """The tile width for an M x n_out product on `sms` multiprocessors: the BN whose rounds of
+    tiles (one CTA an SM) cost least, a round of BN-wide tiles costing BN_COST[bn] * bn / 256.
+    BN 256 leaves a third of the SMs idle for a whole round where the tiles are a few more than
+    a multiple of the SMs (8B qkv at 1024 tokens: 192 tiles, 1.45 rounds); 128 halves the tile."""
+    def cost(bn: int) -> float:
+        tiles = -(-m // BM) * -(-n_out // (bn // 2 if gated else bn))
+        return -(-tiles // sms) * BN_COST[bn] * bn / 256
+    return min(BN_COST, key=lambda bn: (cost(bn), -bn))
 
 
 def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..codegen.gemm import plan_gemm
+from ..codegen.gemm import pick_bn, plan_gemm
 from ..codegen.gemv import GATED, plan_gemv
 from .tma import tensor_map
 
@@ -33,6 +33,8 @@ WGMMA_MIN_ROWS = 1 << 62
 # TMA loads and the persistent schedule are not measured yet, benchmarks/NOTES.md)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
 _CAPABILITY: dict[int, tuple[int, int]] = {}   # device index -> compute capability
+_SMS: dict[int, int] = {}                       # device index -> multiprocessors
+GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -43,16 +45,17 @@ class LinearInputError(ValueError):
 
 
 _ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
-_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8 or 16 rows, gated, bias, residual, norm, device, wtype, group) -> launcher
+_KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8/16/32/64 rows, gated, bias, residual, norm, device, wtype, group) -> launcher
 
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
               wtype: str | None = None, group: int = 0):
-    key = (x.dtype, n, k, rows > 8, gated, bias, residual, norm_offset, x.device.index, wtype, group)
+    tiles = 8 << max(0, (rows - 1).bit_length() - 3)   # the plan's token tiles: 8, 16, 32 or 64 rows
+    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import compile_plan, device_arch, load_kernels
-        plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=rows, gated=gated,
+        plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
                          norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group)
         hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
@@ -116,17 +119,26 @@ class _GemmLauncher:
 
 
 def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
-                   variant: str = "wgmma") -> _GemmLauncher:
-    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant)
+                   variant: str = "wgmma", rows: int = 0) -> _GemmLauncher:
+    sms = _sms(x.device)
+    bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
+    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import compile_plan, load_kernels
         plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
-                         residual=residual, **GEMM_KERNELS[variant])
+                         residual=residual, bn=bn, **GEMM_KERNELS[variant])
         launcher = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
-        hit = _GemmLauncher(plan, launcher, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        hit = _GemmLauncher(plan, launcher, sms)
         _KERNELS[key] = hit
     return hit
+
+
+def _sms(device: torch.device) -> int:
+    c = _SMS.get(device.index)
+    if c is None:
+        c = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return c
 
 
 def device_major(device: torch.device) -> int:
@@ -190,6 +202,13 @@ def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, nor
     return x.numel() // k if k else 0
 
 
+def _packed(t: torch.Tensor, align: int) -> torch.Tensor:
+    """t, or a fresh copy where it is not contiguous or its first element is not `align`-byte
+    aligned (the kernels read and write rows in 4- to 16-byte vectors; .contiguous() of a
+    contiguous view at an odd offset would return the view itself)."""
+    return t if t.is_contiguous() and t.data_ptr() % align == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
                 norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
                 wgmma: str | None = None) -> torch.Tensor:
@@ -203,20 +222,18 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
     for name, t in (("bias", bias), ("residual", residual), ("norm weight", gamma), ("out", out)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise LinearInputError(f"{name} must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}")
-    x2 = x.reshape(rows, k)
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    res = None if residual is None else residual.reshape(rows, n_out).contiguous()
-    y = out.view(rows, n_out) if out is not None and out.is_contiguous() else torch.empty(
-        rows, n_out, dtype=x.dtype, device=x.device)
-    args = ([x2, *weights] + ([bias.contiguous()] if bias is not None else []) + ([res] if res is not None else [])
-            + ([gamma.contiguous()] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
+    x2 = _packed(x.reshape(rows, k), 16)
+    res = None if residual is None else _packed(residual.reshape(rows, n_out), 16)
+    direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
+    y = out.view(rows, n_out) if direct else torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    args = ([x2, *weights] + ([_packed(bias, 16)] if bias is not None else []) + ([res] if res is not None else [])
+            + ([_packed(gamma, 16)] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
     if wgmma:
-        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma)(rows, args)
+        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows)(rows, args)
     else:
         _launcher(x, n, k, rows, gated, bias is not None, res is not None,
                   None if gamma is None else float(norm_offset), cache, wtype, group)((), args)
-    if out is not None and not out.is_contiguous():
+    if out is not None and not direct:
         out.copy_(y.view(out.shape))
         return out
     return y.view(*lead, n_out) if out is None else out

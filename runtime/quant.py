@@ -50,7 +50,7 @@ from .linear import (_ACT, KERNEL_MAX_ROWS, LinearInputError, _capability, _refe
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
-           "gemv_quant", "FP8_MAX", "FP8_BLOCK"]
+           "gemv_quant", "dequantize_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -324,10 +324,12 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
     return QuantWeight("f8e4m3", 0, q.contiguous(), None, rows.contiguous(), n, k, dtype)
 
 
-def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset) -> torch.Tensor:
+def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, cache=None) -> torch.Tensor:
     """The W8A8 product in torch, the kernel's meaning: x (times gamma + offset) quantised as
-    quantize_fp8_rows, the dequantised operands multiplied in f32, rstd, bias, act(gate) * up,
-    residual, rounded to x's dtype once at the end."""
+    quantize_fp8_rows, the dequantised operands multiplied in f32 (on a GPU that has the kernels:
+    W dequantised to x's dtype by dequantize_cuda, x's dequantised values rounded to it, and
+    cuBLAS, accumulating in f32), rstd, bias, act(gate) * up, residual, rounded to x's dtype once
+    at the end."""
     u = x
     if norm is not None:
         xf = x.float()
@@ -335,7 +337,10 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset) -
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
     q, s = quantize_fp8_rows(u)
     xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
-    y = xd @ dequantize(qw).float().T
+    if _gpu_ok(x, qw) and x.numel():
+        y = F.linear(xd.to(x.dtype), dequantize_cuda(qw, cache)).float()
+    else:
+        y = xd @ dequantize(qw).float().T
     if norm is not None:
         y = y * rstd
     if bias is not None:
@@ -349,26 +354,58 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset) -
 
 
 # ---- the product -------------------------------------------------------------------------------
-def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
-    return (x.is_cuda and x.dtype == qw.dtype and 1 <= rows <= KERNEL_MAX_ROWS
-            and not torch.compiler.is_compiling() and device_major(x.device) >= 8
+QUANT_KERNEL_MAX_ROWS = KERNEL_MAX_ROWS   # rows the small-token kernel serves (its plans go to 64); past
+                                         # them: W dequantised on the GPU (codegen/dequant.py) and cuBLAS
+_DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher
+
+
+def _gpu_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
+    return (x.is_cuda and x.dtype == qw.dtype and not torch.compiler.is_compiling() and device_major(x.device) >= 8
             and (qw.wtype != "f8e4m3" or _capability(x.device) >= divmod(FP8_MIN_ARCH, 10)))
+
+
+def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
+    return 1 <= rows <= QUANT_KERNEL_MAX_ROWS and _gpu_ok(x, qw)
+
+
+def dequantize_cuda(qw: QuantWeight, cache=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in the activation dtype from the kernel's layout, by the generated dequantisation
+    kernel on qw's (sm_80+; f8e4m3 sm_89+) GPU: the same roundings as the small-token kernel's
+    conversions (dequantize is the float64 reference of both)."""
+    dev = qw.device
+    key = (qw.wtype, qw.group, qw.n, qw.k, qw.dtype, dev.index)
+    launcher = _DEQUANT.get(key)
+    if launcher is None:
+        from ..codegen.dequant import plan_dequant
+        from .launch import compile_plan, device_arch, load_kernels
+        plan = plan_dequant("bf16" if qw.dtype == torch.bfloat16 else "f16", wtype=qw.wtype, group=qw.group,
+                            n=qw.n, k=qw.k, arch=device_arch(dev))
+        launcher = _DEQUANT[key] = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, dev)[plan.kernel_name]
+    w = torch.empty(qw.n, qw.k, dtype=qw.dtype, device=dev) if out is None else out
+    if tuple(w.shape) != (qw.n, qw.k) or w.dtype != qw.dtype or w.device != dev or not w.is_contiguous():
+        raise LinearInputError(f"out must be a contiguous {qw.dtype} [{qw.n}, {qw.k}] on {dev}")
+    launcher((), [*qw.kernel_tensors, w])
+    return w
 
 
 def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *, gated: str | None = None,
                residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """runtime/linear.gemv's product with a quantised W: the generated kernel for <= 16 rows in
-    W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); otherwise W dequantised to x's dtype and
-    torch's product (f8e4m3: x quantised as the kernel does, products in f32: _fp8_product)."""
+    """runtime/linear.gemv's product with a quantised W: the generated kernel for up to
+    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); past
+    them on such a GPU W dequantised by the generated kernel (dequantize_cuda) and cuBLAS; on the
+    CPU W dequantised in float64 and torch's product (f8e4m3: x quantised as the kernel does:
+    _fp8_product)."""
     rows = check_call(x, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out)
     if x.device != qw.device:
         raise LinearInputError(f"x is on {x.device}, the quantised weight on {qw.device}")
     if not _kernel_ok(x, qw, rows) and qw.wtype == "f8e4m3":
-        y = _fp8_product(x, qw, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
+        y = _fp8_product(x, qw, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset,
+                         cache)
         return y if out is None else out.copy_(y)
     if not _kernel_ok(x, qw, rows):
-        w = dequantize(qw).to(x.dtype)   # the module's bias is in W's dtype: x's for torch
+        # the module's bias is in W's dtype: x's for torch
+        w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else dequantize(qw).to(x.dtype)
         y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     return launch_gemv(x, qw.kernel_tensors, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out, cache,

@@ -2,6 +2,8 @@
 renders and compiles for sm_90a without register spills, serialised wgmma or ignored
 setmaxnreg, with its TMA and persistent variants (no GPU needed); the persistent schedule
 visits every tile once; bad plans are clear errors."""
+import re
+
 import pytest
 
 from layerforge.codegen.gemm import BM, plan_gemm, tile_order
@@ -115,3 +117,28 @@ def test_tile_order_visits_every_tile_once_band_by_band(tiles_m, tiles_n, band):
 def test_persistent_needs_tma():
     with pytest.raises(ValueError, match="needs tma"):
         plan_gemm("bf16", n=64, k=64, persistent=True)
+
+
+def test_pick_bn_fills_the_rounds():
+    """The planner's tile width: 8B qkv at 1024 tokens is 192 tiles of BN 256 on 132 SMs (two
+    rounds, the second 45 % full), 384 of BN 128 (three, 97 % full): 128; at 4096 tokens 768 /
+    1536 tiles fill their rounds alike and BN 256's wider tile wins; tiny problems take the
+    narrower tile (one round either way, half the work a CTA)."""
+    from layerforge.codegen.gemm import pick_bn
+    assert pick_bn(1024, 6144, False, 132) == 128
+    assert pick_bn(4096, 6144, False, 132) == 256
+    assert pick_bn(8192, 14336, True, 132) == 256
+    assert pick_bn(16, 4096, False, 132) == 128
+    for m in (1, 100, 1000, 5000):
+        for n in (24, 1000, 4096, 14336):
+            assert pick_bn(m, n, False, 132) in (128, 256) and pick_bn(m, n, True, 114) in (128, 256)
+
+
+def test_even_outputs_store_pairs():
+    """An even output width stores 4-byte pairs; an odd one single elements (PTX of the epilogue)."""
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    for n, width in ((1024, "32"), (1001, "16")):
+        plan = plan_gemm("bf16", n=n, k=512, bias=True, residual=True, bn=128, tma=True)
+        ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90a"), want_ptx=True).ptx
+        stores = set(re.findall(r"st\.global\.[bu](\d+)", ptx))
+        assert stores == {width}, (n, stores)

@@ -72,3 +72,31 @@ def test_gemm_graph_capture(kernel):
     g.replay()
     ref = reference(x, w, None, "silu", None)
     assert (y.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("bn", [128, 256])
+@pytest.mark.parametrize("kernel", VARIANTS)
+@pytest.mark.parametrize("m,n,k,gated", [(1000, 1001, 3000, None), (300, 2 * 1001, 1000, "silu"),
+                                         (4097, 6144, 4096, None), (129, 2 * 5632, 2048, "gelu_tanh"), (7, 24, 8, None)])
+def test_gemm_tile_widths(monkeypatch, m, n, k, gated, kernel, bn):
+    """Both tile widths the planner picks from (codegen/gemm.pick_bn), with an odd output width
+    (the epilogue's element-wise path) and an even one (its pair loads and stores)."""
+    from layerforge.runtime import linear
+    monkeypatch.setattr(linear, "GEMM_BN", bn)
+    check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True, kernel=kernel)
+
+
+def test_gemm_unaligned_out_and_residual():
+    """out and residual as contiguous views at an odd element offset: the pair stores need
+    4-byte alignment, so the call goes through aligned copies and still fills `out`."""
+    gen = seeded_generator("gemm-unaligned")
+    m, n, k = 300, 1024, 512
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16).cuda()
+    r = torch.randn(m * n + 1, generator=gen).to(torch.bfloat16).cuda()[1:].view(m, n)
+    buf = torch.full((m * n + 1,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = buf[1:].view(m, n)
+    y = gemv(x, w, residual=r, out=out, kernel="wgmma_tma")
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    ref = reference(x, w, None, None, r)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2

@@ -48,4 +48,5 @@ def test_encoded_maps_are_cached_by_their_parameters():
     assert tensor_map(x, (128, 64)) is first
     assert tensor_map(x[:200], (128, 64)) is not first                 # fewer rows: another map
     assert len(first.opaque) == 16                                      # 128 opaque bytes
-    assert first.getPtr() % 64 == 0
+    # the map goes to the kernel by value (the driver copies its 128 bytes into the parameter
+    # space, which the kernel declares 64-byte aligned): the host object's address is not used

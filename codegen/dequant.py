@@ -1,0 +1,112 @@
+"""Quantised weights back to the activation dtype on the GPU: W [N, K] in T from the layouts of
+the quantised small-token product (codegen/gemv.py's docstring: u4, i8, f8e4m3).
+
+    plan = plan_dequant("bf16", wtype="u4", group=128, n=14336, k=4096, arch="sm_90")
+    plan.key -> 'dequant_n14336_k4096_bf16_u4g128_sm90'
+
+Past the rows the small-token kernel serves (prefill), a product is bound by the tensor cores,
+not by W's bytes: there the quantised layers write W once into a T scratch buffer with this
+kernel (reading the packed bytes and writing 2 bytes a weight, ~1 ms a billion weights at the
+copy ceiling) and hand the product to the dense GEMM. Each thread converts one 16-byte piece of
+packed W (u4: 32 k; i8 and f8e4m3: 16 k) with the small-token kernel's own conversions
+(templates/cuda/gemv_quant.cuh.jinja: the same roundings, so both paths give the same W), and
+writes its k as 16-byte vectors.
+    u4 / i8 with groups: W = (q - z) * s in T (one multiply, the only rounding);
+    i8, one scale a row: q * s rounded once to T;
+    f8e4m3: e4m3 -> f32 (exact), times the f32 row or 128 x 128 block scale, rounded once to T.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .abi import Arg, KernelABI
+from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, _arch_number
+from .plan import KernelPlan
+from .render import read_template, render
+
+__all__ = ["DequantPlan", "plan_dequant", "THREADS"]
+
+THREADS = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class DequantPlan(KernelPlan):
+    family: ClassVar[str] = "dequant"
+    dtype: str                 # "bf16" | "f16": the output (and the pairs' / row scales') type
+    wtype: str                 # "u4" | "i8" | "f8e4m3"
+    group: int                 # as GemvPlan's
+    n: int
+    k: int
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        if self.dtype not in _TYPES:
+            raise ValueError(f"dequant: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
+        if self.wtype not in WTYPES:
+            raise ValueError(f"dequant: wtype must be one of {sorted(WTYPES)}, got {self.wtype!r}")
+        if self.group not in GROUPS[self.wtype]:
+            raise ValueError(f"dequant: {self.wtype} group size must be one of {GROUPS[self.wtype]}, got {self.group!r}")
+        for name in ("n", "k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"dequant: {name} must be a positive int, got {v!r}")
+        if self.k % self.piece_k:
+            raise ValueError(f"dequant: {self.wtype} K = {self.k} must be a multiple of {self.piece_k} "
+                             "(16-byte pieces of packed W)")
+        if self.group and self.wtype != "f8e4m3" and self.k % self.group:
+            raise ValueError(f"dequant: the group size {self.group} must divide K = {self.k}")
+        if self.wtype == "f8e4m3" and _arch_number(self.arch) < FP8_MIN_ARCH:
+            raise ValueError(f"dequant: f8e4m3 converts with sm_89's cvt, not on {self.arch}")
+        if _arch_number(self.arch) < 80:
+            raise ValueError(f"dequant: sm_80 or newer, not {self.arch}")
+
+    @property
+    def piece_k(self) -> int:
+        """k in one 16-byte piece of packed W."""
+        return 32 if self.wtype == "u4" else 16
+
+    @property
+    def pieces(self) -> int:
+        return self.n * (self.k // self.piece_k)
+
+    @property
+    def key(self) -> str:
+        q = (f"{self.wtype}b{self.group}" if self.wtype == "f8e4m3" and self.group else
+             f"{self.wtype}g{self.group}" if self.group else f"{self.wtype}ch")
+        return f"dequant_n{self.n}_k{self.k}_{self.dtype}_{q}_{self.arch.replace('_', '')}"
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_abi(self),)
+
+    def source(self) -> str:
+        return _render(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "wtype": self.wtype, "group": self.group, "n": self.n, "k": self.k}
+
+
+@functools.lru_cache(maxsize=256)
+def _abi(plan: DequantPlan) -> KernelABI:
+    t = _TYPES[plan.dtype][0]
+    wt = {"u4": "unsigned", "i8": "signed char", "f8e4m3": "unsigned char"}[plan.wtype]
+    scales = (Arg("wscale", "const float* __restrict__", "input") if plan.wtype == "f8e4m3" else
+              Arg("wgroup", "const unsigned* __restrict__", "input") if plan.group else
+              Arg("wscale", f"const {t}* __restrict__", "input"))
+    args = (Arg("w", f"const {wt}* __restrict__", "input"), scales, Arg("out", f"{t}* __restrict__", "output"))
+    blocks = -(-plan.pieces // THREADS)
+    return KernelABI(name=plan.kernel_name, args=args, grid=(str(blocks),), block=(THREADS,))
+
+
+@functools.lru_cache(maxsize=256)
+def _render(plan: DequantPlan) -> str:
+    t, mma = _TYPES[plan.dtype]
+    return render("cuda/dequant.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
+                  plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
+                  WTYPE=plan.wtype, GROUP=plan.group, PK=plan.piece_k, THREADS=THREADS)
+
+
+def plan_dequant(dtype: str, *, wtype: str, group: int, n: int, k: int, arch: str = "sm_90") -> DequantPlan:
+    return DequantPlan(dtype=dtype, wtype=wtype, group=group, n=n, k=k, arch=arch)

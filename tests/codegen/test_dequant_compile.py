@@ -1,0 +1,52 @@
+"""The dequantisation kernel (codegen/dequant.py) of every quantised layout compiles for sm_80 /
+sm_90 (f8e4m3: sm_89+) without spills, reads W with 16-byte loads and writes 16-byte vectors,
+uses the small-token kernel's conversions, and bad plans are clear errors."""
+import pytest
+
+from layerforge.codegen.dequant import THREADS, plan_dequant
+
+nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+
+LAYOUTS = [("u4", 32), ("u4", 64), ("u4", 128), ("i8", 0), ("i8", 32), ("i8", 128), ("f8e4m3", 0), ("f8e4m3", 128)]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("wtype,group", LAYOUTS)
+def test_dequant_compiles_with_wide_accesses(wtype, group, dtype):
+    for arch in ("sm_80", "sm_89", "sm_90"):
+        if wtype == "f8e4m3" and arch == "sm_80":
+            continue
+        plan = plan_dequant(dtype, wtype=wtype, group=group, n=3000, k=1152, arch=arch)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+        assert "ld.global.nc.v4.u32" in res.ptx or "ld.global.nc.v4.b32" in res.ptx, plan.key
+        assert res.ptx.count("st.global.v4") == (4 if wtype == "u4" else 2), plan.key
+        if wtype == "u4":
+            assert res.ptx.count("lop3.b32") >= 16   # 4 words x 4 pairs: the gemv kernel's magic-number OR
+
+
+def test_keys_grid_and_abi():
+    p = plan_dequant("bf16", wtype="u4", group=128, n=14336, k=4096)
+    assert p.key == "dequant_n14336_k4096_bf16_u4g128_sm90"
+    assert p.abi.grid[0] == str(-(-14336 * 4096 // 32 // THREADS)) and p.abi.block[0] == THREADS
+    assert [(a.name, a.ctype) for a in p.abi.args] == [
+        ("w", "const unsigned* __restrict__"), ("wgroup", "const unsigned* __restrict__"),
+        ("out", "__nv_bfloat16* __restrict__")]
+    assert [a.name for a in plan_dequant("f16", wtype="i8", group=0, n=8, k=16).abi.args] == ["w", "wscale", "out"]
+    f8 = plan_dequant("bf16", wtype="f8e4m3", group=128, n=7168, k=2048)
+    assert f8.key == "dequant_n7168_k2048_bf16_f8e4m3b128_sm90"
+    assert f8.abi.args[1].ctype == "const float* __restrict__"
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        plan_dequant("bf16", wtype="u4", group=32, n=8, k=48)
+    with pytest.raises(ValueError, match="group size must be one of"):
+        plan_dequant("bf16", wtype="u4", group=0, n=8, k=64)
+    with pytest.raises(ValueError, match="sm_89"):
+        plan_dequant("bf16", wtype="f8e4m3", group=0, n=8, k=64, arch="sm_80")
+    with pytest.raises(ValueError, match="dtype"):
+        plan_dequant("f32", wtype="i8", group=0, n=8, k=64)
+    with pytest.raises(ValueError, match="divide K"):
+        plan_dequant("bf16", wtype="i8", group=128, n=8, k=1040)

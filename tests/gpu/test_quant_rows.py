@@ -1,0 +1,103 @@
+"""Quantised products past the small-token kernel's rows (prefill sizes) on the GPU: W
+dequantised by the generated kernel (codegen/dequant.py), then cuBLAS. The dequantised W against
+the float64 reference `dequantize` (u4 and i8 bit for bit: (q - z) * s is exact before its one
+rounding to T, as the reference's; f8e4m3 within one double rounding), products of 17-1000 rows
+against float64 with outputs poisoned, graph capture at 64 rows (a batch-64 decode step of a
+quantised model), and the small-token kernel's 32-row plans (QUANT_KERNEL_MAX_ROWS raised) so a
+measured threshold can move onto a checked kernel (u4's 64-row plans do not fit shared memory:
+a stage holds 256 k of x a token)."""
+import pytest
+import torch
+
+from layerforge.runtime import quant
+from layerforge.runtime.quant import (QuantLinear, dequantize, dequantize_cuda, dequantize_fp8_rows, gemv_quant,
+                                     quantize_fp8_rows)
+
+from ..seeding import seeded_generator
+from .products import epilogue, replayed
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+WTYPES = [("u4", 32), ("u4", 128), ("i8", 0), ("i8", 64)] + ([("f8e4m3", 0), ("f8e4m3", 128)] if FP8 else [])
+SHAPES = [(4096, 14336), (1000, 3072), (3000, 1152), (24, 128)]
+
+
+def qlinear(n, k, wtype, group, gen, dtype=torch.bfloat16, bias=False):
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return QuantLinear.from_float(w, group, b, wtype=wtype, dtype=dtype).cuda()
+
+
+def rel_err(out, ref):
+    assert not torch.isnan(out).any()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def meaning(x, lin, gated=None, bias=None, r=None):
+    """float64 of the product's meaning (W8A8: x quantised per token and 128 k, as the kernel does)."""
+    xd = dequantize_fp8_rows(*quantize_fp8_rows(x)) if lin.qw.wtype == "f8e4m3" else x.double()
+    return epilogue(xd @ dequantize(lin.qw).T, bias, gated, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wtype,group", WTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_dequantised_weight_is_the_reference(n, k, wtype, group, dtype):
+    gen = seeded_generator("dequant", n, k, wtype, group, str(dtype))
+    lin = qlinear(n, k, wtype, group, gen, dtype)
+    out = torch.full((n, k), float("nan"), dtype=dtype, device="cuda")
+    w = dequantize_cuda(lin.qw, out=out)
+    assert w.data_ptr() == out.data_ptr() and not torch.isnan(w).any()
+    ref = dequantize(lin.qw)
+    if wtype == "f8e4m3":   # f32 product then T: at most one T step off the reference rounded once
+        assert ((w.double() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-30).all()
+    else:
+        assert torch.equal(w, ref.to(dtype))
+
+
+@pytest.mark.parametrize("m", [17, 64, 100, 1000])
+@pytest.mark.parametrize("wtype,group", WTYPES)
+@pytest.mark.parametrize("n,k", SHAPES[:3])
+def test_prefill_rows_against_float64(n, k, wtype, group, m):
+    gen = seeded_generator("quant-rows", n, k, wtype, group, m)
+    lin = qlinear(n, k, wtype, group, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = gemv_quant(x, lin.qw, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(out, meaning(x, lin)) < 1e-2
+
+
+@pytest.mark.parametrize("wtype,group", WTYPES)
+def test_prefill_rows_with_epilogue(wtype, group):
+    gen = seeded_generator("quant-rows-epi", wtype, group)
+    lin = qlinear(2048, 1024, wtype, group, gen, bias=True)
+    x = torch.randn(3, 77, 1024, generator=gen).to(torch.bfloat16).cuda()
+    r = torch.randn(3, 77, 1024, generator=gen).to(torch.bfloat16).cuda()
+    y = lin(x, gated="silu", residual=r)
+    assert y.shape == (3, 77, 1024)
+    assert rel_err(y, meaning(x, lin, "silu", lin.bias, r)) < 1e-2
+
+
+@pytest.mark.parametrize("wtype,group", WTYPES)
+def test_graph_capture_at_64_rows(wtype, group):
+    gen = seeded_generator("quant-rows-graph", wtype, group)
+    lin = qlinear(4096, 4096, wtype, group, gen, bias=True)
+    x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
+    y = replayed(lin, x)
+    assert rel_err(y, meaning(x, lin, None, lin.bias)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [17, 32])
+@pytest.mark.parametrize("wtype,group", WTYPES)
+def test_small_token_kernel_to_32_rows(monkeypatch, wtype, group, m):
+    monkeypatch.setattr(quant, "QUANT_KERNEL_MAX_ROWS", 32)
+    gen = seeded_generator("quant-kernel-64", wtype, group, m)
+    lin = qlinear(3000, 1152, wtype, group, gen)
+    x = torch.randn(m, 1152, generator=gen).to(torch.bfloat16).cuda()
+    out = torch.full((m, 3000), float("nan"), dtype=torch.bfloat16, device="cuda")
+    gemv_quant(x, lin.qw, out=out)
+    assert rel_err(out, meaning(x, lin)) < 1e-2
+    y = lin(x, gated="gelu_tanh")
+    assert rel_err(y, meaning(x, lin, "gelu_tanh")) < 1e-2
