@@ -75,12 +75,14 @@ class AttentionPlan(KernelPlan):
 
 def attention_interface(layer: Layer) -> dict[str, Any]:
     """What a runtime module needs to check and launch a block's kernels, as JSON: heads, head
-    dim, dtype, RoPE (for the cache's append kernel), extra inputs, scalars, and the dims of
+    dim (and v_head_dim where the value dim differs), dtype, RoPE (for the cache's append kernel), extra inputs, scalars, and the dims of
     the extra inputs that the kernels take as ints (in order)."""
     spec = layer.function.outputs[0].arg
     tensors, scalars = extra_inputs(layer)
+    hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
     return {"num_q_heads": int(spec.num_q_heads), "num_kv_heads": int(spec.num_kv_heads),
-            "head_dim": int(spec.head_dim), "dtype": str(layer.dtype), "rope": rope_description(layer),
+            "head_dim": hd, **({"v_head_dim": hdv} if hdv != hd else {}), "dtype": str(layer.dtype),
+            "rope": rope_description(layer),
             "extra": [{"name": p.name, "dtype": str(p.dtype), "shape": [str(d) for d in p.shape]} for p in tensors],
             "scalars": [{"name": p.name, "dtype": str(p.dtype), "default": p.default} for p in scalars],
             "table_dims": table_dims(layer)}
@@ -89,11 +91,12 @@ def attention_interface(layer: Layer) -> dict[str, Any]:
 @functools.lru_cache(maxsize=256)
 def _attention_kernels(plan: AttentionPlan) -> tuple[KernelABI, ...]:
     return plan.main_abi(), merge_abi(plan.merge_name, plan.layer.dtype, int(plan.spec.num_q_heads),
-                                      int(plan.spec.head_dim))
+                                      int(plan.spec.v_head_dim))
 
 
 def merge_abi(name: str, dtype: DType, num_q_heads: int, head_dim: int) -> KernelABI:
-    """The split-KV merge (attention_merge.cuh.jinja): one block per (token, query head)."""
+    """The split-KV merge (attention_merge.cuh.jinja): one block per (token, query head), a
+    thread per channel of the output (head_dim: the value head dim)."""
     return KernelABI(name=name, args=(
         Arg("part_o", "const float* __restrict__", "workspace"),
         Arg("part_lse", "const float* __restrict__", "workspace"),
@@ -176,23 +179,32 @@ def check_attention_layer(layer: Layer, page_size: int) -> None:
         raise ValueError(f"page size must be a power of two, got {page_size}")
 
 
-TC_HEAD_DIMS = (64, 128, 256)
+TC_HEAD_DIMS = tuple(range(32, 257, 16))   # the tensor-core kernel's q/k and value head dims
+SWIZZLED_HEAD_DIMS = (64, 128, 256)          # rows of whole 128-byte lines: the wgmma kernel's, the fp8 caches'
 
 
-def check_specialisable(layer: Layer, what: str, f32: bool = False, any_head_dim: bool = False) -> int:
-    """bf16/f16 storage (f32 too where f32 is set) and a head dim with a specialisation
-    (64, 128, 256; with any_head_dim, the CUDA-core kernel's: multiples of 16 up to 256);
-    returns the head dim."""
+def check_specialisable(layer: Layer, what: str, f32: bool = False, any_head_dim: bool = False,
+                        head_dims: tuple[int, ...] = SWIZZLED_HEAD_DIMS, value_dim: bool = False) -> int:
+    """bf16/f16 storage (f32 too where f32 is set) and a head dim with a specialisation: one of
+    `head_dims` (with any_head_dim, the CUDA-core kernel's: multiples of 16 up to 256), equal
+    to the value dim, or (value_dim) with a value dim of `head_dims` too; returns the head dim."""
     spec = layer.function.outputs[0].arg
     if layer.dtype not in (DType.bf16, DType.f16) + ((DType.f32,) if f32 else ()):
         raise LoweringError(f"{layer.name}: {what} takes bf16{', f16 or f32' if f32 else ' or f16'}, not {layer.dtype}")
     hd, hdv = int(spec.head_dim), int(spec.v_head_dim)
-    ok = hd % 16 == 0 and 16 <= hd <= 256 if any_head_dim else hd in TC_HEAD_DIMS
-    if hd != hdv or not ok:
+    dims = tuple(range(16, 257, 16)) if any_head_dim else head_dims
+    ok = hd in dims and (hdv in dims if value_dim else hd == hdv)
+    if not ok:
         raise LoweringError(f"{layer.name}: no {what} specialisation for head dim {hd} (value dim {hdv}); "
-                            f"supported: {'multiples of 16 up to 256' if any_head_dim else '64, 128, 256'}, "
-                            f"equal to the value dim")
+                            f"supported: {_dims_text(dims)}, {'for either' if value_dim else 'equal to the value dim'}")
     return hd
+
+
+def _dims_text(dims: tuple[int, ...]) -> str:
+    """'64, 128, 256', or a range of multiples of 16 in words."""
+    if len(dims) > 3 and dims == tuple(range(dims[0], dims[-1] + 1, 16)):
+        return f"multiples of 16 {'up to' if dims[0] == 16 else f'from {dims[0]} to'} {dims[-1]}"
+    return ", ".join(map(str, dims))
 
 
 def lane_shape(hd: int, itemsize: int) -> dict[str, int] | None:

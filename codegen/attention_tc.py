@@ -28,8 +28,8 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
-from .attention import (AttentionPlan, cache_args, check_attention_layer, check_kv_dtype, check_specialisable,
-                        extra_args, hook_context, output_args, tile_page_entries)
+from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_args, check_attention_layer,
+                        check_kv_dtype, check_specialisable, extra_args, hook_context, output_args, tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .plan import CompileFn, layer_key, spill_free
@@ -79,11 +79,26 @@ class TileConfig:
         return self.wn * self.bnw
 
 
-def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
+def padded_dim(d: int) -> int:
+    """A shared-memory tile's row (elements) for head dim d: whole 128-byte lines, as the
+    swizzle needs (64, 128, 256 as they are; 80 and 96 take 128, 160 and 192 take 192)."""
+    return -(-d // 64) * 64
+
+
+def loader_lanes(hd: int, hdv: int) -> int:
+    """Threads that load a K/V row of the padded kernels: its 16-byte chunks (K's or V's, the
+    more), rounded up to a power of two so that a pass of the CTA covers whole rows."""
+    return 1 << (max(hd, hdv) // 8 - 1).bit_length()
+
+
+def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None = None) -> list[TileConfig]:
     """Tile shapes to try, best first. Wider key tiles amortise the per-tile work (barrier,
     row maxima, rescale) but hold more score registers; the first that compiles without
     register spills for the block at hand is used (hooks such as soft-capping or ALiBi cost
-    registers too)."""
+    registers too). v_head_dim: the value head dim (None: head_dim)."""
+    dv = v_head_dim or head_dim
+    if dv != head_dim or head_dim not in SWIZZLED_HEAD_DIMS:
+        return padded_candidates(mode, head_dim, dv, group)
     if mode == "prefill":
         if head_dim == 256:
             return [TileConfig(wm=4, wn=1, mt=1, bnw=32, stages=2, min_blocks=2, qreg=False),
@@ -99,6 +114,36 @@ def tile_candidates(mode: str, head_dim: int, group: int) -> list[TileConfig]:
     if head_dim == 256:   # O of two m16 row tiles would take all 256 registers: groups > 16 take 2 row blocks
         return [TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=1, qreg=q) for q in (True, False)]
     return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
+
+
+PADDED_PREFILL_SHARED = 100 * 1024   # the padded prefill tiles' shared memory at most (the 128 tiles': 96 KB)
+
+
+def padded_candidates(mode: str, hd: int, hdv: int, group: int) -> list[TileConfig]:
+    """Tile shapes for the padded kernels (a head dim but 64/128/256, or a value dim of its own),
+    best first, the last the safest. Registers a thread holds across the key loop: O is
+    MT * HDV / 2, a step's scores MT * KW / 2, Q in registers MT * HD / 4; the head dims the
+    swizzle pads (80 -> 128, 160 -> 192) cost shared memory, which bounds the prefill tiles."""
+    hdp, hdvp = padded_dim(hd), padded_dim(hdv)
+    if mode == "decode":   # as 64/128: one m16 row tile (two for groups past 16 where O fits), 64 keys
+        mt = 1 if group <= 16 or hdv > 128 else 2
+        stages, blocks = (3, 2) if max(hdp, hdvp) <= 128 else (2, 1)
+        return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=stages, min_blocks=blocks, qreg=q) for q in (True, False)]
+    out = []
+    # (row tiles, keys, keys a softmax step, S unroll, Q in registers), widest first
+    for mt, bnw, ksub, unroll, qreg in ((2, 64, 0, 0, True), (2, 64, 0, 0, False), (2, 64, 0, 1, False),
+                                        (2, 64, 32, 0, False), (2, 32, 0, 0, False), (1, 64, 0, 0, False),
+                                        (1, 32, 0, 0, False), (1, 16, 0, 0, False)):
+        regs = mt * hdv // 2 + mt * (ksub or bnw) // 2 + (mt * hd // 4 if qreg else 0)
+        for stages in (3, 2):
+            c = TileConfig(wm=4, wn=1, mt=mt, bnw=bnw, stages=stages, min_blocks=2, qreg=qreg, ksub=ksub,
+                           sunroll=unroll)
+            smem = 2 * c.rows * hdp + 2 * stages * c.keys * (hdp + hdvp)
+            whole_passes = c.keys % (c.threads // loader_lanes(hd, hdv)) == 0
+            if regs <= 192 and smem <= PADDED_PREFILL_SHARED and whole_passes:
+                out.append(c)
+                break
+    return out or [TileConfig(wm=4, wn=1, mt=1, bnw=16, stages=2, min_blocks=2, qreg=False)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +163,8 @@ class TCAttentionPlan(AttentionPlan):
 
     @property
     def config(self) -> TileConfig:
-        return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group)[0]
+        return self.tiles or tile_candidates(self.mode, int(self.spec.head_dim), self.group,
+                                             int(self.spec.v_head_dim))[0]
 
     @property
     def block_mask(self) -> bool:
@@ -149,8 +195,10 @@ class TCAttentionPlan(AttentionPlan):
     @property
     def shared_layout(self) -> SharedLayout:
         """Q, the K/V stages, and a ring of 2 * stages tiles' page-table entries (fp8: the K/V
-        stages are e4m3, after the page entries)."""
+        stages are e4m3, after the page entries). Rows of Q and K tiles are the head dim padded
+        to whole 128-byte lines, V's the value dim (padded_dim)."""
         c, hd = self.config, int(self.spec.head_dim)
+        hdp, hdvp = padded_dim(hd), padded_dim(int(self.spec.v_head_dim))
         rel = self.distance_table
         if self.kv_dtype:   # the warps' merge (WN > 1) reuses all of it: padded to its size
             bufs = (("sQ", 2 * c.rows * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
@@ -158,8 +206,8 @@ class TCAttentionPlan(AttentionPlan):
                     *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ()))
             merge = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows) if c.wn > 1 else 0
             return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs).bytes)),))
-        return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
-                             ("sV", 2 * c.stages * c.keys * hd), ("sPg", 4 * 2 * c.stages * self.page_entries),
+        return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
+                             ("sV", 2 * c.stages * c.keys * hdvp), ("sPg", 4 * 2 * c.stages * self.page_entries),
                              *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ())))
 
     @property
@@ -199,6 +247,15 @@ def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int,
                      problem=("chunks", "max_q_len", "num_splits"))
 
 
+def supports(head_dim: int, v_head_dim: int, kv_dtype: str | None = None) -> bool:
+    """Whether this kernel has a specialisation for these head dims (q/k, value) and cache:
+    multiples of 16 from 32 to 256 over a bf16/f16 cache; 64, 128, 256 equal to the value
+    dim over an fp8 one (its staging tiles assume whole 128-byte rows)."""
+    if kv_dtype:
+        return head_dim == v_head_dim and head_dim in SWIZZLED_HEAD_DIMS
+    return head_dim in TC_HEAD_DIMS and v_head_dim in TC_HEAD_DIMS
+
+
 def pick_mode(max_q_len: int, group: int) -> str:
     """The tile shape for a call whose longest query chunk has `max_q_len` tokens: decode (one
     m16 row tile, warps along keys) while a chunk's rows (tokens x grouped heads) fit in one
@@ -210,20 +267,25 @@ def pick_mode(max_q_len: int, group: int) -> str:
 def _render(plan: TCAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    hd = check_specialisable(plan.layer, "tensor-core attention")
+    if plan.kv_dtype:   # the e4m3 staging tiles and their widening assume whole 128-byte rows
+        check_specialisable(plan.layer, f"tensor-core attention over an {plan.kv_dtype} cache")
+    hd = check_specialisable(plan.layer, "tensor-core attention", head_dims=TC_HEAD_DIMS, value_dim=True)
+    hdv = int(spec.v_head_dim)
+    padded = hdv != hd or hd not in SWIZZLED_HEAD_DIMS
     c = plan.config
     rel = plan.distance_table
     ctx = hook_context(plan.layer, distance_table=rel is not None)
     if plan.block_mask:   # the pre-pass classifies the tiles
         ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers
-        need = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows)
+        need = 4 * (c.wn * c.rows * hdv + 2 * c.wn * c.rows)
         assert need <= plan.shared_bytes, (need, c)
     return render(
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
-        MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads),
+        MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads), padded=padded,
+        HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
@@ -252,7 +314,8 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
-    candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads))
+    candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
+                                 int(spec.v_head_dim))
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype)
         plan.source()

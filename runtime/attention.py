@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from ..codegen.attention import TC_HEAD_DIMS, PagedAttentionPlan, attention_interface, plan_paged_attention
-from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention
+from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
+from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention, supports as tc_supports
 from ..codegen.attention_wgmma import WGMMAAttentionPlan, WGTileConfig, plan_wgmma_attention, supports as wgmma_supports
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
@@ -85,6 +85,7 @@ class PagedAttention:
         self.arch = arch
         self._cache = cache
         self.hq, self.hkv, self.d = info["num_q_heads"], info["num_kv_heads"], info["head_dim"]
+        self.dv = info.get("v_head_dim", self.d)   # the value head dim: v_cache's and the output's
         self.dtype = DType[info["dtype"]].torch
         if kv_dtype and self.dtype == torch.float32:
             raise ValueError(f"{self.name}: an {kv_dtype} cache serves bf16 or f16 blocks, not float32")
@@ -120,11 +121,13 @@ class PagedAttention:
 
     @property
     def kernel(self) -> str:
-        """'tc' (tensor cores, sm_80 and newer, bf16/f16, head dims 64/128/256) or 'simt' (CUDA
-        cores, any GPU, f32 too, head dims that are multiples of 16 up to 256)."""
-        if self._kernel is None:   # f32 or a head dim but 64/128/256: the CUDA-core kernel
+        """'tc' (tensor cores, sm_80 and newer, bf16/f16, head dims and value dims that are
+        multiples of 16 from 32 to 256; over an fp8 cache 64/128/256 equal to the value dim) or
+        'simt' (CUDA cores, any GPU, f32 too, head dims that are multiples of 16 up to 256, equal
+        to the value dim)."""
+        if self._kernel is None:   # f32, or head dims the tensor-core kernel lacks: the CUDA-core kernel
             tc = (int(self.target.removeprefix("sm_").rstrip("af")) >= 80 and self.dtype != torch.float32
-                  and self.d in TC_HEAD_DIMS)
+                  and tc_supports(self.d, self.dv, self.kv_dtype))
             self._kernel = "tc" if tc else "simt"
         return self._kernel
 
@@ -226,7 +229,7 @@ class PagedAttention:
         self._check("k_cache", k_cache, self.cache_dtype, (None, self.page_size, self.hkv, self.d), 4, dev)
         if k_cache.shape[2] != self.hkv:
             raise LayerInputError(f"{self.name}: the cache has {k_cache.shape[2]} KV heads, the block {self.hkv}")
-        self._check("v_cache", v_cache, self.cache_dtype, tuple(k_cache.shape), 4, dev)
+        self._check("v_cache", v_cache, self.cache_dtype, (*k_cache.shape[:3], self.dv), 4, dev)
         scales = {}
         if self.kv_dtype:
             for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -246,9 +249,9 @@ class PagedAttention:
         values = self._extra_values(extra, scalars, dev, S)
         values.update(scales)
         if out is None:
-            out = torch.empty_like(q)
+            out = q.new_empty((q.shape[0], self.hq, self.dv))
         else:
-            self._check("out", out, self.dtype, tuple(q.shape), 3, dev)
+            self._check("out", out, self.dtype, (q.shape[0], self.hq, self.dv), 3, dev)
         return dev, S, max_pages, out, values
 
     def _extra_values(self, extra, scalars, dev, S: int) -> dict:
@@ -306,7 +309,7 @@ class PagedAttention:
     def _workspace(self, dev, T: int, num_splits: int):
         if num_splits == 1:
             return None, None
-        return (torch.empty((T * self.hq * num_splits * self.d,), dtype=torch.float32, device=dev),
+        return (torch.empty((T * self.hq * num_splits * self.dv,), dtype=torch.float32, device=dev),
                 torch.empty((T * self.hq * num_splits,), dtype=torch.float32, device=dev))
 
     def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len: int,
@@ -494,7 +497,7 @@ class PagedAttention:
                 raise LayerInputError(f"{self.name}: sequence {b}'s page table points outside the cache's "
                                       f"{num_pages} pages: {pages.tolist()}")
             k = k_cache[pages].reshape(-1, self.hkv, self.d)[:length]
-            v = v_cache[pages].reshape(-1, self.hkv, self.d)[:length]
+            v = v_cache[pages].reshape(-1, self.hkv, self.dv)[:length]
             fn = self.layer.function
             if self.kv_dtype:
                 k, v = dequantise(k, values["k_scale"]), dequantise(v, values["v_scale"])

@@ -314,7 +314,7 @@ def _attention_fake(h: str, q: Tensor, *args) -> Tensor:
     if q.dim() != 3 or q.shape[1] != attn.hq or q.shape[2] != attn.d or q.dtype != attn.dtype:
         raise ValueError(f"{attn.name}: q must be {attn.dtype} [T, {attn.hq}, {attn.d}], got {q.dtype} "
                          f"{tuple(q.shape)}")
-    return torch.empty_like(q)
+    return q.new_empty((q.shape[0], attn.hq, attn.dv))
 
 
 for _name in ("paged_attention", "paged_prefill"):

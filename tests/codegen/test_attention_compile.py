@@ -60,15 +60,16 @@ def test_hooks_are_inlined(prog):
 def test_unsupported_head_dim_is_a_clear_error(prog):
     with pytest.raises(LoweringError, match="head dim 72"):
         plan_paged_attention(specialise(prog, "llama_attn", 8, 8, 72), "sm_90")
-    with pytest.raises(LoweringError, match="head dim 96"):
-        plan_tc_attention(specialise(prog, "llama_attn", 8, 8, 96), "sm_90", mode="decode")
+    with pytest.raises(LoweringError, match="head dim 72"):
+        plan_tc_attention(specialise(prog, "llama_attn", 8, 8, 72), "sm_90", mode="decode")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("d", [16, 48, 80, 96, 112, 160, 192, 224])
 def test_cuda_core_kernel_serves_other_head_dims(prog, d, dtype):
     """Phi-3 and GPT-NeoX-20B (96), 80, ...: lanes of EPL channels loaded as EPL / VW vectors
-    (codegen/attention.py lane_shape); the tensor-core kernels keep 64/128/256."""
+    (codegen/attention.py lane_shape), for GPUs before sm_80, f32, and fp8 caches (the
+    tensor-core kernel's other head dims: tests/codegen/test_attention_tc_dims.py)."""
     from layerforge.codegen.attention import lane_shape
     plan = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 2, d, dtype), "sm_90")
     src = plan.source()
