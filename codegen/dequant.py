@@ -6,11 +6,11 @@ the quantised small-token product (codegen/gemv.py's docstring: u4, i8, f8e4m3).
 
 Past the rows the small-token kernel serves (prefill), a product is bound by the tensor cores,
 not by W's bytes: there the quantised layers write W once into a T scratch buffer with this
-kernel (reading the packed bytes and writing 2 bytes a weight, ~1 ms a billion weights at the
-copy ceiling) and hand the product to the dense GEMM. Each thread converts one 16-byte piece of
-packed W (u4: 32 k; i8 and f8e4m3: 16 k) with the small-token kernel's own conversions
-(templates/cuda/gemv_quant.cuh.jinja: the same roundings, so both paths give the same W), and
-writes its k as 16-byte vectors.
+kernel (reading the packed bytes and writing 2 bytes a weight, ~0.6 ms a billion weights at the
+copy ceiling) and hand the product to the dense GEMM. Each thread converts 8 k of one row (u4:
+one word; i8 and f8e4m3: 8 bytes) with the small-token kernel's own conversions (templates/cuda/
+gemv_quant.cuh.jinja: the same roundings, so both paths give the same W) and writes them as one
+16-byte vector, so a warp's loads and stores are each one contiguous run.
     u4 / i8 with groups: W = (q - z) * s in T (one multiply, the only rounding);
     i8, one scale a row: q * s rounded once to T;
     f8e4m3: e4m3 -> f32 (exact), times the f32 row or 128 x 128 block scale, rounded once to T.
@@ -64,12 +64,13 @@ class DequantPlan(KernelPlan):
 
     @property
     def piece_k(self) -> int:
-        """k in one 16-byte piece of packed W."""
+        """K must be a multiple of this (the quantised layouts' rows of 16-byte pieces)."""
         return 32 if self.wtype == "u4" else 16
 
     @property
-    def pieces(self) -> int:
-        return self.n * (self.k // self.piece_k)
+    def threads(self) -> int:
+        """One a run of 8 k."""
+        return self.n * (self.k // 8)
 
     @property
     def key(self) -> str:
@@ -96,7 +97,7 @@ def _abi(plan: DequantPlan) -> KernelABI:
               Arg("wgroup", "const unsigned* __restrict__", "input") if plan.group else
               Arg("wscale", f"const {t}* __restrict__", "input"))
     args = (Arg("w", f"const {wt}* __restrict__", "input"), scales, Arg("out", f"{t}* __restrict__", "output"))
-    blocks = -(-plan.pieces // THREADS)
+    blocks = -(-plan.threads // THREADS)
     return KernelABI(name=plan.kernel_name, args=args, grid=(str(blocks),), block=(THREADS,))
 
 
@@ -105,7 +106,7 @@ def _render(plan: DequantPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/dequant.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
-                  WTYPE=plan.wtype, GROUP=plan.group, PK=plan.piece_k, THREADS=THREADS)
+                  WTYPE=plan.wtype, GROUP=plan.group, THREADS=THREADS)
 
 
 def plan_dequant(dtype: str, *, wtype: str, group: int, n: int, k: int, arch: str = "sm_90") -> DequantPlan:

@@ -171,7 +171,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y if out is None else out.copy_(y)
     w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
     return launch_gemv(x, [w], n, k, bias, gated, residual, norm, norm_offset, out, cache,
-                       wgmma=(kernel or "wgmma") if wgmma else None)
+                       wgmma=(kernel or "wgmma_persistent") if wgmma else None)
 
 
 def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, norm_offset, out) -> int:

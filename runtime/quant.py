@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codegen.gemv import FP8_MIN_ARCH, GROUPS
-from .linear import (_ACT, KERNEL_MAX_ROWS, LinearInputError, _capability, _reference, check_call, device_major,
+from .linear import (_ACT, LinearInputError, _capability, _reference, check_call, device_major,
                      launch_gemv)
 
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
@@ -354,8 +354,13 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 
 
 # ---- the product -------------------------------------------------------------------------------
-QUANT_KERNEL_MAX_ROWS = KERNEL_MAX_ROWS   # rows the small-token kernel serves (its plans go to 64); past
-                                         # them: W dequantised on the GPU (codegen/dequant.py) and cuBLAS
+# Rows the small-token kernel serves; past them W is dequantised on the GPU (codegen/dequant.py)
+# and the product is cuBLAS's. Measured on the H200 at 32 rows (benchmarks/NOTES.md, "Quantised
+# products past 16 rows"): the kernel 0.77-1.12 x bf16 cuBLAS, dequantisation + cuBLAS 0.26-0.32 x.
+# (u4's 64-row plans do not fit shared memory: a stage holds 256 k of x a token.) f8e4m3 stays at
+# 16: its 32-row plans are 0.34-0.57 x cuBLAS and the gated block-scaled one spills.
+QUANT_KERNEL_MAX_ROWS = 32
+FP8_KERNEL_MAX_ROWS = 16
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher
 
 
@@ -365,7 +370,8 @@ def _gpu_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
 
 
 def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
-    return 1 <= rows <= QUANT_KERNEL_MAX_ROWS and _gpu_ok(x, qw)
+    limit = min(QUANT_KERNEL_MAX_ROWS, FP8_KERNEL_MAX_ROWS) if qw.wtype == "f8e4m3" else QUANT_KERNEL_MAX_ROWS
+    return 1 <= rows <= limit and _gpu_ok(x, qw)
 
 
 def dequantize_cuda(qw: QuantWeight, cache=None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The dequantisation kernel (codegen/dequant.py) of every quantised layout compiles for sm_80 /
-sm_90 (f8e4m3: sm_89+) without spills, reads W with 16-byte loads and writes 16-byte vectors,
+sm_90 (f8e4m3: sm_89+) without spills, reads 8 k of W a thread and writes them as one 16-byte
+vector,
 uses the small-token kernel's conversions, and bad plans are clear errors."""
 import pytest
 
@@ -20,16 +21,17 @@ def test_dequant_compiles_with_wide_accesses(wtype, group, dtype):
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch), want_ptx=True)
         (kr,) = res.resources.values()
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
-        assert "ld.global.nc.v4.u32" in res.ptx or "ld.global.nc.v4.b32" in res.ptx, plan.key
-        assert res.ptx.count("st.global.v4") == (4 if wtype == "u4" else 2), plan.key
+        load = "ld.global.nc.u32" if wtype == "u4" else "ld.global.nc.v2.u32"
+        assert load in res.ptx.replace(".b32", ".u32"), plan.key
+        assert res.ptx.count("st.global.v4") == 1, plan.key
         if wtype == "u4":
-            assert res.ptx.count("lop3.b32") >= 16   # 4 words x 4 pairs: the gemv kernel's magic-number OR
+            assert res.ptx.count("lop3.b32") >= 4   # 4 pairs: the gemv kernel's magic-number OR
 
 
 def test_keys_grid_and_abi():
     p = plan_dequant("bf16", wtype="u4", group=128, n=14336, k=4096)
     assert p.key == "dequant_n14336_k4096_bf16_u4g128_sm90"
-    assert p.abi.grid[0] == str(-(-14336 * 4096 // 32 // THREADS)) and p.abi.block[0] == THREADS
+    assert p.abi.grid[0] == str(-(-14336 * 4096 // 8 // THREADS)) and p.abi.block[0] == THREADS
     assert [(a.name, a.ctype) for a in p.abi.args] == [
         ("w", "const unsigned* __restrict__"), ("wgroup", "const unsigned* __restrict__"),
         ("out", "__nv_bfloat16* __restrict__")]

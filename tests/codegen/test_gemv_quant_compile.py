@@ -17,7 +17,7 @@ def resources(plan):
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("max_m", [8, 16, 32])   # runtime/quant.QUANT_KERNEL_MAX_ROWS: 32
 @pytest.mark.parametrize("wtype,group", WTYPES)
 def test_quant_gemv_compiles_without_spills(wtype, group, max_m, arch):
     for n, k, gated, extra in ((6144, 4096, None, {}), (28672, 4096, "silu", dict(bias=True, residual=True)),
