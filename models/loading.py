@@ -4,7 +4,7 @@ DecoderModel, without transformers.
     model = lf.from_pretrained("path/to/Llama-3-8B", dtype=torch.bfloat16, device="cuda")
     model.generate([[128000, 9906]], max_new_tokens=32)
 
-A checkpoint with a `quantization_config` of 4-bit AWQ (GEMM layout) or GPTQ (not act-order)
+A checkpoint with a `quantization_config` of 4-bit AWQ (GEMM layout) or GPTQ (act-order too)
 loads its quantised projections as runtime/quant.QuantLinear modules in the kernel's u4 layout
 (fused q/k/v and gate/up concatenated along N): decode-sized steps run the weight-only
 quantised small-token product, longer ones dequantise. The model is built with float
@@ -157,9 +157,14 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
     for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list))]:
         parts = weights.pop(name)
         qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
+        perms = [w.perm for w in qws]
+        if any(p is not None for p in perms) and not all(p is not None and torch.equal(p, perms[0]) for p in perms):
+            # act-order parts of one fused projection share x, so GPTQ orders their columns alike
+            raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have different "
+                              f"act-order column orders (g_idx); they cannot share one product")
         qw = qws[0] if len(qws) == 1 else QuantWeight(
             "u4", q["group"], torch.cat([w.qweight for w in qws]), torch.cat([w.wgroup for w in qws]), None,
-            sum(w.n for w in qws), qws[0].k, dtype)
+            sum(w.n for w in qws), qws[0].k, dtype, perms[0])
         path = name.removesuffix(".weight")
         if not path.startswith("layers."):
             raise ConfigError(f"checkpoint: {path} is quantised: only the decoder layers' projections are served "

@@ -37,6 +37,7 @@ checkpoint's fp16 to bf16 round once, at load, as any bf16 deployment of fp16 sc
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,8 @@ class QuantWeight:
     n: int
     k: int
     dtype: torch.dtype             # the activation dtype: x, the pairs' halves, wscale, y
+    perm: torch.Tensor | None = None   # int64 [K] (GPTQ act-order): the layout's column j is W's column
+                                       # perm[j], so products take x[..., perm] (and gamma[perm])
 
     @property
     def device(self) -> torch.device:
@@ -192,7 +195,14 @@ def pack_i8(q: torch.Tensor, scales: torch.Tensor, group: int = 0, dtype: torch.
 
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
-    """W [N, K] in float64 from the kernel's layout: the reference the kernel is tested against."""
+    """W [N, K] in float64 from the kernel's layout, in W's own column order: the reference the
+    kernel is tested against."""
+    w = _dequantize_layout(qw)
+    return w if qw.perm is None else w[:, torch.argsort(qw.perm)]
+
+
+def _dequantize_layout(qw: QuantWeight) -> torch.Tensor:
+    """W [N, K] in float64 in the layout's column order (act-order: W[:, perm])."""
     if qw.wtype == "u4":
         q = _nibbles(qw.qweight)[..., _INV_AWQ].reshape(qw.n, qw.k)
         s, z = (t.double().repeat_interleave(qw.group, 1) for t in qw.scales_zeros())
@@ -236,13 +246,25 @@ def awq_to_kernel(qweight, qzeros, scales, group_size: int, dtype: torch.dtype =
 
 def gptq_to_kernel(qweight, qzeros, scales, g_idx, group_size: int, dtype: torch.dtype = torch.float16,
                    zero_offset: int = 1) -> QuantWeight:
-    """Repack a GPTQ checkpoint's 4-bit tensors into the kernel's u4 layout (not act-order)."""
+    """Repack a GPTQ checkpoint's 4-bit tensors into the kernel's u4 layout. Act-order checkpoints
+    (desc_act: g_idx a permutation of the groups along K) are repacked with W's columns sorted by
+    group (stable), so each group is again a contiguous run of `group_size` k, and the layout
+    records the order (QuantWeight.perm): a product gathers x's columns the same way first."""
     q, z, s, g = unpack_gptq(qweight, qzeros, scales, g_idx, group_size, zero_offset)
     k = q.shape[1]
-    if z.shape[1] != k // group_size or not torch.equal(g.cpu(), torch.arange(k) // group_size):
-        raise NotImplementedError("GPTQ act-order (desc_act) checkpoints: g_idx is not k // group_size, and the "
-                                  "kernel's groups are contiguous runs of K; re-quantise without act-order")
-    return pack_u4(q, z, s, group_size, dtype)
+    groups = k // group_size
+    g = g.cpu()
+    if z.shape[1] != groups or g.shape != (k,):
+        raise LinearInputError(f"GPTQ: g_idx of shape {tuple(g.shape)} and {z.shape[1]} groups do not fit K = {k} "
+                               f"in groups of {group_size}")
+    if torch.equal(g, torch.arange(k) // group_size):
+        return pack_u4(q, z, s, group_size, dtype)
+    if g.min() < 0 or g.max() >= groups or not torch.equal(torch.bincount(g, minlength=groups),
+                                                            torch.full((groups,), group_size)):
+        raise LinearInputError(f"GPTQ act-order: g_idx must give each of the {groups} groups {group_size} columns")
+    perm = torch.argsort(g, stable=True)
+    qw = pack_u4(q[:, perm.to(q.device)], z, s, group_size, dtype)
+    return dataclasses.replace(qw, perm=perm.to(qw.qweight.device))
 
 
 # ---- fp8 (e4m3) ---------------------------------------------------------------------------------
@@ -405,13 +427,17 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
     rows = check_call(x, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out)
     if x.device != qw.device:
         raise LinearInputError(f"x is on {x.device}, the quantised weight on {qw.device}")
+    if qw.perm is not None:   # act-order: x's columns (and the norm's weights) in the layout's order
+        x = x.index_select(-1, qw.perm)
+        if norm is not None:
+            norm = (norm[0].index_select(0, qw.perm), norm[1])
     if not _kernel_ok(x, qw, rows) and qw.wtype == "f8e4m3":
         y = _fp8_product(x, qw, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset,
                          cache)
         return y if out is None else out.copy_(y)
     if not _kernel_ok(x, qw, rows):
         # the module's bias is in W's dtype: x's for torch
-        w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else dequantize(qw).to(x.dtype)
+        w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else _dequantize_layout(qw).to(x.dtype)
         y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     return launch_gemv(x, qw.kernel_tensors, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out, cache,
@@ -427,7 +453,8 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.qw = qw
         self.in_features, self.out_features = qw.k, qw.n
-        for name, t in (("qweight", qw.qweight), ("wgroup", qw.wgroup), ("wscale", qw.wscale), ("bias", bias)):
+        for name, t in (("qweight", qw.qweight), ("wgroup", qw.wgroup), ("wscale", qw.wscale), ("perm", qw.perm),
+                        ("bias", bias)):
             self.register_buffer(name, t)
         self._cache = cache
 
@@ -480,7 +507,8 @@ class QuantLinear(torch.nn.Module):
             raise TypeError("QuantLinear: an f8e4m3 weight stays float8_e4m3fn with f32 scales")
         if dtype != qw.dtype or (self.bias is not None and self.bias.dtype != qw.dtype):
             raise TypeError(f"QuantLinear: its dtype is {qw.dtype} (build it with dtype= to change it)")
-        self.qw = QuantWeight(qw.wtype, qw.group, self.qweight, self.wgroup, self.wscale, qw.n, qw.k, qw.dtype)
+        self.qw = QuantWeight(qw.wtype, qw.group, self.qweight, self.wgroup, self.wscale, qw.n, qw.k, qw.dtype,
+                              self.perm)
         return self
 
     def dequantized(self) -> torch.Tensor:

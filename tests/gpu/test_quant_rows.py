@@ -103,3 +103,24 @@ def test_small_token_kernel_to_32_rows(monkeypatch, wtype, group, m):
     assert rel_err(out, meaning(x, lin)) < 1e-2
     y = lin(x, gated="gelu_tanh")
     assert rel_err(y, meaning(x, lin, "gelu_tanh")) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_gptq_act_order_on_the_gpu(m):
+    """An act-order GPTQ weight (columns sorted by group, x gathered to match) through the
+    small-token kernel (1, 16 rows), the dequantised path (100) and the fused norm prologue."""
+    from ..runtime.quant_formats import gptq_tensors, random_u4
+    from layerforge.runtime.quant import dequantize_gptq
+    gen = seeded_generator("gpu-act-order", m)
+    k, n, group = 1024, 384, 128
+    q, z, s = random_u4(k, n, group, gen)
+    qweight, qzeros, scales, g_idx = gptq_tensors(q, z, s, group)
+    g_act = g_idx[torch.randperm(k, generator=gen)]
+    want = dequantize_gptq(qweight, qzeros, scales, g_act, group).cuda()
+    lin = QuantLinear.from_gptq(qweight, qzeros, scales, g_act, group, dtype=torch.float16).cuda()
+    x = torch.randn(m, k, generator=gen).half().cuda()
+    assert rel_err(lin(x), x.double() @ want.T) < 1e-2
+    gamma = (torch.rand(k, generator=gen) + 0.5).half().cuda()
+    xd = x.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+    assert rel_err(lin(x, norm=(gamma, 1e-5)), xn @ want.T) < 1e-2

@@ -89,14 +89,47 @@ def test_bad_quantisation_configs(tmp_path, qc, match):
         lf.from_pretrained(tmp_path, dtype=torch.float32)
 
 
-def test_act_order_gptq_is_a_clear_error(tmp_path):
-    quantised_checkpoint("llama", tmp_path, "gptq")
+def _act_order(tmp_path, hf, same_inputs_alike=True):
+    """Rewrite the GPTQ checkpoint in tmp_path as act-order: each projection's g_idx permuted (the
+    projections reading the same x, q/k/v and gate/up, alike when same_inputs_alike), and the
+    transformers model given the weights that g_idx means."""
     from safetensors.torch import load_file, save_file
+    from layerforge.runtime.quant import dequantize_gptq
     t = load_file(str(tmp_path / "model.safetensors"))
-    key = "model.layers.0.self_attn.q_proj.g_idx"
-    t[key] = torch.flip(t[key], [0]).contiguous()
+    gen = torch.Generator().manual_seed(7)
+    perms = {}
+    for key in [k for k in t if k.endswith(".g_idx")]:
+        base = key.removesuffix(".g_idx")
+        reads = base.rpartition(".")[0] + ("/qkv" if base.endswith(("q_proj", "k_proj", "v_proj")) else
+                                           "/gu" if base.endswith(("gate_proj", "up_proj")) else "/" + base)
+        if not same_inputs_alike:
+            reads = base
+        perm = perms.setdefault(reads, torch.randperm(t[key].numel(), generator=gen))
+        t[key] = t[key][perm].contiguous()
+        with torch.no_grad():
+            hf.get_submodule(base).weight.copy_(dequantize_gptq(
+                t[f"{base}.qweight"], t[f"{base}.qzeros"], t[f"{base}.scales"], t[key], GROUP).float())
     save_file(t, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ConfigError, match="act-order"):
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_act_order_gptq_checkpoint_logits(tmp_path, name):
+    """desc_act checkpoints: every projection's columns in its own group order (q/k/v and gate/up
+    sharing theirs, as GPTQ's orders come from the input's statistics) give transformers' logits."""
+    hf = quantised_checkpoint(name, tmp_path, "gptq", desc_act=True)
+    _act_order(tmp_path, hf)
+    ours = lf.from_pretrained(tmp_path, dtype=torch.float32)
+    assert ours.layers[0].attn.qkv.qw.perm is not None and ours.layers[0].mlp.down.qw.perm is not None
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    torch.testing.assert_close(ours(ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_act_order_parts_of_a_fused_projection_must_agree(tmp_path):
+    hf = quantised_checkpoint("llama", tmp_path, "gptq", desc_act=True)
+    _act_order(tmp_path, hf, same_inputs_alike=False)
+    with pytest.raises(ConfigError, match="act-order column orders"):
         lf.from_pretrained(tmp_path, dtype=torch.float32)
 
 

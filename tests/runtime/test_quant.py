@@ -40,13 +40,34 @@ def test_gptq_repack_round_trip(group, zero_offset):
     assert torch.equal(dequantize(gptq_to_kernel(*tensors, group, torch.float16, zero_offset)), want)
 
 
-def test_gptq_act_order_is_refused():
-    gen = seeded_generator("gptq-act-order")
-    q, z, s = random_u4(256, 16, 128, gen)
-    qweight, qzeros, scales, g_idx = gptq_tensors(q, z, s, 128)
-    perm = torch.randperm(256, generator=gen)
-    with pytest.raises(NotImplementedError, match="act-order"):
-        gptq_to_kernel(qweight, qzeros, scales, g_idx[perm], 128)
+@pytest.mark.parametrize("group", [32, 128])
+def test_gptq_act_order(group):
+    """An act-order checkpoint (g_idx a permutation of the group labels along K) repacks with W's
+    columns sorted by group and the order kept (QuantWeight.perm): the layout dequantises to the
+    format's own meaning, and a product (the CPU path: gathered x, layout-ordered W) equals
+    x W^T; a g_idx that does not give every group `group` columns is an error."""
+    gen = seeded_generator("gptq-act-order", group)
+    k, n = 512, 48
+    q, z, s = random_u4(k, n, group, gen)
+    qweight, qzeros, scales, g_idx = gptq_tensors(q, z, s, group)
+    g_act = g_idx[torch.randperm(k, generator=gen)]
+    want = dequantize_gptq(qweight, qzeros, scales, g_act, group)
+    qw = gptq_to_kernel(qweight, qzeros, scales, g_act, group, torch.float16)
+    assert qw.perm is not None and torch.equal(g_act[qw.perm], torch.arange(k) // group)
+    assert torch.equal(dequantize(qw), want)
+    lin = QuantLinear.from_gptq(qweight, qzeros, scales, g_act, group, dtype=torch.float16)
+    x = torch.randn(3, k, generator=gen).half()
+    got = lin(x).double()
+    ref = x.double() @ want.T
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+    gamma = torch.rand(k, generator=gen).half() + 0.5   # the fused norm's weights follow x's columns
+    xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.float()).double()
+    got = lin(x, norm=(gamma, 1e-5)).double()
+    assert ((got - xn @ want.T).norm() / (xn @ want.T).norm()).item() < 5e-3
+    bad = g_idx.clone()
+    bad[0] = bad[-1]
+    with pytest.raises(ValueError, match="act-order"):
+        gptq_to_kernel(qweight, qzeros, scales, bad, group)
 
 
 @pytest.mark.parametrize("group", [32, 128])
