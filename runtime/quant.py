@@ -346,6 +346,40 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
     return QuantWeight("f8e4m3", 0, q.contiguous(), None, rows.contiguous(), n, k, dtype)
 
 
+_BLOCKWISE: dict[int, bool] = {}   # device index -> cuBLAS took the blockwise-scaled fp8 product
+
+
+def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight) -> torch.Tensor | None:
+    """The W8A8 product on the fp8 tensor cores through torch's cuBLAS binding, with exactly the
+    kernel's operands: x's e4m3 bytes with one scale per token and 128 k (cuBLAS's 1 x 128 block
+    scaling) and W's bytes with its 128 x 128 block scales, or its row scales given as 1 x 128
+    blocks of W's rows (every block of a row the row's scale). Returns y [..., N] in f32, or None
+    where cuBLAS has no such product (it needs sm_90, CUDA 12.9+, K a multiple of 128; the
+    first refusal on a device is remembered; 128 x 128 blocks also K / 128 a multiple of 4)."""
+    dev = q.device
+    if qw.k % FP8_BLOCK or _BLOCKWISE.get(dev.index) is False or _capability(dev) != (9, 0):
+        return None
+    lead = q.shape[:-1]
+    q2 = q.reshape(-1, qw.k)
+    kb = qw.k // FP8_BLOCK
+    a_scale = s.reshape(-1, kb).t().contiguous().t()                 # [M, K / 128], M-major
+    if qw.group:                                                      # [N / 128, K / 128] -> its transpose
+        if kb % 4:            # cuBLAS wants the k blocks padded to a multiple of 4 here: not taken
+            return None
+        b_scale = qw.wscale.t()
+    else:                                                             # row scales as 1 x 128 blocks: [K / 128, N]
+        b_scale = qw.wscale[None, :].expand(kb, qw.n).contiguous()
+    try:
+        y = torch._scaled_mm(q2, qw.qweight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _BLOCKWISE[dev.index] = False
+        return None
+    _BLOCKWISE[dev.index] = True
+    return y.reshape(*lead, qw.n)
+
+
 def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, cache=None) -> torch.Tensor:
     """The W8A8 product in torch, the kernel's meaning: x (times gamma + offset) quantised as
     quantize_fp8_rows, the dequantised operands multiplied in f32 (on a GPU that has the kernels:
@@ -358,11 +392,13 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
     q, s = quantize_fp8_rows(u)
-    xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
-    if _gpu_ok(x, qw) and x.numel():
-        y = F.linear(xd.to(x.dtype), dequantize_cuda(qw, cache)).float()
-    else:
-        y = xd @ dequantize(qw).float().T
+    y = _scaled_mm_blockwise(q, s, qw) if _gpu_ok(x, qw) and x.numel() else None
+    if y is None:
+        xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
+        if _gpu_ok(x, qw) and x.numel():
+            y = F.linear(xd.to(x.dtype), dequantize_cuda(qw, cache)).float()
+        else:
+            y = xd @ dequantize(qw).float().T
     if norm is not None:
         y = y * rstd
     if bias is not None:

@@ -124,3 +124,18 @@ def test_gptq_act_order_on_the_gpu(m):
     xd = x.double()
     xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
     assert rel_err(lin(x, norm=(gamma, 1e-5)), xn @ want.T) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="cuBLAS's blockwise-scaled fp8 product is an sm_90 feature")
+@pytest.mark.parametrize("block", [0, 128])
+def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block):
+    """Past 16 rows on sm_90 the W8A8 product is cuBLAS's blockwise-scaled fp8 GEMM on the same
+    e4m3 operands (x per token and 128 k, W per row or 128 x 128 block), not a dequantised W."""
+    gen = seeded_generator("fp8-blockwise", block)
+    lin = qlinear(2048, 4096, "f8e4m3", block, gen)
+    x = torch.randn(300, 4096, generator=gen).to(torch.bfloat16).cuda()
+    quant._BLOCKWISE.clear()
+    y = lin(x)
+    assert quant._BLOCKWISE.get(x.device.index) is True
+    assert rel_err(y, meaning(x, lin)) < 1e-2
