@@ -267,10 +267,12 @@ def pick_mode(max_q_len: int, group: int) -> str:
 def _render(plan: TCAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    if plan.kv_dtype:   # the e4m3 staging tiles and their widening assume whole 128-byte rows
-        check_specialisable(plan.layer, f"tensor-core attention over an {plan.kv_dtype} cache")
     hd = check_specialisable(plan.layer, "tensor-core attention", head_dims=TC_HEAD_DIMS, value_dim=True)
     hdv = int(spec.v_head_dim)
+    if not supports(hd, hdv, plan.kv_dtype):   # the e4m3 staging tiles assume whole 128-byte rows
+        raise LoweringError(f"{plan.layer.name}: tensor-core attention over an {plan.kv_dtype} cache takes head "
+                            f"dims 64, 128, 256 equal to the value dim, not head dim {hd} (value dim {hdv}); "
+                            f"the CUDA-core kernel (kernel='simt') reads it at other head dims equal to the value dim")
     padded = hdv != hd or hd not in SWIZZLED_HEAD_DIMS
     c = plan.config
     rel = plan.distance_table

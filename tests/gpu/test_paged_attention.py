@@ -37,7 +37,7 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
     total = sum(pages_per) + 3
     perm = torch.randperm(total, generator=gen).tolist()
     kc = torch.full((total, page_size, hkv, d), float("nan"), dtype=dtype, device="cuda")
-    vc = torch.full_like(kc, float("nan"))
+    vc = torch.full((total, page_size, hkv, vs[0].shape[2]), float("nan"), dtype=dtype, device="cuda")
     max_pages = max(pages_per) + 1
     table = torch.full((len(ks), max_pages), -1, dtype=torch.int32)
     for s, (k, v) in enumerate(zip(ks, vs)):
@@ -57,19 +57,20 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
 
 
 def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
-             tiles=None, prefill=None, **consts):
+             tiles=None, prefill=None, dv=None, **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones);
-    prefill: PagedAttention's prefill kernel (None: its default for the device)."""
+    prefill: PagedAttention's prefill kernel (None: its default for the device); dv: the value
+    head dim of a block that declares one (its dim Dv; None: values of D)."""
     # seeded by the problem, not the form or tiles: every kernel of a case sees the same inputs
-    gen = seeded_generator(name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts)
-    kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
+    gen = seeded_generator(name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts, *((dv,) if dv else ()))
+    kw = dict(Hq=hq, Hkv=hkv, D=d, **consts, **({"Dv": dv} if dv else {}))
     if name == "t5_attn":
         kw["NB"] = 32
     dt = "bf16" if dtype == torch.bfloat16 else "f16"
     layer = prog.specialise(name, dtype=dt, **kw)
     spec = layer.function.outputs[0].arg
     ks = [torch.randn(n, hkv, d, generator=gen).to(dtype).cuda() for n in lens]
-    vs = [torch.randn(n, hkv, d, generator=gen).to(dtype).cuda() for n in lens]
+    vs = [torch.randn(n, hkv, dv or d, generator=gen).to(dtype).cuda() for n in lens]
     qs = [torch.randn(m, hq, d, generator=gen).to(dtype).cuda() for m in new]
     kc, vc, table, seq_lens = build_cache(ks, vs, page, spec, dtype, gen)
     extra = extra_fn(len(lens), gen) if extra_fn else {}
@@ -79,7 +80,7 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
     attn = PagedAttention(layer, page_size=page, kernel="simt" if form == "simt" else "tc", tiles=tiles, prefill=prefill)
     if prefill is not None and form == "tc-ragged" and max(new) * (hq // hkv) > 16:
         assert attn.tc_plan("prefill").key.endswith("sm90a") == (prefill == "wgmma")
-    out = torch.full_like(q, float("nan"))
+    out = q.new_full((q.shape[0], hq, dv or d), float("nan"))
     if form == "tc-ragged":
         cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
         attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra,
@@ -182,8 +183,9 @@ def test_bad_inputs_fail_before_launch(prog):
         attn(q, kc, kc, table, lens, qs, qs, max_kv_len=33)
     with pytest.raises(LoweringError, match="head dim 72"):     # not a multiple of 16: no kernel
         PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=72, dtype="bf16")).plan.source()
-    with pytest.raises(LoweringError, match="head dim 96"):     # 96 has the CUDA-core kernel only
-        PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=96, dtype="bf16")).tc_plan("prefill")
+    with pytest.raises(LoweringError, match="head dim 96"):     # over an fp8 cache 96 has the CUDA-core kernel only
+        PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=96, dtype="bf16"), kernel="tc",
+                       kv_dtype="fp8_e4m3").tc_plan("prefill")
     cu = torch.tensor([0, 1, 2], dtype=torch.int32, device="cuda")
     with pytest.raises(lf.LayerInputError, match="cu_seqlens"):
         attn.prefill(q, kc, kc, table, lens, cu[:2], max_q_len=1, max_kv_len=1)
@@ -293,7 +295,8 @@ def test_block_sparse_masks_from_tables(form, name):
 @pytest.mark.parametrize("d", [80, 96, 160])
 @pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "bloom_attn"])
 def test_cuda_core_kernel_other_head_dims(prog, name, d):
-    """Head dims the tensor-core kernels do not serve: the CUDA-core kernel, ragged decode and
-    chunked prefill, with and without split-KV."""
+    """Head dims off 64/128/256 on the CUDA-core kernel (GPUs before sm_80, f32, fp8 caches;
+    the tensor-core kernel's: tests/gpu/test_attention_dims.py): ragged decode and chunked
+    prefill, with and without split-KV."""
     run_case(prog, "simt", name, 8, 2, d, 16, lens=[1, 37, 300], new=[1, 5, 1])
     run_case(prog, "simt", name, 8, 2, d, 16, lens=[1000], new=[1], splits=4)
