@@ -78,16 +78,17 @@ def normed(norm, x, gamma):
     return norm._forward_bound({"x": x, "w": gamma}, {"eps": 1e-5}, None)
 
 
-def split_plan(n, k, m, gated, rt, warps, stages, arch):
+def split_plan(n, k, m, gated, rt, warps, stages, arch, wtype=None, group=0):
     try:
-        return plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps, stages=stages)
+        return plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps, stages=stages,
+                         wtype=wtype, group=group)
     except ValueError:   # more shared memory than a CTA has
         return None
 
 
-def split_launcher(n, k, m, gated, rt, warps, stages):
+def split_launcher(n, k, m, gated, rt, warps, stages, wtype=None, group=0):
     from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
-    plan = split_plan(n, k, m, gated, rt, warps, stages, device_arch())
+    plan = split_plan(n, k, m, gated, rt, warps, stages, device_arch(), wtype, group)
     if plan is None:
         return None
     res = compile_plan(plan)
@@ -138,6 +139,42 @@ def torch_fp8(w: torch.Tensor, m: int):
         return lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
     except (AttributeError, RuntimeError, TypeError):
         return None
+
+
+QUANT_SPLITS = tuple(itertools.product((1, 2, 4), (2, 4, 8), (2, 3, 4, 6)))   # (16-column tiles, warps, stages)
+QUANT_SWEEP = (("u4", 128), ("i8", 0))
+
+
+def quant_sweep(a, ceiling):
+    """The quantised kernels' work splits (rt, warps, stages) at 1, 8 and 16 tokens, each timed on
+    the same weights as the default plan (runtime/quant's choice), fraction of the copy ceiling on
+    the packed bytes; compiled in parallel first, spilling plans skipped."""
+    from layerforge.runtime.launch import device_arch
+    from layerforge.runtime.quant import QuantLinear
+    arch = device_arch()
+    shapes = [s for s in QUANT_SHAPES if not a.only or a.only in s[0]]
+    precompile([p for name, n, k, g in shapes for wt, gr in QUANT_SWEEP for m in (1, 8, 16)
+                for rt, wp, st in QUANT_SPLITS for p in [split_plan(n, k, m, g, rt, wp, st, arch, wt, gr)]
+                if p is not None])
+    for name, n, k, gated in shapes:
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        for wt, gr in QUANT_SWEEP:
+            lin = QuantLinear.from_float(w, gr, wtype=wt)
+            nbytes = lin.qw.nbytes()
+            for m in (1, 8, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                default = graph_time(lambda: lin(x, gated=gated))
+                y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+                sweep = {}
+                for rt, warps, stages in QUANT_SPLITS:
+                    launch = split_launcher(n, k, m, gated, rt, warps, stages, wt, gr)
+                    if launch is not None:
+                        sweep[f"r{rt}w{warps}s{stages}"] = graph_time(
+                            lambda: launch((), [x, *lin.qw.kernel_tensors, y, m]))
+                best = min(sweep, key=sweep.get)
+                print(f"{name:12s} {wt}g{gr:<4d} {m:>3d} default {default * 1e6:6.1f} us {nbytes / default / ceiling:.2f} "
+                      f"of copy | best {best} {sweep[best] * 1e6:6.1f} us {nbytes / sweep[best] / ceiling:.2f} | "
+                      + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
 
 
 def main_quant(a, ceiling):
@@ -196,6 +233,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
+    if a.quant and a.sweep:
+        quant_sweep(a, ceiling)
+        return
     if a.quant:
         rows = main_quant(a, ceiling)
         if a.json:

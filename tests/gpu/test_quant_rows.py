@@ -139,3 +139,29 @@ def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block):
     y = lin(x)
     assert quant._BLOCKWISE.get(x.device.index) is True
     assert rel_err(y, meaning(x, lin)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("gated", [None, "silu"])
+@pytest.mark.parametrize("wtype,group", [("u4", 128), ("i8", 0)])
+@pytest.mark.parametrize("split", [(2, 4, 4), (4, 4, 3), (2, 8, 2), (1, 2, 6), (4, 2, 4)])
+def test_swept_quant_splits_are_correct(split, wtype, group, gated, m):
+    """Work splits of the quantised kernel the benchmark sweeps (`bench_gemv --quant --sweep`:
+    16-column tiles per CTA, warps, stages), launched directly on odd N and K: a split the sweep
+    finds fastest may become a default only if it is right."""
+    from layerforge.codegen.gemv import plan_gemv
+    from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
+    rt, warps, stages = split
+    n, k = (2 * 1000, 3072) if gated else (1000, 3072)
+    try:
+        plan = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=device_arch(), rt=rt, warps=warps,
+                         stages=stages, wtype=wtype, group=group)
+    except ValueError as e:   # more shared memory than a CTA has: the sweep skips it too
+        pytest.skip(str(e))
+    launch = load_kernels(compile_plan(plan).cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
+    gen = seeded_generator("quant-split", split, wtype, gated, m)
+    lin = qlinear(n, k, wtype, group, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = torch.full((m, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    launch((), [x, *lin.qw.kernel_tensors, out, m])
+    assert rel_err(out, meaning(x, lin, gated)) < 1e-2
