@@ -3,6 +3,7 @@
 
     python -m benchmarks.bench_model [--layers 8] [--context 2048] [--batches 1,8,64] [--no-compile]
                                      [--weights u4|i8|f8e4m3]   (our projections quantised)
+                                     [--gemm cublas|wgmma]      (bf16 products past 16 rows)
 
 Decode (one new token per sequence, `context` tokens already cached), per step:
   step        Engine.step() with CUDA-graph replay + argmax + feed (the host waits for every token)
@@ -268,11 +269,17 @@ def main() -> None:
     ap.add_argument("--weights", default="bf16", choices=["bf16", "u4", "i8", "f8e4m3"],
                     help="quantise our projections (DecoderModel.quantize_; u4 group 128, i8 / f8e4m3 per row); "
                          "the roofline counts the packed bytes; transformers stays bf16")
+    ap.add_argument("--gemm", default="cublas", choices=["cublas", "wgmma"],
+                    help="our bf16 products past the small-token rows: cuBLAS (the default route) or the generated "
+                         "Hopper GEMM with the epilogues fused (runtime/linear.WGMMA_MIN_ROWS = 17)")
     ap.add_argument("--unfused", action="store_true",
                     help="also the decode step with model.fused_decode = False (norm, activation and add kernels, cuBLAS)")
     args = ap.parse_args()
     from .bench_rows import copy_ceiling
     bw = copy_ceiling()
+    if args.gemm == "wgmma":
+        from layerforge.runtime import linear
+        linear.WGMMA_MIN_ROWS = 17
     cfg, hf, ours, spec = make_models(args.layers)
     if args.weights != "bf16":
         ours.quantize_(args.weights, 128 if args.weights == "u4" else 0)
