@@ -22,9 +22,17 @@ no room for the tables). Measured on an H200 (B4 H32/8 S4096 D128 bf16, benchmar
 T5 1.76 ms with tables against 2.95 per score (1.67x), relative bias 1.76 against 3.06
 (1.74x). `distance_table=False` keeps the per-score kernel (the term computed for every
 score). Blocks without a distance term get the same plan either way.
+
+WGTileConfig.overlap (off by default: not yet measured) runs each consumer's softmax under its
+own P V as well: S of tile t and P V of tile t - 1 go out as two wgmma groups in one turn, P
+into the other of two buffers, O rescaled after. plan_wgmma_attention(overlap=True) takes it
+for the chosen tile shape where it compiles without spills (a distance term computed per
+score spills: those blocks keep the plain schedule); the runtime asks for it under
+LAYERFORGE_WGMMA_OVERLAP=1 (runtime/attention.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +60,7 @@ class WGTileConfig:
     stages: int           # K/V shared-memory buffers (the mbarrier ring)
     producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
     consumer_regs: int = 232
+    overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
 
     def __post_init__(self):
         # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
@@ -60,7 +69,7 @@ class WGTileConfig:
 
     @property
     def label(self) -> str:
-        return f"n{self.bn}s{self.stages}"
+        return f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "")
 
     @property
     def threads(self) -> int:
@@ -155,7 +164,8 @@ class WGMMAAttentionPlan(AttentionPlan):
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {**super().describe(), "mode": "prefill",
-                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": CONSUMERS + 1, "stages": c.stages}}
+                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": CONSUMERS + 1, "stages": c.stages,
+                          **({"overlap": True} if c.overlap else {})}}
 
     def source(self) -> str:
         return _render(self)
@@ -178,7 +188,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs,
+        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -202,13 +212,27 @@ def supports(layer: Layer, page_size: int) -> bool:
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
-                         compile_fn: CompileFn | None = None, distance_table: bool = True) -> WGMMAAttentionPlan:
+                         compile_fn: CompileFn | None = None, distance_table: bool = True,
+                         overlap: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
     tabulate the score's distance term per tile (WGMMAAttentionPlan.rel_table; 1.67-1.74x
     the per-score kernel on T5 / relative bias, H200); False computes it per score. Blocks
-    without a distance term plan the same either way."""
+    without a distance term plan the same either way.
+    overlap (without `tiles`): the chosen tile shape with WGTileConfig.overlap where that
+    compiles without spills through `compile_fn` (never without one); else the plan above.
+    The shape is never changed for it, so both variants compare like for like."""
+    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
+    if overlap and tiles is None:
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
+        if spill_free(twin, compile_fn):
+            return twin
+    return plan
+
+
+def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
+                distance_table: bool) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention")
     candidates = [tiles] if tiles is not None else tile_candidates(int(layer.function.outputs[0].arg.head_dim))

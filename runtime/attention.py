@@ -29,7 +29,8 @@ tables at positions (document ids) runs on the wgmma kernel only when asked for 
 or a WGTileConfig in tiles), over the same block-mask pre-pass. The wgmma kernel tabulates
 the score's distance term per tile (T5 buckets, relative-bias tables) by default: 1.67-1.74x
 the per-score kernel on an H200 (codegen/attention_wgmma.py, benchmarks/NOTES.md);
-distance_table=False computes the term per score instead.
+distance_table=False computes the term per score instead. LAYERFORGE_WGMMA_OVERLAP=1 asks the
+wgmma prefill for its overlap schedule (WGTileConfig.overlap; not yet measured, so off by default).
 Everything is checked before the launch; the split-KV workspace is allocated here, through
 torch's allocator, so calls are capturable in CUDA graphs. CPU tensors run the DSL's
 reference evaluator instead (slow, exact; bad page tables are errors there).
@@ -39,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from operator import itemgetter
 from typing import Any
 
@@ -55,6 +57,13 @@ from ..dsl.types import DType
 from . import block_mask as bmc, ops
 from .block_mask import BlockMask
 from .kv_cache import dequantise
+
+
+def wgmma_overlap_enabled() -> bool:
+    """Whether the wgmma prefill plans its overlap schedule where that compiles without spills
+    (LAYERFORGE_WGMMA_OVERLAP=1), read when a module first plans its prefill. Off by default until
+    it is measured (benchmarks/NOTES.md)."""
+    return os.environ.get("LAYERFORGE_WGMMA_OVERLAP", "0") == "1"
 
 
 class PagedAttention:
@@ -162,7 +171,8 @@ class PagedAttention:
             from .launch import compile_fn
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
-                                            compile_fn=compile_fn(self._cache), distance_table=self.distance_table)
+                                            compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
+                                            overlap=wgmma_overlap_enabled())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),

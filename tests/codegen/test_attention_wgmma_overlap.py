@@ -1,0 +1,183 @@
+"""The wgmma prefill's overlap schedule (WGTileConfig.overlap: S of tile t and P V of tile t - 1
+as two wgmma groups in one turn, the softmax once S is in, P in two alternating buffers) renders
+and compiles for sm_90a without spills or serialised wgmmas for every stdlib block at head dims
+64/128/256 and the hooks; the planner takes it only where it is spill-free, never changes the
+tile shape for it, and leaves every plan without it as it was (no GPU needed)."""
+import dataclasses
+import functools
+
+import pytest
+
+import layerforge as lf
+from layerforge.codegen.attention_wgmma import WGTileConfig, plan_wgmma_attention, tile_candidates
+
+from .test_attention_compile import ATTENTION, nvrtc, specialise
+from .test_attention_wgmma_compile import assert_spill_free
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(plan):
+    """One compile per plan: the planner's spill check and the test's own check share it."""
+    return nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+
+
+def resources(plan):
+    return compiled(plan).resources
+
+
+def compile_main(plan):
+    """The main kernel's resources; no setmaxnreg ignored (C7508 / C7510), no wgmma serialised
+    (C7515), no wait injected (C7517)."""
+    res = compiled(plan)
+    assert set(res.resources) == {plan.kernel_name, plan.merge_name}
+    for code in ("C7508", "C7510", "C7515", "C7517"):
+        assert code not in res.log, res.log
+    return res.resources[plan.kernel_name], res
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+@pytest.fixture(scope="module")
+def mask_prog():
+    from ..gpu.test_block_mask import SRC
+    return lf.loads(SRC, "block_masks.lf", with_stdlib=False)
+
+
+def overlapped(tiles: WGTileConfig) -> WGTileConfig:
+    return dataclasses.replace(tiles, overlap=True)
+
+
+def check_overlap_source(plan):
+    src = plan.source()
+    assert plan.config.overlap and plan.key.endswith(f"_{plan.config.label}_" + ("dt_" if plan.rel_table else "") + "sm90a")
+    # S, then the previous tile's P V: two groups a turn; the softmax after the first is in
+    turn = src.split("lf_wgmma_ss_n")[-1]
+    assert turn.index("lf_wgmma_commit();\n            if (prev >= 0) pv(pa_prev, prev);") < turn.index("lf_wgmma_wait<1>();")
+    assert "unsigned pa0[BN / 16][4], pa1[BN / 16][4];" in src and "if (done++ & 1) tile(pa0, pa1);" in src
+    # O is rescaled only after the P V that accumulates into it is waited for
+    softmax = src.split("lf_wgmma_wait<1>();")[1]
+    assert softmax.index("lf_wgmma_wait<0>();") < softmax.index("o[d * 4 + half * 2] *= o_corr[half];")
+    assert "*= corr;" not in src
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ATTENTION)
+def test_overlap_plans_compile_without_spills(prog, name, d):
+    """Every stdlib block (T5 with its distance tables, the default) takes the overlap schedule
+    at the tile shape the planner chooses without it."""
+    layer = specialise(prog, name, 32, 8, d)
+    plain = plan_wgmma_attention(layer, compile_fn=resources)
+    plan = plan_wgmma_attention(layer, compile_fn=resources, overlap=True)
+    assert plan.config == overlapped(plain.config)
+    assert plan.abi.args == plain.abi.args and plan.abi.grid == plain.abi.grid and plan.shared_bytes == plain.shared_bytes
+    check_overlap_source(plan)
+    kr, _ = compile_main(plan)
+    assert_spill_free(kr)
+    assert kr.registers * plan.config.threads <= 65536
+
+
+@pytest.mark.parametrize("d,tiles", [(d, overlapped(c)) for d in (64, 128, 256) for c in tile_candidates(d)],
+                         ids=lambda x: getattr(x, "label", str(x)))
+def test_every_overlap_tile_candidate_compiles(prog, d, tiles):
+    plan = plan_wgmma_attention(specialise(prog, "gemma2_attn", 32, 8, d), tiles=tiles)
+    assert plan.config.label.endswith("ov")
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 4), (32, 1)])
+@pytest.mark.parametrize("page", [16, 64])
+def test_overlap_gqa_pages_and_dtypes_compile(prog, hq, hkv, page, dtype):
+    plan = plan_wgmma_attention(specialise(prog, "gemma2_attn", hq, hkv, 128, dtype), page_size=page,
+                                compile_fn=resources, overlap=True)
+    assert plan.config.overlap
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head", "prefix_table", "head_window"])
+def test_overlap_with_the_tile_classifier_compiles(name):
+    from ..codegen.test_mask_tiles import MASKS
+    layer = lf.loads(MASKS, "masks.lf", with_stdlib=False).specialise(name, Hq=8, Hkv=2, D=128, dtype="bf16")
+    plan = plan_wgmma_attention(layer, compile_fn=resources, overlap=True)
+    src = plan.source()
+    check_overlap_source(plan)
+    # empty tiles are skipped before the tile's turn: the P buffers alternate by tiles computed
+    assert ("if (tile_cls == 0) continue;" in src) == (name != "dilated")
+    assert_spill_free(compile_main(plan)[0])
+
+
+def test_overlap_with_sinks_compiles():
+    from ..dsl.test_attention_sinks import SINKS
+    prog = lf.loads(SINKS, "sinks.lf", with_stdlib=False)
+    plan = plan_wgmma_attention(prog.specialise("sink_attn", Hq=8, Hkv=2, D=128, dtype="bf16", window=40),
+                                compile_fn=resources, overlap=True)
+    assert plan.config.overlap and "lf_sink(" in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["doc_causal", "doc_heads"])
+def test_overlap_over_the_block_mask_compiles(mask_prog, name, d):
+    plan = plan_wgmma_attention(mask_prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16"), page_size=64,
+                                compile_fn=resources, overlap=True)
+    check_overlap_source(plan)
+    assert plan.block_mask and "(bm_list[t_begin + t] & 1) != 0" in plan.source()
+    assert (plan.block_mask_plan().rows, plan.block_mask_plan().keys) == (plan.config.rows, plan.config.keys)
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_overlap_with_distance_tables_compiles(mask_prog, d):
+    plan = plan_wgmma_attention(mask_prog.specialise("rel_bias", Hq=32, Hkv=8, D=d, dtype="bf16"),
+                                compile_fn=resources, overlap=True)
+    check_overlap_source(plan)
+    assert plan.rel_table and "rel_tab[x] = lf_rel_term(" in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+
+
+@pytest.mark.parametrize("name,d", [("t5_attn", 128), ("t5_attn", 256), ("rel_bias", 256)])
+def test_planner_keeps_the_plain_schedule_where_overlap_spills(prog, mask_prog, name, d):
+    """A distance term computed per score (distance_table=False) leaves too few registers for a
+    second P buffer beside 128-key tiles at D128 or any at D256: the planner keeps the plain
+    schedule and its tile shape. (rel_bias at D128 plans n64s3 without overlap, and n64s3ov
+    is spill-free.)"""
+    layer = (specialise(prog, name, 32, 8, d) if name == "t5_attn"
+             else mask_prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16"))
+    plain = plan_wgmma_attention(layer, compile_fn=resources, distance_table=False)
+    twin = plan_wgmma_attention(layer, tiles=overlapped(plain.config), distance_table=False)
+    kr = resources(twin)[twin.kernel_name]
+    assert kr.spill_stores > 0   # why: the forced overlap spills
+    plan = plan_wgmma_attention(layer, compile_fn=resources, distance_table=False, overlap=True)
+    assert plan == plain and not plan.config.overlap
+
+
+def test_overlap_is_off_unless_asked_for(prog):
+    """Off by default; asked for without a compile function (nothing shows it spill-free), the
+    planner keeps the plain schedule; forced tiles are taken as given."""
+    layer = specialise(prog, "llama_attn", 32, 8, 128)
+    plan = plan_wgmma_attention(layer)
+    assert not plan.config.overlap and not WGTileConfig(bn=128, stages=3).overlap
+    assert plan.key == "llama_attn_d128_hkv8_hq32_bf16_p16_wgprefill_n128s3_sm90a"
+    assert "pa_prev" not in plan.source() and "overlap" not in plan.describe()["tiles"]
+    assert plan_wgmma_attention(layer, overlap=True) == plan
+    forced = plan_wgmma_attention(layer, tiles=WGTileConfig(bn=128, stages=3, overlap=True))
+    assert forced.key == "llama_attn_d128_hkv8_hq32_bf16_p16_wgprefill_n128s3ov_sm90a"
+    assert forced.describe()["tiles"]["overlap"] is True
+    assert forced.kernels[1].signature == plan.kernels[1].signature
+
+
+def test_runtime_asks_for_overlap_under_the_environment_variable(prog, monkeypatch):
+    from layerforge.runtime.attention import PagedAttention
+    layer = specialise(prog, "gpt2_attn", 16, 16, 64)
+    monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)
+    assert not PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.overlap
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1")
+    plan = PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill")
+    assert plan.config.overlap and plan.config.label == "n128s3ov"
+    # forced tiles are as given; the mma.sync prefill is not affected
+    forced = PagedAttention(layer, page_size=16, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=4)})
+    assert forced.tc_plan("prefill").config.label == "n64s4"
+    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="tc").tc_plan("prefill").arch == "sm_90"
