@@ -197,11 +197,11 @@ def loaded_d96(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["phi3", "gpt_neox", "llama"])
-def test_head_dim_96_runs_on_the_cuda_core_kernel(loaded_d96, name):
-    """Phi-3 and GPT-NeoX-20B have head dim 96: attention takes the CUDA-core kernel (prefill
-    per token), logits match transformers and graph decode equals eager."""
+def test_head_dim_96_runs_on_the_tensor_cores(loaded_d96, name):
+    """Phi-3 and GPT-NeoX-20B have head dim 96: attention takes the padded tensor-core kernels
+    (prefill and decode), logits match transformers and graph decode equals eager."""
     hf, ours = loaded_d96(name)
-    assert ours.layers[0].attn.attn.kernel == "simt"
+    assert ours.layers[0].attn.attn.kernel == "tc"
     ids = torch.randint(0, 96, (2, 29), generator=torch.Generator().manual_seed(4)).cuda()
     with torch.no_grad():
         ref = hf(ids).logits
