@@ -12,9 +12,16 @@ One template (templates/cuda/attention_tc.cu.jinja), two tile shapes:
            few rows (decode, short chunks).
 The hooks (score, mask, bounds, RoPE) are the same as the paged CUDA-core kernel's.
 
-kv_dtype="fp8_e4m3": the K/V tiles are copied as e4m3 bytes (half the bytes of bf16, still
-16-byte cp.async) into STAGES staging buffers, and each tile is widened once, exactly, into a
-bf16/f16 tile in shared memory before mma.sync (the sm_80 path on every arch; sm_89/sm_90 fp8
+Head dims: any multiple of 16 from 32 to 256, for q/k and (on its own, as DeepSeek's MLA
+prefill's 192 / 128) for the values. 64, 128 and 256 with values of the head dim fill whole
+128-byte shared-memory rows, which the XOR swizzle needs; other head dims (80, 96 for Phi-3
+and GPT-NeoX-20B, 160, 192) and value dims of their own take the padded kernel: Q/K tile
+rows of padded_dim(HD), V rows of padded_dim(HDV), the padding never loaded nor read, and
+their own tile candidates (padded_candidates; the padding costs shared memory).
+
+kv_dtype="fp8_e4m3" (head dims 64, 128, 256): the K/V tiles are copied as e4m3 bytes (half
+the bytes of bf16, still 16-byte cp.async) into STAGES staging buffers, and each tile is
+widened once, exactly, into a bf16/f16 tile in shared memory before mma.sync (the sm_80 path on every arch; sm_89/sm_90 fp8
 mma, which would skip the widening, is not used yet). K's per-head scale folds into the score
 scale, V's into the output normalisation.
 """
@@ -140,9 +147,11 @@ def padded_candidates(mode: str, hd: int, hdv: int, group: int) -> list[TileConf
                            sunroll=unroll)
             smem = 2 * c.rows * hdp + 2 * stages * c.keys * (hdp + hdvp)
             whole_passes = c.keys % (c.threads // loader_lanes(hd, hdv)) == 0
+            # past 192 held registers a tile spills for sure (the compiles decide among the rest)
             if regs <= 192 and smem <= PADDED_PREFILL_SHARED and whole_passes:
                 out.append(c)
                 break
+    # (empty only past 256, where the plan's checks say why): the smallest tile stands in
     return out or [TileConfig(wm=4, wn=1, mt=1, bnw=16, stages=2, min_blocks=2, qreg=False)]
 
 
