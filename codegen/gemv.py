@@ -241,7 +241,7 @@ def _render(plan: GemvPlan) -> str:
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
-              rt: int = 1, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
+              rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
@@ -253,13 +253,35 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
     dw, ds = {1: (2, 3), 2: (8, 3)}.get(mt, (4, 4)) if gated else (4, 4)
-    if wtype is not None:
-        # not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
-        # (x's rows per token grow 2x / 4x with the k of a chunk)
+    drt = 1
+    if wtype in ("u4", "i8"):
+        # from the H200 sweep (benchmarks/NOTES.md, "Quantised work splits"; `bench_gemv --quant
+        # --sweep`): shallow rings (2 stages, i8 ungated 3) keep more CTAs an SM; gated and wide
+        # products 1 column tile x 4 warps, narrow ones (<= 4096 outputs: o, down) 2 x 8 warps
+        # (8B u4 at one token: gate/up 0.48 -> 0.67 of copy, down 0.53 -> 0.64, o 0.40 -> 0.45)
+        narrow = not gated and n <= 4096
+        drt, dw = (2, 8) if narrow else (1, 4)
+        ds = 3 if wtype == "i8" and not gated else 2
+        dw = dw if warps is None else warps
+        # more tokens (x's rows a stage grow with them): fewer warps, then stages, then column
+        # tiles, until the CTA fits the budget (sm_80 has 163 KB)
+        for cand in ((drt, dw, ds), (drt, min(dw, 4), ds), (drt, min(dw, 4), 2), (1, min(dw, 4), 2), (1, 2, 2)):
+            try:
+                probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or cand[0],
+                                 warps=warps or cand[1], stages=stages or cand[2], wtype=wtype, group=group,
+                                 arch=arch)
+            except ValueError:   # past what a CTA can have
+                continue
+            if probe.shared_bytes <= QUANT_SHARED_BUDGET:
+                break
+        drt, dw, ds = cand
+    elif wtype is not None:
+        # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
         dw = 4 if warps is None else warps
-        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt, warps=dw, stages=2,
+        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
                          wtype=wtype, group=group, arch=arch)
         ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
+    rt = drt if rt is None else rt
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group)

@@ -36,7 +36,7 @@ def test_quant_gemv_f16_compiles(wtype, group):
 
 def test_quant_keys_and_abi():
     u4 = plan_gemv("bf16", n=6144, k=4096, wtype="u4", group=128)
-    assert u4.key == "gemv_n6144_k4096_m8_bf16_u4g128_r1w4s4_sm90"
+    assert u4.key == "gemv_n6144_k4096_m8_bf16_u4g128_r1w4s2_sm90"
     assert [(a.name, a.ctype) for a in u4.abi.args[:3]] == [
         ("x", "const __nv_bfloat16* __restrict__"), ("w", "const unsigned* __restrict__"),
         ("wgroup", "const unsigned* __restrict__")]

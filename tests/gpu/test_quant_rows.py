@@ -144,7 +144,7 @@ def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block):
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("gated", [None, "silu"])
 @pytest.mark.parametrize("wtype,group", [("u4", 128), ("i8", 0)])
-@pytest.mark.parametrize("split", [(2, 4, 4), (4, 4, 3), (2, 8, 2), (1, 2, 6), (4, 2, 4)])
+@pytest.mark.parametrize("split", [(2, 4, 4), (4, 4, 3), (2, 8, 2), (2, 8, 3), (1, 4, 2), (2, 4, 2), (1, 2, 6), (4, 2, 4)])
 def test_swept_quant_splits_are_correct(split, wtype, group, gated, m):
     """Work splits of the quantised kernel the benchmark sweeps (`bench_gemv --quant --sweep`:
     16-column tiles per CTA, warps, stages), launched directly on odd N and K: a split the sweep
