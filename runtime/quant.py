@@ -349,11 +349,21 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
 _BLOCKWISE: dict[int, bool] = {}   # device index -> cuBLAS took the blockwise-scaled fp8 product
 
 
-def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight) -> torch.Tensor | None:
+def _reference_epilogue(y, bias, gated, residual):
+    """runtime/linear._reference's epilogue on a product y in x's dtype."""
+    if bias is not None:
+        y = y + bias
+    if gated:
+        g, u = y.chunk(2, dim=-1)
+        y = (_ACT[gated](g.float()) * u.float()).to(y.dtype)
+    return y if residual is None else y + residual
+
+
+def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight, dtype) -> torch.Tensor | None:
     """The W8A8 product on the fp8 tensor cores through torch's cuBLAS binding, with exactly the
     kernel's operands: x's e4m3 bytes with one scale per token and 128 k (cuBLAS's 1 x 128 block
     scaling) and W's bytes with its 128 x 128 block scales, or its row scales given as 1 x 128
-    blocks of W's rows (every block of a row the row's scale). Returns y [..., N] in f32, or None
+    blocks of W's rows (every block of a row the row's scale). Returns y [..., N] in `dtype`, or None
     where cuBLAS has no such product (it needs sm_90, CUDA 12.9+, K a multiple of 128; the
     first refusal on a device is remembered; 128 x 128 blocks also K / 128 a multiple of 4)."""
     dev = q.device
@@ -370,7 +380,7 @@ def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight) -> t
     else:                                                             # row scales as 1 x 128 blocks: [K / 128, N]
         b_scale = qw.wscale[None, :].expand(kb, qw.n).contiguous()
     try:
-        y = torch._scaled_mm(q2, qw.qweight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float32)
+        y = torch._scaled_mm(q2, qw.qweight.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=dtype)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         if torch.cuda.is_current_stream_capturing():
             raise
@@ -392,7 +402,9 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
     q, s = quantize_fp8_rows(u)
-    y = _scaled_mm_blockwise(q, s, qw) if _gpu_ok(x, qw) and x.numel() else None
+    y = _scaled_mm_blockwise(q, s, qw, x.dtype) if _gpu_ok(x, qw) and x.numel() and norm is None else None
+    if y is not None:   # cuBLAS rounded the sums to x's dtype: the rest as the bf16 products do it
+        return _reference_epilogue(y, bias, gated, residual)
     if y is None:
         xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
         if _gpu_ok(x, qw) and x.numel():

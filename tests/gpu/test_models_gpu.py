@@ -209,3 +209,22 @@ def test_head_dim_96_runs_on_the_tensor_cores(loaded_d96, name):
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
     assert generate(ours, prompts, max_new_tokens=6) == generate(ours, prompts, max_new_tokens=6, cuda_graphs=False)
     ours.release_engine()
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="the generated Hopper GEMM is sm_90's")
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+def test_prefill_on_the_generated_gemm(loaded, name, monkeypatch):
+    """With runtime/linear.WGMMA_MIN_ROWS lowered, the longer steps' float projections run on the
+    generated Hopper GEMM (gate/up with the activation fused): logits still match transformers."""
+    from layerforge.runtime import linear
+    hf, ours = loaded(name)
+    monkeypatch.setattr(linear, "WGMMA_MIN_ROWS", 17)
+    calls = []
+    launcher = linear._gemm_launcher
+    monkeypatch.setattr(linear, "_gemm_launcher", lambda *a, **k: calls.append(a[1:3]) or launcher(*a, **k))
+    ids = torch.randint(0, 96, (2, 29), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    _close(ours(ids), ref)
+    layers = len(ours.layers)
+    assert len(calls) >= 4 * layers, calls   # q/k/v, o, gate/up (activation fused), down a layer
