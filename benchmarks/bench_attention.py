@@ -11,10 +11,14 @@ Prefill: causal attention over whole prompts, ours (ragged form, K/V read throug
 table; on sm_90 both the wgmma kernel and the mma.sync one) beside SDPA's flash and cuDNN
 backends and FlexAttention (torch.compile'd, causal block mask built outside the timing) on
 [B, H, S, D] tensors. FLOPs count the visible half of the causal score matrix:
-4 * B * Hq * S^2 * D / 2. --prefill-set main: only the default tiles of each shape."""
+4 * B * Hq * S^2 * D / 2. --prefill-set main: only the default tiles of each shape.
+--wgmma-overlap: on sm_90 each shape's default wgmma row is followed by one planned under
+LAYERFORGE_WGMMA_OVERLAP=1 (WGTileConfig.overlap, tiles labelled ...ov), in the same process."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 import torch
@@ -59,10 +63,29 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16, kv_dtype
                 sdpa_s=sdpa, bytes=nbytes)
 
 
-def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True):
+@contextlib.contextmanager
+def wgmma_overlap(on: bool | None):
+    """LAYERFORGE_WGMMA_OVERLAP set to `on` inside the block (None: left as it is), restored after."""
+    saved = os.environ.get("LAYERFORGE_WGMMA_OVERLAP")
+    if on is not None:
+        os.environ["LAYERFORGE_WGMMA_OVERLAP"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("LAYERFORGE_WGMMA_OVERLAP", None)
+        if saved is not None:
+            os.environ["LAYERFORGE_WGMMA_OVERLAP"] = saved
+
+
+def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True,
+                 overlap=None):
+    """overlap: plan the wgmma prefill with LAYERFORGE_WGMMA_OVERLAP=1 (True) or 0 (False); None:
+    as the environment says."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
     attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
+    with wgmma_overlap(overlap):
+        attn.tc_plan("prefill")   # the module keeps this plan
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
@@ -108,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--only", choices=["decode", "prefill"], default=None)
     ap.add_argument("--prefill-set", choices=["all", "main"], default="all",
                     help="main: the default tiles of each shape only (no alternative tile shapes)")
+    ap.add_argument("--wgmma-overlap", action="store_true",
+                    help="on sm_90, each default wgmma prefill row again with the overlap schedule "
+                         "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
     a = ap.parse_args(argv)
     prog = lf.stdlib()
     ceiling = copy_ceiling()
@@ -141,7 +167,10 @@ def main(argv=None):
               f"{'Flex ms':>9s} {'ours/flash':>10s} {'ours/cuDNN':>10s} {'ours/Flex':>10s}")
         # on sm_90 each shape's default tiles run on both kernels (wgmma, then mma.sync), the
         # peers measured once per shape (with the first)
-        kernels = ("wgmma", "tc") if torch.cuda.get_device_capability() == (9, 0) else (None,)
+        # (--wgmma-overlap: the wgmma kernel twice, without and with the overlap schedule)
+        hopper = torch.cuda.get_device_capability() == (9, 0)
+        kernels = ((("wgmma", False), ("wgmma", True)) if a.wgmma_overlap else (("wgmma", None),)) + (("tc", None),)
+        kernels = kernels if hopper else ((None, None),)
         # the default (the first tile of tile_candidates that compiles without spills) beside
         # other tile shapes, forced whether they spill or not: 64-key tiles at once or in
         # softmax steps of 32 keys (k32), the S loop not unrolled (u1), 48-key tiles
@@ -160,8 +189,9 @@ def main(argv=None):
         fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>{f.split('.')[0]}s}"  # noqa: E731
         for name, batch, seq, hq, hkv, d, tiles in cases:
             peers = None
-            for kernel in kernels if tiles is None else (None,):
-                r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None)
+            for kernel, overlap in kernels if tiles is None else ((None, None),):
+                r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
+                                 overlap=overlap)
                 if peers is None:
                     peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
                 r.update(peers)

@@ -52,10 +52,12 @@ def overlapped(tiles: WGTileConfig) -> WGTileConfig:
 
 def check_overlap_source(plan):
     src = plan.source()
-    assert plan.config.overlap and plan.key.endswith(f"_{plan.config.label}_" + ("dt_" if plan.rel_table else "") + "sm90a")
+    assert plan.config.overlap
+    assert plan.key.endswith(f"_{plan.config.label}_" + ("dt_" if plan.rel_table else "") + "sm90a")
     # S, then the previous tile's P V: two groups a turn; the softmax after the first is in
     turn = src.split("lf_wgmma_ss_n")[-1]
-    assert turn.index("lf_wgmma_commit();\n            if (prev >= 0) pv(pa_prev, prev);") < turn.index("lf_wgmma_wait<1>();")
+    second = turn.index("lf_wgmma_commit();\n            if (prev >= 0) pv(pa_prev, prev);")
+    assert second < turn.index("lf_wgmma_wait<1>();")
     assert "unsigned pa0[BN / 16][4], pa1[BN / 16][4];" in src and "if (done++ & 1) tile(pa0, pa1);" in src
     # O is rescaled only after the P V that accumulates into it is waited for
     softmax = src.split("lf_wgmma_wait<1>();")[1]
@@ -72,7 +74,7 @@ def test_overlap_plans_compile_without_spills(prog, name, d):
     plain = plan_wgmma_attention(layer, compile_fn=resources)
     plan = plan_wgmma_attention(layer, compile_fn=resources, overlap=True)
     assert plan.config == overlapped(plain.config)
-    assert plan.abi.args == plain.abi.args and plan.abi.grid == plain.abi.grid and plan.shared_bytes == plain.shared_bytes
+    assert (plan.abi.args, plan.abi.grid, plan.shared_bytes) == (plain.abi.args, plain.abi.grid, plain.shared_bytes)
     check_overlap_source(plan)
     kr, _ = compile_main(plan)
     assert_spill_free(kr)
