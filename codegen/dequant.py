@@ -26,7 +26,7 @@ from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, _arch_number
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["DequantPlan", "plan_dequant", "THREADS"]
+__all__ = ["DequantPlan", "plan_dequant", "QuantRowsPlan", "THREADS"]
 
 THREADS = 256
 
@@ -111,3 +111,57 @@ def _render(plan: DequantPlan) -> str:
 
 def plan_dequant(dtype: str, *, wtype: str, group: int, n: int, k: int, arch: str = "sm_90") -> DequantPlan:
     return DequantPlan(dtype=dtype, wtype=wtype, group=group, n=n, k=k, arch=arch)
+
+
+ROW_WARPS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRowsPlan(KernelPlan):
+    """The W8A8 products' activation quantisation in one pass over x (templates/cuda/
+    quant_fp8_rows.cu.jinja): x [M, K] -> e4m3 bytes [M, K] and f32 scales [M, ceil(K / 128)],
+    runtime/quant.quantize_fp8_rows's bytes exactly."""
+    family: ClassVar[str] = "quant_rows"
+    dtype: str                 # "bf16" | "f16": x
+    k: int
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        if self.dtype not in _TYPES:
+            raise ValueError(f"quant_rows: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 8 or self.k % 8:
+            raise ValueError(f"quant_rows: K must be a positive multiple of 8, got {self.k!r}")
+        if _arch_number(self.arch) < FP8_MIN_ARCH:
+            raise ValueError(f"quant_rows: e4m3 conversion needs sm_89 or newer, not {self.arch}")
+
+    @property
+    def key(self) -> str:
+        return f"quant_rows_k{self.k}_{self.dtype}_f8e4m3_{self.arch.replace('_', '')}"
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_rows_abi(self),)
+
+    def source(self) -> str:
+        return _rows_render(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "k": self.k, "wtype": "f8e4m3", "block": 128}
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_abi(plan: QuantRowsPlan) -> KernelABI:
+    t = _TYPES[plan.dtype][0]
+    args = (Arg("x", f"const {t}* __restrict__", "input"), Arg("q", "unsigned char* __restrict__", "output"),
+            Arg("scale", "float* __restrict__", "output"), Arg("M", "int", "dim"))
+    kb = -(-plan.k // 128)
+    return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(M * {kb}, {ROW_WARPS})",),
+                     block=(32 * ROW_WARPS,), problem=("M",))
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_render(plan: QuantRowsPlan) -> str:
+    t, mma = _TYPES[plan.dtype]
+    return render("cuda/quant_fp8_rows.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
+                  plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, K=plan.k,
+                  WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0)

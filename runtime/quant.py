@@ -51,7 +51,7 @@ from .linear import (_ACT, LinearInputError, _capability, _reference, check_call
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
-           "gemv_quant", "dequantize_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS"]
+           "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -349,6 +349,30 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
 _BLOCKWISE: dict[int, bool] = {}   # device index -> cuBLAS took the blockwise-scaled fp8 product
 
 
+def quantize_fp8_rows_cuda(x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rows in one pass on an sm_89+ GPU (codegen/dequant.QuantRowsPlan): the same
+    e4m3 bytes and f32 scales, x [..., K] bf16/f16 with K a multiple of 8."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    m = x2.shape[0]
+    key = ("rows", k, x.dtype, x.device.index)
+    launcher = _DEQUANT.get(key)
+    if launcher is None:
+        from ..codegen.dequant import QuantRowsPlan
+        from .launch import compile_plan, device_arch, load_kernels
+        plan = QuantRowsPlan(dtype="bf16" if x.dtype == torch.bfloat16 else "f16", k=k, arch=device_arch(x.device))
+        launcher = _DEQUANT[key] = load_kernels(compile_plan(plan, cache).cubin, plan.kernels,
+                                                x.device)[plan.kernel_name]
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, -(-k // FP8_BLOCK), dtype=torch.float32, device=x.device)
+    if m:
+        launcher((m,), [x2, q, s, m])
+    return q.view(*lead, k), s.view(*lead, s.shape[-1])
+
+
 def _reference_epilogue(y, bias, gated, residual):
     """runtime/linear._reference's epilogue on a product y in x's dtype."""
     if bias is not None:
@@ -401,8 +425,9 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
-    q, s = quantize_fp8_rows(u)
-    y = _scaled_mm_blockwise(q, s, qw, x.dtype) if _gpu_ok(x, qw) and x.numel() and norm is None else None
+    blockwise = _gpu_ok(x, qw) and x.numel() and norm is None and qw.k % 8 == 0
+    q, s = quantize_fp8_rows_cuda(u, cache) if blockwise else quantize_fp8_rows(u)
+    y = _scaled_mm_blockwise(q, s, qw, x.dtype) if blockwise else None
     if y is not None:   # cuBLAS rounded the sums to x's dtype: the rest as the bf16 products do it
         return _reference_epilogue(y, bias, gated, residual)
     if y is None:
@@ -431,7 +456,7 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 # 16: its 32-row plans are 0.34-0.57 x cuBLAS and the gated block-scaled one spills.
 QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
-_DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher
+_DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 
 
 def _gpu_ok(x: torch.Tensor, qw: QuantWeight) -> bool:

@@ -52,3 +52,20 @@ def test_plan_errors():
         plan_dequant("f32", wtype="i8", group=0, n=8, k=64)
     with pytest.raises(ValueError, match="divide K"):
         plan_dequant("bf16", wtype="i8", group=128, n=8, k=1040)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_activation_quantisation_compiles(dtype):
+    from layerforge.codegen.dequant import ROW_WARPS, QuantRowsPlan
+    for arch in ("sm_89", "sm_90"):
+        for k in (1000, 4096, 14336):
+            plan = QuantRowsPlan(dtype=dtype, k=k, arch=arch)
+            res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch), want_ptx=True)
+            (kr,) = res.resources.values()
+            assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+            assert res.ptx.count("cvt.rn.satfinite.e4m3x2.f32") == 2 and "shfl.sync.bfly" in res.ptx
+            assert plan.abi.grid_for(M=300) == (-(-300 * -(-k // 128) // ROW_WARPS), 1, 1)
+    with pytest.raises(ValueError, match="sm_89"):
+        QuantRowsPlan(dtype=dtype, k=64, arch="sm_80")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        QuantRowsPlan(dtype=dtype, k=100)

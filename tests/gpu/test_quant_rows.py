@@ -165,3 +165,21 @@ def test_swept_quant_splits_are_correct(split, wtype, group, gated, m):
     out = torch.full((m, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
     launch((), [x, *lin.qw.kernel_tensors, out, m])
     assert rel_err(out, meaning(x, lin, gated)) < 1e-2
+
+
+@pytest.mark.skipif(not FP8, reason="e4m3 conversion needs an sm_89+ GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (300, 1000), (77, 1152), (1024, 14336)])
+def test_activation_quantisation_kernel_makes_the_reference_bytes(m, k, dtype):
+    """The one-pass activation quantisation (codegen/dequant.QuantRowsPlan) gives
+    quantize_fp8_rows's e4m3 bytes and scales exactly: blocks past K, an all-zero block, values
+    spanning the range."""
+    from layerforge.runtime.quant import quantize_fp8_rows_cuda
+    gen = seeded_generator("quant-rows-kernel", m, k, str(dtype))
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, k)).to(dtype).cuda()
+    x[0, :128] = 0
+    q0 = torch.full((m, k), 0x7f, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    q, s = quantize_fp8_rows_cuda(x)
+    rq, rs = quantize_fp8_rows(x)
+    assert q.shape == q0.shape and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(s, rs)
