@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -209,6 +210,14 @@ def supports(layer: Layer, page_size: int) -> bool:
         return False
     plan = WGMMAAttentionPlan(layer=layer, page_size=page_size)
     return plan.page_entries <= 32
+
+
+def overlap_default() -> bool:
+    """Whether the wgmma prefill takes its overlap schedule (WGTileConfig.overlap) where it compiles
+    without spills: the default, measured 3-7 % faster on the H200 at every benchmarked shape
+    (benchmarks/NOTES.md); LAYERFORGE_WGMMA_OVERLAP=0 turns it off. Read by the runtime's plans
+    and the pack build alike, so a pack holds the kernel that runs."""
+    return os.environ.get("LAYERFORGE_WGMMA_OVERLAP", "1") != "0"
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,

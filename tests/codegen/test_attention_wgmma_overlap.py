@@ -171,12 +171,12 @@ def test_overlap_is_off_unless_asked_for(prog):
     assert forced.kernels[1].signature == plan.kernels[1].signature
 
 
-def test_runtime_asks_for_overlap_under_the_environment_variable(prog, monkeypatch):
+def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     from layerforge.runtime.attention import PagedAttention
     layer = specialise(prog, "gpt2_attn", 16, 16, 64)
-    monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "0")
     assert not PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.overlap
-    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1")
+    monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)   # the default
     plan = PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill")
     assert plan.config.overlap and plan.config.label == "n128s3ov"
     # forced tiles are as given; the mma.sync prefill is not affected

@@ -5,7 +5,7 @@ run the plain schedule (fresh random inputs, outputs NaN-filled first, NaN fails
 head dims 64/128/256, ragged lengths that are not multiples of the tile, sliding window, soft-cap,
 ALiBi, padding and fully masked rows (zeros), split-KV, sinks, tiles the mask's classifier
 skips (the P buffers alternate by tiles computed), the block-mask lists, the per-tile distance
-tables, f16; and LAYERFORGE_WGMMA_OVERLAP=1 selecting it. Runs only on sm_90 GPUs."""
+tables, f16; and it being the default (LAYERFORGE_WGMMA_OVERLAP=0 turns it off). Runs only on sm_90 GPUs."""
 import dataclasses
 import random
 
@@ -155,12 +155,12 @@ def test_clamped_relative_bias_table(monkeypatch, mask_prog, d):
 
 
 def test_environment_variable_selects_overlap(prog, monkeypatch):
-    """LAYERFORGE_WGMMA_OVERLAP=1: the default sm_90 prefill plans the overlap schedule at its
-    tile shape; without it, the plain one."""
+    """By default (and with LAYERFORGE_WGMMA_OVERLAP=1) the sm_90 prefill plans the overlap
+    schedule at its tile shape; LAYERFORGE_WGMMA_OVERLAP=0 the plain one."""
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
-    monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "0")
     plain = PagedAttention(layer, page_size=16).tc_plan("prefill")
-    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1")
+    monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)
     plan = PagedAttention(layer, page_size=16).tc_plan("prefill")
     assert not plain.config.overlap and plan.config == dataclasses.replace(plain.config, overlap=True)
     run_case(prog, "tc-ragged", "gemma2_attn", 32, 8, 128, 16, lens=[700, 129, 1], new=[700, 64, 1], window=300)

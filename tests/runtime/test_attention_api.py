@@ -134,11 +134,12 @@ def test_wgmma_distance_table_by_default():
     """The wgmma prefill tabulates the distance term per tile unless distance_table=False; a
     pack builds the same prefill (codegen.families), so its manifest's key is what runs."""
     from layerforge.codegen.families import plans_for_layer
+    from layerforge.runtime.launch import compile_fn
     t5 = lf.stdlib().specialise("t5_attn", Hq=32, Hkv=8, D=128, NB=32, dtype="bf16")
     plan = PagedAttention(t5, arch="sm_90").tc_plan("prefill")
     assert plan.distance_table and plan.rel_table == (4, plan.config.keys + 16) and "_dt_" in plan.key
     assert plan.config.stages == 2   # 3 stages of 128 keys leave no room for the tables at D128
-    assert plans_for_layer(t5, "sm_90")[0].key == plan.key
+    assert plans_for_layer(t5, "sm_90", compile_fn=compile_fn())[0].key == plan.key
     off = PagedAttention(t5, arch="sm_90", distance_table=False).tc_plan("prefill")
     assert not off.distance_table and off.rel_table is None and "_dt_" not in off.key
     assert "lf_rel_term" not in off.source()
