@@ -59,11 +59,22 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # cuBLAS and torch's int4 kernel
     "$PY" -m benchmarks.bench_gemv --json "$OUT_DIR/bench_gemv.json" 2>&1 | tee "$OUT_DIR/bench_gemv.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    "$PY" -m benchmarks.bench_gemv --quant --json "$OUT_DIR/bench_gemv_quant.json" 2>&1 | tee "$OUT_DIR/bench_gemv_quant.txt"
+    "$PY" -m benchmarks.bench_gemv --quant --tokens 1,8,16,32,128,1024 --json "$OUT_DIR/bench_gemv_quant.json" 2>&1 \
+        | tee "$OUT_DIR/bench_gemv_quant.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # the quantised kernels' work splits beside their defaults
+    "$PY" -m benchmarks.bench_gemv --quant --sweep --only 8B 2>&1 | tee "$OUT_DIR/bench_gemv_quant_sweep.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # attention at head dims 80-192 (padded tensor-core kernels) beside SDPA
+    "$PY" -m benchmarks.bench_head_dims 2>&1 | tee "$OUT_DIR/bench_head_dims.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # prefill-sized products: the Hopper GEMM beside cuBLAS (sm_90 only)
     if "$PY" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() != (9, 0))"; then
-        "$PY" -m benchmarks.bench_gemm --json "$OUT_DIR/bench_gemm.json" 2>&1 | tee "$OUT_DIR/bench_gemm.txt"
+        "$PY" -m benchmarks.bench_gemm --variant wgmma_persistent --bn auto,128,256 --json "$OUT_DIR/bench_gemm.json" 2>&1 \
+            | tee "$OUT_DIR/bench_gemm.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # the model's prefill with its products on the generated GEMM (cuBLAS is the default route)
+        "$PY" -m benchmarks.bench_model --no-hf --batches 1 --gemm wgmma 2>&1 | tee "$OUT_DIR/bench_model_gemm.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
