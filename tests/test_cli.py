@@ -200,7 +200,7 @@ def test_main_show_attention_kernels(capsys, kernel, marker):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--dims", "Hq=32,Hkv=8,D=96"], "no tensor-core attention specialisation for head dim 96"),
+    (["--dims", "Hq=32,Hkv=8,D=72"], "no tensor-core attention specialisation for head dim 72"),
     (["--dims", "Hq=32,Hkv=8,D=128", "--page-size", "12"], "page size must be a power of two, got 12"),
     (["--dims", "Hq=32,Hkv=8,D=128", "--dtype", "f32"], "takes bf16 or f16, not f32"),
 ])
