@@ -2,8 +2,11 @@
 tests/gpu/test_paged_attention.py runs the other kernels (fresh random inputs, outputs
 NaN-filled first, NaN fails): causal, sliding window, soft-cap, ALiBi, T5 bias, GQA up to
 32 heads a KV head, head dims 64/128/256, ragged sequences and chunks over a cached prefix,
-pages of 16 and 64, split-KV, sinks, block-sparse masks, fully masked rows, f16. Runs only on
-sm_90 GPUs (the kernel is compiled for sm_90a)."""
+pages of 16 and 64, split-KV, sinks, block-sparse masks (the overlap schedule's P buffers
+alternate by the tiles computed), fully masked rows, f16; each under the plain and the overlap
+schedule of the consumers. Runs only on sm_90 GPUs (the kernel is compiled for sm_90a)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +24,14 @@ LONG = dict(lens=[700, 1, 333, 900], new=[700, 1, 333, 77])   # whole prompts, a
 @pytest.fixture(scope="module")
 def prog():
     return lf.stdlib()
+
+
+@pytest.fixture(autouse=True, params=["plain", "overlap"])
+def schedule(request, monkeypatch):
+    """Every case under both consumer schedules: the plain one and the overlap one (the softmax
+    under the consumer's own P V; the planner's default where it compiles without spills)."""
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1" if request.param == "overlap" else "0")
+    return request.param
 
 
 def wgmma(prog, name, hq, hkv, d, page, **kw):
@@ -92,7 +103,8 @@ def test_block_sparse_masks(name):
 
 @pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
                          ids=lambda x: getattr(x, "label", str(x)))
-def test_every_tile_candidate(prog, d, tiles):
-    """The planner's fallbacks (taken where a block's hooks spill the first), forced."""
+def test_every_tile_candidate(prog, d, tiles, schedule):
+    """The planner's fallbacks (taken where a block's hooks spill the first), forced, in either schedule."""
+    tiles = dataclasses.replace(tiles, overlap=schedule == "overlap")
     wgmma(prog, "gemma2_attn", 16, 4, d, 16, lens=[700, 1, 333], new=[700, 1, 100], window=200,
           tiles={"prefill": tiles})
