@@ -15,23 +15,13 @@ from layerforge.runtime.quant import (QuantLinear, dequantize, dequantize_cuda, 
 
 from ..seeding import seeded_generator
 from .products import epilogue, replayed
+from .test_gemv_quant import quant_linear, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 WTYPES = [("u4", 32), ("u4", 128), ("i8", 0), ("i8", 64)] + ([("f8e4m3", 0), ("f8e4m3", 128)] if FP8 else [])
 SHAPES = [(4096, 14336), (1000, 3072), (3000, 1152), (24, 128)]
-
-
-def qlinear(n, k, wtype, group, gen, dtype=torch.bfloat16, bias=False):
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
-    b = torch.randn(n, generator=gen) if bias else None
-    return QuantLinear.from_float(w, group, b, wtype=wtype, dtype=dtype).cuda()
-
-
-def rel_err(out, ref):
-    assert not torch.isnan(out).any()
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def meaning(x, lin, gated=None, bias=None, r=None):
@@ -45,7 +35,7 @@ def meaning(x, lin, gated=None, bias=None, r=None):
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_dequantised_weight_is_the_reference(n, k, wtype, group, dtype):
     gen = seeded_generator("dequant", n, k, wtype, group, str(dtype))
-    lin = qlinear(n, k, wtype, group, gen, dtype)
+    lin = quant_linear(n, k, wtype, group, dtype, gen)
     out = torch.full((n, k), float("nan"), dtype=dtype, device="cuda")
     w = dequantize_cuda(lin.qw, out=out)
     assert w.data_ptr() == out.data_ptr() and not torch.isnan(w).any()
@@ -62,7 +52,7 @@ def test_dequantised_weight_is_the_reference(n, k, wtype, group, dtype):
 @pytest.mark.parametrize("n,k", SHAPES[:3])
 def test_prefill_rows_against_float64(n, k, wtype, group, m):
     gen = seeded_generator("quant-rows", n, k, wtype, group, m)
-    lin = qlinear(n, k, wtype, group, gen)
+    lin = quant_linear(n, k, wtype, group, torch.bfloat16, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     y = gemv_quant(x, lin.qw, out=out)
@@ -73,7 +63,7 @@ def test_prefill_rows_against_float64(n, k, wtype, group, m):
 @pytest.mark.parametrize("wtype,group", WTYPES)
 def test_prefill_rows_with_epilogue(wtype, group):
     gen = seeded_generator("quant-rows-epi", wtype, group)
-    lin = qlinear(2048, 1024, wtype, group, gen, bias=True)
+    lin = quant_linear(2048, 1024, wtype, group, torch.bfloat16, gen, bias=True)
     x = torch.randn(3, 77, 1024, generator=gen).to(torch.bfloat16).cuda()
     r = torch.randn(3, 77, 1024, generator=gen).to(torch.bfloat16).cuda()
     y = lin(x, gated="silu", residual=r)
@@ -84,7 +74,7 @@ def test_prefill_rows_with_epilogue(wtype, group):
 @pytest.mark.parametrize("wtype,group", WTYPES)
 def test_graph_capture_at_64_rows(wtype, group):
     gen = seeded_generator("quant-rows-graph", wtype, group)
-    lin = qlinear(4096, 4096, wtype, group, gen, bias=True)
+    lin = quant_linear(4096, 4096, wtype, group, torch.bfloat16, gen, bias=True)
     x = torch.randn(64, 4096, dtype=torch.bfloat16, device="cuda")
     y = replayed(lin, x)
     assert rel_err(y, meaning(x, lin, None, lin.bias)) < 1e-2
@@ -96,7 +86,7 @@ def test_small_token_kernel_to_32_rows(monkeypatch, wtype, group, m):
     monkeypatch.setattr(quant, "QUANT_KERNEL_MAX_ROWS", 32)
     monkeypatch.setattr(quant, "FP8_KERNEL_MAX_ROWS", 32)
     gen = seeded_generator("quant-kernel-64", wtype, group, m)
-    lin = qlinear(3000, 1152, wtype, group, gen)
+    lin = quant_linear(3000, 1152, wtype, group, torch.bfloat16, gen)
     x = torch.randn(m, 1152, generator=gen).to(torch.bfloat16).cuda()
     out = torch.full((m, 3000), float("nan"), dtype=torch.bfloat16, device="cuda")
     gemv_quant(x, lin.qw, out=out)
@@ -133,7 +123,7 @@ def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block):
     """Past 16 rows on sm_90 the W8A8 product is cuBLAS's blockwise-scaled fp8 GEMM on the same
     e4m3 operands (x per token and 128 k, W per row or 128 x 128 block), not a dequantised W."""
     gen = seeded_generator("fp8-blockwise", block)
-    lin = qlinear(2048, 4096, "f8e4m3", block, gen)
+    lin = quant_linear(2048, 4096, "f8e4m3", block, torch.bfloat16, gen)
     x = torch.randn(300, 4096, generator=gen).to(torch.bfloat16).cuda()
     quant._BLOCKWISE.clear()
     y = lin(x)
@@ -160,7 +150,7 @@ def test_swept_quant_splits_are_correct(split, wtype, group, gated, m):
         pytest.skip(str(e))
     launch = load_kernels(compile_plan(plan).cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
     gen = seeded_generator("quant-split", split, wtype, gated, m)
-    lin = qlinear(n, k, wtype, group, gen)
+    lin = quant_linear(n, k, wtype, group, torch.bfloat16, gen)
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     out = torch.full((m, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
     launch((), [x, *lin.qw.kernel_tensors, out, m])
