@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .abi import Arg, KernelABI
-from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, _arch_number
+from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, _arch_number, wtype_label
 from .plan import KernelPlan
 from .render import read_template, render
 
@@ -74,9 +74,8 @@ class DequantPlan(KernelPlan):
 
     @property
     def key(self) -> str:
-        q = (f"{self.wtype}b{self.group}" if self.wtype == "f8e4m3" and self.group else
-             f"{self.wtype}g{self.group}" if self.group else f"{self.wtype}ch")
-        return f"dequant_n{self.n}_k{self.k}_{self.dtype}_{q}_{self.arch.replace('_', '')}"
+        return (f"dequant_n{self.n}_k{self.k}_{self.dtype}_{wtype_label(self.wtype, self.group)}_"
+                f"{self.arch.replace('_', '')}")
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:

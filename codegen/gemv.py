@@ -127,10 +127,8 @@ class GemvPlan(ProductPlan):
     @property
     def key(self) -> str:
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
-        if self.wtype == "f8e4m3":
-            parts.append(f"{self.wtype}b{self.group}" if self.group else f"{self.wtype}ch")   # b: 128 x 128 blocks
-        elif self.wtype:
-            parts.append(f"{self.wtype}g{self.group}" if self.group else f"{self.wtype}ch")
+        if self.wtype:
+            parts.append(wtype_label(self.wtype, self.group))
         if self.gated:
             parts.append(self.gated)
         if self.bias:
@@ -179,6 +177,13 @@ class GemvPlan(ProductPlan):
              "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
              "n_out": self.n_out}
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
+
+
+def wtype_label(wtype: str, group: int) -> str:
+    """A quantised W's part of a plan key: u4g128, i8ch (one scale a row), f8e4m3b128 (128 x 128 blocks)."""
+    if not group:
+        return f"{wtype}ch"
+    return f"{wtype}{'b' if wtype == 'f8e4m3' else 'g'}{group}"
 
 
 def _arch_number(arch: str) -> int:
