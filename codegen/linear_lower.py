@@ -27,10 +27,8 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..dsl.errors import Diagnostic
 from ..dsl.ir import Function, Node, Op, toposort, unary_name
-from ..dsl.program import Layer, stdlib_sources
-from ..dsl.source import SourceFile, Span
+from ..dsl.program import Layer, located
 from ..dsl.types import DType
 from .gemv import GATED, GemvPlan, plan_gemv
 from .row import LoweringError
@@ -277,16 +275,4 @@ class _Matcher:
         self.fail(g, f"an RMSNorm's weight is an input gamma [{x.shape[-1]}] or 1 + gamma")
 
 
-def _format(span: Span, what: str) -> str:
-    """`file:line:col: what`, with the source line and a caret where the source can be read (the
-    standard library's, a file's; not a string's, which a Layer does not keep)."""
-    source = None
-    if span.file.startswith("<stdlib>/"):
-        source = next((s for s in stdlib_sources() if s.name == span.file), None)
-    elif span.line > 0:
-        try:
-            with open(span.file, encoding="utf-8") as f:
-                source = SourceFile(span.file, f.read())
-        except OSError:
-            source = None
-    return Diagnostic(span, what).format(source).replace(": error: ", ": ", 1)
+_format = located   # dsl/program.py: the source line and a caret

@@ -166,10 +166,14 @@ def layer_key(layer: Layer, *suffix: str) -> str:
 
 
 def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None,
-               split: int | None = None) -> RowPlan:
-    """The row-kernel plan for a specialised layer; raises LoweringError if no family fits."""
+               split: int | None = None) -> KernelPlan:
+    """The row-kernel plan for a specialised layer (the grouped MoE routing layer's own family,
+    codegen/route.py, for it); raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
         raise LoweringError(f"{layer.name}: attention blocks use the attention kernel family")
+    from . import route   # (route.py builds on this module's KernelPlan)
+    if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
+        return route.plan_route(layer, arch, vec_bytes=vec_bytes)
     plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr, split=split)
     plan.lowered()  # fail early, with the reason
     return plan

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..dsl.ir import Function, Node, Op, ReduceArg, toposort, unary_name
-from ..dsl.types import DType, dims_equal
+from ..dsl.program import located
+from ..dsl.types import DType, dims_equal, shape_str
 from . import ops
 from .abi import Arg
 from .index import IndexSpace, c_expr
@@ -227,9 +228,14 @@ class RowLowering:
     def _lead_shape(self) -> tuple:
         leads = [p.src[0].shape[:-1] for p in self.phases] or [self.fn.outputs[0].shape[:-1]]
         lead = max(leads, key=len)   # shorter leads (an [H] weight's: none) broadcast over its rows
-        for l in leads:
+        for p, l in zip(self.phases, leads):
             if not all(dims_equal(a, b) for a, b in zip(l[::-1], lead[::-1])):
-                raise LoweringError(f"{self.fn.name}: reductions over rows of different shapes")
+                longest = next(q for q in self.phases if q.src[0].shape[:-1] == lead)
+                span = p.span if p.span.line > 0 else self.fn.span
+                raise LoweringError(f"{self.fn.name}: " + located(span, (
+                    f"reductions over rows of different shapes: this {p.op.value} reduces rows of "
+                    f"{shape_str(p.src[0].shape)}, the {longest.op.value} at {longest.span} rows of "
+                    f"{shape_str(longest.src[0].shape)} (a row kernel has one row space)")))
         out = self.fn.outputs[0].shape[:-1] if self.fn.outputs else ()
         if len(out) > len(lead) and all(dims_equal(a, b) for a, b in zip(lead[::-1], out[::-1])):
             # the reduced rows broadcast over the outputs' (a reduction of an [H] weight): every

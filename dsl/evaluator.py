@@ -247,8 +247,12 @@ class _Evaluator:
     def op_topk(self, n):
         k, axis, which = n.arg
         x = self.arg(n)
-        vals, idx = torch.topk(x, self.int_of(k), dim=axis, largest=True, sorted=True)
-        return vals if which == 0 else idx.to(torch.int32)
+        # A stable descending sort, not torch.topk: ties go to the lowest index, on every device
+        # (torch.topk leaves their order open), as the kernels' (value desc, index asc) keys rank
+        # them; NaN ranks above +inf, as in torch.topk.
+        vals, idx = torch.sort(x, dim=axis, descending=True, stable=True)
+        k = self.int_of(k)
+        return vals.narrow(axis, 0, k) if which == 0 else idx.narrow(axis, 0, k).to(torch.int32)
 
     def op_gather(self, n):
         x, idx = self.arg(n, 0), self.arg(n, 1)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from . import ast
 from .checker import Bindings, Checker, ModuleInfo
-from .errors import DiagnosticSink, DSLError
+from .errors import Diagnostic, DiagnosticSink, DSLError
 from .ir import Function, verify
 from .numerics import RopeParameterError, as_rope_scaling, rope_scaling_from_hf
 from .parser import parse
@@ -328,3 +328,19 @@ def stdlib_sources() -> list[SourceFile]:
     root = resources.files("layerforge.dsl.stdlib")
     files = sorted((p for p in root.iterdir() if p.name.endswith(".lf")), key=lambda p: p.name)
     return [SourceFile(f"<stdlib>/{p.name}", p.read_text(encoding="utf-8")) for p in files]
+
+
+def located(span: Span, what: str) -> str:
+    """`file:line:col: what`, with the source line and a caret where the source can be read (the
+    standard library's, a file's; not a string's, which a Layer does not keep): how a stage after
+    the checker (lowering) points at the expression it cannot serve."""
+    source = None
+    if span.file.startswith("<stdlib>/"):
+        source = next((s for s in stdlib_sources() if s.name == span.file), None)
+    elif span.line > 0:
+        try:
+            with open(span.file, encoding="utf-8") as f:
+                source = SourceFile(span.file, f.read())
+        except OSError:
+            source = None
+    return Diagnostic(span, what).format(source).replace(": error: ", ": ", 1)
