@@ -267,7 +267,6 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         narrow = not gated and n <= 4096
         drt, dw = (2, 8) if narrow else (1, 4)
         ds = 3 if wtype == "i8" and not gated else 2
-        dw = dw if warps is None else warps
         # more tokens (x's rows a stage grow with them): fewer warps, then stages, then column
         # tiles, until the CTA fits the budget (sm_80 has 163 KB)
         for cand in ((drt, dw, ds), (drt, min(dw, 4), ds), (drt, min(dw, 4), 2), (1, min(dw, 4), 2), (1, 2, 2)):

@@ -46,8 +46,7 @@ from ..codegen.gemv import GATED as GEMV_GATED
 from ..dsl.program import Program
 from ..runtime.attention import PagedAttention
 from ..runtime.embedding import Embedding, PromptTuningEmbedding
-from ..runtime import linear as _linear
-from ..runtime.linear import KERNEL_MAX_ROWS, device_major, gemv
+from ..runtime.linear import KERNEL_MAX_ROWS, device_major, gemm_route, gemv
 from ..runtime.kv_cache import PagedKVCache
 from ..runtime.layers import LayerModule, _dtype_name
 from .spec import AttentionSpec, ModelSpec
@@ -118,14 +117,12 @@ def _product(lin: torch.nn.Module, x: torch.Tensor, **epilogue) -> torch.Tensor:
     return lin(x, **epilogue)
 
 
-def _dense(lin: torch.nn.Module, x: torch.Tensor, **epilogue) -> torch.Tensor | None:
-    """A float projection of a longer step on the generated Hopper GEMM, with the epilogue in it,
-    where runtime/linear sends this many rows there (WGMMA_MIN_ROWS; off by default, since cuBLAS
-    is as fast or faster for most shapes: benchmarks/NOTES.md); None: the caller's usual path."""
-    if (isinstance(lin, torch.nn.Linear) and x.dim() == 2 and x.shape[0] >= _linear.WGMMA_MIN_ROWS
-            and x.shape[0] > KERNEL_MAX_ROWS and _linear._gemm_ok(x, lin.weight)):
-        return gemv(x, lin.weight, lin.bias, **epilogue)
-    return None
+def _on_gemm(lin: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether a float projection of a longer step (past the small-token rows) runs on the
+    generated Hopper GEMM through gemv, its epilogue fused: where runtime/linear.gemm_route sends
+    it (off by default)."""
+    return (isinstance(lin, torch.nn.Linear) and x.dim() == 2 and x.shape[0] > KERNEL_MAX_ROWS
+            and gemm_route(x, lin.weight))
 
 
 def _as_tuple(x):
@@ -184,10 +181,8 @@ class Attention(torch.nn.Module):
         self.splits = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        qkv = _dense(self.qkv, x)
-        o = self._attend(self.qkv(x) if qkv is None else qkv, ctx)
-        y = _dense(self.o, o)
-        return self.o(o) if y is None else y
+        o = self._attend(_product(self.qkv, x) if _on_gemm(self.qkv, x) else self.qkv(x), ctx)
+        return _product(self.o, o) if _on_gemm(self.o, o) else self.o(o)
 
     def fused(self, x: torch.Tensor, ctx: StepContext, prologue: dict) -> torch.Tensor:
         """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue (Norm.prologue)
@@ -225,11 +220,11 @@ class MLP(torch.nn.Module):
         self.activation = spec.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _dense(self.gate_up, x, gated=self.activation) if self.gated and self.activation in GEMV_GATED else None
-        if h is None:
+        if self.gated and self.activation in GEMV_GATED and _on_gemm(self.gate_up, x):
+            h = _product(self.gate_up, x, gated=self.activation)
+        else:
             h = self.act(self.gate_up(x) if self.gated else self.up(x))
-        y = _dense(self.down, h)
-        return self.down(h) if y is None else y
+        return _product(self.down, h) if _on_gemm(self.down, h) else self.down(h)
 
     def fused(self, r: torch.Tensor, prologue: dict) -> torch.Tensor:
         """r + mlp(norm(r)): the norm in the first product's prologue (Norm.prologue), the gated

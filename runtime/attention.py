@@ -61,13 +61,6 @@ from .block_mask import BlockMask
 from .kv_cache import dequantise
 
 
-def wgmma_overlap_enabled() -> bool:
-    """Whether the wgmma prefill plans its overlap schedule where that compiles without spills
-    (the default; LAYERFORGE_WGMMA_OVERLAP=0 turns it off), read when a module first plans its
-    prefill. Measured 3-7 % faster on the H200 at every benchmarked shape (benchmarks/NOTES.md)."""
-    return overlap_default()
-
-
 class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
                  kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
@@ -174,7 +167,7 @@ class PagedAttention:
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
-                                            overlap=wgmma_overlap_enabled())
+                                            overlap=overlap_default())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),

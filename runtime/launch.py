@@ -17,7 +17,7 @@ from ..codegen.abi import KernelABI
 from ..codegen.plan import CompileFn, KernelPlan
 from .driver import CudaModule, LoadedKernel
 
-__all__ = ["compile_plan", "compile_fn", "load_kernels", "Launcher"]
+__all__ = ["compile_plan", "compile_fn", "load_kernels", "load_plan", "Launcher"]
 
 _DEFAULT_SMEM = 48 * 1024
 
@@ -86,6 +86,11 @@ def load_kernels(cubin: bytes, abis: Sequence[KernelABI], device: Any) -> dict[s
     """Load a cubin into `device`'s primary context; a Launcher for each ABI, by kernel name."""
     module = CudaModule(cubin, device)
     return {abi.name: Launcher(abi, module.function(abi.name, abi.launch_types)) for abi in abis}
+
+
+def load_plan(plan: KernelPlan, device: Any, cache=None) -> Launcher:
+    """The plan's main kernel compiled (or taken from the cache) and loaded on `device`."""
+    return load_kernels(compile_plan(plan, cache).cubin, plan.kernels, device)[plan.kernel_name]
 
 
 def device_arch(device: Any = None) -> str:

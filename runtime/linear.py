@@ -30,10 +30,9 @@ KERNEL_MAX_ROWS = 16
 # count no call has) until it is measured at least as fast as cuBLAS (benchmarks/bench_gemm.py)
 WGMMA_MIN_ROWS = 1 << 62
 # The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
-# TMA loads and the persistent schedule are not measured yet, benchmarks/NOTES.md)
+# measured in benchmarks/NOTES.md: the persistent one is the fastest, the GEMM route's default)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
-_CAPABILITY: dict[int, tuple[int, int]] = {}   # device index -> compute capability
-_SMS: dict[int, int] = {}                       # device index -> multiprocessors
+_PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
@@ -54,12 +53,11 @@ def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, res
     key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group)
     hit = _KERNELS.get(key)
     if hit is None:
-        from .launch import compile_plan, device_arch, load_kernels
+        from .launch import device_arch, load_plan
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
                          norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group)
-        hit = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
-        _KERNELS[key] = hit
+        hit = _KERNELS[key] = load_plan(plan, x.device, cache)
     return hit
 
 
@@ -74,13 +72,16 @@ def _reference(x, weight, bias, gated, residual, norm=None, norm_offset=0.0):
     """torch's product and the same prologue and epilogue, rounded where the unfused layers round."""
     if norm is not None:
         x = rms_norm(x, norm[0], norm[1], norm_offset)
-    y = F.linear(x, weight, bias)
+    return _epilogue(F.linear(x, weight, bias), gated, residual)
+
+
+def _epilogue(y, gated, residual):
+    """_reference's epilogue on a product y (bias already in it), in y's dtype: act(gate) * up in
+    float32 over y's halves, then the residual add."""
     if gated:
         g, u = y.chunk(2, dim=-1)
-        y = (_ACT[gated](g.float()) * u.float()).to(x.dtype)
-    if residual is not None:
-        y = y + residual
-    return y
+        y = (_ACT[gated](g.float()) * u.float()).to(y.dtype)
+    return y if residual is None else y + residual
 
 
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
@@ -95,11 +96,23 @@ def _gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and _capability(x.device) == (9, 0))
 
 
+def _props(device: torch.device):
+    p = _PROPS.get(device.index)
+    if p is None:
+        p = _PROPS[device.index] = torch.cuda.get_device_properties(device)
+    return p
+
+
+def gemm_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv sends x @ weight^T (no norm prologue) to the Hopper GEMM: at least
+    WGMMA_MIN_ROWS rows (off by default: cuBLAS is as fast or faster for most shapes,
+    benchmarks/NOTES.md) and operands it takes."""
+    return x.numel() // max(x.shape[-1], 1) >= WGMMA_MIN_ROWS and _gemm_ok(x, weight)
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
-    c = _CAPABILITY.get(device.index)
-    if c is None:
-        c = _CAPABILITY[device.index] = torch.cuda.get_device_capability(device)
-    return c
+    p = _props(device)
+    return p.major, p.minor
 
 
 class _GemmLauncher:
@@ -120,25 +133,16 @@ class _GemmLauncher:
 
 def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
                    variant: str = "wgmma", rows: int = 0) -> _GemmLauncher:
-    sms = _sms(x.device)
+    sms = _props(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
     key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn)
     hit = _KERNELS.get(key)
     if hit is None:
-        from .launch import compile_plan, load_kernels
+        from .launch import load_plan
         plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
                          residual=residual, bn=bn, **GEMM_KERNELS[variant])
-        launcher = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, x.device)[plan.kernel_name]
-        hit = _GemmLauncher(plan, launcher, sms)
-        _KERNELS[key] = hit
+        hit = _KERNELS[key] = _GemmLauncher(plan, load_plan(plan, x.device, cache), sms)
     return hit
-
-
-def _sms(device: torch.device) -> int:
-    c = _SMS.get(device.index)
-    if c is None:
-        c = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return c
 
 
 def device_major(device: torch.device) -> int:
@@ -162,15 +166,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     rows = check_call(x, n, k, bias, gated, residual, norm, norm_offset, out)
-    wgmma = norm is None and (kernel is not None or WGMMA_MIN_ROWS <= rows) and _gemm_ok(x, weight)
+    wgmma = norm is None and (_gemm_ok(x, weight) if kernel is not None else gemm_route(x, weight))
     if kernel is not None and not wgmma:
         raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
                                "and no norm")
     if not wgmma and not _kernel_ok(x, weight, rows):
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
-    w = weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous()
-    return launch_gemv(x, [w], n, k, bias, gated, residual, norm, norm_offset, out, cache,
+    return launch_gemv(x, [_packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset, out, cache,
                        wgmma=(kernel or "wgmma_persistent") if wgmma else None)
 
 

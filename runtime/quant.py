@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codegen.gemv import FP8_MIN_ARCH, GROUPS
-from .linear import (_ACT, LinearInputError, _capability, _reference, check_call, device_major,
+from .linear import (_ACT, LinearInputError, _capability, _epilogue, _packed, _reference, check_call, device_major,
                      launch_gemv)
 
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
@@ -354,33 +354,20 @@ def quantize_fp8_rows_cuda(x: torch.Tensor, cache=None) -> tuple[torch.Tensor, t
     e4m3 bytes and f32 scales, x [..., K] bf16/f16 with K a multiple of 8."""
     k = x.shape[-1]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.clone(memory_format=torch.contiguous_format)
+    x2 = _packed(x.reshape(-1, k), 16)
     m = x2.shape[0]
     key = ("rows", k, x.dtype, x.device.index)
     launcher = _DEQUANT.get(key)
     if launcher is None:
         from ..codegen.dequant import QuantRowsPlan
-        from .launch import compile_plan, device_arch, load_kernels
+        from .launch import device_arch, load_plan
         plan = QuantRowsPlan(dtype="bf16" if x.dtype == torch.bfloat16 else "f16", k=k, arch=device_arch(x.device))
-        launcher = _DEQUANT[key] = load_kernels(compile_plan(plan, cache).cubin, plan.kernels,
-                                                x.device)[plan.kernel_name]
+        launcher = _DEQUANT[key] = load_plan(plan, x.device, cache)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, -(-k // FP8_BLOCK), dtype=torch.float32, device=x.device)
     if m:
         launcher((m,), [x2, q, s, m])
     return q.view(*lead, k), s.view(*lead, s.shape[-1])
-
-
-def _reference_epilogue(y, bias, gated, residual):
-    """runtime/linear._reference's epilogue on a product y in x's dtype."""
-    if bias is not None:
-        y = y + bias
-    if gated:
-        g, u = y.chunk(2, dim=-1)
-        y = (_ACT[gated](g.float()) * u.float()).to(y.dtype)
-    return y if residual is None else y + residual
 
 
 def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight, dtype) -> torch.Tensor | None:
@@ -429,13 +416,12 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
     q, s = quantize_fp8_rows_cuda(u, cache) if blockwise else quantize_fp8_rows(u)
     y = _scaled_mm_blockwise(q, s, qw, x.dtype) if blockwise else None
     if y is not None:   # cuBLAS rounded the sums to x's dtype: the rest as the bf16 products do it
-        return _reference_epilogue(y, bias, gated, residual)
-    if y is None:
-        xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
-        if _gpu_ok(x, qw) and x.numel():
-            y = F.linear(xd.to(x.dtype), dequantize_cuda(qw, cache)).float()
-        else:
-            y = xd @ dequantize(qw).float().T
+        return _epilogue(y if bias is None else y + bias, gated, residual)
+    xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
+    if _gpu_ok(x, qw) and x.numel():
+        y = F.linear(xd.to(x.dtype), dequantize_cuda(qw, cache)).float()
+    else:
+        y = xd @ dequantize(qw).float().T
     if norm is not None:
         y = y * rstd
     if bias is not None:
@@ -478,10 +464,10 @@ def dequantize_cuda(qw: QuantWeight, cache=None, out: torch.Tensor | None = None
     launcher = _DEQUANT.get(key)
     if launcher is None:
         from ..codegen.dequant import plan_dequant
-        from .launch import compile_plan, device_arch, load_kernels
+        from .launch import device_arch, load_plan
         plan = plan_dequant("bf16" if qw.dtype == torch.bfloat16 else "f16", wtype=qw.wtype, group=qw.group,
                             n=qw.n, k=qw.k, arch=device_arch(dev))
-        launcher = _DEQUANT[key] = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, dev)[plan.kernel_name]
+        launcher = _DEQUANT[key] = load_plan(plan, dev, cache)
     w = torch.empty(qw.n, qw.k, dtype=qw.dtype, device=dev) if out is None else out
     if tuple(w.shape) != (qw.n, qw.k) or w.dtype != qw.dtype or w.device != dev or not w.is_contiguous():
         raise LinearInputError(f"out must be a contiguous {qw.dtype} [{qw.n}, {qw.k}] on {dev}")
