@@ -93,6 +93,8 @@ class GemvPlan(ProductPlan):
     wtype: str | None = None     # None: W in dtype; "u4" | "i8": weight-only quantised; "f8e4m3": W8A8 (module docstring)
     group: int = 0               # k per (scale, zero) pair of a quantised W; i8, f8e4m3: 0 = one scale a row
                                  # (f8e4m3 128: 128 x 128 blocks)
+    experts: int = 0             # > 0: an expert product of a mixture-of-experts layer (module docstring)
+    gather: bool = False         # experts: x's rows read through src (the tokens), not in the sorted order
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -123,6 +125,12 @@ class GemvPlan(ProductPlan):
                                  f"(rows of 16-byte pieces of W)")
         if _arch_number(self.arch) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
+        if not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts < 0:
+            raise ValueError(f"gemv: experts must be a non-negative int, got {self.experts!r}")
+        if self.gather and not self.experts:
+            raise ValueError("gemv: gather reads x through an expert product's src: it needs experts > 0")
+        if self.experts and (self.residual or self.norm):
+            raise ValueError("gemv: an expert product has no residual or norm (the combine kernel adds the branches)")
 
     @property
     def key(self) -> str:
@@ -137,6 +145,8 @@ class GemvPlan(ProductPlan):
             parts.append("res")
         if self.norm:
             parts.append(self.norm + ("1p" if self.norm_offset else ""))
+        if self.experts:
+            parts.append(f"e{self.experts}" + ("gx" if self.gather else ""))
         parts.append(f"r{self.rt}w{self.warps}s{self.stages}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
@@ -144,8 +154,9 @@ class GemvPlan(ProductPlan):
     @property
     def pdl(self) -> bool:
         """Launched as a programmatic dependent launch: on sm_90 and newer (griddepcontrol), where
-        the weight stream of the first chunks starts while the kernel before still runs."""
-        return _arch_number(self.arch) >= 90
+        the weight stream of the first chunks starts while the kernel before still runs. Not an
+        expert product: its CTAs read the permutation's offsets (made by the kernel before) first."""
+        return _arch_number(self.arch) >= 90 and not self.experts
 
     @property
     def xr(self) -> int:
@@ -176,6 +187,7 @@ class GemvPlan(ProductPlan):
         d = {"dtype": self.dtype, "n": self.n, "k": self.k, "max_m": self.max_m, "gated": self.gated,
              "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
              "n_out": self.n_out}
+        d |= {"experts": self.experts, "gather": self.gather} if self.experts else {}
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
 
 
@@ -230,7 +242,11 @@ def _abi(plan: GemvPlan) -> KernelABI:
               (Arg("wgroup", "const unsigned* __restrict__", "input"),) if plan.group else
               (Arg("wscale", f"const {t}* __restrict__", "input"),) if plan.wtype else ())
     args = product_args(plan, scales)
-    return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"cdiv({plan.n_out}, {16 * plan.rt})",),
+    if plan.experts:   # the permutation: each expert's first sorted row, and the token of each sorted row
+        args += [Arg("offsets", "const int* __restrict__", "input")]
+        args += [Arg("src", "const int* __restrict__", "input")] if plan.gather else []
+    grid = (f"cdiv({plan.n_out}, {16 * plan.rt})",) + ((str(plan.experts),) if plan.experts else ())
+    return KernelABI(name=plan.kernel_name, args=tuple(args), grid=grid,
                      block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=(), pdl=plan.pdl)
 
 
@@ -241,13 +257,31 @@ def _render(plan: GemvPlan) -> str:
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
-                  NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr)
+                  NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
+                  EXPERTS=plan.experts, GATHER=plan.gather, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan),
+                  XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
+                  else "(long long)m")
+
+
+def _w_stride(plan: GemvPlan) -> int:
+    """Elements of the kernel's w pointer type one expert's W takes (u4: int32 words of 8 k)."""
+    return plan.n * plan.k // (8 if plan.wtype == "u4" else 1)
+
+
+def _s_stride(plan: GemvPlan) -> int:
+    """Elements of one expert's scales: row scales [N], (scale, zero) words [N, GPAD], or f8e4m3
+    128 x 128 block scales [ceil(N / 128), ceil(K / 128)]."""
+    if plan.wtype == "f8e4m3" and plan.group:
+        return -(-plan.n // 128) * -(-plan.k // 128)
+    if plan.group:
+        return plan.n * ((plan.k // plan.group + 3) // 4 * 4)
+    return plan.n
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
-              group: int = 0) -> GemvPlan:
+              group: int = 0, experts: int = 0, gather: bool = False) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised (the module's docstring)."""
@@ -288,4 +322,4 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     rt = drt if rt is None else rt
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
-                    stages=ds if stages is None else stages, wtype=wtype, group=group)
+                    stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather)

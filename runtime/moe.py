@@ -1,0 +1,341 @@
+"""Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3) on generated kernels.
+
+    moe = MoE(MoEConfig(hidden=4096, inter=14336, experts=8, top_k=2), dtype=torch.bfloat16, device="cuda")
+    moe.load_state_dict(hf_block.state_dict())      # transformers' MixtralSparseMoeBlock names
+    y = moe(x)                                      # x [..., H] -> [..., H]
+
+A step of T tokens:
+1. router logits x @ gate.weight^T (cuBLAS: E x H is a few hundred KB; in f32 for DeepSeek-V3,
+   as transformers computes them), then the routing kernel
+   of the standard library (dsl/stdlib/rows.lf): `moe_route` (softmax, top-k, optionally
+   renormalised: Mixtral, Qwen) or `moe_route_grouped` (DeepSeek-V3's sigmoid scores, bias,
+   kept groups, scaling): weights f32 [T, k] and expert ids i32 [T, k];
+2. the permutation (runtime/moe_kernels.py): the T k (token, expert) pairs sorted by expert,
+   stably: each expert's first sorted row (offsets [E + 1]), each pair's sorted row (pos) and
+   each sorted row's token (src);
+3. the expert products over the sorted rows, gate/up with the gated activation as its epilogue,
+   then down:
+   - decode-sized steps (T <= EXPERT_KERNEL_ROWS): the small-token product kernel in its expert
+     form (codegen/gemv.py, `experts`): one launch over every expert's column tiles, a CTA of an
+     expert no token chose reads nothing, so a step reads only the chosen experts' weights, each
+     once; the gate/up product reads x's rows through src (no gathered copy);
+   - longer steps: x's rows gathered in sorted order, then torch's grouped GEMM
+     (`torch._grouped_mm`, one launch over all experts with their row counts, sm_90 bf16) and the
+     gated activation kernel between; elsewhere one torch product an expert;
+4. the combine kernel: out[t] = sum_s w[t, s] y[pos[t, s]] in f32, plus the shared expert's
+   output (Qwen2-MoE: gated by sigmoid(x @ shared_expert_gate^T); DeepSeek: ungated), one pass.
+CPU tensors and float32 run the same steps with torch operations and the routing layer's reference
+evaluator (the semantics the kernels are tested against).
+
+State-dict names follow transformers 5 (experts stored as [E, 2F, H] gate-then-up and [E, H, F]
+tensors): gate.weight, gate.e_score_correction_bias (grouped routing), experts.gate_up_proj,
+experts.down_proj, shared_expert.gate_up.weight / .down.weight (fused gate/up: `from_hf` and the
+model families' loaders fuse transformers' gate_proj / up_proj), shared_expert_gate.weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..codegen.gemv import GATED, plan_gemv
+from ..dsl.program import Program
+from .layers import _dtype_name, module
+from .linear import GatedMLP, LinearInputError, _packed, device_major
+
+__all__ = ["MoEConfig", "MoE", "expert_product", "EXPERT_KERNEL_ROWS"]
+
+# steps of at most this many tokens run the expert products on the small-token kernel (an expert
+# gets at most T rows: a token chooses an expert once)
+EXPERT_KERNEL_ROWS = 16
+_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+_GATED_LAYER = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """One MoE layer. router: "softmax" (softmax over experts, top-k, renormalised when
+    norm_topk_prob: Mixtral, Qwen2/3-MoE) or "grouped" (DeepSeek-V3's noaux_tc: sigmoid scores +
+    e_score_correction_bias, the topk_group best of n_group groups, top-k, renormalised when
+    norm_topk_prob, times routed_scaling_factor). shared_inter: the shared expert's intermediate
+    size (0: none; DeepSeek: moe_intermediate_size x n_shared_experts); shared_gate: Qwen2-MoE's
+    sigmoid gate on it."""
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    router: str = "softmax"
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_inter: int = 0
+    shared_gate: bool = False
+    activation: str = "silu"
+
+    def __post_init__(self):
+        for name in ("hidden", "inter", "experts", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MoEConfig: {name} must be a positive int, got {v!r}")
+        if self.top_k > self.experts:
+            raise ValueError(f"MoEConfig: top_k {self.top_k} > experts {self.experts}")
+        if self.router not in ("softmax", "grouped"):
+            raise ValueError(f"MoEConfig: router must be 'softmax' or 'grouped', got {self.router!r}")
+        if self.router == "grouped" and (self.experts % self.n_group or not 1 <= self.topk_group <= self.n_group):
+            raise ValueError(f"MoEConfig: {self.experts} experts in {self.n_group} groups, keeping {self.topk_group}")
+        if self.activation not in GATED:
+            raise ValueError(f"MoEConfig: activation must be one of {GATED}, got {self.activation!r}")
+        if self.shared_gate and not self.shared_inter:
+            raise ValueError("MoEConfig: shared_gate without a shared expert (shared_inter = 0)")
+
+
+class _Router(torch.nn.Module):
+    def __init__(self, cfg: MoEConfig, td, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(cfg.experts, cfg.hidden, dtype=td, device=device),
+                                         requires_grad=False)
+        if cfg.router == "grouped":
+            self.e_score_correction_bias = torch.nn.Parameter(torch.zeros(cfg.experts, device=device),
+                                                              requires_grad=False)
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, cfg: MoEConfig, td, device):
+        super().__init__()
+        E, H, Fd = cfg.experts, cfg.hidden, cfg.inter
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(E, 2 * Fd, H, dtype=td, device=device), requires_grad=False)
+        self.down_proj = torch.nn.Parameter(torch.empty(E, H, Fd, dtype=td, device=device), requires_grad=False)
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, cfg: MoEConfig, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
+                 program: Program | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dname = _dtype_name(dtype)
+        td = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dname]
+        prog = program or Program.stdlib()
+        self.gate = _Router(cfg, td, device)
+        self.experts = _Experts(cfg, td, device)
+        self.shared_expert = (GatedMLP(cfg.hidden, cfg.shared_inter, cfg.activation, device=device, dtype=td)
+                              if cfg.shared_inter else None)
+        self.shared_expert_gate = (torch.nn.Linear(cfg.hidden, 1, bias=False, device=device, dtype=td)
+                                   if cfg.shared_gate else None)
+        if cfg.router == "softmax":
+            route = module("moe_route", program=prog, dtype=dname, device=device, E=cfg.experts, k=cfg.top_k,
+                           renormalize=cfg.norm_topk_prob)
+        else:
+            # DeepSeek-V3's router computes its logits in f32 (transformers' DeepseekV3TopkRouter)
+            route = module("moe_route_grouped", program=prog, dtype="f32", device=device, E=cfg.experts,
+                           n_group=cfg.n_group, topk_group=cfg.topk_group, k=cfg.top_k,
+                           norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=float(cfg.routed_scaling_factor))
+        if cfg.router == "grouped":   # one tensor: the routing layer reads the router's bias
+            route.bias = self.gate.e_score_correction_bias
+        # not a submodule: its one weight (the bias) is the router's, saved under the router's name
+        self._route = [route]
+        self._act = [module(_GATED_LAYER[cfg.activation], program=prog, dtype=dname, device=device,
+                            F=cfg.inter)]
+
+    # ---- the steps --------------------------------------------------------------------------
+    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights f32 [T, k], ids i32 [T, k]) of the rows x2 [T, H]."""
+        if self.cfg.router == "grouped":
+            logits = F.linear(x2.float(), self.gate.weight.float())
+        else:
+            logits = F.linear(x2, self.gate.weight)
+        return self._route[0](logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if x.shape[-1] != cfg.hidden:
+            raise LinearInputError(f"MoE: x must be [..., {cfg.hidden}], got shape {tuple(x.shape)}")
+        w = self.experts.gate_up_proj
+        if x.dtype != w.dtype or x.device != w.device:
+            raise LinearInputError(f"MoE: x must be {w.dtype} on {w.device}, got {x.dtype} on {x.device}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, cfg.hidden)
+        if x2.shape[0] == 0:
+            return torch.empty_like(x)
+        weights, ids = self.route(x2)
+        if _kernels_serve(x2):
+            y = self._forward_kernels(x2, weights, ids)
+        else:
+            y = self._forward_torch(x2, weights, ids)
+        return y.view(*lead, cfg.hidden)
+
+    def _shared(self, x2: torch.Tensor):
+        if self.shared_expert is None:
+            return None, None
+        s = self.shared_expert(x2)
+        g = None if self.shared_expert_gate is None else F.linear(x2, self.shared_expert_gate.weight).view(-1)
+        return s, g
+
+    def _forward_kernels(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from .moe_kernels import moe_align, moe_combine, moe_gather
+        cfg, T = self.cfg, x2.shape[0]
+        x2 = _packed(x2, 16)
+        offsets, pos, src = moe_align(ids, cfg.experts)
+        wgu, wd = self.experts.gate_up_proj, self.experts.down_proj
+        if T <= EXPERT_KERNEL_ROWS:
+            h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation)
+            y = expert_product(h, wd, offsets, None, rows=T)
+        else:
+            xs = moe_gather(x2, src)
+            h = self._act[0](_grouped(xs, wgu, offsets))
+            y = _grouped(h, wd, offsets)
+        s, g = self._shared(x2)
+        return moe_combine(y, pos, weights, shared=s, gate_logit=g)
+
+    def _forward_torch(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same steps in torch: each expert's rows (in token order), its gate/up product and
+        gated activation (f32, rounded to the dtype as the kernel's epilogue does), its down
+        product; the weighted sum in f32, then the shared expert."""
+        cfg = self.cfg
+        act = _ACT[cfg.activation]
+        out = torch.zeros(x2.shape[0], cfg.hidden, dtype=torch.float32, device=x2.device)
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=cfg.experts).tolist()
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            pairs = order[start:start + c]
+            start += c
+            tok = pairs // cfg.top_k
+            gu = F.linear(x2[tok], self.experts.gate_up_proj[e])
+            g, u = gu.float().chunk(2, dim=-1)
+            h = (act(g) * u).to(x2.dtype)
+            y = F.linear(h, self.experts.down_proj[e])
+            out.index_add_(0, tok, y.float() * weights.reshape(-1)[pairs].float().unsqueeze(-1))
+        s, g = self._shared(x2)
+        if s is not None:
+            out += s.float() * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
+        return out.to(x2.dtype)
+
+    # ---- from transformers ------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, block: torch.nn.Module, config=None) -> "MoE":
+        """From a transformers MoE block (MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock,
+        Qwen3MoeSparseMoeBlock, DeepseekV3MoE) and its config (read from the block where it keeps
+        one): the weights copied, the shared expert's gate/up fused."""
+        cfg = config if config is not None else getattr(block, "config", None)
+        mcfg = config_from_hf(cfg, block)
+        w = block.gate.weight
+        moe = cls(mcfg, dtype=w.dtype, device=w.device)
+        moe.load_state_dict(hf_block_state_dict(block.state_dict()))
+        return moe
+
+
+def config_from_hf(cfg, block=None) -> MoEConfig:
+    """An MoEConfig from a transformers config of the mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3
+    families (block: the MoE module, where the config lacks what the block has)."""
+    get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    kind = get("model_type", "")
+    H = get("hidden_size")
+    if kind.startswith("deepseek"):
+        shared = get("n_shared_experts") or 0
+        return MoEConfig(hidden=H, inter=get("moe_intermediate_size"), experts=get("n_routed_experts"),
+                         top_k=get("num_experts_per_tok"), router="grouped" if kind == "deepseek_v3" or
+                         get("topk_method") == "noaux_tc" else "softmax", norm_topk_prob=bool(get("norm_topk_prob", True)),
+                         n_group=get("n_group") or 1, topk_group=get("topk_group") or 1,
+                         routed_scaling_factor=float(get("routed_scaling_factor", 1.0) or 1.0),
+                         shared_inter=get("moe_intermediate_size") * shared, activation=_act_name(get("hidden_act")))
+    if kind == "mixtral":
+        return MoEConfig(hidden=H, inter=get("intermediate_size"), experts=get("num_local_experts"),
+                         top_k=get("num_experts_per_tok"), norm_topk_prob=True, activation=_act_name(get("hidden_act")))
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        shared = get("shared_expert_intermediate_size", 0) or 0 if kind == "qwen2_moe" else 0
+        return MoEConfig(hidden=H, inter=get("moe_intermediate_size"), experts=get("num_experts"),
+                         top_k=get("num_experts_per_tok"), norm_topk_prob=bool(get("norm_topk_prob", False)),
+                         shared_inter=shared, shared_gate=bool(shared), activation=_act_name(get("hidden_act")))
+    raise ValueError(f"MoE: no MoE layer for model_type {kind!r} (mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3)")
+
+
+def _act_name(act: str | None) -> str:
+    names = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+             "gelu_new": "gelu_tanh"}
+    if act not in names:
+        raise ValueError(f"MoE: no gated kernel for hidden_act {act!r}")
+    return names[act]
+
+
+def hf_block_state_dict(sd: dict) -> dict:
+    """A transformers MoE block's state dict under MoE's names: the shared expert's (or experts',
+    DeepSeek) gate_proj / up_proj fused into gate_up, everything else as transformers 5 names it."""
+    out = {}
+    for prefix in ("shared_expert.", "shared_experts."):
+        if prefix + "gate_proj.weight" in sd:
+            out["shared_expert.gate_up.weight"] = torch.cat([sd[prefix + "gate_proj.weight"],
+                                                             sd[prefix + "up_proj.weight"]])
+            out["shared_expert.down.weight"] = sd[prefix + "down_proj.weight"]
+    for k, v in sd.items():
+        if k.startswith(("shared_expert.", "shared_experts.")):
+            continue
+        out[k] = v
+    return out
+
+
+# ---- the expert products ----------------------------------------------------------------------
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernels_serve(x2: torch.Tensor) -> bool:
+    return (x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16) and x2.shape[-1] % 8 == 0
+            and not torch.compiler.is_compiling() and device_major(x2.device) >= 8)
+
+
+def expert_product(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor | None, *, rows: int,
+                   gated: str | None = None, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """y [P, N_out] over the sorted rows of the permutation: sorted row j (of expert e, offsets[e]
+    <= j < offsets[e + 1]) is x[src[j]] (or x[j] when src is None) @ w[e]^T, then act(gate) * up over
+    the two halves when gated. w [E, N, K] (bf16/f16, as x); `rows`: at most this many rows an
+    expert (the plan's token tiles: 8 to 64); `out`: where y goes (else a new tensor)."""
+    if w.dim() != 3:
+        raise LinearInputError(f"expert_product: w must be [E, N, K], got shape {tuple(w.shape)}")
+    E, n, k = w.shape
+    P = src.numel() if src is not None else x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or x.dtype != w.dtype or x.device != w.device:
+        raise LinearInputError(f"expert_product: x must be [rows, {k}] {w.dtype} on {w.device}, got "
+                               f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if offsets.shape != (E + 1,) or offsets.dtype != torch.int32 or offsets.device != x.device:
+        raise LinearInputError(f"expert_product: offsets must be int32 [{E + 1}] on {x.device}")
+    if src is not None and (src.dtype != torch.int32 or src.device != x.device or src.dim() != 1):
+        raise LinearInputError(f"expert_product: src must be int32 [P] on {x.device}")
+    if not 1 <= rows <= 64:
+        raise LinearInputError(f"expert_product: serves 1 to 64 rows an expert, got {rows}")
+    tiles = 8 << max(0, (rows - 1).bit_length() - 3)
+    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index)
+    launcher = _KERNELS.get(key)
+    if launcher is None:
+        from .launch import device_arch, load_plan
+        plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
+                         arch=device_arch(x.device), experts=E, gather=src is not None)
+        launcher = _KERNELS[key] = load_plan(plan, x.device, cache)
+    shape = (P, n // 2 if gated else n)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
+                            or not out.is_contiguous() or out.data_ptr() % 16):
+        raise LinearInputError(f"expert_product: out must be a contiguous 16-byte aligned {shape} {x.dtype} "
+                               f"on {x.device}")
+    y = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+    args = [_packed(x, 16), _packed(w, 16), y, P, offsets] + ([src] if src is not None else [])
+    launcher((), args)
+    return y
+
+
+def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """xs [P, K] in sorted order @ each expert's w[e]^T over its rows: torch's grouped GEMM where it
+    has one (sm_90, bf16), else one product an expert (the row counts read back to the host)."""
+    E = w.shape[0]
+    if xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and device_major(xs.device) == 9:
+        return torch._grouped_mm(xs, w.transpose(-2, -1), offs=offsets[1:])
+    out = torch.empty(xs.shape[0], w.shape[1], dtype=xs.dtype, device=xs.device)
+    bounds = offsets.tolist()
+    for e in range(E):
+        a, b = bounds[e], bounds[e + 1]
+        if b > a:
+            torch.matmul(xs[a:b], w[e].t(), out=out[a:b])
+    return out

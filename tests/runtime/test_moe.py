@@ -1,0 +1,71 @@
+"""runtime/moe.py on the CPU: each MoE module against transformers' block (float32), built with
+MoE.from_hf and loaded from the block's state dict, at several token counts, with tied experts;
+the config readers and the input checks. (tests/gpu/test_moe_gpu.py holds the same on the GPU.)"""
+import pytest
+import torch
+
+from layerforge.runtime.linear import LinearInputError
+from layerforge.runtime.moe import MoE, MoEConfig, config_from_hf
+
+from ..moe_blocks import H, block, run_block
+from ..seeding import seeded_generator
+
+pytest.importorskip("transformers")
+
+NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("name", NAMES)
+def test_moe_matches_transformers_f32(name, tokens, ties):
+    blk, cfg = block(name, ties=ties)
+    moe = MoE.from_hf(blk, cfg)
+    x = torch.randn(tokens, H, generator=seeded_generator("moe_cpu", name, tokens, ties))
+    ref = run_block(blk, x)
+    with torch.no_grad():
+        got = moe(x)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_keeps_leading_dims_and_empty_batches():
+    blk, cfg = block("mixtral")
+    moe = MoE.from_hf(blk, cfg)
+    x = torch.randn(2, 3, H, generator=seeded_generator("moe_lead"))
+    with torch.no_grad():
+        assert torch.allclose(moe(x), blk(x), atol=1e-5)
+        assert moe(torch.empty(0, H)).shape == (0, H)
+
+
+def test_config_from_hf_reads_each_family():
+    from ..moe_blocks import configs
+    c = configs()
+    assert config_from_hf(c["mixtral"]) == MoEConfig(hidden=H, inter=192, experts=8, top_k=2)
+    q2 = config_from_hf(c["qwen2_moe"])
+    assert (q2.shared_inter, q2.shared_gate, q2.norm_topk_prob, q2.experts) == (160, True, False, 12)
+    ds = config_from_hf(c["deepseek_v3"])
+    assert (ds.router, ds.n_group, ds.topk_group, ds.routed_scaling_factor, ds.shared_inter) == ("grouped", 4, 2, 2.5, 64)
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        config_from_hf({"model_type": "llama", "hidden_size": 8})
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(top_k=9), "top_k 9 > experts 8"),
+    (dict(router="hash"), "router must be"),
+    (dict(router="grouped", n_group=3), "8 experts in 3 groups"),
+    (dict(activation="relu"), "activation must be one of"),
+    (dict(shared_gate=True), "shared_gate without a shared expert"),
+    (dict(hidden=0), "hidden must be a positive int"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**(dict(hidden=64, inter=32, experts=8, top_k=2) | bad))
+
+
+def test_bad_inputs_are_caught_before_running():
+    moe = MoE(MoEConfig(hidden=64, inter=32, experts=4, top_k=2), dtype=torch.float32)
+    with pytest.raises(LinearInputError, match=r"x must be \[\.\.\., 64\]"):
+        moe(torch.randn(3, 32))
+    with pytest.raises(LinearInputError, match="x must be torch.float32"):
+        moe(torch.randn(3, 64, dtype=torch.bfloat16))
