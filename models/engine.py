@@ -10,8 +10,9 @@
 A step runs every active sequence once: sequences with prompt tokens left take a chunk of them
 (chunked prefill: at most `prefill_chunk` tokens a step over all sequences), the others their
 one new token, all in one model step (the ragged prefill kernels serve both). A step in which
-every sequence decodes one token replays a CUDA graph (models/graphs.py) on a GPU: its cache
-bookkeeping runs on the device, so its host cost does not grow with the number of layers.
+every sequence decodes one token replays a CUDA graph (models/graphs.py) on a GPU, where the
+model's step can be captured (DecoderModel.capturable): its cache bookkeeping runs on the
+device, so its host cost does not grow with the number of layers.
 
 `generate(model, prompts, ...)`: greedy or sampled (temperature, top-k, top-p) generation with
 stop tokens, of several prompts of different lengths together.
@@ -61,8 +62,11 @@ class Engine:
         on_gpu = model.device.type == "cuda"
         if cuda_graphs and not on_gpu:
             raise EngineError("cuda_graphs needs the model on a CUDA device")
+        if cuda_graphs and not model.capturable(max_seqs):
+            raise EngineError(f"cuda_graphs: a decode step of {max_seqs} sequences of this model cannot be captured "
+                              f"(its MoE layers read expert row counts on the host)")
         self.graphs = None
-        if on_gpu and cuda_graphs is not False:
+        if on_gpu and cuda_graphs is not False and model.capturable(max_seqs):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.cache, self.pad_slot, max_batch=max_seqs, buckets=graph_buckets)
 
@@ -231,7 +235,7 @@ def _engine_for(model: DecoderModel, n: int, seq_len: int, prefill_chunk: int, c
     (then as large as both calls need, the context rounded up to whole pages: the cache never
     holds more than the largest call asked for) or other graph settings.
     `model.release_engine()` frees it."""
-    want_graphs = model.device.type == "cuda" and cuda_graphs is not False
+    want_graphs = model.device.type == "cuda" and cuda_graphs is not False and model.capturable(n)
     P = model.page_size
     seq_len = -(-seq_len // P) * P
     engine = getattr(model, "_engine", None)

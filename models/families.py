@@ -228,20 +228,26 @@ def _common(c: _Config, *, hidden_keys=("hidden_size",), heads_keys=("num_attent
 
 def _llama_like(c: _Config, *, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False,
                 windows: Callable[[int], list[int]] | None = None, head_dim_key: str | None = "head_dim",
-                act_default: str = "silu") -> ModelSpec:
+                act_default: str = "silu", moe: Callable[[int], tuple[Any, tuple[bool, ...]]] | None = None
+                ) -> ModelSpec:
+    """A Llama-shaped decoder; moe(n): (MoEConfig, which of the n layers are MoE layers)."""
     base = _common(c)
     H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
     D = c.head_dim(H, Hq, head_dim_key)
     Hkv = c.kv_heads(Hq)
     theta, rotary, scaling = c.rope(D)
     attention_bias = c.bool("attention_bias", False)
+    moe_cfg, moe_layers = moe(n) if moe else (None, ())
+    # a model of MoE layers only never reads intermediate_size (its dense MLP's)
+    inter = c.int("intermediate_size", default=moe_cfg.inter if moe_layers and all(moe_layers) else None)
     return ModelSpec(
-        model_type=c.family, **base, num_kv_heads=Hkv, head_dim=D, intermediate_size=c.int("intermediate_size"),
+        model_type=c.family, **base, num_kv_heads=Hkv, head_dim=D, intermediate_size=inter,
         norm="rms", norm_eps=c.float("rms_norm_eps", default=1e-6),
         attention=_decoder_attention(n, theta, rotary, scaling, windows(n) if windows else None),
         qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
         o_bias=attention_bias if o_bias is None else o_bias, qk_norm=qk_norm,
         activation=c.activation("hidden_act", default=act_default), gated=True, mlp_bias=c.bool("mlp_bias", False),
+        moe=moe_cfg, moe_layers=moe_layers,
         tie_word_embeddings=c.bool("tie_word_embeddings", False), extra={"config": dict(c.cfg)})
 
 
@@ -254,9 +260,11 @@ def mistral(c: _Config) -> ModelSpec:
     return _llama_like(c, windows=lambda n: [w] * n)
 
 
-def _qwen_windows(c: _Config) -> Callable[[int], list[int]]:
-    """Qwen2/Qwen3: a window only with use_sliding_window, on the layers from max_window_layers
-    on (or as layer_types says); without it, no layer has one."""
+def _qwen_windows(c: _Config, slides: Callable[[int, int], bool] = lambda i, first: i >= first
+                  ) -> Callable[[int], list[int]]:
+    """Qwen2/Qwen3: a window only with use_sliding_window, on the layers i that slides(i,
+    max_window_layers) picks (Qwen2/Qwen3: from max_window_layers on), or as layer_types says;
+    without it, no layer has one."""
     use = c.bool("use_sliding_window", False)
     w = _window(c) if use else 0
     if use and not w:
@@ -269,7 +277,7 @@ def _qwen_windows(c: _Config) -> Callable[[int], list[int]]:
                 raise c.error("'layer_types' has sliding_attention layers but 'use_sliding_window' is false")
             return [0] * n
         first = c.int("max_window_layers", default=28, positive=False)
-        return _layer_windows(c, n, w, lambda i: i >= first)
+        return _layer_windows(c, n, w, lambda i: slides(i, first))
     return windows
 
 
@@ -281,6 +289,57 @@ def qwen2(c: _Config) -> ModelSpec:
 def qwen3(c: _Config) -> ModelSpec:
     # RMSNorm over each q and k head; attention_bias covers q, k, v and o
     return _llama_like(c, qk_norm=True, windows=_qwen_windows(c))
+
+
+def _moe_config(c: _Config, *, experts_keys: tuple[str, ...], inter_key: str, norm_topk_prob: bool,
+                shared_inter: int = 0, shared_gate: bool = False):
+    """The family's runtime/moe.MoEConfig (softmax routing), its sizes read with the family's errors."""
+    from ..runtime.moe import MoEConfig   # imports torch: only configs of MoE models pay for it
+    sizes = dict(hidden=c.int("hidden_size"), inter=c.int(inter_key), experts=c.int(*experts_keys),
+                 top_k=c.int("num_experts_per_tok"))
+    try:
+        return MoEConfig(**sizes, norm_topk_prob=norm_topk_prob, shared_inter=shared_inter, shared_gate=shared_gate,
+                         activation=c.activation("hidden_act", default="silu"))
+    except ValueError as e:   # top_k > experts, an activation with no gated kernel
+        raise c.error(str(e).removeprefix("MoEConfig: ")) from None
+
+
+def _sparse_layers(c: _Config, n: int) -> tuple[bool, ...]:
+    """Qwen2/Qwen3-MoE: layer i is an MoE layer when (i + 1) % decoder_sparse_step == 0, unless
+    mlp_only_layers lists it (then the dense MLP of intermediate_size)."""
+    step = c.int("decoder_sparse_step", default=1)
+    only = c.get("mlp_only_layers", [])
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise c.error(f"'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    return tuple(i not in only and (i + 1) % step == 0 for i in range(n))
+
+
+def mixtral(c: _Config) -> ModelSpec:
+    # every layer an MoE layer of intermediate_size experts; top-k weights always renormalised
+    w = _window(c)
+    return _llama_like(c, windows=lambda n: [w] * n, moe=lambda n: (
+        _moe_config(c, experts_keys=("num_local_experts", "num_experts"), inter_key="intermediate_size", norm_topk_prob=True),
+        (True,) * n))
+
+
+def qwen2_moe(c: _Config) -> ModelSpec:
+    # Qwen2's attention (q/k/v bias: qkv_bias); a shared expert with a sigmoid gate in every MoE
+    # layer; without layer_types, transformers 5 slides the even layers below max_window_layers
+    moe = _moe_config(c, experts_keys=("num_experts",), inter_key="moe_intermediate_size",
+                      norm_topk_prob=c.bool("norm_topk_prob", False),
+                      shared_inter=c.int("shared_expert_intermediate_size"), shared_gate=True)
+    return _llama_like(c, qkv_bias=c.bool("qkv_bias", True), o_bias=False,
+                       windows=_qwen_windows(c, lambda i, first: i % 2 == 0 and i < first),
+                       moe=lambda n: (moe, _sparse_layers(c, n)))
+
+
+def qwen3_moe(c: _Config) -> ModelSpec:
+    # Qwen3's attention (q/k norms, attention_bias); the window, with use_sliding_window, on every
+    # layer; transformers 5 saves num_experts as num_local_experts
+    moe = _moe_config(c, experts_keys=("num_experts", "num_local_experts"), inter_key="moe_intermediate_size",
+                      norm_topk_prob=c.bool("norm_topk_prob", False))
+    return _llama_like(c, qk_norm=True, windows=_qwen_windows(c, lambda i, first: True),
+                       moe=lambda n: (moe, _sparse_layers(c, n)))
 
 
 def _gemma_common(c: _Config, *, gemma2: bool) -> ModelSpec:
@@ -428,7 +487,12 @@ def bloom(c: _Config) -> ModelSpec:
 FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
+    "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
 }
+# Not a family yet: DeepSeek-V2/V3 (MLA attention: runtime/mla.py). Their MoE layers are
+# runtime/moe.MoE's (config_from_hf: grouped routing, e_score_correction_bias, ungated shared
+# experts of moe_intermediate_size * n_shared_experts; the first first_k_dense_replace layers
+# dense), under model.layers.{i}.mlp.{gate, experts.{j}.*_proj, shared_experts.*_proj}.
 
 
 def spec_from_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> ModelSpec:
@@ -452,13 +516,17 @@ def _check(spec: ModelSpec) -> None:
     if spec.num_heads % spec.num_kv_heads:
         raise ConfigError(f"{spec.model_type} config: {spec.num_kv_heads} kv heads do not divide "
                           f"{spec.num_heads} heads")
+    assert (spec.moe is None) == (not spec.moe_layers)
+    assert spec.moe is None or (len(spec.moe_layers) == spec.num_layers and spec.moe.hidden == spec.hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint names.
 
 # a recipe: (op, hf names); ops: "copy", "cat" (rows, in order), "T" (a Conv1D's [in, out]),
-# "heads3" (fused [H, 3, D] rows -> q, k, v), "groups" (Falcon's [Hkv, Hq/Hkv + 2, D] rows)
+# "heads3" (fused [H, 3, D] rows -> q, k, v), "groups" (Falcon's [Hkv, Hq/Hkv + 2, D] rows),
+# "stack" (one tensor an expert -> [E, ...]), "stack_pairs" (each expert's gate, then its up:
+# concatenated rows, stacked -> [E, 2F, H])
 Recipe = tuple[str, tuple[str, ...]]
 
 # the base model's prefix in a CausalLM's state dict; checkpoints saved from the base model
@@ -468,9 +536,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "at
                      "attention.masked_bias")
 
 
-def hf_names(spec: ModelSpec) -> dict[str, Recipe]:
+def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recipe]:
     """canonical name -> (op, the transformers checkpoint names it is made from), as a CausalLM's
-    state_dict() names them."""
+    state_dict() names them; an MoE layer's experts as the Hub stores them (each expert's
+    projections: what transformers 5's save_pretrained writes), or with fused_experts as
+    transformers 5 holds them (experts.gate_up_proj, experts.down_proj: save_original_format=False)."""
     f = spec.model_type
     out: dict[str, Recipe] = {}
     biases_ln = spec.norm_bias
@@ -485,7 +555,7 @@ def hf_names(spec: ModelSpec) -> dict[str, Recipe]:
         if bias:
             out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
 
-    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
         out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
         norm("final_norm", "model.norm")
         for i in range(spec.num_layers):
@@ -494,16 +564,21 @@ def hf_names(spec: ModelSpec) -> dict[str, Recipe]:
             norm(f"{L}.attn_norm", f"{p}.input_layernorm")
             if f == "phi3":
                 linear(f"{L}.attn.qkv", f"{a}.qkv_proj", spec.qkv_bias)
-                linear(f"{L}.mlp.gate_up", f"{p}.mlp.gate_up_proj", spec.mlp_bias)
             else:
                 out[f"{L}.attn.qkv.weight"] = ("cat", tuple(f"{a}.{x}_proj.weight" for x in "qkv"))
                 if spec.qkv_bias:
                     out[f"{L}.attn.qkv.bias"] = ("cat", tuple(f"{a}.{x}_proj.bias" for x in "qkv"))
-                out[f"{L}.mlp.gate_up.weight"] = ("cat", (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"))
-                if spec.mlp_bias:
-                    out[f"{L}.mlp.gate_up.bias"] = ("cat", (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"))
             linear(f"{L}.attn.o", f"{a}.o_proj", spec.o_bias)
-            linear(f"{L}.mlp.down", f"{p}.mlp.down_proj", spec.mlp_bias)
+            if spec.is_moe(i):
+                out.update(_moe_names(spec, p, f"{L}.mlp", fused_experts))
+            else:
+                if f == "phi3":
+                    linear(f"{L}.mlp.gate_up", f"{p}.mlp.gate_up_proj", spec.mlp_bias)
+                else:
+                    out[f"{L}.mlp.gate_up.weight"] = ("cat", (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"))
+                    if spec.mlp_bias:
+                        out[f"{L}.mlp.gate_up.bias"] = ("cat", (f"{p}.mlp.gate_proj.bias", f"{p}.mlp.up_proj.bias"))
+                linear(f"{L}.mlp.down", f"{p}.mlp.down_proj", spec.mlp_bias)
             if spec.qk_norm:
                 norm(f"{L}.attn.q_norm", f"{a}.q_norm")
                 norm(f"{L}.attn.k_norm", f"{a}.k_norm")
@@ -578,6 +653,36 @@ def hf_names(spec: ModelSpec) -> dict[str, Recipe]:
     return out
 
 
+# an MoE block's module and its experts' gate, up and down projections in Hub checkpoints
+# (transformers 5 names the block `mlp` in memory, for Mixtral too)
+_HUB_EXPERTS = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
+_HUB_EXPERTS_DEFAULT = ("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> dict[str, Recipe]:
+    """The recipes of layer `layer`'s MoE block, under its canonical prefix `canon`
+    (runtime/moe.MoE's names)."""
+    m = spec.moe
+    block, gate, up, down = _HUB_EXPERTS.get(spec.model_type, _HUB_EXPERTS_DEFAULT)
+    hf = f"{layer}.{'mlp' if fused_experts else block}"
+    out: dict[str, Recipe] = {f"{canon}.gate.weight": ("copy", (f"{hf}.gate.weight",))}
+    if fused_experts:
+        out[f"{canon}.experts.gate_up_proj"] = ("copy", (f"{hf}.experts.gate_up_proj",))
+        out[f"{canon}.experts.down_proj"] = ("copy", (f"{hf}.experts.down_proj",))
+    else:
+        experts = [f"{hf}.experts.{j}" for j in range(m.experts)]
+        out[f"{canon}.experts.gate_up_proj"] = ("stack_pairs", tuple(
+            n for e in experts for n in (f"{e}.{gate}.weight", f"{e}.{up}.weight")))
+        out[f"{canon}.experts.down_proj"] = ("stack", tuple(f"{e}.{down}.weight" for e in experts))
+    if m.shared_inter:
+        s = f"{hf}.shared_expert"
+        out[f"{canon}.shared_expert.gate_up.weight"] = ("cat", (f"{s}.gate_proj.weight", f"{s}.up_proj.weight"))
+        out[f"{canon}.shared_expert.down.weight"] = ("copy", (f"{s}.down_proj.weight",))
+    if m.shared_gate:
+        out[f"{canon}.shared_expert_gate.weight"] = ("copy", (f"{hf}.shared_expert_gate.weight",))
+    return out
+
+
 # older checkpoint names transformers 5 renames on load
 _ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"}}
 
@@ -586,8 +691,11 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
     """A transformers checkpoint's tensors (its safetensors names, with or without the base
     model's prefix) under the canonical names of models/spec.py: q/k/v and gate/up fused, fused
     per-head layouts reordered, Conv1D weights transposed. Rotary and causal-mask buffers are
-    ignored, and so is a tied lm_head; a missing or unexpected tensor is a ConfigError naming it."""
-    recipes = hf_names(spec)
+    ignored, and so is a tied lm_head; a missing or unexpected tensor is a ConfigError naming it.
+    MoE experts come one tensor an expert (Hub checkpoints) or stacked (transformers 5's
+    in-memory names), and are stacked into [E, ...] tensors."""
+    fused = any(name.endswith((".experts.gate_up_proj", ".experts.down_proj")) for name in tensors)
+    recipes = hf_names(spec, fused_experts=fused)
     wanted = {n for _, names in recipes.values() for n in names}
     prefix = _PREFIX.get(spec.model_type, "model") + "."
     have: dict[str, Any] = {}
@@ -634,6 +742,10 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
             t = _heads3(spec, ts[0], names[0])
         elif op == "groups":
             t = _groups(spec, ts[0], names[0])
+        elif op == "stack":
+            t = torch.stack(ts)
+        elif op == "stack_pairs":
+            t = torch.stack([torch.cat(ts[j:j + 2], dim=0) for j in range(0, len(ts), 2)])
         else:   # pragma: no cover
             raise AssertionError(op)
         out[canon] = t
@@ -697,6 +809,9 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             norm(f"{L}.post_mlp_norm")
         if spec.residual != "parallel_shared":
             norm(f"{L}.mlp_norm")
+        if spec.is_moe(i):
+            out.update(_moe_shapes(spec, f"{L}.mlp"))
+            continue
         up = "gate_up" if spec.gated else "up"
         out[f"{L}.mlp.{up}.weight"] = ((2 if spec.gated else 1) * F, H)
         out[f"{L}.mlp.down.weight"] = (H, F)
@@ -708,6 +823,21 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (V, H)
         if spec.lm_head_bias:
             out["lm_head.bias"] = (V,)
+    return out
+
+
+def _moe_shapes(spec: ModelSpec, canon: str) -> dict[str, tuple[int, ...]]:
+    m, H = spec.moe, spec.hidden_size
+    E, Fe, Fs = m.experts, m.inter, m.shared_inter
+    out = {f"{canon}.gate.weight": (E, H), f"{canon}.experts.gate_up_proj": (E, 2 * Fe, H),
+           f"{canon}.experts.down_proj": (E, H, Fe)}
+    if m.router == "grouped":
+        out[f"{canon}.gate.e_score_correction_bias"] = (E,)
+    if Fs:
+        out[f"{canon}.shared_expert.gate_up.weight"] = (2 * Fs, H)
+        out[f"{canon}.shared_expert.down.weight"] = (H, Fs)
+    if m.shared_gate:
+        out[f"{canon}.shared_expert_gate.weight"] = (1, H)
     return out
 
 
@@ -742,8 +872,8 @@ def _attention_bindings(a: AttentionSpec) -> dict[str, Any]:
 def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """Model-wide DSL bindings: dims H, F, Hq, Hkv, D; the attention consts every layer agrees on
     (a const that differs between layers, like Gemma-2's window, is left out); `eps` (the norms'
-    runtime scalar); and, for Llama-3 RoPE, llama_attn's rope consts besides `rope_scaling` (the
-    two agree, so llama_attn takes both)."""
+    runtime scalar); for Llama-3 RoPE, llama_attn's rope consts besides `rope_scaling` (the
+    two agree, so llama_attn takes both); for MoE models, moe_route's E, k and renormalize."""
     out: dict[str, Any] = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads,
                            "Hkv": spec.num_kv_heads, "D": spec.head_dim, "eps": spec.norm_eps}
     per_layer = [_attention_bindings(a) for a in spec.attention]
@@ -759,7 +889,18 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
         for key, name in LLAMA3_ROPE_NAMES.items():
             if scaling[0].get(key) is not None:
                 out[name] = scaling[0][key]
+    if spec.moe is not None:
+        out.update(_moe_route_bindings(spec.moe)[1])
     return out
+
+
+def _moe_route_bindings(moe) -> tuple[str, dict[str, Any]]:
+    """The routing layer runtime/moe.MoE builds, with its bindings."""
+    if moe.router == "softmax":
+        return "moe_route", {"E": moe.experts, "k": moe.top_k, "renormalize": moe.norm_topk_prob}
+    return "moe_route_grouped", {"E": moe.experts, "n_group": moe.n_group, "topk_group": moe.topk_group,
+                                 "k": moe.top_k, "norm_topk_prob": moe.norm_topk_prob,
+                                 "routed_scaling_factor": float(moe.routed_scaling_factor)}
 
 
 _MISSING = object()
@@ -767,9 +908,10 @@ _MISSING = object()
 
 def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     """The stdlib definitions the model (models/model.py) uses, each with its bindings: its norms
-    and their residual-add forms, the q/k norms (H = D) of Qwen3, its MLP activation, and its
-    attention block once per distinct const set (with the model's RoPE scaling). No rope row
-    layer: the attention block and its KV append rotate q and k."""
+    and their residual-add forms, the q/k norms (H = D) of Qwen3, its dense MLP's activation, its
+    MoE layers' routing and experts' activation (F = the experts' size), and its attention block
+    once per distinct const set (with the model's RoPE scaling). No rope row layer: the attention
+    block and its KV append rotate q and k."""
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
             "D": spec.head_dim}
     out: list[tuple[str, dict[str, Any]]] = []
@@ -781,7 +923,11 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     act = _ACT_DEFS.get((spec.gated, spec.activation))
     if act is None:
         raise ConfigError(f"{spec.model_type}: no stdlib activation for a {'gated ' * spec.gated}{spec.activation} MLP")
-    out.append((act, {"F": spec.intermediate_size}))
+    if not all(spec.is_moe(i) for i in range(spec.num_layers)):
+        out.append((act, {"F": spec.intermediate_size}))
+    if spec.moe is not None:
+        out.append(_moe_route_bindings(spec.moe))
+        out.append((_ACT_DEFS[True, spec.moe.activation], {"F": spec.moe.inter}))
     out = list(dict.fromkeys(out and [(n, tuple(b.items())) for n, b in out]))
     out = [(n, dict(b)) for n, b in out]
     seen: list[tuple[str, dict[str, Any]]] = []

@@ -17,8 +17,9 @@ last token (or of every token: `logits="all"`). Each layer is
     parallel_shared:  h = norm1(x); out = x + attn(h) + mlp(h)               (Falcon-7B)
 
 and each residual add is fused with the norm that follows it (`add_rms_norm`: one pass returns
-the normalised rows and the sum), the last one with the final norm. CPU tensors run the same
-modules through the DSL's reference evaluator.
+the normalised rows and the sum), the last one with the final norm. An MoE layer
+(spec.moe_layers) has runtime/moe.MoE as its mlp: router, experts, shared expert. CPU tensors
+run the same modules through the DSL's reference evaluator.
 
 Decode-sized steps (at most 16 tokens, bf16/f16 on an sm_80+ GPU) of sequential-residual
 RMSNorm models run each layer as four generated small-token products (runtime/linear.py) with
@@ -49,6 +50,7 @@ from ..runtime.embedding import Embedding, PromptTuningEmbedding
 from ..runtime.linear import KERNEL_MAX_ROWS, device_major, gemm_route, gemv
 from ..runtime.kv_cache import PagedKVCache
 from ..runtime.layers import LayerModule, _dtype_name
+from ..runtime.moe import EXPERT_KERNEL_ROWS, MoE, _kernels_serve
 from .spec import AttentionSpec, ModelSpec
 
 __all__ = ["DecoderModel", "StepContext"]
@@ -247,7 +249,8 @@ class DecoderLayer(torch.nn.Module):
         self.attn = Attention(spec, index, attn, rope, program=program, dtype=dtype, device=device)
         self.post_attn_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
         self.mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.residual != "parallel_shared" else None
-        self.mlp = MLP(spec, program=program, dtype=dtype, device=device)
+        self.mlp = (MoE(spec.moe, dtype=dtype, device=device, program=program) if spec.is_moe(index) else
+                    MLP(spec, program=program, dtype=dtype, device=device))
         self.post_mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
@@ -421,8 +424,9 @@ class DecoderModel(torch.nn.Module):
     def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "DecoderModel":
         """Quantise the decoder layers' projections in place (round to nearest: runtime/quant.py
         QuantLinear.from_float; u4 per group, i8 per row or group, f8e4m3 per row or 128 x 128
-        block): decode steps then run the quantised small-token products. The embeddings and the
-        LM head stay in the model's dtype. Returns the model."""
+        block): decode steps then run the quantised small-token products. The embeddings, the
+        LM head and MoE layers (router, experts, shared expert) stay in the model's dtype.
+        Returns the model."""
         from ..runtime.quant import QuantLinear
         td = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else torch.float16
         for layer in self.layers:
@@ -438,15 +442,26 @@ class DecoderModel(torch.nn.Module):
         """Whether a step over x (the embeddings, [T, H]) runs the layers as small-token products
         with the norms and residual adds fused in (DecoderLayer.fused): decode-sized steps (at
         most 16 tokens) in bf16/f16 on an sm_80+ GPU, of a model with sequential residuals and
-        RMSNorms (no sandwich norms), unless `fused_decode` is turned off. Same meaning either way;
-        the fused step rounds once per product where the unfused one rounds after the norm too."""
+        RMSNorms (no sandwich norms) and no MoE layers, unless `fused_decode` is turned off. Same
+        meaning either way; the fused step rounds once per product where the unfused one rounds
+        after the norm too."""
         s = self.spec
-        return (self.fused_decode and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        return (self.fused_decode and x.is_cuda and s.moe is None and x.dtype in (torch.bfloat16, torch.float16)
                 and 1 <= x.shape[0] <= KERNEL_MAX_ROWS and s.residual == "sequential" and not s.sandwich_norms
                 and s.norm in ("rms", "rms_1p") and not torch.compiler.is_compiling()
                 and (not s.gated or s.activation in GEMV_GATED)
                 and all(n % 8 == 0 for n in (s.hidden_size, s.num_heads * s.head_dim, s.intermediate_size))
                 and device_major(x.device) >= 8)
+
+    def capturable(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens reads nothing back to the host, so that a CUDA graph
+        can capture it (models/graphs.py): every dense model; MoE layers only where their experts
+        run on the small-token kernels (runtime/moe.py: bf16/f16, at most EXPERT_KERNEL_ROWS
+        tokens), as their torch path reads each expert's row count."""
+        if self.spec.moe is None:
+            return True
+        x = torch.empty(tokens, self.spec.hidden_size, dtype=self.dtype, device=self.device)
+        return tokens <= EXPERT_KERNEL_ROWS and _kernels_serve(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._softcap(F.linear(h, self.head_weight(), None if self.lm_head is None else self.lm_head.bias))

@@ -27,11 +27,25 @@ Canonical tensor names (those of `DecoderModel.state_dict()`; W is [out, in] as 
     final_norm.weight / .bias        [H]
     lm_head.weight                   [V, H]          absent when tie_word_embeddings
     lm_head.bias                     [V]             lm_head_bias
+
+An MoE layer (moe_layers[i]; E = moe.experts, Fe = moe.inter, Fs = moe.shared_inter) has, in
+place of the dense MLP's tensors, runtime/moe.MoE's under `layers.{i}.mlp.`:
+
+    layers.{i}.mlp.gate.weight                     [E, H]       the router
+    layers.{i}.mlp.gate.e_score_correction_bias    [E] f32      router == "grouped" (DeepSeek-V3)
+    layers.{i}.mlp.experts.gate_up_proj            [E, 2Fe, H]  each expert's gate rows, then its up rows
+    layers.{i}.mlp.experts.down_proj               [E, H, Fe]
+    layers.{i}.mlp.shared_expert.gate_up.weight    [2Fs, H]     shared_inter (Qwen2-MoE): gate rows, then up rows
+    layers.{i}.mlp.shared_expert.down.weight       [H, Fs]
+    layers.{i}.mlp.shared_expert_gate.weight       [1, H]       shared_gate (Qwen2-MoE: sigmoid gate on it)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # runtime/moe.py imports torch; a spec of a dense model needs none
+    from ..runtime.moe import MoEConfig
 
 NORMS = ("rms", "rms_1p", "layer")          # RMSNorm, Gemma's RMSNorm with (1 + w), LayerNorm (bias per norm_bias)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -89,6 +103,10 @@ class ModelSpec:
     # block structure
     residual: str = "sequential"    # one of RESIDUALS
     sandwich_norms: bool = False    # Gemma-2: post_attn_norm and post_mlp_norm on the branch outputs
+    # mixture of experts: the MoE layers' experts and routing (runtime/moe.py), and for each
+    # layer whether it is one (else it has the dense MLP above, of intermediate_size)
+    moe: MoEConfig | None = None
+    moe_layers: tuple[bool, ...] = ()   # one per layer with moe, () without
     # embeddings and head
     positions: str = "rope"         # one of POSITIONS (informational: attention carries RoPE / ALiBi)
     max_positions: int | None = None    # learned positions: rows of pos_embed
@@ -103,3 +121,7 @@ class ModelSpec:
     @property
     def qkv_size(self) -> int:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` is an MoE layer (runtime/moe.MoE) rather than the dense MLP."""
+        return self.moe is not None and self.moe_layers[layer]

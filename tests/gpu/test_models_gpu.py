@@ -1,7 +1,8 @@
 """Whole models on the GPU: every family's tiny random transformers model, loaded with
-lf.from_pretrained in bf16, gives transformers' logits (f32 reference, bf16 tolerance), and in f32
-its logits and 16 greedy tokens equal transformers'; a decode
-step replayed from a CUDA graph equals the eager step; a batch decodes like its members alone."""
+lf.from_pretrained in bf16, gives transformers' logits (f32 reference, bf16 tolerance; MoE models
+where their routing agrees with transformers'), and in f32 its logits and 16 greedy tokens equal
+transformers'; a decode step replayed from a CUDA graph equals the eager step; a batch decodes
+like its members alone."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from layerforge.models.engine import Engine, generate
 
-from ..models.hf_tiny import tiny_configs, tiny_loader
+from ..models.hf_tiny import MOE_FAMILIES, routed_logits, tiny_configs, tiny_loader
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")
@@ -17,6 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
 
 FAMILIES = sorted(tiny_configs())
+DENSE = [name for name in FAMILIES if name not in MOE_FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,48 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 3e-2) -> None:
     assert err <= rel * ref.abs().max().item(), (err, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", DENSE)
 def test_logits_match_transformers(loaded, name):
     hf, ours = loaded(name)
     ids = torch.randint(0, 96, (2, 37), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         ref = hf(ids).logits
     _close(ours(ids), ref)
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_moe_logits_match_transformers_where_the_routing_agrees(loaded, name):
+    """A prefill of 148 tokens (the experts on the grouped products) in bf16: where every MoE layer
+    chose transformers' experts for a position and those before it (rounding tips a few near ties
+    of the top k), the logits are transformers'."""
+    hf, ours = loaded(name)
+    ids = torch.randint(0, 96, (4, 37), generator=torch.Generator().manual_seed(1)).cuda()
+    got, ref, agree = routed_logits(hf, ours, ids)
+    assert agree.sum() >= ids.numel() // 4, agree.sum(-1)
+    agree = agree.to(got.device)
+    _close(got[agree], ref[agree].to(got.dtype).float() if False else ref[agree])
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_moe_decode_runs_the_expert_kernels_and_graphs_equal_eager(loaded, name, monkeypatch):
+    """bf16 MoE decode steps (at most EXPERT_KERNEL_ROWS tokens) run the experts on the small-token
+    kernels (runtime/moe.expert_product) outside the fused dense layer (fuses() is False); they are
+    captured in CUDA graphs, whose greedy tokens equal eager steps'."""
+    from layerforge.runtime import moe
+    _, ours = loaded(name)
+    x = torch.zeros(4, ours.spec.hidden_size, dtype=torch.bfloat16, device="cuda")
+    assert not ours.fuses(x) and ours.capturable(4) and not ours.capturable(moe.EXPERT_KERNEL_ROWS + 1)
+    rows = []
+    product = moe.expert_product
+    monkeypatch.setattr(moe, "expert_product", lambda *a, **k: rows.append(k["rows"]) or product(*a, **k))
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (6, 17, 2, 9)]
+    a = generate(ours, prompts, max_new_tokens=10)                       # decode steps from CUDA graphs
+    assert ours._engine.graphs is not None and ours._engine.graphs._graphs
+    b = generate(ours, prompts, max_new_tokens=10, cuda_graphs=False)    # eager steps
+    assert a == b and all(len(x) == 10 for x in a)
+    assert rows and max(rows) <= moe.EXPERT_KERNEL_ROWS
+    ours.release_engine()
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "gpt2", "bloom", "falcon", "phi3"])

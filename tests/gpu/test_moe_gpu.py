@@ -32,7 +32,7 @@ def test_expert_product_against_torch(counts, gated, dtype, gather):
     E, n, k = len(counts), 2 * 272 if gated else 200, 1000
     offsets, src = permutation(counts, gen)
     P = int(offsets[-1])
-    x = (torch.randn(P + 3, k, generator=gen) * 0.5).to(dtype).cuda()
+    x = (torch.randn(P + 3 if gather else P, k, generator=gen) * 0.5).to(dtype).cuda()   # sorted rows: P
     w = (torch.randn(E, n, k, generator=gen) * 0.05).to(dtype).cuda()
     out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=dtype, device="cuda")
     y = expert_product(x, w, offsets, src if gather else None, rows=max(counts), gated=gated, out=out)

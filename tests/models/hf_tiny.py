@@ -36,7 +36,20 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
                                               parallel_attn=False)),
         "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=H, n_layer=2, n_head=4, n_positions=128)),
         "bloom": ("BloomConfig", dict(vocab_size=96, hidden_size=H, n_layer=2, n_head=4)),
+        # MoE: every layer sparse (Mixtral, Qwen3-MoE); Qwen2-MoE's layers 1 and 5 sparse (every
+        # second one, but layer 3 in mlp_only_layers), each with a gated shared expert
+        "mixtral": ("MixtralConfig", dict(common, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": ("Qwen2MoeConfig", dict(common, num_hidden_layers=6, num_key_value_heads=2, num_experts=8,
+                                             num_experts_per_tok=2, moe_intermediate_size=H // 2,
+                                             shared_expert_intermediate_size=3 * H // 4, decoder_sparse_step=2,
+                                             mlp_only_layers=[3])),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(common, num_key_value_heads=2, head_dim=head_dim, num_experts=6,
+                                             num_experts_per_tok=2, moe_intermediate_size=H // 2,
+                                             norm_topk_prob=True)),
     }
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=torch.float32):
@@ -69,3 +82,40 @@ def tiny_loader(tmp_path_factory, *, head_dim: int, dtype, device: str):
             cache[name] = hf.to(device), lf.from_pretrained(folder, dtype=dtype, device=device)
         return cache[name]
     return get
+
+
+def routed_logits(hf, ours, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(our logits, transformers' logits, agree [B, S]) of an MoE model over ids [B, S]: agree
+    where every MoE layer chose the same experts for the position and for all positions before it
+    (attention carries a different choice on). In bf16, rounding tips some near ties of a
+    router's top k the other way: such a token gets other experts, so its output differs by
+    more than rounding, and so do the later positions that attend to it."""
+    from layerforge.runtime.moe import MoE
+    theirs, mine = [], []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, args, out: theirs.append(out[2]))
+             for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
+    moes = [layer.mlp for layer in ours.layers if isinstance(layer.mlp, MoE)]
+
+    def recording(route):
+        def record(x):
+            weights, ids = route(x)
+            mine.append(ids)
+            return weights, ids
+        return record
+    for moe in moes:
+        moe.route = recording(moe.route)
+    try:
+        with torch.no_grad():
+            ref = hf(ids).logits
+        got = ours(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        for moe in moes:
+            del moe.route
+    assert len(theirs) == len(mine) == len(moes) > 0
+    B, S = ids.shape
+    same = torch.ones(B, S, dtype=torch.bool)
+    for a, b in zip(theirs, mine):
+        same &= (a.sort(-1).values.cpu() == b.long().sort(-1).values.cpu()).all(-1).view(B, S)
+    return got, ref, same.cumprod(-1).bool()

@@ -11,6 +11,7 @@ from layerforge.dsl.program import dims_from_config
 from layerforge.models.families import (FAMILIES, bindings_from_spec, canonical_shapes, canonical_state_dict,
                                         definitions_for, hf_names, spec_from_config)
 from layerforge.models.spec import AttentionSpec, ConfigError
+from layerforge.runtime.moe import MoE, MoEConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,6 +224,62 @@ def test_bloom_alibi_slopes_are_transformers(heads):
     torch.testing.assert_close(alibi[:, 0, 1], alibi_slopes(heads, 8.0), rtol=1e-6, atol=0)
 
 
+MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}
+QWEN2_MOE = {**LLAMA, "model_type": "qwen2_moe", "num_hidden_layers": 6, "num_experts": 8, "num_experts_per_tok": 4,
+             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 80, "decoder_sparse_step": 2,
+             "mlp_only_layers": [3]}
+QWEN3_MOE = {**LLAMA, "model_type": "qwen3_moe", "head_dim": 32, "num_experts": 16, "num_experts_per_tok": 4,
+             "moe_intermediate_size": 32, "norm_topk_prob": True}
+
+
+def test_mixtral_every_layer_is_an_moe_layer_of_renormalised_top_k():
+    s = spec_from_config(MIXTRAL)
+    assert s.moe == MoEConfig(hidden=64, inter=96, experts=8, top_k=2, norm_topk_prob=True)
+    assert s.moe_layers == (True, True) and s.is_moe(1) and consts(s)["window"] == 0
+    s = spec_from_config({**MIXTRAL, "sliding_window": 4096})
+    assert [consts(s, i)["window"] for i in range(2)] == [4096, 4096]
+
+
+def test_qwen2_moe_sparse_step_mlp_only_layers_and_the_gated_shared_expert():
+    s = spec_from_config(QWEN2_MOE)
+    assert s.moe_layers == (False, True, False, False, False, True)    # (i + 1) % 2 == 0, not layer 3
+    assert s.moe == MoEConfig(hidden=64, inter=32, experts=8, top_k=4, norm_topk_prob=False, shared_inter=80,
+                              shared_gate=True)
+    assert (s.intermediate_size, s.qkv_bias, s.o_bias, s.qk_norm) == (96, True, False, False)
+    assert not spec_from_config({**QWEN2_MOE, "qkv_bias": False}).qkv_bias
+    # without layer_types, transformers 5 slides the even layers below max_window_layers
+    s = spec_from_config({**QWEN2_MOE, "use_sliding_window": True, "sliding_window": 128, "max_window_layers": 4})
+    assert [a.const_dict()["window"] for a in s.attention] == [128, 0, 128, 0, 0, 0]
+
+
+def test_qwen3_moe_qk_norms_and_only_moe_layers():
+    s = spec_from_config(QWEN3_MOE)
+    assert (s.qk_norm, s.moe_layers, s.moe.norm_topk_prob, s.moe.experts, s.moe.shared_inter) == \
+        (True, (True, True), True, 16, 0)
+    assert [a.const_dict()["window"] for a in s.attention] == [0, 0]
+    s = spec_from_config({**QWEN3_MOE, "use_sliding_window": True, "sliding_window": 64})
+    assert [a.const_dict()["window"] for a in s.attention] == [64, 64]   # every layer (Qwen3MoeAttention)
+    # transformers 5 saves num_experts as num_local_experts; a model of MoE layers needs no intermediate_size
+    cfg = {k: v for k, v in QWEN3_MOE.items() if k not in ("num_experts", "intermediate_size")}
+    s = spec_from_config({**cfg, "num_local_experts": 16})
+    assert s.moe.experts == 16 and s.intermediate_size == 32
+
+
+def test_moe_bindings_and_definitions():
+    s = spec_from_config(QWEN2_MOE)
+    b = bindings_from_spec(s)
+    assert (b["E"], b["k"], b["renormalize"], b["F"]) == (8, 4, False, 96)
+    defs = definitions_for(s)
+    assert ("moe_route", {"E": 8, "k": 4, "renormalize": False}) in defs
+    assert ("swiglu", {"F": 96}) in defs and ("swiglu", {"F": 32}) in defs   # dense layers, experts
+    defs = definitions_for(spec_from_config(MIXTRAL))
+    assert [b for n, b in defs if n == "swiglu"] == [{"F": 96}]
+    assert ("moe_route", {"E": 8, "k": 2, "renormalize": True}) in defs
+    assert [b for n, b in definitions_for(spec_from_config(QWEN3_MOE)) if n == "swiglu"] == [{"F": 32}]
+    layer = lf.stdlib().specialise("moe_route", dtype="bf16", config=MIXTRAL)
+    assert dict(layer.consts) == {"k": 2, "renormalize": True} and dict(layer.dims) == {"E": 8}
+
+
 def test_a_config_file_path_and_a_pretrained_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     assert spec_from_config(tmp_path / "config.json") == spec_from_config(LLAMA)
@@ -254,6 +311,12 @@ def test_a_config_file_path_and_a_pretrained_config(tmp_path):
      "qwen2 config: 'use_sliding_window' is true but 'sliding_window' is null"),
     ({**GPT2, "scale_attn_by_inverse_layer_idx": True}, "gpt2 config: 'scale_attn_by_inverse_layer_idx' true"),
     ({**FALCON, "multi_query": False, "num_kv_heads": 2}, "falcon config: 'num_kv_heads' 2 != num_attention_heads 8"),
+    ({k: v for k, v in MIXTRAL.items() if k != "num_experts_per_tok"}, "mixtral config: missing 'num_experts_per_tok'"),
+    ({**MIXTRAL, "num_experts_per_tok": 9}, "mixtral config: top_k 9 > experts 8"),
+    ({**QWEN2_MOE, "mlp_only_layers": "3"}, "qwen2_moe config: 'mlp_only_layers' must be a list of layer indices"),
+    ({k: v for k, v in QWEN2_MOE.items() if k != "shared_expert_intermediate_size"},
+     "qwen2_moe config: missing 'shared_expert_intermediate_size'"),
+    ({k: v for k, v in QWEN3_MOE.items() if k != "num_experts"}, "qwen3_moe config: missing 'num_experts'"),
 ])
 def test_errors_are_one_line_and_name_the_key(cfg, message):
     with pytest.raises(ConfigError) as e:
@@ -324,8 +387,8 @@ def test_module_takes_eps_from_the_config(name, cfg, eps):
 def test_configs_without_a_known_model_type_bind_as_before():
     cfg = {"hidden_size": 64, "num_attention_heads": 4, "sliding_window": 128, "rope_theta": 1e4}
     assert dims_from_config(cfg) == {"H": 64, "Hq": 4, "Hkv": 4, "D": 16, "theta": 1e4, "window": 128}
-    mixtral = {**cfg, "model_type": "mixtral", "num_local_experts": 8}
-    assert dims_from_config(mixtral)["E"] == 8
+    deepseek = {**cfg, "model_type": "deepseek_v3", "n_routed_experts": 8}
+    assert dims_from_config(deepseek)["E"] == 8
 
 
 def test_a_config_the_registry_refuses_is_an_error_in_the_binding():
@@ -397,6 +460,15 @@ def hf_configs():
         "gpt2": t.GPT2Config(n_embd=32, n_head=4, n_positions=16, vocab_size=64, n_layer=2, bos_token_id=0,
                              eos_token_id=0),
         "bloom": t.BloomConfig(hidden_size=32, n_head=4, vocab_size=64, n_layer=2),
+        "mixtral": t.MixtralConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                   num_local_experts=4, num_experts_per_tok=2, **TINY),
+        "qwen2_moe": t.Qwen2MoeConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=40, decoder_sparse_step=2,
+                                      **{**TINY, "num_hidden_layers": 4}),
+        "qwen3_moe": t.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                      **TINY),
     }
 
 
@@ -455,7 +527,7 @@ def test_canonical_qkv_rows_reproduce_the_hf_projections(hf_models, name):
 def hf_qkv(name, model, i, x, cfg):
     """transformers' q [B, S, Hq, D], k and v [B, S, Hkv, D] for layer i's input x (before RoPE)."""
     B, S, _ = x.shape
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe"):
         a = model.model.layers[i].self_attn
         D = a.head_dim
         return tuple(p(x).view(B, S, -1, D) for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -489,7 +561,7 @@ def hf_qkv(name, model, i, x, cfg):
 
 
 def hf_o(name, model, i, o):
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
         return model.model.layers[i].self_attn.o_proj(o)
     if name == "gpt_neox":
         return model.gpt_neox.layers[i].attention.dense(o)
@@ -556,3 +628,60 @@ def test_a_missing_or_unexpected_tensor_is_an_error_naming_it(hf_models):
     sd = {**model.state_dict(), "model.embed_tokens.weight": torch.zeros(64, 31)}
     with pytest.raises(ConfigError, match=r"^checkpoint: embed.weight has shape \[64, 31\], the config says \[64, 32\]"):
         canonical_state_dict(spec, sd)
+
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def hub_tensors(model, folder):
+    """The model's tensors as save_pretrained writes them: the Hub's names, one tensor an expert."""
+    from safetensors.torch import load_file
+    model.save_pretrained(folder)
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_experts_load_from_hub_names_and_from_stacked_names_alike(hf_models, name, tmp_path):
+    cfg, model = hf_models[name]
+    spec = spec_from_config(cfg)
+    hub = hub_tensors(model, tmp_path)
+    assert any(".experts.0." in k for k in hub) and not any(k.endswith("experts.down_proj") for k in hub)
+    stacked = model.state_dict()    # transformers 5 in memory: experts.gate_up_proj [E, 2F, H], experts.down_proj
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in stacked)
+    a, b = canonical_state_dict(spec, hub), canonical_state_dict(spec, stacked)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: tuple(v.shape) for k, v in a.items()} == canonical_shapes(spec)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_canonical_moe_weights_reproduce_the_hf_blocks(hf_models, name, tmp_path):
+    """Each MoE layer's canonical tensors (from the Hub's per-expert names) in runtime/moe.MoE give
+    the transformers block's output; Qwen2-MoE's dense layers keep the dense MLP's names."""
+    cfg, model = hf_models[name]
+    spec = spec_from_config(cfg)
+    out = canonical_state_dict(spec, hub_tensors(model, tmp_path))
+    x = torch.randn(7, spec.hidden_size) * 0.1
+    for i in range(spec.num_layers):
+        prefix = f"layers.{i}.mlp."
+        mine = {k.removeprefix(prefix): v for k, v in out.items() if k.startswith(prefix)}
+        with torch.no_grad():
+            want = model.model.layers[i].mlp(x[None])[0]
+        if not spec.is_moe(i):
+            assert set(mine) == {"gate_up.weight", "down.weight"}
+            g, u = (x @ mine["gate_up.weight"].T).chunk(2, dim=-1)
+            got = (torch.nn.functional.silu(g) * u) @ mine["down.weight"].T
+        else:
+            moe = MoE(spec.moe, dtype=torch.float32)
+            moe.load_state_dict(mine, strict=True)
+            got = moe(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=f"{name} layer {i}")
+    assert [spec.is_moe(i) for i in range(spec.num_layers)] == \
+        ([False, True, False, True] if name == "qwen2_moe" else [True, True])
+
+
+def test_a_missing_expert_is_an_error_naming_it(hf_models, tmp_path):
+    cfg, model = hf_models["mixtral"]
+    hub = hub_tensors(model, tmp_path)
+    del hub["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    with pytest.raises(ConfigError, match=r"^checkpoint: missing tensor 'model.layers.1.block_sparse_moe.experts.3.w2"):
+        canonical_state_dict(spec_from_config(cfg), hub)

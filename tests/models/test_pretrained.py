@@ -8,7 +8,7 @@ import torch
 
 from layerforge.models.engine import Engine, EngineError, generate
 
-from .hf_tiny import tiny_configs, tiny_loader
+from .hf_tiny import MOE_FAMILIES, make_tiny, routed_logits, tiny_configs, tiny_loader
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,6 +36,55 @@ def test_greedy_generation_is_token_identical(loaded, name):
     prompt = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(2))
     ref = hf.generate(prompt, max_new_tokens=16, do_sample=False)[0, 7:].tolist()
     assert ours.generate(prompt, max_new_tokens=16)[0] == ref
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_moe_bf16_logits_match_transformers_where_the_routing_agrees(tmp_path, name):
+    """In bf16 a few tokens' top-k choice is a near tie that rounding tips the other way; where
+    every MoE layer chose transformers' experts (for the position and those before it: most of
+    them), the logits agree within bf16 rounding."""
+    import layerforge as lf
+    hf = make_tiny(name, tmp_path)
+    ours = lf.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 96, (4, 37), generator=torch.Generator().manual_seed(1))
+    got, ref, agree = routed_logits(hf, ours, ids)
+    assert agree.sum() >= ids.numel() // 4, agree.sum(-1)
+    err = (got.float() - ref)[agree].abs().max().item()
+    assert err <= 3e-2 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_moe_checkpoint_with_stacked_experts_loads(tmp_path, name):
+    """save_pretrained writes the Hub's names, one tensor an expert (the tests above load those);
+    with save_original_format=False it writes transformers 5's stacked experts, which load too."""
+    import layerforge as lf
+    from safetensors import safe_open
+    hf = make_tiny(name, tmp_path / "hub")
+    hf.save_pretrained(tmp_path / "stacked", save_original_format=False)
+    with safe_open(str(tmp_path / "stacked" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in f.keys())
+    ours = lf.from_pretrained(tmp_path / "stacked", dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    ref = hf(ids).logits
+    torch.testing.assert_close(ours(ids), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_moe_layers_are_left_alone_by_quantize_and_not_captured(tmp_path, loaded):
+    """quantize_ replaces the dense layers' projections and the attention's, not an MoE layer's;
+    an f32 MoE step (torch's expert products, which read row counts) is not capturable."""
+    import layerforge as lf
+    from layerforge.runtime.moe import MoE
+    from layerforge.runtime.quant import QuantLinear
+    make_tiny("qwen2_moe", tmp_path)
+    ours = lf.from_pretrained(tmp_path, dtype=torch.float32)   # not the shared one: quantize_ changes it
+    assert not ours.capturable(1) and loaded("llama")[1].capturable(1)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(6))
+    before = ours(ids)
+    ours.quantize_("i8", group_size=32)
+    assert isinstance(ours.layers[0].mlp.gate_up, QuantLinear) and isinstance(ours.layers[1].attn.qkv, QuantLinear)
+    moe = ours.layers[1].mlp
+    assert isinstance(moe, MoE) and not any(isinstance(m, QuantLinear) for m in moe.modules())
+    torch.testing.assert_close(ours(ids), before, rtol=0, atol=0.05 * before.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_neox", "bloom"])
