@@ -13,7 +13,9 @@ Columns:
 - transformers: the transformers block, eager (it reads the chosen experts back to the host, so it
   cannot be captured);
 - of copy: the bytes of the experts the step's tokens chose (and the shared expert, the router)
-  over ours' time, against the device-to-device copy ceiling measured in the same run.
+  over ours' time, against the device-to-device copy ceiling measured in the same run;
+then the decode token counts again with the experts quantised (--quant: u4 group 128, f8e4m3
+128 x 128 blocks), "of copy" on the packed bytes and scales.
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def chosen_bytes(moe, x) -> int:
     _, ids = moe.route(x)
     n = int(torch.unique(ids).numel())
     e = moe.experts
-    per = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
+    per = sum(t[0].numel() * t[0].element_size() for name, t in e.named_buffers()) if e.quant else \
+        (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
     rest = moe.gate.weight.numel() * moe.gate.weight.element_size()
     if moe.shared_expert is not None:
         rest += sum(p.numel() * p.element_size() for p in moe.shared_expert.parameters())
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--only", choices=sorted(BLOCKS), default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' eager block")
+    ap.add_argument("--quant", default="u4:128,f8e4m3:128",
+                    help="quantised experts timed at the decode token counts (wtype:group,...; '' for none)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
@@ -130,6 +135,18 @@ def main(argv=None) -> int:
                   f"{grouped / ours:10.2f} {hf / ours:7.2f} {frac:8.2f}   (max rel err vs transformers {err:.1e})")
             rows.append(dict(block=name, tokens=t, ours_s=ours, grouped_mm_s=grouped, transformers_s=hf,
                              of_copy=frac, rel_err=err))
+        for spec in filter(None, a.quant.split(",")):
+            wtype, group = spec.split(":")
+            qmoe = MoE.from_hf(blk, conf).quantize_(wtype, int(group))
+            for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
+                x = torch.randn(t, conf.hidden_size, device=dev, dtype=dt)
+                with torch.no_grad():
+                    ours = graph_time(lambda: qmoe(x))
+                frac = chosen_bytes(qmoe, x) / ours / ceiling
+                print(f"{'':10} {t:6d} {ours * 1e6:9.1f}  {wtype} group {group} experts: {frac:.2f} of copy on the "
+                      f"packed bytes")
+                rows.append(dict(block=name, tokens=t, wtype=wtype, group=int(group), ours_s=ours, of_copy=frac))
+            qmoe = None
         blk = moe = peer = None   # the next block's weights in their place
         torch.cuda.empty_cache()
     if a.json:

@@ -44,7 +44,7 @@ from ..dsl.program import Program
 from .layers import _dtype_name, module
 from .linear import GatedMLP, LinearInputError, _packed, device_major
 
-__all__ = ["MoEConfig", "MoE", "expert_product", "EXPERT_KERNEL_ROWS"]
+__all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_experts", "EXPERT_KERNEL_ROWS"]
 
 # steps of at most this many tokens run the expert products on the small-token kernel (an expert
 # gets at most T rows: a token chooses an expert once)
@@ -107,6 +107,31 @@ class _Experts(torch.nn.Module):
         E, H, Fd = cfg.experts, cfg.hidden, cfg.inter
         self.gate_up_proj = torch.nn.Parameter(torch.empty(E, 2 * Fd, H, dtype=td, device=device), requires_grad=False)
         self.down_proj = torch.nn.Parameter(torch.empty(E, H, Fd, dtype=td, device=device), requires_grad=False)
+        self.quant: tuple[str, int] | None = None   # (wtype, group) once quantize_ ran
+        self._shapes: dict[str, tuple] = {}         # projection -> (N, K, activation dtype) of one expert's W
+
+    def quantize_(self, wtype: str, group: int) -> None:
+        """Each expert's W quantised by rounding to nearest (runtime/quant.py QuantLinear.from_float:
+        u4 per group, i8 per row or group, f8e4m3 per row or 128 x 128 block), in the small-token
+        kernel's layout, stacked over the experts: buffers {proj}_q (the packed weights) and
+        {proj}_s (their scale pairs or scales), [E, ...] each; the float weights go."""
+        from .quant import QuantLinear
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            qws = [QuantLinear.from_float(w[e].detach(), group, wtype=wtype, dtype=w.dtype).qw for e in range(w.shape[0])]
+            q, sc = (torch.stack(t) for t in zip(*(qw.kernel_tensors for qw in qws)))
+            delattr(self, name)
+            self.register_buffer(name + "_q", q.contiguous())
+            self.register_buffer(name + "_s", sc.contiguous())
+            self._shapes[name] = (qws[0].n, qws[0].k, qws[0].dtype)
+        self.quant = (wtype, group)
+
+    def weights(self, name: str):
+        """Projection `name`'s stack: the [E, N, K] parameter, or its QuantExperts once quantised."""
+        if self.quant is None:
+            return getattr(self, name)
+        n, k, dt = self._shapes[name]
+        return QuantExperts(*self.quant, getattr(self, name + "_q"), getattr(self, name + "_s"), n, k, dt)
 
 
 class MoE(torch.nn.Module):
@@ -151,7 +176,7 @@ class MoE(torch.nn.Module):
         cfg = self.cfg
         if x.shape[-1] != cfg.hidden:
             raise LinearInputError(f"MoE: x must be [..., {cfg.hidden}], got shape {tuple(x.shape)}")
-        w = self.experts.gate_up_proj
+        w = self.gate.weight
         if x.dtype != w.dtype or x.device != w.device:
             raise LinearInputError(f"MoE: x must be {w.dtype} on {w.device}, got {x.dtype} on {x.device}")
         lead = x.shape[:-1]
@@ -177,11 +202,13 @@ class MoE(torch.nn.Module):
         cfg, T = self.cfg, x2.shape[0]
         x2 = _packed(x2, 16)
         offsets, pos, src = moe_align(ids, cfg.experts)
-        wgu, wd = self.experts.gate_up_proj, self.experts.down_proj
-        if T <= EXPERT_KERNEL_ROWS:
+        wgu, wd = self.experts.weights("gate_up_proj"), self.experts.weights("down_proj")
+        if T <= EXPERT_KERNEL_ROWS and _expert_kernel_serves(wgu, x2):
             h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation)
             y = expert_product(h, wd, offsets, None, rows=T)
         else:
+            if isinstance(wgu, QuantExperts):   # W dequantised for the grouped GEMM
+                wgu, wd = dequantize_experts(wgu), dequantize_experts(wd)
             xs = moe_gather(x2, src)
             h = self._act[0](_grouped(xs, wgu, offsets))
             y = _grouped(h, wd, offsets)
@@ -198,6 +225,8 @@ class MoE(torch.nn.Module):
         flat = ids.reshape(-1).long()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=cfg.experts).tolist()
+        wgu, wd = (w if isinstance(w, torch.Tensor) else dequantize_experts(w)
+                   for w in (self.experts.weights("gate_up_proj"), self.experts.weights("down_proj")))
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -205,15 +234,23 @@ class MoE(torch.nn.Module):
             pairs = order[start:start + c]
             start += c
             tok = pairs // cfg.top_k
-            gu = F.linear(x2[tok], self.experts.gate_up_proj[e])
+            gu = F.linear(x2[tok], wgu[e])
             g, u = gu.float().chunk(2, dim=-1)
             h = (act(g) * u).to(x2.dtype)
-            y = F.linear(h, self.experts.down_proj[e])
+            y = F.linear(h, wd[e])
             out.index_add_(0, tok, y.float() * weights.reshape(-1)[pairs].float().unsqueeze(-1))
         s, g = self._shared(x2)
         if s is not None:
             out += s.float() * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
         return out.to(x2.dtype)
+
+    def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "MoE":
+        """Quantise the routed experts' weights in place (round to nearest; u4 per group, i8 per
+        row or group, f8e4m3 per row or 128 x 128 block: runtime/quant.py). Decode steps then read
+        the packed experts in the expert kernel; longer steps dequantise them for the grouped
+        GEMM. The router and the shared expert stay in the model's dtype. Returns the module."""
+        self.experts.quantize_(wtype, group_size)
+        return self
 
     # ---- from transformers ------------------------------------------------------------------
     @classmethod
@@ -288,32 +325,59 @@ def _kernels_serve(x2: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and device_major(x2.device) >= 8)
 
 
-def expert_product(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor | None, *, rows: int,
+@dataclass(frozen=True)
+class QuantExperts:
+    """E quantised W [N, K] stacked in the small-token kernel's layout (runtime/quant.py, codegen/gemv.py):
+    q the packed weights [E, ...], s their (scale, zero) pairs or scales [E, ...]; dtype the activations'."""
+    wtype: str
+    group: int
+    q: torch.Tensor
+    s: torch.Tensor
+    n: int
+    k: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.q.shape[0], self.n, self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor | None, *, rows: int,
                    gated: str | None = None, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """y [P, N_out] over the sorted rows of the permutation: sorted row j (of expert e, offsets[e]
     <= j < offsets[e + 1]) is x[src[j]] (or x[j] when src is None) @ w[e]^T, then act(gate) * up over
-    the two halves when gated. w [E, N, K] (bf16/f16, as x); `rows`: at most this many rows an
-    expert (the plan's token tiles: 8 to 64); `out`: where y goes (else a new tensor)."""
-    if w.dim() != 3:
-        raise LinearInputError(f"expert_product: w must be [E, N, K], got shape {tuple(w.shape)}")
+    the two halves when gated. w: [E, N, K] (bf16/f16, as x) or QuantExperts (u4 / i8 weight-only,
+    f8e4m3 W8A8 with x quantised per 128-k chunk inside, sm_89+); `rows`: at most this many rows an
+    expert (the plan's token tiles: 8 to 64; f8e4m3 16); `out`: where y goes (else a new tensor)."""
+    quant = isinstance(w, QuantExperts)
+    if not quant and (not isinstance(w, torch.Tensor) or w.dim() != 3):
+        raise LinearInputError(f"expert_product: w must be [E, N, K] or QuantExperts, got {type(w).__name__} "
+                               f"{tuple(getattr(w, 'shape', ()))}")
     E, n, k = w.shape
+    wdt = w.dtype
     P = src.numel() if src is not None else x.shape[0]
-    if x.dim() != 2 or x.shape[1] != k or x.dtype != w.dtype or x.device != w.device:
-        raise LinearInputError(f"expert_product: x must be [rows, {k}] {w.dtype} on {w.device}, got "
+    if x.dim() != 2 or x.shape[1] != k or x.dtype != wdt or x.device != w.device:
+        raise LinearInputError(f"expert_product: x must be [rows, {k}] {wdt} on {w.device}, got "
                                f"{tuple(x.shape)} {x.dtype} on {x.device}")
     if offsets.shape != (E + 1,) or offsets.dtype != torch.int32 or offsets.device != x.device:
         raise LinearInputError(f"expert_product: offsets must be int32 [{E + 1}] on {x.device}")
     if src is not None and (src.dtype != torch.int32 or src.device != x.device or src.dim() != 1):
         raise LinearInputError(f"expert_product: src must be int32 [P] on {x.device}")
-    if not 1 <= rows <= 64:
-        raise LinearInputError(f"expert_product: serves 1 to 64 rows an expert, got {rows}")
+    limit = 16 if quant and w.wtype == "f8e4m3" else 64
+    if not 1 <= rows <= limit:
+        raise LinearInputError(f"expert_product: serves 1 to {limit} rows an expert, got {rows}")
     tiles = 8 << max(0, (rows - 1).bit_length() - 3)
-    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index)
+    wtype, group = (w.wtype, w.group) if quant else (None, 0)
+    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group)
     launcher = _KERNELS.get(key)
     if launcher is None:
         from .launch import device_arch, load_plan
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
-                         arch=device_arch(x.device), experts=E, gather=src is not None)
+                         arch=device_arch(x.device), experts=E, gather=src is not None, wtype=wtype, group=group)
         launcher = _KERNELS[key] = load_plan(plan, x.device, cache)
     shape = (P, n // 2 if gated else n)
     if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
@@ -321,9 +385,39 @@ def expert_product(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, src:
         raise LinearInputError(f"expert_product: out must be a contiguous 16-byte aligned {shape} {x.dtype} "
                                f"on {x.device}")
     y = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    args = [_packed(x, 16), _packed(w, 16), y, P, offsets] + ([src] if src is not None else [])
+    weights = [_packed(w.q, 16), _packed(w.s, 16)] if quant else [_packed(w, 16)]
+    args = [_packed(x, 16), *weights, y, P, offsets] + ([src] if src is not None else [])
     launcher((), args)
     return y
+
+
+def dequantize_experts(w: QuantExperts, cache=None) -> torch.Tensor:
+    """[E, N, K] in the activation dtype: on the GPU by the generated dequantisation kernel (one
+    launch over the stack where its rows are one W's: every layout but 128 x 128 blocks with N
+    not a multiple of 128), on the CPU the float64 reference rounded."""
+    from .quant import QuantWeight, dequantize, dequantize_cuda
+    E, n, k = w.shape
+    pairs = w.group and w.wtype != "f8e4m3"
+
+    def one(q, s, rows):
+        return QuantWeight(w.wtype, w.group, q, s if pairs else None, None if pairs else s, rows, k, w.dtype)
+
+    if not w.q.is_cuda:
+        return torch.stack([dequantize(one(w.q[e], w.s[e], n)).to(w.dtype) for e in range(E)])
+    if not (w.wtype == "f8e4m3" and w.group and n % 128):
+        s = w.s.reshape(E * w.s.shape[1], *w.s.shape[2:]) if w.s.dim() > 2 else w.s.reshape(E * n)
+        return dequantize_cuda(one(w.q.reshape(E * n, -1), s, E * n), cache).view(E, n, k)
+    out = torch.empty(E, n, k, dtype=w.dtype, device=w.device)
+    for e in range(E):
+        dequantize_cuda(one(w.q[e], w.s[e], n), cache, out=out[e])
+    return out
+
+
+def _expert_kernel_serves(w, x2: torch.Tensor) -> bool:
+    """The expert kernel takes the step: bf16/f16 W, or u4 / i8 on sm_80+, or f8e4m3 on sm_89+."""
+    if not isinstance(w, QuantExperts):
+        return True
+    return w.wtype != "f8e4m3" or torch.cuda.get_device_capability(x2.device) >= (8, 9)
 
 
 def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

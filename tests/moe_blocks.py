@@ -13,7 +13,7 @@ H = 128
 def configs():
     import transformers
     return {
-        "mixtral": transformers.MixtralConfig(hidden_size=H, intermediate_size=192, num_local_experts=8,
+        "mixtral": transformers.MixtralConfig(hidden_size=H, intermediate_size=256, num_local_experts=8,
                                               num_experts_per_tok=2),
         "qwen2_moe": transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=64, num_experts=12,
                                                  num_experts_per_tok=4, shared_expert_intermediate_size=160,

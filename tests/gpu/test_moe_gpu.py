@@ -91,3 +91,27 @@ def test_moe_step_is_graph_capturable(tokens):
         again = moe(x)
     assert not torch.equal(eager, again)
     torch.testing.assert_close(y, again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, EXPERT_KERNEL_ROWS, 300])
+@pytest.mark.parametrize("wtype,group", [("u4", 128), ("u4", 32), ("i8", 0), ("i8", 64), ("f8e4m3", 0),
+                                         ("f8e4m3", 128)])
+def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens):
+    """Quantised experts (expert kernel on the packed weights up to EXPERT_KERNEL_ROWS tokens, the
+    dequantisation kernel + grouped GEMM past them) against torch's products on the same weights
+    dequantised: weight-only formats within bf16's error; f8e4m3 also quantises x per 128-k chunk
+    in the kernel (e4m3: 3 mantissa bits), so within fp8's."""
+    blk, cfg = block("mixtral", dtype=torch.bfloat16, device="cuda")
+    moe = MoE.from_hf(blk, cfg).quantize_(wtype, group)
+    x = torch.randn(tokens, H, generator=seeded_generator("moe_quant", wtype, group, tokens)).to(torch.bfloat16).cuda()
+    with torch.no_grad():
+        got = moe(x)
+        w, ids = moe.route(x)
+        ref = moe._forward_torch(x, w, ids)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all()
+    fp8_x = wtype == "f8e4m3" and tokens <= EXPERT_KERNEL_ROWS
+    scale = ref.float().abs().max().item()
+    err = (got.float() - ref.float()).abs()
+    assert err.max().item() <= (8e-2 if fp8_x else 2e-2) * scale, (err.max().item(), scale)
+    assert err.mean().item() <= (1e-2 if fp8_x else 2e-3) * scale

@@ -41,7 +41,7 @@ def test_moe_keeps_leading_dims_and_empty_batches():
 def test_config_from_hf_reads_each_family():
     from ..moe_blocks import configs
     c = configs()
-    assert config_from_hf(c["mixtral"]) == MoEConfig(hidden=H, inter=192, experts=8, top_k=2)
+    assert config_from_hf(c["mixtral"]) == MoEConfig(hidden=H, inter=256, experts=8, top_k=2)
     q2 = config_from_hf(c["qwen2_moe"])
     assert (q2.shared_inter, q2.shared_gate, q2.norm_topk_prob, q2.experts) == (160, True, False, 12)
     ds = config_from_hf(c["deepseek_v3"])
@@ -69,3 +69,23 @@ def test_bad_inputs_are_caught_before_running():
         moe(torch.randn(3, 32))
     with pytest.raises(LinearInputError, match="x must be torch.float32"):
         moe(torch.randn(3, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("wtype,group,bound", [("u4", 128, 0.25), ("u4", 32, 0.2), ("i8", 0, 0.03), ("i8", 32, 0.03),
+                                               ("f8e4m3", 0, 0.1), ("f8e4m3", 128, 0.1)])
+def test_quantised_experts(wtype, group, bound):
+    """quantize_ packs each expert in the small-token kernel's layout, stacked ([E, ...] buffers
+    under the projections' names), and the block's output moves by no more than the format's
+    rounding allows."""
+    blk, cfg = block("mixtral", dtype=torch.bfloat16)
+    moe = MoE.from_hf(blk, cfg)
+    x = torch.randn(9, H, generator=seeded_generator("moe_q_cpu", wtype, group)).to(torch.bfloat16)
+    with torch.no_grad():
+        before = moe(x).float()
+        moe.quantize_(wtype, group)
+        after = moe(x).float()
+    names = {k for k in moe.state_dict() if k.startswith("experts.")}
+    assert names == {"experts.gate_up_proj_q", "experts.gate_up_proj_s", "experts.down_proj_q", "experts.down_proj_s"}
+    assert moe.state_dict()["experts.gate_up_proj_q"].shape[0] == cfg.num_local_experts
+    rel = ((after - before).abs().max() / before.abs().max()).item()
+    assert 0 < rel <= bound, rel
