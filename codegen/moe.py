@@ -110,24 +110,29 @@ class MoeAlignPlan(KernelPlan):
     family: ClassVar[str] = "moe_align"
     experts: int
     k: int
+    fixed: int = 0      # experts E .. E + fixed - 1 every token visits after its k (a shared expert in
+                        # fixed slices of the routed experts' size): pairs T (k + fixed), E + fixed experts
     arch: str = "sm_90"
 
     def __post_init__(self):
         _check_common("moe align", self.arch, {"experts": self.experts, "k": self.k})
-        if self.experts > MAX_EXPERTS:
-            raise ValueError(f"moe align: experts = {self.experts} (the kernel sorts up to {MAX_EXPERTS})")
-        if self.k > MAX_K:
-            raise ValueError(f"moe align: k = {self.k} (1 to {MAX_K})")
+        if not isinstance(self.fixed, int) or isinstance(self.fixed, bool) or self.fixed < 0:
+            raise ValueError(f"moe align: fixed must be a non-negative int, got {self.fixed!r}")
+        if self.experts + self.fixed > MAX_EXPERTS:
+            raise ValueError(f"moe align: experts = {self.experts + self.fixed} (the kernel sorts up to {MAX_EXPERTS})")
+        if self.k + self.fixed > MAX_K:
+            raise ValueError(f"moe align: k = {self.k + self.fixed} (1 to {MAX_K})")
 
     @property
     def key(self) -> str:
-        return f"moe_align_e{self.experts}_k{self.k}_{_arch_key(self.arch)}"
+        fixed = f"_f{self.fixed}" if self.fixed else ""
+        return f"moe_align_e{self.experts}_k{self.k}{fixed}_{_arch_key(self.arch)}"
 
     @property
     def shared(self) -> SharedLayout:
         """Each warp's histogram, then its first slot per expert ([warp][expert] ints), and the
         block scan's 32 warp sums."""
-        return SharedLayout(buffers=(("hist", ALIGN_WARPS * self.experts * 4), ("warp_sums", 32 * 4)))
+        return SharedLayout(buffers=(("hist", ALIGN_WARPS * (self.experts + self.fixed) * 4), ("warp_sums", 32 * 4)))
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -137,7 +142,7 @@ class MoeAlignPlan(KernelPlan):
         return _align_source(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"experts": self.experts, "k": self.k}
+        return {"experts": self.experts, "k": self.k, "fixed": self.fixed}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,22 +185,29 @@ class MoeCombinePlan(KernelPlan):
     shared: bool = False        # + a shared expert's output [T, H]
     shared_gate: bool = False   # ... times sigmoid(gate_logit[t]) (Qwen2-MoE's shared_expert_gate)
     residual: bool = False      # + residual [T, H]
+    fixed: int = 0              # the shared expert as `fixed` more rows a token (moe_align's fixed
+                                # experts, pos [T, k + fixed]), weighted 1 or sigmoid(gate_logit[t])
     arch: str = "sm_90"
 
     def __post_init__(self):
         _check_common("moe combine", self.arch, {"hidden": self.hidden, "k": self.k})
         _check_row("moe combine", self.hidden, self.dtype)
-        if self.k > MAX_K:
-            raise ValueError(f"moe combine: k = {self.k} (1 to {MAX_K})")
+        if not isinstance(self.fixed, int) or isinstance(self.fixed, bool) or self.fixed < 0:
+            raise ValueError(f"moe combine: fixed must be a non-negative int, got {self.fixed!r}")
+        if self.k + self.fixed > MAX_K:
+            raise ValueError(f"moe combine: k = {self.k + self.fixed} (1 to {MAX_K})")
         for name in ("shared", "shared_gate", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"moe combine: {name} must be a bool, got {getattr(self, name)!r}")
-        if self.shared_gate and not self.shared:
+        if self.shared_gate and not (self.shared or self.fixed):
             raise ValueError("moe combine: shared_gate gates the shared expert's output: it needs shared=True")
+        if self.shared and self.fixed:
+            raise ValueError("moe combine: the shared expert comes as its own rows (shared) or as fixed rows, not both")
 
     @property
     def key(self) -> str:
-        opts = ["shared"] * self.shared + ["gate"] * self.shared_gate + ["residual"] * self.residual
+        opts = (["shared"] * self.shared + [f"f{self.fixed}"] * bool(self.fixed) + ["gate"] * self.shared_gate
+                + ["residual"] * self.residual)
         return "_".join(["moe_combine", f"h{self.hidden}", f"k{self.k}", self.dtype, *opts, _arch_key(self.arch)])
 
     @property
@@ -207,11 +219,11 @@ class MoeCombinePlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "k": self.k, "dtype": self.dtype, "shared": self.shared,
-                "shared_gate": self.shared_gate, "residual": self.residual}
+                "shared_gate": self.shared_gate, "residual": self.residual, "fixed": self.fixed}
 
 
-def plan_moe_align(*, experts: int, k: int, arch: str = "sm_90") -> MoeAlignPlan:
-    return MoeAlignPlan(experts=experts, k=k, arch=arch)
+def plan_moe_align(*, experts: int, k: int, fixed: int = 0, arch: str = "sm_90") -> MoeAlignPlan:
+    return MoeAlignPlan(experts=experts, k=k, fixed=fixed, arch=arch)
 
 
 def plan_moe_gather(*, hidden: int, dtype: str, arch: str = "sm_90") -> MoeGatherPlan:
@@ -219,9 +231,9 @@ def plan_moe_gather(*, hidden: int, dtype: str, arch: str = "sm_90") -> MoeGathe
 
 
 def plan_moe_combine(*, hidden: int, k: int, dtype: str, shared: bool = False, shared_gate: bool = False,
-                     residual: bool = False, arch: str = "sm_90") -> MoeCombinePlan:
+                     residual: bool = False, fixed: int = 0, arch: str = "sm_90") -> MoeCombinePlan:
     return MoeCombinePlan(hidden=hidden, k=k, dtype=dtype, shared=shared, shared_gate=shared_gate,
-                          residual=residual, arch=arch)
+                          residual=residual, fixed=fixed, arch=arch)
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
@@ -242,7 +254,7 @@ def _align_source(plan: MoeAlignPlan) -> str:
     layout = plan.shared
     return render("cuda/moe_align.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
                   common=read_template("cuda/common.cuh"), signature=plan.abi.signature, experts=plan.experts,
-                  k=plan.k, warps=ALIGN_WARPS, batch=ALIGN_BATCH, hist_offset=layout.offsets["hist"],
+                  k=plan.k, fixed=plan.fixed, warps=ALIGN_WARPS, batch=ALIGN_BATCH, hist_offset=layout.offsets["hist"],
                   sums_offset=layout.offsets["warp_sums"])
 
 
@@ -291,4 +303,4 @@ def _combine_abi(plan: MoeCombinePlan) -> KernelABI:
 @functools.lru_cache(maxsize=256)
 def _combine_source(plan: MoeCombinePlan) -> str:
     return render("cuda/moe_combine.cu.jinja", **_row_variables(plan), k=plan.k, shared=plan.shared,
-                  shared_gate=plan.shared_gate, residual=plan.residual)
+                  shared_gate=plan.shared_gate, residual=plan.residual, fixed=plan.fixed)

@@ -23,14 +23,23 @@ A step of T tokens:
      (`torch._grouped_mm`, one launch over all experts with their row counts, sm_90 bf16) and the
      gated activation kernel between; elsewhere one torch product an expert;
 4. the combine kernel: out[t] = sum_s w[t, s] y[pos[t, s]] in f32, plus the shared expert's
-   output (Qwen2-MoE: gated by sigmoid(x @ shared_expert_gate^T); DeepSeek: ungated), one pass.
+   output (Qwen2-MoE: gated by sigmoid(x @ shared_expert_gate^T); DeepSeek: ungated; below), one pass.
 CPU tensors and float32 run the same steps with torch operations and the routing layer's reference
 evaluator (the semantics the kernels are tested against).
 
+The shared expert (Qwen2-MoE, DeepSeek) is stored in slices of the routed experts' size where its
+size is a multiple of theirs (every published config): slice j holds its gate and up rows
+j F .. (j + 1) F - 1 and those columns of down, and the permutation gives every token S more
+"experts" E .. E + S - 1 (moe_align's fixed experts), so at decode the same two expert launches
+read the shared expert's weights beside the routed ones' (overlapped, no launches of its own), and
+the combine weighs its rows by the gate (Qwen2-MoE) or 1 (DeepSeek).
+
 State-dict names follow transformers 5 (experts stored as [E, 2F, H] gate-then-up and [E, H, F]
 tensors): gate.weight, gate.e_score_correction_bias (grouped routing), experts.gate_up_proj,
-experts.down_proj, shared_expert.gate_up.weight / .down.weight (fused gate/up: `from_hf` and the
-model families' loaders fuse transformers' gate_proj / up_proj), shared_expert_gate.weight.
+experts.down_proj, shared_expert_gate.weight; the shared expert's slices shared_expert.gate_up_proj
+[S, 2F, H] and shared_expert.down_proj [S, H, F], or, where its size is not a multiple,
+shared_expert.gate_up.weight / .down.weight (a fused GatedMLP). `shared_state_dict` makes either
+from transformers' gate_proj / up_proj / down_proj (`from_hf` and the model families' loaders).
 """
 from __future__ import annotations
 
@@ -44,7 +53,8 @@ from ..dsl.program import Program
 from .layers import _dtype_name, module
 from .linear import GatedMLP, LinearInputError, _packed, device_major
 
-__all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_experts", "EXPERT_KERNEL_ROWS"]
+__all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_experts", "shared_slices",
+           "shared_state_dict", "config_from_hf", "hf_block_state_dict", "EXPERT_KERNEL_ROWS"]
 
 # steps of at most this many tokens run the expert products on the small-token kernel (an expert
 # gets at most T rows: a token chooses an expert once)
@@ -134,6 +144,38 @@ class _Experts(torch.nn.Module):
         return QuantExperts(*self.quant, getattr(self, name + "_q"), getattr(self, name + "_s"), n, k, dt)
 
 
+class _SharedSlices(torch.nn.Module):
+    """A shared expert of intermediate size S F stored as S experts of the routed ones' size F:
+    slice j is the gate rows j F .. (j + 1) F - 1, the same up rows, and the same columns of down
+    (shared_slices() cuts a [2 S F, H] gate/up and a [H, S F] down so). Its output is the sum of the
+    slices' outputs."""
+
+    def __init__(self, S: int, cfg: MoEConfig, td, device):
+        super().__init__()
+        H, Fd = cfg.hidden, cfg.inter
+        self.gate_up_proj = torch.nn.Parameter(torch.empty(S, 2 * Fd, H, dtype=td, device=device), requires_grad=False)
+        self.down_proj = torch.nn.Parameter(torch.empty(S, H, Fd, dtype=td, device=device), requires_grad=False)
+
+
+def shared_slices(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inter: int) -> dict[str, torch.Tensor]:
+    """A shared expert's gate / up [S F, H] and down [H, S F] as MoE's slices of size F = inter:
+    {"gate_up_proj": [S, 2 F, H], "down_proj": [S, H, F]}."""
+    fs, h = gate.shape
+    S = fs // inter
+    gu = torch.cat([gate.reshape(S, inter, h), up.reshape(S, inter, h)], 1)
+    d = down.reshape(h, S, inter).permute(1, 0, 2)
+    return {"gate_up_proj": gu.contiguous(), "down_proj": d.contiguous()}
+
+
+def shared_state_dict(cfg: MoEConfig, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                      prefix: str = "shared_expert.") -> dict[str, torch.Tensor]:
+    """The shared expert's tensors under MoE's names for `cfg`: slices (shared_slices) where its
+    size cuts into the routed experts', else a fused GatedMLP's gate_up.weight / down.weight."""
+    if cfg.shared_inter % cfg.inter == 0:
+        return {prefix + k: v for k, v in shared_slices(gate, up, down, cfg.inter).items()}
+    return {prefix + "gate_up.weight": torch.cat([gate, up]), prefix + "down.weight": down}
+
+
 class MoE(torch.nn.Module):
     def __init__(self, cfg: MoEConfig, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
                  program: Program | None = None):
@@ -144,7 +186,11 @@ class MoE(torch.nn.Module):
         prog = program or Program.stdlib()
         self.gate = _Router(cfg, td, device)
         self.experts = _Experts(cfg, td, device)
-        self.shared_expert = (GatedMLP(cfg.hidden, cfg.shared_inter, cfg.activation, device=device, dtype=td)
+        # the shared expert in slices of the routed experts' size where it cuts into them (DeepSeek,
+        # Qwen2-MoE's checkpoints): the expert kernels read it as more experts, in the same launch
+        self.shared_slices = cfg.shared_inter // cfg.inter if cfg.shared_inter and not cfg.shared_inter % cfg.inter else 0
+        self.shared_expert = (_SharedSlices(self.shared_slices, cfg, td, device) if self.shared_slices else
+                              GatedMLP(cfg.hidden, cfg.shared_inter, cfg.activation, device=device, dtype=td)
                               if cfg.shared_inter else None)
         self.shared_expert_gate = (torch.nn.Linear(cfg.hidden, 1, bias=False, device=device, dtype=td)
                                    if cfg.shared_gate else None)
@@ -190,29 +236,50 @@ class MoE(torch.nn.Module):
             y = self._forward_torch(x2, weights, ids)
         return y.view(*lead, cfg.hidden)
 
-    def _shared(self, x2: torch.Tensor):
-        if self.shared_expert is None:
-            return None, None
-        s = self.shared_expert(x2)
-        g = None if self.shared_expert_gate is None else F.linear(x2, self.shared_expert_gate.weight).view(-1)
-        return s, g
+    def _gate_logit(self, x2: torch.Tensor) -> torch.Tensor | None:
+        return None if self.shared_expert_gate is None else F.linear(x2, self.shared_expert_gate.weight).view(-1)
+
+    def _shared_rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """The shared expert's slices on every token: [S, T, H] (slice j's output for token t),
+        batched torch products with the gated activation kernel between."""
+        sh = self.shared_expert
+        S, T = self.shared_slices, x2.shape[0]
+        gu = torch.matmul(x2, sh.gate_up_proj.transpose(1, 2))             # [S, T, 2F]
+        h = self._act[0](gu.view(S * T, -1)).view(S, T, -1)
+        return torch.bmm(h, sh.down_proj.transpose(1, 2))                   # [S, T, H]
 
     def _forward_kernels(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         from .moe_kernels import moe_align, moe_combine, moe_gather
         cfg, T = self.cfg, x2.shape[0]
         x2 = _packed(x2, 16)
-        offsets, pos, src = moe_align(ids, cfg.experts)
         wgu, wd = self.experts.weights("gate_up_proj"), self.experts.weights("down_proj")
-        if T <= EXPERT_KERNEL_ROWS and _expert_kernel_serves(wgu, x2):
-            h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation)
-            y = expert_product(h, wd, offsets, None, rows=T)
+        decode = T <= EXPERT_KERNEL_ROWS and _expert_kernel_serves(wgu, x2)
+        quant = isinstance(wgu, QuantExperts)
+        S = self.shared_slices
+        # the shared slices as experts E .. E + S - 1 that every token visits: sorted last, rows
+        # T k .. T (k + S) - 1 of the products (slice j's rows: the tokens in order)
+        offsets, pos, src = moe_align(ids, cfg.experts, fixed=S)
+        g = self._gate_logit(x2)
+        if decode and S and not quant:
+            sh = self.shared_expert
+            h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation, fixed=sh.gate_up_proj)
+            y = expert_product(h, wd, offsets, None, rows=T, fixed=sh.down_proj)
+            return moe_combine(y, pos, weights, fixed=S, gate_logit=g)
+        routed = offsets[: cfg.experts + 1]
+        P = T * cfg.top_k
+        if decode:
+            h = expert_product(x2, wgu, routed, src[:P], rows=T, gated=cfg.activation)
+            y = expert_product(h, wd, routed, None, rows=T)
         else:
-            if isinstance(wgu, QuantExperts):   # W dequantised for the grouped GEMM
+            if quant:   # W dequantised for the grouped GEMM
                 wgu, wd = dequantize_experts(wgu), dequantize_experts(wd)
-            xs = moe_gather(x2, src)
-            h = self._act[0](_grouped(xs, wgu, offsets))
-            y = _grouped(h, wd, offsets)
-        s, g = self._shared(x2)
+            xs = moe_gather(x2, src[:P])
+            h = self._act[0](_grouped(xs, wgu, routed))
+            y = _grouped(h, wd, routed)
+        if S:
+            y = torch.cat([y, self._shared_rows(x2).view(S * T, -1)])
+            return moe_combine(y, pos, weights, fixed=S, gate_logit=g)
+        s = None if self.shared_expert is None else self.shared_expert(x2)
         return moe_combine(y, pos, weights, shared=s, gate_logit=g)
 
     def _forward_torch(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -239,9 +306,17 @@ class MoE(torch.nn.Module):
             h = (act(g) * u).to(x2.dtype)
             y = F.linear(h, wd[e])
             out.index_add_(0, tok, y.float() * weights.reshape(-1)[pairs].float().unsqueeze(-1))
-        s, g = self._shared(x2)
-        if s is not None:
-            out += s.float() * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
+        if self.shared_expert is not None:
+            if self.shared_slices:   # slice by slice, as the kernels add them
+                sh = self.shared_expert
+                s = torch.zeros_like(out)
+                for j in range(self.shared_slices):
+                    g, u = F.linear(x2, sh.gate_up_proj[j]).float().chunk(2, dim=-1)
+                    s += F.linear((act(g) * u).to(x2.dtype), sh.down_proj[j]).float()
+            else:
+                s = self.shared_expert(x2).float()
+            g = self._gate_logit(x2)
+            out += s * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
         return out.to(x2.dtype)
 
     def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "MoE":
@@ -262,7 +337,7 @@ class MoE(torch.nn.Module):
         mcfg = config_from_hf(cfg, block)
         w = block.gate.weight
         moe = cls(mcfg, dtype=w.dtype, device=w.device)
-        moe.load_state_dict(hf_block_state_dict(block.state_dict()))
+        moe.load_state_dict(hf_block_state_dict(block.state_dict(), mcfg))
         return moe
 
 
@@ -299,15 +374,15 @@ def _act_name(act: str | None) -> str:
     return names[act]
 
 
-def hf_block_state_dict(sd: dict) -> dict:
-    """A transformers MoE block's state dict under MoE's names: the shared expert's (or experts',
-    DeepSeek) gate_proj / up_proj fused into gate_up, everything else as transformers 5 names it."""
+def hf_block_state_dict(sd: dict, cfg: MoEConfig) -> dict:
+    """A transformers MoE block's state dict under MoE's names: the shared expert's (DeepSeek's
+    shared_experts') gate_proj / up_proj / down_proj as shared_state_dict makes them, everything
+    else as transformers 5 names it."""
     out = {}
     for prefix in ("shared_expert.", "shared_experts."):
         if prefix + "gate_proj.weight" in sd:
-            out["shared_expert.gate_up.weight"] = torch.cat([sd[prefix + "gate_proj.weight"],
-                                                             sd[prefix + "up_proj.weight"]])
-            out["shared_expert.down.weight"] = sd[prefix + "down_proj.weight"]
+            out.update(shared_state_dict(cfg, sd[prefix + "gate_proj.weight"], sd[prefix + "up_proj.weight"],
+                                         sd[prefix + "down_proj.weight"]))
     for k, v in sd.items():
         if k.startswith(("shared_expert.", "shared_experts.")):
             continue
@@ -347,18 +422,28 @@ class QuantExperts:
 
 
 def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor | None, *, rows: int,
-                   gated: str | None = None, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                   gated: str | None = None, fixed: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   cache=None) -> torch.Tensor:
     """y [P, N_out] over the sorted rows of the permutation: sorted row j (of expert e, offsets[e]
     <= j < offsets[e + 1]) is x[src[j]] (or x[j] when src is None) @ w[e]^T, then act(gate) * up over
     the two halves when gated. w: [E, N, K] (bf16/f16, as x) or QuantExperts (u4 / i8 weight-only,
-    f8e4m3 W8A8 with x quantised per 128-k chunk inside, sm_89+); `rows`: at most this many rows an
-    expert (the plan's token tiles: 8 to 64; f8e4m3 16); `out`: where y goes (else a new tensor)."""
+    f8e4m3 W8A8 with x quantised per 128-k chunk inside, sm_89+); fixed: [S, N, K] more experts
+    E .. E + S - 1 (a shared expert's slices; offsets then [E + S + 1]); `rows`: at most this many
+    rows an expert (the plan's token tiles: 8 to 64; f8e4m3 16); `out`: where y goes (else new)."""
     quant = isinstance(w, QuantExperts)
     if not quant and (not isinstance(w, torch.Tensor) or w.dim() != 3):
         raise LinearInputError(f"expert_product: w must be [E, N, K] or QuantExperts, got {type(w).__name__} "
                                f"{tuple(getattr(w, 'shape', ()))}")
     E, n, k = w.shape
     wdt = w.dtype
+    S = 0
+    if fixed is not None:
+        if quant or not isinstance(fixed, torch.Tensor) or fixed.dim() != 3 or tuple(fixed.shape[1:]) != (n, k) \
+                or fixed.dtype != wdt or fixed.device != w.device:
+            raise LinearInputError(f"expert_product: fixed must be [S, {n}, {k}] {wdt} on {w.device} beside an "
+                                   f"unquantised w")
+        S = fixed.shape[0]
+        E += S
     P = src.numel() if src is not None else x.shape[0]
     if x.dim() != 2 or x.shape[1] != k or x.dtype != wdt or x.device != w.device:
         raise LinearInputError(f"expert_product: x must be [rows, {k}] {wdt} on {w.device}, got "
@@ -372,12 +457,13 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
         raise LinearInputError(f"expert_product: serves 1 to {limit} rows an expert, got {rows}")
     tiles = 8 << max(0, (rows - 1).bit_length() - 3)
     wtype, group = (w.wtype, w.group) if quant else (None, 0)
-    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group)
+    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S)
     launcher = _KERNELS.get(key)
     if launcher is None:
         from .launch import device_arch, load_plan
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
-                         arch=device_arch(x.device), experts=E, gather=src is not None, wtype=wtype, group=group)
+                         arch=device_arch(x.device), experts=E, gather=src is not None, wtype=wtype, group=group,
+                         fixed=S)
         launcher = _KERNELS[key] = load_plan(plan, x.device, cache)
     shape = (P, n // 2 if gated else n)
     if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
@@ -385,7 +471,8 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
         raise LinearInputError(f"expert_product: out must be a contiguous 16-byte aligned {shape} {x.dtype} "
                                f"on {x.device}")
     y = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    weights = [_packed(w.q, 16), _packed(w.s, 16)] if quant else [_packed(w, 16)]
+    weights = ([_packed(w.q, 16), _packed(w.s, 16)] if quant else
+               [_packed(w, 16)] + ([_packed(fixed, 16)] if S else []))
     args = [_packed(x, 16), *weights, y, P, offsets] + ([src] if src is not None else [])
     launcher((), args)
     return y

@@ -38,11 +38,24 @@ class MoEInputError(ValueError):
 
 
 # ---- references: what the kernels compute ----------------------------------------------------
-def moe_align_reference(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(offsets int32 [E + 1], pos int32 [P], src int32 [P]) of ids [T, k] by a stable sort of the
-    pairs p = t * k + s by expert, ids clamped into [0, E)."""
-    k = ids.shape[-1]
-    expert = ids.reshape(-1).long().clamp(0, num_experts - 1)
+def _with_fixed(ids: torch.Tensor, num_experts: int, fixed: int) -> torch.Tensor:
+    """ids [T, k] clamped into [0, E), then the fixed experts E .. E + fixed - 1 as more columns."""
+    ids = ids.long().clamp(0, num_experts - 1)
+    if not fixed:
+        return ids
+    extra = torch.arange(num_experts, num_experts + fixed, device=ids.device).expand(ids.shape[0], fixed)
+    return torch.cat([ids, extra], 1)
+
+
+def moe_align_reference(ids: torch.Tensor, num_experts: int, fixed: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets int32 [E + fixed + 1], pos int32 [P], src int32 [P]) of ids [T, k] by a stable sort of
+    the pairs p = t * (k + fixed) + s by expert, ids clamped into [0, E); pair s >= k of a token is
+    the fixed expert E + s - k (a shared expert every token visits: P = T (k + fixed))."""
+    full = _with_fixed(ids, num_experts, fixed)
+    k = full.shape[-1]
+    num_experts += fixed
+    expert = full.reshape(-1)
     order = torch.sort(expert, stable=True).indices            # slot j -> pair
     offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     offsets[1:] = torch.bincount(expert, minlength=num_experts).cumsum(0)
@@ -60,11 +73,17 @@ def moe_gather_reference(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 
 def moe_combine_reference(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, *, shared: torch.Tensor | None = None,
                           gate_logit: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                          precision: str = "float32") -> torch.Tensor:
+                          precision: str = "float32", fixed: int = 0) -> torch.Tensor:
     """out [T, H] in y's dtype: sum_s w[t, s] * y[pos[t * k + s]] (s ascending), + shared[t] (times
     sigmoid(gate_logit[t]) when given), + residual[t], in `precision` ("float32", the kernel's, or
-    "float64"), rounded once. pos clamped into [0, T * k)."""
+    "float64"), rounded once. pos clamped into [0, T * k). With `fixed`, pos holds k + fixed slots a
+    token (moe_align's fixed experts) and those rows weigh sigmoid(gate_logit[t]), or 1."""
     acc_t = {"float32": torch.float32, "float64": torch.float64}[precision]
+    if fixed:   # the fixed rows' weights: the gate, or 1
+        g = (torch.sigmoid(gate_logit.reshape(-1, 1).to(acc_t)) if gate_logit is not None
+             else torch.ones(w.shape[0], 1, dtype=acc_t, device=w.device))
+        w = torch.cat([w.to(acc_t), g.expand(w.shape[0], fixed)], 1)
+        gate_logit = None
     t, k = w.shape
     rows = pos.reshape(-1).long().clamp(0, max(t * k - 1, 0)).view(t, k)
     acc = torch.zeros(t, y.shape[-1], dtype=acc_t, device=y.device)
@@ -138,33 +157,40 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache):
 
 
 # ---- the kernels -----------------------------------------------------------------------------
-def moe_align(ids: torch.Tensor, num_experts: int, *, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+def moe_align(ids: torch.Tensor, num_experts: int, *, fixed: int = 0,
+              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
               cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids int32 [T, k] (each in [0, num_experts); others clamped) -> (offsets int32 [E + 1],
     pos int32 [T * k], src int32 [T * k]): see the module's docstring; one launch on CUDA.
-    out: the three outputs to write (contiguous int32 of those shapes on ids' device)."""
+    out: the three outputs to write (contiguous int32 of those shapes on ids' device). fixed: every
+    token also visits experts E .. E + fixed - 1 after its k (moe_align_reference): offsets
+    [E + fixed + 1], pos and src [T (k + fixed)]."""
     what = "moe_align"
     ids = _tensor(what, "ids", ids, (torch.int32,), 2)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts <= MAX_EXPERTS:
         raise MoEInputError(f"{what}: num_experts must be an int in [1, {MAX_EXPERTS}], got {num_experts!r}")
     t, k = ids.shape
-    if not 1 <= k <= MAX_K:
-        raise MoEInputError(f"{what}: ids [T, k] with k in [1, {MAX_K}], got shape {tuple(ids.shape)}")
-    pairs = t * k
+    if not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0 or num_experts + fixed > MAX_EXPERTS:
+        raise MoEInputError(f"{what}: fixed must be an int >= 0 with num_experts + fixed <= {MAX_EXPERTS}, "
+                            f"got {fixed!r}")
+    if not 1 <= k + fixed <= MAX_K:
+        raise MoEInputError(f"{what}: ids [T, k] with k + fixed in [1, {MAX_K}], got shape {tuple(ids.shape)}"
+                            f" and fixed {fixed}")
+    pairs = t * (k + fixed)
     if pairs > MAX_PAIRS:
         raise MoEInputError(f"{what}: {pairs} pairs (at most {MAX_PAIRS})")
     dev = ids.device
-    shapes = ((num_experts + 1,), (pairs,), (pairs,))
+    shapes = ((num_experts + fixed + 1,), (pairs,), (pairs,))
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 3:
             raise MoEInputError(f"{what}: out must be (offsets, pos, src)")
         for name, o, shape in zip(("offsets", "pos", "src"), out, shapes):
             _out(what, name, o, shape, torch.int32, dev)
     if not _use_kernel(ids):
-        ref = moe_align_reference(ids, num_experts)
+        ref = moe_align_reference(ids, num_experts, fixed)
         return ref if out is None else tuple(_into(o, r) for o, r in zip(out, ref))
-    launcher = _launcher(("align", num_experts, k, dev.index), dev,
-                         lambda arch: plan_moe_align(experts=num_experts, k=k, arch=arch), cache)
+    launcher = _launcher(("align", num_experts, k, fixed, dev.index), dev,
+                         lambda arch: plan_moe_align(experts=num_experts, k=k, fixed=fixed, arch=arch), cache)
     offsets, pos, src = out if out is not None else tuple(torch.empty(s, dtype=torch.int32, device=dev) for s in shapes)
     launcher((), [ids, offsets, pos, src, pairs])
     return offsets, pos, src
@@ -200,28 +226,36 @@ def moe_gather(x: torch.Tensor, src: torch.Tensor, *, out: torch.Tensor | None =
 
 def moe_combine(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, *, shared: torch.Tensor | None = None,
                 gate_logit: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                fixed: int = 0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """out [T, H] = sum_s w[t, s] * y[pos[t * k + s]] (+ shared[t] * sigmoid(gate_logit[t]), or
     + shared[t] without a gate) (+ residual[t]), in f32, rounded once to y's dtype.
     y bf16/f16 [T * k, H] (H a multiple of 8), pos int32 [T * k] or [T, k] (moe_align's; clamped
     into [0, T * k)), w float32 [T, k], shared / residual [T, H] and gate_logit [T] or [T, 1] in
-    y's dtype; gate_logit needs shared. Written into `out` [T, H] when given."""
+    y's dtype; gate_logit needs shared (or fixed). Written into `out` [T, H] when given. fixed: the
+    shared expert as moe_align's fixed experts: y and pos have T (k + fixed) rows, the fixed ones
+    weigh sigmoid(gate_logit[t]) (or 1 without a gate), and `shared` is not given."""
     what = "moe_combine"
     y = _tensor(what, "y", y, tuple(_TORCH_DTYPES), 2)
     pos = _tensor(what, "pos", pos, (torch.int32,), (1, 2))
     w = _tensor(what, "w", w, (torch.float32,), 2)
     t, k = w.shape
     h = y.shape[1]
-    if not 1 <= k <= MAX_K:
-        raise MoEInputError(f"{what}: w [T, k] with k in [1, {MAX_K}], got shape {tuple(w.shape)}")
+    if not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 0:
+        raise MoEInputError(f"{what}: fixed must be a non-negative int, got {fixed!r}")
+    ka = k + fixed
+    if not 1 <= ka <= MAX_K:
+        raise MoEInputError(f"{what}: w [T, k] with k + fixed in [1, {MAX_K}], got shape {tuple(w.shape)}")
     if h % VEC or h == 0:
         raise MoEInputError(f"{what}: y [P, H] needs H a positive multiple of {VEC}, got shape {tuple(y.shape)}")
-    if y.shape[0] != t * k:
-        raise MoEInputError(f"{what}: 'y' must have T * k = {t * k} rows (w is [{t}, {k}]), got shape {tuple(y.shape)}")
-    if pos.numel() != t * k or (pos.dim() == 2 and tuple(pos.shape) != (t, k)):
-        raise MoEInputError(f"{what}: 'pos' must be [{t * k}] or [{t}, {k}] (w is [{t}, {k}]), got shape "
+    if y.shape[0] != t * ka:
+        raise MoEInputError(f"{what}: 'y' must have T * (k + fixed) = {t * ka} rows (w is [{t}, {k}]), got shape "
+                            f"{tuple(y.shape)}")
+    if pos.numel() != t * ka or (pos.dim() == 2 and tuple(pos.shape) != (t, ka)):
+        raise MoEInputError(f"{what}: 'pos' must be [{t * ka}] or [{t}, {ka}] (w is [{t}, {k}]), got shape "
                             f"{tuple(pos.shape)}")
-    if gate_logit is not None and shared is None:
+    if fixed and shared is not None:
+        raise MoEInputError(f"{what}: the shared expert comes as fixed rows or as 'shared', not both")
+    if gate_logit is not None and shared is None and not fixed:
         raise MoEInputError(f"{what}: 'gate_logit' gates the shared expert's output: pass shared too")
     if shared is not None:
         _rows(what, "shared", _tensor(what, "shared", shared, (y.dtype,), 2), (t, h))
@@ -236,10 +270,12 @@ def moe_combine(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, *, shared: 
     if out is not None:
         _out(what, "out", out, (t, h), y.dtype, dev)
     if not _use_kernel(y):
-        return _into(out, moe_combine_reference(y, pos, w, shared=shared, gate_logit=gate_logit, residual=residual))
+        return _into(out, moe_combine_reference(y, pos, w, shared=shared, gate_logit=gate_logit, residual=residual,
+                                                fixed=fixed))
     _aligned(what, y=y, shared=shared, residual=residual, out=out)
     dtype = _TORCH_DTYPES[y.dtype]
-    opts = dict(shared=shared is not None, shared_gate=gate_logit is not None, residual=residual is not None)
+    opts = dict(shared=shared is not None, shared_gate=gate_logit is not None, residual=residual is not None,
+                fixed=fixed)
     launcher = _launcher(("combine", h, k, dtype, *opts.values(), dev.index), dev,
                          lambda arch: plan_moe_combine(hidden=h, k=k, dtype=dtype, arch=arch, **opts), cache)
     out = torch.empty(t, h, dtype=y.dtype, device=dev) if out is None else out

@@ -1,6 +1,6 @@
 """transformers' MoE blocks with small random configs, shared by the CPU and GPU tests of
-runtime/moe.py: Mixtral, Qwen2-MoE (gated shared expert), Qwen3-MoE, DeepSeek-V3 (grouped routing,
-shared experts)."""
+runtime/moe.py: Mixtral, Qwen2-MoE (gated shared expert, in slices and as its own MLP), Qwen3-MoE,
+DeepSeek-V3 (grouped routing, shared experts)."""
 from __future__ import annotations
 
 import torch
@@ -15,9 +15,14 @@ def configs():
     return {
         "mixtral": transformers.MixtralConfig(hidden_size=H, intermediate_size=256, num_local_experts=8,
                                               num_experts_per_tok=2),
+        # shared expert of 2 x the routed size: stored as 2 slices, read by the expert kernels
         "qwen2_moe": transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=64, num_experts=12,
-                                                 num_experts_per_tok=4, shared_expert_intermediate_size=160,
+                                                 num_experts_per_tok=4, shared_expert_intermediate_size=128,
                                                  norm_topk_prob=False),
+        # ... of a size that does not cut into slices: its own GatedMLP
+        "qwen2_moe_mlp": transformers.Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=64, num_experts=12,
+                                                     num_experts_per_tok=4, shared_expert_intermediate_size=160,
+                                                     norm_topk_prob=False),
         "qwen3_moe": transformers.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=64, num_experts=16,
                                                  num_experts_per_tok=4, norm_topk_prob=True),
         "deepseek_v3": transformers.DeepseekV3Config(hidden_size=H, moe_intermediate_size=64, n_routed_experts=32,
@@ -35,8 +40,8 @@ def block(name: str, *, dtype=torch.float32, device="cpu", ties: bool = False):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-    cls = {"mixtral": MixtralSparseMoeBlock, "qwen2_moe": Qwen2MoeSparseMoeBlock, "qwen3_moe": Qwen3MoeSparseMoeBlock,
-           "deepseek_v3": DeepseekV3MoE}[name]
+    cls = {"mixtral": MixtralSparseMoeBlock, "qwen2_moe": Qwen2MoeSparseMoeBlock, "qwen2_moe_mlp": Qwen2MoeSparseMoeBlock,
+           "qwen3_moe": Qwen3MoeSparseMoeBlock, "deepseek_v3": DeepseekV3MoE}[name]
     cfg = configs()[name]
     blk = cls(cfg)
     gen = seeded_generator("moe_block", name, ties)

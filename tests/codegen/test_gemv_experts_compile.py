@@ -59,3 +59,25 @@ def test_expert_products_read_weights_only_after_the_emptiness_check():
 def test_bad_expert_plans(kw, match):
     with pytest.raises(ValueError, match=match):
         plan_gemv("bf16", n=256, k=512, arch="sm_90", **kw)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fixed_expert_plans_compile_without_spills(arch):
+    """A shared expert's slices as the last experts of the launch (Qwen1.5-MoE: 60 + 4, DeepSeek-V3:
+    256 + 1), their W from a second stack (w_fixed after w), with the align and combine plans that
+    feed and finish them."""
+    from layerforge.codegen.moe import plan_moe_align, plan_moe_combine
+    plans = [plan_gemv("bf16", n=2 * 1408, k=2048, max_m=8, gated="silu", arch=arch, experts=64, fixed=4, gather=True),
+             plan_gemv("bf16", n=2048, k=1408, max_m=16, arch=arch, experts=64, fixed=4),
+             plan_gemv("f16", n=2 * 2048, k=7168, max_m=8, gated="silu", arch=arch, experts=257, fixed=1, gather=True),
+             plan_moe_align(experts=60, k=4, fixed=4, arch=arch), plan_moe_align(experts=256, k=8, fixed=1, arch=arch),
+             plan_moe_combine(hidden=2048, k=4, dtype="bf16", fixed=4, shared_gate=True, arch=arch),
+             plan_moe_combine(hidden=7168, k=8, dtype="f16", fixed=1, arch=arch)]
+    for plan in plans:
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+    assert [a.name for a in plans[0].abi.args][:3] == ["x", "w", "w_fixed"]
+    assert plans[0].key == f"gemv_n2816_k2048_m8_bf16_silu_e64f4gx_r1w2s3_{arch.replace('_', '')}"
+    with pytest.raises(ValueError, match="unquantised weights only"):
+        plan_gemv("bf16", n=256, k=512, arch=arch, experts=8, fixed=2, wtype="u4", group=128)

@@ -11,7 +11,7 @@ from layerforge.runtime.moe import EXPERT_KERNEL_ROWS, MoE, expert_product
 from ..moe_blocks import H, block, run_block
 from ..seeding import seeded_generator
 
-NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+NAMES = ["mixtral", "qwen2_moe", "qwen2_moe_mlp", "qwen3_moe", "deepseek_v3"]
 TOKENS = [1, 7, 256, 4097]
 
 
@@ -49,6 +49,31 @@ def test_expert_product_against_torch(counts, gated, dtype, gather):
             r = (F.silu(g) if gated == "silu" else F.gelu(g, approximate="tanh")) * u
         ref[a:b] = r
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("gated", [None, "silu"])
+def test_expert_product_with_fixed_experts(gated):
+    """The last S experts (a shared expert's slices) read their W from the second stack."""
+    gen = seeded_generator("expert_product_fixed", gated)
+    counts, S = [2, 0, 5, 1], 3
+    E, n, k = len(counts), 2 * 136 if gated else 136, 512
+    offsets, src = permutation(counts + [7] * S, gen)
+    P = int(offsets[-1])
+    x = (torch.randn(P, k, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    wf = (torch.randn(S, n, k, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = expert_product(x, w, offsets, src, rows=7, gated=gated, fixed=wf, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(y).any()
+    allw, bounds = torch.cat([w, wf]).double(), offsets.tolist()
+    for e in range(E + S):
+        a, b = bounds[e], bounds[e + 1]
+        r = x[src[a:b].long()].double() @ allw[e].T
+        if gated:
+            g, u = r.chunk(2, dim=-1)
+            r = F.silu(g) * u
+        torch.testing.assert_close(y[a:b].double(), r, rtol=2e-2, atol=2e-2 * max(r.abs().max().item(), 1e-3))
 
 
 @pytest.mark.parametrize("ties", [False, True])

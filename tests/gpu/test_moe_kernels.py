@@ -193,3 +193,41 @@ def test_misaligned_and_misplaced_inputs_are_errors():
         moe_gather(torch.zeros(4, 64, dtype=torch.bfloat16, device="cuda"), src.cpu())
     with pytest.raises(MoEInputError, match="'offsets' must be a contiguous torch.int32 \\[9\\] on cuda"):
         moe_align(src.view(4, 2), 8, out=(torch.zeros(9, dtype=torch.int32),) * 3)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 33, 1000, 4096])
+@pytest.mark.parametrize("experts,k,fixed", [(60, 4, 4), (256, 8, 1), (8, 2, 3), (12, 4, 2)])
+def test_align_with_fixed_experts(experts, k, fixed, tokens):
+    """Every token also visits the fixed experts E .. E + fixed - 1 (a shared expert's slices):
+    they sort last, each holding every token in order."""
+    gen = seeded_generator("moe_align_fixed", experts, k, fixed, tokens)
+    ids = draw_ids("uniform", tokens, k, experts, gen)
+    pairs = tokens * (k + fixed)
+    out = poisoned_align_outputs(pairs, experts + fixed)
+    offsets, pos, src = moe_align(ids, experts, fixed=fixed, out=out)
+    torch.cuda.synchronize()
+    ref = moe_align_reference(ids.cpu(), experts, fixed)
+    for name, g, r in zip(("offsets", "pos", "src"), (offsets, pos, src), ref):
+        assert torch.equal(g.cpu(), r), name
+    assert offsets[experts].item() == tokens * k and offsets[-1].item() == pairs
+    assert torch.equal(src[tokens * k:].cpu(), torch.arange(tokens, dtype=torch.int32).repeat(fixed))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,k,fixed", [(1, 4, 4), (33, 8, 1), (1000, 2, 2)])
+def test_combine_with_fixed_rows(tokens, k, fixed, dtype, gate):
+    """The fixed experts' rows weigh sigmoid(gate_logit[t]) (Qwen2-MoE's shared gate) or 1."""
+    gen = seeded_generator("moe_combine_fixed", tokens, k, fixed, dtype, gate)
+    ids = torch.randint(0, 16, (tokens, k), generator=gen, dtype=torch.int32).cuda()
+    _, pos, _ = moe_align(ids, 16, fixed=fixed)
+    y = torch.randn(tokens * (k + fixed), 256, generator=gen).to(dtype).cuda()
+    w = torch.softmax(torch.randn(tokens, k, generator=gen), -1).cuda()
+    g = (torch.randn(tokens, generator=gen) * 3).to(dtype).cuda() if gate else None
+    out = torch.full((tokens, 256), float("nan"), dtype=dtype, device="cuda")
+    got = moe_combine(y, pos, w, gate_logit=g, fixed=fixed, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(got).any()
+    ref = moe_combine_reference(y.cpu(), pos.cpu(), w.cpu(), gate_logit=None if g is None else g.cpu(),
+                                fixed=fixed, precision="float64")
+    assert torch.allclose(got.cpu().double(), ref.double(), rtol=RTOL[dtype], atol=ATOL)

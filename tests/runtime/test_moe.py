@@ -12,7 +12,7 @@ from ..seeding import seeded_generator
 
 pytest.importorskip("transformers")
 
-NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+NAMES = ["mixtral", "qwen2_moe", "qwen2_moe_mlp", "qwen3_moe", "deepseek_v3"]
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -43,7 +43,7 @@ def test_config_from_hf_reads_each_family():
     c = configs()
     assert config_from_hf(c["mixtral"]) == MoEConfig(hidden=H, inter=256, experts=8, top_k=2)
     q2 = config_from_hf(c["qwen2_moe"])
-    assert (q2.shared_inter, q2.shared_gate, q2.norm_topk_prob, q2.experts) == (160, True, False, 12)
+    assert (q2.shared_inter, q2.shared_gate, q2.norm_topk_prob, q2.experts) == (128, True, False, 12)
     ds = config_from_hf(c["deepseek_v3"])
     assert (ds.router, ds.n_group, ds.topk_group, ds.routed_scaling_factor, ds.shared_inter) == ("grouped", 4, 2, 2.5, 64)
     with pytest.raises(ValueError, match="model_type 'llama'"):
@@ -89,3 +89,23 @@ def test_quantised_experts(wtype, group, bound):
     assert moe.state_dict()["experts.gate_up_proj_q"].shape[0] == cfg.num_local_experts
     rel = ((after - before).abs().max() / before.abs().max()).item()
     assert 0 < rel <= bound, rel
+
+
+def test_shared_expert_storage():
+    """A shared expert of S x the routed size is kept as S slices ([S, 2F, H] gate/up, [S, H, F]
+    down: slice j = gate and up rows jF .. (j+1)F - 1 and those columns of down), whose summed
+    outputs are the whole expert's; another size keeps a fused GatedMLP."""
+    from layerforge.runtime.moe import shared_slices
+    sliced = MoE.from_hf(*block("qwen2_moe"))
+    assert sliced.shared_slices == 2 and sliced.state_dict()["shared_expert.gate_up_proj"].shape == (2, 128, H)
+    assert sliced.state_dict()["shared_expert.down_proj"].shape == (2, H, 64)
+    mlp = MoE.from_hf(*block("qwen2_moe_mlp"))
+    assert mlp.shared_slices == 0 and mlp.state_dict()["shared_expert.gate_up.weight"].shape == (320, H)
+    gen = seeded_generator("shared_slices")
+    g, u, d = torch.randn(192, 16, generator=gen), torch.randn(192, 16, generator=gen), torch.randn(16, 192, generator=gen)
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    whole = (torch.nn.functional.silu(x @ g.double().T) * (x @ u.double().T)) @ d.double().T
+    sl = shared_slices(g, u, d, 64)
+    parts = sum((torch.nn.functional.silu(x @ gu[:64].double().T) * (x @ gu[64:].double().T)) @ dn.double().T
+                for gu, dn in zip(sl["gate_up_proj"], sl["down_proj"]))
+    torch.testing.assert_close(parts, whole)
