@@ -17,9 +17,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .spec import ACTIVATIONS, AttentionSpec, ConfigError, ModelSpec
+
+if TYPE_CHECKING:
+    from ..runtime.moe import MoEConfig
 
 __all__ = ["FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
            "bindings_from_spec", "read_config", "ConfigError"]
@@ -228,7 +231,7 @@ def _common(c: _Config, *, hidden_keys=("hidden_size",), heads_keys=("num_attent
 
 def _llama_like(c: _Config, *, qkv_bias: bool | None = None, o_bias: bool | None = None, qk_norm: bool = False,
                 windows: Callable[[int], list[int]] | None = None, head_dim_key: str | None = "head_dim",
-                act_default: str = "silu", moe: Callable[[int], tuple[Any, tuple[bool, ...]]] | None = None
+                act_default: str = "silu", moe: Callable[[int], tuple[MoEConfig, tuple[bool, ...]]] | None = None
                 ) -> ModelSpec:
     """A Llama-shaped decoder; moe(n): (MoEConfig, which of the n layers are MoE layers)."""
     base = _common(c)
@@ -292,7 +295,7 @@ def qwen3(c: _Config) -> ModelSpec:
 
 
 def _moe_config(c: _Config, *, experts_keys: tuple[str, ...], inter_key: str, norm_topk_prob: bool,
-                shared_inter: int = 0, shared_gate: bool = False):
+                shared_inter: int = 0, shared_gate: bool = False) -> MoEConfig:
     """The family's runtime/moe.MoEConfig (softmax routing), its sizes read with the family's errors."""
     from ..runtime.moe import MoEConfig   # imports torch: only configs of MoE models pay for it
     sizes = dict(hidden=c.int("hidden_size"), inter=c.int(inter_key), experts=c.int(*experts_keys),
@@ -317,9 +320,9 @@ def _sparse_layers(c: _Config, n: int) -> tuple[bool, ...]:
 def mixtral(c: _Config) -> ModelSpec:
     # every layer an MoE layer of intermediate_size experts; top-k weights always renormalised
     w = _window(c)
-    return _llama_like(c, windows=lambda n: [w] * n, moe=lambda n: (
-        _moe_config(c, experts_keys=("num_local_experts", "num_experts"), inter_key="intermediate_size", norm_topk_prob=True),
-        (True,) * n))
+    moe = _moe_config(c, experts_keys=("num_local_experts", "num_experts"), inter_key="intermediate_size",
+                      norm_topk_prob=True)
+    return _llama_like(c, windows=lambda n: [w] * n, moe=lambda n: (moe, (True,) * n))
 
 
 def qwen2_moe(c: _Config) -> ModelSpec:
@@ -676,8 +679,13 @@ def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> 
         out[f"{canon}.experts.down_proj"] = ("stack", tuple(f"{e}.{down}.weight" for e in experts))
     if m.shared_inter:
         s = f"{hf}.shared_expert"
-        out[f"{canon}.shared_expert.gate_up.weight"] = ("cat", (f"{s}.gate_proj.weight", f"{s}.up_proj.weight"))
-        out[f"{canon}.shared_expert.down.weight"] = ("copy", (f"{s}.down_proj.weight",))
+        if m.shared_inter % m.inter == 0:   # runtime/moe.py's slices of the routed experts' size
+            out[f"{canon}.shared_expert.gate_up_proj"] = ("shared_gate_up", (f"{s}.gate_proj.weight",
+                                                                            f"{s}.up_proj.weight"))
+            out[f"{canon}.shared_expert.down_proj"] = ("shared_down", (f"{s}.down_proj.weight",))
+        else:
+            out[f"{canon}.shared_expert.gate_up.weight"] = ("cat", (f"{s}.gate_proj.weight", f"{s}.up_proj.weight"))
+            out[f"{canon}.shared_expert.down.weight"] = ("copy", (f"{s}.down_proj.weight",))
     if m.shared_gate:
         out[f"{canon}.shared_expert_gate.weight"] = ("copy", (f"{hf}.shared_expert_gate.weight",))
     return out
@@ -746,6 +754,14 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
             t = torch.stack(ts)
         elif op == "stack_pairs":
             t = torch.stack([torch.cat(ts[j:j + 2], dim=0) for j in range(0, len(ts), 2)])
+        elif op in ("shared_gate_up", "shared_down"):   # the shared expert cut into the experts' size
+            from ..runtime.moe import shared_down_slices, shared_gate_up_slices
+            fs = ts[0].shape[0 if op == "shared_gate_up" else 1]
+            if fs % spec.moe.inter:
+                raise ConfigError(f"checkpoint: {names[0]!r} has {fs} intermediate features, not a multiple of "
+                                  f"{spec.moe.inter}")
+            t = (shared_gate_up_slices(ts[0], ts[1], spec.moe.inter) if op == "shared_gate_up"
+                 else shared_down_slices(ts[0], spec.moe.inter))
         else:   # pragma: no cover
             raise AssertionError(op)
         out[canon] = t
@@ -833,7 +849,10 @@ def _moe_shapes(spec: ModelSpec, canon: str) -> dict[str, tuple[int, ...]]:
            f"{canon}.experts.down_proj": (E, H, Fe)}
     if m.router == "grouped":
         out[f"{canon}.gate.e_score_correction_bias"] = (E,)
-    if Fs:
+    if Fs and Fs % Fe == 0:
+        out[f"{canon}.shared_expert.gate_up_proj"] = (Fs // Fe, 2 * Fe, H)
+        out[f"{canon}.shared_expert.down_proj"] = (Fs // Fe, H, Fe)
+    elif Fs:
         out[f"{canon}.shared_expert.gate_up.weight"] = (2 * Fs, H)
         out[f"{canon}.shared_expert.down.weight"] = (H, Fs)
     if m.shared_gate:
@@ -894,7 +913,7 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
     return out
 
 
-def _moe_route_bindings(moe) -> tuple[str, dict[str, Any]]:
+def _moe_route_bindings(moe: MoEConfig) -> tuple[str, dict[str, Any]]:
     """The routing layer runtime/moe.MoE builds, with its bindings."""
     if moe.router == "softmax":
         return "moe_route", {"E": moe.experts, "k": moe.top_k, "renormalize": moe.norm_topk_prob}

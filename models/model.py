@@ -50,7 +50,7 @@ from ..runtime.embedding import Embedding, PromptTuningEmbedding
 from ..runtime.linear import KERNEL_MAX_ROWS, device_major, gemm_route, gemv
 from ..runtime.kv_cache import PagedKVCache
 from ..runtime.layers import LayerModule, _dtype_name
-from ..runtime.moe import EXPERT_KERNEL_ROWS, MoE, _kernels_serve
+from ..runtime.moe import MoE
 from .spec import AttentionSpec, ModelSpec
 
 __all__ = ["DecoderModel", "StepContext"]
@@ -455,13 +455,10 @@ class DecoderModel(torch.nn.Module):
 
     def capturable(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens reads nothing back to the host, so that a CUDA graph
-        can capture it (models/graphs.py): every dense model; MoE layers only where their experts
-        run on the small-token kernels (runtime/moe.py: bf16/f16, at most EXPERT_KERNEL_ROWS
-        tokens), as their torch path reads each expert's row count."""
-        if self.spec.moe is None:
-            return True
-        x = torch.empty(tokens, self.spec.hidden_size, dtype=self.dtype, device=self.device)
-        return tokens <= EXPERT_KERNEL_ROWS and _kernels_serve(x)
+        can capture it (models/graphs.py): every dense model; MoE layers where their step does
+        (runtime/moe.MoE.capturable: the expert kernels or the grouped GEMM; their torch path
+        reads each expert's row count)."""
+        return all(layer.mlp.capturable(tokens) for layer in self.layers if isinstance(layer.mlp, MoE))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._softcap(F.linear(h, self.head_weight(), None if self.lm_head is None else self.lm_head.bias))

@@ -54,6 +54,7 @@ from .layers import _dtype_name, module
 from .linear import GatedMLP, LinearInputError, _packed, device_major
 
 __all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_experts", "shared_slices",
+           "shared_gate_up_slices", "shared_down_slices",
            "shared_state_dict", "config_from_hf", "hf_block_state_dict", "EXPERT_KERNEL_ROWS"]
 
 # steps of at most this many tokens run the expert products on the small-token kernel (an expert
@@ -128,7 +129,8 @@ class _Experts(torch.nn.Module):
         from .quant import QuantLinear
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self, name)
-            qws = [QuantLinear.from_float(w[e].detach(), group, wtype=wtype, dtype=w.dtype).qw for e in range(w.shape[0])]
+            dt = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float16   # the pairs' halves
+            qws = [QuantLinear.from_float(w[e].detach(), group, wtype=wtype, dtype=dt).qw for e in range(w.shape[0])]
             q, sc = (torch.stack(t) for t in zip(*(qw.kernel_tensors for qw in qws)))
             delattr(self, name)
             self.register_buffer(name + "_q", q.contiguous())
@@ -160,11 +162,20 @@ class _SharedSlices(torch.nn.Module):
 def shared_slices(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, inter: int) -> dict[str, torch.Tensor]:
     """A shared expert's gate / up [S F, H] and down [H, S F] as MoE's slices of size F = inter:
     {"gate_up_proj": [S, 2 F, H], "down_proj": [S, H, F]}."""
+    return {"gate_up_proj": shared_gate_up_slices(gate, up, inter), "down_proj": shared_down_slices(down, inter)}
+
+
+def shared_gate_up_slices(gate: torch.Tensor, up: torch.Tensor, inter: int) -> torch.Tensor:
+    """[S F, H] gate and up rows -> [S, 2 F, H]: slice j is gate rows j F .. (j + 1) F - 1, then those up rows."""
     fs, h = gate.shape
     S = fs // inter
-    gu = torch.cat([gate.reshape(S, inter, h), up.reshape(S, inter, h)], 1)
-    d = down.reshape(h, S, inter).permute(1, 0, 2)
-    return {"gate_up_proj": gu.contiguous(), "down_proj": d.contiguous()}
+    return torch.cat([gate.reshape(S, inter, h), up.reshape(S, inter, h)], 1).contiguous()
+
+
+def shared_down_slices(down: torch.Tensor, inter: int) -> torch.Tensor:
+    """[H, S F] down -> [S, H, F]: slice j is columns j F .. (j + 1) F - 1."""
+    h, fs = down.shape
+    return down.reshape(h, fs // inter, inter).permute(1, 0, 2).contiguous()
 
 
 def shared_state_dict(cfg: MoEConfig, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -292,7 +303,7 @@ class MoE(torch.nn.Module):
         flat = ids.reshape(-1).long()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=cfg.experts).tolist()
-        wgu, wd = (w if isinstance(w, torch.Tensor) else dequantize_experts(w)
+        wgu, wd = (w if isinstance(w, torch.Tensor) else dequantize_experts(w).to(x2.dtype)
                    for w in (self.experts.weights("gate_up_proj"), self.experts.weights("down_proj")))
         start = 0
         for e, c in enumerate(counts):
@@ -318,6 +329,19 @@ class MoE(torch.nn.Module):
             g = self._gate_logit(x2)
             out += s * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
         return out.to(x2.dtype)
+
+    def capturable(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens reads nothing back to the host, so that a CUDA graph
+        can capture it: the expert kernels (bf16/f16, at most EXPERT_KERNEL_ROWS tokens) or torch's
+        grouped GEMM (bf16, sm_90); the torch path (CPU, float32, other GPUs past the kernels' rows)
+        reads the experts' row counts."""
+        w = self.gate.weight
+        if not (w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and self.cfg.hidden % 8 == 0
+                and device_major(w.device) >= 8):
+            return False
+        if tokens <= EXPERT_KERNEL_ROWS and _expert_kernel_serves(self.experts.weights("gate_up_proj"), w):
+            return True
+        return w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and device_major(w.device) == 9
 
     def quantize_(self, wtype: str = "u4", group_size: int = 128) -> "MoE":
         """Quantise the routed experts' weights in place (round to nearest; u4 per group, i8 per

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from layerforge.models.engine import Engine, generate
+from layerforge.runtime import moe
 
 from ..models.hf_tiny import MOE_FAMILIES, routed_logits, tiny_configs, tiny_loader
 
@@ -51,7 +52,7 @@ def test_moe_logits_match_transformers_where_the_routing_agrees(loaded, name):
     got, ref, agree = routed_logits(hf, ours, ids)
     assert agree.sum() >= ids.numel() // 4, agree.sum(-1)
     agree = agree.to(got.device)
-    _close(got[agree], ref[agree].to(got.dtype).float() if False else ref[agree])
+    _close(got[agree], ref[agree])
 
 
 @pytest.mark.parametrize("name", MOE_FAMILIES)
@@ -59,7 +60,6 @@ def test_moe_decode_runs_the_expert_kernels_and_graphs_equal_eager(loaded, name,
     """bf16 MoE decode steps (at most EXPERT_KERNEL_ROWS tokens) run the experts on the small-token
     kernels (runtime/moe.expert_product) outside the fused dense layer (fuses() is False); they are
     captured in CUDA graphs, whose greedy tokens equal eager steps'."""
-    from layerforge.runtime import moe
     _, ours = loaded(name)
     x = torch.zeros(4, ours.spec.hidden_size, dtype=torch.bfloat16, device="cuda")
     assert not ours.fuses(x) and ours.capturable(4) and not ours.capturable(moe.EXPERT_KERNEL_ROWS + 1)

@@ -69,6 +69,8 @@ def test_expert_product_with_fixed_experts(gated):
     allw, bounds = torch.cat([w, wf]).double(), offsets.tolist()
     for e in range(E + S):
         a, b = bounds[e], bounds[e + 1]
+        if a == b:
+            continue
         r = x[src[a:b].long()].double() @ allw[e].T
         if gated:
             g, u = r.chunk(2, dim=-1)
@@ -132,11 +134,30 @@ def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens)
     with torch.no_grad():
         got = moe(x)
         w, ids = moe.route(x)
-        ref = moe._forward_torch(x, w, ids)
+        fp8_x = wtype == "f8e4m3" and tokens <= EXPERT_KERNEL_ROWS
+        ref = w8a8_reference(moe, x, w, ids) if fp8_x else moe._forward_torch(x, w, ids)
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
-    fp8_x = wtype == "f8e4m3" and tokens <= EXPERT_KERNEL_ROWS
     scale = ref.float().abs().max().item()
     err = (got.float() - ref.float()).abs()
-    assert err.max().item() <= (8e-2 if fp8_x else 2e-2) * scale, (err.max().item(), scale)
-    assert err.mean().item() <= (1e-2 if fp8_x else 2e-3) * scale
+    assert err.max().item() <= 2e-2 * scale, (err.max().item(), scale)
+    assert err.mean().item() <= 2e-3 * scale
+
+
+def w8a8_reference(moe, x, w, ids):
+    """The W8A8 expert products in float64: each product's input quantised to e4m3 per 128-k chunk
+    as the kernel does (runtime/quant.quantize_fp8_rows), W dequantised; the gated activation's
+    output rounded to bf16 between the products, as the kernel stores it."""
+    from layerforge.runtime.moe import dequantize_experts
+    from layerforge.runtime.quant import dequantize_fp8_rows, quantize_fp8_rows
+    q = lambda t: dequantize_fp8_rows(*quantize_fp8_rows(t))   # noqa: E731
+    wgu = dequantize_experts(moe.experts.weights("gate_up_proj")).double()
+    wd = dequantize_experts(moe.experts.weights("down_proj")).double()
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            g, u = (q(x[t]) @ wgu[e].T).chunk(2)
+            h = (F.silu(g) * u).to(x.dtype)
+            out[t] += float(w[t, s]) * (q(h) @ wd[e].T)
+    return out.to(x.dtype)

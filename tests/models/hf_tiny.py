@@ -37,11 +37,12 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
         "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=H, n_layer=2, n_head=4, n_positions=128)),
         "bloom": ("BloomConfig", dict(vocab_size=96, hidden_size=H, n_layer=2, n_head=4)),
         # MoE: every layer sparse (Mixtral, Qwen3-MoE); Qwen2-MoE's layers 1 and 5 sparse (every
-        # second one, but layer 3 in mlp_only_layers), each with a gated shared expert
+        # second one, but layer 3 in mlp_only_layers), each with a gated shared expert (2 x the
+        # routed experts' size: stored in slices, as real Qwen2-MoE checkpoints are)
         "mixtral": ("MixtralConfig", dict(common, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
         "qwen2_moe": ("Qwen2MoeConfig", dict(common, num_hidden_layers=6, num_key_value_heads=2, num_experts=8,
                                              num_experts_per_tok=2, moe_intermediate_size=H // 2,
-                                             shared_expert_intermediate_size=3 * H // 4, decoder_sparse_step=2,
+                                             shared_expert_intermediate_size=H, decoder_sparse_step=2,
                                              mlp_only_layers=[3])),
         "qwen3_moe": ("Qwen3MoeConfig", dict(common, num_key_value_heads=2, head_dim=head_dim, num_experts=6,
                                              num_experts_per_tok=2, moe_intermediate_size=H // 2,

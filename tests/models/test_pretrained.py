@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
+import layerforge as lf
 from layerforge.models.engine import Engine, EngineError, generate
+from layerforge.runtime.moe import MoE
+from layerforge.runtime.quant import QuantLinear
 
 from .hf_tiny import MOE_FAMILIES, make_tiny, routed_logits, tiny_configs, tiny_loader
 
@@ -43,7 +47,6 @@ def test_moe_bf16_logits_match_transformers_where_the_routing_agrees(tmp_path, n
     """In bf16 a few tokens' top-k choice is a near tie that rounding tips the other way; where
     every MoE layer chose transformers' experts (for the position and those before it: most of
     them), the logits agree within bf16 rounding."""
-    import layerforge as lf
     hf = make_tiny(name, tmp_path)
     ours = lf.from_pretrained(tmp_path, dtype=torch.bfloat16)
     ids = torch.randint(0, 96, (4, 37), generator=torch.Generator().manual_seed(1))
@@ -57,8 +60,6 @@ def test_moe_bf16_logits_match_transformers_where_the_routing_agrees(tmp_path, n
 def test_moe_checkpoint_with_stacked_experts_loads(tmp_path, name):
     """save_pretrained writes the Hub's names, one tensor an expert (the tests above load those);
     with save_original_format=False it writes transformers 5's stacked experts, which load too."""
-    import layerforge as lf
-    from safetensors import safe_open
     hf = make_tiny(name, tmp_path / "hub")
     hf.save_pretrained(tmp_path / "stacked", save_original_format=False)
     with safe_open(str(tmp_path / "stacked" / "model.safetensors"), "pt") as f:
@@ -72,9 +73,6 @@ def test_moe_checkpoint_with_stacked_experts_loads(tmp_path, name):
 def test_moe_layers_are_left_alone_by_quantize_and_not_captured(tmp_path, loaded):
     """quantize_ replaces the dense layers' projections and the attention's, not an MoE layer's;
     an f32 MoE step (torch's expert products, which read row counts) is not capturable."""
-    import layerforge as lf
-    from layerforge.runtime.moe import MoE
-    from layerforge.runtime.quant import QuantLinear
     make_tiny("qwen2_moe", tmp_path)
     ours = lf.from_pretrained(tmp_path, dtype=torch.float32)   # not the shared one: quantize_ changes it
     assert not ours.capturable(1) and loaded("llama")[1].capturable(1)
