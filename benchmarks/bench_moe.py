@@ -101,6 +101,24 @@ def chosen_bytes(moe, x) -> int:
     return n * per + rest
 
 
+def breakdown(moe, x, label: str) -> None:
+    """Each kernel's GPU time in one step (the mean of 20), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        for _ in range(3):
+            moe(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                moe(x)
+            torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 20) for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(t for _, t in rows)
+    print(f"  {label}: {total:.1f} us of kernels a step")
+    for key, t in sorted(rows, key=lambda r: -r[1]):
+        print(f"    {t:8.1f} us  {key[:100]}")
+
+
 def main(argv=None) -> int:
     from layerforge.runtime.moe import MoE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -109,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' eager block")
     ap.add_argument("--quant", default="u4:128,f8e4m3:128",
                     help="quantised experts timed at the decode token counts (wtype:group,...; '' for none)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print each kernel's GPU time of one step (torch.profiler) at the decode token counts")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
@@ -135,6 +155,9 @@ def main(argv=None) -> int:
                   f"{grouped / ours:10.2f} {hf / ours:7.2f} {frac:8.2f}   (max rel err vs transformers {err:.1e})")
             rows.append(dict(block=name, tokens=t, ours_s=ours, grouped_mm_s=grouped, transformers_s=hf,
                              of_copy=frac, rel_err=err))
+        if a.breakdown:
+            for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
+                breakdown(moe, torch.randn(t, conf.hidden_size, device=dev, dtype=dt), f"{name} {t} token(s)")
         for spec in filter(None, a.quant.split(",")):
             wtype, group = spec.split(":")
             qmoe = MoE.from_hf(blk, conf).quantize_(wtype, int(group))
