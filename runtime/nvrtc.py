@@ -280,9 +280,12 @@ def parse_ptxas_log(log: str) -> dict[str, KernelResources]:
 
 def _fetch(prog, size_fn, get_fn, call: str) -> bytes:
     size = _check(size_fn(prog), call + "Size")
-    buf = b" " * size
+    # a fresh writable buffer: NVRTC writes into it. (`b" " * size` was an immutable bytes object,
+    # and at size 1, an empty log's terminator, CPython's shared one-byte b" ": NVRTC's NUL went
+    # into every later b" " of the process, and sources rendered after it had NULs for spaces.)
+    buf = bytearray(size)
     _check(get_fn(prog, buf), call)
-    return buf
+    return bytes(buf)
 
 
 def _write_failing_source(source: str, name: str) -> str:

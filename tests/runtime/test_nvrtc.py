@@ -315,3 +315,17 @@ def test_default_arch_without_gpu_asks_for_an_explicit_arch():
 def test_default_arch_is_the_current_devices():
     major, minor = torch.cuda.get_device_capability()
     assert default_arch() == f"sm_{major}{minor}"
+
+
+def test_fetching_an_empty_log_leaves_python_constants_alone():
+    """A PTX-only compile's log is empty (1 byte: its terminator). NVRTC writes into the buffer it
+    is given; an immutable `b" " * 1` is CPython's shared one-byte object, whose space became a NUL
+    for the rest of the process (later-rendered sources had NULs for spaces and failed to compile
+    "at end of source"). The buffers are fresh bytearrays now."""
+    result = compile_cuda(SAXPY, "saxpy", CompileOptions("sm_90"), want_ptx=True, want_cubin=False)
+    assert result.log == "" or "\0" not in result.log
+    assert b" " == bytes([32]) and b" " * 1 == bytes([32])
+    from layerforge.codegen.dequant import plan_dequant
+    plan = plan_dequant("bf16", wtype="i8", group=32, n=3000, k=1152, arch="sm_80")
+    assert "\0" not in plan.source()
+    compile_cuda(plan.source(), plan.kernel_name, CompileOptions("sm_80"))
