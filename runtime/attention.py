@@ -59,6 +59,7 @@ from ..dsl.types import DType
 from . import block_mask as bmc, ops
 from .block_mask import BlockMask
 from .kv_cache import dequantise
+from .linear import device_properties
 
 
 class PagedAttention:
@@ -105,7 +106,6 @@ class PagedAttention:
         self._tc_plans: dict[str, TCAttentionPlan | WGMMAAttentionPlan] = {}
         self._kernels: dict[tuple, tuple] = {}   # (device, mode) -> (main, merge, arguments getter)
         self._images: dict[str | None, tuple] = {}   # mode -> (cubin, ABIs): a pack's kernels
-        self._sms: dict[int, int] = {}
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, page_size: int, arch: str,
@@ -196,7 +196,6 @@ class PagedAttention:
         hit = (main, merge, itemgetter(*(a.ref for a in abis[0].args)), itemgetter(*(a.ref for a in abis[1].args)),
                keys)
         self._kernels[(device.index, mode)] = hit
-        self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return hit
 
     def _check(self, name, t, dtype, shape=None, ndim=None, device=None):
@@ -302,7 +301,7 @@ class PagedAttention:
             if num_splits < 1:
                 raise ValueError(f"num_splits must be >= 1, got {num_splits}")
             return num_splits
-        sms = self._sms[dev.index]
+        sms = device_properties(dev).multi_processor_count
         if one_wave:
             if 10 * ctas >= 9 * sms:
                 return 1

@@ -96,7 +96,8 @@ def _gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and _capability(x.device) == (9, 0))
 
 
-def _props(device: torch.device):
+def device_properties(device: torch.device):
+    """torch's properties of a CUDA device (capability, SM count), read once a device."""
     p = _PROPS.get(device.index)
     if p is None:
         p = _PROPS[device.index] = torch.cuda.get_device_properties(device)
@@ -111,7 +112,7 @@ def gemm_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    p = _props(device)
+    p = device_properties(device)
     return p.major, p.minor
 
 
@@ -133,7 +134,7 @@ class _GemmLauncher:
 
 def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
                    variant: str = "wgmma", rows: int = 0) -> _GemmLauncher:
-    sms = _props(x.device).multi_processor_count
+    sms = device_properties(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
     key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn)
     hit = _KERNELS.get(key)

@@ -20,6 +20,7 @@ import torch
 
 from ..codegen.mla import HEADS_PER_CTA, MLADecodePlan, plan_mla_decode
 from ..dsl.evaluator import LayerInputError
+from .linear import device_properties
 
 __all__ = ["MLADecode", "mla_decode_reference"]
 
@@ -61,7 +62,6 @@ class MLADecode:
         self._kernel_cache = kernel_cache
         self._plan: MLADecodePlan | None = None
         self._kernels: dict[int, tuple] = {}
-        self._sms: dict[int, int] = {}
 
     @property
     def plan(self) -> MLADecodePlan:
@@ -84,8 +84,7 @@ class MLADecode:
             hit = (main, merge, itemgetter(*(a.ref for a in plan.kernels[0].args)),
                    itemgetter(*(a.ref for a in plan.kernels[1].args)))
             self._kernels[dev.index] = hit
-            self._sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-        return hit
+            return hit
 
     def _check(self, name, t, dtype, shape, dev):
         if not isinstance(t, torch.Tensor):
@@ -104,7 +103,7 @@ class MLADecode:
         """Split-KV parts: a CTA per SM fits (152 KB of shared memory each), so the parts fill
         one wave, each with at least two key tiles; a grid that already fills the SMs is not split."""
         ctas = tokens * -(-self.num_heads // HEADS_PER_CTA)
-        sms = self._sms[dev.index]
+        sms = device_properties(dev).multi_processor_count
         if 10 * ctas >= 9 * sms:
             return 1
         return max(1, min(sms // ctas, math.ceil(max_kv_len / (2 * self.plan.keys)), 64))

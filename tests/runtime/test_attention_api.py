@@ -150,10 +150,13 @@ def test_wgmma_distance_table_by_default():
     (8, 2048, 4), (8, 4096, 4),                  # 64 CTAs: 4 parts fill one wave of two per SM (5 spilled over)
     (16, 1024, 1), (32, 2048, 1),                # ~one CTA per SM already: no split, no merge launch
 ])
-def test_tensor_core_split_kv_fills_one_wave(batch, ctx, want):
+def test_tensor_core_split_kv_fills_one_wave(batch, ctx, want, monkeypatch):
     """The split-KV choice of the tensor-core decode (H200: 132 SMs; Llama GQA 32/8, 8 CTAs a
     token; key tiles of 256): the counts that benchmarks/bench_splits.py measured best."""
+    from types import SimpleNamespace
+
+    from layerforge.runtime import linear
     attn = PagedAttention(lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch="sm_90")
-    attn._sms[0] = 132
+    monkeypatch.setitem(linear._PROPS, 0, SimpleNamespace(multi_processor_count=132, major=9, minor=0))
     assert attn._splits(torch.device("cuda", 0), batch * 8, ctx, None, tile=256, one_wave=True) == want
     assert attn._splits(torch.device("cuda", 0), batch * 8, ctx, 3, tile=256, one_wave=True) == 3   # given: kept
