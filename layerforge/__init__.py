@@ -57,6 +57,9 @@ _LAZY = {
     "PromptTuningEmbedding": ("runtime.embedding", "PromptTuningEmbedding"),
     "Linear": ("runtime.linear", "Linear"),
     "MLAAttention": ("runtime.mla", "MLAAttention"),
+    "MultiLoRA": ("runtime.lora", "MultiLoRA"),
+    "LoRALinear": ("runtime.lora", "LoRALinear"),
+    "attach_adapters": ("models.lora", "attach_adapters"),
     "from_pretrained": ("models.loading", "from_pretrained"),
     "DecoderModel": ("models.model", "DecoderModel"),
     "Engine": ("models.engine", "Engine"),
@@ -76,5 +79,5 @@ def __getattr__(name: str):
 __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load", "loads", "stdlib",
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
-           "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
+           "MultiLoRA", "LoRALinear", "attach_adapters", "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
            "__version__"]

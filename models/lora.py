@@ -11,8 +11,12 @@ An adapter is a PEFT folder: `adapter_config.json` (r, lora_alpha, use_rslora, r
 alpha_pattern) and `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` [r, in]
 and `.lora_B.weight` [out, r]). Each adapter takes a slot (its position in the mapping), the same
 in every projection; the projections any adapter targets become runtime/lora.LoRALinear modules
-holding a MultiLoRA store, so decode steps run the shrink and expand kernels and prefill the GEMM
-routes (runtime/lora.py). Where the model fuses transformers' projections, an adapter's modules
+holding a MultiLoRA store, so decode steps run the base product with every slot's shrink folded
+into it and the expand kernel (or the shrink and expand kernels), prefill the GEMM routes
+(runtime/lora.py). Folding moves each projection's weight into a buffer with the adapters' A
+rows after it (W is not kept twice); detach() gives the weights storages of their own again.
+Quantise (DecoderModel.quantize_) before attaching: QuantLinear bases keep their kernels, with
+the shrink kernel beside them. Where the model fuses transformers' projections, an adapter's modules
 become slices of the fused one: q_proj, k_proj and v_proj the three row ranges of `attn.qkv`,
 gate_proj and up_proj the halves of `mlp.gate_up`, each with its own A, B, rank and scale; a
 fused module of the checkpoint (Phi-3's qkv_proj, GPT-NeoX's interleaved query_key_value) is one
@@ -41,7 +45,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ..runtime.lora import AdapterBatch, AdapterContext, LoRALinear, MultiLoRA, lora_scale
+from ..runtime.lora import AdapterBatch, AdapterContext, LoRALinear, MultiLoRA, lora_scale, unfold
 from .families import _PREFIX, _groups, _heads3, hf_names
 from .model import DecoderModel
 from .spec import ConfigError, ModelSpec
@@ -296,9 +300,12 @@ class ModelAdapters:
             return self.model(input_ids)
 
     def detach(self) -> None:
-        """Put the base projections back and restore fused_decode."""
+        """Put the base projections back (their weights in storages of their own again) and restore
+        fused_decode."""
         for owner, attr, base in self._modules.values():
             setattr(owner, attr, base)
+            if isinstance(base, torch.nn.Linear):
+                unfold(base)
         self._modules = {}
         self.model.fused_decode = self._fused_decode
         self.model.__dict__.pop("_lora_adapters", None)

@@ -7,6 +7,7 @@ checkpoints fuse q/k/v or gate/up (Phi-3) or interleave heads (GPT-NeoX, Falcon)
 and biases (Qwen2) too; loading, unloading, detaching; what is not served."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -160,7 +161,6 @@ def test_configs_that_are_not_served(llama, tmp_path, changes, match):
 
 def test_adapters_on_other_modules_are_errors_and_leave_the_model_alone(llama, tmp_path):
     from peft import LoraConfig, get_peft_model
-    import copy
     hf, _, folders, load = llama
     m = get_peft_model(copy.deepcopy(hf), LoraConfig(r=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
     m.save_pretrained(tmp_path / "head", save_embedding_layers=False)
