@@ -2,7 +2,8 @@
 lf.from_pretrained in bf16, gives transformers' logits (f32 reference, bf16 tolerance; MoE models
 where their routing agrees with transformers'), and in f32 its logits and 16 greedy tokens equal
 transformers'; a decode step replayed from a CUDA graph equals the eager step; a batch decodes
-like its members alone."""
+like its members alone. DeepSeek (latent attention: bf16/f16 only on the GPU, no graphs): prefill
+and decode-kernel steps give transformers' logits where the routing agrees."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 
 from layerforge.models.engine import Engine, generate
 from layerforge.runtime import moe
+from layerforge.runtime.mla_decode import MLADecode
 
-from ..models.hf_tiny import MOE_FAMILIES, routed_logits, tiny_configs, tiny_loader
+from ..models.hf_tiny import MLA_FAMILIES, MOE_FAMILIES, routed_logits, tiny_configs, tiny_loader
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")
@@ -19,7 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
 
 FAMILIES = sorted(tiny_configs())
-DENSE = [name for name in FAMILIES if name not in MOE_FAMILIES]
+DENSE = [name for name in FAMILIES if name not in MOE_FAMILIES + MLA_FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def test_moe_decode_runs_the_expert_kernels_and_graphs_equal_eager(loaded, name,
     captured in CUDA graphs, whose greedy tokens equal eager steps'."""
     _, ours = loaded(name)
     x = torch.zeros(4, ours.spec.hidden_size, dtype=torch.bfloat16, device="cuda")
-    assert not ours.fuses(x) and ours.capturable(4) and not ours.capturable(moe.EXPERT_KERNEL_ROWS + 1)
+    # past the expert kernels' rows a step is capturable where torch's grouped GEMM serves it (sm_90 bf16)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert not ours.fuses(x) and ours.capturable(4) and ours.capturable(moe.EXPERT_KERNEL_ROWS + 1) == hopper
     rows = []
     product = moe.expert_product
     monkeypatch.setattr(moe, "expert_product", lambda *a, **k: rows.append(k["rows"]) or product(*a, **k))
@@ -209,7 +213,7 @@ def loaded_f32(tmp_path_factory):
     return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.float32, device="cuda")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name not in MLA_FAMILIES])   # latent cache: 16-bit
 def test_f32_logits_and_greedy_generation_equal_transformers(loaded_f32, name):
     """float32 on the GPU (the CUDA-core attention kernel and an f32 paged cache): logits close to
     transformers' and 16 greedy tokens identical, from eager steps and from self-feeding graphs."""
@@ -265,3 +269,65 @@ def test_prefill_on_the_generated_gemm(loaded, name, monkeypatch):
     _close(ours(ids), ref)
     layers = len(ours.layers)
     assert len(calls) >= 4 * layers, calls   # q/k/v, o, gate/up (activation fused), down a layer
+
+
+@pytest.mark.parametrize("name", MLA_FAMILIES)
+def test_mla_prefill_logits_match_transformers_where_the_routing_agrees(loaded, name):
+    """DeepSeek in bf16, a prefill of 4 x 37 tokens (latent attention's non-absorbed form, the
+    grouped or softmax routing kernel, the experts on the grouped products): where every MoE layer
+    chose transformers' experts, transformers' logits."""
+    hf, ours = loaded(name)
+    ids = torch.randint(0, 96, (4, 37), generator=torch.Generator().manual_seed(1)).cuda()
+    got, ref, agree = routed_logits(hf, ours, ids)
+    assert agree.sum() >= ids.numel() // 4, agree.sum(-1)
+    agree = agree.to(got.device)
+    _close(got[agree], ref[agree])
+
+
+@pytest.mark.parametrize("name", MLA_FAMILIES)
+def test_mla_decode_kernel_steps_follow_transformers_where_the_routing_agrees(loaded, name, monkeypatch):
+    """bf16 decode steps over the paged latent cache run the MLA decode kernel (absorbed form); each
+    step's logits are transformers' over the text so far where every MoE layer routed the text as
+    transformers did (for the position and those before it); three sequences decode together."""
+    hf, ours = loaded(name)
+    calls = []
+    kernel = MLADecode.__call__
+    monkeypatch.setattr(MLADecode, "__call__",
+                        lambda self, q, *a, **k: calls.append(q.shape[0]) or kernel(self, q, *a, **k))
+    mine, theirs = [], []    # each MoE call's expert ids (ours: a step's tokens; transformers': the text's)
+
+    def recording(route):
+        def record(x):
+            weights, ids = route(x)
+            mine.append(ids.long().sort(-1).values.cpu())
+            return weights, ids
+        return record
+    moes = [layer.mlp for layer in ours.layers if isinstance(layer.mlp, moe.MoE)]
+    for m in moes:
+        monkeypatch.setattr(m, "route", recording(m.route))
+    prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    eng = Engine(ours, max_seqs=1, max_seq_len=64)
+    eng.add(prompt)
+    text, logits = list(prompt), []
+    for step in range(8):                    # the prefill, then 7 decode steps
+        logits.append(eng.step()[0])
+        tok = (5 * step + 1) % 96
+        eng.feed(0, tok)
+        text.append(tok)
+    assert calls == [1] * 7 * len(ours.layers)
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out: theirs.append(out[2].sort(-1).values.cpu()))
+             for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
+    with torch.no_grad():
+        ref = hf(torch.tensor([text[:-1]], device="cuda")).logits[0, len(prompt) - 1:]
+    for h in hooks:
+        h.remove()
+    n = len(moes)
+    ours_routes = [torch.cat(mine[j::n]) for j in range(n)]   # per MoE layer: [16, k]
+    agree = torch.stack([(a == b).all(-1) for a, b in zip(ours_routes, theirs)]).all(0).cumprod(0).bool()
+    agree = agree[len(prompt) - 1:]
+    assert agree.sum() >= 4, agree
+    _close(torch.stack(logits)[agree.cuda()], ref[agree.cuda()])
+    calls.clear()
+    out = generate(ours, [[1, 2, 3], [4, 5, 6, 7, 8], [9]], max_new_tokens=4)
+    assert all(len(x) == 4 for x in out) and 3 in calls and ours._engine.graphs is None
+    ours.release_engine()

@@ -140,8 +140,10 @@ def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens)
     assert torch.isfinite(got).all()
     scale = ref.float().abs().max().item()
     err = (got.float() - ref.float()).abs()
-    assert err.max().item() <= 2e-2 * scale, (err.max().item(), scale)
-    assert err.mean().item() <= 2e-3 * scale
+    # bf16: the kernels round each expert's rows (and fp8 the activations) where the float64
+    # references do not: a few bf16 ulps of the largest output, a fraction of one on average
+    assert err.max().item() <= 3e-2 * scale, (err.max().item(), scale)
+    assert err.mean().item() <= 4e-3 * scale
 
 
 def w8a8_reference(moe, x, w, ids):
