@@ -129,6 +129,9 @@ def main(argv=None) -> int:
                     help="quantised experts timed at the decode token counts (wtype:group,...; '' for none)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print each kernel's GPU time of one step (torch.profiler) at the decode token counts")
+    ap.add_argument("--expert-split", default="",
+                    help="work splits of the expert kernels to time at the decode token counts: "
+                         "'rt.warps.stages/rt.warps.stages,...' (gate/up / down), e.g. 1.4.3/1.8.2")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
@@ -155,6 +158,21 @@ def main(argv=None) -> int:
                   f"{grouped / ours:10.2f} {hf / ours:7.2f} {frac:8.2f}   (max rel err vs transformers {err:.1e})")
             rows.append(dict(block=name, tokens=t, ours_s=ours, grouped_mm_s=grouped, transformers_s=hf,
                              of_copy=frac, rel_err=err))
+        for spec in filter(None, a.expert_split.split(",")):
+            from layerforge.runtime import moe as moe_mod
+            gu, dn = (tuple(map(int, part.split("."))) for part in spec.split("/"))
+            for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
+                moe_mod.EXPERT_SPLIT.clear()
+                moe_mod.EXPERT_SPLIT.update({(True, t <= 8): gu, (False, t <= 8): dn})
+                x = torch.randn(t, conf.hidden_size, device=dev, dtype=dt)
+                with torch.no_grad():
+                    ours = graph_time(lambda: moe(x))
+                frac = chosen_bytes(moe, x) / ours / ceiling
+                print(f"{'':10} {t:6d} {ours * 1e6:9.1f}  expert split gate/up {gu} down {dn}: {frac:.2f} of copy")
+                rows.append(dict(block=name, tokens=t, split=spec, ours_s=ours, of_copy=frac))
+                if a.breakdown:
+                    breakdown(moe, x, f"{name} {t} token(s), split {spec}")
+            moe_mod.EXPERT_SPLIT.clear()
         if a.breakdown:
             for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
                 breakdown(moe, torch.randn(t, conf.hidden_size, device=dev, dtype=dt), f"{name} {t} token(s)")

@@ -60,6 +60,9 @@ __all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_exp
 # steps of at most this many tokens run the expert products on the small-token kernel (an expert
 # gets at most T rows: a token chooses an expert once)
 EXPERT_KERNEL_ROWS = 16
+# the expert kernels' work split (16-column tiles a CTA, warps, stages) by (gated, rows <= 8), where
+# set; else the small-token product's defaults (benchmarks/bench_moe.py --expert-split measures)
+EXPERT_SPLIT: dict[tuple[bool, bool], tuple[int, int, int]] = {}
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 _GATED_LAYER = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
@@ -481,13 +484,16 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
         raise LinearInputError(f"expert_product: serves 1 to {limit} rows an expert, got {rows}")
     tiles = 8 << max(0, (rows - 1).bit_length() - 3)
     wtype, group = (w.wtype, w.group) if quant else (None, 0)
-    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S)
+    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S,
+           EXPERT_SPLIT.get((gated is not None, tiles == 8)))
     launcher = _KERNELS.get(key)
     if launcher is None:
         from .launch import device_arch, load_plan
+        rt, warps, stages = EXPERT_SPLIT.get((gated is not None, tiles == 8), (None, None, None)) if not quant \
+            else (None, None, None)
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          arch=device_arch(x.device), experts=E, gather=src is not None, wtype=wtype, group=group,
-                         fixed=S)
+                         fixed=S, rt=rt, warps=warps, stages=stages)
         launcher = _KERNELS[key] = load_plan(plan, x.device, cache)
     shape = (P, n // 2 if gated else n)
     if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device

@@ -108,6 +108,27 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     gemv(torch.randn(3, 3000, device="cuda", dtype=bf), w)
     gemv(torch.randn(11, 3000, device="cuda", dtype=bf), w, torch.randn(1000, device="cuda", dtype=bf),
          gated="silu", residual=torch.randn(11, 500, device="cuda", dtype=bf))
+    # mixture of experts: the permutation (with a shared expert's fixed slices), the expert
+    # kernels (decode: 5 tokens; empty experts), the grouped path (40 tokens), the combine
+    from layerforge.runtime.moe import MoE, MoEConfig
+    moe = MoE(MoEConfig(hidden=256, inter=128, experts=12, top_k=4, shared_inter=256, shared_gate=True),
+              dtype=bf, device="cuda")
+    with torch.no_grad():
+        for prm in moe.parameters():
+            prm.normal_(0, 0.05)
+        moe(torch.randn(5, 256, device="cuda", dtype=bf))
+        moe(torch.randn(40, 256, device="cuda", dtype=bf))
+    # multi-LoRA decode: 3 adapters of ranks 8 / 16 over q, k, v slices, tokens of no adapter
+    from layerforge.runtime.lora import AdapterBatch, LoRALinear, MultiLoRA
+    lora = MultiLoRA(256, (256, 64, 64), adapters=3, max_rank=16, dtype=bf, device="cuda")
+    for slot, r in enumerate((8, 16, 16)):
+        for part in range(3):
+            lora.set_adapter(slot, torch.randn(r, 256, device="cuda", dtype=bf),
+                             torch.randn(lora.slices[part], r, device="cuda", dtype=bf), 0.5, part=part)
+    lin = LoRALinear(torch.nn.Linear(256, 384, bias=True, device="cuda", dtype=bf), lora)
+    ids = torch.tensor([0, -1, 2, 1, 2, -1, 0], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        lin(torch.randn(7, 256, device="cuda", dtype=bf), AdapterBatch(ids, lora.adapters))
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
