@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .spec import ACTIVATIONS, AttentionSpec, ConfigError, ModelSpec
 
 if TYPE_CHECKING:
+    from ..runtime.mla import MLAConfig
     from ..runtime.moe import MoEConfig
 
 __all__ = ["FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
-           "bindings_from_spec", "read_config", "ConfigError"]
+           "bindings_from_spec", "read_config", "mla_shapes", "ConfigError"]
 
 # transformers' activation names -> ours (spec.ACTIVATIONS)
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -295,14 +297,15 @@ def qwen3(c: _Config) -> ModelSpec:
 
 
 def _moe_config(c: _Config, *, experts_keys: tuple[str, ...], inter_key: str, norm_topk_prob: bool,
-                shared_inter: int = 0, shared_gate: bool = False) -> MoEConfig:
-    """The family's runtime/moe.MoEConfig (softmax routing), its sizes read with the family's errors."""
+                shared_inter: int = 0, shared_gate: bool = False, **routing) -> MoEConfig:
+    """The family's runtime/moe.MoEConfig (softmax routing unless `routing` says otherwise: router,
+    n_group, topk_group, routed_scaling_factor), its sizes read with the family's errors."""
     from ..runtime.moe import MoEConfig   # imports torch: only configs of MoE models pay for it
     sizes = dict(hidden=c.int("hidden_size"), inter=c.int(inter_key), experts=c.int(*experts_keys),
                  top_k=c.int("num_experts_per_tok"))
     try:
         return MoEConfig(**sizes, norm_topk_prob=norm_topk_prob, shared_inter=shared_inter, shared_gate=shared_gate,
-                         activation=c.activation("hidden_act", default="silu"))
+                         activation=c.activation("hidden_act", default="silu"), **routing)
     except ValueError as e:   # top_k > experts, an activation with no gated kernel
         raise c.error(str(e).removeprefix("MoEConfig: ")) from None
 
@@ -343,6 +346,67 @@ def qwen3_moe(c: _Config) -> ModelSpec:
                       norm_topk_prob=c.bool("norm_topk_prob", False))
     return _llama_like(c, qk_norm=True, windows=_qwen_windows(c, lambda i, first: True),
                        moe=lambda n: (moe, _sparse_layers(c, n)))
+
+
+def _deepseek(c: _Config, *, routing: dict[str, Any], norm_topk_prob: bool, first_dense: int,
+              shared_experts: int) -> ModelSpec:
+    """DeepSeek-V2/V3: multi-head latent attention (runtime/mla.py) in every layer; the dense MLP of
+    intermediate_size in the first first_k_dense_replace layers, MoE layers after them (routed
+    experts of moe_intermediate_size; n_shared_experts of that size as one ungated shared expert)."""
+    from ..runtime.mla import MLAConfig   # imports torch: only configs of MLA models pay for it
+    base = _common(c)
+    n = base["num_layers"]
+    mla = MLAConfig.from_hf(dict(c.cfg))
+    c.rope(mla.qk_rope_head_dim)          # the RoPE parameters checked as every family's (MLAConfig keeps them)
+    first = c.int("first_k_dense_replace", default=first_dense, positive=False)
+    if c.int("moe_layer_freq", default=1) != 1:
+        raise c.error(f"'moe_layer_freq' {c.get('moe_layer_freq')} is not supported (1: every layer from "
+                      "first_k_dense_replace on is an MoE layer, as transformers builds it)")
+    inter = c.int("moe_intermediate_size")
+    moe = _moe_config(c, experts_keys=("n_routed_experts",), inter_key="moe_intermediate_size",
+                      norm_topk_prob=norm_topk_prob,
+                      shared_inter=inter * c.int("n_shared_experts", default=shared_experts, positive=False), **routing)
+    return ModelSpec(
+        model_type=c.family, **base, num_kv_heads=1, head_dim=mla.kv_lora_rank + mla.qk_rope_head_dim,
+        intermediate_size=c.int("intermediate_size", default=inter if first == 0 else None),
+        norm="rms", norm_eps=c.float("rms_norm_eps", default=1e-6),
+        attention=(AttentionSpec(definition="mla_attn"),) * n,
+        activation=c.activation("hidden_act", default="silu"), gated=True,
+        moe=moe, moe_layers=tuple(i >= first for i in range(n)), mla=mla,
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), extra={"config": dict(c.cfg)})
+
+
+def deepseek_v3(c: _Config) -> ModelSpec:
+    # noaux_tc routing: sigmoid scores plus e_score_correction_bias, the topk_group best of n_group
+    # groups, renormalised (norm_topk_prob), times routed_scaling_factor
+    method, scoring = c.get("topk_method", "noaux_tc"), c.get("scoring_func", "sigmoid")
+    if method != "noaux_tc" or scoring != "sigmoid":
+        raise c.error(f"'topk_method' {method!r} with 'scoring_func' {scoring!r} is not supported "
+                      "(noaux_tc with sigmoid: DeepSeek-V3's routing)")
+    routing = dict(router="grouped", n_group=c.int("n_group", default=8), topk_group=c.int("topk_group", default=4),
+                   routed_scaling_factor=c.float("routed_scaling_factor", default=2.5))
+    return _deepseek(c, routing=routing, norm_topk_prob=c.bool("norm_topk_prob", True), first_dense=3,
+                     shared_experts=1)
+
+
+def deepseek_v2(c: _Config) -> ModelSpec:
+    # greedy routing: softmax over the experts, top k, not renormalised, times routed_scaling_factor;
+    # moe_route serves it where that factor is 1 (DeepSeek-V2-Lite). DeepSeek-V2's group_limited_greedy
+    # (softmax scores, groups ranked by their best expert) has no routing layer yet.
+    method, scoring = c.get("topk_method", "greedy"), c.get("scoring_func", "softmax")
+    if method != "greedy" or scoring != "softmax":
+        raise c.error(f"'topk_method' {method!r} with 'scoring_func' {scoring!r} is not supported (greedy with "
+                      "softmax: DeepSeek-V2-Lite's; group_limited_greedy has no routing layer yet)")
+    scale = c.float("routed_scaling_factor", default=1.0)
+    if scale != 1.0:
+        raise c.error(f"'routed_scaling_factor' {scale} is not supported with greedy routing (1.0: the softmax "
+                      "routing layer does not scale its weights)")
+    if c.bool("norm_topk_prob", False):
+        raise c.error("'norm_topk_prob' true is not supported (transformers' DeepseekV2TopkRouter never "
+                      "renormalises, DeepSeek's code does: the config is ambiguous)")
+    if c.bool("mlp_bias", False):
+        raise c.error("'mlp_bias' true is not supported (the MoE layers' shared experts would have biases)")
+    return _deepseek(c, routing={}, norm_topk_prob=False, first_dense=0, shared_experts=2)
 
 
 def _gemma_common(c: _Config, *, gemma2: bool) -> ModelSpec:
@@ -491,11 +555,8 @@ FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
     "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
+    "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
 }
-# Not a family yet: DeepSeek-V2/V3 (MLA attention: runtime/mla.py). Their MoE layers are
-# runtime/moe.MoE's (config_from_hf: grouped routing, e_score_correction_bias, ungated shared
-# experts of moe_intermediate_size * n_shared_experts; the first first_k_dense_replace layers
-# dense), under model.layers.{i}.mlp.{gate, experts.{j}.*_proj, shared_experts.*_proj}.
 
 
 def spec_from_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> ModelSpec:
@@ -558,20 +619,24 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
         if bias:
             out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
 
-    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
+    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
+             "deepseek_v2", "deepseek_v3"):
         out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
         norm("final_norm", "model.norm")
         for i in range(spec.num_layers):
             p, L = f"model.layers.{i}", f"layers.{i}"
             a = f"{p}.self_attn"
             norm(f"{L}.attn_norm", f"{p}.input_layernorm")
-            if f == "phi3":
+            if spec.mla is not None:   # runtime/mla.MLAAttention's names are transformers'
+                out.update({f"{L}.attn.{n}": ("copy", (f"{a}.{n}",)) for n in mla_shapes(spec.mla)})
+            elif f == "phi3":
                 linear(f"{L}.attn.qkv", f"{a}.qkv_proj", spec.qkv_bias)
             else:
                 out[f"{L}.attn.qkv.weight"] = ("cat", tuple(f"{a}.{x}_proj.weight" for x in "qkv"))
                 if spec.qkv_bias:
                     out[f"{L}.attn.qkv.bias"] = ("cat", tuple(f"{a}.{x}_proj.bias" for x in "qkv"))
-            linear(f"{L}.attn.o", f"{a}.o_proj", spec.o_bias)
+            if spec.mla is None:
+                linear(f"{L}.attn.o", f"{a}.o_proj", spec.o_bias)
             if spec.is_moe(i):
                 out.update(_moe_names(spec, p, f"{L}.mlp", fused_experts))
             else:
@@ -660,6 +725,8 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
 # (transformers 5 names the block `mlp` in memory, for Mixtral too)
 _HUB_EXPERTS = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}
 _HUB_EXPERTS_DEFAULT = ("mlp", "gate_proj", "up_proj", "down_proj")
+# the shared expert's module in the MoE block (its gate_proj, up_proj, down_proj)
+_SHARED_EXPERT = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts"}
 
 
 def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> dict[str, Recipe]:
@@ -669,6 +736,8 @@ def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> 
     block, gate, up, down = _HUB_EXPERTS.get(spec.model_type, _HUB_EXPERTS_DEFAULT)
     hf = f"{layer}.{'mlp' if fused_experts else block}"
     out: dict[str, Recipe] = {f"{canon}.gate.weight": ("copy", (f"{hf}.gate.weight",))}
+    if m.router == "grouped":
+        out[f"{canon}.gate.e_score_correction_bias"] = ("copy", (f"{hf}.gate.e_score_correction_bias",))
     if fused_experts:
         out[f"{canon}.experts.gate_up_proj"] = ("copy", (f"{hf}.experts.gate_up_proj",))
         out[f"{canon}.experts.down_proj"] = ("copy", (f"{hf}.experts.down_proj",))
@@ -678,7 +747,7 @@ def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> 
             n for e in experts for n in (f"{e}.{gate}.weight", f"{e}.{up}.weight")))
         out[f"{canon}.experts.down_proj"] = ("stack", tuple(f"{e}.{down}.weight" for e in experts))
     if m.shared_inter:
-        s = f"{hf}.shared_expert"
+        s = f"{hf}.{_SHARED_EXPERT.get(spec.model_type, 'shared_expert')}"
         if m.shared_inter % m.inter == 0:   # runtime/moe.py's slices of the routed experts' size
             out[f"{canon}.shared_expert.gate_up_proj"] = ("shared_gate_up", (f"{s}.gate_proj.weight",
                                                                             f"{s}.up_proj.weight"))
@@ -719,7 +788,7 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
             have[key] = t
         elif key == tied:
             continue       # transformers' state_dict lists the tied head too
-        elif name.endswith(_IGNORED_SUFFIXES):
+        elif name.endswith(_IGNORED_SUFFIXES) or _prediction_layer(spec, name):
             continue
         else:
             unexpected.append(name)
@@ -769,6 +838,13 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
     return out
 
 
+def _prediction_layer(spec: ModelSpec, name: str) -> bool:
+    """Whether `name` is in a DeepSeek-V3 checkpoint's multi-token-prediction modules: layers past
+    num_hidden_layers (model.layers.61.* in DeepSeek-V3's), which transformers does not load either."""
+    m = re.match(r"(?:model\.)?layers\.(\d+)\.", name) if spec.model_type == "deepseek_v3" else None
+    return m is not None and int(m.group(1)) >= spec.num_layers
+
+
 def _heads3(spec: ModelSpec, t, name: str):
     """[H, 3, D] rows (each head's q, k, v together: GPT-NeoX, BLOOM) -> q rows, k rows, v rows."""
     Hq, D = spec.num_heads, spec.head_dim
@@ -811,15 +887,18 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for i in range(spec.num_layers):
         L = f"layers.{i}"
         norm(f"{L}.attn_norm")
-        out[f"{L}.attn.qkv.weight"] = (spec.qkv_size, H)
-        if spec.qkv_bias:
-            out[f"{L}.attn.qkv.bias"] = (spec.qkv_size,)
-        if spec.qk_norm:
-            out[f"{L}.attn.q_norm.weight"] = (D,)
-            out[f"{L}.attn.k_norm.weight"] = (D,)
-        out[f"{L}.attn.o.weight"] = (H, spec.num_heads * D)
-        if spec.o_bias:
-            out[f"{L}.attn.o.bias"] = (H,)
+        if spec.mla is not None:
+            out.update({f"{L}.attn.{n}": shape for n, shape in mla_shapes(spec.mla).items()})
+        else:
+            out[f"{L}.attn.qkv.weight"] = (spec.qkv_size, H)
+            if spec.qkv_bias:
+                out[f"{L}.attn.qkv.bias"] = (spec.qkv_size,)
+            if spec.qk_norm:
+                out[f"{L}.attn.q_norm.weight"] = (D,)
+                out[f"{L}.attn.k_norm.weight"] = (D,)
+            out[f"{L}.attn.o.weight"] = (H, spec.num_heads * D)
+            if spec.o_bias:
+                out[f"{L}.attn.o.bias"] = (H,)
         if spec.sandwich_norms:
             norm(f"{L}.post_attn_norm")
             norm(f"{L}.post_mlp_norm")
@@ -839,6 +918,29 @@ def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (V, H)
         if spec.lm_head_bias:
             out["lm_head.bias"] = (V,)
+    return out
+
+
+def mla_shapes(m: MLAConfig) -> dict[str, tuple[int, ...]]:
+    """runtime/mla.MLAAttention's tensors (transformers' DeepseekV3Attention names) and shapes."""
+    H, nh, L, R = m.hidden_size, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim
+    qk = m.qk_nope_head_dim + R
+    out: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, rows: int, cols: int, bias: bool):
+        out[f"{name}.weight"] = (rows, cols)
+        if bias:
+            out[f"{name}.bias"] = (rows,)
+    if m.q_lora_rank is None:
+        linear("q_proj", nh * qk, H, False)
+    else:
+        linear("q_a_proj", m.q_lora_rank, H, m.attention_bias)
+        out["q_a_layernorm.weight"] = (m.q_lora_rank,)
+        linear("q_b_proj", nh * qk, m.q_lora_rank, False)
+    linear("kv_a_proj_with_mqa", L + R, H, m.attention_bias)
+    out["kv_a_layernorm.weight"] = (L,)
+    linear("kv_b_proj", nh * (m.qk_nope_head_dim + m.v_head_dim), L, False)
+    linear("o_proj", H, nh * m.v_head_dim, m.attention_bias)
     return out
 
 
@@ -892,7 +994,8 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """Model-wide DSL bindings: dims H, F, Hq, Hkv, D; the attention consts every layer agrees on
     (a const that differs between layers, like Gemma-2's window, is left out); `eps` (the norms'
     runtime scalar); for Llama-3 RoPE, llama_attn's rope consts besides `rope_scaling` (the
-    two agree, so llama_attn takes both); for MoE models, moe_route's E, k and renormalize."""
+    two agree, so llama_attn takes both); for MoE models, the routing layer's consts (moe_route's E,
+    k and renormalize; moe_route_grouped's, and moe_route_sigmoid's renormalize and scaling)."""
     out: dict[str, Any] = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads,
                            "Hkv": spec.num_kv_heads, "D": spec.head_dim, "eps": spec.norm_eps}
     per_layer = [_attention_bindings(a) for a in spec.attention]
@@ -910,6 +1013,8 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
                 out[name] = scaling[0][key]
     if spec.moe is not None:
         out.update(_moe_route_bindings(spec.moe)[1])
+        if spec.moe.router == "grouped":   # moe_route_sigmoid's names of the same settings (its one group)
+            out.update(renormalize=spec.moe.norm_topk_prob, scaling=float(spec.moe.routed_scaling_factor))
     return out
 
 
@@ -929,8 +1034,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     """The stdlib definitions the model (models/model.py) uses, each with its bindings: its norms
     and their residual-add forms, the q/k norms (H = D) of Qwen3, its dense MLP's activation, its
     MoE layers' routing and experts' activation (F = the experts' size), and its attention block
-    once per distinct const set (with the model's RoPE scaling). No rope row layer: the attention
-    block and its KV append rotate q and k."""
+    once per distinct const set (with the model's RoPE scaling; not DeepSeek's latent attention,
+    which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
             "D": spec.head_dim}
     out: list[tuple[str, dict[str, Any]]] = []
@@ -951,6 +1056,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     out = [(n, dict(b)) for n, b in out]
     seen: list[tuple[str, dict[str, Any]]] = []
     for a in spec.attention:
+        if a.definition == "mla_attn":   # runtime/mla.py's block, not the stdlib's: MLAAttention builds it
+            continue
         b = {**dims, **_attention_bindings(a)}
         b = {k: v for k, v in b.items() if k not in ("H", "F")}
         if (a.definition, b) not in seen:

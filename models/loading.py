@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.layers import _dtype_name
+from .deepseek import DeepseekModel
 from .families import canonical_state_dict, spec_from_config
 from .model import DecoderModel
 from .spec import ConfigError
@@ -186,6 +187,7 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     """A DecoderModel with the weights of a transformers checkpoint folder (config.json plus
     model.safetensors, or shards with model.safetensors.index.json). The config's model_type
     picks the family (models/families.py); what the family cannot serve is a ConfigError.
+    Families with latent attention (DeepSeek-V2/V3) give a DeepseekModel (models/deepseek.py).
     kv_dtype / kv_scales: the paged cache's storage (DecoderModel)."""
     root = Path(folder)
     config_path = root / "config.json"
@@ -197,13 +199,17 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
         raise ConfigError(f"{config_path}: not JSON ({e})") from None
     spec = spec_from_config(config)
     q = quant_config(config)
+    if q is not None and spec.mla is not None:
+        raise ConfigError(f"config.json: a quantised {spec.model_type} checkpoint is not served (its latent "
+                          "attention's projections are read as float weights)")
     raw = load_tensors(checkpoint_files(root))
     if q is not None:
         raw = split_quantized(raw, q["method"])
     tensors = canonical_state_dict(spec, raw)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    model = DecoderModel(spec, dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program,
-                         kv_dtype=kv_dtype, kv_scales=kv_scales)
+    model = (DecoderModel if spec.mla is None else DeepseekModel)(
+        spec, dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program, kv_dtype=kv_dtype,
+        kv_scales=kv_scales)
     if q is None:
         model.load_state_dict(tensors, strict=True)
         return model.eval()

@@ -239,14 +239,17 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, index: int, attn: PagedAttention, rope, *, program: Program, dtype: str,
+    """attention: the layer's attention module, forward(x [T, H], ctx) -> [T, H] (Attention, or
+    another kind with its own step context: models/deepseek.py's MLA)."""
+
+    def __init__(self, spec: ModelSpec, index: int, attention: torch.nn.Module, *, program: Program, dtype: str,
                  device=None):
         super().__init__()
         norm = dict(bias=spec.norm_bias, program=program, dtype=dtype, device=device)
         H, eps = spec.hidden_size, spec.norm_eps
         self.residual = spec.residual
         self.attn_norm = Norm(spec.norm, H, eps, **norm)
-        self.attn = Attention(spec, index, attn, rope, program=program, dtype=dtype, device=device)
+        self.attn = attention
         self.post_attn_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
         self.mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.residual != "parallel_shared" else None
         self.mlp = (MoE(spec.moe, dtype=dtype, device=device, program=program) if spec.is_moe(index) else
@@ -300,16 +303,20 @@ class DecoderModel(torch.nn.Module):
         self.embed_norm = Norm(spec.norm, H, spec.norm_eps, **norm) if spec.embed_norm else None
         # one attention module (kernels) per distinct attention spec, shared by the layers that have it
         self._attention: dict[AttentionSpec, tuple[PagedAttention, Any]] = {}
-        layers = []
-        for i, aspec in enumerate(spec.attention):
-            attn, rope = self._attention_for(aspec, prog, dname)
-            layers.append(DecoderLayer(spec, i, attn, rope, program=prog, dtype=dname, device=device))
-        self.layers = torch.nn.ModuleList(layers)
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(spec, i, self._make_attention(i, prog, dname, device), program=prog, dtype=dname,
+                         device=device) for i in range(spec.num_layers))
         self.final_norm = Norm(spec.norm, H, spec.norm_eps, **norm)
         self.lm_head = (None if spec.tie_word_embeddings else
                         torch.nn.Linear(H, spec.vocab_size, bias=spec.lm_head_bias, dtype=td, device=device))
         self._embed_scale = spec.embed_scale
         self.fused_decode = True   # decode steps on the fused small-token products where they serve (fuses())
+
+    def _make_attention(self, index: int, prog: Program, dname: str, device) -> torch.nn.Module:
+        """Layer `index`'s attention module (a subclass with another kind of attention and cache
+        overrides this, make_cache and context)."""
+        attn, rope = self._attention_for(self.spec.attention[index], prog, dname)
+        return Attention(self.spec, index, attn, rope, program=prog, dtype=dname, device=device)
 
     def _attention_for(self, aspec: AttentionSpec, prog: Program, dname: str):
         hit = self._attention.get(aspec)

@@ -35,16 +35,33 @@ place of the dense MLP's tensors, runtime/moe.MoE's under `layers.{i}.mlp.`:
     layers.{i}.mlp.gate.e_score_correction_bias    [E] f32      router == "grouped" (DeepSeek-V3)
     layers.{i}.mlp.experts.gate_up_proj            [E, 2Fe, H]  each expert's gate rows, then its up rows
     layers.{i}.mlp.experts.down_proj               [E, H, Fe]
-    layers.{i}.mlp.shared_expert.gate_up.weight    [2Fs, H]     shared_inter (Qwen2-MoE): gate rows, then up rows
+    layers.{i}.mlp.shared_expert.gate_up_proj      [S, 2Fe, H]  a shared expert of Fs = S Fe (Qwen2-MoE, DeepSeek's
+    layers.{i}.mlp.shared_expert.down_proj         [S, H, Fe]   n_shared_experts): in S slices of the experts' size
+    layers.{i}.mlp.shared_expert.gate_up.weight    [2Fs, H]     other shared_inter: gate rows, then up rows
     layers.{i}.mlp.shared_expert.down.weight       [H, Fs]
     layers.{i}.mlp.shared_expert_gate.weight       [1, H]       shared_gate (Qwen2-MoE: sigmoid gate on it)
+
+A model with multi-head latent attention (spec.mla: DeepSeek-V2/V3, runtime/mla.MLAConfig: nh
+heads, N = qk_nope_head_dim, R = qk_rope_head_dim, L = kv_lora_rank, Dv = v_head_dim, Q =
+q_lora_rank) has, in place of attn.qkv and attn.o, runtime/mla.MLAAttention's tensors (as
+transformers names them) under `layers.{i}.attn.`; the biases with attention_bias:
+
+    layers.{i}.attn.q_proj.weight                  [nh (N + R), H]   q_lora_rank null; else the next three
+    layers.{i}.attn.q_a_proj.weight / .bias        [Q, H]
+    layers.{i}.attn.q_a_layernorm.weight           [Q]
+    layers.{i}.attn.q_b_proj.weight                [nh (N + R), Q]
+    layers.{i}.attn.kv_a_proj_with_mqa.weight / .bias   [L + R, H]
+    layers.{i}.attn.kv_a_layernorm.weight          [L]
+    layers.{i}.attn.kv_b_proj.weight               [nh (N + Dv), L]
+    layers.{i}.attn.o_proj.weight / .bias          [H, nh Dv]
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:   # runtime/moe.py imports torch; a spec of a dense model needs none
+if TYPE_CHECKING:   # runtime/moe.py and runtime/mla.py import torch; a spec of a dense model needs none
+    from ..runtime.mla import MLAConfig
     from ..runtime.moe import MoEConfig
 
 NORMS = ("rms", "rms_1p", "layer")          # RMSNorm, Gemma's RMSNorm with (1 + w), LayerNorm (bias per norm_bias)
@@ -65,7 +82,9 @@ class AttentionSpec:
     definition: a stdlib attention block (dsl/stdlib/attention.lf): "decoder_attn" (causal;
     RoPE over the first rotary_dim dims of each head, 0 = all; window, softcap and
     query_scalar 0 = none), "bloom_attn" (ALiBi), "falcon_alibi_attn" (ALiBi added before the
-    1/sqrt(D) scaling, as Falcon does), "gpt2_attn" (no positions in attention). consts: its
+    1/sqrt(D) scaling, as Falcon does), "gpt2_attn" (no positions in attention); or "mla_attn",
+    DeepSeek's latent attention (runtime/mla.py's block, not the stdlib's), no consts: its sizes
+    and RoPE are ModelSpec.mla's. consts: its
     const parameters (theta, rotary_dim, window, softcap, query_scalar, max_bias). rope_scaling: the config's rope parameters for scaled
     RoPE (llama3, linear, yarn, ...) as (rope_parameters dict, max_position_embeddings), or None.
     """
@@ -107,6 +126,9 @@ class ModelSpec:
     # layer whether it is one (else it has the dense MLP above, of intermediate_size)
     moe: MoEConfig | None = None
     moe_layers: tuple[bool, ...] = ()   # one per layer with moe, () without
+    # multi-head latent attention (DeepSeek-V2/V3): every layer's attention is runtime/mla.MLAAttention
+    # of these sizes (attention: "mla_attn" each; num_kv_heads 1 and head_dim L + R, the latent rows)
+    mla: MLAConfig | None = None
     # embeddings and head
     positions: str = "rope"         # one of POSITIONS (informational: attention carries RoPE / ALiBi)
     max_positions: int | None = None    # learned positions: rows of pos_embed

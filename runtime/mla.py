@@ -23,7 +23,9 @@ Two paths:
   scaled_dot_product_attention, which takes Dqk != Dv: an interim until a prefill kernel of
   ours serves Dqk 192 / Dv 128. On CPU tensors the paged path runs the same steps with torch
   ops in place of the kernels (the decode's float64 reference), so its logic is tested without
-  a GPU.
+  a GPU. `step` is this path for a step of a model's layer: ragged tokens of several sequences,
+  each sequence decoding or prefilling, over the layer's pages of a cache of many layers
+  (models/deepseek.py).
 """
 from __future__ import annotations
 
@@ -70,14 +72,15 @@ class MLAConfig:
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     rope_theta: float = 10000.0
-    rope_parameters: dict = field(default_factory=dict)   # transformers' rope_parameters (type, factor, ...)
+    rope_parameters: dict = field(default_factory=dict, hash=False)   # transformers' (type, factor, ...)
     max_position_embeddings: int | None = None
 
     @classmethod
     def from_hf(cls, config) -> "MLAConfig":
         """From a transformers DeepseekV2/V3 config (object or dict), read as the model registry
         reads configs: a missing or mistyped key is a ConfigError naming it; the defaults are
-        transformers' (q_lora_rank null: no q LoRA)."""
+        transformers' (q_lora_rank null: no q LoRA). The latent norms keep eps 1e-6 whatever the
+        config's rms_norm_eps (the decoder's norms): transformers' and DeepSeek's code build them so."""
         d = config if isinstance(config, dict) else config.to_dict()
         c = _Config(str(d.get("model_type") or "deepseek_v3"), d)
         if not c.bool("rope_interleave", True):
@@ -89,7 +92,7 @@ class MLAConfig:
                    q_lora_rank=c.int("q_lora_rank") if c.has("q_lora_rank") else None,
                    kv_lora_rank=c.int("kv_lora_rank"), qk_nope_head_dim=c.int("qk_nope_head_dim"),
                    qk_rope_head_dim=c.int("qk_rope_head_dim"), v_head_dim=c.int("v_head_dim"),
-                   rms_norm_eps=c.float("rms_norm_eps", default=1e-6), attention_bias=c.bool("attention_bias", False),
+                   attention_bias=c.bool("attention_bias", False),
                    rope_theta=theta, rope_parameters=rp,
                    max_position_embeddings=c.int("max_position_embeddings") if c.has("max_position_embeddings") else None)
 
@@ -242,40 +245,62 @@ class MLAAttention(torch.nn.Module):
     def _forward_paged(self, hidden, cache, seq_ids):
         c = self.config
         B, S, _ = hidden.shape
-        nh, L, R = c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        q_nope, q_rope, latent, k_rope = self._project(hidden)
         if cache is None:   # a prefill of the S tokens among themselves
+            q_nope, q_rope, latent, k_rope = self._project(hidden)
             pos = torch.arange(S, device=hidden.device).expand(B, S)
             k_rope = self._rotate(k_rope, pos)
             out = self._prefill(q_nope, self._rotate(q_rope, pos), latent, k_rope, past=0)
-            return self.o_proj(out.reshape(B, S, nh * c.v_head_dim))
+            return self.o_proj(out.reshape(B, S, c.num_heads * c.v_head_dim))
         seqs = np.arange(B) if seq_ids is None else np.asarray(seq_ids, dtype=np.int64).reshape(-1)
         if seqs.shape != (B,) or len(set(seqs.tolist())) != B:
             raise ValueError(f"MLAAttention: seq_ids must be {B} distinct sequences (one per row), got {seqs.tolist()}")
+        past = np.array([cache.seq_len(int(s)) for s in seqs])
+        cache.reserve(seqs, past + S)
+        positions = (past[:, None] + np.arange(S)).reshape(-1)
+        return self.step(hidden.reshape(B * S, -1), cache, np.repeat(seqs, S), positions).view(B, S, -1)
+
+    @torch.no_grad()
+    def step(self, hidden: torch.Tensor, cache: PagedLatentCache, seq_ids, positions, *, layer: int = 0
+             ) -> torch.Tensor:
+        """A step of T tokens of one or more sequences over a paged cache (a model's layer `layer`):
+        hidden [T, hidden]; seq_ids and positions (host ints [T]) each token's sequence and
+        position, a sequence's tokens at consecutive positions in order, their pages allocated.
+        The tokens' rows are written into layer `layer`'s pages; then a sequence with one token,
+        its last, attends in the absorbed form (the decode kernel on CUDA), one with several (a
+        prompt chunk, after its cached tokens or not) in the non-absorbed form. Returns [T, hidden]."""
+        c = self.config
+        T = hidden.shape[0]
+        nh, L, R = c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
         if (cache.latent_dim, cache.rope_dim) != (L, R):
             raise ValueError(f"MLAAttention: the cache holds latent {cache.latent_dim} + rope {cache.rope_dim}, "
                              f"the layer {L} + {R}")
-        past = np.array([cache.seq_len(int(s)) for s in seqs])
-        cache.reserve(seqs, past + S)
-        pos = cache.append(np.repeat(seqs, S), latent.reshape(B * S, L).contiguous(),
-                           k_rope.reshape(B * S, R).contiguous(), self.rope)
-        pos = pos.to(device=hidden.device, dtype=torch.int64).view(B, S)
-        q_rope = self._rotate(q_rope, pos)
-        if S == 1:   # decode: the absorbed form over the pages
+        ids = np.asarray(seq_ids, dtype=np.int64).reshape(-1)
+        q_nope, q_rope, latent, k_rope = (t[0] for t in self._project(hidden[None]))
+        pos = cache.append(ids, latent.contiguous(), k_rope.contiguous(), self.rope, positions=positions, layer=layer)
+        q_rope = self._rotate(q_rope[None], pos.to(device=hidden.device, dtype=torch.int64)[None])[0]
+        pos = pos.numpy().astype(np.int64)
+        out = hidden.new_empty(T, nh, c.v_head_dim)
+        seqs, first, counts = np.unique(ids, return_index=True, return_counts=True)
+        decode = (counts == 1) & (pos[first] == cache.seq_lens_host[seqs] - 1)
+        if decode.any():   # the absorbed form over the pages
+            rows = first[decode]
+            r = torch.from_numpy(rows).to(hidden.device)
             w_uk, w_uv = self._absorbed()
-            q_lat = torch.einsum("bhn,hnl->bhl", q_nope[:, 0], w_uk)
-            q = torch.cat([q_lat, q_rope[:, 0]], dim=-1).contiguous()          # [B, nh, L + R]: the cache's row order
-            o_lat = self._decoder(cache)(q, cache.cache, cache.page_table, cache.seq_lens,
-                                         torch.from_numpy(seqs.astype(np.int32)).to(hidden.device),
-                                         scale=c.softmax_scale, max_kv_len=int(past.max()) + 1)
-            out = torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
-        else:        # prefill over the cached tokens and the new ones
-            out = torch.stack([self._prefill(q_nope[b:b + 1], q_rope[b:b + 1], *self._cached(cache, int(s)),
-                                             past=int(p))[0] for b, (s, p) in enumerate(zip(seqs, past))])
-        return self.o_proj(out.reshape(B, S, nh * c.v_head_dim))
+            q_lat = torch.einsum("bhn,hnl->bhl", q_nope[r], w_uk)
+            q = torch.cat([q_lat, q_rope[r]], dim=-1).contiguous()          # [n, nh, L + R]: the cache's row order
+            o_lat = self._decoder(cache)(q, cache.layer(layer), cache.page_table, cache.seq_lens,
+                                         torch.from_numpy(ids[rows].astype(np.int32)).to(hidden.device),
+                                         scale=c.softmax_scale, max_kv_len=int(pos[rows].max()) + 1)
+            out[r] = torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
+        for s in seqs[~decode]:   # prompt chunks: over the cached tokens and the new ones
+            rows = np.flatnonzero(ids == s)
+            r = torch.from_numpy(rows).to(hidden.device)
+            out[r] = self._prefill(q_nope[r][None], q_rope[r][None], *self._cached(cache, int(s), layer),
+                                   past=int(pos[rows[0]]))[0]
+        return self.o_proj(out.reshape(T, nh * c.v_head_dim))
 
-    def _cached(self, cache: PagedLatentCache, seq: int):
-        rows = cache.gather(seq)[None]                                      # [1, n, L + R]
+    def _cached(self, cache: PagedLatentCache, seq: int, layer: int = 0):
+        rows = cache.gather(seq, layer)[None]                               # [1, n, L + R]
         return rows[..., :self.config.kv_lora_rank], rows[..., self.config.kv_lora_rank:]
 
     def _prefill(self, q_nope, q_rope, latent, k_rope, *, past: int) -> torch.Tensor:

@@ -47,10 +47,34 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
         "qwen3_moe": ("Qwen3MoeConfig", dict(common, num_key_value_heads=2, head_dim=head_dim, num_experts=6,
                                              num_experts_per_tok=2, moe_intermediate_size=H // 2,
                                              norm_topk_prob=True)),
+        # DeepSeek (latent attention: models/deepseek.py): latent 32 + RoPE 32 channels a token (the GPU
+        # decode kernel takes multiples of 64); the first layer dense, then MoE layers with a shared
+        # expert of n_shared_experts x moe_intermediate_size. V3: 8 experts in 4 groups, 2 kept, a q
+        # LoRA, rms_norm_eps 1e-5 (the latent norms keep 1e-6); V3 with YaRN: no q LoRA, attention
+        # biases, no renormalisation; V2(-Lite): greedy softmax routing. initializer_range 0.1: the
+        # attention changes the logits enough to show
+        "deepseek_v3": ("DeepseekV3Config", dict(common, **_mla(H), num_hidden_layers=3, q_lora_rank=48,
+                                                 n_routed_experts=8, n_group=4, topk_group=2, n_shared_experts=2,
+                                                 rms_norm_eps=1e-5)),
+        "deepseek_v3_yarn": ("DeepseekV3Config", dict(common, **_mla(H), q_lora_rank=None, attention_bias=True,
+                                                      n_routed_experts=6, n_group=2, topk_group=1, n_shared_experts=1,
+                                                      norm_topk_prob=False, routed_scaling_factor=1.5,
+                                                      rope_parameters=dict(
+                                                          rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                          original_max_position_embeddings=64, beta_fast=32.0,
+                                                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
+        "deepseek_v2": ("DeepseekV2Config", dict(common, **_mla(H), q_lora_rank=None, n_routed_experts=6,
+                                                 n_shared_experts=2)),
     }
 
 
+def _mla(H: int) -> dict:
+    return dict(kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1,
+                num_experts_per_tok=2, moe_intermediate_size=H // 2, initializer_range=0.1)
+
+
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")   # MoE layers too
 
 
 def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=torch.float32):
@@ -64,6 +88,9 @@ def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=tor
         for n, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
+        for n, b in model.named_buffers():   # DeepSeek-V3's router bias: a buffer, zero at init
+            if n.endswith("e_score_correction_bias"):
+                b.add_(torch.randn_like(b) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

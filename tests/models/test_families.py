@@ -387,8 +387,8 @@ def test_module_takes_eps_from_the_config(name, cfg, eps):
 def test_configs_without_a_known_model_type_bind_as_before():
     cfg = {"hidden_size": 64, "num_attention_heads": 4, "sliding_window": 128, "rope_theta": 1e4}
     assert dims_from_config(cfg) == {"H": 64, "Hq": 4, "Hkv": 4, "D": 16, "theta": 1e4, "window": 128}
-    deepseek = {**cfg, "model_type": "deepseek_v3", "n_routed_experts": 8}
-    assert dims_from_config(deepseek)["E"] == 8
+    glm = {**cfg, "model_type": "glm4_moe", "n_routed_experts": 8}   # not a family: read by key names
+    assert dims_from_config(glm)["E"] == 8
 
 
 def test_a_config_the_registry_refuses_is_an_error_in_the_binding():
@@ -485,7 +485,9 @@ def hf_models():
 
 
 def test_every_family_is_covered():
-    assert {k.split("_")[0] if k.startswith("falcon") else k for k in hf_configs()} == set(FAMILIES)
+    # DeepSeek's latent attention has no q/k/v rows: tests/models/test_deepseek.py covers its families
+    assert {k.split("_")[0] if k.startswith("falcon") else k for k in hf_configs()} == \
+        set(FAMILIES) - {"deepseek_v2", "deepseek_v3"}
 
 
 @pytest.mark.parametrize("name", list(hf_configs()))

@@ -12,7 +12,7 @@ from layerforge.models.engine import Engine, EngineError, generate
 from layerforge.runtime.moe import MoE
 from layerforge.runtime.quant import QuantLinear
 
-from .hf_tiny import MOE_FAMILIES, make_tiny, routed_logits, tiny_configs, tiny_loader
+from .hf_tiny import MLA_FAMILIES, MOE_FAMILIES, make_tiny, routed_logits, tiny_configs, tiny_loader
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def test_greedy_generation_is_token_identical(loaded, name):
     assert ours.generate(prompt, max_new_tokens=16)[0] == ref
 
 
-@pytest.mark.parametrize("name", MOE_FAMILIES)
+@pytest.mark.parametrize("name", MOE_FAMILIES + MLA_FAMILIES)
 def test_moe_bf16_logits_match_transformers_where_the_routing_agrees(tmp_path, name):
     """In bf16 a few tokens' top-k choice is a near tie that rounding tips the other way; where
     every MoE layer chose transformers' experts (for the position and those before it: most of
@@ -56,7 +56,7 @@ def test_moe_bf16_logits_match_transformers_where_the_routing_agrees(tmp_path, n
     assert err <= 3e-2 * ref.abs().max().item(), err
 
 
-@pytest.mark.parametrize("name", MOE_FAMILIES)
+@pytest.mark.parametrize("name", MOE_FAMILIES + MLA_FAMILIES)
 def test_moe_checkpoint_with_stacked_experts_loads(tmp_path, name):
     """save_pretrained writes the Hub's names, one tensor an expert (the tests above load those);
     with save_original_format=False it writes transformers 5's stacked experts, which load too."""
