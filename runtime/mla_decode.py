@@ -84,7 +84,7 @@ class MLADecode:
             hit = (main, merge, itemgetter(*(a.ref for a in plan.kernels[0].args)),
                    itemgetter(*(a.ref for a in plan.kernels[1].args)))
             self._kernels[dev.index] = hit
-            return hit
+        return hit
 
     def _check(self, name, t, dtype, shape, dev):
         if not isinstance(t, torch.Tensor):

@@ -281,7 +281,9 @@ def test_mla_prefill_logits_match_transformers_where_the_routing_agrees(loaded, 
     got, ref, agree = routed_logits(hf, ours, ids)
     assert agree.sum() >= ids.numel() // 4, agree.sum(-1)
     agree = agree.to(got.device)
-    _close(got[agree], ref[agree])
+    # bf16 through three layers of latent attention and experts, both sides: 3.1 % of the largest
+    # logit measured (deepseek_v2, H200), so 4 %
+    _close(got[agree], ref[agree], rel=4e-2)
 
 
 @pytest.mark.parametrize("name", MLA_FAMILIES)
