@@ -97,6 +97,8 @@ class GemvPlan(ProductPlan):
     gather: bool = False         # experts: x's rows read through src (the tokens), not in the sorted order
     fixed: int = 0               # experts: the last `fixed` of them read W from a second stack (w_fixed:
                                  # a shared expert cut into slices of the routed experts' size)
+    compact: bool = False        # experts: grid y spans min(experts, rows) CTAs, CTA y the expert active[y]
+                                 # (the permutation's list of experts with rows): no CTAs of empty experts
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -133,6 +135,8 @@ class GemvPlan(ProductPlan):
             raise ValueError("gemv: gather reads x through an expert product's src: it needs experts > 0")
         if not isinstance(self.fixed, int) or isinstance(self.fixed, bool) or not 0 <= self.fixed <= self.experts:
             raise ValueError(f"gemv: fixed must be an int in [0, experts], got {self.fixed!r}")
+        if self.compact and not self.experts:
+            raise ValueError("gemv: compact lists an expert product's experts: it needs experts > 0")
         if self.fixed and self.wtype:
             raise ValueError("gemv: a second (shared) expert stack is served with unquantised weights only")
         if self.experts and (self.residual or self.norm):
@@ -152,7 +156,8 @@ class GemvPlan(ProductPlan):
         if self.norm:
             parts.append(self.norm + ("1p" if self.norm_offset else ""))
         if self.experts:
-            parts.append(f"e{self.experts}" + (f"f{self.fixed}" if self.fixed else "") + ("gx" if self.gather else ""))
+            parts.append(f"e{self.experts}" + (f"f{self.fixed}" if self.fixed else "") + ("gx" if self.gather else "")
+                         + ("a" if self.compact else ""))
         parts.append(f"r{self.rt}w{self.warps}s{self.stages}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
@@ -193,7 +198,8 @@ class GemvPlan(ProductPlan):
         d = {"dtype": self.dtype, "n": self.n, "k": self.k, "max_m": self.max_m, "gated": self.gated,
              "bias": self.bias, "residual": self.residual, "norm": self.norm, "norm_offset": self.norm_offset,
              "n_out": self.n_out}
-        d |= {"experts": self.experts, "gather": self.gather, "fixed": self.fixed} if self.experts else {}
+        d |= {"experts": self.experts, "gather": self.gather, "fixed": self.fixed, "compact": self.compact} \
+            if self.experts else {}
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
 
 
@@ -253,9 +259,12 @@ def _abi(plan: GemvPlan) -> KernelABI:
     if plan.experts:   # the permutation: each expert's first sorted row, and the token of each sorted row
         args += [Arg("offsets", "const int* __restrict__", "input")]
         args += [Arg("src", "const int* __restrict__", "input")] if plan.gather else []
-    grid = (f"cdiv({plan.n_out}, {16 * plan.rt})",) + ((str(plan.experts),) if plan.experts else ())
+        args += [Arg("active", "const int* __restrict__", "input")] if plan.compact else []
+    experts = f"min({plan.experts}, rows)" if plan.compact else str(plan.experts)
+    grid = (f"cdiv({plan.n_out}, {16 * plan.rt})",) + ((experts,) if plan.experts else ())
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=grid,
-                     block=(32 * plan.warps,), shared_bytes=plan.shared_bytes, problem=(), pdl=plan.pdl)
+                     block=(32 * plan.warps,), shared_bytes=plan.shared_bytes,
+                     problem=("rows",) if plan.compact else (), pdl=plan.pdl)
 
 
 @functools.lru_cache(maxsize=256)
@@ -266,7 +275,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
-                  EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan),
+                  EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan),
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
 
@@ -289,7 +298,8 @@ def _s_stride(plan: GemvPlan) -> int:
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
-              group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0) -> GemvPlan:
+              group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
+              compact: bool = False) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised (the module's docstring)."""
@@ -331,4 +341,4 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
-                    fixed=fixed)
+                    fixed=fixed, compact=compact)

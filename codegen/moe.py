@@ -112,10 +112,13 @@ class MoeAlignPlan(KernelPlan):
     k: int
     fixed: int = 0      # experts E .. E + fixed - 1 every token visits after its k (a shared expert in
                         # fixed slices of the routed experts' size): pairs T (k + fixed), E + fixed experts
+    active: bool = False   # also list the experts with pairs (int32 [E + fixed + 1]: the list, its length last)
     arch: str = "sm_90"
 
     def __post_init__(self):
         _check_common("moe align", self.arch, {"experts": self.experts, "k": self.k})
+        if not isinstance(self.active, bool):
+            raise ValueError(f"moe align: active must be a bool, got {self.active!r}")
         if not isinstance(self.fixed, int) or isinstance(self.fixed, bool) or self.fixed < 0:
             raise ValueError(f"moe align: fixed must be a non-negative int, got {self.fixed!r}")
         if self.experts + self.fixed > MAX_EXPERTS:
@@ -126,7 +129,8 @@ class MoeAlignPlan(KernelPlan):
     @property
     def key(self) -> str:
         fixed = f"_f{self.fixed}" if self.fixed else ""
-        return f"moe_align_e{self.experts}_k{self.k}{fixed}_{_arch_key(self.arch)}"
+        active = "_active" if self.active else ""
+        return f"moe_align_e{self.experts}_k{self.k}{fixed}{active}_{_arch_key(self.arch)}"
 
     @property
     def shared(self) -> SharedLayout:
@@ -142,7 +146,7 @@ class MoeAlignPlan(KernelPlan):
         return _align_source(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"experts": self.experts, "k": self.k, "fixed": self.fixed}
+        return {"experts": self.experts, "k": self.k, "fixed": self.fixed, "active": self.active}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,8 +226,8 @@ class MoeCombinePlan(KernelPlan):
                 "shared_gate": self.shared_gate, "residual": self.residual, "fixed": self.fixed}
 
 
-def plan_moe_align(*, experts: int, k: int, fixed: int = 0, arch: str = "sm_90") -> MoeAlignPlan:
-    return MoeAlignPlan(experts=experts, k=k, fixed=fixed, arch=arch)
+def plan_moe_align(*, experts: int, k: int, fixed: int = 0, active: bool = False, arch: str = "sm_90") -> MoeAlignPlan:
+    return MoeAlignPlan(experts=experts, k=k, fixed=fixed, active=active, arch=arch)
 
 
 def plan_moe_gather(*, hidden: int, dtype: str, arch: str = "sm_90") -> MoeGatherPlan:
@@ -244,6 +248,7 @@ _I32_IN, _I32_OUT = "const int* __restrict__", "int* __restrict__"
 def _align_abi(plan: MoeAlignPlan) -> KernelABI:
     args = (Arg("ids", _I32_IN, "input"), Arg("offsets", _I32_OUT, "output", "0"),
             Arg("pos", _I32_OUT, "output", "1"), Arg("src", _I32_OUT, "output", "2"),
+            *((Arg("active", _I32_OUT, "output", "3"),) if plan.active else ()),
             Arg("n_pairs", "int", "dim", "pairs"))
     return KernelABI(name=plan.kernel_name, args=args, grid=("1",), block=(ALIGN_WARPS * 32,),
                      shared_bytes=plan.shared.bytes)
@@ -254,7 +259,7 @@ def _align_source(plan: MoeAlignPlan) -> str:
     layout = plan.shared
     return render("cuda/moe_align.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
                   common=read_template("cuda/common.cuh"), signature=plan.abi.signature, experts=plan.experts,
-                  k=plan.k, fixed=plan.fixed, warps=ALIGN_WARPS, batch=ALIGN_BATCH, hist_offset=layout.offsets["hist"],
+                  k=plan.k, fixed=plan.fixed, active=plan.active, warps=ALIGN_WARPS, batch=ALIGN_BATCH, hist_offset=layout.offsets["hist"],
                   sums_offset=layout.offsets["warp_sums"])
 
 

@@ -272,18 +272,22 @@ class MoE(torch.nn.Module):
         S = self.shared_slices
         # the shared slices as experts E .. E + S - 1 that every token visits: sorted last, rows
         # T k .. T (k + S) - 1 of the products (slice j's rows: the tokens in order)
-        offsets, pos, src = moe_align(ids, cfg.experts, fixed=S)
+        # decode: the experts with rows listed too, so the expert kernels launch CTAs for them only
+        offsets, pos, src, *act = moe_align(ids, cfg.experts, fixed=S, active=decode)
+        active = act[0] if act else None
         g = self._gate_logit(x2)
         if decode and S and not quant:
             sh = self.shared_expert
-            h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation, fixed=sh.gate_up_proj)
-            y = expert_product(h, wd, offsets, None, rows=T, fixed=sh.down_proj)
+            h = expert_product(x2, wgu, offsets, src, rows=T, gated=cfg.activation, fixed=sh.gate_up_proj,
+                               active=active)
+            y = expert_product(h, wd, offsets, None, rows=T, fixed=sh.down_proj, active=active)
             return moe_combine(y, pos, weights, fixed=S, gate_logit=g)
         routed = offsets[: cfg.experts + 1]
         P = T * cfg.top_k
-        if decode:
-            h = expert_product(x2, wgu, routed, src[:P], rows=T, gated=cfg.activation)
-            y = expert_product(h, wd, routed, None, rows=T)
+        if decode:   # (the list names the fixed experts too: not for the routed ones alone)
+            listed = active if not S else None
+            h = expert_product(x2, wgu, routed, src[:P], rows=T, gated=cfg.activation, active=listed)
+            y = expert_product(h, wd, routed, None, rows=T, active=listed)
         else:
             if quant:   # W dequantised for the grouped GEMM
                 wgu, wd = dequantize_experts(wgu), dequantize_experts(wd)
@@ -449,14 +453,15 @@ class QuantExperts:
 
 
 def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor | None, *, rows: int,
-                   gated: str | None = None, fixed: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   cache=None) -> torch.Tensor:
+                   gated: str | None = None, fixed: torch.Tensor | None = None, active: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """y [P, N_out] over the sorted rows of the permutation: sorted row j (of expert e, offsets[e]
     <= j < offsets[e + 1]) is x[src[j]] (or x[j] when src is None) @ w[e]^T, then act(gate) * up over
     the two halves when gated. w: [E, N, K] (bf16/f16, as x) or QuantExperts (u4 / i8 weight-only,
     f8e4m3 W8A8 with x quantised per 128-k chunk inside, sm_89+); fixed: [S, N, K] more experts
     E .. E + S - 1 (a shared expert's slices; offsets then [E + S + 1]); `rows`: at most this many
-    rows an expert (the plan's token tiles: 8 to 64; f8e4m3 16); `out`: where y goes (else new)."""
+    rows an expert (the plan's token tiles: 8 to 64; f8e4m3 16); active: moe_align's list of the
+    experts with rows (int32 [E (+ S) + 1]): the grid spans only them; `out`: where y goes (else new)."""
     quant = isinstance(w, QuantExperts)
     if not quant and (not isinstance(w, torch.Tensor) or w.dim() != 3):
         raise LinearInputError(f"expert_product: w must be [E, N, K] or QuantExperts, got {type(w).__name__} "
@@ -482,9 +487,11 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
     limit = 16 if quant and w.wtype == "f8e4m3" else 64
     if not 1 <= rows <= limit:
         raise LinearInputError(f"expert_product: serves 1 to {limit} rows an expert, got {rows}")
+    if active is not None and (active.shape != (E + 1,) or active.dtype != torch.int32 or active.device != x.device):
+        raise LinearInputError(f"expert_product: active must be int32 [{E + 1}] on {x.device}")
     tiles = 8 << max(0, (rows - 1).bit_length() - 3)
     wtype, group = (w.wtype, w.group) if quant else (None, 0)
-    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S,
+    key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S, active is not None,
            EXPERT_SPLIT.get((gated is not None, tiles == 8)))
     launcher = _KERNELS.get(key)
     if launcher is None:
@@ -493,7 +500,7 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
             else (None, None, None)
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          arch=device_arch(x.device), experts=E, gather=src is not None, wtype=wtype, group=group,
-                         fixed=S, rt=rt, warps=warps, stages=stages)
+                         fixed=S, compact=active is not None, rt=rt, warps=warps, stages=stages)
         launcher = _KERNELS[key] = load_plan(plan, x.device, cache)
     shape = (P, n // 2 if gated else n)
     if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device
@@ -504,7 +511,10 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
     weights = ([_packed(w.q, 16), _packed(w.s, 16)] if quant else
                [_packed(w, 16)] + ([_packed(fixed, 16)] if S else []))
     args = [_packed(x, 16), *weights, y, P, offsets] + ([src] if src is not None else [])
-    launcher((), args)
+    if active is not None:
+        launcher((P,), args + [active])
+    else:
+        launcher((), args)
     return y
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..codegen.moe import MAX_EXPERTS, MAX_K, VEC, plan_moe_align, plan_moe_combine, plan_moe_gather
 
-__all__ = ["moe_align", "moe_gather", "moe_combine", "moe_align_reference", "moe_gather_reference",
+__all__ = ["moe_align", "moe_gather", "moe_combine", "moe_align_reference", "moe_active_reference", "moe_gather_reference",
            "moe_combine_reference", "MoEInputError", "MAX_PAIRS"]
 
 MAX_PAIRS = 1 << 30   # the align kernel's pair indices and slots are ints
@@ -62,6 +62,17 @@ def moe_align_reference(ids: torch.Tensor, num_experts: int, fixed: int = 0
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=ids.device)
     return offsets.int(), pos.int(), (order // k).int()
+
+
+def moe_active_reference(offsets: torch.Tensor) -> torch.Tensor:
+    """int32 [E + 1]: the experts with pairs (ascending here; the kernel's order may differ), then -1s,
+    their number last."""
+    counts = offsets[1:] - offsets[:-1]
+    hit = torch.nonzero(counts > 0).flatten().to(torch.int32)
+    out = torch.full((offsets.numel(),), -1, dtype=torch.int32, device=offsets.device)
+    out[: hit.numel()] = hit
+    out[-1] = hit.numel()
+    return out
 
 
 def moe_gather_reference(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -157,14 +168,14 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache):
 
 
 # ---- the kernels -----------------------------------------------------------------------------
-def moe_align(ids: torch.Tensor, num_experts: int, *, fixed: int = 0,
-              out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-              cache=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_align(ids: torch.Tensor, num_experts: int, *, fixed: int = 0, active: bool = False,
+              out: tuple[torch.Tensor, ...] | None = None, cache=None) -> tuple[torch.Tensor, ...]:
     """ids int32 [T, k] (each in [0, num_experts); others clamped) -> (offsets int32 [E + 1],
     pos int32 [T * k], src int32 [T * k]): see the module's docstring; one launch on CUDA.
     out: the three outputs to write (contiguous int32 of those shapes on ids' device). fixed: every
     token also visits experts E .. E + fixed - 1 after its k (moe_align_reference): offsets
-    [E + fixed + 1], pos and src [T (k + fixed)]."""
+    [E + fixed + 1], pos and src [T (k + fixed)]. active: a fourth output, int32 [E + fixed + 1]: the
+    experts with pairs in its first n entries (any order), n last (moe_active_reference)."""
     what = "moe_align"
     ids = _tensor(what, "ids", ids, (torch.int32,), 2)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or not 1 <= num_experts <= MAX_EXPERTS:
@@ -180,20 +191,23 @@ def moe_align(ids: torch.Tensor, num_experts: int, *, fixed: int = 0,
     if pairs > MAX_PAIRS:
         raise MoEInputError(f"{what}: {pairs} pairs (at most {MAX_PAIRS})")
     dev = ids.device
-    shapes = ((num_experts + fixed + 1,), (pairs,), (pairs,))
+    shapes = ((num_experts + fixed + 1,), (pairs,), (pairs,)) + (((num_experts + fixed + 1,),) if active else ())
+    names = ("offsets", "pos", "src", "active")[:len(shapes)]
     if out is not None:
-        if not isinstance(out, (tuple, list)) or len(out) != 3:
-            raise MoEInputError(f"{what}: out must be (offsets, pos, src)")
-        for name, o, shape in zip(("offsets", "pos", "src"), out, shapes):
+        if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
+            raise MoEInputError(f"{what}: out must be ({', '.join(names)})")
+        for name, o, shape in zip(names, out, shapes):
             _out(what, name, o, shape, torch.int32, dev)
     if not _use_kernel(ids):
         ref = moe_align_reference(ids, num_experts, fixed)
+        ref = ref + (moe_active_reference(ref[0]),) if active else ref
         return ref if out is None else tuple(_into(o, r) for o, r in zip(out, ref))
-    launcher = _launcher(("align", num_experts, k, fixed, dev.index), dev,
-                         lambda arch: plan_moe_align(experts=num_experts, k=k, fixed=fixed, arch=arch), cache)
-    offsets, pos, src = out if out is not None else tuple(torch.empty(s, dtype=torch.int32, device=dev) for s in shapes)
-    launcher((), [ids, offsets, pos, src, pairs])
-    return offsets, pos, src
+    launcher = _launcher(("align", num_experts, k, fixed, active, dev.index), dev,
+                         lambda arch: plan_moe_align(experts=num_experts, k=k, fixed=fixed, active=active, arch=arch),
+                         cache)
+    outs = tuple(out) if out is not None else tuple(torch.empty(s, dtype=torch.int32, device=dev) for s in shapes)
+    launcher((), [ids, *outs, pairs])
+    return outs
 
 
 def moe_gather(x: torch.Tensor, src: torch.Tensor, *, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:

@@ -81,3 +81,26 @@ def test_fixed_expert_plans_compile_without_spills(arch):
     assert plans[0].key == f"gemv_n2816_k2048_m8_bf16_silu_e64f4gx_r1w2s3_{arch.replace('_', '')}"
     with pytest.raises(ValueError, match="unquantised weights only"):
         plan_gemv("bf16", n=256, k=512, arch=arch, experts=8, fixed=2, wtype="u4", group=128)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_compact_expert_plans(arch):
+    """compact: grid y spans min(experts, rows) CTAs, CTA y serving the expert active[y] of the
+    permutation's list (no CTAs for experts without rows); CTAs past the list's length return."""
+    from layerforge.codegen.moe import plan_moe_align
+    plans = [plan_gemv("bf16", n=2 * 1408, k=2048, max_m=8, gated="silu", arch=arch, experts=64, fixed=4, gather=True,
+                       compact=True),
+             plan_gemv("f16", n=7168, k=2048, max_m=16, arch=arch, experts=257, fixed=1, compact=True),
+             plan_gemv("bf16", n=4096, k=14336, max_m=8, arch=arch, experts=8, compact=True, wtype="u4", group=128),
+             plan_moe_align(experts=60, k=4, fixed=4, active=True, arch=arch)]
+    for plan in plans:
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+    g = plans[0]
+    assert g.abi.grid[1] == "min(64, rows)" and g.abi.problem == ("rows",) and g.abi.args[-1].name == "active"
+    assert g.abi.grid_for(rows=5) == (88, 5, 1) and g.abi.grid_for(rows=1000) == (88, 64, 1)
+    assert "if ((int)blockIdx.y >= active[64]) return;" in g.source()
+    assert [a.name for a in plans[3].abi.args][-2:] == ["active", "n_pairs"]
+    with pytest.raises(ValueError, match="compact lists an expert product's experts"):
+        plan_gemv("bf16", n=256, k=512, arch=arch, compact=True)

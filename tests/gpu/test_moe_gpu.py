@@ -52,6 +52,23 @@ def test_expert_product_against_torch(counts, gated, dtype, gather):
 
 
 @pytest.mark.parametrize("gated", [None, "silu"])
+def test_expert_product_over_the_listed_experts(gated):
+    """With the permutation's list of experts with rows, the grid spans only them: the same rows."""
+    from layerforge.runtime.moe_kernels import moe_align
+    gen = seeded_generator("expert_product_active", gated)
+    E, T, n, k = 60, 5, 2 * 136 if gated else 136, 512
+    ids = torch.stack([torch.randperm(E, generator=gen)[:4] for _ in range(T)]).int().cuda()
+    offsets, _, src, active = moe_align(ids, E, active=True)
+    x = (torch.randn(T, k, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    out = torch.full((T * 4, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = expert_product(x, w, offsets, src, rows=T, gated=gated, active=active, out=out)
+    ref = expert_product(x, w, offsets, src, rows=T, gated=gated)
+    torch.cuda.synchronize()
+    assert not torch.isnan(y).any() and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("gated", [None, "silu"])
 def test_expert_product_with_fixed_experts(gated):
     """The last S experts (a shared expert's slices) read their W from the second stack."""
     gen = seeded_generator("expert_product_fixed", gated)

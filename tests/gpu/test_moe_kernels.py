@@ -231,3 +231,21 @@ def test_combine_with_fixed_rows(tokens, k, fixed, dtype, gate):
     ref = moe_combine_reference(y.cpu(), pos.cpu(), w.cpu(), gate_logit=None if g is None else g.cpu(),
                                 fixed=fixed, precision="float64")
     assert torch.allclose(got.cpu().double(), ref.double(), rtol=RTOL[dtype], atol=ATOL)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 1000])
+@pytest.mark.parametrize("experts,k,fixed", [(60, 4, 4), (256, 8, 1), (8, 2, 0), (512, 8, 0)])
+def test_align_lists_the_experts_with_pairs(experts, k, fixed, tokens):
+    """active: the experts with pairs (in any order: an atomic counter) in the first n entries,
+    n in the last; the other outputs as without the list."""
+    from layerforge.runtime.moe_kernels import moe_active_reference
+    gen = seeded_generator("moe_align_active", experts, k, fixed, tokens)
+    ids = draw_ids("uniform", tokens, k, experts, gen)
+    offsets, pos, src, active = moe_align(ids, experts, fixed=fixed, active=True)
+    torch.cuda.synchronize()
+    ref = moe_align_reference(ids.cpu(), experts, fixed)
+    for g, r in zip((offsets, pos, src), ref):
+        assert torch.equal(g.cpu(), r)
+    want = moe_active_reference(ref[0])
+    n = int(want[-1])
+    assert int(active[-1]) == n and sorted(active[:n].tolist()) == want[:n].tolist()

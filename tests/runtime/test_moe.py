@@ -109,3 +109,14 @@ def test_shared_expert_storage():
     parts = sum((torch.nn.functional.silu(x @ gu[:64].double().T) * (x @ gu[64:].double().T)) @ dn.double().T
                 for gu, dn in zip(sl["gate_up_proj"], sl["down_proj"]))
     torch.testing.assert_close(parts, whole)
+
+
+def test_the_permutation_lists_the_experts_with_rows():
+    """moe_align(active=True): the experts with pairs (the fixed ones included) in the first n
+    entries, n last; the decode kernels' grid spans only them."""
+    from layerforge.runtime.moe_kernels import moe_align, moe_active_reference
+    ids = torch.tensor([[2, 0], [1, 2], [0, 1]], dtype=torch.int32)
+    offsets, pos, src, active = moe_align(ids, 5, fixed=1, active=True)
+    assert offsets.tolist() == [0, 2, 4, 6, 6, 6, 9]
+    assert active.tolist() == [0, 1, 2, 5, -1, -1, 4]
+    assert torch.equal(active, moe_active_reference(offsets))
