@@ -373,36 +373,21 @@ class MoE(torch.nn.Module):
 
 
 def config_from_hf(cfg, block=None) -> MoEConfig:
-    """An MoEConfig from a transformers config of the mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3
-    families (block: the MoE module, where the config lacks what the block has)."""
-    get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-    kind = get("model_type", "")
-    H = get("hidden_size")
-    if kind.startswith("deepseek"):
-        shared = get("n_shared_experts") or 0
-        return MoEConfig(hidden=H, inter=get("moe_intermediate_size"), experts=get("n_routed_experts"),
-                         top_k=get("num_experts_per_tok"), router="grouped" if kind == "deepseek_v3" or
-                         get("topk_method") == "noaux_tc" else "softmax", norm_topk_prob=bool(get("norm_topk_prob", True)),
-                         n_group=get("n_group") or 1, topk_group=get("topk_group") or 1,
-                         routed_scaling_factor=float(get("routed_scaling_factor", 1.0) or 1.0),
-                         shared_inter=get("moe_intermediate_size") * shared, activation=_act_name(get("hidden_act")))
-    if kind == "mixtral":
-        return MoEConfig(hidden=H, inter=get("intermediate_size"), experts=get("num_local_experts"),
-                         top_k=get("num_experts_per_tok"), norm_topk_prob=True, activation=_act_name(get("hidden_act")))
-    if kind in ("qwen2_moe", "qwen3_moe"):
-        shared = get("shared_expert_intermediate_size", 0) or 0 if kind == "qwen2_moe" else 0
-        return MoEConfig(hidden=H, inter=get("moe_intermediate_size"), experts=get("num_experts"),
-                         top_k=get("num_experts_per_tok"), norm_topk_prob=bool(get("norm_topk_prob", False)),
-                         shared_inter=shared, shared_gate=bool(shared), activation=_act_name(get("hidden_act")))
-    raise ValueError(f"MoE: no MoE layer for model_type {kind!r} (mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3)")
-
-
-def _act_name(act: str | None) -> str:
-    names = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-             "gelu_new": "gelu_tanh"}
-    if act not in names:
-        raise ValueError(f"MoE: no gated kernel for hidden_act {act!r}")
-    return names[act]
+    """An MoEConfig from a transformers config (object or dict) of an MoE family of the model
+    registry (mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3): the registry's reading
+    (models/families.py), its errors included, so a block and a model read a config alike.
+    (`block` is accepted for the callers that pass the module; the config says everything.)"""
+    from ..models.families import spec_from_config
+    from ..models.spec import ConfigError
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    kind = d.get("model_type", "")
+    try:
+        spec = spec_from_config(d)
+    except ConfigError as e:
+        raise ValueError(f"MoE: no MoE layer for model_type {kind!r}: {e}") from None
+    if spec.moe is None:
+        raise ValueError(f"MoE: no MoE layer for model_type {kind!r} (mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3)")
+    return spec.moe
 
 
 def hf_block_state_dict(sd: dict, cfg: MoEConfig) -> dict:
