@@ -748,7 +748,7 @@ def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> 
         out[f"{canon}.experts.down_proj"] = ("stack", tuple(f"{e}.{down}.weight" for e in experts))
     if m.shared_inter:
         s = f"{hf}.{_SHARED_EXPERT.get(spec.model_type, 'shared_expert')}"
-        if m.shared_inter % m.inter == 0:   # runtime/moe.py's slices of the routed experts' size
+        if m.shared_slices:   # runtime/moe.py's slices of the routed experts' size
             out[f"{canon}.shared_expert.gate_up_proj"] = ("shared_gate_up", (f"{s}.gate_proj.weight",
                                                                             f"{s}.up_proj.weight"))
             out[f"{canon}.shared_expert.down_proj"] = ("shared_down", (f"{s}.down_proj.weight",))
@@ -951,9 +951,9 @@ def _moe_shapes(spec: ModelSpec, canon: str) -> dict[str, tuple[int, ...]]:
            f"{canon}.experts.down_proj": (E, H, Fe)}
     if m.router == "grouped":
         out[f"{canon}.gate.e_score_correction_bias"] = (E,)
-    if Fs and Fs % Fe == 0:
-        out[f"{canon}.shared_expert.gate_up_proj"] = (Fs // Fe, 2 * Fe, H)
-        out[f"{canon}.shared_expert.down_proj"] = (Fs // Fe, H, Fe)
+    if m.shared_slices:
+        out[f"{canon}.shared_expert.gate_up_proj"] = (m.shared_slices, 2 * Fe, H)
+        out[f"{canon}.shared_expert.down_proj"] = (m.shared_slices, H, Fe)
     elif Fs:
         out[f"{canon}.shared_expert.gate_up.weight"] = (2 * Fs, H)
         out[f"{canon}.shared_expert.down.weight"] = (H, Fs)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ..codegen.gemv import GATED, plan_gemv
 from ..dsl.program import Program
 from .layers import _dtype_name, module
-from .linear import GatedMLP, LinearInputError, _packed, device_major
+from .linear import GatedMLP, LinearInputError, _packed, device_major, device_properties
 
 __all__ = ["MoEConfig", "MoE", "QuantExperts", "expert_product", "dequantize_experts", "shared_slices",
            "shared_gate_up_slices", "shared_down_slices",
@@ -103,6 +103,12 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: activation must be one of {GATED}, got {self.activation!r}")
         if self.shared_gate and not self.shared_inter:
             raise ValueError("MoEConfig: shared_gate without a shared expert (shared_inter = 0)")
+
+    @property
+    def shared_slices(self) -> int:
+        """The shared expert's slices of the routed experts' size (MoE stores and runs it so), or 0:
+        no shared expert, or one whose size is not a multiple of theirs (a GatedMLP of its own)."""
+        return self.shared_inter // self.inter if self.shared_inter % self.inter == 0 else 0
 
 
 class _Router(torch.nn.Module):
@@ -185,7 +191,7 @@ def shared_state_dict(cfg: MoEConfig, gate: torch.Tensor, up: torch.Tensor, down
                       prefix: str = "shared_expert.") -> dict[str, torch.Tensor]:
     """The shared expert's tensors under MoE's names for `cfg`: slices (shared_slices) where its
     size cuts into the routed experts', else a fused GatedMLP's gate_up.weight / down.weight."""
-    if cfg.shared_inter % cfg.inter == 0:
+    if cfg.shared_slices:
         return {prefix + k: v for k, v in shared_slices(gate, up, down, cfg.inter).items()}
     return {prefix + "gate_up.weight": torch.cat([gate, up]), prefix + "down.weight": down}
 
@@ -202,7 +208,7 @@ class MoE(torch.nn.Module):
         self.experts = _Experts(cfg, td, device)
         # the shared expert in slices of the routed experts' size where it cuts into them (DeepSeek,
         # Qwen2-MoE's checkpoints): the expert kernels read it as more experts, in the same launch
-        self.shared_slices = cfg.shared_inter // cfg.inter if cfg.shared_inter and not cfg.shared_inter % cfg.inter else 0
+        self.shared_slices = cfg.shared_slices
         self.shared_expert = (_SharedSlices(self.shared_slices, cfg, td, device) if self.shared_slices else
                               GatedMLP(cfg.hidden, cfg.shared_inter, cfg.activation, device=device, dtype=td)
                               if cfg.shared_inter else None)
@@ -529,7 +535,8 @@ def _expert_kernel_serves(w, x2: torch.Tensor) -> bool:
     """The expert kernel takes the step: bf16/f16 W, or u4 / i8 on sm_80+, or f8e4m3 on sm_89+."""
     if not isinstance(w, QuantExperts):
         return True
-    return w.wtype != "f8e4m3" or torch.cuda.get_device_capability(x2.device) >= (8, 9)
+    p = device_properties(x2.device)   # cached: this runs every step
+    return w.wtype != "f8e4m3" or (p.major, p.minor) >= (8, 9)
 
 
 def _grouped(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
