@@ -1,0 +1,272 @@
+"""Mamba2's state-space duality (SSD) layer pieces: the chunked scan for prefill, the one-token state
+update for decode and the gated RMSNorm, with the float references that define them.
+
+    y, h = ssd_scan(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_limit=lim, chunk_size=256,
+                    initial_state=h0, return_final_state=True)       # prefill: y [B, L, H, P], h [B, H, P, N]
+    y1 = ssd_state_update(h, x1, dt1, A, B1, C1, D=D, dt_bias=dt_bias)   # decode: h updated in place
+    out = gated_rms_norm(y, gate, norm_weight, eps, group_size=H * P // G)
+
+Shapes: batch Bt, length L, heads H of head dim P, G groups of B/C (heads h * G // H .. share
+group g = h // (H / G)), state size N. Per head and token, with the step
+    dt_t = clamp(softplus(dt_t + dt_bias), *dt_limit)      (softplus and dt_bias optional),
+the recurrence is
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (h [P, N], A < 0 a per-head scalar)
+    y_t = h_t C_t + D x_t,  then  y_t *= silu(z_t)    (D and z optional),
+which is what transformers' Mamba2Mixer computes (torch_forward's chunked segment-sum form for
+prefill, the selective state update for decode); transformers gates with z in the norm instead
+(MambaRMSNormGated), so its mixer passes z=None here and the gate to `gated_rms_norm`.
+
+The chunked form (`ssd_scan_reference`, the kernels' plan): split L into chunks of Q tokens
+(the last may be short; its missing tokens act as dt = 0, which neither decays nor adds). With
+s_l the cumulative sum of dt A within a chunk,
+    intra-chunk  y_l  = sum_{j <= l} (C_l . B_j) exp(s_l - s_j) dt_j x_j       (a masked matrix form)
+    chunk state  S    = sum_j exp(s_last - s_j) dt_j x_j B_j^T
+    passing      h_c+1 = exp(s_last) h_c + S_c,  h_0 = initial_state           (sequential over chunks)
+    inter-chunk  y_l += exp(s_l) C_l h_c^T
+CUDA tensors run generated kernels (codegen/ssd.py; loaded once per plan and device, launched
+on torch's current stream, outputs from torch.empty, nothing synchronises); CPU tensors run the
+references here, in float32 (float64 for float64 inputs). Shapes, dtypes, devices and layouts
+are checked before any launch: a mismatch raises SSDInputError (a ValueError).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["ssd_scan", "ssd_state_update", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
+           "gated_rms_norm_reference", "SSDInputError"]
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+class SSDInputError(ValueError):
+    """Inputs an SSD kernel cannot take (shape, dtype, device, layout), raised before any launch."""
+
+
+# ---- references: what the kernels compute ----------------------------------------------------
+def _step(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit, cdt: torch.dtype) -> torch.Tensor:
+    """dt processed as the model does: + dt_bias, softplus, clamp into dt_limit; in cdt."""
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi < math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+def _heads(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """B or C [..., G, N] -> [..., H, N] at axis `dim`: head h reads group h // (H / G)."""
+    return t.repeat_interleave(heads // t.shape[dim], dim=dim)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def ssd_scan_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
+                       dt_limit=(0.0, math.inf), chunk_size=256, initial_state=None, return_final_state=False,
+                       compute_dtype: torch.dtype | None = None):
+    """The chunked SSD form above in compute_dtype (float32, float64 for float64 x unless given):
+    y [Bt, L, H, P] in x's dtype, and with return_final_state the state after the last token
+    [Bt, H, P, N] in compute_dtype."""
+    cdt = compute_dtype or _compute_dtype(x)
+    bt, length, heads, hp = x.shape
+    n = B.shape[-1]
+    q = chunk_size
+    nc = max(1, -(-length // q))
+    pad = nc * q - length
+    step = _step(dt, dt_bias, dt_softplus, dt_limit, cdt)                      # [Bt, L, H]
+
+    def chunks(t):   # [Bt, L, ...] -> [Bt, nc, Q, ...], padded with zeros (dt = 0: no decay, no input)
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(bt, nc, q, *t.shape[2:])
+
+    xs = chunks(x.to(cdt))                                                    # [Bt, nc, Q, H, P]
+    dts = chunks(step)                                                        # [Bt, nc, Q, H]
+    bs = chunks(_heads(B.to(cdt), heads, 2))                                  # [Bt, nc, Q, H, N]
+    cs = chunks(_heads(C.to(cdt), heads, 2))
+    s = torch.cumsum(dts * A.to(cdt), dim=2)                                  # [Bt, nc, Q, H]
+    xdt = xs * dts[..., None]
+
+    # intra-chunk: (C_l . B_j) exp(s_l - s_j) for j <= l (the exponent is <= 0 there; masked before exp)
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    diff = s[:, :, :, None, :] - s[:, :, None, :, :]                          # [Bt, nc, l, j, H]
+    decay = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], -math.inf))
+    scores = torch.einsum("bclhn,bcjhn->bcljh", cs, bs) * decay
+    y = torch.einsum("bcljh,bcjhp->bclhp", scores, xdt)
+
+    # chunk states and the sequential passing between chunks
+    last = s[:, :, -1:, :]                                                    # [Bt, nc, 1, H]
+    states = torch.einsum("bcjhn,bcjhp->bchpn", bs * torch.exp(last - s)[..., None], xdt)
+    h = (initial_state.to(cdt) if initial_state is not None
+         else torch.zeros(bt, heads, hp, n, dtype=cdt, device=x.device))
+    starts = []
+    for c in range(nc):
+        starts.append(h)
+        h = torch.exp(last[:, c, 0, :])[:, :, None, None] * h + states[:, c]
+    starts = torch.stack(starts, dim=1)                                       # [Bt, nc, H, P, N]
+    y = y + torch.einsum("bclhn,bchpn->bclhp", cs, starts) * torch.exp(s)[..., None]
+
+    y = y.reshape(bt, nc * q, heads, hp)[:, :length]
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x.to(cdt)
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(cdt))
+    y = y.to(x.dtype)
+    return (y, h) if return_final_state else y
+
+
+def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
+                               dt_limit=(0.0, math.inf)):
+    """One token per sequence: state [Bt, H, P, N] <- exp(dt A) state + dt x B^T in place (in the
+    state's dtype, computed in float32, float64 for a float64 state); y [Bt, H, P] in x's dtype."""
+    cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    heads = x.shape[1]
+    step = _step(dt, dt_bias, dt_softplus, dt_limit, cdt)                      # [Bt, H]
+    bh = _heads(B.to(cdt), heads, 1)                                          # [Bt, H, N]
+    ch = _heads(C.to(cdt), heads, 1)
+    xf = x.to(cdt)
+    h = torch.exp(step * A.to(cdt))[:, :, None, None] * state.to(cdt) + (step[:, :, None] * xf)[..., None] * bh[:, :, None, :]
+    state.copy_(h)
+    y = torch.einsum("bhpn,bhn->bhp", h, ch)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * xf
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(cdt))
+    return y.to(x.dtype)
+
+
+def gated_rms_norm_reference(x, z, weight, eps, *, group_size=None):
+    """transformers' MambaRMSNormGated: x * silu(z) in float32 (float64 for float64 x), each group of
+    group_size features (the whole row by default) scaled to unit RMS, cast to x's dtype, then times
+    weight; returned in x's dtype."""
+    cdt = _compute_dtype(x)
+    f = x.shape[-1]
+    gs = group_size or f
+    h = x.to(cdt)
+    if z is not None:
+        h = h * torch.nn.functional.silu(z.to(cdt))
+    hg = h.reshape(*h.shape[:-1], f // gs, gs)
+    hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.to(x.dtype) * hg.reshape(h.shape).to(x.dtype)).to(x.dtype)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+def _shape(name: str, t, want: tuple[int, ...], dtypes=_FLOATS) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise SSDInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(want):
+        raise SSDInputError(f"{name} must be shaped {list(want)}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise SSDInputError(f"{name} must be one of {[str(d).removeprefix('torch.') for d in dtypes]}, got {t.dtype}")
+
+
+def _same_device(device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise SSDInputError(f"{name} is on {t.device}, x on {device}: all inputs must be on one device")
+
+
+def _check_common(heads: int, groups: int, dt_limit, A, D, dt_bias) -> None:
+    if groups < 1 or heads % groups:
+        raise SSDInputError(f"the {heads} heads must split evenly over the {groups} groups of B and C")
+    lo, hi = dt_limit
+    if not (0.0 <= lo <= hi):
+        raise SSDInputError(f"dt_limit must be (lo, hi) with 0 <= lo <= hi, got {dt_limit}")
+    _shape("A", A, (heads,), (torch.float32, torch.float64))
+    if D is not None:
+        _shape("D", D, (heads,))
+    if dt_bias is not None:
+        _shape("dt_bias", dt_bias, (heads,))
+
+
+def _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_state) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise SSDInputError(f"x must be a [batch, length, heads, head_dim] tensor, got "
+                            f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    bt, length, heads, hp = x.shape
+    _shape("x", x, x.shape)
+    if not isinstance(B, torch.Tensor) or B.dim() != 4:
+        raise SSDInputError("B must be a [batch, length, groups, state] tensor")
+    groups, n = B.shape[2], B.shape[3]
+    _shape("dt", dt, (bt, length, heads))
+    _shape("B", B, (bt, length, groups, n), (x.dtype,))
+    _shape("C", C, (bt, length, groups, n), (x.dtype,))
+    if z is not None:
+        _shape("z", z, (bt, length, heads, hp), (x.dtype,))
+    _check_common(heads, groups, dt_limit, A, D, dt_bias)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise SSDInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is not None:
+        _shape("initial_state", initial_state, (bt, heads, hp, n), (torch.float32, torch.float64))
+    _same_device(x.device, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state)
+
+
+def _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise SSDInputError(f"x must be a [batch, heads, head_dim] tensor (one token), got "
+                            f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    bt, heads, hp = x.shape
+    _shape("x", x, x.shape)
+    if not isinstance(B, torch.Tensor) or B.dim() != 3:
+        raise SSDInputError("B must be a [batch, groups, state] tensor")
+    groups, n = B.shape[1], B.shape[2]
+    _shape("state", state, (bt, heads, hp, n), (torch.float32, torch.float64))
+    _shape("dt", dt, (bt, heads))
+    _shape("B", B, (bt, groups, n), (x.dtype,))
+    _shape("C", C, (bt, groups, n), (x.dtype,))
+    if z is not None:
+        _shape("z", z, (bt, heads, hp), (x.dtype,))
+    _check_common(heads, groups, dt_limit, A, D, dt_bias)
+    _same_device(x.device, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+
+
+def _check_norm(x, z, weight, eps, group_size) -> int:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise SSDInputError("x must be a tensor [..., features]")
+    f = x.shape[-1]
+    _shape("x", x, x.shape)
+    if z is not None:
+        _shape("z", z, x.shape)
+    _shape("weight", weight, (f,))
+    gs = f if group_size is None else group_size
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1 or f % gs:
+        raise SSDInputError(f"group_size must divide the {f} features, got {group_size!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise SSDInputError(f"eps must be a non-negative number, got {eps!r}")
+    _same_device(x.device, z=z, weight=weight)
+    return gs
+
+
+# ---- public ----------------------------------------------------------------------------------
+def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = True,
+             dt_limit: tuple[float, float] = (0.0, math.inf), chunk_size: int = 256, initial_state=None,
+             return_final_state: bool = False):
+    """Mamba2's chunked scan over a prefill (module docstring): x [Bt, L, H, P], dt [Bt, L, H],
+    A [H] float32 (negative), B and C [Bt, L, G, N] in x's dtype, optional D [H], z [Bt, L, H, P],
+    dt_bias [H], initial_state [Bt, H, P, N] float32 -> y [Bt, L, H, P] in x's dtype, and the final
+    state [Bt, H, P, N] float32 with return_final_state."""
+    _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_state)
+    return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                              dt_limit=dt_limit, chunk_size=chunk_size, initial_state=initial_state,
+                              return_final_state=return_final_state)
+
+
+def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = True,
+                     dt_limit: tuple[float, float] = (0.0, math.inf)):
+    """One decode token per sequence: state [Bt, H, P, N] float32 updated in place, x [Bt, H, P],
+    dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype."""
+    _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    return ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+def gated_rms_norm(x, z, weight, eps, *, group_size: int | None = None):
+    """transformers' MambaRMSNormGated on rows x [..., F] (gate z [..., F] or None, weight [F]),
+    normalised per group of group_size features (the whole row by default) -> [..., F] in x's dtype."""
+    gs = _check_norm(x, z, weight, eps, group_size)
+    return gated_rms_norm_reference(x, z, weight, eps, group_size=gs)
