@@ -26,8 +26,8 @@ that dtype); the outputs take the input's dtype; the SSM state is float32; the c
 x's dtype (or f32). The kernels accumulate in f32. On the CPU float64 inputs are taken too (all
 of them float64, the SSM state as well): the references then run exactly as written.
 
-CUDA tensors run the kernels (loaded once per plan and device, launched on torch's current
-stream, outputs from torch.empty, nothing synchronises); CPU tensors (and torch.compile
+CUDA tensors run the kernels (codegen/scan.py; loaded once per plan and device, launched on
+torch's current stream, outputs from torch.empty, nothing synchronises); CPU tensors (and torch.compile
 tracing) run the references. Shapes, dtypes, devices and contiguity are checked first: a
 mismatch raises ScanInputError (a ValueError), before any launch.
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update
 from ..dsl.recurrences import causal_conv1d as _conv_definition
 from ..dsl.recurrences import linear_recurrence, softplus
 
@@ -46,6 +47,7 @@ ACTIVATIONS = (None, "silu")
 CONV_WIDTHS = (2, 3, 4)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _F64 = torch.float64
+_KERNELS: dict[tuple, object] = {}   # (kernel, plan fields..., device index) -> Launcher
 _INPUT_DTYPES = (*_DTYPES, _F64)   # float64 on the CPU only: the references, for checks against other float64 code
 
 
@@ -276,19 +278,87 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 
 # ---- the kernels -----------------------------------------------------------------------------
+def _name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else _DTYPES[dtype]
+
+
+def _launcher(key: tuple, device: torch.device, make_plan, cache):
+    hit = _KERNELS.get(key)
+    if hit is None:
+        from .launch import device_arch, load_plan   # (the driver loads on first use: importing stays light)
+        hit = _KERNELS[key] = load_plan(make_plan(device_arch(device)), device, cache)
+    return hit
+
+
 def _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache):
-    return causal_conv1d_reference(x, weight, bias, activation=activation, initial_state=initial_state,
-                                   return_final_state=return_final_state)
+    b, d, length = x.shape
+    k = weight.shape[1]
+    y = torch.empty_like(x)
+    final = torch.empty(b, d, k - 1, dtype=x.dtype, device=x.device) if return_final_state else None
+    if length == 0 or b == 0:   # nothing to convolve: the state passes through
+        if final is not None and initial_state is not None:
+            final.copy_(initial_state)
+        elif final is not None:
+            final.zero_()
+        return (y, final) if return_final_state else y
+    opts = dict(channels=d, width=k, dtype=_name(x.dtype), weight_dtype=_name(weight.dtype),
+                bias=_name(None if bias is None else bias.dtype), silu=activation == "silu",
+                initial=initial_state is not None, final=return_final_state)
+    launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
+                       lambda arch: plan_conv(**opts, arch=arch), cache)
+    launch((b * d, length), [x, weight, *_present(bias, initial_state), y, *_present(final), b, length])
+    return (y, final) if return_final_state else y
 
 
 def _launch_conv_update(x, conv_state, weight, bias, activation, cache):
-    return causal_conv1d_update_reference(x, conv_state, weight, bias, activation=activation)
+    b, d = x.shape
+    y = torch.empty_like(x)
+    if b == 0:
+        return y
+    opts = dict(channels=d, width=weight.shape[1], dtype=_name(x.dtype), state_dtype=_name(conv_state.dtype),
+                weight_dtype=_name(weight.dtype), bias=_name(None if bias is None else bias.dtype),
+                silu=activation == "silu")
+    launch = _launcher(("conv_update", *opts.values(), x.device.index), x.device,
+                       lambda arch: plan_conv_update(**opts, arch=arch), cache)
+    launch((b * d,), [x, conv_state, weight, *_present(bias), y, b])
+    return y
+
+
+def _scan_options(u, A, D, z, delta_bias, softplus) -> dict:
+    return dict(channels=A.shape[0], state=A.shape[1], dtype=_name(u.dtype), a_dtype=_name(A.dtype),
+                d_dtype=_name(None if D is None else D.dtype),
+                bias_dtype=_name(None if delta_bias is None else delta_bias.dtype), gate=z is not None,
+                softplus=softplus)
 
 
 def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state, cache):
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
-                                    initial_state=initial_state, return_final_state=return_final_state)
+    b, d, length = u.shape
+    y = torch.empty_like(u)
+    final = torch.empty(b, d, A.shape[1], dtype=torch.float32, device=u.device) if return_final_state else None
+    if b:
+        opts = dict(_scan_options(u, A, D, z, delta_bias, delta_softplus), initial=initial_state is not None,
+                    final=return_final_state)
+        launch = _launcher(("scan", *opts.values(), u.device.index), u.device,
+                           lambda arch: plan_selective_scan(**opts, arch=arch), cache)
+        launch((b * d,), [u, delta, A, B, C, *_present(D, z, delta_bias, initial_state), y, *_present(final),
+                          b, length])
+    return (y, final) if return_final_state else y
 
 
 def _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, cache):
-    return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus)
+    b, d = x.shape
+    y = torch.empty_like(x)
+    if b == 0:
+        return y
+    opts = _scan_options(x, A, D, z, dt_bias, dt_softplus)
+    plan_of = lambda arch: plan_state_update(**opts, arch=arch)   # noqa: E731
+    if plan_of("sm_90").vector_state and state.data_ptr() % 16:
+        raise ScanInputError("selective_state_update: 'state' must start on a 16-byte boundary (the kernel moves "
+                             "4 states at a time); a view at an odd offset needs .clone()")
+    launch = _launcher(("state_update", *opts.values(), x.device.index), x.device, plan_of, cache)
+    launch((b * d,), [state, x, dt, A, B, C, *_present(D, z, dt_bias), y, b])
+    return y
+
+
+def _present(*tensors):
+    return [t for t in tensors if t is not None]
