@@ -65,6 +65,10 @@ _LAZY = {
     "Engine": ("models.engine", "Engine"),
     "generate": ("models.engine", "generate"),
     "spec_from_config": ("models.families", "spec_from_config"),
+    "MambaModel": ("models.mamba", "MambaModel"),
+    "MambaMixer": ("runtime.mamba", "MambaMixer"),
+    "Mamba2Mixer": ("runtime.mamba", "Mamba2Mixer"),
+    "MambaStateCache": ("runtime.mamba", "MambaStateCache"),
 }
 
 
@@ -80,4 +84,4 @@ __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load"
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
            "MultiLoRA", "LoRALinear", "attach_adapters", "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
-           "__version__"]
+           "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache", "__version__"]

@@ -25,8 +25,9 @@ from .spec import ACTIVATIONS, AttentionSpec, ConfigError, ModelSpec
 if TYPE_CHECKING:
     from ..runtime.mla import MLAConfig
     from ..runtime.moe import MoEConfig
+    from .mamba import MambaSpec
 
-__all__ = ["FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
+__all__ = ["FAMILIES", "SSM_FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
            "bindings_from_spec", "read_config", "mla_shapes", "ConfigError"]
 
 # transformers' activation names -> ours (spec.ACTIVATIONS)
@@ -559,14 +560,88 @@ FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
 }
 
 
+def _time_step_limit(c: _Config) -> tuple[float, float]:
+    """Mamba2's time_step_limit: (lo, hi) with 0 <= lo <= hi (hi may be Infinity: transformers 5
+    writes it as {"__float__": "Infinity"})."""
+    v = c.get("time_step_limit", [0.0, math.inf])
+    if isinstance(v, (list, tuple)):
+        v = [float(x["__float__"]) if isinstance(x, Mapping) and x.get("__float__") in ("Infinity", "inf") else x
+             for x in v]
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or not 0 <= v[0] <= v[1]):
+        raise c.error(f"'time_step_limit' must be [lo, hi] with 0 <= lo <= hi, got {v!r}")
+    return float(v[0]), float(v[1])
+
+
+def _ssm_common(c: _Config) -> dict[str, Any]:
+    """What MambaConfig and Mamba2Config share: sizes (needed), the conv width the kernels serve
+    (2 to 4), SiLU (the convolution's activation: the kernels apply SiLU only)."""
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise c.error(f"'hidden_act' {act!r} is not supported (the convolution kernels apply silu)")
+    k = c.int("conv_kernel", default=4)
+    if k not in (2, 3, 4):
+        raise c.error(f"'conv_kernel' {k} is not supported (the convolution kernels take 2, 3 or 4)")
+    return {"vocab_size": c.int("vocab_size"), "hidden_size": c.int("hidden_size"),
+            "num_layers": c.int("num_hidden_layers"), "expand": c.int("expand", default=2), "conv_kernel": k,
+            "state_size": c.int("state_size"), "use_bias": c.bool("use_bias", False),
+            "use_conv_bias": c.bool("use_conv_bias", True), "norm_eps": c.float("layer_norm_epsilon", default=1e-5)}
+
+
+def mamba(c: _Config) -> MambaSpec:
+    # transformers' MambaConfig: intermediate_size = expand * hidden_size (recomputed, as it does),
+    # time_step_rank "auto" = ceil(hidden_size / 16); the LM head tied by default
+    from .mamba import MambaMixerConfig, MambaSpec   # imports torch: only SSM configs pay for it
+    base = _ssm_common(c)
+    H = base["hidden_size"]
+    rank = c.get("time_step_rank", "auto")
+    rank = math.ceil(H / 16) if rank == "auto" else c.int("time_step_rank")
+    mixer = MambaMixerConfig(hidden_size=H, intermediate_size=base["expand"] * H, state_size=base["state_size"],
+                             time_step_rank=rank, conv_kernel=base["conv_kernel"], use_bias=base["use_bias"],
+                             use_conv_bias=base["use_conv_bias"])
+    return MambaSpec(model_type="mamba", vocab_size=base["vocab_size"], hidden_size=H, num_layers=base["num_layers"],
+                     norm_eps=base["norm_eps"], mixer=mixer, residual_in_fp32=c.bool("residual_in_fp32", True),
+                     tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
+def mamba2(c: _Config) -> MambaSpec:
+    # transformers' Mamba2Config: expand * hidden_size must be num_heads * head_dim; n_groups of
+    # B/C shared by num_heads / n_groups heads each; the gated norm over groups of I / n_groups
+    from .mamba import Mamba2MixerConfig, MambaSpec
+    base = _ssm_common(c)
+    H, I = base["hidden_size"], base["expand"] * base["hidden_size"]
+    heads, head_dim, groups = c.int("num_heads"), c.int("head_dim"), c.int("n_groups", default=8)
+    if heads * head_dim != I:
+        raise c.error(f"num_heads * head_dim ({heads} * {head_dim}) is not expand * hidden_size ({I})")
+    if heads % groups:
+        raise c.error(f"'n_groups' {groups} does not divide num_heads {heads} (B and C heads are shared by "
+                      "equal numbers of heads)")
+    mixer = Mamba2MixerConfig(hidden_size=H, intermediate_size=I, num_heads=heads, head_dim=head_dim,
+                              state_size=base["state_size"], n_groups=groups, conv_kernel=base["conv_kernel"],
+                              use_bias=base["use_bias"], use_conv_bias=base["use_conv_bias"],
+                              chunk_size=c.int("chunk_size", default=256), time_step_limit=_time_step_limit(c),
+                              norm_eps=base["norm_eps"])
+    return MambaSpec(model_type="mamba2", vocab_size=base["vocab_size"], hidden_size=H, num_layers=base["num_layers"],
+                     norm_eps=base["norm_eps"], mixer=mixer, residual_in_fp32=c.bool("residual_in_fp32", True),
+                     tie_word_embeddings=c.bool("tie_word_embeddings", False), extra={"config": dict(c.cfg)})
+
+
+# state-space families: their spec is models/mamba.MambaSpec (no attention, no MLP), their model
+# models/mamba.MambaModel
+SSM_FAMILIES: dict[str, Callable[[_Config], MambaSpec]] = {"mamba": mamba, "mamba2": mamba2}
+
+
 def spec_from_config(config: Mapping[str, Any] | str | os.PathLike | Any) -> ModelSpec:
     """The ModelSpec of a transformers config (dict, config.json path, or PretrainedConfig)."""
     cfg = read_config(config)
     kind = cfg.get("model_type")
     if kind is None:
-        raise ConfigError(f"config.json: missing 'model_type' (supported: {', '.join(FAMILIES)})")
+        raise ConfigError(f"config.json: missing 'model_type' (supported: {', '.join([*FAMILIES, *SSM_FAMILIES])})")
+    if kind in SSM_FAMILIES:
+        return SSM_FAMILIES[kind](_Config(kind, cfg))
     if kind not in FAMILIES:
-        raise ConfigError(f"config.json: model_type {kind!r} is not supported (supported: {', '.join(FAMILIES)})")
+        raise ConfigError(f"config.json: model_type {kind!r} is not supported (supported: "
+                          f"{', '.join([*FAMILIES, *SSM_FAMILIES])})")
     spec = FAMILIES[kind](_Config(kind, cfg))
     _check(spec)
     return spec
@@ -595,7 +670,8 @@ Recipe = tuple[str, tuple[str, ...]]
 
 # the base model's prefix in a CausalLM's state dict; checkpoints saved from the base model
 # (GPT-2, BLOOM) have none
-_PREFIX = {"gpt_neox": "gpt_neox", "falcon": "transformer", "gpt2": "transformer", "bloom": "transformer"}
+_PREFIX = {"gpt_neox": "gpt_neox", "falcon": "transformer", "gpt2": "transformer", "bloom": "transformer",
+           "mamba": "backbone", "mamba2": "backbone"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "attention.bias",
                      "attention.masked_bias")
 
@@ -606,6 +682,8 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
     projections: what transformers 5's save_pretrained writes), or with fused_experts as
     transformers 5 holds them (experts.gate_up_proj, experts.down_proj: save_original_format=False)."""
     f = spec.model_type
+    if f in SSM_FAMILIES:
+        return _mamba_names(spec)
     out: dict[str, Recipe] = {}
     biases_ln = spec.norm_bias
 
@@ -760,8 +838,23 @@ def _moe_names(spec: ModelSpec, layer: str, canon: str, fused_experts: bool) -> 
     return out
 
 
+def _mamba_names(spec: MambaSpec) -> dict[str, Recipe]:
+    """Mamba / Mamba2: transformers' names under `backbone.` (the mixers' are MambaMixer's and
+    Mamba2Mixer's, kept); embeddings -> embed, norm_f -> final_norm."""
+    out: dict[str, Recipe] = {}
+    for canon in spec.canonical_shapes():
+        if canon == "lm_head.weight":
+            hf = canon
+        else:
+            hf = "backbone." + {"embed.weight": "embeddings.weight", "final_norm.weight": "norm_f.weight"}.get(canon, canon)
+        out[canon] = ("copy", (hf,))
+    return out
+
+
 # older checkpoint names transformers 5 renames on load
-_ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"}}
+_ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"},
+            **{f: {"backbone.embedding.weight": "backbone.embeddings.weight", "embedding.weight": "embeddings.weight"}
+               for f in ("mamba", "mamba2")}}
 
 
 def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -872,6 +965,8 @@ def _groups(spec: ModelSpec, t, name: str):
 
 def canonical_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The shape of every canonical tensor the spec's model has."""
+    if spec.model_type in SSM_FAMILIES:
+        return spec.canonical_shapes()
     H, F, D, V = spec.hidden_size, spec.intermediate_size, spec.head_dim, spec.vocab_size
     out: dict[str, tuple[int, ...]] = {"embed.weight": (V, H)}
     nb = spec.norm_bias
@@ -996,6 +1091,8 @@ def bindings_from_spec(spec: ModelSpec) -> dict[str, Any]:
     runtime scalar); for Llama-3 RoPE, llama_attn's rope consts besides `rope_scaling` (the
     two agree, so llama_attn takes both); for MoE models, the routing layer's consts (moe_route's E,
     k and renormalize; moe_route_grouped's, and moe_route_sigmoid's renormalize and scaling)."""
+    if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2: the norms' (the scans are not DSL layers)
+        return {"H": spec.hidden_size, "eps": spec.norm_eps}
     out: dict[str, Any] = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads,
                            "Hkv": spec.num_kv_heads, "D": spec.head_dim, "eps": spec.norm_eps}
     per_layer = [_attention_bindings(a) for a in spec.attention]
@@ -1036,6 +1133,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     MoE layers' routing and experts' activation (F = the experts' size), and its attention block
     once per distinct const set (with the model's RoPE scaling; not DeepSeek's latent attention,
     which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
+    if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2 (models/mamba.py): the block and final RMSNorms
+        return [("rms_norm", {"H": spec.hidden_size})]
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
             "D": spec.head_dim}
     out: list[tuple[str, dict[str, Any]]] = []

@@ -21,6 +21,7 @@ import torch
 from ..runtime.layers import _dtype_name
 from .deepseek import DeepseekModel
 from .families import canonical_state_dict, spec_from_config
+from .mamba import MambaSpec, load_mamba
 from .model import DecoderModel
 from .spec import ConfigError
 
@@ -187,7 +188,8 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     """A DecoderModel with the weights of a transformers checkpoint folder (config.json plus
     model.safetensors, or shards with model.safetensors.index.json). The config's model_type
     picks the family (models/families.py); what the family cannot serve is a ConfigError.
-    Families with latent attention (DeepSeek-V2/V3) give a DeepseekModel (models/deepseek.py).
+    Families with latent attention (DeepSeek-V2/V3) give a DeepseekModel (models/deepseek.py),
+    the state-space families (mamba, mamba2) a MambaModel (models/mamba.py).
     kv_dtype / kv_scales: the paged cache's storage (DecoderModel)."""
     root = Path(folder)
     config_path = root / "config.json"
@@ -198,6 +200,9 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     except ValueError as e:
         raise ConfigError(f"{config_path}: not JSON ({e})") from None
     spec = spec_from_config(config)
+    if isinstance(spec, MambaSpec):   # state-space families (mamba, mamba2): models/mamba.py
+        return load_mamba(spec, load_tensors(checkpoint_files(root)), config, dtype=dtype, device=device,
+                          program=program)
     q = quant_config(config)
     if q is not None and spec.mla is not None:
         raise ConfigError(f"config.json: a quantised {spec.model_type} checkpoint is not served (its latent "
