@@ -30,14 +30,21 @@ are checked before any launch: a mismatch raises SSDInputError (a ValueError).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+
+from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
+                           plan_ssd_state_update)
 
 __all__ = ["ssd_scan", "ssd_state_update", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
            "gated_rms_norm_reference", "SSDInputError"]
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+_KERNELS: dict[tuple, object] = {}   # (kernel, plan fields..., device index) -> Launcher
+_NORMS: dict[tuple, object] = {}     # (layer, F, groups, dtype, device) -> LayerModule
 
 
 class SSDInputError(ValueError):
@@ -46,16 +53,14 @@ class SSDInputError(ValueError):
 
 # ---- references: what the kernels compute ----------------------------------------------------
 def _step(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit, cdt: torch.dtype) -> torch.Tensor:
-    """dt processed as the model does: + dt_bias, softplus, clamp into dt_limit; in cdt."""
+    """dt processed as the model does: + dt_bias, softplus, clamp into dt_limit (always, as
+    transformers' chunked scan does; NaN stays NaN); in cdt."""
     dt = dt.to(cdt)
     if dt_bias is not None:
         dt = dt + dt_bias.to(cdt)
     if dt_softplus:
         dt = torch.nn.functional.softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi < math.inf:
-        dt = dt.clamp(min=lo, max=hi)
-    return dt
+    return dt.clamp(min=dt_limit[0], max=dt_limit[1])
 
 
 def _heads(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
@@ -193,7 +198,7 @@ def _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_sta
     if not isinstance(B, torch.Tensor) or B.dim() != 4:
         raise SSDInputError("B must be a [batch, length, groups, state] tensor")
     groups, n = B.shape[2], B.shape[3]
-    _shape("dt", dt, (bt, length, heads))
+    _shape("dt", dt, (bt, length, heads), (x.dtype,))
     _shape("B", B, (bt, length, groups, n), (x.dtype,))
     _shape("C", C, (bt, length, groups, n), (x.dtype,))
     if z is not None:
@@ -216,7 +221,7 @@ def _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
         raise SSDInputError("B must be a [batch, groups, state] tensor")
     groups, n = B.shape[1], B.shape[2]
     _shape("state", state, (bt, heads, hp, n), (torch.float32, torch.float64))
-    _shape("dt", dt, (bt, heads))
+    _shape("dt", dt, (bt, heads), (x.dtype,))
     _shape("B", B, (bt, groups, n), (x.dtype,))
     _shape("C", C, (bt, groups, n), (x.dtype,))
     if z is not None:
@@ -251,6 +256,9 @@ def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool 
     dt_bias [H], initial_state [Bt, H, P, N] float32 -> y [Bt, L, H, P] in x's dtype, and the final
     state [Bt, H, P, N] float32 with return_final_state."""
     _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_state)
+    if _use_kernel(x) and x.numel():
+        y, final = _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state)
+        return (y, final) if return_final_state else y
     return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                               dt_limit=dt_limit, chunk_size=chunk_size, initial_state=initial_state,
                               return_final_state=return_final_state)
@@ -261,6 +269,8 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     """One decode token per sequence: state [Bt, H, P, N] float32 updated in place, x [Bt, H, P],
     dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype."""
     _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    if _use_kernel(x) and x.numel():
+        return _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     return ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                       dt_softplus=dt_softplus, dt_limit=dt_limit)
 
@@ -269,4 +279,132 @@ def gated_rms_norm(x, z, weight, eps, *, group_size: int | None = None):
     """transformers' MambaRMSNormGated on rows x [..., F] (gate z [..., F] or None, weight [F]),
     normalised per group of group_size features (the whole row by default) -> [..., F] in x's dtype."""
     gs = _check_norm(x, z, weight, eps, group_size)
+    if _use_kernel(x) and x.dtype in _KERNEL_DTYPES and x.numel():
+        return _norm_cuda(x, z, weight, eps, gs)
     return gated_rms_norm_reference(x, z, weight, eps, group_size=gs)
+
+
+# ---- the kernels -----------------------------------------------------------------------------
+def _use_kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+
+
+def _launcher(key: tuple, device: torch.device, make_plan, cache=None):
+    hit = _KERNELS.get(key)
+    if hit is None:
+        from .launch import device_arch, load_plan
+        hit = _KERNELS[key] = load_plan(make_plan(device_arch(device)), device, cache)
+    return hit
+
+
+def _strides(name: str, t: torch.Tensor, lead: int, vector: bool) -> tuple[int, ...]:
+    """The strides (elements) of t's `lead` leading dims; the dims after them must be contiguous
+    (a row of a split of a wider tensor is fine). vector: the kernel copies 16-byte vectors of
+    it, so its start and every used stride must be 16-byte multiples."""
+    inner = 1
+    for d in range(t.dim() - 1, lead - 1, -1):
+        if t.shape[d] > 1 and t.stride(d) != inner:
+            raise SSDInputError(f"{name} must be contiguous past its first {lead} dim(s) (strides {t.stride()}); "
+                                f"call .contiguous() first")
+        inner *= t.shape[d]
+    strides = tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(lead))
+    if vector:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in strides):
+            raise SSDInputError(f"{name} must start on a 16-byte boundary with 16-byte multiples for strides "
+                                f"(the kernels copy 16-byte vectors; got strides {t.stride()}); call .contiguous()")
+    return strides
+
+
+def _per_head(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.float().contiguous()
+
+
+def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state):
+    """The three launches of the chunked scan (codegen/ssd.py): chunk states, state passing, chunk scan."""
+    bt, length, heads, hp = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    dtype, dev = _KERNEL_DTYPES[x.dtype], x.device
+    xs, dts = _strides("x", x, 2, True), _strides("dt", dt, 2, False)
+    bs, cs = _strides("B", B, 2, True), _strides("C", C, 2, True)
+    zs = _strides("z", z, 2, True) if z is not None else ()
+    if initial_state is not None:
+        if initial_state.dtype != torch.float32 or not initial_state.is_contiguous() or initial_state.data_ptr() % 16:
+            raise SSDInputError("initial_state must be a contiguous float32 tensor on the GPU")
+    dims = dict(heads=heads, head_dim=hp, groups=groups, state=n, chunk=chunk_size, dtype=dtype,
+                dt_bias=dt_bias is not None, softplus=bool(dt_softplus))
+    try:
+        state_plan = functools.partial(plan_ssd_chunk_state, **dims)
+        scan_plan = functools.partial(plan_ssd_chunk_scan, **dims, skip=D is not None, gate=z is not None)
+        pass_plan = functools.partial(plan_ssd_state_passing, heads=heads, head_dim=hp, state=n, dtype=dtype,
+                                      initial=initial_state is not None)
+        state_plan(arch="sm_90"), scan_plan(arch="sm_90"), pass_plan(arch="sm_90")   # shape errors before loading
+    except ValueError as e:
+        raise SSDInputError(f"no SSD kernel for these sizes: {e}") from None
+    idx = dev.index
+    k_state = _launcher(("chunk_state", *dims.values(), idx), dev, lambda arch: state_plan(arch=arch))
+    k_pass = _launcher(("passing", heads, hp, n, dtype, initial_state is not None, idx), dev,
+                       lambda arch: pass_plan(arch=arch))
+    k_scan = _launcher(("chunk_scan", *dims.values(), D is not None, z is not None, idx), dev,
+                       lambda arch: scan_plan(arch=arch))
+    nc = -(-length // chunk_size)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
+    f32 = torch.float32
+    states = torch.empty(bt, nc, heads, hp, n, dtype=f32, device=dev)
+    s_last = torch.empty(bt, heads, nc, dtype=f32, device=dev)
+    start = torch.empty(bt, nc, heads, hp, n, dtype=x.dtype, device=dev)
+    final = torch.empty(bt, heads, hp, n, dtype=f32, device=dev)
+    y = torch.empty(bt, length, heads, hp, dtype=x.dtype, device=dev)
+    step = [A, *((dt_bias,) if dt_bias is not None else ()), lo, hi]
+    k_state((nc, bt), [x, *xs, dt, *dts, B, *bs, *step, states, s_last, length, nc])
+    k_pass((bt,), [states, s_last, *((initial_state,) if initial_state is not None else ()), start, final, nc])
+    k_scan((nc, bt), [x, *xs, dt, *dts, B, *bs, C, *cs, *((z, *zs) if z is not None else ()), *step,
+                      *((D,) if D is not None else ()), start, y, length, nc])
+    return y, final
+
+
+def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
+    """The decode step's one launch (codegen/ssd.py's state update)."""
+    bt, heads, hp = x.shape
+    groups, n = B.shape[1], B.shape[2]
+    dtype, dev = _KERNEL_DTYPES[x.dtype], x.device
+    if state.dtype != torch.float32 or not state.is_contiguous() or state.data_ptr() % 16:
+        raise SSDInputError("state must be a contiguous float32 tensor on the GPU (updated in place)")
+    vec = x.dtype == torch.float32   # f32 B and C are read as float4
+    (xs,), (dts,) = _strides("x", x, 1, False), _strides("dt", dt, 1, False)
+    (bs,), (cs,) = _strides("B", B, 1, vec), _strides("C", C, 1, vec)
+    zs = _strides("z", z, 1, False) if z is not None else ()
+    opts = dict(heads=heads, head_dim=hp, groups=groups, state=n, dtype=dtype, dt_bias=dt_bias is not None,
+                softplus=bool(dt_softplus), skip=D is not None, gate=z is not None)
+    try:
+        plan_ssd_state_update(**opts)
+    except ValueError as e:
+        raise SSDInputError(f"no SSD kernel for these sizes: {e}") from None
+    k = _launcher(("update", *opts.values(), dev.index), dev, lambda arch: plan_ssd_state_update(**opts, arch=arch))
+    A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
+    y = torch.empty(bt, heads, hp, dtype=x.dtype, device=dev)
+    k((bt,), [state, x, xs, dt, dts, B, bs, C, cs, *((z, *zs) if z is not None else ()), A,
+              *((dt_bias,) if dt_bias is not None else ()), float(dt_limit[0]), float(dt_limit[1]),
+              *((D,) if D is not None else ()), y])
+    return y
+
+
+def _norm_cuda(x, z, weight, eps, group_size):
+    """The gated norm as the standard library's row layer (dsl/stdlib/mamba2.lf) on its row kernel:
+    gated_rms_norm / gated_group_rms_norm, or rms_norm / group_rms_norm without a gate. Rows that
+    are not contiguous are copied first; the weight is used in x's dtype."""
+    f = x.shape[-1]
+    groups = f // group_size
+    name = ("gated_" if z is not None else "") + ("group_rms_norm" if groups > 1 else "rms_norm")
+    key = (name, f, groups, x.dtype, x.device)
+    mod = _NORMS.get(key)
+    if mod is None:
+        from .layers import module
+        mod = _NORMS[key] = module(name, H=f, **({"G": groups} if groups > 1 else {}), dtype=x.dtype,
+                                   device=x.device)
+    rows = {"x": x.reshape(-1, f).contiguous()}
+    if z is not None:
+        rows["z"] = z.to(x.dtype).reshape(-1, f).contiguous()
+    rows["w"] = weight.to(x.dtype).contiguous()
+    return mod._forward_bound(rows, {"eps": float(eps)}, None).reshape(x.shape)
