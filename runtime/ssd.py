@@ -30,7 +30,6 @@ are checked before any launch: a mismatch raises SSDInputError (a ValueError).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -230,6 +229,13 @@ def _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
     _same_device(x.device, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
+def _check_out(out, shape, x) -> None:
+    if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape)
+                            or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous()):
+        got = f"{out.dtype} {list(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SSDInputError(f"out must be a contiguous {x.dtype} {list(shape)} on {x.device}, got {got}")
+
+
 def _check_norm(x, z, weight, eps, group_size) -> int:
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise SSDInputError("x must be a tensor [..., features]")
@@ -250,29 +256,37 @@ def _check_norm(x, z, weight, eps, group_size) -> int:
 # ---- public ----------------------------------------------------------------------------------
 def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = True,
              dt_limit: tuple[float, float] = (0.0, math.inf), chunk_size: int = 256, initial_state=None,
-             return_final_state: bool = False):
-    """Mamba2's chunked scan over a prefill (module docstring): x [Bt, L, H, P], dt [Bt, L, H],
-    A [H] float32 (negative), B and C [Bt, L, G, N] in x's dtype, optional D [H], z [Bt, L, H, P],
-    dt_bias [H], initial_state [Bt, H, P, N] float32 -> y [Bt, L, H, P] in x's dtype, and the final
-    state [Bt, H, P, N] float32 with return_final_state."""
+             return_final_state: bool = False, out=None):
+    """Mamba2's chunked scan over a prefill (module docstring): x [Bt, L, H, P], dt [Bt, L, H] in
+    x's dtype, A [H] float32 (negative), B and C [Bt, L, G, N] in x's dtype, optional D [H],
+    z [Bt, L, H, P], dt_bias [H], initial_state [Bt, H, P, N] float32 -> y [Bt, L, H, P] in x's
+    dtype (written into `out` when given: contiguous, that shape and dtype), and the final state
+    [Bt, H, P, N] float32 with return_final_state. dt_limit clamps the processed step (always,
+    as transformers' chunked scan does). The kernels take x, B, C and z with contiguous rows at
+    16-byte multiples of strides (splits of one wider row are fine)."""
     _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_state)
+    _check_out(out, x.shape, x)
     if _use_kernel(x) and x.numel():
-        y, final = _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state)
+        y, final = _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state, out)
         return (y, final) if return_final_state else y
-    return ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-                              dt_limit=dt_limit, chunk_size=chunk_size, initial_state=initial_state,
-                              return_final_state=return_final_state)
+    res = ssd_scan_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                             dt_limit=dt_limit, chunk_size=chunk_size, initial_state=initial_state,
+                             return_final_state=True)
+    y = res[0] if out is None else out.copy_(res[0])
+    return (y, res[1]) if return_final_state else y
 
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = True,
-                     dt_limit: tuple[float, float] = (0.0, math.inf)):
+                     dt_limit: tuple[float, float] = (0.0, math.inf), out=None):
     """One decode token per sequence: state [Bt, H, P, N] float32 updated in place, x [Bt, H, P],
-    dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype."""
+    dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype (into `out` when given)."""
     _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    _check_out(out, x.shape, x)
     if _use_kernel(x) and x.numel():
-        return _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
-    return ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                      dt_softplus=dt_softplus, dt_limit=dt_limit)
+        return _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out)
+    y = ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                   dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return y if out is None else out.copy_(y)
 
 
 def gated_rms_norm(x, z, weight, eps, *, group_size: int | None = None):
@@ -290,10 +304,16 @@ def _use_kernel(t: torch.Tensor) -> bool:
 
 
 def _launcher(key: tuple, device: torch.device, make_plan, cache=None):
+    """The loaded kernel of make_plan(device's arch), once per key; sizes no kernel takes (the
+    plan's refusal) raise SSDInputError before anything is launched."""
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import device_arch, load_plan
-        hit = _KERNELS[key] = load_plan(make_plan(device_arch(device)), device, cache)
+        try:
+            plan = make_plan(device_arch(device))
+        except ValueError as e:
+            raise SSDInputError(f"no SSD kernel for these sizes: {e}") from None
+        hit = _KERNELS[key] = load_plan(plan, device, cache)
     return hit
 
 
@@ -320,7 +340,7 @@ def _per_head(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.float().contiguous()
 
 
-def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state):
+def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state, out):
     """The three launches of the chunked scan (codegen/ssd.py): chunk states, state passing, chunk scan."""
     bt, length, heads, hp = x.shape
     groups, n = B.shape[2], B.shape[3]
@@ -333,20 +353,14 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
             raise SSDInputError("initial_state must be a contiguous float32 tensor on the GPU")
     dims = dict(heads=heads, head_dim=hp, groups=groups, state=n, chunk=chunk_size, dtype=dtype,
                 dt_bias=dt_bias is not None, softplus=bool(dt_softplus))
-    try:
-        state_plan = functools.partial(plan_ssd_chunk_state, **dims)
-        scan_plan = functools.partial(plan_ssd_chunk_scan, **dims, skip=D is not None, gate=z is not None)
-        pass_plan = functools.partial(plan_ssd_state_passing, heads=heads, head_dim=hp, state=n, dtype=dtype,
-                                      initial=initial_state is not None)
-        state_plan(arch="sm_90"), scan_plan(arch="sm_90"), pass_plan(arch="sm_90")   # shape errors before loading
-    except ValueError as e:
-        raise SSDInputError(f"no SSD kernel for these sizes: {e}") from None
-    idx = dev.index
-    k_state = _launcher(("chunk_state", *dims.values(), idx), dev, lambda arch: state_plan(arch=arch))
-    k_pass = _launcher(("passing", heads, hp, n, dtype, initial_state is not None, idx), dev,
-                       lambda arch: pass_plan(arch=arch))
-    k_scan = _launcher(("chunk_scan", *dims.values(), D is not None, z is not None, idx), dev,
-                       lambda arch: scan_plan(arch=arch))
+    idx, init = dev.index, initial_state is not None
+    k_state = _launcher(("chunk_state", *dims.values(), idx), dev, lambda arch: plan_ssd_chunk_state(**dims, arch=arch))
+    k_pass = _launcher(("passing", heads, hp, n, dtype, init, idx), dev,
+                       lambda arch: plan_ssd_state_passing(heads=heads, head_dim=hp, state=n, dtype=dtype, initial=init,
+                                                           arch=arch))
+    opts = dict(skip=D is not None, gate=z is not None)
+    k_scan = _launcher(("chunk_scan", *dims.values(), *opts.values(), idx), dev,
+                       lambda arch: plan_ssd_chunk_scan(**dims, **opts, arch=arch))
     nc = -(-length // chunk_size)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
@@ -355,7 +369,7 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     s_last = torch.empty(bt, heads, nc, dtype=f32, device=dev)
     start = torch.empty(bt, nc, heads, hp, n, dtype=x.dtype, device=dev)
     final = torch.empty(bt, heads, hp, n, dtype=f32, device=dev)
-    y = torch.empty(bt, length, heads, hp, dtype=x.dtype, device=dev)
+    y = torch.empty(bt, length, heads, hp, dtype=x.dtype, device=dev) if out is None else out
     step = [A, *((dt_bias,) if dt_bias is not None else ()), lo, hi]
     k_state((nc, bt), [x, *xs, dt, *dts, B, *bs, *step, states, s_last, length, nc])
     k_pass((bt,), [states, s_last, *((initial_state,) if initial_state is not None else ()), start, final, nc])
@@ -364,7 +378,7 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     return y, final
 
 
-def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
+def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out):
     """The decode step's one launch (codegen/ssd.py's state update)."""
     bt, heads, hp = x.shape
     groups, n = B.shape[1], B.shape[2]
@@ -377,13 +391,9 @@ def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
     zs = _strides("z", z, 1, False) if z is not None else ()
     opts = dict(heads=heads, head_dim=hp, groups=groups, state=n, dtype=dtype, dt_bias=dt_bias is not None,
                 softplus=bool(dt_softplus), skip=D is not None, gate=z is not None)
-    try:
-        plan_ssd_state_update(**opts)
-    except ValueError as e:
-        raise SSDInputError(f"no SSD kernel for these sizes: {e}") from None
     k = _launcher(("update", *opts.values(), dev.index), dev, lambda arch: plan_ssd_state_update(**opts, arch=arch))
     A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
-    y = torch.empty(bt, heads, hp, dtype=x.dtype, device=dev)
+    y = torch.empty(bt, heads, hp, dtype=x.dtype, device=dev) if out is None else out
     k((bt,), [state, x, xs, dt, dts, B, bs, C, cs, *((z, *zs) if z is not None else ()), A,
               *((dt_bias,) if dt_bias is not None else ()), float(dt_limit[0]), float(dt_limit[1]),
               *((D,) if D is not None else ()), y])

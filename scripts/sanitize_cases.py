@@ -4,7 +4,7 @@ step (tensor-core and CUDA-core kernels), the same kernels on corrupt page table
 offsets, a KV append, a document-mask prefill with its block-mask pre-pass (on sm_90 the wgmma
 prefill's too, over a corrupt block mask as well, and T5 with its distance tables (the default)
 and per score), an MLA decode over a paged latent cache (split), and small-token products (odd N
-and K, gated). Run by scripts/gpu-check.sh as
+and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
 import torch
 
@@ -129,6 +129,19 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     ids = torch.tensor([0, -1, 2, 1, 2, -1, 0], dtype=torch.int32, device="cuda")
     with torch.no_grad():
         lin(torch.randn(7, 256, device="cuda", dtype=bf), AdapterBatch(ids, lora.adapters))
+    # Mamba2's SSD: the chunked scan (3 launches) over a length that ends mid-chunk, from a carried
+    # state, with D and the z gate; B/C/x as strided splits of one row; then a decode step
+    from layerforge.runtime.ssd import ssd_scan, ssd_state_update
+    xbc = torch.randn(2, 100, 4 * 32 + 2 * 2 * 16, device="cuda", dtype=bf)
+    xs, bs, cs = xbc.split([4 * 32, 2 * 16, 2 * 16], dim=-1)
+    xs, bs, cs = xs.unflatten(-1, (4, 32)), bs.unflatten(-1, (2, 16)), cs.unflatten(-1, (2, 16))
+    a_h = -torch.rand(4, device="cuda") - 0.5
+    h0 = torch.randn(2, 4, 32, 16, device="cuda")
+    _, last = ssd_scan(xs, torch.randn(2, 100, 4, device="cuda", dtype=bf), a_h, bs, cs,
+                       D=torch.ones(4, device="cuda"), z=torch.randn(2, 100, 4, 32, device="cuda", dtype=bf),
+                       dt_bias=torch.zeros(4, device="cuda"), chunk_size=64, initial_state=h0, return_final_state=True)
+    ssd_state_update(last, xs[:, 0], torch.randn(2, 4, device="cuda", dtype=bf), a_h, bs[:, 0], cs[:, 0],
+                     D=torch.ones(4, device="cuda"))
     torch.cuda.synchronize()
     print("sanitize cases ran")
 

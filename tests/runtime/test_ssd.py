@@ -242,3 +242,76 @@ def test_gated_rms_norm_rejects_groups_that_do_not_divide_and_mismatched_gates()
         gated_rms_norm(x, torch.randn(3, 6), torch.ones(12), 1e-5)
     with pytest.raises(SSDInputError, match="weight must be shaped"):
         gated_rms_norm(x, None, torch.ones(6), 1e-5)
+
+
+# ---- the launches' arguments, against the kernels' ABIs (no GPU: a recording launcher) -------------
+_CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """runtime/ssd.py's CUDA path on CPU tensors, the kernel loader replaced by one whose launcher
+    checks each argument against the plan's ABI (pointer types, ints, floats, their order) and
+    records them."""
+    import layerforge.runtime.launch as launch
+    import layerforge.runtime.ssd as ssd_module
+    calls = []
+
+    def load_plan(plan, device, cache=None):
+        def run(problem, args):
+            abi = plan.abi
+            assert len(args) == len(abi.args) and len(problem) == len(abi.problem), plan.key
+            for a, v in zip(abi.args, args):
+                if a.launch_type == "ptr":
+                    assert isinstance(v, torch.Tensor) and _CTYPES[v.dtype] in a.ctype, (plan.key, a.name, v.dtype)
+                    assert v.is_contiguous() or a.name in ("x", "B", "C", "z", "dt"), (plan.key, a.name)
+                elif a.launch_type in ("i32", "i64"):
+                    assert isinstance(v, int) and not isinstance(v, bool), (plan.key, a.name, v)
+                else:
+                    assert a.launch_type == "f32" and isinstance(v, float), (plan.key, a.name, v)
+            calls.append((plan, dict(zip((a.name for a in abi.args), args)), abi.grid_for(*problem)))
+        return run
+    monkeypatch.setattr(launch, "load_plan", load_plan)
+    monkeypatch.setattr(launch, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(ssd_module, "_KERNELS", {})
+    monkeypatch.setattr(ssd_module, "_use_kernel", lambda t: True)
+    return calls
+
+
+def test_scan_launches_pass_what_the_kernels_declare(recorded_launches):
+    wide = torch.randn(2, 70, 4 * 16 + 2 * 2 * 16 + 8, dtype=torch.bfloat16)   # x | B | C | 8 more: one row
+    x, B, C = (t.unflatten(-1, s) for t, s in zip(wide[..., :128].split([64, 32, 32], -1), [(4, 16), (2, 16), (2, 16)]))
+    inp = ssd_inputs(2, 70, 4, 16, 2, 16, dtype=torch.bfloat16, seed=("abi",))
+    y, final = ssd_scan(x, inp["dt"], inp["A"], B, C, D=inp["D"].bfloat16(), z=inp["z"], dt_bias=inp["dt_bias"],
+                        dt_limit=(0.001, 0.2), chunk_size=32, initial_state=inp["initial_state"],
+                        return_final_state=True)
+    (state, s_args, s_grid), (passing, p_args, p_grid), (scan, c_args, c_grid) = recorded_launches
+    assert [p.family for p in (state, passing, scan)] == ["ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan"]
+    assert scan.skip and scan.gate and passing.initial and state.dt_bias and state.chunk == 32
+    nc = 3   # 70 tokens in chunks of 32
+    assert s_grid == (nc, 4, 2) and c_grid == (nc, 4, 2) and p_grid == (1, 4, 2)
+    assert s_args["x_sb"] == 70 * 136 and s_args["x_sl"] == 136 and c_args["C_sl"] == 136
+    assert s_args["states"].shape == (2, nc, 4, 16, 16) and s_args["s_last"].shape == (2, 4, nc)
+    assert p_args["states"] is s_args["states"] and p_args["start"] is c_args["start"]
+    assert c_args["start"].dtype == torch.bfloat16 and p_args["final_state"] is final
+    assert c_args["y"] is y and y.shape == (2, 70, 4, 16) and c_args["seqlen"] == 70 and c_args["nc"] == nc
+    assert (c_args["dt_lo"], c_args["dt_hi"]) == (0.001, 0.2) and c_args["D"].dtype == torch.float32
+
+
+def test_state_update_launch_passes_what_the_kernel_declares(recorded_launches):
+    inp = ssd_inputs(3, 1, 4, 16, 2, 16, dtype=torch.float16, seed=("abi_step",))
+    state = inp["initial_state"].clone()
+    out = torch.empty(3, 4, 16, dtype=torch.float16)
+    y = ssd_state_update(state, inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0],
+                         z=inp["z"][:, 0], out=out)
+    ((plan, args, grid),) = recorded_launches
+    assert plan.gate and not plan.skip and not plan.dt_bias and grid == (4, 3, 1)
+    assert args["state"] is state and args["y"] is out and y is out
+    assert args["x_sb"] == 4 * 16 and args["B_sb"] == 2 * 16 and args["dt_sb"] == 4
+    assert args["dt_hi"] == math.inf
+
+
+def test_kernel_path_refuses_sizes_no_kernel_takes(recorded_launches):
+    inp = ssd_inputs(1, 10, 2, 12, 1, 16, dtype=torch.bfloat16, seed=("nokernel",))   # head_dim 12
+    with pytest.raises(SSDInputError, match="no SSD kernel.*head_dim = 12"):
+        ssd_scan(**inp)
