@@ -16,7 +16,8 @@ from .attention_tc import MODES, plan_tc_attention
 from .attention_wgmma import overlap_default, plan_wgmma_attention, supports as wgmma_supports
 from .kv_append import plan_kv_append
 from .linear_lower import has_matmul, linear_plans
-from .plan import CompileFn, KernelPlan, plan_layer
+from .plan import CompileFn, KernelPlan, LoweringError, plan_layer
+from .scan import not_lowered_reason
 
 __all__ = ["plans_for_layer"]
 
@@ -26,6 +27,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
     """The plans of every kernel `layer` needs; LoweringError when no family lowers it.
     kv_cache: the KV cache's storage when it is not the block's dtype ("fp8_e4m3")."""
     if layer.function.kind != "attention":
+        if not_lowered_reason(layer):   # scans, causal convolutions, state (the scan family's kernels serve Mamba)
+            raise LoweringError(not_lowered_reason(layer))
         if has_matmul(layer.function):
             return list(linear_plans(layer, arch))
         return [plan_layer(layer, arch)]

@@ -43,7 +43,7 @@ from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
+__all__ = ["not_lowered_reason", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
            "plan_selective_scan", "plan_state_update", "state_split", "chunked_scan", "DTYPES", "WIDTHS",
            "CONV_THREADS", "CONV_TILE", "SCAN_THREADS", "SCAN_ITEMS", "MAX_STATE", "UPDATE_THREADS"]
 
@@ -96,6 +96,21 @@ def _check(what: str, plan, ints: dict[str, int], dtypes: dict[str, str], option
 
 def _opt(tag: str, dtype: str | None) -> list[str]:
     return [] if dtype is None else [f"{tag}{dtype}"]
+
+
+def not_lowered_reason(layer) -> str | None:
+    """Why a DSL layer with scans, causal convolutions or state is not lowered to kernels from
+    its IR (None for other layers): Mamba's layers run as this family's kernels through
+    runtime/scan.py, and the DSL definitions (dsl/stdlib/ssm.lf) are their reference."""
+    from ..dsl.ir import Op
+    fn = layer.function
+    states = [p.name for p in fn.params if p.kind == "state"]
+    ops = sorted({n.op.value for n in fn.nodes() if n.op in (Op.SCAN, Op.CONV1D)})
+    if not states and not ops:
+        return None
+    what = ", ".join([f"{op}" for op in ops] + [f"state {s}" for s in states])
+    return (f"{fn.name}: {what}: scans, causal convolutions and state are not lowered from the DSL; Mamba's run as "
+            "the scan kernels (runtime/scan.py)")
 
 
 # ---- the work splits, as data ----------------------------------------------------------------

@@ -151,6 +151,7 @@ class Param(Node):
     type: TypeExpr
     default: Expr | None
     is_const: bool
+    is_state: bool = False   # `state s: T[...]`: read and reassigned by the layer, kept across calls
 
 
 @dataclass(frozen=True)

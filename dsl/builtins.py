@@ -10,7 +10,7 @@ import sympy
 from . import ast
 from .numerics import (ROPE_TYPES, RopeParameterError, make_rope_scaling, rope_attention_factor,
                        rope_is_static, static_inv_freq)
-from .ir import Node, Op, ReduceArg
+from .ir import Conv1dArg, Function, Node, Op, Param, ReduceArg, ScanArg
 from .types import DType, broadcast_shapes, dims_equal, shape_str, type_str
 from .values import _CAST_NAMES, ERR, _Tuple
 
@@ -312,6 +312,116 @@ class BuiltinRules:
             return self.error(d.span, "cast(x, dtype): dtype must be a dtype name such as f32 or T")
         dt = scope.dtype_T if _CAST_NAMES[d.id] is DType.T else _CAST_NAMES[d.id]
         return self.cast(x, dt, e.span)
+
+    # ---- scans and the causal convolution (dsl/recurrences.py defines them) -------------------
+    def builtin_cumsum(self, name, args, e, scope):
+        x = self.value(args["x"], scope)
+        if x.op is Op.ERROR:
+            return x
+        if x.rank == 0:
+            return self.error(e.span, f"{name}() scans along an axis; its operand is a scalar")
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        if x.dtype is DType.bool:
+            return self.error(e.span, f"{name}() does not take bool tensors")
+        return Node(Op.SCAN, x.dtype, x.shape, (x,), ScanArg("sum" if name == "cumsum" else "prod", axis), e.span)
+
+    builtin_cumprod = builtin_cumsum
+
+    def builtin_scan(self, name, args, e, scope):
+        """scan(combine, x0, ..., axis=): the combine is a layer taking the k carries then the k
+        elements, each of one step's shape (the operands' broadcast shape without the axis), and
+        returning k values of those types; inlined once into a step function."""
+        items = args["operands"]
+        if len(items) < 2:
+            return self.error(e.span, "scan(combine, x, ..., axis=) needs a combine layer and at least one operand")
+        comb = items[0]
+        d = self.info.defs.get(comb.id) if isinstance(comb, ast.Name) else None
+        if isinstance(comb, ast.Name) and comb.id in self.info.shadowed and e.span.file in self.info.shadowed[comb.id][1]:
+            d = self.info.shadowed[comb.id][0]
+        if d is None or not isinstance(d, ast.LayerDef):
+            return self.error(comb.span, "scan's first argument must name a layer: the combine",
+                              "e.g. `layer lin(a1: f32[B, N], b1: f32[B, N], a2: f32[B, N], b2: f32[B, N]) -> "
+                              "(f32[B, N], f32[B, N]) { return a1 * a2, a2 * b1 + b2 }`")
+        xs = [self.value(a, scope) for a in items[1:]]
+        if ERR in xs:
+            return ERR
+        k = len(xs)
+        shape = ()
+        for a, x in zip(items[1:], xs):
+            if x.rank == 0:
+                return self.error(a.span, "a scan operand must be a tensor, got a scalar")
+            shape = broadcast_shapes(shape, x.shape)
+            if shape is None:
+                return self.error(e.span, "scan(): the operands' shapes " + ", ".join(shape_str(x.shape) for x in xs)
+                                  + " do not broadcast")
+        probe = Node(Op.ERROR, DType.f32, shape)
+        axis = self.axis(probe, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        tensors = [p for p in d.params if isinstance(p.type, ast.TensorTypeExpr)]
+        if len(tensors) != 2 * k or len(d.returns) != k:
+            return self.error(comb.span, f"the combine '{d.name}' must take {2 * k} tensors (the {k} carries, then "
+                                         f"the {k} elements) and return {k}, for {k} operand{'s' * (k > 1)}; it "
+                                         f"takes {len(tensors)} and returns {len(d.returns)}")
+        step_shape = shape[:axis] + shape[axis + 1:]
+        names = [f"carry{i}" for i in range(k)] + [f"elem{i}" for i in range(k)]
+        leaves = [Node(Op.INPUT, x.dtype, step_shape, (), n, a.span) for n, x, a in
+                  zip(names, xs + xs, list(items[1:]) * 2)]
+        call_scope = type(scope)(dict(zip(names, leaves)), scope.dims, scope.dtype_T, scope.in_attention,
+                                 scope.callstack)
+        call = ast.Call(e.span, comb, tuple(ast.Name(a.span, n) for n, a in zip(names, list(items[1:]) * 2)), ())
+        outs = self.inline_call(call, d, call_scope)
+        if outs is ERR:
+            return ERR
+        outs = list(outs) if isinstance(outs, _Tuple) else [outs]
+        for i, (o, x) in enumerate(zip(outs, xs)):
+            if o.dtype != x.dtype or len(o.shape) != len(step_shape) or \
+                    not all(dims_equal(a, b) for a, b in zip(o.shape, step_shape)):
+                return self.error(e.span, f"the combine '{d.name}' returns {type_str(o.dtype, o.shape)} as its value "
+                                          f"{i}; the scan carries {type_str(x.dtype, step_shape)} there")
+        step = Function(d.name, "layer", tuple(Param(n, "tensor", x.dtype, step_shape) for n, x in zip(names, xs + xs)),
+                        tuple(outs), d.span)
+        return _Tuple(Node(Op.SCAN, x.dtype, shape, tuple(xs), ScanArg("combine", axis, i, step), e.span)
+                      for i, x in enumerate(xs))
+
+    def builtin_conv1d_causal(self, name, args, e, scope):
+        x, w = self.value(args["x"], scope), self.value(args["w"], scope)
+        st = None if args["state"] is None else self.value(args["state"], scope)
+        if ERR in (x, w, st):
+            return ERR
+        if x.rank == 0 or not x.dtype.is_float:
+            return self.error(args["x"].span, f"conv1d_causal(): x must be a float tensor, got {type_str(x.dtype, x.shape)}")
+        axis = self.axis(x, self.build_time(args["axis"], scope, "axis"), e.span)
+        if axis is None:
+            return ERR
+        if w.rank == 0 or w.dtype != x.dtype:
+            return self.error(args["w"].span, f"conv1d_causal(): the filter must be a {x.dtype} tensor like x, got "
+                                              f"{type_str(w.dtype, w.shape)}", "cast it first, e.g. T(w)")
+        taps = w.shape[-1]
+        rest = x.shape[:axis] + x.shape[axis + 1:]
+        fits = broadcast_shapes(rest, w.shape[:-1])
+        if fits is None or len(fits) != len(rest) or not all(dims_equal(a, b) for a, b in zip(fits, rest)):
+            return self.error(args["w"].span, f"conv1d_causal(): the filter {shape_str(w.shape)} must be x's shape "
+                                              f"without the axis, {shape_str(rest)}, then the taps (it may "
+                                              f"broadcast)", f"e.g. w: T[{', '.join(map(str, rest[-1:]))}, K]")
+        state_shape = x.shape[:axis] + (taps - 1,) + x.shape[axis + 1:]
+        if (taps - 1).is_Integer and taps - 1 < 1:
+            if st is not None:
+                return self.error(args["state"].span, "conv1d_causal(): a filter of one tap carries no state")
+            return self.error(args["w"].span, "conv1d_causal(): the filter needs at least two taps (one is a "
+                                              "pointwise product: write x * w)")
+        if st is not None:
+            if st.dtype != x.dtype or st.rank != x.rank or \
+                    not all(dims_equal(a, b) for a, b in zip(st.shape, state_shape)):
+                return self.error(args["state"].span, f"conv1d_causal(): the state must be "
+                                                      f"{type_str(x.dtype, state_shape)} (x's shape with the K - 1 "
+                                                      f"inputs before it along axis {axis}), got "
+                                                      f"{type_str(st.dtype, st.shape)}")
+        src = (x, w) if st is None else (x, w, st)
+        return _Tuple([Node(Op.CONV1D, x.dtype, x.shape, src, Conv1dArg(axis, 0), e.span),
+                       Node(Op.CONV1D, x.dtype, state_shape, src, Conv1dArg(axis, 1), e.span)])
 
     def builtin_alibi_slope(self, name, args, e, scope):
         h = self.value(args["h"], scope)

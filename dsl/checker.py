@@ -56,6 +56,7 @@ class _Scope:
     callstack: tuple[str, ...] = ()
     attn_heads: Any = None  # number of query heads, inside attention blocks
     attn_main: tuple[str, ...] = ()  # an attention block's q, k, v: its hooks may not index them
+    states: dict = field(default_factory=dict)  # state parameter name -> its declared (dtype, shape)
 
 
 def _declare_dim_hint(name: str, leading: bool) -> str:
@@ -163,10 +164,27 @@ class Checker(BuiltinRules):
             outputs = self.attention_body(d, scope, params)
         if outputs is None or any(o.op is Op.ERROR for o in outputs):
             return None
-        if any(n.op is Op.ERROR for n in toposort(outputs)):
+        updates = self.state_updates(d, scope)
+        if updates is None or any(n.op is Op.ERROR for n in toposort(list(outputs) + [n for _, n in updates])):
             return None
         return Function(name, "layer" if isinstance(d, ast.LayerDef) else "attention", tuple(params),
-                        tuple(outputs), d.span, tuple(sorted(bindings.dims.items())))
+                        tuple(outputs), d.span, tuple(sorted(bindings.dims.items())), tuple(updates))
+
+    def state_updates(self, d, scope: _Scope) -> list[tuple[str, Node]] | None:
+        """Each state parameter's new value: its name's value when the body ends. A state the
+        body never reassigns is an error (it would be a plain input)."""
+        out = []
+        for p in d.params:
+            if p.name not in scope.states:
+                continue
+            v = scope.vars.get(p.name, ERR)
+            if v.op is Op.INPUT and v.arg == p.name:
+                self.error(p.span, f"state '{p.name}' is never reassigned",
+                           f"give it its new value in the body (`{p.name} = ...`), or declare it as a plain tensor "
+                           "parameter")
+                return None
+            out.append((p.name, v))
+        return out
 
     # ---- parameters and types --------------------------------------------------------
     def resolve_dtype(self, name: str, span: Span, scope: _Scope, scalar: bool = False) -> DType | None:
@@ -245,11 +263,18 @@ class Checker(BuiltinRules):
             if p.name in scope.dims:
                 self.error(p.span, f"parameter '{p.name}' shadows the dim of the same name")
                 continue
+            if p.is_state and not isinstance(p.type, ast.TensorTypeExpr):
+                self.error(p.span, f"state '{p.name}' must be a tensor", "e.g. `state conv: T[B, F, KW - 1]`")
+                continue
+            if p.is_state and isinstance(d, ast.AttentionDef):
+                self.error(p.span, "attention blocks cannot carry state; their cache is the KV cache")
+                continue
             if isinstance(p.type, ast.TensorTypeExpr):
                 if p.is_const:
                     self.error(p.span, "only scalars can be const parameters")
                 if p.default is not None:
-                    self.error(p.default.span, "tensor parameters cannot have defaults")
+                    self.error(p.default.span, f"{'a state' if p.is_state else 'tensor parameters'} cannot have "
+                                               "defaults")
                 dt = self.resolve_dtype(p.type.dtype, p.type.span, scope)
                 shape = [self.resolve_dim(x, scope, leading=i == 0 and len(p.type.dims) > 1)
                          for i, x in enumerate(p.type.dims)]
@@ -257,8 +282,10 @@ class Checker(BuiltinRules):
                     scope.vars[p.name] = ERR
                     continue
                 node = Node(Op.INPUT, dt, tuple(shape), (), p.name, p.span)
-                params.append(Param(p.name, "tensor", dt, tuple(shape)))
+                params.append(Param(p.name, "state" if p.is_state else "tensor", dt, tuple(shape)))
                 scope.vars[p.name] = node
+                if p.is_state:
+                    scope.states[p.name] = (dt, tuple(shape))
                 continue
             dt = self.resolve_dtype(p.type.name, p.type.span, scope, scalar=True)
             if dt is None:
@@ -384,7 +411,7 @@ class Checker(BuiltinRules):
                 self.error(st.span, f"expression gives {len(v)} values; unpack them: "
                            f"`{', '.join('v%d' % i for i in range(len(v)))} = ...`")
                 v = ERR
-            scope.vars[targets[0].id] = v
+            scope.vars[targets[0].id] = self.state_value(targets[0], v, scope, st.span)
             return
         if not isinstance(v, _Tuple):
             if v.op is not Op.ERROR:
@@ -396,7 +423,19 @@ class Checker(BuiltinRules):
             self.error(st.span, f"expression gives {len(v)} values but {len(targets)} names are assigned")
             v = _Tuple([ERR] * len(targets))
         for t, x in zip(targets, v):
-            scope.vars[t.id] = x
+            scope.vars[t.id] = self.state_value(t, x, scope, st.span)
+
+    def state_value(self, target: ast.Name, v: Node, scope: _Scope, span: Span) -> Node:
+        """A value assigned to a state parameter keeps the state's declared dtype and shape."""
+        if target.id not in scope.states or v.op is Op.ERROR:
+            return v
+        dt, shape = scope.states[target.id]
+        if v.dtype != dt or len(v.shape) != len(shape) or not all(dims_equal(a, b) for a, b in zip(v.shape, shape)):
+            return self.error(span, f"state '{target.id}' is {type_str(dt, shape)}; the new value is "
+                                    f"{type_str(v.dtype, v.shape)}",
+                              "a state keeps its declared type across calls" + (f": cast it, {dt}(...)"
+                                                                               if v.dtype != dt else ""))
+        return v
 
     # ---- expressions -------------------------------------------------------------------
     def expr(self, e: ast.Expr, scope: _Scope):
@@ -786,6 +825,11 @@ class Checker(BuiltinRules):
     def inline_call(self, e: ast.Call, d, scope: _Scope):
         if isinstance(d, ast.AttentionDef):
             return self.error(e.func.span, f"'{d.name}' is an attention block; it cannot be called from a layer")
+        carried = [p.name for p in d.params if p.is_state]
+        if carried:
+            return self.error(e.func.span, f"'{d.name}' carries state ({', '.join(carried)}): it runs as a layer of "
+                                           "its own, not inlined into another",
+                              "call it from Python between the layers that feed it")
         if d.name in scope.callstack:
             chain = " -> ".join(scope.callstack[scope.callstack.index(d.name):] + (d.name,))
             return self.error(e.func.span, f"recursive call: {chain}", "layers cannot call themselves")

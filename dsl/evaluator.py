@@ -9,6 +9,12 @@ Precision modes:
     round; this is the exact math that generated kernels are tested against.
 Dynamic dims (token counts, batch) are bound from the inputs' shapes; any mismatch is a
 `LayerInputError` naming the parameter, before anything runs.
+
+State parameters (`state s: T[...]`) are inputs the layer also rewrites: `evaluate` writes
+their new values into the given tensors after computing the outputs (prefill leaves a state,
+decode steps update it); `evaluate_states` returns them instead, in the evaluation's precision.
+Scans and the causal convolution are dsl/recurrences.py's definitions; a scan over a combine
+layer folds its step function along the axis, one step at a time.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 
 from .ir import Function, Node, ReduceArg, toposort, unary_name
 from .numerics import alibi_slopes, t5_relative_bucket
+from .recurrences import causal_conv1d
 from .types import DType, dim_str, shape_str
 
 
@@ -98,7 +105,24 @@ def evaluate(fn: Function, inputs: Mapping[str, Any], *, precision: str = "progr
     ev = _Evaluator(fn, inputs, dims, precision == "float64", q_positions, kv_positions)
     ev.k_rotated = k_rotated
     ev.batch_offset = int(batch_offset)
-    return tuple(ev.value(o) for o in fn.outputs)
+    outputs = tuple(ev.value(o) for o in fn.outputs)
+    updates = [(name, ev.value(n)) for name, n in fn.state_updates]
+    held = {inputs[name].untyped_storage().data_ptr() for name, _ in updates}
+    outputs = tuple(o.clone() if o.untyped_storage().data_ptr() in held else o for o in outputs)   # not a view of a state
+    with torch.no_grad():
+        for name, v in updates:   # after every output: a state is read with its old value throughout
+            inputs[name].copy_(v)
+    return outputs
+
+
+def evaluate_states(fn: Function, inputs: Mapping[str, Any], *, precision: str = "program"
+                    ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(outputs, {state name: new value}) of a layer with state parameters, the given state
+    tensors left as they are; the new values in the evaluation's precision (float64 when asked)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    ev = _Evaluator(fn, inputs, bind_inputs(fn, inputs), precision == "float64", None, None)
+    return tuple(ev.value(o) for o in fn.outputs), {name: ev.value(n) for name, n in fn.state_updates}
 
 
 class _Evaluator:
@@ -112,6 +136,8 @@ class _Evaluator:
         self.attn_env: dict[str, torch.Tensor] = {}
         self.k_rotated = False
         self.batch_offset = 0
+        self.dims = dims
+        self.folds: dict[tuple, list[torch.Tensor]] = {}   # a combine scan's k outputs, computed once
 
     # ---- helpers
     def int_of(self, d) -> int:
@@ -304,6 +330,47 @@ class _Evaluator:
             if i.numel() and table.shape[axis] == 0:
                 raise LayerInputError(f"{self.fn.name}: '{n.src[0].arg}' is indexed but its dim {axis} is empty")
         return table[tuple(i.clamp(0, table.shape[axis] - 1) for axis, i in enumerate(idx))]
+
+    def op_scan(self, n):
+        arg = n.arg
+        if arg.fn == "combine":
+            return self.fold(n)[arg.which]
+        x = self.arg(n)
+        if n.dtype.is_float:
+            y = (torch.cumsum if arg.fn == "sum" else torch.cumprod)(self.up(x, n.dtype), dim=arg.axis)
+        else:
+            y = (torch.cumsum if arg.fn == "sum" else torch.cumprod)(x.to(torch.int64), dim=arg.axis)
+        return self.out(y, n)
+
+    def fold(self, n) -> list[torch.Tensor]:
+        """out_0 = x_0, out_t = combine(out_{t-1}, x_t) along the axis, the step function run by
+        an evaluator of its own on each step's slices."""
+        arg = n.arg
+        key = (id(arg.combine), arg.axis, tuple(id(s) for s in n.src))
+        if key in self.folds:
+            return self.folds[key]
+        shape = [self.int_of(d) for d in n.shape]
+        xs = [torch.broadcast_to(self.arg(n, i), shape).movedim(arg.axis, 0) for i in range(len(n.src))]
+        k, length = len(xs), shape[arg.axis]
+        outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs]
+        carry = [x[0] for x in xs]
+        for t in range(length):
+            if t:
+                step = _Evaluator(arg.combine, {**{f"carry{i}": carry[i] for i in range(k)},
+                                                **{f"elem{i}": xs[i][t] for i in range(k)}},
+                                  self.dims, self.f64, None, None)
+                carry = [step.value(o) for o in arg.combine.outputs]
+            for o, c in zip(outs, carry):
+                o[t] = c
+        self.folds[key] = [o.movedim(0, arg.axis) for o in outs]
+        return self.folds[key]
+
+    def op_conv1d(self, n):
+        x, w = self.arg(n, 0), self.arg(n, 1)
+        state = self.arg(n, 2) if len(n.src) == 3 else None
+        cdt = self.compute(n.dtype)
+        y, new_state = causal_conv1d(x.to(cdt), w.to(cdt), n.arg.axis, None if state is None else state.to(cdt))
+        return self.out(y if n.arg.which == 0 else new_state, n)
 
     def op_attention(self, n):
         from .attention_ref import attention_reference

@@ -38,6 +38,8 @@ class Op(enum.Enum):
     ATTENTION = "attention"    # src: q, k, v, *extra inputs; arg: AttentionSpec
     ATTN_VAR = "attn_var"      # arg: one of ATTN_VARS; only inside attention sub-graphs
     INDEX = "index"            # src: table, *scalar indices; element lookup inside attention sub-graphs
+    SCAN = "scan"              # src: the operands; arg: ScanArg (cumsum, cumprod, or a combine's fold)
+    CONV1D = "conv1d"          # src: x, w (, state); arg: Conv1dArg (causal depthwise, dsl/recurrences)
     ERROR = "error"            # placeholder after a reported error; never in a checked function
 
 
@@ -77,6 +79,28 @@ class ReduceArg:
 
 
 @dataclass(frozen=True)
+class ScanArg:
+    """An inclusive scan along `axis`. fn "sum" / "prod": cumsum / cumprod of the one operand.
+    fn "combine": out_0 = x_0, out_t = combine(out_{t-1}, x_t) over k operands at once (each
+    step's slices), `combine` a layer function of 2k tensors (the carries, then the
+    elements) returning k; the node is output `which` of the k."""
+
+    fn: str
+    axis: int
+    which: int = 0
+    combine: "Function | None" = None
+
+
+@dataclass(frozen=True)
+class Conv1dArg:
+    """A causal depthwise 1-D convolution along `axis` (dsl/recurrences.causal_conv1d): which 0
+    is y, 1 the new state (the last K - 1 inputs, the given state before x included)."""
+
+    axis: int
+    which: int
+
+
+@dataclass(frozen=True)
 class RopeSpec:
     theta: float
     style: str  # "neox" (rotate halves) or "gptj" (rotate interleaved pairs)
@@ -104,7 +128,8 @@ class AttentionSpec:
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str            # "tensor" | "scalar" (runtime) | "const" (build time)
+    kind: str            # "tensor" | "scalar" (runtime) | "const" (build time) | "state" (a tensor the
+                         # layer reads and rewrites: Function.state_updates holds its new value)
     dtype: DType
     shape: Shape
     default: Any = None  # python value for scalars/consts
@@ -118,9 +143,10 @@ class Function:
     outputs: tuple[Node, ...]
     span: Span = UNKNOWN_SPAN
     bindings: tuple = ()           # ((name, value), ...) applied at specialisation
+    state_updates: tuple = ()      # ((state parameter name, its new value Node), ...), in parameter order
 
     def nodes(self) -> list[Node]:
-        return toposort(self.outputs)
+        return toposort(self.outputs + tuple(n for _, n in self.state_updates))
 
 
 def toposort(outputs) -> list[Node]:
@@ -170,7 +196,7 @@ def verify(fn: Function) -> None:
             fail(n, "error placeholder left in IR")
         if n.op in _ARITY and len(n.src) != _ARITY[n.op]:
             fail(n, f"expects {_ARITY[n.op]} operands, has {len(n.src)}")
-        if n.op is Op.INPUT and (n.arg not in params or params[n.arg].kind != "tensor"):
+        if n.op is Op.INPUT and (n.arg not in params or params[n.arg].kind not in ("tensor", "state")):
             fail(n, "input is not a tensor parameter")
         # (a const parameter is a SCALAR too until specialisation binds it)
         if n.op is Op.SCALAR and (n.arg not in params or params[n.arg].kind not in ("scalar", "const")):
@@ -194,9 +220,18 @@ def verify(fn: Function) -> None:
             fail(n, "table length differs from its shape")
         if n.op is Op.CONCAT and any(s.dtype != n.dtype for s in n.src):
             fail(n, "concat operands differ in dtype")
+        if n.op is Op.SCAN and (n.arg.fn == "combine") != (n.arg.combine is not None):
+            fail(n, "a combine scan needs its combine function (and only it)")
+        if n.op is Op.CONV1D and len(n.src) not in (2, 3):
+            fail(n, "conv1d takes x, w and an optional state")
 
+    states = {name for name, _ in fn.state_updates}
+    if states != {p.name for p in fn.params if p.kind == "state"}:
+        fail(fn.outputs[0] if fn.outputs else Node(Op.ERROR, DType.f32, ()), "state parameters and updates differ")
     for n in fn.nodes():
         check(n, in_attention=False)
+        if n.op is Op.SCAN and n.arg.combine is not None:
+            verify(n.arg.combine)
         if n.op is Op.ATTENTION:
             spec: AttentionSpec = n.arg
             if len(n.src) != 3 + len(spec.extra):

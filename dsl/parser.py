@@ -20,6 +20,8 @@ from .source import SourceFile, Span
 MAX_IDENTIFIER = 64
 MAX_NESTING = 200  # syntax-tree levels; deeper trees would exhaust Python's recursion limit
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# keywords only where a parameter starts (`state s: T[N]`); elsewhere they are names (`state=` in a call)
+SOFT_KEYWORDS = ("STATE_KW",)
 _TOP_LEVEL = re.compile(r"^(layer|attention|dims|dynamic|const)\b", re.M)
 
 # Terminal names as a person would say them.
@@ -29,7 +31,7 @@ _TOKEN_WORDS = {
     "COLON": "':'", "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'",
     "SLASH": "'/'", "MORETHAN": "'>'", "COMP_OP": "a comparison", "DOT": "'.'",
     "RETURN": "'return'", "LAYER": "'layer'", "ATTENTION": "'attention'", "$END": "end of file",
-    "CONST_KW": "'const'", "DIMS": "'dims'", "DYNAMIC": "'dynamic'", "CONST": "'const'",
+    "CONST_KW": "'const'", "STATE_KW": "'state'", "DIMS": "'dims'", "DYNAMIC": "'dynamic'", "CONST": "'const'",
     "__ANON_0": "'->'",
 }
 
@@ -48,7 +50,7 @@ def grammar_parser() -> Lark:
     parser = Lark(text, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True,
                   lexer_callbacks={"NAME": reserve_keywords})
     keywords.update({t.pattern.value: t.name for t in parser.terminals
-                     if t.pattern.type == "str" and _IDENTIFIER.fullmatch(t.pattern.value)})
+                     if t.pattern.type == "str" and _IDENTIFIER.fullmatch(t.pattern.value) and t.name not in SOFT_KEYWORDS})
     return parser
 
 
@@ -122,10 +124,11 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def param(self, meta, c):
         if len(c) == 4:
-            const_kw, name, typ, default = c
+            kw, name, typ, default = c
         else:
-            const_kw, (name, typ, default) = None, c
-        return ast.Param(self._span(meta), _check_identifier(name, self.file), typ, default, const_kw is not None)
+            kw, (name, typ, default) = None, c
+        return ast.Param(self._span(meta), _check_identifier(name, self.file), typ, default,
+                         kw is not None and kw.type == "CONST_KW", kw is not None and kw.type == "STATE_KW")
 
     # ---- types
     @v_args(meta=True)

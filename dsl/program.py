@@ -35,6 +35,8 @@ HF_CONFIG_NAMES: dict[str, tuple[str, ...]] = {
     "attn_logit_softcapping": ("softcap",),
     "norm_topk_prob": ("renormalize",),
     "query_pre_attn_scalar": ("query_scalar",),
+    "state_size": ("NS",),        # Mamba's SSM state size (dsl/stdlib/ssm.lf)
+    "conv_kernel": ("KW",),       # Mamba's causal conv width
     "routed_scaling_factor": ("scaling",),
 }
 

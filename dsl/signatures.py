@@ -96,6 +96,14 @@ BUILTINS: dict[str, Signature] = {
     # torch.nn.functional.linear: x [..., K] @ w[O, K]^T (+ b [O]), w in torch.nn.Linear's layout
     "linear": sig("x", "w", ("b", None)),
     "cast": sig("x", "dtype"),
+    # scans along an axis (inclusive): cumsum, cumprod, and scan(combine, x0, x1, ..., axis=): out_0 = x_0,
+    # out_t = combine(out_{t-1}, x_t), `combine` a layer of the k carries then the k elements returning k
+    "cumsum": sig("x", ("axis", -1)),
+    "cumprod": sig("x", ("axis", -1)),
+    "scan": sig("operands", ("axis", -1), varargs=True),   # the first operand names the combine layer
+    # causal depthwise 1-D convolution: (y, new state), w [..., K] (x's shape without the axis, then K taps),
+    # state: the K - 1 inputs before x along the axis (zeros when not given)
+    "conv1d_causal": sig("x", "w", ("axis", -1), ("state", None)),
     # attention-only helpers
     "alibi_slope": sig("h", ("max_bias", 8.0)),
     "t5_bucket": sig("rel", ("num_buckets", 32), ("max_distance", 128), ("bidirectional", True)),
