@@ -65,6 +65,11 @@ _LAZY = {
     "Engine": ("models.engine", "Engine"),
     "generate": ("models.engine", "generate"),
     "spec_from_config": ("models.families", "spec_from_config"),
+    "init_parallel": ("runtime.parallel", "init_parallel"),
+    "ColumnLinear": ("runtime.parallel", "ColumnLinear"),
+    "RowLinear": ("runtime.parallel", "RowLinear"),
+    "VocabParallelEmbedding": ("runtime.parallel", "VocabParallelEmbedding"),
+    "ParallelLMHead": ("runtime.parallel", "ParallelLMHead"),
     "MambaModel": ("models.mamba", "MambaModel"),
     "MambaMixer": ("runtime.mamba", "MambaMixer"),
     "Mamba2Mixer": ("runtime.mamba", "Mamba2Mixer"),
@@ -84,4 +89,5 @@ __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load"
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
            "MultiLoRA", "LoRALinear", "attach_adapters", "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
-           "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache", "__version__"]
+           "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache",
+           "init_parallel", "ColumnLinear", "RowLinear", "VocabParallelEmbedding", "ParallelLMHead", "__version__"]

@@ -20,6 +20,7 @@ stop tokens, of several prompts of different lengths together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -216,8 +217,11 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
             continue
         order = sorted(ready)
         logits = torch.stack([ready[s] for s in order])
-        nxt = sample(logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
-                     generator=gen).tolist()
+        draw = partial(sample, logits, temperature=temperature if do_sample else 0.0, top_k=top_k, top_p=top_p,
+                       generator=gen)
+        # a model split over ranks (models/parallel.py): one rank draws, every rank feeds its tokens
+        shared = getattr(model, "shared_tokens", None)
+        nxt = (draw() if shared is None else shared(draw, len(order))).tolist()
         for slot, tok in zip(order, nxt):
             out[slot].append(tok)
             if tok in stop or len(out[slot]) >= max_new_tokens:

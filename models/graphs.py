@@ -11,6 +11,12 @@ depend on the number of layers. A replayed step equals an eager one (tests/gpu).
 Batches smaller than their bucket are padded with a reserved slot that owns one page: its rows
 write there and their results are dropped; its length is reset at every replay.
 
+Under tensor parallelism (models/parallel.py) the step's NCCL all-reduces and logit all-gather are
+captured with it: every rank captures the same buckets in the same order (each runs the same
+generate() calls), the warm-up before a capture creates NCCL's communicators, and the capture
+checks only this thread's CUDA calls (NCCL's watchdog thread queries its events meanwhile). A
+tensor-parallel model whose group is not NCCL (gloo) is refused.
+
 Greedy decoding feeds itself: each graph ends with the argmax of its logits written into its own
 token input, so consecutive steps of the same sequences need nothing from the host but the page
 bookkeeping (`decode_greedy`); the host reads a step's tokens (a pinned copy) while the next
@@ -19,6 +25,7 @@ step runs.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..runtime.kv_cache import PagedKVCache
 from .model import DecoderModel, StepContext
@@ -48,6 +55,13 @@ class DecodeGraphs:
                  buckets: tuple[int, ...] | None = None):
         if cache.device.type != "cuda":
             raise ValueError("DecodeGraphs needs a CUDA cache")
+        tp = getattr(getattr(model, "parallel", None), "tp", None)   # models/parallel.py's Layout
+        self._capture_mode = "global"
+        if tp is not None and tp.size > 1:
+            if dist.get_backend(tp.group) != "nccl":
+                raise ValueError(f"DecodeGraphs: a tensor-parallel step captures its collectives only over NCCL "
+                                 f"(this group's backend is {dist.get_backend(tp.group)})")
+            self._capture_mode = "thread_local"
         self.model, self.cache, self.pad_slot = model, cache, pad_slot
         bs = sorted(b for b in (buckets or DEFAULT_BUCKETS) if b < max_batch)
         self.buckets = (*bs, max_batch)
@@ -87,7 +101,7 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode=self._capture_mode):
             logits, nxt = self._body(tokens, slots)
         staging = torch.empty((2, b), dtype=torch.long, pin_memory=True).numpy()   # a numpy view: cheap writes
         copied = torch.cuda.Event()

@@ -184,13 +184,17 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
 
 def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = torch.bfloat16,
                     device: torch.device | str | None = None, page_size: int = 16, program=None,
-                    kv_dtype: str | None = None, kv_scales: str = "per_tensor") -> DecoderModel:
+                    kv_dtype: str | None = None, kv_scales: str = "per_tensor", tp_size: int = 1,
+                    pp_size: int = 1) -> DecoderModel:
     """A DecoderModel with the weights of a transformers checkpoint folder (config.json plus
     model.safetensors, or shards with model.safetensors.index.json). The config's model_type
     picks the family (models/families.py); what the family cannot serve is a ConfigError.
     Families with latent attention (DeepSeek-V2/V3) give a DeepseekModel (models/deepseek.py),
     the state-space families (mamba, mamba2) a MambaModel (models/mamba.py).
-    kv_dtype / kv_scales: the paged cache's storage (DecoderModel)."""
+    kv_dtype / kv_scales: the paged cache's storage (DecoderModel). tp_size / pp_size: this
+    process's part of the model split over tp_size x pp_size processes started by torchrun
+    (models/parallel.py: tensor and pipeline parallelism; every rank reads the whole checkpoint
+    and keeps its shard)."""
     root = Path(folder)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -200,6 +204,9 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     except ValueError as e:
         raise ConfigError(f"{config_path}: not JSON ({e})") from None
     spec = spec_from_config(config)
+    if tp_size * pp_size != 1:   # models/parallel.py: this rank's part of the model
+        return _load_parallel(root, spec, config, tp_size, pp_size, dtype=dtype, device=device, page_size=page_size,
+                              program=program, kv_dtype=kv_dtype, kv_scales=kv_scales)
     if isinstance(spec, MambaSpec):   # state-space families (mamba, mamba2): models/mamba.py
         return load_mamba(spec, load_tensors(checkpoint_files(root)), config, dtype=dtype, device=device,
                           program=program)
@@ -228,3 +235,19 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     if missing or unexpected:
         raise ConfigError(f"checkpoint: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
     return model.eval()
+
+
+def _load_parallel(root: Path, spec, config: dict, tp_size: int, pp_size: int, *, dtype, device, **kw) -> DecoderModel:
+    """from_pretrained's tp_size / pp_size: the sizes checked before anything is read, then the
+    process grid (runtime/parallel.init_parallel) and this rank's model of the full checkpoint."""
+    from ..runtime.parallel import init_parallel
+    from .parallel import check_parallel, parallel_model
+    check_parallel(spec, tp_size, pp_size)
+    if quant_config(config) is not None:
+        raise ConfigError("config.json: a quantised checkpoint is not served with tp_size or pp_size > 1")
+    layout = init_parallel(tp_size, pp_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())   # init_parallel made LOCAL_RANK's current
+    tensors = canonical_state_dict(spec, load_tensors(checkpoint_files(root)))
+    return parallel_model(spec, tensors, layout, dtype=dtype, device=device, **kw)

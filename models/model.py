@@ -186,11 +186,12 @@ class Attention(torch.nn.Module):
         o = self._attend(_product(self.qkv, x) if _on_gemm(self.qkv, x) else self.qkv(x), ctx)
         return _product(self.o, o) if _on_gemm(self.o, o) else self.o(o)
 
-    def fused(self, x: torch.Tensor, ctx: StepContext, prologue: dict) -> torch.Tensor:
+    def fused(self, x: torch.Tensor, ctx: StepContext, prologue: dict, residual: bool = True) -> torch.Tensor:
         """x + o(attention(qkv(norm(x)))) with the norm in the q/k/v product's prologue (Norm.prologue)
-        and the residual add in the output product's epilogue (the small-token kernel: runtime/linear.py)."""
+        and the residual add in the output product's epilogue (the small-token kernel: runtime/linear.py);
+        without the add when not `residual` (a tensor-parallel rank other than the one that adds it)."""
         qkv = _product(self.qkv, x, **prologue)
-        return _product(self.o, self._attend(qkv, ctx), residual=x)
+        return _product(self.o, self._attend(qkv, ctx), **({"residual": x} if residual else {}))
 
     def _attend(self, qkv: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = qkv.shape[0]
@@ -228,14 +229,15 @@ class MLP(torch.nn.Module):
             h = self.act(self.gate_up(x) if self.gated else self.up(x))
         return _product(self.down, h) if _on_gemm(self.down, h) else self.down(h)
 
-    def fused(self, r: torch.Tensor, prologue: dict) -> torch.Tensor:
+    def fused(self, r: torch.Tensor, prologue: dict, residual: bool = True) -> torch.Tensor:
         """r + mlp(norm(r)): the norm in the first product's prologue (Norm.prologue), the gated
-        activation in its epilogue, the residual add in the down product's epilogue."""
+        activation in its epilogue, the residual add in the down product's epilogue (none when not
+        `residual`, as Attention.fused)."""
         if self.gated:
             h = _product(self.gate_up, r, gated=self.activation, **prologue)
         else:
             h = self.act(_product(self.up, r, **prologue))
-        return _product(self.down, h, residual=r)
+        return _product(self.down, h, **({"residual": r} if residual else {}))
 
 
 class DecoderLayer(torch.nn.Module):
@@ -255,6 +257,16 @@ class DecoderLayer(torch.nn.Module):
         self.mlp = (MoE(spec.moe, dtype=dtype, device=device, program=program) if spec.is_moe(index) else
                     MLP(spec, program=program, dtype=dtype, device=device))
         self.post_mlp_norm = Norm(spec.norm, H, eps, **norm) if spec.sandwich_norms else None
+        # tensor parallelism (models/parallel.py sets these): `reduce` sums a branch output over the
+        # ranks (runtime/parallel.ParallelGroup.all_reduce), right after the o and down products and
+        # before the residual add + norm that follows (one fused kernel, as on one rank); None on one
+        # rank. In the fused layer only the rank with `adds_residual` adds the residual stream in the
+        # products' epilogues, so that the sum holds it once.
+        self.reduce = None
+        self.adds_residual = True
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.reduce is None else self.reduce(x)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,22 +275,23 @@ class DecoderLayer(torch.nn.Module):
         h, residual = (self.attn_norm(x), x) if residual is None else self.attn_norm.add(x, residual)
         a = self.attn(h, ctx)
         if self.residual == "sequential":
+            a = self._sum(a)
             if self.post_attn_norm is not None:
                 a = self.post_attn_norm(a)
             h, residual = self.mlp_norm.add(a, residual)
-            m = self.mlp(h)
+            m = self._sum(self.mlp(h))
             if self.post_mlp_norm is not None:
                 m = self.post_mlp_norm(m)
             return m, residual
         # parallel: both branches read the same input; transformers adds (mlp + attn) + x
         m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(residual))
-        return m + a, residual
+        return self._sum(m + a), residual    # tensor parallel: one sum for both branches
 
     def fused(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The layer on the residual stream x (sequential residual, RMSNorms): x + attn + mlp, four
         small-token products with the norms and residual adds fused in (DecoderModel.fuses)."""
-        r = self.attn.fused(x, ctx, self.attn_norm.prologue)
-        return self.mlp.fused(r, self.mlp_norm.prologue)
+        r = self._sum(self.attn.fused(x, ctx, self.attn_norm.prologue, self.adds_residual))
+        return self._sum(self.mlp.fused(r, self.mlp_norm.prologue, self.adds_residual))
 
 
 class DecoderModel(torch.nn.Module):
@@ -311,6 +324,9 @@ class DecoderModel(torch.nn.Module):
                         torch.nn.Linear(H, spec.vocab_size, bias=spec.lm_head_bias, dtype=td, device=device))
         self._embed_scale = spec.embed_scale
         self.fused_decode = True   # decode steps on the fused small-token products where they serve (fuses())
+        # tensor parallelism (models/parallel.py): the LM head holds this rank's vocabulary rows and
+        # gather_vocab (runtime/parallel.ParallelGroup.all_gather) joins the ranks' logits; None on one rank
+        self.gather_vocab = None
 
     def _make_attention(self, index: int, prog: Program, dname: str, device) -> torch.nn.Module:
         """Layer `index`'s attention module (a subclass with another kind of attention and cache
@@ -406,25 +422,37 @@ class DecoderModel(torch.nn.Module):
             raise ValueError(f"{self.spec.model_type}: position {ctx.max_kv_len - 1} is past the model's "
                              f"{self.spec.max_positions} learned positions")
         x = self.embed_tokens(tokens, ctx.q_pos, prompt_table, tasks)
-        if self.fuses(x):
+        x, residual = self.run_layers(x, None, ctx)
+        if rows is not None:
+            x, residual = x[rows], (None if residual is None else residual[rows])
+        return x, residual
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder layers over x: the embeddings (residual None), or a previous pipeline
+        stage's output (models/parallel.py). Fused layers (fuses(); residual None in and out) or
+        the unfused ones, returning (the last branch output, the residual stream before it)."""
+        if residual is None and self.fuses(x):
             for layer in self.layers:
                 x = layer.fused(x, ctx)
-            return (x if rows is None else x[rows]), None
-        residual = None
+            return x, None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx)
-        if rows is not None:
-            x, residual = x[rows], residual[rows]
         return x, residual
 
     def step_logits(self, tokens: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None, *,
                     prompt_table=None, tasks=None) -> torch.Tensor:
         """logits(hidden(...)); after fused layers, at most HEAD_FUSED_ROWS rows go through the
         small-token product with the final norm in its prologue (no norm kernel)."""
-        x, residual = self._layers(tokens, ctx, rows, prompt_table, tasks)
+        return self.head(*self._layers(tokens, ctx, rows, prompt_table, tasks))
+
+    def head(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The logits of the layers' output (as run_layers returns it): the final norm and the LM
+        head, in one small-token product for at most HEAD_FUSED_ROWS rows after fused layers."""
         if residual is None and x.shape[0] <= HEAD_FUSED_ROWS:
-            return self._softcap(gemv(x, self.head_weight(), None if self.lm_head is None else self.lm_head.bias,
-                                      **self.final_norm.prologue))
+            return self._softcap(self._vocab(gemv(x, self.head_weight(),
+                                                  None if self.lm_head is None else self.lm_head.bias,
+                                                  **self.final_norm.prologue)))
         return self.logits(self._final_norm(x, residual))
 
     @torch.no_grad()
@@ -468,7 +496,11 @@ class DecoderModel(torch.nn.Module):
         return all(layer.mlp.capturable(tokens) for layer in self.layers if isinstance(layer.mlp, MoE))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self._softcap(F.linear(h, self.head_weight(), None if self.lm_head is None else self.lm_head.bias))
+        return self._softcap(self._vocab(F.linear(h, self.head_weight(),
+                                                  None if self.lm_head is None else self.lm_head.bias)))
+
+    def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.gather_vocab is None else self.gather_vocab(logits)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.spec.final_logit_softcap
@@ -526,7 +558,7 @@ class DecoderModel(torch.nn.Module):
             cache.allocate(b, S)
         out = self.step(input_ids.reshape(-1).to(self.device), [b for b in range(B) for _ in range(S)], cache,
                         logits="all")
-        return out.view(B, S, -1)
+        return out.view(B, S, out.shape[-1])   # a pipeline stage before the last: no logits, [B, S, 0]
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -1,0 +1,166 @@
+"""Tensor and pipeline parallelism on the CPU (gloo, two spawned processes): tiny random llama,
+qwen2 and gemma models (float32, the reference path) split over 2 ranks give the one-process
+model's logits (within 1e-5 of the largest) and the same greedy tokens on every rank; gemma's one
+KV head is replicated on both ranks. The parallel layers against whole products, and the shard
+arithmetic and its errors without spawning anything."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.models.families import canonical_state_dict, spec_from_config
+from layerforge.models.loading import checkpoint_files, load_tensors
+from layerforge.models.parallel import (check_parallel, rank_spec, shard_state_dict, stage_layers,
+                                        stage_state_dict)
+from layerforge.runtime.parallel import Layout, ParallelGroup, ShardError, init_parallel, kv_head_range, shard
+
+from ..models.hf_tiny import make_tiny
+from . import workers
+from .ranks import run_ranks
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """name -> a tiny checkpoint folder with the one-process model's results (workers.make_case)."""
+    out = {}
+    for name in ("llama", "qwen2", "gemma"):
+        folder = tmp_path_factory.mktemp(name)
+        make_tiny(name, folder)
+        workers.make_case(folder)
+        out[name] = str(folder)
+    return out
+
+
+def test_tensor_parallel_equals_one_process(cases):
+    """TP = 2: llama (2 KV heads, one a rank), qwen2 (q/k/v biases), gemma (one KV head on both
+    ranks, tied embeddings, scaled embeddings); the parallel layers too, in the same world."""
+    run_ranks(workers.check_layers_and_models, 2, [cases["llama"], cases["qwen2"], cases["gemma"]], 2, 1)
+
+
+def test_pipeline_parallel_equals_one_process(cases):
+    """PP = 2 (one layer a stage), prefill in micro-batches of 4 tokens: the last stage's logits
+    and every rank's greedy tokens are the one-process model's (gemma: the tied head's embedding
+    on the last stage too)."""
+    run_ranks(workers.check_models, 2, [cases["llama"], cases["gemma"]], 1, 2)
+
+
+# ---- without spawning -------------------------------------------------------------------------
+def _spec(name, **over):
+    from ..models.hf_tiny import tiny_configs
+    import transformers
+    cls, kw = tiny_configs()[name]
+    return spec_from_config(getattr(transformers, cls)(**{**kw, **over}).to_dict())
+
+
+def test_shard_splits_parts_and_names_what_does_not_divide():
+    t = torch.arange(12.0).view(12, 1)
+    assert shard(t, 1, 2).flatten().tolist() == [6, 7, 8, 9, 10, 11]
+    # gate rows then up rows: each rank keeps its slice of both, in the same order
+    assert shard(t, 1, 2, parts=(6, 6)).flatten().tolist() == [3, 4, 5, 9, 10, 11]
+    with pytest.raises(ShardError, match="weight: 12 does not split over 5 ranks"):
+        shard(t, 0, 5)
+    with pytest.raises(ShardError, match="part 1: 5 does not split over 2"):
+        shard(torch.zeros(13, 1), 0, 2, parts=(8, 5))
+
+
+def test_kv_heads_split_or_replicate():
+    assert kv_head_range(8, 4, 1, 2) == (range(4, 8), range(2, 4))
+    # fewer KV heads than ranks: each rank holds the KV head its q heads read
+    assert [kv_head_range(8, 2, r, 4)[1] for r in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert kv_head_range(4, 1, 1, 2) == (range(2, 4), range(0, 1))
+    with pytest.raises(ShardError, match="key/value heads: 3 neither split over 2"):
+        kv_head_range(6, 3, 0, 2)
+    with pytest.raises(ShardError, match="attention heads: 4 does not split over 3"):
+        kv_head_range(4, 1, 0, 3)
+
+
+def test_check_parallel_refuses_what_it_cannot_split():
+    llama = _spec("llama")
+    check_parallel(llama, 2, 2)
+    with pytest.raises(ShardError, match="MLP intermediate size: 128 does not split over 3"):
+        check_parallel(_spec("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=96,
+                             intermediate_size=128), 3, 1)
+    with pytest.raises(ShardError, match="vocabulary: 95 does not split over 2"):
+        check_parallel(_spec("llama", vocab_size=95), 2, 1)
+    with pytest.raises(ShardError, match="pp_size 3: the model has 2 layers"):
+        check_parallel(llama, 1, 3)
+    with pytest.raises(ShardError, match="MoE layers is not served"):
+        check_parallel(_spec("mixtral"), 2, 1)
+    with pytest.raises(ShardError, match="ALiBi"):
+        check_parallel(_spec("bloom"), 2, 1)
+    check_parallel(_spec("mixtral"), 1, 2)   # MoE layers go whole into their stage
+
+
+def test_stages_split_layers_contiguously():
+    assert [stage_layers(5, 2, s) for s in range(2)] == [range(0, 3), range(3, 5)]
+    assert [stage_layers(4, 4, s) for s in range(4)] == [range(i, i + 1) for i in range(4)]
+    t = {"embed.weight": 0, "layers.0.a": 1, "layers.1.a": 2, "layers.2.a": 3, "final_norm.weight": 4,
+         "lm_head.weight": 5}
+    assert stage_state_dict(t, range(0, 2), first=True, last=False, tied=False) == {
+        "embed.weight": 0, "layers.0.a": 1, "layers.1.a": 2}
+    assert stage_state_dict(t, range(2, 3), first=False, last=True, tied=True) == {
+        "embed.weight": 0, "layers.0.a": 3, "final_norm.weight": 4, "lm_head.weight": 5}
+
+
+def _layout(rank, tp=2, pp=1):
+    return Layout(tp=ParallelGroup(rank % tp, tp, None, tuple(range(tp))),
+                  pp=ParallelGroup(rank // tp, pp, None, tuple(range(0, tp * pp, tp))), rank=rank, world=tp * pp)
+
+
+def test_rank_shards_rebuild_the_full_products(tmp_path):
+    """The ranks' q/k/v, o, gate/up and down shards of a real checkpoint: summed over the ranks,
+    the row-split products of their column-split inputs give the full layer's; the spec of each
+    rank has its heads and features and records the sharding."""
+    make_tiny("llama", tmp_path)
+    spec = spec_from_config(str(tmp_path / "config.json"))
+    full = canonical_state_dict(spec, load_tensors(checkpoint_files(tmp_path)))
+    x = torch.randn(3, spec.hidden_size)
+    parts = [shard_state_dict(spec, full, r, 2) for r in range(2)]
+    for r, p in enumerate(parts):
+        local = rank_spec(spec, _layout(r))
+        assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (2, 1, 64)
+        assert local.extra["sharding"]["tp_rank"] == r and local.vocab_size == 96
+        assert p["layers.0.attn.qkv.weight"].shape == ((2 + 2 * 1) * 16, 64)
+        assert p["embed.weight"].shape == (48, 64)
+    gate_up = [p["layers.1.mlp.gate_up.weight"] for p in parts]
+    down = [p["layers.1.mlp.down.weight"] for p in parts]
+
+    def mlp(gu, d):
+        g, u = (x @ gu.T).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(g) * u) @ d.T
+    torch.testing.assert_close(sum(mlp(gu, d) for gu, d in zip(gate_up, down)),
+                               mlp(full["layers.1.mlp.gate_up.weight"], full["layers.1.mlp.down.weight"]))
+    # q rows: rank 0 heads 0-1, rank 1 heads 2-3; k/v rows: KV head r on rank r
+    D, w = 16, full["layers.0.attn.qkv.weight"]
+    q = torch.cat([p["layers.0.attn.qkv.weight"][:2 * D] for p in parts])
+    k = torch.cat([p["layers.0.attn.qkv.weight"][2 * D:3 * D] for p in parts])
+    torch.testing.assert_close(q, w[:4 * D])
+    torch.testing.assert_close(k, w[4 * D:6 * D])
+    o = [p["layers.0.attn.o.weight"] for p in parts]
+    h = torch.randn(3, 4 * D)
+    torch.testing.assert_close(h[:, :2 * D] @ o[0].T + h[:, 2 * D:] @ o[1].T, h @ full["layers.0.attn.o.weight"].T)
+
+
+def test_from_pretrained_checks_the_split_before_starting_processes(tmp_path, monkeypatch):
+    make_tiny("llama", tmp_path)
+    with pytest.raises(ShardError, match="attention heads: 4 does not split over 3"):
+        lf.from_pretrained(tmp_path, dtype=torch.float32, tp_size=3)
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ShardError, match="start the processes with torchrun"):
+        init_parallel(2, 1)
+    with pytest.raises(ShardError, match="tp_size must be a positive integer"):
+        init_parallel(0, 1)
+
+
+def test_benchmark_runs_on_two_cpu_ranks(tmp_path):
+    """bench_parallel --cpu --tiny end to end (so that a GPU run does not discover a broken script)."""
+    import json
+    out = tmp_path / "r.json"
+    run_ranks(workers.run_benchmark, 2, str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["n"]) for r in rows] == [("decode", 1), ("decode", 2), ("prefill", 16)]
+    assert all(r["tp_s"] > 0 and r["no_reduce_s"] > 0 and r["tp1_s"] > 0 and r["ar_alone_s"] > 0 for r in rows)

@@ -1,0 +1,150 @@
+"""The bodies that tests/parallel runs on every rank (tests/parallel/ranks.py): module-level
+functions, so that spawned processes can import them. Each raises AssertionError on a mismatch.
+
+A case (make_case) is a tiny transformers checkpoint folder and what the one-process model
+(TP = PP = 1) gives on it: logits of a batch and greedy tokens of prompts of different lengths.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def make_case(folder: Path, *, dtype=torch.float32, device="cpu", seed: int = 1, max_new_tokens: int = 6) -> Path:
+    """Save the one-process model's logits and greedy tokens on the checkpoint in `folder` beside it."""
+    import layerforge as lf
+    model = lf.from_pretrained(folder, dtype=dtype, device=device)
+    V = model.spec.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2, 11), generator=g)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (7, 5)]
+    logits = model(ids.to(device)).float().cpu()
+    tokens = model.generate(prompts, max_new_tokens=max_new_tokens)
+    feed = [3, 5]
+    decode, _ = decode_logits(model, prompts, feed, cuda_graphs=False)
+    path = Path(folder) / "expected.pt"
+    torch.save({"ids": ids, "logits": logits, "prompts": prompts, "tokens": tokens, "feed": feed,
+                "decode": decode.float().cpu(), "max_new_tokens": max_new_tokens}, path)
+    model.release_engine()
+    return path
+
+
+def decode_logits(model, prompts: list[list[int]], feed: list[int], *, cuda_graphs: bool | None
+                  ) -> tuple[torch.Tensor, bool]:
+    """The logits of one decode step (each prompt's next token `feed`) after the prompts' prefill,
+    through an Engine; and whether the step was a CUDA-graph replay."""
+    from layerforge.models.engine import Engine
+    engine = Engine(model, max_seqs=len(prompts), max_seq_len=64, cuda_graphs=cuda_graphs)
+    slots = [engine.add(p) for p in prompts]
+    engine.step()
+    for slot, token in zip(slots, feed):
+        engine.feed(slot, token)
+    out = engine.step()
+    replayed = engine.graphs is not None and engine.graphs.replays > 0
+    return torch.stack([out[s] for s in slots]), replayed
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
+    """|got - ref| <= rel * max|ref| everywhere; NaN never passes."""
+    got, ref = got.float().cpu(), ref.float().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} != {list(ref.shape)}"
+    assert not got.isnan().any(), f"{what}: NaN"
+    err = (got - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"{what}: max error {err:.3g} > {rel} x {ref.abs().max().item():.3g}"
+
+
+def check_models(rank: int, world: int, folders: list[str], tp: int, pp: int, dtype: str = "float32",
+                 device: str = "cpu", rel: float = 1e-5, micro_batch_tokens: int = 4,
+                 compare_tokens: bool = True) -> None:
+    """Each folder's model split tp x pp: logits (on the last stage) and greedy tokens (on every
+    rank) equal the one-process model's (make_case); each rank's spec and cache hold its shard."""
+    import layerforge as lf
+    torch_dtype = getattr(torch, dtype)
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    for folder in folders:
+        exp = torch.load(Path(folder) / "expected.pt")
+        model = lf.from_pretrained(folder, dtype=torch_dtype, device=device, tp_size=tp, pp_size=pp)
+        name = f"{Path(folder).name} rank {rank} (tp {tp}, pp {pp})"
+        s, sh = model.spec, model.sharding
+        assert (sh["tp_size"], sh["tp_rank"], sh["pp_size"], sh["pp_rank"]) == (tp, rank % tp, pp, rank // tp), sh
+        assert s.num_heads * tp == sh["num_heads"] and s.intermediate_size * tp == sh["intermediate_size"], name
+        assert s.num_kv_heads == max(1, sh["num_kv_heads"] // tp), name
+        cache = model.make_cache(num_pages=4, max_seqs=1, max_pages_per_seq=4)
+        assert cache.num_kv_heads == s.num_kv_heads and cache.num_layers == s.num_layers, name
+        if pp > 1:
+            model.micro_batch_tokens = micro_batch_tokens
+        last = sh["pp_rank"] == pp - 1
+        logits = model(exp["ids"].to(device))
+        if last:
+            close(logits, exp["logits"], rel, f"{name}: logits")
+        else:
+            assert logits.shape[-1] == 0, name
+        # a decode step: eager, and on GPUs without pipeline stages also replayed from a CUDA graph
+        # (tensor parallel: its all-reduces and all-gather captured)
+        for graphs in ([False, True] if device.startswith("cuda") and pp == 1 else [None]):
+            got, replayed = decode_logits(model, exp["prompts"], exp["feed"], cuda_graphs=graphs)
+            assert replayed == bool(graphs), f"{name}: cuda_graphs={graphs}, replayed {replayed}"
+            if last:
+                close(got, exp["decode"], rel, f"{name}: decode logits (cuda_graphs={graphs})")
+        tokens = model.generate(exp["prompts"], max_new_tokens=exp["max_new_tokens"])
+        if compare_tokens:
+            assert tokens == exp["tokens"], f"{name}: greedy tokens {tokens} != {exp['tokens']}"
+        else:   # bf16: every rank the same tokens (shared), and most of them the one-process model's
+            same = sum(a == b for t, e in zip(tokens, exp["tokens"]) for a, b in zip(t, e))
+            assert same >= sum(map(len, exp["tokens"])) // 2, f"{name}: {tokens} vs {exp['tokens']}"
+        mine = torch.tensor(sum(tokens, []), device=device)
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(everyone, mine)
+        assert all(torch.equal(t, mine) for t in everyone), f"{name}: ranks generated different tokens"
+        model.release_engine()
+
+
+def check_layers(rank: int, world: int, device: str = "cpu") -> None:
+    """ColumnLinear, RowLinear (all-reduce, reduce-scatter, residual, input not yet split),
+    VocabParallelEmbedding and ParallelLMHead from full weights equal the one-process products."""
+    from layerforge.runtime.parallel import (ColumnLinear, ParallelLMHead, RowLinear, VocabParallelEmbedding,
+                                             init_parallel, shard)
+    tp = init_parallel(tp_size=world).tp
+    assert (tp.rank, tp.size) == (rank, world)
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    g = torch.Generator().manual_seed(7)   # the same full weights on every rank
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+    H, Fd, V, T = 16, 24, 40, 6
+    x, w, b = rand(T, H), rand(Fd, H), rand(Fd)
+    wgu, w2, b2, res, emb = rand(2 * Fd, H), rand(H, Fd), rand(H), rand(T, H), rand(V, H)
+    ref = F.linear(x, w, b)
+    close(ColumnLinear.shard_from(w, b, group=tp, gather_output=True)(x), ref, 1e-5, "column, gathered")
+    close(ColumnLinear.shard_from(w, b, group=tp)(x), shard(ref, rank, world, dim=1), 1e-5, "column, local")
+    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
+    close(ColumnLinear.shard_from(wgu, group=tp, parts=(Fd, Fd), gather_output=True)(x, gated="silu"),
+          F.silu(gate) * up, 1e-5, "column, gated")
+    h = F.silu(ref)
+    full = F.linear(h, w2, b2)
+    h_mine = shard(h, rank, world, dim=1)
+    close(RowLinear.shard_from(w2, b2, group=tp)(h_mine), full, 1e-5, "row, all-reduce")
+    close(RowLinear.shard_from(w2, b2, group=tp)(h_mine, residual=res), full + res, 1e-5, "row, residual")
+    close(RowLinear.shard_from(w2, b2, group=tp, input_is_parallel=False)(h), full, 1e-5, "row, whole input")
+    close(RowLinear.shard_from(w2, b2, group=tp, reduce="reduce_scatter")(h_mine), shard(full, rank, world),
+          1e-5, "row, reduce-scatter")
+    ids = torch.randint(0, V, (3, 5), generator=g).to(device)
+    close(VocabParallelEmbedding.shard_from(emb, group=tp)(ids), emb[ids], 0.0, "embedding")
+    close(ParallelLMHead.shard_from(emb, group=tp)(x), x @ emb.T, 1e-5, "LM head")
+
+
+def check_layers_and_models(rank: int, world: int, *args, **kw) -> None:
+    """check_layers, then check_models(*args) in the same world (one start of the processes)."""
+    check_layers(rank, world, kw.get("device", "cpu"))
+    check_models(rank, world, *args, **kw)
+
+
+def run_benchmark(rank: int, world: int, out: str) -> None:
+    """benchmarks/bench_parallel.py's smallest run (gloo, a tiny llama)."""
+    from benchmarks.bench_parallel import main
+    assert main(["--cpu", "--tiny", "--layers", "2", "--batches", "1,2", "--context", "8", "--prefill", "16",
+                 "--steps", "2", "--json", out]) == 0
