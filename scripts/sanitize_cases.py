@@ -142,6 +142,21 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
                        dt_bias=torch.zeros(4, device="cuda"), chunk_size=64, initial_state=h0, return_final_state=True)
     ssd_state_update(last, xs[:, 0], torch.randn(2, 4, device="cuda", dtype=bf), a_h, bs[:, 0], cs[:, 0],
                      D=torch.ones(4, device="cuda"))
+    # Mamba's scan kernels: the conv and the selective scan over 1500 steps (a chunk and part of
+    # the next; N = 16 on float4 lanes) with states in and out, then one decode step of each
+    from layerforge.runtime.scan import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+    xm = torch.randn(2, 48, 1500, device="cuda", dtype=bf)
+    wm = torch.randn(48, 4, device="cuda", dtype=bf)
+    ym, sm = causal_conv1d(xm, wm, torch.randn(48, device="cuda", dtype=bf),
+                           initial_state=torch.randn(2, 48, 3, device="cuda", dtype=bf), return_final_state=True)
+    causal_conv1d_update(xm[..., 0].contiguous(), torch.cat([sm, xm[..., :1]], -1).contiguous(), wm, None)
+    am = -torch.rand(48, 16, device="cuda") - 0.1
+    bm, cm = (torch.randn(2, 16, 1500, device="cuda", dtype=bf) for _ in range(2))
+    _, hm = selective_scan(ym, torch.randn_like(ym), am, bm, cm, torch.ones(48, device="cuda"), torch.randn_like(ym),
+                           torch.zeros(48, device="cuda"), initial_state=torch.randn(2, 48, 16, device="cuda"),
+                           return_final_state=True)
+    selective_state_update(hm, ym[..., 0].contiguous(), ym[..., 1].contiguous(), am, bm[..., 0].contiguous(),
+                           cm[..., 0].contiguous(), None, None, None)
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
