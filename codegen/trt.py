@@ -27,6 +27,7 @@ What TensorRT's plugin interface allows, per family:
 from __future__ import annotations
 
 import keyword
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -42,7 +43,9 @@ NAMESPACE = "layerforge"
 # DSL dtype -> (tensorrt Python dtype, tensorrt.plugin type string, C++ nvinfer1::DataType)
 TRT_DTYPES = {"bf16": ("bfloat16", "BF16", "kBF16"), "f16": ("float16", "FP16", "kHALF"),
               "f32": ("float32", "FP32", "kFLOAT"), "i32": ("int32", "INT32", "kINT32"),
-              "i64": ("int64", "INT64", "kINT64"), "bool": ("bool", "BOOL", "kBOOL")}
+              "i64": ("int64", "INT64", "kINT64"), "bool": ("bool", "BOOL", "kBOOL"),
+              "i8": ("int8", "INT8", "kINT8"),              # an i8 weight's bytes
+              "fp8_e4m3": ("fp8", "FP8", "kFP8")}           # e4m3 bytes: an fp8 KV cache, an f8e4m3 weight
 
 # C types of the int and float arguments a plugin fills (TensorRT's AOT extra arguments are
 # 32-bit ints; the entry kernel widens or reinterprets them, see trt_render.py).
@@ -81,6 +84,8 @@ class PluginSpec:
     aliases: tuple[int, ...] = ()              # per output: the input it is written into in place (-1: none)
     form: str = ""                             # which calling form the plugin serves, for people
     qdp_reason: str | None = None              # why the Python AOT plugin leaves it out (None: it serves it)
+    limits: tuple[tuple[str, int, int | None], ...] = ()   # (expression over dims and sizes, least, most or
+                                               # None): bounds of the kernel no shape states (refused before launch)
 
     def source_of(self, arg: Arg) -> tuple[str, Any]:
         """Where the plugin takes a kernel argument from: ("input", index), ("output", index),
@@ -92,13 +97,19 @@ class PluginSpec:
             if arg.ref not in names:
                 raise NotAPlugin(f"argument {arg.name}: {arg.ref!r} is not an input of the plugin")
             return "input", names.index(arg.ref)
-        if arg.role == "output":   # by index (a layer's outputs) or by name
-            if arg.ref.isdigit():
-                return "output", int(arg.ref)
+        if arg.role == "output":   # by index (a layer's outputs: "out<i>" where so named) or by name
             names = [t.name for t in self.outputs]
+            if arg.ref.isdigit():
+                return "output", names.index(f"out{arg.ref}") if f"out{arg.ref}" in names else int(arg.ref)
             if arg.ref not in names:
                 raise NotAPlugin(f"argument {arg.name}: {arg.ref!r} is not an output of the plugin")
             return "output", names.index(arg.ref)
+        if arg.role == "workspace":   # a buffer between two kernels of a plan: the plugin's input or output
+            for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+                names = [t.name for t in tensors]
+                if arg.ref in names:
+                    return kind, names.index(arg.ref)
+            raise NotAPlugin(f"argument {arg.name}: the workspace {arg.ref!r} is neither an input nor an output")
         if arg.role == "scalar":
             return "attribute", arg.ref
         return "size", arg.ref
@@ -138,14 +149,14 @@ def _attention_spec(plan) -> PluginSpec:
     if plan.family in ("tc_attention", "wgmma_attention") and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")
-    if getattr(plan, "kv_dtype", None):
-        raise NotAPlugin(f"no TensorRT plugin reads an {plan.kv_dtype} KV cache yet")
     info = attention_interface(plan.layer)
     hq, hkv, d, dtype, page = info["num_q_heads"], info["num_kv_heads"], info["head_dim"], info["dtype"], plan.page_size
+    kv = getattr(plan, "kv_dtype", None)   # an fp8 cache: e4m3 pages and the layer's float32 scales [Hkv]
     inputs = (TensorSpec("q", dtype, ("T", str(hq), str(d))),
-              TensorSpec("k_cache", dtype, ("P", str(page), str(hkv), str(d))),
-              TensorSpec("v_cache", dtype, ("P", str(page), str(hkv), str(d))),
+              TensorSpec("k_cache", kv or dtype, ("P", str(page), str(hkv), str(d))),
+              TensorSpec("v_cache", kv or dtype, ("P", str(page), str(hkv), str(d))),
               TensorSpec("page_table", "i32", ("S", "MP")), TensorSpec("seq_lens", "i32", ("S",)),
+              *_kv_scales(kv, hkv),
               TensorSpec("q_seq", "i32", ("T",)), TensorSpec("q_pos", "i32", ("T",)),
               *(TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in info["extra"]))
     outputs = (TensorSpec("out", dtype, ("T", str(hq), str(d))),)
@@ -155,15 +166,13 @@ def _attention_spec(plan) -> PluginSpec:
     # chunks (a token each) of one query row.
     sizes = (("B", "S"), ("tokens", "T"), ("chunks", "T"), ("max_q_len", "1"), ("num_splits", "1"),
              ("max_pages", "MP"), ("num_pages", "P"), ("num_seqs", "S"), ("num_tokens", "T"))
-    reason = None
-    if plan.abi.shared_bytes > 48 * 1024:
-        reason = (f"needs {plan.abi.shared_bytes} bytes of dynamic shared memory, past the 48 KiB a launch gets "
-                  f"without cuFuncSetAttribute; the AOT launch parameters have no way to ask for it that could be "
-                  f"checked here (the C++ plugin sets it when it loads the cubin)")
-    return PluginSpec(name=plan.key, family=plan.family, kernel=plan.abi, inputs=inputs, outputs=outputs,
-                      attributes=attributes, dims=_bind_dims(inputs, {s for s, _ in sizes}), sizes=sizes,
-                      nulls=frozenset({"cu_q", "part_o", "part_lse"}), form="per-token (decode), num_splits = 1",
-                      qdp_reason=reason)
+    return _spec(plan, inputs, outputs, sizes, attributes=attributes, nulls={"cu_q", "part_o", "part_lse"},
+                 form="per-token (decode), num_splits = 1" + (f", {kv} cache" if kv else ""))
+
+
+def _kv_scales(kv_dtype: str | None, hkv: int) -> tuple[TensorSpec, ...]:
+    """An fp8 cache's per-KV-head float32 scales (runtime/kv_cache.py PagedKVCache.scales)."""
+    return (TensorSpec("k_scale", "f32", (str(hkv),)), TensorSpec("v_scale", "f32", (str(hkv),))) if kv_dtype else ()
 
 
 # ---- the KV-cache append, append-only form -----------------------------------------------------
@@ -173,26 +182,327 @@ def _kv_append_spec(plan) -> PluginSpec:
     T and next T ints of the kernel's `meta`). The runtime's PagedKVCache also queues sequence-
     length and page-table updates into the same launch; here there are none (U = W = 0: those
     pointers are null and never read): the caller owns its page table and lengths, which the
-    attention plugins take as inputs."""
-    if getattr(plan, "kv_dtype", None):
-        raise NotAPlugin(f"no TensorRT plugin writes an {plan.kv_dtype} KV cache yet")
-    hkv, d, page = plan.num_kv_heads, plan.head_dim, plan.page_size
+    attention plugins take as inputs. An fp8 cache: e4m3 pages, quantised by the layer's float32
+    k_scale / v_scale [Hkv] (inputs)."""
+    hkv, d, page, kv = plan.num_kv_heads, plan.head_dim, plan.page_size, plan.kv_dtype
     cache = ("P", str(page), str(hkv), str(d))
-    inputs = (TensorSpec("k_cache", plan.dtype, cache), TensorSpec("v_cache", plan.dtype, cache),
+    inputs = (TensorSpec("k_cache", kv or plan.dtype, cache), TensorSpec("v_cache", kv or plan.dtype, cache),
               TensorSpec("k", plan.dtype, ("T", str(hkv), str(d))), TensorSpec("v", plan.dtype, ("T", str(hkv), str(d))),
-              TensorSpec("meta", "i32", ("2", "T")))
-    outputs = (TensorSpec("k_cache", plan.dtype, cache), TensorSpec("v_cache", plan.dtype, cache))
+              TensorSpec("meta", "i32", ("2", "T")), *_kv_scales(kv, hkv))
+    outputs = (TensorSpec("k_cache", kv or plan.dtype, cache), TensorSpec("v_cache", kv or plan.dtype, cache))
     # runtime/kv_cache.py launches (tokens = T, updates = U + W) with k_stride = k.stride(0): dense rows here
     sizes = (("tokens", "T"), ("updates", "0"), ("num_tokens", "T"), ("num_len_updates", "0"),
              ("num_page_updates", "0"), ("k_stride", str(hkv * d)), ("v_stride", str(hkv * d)))
-    return PluginSpec(name=plan.key, family=plan.family, kernel=plan.abi, inputs=inputs, outputs=outputs,
-                      attributes=(), dims=_bind_dims(inputs, {s for s, _ in sizes}), sizes=sizes,
-                      nulls=frozenset({"seq_lens", "page_table"}), aliases=(0, 1),
-                      form="append-only (cache in place; no length or page-table updates)")
+    return _spec(plan, inputs, outputs, sizes, nulls={"seq_lens", "page_table"}, aliases=(0, 1),
+                 form="append-only (cache in place; no length or page-table updates)" + (f", {kv} cache" if kv else ""))
+
+
+# ---- small-token products (gemv), the Hopper GEMM, dequantisation, fp8 row quantiser -------------
+def _weight_inputs(plan, lead: tuple[str, ...] = ()) -> tuple[TensorSpec, ...]:
+    """W and a quantised W's scales as codegen/gemv.py lays them out (runtime/quant.py packs them):
+    u4 int32 words of 8 k; i8 bytes; f8e4m3 e4m3 bytes; scales: per row, (scale, zero) words per
+    group padded to 4 words, or f32 128 x 128 block scales. `lead`: an expert stack's axis."""
+    t, n, k, wtype, group = plan.dtype, plan.n, plan.k, plan.wtype, plan.group
+    w = {None: (t, (n, k)), "u4": ("i32", (n, k // 8)), "i8": ("i8", (n, k)), "f8e4m3": ("fp8_e4m3", (n, k))}[wtype]
+    out = [TensorSpec("w", w[0], (*lead, *map(str, w[1])))]
+    if wtype == "f8e4m3":
+        shape = (n,) if not group else (-(-n // 128), -(-k // 128))
+        out.append(TensorSpec("wscale", "f32", (*lead, *map(str, shape))))
+    elif group:
+        out.append(TensorSpec("wgroup", "i32", (*lead, str(n), str((k // group + 3) // 4 * 4))))
+    elif wtype:
+        out.append(TensorSpec("wscale", t, (*lead, str(n))))
+    return tuple(out)
+
+
+def _gemv_spec(plan) -> PluginSpec:
+    """x [M, K] (M <= max_m: the kernel's token tiles) -> out [M, N_out], as runtime/linear.py
+    launch_gemv passes them (M = the rows, eps the norm's). Expert products (runtime/moe.py
+    expert_product): rows sorted by expert, x [P, K] (gather: x [T, K] read through src [P]),
+    W [E, N, K] (and a shared expert's slices w_fixed [S, N, K]), offsets [E + S + 1] (active too); P <= max_m bounds every expert's rows, which
+    the kernel needs and no shape gives otherwise."""
+    t, k, no = plan.dtype, plan.k, plan.n_out
+    if not plan.experts:
+        inputs = [TensorSpec("x", t, ("M", str(k))), *_weight_inputs(plan)]
+        inputs += [TensorSpec(name, t, shape) for on, name, shape in
+                   ((plan.bias, "bias", (str(no),)), (plan.residual, "residual", ("M", str(no))),
+                    (plan.norm, "gamma", (str(k),))) if on]
+        attributes = (Attribute("eps", "f32", None),) if plan.norm else ()
+        return _spec(plan, inputs, (TensorSpec("out", t, ("M", str(no))),), (), attributes=attributes,
+                     limits=(("M", 0, plan.max_m),), form=f"x [M, K], M <= {plan.max_m}")
+    routed = str(plan.experts - plan.fixed)   # fixed: a shared expert's slices, a second stack w_fixed [S, N, K]
+    inputs = [TensorSpec("x", t, ("X" if plan.gather else "M", str(k))), *_weight_inputs(plan, (routed,))]
+    inputs += [TensorSpec("w_fixed", t, (str(plan.fixed), str(plan.n), str(k)))] if plan.fixed else []
+    inputs += [TensorSpec("offsets", "i32", (str(plan.experts + 1),))]
+    inputs += [TensorSpec("src", "i32", ("M",))] if plan.gather else []
+    inputs += [TensorSpec("active", "i32", (str(plan.experts + 1),))] if plan.compact else []
+    return _spec(plan, inputs, (TensorSpec("out", t, ("M", str(no))),), (("rows", "M"),),
+                 limits=(("M", 0, plan.max_m),),
+                 form=f"expert product over P = M sorted rows, P <= {plan.max_m}" + (", gathered" if plan.gather else ""))
+
+
+def _gemm_spec(plan) -> PluginSpec:
+    """The Hopper GEMM as runtime/linear.py launches it (M = the rows; grid (N tiles, M tiles))."""
+    why = ["x and W reach the kernel as TMA tensor maps, which runtime/tma.py encodes on the host from their "
+           "addresses (cuTensorMapEncodeTiled); the plugins pass pointers"] if plan.tma else []
+    why += ["the persistent grid is min(SMS, tiles): the device's SM count, a host value no input shape "
+            "gives"] if plan.persistent else []
+    if why:
+        raise NotAPlugin("; ".join(why))
+    t, k, no = plan.dtype, plan.k, plan.n_out
+    inputs = [TensorSpec("x", t, ("M", str(k))), TensorSpec("w", t, (str(plan.n), str(k)))]
+    inputs += [TensorSpec(name, t, shape) for on, name, shape in
+               ((plan.bias, "bias", (str(no),)), (plan.residual, "residual", ("M", str(no)))) if on]
+    return _spec(plan, inputs, (TensorSpec("out", t, ("M", str(no))),), form="x [M, K], any M")
+
+
+def _dequant_spec(plan) -> PluginSpec:
+    """A quantised W [N, K] (codegen/gemv.py's layouts) -> W in T [N, K] (runtime/quant.py
+    dequantize_cuda: one launch, every size fixed by the plan)."""
+    return _spec(plan, _weight_inputs(plan), (TensorSpec("out", plan.dtype, (str(plan.n), str(plan.k))),),
+                 form="W [N, K], all sizes fixed")
+
+
+def _quant_rows_spec(plan) -> PluginSpec:
+    """x [M, K] -> e4m3 bytes [M, K] and float32 scales [M, ceil(K / 128)] (runtime/quant.py
+    quantize_fp8_rows)."""
+    k = plan.k
+    return _spec(plan, (TensorSpec("x", plan.dtype, ("M", str(k))),),
+                 (TensorSpec("q", "fp8_e4m3", ("M", str(k))), TensorSpec("scale", "f32", ("M", str(-(-k // 128))))),
+                 form="x [M, K], any M")
+
+
+# ---- scans (Mamba): causal conv, its decode update, selective scan, state update ---------------
+def _conv_spec(plan) -> PluginSpec:
+    """x [Bt, D, L] -> y [Bt, D, L] (and the last K - 1 inputs [Bt, D, K - 1] when final), as
+    runtime/scan.py causal_conv1d launches it: rows = Bt D, the length L."""
+    d, k, t = str(plan.channels), plan.width, plan.dtype
+    inputs = [TensorSpec("x", t, ("Bt", d, "L")), TensorSpec("weight", plan.weight_dtype, (d, str(k)))]
+    inputs += [TensorSpec("bias", plan.bias, (d,))] if plan.bias else []
+    inputs += [TensorSpec("initial_state", t, ("Bt", d, str(k - 1)))] if plan.initial else []
+    outputs = [TensorSpec("out0", t, ("Bt", d, "L"))]
+    outputs += [TensorSpec("out1", t, ("Bt", d, str(k - 1)))] if plan.final else []
+    # L = 0 launches nothing, so the final state would be left unwritten (the runtime copies it)
+    return _spec(plan, inputs, outputs, (("rows", f"Bt * {d}"), ("length", "L"), ("batch", "Bt")),
+                 limits=(("L", 1, None),) if plan.final else (), form="x [Bt, D, L]" + (", L >= 1" if plan.final else ""))
+
+
+def _conv_update_spec(plan) -> PluginSpec:
+    """x [Bt, D] joins conv_state [Bt, D, K] (written in place: an input with the first output
+    aliased to it) -> y [Bt, D] (runtime/scan.py causal_conv1d_update)."""
+    d, k, t = str(plan.channels), str(plan.width), plan.dtype
+    state = TensorSpec("conv_state", plan.state_dtype, ("Bt", d, k))
+    inputs = [TensorSpec("x", t, ("Bt", d)), state, TensorSpec("weight", plan.weight_dtype, (d, k))]
+    inputs += [TensorSpec("bias", plan.bias, (d,))] if plan.bias else []
+    return _spec(plan, inputs, (state, TensorSpec("out0", t, ("Bt", d))), (("rows", f"Bt * {d}"), ("batch", "Bt")),
+                 aliases=(1, -1), form="one step, conv_state in place")
+
+
+def _scan_inputs(plan, step: tuple[str, ...], names: tuple[str, str, str]) -> list[TensorSpec]:
+    """u/x, delta/dt, A, B, C, D, z, delta_bias/dt_bias as runtime/scan.py checks them: B and C
+    [Bt, N(, L)], A [D, N], D and the bias [D]."""
+    d, n, t = str(plan.channels), str(plan.state), plan.dtype
+    x, dt, bias = names
+    inputs = [TensorSpec(x, t, ("Bt", d, *step)), TensorSpec(dt, t, ("Bt", d, *step)),
+              TensorSpec("A", plan.a_dtype, (d, n)), TensorSpec("B", t, ("Bt", n, *step)),
+              TensorSpec("C", t, ("Bt", n, *step))]
+    inputs += [TensorSpec("D", plan.d_dtype, (d,))] if plan.d_dtype else []
+    inputs += [TensorSpec("z", t, ("Bt", d, *step))] if plan.gate else []
+    inputs += [TensorSpec(bias, plan.bias_dtype, (d,))] if plan.bias_dtype else []
+    return inputs
+
+
+def _selective_scan_spec(plan) -> PluginSpec:
+    """u [Bt, D, L] -> y [Bt, D, L] (and the f32 final state [Bt, D, N]) from an f32 initial
+    state when given (runtime/scan.py selective_scan: rows = Bt D)."""
+    d, n, t = str(plan.channels), str(plan.state), plan.dtype
+    inputs = _scan_inputs(plan, ("L",), ("u", "delta", "delta_bias"))
+    inputs += [TensorSpec("initial_state", "f32", ("Bt", d, n))] if plan.initial else []
+    outputs = [TensorSpec("out0", t, ("Bt", d, "L"))] + ([TensorSpec("out1", "f32", ("Bt", d, n))] if plan.final else [])
+    return _spec(plan, inputs, outputs, (("rows", f"Bt * {d}"), ("batch", "Bt"), ("length", "L")),
+                 form="u [Bt, D, L]")
+
+
+def _state_update_spec(plan) -> PluginSpec:
+    """One step: the f32 state [Bt, D, N] updated in place (an input with the first output aliased
+    to it), x [Bt, D] -> y [Bt, D] (runtime/scan.py selective_state_update)."""
+    d, n = str(plan.channels), str(plan.state)
+    state = TensorSpec("state", "f32", ("Bt", d, n))
+    inputs = [state, *_scan_inputs(plan, (), ("x", "dt", "dt_bias"))]
+    return _spec(plan, inputs, (state, TensorSpec("out0", plan.dtype, ("Bt", d))), (("rows", f"Bt * {d}"), ("batch", "Bt")),
+                 aliases=(0, -1), form="one step, state in place")
+
+
+# ---- SSD (Mamba2): the chunked scan's three kernels, and the decode update -----------------------
+_DT_LIMITS = (Attribute("dt_lo", "f32", 0.0), Attribute("dt_hi", "f32", float("inf")))   # runtime/ssd.py dt_limit
+
+
+def _ssd_inputs(plan, step: bool, with_c: bool) -> tuple[list[TensorSpec], list[tuple[str, str]]]:
+    """x, dt, B (C, z) dense, as runtime/ssd.py checks them ([Bt, L, ...] prefill, [Bt, ...] a step),
+    then A, dt_bias [H] f32; the strides the kernel takes (elements) of those dense rows."""
+    h, p, g, n, t = str(plan.heads), str(plan.head_dim), str(plan.groups), str(plan.state), plan.dtype
+    lead = ("Bt",) if step else ("Bt", "L")
+    parts = [("x", (h, p)), ("dt", (h,)), ("B", (g, n))]
+    if with_c:
+        parts += [("C", (g, n))] + ([("z", (h, p))] if plan.gate else [])
+    inputs = [TensorSpec(name, t, (*lead, *rest)) for name, rest in parts]
+    size = {"bf16": 2, "f16": 2, "f32": 4}[t]
+    for name, rest in parts:   # the rows the kernel copies as 16-byte vectors (runtime/ssd.py _strides)
+        row = size * math.prod(int(r) for r in rest)
+        if name in (("B", "C") if step else ("x", "B", "C", "z")) and (not step or t == "f32") and row % 16:
+            raise NotAPlugin(f"{name}'s dense rows are {row} bytes, and the kernel reads them as 16-byte vectors")
+    inputs += [TensorSpec("A", "f32", (h,))] + ([TensorSpec("dt_bias", "f32", (h,))] if plan.dt_bias else [])
+    strides = []
+    for name, rest in parts:
+        row = " * ".join(rest)
+        strides += [(f"{name}_sb", row if step else f"L * {row}")] + ([] if step else [(f"{name}_sl", row)])
+    return inputs, strides
+
+
+def _ssd_chunk_state_spec(plan) -> PluginSpec:
+    """Each chunk's state: x [Bt, L, H, P] ... -> states f32 [Bt, nc, H, P, N] and the chunks' dt
+    sums s_last f32 [Bt, H, nc] (runtime/ssd.py's workspaces, outputs here; nc = cdiv(L, chunk))."""
+    h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
+    inputs, strides = _ssd_inputs(plan, step=False, with_c=False)
+    nc = f"cdiv(L, {plan.chunk})"
+    outputs = (TensorSpec("states", "f32", ("Bt", "nc", h, p, n)), TensorSpec("s_last", "f32", ("Bt", h, "nc")))
+    return _spec(plan, inputs, outputs, (("nc", nc), ("batch", "Bt"), ("seqlen", "L"), *strides),
+                 attributes=_DT_LIMITS, form="prefill stage 1 of 3: chunk states")
+
+
+def _ssd_state_passing_spec(plan) -> PluginSpec:
+    """The states entering each chunk: states, s_last (stage 1's) [, initial f32 [Bt, H, P, N]] ->
+    start [Bt, nc, H, P, N] in the model's dtype and the final state f32 [Bt, H, P, N]."""
+    h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
+    inputs = [TensorSpec("states", "f32", ("Bt", "NC", h, p, n)), TensorSpec("s_last", "f32", ("Bt", h, "NC"))]
+    inputs += [TensorSpec("initial", "f32", ("Bt", h, p, n))] if plan.initial else []
+    outputs = (TensorSpec("start", plan.dtype, ("Bt", "NC", h, p, n)), TensorSpec("out1", "f32", ("Bt", h, p, n)))
+    return _spec(plan, inputs, outputs, (("batch", "Bt"), ("nc", "NC")), form="prefill stage 2 of 3: state passing")
+
+
+def _ssd_chunk_scan_spec(plan) -> PluginSpec:
+    """y [Bt, L, H, P] from x, dt, B, C (z), A, dt_bias (D) and stage 2's start states."""
+    h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
+    inputs, strides = _ssd_inputs(plan, step=False, with_c=True)
+    inputs += [TensorSpec("D", "f32", (h,))] if plan.skip else []
+    inputs += [TensorSpec("start", plan.dtype, ("Bt", f"cdiv(L, {plan.chunk})", h, p, n))]
+    return _spec(plan, inputs, (TensorSpec("out0", plan.dtype, ("Bt", "L", h, p)),),
+                 (("nc", f"cdiv(L, {plan.chunk})"), ("batch", "Bt"), ("seqlen", "L"), *strides),
+                 attributes=_DT_LIMITS, form="prefill stage 3 of 3: chunk scan")
+
+
+def _ssd_state_update_spec(plan) -> PluginSpec:
+    """One token a sequence: the f32 state [Bt, H, P, N] updated in place (an input with the
+    first output aliased to it), x [Bt, H, P] -> y [Bt, H, P] (runtime/ssd.py ssd_state_update)."""
+    h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
+    state = TensorSpec("state", "f32", ("Bt", h, p, n))
+    inputs, strides = _ssd_inputs(plan, step=True, with_c=True)
+    inputs = [state, *inputs] + ([TensorSpec("D", "f32", (h,))] if plan.skip else [])
+    return _spec(plan, inputs, (state, TensorSpec("out0", plan.dtype, ("Bt", h, p))), (("batch", "Bt"), *strides),
+                 attributes=_DT_LIMITS, aliases=(0, -1), form="one step, state in place")
+
+
+# ---- MoE: the permutation, gather, combine -------------------------------------------------------
+def _moe_align_spec(plan) -> PluginSpec:
+    """ids [T, k] -> offsets [E + fixed + 1], pos and src [T (k + fixed)] (active [E + fixed + 1])
+    (runtime/moe_kernels.py moe_align: n_pairs = T (k + fixed))."""
+    groups, pairs = str(plan.experts + plan.fixed + 1), f"T * {plan.k + plan.fixed}"
+    outputs = [TensorSpec("out0", "i32", (groups,)), TensorSpec("out1", "i32", (pairs,)),
+               TensorSpec("out2", "i32", (pairs,))] + ([TensorSpec("out3", "i32", (groups,))] if plan.active else [])
+    return _spec(plan, (TensorSpec("ids", "i32", ("T", str(plan.k))),), outputs, (("pairs", pairs),),
+                 limits=(("pairs", 0, (1 << 30) - 1),), form="ids [T, k]")   # pair indices are ints
+
+
+def _moe_gather_spec(plan) -> PluginSpec:
+    """xs [P, H] = x[src] for x [T, H], src [P] (runtime/moe_kernels.py moe_gather; T >= 1: src
+    is clamped into [0, T))."""
+    h = str(plan.hidden)
+    return _spec(plan, (TensorSpec("x", plan.dtype, ("T", h)), TensorSpec("src", "i32", ("P",))),
+                 (TensorSpec("out0", plan.dtype, ("P", h)),), (("slots", "P"), ("tokens", "T")),
+                 limits=(("T", 1, None),), form="x [T, H], src [P]")
+
+
+def _moe_combine_spec(plan) -> PluginSpec:
+    """out [T, H] from the experts' rows y [T (k + fixed), H], pos [T (k + fixed)], w f32 [T, k]
+    (shared [T, H], gate_logit [T], residual [T, H]) (runtime/moe_kernels.py moe_combine)."""
+    h, t, rows = str(plan.hidden), plan.dtype, f"T * {plan.k + plan.fixed}"
+    inputs = [TensorSpec("y", t, (rows, h)), TensorSpec("pos", "i32", (rows,)), TensorSpec("w", "f32", ("T", str(plan.k)))]
+    inputs += [TensorSpec(name, t, shape) for on, name, shape in
+               ((plan.shared, "shared", ("T", h)), (plan.shared_gate, "gate_logit", ("T",)),
+                (plan.residual, "residual", ("T", h))) if on]
+    return _spec(plan, inputs, (TensorSpec("out0", t, ("T", h)),), (("tokens", "T"),), form="w [T, k]")
+
+
+# ---- LoRA: shrink and expand of the adapters' tokens --------------------------------------------
+def _lora_shrink_spec(plan) -> PluginSpec:
+    """v [T, S R] from x [T, K] and A [E1, S R, K] (runtime/lora.py MultiLoRA.shrink: the
+    grid's slots are the adapters, E1 - 1)."""
+    sr, t = str(plan.slices * plan.rank), plan.dtype
+    inputs = [TensorSpec("x", t, ("T", str(plan.k))), TensorSpec("a", t, ("E1", sr, str(plan.k))),
+              TensorSpec("ranks", "i32", ("E1", str(plan.slices))), TensorSpec("offsets", "i32", ("E1 + 1",)),
+              TensorSpec("src", "i32", ("T",))]
+    return _spec(plan, inputs, (TensorSpec("out0", t, ("T", sr)),), (("slots", "E1 - 1"), ("tokens", "T")),
+                 form="x [T, K], the tokens sorted by slot")
+
+
+def _lora_expand_spec(plan) -> PluginSpec:
+    """out [T, O] = y (+ bias) + each token's adapter's expand of v [T, S R] (runtime/lora.py
+    MultiLoRA.expand into a new out: groups = slots + 1, the no-adapter group copying y; y and v
+    dense: ldy = O, ldv = S R, vslot = 0)."""
+    o, s, r, t = sum(plan.slices), len(plan.slices), plan.rank, plan.dtype
+    inputs = [TensorSpec("y", t, ("T", str(o))), TensorSpec("v", t, ("T", str(s * r))),
+              TensorSpec("b", t, ("E1", str(r), str(o))), TensorSpec("ranks", "i32", ("E1", str(s))),
+              TensorSpec("scales", "f32", ("E1", str(s))), TensorSpec("offsets", "i32", ("E1 + 1",)),
+              TensorSpec("src", "i32", ("T",))]
+    inputs += [TensorSpec("bias", t, (str(o),))] if plan.bias else []
+    sizes = (("groups", "E1"), ("slots", "E1 - 1"), ("tokens", "T"), ("ldy", str(o)), ("ldv", str(s * r)), ("vslot", "0"))
+    return _spec(plan, inputs, (TensorSpec("out0", t, ("T", str(o))),), sizes,
+                 form="v [T, S R] (the shrink's), out a new tensor")
+
+
+# ---- MLA: decode over the latent cache, and its append ------------------------------------------
+def _mla_decode_spec(plan) -> PluginSpec:
+    """q [T, H, L + R] over the paged latent cache [P, page, L + R] -> out [T, H, L], each token
+    the last of its sequence (runtime/mla_decode.py) with num_splits = 1: the split parts and the
+    merge kernel are not used (null), the scale an attribute."""
+    row, h, t = str(plan.latent_dim + plan.rope_dim), str(plan.num_heads), plan.dtype
+    inputs = (TensorSpec("q", t, ("T", h, row)), TensorSpec("cache", t, ("P", str(plan.page_size), row)),
+              TensorSpec("page_table", "i32", ("S", "MP")), TensorSpec("seq_lens", "i32", ("S",)),
+              TensorSpec("q_seq", "i32", ("T",)))
+    sizes = (("tokens", "T"), ("num_splits", "1"), ("max_pages", "MP"), ("num_pages", "P"), ("num_seqs", "S"))
+    return _spec(plan, inputs, (TensorSpec("out", t, ("T", h, str(plan.latent_dim))),), sizes,
+                 attributes=(Attribute("scale", "f32", None),), nulls={"part_o", "part_lse"},
+                 form="decode, num_splits = 1")
+
+
+def _mla_append_spec(plan) -> PluginSpec:
+    """latent [T, L] and k_pe [T, R] (rotated) into one layer's cache [P, page, L + R] in place (an
+    input with the output aliased to it); meta [2, T] each token's page, then its position
+    (runtime/mla_cache.py _write_cuda; dense rows: the strides are L and R)."""
+    cache = TensorSpec("cache", plan.dtype, ("P", str(plan.page_size), str(plan.latent_dim + plan.rope_dim)))
+    inputs = (cache, TensorSpec("latent", plan.dtype, ("T", str(plan.latent_dim))),
+              TensorSpec("k_pe", plan.dtype, ("T", str(plan.rope_dim))), TensorSpec("meta", "i32", ("2", "T")))
+    sizes = (("tokens", "T"), ("num_tokens", "T"), ("latent_stride", str(plan.latent_dim)),
+             ("k_pe_stride", str(plan.rope_dim)))
+    return _spec(plan, inputs, (cache,), sizes, aliases=(0,), form="append (cache in place)")
+
+
+def _block_mask_spec(plan) -> PluginSpec:
+    raise NotAPlugin("its grid and its lists are sized by the longest query chunk and key length (max_q_len, "
+                     "max_kv_len), host values no input shape gives; the tensor-core prefill that reads them is "
+                     "not a plugin for the same reason")
 
 
 _BUILDERS = {"row": _row_spec, "paged_attention": _attention_spec, "tc_attention": _attention_spec,
-             "wgmma_attention": _attention_spec, "kv_append": _kv_append_spec}
+             "wgmma_attention": _attention_spec, "kv_append": _kv_append_spec,
+             "gemv": _gemv_spec, "gemm": _gemm_spec, "dequant": _dequant_spec, "quant_rows": _quant_rows_spec,
+             "scan_conv": _conv_spec, "scan_conv_update": _conv_update_spec, "selective_scan": _selective_scan_spec,
+             "selective_state_update": _state_update_spec, "ssd_chunk_state": _ssd_chunk_state_spec,
+             "ssd_state_passing": _ssd_state_passing_spec, "ssd_chunk_scan": _ssd_chunk_scan_spec,
+             "ssd_state_update": _ssd_state_update_spec, "moe_align": _moe_align_spec, "moe_gather": _moe_gather_spec,
+             "moe_combine": _moe_combine_spec, "moe_route": _row_spec, "lora_shrink": _lora_shrink_spec,
+             "lora_expand": _lora_expand_spec, "mla_decode": _mla_decode_spec, "mla_append": _mla_append_spec,
+             "block_mask": _block_mask_spec}
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -208,6 +518,23 @@ def _bind_dims(inputs: tuple[TensorSpec, ...], defined: set[str]) -> tuple[tuple
     return tuple((d, i, axis) for d, (i, axis) in seen.items())
 
 
+def _spec(plan, inputs, outputs, sizes=(), *, attributes=(), nulls=(), aliases=(), form: str,
+          limits=(), qdp_reason: str | None = None) -> PluginSpec:
+    """The spec of `plan`'s main kernel; dims are read from the first input axis that is one."""
+    return PluginSpec(name=plan.key, family=plan.family, kernel=plan.abi, inputs=tuple(inputs), outputs=tuple(outputs),
+                      attributes=tuple(attributes), dims=_bind_dims(tuple(inputs), {s for s, _ in sizes}),
+                      sizes=tuple(sizes), nulls=frozenset(nulls), aliases=tuple(aliases), form=form,
+                      limits=tuple(limits), qdp_reason=qdp_reason or _shared_memory_reason(plan.abi))
+
+
+def _shared_memory_reason(abi: KernelABI) -> str | None:
+    if abi.shared_bytes <= 48 * 1024:
+        return None
+    return (f"needs {abi.shared_bytes} bytes of dynamic shared memory, past the 48 KiB a launch gets "
+            f"without cuFuncSetAttribute; the AOT launch parameters have no way to ask for it that could be "
+            f"checked here (the C++ plugin sets it when it loads the cubin)")
+
+
 def _checked(spec: PluginSpec) -> PluginSpec:
     """Refuse what the generated code could not express: a size no input determines, a dtype or
     argument type TensorRT has no slot for, an attribute that is not a Python identifier."""
@@ -215,6 +542,8 @@ def _checked(spec: PluginSpec) -> PluginSpec:
     for name, expr in spec.sizes:
         _require_names(spec, expr, known, f"size {name}")
         known.add(name)
+    for expr, _, _ in spec.limits:
+        _require_names(spec, expr, known, "a limit")
     tensor_names = {t.name for t in spec.inputs} | {"outputs", "tactic"}
     for t in spec.inputs:
         if keyword.iskeyword(t.name) or t.name in ("outputs", "tactic"):
@@ -237,6 +566,8 @@ def _checked(spec: PluginSpec) -> PluginSpec:
             raise NotAPlugin(f"argument {arg.name}: no input shape gives {ref!r}")
         if kind in ("size", "attribute") and arg.ctype.replace("const ", "").strip() not in _VALUE_TYPES:
             raise NotAPlugin(f"argument {arg.name}: no TensorRT argument of C type {arg.ctype!r}")
+        if kind == "output" and ref >= len(spec.outputs):
+            raise NotAPlugin(f"argument {arg.name}: the plugin has no output {ref}")
         if kind == "input" and not arg.is_pointer:
             raise NotAPlugin(f"argument {arg.name} is not a pointer")
     return spec

@@ -17,6 +17,7 @@ Two deployments of the same kernels:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -127,6 +128,7 @@ def _python_context(spec: PluginSpec, entry: AotEntry) -> dict:
         "dims": [f"v_{d} = {spec.inputs[i].name}[{axis}]" for d, i, axis in spec.dims],
         "static": [(t.name, axis, int(e)) for t in spec.inputs for axis, e in enumerate(t.shape) if e.isdigit()],
         "sizes": [f"v_{n} = {ex.python(e)}" for n, e in spec.sizes],
+        "limits": [(ex.python(e), least, "None" if most is None else most, e) for e, least, most in spec.limits],
         "outputs": [(_py_tuple(ex.python(e) for e in t.shape), TRT_DTYPES[t.dtype][0]) for t in spec.outputs],
         "grid": [ex.python(g) for g in abi.grid], "block": list(abi.block), "shared_mem": abi.shared_bytes,
         "extras": _py_tuple(v for _, v in entry.extras), "extra_names": [n for n, _ in entry.extras],
@@ -142,6 +144,16 @@ def _python_context(spec: PluginSpec, entry: AotEntry) -> dict:
 def _py_tuple(items) -> str:
     items = list(items)
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _c_default(value) -> tuple[str, str] | None:
+    """An attribute's default as C++ (float, int32) literals; None: the network must give it."""
+    if value is None:
+        return None
+    f = float(value)
+    if math.isinf(f):
+        return ("-" if f < 0 else "") + "std::numeric_limits<float>::infinity()", "0"
+    return f"{f!r}f", str(int(value) if not math.isinf(f) else 0)
 
 
 def _cpp_context(spec: PluginSpec, cubin_file: str) -> dict:
@@ -171,7 +183,9 @@ def _cpp_context(spec: PluginSpec, cubin_file: str) -> dict:
         "types": [TRT_DTYPES[t.dtype][2] for t in (*spec.inputs, *spec.outputs)],
         "ranks": [len(t.shape) for t in spec.inputs], "checks": checks, "agree": agree,
         "aliases": list(spec.aliases) or [-1] * len(spec.outputs),
-        "attributes": [(a.name, "kFLOAT32" if a.dtype == "f32" else "kINT32", a.default) for a in spec.attributes],
+        "attributes": [(a.name, "kFLOAT32" if a.dtype == "f32" else "kINT32", _c_default(a.default))
+                       for a in spec.attributes],
+        "limits": [(ex.c_int(e), least, most) for e, least, most in spec.limits],
         "expr_dims": [f"IDimensionExpr const* e_{d} = inputs[{i}].d[{axis}];" for d, i, axis in spec.dims],
         "expr_sizes": [f"IDimensionExpr const* e_{n} = {ex.c_expr(e)};" for n, e in spec.sizes],
         "out_shapes": [[ex.c_expr(e) for e in t.shape] for t in spec.outputs],

@@ -72,14 +72,16 @@ def row_input_shapes(entry: dict, dims: dict[str, int]) -> list[tuple[int, ...]]
 def attention_input_shapes(entry: dict, T: int, S: int, MP: int, P: int) -> list[tuple[int, ...]]:
     i = entry["interface"]
     hq, hkv, d, page = i["num_q_heads"], i["num_kv_heads"], i["head_dim"], entry["page_size"]
-    shapes = [(T, hq, d), (P, page, hkv, d), (P, page, hkv, d), (S, MP), (S,), (T,), (T,)]
+    scales = [(hkv,), (hkv,)] if entry.get("kv_dtype") else []   # an fp8 cache's k_scale, v_scale
+    shapes = [(T, hq, d), (P, page, hkv, d), (P, page, hkv, d), (S, MP), (S,), *scales, (T,), (T,)]
     return shapes + [tuple(S if x == "B" else int(x) for x in e["shape"]) for e in i["extra"]]
 
 
 def append_input_shapes(entry: dict, T: int, P: int) -> list[tuple[int, ...]]:
     cache = (P, entry["page_size"], entry["num_kv_heads"], entry["head_dim"])
     token = (T, entry["num_kv_heads"], entry["head_dim"])
-    return [cache, cache, token, token, (2, T)]
+    scales = [(entry["num_kv_heads"],)] * 2 if entry.get("kv_dtype") else []   # an fp8 cache's k_scale, v_scale
+    return [cache, cache, token, token, (2, T), *scales]
 
 
 def input_shapes(entry: dict, case: int) -> list[tuple[int, ...]]:
@@ -133,7 +135,7 @@ def _attention(entry, abi, launcher, shapes) -> Expected:
 
 
 def _append(abi, launcher, shapes) -> Expected:
-    cache, _, k, v, _ = shapes
+    cache, _, k, v = shapes[:4]
     T = k[0]
     # runtime/kv_cache.py: kernel((T, U + W), ...) with k_stride = k.stride(0); no queued updates here
     values = {"k_stride": k[1] * k[2], "v_stride": v[1] * v[2], "num_tokens": T, "num_len_updates": 0,
