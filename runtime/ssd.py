@@ -44,6 +44,7 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _KERNELS: dict[tuple, object] = {}   # (kernel, plan fields..., device index) -> Launcher
 _NORMS: dict[tuple, object] = {}     # (layer, F, groups, dtype, device) -> LayerModule
+MAX_GRID_Y = 65535                   # the batch is a grid's y (decode) or z (prefill) dimension
 
 
 class SSDInputError(ValueError):
@@ -347,7 +348,9 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     dtype, dev = _KERNEL_DTYPES[x.dtype], x.device
     xs, dts = _strides("x", x, 2, True), _strides("dt", dt, 2, False)
     bs, cs = _strides("B", B, 2, True), _strides("C", C, 2, True)
-    zs = _strides("z", z, 2, True) if z is not None else ()
+    zs = _strides("z", z, 2, False) if z is not None else ()
+    if bt > MAX_GRID_Y:
+        raise SSDInputError(f"batch {bt} is more than the kernels' grid takes ({MAX_GRID_Y}); split the batch")
     if initial_state is not None:
         if initial_state.dtype != torch.float32 or not initial_state.is_contiguous() or initial_state.data_ptr() % 16:
             raise SSDInputError("initial_state must be a contiguous float32 tensor on the GPU")
@@ -385,6 +388,8 @@ def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, ou
     dtype, dev = _KERNEL_DTYPES[x.dtype], x.device
     if state.dtype != torch.float32 or not state.is_contiguous() or state.data_ptr() % 16:
         raise SSDInputError("state must be a contiguous float32 tensor on the GPU (updated in place)")
+    if bt > MAX_GRID_Y:
+        raise SSDInputError(f"batch {bt} is more than the kernel's grid takes ({MAX_GRID_Y}); split the batch")
     vec = x.dtype == torch.float32   # f32 B and C are read as float4
     (xs,), (dts,) = _strides("x", x, 1, False), _strides("dt", dt, 1, False)
     (bs,), (cs,) = _strides("B", B, 1, vec), _strides("C", C, 1, vec)
