@@ -46,6 +46,7 @@ def stdlib() -> Program:
 _LAZY = {
     "evaluate": ("dsl.evaluator", "evaluate"),
     "LayerInputError": ("dsl.evaluator", "LayerInputError"),
+    "evaluate_states": ("dsl.evaluator", "evaluate_states"),
     "module": ("runtime.layers", "module"),
     "LayerModule": ("runtime.layers", "LayerModule"),
     "PagedAttention": ("runtime.attention", "PagedAttention"),
@@ -90,4 +91,5 @@ __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load"
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
            "MultiLoRA", "LoRALinear", "attach_adapters", "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
            "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache",
+           "evaluate_states",
            "init_parallel", "ColumnLinear", "RowLinear", "VocabParallelEmbedding", "ParallelLMHead", "__version__"]
