@@ -44,7 +44,7 @@ from .plan import KernelPlan
 from .render import read_template, render
 
 __all__ = ["not_lowered_reason", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
-           "plan_selective_scan", "plan_state_update", "state_split", "chunked_scan", "DTYPES", "WIDTHS",
+           "plan_selective_scan", "plan_state_update", "state_split", "scan_tiles", "chunked_scan", "DTYPES", "WIDTHS",
            "CONV_THREADS", "CONV_TILE", "SCAN_THREADS", "SCAN_ITEMS", "MAX_STATE", "UPDATE_THREADS"]
 
 DTYPES = ("bf16", "f16", "f32")
@@ -124,6 +124,17 @@ def state_split(state: int) -> tuple[int, int]:
     while lanes * per < state and lanes < 32:
         lanes *= 2
     return lanes, -(-state // lanes) if lanes * per < state else per
+
+
+def scan_tiles(length: int) -> tuple[int, int]:
+    """(threads, items) of the selective scan for sequences of `length` steps: SCAN_THREADS
+    threads, and the fewest items a thread (a power of two, at most SCAN_ITEMS) whose chunk
+    covers the sequence, so a short prefill does not leave most of a 1024-step chunk idle
+    (the block's time is a thread's items times N whatever the length)."""
+    items = 1
+    while items < SCAN_ITEMS and SCAN_THREADS * items < length:
+        items *= 2
+    return SCAN_THREADS, items
 
 
 def chunked_scan(a, b, initial, *, threads: int = SCAN_THREADS, items: int = SCAN_ITEMS):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update
+from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update, scan_tiles
 from ..dsl.recurrences import causal_conv1d as _conv_definition
 from ..dsl.recurrences import linear_recurrence, softplus
 
@@ -336,8 +336,9 @@ def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     y = torch.empty_like(u)
     final = torch.empty(b, d, A.shape[1], dtype=torch.float32, device=u.device) if return_final_state else None
     if b:
+        threads, items = scan_tiles(length)
         opts = dict(_scan_options(u, A, D, z, delta_bias, delta_softplus), initial=initial_state is not None,
-                    final=return_final_state)
+                    final=return_final_state, threads=threads, items=items)
         launch = _launcher(("scan", *opts.values(), u.device.index), u.device,
                            lambda arch: plan_selective_scan(**opts, arch=arch), cache)
         launch((b * d,), [u, delta, A, B, C, *_present(D, z, delta_bias, initial_state), y, *_present(final),

@@ -5,8 +5,9 @@ boundaries); every kernel variant compiling for sm_90a and sm_80 without spills.
 import pytest
 import torch
 
-from layerforge.codegen.scan import (CONV_TILE, MAX_STATE, UPDATE_THREADS, SelectiveScanPlan, chunked_scan, plan_conv,
-                                     plan_conv_update, plan_selective_scan, plan_state_update, state_split)
+from layerforge.codegen.scan import (CONV_TILE, MAX_STATE, SCAN_ITEMS, SCAN_THREADS, UPDATE_THREADS, SelectiveScanPlan,
+                                     chunked_scan, plan_conv, plan_conv_update, plan_selective_scan, plan_state_update,
+                                     scan_tiles, state_split)
 from layerforge.dsl.recurrences import linear_recurrence
 
 from ..seeding import seeded_generator
@@ -81,6 +82,14 @@ def test_state_split_covers_the_states_within_a_warp(n):
     assert state_split(16) == (4, 4)                                      # Mamba's N: 4 lanes of float4
 
 
+@pytest.mark.parametrize("length,items", [(0, 1), (1, 1), (128, 1), (129, 2), (300, 4), (1000, 8), (1024, 8),
+                                          (8192, 8)])
+def test_scan_tiles_cover_short_sequences_with_one_chunk(length, items):
+    threads, got = scan_tiles(length)
+    assert (threads, got) == (SCAN_THREADS, items) and got <= SCAN_ITEMS
+    assert threads * got >= min(length, SCAN_THREADS * SCAN_ITEMS)
+
+
 @pytest.mark.parametrize("length", [1, 31, 32, 33, 100, 128, 129, 300])
 def test_chunked_schedule_equals_the_recurrence(length):
     gen = seeded_generator("chunked_scan", length)
@@ -102,7 +111,7 @@ PLANS = [
                                   silu=False, arch=arch),
     lambda arch: plan_selective_scan(channels=5120, state=16, dtype="bf16", a_dtype="f32", d_dtype="f32",
                                      bias_dtype="f32", gate=True, initial=True, final=True, arch=arch),
-    lambda arch: plan_selective_scan(channels=64, state=5, dtype="f32", softplus=False, arch=arch),
+    lambda arch: plan_selective_scan(channels=64, state=5, dtype="f32", softplus=False, items=2, arch=arch),
     lambda arch: plan_state_update(channels=5120, state=16, dtype="bf16", a_dtype="f32", d_dtype="f32",
                                    bias_dtype="f32", gate=True, arch=arch),
     lambda arch: plan_state_update(channels=64, state=5, dtype="f16", arch=arch),

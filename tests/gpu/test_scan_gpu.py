@@ -107,7 +107,8 @@ def scan_inputs(gen, b, d, n, length, dtype, *, params=torch.float32):
 
 
 SCAN_CASES = [  # (batch, channels, N, length)
-    (1, 64, 16, 8192), (2, 32, 16, 1), (2, 32, 16, 7), (2, 48, 16, 1023), (2, 48, 16, 1025), (1, 40, 5, 3000)]
+    (1, 64, 16, 8192), (2, 32, 16, 1), (2, 32, 16, 7), (2, 32, 16, 200), (2, 32, 16, 400), (2, 48, 16, 1023),
+    (2, 48, 16, 1025), (1, 40, 5, 3000)]   # 200 and 400: chunks of 256 and 512 steps (codegen/scan.scan_tiles)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
