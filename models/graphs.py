@@ -56,12 +56,11 @@ class DecodeGraphs:
         if cache.device.type != "cuda":
             raise ValueError("DecodeGraphs needs a CUDA cache")
         tp = getattr(getattr(model, "parallel", None), "tp", None)   # models/parallel.py's Layout
-        self._capture_mode = "global"
-        if tp is not None and tp.size > 1:
-            if dist.get_backend(tp.group) != "nccl":
-                raise ValueError(f"DecodeGraphs: a tensor-parallel step captures its collectives only over NCCL "
-                                 f"(this group's backend is {dist.get_backend(tp.group)})")
-            self._capture_mode = "thread_local"
+        if tp is not None and tp.size > 1 and dist.get_backend(tp.group) != "nccl":
+            raise ValueError(f"DecodeGraphs: a tensor-parallel step captures its collectives only over NCCL "
+                             f"(this group's backend is {dist.get_backend(tp.group)})")
+        # in a process of a torch.distributed world, NCCL's watchdog thread may query events while we capture
+        self._capture_mode = "thread_local" if dist.is_available() and dist.is_initialized() else "global"
         self.model, self.cache, self.pad_slot = model, cache, pad_slot
         bs = sorted(b for b in (buckets or DEFAULT_BUCKETS) if b < max_batch)
         self.buckets = (*bs, max_batch)

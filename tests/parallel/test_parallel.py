@@ -1,8 +1,8 @@
-"""Tensor and pipeline parallelism on the CPU (gloo, two spawned processes): tiny random llama,
-qwen2 and gemma models (float32, the reference path) split over 2 ranks give the one-process
-model's logits (within 1e-5 of the largest) and the same greedy tokens on every rank; gemma's one
-KV head is replicated on both ranks. The parallel layers against whole products, and the shard
-arithmetic and its errors without spawning anything."""
+"""Tensor and pipeline parallelism on the CPU (gloo, forked processes): tiny random llama, qwen2
+and gemma models (float32, the reference path) split over 2 ranks (and 2 x 2) give the
+one-process model's logits (within 1e-5 of the largest) and the same greedy tokens on every rank;
+gemma's one KV head is replicated on both ranks. The parallel layers against whole products, a
+rank's pack, and the shard arithmetic and its errors without starting processes."""
 from __future__ import annotations
 
 import pytest
@@ -35,9 +35,9 @@ def cases(tmp_path_factory):
 
 
 def test_tensor_parallel_equals_one_process(cases):
-    """TP = 2: llama (2 KV heads, one a rank), qwen2 (q/k/v biases), gemma (one KV head on both
-    ranks, tied embeddings, scaled embeddings); the parallel layers too, in the same world."""
-    run_ranks(workers.check_layers_and_models, 2, [cases["llama"], cases["qwen2"], cases["gemma"]], 2, 1)
+    """TP = 2: qwen2 (2 KV heads, one a rank; q/k/v biases), gemma (one KV head on both ranks,
+    tied and scaled embeddings); the parallel layers too, in the same world."""
+    run_ranks(workers.check_layers_and_models, 2, [cases["qwen2"], cases["gemma"]], 2, 1)
 
 
 def test_pipeline_parallel_equals_one_process(cases):
@@ -45,6 +45,12 @@ def test_pipeline_parallel_equals_one_process(cases):
     and every rank's greedy tokens are the one-process model's (gemma: the tied head's embedding
     on the last stage too)."""
     run_ranks(workers.check_models, 2, [cases["llama"], cases["gemma"]], 1, 2)
+
+
+def test_tensor_and_pipeline_parallel_together(cases):
+    """TP = 2 x PP = 2 on 4 ranks (ranks 0-1 the first stage, 2-3 the second): llama's logits and
+    greedy tokens are the one-process model's."""
+    run_ranks(workers.check_models, 4, [cases["llama"]], 2, 2)
 
 
 # ---- without spawning -------------------------------------------------------------------------
@@ -162,5 +168,26 @@ def test_benchmark_runs_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "r.json"
     run_ranks(workers.run_benchmark, 2, str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["mode"], r["n"]) for r in rows] == [("decode", 1), ("decode", 2), ("prefill", 16)]
+    assert [(r["mode"], r["n"]) for r in rows] == [("decode", 2), ("prefill", 8)]
     assert all(r["tp_s"] > 0 and r["no_reduce_s"] > 0 and r["tp1_s"] > 0 and r["ar_alone_s"] > 0 for r in rows)
+
+
+def test_rank_pack_is_built_for_the_shard_and_records_it(tmp_path):
+    """`layerforge build` of tensor-parallel rank 1 of 2: its attention kernels are specialised for
+    its 2 q heads and 1 KV head, its activation for half the MLP features, and the manifest (as
+    load_pack reads it) records the sharding."""
+    from layerforge.models.parallel import build_rank_pack
+    from layerforge.runtime.pack import load_pack
+    cfg = dict(model_type="llama", vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=False)
+    build_rank_pack(cfg, tmp_path, tp_size=2, tp_rank=1, dtype="bf16", arch="sm_80")
+    pack = load_pack(tmp_path, check_device=False)
+    sh = pack.manifest["sharding"]
+    assert (sh["tp_size"], sh["tp_rank"], sh["q_heads"], sh["kv_heads"]) == (2, 1, [2, 4], [1, 2])
+    keys = [e["key"] for e in pack.manifest["kernels"]]
+    assert "swiglu_f128_bf16_sm80" in keys
+    attention = [k for k in keys if k.startswith("decoder_attn")]
+    assert attention and all("hkv1_hq2" in k for k in attention), keys
+    with pytest.raises(ShardError, match="tp_rank 2 is not a rank of tp_size 2"):
+        build_rank_pack(cfg, tmp_path, tp_size=2, tp_rank=2, dtype="bf16", arch="sm_80")

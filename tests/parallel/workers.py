@@ -146,5 +146,5 @@ def check_layers_and_models(rank: int, world: int, *args, **kw) -> None:
 def run_benchmark(rank: int, world: int, out: str) -> None:
     """benchmarks/bench_parallel.py's smallest run (gloo, a tiny llama)."""
     from benchmarks.bench_parallel import main
-    assert main(["--cpu", "--tiny", "--layers", "2", "--batches", "1,2", "--context", "8", "--prefill", "16",
-                 "--steps", "2", "--json", out]) == 0
+    assert main(["--cpu", "--tiny", "--layers", "1", "--batches", "2", "--context", "8", "--prefill", "8",
+                 "--steps", "1", "--json", out]) == 0
