@@ -10,19 +10,51 @@ TensorRT cannot fill and get a null pointer (a workspace the launch never touche
 unused input). codegen/trt_render.py turns specs into the plugin sources; nothing here
 restates a signature, grid or shared-memory size: they come from the KernelABI.
 
-What TensorRT's plugin interface allows, per family:
-  row             every kernel: inputs, outputs and scalars are the layer's; rows = the
+What TensorRT's plugin interface allows, per family (each plugin launches the plan's main kernel
+once; a refused shape is an error before the launch: static axes, axes that must agree, and the
+`limits` no shape states):
+  row, moe_route  every kernel: inputs, outputs and scalars are the layer's; rows = the
                   product of the lead dims, as runtime/layers.py counts them.
   paged / tc attention, per-token form (runtime/attention.py PagedAttention.__call__):
                   q [T, Hq, D], the paged cache, page table, sequence lengths, each token's
                   sequence and position are inputs; num_splits = 1 (the split-KV workspace
                   and merge kernel are not used, so the plugin allocates nothing); every
-                  int argument is a dim of an input. The tensor-core prefill kernel is left
-                  out: its grid needs the longest query chunk, a host value no shape gives.
+                  int argument is a dim of an input. An fp8 (e4m3) cache: FP8 cache tensors
+                  and the layer's float32 k_scale / v_scale [Hkv] as inputs. The tensor-core
+                  prefill kernel is left out: its grid needs the longest query chunk, a host
+                  value no shape gives.
   kv_append       append-only: the caches are inputs with outputs aliased to them (written in
                   place), each token's page and position an input; the sequence-length and
                   page-table updates the runtime's PagedKVCache queues into the same launch are
-                  the caller's (none in the launch).
+                  the caller's (none in the launch). An fp8 cache as attention's.
+  gemv            x [M, K] with M <= the plan's token tiles (max_m); W in the plan's layout
+                  (bf16/f16; u4 int32 words; i8; f8e4m3 FP8) and its scales as inputs; the
+                  norm's eps an attribute. Expert products: the permutation's offsets (src,
+                  active) are inputs and the sorted rows P <= max_m (each expert's rows are at
+                  most P; the kernel's bound on them is not a shape otherwise).
+  gemm            the Hopper GEMM with pointers, any M. Left out: the TMA variants (tensor maps
+                  the host encodes from addresses) and the persistent one (its grid needs the
+                  SM count). No split-K workspace exists in this kernel.
+  dequant, quant_rows   every size fixed by the plan, or M rows of x.
+  scan_conv, selective_scan   prefill over [Bt, D, L]; the final state an output; L >= 1 where a
+                  final state is written (L = 0 launches nothing and would leave it unwritten).
+  scan_conv_update, selective_state_update, ssd_state_update   one step: the state is an input
+                  with the first output aliased to it (written in place, as kv_append).
+  ssd_chunk_state, ssd_state_passing, ssd_chunk_scan   Mamba2's prefill as three plugins: the
+                  runtime's workspaces between them (states, s_last, start) are outputs of one
+                  and inputs of the next; dense inputs (the strides from their shapes); dt_lo /
+                  dt_hi attributes (runtime/ssd.py dt_limit).
+  moe_align, moe_gather, moe_combine   ids [T, k] (pairs <= 2^30), x [T, H] with src [P] (T >= 1
+                  where P > 0: src is clamped into [0, T)), the experts' rows with pos and w.
+  lora_shrink, lora_expand   the store's tables (E1 = slots + 1 rows) and the tokens' permutation
+                  are inputs; expand into a new output from dense y and the shrink's v (vslot 0).
+  mla_decode      each token the last of its sequence, num_splits = 1 (no parts, no merge), the
+                  scale an attribute; at least one sequence and one page. mla_append: one
+                  layer's cache in place, meta [2, T].
+  block_mask      left out: its grid and lists are sized by max_q_len and max_kv_len (host
+                  values), and the prefill kernel reading them is not a plugin.
+Kernels needing more than 48 KiB of dynamic shared memory are served by the C++ plugins only
+(they set the attribute when loading the cubin); the AOT launch parameters cannot ask for it.
 """
 from __future__ import annotations
 
@@ -410,16 +442,16 @@ def _moe_align_spec(plan) -> PluginSpec:
     outputs = [TensorSpec("out0", "i32", (groups,)), TensorSpec("out1", "i32", (pairs,)),
                TensorSpec("out2", "i32", (pairs,))] + ([TensorSpec("out3", "i32", (groups,))] if plan.active else [])
     return _spec(plan, (TensorSpec("ids", "i32", ("T", str(plan.k))),), outputs, (("pairs", pairs),),
-                 limits=(("pairs", 0, (1 << 30) - 1),), form="ids [T, k]")   # pair indices are ints
+                 limits=(("pairs", 0, 1 << 30),), form="ids [T, k]")   # runtime MAX_PAIRS: pair indices are ints
 
 
 def _moe_gather_spec(plan) -> PluginSpec:
-    """xs [P, H] = x[src] for x [T, H], src [P] (runtime/moe_kernels.py moe_gather; T >= 1: src
-    is clamped into [0, T))."""
+    """xs [P, H] = x[src] for x [T, H], src [P] (runtime/moe_kernels.py moe_gather; src is
+    clamped into [0, T): T >= 1 where there are slots)."""
     h = str(plan.hidden)
     return _spec(plan, (TensorSpec("x", plan.dtype, ("T", h)), TensorSpec("src", "i32", ("P",))),
                  (TensorSpec("out0", plan.dtype, ("P", h)),), (("slots", "P"), ("tokens", "T")),
-                 limits=(("T", 1, None),), form="x [T, H], src [P]")
+                 limits=(("T - min(P, 1)", 0, None),), form="x [T, H], src [P]")
 
 
 def _moe_combine_spec(plan) -> PluginSpec:
@@ -472,6 +504,7 @@ def _mla_decode_spec(plan) -> PluginSpec:
     sizes = (("tokens", "T"), ("num_splits", "1"), ("max_pages", "MP"), ("num_pages", "P"), ("num_seqs", "S"))
     return _spec(plan, inputs, (TensorSpec("out", t, ("T", h, str(plan.latent_dim))),), sizes,
                  attributes=(Attribute("scale", "f32", None),), nulls={"part_o", "part_lse"},
+                 limits=(("S", 1, None), ("P", 1, None)),   # the runtime's checks: a sequence and a page at least
                  form="decode, num_splits = 1")
 
 

@@ -12,7 +12,11 @@ runtime/kv_cache.py's launch with no queued length or page-table updates.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,26 @@ def import_plugins(pack: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_tensorrt_validators(module_path: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """Import a generated plugin module with TensorRT's own `tensorrt.plugin` Python sources
+    ($TENSORRT_PLUGIN_SRC) over the inert stand-in for its C extension, so that its decorators'
+    signature validators run; -> each registered plugin: [has aot_impl, has autotune, inputs]."""
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    shutil.copy(Path(__file__).with_name("tensorrt_stand_in.py"), package / "__init__.py")
+    (package / "plugin").symlink_to(Path(os.environ["TENSORRT_PLUGIN_SRC"]) / "tensorrt" / "plugin")
+    script = (f"import importlib.util\n"
+              f"spec = importlib.util.spec_from_file_location('p', {str(module_path)!r})\n"
+              f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+              f"from tensorrt.plugin._lib import QDP_REGISTRY\n"
+              f"for k, d in QDP_REGISTRY.items():\n"
+              f"    print(k, d.aot_impl_func is not None, d.autotune_func is not None, ','.join(d.input_tensor_names))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()}
 
 
 @dataclass

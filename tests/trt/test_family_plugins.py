@@ -17,7 +17,7 @@ from layerforge.codegen.trt import TRT_DTYPES, plugin_specs
 from layerforge.codegen.trt_render import CPP_SOURCE, PYTHON_MODULE, aot_entry, render_plugins
 
 from .families import excluded_plans, family_cases, gemv_plan
-from .pack import ARCH, f32_bits
+from .pack import ARCH, f32_bits, run_tensorrt_validators
 from .test_aot_entry import entry_params
 from .test_cpp_plugins import CXX, HARNESS, cuda_toolkit_include, enqueue_statements, needs_cxx
 
@@ -220,6 +220,19 @@ def test_cpp_plugins_compile_against_tensorrt_headers(specs, rendered, tmp_path)
            "-I", str(tmp_path), str(folder / CPP_SOURCE)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.skipif(not os.environ.get("TENSORRT_PLUGIN_SRC"),
+                    reason="TENSORRT_PLUGIN_SRC is not set (a folder holding TensorRT's tensorrt/plugin/ Python "
+                           "sources, e.g. python/packaging/bindings_wheel of github.com/NVIDIA/TensorRT)")
+def test_tensorrt_plugin_validators_accept_the_module(rendered, tmp_path):
+    """tensorrt.plugin's register/autotune/aot_impl decorators check each function's signature
+    (in-place outputs, attributes, fp8 and int8 tensors included)."""
+    folder, module, _ = rendered
+    registered = run_tensorrt_validators(folder / PYTHON_MODULE, tmp_path)
+    assert set(registered) == {f"layerforge::{k}" for k in module.PLUGINS}
+    for key, p in module.PLUGINS.items():
+        assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
 
 
 # one entry a family that the Python module serves: each is one NVRTC compile

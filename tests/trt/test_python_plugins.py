@@ -2,14 +2,10 @@
 or names every kernel of the example pack, and asks TensorRT for what the runtime launches."""
 import os
 import py_compile
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .pack import expected_launch, f32_bits, import_plugins, input_shapes, row_input_shapes
+from .pack import expected_launch, f32_bits, import_plugins, input_shapes, row_input_shapes, run_tensorrt_validators
 
 ROW_DIMS = [{"N": 1, "Nh": 1}, {"N": 7, "Nh": 32}, {"N": 300, "Nh": 8}]
 
@@ -82,20 +78,7 @@ def test_attention_and_append_plugins_ask_for_the_runtime_launch(trt_pack, manif
 def test_tensorrt_plugin_validators_accept_the_module(trt_pack, plugins, tmp_path):
     """tensorrt.plugin's own register/autotune/aot_impl decorators check each function's
     signature against the documented schema; they run here over a stand-in C extension."""
-    package = tmp_path / "tensorrt"
-    package.mkdir()
-    shutil.copy(Path(__file__).with_name("tensorrt_stand_in.py"), package / "__init__.py")
-    (package / "plugin").symlink_to(Path(os.environ["TENSORRT_PLUGIN_SRC"]) / "tensorrt" / "plugin")
-    script = (f"import importlib.util\n"
-              f"spec = importlib.util.spec_from_file_location('p', {str(trt_pack / 'trt' / 'layerforge_trt_plugins.py')!r})\n"
-              f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-              f"from tensorrt.plugin._lib import QDP_REGISTRY\n"
-              f"for k, d in QDP_REGISTRY.items():\n"
-              f"    print(k, d.aot_impl_func is not None, d.autotune_func is not None, ','.join(d.input_tensor_names))\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    registered = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()}
+    registered = run_tensorrt_validators(trt_pack / "trt" / "layerforge_trt_plugins.py", tmp_path)
     assert set(registered) == {f"layerforge::{k}" for k in plugins.PLUGINS}
     for key, p in plugins.PLUGINS.items():
         assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
