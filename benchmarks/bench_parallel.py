@@ -197,7 +197,8 @@ def main(argv=None) -> int:
                 del one
             except torch.cuda.OutOfMemoryError:
                 say("tp1: the whole model does not fit on one GPU", flush=True)
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     elem = torch.tensor([], dtype=dtype).element_size()
     for r in rows:
         tag = f"{r['mode']} b{r['n']}" if r["mode"] == "decode" else f"prefill 1x{r['n']}"

@@ -28,6 +28,12 @@ the gated activation in the gate/up epilogue, the residual adds in the o and dow
 (DecoderLayer.fused; `model.fused_decode = False` turns it off). A step then launches no norm,
 activation or add kernels.
 
+A tensor-parallel rank (models/parallel.py) is a DecoderModel of its shard's spec with three
+hooks set: DecoderLayer.reduce (the all-reduce after the o and down products, before the fused
+residual add + norm), DecoderLayer.adds_residual (one rank adds the residual stream in the fused
+products' epilogues) and DecoderModel.gather_vocab (the LM head's vocabulary slices joined).
+A pipeline stage runs run_layers() on what the stage before sent and head() on the last stage.
+
 kv_dtype="fp8_e4m3" stores the paged cache as e4m3 with float32 scales per layer
 (kv_scales="per_tensor" or "per_head"; runtime/kv_cache.py): make_cache() builds such a cache,
 whose scales start at 1.0 (calibrate with cache.set_scales(layer, k_scale, v_scale)), and

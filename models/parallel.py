@@ -192,10 +192,13 @@ def parallel_model(spec: ModelSpec, tensors: dict[str, torch.Tensor], layout: La
         _hook_tensor_parallel(model, tp)
     if pp.size > 1 and not last:
         model.lm_head = None        # no head on this stage (head_weight() is never read here)
+    if pp.size > 1 and not first and "embed.weight" not in weights:
+        # no embedding lookups on this stage: its table keeps no rows (dtype and device still read)
+        model.embed.weight = torch.nn.Parameter(model.embed.weight.new_empty(0, spec.hidden_size),
+                                                requires_grad=False)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     unused = () if pp.size == 1 else ((() if first else _FIRST) + (() if last else _LAST))
-    missing = [n for n in missing if not n.startswith(unused) or (last and spec.tie_word_embeddings
-                                                                   and n == "embed.weight")]
+    missing = [n for n in missing if not n.startswith(unused)]
     if missing or unexpected:
         raise ShardError(f"rank {layout.rank}: the sharded checkpoint "
                          f"{'lacks ' + missing[0] if missing else 'has an unexpected ' + unexpected[0]}")

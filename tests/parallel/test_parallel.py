@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 def cases(tmp_path_factory):
     """name -> a tiny checkpoint folder with the one-process model's results (workers.make_case)."""
     out = {}
-    for name in ("llama", "qwen2", "gemma"):
+    for name in ("llama", "qwen2", "gemma", "gpt_neox"):
         folder = tmp_path_factory.mktemp(name)
         make_tiny(name, folder)
         workers.make_case(folder)
@@ -48,9 +48,10 @@ def test_pipeline_parallel_equals_one_process(cases):
 
 
 def test_tensor_and_pipeline_parallel_together(cases):
-    """TP = 2 x PP = 2 on 4 ranks (ranks 0-1 the first stage, 2-3 the second): llama's logits and
-    greedy tokens are the one-process model's."""
-    run_ranks(workers.check_models, 4, [cases["llama"]], 2, 2)
+    """TP = 2 x PP = 2 on 4 ranks (ranks 0-1 the first stage, 2-3 the second): GPT-NeoX's (parallel
+    residual: one sum of both branches; LayerNorms, biases on rank 0 only for the row-split
+    products, partial RoPE) logits and greedy tokens are the one-process model's."""
+    run_ranks(workers.check_models, 4, [cases["gpt_neox"]], 2, 2)
 
 
 # ---- without spawning -------------------------------------------------------------------------
