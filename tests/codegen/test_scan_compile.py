@@ -1,14 +1,23 @@
 """The scan kernels (codegen/scan.py; runtime/scan.py) without a GPU: the plans' keys, ABIs and
 refusals; the decode update's state split and the prefill's chunked schedule as data (the
 schedule run on the CPU against the recurrence's definition, lengths on and off chunk
-boundaries); every kernel variant compiling for sm_90a and sm_80 without spills."""
+boundaries); every kernel variant compiling for sm_90a and sm_80 without spills; and each
+kernel's generated source itself run on the host (f32 plans, compiled by g++ with CUDA's thread
+model emulated: a std::thread a CUDA thread, __syncthreads and warp shuffles as barriers)
+against runtime/scan.py's references, outputs NaN-filled first."""
+import ctypes
+import shutil
+import subprocess
+
 import pytest
 import torch
 
 from layerforge.codegen.scan import (CONV_TILE, MAX_STATE, SCAN_ITEMS, SCAN_THREADS, UPDATE_THREADS, SelectiveScanPlan,
                                      chunked_scan, plan_conv, plan_conv_update, plan_selective_scan, plan_state_update,
                                      scan_tiles, state_split)
+from layerforge.codegen.render import read_template
 from layerforge.dsl.recurrences import linear_recurrence
+from layerforge.runtime import scan as ref
 
 from ..seeding import seeded_generator
 
@@ -129,3 +138,177 @@ def test_kernel_compiles_without_spills(make, arch):
     assert kr.registers <= 128, (plan.key, kr)   # 128 threads a block: at least 4 blocks an SM
     if plan.family == "selective_state_update" and plan.vector_state:
         assert res.ptx.count("ld.global.v4.f32") == 1 and res.ptx.count("st.global.v4.f32") == 1, plan.key
+
+
+# ---- the generated sources run on the host --------------------------------------------------------
+HOST_SHIM = r'''
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <barrier>
+#include <vector>
+#include <functional>
+struct lf_dim3 { unsigned x = 0, y = 0, z = 0; };
+struct float4 { float x, y, z, w; };
+static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+thread_local lf_dim3 threadIdx, blockIdx;
+thread_local unsigned char* lf_host_smem;
+thread_local std::barrier<>* lf_block_barrier;
+thread_local std::barrier<>* lf_warp_barrier;
+thread_local float* lf_warp_buf;
+#define __global__
+#define __launch_bounds__(x)
+#define __restrict__
+#define __device__
+#define __forceinline__ inline
+#define __align__(x)
+#define __expf expf
+static inline void __syncthreads() { lf_block_barrier->arrive_and_wait(); }
+static inline float lf_exchange(float v, int src) {
+    int lane = threadIdx.x & 31;
+    lf_warp_buf[lane] = v;
+    lf_warp_barrier->arrive_and_wait();
+    float r = lf_warp_buf[src];
+    lf_warp_barrier->arrive_and_wait();
+    return r;
+}
+static inline float __shfl_up_sync(unsigned, float v, int off) {
+    int lane = threadIdx.x & 31;
+    return lf_exchange(v, lane >= off ? lane - off : lane);
+}
+static inline float __shfl_xor_sync(unsigned, float v, int off) { return lf_exchange(v, (threadIdx.x & 31) ^ off); }
+static inline float lf_to_float(float x) { return x; }
+template <typename T> static inline T lf_from_float(float x);
+template <> inline float lf_from_float<float>(float x) { return x; }
+static inline float lf_silu(float x) { return x / (1.0f + expf(-x)); }
+static void lf_run_grid(unsigned gx, unsigned gy, unsigned threads, size_t smem, const std::function<void()>& body) {
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            std::vector<unsigned char> shared(smem + 16);
+            std::barrier<> block(threads);
+            std::vector<std::barrier<>*> warps;
+            for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(new std::barrier<>(32));
+            std::vector<float> bufs(((threads + 31) / 32) * 32);
+            std::vector<std::thread> ts;
+            for (unsigned t = 0; t < threads; ++t)
+                ts.emplace_back([&, t] {
+                    threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by;
+                    lf_host_smem = shared.data(); lf_block_barrier = &block;
+                    lf_warp_barrier = warps[t / 32]; lf_warp_buf = bufs.data() + (t / 32) * 32;
+                    body();
+                });
+            for (auto& th : ts) th.join();
+            for (auto* w : warps) delete w;
+        }
+}
+'''
+
+
+_HOST_CTYPES = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int, "i64": ctypes.c_longlong, "f32": ctypes.c_float}
+
+
+def host_kernels(plans, directory):
+    """The plans' kernels (f32 plans: no half types on the host) built by one g++ run around
+    HOST_SHIM in place of common.cuh; {key: launch(problem, args)}, each running the grid its ABI
+    computes, block by block."""
+    common = read_template("cuda/common.cuh")
+    src, launches = HOST_SHIM, {}
+    for i, plan in enumerate(plans):
+        abi = plan.abi
+        body = plan.source().replace(common, "")
+        body = body.replace("extern __shared__ __align__(16) unsigned char lf_smem[];",
+                            "unsigned char* lf_smem = lf_host_smem;")
+        src += body + (f'\nextern "C" void lf_host_launch{i}(unsigned gx, unsigned gy, unsigned threads, unsigned long smem, '
+                       f'{abi.signature}) {{\n    lf_run_grid(gx, gy, threads, smem, [&] {{ '
+                       f'{abi.name}({", ".join(a.name for a in abi.args)}); }});\n}}\n')
+    cpp, so = directory / "scan_host.cpp", directory / "scan_host.so"
+    cpp.write_text(src)
+    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(so), str(cpp)], check=True)
+    lib = ctypes.CDLL(str(so))
+    for i, plan in enumerate(plans):
+        abi = plan.abi
+        fn = getattr(lib, f"lf_host_launch{i}")
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulong] + [_HOST_CTYPES[t] for t in
+                                                                                      abi.launch_types]
+
+        def launch(problem, args, fn=fn, abi=abi):
+            gx, gy, _ = abi.grid_for(*problem)
+            fn(gx, gy, abi.block[0], abi.shared_bytes, *(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+        launches[plan.key] = launch
+    return launches
+
+
+HOST_PLANS = {
+    "scan": plan_selective_scan(channels=3, state=4, dtype="f32", a_dtype="f32", d_dtype="f32", bias_dtype="f32",
+                                gate=True, initial=True, final=True, threads=64, items=4),
+    "conv": plan_conv(channels=3, width=4, dtype="f32", bias="f32", initial=True, final=True),
+    "conv_update": plan_conv_update(channels=3, width=4, dtype="f32", bias="f32"),
+    "update16": plan_state_update(channels=37, state=16, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
+    "update5": plan_state_update(channels=37, state=5, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
+}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    built = host_kernels(list(HOST_PLANS.values()), tmp_path_factory.mktemp("scan_host"))
+    return {name: built[plan.key] for name, plan in HOST_PLANS.items()}
+
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the host emulation")
+
+
+def nans(*shape):
+    return torch.full(shape, float("nan"))
+
+
+@needs_gxx
+def test_selective_scan_source_on_the_host(host):
+    """Two warps of 4 steps: chunks of 256, a sequence of 600 ends mid-chunk; states in and out."""
+    b, d, n, length = 2, 3, 4, 600
+    gen = seeded_generator("host_scan")
+    u, z, B, C = (torch.randn(*s, generator=gen) for s in ((b, d, length), (b, d, length), (b, n, length), (b, n, length)))
+    delta = torch.randn(b, d, length, generator=gen) * 0.5 - 1.0
+    A = -torch.exp(torch.rand(d, n, generator=gen) * 3.0 - 5.0)   # slow decay: the carry between chunks shows
+    D, bias, h0 = torch.randn(d, generator=gen), torch.randn(d, generator=gen) * 0.1, torch.randn(b, d, n, generator=gen)
+    y, h = nans(b, d, length), nans(b, d, n)
+    host["scan"]((b * d,), [u, delta, A, B, C, D, z, bias, h0, y, h, b, length])
+    want_y, want_h = ref.selective_scan_reference(u, delta, A, B, C, D, z, bias, initial_state=h0, return_final_state=True)
+    torch.testing.assert_close(y.double(), want_y.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.double(), want_h.double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_gxx
+def test_conv_sources_on_the_host(host):
+    b, d, k = 2, 3, 4
+    gen = seeded_generator("host_conv")
+    prefill = host["conv"]
+    w, cb = torch.randn(d, k, generator=gen), torch.randn(d, generator=gen)
+    for length in (2, 700):   # shorter than the state (the final state keeps initial inputs), two tiles
+        x, s0 = torch.randn(b, d, length, generator=gen), torch.randn(b, d, k - 1, generator=gen)
+        y, s = nans(b, d, length), nans(b, d, k - 1)
+        prefill((b * d, length), [x, w, cb, s0, y, s, b, length])
+        want_y, want_s = ref.causal_conv1d_reference(x, w, cb, initial_state=s0, return_final_state=True)
+        torch.testing.assert_close(y.double(), want_y.double(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(s, want_s)
+    step = host["conv_update"]
+    x, state = torch.randn(b, d, generator=gen), torch.randn(b, d, k, generator=gen)
+    want_state, y = state.clone(), nans(b, d)
+    step((b * d,), [x, state, w, cb, y, b])
+    want = ref.causal_conv1d_update_reference(x, want_state, w, cb)
+    torch.testing.assert_close(y.double(), want.double(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(state, want_state)
+
+
+@needs_gxx
+@pytest.mark.parametrize("n", [16, 5])   # float4 lanes; scalar lanes with idle ones
+def test_state_update_source_on_the_host(host, n):
+    b, d = 3, 37   # 111 rows: the last block's rows run past the end
+    gen = seeded_generator("host_update", n)
+    x, dt, z = (torch.randn(b, d, generator=gen) for _ in range(3))
+    A, B, C = -torch.rand(d, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen)
+    D, bias, state = torch.randn(d, generator=gen), torch.randn(d, generator=gen), torch.randn(b, d, n, generator=gen)
+    want_state, y = state.clone(), nans(b, d)
+    host[f"update{n}"]((b * d,), [state, x, dt, A, B, C, D, z, bias, y, b])
+    want = ref.selective_state_update_reference(want_state, x, dt, A, B, C, D, z, bias)
+    torch.testing.assert_close(y.double(), want.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
