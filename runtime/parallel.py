@@ -308,8 +308,8 @@ class ParallelLMHead(ColumnLinear):
         super().__init__(in_features, vocab_size, bias, group=group, gather_output=True, device=device, dtype=dtype)
 
     @classmethod
-    def shard_from(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group: ParallelGroup = SINGLE,
-                   **_unused) -> "ParallelLMHead":
+    def shard_from(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group: ParallelGroup = SINGLE
+                   ) -> "ParallelLMHead":
         lin = cls(weight.shape[1], weight.shape[0], bias is not None, group=group, device="meta", dtype=weight.dtype)
         lin.weight = torch.nn.Parameter(shard(weight, group.rank, group.size, what="LM head weight"),
                                         requires_grad=False)

@@ -55,6 +55,11 @@ def close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
     assert err <= rel * ref.abs().max().item(), f"{what}: max error {err:.3g} > {rel} x {ref.abs().max().item():.3g}"
 
 
+def _fusable(s) -> bool:
+    """Whether DecoderLayer.fused serves the spec (DecoderModel.fuses without the device rules)."""
+    return s.residual == "sequential" and not s.sandwich_norms and s.norm in ("rms", "rms_1p") and s.moe is None
+
+
 def check_models(rank: int, world: int, folders: list[str], tp: int, pp: int, dtype: str = "float32",
                  device: str = "cpu", rel: float = 1e-5, micro_batch_tokens: int = 4,
                  compare_tokens: bool = True) -> None:
@@ -89,6 +94,15 @@ def check_models(rank: int, world: int, folders: list[str], tp: int, pp: int, dt
             assert replayed == bool(graphs), f"{name}: cuda_graphs={graphs}, replayed {replayed}"
             if last:
                 close(got, exp["decode"], rel, f"{name}: decode logits (cuda_graphs={graphs})")
+        if device == "cpu" and _fusable(s):
+            # the fused decode layers (rank 0 adds the residual in the products' epilogues; a stage
+            # sends the residual stream alone) run on the GPU only by default (DecoderModel.fuses):
+            # here through the products' reference path
+            model.fuses = lambda x: 1 <= x.shape[0] <= 16
+            got, _ = decode_logits(model, exp["prompts"], exp["feed"], cuda_graphs=None)
+            del model.fuses
+            if last:
+                close(got, exp["decode"], rel, f"{name}: decode logits, fused layers")
         tokens = model.generate(exp["prompts"], max_new_tokens=exp["max_new_tokens"])
         if compare_tokens:
             assert tokens == exp["tokens"], f"{name}: greedy tokens {tokens} != {exp['tokens']}"
