@@ -21,12 +21,14 @@ def make_case(folder: Path, *, dtype=torch.float32, device="cpu", seed: int = 1,
     ids = torch.randint(0, V, (2, 11), generator=g)
     prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (7, 5)]
     logits = model(ids.to(device)).float().cpu()
+    # each prompt's next-token logits: which first tokens are a greedy choice within rounding
+    prompt_last = torch.stack([model(torch.tensor([p], device=device))[0, -1].float().cpu() for p in prompts])
     tokens = model.generate(prompts, max_new_tokens=max_new_tokens)
     feed = [3, 5]
     decode, _ = decode_logits(model, prompts, feed, cuda_graphs=False)
     path = Path(folder) / "expected.pt"
     torch.save({"ids": ids, "logits": logits, "prompts": prompts, "tokens": tokens, "feed": feed,
-                "decode": decode.float().cpu(), "max_new_tokens": max_new_tokens}, path)
+                "decode": decode.float().cpu(), "prompt_last": prompt_last, "max_new_tokens": max_new_tokens}, path)
     model.release_engine()
     return path
 
@@ -106,9 +108,11 @@ def check_models(rank: int, world: int, folders: list[str], tp: int, pp: int, dt
         tokens = model.generate(exp["prompts"], max_new_tokens=exp["max_new_tokens"])
         if compare_tokens:
             assert tokens == exp["tokens"], f"{name}: greedy tokens {tokens} != {exp['tokens']}"
-        else:   # bf16: every rank the same tokens (shared), and most of them the one-process model's
-            same = sum(a == b for t, e in zip(tokens, exp["tokens"]) for a, b in zip(t, e))
-            assert same >= sum(map(len, exp["tokens"])) // 2, f"{name}: {tokens} vs {exp['tokens']}"
+        else:   # bf16: near ties may go either way; each first token is a greedy choice of the
+            # one-process model's logits within the tolerance (and every rank has the same tokens)
+            for t, ref in zip(tokens, exp["prompt_last"]):
+                top = ref.max().item()
+                assert ref[t[0]].item() >= top - rel * ref.abs().max().item(), f"{name}: first token {t[0]}"
         mine = torch.tensor(sum(tokens, []), device=device)
         everyone = [torch.empty_like(mine) for _ in range(world)]
         torch.distributed.all_gather(everyone, mine)
