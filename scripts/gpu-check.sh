@@ -6,7 +6,7 @@
 # JSON go to OUT_DIR (default out/gpu-check).
 # Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime tests/trt tests/models"; add e.g. "-n 8" with pytest-xdist), PYTEST_K (pytest -k),
 # SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only), SKIP_MODEL (bench_model only),
-# SKIP_DECODER (bench_decoder only), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
+# SKIP_DECODER (bench_decoder only), SKIP_SSM (bench_scan / bench_ssd / bench_mamba), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
 # TEXT), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +75,15 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
         # the model's prefill with its products on the generated GEMM (cuBLAS is the default route)
         "$PY" -m benchmarks.bench_model --no-hf --batches 1 --gemm wgmma 2>&1 | tee "$OUT_DIR/bench_model_gemm.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    fi
+    # state-space layers: Mamba's scan kernels, Mamba2's SSD kernels and mixer, beside torch / transformers
+    if [ -z "${SKIP_SSM:-}" ]; then
+        "$PY" -m benchmarks.bench_scan --json "$OUT_DIR/bench_scan.json" 2>&1 | tee "$OUT_DIR/bench_scan.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        "$PY" -m benchmarks.bench_ssd --json "$OUT_DIR/bench_ssd.json" 2>&1 | tee "$OUT_DIR/bench_ssd.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        "$PY" -m benchmarks.bench_mamba --json "$OUT_DIR/bench_mamba.json" 2>&1 | tee "$OUT_DIR/bench_mamba.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
