@@ -55,6 +55,8 @@ once; a refused shape is an error before the launch: static axes, axes that must
                   values), and the prefill kernel reading them is not a plugin.
 Kernels needing more than 48 KiB of dynamic shared memory are served by the C++ plugins only
 (they set the attribute when loading the cubin); the AOT launch parameters cannot ask for it.
+FP8 and INT8 tensors (fp8 caches, f8e4m3 and i8 weights) are raw bytes with their own scale
+inputs: a network passes them as they are (strongly typed), not through TensorRT's quantisation.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ class NotAPlugin(ValueError):
 @dataclass(frozen=True)
 class TensorSpec:
     name: str                 # the DSL's name (inputs) or "out<i>" (outputs)
-    dtype: str                # DSL dtype: "bf16", "i32", ...
+    dtype: str                # a key of TRT_DTYPES: DSL dtypes ("bf16", "i32", ...), "i8", "fp8_e4m3"
     shape: tuple[str, ...]    # per axis: an int literal or an expression over the plugin's dims
 
 
@@ -575,6 +577,13 @@ def _checked(spec: PluginSpec) -> PluginSpec:
     for name, expr in spec.sizes:
         _require_names(spec, expr, known, f"size {name}")
         known.add(name)
+    aliased = [i for i in spec.aliases if i >= 0]
+    if list(spec.aliases[:len(aliased)]) != aliased or len(spec.aliases) > len(spec.outputs):
+        raise NotAPlugin("outputs written in place must come first (the Python module aliases the first ones)")
+    for i, a in enumerate(aliased):
+        if not 0 <= a < len(spec.inputs) or (spec.inputs[a].dtype, spec.inputs[a].shape) != \
+                (spec.outputs[i].dtype, spec.outputs[i].shape):
+            raise NotAPlugin(f"output {i} is written into input {a}, which is not a tensor of its shape and dtype")
     for expr, _, _ in spec.limits:
         _require_names(spec, expr, known, "a limit")
     tensor_names = {t.name for t in spec.inputs} | {"outputs", "tactic"}

@@ -5,6 +5,7 @@ One checked subset, the grid's (codegen/abi.py): names, integer literals, `+ - *
 dialects print it:
 
     python(e)   v_N * v_Nh        plain ints in tests, tensorrt.plugin ShapeExprs under TensorRT
+                                  (an int left of a name moves right, or becomes `_lit(c, name)`)
     c_int(e)    (v_N * v_Nh)      int64 values in the C++ plugin's enqueue
     c_expr(e)   eb.operation(DimensionOperation::kPROD, *e_N, *e_Nh)   IExprBuilder, for getOutputShapes
 
@@ -46,9 +47,17 @@ def names(expr: str) -> set[str]:
 
 
 def python(expr: str) -> str:
+    """tensorrt.plugin's ShapeExprs take ints on their right only: an int left of a name is moved
+    right (+, *) or made a ShapeExpr like its partner (`_lit`, the module's; -, //)."""
     def p(n):
         if isinstance(n, ast.BinOp):
-            return f"({p(n.left)} {_OPS[type(n.op)][0]} {p(n.right)})"
+            left, right = n.left, n.right
+            if isinstance(left, ast.Constant) and not isinstance(right, ast.Constant):
+                if isinstance(n.op, (ast.Add, ast.Mult)):
+                    left, right = right, left
+                else:
+                    return f"(_lit({left.value}, {p(right)}) {_OPS[type(n.op)][0]} {p(right)})"
+            return f"({p(left)} {_OPS[type(n.op)][0]} {p(right)})"
         if isinstance(n, ast.Call):
             return f"_{n.func.id}({p(n.args[0])}, {p(n.args[1])})"
         return f"v_{n.id}" if isinstance(n, ast.Name) else str(n.value)

@@ -12,6 +12,7 @@ runtime/kv_cache.py's launch with no queued length or page-table updates.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import struct
@@ -49,14 +50,21 @@ def import_plugins(pack: Path):
     return module
 
 
-def run_tensorrt_validators(module_path: Path, tmp_path: Path) -> dict[str, list[str]]:
-    """Import a generated plugin module with TensorRT's own `tensorrt.plugin` Python sources
-    ($TENSORRT_PLUGIN_SRC) over the inert stand-in for its C extension, so that its decorators'
-    signature validators run; -> each registered plugin: [has aot_impl, has autotune, inputs]."""
+def tensorrt_stand_in(tmp_path: Path) -> Path:
+    """A folder for PYTHONPATH holding `tensorrt`: the inert stand-in for TensorRT's C extension
+    with TensorRT's own `tensorrt/plugin` Python sources ($TENSORRT_PLUGIN_SRC) inside."""
     package = tmp_path / "tensorrt"
-    package.mkdir()
+    package.mkdir(exist_ok=True)
     shutil.copy(Path(__file__).with_name("tensorrt_stand_in.py"), package / "__init__.py")
-    (package / "plugin").symlink_to(Path(os.environ["TENSORRT_PLUGIN_SRC"]) / "tensorrt" / "plugin")
+    if not (package / "plugin").exists():
+        (package / "plugin").symlink_to(Path(os.environ["TENSORRT_PLUGIN_SRC"]) / "tensorrt" / "plugin")
+    return tmp_path
+
+
+def run_tensorrt_validators(module_path: Path, tmp_path: Path) -> dict[str, list[str]]:
+    """Import a generated plugin module with tensorrt.plugin's sources over the stand-in, so that
+    its decorators' signature validators run; -> each registered plugin: [has aot_impl, has
+    autotune, inputs]."""
     script = (f"import importlib.util\n"
               f"spec = importlib.util.spec_from_file_location('p', {str(module_path)!r})\n"
               f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
@@ -64,9 +72,20 @@ def run_tensorrt_validators(module_path: Path, tmp_path: Path) -> dict[str, list
               f"for k, d in QDP_REGISTRY.items():\n"
               f"    print(k, d.aot_impl_func is not None, d.autotune_func is not None, ','.join(d.input_tensor_names))\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                       env={**os.environ, "PYTHONPATH": str(tensorrt_stand_in(tmp_path))})
     assert r.returncode == 0, r.stderr[-3000:]
     return {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()}
+
+
+def run_symbolic_check(module_path: Path, cases: list, tmp_path: Path) -> dict:
+    """tests/trt/symbolic_check.py over a generated module: cases [(key, input shapes, attribute
+    values)] evaluated on tensorrt.plugin's ShapeExprs against the same functions on ints."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("symbolic_check.py")), str(module_path),
+                        str(tmp_path / "cases.json")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tensorrt_stand_in(tmp_path))})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 @dataclass

@@ -50,6 +50,9 @@ def test_entry_refuses_a_source_without_the_kernel(manifest):
     ("cdiv(rows, 32)", "_cdiv(v_rows, 32)", "lf_cdiv(v_rows, int64_t(32))"),
     ("tokens * 8 - max(a, b) // 2", "((v_tokens * 8) - (_max(v_a, v_b) // 2))",
      "((v_tokens * int64_t(8)) - (lf_max(v_a, v_b) / int64_t(2)))"),
+    # tensorrt.plugin's ShapeExprs take ints on their right only
+    ("8 * N + 1 - N", "(((v_N * 8) + 1) - v_N)", "(((int64_t(8) * v_N) + int64_t(1)) - v_N)"),
+    ("1 - N", "(_lit(1, v_N) - v_N)", "(int64_t(1) - v_N)"),
 ])
 def test_size_expressions_print_in_each_dialect(expr, python, c_int):
     assert trt_exprs.python(expr) == python and trt_exprs.c_int(expr) == c_int

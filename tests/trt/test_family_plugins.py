@@ -17,7 +17,7 @@ from layerforge.codegen.trt import TRT_DTYPES, plugin_specs
 from layerforge.codegen.trt_render import CPP_SOURCE, PYTHON_MODULE, aot_entry, render_plugins
 
 from .families import excluded_plans, family_cases, gemv_plan
-from .pack import ARCH, f32_bits, run_tensorrt_validators
+from .pack import ARCH, f32_bits, run_symbolic_check, run_tensorrt_validators
 from .test_aot_entry import entry_params
 from .test_cpp_plugins import CXX, HARNESS, cuda_toolkit_include, enqueue_statements, needs_cxx
 
@@ -233,6 +233,23 @@ def test_tensorrt_plugin_validators_accept_the_module(rendered, tmp_path):
     assert set(registered) == {f"layerforge::{k}" for k in module.PLUGINS}
     for key, p in module.PLUGINS.items():
         assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
+
+
+needs_plugin_src = pytest.mark.skipif(
+    not os.environ.get("TENSORRT_PLUGIN_SRC"),
+    reason="TENSORRT_PLUGIN_SRC is not set (a folder holding TensorRT's tensorrt/plugin/ Python sources, e.g. "
+           "python/packaging/bindings_wheel of github.com/NVIDIA/TensorRT)")
+
+
+@needs_plugin_src
+def test_shape_and_launch_functions_run_on_tensorrt_shape_expressions(cases, specs, rendered, tmp_path):
+    """What register and aot_impl hand TensorRT: the same functions on tensorrt.plugin's ShapeExprs
+    (dims known at build time, and symbolic ones) give what they give on ints."""
+    folder, module, _ = rendered
+    served = [[c.plan.key, [list(c.inputs[t.name][0]) for t in specs[c.plan.key].inputs],
+               [c.attributes[a.name] for a in specs[c.plan.key].attributes]] for c in cases if c.plan.key in module.PLUGINS]
+    result = run_symbolic_check(folder / PYTHON_MODULE, served, tmp_path)
+    assert result["checked"] == 2 * len(served) and not result["mismatches"], result["mismatches"][:3]
 
 
 # one entry a family that the Python module serves: each is one NVRTC compile

@@ -5,7 +5,8 @@ import py_compile
 
 import pytest
 
-from .pack import expected_launch, f32_bits, import_plugins, input_shapes, row_input_shapes, run_tensorrt_validators
+from .pack import (expected_launch, f32_bits, import_plugins, input_shapes, row_input_shapes, run_symbolic_check,
+                   run_tensorrt_validators)
 
 ROW_DIMS = [{"N": 1, "Nh": 1}, {"N": 7, "Nh": 32}, {"N": 300, "Nh": 8}]
 
@@ -82,6 +83,23 @@ def test_tensorrt_plugin_validators_accept_the_module(trt_pack, plugins, tmp_pat
     assert set(registered) == {f"layerforge::{k}" for k in plugins.PLUGINS}
     for key, p in plugins.PLUGINS.items():
         assert registered[f"layerforge::{key}"] == ["True", "True", ",".join(p["inputs"])]
+
+
+@pytest.mark.skipif(not os.environ.get("TENSORRT_PLUGIN_SRC"),
+                    reason="TENSORRT_PLUGIN_SRC is not set (a folder holding TensorRT's tensorrt/plugin/ Python "
+                           "sources, e.g. python/packaging/bindings_wheel of github.com/NVIDIA/TensorRT)")
+def test_shape_and_launch_functions_run_on_tensorrt_shape_expressions(trt_pack, manifest, plugins, tmp_path):
+    """register and aot_impl evaluate them on tensorrt.plugin's ShapeExprs: the same values as on ints."""
+    entries = {e["key"]: e for e in manifest["kernels"]}
+    cases = []
+    for key, p in plugins.PLUGINS.items():
+        defaults = {s["name"]: s["default"] for s in entries[key].get("interface", {}).get("scalars", [])}
+        defaults |= {q["name"]: q["default"] for q in entries[key].get("interface", {}).get("params", [])
+                     if q["kind"] == "scalar"}
+        cases += [[key, [list(s) for s in input_shapes(entries[key], case)], [defaults[a] for a in p["attributes"]]]
+                  for case in (1, 2)]
+    result = run_symbolic_check(trt_pack / "trt" / "layerforge_trt_plugins.py", cases, tmp_path)
+    assert result["checked"] == 2 * len(cases) and not result["mismatches"], result["mismatches"][:3]
 
 
 def test_shapes_refuse_an_input_the_kernel_was_not_generated_for(plugins):
