@@ -29,6 +29,10 @@ and broadcast (shared_tokens), so every rank feeds the same tokens. Every rank m
 same calls (steps, generate) with the same arguments: the host bookkeeping of each rank's
 cache is the same.
 
+On GPUs, decode steps of a tensor-parallel model replay CUDA graphs as on one GPU, its NCCL calls
+captured with the step (models/graphs.py); pipeline stages run their steps eagerly (capturable()
+is False: the send/recv between stages are the host's).
+
 Not served (a ShardError says so): tensor parallelism of MoE layers, of ALiBi attention (its
 slopes depend on a head's index among all heads) and of quantised checkpoints; latent attention
 (DeepSeek) and state-space models in either form.
