@@ -407,11 +407,11 @@ def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, ou
 
 def _norm_cuda(x, z, weight, eps, group_size):
     """The gated norm as the standard library's row layer (dsl/stdlib/mamba2.lf) on its row kernel:
-    gated_rms_norm / gated_group_rms_norm, or rms_norm / group_rms_norm without a gate. Rows that
+    gated_rms_norm / gated_grouped_rms_norm, or rms_norm / grouped_rms_norm without a gate. Rows that
     are not contiguous are copied first; the weight is used in x's dtype."""
     f = x.shape[-1]
     groups = f // group_size
-    name = ("gated_" if z is not None else "") + ("group_rms_norm" if groups > 1 else "rms_norm")
+    name = ("gated_" if z is not None else "") + ("grouped_rms_norm" if groups > 1 else "rms_norm")
     key = (name, f, groups, x.dtype, x.device)
     mod = _NORMS.get(key)
     if mod is None:

@@ -133,7 +133,7 @@ def test_f32_mamba2_sized_chunk_kernels_fit_an_sm80_block():
 
 
 # ---- the gated norm: standard-library layers on the row family --------------------------------
-@pytest.mark.parametrize("name,groups", [("gated_rms_norm", 1), ("gated_group_rms_norm", 8)])
+@pytest.mark.parametrize("name,groups", [("gated_rms_norm", 1), ("gated_grouped_rms_norm", 8)])
 def test_gated_norm_layers_compile_for_the_row_family(name, groups):
     layer = lf.stdlib().specialise(name, H=5120, dtype="bf16", **({"G": groups} if groups > 1 else {}))
     plan = plan_layer(layer, "sm_90")
@@ -142,8 +142,8 @@ def test_gated_norm_layers_compile_for_the_row_family(name, groups):
     assert kr.spill_stores == 0 and kr.spill_loads == 0
 
 
-@pytest.mark.parametrize("name,groups,gate", [("gated_rms_norm", 1, True), ("gated_group_rms_norm", 4, True),
-                                              ("group_rms_norm", 4, False)])
+@pytest.mark.parametrize("name,groups,gate", [("gated_rms_norm", 1, True), ("gated_grouped_rms_norm", 4, True),
+                                              ("grouped_rms_norm", 4, False)])
 def test_gated_norm_layers_evaluate_to_the_runtime_reference(name, groups, gate):
     g = seeded_generator("gated_norm_layer", name)
     layer = lf.stdlib().specialise(name, H=64, dtype="f32", **({"G": groups} if groups > 1 else {}))
