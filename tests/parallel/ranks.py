@@ -37,9 +37,12 @@ def _entry(rank: int, world: int, port: int, backend: str, fn, args) -> None:
 def run_ranks(fn, world: int, *args, backend: str = "gloo", timeout: float = 240.0) -> None:
     """fn(rank, world, *args) in `world` processes (fn and args picklable: a module-level function).
     gloo ranks are forked: they start with the test process's imports and parsed standard library
-    (seconds a rank on CI's cores); NCCL ranks are spawned (CUDA cannot be forked)."""
+    (seconds a rank on CI's cores); NCCL ranks, and any rank of a process that has initialised
+    CUDA, are spawned (CUDA cannot be forked)."""
+    import torch
+    fork = backend == "gloo" and not torch.cuda.is_initialized()
     ctx = mp.start_processes(_entry, args=(world, free_port(), backend, fn, args), nprocs=world, join=False,
-                             start_method="spawn" if backend == "nccl" else "fork")
+                             start_method="fork" if fork else "spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
