@@ -33,6 +33,8 @@ mismatch raises ScanInputError (a ValueError), before any launch.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update, scan_tiles
@@ -352,13 +354,19 @@ def _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, cach
     if b == 0:
         return y
     opts = _scan_options(x, A, D, z, dt_bias, dt_softplus)
-    plan_of = lambda arch: plan_state_update(**opts, arch=arch)   # noqa: E731
-    if plan_of("sm_90").vector_state and state.data_ptr() % 16:
+    if _vector_state(A.shape[1]) and state.data_ptr() % 16:
         raise ScanInputError("selective_state_update: 'state' must start on a 16-byte boundary (the kernel moves "
                              "4 states at a time); a view at an odd offset needs .clone()")
-    launch = _launcher(("state_update", *opts.values(), x.device.index), x.device, plan_of, cache)
+    launch = _launcher(("state_update", *opts.values(), x.device.index), x.device,
+                       lambda arch: plan_state_update(**opts, arch=arch), cache)
     launch((b * d,), [state, x, dt, A, B, C, *_present(D, z, dt_bias), y, b])
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _vector_state(n: int) -> bool:
+    """Whether the decode update of N states moves them as 16-byte vectors (its plan says)."""
+    return plan_state_update(channels=1, state=n, dtype="f32").vector_state
 
 
 def _present(*tensors):
