@@ -5,7 +5,6 @@ module and the C++ enqueue compute the runtime's grid and int/float arguments fr
 shapes alone, wire every pointer to the tensor the runtime passes there (shape and dtype), and
 shape the outputs as the runtime allocates them; the C++ compiles against TensorRT's headers;
 the AOT entries' PTX takes TensorRT's argument order."""
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,41 +13,12 @@ import pytest
 
 from layerforge.codegen import trt_exprs
 from layerforge.codegen.trt import TRT_DTYPES, plugin_specs
-from layerforge.codegen.trt_render import CPP_SOURCE, PYTHON_MODULE, aot_entry, render_plugins
+from layerforge.codegen.trt_render import CPP_SOURCE, PYTHON_MODULE
 
-from .families import excluded_plans, family_cases, gemv_plan
+from .families import excluded_plans, gemv_plan
 from .pack import ARCH, f32_bits, run_symbolic_check, run_tensorrt_validators
 from .test_aot_entry import entry_params
 from .test_cpp_plugins import CXX, HARNESS, cuda_toolkit_include, enqueue_statements, needs_cxx
-
-
-@pytest.fixture(scope="module")
-def cases():
-    return family_cases()
-
-
-@pytest.fixture(scope="module")
-def specs(cases):
-    plans = {c.plan.key: c.plan for c in cases}
-    got, excluded = plugin_specs(plans.values())
-    assert not excluded, excluded   # every case's plan is served
-    return {s.name: s for s in got}
-
-
-@pytest.fixture(scope="module")
-def rendered(cases, specs, tmp_path_factory):
-    """The plugin sources of every case's plan, written to a folder, and the imported module."""
-    plans = {c.plan.key: c.plan for c in cases}
-    entries = {k: aot_entry(s, plans[k].source()) for k, s in specs.items() if s.qdp_reason is None}
-    files = render_plugins(list(specs.values()), {}, arch=ARCH, entries=entries,
-                           cubins={k: f"{k}.cubin" for k in specs})
-    folder = tmp_path_factory.mktemp("family_plugins")
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    spec = importlib.util.spec_from_file_location("family_trt_plugins", folder / PYTHON_MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return folder, module, entries
 
 
 def _extras(spec, case) -> tuple:
