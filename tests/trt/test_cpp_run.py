@@ -164,27 +164,19 @@ def _kinds(abi) -> str:
     return "".join("p" if a.is_pointer else KINDS[a.ctype.replace("const ", "").strip()] for a in abi.args)
 
 
-def _field(attr, value) -> str:
-    if attr.dtype == "f32":
-        return (f"PluginField(\"{attr.name}\", new float({'std::numeric_limits<float>::infinity()' if value == float('inf') else repr(float(value)) + 'f'}), "
-                f"PluginFieldType::kFLOAT32, 1)")
-    return f"PluginField(\"{attr.name}\", new int32_t({int(value)}), PluginFieldType::kINT32, 1)"
+def _field(name: str, dtype: str, value) -> str:
+    """A plugin field holding one attribute value (the harness never frees it: it ends)."""
+    if dtype == "f32":
+        v = "std::numeric_limits<float>::infinity()" if value == float("inf") else repr(float(value)) + "f"
+        return f"PluginField(\"{name}\", new float({v}), PluginFieldType::kFLOAT32, 1)"
+    return f"PluginField(\"{name}\", new int32_t({int(value)}), PluginFieldType::kINT32, 1)"
 
 
-def test_plugins_run_through_their_creators_and_launch_what_the_runtime_does(cases, specs, rendered, tmp_path):
-    folder, _, _ = rendered
-    for key in specs:
+def run_harness(folder, tmp_path, keys, calls: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Compile the harness over `folder`'s plugin library with `calls` (run(...) statements) and
+    run it: case id -> what -> the printed values."""
+    for key in keys:
         (tmp_path / f"{key}.cubin.inc").write_text("0x00,\n")
-    calls = []
-    for c in cases:
-        spec = specs[c.plan.key]
-        fields = ", ".join(_field(a, c.attributes[a.name]) for a in spec.attributes)
-        shapes = ", ".join("{" + ", ".join(map(str, c.inputs[t.name][0])) + "}" for t in spec.inputs)
-        calls.append(f"    run(\"{c.id}\", \"{c.plan.key}\", \"{_kinds(spec.kernel)}\", {{{fields}}}, {{{shapes}}}, "
-                     f"{len(spec.outputs)});\n")
-    gemv = next(c for c in cases if c.id == "gemv_bias_res_m8")   # 9 rows for a kernel of 8
-    calls.append(f"    run(\"gemv_past_m\", \"{gemv.plan.key}\", \"{_kinds(gemv.plan.abi)}\", {{}}, "
-                 "{{9, 512}, {256, 512}, {256}, {9, 256}}, 1);\n")
     (tmp_path / "harness.cpp").write_text(HARNESS + "int main() {\n" + "".join(calls) + "    return 0;\n}\n")
     exe = tmp_path / "harness"
     cmd = [CXX, "-std=c++17", "-O0", "-w", "-isystem", os.environ["TENSORRT_INCLUDE_DIR"], "-isystem",
@@ -192,48 +184,98 @@ def test_plugins_run_through_their_creators_and_launch_what_the_runtime_does(cas
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
-    lines: dict[str, list[list[str]]] = {}
+    lines: dict[str, dict[str, list[str]]] = {}
     for line in out:
         case, what, *rest = line.split()
-        lines.setdefault(case, []).append([what, *rest])
+        lines.setdefault(case, {})[what] = rest
+    return lines
 
-    trt_types = {"bf16": 7, "f16": 1, "f32": 0, "i32": 3, "i8": 2, "fp8_e4m3": 6, "i64": 8, "bool": 4}   # DataType
+
+def call(id: str, key: str, abi, attributes: list[tuple[str, str, object]], shapes, nb_outputs: int) -> str:
+    """One run(...) statement; attributes (name, "f32" | "i32", value)."""
+    fields = ", ".join(_field(*a) for a in attributes)
+    dims = ", ".join("{" + ", ".join(map(str, s)) + "}" for s in shapes)
+    return f"    run(\"{id}\", \"{key}\", \"{_kinds(abi)}\", {{{fields}}}, {{{dims}}}, {nb_outputs});\n"
+
+
+def check_run(got: dict[str, list[str]], abi, grid, values: dict, out_shapes: list | None, what) -> list[str]:
+    """The launch against the runtime's: grid, block, shared memory, the int/float parameters,
+    the output shapes where given. Returns the pointer parameters, as printed."""
+    assert got["shape_change"] == ["0"] and got["enqueue"] == ["0"], (what, got)
+    shapes, rc = " ".join(got["outputs"][1:]).split(" rc ")
+    assert rc == "0", what
+    if out_shapes is not None:
+        assert [tuple(int(x) for x in s.split()) for s in shapes.split("|")[1:]] == [tuple(s) for s in out_shapes], what
+    gx, gy, gz, bx, by, bz, smem, *params = got["launch"]
+    assert (int(gx), int(gy), int(gz)) == tuple(grid) and (int(bx), int(by), int(bz)) == tuple(abi.block), what
+    assert int(smem) == abi.shared_bytes, what
+    if abi.shared_bytes > 48 * 1024:
+        assert got["smem_attribute"] == ["1", str(abi.shared_bytes)], what
+    pointers = []
+    for a, p in zip(abi.args, params, strict=True):
+        if a.is_pointer:
+            pointers.append(p)
+        else:
+            v = values[a.name]
+            assert p[1:] == str(f32_bits(v) if isinstance(v, float) else v), (what, a.name, p)
+    return pointers
+
+
+TRT_TYPES = {"bf16": 7, "f16": 1, "f32": 0, "i32": 3, "i8": 2, "fp8_e4m3": 6, "i64": 8, "bool": 4}   # DataType
+
+
+def test_plugins_run_through_their_creators_and_launch_what_the_runtime_does(cases, specs, rendered, tmp_path):
+    folder, _, _ = rendered
+    calls = [call(c.id, c.plan.key, c.plan.abi, [(a.name, a.dtype, c.attributes[a.name])
+                                                  for a in specs[c.plan.key].attributes],
+                  [c.inputs[t.name][0] for t in specs[c.plan.key].inputs], len(specs[c.plan.key].outputs))
+             for c in cases]
+    gemv = next(c for c in cases if c.id == "gemv_bias_res_m8")   # 9 rows for a kernel of 8
+    calls.append(call("gemv_past_m", gemv.plan.key, gemv.plan.abi, [], [(9, 512), (256, 512), (256,), (9, 256)], 1))
+    lines = run_harness(folder, tmp_path, specs, calls)
     for c in cases:
         spec, abi = specs[c.plan.key], c.plan.abi
-        got = {what: rest for what, *rest in lines[c.id]}
-        assert got["shape_change"] == ["0"] and got["enqueue"] == ["0"], (c.id, got)
-        # getOutputShapes: the runtime's output shapes (where the case has them), in order
-        shapes = " ".join(got["outputs"][1:]).split(" rc ")
-        assert got["outputs"][0] == str(len(spec.outputs)) and shapes[1] == "0", c.id
-        out_shapes = [tuple(int(x) for x in s.split()) for s in shapes[0].split("|")[1:]]
-        for a in abi.args:
-            kind, ref = spec.source_of(a)
-            if kind == "output" and c.tensors:
-                assert out_shapes[ref] == c.tensors[a.name][0], (c.id, a.name)
-        types = got["types"]
+        got = lines[c.id]
+        outs = None
+        if c.tensors:   # the runtime's output tensors by output index (one written in place: its input's)
+            outs = [next((c.tensors[a.name][0] for a in abi.args if spec.source_of(a) == ("output", j)), None)
+                    or c.inputs[spec.inputs[spec.aliases[j]].name][0] for j in range(len(spec.outputs))]
+        pointers = iter(check_run(got, abi, c.grid, c.values, outs, c.id))
         n = len(spec.outputs)
-        assert [int(t) for t in types[:n]] == [trt_types[t.dtype] for t in spec.outputs], c.id
-        assert types[n] == "aliases" and [int(x) for x in types[n + 1:2 * n + 1]] == \
-            (list(spec.aliases) or [-1] * n), c.id
+        types = got["types"]
+        assert [int(t) for t in types[:n]] == [TRT_TYPES[t.dtype] for t in spec.outputs], c.id
+        assert types[n] == "aliases" and [int(x) for x in types[n + 1:2 * n + 1]] == (list(spec.aliases) or [-1] * n)
         assert types[2 * n + 1:] == ["configure", "0"], c.id
-        # the launch: grid, block, shared memory, and each parameter
-        gx, gy, gz, bx, by, bz, smem, *params = got["launch"]
-        assert (int(gx), int(gy), int(gz)) == c.grid and (int(bx), int(by), int(bz)) == abi.block, c.id
-        assert int(smem) == abi.shared_bytes, c.id
-        if abi.shared_bytes > 48 * 1024:
-            assert got["smem_attribute"] == ["1", str(abi.shared_bytes)], c.id
-        for a, p in zip(abi.args, params, strict=True):
+        for a in abi.args:   # each pointer is the plugin's tensor the runtime passes there
+            if not a.is_pointer:
+                continue
             kind, ref = spec.source_of(a)
-            if a.is_pointer:
-                want = {"input": 4096 * (ref + 1) if kind == "input" else None,
-                        "output": 1048576 * (ref + 1) if kind == "output" else None, "null": 0}[kind]
-                assert p == f"p{want}", (c.id, a.name, p)
-            else:
-                v = c.values[a.name]
-                assert p[1:] == str(f32_bits(v) if isinstance(v, float) else v), (c.id, a.name, p)
-        if c.tensors:   # pointers: each to the tensor the runtime passes there
-            for a in abi.args:
-                kind, ref = spec.source_of(a)
-                if kind == "input":
-                    assert c.tensors[a.name] == c.inputs[spec.inputs[ref].name], (c.id, a.name)
-    assert lines["gemv_past_m"][-1] == ["enqueue", "-1"] and not any(w == "launch" for w, *_ in lines["gemv_past_m"])
+            want = {"input": lambda: 4096 * (ref + 1), "output": lambda: 1048576 * (ref + 1), "null": lambda: 0}[kind]()
+            assert next(pointers) == f"p{want}", (c.id, a.name)
+            if c.tensors and kind == "input":
+                assert c.tensors[a.name] == c.inputs[spec.inputs[ref].name], (c.id, a.name)
+    assert lines["gemv_past_m"]["enqueue"] == ["-1"] and "launch" not in lines["gemv_past_m"]
+
+
+def test_example_pack_plugins_run_through_their_creators_and_launch_what_the_runtime_does(trt_pack, manifest,
+                                                                                         tmp_path):
+    """The same over the example pack's library: rows (attributes from the layers' defaults),
+    decode-form attention and the KV append, against pack.py's yardstick."""
+    from layerforge.codegen.abi import KernelABI
+    from .pack import expected_launch, input_shapes
+    source = (trt_pack / "trt" / "layerforge_plugins.cpp").read_text()
+    served = [e for e in manifest["kernels"] if f"class Plugin_{e['key']} final" in source]
+    calls, expected = [], {}
+    for e in served:
+        abi = KernelABI.from_json(e["kernels"][0])
+        for case in (0, 1, 2):
+            shapes = input_shapes(e, case)
+            want = expected_launch(trt_pack, e, shapes)
+            attributes = [(a.ref, "f32" if a.ctype.strip() == "float" else "i32", want.args[a.name])
+                          for a in abi.args if a.role == "scalar"]
+            id = f"{e['key']}_{case}"
+            calls.append(call(id, e["key"], abi, attributes, shapes, len(want.outputs)))
+            expected[id] = (abi, want)
+    lines = run_harness(trt_pack / "trt", tmp_path, [e["key"] for e in served], calls)
+    for id, (abi, want) in expected.items():
+        check_run(lines[id], abi, want.grid, want.args, want.outputs, id)
