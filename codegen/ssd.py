@@ -212,7 +212,7 @@ class SSDChunkStatePlan(_ChunkPlan):
 
 @dataclass(frozen=True, kw_only=True)
 class SSDChunkScanPlan(_ChunkPlan):
-    """x, dt, A, B, C [Bt, L, G, N], start [Bt, nc, H, P, N] (the dtype's), s-free (+ dt_bias, D f32
+    """x, dt, A, B, C [Bt, L, G, N], start [Bt, nc, H, P, N] (in the inputs' dtype) (+ dt_bias, D f32
     [H], z [Bt, L, H, P]) -> y [Bt, L, H, P] contiguous."""
 
     family: ClassVar[str] = "ssd_chunk_scan"

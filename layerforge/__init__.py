@@ -75,6 +75,9 @@ _LAZY = {
     "MambaMixer": ("runtime.mamba", "MambaMixer"),
     "Mamba2Mixer": ("runtime.mamba", "Mamba2Mixer"),
     "MambaStateCache": ("runtime.mamba", "MambaStateCache"),
+    "ssd_scan": ("runtime.ssd", "ssd_scan"),
+    "ssd_state_update": ("runtime.ssd", "ssd_state_update"),
+    "gated_rms_norm": ("runtime.ssd", "gated_rms_norm"),
 }
 
 
@@ -90,6 +93,6 @@ __all__ = ["DSLError", "LayerInputError", "Layer", "Program", "evaluate", "load"
            "dims_from_config", "module", "load_pack", "LayerModule", "PagedAttention", "PagedKVCache", "LlamaPagedAttention",
            "LlamaPagedDecoderLayer", "Embedding", "PromptTuningEmbedding", "Linear", "MLAAttention",
            "MultiLoRA", "LoRALinear", "attach_adapters", "from_pretrained", "DecoderModel", "Engine", "generate", "spec_from_config",
-           "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache",
+           "MambaModel", "MambaMixer", "Mamba2Mixer", "MambaStateCache", "ssd_scan", "ssd_state_update", "gated_rms_norm",
            "evaluate_states",
            "init_parallel", "ColumnLinear", "RowLinear", "VocabParallelEmbedding", "ParallelLMHead", "__version__"]
