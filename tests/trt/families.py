@@ -142,6 +142,14 @@ def _products(rec: Recorder) -> list[Case]:
     moe.expert_product(x, w, offsets, src, rows=T * kk, gated="silu", active=active)
     cases.append(from_launch("gemv_experts_gather_active", *rec.one(),
                              {"x": x, "w": w, "offsets": offsets, "src": src, "active": active}))
+    for wtype, group in (("u4", 128), ("i8", 0)):   # quantised experts, stacked as runtime/moe.py _Experts.quantize_
+        qs = [quant.QuantLinear.from_float(torch.randn(n, k), group, wtype=wtype, dtype=torch.bfloat16).qw.kernel_tensors
+              for _ in range(E)]
+        q, sc = (meta(E, *t[0].shape, dtype=t[0].dtype) for t in zip(*qs))
+        x, offsets = meta(T * kk, k), meta(E + 1, dtype=torch.int32)
+        moe.expert_product(x, moe.QuantExperts(wtype, group, q, sc, n, k, torch.bfloat16), offsets, None, rows=T * kk)
+        cases.append(from_launch(f"gemv_experts_{wtype}g{group}", *rec.one(),
+                                 {"x": x, "w": q, "wgroup" if group else "wscale": sc, "offsets": offsets}))
     xs, fixed, offsets = meta(T * (kk + 1), k), meta(1, n, k), meta(E + 2, dtype=torch.int32)
     moe.expert_product(xs, w, offsets, None, rows=T * (kk + 1), fixed=fixed)
     cases.append(from_launch("gemv_experts_fixed", *rec.one(), {"x": xs, "w": w, "w_fixed": fixed, "offsets": offsets}))
