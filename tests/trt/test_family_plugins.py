@@ -224,7 +224,7 @@ def test_shape_and_launch_functions_run_on_tensorrt_shape_expressions(cases, spe
 
 # one entry a family that the Python module serves: each is one NVRTC compile
 ENTRY_FAMILIES = ("gemv", "quant_rows", "scan_conv_update", "ssd_state_update", "moe_combine", "lora_expand",
-                  "kv_append")
+                  "kv_append", "paged_attention")
 
 
 def test_entry_ptx_takes_inputs_then_int32_extras_then_outputs(specs, rendered):
