@@ -140,8 +140,8 @@ def layer_interface(layer: Layer) -> dict[str, Any]:
     fn = layer.function
     params = []
     for p in fn.params:
-        if p.kind == "tensor":
-            params.append({"name": p.name, "kind": "tensor", "dtype": str(p.dtype), "shape": [str(d) for d in p.shape]})
+        if p.kind in ("tensor", "state"):   # a state: a tensor argument the layer also rewrites
+            params.append({"name": p.name, "kind": p.kind, "dtype": str(p.dtype), "shape": [str(d) for d in p.shape]})
         elif p.kind == "scalar":
             params.append({"name": p.name, "kind": "scalar", "dtype": str(p.dtype), "default": p.default})
     outputs = [{"dtype": str(o.dtype), "shape": [str(d) for d in o.shape]} for o in fn.outputs]
@@ -171,6 +171,10 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     codegen/route.py, for it); raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
         raise LoweringError(f"{layer.name}: attention blocks use the attention kernel family")
+    from .scan import not_lowered_reason
+    reason = not_lowered_reason(layer)
+    if reason:   # a row kernel would never write the state back: never lowered by accident
+        raise LoweringError(reason)
     from . import route   # (route.py builds on this module's KernelPlan)
     if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
         return route.plan_route(layer, arch, vec_bytes=vec_bytes)

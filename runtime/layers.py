@@ -7,7 +7,9 @@
 Weights are the layer's tensor parameters whose shape has no dynamic dim, registered under
 conventional names (`w` -> `weight`, `b` -> `bias`) so Hugging Face state dicts load. The
 other tensor parameters are `forward` arguments, in declaration order; runtime scalars
-(`eps`) are attributes, set at construction or passed to `forward` by name.
+(`eps`) are attributes, set at construction or passed to `forward` by name. A state parameter
+(`state h: ...`) is a `forward` argument the call rewrites in place (the reference evaluator
+runs such layers: no kernel family lowers them from the DSL; runtime/scan.py serves Mamba's).
 
 Before a launch every input is checked (dtype, device, shape, contiguity) with per-shape
 work done once; the launch goes on torch's current stream and allocates only the outputs
@@ -86,12 +88,13 @@ class LayerModule(torch.nn.Module):
         self._inputs: list[str] = []          # DSL names of forward() tensor arguments
         self._scalars: dict[str, Any] = {}
         self._params = [(p["name"], p["dtype"], DType[p["dtype"]].torch, [_dim_spec(d) for d in p["shape"]])
-                        for p in info["params"] if p["kind"] == "tensor"]
+                        for p in info["params"] if p["kind"] in ("tensor", "state")]
         self._specs = {n: spec for n, _, _, spec in self._params}
         for p in info["params"]:
-            if p["kind"] == "tensor":
+            if p["kind"] in ("tensor", "state"):
                 spec = self._specs[p["name"]]
-                if all(isinstance(s, int) for s in spec):
+                # a state is always a forward() argument: the caller's tensor, rewritten in place
+                if p["kind"] == "tensor" and all(isinstance(s, int) for s in spec):
                     attr = WEIGHT_NAMES.get(p["name"], p["name"])
                     init = torch.zeros if attr == "bias" else torch.ones
                     t = init(*spec, dtype=DType[p["dtype"]].torch, device=device)
