@@ -1,7 +1,8 @@
 """On a GPU: the PTX a Python AOT plugin hands TensorRT, loaded through the driver API and
 launched as TensorRT launches it (inputs, the int32 extras, outputs; grid, block and shared
 memory from the plugin's launch function), computes what the runtime's kernel computes, bit
-for bit, and matches the reference evaluator.
+for bit, and matches the reference evaluator (rows, attention) or the runtime's references (the
+other families: one plugin a family, fp8 KV caches included).
 
 No TensorRT here: this checks the kernel, the argument order and the launch parameters the
 plugin gives TensorRT, not TensorRT's own launch."""
@@ -223,7 +224,10 @@ def test_fp8_row_quantiser_plugin_ptx_computes_what_the_runtime_does():
     x = _bf16(37, 512) * 3
     want = list(quant.quantize_fp8_rows_cuda(x))
     plan = runtime_plan(lambda: quant.quantize_fp8_rows_cuda(meta(37, 512)))
-    same(run_family_plugin(plan, {"x": x}), want, plan.key)
+    got = run_family_plugin(plan, {"x": x})
+    same(got, want, plan.key)
+    q, scale = quant.quantize_fp8_rows(x)   # the reference's bytes and scales, exactly
+    assert torch.equal(got[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(got[1], scale)
 
 
 def test_selective_state_update_plugin_ptx_computes_what_the_runtime_does():
@@ -244,6 +248,10 @@ def test_selective_state_update_plugin_ptx_computes_what_the_runtime_does():
                                    "dt_bias": db})
     same(got, [theirs, y], plan.key)
     assert got[0] is mine   # written in place
+    ref_state = state.cpu()
+    ref = scan.selective_state_update_reference(ref_state, *(t.cpu() for t in (x, dt, A, B, C, D, z, db)))
+    torch.testing.assert_close(got[1].cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0].cpu(), ref_state, rtol=1e-4, atol=1e-4)
 
 
 def test_causal_conv_plugin_ptx_computes_what_the_runtime_does():
@@ -254,7 +262,11 @@ def test_causal_conv_plugin_ptx_computes_what_the_runtime_does():
     want = list(scan.causal_conv1d(x, w, bias, initial_state=init, return_final_state=True))
     plan = runtime_plan(lambda: scan.causal_conv1d(meta(b, d, length), meta(d, kw), meta(d),
                                                    initial_state=meta(b, d, kw - 1), return_final_state=True))
-    same(run_family_plugin(plan, {"x": x, "weight": w, "bias": bias, "initial_state": init}), want, plan.key)
+    got = run_family_plugin(plan, {"x": x, "weight": w, "bias": bias, "initial_state": init})
+    same(got, want, plan.key)
+    ref = scan.causal_conv1d_reference(x.cpu(), w.cpu(), bias.cpu(), initial_state=init.cpu(), return_final_state=True)
+    torch.testing.assert_close(got[0].cpu().float(), ref[0].float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(got[1].cpu(), ref[1])   # the last inputs, copied
 
 
 def test_ssd_state_update_plugin_ptx_computes_what_the_runtime_does():
@@ -274,6 +286,11 @@ def test_ssd_state_update_plugin_ptx_computes_what_the_runtime_does():
     got = run_family_plugin(plan, {"state": mine, "x": x, "dt": dt, "B": B, "C": C, "A": A, "dt_bias": dtb, "D": D},
                             {"dt_lo": 0.01, "dt_hi": 4.0})
     same(got, [theirs, y], plan.key)
+    ref_state = state.cpu()
+    ref = ssd.ssd_state_update_reference(ref_state, x.cpu(), dt.cpu(), A.cpu(), B.cpu(), C.cpu(), D=D.cpu(),
+                                         dt_bias=dtb.cpu(), dt_limit=(0.01, 4.0))
+    torch.testing.assert_close(got[1].cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0].cpu(), ref_state, rtol=1e-4, atol=1e-4)
 
 
 def test_moe_plugins_ptx_compute_what_the_runtime_does():
@@ -285,6 +302,8 @@ def test_moe_plugins_ptx_compute_what_the_runtime_does():
     plan = runtime_plan(lambda: moe_kernels.moe_align(meta(t, k, dtype=torch.int32), experts, active=True))
     got = run_family_plugin(plan, {"ids": ids})
     same(got[:3], want[:3], plan.key)   # the active list's order is free; its set and count are not
+    for g, r in zip(got[:3], moe_kernels.moe_align_reference(ids.cpu(), experts)):
+        assert torch.equal(g.cpu(), r)
     n = int(want[3][-1])
     assert int(got[3][-1]) == n and set(got[3][:n].tolist()) == set(want[3][:n].tolist())
     offsets, pos, src = want[:3]
@@ -298,8 +317,11 @@ def test_moe_plugins_ptx_compute_what_the_runtime_does():
     plan = runtime_plan(lambda: moe_kernels.moe_combine(meta(t * k, hidden), meta(t * k, dtype=torch.int32),
                                                         meta(t, k, dtype=torch.float32), shared=meta(t, hidden),
                                                         gate_logit=meta(t), residual=meta(t, hidden)))
-    same(run_family_plugin(plan, {"y": xs, "pos": pos, "w": w, "shared": shared, "gate_logit": gate, "residual": res}),
-         [out], plan.key)
+    got = run_family_plugin(plan, {"y": xs, "pos": pos, "w": w, "shared": shared, "gate_logit": gate, "residual": res})
+    same(got, [out], plan.key)
+    ref = moe_kernels.moe_combine_reference(*(t.cpu() for t in (xs, pos, w)), shared=shared.cpu(), gate_logit=gate.cpu(),
+                                            residual=res.cpu(), precision="float64")
+    torch.testing.assert_close(got[0].cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_lora_shrink_plugin_ptx_computes_what_the_runtime_kernel_does():
@@ -320,6 +342,9 @@ def test_lora_shrink_plugin_ptx_computes_what_the_runtime_kernel_does():
     written = torch.arange(S * R, device="cuda")[None, :] % R < ranks[slot[:, 0].long()].repeat_interleave(R, 1)
     written &= (slot < adapters)   # the no-adapter group's rows are not written
     assert torch.equal(got[written], want[written]) and not got[~written].isnan().logical_not().any()
+    e = slot[:, 0].long()   # v[t] = A_e x[t] in f32, rounded once
+    ref = torch.einsum("tk,trk->tr", x.double(), a[e].double()).to(torch.bfloat16)
+    torch.testing.assert_close(got[written].float(), ref[written].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_mla_append_plugin_ptx_computes_what_the_runtime_kernel_does():
@@ -349,7 +374,7 @@ def _fp8_block_and_plans():
     spec = paged.spec
     append = plan_kv_append("bf16", int(spec.num_kv_heads), int(spec.head_dim), 16, spec.rope, device_arch(),
                             kv_dtype="fp8_e4m3")
-    return paged, append
+    return layer, paged, append
 
 
 def test_fp8_cache_plugins_ptx_compute_what_the_runtime_kernels_do():
@@ -357,7 +382,7 @@ def test_fp8_cache_plugins_ptx_compute_what_the_runtime_kernels_do():
     plugin's PTX against the runtime's kernel launched with the arguments by ref (runtime/kv_cache.py
     with no queued updates; runtime/attention.py's per-token form with num_splits = 1)."""
     from layerforge.runtime.launch import load_plan
-    paged, append = _fp8_block_and_plans()
+    layer, paged, append = _fp8_block_and_plans()
     hkv, d, page = append.num_kv_heads, append.head_dim, append.page_size
     hq = int(paged.spec.num_q_heads)
     T, S, MP, P = 6, 3, 8, 32
@@ -392,3 +417,11 @@ def test_fp8_cache_plugins_ptx_compute_what_the_runtime_kernels_do():
                                     "q_pos": q_pos})
     same(got, [want], paged.key)
     assert not got[0].isnan().any()
+    # the reference over the cache's values (e4m3 times the head's scale, exact in f32, then bf16)
+    from layerforge.runtime.attention import PagedAttention
+    k_values = (theirs[0].float() * k_scale[:, None]).to(torch.bfloat16).cpu()
+    v_values = (theirs[1].float() * v_scale[:, None]).to(torch.bfloat16).cpu()
+    ref = PagedAttention(layer, page_size=page)(q.cpu(), k_values, v_values, *(t.cpu() for t in (page_table, seq_lens,
+                                                                                              q_seq, q_pos)),
+                                                max_kv_len=MP * page)
+    torch.testing.assert_close(got[0].cpu().float(), ref.float(), rtol=3e-2, atol=3e-2)
