@@ -834,7 +834,10 @@ class RowLowering:
     def _check_row_local(self, n: Node, idx: tuple):
         lead = idx[:-1] if len(n.shape) <= len(self.lead) + 1 else idx   # fewer: broadcast over rows
         want = tuple(self.row_syms[-len(lead):]) if lead else ()
-        if tuple(sympy.expand(a) for a in lead) != tuple(want):
+        # a lead dim of size 1 (GroupNorm with one group) has one row index, 0, whatever names it
+        ones = {s: 0 for s, d in zip(self.row_syms, self.lead) if dims_equal(d, 1)}
+        if tuple(sympy.expand(sympy.sympify(a).subs(ones)) for a in lead) != \
+                tuple(sympy.sympify(w).subs(ones) for w in want):
             raise LoweringError(f"{self.fn.name}: a reduction is used outside its own row")
 
     def _load(self, n: Node, idx: tuple) -> str:

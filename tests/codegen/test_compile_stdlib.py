@@ -37,6 +37,15 @@ def test_any_width_compiles(prog, name, width):
     assert kr.spill_stores == 0
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_group_norm_lowers_with_any_group_count(prog, groups):
+    # one group: the grouped rows' lead dim of size 1 has one row index (codegen/row.py)
+    plan = plan_layer(prog.specialise("group_norm", H=1536, G=groups, dtype="bf16"), "sm_90")
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0
+
+
 def test_plan_key_is_readable(prog):
     plan = plan_layer(prog.specialise("add_rms_norm", H=4096, dtype="bf16"), "sm_90")
     assert plan.key == "add_rms_norm_h4096_bf16_sm90"

@@ -24,6 +24,8 @@ def widths_for(name):
         return [8, 64, 128, 256]
     if name.startswith("moe_route"):
         return [8, 64, 128]
+    if name == "group_norm":   # 7: one group (row_cases.bindings)
+        return [7] + WIDTHS
     return WIDTHS
 
 
