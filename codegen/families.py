@@ -3,7 +3,8 @@
     plans_for_layer(layer, "sm_90", page_size=16, compile_fn=...)  -> [KernelPlan, ...]
 
 A layer gives its row kernel, or, with a matrix product, the small-token product kernels for up
-to 8 and up to 16 rows (codegen/linear_lower.py); an attention block gives the tensor-core prefill and decode
+to 8 and up to 16 rows (codegen/linear_lower.py), or, with a scan, a causal convolution or state,
+the scan family's kernel(s) it matches (codegen/scan_lower.py: the selective scan one per chunk tiling); an attention block gives the tensor-core prefill and decode
 kernels (sm_80+; on sm_90 the prefill is the wgmma kernel where it serves the block), the CUDA-core paged kernel, and the KV-cache append kernel its cache
 needs (RoPE fused when the block rotates). Everything downstream (build, manifest, packs,
 TensorRT plugins) handles the plans through the KernelPlan interface alone.
@@ -17,7 +18,8 @@ from .attention_wgmma import overlap_default, plan_wgmma_attention, supports as 
 from .kv_append import plan_kv_append
 from .linear_lower import has_matmul, linear_plans
 from .plan import CompileFn, KernelPlan, LoweringError, plan_layer
-from .scan import not_lowered_reason
+from .scan import not_lowered_reason, scan_parts
+from .scan_lower import scan_plans
 
 __all__ = ["plans_for_layer"]
 
@@ -27,8 +29,11 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
     """The plans of every kernel `layer` needs; LoweringError when no family lowers it.
     kv_cache: the KV cache's storage when it is not the block's dtype ("fp8_e4m3")."""
     if layer.function.kind != "attention":
-        if not_lowered_reason(layer):   # scans, causal convolutions, state (the scan family's kernels serve Mamba)
-            raise LoweringError(not_lowered_reason(layer))
+        if scan_parts(layer.function):   # scans, causal convolutions, state: the scan family's (codegen/scan_lower.py)
+            reason = not_lowered_reason(layer)
+            if reason:
+                raise LoweringError(reason)
+            return scan_plans(layer, arch)
         if has_matmul(layer.function):
             return list(linear_plans(layer, arch))
         return [plan_layer(layer, arch)]

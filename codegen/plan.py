@@ -171,10 +171,11 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     codegen/route.py, for it); raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
         raise LoweringError(f"{layer.name}: attention blocks use the attention kernel family")
-    from .scan import not_lowered_reason
-    reason = not_lowered_reason(layer)
-    if reason:   # a row kernel would never write the state back: never lowered by accident
-        raise LoweringError(reason)
+    from .scan import not_lowered_reason, scan_parts
+    what = scan_parts(layer.function)
+    if what:   # a row kernel would never write the state back: never lowered by accident
+        raise LoweringError(not_lowered_reason(layer) or f"{layer.name}: {what}: the scan family's kernels serve "
+                            "it (codegen/scan_lower.py, through codegen/families.plans_for_layer), not a row kernel")
     from . import route   # (route.py builds on this module's KernelPlan)
     if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
         return route.plan_route(layer, arch, vec_bytes=vec_bytes)

@@ -43,7 +43,7 @@ from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["not_lowered_reason", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
+__all__ = ["not_lowered_reason", "scan_parts", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
            "plan_selective_scan", "plan_state_update", "state_split", "scan_tiles", "chunked_scan", "DTYPES", "WIDTHS",
            "CONV_THREADS", "CONV_TILE", "SCAN_THREADS", "SCAN_ITEMS", "MAX_STATE", "UPDATE_THREADS"]
 
@@ -98,19 +98,34 @@ def _opt(tag: str, dtype: str | None) -> list[str]:
     return [] if dtype is None else [f"{tag}{dtype}"]
 
 
-def not_lowered_reason(layer) -> str | None:
-    """Why a DSL layer with scans, causal convolutions or state is not lowered to kernels from
-    its IR (None for other layers): Mamba's layers run as this family's kernels through
-    runtime/scan.py, and the DSL definitions (dsl/stdlib/ssm.lf) are their reference."""
+def scan_parts(fn) -> str | None:
+    """What makes a function a scan-family layer ('scan, state h'): its scans, causal
+    convolutions and state parameters; None when it has none."""
     from ..dsl.ir import Op
-    fn = layer.function
     states = [p.name for p in fn.params if p.kind == "state"]
     ops = sorted({n.op.value for n in fn.nodes() if n.op in (Op.SCAN, Op.CONV1D)})
     if not states and not ops:
         return None
-    what = ", ".join([f"{op}" for op in ops] + [f"state {s}" for s in states])
-    return (f"{fn.name}: {what}: scans, causal convolutions and state are not lowered from the DSL; Mamba's run as "
-            "the scan kernels (runtime/scan.py)")
+    return ", ".join([f"{op}" for op in ops] + [f"state {s}" for s in states])
+
+
+def not_lowered_reason(layer) -> str | None:
+    """Why a DSL layer with scans, causal convolutions or state has no kernels: None for other
+    layers and for those codegen/scan_lower.py matches (Mamba's conv, its decode step, the
+    selective scan and its state update, however they are named), which this family's kernels
+    serve; otherwise what does not match, and where."""
+    what = scan_parts(layer.function)
+    if what is None:
+        return None
+    from .row import LoweringError
+    from .scan_lower import match_scan   # (scan_lower builds on this module's plans)
+    try:
+        match_scan(layer)
+    except LoweringError as e:
+        return (f"{layer.function.name}: {what}: scans, causal convolutions and state lower only as the scan "
+                f"family's kernels (Mamba's conv, conv step, selective scan, state update), and this layer is "
+                f"none of them: {e}")
+    return None
 
 
 # ---- the work splits, as data ----------------------------------------------------------------

@@ -1133,8 +1133,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     MoE layers' routing and experts' activation (F = the experts' size), and its attention block
     once per distinct const set (with the model's RoPE scaling; not DeepSeek's latent attention,
     which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
-    if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2 (models/mamba.py): the block and final RMSNorms
-        return [("rms_norm", {"H": spec.hidden_size})]
+    if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2 (models/mamba.py)
+        return _ssm_definitions(spec)
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
             "D": spec.head_dim}
     out: list[tuple[str, dict[str, Any]]] = []
@@ -1162,4 +1162,25 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
         if (a.definition, b) not in seen:
             seen.append((a.definition, b))
     out += seen
+    return out
+
+
+def _ssm_definitions(spec: MambaSpec) -> list[tuple[str, dict[str, Any]]]:
+    """A Mamba / Mamba2 model's stdlib definitions: the block and final RMSNorms; the mixer's
+    causal conv and its decode step (dsl/stdlib/ssm.lf over F = the conv's channels: Mamba's
+    intermediate_size, Mamba2's conv_dim; KW = conv_kernel), which lower to the scan kernels
+    (codegen/scan_lower.py); Mamba's selective scan and state update (F = intermediate_size, NS =
+    state_size); Mamba2's gated RMSNorm (dsl/stdlib/mamba2.lf, over groups of I / n_groups). Mamba2's
+    SSD kernels have no DSL definition: runtime/build.py adds their plans (model_plans)."""
+    m = spec.mixer
+    out: list[tuple[str, dict[str, Any]]] = [("rms_norm", {"H": spec.hidden_size})]
+    conv = {"F": m.conv_dim if spec.model_type == "mamba2" else m.intermediate_size, "KW": m.conv_kernel}
+    out += [("mamba_conv", conv), ("mamba_conv_step", conv)]
+    if spec.model_type == "mamba":
+        ssm = {"F": m.intermediate_size, "NS": m.state_size}
+        out += [("selective_scan", ssm), ("selective_state_update", ssm)]
+    elif m.n_groups > 1:
+        out.append(("gated_grouped_rms_norm", {"H": m.intermediate_size, "G": m.n_groups}))
+    else:
+        out.append(("gated_rms_norm", {"H": m.intermediate_size}))
     return out

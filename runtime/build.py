@@ -109,7 +109,10 @@ def manifest_entry(plan: KernelPlan) -> dict[str, Any]:
 def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, out_dir: str | os.PathLike,
           names: list[str] | None = None, jobs: int | None = None, cache=None, page_size: int = 16,
           kv_dtype: str | None = None, progress: Callable[[str], None] | None = None, trt: bool = False,
-          definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None) -> dict:
+          definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None,
+          extra_plans: tuple[list[KernelPlan], dict[str, str]] | None = None) -> dict:
+    """`extra_plans`: (plans, skipped) of kernels no DSL definition describes (model_plans), built
+    with the definitions' plans."""
     t0 = time.perf_counter()
     from .cache import default_cache, layerforge_version
     from .launch import compile_plan, plan_cache_key
@@ -122,6 +125,10 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     already_compiled = cache.compiled_keys()   # by this process, before this build
     plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say,
                                      definitions, kv_cache)
+    if extra_plans is not None:
+        keys = {p.key for p in plans}
+        plans += [p for p in extra_plans[0] if p.key not in keys]
+        skipped.update(extra_plans[1])
 
     def one(plan):
         src = plan.source()
@@ -211,10 +218,35 @@ def model_definitions(program: Program, args) -> list[tuple[str, dict[str, Any]]
         return None
     from ..models import families
     config = read_config(args.config)
-    if config.get("model_type") not in families.FAMILIES:
+    if config.get("model_type") not in (*families.FAMILIES, *families.SSM_FAMILIES):
         return None
     extra = explicit_dims(program, args)
     return [(name, {**b, **extra}) for name, b in families.definitions_for(families.spec_from_config(config))]
+
+
+def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[KernelPlan], dict[str, str]]:
+    """(plans, skipped) of the kernels a model's modules launch that no DSL definition describes
+    yet, for a config whose model_type models/families.py knows: Mamba2's SSD kernels
+    (codegen/ssd.py) as runtime/ssd.py launches them for its mixer (runtime/mamba.Mamba2Mixer: Δ
+    bias and softplus, the D skip, no z in the scan): the chunk states, the state passing without
+    and with an initial state (a first prompt chunk, a continued one), the chunk scan, and the
+    decode update. Nothing for other models."""
+    from ..models import families
+    if config.get("model_type") != "mamba2":
+        return [], {}
+    from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
+                               plan_ssd_state_update)
+    m = families.spec_from_config(config).mixer
+    dims = dict(heads=m.num_heads, head_dim=m.head_dim, state=m.state_size, dtype=dtype, arch=arch)
+    scan = dict(dims, groups=m.n_groups, dt_bias=True, softplus=True)
+    try:
+        plans = [plan_ssd_chunk_state(**scan, chunk=m.chunk_size),
+                 plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
+                 plan_ssd_chunk_scan(**scan, chunk=m.chunk_size, skip=True, gate=False),
+                 plan_ssd_state_update(**scan, skip=True, gate=False)]
+    except ValueError as e:
+        return [], {"ssd (Mamba2's chunked scan)": f"not served for this model: {e}"}
+    return plans, {}
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -254,10 +286,11 @@ def cli_build(args) -> int:
         check_definition_names(program, names)
     _check_writable(Path(args.output))
     definitions = model_definitions(program, args)
+    extra = model_plans(read_config(args.config), args.dtype, arch) if definitions is not None else None
     show = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else None
     m = build(program, bindings, dtype=args.dtype, arch=arch, out_dir=args.output, names=names, jobs=args.jobs,
               page_size=args.page_size, kv_dtype=args.kv_dtype, progress=show, trt=args.trt,
-              definitions=definitions, kv_cache=args.kv_cache)
+              definitions=definitions, kv_cache=args.kv_cache, extra_plans=extra)
     n = len(m["kernels"])
     print(f"built {n} kernel{'s' * (n != 1)} for {arch} in {m['build_seconds']:.2f} s -> {args.output}/manifest.json")
     for name, why in m["skipped"].items():

@@ -8,8 +8,13 @@ Weights are the layer's tensor parameters whose shape has no dynamic dim, regist
 conventional names (`w` -> `weight`, `b` -> `bias`) so Hugging Face state dicts load. The
 other tensor parameters are `forward` arguments, in declaration order; runtime scalars
 (`eps`) are attributes, set at construction or passed to `forward` by name. A state parameter
-(`state h: ...`) is a `forward` argument the call rewrites in place (the reference evaluator
-runs such layers: no kernel family lowers them from the DSL; runtime/scan.py serves Mamba's).
+(`state h: ...`) is a `forward` argument the call rewrites in place.
+
+A layer with a scan, a causal convolution or state that codegen/scan_lower.py matches (Mamba's
+conv, its decode step, the selective scan, its state update: dsl/stdlib/ssm.lf, or a layer written
+the same way) runs on CUDA tensors as runtime/scan.py's kernels, its state rewritten in place
+after the launch (the decode conv's K - 1 wide state through a K wide copy, as the kernel keeps
+it); other such layers run the reference evaluator.
 
 Before a launch every input is checked (dtype, device, shape, contiguity) with per-shape
 work done once; the launch goes on torch's current stream and allocates only the outputs
@@ -35,6 +40,8 @@ import torch
 from ..codegen.linear_lower import LinearPattern, has_matmul, match_linear
 from ..codegen.plan import layer_interface, plan_layer
 from ..codegen.row import LoweringError
+from ..codegen.scan import not_lowered_reason, scan_parts
+from ..codegen.scan_lower import ScanPattern, match_scan
 from ..dsl.evaluator import LayerInputError, _bind_dim, evaluate
 from ..dsl.program import Layer
 from ..dsl.types import DType
@@ -116,6 +123,7 @@ class LayerModule(torch.nn.Module):
         self._no_kernel: str | None | bool = False if layer is not None else None   # False: not decided yet
         self._linear: LinearPattern | None = None   # a product layer's pattern (set with kernel_reason)
         self._linear_checked: set[tuple] = set()    # input signatures a product layer has checked
+        self._scan: ScanPattern | None = None       # a scan-family layer's pattern (set with kernel_reason)
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None, **scalars: Any
@@ -133,7 +141,14 @@ class LayerModule(torch.nn.Module):
         evaluator's torch operations instead (no kernel family lowers this layer yet)."""
         if self._no_kernel is False:
             try:
-                if has_matmul(self.function):   # the small-token product family
+                if scan_parts(self.function):   # scans, convolutions, state: the scan family or nothing
+                    reason = not_lowered_reason(self.layer)
+                    if reason:
+                        raise LoweringError(reason)
+                    pattern = match_scan(self.layer)
+                    pattern.plan(self.arch or "sm_90")
+                    self._scan = pattern
+                elif has_matmul(self.function):   # the small-token product family
                     pattern = match_linear(self.layer)
                     pattern.plan(self.arch or "sm_90")
                     self._linear = pattern
@@ -191,7 +206,56 @@ class LayerModule(torch.nn.Module):
             return outs[0] if len(outs) == 1 else outs
         if self._linear is not None:
             return self._run_linear(tensors, scalars, out)
+        if self._scan is not None:
+            return self._run_scan(tensors, out)
         return self._run_cuda(tensors, scalars, out)
+
+    def _run_scan(self, tensors, out):
+        """A scan-family layer: runtime/scan.py's launch for the pattern, after the layer's own
+        input checks (by DSL name); the state parameter is rewritten in place."""
+        from . import scan
+        p = self._scan
+        sig = tuple((t.shape, t.dtype, t.device) for t in tensors.values())
+        if sig not in self._linear_checked:
+            self._bind(tensors, sig[0][2])   # dtype, device, shape and contiguity errors by DSL name
+            if len(self._linear_checked) > 64:
+                self._linear_checked.clear()
+            self._linear_checked.add(sig)
+        t = {role: tensors[name] for role, name in p.operands}
+        if out is not None and (len(out) != 1 or out[0].shape != t["x" if "x" in t else "u"].shape
+                                or out[0].dtype != self._out_dtypes[0] or out[0].device != sig[0][2]):
+            raise LayerInputError(f"{self.name}: out= must be one {self._out_dtypes[0]} tensor shaped like the output")
+        act = "silu" if p.silu else None
+        state = t.get("state")
+        try:
+            if p.kind == "conv":
+                y = scan.causal_conv1d(t["x"], t["weight"], t.get("bias"), activation=act,
+                                       initial_state=state if p.initial else None, return_final_state=p.final,
+                                       cache=self._cache)
+                if p.final:
+                    y, final = y
+                    state.copy_(final)
+            elif p.kind == "conv_step":   # the kernel's state is K wide, its oldest column shifted out unread
+                wide = torch.cat([state[..., :1], state], -1)
+                y = scan.causal_conv1d_update(t["x"], wide, t["weight"], t.get("bias"), activation=act,
+                                              cache=self._cache)
+                state.copy_(wide[..., 1:])
+            elif p.kind == "selective_scan":
+                y, final = scan.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"),
+                                               t.get("delta_bias"), delta_softplus=p.softplus,
+                                               initial_state=state if p.initial else None,
+                                               return_final_state=True, cache=self._cache)
+                state.copy_(final)
+            else:
+                y = scan.selective_state_update(state, t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"),
+                                                t.get("z"), t.get("delta_bias"), dt_softplus=p.softplus,
+                                                cache=self._cache)
+        except scan.ScanInputError as e:
+            raise LayerInputError(f"{self.name}: {e}") from None
+        if out is not None:
+            out[0].copy_(y)
+            return out[0]
+        return y
 
     def _run_linear(self, tensors, scalars, out):
         """A product layer: runtime/linear.py's gemv with the pattern's prologue and epilogue (the

@@ -140,3 +140,54 @@ def test_build_with_an_fp8_kv_cache_and_load_it(tmp_path):
     assert attn.kv_dtype == "fp8_e4m3" and attn.cache_dtype == torch.float8_e4m3fn
     cache = pack.kv_cache("llama_attn", num_pages=4, max_seqs=1, max_pages_per_seq=4, device="cpu", scales="per_head")
     assert cache.kv_dtype == "fp8_e4m3" and cache.storage_dtype == torch.float8_e4m3fn and cache.scales == "per_head"
+
+
+MAMBA = {"model_type": "mamba", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8,
+         "expand": 2, "conv_kernel": 4, "use_conv_bias": True, "layer_norm_epsilon": 1e-5}
+
+
+def test_build_of_a_mamba_config_packs_the_scan_kernels(tmp_path):
+    """ssm.lf's layers with the model's sizes (F = intermediate_size 64, NS = state_size 8, KW = conv_kernel 4)
+    lower to the scan kernels (codegen/scan_lower.py): the conv, its decode step, the selective scan in each
+    chunk tiling and the state update, compiled without spills at the default tiling."""
+    (tmp_path / "config.json").write_text(json.dumps(MAMBA))
+    env = {**os.environ, "LAYERFORGE_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    out = tmp_path / "pack"
+    r = subprocess.run([sys.executable, "-m", "layerforge", "build", "--config", str(tmp_path / "config.json"),
+                        "--arch", "sm_90", "--dtype", "bf16", "-o", str(out)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == {}
+    kernels = {k["key"]: k for k in m["kernels"]}
+    scan = "selective_scan_d64_n8_bf16_af32_skipf32_bf32_z_sp_init_final"
+    assert set(kernels) == {"rms_norm_h32_bf16_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
+                            "scan_conv_update_d64_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
+                            "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90",
+                            *(f"{scan}_{t}sm90" for t in ("t128x1_", "t128x2_", "t128x4_", ""))}
+    assert kernels[f"{scan}_sm90"]["family"] == "selective_scan"
+    for key in (f"{scan}_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
+                "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90"):
+        assert kernels[key]["spill_bytes"] == 0 and (out / kernels[key]["cubin"]).read_bytes()[:4] == b"\x7fELF"
+
+
+def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
+    """Mamba2: the conv over conv_dim = I + 2 G N channels from ssm.lf, the grouped gated RMSNorm from
+    mamba2.lf, and the SSD kernels (no DSL definition yet) from the build's model_plans."""
+    from layerforge.dsl.program import Program
+    from layerforge.models import families
+    from layerforge.runtime.build import model_plans, plans_for_model
+    config = {**MAMBA, "model_type": "mamba2", "state_size": 16, "num_heads": 4, "head_dim": 16, "n_groups": 2,
+              "chunk_size": 64}
+    spec = families.spec_from_config(config)
+    plans, skipped = plans_for_model(Program.stdlib(), {}, "bf16", "sm_90", definitions=families.definitions_for(spec))
+    assert skipped == {}
+    assert sorted(p.key for p in plans) == ["gated_grouped_rms_norm_g2_h64_bf16_sm90", "rms_norm_h32_bf16_sm90",
+                                            "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
+                                            "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90"]
+    ssd, skipped = model_plans(config, "bf16", "sm_90")
+    assert skipped == {} and [p.key for p in ssd] == [
+        "ssd_chunk_state_h4_p16_g2_n16_q64_bf16_bias_softplus_sm90", "ssd_state_passing_h4_p16_n16_bf16_sm90",
+        "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_sm90",
+        "ssd_state_update_h4_p16_g2_n16_bf16_bias_softplus_d_sm90"]
+    assert model_plans(MAMBA, "bf16", "sm_90") == ([], {})
