@@ -111,6 +111,28 @@ def test_layer_module_launches_the_lowered_plan(lib, name, monkeypatch):
     assert torch.all(state == 0.5)   # the kernel's new state, copied into the caller's tensor
 
 
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_the_module_dispatch_computes_the_layer(lib, name):
+    """The module's scan path (operand roles, the decode conv run on a K-wide copy of its state,
+    the state written back) over runtime/scan.py's references (CPU tensors) equals the DSL's own
+    float64 evaluation: output and new state."""
+    from layerforge.dsl.evaluator import evaluate_states
+    lay = layer(lib, name, "f32")
+    m = LayerModule(lay)
+    assert m.kernel_reason is None
+    g = torch.Generator().manual_seed(3)
+    for n, attr in m._weights.items():
+        v = torch.randn(getattr(m, attr).shape, generator=g) * 0.5
+        getattr(m, attr).data.copy_(-torch.exp(v) if n == "A" else v)
+    tensors = dict(zip(m.input_names, _inputs(m, lay, length=5)))
+    tensors.update({n: getattr(m, attr) for n, attr in m._weights.items()})
+    (want,), states = evaluate_states(lay.function, {k: v.clone() for k, v in tensors.items()}, precision="float64")
+    y = m._run_scan(tensors, None)
+    ((state_name, new_state),) = states.items()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tensors[state_name].double(), new_state, rtol=1e-5, atol=1e-5)
+
+
 # ---- written the same way, under other names -------------------------------------------------
 HEAD = "dims F, NS, KW\ndynamic B, S\n"
 COMBINE = """
