@@ -1,8 +1,8 @@
 """Multi-LoRA projections (runtime/lora.py) of a Llama-3-8B-shaped layer beside the base products
 alone and beside a PEFT-style torch peer, same run, same card, bf16, CUDA-graph replays.
 
-    python -m benchmarks.bench_lora [--cases decode:64,prefill:4096] [--adapters 4] [--rank 16]
-                                    [--route dense|grouped] [--json out.json]
+    python -m benchmarks.bench_lora [--cases decode:64,prefill:4096,engine:64] [--adapters 4] [--rank 16]
+                                    [--route dense|grouped] [--layers 32] [--context 256] [--json out.json]
 
 The layer's projections as layerforge's models hold them: qkv [4096 + 1024 + 1024, 4096] (q, k and
 v fused), o [4096, 4096], gate_up [2 x 14336, 4096] (fused), down [4096, 14336]; random weights.
@@ -22,6 +22,18 @@ projections (every input drawn once, outside the timing):
   does: x.index_select(the adapter's tokens) @ A^T @ B^T * scale, index_add_ into the output
   (the token rows found on the host before the timing, as PEFT does);
 - over: (time - base) / base. Targets: at most 15 % at decode 64, 10 % at prefill 4096.
+
+`engine:B` serves B sequences through models/engine.Engine, decoding with CUDA graphs, of a whole
+Llama-3-8B-shaped model (--layers layers of --dims, the 128256-token LM head, random weights; B
+prompts of --context tokens prefilled first). Per decode step (one token a sequence):
+- step: Engine.step() (a graph replay) + argmax + feed, the host reading every token;
+- replay: the graph replays alone, back to back (the step's device time);
+rows: the base model (its fused decode layer), the base model unfused (model.fused_decode = False,
+as attached adapters run it), and the model with --adapters adapters of rank --rank on every
+projection attached, sequence i on adapter i % adapters (every step mixes them). over: against the
+base model's graph decode (target at most 15 %); the adapters' steps must all replay (no eager
+fallback; the row says how many replays and eager steps there were).
+
 On the CPU (--device cpu, with --dims for a small layer) it runs the same steps eagerly once each:
 a smoke test of the script.
 """
@@ -37,7 +49,7 @@ import torch.nn.functional as F
 from layerforge.runtime import lora as lora_mod
 from layerforge.runtime.lora import AdapterBatch, LoRALinear, MultiLoRA, lora_scale
 
-CASES = "decode:64,prefill:4096"
+CASES = "decode:64,prefill:4096,engine:64"
 DIMS = "4096,4096,1024,14336"   # hidden, q rows, k (= v) rows, intermediate
 TARGETS = ("decode", 0.15), ("prefill", 0.10)
 
@@ -105,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--route", choices=("dense", "grouped"), default=None, help="the prefill route (default: the store's)")
     ap.add_argument("--dims", default=DIMS, help="hidden,q,kv,intermediate")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=32, help="the engine case's decoder layers")
+    ap.add_argument("--context", type=int, default=256, help="the engine case's prompt tokens a sequence")
+    ap.add_argument("--steps", type=int, default=32, help="the engine case's timed decode steps")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     dense_max = lora_mod.DENSE_MAX_RANKS
@@ -129,6 +144,9 @@ def run(a) -> int:
     for case in a.cases.split(","):
         mode, tokens = case.split(":")
         T = int(tokens)
+        if mode == "engine":
+            rows.extend(engine_rows(a, dims, T, dev))
+            continue
         xs = {n: torch.randn(T, lin.in_features, generator=gen).to(dt).to(dev) for n, (lin, _) in layer.items()}
         ids = (torch.arange(T) * a.adapters // T).to(torch.int32).to(dev)
         token_rows = [(ids == e).nonzero().squeeze(1) for e in range(a.adapters)]
@@ -159,6 +177,136 @@ def run(a) -> int:
         with open(a.json, "w") as f:
             json.dump({"device": name, "adapters": a.adapters, "rank": a.rank, "dims": dims, "rows": rows}, f, indent=1)
     return 0
+
+
+# ---- the engine case ------------------------------------------------------------------------------
+def engine_model(dims: tuple[int, int, int, int], layers: int, device, dtype):
+    """A Llama-3-8B-shaped DecoderModel of `layers` layers of `dims`, random weights."""
+    from layerforge.models.families import spec_from_config
+    from layerforge.models.model import DecoderModel
+    H, Q, KV, Fi = dims
+    hd = 128 if H >= 1024 else 16
+    spec = spec_from_config(dict(model_type="llama", vocab_size=128256, hidden_size=H, intermediate_size=Fi,
+                                 num_hidden_layers=layers, num_attention_heads=Q // hd, num_key_value_heads=KV // hd,
+                                 head_dim=hd, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                 tie_word_embeddings=False))
+    model = DecoderModel(spec, dtype=dtype, device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def engine_adapters(model, adapters: int, rank: int) -> dict:
+    """PeftAdapters of rank `rank` on q, k, v, o, gate, up and down of every layer, random."""
+    from layerforge.models.lora import adapter_from_state_dict
+    s = model.spec
+    shapes = {"self_attn.q_proj": (s.hidden_size, s.num_heads * s.head_dim),
+              "self_attn.k_proj": (s.hidden_size, s.num_kv_heads * s.head_dim),
+              "self_attn.v_proj": (s.hidden_size, s.num_kv_heads * s.head_dim),
+              "self_attn.o_proj": (s.num_heads * s.head_dim, s.hidden_size),
+              "mlp.gate_proj": (s.hidden_size, s.intermediate_size), "mlp.up_proj": (s.hidden_size, s.intermediate_size),
+              "mlp.down_proj": (s.intermediate_size, s.hidden_size)}
+    gen = torch.Generator(device=model.device).manual_seed(1)
+    out = {}
+    for e in range(adapters):
+        tensors = {}
+        for i in range(s.num_layers):
+            for mod, (k, o) in shapes.items():
+                key = f"base_model.model.model.layers.{i}.{mod}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, k, generator=gen, device=model.device,
+                                                              dtype=model.dtype) / k ** 0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(o, rank, generator=gen, device=model.device,
+                                                              dtype=model.dtype) * 0.01
+        out[f"a{e}"] = adapter_from_state_dict(f"a{e}", {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank},
+                                               tensors)
+    return out
+
+
+def engine_decode(model, batch: int, context: int, steps: int, adapters: list | None, dev) -> dict:
+    """Per-step times of an Engine decoding `batch` sequences (each on its adapter, or the base)."""
+    from layerforge.models.engine import Engine
+    eng = Engine(model, max_seqs=batch, max_seq_len=context + 3 * steps + 16, prefill_chunk=8192)
+    g = torch.Generator().manual_seed(batch)
+    slots = [eng.add(torch.randint(0, model.spec.vocab_size, (context,), generator=g).tolist(),
+                     adapter=None if adapters is None else adapters[i]) for i in range(batch)]
+    out = {}
+    while any(eng.seqs[s].fed < context for s in slots):     # prefill
+        out.update(eng.step())
+    for s in slots:
+        eng.feed(s, int(out[s].argmax()))
+
+    def step():
+        got = eng.step()
+        order = sorted(got)
+        for s, t in zip(order, torch.stack([got[s] for s in order]).argmax(-1).tolist()):
+            eng.feed(s, t)
+    row = dict(step_s=wall_time(step, steps, dev), replay_s=None)
+    if eng.graphs is not None:
+        sl, toks = list(range(batch)), [1] * batch
+        ids = eng.adapter_slots(sl)
+
+        def replay():
+            for s in sl:
+                eng.cache.allocate(s, eng.cache.seq_len(s) + 1)
+            eng.graphs.decode(toks, sl, ids)
+        row["replay_s"] = wall_time(replay, steps, dev)
+        row["replays"] = eng.graphs.replays
+    row["eager_steps"] = sum(eng.eager_steps.values())
+    for s in list(eng.seqs):
+        eng.release(s)
+    return row
+
+
+def wall_time(fn, iters: int, device: torch.device, warmup: int = 3) -> float:
+    """Seconds a call of fn takes (host included), over iters calls after warmup ones."""
+    if device.type != "cuda":     # the CPU smoke run: once each
+        iters, warmup = 1, 1
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def engine_rows(a, dims, batch: int, dev) -> list[dict]:
+    from layerforge.models.lora import attach_adapters
+    model = engine_model(dims, a.layers, dev, torch.bfloat16)
+    names = [f"a{i % a.adapters}" for i in range(batch)]
+    runs = {"base": engine_decode(model, batch, a.context, a.steps, None, dev)}
+    model.fused_decode = False
+    runs["base unfused"] = engine_decode(model, batch, a.context, a.steps, None, dev)
+    model.fused_decode = True
+    attached = attach_adapters(model, engine_adapters(model, a.adapters, a.rank))
+    runs["lora"] = engine_decode(model, batch, a.context, a.steps, names, dev)
+    attached.detach()
+    base = runs["base"]
+    print(f"engine decode, {batch} sequences of {a.context} tokens, {a.layers} layers + the LM head, graphs "
+          f"{'on' if dev.type == 'cuda' else 'off (cpu)'}; over: against the base model's")
+    print(f"{'':>14} {'step us':>9} {'replay us':>10} {'step over':>10} {'replay over':>12} {'replays':>8} "
+          f"{'eager':>6}")
+    out = []
+    for name, r in runs.items():
+        over = r["step_s"] / base["step_s"] - 1
+        rover = None if r["replay_s"] is None else r["replay_s"] / base["replay_s"] - 1
+        mark = "" if name != "lora" else ("  ok" if (rover if rover is not None else over) <= dict(TARGETS)["decode"]
+                                          else f"  over {dict(TARGETS)['decode']:.0%}")
+        replay = "-" if r["replay_s"] is None else f"{r['replay_s'] * 1e6:10.1f}"
+        rover_s = "-" if rover is None else f"{rover:12.1%}"
+        print(f"{name:>14} {r['step_s'] * 1e6:9.1f} {replay:>10} {over:10.1%} {rover_s:>12} "
+              f"{r.get('replays', 0):8d} {r['eager_steps']:6d}{mark}")
+        out.append(dict(mode="engine", tokens=batch, run=name, layers=a.layers, context=a.context, **r,
+                        step_over=over, replay_over=rover))
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,16 @@ device, so its host cost does not grow with the number of layers.
 
 `generate(model, prompts, ...)`: greedy or sampled (temperature, top-k, top-p) generation with
 stop tokens, of several prompts of different lengths together.
+
+Adapters (models/lora.py): on a model with attached adapters each sequence names its own,
+`engine.add(prompt, adapter="sql")` (a name, a slot, or None for the base model), and
+`generate(model, prompts, ..., adapters=["sql", None, ...])` one a prompt. Every step runs
+under its tokens' adapter slots (prefill chunks and decode tokens alike: ModelAdapters.use);
+a captured decode step reads them from its graph's static input, so one graph serves any mix.
+Where a decode step with adapters cannot be captured (a projection's LoRA route reads back to
+the host: ModelAdapters.capture_blocker) it runs eagerly, its reason counted in
+`engine.eager_steps`. A sequence's adapter is looked up by name at every step: one unloaded
+meanwhile is an EngineError before the step changes anything.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ from functools import partial
 
 import torch
 
+from .lora import attached_adapters
 from .model import DecoderModel
 
 __all__ = ["Engine", "generate", "sample", "EngineError"]
@@ -31,7 +42,7 @@ __all__ = ["Engine", "generate", "sample", "EngineError"]
 
 class EngineError(ValueError):
     """A request the engine cannot serve: no free slot, a sequence longer than max_seq_len,
-    an unknown slot."""
+    an unknown slot, an adapter the model does not have."""
 
 
 @dataclass
@@ -39,6 +50,29 @@ class _Seq:
     tokens: list[int]
     fed: int = 0                 # tokens already in the cache
     new: list[int] = field(default_factory=list)
+    adapter: str | None = None   # its adapter's name (None: the base model)
+
+
+def adapter_name(model: DecoderModel, adapter, where: str = "add") -> str | None:
+    """The name of the attached adapter `adapter` names (a name, a slot, or None: the base
+    model); EngineError for one the model does not have."""
+    if adapter is None:
+        return None
+    attached = attached_adapters(model)
+    if attached is None:
+        raise EngineError(f"{where}: adapter {adapter!r}, but the model has no adapters attached "
+                          "(models/lora.attach_adapters)")
+    names = attached.slot_names
+    if isinstance(adapter, str):
+        if adapter not in names:
+            raise EngineError(f"{where}: no adapter {adapter!r} (attached: {', '.join(attached.names)})")
+        return adapter
+    if isinstance(adapter, int) and not isinstance(adapter, bool):
+        if not 0 <= adapter < len(names) or names[adapter] is None:
+            held = ", ".join(f"{i}: {n}" for i, n in enumerate(names) if n is not None)
+            raise EngineError(f"{where}: adapter slot {adapter} holds no adapter (slots: {held})")
+        return names[adapter]
+    raise EngineError(f"{where}: an adapter is a name, a slot (int) or None, got {type(adapter).__name__}")
 
 
 class Engine:
@@ -67,13 +101,16 @@ class Engine:
             raise EngineError(f"cuda_graphs: a decode step of {max_seqs} sequences of this model cannot be captured "
                               f"(its MoE layers read expert row counts on the host)")
         self.graphs = None
+        self.eager_steps: dict[str, int] = {}   # decode steps that could not replay a graph: reason -> count
         if on_gpu and cuda_graphs is not False and model.capturable(max_seqs):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.cache, self.pad_slot, max_batch=max_seqs, buckets=graph_buckets)
 
     # ---- sequences ----------------------------------------------------------------------
-    def add(self, prompt) -> int:
-        """A sequence joins with its prompt (token ids); returns its slot."""
+    def add(self, prompt, adapter: str | int | None = None) -> int:
+        """A sequence joins with its prompt (token ids) and its adapter (a name or slot of the
+        model's attached adapters; None: the base model); returns its slot."""
+        name = adapter_name(self.model, adapter)
         tokens = [int(t) for t in prompt]
         if not tokens:
             raise EngineError("add: the prompt is empty")
@@ -86,7 +123,7 @@ class Engine:
         if not self._free:
             raise EngineError(f"add: all {self.max_seqs} slots are taken; release() one first")
         slot = self._free.pop()
-        self.seqs[slot] = _Seq(tokens)
+        self.seqs[slot] = _Seq(tokens, adapter=name)
         return slot
 
     def feed(self, slot: int, token: int) -> None:
@@ -110,6 +147,29 @@ class Engine:
     def length(self, slot: int) -> int:
         return len(self._get(slot).tokens)
 
+    def adapter(self, slot: int) -> str | None:
+        """The adapter sequence `slot` runs with (None: the base model)."""
+        return self._get(slot).adapter
+
+    def adapter_slots(self, slots) -> list[int] | None:
+        """Each sequence's adapter slot now (-1: none), or None when the model has no adapters
+        attached; EngineError where a sequence's adapter is gone (unloaded, detached)."""
+        attached = attached_adapters(self.model)
+        if attached is None:
+            lost = next((s for s in slots if self.seqs[s].adapter is not None), None)
+            if lost is not None:
+                raise EngineError(f"sequence {lost}'s adapter {self.seqs[lost].adapter!r} is gone: the model's "
+                                  "adapters were detached")
+            return None
+        index = {n: i for i, n in enumerate(attached.slot_names) if n is not None}
+        out = []
+        for s in slots:
+            name = self.seqs[s].adapter
+            if name is not None and name not in index:
+                raise EngineError(f"sequence {s}'s adapter {name!r} is gone (attached: {', '.join(index) or 'none'})")
+            out.append(-1 if name is None else index[name])
+        return out
+
     def _get(self, slot: int) -> _Seq:
         try:
             return self.seqs[slot]
@@ -124,11 +184,13 @@ class Engine:
         work = sorted((slot, s) for slot, s in self.seqs.items() if s.fed < len(s.tokens))
         if not work:
             return {}
-        if self.graphs is not None and all(len(s.tokens) - s.fed == 1 for _, s in work):
+        per_seq = self.adapter_slots([slot for slot, _ in work])   # checked before anything changes
+        if self.graphs is not None and all(len(s.tokens) - s.fed == 1 for _, s in work) \
+                and self.graph_serves(len(work)):
             slots = [slot for slot, _ in work]
             tokens = [s.tokens[-1] for _, s in work]
             self.cache.reserve(slots, [s.fed + 1 for _, s in work])
-            logits = self.graphs.decode(tokens, slots)
+            logits = self.graphs.decode(tokens, slots, per_seq)
             for _, s in work:
                 s.fed += 1
             return {slot: logits[i] for i, slot in enumerate(slots)}
@@ -149,13 +211,32 @@ class Engine:
         for slot, s, n in chunks:
             self.cache.allocate(slot, s.fed + n)
         tokens = torch.tensor(ids, dtype=torch.int32).to(self.model.device, non_blocking=True)
-        logits = self.model.step(tokens, seq_ids, self.cache)
+        if per_seq is None:
+            logits = self.model.step(tokens, seq_ids, self.cache)
+        else:   # each token runs with its sequence's adapter (none at all: the base products alone)
+            of = dict(zip((slot for slot, _ in work), per_seq))
+            choice = [of[slot] for slot, _, n in chunks for _ in range(n)]
+            choice = None if all(a < 0 for a in choice) else \
+                torch.tensor(choice, dtype=torch.int32).to(self.model.device, non_blocking=True)
+            with attached_adapters(self.model).use(choice):
+                logits = self.model.step(tokens, seq_ids, self.cache)
         out = {}
         for i, (slot, s, n) in enumerate(chunks):
             s.fed += n
             if s.fed == len(s.tokens):
                 out[slot] = logits[i]
         return out
+
+    def graph_serves(self, n: int) -> bool:
+        """Whether a decode step of n sequences replays a CUDA graph; where the graphs cannot
+        capture it (DecodeGraphs.blocker: the adapters' routes), counts the step's reason in
+        eager_steps and says no."""
+        if self.graphs is None:
+            return False
+        why = self.graphs.blocker(n)
+        if why is not None:
+            self.eager_steps[why] = self.eager_steps.get(why, 0) + 1
+        return why is None
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -183,14 +264,21 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, to
 @torch.no_grad()
 def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens=(),
-             seed: int | None = None, prefill_chunk: int = 2048, cuda_graphs: bool | None = None
-             ) -> list[list[int]]:
+             seed: int | None = None, prefill_chunk: int = 2048, cuda_graphs: bool | None = None,
+             adapters=None) -> list[list[int]]:
     """Generate for several prompts (lists of token ids) together; returns each one's new tokens
     (ending with the stop token when one was produced). Greedy unless do_sample. Every prompt is
-    prefilled (in chunks of prefill_chunk tokens a step) before the batch decodes together."""
+    prefilled (in chunks of prefill_chunk tokens a step) before the batch decodes together.
+    adapters: one a prompt (a name or slot of the model's attached adapters, None: the base
+    model), or None: every prompt on the base model."""
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if adapters is not None:   # checked before the engine is touched
+        adapters = list(adapters)
+        if len(adapters) != len(prompts):
+            raise EngineError(f"generate: one adapter a prompt: {len(adapters)} for {len(prompts)} prompts")
+        adapters = [adapter_name(model, a, "generate") for a in adapters]
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     stop = {int(t) for t in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or ())}
@@ -200,7 +288,7 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
     if do_sample and seed is not None:
         gen = torch.Generator(device=model.device)
         gen.manual_seed(seed)
-    slots = [engine.add(p) for p in prompts]
+    slots = [engine.add(p, None if adapters is None else adapters[i]) for i, p in enumerate(prompts)]
     out: dict[int, list[int]] = {s: [] for s in slots}
     held: dict[int, int] = {}   # first tokens, fed once no prompt is left to prefill: the batch decodes together
     while engine.seqs:
@@ -209,7 +297,7 @@ def generate(model: DecoderModel, prompts, *, max_new_tokens: int, do_sample: bo
                 engine.feed(slot, tok)
             held.clear()
         if greedy_graphs and engine.graphs is not None and all(
-                s.fed == len(s.tokens) - 1 for s in engine.seqs.values()):
+                s.fed == len(s.tokens) - 1 for s in engine.seqs.values()) and engine.graphs.blocker(len(engine.seqs)) is None:
             _greedy_loop(engine, out, max_new_tokens, stop)   # every sequence decodes: graphs feed themselves
             continue
         ready = engine.step()
@@ -266,13 +354,14 @@ def _greedy_loop(engine: Engine, out: dict[int, list[int]], max_new_tokens: int,
     while True:
         cur = sorted(engine.seqs)
         ahead = set(pending[0]) if pending else set()
+        # (a batch whose step cannot replay, for its adapters' routes, returns to the caller's eager steps)
         launch = bool(cur) and (pending is None or pending[0] == cur) and all(
-            len(out[s]) + (s in ahead) < max_new_tokens for s in cur)
+            len(out[s]) + (s in ahead) < max_new_tokens for s in cur) and graphs.blocker(len(cur)) is None
         nxt = None
         if launch:
             engine.cache.reserve(cur, [engine.seqs[s].fed + 1 for s in cur])
             toks = None if pending else [engine.seqs[s].tokens[-1] for s in cur]
-            host, ev = graphs.decode_greedy(toks, cur)
+            host, ev = graphs.decode_greedy(toks, cur, engine.adapter_slots(cur))
             for s in cur:
                 engine.seqs[s].fed += 1
             nxt = (cur, host, ev)

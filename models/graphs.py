@@ -17,6 +17,15 @@ generate() calls), the warm-up before a capture creates NCCL's communicators, an
 checks only this thread's CUDA calls (NCCL's watchdog thread queries its events meanwhile). A
 tensor-parallel model whose group is not NCCL (gloo) is refused.
 
+Adapters (models/lora.py): each graph has a static int input of its rows' adapter slots (-1: the
+base model; padding rows -1), copied in with the tokens and slots before every replay, and the
+captured step runs under it (ModelAdapters.use inside the capture: the slot sorting and every
+projection's LoRA route are part of the graph), so one graph serves any mix of adapters at its
+batch size. Only steps whose routes read nothing back are captured (ModelAdapters.capture_blocker:
+`blocker(n)` says why a step of n sequences cannot replay; the engine then steps eagerly). The
+graphs hold the projections' pointers: when adapters change the model's modules (attach, detach:
+models/lora.adapter_stamp) the graphs captured before are dropped and the next step captures anew.
+
 Greedy decoding feeds itself: each graph ends with the argmax of its logits written into its own
 token input, so consecutive steps of the same sequences need nothing from the host but the page
 bookkeeping (`decode_greedy`); the host reads a step's tokens (a pinned copy) while the next
@@ -28,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime.kv_cache import PagedKVCache
+from .lora import adapter_stamp, attached_adapters
 from .model import DecoderModel, StepContext
 
 __all__ = ["DecodeGraphs"]
@@ -68,6 +78,9 @@ class DecodeGraphs:
         self._pool = None
         self._pad = torch.tensor([pad_slot], dtype=torch.long, device=cache.device)
         self.replays = 0
+        self._stamp = adapter_stamp(model)              # the model's modules the graphs were captured over
+        self._blockers: dict[int, str | None] = {}      # bucket -> why its step cannot be captured
+        self.recaptures = 0                             # times the graphs were dropped for new modules
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -75,8 +88,27 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"a decode step of {n} sequences is more than the largest bucket {self.buckets[-1]}")
 
+    def _check_modules(self) -> None:
+        """Drop the graphs captured over modules that adapters have since replaced."""
+        stamp = adapter_stamp(self.model)
+        if stamp != self._stamp:
+            self._graphs.clear()
+            self._blockers.clear()
+            self._stamp = stamp
+            self.recaptures += 1
+
+    def blocker(self, n: int) -> str | None:
+        """Why a decode step of n sequences cannot replay a graph (its adapters' routes read back
+        to the host: ModelAdapters.capture_blocker at its bucket), or None where it can."""
+        self._check_modules()
+        b = self.bucket(n)
+        if b not in self._blockers:
+            attached = attached_adapters(self.model)
+            self._blockers[b] = None if attached is None else attached.capture_blocker(b)
+        return self._blockers[b]
+
     # ---- the captured step --------------------------------------------------------------
-    def _body(self, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _body(self, tokens: torch.Tensor, slots: torch.Tensor, adapters: torch.Tensor) -> torch.Tensor:
         cache, P = self.cache, self.cache.page_size
         lens = cache._seq_lens
         lens.index_fill_(0, self._pad, 0)                 # padding rows: position 0 of the pad page
@@ -85,76 +117,96 @@ class DecodeGraphs:
         pages = cache._page_table[slots, torch.div(pos, P, rounding_mode="floor").long()]
         meta = torch.cat([pages, pos])
         ctx = StepContext(cache, slots.to(torch.int32), pos, cache.max_pages_per_seq * P, meta=meta)
-        logits = self.model.step_logits(tokens.to(torch.int32), ctx)
+        attached = attached_adapters(self.model)
+        if attached is None:
+            logits = self.model.step_logits(tokens.to(torch.int32), ctx)
+        else:   # every row with its slot from the graph's input: the choice is made inside the graph
+            with attached.use(adapters):
+                logits = self.model.step_logits(tokens.to(torch.int32), ctx)
         nxt = greedy_argmax(logits)
         tokens.copy_(nxt)       # the greedy token is the next step's input (decode_greedy)
         return logits, nxt
 
     def _capture(self, b: int):
         dev = self.cache.device
-        tokens = torch.zeros(b, dtype=torch.long, device=dev)
-        slots = torch.full((b,), self.pad_slot, dtype=torch.long, device=dev)
+        # the graph's inputs, rows of one buffer (one copy a replay): token ids, slots, adapter slots
+        inputs = torch.tensor([[0], [self.pad_slot], [-1]], dtype=torch.long, device=dev).repeat(1, b)
+        tokens, slots, adapters = inputs
         # warm up outside the capture (kernels compile and load on first use), on padding rows only
-        self._body(tokens, slots)
+        self._body(tokens, slots, adapters)
         torch.cuda.synchronize(dev)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode=self._capture_mode):
-            logits, nxt = self._body(tokens, slots)
-        staging = torch.empty((2, b), dtype=torch.long, pin_memory=True).numpy()   # a numpy view: cheap writes
+            logits, nxt = self._body(tokens, slots, adapters)
+        staging = torch.empty((3, b), dtype=torch.long, pin_memory=True).numpy()   # a numpy view: cheap writes
         copied = torch.cuda.Event()
         copied.record()
         outs = [torch.empty(b, dtype=torch.long, pin_memory=True) for _ in range(2)]   # double-buffered
-        hit = self._graphs[b] = [g, tokens, slots, logits, staging, copied, nxt, outs, 0, None]
+        hit = self._graphs[b] = [g, inputs, None, logits, staging, copied, nxt, outs, 0, None]
         return hit
 
     # ---- a step -------------------------------------------------------------------------
+    def _check_step(self, n: int, adapters: list[int] | None) -> None:
+        if adapters is not None and len(adapters) != n:
+            raise ValueError(f"decode: one adapter slot per sequence: {len(adapters)} for {n} sequences")
+        if adapters is not None and any(a >= 0 for a in adapters) and attached_adapters(self.model) is None:
+            raise ValueError("decode: adapter slots for a model without attached adapters")
+        why = self.blocker(n)
+        if why is not None:   # never replay a step whose routes the graph could not hold
+            raise ValueError(f"decode: a step of {n} sequences cannot replay a CUDA graph: {why}")
+
     @torch.no_grad()
-    def decode(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], slots: list[int], adapters: list[int] | None = None) -> torch.Tensor:
         """One decode step: token ids and the distinct slots they extend (each slot must have a
-        page for its new position: allocate() first). Returns logits [len(slots), V] (a view
-        of the graph's output, valid until the next replay of the same bucket)."""
+        page for its new position: allocate() first), and each one's adapter slot (-1 or None:
+        the base model). Returns logits [len(slots), V] (a view of the graph's output, valid
+        until the next replay of the same bucket)."""
         n = len(slots)
         if n != len(tokens) or n == 0:
             raise ValueError("decode: one token per slot, at least one")
+        self._check_step(n, adapters)
         b = self.bucket(n)
         self.cache.advance_host(slots)      # checks pages; the graph advances the device lengths
         self.cache.flush()                  # new pages (and freed sequences) onto the device first
         hit = self._graphs.get(b) or self._capture(b)
-        g, tok_in, slot_in, logits, staging, copied = hit[:6]
+        g, inputs, _, logits, staging, copied = hit[:6]
         copied.synchronize()                # the last copy out of the staging buffer is done
         staging[0, :n] = tokens
         staging[1, :n] = slots
+        staging[2, :n] = -1 if adapters is None else adapters
         staging[0, n:] = 0
         staging[1, n:] = self.pad_slot
-        both = torch.from_numpy(staging)
-        tok_in.copy_(both[0], non_blocking=True)
-        slot_in.copy_(both[1], non_blocking=True)
+        staging[2, n:] = -1
+        inputs.copy_(torch.from_numpy(staging), non_blocking=True)
         copied.record()
         g.replay()
-        hit[9] = list(slots)
+        hit[9] = (list(slots), None if adapters is None else list(adapters))
         self.replays += 1
         return logits[:n]
 
     @torch.no_grad()
-    def decode_greedy(self, tokens: list[int] | None, slots: list[int]) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def decode_greedy(self, tokens: list[int] | None, slots: list[int], adapters: list[int] | None = None
+                      ) -> tuple[torch.Tensor, torch.cuda.Event]:
         """One greedy decode step whose input tokens are `tokens` (host ints) or, with None, the
-        greedy tokens of the previous replay of these same slots, still on the device. Returns
-        (this step's greedy tokens as a pinned host tensor [len(slots)], an event recorded after
-        their copy): read them after event.synchronize(), while later steps run."""
+        greedy tokens of the previous replay of these same slots (and adapters), still on the
+        device. Returns (this step's greedy tokens as a pinned host tensor [len(slots)], an event
+        recorded after their copy): read them after event.synchronize(), while later steps run."""
         n = len(slots)
         b = self.bucket(n)
         if tokens is None:
+            self._check_step(n, adapters)
             hit = self._graphs.get(b)
-            if hit is None or hit[9] != list(slots):
-                raise ValueError("decode_greedy: tokens=None continues the previous step of the same slots")
+            if hit is None or hit[9] != (list(slots), None if adapters is None else list(adapters)):
+                raise ValueError("decode_greedy: tokens=None continues the previous step of the same slots "
+                                 "and adapters")
             self.cache.advance_host(slots)
             self.cache.flush()
             hit[0].replay()
             self.replays += 1
         else:
-            self.decode(tokens, slots)
+            self.decode(tokens, slots, adapters)
             hit = self._graphs[b]
         hit[8] ^= 1
         out = hit[7][hit[8]][:n]

@@ -29,6 +29,13 @@ small-token products) treats a projection as a bare weight, so attaching sets
 projections are the LoRALinear modules. (LoRALinear also serves the fused path's keywords,
 unfused, so turning it back on stays correct, only slower.)
 
+Serving (models/engine.py): `Engine.add(prompt, adapter="sql")` and `generate(..., adapters=[...])`
+keep an adapter a sequence and run each step under its tokens' slots; CUDA-graph decode steps
+(models/graphs.py) read the slots from a static buffer of the graph, so one graph serves any mix.
+The graphs hold the projections' pointers: attaching, detaching, and loading an adapter onto a
+projection no adapter had yet change the modules and bump `adapter_stamp(model)`, which drops the
+graphs already captured (loading into existing stores writes in place: the graphs stay valid).
+
 Not served, each a clear error: DoRA, lora_bias, trained base biases (bias != "none"),
 modules_to_save, trainable tokens, activated LoRA, target_parameters, adapters on the
 embeddings, the LM head or MoE experts.
@@ -36,6 +43,7 @@ embeddings, the LM head or MoE experts.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -51,7 +59,7 @@ from .model import DecoderModel
 from .spec import ConfigError, ModelSpec
 
 __all__ = ["PeftAdapter", "read_peft_adapter", "attach_adapters", "ModelAdapters", "projection_sources",
-           "PEFT_PREFIX"]
+           "PEFT_PREFIX", "attached_adapters", "adapter_stamp"]
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."   # a PeftModel's prefix of the wrapped model's module names
@@ -68,6 +76,23 @@ _UNSERVED = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
 }
+_STAMPS = itertools.count(1)   # adapter_stamp's values: never reused, so no two module states share one
+
+
+def attached_adapters(model: DecoderModel) -> "ModelAdapters | None":
+    """The adapters attached to `model` (attach_adapters), or None."""
+    return model.__dict__.get("_lora_adapters")
+
+
+def adapter_stamp(model: DecoderModel) -> int:
+    """A number that changes whenever adapters change `model`'s modules (attach, detach, a
+    projection wrapped by load): CUDA graphs captured under another stamp read stale pointers.
+    0 for a model adapters never touched."""
+    return model.__dict__.get("_adapter_stamp", 0)
+
+
+def _restamp(model: DecoderModel) -> None:
+    model.__dict__["_adapter_stamp"] = next(_STAMPS)
 
 
 @dataclass(frozen=True)
@@ -258,12 +283,23 @@ class ModelAdapters:
                          device=self.model.device)
         setattr(owner, attr, LoRALinear(base, lora, context=self.context))
         self._modules[proj] = (owner, attr, base)
+        _restamp(self.model)
         return lora
 
     def index(self, name: str) -> int:
         if name not in self.slot_names:
             raise KeyError(f"no adapter {name!r} (attached: {', '.join(self.names) or 'none'})")
         return self.slot_names.index(name)
+
+    def capture_blocker(self, tokens: int) -> str | None:
+        """Why a step of `tokens` tokens with adapters cannot be captured in a CUDA graph (a
+        projection's route reads back to the host: runtime/lora.MultiLoRA.capture_blocker), or
+        None where every projection's can."""
+        for proj, lin in self.modules.items():
+            why = lin.lora.capture_blocker(tokens, self.model.dtype, self.model.device)
+            if why is not None:
+                return f"{proj}: {why}"
+        return None
 
     # ---- steps ------------------------------------------------------------------------------
     def token_ids(self, adapters: Sequence[str | int | None] | torch.Tensor) -> torch.Tensor:
@@ -306,6 +342,8 @@ class ModelAdapters:
             setattr(owner, attr, base)
             if isinstance(base, torch.nn.Linear):
                 unfold(base)
+        if self._modules:
+            _restamp(self.model)
         self._modules = {}
         self.model.fused_decode = self._fused_decode
         self.model.__dict__.pop("_lora_adapters", None)

@@ -51,6 +51,8 @@ Each call takes one route, by its token count T (known on the host) and the stor
   each adapter's tokens index_select'ed, (x A^T) B^T scale, index_add'ed.
 The kernels and dense routes never read anything back to the host (a step can be captured in a
 CUDA graph); the grouped route only on sm_90 in bf16; the torch route reads each adapter's tokens.
+`MultiLoRA.capture_blocker(tokens, dtype, device)` says which, without a tensor (models/graphs.py
+asks it before capturing a decode step with adapters).
 """
 from __future__ import annotations
 
@@ -244,14 +246,33 @@ class MultiLoRA(torch.nn.Module):
     # ---- routes -----------------------------------------------------------------------------
     def route(self, x2: torch.Tensor) -> str:
         """Which route a call over x2 [T, K] takes (the module's docstring)."""
-        if not (x2.is_cuda and x2.dtype in _TYPES and x2.dtype == self.lora_a.dtype
-                and x2.device == self.lora_a.device and self.in_features % 8 == 0
+        return self.route_for(x2.shape[0], x2.dtype, x2.device)
+
+    def route_for(self, tokens: int, dtype: torch.dtype, device: torch.device) -> str:
+        """The route of a call over `tokens` rows of `dtype` on `device` (route(), without a tensor)."""
+        device = torch.device(device)
+        if not (device.type == "cuda" and dtype in _TYPES and dtype == self.lora_a.dtype
+                and device == self.lora_a.device and self.in_features % 8 == 0
                 and all(w % 8 == 0 for w in self.slices) and not torch.compiler.is_compiling()
-                and device_major(x2.device) >= 8):
+                and device_major(device) >= 8):
             return "torch"
-        if x2.shape[0] <= DECODE_ROWS:
+        if tokens <= DECODE_ROWS:
             return "kernels"
         return "dense" if self.adapters * self.rank <= DENSE_MAX_RANKS else "grouped"
+
+    def capture_blocker(self, tokens: int, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why a call over `tokens` rows cannot be captured in a CUDA graph (its route reads
+        something back to the host), or None where it can: the kernels and dense routes always
+        can, the grouped one where torch's grouped GEMM serves it, the torch route never."""
+        route = self.route_for(tokens, dtype, device)
+        if route in ("kernels", "dense") or (route == "grouped" and _grouped_mm_serves(dtype, torch.device(device))):
+            return None
+        if route == "grouped":
+            return (f"the grouped route at {tokens} tokens ({self.adapters} slots x rank {self.rank} > "
+                    f"{DENSE_MAX_RANKS}) reads each slot's row count on the host off sm_90 bf16")
+        return (f"the torch route ({dtype} on {torch.device(device)}; the kernels take bf16/f16 on sm_80+ with "
+                f"in/out features multiples of 8, here {self.in_features} -> {list(self.slices)}) reads each "
+                "adapter's tokens on the host")
 
     def check_batch(self, batch: AdapterBatch, x2: torch.Tensor) -> None:
         if batch.slots != self.adapters:
@@ -538,7 +559,7 @@ def _segmented(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
     """xs [P, K] (rows sorted by group) times each group's w[g] [K, N] over its rows offsets[g] ..
     offsets[g + 1] - 1 (offsets [G + 1], offsets[G] = P): torch's grouped GEMM where it has one
     (sm_90, bf16), else one product a group (the offsets read on the host)."""
-    if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and device_major(xs.device) == 9:
+    if _grouped_mm_serves(xs.dtype, xs.device):
         return torch._grouped_mm(xs, w, offs=offsets[1:])
     out = torch.empty(xs.shape[0], w.shape[2], dtype=xs.dtype, device=xs.device)
     bounds = offsets.tolist()
@@ -547,3 +568,9 @@ def _segmented(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
         if b > a:
             torch.matmul(xs[a:b], w[g], out=out[a:b])
     return out
+
+
+def _grouped_mm_serves(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether _segmented runs torch's grouped GEMM (one launch, offsets on the device) there."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
+        and device_major(device) == 9
