@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .abi import Arg, KernelABI
-from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, _arch_number, wtype_label
+from . import ops
+from .gemv import FP8_MIN_ARCH, GROUPS, WTYPES, _TYPES, wtype_label
 from .plan import KernelPlan
 from .render import read_template, render
 
@@ -57,9 +58,9 @@ class DequantPlan(KernelPlan):
                              "(16-byte pieces of packed W)")
         if self.group and self.wtype != "f8e4m3" and self.k % self.group:
             raise ValueError(f"dequant: the group size {self.group} must divide K = {self.k}")
-        if self.wtype == "f8e4m3" and _arch_number(self.arch) < FP8_MIN_ARCH:
+        if self.wtype == "f8e4m3" and ops.arch_number(self.arch) < FP8_MIN_ARCH:
             raise ValueError(f"dequant: f8e4m3 converts with sm_89's cvt, not on {self.arch}")
-        if _arch_number(self.arch) < 80:
+        if ops.arch_number(self.arch) < 80:
             raise ValueError(f"dequant: sm_80 or newer, not {self.arch}")
 
     @property
@@ -130,7 +131,7 @@ class QuantRowsPlan(KernelPlan):
             raise ValueError(f"quant_rows: dtype must be one of {sorted(_TYPES)}, got {self.dtype!r}")
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 8 or self.k % 8:
             raise ValueError(f"quant_rows: K must be a positive multiple of 8, got {self.k!r}")
-        if _arch_number(self.arch) < FP8_MIN_ARCH:
+        if ops.arch_number(self.arch) < FP8_MIN_ARCH:
             raise ValueError(f"quant_rows: e4m3 conversion needs sm_89 or newer, not {self.arch}")
 
     @property

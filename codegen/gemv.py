@@ -46,6 +46,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import ops
 from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
@@ -122,12 +123,12 @@ class GemvPlan(ProductPlan):
                 raise ValueError(f"gemv: {self.wtype} group size must be one of {GROUPS[self.wtype]}, got {self.group!r}")
             if self.group and self.k % self.group:
                 raise ValueError(f"gemv: the group size {self.group} must divide K = {self.k}")
-            if self.wtype == "f8e4m3" and _arch_number(self.arch) < FP8_MIN_ARCH:
+            if self.wtype == "f8e4m3" and ops.arch_number(self.arch) < FP8_MIN_ARCH:
                 raise ValueError(f"gemv: f8e4m3 runs the fp8 tensor-core mma of sm_89 and newer, not {self.arch}")
             if self.k % (8 * self.xr):
                 raise ValueError(f"gemv: {self.wtype} K = {self.k} must be a multiple of {8 * self.xr} "
                                  f"(rows of 16-byte pieces of W)")
-        if _arch_number(self.arch) < 80:
+        if ops.arch_number(self.arch) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
         if not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts < 0:
             raise ValueError(f"gemv: experts must be a non-negative int, got {self.experts!r}")
@@ -167,7 +168,7 @@ class GemvPlan(ProductPlan):
         """Launched as a programmatic dependent launch: on sm_90 and newer (griddepcontrol), where
         the weight stream of the first chunks starts while the kernel before still runs. Not an
         expert product: its CTAs read the permutation's offsets (made by the kernel before) first."""
-        return _arch_number(self.arch) >= 90 and not self.experts
+        return ops.arch_number(self.arch) >= 90 and not self.experts
 
     @property
     def xr(self) -> int:
@@ -209,9 +210,6 @@ def wtype_label(wtype: str, group: int) -> str:
         return f"{wtype}ch"
     return f"{wtype}{'b' if wtype == 'f8e4m3' else 'g'}{group}"
 
-
-def _arch_number(arch: str) -> int:
-    return int(arch.removeprefix("sm_").rstrip("af"))
 
 
 def check_product(plan, family: str, positive: tuple[str, ...]) -> None:

@@ -45,11 +45,9 @@ tests/runtime/test_lora.py.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI
 from .plan import KernelPlan
@@ -63,12 +61,6 @@ MAX_SLICES = 4
 DTYPES = ("bf16", "f16")
 MIN_ARCH = 80
 
-
-def _arch_number(arch: str) -> int:
-    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
-    if m is None:
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    return int(m.group(1))
 
 
 def _positive(what: str, **ints: int) -> None:
@@ -85,7 +77,7 @@ def _check_common(what: str, dtype: str, rank: int, slices: int, arch: str) -> N
         raise ValueError(f"{what}: rank = {rank} must be a multiple of 8 up to {MAX_RANK} (the store pads ranks to it)")
     if slices > MAX_SLICES:
         raise ValueError(f"{what}: {slices} slices (1 to {MAX_SLICES})")
-    if _arch_number(arch) < MIN_ARCH:
+    if ops.arch_number(arch) < MIN_ARCH:
         raise ValueError(f"{what}: the kernels are built for sm_80 and newer, not {arch}")
 
 
@@ -230,13 +222,10 @@ def plan_lora_expand(dtype: str, *, slices: tuple[int, ...] | list[int], rank: i
 _I32_IN = "const int* __restrict__"
 
 
-def _ctype(dtype: str) -> str:
-    return ops.STORAGE_TYPE[DType[dtype]]
-
 
 @functools.lru_cache(maxsize=64)
 def _shrink_abi(plan: LoraShrinkPlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = (Arg("x", f"const {t}* __restrict__", "input"), Arg("a", f"const {t}* __restrict__", "input"),
             Arg("ranks", _I32_IN, "input"), Arg("offsets", _I32_IN, "input"), Arg("src", _I32_IN, "input"),
             Arg("v", f"{t}* __restrict__", "output", "0"), Arg("n_tokens", "long long", "dim", "tokens"))
@@ -247,14 +236,14 @@ def _shrink_abi(plan: LoraShrinkPlan) -> KernelABI:
 @functools.lru_cache(maxsize=64)
 def _shrink_source(plan: LoraShrinkPlan) -> str:
     return render("cuda/lora_shrink.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
-                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=_ctype(plan.dtype),
+                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype),
                   k=plan.k, rank=plan.rank, slices=plan.slices, rows_per_cta=plan.rows_per_cta,
                   tokens_per_cta=plan.tokens_per_cta, warps=plan.warps)
 
 
 @functools.lru_cache(maxsize=64)
 def _expand_abi(plan: LoraExpandPlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = [Arg("y", f"const {t}*", "input"), Arg("ldy", "int", "dim"), Arg("v", f"const {t}* __restrict__", "input"),
             Arg("ldv", "int", "dim"), Arg("vslot", "int", "dim"), Arg("b", f"const {t}* __restrict__", "input"),
             Arg("ranks", _I32_IN, "input"), Arg("scales", "const float* __restrict__", "input"),
@@ -271,6 +260,6 @@ def _expand_abi(plan: LoraExpandPlan) -> KernelABI:
 @functools.lru_cache(maxsize=64)
 def _expand_source(plan: LoraExpandPlan) -> str:
     return render("cuda/lora_expand.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
-                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=_ctype(plan.dtype),
+                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype),
                   out=plan.out, rank=plan.rank, slices=len(plan.slices), starts=plan.starts, threads=plan.threads,
                   tokens_per_cta=plan.tokens_per_cta, chunk=plan.chunk, bias=plan.bias)

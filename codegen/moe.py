@@ -28,11 +28,9 @@ runtime/moe_kernels.py launches the three kernels and holds their torch referenc
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
@@ -73,18 +71,12 @@ def row_split(hidden: int) -> tuple[int, int, int]:
     return tpr, ROW_THREADS // tpr, iters
 
 
-def _arch_number(arch: str) -> int:
-    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
-    if m is None:
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    return int(m.group(1))
-
 
 def _check_common(what: str, arch: str, ints: dict[str, int]) -> None:
     for name, v in ints.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
-    if _arch_number(arch) < MIN_ARCH:
+    if ops.arch_number(arch) < MIN_ARCH:
         raise ValueError(f"{what}: the kernel needs sm_70 or newer (__match_any_sync), not {arch}")
 
 
@@ -95,12 +87,6 @@ def _check_row(what: str, hidden: int, dtype: str) -> None:
         raise ValueError(f"{what}: hidden = {hidden} must be a multiple of {VEC} (16-byte vectors)")
 
 
-def _ctype(dtype: str) -> str:
-    return ops.STORAGE_TYPE[DType[dtype]]
-
-
-def _arch_key(arch: str) -> str:
-    return arch.replace("_", "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +116,7 @@ class MoeAlignPlan(KernelPlan):
     def key(self) -> str:
         fixed = f"_f{self.fixed}" if self.fixed else ""
         active = "_active" if self.active else ""
-        return f"moe_align_e{self.experts}_k{self.k}{fixed}{active}_{_arch_key(self.arch)}"
+        return f"moe_align_e{self.experts}_k{self.k}{fixed}{active}_{ops.arch_key(self.arch)}"
 
     @property
     def shared(self) -> SharedLayout:
@@ -164,7 +150,7 @@ class MoeGatherPlan(KernelPlan):
 
     @property
     def key(self) -> str:
-        return f"moe_gather_h{self.hidden}_{self.dtype}_{_arch_key(self.arch)}"
+        return f"moe_gather_h{self.hidden}_{self.dtype}_{ops.arch_key(self.arch)}"
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -212,7 +198,7 @@ class MoeCombinePlan(KernelPlan):
     def key(self) -> str:
         opts = (["shared"] * self.shared + [f"f{self.fixed}"] * bool(self.fixed) + ["gate"] * self.shared_gate
                 + ["residual"] * self.residual)
-        return "_".join(["moe_combine", f"h{self.hidden}", f"k{self.k}", self.dtype, *opts, _arch_key(self.arch)])
+        return "_".join(["moe_combine", f"h{self.hidden}", f"k{self.k}", self.dtype, *opts, ops.arch_key(self.arch)])
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -272,13 +258,13 @@ def _row_abi(plan, args: tuple[Arg, ...], rows: str) -> KernelABI:
 def _row_variables(plan) -> dict[str, Any]:
     tpr, rpb, iters = row_split(plan.hidden)
     return dict(kernel_name=plan.kernel_name, plan_key=plan.key, common=read_template("cuda/common.cuh"),
-                signature=plan.abi.signature, T=_ctype(plan.dtype), hidden=plan.hidden, vecs=plan.hidden // VEC,
+                signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype), hidden=plan.hidden, vecs=plan.hidden // VEC,
                 tpr=tpr, rpb=rpb, iters=iters)
 
 
 @functools.lru_cache(maxsize=256)
 def _gather_abi(plan: MoeGatherPlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = (Arg("x", f"const {t}* __restrict__", "input"), Arg("src", _I32_IN, "input"),
             Arg("xs", f"{t}* __restrict__", "output", "0"), Arg("n_slots", "long long", "dim", "slots"),
             Arg("n_tokens", "long long", "dim", "tokens"))
@@ -292,7 +278,7 @@ def _gather_source(plan: MoeGatherPlan) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _combine_abi(plan: MoeCombinePlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     tin = f"const {t}* __restrict__"
     args = [Arg("y", tin, "input"), Arg("pos", _I32_IN, "input"), Arg("w", "const float* __restrict__", "input")]
     if plan.shared:

@@ -6,6 +6,8 @@ for integers and `bool` for predicates. A node whose dtype is a half type is rou
 """
 from __future__ import annotations
 
+import re
+
 from ..dsl.types import DType
 
 C_TYPE = {DType.f32: "float", DType.f16: "float", DType.bf16: "float", DType.i32: "int",
@@ -17,6 +19,24 @@ LOAD = {DType.f32: "{}", DType.f16: "__half2float({})", DType.bf16: "__bfloat162
 STORE = {DType.f32: "{}", DType.f16: "__float2half_rn({})", DType.bf16: "__float2bfloat16_rn({})",
          DType.i32: "{}", DType.i64: "{}", DType.bool: "{}"}
 ROUND = {DType.f16: "lf_round_f16({})", DType.bf16: "lf_round_bf16({})"}
+
+
+def storage_ctype(dtype: str) -> str:
+    """The C type a tensor of DSL dtype `dtype` ("bf16", ...) is stored as."""
+    return STORAGE_TYPE[DType[dtype]]
+
+
+def arch_number(arch: str) -> int:
+    """'sm_90a' -> 90; anything not shaped like an arch is a ValueError."""
+    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
+    if m is None:
+        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
+    return int(m.group(1))
+
+
+def arch_key(arch: str) -> str:
+    """The arch as kernel keys spell it: 'sm_90a' -> 'sm90a'."""
+    return arch.replace("_", "")
 
 UNARY_FLOAT = {
     "neg": "(-{x})",

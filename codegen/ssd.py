@@ -31,7 +31,6 @@ checked on the CPU by tests/codegen/test_ssd_compile.py and emitted by the templ
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,19 +57,7 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 
 PAD = 8                # elements after each shared-memory row: ldmatrix's 8 rows fall in distinct banks
 
 
-def _arch_number(arch: str) -> int:
-    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
-    if m is None:
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    return int(m.group(1))
 
-
-def _arch_key(arch: str) -> str:
-    return arch.replace("_", "")
-
-
-def _ctype(dtype: str) -> str:
-    return ops.STORAGE_TYPE[DType[dtype]]
 
 
 def _check(what: str, arch: str, dtype: str, ints: dict[str, int], flags: dict[str, bool]) -> None:
@@ -82,7 +69,7 @@ def _check(what: str, arch: str, dtype: str, ints: dict[str, int], flags: dict[s
             raise ValueError(f"{what}: {name} must be a bool, got {v!r}")
     if dtype not in DTYPES:
         raise ValueError(f"{what}: dtype must be one of {DTYPES}, got {dtype!r}")
-    if _arch_number(arch) < 80:
+    if ops.arch_number(arch) < 80:
         raise ValueError(f"{what}: the kernels need sm_80 or newer (cp.async, mma.sync), not {arch}")
     heads, groups = ints.get("heads"), ints.get("groups")
     if groups is not None and heads % groups:
@@ -99,7 +86,7 @@ def _check(what: str, arch: str, dtype: str, ints: dict[str, int], flags: dict[s
 
 
 def _smem_limit(arch: str) -> int:
-    return SMEM_LIMIT.get(_arch_number(arch), 99 * 1024 if _arch_number(arch) < 90 else 227 * 1024)
+    return SMEM_LIMIT.get(ops.arch_number(arch), 99 * 1024 if ops.arch_number(arch) < 90 else 227 * 1024)
 
 
 # ---- the tile splits, as data ----------------------------------------------------------------
@@ -187,7 +174,7 @@ class SSDChunkStatePlan(_ChunkPlan):
 
     @property
     def key(self) -> str:
-        return f"ssd_chunk_state_{self._dims_key()}_{_arch_key(self.arch)}"
+        return f"ssd_chunk_state_{self._dims_key()}_{ops.arch_key(self.arch)}"
 
     @property
     def shared(self) -> SharedLayout:
@@ -224,7 +211,7 @@ class SSDChunkScanPlan(_ChunkPlan):
 
     @property
     def key(self) -> str:
-        return f"ssd_chunk_scan_{self._dims_key()}" + "_d" * self.skip + "_z" * self.gate + f"_{_arch_key(self.arch)}"
+        return f"ssd_chunk_scan_{self._dims_key()}" + "_d" * self.skip + "_z" * self.gate + f"_{ops.arch_key(self.arch)}"
 
     @property
     def shared(self) -> SharedLayout:
@@ -271,7 +258,7 @@ class SSDStatePassingPlan(KernelPlan):
     @property
     def key(self) -> str:
         return (f"ssd_state_passing_h{self.heads}_p{self.head_dim}_n{self.state}_{self.dtype}"
-                + "_init" * self.initial + f"_{_arch_key(self.arch)}")
+                + "_init" * self.initial + f"_{ops.arch_key(self.arch)}")
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -311,7 +298,7 @@ class SSDStateUpdatePlan(KernelPlan):
     def key(self) -> str:
         return (f"ssd_state_update_h{self.heads}_p{self.head_dim}_g{self.groups}_n{self.state}_{self.dtype}"
                 + "_bias" * self.dt_bias + "_softplus" * self.softplus + "_d" * self.skip + "_z" * self.gate
-                + f"_{_arch_key(self.arch)}")
+                + f"_{ops.arch_key(self.arch)}")
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -373,7 +360,7 @@ def _chunk_grid(plan, split: int = 1) -> tuple[str, str, str]:
 
 @functools.lru_cache(maxsize=64)
 def _chunk_state_abi(plan: SSDChunkStatePlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = (*_strided("x", t), *_strided("dt", t), *_strided("B", t), *_step_args(plan),
             Arg("states", _F32_OUT, "workspace"), Arg("s_last", _F32_OUT, "workspace"),
             Arg("seqlen", "int", "dim"), Arg("nc", "int", "dim"))
@@ -384,7 +371,7 @@ def _chunk_state_abi(plan: SSDChunkStatePlan) -> KernelABI:
 
 def _common_variables(plan) -> dict[str, Any]:
     return dict(kernel_name=plan.kernel_name, plan_key=plan.key, common=read_template("cuda/common.cuh"),
-                signature=plan.abi.signature, T=_ctype(plan.dtype), MMA=plan.dtype != "f32",
+                signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype), MMA=plan.dtype != "f32",
                 MMA_T=plan.dtype if plan.dtype != "f32" else "bf16", H=plan.heads, P=plan.head_dim,
                 N=plan.state, threads=THREADS)
 
@@ -402,7 +389,7 @@ def _chunk_state_source(plan: SSDChunkStatePlan) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _chunk_scan_abi(plan: SSDChunkScanPlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = (*_strided("x", t), *_strided("dt", t), *_strided("B", t), *_strided("C", t),
             *((_strided("z", t)) if plan.gate else ()), *_step_args(plan),
             *((Arg("D", _F32_IN, "input"),) if plan.skip else ()),
@@ -421,7 +408,7 @@ def _chunk_scan_source(plan: SSDChunkScanPlan) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _passing_abi(plan: SSDStatePassingPlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
     args = (Arg("states", _F32_IN, "workspace"), Arg("s_last", _F32_IN, "workspace"),
             *((Arg("initial", _F32_IN, "input"),) if plan.initial else ()),
             Arg("start", f"{t}* __restrict__", "workspace"), Arg("final_state", _F32_OUT, "output", "1"),
@@ -439,7 +426,7 @@ def _passing_source(plan: SSDStatePassingPlan) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _update_abi(plan: SSDStateUpdatePlan) -> KernelABI:
-    t = _ctype(plan.dtype)
+    t = ops.storage_ctype(plan.dtype)
 
     def row(name):   # a [Bt, ...] input read through its batch stride
         return (Arg(name, f"const {t}* __restrict__", "input"), Arg(f"{name}_sb", "long long", "dim"))
