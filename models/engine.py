@@ -29,6 +29,7 @@ meanwhile is an EngineError before the step changes anything.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -37,7 +38,7 @@ import torch
 from .lora import attached_adapters
 from .model import DecoderModel
 
-__all__ = ["Engine", "generate", "sample", "EngineError"]
+__all__ = ["Engine", "generate", "sample", "EngineError", "adapter_name"]
 
 
 class EngineError(ValueError):
@@ -67,12 +68,16 @@ def adapter_name(model: DecoderModel, adapter, where: str = "add") -> str | None
         if adapter not in names:
             raise EngineError(f"{where}: no adapter {adapter!r} (attached: {', '.join(attached.names)})")
         return adapter
-    if isinstance(adapter, int) and not isinstance(adapter, bool):
-        if not 0 <= adapter < len(names) or names[adapter] is None:
-            held = ", ".join(f"{i}: {n}" for i, n in enumerate(names) if n is not None)
-            raise EngineError(f"{where}: adapter slot {adapter} holds no adapter (slots: {held})")
-        return names[adapter]
-    raise EngineError(f"{where}: an adapter is a name, a slot (int) or None, got {type(adapter).__name__}")
+    try:
+        slot = None if isinstance(adapter, bool) else operator.index(adapter)
+    except TypeError:
+        slot = None
+    if slot is None:
+        raise EngineError(f"{where}: an adapter is a name, a slot (int) or None, got {type(adapter).__name__}")
+    if not 0 <= slot < len(names) or names[slot] is None:
+        held = ", ".join(f"{i}: {n}" for i, n in enumerate(names) if n is not None)
+        raise EngineError(f"{where}: adapter slot {slot} holds no adapter (slots: {held})")
+    return names[slot]
 
 
 class Engine:

@@ -129,9 +129,11 @@ def test_greedy_generation_with_adapters_from_graphs_equals_eager(tiny):
     a = generate(model, prompts, max_new_tokens=10, adapters=NAMES)          # self-feeding graphs
     engine = model._engine
     assert engine.graphs is not None and engine.graphs._graphs and engine.eager_steps == {}
-    b = generate(model, prompts, max_new_tokens=10, adapters=NAMES, cuda_graphs=False)
+    stop = a[2][4]    # a sequence leaves while the others go on: smaller buckets, another mix
+    c = generate(model, prompts, max_new_tokens=10, adapters=NAMES, stop_tokens=[stop])
+    assert c == [x[: x.index(stop) + 1] if stop in x else x for x in a]
+    b = generate(model, prompts, max_new_tokens=10, adapters=NAMES, cuda_graphs=False)   # eager steps
     assert a == b and all(len(x) == 10 for x in a)
-    assert a == [generate(model, [p], max_new_tokens=10, adapters=[n])[0] for p, n in zip(prompts, NAMES)]
     model.release_engine()
 
 
@@ -175,9 +177,9 @@ def test_steps_whose_routes_cannot_be_captured_run_eagerly_with_the_reason(tiny)
     assert "the torch route (torch.float32 on cuda" in why and count == NEW - 1
     want = serve(Engine(model, max_seqs=4, max_seq_len=64, cuda_graphs=False), prompts, NAMES, forced)
     for x, y, prompt, name, f in zip(got, want, prompts, NAMES, forced):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+        close(x, y, 1e-5)
         close(x, peft_logits(pm, torch.tensor([prompt + f], device="cuda"), name)[0, len(prompt) - 1:], 1e-4)
-    with pytest.raises(ValueError, match="cannot replay a CUDA graph: layers.0.attn.qkv: the torch route"):
+    with pytest.raises(ValueError, match=r"cannot replay a CUDA graph: layers\.0\.\S+: the torch route"):
         graph.graphs.decode([1], [0], [0])
     assert generate(model, prompts, max_new_tokens=5, adapters=NAMES) == \
         generate(model, prompts, max_new_tokens=5, adapters=NAMES, cuda_graphs=False)
