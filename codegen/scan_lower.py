@@ -21,9 +21,13 @@ softplus is where(v > 20, v, log(1 + exp(v))): torch's threshold, the one the ke
 (another threshold is a LoweringError). What the kernels compute differs from the DSL's
 reference only in rounding: every intermediate stays f32 and rounds once at the output, where
 the reference rounds T-typed intermediates (a conv's y before its bias and SiLU); the SSM state
-is f32 in both. The decode conv keeps its state K - 1 wide as the layer declares it: the module
-runs the kernel (whose state is K wide, the oldest column shifted out) on a copy one column
-wider and writes the last K - 1 columns back (runtime/layers.py).
+is f32 in both. A cast that narrows an operand (T(w) of an f32 filter, which the DSL's
+conv1d_causal asks for) is looked through too: the kernel reads the operand as stored, unrounded,
+and the plan records its dtype (weight_dtype="f32"). The decode conv keeps its state K - 1
+wide as the layer declares it: the module runs the kernel (whose state is K wide, the oldest
+column shifted out) on a copy one column wider and writes the last K - 1 columns back
+(runtime/layers.py). The selective scan's plans are one per chunk tiling (runtime/scan.py
+picks the tiling by the sequence's length; a pack holds them all).
 
 Anything else (another gate, an extra term, A computed in the layer, a scan whose combine is not
 the linear recurrence, a second output) is a LoweringError naming the expression and its source
@@ -318,6 +322,8 @@ class _Matcher:
         if x_dt != self.dtype:
             self.fail(out, f"the output is {self.dtype}, the input '{x_in.arg}' {x_dt}: the kernel writes x's dtype")
         w_dt = self.dtype_of(w, ("f32", x_dt), "weight")
+        if not _same(out.shape, x_in.shape):
+            self.fail(out, f"the output is {list(out.shape)}; the kernel writes x's shape {list(x_in.shape)}")
         bias = None
         if len(terms) > 2:
             self.fail(r, f"{len(terms) - 1} terms beside the convolution: the conv kernels add one bias [F]")
@@ -391,7 +397,8 @@ class _Matcher:
             self.fail(red, f"the states' sum must run over [B, F{', S' if seq else ''}, N], not {list(full)}")
         channels, n_state = _static(self.dims["F"]), _static(self.dims["N"])
         self._need(channels is not None and n_state is not None, red, "F and N must be static sizes")
-        c_at = next((f for f in hc if _peel(f).op in (Op.TRANSPOSE, Op.INPUT, Op.CAST)), None)
+        c_at = next((f for f in hc if _peel(f).op is Op.TRANSPOSE
+                     or (_peel(f).op is Op.INPUT and self.params[_peel(f).arg].kind == "tensor")), None)
         self._need(c_at is not None, red, "one factor of the states' sum must be C (an input)")
         hs = next(f for f in hc if f is not c_at)
         C = self.operand(c_at, P["BC"], "C", transposed=seq)
@@ -427,6 +434,8 @@ class _Matcher:
                 self.fail(node, f"{what} '{node.arg}' is {node.dtype}; the kernel takes it in u's dtype, {T}")
         if self.dtype != T:
             self.fail(out, f"the output is {self.dtype}; the kernel writes u's dtype, {T}")
+        if not _same(out.shape, u.shape):
+            self.fail(out, f"the output is {list(out.shape)}; the kernel writes u's shape {list(u.shape)}")
         state_param = self.params[state_name]
         if str(state_param.dtype) != "f32" or not _same(state_param.shape, (self.dims["B"], channels, n_state)):
             self.fail(new_h, f"the state '{state_name}' must be f32 [B, F, N] (the kernels keep it in f32), "
@@ -520,7 +529,8 @@ class _Matcher:
         if e.op is not Op.UNARY or unary_name(e) != "exp":
             self.fail(e, f"the decay must be exp(dt * A), not {_describe(e)}")
         fs = _terms(e.src[0], "mul")
-        As = [f for f in fs if _peel(f).op is Op.INPUT and len(_peel(f).shape) == 2]
+        As = [f for f in fs if _peel(f).op is Op.INPUT and len(_peel(f).shape) == 2
+              and all(_static(d) is not None for d in _peel(f).shape)]   # [F, N]: no run-time dim
         if len(fs) != 2 or len(As) != 1:
             self.fail(e, "the decay must be exp(dt * A) with A an input [F, N] (A = -exp(A_log) outside the layer)")
         A = self.operand(As[0], P["A"], "A")
@@ -567,7 +577,7 @@ class _Matcher:
         ok = cond.op is Op.BINARY and cond.arg in ("gt", "lt")
         if ok:
             a, b = (cond.src[0], cond.src[1]) if cond.arg == "gt" else (cond.src[1], cond.src[0])
-            ok = _peel(a) is v and _peel(b).op is Op.CONST
+            ok = _equal(_peel(a), v) and _peel(b).op is Op.CONST
             if ok and float(_peel(b).arg) != SOFTPLUS_THRESHOLD:
                 self.fail(cond, f"softplus's threshold is {_peel(b).arg}; the kernels' is {SOFTPLUS_THRESHOLD:g} "
                                 "(torch's): where(v > 20, v, log(1 + exp(v)))")
@@ -577,7 +587,7 @@ class _Matcher:
             t = _terms(lg.src[0], "add")
             ones = [x for x in t if _peel(x).op is Op.CONST and float(_peel(x).arg) == 1.0]
             exps = [x for x in t if _peel(x).op is Op.UNARY and unary_name(_peel(x)) == "exp"]
-            ok = len(t) == 2 and len(ones) == 1 and len(exps) == 1 and _peel(_peel(exps[0]).src[0]) is v
+            ok = len(t) == 2 and len(ones) == 1 and len(exps) == 1 and _equal(_peel(_peel(exps[0]).src[0]), v)
         if not ok:
             self.fail(w, "dt's where(...) must be softplus, where(v > 20, v, log(1 + exp(v)))")
         return v

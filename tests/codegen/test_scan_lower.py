@@ -174,6 +174,20 @@ def test_user_written_scan_lowers(which):
         assert p.name("z") == "x"
 
 
+def test_user_written_bare_state_update_lowers():
+    """No Δ bias, no softplus, no skip, no gate; A in the input dtype; terms in another order."""
+    prog = lf.loads(HEAD + """
+layer step(v: T[B, F], d: T[B, F], a: T[F, NS], bv: T[B, NS], cv: T[B, NS], state s: f32[B, F, NS]) -> T[B, F] {
+    s = unsqueeze(f32(bv), 1) * unsqueeze(f32(d) * f32(v), -1) + s * exp(f32(a) * unsqueeze(f32(d), -1))
+    return T(sum(unsqueeze(f32(cv), 1) * s, axis=-1, keepdim=false))
+}""", "m.lf")
+    p = match_scan(prog.specialise("step", dtype="bf16", F=32, NS=16))
+    assert p == ScanPattern(kind="state_update", channels=32, dtype="bf16", state=16, a_dtype="bf16",
+                            operands=(("u", "v"), ("delta", "d"), ("A", "a"), ("B", "bv"), ("C", "cv"),
+                                      ("state", "s")))
+    assert p.plan("sm_90").key == "selective_state_update_d32_n16_bf16_abf16_sm90"
+
+
 def test_user_written_conv_without_bias_or_silu_lowers():
     prog = lf.loads(HEAD + """
 layer shift_conv(v: T[B, F, S], taps: f32[F, KW], state mem: T[B, F, KW - 1]) -> T[B, F, S] {
