@@ -144,7 +144,7 @@ class DecodeGraphs:
         copied = torch.cuda.Event()
         copied.record()
         outs = [torch.empty(b, dtype=torch.long, pin_memory=True) for _ in range(2)]   # double-buffered
-        hit = self._graphs[b] = [g, inputs, None, logits, staging, copied, nxt, outs, 0, None]
+        hit = self._graphs[b] = [g, inputs, logits, staging, copied, nxt, outs, 0, None]
         return hit
 
     # ---- a step -------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class DecodeGraphs:
         self.cache.advance_host(slots)      # checks pages; the graph advances the device lengths
         self.cache.flush()                  # new pages (and freed sequences) onto the device first
         hit = self._graphs.get(b) or self._capture(b)
-        g, inputs, _, logits, staging, copied = hit[:6]
+        g, inputs, logits, staging, copied = hit[:5]
         copied.synchronize()                # the last copy out of the staging buffer is done
         staging[0, :n] = tokens
         staging[1, :n] = slots
@@ -182,7 +182,7 @@ class DecodeGraphs:
         inputs.copy_(torch.from_numpy(staging), non_blocking=True)
         copied.record()
         g.replay()
-        hit[9] = (list(slots), None if adapters is None else list(adapters))
+        hit[8] = (list(slots), None if adapters is None else list(adapters))
         self.replays += 1
         return logits[:n]
 
@@ -198,7 +198,7 @@ class DecodeGraphs:
         if tokens is None:
             self._check_step(n, adapters)
             hit = self._graphs.get(b)
-            if hit is None or hit[9] != (list(slots), None if adapters is None else list(adapters)):
+            if hit is None or hit[8] != (list(slots), None if adapters is None else list(adapters)):
                 raise ValueError("decode_greedy: tokens=None continues the previous step of the same slots "
                                  "and adapters")
             self.cache.advance_host(slots)
@@ -208,9 +208,9 @@ class DecodeGraphs:
         else:
             self.decode(tokens, slots, adapters)
             hit = self._graphs[b]
-        hit[8] ^= 1
-        out = hit[7][hit[8]][:n]
-        out.copy_(hit[6][:n], non_blocking=True)
+        hit[7] ^= 1
+        out = hit[6][hit[7]][:n]
+        out.copy_(hit[5][:n], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         return out, done
