@@ -33,11 +33,9 @@ input dtype; every sum and the state in f32.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
@@ -59,19 +57,7 @@ UPDATE_THREADS = 128                          # the decode kernels' threads a bl
 MIN_ARCH = 70
 
 
-def _arch_number(arch: str) -> int:
-    m = re.fullmatch(r"sm_(\d+)[af]?", arch)
-    if m is None:
-        raise ValueError(f"arch must look like 'sm_90', got {arch!r}")
-    return int(m.group(1))
 
-
-def _arch_key(arch: str) -> str:
-    return arch.replace("_", "")
-
-
-def _ctype(dtype: str) -> str:
-    return ops.STORAGE_TYPE[DType[dtype]]
 
 
 def _check(what: str, plan, ints: dict[str, int], dtypes: dict[str, str], optional: dict[str, str | None],
@@ -79,7 +65,7 @@ def _check(what: str, plan, ints: dict[str, int], dtypes: dict[str, str], option
     for name, v in ints.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{what}: {name} must be a positive int, got {v!r}")
-    if _arch_number(plan.arch) < MIN_ARCH:
+    if ops.arch_number(plan.arch) < MIN_ARCH:
         raise ValueError(f"{what}: the kernels need sm_70 or newer (warp shuffles with masks), not {plan.arch}")
     for name, v in {**dtypes, **{k: v for k, v in optional.items() if v is not None}}.items():
         if v not in DTYPES:
@@ -217,7 +203,7 @@ class ConvPlan(KernelPlan):
     def key(self) -> str:
         opts = _opt("b", self.bias) + ["silu"] * self.silu + ["init"] * self.initial + ["final"] * self.final
         return "_".join(["scan_conv", f"d{self.channels}", f"k{self.width}", self.dtype, f"w{self.weight_dtype}",
-                         *opts, _arch_key(self.arch)])
+                         *opts, ops.arch_key(self.arch)])
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -259,7 +245,7 @@ class ConvUpdatePlan(KernelPlan):
     def key(self) -> str:
         opts = _opt("b", self.bias) + ["silu"] * self.silu
         return "_".join(["scan_conv_update", f"d{self.channels}", f"k{self.width}", self.dtype, f"s{self.state_dtype}",
-                         f"w{self.weight_dtype}", *opts, _arch_key(self.arch)])
+                         f"w{self.weight_dtype}", *opts, ops.arch_key(self.arch)])
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -328,7 +314,7 @@ class SelectiveScanPlan(_ScanOptions):
     def key(self) -> str:
         tiles = [] if (self.threads, self.items) == (SCAN_THREADS, SCAN_ITEMS) else [f"t{self.threads}x{self.items}"]
         return "_".join(["selective_scan", *self._key_parts(), *["init"] * self.initial, *["final"] * self.final,
-                         *tiles, _arch_key(self.arch)])
+                         *tiles, ops.arch_key(self.arch)])
 
     @property
     def shared(self) -> SharedLayout:
@@ -361,7 +347,7 @@ class StateUpdatePlan(_ScanOptions):
 
     @property
     def key(self) -> str:
-        return "_".join(["selective_state_update", *self._key_parts(), _arch_key(self.arch)])
+        return "_".join(["selective_state_update", *self._key_parts(), ops.arch_key(self.arch)])
 
     @property
     def vector_state(self) -> bool:
@@ -412,11 +398,11 @@ def plan_state_update(*, channels: int, state: int, dtype: str, a_dtype: str | N
 
 # ---- ABIs and sources ------------------------------------------------------------------------
 def _in(dtype: str) -> str:
-    return f"const {_ctype(dtype)}* __restrict__"
+    return f"const {ops.storage_ctype(dtype)}* __restrict__"
 
 
 def _out(dtype: str) -> str:
-    return f"{_ctype(dtype)}* __restrict__"
+    return f"{ops.storage_ctype(dtype)}* __restrict__"
 
 
 _F32_IN, _F32_OUT = "const float* __restrict__", "float* __restrict__"
@@ -444,7 +430,7 @@ def _conv_abi(plan: ConvPlan) -> KernelABI:
 
 @functools.lru_cache(maxsize=64)
 def _conv_source(plan: ConvPlan) -> str:
-    return render("cuda/scan_conv.cu.jinja", **_base_variables(plan), T=_ctype(plan.dtype), channels=plan.channels,
+    return render("cuda/scan_conv.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype), channels=plan.channels,
                   width=plan.width, bias=bool(plan.bias), silu=plan.silu, initial=plan.initial, final=plan.final,
                   threads=CONV_THREADS, per_thread=CONV_PER_THREAD, tile=CONV_TILE)
 
@@ -462,8 +448,8 @@ def _conv_update_abi(plan: ConvUpdatePlan) -> KernelABI:
 
 @functools.lru_cache(maxsize=64)
 def _conv_update_source(plan: ConvUpdatePlan) -> str:
-    return render("cuda/scan_conv_update.cu.jinja", **_base_variables(plan), T=_ctype(plan.dtype),
-                  S=_ctype(plan.state_dtype), channels=plan.channels, width=plan.width, bias=bool(plan.bias),
+    return render("cuda/scan_conv_update.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype),
+                  S=ops.storage_ctype(plan.state_dtype), channels=plan.channels, width=plan.width, bias=bool(plan.bias),
                   silu=plan.silu, threads=UPDATE_THREADS)
 
 
@@ -481,7 +467,7 @@ def _scan_inputs(plan: _ScanOptions) -> list[Arg]:
 
 
 def _scan_variables(plan: _ScanOptions) -> dict[str, Any]:
-    return dict(_base_variables(plan), T=_ctype(plan.dtype), channels=plan.channels, state=plan.state,
+    return dict(_base_variables(plan), T=ops.storage_ctype(plan.dtype), channels=plan.channels, state=plan.state,
                 skip=bool(plan.d_dtype), gate=plan.gate, bias=bool(plan.bias_dtype), softplus=plan.softplus,
                 softplus_threshold=20.0)
 
