@@ -25,7 +25,8 @@ from .mamba import MambaSpec, load_mamba
 from .model import DecoderModel
 from .spec import ConfigError
 
-__all__ = ["from_pretrained", "checkpoint_files", "load_tensors", "quant_config", "split_quantized"]
+__all__ = ["from_pretrained", "checkpoint_files", "load_tensors", "quant_config", "split_quantized",
+           "read_rank_state_dict"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -57,11 +58,16 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"{root}: no {SINGLE} or {INDEX}{hint}")
 
 
-def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def _safe_open(path: Path):
+    """safetensors' safe_open of one file on the CPU (one place: the tests count the bytes it reads)."""
     from safetensors import safe_open
+    return safe_open(str(path), framework="pt", device="cpu")
+
+
+def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
+        with _safe_open(f) as fh:
             for name in fh.keys():
                 if name in tensors:
                     raise ConfigError(f"{f.name}: tensor '{name}' is in two shards")
@@ -193,8 +199,8 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     the state-space families (mamba, mamba2) a MambaModel (models/mamba.py).
     kv_dtype / kv_scales: the paged cache's storage (DecoderModel). tp_size / pp_size: this
     process's part of the model split over tp_size x pp_size processes started by torchrun
-    (models/parallel.py: tensor and pipeline parallelism; every rank reads the whole checkpoint
-    and keeps its shard)."""
+    (models/parallel.py: tensor and pipeline parallelism; every rank reads only its part of the
+    checkpoint: read_rank_state_dict)."""
     root = Path(folder)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -241,7 +247,7 @@ def _load_parallel(root: Path, spec, config: dict, tp_size: int, pp_size: int, *
     """from_pretrained's tp_size / pp_size: the sizes checked before anything is read, then the
     process grid (runtime/parallel.init_parallel) and this rank's model of the full checkpoint."""
     from ..runtime.parallel import init_parallel
-    from .parallel import check_parallel, parallel_model
+    from .parallel import check_parallel, parallel_model, stage_layers
     check_parallel(spec, tp_size, pp_size)
     if quant_config(config) is not None:
         raise ConfigError("config.json: a quantised checkpoint is not served with tp_size or pp_size > 1")
@@ -249,5 +255,144 @@ def _load_parallel(root: Path, spec, config: dict, tp_size: int, pp_size: int, *
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())   # init_parallel made LOCAL_RANK's current
-    tensors = canonical_state_dict(spec, load_tensors(checkpoint_files(root)))
-    return parallel_model(spec, tensors, layout, dtype=dtype, device=device, **kw)
+    layers = stage_layers(spec.num_layers, layout.pp.size, layout.stage)
+    tensors = read_rank_state_dict(checkpoint_files(root), spec, tp_rank=layout.tp.rank, tp_size=layout.tp.size,
+                                   layers=layers, first=layout.stage == 0, last=layout.stage == layout.pp.size - 1)
+    return parallel_model(spec, tensors, layout, dtype=dtype, device=device, sharded=True, **kw)
+
+
+# ---- a rank's part of a checkpoint, read in slices -----------------------------------------------
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_rank_state_dict(files: list[Path], spec, *, tp_rank: int = 0, tp_size: int = 1, layers: range | None = None,
+                         first: bool = True, last: bool = True) -> dict[str, torch.Tensor]:
+    """Tensor-parallel rank tp_rank's canonical tensors of the stage with `layers` (first / last:
+    whether it has the embeddings / the final norm and head; the layers keep the full model's
+    numbers), read from the safetensors files as slices, so a rank's host memory holds about its
+    shard: exactly what models/parallel.shard_state_dict then stage_state_dict make of the
+    whole checkpoint.
+
+    The names come from models/families.py alone: canonical_state_dict checks the files' names
+    and shapes (on meta tensors, reading nothing), hf_names gives each canonical tensor's recipe,
+    models/parallel.shard_plan its rank's pieces in canonical coordinates, which map to rows or
+    columns of the file tensors: copied and transposed (Conv1D) tensors, concatenations (q/k/v,
+    gate/up), the experts' stacks (one tensor an expert, or transformers 5's stacked ones) and the
+    shared expert's slices. Read whole, then split: GPT-NeoX's and BLOOM's head-interleaved q/k/v
+    and Falcon's grouped q/k/v (reordered by a whole read), the replicated tensors (norms, router,
+    shared-expert gate), and the row-split biases on rank 0 (the other ranks' zeros read nothing)."""
+    from .families import _ALIASES, _PREFIX, canonical_state_dict, hf_names
+    from .parallel import apply_shard_plan, shard_plan, stage_state_dict
+    from contextlib import ExitStack
+    layers = range(spec.num_layers) if layers is None else layers
+    with ExitStack() as stack:
+        where: dict[str, object] = {}    # the file's tensor name -> its open file
+        meta: dict[str, torch.Tensor] = {}
+        for f in files:
+            fh = stack.enter_context(_safe_open(f))
+            for name in fh.keys():
+                if name in where:
+                    raise ConfigError(f"{f.name}: tensor '{name}' is in two shards")
+                sl = fh.get_slice(name)
+                where[name] = fh
+                meta[name] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.float32),
+                                         device="meta")
+        shapes = {n: tuple(t.shape) for n, t in canonical_state_dict(spec, meta).items()}   # names and shapes checked
+        fused = any(n.endswith((".experts.gate_up_proj", ".experts.down_proj")) for n in meta)
+        recipes = hf_names(spec, fused_experts=fused)
+        # a recipe's name -> the file's name: canonical_state_dict's matching (the prefix, old aliases)
+        wanted = {n for _, names in recipes.values() for n in names}
+        prefix, aliases = _PREFIX.get(spec.model_type, "model") + ".", _ALIASES.get(spec.model_type, {})
+        file_of = {}
+        for name in meta:
+            key = aliases.get(name, name)
+            key = key if key in wanted else prefix + key
+            if key in wanted:
+                file_of[key] = name
+        keep = stage_state_dict({n: n for n in shapes}, layers, first=first, last=last,
+                                tied=spec.tie_word_embeddings).values()
+
+        def piece(name: str, dim: int, a: int, b: int) -> torch.Tensor:
+            f = file_of[name]
+            return where[f].get_slice(f)[(slice(None),) * dim + (slice(a, b),)]
+
+        out: dict[str, torch.Tensor] = {}
+        whole: list[str] = []
+        for canon in keep:
+            plan = shard_plan(spec, canon, shapes[canon], tp_rank, tp_size)
+            op, names = recipes[canon]
+            if plan == "rank0" and tp_rank:
+                out[canon] = torch.zeros(shapes[canon], dtype=meta[file_of[names[0]]].dtype)
+            elif plan is None or plan == "rank0" or (t := _read_plan(op, names, plan, shapes[canon], spec, piece,
+                                                                     lambda n: meta[file_of[n]].shape)) is None:
+                whole.append(canon)
+            else:
+                out[canon] = t
+        if whole:   # the recipes' own reordering on whole reads (the rest stays on the meta device)
+            needed = {file_of[n] for c in whole for n in recipes[c][1]}
+            real = {n: (where[n].get_tensor(n) if n in needed else t) for n, t in meta.items()}
+            made = canonical_state_dict(spec, real)
+            for canon in whole:
+                plan = shard_plan(spec, canon, shapes[canon], tp_rank, tp_size)
+                out[canon] = apply_shard_plan(made[canon], plan)
+    return {n: out[n] for n in keep}
+
+
+def _read_plan(op: str, names: tuple[str, ...], plan, shape: tuple[int, ...], spec, piece, file_shape):
+    """The canonical tensor of recipe (op, names), rank's pieces only (plan: (dim, ranges) in the
+    canonical tensor's coordinates), each read by piece(file name, dim, start, stop); None where the
+    recipe reorders rows so that a whole read is needed (heads3, groups)."""
+    dim, ranges = plan
+
+    def cat(ts, d):
+        return ts[0] if len(ts) == 1 else torch.cat(ts, d)
+
+    def along_parts(parts: list[tuple[str, int, int]], d: int, rs) -> list[torch.Tensor]:
+        """Reads of the ranges rs of a concatenation of parts (file name, its first row, rows) along
+        the file tensors' dim d (the parts concatenated along it)."""
+        got, offset = [], 0
+        segs = []
+        for name, start, n in parts:
+            segs.append((name, start, offset, offset + n))
+            offset += n
+        for r in rs:
+            for name, start, lo, hi in segs:
+                a, b = max(r.start, lo), min(r.stop, hi)
+                if a < b:
+                    got.append(piece(name, d, start + a - lo, start + b - lo))
+        return got
+
+    if op == "copy":
+        return cat([piece(names[0], dim, r.start, r.stop) for r in ranges], dim).contiguous()
+    if op == "T":   # canonical [a, b] is the file's [b, a]
+        return cat([piece(names[0], 1 - dim, r.start, r.stop) for r in ranges], 1 - dim).t().contiguous()
+    if op == "cat":   # the names' rows concatenated
+        if dim == 0:
+            return cat(along_parts([(n, 0, file_shape(n)[0]) for n in names], 0, ranges), 0).contiguous()
+        return cat([cat([piece(n, dim, r.start, r.stop) for n in names], 0) for r in ranges], dim).contiguous()
+    if op in ("stack", "stack_pairs") and dim >= 1:   # one file tensor an expert (gate and up a pair)
+        group = 1 if op == "stack" else 2
+        experts = [names[j:j + group] for j in range(0, len(names), group)]
+        d = dim - 1
+        out = []
+        for ns in experts:
+            if d == 0:
+                out.append(cat(along_parts([(n, 0, file_shape(n)[0]) for n in ns], 0, ranges), 0))
+            else:
+                out.append(cat([cat([piece(n, d, r.start, r.stop) for n in ns], 0) for r in ranges], d))
+        return torch.stack(out)
+    if op in ("shared_gate_up", "shared_down"):   # the shared expert in slices of the experts' size F
+        Fe = spec.moe.inter
+        S = shape[0]
+        out = []
+        for j in range(S):
+            if op == "shared_gate_up" and dim == 1:   # slice j: gate rows j F.., then up rows j F..
+                out.append(cat(along_parts([(names[0], j * Fe, Fe), (names[1], j * Fe, Fe)], 0, ranges), 0))
+            elif op == "shared_down" and dim == 2:    # slice j: down columns j F..
+                out.append(cat([piece(names[0], 1, j * Fe + r.start, j * Fe + r.stop) for r in ranges], 1))
+            else:
+                return None
+        return torch.stack(out)
+    return None

@@ -33,9 +33,20 @@ On GPUs, decode steps of a tensor-parallel model replay CUDA graphs as on one GP
 captured with the step (models/graphs.py); pipeline stages run their steps eagerly (capturable()
 is False: the send/recv between stages are the host's).
 
-Not served (a ShardError says so): tensor parallelism of MoE layers, of ALiBi attention (its
-slopes depend on a head's index among all heads) and of quantised checkpoints; latent attention
-(DeepSeek) and state-space models in either form.
+- MoE layers (mixtral, qwen2_moe, qwen3_moe): every rank keeps every expert, with its slice of
+  each expert's intermediate size F (gate and up rows [r F/n, (r+1) F/n), down columns the same;
+  the shared expert's F split so too, slice by slice where it is stored in slices of the routed
+  experts' size); the router and the shared expert's gate are replicated, so routing is the same
+  on every rank and its routed + shared output a partial sum, summed by the same DecoderLayer.reduce
+  as the dense MLP's. Each rank's MoEConfig has F/n (its expert kernels specialised for it).
+
+from_pretrained(tp_size=..., pp_size=...) reads each rank's part straight from the safetensors
+files (models/loading.read_rank_state_dict: the slices shard_plan names, per canonical tensor).
+
+Not served (a ShardError says so): tensor parallelism of ALiBi attention (its slopes depend on a
+head's index among all heads), of MoE layers whose F/n is not a multiple of 8 (the expert
+products' K), and of quantised checkpoints; latent attention (DeepSeek) and state-space models in
+either form.
 """
 from __future__ import annotations
 
@@ -51,12 +62,12 @@ import torch.distributed as dist
 
 from ..runtime.layers import _dtype_name
 from ..runtime.parallel import (SINGLE, Layout, ParallelGroup, ShardError, VocabParallelEmbedding, kv_head_range,
-                                shard, split_size)
+                                split_size)
 from .model import DecoderModel
 from .spec import ModelSpec
 
-__all__ = ["parallel_model", "PipelineStage", "check_parallel", "rank_spec", "shard_state_dict", "stage_layers",
-           "stage_state_dict", "build_rank_pack"]
+__all__ = ["parallel_model", "PipelineStage", "check_parallel", "rank_spec", "shard_plan", "apply_shard_plan",
+           "shard_state_dict", "stage_layers", "stage_state_dict", "build_rank_pack"]
 
 # Steps of more tokens than this go through a pipeline's stages in micro-batches of this many
 MICRO_BATCH_TOKENS = 1024
@@ -75,13 +86,24 @@ def check_parallel(spec: Any, tp_size: int, pp_size: int) -> None:
         raise ShardError(f"pp_size {pp_size}: the model has {spec.num_layers} layers (at least one a stage)")
     if tp_size == 1:
         return
-    if spec.moe is not None:
-        raise ShardError(f"{spec.model_type}: tensor parallelism of MoE layers is not served (use pp_size)")
     if spec.positions == "alibi":
         raise ShardError(f"{spec.model_type}: tensor parallelism of ALiBi attention is not served (a head's slope "
                          f"depends on its index among all heads)")
     kv_head_range(spec.num_heads, spec.num_kv_heads, 0, tp_size)
-    split_size(spec.intermediate_size, tp_size, "MLP intermediate size")
+    if not (spec.moe_layers and all(spec.moe_layers)):   # some dense MLP layers
+        split_size(spec.intermediate_size, tp_size, "MLP intermediate size")
+    if spec.moe is not None:
+        m = spec.moe
+        for size, what in ((m.inter, "MoE expert intermediate size"),
+                           (m.shared_inter, "MoE shared expert intermediate size")):
+            if not size:
+                continue
+            local = split_size(size, tp_size, what)
+            if local % 8:
+                # the expert products (codegen/gemv.py's expert form, torch's grouped GEMM) take K = F/n
+                # in rows of 16-byte vectors
+                raise ShardError(f"{spec.model_type}: {what} {size} / {tp_size} ranks = {local} per rank, not a "
+                                 f"multiple of 8 (the expert kernels' K, the down product's, must be)")
     split_size(spec.vocab_size, tp_size, "vocabulary")
 
 
@@ -105,53 +127,96 @@ def rank_spec(spec: ModelSpec, layout: Layout) -> ModelSpec:
     sharding = {**layout.describe(), "layers": [layers.start, layers.stop], "q_heads": [q.start, q.stop],
                 "kv_heads": [kv.start, kv.stop], "num_layers": spec.num_layers, "num_heads": spec.num_heads,
                 "num_kv_heads": spec.num_kv_heads, "intermediate_size": spec.intermediate_size}
+    moe = spec.moe
+    if moe is not None and tp.size > 1:
+        # each rank's experts (and shared expert) hold F / n of their features; shared_slices is unchanged
+        sharding.update(moe_inter=moe.inter, moe_shared_inter=moe.shared_inter)
+        moe = dataclasses.replace(moe, inter=moe.inter // tp.size, shared_inter=moe.shared_inter // tp.size)
     return dataclasses.replace(
-        spec, num_heads=len(q), num_kv_heads=len(kv), intermediate_size=spec.intermediate_size // tp.size,
+        spec, num_heads=len(q), num_kv_heads=len(kv), intermediate_size=spec.intermediate_size // tp.size, moe=moe,
         num_layers=len(layers), attention=spec.attention[layers.start:layers.stop],
         moe_layers=spec.moe_layers[layers.start:layers.stop] if spec.moe_layers else (),
         extra={**spec.extra, "sharding": sharding})
 
 
+def shard_plan(spec: ModelSpec, name: str, shape: tuple[int, ...], rank: int, world: int):
+    """How tensor-parallel rank `rank` of `world` takes its part of the canonical tensor `name` of
+    shape `shape` (models/spec.py's names): None (whole), "rank0" (whole on rank 0, zeros
+    elsewhere: a row-split product's bias, added once by the all-reduce) or (dim, ranges): the
+    rank's pieces of the tensor along dim, concatenated in order. shard_state_dict applies it to
+    whole tensors, models/loading.read_rank_state_dict reads just those pieces from the files.
+    - q/k/v rows of its heads, o columns of its q heads;
+    - dense MLP: gate/up rows (its slice of the gate part, then of the up part) or up rows, down
+      columns;
+    - MoE: every expert's gate/up rows and down columns likewise ([E, 2F, H] dim 1, [E, H, F] dim
+      2), the shared expert's the same (its slices [S, 2F, H] / [S, H, F] each split so, or its
+      fused [2 Fs, H] / [H, Fs]); router and shared-expert gate whole;
+    - embedding and head: vocabulary rows."""
+    if world == 1:
+        return None
+    leaf = name.split(".", 2)[2] if name.startswith("layers.") else name
+
+    def split(dim: int, halves: bool = False):
+        n = shape[dim]
+        parts = (n // 2, n // 2) if halves else (n,)
+        if halves and n % 2:
+            raise ShardError(f"{name}: {n} gate/up {'rows' if dim == 0 else 'features'} are not two equal parts")
+        ranges, start = [], 0
+        for i, p in enumerate(parts):
+            m = split_size(p, world, name if len(parts) == 1 else f"{name} part {i}")
+            ranges.append(range(start + rank * m, start + (rank + 1) * m))
+            start += p
+        return dim, ranges
+
+    if leaf in ("attn.qkv.weight", "attn.qkv.bias"):
+        hq, hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q, kv = kv_head_range(hq, hkv, rank, world)
+        k0, v0 = hq * D, (hq + hkv) * D
+        return 0, [range(q.start * D, q.stop * D), range(k0 + kv.start * D, k0 + kv.stop * D),
+                   range(v0 + kv.start * D, v0 + kv.stop * D)]
+    if leaf == "attn.o.weight":
+        q, _ = kv_head_range(spec.num_heads, spec.num_kv_heads, rank, world)
+        return 1, [range(q.start * spec.head_dim, q.stop * spec.head_dim)]
+    if leaf in ("attn.o.bias", "mlp.down.bias"):
+        return "rank0"
+    if leaf in ("mlp.gate_up.weight", "mlp.gate_up.bias", "mlp.shared_expert.gate_up.weight"):
+        return split(0, halves=True)
+    if leaf in ("mlp.up.weight", "mlp.up.bias", "embed.weight", "lm_head.weight", "lm_head.bias"):
+        return split(0)
+    if leaf in ("mlp.down.weight", "mlp.shared_expert.down.weight"):
+        return split(1)
+    if leaf in ("mlp.experts.gate_up_proj", "mlp.shared_expert.gate_up_proj"):
+        return split(1, halves=True)
+    if leaf in ("mlp.experts.down_proj", "mlp.shared_expert.down_proj"):
+        return split(2)
+    return None
+
+
+def apply_shard_plan(t: torch.Tensor, plan) -> torch.Tensor:
+    """A whole tensor's part by shard_plan's answer (rank 0's part for "rank0")."""
+    if plan is None or plan == "rank0":
+        return t
+    dim, ranges = plan
+    pieces = [t.narrow(dim, r.start, len(r)) for r in ranges]
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)).contiguous()
+
+
 def shard_state_dict(spec: ModelSpec, tensors: dict[str, torch.Tensor], rank: int, world: int
                      ) -> dict[str, torch.Tensor]:
-    """Tensor-parallel rank `rank`'s part of a canonical state dict (models/spec.py's names): q/k/v
-    rows of its heads, o columns of its q heads, gate/up rows and down columns of its features,
-    vocabulary rows of the embedding and head; row-split biases whole on rank 0, zero elsewhere
-    (the all-reduce adds them once); everything else whole."""
+    """Tensor-parallel rank `rank`'s part of a canonical state dict (models/spec.py's names), as
+    shard_plan says: q/k/v rows of its heads, o columns of its q heads, gate/up rows and down
+    columns of its features (of every expert too), vocabulary rows of the embedding and head;
+    row-split biases whole on rank 0, zero elsewhere (the all-reduce adds them once); everything
+    else whole."""
     if world == 1:
         return dict(tensors)
     check_parallel(spec, world, 1)
-    hq, hkv, D, Fd = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
-    q, kv = kv_head_range(hq, hkv, rank, world)
-
-    def qkv(t):
-        k0, v0 = hq * D, (hq + hkv) * D
-        return torch.cat([t[q.start * D:q.stop * D], t[k0 + kv.start * D:k0 + kv.stop * D],
-                          t[v0 + kv.start * D:v0 + kv.stop * D]]).contiguous()
-
-    def rows(t, name, parts=None):
-        return shard(t, rank, world, parts=parts, what=name)
-
     out = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ShardError(f"{name}: a quantised checkpoint cannot be split over ranks (not served)")
-        leaf = name.split(".", 2)[2] if name.startswith("layers.") else name
-        if leaf in ("attn.qkv.weight", "attn.qkv.bias"):
-            t = qkv(t)
-        elif leaf == "attn.o.weight":
-            t = t[:, q.start * D:q.stop * D].contiguous()
-        elif leaf in ("attn.o.bias", "mlp.down.bias"):
-            t = t if rank == 0 else torch.zeros_like(t)
-        elif leaf in ("mlp.gate_up.weight", "mlp.gate_up.bias"):
-            t = rows(t, name, (Fd, Fd))
-        elif leaf in ("mlp.up.weight", "mlp.up.bias"):
-            t = rows(t, name)
-        elif leaf == "mlp.down.weight":
-            t = shard(t, rank, world, dim=1, what=name)
-        elif leaf in ("embed.weight", "lm_head.weight", "lm_head.bias"):
-            t = rows(t, name)
-        out[name] = t
+        plan = shard_plan(spec, name, tuple(t.shape), rank, world)
+        out[name] = (t if rank == 0 else torch.zeros_like(t)) if plan == "rank0" else apply_shard_plan(t, plan)
     return out
 
 
@@ -179,15 +244,18 @@ def stage_state_dict(tensors: dict[str, torch.Tensor], layers: range, *, first: 
 def parallel_model(spec: ModelSpec, tensors: dict[str, torch.Tensor], layout: Layout, *,
                    dtype: torch.dtype | str = torch.bfloat16, device=None, page_size: int = 16, program=None,
                    kv_dtype: str | None = None, kv_scales: str = "per_tensor",
-                   micro_batch_tokens: int = MICRO_BATCH_TOKENS) -> DecoderModel:
+                   micro_batch_tokens: int = MICRO_BATCH_TOKENS, sharded: bool = False) -> DecoderModel:
     """This rank's DecoderModel (a PipelineStage with pp_size > 1) of a canonical state dict of
-    the FULL model (every rank passes the whole checkpoint; each keeps its part)."""
+    the FULL model (every rank passes the whole checkpoint; each keeps its part), or with
+    sharded=True of this rank's part already (models/loading.read_rank_state_dict: its tensor-
+    parallel shards, under the full model's layer numbers)."""
     tp, pp = layout.tp, layout.pp
     local = rank_spec(spec, layout)
     layers = range(*local.extra["sharding"]["layers"])
     first, last = pp.rank == 0, pp.rank == pp.size - 1
-    weights = stage_state_dict(shard_state_dict(spec, tensors, tp.rank, tp.size), layers, first=first, last=last,
-                               tied=spec.tie_word_embeddings)
+    if not sharded:
+        tensors = shard_state_dict(spec, tensors, tp.rank, tp.size)
+    weights = stage_state_dict(tensors, layers, first=first, last=last, tied=spec.tie_word_embeddings)
     kw = dict(dtype=_dtype_name(dtype), device=device, page_size=page_size, program=program, kv_dtype=kv_dtype,
               kv_scales=kv_scales)
     model = PipelineStage(local, layout, micro_batch_tokens=micro_batch_tokens, **kw) if pp.size > 1 else \

@@ -54,6 +54,27 @@ def test_tensor_and_pipeline_parallel_together(cases):
     run_ranks(workers.check_models, 4, [cases["gpt_neox"]], 2, 2)
 
 
+@pytest.fixture(scope="module")
+def moe_cases(tmp_path_factory):
+    """name -> a tiny MoE checkpoint folder with the one-process model's results: Mixtral (every
+    layer sparse), Qwen2-MoE (a gated shared expert in slices, dense layers between), Qwen3-MoE."""
+    out = {}
+    for name in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        folder = tmp_path_factory.mktemp(name)
+        make_tiny(name, folder)
+        workers.make_case(folder)
+        out[name] = str(folder)
+    return out
+
+
+def test_moe_tensor_and_pipeline_parallel_equal_one_process(moe_cases):
+    """TP = 2 of mixtral, qwen2_moe and qwen3_moe (each rank every expert with half its features,
+    the router replicated, one all-reduce per MLP): logits, a decode step and greedy tokens are the
+    one-process model's; then PP = 2 of qwen2_moe (its sparse and dense layers over two stages) in
+    the same world."""
+    run_ranks(workers.check_moe_models, 2, list(moe_cases.values()), moe_cases["qwen2_moe"])
+
+
 # ---- without spawning -------------------------------------------------------------------------
 def _spec(name, **over):
     from ..models.hf_tiny import tiny_configs
@@ -94,11 +115,20 @@ def test_check_parallel_refuses_what_it_cannot_split():
         check_parallel(_spec("llama", vocab_size=95), 2, 1)
     with pytest.raises(ShardError, match="pp_size 3: the model has 2 layers"):
         check_parallel(llama, 1, 3)
-    with pytest.raises(ShardError, match="MoE layers is not served"):
-        check_parallel(_spec("mixtral"), 2, 1)
     with pytest.raises(ShardError, match="ALiBi"):
         check_parallel(_spec("bloom"), 2, 1)
     check_parallel(_spec("mixtral"), 1, 2)   # MoE layers go whole into their stage
+    check_parallel(_spec("mixtral"), 2, 1)
+    check_parallel(_spec("qwen2_moe"), 2, 1)
+    # the experts' F / n is the down product's K in the expert kernels: a multiple of 8
+    with pytest.raises(ShardError, match="MoE expert intermediate size 48 / 4 ranks = 12 per rank, not a multiple of 8"):
+        check_parallel(_spec("qwen3_moe", moe_intermediate_size=48), 4, 1)
+    with pytest.raises(ShardError, match="MoE expert intermediate size: 33 does not split over 2 ranks"):
+        check_parallel(_spec("qwen3_moe", moe_intermediate_size=33), 2, 1)
+    with pytest.raises(ShardError, match="MoE shared expert intermediate size 72 / 2 ranks = 36 per rank"):
+        check_parallel(_spec("qwen2_moe", shared_expert_intermediate_size=72), 2, 1)
+    with pytest.raises(ShardError, match="latent attention"):
+        check_parallel(_spec("deepseek_v3"), 2, 1)
 
 
 def test_stages_split_layers_contiguously():
@@ -192,3 +222,111 @@ def test_rank_pack_is_built_for_the_shard_and_records_it(tmp_path):
     assert attention and all("hkv1_hq2" in k for k in attention), keys
     with pytest.raises(ShardError, match="tp_rank 2 is not a rank of tp_size 2"):
         build_rank_pack(cfg, tmp_path, tp_size=2, tp_rank=2, dtype="bf16", arch="sm_80")
+
+
+def test_moe_rank_shards_sum_to_the_full_layer(tmp_path):
+    """qwen2_moe's MoE layer (routed experts and the gated shared expert in slices) from each rank's
+    shard and rank_spec's MoEConfig (F / 2 features, the same slices): the ranks' outputs sum to the
+    one-process layer's (routing is the same: the router is whole on each rank)."""
+    from layerforge.runtime.moe import MoE
+    make_tiny("qwen2_moe", tmp_path)
+    spec = spec_from_config(str(tmp_path / "config.json"))
+    full = canonical_state_dict(spec, load_tensors(checkpoint_files(tmp_path)))
+    i = spec.moe_layers.index(True)
+    pre = f"layers.{i}.mlp."
+
+    def layer(cfg, tensors):
+        m = MoE(cfg, dtype=torch.float32)
+        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        return m
+    x = torch.randn(5, spec.hidden_size)
+    ref = layer(spec.moe, full)(x)
+    parts = []
+    for r in range(2):
+        cfg = rank_spec(spec, _layout(r)).moe
+        assert (cfg.inter, cfg.shared_inter, cfg.shared_slices) == (spec.moe.inter // 2, spec.moe.shared_inter // 2,
+                                                                    spec.moe.shared_slices)
+        parts.append(layer(cfg, shard_state_dict(spec, full, r, 2))(x))
+    torch.testing.assert_close(parts[0] + parts[1], ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(parts[0], ref, atol=1e-3)   # each rank's part alone is not the layer's
+
+
+class _Counting:
+    """safetensors' safe_open, counting the bytes of the tensors it hands out."""
+
+    def __init__(self, real, count):
+        self.real, self.count = real, count
+
+    def __enter__(self):
+        self.fh = self.real.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.real.__exit__(*exc)
+
+    def keys(self):
+        return self.fh.keys()
+
+    def get_tensor(self, name):
+        t = self.fh.get_tensor(name)
+        self.count.append(t.numel() * t.element_size())
+        return t
+
+    def get_slice(self, name):
+        sl, count = self.fh.get_slice(name), self.count
+
+        class Slice:
+            def get_shape(self):
+                return sl.get_shape()
+
+            def get_dtype(self):
+                return sl.get_dtype()
+
+            def __getitem__(self, idx):
+                t = sl[idx]
+                count.append(t.numel() * t.element_size())
+                return t
+        return Slice()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "qwen2_moe"])
+def test_rank_reads_give_the_whole_read_shards_and_read_less(tmp_path, monkeypatch, name):
+    """read_rank_state_dict (what from_pretrained(tp_size, pp_size) reads on a rank) gives exactly
+    shard_state_dict + stage_state_dict of the whole checkpoint: for TP ranks 0 and 1 of 2, and a
+    TP 2 x PP 2 stage; dense llama (q/k/v and gate/up concatenations), GPT-NeoX (interleaved q/k/v:
+    read whole, then split) and Qwen2-MoE (per-expert tensors stacked, the shared expert's slices,
+    dense layers between). A TP rank reads well under the whole checkpoint's bytes."""
+    from layerforge.models import loading
+    make_tiny(name, tmp_path)
+    spec = spec_from_config(str(tmp_path / "config.json"))
+    files = checkpoint_files(tmp_path)
+    full = canonical_state_dict(spec, load_tensors(files))
+    total = sum(t.numel() * t.element_size() for t in load_tensors(files).values())
+    count: list[int] = []
+    real_open = loading._safe_open
+    monkeypatch.setattr(loading, "_safe_open", lambda f: _Counting(real_open(f), count))
+    n = spec.num_layers
+    for tp, layers, first, last in ((2, range(n), True, True), (2, range(n // 2, n), False, True)):
+        for r in range(tp):
+            count.clear()
+            got = loading.read_rank_state_dict(files, spec, tp_rank=r, tp_size=tp, layers=layers, first=first,
+                                               last=last)
+            ref = stage_state_dict(shard_state_dict(spec, full, r, tp), layers, first=first, last=last,
+                                   tied=spec.tie_word_embeddings)
+            got = stage_state_dict(got, layers, first=first, last=last, tied=spec.tie_word_embeddings)
+            assert got.keys() == ref.keys(), set(got) ^ set(ref)
+            for k, t in ref.items():
+                assert got[k].dtype == t.dtype and torch.equal(got[k], t), f"{name} rank {r}: {k}"
+            # the bytes of its shard (no read for the zero biases of ranks past 0), and GPT-NeoX's
+            # interleaved q/k/v whole
+            whole_read = ("attn.qkv.weight", "attn.qkv.bias") if name == "gpt_neox" else ()
+            expected = sum(full[k].numel() * full[k].element_size() if k.endswith(whole_read) else
+                           0 if r and k.endswith(("attn.o.bias", "mlp.down.bias")) else t.numel() * t.element_size()
+                           for k, t in ref.items())
+            read = sum(count)
+            assert read == expected, f"{name} rank {r}: read {read} bytes, its shard is {expected}"
+            if name != "gpt_neox":
+                assert read < (0.6 if len(layers) == n else 0.4) * total, f"{name} rank {r}: {read} of {total} bytes"
+    count.clear()   # one process (tp 1): everything, once
+    whole = loading.read_rank_state_dict(files, spec)
+    assert sum(count) == total and whole.keys() == full.keys()

@@ -85,3 +85,25 @@ def test_bf16_tensor_parallel_decode_fused_and_captured(tiny_bf16):
 def test_llama3_8b_shaped_bf16_equals_one_gpu(llama3_8b_shaped, tp, pp):
     run_ranks(workers.check_models, 2, [llama3_8b_shaped], tp, pp, "bfloat16", "cuda", 3e-2, 512, False,
               backend="nccl", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_bf16(tmp_path_factory):
+    """qwen2_moe (a gated shared expert in slices, dense layers between) and mixtral, head_dim 64
+    (hidden 256: the experts' F 128 and 512, 64 and 256 a rank), bf16."""
+    out = {}
+    for name in ("qwen2_moe", "mixtral"):
+        folder = tmp_path_factory.mktemp(f"{name}_bf16")
+        make_tiny(name, folder, head_dim=64, dtype=torch.bfloat16)
+        out[name] = _case(folder, torch.bfloat16)
+    return out
+
+
+def test_bf16_moe_tensor_parallel_equals_one_gpu(tiny_moe_bf16):
+    """TP = 2 MoE layers on the expert kernels specialised for F / 2 (decode: the small-token
+    expert products, the shared expert's slices in the same launches; prefill: the grouped GEMM
+    or one product an expert), one all-reduce per MLP: logits (prefill, a decode step eager and
+    graph-replayed) within bf16 rounding of one GPU's, greedy first tokens a near-greedy choice,
+    every rank the same tokens; then qwen2_moe at PP = 2."""
+    run_ranks(workers.check_moe_models, 2, [tiny_moe_bf16["qwen2_moe"], tiny_moe_bf16["mixtral"]],
+              tiny_moe_bf16["qwen2_moe"], "bfloat16", "cuda", 3e-2, False, backend="nccl", timeout=600)

@@ -166,3 +166,38 @@ def run_benchmark(rank: int, world: int, out: str) -> None:
     from benchmarks.bench_parallel import main
     assert main(["--cpu", "--tiny", "--layers", "1", "--batches", "2", "--context", "8", "--prefill", "8",
                  "--steps", "1", "--json", out]) == 0
+
+
+def check_moe_models(rank: int, world: int, folders: list[str], pp_folder: str, dtype: str = "float32",
+                     device: str = "cpu", rel: float = 1e-5, compare_tokens: bool = True) -> None:
+    """MoE models split TP = 2: each rank's MoE layers hold every expert with half of each expert's
+    (and the shared expert's) intermediate features, the router whole; a step makes exactly one
+    all-reduce per attention and one per MLP (dense or MoE) of every layer; then check_models
+    (logits, decode, greedy tokens equal one process). With pp_folder, that model at PP = 2 too
+    (in the same world)."""
+    import layerforge as lf
+    from layerforge.runtime.moe import MoE
+    for folder in folders:
+        model = lf.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                   device=f"cuda:{rank}" if device == "cuda" else device, tp_size=world)
+        sh, s = model.sharding, model.spec
+        name = f"{Path(folder).name} rank {rank}"
+        assert s.moe is not None and s.moe.inter * world == sh["moe_inter"], (name, sh)
+        assert s.moe.shared_inter * world == sh["moe_shared_inter"], (name, sh)
+        moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+        assert moes and len(moes) == sum(s.moe_layers), name
+        for m in moes:
+            E, H, Fl = s.moe.experts, s.hidden_size, s.moe.inter
+            assert tuple(m.experts.gate_up_proj.shape) == (E, 2 * Fl, H), name
+            assert tuple(m.experts.down_proj.shape) == (E, H, Fl), name
+            assert tuple(m.gate.weight.shape) == (E, H), name      # the router replicated
+        calls = []
+        for i, layer in enumerate(model.layers):
+            layer.reduce = (lambda f, i: lambda x: (calls.append(i), f(x))[1])(layer.reduce, i)
+        exp = torch.load(Path(folder) / "expected.pt")
+        model(exp["ids"].to(model.device))
+        assert calls == [i for i in range(s.num_layers) for _ in range(2)], f"{name}: all-reduces {calls}"
+        model.release_engine()
+    check_models(rank, world, folders, world, 1, dtype, device, rel, 4, compare_tokens)
+    if pp_folder:
+        check_models(rank, world, [pp_folder], 1, world, dtype, device, rel, 4, compare_tokens)
