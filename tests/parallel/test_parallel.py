@@ -224,12 +224,17 @@ def test_rank_pack_is_built_for_the_shard_and_records_it(tmp_path):
         build_rank_pack(cfg, tmp_path, tp_size=2, tp_rank=2, dtype="bf16", arch="sm_80")
 
 
-def test_moe_rank_shards_sum_to_the_full_layer(tmp_path):
-    """qwen2_moe's MoE layer (routed experts and the gated shared expert in slices) from each rank's
-    shard and rank_spec's MoEConfig (F / 2 features, the same slices): the ranks' outputs sum to the
-    one-process layer's (routing is the same: the router is whole on each rank)."""
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen2_moe_stacked"])
+def test_moe_rank_shards_sum_to_the_full_layer(tmp_path, name):
+    """qwen2_moe's MoE layer (routed experts and the gated shared expert: in slices, or a fused
+    GatedMLP of 48 features) from each rank's shard and rank_spec's MoEConfig (F / 2 features, the
+    same slices): the ranks' outputs sum to the one-process layer's (routing is the same: the
+    router is whole on each rank)."""
     from layerforge.runtime.moe import MoE
-    make_tiny("qwen2_moe", tmp_path)
+    if name == "qwen2_moe_stacked":
+        _qwen2_moe_stacked(tmp_path)
+    else:
+        make_tiny(name, tmp_path)
     spec = spec_from_config(str(tmp_path / "config.json"))
     full = canonical_state_dict(spec, load_tensors(checkpoint_files(tmp_path)))
     i = spec.moe_layers.index(True)
@@ -289,18 +294,54 @@ class _Counting:
         return Slice()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_neox", "qwen2_moe"])
+def _qwen2_moe_stacked(folder):
+    """A 2-layer qwen2_moe checkpoint, both layers sparse, with a shared expert of 48 features (not a
+    multiple of the experts' 32: a fused GatedMLP, not slices) and its experts' tensors stacked as
+    transformers 5 holds them (experts.gate_up_proj [E, 2F, H], experts.down_proj [E, H, F])."""
+    import re
+    import shutil
+    import transformers
+    from safetensors.torch import save_file
+    from ..models.hf_tiny import tiny_configs
+    _, kw = tiny_configs()["qwen2_moe"]
+    cfg = transformers.Qwen2MoeConfig(**{**kw, "num_hidden_layers": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                         "shared_expert_intermediate_size": 48})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder / "hub")
+    raw = load_tensors(checkpoint_files(folder / "hub"))
+    out, experts = {}, {}
+    for k, t in raw.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight", k)
+        if m:
+            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = t
+        else:
+            out[k] = t
+    for base, ts in experts.items():
+        E = 1 + max(j for j, _ in ts)
+        out[f"{base}.gate_up_proj"] = torch.stack([torch.cat([ts[(j, "gate")], ts[(j, "up")]]) for j in range(E)])
+        out[f"{base}.down_proj"] = torch.stack([ts[(j, "down")] for j in range(E)])
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"))
+    shutil.copy(folder / "hub" / "config.json", folder / "config.json")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "qwen2_moe", "qwen2_moe_stacked"])
 def test_rank_reads_give_the_whole_read_shards_and_read_less(tmp_path, monkeypatch, name):
     """read_rank_state_dict (what from_pretrained(tp_size, pp_size) reads on a rank) gives exactly
     shard_state_dict + stage_state_dict of the whole checkpoint: for TP ranks 0 and 1 of 2, and a
     TP 2 x PP 2 stage; dense llama (q/k/v and gate/up concatenations), GPT-NeoX (interleaved q/k/v:
     read whole, then split) and Qwen2-MoE (per-expert tensors stacked, the shared expert's slices,
-    dense layers between). A TP rank reads well under the whole checkpoint's bytes."""
+    dense layers between; and with stacked experts and an unsliced shared expert). A TP rank reads
+    its shard's bytes, well under the whole checkpoint's."""
     from layerforge.models import loading
-    make_tiny(name, tmp_path)
+    if name == "qwen2_moe_stacked":
+        _qwen2_moe_stacked(tmp_path)
+    else:
+        make_tiny(name, tmp_path)
     spec = spec_from_config(str(tmp_path / "config.json"))
     files = checkpoint_files(tmp_path)
     full = canonical_state_dict(spec, load_tensors(files))
+    if name == "qwen2_moe_stacked":
+        assert "layers.0.mlp.shared_expert.gate_up.weight" in full and spec.moe.shared_slices == 0
     total = sum(t.numel() * t.element_size() for t in load_tensors(files).values())
     count: list[int] = []
     real_open = loading._safe_open

@@ -32,3 +32,29 @@ def test_rank_decode_products_compile_for_the_shard():
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
         (kr,) = res.resources.values()
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+# Qwen1.5-MoE-A2.7B's shapes: 60 experts of 1408 features, a gated shared expert of 5632 (4 slices)
+QWEN2_MOE_A27B = dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                      moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
+                      num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-6, max_position_embeddings=8192,
+                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+
+
+def test_rank_expert_products_compile_for_the_shard():
+    """A TP = 2 rank of a Qwen2-MoE model: its MoEConfig has half of each expert's features (704)
+    and the shared expert still in 4 slices (of 704), and the two decode expert products of that
+    shard (gate/up with x read through src and the gated activation, down; the shared slices a
+    second stack in the same launch, the grid over the active experts) compile without spills."""
+    spec = spec_from_config(QWEN2_MOE_A27B)
+    local = rank_spec(spec, Layout(tp=ParallelGroup(0, 2, None, (0, 1)), rank=0, world=2))
+    m = local.moe
+    assert (m.inter, m.shared_inter, m.shared_slices, m.experts) == (704, 2816, 4, 60)
+    assert local.extra["sharding"]["moe_inter"] == 1408
+    E, S, H = m.experts + m.shared_slices, m.shared_slices, local.hidden_size
+    for p in (dict(n=2 * m.inter, k=H, gated="silu", gather=True), dict(n=H, k=m.inter)):
+        plan = plan_gemv("bf16", max_m=8, arch="sm_90", experts=E, fixed=S, compact=True, **p)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
