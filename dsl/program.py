@@ -319,8 +319,6 @@ def _uses_T(fn: Function) -> bool:
     return any(p.dtype is DType.T for p in fn.params) or any(n.dtype is DType.T for n in fn.nodes())
 
 
-from .errors import Diagnostic  # noqa: E402
-
 
 def _file_diag(path: str, msg: str) -> Diagnostic:
     return Diagnostic(Span(path, 0, 0, 0, 0), msg)
