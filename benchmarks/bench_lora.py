@@ -231,22 +231,8 @@ def engine_adapters(model, adapters: int, rank: int) -> dict:
 
 def engine_decode(model, batch: int, context: int, steps: int, adapters: list | None, dev) -> dict:
     """Per-step times of an Engine decoding `batch` sequences (each on its adapter, or the base)."""
-    from layerforge.models.engine import Engine
-    eng = Engine(model, max_seqs=batch, max_seq_len=context + 3 * steps + 16, prefill_chunk=8192)
-    g = torch.Generator().manual_seed(batch)
-    slots = [eng.add(torch.randint(0, model.spec.vocab_size, (context,), generator=g).tolist(),
-                     adapter=None if adapters is None else adapters[i]) for i in range(batch)]
-    out = {}
-    while any(eng.seqs[s].fed < context for s in slots):     # prefill
-        out.update(eng.step())
-    for s in slots:
-        eng.feed(s, int(out[s].argmax()))
-
-    def step():
-        got = eng.step()
-        order = sorted(got)
-        for s, t in zip(order, torch.stack([got[s] for s in order]).argmax(-1).tolist()):
-            eng.feed(s, t)
+    from .bench_model import ready_engine
+    eng, step = ready_engine(model, batch, context, steps, adapters=adapters)
     row = dict(step_s=wall_time(step, steps, dev), replay_s=None)
     if eng.graphs is not None:
         sl, toks = list(range(batch)), [1] * batch

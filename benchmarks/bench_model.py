@@ -77,11 +77,15 @@ def kv_bytes(spec, batch: int, context: int) -> int:
     return 2 * 2 * spec.num_layers * batch * context * spec.num_kv_heads * spec.head_dim
 
 
-def bench_ours_decode(ours, batch: int, context: int, steps: int, max_seq_len: int = 0) -> tuple[float, float]:
+def ready_engine(model, batch: int, context: int, steps: int, *, max_seq_len: int = 0, adapters=None):
+    """(engine, step): an Engine holding `batch` random prompts of `context` tokens, prefilled, each
+    sequence's first token fed (sequence i on adapters[i] when given), and a greedy decode step of
+    every sequence (the engine's graphs replay it on a GPU)."""
     from layerforge.models.engine import Engine
-    eng = Engine(ours, max_seqs=batch, max_seq_len=max_seq_len or context + 3 * steps + 16, prefill_chunk=8192)
+    eng = Engine(model, max_seqs=batch, max_seq_len=max_seq_len or context + 3 * steps + 16, prefill_chunk=8192)
     g = torch.Generator().manual_seed(batch)
-    slots = [eng.add(torch.randint(0, ours.spec.vocab_size, (context,), generator=g).tolist()) for _ in range(batch)]
+    slots = [eng.add(torch.randint(0, model.spec.vocab_size, (context,), generator=g).tolist(),
+                     adapter=None if adapters is None else adapters[i]) for i in range(batch)]
     out = {}
     while any(eng.seqs[s].fed < context for s in slots):     # prefill
         out.update(eng.step())
@@ -94,6 +98,11 @@ def bench_ours_decode(ours, batch: int, context: int, steps: int, max_seq_len: i
         toks = torch.stack([out[s] for s in order]).argmax(-1).tolist()
         for s, t in zip(order, toks):
             eng.feed(s, t)
+    return eng, step
+
+
+def bench_ours_decode(ours, batch: int, context: int, steps: int, max_seq_len: int = 0) -> tuple[float, float]:
+    eng, step = ready_engine(ours, batch, context, steps, max_seq_len=max_seq_len)
     full = timed(step, steps)
     graphs = eng.graphs
     toks, sl = [1] * batch, list(range(batch))
