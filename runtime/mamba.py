@@ -124,15 +124,6 @@ def _conv_prefill(x: torch.Tensor, conv: torch.nn.Conv1d, state: MixerState | No
     return y
 
 
-def _step_rows(hidden: torch.Tensor, H: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """A decode step's rows [B, H] from hidden [B, 1, H] or [B, H], and the shape to give back."""
-    if hidden.dim() == 3 and hidden.shape[1] == 1 and hidden.shape[2] == H:
-        return hidden[:, 0], tuple(hidden.shape)
-    if hidden.dim() == 2 and hidden.shape[1] == H:
-        return hidden, tuple(hidden.shape)
-    raise ValueError(f"step: hidden must be [B, 1, {H}] or [B, {H}], got {list(hidden.shape)}")
-
-
 def _check_state(what: str, state: MixerState | None, batch: int, conv_shape, ssm_shape, dtype, device) -> None:
     if state is None:
         return
@@ -163,6 +154,21 @@ class _Mixer(torch.nn.Module):
         if hidden.dim() != 3 or hidden.shape[2] != H or hidden.shape[1] == 0:
             raise ValueError(f"forward: hidden must be [B, L >= 1, {H}], got {list(hidden.shape)}")
         self._check("forward", hidden, state, hidden.shape[0])
+
+    def _check_step(self, hidden: torch.Tensor, state: MixerState | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """A decode step's rows [B, H] from hidden [B, 1, H] or [B, H] (checked with the state), and
+        the shape to give back."""
+        H = self.config.hidden_size
+        if hidden.dim() == 3 and hidden.shape[1] == 1 and hidden.shape[2] == H:
+            h = hidden[:, 0]
+        elif hidden.dim() == 2 and hidden.shape[1] == H:
+            h = hidden
+        else:
+            raise ValueError(f"step: hidden must be [B, 1, {H}] or [B, {H}], got {list(hidden.shape)}")
+        if state is None:
+            raise ValueError("step: a decode step needs the sequences' state (forward() leaves one)")
+        self._check("step", h, state, h.shape[0])
+        return h, tuple(hidden.shape)
 
     def new_state(self, batch: int) -> MixerState:
         """Zero states for `batch` new sequences, on the mixer's device."""
@@ -227,10 +233,7 @@ class MambaMixer(_Mixer):
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         """Decode one token of each sequence: hidden [B, 1, H] or [B, H] -> the same shape; the
         state's conv and SSM rows advance in place."""
-        h, shape = _step_rows(hidden, self.config.hidden_size)
-        if state is None:
-            raise ValueError("step: a decode step needs the sequences' state (forward() leaves one)")
-        self._check("step", h, state, h.shape[0])
+        h, shape = self._check_step(hidden, state)
         D, K = self.conv_shape
         xz = self.in_proj(h)                                        # [B, 2D]
         x, z = xz[:, :D].contiguous(), xz[:, D:].contiguous()
@@ -312,10 +315,7 @@ class Mamba2Mixer(_Mixer):
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
         """Decode one token of each sequence: hidden [B, 1, H] or [B, H] -> the same shape; the
         state's conv and SSM rows advance in place."""
-        h, shape = _step_rows(hidden, self.config.hidden_size)
-        if state is None:
-            raise ValueError("step: a decode step needs the sequences' state (forward() leaves one)")
-        self._check("step", h, state, h.shape[0])
+        h, shape = self._check_step(hidden, state)
         c = self.config
         Cd, K = self.conv_shape
         z, xbc, dt = self._split(self.in_proj(h))
