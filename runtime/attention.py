@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from operator import itemgetter
 from typing import Any
@@ -395,6 +396,23 @@ class PagedAttention:
             values.update(bm_num=bm.num, bm_idx=bm.idx, bm_rows=bm.row_blocks, bm_cols=bm.key_tiles)
         return self._launch_tc(dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, None, None, out,
                                S, max_pages, S, max_q_len, max_kv_len, num_splits, values)
+
+    def step(self, q, k_cache, v_cache, page_table, seq_lens, seq_ids: list[int], q_seq, q_pos, *,
+             max_kv_len: int) -> torch.Tensor:
+        """A model step's tokens, whichever form serves them: when some sequence brings several
+        tokens and the tokens come grouped by sequence in sequence order (prefill, chunked prefill),
+        the ragged prefill tiles over each sequence's chunk; otherwise (decode, or tokens in any
+        order) one chunk per token. seq_ids: each token's sequence (host ints); q_seq / q_pos: the
+        same on the device, as the per-token form takes them."""
+        T = len(seq_ids)
+        if len(set(seq_ids)) < T and seq_ids == sorted(seq_ids):
+            counts = [0] * page_table.shape[0]
+            for i in seq_ids:
+                counts[i] += 1
+            cu_t = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
+            return self.prefill(q, k_cache, v_cache, page_table, seq_lens, cu_t, max_q_len=max(counts),
+                                max_kv_len=max_kv_len)
+        return self(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=max_kv_len)
 
     def block_mask(self, seq_lens, cu_seqlens, *, max_q_len: int, max_kv_len: int,
                    extra: dict[str, torch.Tensor] | None = None, **scalars) -> BlockMask:

@@ -30,7 +30,6 @@ tensors run every piece through the DSL's reference evaluator.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Mapping
 
 import numpy as np
@@ -154,22 +153,9 @@ class CogVLMAttention(torch.nn.Module):
         v = qkv[:, nq + nkv:].reshape(T, self.hkv, self.d)
         slots = cache.append(ids, k, v, None)
         q_seq, q_pos = cache.last_tokens
-        o = self._attend(q.contiguous(), cache, ids, q_seq, q_pos,
-                         max_kv_len=int(slots.max()) + 1 if T else 0)
+        o = self.attention.step(q.contiguous(), cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, ids,
+                                q_seq, q_pos, max_kv_len=int(slots.max()) + 1 if T else 0)
         return rows.apply(o.reshape(T, self.hidden), self.vision_expert_dense, self.language_expert_dense)
-
-    def _attend(self, q, cache: PagedKVCache, ids: list[int], q_seq, q_pos, *,
-                max_kv_len: int) -> torch.Tensor:
-        T = len(ids)
-        if len(set(ids)) < T and ids == sorted(ids):
-            counts = [0] * cache.page_table.shape[0]
-            for i in ids:
-                counts[i] += 1
-            cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
-            return self.attention.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu,
-                                          max_q_len=max(counts), max_kv_len=max_kv_len)
-        return self.attention(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, q_seq, q_pos,
-                              max_kv_len=max_kv_len)
 
     # ---- the published module's form: a padded batch ------------------------------------------
     def attend_dense(self, hidden: torch.Tensor, token_type_ids: torch.Tensor,

@@ -15,7 +15,6 @@ decode tiles otherwise.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Mapping
 
 import torch
@@ -89,19 +88,9 @@ class LlamaPagedAttention(torch.nn.Module):
 
     def _attend(self, q, cache: PagedKVCache, ids: list[int], page_table, seq_lens, q_seq, q_pos, *,
                 max_kv_len: int) -> torch.Tensor:
-        T = len(ids)
-        q = q.contiguous().view(T, self.hq, self.d)
-        if len(set(ids)) < T and ids == sorted(ids):
-            # prefill / chunked prefill: each sequence's tokens are one ragged chunk (prefill tiles)
-            counts = [0] * page_table.shape[0]
-            for i in ids:
-                counts[i] += 1
-            cu_t = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
-            return self.attention.prefill(q, cache.k_cache, cache.v_cache, page_table, seq_lens, cu_t,
-                                          max_q_len=max(counts), max_kv_len=max_kv_len)
-        # decode (or tokens in any order): one chunk per token
-        return self.attention(q, cache.k_cache, cache.v_cache, page_table, seq_lens, q_seq, q_pos,
-                              max_kv_len=max_kv_len)
+        q = q.contiguous().view(len(ids), self.hq, self.d)
+        return self.attention.step(q, cache.k_cache, cache.v_cache, page_table, seq_lens, ids, q_seq, q_pos,
+                                   max_kv_len=max_kv_len)
 
     @property
     def splits(self) -> tuple[int, int, int]:
