@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..runtime.moe import MoEConfig
     from .mamba import MambaSpec
 
-__all__ = ["FAMILIES", "SSM_FAMILIES", "spec_from_config", "canonical_state_dict", "hf_names", "definitions_for",
+__all__ = ["FAMILIES", "SSM_FAMILIES", "spec_from_config", "canonical_state_dict", "checkpoint_key", "hf_names", "definitions_for",
            "bindings_from_spec", "read_config", "mla_shapes", "ConfigError"]
 
 # transformers' activation names -> ours (spec.ACTIVATIONS)
@@ -857,6 +857,13 @@ _ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"},
                for f in ("mamba", "mamba2")}}
 
 
+def checkpoint_key(spec: ModelSpec, name: str, wanted) -> tuple[str, str]:
+    """(name, key) of a checkpoint tensor: its name with the family's old aliases renamed, and that
+    name as hf_names' recipes spell it (the model's prefix added unless `wanted` has it bare)."""
+    name = _ALIASES.get(spec.model_type, {}).get(name, name)
+    return name, name if name in wanted else _PREFIX.get(spec.model_type, "model") + "." + name
+
+
 def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """A transformers checkpoint's tensors (its safetensors names, with or without the base
     model's prefix) under the canonical names of models/spec.py: q/k/v and gate/up fused, fused
@@ -871,10 +878,8 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
     have: dict[str, Any] = {}
     unexpected = []
     tied = "lm_head.weight" if spec.tie_word_embeddings else None
-    aliases = _ALIASES.get(spec.model_type, {})
     for name, t in tensors.items():
-        name = aliases.get(name, name)
-        key = name if name in wanted or name == tied else prefix + name
+        name, key = checkpoint_key(spec, name, wanted | {tied})
         if key in wanted:
             if key in have:
                 raise ConfigError(f"checkpoint: tensor {key!r} given twice (with and without the '{prefix}' prefix)")

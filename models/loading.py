@@ -283,7 +283,7 @@ def read_rank_state_dict(files: list[Path], spec, *, tp_rank: int = 0, tp_size: 
     shared expert's slices. Read whole, then split: GPT-NeoX's and BLOOM's head-interleaved q/k/v
     and Falcon's grouped q/k/v (reordered by a whole read), the replicated tensors (norms, router,
     shared-expert gate), and the row-split biases on rank 0 (the other ranks' zeros read nothing)."""
-    from .families import _ALIASES, _PREFIX, canonical_state_dict, hf_names
+    from .families import canonical_state_dict, checkpoint_key, hf_names
     from .parallel import apply_shard_plan, shard_plan, stage_state_dict
     from contextlib import ExitStack
     layers = range(spec.num_layers) if layers is None else layers
@@ -304,11 +304,9 @@ def read_rank_state_dict(files: list[Path], spec, *, tp_rank: int = 0, tp_size: 
         recipes = hf_names(spec, fused_experts=fused)
         # a recipe's name -> the file's name: canonical_state_dict's matching (the prefix, old aliases)
         wanted = {n for _, names in recipes.values() for n in names}
-        prefix, aliases = _PREFIX.get(spec.model_type, "model") + ".", _ALIASES.get(spec.model_type, {})
         file_of = {}
         for name in meta:
-            key = aliases.get(name, name)
-            key = key if key in wanted else prefix + key
+            key = checkpoint_key(spec, name, wanted)[1]
             if key in wanted:
                 file_of[key] = name
         keep = stage_state_dict({n: n for n in shapes}, layers, first=first, last=last,
