@@ -9,7 +9,8 @@ Dims (--dims H,head_dim,state,heads_per_group): Mamba2-2.7B's by default: hidden
 Columns:
 - prefill B x L: ours (the mixer's forward with a state: the conv and SSD kernels, cuBLAS for
   the projections) and transformers' mixer (its torch path: segment-sum SSD, eager), their
-  ratio (floor 10 x), and "of roofline": the roofline time over ours, the roofline being the
+  ratio (floor 10 x; where transformers runs out of memory on the whole batch, its time is the
+  sum over batch pieces that fit, said beside the row), and "of roofline": the roofline time over ours, the roofline being the
   larger of FLOPs / the bf16 GEMM rate and bytes / the copy rate, both measured in this run
   (FLOPs: the two projections, the SSD's intra-chunk (causal half) and state products; bytes:
   x, the weights, y and the final states once);
@@ -20,6 +21,7 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 
@@ -73,6 +75,22 @@ def timer(device: str):
         fn()
         return time.perf_counter() - t
     return cpu_time
+
+
+def peer_in_pieces(t, run, B: int):
+    """transformers' time for a batch of B: run(lo, hi) on sequences lo..hi-1, timed whole, or (its
+    torch path materialises [b, chunks, Q, Q, heads, N] products: 160 GB at 8 x 2048) as the sum of
+    equal batch pieces, halved until a piece fits. (seconds, pieces)."""
+    pieces = 1
+    while True:
+        try:
+            step = B // pieces
+            return sum(t(lambda lo=lo: run(lo, lo + step)) for lo in range(0, B, step)), pieces
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if pieces >= B:
+                raise
+            pieces *= 2
 
 
 def prefill_cost(c: Mamba2MixerConfig, B: int, L: int, elt: int) -> tuple[float, float]:
@@ -139,13 +157,16 @@ def main(argv=None) -> int:
             x = torch.randn(B, L, c.hidden_size, dtype=dtype, device=dev)
             state = ours.new_state(B)
             ours_s = t(lambda: ours(x, state))
-            hf_s = None if a.no_hf else t(lambda: hf(x))
+            hf_s, pieces = (None, 1) if a.no_hf else peer_in_pieces(t, lambda lo, hi: hf(x[lo:hi]), B)
             flops, nbytes = prefill_cost(c, B, L, elt)
             roof = max(flops / flop_rate, nbytes / copy_bw)
             row = {"mode": "prefill", "B": B, "L": L, "ours_s": ours_s, "hf_s": hf_s, "roofline_s": roof,
-                   "of_roofline": roof / ours_s, "speedup": None if hf_s is None else hf_s / ours_s}
+                   "of_roofline": roof / ours_s, "speedup": None if hf_s is None else hf_s / ours_s,
+                   "hf_pieces": pieces}
             rows.append(row)
             vs = "" if hf_s is None else f"  transformers {hf_s * 1e3:9.2f} ms  {hf_s / ours_s:6.1f} x"
+            if pieces > 1:
+                vs += f" (transformers in {pieces} batch pieces: whole, it runs out of memory)"
             print(f"prefill {B} x {L}: ours {ours_s * 1e3:9.3f} ms{vs}  roofline {roof * 1e3:.3f} ms "
                   f"({roof / ours_s:.2f} of it)")
         for case in filter(None, a.decode.split(",")):
@@ -162,8 +183,9 @@ def main(argv=None) -> int:
             if not a.no_hf:
                 from transformers.cache_utils import DynamicCache
                 cache = DynamicCache(config=hf_config(c))
-                hf(torch.randn(B, 4, c.hidden_size, dtype=dtype, device=dev), cache=cache)
-                hf_s = t(lambda: hf(x[:, None], cache=cache))
+                kw = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "cache_params"
+                hf(torch.randn(B, 4, c.hidden_size, dtype=dtype, device=dev), **{kw: cache})
+                hf_s = t(lambda: hf(x[:, None], **{kw: cache}))
             nbytes = decode_bytes(c, B, elt)
             row = {"mode": "decode", "B": B, "ours_s": ours_s, "hf_s": hf_s, "bytes": nbytes,
                    "of_copy": nbytes / ours_s / copy_bw}

@@ -8,7 +8,8 @@ Columns:
 - ours: ssd_scan (chunk state, state passing, chunk scan: three launches) with D and dt_bias and the
   final state, as the mixer calls it; ssd_state_update for decode; graph-replayed (launch cost out);
 - transformers: transformers' Mamba2 torch formulas (mamba2_chunk_scan: segment sums and einsums;
-  mamba2_selective_state_update for decode), eager, on the same inputs;
+  mamba2_selective_state_update for decode), eager, on the same inputs; where the whole sequence
+  runs out of memory, over consecutive spans with the state carried (initial_states), said in the row;
 - roofline: max(bytes / copy, flops / bf16 GEMM peak), both ceilings measured in the same run.
   Bytes are the fewest the op must move: x, dt, B, C read and y written (bf16), the final state
   written (f32); decode reads and writes the f32 state. FLOPs are the chunked form's: C B^T once a
@@ -71,6 +72,39 @@ def hf_prefill(inp: dict, chunk: int):
     scan, _ = hf_functions()
     return lambda: scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=chunk, D=inp["D"],
                         dt_bias=inp["dt_bias"], dt_softplus=True, return_final_states=True)
+
+
+def hf_prefill_in_pieces(inp: dict, chunk: int, pieces: int):
+    """transformers' scan over `pieces` consecutive spans of the sequence (whole chunks each), the
+    final state of one the initial state of the next: the same recurrence, in memory that fits
+    (its torch path materialises a [b, chunks, Q, Q, heads, N] product: 80 GB at 1 x 8192)."""
+    scan, _ = hf_functions()
+    length = inp["x"].shape[1]
+    chunks = -(-length // chunk)
+    span = -(-chunks // pieces) * chunk
+    cut = lambda k, lo: inp[k][:, lo:lo + span]
+
+    def run():
+        state = None
+        for lo in range(0, length, span):
+            _, state = scan(cut("x", lo), cut("dt", lo), inp["A"], cut("B", lo), cut("C", lo), chunk_size=chunk,
+                            D=inp["D"], dt_bias=inp["dt_bias"], dt_softplus=True, initial_states=state,
+                            return_final_states=True)
+        return state
+    return run
+
+
+def hf_prefill_time(bench, inp: dict, chunk: int) -> tuple[float, int]:
+    """(seconds, pieces): the whole sequence at once, or in the fewest spans that fit in memory."""
+    pieces = 1
+    while True:
+        try:
+            return bench(hf_prefill(inp, chunk) if pieces == 1 else hf_prefill_in_pieces(inp, chunk, pieces), 500), pieces
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if pieces * chunk >= inp["x"].shape[1]:
+                raise
+            pieces *= 2
 
 
 def step_inputs(bt: int, dims: dict, device, dtype=torch.bfloat16) -> dict:
@@ -162,14 +196,16 @@ def main(argv=None) -> int:
         if mode == "prefill":
             inp = inputs(bt, length, DIMS, "cuda")
             ours = graph_time(run_prefill(inp, args.chunk), calls=3, replays=10)
-            theirs = None if args.no_transformers else bench(hf_prefill(inp, args.chunk), 500)
+            theirs, pieces = (None, 1) if args.no_transformers else hf_prefill_time(bench, inp, args.chunk)
             nbytes, flops = prefill_bytes_flops(bt, length, DIMS, args.chunk)
             roof = max(nbytes / copy_bw, flops / peak)
             row = dict(mode=mode, batch=bt, length=length, ours_s=ours, transformers_s=theirs, bytes=nbytes,
-                       flops=flops, roofline_s=roof, of_roof=roof / ours, tflops=flops / ours / 1e12)
+                       transformers_pieces=pieces, flops=flops, roofline_s=roof, of_roof=roof / ours, tflops=flops / ours / 1e12)
             print(f"prefill {bt} x {length}: ours {ours * 1e6:.1f} us ({row['tflops']:.0f} TFLOP/s, "
                   f"{row['of_roof']:.2f} of roof {roof * 1e6:.1f} us)"
-                  + (f", transformers {theirs * 1e6:.0f} us = {theirs / ours:.1f} x ours" if theirs else ""))
+                  + (f", transformers {theirs * 1e6:.0f} us = {theirs / ours:.1f} x ours" if theirs else "")
+                  + (f" (transformers over {pieces} spans carrying the state: whole, it runs out of memory)"
+                     if pieces > 1 else ""))
         else:
             s = step_inputs(bt, DIMS, "cuda")
             ours = graph_time(run_decode(s), calls=20, replays=10)

@@ -172,7 +172,7 @@ class MambaModel(torch.nn.Module):
             residual = layer(residual, state, decode=L == 1)
             cache.commit(i, slots, state, index)
         if last_only:
-            residual = residual[:, -1]
+            residual = residual[:, -1].contiguous()   # the norm kernel takes contiguous rows
         h = self.final_norm(residual.reshape(-1, self.spec.hidden_size)).to(self.dtype)
         logits = gemv(h, self.head_weight())
         return logits.view(b, self.spec.vocab_size) if last_only else logits.view(b, L, self.spec.vocab_size)

@@ -15,7 +15,7 @@ import layerforge as lf
 from layerforge.models.mamba import DecodeGraph
 from layerforge.runtime.mamba import MambaStateCache
 
-from ..models.test_mamba import MIXERS, hf_config, hf_mixer, ours_mixer, randomise_
+from ..models.test_mamba import MIXERS, hf_config, hf_mixer, hf_run, ours_mixer, randomise_
 from ..seeding import seeded_generator
 
 transformers = pytest.importorskip("transformers")
@@ -70,8 +70,8 @@ class Reference:
 
     @torch.no_grad()
     def __call__(self, x):
-        ref = self.f32(x.float(), cache=self.caches[0])
-        low = None if self.low is None else self.low(x, cache=self.caches[1])
+        ref = hf_run(self.f32, x.float(), self.caches[0])
+        low = None if self.low is None else hf_run(self.low, x, self.caches[1])
         return ref, low
 
     def states(self, which: int):

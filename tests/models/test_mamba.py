@@ -6,6 +6,7 @@ from_pretrained: logits and greedy generation equal transformers'; ragged steps 
 cache; the registry's reading of the configs and its errors. No download."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -23,8 +24,9 @@ from ..seeding import seeded_generator
 transformers = pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache  # noqa: E402  (after the importorskip)
 
-# tiny configs: Mamba2 with 2 groups of B/C over 8 heads and chunks of 8 (prompts of 13 tokens
-# end in a short chunk); sizes small enough for the float64 references' step-by-step loops
+# tiny configs: Mamba2 with 2 groups of B/C over 8 heads and chunks of 16 (the SSD kernels' smallest
+# head_dim, state and chunk; the mixer test's 37-token prompts end in a short chunk); sizes small
+# enough for the float64 references' step-by-step loops
 NO_SPECIAL = dict(eos_token_id=None, pad_token_id=None, bos_token_id=None)
 CONFIGS = {
     "mamba": ("MambaConfig", dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=96, expand=2,
@@ -32,10 +34,10 @@ CONFIGS = {
     "mamba_bias_untied": ("MambaConfig", dict(hidden_size=24, state_size=4, num_hidden_layers=2, vocab_size=80,
                                               conv_kernel=3, use_bias=True, use_conv_bias=False,
                                               tie_word_embeddings=False, residual_in_fp32=False, **NO_SPECIAL)),
-    "mamba2": ("Mamba2Config", dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=96, num_heads=8,
-                                    head_dim=8, n_groups=2, chunk_size=8, conv_kernel=4, **NO_SPECIAL)),
-    "mamba2_tied_limit": ("Mamba2Config", dict(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=80,
-                                               num_heads=4, head_dim=8, n_groups=1, chunk_size=4, conv_kernel=2,
+    "mamba2": ("Mamba2Config", dict(hidden_size=64, state_size=16, num_hidden_layers=2, vocab_size=96, num_heads=8,
+                                    head_dim=16, n_groups=2, chunk_size=16, conv_kernel=4, **NO_SPECIAL)),
+    "mamba2_tied_limit": ("Mamba2Config", dict(hidden_size=32, state_size=16, num_hidden_layers=2, vocab_size=80,
+                                               num_heads=4, head_dim=16, n_groups=1, chunk_size=16, conv_kernel=2,
                                                use_bias=True, tie_word_embeddings=True,
                                                time_step_limit=(0.05, 2.0), **NO_SPECIAL)),
 }
@@ -79,6 +81,13 @@ def ours_mixer(cfg, hf, dtype=torch.float32, device="cpu"):
     return mixer
 
 
+def hf_run(mixer, x, cache):
+    """transformers' mixer on x with its cache: the keyword is `cache` from transformers 5.2x on,
+    `cache_params` before (a stray `cache=` there is swallowed by **kwargs and runs cacheless)."""
+    params = inspect.signature(type(mixer).forward).parameters
+    return mixer(x, **{("cache" if "cache" in params else "cache_params"): cache})
+
+
 def hf_states(cache):
     layer = cache.layers[0]
     return layer.conv_states[0], layer.recurrent_states[0]
@@ -97,11 +106,11 @@ def test_mixer_prefill_then_16_decode_steps_match_transformers_and_its_cache(nam
     gen = seeded_generator("mamba_mixer", name)
     cfg, hf = hf_mixer(name, gen)
     mixer = ours_mixer(cfg, hf)
-    B, L, H = 2, 13, cfg.hidden_size
+    B, L, H = 2, 37, cfg.hidden_size
     x = torch.randn(B, L, H, generator=gen)
     cache = DynamicCache(config=cfg)
     with torch.no_grad():
-        ref = hf(x, cache=cache)
+        ref = hf_run(hf, x, cache)
     state = mixer.new_state(B)
     close(mixer(x, state), ref)
     conv, ssm = hf_states(cache)
@@ -111,7 +120,7 @@ def test_mixer_prefill_then_16_decode_steps_match_transformers_and_its_cache(nam
     for i in range(16):
         xi = torch.randn(B, 1, H, generator=gen)
         with torch.no_grad():
-            ref = hf(xi, cache=cache)
+            ref = hf_run(hf, xi, cache)
         y = mixer.step(xi if i % 2 else xi[:, 0], state)     # [B, 1, H] and [B, H] both
         assert y.shape == (xi.shape if i % 2 else xi[:, 0].shape)
         close(y.view_as(ref), ref)
@@ -306,8 +315,8 @@ def test_mamba_spec_reads_transformers_keys_and_defaults():
 def test_mamba2_spec_reads_transformers_keys_and_defaults():
     s = spec_from_config(hf_config("mamba2_tied_limit").to_dict())
     assert s.model_type == "mamba2" and s.tie_word_embeddings
-    assert s.mixer == Mamba2MixerConfig(hidden_size=16, intermediate_size=32, num_heads=4, head_dim=8, state_size=4,
-                                        n_groups=1, conv_kernel=2, use_bias=True, use_conv_bias=True, chunk_size=4,
+    assert s.mixer == Mamba2MixerConfig(hidden_size=32, intermediate_size=64, num_heads=4, head_dim=16, state_size=16,
+                                        n_groups=1, conv_kernel=2, use_bias=True, use_conv_bias=True, chunk_size=16,
                                         time_step_limit=(0.05, 2.0), norm_eps=1e-5)
     bare = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 10, "state_size": 16,
             "num_heads": 16, "head_dim": 8}
