@@ -15,7 +15,7 @@ import layerforge as lf
 from layerforge.models.mamba import DecodeGraph
 from layerforge.runtime.mamba import MambaStateCache
 
-from ..models.test_mamba import MIXERS, hf_config, hf_mixer, hf_run, ours_mixer, randomise_
+from ..models.test_mamba import MIXERS, hf_config, hf_group_norms_, hf_mixer, hf_run, ours_mixer, randomise_
 from ..seeding import seeded_generator
 
 transformers = pytest.importorskip("transformers")
@@ -60,11 +60,11 @@ class Reference:
     def __init__(self, cfg, hf, dtype):
         self.cfg, self.dtype = cfg, dtype
         rounded = {k: v.to(dtype) for k, v in hf.state_dict().items()}
-        self.f32 = type(hf)(cfg, layer_idx=0).eval().cuda()
+        self.f32 = hf_group_norms_(type(hf)(cfg, layer_idx=0).eval().cuda())
         self.f32.load_state_dict({k: v.float() for k, v in rounded.items()})
         self.low = None
         if dtype != torch.float32:
-            self.low = type(hf)(cfg, layer_idx=0).eval().to("cuda", dtype)
+            self.low = hf_group_norms_(type(hf)(cfg, layer_idx=0).eval().to("cuda", dtype))
             self.low.load_state_dict(rounded)
         self.caches = [DynamicCache(config=cfg) for _ in range(2)]
 
@@ -148,7 +148,7 @@ def tiny_models(tmp_path_factory):
         folder = tmp_path_factory.mktemp(name)
         hf.save_pretrained(folder)
         for dtype in (torch.float32, torch.bfloat16):
-            out[name, dtype] = (cls.from_pretrained(folder, dtype=dtype).to("cuda").eval(),
+            out[name, dtype] = (hf_group_norms_(cls.from_pretrained(folder, dtype=dtype).to("cuda").eval()),
                                 lf.from_pretrained(folder, dtype=dtype, device="cuda"))
     return out
 

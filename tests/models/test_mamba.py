@@ -69,7 +69,7 @@ def hf_mixer(name: str, gen: torch.Generator):
     cfg = hf_config(name)
     block = (transformers.models.mamba.modeling_mamba.MambaMixer if cfg.model_type == "mamba"
              else transformers.models.mamba2.modeling_mamba2.Mamba2Mixer)
-    m = block(cfg, layer_idx=0).eval()
+    m = hf_group_norms_(block(cfg, layer_idx=0).eval())
     randomise_(m, gen)
     return cfg, m
 
@@ -86,6 +86,29 @@ def hf_run(mixer, x, cache):
     `cache_params` before (a stray `cache=` there is swallowed by **kwargs and runs cacheless)."""
     params = inspect.signature(type(mixer).forward).parameters
     return mixer(x, **{("cache" if "cache" in params else "cache_params"): cache})
+
+
+def hf_group_norms_(model: torch.nn.Module) -> torch.nn.Module:
+    """Mamba2's gated RMSNorm normalises each of the n_groups groups of the row (mamba_ssm's
+    RMSNormGated with group_size = intermediate_size / ngroups; transformers since 5.2x). Older
+    transformers (5.17) normalise the whole row, so a reference with n_groups > 1 built there gets
+    the per-group form here: the rest of its mixer stays transformers' own. Returns model."""
+    for mixer in [m for m in model.modules() if hasattr(m, "n_groups") and hasattr(m, "norm")]:
+        norm = mixer.norm
+        if hasattr(norm, "group_size") or mixer.n_groups == 1:
+            continue
+        size = norm.weight.numel() // mixer.n_groups
+
+        def grouped(self, hidden, gate=None, size=size):
+            dtype = hidden.dtype
+            h = hidden.float()
+            if gate is not None:
+                h = h * torch.nn.functional.silu(gate.float())
+            g = h.unflatten(-1, (-1, size))
+            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * g.flatten(-2).to(dtype)
+        norm.forward = grouped.__get__(norm)
+    return model
 
 
 def hf_states(cache):
@@ -214,7 +237,7 @@ def tiny_models(tmp_path_factory):
         cfg = hf_config(name)
         cls = transformers.MambaForCausalLM if cfg.model_type == "mamba" else transformers.Mamba2ForCausalLM
         torch.manual_seed(0)
-        hf = cls(cfg).eval()
+        hf = hf_group_norms_(cls(cfg).eval())
         randomise_(hf, seeded_generator("mamba_model", name))
         if cfg.tie_word_embeddings:
             hf.tie_weights()
