@@ -36,6 +36,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
@@ -50,6 +51,8 @@ WIDTHS = (2, 3, 4)
 CONV_THREADS = 128
 CONV_PER_THREAD = 4
 CONV_TILE = CONV_THREADS * CONV_PER_THREAD   # steps of a conv block
+CONV_CL_THREADS = 128   # channels-last conv: channels a block
+CONV_CL_STEPS = 64      # and steps a block
 SCAN_THREADS = 128                            # threads of a selective-scan block (a row)
 SCAN_ITEMS = 8                                # consecutive steps a thread: a chunk of 1024 steps
 MAX_STATE = 256                               # N (the scan's carry: 2 N floats of shared memory)
@@ -177,7 +180,8 @@ def chunked_scan(a, b, initial, *, threads: int = SCAN_THREADS, items: int = SCA
 @dataclass(frozen=True, kw_only=True)
 class ConvPlan(KernelPlan):
     """x T [B, D, L], weight [D, K] (+ bias [D], initial_state T [B, D, K-1]) -> y T [B, D, L]
-    (+ final_state T [B, D, K-1]); B and L run-time."""
+    (+ final_state T [B, D, K-1]); B and L run-time. channels_last: x [B, L, D] with run-time
+    batch and step strides (x_sb, x_sl; channels adjacent), y [B, L, D] contiguous."""
 
     family: ClassVar[str] = "scan_conv"
     channels: int
@@ -188,6 +192,8 @@ class ConvPlan(KernelPlan):
     silu: bool = True
     initial: bool = False             # read an initial state
     final: bool = False               # write the final state
+    channels_last: bool = False       # x [B, L, D] strided, y [B, L, D]
+    vector: bool = True               # channels last: 16-byte loads (D and the strides 16-byte multiples)
     arch: str = "sm_90"
 
     def __post_init__(self):
@@ -195,13 +201,17 @@ class ConvPlan(KernelPlan):
             object.__setattr__(self, "weight_dtype", self.dtype)
         _check("scan conv", self, {"channels": self.channels, "width": self.width},
                {"dtype": self.dtype, "weight_dtype": self.weight_dtype}, {"bias": self.bias},
-               ("silu", "initial", "final"))
+               ("silu", "initial", "final", "channels_last", "vector"))
         if self.width not in WIDTHS:
             raise ValueError(f"scan conv: width must be one of {WIDTHS}, got {self.width}")
+        if self.channels_last and self.vector and self.channels % conv_vector(self):
+            raise ValueError(f"scan conv: channels-last 16-byte vectors need channels a multiple of "
+                             f"{conv_vector(self)}, got {self.channels} (vector=False reads one at a time)")
 
     @property
     def key(self) -> str:
-        opts = _opt("b", self.bias) + ["silu"] * self.silu + ["init"] * self.initial + ["final"] * self.final
+        opts = (_opt("b", self.bias) + ["silu"] * self.silu + ["init"] * self.initial + ["final"] * self.final
+                + ["cl" if self.vector else "cl1"] * self.channels_last)
         return "_".join(["scan_conv", f"d{self.channels}", f"k{self.width}", self.dtype, f"w{self.weight_dtype}",
                          *opts, ops.arch_key(self.arch)])
 
@@ -214,7 +224,8 @@ class ConvPlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"channels": self.channels, "width": self.width, "dtype": self.dtype, "weight_dtype": self.weight_dtype,
-                "bias": self.bias, "silu": self.silu, "initial": self.initial, "final": self.final}
+                "bias": self.bias, "silu": self.silu, "initial": self.initial, "final": self.final,
+                "channels_last": self.channels_last, "vector": self.vector}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -368,9 +379,10 @@ class StateUpdatePlan(_ScanOptions):
 
 
 def plan_conv(*, channels: int, width: int, dtype: str, weight_dtype: str | None = None, bias: str | None = None,
-              silu: bool = True, initial: bool = False, final: bool = False, arch: str = "sm_90") -> ConvPlan:
+              silu: bool = True, initial: bool = False, final: bool = False, channels_last: bool = False,
+              vector: bool = True, arch: str = "sm_90") -> ConvPlan:
     return ConvPlan(channels=channels, width=width, dtype=dtype, weight_dtype=weight_dtype, bias=bias, silu=silu,
-                    initial=initial, final=final, arch=arch)
+                    initial=initial, final=final, channels_last=channels_last, vector=vector, arch=arch)
 
 
 def plan_conv_update(*, channels: int, width: int, dtype: str, state_dtype: str | None = None,
@@ -397,6 +409,10 @@ def plan_state_update(*, channels: int, state: int, dtype: str, a_dtype: str | N
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
+def conv_vector(plan: ConvPlan) -> int:
+    """Channels a thread of the channels-last conv takes: a 16-byte vector, or 1."""
+    return 16 // DType[plan.dtype].itemsize if plan.vector else 1
+
 def _in(dtype: str) -> str:
     return f"const {ops.storage_ctype(dtype)}* __restrict__"
 
@@ -424,12 +440,23 @@ def _conv_abi(plan: ConvPlan) -> KernelABI:
     if plan.final:
         args.append(Arg("final_state", _out(plan.dtype), "output", "1"))
     args += [Arg("batch", "int", "dim"), Arg("length", "long long", "dim")]
+    if plan.channels_last:
+        args += [Arg("x_sb", "long long", "dim"), Arg("x_sl", "long long", "dim")]
+        return KernelABI(name=plan.kernel_name, args=tuple(args),
+                         grid=(f"rows * cdiv(length, {CONV_CL_STEPS})",
+                               f"cdiv({plan.channels}, {CONV_CL_THREADS * conv_vector(plan)})"),
+                         block=(CONV_CL_THREADS,), problem=("rows", "length"))
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=("rows", f"cdiv(length, {CONV_TILE})"),
                      block=(CONV_THREADS,), problem=("rows", "length"))
 
 
 @functools.lru_cache(maxsize=64)
 def _conv_source(plan: ConvPlan) -> str:
+    if plan.channels_last:
+        return render("cuda/scan_conv_cl.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype),
+                      channels=plan.channels, width=plan.width, bias=bool(plan.bias), silu=plan.silu,
+                      initial=plan.initial, final=plan.final, threads=CONV_CL_THREADS, steps=CONV_CL_STEPS,
+                      VEC=conv_vector(plan))
     return render("cuda/scan_conv.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype), channels=plan.channels,
                   width=plan.width, bias=bool(plan.bias), silu=plan.silu, initial=plan.initial, final=plan.final,
                   threads=CONV_THREADS, per_thread=CONV_PER_THREAD, tile=CONV_TILE)

@@ -113,15 +113,29 @@ def _keep_inputs(conv_state: torch.Tensor, x: torch.Tensor) -> None:
         conv_state.copy_(torch.cat([conv_state[..., L:], x.to(conv_state.dtype)], dim=-1))
 
 
-def _conv_prefill(x: torch.Tensor, conv: torch.nn.Conv1d, state: MixerState | None) -> torch.Tensor:
+def _conv_prefill(x: torch.Tensor, conv: torch.nn.Conv1d, state: MixerState | None, *,
+                  channels_last: bool = False) -> torch.Tensor:
     """silu(causal conv of x [B, C, L]) continuing from the state's inputs (zeros without one),
-    which then keeps the last K inputs."""
+    which then keeps the last K inputs. channels_last: x [B, L, C] (a column slice of the
+    projection, read in place) -> [B, L, C]."""
     C, _, K = conv.weight.shape
     initial = None if state is None else state.conv[..., 1:].contiguous()
-    y = scan.causal_conv1d(x, conv.weight.view(C, K), conv.bias, activation="silu", initial_state=initial)
+    conv1d = scan.causal_conv1d_channels_last if channels_last else scan.causal_conv1d
+    y = conv1d(x, conv.weight.view(C, K), conv.bias, activation="silu", initial_state=initial)
     if state is not None:
-        _keep_inputs(state.conv, x)
+        _keep_inputs(state.conv, x.transpose(1, 2) if channels_last else x)
     return y
+
+
+def _vectors(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """t as the SSD kernels' 16-byte copies read it in place (start and leading strides 16-byte
+    multiples, the rest contiguous), else a contiguous copy."""
+    size = t.element_size()
+    inner = t[(0,) * lead] if t.numel() else t
+    if (t.data_ptr() % 16 == 0 and inner.is_contiguous()
+            and all(t.stride(d) * size % 16 == 0 for d in range(lead) if t.shape[d] > 1)):
+        return t
+    return t.contiguous()
 
 
 def _check_state(what: str, state: MixerState | None, batch: int, conv_shape, ssm_shape, dtype, device) -> None:
@@ -287,12 +301,14 @@ class Mamba2Mixer(_Mixer):
         return zxbcdt.split([c.intermediate_size, c.conv_dim, c.num_heads], dim=-1)
 
     def _x_B_C(self, xbc: torch.Tensor):
+        """x [.., heads, head_dim], B and C [.., groups, state]: views of the conv's output where
+        the kernels can read them in place (prefill), else copies."""
         c = self.config
         G, N = c.n_groups, c.state_size
         x, B, C = xbc.split([c.intermediate_size, G * N, G * N], dim=-1)
-        lead = tuple(xbc.shape[:-1])
-        return (x.contiguous().view(*lead, c.num_heads, c.head_dim), B.contiguous().view(*lead, G, N),
-                C.contiguous().view(*lead, G, N))
+        lead = xbc.dim() - 1
+        return (_vectors(x.unflatten(-1, (c.num_heads, c.head_dim)), lead), _vectors(B.unflatten(-1, (G, N)), lead),
+                _vectors(C.unflatten(-1, (G, N)), lead))
 
     def forward(self, hidden: torch.Tensor, state: MixerState | None = None) -> torch.Tensor:
         """Prefill: hidden [B, L, H] -> [B, L, H]; with a state, continues from it and leaves
@@ -301,10 +317,10 @@ class Mamba2Mixer(_Mixer):
         c = self.config
         Bsz, L, _ = hidden.shape
         z, xbc, dt = self._split(self.in_proj(hidden))
-        xbc = _conv_prefill(xbc.transpose(1, 2).contiguous(), self.conv1d, state).transpose(1, 2)   # [B, L, C]
+        xbc = _conv_prefill(xbc, self.conv1d, state, channels_last=True)   # [B, L, C]
         x, B, C = self._x_B_C(xbc)
-        out = ssd.ssd_scan(x, dt.contiguous(), self._A(), B, C, D=self.D, z=None, dt_bias=self.dt_bias,
-                           dt_softplus=True, dt_limit=tuple(c.time_step_limit), chunk_size=c.chunk_size,
+        out = ssd.ssd_scan(x, dt, self._A(), B, C, D=self.D, z=None, dt_bias=self.dt_bias, dt_softplus=True,
+                           dt_limit=tuple(c.time_step_limit), chunk_size=c.chunk_size,
                            initial_state=None if state is None else state.ssm, return_final_state=state is not None)
         if state is not None:
             out, last = out

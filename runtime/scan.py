@@ -41,7 +41,7 @@ from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, pla
 from ..dsl.recurrences import causal_conv1d as _conv_definition
 from ..dsl.recurrences import linear_recurrence, softplus
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update",
+__all__ = ["causal_conv1d", "causal_conv1d_channels_last", "causal_conv1d_update", "selective_scan", "selective_state_update",
            "causal_conv1d_reference", "causal_conv1d_update_reference", "selective_scan_reference",
            "selective_state_update_reference", "ScanInputError", "ACTIVATIONS", "CONV_WIDTHS"]
 
@@ -213,6 +213,33 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
     return _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache)
 
 
+def causal_conv1d_channels_last(x, weight, bias=None, *, activation="silu", initial_state=None,
+                                return_final_state=False, cache=None):
+    """causal_conv1d over x [B, L, D] with the channels adjacent (stride 1; any batch and step
+    strides, e.g. a column slice of a projection's output, read in place): y [B, L, D]
+    contiguous, and final_state [B, D, K-1] when return_final_state; the rest as causal_conv1d.
+    The kernel loads 16-byte vectors when x's start, step and batch strides and D allow, else one
+    element at a time."""
+    what = "causal_conv1d_channels_last"
+    b, length, d = _leading(what, "x", x, 3)
+    if d > 1 and x.stride(2) != 1:
+        raise ScanInputError(f"{what}: 'x' must have its channels adjacent (stride 1 along D), got strides "
+                             f"{x.stride()}")
+    k = _width(what, weight)
+    _tensor(what, "weight", weight, (d, k), _params(x.dtype))
+    _optional(what, "bias", bias, (d,), _params(x.dtype))
+    _optional(what, "initial_state", initial_state, (b, d, k - 1), (x.dtype,))
+    _activation(what, activation)
+    _same_device(what, x, weight=weight, bias=bias, initial_state=initial_state)
+    if not _use_kernel(x):
+        out = causal_conv1d_reference(x.transpose(1, 2), weight, bias, activation=activation,
+                                      initial_state=initial_state, return_final_state=return_final_state)
+        if return_final_state:
+            return out[0].transpose(1, 2).contiguous(), out[1]
+        return out.transpose(1, 2).contiguous()
+    return _launch_conv_cl(x, weight, bias, activation, initial_state, return_final_state, cache)
+
+
 def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", cache=None):
     """One decode step of causal_conv1d: x [B, D] joins conv_state [B, D, K] (x's dtype or f32;
     updated in place, newest input last) and y [B, D] = act(bias + sum_k weight[:, k] * conv_state[..., k])."""
@@ -309,6 +336,27 @@ def _launch_conv(x, weight, bias, activation, initial_state, return_final_state,
     launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
                        lambda arch: plan_conv(**opts, arch=arch), cache)
     launch((b * d, length), [x, weight, *_present(bias, initial_state), y, *_present(final), b, length])
+    return (y, final) if return_final_state else y
+
+
+def _launch_conv_cl(x, weight, bias, activation, initial_state, return_final_state, cache):
+    b, length, d = x.shape
+    k = weight.shape[1]
+    y = torch.empty(b, length, d, dtype=x.dtype, device=x.device)
+    final = torch.empty(b, d, k - 1, dtype=x.dtype, device=x.device) if return_final_state else None
+    if length == 0 or b == 0:   # nothing to convolve: the state passes through
+        if final is not None:
+            final.copy_(initial_state) if initial_state is not None else final.zero_()
+        return (y, final) if return_final_state else y
+    sb, sl = (x.stride(0) if b > 1 else 0), (x.stride(1) if length > 1 else 0)
+    size = x.element_size()
+    vector = d % (16 // size) == 0 and x.data_ptr() % 16 == 0 and (sb * size) % 16 == 0 and (sl * size) % 16 == 0
+    opts = dict(channels=d, width=k, dtype=_name(x.dtype), weight_dtype=_name(weight.dtype),
+                bias=_name(None if bias is None else bias.dtype), silu=activation == "silu",
+                initial=initial_state is not None, final=return_final_state, channels_last=True, vector=vector)
+    launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
+                       lambda arch: plan_conv(**opts, arch=arch), cache)
+    launch((b, length), [x, weight, *_present(bias, initial_state), y, *_present(final), b, length, sb, sl])
     return (y, final) if return_final_state else y
 
 

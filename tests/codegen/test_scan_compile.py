@@ -116,6 +116,13 @@ nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
 PLANS = [
     lambda arch: plan_conv(channels=5120, width=4, dtype="bf16", bias="bf16", initial=True, final=True, arch=arch),
+    lambda arch: plan_conv(channels=5376, width=4, dtype="bf16", bias="bf16", initial=True, final=True,
+                           channels_last=True, arch=arch),
+    lambda arch: plan_conv(channels=5376, width=4, dtype="bf16", bias="bf16", channels_last=True, arch=arch),
+    lambda arch: plan_conv(channels=96, width=2, dtype="f32", bias="f32", initial=True, final=True,
+                           channels_last=True, arch=arch),
+    lambda arch: plan_conv(channels=101, width=3, dtype="f16", weight_dtype="f32", initial=True, final=True,
+                           channels_last=True, vector=False, arch=arch),
     lambda arch: plan_conv_update(channels=5120, width=3, dtype="f16", state_dtype="f32", weight_dtype="f32",
                                   silu=False, arch=arch),
     lambda arch: plan_selective_scan(channels=5120, state=16, dtype="bf16", a_dtype="f32", d_dtype="f32",
@@ -163,6 +170,8 @@ HOST_SHIM = r'''
 #include <barrier>
 #include <vector>
 #include <functional>
+#include <algorithm>
+using std::min;
 struct lf_dim3 { unsigned x = 0, y = 0, z = 0; };
 struct float4 { float x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
@@ -259,6 +268,9 @@ HOST_PLANS = {
                                 gate=True, initial=True, final=True, threads=64, items=4),
     "conv": plan_conv(channels=3, width=4, dtype="f32", bias="f32", initial=True, final=True),
     "conv_update": plan_conv_update(channels=3, width=4, dtype="f32", bias="f32"),
+    "conv_cl": plan_conv(channels=136, width=4, dtype="f32", bias="f32", initial=True, final=True, channels_last=True),
+    "conv_cl1": plan_conv(channels=5, width=3, dtype="f32", initial=True, final=True, channels_last=True,
+                          vector=False),
     "update16": plan_state_update(channels=37, state=16, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
     "update5": plan_state_update(channels=37, state=5, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
 }
@@ -313,6 +325,27 @@ def test_conv_sources_on_the_host(host):
     want = ref.causal_conv1d_update_reference(x, want_state, w, cb)
     torch.testing.assert_close(y.double(), want.double(), rtol=1e-6, atol=1e-6)
     assert torch.equal(state, want_state)
+
+
+@needs_gxx
+@pytest.mark.parametrize("name,d,k", [("conv_cl", 136, 4), ("conv_cl1", 5, 3)])
+def test_channels_last_conv_source_on_the_host(host, name, d, k):
+    """x [B, L, D] a column slice of a wider row (read in place through its strides); float4
+    vectors of 4 channels (136: two channel blocks, the second part-full) and single channels;
+    lengths shorter than the state, one tile, several tiles ending mid-tile."""
+    b = 2
+    gen = seeded_generator("host_conv_cl", name)
+    w = torch.randn(d, k, generator=gen)
+    cb = torch.randn(d, generator=gen) if name == "conv_cl" else None
+    for length in (2, 64, 150):
+        wide = torch.randn(b, length, d + 12, generator=gen)
+        x = wide[..., 4:4 + d]                                # 16-byte aligned start, row stride d + 12
+        s0 = torch.randn(b, d, k - 1, generator=gen)
+        y, s = nans(b, length, d), nans(b, d, k - 1)
+        host[name]((b, length), [x, w, *([cb] if cb is not None else []), s0, y, s, b, length, x.stride(0), x.stride(1)])
+        want_y, want_s = ref.causal_conv1d_reference(x.transpose(1, 2), w, cb, initial_state=s0, return_final_state=True)
+        torch.testing.assert_close(y.double(), want_y.transpose(1, 2).double(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(s, want_s)
 
 
 @needs_gxx

@@ -8,7 +8,8 @@ capture; the errors raised before a launch."""
 import pytest
 import torch
 
-from layerforge.runtime.scan import (ScanInputError, causal_conv1d, causal_conv1d_reference, causal_conv1d_update,
+from layerforge.runtime.scan import (ScanInputError, causal_conv1d, causal_conv1d_channels_last,
+                                     causal_conv1d_reference, causal_conv1d_update,
                                      causal_conv1d_update_reference, selective_scan, selective_scan_reference,
                                      selective_state_update, selective_state_update_reference)
 
@@ -63,6 +64,35 @@ def test_conv_matches_reference(b, d, length, k, dtype, options):
     y, s = causal_conv1d(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
     want_y, want_s = causal_conv1d_reference(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
     close(y, want_y, dtype, "y")
+    assert torch.equal(s, want_s), "the final state is the last K - 1 inputs, copied exactly"
+
+
+CL_CASES = [  # (batch, channels, length, K, columns of the wider row x is a slice of, its first column)
+    (1, 5376, 8192, 4, 10576, 5120),   # Mamba2-2.7B's xBC inside in_proj's output: 16-byte vectors
+    (8, 5376, 2048, 4, 10576, 5120),
+    (2, 96, 1, 4, 96, 0), (2, 96, 3, 2, 200, 8), (3, 40, 130, 3, 40, 0),
+    (2, 101, 77, 4, 130, 3),          # odd channels, unaligned start: one channel a thread
+    (2, 64, 300, 4, 70, 2)]           # 16-byte multiple of channels, unaligned rows: one a thread
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d,length,k,cols,first", CL_CASES)
+@pytest.mark.parametrize("options", ["silu_bias_states", "plain"])
+def test_channels_last_conv_matches_reference(b, d, length, k, cols, first, dtype, options):
+    """x [B, L, D] read in place as a column slice of a wider row; y [B, L, D] contiguous."""
+    gen = seeded_generator("scan_conv_cl", b, d, length, k, dtype, options)
+    full = options == "silu_bias_states"
+    x = draw(gen, b, length, cols, dtype=dtype)[..., first:first + d]
+    w = draw(gen, d, k, dtype=torch.float32 if full else dtype, scale=0.5)
+    bias = draw(gen, d, dtype=dtype) if full else None
+    s0 = draw(gen, b, d, k - 1, dtype=dtype) if full else None
+    act = "silu" if full else None
+    poison(((b, length, d), dtype), ((b, d, k - 1), dtype))
+    y, s = causal_conv1d_channels_last(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
+    want_y, want_s = causal_conv1d_reference(x.transpose(1, 2), w, bias, activation=act, initial_state=s0,
+                                             return_final_state=True)
+    assert y.shape == (b, length, d) and y.is_contiguous() and y.dtype == dtype
+    close(y, want_y.transpose(1, 2), dtype, "channels-last y")
     assert torch.equal(s, want_s), "the final state is the last K - 1 inputs, copied exactly"
 
 

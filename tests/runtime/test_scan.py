@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerforge.runtime.scan import (ScanInputError, causal_conv1d, causal_conv1d_update, selective_scan,
+from layerforge.runtime.scan import (ScanInputError, causal_conv1d, causal_conv1d_channels_last, causal_conv1d_update,
+                                     selective_scan,
                                      selective_state_update)
 
 F64 = torch.float64
@@ -175,6 +176,21 @@ def test_scan_bf16_inputs_f32_state():
 
 
 # ---- errors ----------------------------------------------------------------------------------
+def test_channels_last_conv_is_the_conv_of_the_transpose():
+    """x [B, L, D] as a column slice of a wider row: y [B, L, D] contiguous, the same final state."""
+    g = torch.Generator().manual_seed(11)
+    wide = torch.randn(2, 33, 20, generator=g)
+    x = wide[..., 3:15]
+    w, b, s0 = torch.randn(12, 4, generator=g), torch.randn(12, generator=g), torch.randn(2, 12, 3, generator=g)
+    y, s = causal_conv1d_channels_last(x, w, b, initial_state=s0, return_final_state=True)
+    want_y, want_s = causal_conv1d(x.transpose(1, 2).contiguous(), w, b, initial_state=s0, return_final_state=True)
+    assert y.shape == (2, 33, 12) and y.is_contiguous()
+    torch.testing.assert_close(y, want_y.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    with pytest.raises(ScanInputError, match="channels adjacent"):
+        causal_conv1d_channels_last(x[:, :, ::2], w[:6])
+
+
 def test_conv_errors():
     x, w, bias = conv_inputs(k=4, dtype=torch.float32)
     with pytest.raises(ScanInputError, match="K must be one of"):
