@@ -23,6 +23,7 @@ from ..codegen.plan import KernelPlan, LoweringError
 from ..dsl.ast import AttentionDef
 from ..dsl.errors import DSLError
 from ..dsl.program import Program, dims_from_config
+from ..dsl.types import DType
 from .pack import MANIFEST_FORMAT
 
 # Product layers (the stdlib's linear.lf) lower to the small-token product kernels, but a pack's
@@ -226,26 +227,56 @@ def model_definitions(program: Program, args) -> list[tuple[str, dict[str, Any]]
 
 def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[KernelPlan], dict[str, str]]:
     """(plans, skipped) of the kernels a model's modules launch that no DSL definition describes
-    yet, for a config whose model_type models/families.py knows: Mamba2's SSD kernels
-    (codegen/ssd.py) as runtime/ssd.py launches them for its mixer (runtime/mamba.Mamba2Mixer: Δ
-    bias and softplus, the D skip, no z in the scan): the chunk states, the state passing without
-    and with an initial state (a first prompt chunk, a continued one), the chunk scan, and the
-    decode update. Nothing for other models."""
+    yet, for a config whose model_type models/families.py knows, each as the mixer launches it
+    (runtime/mamba.py: weights and conv bias in the model dtype; A, D and the Δ bias in f32):
+    Mamba's causal conv (a first prompt chunk and a continued one), its decode step over the
+    K-wide state, the selective scan at every tiling a prompt length picks (scan_tiles), with and
+    without carried states, and the state update; Mamba2's channels-last conv (read inside
+    in_proj's output), its decode step, and the SSD kernels (codegen/ssd.py: the chunk states,
+    the state passing without and with an initial state, the chunk scan with the D skip and no z,
+    the decode update). Nothing for other models."""
     from ..models import families
-    if config.get("model_type") != "mamba2":
+    kind = config.get("model_type")
+    if kind not in ("mamba", "mamba2"):
         return [], {}
+    from ..codegen.scan import SCAN_ITEMS, SCAN_THREADS, plan_conv, plan_conv_update, plan_selective_scan, plan_state_update
+    m = families.spec_from_config(config).mixer
+    channels = m.intermediate_size if kind == "mamba" else m.conv_dim
+    conv = dict(channels=channels, width=m.conv_kernel, dtype=dtype, weight_dtype=dtype,
+                bias=dtype if m.use_conv_bias else None, silu=True, arch=arch)
+    layout = {}
+    if kind == "mamba2":   # xBC read inside in_proj's output: 16-byte vectors when its columns and rows allow
+        size = DType[dtype].itemsize
+        row = m.intermediate_size + m.conv_dim + m.num_heads
+        layout = dict(channels_last=True, vector=m.conv_dim * size % 16 == 0 and row * size % 16 == 0
+                      and m.intermediate_size * size % 16 == 0)
+    try:
+        plans = [plan_conv(**conv, initial=initial, **layout) for initial in (False, True)]
+        plans.append(plan_conv_update(**conv, state_dtype=dtype))
+    except ValueError as e:
+        return [], {f"scan conv ({kind}'s causal conv)": f"not served for this model: {e}"}
+    if kind == "mamba":
+        scan = dict(channels=m.intermediate_size, state=m.state_size, dtype=dtype, a_dtype="f32", d_dtype="f32",
+                    bias_dtype="f32", gate=True, softplus=True, arch=arch)
+        items = [1 << i for i in range(SCAN_ITEMS.bit_length()) if 1 << i <= SCAN_ITEMS]
+        try:
+            plans += [plan_selective_scan(**scan, initial=carry, final=carry, threads=SCAN_THREADS, items=n)
+                      for n in items for carry in (False, True)]
+            plans.append(plan_state_update(**scan))
+        except ValueError as e:
+            return plans, {"selective scan (Mamba's scan)": f"not served for this model: {e}"}
+        return plans, {}
     from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
                                plan_ssd_state_update)
-    m = families.spec_from_config(config).mixer
     dims = dict(heads=m.num_heads, head_dim=m.head_dim, state=m.state_size, dtype=dtype, arch=arch)
-    scan = dict(dims, groups=m.n_groups, dt_bias=True, softplus=True)
+    ssd = dict(dims, groups=m.n_groups, dt_bias=True, softplus=True)
     try:
-        plans = [plan_ssd_chunk_state(**scan, chunk=m.chunk_size),
-                 plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
-                 plan_ssd_chunk_scan(**scan, chunk=m.chunk_size, skip=True, gate=False),
-                 plan_ssd_state_update(**scan, skip=True, gate=False)]
+        plans += [plan_ssd_chunk_state(**ssd, chunk=m.chunk_size),
+                  plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
+                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False),
+                  plan_ssd_state_update(**ssd, skip=True, gate=False)]
     except ValueError as e:
-        return [], {"ssd (Mamba2's chunked scan)": f"not served for this model: {e}"}
+        return plans, {"ssd (Mamba2's chunked scan)": f"not served for this model: {e}"}
     return plans, {}
 
 

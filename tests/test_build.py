@@ -161,10 +161,12 @@ def test_build_of_a_mamba_config_packs_the_scan_kernels(tmp_path):
     assert m["skipped"] == {}
     kernels = {k["key"]: k for k in m["kernels"]}
     scan = "selective_scan_d64_n8_bf16_af32_skipf32_bf32_z_sp_init_final"
+    plain = scan.replace("_init_final", "")   # the mixer alone, no states carried (model_plans)
     assert set(kernels) == {"rms_norm_h32_bf16_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
+                            "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_sm90",
                             "scan_conv_update_d64_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
                             "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90",
-                            *(f"{scan}_{t}sm90" for t in ("t128x1_", "t128x2_", "t128x4_", ""))}
+                            *(f"{s}_{t}sm90" for t in ("t128x1_", "t128x2_", "t128x4_", "") for s in (scan, plain))}
     assert kernels[f"{scan}_sm90"]["family"] == "selective_scan"
     for key in (f"{scan}_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
                 "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90"):
@@ -185,9 +187,45 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
     assert sorted(p.key for p in plans) == ["gated_grouped_rms_norm_g2_h64_bf16_sm90", "rms_norm_h32_bf16_sm90",
                                             "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
                                             "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90"]
-    ssd, skipped = model_plans(config, "bf16", "sm_90")
-    assert skipped == {} and [p.key for p in ssd] == [
+    extra, skipped = model_plans(config, "bf16", "sm_90")
+    assert skipped == {} and [p.key for p in extra] == [
+        # in_proj's rows are 260 bf16 (no 16-byte multiple): the channels-last conv reads one channel at a time
+        "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_cl1_sm90", "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_cl1_sm90",
+        "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
         "ssd_chunk_state_h4_p16_g2_n16_q64_bf16_bias_softplus_sm90", "ssd_state_passing_h4_p16_n16_bf16_sm90",
         "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_sm90",
         "ssd_state_update_h4_p16_g2_n16_bf16_bias_softplus_d_sm90"]
-    assert model_plans(MAMBA, "bf16", "sm_90") == ([], {})
+    assert model_plans({**MAMBA, "model_type": "llama"}, "bf16", "sm_90") == ([], {})
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_pack_of_a_mamba_config_holds_every_kernel_its_mixers_launch(kind, monkeypatch):
+    """The scan and SSD kernels a mixer loads for prefills (every scan tiling, with and without
+    states) and decode steps, recorded on the CPU (the launchers stubbed: no GPU), are all among
+    the build's plans for the config (the DSL definitions' and model_plans'): a pack built from it
+    serves the model with no compiler at run time."""
+    from layerforge.dsl.program import Program
+    from layerforge.models import families
+    from layerforge.runtime import scan, ssd
+    from layerforge.runtime.build import model_plans, plans_for_model
+    from layerforge.runtime.mamba import Mamba2Mixer, MambaMixer
+    config = MAMBA if kind == "mamba" else {**MAMBA, "model_type": "mamba2", "state_size": 16, "num_heads": 4,
+                                            "head_dim": 16, "n_groups": 2, "chunk_size": 64}
+    spec = families.spec_from_config(config)
+    plans, _ = plans_for_model(Program.stdlib(), {}, "bf16", "sm_90", definitions=families.definitions_for(spec))
+    built = {p.key for p in plans} | {p.key for p in model_plans(config, "bf16", "sm_90")[0]}
+    launched = set()
+
+    def record(key, device, make_plan, cache=None):
+        launched.add(make_plan("sm_90").key)
+        return lambda problem, args: None
+    for module in (scan, ssd):
+        monkeypatch.setattr(module, "_use_kernel", lambda t: True)
+        monkeypatch.setattr(module, "_launcher", record)
+    mixer = (MambaMixer if kind == "mamba" else Mamba2Mixer)(spec.mixer, dtype=torch.bfloat16)
+    for length in (5, 200, 300, 700, 1500):   # every selective-scan tiling (scan_tiles)
+        x = torch.zeros(2, length, spec.hidden_size, dtype=torch.bfloat16)
+        mixer(x)
+        mixer(x, mixer.new_state(2))
+    mixer.step(torch.zeros(2, spec.hidden_size, dtype=torch.bfloat16), mixer.new_state(2))
+    assert launched and launched <= built, sorted(launched - built)
