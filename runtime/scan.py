@@ -201,16 +201,21 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
     what = "causal_conv1d"
     b, d, length = _leading(what, "x", x, 3)
     _tensor(what, "x", x, (b, d, length), _INPUT_DTYPES)
+    _check_conv(what, x, weight, bias, initial_state, activation, b, d)
+    if not _use_kernel(x):
+        return causal_conv1d_reference(x, weight, bias, activation=activation, initial_state=initial_state,
+                                       return_final_state=return_final_state)
+    return _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache)
+
+
+def _check_conv(what, x, weight, bias, initial_state, activation, b: int, d: int) -> None:
+    """The checks of a conv's weight [D, K], bias [D], initial state [B, D, K-1] and activation."""
     k = _width(what, weight)
     _tensor(what, "weight", weight, (d, k), _params(x.dtype))
     _optional(what, "bias", bias, (d,), _params(x.dtype))
     _optional(what, "initial_state", initial_state, (b, d, k - 1), (x.dtype,))
     _activation(what, activation)
     _same_device(what, x, weight=weight, bias=bias, initial_state=initial_state)
-    if not _use_kernel(x):
-        return causal_conv1d_reference(x, weight, bias, activation=activation, initial_state=initial_state,
-                                       return_final_state=return_final_state)
-    return _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache)
 
 
 def causal_conv1d_channels_last(x, weight, bias=None, *, activation="silu", initial_state=None,
@@ -225,19 +230,14 @@ def causal_conv1d_channels_last(x, weight, bias=None, *, activation="silu", init
     if d > 1 and x.stride(2) != 1:
         raise ScanInputError(f"{what}: 'x' must have its channels adjacent (stride 1 along D), got strides "
                              f"{x.stride()}")
-    k = _width(what, weight)
-    _tensor(what, "weight", weight, (d, k), _params(x.dtype))
-    _optional(what, "bias", bias, (d,), _params(x.dtype))
-    _optional(what, "initial_state", initial_state, (b, d, k - 1), (x.dtype,))
-    _activation(what, activation)
-    _same_device(what, x, weight=weight, bias=bias, initial_state=initial_state)
+    _check_conv(what, x, weight, bias, initial_state, activation, b, d)
     if not _use_kernel(x):
         out = causal_conv1d_reference(x.transpose(1, 2), weight, bias, activation=activation,
                                       initial_state=initial_state, return_final_state=return_final_state)
         if return_final_state:
             return out[0].transpose(1, 2).contiguous(), out[1]
         return out.transpose(1, 2).contiguous()
-    return _launch_conv_cl(x, weight, bias, activation, initial_state, return_final_state, cache)
+    return _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache, channels_last=True)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", cache=None):
@@ -319,10 +319,11 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache):
     return hit
 
 
-def _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache):
-    b, d, length = x.shape
+def _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache, *, channels_last=False):
+    """x [B, D, L] contiguous, or (channels_last) [B, L, D] through its batch and step strides."""
+    b, length, d = x.shape if channels_last else (x.shape[0], x.shape[2], x.shape[1])
     k = weight.shape[1]
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     final = torch.empty(b, d, k - 1, dtype=x.dtype, device=x.device) if return_final_state else None
     if length == 0 or b == 0:   # nothing to convolve: the state passes through
         if final is not None and initial_state is not None:
@@ -333,30 +334,16 @@ def _launch_conv(x, weight, bias, activation, initial_state, return_final_state,
     opts = dict(channels=d, width=k, dtype=_name(x.dtype), weight_dtype=_name(weight.dtype),
                 bias=_name(None if bias is None else bias.dtype), silu=activation == "silu",
                 initial=initial_state is not None, final=return_final_state)
+    problem, strides = (b * d, length), ()
+    if channels_last:   # 16-byte vectors of channels where the start, the strides and D allow
+        strides = (x.stride(0) if b > 1 else 0), (x.stride(1) if length > 1 else 0)
+        size = x.element_size()
+        vector = d % (16 // size) == 0 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in strides)
+        opts.update(channels_last=True, vector=vector)
+        problem = (b, length)
     launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
                        lambda arch: plan_conv(**opts, arch=arch), cache)
-    launch((b * d, length), [x, weight, *_present(bias, initial_state), y, *_present(final), b, length])
-    return (y, final) if return_final_state else y
-
-
-def _launch_conv_cl(x, weight, bias, activation, initial_state, return_final_state, cache):
-    b, length, d = x.shape
-    k = weight.shape[1]
-    y = torch.empty(b, length, d, dtype=x.dtype, device=x.device)
-    final = torch.empty(b, d, k - 1, dtype=x.dtype, device=x.device) if return_final_state else None
-    if length == 0 or b == 0:   # nothing to convolve: the state passes through
-        if final is not None:
-            final.copy_(initial_state) if initial_state is not None else final.zero_()
-        return (y, final) if return_final_state else y
-    sb, sl = (x.stride(0) if b > 1 else 0), (x.stride(1) if length > 1 else 0)
-    size = x.element_size()
-    vector = d % (16 // size) == 0 and x.data_ptr() % 16 == 0 and (sb * size) % 16 == 0 and (sl * size) % 16 == 0
-    opts = dict(channels=d, width=k, dtype=_name(x.dtype), weight_dtype=_name(weight.dtype),
-                bias=_name(None if bias is None else bias.dtype), silu=activation == "silu",
-                initial=initial_state is not None, final=return_final_state, channels_last=True, vector=vector)
-    launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
-                       lambda arch: plan_conv(**opts, arch=arch), cache)
-    launch((b, length), [x, weight, *_present(bias, initial_state), y, *_present(final), b, length, sb, sl])
+    launch(problem, [x, weight, *_present(bias, initial_state), y, *_present(final), b, length, *strides])
     return (y, final) if return_final_state else y
 
 

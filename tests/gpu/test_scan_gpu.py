@@ -49,6 +49,15 @@ CONV_CASES = [  # (batch, channels, length, K)
     (1, 64, 8192, 4), (2, 96, 1, 4), (2, 96, 3, 4), (3, 40, 511, 2), (2, 64, 513, 3), (1, 128, 3000, 4)]
 
 
+def conv_params(gen, b, d, k, dtype, full: bool):
+    """(weight, bias, initial state, activation): f32 taps, a bias, a state and SiLU (full), or
+    taps in the input dtype and nothing else."""
+    w = draw(gen, d, k, dtype=torch.float32 if full else dtype, scale=0.5)
+    if not full:
+        return w, None, None, None
+    return w, draw(gen, d, dtype=dtype), draw(gen, b, d, k - 1, dtype=dtype), "silu"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,d,length,k", CONV_CASES)
 @pytest.mark.parametrize("options", ["silu_bias_states", "plain"])
@@ -56,10 +65,7 @@ def test_conv_matches_reference(b, d, length, k, dtype, options):
     gen = seeded_generator("scan_conv", b, d, length, k, dtype, options)
     full = options == "silu_bias_states"
     x = draw(gen, b, d, length, dtype=dtype)
-    w = draw(gen, d, k, dtype=torch.float32 if full else dtype, scale=0.5)
-    bias = draw(gen, d, dtype=dtype) if full else None
-    s0 = draw(gen, b, d, k - 1, dtype=dtype) if full else None
-    act = "silu" if full else None
+    w, bias, s0, act = conv_params(gen, b, d, k, dtype, full)
     poison(((b, d, length), dtype), ((b, d, k - 1), dtype))
     y, s = causal_conv1d(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
     want_y, want_s = causal_conv1d_reference(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
@@ -83,10 +89,7 @@ def test_channels_last_conv_matches_reference(b, d, length, k, cols, first, dtyp
     gen = seeded_generator("scan_conv_cl", b, d, length, k, dtype, options)
     full = options == "silu_bias_states"
     x = draw(gen, b, length, cols, dtype=dtype)[..., first:first + d]
-    w = draw(gen, d, k, dtype=torch.float32 if full else dtype, scale=0.5)
-    bias = draw(gen, d, dtype=dtype) if full else None
-    s0 = draw(gen, b, d, k - 1, dtype=dtype) if full else None
-    act = "silu" if full else None
+    w, bias, s0, act = conv_params(gen, b, d, k, dtype, full)
     poison(((b, length, d), dtype), ((b, d, k - 1), dtype))
     y, s = causal_conv1d_channels_last(x, w, bias, activation=act, initial_state=s0, return_final_state=True)
     want_y, want_s = causal_conv1d_reference(x.transpose(1, 2), w, bias, activation=act, initial_state=s0,
