@@ -128,14 +128,8 @@ def _conv_prefill(x: torch.Tensor, conv: torch.nn.Conv1d, state: MixerState | No
 
 
 def _vectors(t: torch.Tensor, lead: int) -> torch.Tensor:
-    """t as the SSD kernels' 16-byte copies read it in place (start and leading strides 16-byte
-    multiples, the rest contiguous), else a contiguous copy."""
-    size = t.element_size()
-    inner = t[(0,) * lead] if t.numel() else t
-    if (t.data_ptr() % 16 == 0 and inner.is_contiguous()
-            and all(t.stride(d) * size % 16 == 0 for d in range(lead) if t.shape[d] > 1)):
-        return t
-    return t.contiguous()
+    """t as the SSD kernels read it in place (ssd.readable_in_place), else a contiguous copy."""
+    return t if ssd.readable_in_place(t, lead) else t.contiguous()
 
 
 def _check_state(what: str, state: MixerState | None, batch: int, conv_shape, ssm_shape, dtype, device) -> None:

@@ -318,6 +318,22 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache=None):
     return hit
 
 
+def _vector_aligned(t: torch.Tensor, strides) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in strides)
+
+
+def readable_in_place(t: torch.Tensor, lead: int) -> bool:
+    """Whether the kernels read t ([lead dims..., rows of 16-byte vectors]) through its strides:
+    contiguous past its first `lead` dims, its start and those dims' strides 16-byte multiples.
+    Otherwise a caller passes t.contiguous()."""
+    try:
+        strides = _strides("t", t, lead, vector=False)
+    except SSDInputError:
+        return False
+    return _vector_aligned(t, strides)
+
+
 def _strides(name: str, t: torch.Tensor, lead: int, vector: bool) -> tuple[int, ...]:
     """The strides (elements) of t's `lead` leading dims; the dims after them must be contiguous
     (a row of a split of a wider tensor is fine). vector: the kernel copies 16-byte vectors of
@@ -330,8 +346,7 @@ def _strides(name: str, t: torch.Tensor, lead: int, vector: bool) -> tuple[int, 
         inner *= t.shape[d]
     strides = tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(lead))
     if vector:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(st * size % 16 for st in strides):
+        if not _vector_aligned(t, strides):
             raise SSDInputError(f"{name} must start on a 16-byte boundary with 16-byte multiples for strides "
                                 f"(the kernels copy 16-byte vectors; got strides {t.stride()}); call .contiguous()")
     return strides
