@@ -202,8 +202,8 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
 def test_pack_of_a_mamba_config_holds_every_kernel_its_mixers_launch(kind, monkeypatch):
     """The scan and SSD kernels a mixer loads for prefills (every scan tiling, with and without
     states) and decode steps, recorded on the CPU (the launchers stubbed: no GPU), are all among
-    the build's plans for the config (the DSL definitions' and model_plans'): a pack built from it
-    serves the model with no compiler at run time."""
+    the build's plans for the config (the DSL definitions' and model_plans'): after `layerforge build`
+    the model's kernels are in the pack and in the disk cache, so running it compiles nothing."""
     from layerforge.dsl.program import Program
     from layerforge.models import families
     from layerforge.runtime import scan, ssd
