@@ -22,6 +22,7 @@ not transposed) is a LoweringError naming the expression and its source position
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -53,6 +54,10 @@ class LinearPattern:
     norm_weight: str | None = None   # gamma [K] of the RMSNorm of x in the prologue
     norm_offset: float = 0.0         # 1.0: x * (1 + gamma)
     eps: str | float | None = None   # the norm's eps: a runtime scalar's name or a constant
+
+    def to_json(self) -> dict:
+        """The pattern as a pack's manifest records it (LinearPattern(**d) reads it back)."""
+        return dataclasses.asdict(self)
 
     def plan(self, arch: str, max_m: int = 16) -> GemvPlan:
         try:

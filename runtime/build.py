@@ -18,26 +18,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..codegen.families import plans_for_layer
-from ..codegen.linear_lower import has_matmul, match_linear
-from ..codegen.plan import KernelPlan, LoweringError
+from ..codegen.linear_lower import match_linear
+from ..codegen.plan import KernelPlan, LoweringError, layer_interface
 from ..dsl.ast import AttentionDef
 from ..dsl.errors import DSLError
 from ..dsl.program import Program, dims_from_config
 from ..dsl.types import DType
 from .pack import MANIFEST_FORMAT
 
-# Product layers (the stdlib's linear.lf) lower to the small-token product kernels, but a pack's
-# modules are row layers and attention blocks only: a LayerModule of such a layer compiles its
-# two kernels (up to 8 and up to 16 rows) at first use instead.
-PRODUCT_LAYERS_NOT_PACKED = ("a small-token product layer (gemv family): packs do not carry these yet; "
-                             "lf.module(...) compiles its kernels at first use")
 
 
 def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch: str,
                     names: list[str] | None = None, page_size: int = 16, cache=None,
                     kv_dtype: str | None = None, progress: Callable[[str], None] | None = None,
-                    definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None
-                    ) -> tuple[list, dict[str, str]]:
+                    definitions: list[tuple[str, dict[str, Any]]] | None = None, kv_cache: str | None = None,
+                    products: dict[str, list[dict[str, Any]]] | None = None) -> tuple[list, dict[str, str]]:
     """Plans for every definition whose dims the bindings cover (codegen.families decides
     which kernels a definition needs; shared ones, like a KV append, appear once); the others
     with the reason. Attention blocks and their KV cache take `kv_dtype` (default: `dtype`);
@@ -48,7 +43,11 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
 
     `definitions` (instead of `names`): (name, bindings) pairs, each specialised with its own
     bindings over `bindings` (models.families.definitions_for: a model's definitions, an
-    attention block once per const set); a name given twice is reported as `name[i]`."""
+    attention block once per const set); a name given twice is reported as `name[i]`.
+
+    `products`, when given, receives for each small-token product plan (a product layer's kernel
+    for up to 8 or up to 16 rows) the layers it serves: name, dims, consts, interface and the
+    fused pattern (codegen/linear_lower.py), what a pack needs to make their modules."""
     from .launch import compile_fn
     if definitions is None:
         names = list(names) if names else program.names
@@ -74,15 +73,15 @@ def plans_for_model(program: Program, bindings: dict[str, Any], dtype: str, arch
             is_attention = isinstance(program.definition(name), AttentionDef)
             t = (kv_dtype or dtype) if is_attention else dtype
             layer = program.specialise(name, dtype=t, **program.bindings_for(name, {**bindings, **own}))
-            if not is_attention and has_matmul(layer.function):
-                match_linear(layer)   # a product that does not fuse: skipped with the lowering's reason
-                skipped[label] = PRODUCT_LAYERS_NOT_PACKED
-            else:
-                for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile,
-                                            kv_cache=kv_cache if is_attention else None):
-                    if plan.key not in seen:
-                        seen.add(plan.key)
-                        plans.append(plan)
+            for plan in plans_for_layer(layer, arch, page_size=page_size, compile_fn=tile_compile,
+                                        kv_cache=kv_cache if is_attention else None):
+                if plan.key not in seen:
+                    seen.add(plan.key)
+                    plans.append(plan)
+                if products is not None and plan.family == "gemv":   # a product layer's (linear_plans)
+                    products.setdefault(plan.key, []).append(
+                        {"layer": name, "dims": dict(layer.dims), "consts": dict(layer.consts),
+                         "interface": layer_interface(layer), "linear": match_linear(layer).to_json()})
         except DSLError as e:
             skipped[label] = f"not specialisable for this model: {e.diagnostics[0].message}"
         except LoweringError as e:
@@ -124,8 +123,9 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
     cache = cache or default_cache()
     say = progress or (lambda s: None)
     already_compiled = cache.compiled_keys()   # by this process, before this build
+    products: dict[str, list[dict[str, Any]]] = {}
     plans, skipped = plans_for_model(program, bindings, dtype, arch, names, page_size, cache, kv_dtype, say,
-                                     definitions, kv_cache)
+                                     definitions, kv_cache, products)
     if extra_plans is not None:
         keys = {p.key for p in plans}
         plans += [p for p in extra_plans[0] if p.key not in keys]
@@ -152,6 +152,7 @@ def build(program: Program, bindings: dict[str, Any], *, dtype: str, arch: str, 
                 **manifest_entry(plan), "source": f"{plan.key}.cu", "cubin": f"{plan.key}.cubin",
                 "cubin_sha256": hashlib.sha256(res.cubin).hexdigest(), "registers": regs, "spill_bytes": spilled,
                 "compile_seconds": round(res.compile_seconds, 4) if compiled else 0.0, "cached": not compiled,
+                **({"layers": products[plan.key]} if plan.key in products else {}),
             })
     if trt:
         write_trt_plugins(plans, out / "trt", arch, cache)

@@ -123,16 +123,21 @@ class LayerModule(torch.nn.Module):
         self._no_kernel: str | None | bool = False if layer is not None else None   # False: not decided yet
         self._linear: LinearPattern | None = None   # a product layer's pattern (set with kernel_reason)
         self._linear_checked: set[tuple] = set()    # input signatures a product layer has checked
+        self._product_kernels: dict = {}            # a pack's product layer: device index -> {rows: Launcher}
         self._scan: ScanPattern | None = None       # a scan-family layer's pattern (set with kernel_reason)
 
     @classmethod
-    def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None, **scalars: Any
-                    ) -> LayerModule:
+    def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None,
+                    linear: dict | None = None, **scalars: Any) -> LayerModule:
         """A module over compiled kernels (a pack's): `images` maps the vector width a kernel
         assumes (16: aligned tensors) to (cubin, KernelABI, row dims). No NVRTC and no DSL; CPU
-        tensors and tensors the pack has no kernel for are errors."""
+        tensors and tensors the pack has no kernel for are errors. A product layer (`linear`: its
+        LinearPattern as the manifest records it): `images` maps the rows a small-token kernel
+        takes (8, 16) to (cubin, KernelABI); more rows run torch's product."""
         self = cls(None, arch=arch, device=device, interface=interface, name=name, **scalars)
         self._images = dict(images)
+        if linear is not None:
+            self._linear = LinearPattern(**linear)
         return self
 
     @property
@@ -277,9 +282,18 @@ class LayerModule(torch.nn.Module):
             norm = (tensors[p.norm_weight], float(eps))
         bias = None if p.bias is None else tensors[p.bias]
         residual = None if p.residual is None else tensors[p.residual]
+        kernels = None
+        if self.layer is None:   # a pack's module (CUDA tensors only): its kernels, loaded once per device
+            device = tensors[p.x].device
+            kernels = self._product_kernels.get(device.index)
+            if kernels is None:
+                from .launch import load_kernels
+                kernels = self._product_kernels[device.index] = {
+                    rows: load_kernels(cubin, (abi,), device)[abi.name] for rows, (cubin, abi) in self._images.items()}
         try:
             return gemv(tensors[p.x], tensors[p.weight], bias, gated=p.gated, residual=residual, norm=norm,
-                        norm_offset=p.norm_offset, out=None if out is None else out[0], cache=self._cache)
+                        norm_offset=p.norm_offset, out=None if out is None else out[0], cache=self._cache,
+                        kernels=kernels)
         except LinearInputError as e:
             raise LayerInputError(f"{self.name}: {e}") from None
 

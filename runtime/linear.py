@@ -47,9 +47,14 @@ _ACT = {"silu": F.silu, "gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.ge
 _KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8/16/32/64 rows, gated, bias, residual, norm, device, wtype, group) -> launcher
 
 
+def _tiles(rows: int) -> int:
+    """The token tile of the plan that serves `rows`: 8, 16, 32 or 64 rows."""
+    return 8 << max(0, (rows - 1).bit_length() - 3)
+
+
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
               wtype: str | None = None, group: int = 0):
-    tiles = 8 << max(0, (rows - 1).bit_length() - 3)   # the plan's token tiles: 8, 16, 32 or 64 rows
+    tiles = _tiles(rows)
     key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group)
     hit = _KERNELS.get(key)
     if hit is None:
@@ -153,21 +158,23 @@ def device_major(device: torch.device) -> int:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: str | None = None,
          residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
-         norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None, kernel: str | None = None
-         ) -> torch.Tensor:
+         norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None, kernel: str | None = None,
+         kernels: dict | None = None) -> torch.Tensor:
     """rms_norm(x) (when `norm` = (gamma [K], eps): x * rsqrt(mean(x^2) + eps) * (gamma +
     norm_offset)), then x [..., K] @ weight[N, K]^T (+ bias), then act(gate) * up over the two
     output halves when `gated`, then + residual [..., N_out]; the generated kernel where it
     serves the call (see the module's docstring), torch otherwise. kernel="wgmma" runs the
     Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot); "wgmma_tma" and
-    "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS)."""
+    "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS). `kernels`: loaded small-token
+    kernels by the rows they take ({8: ..., 16: ...}, a pack's) instead of compiled ones; the
+    calls they do not serve run torch's product, never a compile."""
     if kernel is not None and kernel not in GEMM_KERNELS:
         raise LinearInputError(f"kernel must be None or one of {sorted(GEMM_KERNELS)}, got {kernel!r}")
     if weight.dim() != 2:
         raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     rows = check_call(x, n, k, bias, gated, residual, norm, norm_offset, out)
-    wgmma = norm is None and (_gemm_ok(x, weight) if kernel is not None else gemm_route(x, weight))
+    wgmma = norm is None and kernels is None and (_gemm_ok(x, weight) if kernel is not None else gemm_route(x, weight))
     if kernel is not None and not wgmma:
         raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
                                "and no norm")
@@ -175,7 +182,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     return launch_gemv(x, [_packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset, out, cache,
-                       wgmma=(kernel or "wgmma_persistent") if wgmma else None)
+                       wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels)
 
 
 def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, norm_offset, out) -> int:
@@ -215,7 +222,7 @@ def _packed(t: torch.Tensor, align: int) -> torch.Tensor:
 
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
                 norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
-                wgmma: str | None = None) -> torch.Tensor:
+                wgmma: str | None = None, kernels: dict | None = None) -> torch.Tensor:
     """Run the generated kernel on a call check_call accepted and the kernel serves; `weights`
     are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales);
     `wgmma`: the Hopper GEMM variant (GEMM_KERNELS) instead of the small-token kernel."""
@@ -234,6 +241,8 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
             + ([_packed(gamma, 16)] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
     if wgmma:
         _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows)(rows, args)
+    elif kernels is not None:   # a pack's kernels (plans for 8 and 16 rows: runtime/build.py)
+        kernels[_tiles(rows)]((), args)
     else:
         _launcher(x, n, k, rows, gated, bias is not None, res is not None,
                   None if gamma is None else float(norm_offset), cache, wtype, group)((), args)

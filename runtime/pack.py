@@ -2,6 +2,7 @@
 
     pack = lf.load_pack("out/llama-3-8b")             # reads manifest.json, checks every cubin
     norm = pack.layer("rms_norm", eps=1e-5)           # LayerModule over the pack's cubin
+    qkv = pack.layer("rms_norm_linear", eps=1e-5)     # a product layer: the pack's small-token kernels
     attn = pack.attention("llama_attn")               # PagedAttention (tensor-core prefill/decode)
     cache = pack.kv_cache("llama_attn", num_pages=..., max_seqs=..., max_pages_per_seq=...)
 
@@ -46,8 +47,17 @@ class Pack:
 
     @property
     def layers(self) -> list[str]:
-        """Names of the row layers in the pack."""
-        return sorted({e["layer"] for e in self._entries if e["family"] == "row"})
+        """Names of the layers in the pack: row layers and product layers."""
+        return sorted({e["layer"] for e in self._entries if e["family"] == "row"} | set(self._products()))
+
+    def _products(self) -> dict[str, list[tuple[dict, dict]]]:
+        """Product layer name -> (kernel entry, the layer's record) for each small-token product
+        kernel serving it (a kernel for up to 8 rows and one for up to 16, per specialisation)."""
+        out: dict[str, list[tuple[dict, dict]]] = {}
+        for e in self._entries:
+            for rec in e.get("layers", ()) if e["family"] == "gemv" else ():
+                out.setdefault(rec["layer"], []).append((e, rec))
+        return out
 
     @property
     def attention_blocks(self) -> list[str]:
@@ -71,12 +81,23 @@ class Pack:
 
     def layer(self, name: str, *, device=None, dims: dict | None = None, consts: dict | None = None,
               **scalars: Any):
-        """The row layer `name` as a LayerModule (weights as parameters, CUDA tensors only).
-        dims / consts pick one specialisation where the pack has several."""
+        """The row or product layer `name` as a LayerModule (weights as parameters, CUDA tensors
+        only). dims / consts pick one specialisation where the pack has several. A product layer
+        runs the pack's small-token kernels up to 16 rows and torch's product (cuBLAS) beyond."""
         from .layers import LayerModule
         entries = [e for e in self._entries if e["family"] == "row" and e["layer"] == name]
+        products = self._products().get(name)
+        if not entries and products:
+            records = self._select([rec for _, rec in products], name, dims, consts)
+            if not records:
+                raise PackError(f"{self.root}: no product layer {name!r} with dims={dims} consts={consts} in the pack")
+            chosen = [(e, rec) for e, rec in products if rec in records]
+            images = {e["max_m"]: (self._cubin(e), KernelABI.from_json(e["kernels"][0])) for e, _ in chosen}
+            return LayerModule.from_images(name, records[0]["interface"], images, arch=self.arch, device=device,
+                                           linear=records[0]["linear"], **scalars)
         if not entries:
-            raise PackError(f"{self.root}: no row layer {name!r} in the pack (it has {', '.join(self.layers)})")
+            raise PackError(f"{self.root}: no row or product layer {name!r} in the pack "
+                            f"(it has {', '.join(self.layers)})")
         entries = self._select(entries, name, dims, consts)
         if not entries:
             raise PackError(f"{self.root}: no row layer {name!r} with dims={dims} consts={consts} in the pack")

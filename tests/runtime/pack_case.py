@@ -1,4 +1,4 @@
-"""Load a pack with NVRTC hidden, then (on a GPU) run its row, attention and KV-append
+"""Load a pack with NVRTC hidden, then (on a GPU) run its row, product, attention and KV-append
 kernels against the reference. Run as a script: `python -m tests.runtime.pack_case PACK [--run]`.
 
 Importing NVRTC (cuda.bindings.nvrtc, layerforge.runtime.nvrtc or the nvrtc wheel) raises
@@ -42,6 +42,7 @@ def main(pack_dir: str, run: bool) -> None:
     pack = lf.load_pack(pack_dir)
     norm = pack.layer("rms_norm", eps=1e-5)
     act = pack.layer("swiglu")
+    mlp = pack.layer("rms_norm_gate_up_swiglu", eps=1e-5)   # a product layer: the pack's small-token kernels
     attn = pack.attention("llama_attn")
     assert norm.input_names == ["x"] and tuple(norm.weight.shape) == (pack.manifest["bindings"]["H"],)
     assert attn.hq == pack.manifest["bindings"]["Hq"] and attn.rope is not None
@@ -59,6 +60,10 @@ def main(pack_dir: str, run: bool) -> None:
     norm = norm.to(dev)
     norm.weight.data.copy_(w)
     y_norm, y_act = norm(x), act(gu)
+    mlp = mlp.to(dev)
+    mlp.gamma.data.copy_(w)
+    mlp.weight.data.copy_((torch.randn(2 * F, H, generator=g) * H ** -0.5).to(dev, torch.bfloat16))
+    ys_mlp = {m: mlp(x[:m]) for m in (1, 7, 16, 37)}   # the 8- and 16-row kernels; torch's product past 16
 
     # a decode step over a cache filled by the pack's append kernel (RoPE fused)
     hkv, d, hq = attn.hkv, attn.d, attn.hq
@@ -92,7 +97,12 @@ def main(pack_dir: str, run: bool) -> None:
                            {"x": x.cpu(), "w": w.cpu(), "eps": 1e-5}, precision="float64")[0]
     ref_act = lf.evaluate(prog.specialise("swiglu", F=F, dtype="bf16").function, {"gu": gu.cpu()},
                           precision="float64")[0]
-    for got, want, what in ((y_norm, ref_norm, "rms_norm"), (y_act, ref_act, "swiglu")):
+    fn = prog.specialise("rms_norm_gate_up_swiglu", H=H, F=F, dtype="bf16").function
+    ref_mlp = {m: lf.evaluate(fn, {"x": x[:m], "gamma": mlp.gamma, "w": mlp.weight, "eps": 1e-5}, precision="float64")[0]
+               for m in ys_mlp}
+    checks = [(y_norm, ref_norm, "rms_norm"), (y_act, ref_act, "swiglu")]
+    checks += [(ys_mlp[m], ref_mlp[m], f"rms_norm_gate_up_swiglu, {m} rows") for m in ys_mlp]
+    for got, want, what in checks:
         err = (got.cpu().double() - want.double()).norm() / want.double().norm()
         assert not torch.isnan(got).any() and err < 1e-2, (what, float(err))
     ref_cache = lf.PagedKVCache(64, pack.page_size, hkv, d, "bf16", "cpu", 2, 32)
@@ -114,7 +124,8 @@ def main(pack_dir: str, run: bool) -> None:
                          cu.cpu(), max_q_len=new, max_kv_len=max(lens))
     err = (out_p.cpu().double() - want_p.double()).norm() / want_p.double().norm()
     assert not torch.isnan(out_p).any() and err < 2e-2, ("prefill", float(err))
-    print("ran rms_norm, swiglu, kv append and llama_attn decode and prefill from the pack: ok")
+    print("ran rms_norm, swiglu, rms_norm_gate_up_swiglu, kv append and llama_attn decode and prefill from the "
+          "pack: ok")
 
 
 if __name__ == "__main__":

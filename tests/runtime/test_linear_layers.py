@@ -11,6 +11,8 @@ import torch
 
 import layerforge as lf
 from layerforge.cli import main
+from layerforge.codegen.linear_lower import match_linear
+from layerforge.dsl.evaluator import LayerInputError
 from layerforge.runtime.layers import LayerModule, module
 
 from ..seeding import seeded_generator
@@ -104,13 +106,34 @@ def test_cli_show_renders_the_product_kernel(capsys):
     assert "gemv_n28672_k4096_m16_bf16_silu_rms_r1w8s3_sm90" in out and "__global__" in out
 
 
-def test_cli_build_skips_product_layers_with_the_reason(tmp_path, capsys):
+def test_cli_build_packs_product_layers_and_skips_what_does_not_fuse(tmp_path, capsys):
+    """A product layer's two small-token kernels (up to 8 and up to 16 rows) go into the pack, each
+    entry naming the layers it serves with their interface and fused pattern, compiled without
+    spills; a layer with two products (lora) is skipped with the lowering's reason."""
     pytest.importorskip("layerforge.runtime.nvrtc")
     out_dir = tmp_path / "pack"
     assert main(["build", "--dims", "H=64,F=32,I=64,O=48,R=8", "--arch", "sm_80", "--layers",
                  "rms_norm,rms_norm_linear,lora", "-q", "-o", str(out_dir)]) == 0
     text = capsys.readouterr().out
-    assert "skipped rms_norm_linear: a small-token product layer (gemv family): packs do not carry" in text
+    assert "rms_norm_linear" not in text
     assert "skipped lora: lora: <stdlib>/rows.lf:" in text and "2 matrix products" in text
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert [e["key"] for e in manifest["kernels"]] == ["rms_norm_h64_bf16_sm80"]
+    entries = {e["key"]: e for e in manifest["kernels"]}
+    products = [e for e in manifest["kernels"] if e["family"] == "gemv"]
+    assert "rms_norm_h64_bf16_sm80" in entries and sorted(e["max_m"] for e in products) == [8, 16]
+    for e in products:
+        assert e["n"] == 48 and e["k"] == 64 and e["norm"] == "rms" and e["spill_bytes"] == 0
+        (rec,) = e["layers"]
+        assert rec["layer"] == "rms_norm_linear" and rec["dims"] == {"H": 64, "O": 48}
+        assert rec["linear"] == {"x": "x", "weight": "w", "n": 48, "k": 64, "dtype": "bf16", "bias": None,
+                                 "residual": None, "gated": None, "norm_weight": "gamma", "norm_offset": 0.0,
+                                 "eps": "eps"}
+        assert [p["name"] for p in rec["interface"]["params"]] == ["x", "gamma", "w", "eps"]
+    from layerforge.runtime.pack import load_pack
+    pack = load_pack(out_dir, check_device=False)
+    assert pack.layers == ["rms_norm", "rms_norm_linear"]
+    qkv = pack.layer("rms_norm_linear", eps=1e-5)
+    assert qkv._linear == match_linear(module("rms_norm_linear", dims={"H": 64, "O": 48}, dtype="bf16").layer)
+    assert sorted(qkv._images) == [8, 16] and dict(qkv.named_parameters())["gamma"].shape == (64,)
+    with pytest.raises(LayerInputError, match="CUDA tensors only"):
+        qkv(torch.zeros(2, 64, dtype=torch.bfloat16))

@@ -18,7 +18,7 @@ from ..devices import requires_gpu
 pytest.importorskip("layerforge.runtime.nvrtc")
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples/llama-3-8b/config.json"
-LAYERS = ["rms_norm", "swiglu", "llama_attn"]
+LAYERS = ["rms_norm", "swiglu", "rms_norm_gate_up_swiglu", "llama_attn"]   # a row, a product, attention
 
 
 def build_pack(out: Path, arch: str) -> Path:
@@ -43,17 +43,18 @@ def run_case(pack: Path, *args: str) -> subprocess.CompletedProcess:
 def test_pack_loads_with_nvrtc_hidden_and_without_parsing(pack_dir):
     r = run_case(pack_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "loaded ['rms_norm', 'swiglu'] ['llama_attn']" in r.stdout
+    assert "loaded ['rms_norm', 'rms_norm_gate_up_swiglu', 'swiglu'] ['llama_attn']" in r.stdout
 
 
 def test_manifest_describes_every_kernel_with_its_abi(pack_dir):
     m = json.loads((pack_dir / "manifest.json").read_text())
     fams = sorted(e["family"] for e in m["kernels"])
     prefill = "wgmma_attention" if m["arch"] == "sm_90" else "tc_attention"   # Hopper: the wgmma prefill
-    assert fams == sorted(["kv_append", "paged_attention", "row", "row", "tc_attention", prefill])
+    assert fams == sorted(["kv_append", "paged_attention", "row", "row", "tc_attention", prefill, "gemv", "gemv"])
     for e in m["kernels"]:
         for k in e["kernels"]:
-            assert k["name"].startswith("lf_") and k["args"] and k["block"][0] > 0 and k["problem"]
+            assert k["name"].startswith("lf_") and k["args"] and k["block"][0] > 0
+            assert k["problem"] or e["family"] == "gemv"   # a product kernel's grid is fixed by its N
     tc = [e for e in m["kernels"] if e["family"] in ("tc_attention", "wgmma_attention")]
     assert all(len(e["kernels"]) == 2 and e["kernels"][0]["shared_bytes"] > 0 for e in tc)   # main + merge
 
@@ -93,7 +94,7 @@ def test_other_arch_is_refused(pack_dir, monkeypatch):
 
 def test_unknown_names_and_cpu_tensors_are_clear_errors(pack_dir):
     pack = load_pack(pack_dir, check_device=False)
-    with pytest.raises(PackError, match="no row layer 'layer_norm'"):
+    with pytest.raises(PackError, match="no row or product layer 'layer_norm'"):
         pack.layer("layer_norm")
     norm = pack.layer("rms_norm")
     with pytest.raises(lf.LayerInputError, match="runs CUDA tensors only"):
