@@ -307,41 +307,36 @@ class MoE(torch.nn.Module):
         return moe_combine(y, pos, weights, shared=s, gate_logit=g)
 
     def _forward_torch(self, x2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The same steps in torch: each expert's rows (in token order), its gate/up product and
-        gated activation (f32, rounded to the dtype as the kernel's epilogue does), its down
-        product; the weighted sum in f32, then the shared expert."""
+        """The same steps in torch: the kernels' permutation (moe_align_reference: each expert's
+        rows in token order), each expert's gate/up product and gated activation (f32, rounded to
+        the dtype as the kernel's epilogue does) and down product, then the kernels' combine
+        (moe_combine_reference: the weighted sum and the shared expert in f32, rounded once)."""
+        from .moe_kernels import moe_align_reference, moe_combine_reference
         cfg = self.cfg
         act = _ACT[cfg.activation]
-        out = torch.zeros(x2.shape[0], cfg.hidden, dtype=torch.float32, device=x2.device)
-        flat = ids.reshape(-1).long()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=cfg.experts).tolist()
+        offsets, pos, src = moe_align_reference(ids, cfg.experts)
+        bounds = offsets.tolist()
         wgu, wd = (w if isinstance(w, torch.Tensor) else dequantize_experts(w).to(x2.dtype)
                    for w in (self.experts.weights("gate_up_proj"), self.experts.weights("down_proj")))
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
+        y = x2.new_empty(src.numel(), cfg.hidden)
+        for e in range(cfg.experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if lo == hi:
                 continue
-            pairs = order[start:start + c]
-            start += c
-            tok = pairs // cfg.top_k
-            gu = F.linear(x2[tok], wgu[e])
-            g, u = gu.float().chunk(2, dim=-1)
-            h = (act(g) * u).to(x2.dtype)
-            y = F.linear(h, wd[e])
-            out.index_add_(0, tok, y.float() * weights.reshape(-1)[pairs].float().unsqueeze(-1))
+            g, u = F.linear(x2[src[lo:hi].long()], wgu[e]).float().chunk(2, dim=-1)
+            y[lo:hi] = F.linear((act(g) * u).to(x2.dtype), wd[e])
+        shared = gate = None
         if self.shared_expert is not None:
             if self.shared_slices:   # slice by slice, as the kernels add them
                 sh = self.shared_expert
-                s = torch.zeros_like(out)
+                shared = torch.zeros(x2.shape[0], cfg.hidden, dtype=torch.float32, device=x2.device)
                 for j in range(self.shared_slices):
                     g, u = F.linear(x2, sh.gate_up_proj[j]).float().chunk(2, dim=-1)
-                    s += F.linear((act(g) * u).to(x2.dtype), sh.down_proj[j]).float()
+                    shared += F.linear((act(g) * u).to(x2.dtype), sh.down_proj[j]).float()
             else:
-                s = self.shared_expert(x2).float()
-            g = self._gate_logit(x2)
-            out += s * (torch.sigmoid(g.float()).unsqueeze(-1) if g is not None else 1.0)
-        return out.to(x2.dtype)
+                shared = self.shared_expert(x2).float()
+            gate = self._gate_logit(x2)
+        return moe_combine_reference(y, pos, weights, shared=shared, gate_logit=gate)
 
     def capturable(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens reads nothing back to the host, so that a CUDA graph
