@@ -216,7 +216,12 @@ class _ExpertRows:
 
 
 def _host(values, name: str, n: int) -> np.ndarray:
-    a = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    """Per-token values given on the host (a list, numpy array or CPU tensor): a GPU tensor is an
+    error, not a silent synchronising read (the KV cache's own per-token arguments are alike)."""
+    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+        raise ValueError(f"CogVLMAttention: {name} must be on the host (a list, numpy array or CPU tensor), got a "
+                         f"tensor on {values.device}: reading it would synchronise with the GPU")
+    a = values.detach().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if a.shape != (n,):
         raise ValueError(f"CogVLMAttention: {name} must have one entry per token ({n}), got shape {a.shape}")
     return a

@@ -73,6 +73,9 @@ def test_bad_inputs_are_clear_errors():
     x = torch.randn(3, 32)
     with pytest.raises(ValueError, match="one entry per token"):
         m(x, seq_ids=[0, 0, 0], vision=[False, False], positions=[0, 1, 2], cache=cache)
+    with pytest.raises(ValueError, match="positions must be on the host"):   # a device tensor: no silent sync
+        m(x, seq_ids=[0, 0, 0], vision=[False] * 3, positions=torch.zeros(3, dtype=torch.long, device="meta"),
+          cache=cache)
     with pytest.raises(ValueError, match=r"hidden must be \[T, 32\]"):
         m(torch.randn(3, 16), seq_ids=[0, 0, 0], vision=[False] * 3, positions=[0, 1, 2], cache=cache)
     with pytest.raises(ValueError, match="multiple"):
