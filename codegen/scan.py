@@ -55,6 +55,11 @@ CONV_CL_THREADS = 128   # channels-last conv: channels a block
 CONV_CL_STEPS = 64      # and steps a block
 SCAN_THREADS = 128                            # threads of a selective-scan block (a row)
 SCAN_ITEMS = 8                                # consecutive steps a thread: a chunk of 1024 steps
+# __launch_bounds__'s blocks-per-SM hint by tiling: at 2 items ptxas's own choice (48 registers,
+# NVRTC 13.x) spilled 8-20 bytes on sm_80 and sm_90a; a budget of 4 blocks (up to 128 registers a
+# thread) takes 64-66 and spills none. The other tilings keep ptxas's choice (fewer registers, no
+# spills: tests/codegen/test_scan_compile.py checks every tiling on both arches).
+SCAN_MIN_BLOCKS = {2: 4}
 MAX_STATE = 256                               # N (the scan's carry: 2 N floats of shared memory)
 UPDATE_THREADS = 128                          # the decode kernels' threads a block
 MIN_ARCH = 70
@@ -517,6 +522,7 @@ def _scan_source(plan: SelectiveScanPlan) -> str:
     layout = plan.shared
     return render("cuda/scan_selective.cu.jinja", **_scan_variables(plan), initial=plan.initial, final=plan.final,
                   threads=plan.threads, items=plan.items, warps=plan.threads // 32,
+                  min_blocks=SCAN_MIN_BLOCKS.get(plan.items),
                   totals_offset=layout.offsets["totals"], carry_offset=layout.offsets["carry"])
 
 
