@@ -77,21 +77,30 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 # ---- quantised checkpoints (AWQ GEMM, GPTQ: 4-bit weight-only) ---------------------------------
 _QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+_FP8_SCALES = ("weight_scale_inv", "weight_scale")   # transformers' fp8 (multiplied, despite the name), compressed-tensors
 
 
 def quant_config(config: dict) -> dict | None:
     """What a config's `quantization_config` asks for, as the loader serves it: {"method": "awq"
-    | "gptq", "group": G, "zero_offset": 1 (GPTQ's classic format) or 0 (gptq_v2)}; None
-    without one. A method, bit width or layout the kernels do not serve is a ConfigError."""
+    | "gptq", "group": G, "zero_offset": 1 (GPTQ's classic format) or 0 (gptq_v2)}, or FP8
+    weights with dynamic activations {"method": "fp8", "block": 128 or None}: transformers'
+    `fp8` (FineGrainedFP8: e4m3 weights and `weight_scale_inv` per 128 x 128 block) and
+    `compressed-tensors` float-quantized (e4m3 weights, `weight_scale` per channel, per tensor or
+    per 128 x 128 block); None without one. A method, bit width or layout the kernels do not serve
+    is a ConfigError."""
     q = config.get("quantization_config")
     if q is None:
         return None
     if not isinstance(q, dict):
         raise ConfigError("config.json: quantization_config must be an object")
     method = q.get("quant_method")
+    if method == "fp8":
+        return _fp8_config(q)
+    if method == "compressed-tensors":
+        return _compressed_tensors_config(q)
     if method not in ("awq", "gptq"):
         raise ConfigError(f"config.json: quantization_config.quant_method {method!r} is not served "
-                          f"(4-bit 'awq' and 'gptq' are)")
+                          f"(4-bit 'awq' and 'gptq', 8-bit float 'fp8' and 'compressed-tensors' are)")
     bits = q.get("bits", q.get("w_bit"))   # autoawq's own configs name it w_bit
     if bits is None:
         raise ConfigError("config.json: quantization_config has no 'bits'")
@@ -114,13 +123,71 @@ def quant_config(config: dict) -> dict | None:
     return {"method": "gptq", "group": group, "zero_offset": 0 if fmt == "gptq_v2" else 1}
 
 
+def _fp8_block(value, where: str) -> int:
+    if list(value) != [128, 128]:
+        raise ConfigError(f"config.json: {where} {value!r}: FP8 weight blocks are served at [128, 128]")
+    return 128
+
+
+def _fp8_config(q: dict) -> dict:
+    """transformers' FineGrainedFP8Config (DeepSeek-V3, Qwen3-FP8): e4m3 weights, a
+    `weight_scale_inv` per 128 x 128 block, activations quantised as the products run."""
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ConfigError(f"config.json: quantization_config.activation_scheme {scheme!r}: only dynamic "
+                          f"activation scales are served")
+    return {"method": "fp8", "block": _fp8_block(q.get("weight_block_size", [128, 128]),
+                                                 "quantization_config.weight_block_size")}
+
+
+def _compressed_tensors_config(q: dict) -> dict:
+    """compressed-tensors' float-quantized format (FP8-dynamic checkpoints): one config group of
+    8-bit float weights, symmetric, scaled per channel, per tensor or per 128 x 128 block, with
+    dynamic activations (per token or per group); anything else is a ConfigError naming it."""
+    fmt = q.get("format")
+    if fmt != "float-quantized":
+        raise ConfigError(f"config.json: quantization_config.format {fmt!r}: of compressed-tensors checkpoints "
+                          f"'float-quantized' (FP8) is served")
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ConfigError(f"config.json: quantization_config.config_groups: one group is served, got {len(groups)}")
+    (name, group), = groups.items()
+    where = f"quantization_config.config_groups.{name}"
+    w = group.get("weights") or {}
+    if w.get("type") != "float" or w.get("num_bits") != 8 or not w.get("symmetric", True) or w.get("dynamic"):
+        raise ConfigError(f"config.json: {where}.weights {w!r}: static symmetric 8-bit float weights are served")
+    strategy = w.get("strategy")
+    if strategy not in ("channel", "tensor", "block"):
+        raise ConfigError(f"config.json: {where}.weights.strategy {strategy!r}: 'channel', 'tensor' or 'block' "
+                          f"scales are served")
+    a = group.get("input_activations")
+    if a is None or not a.get("dynamic") or a.get("type") != "float" or a.get("num_bits") != 8:
+        raise ConfigError(f"config.json: {where}.input_activations {a!r}: the FP8 products quantise activations "
+                          f"as they run (dynamic 8-bit float); static or absent activation quantisation is not "
+                          f"served")
+    block = _fp8_block(w.get("block_structure"), f"{where}.weights.block_structure") if strategy == "block" else None
+    return {"method": "fp8", "block": block}
+
+
 class QuantPart:
-    """One quantised Linear of a checkpoint (its qweight, qzeros, scales, g_idx), standing in
-    for its `.weight` while the checkpoint is mapped to the model's names: `shape` is the
-    logical [N, K]; parts concatenated along N (fused q/k/v, gate/up) stay a list."""
+    """One quantised Linear of a checkpoint, standing in for its `.weight` while the checkpoint is
+    mapped to the model's names: AWQ / GPTQ's qweight, qzeros, scales, g_idx, or FP8's e4m3
+    weight and its scale (`weight_scale_inv` or `weight_scale`); `shape` is the logical [N, K];
+    parts concatenated along N (fused q/k/v, gate/up) stay a list."""
 
     def __init__(self, name: str, tensors: dict[str, torch.Tensor], method: str):
         self.name, self.tensors, self.method = name, tensors, method
+        if method == "fp8":
+            if "weight" not in tensors:
+                raise ConfigError(f"checkpoint: {name}.{next(iter(tensors))} without {name}.weight")
+            if "input_scale" in tensors:
+                raise ConfigError(f"checkpoint: {name}.input_scale: static activation scales are not served")
+            w = tensors["weight"]
+            if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
+                raise ConfigError(f"checkpoint: {name}.weight is {w.dtype} {list(w.shape)}, an FP8 checkpoint's "
+                                  f"quantised weights are float8_e4m3fn [N, K]")
+            self.shape = w.shape
+            return
         missing = [x for x in ("qweight", "qzeros", "scales") if x not in tensors]
         if missing:
             raise ConfigError(f"checkpoint: {name}.{missing[0]} is missing beside {name}.qweight")
@@ -129,39 +196,67 @@ class QuantPart:
         self.shape = torch.Size((n, k))
 
     def to_kernel(self, q: dict, dtype: torch.dtype):
-        from ..runtime.quant import awq_to_kernel, gptq_to_kernel
+        from ..runtime.quant import awq_to_kernel, gptq_to_kernel, pack_fp8
         t = self.tensors
         try:
+            if self.method == "fp8":
+                return pack_fp8(t["weight"], t["weight_scale"], q["block"], dtype)
             if self.method == "awq":
                 return awq_to_kernel(t["qweight"], t["qzeros"], t["scales"], q["group"], dtype)
             return gptq_to_kernel(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), q["group"], dtype,
                                   q["zero_offset"])
-        except NotImplementedError as e:
+        except (NotImplementedError, ValueError) as e:
             raise ConfigError(f"checkpoint: {self.name}: {e}") from None
 
 
 def split_quantized(tensors: dict[str, torch.Tensor], method: str) -> dict[str, object]:
-    """The checkpoint's tensors with each quantised Linear's qweight/qzeros/scales/g_idx replaced
-    by one QuantPart under the name its float weight would have (`<linear>.weight`)."""
+    """The checkpoint's tensors with each quantised Linear's parts (qweight/qzeros/scales/g_idx;
+    FP8: the e4m3 weight and its weight_scale_inv or weight_scale) replaced by one QuantPart under
+    the name its float weight would have (`<linear>.weight`). An FP8 checkpoint's Linears without
+    a scale (its ignored modules: the LM head, ...) stay float weights."""
     out: dict[str, object] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        base, _, leaf = name.rpartition(".")
-        if leaf in _QUANT_SUFFIXES:
-            parts.setdefault(base, {})[leaf] = t
-        else:
-            out[name] = t
+    if method == "fp8":
+        scaled = {name.rpartition(".")[0] for name in tensors if name.rpartition(".")[2] in _FP8_SCALES}
+        for name, t in tensors.items():
+            base, _, leaf = name.rpartition(".")
+            if base in scaled and leaf in ("weight", "input_scale", *_FP8_SCALES):
+                parts.setdefault(base, {})["weight_scale" if leaf in _FP8_SCALES else leaf] = t
+            else:
+                out[name] = t
+    else:
+        for name, t in tensors.items():
+            base, _, leaf = name.rpartition(".")
+            if leaf in _QUANT_SUFFIXES:
+                parts.setdefault(base, {})[leaf] = t
+            else:
+                out[name] = t
+        for base, ts in parts.items():
+            if "qweight" not in ts:
+                raise ConfigError(f"checkpoint: {base}.{next(iter(ts))} without {base}.qweight")
     for base, ts in parts.items():
-        if "qweight" not in ts:
-            raise ConfigError(f"checkpoint: {base}.{next(iter(ts))} without {base}.qweight")
         out[f"{base}.weight"] = QuantPart(base, ts, method)
     return out
 
 
+def _fused(name: str, qws: list, dtype: torch.dtype):
+    """One QuantWeight of a fused projection's parts (q/k/v, gate/up), stacked along N."""
+    from ..runtime.quant import QuantWeight
+    first = qws[0]
+    if first.wtype == "f8e4m3" and first.group and any(w.n % first.group for w in qws[:-1]):
+        raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have "
+                          f"{[w.n for w in qws]} rows: 128 x 128 block scales stack only in whole blocks")
+    return QuantWeight(first.wtype, first.group, torch.cat([w.qweight for w in qws]),
+                       None if first.wgroup is None else torch.cat([w.wgroup for w in qws]),
+                       None if first.wscale is None else torch.cat([w.wscale for w in qws]),
+                       sum(w.n for w in qws), first.k, dtype, first.perm)
+
+
 def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict, dtype: torch.dtype) -> None:
     """Replace the model's Linears whose canonical weight is quantised (QuantPart, or a list of
-    them for a fused projection) by QuantLinears in the kernel's u4 layout; their biases too."""
-    from ..runtime.quant import QuantLinear, QuantWeight
+    them for a fused projection) by QuantLinears in the kernel's layout (u4, f8e4m3); their
+    biases too."""
+    from ..runtime.quant import QuantLinear
     for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list))]:
         parts = weights.pop(name)
         qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
@@ -170,9 +265,7 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
             # act-order parts of one fused projection share x, so GPTQ orders their columns alike
             raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have different "
                               f"act-order column orders (g_idx); they cannot share one product")
-        qw = qws[0] if len(qws) == 1 else QuantWeight(
-            "u4", q["group"], torch.cat([w.qweight for w in qws]), torch.cat([w.wgroup for w in qws]), None,
-            sum(w.n for w in qws), qws[0].k, dtype, perms[0])
+        qw = qws[0] if len(qws) == 1 else _fused(name, qws, dtype)
         path = name.removesuffix(".weight")
         if not path.startswith("layers."):
             raise ConfigError(f"checkpoint: {path} is quantised: only the decoder layers' projections are served "

@@ -150,3 +150,103 @@ def test_quantize_in_place_gives_the_dequantised_models_logits(tmp_path, wtype, 
                 getattr(owner_b, attr).weight.copy_(q.dequantized().float())
     ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(model(ids), ref(ids), rtol=1e-4, atol=1e-4)
+
+
+# ---- FP8 checkpoints -----------------------------------------------------------------------------
+def fp8_checkpoint(folder, layout: str, strategy: str):
+    """The tiny Llama (head dim 64: q/k/v and gate/up rows in whole 128-row blocks) saved with its
+    projections in e4m3 as `layout` writes them: transformers' `fp8` (weight + weight_scale_inv per
+    128 x 128 block) or compressed-tensors' float-quantized (weight + weight_scale per `strategy`:
+    channel, tensor or block); the LM head and embeddings stay float. Returns (transformers model
+    holding the dequantised weights, {projection: (q, scale)})."""
+    from layerforge.runtime.quant import quantize_fp8
+    hf = make_tiny("llama", folder, head_dim=64)
+    out, parts = {}, {}
+    with torch.no_grad():
+        for key, w in hf.state_dict().items():
+            base, _, leaf = key.rpartition(".")
+            if leaf != "weight" or base.rpartition(".")[2] not in PROJ:
+                out[key] = w.contiguous()
+                continue
+            if strategy == "tensor":   # one scale: the tensor's largest magnitude at e4m3's 448
+                s = (w.float().abs().max() / 448.0).reshape(1)
+                q = (w.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+            else:
+                q, s = quantize_fp8(w, 128 if strategy == "block" else None)
+                if strategy == "channel":
+                    s = s[:, None]   # compressed-tensors stores [N, 1]
+            scale_name = "weight_scale_inv" if layout == "fp8" else "weight_scale"
+            out[f"{base}.weight"], out[f"{base}.{scale_name}"] = q, s.float()
+            parts[base] = (q, s)
+            wd = q.float() * (s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: q.shape[0], : q.shape[1]]
+                              if strategy == "block" else s.reshape(-1, 1) if s.numel() > 1 else s)
+            hf.get_submodule(base).weight.copy_(wd)
+    out.pop("lm_head.weight", None) if hf.config.tie_word_embeddings else None
+    safetensors_torch.save_file(out, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    if layout == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    else:
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy}
+        if strategy == "block":
+            weights["block_structure"] = [128, 128]
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": {
+                "num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                "strategy": "group" if strategy == "block" else "token"}}}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return hf, parts
+
+
+@pytest.mark.parametrize("layout, strategy", [("fp8", "block"), ("compressed-tensors", "channel"),
+                                              ("compressed-tensors", "tensor"), ("compressed-tensors", "block")])
+def test_fp8_checkpoint_loads_its_e4m3_weights_and_scales(tmp_path, layout, strategy):
+    """Every projection becomes an f8e4m3 QuantLinear holding the checkpoint's bytes and scales
+    (fused q/k/v and gate/up stacked along N); the logits are those of the W8A8 products (the
+    activations quantised per token and 128 columns as the kernels do): equal to the same model
+    quantised in place from the dequantised weights, and within the activations' rounding of
+    transformers' float logits on them."""
+    hf, parts = fp8_checkpoint(tmp_path, layout, strategy)
+    ours = lf.from_pretrained(tmp_path, dtype=torch.float32)
+    layer = ours.layers[0]
+    for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+        assert isinstance(lin, QuantLinear) and lin.qw.wtype == "f8e4m3"
+        assert lin.qw.group == (128 if strategy == "block" else 0)
+    q, k, v = (parts[f"model.layers.0.self_attn.{p}_proj"][0] for p in "qkv")
+    assert torch.equal(layer.attn.qkv.qw.qweight.view(torch.uint8), torch.cat([q, k, v]).view(torch.uint8))
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    got = ours(ids)
+    assert not torch.isnan(got).any()
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err < 0.1, err   # W is exact; each activation rounds to e4m3 (3 mantissa bits: up to 1/16), 2 layers
+    if strategy != "tensor":   # the same model quantised in place (quantize_: per row or per block)
+        hf.save_pretrained(tmp_path / "dequantised", safe_serialization=True)
+        inplace = lf.from_pretrained(tmp_path / "dequantised", dtype=torch.float32)
+        inplace.quantize_("f8e4m3", 128 if strategy == "block" else 0)
+        a, b = inplace.layers[1].mlp.down.qw, ours.layers[1].mlp.down.qw
+        assert torch.equal(a.qweight.view(torch.uint8), b.qweight.view(torch.uint8))
+        torch.testing.assert_close(a.wscale, b.wscale, rtol=1e-6, atol=0)   # amax / 448 of q * s: an ulp apart
+        torch.testing.assert_close(inplace(ids), got, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qc, match", [
+    ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme"),
+    ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"\[128, 128\]"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "float-quantized"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "input_activations"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}, "8-bit float weights"),
+])
+def test_bad_fp8_configs(tmp_path, qc, match):
+    fp8_checkpoint(tmp_path, "fp8", "block")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        lf.from_pretrained(tmp_path, dtype=torch.float32)
