@@ -902,10 +902,15 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
     for canon, (op, names) in recipes.items():
         ts = [have[n] for n in names]
         if any(type(t).__name__ == "QuantPart" for t in ts):   # a quantised Linear (models/loading.py)
-            if op not in ("copy", "cat") or not all(type(t).__name__ == "QuantPart" for t in ts):
+            if op not in ("copy", "cat", "stack", "stack_pairs") or not all(type(t).__name__ == "QuantPart"
+                                                                           for t in ts):
                 raise ConfigError(f"checkpoint: {names[0]} is quantised, and the {spec.model_type} model's "
                                   f"{canon} needs it reordered ({op}): not served for quantised checkpoints")
-            out[canon] = ts[0] if op == "copy" else list(ts)
+            if op in ("stack", "stack_pairs"):   # experts: one QuantExperts of their parts (models/loading.py)
+                step = 2 if op == "stack_pairs" else 1
+                out[canon] = QuantStack([list(ts[j:j + step]) for j in range(0, len(ts), step)])
+            else:
+                out[canon] = ts[0] if op == "copy" else list(ts)
             continue
         if op == "copy":
             t = ts[0]
@@ -1062,12 +1067,23 @@ def _moe_shapes(spec: ModelSpec, canon: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
+class QuantStack(list):
+    """A quantised expert stack as the checkpoint holds it: for each expert, its quantised parts
+    fused along N (gate then up, or down alone); models/loading.py makes the expert kernels'
+    layout of it. `shape` is the stack's logical [E, N, K]."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), sum(p.shape[0] for p in self[0]), self[0][0].shape[1])
+
+
 def _check_shapes(spec: ModelSpec, tensors: Mapping[str, Any]) -> None:
     want = canonical_shapes(spec)
     assert set(want) == set(tensors), sorted(set(want) ^ set(tensors))
     for name, shape in want.items():
         t = tensors[name]   # a list: quantised parts fused along N (models/loading.py)
-        got = (sum(p.shape[0] for p in t), t[0].shape[1]) if isinstance(t, list) else tuple(t.shape)
+        got = ((sum(p.shape[0] for p in t), t[0].shape[1]) if isinstance(t, list) and not isinstance(t, QuantStack)
+               else tuple(t.shape))
         if got != shape:
             raise ConfigError(f"checkpoint: {name} has shape {list(got)}, the config says {list(shape)}")
 

@@ -254,9 +254,22 @@ def _fused(name: str, qws: list, dtype: torch.dtype):
 
 def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict, dtype: torch.dtype) -> None:
     """Replace the model's Linears whose canonical weight is quantised (QuantPart, or a list of
-    them for a fused projection) by QuantLinears in the kernel's layout (u4, f8e4m3); their
-    biases too."""
+    them for a fused projection) by QuantLinears in the kernel's layout (u4, f8e4m3), their
+    biases too; an MoE layer's quantised experts (a QuantStack) become its expert kernels'
+    stacks (runtime/moe.py _Experts.set_quantized)."""
     from ..runtime.quant import QuantLinear
+    from .families import QuantStack
+    for name in [n for n, w in weights.items() if isinstance(w, QuantStack)]:   # an MoE layer's experts
+        stack = weights.pop(name)
+        path, _, proj = name.rpartition(".")
+        experts = model.get_submodule(path)
+        if not hasattr(experts, "set_quantized"):
+            raise ConfigError(f"checkpoint: {name} is a quantised stack, the model's {path} holds no experts")
+        try:
+            experts.set_quantized(proj, [_fused(f"{path}.{e}.{proj}", [p.to_kernel(q, dtype) for p in parts], dtype)
+                                         for e, parts in enumerate(stack)])
+        except ValueError as e:
+            raise ConfigError(f"checkpoint: {path}: {e}") from None
     for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list))]:
         parts = weights.pop(name)
         qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
@@ -330,7 +343,9 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     _quantised_modules(model, tensors, q, td)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     quant_buffers = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
-    missing = [k for k in missing if k.rpartition(".")[0] not in quant_buffers]
+    quant_experts = {f"{n}.{p}_{b}" for n, m in model.named_modules() if hasattr(m, "set_quantized")
+                     for p in m._shapes for b in "qs"}
+    missing = [k for k in missing if k.rpartition(".")[0] not in quant_buffers and k not in quant_experts]
     if missing or unexpected:
         raise ConfigError(f"checkpoint: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
     return model.eval()

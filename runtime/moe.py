@@ -127,6 +127,7 @@ class _Experts(torch.nn.Module):
         E, H, Fd = cfg.experts, cfg.hidden, cfg.inter
         self.gate_up_proj = torch.nn.Parameter(torch.empty(E, 2 * Fd, H, dtype=td, device=device), requires_grad=False)
         self.down_proj = torch.nn.Parameter(torch.empty(E, H, Fd, dtype=td, device=device), requires_grad=False)
+        self.count = E
         self.quant: tuple[str, int] | None = None   # (wtype, group) once quantize_ ran
         self._shapes: dict[str, tuple] = {}         # projection -> (N, K, activation dtype) of one expert's W
 
@@ -139,17 +140,34 @@ class _Experts(torch.nn.Module):
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self, name)
             dt = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float16   # the pairs' halves
-            qws = [QuantLinear.from_float(w[e].detach(), group, wtype=wtype, dtype=dt).qw for e in range(w.shape[0])]
-            q, sc = (torch.stack(t) for t in zip(*(qw.kernel_tensors for qw in qws)))
+            self.set_quantized(name, [QuantLinear.from_float(w[e].detach(), group, wtype=wtype, dtype=dt).qw
+                                      for e in range(w.shape[0])])
+
+    def set_quantized(self, name: str, qws: list) -> None:
+        """Projection `name` ("gate_up_proj" / "down_proj") as the experts' quantised weights (one
+        QuantWeight an expert, alike in type and layout: quantize_, or a quantised checkpoint's),
+        stacked into the buffers {name}_q and {name}_s; its float weight goes."""
+        first = qws[0]
+        if len(qws) != self.count:
+            raise ValueError(f"{name}: {len(qws)} quantised experts for {self.count}")
+        if any((w.wtype, w.group, w.n, w.k, w.dtype) != (first.wtype, first.group, first.n, first.k, first.dtype)
+               or w.perm is not None for w in qws):
+            raise ValueError(f"{name}: the experts' quantised weights differ in type, layout or shape (or carry a "
+                             f"column order): one stack serves alike experts")
+        if self.quant not in (None, (first.wtype, first.group)):
+            raise ValueError(f"{name}: {first.wtype} (group {first.group}) beside the other projection's "
+                             f"{self.quant[0]} (group {self.quant[1]})")
+        q, sc = (torch.stack(t) for t in zip(*(qw.kernel_tensors for qw in qws)))
+        if hasattr(self, name) and isinstance(getattr(self, name), torch.nn.Parameter):
             delattr(self, name)
-            self.register_buffer(name + "_q", q.contiguous())
-            self.register_buffer(name + "_s", sc.contiguous())
-            self._shapes[name] = (qws[0].n, qws[0].k, qws[0].dtype)
-        self.quant = (wtype, group)
+        self.register_buffer(name + "_q", q.contiguous())
+        self.register_buffer(name + "_s", sc.contiguous())
+        self._shapes[name] = (first.n, first.k, first.dtype)
+        self.quant = (first.wtype, first.group)
 
     def weights(self, name: str):
         """Projection `name`'s stack: the [E, N, K] parameter, or its QuantExperts once quantised."""
-        if self.quant is None:
+        if name not in self._shapes:
             return getattr(self, name)
         n, k, dt = self._shapes[name]
         return QuantExperts(*self.quant, getattr(self, name + "_q"), getattr(self, name + "_s"), n, k, dt)

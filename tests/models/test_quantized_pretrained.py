@@ -250,3 +250,46 @@ def test_bad_fp8_configs(tmp_path, qc, match):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=match):
         lf.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_fp8_moe_checkpoint_loads_its_experts_into_the_expert_kernels_layout(tmp_path, name):
+    """transformers' fp8 layout on every projection of a tiny MoE model (its router stays float):
+    the experts' e4m3 weights and block scales become the MoE layer's quantised stacks (gate, up
+    fused per expert); the logits equal the dequantised checkpoint's model quantised in place
+    (projections and experts), and are within e4m3 activation rounding of its float logits."""
+    from safetensors.torch import load_file
+    from layerforge.runtime.quant import quantize_fp8
+    make_tiny(name, tmp_path / "fp8", head_dim=64)
+    (tmp_path / "float").mkdir()
+    t = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    fp8, dense = {}, {}
+    for key, w in t.items():
+        if w.dim() == 2 and ".layers." in key and key.endswith(".weight") and not key.endswith("gate.weight"):
+            q, s = quantize_fp8(w, 128)
+            fp8[key], fp8[key.replace(".weight", ".weight_scale_inv")] = q, s
+            dense[key] = (q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: q.shape[0], : q.shape[1]])
+        else:
+            fp8[key] = dense[key] = w
+    safetensors_torch.save_file(fp8, str(tmp_path / "fp8" / "model.safetensors"))
+    safetensors_torch.save_file(dense, str(tmp_path / "float" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    (tmp_path / "float" / "config.json").write_text(json.dumps(cfg))
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    ours = lf.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    experts = ours.layers[0].mlp.experts
+    assert experts.quant == ("f8e4m3", 128) and not hasattr(experts, "gate_up_proj")
+    assert isinstance(ours.layers[0].attn.qkv, QuantLinear)
+    ref = lf.from_pretrained(tmp_path / "float", dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids)
+        ref.quantize_("f8e4m3", 128)
+        for layer in ref.layers:
+            layer.mlp.quantize_("f8e4m3", 128)
+        got, inplace = ours(ids), ref(ids)
+    assert torch.equal(ref.layers[0].mlp.experts.gate_up_proj_q.view(torch.uint8), experts.gate_up_proj_q.view(torch.uint8))
+    torch.testing.assert_close(got, inplace, rtol=1e-4, atol=1e-4)
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    assert err < 0.25, err   # W is exact; activations round to e4m3, and a rounded hidden state may route elsewhere
