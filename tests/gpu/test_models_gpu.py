@@ -208,6 +208,30 @@ def test_quantised_checkpoint_decodes_on_the_gpu(tmp_path, method):
         _close(runs[True][3][0], hf(torch.tensor([seq], device="cuda")).logits[0, -1])
 
 
+@pytest.mark.parametrize("layout, strategy", [("fp8", "block"), ("compressed-tensors", "channel")])
+def test_fp8_checkpoint_decodes_on_the_gpu(tmp_path, layout, strategy):
+    """An FP8 tiny Llama (transformers' fp8 blocks, compressed-tensors channels) in bf16 on an
+    sm_89+ GPU: decode steps on the fused W8A8 products equal the unfused steps and follow
+    transformers with the dequantised weights within the activations' e4m3 rounding."""
+    import layerforge as lf
+
+    from ..models.test_quantized_pretrained import fp8_checkpoint
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the f8e4m3 products need sm_89 or newer")
+    hf, _ = fp8_checkpoint(tmp_path, layout, strategy)
+    hf = hf.to("cuda")
+    ours = lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 12)]
+    runs = {fused: decode_logits(ours, prompts, 4, lambda step, s, out: (step * 5 + s) % 96, fused=fused)
+            for fused in (True, False)}
+    for step in range(1, 4):
+        _close(runs[True][step], runs[False][step], rel=2e-2)
+    seq = prompts[0] + [(step * 5) % 96 for step in range(3)]
+    with torch.no_grad():
+        _close(runs[True][3][0], hf(torch.tensor([seq], device="cuda")).logits[0, -1], rel=1e-1)
+
+
 @pytest.fixture(scope="module")
 def loaded_f32(tmp_path_factory):
     return tiny_loader(tmp_path_factory, head_dim=64, dtype=torch.float32, device="cuda")
