@@ -42,6 +42,7 @@ from ..dsl.recurrences import causal_conv1d as _conv_definition
 from ..dsl.recurrences import linear_recurrence, softplus
 
 __all__ = ["causal_conv1d", "causal_conv1d_channels_last", "causal_conv1d_update", "selective_scan", "selective_state_update",
+           "vector_aligned",
            "causal_conv1d_reference", "causal_conv1d_update_reference", "selective_scan_reference",
            "selective_state_update_reference", "ScanInputError", "ACTIVATIONS", "CONV_WIDTHS"]
 
@@ -319,6 +320,13 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache):
     return hit
 
 
+def vector_aligned(t: torch.Tensor, strides) -> bool:
+    """Whether 16-byte vector copies of t stay aligned: its start and the given strides (elements)
+    16-byte multiples (the channels-last conv here, the SSD kernels' loads in runtime/ssd.py)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in strides)
+
+
 def _launch_conv(x, weight, bias, activation, initial_state, return_final_state, cache, *, channels_last=False):
     """x [B, D, L] contiguous, or (channels_last) [B, L, D] through its batch and step strides."""
     b, length, d = x.shape if channels_last else (x.shape[0], x.shape[2], x.shape[1])
@@ -337,9 +345,7 @@ def _launch_conv(x, weight, bias, activation, initial_state, return_final_state,
     problem, strides = (b * d, length), ()
     if channels_last:   # 16-byte vectors of channels where the start, the strides and D allow
         strides = (x.stride(0) if b > 1 else 0), (x.stride(1) if length > 1 else 0)
-        size = x.element_size()
-        vector = d % (16 // size) == 0 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in strides)
-        opts.update(channels_last=True, vector=vector)
+        opts.update(channels_last=True, vector=d % (16 // x.element_size()) == 0 and vector_aligned(x, strides))
         problem = (b, length)
     launch = _launcher(("conv", *opts.values(), x.device.index), x.device,
                        lambda arch: plan_conv(**opts, arch=arch), cache)

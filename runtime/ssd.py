@@ -36,6 +36,7 @@ import torch
 
 from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
                            plan_ssd_state_update)
+from .scan import vector_aligned
 
 __all__ = ["ssd_scan", "ssd_state_update", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
            "gated_rms_norm_reference", "SSDInputError"]
@@ -318,11 +319,6 @@ def _launcher(key: tuple, device: torch.device, make_plan, cache=None):
     return hit
 
 
-def _vector_aligned(t: torch.Tensor, strides) -> bool:
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in strides)
-
-
 def readable_in_place(t: torch.Tensor, lead: int) -> bool:
     """Whether the kernels read t ([lead dims..., rows of 16-byte vectors]) through its strides:
     contiguous past its first `lead` dims, its start and those dims' strides 16-byte multiples.
@@ -331,7 +327,7 @@ def readable_in_place(t: torch.Tensor, lead: int) -> bool:
         strides = _strides("t", t, lead, vector=False)
     except SSDInputError:
         return False
-    return _vector_aligned(t, strides)
+    return vector_aligned(t, strides)
 
 
 def _strides(name: str, t: torch.Tensor, lead: int, vector: bool) -> tuple[int, ...]:
@@ -346,7 +342,7 @@ def _strides(name: str, t: torch.Tensor, lead: int, vector: bool) -> tuple[int, 
         inner *= t.shape[d]
     strides = tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(lead))
     if vector:
-        if not _vector_aligned(t, strides):
+        if not vector_aligned(t, strides):
             raise SSDInputError(f"{name} must start on a 16-byte boundary with 16-byte multiples for strides "
                                 f"(the kernels copy 16-byte vectors; got strides {t.stride()}); call .contiguous()")
     return strides
