@@ -94,6 +94,9 @@ def quant_config(config: dict) -> dict | None:
     if not isinstance(q, dict):
         raise ConfigError("config.json: quantization_config must be an object")
     method = q.get("quant_method")
+    if q.get("kv_cache_scheme") is not None:   # compressed-tensors: the checkpoint's own KV-cache scales
+        raise ConfigError("config.json: quantization_config.kv_cache_scheme: the checkpoint's KV-cache scales are "
+                          "not served (from_pretrained(kv_dtype='fp8_e4m3') scales the cache itself)")
     if method == "fp8":
         return _fp8_config(q)
     if method == "compressed-tensors":
@@ -124,7 +127,7 @@ def quant_config(config: dict) -> dict | None:
 
 
 def _fp8_block(value, where: str) -> int:
-    if list(value) != [128, 128]:
+    if not isinstance(value, (list, tuple)) or list(value) != [128, 128]:
         raise ConfigError(f"config.json: {where} {value!r}: FP8 weight blocks are served at [128, 128]")
     return 128
 
@@ -240,9 +243,11 @@ def split_quantized(tensors: dict[str, torch.Tensor], method: str) -> dict[str, 
 
 
 def _fused(name: str, qws: list, dtype: torch.dtype):
-    """One QuantWeight of a fused projection's parts (q/k/v, gate/up), stacked along N."""
+    """One QuantWeight of a projection's parts (q/k/v, gate/up: stacked along N; one part as it is)."""
     from ..runtime.quant import QuantWeight
     first = qws[0]
+    if len(qws) == 1:
+        return first
     if first.wtype == "f8e4m3" and first.group and any(w.n % first.group for w in qws[:-1]):
         raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have "
                           f"{[w.n for w in qws]} rows: 128 x 128 block scales stack only in whole blocks")
@@ -278,7 +283,7 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
             # act-order parts of one fused projection share x, so GPTQ orders their columns alike
             raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have different "
                               f"act-order column orders (g_idx); they cannot share one product")
-        qw = qws[0] if len(qws) == 1 else _fused(name, qws, dtype)
+        qw = _fused(name, qws, dtype)
         path = name.removesuffix(".weight")
         if not path.startswith("layers."):
             raise ConfigError(f"checkpoint: {path} is quantised: only the decoder layers' projections are served "

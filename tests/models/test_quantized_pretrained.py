@@ -236,6 +236,12 @@ def test_fp8_checkpoint_loads_its_e4m3_weights_and_scales(tmp_path, layout, stra
 @pytest.mark.parametrize("qc, match", [
     ({"quant_method": "fp8", "activation_scheme": "static"}, "activation_scheme"),
     ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"\[128, 128\]"),
+    ({"quant_method": "fp8", "weight_block_size": None}, r"\[128, 128\]"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "block"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}, "block_structure"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "kv_cache_scheme": {"num_bits": 8}},
+     "kv_cache_scheme"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "float-quantized"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}, "input_activations"),
