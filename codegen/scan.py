@@ -42,7 +42,7 @@ from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["not_lowered_reason", "scan_parts", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
+__all__ = ["not_lowered_reason", "scan_parts", "scan_tilings", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
            "plan_selective_scan", "plan_state_update", "state_split", "scan_tiles", "chunked_scan", "DTYPES", "WIDTHS",
            "CONV_THREADS", "CONV_TILE", "SCAN_THREADS", "SCAN_ITEMS", "MAX_STATE", "UPDATE_THREADS"]
 
@@ -144,6 +144,11 @@ def scan_tiles(length: int) -> tuple[int, int]:
     while items < SCAN_ITEMS and SCAN_THREADS * items < length:
         items *= 2
     return SCAN_THREADS, items
+
+
+def scan_tilings() -> list[tuple[int, int]]:
+    """Every (threads, items) scan_tiles picks for some length, shortest chunk first."""
+    return [scan_tiles(SCAN_THREADS << i) for i in range(SCAN_ITEMS.bit_length())]
 
 
 def chunked_scan(a, b, initial, *, threads: int = SCAN_THREADS, items: int = SCAN_ITEMS):

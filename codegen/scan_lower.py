@@ -45,7 +45,7 @@ from ..dsl.program import Layer, located
 from .plan import KernelPlan
 from .row import LoweringError
 from .scan import (DTYPES, SCAN_ITEMS, SCAN_THREADS, WIDTHS, plan_conv, plan_conv_update, plan_selective_scan,
-                   plan_state_update, scan_tiles)
+                   plan_state_update, scan_tiles, scan_tilings)
 
 __all__ = ["ScanPattern", "KINDS", "has_scan", "match_scan", "scan_plans", "SOFTPLUS_THRESHOLD"]
 
@@ -106,11 +106,7 @@ class ScanPattern:
         chunk tiling runtime/scan.py picks by the sequence's length (1 .. SCAN_ITEMS items a thread)."""
         if self.kind != "selective_scan":
             return [self.plan(arch)]
-        out, items = [], 1
-        while items <= SCAN_ITEMS:
-            out.append(self.plan(arch, length=SCAN_THREADS * items))
-            items *= 2
-        return out
+        return [self.plan(arch, length=threads * items) for threads, items in scan_tilings()]
 
 
 def has_scan(fn: Function) -> bool:

@@ -240,7 +240,7 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
     kind = config.get("model_type")
     if kind not in ("mamba", "mamba2"):
         return [], {}
-    from ..codegen.scan import SCAN_ITEMS, SCAN_THREADS, plan_conv, plan_conv_update, plan_selective_scan, plan_state_update
+    from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update, scan_tilings
     m = families.spec_from_config(config).mixer
     channels = m.intermediate_size if kind == "mamba" else m.conv_dim
     conv = dict(channels=channels, width=m.conv_kernel, dtype=dtype, weight_dtype=dtype,
@@ -259,10 +259,9 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
     if kind == "mamba":
         scan = dict(channels=m.intermediate_size, state=m.state_size, dtype=dtype, a_dtype="f32", d_dtype="f32",
                     bias_dtype="f32", gate=True, softplus=True, arch=arch)
-        items = [1 << i for i in range(SCAN_ITEMS.bit_length()) if 1 << i <= SCAN_ITEMS]
         try:
-            plans += [plan_selective_scan(**scan, initial=carry, final=carry, threads=SCAN_THREADS, items=n)
-                      for n in items for carry in (False, True)]
+            plans += [plan_selective_scan(**scan, initial=carry, final=carry, threads=threads, items=n)
+                      for threads, n in scan_tilings() for carry in (False, True)]
             plans.append(plan_state_update(**scan))
         except ValueError as e:
             return plans, {"selective scan (Mamba's scan)": f"not served for this model: {e}"}
