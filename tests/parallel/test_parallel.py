@@ -22,16 +22,20 @@ from .ranks import run_ranks
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
+def _built(tmp_path_factory, names) -> dict[str, str]:
     """name -> a tiny checkpoint folder with the one-process model's results (workers.make_case)."""
     out = {}
-    for name in ("llama", "qwen2", "gemma", "gpt_neox"):
+    for name in names:
         folder = tmp_path_factory.mktemp(name)
         make_tiny(name, folder)
         workers.make_case(folder)
         out[name] = str(folder)
     return out
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return _built(tmp_path_factory, ("llama", "qwen2", "gemma", "gpt_neox"))
 
 
 def test_tensor_parallel_equals_one_process(cases):
@@ -58,13 +62,7 @@ def test_tensor_and_pipeline_parallel_together(cases):
 def moe_cases(tmp_path_factory):
     """name -> a tiny MoE checkpoint folder with the one-process model's results: Mixtral (every
     layer sparse), Qwen2-MoE (a gated shared expert in slices, dense layers between), Qwen3-MoE."""
-    out = {}
-    for name in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        folder = tmp_path_factory.mktemp(name)
-        make_tiny(name, folder)
-        workers.make_case(folder)
-        out[name] = str(folder)
-    return out
+    return _built(tmp_path_factory, ("mixtral", "qwen2_moe", "qwen3_moe"))
 
 
 def test_moe_tensor_and_pipeline_parallel_equal_one_process(moe_cases):
