@@ -80,17 +80,13 @@ def timer(device: str):
 def peer_in_pieces(t, run, B: int):
     """transformers' time for a batch of B: run(lo, hi) on sequences lo..hi-1, timed whole, or (its
     torch path materialises [b, chunks, Q, Q, heads, N] products: 160 GB at 8 x 2048) as the sum of
-    equal batch pieces, halved until a piece fits. (seconds, pieces)."""
-    pieces = 1
-    while True:
-        try:
-            step = B // pieces
-            return sum(t(lambda lo=lo: run(lo, lo + step)) for lo in range(0, B, step)), pieces
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if pieces >= B:
-                raise
-            pieces *= 2
+    equal batch pieces, halved until a piece fits (bench_rows.in_pieces). (seconds, pieces)."""
+    from .bench_rows import in_pieces
+
+    def measure(pieces):
+        step = -(-B // pieces)
+        return sum(t(lambda lo=lo: run(lo, lo + step)) for lo in range(0, B, step))
+    return in_pieces(measure, B)
 
 
 def prefill_cost(c: Mamba2MixerConfig, B: int, L: int, elt: int) -> tuple[float, float]:

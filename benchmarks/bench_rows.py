@@ -31,6 +31,21 @@ def bench(fn, reps_ms=200):
     return do_bench(fn, warmup=25, rep=reps_ms, return_mode="median") * 1e-3  # seconds
 
 
+def in_pieces(measure, most: int):
+    """measure(pieces) for pieces = 1, 2, 4, ... until a run fits in the GPU's memory (a peer's
+    torch path that materialises too much at once, timed over pieces of its work); (result,
+    pieces). Past `most` pieces the out-of-memory error stands."""
+    pieces = 1
+    while True:
+        try:
+            return measure(pieces), pieces
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if pieces >= most:
+                raise
+            pieces *= 2
+
+
 def copy_ceiling() -> float:
     n = 1 << 29  # 1 GiB of bf16
     a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()

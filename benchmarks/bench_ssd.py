@@ -95,16 +95,12 @@ def hf_prefill_in_pieces(inp: dict, chunk: int, pieces: int):
 
 
 def hf_prefill_time(bench, inp: dict, chunk: int) -> tuple[float, int]:
-    """(seconds, pieces): the whole sequence at once, or in the fewest spans that fit in memory."""
-    pieces = 1
-    while True:
-        try:
-            return bench(hf_prefill(inp, chunk) if pieces == 1 else hf_prefill_in_pieces(inp, chunk, pieces), 500), pieces
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if pieces * chunk >= inp["x"].shape[1]:
-                raise
-            pieces *= 2
+    """(seconds, pieces): the whole sequence at once, or in the fewest spans that fit in memory
+    (bench_rows.in_pieces; at most one chunk a span)."""
+    from .bench_rows import in_pieces
+    return in_pieces(lambda pieces: bench(hf_prefill(inp, chunk) if pieces == 1
+                                          else hf_prefill_in_pieces(inp, chunk, pieces), 500),
+                     -(-inp["x"].shape[1] // chunk))
 
 
 def step_inputs(bt: int, dims: dict, device, dtype=torch.bfloat16) -> dict:
