@@ -474,8 +474,8 @@ def _conv_source(plan: ConvPlan) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _conv_update_abi(plan: ConvUpdatePlan) -> KernelABI:
-    args = [Arg("x", _in(plan.dtype), "input"), Arg("conv_state", _out(plan.state_dtype), "output"),
-            Arg("weight", _in(plan.weight_dtype), "input")]
+    args = [Arg("x", _in(plan.dtype), "input"), Arg("x_sb", "long long", "dim"),
+            Arg("conv_state", _out(plan.state_dtype), "output"), Arg("weight", _in(plan.weight_dtype), "input")]
     if plan.bias:
         args.append(Arg("bias", _in(plan.bias), "input"))
     args += [Arg("y", _out(plan.dtype), "output", "0"), Arg("batch", "int", "dim")]

@@ -275,7 +275,9 @@ class SSDStatePassingPlan(KernelPlan):
 @dataclass(frozen=True, kw_only=True)
 class SSDStateUpdatePlan(KernelPlan):
     """state f32 [Bt, H, P, N] (in place), x [Bt, H, P], dt [Bt, H], A f32 [H], B, C [Bt, G, N]
-    (+ dt_bias, D f32 [H], z [Bt, H, P]) -> y [Bt, H, P] contiguous."""
+    (+ dt_bias, D f32 [H], z [Bt, H, P]) -> y [Bt, H, P] contiguous. params: the per-head vectors'
+    dtype ("f32", or the inputs' dtype: a model's parameters read as they are, no cast per step);
+    a_log: A is given as A_log and the kernel takes A = -exp(A_log) (as the mixers hold it)."""
 
     family: ClassVar[str] = "ssd_state_update"
     heads: int
@@ -287,17 +289,23 @@ class SSDStateUpdatePlan(KernelPlan):
     softplus: bool = True
     skip: bool = False
     gate: bool = False
+    params: str = "f32"
+    a_log: bool = False
     arch: str = "sm_90"
 
     def __post_init__(self):
         _check("ssd state update", self.arch, self.dtype, {"heads": self.heads, "head_dim": self.head_dim,
                                                            "groups": self.groups, "state": self.state},
-               {"dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip, "gate": self.gate})
+               {"dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip, "gate": self.gate,
+                "a_log": self.a_log})
+        if self.params not in ("f32", self.dtype):
+            raise ValueError(f"ssd state update: params must be 'f32' or the dtype {self.dtype!r}, got {self.params!r}")
 
     @property
     def key(self) -> str:
         return (f"ssd_state_update_h{self.heads}_p{self.head_dim}_g{self.groups}_n{self.state}_{self.dtype}"
                 + "_bias" * self.dt_bias + "_softplus" * self.softplus + "_d" * self.skip + "_z" * self.gate
+                + (f"_p{self.params}" if self.params != "f32" else "") + "_alog" * self.a_log
                 + f"_{ops.arch_key(self.arch)}")
 
     @property
@@ -310,7 +318,7 @@ class SSDStateUpdatePlan(KernelPlan):
     def describe(self) -> dict[str, Any]:
         return {"heads": self.heads, "head_dim": self.head_dim, "groups": self.groups, "state": self.state,
                 "dtype": self.dtype, "dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip,
-                "gate": self.gate}
+                "gate": self.gate, "params": self.params, "a_log": self.a_log}
 
 
 def plan_ssd_chunk_state(*, heads: int, head_dim: int, groups: int, state: int, chunk: int, dtype: str,
@@ -332,10 +340,11 @@ def plan_ssd_state_passing(*, heads: int, head_dim: int, state: int, dtype: str,
 
 
 def plan_ssd_state_update(*, heads: int, head_dim: int, groups: int, state: int, dtype: str, dt_bias: bool = True,
-                          softplus: bool = True, skip: bool = False, gate: bool = False,
-                          arch: str = "sm_90") -> SSDStateUpdatePlan:
+                          softplus: bool = True, skip: bool = False, gate: bool = False, params: str = "f32",
+                          a_log: bool = False, arch: str = "sm_90") -> SSDStateUpdatePlan:
     return SSDStateUpdatePlan(heads=heads, head_dim=head_dim, groups=groups, state=state, dtype=dtype,
-                              dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, arch=arch)
+                              dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, params=params, a_log=a_log,
+                              arch=arch)
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
@@ -348,9 +357,10 @@ def _strided(name: str, t: str) -> tuple[Arg, ...]:
             Arg(f"{name}_sl", "long long", "dim"))
 
 
-def _step_args(plan) -> tuple[Arg, ...]:
-    """A [H], then dt_bias [H] when the plan adds it, then the clamp of the step."""
-    return (Arg("A", _F32_IN, "input"), *((Arg("dt_bias", _F32_IN, "input"),) if plan.dt_bias else ()),
+def _step_args(plan, vec: str = _F32_IN) -> tuple[Arg, ...]:
+    """A [H], then dt_bias [H] when the plan adds it, then the clamp of the step; vec: the
+    vectors' C type."""
+    return (Arg("A", vec, "input"), *((Arg("dt_bias", vec, "input"),) if plan.dt_bias else ()),
             Arg("dt_lo", "float", "scalar"), Arg("dt_hi", "float", "scalar"))
 
 
@@ -427,12 +437,13 @@ def _passing_source(plan: SSDStatePassingPlan) -> str:
 @functools.lru_cache(maxsize=64)
 def _update_abi(plan: SSDStateUpdatePlan) -> KernelABI:
     t = ops.storage_ctype(plan.dtype)
+    vec = _F32_IN if plan.params == "f32" else f"const {t}* __restrict__"
 
     def row(name):   # a [Bt, ...] input read through its batch stride
         return (Arg(name, f"const {t}* __restrict__", "input"), Arg(f"{name}_sb", "long long", "dim"))
     args = (Arg("state", "float* __restrict__", "input"), *row("x"), *row("dt"), *row("B"), *row("C"),
-            *(row("z") if plan.gate else ()), *_step_args(plan),
-            *((Arg("D", _F32_IN, "input"),) if plan.skip else ()),
+            *(row("z") if plan.gate else ()), *_step_args(plan, vec),
+            *((Arg("D", vec, "input"),) if plan.skip else ()),
             Arg("y", f"{t}* __restrict__", "output", "0"))
     return KernelABI(name=plan.kernel_name, args=args, grid=(str(plan.heads), "batch"), block=(UPDATE_THREADS,),
                      problem=("batch",))
@@ -442,4 +453,4 @@ def _update_abi(plan: SSDStateUpdatePlan) -> KernelABI:
 def _update_source(plan: SSDStateUpdatePlan) -> str:
     return render("cuda/ssd_state_update.cu.jinja", **_common_variables(plan), G=plan.groups, bias=plan.dt_bias,
                   softplus=plan.softplus, skip=plan.skip, gate=plan.gate, split=update_split(plan.state),
-                  warps=UPDATE_THREADS // 32)
+                  warps=UPDATE_THREADS // 32, own_params=plan.params != "f32", a_log=plan.a_log)

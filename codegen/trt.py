@@ -328,7 +328,8 @@ def _conv_update_spec(plan) -> PluginSpec:
     state = TensorSpec("conv_state", plan.state_dtype, ("Bt", d, k))
     inputs = [TensorSpec("x", t, ("Bt", d)), state, TensorSpec("weight", plan.weight_dtype, (d, k))]
     inputs += [TensorSpec("bias", plan.bias, (d,))] if plan.bias else []
-    return _spec(plan, inputs, (state, TensorSpec("out0", t, ("Bt", d))), (("rows", f"Bt * {d}"), ("batch", "Bt")),
+    return _spec(plan, inputs, (state, TensorSpec("out0", t, ("Bt", d))),
+                 (("rows", f"Bt * {d}"), ("batch", "Bt"), ("x_sb", d)),   # dense x: rows D apart
                  aliases=(1, -1), form="one step, conv_state in place")
 
 
@@ -385,7 +386,8 @@ def _ssd_inputs(plan, step: bool, with_c: bool) -> tuple[list[TensorSpec], list[
         row = size * math.prod(int(r) for r in rest)
         if name in (("B", "C") if step else ("x", "B", "C", "z")) and (not step or t == "f32") and row % 16:
             raise NotAPlugin(f"{name}'s dense rows are {row} bytes, and the kernel reads them as 16-byte vectors")
-    inputs += [TensorSpec("A", "f32", (h,))] + ([TensorSpec("dt_bias", "f32", (h,))] if plan.dt_bias else [])
+    vec = getattr(plan, "params", "f32")   # the update's per-head vectors may be in the model dtype
+    inputs += [TensorSpec("A", vec, (h,))] + ([TensorSpec("dt_bias", vec, (h,))] if plan.dt_bias else [])
     strides = []
     for name, rest in parts:
         row = " * ".join(rest)
@@ -431,9 +433,10 @@ def _ssd_state_update_spec(plan) -> PluginSpec:
     h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
     state = TensorSpec("state", "f32", ("Bt", h, p, n))
     inputs, strides = _ssd_inputs(plan, step=True, with_c=True)
-    inputs = [state, *inputs] + ([TensorSpec("D", "f32", (h,))] if plan.skip else [])
+    inputs = [state, *inputs] + ([TensorSpec("D", plan.params, (h,))] if plan.skip else [])
     return _spec(plan, inputs, (state, TensorSpec("out0", plan.dtype, ("Bt", h, p))), (("batch", "Bt"), *strides),
-                 attributes=_DT_LIMITS, aliases=(0, -1), form="one step, state in place")
+                 attributes=_DT_LIMITS, aliases=(0, -1),
+                 form="one step, state in place" + (", A given as A_log" if plan.a_log else ""))
 
 
 # ---- MoE: the permutation, gather, combine -------------------------------------------------------

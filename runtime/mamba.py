@@ -244,9 +244,9 @@ class MambaMixer(_Mixer):
         h, shape = self._check_step(hidden, state)
         D, K = self.conv_shape
         xz = self.in_proj(h)                                        # [B, 2D]
-        x, z = xz[:, :D].contiguous(), xz[:, D:].contiguous()
-        xc = scan.causal_conv1d_update(x, state.conv, self.conv1d.weight.view(D, K), self.conv1d.bias,
-                                       activation="silu")
+        z = xz[:, D:].contiguous()
+        xc = scan.causal_conv1d_update(xz[:, :D], state.conv, self.conv1d.weight.view(D, K), self.conv1d.bias,
+                                       activation="silu")               # x read in place
         dt, B, C = self._dt_B_C(xc)
         y = scan.selective_state_update(state.ssm, xc, dt, self._A(), B.contiguous(), C.contiguous(), self.D.float(),
                                         z, self.dt_proj.bias.float(), dt_softplus=True)
@@ -269,7 +269,8 @@ class GatedRMSNorm(torch.nn.Module):
 class Mamba2Mixer(_Mixer):
     """transformers' Mamba2Mixer: in_proj -> (z, xBC, dt); xBC through the causal conv and SiLU,
     split into x (heads of head_dim), B and C (n_groups of state_size); the SSD scan with dt_bias,
-    softplus, the time-step limit, A = -exp(A_log) and D per head; the gated RMSNorm with z;
+    softplus, the time-step limit, A = -exp(A_log) and D per head; the gated RMSNorm with z (the
+    gate silu(z) applied by the SSD kernels, rounded to the model dtype, then the norm ungated);
     out_proj. Parameters: in_proj, conv1d, dt_bias, A_log, D, norm, out_proj."""
 
     def __init__(self, config: Mamba2MixerConfig, *, dtype: torch.dtype = torch.float32, device=None):
@@ -313,13 +314,15 @@ class Mamba2Mixer(_Mixer):
         z, xbc, dt = self._split(self.in_proj(hidden))
         xbc = _conv_prefill(xbc, self.conv1d, state, channels_last=True)   # [B, L, C]
         x, B, C = self._x_B_C(xbc)
-        out = ssd.ssd_scan(x, dt, self._A(), B, C, D=self.D, z=None, dt_bias=self.dt_bias, dt_softplus=True,
-                           dt_limit=tuple(c.time_step_limit), chunk_size=c.chunk_size,
-                           initial_state=None if state is None else state.ssm, return_final_state=state is not None)
+        # the chunk scan applies the gate (z read inside in_proj's output), so the norm is ungated
+        out = ssd.ssd_scan(x, dt, self._A(), B, C, D=self.D, z=z.unflatten(-1, (c.num_heads, c.head_dim)),
+                           dt_bias=self.dt_bias, dt_softplus=True, dt_limit=tuple(c.time_step_limit),
+                           chunk_size=c.chunk_size, initial_state=None if state is None else state.ssm,
+                           return_final_state=state is not None)
         if state is not None:
             out, last = out
             state.ssm.copy_(last)
-        y = self.norm(out.reshape(Bsz, L, c.intermediate_size), z.contiguous())
+        y = self.norm(out.reshape(Bsz, L, c.intermediate_size))
         return self.out_proj(y)
 
     def step(self, hidden: torch.Tensor, state: MixerState) -> torch.Tensor:
@@ -328,13 +331,17 @@ class Mamba2Mixer(_Mixer):
         h, shape = self._check_step(hidden, state)
         c = self.config
         Cd, K = self.conv_shape
+        # in_proj's output is read in place: xBC by the conv, z and dt by the state update, which
+        # also takes A = -exp(A_log), D and dt_bias as the parameters hold them and applies the
+        # gate, so the norm that follows is the plain (grouped) RMSNorm: one launch each, no copies
         z, xbc, dt = self._split(self.in_proj(h))
-        xbc = scan.causal_conv1d_update(xbc.contiguous(), state.conv, self.conv1d.weight.view(Cd, K),
-                                        self.conv1d.bias, activation="silu")
+        xbc = scan.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.view(Cd, K), self.conv1d.bias,
+                                        activation="silu")
         x, B, C = self._x_B_C(xbc)
-        y = ssd.ssd_state_update(state.ssm, x, dt.contiguous(), self._A(), B, C, D=self.D, z=None,
-                                 dt_bias=self.dt_bias, dt_softplus=True)
-        y = self.norm(y.reshape(h.shape[0], c.intermediate_size), z.contiguous())
+        y = ssd.ssd_state_update(state.ssm, x, dt, self.A_log, B, C, D=self.D,
+                                 z=z.unflatten(-1, (c.num_heads, c.head_dim)), dt_bias=self.dt_bias, dt_softplus=True,
+                                 a_log=True)   # no time_step_limit in decode: see the module's note
+        y = self.norm(y.reshape(h.shape[0], c.intermediate_size))
         return self.out_proj(y).view(shape)
 
 

@@ -243,10 +243,12 @@ def causal_conv1d_channels_last(x, weight, bias=None, *, activation="silu", init
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, *, activation="silu", cache=None):
     """One decode step of causal_conv1d: x [B, D] joins conv_state [B, D, K] (x's dtype or f32;
-    updated in place, newest input last) and y [B, D] = act(bias + sum_k weight[:, k] * conv_state[..., k])."""
+    updated in place, newest input last) and y [B, D] = act(bias + sum_k weight[:, k] * conv_state[..., k]).
+    x's rows may be apart (a column slice of a wider tensor: read in place); y is contiguous."""
     what = "causal_conv1d_update"
     b, d = _leading(what, "x", x, 2)
-    _tensor(what, "x", x, (b, d), _INPUT_DTYPES)
+    if d > 1 and x.stride(1) != 1:
+        raise ScanInputError(f"{what}: 'x' must have contiguous rows (strides {x.stride()}); call .contiguous() first")
     k = _width(what, weight)
     _tensor(what, "conv_state", conv_state, (b, d, k), _params(x.dtype))
     _tensor(what, "weight", weight, (d, k), _params(x.dtype))
@@ -355,7 +357,7 @@ def _launch_conv(x, weight, bias, activation, initial_state, return_final_state,
 
 def _launch_conv_update(x, conv_state, weight, bias, activation, cache):
     b, d = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     if b == 0:
         return y
     opts = dict(channels=d, width=weight.shape[1], dtype=_name(x.dtype), state_dtype=_name(conv_state.dtype),
@@ -363,7 +365,7 @@ def _launch_conv_update(x, conv_state, weight, bias, activation, cache):
                 silu=activation == "silu")
     launch = _launcher(("conv_update", *opts.values(), x.device.index), x.device,
                        lambda arch: plan_conv_update(**opts, arch=arch), cache)
-    launch((b * d,), [x, conv_state, weight, *_present(bias), y, b])
+    launch((b * d,), [x, x.stride(0), conv_state, weight, *_present(bias), y, b])
     return y
 
 

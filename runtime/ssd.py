@@ -14,7 +14,9 @@ the recurrence is
     y_t = h_t C_t + D x_t,  then  y_t *= silu(z_t)    (D and z optional),
 which is what transformers' Mamba2Mixer computes (torch_forward's chunked segment-sum form for
 prefill, the selective state update for decode); transformers gates with z in the norm instead
-(MambaRMSNormGated), so its mixer passes z=None here and the gate to `gated_rms_norm`.
+(MambaRMSNormGated: rms_norm(y * silu(z))), which is the same product normalised, so runtime/mamba's
+mixer passes z here (read inside in_proj's output, no copy) and runs the norm ungated; the gated
+norm (`gated_rms_norm`) stays for callers that hold y and z apart.
 
 The chunked form (`ssd_scan_reference`, the kernels' plan): split L into chunks of Q tokens
 (the last may be short; its missing tokens act as dt = 0, which neither decays nor adds). With
@@ -127,11 +129,14 @@ def ssd_scan_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softp
 
 
 def ssd_state_update_reference(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True,
-                               dt_limit=(0.0, math.inf)):
+                               dt_limit=(0.0, math.inf), a_log: bool = False):
     """One token per sequence: state [Bt, H, P, N] <- exp(dt A) state + dt x B^T in place (in the
-    state's dtype, computed in float32, float64 for a float64 state); y [Bt, H, P] in x's dtype."""
+    state's dtype, computed in float32, float64 for a float64 state); y [Bt, H, P] in x's dtype.
+    a_log: A holds A_log (A = -exp(A_log))."""
     cdt = torch.float64 if state.dtype == torch.float64 else torch.float32
     heads = x.shape[1]
+    if a_log:
+        A = -torch.exp(A.to(cdt))
     step = _step(dt, dt_bias, dt_softplus, dt_limit, cdt)                      # [Bt, H]
     bh = _heads(B.to(cdt), heads, 1)                                          # [Bt, H, N]
     ch = _heads(C.to(cdt), heads, 1)
@@ -177,13 +182,13 @@ def _same_device(device: torch.device, **tensors) -> None:
             raise SSDInputError(f"{name} is on {t.device}, x on {device}: all inputs must be on one device")
 
 
-def _check_common(heads: int, groups: int, dt_limit, A, D, dt_bias) -> None:
+def _check_common(heads: int, groups: int, dt_limit, A, D, dt_bias, dtype: torch.dtype) -> None:
     if groups < 1 or heads % groups:
         raise SSDInputError(f"the {heads} heads must split evenly over the {groups} groups of B and C")
     lo, hi = dt_limit
     if not (0.0 <= lo <= hi):
         raise SSDInputError(f"dt_limit must be (lo, hi) with 0 <= lo <= hi, got {dt_limit}")
-    _shape("A", A, (heads,), (torch.float32, torch.float64))
+    _shape("A", A, (heads,), tuple(dict.fromkeys((torch.float32, torch.float64, dtype))))   # f32 / f64 or x's
     if D is not None:
         _shape("D", D, (heads,))
     if dt_bias is not None:
@@ -204,7 +209,7 @@ def _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_sta
     _shape("C", C, (bt, length, groups, n), (x.dtype,))
     if z is not None:
         _shape("z", z, (bt, length, heads, hp), (x.dtype,))
-    _check_common(heads, groups, dt_limit, A, D, dt_bias)
+    _check_common(heads, groups, dt_limit, A, D, dt_bias, x.dtype)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise SSDInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if initial_state is not None:
@@ -227,7 +232,7 @@ def _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
     _shape("C", C, (bt, groups, n), (x.dtype,))
     if z is not None:
         _shape("z", z, (bt, heads, hp), (x.dtype,))
-    _check_common(heads, groups, dt_limit, A, D, dt_bias)
+    _check_common(heads, groups, dt_limit, A, D, dt_bias, x.dtype)
     _same_device(x.device, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
@@ -279,15 +284,18 @@ def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool 
 
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = True,
-                     dt_limit: tuple[float, float] = (0.0, math.inf), out=None):
+                     dt_limit: tuple[float, float] = (0.0, math.inf), out=None, a_log: bool = False):
     """One decode token per sequence: state [Bt, H, P, N] float32 updated in place, x [Bt, H, P],
-    dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype (into `out` when given)."""
+    dt [Bt, H], A [H], B and C [Bt, G, N] -> y [Bt, H, P] in x's dtype (into `out` when given).
+    a_log: A holds A_log and A = -exp(A_log) is taken inside the kernel. A, D and dt_bias may be
+    float32 or x's dtype (read as they are when all are x's dtype: a model's parameters, no cast a
+    step); x, dt, B, C and z are read through their batch strides (views of a projection's output)."""
     _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
     _check_out(out, x.shape, x)
     if _use_kernel(x) and x.numel():
-        return _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out)
+        return _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out, a_log)
     y = ssd_state_update_reference(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                   dt_softplus=dt_softplus, dt_limit=dt_limit)
+                                   dt_softplus=dt_softplus, dt_limit=dt_limit, a_log=a_log)
     return y if out is None else out.copy_(y)
 
 
@@ -392,7 +400,7 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     return y, final
 
 
-def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out):
+def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, out, a_log=False):
     """The decode step's one launch (codegen/ssd.py's state update)."""
     bt, heads, hp = x.shape
     groups, n = B.shape[1], B.shape[2]
@@ -405,10 +413,13 @@ def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, ou
     (xs,), (dts,) = _strides("x", x, 1, False), _strides("dt", dt, 1, False)
     (bs,), (cs,) = _strides("B", B, 1, vec), _strides("C", C, 1, vec)
     zs = _strides("z", z, 1, False) if z is not None else ()
+    own = all(v is None or (v.dtype == x.dtype and v.is_contiguous()) for v in (A, D, dt_bias))
     opts = dict(heads=heads, head_dim=hp, groups=groups, state=n, dtype=dtype, dt_bias=dt_bias is not None,
-                softplus=bool(dt_softplus), skip=D is not None, gate=z is not None)
+                softplus=bool(dt_softplus), skip=D is not None, gate=z is not None, params=dtype if own else "f32",
+                a_log=bool(a_log))
     k = _launcher(("update", *opts.values(), dev.index), dev, lambda arch: plan_ssd_state_update(**opts, arch=arch))
-    A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
+    if not own:
+        A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
     y = torch.empty(bt, heads, hp, dtype=x.dtype, device=dev) if out is None else out
     k((bt,), [state, x, xs, dt, dts, B, bs, C, cs, *((z, *zs) if z is not None else ()), A,
               *((dt_bias,) if dt_bias is not None else ()), float(dt_limit[0]), float(dt_limit[1]),

@@ -47,7 +47,7 @@ def test_abis():
     assert conv.arg("bias").ctype == "const float* __restrict__"
     assert conv.grid_for(128, CONV_TILE + 1) == (128, 2, 1)
     step = plan_conv_update(channels=64, width=4, dtype="f16", state_dtype="f32").abi
-    assert [a.name for a in step.args] == ["x", "conv_state", "weight", "y", "batch"]
+    assert [a.name for a in step.args] == ["x", "x_sb", "conv_state", "weight", "y", "batch"]
     assert step.arg("conv_state").ctype == "float* __restrict__" and step.grid_for(129) == (2, 1, 1)
     scan = plan_selective_scan(channels=64, state=16, dtype="bf16", a_dtype="f32", d_dtype="f32", bias_dtype="f32",
                                gate=True, initial=True, final=True)
@@ -319,9 +319,10 @@ def test_conv_sources_on_the_host(host):
         torch.testing.assert_close(y.double(), want_y.double(), rtol=1e-6, atol=1e-6)
         assert torch.equal(s, want_s)
     step = host["conv_update"]
-    x, state = torch.randn(b, d, generator=gen), torch.randn(b, d, k, generator=gen)
+    wide, state = torch.randn(b, d + 5, generator=gen), torch.randn(b, d, k, generator=gen)
+    x = wide[:, 2:2 + d]                     # a column slice: rows d + 5 apart, read in place
     want_state, y = state.clone(), nans(b, d)
-    step((b * d,), [x, state, w, cb, y, b])
+    step((b * d,), [x, x.stride(0), state, w, cb, y, b])
     want = ref.causal_conv1d_update_reference(x, want_state, w, cb)
     torch.testing.assert_close(y.double(), want.double(), rtol=1e-6, atol=1e-6)
     assert torch.equal(state, want_state)

@@ -32,6 +32,8 @@ def test_keys_spell_out_every_specialisation():
         "ssd_state_passing_h80_p64_n128_f16_init_sm90"
     assert plan_ssd_state_update(**BIG, dtype="bf16", skip=True, gate=True, arch="sm_90a").key == \
         "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_z_sm90a"
+    assert plan_ssd_state_update(**BIG, dtype="bf16", skip=True, params="bf16", a_log=True).key == \
+        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_pbf16_alog_sm90"
 
 
 def test_abis_order_the_arguments_and_size_the_grid():
@@ -61,6 +63,8 @@ def test_abis_order_the_arguments_and_size_the_grid():
     (lambda: plan_ssd_chunk_state(heads=8, head_dim=64, groups=1, state=128, chunk=2 * MAX_CHUNK, dtype="bf16"),
      "chunk = 512"),
     (lambda: plan_ssd_state_update(heads=8, head_dim=64, groups=1, state=128, dtype="f64"), "dtype"),
+    (lambda: plan_ssd_state_update(heads=8, head_dim=64, groups=1, state=128, dtype="bf16", params="f16"),
+     "params must be"),
     (lambda: plan_ssd_state_update(heads=8, head_dim=64, groups=1, state=128, dtype="bf16", arch="sm_75"), "sm_80"),
     (lambda: plan_ssd_state_passing(heads=8, head_dim=64, state=128, dtype="bf16", initial=1), "bool"),
     (lambda: plan_ssd_chunk_scan(heads=8, head_dim=128, groups=1, state=256, chunk=256, dtype="bf16", arch="sm_80"),
@@ -107,7 +111,9 @@ def _plans(dims, chunk, dtype, arch):
             plan_ssd_state_passing(heads=dims["heads"], head_dim=dims["head_dim"], state=dims["state"], dtype=dtype,
                                    initial=True, arch=arch),
             plan_ssd_chunk_scan(**dims, chunk=chunk, dtype=dtype, skip=True, gate=True, arch=arch),
-            plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, arch=arch)]
+            plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, arch=arch),
+            # the mixer's decode step: A_log, D and dt_bias in the model dtype
+            plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, params=dtype, a_log=True, arch=arch)]
 
 
 CASES = [(BIG, 256, "bf16", "sm_90a"), (BIG, 256, "bf16", "sm_80"), (SMALL, 32, "f16", "sm_80"),
@@ -128,7 +134,7 @@ def test_every_ssd_kernel_compiles_without_spills(dims, chunk, dtype, arch):
 
 
 def test_f32_mamba2_sized_chunk_kernels_fit_an_sm80_block():
-    for plan in _plans(BIG, 256, "f32", "sm_80")[::2]:
+    for plan in _plans(BIG, 256, "f32", "sm_80")[0:3:2]:   # chunk state, chunk scan
         assert plan.shared.bytes <= 163 * 1024
 
 

@@ -199,15 +199,15 @@ def test_quantised_checkpoint_decodes_on_the_gpu(tmp_path, method):
     _quantised_decode_follows(lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda"), hf, 12, 3e-2)
 
 
-def _quantised_decode_follows(ours, hf, seed: int, rel_hf: float) -> None:
+def _quantised_decode_follows(ours, hf, seed: int, rel_hf: float, rel_fused: float = 2e-2) -> None:
     """Decode steps of a quantised model: fused (the quantised small-token products with the norms
-    and residual adds) equal to unfused within 2 %, and near transformers' logits (rel_hf)."""
+    and residual adds) equal to unfused within rel_fused, and near transformers' logits (rel_hf)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 12)]
     runs = {fused: decode_logits(ours, prompts, 4, lambda step, s, out: (step * 5 + s) % 96, fused=fused)
             for fused in (True, False)}
     for step in range(1, 4):
-        _close(runs[True][step], runs[False][step], rel=2e-2)
+        _close(runs[True][step], runs[False][step], rel=rel_fused)
     seq = prompts[0] + [(step * 5) % 96 for step in range(3)]
     with torch.no_grad():
         _close(runs[True][3][0], hf(torch.tensor([seq], device="cuda")).logits[0, -1], rel=rel_hf)
@@ -216,15 +216,19 @@ def _quantised_decode_follows(ours, hf, seed: int, rel_hf: float) -> None:
 @pytest.mark.parametrize("layout, strategy", [("fp8", "block"), ("compressed-tensors", "channel")])
 def test_fp8_checkpoint_decodes_on_the_gpu(tmp_path, layout, strategy):
     """An FP8 tiny Llama (transformers' fp8 blocks, compressed-tensors channels) in bf16 on an
-    sm_89+ GPU: decode steps on the fused W8A8 products equal the unfused steps and follow
-    transformers with the dequantised weights within the activations' e4m3 rounding."""
+    sm_89+ GPU: decode steps on the fused W8A8 products equal the unfused steps within half an e4m3
+    step (6.25 %: the fused prologue rounds the norm's product to bf16 in another order than the row
+    kernel, and a bf16 step's difference sends a few activations to the neighbouring e4m3 value;
+    measured 3.9 %) and follow transformers
+    with the dequantised weights within the activations' e4m3 rounding."""
     import layerforge as lf
 
     from ..models.test_quantized_pretrained import fp8_checkpoint
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the f8e4m3 products need sm_89 or newer")
     hf, _ = fp8_checkpoint(tmp_path, layout, strategy)
-    _quantised_decode_follows(lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda"), hf.to("cuda"), 13, 1e-1)
+    _quantised_decode_follows(lf.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda"), hf.to("cuda"), 13, 1e-1,
+                              rel_fused=6.25e-2)
 
 
 @pytest.fixture(scope="module")

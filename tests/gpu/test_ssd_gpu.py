@@ -166,6 +166,34 @@ def test_state_update_at_batch_64_matches_float64(dtype, full):
     assert_near(y, ref, TOL[dtype], "y")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_update_reads_a_log_and_model_dtype_parameters_in_place(dtype):
+    """The mixer's decode step: A given as A_log (A = -exp(A_log) in the kernel), D and dt_bias in
+    x's dtype, and x, dt, z, B, C as column views of one wide projection row (read through their
+    batch strides): equal to the float64 reference on the same values."""
+    inp = case(64, 1, BIG, dtype, ("update", "alog"))
+    heads, p = inp["x"].shape[2], inp["x"].shape[3]
+    n, g = inp["B"].shape[3], inp["B"].shape[2]
+    widths = [heads * p, heads * p, g * n, g * n, heads]          # z, x, B, C, dt: in_proj's split
+    row = torch.randn(64, sum(widths) + 8, generator=torch.Generator().manual_seed(5)).to("cuda", dtype)
+    row[:, sum(widths) - heads:sum(widths)] *= 0.1                   # dt's columns: steps of ~softplus(0.1 N(0,1))
+    z, x, B, C, dt = row[:, :sum(widths)].split(widths, dim=-1)     # views, rows sum(widths) + 8 apart
+    z, x = z.unflatten(-1, (heads, p)), x.unflatten(-1, (heads, p))
+    B, C = B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+    a_log = torch.log(-inp["A"]).to(dtype)
+    D, dt_bias = inp["D"].to(dtype), inp["dt_bias"].to(dtype)
+    state = inp["initial_state"].clone()
+    out = torch.full((64, heads, p), math.nan, dtype=dtype, device="cuda")
+    y = ssd_state_update(state, x, dt, a_log, B, C, D=D, z=z, dt_bias=dt_bias, out=out, a_log=True)
+    ref_state = inp["initial_state"].double()
+    ref = ssd_state_update_reference(ref_state, *f64((x, dt, a_log, B, C)), D=D.double(), z=z.double(),
+                                     dt_bias=dt_bias.double(), a_log=True)
+    torch.cuda.synchronize()
+    assert y is out
+    assert_near(state, ref_state, 1e-5, "state")
+    assert_near(y, ref, TOL[dtype], "y")
+
+
 @pytest.mark.parametrize("state_size,head_dim,groups", [(16, 16, 2), (64, 32, 4), (256, 64, 1)])
 def test_state_update_lane_splits(state_size, head_dim, groups):
     dims = dict(heads=8, head_dim=head_dim, groups=groups, state=state_size)

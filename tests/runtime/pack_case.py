@@ -98,7 +98,8 @@ def main(pack_dir: str, run: bool) -> None:
     ref_act = lf.evaluate(prog.specialise("swiglu", F=F, dtype="bf16").function, {"gu": gu.cpu()},
                           precision="float64")[0]
     fn = prog.specialise("rms_norm_gate_up_swiglu", H=H, F=F, dtype="bf16").function
-    ref_mlp = {m: lf.evaluate(fn, {"x": x[:m], "gamma": mlp.gamma, "w": mlp.weight, "eps": 1e-5}, precision="float64")[0]
+    ref_mlp = {m: lf.evaluate(fn, {"x": x[:m].cpu(), "gamma": mlp.gamma.detach().cpu(),
+                                                      "w": mlp.weight.detach().cpu(), "eps": 1e-5}, precision="float64")[0]
                for m in ys_mlp}
     checks = [(y_norm, ref_norm, "rms_norm"), (y_act, ref_act, "swiglu")]
     checks += [(ys_mlp[m], ref_mlp[m], f"rms_norm_gate_up_swiglu, {m} rows") for m in ys_mlp]

@@ -203,7 +203,8 @@ def _scan_case():
     (lambda d: d.update(C=d["C"][:, :, :1]), "C must be shaped"),
     (lambda d: d.update(B=d["B"][:, :, :1].expand(-1, -1, 3, -1), C=d["C"][:, :, :1].expand(-1, -1, 3, -1)),
      "split evenly"),
-    (lambda d: d.update(A=d["A"].double().bfloat16()), "A must be one of"),
+    (lambda d: d.update(A=d["A"].half() if d["x"].dtype != torch.float16 else d["A"].bfloat16()),
+     "A must be one of"),   # f32, f64 or x's dtype
     (lambda d: d.update(D=d["D"][:2]), "D must be shaped"),
     (lambda d: d.update(initial_state=d["initial_state"].bfloat16()), "initial_state must be one of"),
     (lambda d: d.update(dt_limit=(0.1, 0.01)), "dt_limit"),

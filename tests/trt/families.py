@@ -217,6 +217,11 @@ def _ssd(rec: Recorder) -> list[Case]:
     cases.append(from_launch("ssd_state_update", *rec.one(),
                              {"state": state, "x": x1, "dt": dt1, "B": B1, "C": C1, "A": A, "dt_bias": dtb, "D": D},
                              {"dt_lo": 0.5, "dt_hi": 8.0}))
+    # the Mamba2 mixer's decode step: A given as A_log, A_log / D / dt_bias in the model dtype, the gate
+    Ab, Db, dtbb, z1 = meta(h), meta(h), meta(h), meta(3, h, p)
+    ssd.ssd_state_update(state, x1, dt1, Ab, B1, C1, D=Db, z=z1, dt_bias=dtbb, a_log=True)
+    cases.append(from_launch("ssd_state_update_alog", *rec.one(), {"state": state, "x": x1, "dt": dt1, "B": B1, "C": C1,
+                                                                   "z": z1, "A": Ab, "dt_bias": dtbb, "D": Db}, limits))
     return cases
 
 
