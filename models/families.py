@@ -1191,8 +1191,8 @@ def _ssm_definitions(spec: MambaSpec) -> list[tuple[str, dict[str, Any]]]:
     causal conv and its decode step (dsl/stdlib/ssm.lf over F = the conv's channels: Mamba's
     intermediate_size, Mamba2's conv_dim; KW = conv_kernel), which lower to the scan kernels
     (codegen/scan_lower.py); Mamba's selective scan and state update (F = intermediate_size, NS =
-    state_size); Mamba2's grouped RMSNorm (dsl/stdlib/mamba2.lf, over groups of I / n_groups; the
-    gate silu(z) is applied by the SSD chunk scan and state update before it). Mamba2's
+    state_size); Mamba2's gated RMSNorm (dsl/stdlib/mamba2.lf, over groups of I / n_groups) and the
+    same norm ungated (a decode step's SSD update applies the gate). Mamba2's
     SSD kernels have no DSL definition: runtime/build.py adds their plans (model_plans)."""
     m = spec.mixer
     out: list[tuple[str, dict[str, Any]]] = [("rms_norm", {"H": spec.hidden_size})]
@@ -1201,8 +1201,9 @@ def _ssm_definitions(spec: MambaSpec) -> list[tuple[str, dict[str, Any]]]:
     if spec.model_type == "mamba":
         ssm = {"F": m.intermediate_size, "NS": m.state_size}
         out += [("selective_scan", ssm), ("selective_state_update", ssm)]
-    elif m.n_groups > 1:   # the gate is applied by the SSD kernels (chunk scan, state update) before the norm
-        out.append(("grouped_rms_norm", {"H": m.intermediate_size, "G": m.n_groups}))
+    elif m.n_groups > 1:   # prefill's gated norm; a decode step's state update applies the gate itself
+        out += [("gated_grouped_rms_norm", {"H": m.intermediate_size, "G": m.n_groups}),
+                ("grouped_rms_norm", {"H": m.intermediate_size, "G": m.n_groups})]
     else:
-        out.append(("rms_norm", {"H": m.intermediate_size}))
+        out += [("gated_rms_norm", {"H": m.intermediate_size}), ("rms_norm", {"H": m.intermediate_size})]
     return out

@@ -273,7 +273,7 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
     try:
         plans += [plan_ssd_chunk_state(**ssd, chunk=m.chunk_size),
                   plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
-                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=True),   # the gate before the norm
+                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False),
                   # the decode step's: z, A_log, D and dt_bias read as the mixer holds them
                   plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True)]
     except ValueError as e:

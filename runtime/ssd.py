@@ -14,9 +14,9 @@ the recurrence is
     y_t = h_t C_t + D x_t,  then  y_t *= silu(z_t)    (D and z optional),
 which is what transformers' Mamba2Mixer computes (torch_forward's chunked segment-sum form for
 prefill, the selective state update for decode); transformers gates with z in the norm instead
-(MambaRMSNormGated: rms_norm(y * silu(z))), which is the same product normalised, so runtime/mamba's
-mixer passes z here (read inside in_proj's output, no copy) and runs the norm ungated; the gated
-norm (`gated_rms_norm`) stays for callers that hold y and z apart.
+(MambaRMSNormGated: rms_norm(y * silu(z))), which is the same product normalised: runtime/mamba's
+mixer passes z=None to the prefill scan and the gate to `gated_rms_norm`, and z to the decode
+step's update (read inside in_proj's output, no copy), whose norm then runs ungated.
 
 The chunked form (`ssd_scan_reference`, the kernels' plan): split L into chunks of Q tokens
 (the last may be short; its missing tokens act as dt = 0, which neither decays nor adds). With

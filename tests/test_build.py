@@ -174,9 +174,9 @@ def test_build_of_a_mamba_config_packs_the_scan_kernels(tmp_path):
 
 
 def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
-    """Mamba2: the conv over conv_dim = I + 2 G N channels from ssm.lf, the grouped RMSNorm from
-    mamba2.lf (the SSD kernels apply the gate before it), and the SSD kernels (no DSL definition
-    yet) from the build's model_plans."""
+    """Mamba2: the conv over conv_dim = I + 2 G N channels from ssm.lf, the grouped gated RMSNorm from
+    mamba2.lf (prefill) and the ungated one (a decode step's SSD update applies the gate), and the
+    SSD kernels (no DSL definition yet) from the build's model_plans."""
     from layerforge.dsl.program import Program
     from layerforge.models import families
     from layerforge.runtime.build import model_plans, plans_for_model
@@ -185,7 +185,8 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
     spec = families.spec_from_config(config)
     plans, skipped = plans_for_model(Program.stdlib(), {}, "bf16", "sm_90", definitions=families.definitions_for(spec))
     assert skipped == {}
-    assert sorted(p.key for p in plans) == ["grouped_rms_norm_g2_h64_bf16_sm90", "rms_norm_h32_bf16_sm90",
+    assert sorted(p.key for p in plans) == ["gated_grouped_rms_norm_g2_h64_bf16_sm90", "grouped_rms_norm_g2_h64_bf16_sm90",
+                                            "rms_norm_h32_bf16_sm90",
                                             "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
                                             "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90"]
     extra, skipped = model_plans(config, "bf16", "sm_90")
@@ -194,7 +195,7 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
         "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_cl1_sm90", "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_cl1_sm90",
         "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
         "ssd_chunk_state_h4_p16_g2_n16_q64_bf16_bias_softplus_sm90", "ssd_state_passing_h4_p16_n16_bf16_sm90",
-        "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_z_sm90",
+        "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_sm90",
         "ssd_state_update_h4_p16_g2_n16_bf16_bias_softplus_d_z_pbf16_alog_sm90"]
     assert model_plans({**MAMBA, "model_type": "llama"}, "bf16", "sm_90") == ([], {})
 

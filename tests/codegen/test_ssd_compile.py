@@ -31,9 +31,9 @@ def test_keys_spell_out_every_specialisation():
     assert plan_ssd_state_passing(heads=80, head_dim=64, state=128, dtype="f16", initial=True).key == \
         "ssd_state_passing_h80_p64_n128_f16_init_sm90"
     assert plan_ssd_state_update(**BIG, dtype="bf16", skip=True, gate=True, arch="sm_90a").key == \
-        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_z_sm90a"
+        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_z_rb4_sm90a"   # 16 rows a block
     assert plan_ssd_state_update(**BIG, dtype="bf16", skip=True, params="bf16", a_log=True).key == \
-        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_pbf16_alog_sm90"
+        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_pbf16_alog_rb4_sm90"
 
 
 def test_abis_order_the_arguments_and_size_the_grid():
@@ -52,7 +52,7 @@ def test_abis_order_the_arguments_and_size_the_grid():
     update = plan_ssd_state_update(**BIG, dtype="bf16").abi
     assert [a.name for a in update.args] == ["state", "x", "x_sb", "dt", "dt_sb", "B", "B_sb", "C", "C_sb", "A",
                                              "dt_bias", "dt_lo", "dt_hi", "y"]
-    assert update.grid_for(64) == (80, 64, 1) and update.arg("state").ctype == "float* __restrict__"
+    assert update.grid_for(64) == (80 * 4, 64, 1) and update.arg("state").ctype == "float* __restrict__"
 
 
 @pytest.mark.parametrize("make,match", [

@@ -235,6 +235,18 @@ def test_state_update_rejects_bad_inputs_before_touching_the_state():
     assert torch.equal(state, before)
 
 
+def test_state_update_with_a_log_takes_a_as_minus_exp_of_it():
+    """a_log=True: the A argument holds A_log and the update uses A = -exp(A_log) (the CPU path;
+    the kernel's is tests/gpu/test_ssd_gpu.py's)."""
+    inp = _scan_case()
+    x, dt, B, C, z = inp["x"][:, 0], inp["dt"][:, 0], inp["B"][:, 0], inp["C"][:, 0], inp["z"][:, 0]
+    s1, s2 = inp["initial_state"].clone(), inp["initial_state"].clone()
+    got = ssd_state_update(s1, x, dt, torch.log(-inp["A"]), B, C, D=inp["D"], z=z, a_log=True)
+    want = ssd_state_update(s2, x, dt, inp["A"], B, C, D=inp["D"], z=z)
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_gated_rms_norm_rejects_groups_that_do_not_divide_and_mismatched_gates():
     x = torch.randn(3, 12)
     with pytest.raises(SSDInputError, match="group_size must divide"):
