@@ -42,7 +42,7 @@ from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["not_lowered_reason", "scan_parts", "scan_tilings", "ConvPlan", "ConvUpdatePlan", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
+__all__ = ["not_lowered_reason", "scan_parts", "scan_tilings", "ConvPlan", "ConvUpdatePlan", "conv_update_vectorizable", "SelectiveScanPlan", "StateUpdatePlan", "plan_conv", "plan_conv_update",
            "plan_selective_scan", "plan_state_update", "state_split", "scan_tiles", "chunked_scan", "DTYPES", "WIDTHS",
            "CONV_THREADS", "CONV_TILE", "SCAN_THREADS", "SCAN_ITEMS", "MAX_STATE", "UPDATE_THREADS"]
 
@@ -250,12 +250,19 @@ class ConvUpdatePlan(KernelPlan):
     weight_dtype: str | None = None
     bias: str | None = None
     silu: bool = True
+    # the state's and the weight's K-wide rows read and written as one 4/8/16-byte vector each (both
+    # tensors' starts aligned to a row; the runtime checks): one load and one store a row, not K
+    vector: bool = False
     arch: str = "sm_90"
 
     def __post_init__(self):
         for name in ("state_dtype", "weight_dtype"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, self.dtype)
+        if self.vector and not (conv_update_vectorizable(self.width, self.state_dtype)
+                                and conv_update_vectorizable(self.width, self.weight_dtype)):
+            raise ValueError(f"scan conv update: rows of {self.width} {self.state_dtype} / {self.weight_dtype} "
+                             f"are no 4-, 8- or 16-byte vector")
         _check("scan conv update", self, {"channels": self.channels, "width": self.width},
                {"dtype": self.dtype, "state_dtype": self.state_dtype, "weight_dtype": self.weight_dtype},
                {"bias": self.bias}, ("silu",))
@@ -266,7 +273,7 @@ class ConvUpdatePlan(KernelPlan):
     def key(self) -> str:
         opts = _opt("b", self.bias) + ["silu"] * self.silu
         return "_".join(["scan_conv_update", f"d{self.channels}", f"k{self.width}", self.dtype, f"s{self.state_dtype}",
-                         f"w{self.weight_dtype}", *opts, ops.arch_key(self.arch)])
+                         f"w{self.weight_dtype}", *opts, *(["v"] if self.vector else []), ops.arch_key(self.arch)])
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -395,11 +402,20 @@ def plan_conv(*, channels: int, width: int, dtype: str, weight_dtype: str | None
                     initial=initial, final=final, channels_last=channels_last, vector=vector, arch=arch)
 
 
+def conv_update_vectorizable(width: int, dtype: str) -> bool:
+    """Whether a K-wide row of `dtype` is a 4-, 8- or 16-byte vector (K 2 or 4 of 2-byte types, 4 floats)."""
+    return width * (4 if dtype == "f32" else 2) in (4, 8, 16)
+
+
 def plan_conv_update(*, channels: int, width: int, dtype: str, state_dtype: str | None = None,
                      weight_dtype: str | None = None, bias: str | None = None, silu: bool = True,
-                     arch: str = "sm_90") -> ConvUpdatePlan:
+                     vector: bool | None = None, arch: str = "sm_90") -> ConvUpdatePlan:
+    """vector None: whenever the state's and the weight's rows are vectors (their tensors aligned,
+    as fresh ones are; runtime/scan.py passes False for others)."""
+    if vector is None:
+        vector = all(conv_update_vectorizable(width, t or dtype) for t in (state_dtype, weight_dtype))
     return ConvUpdatePlan(channels=channels, width=width, dtype=dtype, state_dtype=state_dtype,
-                          weight_dtype=weight_dtype, bias=bias, silu=silu, arch=arch)
+                          weight_dtype=weight_dtype, bias=bias, silu=silu, vector=vector, arch=arch)
 
 
 def plan_selective_scan(*, channels: int, state: int, dtype: str, a_dtype: str | None = None,
@@ -486,8 +502,8 @@ def _conv_update_abi(plan: ConvUpdatePlan) -> KernelABI:
 @functools.lru_cache(maxsize=64)
 def _conv_update_source(plan: ConvUpdatePlan) -> str:
     return render("cuda/scan_conv_update.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype),
-                  S=ops.storage_ctype(plan.state_dtype), channels=plan.channels, width=plan.width, bias=bool(plan.bias),
-                  silu=plan.silu, threads=UPDATE_THREADS)
+                  S=ops.storage_ctype(plan.state_dtype), W=ops.storage_ctype(plan.weight_dtype), channels=plan.channels,
+                  width=plan.width, bias=bool(plan.bias), silu=plan.silu, threads=UPDATE_THREADS, vector=plan.vector)
 
 
 def _scan_inputs(plan: _ScanOptions) -> list[Arg]:

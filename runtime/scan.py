@@ -37,7 +37,8 @@ import functools
 
 import torch
 
-from ..codegen.scan import plan_conv, plan_conv_update, plan_selective_scan, plan_state_update, scan_tiles
+from ..codegen.scan import (conv_update_vectorizable, plan_conv, plan_conv_update, plan_selective_scan,
+                            plan_state_update, scan_tiles)
 from ..dsl.recurrences import causal_conv1d as _conv_definition
 from ..dsl.recurrences import linear_recurrence, softplus
 
@@ -360,9 +361,14 @@ def _launch_conv_update(x, conv_state, weight, bias, activation, cache):
     y = torch.empty(b, d, dtype=x.dtype, device=x.device)
     if b == 0:
         return y
-    opts = dict(channels=d, width=weight.shape[1], dtype=_name(x.dtype), state_dtype=_name(conv_state.dtype),
+    k = weight.shape[1]
+    opts = dict(channels=d, width=k, dtype=_name(x.dtype), state_dtype=_name(conv_state.dtype),
                 weight_dtype=_name(weight.dtype), bias=_name(None if bias is None else bias.dtype),
                 silu=activation == "silu")
+    # rows as vectors where both tensors start on a row's bytes (fresh ones do; odd views take the
+    # element-wise kernel)
+    opts["vector"] = all(conv_update_vectorizable(k, _name(t.dtype)) and t.data_ptr() % (k * t.element_size()) == 0
+                         for t in (conv_state, weight))
     launch = _launcher(("conv_update", *opts.values(), x.device.index), x.device,
                        lambda arch: plan_conv_update(**opts, arch=arch), cache)
     launch((b * d,), [x, x.stride(0), conv_state, weight, *_present(bias), y, b])

@@ -164,7 +164,7 @@ def test_build_of_a_mamba_config_packs_the_scan_kernels(tmp_path):
     plain = scan.replace("_init_final", "")   # the mixer alone, no states carried (model_plans)
     assert set(kernels) == {"rms_norm_h32_bf16_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
                             "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_sm90",
-                            "scan_conv_update_d64_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
+                            "scan_conv_update_d64_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90",
                             "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90",
                             *(f"{s}_{t}sm90" for t in ("t128x1_", "t128x2_", "t128x4_", "") for s in (scan, plain))}
     assert kernels[f"{scan}_sm90"]["family"] == "selective_scan"
@@ -188,12 +188,12 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
     assert sorted(p.key for p in plans) == ["gated_grouped_rms_norm_g2_h64_bf16_sm90", "grouped_rms_norm_g2_h64_bf16_sm90",
                                             "rms_norm_h32_bf16_sm90",
                                             "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_final_sm90",
-                                            "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90"]
+                                            "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90"]
     extra, skipped = model_plans(config, "bf16", "sm_90")
     assert skipped == {} and [p.key for p in extra] == [
         # in_proj's rows are 260 bf16 (no 16-byte multiple): the channels-last conv reads one channel at a time
         "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_cl1_sm90", "scan_conv_d128_k4_bf16_wbf16_bbf16_silu_init_cl1_sm90",
-        "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_sm90",
+        "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90",
         "ssd_chunk_state_h4_p16_g2_n16_q64_bf16_bias_softplus_sm90", "ssd_state_passing_h4_p16_n16_bf16_sm90",
         "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_sm90",
         "ssd_state_update_h4_p16_g2_n16_bf16_bias_softplus_d_z_pbf16_alog_sm90"]

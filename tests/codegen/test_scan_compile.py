@@ -174,6 +174,8 @@ HOST_SHIM = r'''
 using std::min;
 struct lf_dim3 { unsigned x = 0, y = 0, z = 0; };
 struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
 static inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 thread_local lf_dim3 threadIdx, blockIdx;
 thread_local unsigned char* lf_host_smem;
@@ -267,7 +269,8 @@ HOST_PLANS = {
     "scan": plan_selective_scan(channels=3, state=4, dtype="f32", a_dtype="f32", d_dtype="f32", bias_dtype="f32",
                                 gate=True, initial=True, final=True, threads=64, items=4),
     "conv": plan_conv(channels=3, width=4, dtype="f32", bias="f32", initial=True, final=True),
-    "conv_update": plan_conv_update(channels=3, width=4, dtype="f32", bias="f32"),
+    "conv_update": plan_conv_update(channels=3, width=4, dtype="f32", bias="f32"),   # rows as float4-sized vectors
+    "conv_update_e": plan_conv_update(channels=3, width=4, dtype="f32", bias="f32", vector=False),
     "conv_cl": plan_conv(channels=136, width=4, dtype="f32", bias="f32", initial=True, final=True, channels_last=True),
     "conv_cl1": plan_conv(channels=5, width=3, dtype="f32", initial=True, final=True, channels_last=True,
                           vector=False),
@@ -318,14 +321,15 @@ def test_conv_sources_on_the_host(host):
         want_y, want_s = ref.causal_conv1d_reference(x, w, cb, initial_state=s0, return_final_state=True)
         torch.testing.assert_close(y.double(), want_y.double(), rtol=1e-6, atol=1e-6)
         assert torch.equal(s, want_s)
-    step = host["conv_update"]
-    wide, state = torch.randn(b, d + 5, generator=gen), torch.randn(b, d, k, generator=gen)
-    x = wide[:, 2:2 + d]                     # a column slice: rows d + 5 apart, read in place
-    want_state, y = state.clone(), nans(b, d)
-    step((b * d,), [x, x.stride(0), state, w, cb, y, b])
-    want = ref.causal_conv1d_update_reference(x, want_state, w, cb)
-    torch.testing.assert_close(y.double(), want.double(), rtol=1e-6, atol=1e-6)
-    assert torch.equal(state, want_state)
+    for name in ("conv_update", "conv_update_e"):   # rows as vectors, and element by element
+        step = host[name]
+        wide, state = torch.randn(b, d + 5, generator=gen), torch.randn(b, d, k, generator=gen)
+        x = wide[:, 2:2 + d]                     # a column slice: rows d + 5 apart, read in place
+        want_state, y = state.clone(), nans(b, d)
+        step((b * d,), [x, x.stride(0), state, w, cb, y, b])
+        want = ref.causal_conv1d_update_reference(x, want_state, w, cb)
+        torch.testing.assert_close(y.double(), want.double(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(state, want_state)
 
 
 @needs_gxx

@@ -33,7 +33,7 @@ def layer(lib, name, dtype="bf16"):
 # ---- the stdlib's layers and the plans the runtime launches ----------------------------------
 EXPECTED = {
     "mamba_conv": ("conv", "scan_conv_d24_k4_bf16_wbf16_bbf16_silu_init_final_sm90"),
-    "mamba_conv_step": ("conv_step", "scan_conv_update_d24_k4_bf16_sbf16_wbf16_bbf16_silu_sm90"),
+    "mamba_conv_step": ("conv_step", "scan_conv_update_d24_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90"),
     "selective_scan": ("selective_scan", "selective_scan_d24_n8_bf16_af32_skipf32_bf32_z_sp_init_final_sm90"),
     "selective_state_update": ("state_update", "selective_state_update_d24_n8_bf16_af32_skipf32_bf32_z_sp_sm90"),
 }
