@@ -369,13 +369,15 @@ class StateUpdatePlan(_ScanOptions):
     [D]) -> y T [B, D]; B run-time."""
 
     family: ClassVar[str] = "selective_state_update"
+    a_log: bool = False               # A holds A_log: the step uses A = -exp(A_log) (as the mixer keeps it)
 
     def __post_init__(self):
-        self._check_scan("selective state update", ())
+        self._check_scan("selective state update", ("a_log",))
 
     @property
     def key(self) -> str:
-        return "_".join(["selective_state_update", *self._key_parts(), ops.arch_key(self.arch)])
+        return "_".join(["selective_state_update", *self._key_parts(), *(["alog"] if self.a_log else []),
+                         ops.arch_key(self.arch)])
 
     @property
     def vector_state(self) -> bool:
@@ -392,7 +394,7 @@ class StateUpdatePlan(_ScanOptions):
         return _update_source(self)
 
     def describe(self) -> dict[str, Any]:
-        return self._describe()
+        return {**self._describe(), "a_log": self.a_log}
 
 
 def plan_conv(*, channels: int, width: int, dtype: str, weight_dtype: str | None = None, bias: str | None = None,
@@ -429,9 +431,9 @@ def plan_selective_scan(*, channels: int, state: int, dtype: str, a_dtype: str |
 
 def plan_state_update(*, channels: int, state: int, dtype: str, a_dtype: str | None = None,
                       d_dtype: str | None = None, bias_dtype: str | None = None, gate: bool = False,
-                      softplus: bool = True, arch: str = "sm_90") -> StateUpdatePlan:
+                      softplus: bool = True, a_log: bool = False, arch: str = "sm_90") -> StateUpdatePlan:
     return StateUpdatePlan(channels=channels, state=state, dtype=dtype, a_dtype=a_dtype, d_dtype=d_dtype,
-                           bias_dtype=bias_dtype, gate=gate, softplus=softplus, arch=arch)
+                           bias_dtype=bias_dtype, gate=gate, softplus=softplus, a_log=a_log, arch=arch)
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
@@ -563,4 +565,4 @@ def _update_abi(plan: StateUpdatePlan) -> KernelABI:
 def _update_source(plan: StateUpdatePlan) -> str:
     lanes, per = state_split(plan.state)
     return render("cuda/scan_state_update.cu.jinja", **_scan_variables(plan), threads=UPDATE_THREADS, lanes=lanes,
-                  per_lane=per, vector=plan.vector_state)
+                  per_lane=per, vector=plan.vector_state, a_log=plan.a_log)

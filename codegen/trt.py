@@ -365,7 +365,7 @@ def _state_update_spec(plan) -> PluginSpec:
     state = TensorSpec("state", "f32", ("Bt", d, n))
     inputs = [state, *_scan_inputs(plan, (), ("x", "dt", "dt_bias"))]
     return _spec(plan, inputs, (state, TensorSpec("out0", plan.dtype, ("Bt", d))), (("rows", f"Bt * {d}"), ("batch", "Bt")),
-                 aliases=(0, -1), form="one step, state in place")
+                 aliases=(0, -1), form="one step, state in place" + (", A given as A_log" if plan.a_log else ""))
 
 
 # ---- SSD (Mamba2): the chunked scan's three kernels, and the decode update -----------------------

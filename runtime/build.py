@@ -262,7 +262,9 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
         try:
             plans += [plan_selective_scan(**scan, initial=carry, final=carry, threads=threads, items=n)
                       for threads, n in scan_tilings() for carry in (False, True)]
-            plans.append(plan_state_update(**scan))
+            # the decode step's: A_log, D and dt_proj's bias in the model dtype, A = -exp(A_log) inside
+            plans.append(plan_state_update(**{**scan, "a_dtype": dtype, "d_dtype": dtype, "bias_dtype": dtype},
+                                           a_log=True))
         except ValueError as e:
             return plans, {"selective scan (Mamba's scan)": f"not served for this model: {e}"}
         return plans, {}

@@ -248,8 +248,9 @@ class MambaMixer(_Mixer):
         xc = scan.causal_conv1d_update(xz[:, :D], state.conv, self.conv1d.weight.view(D, K), self.conv1d.bias,
                                        activation="silu")               # x read in place
         dt, B, C = self._dt_B_C(xc)
-        y = scan.selective_state_update(state.ssm, xc, dt, self._A(), B.contiguous(), C.contiguous(), self.D.float(),
-                                        z, self.dt_proj.bias.float(), dt_softplus=True)
+        # A_log, D and dt_proj's bias as the parameters hold them (A = -exp(A_log) in the kernel)
+        y = scan.selective_state_update(state.ssm, xc, dt, self.A_log, B.contiguous(), C.contiguous(), self.D,
+                                        z, self.dt_proj.bias, dt_softplus=True, a_log=True)
         return self.out_proj(y).view(shape)
 
 

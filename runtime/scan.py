@@ -120,9 +120,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def selective_state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=True,
-                                     precision=_F64):
+                                     precision=_F64, a_log=False):
     """selective_state_update: `state` (float32 [B, D, N]) advanced one step in place; y [B, D]
-    in x's dtype. The step is the selective scan's over a sequence of length 1."""
+    in x's dtype. The step is the selective scan's over a sequence of length 1. a_log: A holds
+    A_log (A = -exp(A_log))."""
+    if a_log:
+        A = -torch.exp(A.to(precision))
     y, last = selective_scan_reference(x[..., None], dt[..., None], A, B[..., None], C[..., None], D,
                                        None if z is None else z[..., None], dt_bias, delta_softplus=dt_softplus,
                                        initial_state=state, return_final_state=True, precision=precision)
@@ -298,16 +301,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, delta_
                             return_final_state, cache)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=True, cache=None):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, *, dt_softplus=True, cache=None,
+                           a_log: bool = False):
     """One decode step of the selective scan: state float32 [B, D, N] updated in place, x, dt,
-    z [B, D], B, C [B, N]; returns y [B, D] in x's dtype."""
+    z [B, D], B, C [B, N]; returns y [B, D] in x's dtype. a_log: A holds A_log and the kernel
+    takes A = -exp(A_log) (no per-step kernels for it); A, D and dt_bias may be in x's dtype."""
     what = "selective_state_update"
     if not isinstance(state, torch.Tensor):
         raise ScanInputError(f"{what}: 'state' must be a torch.Tensor, got {type(state).__name__}")
     _check_scan(what, x, dt, A, B, C, D, z, dt_bias, state, "state", steps=False)
     if not _use_kernel(x):
-        return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus)
-    return _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), cache)
+        return selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=dt_softplus,
+                                                a_log=a_log)
+    return _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), cache, a_log)
 
 
 # ---- the kernels -----------------------------------------------------------------------------
@@ -397,12 +403,12 @@ def _launch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     return (y, final) if return_final_state else y
 
 
-def _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, cache):
+def _launch_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, cache, a_log=False):
     b, d = x.shape
     y = torch.empty_like(x)
     if b == 0:
         return y
-    opts = _scan_options(x, A, D, z, dt_bias, dt_softplus)
+    opts = dict(_scan_options(x, A, D, z, dt_bias, dt_softplus), a_log=bool(a_log))
     if _vector_state(A.shape[1]) and state.data_ptr() % 16:
         raise ScanInputError("selective_state_update: 'state' must start on a 16-byte boundary (the kernel moves "
                              "4 states at a time); a view at an odd offset needs .clone()")

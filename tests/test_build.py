@@ -166,6 +166,8 @@ def test_build_of_a_mamba_config_packs_the_scan_kernels(tmp_path):
                             "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_sm90",
                             "scan_conv_update_d64_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90",
                             "selective_state_update_d64_n8_bf16_af32_skipf32_bf32_z_sp_sm90",
+                            # the mixer's decode step (model_plans): A_log, D, dt bias as the parameters hold them
+                            "selective_state_update_d64_n8_bf16_abf16_skipbf16_bbf16_z_sp_alog_sm90",
                             *(f"{s}_{t}sm90" for t in ("t128x1_", "t128x2_", "t128x4_", "") for s in (scan, plain))}
     assert kernels[f"{scan}_sm90"]["family"] == "selective_scan"
     for key in (f"{scan}_sm90", "scan_conv_d64_k4_bf16_wbf16_bbf16_silu_init_final_sm90",

@@ -131,6 +131,8 @@ PLANS = [
     lambda arch: plan_state_update(channels=5120, state=16, dtype="bf16", a_dtype="f32", d_dtype="f32",
                                    bias_dtype="f32", gate=True, arch=arch),
     lambda arch: plan_state_update(channels=64, state=5, dtype="f16", arch=arch),
+    lambda arch: plan_state_update(channels=5120, state=16, dtype="bf16", d_dtype="bf16", bias_dtype="bf16", gate=True,
+                                   a_log=True, arch=arch),   # the mixer's decode step
 ]
 
 
@@ -276,6 +278,8 @@ HOST_PLANS = {
                           vector=False),
     "update16": plan_state_update(channels=37, state=16, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
     "update5": plan_state_update(channels=37, state=5, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True),
+    "update16_alog": plan_state_update(channels=37, state=16, dtype="f32", d_dtype="f32", bias_dtype="f32", gate=True,
+                                       a_log=True),
 }
 
 
@@ -364,5 +368,20 @@ def test_state_update_source_on_the_host(host, n):
     want_state, y = state.clone(), nans(b, d)
     host[f"update{n}"]((b * d,), [state, x, dt, A, B, C, D, z, bias, y, b])
     want = ref.selective_state_update_reference(want_state, x, dt, A, B, C, D, z, bias)
+    torch.testing.assert_close(y.double(), want.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+
+
+@needs_gxx
+def test_state_update_with_a_log_on_the_host(host):
+    """A given as A_log: the kernel's A = -exp(A_log) equals the reference's on the same A_log."""
+    b, d, n = 3, 37, 16
+    gen = seeded_generator("host_update_alog")
+    x, dt, z = (torch.randn(b, d, generator=gen) for _ in range(3))
+    a_log, B, C = torch.randn(d, n, generator=gen), torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen)
+    D, bias, state = torch.randn(d, generator=gen), torch.randn(d, generator=gen), torch.randn(b, d, n, generator=gen)
+    want_state, y = state.clone(), nans(b, d)
+    host["update16_alog"]((b * d,), [state, x, dt, a_log, B, C, D, z, bias, y, b])
+    want = ref.selective_state_update_reference(want_state, x, dt, a_log, B, C, D, z, bias, a_log=True)
     torch.testing.assert_close(y.double(), want.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
