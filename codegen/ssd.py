@@ -50,10 +50,8 @@ PASS_THREADS = 256     # the state passing's block: a float4 of a state each
 UPDATE_THREADS = 128
 # The state update's launch shape: a head's P rows split over blocks of UPDATE_ROWS rows (at least
 # a pass of the block's warps); more, smaller blocks leave less of a last wave (H200, Mamba2-2.7B at
-# batch 64: 64 / 32 / 16 rows a block 128.7 / 127.8 / 125.4 us a mixer step). UPDATE_SHAPE
-# overrides the options (a sweep's).
+# batch 64: 64 / 32 / 16 rows a block 128.7 / 127.8 / 125.4 us a mixer step).
 UPDATE_ROWS = 16
-UPDATE_SHAPE: dict[str, int] = {}
 MAX_HEAD_DIM = 128     # P: a warp's rows of y (P / 8 accumulator tiles of 4 floats)
 MAX_STATE = 256        # N
 MAX_CHUNK = 256        # Q: the chunk's dt and s_l live in shared memory
@@ -297,18 +295,14 @@ class SSDStateUpdatePlan(KernelPlan):
     gate: bool = False
     params: str = "f32"
     a_log: bool = False
-    # the launch shape (UPDATE_SHAPE is the measured default): blocks a head's rows are split over,
-    # passes loaded together (0: 8 float4 a lane), __launch_bounds__ blocks per SM (0: none)
-    row_blocks: int = 1
-    passes_in_flight: int = 0
-    min_blocks: int = 0
+    row_blocks: int = 1          # blocks a head's P rows are split over (plan_ssd_state_update: UPDATE_ROWS)
     arch: str = "sm_90"
 
     def __post_init__(self):
-        if self.head_dim % max(self.row_blocks, 1) or self.row_blocks < 1 or self.passes_in_flight < 0 \
-                or self.min_blocks < 0:
-            raise ValueError(f"ssd state update: row_blocks {self.row_blocks} must divide head_dim {self.head_dim}; "
-                             f"passes_in_flight and min_blocks must be >= 0")
+        if isinstance(self.row_blocks, bool) or not isinstance(self.row_blocks, int) or self.row_blocks < 1 \
+                or self.head_dim % self.row_blocks:
+            raise ValueError(f"ssd state update: row_blocks {self.row_blocks!r} must be a positive int dividing "
+                             f"head_dim {self.head_dim}")
         _check("ssd state update", self.arch, self.dtype, {"heads": self.heads, "head_dim": self.head_dim,
                                                            "groups": self.groups, "state": self.state},
                {"dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip, "gate": self.gate,
@@ -321,9 +315,7 @@ class SSDStateUpdatePlan(KernelPlan):
         return (f"ssd_state_update_h{self.heads}_p{self.head_dim}_g{self.groups}_n{self.state}_{self.dtype}"
                 + "_bias" * self.dt_bias + "_softplus" * self.softplus + "_d" * self.skip + "_z" * self.gate
                 + (f"_p{self.params}" if self.params != "f32" else "") + "_alog" * self.a_log
-                + (f"_rb{self.row_blocks}" if self.row_blocks > 1 else "")
-                + (f"_f{self.passes_in_flight}" if self.passes_in_flight else "")
-                + (f"_mb{self.min_blocks}" if self.min_blocks else "") + f"_{ops.arch_key(self.arch)}")
+                + (f"_rb{self.row_blocks}" if self.row_blocks > 1 else "") + f"_{ops.arch_key(self.arch)}")
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -335,8 +327,7 @@ class SSDStateUpdatePlan(KernelPlan):
     def describe(self) -> dict[str, Any]:
         return {"heads": self.heads, "head_dim": self.head_dim, "groups": self.groups, "state": self.state,
                 "dtype": self.dtype, "dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip,
-                "gate": self.gate, "params": self.params, "a_log": self.a_log, "row_blocks": self.row_blocks,
-                "passes_in_flight": self.passes_in_flight, "min_blocks": self.min_blocks}
+                "gate": self.gate, "params": self.params, "a_log": self.a_log, "row_blocks": self.row_blocks}
 
 
 def plan_ssd_chunk_state(*, heads: int, head_dim: int, groups: int, state: int, chunk: int, dtype: str,
@@ -359,16 +350,16 @@ def plan_ssd_state_passing(*, heads: int, head_dim: int, state: int, dtype: str,
 
 def plan_ssd_state_update(*, heads: int, head_dim: int, groups: int, state: int, dtype: str, dt_bias: bool = True,
                           softplus: bool = True, skip: bool = False, gate: bool = False, params: str = "f32",
-                          a_log: bool = False, arch: str = "sm_90", **shape) -> SSDStateUpdatePlan:
-    """shape: row_blocks / passes_in_flight / min_blocks (the plan's launch shape; by default blocks of
-    UPDATE_ROWS rows, or UPDATE_SHAPE's options)."""
-    split = update_split(state)
-    pass_rows = UPDATE_THREADS // 32 * split["rows_per_warp"]
-    rows = max(UPDATE_ROWS, pass_rows)
-    default = {"row_blocks": head_dim // rows if head_dim % rows == 0 and head_dim > rows else 1}
+                          a_log: bool = False, row_blocks: int | None = None,
+                          arch: str = "sm_90") -> SSDStateUpdatePlan:
+    """row_blocks None: blocks of UPDATE_ROWS rows (at least one pass of the block's warps) where
+    they divide head_dim, else one block a head."""
+    if row_blocks is None:
+        rows = max(UPDATE_ROWS, UPDATE_THREADS // 32 * update_split(state)["rows_per_warp"])
+        row_blocks = head_dim // rows if head_dim % rows == 0 and head_dim > rows else 1
     return SSDStateUpdatePlan(heads=heads, head_dim=head_dim, groups=groups, state=state, dtype=dtype,
                               dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, params=params, a_log=a_log,
-                              arch=arch, **{**default, **UPDATE_SHAPE, **shape})
+                              row_blocks=row_blocks, arch=arch)
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
@@ -479,4 +470,4 @@ def _update_source(plan: SSDStateUpdatePlan) -> str:
     return render("cuda/ssd_state_update.cu.jinja", **_common_variables(plan), G=plan.groups, bias=plan.dt_bias,
                   softplus=plan.softplus, skip=plan.skip, gate=plan.gate, split=update_split(plan.state),
                   warps=UPDATE_THREADS // 32, own_params=plan.params != "f32", a_log=plan.a_log,
-                  row_blocks=plan.row_blocks, passes_in_flight=plan.passes_in_flight, min_blocks=plan.min_blocks)
+                  row_blocks=plan.row_blocks)
