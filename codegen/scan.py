@@ -404,9 +404,12 @@ def plan_conv(*, channels: int, width: int, dtype: str, weight_dtype: str | None
                     initial=initial, final=final, channels_last=channels_last, vector=vector, arch=arch)
 
 
+_ROW_VECTORS = {4: "unsigned int", 8: "uint2", 16: "uint4"}   # a K-wide row's bytes -> its vector type
+
+
 def conv_update_vectorizable(width: int, dtype: str) -> bool:
     """Whether a K-wide row of `dtype` is a 4-, 8- or 16-byte vector (K 2 or 4 of 2-byte types, 4 floats)."""
-    return width * (4 if dtype == "f32" else 2) in (4, 8, 16)
+    return width * DType[dtype].itemsize in _ROW_VECTORS
 
 
 def plan_conv_update(*, channels: int, width: int, dtype: str, state_dtype: str | None = None,
@@ -505,7 +508,10 @@ def _conv_update_abi(plan: ConvUpdatePlan) -> KernelABI:
 def _conv_update_source(plan: ConvUpdatePlan) -> str:
     return render("cuda/scan_conv_update.cu.jinja", **_base_variables(plan), T=ops.storage_ctype(plan.dtype),
                   S=ops.storage_ctype(plan.state_dtype), W=ops.storage_ctype(plan.weight_dtype), channels=plan.channels,
-                  width=plan.width, bias=bool(plan.bias), silu=plan.silu, threads=UPDATE_THREADS, vector=plan.vector)
+                  width=plan.width, bias=bool(plan.bias), silu=plan.silu, threads=UPDATE_THREADS,
+                  vector={"state": _ROW_VECTORS[plan.width * DType[plan.state_dtype].itemsize],
+                          "weight": _ROW_VECTORS[plan.width * DType[plan.weight_dtype].itemsize]}
+                  if plan.vector else None)
 
 
 def _scan_inputs(plan: _ScanOptions) -> list[Arg]:
