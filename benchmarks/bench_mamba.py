@@ -15,8 +15,9 @@ Columns:
   (FLOPs: the two projections, the SSD's intra-chunk (causal half) and state products; bytes:
   x, the weights, y and the final states once);
 - decode batch B: one step (a CUDA graph of 20 steps, launch cost out; the median of three such
-  timings, their range in brackets) beside transformers' step (eager), and "of copy": the bytes a step must move (every weight once, the conv and SSM
-  states read and written) over ours' time against the copy ceiling (goal 0.8).
+  timings, their range in brackets) beside transformers' step (eager), and "of copy": the bytes
+  a step must move (every weight once, the conv and SSM states read and written) over ours' time
+  against the copy ceiling (goal 0.8).
 """
 from __future__ import annotations
 

@@ -219,8 +219,8 @@ def test_fp8_checkpoint_decodes_on_the_gpu(tmp_path, layout, strategy):
     sm_89+ GPU: decode steps on the fused W8A8 products equal the unfused steps within half an e4m3
     step (6.25 %: the fused prologue rounds the norm's product to bf16 in another order than the row
     kernel, and a bf16 step's difference sends a few activations to the neighbouring e4m3 value;
-    measured 3.9 %) and follow transformers
-    with the dequantised weights within the activations' e4m3 rounding."""
+    measured 3.9 %) and follow transformers with the dequantised weights within the activations'
+    e4m3 rounding."""
     import layerforge as lf
 
     from ..models.test_quantized_pretrained import fp8_checkpoint
