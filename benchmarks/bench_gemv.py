@@ -15,6 +15,9 @@ bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128
 the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
 (f8e4m3, per-row and 128 x 128 block scales, x quantised inside) beside torch._scaled_mm (e4m3 x
 already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
+--stream times the decode-range Hopper GEMM (codegen/gemm_stream.py, sm_90) at 8-128 tokens beside
+cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out projections; with
+--sweep every work split (row blocks, consumer warpgroups, stages, CTAs an SM) as well.
 """
 from __future__ import annotations
 
@@ -108,6 +111,77 @@ def precompile(plans) -> None:
     import os
     with cf.ProcessPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
         list(ex.map(_compile, plans))
+
+
+STREAM_SHAPES = SHAPES[:4] + [("Mamba2 in", 10576, 2560, None), ("Mamba2 out", 2560, 5120, None)]
+STREAM_TOKENS = (8, 16, 32, 64, 128)
+STREAM_SPLITS = [dict(rb=rb, cw=cw, stages=st, ka=ka, packed=p) for rb, cw in ((1, 1), (1, 2), (2, 1))
+                 for ka in (1, 2) for st in (3, 4, 6, 8) for p in (False, True)]
+
+
+def stream_plans(n, k, m, gated, splits):
+    """The decode-range GEMM's plans of a shape for the given splits (the ones that can exist)."""
+    from layerforge.codegen.gemm_stream import plan_gemm_stream, token_tile
+    plans = []
+    for sp in splits:
+        if gated and sp.get("rb") == 1:
+            continue
+        try:
+            plans.append(plan_gemm_stream("bf16", n=n, k=k, mt=token_tile(m), gated=gated, **sp))
+        except ValueError:   # shared memory or registers an SM does not have
+            pass
+    return plans
+
+
+def main_stream(a, ceiling):
+    """--stream: the decode-range GEMM against cuBLAS (and the small-token kernel at <= 16 rows)."""
+    from layerforge.runtime.linear import _StreamLauncher
+    from layerforge.runtime.launch import compile_plan, load_kernels
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else STREAM_TOKENS
+    shapes = [s for s in STREAM_SHAPES if not a.only or a.only in s[0]]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if a.sweep:
+        precompile([p for _, n, k, g in shapes for m in tokens for p in stream_plans(n, k, m, g, STREAM_SPLITS)])
+    print(f"{'shape':12s} {'M':>3s} {'stream us':>9s} {'of copy':>7s} {'cuBLAS us':>9s} {'of copy':>7s} "
+          f"{'small us':>8s} {'stream/cuBLAS':>13s}")
+    rows = []
+    for name, n, k, gated in shapes:
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        act = swiglu_module(n // 2) if gated else None
+        wbytes = n * k * 2
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="stream"))
+            cublas = graph_time(lambda: act(F.linear(x, w)) if gated else F.linear(x, w))
+            small = graph_time(lambda: gemv(x, w, gated=gated)) if m <= KERNEL_MAX_ROWS else float("nan")
+            r = dict(shape=name, n=n, k=k, m=m, gated=gated, stream_s=ours, cublas_s=cublas, small_s=small,
+                     weight_bytes=wbytes)
+            line = (f"{name:12s} {m:>3d} {ours * 1e6:>9.1f} {wbytes / ours / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
+                    f"{wbytes / cublas / ceiling:>7.2f} {small * 1e6:>8.1f} {cublas / ours:>13.2f}")
+            if a.sweep:
+                sweep = {}
+                y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+                from layerforge.codegen.gemm_stream import pack_weight
+                packs = {}
+                for plan in stream_plans(n, k, m, gated, STREAM_SPLITS):
+                    wp = w
+                    if plan.packed:
+                        wp = packs.get((plan.bw, plan.ka))
+                        if wp is None:
+                            wp = packs[(plan.bw, plan.ka)] = pack_weight(w, plan)
+                    res = compile_plan(plan)
+                    if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
+                        continue
+                    launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[
+                        plan.kernel_name], sms, torch.device("cuda"))
+                    sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
+                best = min(sweep, key=sweep.get)
+                r["sweep_s"] = sweep
+                line += f"  best {best} {sweep[best] * 1e6:.1f} | " + " ".join(
+                    f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6])
+            print(line, flush=True)
+            rows.append(r)
+    return rows
 
 
 QUANT_SHAPES = SHAPES[:4]   # the 8B layer's products
@@ -228,11 +302,19 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16)")
+    ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
+    if a.stream:
+        rows = main_stream(a, ceiling)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f,
+                          indent=1)
+        return
     if a.quant and a.sweep:
         quant_sweep(a, ceiling)
         return

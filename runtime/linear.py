@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..codegen.gemm import pick_bn, plan_gemm
+from ..codegen.gemm_stream import max_rows as stream_max_rows, plan_gemm_stream, token_tile
 from ..codegen.gemv import GATED, plan_gemv
 from .tma import tensor_map
 
@@ -32,6 +33,11 @@ WGMMA_MIN_ROWS = 1 << 62
 # The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
 # measured in benchmarks/NOTES.md: the persistent one is the fastest, the GEMM route's default)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
+# The decode-range Hopper GEMM (codegen/gemm_stream.py: W's rows as the wgmma M, stream-K over the
+# SMs) by its gemv `kernel` name; calls of STREAM_ROWS[0] .. STREAM_ROWS[1] rows take it on sm_90
+# (off, an empty range, until measured faster than cuBLAS there: benchmarks/bench_gemv.py --stream)
+STREAM_KERNEL = "stream"
+STREAM_ROWS = (1, 0)
 _PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 
@@ -151,6 +157,47 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
     return hit
 
 
+class _StreamLauncher:
+    """A loaded decode-range GEMM with its tensor maps and its workspace: the partial sums of
+    split tiles (f32, two slots a CTA) and the per-tile counters (zero; the kernel leaves them
+    zero), allocated once a launcher, so calls through one launcher must be ordered (one stream)."""
+
+    __slots__ = ("plan", "launcher", "sms", "part", "counts")
+
+    def __init__(self, plan, launcher, sms: int, device: torch.device):
+        self.plan, self.launcher, self.sms = plan, launcher, sms
+        grid = plan.abi.grid_for(plan.mt, sms)[0]
+        self.part = torch.empty(plan.workspace_floats(grid), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(plan.tiles, dtype=torch.int32, device=device)
+
+    def __call__(self, rows: int, args: list) -> None:
+        boxes = self.plan.tma_boxes   # a packed plan's W is already in codegen/gemm_stream.pack_weight's layout
+        w = args[1] if self.plan.packed else tensor_map(args[1], boxes["w"])
+        args = [tensor_map(args[0], boxes["x"]), w, *args[2:], self.part, self.counts]
+        self.launcher((rows, self.sms), args)
+
+
+def _stream_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
+                     rows: int = 0, **split) -> _StreamLauncher:
+    mt = token_tile(rows)
+    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())))
+    hit = _KERNELS.get(key)
+    if hit is None:
+        from .launch import load_plan
+        plan = plan_gemm_stream("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, mt=mt, gated=gated,
+                                bias=bias, residual=residual, **split)
+        hit = _KERNELS[key] = _StreamLauncher(plan, load_plan(plan, x.device, cache),
+                                              device_properties(x.device).multi_processor_count, x.device)
+    return hit
+
+
+def stream_route(x: torch.Tensor, weight: torch.Tensor, gated: str | None) -> bool:
+    """Whether gemv sends x @ weight^T (no norm prologue) to the decode-range GEMM: STREAM_ROWS
+    rows and operands it takes."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return STREAM_ROWS[0] <= rows <= min(STREAM_ROWS[1], stream_max_rows(gated)) and _gemm_ok(x, weight)
+
+
 def device_major(device: torch.device) -> int:
     """The compute capability's major number of a CUDA device (cached: no driver call per step)."""
     return _capability(device)[0]
@@ -168,12 +215,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS). `kernels`: loaded small-token
     kernels by the rows they take ({8: ..., 16: ...}, a pack's) instead of compiled ones; the
     calls they do not serve run torch's product, never a compile."""
-    if kernel is not None and kernel not in GEMM_KERNELS:
-        raise LinearInputError(f"kernel must be None or one of {sorted(GEMM_KERNELS)}, got {kernel!r}")
+    if kernel is not None and kernel not in GEMM_KERNELS and kernel != STREAM_KERNEL:
+        raise LinearInputError(f"kernel must be None or one of {sorted(GEMM_KERNELS) + [STREAM_KERNEL]}, "
+                               f"got {kernel!r}")
     if weight.dim() != 2:
         raise LinearInputError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
     rows = check_call(x, n, k, bias, gated, residual, norm, norm_offset, out)
+    if kernel == STREAM_KERNEL and rows > stream_max_rows(gated):
+        raise LinearInputError(f"kernel={kernel!r} takes at most {stream_max_rows(gated)} rows"
+                               f"{' gated' if gated else ''}, got {rows}")
+    if kernel is None and norm is None and kernels is None and stream_route(x, weight, gated):
+        kernel = STREAM_KERNEL
     wgmma = norm is None and kernels is None and (_gemm_ok(x, weight) if kernel is not None else gemm_route(x, weight))
     if kernel is not None and not wgmma:
         raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
@@ -239,7 +292,9 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
     y = out.view(rows, n_out) if direct else torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     args = ([x2, *weights] + ([_packed(bias, 16)] if bias is not None else []) + ([res] if res is not None else [])
             + ([_packed(gamma, 16)] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
-    if wgmma:
+    if wgmma == STREAM_KERNEL:
+        _stream_launcher(x, n, k, gated, bias is not None, res is not None, cache, rows)(rows, args)
+    elif wgmma:
         _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows)(rows, args)
     elif kernels is not None:   # a pack's kernels (plans for 8 and 16 rows: runtime/build.py)
         kernels[_tiles(rows)]((), args)

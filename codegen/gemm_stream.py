@@ -1,0 +1,243 @@
+"""Decode-range matrix products on Hopper tensor cores (sm_90a): y = x @ W^T for up to 256 rows of
+x, where the product is bound by reading W, with the layer's epilogue fused (bias, a gated
+activation over W's two row halves, a residual add).
+
+    plan = plan_gemm_stream("bf16", n=10576, k=2560, mt=64)
+    plan.key       -> 'gemm_stream_n10576_k2560_bf16_mt64_r1w2s6c1_sm90a'
+
+Why a second Hopper GEMM: codegen/gemm.py tiles x by 128 rows, so at 17-128 rows a tile is mostly
+padding and the grid has one CTA per 128 or 256 columns of W (an 8B q/k/v at 64 rows: 24-48
+CTAs on 132 SMs). Here the operands swap: W's rows are the wgmma M (64 a warpgroup's row block)
+and x's rows its N (the token tile `mt`, every row of x in one tile), so no MMA work is padding
+past a multiple of 8 rows; and the K loop is cut into equal shares over the grid (stream-K), so
+every SM streams the same number of W bytes whatever N is.
+
+Work: the product is tiles of BW = 64 rb cw rows of W (gated: BW / 2 gate rows and the same BW / 2
+up rows, so act(gate) * up is formed in registers) times 64-wide K slices: U = tiles x KT units.
+CTA c of the G-CTA grid takes units [c U / G, (c + 1) U / G) in tile-major order, so it works on
+one or a few tiles, each over a contiguous run of K slices (a segment). A CTA is one producer
+warp (one thread issues TMA copies of each unit's W box and x box into a ring of STAGES buffers,
+signalling each on its "full" mbarrier) and cw consumer warpgroups (rb wgmma m64n<mt>k16 per k16
+step, W from shared memory as A, x as B, f32 accumulators; each buffer handed back on its
+"empty" mbarrier). A segment covering all of a tile's K goes to the epilogue directly; otherwise
+its partial sums go to the CTA's slot of an f32 workspace, and the last of the tile's segments
+to finish (a per-tile counter, incremented after a fence) adds the others' slots to its own
+registers in CTA order (deterministic for a given grid) and runs the epilogue, resetting the
+counter to zero for the next launch. Nothing waits on another CTA, so any grid size is safe.
+
+The workspace (runtime/linear.py allocates it): `part` f32 [G, 2, BW x mt] (a CTA has at most
+two partial segments: its first tile's and its last's) and `counts` int32 [tiles], zero before
+the first launch; the kernel leaves them zero. Calls sharing one workspace must be ordered (one
+stream), as cuBLAS's workspace must.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
+from .gemv import _TYPES, ProductPlan, check_product, product_args
+from .render import read_template, render
+
+__all__ = ["StreamGemmPlan", "plan_gemm_stream", "token_tile", "stream_units", "max_rows", "MAX_ROWS"]
+
+BK = 64                  # K per unit: one 128-byte swizzle row
+SHARED_LIMIT = 227 * 1024
+MAX_ROWS = 256           # the widest token tile (wgmma's largest N)
+MT_CHOICES = (8, 16, 32, 64, 128, 256)
+
+
+def max_rows(gated: str | None) -> int:
+    """The most rows of x a plan takes: 256 (a gated plan's two row blocks of 128 tokens already
+    hold 128 f32 accumulators a thread)."""
+    return MAX_ROWS // 2 if gated else MAX_ROWS
+
+
+def token_tile(rows: int) -> int:
+    """The token tile (wgmma N) of a call with `rows` rows of x: the next of MT_CHOICES."""
+    for mt in MT_CHOICES:
+        if rows <= mt:
+            return mt
+    raise ValueError(f"gemm_stream: at most {MAX_ROWS} rows, got {rows}")
+
+
+def stream_units(c: int, units: int, grid: int) -> tuple[int, int]:
+    """Units [first, end) of CTA c in a grid of `grid` (the kernel's formula)."""
+    return c * units // grid, (c + 1) * units // grid
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamGemmPlan(ProductPlan):
+    family: ClassVar[str] = "gemm_stream"
+    arch: str = "sm_90a"
+    mt: int = 64                 # token tile: the wgmma N; the call's rows are at most mt
+    rb: int = 1                  # 64-row blocks of W per consumer warpgroup (gated: 2, gate then up)
+    cw: int = 2                  # consumer warpgroups
+    stages: int = 6
+    ctas: int = 1                # CTAs an SM: the grid is ctas x SMs (or the units, if fewer)
+    ka: int = 1                  # 64-wide K atoms a unit (a TMA box of each operand an atom)
+    packed: bool = False         # W repacked once (pack_weight) so each unit's W is one contiguous block
+
+    def __post_init__(self):
+        check_product(self, "gemm_stream", ("n", "k", "mt", "rb", "cw", "stages", "ctas", "ka"))
+        if self.arch != "sm_90a":
+            raise ValueError(f"gemm_stream: the kernel uses sm_90a's wgmma and TMA, not {self.arch}")
+        if self.mt not in MT_CHOICES:
+            raise ValueError(f"gemm_stream: mt must be one of {MT_CHOICES}, got {self.mt}")
+        if self.rb not in (1, 2) or self.cw not in (1, 2) or self.stages < 2 or self.ctas not in (1, 2):
+            raise ValueError(f"gemm_stream: rb and cw must be 1 or 2, stages >= 2, ctas 1 or 2; got rb {self.rb}, "
+                             f"cw {self.cw}, stages {self.stages}, ctas {self.ctas}")
+        if self.ka not in (1, 2, 4):
+            raise ValueError(f"gemm_stream: ka must be 1, 2 or 4, got {self.ka}")
+        if self.gated and self.rb != 2:
+            raise ValueError("gemm_stream: a gated product needs rb = 2 (a gate and an up row block per warpgroup)")
+        if self.ctas * self.shared_bytes > SHARED_LIMIT + 1024:
+            raise ValueError(f"gemm_stream: {self.ctas} CTAs of {self.shared_bytes} bytes of shared memory pass the "
+                             f"{SHARED_LIMIT} an SM has")
+        if self.accumulators + 40 > 65536 // (self.threads * self.ctas):
+            raise ValueError(f"gemm_stream: {self.accumulators} accumulators a thread do not fit {self.ctas} CTAs of "
+                             f"{self.threads} threads an SM")
+
+    @property
+    def bw(self) -> int:
+        """W rows per tile."""
+        return 64 * self.rb * self.cw
+
+    @property
+    def bw_out(self) -> int:
+        """Output columns per tile."""
+        return self.bw // 2 if self.gated else self.bw
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.n_out // self.bw_out)
+
+    @property
+    def kt(self) -> int:
+        """Units a tile (K slices of ka atoms)."""
+        return -(-self.k // (BK * self.ka))
+
+    @property
+    def units(self) -> int:
+        return self.tiles * self.kt
+
+    @property
+    def accumulators(self) -> int:
+        return self.rb * self.mt // 2
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.cw + 32
+
+    @property
+    def key(self) -> str:
+        parts = ["gemm_stream", f"n{self.n}", f"k{self.k}", self.dtype]
+        if self.gated:
+            parts.append(self.gated)
+        if self.bias:
+            parts.append("bias")
+        if self.residual:
+            parts.append("res")
+        parts += [f"mt{self.mt}", f"r{self.rb}w{self.cw}s{self.stages}c{self.ctas}" + (f"a{self.ka}" if self.ka > 1 else "")
+                  + ("p" if self.packed else ""),
+                  self.arch.replace("_", "")]
+        return "_".join(parts)
+
+    @property
+    def tma_boxes(self) -> dict[str, tuple[int, int]]:
+        """(rows, columns) of the box each tensor map copies: x's mt rows, W's BW rows (gated:
+        BW / 2, copied twice, gate rows then up rows), 64 columns."""
+        return {"x": (self.mt, BK), "w": (self.bw // 2 if self.gated else self.bw, BK)}
+
+    @property
+    def shared_layout(self) -> SharedLayout:
+        """The W and x stages (1024-byte aligned: the swizzle reads address bits 7-9), the full /
+        empty mbarriers, the last-segment flag."""
+        unit = BK * 2 * self.ka
+        return SharedLayout((("sW", self.stages * self.bw * unit), ("sX", self.stages * self.mt * unit),
+                             ("bars", 8 * 2 * self.stages), ("flag", 16)), align=1024)
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
+
+    def workspace_floats(self, grid: int) -> int:
+        """f32 elements of `part` for a grid of `grid` CTAs."""
+        return grid * 2 * self.bw * self.mt
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_abi(self),)
+
+    def source(self) -> str:
+        return _render(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "n": self.n, "k": self.k, "gated": self.gated, "bias": self.bias,
+                "residual": self.residual, "n_out": self.n_out, "mt": self.mt, "tile": [self.bw, self.mt, BK],
+                "stages": self.stages, "ctas_per_sm": self.ctas}
+
+
+@functools.lru_cache(maxsize=256)
+def _abi(plan: StreamGemmPlan) -> KernelABI:
+    args = product_args(plan)
+    args[0] = Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x")
+    if not plan.packed:   # packed: W stays a pointer (to pack_weight's layout)
+        args[1] = Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")
+    args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
+    return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min({plan.ctas} * SMS, {plan.units})",),
+                     block=(plan.threads,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
+
+
+@functools.lru_cache(maxsize=256)
+def _render(plan: StreamGemmPlan) -> str:
+    t, mma = _TYPES[plan.dtype]
+    return render("cuda/gemm_stream.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
+                  plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
+                  NOUT=plan.n_out, MT=plan.mt, RB=plan.rb, CW=plan.cw, STAGES=plan.stages, CTAS=plan.ctas, KA=plan.ka, PACKED=plan.packed,
+                  GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, smem=plan.shared_layout.offsets,
+                  wgmma_ops=[{"n": plan.mt, "a": "ss", "t": mma}], tma=True)
+
+
+def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
+                     residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
+                     ctas: int | None = None, ka: int = 1, packed: bool = False,
+                     arch: str = "sm_90a") -> StreamGemmPlan:
+    """The plan of a product of at most `mt` rows (token_tile(rows)); the defaults: rb 2 gated
+    (else 1), cw 2, one CTA an SM with as many stages as fit (at most 8)."""
+    rb = (2 if gated else 1) if rb is None else rb
+    cw = 2 if cw is None else cw
+    ctas = 1 if ctas is None else ctas
+    if stages is None:
+        per_stage = (64 * rb * cw + mt) * BK * 2 * ka
+        stages = max(2, min(8, ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // per_stage))
+    return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, mt=mt, rb=rb,
+                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed)
+
+
+def pack_weight(w, plan: StreamGemmPlan):
+    """W [N, K] (torch) in a packed plan's layout: unit (tile, K slice) after unit, each its KA atoms
+    of [BW rows][64 k] in the 128-byte swizzle (16-byte chunk c of row r at chunk c ^ (r % 8)),
+    gated tiles BW / 2 gate rows then the same up rows; rows past N and k past K are zeros."""
+    import torch
+    n, k = w.shape
+    if (n, k) != (plan.n, plan.k):
+        raise ValueError(f"gemm_stream: W is {tuple(w.shape)}, the plan's [{plan.n}, {plan.k}]")
+    tiles, bw, kp = plan.tiles, plan.bw, plan.kt * BK * plan.ka
+    if plan.gated:
+        half = bw // 2
+        g = torch.zeros(tiles * half, kp, dtype=w.dtype, device=w.device)
+        u = torch.zeros_like(g)
+        g[:plan.n_out, :k] = w[:plan.n_out]
+        u[:plan.n_out, :k] = w[plan.n_out:]
+        full = torch.cat([g.view(tiles, half, kp), u.view(tiles, half, kp)], 1)
+    else:
+        full = torch.zeros(tiles * bw, kp, dtype=w.dtype, device=w.device)
+        full[:n, :k] = w
+        full = full.view(tiles, bw, kp)
+    t = full.view(tiles, bw, kp // 64, 8, 8).permute(0, 2, 1, 3, 4)          # [tile, atom, row, chunk, 8]
+    r = torch.arange(bw, device=w.device).view(bw, 1) % 8
+    src = (torch.arange(8, device=w.device).view(1, 8) ^ r)                  # chunk stored at c comes from c ^ r
+    t = torch.gather(t, 3, src.view(1, 1, bw, 8, 1).expand(tiles, kp // 64, bw, 8, 8))
+    return t.contiguous().view(-1)

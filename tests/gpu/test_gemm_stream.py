@@ -1,0 +1,117 @@
+"""The decode-range Hopper GEMM (codegen/gemm_stream.py, sm_90 only) against float64: 1 to 256
+rows (every token tile, rows short of it), N and K not multiples of the tiles, bf16 and f16,
+bias, the gated activations and the residual add, outputs poisoned with NaN first; every work
+split (row blocks, consumer warpgroups, CTAs an SM) on shapes whose tiles are split over several
+CTAs and whole in others; repeated calls (the per-tile counters must come back to zero); graph
+capture; determinism of the split sums."""
+import pytest
+import torch
+
+from layerforge.codegen.gemm_stream import pack_weight, plan_gemm_stream, token_tile
+from layerforge.runtime.linear import _StreamLauncher, gemv
+
+from ..seeding import seeded_generator
+from .products import reference
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("the decode-range GEMM needs an sm_90 GPU", allow_module_level=True)
+
+
+def operands(m, n, k, dtype, gated, bias, residual):
+    gen = seeded_generator("gemm_stream", m, n, k, dtype, gated, bias, residual)
+    n_out = n // 2 if gated else n
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
+    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
+    return x, w, b, r
+
+
+def close(out, ref):
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
+def check(m, n, k, dtype, gated=None, bias=False, residual=False):
+    x, w, b, r = operands(m, n, k, dtype, gated, bias, residual)
+    out = torch.full((m, n // 2 if gated else n), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, b, gated=gated, residual=r, out=out, kernel="stream")
+    close(out, reference(x, w, b, gated, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 31, 64, 100, 128, 129, 256])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (10576, 2560), (1000, 3000), (24, 8)])
+def test_stream_against_float64(m, n, k, dtype):
+    check(m, n, k, dtype)
+
+
+@pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [5, 64, 128])
+@pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (2 * 5632, 2048), (48, 8), (2560, 5120)])
+def test_stream_epilogues(m, n, k, gated):
+    check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True)
+
+
+SPLITS = [dict(rb=1, cw=1, ctas=1), dict(rb=1, cw=2, ctas=2), dict(rb=2, cw=1, ctas=2), dict(rb=2, cw=2, ctas=1),
+          dict(rb=1, cw=2, stages=2, ctas=1), dict(rb=1, cw=1, ctas=1, ka=2), dict(rb=1, cw=1, ctas=1, stages=2, ka=4),
+          dict(rb=1, cw=1, ctas=1, packed=True), dict(rb=2, cw=1, ctas=1, ka=2, packed=True)]
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: "r{rb}w{cw}c{ctas}".format(**s) + str(s.get("stages", "")) + f"a{s.get('ka', 1)}"
+                         + ("p" if s.get("packed") else ""))
+@pytest.mark.parametrize("m,n,k,gated", [(64, 2560, 5120, None), (33, 2 * 1001, 1000, "silu"), (7, 6144, 4096, None),
+                                         (128, 300, 64, None), (64, 4096, 200, None)])
+def test_every_split_and_repeated_calls(m, n, k, gated, split):
+    """Tiles split over up to ~10 CTAs (2560 x 5120), tiles whole in one CTA (K = 64: one unit a
+    tile, or K 200); three calls in a row with fresh inputs: a counter left non-zero by a call
+    would make the next one finish its tiles early with partial sums."""
+    if gated and split["rb"] == 1:
+        pytest.skip("a gated plan has rb = 2")
+    dev = torch.device("cuda")
+    plan = plan_gemm_stream("bf16", n=n, k=k, mt=token_tile(m), gated=gated, bias=True, residual=True, **split)
+    from layerforge.runtime.launch import load_plan
+    launch = _StreamLauncher(plan, load_plan(plan, dev), torch.cuda.get_device_properties(0).multi_processor_count,
+                             dev)
+    for call in range(3):
+        x, w, b, r = operands(m, n, k, torch.bfloat16, gated, True, True)
+        x = x + call
+        out = torch.full_like(r, float("nan"))
+        launch(m, [x, pack_weight(w, plan) if plan.packed else w, b, r, out, m])
+        close(out, reference(x, w, b, gated, r))
+    assert int(launch.counts.abs().sum()) == 0
+
+
+def test_split_sums_are_deterministic():
+    x, w, _, r = operands(64, 2560, 5120, torch.bfloat16, None, False, True)
+    a = gemv(x, w, residual=r, kernel="stream")
+    for _ in range(5):
+        assert torch.equal(gemv(x, w, residual=r, kernel="stream"), a)
+
+
+def test_stream_graph_capture():
+    """The tensor maps and the workspace are fixed before capture: a replay reads the captured
+    tensors' new contents and leaves the counters at zero for the next replay."""
+    x = torch.randn(64, 2560, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(2 * 5120, 2560, dtype=torch.bfloat16, device="cuda") / 50
+    gemv(x, w, gated="silu", kernel="stream")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = gemv(x, w, gated="silu", kernel="stream")
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        close(y, reference(x, w, None, "silu", None))
+
+
+def test_stream_rejects_too_many_rows():
+    from layerforge.runtime.linear import LinearInputError
+    x = torch.randn(257, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(LinearInputError, match="at most 256"):
+        gemv(x, torch.randn(64, 64, dtype=torch.bfloat16, device="cuda"), kernel="stream")
+    with pytest.raises(LinearInputError, match="at most 128 rows gated"):
+        gemv(x[:129], torch.randn(64, 64, dtype=torch.bfloat16, device="cuda"), gated="silu", kernel="stream")
