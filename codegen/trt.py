@@ -290,6 +290,12 @@ def _gemm_spec(plan) -> PluginSpec:
     return _spec(plan, inputs, (TensorSpec("out", t, ("M", str(no))),), form="x [M, K], any M")
 
 
+def _gemm_stream_spec(plan) -> PluginSpec:
+    raise NotAPlugin("x (and W, unless packed) reach the kernel as TMA tensor maps encoded on the host from their "
+                     "addresses; its grid is min(ctas x SMS, units), the device's SM count a host value no input "
+                     "shape gives; and its per-tile counters are a workspace that must stay zero between launches")
+
+
 def _dequant_spec(plan) -> PluginSpec:
     """A quantised W [N, K] (codegen/gemv.py's layouts) -> W in T [N, K] (runtime/quant.py
     dequantize_cuda: one launch, every size fixed by the plan)."""
@@ -533,7 +539,7 @@ def _block_mask_spec(plan) -> PluginSpec:
 
 _BUILDERS = {"row": _row_spec, "paged_attention": _attention_spec, "tc_attention": _attention_spec,
              "wgmma_attention": _attention_spec, "kv_append": _kv_append_spec,
-             "gemv": _gemv_spec, "gemm": _gemm_spec, "dequant": _dequant_spec, "quant_rows": _quant_rows_spec,
+             "gemv": _gemv_spec, "gemm": _gemm_spec, "gemm_stream": _gemm_stream_spec, "dequant": _dequant_spec, "quant_rows": _quant_rows_spec,
              "scan_conv": _conv_spec, "scan_conv_update": _conv_update_spec, "selective_scan": _selective_scan_spec,
              "selective_state_update": _state_update_spec, "ssd_chunk_state": _ssd_chunk_state_spec,
              "ssd_state_passing": _ssd_state_passing_spec, "ssd_chunk_scan": _ssd_chunk_scan_spec,
