@@ -95,7 +95,7 @@ class StreamGemmPlan(ProductPlan):
         if self.ctas * self.shared_bytes > SHARED_LIMIT + 1024:
             raise ValueError(f"gemm_stream: {self.ctas} CTAs of {self.shared_bytes} bytes of shared memory pass the "
                              f"{SHARED_LIMIT} an SM has")
-        if self.accumulators + 40 > 65536 // (self.threads * self.ctas):
+        if self.accumulators + 40 > min(255, 65536 // (self.threads * self.ctas)):
             raise ValueError(f"gemm_stream: {self.accumulators} accumulators a thread do not fit {self.ctas} CTAs of "
                              f"{self.threads} threads an SM")
 
@@ -202,16 +202,23 @@ def _render(plan: StreamGemmPlan) -> str:
 
 def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
                      residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
-                     ctas: int | None = None, ka: int = 1, packed: bool = False,
+                     ctas: int | None = None, ka: int | None = None, packed: bool = False,
                      arch: str = "sm_90a") -> StreamGemmPlan:
-    """The plan of a product of at most `mt` rows (token_tile(rows)); the defaults: rb 2 gated
-    (else 1), cw 2, one CTA an SM with as many stages as fit (at most 8)."""
+    """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
+    sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
+    warpgroup (rb 2 gated, else 1), 128 k a unit, one CTA an SM with as many stages as fit (at
+    most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit)."""
     rb = (2 if gated else 1) if rb is None else rb
-    cw = 2 if cw is None else cw
+    cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas
+
+    def fit(a: int) -> int:
+        return ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // ((64 * rb * cw + mt) * BK * 2 * a)
+
+    if ka is None:
+        ka = 2 if stages is None and fit(2) >= 2 or stages is not None and fit(2) >= stages else 1
     if stages is None:
-        per_stage = (64 * rb * cw + mt) * BK * 2 * ka
-        stages = max(2, min(8, ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // per_stage))
+        stages = max(2, min(8, fit(ka)))
     return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, mt=mt, rb=rb,
                           cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed)
 

@@ -61,17 +61,17 @@ def test_token_tiles_and_plan_errors():
     with pytest.raises(ValueError, match="at most 256"):
         token_tile(257)
     p = plan_gemm_stream("bf16", n=10576, k=2560, mt=64)
-    assert p.key == "gemm_stream_n10576_k2560_bf16_mt64_r1w2s8c1_sm90a" and p.bw == 128 and p.tiles == 83
-    assert p.units == 83 * 40 and p.tma_boxes == {"x": (64, 64), "w": (128, 64)}
+    assert p.key == "gemm_stream_n10576_k2560_bf16_mt64_r1w1s7c1a2_sm90a" and p.bw == 64 and p.tiles == 166
+    assert p.units == 166 * 20 and p.tma_boxes == {"x": (64, 64), "w": (64, 64)}
     assert p.abi.launch_types[:2] == ("tmap", "tmap") and [a.role for a in p.abi.args[-2:]] == ["workspace"] * 2
     g = plan_gemm_stream("bf16", n=28672, k=4096, mt=16, gated="silu")
-    assert g.rb == 2 and g.bw_out == 128 and g.tma_boxes["w"] == (128, 64)
+    assert g.rb == 2 and g.bw_out == 64 and g.tma_boxes["w"] == (64, 64)
     with pytest.raises(ValueError, match="rb = 2"):
         plan_gemm_stream("bf16", n=64, k=64, mt=8, gated="silu", rb=1)
     with pytest.raises(ValueError, match="mt must be"):
         plan_gemm_stream("bf16", n=64, k=64, mt=48)
     with pytest.raises(ValueError, match="shared memory"):
-        plan_gemm_stream("bf16", n=64, k=64, mt=64, stages=8, ctas=2)
+        plan_gemm_stream("bf16", n=64, k=64, mt=64, stages=8, ctas=2, ka=1)
     with pytest.raises(ValueError, match="accumulators"):
         plan_gemm_stream("bf16", n=64, k=64, mt=256, rb=2)
     with pytest.raises(ValueError, match="sm_90a"):
