@@ -73,6 +73,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         "$PY" -m benchmarks.bench_gemm --variant wgmma_persistent --bn auto,128,256 --json "$OUT_DIR/bench_gemm.json" 2>&1 \
             | tee "$OUT_DIR/bench_gemm.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # decode-range products (8-128 rows): the stream-K GEMM beside cuBLAS and the small-token kernel
+        "$PY" -m benchmarks.bench_gemv --stream --json "$OUT_DIR/bench_gemv_stream.json" 2>&1 | tee "$OUT_DIR/bench_gemv_stream.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
         # the model's prefill with its products on the generated GEMM (cuBLAS is the default route)
         "$PY" -m benchmarks.bench_model --no-hf --batches 1 --gemm wgmma 2>&1 | tee "$OUT_DIR/bench_model_gemm.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
