@@ -25,6 +25,11 @@ to finish (a per-tile counter, incremented after a fence) adds the others' slots
 registers in CTA order (deterministic for a given grid) and runs the epilogue, resetting the
 counter to zero for the next launch. Nothing waits on another CTA, so any grid size is safe.
 
+It may be launched as a programmatic dependent launch (runtime/launch.pdl_enabled): the producer
+issues W's copies of the first STAGES units before `griddepcontrol.wait` (W does not depend on
+the kernel before), x's after it; the consumers wait before their first write (partial slots,
+counters, the output), so a launch never touches the workspace while the one before still runs.
+
 The workspace (runtime/linear.py allocates it): `part` f32 [G, 2, BW x mt] (a CTA has at most
 two partial segments: its first tile's and its last's) and `counts` int32 [tiles], zero before
 the first launch; the kernel leaves them zero. Calls sharing one workspace must be ordered (one
@@ -187,7 +192,7 @@ def _abi(plan: StreamGemmPlan) -> KernelABI:
         args[1] = Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")
     args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min({plan.ctas} * SMS, {plan.units})",),
-                     block=(plan.threads,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
+                     block=(plan.threads,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"), pdl=True)
 
 
 @functools.lru_cache(maxsize=256)
