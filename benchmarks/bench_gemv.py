@@ -257,9 +257,12 @@ def main_quant(a, ceiling):
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else QUANT_TOKENS
     if a.kernel_rows:
         quant.QUANT_KERNEL_MAX_ROWS = a.kernel_rows
-    print(f"small-token kernel up to {quant.QUANT_KERNEL_MAX_ROWS} rows; past them W dequantised + cuBLAS")
+    print(f"small-token kernel up to {quant.QUANT_KERNEL_MAX_ROWS} rows; u4 at {quant.STREAM_QUANT_ROWS[0]}-"
+          f"{quant.STREAM_QUANT_ROWS[1]} rows on sm_90: the decode-range GEMM (u4 deq: W dequantised + cuBLAS, the "
+          "route before it and of i8); past them W dequantised + cuBLAS")
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
-    print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'i8 us':>7s} {'of copy':>7s} {'cuBLAS us':>9s} "
+    print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
+          f"{'cuBLAS us':>9s} "
           f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
           f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
     rows = []
@@ -273,6 +276,9 @@ def main_quant(a, ceiling):
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ours4 = graph_time(lambda: u4(x, gated=gated))
+            held, quant.STREAM_QUANT_ROWS = quant.STREAM_QUANT_ROWS, (1, 0)
+            deq4 = graph_time(lambda: u4(x, gated=gated)) if m > quant.QUANT_KERNEL_MAX_ROWS else float("nan")
+            quant.STREAM_QUANT_ROWS = held
             ours8 = graph_time(lambda: i8(x, gated=gated))
             cublas = graph_time(lambda: F.linear(x, w))
             theirs4 = graph_time(lambda: t4(x)) if t4 else float("nan")
@@ -283,10 +289,10 @@ def main_quant(a, ceiling):
             smm = torch_fp8(w, m) if fp8 else None
             theirs_f8 = graph_time(smm) if smm else nan
             bf8, bf8b = (f8.qw.nbytes(), f8b.qw.nbytes()) if fp8 else (nan, nan)
-            r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, i8_s=ours8, cublas_s=cublas,
+            r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
                      torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_block_s=ours_f8b,
                      scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b)
-            print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {ours8 * 1e6:>7.1f} "
+            print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4 else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
                   f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8b * 1e6:>8.1f} {bf8b / ours_f8b / ceiling:>7.2f} "

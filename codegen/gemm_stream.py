@@ -53,10 +53,10 @@ MAX_ROWS = 256           # the widest token tile (wgmma's largest N)
 MT_CHOICES = (8, 16, 32, 64, 128, 256)
 
 
-def max_rows(gated: str | None) -> int:
-    """The most rows of x a plan takes: 256 (a gated plan's two row blocks of 128 tokens already
-    hold 128 f32 accumulators a thread)."""
-    return MAX_ROWS // 2 if gated else MAX_ROWS
+def max_rows(gated: str | None, wtype: str | None = None) -> int:
+    """The most rows of x a plan takes: 256, or 128 gated (its two row blocks of 128 tokens already
+    hold 128 f32 accumulators a thread) or u4 (two stages of 256 tokens x 256 k of x pass shared memory)."""
+    return MAX_ROWS // 2 if gated or wtype else MAX_ROWS
 
 
 def token_tile(rows: int) -> int:
@@ -83,6 +83,8 @@ class StreamGemmPlan(ProductPlan):
     ctas: int = 1                # CTAs an SM: the grid is ctas x SMs (or the units, if fewer)
     ka: int = 1                  # 64-wide K atoms a unit (a TMA box of each operand an atom)
     packed: bool = False         # W repacked once (pack_weight) so each unit's W is one contiguous block
+    wtype: str | None = None     # "u4": 4-bit W with (scale, zero) pairs per group (the mixed-input form below)
+    group: int = 0               # u4: k per (scale, zero) pair (32, 64 or 128)
 
     def __post_init__(self):
         check_product(self, "gemm_stream", ("n", "k", "mt", "rb", "cw", "stages", "ctas", "ka"))
@@ -95,12 +97,21 @@ class StreamGemmPlan(ProductPlan):
                              f"cw {self.cw}, stages {self.stages}, ctas {self.ctas}")
         if self.ka not in (1, 2, 4):
             raise ValueError(f"gemm_stream: ka must be 1, 2 or 4, got {self.ka}")
+        if self.wtype not in (None, "u4"):
+            raise ValueError(f"gemm_stream: wtype must be None or 'u4', got {self.wtype!r}")
+        if self.wtype == "u4":
+            if self.group not in (32, 64, 128) or self.k % self.group:
+                raise ValueError(f"gemm_stream: u4 takes groups of 32, 64 or 128 k dividing K = {self.k}, got {self.group}")
+            if self.ka != 4 or not self.packed:
+                raise ValueError("gemm_stream: u4 W is packed (pack_stream_u4) in units of 256 k (ka = 4)")
+        elif self.group:
+            raise ValueError(f"gemm_stream: a group size ({self.group}) needs wtype='u4'")
         if self.gated and self.rb != 2:
             raise ValueError("gemm_stream: a gated product needs rb = 2 (a gate and an up row block per warpgroup)")
         if self.ctas * self.shared_bytes > SHARED_LIMIT + 1024:
             raise ValueError(f"gemm_stream: {self.ctas} CTAs of {self.shared_bytes} bytes of shared memory pass the "
                              f"{SHARED_LIMIT} an SM has")
-        if self.accumulators + 40 > min(255, 65536 // (self.threads * self.ctas)):
+        if self.accumulators + self.fragment_regs + 40 > min(255, 65536 // (self.threads * self.ctas)):
             raise ValueError(f"gemm_stream: {self.accumulators} accumulators a thread do not fit {self.ctas} CTAs of "
                              f"{self.threads} threads an SM")
 
@@ -132,12 +143,28 @@ class StreamGemmPlan(ProductPlan):
         return self.rb * self.mt // 2
 
     @property
+    def fragment_regs(self) -> int:
+        """u4: W's converted A fragments a consumer thread holds (two atoms of 4 k16 steps, each
+        row block)."""
+        return 2 * 4 * 4 * self.rb if self.wtype else 0
+
+    @property
+    def w_unit_bytes(self) -> int:
+        """Bytes of W a unit copies: BW x 64 ka k in the dtype; u4: the packed nibbles (BW x 128)
+        and the unit's (scale, zero) pairs (BW x 256 / group int32)."""
+        if self.wtype == "u4":
+            return self.bw * 128 + self.bw * (256 // self.group) * 4
+        return self.bw * BK * 2 * self.ka
+
+    @property
     def threads(self) -> int:
         return 128 * self.cw + 32
 
     @property
     def key(self) -> str:
         parts = ["gemm_stream", f"n{self.n}", f"k{self.k}", self.dtype]
+        if self.wtype:
+            parts.append(f"{self.wtype}g{self.group}")
         if self.gated:
             parts.append(self.gated)
         if self.bias:
@@ -159,8 +186,7 @@ class StreamGemmPlan(ProductPlan):
     def shared_layout(self) -> SharedLayout:
         """The W and x stages (1024-byte aligned: the swizzle reads address bits 7-9), the full /
         empty mbarriers, the last-segment flag."""
-        unit = BK * 2 * self.ka
-        return SharedLayout((("sW", self.stages * self.bw * unit), ("sX", self.stages * self.mt * unit),
+        return SharedLayout((("sX", self.stages * self.mt * BK * 2 * self.ka), ("sW", self.stages * self.w_unit_bytes),
                              ("bars", 8 * 2 * self.stages), ("flag", 16)), align=1024)
 
     @property
@@ -200,15 +226,16 @@ def _render(plan: StreamGemmPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/gemm_stream.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
-                  NOUT=plan.n_out, MT=plan.mt, RB=plan.rb, CW=plan.cw, STAGES=plan.stages, CTAS=plan.ctas, KA=plan.ka, PACKED=plan.packed,
+                  NOUT=plan.n_out, MT=plan.mt, RB=plan.rb, CW=plan.cw, STAGES=plan.stages, CTAS=plan.ctas, KA=plan.ka, PACKED=plan.packed, WTYPE=plan.wtype, GROUP=plan.group,
+                  W_UNIT=plan.w_unit_bytes,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, smem=plan.shared_layout.offsets,
-                  wgmma_ops=[{"n": plan.mt, "a": "ss", "t": mma}], tma=True)
+                  wgmma_ops=[{"n": plan.mt, "a": "rsk" if plan.wtype else "ss", "t": mma}], tma=True)
 
 
 def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
                      residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
                      ctas: int | None = None, ka: int | None = None, packed: bool = False,
-                     arch: str = "sm_90a") -> StreamGemmPlan:
+                     wtype: str | None = None, group: int = 0, arch: str = "sm_90a") -> StreamGemmPlan:
     """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
     sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
     warpgroup (rb 2 gated, else 1), 128 k a unit, one CTA an SM with as many stages as fit (at
@@ -216,6 +243,11 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
     rb = (2 if gated else 1) if rb is None else rb
     cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas
+
+    if wtype == "u4":   # units of 256 k, W packed; the x atoms are most of a stage
+        ka, packed = 4, True
+        per_stage = mt * BK * 2 * 4 + 64 * rb * cw * (128 + 4 * 256 // max(group, 1))
+        stages = stages or max(2, min(8, ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // per_stage))
 
     def fit(a: int) -> int:
         return ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // ((64 * rb * cw + mt) * BK * 2 * a)
@@ -225,7 +257,7 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
     if stages is None:
         stages = max(2, min(8, fit(ka)))
     return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, mt=mt, rb=rb,
-                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed)
+                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed, wtype=wtype, group=group)
 
 
 def pack_weight(w, plan: StreamGemmPlan):

@@ -292,8 +292,9 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
     y = out.view(rows, n_out) if direct else torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     args = ([x2, *weights] + ([_packed(bias, 16)] if bias is not None else []) + ([res] if res is not None else [])
             + ([_packed(gamma, 16)] if gamma is not None else []) + [y, rows] + ([float(eps)] if gamma is not None else []))
-    if wgmma == STREAM_KERNEL:
-        _stream_launcher(x, n, k, gated, bias is not None, res is not None, cache, rows)(rows, args)
+    if wgmma == STREAM_KERNEL:   # a quantised W (u4) is already in pack_stream_u4's layout
+        _stream_launcher(x, n, k, gated, bias is not None, res is not None, cache, rows,
+                         **({"wtype": wtype, "group": group} if wtype else {}))(rows, args)
     elif wgmma:
         _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows)(rows, args)
     elif kernels is not None:   # a pack's kernels (plans for 8 and 16 rows: runtime/build.py)

@@ -51,7 +51,8 @@ from .linear import (_ACT, LinearInputError, _capability, _epilogue, _packed, _r
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
-           "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS"]
+           "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
+           "pack_stream_u4", "STREAM_QUANT_ROWS"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -213,6 +214,46 @@ def _dequantize_layout(qw: QuantWeight) -> torch.Tensor:
     if qw.group == 0:
         return q * qw.wscale.double()[:, None]
     return q * qw.scales_zeros()[0].double().repeat_interleave(qw.group, 1)
+
+
+def pack_stream_u4(qw: QuantWeight, plan) -> torch.Tensor:
+    """A u4 W in the decode-range GEMM's layout (codegen/gemm_stream.py, wtype "u4"): int32, unit
+    (tile, 256 k) after unit, each [nibbles: BW x 128 bytes][pairs: BW x 256 / G int32]. The nibbles
+    are ordered as the consumer threads read them: [row block][atom of 64 k][warp][lane][4 words],
+    lane (g, tig)'s words holding rows 16 warp + g and + 8 of k16 steps (0, 1) then (2, 3) of the
+    atom, each word 8 k of one row as lf_dequant takes them: pair i (bits 4 i and 16 + 4 i) is k
+    2 tig, 2 tig + 1 (i even) or those + 8 (i odd) of step 2 (word's pair) + i // 2; the pairs are
+    the layout's (scale, zero) words [row][group of the unit]. Gated tiles are BW / 2 gate rows then
+    the same up rows; rows past N and k past K are zeros (so are their pairs)."""
+    if qw.wtype != "u4" or plan.wtype != "u4" or qw.group != plan.group or (qw.n, qw.k) != (plan.n, plan.k):
+        raise ValueError(f"pack_stream_u4: a u4 weight of group {plan.group} and [{plan.n}, {plan.k}] for "
+                         f"{plan.key}, got {qw.wtype} group {qw.group} [{qw.n}, {qw.k}]")
+    n, k, g = qw.n, qw.k, qw.group
+    tiles, bw, kt, gpu = plan.tiles, plan.bw, plan.kt, 256 // g
+    dev = qw.qweight.device
+    q = _nibbles(qw.qweight)[..., _INV_AWQ].reshape(n, k)                       # int64 [N, K]
+    pairs = qw.wgroup[:, : k // g].to(torch.int64) & 0xFFFFFFFF                # [N, K / G]
+    rows = torch.arange(tiles * bw, device=dev).view(tiles, bw)
+    if plan.gated:   # tile t: gate rows t BWO .. , then up rows NOUT + t BWO ..
+        half, nout = bw // 2, plan.n_out
+        col = (rows % bw) % half + rows // bw * half
+        src = torch.where(rows % bw < half, col, nout + col)
+        ok = col < nout
+    else:
+        src, ok = rows, rows < n
+    src = torch.where(ok, src, 0).view(-1)
+    qt = torch.zeros(tiles * bw, kt * 256, dtype=torch.int64, device=dev)
+    qt[:, :k] = q[src] * ok.view(-1, 1)
+    pt = torch.zeros(tiles * bw, kt * gpu, dtype=torch.int64, device=dev)
+    pt[:, : k // g] = pairs[src] * ok.view(-1, 1)
+    # rows (rbx, w4, h, g); k (kt, c, sp, s, half, tig, e) -> [tile, kt, rbx, c, w4, g, tig, sp, h | s, half, e]
+    v = qt.view(tiles, bw // 64, 4, 2, 8, kt, 4, 2, 2, 2, 4, 2).permute(0, 5, 1, 6, 2, 4, 10, 7, 3, 8, 9, 11)
+    shift = (4 * (2 * torch.arange(2, device=dev).view(2, 1, 1) + torch.arange(2, device=dev).view(1, 2, 1))
+             + 16 * torch.arange(2, device=dev).view(1, 1, 2))                   # [s, half, e] -> bit
+    words = (v << shift).sum((-3, -2, -1)).reshape(tiles * kt, bw * 32)         # [unit, BW x 32 words]
+    ptu = pt.view(tiles, bw, kt, gpu).permute(0, 2, 1, 3).reshape(tiles * kt, bw * gpu)
+    both = torch.cat([words, ptu], 1)
+    return torch.where(both >= 2 ** 31, both - 2 ** 32, both).to(torch.int32).contiguous().view(-1)
 
 
 def quantize_u4(weight: torch.Tensor, group: int):
@@ -442,6 +483,11 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 # 16: its 32-row plans are 0.34-0.57 x cuBLAS and the gated block-scaled one spills.
 QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
+# u4 calls of STREAM_QUANT_ROWS[0] .. [1] rows on sm_90 run the decode-range GEMM with W converted in
+# registers (codegen/gemm_stream.py, wtype "u4"; W repacked once a weight by pack_stream_u4) instead
+# of dequantising W for cuBLAS (benchmarks/bench_gemv.py --quant --stream)
+STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
+_STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref to qweight, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 
 
@@ -453,6 +499,27 @@ def _gpu_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
 def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
     limit = min(QUANT_KERNEL_MAX_ROWS, FP8_KERNEL_MAX_ROWS) if qw.wtype == "f8e4m3" else QUANT_KERNEL_MAX_ROWS
     return 1 <= rows <= limit and _gpu_ok(x, qw)
+
+
+def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
+    from ..codegen.gemm_stream import max_rows
+    return (qw.wtype == "u4" and STREAM_QUANT_ROWS[0] <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, "u4"))
+            and _gpu_ok(x, qw) and _capability(x.device) == (9, 0))
+
+
+def stream_packed(qw: QuantWeight, plan) -> torch.Tensor:
+    """qw's W in the plan's pack_stream_u4 layout, made once a (weight, plan) and kept while the
+    weight lives (a first call inside CUDA graph capture would pack inside the graph: warm up first)."""
+    import weakref
+    key = (id(qw.qweight), plan.key)
+    hit = _STREAM_PACKS.get(key)
+    if hit is not None and hit[0]() is qw.qweight:
+        return hit[1]
+    for dead in [k for k, (ref, _) in _STREAM_PACKS.items() if ref() is None]:
+        del _STREAM_PACKS[dead]
+    packed = pack_stream_u4(qw, plan)
+    _STREAM_PACKS[key] = (weakref.ref(qw.qweight), packed)
+    return packed
 
 
 def dequantize_cuda(qw: QuantWeight, cache=None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -494,6 +561,14 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
         y = _fp8_product(x, qw, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset,
                          cache)
         return y if out is None else out.copy_(y)
+    if norm is None and _stream_ok(x, qw, rows, gated):   # W converted in the GEMM's registers
+        from ..codegen.gemm_stream import plan_gemm_stream, token_tile
+        from .linear import STREAM_KERNEL
+        plan = plan_gemm_stream("bf16" if x.dtype == torch.bfloat16 else "f16", n=qw.n, k=qw.k, mt=token_tile(rows),
+                                gated=gated, bias=bias is not None, residual=residual is not None, wtype="u4",
+                                group=qw.group)
+        return launch_gemv(x, [stream_packed(qw, plan)], qw.n, qw.k, None if bias is None else bias.to(x.dtype),
+                           gated, residual, norm, norm_offset, out, cache, "u4", qw.group, wgmma=STREAM_KERNEL)
     if not _kernel_ok(x, qw, rows):
         # the module's bias is in W's dtype: x's for torch
         w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else _dequantize_layout(qw).to(x.dtype)

@@ -103,3 +103,34 @@ def test_pack_weight_layout(gated):
             at = ((unit * plan.ka + atom) * plan.bw + r) * 64 + ((((kk % 64) // 8) ^ (r % 8)) * 8) + kk % 8
             assert p[at] == w[row, kk], (row, kk)
     assert p.view(plan.tiles, -1)[-1].count_nonzero() < plan.kt * plan.ka * plan.bw * 64   # zero padding
+
+
+@pytest.mark.parametrize("mt", [64, 128])
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, None), (28672, 4096, "silu"), (4096, 14336, None),
+                                       (2000, 1152, "gelu_tanh")])
+def test_u4_stream_compiles_clean(n, k, gated, group, mt):
+    """W converted in registers (wtype u4): no spills, no serialised wgmma (the A fragments of an atom
+    in flight must not be overwritten: ptxas would warn C7515 and serialise)."""
+    for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
+        plan = plan_gemm_stream(dtype, n=n, k=k, mt=mt, gated=gated, bias=bias, residual=residual, wtype="u4",
+                                group=group)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515", "C7517"):
+            assert code not in res.log, (plan.key, res.log)
+        assert "cp.async.bulk.shared" in res.ptx and "lop3.b32" in res.ptx, plan.key
+        assert plan.w_unit_bytes == plan.bw * 128 + plan.bw * 256 // group * 4
+
+
+def test_u4_plan_errors():
+    with pytest.raises(ValueError, match="groups of 32, 64 or 128"):
+        plan_gemm_stream("bf16", n=64, k=256, mt=64, wtype="u4", group=0)
+    with pytest.raises(ValueError, match="packed"):
+        from layerforge.codegen.gemm_stream import StreamGemmPlan
+        StreamGemmPlan(dtype="bf16", n=64, k=256, mt=64, wtype="u4", group=128)
+    with pytest.raises(ValueError, match="needs wtype"):
+        plan_gemm_stream("bf16", n=64, k=256, mt=64, group=128)
+    p = plan_gemm_stream("bf16", n=64, k=256, mt=64, wtype="u4", group=128)
+    assert p.ka == 4 and p.packed and "_u4g128_" in p.key and p.abi.args[1].ctype.startswith("const unsigned*")

@@ -115,3 +115,49 @@ def test_stream_rejects_too_many_rows():
         gemv(x, torch.randn(64, 64, dtype=torch.bfloat16, device="cuda"), kernel="stream")
     with pytest.raises(LinearInputError, match="at most 128 rows gated"):
         gemv(x[:129], torch.randn(64, 64, dtype=torch.bfloat16, device="cuda"), gated="silu", kernel="stream")
+
+
+# ---- u4 weights converted in registers (wtype "u4"; runtime/quant.gemv_quant past 32 rows) ----
+def u4_linear(n, k, group, dtype, gen, bias):
+    from layerforge.runtime.quant import QuantLinear
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return QuantLinear.from_float(w, group, b, wtype="u4", dtype=dtype).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [33, 64, 100, 128])
+@pytest.mark.parametrize("n,k,gated", [(4096, 4096, None), (2 * 1000, 2048, "silu"), (1000, 3072, None),
+                                       (2 * 5632, 1152, "gelu_tanh")])
+def test_u4_stream_against_the_dequantised_reference(n, k, gated, m, group, dtype):
+    """W's nibbles and (scale, zero) pairs from the packed unit, converted in registers into the
+    wgmma's A fragments, against float64 of dequantize (K 3072 and 1152: a last unit past K)."""
+    from layerforge.runtime import quant
+    if k % group:
+        pytest.skip("the group size must divide K")
+    gen = seeded_generator("gemm-stream-u4", n, k, gated, m, group, dtype)
+    lin = u4_linear(n, k, group, dtype, gen, bias=True)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    r = torch.randn(m, n // 2 if gated else n, generator=gen).to(dtype).cuda()
+    assert quant._stream_ok(x, lin.qw, m, gated)
+    out = torch.full_like(r, float("nan"))
+    quant.gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
+    close(out, reference(x, quant.dequantize(lin.qw), lin.bias, gated, r))
+
+
+def test_u4_stream_graph_capture_and_pack_cache():
+    from layerforge.runtime import quant
+    gen = seeded_generator("gemm-stream-u4-graph")
+    lin = u4_linear(2 * 1024, 2048, 128, torch.bfloat16, gen, bias=False)
+    x = torch.randn(64, 2048, generator=gen).to(torch.bfloat16).cuda()
+    lin(x, gated="silu")   # packs W (outside the capture)
+    packs = len(quant._STREAM_PACKS)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = lin(x, gated="silu")
+    assert len(quant._STREAM_PACKS) == packs
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        close(y, reference(x, quant.dequantize(lin.qw), None, "silu", None))

@@ -1,0 +1,77 @@
+"""The u4 weight layout of the decode-range GEMM (runtime/quant.pack_stream_u4; codegen/gemm_stream.py
+wtype "u4"): read back the way the kernel's consumer threads read it (lane (g, tig) of warp w4 of a
+row block, a 16-byte piece an atom, lf_dequant's nibble pairs, the unit's (scale, zero) words), it
+gives every element of W as dequantize defines it; rows and k past W are zeros. CPU only."""
+import pytest
+import torch
+
+from layerforge.codegen.gemm_stream import plan_gemm_stream
+from layerforge.runtime.quant import dequantize, pack_stream_u4, pack_u4, quantize_u4
+
+
+def kernel_view(packed: torch.Tensor, plan) -> torch.Tensor:
+    """W [tiles * BW, KT * 256] in float64 as the kernel's threads see it (tile rows in the tile's order)."""
+    bw, kt, gpu = plan.bw, plan.kt, 256 // plan.group
+    unit = packed.view(plan.tiles * kt, bw * 32 + bw * gpu).to(torch.int64) & 0xFFFFFFFF
+    words, pairs = unit[:, : bw * 32], unit[:, bw * 32:].reshape(-1, bw, gpu)
+    out = torch.zeros(plan.tiles * bw, kt * 256, dtype=torch.float64)
+    scale = pairs & 0xFFFF
+    zero = pairs >> 16
+
+    def to_f(half):   # a bf16's 16 bits -> its value
+        return (half.to(torch.int32) << 16).view(torch.float32).double()
+
+    for u in range(plan.tiles * kt):
+        tile, k0 = divmod(u, kt)
+        for rbx in range(bw // 64):
+            for c in range(4):
+                for w4 in range(4):
+                    for lane in range(32):
+                        g, tig = divmod(lane, 4)
+                        base = (((rbx * 4 + c) * 4 + w4) * 32 + lane) * 4
+                        for word in range(4):
+                            sp, h = divmod(word, 2)
+                            r = rbx * 64 + 16 * w4 + g + 8 * h
+                            j = (c * 64 + sp * 32) // plan.group
+                            s, z = to_f(scale[u, r, j]), to_f(zero[u, r, j])
+                            wv = int(words[u, base + word])
+                            for i in range(4):            # pair i: step 2 sp + i // 2, k + 8 (i odd)
+                                for e in range(2):        # low / high half: k, k + 1
+                                    q = (wv >> (4 * i + 16 * e)) & 0xF
+                                    kk = k0 * 256 + c * 64 + sp * 32 + (i // 2) * 16 + (i % 2) * 8 + 2 * tig + e
+                                    out[tile * bw + r, kk] = (q - z) * s
+    return out
+
+
+@pytest.mark.parametrize("n,k,group,gated", [(130, 384, 128, None), (2 * 70, 256, 64, "silu"), (64, 512, 32, None)])
+def test_pack_stream_u4_reads_back_as_the_reference(n, k, group, gated):
+    gen = torch.Generator().manual_seed(n + k + group)
+    w = torch.randn(n, k, generator=gen)
+    q, z, s = quantize_u4(w, group)
+    qw = pack_u4(q, z, s, group, torch.bfloat16)
+    plan = plan_gemm_stream("bf16", n=n, k=k, mt=16, gated=gated, wtype="u4", group=group)
+    got = kernel_view(pack_stream_u4(qw, plan), plan)
+    ref = dequantize(qw)
+    bw = plan.bw
+    for row in range(n):
+        if gated:
+            col, up = row % (n // 2), row >= n // 2
+            tile, r = divmod(col, bw // 2)
+            r += bw // 2 if up else 0
+        else:
+            tile, r = divmod(row, bw)
+        assert torch.equal(got[tile * bw + r, :k], ref[row]), row
+        assert not got[tile * bw + r, k:].any()
+    placed = {(divmod(row % (n // 2), bw // 2)[0], divmod(row % (n // 2), bw // 2)[1] + (bw // 2 if row >= n // 2
+              else 0)) if gated else divmod(row, bw) for row in range(n)}
+    for t in range(plan.tiles):
+        for r in range(bw):
+            if (t, r) not in placed:
+                assert not got[t * bw + r].any()
+
+
+def test_pack_stream_u4_checks_its_plan():
+    q, z, s = quantize_u4(torch.randn(64, 256), 128)
+    qw = pack_u4(q, z, s, 128)
+    with pytest.raises(ValueError, match="pack_stream_u4"):
+        pack_stream_u4(qw, plan_gemm_stream("bf16", n=64, k=256, mt=16, wtype="u4", group=64))
