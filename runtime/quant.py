@@ -546,8 +546,10 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
                residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """runtime/linear.gemv's product with a quantised W: the generated kernel for up to
-    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); past
-    them on such a GPU W dequantised by the generated kernel (dequantize_cuda) and cuBLAS; on the
+    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); u4 calls
+    of STREAM_QUANT_ROWS rows without a norm prologue on sm_90 the decode-range GEMM with W converted
+    in registers (codegen/gemm_stream.py; W packed once by stream_packed); past them on such a GPU
+    W dequantised by the generated kernel (dequantize_cuda) and cuBLAS; on the
     CPU W dequantised in float64 and torch's product (f8e4m3: x quantised as the kernel does:
     _fp8_product)."""
     rows = check_call(x, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out)
