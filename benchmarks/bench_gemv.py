@@ -314,18 +314,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
-    if a.stream:
-        rows = main_stream(a, ceiling)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f,
-                          indent=1)
-        return
-    if a.quant and a.sweep:
+    if a.quant and a.sweep and not a.stream:
         quant_sweep(a, ceiling)
         return
-    if a.quant:
-        rows = main_quant(a, ceiling)
+    if a.stream or a.quant:
+        rows = main_stream(a, ceiling) if a.stream else main_quant(a, ceiling)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f,

@@ -7,6 +7,19 @@ import torch.nn.functional as F
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
+def operands(tag: str, m, n, k, dtype, gated, bias, residual):
+    """Fresh random x [m, K], W [N, K] (scaled by 1 / sqrt(K)), bias [N] and residual [m, N_out] (or
+    None) on the GPU, drawn from the case's own seed."""
+    from ..seeding import seeded_generator
+    gen = seeded_generator(tag, m, n, k, dtype, gated, bias, residual)
+    n_out = n // 2 if gated else n
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
+    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
+    return x, w, b, r
+
+
 def reference(x, w, b, gated, r, norm=None, offset=0.0):
     if norm is not None:
         xd = x.double()

@@ -8,7 +8,7 @@ import torch
 from layerforge.runtime.linear import GEMM_KERNELS, gemv
 
 from ..seeding import seeded_generator
-from .products import reference
+from .products import operands, reference
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -21,12 +21,8 @@ VARIANTS = sorted(GEMM_KERNELS)   # wgmma, wgmma_persistent, wgmma_tma
 
 
 def check(m, n, k, dtype, gated=None, bias=False, residual=False, kernel="wgmma"):
-    gen = seeded_generator("gemm", m, n, k, dtype, gated, bias, residual)
+    x, w, b, r = operands("gemm", m, n, k, dtype, gated, bias, residual)
     n_out = n // 2 if gated else n
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
-    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
-    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
     out = torch.full((m, n_out), float("nan"), dtype=dtype, device="cuda")
     gemv(x, w, b, gated=gated, residual=r, out=out, kernel=kernel)
     ref = reference(x, w, b, gated, r)

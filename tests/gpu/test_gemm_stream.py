@@ -11,7 +11,7 @@ from layerforge.codegen.gemm_stream import pack_weight, plan_gemm_stream, token_
 from layerforge.runtime.linear import _StreamLauncher, gemv
 
 from ..seeding import seeded_generator
-from .products import reference
+from .products import operands as product_operands, reference
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -21,13 +21,7 @@ if torch.cuda.get_device_capability() != (9, 0):
 
 
 def operands(m, n, k, dtype, gated, bias, residual):
-    gen = seeded_generator("gemm_stream", m, n, k, dtype, gated, bias, residual)
-    n_out = n // 2 if gated else n
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
-    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
-    r = torch.randn(m, n_out, generator=gen).to(dtype).cuda() if residual else None
-    return x, w, b, r
+    return product_operands("gemm_stream", m, n, k, dtype, gated, bias, residual)
 
 
 def close(out, ref):
