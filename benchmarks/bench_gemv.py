@@ -133,8 +133,57 @@ def stream_plans(n, k, m, gated, splits):
     return plans
 
 
+STREAM_U4_SPLITS = [dict(rb=rb, cw=cw) for rb in (1, 2) for cw in (1, 2)]
+
+
+def main_stream_u4(a, ceiling):
+    """--stream --quant: u4 (group 128) on the decode-range GEMM, each work split (row blocks a
+    warpgroup, consumer warpgroups; stages to fit) beside the default plan and bf16 cuBLAS."""
+    from layerforge.codegen.gemm_stream import plan_gemm_stream, token_tile
+    from layerforge.runtime.launch import compile_plan, load_kernels
+    from layerforge.runtime.linear import _StreamLauncher
+    from layerforge.runtime.quant import QuantLinear, pack_stream_u4
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (64, 128)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dev = torch.device("cuda")
+    rows = []
+    for name, n, k, gated in QUANT_SHAPES:
+        if a.only and a.only not in name:
+            continue
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        u4 = QuantLinear.from_float(w, 128, wtype="u4")
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = graph_time(lambda: u4(x, gated=gated))
+            cublas = graph_time(lambda: F.linear(x, w))
+            y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+            sweep = {}
+            for sp in STREAM_U4_SPLITS:
+                if gated and sp["rb"] == 1:
+                    continue
+                try:
+                    plan = plan_gemm_stream("bf16", n=n, k=k, mt=token_tile(m), gated=gated, wtype="u4", group=128,
+                                            **sp)
+                except ValueError:
+                    continue
+                res = compile_plan(plan)
+                if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
+                    continue
+                launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, dev)[plan.kernel_name], sms, dev)
+                wp = pack_stream_u4(u4.qw, plan)
+                sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
+            best = min(sweep, key=sweep.get)
+            print(f"{name:12s} {m:>3d} u4 default {base * 1e6:7.1f} us  best {best} {sweep[best] * 1e6:7.1f}  "
+                  f"bf16 cuBLAS {cublas * 1e6:7.1f}  | " + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sweep.items()),
+                  flush=True)
+            rows.append(dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=base, cublas_s=cublas, sweep_s=sweep))
+    return rows
+
+
 def main_stream(a, ceiling):
     """--stream: the decode-range GEMM against cuBLAS (and the small-token kernel at <= 16 rows)."""
+    if a.quant:
+        return main_stream_u4(a, ceiling)
     from layerforge.runtime.linear import _StreamLauncher
     from layerforge.runtime.launch import compile_plan, load_kernels
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else STREAM_TOKENS
