@@ -484,8 +484,10 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
 # u4 calls of STREAM_QUANT_ROWS[0] .. [1] rows on sm_90 run the decode-range GEMM with W converted in
-# registers (codegen/gemm_stream.py, wtype "u4"; W repacked once a weight by pack_stream_u4) instead
-# of dequantising W for cuBLAS (benchmarks/bench_gemv.py --quant --stream)
+# registers (codegen/gemm_stream.py, wtype "u4") instead of dequantising W for cuBLAS (benchmarks/
+# bench_gemv.py --quant: 1.9-3.4x faster at 64-128 rows on an H200). It reads W repacked by
+# pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
+# weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
 _STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref to qweight, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
