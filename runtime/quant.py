@@ -489,7 +489,7 @@ FP8_KERNEL_MAX_ROWS = 16
 # pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
 # weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
-_STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref to qweight, packed W)
+_STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref, versions, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 
 
@@ -511,16 +511,19 @@ def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
 
 def stream_packed(qw: QuantWeight, plan) -> torch.Tensor:
     """qw's W in the plan's pack_stream_u4 layout, made once a (weight, plan) and kept while the
-    weight lives (a first call inside CUDA graph capture would pack inside the graph: warm up first)."""
+    weight lives and is not written in place (its tensors' version counters are part of the key:
+    load_state_dict copies into the same buffers); a first call inside CUDA graph capture would pack
+    inside the graph: warm up first."""
     import weakref
     key = (id(qw.qweight), plan.key)
+    versions = (qw.qweight._version, qw.wgroup._version)
     hit = _STREAM_PACKS.get(key)
-    if hit is not None and hit[0]() is qw.qweight:
-        return hit[1]
-    for dead in [k for k, (ref, _) in _STREAM_PACKS.items() if ref() is None]:
+    if hit is not None and hit[0]() is qw.qweight and hit[1] == versions:
+        return hit[2]
+    for dead in [k for k, (ref, *_) in _STREAM_PACKS.items() if ref() is None]:
         del _STREAM_PACKS[dead]
     packed = pack_stream_u4(qw, plan)
-    _STREAM_PACKS[key] = (weakref.ref(qw.qweight), packed)
+    _STREAM_PACKS[key] = (weakref.ref(qw.qweight), versions, packed)
     return packed
 
 

@@ -75,3 +75,17 @@ def test_pack_stream_u4_checks_its_plan():
     qw = pack_u4(q, z, s, 128)
     with pytest.raises(ValueError, match="pack_stream_u4"):
         pack_stream_u4(qw, plan_gemm_stream("bf16", n=64, k=256, mt=16, wtype="u4", group=64))
+
+
+def test_stream_pack_cache_follows_in_place_writes():
+    """The packed copy is made once a weight and plan, and again after the weight's tensors are
+    written in place (load_state_dict copies into the same buffers)."""
+    from layerforge.runtime.quant import QuantLinear, stream_packed
+    lin = QuantLinear.from_float(torch.randn(64, 256), 128, wtype="u4")
+    plan = plan_gemm_stream("bf16", n=64, k=256, mt=64, wtype="u4", group=128)
+    first = stream_packed(lin.qw, plan)
+    assert stream_packed(lin.qw, plan) is first
+    other = QuantLinear.from_float(torch.randn(64, 256), 128, wtype="u4")
+    lin.load_state_dict(other.state_dict())
+    again = stream_packed(lin.qw, plan)
+    assert again is not first and torch.equal(again, pack_stream_u4(other.qw, plan))
