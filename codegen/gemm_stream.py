@@ -55,7 +55,8 @@ MT_CHOICES = (8, 16, 32, 64, 128, 256)
 
 def max_rows(gated: str | None, wtype: str | None = None) -> int:
     """The most rows of x a plan takes: 256, or 128 gated (its two row blocks of 128 tokens already
-    hold 128 f32 accumulators a thread) or u4 (two stages of 256 tokens x 256 k of x pass shared memory)."""
+    hold 128 f32 accumulators a thread) or quantised (two stages of 256 tokens x 256 k of x pass shared
+    memory)."""
     return MAX_ROWS // 2 if gated or wtype else MAX_ROWS
 
 
@@ -83,8 +84,9 @@ class StreamGemmPlan(ProductPlan):
     ctas: int = 1                # CTAs an SM: the grid is ctas x SMs (or the units, if fewer)
     ka: int = 1                  # 64-wide K atoms a unit (a TMA box of each operand an atom)
     packed: bool = False         # W repacked once (pack_weight) so each unit's W is one contiguous block
-    wtype: str | None = None     # "u4": 4-bit W with (scale, zero) pairs per group (the mixed-input form below)
-    group: int = 0               # u4: k per (scale, zero) pair (32, 64 or 128)
+    wtype: str | None = None     # "u4": 4-bit W with (scale, zero) pairs per group; "i8": 8-bit W with one scale a
+                                 # row, applied to the f32 sum (the mixed-input form below)
+    group: int = 0               # u4: k per (scale, zero) pair (32, 64 or 128); i8: 0
 
     def __post_init__(self):
         check_product(self, "gemm_stream", ("n", "k", "mt", "rb", "cw", "stages", "ctas", "ka"))
@@ -97,13 +99,16 @@ class StreamGemmPlan(ProductPlan):
                              f"cw {self.cw}, stages {self.stages}, ctas {self.ctas}")
         if self.ka not in (1, 2, 4):
             raise ValueError(f"gemm_stream: ka must be 1, 2 or 4, got {self.ka}")
-        if self.wtype not in (None, "u4"):
-            raise ValueError(f"gemm_stream: wtype must be None or 'u4', got {self.wtype!r}")
-        if self.wtype == "u4":
-            if self.group not in (32, 64, 128) or self.k % self.group:
-                raise ValueError(f"gemm_stream: u4 takes groups of 32, 64 or 128 k dividing K = {self.k}, got {self.group}")
+        if self.wtype not in (None, "u4", "i8"):
+            raise ValueError(f"gemm_stream: wtype must be None, 'u4' or 'i8', got {self.wtype!r}")
+        if self.wtype == "u4" and (self.group not in (32, 64, 128) or self.k % self.group):
+            raise ValueError(f"gemm_stream: u4 takes groups of 32, 64 or 128 k dividing K = {self.k}, got {self.group}")
+        if self.wtype == "i8" and self.group:
+            raise ValueError(f"gemm_stream: i8 takes one scale a row (group 0), got {self.group}")
+        if self.wtype:
             if self.ka != 4 or not self.packed:
-                raise ValueError("gemm_stream: u4 W is packed (pack_stream_u4) in units of 256 k (ka = 4)")
+                raise ValueError(f"gemm_stream: {self.wtype} W is packed (runtime/quant.pack_stream_{self.wtype}) in "
+                                 "units of 256 k (ka = 4)")
         elif self.group:
             raise ValueError(f"gemm_stream: a group size ({self.group}) needs wtype='u4'")
         if self.gated and self.rb != 2:
@@ -151,9 +156,11 @@ class StreamGemmPlan(ProductPlan):
     @property
     def w_unit_bytes(self) -> int:
         """Bytes of W a unit copies: BW x 64 ka k in the dtype; u4: the packed nibbles (BW x 128)
-        and the unit's (scale, zero) pairs (BW x 256 / group int32)."""
+        and the unit's (scale, zero) pairs (BW x 256 / group int32); i8: BW x 256 bytes."""
         if self.wtype == "u4":
             return self.bw * 128 + self.bw * (256 // self.group) * 4
+        if self.wtype == "i8":
+            return self.bw * 256
         return self.bw * BK * 2 * self.ka
 
     @property
@@ -164,7 +171,7 @@ class StreamGemmPlan(ProductPlan):
     def key(self) -> str:
         parts = ["gemm_stream", f"n{self.n}", f"k{self.k}", self.dtype]
         if self.wtype:
-            parts.append(f"{self.wtype}g{self.group}")
+            parts.append(f"{self.wtype}g{self.group}" if self.group else self.wtype)
         if self.gated:
             parts.append(self.gated)
         if self.bias:
@@ -212,7 +219,8 @@ class StreamGemmPlan(ProductPlan):
 
 @functools.lru_cache(maxsize=256)
 def _abi(plan: StreamGemmPlan) -> KernelABI:
-    args = product_args(plan)
+    t = _TYPES[plan.dtype][0]   # i8: the row scales after W (the u4 pairs travel in W's packed units)
+    args = product_args(plan, (Arg("wscale", f"const {t}* __restrict__", "input"),) if plan.wtype == "i8" else ())
     args[0] = Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x")
     if not plan.packed:   # packed: W stays a pointer (to pack_weight's layout)
         args[1] = Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")
@@ -244,9 +252,9 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
     cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas
 
-    if wtype == "u4":   # units of 256 k, W packed; the x atoms are most of a stage
+    if wtype:   # units of 256 k, W packed; the x atoms are most of a stage
         ka, packed = 4, True
-        per_stage = mt * BK * 2 * 4 + 64 * rb * cw * (128 + 4 * 256 // max(group, 1))
+        per_stage = mt * BK * 2 * 4 + 64 * rb * cw * (256 if wtype == "i8" else 128 + 4 * 256 // max(group, 1))
         stages = stages or max(2, min(8, ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // per_stage))
 
     def fit(a: int) -> int:

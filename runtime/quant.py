@@ -52,7 +52,7 @@ __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pac
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
            "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
-           "pack_stream_u4", "STREAM_QUANT_ROWS"]
+           "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -216,6 +216,40 @@ def _dequantize_layout(qw: QuantWeight) -> torch.Tensor:
     return q * qw.scales_zeros()[0].double().repeat_interleave(qw.group, 1)
 
 
+def _tile_rows(t: torch.Tensor, plan, width: int) -> torch.Tensor:
+    """t [N, C] (int64) as the plan's tiles order their rows, [tiles x BW, width]: gated tiles BW / 2
+    gate rows then the same up rows; rows past N and columns past C zero."""
+    tiles, bw = plan.tiles, plan.bw
+    rows = torch.arange(tiles * bw, device=t.device).view(tiles, bw)
+    if plan.gated:   # tile t: gate rows t BWO .. , then up rows NOUT + t BWO ..
+        half, nout = bw // 2, plan.n_out
+        col = (rows % bw) % half + rows // bw * half
+        src = torch.where(rows % bw < half, col, nout + col)
+        ok = col < nout
+    else:
+        src, ok = rows, rows < plan.n
+    src = torch.where(ok, src, 0).view(-1)
+    out = torch.zeros(tiles * bw, width, dtype=torch.int64, device=t.device)
+    out[:, : t.shape[1]] = t[src] * ok.view(-1, 1)
+    return out
+
+
+def pack_stream_i8(qw: QuantWeight, plan) -> torch.Tensor:
+    """An i8 W (one scale a row) in the decode-range GEMM's layout (codegen/gemm_stream.py, wtype
+    "i8"): int8, unit (tile, 256 k) after unit, each [row block][atom of 64 k][warp][half][lane][4
+    words], half h holding k16 steps 2 h and 2 h + 1; word 2 e (+ 1) is row 16 warp + g (+ 8) of step
+    2 h + e, its bytes k 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 (lf_dequant's pairs: the A fragment's
+    a0 / a2, a1 / a3). Tiles as pack_stream_u4's; the row scales stay qw.wscale (the epilogue's)."""
+    if qw.wtype != "i8" or plan.wtype != "i8" or qw.group or (qw.n, qw.k) != (plan.n, plan.k):
+        raise ValueError(f"pack_stream_i8: an i8 weight with row scales and [{plan.n}, {plan.k}] for {plan.key}, "
+                         f"got {qw.wtype} group {qw.group} [{qw.n}, {qw.k}]")
+    tiles, bw, kt = plan.tiles, plan.bw, plan.kt
+    qt = _tile_rows(qw.qweight.to(torch.int64), plan, kt * 256)
+    # rows (rbx, w4, hrow, g); k (kt, at, half, e, kh, tig, b) -> [tile, kt, rbx, at, w4, half, g, tig, e, hrow, kh, b]
+    v = qt.view(tiles, bw // 64, 4, 2, 8, kt, 4, 2, 2, 2, 4, 2).permute(0, 5, 1, 6, 2, 7, 4, 10, 8, 3, 9, 11)
+    return v.to(torch.int8).contiguous().view(-1)
+
+
 def pack_stream_u4(qw: QuantWeight, plan) -> torch.Tensor:
     """A u4 W in the decode-range GEMM's layout (codegen/gemm_stream.py, wtype "u4"): int32, unit
     (tile, 256 k) after unit, each [nibbles: BW x 128 bytes][pairs: BW x 256 / G int32]. The nibbles
@@ -233,19 +267,8 @@ def pack_stream_u4(qw: QuantWeight, plan) -> torch.Tensor:
     dev = qw.qweight.device
     q = _nibbles(qw.qweight)[..., _INV_AWQ].reshape(n, k)                       # int64 [N, K]
     pairs = qw.wgroup[:, : k // g].to(torch.int64) & 0xFFFFFFFF                # [N, K / G]
-    rows = torch.arange(tiles * bw, device=dev).view(tiles, bw)
-    if plan.gated:   # tile t: gate rows t BWO .. , then up rows NOUT + t BWO ..
-        half, nout = bw // 2, plan.n_out
-        col = (rows % bw) % half + rows // bw * half
-        src = torch.where(rows % bw < half, col, nout + col)
-        ok = col < nout
-    else:
-        src, ok = rows, rows < n
-    src = torch.where(ok, src, 0).view(-1)
-    qt = torch.zeros(tiles * bw, kt * 256, dtype=torch.int64, device=dev)
-    qt[:, :k] = q[src] * ok.view(-1, 1)
-    pt = torch.zeros(tiles * bw, kt * gpu, dtype=torch.int64, device=dev)
-    pt[:, : k // g] = pairs[src] * ok.view(-1, 1)
+    qt = _tile_rows(q, plan, kt * 256)
+    pt = _tile_rows(pairs, plan, kt * gpu)
     # rows (rbx, w4, h, g); k (kt, c, sp, s, half, tig, e) -> [tile, kt, rbx, c, w4, g, tig, sp, h | s, half, e]
     v = qt.view(tiles, bw // 64, 4, 2, 8, kt, 4, 2, 2, 2, 4, 2).permute(0, 5, 1, 6, 2, 4, 10, 7, 3, 8, 9, 11)
     shift = (4 * (2 * torch.arange(2, device=dev).view(2, 1, 1) + torch.arange(2, device=dev).view(1, 2, 1))
@@ -487,8 +510,10 @@ FP8_KERNEL_MAX_ROWS = 16
 # registers (codegen/gemm_stream.py, wtype "u4") instead of dequantising W for cuBLAS (benchmarks/
 # bench_gemv.py --quant: 1.9-3.4x faster at 64-128 rows on an H200). It reads W repacked by
 # pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
-# weight lives: (1, 0) turns the route off and keeps one copy.
+# weight lives: (1, 0) turns the route off and keeps one copy. STREAM_WTYPES: the weight types that
+# take it (i8 with row scales has the kernel and its tests, not yet run on a GPU: add "i8" once they pass).
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
+STREAM_WTYPES = ("u4",)
 _STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref, versions, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 
@@ -505,24 +530,25 @@ def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
 
 def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
     from ..codegen.gemm_stream import max_rows
-    return (qw.wtype == "u4" and STREAM_QUANT_ROWS[0] <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, "u4"))
+    return (qw.wtype in STREAM_WTYPES and qw.wtype in ("u4", "i8") and not (qw.wtype == "i8" and qw.group)
+            and STREAM_QUANT_ROWS[0] <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, qw.wtype))
             and _gpu_ok(x, qw) and _capability(x.device) == (9, 0))
 
 
 def stream_packed(qw: QuantWeight, plan) -> torch.Tensor:
-    """qw's W in the plan's pack_stream_u4 layout, made once a (weight, plan) and kept while the
+    """qw's W in the plan's pack_stream_u4 / pack_stream_i8 layout, made once a (weight, plan) and kept while the
     weight lives and is not written in place (its tensors' version counters are part of the key:
     load_state_dict copies into the same buffers); a first call inside CUDA graph capture would pack
     inside the graph: warm up first."""
     import weakref
     key = (id(qw.qweight), plan.key)
-    versions = (qw.qweight._version, qw.wgroup._version)
+    versions = tuple(t._version for t in (qw.qweight, qw.wgroup, qw.wscale) if t is not None)
     hit = _STREAM_PACKS.get(key)
     if hit is not None and hit[0]() is qw.qweight and hit[1] == versions:
         return hit[2]
     for dead in [k for k, (ref, *_) in _STREAM_PACKS.items() if ref() is None]:
         del _STREAM_PACKS[dead]
-    packed = pack_stream_u4(qw, plan)
+    packed = (pack_stream_u4 if qw.wtype == "u4" else pack_stream_i8)(qw, plan)
     _STREAM_PACKS[key] = (weakref.ref(qw.qweight), versions, packed)
     return packed
 
@@ -572,10 +598,11 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
         from ..codegen.gemm_stream import plan_gemm_stream, token_tile
         from .linear import STREAM_KERNEL
         plan = plan_gemm_stream("bf16" if x.dtype == torch.bfloat16 else "f16", n=qw.n, k=qw.k, mt=token_tile(rows),
-                                gated=gated, bias=bias is not None, residual=residual is not None, wtype="u4",
+                                gated=gated, bias=bias is not None, residual=residual is not None, wtype=qw.wtype,
                                 group=qw.group)
-        return launch_gemv(x, [stream_packed(qw, plan)], qw.n, qw.k, None if bias is None else bias.to(x.dtype),
-                           gated, residual, norm, norm_offset, out, cache, "u4", qw.group, wgmma=STREAM_KERNEL)
+        weights = [stream_packed(qw, plan)] + ([qw.wscale] if qw.wtype == "i8" else [])
+        return launch_gemv(x, weights, qw.n, qw.k, None if bias is None else bias.to(x.dtype),
+                           gated, residual, norm, norm_offset, out, cache, qw.wtype, qw.group, wgmma=STREAM_KERNEL)
     if not _kernel_ok(x, qw, rows):
         # the module's bias is in W's dtype: x's for torch
         w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else _dequantize_layout(qw).to(x.dtype)

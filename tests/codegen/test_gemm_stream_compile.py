@@ -134,3 +134,18 @@ def test_u4_plan_errors():
         plan_gemm_stream("bf16", n=64, k=256, mt=64, group=128)
     p = plan_gemm_stream("bf16", n=64, k=256, mt=64, wtype="u4", group=128)
     assert p.ka == 4 and p.packed and "_u4g128_" in p.key and p.abi.args[1].ctype.startswith("const unsigned*")
+
+
+@pytest.mark.parametrize("mt", [64, 128])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, None), (28672, 4096, "silu"), (2000, 1152, "gelu_tanh")])
+def test_i8_stream_compiles_clean(n, k, gated, mt):
+    for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
+        plan = plan_gemm_stream(dtype, n=n, k=k, mt=mt, gated=gated, bias=bias, residual=residual, wtype="i8")
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515", "C7517"):
+            assert code not in res.log, (plan.key, res.log)
+        assert [a.name for a in plan.abi.args[1:3]] == ["w", "wscale"] and plan.w_unit_bytes == plan.bw * 256
+    with pytest.raises(ValueError, match="one scale a row"):
+        plan_gemm_stream("bf16", n=n, k=k, mt=mt, wtype="i8", group=128)

@@ -155,3 +155,22 @@ def test_u4_stream_graph_capture_and_pack_cache():
         x.copy_(torch.randn_like(x))
         g.replay()
         close(y, reference(x, quant.dequantize(lin.qw), None, "silu", None))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [33, 64, 128])
+@pytest.mark.parametrize("n,k,gated", [(4096, 4096, None), (2 * 1000, 2048, "silu"), (1000, 3072, None),
+                                       (2 * 5632, 1152, "gelu_tanh")])
+def test_i8_stream_against_the_dequantised_reference(n, k, gated, m, dtype, monkeypatch):
+    """i8 with row scales on the same path (its route is off until this passes: quant.STREAM_WTYPES)."""
+    from layerforge.runtime import quant
+    monkeypatch.setattr(quant, "STREAM_WTYPES", ("u4", "i8"))
+    gen = seeded_generator("gemm-stream-i8", n, k, gated, m, dtype)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    lin = quant.QuantLinear.from_float(w, 0, torch.randn(n, generator=gen), wtype="i8", dtype=dtype).cuda()
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    r = torch.randn(m, n // 2 if gated else n, generator=gen).to(dtype).cuda()
+    assert quant._stream_ok(x, lin.qw, m, gated)
+    out = torch.full_like(r, float("nan"))
+    quant.gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
+    close(out, reference(x, quant.dequantize(lin.qw), lin.bias, gated, r))

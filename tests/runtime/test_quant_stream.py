@@ -89,3 +89,46 @@ def test_stream_pack_cache_follows_in_place_writes():
     lin.load_state_dict(other.state_dict())
     again = stream_packed(lin.qw, plan)
     assert again is not first and torch.equal(again, pack_stream_u4(other.qw, plan))
+
+
+def i8_kernel_view(packed: torch.Tensor, plan) -> torch.Tensor:
+    """q [tiles * BW, KT * 256] as the i8 kernel's threads read it (before the row scale)."""
+    bw, kt = plan.bw, plan.kt
+    b = packed.view(plan.tiles * kt, bw // 64, 4, 4, 2, 32, 4, 4).to(torch.int64)   # unit, rbx, at, w4, h, lane, word, byte
+    out = torch.zeros(plan.tiles * bw, kt * 256, dtype=torch.int64)
+    for u in range(plan.tiles * kt):
+        tile, k0 = divmod(u, kt)
+        for rbx in range(bw // 64):
+            for at in range(4):
+                for w4 in range(4):
+                    for h in range(2):
+                        for lane in range(32):
+                            g, tig = divmod(lane, 4)
+                            for word in range(4):
+                                e, hrow = divmod(word, 2)
+                                r = rbx * 64 + 16 * w4 + g + 8 * hrow
+                                for byte in range(4):   # lf_dequant: pairs (byte 0, 1) = a0 / a1, (2, 3) = a2 / a3
+                                    kh, bb = divmod(byte, 2)
+                                    kk = k0 * 256 + at * 64 + (2 * h + e) * 16 + kh * 8 + 2 * tig + bb
+                                    out[tile * bw + r, kk] = b[u, rbx, at, w4, h, lane, word, byte]
+    return out
+
+
+@pytest.mark.parametrize("n,k,gated", [(130, 384, None), (2 * 70, 256, "silu")])
+def test_pack_stream_i8_reads_back_as_q(n, k, gated):
+    from layerforge.runtime.quant import pack_i8, pack_stream_i8, quantize_i8
+    q, s = quantize_i8(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)), 0)
+    qw = pack_i8(q, s, 0)
+    plan = plan_gemm_stream("bf16", n=n, k=k, mt=16, gated=gated, wtype="i8")
+    got = i8_kernel_view(pack_stream_i8(qw, plan), plan)
+    bw = plan.bw
+    for row in range(n):
+        if gated:
+            col, up = row % (n // 2), row >= n // 2
+            tile, r = divmod(col, bw // 2)
+            r += bw // 2 if up else 0
+        else:
+            tile, r = divmod(row, bw)
+        assert torch.equal(got[tile * bw + r, :k], qw.qweight[row].to(torch.int64)), row
+        assert not got[tile * bw + r, k:].any()
+    assert int(got.abs().sum()) == int(qw.qweight.to(torch.int64).abs().sum())   # nothing else placed
