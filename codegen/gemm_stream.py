@@ -3,7 +3,8 @@ x, where the product is bound by reading W, with the layer's epilogue fused (bia
 activation over W's two row halves, a residual add).
 
     plan = plan_gemm_stream("bf16", n=10576, k=2560, mt=64)
-    plan.key       -> 'gemm_stream_n10576_k2560_bf16_mt64_r1w2s6c1_sm90a'
+    plan.key       -> 'gemm_stream_n10576_k2560_bf16_mt64_r1w1s7c1a2_sm90a'
+    plan_gemm_stream("bf16", n=28672, k=4096, mt=64, gated="silu", wtype="u4", group=128)
 
 Why a second Hopper GEMM: codegen/gemm.py tiles x by 128 rows, so at 17-128 rows a tile is mostly
 padding and the grid has one CTA per 128 or 256 columns of W (an 8B q/k/v at 64 rows: 24-48
@@ -30,6 +31,15 @@ issues W's copies of the first STAGES units before `griddepcontrol.wait` (W does
 the kernel before), x's after it; the consumers wait before their first write (partial slots,
 counters, the output), so a launch never touches the workspace while the one before still runs.
 
+Quantised W (wtype "u4" with (scale, zero) pairs per group, "i8" with a scale a row): W is the A
+operand, so it can come from registers. W is repacked once (runtime/quant.pack_stream_u4 / _i8)
+into units of 256 k laid out as the consumer lanes read them (16 bytes a lane an atom of 64 k),
+one bulk copy a unit (u4: with the unit's pairs); each lane converts its bytes with the small-token
+kernel's conversions (gemv_quant.cuh.jinja) into the A fragments of 4 k16 steps, and wgmma's
+register-A form multiplies them by x's atom from shared memory. Two register sets: one atom's
+wgmma in flight while the next atom converts. i8's row scale multiplies the f32 sums in the
+epilogue. At most 128 rows (two stages of 256 rows of x x 256 k would pass shared memory).
+
 The workspace (runtime/linear.py allocates it): `part` f32 [G, 2, BW x mt] (a CTA has at most
 two partial segments: its first tile's and its last's) and `counts` int32 [tiles], zero before
 the first launch; the kernel leaves them zero. Calls sharing one workspace must be ordered (one
@@ -45,9 +55,9 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
-__all__ = ["StreamGemmPlan", "plan_gemm_stream", "token_tile", "stream_units", "max_rows", "MAX_ROWS"]
+__all__ = ["StreamGemmPlan", "plan_gemm_stream", "pack_weight", "token_tile", "stream_units", "max_rows", "MAX_ROWS"]
 
-BK = 64                  # K per unit: one 128-byte swizzle row
+BK = 64                  # K per atom: one 128-byte swizzle row (a unit is ka atoms)
 SHARED_LIMIT = 227 * 1024
 MAX_ROWS = 256           # the widest token tile (wgmma's largest N)
 MT_CHOICES = (8, 16, 32, 64, 128, 256)
