@@ -212,7 +212,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     output halves when `gated`, then + residual [..., N_out]; the generated kernel where it
     serves the call (see the module's docstring), torch otherwise. kernel="wgmma" runs the
     Hopper GEMM (codegen/gemm.py) whatever the rows (an error where it cannot); "wgmma_tma" and
-    "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS). `kernels`: loaded small-token
+    "wgmma_persistent" its TMA and persistent variants (GEMM_KERNELS); "stream" the decode-range
+    Hopper GEMM (codegen/gemm_stream.py; at most 256 rows, 128 gated), which calls of STREAM_ROWS
+    rows also take when that range is set. `kernels`: loaded small-token
     kernels by the rows they take ({8: ..., 16: ...}, a pack's) instead of compiled ones; the
     calls they do not serve run torch's product, never a compile."""
     if kernel is not None and kernel not in GEMM_KERNELS and kernel != STREAM_KERNEL:
