@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
-from .gemv import _TYPES, ProductPlan, check_product, product_args
+from .gemv import _TYPES, ProductPlan, check_product, product_args, wtype_label
 from .render import read_template, render
 
 __all__ = ["StreamGemmPlan", "plan_gemm_stream", "pack_weight", "token_tile", "stream_units", "max_rows", "MAX_ROWS"]
@@ -181,7 +181,7 @@ class StreamGemmPlan(ProductPlan):
     def key(self) -> str:
         parts = ["gemm_stream", f"n{self.n}", f"k{self.k}", self.dtype]
         if self.wtype:
-            parts.append(f"{self.wtype}g{self.group}" if self.group else self.wtype)
+            parts.append(wtype_label(self.wtype, self.group))
         if self.gated:
             parts.append(self.gated)
         if self.bias:

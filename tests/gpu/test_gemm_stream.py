@@ -112,11 +112,23 @@ def test_stream_rejects_too_many_rows():
 
 
 # ---- u4 weights converted in registers (wtype "u4"; runtime/quant.gemv_quant past 32 rows) ----
-def u4_linear(n, k, group, dtype, gen, bias):
+def quant_linear(n, k, wtype, group, dtype, gen, bias):
     from layerforge.runtime.quant import QuantLinear
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     b = torch.randn(n, generator=gen) if bias else None
-    return QuantLinear.from_float(w, group, b, wtype="u4", dtype=dtype).cuda()
+    return QuantLinear.from_float(w, group, b, wtype=wtype, dtype=dtype).cuda()
+
+
+def check_quant_stream(lin, m, gated, dtype, gen):
+    """lin's product of m fresh rows, with its bias and a residual, through the decode-range route,
+    against float64 of the dequantised W; outputs poisoned first."""
+    from layerforge.runtime import quant
+    x = torch.randn(m, lin.qw.k, generator=gen).to(dtype).cuda()
+    r = torch.randn(m, lin.qw.n // 2 if gated else lin.qw.n, generator=gen).to(dtype).cuda()
+    assert quant._stream_ok(x, lin.qw, m, gated)
+    out = torch.full_like(r, float("nan"))
+    quant.gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
+    close(out, reference(x, quant.dequantize(lin.qw), lin.bias, gated, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -127,23 +139,16 @@ def u4_linear(n, k, group, dtype, gen, bias):
 def test_u4_stream_against_the_dequantised_reference(n, k, gated, m, group, dtype):
     """W's nibbles and (scale, zero) pairs from the packed unit, converted in registers into the
     wgmma's A fragments, against float64 of dequantize (K 3072 and 1152: a last unit past K)."""
-    from layerforge.runtime import quant
     if k % group:
         pytest.skip("the group size must divide K")
     gen = seeded_generator("gemm-stream-u4", n, k, gated, m, group, dtype)
-    lin = u4_linear(n, k, group, dtype, gen, bias=True)
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    r = torch.randn(m, n // 2 if gated else n, generator=gen).to(dtype).cuda()
-    assert quant._stream_ok(x, lin.qw, m, gated)
-    out = torch.full_like(r, float("nan"))
-    quant.gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
-    close(out, reference(x, quant.dequantize(lin.qw), lin.bias, gated, r))
+    check_quant_stream(quant_linear(n, k, "u4", group, dtype, gen, bias=True), m, gated, dtype, gen)
 
 
 def test_u4_stream_graph_capture_and_pack_cache():
     from layerforge.runtime import quant
     gen = seeded_generator("gemm-stream-u4-graph")
-    lin = u4_linear(2 * 1024, 2048, 128, torch.bfloat16, gen, bias=False)
+    lin = quant_linear(2 * 1024, 2048, "u4", 128, torch.bfloat16, gen, bias=False)
     x = torch.randn(64, 2048, generator=gen).to(torch.bfloat16).cuda()
     lin(x, gated="silu")   # packs W (outside the capture)
     packs = len(quant._STREAM_PACKS)
@@ -166,11 +171,4 @@ def test_i8_stream_against_the_dequantised_reference(n, k, gated, m, dtype, monk
     from layerforge.runtime import quant
     monkeypatch.setattr(quant, "STREAM_WTYPES", ("u4", "i8"))
     gen = seeded_generator("gemm-stream-i8", n, k, gated, m, dtype)
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
-    lin = quant.QuantLinear.from_float(w, 0, torch.randn(n, generator=gen), wtype="i8", dtype=dtype).cuda()
-    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
-    r = torch.randn(m, n // 2 if gated else n, generator=gen).to(dtype).cuda()
-    assert quant._stream_ok(x, lin.qw, m, gated)
-    out = torch.full_like(r, float("nan"))
-    quant.gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
-    close(out, reference(x, quant.dequantize(lin.qw), lin.bias, gated, r))
+    check_quant_stream(quant_linear(n, k, "i8", 0, dtype, gen, bias=True), m, gated, dtype, gen)

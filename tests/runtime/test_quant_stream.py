@@ -43,6 +43,15 @@ def kernel_view(packed: torch.Tensor, plan) -> torch.Tensor:
     return out
 
 
+def tile_row(row: int, n: int, bw: int, gated) -> int:
+    """The row of the packers' tile order that holds W's row `row` (gated: a tile's BW / 2 gate rows,
+    then the same up rows)."""
+    if not gated:
+        return row
+    tile, r = divmod(row % (n // 2), bw // 2)
+    return tile * bw + r + (bw // 2 if row >= n // 2 else 0)
+
+
 @pytest.mark.parametrize("n,k,group,gated", [(130, 384, 128, None), (2 * 70, 256, 64, "silu"), (64, 512, 32, None)])
 def test_pack_stream_u4_reads_back_as_the_reference(n, k, group, gated):
     gen = torch.Generator().manual_seed(n + k + group)
@@ -52,22 +61,12 @@ def test_pack_stream_u4_reads_back_as_the_reference(n, k, group, gated):
     plan = plan_gemm_stream("bf16", n=n, k=k, mt=16, gated=gated, wtype="u4", group=group)
     got = kernel_view(pack_stream_u4(qw, plan), plan)
     ref = dequantize(qw)
-    bw = plan.bw
-    for row in range(n):
-        if gated:
-            col, up = row % (n // 2), row >= n // 2
-            tile, r = divmod(col, bw // 2)
-            r += bw // 2 if up else 0
-        else:
-            tile, r = divmod(row, bw)
-        assert torch.equal(got[tile * bw + r, :k], ref[row]), row
-        assert not got[tile * bw + r, k:].any()
-    placed = {(divmod(row % (n // 2), bw // 2)[0], divmod(row % (n // 2), bw // 2)[1] + (bw // 2 if row >= n // 2
-              else 0)) if gated else divmod(row, bw) for row in range(n)}
-    for t in range(plan.tiles):
-        for r in range(bw):
-            if (t, r) not in placed:
-                assert not got[t * bw + r].any()
+    placed = [tile_row(row, n, plan.bw, gated) for row in range(n)]
+    for row, at in enumerate(placed):
+        assert torch.equal(got[at, :k], ref[row]), row
+        assert not got[at, k:].any()
+    for at in set(range(plan.tiles * plan.bw)) - set(placed):
+        assert not got[at].any()
 
 
 def test_pack_stream_u4_checks_its_plan():
@@ -121,14 +120,8 @@ def test_pack_stream_i8_reads_back_as_q(n, k, gated):
     qw = pack_i8(q, s, 0)
     plan = plan_gemm_stream("bf16", n=n, k=k, mt=16, gated=gated, wtype="i8")
     got = i8_kernel_view(pack_stream_i8(qw, plan), plan)
-    bw = plan.bw
     for row in range(n):
-        if gated:
-            col, up = row % (n // 2), row >= n // 2
-            tile, r = divmod(col, bw // 2)
-            r += bw // 2 if up else 0
-        else:
-            tile, r = divmod(row, bw)
-        assert torch.equal(got[tile * bw + r, :k], qw.qweight[row].to(torch.int64)), row
-        assert not got[tile * bw + r, k:].any()
+        at = tile_row(row, n, plan.bw, gated)
+        assert torch.equal(got[at, :k], qw.qweight[row].to(torch.int64)), row
+        assert not got[at, k:].any()
     assert int(got.abs().sum()) == int(qw.qweight.to(torch.int64).abs().sum())   # nothing else placed
