@@ -104,13 +104,7 @@ class GemmPlan(ProductPlan):
 
     @property
     def key(self) -> str:
-        parts = ["gemm", f"n{self.n}", f"k{self.k}", self.dtype]
-        if self.gated:
-            parts.append(self.gated)
-        if self.bias:
-            parts.append("bias")
-        if self.residual:
-            parts.append("res")
+        parts = ["gemm", f"n{self.n}", f"k{self.k}", self.dtype, *self.epilogue_key]
         parts.append(f"bn{self.bn}s{self.stages}")
         if self.tma:
             parts.append("tma")

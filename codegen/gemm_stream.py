@@ -182,12 +182,7 @@ class StreamGemmPlan(ProductPlan):
         parts = ["gemm_stream", f"n{self.n}", f"k{self.k}", self.dtype]
         if self.wtype:
             parts.append(wtype_label(self.wtype, self.group))
-        if self.gated:
-            parts.append(self.gated)
-        if self.bias:
-            parts.append("bias")
-        if self.residual:
-            parts.append("res")
+        parts += self.epilogue_key
         parts += [f"mt{self.mt}", f"r{self.rb}w{self.cw}s{self.stages}c{self.ctas}" + (f"a{self.ka}" if self.ka > 1 else "")
                   + ("p" if self.packed else ""),
                   self.arch.replace("_", "")]

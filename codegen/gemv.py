@@ -80,6 +80,11 @@ class ProductPlan(KernelPlan):
     def n_out(self) -> int:
         return self.n // 2 if self.gated else self.n
 
+    @property
+    def epilogue_key(self) -> list[str]:
+        """The epilogue's part of a plan key: the gated activation, "bias", "res"."""
+        return [p for p, on in ((self.gated, self.gated), ("bias", self.bias), ("res", self.residual)) if on]
+
 
 @dataclass(frozen=True, kw_only=True)
 class GemvPlan(ProductPlan):
@@ -148,12 +153,7 @@ class GemvPlan(ProductPlan):
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
         if self.wtype:
             parts.append(wtype_label(self.wtype, self.group))
-        if self.gated:
-            parts.append(self.gated)
-        if self.bias:
-            parts.append("bias")
-        if self.residual:
-            parts.append("res")
+        parts += self.epilogue_key
         if self.norm:
             parts.append(self.norm + ("1p" if self.norm_offset else ""))
         if self.experts:
