@@ -508,7 +508,7 @@ QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
 # u4 calls of STREAM_QUANT_ROWS[0] .. [1] rows on sm_90 run the decode-range GEMM with W converted in
 # registers (codegen/gemm_stream.py, wtype "u4") instead of dequantising W for cuBLAS (benchmarks/
-# bench_gemv.py --quant: 1.9-3.4x faster at 64-128 rows on an H200). It reads W repacked by
+# bench_gemv.py --quant: 1.5-3.4x faster at 64-128 rows on an H200). It reads W repacked by
 # pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
 # weight lives: (1, 0) turns the route off and keeps one copy. STREAM_WTYPES: the weight types that
 # take it (i8 with row scales has the kernel and its tests, not yet run on a GPU: add "i8" once they pass).
@@ -530,7 +530,10 @@ def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
 
 def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
     from ..codegen.gemm_stream import max_rows
-    return (qw.wtype in STREAM_WTYPES and qw.wtype in ("u4", "i8") and not (qw.wtype == "i8" and qw.group)
+    unknown = set(STREAM_WTYPES) - {"u4", "i8"}
+    if unknown:   # a misspelt or unsupported entry is an error, not a silently unused one
+        raise ValueError(f"quant.STREAM_WTYPES may hold 'u4' and 'i8', got {sorted(unknown)}")
+    return (qw.wtype in STREAM_WTYPES and not (qw.wtype == "i8" and qw.group)
             and STREAM_QUANT_ROWS[0] <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, qw.wtype))
             and _gpu_ok(x, qw) and _capability(x.device) == (9, 0))
 

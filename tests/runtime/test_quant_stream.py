@@ -125,3 +125,12 @@ def test_pack_stream_i8_reads_back_as_q(n, k, gated):
         assert torch.equal(got[at, :k], qw.qweight[row].to(torch.int64)), row
         assert not got[at, k:].any()
     assert int(got.abs().sum()) == int(qw.qweight.to(torch.int64).abs().sum())   # nothing else placed
+
+
+def test_stream_wtypes_refuses_unknown_entries(monkeypatch):
+    from layerforge.runtime import quant
+    q, z, s = quantize_u4(torch.randn(64, 256), 128)
+    qw = pack_u4(q, z, s, 128)
+    monkeypatch.setattr(quant, "STREAM_WTYPES", ("u4", "f8"))
+    with pytest.raises(ValueError, match="STREAM_WTYPES"):
+        quant._stream_ok(torch.randn(64, 256), qw, 64, None)
