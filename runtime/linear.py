@@ -180,7 +180,9 @@ class _StreamLauncher:
 def _stream_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
                      rows: int = 0, **split) -> _StreamLauncher:
     mt = token_tile(rows)
-    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())))
+    from ..codegen import gemm_stream
+    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())),
+           gemm_stream.AUTO_PANELS)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
