@@ -511,9 +511,10 @@ FP8_KERNEL_MAX_ROWS = 16
 # bench_gemv.py --quant: 1.5-3.4x faster at 64-128 rows on an H200). It reads W repacked by
 # pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
 # weight lives: (1, 0) turns the route off and keeps one copy. STREAM_WTYPES: the weight types that
-# take it (i8 with row scales has the kernel and its tests, not yet run on a GPU: add "i8" once they pass).
+# take it (i8 with row scales, H200, bench_gemv --quant: 8B qkv / gate/up at 64 rows 17.4 / 54.2 us against
+# 34.2 / 172.1 dequantising for cuBLAS).
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
-STREAM_WTYPES = ("u4",)
+STREAM_WTYPES = ("u4", "i8")
 _STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref, versions, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 

@@ -185,7 +185,7 @@ def test_u4_stream_graph_capture_and_pack_cache():
 @pytest.mark.parametrize("n,k,gated", [(4096, 4096, None), (2 * 1000, 2048, "silu"), (1000, 3072, None),
                                        (2 * 5632, 1152, "gelu_tanh")])
 def test_i8_stream_against_the_dequantised_reference(n, k, gated, m, dtype, monkeypatch):
-    """i8 with row scales on the same path (its route is off until this passes: quant.STREAM_WTYPES)."""
+    """i8 with row scales on the same path (quant.STREAM_WTYPES)."""
     from layerforge.runtime import quant
     monkeypatch.setattr(quant, "STREAM_WTYPES", ("u4", "i8"))
     gen = seeded_generator("gemm-stream-i8", n, k, gated, m, dtype)
