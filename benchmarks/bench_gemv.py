@@ -142,11 +142,10 @@ def main_stream_u4(a, ceiling):
     """--stream --quant: u4 (group 128) on the decode-range GEMM, each work split (row blocks a
     warpgroup, consumer warpgroups; stages to fit) beside the default plan and bf16 cuBLAS."""
     from layerforge.codegen.gemm_stream import plan_gemm_stream, token_tile
-    from layerforge.runtime.launch import compile_plan, load_kernels
-    from layerforge.runtime.linear import _StreamLauncher
+    from layerforge.runtime.launch import compile_plan
+    from layerforge.runtime.linear import stream_launcher
     from layerforge.runtime.quant import QuantLinear, pack_stream_u4
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (64, 128)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dev = torch.device("cuda")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
@@ -173,7 +172,7 @@ def main_stream_u4(a, ceiling):
                 res = compile_plan(plan)
                 if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                     continue
-                launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, dev)[plan.kernel_name], sms, dev)
+                launch = stream_launcher(plan, dev)
                 wp = pack_stream_u4(u4.qw, plan)
                 sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
             from layerforge.codegen import gemm_stream
@@ -193,11 +192,10 @@ def main_stream(a, ceiling):
     """--stream: the decode-range GEMM against cuBLAS (and the small-token kernel at <= 16 rows)."""
     if a.quant:
         return main_stream_u4(a, ceiling)
-    from layerforge.runtime.linear import _StreamLauncher
-    from layerforge.runtime.launch import compile_plan, load_kernels
+    from layerforge.runtime.linear import stream_launcher
+    from layerforge.runtime.launch import compile_plan
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else STREAM_TOKENS
     shapes = [s for s in STREAM_SHAPES if not a.only or a.only in s[0]]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     if a.sweep:
         precompile([p for _, n, k, g in shapes for m in tokens for p in stream_plans(n, k, m, g, STREAM_SPLITS)])
     print(f"{'shape':12s} {'M':>3s} {'stream us':>9s} {'of copy':>7s} {'cuBLAS us':>9s} {'of copy':>7s} "
@@ -232,8 +230,7 @@ def main_stream(a, ceiling):
                         res = compile_plan(plan)
                         if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                             continue
-                        launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[
-                            plan.kernel_name], sms, torch.device("cuda"))
+                        launch = stream_launcher(plan, torch.device("cuda"))
                         pan[tag] = graph_time(lambda: launch(m, [x, w, y, m]))
                 r["panels_s"] = pan
                 line += " | " + " ".join(f"{t}:{v * 1e6:.1f}" for t, v in pan.items())
@@ -251,8 +248,7 @@ def main_stream(a, ceiling):
                     res = compile_plan(plan)
                     if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                         continue
-                    launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[
-                        plan.kernel_name], sms, torch.device("cuda"))
+                    launch = stream_launcher(plan, torch.device("cuda"))
                     sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
                 best = min(sweep, key=sweep.get)
                 r["sweep_s"] = sweep

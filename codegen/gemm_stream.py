@@ -228,7 +228,8 @@ class StreamGemmPlan(ProductPlan):
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
-        return (_abi(self),)
+        """The product; x resident, then the reduce kernel (the slots' sums and the epilogue)."""
+        return (_abi(self), _reduce_abi(self)) if self.panel else (_abi(self),)
 
     def source(self) -> str:
         return _render(self)
@@ -249,6 +250,13 @@ def _abi(plan: StreamGemmPlan) -> KernelABI:
     args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min({plan.ctas} * SMS, {plan.max_grid})",),
                      block=(plan.threads,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"), pdl=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _reduce_abi(plan: StreamGemmPlan) -> KernelABI:
+    main = _abi(plan)
+    return KernelABI(name=plan.kernel_name + "_reduce", args=main.args, grid=(str(plan.tiles),),
+                     block=(128 * plan.cw,), shared_bytes=0, problem=("M", "SMS"))
 
 
 @functools.lru_cache(maxsize=256)

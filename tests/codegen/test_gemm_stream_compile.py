@@ -54,11 +54,13 @@ def test_x_resident_compiles_clean(n, k, gated, mt, wtype):
                             group=128 if wtype == "u4" else 0, panels=panels)
     assert plan.panels >= 2 and plan.panel * plan.panels >= plan.kt > plan.panel * (plan.panels - 1)
     res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
-    (kr,) = res.resources.values()
-    assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+    assert set(res.resources) == {plan.kernel_name, plan.kernel_name + "_reduce"}
+    for kr in res.resources.values():
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
     for code in ("C7508", "C7510", "C7515"):
         assert code not in res.log, (plan.key, res.log)
     assert plan.abi.grid_for(mt, 132)[0] == min(132, plan.units // plan.panel)
+    assert plan.kernels[1].grid_for(mt, 132)[0] == plan.tiles
     assert plan.workspace_floats(132) == plan.panels * plan.tiles * 2 * plan.bw * plan.mt
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerforge.codegen.gemm_stream import pack_weight, plan_gemm_stream, token_tile
-from layerforge.runtime.linear import _StreamLauncher, gemv
+from layerforge.runtime.linear import gemv, stream_launcher
 
 from ..seeding import seeded_generator
 from .products import operands as product_operands, reference
@@ -71,16 +71,15 @@ def test_every_split_and_repeated_calls(m, n, k, gated, split):
         pytest.skip("a gated plan has rb = 2")
     dev = torch.device("cuda")
     plan = plan_gemm_stream("bf16", n=n, k=k, mt=token_tile(m), gated=gated, bias=True, residual=True, **split)
-    from layerforge.runtime.launch import load_plan
-    launch = _StreamLauncher(plan, load_plan(plan, dev), torch.cuda.get_device_properties(0).multi_processor_count,
-                             dev)
+    launch = stream_launcher(plan, dev)
     for call in range(3):
         x, w, b, r = operands(m, n, k, torch.bfloat16, gated, True, True)
         x = x + call
         out = torch.full_like(r, float("nan"))
         launch(m, [x, pack_weight(w, plan) if plan.packed else w, b, r, out, m])
         close(out, reference(x, w, b, gated, r))
-    assert int(launch.counts.abs().sum()) == 0
+    if not plan.panel:   # x resident: counts[0] holds the grid for the reduce kernel, no counters
+        assert int(launch.counts.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
