@@ -133,19 +133,18 @@ def stream_plans(n, k, m, gated, splits):
     return plans
 
 
-STREAM_U4_SPLITS = ([dict(rb=rb, cw=cw) for rb in (1, 2) for cw in (1, 2)]
-                    + [dict(rb=rb, cw=1, panels=p) for rb in (1, 2) for p in (2, 3, 4, 6, 8, 12)])
-STREAM_PANELS = (1, 2, 3, 4, 6, 8, 12)   # --stream --panels: x resident in that many K panels
+STREAM_U4_SPLITS = [dict(rb=rb, cw=cw) for rb in (1, 2) for cw in (1, 2)]
 
 
 def main_stream_u4(a, ceiling):
     """--stream --quant: u4 (group 128) on the decode-range GEMM, each work split (row blocks a
     warpgroup, consumer warpgroups; stages to fit) beside the default plan and bf16 cuBLAS."""
     from layerforge.codegen.gemm_stream import plan_gemm_stream, token_tile
-    from layerforge.runtime.launch import compile_plan
-    from layerforge.runtime.linear import stream_launcher
+    from layerforge.runtime.launch import compile_plan, load_kernels
+    from layerforge.runtime.linear import _StreamLauncher
     from layerforge.runtime.quant import QuantLinear, pack_stream_u4
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (64, 128)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dev = torch.device("cuda")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
@@ -167,19 +166,12 @@ def main_stream_u4(a, ceiling):
                                             **sp)
                 except ValueError:
                     continue
-                if plan.key.split("_")[-2] in sweep:   # panels raised to fit: the same plan as another entry
-                    continue
                 res = compile_plan(plan)
                 if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                     continue
-                launch = stream_launcher(plan, dev)
+                launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, dev)[plan.kernel_name], sms, dev)
                 wp = pack_stream_u4(u4.qw, plan)
                 sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
-            from layerforge.codegen import gemm_stream
-            gemm_stream.AUTO_PANELS = True
-            resident = graph_time(lambda: u4(x, gated=gated))
-            gemm_stream.AUTO_PANELS = False
-            sweep["resident default"] = resident
             best = min(sweep, key=sweep.get)
             print(f"{name:12s} {m:>3d} u4 default {base * 1e6:7.1f} us  best {best} {sweep[best] * 1e6:7.1f}  "
                   f"bf16 cuBLAS {cublas * 1e6:7.1f}  | " + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sweep.items()),
@@ -192,10 +184,11 @@ def main_stream(a, ceiling):
     """--stream: the decode-range GEMM against cuBLAS (and the small-token kernel at <= 16 rows)."""
     if a.quant:
         return main_stream_u4(a, ceiling)
-    from layerforge.runtime.linear import stream_launcher
-    from layerforge.runtime.launch import compile_plan
+    from layerforge.runtime.linear import _StreamLauncher
+    from layerforge.runtime.launch import compile_plan, load_kernels
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else STREAM_TOKENS
     shapes = [s for s in STREAM_SHAPES if not a.only or a.only in s[0]]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     if a.sweep:
         precompile([p for _, n, k, g in shapes for m in tokens for p in stream_plans(n, k, m, g, STREAM_SPLITS)])
     print(f"{'shape':12s} {'M':>3s} {'stream us':>9s} {'of copy':>7s} {'cuBLAS us':>9s} {'of copy':>7s} "
@@ -210,30 +203,10 @@ def main_stream(a, ceiling):
             ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="stream"))
             cublas = graph_time(lambda: act(F.linear(x, w)) if gated else F.linear(x, w))
             small = graph_time(lambda: gemv(x, w, gated=gated)) if m <= KERNEL_MAX_ROWS else float("nan")
-            from layerforge.codegen import gemm_stream
-            gemm_stream.AUTO_PANELS = True
-            resident = graph_time(lambda: gemv(x, w, gated=gated, kernel="stream"))
-            gemm_stream.AUTO_PANELS = False
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, stream_s=ours, cublas_s=cublas, small_s=small,
-                     weight_bytes=wbytes, resident_s=resident)
+                     weight_bytes=wbytes)
             line = (f"{name:12s} {m:>3d} {ours * 1e6:>9.1f} {wbytes / ours / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
-                    f"{wbytes / cublas / ceiling:>7.2f} {small * 1e6:>8.1f} {cublas / ours:>13.2f}  x resident "
-                    f"{resident * 1e6:.1f} ({cublas / resident:.2f} x cuBLAS)")
-            if a.panels:
-                y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-                pan = {}
-                for sp in STREAM_PANELS:
-                    for plan in stream_plans(n, k, m, gated, [dict(panels=sp)]):
-                        tag = plan.key.split("_")[-2]
-                        if tag in pan:
-                            continue
-                        res = compile_plan(plan)
-                        if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
-                            continue
-                        launch = stream_launcher(plan, torch.device("cuda"))
-                        pan[tag] = graph_time(lambda: launch(m, [x, w, y, m]))
-                r["panels_s"] = pan
-                line += " | " + " ".join(f"{t}:{v * 1e6:.1f}" for t, v in pan.items())
+                    f"{wbytes / cublas / ceiling:>7.2f} {small * 1e6:>8.1f} {cublas / ours:>13.2f}")
             if a.sweep:
                 sweep = {}
                 y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
@@ -248,7 +221,8 @@ def main_stream(a, ceiling):
                     res = compile_plan(plan)
                     if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                         continue
-                    launch = stream_launcher(plan, torch.device("cuda"))
+                    launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[
+                        plan.kernel_name], sms, torch.device("cuda"))
                     sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
                 best = min(sweep, key=sweep.get)
                 r["sweep_s"] = sweep
@@ -384,7 +358,6 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16)")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
-    ap.add_argument("--panels", action="store_true", help="--stream: x resident in each of STREAM_PANELS K panels")
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     a = ap.parse_args(argv)

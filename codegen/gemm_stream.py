@@ -97,7 +97,6 @@ class StreamGemmPlan(ProductPlan):
     wtype: str | None = None     # "u4": 4-bit W with (scale, zero) pairs per group; "i8": 8-bit W with one scale a
                                  # row, applied to the f32 sum (the mixed-input form below)
     group: int = 0               # u4: k per (scale, zero) pair (32, 64 or 128); i8: 0
-    panel: int = 0               # x resident: units a K panel of x kept in shared memory (0: x copied each stage)
 
     def __post_init__(self):
         check_product(self, "gemm_stream", ("n", "k", "mt", "rb", "cw", "stages", "ctas", "ka"))
@@ -122,8 +121,6 @@ class StreamGemmPlan(ProductPlan):
                                  "units of 256 k (ka = 4)")
         elif self.group:
             raise ValueError(f"gemm_stream: a group size ({self.group}) needs wtype='u4'")
-        if self.panel < 0 or self.panel > self.kt:
-            raise ValueError(f"gemm_stream: panel must be 0 (x streamed) or 1 .. {self.kt} units, got {self.panel}")
         if self.gated and self.rb != 2:
             raise ValueError("gemm_stream: a gated product needs rb = 2 (a gate and an up row block per warpgroup)")
         if self.ctas * self.shared_bytes > SHARED_LIMIT + 1024:
@@ -157,17 +154,6 @@ class StreamGemmPlan(ProductPlan):
         return self.tiles * self.kt
 
     @property
-    def panels(self) -> int:
-        """K panels of x (x resident; 1 otherwise)."""
-        return -(-self.kt // self.panel) if self.panel else 1
-
-    @property
-    def max_grid(self) -> int:
-        """The most CTAs: a unit each, or (x resident) PANEL units each, so that a (panel, tile)'s units
-        fall to at most two CTAs (its two slots)."""
-        return self.units // self.panel if self.panel else self.units
-
-    @property
     def accumulators(self) -> int:
         return self.rb * self.mt // 2
 
@@ -198,7 +184,7 @@ class StreamGemmPlan(ProductPlan):
             parts.append(wtype_label(self.wtype, self.group))
         parts += self.epilogue_key
         parts += [f"mt{self.mt}", f"r{self.rb}w{self.cw}s{self.stages}c{self.ctas}" + (f"a{self.ka}" if self.ka > 1 else "")
-                  + ("p" if self.packed else "") + (f"x{self.panel}" if self.panel else ""),
+                  + ("p" if self.packed else ""),
                   self.arch.replace("_", "")]
         return "_".join(parts)
 
@@ -212,24 +198,20 @@ class StreamGemmPlan(ProductPlan):
     def shared_layout(self) -> SharedLayout:
         """The W and x stages (1024-byte aligned: the swizzle reads address bits 7-9), the full /
         empty mbarriers, the last-segment flag."""
-        x_units = self.panel if self.panel else self.stages
-        return SharedLayout((("sX", x_units * self.mt * BK * 2 * self.ka), ("sW", self.stages * self.w_unit_bytes),
-                             ("bars", 8 * (2 * self.stages + (2 if self.panel else 0))), ("flag", 16)), align=1024)
+        return SharedLayout((("sX", self.stages * self.mt * BK * 2 * self.ka), ("sW", self.stages * self.w_unit_bytes),
+                             ("bars", 8 * 2 * self.stages), ("flag", 16)), align=1024)
 
     @property
     def shared_bytes(self) -> int:
         return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
 
     def workspace_floats(self, grid: int) -> int:
-        """f32 elements of `part` for a grid of `grid` CTAs (x resident: two slots a (panel, tile))."""
-        if self.panel:
-            return self.panels * self.tiles * 2 * self.bw * self.mt
+        """f32 elements of `part` for a grid of `grid` CTAs."""
         return grid * 2 * self.bw * self.mt
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
-        """The product; x resident, then the reduce kernel (the slots' sums and the epilogue)."""
-        return (_abi(self), _reduce_abi(self)) if self.panel else (_abi(self),)
+        return (_abi(self),)
 
     def source(self) -> str:
         return _render(self)
@@ -248,15 +230,8 @@ def _abi(plan: StreamGemmPlan) -> KernelABI:
     if not plan.packed:   # packed: W stays a pointer (to pack_weight's layout)
         args[1] = Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")
     args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
-    return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min({plan.ctas} * SMS, {plan.max_grid})",),
+    return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min({plan.ctas} * SMS, {plan.units})",),
                      block=(plan.threads,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"), pdl=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _reduce_abi(plan: StreamGemmPlan) -> KernelABI:
-    main = _abi(plan)
-    return KernelABI(name=plan.kernel_name + "_reduce", args=main.args, grid=(str(plan.tiles),),
-                     block=(128 * plan.cw,), shared_bytes=0, problem=("M", "SMS"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -265,7 +240,7 @@ def _render(plan: StreamGemmPlan) -> str:
     return render("cuda/gemm_stream.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, MT=plan.mt, RB=plan.rb, CW=plan.cw, STAGES=plan.stages, CTAS=plan.ctas, KA=plan.ka, PACKED=plan.packed, WTYPE=plan.wtype, GROUP=plan.group,
-                  W_UNIT=plan.w_unit_bytes, PANEL=plan.panel, PANELS=plan.panels,
+                  W_UNIT=plan.w_unit_bytes,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, smem=plan.shared_layout.offsets,
                   wgmma_ops=[{"n": plan.mt, "a": "rsk" if plan.wtype else "ss", "t": mma}], tma=True)
 
@@ -273,74 +248,29 @@ def _render(plan: StreamGemmPlan) -> str:
 def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
                      residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
                      ctas: int | None = None, ka: int | None = None, packed: bool = False,
-                     wtype: str | None = None, group: int = 0, panels: int | None = None,
-                     arch: str = "sm_90a") -> StreamGemmPlan:
+                     wtype: str | None = None, group: int = 0, arch: str = "sm_90a") -> StreamGemmPlan:
     """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
     sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
     warpgroup (rb 2 gated, else 1), 128 k a unit, one CTA an SM with as many stages as fit (at
-    most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit). `panels` > 0 keeps
-    x resident: K cut into that many panels of x, each copied once a CTA (the ring then carries W
-    only; the stages are what the panel leaves; more panels where that many would not fit); None:
-    default_panels."""
+    most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit)."""
     rb = (2 if gated else 1) if rb is None else rb
     cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas
-    budget = (SHARED_LIMIT + 1024) // ctas - 2048 - 64
-    if panels is None:
-        panels = default_panels(n, k, mt, gated=gated, wtype=wtype, rb=rb, cw=cw) if AUTO_PANELS else 0
-    while panels and not _panel_fits(k, mt, panels, rb * cw, budget):
-        panels += 1
-
-    def panel_units(a: int) -> int:
-        return -(-(-(-k // (BK * a))) // panels) if panels else 0
 
     if wtype:   # units of 256 k, W packed; the x atoms are most of a stage
         ka, packed = 4, True
-        w_unit = 64 * rb * cw * (256 if wtype == "i8" else 128 + 4 * 256 // max(group, 1))
-        x_unit = mt * BK * 2 * 4
-        if panels:
-            stages = stages or max(2, min(8, (budget - panel_units(4) * x_unit) // w_unit))
-        else:
-            stages = stages or max(2, min(8, budget // (x_unit + w_unit)))
+        per_stage = mt * BK * 2 * 4 + 64 * rb * cw * (256 if wtype == "i8" else 128 + 4 * 256 // max(group, 1))
+        stages = stages or max(2, min(8, ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // per_stage))
 
     def fit(a: int) -> int:
-        if panels:
-            return (budget - panel_units(a) * mt * BK * 2 * a) // (64 * rb * cw * BK * 2 * a)
-        return budget // ((64 * rb * cw + mt) * BK * 2 * a)
+        return ((SHARED_LIMIT + 1024) // ctas - 2048 - 64) // ((64 * rb * cw + mt) * BK * 2 * a)
 
     if ka is None:
         ka = 2 if stages is None and fit(2) >= 2 or stages is not None and fit(2) >= stages else 1
     if stages is None:
         stages = max(2, min(8, fit(ka)))
     return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, mt=mt, rb=rb,
-                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed, wtype=wtype, group=group,
-                          panel=panel_units(ka))
-
-
-def _panel_fits(k: int, mt: int, panels: int, blocks: int, budget: int) -> bool:
-    """Whether x's panel (K / panels rounded up to 256 k) and two stages of 256 k of W fit."""
-    return -(-k // (BK * 4 * panels)) * 4 * mt * BK * 2 <= budget - 2 * 64 * blocks * BK * 2 * 4
-
-
-# x resident (`panels`): off by default until measured; default_panels is the traffic model it would follow
-AUTO_PANELS = False
-
-
-def default_panels(n: int, k: int, mt: int, *, gated: str | None = None, wtype: str | None = None, rb: int = 1,
-                   cw: int = 1, sms: int = 132) -> int:
-    """The K panels (0: x streamed with W) that move the fewest bytes besides W between L2 and the SMs:
-    x streamed is read once a W tile (tiles x K x mt x 2 bytes); x resident once a CTA a panel (sms x
-    K / S x mt x 2) but every (panel, tile) writes and reads f32 partial sums (2 x S x tiles x BW x mt x 4)."""
-    bw = 64 * rb * cw
-    tiles = -(-(n // 2 if gated else n) // (bw // 2 if gated else bw))
-    best, best_bytes = 0, tiles * k * mt * 2 + 2 * sms * bw * mt * 4
-    for s in range(1, 17):
-        if not _panel_fits(k, mt, s, rb * cw, SHARED_LIMIT - 1088):
-            continue
-        moved = sms * -(-k // s) * mt * 2 + (2 * s * tiles * bw * mt * 4 if s > 1 else 2 * sms * bw * mt * 4)
-        if moved < best_bytes * 0.9:
-            best, best_bytes = s, moved
-    return best
+                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed, wtype=wtype, group=group)
 
 
 def pack_weight(w, plan: StreamGemmPlan):

@@ -162,12 +162,10 @@ class _StreamLauncher:
     split tiles (f32, two slots a CTA) and the per-tile counters (zero; the kernel leaves them
     zero), allocated once a launcher, so calls through one launcher must be ordered (one stream)."""
 
-    __slots__ = ("plan", "launcher", "sms", "part", "counts", "reduce")
+    __slots__ = ("plan", "launcher", "sms", "part", "counts")
 
-    def __init__(self, plan, launcher, sms: int, device: torch.device, reduce=None):
-        self.plan, self.launcher, self.sms, self.reduce = plan, launcher, sms, reduce
-        if plan.panel and reduce is None:
-            raise ValueError(f"{plan.key}: x resident needs its reduce kernel's launcher")
+    def __init__(self, plan, launcher, sms: int, device: torch.device):
+        self.plan, self.launcher, self.sms = plan, launcher, sms
         grid = plan.abi.grid_for(plan.mt, sms)[0]
         self.part = torch.empty(plan.workspace_floats(grid), dtype=torch.float32, device=device)
         self.counts = torch.zeros(plan.tiles, dtype=torch.int32, device=device)
@@ -177,30 +175,19 @@ class _StreamLauncher:
         w = args[1] if self.plan.packed else tensor_map(args[1], boxes["w"])
         args = [tensor_map(args[0], boxes["x"]), w, *args[2:], self.part, self.counts]
         self.launcher((rows, self.sms), args)
-        if self.reduce is not None:
-            self.reduce((rows, self.sms), args)
-
-
-def stream_launcher(plan, device: torch.device, cache=None) -> _StreamLauncher:
-    """A plan of codegen/gemm_stream.py loaded on `device` with its workspace (and, x resident, its
-    reduce kernel)."""
-    from .launch import compile_plan, load_kernels
-    fns = load_kernels(compile_plan(plan, cache).cubin, plan.kernels, device)
-    return _StreamLauncher(plan, fns[plan.kernel_name], device_properties(device).multi_processor_count, device,
-                           fns.get(plan.kernel_name + "_reduce"))
 
 
 def _stream_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
                      rows: int = 0, **split) -> _StreamLauncher:
     mt = token_tile(rows)
-    from ..codegen import gemm_stream
-    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())),
-           gemm_stream.AUTO_PANELS)
+    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())))
     hit = _KERNELS.get(key)
     if hit is None:
+        from .launch import load_plan
         plan = plan_gemm_stream("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, mt=mt, gated=gated,
                                 bias=bias, residual=residual, **split)
-        hit = _KERNELS[key] = stream_launcher(plan, x.device, cache)
+        hit = _KERNELS[key] = _StreamLauncher(plan, load_plan(plan, x.device, cache),
+                                              device_properties(x.device).multi_processor_count, x.device)
     return hit
 
 

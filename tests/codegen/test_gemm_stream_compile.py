@@ -40,50 +40,6 @@ def test_stream_splits_compile_clean(split):
         assert kr.registers * plan.threads * plan.ctas <= 65536, (plan.key, kr)
 
 
-@pytest.mark.parametrize("wtype", [None, "u4", "i8"])
-@pytest.mark.parametrize("mt", [16, 64, 128])
-@pytest.mark.parametrize("n,k,gated", SHAPES[:6])
-def test_x_resident_compiles_clean(n, k, gated, mt, wtype):
-    """x resident in default_panels's K panels (bf16, u4 and i8 W): no spills, no serialised wgmma;
-    the grid at most U / PANEL CTAs."""
-    from layerforge.codegen.gemm_stream import default_panels
-    if wtype == "u4" and k % 128:
-        pytest.skip("u4's group (128) must divide K")
-    panels = max(2, default_panels(n, k, mt, gated=gated, wtype=wtype, rb=2 if gated else 1))
-    plan = plan_gemm_stream("bf16", n=n, k=k, mt=mt, gated=gated, bias=True, residual=True, wtype=wtype,
-                            group=128 if wtype == "u4" else 0, panels=panels)
-    assert plan.panels >= 2 and plan.panel * plan.panels >= plan.kt > plan.panel * (plan.panels - 1)
-    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
-    assert set(res.resources) == {plan.kernel_name, plan.kernel_name + "_reduce"}
-    for kr in res.resources.values():
-        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
-    for code in ("C7508", "C7510", "C7515"):
-        assert code not in res.log, (plan.key, res.log)
-    assert plan.abi.grid_for(mt, 132)[0] == min(132, plan.units // plan.panel)
-    assert plan.kernels[1].grid_for(mt, 132)[0] == plan.tiles
-    assert plan.workspace_floats(132) == plan.panels * plan.tiles * 2 * plan.bw * plan.mt
-
-
-def test_x_resident_pieces():
-    """The kernel's (panel, tile) pieces: with at most U / PANEL CTAs, every (panel, tile)'s units fall
-    to one or two CTAs (its two slots), and each tile's pieces over its panels are what the last one counts."""
-    from layerforge.codegen.gemm_stream import plan_gemm_stream as plan_of
-    for n, k, mt, panels in ((10576, 2560, 64, 2), (2560, 5120, 64, 8), (1000, 3000, 32, 3), (24, 8, 8, 1),
-                             (4096, 14336, 64, 12)):
-        p = plan_of("bf16", n=n, k=k, mt=mt, panels=panels)
-        for grid in sorted({1, 7, 132, 264, p.max_grid}):
-            grid = min(grid, p.max_grid)
-            owner = lambda u: ((u + 1) * grid - 1) // p.units   # noqa: E731
-            seen = set()
-            for q in range(p.panels):
-                pw = min(p.panel, p.kt - q * p.panel)
-                for t in range(p.tiles):
-                    a = q * p.tiles * p.panel + t * pw
-                    assert owner(a + pw - 1) - owner(a) <= 1, (p.key, grid, q, t)
-                    seen.update(range(a, a + pw))
-            assert seen == set(range(p.units))
-
-
 @pytest.mark.parametrize("units,grid,kt", [(3320, 132, 40), (1600, 264, 80), (24, 24, 1), (5, 5, 5), (963, 132, 3),
                                            (100, 7, 100)])
 def test_stream_partition(units, grid, kt):
