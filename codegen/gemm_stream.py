@@ -251,8 +251,13 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
                      wtype: str | None = None, group: int = 0, arch: str = "sm_90a") -> StreamGemmPlan:
     """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
     sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
-    warpgroup (rb 2 gated, else 1), 128 k a unit, one CTA an SM with as many stages as fit (at
+    warpgroup (rb 2 gated, else 1; u4: see below), 128 k a unit, one CTA an SM with as many stages as fit (at
     most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit)."""
+    if wtype == "u4":   # the u4 sweep (bench_gemv --stream --quant, H200): two W row blocks a warpgroup past
+        # 8192 k (8B down at 64 rows 27.1-27.3 us against 30.0-30.3), two consumer warpgroups gated at <= 64 rows
+        # (gate/up + SwiGLU 44.2-44.4 against 46.5-46.8)
+        rb = 2 if rb is None and k >= 8192 else rb
+        cw = 2 if cw is None and gated and mt <= 64 else cw
     rb = (2 if gated else 1) if rb is None else rb
     cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas

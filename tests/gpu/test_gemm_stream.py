@@ -135,10 +135,11 @@ def check_quant_stream(lin, m, gated, dtype, gen):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("m", [33, 64, 100, 128])
 @pytest.mark.parametrize("n,k,gated", [(4096, 4096, None), (2 * 1000, 2048, "silu"), (1000, 3072, None),
-                                       (2 * 5632, 1152, "gelu_tanh")])
+                                       (2 * 5632, 1152, "gelu_tanh"), (1000, 14336, None)])
 def test_u4_stream_against_the_dequantised_reference(n, k, gated, m, group, dtype):
     """W's nibbles and (scale, zero) pairs from the packed unit, converted in registers into the
-    wgmma's A fragments, against float64 of dequantize (K 3072 and 1152: a last unit past K)."""
+    wgmma's A fragments, against float64 of dequantize (K 3072 and 1152: a last unit past K; K 14336:
+    two row blocks a warpgroup by default; gated at <= 64 rows: two consumer warpgroups)."""
     if k % group:
         pytest.skip("the group size must divide K")
     gen = seeded_generator("gemm-stream-u4", n, k, gated, m, group, dtype)
