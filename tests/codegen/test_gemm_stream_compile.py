@@ -149,3 +149,19 @@ def test_i8_stream_compiles_clean(n, k, gated, mt):
         assert [a.name for a in plan.abi.args[1:3]] == ["w", "wscale"] and plan.w_unit_bytes == plan.bw * 256
     with pytest.raises(ValueError, match="one scale a row"):
         plan_gemm_stream("bf16", n=n, k=k, mt=mt, wtype="i8", group=128)
+
+
+def test_u4_defaults_follow_the_sweep():
+    """u4: two W row blocks a warpgroup past 8192 k, two consumer warpgroups gated at <= 64 rows
+    (benchmarks/NOTES.md); elsewhere the shared defaults; explicit splits win; each compiles clean."""
+    down = plan_gemm_stream("bf16", n=4096, k=14336, mt=64, wtype="u4", group=128)
+    gate = plan_gemm_stream("bf16", n=28672, k=4096, mt=64, gated="silu", wtype="u4", group=128)
+    qkv = plan_gemm_stream("bf16", n=6144, k=4096, mt=64, wtype="u4", group=128)
+    assert (down.rb, down.cw) == (2, 1) and (gate.rb, gate.cw) == (2, 2) and (qkv.rb, qkv.cw) == (1, 1)
+    assert plan_gemm_stream("bf16", n=28672, k=4096, mt=128, gated="silu", wtype="u4", group=128).cw == 1
+    assert plan_gemm_stream("bf16", n=4096, k=14336, mt=64, wtype="u4", group=128, rb=1).rb == 1
+    assert plan_gemm_stream("bf16", n=4096, k=14336, mt=64, wtype="i8").rb == 1   # the rule is u4's
+    for plan in (down, gate):
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
