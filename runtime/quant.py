@@ -506,13 +506,12 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 # 16: its 32-row plans are 0.34-0.57 x cuBLAS and the gated block-scaled one spills.
 QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
-# u4 calls of STREAM_QUANT_ROWS[0] .. [1] rows on sm_90 run the decode-range GEMM with W converted in
-# registers (codegen/gemm_stream.py, wtype "u4") instead of dequantising W for cuBLAS (benchmarks/
-# bench_gemv.py --quant: 1.5-3.4x faster at 64-128 rows on an H200). It reads W repacked by
-# pack_stream_u4, a second copy of the weight's bytes made at its first such call and kept while the
-# weight lives: (1, 0) turns the route off and keeps one copy. STREAM_WTYPES: the weight types that
-# take it (i8 with row scales, H200, bench_gemv --quant: 8B qkv / gate/up at 64 rows 17.4 / 54.2 us against
-# 34.2 / 172.1 dequantising for cuBLAS).
+# Calls of STREAM_QUANT_ROWS[0] .. [1] rows with a weight type in STREAM_WTYPES run, on sm_90, the
+# decode-range GEMM with W converted in registers (codegen/gemm_stream.py, wtype "u4" / "i8") instead of
+# dequantising W for cuBLAS (benchmarks/bench_gemv.py --quant, H200: u4 1.5-3.6x faster at 64-128 rows;
+# i8 8B qkv / gate/up at 64 rows 17.2 / 54.3 us against 34.2 / 172.1 dequantising). It reads W repacked
+# by pack_stream_u4 / pack_stream_i8, a second copy of the weight's bytes made at its first such call
+# and kept while the weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
 STREAM_WTYPES = ("u4", "i8")
 _STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref, versions, packed W)
@@ -581,8 +580,9 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
                residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """runtime/linear.gemv's product with a quantised W: the generated kernel for up to
-    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); u4 calls
-    of STREAM_QUANT_ROWS rows without a norm prologue on sm_90 the decode-range GEMM with W converted
+    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); calls of
+    STREAM_QUANT_ROWS rows with a STREAM_WTYPES weight (u4, i8 with row scales) and no norm prologue on
+    sm_90 the decode-range GEMM with W converted
     in registers (codegen/gemm_stream.py; W packed once by stream_packed); past them on such a GPU
     W dequantised by the generated kernel (dequantize_cuda) and cuBLAS; on the
     CPU W dequantised in float64 and torch's product (f8e4m3: x quantised as the kernel does:
