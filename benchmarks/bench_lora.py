@@ -34,6 +34,11 @@ projection attached, sequence i on adapter i % adapters (every step mixes them).
 base model's graph decode (target at most 15 %); the adapters' steps must all replay (no eager
 fallback; the row says how many replays and eager steps there were).
 
+`engine-prefill:T` prefills T prompt tokens through the same Engine and model: --adapters sequences
+of T / --adapters tokens, sequence i on adapter i (one step packs them all: every adapter in it),
+timed from add() to the last logits (the engine's host work included), against the same prompts
+on the base model (target at most 10 %).
+
 On the CPU (--device cpu, with --dims for a small layer) it runs the same steps eagerly once each:
 a smoke test of the script.
 """
@@ -138,7 +143,7 @@ def run(a) -> int:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name}: bf16, {a.adapters} adapters of rank {a.rank} on q k v o gate up down, layer {a.dims}")
     cases = [(mode, tokens) for mode, tokens in (c.split(":") for c in a.cases.split(","))]
-    layer_cases = [c for c in cases if c[0] != "engine"]
+    layer_cases = [c for c in cases if not c[0].startswith("engine")]
     if layer_cases:
         print(f"{'case':>14} {'base us':>9} {'ours us':>9} {'layer us':>9} {'peer us':>9} {'ours over':>10} "
               f"{'layer over':>10} {'peer over':>10} {'route':>8} {'rel err':>8}")
@@ -173,8 +178,8 @@ def run(a) -> int:
         rows.append(dict(mode=mode, tokens=T, base_s=t_base, ours_s=t_ours, layer_s=t_layer, peer_s=t_peer,
                          ours_over=over, layer_over=layer_over, peer_over=peer_over, route=route, rel_err=err))
     layer = None   # (its memory back before whole models load)
-    for _, tokens in (c for c in cases if c[0] == "engine"):   # whole models: after the layer's cases
-        rows.extend(engine_rows(a, dims, int(tokens), dev))
+    for mode, tokens in (c for c in cases if c[0].startswith("engine")):   # whole models: after the layer's cases
+        rows.extend((engine_rows if mode == "engine" else engine_prefill_rows)(a, dims, int(tokens), dev))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": name, "adapters": a.adapters, "rank": a.rank, "dims": dims, "rows": rows}, f, indent=1)
@@ -264,6 +269,47 @@ def wall_time(fn, iters: int, device: torch.device, warmup: int = 3) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / iters
+
+
+def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters: int, dev) -> float:
+    """Seconds to prefill `prompts` (each on its adapter, or the base) through a fresh Engine's
+    steps, from add() to every sequence's logits."""
+    from layerforge.models.engine import Engine
+    eng = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + 16,
+                 prefill_chunk=sum(map(len, prompts)))
+
+    def prefill():
+        slots = [eng.add(p, adapter=None if adapters is None else adapters[i]) for i, p in enumerate(prompts)]
+        done = {}
+        while len(done) < len(slots):
+            done.update(eng.step())
+        for s in slots:
+            eng.release(s)
+    return wall_time(prefill, iters, dev)
+
+
+def engine_prefill_rows(a, dims, tokens: int, dev) -> list[dict]:
+    from layerforge.models.lora import attach_adapters
+    model = engine_model(dims, a.layers, dev, torch.bfloat16)
+    n = a.adapters
+    g = torch.Generator().manual_seed(tokens)
+    prompts = [torch.randint(0, model.spec.vocab_size, (tokens // n,), generator=g).tolist() for _ in range(n)]
+    iters = 5
+    runs = {"base": engine_prefill(model, prompts, None, iters, dev)}
+    attached = attach_adapters(model, engine_adapters(model, a.adapters, a.rank))
+    runs["lora"] = engine_prefill(model, prompts, [f"a{i}" for i in range(n)], iters, dev)
+    attached.detach()
+    target = dict(TARGETS)["prefill"]
+    print(f"engine prefill, {n} prompts of {tokens // n} tokens (one step), {a.layers} layers + the LM head; "
+          f"over: against the base model's")
+    print(f"{'':>14} {'prefill us':>11} {'over':>8}")
+    out = []
+    for name, t in runs.items():
+        over = t / runs["base"] - 1
+        mark = "" if name != "lora" else ("  ok" if over <= target else f"  over {target:.0%}")
+        print(f"{name:>14} {t * 1e6:11.1f} {over:8.1%}{mark}")
+        out.append(dict(mode="engine-prefill", tokens=tokens, run=name, layers=a.layers, prefill_s=t, over=over))
+    return out
 
 
 def engine_rows(a, dims, batch: int, dev) -> list[dict]:
