@@ -15,8 +15,7 @@ Columns:
   (FLOPs: the two projections, the SSD's intra-chunk (causal half) and state products; bytes:
   x, the weights, y and the final states once);
 - decode batch B: one step (a CUDA graph of 20 steps, launch cost out; the median of three such
-  timings, their range in brackets; the conv, the state update and the norm in one launch, and
-  beside it as three launches) beside transformers' step (eager), and "of copy": the bytes
+  timings, their range in brackets) beside transformers' step (eager), and "of copy": the bytes
   a step must move (every weight once, the conv and SSM states read and written) over ours' time
   against the copy ceiling (goal 0.8).
 """
@@ -178,14 +177,6 @@ def main(argv=None) -> int:
             else:
                 runs = [t(lambda: ours.step(x, state))]
             ours_s = runs[len(runs) // 2]
-            three_s = None
-            if dev == "cuda":   # the same step with the conv, the update and the norm as three launches
-                from layerforge.runtime import ssd
-                ssd.FUSED_STEP = False
-                try:
-                    three_s = sorted(graph_time(lambda: ours.step(x, state)) for _ in range(3))[1]
-                finally:
-                    ssd.FUSED_STEP = True
             hf_s = None
             if not a.no_hf:
                 from transformers.cache_utils import DynamicCache
@@ -196,13 +187,11 @@ def main(argv=None) -> int:
                 hf.chunk_size = chunk
                 hf_s = t(lambda: hf(x[:, None], **{kw: cache}))
             nbytes = decode_bytes(c, B, elt)
-            row = {"mode": "decode", "B": B, "ours_s": ours_s, "ours_runs_s": runs, "three_launches_s": three_s,
-                   "hf_s": hf_s, "bytes": nbytes, "of_copy": nbytes / ours_s / copy_bw}
+            row = {"mode": "decode", "B": B, "ours_s": ours_s, "ours_runs_s": runs, "hf_s": hf_s, "bytes": nbytes,
+                   "of_copy": nbytes / ours_s / copy_bw}
             rows.append(row)
             vs = "" if hf_s is None else f"  transformers {hf_s * 1e6:9.1f} us  {hf_s / ours_s:6.1f} x"
             spread = f" ({runs[0] * 1e6:.1f}-{runs[-1] * 1e6:.1f})" if len(runs) > 1 else ""
-            if three_s is not None:
-                vs += f"  (three launches: {three_s * 1e6:.1f} us, {nbytes / three_s / copy_bw:.2f} of copy)"
             print(f"decode batch {B}: ours {ours_s * 1e6:9.1f} us{spread}{vs}  {nbytes / 1e6:.1f} MB: "
                   f"{nbytes / ours_s / copy_bw:.2f} of copy ({nbytes / runs[-1] / copy_bw:.2f}-"
                   f"{nbytes / runs[0] / copy_bw:.2f})")

@@ -39,7 +39,6 @@ from . import ops
 from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
-from .scan import _ROW_VECTORS, WIDTHS as CONV_WIDTHS, conv_update_vectorizable
 
 __all__ = ["SSDChunkStatePlan", "SSDStatePassingPlan", "SSDChunkScanPlan", "SSDStateUpdatePlan",
            "plan_ssd_chunk_state", "plan_ssd_state_passing", "plan_ssd_chunk_scan", "plan_ssd_state_update",
@@ -297,18 +296,6 @@ class SSDStateUpdatePlan(KernelPlan):
     params: str = "f32"
     a_log: bool = False
     row_blocks: int = 1          # blocks a head's P rows are split over (plan_ssd_state_update: UPDATE_ROWS)
-    # Mamba2's whole decode step in this one launch (0 / False: x, B and C come convolved, y leaves
-    # unnormalised). conv: the causal conv's width K, fused in front: x, B and C read raw from the
-    # in_proj output's xBC columns (one row `xbc` [Bt, H P + 2 G N]), each block convolving its own
-    # rows of x (and keeping their conv state) and its group's B and C; conv_bias: the conv adds
-    # a bias; conv_vector: the K-wide state and weight rows as one 4/8/16-byte vector.
-    # norm_groups: the (grouped) RMSNorm fused behind, over groups of H P / norm_groups channels
-    # of y. Both finish in the sequence's last block to finish (a counter a sequence): B and C's
-    # conv states (read by every block of the sequence) and the norm of y's whole row.
-    conv: int = 0
-    conv_bias: bool = False
-    conv_vector: bool = False
-    norm_groups: int = 0
     arch: str = "sm_90"
 
     def __post_init__(self):
@@ -316,24 +303,6 @@ class SSDStateUpdatePlan(KernelPlan):
                 or self.head_dim % self.row_blocks:
             raise ValueError(f"ssd state update: row_blocks {self.row_blocks!r} must be a positive int dividing "
                              f"head_dim {self.head_dim}")
-        for name in ("conv", "norm_groups"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"ssd state update: {name} must be an int >= 0, got {v!r}")
-        if self.conv and self.conv not in CONV_WIDTHS:
-            raise ValueError(f"ssd state update: conv (the fused conv's width) must be one of {CONV_WIDTHS}, "
-                             f"got {self.conv}")
-        if not self.conv and (self.conv_bias or self.conv_vector):
-            raise ValueError("ssd state update: conv_bias / conv_vector need the fused conv (conv = its width)")
-        if self.conv_vector and not conv_update_vectorizable(self.conv, self.dtype):
-            raise ValueError(f"ssd state update: rows of {self.conv} {self.dtype} are no 4-, 8- or 16-byte vector")
-        if self.norm_groups and (self.heads * self.head_dim) % self.norm_groups:
-            raise ValueError(f"ssd state update: the norm's {self.norm_groups} groups must split the "
-                             f"{self.heads * self.head_dim} channels evenly")
-        if (self.conv or self.norm_groups) and not (self.gate and self.skip and self.params == self.dtype
-                                                    and self.a_log):
-            raise ValueError("ssd state update: the fused conv / norm serve Mamba2's step as the mixer holds it "
-                             "(gate, skip, params in the dtype, a_log)")
         _check("ssd state update", self.arch, self.dtype, {"heads": self.heads, "head_dim": self.head_dim,
                                                            "groups": self.groups, "state": self.state},
                {"dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip, "gate": self.gate,
@@ -346,9 +315,7 @@ class SSDStateUpdatePlan(KernelPlan):
         return (f"ssd_state_update_h{self.heads}_p{self.head_dim}_g{self.groups}_n{self.state}_{self.dtype}"
                 + "_bias" * self.dt_bias + "_softplus" * self.softplus + "_d" * self.skip + "_z" * self.gate
                 + (f"_p{self.params}" if self.params != "f32" else "") + "_alog" * self.a_log
-                + (f"_rb{self.row_blocks}" if self.row_blocks > 1 else "")
-                + (f"_c{self.conv}" + "b" * self.conv_bias + "v" * self.conv_vector if self.conv else "")
-                + (f"_n{self.norm_groups}" if self.norm_groups else "") + f"_{ops.arch_key(self.arch)}")
+                + (f"_rb{self.row_blocks}" if self.row_blocks > 1 else "") + f"_{ops.arch_key(self.arch)}")
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -360,9 +327,7 @@ class SSDStateUpdatePlan(KernelPlan):
     def describe(self) -> dict[str, Any]:
         return {"heads": self.heads, "head_dim": self.head_dim, "groups": self.groups, "state": self.state,
                 "dtype": self.dtype, "dt_bias": self.dt_bias, "softplus": self.softplus, "skip": self.skip,
-                "gate": self.gate, "params": self.params, "a_log": self.a_log, "row_blocks": self.row_blocks,
-                "conv": self.conv, "conv_bias": self.conv_bias, "conv_vector": self.conv_vector,
-                "norm_groups": self.norm_groups}
+                "gate": self.gate, "params": self.params, "a_log": self.a_log, "row_blocks": self.row_blocks}
 
 
 def plan_ssd_chunk_state(*, heads: int, head_dim: int, groups: int, state: int, chunk: int, dtype: str,
@@ -385,21 +350,16 @@ def plan_ssd_state_passing(*, heads: int, head_dim: int, state: int, dtype: str,
 
 def plan_ssd_state_update(*, heads: int, head_dim: int, groups: int, state: int, dtype: str, dt_bias: bool = True,
                           softplus: bool = True, skip: bool = False, gate: bool = False, params: str = "f32",
-                          a_log: bool = False, row_blocks: int | None = None, conv: int = 0,
-                          conv_bias: bool = False, conv_vector: bool | None = None, norm_groups: int = 0,
+                          a_log: bool = False, row_blocks: int | None = None,
                           arch: str = "sm_90") -> SSDStateUpdatePlan:
     """row_blocks None: blocks of UPDATE_ROWS rows (at least one pass of the block's warps) where
-    they divide head_dim, else one block a head. conv_vector None: whenever a K-wide row of the
-    dtype is a vector (runtime/ssd.py passes False for tensors not aligned to a row)."""
-    if conv_vector is None:
-        conv_vector = bool(conv) and conv_update_vectorizable(conv, dtype)
+    they divide head_dim, else one block a head."""
     if row_blocks is None:
         rows = max(UPDATE_ROWS, UPDATE_THREADS // 32 * update_split(state)["rows_per_warp"])
         row_blocks = head_dim // rows if head_dim % rows == 0 and head_dim > rows else 1
     return SSDStateUpdatePlan(heads=heads, head_dim=head_dim, groups=groups, state=state, dtype=dtype,
                               dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, params=params, a_log=a_log,
-                              row_blocks=row_blocks, conv=conv, conv_bias=conv_bias, conv_vector=conv_vector,
-                              norm_groups=norm_groups, arch=arch)
+                              row_blocks=row_blocks, arch=arch)
 
 
 # ---- ABIs and sources ------------------------------------------------------------------------
@@ -500,19 +460,9 @@ def _update_abi(plan: SSDStateUpdatePlan) -> KernelABI:
 
     def row(name):   # a [Bt, ...] input read through its batch stride
         return (Arg(name, f"const {t}* __restrict__", "input"), Arg(f"{name}_sb", "long long", "dim"))
-    if plan.conv:    # xBC raw (in_proj's columns), the conv state [Bt, H P + 2 G N, K] in place, its weights
-        inputs = (*row("xbc"), Arg("conv_state", f"{t}* __restrict__", "input"),
-                  Arg("conv_w", f"const {t}* __restrict__", "input"),
-                  *((Arg("conv_b", f"const {t}* __restrict__", "input"),) if plan.conv_bias else ()), *row("dt"))
-    else:
-        inputs = (*row("x"), *row("dt"), *row("B"), *row("C"))
-    tail = ((Arg("norm_w", f"const {t}* __restrict__", "input"), Arg("eps", "float", "scalar"))
-            if plan.norm_groups else ())
-    if plan.conv or plan.norm_groups:   # one int a sequence, zero between launches (the kernel resets it)
-        tail += (Arg("counter", "int* __restrict__", "workspace"),)
-    args = (Arg("state", "float* __restrict__", "input"), *inputs,
+    args = (Arg("state", "float* __restrict__", "input"), *row("x"), *row("dt"), *row("B"), *row("C"),
             *(row("z") if plan.gate else ()), *_step_args(plan, vec),
-            *((Arg("D", vec, "input"),) if plan.skip else ()), *tail,
+            *((Arg("D", vec, "input"),) if plan.skip else ()),
             Arg("y", f"{t}* __restrict__", "output", "0"))
     return KernelABI(name=plan.kernel_name, args=args, grid=(str(plan.heads * plan.row_blocks), "batch"),
                      block=(UPDATE_THREADS,),
@@ -524,6 +474,4 @@ def _update_source(plan: SSDStateUpdatePlan) -> str:
     return render("cuda/ssd_state_update.cu.jinja", **_common_variables(plan), G=plan.groups, bias=plan.dt_bias,
                   softplus=plan.softplus, skip=plan.skip, gate=plan.gate, split=update_split(plan.state),
                   warps=UPDATE_THREADS // 32, own_params=plan.params != "f32", a_log=plan.a_log,
-                  row_blocks=plan.row_blocks, conv=plan.conv, conv_bias=plan.conv_bias,
-                  conv_vector=_ROW_VECTORS[plan.conv * DType[plan.dtype].itemsize] if plan.conv_vector else None,
-                  norm_groups=plan.norm_groups)
+                  row_blocks=plan.row_blocks)

@@ -235,7 +235,7 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
     without carried states, and the state update; Mamba2's channels-last conv (read inside
     in_proj's output), its decode step, and the SSD kernels (codegen/ssd.py: the chunk states,
     the state passing without and with an initial state, the chunk scan with the D skip and no z,
-    the decode update, alone and fused with the conv and the norm). Nothing for other models."""
+    the decode update). Nothing for other models."""
     from ..models import families
     kind = config.get("model_type")
     if kind not in ("mamba", "mamba2"):
@@ -276,11 +276,8 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
         plans += [plan_ssd_chunk_state(**ssd, chunk=m.chunk_size),
                   plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
                   plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False),
-                  # the decode step's: z, A_log, D and dt_bias read as the mixer holds them; alone, and
-                  # with the conv in front and the grouped norm behind (the mixer's one launch a step)
-                  plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True),
-                  plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True, conv=m.conv_kernel,
-                                        conv_bias=bool(m.use_conv_bias), norm_groups=m.n_groups)]
+                  # the decode step's: z, A_log, D and dt_bias read as the mixer holds them
+                  plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True)]
     except ValueError as e:
         return plans, {"ssd (Mamba2's chunked scan)": f"not served for this model: {e}"}
     return plans, {}

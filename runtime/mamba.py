@@ -289,7 +289,6 @@ class Mamba2Mixer(_Mixer):
         self.out_proj = Linear(I, H, bias=c.use_bias, **kw)
         self.conv_shape = (c.conv_dim, K)
         self.ssm_shape = (Hh, c.head_dim, N)
-        self._counter: torch.Tensor | None = None   # the fused decode step's tickets (int32 zeros)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -336,17 +335,15 @@ class Mamba2Mixer(_Mixer):
         # in_proj's output is read in place: xBC by the conv, z and dt by the state update, which
         # also takes A = -exp(A_log), D and dt_bias as the parameters hold them and applies the
         # gate, so the norm that follows is the plain (grouped) RMSNorm: one launch each, no copies
-        # on CUDA the conv, the update and the norm are one launch (ssd.mamba2_decode_step), with a
-        # counter a sequence this mixer keeps (its steps run one after another)
         z, xbc, dt = self._split(self.in_proj(h))
-        bt = h.shape[0]
-        if self._counter is None or self._counter.numel() < bt or self._counter.device != h.device:
-            self._counter = torch.zeros(max(bt, 64), dtype=torch.int32, device=h.device)
-        y = ssd.mamba2_decode_step(state.ssm, state.conv, xbc, dt, z, self.A_log, self.D, self.dt_bias,
-                                   self.conv1d.weight.view(Cd, K), self.conv1d.bias, self.norm.weight,
-                                   self.norm.eps, heads=c.num_heads, groups=c.n_groups,
-                                   norm_group_size=self.norm.group_size, counter=self._counter)
-        return self.out_proj(y).view(shape)   # no time_step_limit in decode: see the module's note
+        xbc = scan.causal_conv1d_update(xbc, state.conv, self.conv1d.weight.view(Cd, K), self.conv1d.bias,
+                                        activation="silu")
+        x, B, C = self._x_B_C(xbc)
+        y = ssd.ssd_state_update(state.ssm, x, dt, self.A_log, B, C, D=self.D,
+                                 z=z.unflatten(-1, (c.num_heads, c.head_dim)), dt_bias=self.dt_bias, dt_softplus=True,
+                                 a_log=True)   # no time_step_limit in decode: see the module's note
+        y = self.norm(y.reshape(h.shape[0], c.intermediate_size))
+        return self.out_proj(y).view(shape)
 
 
 # ---- the state cache -------------------------------------------------------------------------

@@ -38,10 +38,9 @@ import torch
 
 from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
                            plan_ssd_state_update)
-from ..codegen.scan import WIDTHS as CONV_WIDTHS, conv_update_vectorizable
 from .scan import vector_aligned
 
-__all__ = ["ssd_scan", "ssd_state_update", "mamba2_decode_step", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
+__all__ = ["ssd_scan", "ssd_state_update", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
            "gated_rms_norm_reference", "SSDInputError"]
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -49,7 +48,6 @@ _KERNEL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "
 _KERNELS: dict[tuple, object] = {}   # (kernel, plan fields..., device index) -> Launcher
 _NORMS: dict[tuple, object] = {}     # (layer, F, groups, dtype, device) -> LayerModule
 MAX_GRID_Y = 65535                   # the batch is a grid's y (decode) or z (prefill) dimension
-FUSED_STEP = True                    # mamba2_decode_step's one launch where it serves (False: three, to compare)
 
 
 class SSDInputError(ValueError):
@@ -301,48 +299,6 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
     return y if out is None else out.copy_(y)
 
 
-def mamba2_decode_step(state, conv_state, xbc, dt, z, A_log, D, dt_bias, conv_weight, conv_bias, norm_weight, eps,
-                       *, heads: int, groups: int, norm_group_size: int, counter=None):
-    """Mamba2's decode step between in_proj and out_proj, one token a sequence: xBC [Bt, H P + 2 G N]
-    (in_proj's raw columns: x, B, C) joins conv_state [Bt, H P + 2 G N, K] (x's dtype, in place;
-    conv_weight [H P + 2 G N, K], conv_bias [H P + 2 G N] or None) through the causal conv + SiLU;
-    the SSD state update (state [Bt, H, P, N] float32 in place, dt [Bt, H], z [Bt, H P], A_log, D,
-    dt_bias [H], softplus, no clamp) gives the gated y; the RMSNorm over groups of norm_group_size
-    channels (norm_weight [H P], eps) -> y [Bt, H P] in x's dtype. What
-        causal_conv1d_update -> ssd_state_update(a_log=True, z) -> gated_rms_norm(z=None)
-    compute, and on CUDA one launch (codegen/ssd.py's update with the conv fused in front and the
-    norm behind) where every tensor is as a mixer holds it (parameters and the conv state in x's
-    dtype, contiguous; xBC, dt and z rows with unit column strides, 16-byte aligned); the three
-    launches otherwise. counter: int32 [>= Bt] zeros on the device, left zeros (the fused kernel's
-    tickets a sequence; a module keeps one: launches sharing it must not run concurrently); None:
-    a fresh one a call."""
-    from . import scan
-    if not isinstance(xbc, torch.Tensor) or xbc.dim() != 2 or not isinstance(state, torch.Tensor) \
-            or state.dim() != 4:
-        raise SSDInputError("xbc must be [batch, channels] and state [batch, heads, head_dim, state]")
-    bt, cd = xbc.shape
-    _, H, P, N = state.shape
-    if H != heads or cd != H * P + 2 * groups * N:
-        raise SSDInputError(f"xbc's {cd} channels must be the {heads} heads x {P} of x and 2 x {groups} groups x "
-                            f"{N} of B and C")
-    _shape("z", z, (bt, H * P), (xbc.dtype,))
-    _shape("norm_weight", norm_weight, (H * P,))
-    if _fused_step_serves(state, conv_state, xbc, dt, z, A_log, D, dt_bias, conv_weight, conv_bias, norm_weight,
-                          groups, norm_group_size, counter):
-        _check_update(state, xbc[:, :H * P].unflatten(-1, (H, P)), dt, A_log, xbc[:, H * P:H * P + groups * N]
-                      .unflatten(-1, (groups, N)), xbc[:, H * P + groups * N:].unflatten(-1, (groups, N)), D,
-                      z.unflatten(-1, (H, P)), dt_bias, (0.0, math.inf))
-        _check_norm(z, None, norm_weight, eps, norm_group_size)
-        return _step_cuda(state, conv_state, xbc, dt, z, A_log, D, dt_bias, conv_weight, conv_bias, norm_weight,
-                          float(eps), groups, norm_group_size, counter)
-    xc = scan.causal_conv1d_update(xbc, conv_state, conv_weight, conv_bias, activation="silu")
-    x, B, C = xc.split([H * P, groups * N, groups * N], dim=-1)
-    y = ssd_state_update(state, x.unflatten(-1, (H, P)), dt, A_log, B.unflatten(-1, (groups, N)),
-                         C.unflatten(-1, (groups, N)), D=D, z=z.unflatten(-1, (H, P)), dt_bias=dt_bias,
-                         dt_softplus=True, a_log=True)
-    return gated_rms_norm(y.reshape(bt, H * P), None, norm_weight, eps, group_size=norm_group_size)
-
-
 def gated_rms_norm(x, z, weight, eps, *, group_size: int | None = None):
     """transformers' MambaRMSNormGated on rows x [..., F] (gate z [..., F] or None, weight [F]),
     normalised per group of group_size features (the whole row by default) -> [..., F] in x's dtype."""
@@ -468,49 +424,6 @@ def _update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, ou
     k((bt,), [state, x, xs, dt, dts, B, bs, C, cs, *((z, *zs) if z is not None else ()), A,
               *((dt_bias,) if dt_bias is not None else ()), float(dt_limit[0]), float(dt_limit[1]),
               *((D,) if D is not None else ()), y])
-    return y
-
-
-def _fused_step_serves(state, conv_state, xbc, dt, z, A_log, D, dt_bias, conv_weight, conv_bias, norm_weight,
-                       groups, norm_group_size, counter) -> bool:
-    """Whether mamba2_decode_step's one launch takes these tensors (else its three launches)."""
-    t = xbc.dtype
-    if not (FUSED_STEP and _use_kernel(xbc) and xbc.numel() and xbc.shape[0] <= MAX_GRID_Y):
-        return False
-    dev = xbc.device
-    params = (A_log, D, dt_bias, conv_weight, norm_weight) + ((conv_bias,) if conv_bias is not None else ())
-    if not all(isinstance(p, torch.Tensor) and p.dtype == t and p.device == dev and p.is_contiguous()
-               for p in params + (conv_state,)):
-        return False
-    if conv_weight.dim() != 2 or conv_weight.shape[1] not in CONV_WIDTHS \
-            or tuple(conv_state.shape) != (xbc.shape[0], *conv_weight.shape) \
-            or not (state.dtype == torch.float32 and state.device == dev and state.is_contiguous()
-                    and state.data_ptr() % 16 == 0):
-        return False
-    if counter is not None and not (counter.dtype == torch.int32 and counter.device == dev
-                                    and counter.is_contiguous() and counter.numel() >= xbc.shape[0]):
-        raise SSDInputError(f"counter must be a contiguous int32 tensor of at least {xbc.shape[0]} zeros on {dev}")
-    f = z.shape[1]
-    return all(r.dim() == 2 and r.stride(1) == 1 for r in (xbc, z)) and dt.dim() == 2 and dt.stride(1) == 1 \
-        and isinstance(norm_group_size, int) and norm_group_size > 0 and f % norm_group_size == 0
-
-
-def _step_cuda(state, conv_state, xbc, dt, z, A_log, D, dt_bias, conv_weight, conv_bias, norm_weight, eps,
-               groups, norm_group_size, counter):
-    bt, (_, heads, hp, n), dev = xbc.shape[0], state.shape, xbc.device
-    k = conv_weight.shape[1]
-    dtype = _KERNEL_DTYPES[xbc.dtype]
-    vector = conv_update_vectorizable(k, dtype) and all(
-        t.data_ptr() % (k * t.element_size()) == 0 for t in (conv_state, conv_weight))
-    opts = dict(heads=heads, head_dim=hp, groups=groups, state=n, dtype=dtype, dt_bias=True, softplus=True,
-                skip=True, gate=True, params=dtype, a_log=True, conv=k, conv_bias=conv_bias is not None,
-                conv_vector=vector, norm_groups=heads * hp // norm_group_size)
-    launch = _launcher(("step", *opts.values(), dev.index), dev, lambda arch: plan_ssd_state_update(**opts, arch=arch))
-    if counter is None:
-        counter = torch.zeros(bt, dtype=torch.int32, device=dev)
-    y = torch.empty(bt, heads * hp, dtype=xbc.dtype, device=dev)
-    launch((bt,), [state, xbc, xbc.stride(0), conv_state, conv_weight, *(() if conv_bias is None else (conv_bias,)),
-                   dt, dt.stride(0), z, z.stride(0), A_log, dt_bias, 0.0, math.inf, D, norm_weight, eps, counter, y])
     return y
 
 

@@ -18,7 +18,6 @@ nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
 BIG = dict(heads=80, head_dim=64, groups=1, state=128)     # Mamba2-2.7B: d_model 2560, expand 2
 SMALL = dict(heads=8, head_dim=16, groups=2, state=16)
-STEP = dict(skip=True, gate=True, a_log=True)   # Mamba2's decode step (params: the dtype)
 
 
 # ---- plans -----------------------------------------------------------------------------------
@@ -35,9 +34,6 @@ def test_keys_spell_out_every_specialisation():
         "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_z_rb4_sm90a"   # 16 rows a block
     assert plan_ssd_state_update(**BIG, dtype="bf16", skip=True, params="bf16", a_log=True).key == \
         "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_pbf16_alog_rb4_sm90"
-    assert plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=4, conv_bias=True, norm_groups=1).key == \
-        "ssd_state_update_h80_p64_g1_n128_bf16_bias_softplus_d_z_pbf16_alog_rb4_c4bv_n1_sm90"   # the fused step
-    assert plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=3).key.endswith("_rb4_c3_sm90")   # 6 bytes: no vector
 
 
 def test_abis_order_the_arguments_and_size_the_grid():
@@ -57,12 +53,6 @@ def test_abis_order_the_arguments_and_size_the_grid():
     assert [a.name for a in update.args] == ["state", "x", "x_sb", "dt", "dt_sb", "B", "B_sb", "C", "C_sb", "A",
                                              "dt_bias", "dt_lo", "dt_hi", "y"]
     assert update.grid_for(64) == (80 * 4, 64, 1) and update.arg("state").ctype == "float* __restrict__"
-    step = plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=4, conv_bias=True,
-                                 norm_groups=8).abi
-    assert [a.name for a in step.args] == ["state", "xbc", "xbc_sb", "conv_state", "conv_w", "conv_b", "dt", "dt_sb",
-                                           "z", "z_sb", "A", "dt_bias", "dt_lo", "dt_hi", "D", "norm_w", "eps",
-                                           "counter", "y"]
-    assert step.grid_for(64) == (80 * 4, 64, 1) and step.arg("counter").role == "workspace"
 
 
 @pytest.mark.parametrize("make,match", [
@@ -77,13 +67,6 @@ def test_abis_order_the_arguments_and_size_the_grid():
      "params must be"),
     (lambda: plan_ssd_state_update(heads=8, head_dim=64, groups=1, state=128, dtype="bf16", arch="sm_75"), "sm_80"),
     (lambda: plan_ssd_state_passing(heads=8, head_dim=64, state=128, dtype="bf16", initial=1), "bool"),
-    (lambda: plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=5), "width. must be one of"),
-    (lambda: plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=4, norm_groups=3),
-     "split the 5120 channels"),
-    (lambda: plan_ssd_state_update(**BIG, dtype="bf16", skip=True, gate=True, conv=4), "as the mixer holds it"),
-    (lambda: plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv_bias=True), "need the fused"),
-    (lambda: plan_ssd_state_update(**BIG, dtype="bf16", **STEP, params="bf16", conv=3, conv_vector=True),
-     "no 4-, 8- or 16-byte vector"),
     (lambda: plan_ssd_chunk_scan(heads=8, head_dim=128, groups=1, state=256, chunk=256, dtype="bf16", arch="sm_80"),
      "shared memory"),
 ])
@@ -130,12 +113,7 @@ def _plans(dims, chunk, dtype, arch):
             plan_ssd_chunk_scan(**dims, chunk=chunk, dtype=dtype, skip=True, gate=True, arch=arch),
             plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, arch=arch),
             # the mixer's decode step: A_log, D and dt_bias in the model dtype
-            plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, params=dtype, a_log=True, arch=arch),
-            # the whole step fused (conv in front, norm behind), with and without the conv's vectors and bias
-            plan_ssd_state_update(**dims, dtype=dtype, **STEP, params=dtype, conv=4, conv_bias=True,
-                                  norm_groups=dims["groups"], arch=arch),
-            plan_ssd_state_update(**dims, dtype=dtype, **STEP, params=dtype, conv=3, conv_vector=False,
-                                  norm_groups=1, arch=arch)]
+            plan_ssd_state_update(**dims, dtype=dtype, skip=True, gate=True, params=dtype, a_log=True, arch=arch)]
 
 
 CASES = [(BIG, 256, "bf16", "sm_90a"), (BIG, 256, "bf16", "sm_80"), (SMALL, 32, "f16", "sm_80"),

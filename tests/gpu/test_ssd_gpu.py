@@ -11,9 +11,8 @@ import math
 import pytest
 import torch
 
-from layerforge.runtime import scan
-from layerforge.runtime.ssd import (SSDInputError, gated_rms_norm, gated_rms_norm_reference, mamba2_decode_step,
-                                    ssd_scan, ssd_scan_reference, ssd_state_update, ssd_state_update_reference)
+from layerforge.runtime.ssd import (SSDInputError, gated_rms_norm, gated_rms_norm_reference, ssd_scan,
+                                    ssd_scan_reference, ssd_state_update, ssd_state_update_reference)
 
 from ..devices import requires_gpu
 from ..runtime.test_ssd import ssd_inputs
@@ -225,114 +224,6 @@ def test_decode_step_replays_under_cuda_graph_capture():
     torch.cuda.synchronize()
     assert_near(state, ref_state, 1e-5, "state after 3 replays")
     assert_near(out, ref, TOL[torch.bfloat16], "y of the last replay")
-
-
-# ---- the whole decode step in one launch (conv in front, norm behind) ---------------------------
-def step_inputs(bt, dims, dtype, width, bias, seed, *, aligned=True):
-    """A mixer's decode-step tensors: in_proj's row (z, xBC, dt as column views), the conv state,
-    weights and parameters in x's dtype, a float32 SSM state."""
-    g = torch.Generator().manual_seed(seed)
-    H, P, G, N = dims["heads"], dims["head_dim"], dims["groups"], dims["state"]
-    I, cd = H * P, H * P + 2 * G * N
-
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to("cuda", dtype)
-    row = r(bt, I + cd + H + 8)
-    row[:, I + cd:I + cd + H] *= 0.1
-    z, xbc, dt = row[:, :I], row[:, I:I + cd], row[:, I + cd:I + cd + H]
-    conv = r(bt * cd * width + 1)
-    conv_state = (conv[:-1] if aligned else conv[1:]).view(bt, cd, width)   # [1:]: rows off their vector
-    return dict(state=(torch.randn(bt, H, P, N, generator=g) * 0.5).cuda(), conv_state=conv_state, xbc=xbc, dt=dt, z=z,
-                A_log=(torch.rand(H, generator=g) * 2).to("cuda", dtype), D=r(H), dt_bias=r(H, scale=0.5),
-                conv_weight=r(cd, width, scale=0.5), conv_bias=r(cd, scale=0.2) if bias else None,
-                norm_weight=(torch.randn(I, generator=g) * 0.3 + 1).to("cuda", dtype), eps=1e-5)
-
-
-def three_launches(inp, dims, norm_groups):
-    """The step as the three kernels compute it (conv update, state update, norm)."""
-    H, P, G, N = dims["heads"], dims["head_dim"], dims["groups"], dims["state"]
-    xc = scan.causal_conv1d_update(inp["xbc"], inp["conv_state"], inp["conv_weight"], inp["conv_bias"])
-    x, B, C = xc.split([H * P, G * N, G * N], dim=-1)
-    y = ssd_state_update(inp["state"], x.unflatten(-1, (H, P)), inp["dt"], inp["A_log"], B.unflatten(-1, (G, N)),
-                         C.unflatten(-1, (G, N)), D=inp["D"], z=inp["z"].unflatten(-1, (H, P)),
-                         dt_bias=inp["dt_bias"], a_log=True)
-    return gated_rms_norm(y.reshape(-1, H * P), None, inp["norm_weight"], inp["eps"], group_size=H * P // norm_groups)
-
-
-def float64_step(inp, dims, norm_groups):
-    """The float64 references chained (the conv's output not rounded: the kernel's rounding to x's
-    dtype is inside the tolerance)."""
-    H, P, G, N = dims["heads"], dims["head_dim"], dims["groups"], dims["state"]
-    d = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    xc = scan.causal_conv1d_update_reference(d["xbc"], d["conv_state"], d["conv_weight"], d["conv_bias"])
-    x, B, C = xc.split([H * P, G * N, G * N], dim=-1)
-    y = ssd_state_update_reference(d["state"], x.unflatten(-1, (H, P)), d["dt"], d["A_log"], B.unflatten(-1, (G, N)),
-                                   C.unflatten(-1, (G, N)), D=d["D"], z=d["z"].unflatten(-1, (H, P)),
-                                   dt_bias=d["dt_bias"], a_log=True)
-    return (gated_rms_norm_reference(y.reshape(-1, H * P), None, d["norm_weight"], d["eps"],
-                                     group_size=H * P // norm_groups), d["state"], d["conv_state"])
-
-
-STEP_CASES = [   # (batch, dims, dtype, conv width, conv bias, norm groups, conv state aligned to its rows)
-    (64, BIG, torch.bfloat16, 4, True, 1, True),                                        # Mamba2-2.7B
-    (3, dict(heads=8, head_dim=32, groups=4, state=64), torch.float16, 3, False, 4, True),
-    (1, dict(heads=8, head_dim=16, groups=2, state=16), torch.float32, 4, True, 2, True),
-    (5, dict(heads=16, head_dim=64, groups=8, state=128), torch.bfloat16, 4, False, 8, False),  # element-wise conv
-    (70, dict(heads=24, head_dim=64, groups=1, state=128), torch.bfloat16, 2, True, 3, True),
-]
-
-
-@pytest.mark.parametrize("bt,dims,dtype,width,bias,norm_groups,aligned", STEP_CASES)
-def test_fused_decode_step_matches_the_three_launches_and_float64(bt, dims, dtype, width, bias, norm_groups, aligned):
-    """Three steps in a row (the counter reused, the states carried): the fused launch against the
-    three kernels on copies (the same roundings: states to 1e-6, the conv state exactly) and against
-    the float64 references chained."""
-    inp = step_inputs(bt, dims, dtype, width, bias, seed=bt * 7 + width, aligned=aligned)
-    H, P = dims["heads"], dims["head_dim"]
-    ref_inp = {k: (v.clone() if k in ("state", "conv_state") else v) for k, v in inp.items()}
-    f64_inp = {k: (v.clone() if k in ("state", "conv_state") else v) for k, v in inp.items()}
-    counter = torch.zeros(bt + 3, dtype=torch.int32, device="cuda")
-    for step in range(3):
-        poison_allocator(1 << 26)
-        y = mamba2_decode_step(**{k: inp[k] for k in inp if k != "eps"}, eps=inp["eps"], heads=H,
-                               groups=dims["groups"], norm_group_size=H * P // norm_groups, counter=counter)
-        want = three_launches(ref_inp, dims, norm_groups)
-        ref, ref_state, ref_conv = float64_step(f64_inp, dims, norm_groups)
-        f64_inp["state"].copy_(ref_state)
-        f64_inp["conv_state"].copy_(ref_conv)
-        torch.cuda.synchronize()
-        what = f"step {step}"
-        assert y.shape == (bt, H * P) and y.dtype == dtype
-        assert torch.equal(inp["conv_state"], ref_inp["conv_state"]), f"{what}: conv state"
-        assert_near(inp["state"], ref_inp["state"].double(), 1e-6, f"{what}: state against the three launches")
-        assert_near(y, want.double(), 1e-2 if dtype != torch.float32 else 1e-5, f"{what}: y against the three launches")
-        assert_near(y, ref, 3 * TOL[dtype], f"{what}: y against float64")
-        assert_near(inp["state"], ref_state, 3 * TOL[dtype], f"{what}: state against float64")
-        assert int(counter.abs().sum()) == 0, f"{what}: the counter is left zeros"
-
-
-def test_fused_decode_step_replays_under_cuda_graph_capture():
-    inp = step_inputs(16, BIG, torch.bfloat16, 4, True, seed=11)
-    ref_inp = {k: (v.clone() if k in ("state", "conv_state") else v) for k, v in inp.items()}
-    kw = dict(heads=80, groups=1, norm_group_size=80 * 64, counter=torch.zeros(16, dtype=torch.int32, device="cuda"))
-    mamba2_decode_step(**{**inp, "state": inp["state"].clone(), "conv_state": inp["conv_state"].clone()}, **kw)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = mamba2_decode_step(**inp, **kw)
-    for _ in range(3):
-        graph.replay()
-        want = three_launches(ref_inp, BIG, 1)
-    torch.cuda.synchronize()
-    assert torch.equal(inp["conv_state"], ref_inp["conv_state"])
-    assert_near(inp["state"], ref_inp["state"].double(), 1e-6, "state after 3 replays")
-    assert_near(out, want.double(), 1e-2, "y of the last replay")
-
-
-def test_fused_decode_step_refuses_a_bad_counter():
-    inp = step_inputs(4, dict(heads=8, head_dim=16, groups=2, state=16), torch.bfloat16, 4, False, seed=3)
-    with pytest.raises(SSDInputError, match="counter must be"):
-        mamba2_decode_step(**inp, heads=8, groups=2, norm_group_size=128,
-                           counter=torch.zeros(3, dtype=torch.int32, device="cuda"))
 
 
 # ---- the gated norm ----------------------------------------------------------------------------

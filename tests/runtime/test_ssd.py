@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from layerforge.runtime import scan as scan_mod
-from layerforge.runtime.ssd import SSDInputError, gated_rms_norm, mamba2_decode_step, ssd_scan, ssd_state_update
+from layerforge.runtime.ssd import SSDInputError, gated_rms_norm, ssd_scan, ssd_state_update
 
 from ..seeding import seeded_generator
 
@@ -259,7 +258,7 @@ def test_gated_rms_norm_rejects_groups_that_do_not_divide_and_mismatched_gates()
 
 
 # ---- the launches' arguments, against the kernels' ABIs (no GPU: a recording launcher) -------------
-_CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float", torch.int32: "int"}
+_CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 
 
 @pytest.fixture
@@ -278,7 +277,7 @@ def recorded_launches(monkeypatch):
             for a, v in zip(abi.args, args):
                 if a.launch_type == "ptr":
                     assert isinstance(v, torch.Tensor) and _CTYPES[v.dtype] in a.ctype, (plan.key, a.name, v.dtype)
-                    assert v.is_contiguous() or a.name in ("x", "B", "C", "z", "dt", "xbc"), (plan.key, a.name)
+                    assert v.is_contiguous() or a.name in ("x", "B", "C", "z", "dt"), (plan.key, a.name)
                 elif a.launch_type in ("i32", "i64"):
                     assert isinstance(v, int) and not isinstance(v, bool), (plan.key, a.name, v)
                 else:
@@ -329,53 +328,3 @@ def test_kernel_path_refuses_sizes_no_kernel_takes(recorded_launches):
     inp = ssd_inputs(1, 10, 2, 12, 1, 16, dtype=torch.bfloat16, seed=("nokernel",))   # head_dim 12
     with pytest.raises(SSDInputError, match="no SSD kernel.*head_dim = 12"):
         ssd_scan(**inp)
-
-
-# ---- Mamba2's decode step in one call --------------------------------------------------------------
-def _step_tensors(bt=3, H=4, P=16, G=2, N=16, K=4, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    I, cd = H * P, H * P + 2 * G * N
-    row = torch.randn(bt, I + cd + H + 2, generator=g).to(dtype)
-    row[:, I + cd:] *= 0.1
-    return dict(state=torch.randn(bt, H, P, N, generator=g), conv_state=torch.randn(bt, cd, K, generator=g).to(dtype),
-                xbc=row[:, I:I + cd], dt=row[:, I + cd:I + cd + H], z=row[:, :I],
-                A_log=torch.rand(H, generator=g).to(dtype), D=torch.randn(H, generator=g).to(dtype),
-                dt_bias=torch.randn(H, generator=g).to(dtype), conv_weight=torch.randn(cd, K, generator=g).to(dtype),
-                conv_bias=torch.randn(cd, generator=g).to(dtype), norm_weight=torch.randn(I, generator=g).to(dtype),
-                eps=1e-5)
-
-
-def test_mamba2_decode_step_is_the_conv_the_update_and_the_norm_chained():
-    inp = _step_tensors()
-    ref = {k: (v.clone() if k in ("state", "conv_state") else v) for k, v in inp.items()}
-    y = mamba2_decode_step(**inp, heads=4, groups=2, norm_group_size=32)
-    xc = scan_mod.causal_conv1d_update_reference(ref["xbc"], ref["conv_state"], ref["conv_weight"], ref["conv_bias"])
-    x, B, C = xc.split([64, 32, 32], -1)
-    yu = ssd_state_update(ref["state"], x.unflatten(-1, (4, 16)), ref["dt"], ref["A_log"], B.unflatten(-1, (2, 16)),
-                          C.unflatten(-1, (2, 16)), D=ref["D"], z=ref["z"].unflatten(-1, (4, 16)),
-                          dt_bias=ref["dt_bias"], a_log=True)
-    want = gated_rms_norm(yu.reshape(3, 64), None, ref["norm_weight"], 1e-5, group_size=32)
-    torch.testing.assert_close(y, want)
-    torch.testing.assert_close(inp["state"], ref["state"])
-    torch.testing.assert_close(inp["conv_state"], ref["conv_state"])
-
-
-def test_mamba2_decode_step_refuses_mismatched_channels():
-    inp = _step_tensors()
-    with pytest.raises(SSDInputError, match="xbc's 128 channels"):
-        mamba2_decode_step(**inp, heads=4, groups=1, norm_group_size=32)
-    with pytest.raises(SSDInputError, match="norm_weight must be shaped"):
-        mamba2_decode_step(**{**inp, "norm_weight": torch.ones(63)}, heads=4, groups=2, norm_group_size=32)
-
-
-def test_mamba2_decode_step_launch_passes_what_the_kernel_declares(recorded_launches):
-    inp = _step_tensors(dtype=torch.bfloat16)
-    counter = torch.zeros(8, dtype=torch.int32)
-    y = mamba2_decode_step(**inp, heads=4, groups=2, norm_group_size=16, counter=counter)
-    ((plan, args, grid),) = recorded_launches
-    assert plan.conv == 4 and plan.conv_bias and plan.norm_groups == 4 and plan.a_log and plan.params == "bf16"
-    assert grid == (4 * plan.row_blocks, 3, 1) and args["counter"] is counter and args["y"] is y
-    assert args["xbc_sb"] == inp["xbc"].stride(0) == args["z_sb"] == args["dt_sb"] and args["eps"] == 1e-5
-    assert args["conv_state"] is inp["conv_state"] and args["state"] is inp["state"]
-    with pytest.raises(SSDInputError, match="counter must be"):
-        mamba2_decode_step(**inp, heads=4, groups=2, norm_group_size=16, counter=torch.zeros(2, dtype=torch.int32))
