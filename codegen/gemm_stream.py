@@ -255,9 +255,10 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
     most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit)."""
     if wtype == "u4":   # the u4 sweep (bench_gemv --stream --quant, H200): two W row blocks a warpgroup past
         # 8192 k (8B down at 64 rows 27.1-27.3 us against 30.0-30.3), two consumer warpgroups gated at <= 64 rows
-        # (gate/up + SwiGLU 44.2-44.4 against 46.5-46.8)
+        # (gate/up + SwiGLU 44.2-44.4 against 46.5-46.8), where K is whole units of 256 (a partial last unit's
+        # code puts three warpgroups' kernel past its 168 registers: NVRTC 13.0 spills, at 2000 x 1152)
         rb = 2 if rb is None and k >= 8192 else rb
-        cw = 2 if cw is None and gated and mt <= 64 else cw
+        cw = 2 if cw is None and gated and mt <= 64 and k % 256 == 0 else cw
     rb = (2 if gated else 1) if rb is None else rb
     cw = 1 if cw is None else cw
     ctas = 1 if ctas is None else ctas
