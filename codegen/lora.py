@@ -36,6 +36,12 @@ sorted row i is token src[i].
            it stages in shared memory; the group of no adapter (when out is not y) copies y. Every
            (t, n) belongs to one thread of one CTA: no atomics.
 
+  mask     vm[t, s, e, r] = scales[e, s] v[t, e S R + s R + r] where slot[t] == e, else 0   (every slot's
+           v of a prefill-sized step, the dense route's shrink GEMM output, its rows ldv apart) ->
+           vm T [tokens, S, slots, R]: the operand of the dense route's delta GEMMs (one a slice,
+           K = slots R), in one pass (a thread a 16-byte vector of vm: R is a multiple of 8, so a
+           vector lies in one (s, e) block), where torch took two launches and a transposed copy.
+
 Both are CUDA-core kernels: at decode sizes (64 tokens, rank 16) a projection's adapters are
 tens of MFLOP, and the cost is the launch and the latency of a pass over the adapters' bytes (so
 a thread keeps 16 rows of b in flight). Prefill runs on torch's GEMMs (runtime/lora.py). The
@@ -53,7 +59,8 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["LoraShrinkPlan", "LoraExpandPlan", "plan_lora_shrink", "plan_lora_expand", "shrink_grid", "expand_grid",
+__all__ = ["LoraShrinkPlan", "LoraExpandPlan", "LoraMaskPlan", "plan_lora_shrink", "plan_lora_expand",
+           "plan_lora_mask", "shrink_grid", "expand_grid",
            "MAX_RANK", "MAX_SLICES", "DTYPES"]
 
 MAX_RANK = 256       # the expand stages MB x S x R f32 of v in static shared memory (32 KB at 8 x 4 x 256)
@@ -204,6 +211,42 @@ class LoraExpandPlan(KernelPlan):
         return {"dtype": self.dtype, "slices": list(self.slices), "rank": self.rank, "bias": self.bias}
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoraMaskPlan(KernelPlan):
+    """v T [tokens, slots S R] (rows ldv apart), slot int32 [tokens], scales f32 [slots + 1, S]
+    -> vm T [tokens, S, slots, R] (the module's docstring)."""
+
+    family: ClassVar[str] = "lora_mask"
+    threads: ClassVar[int] = 256
+    dtype: str
+    slots: int                 # E
+    rank: int                  # R, a multiple of 8
+    slices: int = 1            # S
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        _check_common("lora mask", self.dtype, self.rank, self.slices, self.arch)
+        _positive("lora mask", slots=self.slots)
+
+    @property
+    def key(self) -> str:
+        return f"lora_mask_e{self.slots}_r{self.rank}x{self.slices}_{self.dtype}_{self.arch.replace('_', '')}"
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_mask_abi(self),)
+
+    def source(self) -> str:
+        return _mask_source(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "slots": self.slots, "rank": self.rank, "slices": self.slices}
+
+
+def plan_lora_mask(dtype: str, *, slots: int, rank: int, slices: int = 1, arch: str = "sm_90") -> LoraMaskPlan:
+    return LoraMaskPlan(dtype=dtype, slots=slots, rank=rank, slices=slices, arch=arch)
+
+
 def plan_lora_shrink(dtype: str, *, k: int, rank: int, slices: int = 1, arch: str = "sm_90",
                      warps: int | None = None) -> LoraShrinkPlan:
     """The shrink for K-long rows; warps default: K / 512 (a lane's two 16-byte steps of K), 4 to 16."""
@@ -263,3 +306,21 @@ def _expand_source(plan: LoraExpandPlan) -> str:
                   common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype),
                   out=plan.out, rank=plan.rank, slices=len(plan.slices), starts=plan.starts, threads=plan.threads,
                   tokens_per_cta=plan.tokens_per_cta, chunk=plan.chunk, bias=plan.bias)
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_abi(plan: LoraMaskPlan) -> KernelABI:
+    t = ops.storage_ctype(plan.dtype)
+    args = (Arg("v", f"const {t}* __restrict__", "input"), Arg("ldv", "long long", "dim"),
+            Arg("slot", _I32_IN, "input"), Arg("scales", "const float* __restrict__", "input"),
+            Arg("vm", f"{t}* __restrict__", "output", "0"), Arg("n_tokens", "long long", "dim", "tokens"))
+    vecs = plan.slices * plan.slots * plan.rank // 8
+    return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens * {vecs}, {plan.threads})",),
+                     block=(plan.threads,), problem=("tokens",))
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_source(plan: LoraMaskPlan) -> str:
+    return render("cuda/lora_mask.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
+                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype),
+                  slots=plan.slots, rank=plan.rank, slices=plan.slices, threads=plan.threads)

@@ -40,7 +40,8 @@ Each call takes one route, by its token count T (known on the host) and the stor
   besides the base product. Otherwise the shrink kernel (v [T, S R], each used adapter's A read
   once), the base product, and the expand kernel adding into the base output in place.
 - "dense" (T > DECODE_ROWS, slots R <= DENSE_MAX_RANKS): V = x @ A_all^T over every slot, each
-  token's row scaled by its adapter's scales and zero outside its slot's block; the delta is one
+  token's row scaled by its adapter's scales and zero outside its slot's block (the mask kernel,
+  codegen/lora.py: one pass); the delta is one
   GEMM a slice written into the output, and the base GEMM adds x @ W^T to it (out.addmm_: cuBLAS
   reads the delta as its C), so the expand costs no pass of its own over the output.
 - "grouped" (past that): x's rows gathered in slot order (moe_gather), shrink and expand as
@@ -62,7 +63,7 @@ from typing import Sequence
 
 import torch
 
-from ..codegen.lora import MAX_RANK, MAX_SLICES, plan_lora_expand, plan_lora_shrink
+from ..codegen.lora import MAX_RANK, MAX_SLICES, plan_lora_expand, plan_lora_mask, plan_lora_shrink
 from ..codegen.moe import MAX_EXPERTS
 from .linear import LinearInputError, _epilogue, _packed, device_major, gemv, rms_norm
 from .moe_kernels import moe_align, moe_gather
@@ -366,12 +367,29 @@ class MultiLoRA(torch.nn.Module):
             return out.copy_(self.reference(x2, batch))
         raise ValueError(f"delta: route must be 'dense', 'grouped' or 'torch', got {route!r}")
 
+    def mask(self, v: torch.Tensor, batch: AdapterBatch, *, cache=None) -> torch.Tensor:
+        """vm [T, S, slots, R] in v's dtype: v [T, slots S R] (every slot's shrink, rows 16-byte aligned)
+        scaled by each token's slot's scales and zero in the other slots' blocks (the mask kernel
+        on CUDA bf16/f16, torch elsewhere): the dense route's delta GEMMs' operand."""
+        E, S, R, T = self.adapters, len(self.slices), self.rank, v.shape[0]
+        if v.shape != (T, E * S * R) or v.stride(1) != 1:
+            raise LoRAInputError(f"mask: v must be [{T}, {E * S * R}] with unit column stride, got {list(v.shape)}")
+        self.check_batch(batch, v)
+        vm = torch.empty(T, S, E, R, dtype=v.dtype, device=v.device)
+        if v.is_cuda and v.dtype in _TYPES and v.data_ptr() % 16 == 0 and v.stride(0) % 8 == 0 \
+                and device_major(v.device) >= 8:
+            dname = _TYPES[v.dtype]
+            launcher = _launcher(("mask", dname, E, R, S, v.device.index), v.device,
+                                 lambda arch: plan_lora_mask(dname, slots=E, rank=R, slices=S, arch=arch), cache)
+            launcher((T,), [v, v.stride(0), batch.slot, self.scales, vm, T])
+            return vm
+        ms = batch.onehot.unsqueeze(-1) * self.scales[:E]                  # [T, E, S]: the token's slot only
+        return torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1), out=vm)
+
     def _dense(self, x2: torch.Tensor, batch: AdapterBatch, out: torch.Tensor) -> torch.Tensor:
         E, S, R, K, T = self.adapters, len(self.slices), self.rank, self.in_features, x2.shape[0]
         v = x2 @ self.lora_a[:E].view(E * S * R, K).t()                   # [T, E S R]: every slot
-        ms = batch.onehot.unsqueeze(-1) * self.scales[:E]                  # [T, E, S]: the token's slot only
-        vm = torch.empty(T, S, E, R, dtype=x2.dtype, device=x2.device)
-        torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1), out=vm)
+        vm = self.mask(v, batch)                                           # [T, S, E, R]: the token's slot only
         for s, (c0, c1) in enumerate(self.bounds):   # views of vm, B and out: cuBLAS takes their row strides
             out[:, c0:c1].addmm_(vm[:, s].reshape(T, E * R), self.lora_b[:E, :, c0:c1].reshape(E * R, c1 - c0),
                                  beta=0)                 # (beta 0: out's old contents are not read)

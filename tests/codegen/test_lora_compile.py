@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from layerforge.codegen.lora import LoraExpandPlan, plan_lora_expand, plan_lora_shrink
+from layerforge.codegen.lora import LoraExpandPlan, plan_lora_expand, plan_lora_mask, plan_lora_shrink
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -29,6 +29,17 @@ def test_kernels_compile_without_spills(k, slices, dtype, rank, arch):
     _compile(plan_lora_shrink(dtype, k=k, rank=rank, slices=len(slices), arch=arch), arch)
     for bias in (False, True):
         _compile(plan_lora_expand(dtype, slices=slices, rank=rank, bias=bias, arch=arch), arch)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype,slots,rank,slices", [("bf16", 4, 16, 3), ("f16", 7, 8, 1), ("bf16", 16, 64, 2)])
+def test_mask_compiles_to_one_16_byte_load_and_store(dtype, slots, rank, slices, arch):
+    plan = plan_lora_mask(dtype, slots=slots, rank=rank, slices=slices, arch=arch)
+    ptx = _compile(plan, arch, ptx=True).ptx
+    assert ptx.count("ld.global.nc.v4.u32") == 1 and ptx.count("st.global.v4.u32") == 1, plan.key
+    assert plan.key == f"lora_mask_e{slots}_r{rank}x{slices}_{dtype}_{arch.replace('_', '')}"
+    assert [a.name for a in plan.abi.args] == ["v", "ldv", "slot", "scales", "vm", "n_tokens"]
+    assert plan.abi.grid_for(300) == (-(-300 * slices * slots * rank // 8 // 256), 1, 1)
 
 
 def test_the_shrink_reads_16_byte_vectors_and_reduces_by_halving():
@@ -84,6 +95,8 @@ def test_keys_abis_and_grids():
     (lambda: plan_lora_expand("bf16", slices=(64,), rank=8, threads=48), "multiple of 32"),
     (lambda: plan_lora_expand("bf16", slices=(64,), rank=8, tokens_per_cta=17), "1 to 16"),
     (lambda: plan_lora_expand("bf16", slices=(64,), rank=8, bias=1), "bias must be a bool"),
+    (lambda: plan_lora_mask("bf16", slots=0, rank=8), "slots must be a positive int"),
+    (lambda: plan_lora_mask("bf16", slots=4, rank=12), "multiple of 8"),
 ])
 def test_plan_errors(make, match):
     with pytest.raises(ValueError, match=match):

@@ -144,6 +144,28 @@ ROUTES = [(1, "kernels"), (16, "kernels"), (DECODE_ROWS, "kernels"), (DECODE_ROW
           (300, "grouped"), (4097, "dense")]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slices", [(200,), (256, 64, 64)])
+@pytest.mark.parametrize("tokens", [1, 300, 4097])
+def test_mask_scales_each_tokens_slot_and_zeros_the_rest(tokens, slices, dtype):
+    """The dense route's mask kernel against torch's two-launch form, on v with rows wider than
+    the slots' columns (a view of a wider product), tokens of no adapter among them, vm poisoned."""
+    gen = seeded_generator("lora_mask", tokens, slices, dtype)
+    lora = store(64, slices, dtype, gen)
+    E, S, R = lora.adapters, len(slices), lora.rank
+    batch = AdapterBatch(draw_ids(tokens, gen), E)
+    wide = torch.randn(tokens, E * S * R + 24, generator=gen).to("cuda", dtype)
+    v = wide[:, 8:8 + E * S * R]                       # rows E S R + 24 apart, 16-byte aligned
+    torch.cuda.synchronize()
+    ms = batch.onehot.unsqueeze(-1) * lora.scales[:E]
+    want = (v.view(tokens, E, S, R).transpose(1, 2).float() * ms.transpose(1, 2).unsqueeze(-1)).to(dtype)
+    torch.empty(tokens * S * E * R * 2, dtype=dtype, device="cuda").fill_(float("nan"))   # poison the allocator
+    got = lora.mask(v, batch)
+    torch.cuda.synchronize()
+    assert got.shape == (tokens, S, E, R) and not torch.isnan(got).any()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,route", ROUTES)
