@@ -198,14 +198,17 @@ def test_what_changes_the_modules_changes_the_stamp(llama):
 
 
 def test_the_engine_benchmark_runs_on_the_cpu(tmp_path, capsys):
-    """benchmarks/bench_lora.py's engine case (a GPU measures it): the base model, unfused, and
-    with adapters mixed over the sequences, once each here."""
+    """benchmarks/bench_lora.py's engine cases (a GPU measures them): decode on the base model,
+    unfused, and with adapters mixed over the sequences; a prefill of prompts on their adapters
+    against the same prompts on the base model; once each here."""
     import json
 
     from benchmarks.bench_lora import main
     out = tmp_path / "r.json"
-    assert main(["--device", "cpu", "--dims", "64,64,16,96", "--cases", "engine:3", "--layers", "1", "--context", "4",
-                 "--adapters", "2", "--rank", "8", "--json", str(out)]) == 0
+    assert main(["--device", "cpu", "--dims", "64,64,16,96", "--cases", "engine:3,engine-prefill:8", "--layers", "1",
+                 "--context", "4", "--adapters", "2", "--rank", "8", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["run"] for r in rows] == ["base", "base unfused", "lora"] and all(r["step_s"] > 0 for r in rows)
-    assert "engine decode, 3 sequences of 4 tokens" in capsys.readouterr().out
+    assert [r["run"] for r in rows] == ["base", "base unfused", "lora", "base", "lora"]
+    assert all(r["step_s"] > 0 for r in rows[:3]) and all(r["prefill_s"] > 0 for r in rows[3:])
+    text = capsys.readouterr().out
+    assert "engine decode, 3 sequences of 4 tokens" in text and "engine prefill, 2 prompts of 4 tokens" in text
