@@ -6,7 +6,7 @@
 # JSON go to OUT_DIR (default out/gpu-check).
 # Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime tests/trt tests/models"; add e.g. "-n 8" with pytest-xdist), PYTEST_K (pytest -k),
 # SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only), SKIP_MODEL (bench_model only),
-# SKIP_DECODER (bench_decoder only), SKIP_SSM (bench_scan / bench_ssd / bench_mamba), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
+# SKIP_DECODER (bench_decoder only), SKIP_SSM (bench_scan / bench_ssd / bench_mamba), SKIP_MOE (bench_moe / bench_lora), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
 # TEXT), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +87,15 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         "$PY" -m benchmarks.bench_ssd --json "$OUT_DIR/bench_ssd.json" 2>&1 | tee "$OUT_DIR/bench_ssd.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
         "$PY" -m benchmarks.bench_mamba --json "$OUT_DIR/bench_mamba.json" 2>&1 | tee "$OUT_DIR/bench_mamba.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    fi
+    # mixture-of-experts blocks beside transformers and torch's grouped-GEMM pipeline; multi-LoRA beside the base
+    # products, a PEFT-style torch peer, and whole models' decode and prefill with and without adapters (issue 13)
+    if [ -z "${SKIP_MOE:-}" ]; then
+        "$PY" -m benchmarks.bench_moe --json "$OUT_DIR/bench_moe.json" 2>&1 | tee "$OUT_DIR/bench_moe.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        "$PY" -m benchmarks.bench_lora --cases decode:64,prefill:4096,engine:64,engine-prefill:4096 --layers 8 \
+            --context 2048 --steps 16 --json "$OUT_DIR/bench_lora.json" 2>&1 | tee "$OUT_DIR/bench_lora.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
