@@ -105,6 +105,8 @@ class GemvPlan(ProductPlan):
                                  # a shared expert cut into slices of the routed experts' size)
     compact: bool = False        # experts: grid y spans min(experts, rows) CTAs, CTA y the expert active[y]
                                  # (the permutation's list of experts with rows): no CTAs of empty experts
+    ldw: int = 0                 # elements between W's rows (0: K); unquantised W of one product only: W a
+                                 # view of a wider buffer (runtime/lora.py's K-extended storage)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -147,6 +149,10 @@ class GemvPlan(ProductPlan):
             raise ValueError("gemv: a second (shared) expert stack is served with unquantised weights only")
         if self.experts and (self.residual or self.norm):
             raise ValueError("gemv: an expert product has no residual or norm (the combine kernel adds the branches)")
+        if self.ldw and (self.wtype or self.experts or self.ldw < self.k or self.ldw % 8
+                         or isinstance(self.ldw, bool) or not isinstance(self.ldw, int)):
+            raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
+                             "an unquantised W of one product")
 
     @property
     def key(self) -> str:
@@ -159,6 +165,8 @@ class GemvPlan(ProductPlan):
         if self.experts:
             parts.append(f"e{self.experts}" + (f"f{self.fixed}" if self.fixed else "") + ("gx" if self.gather else "")
                          + ("a" if self.compact else ""))
+        if self.ldw and self.ldw != self.k:
+            parts.append(f"ldw{self.ldw}")
         parts.append(f"r{self.rt}w{self.warps}s{self.stages}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
@@ -273,7 +281,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
-                  EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan),
+                  EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
 
@@ -297,7 +305,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
-              compact: bool = False) -> GemvPlan:
+              compact: bool = False, ldw: int = 0) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised (the module's docstring)."""
@@ -339,4 +347,4 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
-                    fixed=fixed, compact=compact)
+                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw)

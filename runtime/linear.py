@@ -59,15 +59,16 @@ def _tiles(rows: int) -> int:
 
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
-              wtype: str | None = None, group: int = 0):
+              wtype: str | None = None, group: int = 0, ldw: int = 0):
     tiles = _tiles(rows)
-    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group)
+    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import device_arch, load_plan
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
-                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group)
+                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group,
+                         ldw=ldw)
         hit = _KERNELS[key] = load_plan(plan, x.device, cache)
     return hit
 
@@ -236,8 +237,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if not wgmma and not _kernel_ok(x, weight, rows):
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
-    return launch_gemv(x, [_packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset, out, cache,
-                       wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels)
+    # the small-token kernel reads W's rows where they are: a row-strided view of a wider buffer
+    # (16-byte aligned rows) needs no copy; the GEMMs take W packed
+    ldw = _row_stride(weight) if not wgmma and kernels is None else 0
+    return launch_gemv(x, [weight if ldw else _packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset,
+                       out, cache, wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels, ldw=ldw)
+
+
+def _row_stride(w: torch.Tensor) -> int:
+    """W's row stride where W is a view whose rows are apart by more than K (unit column stride,
+    16-byte aligned start and rows): what the small-token kernel's ldw takes; else 0."""
+    n, k = w.shape
+    s = w.stride(0)
+    return s if (n > 1 and s > k and w.stride(1) == 1 and s % 8 == 0 and w.data_ptr() % 16 == 0) else 0
 
 
 def check_call(x: torch.Tensor, n: int, k: int, bias, gated, residual, norm, norm_offset, out) -> int:
@@ -277,10 +289,11 @@ def _packed(t: torch.Tensor, align: int) -> torch.Tensor:
 
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
                 norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
-                wgmma: str | None = None, kernels: dict | None = None) -> torch.Tensor:
+                wgmma: str | None = None, kernels: dict | None = None, ldw: int = 0) -> torch.Tensor:
     """Run the generated kernel on a call check_call accepted and the kernel serves; `weights`
     are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales);
-    `wgmma`: the Hopper GEMM variant (GEMM_KERNELS) instead of the small-token kernel."""
+    `wgmma`: the Hopper GEMM variant (GEMM_KERNELS) instead of the small-token kernel; `ldw`: W's
+    row stride where it is a wider buffer's view (the small-token kernel; 0: K, W packed)."""
     n_out = n // 2 if gated else n
     lead = tuple(x.shape[:-1])
     rows = x.numel() // k
@@ -303,7 +316,7 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
         kernels[_tiles(rows)]((), args)
     else:
         _launcher(x, n, k, rows, gated, bias is not None, res is not None,
-                  None if gamma is None else float(norm_offset), cache, wtype, group)((), args)
+                  None if gamma is None else float(norm_offset), cache, wtype, group, ldw)((), args)
     if out is not None and not direct:
         out.copy_(y.view(out.shape))
         return out

@@ -24,6 +24,19 @@ def test_gemv_compiles_without_spills(n, k, gated, max_m, arch):
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_gemv_with_a_row_stride_compiles_and_reads_w_at_it(arch):
+    """ldw: W a view of a wider buffer (LoRA's K-extended storage: rows K + slices x slots x rank
+    apart): a plan of its own, W's rows addressed at the stride, nothing else changed."""
+    for n, gated in ((6144, None), (28672, "silu")):
+        plan = plan_gemv("bf16", n=n, k=4096, max_m=16, gated=gated, ldw=4224, arch=arch)
+        assert "_ldw4224_" in plan.key and plan_gemv("bf16", n=n, k=4096, gated=gated, ldw=4096).ldw == 0
+        assert "constexpr long long LDW = 4224;" in plan.source()
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
 def test_gemv_streams_w_through_shared_memory():
     """W and x reach the tensor cores through each warp's cp.async ring only (the bytes in flight
     cost no registers): no global loads in the kernel but the epilogue's (bias, residual), and

@@ -70,3 +70,28 @@ def test_gated_mlp_matches_transformers_llama_mlp():
     torch.testing.assert_close(mlp(x, norm=(g, 1e-5)), ref(xn), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="activation"):
         GatedMLP(8, 8, activation="relu")
+
+
+def test_small_token_kernel_takes_a_row_strided_weight_without_a_copy(monkeypatch):
+    """A weight that is a view of a wider buffer (rows apart by more than K, 16-byte aligned: the
+    K-extended LoRA storage) goes to the small-token kernel as it is, its row stride as the
+    plan's ldw; contiguous weights keep ldw 0 and odd views are still packed (copied)."""
+    import layerforge.runtime.linear as linear
+    calls = []
+
+    def launcher(x, n, k, rows, gated, bias, residual, norm_offset, cache=None, wtype=None, group=0, ldw=0):
+        def run(problem, args):
+            calls.append((ldw, args[1]))
+        return run
+    monkeypatch.setattr(linear, "_kernel_ok", lambda x, w, rows: True)
+    monkeypatch.setattr(linear, "_launcher", launcher)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    wide = torch.randn(40, 64 + 24, dtype=torch.bfloat16)
+    for w, want in ((wide[:, :64], 88), (wide[:, :64].contiguous(), 0), (wide[:, 1:65], 0)):
+        gemv(x, w)
+        ldw, passed = calls[-1]
+        assert ldw == want
+        assert (passed.data_ptr() == w.data_ptr()) == (want != 0 or w.is_contiguous())
+    with pytest.raises(ValueError, match="ldw = 60 must be 0 or a multiple of 8 of at least K"):
+        from layerforge.codegen.gemv import plan_gemv
+        plan_gemv("bf16", n=32, k=64, ldw=60)
