@@ -38,6 +38,10 @@ GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"t
 # (off, an empty range, until measured faster than cuBLAS there: benchmarks/bench_gemv.py --stream)
 STREAM_KERNEL = "stream"
 STREAM_ROWS = (1, 0)
+# the small-token kernel reads a row-strided W in place (its plan's ldw) instead of a packed copy a
+# call: written without a GPU; off until a GPU has run tests/gpu/test_gemv.py's strided case
+# (runtime/lora.py's K-extended storage turns it on with its own flag)
+STRIDED_W = False
 _PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 
@@ -239,7 +243,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y if out is None else out.copy_(y)
     # the small-token kernel reads W's rows where they are: a row-strided view of a wider buffer
     # (16-byte aligned rows) needs no copy; the GEMMs take W packed
-    ldw = _row_stride(weight) if not wgmma and kernels is None else 0
+    ldw = _row_stride(weight) if STRIDED_W and not wgmma and kernels is None else 0
     return launch_gemv(x, [weight if ldw else _packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset,
                        out, cache, wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels, ldw=ldw)
 

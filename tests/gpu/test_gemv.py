@@ -30,6 +30,30 @@ def test_gemv_against_float64(n, k, m, dtype):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize("gated", [None, "silu"])
+@pytest.mark.parametrize("m", [1, 9, 16])
+@pytest.mark.parametrize("n,k,extra", [(6144, 4096, 192), (2 * 5632, 2048, 128), (1000, 3000, 8)])
+def test_gemv_reads_a_row_strided_weight_in_place(n, k, extra, m, gated, monkeypatch):
+    """W a view of a wider buffer (rows K + extra apart: LoRA's K-extended storage), read at its
+    row stride (the plan's ldw, STRIDED_W on), with the buffer's extra columns NaN: none of them
+    may reach the output."""
+    import layerforge.runtime.linear as linear
+    monkeypatch.setattr(linear, "STRIDED_W", True)
+    gen = seeded_generator("gemv-ldw", n, k, extra, m, gated)
+    dtype = torch.bfloat16
+    buf = torch.full((n, k + extra), float("nan"), dtype=dtype, device="cuda")
+    w = buf[:, :k]
+    w.copy_((torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype))
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    out = torch.full((m, n // 2 if gated else n), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, gated=gated, out=out)
+    assert linear._row_stride(w) == k + extra
+    ref = reference(x, w.contiguous(), None, gated, None)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("gated", [None, "silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("n,k", [(2 * 1000, 3000), (2 * 5632, 2048), (48, 8)])

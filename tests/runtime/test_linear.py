@@ -85,6 +85,7 @@ def test_small_token_kernel_takes_a_row_strided_weight_without_a_copy(monkeypatc
         return run
     monkeypatch.setattr(linear, "_kernel_ok", lambda x, w, rows: True)
     monkeypatch.setattr(linear, "_launcher", launcher)
+    monkeypatch.setattr(linear, "STRIDED_W", True)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     wide = torch.randn(40, 64 + 24, dtype=torch.bfloat16)
     for w, want in ((wide[:, :64], 88), (wide[:, :64].contiguous(), 0), (wide[:, 1:65], 0)):
