@@ -2,7 +2,7 @@
 alone and beside a PEFT-style torch peer, same run, same card, bf16, CUDA-graph replays.
 
     python -m benchmarks.bench_lora [--cases decode:64,prefill:4096,engine:64] [--adapters 4] [--rank 16]
-                                    [--route dense|grouped] [--layers 32] [--context 256] [--json out.json]
+                                    [--route dense|grouped] [--layers 32] [--context 256] [--kext] [--json out.json]
 
 The layer's projections as layerforge's models hold them: qkv [4096 + 1024 + 1024, 4096] (q, k and
 v fused), o [4096, 4096], gate_up [2 x 14336, 4096] (fused), down [4096, 14336]; random weights.
@@ -125,14 +125,19 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="the engine case's decoder layers")
     ap.add_argument("--context", type=int, default=256, help="the engine case's prompt tokens a sequence")
     ap.add_argument("--steps", type=int, default=32, help="the engine case's timed decode steps")
+    ap.add_argument("--kext", action="store_true",
+                    help="the K-extended storage (runtime/lora.KEXT with runtime/linear.STRIDED_W; off by default)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    dense_max = lora_mod.DENSE_MAX_RANKS
+    from layerforge.runtime import linear
+    dense_max, kext, strided = lora_mod.DENSE_MAX_RANKS, lora_mod.KEXT, linear.STRIDED_W
     lora_mod.DENSE_MAX_RANKS = {None: dense_max, "grouped": 0, "dense": 1 << 30}[a.route]
+    if a.kext:
+        lora_mod.KEXT = linear.STRIDED_W = True
     try:
         return run(a)
     finally:
-        lora_mod.DENSE_MAX_RANKS = dense_max
+        lora_mod.DENSE_MAX_RANKS, lora_mod.KEXT, linear.STRIDED_W = dense_max, kext, strided
 
 
 def run(a) -> int:

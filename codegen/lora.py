@@ -214,7 +214,7 @@ class LoraExpandPlan(KernelPlan):
 @dataclass(frozen=True, kw_only=True)
 class LoraMaskPlan(KernelPlan):
     """v T [tokens, slots S R] (rows ldv apart), slot int32 [tokens], scales f32 [slots + 1, S]
-    -> vm T [tokens, S, slots, R] (the module's docstring)."""
+    -> vm T [tokens, S, slots, R], rows ldvm apart (the module's docstring)."""
 
     family: ClassVar[str] = "lora_mask"
     threads: ClassVar[int] = 256
@@ -313,7 +313,8 @@ def _mask_abi(plan: LoraMaskPlan) -> KernelABI:
     t = ops.storage_ctype(plan.dtype)
     args = (Arg("v", f"const {t}* __restrict__", "input"), Arg("ldv", "long long", "dim"),
             Arg("slot", _I32_IN, "input"), Arg("scales", "const float* __restrict__", "input"),
-            Arg("vm", f"{t}* __restrict__", "output", "0"), Arg("n_tokens", "long long", "dim", "tokens"))
+            Arg("vm", f"{t}* __restrict__", "output", "0"), Arg("ldvm", "long long", "dim"),
+            Arg("n_tokens", "long long", "dim", "tokens"))
     vecs = plan.slices * plan.slots * plan.rank // 8
     return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens * {vecs}, {plan.threads})",),
                      block=(plan.threads,), problem=("tokens",))

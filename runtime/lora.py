@@ -81,6 +81,13 @@ DENSE_MAX_RANKS = 256
 # most 1/FOLD_MAX of the base weight's rows (the bytes the product reads more)
 FOLD_MAX = 8
 MAX_ADAPTERS = MAX_EXPERTS - 1   # moe_align sorts over the slots and "no adapter"
+# K-extended storage (written without a GPU; off until measured, with runtime/linear.STRIDED_W, which
+# it needs): where a projection's outputs outnumber its inputs (q/k/v, gate/up), LoRALinear keeps W's
+# rows K + S slots R apart with each slice's B blocks after them, [W | B-blocks; A | 0], so that a
+# prefill's dense route is one GEMM [x | vm] @ [W | B-blocks]^T: the delta takes no pass of its own
+# over the output (its write and the base GEMM reading it back: benchmarks/NOTES.md, "Multi-LoRA at
+# prefill"); decode reads W and the A rows at that row stride (the small-token kernel's ldw).
+KEXT = False
 ROUTES = ("kernels", "dense", "grouped", "torch")
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -175,6 +182,8 @@ class MultiLoRA(torch.nn.Module):
         self.register_buffer("ranks", torch.zeros(adapters + 1, S, dtype=torch.int32, device=device), persistent=False)
         self.register_buffer("scales", torch.zeros(adapters + 1, S, dtype=torch.float32, device=device),
                              persistent=False)
+        # the K-extended storage's B blocks ([O, S slots R] columns after W's, LoRALinear's), or None
+        self.b_ext: torch.Tensor | None = None
         # host copies of ranks and scales: the torch route and the checks read them without a sync
         self._host = [[(0, 0.0)] * S for _ in range(adapters)]
 
@@ -217,6 +226,10 @@ class MultiLoRA(torch.nn.Module):
         cols = self.lora_b[slot, :, c0:c1]
         cols.zero_()
         cols[:r].copy_(lora_b.t())
+        if self.b_ext is not None:
+            blk = self._b_block(slot, part)
+            blk.zero_()
+            blk[:, :r].copy_(lora_b)
         self.ranks[slot, part] = r
         self.scales[slot, part] = float(scale)
         self._host[slot][part] = (r, float(scale))
@@ -230,9 +243,18 @@ class MultiLoRA(torch.nn.Module):
             c0, c1 = self.bounds[p]
             self.lora_a[slot, p * R:(p + 1) * R].zero_()
             self.lora_b[slot, :, c0:c1].zero_()
+            if self.b_ext is not None:
+                self._b_block(slot, p).zero_()
             self.ranks[slot, p] = 0
             self.scales[slot, p] = 0.0
             self._host[slot][p] = (0, 0.0)
+
+    def _b_block(self, slot: int, part: int) -> torch.Tensor:
+        """Slice `part`'s rows of the K-extended storage's columns of slot `slot`: [O_s, R]."""
+        E, R = self.adapters, self.rank
+        c0, c1 = self.bounds[part]
+        j = (part * E + slot) * R
+        return self.b_ext[c0:c1, j:j + R]
 
     def adapter_rank(self, slot: int, part: int = 0) -> int:
         self._check_slot(slot, part)
@@ -291,6 +313,9 @@ class MultiLoRA(torch.nn.Module):
         r_es (the shrink kernel; other entries are not written). x2 [T, K] bf16/f16 CUDA,
         contiguous 16-byte aligned rows."""
         T, K, S, R = x2.shape[0], self.in_features, len(self.slices), self.rank
+        if self.lora_a.stride(1) != K:
+            raise LoRAInputError(f"shrink: the A rows are {self.lora_a.stride(1)} apart (a K-extended storage), the "
+                                 f"kernel reads them {K} apart; the folded product serves such a store")
         self._check_kernel_call(x2, batch)
         if out is not None and (tuple(out.shape) != (T, S * R) or out.dtype != x2.dtype
                                 or out.device != x2.device or not out.is_contiguous()):
@@ -367,24 +392,33 @@ class MultiLoRA(torch.nn.Module):
             return out.copy_(self.reference(x2, batch))
         raise ValueError(f"delta: route must be 'dense', 'grouped' or 'torch', got {route!r}")
 
-    def mask(self, v: torch.Tensor, batch: AdapterBatch, *, cache=None) -> torch.Tensor:
+    def mask(self, v: torch.Tensor, batch: AdapterBatch, *, out: torch.Tensor | None = None,
+             cache=None) -> torch.Tensor:
         """vm [T, S, slots, R] in v's dtype: v [T, slots S R] (every slot's shrink, rows 16-byte aligned)
         scaled by each token's slot's scales and zero in the other slots' blocks (the mask kernel
-        on CUDA bf16/f16, torch elsewhere): the dense route's delta GEMMs' operand."""
+        on CUDA bf16/f16, torch elsewhere): the dense route's delta GEMMs' operand. out: a [T, S
+        slots R] view to write instead (unit column stride, rows 16-byte aligned: the columns after
+        x's of a K-extended operand); returned as it is."""
         E, S, R, T = self.adapters, len(self.slices), self.rank, v.shape[0]
-        if v.shape != (T, E * S * R) or v.stride(1) != 1:
-            raise LoRAInputError(f"mask: v must be [{T}, {E * S * R}] with unit column stride, got {list(v.shape)}")
+        C = E * S * R
+        if v.shape != (T, C) or v.stride(1) != 1:
+            raise LoRAInputError(f"mask: v must be [{T}, {C}] with unit column stride, got {list(v.shape)}")
+        if out is not None and (tuple(out.shape) != (T, C) or out.stride(1) != 1 or out.dtype != v.dtype
+                                or out.device != v.device or out.data_ptr() % 16 or out.stride(0) % 8):
+            raise LoRAInputError(f"mask: out must be a {v.dtype} [{T}, {C}] view with unit column stride and "
+                                 "16-byte aligned rows")
         self.check_batch(batch, v)
-        vm = torch.empty(T, S, E, R, dtype=v.dtype, device=v.device)
+        vm = torch.empty(T, S, E, R, dtype=v.dtype, device=v.device) if out is None else out
         if v.is_cuda and v.dtype in _TYPES and v.data_ptr() % 16 == 0 and v.stride(0) % 8 == 0 \
                 and device_major(v.device) >= 8:
             dname = _TYPES[v.dtype]
             launcher = _launcher(("mask", dname, E, R, S, v.device.index), v.device,
                                  lambda arch: plan_lora_mask(dname, slots=E, rank=R, slices=S, arch=arch), cache)
-            launcher((T,), [v, v.stride(0), batch.slot, self.scales, vm, T])
+            launcher((T,), [v, v.stride(0), batch.slot, self.scales, vm, C if out is None else out.stride(0), T])
             return vm
         ms = batch.onehot.unsqueeze(-1) * self.scales[:E]                  # [T, E, S]: the token's slot only
-        return torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1), out=vm)
+        m = torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1))   # f32: rounded once
+        return vm.copy_(m.reshape(vm.shape))
 
     def _dense(self, x2: torch.Tensor, batch: AdapterBatch, out: torch.Tensor) -> torch.Tensor:
         E, S, R, K, T = self.adapters, len(self.slices), self.rank, self.in_features, x2.shape[0]
@@ -505,6 +539,15 @@ class LoRALinear(torch.nn.Module):
             v = lora.shrink(x2, batch)
             y = _packed(self.base_product(x2), 16)
             return lora.expand(y, v, batch, out=y)
+        if route == "dense":
+            wx = self.kext_weight()
+            if wx is not None:   # one GEMM over [x | vm]: the delta without a pass of its own
+                E, S, R, K = lora.adapters, len(lora.slices), lora.rank, self.in_features
+                xe = torch.empty(T, wx.shape[1], dtype=x2.dtype, device=x2.device)
+                xe[:, :K].copy_(x2)
+                v = x2 @ lora.lora_a[:E].reshape(E * S * R, K).t()        # [T, E S R]: every slot
+                lora.mask(v, batch, out=xe[:, K:])
+                return torch.nn.functional.linear(xe, wx, self.bias)
         out = torch.empty(T, O, dtype=x2.dtype, device=x2.device)
         lora.delta(x2, batch, out, route)
         if self.weight is None:        # a base of its own kind: its product, then the delta added
@@ -521,14 +564,32 @@ class LoRALinear(torch.nn.Module):
         """[W; A of slots 0 .. slots - 1] as one [O + slots S R, K] matrix, a view, where the
         storage still holds them so (else None)."""
         w, a = self.weight, self.lora.lora_a
-        if w is None or w.dtype != a.dtype or w.device != a.device or not (w.is_contiguous() and a.is_contiguous()):
+        if w is None or w.dtype != a.dtype or w.device != a.device:
             return None
         O, K = w.shape
-        if (w.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
-                or a.data_ptr() != w.data_ptr() + O * K * w.element_size()):
+        ld = w.stride(0)      # K, or K + S slots R in the K-extended storage
+        rows = a.numel() // K
+        if (w.stride(1) != 1 or a.dim() != 3 or a.stride(2) != 1 or a.stride(1) != ld
+                or a.stride(0) != a.shape[1] * ld or ld < K
+                or w.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+                or a.data_ptr() != w.data_ptr() + O * ld * w.element_size() or rows == 0):
             return None
         lora = self.lora
-        return torch.as_strided(w.detach(), (O + lora.adapters * len(lora.slices) * lora.rank, K), (K, 1))
+        return torch.as_strided(w.detach(), (O + lora.adapters * len(lora.slices) * lora.rank, K), (ld, 1))
+
+    def kext_weight(self) -> torch.Tensor | None:
+        """[W | B-blocks] as one [O, K + S slots R] matrix, a view, where the K-extended storage still
+        holds them so (else None): the prefill GEMM's weight over [x | vm]."""
+        w, b = self.weight, self.lora.b_ext
+        if w is None or b is None:
+            return None
+        O, K = w.shape
+        C = b.shape[1]
+        if (w.stride() != (K + C, 1) or b.stride() != (K + C, 1) or tuple(b.shape) != (O, C)
+                or w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+                or b.data_ptr() != w.data_ptr() + K * w.element_size()):
+            return None
+        return torch.as_strided(w.detach(), (O, K + C), (K + C, 1))
 
     def _batch(self, adapter_ids, x2: torch.Tensor) -> AdapterBatch | None:
         if adapter_ids is None:
@@ -546,11 +607,44 @@ def _fold(base: torch.nn.Linear, lora: MultiLoRA) -> None:
     [W; A]: base.weight and lora.lora_a become views of it (W is copied once, not kept twice)."""
     w, a = base.weight, lora.lora_a
     O, K = w.shape
+    if _kext_fits(O, K, lora):
+        _fold_kext(base, lora)
+        return
     ext = torch.empty(O + a.numel() // K, K, dtype=w.dtype, device=w.device)
     ext[:O].copy_(w)
     ext[O:].copy_(a.view(-1, K))
     base.weight = torch.nn.Parameter(ext[:O], requires_grad=w.requires_grad)
     lora.lora_a = ext[O:].view(a.shape)
+
+
+def _kext_fits(O: int, K: int, lora: MultiLoRA) -> bool:
+    """Whether _fold lays the projection out K-extended (KEXT): more outputs than inputs (the delta's
+    pass over the output costs more than copying x into [x | vm]), the dense prefill route, and the
+    A rows within the decode fold's bound."""
+    from . import linear
+    ESR = lora.adapters * len(lora.slices) * lora.rank
+    return (KEXT and linear.STRIDED_W and O > K and lora.adapters * lora.rank <= DENSE_MAX_RANKS
+            and FOLD_MAX * ESR <= O)
+
+
+def _fold_kext(base: torch.nn.Linear, lora: MultiLoRA) -> None:
+    """One buffer [W | B-blocks; A | 0] of rows K + C (C = S slots R): W's rows with, after them,
+    each slice's B columns of every slot (column K + (s slots + e) R + j holds B_es[:, j] in slice
+    s's rows, zeros elsewhere: the layout of the mask kernel's vm), then every slot's A rows (the
+    zero slot last). base.weight, lora.lora_a and lora.b_ext become views of it."""
+    w, a, b = base.weight, lora.lora_a, lora.lora_b
+    O, K = w.shape
+    E, S, R = lora.adapters, len(lora.slices), lora.rank
+    C = E * S * R
+    ext = torch.zeros(O + a.numel() // K, K + C, dtype=w.dtype, device=w.device)
+    ext[:O, :K].copy_(w)
+    ext[O:, :K].copy_(a.reshape(-1, K))
+    lora.b_ext = ext[:O, K:]
+    for s, (c0, c1) in enumerate(lora.bounds):
+        for e in range(E):
+            lora._b_block(e, s).copy_(b[e, :, c0:c1].t())
+    base.weight = torch.nn.Parameter(ext[:O, :K], requires_grad=w.requires_grad)
+    lora.lora_a = ext[O:, :K].view(a.shape)
 
 
 def unfold(base: torch.nn.Linear) -> None:

@@ -38,7 +38,7 @@ def test_mask_compiles_to_one_16_byte_load_and_store(dtype, slots, rank, slices,
     ptx = _compile(plan, arch, ptx=True).ptx
     assert ptx.count("ld.global.nc.v4.u32") == 1 and ptx.count("st.global.v4.u32") == 1, plan.key
     assert plan.key == f"lora_mask_e{slots}_r{rank}x{slices}_{dtype}_{arch.replace('_', '')}"
-    assert [a.name for a in plan.abi.args] == ["v", "ldv", "slot", "scales", "vm", "n_tokens"]
+    assert [a.name for a in plan.abi.args] == ["v", "ldv", "slot", "scales", "vm", "ldvm", "n_tokens"]
     assert plan.abi.grid_for(300) == (-(-300 * slices * slots * rank // 8 // 256), 1, 1)
 
 

@@ -197,6 +197,34 @@ def test_lora_linear_on_every_route(tokens, route, dtype, fold, monkeypatch):
         assert not out.isnan().any() and out[batch.slot == lora.adapters].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 9, 16, DECODE_ROWS, 300, 1000])
+def test_k_extended_storage_on_decode_and_prefill(tokens, dtype, monkeypatch):
+    """KEXT with STRIDED_W (written without a GPU, off by default): W's rows K + S slots R apart
+    with the B blocks after them; decode steps read W and the A rows at that stride (the
+    small-token kernel's ldw up to 16 rows, cuBLAS past), prefill is one GEMM over [x | vm]:
+    both against float64, with the bias."""
+    import layerforge.runtime.linear as linear
+    monkeypatch.setattr(lora_mod, "KEXT", True)
+    monkeypatch.setattr(linear, "STRIDED_W", True)
+    monkeypatch.setattr(lora_mod, "DENSE_MAX_RANKS", 1 << 20)
+    gen = seeded_generator("lora_kext_gpu", tokens, dtype)
+    lora = store(1024, (6144, 1024, 1024), dtype, gen)
+    base = torch.nn.Linear(1024, 8192, bias=True, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(8192, 1024, generator=gen) / 32)
+        base.bias.copy_(torch.randn(8192, generator=gen))
+    w, b = base.weight.detach().clone(), base.bias.detach().clone()
+    lin = LoRALinear(base, lora)
+    assert lin.kext_weight() is not None and lin.folded() is not None and not base.weight.is_contiguous()
+    x = torch.randn(tokens, 1024, generator=gen).to(dtype).cuda()
+    batch = AdapterBatch(draw_ids(tokens, gen), lora.adapters)
+    with torch.no_grad():
+        got = lin(x, batch)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    close(got, ref + reference_delta(lora, x, batch))
+
+
 @pytest.mark.parametrize("tokens", [16, DECODE_ROWS, 300])
 @pytest.mark.parametrize("fold", [True, False])
 def test_a_step_is_graph_capturable(tokens, fold):

@@ -286,6 +286,55 @@ def test_folding_keeps_one_copy_of_w_and_follows_the_adapters():
     assert LoRALinear(torch.nn.Linear(32, 24), MultiLoRA(32, 24, adapters=1, max_rank=8), fold=False).folded() is None
 
 
+def test_k_extended_storage_is_one_gemm_over_x_and_vm(monkeypatch):
+    """KEXT (with runtime/linear.STRIDED_W): a projection with more outputs than inputs keeps
+    [W | B-blocks; A | 0] in one buffer; W's and A's rows K + S slots R apart; the folded decode
+    view and the prefill weight are views of it; [x | vm] @ [W | B-blocks]^T (vm: the mask's) is
+    the base product plus each token's delta; set_adapter and clear_adapter after the fold reach
+    the B blocks; the shrink kernel refuses the strided A rows; unfold restores a compact W."""
+    import layerforge.runtime.linear as linear
+    import layerforge.runtime.lora as lora_mod
+    monkeypatch.setattr(lora_mod, "KEXT", True)
+    monkeypatch.setattr(linear, "STRIDED_W", True)
+    gen = seeded_generator("lora_kext")
+    K, slices, E, R = 32, (224, 160), 3, 8   # O >= FOLD_MAX slots S R: the decode fold's bound
+    base = torch.nn.Linear(K, sum(slices), bias=False)
+    w0 = base.weight.detach().clone()
+    lora = MultiLoRA(K, slices, adapters=E, max_rank=R, dtype=torch.float32)
+    lora.set_adapter(0, torch.randn(5, K, generator=gen), torch.randn(224, 5, generator=gen), 0.5, part=0)
+    lin = LoRALinear(base, lora)
+    C = E * len(slices) * R
+    assert base.weight.stride() == (K + C, 1) and torch.equal(base.weight, w0)
+    wf, wx = lin.folded(), lin.kext_weight()
+    assert wf.shape == (384 + C, K) and wf.stride() == (K + C, 1) and wx.shape == (384, K + C)
+    for e in range(E):   # after the fold too: slot 1 on both slices, slot 2 on slice 1
+        for part in range(2):
+            if (e, part) in ((1, 0), (1, 1), (2, 1)):
+                r = 3 + e + part
+                lora.set_adapter(e, torch.randn(r, K, generator=gen), torch.randn(slices[part], r, generator=gen),
+                                 0.25 * (e + 1), part=part)
+    lora.set_adapter(2, torch.randn(4, K, generator=gen), torch.randn(224, 4, generator=gen), 2.0, part=0)
+    lora.clear_adapter(2, 0)
+    ids = torch.tensor([0, 1, 2, -1, 1, 0, 2, 5], dtype=torch.int32)
+    batch = AdapterBatch(ids, E)
+    x = torch.randn(8, K, generator=gen)
+    v = x @ lora.lora_a[:E].reshape(E * len(slices) * R, K).t()
+    xe = torch.empty(8, K + C)
+    xe[:, :K] = x
+    lora.mask(v, batch, out=xe[:, K:])
+    got = xe @ lin.kext_weight().t()
+    want = x @ w0.t() + lora.reference(x, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.folded()[:384], w0)
+    with pytest.raises(LoRAInputError, match="K-extended storage"):
+        lora.shrink(x, batch)
+    unfold(base)
+    assert base.weight.is_contiguous() and torch.equal(base.weight, w0)
+    # o- and down-like projections (outputs not past inputs) keep the compact fold
+    lin2 = LoRALinear(torch.nn.Linear(64, 32, bias=False), MultiLoRA(64, 32, adapters=2, max_rank=8, dtype=torch.float32))
+    assert lin2.kext_weight() is None and lin2.weight.is_contiguous() and lin2.folded() is not None
+
+
 def _reference_f32(lora: MultiLoRA, x: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
     f32 = MultiLoRA(lora.in_features, lora.slices, adapters=lora.adapters, max_rank=lora.rank, dtype=torch.float32)
     f32.lora_a.copy_(lora.lora_a)
