@@ -1,8 +1,9 @@
 """Multi-LoRA projections (runtime/lora.py) of a Llama-3-8B-shaped layer beside the base products
 alone and beside a PEFT-style torch peer, same run, same card, bf16, CUDA-graph replays.
 
-    python -m benchmarks.bench_lora [--cases decode:64,prefill:4096,engine:64] [--adapters 4] [--rank 16]
-                                    [--route dense|grouped] [--layers 32] [--context 256] [--kext] [--json out.json]
+    python -m benchmarks.bench_lora [--cases decode:64,prefill:4096,engine:64,engine-prefill:4096] [--adapters 4] [--rank 16]
+                                    [--route dense|grouped] [--layers 32] [--context 256] [--kext] [--breakdown]
+                                    [--json out.json]
 
 The layer's projections as layerforge's models hold them: qkv [4096 + 1024 + 1024, 4096] (q, k and
 v fused), o [4096, 4096], gate_up [2 x 14336, 4096] (fused), down [4096, 14336]; random weights.
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from layerforge.runtime import lora as lora_mod
 from layerforge.runtime.lora import AdapterBatch, LoRALinear, MultiLoRA, lora_scale
 
-CASES = "decode:64,prefill:4096,engine:64"
+CASES = "decode:64,prefill:4096,engine:64,engine-prefill:4096"
 DIMS = "4096,4096,1024,14336"   # hidden, q rows, k (= v) rows, intermediate
 TARGETS = ("decode", 0.15), ("prefill", 0.10)
 
@@ -104,6 +105,26 @@ def peer_step(layer, xs: dict, rows: list[torch.Tensor]) -> dict:
     return ys
 
 
+def kernel_table(fn, label: str, device: torch.device, iters: int = 5) -> None:
+    """Each kernel's GPU time a call of fn (the mean of `iters`), from torch.profiler; CUDA only."""
+    if device.type != "cuda":
+        print(f"  {label}: the kernel breakdown needs a CUDA device")
+        return
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / iters, e.count // iters) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    print(f"  {label}: {sum(t for _, t, _ in rows):.1f} us of kernels a call")
+    for key, t, n in sorted(rows, key=lambda r: -r[1])[:16]:
+        print(f"    {t:9.1f} us {n:4d}x  {key[:90]}")
+
+
 def timer(fn, device: torch.device) -> float:
     if device.type == "cuda":
         from .bench_gemv import graph_time
@@ -125,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="the engine case's decoder layers")
     ap.add_argument("--context", type=int, default=256, help="the engine case's prompt tokens a sequence")
     ap.add_argument("--steps", type=int, default=32, help="the engine case's timed decode steps")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="each kernel's GPU time a step (torch.profiler), base beside ours, for every case")
     ap.add_argument("--kext", action="store_true",
                     help="the K-extended storage (runtime/lora.KEXT with runtime/linear.STRIDED_W; off by default)")
     ap.add_argument("--json", default=None)
@@ -182,6 +205,10 @@ def run(a) -> int:
               f"{t_peer * 1e6:9.1f} {over:10.1%} {layer_over:10.1%} {peer_over:10.1%} {route:>8} {err:8.1e}{mark}")
         rows.append(dict(mode=mode, tokens=T, base_s=t_base, ours_s=t_ours, layer_s=t_layer, peer_s=t_peer,
                          ours_over=over, layer_over=layer_over, peer_over=peer_over, route=route, rel_err=err))
+        if a.breakdown:
+            with torch.no_grad():
+                kernel_table(base, f"{mode} {tokens}, base products", dev)
+                kernel_table(lambda: ours(shared), f"{mode} {tokens}, ours (the step's batch made before)", dev)
     layer = None   # (its memory back before whole models load)
     for mode, tokens in (c for c in cases if c[0].startswith("engine")):   # whole models: after the layer's cases
         rows.extend((engine_rows if mode == "engine" else engine_prefill_rows)(a, dims, int(tokens), dev))
@@ -276,9 +303,10 @@ def wall_time(fn, iters: int, device: torch.device, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters: int, dev) -> float:
+def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters: int, dev,
+                   breakdown: bool = False) -> float:
     """Seconds to prefill `prompts` (each on its adapter, or the base) through a fresh Engine's
-    steps, from add() to every sequence's logits."""
+    steps, from add() to every sequence's logits (with breakdown: each kernel's time a prefill)."""
     from layerforge.models.engine import Engine
     eng = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + 16,
                  prefill_chunk=sum(map(len, prompts)))
@@ -290,6 +318,9 @@ def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters
             done.update(eng.step())
         for s in slots:
             eng.release(s)
+    if breakdown:
+        with torch.no_grad():
+            kernel_table(prefill, f"engine prefill, {'adapters' if adapters else 'base model'}", dev, iters=2)
     return wall_time(prefill, iters, dev)
 
 
@@ -300,9 +331,9 @@ def engine_prefill_rows(a, dims, tokens: int, dev) -> list[dict]:
     g = torch.Generator().manual_seed(tokens)
     prompts = [torch.randint(0, model.spec.vocab_size, (tokens // n,), generator=g).tolist() for _ in range(n)]
     iters = 5
-    runs = {"base": engine_prefill(model, prompts, None, iters, dev)}
+    runs = {"base": engine_prefill(model, prompts, None, iters, dev, a.breakdown)}
     attached = attach_adapters(model, engine_adapters(model, a.adapters, a.rank))
-    runs["lora"] = engine_prefill(model, prompts, [f"a{i}" for i in range(n)], iters, dev)
+    runs["lora"] = engine_prefill(model, prompts, [f"a{i}" for i in range(n)], iters, dev, a.breakdown)
     attached.detach()
     target = dict(TARGETS)["prefill"]
     print(f"engine prefill, {n} prompts of {tokens // n} tokens (one step), {a.layers} layers + the LM head; "

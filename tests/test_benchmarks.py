@@ -21,7 +21,8 @@ def test_lora_benchmark_smoke(tmp_path, capsys):
     from benchmarks.bench_lora import main
     out = tmp_path / "r.json"
     assert main(["--device", "cpu", "--dims", "64,64,16,96", "--cases", "decode:8,prefill:24", "--adapters", "2",
-                 "--rank", "8", "--route", "grouped", "--json", str(out)]) == 0
+                 "--rank", "8", "--route", "grouped", "--breakdown", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["decode", "prefill"] and all(r["rel_err"] < 2e-2 for r in rows)
-    assert "prefill 24" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "prefill 24" in text and "prefill 24, base products: the kernel breakdown needs a CUDA device" in text
