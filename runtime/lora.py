@@ -24,6 +24,8 @@ padded FLOPs of the LoRA GEMMs (small beside the base product's: K R / (K O) per
     lora_b   [slots + 1, R, O]     lora_B transposed: row j holds column j of each slice's B in the
                                    slice's columns (the expand reads 8 output columns as 16 bytes)
     ranks    int32 [slots + 1, S], scales f32 [slots + 1, S]
+    (KEXT, off by default: q/k/v and gate/up keep W, then the A rows, K + S slots R apart, each
+    slice's B columns of every slot after W's: one prefill GEMM over [x | vm]; see KEXT below)
 The last slot is all zeros: "no adapter" is one more group in the adapter-sorted order, whose
 grouped products are zeros without a branch.
 
