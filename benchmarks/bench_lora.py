@@ -56,6 +56,7 @@ from layerforge.runtime import lora as lora_mod
 from layerforge.runtime.lora import AdapterBatch, LoRALinear, MultiLoRA, lora_scale
 
 CASES = "decode:64,prefill:4096,engine:64,engine-prefill:4096"
+MODES = ("decode", "prefill", "engine", "engine-prefill")
 DIMS = "4096,4096,1024,14336"   # hidden, q rows, k (= v) rows, intermediate
 TARGETS = ("decode", 0.15), ("prefill", 0.10)
 
@@ -137,7 +138,7 @@ def timer(fn, device: torch.device) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=CASES, help="mode:tokens,... (mode decode or prefill: only the label)")
+    ap.add_argument("--cases", default=CASES, help=f"mode:tokens,... (modes {', '.join(MODES)})")
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--route", choices=("dense", "grouped"), default=None, help="the prefill route (default: the store's)")
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
                     help="the K-extended storage (runtime/lora.KEXT with runtime/linear.STRIDED_W; off by default)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    bad = [c for c in a.cases.split(",") if c.split(":")[0] not in MODES or c.count(":") != 1]
+    if bad:
+        ap.error(f"--cases: {bad[0]!r} is not mode:tokens with a mode of {', '.join(MODES)}")
     from layerforge.runtime import linear
     dense_max, kext, strided = lora_mod.DENSE_MAX_RANKS, lora_mod.KEXT, linear.STRIDED_W
     lora_mod.DENSE_MAX_RANKS = {None: dense_max, "grouped": 0, "dense": 1 << 30}[a.route]
@@ -171,7 +175,7 @@ def run(a) -> int:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"{name}: bf16, {a.adapters} adapters of rank {a.rank} on q k v o gate up down, layer {a.dims}")
     cases = [(mode, tokens) for mode, tokens in (c.split(":") for c in a.cases.split(","))]
-    layer_cases = [c for c in cases if not c[0].startswith("engine")]
+    layer_cases = [c for c in cases if c[0] in ("decode", "prefill")]
     if layer_cases:
         print(f"{'case':>14} {'base us':>9} {'ours us':>9} {'layer us':>9} {'peer us':>9} {'ours over':>10} "
               f"{'layer over':>10} {'peer over':>10} {'route':>8} {'rel err':>8}")
@@ -210,7 +214,7 @@ def run(a) -> int:
                 kernel_table(base, f"{mode} {tokens}, base products", dev)
                 kernel_table(lambda: ours(shared), f"{mode} {tokens}, ours (the step's batch made before)", dev)
     layer = None   # (its memory back before whole models load)
-    for mode, tokens in (c for c in cases if c[0].startswith("engine")):   # whole models: after the layer's cases
+    for mode, tokens in (c for c in cases if c[0] not in ("decode", "prefill")):   # whole models: after the layer's
         rows.extend((engine_rows if mode == "engine" else engine_prefill_rows)(a, dims, int(tokens), dev))
     if a.json:
         with open(a.json, "w") as f:

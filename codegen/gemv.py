@@ -149,8 +149,8 @@ class GemvPlan(ProductPlan):
             raise ValueError("gemv: a second (shared) expert stack is served with unquantised weights only")
         if self.experts and (self.residual or self.norm):
             raise ValueError("gemv: an expert product has no residual or norm (the combine kernel adds the branches)")
-        if self.ldw and (self.wtype or self.experts or self.ldw < self.k or self.ldw % 8
-                         or isinstance(self.ldw, bool) or not isinstance(self.ldw, int)):
+        if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
+                self.wtype or self.experts or self.ldw < self.k or self.ldw % 8):
             raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
                              "an unquantised W of one product")
 

@@ -422,10 +422,14 @@ class MultiLoRA(torch.nn.Module):
         m = torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1))   # f32: rounded once
         return vm.copy_(m.reshape(vm.shape))
 
+    def every_slot_v(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ A_all^T [T, slots S R] (torch's GEMM): every slot's shrink, the dense route's."""
+        E, S, R, K = self.adapters, len(self.slices), self.rank, self.in_features
+        return x2 @ self.lora_a[:E].reshape(E * S * R, K).t()
+
     def _dense(self, x2: torch.Tensor, batch: AdapterBatch, out: torch.Tensor) -> torch.Tensor:
-        E, S, R, K, T = self.adapters, len(self.slices), self.rank, self.in_features, x2.shape[0]
-        v = x2 @ self.lora_a[:E].view(E * S * R, K).t()                   # [T, E S R]: every slot
-        vm = self.mask(v, batch)                                           # [T, S, E, R]: the token's slot only
+        E, S, R, T = self.adapters, len(self.slices), self.rank, x2.shape[0]
+        vm = self.mask(self.every_slot_v(x2), batch)                      # [T, S, E, R]: the token's slot only
         for s, (c0, c1) in enumerate(self.bounds):   # views of vm, B and out: cuBLAS takes their row strides
             out[:, c0:c1].addmm_(vm[:, s].reshape(T, E * R), self.lora_b[:E, :, c0:c1].reshape(E * R, c1 - c0),
                                  beta=0)                 # (beta 0: out's old contents are not read)
@@ -544,11 +548,10 @@ class LoRALinear(torch.nn.Module):
         if route == "dense":
             wx = self.kext_weight()
             if wx is not None:   # one GEMM over [x | vm]: the delta without a pass of its own
-                E, S, R, K = lora.adapters, len(lora.slices), lora.rank, self.in_features
+                K = self.in_features
                 xe = torch.empty(T, wx.shape[1], dtype=x2.dtype, device=x2.device)
                 xe[:, :K].copy_(x2)
-                v = x2 @ lora.lora_a[:E].reshape(E * S * R, K).t()        # [T, E S R]: every slot
-                lora.mask(v, batch, out=xe[:, K:])
+                lora.mask(lora.every_slot_v(x2), batch, out=xe[:, K:])
                 return torch.nn.functional.linear(xe, wx, self.bias)
         out = torch.empty(T, O, dtype=x2.dtype, device=x2.device)
         lora.delta(x2, batch, out, route)
@@ -570,11 +573,10 @@ class LoRALinear(torch.nn.Module):
             return None
         O, K = w.shape
         ld = w.stride(0)      # K, or K + S slots R in the K-extended storage
-        rows = a.numel() // K
         if (w.stride(1) != 1 or a.dim() != 3 or a.stride(2) != 1 or a.stride(1) != ld
                 or a.stride(0) != a.shape[1] * ld or ld < K
                 or w.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
-                or a.data_ptr() != w.data_ptr() + O * ld * w.element_size() or rows == 0):
+                or a.data_ptr() != w.data_ptr() + O * ld * w.element_size()):
             return None
         lora = self.lora
         return torch.as_strided(w.detach(), (O + lora.adapters * len(lora.slices) * lora.rank, K), (ld, 1))

@@ -2,6 +2,8 @@
 reference evaluator, the torch peer eager), so a GPU run does not discover a broken script."""
 import json
 
+import pytest
+
 
 def test_decoder_benchmark_smoke(tmp_path, capsys):
     from benchmarks.bench_decoder import main
@@ -26,3 +28,6 @@ def test_lora_benchmark_smoke(tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["decode", "prefill"] and all(r["rel_err"] < 2e-2 for r in rows)
     text = capsys.readouterr().out
     assert "prefill 24" in text and "prefill 24, base products: the kernel breakdown needs a CUDA device" in text
+    with pytest.raises(SystemExit):   # a misspelt mode is an error, not a label
+        main(["--device", "cpu", "--cases", "engine-prefil:8"])
+    assert "'engine-prefil:8' is not mode:tokens" in capsys.readouterr().err
