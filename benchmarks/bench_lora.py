@@ -2,7 +2,7 @@
 alone and beside a PEFT-style torch peer, same run, same card, bf16, CUDA-graph replays.
 
     python -m benchmarks.bench_lora [--cases decode:64,prefill:4096,engine:64,engine-prefill:4096] [--adapters 4] [--rank 16]
-                                    [--route dense|grouped] [--layers 32] [--context 256] [--kext] [--breakdown]
+                                    [--route dense|grouped] [--layers 32] [--context 256] [--no-kext] [--breakdown]
                                     [--json out.json]
 
 The layer's projections as layerforge's models hold them: qkv [4096 + 1024 + 1024, 4096] (q, k and
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="the engine case's timed decode steps")
     ap.add_argument("--breakdown", action="store_true",
                     help="each kernel's GPU time a step (torch.profiler), base beside ours, for every case")
-    ap.add_argument("--kext", action="store_true",
-                    help="the K-extended storage (runtime/lora.KEXT with runtime/linear.STRIDED_W; off by default)")
+    ap.add_argument("--no-kext", action="store_true",
+                    help="without the K-extended storage (runtime/lora.KEXT off: the delta's own pass at prefill)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     bad = [c for c in a.cases.split(",") if c.split(":")[0] not in MODES or c.count(":") != 1]
@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     from layerforge.runtime import linear
     dense_max, kext, strided = lora_mod.DENSE_MAX_RANKS, lora_mod.KEXT, linear.STRIDED_W
     lora_mod.DENSE_MAX_RANKS = {None: dense_max, "grouped": 0, "dense": 1 << 30}[a.route]
-    if a.kext:
-        lora_mod.KEXT = linear.STRIDED_W = True
+    if a.no_kext:
+        lora_mod.KEXT = False
     try:
         return run(a)
     finally:

@@ -14,6 +14,10 @@ Columns:
   cannot be captured);
 - of copy: the bytes of the experts the step's tokens chose (and the shared expert, the router)
   over ours' time, against the device-to-device copy ceiling measured in the same run;
+at the token counts past the expert kernels' (16), the block again with the other long-step route
+(runtime/moe.GROUPED_KERNEL flipped: the generated grouped GEMM with the activation in its epilogue,
+or torch's grouped GEMM with the activation kernel between), and the two products alone on the
+same sorted rows (gate/up + activation, down; TFLOP/s over the routed rows);
 then the decode token counts again with the experts quantised (--quant: u4 group 128, f8e4m3
 128 x 128 blocks), "of copy" on the packed bytes and scales.
 """
@@ -119,7 +123,50 @@ def breakdown(moe, x, label: str) -> None:
         print(f"    {t:8.1f} us  {key[:100]}")
 
 
+def long_routes(moe, x, ref, name: str, t: int) -> list[dict]:
+    """The block with the other long-step route, then each route's two products alone."""
+    from layerforge.runtime import moe as moe_mod
+    from layerforge.runtime.moe_kernels import moe_align, moe_gather
+    label = {True: "generated grouped GEMM", False: "torch _grouped_mm + activation"}
+    default = moe_mod.GROUPED_KERNEL
+    out = []
+    try:
+        moe_mod.GROUPED_KERNEL = not default
+        with torch.no_grad():
+            got = moe(x)
+            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+            other = graph_time(lambda: moe(x))
+    finally:
+        moe_mod.GROUPED_KERNEL = default
+    print(f"{'':10} {t:6d} {other * 1e6:9.1f}  the block with the {label[not default]} (max rel err {err:.1e})")
+    out.append(dict(block=name, tokens=t, route=label[not default], ours_s=other, rel_err=err))
+    cfg = moe.cfg
+    with torch.no_grad():
+        _, ids = moe.route(x)
+        offsets, _pos, src = moe_align(ids, cfg.experts)[:3]
+        routed = offsets[: cfg.experts + 1]
+        xs = moe_gather(x, src[: t * cfg.top_k])
+        wgu, wd = moe.experts.weights("gate_up_proj"), moe.experts.weights("down_proj")
+        act = moe._act[0]
+        h = act(moe_mod._grouped(xs, wgu, routed))
+        P, H, F2 = xs.shape[0], wgu.shape[2], wgu.shape[1]
+        flops = {"gate/up": 2 * P * H * F2, "down": 2 * P * H * F2 // 2}
+        cases = {"gate/up": (lambda: act(moe_mod._grouped(xs, wgu, routed)),
+                             lambda: moe_mod.grouped_product(xs, wgu, routed, gated=cfg.activation)),
+                 "down": (lambda: moe_mod._grouped(h, wd, routed), lambda: moe_mod.grouped_product(h, wd, routed))}
+        for what, (torch_fn, ours_fn) in cases.items():
+            a, b = torch_fn(), ours_fn()
+            err = ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-6)).item()
+            ta, tb = graph_time(torch_fn), graph_time(ours_fn)
+            print(f"{'':10} {t:6d}  {what:8} generated {tb * 1e6:8.1f} us ({flops[what] / tb / 1e12:5.0f} TFLOP/s)  "
+                  f"torch {ta * 1e6:8.1f} us ({flops[what] / ta / 1e12:5.0f})  x torch {ta / tb:5.2f}  "
+                  f"(max rel diff {err:.1e})")
+            out.append(dict(block=name, tokens=t, product=what, generated_s=tb, torch_s=ta, rel_diff=err))
+    return out
+
+
 def main(argv=None) -> int:
+    from layerforge.runtime import moe as moe_mod
     from layerforge.runtime.moe import MoE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
@@ -158,6 +205,8 @@ def main(argv=None) -> int:
                   f"{grouped / ours:10.2f} {hf / ours:7.2f} {frac:8.2f}   (max rel err vs transformers {err:.1e})")
             rows.append(dict(block=name, tokens=t, ours_s=ours, grouped_mm_s=grouped, transformers_s=hf,
                              of_copy=frac, rel_err=err))
+            if t > moe_mod.EXPERT_KERNEL_ROWS:
+                rows.extend(long_routes(moe, x, ref, name, t))
         for spec in filter(None, a.expert_split.split(",")):
             from layerforge.runtime import moe as moe_mod
             gu, dn = (tuple(map(int, part.split("."))) for part in spec.split("/"))

@@ -24,6 +24,14 @@ persistent schedule"):
                      arrive as zeros.
     persistent=True  (needs tma) one CTA an SM walks the tiles in `tile_order`; the ring runs on
                      across tiles, so the loads of the next tile overlap this tile's epilogue.
+    groups=G         (needs persistent) a grouped product over G weights [G, N, K] (a mixture of
+                     experts' gate/up or down): x's rows sorted by group, group g's rows
+                     offsets[g] .. offsets[g + 1] - 1 (int32 offsets [G + 1], made on the device
+                     by the kernel before: read by the kernel, not the host, so the launch is
+                     graph-safe); y's row j = epilogue(x[j] @ W[g]^T). Each CTA first sums the
+                     groups' row tiles into shared tables (one warp, a shuffle scan), then walks
+                     the tiles group by group, each group's in `tile_order`; a group's last row
+                     tile reads the next group's rows and stores only its own.
 Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
@@ -36,7 +44,7 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
-__all__ = ["GemmPlan", "plan_gemm", "tile_order", "pick_bn", "BM", "BN_COST"]
+__all__ = ["GemmPlan", "plan_gemm", "tile_order", "pick_bn", "BM", "BN_COST", "MAX_GROUPS"]
 
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
@@ -44,6 +52,7 @@ SHARED_LIMIT = 227 * 1024
 # A persistent grid walks bands of W's column tiles whose rows fit in this much L2 (H100 / H200:
 # 50 MB), so a band stays resident while every row tile of x passes it.
 L2_BAND_BYTES = 24 << 20
+MAX_GROUPS = 1024        # a grouped product's groups (its shared tables: 8 bytes a group)
 
 
 # Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
@@ -83,11 +92,18 @@ class GemmPlan(ProductPlan):
     consumer_regs: int = 232
     tma: bool = False            # x and W by TMA from tensor maps (the module's docstring)
     persistent: bool = False     # one CTA an SM walking tile_order (needs tma)
+    groups: int = 0              # a grouped product over [groups, N, K] weights (needs persistent)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
         if self.persistent and not self.tma:
             raise ValueError("gemm: the persistent schedule needs tma=True (the cp.async producer is one tile's)")
+        if self.groups:
+            if not self.persistent or not 1 <= self.groups <= MAX_GROUPS:
+                raise ValueError(f"gemm: groups needs the persistent schedule and 1 to {MAX_GROUPS} groups, "
+                                 f"got {self.groups} (persistent={self.persistent})")
+            if self.bias or self.residual:
+                raise ValueError("gemm: a grouped product takes no bias or residual (its rows are sorted by group)")
         if self.bn not in (64, 128, 256) or self.stages < 2:
             raise ValueError(f"gemm: bn must be 64, 128 or 256 and stages >= 2, got {self.bn}, {self.stages}")
         if self.arch != "sm_90a":
@@ -110,6 +126,8 @@ class GemmPlan(ProductPlan):
             parts.append("tma")
         if self.persistent:
             parts.append(f"persist{self.band}")
+        if self.groups:
+            parts.append(f"g{self.groups}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -132,8 +150,9 @@ class GemmPlan(ProductPlan):
     def shared_layout(self) -> SharedLayout:
         """The x and W stages (1024-byte aligned: the swizzle reads address bits 7-9), then the
         full / empty mbarriers."""
+        tables = ((("gtile", 4 * (self.groups + 1)), ("goff", 4 * (self.groups + 1))) if self.groups else ())
         return SharedLayout((("sA", self.stages * BM * BK * 2), ("sB", self.stages * self.bn * BK * 2),
-                             ("bars", 8 * 2 * self.stages)), align=1024)
+                             ("bars", 8 * 2 * self.stages), *tables), align=1024)
 
     @property
     def shared_bytes(self) -> int:
@@ -149,7 +168,8 @@ class GemmPlan(ProductPlan):
     def describe(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "n": self.n, "k": self.k, "gated": self.gated, "bias": self.bias,
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
-                **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {})}
+                **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
+                **({"groups": self.groups} if self.groups else {})}
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,6 +177,11 @@ def _abi(plan: GemmPlan) -> KernelABI:
     args = product_args(plan)
     if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
         args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
+    if plan.groups:   # M: every group's rows; a group's row tiles are at most cdiv(its rows, BM)
+        args.append(Arg("offsets", "const int* __restrict__", "input"))
+        return KernelABI(name=plan.kernel_name, args=tuple(args),
+                         grid=(f"min(SMS, (cdiv(M, {BM}) + {plan.groups}) * {plan.tiles_n})",),
+                         block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
     if plan.persistent:   # SMS: the device's multiprocessors
         return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min(SMS, cdiv(M, {BM}) * {plan.tiles_n})",),
                          block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
@@ -173,16 +198,16 @@ def _render(plan: GemmPlan) -> str:
                   NOUT=plan.n_out, BN=plan.bn, STAGES=plan.stages, GATED=plan.gated, BIAS=plan.bias,
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
-                  PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band)
+                  PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
-              persistent: bool = False) -> GemmPlan:
+              persistent: bool = False, groups: int = 0) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
-    192 KB of shared memory, one CTA an SM); tma and persistent: the module's docstring."""
+    192 KB of shared memory, one CTA an SM); tma, persistent and groups: the module's docstring."""
     bn = 256 if bn is None else bn
     if stages is None:
         stages = max(2, min(6, (SHARED_LIMIT - 2048) // ((BM + bn) * BK * 2)))
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages, tma=tma, persistent=persistent)
+                    stages=stages, tma=tma, persistent=persistent, groups=groups)

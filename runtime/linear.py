@@ -39,9 +39,9 @@ GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"t
 STREAM_KERNEL = "stream"
 STREAM_ROWS = (1, 0)
 # the small-token kernel reads a row-strided W in place (its plan's ldw) instead of a packed copy a
-# call: written without a GPU; off until a GPU has run tests/gpu/test_gemv.py's strided case
-# (runtime/lora.py's K-extended storage turns it on with its own flag)
-STRIDED_W = False
+# call (tests/gpu/test_gemv.py's strided case; runtime/lora.py's K-extended storage needs it: its
+# decode reads W and the A rows K + S slots R apart)
+STRIDED_W = True
 _PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 

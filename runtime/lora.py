@@ -24,7 +24,7 @@ padded FLOPs of the LoRA GEMMs (small beside the base product's: K R / (K O) per
     lora_b   [slots + 1, R, O]     lora_B transposed: row j holds column j of each slice's B in the
                                    slice's columns (the expand reads 8 output columns as 16 bytes)
     ranks    int32 [slots + 1, S], scales f32 [slots + 1, S]
-    (KEXT, off by default: q/k/v and gate/up keep W, then the A rows, K + S slots R apart, each
+    (KEXT: q/k/v and gate/up keep W, then the A rows, K + S slots R apart, each
     slice's B columns of every slot after W's: one prefill GEMM over [x | vm]; see KEXT below)
 The last slot is all zeros: "no adapter" is one more group in the adapter-sorted order, whose
 grouped products are zeros without a branch.
@@ -83,13 +83,13 @@ DENSE_MAX_RANKS = 256
 # most 1/FOLD_MAX of the base weight's rows (the bytes the product reads more)
 FOLD_MAX = 8
 MAX_ADAPTERS = MAX_EXPERTS - 1   # moe_align sorts over the slots and "no adapter"
-# K-extended storage (written without a GPU; off until measured, with runtime/linear.STRIDED_W, which
-# it needs): where a projection's outputs outnumber its inputs (q/k/v, gate/up), LoRALinear keeps W's
+# K-extended storage (with runtime/linear.STRIDED_W, which it needs; measured in benchmarks/NOTES.md,
+# "The K-extended LoRA storage"): where a projection's outputs outnumber its inputs (q/k/v, gate/up), LoRALinear keeps W's
 # rows K + S slots R apart with each slice's B blocks after them, [W | B-blocks; A | 0], so that a
 # prefill's dense route is one GEMM [x | vm] @ [W | B-blocks]^T: the delta takes no pass of its own
 # over the output (its write and the base GEMM reading it back: benchmarks/NOTES.md, "Multi-LoRA at
 # prefill"); decode reads W and the A rows at that row stride (the small-token kernel's ldw).
-KEXT = False
+KEXT = True
 ROUTES = ("kernels", "dense", "grouped", "torch")
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 

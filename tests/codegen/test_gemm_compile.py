@@ -142,3 +142,40 @@ def test_even_outputs_store_pairs():
         ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90a"), want_ptx=True).ptx
         stores = set(re.findall(r"st\.global\.[bu](\d+)", ptx))
         assert stores == {width}, (n, stores)
+
+
+# Mixtral-8x7B's gate/up and down, Qwen1.5-MoE's (60 experts), DeepSeek-V3's (256), odd sizes
+GROUPED = [(28672, 4096, "silu", 8), (4096, 14336, None, 8), (2816, 2048, "silu", 60), (2048, 1408, None, 60),
+           (4096, 7168, "silu", 256), (544, 1000, "gelu_tanh", 5)]
+
+
+@pytest.mark.parametrize("bn", [128, 256])
+@pytest.mark.parametrize("n,k,gated,groups", GROUPED)
+def test_grouped_gemm_compiles_clean(n, k, gated, groups, bn):
+    """The grouped product (runtime/moe.grouped_product): no spills, wgmma not serialised, TMA
+    loads, the offsets its last argument and the grid bounded by every group's row tiles."""
+    for dtype in ("bf16", "f16"):
+        plan = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, groups=groups)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515"):
+            assert code not in res.log, (plan.key, res.log)
+        assert "cp.async.bulk.tensor.2d" in res.ptx and "shfl.sync.up" in res.ptx, plan.key
+        assert plan.key.endswith(f"_g{groups}_sm90a")
+        assert [a.name for a in plan.abi.args] == ["x_map", "w_map", "out", "M", "offsets"]
+        tiles_n = -(-plan.n_out // plan.bn_out)
+        assert plan.abi.grid_for(300, 1000)[0] == min(1000, (3 + groups) * tiles_n)
+        assert plan.abi.grid_for(300, 132)[0] == min(132, (3 + groups) * tiles_n)
+
+
+def test_grouped_gemm_bad_plans():
+    with pytest.raises(ValueError, match="persistent"):
+        plan_gemm("bf16", n=256, k=256, tma=True, groups=8)
+    with pytest.raises(ValueError, match="groups"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, groups=5000)
+    with pytest.raises(ValueError, match="bias or residual"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, groups=8, bias=True)
+    a = plan_gemm("bf16", n=256, k=256, tma=True, persistent=True)
+    b = plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, groups=8)
+    assert a.source() != b.source() and "offsets" not in a.abi.signature and a.key + "" != b.key

@@ -120,3 +120,14 @@ def test_the_permutation_lists_the_experts_with_rows():
     assert offsets.tolist() == [0, 2, 4, 6, 6, 6, 9]
     assert active.tolist() == [0, 1, 2, 5, -1, -1, 4]
     assert torch.equal(active, moe_active_reference(offsets))
+
+
+def test_grouped_product_refuses_what_it_cannot_take():
+    """runtime/moe.grouped_product (the generated grouped GEMM of the longer steps) needs CUDA
+    tensors on sm_90; on the CPU it is a clear error before anything runs, and the MoE module's
+    longer steps take torch's route there (the test above, at 33 tokens)."""
+    from layerforge.runtime import moe as moe_mod
+    xs, w = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(4, 32, 64, dtype=torch.bfloat16)
+    with pytest.raises(LinearInputError, match="CUDA"):
+        moe_mod.grouped_product(xs, w, torch.zeros(5, dtype=torch.int32))
+    assert not moe_mod._grouped_kernel_serves(xs, w, w)

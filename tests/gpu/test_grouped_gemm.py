@@ -1,0 +1,136 @@
+"""The generated grouped GEMM (codegen/gemm.py `groups`, runtime/moe.grouped_product; sm_90 only)
+against float64 per group: empty groups, groups of 1, 127, 128, 129 and many tiles of rows, N and
+K off the tiles, rows past the last group's end left as they were, bf16 and f16, the gated
+activations, outputs poisoned with NaN first; the launch under graph capture with the row counts
+changing between replays (the offsets are read by the kernel, not the host); MoE blocks on it
+against transformers at a long step."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerforge.runtime import moe as moe_mod
+from layerforge.runtime.linear import LinearInputError
+from layerforge.runtime.moe import MoE, grouped_product
+
+from ..moe_blocks import H, block, run_block
+from ..seeding import seeded_generator
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+if torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("the grouped wgmma GEMM needs an sm_90 GPU", allow_module_level=True)
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def reference(xs, w, offsets, gated):
+    """float64 rows of each group, rows past offsets[-1] None."""
+    bounds = offsets.tolist()
+    out = []
+    for e in range(w.shape[0]):
+        r = xs[bounds[e]:bounds[e + 1]].double() @ w[e].double().T
+        if gated:
+            g, u = r.chunk(2, dim=-1)
+            r = ACT[gated](g) * u
+        out.append(r)
+    return torch.cat(out), bounds[-1]
+
+
+def check(counts, n, k, dtype, gated, extra=0, tag="grouped"):
+    gen = seeded_generator(tag, tuple(counts), n, k, dtype, gated, extra)
+    E = len(counts)
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32, device="cuda")
+    P = int(offsets[-1]) + extra
+    xs = (torch.randn(P, k, generator=gen) * 0.5).to(dtype).cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).to(dtype).cuda()
+    out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=dtype, device="cuda")
+    y = grouped_product(xs, w, offsets, gated=gated, out=out)
+    torch.cuda.synchronize()
+    ref, end = reference(xs, w, offsets, gated)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y[:end]).any(), "a row of a group was not written"
+    assert torch.isnan(y[end:]).all(), "a row past the last group was written"
+    torch.testing.assert_close(y[:end].double(), ref, rtol=2e-2, atol=2e-2 * max(ref.abs().max().item(), 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("counts", [[128, 0, 129, 1, 127, 0, 0, 300], [0] * 7 + [5], [257], [1, 1, 1, 1],
+                                    [0, 1000, 0, 0, 2, 0]])
+def test_grouped_gemm_against_float64(counts, gated, dtype):
+    check(counts, 2 * 272 if gated else 200, 1000, dtype, gated)
+
+
+@pytest.mark.parametrize("n,k,gated", [(3000, 1000, None), (2 * 1408, 2048, "silu"), (2048, 1408, None),
+                                       (2 * 1500, 1000, "gelu")])
+def test_grouped_gemm_shapes_off_the_tiles(n, k, gated):
+    gen = seeded_generator("grouped_counts", n, k)
+    counts = torch.randint(0, 300, (12,), generator=gen).tolist()
+    counts[3] = 0
+    check(counts, n, k, torch.bfloat16, gated, extra=37, tag="grouped_shapes")
+
+
+def test_grouped_gemm_many_groups():
+    """60 experts (Qwen1.5-MoE) and 160 (more than one pass of the table's warp scan)."""
+    for E in (60, 160):
+        gen = seeded_generator("grouped_many", E)
+        counts = torch.randint(0, 70, (E,), generator=gen).tolist()
+        check(counts, 2 * 272, 512, torch.bfloat16, "silu", tag="grouped_many")
+
+
+def test_grouped_gemm_replays_with_new_counts():
+    """Captured once; replayed after the offsets (and rows) change in place: the new groups."""
+    gen = seeded_generator("grouped_graph")
+    E, n, k, P = 8, 2 * 272, 512, 900
+    xs = (torch.randn(P, k, generator=gen) * 0.5).bfloat16().cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).bfloat16().cuda()
+    offsets = torch.tensor([0, 100, 100, 300, 301, 500, 700, 850, 900], dtype=torch.int32, device="cuda")
+    out = torch.empty(P, n // 2, dtype=torch.bfloat16, device="cuda")
+    grouped_product(xs, w, offsets, gated="silu", out=out)     # load outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        grouped_product(xs, w, offsets, gated="silu", out=out)
+    offsets.copy_(torch.tensor([0, 0, 0, 450, 451, 452, 453, 454, 900], dtype=torch.int32))
+    xs.copy_((torch.randn(P, k, generator=gen) * 0.5).bfloat16())
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref, _ = reference(xs, w, offsets, "silu")
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_grouped_gemm_refuses_what_it_cannot_take():
+    xs = torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(4, 32, 64, dtype=torch.bfloat16, device="cuda")
+    off = torch.zeros(5, dtype=torch.int32, device="cuda")
+    with pytest.raises(LinearInputError, match="offsets"):
+        grouped_product(xs, w, off[:4])
+    with pytest.raises(LinearInputError, match="dtype"):
+        grouped_product(xs.half(), w, off)
+    with pytest.raises(LinearInputError, match="multiple of 8"):
+        grouped_product(xs[:, :60], w[:, :, :60].contiguous(), off)
+    with pytest.raises(LinearInputError, match="gated"):
+        grouped_product(xs, w, off, gated="relu")
+    with pytest.raises(LinearInputError, match="out"):
+        grouped_product(xs, w, off, out=torch.empty(16, 31, dtype=torch.bfloat16, device="cuda"))
+    assert grouped_product(xs[:0], w, off).shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_moe_on_the_grouped_gemm_matches_transformers(name, dtype, monkeypatch):
+    monkeypatch.setattr(moe_mod, "GROUPED_KERNEL", True)
+    blk, cfg = block(name, dtype=dtype, device="cuda")
+    moe = MoE.from_hf(blk, cfg)
+    x = torch.randn(1100, H, generator=seeded_generator("moe_grouped_gemm", name)).to(dtype).cuda()
+    ref = run_block(blk, x)
+    with torch.no_grad():
+        got = moe(x)
+    torch.cuda.synchronize()
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    scale = ref.float().abs().max().item()
+    err = (got.float() - ref.float()).abs()
+    assert err.max().item() <= 2e-2 * scale, (err.max().item(), scale)
+    assert err.mean().item() <= 2e-3 * scale
