@@ -308,9 +308,10 @@ def wall_time(fn, iters: int, device: torch.device, warmup: int = 3) -> float:
 
 
 def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters: int, dev,
-                   breakdown: bool = False) -> float:
-    """Seconds to prefill `prompts` (each on its adapter, or the base) through a fresh Engine's
-    steps, from add() to every sequence's logits (with breakdown: each kernel's time a prefill)."""
+                   breakdown: bool = False) -> list[float]:
+    """Seconds of each of `iters` prefills of `prompts` (each on its adapter, or the base) through a
+    fresh Engine's steps, from add() to every sequence's logits (with breakdown: each kernel's time a
+    prefill)."""
     from layerforge.models.engine import Engine
     eng = Engine(model, max_seqs=len(prompts), max_seq_len=max(map(len, prompts)) + 16,
                  prefill_chunk=sum(map(len, prompts)))
@@ -325,7 +326,8 @@ def engine_prefill(model, prompts: list[list[int]], adapters: list | None, iters
     if breakdown:
         with torch.no_grad():
             kernel_table(prefill, f"engine prefill, {'adapters' if adapters else 'base model'}", dev, iters=2)
-    return wall_time(prefill, iters, dev)
+    wall_time(prefill, 1, dev)   # warm
+    return [wall_time(prefill, 1, dev, warmup=0) for _ in range(iters)]
 
 
 def engine_prefill_rows(a, dims, tokens: int, dev) -> list[dict]:
@@ -334,14 +336,20 @@ def engine_prefill_rows(a, dims, tokens: int, dev) -> list[dict]:
     n = a.adapters
     g = torch.Generator().manual_seed(tokens)
     prompts = [torch.randint(0, model.spec.vocab_size, (tokens // n,), generator=g).tolist() for _ in range(n)]
-    iters = 5
-    runs = {"base": engine_prefill(model, prompts, None, iters, dev, a.breakdown)}
-    attached = attach_adapters(model, engine_adapters(model, a.adapters, a.rank))
-    runs["lora"] = engine_prefill(model, prompts, [f"a{i}" for i in range(n)], iters, dev, a.breakdown)
-    attached.detach()
+    # base and adapters in alternating blocks (clock drift hits both), the median of every prefill
+    times: dict[str, list[float]] = {"base": [], "lora": []}
+    adapters = engine_adapters(model, a.adapters, a.rank)
+    blocks = 3 if dev.type == "cuda" else 1
+    for b in range(blocks):
+        times["base"] += engine_prefill(model, prompts, None, 4, dev, a.breakdown and b == 0)
+        attached = attach_adapters(model, adapters)
+        times["lora"] += engine_prefill(model, prompts, [f"a{i}" for i in range(n)], 4, dev, a.breakdown and b == 0)
+        attached.detach()
+    runs = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     target = dict(TARGETS)["prefill"]
     print(f"engine prefill, {n} prompts of {tokens // n} tokens (one step), {a.layers} layers + the LM head; "
-          f"over: against the base model's")
+          f"over: against the base model's (median of {len(times['base'])} prefills each, base and adapters "
+          f"alternating in {blocks} blocks)")
     print(f"{'':>14} {'prefill us':>11} {'over':>8}")
     out = []
     for name, t in runs.items():

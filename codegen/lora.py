@@ -222,15 +222,19 @@ class LoraMaskPlan(KernelPlan):
     slots: int                 # E
     rank: int                  # R, a multiple of 8
     slices: int = 1            # S
+    copy_k: int = 0            # K > 0: also copy x [tokens, K] into columns 0 .. K - 1 of vm's rows
     arch: str = "sm_90"
 
     def __post_init__(self):
         _check_common("lora mask", self.dtype, self.rank, self.slices, self.arch)
         _positive("lora mask", slots=self.slots)
+        if self.copy_k < 0 or self.copy_k % 8:
+            raise ValueError(f"lora mask: copy_k must be a multiple of 8 (16-byte vectors), got {self.copy_k}")
 
     @property
     def key(self) -> str:
-        return f"lora_mask_e{self.slots}_r{self.rank}x{self.slices}_{self.dtype}_{self.arch.replace('_', '')}"
+        copy = f"_x{self.copy_k}" if self.copy_k else ""
+        return f"lora_mask_e{self.slots}_r{self.rank}x{self.slices}{copy}_{self.dtype}_{self.arch.replace('_', '')}"
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -240,11 +244,14 @@ class LoraMaskPlan(KernelPlan):
         return _mask_source(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "slots": self.slots, "rank": self.rank, "slices": self.slices}
+        return {"dtype": self.dtype, "slots": self.slots, "rank": self.rank, "slices": self.slices,
+                **({"copy_k": self.copy_k} if self.copy_k else {})}
 
 
-def plan_lora_mask(dtype: str, *, slots: int, rank: int, slices: int = 1, arch: str = "sm_90") -> LoraMaskPlan:
-    return LoraMaskPlan(dtype=dtype, slots=slots, rank=rank, slices=slices, arch=arch)
+def plan_lora_mask(dtype: str, *, slots: int, rank: int, slices: int = 1, copy_k: int = 0,
+                   arch: str = "sm_90") -> LoraMaskPlan:
+    """The mask; copy_k = K: the K-extended operand [x | vm] made whole in the same launch."""
+    return LoraMaskPlan(dtype=dtype, slots=slots, rank=rank, slices=slices, copy_k=copy_k, arch=arch)
 
 
 def plan_lora_shrink(dtype: str, *, k: int, rank: int, slices: int = 1, arch: str = "sm_90",
@@ -313,9 +320,10 @@ def _mask_abi(plan: LoraMaskPlan) -> KernelABI:
     t = ops.storage_ctype(plan.dtype)
     args = (Arg("v", f"const {t}* __restrict__", "input"), Arg("ldv", "long long", "dim"),
             Arg("slot", _I32_IN, "input"), Arg("scales", "const float* __restrict__", "input"),
+            *((Arg("x", f"const {t}* __restrict__", "input"),) if plan.copy_k else ()),
             Arg("vm", f"{t}* __restrict__", "output", "0"), Arg("ldvm", "long long", "dim"),
             Arg("n_tokens", "long long", "dim", "tokens"))
-    vecs = plan.slices * plan.slots * plan.rank // 8
+    vecs = (plan.copy_k + plan.slices * plan.slots * plan.rank) // 8
     return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(tokens * {vecs}, {plan.threads})",),
                      block=(plan.threads,), problem=("tokens",))
 
@@ -324,4 +332,4 @@ def _mask_abi(plan: LoraMaskPlan) -> KernelABI:
 def _mask_source(plan: LoraMaskPlan) -> str:
     return render("cuda/lora_mask.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
                   common=read_template("cuda/common.cuh"), signature=plan.abi.signature, T=ops.storage_ctype(plan.dtype),
-                  slots=plan.slots, rank=plan.rank, slices=plan.slices, threads=plan.threads)
+                  slots=plan.slots, rank=plan.rank, slices=plan.slices, threads=plan.threads, copy_k=plan.copy_k)

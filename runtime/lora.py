@@ -395,29 +395,41 @@ class MultiLoRA(torch.nn.Module):
         raise ValueError(f"delta: route must be 'dense', 'grouped' or 'torch', got {route!r}")
 
     def mask(self, v: torch.Tensor, batch: AdapterBatch, *, out: torch.Tensor | None = None,
-             cache=None) -> torch.Tensor:
+             x: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """vm [T, S, slots, R] in v's dtype: v [T, slots S R] (every slot's shrink, rows 16-byte aligned)
         scaled by each token's slot's scales and zero in the other slots' blocks (the mask kernel
         on CUDA bf16/f16, torch elsewhere): the dense route's delta GEMMs' operand. out: a [T, S
-        slots R] view to write instead (unit column stride, rows 16-byte aligned: the columns after
-        x's of a K-extended operand); returned as it is."""
+        slots R] view to write instead (unit column stride, rows 16-byte aligned); returned as it is.
+        x: [T, K] (contiguous): out is then the whole K-extended operand [T, K + S slots R], x copied
+        into its first K columns and the mask after them, by the same launch."""
         E, S, R, T = self.adapters, len(self.slices), self.rank, v.shape[0]
         C = E * S * R
+        K = 0 if x is None else x.shape[-1]
         if v.shape != (T, C) or v.stride(1) != 1:
             raise LoRAInputError(f"mask: v must be [{T}, {C}] with unit column stride, got {list(v.shape)}")
-        if out is not None and (tuple(out.shape) != (T, C) or out.stride(1) != 1 or out.dtype != v.dtype
+        if x is not None and (out is None or x.shape != (T, K) or not x.is_contiguous() or x.dtype != v.dtype
+                              or x.device != v.device or x.data_ptr() % 16 or K % 8):
+            raise LoRAInputError(f"mask: x must be a contiguous 16-byte aligned {v.dtype} [{T}, K] (K a multiple "
+                                 "of 8) with an out to hold [x | vm]")
+        if out is not None and (tuple(out.shape) != (T, K + C) or out.stride(1) != 1 or out.dtype != v.dtype
                                 or out.device != v.device or out.data_ptr() % 16 or out.stride(0) % 8):
-            raise LoRAInputError(f"mask: out must be a {v.dtype} [{T}, {C}] view with unit column stride and "
+            raise LoRAInputError(f"mask: out must be a {v.dtype} [{T}, {K + C}] view with unit column stride and "
                                  "16-byte aligned rows")
         self.check_batch(batch, v)
         vm = torch.empty(T, S, E, R, dtype=v.dtype, device=v.device) if out is None else out
         if v.is_cuda and v.dtype in _TYPES and v.data_ptr() % 16 == 0 and v.stride(0) % 8 == 0 \
                 and device_major(v.device) >= 8:
             dname = _TYPES[v.dtype]
-            launcher = _launcher(("mask", dname, E, R, S, v.device.index), v.device,
-                                 lambda arch: plan_lora_mask(dname, slots=E, rank=R, slices=S, arch=arch), cache)
-            launcher((T,), [v, v.stride(0), batch.slot, self.scales, vm, C if out is None else out.stride(0), T])
+            launcher = _launcher(("mask", dname, E, R, S, K, v.device.index), v.device,
+                                 lambda arch: plan_lora_mask(dname, slots=E, rank=R, slices=S, copy_k=K, arch=arch),
+                                 cache)
+            launcher((T,), [v, v.stride(0), batch.slot, self.scales, *([x] if K else []), vm,
+                            C if out is None else out.stride(0), T])
             return vm
+        if K:
+            out[:, :K].copy_(x)
+            self.mask(v, batch, out=out[:, K:])
+            return out
         ms = batch.onehot.unsqueeze(-1) * self.scales[:E]                  # [T, E, S]: the token's slot only
         m = torch.mul(v.view(T, E, S, R).transpose(1, 2), ms.transpose(1, 2).unsqueeze(-1))   # f32: rounded once
         return vm.copy_(m.reshape(vm.shape))
@@ -550,8 +562,7 @@ class LoRALinear(torch.nn.Module):
             if wx is not None:   # one GEMM over [x | vm]: the delta without a pass of its own
                 K = self.in_features
                 xe = torch.empty(T, wx.shape[1], dtype=x2.dtype, device=x2.device)
-                xe[:, :K].copy_(x2)
-                lora.mask(lora.every_slot_v(x2), batch, out=xe[:, K:])
+                lora.mask(lora.every_slot_v(x2), batch, out=xe, x=x2)   # [x | vm] by one launch
                 return torch.nn.functional.linear(xe, wx, self.bias)
         out = torch.empty(T, O, dtype=x2.dtype, device=x2.device)
         lora.delta(x2, batch, out, route)
@@ -627,7 +638,7 @@ def _kext_fits(O: int, K: int, lora: MultiLoRA) -> bool:
     A rows within the decode fold's bound."""
     from . import linear
     ESR = lora.adapters * len(lora.slices) * lora.rank
-    return (KEXT and linear.STRIDED_W and O > K and lora.adapters * lora.rank <= DENSE_MAX_RANKS
+    return (KEXT and linear.STRIDED_W and O > K and K % 8 == 0 and lora.adapters * lora.rank <= DENSE_MAX_RANKS
             and FOLD_MAX * ESR <= O)
 
 

@@ -42,6 +42,19 @@ def test_mask_compiles_to_one_16_byte_load_and_store(dtype, slots, rank, slices,
     assert plan.abi.grid_for(300) == (-(-300 * slices * slots * rank // 8 // 256), 1, 1)
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_mask_with_x_copies_it_in_16_byte_vectors(arch):
+    """copy_k: the K-extended operand [x | vm] in one launch, a thread one 16-byte vector of either."""
+    plan = plan_lora_mask("bf16", slots=4, rank=16, slices=3, copy_k=4096, arch=arch)
+    ptx = _compile(plan, arch, ptx=True).ptx
+    assert ptx.count("ld.global.nc.v4.u32") == 2 and ptx.count("st.global.v4.u32") == 2, plan.key
+    assert plan.key == f"lora_mask_e4_r16x3_x4096_bf16_{arch.replace('_', '')}"
+    assert [a.name for a in plan.abi.args] == ["v", "ldv", "slot", "scales", "x", "vm", "ldvm", "n_tokens"]
+    assert plan.abi.grid_for(300) == (-(-300 * (4096 + 3 * 4 * 16) // 8 // 256), 1, 1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        plan_lora_mask("bf16", slots=4, rank=16, copy_k=12)
+
+
 def test_the_shrink_reads_16_byte_vectors_and_reduces_by_halving():
     plan = plan_lora_shrink("bf16", k=4096, rank=16, slices=3, arch="sm_90")
     ptx = _compile(plan, "sm_90", ptx=True).ptx

@@ -166,6 +166,25 @@ def test_mask_scales_each_tokens_slot_and_zeros_the_rest(tokens, slices, dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 300, 4097])
+def test_mask_with_x_makes_the_k_extended_operand(tokens, dtype):
+    """mask(..., x=x) writes [x | vm] in one launch: x's rows exactly, then the masked v, into a
+    poisoned buffer whose every element is written."""
+    gen = seeded_generator("lora_mask_x", tokens, dtype)
+    slices = (256, 64, 64)
+    lora = store(64, slices, dtype, gen)
+    E, S, R, K = lora.adapters, len(slices), lora.rank, 1032
+    batch = AdapterBatch(draw_ids(tokens, gen), E)
+    v = torch.randn(tokens, E * S * R, generator=gen).to("cuda", dtype)
+    x = torch.randn(tokens, K, generator=gen).to("cuda", dtype)
+    want = lora.mask(v, batch).reshape(tokens, -1)   # the plain mask kernel (test above)
+    xe = torch.full((tokens, K + E * S * R), float("nan"), dtype=dtype, device="cuda")
+    assert lora.mask(v, batch, out=xe, x=x) is xe
+    torch.cuda.synchronize()
+    assert torch.equal(xe[:, :K], x) and torch.equal(xe[:, K:], want)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,route", ROUTES)
