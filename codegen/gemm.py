@@ -32,6 +32,12 @@ persistent schedule"):
                      groups' row tiles into shared tables (one warp, a shuffle scan), then walks
                      the tiles group by group, each group's in `tile_order`; a group's last row
                      tile reads the next group's rows and stores only its own.
+    cluster=2        (needs persistent) CTA pairs (thread-block clusters of 2) walk tiles of
+                     256 rows, each CTA its 128; each copies half of the pair's W tile by TMA
+                     multicast into both CTAs' shared memory, so W's tile leaves L2 once a pair
+                     (the x and W tiles of a 128 x 256 tile at full tensor-core speed need ~11
+                     TB/s from L2 over 132 SMs: the bound this halves W's share of). The grid is
+                     twice the clusters the device can hold at once (the launcher asks the driver).
 Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
@@ -93,11 +99,14 @@ class GemmPlan(ProductPlan):
     tma: bool = False            # x and W by TMA from tensor maps (the module's docstring)
     persistent: bool = False     # one CTA an SM walking tile_order (needs tma)
     groups: int = 0              # a grouped product over [groups, N, K] weights (needs persistent)
+    cluster: int = 1             # 2: CTA pairs sharing W's tile by TMA multicast (needs persistent)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
         if self.persistent and not self.tma:
             raise ValueError("gemm: the persistent schedule needs tma=True (the cp.async producer is one tile's)")
+        if self.cluster not in (1, 2) or (self.cluster == 2 and not self.persistent):
+            raise ValueError(f"gemm: cluster must be 1, or 2 with the persistent schedule, got {self.cluster}")
         if self.groups:
             if not self.persistent or not 1 <= self.groups <= MAX_GROUPS:
                 raise ValueError(f"gemm: groups needs the persistent schedule and 1 to {MAX_GROUPS} groups, "
@@ -128,6 +137,8 @@ class GemmPlan(ProductPlan):
             parts.append(f"persist{self.band}")
         if self.groups:
             parts.append(f"g{self.groups}")
+        if self.cluster > 1:
+            parts.append(f"c{self.cluster}")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -144,7 +155,7 @@ class GemmPlan(ProductPlan):
     def tma_boxes(self) -> dict[str, tuple[int, int]]:
         """(rows, columns) of the box each tensor map copies: x's 128 rows, W's BN rows (gated:
         BN / 2, copied twice, gate rows then up rows), 64 columns (one 128-byte swizzle row)."""
-        return {"x": (BM, BK), "w": (self.bn // 2 if self.gated else self.bn, BK)}
+        return {"x": (BM, BK), "w": (self.bn // 2 if self.gated or self.cluster > 1 else self.bn, BK)}
 
     @property
     def shared_layout(self) -> SharedLayout:
@@ -169,7 +180,7 @@ class GemmPlan(ProductPlan):
         return {"dtype": self.dtype, "n": self.n, "k": self.k, "gated": self.gated, "bias": self.bias,
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
-                **({"groups": self.groups} if self.groups else {})}
+                **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {})}
 
 
 @functools.lru_cache(maxsize=256)
@@ -177,13 +188,17 @@ def _abi(plan: GemmPlan) -> KernelABI:
     args = product_args(plan)
     if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
         args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
-    if plan.groups:   # M: every group's rows; a group's row tiles are at most cdiv(its rows, BM)
+    c = plan.cluster   # SMS: the device's multiprocessors (cluster 2: twice the clusters it holds at once)
+    if plan.groups:   # M: every group's rows; a group's row tiles are at most cdiv(its rows, BM c)
         args.append(Arg("offsets", "const int* __restrict__", "input"))
+        tiles = f"(cdiv(M, {BM * c}) + {plan.groups}) * {plan.tiles_n}"
         return KernelABI(name=plan.kernel_name, args=tuple(args),
-                         grid=(f"min(SMS, (cdiv(M, {BM}) + {plan.groups}) * {plan.tiles_n})",),
+                         grid=(f"min(SMS, {tiles})" if c == 1 else f"min(SMS, {c} * {tiles})",),
                          block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
     if plan.persistent:   # SMS: the device's multiprocessors
-        return KernelABI(name=plan.kernel_name, args=tuple(args), grid=(f"min(SMS, cdiv(M, {BM}) * {plan.tiles_n})",),
+        tiles = f"cdiv(M, {BM * c}) * {plan.tiles_n}"
+        return KernelABI(name=plan.kernel_name, args=tuple(args),
+                         grid=(f"min(SMS, {tiles})" if c == 1 else f"min(SMS, {c} * {tiles})",),
                          block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
     return KernelABI(name=plan.kernel_name, args=tuple(args),
                      grid=(f"cdiv({plan.n_out}, {plan.bn_out})", f"cdiv(M, {BM})"), block=(384,),
@@ -198,16 +213,17 @@ def _render(plan: GemmPlan) -> str:
                   NOUT=plan.n_out, BN=plan.bn, STAGES=plan.stages, GATED=plan.gated, BIAS=plan.bias,
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
-                  PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups)
+                  PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
+                  CLUSTER=plan.cluster, cluster=plan.cluster)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
-              persistent: bool = False, groups: int = 0) -> GemmPlan:
+              persistent: bool = False, groups: int = 0, cluster: int = 1) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
-    192 KB of shared memory, one CTA an SM); tma, persistent and groups: the module's docstring."""
+    192 KB of shared memory, one CTA an SM); tma, persistent, groups, cluster: the module's docstring."""
     bn = 256 if bn is None else bn
     if stages is None:
         stages = max(2, min(6, (SHARED_LIMIT - 2048) // ((BM + bn) * BK * 2)))
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages, tma=tma, persistent=persistent, groups=groups)
+                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster)

@@ -181,6 +181,23 @@ class LoadedKernel:
               "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
         self.max_dynamic_shared_mem = nbytes
 
+    def max_active_clusters(self, cluster: int, block: int, shared_mem: int) -> int:
+        """How many clusters of `cluster` CTAs of this kernel (its compile-time cluster size) the
+        device holds at once, `block` threads and `shared_mem` dynamic bytes each
+        (cuOccupancyMaxActiveClusters): a persistent grid of clusters launches no more."""
+        if shared_mem > self.max_dynamic_shared_mem:
+            self.set_max_dynamic_shared_mem(shared_mem)
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
+        cfg = cu.CUlaunchConfig()
+        cfg.attrs, cfg.numAttrs = [attr], 1
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cluster, 1, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
+        cfg.sharedMemBytes = shared_mem
+        with _current(self.module.context):
+            return int(check(cu.cuOccupancyMaxActiveClusters(self.handle, cfg), "cuOccupancyMaxActiveClusters"))
+
     def launch(self, grid: int | Sequence[int], block: int | Sequence[int], args: Sequence[Any],
                shared_mem: int = 0, stream: int | torch.cuda.Stream | None = None, pdl: bool = False) -> None:
         """Enqueue one launch. Pointer args take tensors (their data_ptr()), ints or None.

@@ -32,7 +32,8 @@ KERNEL_MAX_ROWS = 16
 WGMMA_MIN_ROWS = 1 << 62
 # The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
 # measured in benchmarks/NOTES.md: the persistent one is the fastest, the GEMM route's default)
-GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True}}
+GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True},
+                "wgmma_cluster": {"tma": True, "persistent": True, "cluster": 2}}
 # The decode-range Hopper GEMM (codegen/gemm_stream.py: W's rows as the wgmma M, stream-K over the
 # SMs) by its gemv `kernel` name; calls of STREAM_ROWS[0] .. STREAM_ROWS[1] rows take it on sm_90
 # (off, an empty range, until measured faster than cuBLAS there: benchmarks/bench_gemv.py --stream)
@@ -139,13 +140,23 @@ class _GemmLauncher:
     __slots__ = ("plan", "launcher", "sms")
 
     def __init__(self, plan, launcher, sms: int):
-        self.plan, self.launcher, self.sms = plan, launcher, sms
+        self.plan, self.launcher, self.sms = plan, launcher, persistent_ctas(plan, launcher, sms)
 
     def __call__(self, rows: int, args: list) -> None:
         if self.plan.tma:
             boxes = self.plan.tma_boxes
             args = [tensor_map(args[0], boxes["x"]), tensor_map(args[1], boxes["w"]), *args[2:]]
         self.launcher((rows, self.sms) if self.plan.persistent else (rows,), args)
+
+
+def persistent_ctas(plan, launcher, sms: int) -> int:
+    """The CTAs a persistent Hopper GEMM's grid may hold (its ABI's SMS): one an SM, or for a
+    cluster plan the CTAs of as many clusters as the device holds at once (the driver's count:
+    clusters are placed within GPCs, so fewer than SMs / 2 pairs may fit)."""
+    if getattr(plan, "cluster", 1) == 1:
+        return sms
+    c = plan.cluster
+    return c * max(1, launcher.function.max_active_clusters(c, plan.abi.block[0], plan.shared_bytes))
 
 
 def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,

@@ -70,6 +70,8 @@ EXPERT_SPLIT: dict[tuple[bool, bool], tuple[int, int, int]] = {}
 # gated activation as its epilogue, then down; sm_90) instead of torch's grouped GEMM with the
 # activation kernel between (benchmarks/bench_moe.py times both: 1.2 x at 256 tokens, even at 4096)
 GROUPED_KERNEL = True
+# the grouped GEMM's CTAs in clusters of this many sharing W's tiles by TMA multicast (codegen/gemm.py)
+GROUPED_CLUSTER = 1
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 _GATED_LAYER = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
@@ -597,18 +599,20 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     sms = device_properties(xs.device).multi_processor_count
     from ..codegen.gemm import pick_bn, plan_gemm
     bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms)   # by the mean rows a group
-    key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn)
+    key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
+        from .linear import persistent_ctas
         plan = plan_gemm("bf16" if xs.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bn=bn,
-                         tma=True, persistent=True, groups=E)
-        hit = _KERNELS[key] = (plan, load_plan(plan, xs.device, cache))
-    plan, launcher = hit
+                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER)
+        launcher = load_plan(plan, xs.device, cache)
+        hit = _KERNELS[key] = (plan, launcher, persistent_ctas(plan, launcher, sms))
+    plan, launcher, ctas = hit
     boxes = plan.tma_boxes
     xs = _packed(xs, 16)
-    launcher((P, sms), [tensor_map(xs, boxes["x"]), tensor_map(_packed(w, 16).view(E * n, k), boxes["w"]), y, P,
-                        offsets])
+    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(_packed(w, 16).view(E * n, k), boxes["w"]), y, P,
+                         offsets])
     return y
 
 

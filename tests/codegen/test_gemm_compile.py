@@ -45,10 +45,10 @@ def test_gemm_plan_errors():
     assert p.key == "gemm_n28672_k4096_bf16_silu_bn256s4_sm90a" and p.bn_out == 128 and p.stages == 4
 
 
-VARIANTS = [dict(tma=True), dict(tma=True, persistent=True)]
+VARIANTS = [dict(tma=True), dict(tma=True, persistent=True), dict(tma=True, persistent=True, cluster=2)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["tma", "persistent"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tma", "persistent", "cluster"])
 @pytest.mark.parametrize("bn", [128, 256])
 @pytest.mark.parametrize("n,k,gated", SHAPES)
 def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
@@ -61,6 +61,10 @@ def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
             assert code not in res.log, (plan.key, res.log)
         assert "cp.async.bulk.tensor.2d" in res.ptx and "cp.async.cg" not in res.ptx, plan.key
         assert "prefetch.tensormap" in res.ptx
+        if variant.get("cluster"):   # W by multicast, both CTAs' barriers, the pair declared to the driver
+            assert ".multicast::cluster" in res.ptx and "mapa.shared::cluster" in res.ptx, plan.key
+            assert ".reqnctapercluster 2, 1, 1" in res.ptx and res.ptx.count("barrier.cluster.wait") == 2
+            assert plan.tma_boxes["w"] == (plan.bn // 2, 64)
 
 
 def test_tma_plan_takes_tensor_maps_for_x_and_w():
@@ -179,3 +183,17 @@ def test_grouped_gemm_bad_plans():
     a = plan_gemm("bf16", n=256, k=256, tma=True, persistent=True)
     b = plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, groups=8)
     assert a.source() != b.source() and "offsets" not in a.abi.signature and a.key + "" != b.key
+
+
+def test_cluster_plans():
+    """cluster=2: the persistent grid in CTA pairs (an even grid, tiles of 256 rows), keyed apart;
+    refused without the persistent schedule."""
+    p = plan_gemm("bf16", n=4096, k=4096, tma=True, persistent=True, cluster=2)
+    assert p.key.endswith("_persist12_c2_sm90a") and p.describe()["cluster"] == 2
+    assert p.abi.grid_for(1000, 132)[0] == min(132, 2 * 4 * 16) and p.abi.grid_for(100, 132)[0] == 2 * 16
+    g = plan_gemm("bf16", n=4096, k=4096, tma=True, persistent=True, cluster=2, groups=8)
+    assert g.abi.grid_for(1000, 132)[0] == 132 and g.abi.grid_for(10, 16)[0] == 16
+    with pytest.raises(ValueError, match="cluster"):
+        plan_gemm("bf16", n=256, k=256, tma=True, cluster=2)
+    with pytest.raises(ValueError, match="cluster"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, cluster=4)

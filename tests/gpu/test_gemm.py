@@ -17,7 +17,7 @@ if torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("the wgmma GEMM needs an sm_90 GPU", allow_module_level=True)
 
 
-VARIANTS = sorted(GEMM_KERNELS)   # wgmma, wgmma_persistent, wgmma_tma
+VARIANTS = sorted(GEMM_KERNELS)   # wgmma, wgmma_cluster, wgmma_persistent, wgmma_tma
 
 
 def check(m, n, k, dtype, gated=None, bias=False, residual=False, kernel="wgmma"):

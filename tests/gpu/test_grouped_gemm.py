@@ -54,33 +54,44 @@ def check(counts, n, k, dtype, gated, extra=0, tag="grouped"):
     torch.testing.assert_close(y[:end].double(), ref, rtol=2e-2, atol=2e-2 * max(ref.abs().max().item(), 1e-3))
 
 
+CLUSTERS = [1, 2]   # runtime/moe.GROUPED_CLUSTER: CTA pairs sharing W's tiles by TMA multicast
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gated", [None, "silu", "gelu_tanh"])
 @pytest.mark.parametrize("counts", [[128, 0, 129, 1, 127, 0, 0, 300], [0] * 7 + [5], [257], [1, 1, 1, 1],
                                     [0, 1000, 0, 0, 2, 0]])
-def test_grouped_gemm_against_float64(counts, gated, dtype):
+def test_grouped_gemm_against_float64(counts, gated, dtype, cluster, monkeypatch):
+    monkeypatch.setattr(moe_mod, "GROUPED_CLUSTER", cluster)
     check(counts, 2 * 272 if gated else 200, 1000, dtype, gated)
 
 
+@pytest.mark.parametrize("cluster", CLUSTERS)
 @pytest.mark.parametrize("n,k,gated", [(3000, 1000, None), (2 * 1408, 2048, "silu"), (2048, 1408, None),
                                        (2 * 1500, 1000, "gelu")])
-def test_grouped_gemm_shapes_off_the_tiles(n, k, gated):
+def test_grouped_gemm_shapes_off_the_tiles(n, k, gated, cluster, monkeypatch):
+    monkeypatch.setattr(moe_mod, "GROUPED_CLUSTER", cluster)
     gen = seeded_generator("grouped_counts", n, k)
     counts = torch.randint(0, 300, (12,), generator=gen).tolist()
     counts[3] = 0
     check(counts, n, k, torch.bfloat16, gated, extra=37, tag="grouped_shapes")
 
 
-def test_grouped_gemm_many_groups():
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_grouped_gemm_many_groups(cluster, monkeypatch):
     """60 experts (Qwen1.5-MoE) and 160 (more than one pass of the table's warp scan)."""
+    monkeypatch.setattr(moe_mod, "GROUPED_CLUSTER", cluster)
     for E in (60, 160):
         gen = seeded_generator("grouped_many", E)
         counts = torch.randint(0, 70, (E,), generator=gen).tolist()
         check(counts, 2 * 272, 512, torch.bfloat16, "silu", tag="grouped_many")
 
 
-def test_grouped_gemm_replays_with_new_counts():
+@pytest.mark.parametrize("cluster", CLUSTERS)
+def test_grouped_gemm_replays_with_new_counts(cluster, monkeypatch):
     """Captured once; replayed after the offsets (and rows) change in place: the new groups."""
+    monkeypatch.setattr(moe_mod, "GROUPED_CLUSTER", cluster)
     gen = seeded_generator("grouped_graph")
     E, n, k, P = 8, 2 * 272, 512, 900
     xs = (torch.randn(P, k, generator=gen) * 0.5).bfloat16().cuda()
