@@ -571,7 +571,8 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     group e (offsets[e] <= j < offsets[e + 1]) = epilogue(xs[j] @ w[e]^T), act(gate) * up over w's
     two row halves when gated, f32 accumulation rounded once. xs [P, K] and w [E, N, K] bf16/f16 on
     one sm_90 device, K a multiple of 8; offsets int32 [E + 1] on the device (never read by the host:
-    graph-safe), offsets[0] = 0, non-decreasing, offsets[E] <= P (rows past it are left as they are)."""
+    graph-safe), offsets[0] = 0, non-decreasing, offsets[E] <= P (rows past it are left as they are; the
+    kernel clamps offsets into [0, P] and gives a decreasing pair no rows: no access outside xs or out)."""
     from .linear import _capability
     from .tma import tensor_map
     if w.dim() != 3 or xs.dim() != 2 or xs.shape[1] != w.shape[2] or xs.dtype != w.dtype \

@@ -112,6 +112,22 @@ def test_grouped_gemm_replays_with_new_counts(cluster, monkeypatch):
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+def test_grouped_gemm_bad_offsets_touch_nothing_outside():
+    """Offsets past P, negative or decreasing (a caller's bug): the kernel clamps them into [0, P],
+    so nothing outside out is written (a guard band after it stays poisoned) and no row of xs past
+    P is read."""
+    gen = seeded_generator("grouped_bad_offsets")
+    E, n, k, P = 4, 2 * 136, 256, 300
+    xs = (torch.randn(P, k, generator=gen) * 0.5).bfloat16().cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).bfloat16().cuda()
+    buf = torch.full((P + 64, n // 2), float("nan"), dtype=torch.bfloat16, device="cuda")
+    for bad in ([0, 200, 100, 500, 900], [-50, 10, 20, 30, 300], [0, 0, 0, 0, 10 ** 6]):
+        offsets = torch.tensor(bad, dtype=torch.int32, device="cuda")
+        grouped_product(xs, w, offsets, gated="silu", out=buf[:P])
+        torch.cuda.synchronize()
+        assert torch.isnan(buf[P:]).all(), bad
+
+
 def test_grouped_gemm_refuses_what_it_cannot_take():
     xs = torch.zeros(16, 64, dtype=torch.bfloat16, device="cuda")
     w = torch.zeros(4, 32, 64, dtype=torch.bfloat16, device="cuda")
