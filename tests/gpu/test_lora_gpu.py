@@ -219,7 +219,7 @@ def test_lora_linear_on_every_route(tokens, route, dtype, fold, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 9, 16, DECODE_ROWS, 300, 1000])
 def test_k_extended_storage_on_decode_and_prefill(tokens, dtype, monkeypatch):
-    """KEXT with STRIDED_W (written without a GPU, off by default): W's rows K + S slots R apart
+    """KEXT with STRIDED_W (the defaults; set here all the same): W's rows K + S slots R apart
     with the B blocks after them; decode steps read W and the A rows at that stride (the
     small-token kernel's ldw up to 16 rows, cuBLAS past), prefill is one GEMM over [x | vm]:
     both against float64, with the bias."""
