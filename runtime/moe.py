@@ -581,6 +581,9 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
                                f"got {tuple(xs.shape)} {xs.dtype} on {xs.device} and {tuple(w.shape)} {w.dtype} on "
                                f"{w.device}")
     E, n, k = w.shape
+    from ..codegen.gemm import MAX_GROUPS, pick_bn, plan_gemm
+    if not 1 <= E <= MAX_GROUPS:
+        raise LinearInputError(f"grouped_product: 1 to {MAX_GROUPS} groups, got {E}")
     if _capability(xs.device) != (9, 0) or k % 8:
         raise LinearInputError(f"grouped_product: needs an sm_90 device and K a multiple of 8, got K {k} on "
                                f"sm_{''.join(map(str, _capability(xs.device)))}")
@@ -598,7 +601,6 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     if P == 0:
         return y
     sms = device_properties(xs.device).multi_processor_count
-    from ..codegen.gemm import pick_bn, plan_gemm
     bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms)   # by the mean rows a group
     key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER)
     hit = _KERNELS.get(key)

@@ -134,6 +134,8 @@ def test_grouped_gemm_refuses_what_it_cannot_take():
     off = torch.zeros(5, dtype=torch.int32, device="cuda")
     with pytest.raises(LinearInputError, match="offsets"):
         grouped_product(xs, w, off[:4])
+    with pytest.raises(LinearInputError, match="groups"):
+        grouped_product(xs, w[:0], off[:1])
     with pytest.raises(LinearInputError, match="dtype"):
         grouped_product(xs.half(), w, off)
     with pytest.raises(LinearInputError, match="multiple of 8"):
