@@ -208,7 +208,6 @@ def main(argv=None) -> int:
             if t > moe_mod.EXPERT_KERNEL_ROWS:
                 rows.extend(long_routes(moe, x, ref, name, t))
         for spec in filter(None, a.expert_split.split(",")):
-            from layerforge.runtime import moe as moe_mod
             gu, dn = (tuple(map(int, part.split("."))) for part in spec.split("/"))
             for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
                 moe_mod.EXPERT_SPLIT.clear()

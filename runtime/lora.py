@@ -560,7 +560,6 @@ class LoRALinear(torch.nn.Module):
         if route == "dense":
             wx = self.kext_weight()
             if wx is not None:   # one GEMM over [x | vm]: the delta without a pass of its own
-                K = self.in_features
                 xe = torch.empty(T, wx.shape[1], dtype=x2.dtype, device=x2.device)
                 lora.mask(lora.every_slot_v(x2), batch, out=xe, x=x2)   # [x | vm] by one launch
                 return torch.nn.functional.linear(xe, wx, self.bias)
