@@ -34,10 +34,11 @@ persistent schedule"):
                      tile reads the next group's rows and stores only its own.
     cluster=2        (needs persistent) CTA pairs (thread-block clusters of 2) walk tiles of
                      256 rows, each CTA its 128; each copies half of the pair's W tile by TMA
-                     multicast into both CTAs' shared memory, so W's tile leaves L2 once a pair
-                     (the x and W tiles of a 128 x 256 tile at full tensor-core speed need ~11
-                     TB/s from L2 over 132 SMs: the bound this halves W's share of). The grid is
-                     twice the clusters the device can hold at once (the launcher asks the driver).
+                     multicast into both CTAs' shared memory, so W's tile leaves L2 once a pair;
+                     a stage is refilled once both CTAs' consumers released it. The grid is twice
+                     the clusters the device can hold at once (the launcher asks the driver).
+                     Measured 1.27 x slower than without (benchmarks/NOTES.md: coupling the two
+                     rings costs ~30 %, the multicast gains ~3 %): an option, off.
 Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
