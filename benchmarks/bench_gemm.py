@@ -2,10 +2,12 @@
 (torch.nn.functional.linear) at Llama-3-8B / 70B shapes, TFLOP/s, CUDA-graph replays, same run.
 
     python -m benchmarks.bench_gemm [--only NAME] [--tokens 128,1024,4096,8192] [--json out.json]
-                                    [--variant wgmma,wgmma_tma,wgmma_persistent]
+                                    [--variant wgmma,wgmma_tma,wgmma_persistent] [--tma-store on,off]
 
 --variant times each named GEMM variant (runtime/linear.GEMM_KERNELS: the cp.async kernel, TMA
-loads, TMA + the persistent schedule) beside cuBLAS in the same run, one row each.
+loads, TMA + the persistent schedule) beside cuBLAS in the same run, one row each; --tma-store
+on,off times the persistent variant's epilogue both ways (TMA stores from a shared staging tile,
+`+st`, or stores from the registers; runtime/linear.GEMM_TMA_STORE).
 
 Gated rows (gate/up) run fused (act(gate) * up in the epilogue) against cuBLAS followed by the
 generated SwiGLU row kernel.
@@ -37,7 +39,10 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--variant", default="wgmma", help=f"comma-separated, of {sorted(GEMM_KERNELS)}")
     ap.add_argument("--bn", default="auto", help="comma-separated tile widths (128, 256) or auto (codegen/gemm.pick_bn)")
+    ap.add_argument("--tma-store", default="on", help="on, off or on,off: the persistent GEMM's epilogue by TMA stores")
     a = ap.parse_args(argv)
+    stores = [{"on": True, "off": False}[s] for s in a.tma_store.split(",")]
+    default_store = linear.GEMM_TMA_STORE
     variants = a.variant.split(",")
     bns = [None if b == "auto" else int(b) for b in a.bn.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -63,12 +68,17 @@ def main(argv=None):
             if gated:
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
-            for variant, bn in [(v, b) for v in variants for b in bns]:
+            runs = [(v, b, st) for v in variants for b in bns for st in (stores if v == "wgmma_persistent" else [None])]
+            for variant, bn, st in runs:
                 linear.GEMM_BN = bn
+                if st is not None:
+                    linear.GEMM_TMA_STORE = st
                 bn = bn or pick_bn(m, n // 2 if gated else n, bool(gated), sms)
                 ours = graph_time(lambda v=variant: gemv(x, w, gated=gated, kernel=v), calls, 5)
                 y = gemv(x, w, gated=gated, kernel=variant).float()
-                linear.GEMM_BN = None
+                linear.GEMM_BN, linear.GEMM_TMA_STORE = None, default_store
+                st = bool(st) and (n // 2 if gated else n) % 8 == 0
+                variant += "+st" if st else ""
                 err = ((y - ref).norm() / ref.norm()).item()
                 r = dict(shape=name, variant=variant, bn=bn, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas,
                          cublas_act_s=both, rel_err=err)

@@ -39,6 +39,13 @@ persistent schedule"):
                      the clusters the device can hold at once (the launcher asks the driver).
                      Measured 1.27 x slower than without (benchmarks/NOTES.md: coupling the two
                      rings costs ~30 %, the multicast gains ~3 %): an option, off.
+    tma_store=True   (needs persistent, not groups nor cluster; output columns a multiple of 8)
+                     the epilogue through shared memory: each consumer warpgroup writes its 64 x
+                     BNO outputs into its half of a staging tile (the 128-byte swizzle layout, so
+                     the writes are free of bank conflicts) and one of its threads hands them to
+                     TMA stores (cp.async.bulk.tensor, bulk groups; the map's bounds clip rows past
+                     M and columns past NOUT); the warpgroup goes on to the next tile's MMAs while
+                     the copy engine writes. The staging tile costs a stage of the ring at BN 256.
 Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
@@ -65,10 +72,11 @@ MAX_GROUPS = 1024        # a grouped product's groups (its shared tables: 8 byte
 # Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
 # memory bytes a 128 x 256 one does per MMA, and pays its prologue and epilogue over half the
 # work): a guess of the planner until the sweep (benchmarks/bench_gemm.py --bn) measures it.
-BN_COST = {256: 1.0, 128: 1.1}
+BN_COST = {256: 1.0, 192: 1.04, 128: 1.1}
+GATED_BN = (128, 256)    # a gated tile's BN / 2 output columns: whole 64-column boxes of the TMA store
 
 
-def pick_bn(m: int, n_out: int, gated: bool, sms: int) -> int:
+def pick_bn(m: int, n_out: int, gated: bool, sms: int, widths: tuple[int, ...] = tuple(BN_COST)) -> int:
     """The tile width for an M x n_out product on `sms` multiprocessors: the BN whose rounds of
     tiles (one CTA an SM) cost least, a round of BN-wide tiles costing BN_COST[bn] * bn / 256.
     BN 256 leaves a third of the SMs idle for a whole round where the tiles are a few more than
@@ -76,7 +84,7 @@ def pick_bn(m: int, n_out: int, gated: bool, sms: int) -> int:
     def cost(bn: int) -> float:
         tiles = -(-m // BM) * -(-n_out // (bn // 2 if gated else bn))
         return -(-tiles // sms) * BN_COST[bn] * bn / 256
-    return min(BN_COST, key=lambda bn: (cost(bn), -bn))
+    return min((bn for bn in widths if not gated or bn in GATED_BN), key=lambda bn: (cost(bn), -bn))
 
 
 def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]:
@@ -101,6 +109,7 @@ class GemmPlan(ProductPlan):
     persistent: bool = False     # one CTA an SM walking tile_order (needs tma)
     groups: int = 0              # a grouped product over [groups, N, K] weights (needs persistent)
     cluster: int = 1             # 2: CTA pairs sharing W's tile by TMA multicast (needs persistent)
+    tma_store: bool = False      # the epilogue by TMA stores from a shared staging tile (the module's docstring)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
@@ -114,8 +123,12 @@ class GemmPlan(ProductPlan):
                                  f"got {self.groups} (persistent={self.persistent})")
             if self.bias or self.residual:
                 raise ValueError("gemm: a grouped product takes no bias or residual (its rows are sorted by group)")
-        if self.bn not in (64, 128, 256) or self.stages < 2:
-            raise ValueError(f"gemm: bn must be 64, 128 or 256 and stages >= 2, got {self.bn}, {self.stages}")
+        if self.tma_store and (not self.persistent or self.groups or self.cluster > 1 or self.n_out % 8):
+            raise ValueError("gemm: tma_store needs the persistent schedule without groups or clusters and output "
+                             f"columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
+        if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
+            raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
+                             f"{self.stages}{' gated' if self.gated else ''}")
         if self.arch != "sm_90a":
             raise ValueError(f"gemm: the kernel uses sm_90a's wgmma and setmaxnreg, not {self.arch}")
         if 128 * (self.producer_regs + 2 * self.consumer_regs) > 65536:
@@ -140,6 +153,8 @@ class GemmPlan(ProductPlan):
             parts.append(f"g{self.groups}")
         if self.cluster > 1:
             parts.append(f"c{self.cluster}")
+        if self.tma_store:
+            parts.append("st")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -155,15 +170,20 @@ class GemmPlan(ProductPlan):
     @property
     def tma_boxes(self) -> dict[str, tuple[int, int]]:
         """(rows, columns) of the box each tensor map copies: x's 128 rows, W's BN rows (gated:
-        BN / 2, copied twice, gate rows then up rows), 64 columns (one 128-byte swizzle row)."""
-        return {"x": (BM, BK), "w": (self.bn // 2 if self.gated or self.cluster > 1 else self.bn, BK)}
+        BN / 2, copied twice, gate rows then up rows), 64 columns (one 128-byte swizzle row); with
+        tma_store, out's boxes of a warpgroup's 64 rows."""
+        boxes = {"x": (BM, BK), "w": (self.bn // 2 if self.gated or self.cluster > 1 else self.bn, BK)}
+        if self.tma_store:
+            boxes["out"] = (64, BK)
+        return boxes
 
     @property
     def shared_layout(self) -> SharedLayout:
         """The x and W stages (1024-byte aligned: the swizzle reads address bits 7-9), then the
-        full / empty mbarriers."""
+        staging tile of the TMA stores (tma_store), the full / empty mbarriers."""
         tables = ((("gtile", 4 * (self.groups + 1)), ("goff", 4 * (self.groups + 1))) if self.groups else ())
-        return SharedLayout((("sA", self.stages * BM * BK * 2), ("sB", self.stages * self.bn * BK * 2),
+        staging = (("sC", BM * self.bn_out * 2),) if self.tma_store else ()
+        return SharedLayout((("sA", self.stages * BM * BK * 2), ("sB", self.stages * self.bn * BK * 2), *staging,
                              ("bars", 8 * 2 * self.stages), *tables), align=1024)
 
     @property
@@ -181,7 +201,8 @@ class GemmPlan(ProductPlan):
         return {"dtype": self.dtype, "n": self.n, "k": self.k, "gated": self.gated, "bias": self.bias,
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
-                **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {})}
+                **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {}),
+                **({"tma_store": True} if self.tma_store else {})}
 
 
 @functools.lru_cache(maxsize=256)
@@ -189,6 +210,9 @@ def _abi(plan: GemmPlan) -> KernelABI:
     args = product_args(plan)
     if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
         args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
+    if plan.tma_store:   # out by TMA stores: its map in out's place (M stays: the tiles' count)
+        at = next(i for i, a in enumerate(args) if a.name == "out")
+        args[at] = Arg("out_map", TENSOR_MAP_CTYPE, "tmap", "out")
     c = plan.cluster   # SMS: the device's multiprocessors (cluster 2: twice the clusters it holds at once)
     if plan.groups:   # M: every group's rows; a group's row tiles are at most cdiv(its rows, BM c)
         args.append(Arg("offsets", "const int* __restrict__", "input"))
@@ -215,16 +239,18 @@ def _render(plan: GemmPlan) -> str:
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
                   PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
-                  CLUSTER=plan.cluster, cluster=plan.cluster)
+                  CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
-              persistent: bool = False, groups: int = 0, cluster: int = 1) -> GemmPlan:
+              persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
-    192 KB of shared memory, one CTA an SM); tma, persistent, groups, cluster: the module's docstring."""
+    192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
+    groups, cluster, tma_store: the module's docstring."""
     bn = 256 if bn is None else bn
     if stages is None:
-        stages = max(2, min(6, (SHARED_LIMIT - 2048) // ((BM + bn) * BK * 2)))
+        staging = BM * (bn // 2 if gated else bn) * 2 if tma_store else 0
+        stages = max(2, min(6, (SHARED_LIMIT - 2048 - staging) // ((BM + bn) * BK * 2)))
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster)
+                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)

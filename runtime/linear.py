@@ -45,6 +45,9 @@ STREAM_ROWS = (1, 0)
 STRIDED_W = True
 _PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
+# The persistent Hopper GEMM's epilogue by TMA stores from a shared staging tile (codegen/gemm.py
+# tma_store), where the output's rows take a tensor map (columns a multiple of 8)
+GEMM_TMA_STORE = True
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -146,6 +149,8 @@ class _GemmLauncher:
         if self.plan.tma:
             boxes = self.plan.tma_boxes
             args = [tensor_map(args[0], boxes["x"]), tensor_map(args[1], boxes["w"]), *args[2:]]
+            if self.plan.tma_store:   # out (the call's y: contiguous, 16-byte aligned) by its map
+                args[-2] = tensor_map(args[-2], boxes["out"])
         self.launcher((rows, self.sms) if self.plan.persistent else (rows,), args)
 
 
@@ -163,12 +168,15 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
                    variant: str = "wgmma", rows: int = 0) -> _GemmLauncher:
     sms = device_properties(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
-    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn)
+    opts = dict(GEMM_KERNELS[variant])
+    if GEMM_TMA_STORE and variant == "wgmma_persistent" and (n // 2 if gated else n) % 8 == 0:
+        opts["tma_store"] = True
+    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, opts.get("tma_store", False))
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
         plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
-                         residual=residual, bn=bn, **GEMM_KERNELS[variant])
+                         residual=residual, bn=bn, **opts)
         hit = _KERNELS[key] = _GemmLauncher(plan, load_plan(plan, x.device, cache), sms)
     return hit
 

@@ -601,7 +601,8 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     if P == 0:
         return y
     sms = device_properties(xs.device).multi_processor_count
-    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms)   # by the mean rows a group
+    # by the mean rows a group; the widths measured on the grouped product (BN 192 is not)
+    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128, 256))
     key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER)
     hit = _KERNELS.get(key)
     if hit is None:

@@ -45,13 +45,22 @@ def test_gemm_plan_errors():
     assert p.key == "gemm_n28672_k4096_bf16_silu_bn256s4_sm90a" and p.bn_out == 128 and p.stages == 4
 
 
-VARIANTS = [dict(tma=True), dict(tma=True, persistent=True), dict(tma=True, persistent=True, cluster=2)]
+VARIANTS = [dict(tma=True), dict(tma=True, persistent=True), dict(tma=True, persistent=True, cluster=2),
+            dict(tma=True, persistent=True, tma_store=True)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=["tma", "persistent", "cluster"])
-@pytest.mark.parametrize("bn", [128, 256])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tma", "persistent", "cluster", "tma_store"])
+@pytest.mark.parametrize("bn", [128, 192, 256])
 @pytest.mark.parametrize("n,k,gated", SHAPES)
 def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
+    if bn == 192 and gated:   # refused: gated tiles are BN 128 or 256
+        with pytest.raises(ValueError, match="192|multiple of 8"):
+            plan_gemm("bf16", n=n, k=k, gated=gated, bn=bn, **variant)
+        return
+    if variant.get("tma_store") and (n // 2 if gated else n) % 8:   # no map of 16-byte rows: refused
+        with pytest.raises(ValueError, match="multiple of 8"):
+            plan_gemm("bf16", n=n, k=k, gated=gated, bn=bn, **variant)
+        return
     for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
         plan = plan_gemm(dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, bn=bn, **variant)
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
@@ -65,6 +74,11 @@ def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
             assert ".multicast::cluster" in res.ptx and "mapa.shared::cluster" in res.ptx, plan.key
             assert ".reqnctapercluster 2, 1, 1" in res.ptx and res.ptx.count("barrier.cluster.wait") == 2
             assert plan.tma_boxes["w"] == (plan.bn // 2, 64)
+        if variant.get("tma_store"):   # the epilogue by bulk tensor stores, waited for before the CTA ends
+            assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in res.ptx, plan.key
+            assert "cp.async.bulk.wait_group.read 0" in res.ptx and "cp.async.bulk.wait_group 0" in res.ptx
+            assert plan.tma_boxes["out"] == (64, 64) and "out_map" in [a.name for a in plan.abi.args]
+            assert "st" in plan.key.split("_") and plan.shared_bytes <= 227 * 1024
 
 
 def test_tma_plan_takes_tensor_maps_for_x_and_w():
@@ -125,17 +139,20 @@ def test_persistent_needs_tma():
 
 def test_pick_bn_fills_the_rounds():
     """The planner's tile width: 8B qkv at 1024 tokens is 192 tiles of BN 256 on 132 SMs (two
-    rounds, the second 45 % full), 384 of BN 128 (three, 97 % full): 128; at 4096 tokens 768 /
-    1536 tiles fill their rounds alike and BN 256's wider tile wins; tiny problems take the
-    narrower tile (one round either way, half the work a CTA)."""
+    rounds, the second 45 % full), 256 of BN 192 (two, 97 % full), 384 of BN 128 (three, 97 %
+    full): 192 (128 among the grouped product's widths, and gated: a 96-column output tile is not
+    whole TMA-store boxes); at 4096 tokens the tiles fill their rounds alike and BN 256's wider
+    tile wins; tiny problems take the narrower tile (one round either way, half the work a CTA)."""
     from layerforge.codegen.gemm import pick_bn
-    assert pick_bn(1024, 6144, False, 132) == 128
+    assert pick_bn(1024, 6144, False, 132) == 192
+    assert pick_bn(1024, 6144, False, 132, widths=(128, 256)) == 128
+    assert pick_bn(1024, 2 * 3072, True, 132) in (128, 256)
     assert pick_bn(4096, 6144, False, 132) == 256
     assert pick_bn(8192, 14336, True, 132) == 256
     assert pick_bn(16, 4096, False, 132) == 128
     for m in (1, 100, 1000, 5000):
         for n in (24, 1000, 4096, 14336):
-            assert pick_bn(m, n, False, 132) in (128, 256) and pick_bn(m, n, True, 114) in (128, 256)
+            assert pick_bn(m, n, False, 132) in (128, 192, 256) and pick_bn(m, n, True, 114) in (128, 256)
 
 
 def test_even_outputs_store_pairs():
@@ -197,3 +214,21 @@ def test_cluster_plans():
         plan_gemm("bf16", n=256, k=256, tma=True, cluster=2)
     with pytest.raises(ValueError, match="cluster"):
         plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, cluster=4)
+
+
+def test_tma_store_plans():
+    """tma_store: a staging tile of the outputs in shared memory (a ring stage fewer at BN 256),
+    out by its map; refused without the persistent schedule, with groups or clusters, and where
+    the output's rows are not 16-byte multiples."""
+    p = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True, tma_store=True)
+    q = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True)
+    assert (p.stages, q.stages) == (3, 4) and p.key != q.key and p.key.endswith("_st_sm90a")
+    assert p.shared_layout.offsets["sC"] % 1024 == 0 and "sC" not in q.shared_layout.offsets
+    assert plan_gemm("bf16", n=28672, k=4096, gated="silu", tma=True, persistent=True, tma_store=True).stages == 4
+    assert [a.name for a in p.abi.args] == ["x_map", "w_map", "out_map", "M"]
+    for bad in (dict(tma=True), dict(tma=True, persistent=True, groups=8), dict(tma=True, persistent=True, cluster=2)):
+        with pytest.raises(ValueError, match="tma_store"):
+            plan_gemm("bf16", n=256, k=256, tma_store=True, **bad)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        plan_gemm("bf16", n=1001, k=256, tma=True, persistent=True, tma_store=True)
+    assert "out" not in q.tma_boxes and "tma_store" in p.describe()

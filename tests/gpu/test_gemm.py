@@ -70,15 +70,19 @@ def test_gemm_graph_capture(kernel):
     assert (y.double() - ref).norm() / ref.norm() < 1e-2
 
 
-@pytest.mark.parametrize("bn", [128, 256])
+@pytest.mark.parametrize("bn", [128, 192, 256])
 @pytest.mark.parametrize("kernel", VARIANTS)
 @pytest.mark.parametrize("m,n,k,gated", [(1000, 1001, 3000, None), (300, 2 * 1001, 1000, "silu"),
                                          (4097, 6144, 4096, None), (129, 2 * 5632, 2048, "gelu_tanh"), (7, 24, 8, None)])
 def test_gemm_tile_widths(monkeypatch, m, n, k, gated, kernel, bn):
-    """Both tile widths the planner picks from (codegen/gemm.pick_bn), with an odd output width
+    """The tile widths the planner picks from (codegen/gemm.pick_bn; 192 not gated), with an odd output width
     (the epilogue's element-wise path) and an even one (its pair loads and stores)."""
     from layerforge.runtime import linear
     monkeypatch.setattr(linear, "GEMM_BN", bn)
+    if gated and bn == 192:   # gated tiles are 128 or 256 wide: refused before any launch
+        with pytest.raises(ValueError, match="192"):
+            check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True, kernel=kernel)
+        return
     check(m, n, k, torch.bfloat16, gated=gated, bias=True, residual=True, kernel=kernel)
 
 
@@ -96,3 +100,37 @@ def test_gemm_unaligned_out_and_residual():
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
     ref = reference(x, w, None, None, r)
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("m,n,k,gated,bias,residual", [
+    (1, 4096, 512, None, False, False), (129, 6144, 1024, None, False, False), (1000, 1000, 3000, None, True, True),
+    (4097, 2 * 1000, 1024, "silu", True, True), (300, 2 * 5632, 2048, "gelu", False, True), (64, 24, 8, None, True, False)])
+def test_tma_store_epilogue_equals_register_stores(monkeypatch, m, n, k, gated, bias, residual):
+    """The persistent GEMM's epilogue through shared memory and TMA stores (the default where the
+    output's columns are a multiple of 8) writes the same bits as its epilogue from the registers,
+    and nothing past out's rows: out is a view of a longer poisoned buffer."""
+    from layerforge.runtime import linear
+    x, w, b, r = operands("gemm", m, n, k, torch.bfloat16, gated, bias, residual)
+    n_out = n // 2 if gated else n
+    outs = {}
+    for store in (True, False):
+        monkeypatch.setattr(linear, "GEMM_TMA_STORE", store)
+        buf = torch.full((m + 70, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gemv(x, w, b, gated=gated, residual=r, out=buf[:m], kernel="wgmma_persistent")
+        torch.cuda.synchronize()
+        assert torch.isnan(buf[m:]).all(), "rows past out were written"
+        outs[store] = buf[:m]
+    assert not torch.isnan(outs[True]).any()
+    assert torch.equal(outs[True], outs[False])
+    ref = reference(x, w, b, gated, r)
+    assert (outs[True].double() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_tma_store_plan_taken(monkeypatch):
+    """The launcher picks the TMA-store plan for an output of 8k columns, and the plan with
+    register stores otherwise (a map needs 16-byte rows)."""
+    from layerforge.runtime import linear
+    monkeypatch.setattr(linear, "GEMM_TMA_STORE", True)
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    assert linear._gemm_launcher(x, 1024, 512, None, False, False, None, "wgmma_persistent", 256).plan.tma_store
+    assert not linear._gemm_launcher(x, 1001, 512, None, False, False, None, "wgmma_persistent", 256).plan.tma_store
