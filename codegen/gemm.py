@@ -39,7 +39,8 @@ persistent schedule"):
                      the clusters the device can hold at once (the launcher asks the driver).
                      Measured 1.27 x slower than without (benchmarks/NOTES.md: coupling the two
                      rings costs ~30 %, the multicast gains ~3 %): an option, off.
-    tma_store=True   (needs persistent, not groups nor cluster; output columns a multiple of 8)
+    tma_store=True   (needs persistent, not groups, cluster nor residual: the residual's loads beside
+                     the staging writes spilled gated tiles at BN 256; output columns a multiple of 8)
                      the epilogue through shared memory: each consumer warpgroup writes its 64 x
                      BNO outputs into its half of a staging tile (the 128-byte swizzle layout, so
                      the writes are free of bank conflicts) and one of its threads hands them to
@@ -123,9 +124,9 @@ class GemmPlan(ProductPlan):
                                  f"got {self.groups} (persistent={self.persistent})")
             if self.bias or self.residual:
                 raise ValueError("gemm: a grouped product takes no bias or residual (its rows are sorted by group)")
-        if self.tma_store and (not self.persistent or self.groups or self.cluster > 1 or self.n_out % 8):
-            raise ValueError("gemm: tma_store needs the persistent schedule without groups or clusters and output "
-                             f"columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
+        if self.tma_store and (not self.persistent or self.groups or self.cluster > 1 or self.residual or self.n_out % 8):
+            raise ValueError("gemm: tma_store needs the persistent schedule without groups, clusters or a residual, "
+                             f"and output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
         if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
             raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
                              f"{self.stages}{' gated' if self.gated else ''}")

@@ -46,7 +46,7 @@ STRIDED_W = True
 _PROPS: dict[int, object] = {}   # device index -> torch.cuda's device properties (no driver call per step)
 GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.pick_bn per call
 # The persistent Hopper GEMM's epilogue by TMA stores from a shared staging tile (codegen/gemm.py
-# tma_store), where the output's rows take a tensor map (columns a multiple of 8)
+# tma_store), where the output's rows take a tensor map (columns a multiple of 8) and no residual is added
 GEMM_TMA_STORE = True
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
@@ -169,7 +169,7 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
     sms = device_properties(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
     opts = dict(GEMM_KERNELS[variant])
-    if GEMM_TMA_STORE and variant == "wgmma_persistent" and (n // 2 if gated else n) % 8 == 0:
+    if GEMM_TMA_STORE and variant == "wgmma_persistent" and not residual and (n // 2 if gated else n) % 8 == 0:
         opts["tma_store"] = True
     key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, opts.get("tma_store", False))
     hit = _KERNELS.get(key)

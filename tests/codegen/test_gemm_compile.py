@@ -61,7 +61,7 @@ def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
         with pytest.raises(ValueError, match="multiple of 8"):
             plan_gemm("bf16", n=n, k=k, gated=gated, bn=bn, **variant)
         return
-    for bias, residual, dtype in ((False, False, "bf16"), (True, True, "f16")):
+    for bias, residual, dtype in ((False, False, "bf16"), (True, not variant.get("tma_store"), "f16")):
         plan = plan_gemm(dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, bn=bn, **variant)
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
         (kr,) = res.resources.values()
@@ -218,15 +218,16 @@ def test_cluster_plans():
 
 def test_tma_store_plans():
     """tma_store: a staging tile of the outputs in shared memory (a ring stage fewer at BN 256),
-    out by its map; refused without the persistent schedule, with groups or clusters, and where
-    the output's rows are not 16-byte multiples."""
+    out by its map; refused without the persistent schedule, with groups, clusters or a residual,
+    and where the output's rows are not 16-byte multiples."""
     p = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True, tma_store=True)
     q = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True)
     assert (p.stages, q.stages) == (3, 4) and p.key != q.key and p.key.endswith("_st_sm90a")
     assert p.shared_layout.offsets["sC"] % 1024 == 0 and "sC" not in q.shared_layout.offsets
     assert plan_gemm("bf16", n=28672, k=4096, gated="silu", tma=True, persistent=True, tma_store=True).stages == 4
     assert [a.name for a in p.abi.args] == ["x_map", "w_map", "out_map", "M"]
-    for bad in (dict(tma=True), dict(tma=True, persistent=True, groups=8), dict(tma=True, persistent=True, cluster=2)):
+    for bad in (dict(tma=True), dict(tma=True, persistent=True, groups=8), dict(tma=True, persistent=True, cluster=2),
+                dict(tma=True, persistent=True, residual=True)):
         with pytest.raises(ValueError, match="tma_store"):
             plan_gemm("bf16", n=256, k=256, tma_store=True, **bad)
     with pytest.raises(ValueError, match="multiple of 8"):
