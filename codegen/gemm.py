@@ -39,14 +39,15 @@ persistent schedule"):
                      the clusters the device can hold at once (the launcher asks the driver).
                      Measured 1.27 x slower than without (benchmarks/NOTES.md: coupling the two
                      rings costs ~30 %, the multicast gains ~3 %): an option, off.
-    tma_store=True   (needs persistent, not groups, cluster nor residual: the residual's loads beside
-                     the staging writes spilled gated tiles at BN 256; output columns a multiple of 8)
+    tma_store=True   (needs persistent, not cluster nor residual: the residual's loads beside the
+                     staging writes spilled gated tiles at BN 256; output columns a multiple of 8)
                      the epilogue through shared memory: each consumer warpgroup writes its 64 x
                      BNO outputs into its half of a staging tile (the 128-byte swizzle layout, so
                      the writes are free of bank conflicts) and one of its threads hands them to
                      TMA stores (cp.async.bulk.tensor, bulk groups; the map's bounds clip rows past
                      M and columns past NOUT); the warpgroup goes on to the next tile's MMAs while
                      the copy engine writes. The staging tile costs a stage of the ring at BN 256.
+                     Grouped: a warpgroup whose 64 rows pass its group's end stores from the registers.
 Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
 """
 from __future__ import annotations
@@ -124,9 +125,9 @@ class GemmPlan(ProductPlan):
                                  f"got {self.groups} (persistent={self.persistent})")
             if self.bias or self.residual:
                 raise ValueError("gemm: a grouped product takes no bias or residual (its rows are sorted by group)")
-        if self.tma_store and (not self.persistent or self.groups or self.cluster > 1 or self.residual or self.n_out % 8):
-            raise ValueError("gemm: tma_store needs the persistent schedule without groups, clusters or a residual, "
-                             f"and output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
+        if self.tma_store and (not self.persistent or self.cluster > 1 or self.residual or self.n_out % 8):
+            raise ValueError("gemm: tma_store needs the persistent schedule without clusters or a residual, and "
+                             f"output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
         if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
             raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
                              f"{self.stages}{' gated' if self.gated else ''}")
@@ -182,10 +183,7 @@ class GemmPlan(ProductPlan):
     def shared_layout(self) -> SharedLayout:
         """The x and W stages (1024-byte aligned: the swizzle reads address bits 7-9), then the
         staging tile of the TMA stores (tma_store), the full / empty mbarriers."""
-        tables = ((("gtile", 4 * (self.groups + 1)), ("goff", 4 * (self.groups + 1))) if self.groups else ())
-        staging = (("sC", BM * self.bn_out * 2),) if self.tma_store else ()
-        return SharedLayout((("sA", self.stages * BM * BK * 2), ("sB", self.stages * self.bn * BK * 2), *staging,
-                             ("bars", 8 * 2 * self.stages), *tables), align=1024)
+        return _layout(self.stages, self.bn, self.bn_out, self.groups, self.tma_store)
 
     @property
     def shared_bytes(self) -> int:
@@ -206,14 +204,22 @@ class GemmPlan(ProductPlan):
                 **({"tma_store": True} if self.tma_store else {})}
 
 
+def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool) -> SharedLayout:
+    tables = ((("gtile", 4 * (groups + 1)), ("goff", 4 * (groups + 1))) if groups else ())
+    staging = (("sC", BM * bn_out * 2),) if tma_store else ()
+    return SharedLayout((("sA", stages * BM * BK * 2), ("sB", stages * bn * BK * 2), *staging,
+                         ("bars", 8 * 2 * stages), *tables), align=1024)
+
+
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemmPlan) -> KernelABI:
     args = product_args(plan)
     if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
         args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
-    if plan.tma_store:   # out by TMA stores: its map in out's place (M stays: the tiles' count)
+    if plan.tma_store:   # out by TMA stores: its map in out's place (M stays: the tiles' count); a
+        # grouped product keeps out too, after its map (its groups' last rows: register stores)
         at = next(i for i, a in enumerate(args) if a.name == "out")
-        args[at] = Arg("out_map", TENSOR_MAP_CTYPE, "tmap", "out")
+        args[at:at + 1] = [Arg("out_map", TENSOR_MAP_CTYPE, "tmap", "out"), *((args[at],) if plan.groups else ())]
     c = plan.cluster   # SMS: the device's multiprocessors (cluster 2: twice the clusters it holds at once)
     if plan.groups:   # M: every group's rows; a group's row tiles are at most cdiv(its rows, BM c)
         args.append(Arg("offsets", "const int* __restrict__", "input"))
@@ -250,8 +256,12 @@ def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: boo
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
     groups, cluster, tma_store: the module's docstring."""
     bn = 256 if bn is None else bn
-    if stages is None:
+    kw = dict(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn, tma=tma,
+              persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)
+    if stages is None:   # as many as fit beside the staging tile and the group tables (at most 6)
         staging = BM * (bn // 2 if gated else bn) * 2 if tma_store else 0
         stages = max(2, min(6, (SHARED_LIMIT - 2048 - staging) // ((BM + bn) * BK * 2)))
-    return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)
+        bn_out = bn // 2 if gated else bn
+        while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store).bytes + 1024 > SHARED_LIMIT:
+            stages -= 1
+    return GemmPlan(**kw, stages=stages)

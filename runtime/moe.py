@@ -72,6 +72,9 @@ EXPERT_SPLIT: dict[tuple[bool, bool], tuple[int, int, int]] = {}
 GROUPED_KERNEL = True
 # the grouped GEMM's CTAs in clusters of this many sharing W's tiles by TMA multicast (codegen/gemm.py)
 GROUPED_CLUSTER = 1
+# the grouped GEMM's epilogue by TMA stores from shared memory (codegen/gemm.py tma_store) where a
+# warpgroup's 64 rows lie in one group (the groups' last rows: register stores)
+GROUPED_TMA_STORE = True
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 _GATED_LAYER = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
@@ -603,19 +606,21 @@ def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
     sms = device_properties(xs.device).multi_processor_count
     # by the mean rows a group; the widths measured on the grouped product (BN 192 is not)
     bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128, 256))
-    key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER)
+    store = GROUPED_TMA_STORE and GROUPED_CLUSTER == 1 and n_out % 8 == 0
+    key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER, store)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
         from .linear import persistent_ctas
         plan = plan_gemm("bf16" if xs.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bn=bn,
-                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER)
+                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER, tma_store=store)
         launcher = load_plan(plan, xs.device, cache)
         hit = _KERNELS[key] = (plan, launcher, persistent_ctas(plan, launcher, sms))
     plan, launcher, ctas = hit
     boxes = plan.tma_boxes
     xs = _packed(xs, 16)
-    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(_packed(w, 16).view(E * n, k), boxes["w"]), y, P,
+    outs = [tensor_map(y, boxes["out"]), y] if plan.tma_store else [y]   # (the groups' last rows: through y)
+    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(_packed(w, 16).view(E * n, k), boxes["w"]), *outs, P,
                          offsets])
     return y
 

@@ -218,16 +218,22 @@ def test_cluster_plans():
 
 def test_tma_store_plans():
     """tma_store: a staging tile of the outputs in shared memory (a ring stage fewer at BN 256),
-    out by its map; refused without the persistent schedule, with groups, clusters or a residual,
-    and where the output's rows are not 16-byte multiples."""
+    out by its map (a grouped product's also its pointer: the groups' last rows); refused without the
+    persistent schedule, with clusters or a residual, and where the output's rows are not 16-byte multiples."""
     p = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True, tma_store=True)
     q = plan_gemm("bf16", n=6144, k=4096, tma=True, persistent=True)
     assert (p.stages, q.stages) == (3, 4) and p.key != q.key and p.key.endswith("_st_sm90a")
     assert p.shared_layout.offsets["sC"] % 1024 == 0 and "sC" not in q.shared_layout.offsets
     assert plan_gemm("bf16", n=28672, k=4096, gated="silu", tma=True, persistent=True, tma_store=True).stages == 4
     assert [a.name for a in p.abi.args] == ["x_map", "w_map", "out_map", "M"]
-    for bad in (dict(tma=True), dict(tma=True, persistent=True, groups=8), dict(tma=True, persistent=True, cluster=2),
-                dict(tma=True, persistent=True, residual=True)):
+    g = plan_gemm("bf16", n=2 * 1408, k=2048, gated="silu", tma=True, persistent=True, groups=60, tma_store=True)
+    assert [a.name for a in g.abi.args] == ["x_map", "w_map", "out_map", "out", "M", "offsets"]   # out: the groups' ends
+    assert g.shared_bytes <= 227 * 1024 and g.stages == 3
+    res = nvrtc.compile_cuda(g.source(), g.kernel_name, nvrtc.CompileOptions(g.arch), want_ptx=True)
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0
+    assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in res.ptx
+    for bad in (dict(tma=True), dict(tma=True, persistent=True, cluster=2), dict(tma=True, persistent=True, residual=True)):
         with pytest.raises(ValueError, match="tma_store"):
             plan_gemm("bf16", n=256, k=256, tma_store=True, **bad)
     with pytest.raises(ValueError, match="multiple of 8"):

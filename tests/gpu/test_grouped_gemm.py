@@ -163,3 +163,27 @@ def test_moe_on_the_grouped_gemm_matches_transformers(name, dtype, monkeypatch):
     err = (got.float() - ref.float()).abs()
     assert err.max().item() <= 2e-2 * scale, (err.max().item(), scale)
     assert err.mean().item() <= 2e-3 * scale
+
+
+@pytest.mark.parametrize("gated", [None, "silu"])
+def test_grouped_tma_store_equals_register_stores(gated, monkeypatch):
+    """The grouped product's TMA-store epilogue (a warpgroup's 64 rows inside one group) and its
+    register stores (the groups' last rows) write the same bits as the register stores alone, and
+    rows past the last group stay poisoned; group ends at and off multiples of 64."""
+    gen = seeded_generator("grouped_tma_store", gated)
+    counts = [64, 0, 200, 1, 128, 65, 300, 7]
+    E, n, k = len(counts), 2 * 520 if gated else 520, 384
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32, device="cuda")
+    P = int(offsets[-1]) + 40
+    xs = (torch.randn(P, k, generator=gen) * 0.5).bfloat16().cuda()
+    w = (torch.randn(E, n, k, generator=gen) * 0.05).bfloat16().cuda()
+    outs = {}
+    for store in (True, False):
+        monkeypatch.setattr(moe_mod, "GROUPED_TMA_STORE", store)
+        out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        grouped_product(xs, w, offsets, gated=gated, out=out)
+        torch.cuda.synchronize()
+        outs[store] = out
+    end = int(offsets[-1])
+    assert torch.isnan(outs[True][end:]).all() and not torch.isnan(outs[True][:end]).any()
+    assert torch.equal(outs[True][:end], outs[False][:end])
