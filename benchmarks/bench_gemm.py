@@ -41,7 +41,9 @@ def main(argv=None):
     ap.add_argument("--bn", default="auto", help="comma-separated tile widths (128, 256) or auto (codegen/gemm.pick_bn)")
     ap.add_argument("--tma-store", default="on", help="on, off or on,off: the persistent GEMM's epilogue by TMA stores")
     a = ap.parse_args(argv)
-    stores = [{"on": True, "off": False}[s] for s in a.tma_store.split(",")]
+    if not set(a.tma_store.split(",")) <= {"on", "off"}:
+        ap.error(f"--tma-store takes on, off or on,off, got {a.tma_store!r}")
+    stores = [s == "on" for s in a.tma_store.split(",")]
     default_store = linear.GEMM_TMA_STORE
     variants = a.variant.split(",")
     bns = [None if b == "auto" else int(b) for b in a.bn.split(",")]

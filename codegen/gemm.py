@@ -256,12 +256,9 @@ def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: boo
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
     groups, cluster, tma_store: the module's docstring."""
     bn = 256 if bn is None else bn
-    kw = dict(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn, tma=tma,
-              persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)
     if stages is None:   # as many as fit beside the staging tile and the group tables (at most 6)
-        staging = BM * (bn // 2 if gated else bn) * 2 if tma_store else 0
-        stages = max(2, min(6, (SHARED_LIMIT - 2048 - staging) // ((BM + bn) * BK * 2)))
-        bn_out = bn // 2 if gated else bn
+        stages, bn_out = 6, bn // 2 if gated else bn
         while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store).bytes + 1024 > SHARED_LIMIT:
             stages -= 1
-    return GemmPlan(**kw, stages=stages)
+    return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
+                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)
