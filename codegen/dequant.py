@@ -114,17 +114,27 @@ def plan_dequant(dtype: str, *, wtype: str, group: int, n: int, k: int, arch: st
 
 
 ROW_WARPS = 8
+TOKEN_CHUNKS = 4   # per-token quantisation: 8-element chunks a thread (16-byte loads held in registers)
+
+
+def token_threads(k: int) -> int:
+    """Threads of the per-token quantisation's CTA: TOKEN_CHUNKS chunks of 8 a thread, whole warps,
+    at least 2 warps (K 4096: 128 threads, 14336: 448)."""
+    return max(64, -(-k // (8 * TOKEN_CHUNKS * 32)) * 32)
 
 
 @dataclass(frozen=True, kw_only=True)
 class QuantRowsPlan(KernelPlan):
     """The W8A8 products' activation quantisation in one pass over x (templates/cuda/
-    quant_fp8_rows.cu.jinja): x [M, K] -> e4m3 bytes [M, K] and f32 scales [M, ceil(K / 128)],
-    runtime/quant.quantize_fp8_rows's bytes exactly."""
+    quant_fp8_rows.cu.jinja): x [M, K] -> e4m3 bytes [M, K] and f32 scales [M, ceil(K / 128)]
+    (group 128: one a token and 128 k, a warp a block) or [M, 1] (group 0: one a token, the
+    Hopper FP8 GEMM's; a CTA a row held in registers, TOKEN_THREADS(K) threads of 8-element
+    chunks), runtime/quant.quantize_fp8_rows's bytes exactly (group 0: its group K)."""
     family: ClassVar[str] = "quant_rows"
     dtype: str                 # "bf16" | "f16": x
     k: int
     arch: str = "sm_90"
+    group: int = 128           # k per scale: 128, or 0 (the whole row: per token)
 
     def __post_init__(self):
         if self.dtype not in _TYPES:
@@ -133,10 +143,16 @@ class QuantRowsPlan(KernelPlan):
             raise ValueError(f"quant_rows: K must be a positive multiple of 8, got {self.k!r}")
         if ops.arch_number(self.arch) < FP8_MIN_ARCH:
             raise ValueError(f"quant_rows: e4m3 conversion needs sm_89 or newer, not {self.arch}")
+        if self.group not in (0, 128):
+            raise ValueError(f"quant_rows: group must be 128 or 0 (one scale a token), got {self.group!r}")
+        if self.group == 0 and self.k > 8 * 1024 * TOKEN_CHUNKS:
+            raise ValueError(f"quant_rows: a row of K = {self.k} does not fit a CTA's registers "
+                             f"(at most {8 * 1024 * TOKEN_CHUNKS})")
 
     @property
     def key(self) -> str:
-        return f"quant_rows_k{self.k}_{self.dtype}_f8e4m3_{self.arch.replace('_', '')}"
+        tok = "_tok" if self.group == 0 else ""
+        return f"quant_rows_k{self.k}_{self.dtype}_f8e4m3{tok}_{self.arch.replace('_', '')}"
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -146,7 +162,7 @@ class QuantRowsPlan(KernelPlan):
         return _rows_render(self)
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "k": self.k, "wtype": "f8e4m3", "block": 128}
+        return {"dtype": self.dtype, "k": self.k, "wtype": "f8e4m3", "block": self.group or "token"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,6 +170,8 @@ def _rows_abi(plan: QuantRowsPlan) -> KernelABI:
     t = _TYPES[plan.dtype][0]
     args = (Arg("x", f"const {t}* __restrict__", "input"), Arg("q", "unsigned char* __restrict__", "output"),
             Arg("scale", "float* __restrict__", "output"), Arg("M", "int", "dim"))
+    if plan.group == 0:   # a CTA a token
+        return KernelABI(name=plan.kernel_name, args=args, grid=("M",), block=(token_threads(plan.k),), problem=("M",))
     kb = -(-plan.k // 128)
     return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(M * {kb}, {ROW_WARPS})",),
                      block=(32 * ROW_WARPS,), problem=("M",))
@@ -164,4 +182,5 @@ def _rows_render(plan: QuantRowsPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/quant_fp8_rows.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, K=plan.k,
-                  WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0)
+                  WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0, TOKEN=plan.group == 0,
+                  THREADS=token_threads(plan.k), CHUNKS=-(-plan.k // (8 * token_threads(plan.k))))

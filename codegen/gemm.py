@@ -48,7 +48,11 @@ persistent schedule"):
                      M and columns past NOUT); the warpgroup goes on to the next tile's MMAs while
                      the copy engine writes. The staging tile costs a stage of the ring at BN 256.
                      Grouped: a warpgroup whose 64 rows pass its group's end stores from the registers.
-Not yet here: FP8 / 4-bit weights on this path (the small-token kernel has them).
+    fp8=True         (needs tma_store, not groups; K a multiple of 16) W8A8 on the e4m3 tensor cores: x
+                     and W in float8_e4m3fn with float32 scales per token (xscale [M]) and per W row
+                     (wscale [N]); a stage row is 128 bytes of 128 k, the wgmma k32; the scales are
+                     applied to the f32 sums before the epilogue (runtime/quant.fp8_gemm).
+Not yet here: 4-bit weights and block-scaled FP8 on this path (the small-token kernel has them).
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ class GemmPlan(ProductPlan):
     groups: int = 0              # a grouped product over [groups, N, K] weights (needs persistent)
     cluster: int = 1             # 2: CTA pairs sharing W's tile by TMA multicast (needs persistent)
     tma_store: bool = False      # the epilogue by TMA stores from a shared staging tile (the module's docstring)
+    fp8: bool = False            # x and W in e4m3 with f32 scales per token and per W row (needs tma_store)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
@@ -128,6 +133,12 @@ class GemmPlan(ProductPlan):
         if self.tma_store and (not self.persistent or self.cluster > 1 or self.residual or self.n_out % 8):
             raise ValueError("gemm: tma_store needs the persistent schedule without clusters or a residual, and "
                              f"output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
+        if self.fp8 and (not self.tma_store or self.groups or self.k % 16):
+            raise ValueError("gemm: fp8 needs tma_store, no groups, and K a multiple of 16 (16-byte e4m3 rows), "
+                             f"got K {self.k}")
+        if self.fp8 and self.bn == 256 and self.k <= 2 * BK:
+            # one k-slice: NVRTC 13.0 spills the f16 bias epilogue of BN 256 (24 bytes); BN 128 serves it
+            raise ValueError(f"gemm: fp8 at K {self.k} (one 128-k slice) takes bn <= 192, got bn 256")
         if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
             raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
                              f"{self.stages}{' gated' if self.gated else ''}")
@@ -157,6 +168,8 @@ class GemmPlan(ProductPlan):
             parts.append(f"c{self.cluster}")
         if self.tma_store:
             parts.append("st")
+        if self.fp8:
+            parts.append("f8")
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -167,14 +180,15 @@ class GemmPlan(ProductPlan):
     @property
     def band(self) -> int:
         """Column tiles per band of the persistent schedule (tile_order)."""
-        return max(1, min(self.tiles_n, L2_BAND_BYTES // (self.bn * self.k * 2)))
+        return max(1, min(self.tiles_n, L2_BAND_BYTES // (self.bn * self.k * (1 if self.fp8 else 2))))
 
     @property
     def tma_boxes(self) -> dict[str, tuple[int, int]]:
         """(rows, columns) of the box each tensor map copies: x's 128 rows, W's BN rows (gated:
         BN / 2, copied twice, gate rows then up rows), 64 columns (one 128-byte swizzle row); with
         tma_store, out's boxes of a warpgroup's 64 rows."""
-        boxes = {"x": (BM, BK), "w": (self.bn // 2 if self.gated or self.cluster > 1 else self.bn, BK)}
+        kb = 2 * BK if self.fp8 else BK   # (e4m3: 128 one-byte columns a box row)
+        boxes = {"x": (BM, kb), "w": (self.bn // 2 if self.gated or self.cluster > 1 else self.bn, kb)}
         if self.tma_store:
             boxes["out"] = (64, BK)
         return boxes
@@ -201,7 +215,7 @@ class GemmPlan(ProductPlan):
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
                 **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {}),
-                **({"tma_store": True} if self.tma_store else {})}
+                **({"tma_store": True} if self.tma_store else {}), **({"fp8": True} if self.fp8 else {})}
 
 
 def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool) -> SharedLayout:
@@ -213,7 +227,8 @@ def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool) -> 
 
 @functools.lru_cache(maxsize=256)
 def _abi(plan: GemmPlan) -> KernelABI:
-    args = product_args(plan)
+    args = product_args(plan, (Arg("xscale", "const float* __restrict__", "input"),
+                               Arg("wscale", "const float* __restrict__", "input")) if plan.fp8 else ())
     if plan.tma:   # x and W come as tensor maps (runtime/tma.py encodes them from the tensors)
         args[:2] = [Arg("x_map", TENSOR_MAP_CTYPE, "tmap", "x"), Arg("w_map", TENSOR_MAP_CTYPE, "tmap", "w")]
     if plan.tma_store:   # out by TMA stores: its map in out's place (M stays: the tiles' count); a
@@ -240,18 +255,22 @@ def _abi(plan: GemmPlan) -> KernelABI:
 @functools.lru_cache(maxsize=256)
 def _render(plan: GemmPlan) -> str:
     t, mma = _TYPES[plan.dtype]
+    out_bf16 = mma == "bf16"
+    if plan.fp8:
+        mma = "e4m3"
     return render("cuda/gemm_wgmma.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
                   NOUT=plan.n_out, BN=plan.bn, STAGES=plan.stages, GATED=plan.gated, BIAS=plan.bias,
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
                   PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
-                  CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store)
+                  CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store, FP8=plan.fp8, OUT_BF16=out_bf16)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
-              persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False) -> GemmPlan:
+              persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False,
+              fp8: bool = False) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
     groups, cluster, tma_store: the module's docstring."""
@@ -261,4 +280,5 @@ def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: boo
         while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store).bytes + 1024 > SHARED_LIMIT:
             stages -= 1
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
-                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store)
+                    stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store,
+                    fp8=fp8)

@@ -304,11 +304,12 @@ def _dequant_spec(plan) -> PluginSpec:
 
 
 def _quant_rows_spec(plan) -> PluginSpec:
-    """x [M, K] -> e4m3 bytes [M, K] and float32 scales [M, ceil(K / 128)] (runtime/quant.py
-    quantize_fp8_rows)."""
+    """x [M, K] -> e4m3 bytes [M, K] and float32 scales [M, ceil(K / 128)] (group 0: [M, 1], one a
+    token) (runtime/quant.py quantize_fp8_rows)."""
     k = plan.k
+    kb = -(-k // 128) if getattr(plan, "group", 128) else 1
     return _spec(plan, (TensorSpec("x", plan.dtype, ("M", str(k))),),
-                 (TensorSpec("q", "fp8_e4m3", ("M", str(k))), TensorSpec("scale", "f32", ("M", str(-(-k // 128))))),
+                 (TensorSpec("q", "fp8_e4m3", ("M", str(k))), TensorSpec("scale", "f32", ("M", str(kb)))),
                  form="x [M, K], any M")
 
 

@@ -31,6 +31,10 @@ W8A8 numerics (quantize_fp8_rows; the kernel computes the same q): each token's 
 RMSNorm's gamma, when fused; rstd factors out) in groups of 128 k, amax the largest |x| of the
 group, scale = amax * f32(1 / 448), q = e4m3(x * (448 / amax)) with the f32 product rounded once
 to nearest even (q = 0 where amax = 0); y = sum over groups of scale * sum_k q_x q_w * W's scale.
+Prefill-sized calls (FP8_GEMM_MIN_ROWS rows and more, a row-scaled W, no norm prologue, sm_90) take
+one group a token instead (amax over the whole row, the same rounding: quantize_fp8_rows(x, K)),
+the scaling the Hopper FP8 GEMM applies in its epilogue (fp8_gemm; per-token activations with
+per-channel weights, as vLLM's dynamic W8A8); decode keeps the finer 128-k groups.
 Scales and zeros are kept in the activation dtype: a zero is a whole number, exact in bf16/f16,
 and the kernel computes (q - z) * s with the multiply the only rounding (scales cast from the
 checkpoint's fp16 to bf16 round once, at load, as any bf16 deployment of fp16 scales does).
@@ -47,12 +51,14 @@ import torch.nn.functional as F
 from ..codegen.gemv import FP8_MIN_ARCH, GROUPS
 from .linear import (_ACT, LinearInputError, _capability, _epilogue, _packed, _reference, check_call, device_major,
                      launch_gemv)
+from .tma import tensor_map
 
 __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
            "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
-           "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES"]
+           "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES", "fp8_gemm", "FP8_GEMM_MIN_ROWS",
+           "fp8_activation_group"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -413,22 +419,24 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
 _BLOCKWISE: dict[int, bool] = {}   # device index -> cuBLAS took the blockwise-scaled fp8 product
 
 
-def quantize_fp8_rows_cuda(x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_rows_cuda(x: torch.Tensor, cache=None, group: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_fp8_rows in one pass on an sm_89+ GPU (codegen/dequant.QuantRowsPlan): the same
-    e4m3 bytes and f32 scales, x [..., K] bf16/f16 with K a multiple of 8."""
+    e4m3 bytes and f32 scales, x [..., K] bf16/f16 with K a multiple of 8; group 128 (scales
+    [..., ceil(K / 128)]) or 0, one scale a token (scales [..., 1]: quantize_fp8_rows(x, K))."""
     k = x.shape[-1]
     lead = x.shape[:-1]
     x2 = _packed(x.reshape(-1, k), 16)
     m = x2.shape[0]
-    key = ("rows", k, x.dtype, x.device.index)
+    key = ("rows", k, x.dtype, x.device.index, group)
     launcher = _DEQUANT.get(key)
     if launcher is None:
         from ..codegen.dequant import QuantRowsPlan
         from .launch import device_arch, load_plan
-        plan = QuantRowsPlan(dtype="bf16" if x.dtype == torch.bfloat16 else "f16", k=k, arch=device_arch(x.device))
+        plan = QuantRowsPlan(dtype="bf16" if x.dtype == torch.bfloat16 else "f16", k=k, arch=device_arch(x.device),
+                             group=group)
         launcher = _DEQUANT[key] = load_plan(plan, x.device, cache)
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, -(-k // FP8_BLOCK), dtype=torch.float32, device=x.device)
+    s = torch.empty(m, -(-k // FP8_BLOCK) if group else 1, dtype=torch.float32, device=x.device)
     if m:
         launcher((m,), [x2, q, s, m])
     return q.view(*lead, k), s.view(*lead, s.shape[-1])
@@ -465,6 +473,86 @@ def _scaled_mm_blockwise(q: torch.Tensor, s: torch.Tensor, qw: QuantWeight, dtyp
     return y.reshape(*lead, qw.n)
 
 
+class _Fp8GemmLauncher:
+    """A loaded Hopper FP8 GEMM (codegen/gemm.py fp8) with its tensor maps made per call (runtime/tma.py caches them)."""
+
+    __slots__ = ("plan", "launcher", "sms")
+
+    def __init__(self, plan, launcher, sms: int):
+        self.plan, self.launcher, self.sms = plan, launcher, sms
+
+    def __call__(self, q, xscale, w, wscale, bias, y, rows: int) -> None:
+        boxes = self.plan.tma_boxes
+        args = [tensor_map(q, boxes["x"]), tensor_map(w, boxes["w"]), xscale, wscale,
+                *([bias] if bias is not None else []), tensor_map(y, boxes["out"]), rows]
+        self.launcher((rows, self.sms), args)
+
+
+def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
+             gated: str | None = None, out: torch.Tensor | None = None, cache=None, bn: int | None = None) -> torch.Tensor:
+    """The W8A8 product on Hopper's e4m3 tensor cores (codegen/gemm.py fp8): q float8_e4m3fn
+    [..., K] with one f32 scale a token (xscale [...] or [..., 1]: quantize_fp8_rows_cuda(x, group=0))
+    times a row-scaled e4m3 W (qw group 0), y[m, n] = xscale[m] wscale[n] sum_k q[m, k] W_q[n, k] in
+    f32, then bias and act(gate) * up, rounded once to qw's activation dtype. sm_90 only; K a
+    multiple of 16, output columns a multiple of 8 (TMA's 16-byte rows). Errors before any launch."""
+    if qw.wtype != "f8e4m3" or qw.group:
+        raise LinearInputError(f"fp8_gemm takes an f8e4m3 weight with one scale a row, got {qw.wtype} group {qw.group}")
+    k, n = qw.k, qw.n
+    n_out = n // 2 if gated else n
+    if q.dtype != torch.float8_e4m3fn or q.shape[-1] != k or q.device != qw.device:
+        raise LinearInputError(f"q must be float8_e4m3fn [..., {k}] on {qw.device}, got {q.dtype} "
+                               f"{tuple(q.shape)} on {q.device}")
+    lead = tuple(q.shape[:-1])
+    rows = q.numel() // k
+    if xscale.dtype != torch.float32 or xscale.numel() != rows or xscale.device != q.device:
+        raise LinearInputError(f"xscale must be float32 with one scale a token ({rows}) on {q.device}, got "
+                               f"{xscale.dtype} {tuple(xscale.shape)} on {xscale.device}")
+    if gated and n % 2:
+        raise LinearInputError(f"a gated product needs an even number of W rows, got {n}")
+    if k % 16 or n_out % 8:
+        raise LinearInputError(f"fp8_gemm needs K a multiple of 16 and output columns a multiple of 8, got K {k}, "
+                               f"{n_out} columns")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != qw.dtype or bias.device != q.device):
+        raise LinearInputError(f"bias must be {qw.dtype} [{n}] on {q.device}, got {bias.dtype} {tuple(bias.shape)}")
+    if not q.is_cuda or _capability(q.device) != (9, 0):
+        raise LinearInputError("fp8_gemm runs on sm_90 (Hopper) GPUs")
+    if gated not in (None, *_ACT):
+        raise LinearInputError(f"gated must be None or one of {sorted(_ACT)}, got {gated!r}")
+    y = torch.empty(rows, n_out, dtype=qw.dtype, device=q.device) if out is None else out
+    if tuple(y.shape) != (rows, n_out) or y.dtype != qw.dtype or not y.is_contiguous() or y.data_ptr() % 16:
+        raise LinearInputError(f"out must be a contiguous 16-byte aligned {qw.dtype} [{rows}, {n_out}]")
+    if rows == 0:
+        return y.view(*lead, n_out)
+    from .linear import device_properties
+    sms = device_properties(q.device).multi_processor_count
+    from ..codegen.gemm import pick_bn
+    bn = bn or pick_bn(rows, n_out, bool(gated), sms, (128,) if k <= 128 else (256, 192, 128))
+    key = ("fp8_gemm", n, k, gated, bias is not None, qw.dtype, q.device.index, bn)
+    launcher = _DEQUANT.get(key)
+    if launcher is None:
+        from ..codegen.gemm import plan_gemm
+        from .launch import load_plan
+        plan = plan_gemm("bf16" if qw.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias is not None,
+                         bn=bn, tma=True, persistent=True, tma_store=True, fp8=True)
+        launcher = _DEQUANT[key] = _Fp8GemmLauncher(plan, load_plan(plan, q.device, cache), sms)
+    launcher(_packed(q.reshape(rows, k), 16), _packed(xscale.reshape(rows), 16), qw.qweight, qw.wscale,
+             None if bias is None else _packed(bias, 16), y, rows)
+    return y.view(*lead, n_out)
+
+
+def _fp8_gemm_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated, norm) -> bool:
+    return (rows >= FP8_GEMM_MIN_ROWS and norm is None and qw.wtype == "f8e4m3" and qw.group == 0
+            and _gpu_ok(x, qw) and _capability(x.device) == (9, 0) and qw.k % 16 == 0
+            and (qw.n // 2 if gated else qw.n) % 8 == 0)
+
+
+def fp8_activation_group(x: torch.Tensor, qw: QuantWeight, *, gated: str | None = None, norm=None) -> int:
+    """The k per activation scale gemv_quant's W8A8 product of x takes (the module's docstring):
+    qw.k (one scale a token: the Hopper FP8 GEMM's calls) or FP8_BLOCK."""
+    rows = x.numel() // qw.k if qw.k else 0
+    return qw.k if _fp8_gemm_ok(x, qw, rows, gated, norm) else FP8_BLOCK
+
+
 def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, cache=None) -> torch.Tensor:
     """The W8A8 product in torch, the kernel's meaning: x (times gamma + offset) quantised as
     quantize_fp8_rows, the dequantised operands multiplied in f32 (on a GPU that has the kernels:
@@ -476,6 +564,10 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
+    rows = x.numel() // qw.k
+    if _fp8_gemm_ok(x, qw, rows, gated, norm):   # per token on the Hopper FP8 GEMM (the module's docstring)
+        q, s = quantize_fp8_rows_cuda(x, cache, group=0)
+        return _epilogue(fp8_gemm(q, s, qw, bias, gated=gated, cache=cache), None, residual)
     blockwise = _gpu_ok(x, qw) and x.numel() and norm is None and qw.k % 8 == 0
     q, s = quantize_fp8_rows_cuda(u, cache) if blockwise else quantize_fp8_rows(u)
     y = _scaled_mm_blockwise(q, s, qw, x.dtype) if blockwise else None
@@ -506,6 +598,10 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
 # 16: its 32-row plans are 0.34-0.57 x cuBLAS and the gated block-scaled one spills.
 QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
+# Calls of at least this many rows with a row-scaled f8e4m3 W (no norm prologue) on sm_90 quantise x
+# per token (one pass, codegen/dequant.QuantRowsPlan group 0) and run the Hopper FP8 GEMM
+# (codegen/gemm.py fp8, fp8_gemm) instead of 1 x 128 blocks and cuBLAS's blockwise-scaled product
+FP8_GEMM_MIN_ROWS = 64
 # Calls of STREAM_QUANT_ROWS[0] .. [1] rows with a weight type in STREAM_WTYPES run, on sm_90, the
 # decode-range GEMM with W converted in registers (codegen/gemm_stream.py, wtype "u4" / "i8") instead of
 # dequantising W for cuBLAS (benchmarks/bench_gemv.py --quant, H200: u4 1.5-3.6x faster at 64-128 rows;

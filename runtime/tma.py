@@ -31,9 +31,10 @@ from .driver import check
 
 __all__ = ["MapParams", "map_params", "encode", "tensor_map", "BOX_COLUMNS"]
 
-BOX_COLUMNS = 64            # 16-bit elements a box row: the 128-byte swizzle's row
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
-_CU_DTYPES = {"bf16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16", "f16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16"}
+BOX_COLUMNS = 64            # 16-bit elements a box row: the 128-byte swizzle's row (8-bit: 128)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float8_e4m3fn: "u8"}
+_CU_DTYPES = {"bf16": "CU_TENSOR_MAP_DATA_TYPE_BFLOAT16", "f16": "CU_TENSOR_MAP_DATA_TYPE_FLOAT16",
+              "u8": "CU_TENSOR_MAP_DATA_TYPE_UINT8"}   # e4m3 bytes: TMA copies them as they are
 _CACHE_LIMIT = 4096         # maps kept; past it the cache starts over (a map is 128 bytes)
 
 
@@ -54,18 +55,20 @@ class MapParams:
 
 
 def map_params(t: torch.Tensor, box: tuple[int, int]) -> MapParams:
-    """The parameters of the map of a 2-D row-major tensor `t` [rows, cols] (bf16/f16, unit
-    column stride) and a box of (rows, 64) elements; ValueError where TMA cannot take them."""
+    """The parameters of the map of a 2-D row-major tensor `t` [rows, cols] (bf16/f16, or e4m3,
+    unit column stride) and a box of (rows, one 128-byte row: 64 16-bit or 128 8-bit elements);
+    ValueError where TMA cannot take them."""
     if t.dim() != 2 or t.dtype not in _DTYPES:
-        raise ValueError(f"a tensor map here is of a 2-D bf16/f16 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        raise ValueError(f"a tensor map here is of a 2-D bf16/f16/e4m3 tensor, got {t.dtype} of shape {tuple(t.shape)}")
     rows, cols = t.shape
     box_rows, box_cols = box
     row_bytes = t.stride(0) * t.element_size()
     if t.stride(1) != 1 or row_bytes % 16 or t.data_ptr() % 16:
         raise ValueError(f"TMA needs unit column stride, 16-byte aligned rows and base: strides {t.stride()}, "
                          f"address {t.data_ptr():#x}")
-    if box_cols != BOX_COLUMNS or not 1 <= box_rows <= 256:
-        raise ValueError(f"the box is (1..256 rows, {BOX_COLUMNS} columns) for the 128-byte swizzle, got {box}")
+    want = 128 // t.element_size()
+    if box_cols != want or not 1 <= box_rows <= 256:
+        raise ValueError(f"the box is (1..256 rows, {want} columns) for the 128-byte swizzle, got {box}")
     if not (1 <= rows < 1 << 32 and 1 <= cols < 1 << 32 and row_bytes < 1 << 40):
         raise ValueError(f"TMA takes 1 to 2^32 - 1 rows and columns, got {tuple(t.shape)}")
     return MapParams(dtype=_DTYPES[t.dtype], address=t.data_ptr(), global_dim=(cols, rows),

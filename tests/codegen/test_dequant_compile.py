@@ -2,6 +2,8 @@
 sm_90 (f8e4m3: sm_89+) without spills, reads 8 k of W a thread and writes them as one 16-byte
 vector,
 uses the small-token kernel's conversions, and bad plans are clear errors."""
+import re
+
 import pytest
 
 from layerforge.codegen.dequant import THREADS, plan_dequant
@@ -69,3 +71,25 @@ def test_activation_quantisation_compiles(dtype):
         QuantRowsPlan(dtype=dtype, k=64, arch="sm_80")
     with pytest.raises(ValueError, match="multiple of 8"):
         QuantRowsPlan(dtype=dtype, k=100)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_per_token_quantisation_compiles(dtype):
+    """group 0 (the Hopper FP8 GEMM's scales): a CTA a token, its row in registers (16-byte loads,
+    token_threads threads), one scale a row; refused past what a CTA's registers hold."""
+    from layerforge.codegen.dequant import TOKEN_CHUNKS, QuantRowsPlan, token_threads
+    for k in (8, 3000, 4096, 14336, 28672):
+        plan = QuantRowsPlan(dtype=dtype, k=k, group=0)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+        assert "cvt.rn.satfinite.e4m3x2.f32" in res.ptx and re.search(r"ld\.global(\.nc)?\.v4", res.ptx)
+        assert "bar.sync" in res.ptx
+        t = token_threads(k)
+        assert t % 32 == 0 and 8 * TOKEN_CHUNKS * t >= k and plan.abi.grid_for(M=300) == (300, 1, 1)
+        assert plan.abi.block == (t, 1, 1) and plan.key.endswith("_tok_sm90") and plan.describe()["block"] == "token"
+    assert token_threads(4096) == 128 and token_threads(14336) == 448
+    with pytest.raises(ValueError, match="registers"):
+        QuantRowsPlan(dtype=dtype, k=8 * 1024 * TOKEN_CHUNKS + 8, group=0)
+    with pytest.raises(ValueError, match="group"):
+        QuantRowsPlan(dtype=dtype, k=64, group=64)

@@ -239,3 +239,51 @@ def test_tma_store_plans():
     with pytest.raises(ValueError, match="multiple of 8"):
         plan_gemm("bf16", n=1001, k=256, tma=True, persistent=True, tma_store=True)
     assert "out" not in q.tma_boxes and "tma_store" in p.describe()
+
+
+FP8_SHAPES = [(6144, 4096, None), (4096, 14336, None), (28672, 4096, "silu"), (57344, 8192, "silu"),
+              (1000, 3008, None), (2000, 3008, "gelu_tanh"), (24, 16, None)]
+
+
+@pytest.mark.parametrize("bn", [128, 192, 256])
+@pytest.mark.parametrize("n,k,gated", FP8_SHAPES)
+def test_fp8_gemm_compiles_clean(n, k, gated, bn):
+    """fp8 (W8A8 on e4m3 wgmma): 128-byte stage rows of 128 k (the boxes' columns), wgmma k32,
+    the row x column scales in the TMA-store epilogue; no spills, wgmma not serialised."""
+    if gated and bn == 192:
+        return
+    if k <= 128 and bn == 256:   # one k-slice: refused at BN 256 (its f16 bias epilogue spilled)
+        with pytest.raises(ValueError, match="one 128-k slice"):
+            plan_gemm("f16", n=n, k=k, bn=bn, tma=True, persistent=True, tma_store=True, fp8=True)
+        return
+    for bias, dtype in ((False, "bf16"), (True, "f16")):
+        plan = plan_gemm(dtype, n=n, k=k, gated=gated, bias=bias, bn=bn, tma=True, persistent=True, tma_store=True,
+                         fp8=True)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515"):
+            assert code not in res.log, (plan.key, res.log)
+        assert f"wgmma.mma_async.sync.aligned.m64n{bn}k32.f32.e4m3.e4m3" in res.ptx, plan.key
+        assert "k16.f32.bf16" not in res.ptx and "k16.f32.f16" not in res.ptx
+        assert plan.tma_boxes["x"] == (128, 128) and plan.tma_boxes["w"][1] == 128 and plan.tma_boxes["out"] == (64, 64)
+        names = [a.name for a in plan.abi.args]
+        assert names[:4] == ["x_map", "w_map", "xscale", "wscale"] and names[-2:] == ["out_map", "M"]
+        assert ("bias" in names) == bias and plan.key.endswith("_st_f8_sm90a")
+
+
+def test_fp8_gemm_plans():
+    """fp8 keeps the bf16 plan's shared bytes a stage (128 one-byte k instead of 64 two-byte), so the
+    same stage counts; a band holds twice the column tiles; refused without TMA stores, grouped, or
+    with K not a multiple of 16."""
+    kw = dict(tma=True, persistent=True, tma_store=True)
+    p = plan_gemm("bf16", n=6144, k=4096, fp8=True, **kw)
+    q = plan_gemm("bf16", n=6144, k=4096, **kw)
+    assert p.stages == q.stages and p.shared_bytes == q.shared_bytes and p.band == min(p.tiles_n, 2 * q.band)
+    assert p.describe()["fp8"] and "fp8" not in q.describe()
+    with pytest.raises(ValueError, match="fp8"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, fp8=True)
+    with pytest.raises(ValueError, match="fp8"):
+        plan_gemm("bf16", n=256, k=264, fp8=True, **kw)
+    with pytest.raises(ValueError, match="fp8"):
+        plan_gemm("bf16", n=256, k=256, groups=4, fp8=True, **kw)

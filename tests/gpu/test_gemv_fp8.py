@@ -9,7 +9,8 @@ N and K off the tiles, the fused epilogues and the norm prologue, from_fp8, grap
 import pytest
 import torch
 
-from layerforge.runtime.quant import QuantLinear, dequantize, dequantize_fp8_rows, gemv_quant, quantize_fp8_rows
+from layerforge.runtime.quant import (QuantLinear, dequantize, dequantize_fp8_rows, fp8_activation_group, gemv_quant,
+                                     quantize_fp8_rows)
 
 from ..seeding import seeded_generator
 from .products import epilogue, replayed
@@ -33,11 +34,13 @@ def rel_err(out, ref):
 
 
 def w8a8_reference(x, lin, gated=None, bias=None, r=None, norm=None, offset=0.0):
-    """float64 of the kernel's meaning: x (times gamma + offset) quantised per token and 128 k."""
+    """float64 of the kernel's meaning: x (times gamma + offset) quantised per token and 128 k (per
+    token where the call takes the Hopper FP8 GEMM: fp8_activation_group)."""
     u = x
     if norm is not None:
         u = (x.float() * (norm[0].float() + offset)).to(x.dtype)
-    y = dequantize_fp8_rows(*quantize_fp8_rows(u)) @ dequantize(lin.qw).T
+    group = fp8_activation_group(x, lin.qw, gated=gated, norm=norm)
+    y = dequantize_fp8_rows(*quantize_fp8_rows(u, group), group) @ dequantize(lin.qw).T
     if norm is not None:
         xd = x.double()
         y = y * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm[1])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from layerforge.runtime import quant
-from layerforge.runtime.quant import (QuantLinear, dequantize, dequantize_cuda, dequantize_fp8_rows, gemv_quant,
-                                     quantize_fp8_rows)
+from layerforge.runtime.quant import (QuantLinear, dequantize, dequantize_cuda, dequantize_fp8_rows, fp8_activation_group,
+                                     gemv_quant, quantize_fp8_rows)
 
 from ..seeding import seeded_generator
 from .products import epilogue, replayed
@@ -25,8 +25,13 @@ SHAPES = [(4096, 14336), (1000, 3072), (3000, 1152), (24, 128)]
 
 
 def meaning(x, lin, gated=None, bias=None, r=None):
-    """float64 of the product's meaning (W8A8: x quantised per token and 128 k, as the kernel does)."""
-    xd = dequantize_fp8_rows(*quantize_fp8_rows(x)) if lin.qw.wtype == "f8e4m3" else x.double()
+    """float64 of the product's meaning (W8A8: x quantised per token and 128 k, as the kernel does;
+    per token where the call takes the Hopper FP8 GEMM)."""
+    if lin.qw.wtype == "f8e4m3":
+        group = fp8_activation_group(x, lin.qw, gated=gated)
+        xd = dequantize_fp8_rows(*quantize_fp8_rows(x, group), group)
+    else:
+        xd = x.double()
     return epilogue(xd @ dequantize(lin.qw).T, bias, gated, r)
 
 
@@ -119,16 +124,24 @@ def test_gptq_act_order_on_the_gpu(m):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="cuBLAS's blockwise-scaled fp8 product is an sm_90 feature")
 @pytest.mark.parametrize("block", [0, 128])
-def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block):
-    """Past 16 rows on sm_90 the W8A8 product is cuBLAS's blockwise-scaled fp8 GEMM on the same
-    e4m3 operands (x per token and 128 k, W per row or 128 x 128 block), not a dequantised W."""
+def test_fp8_prefill_runs_on_the_fp8_tensor_cores(block, monkeypatch):
+    """Past 16 rows on sm_90 the W8A8 product runs on the fp8 tensor cores, not a dequantised W: a
+    row-scaled W on the Hopper FP8 GEMM with x per token (FP8_GEMM_MIN_ROWS rows and more), else
+    cuBLAS's blockwise-scaled fp8 GEMM on the same e4m3 operands (x per token and 128 k, W per row or
+    128 x 128 block)."""
     gen = seeded_generator("fp8-blockwise", block)
     lin = quant_linear(2048, 4096, "f8e4m3", block, torch.bfloat16, gen)
     x = torch.randn(300, 4096, generator=gen).to(torch.bfloat16).cuda()
     quant._BLOCKWISE.clear()
+    quant._DEQUANT.clear()
     y = lin(x)
-    assert quant._BLOCKWISE.get(x.device.index) is True
+    gemm = any(key[0] == "fp8_gemm" for key in quant._DEQUANT)
+    assert gemm == (block == 0) and quant._BLOCKWISE.get(x.device.index) is (None if block == 0 else True)
     assert rel_err(y, meaning(x, lin)) < 1e-2
+    if block == 0:   # the GEMM's route off: cuBLAS's blockwise product, the 128-k groups
+        monkeypatch.setattr(quant, "FP8_GEMM_MIN_ROWS", 1 << 62)
+        assert fp8_activation_group(x, lin.qw) == 128
+        assert rel_err(lin(x), meaning(x, lin)) < 1e-2 and quant._BLOCKWISE.get(x.device.index) is True
 
 
 @pytest.mark.parametrize("m", [1, 16])
