@@ -51,8 +51,16 @@ persistent schedule"):
     fp8=True         (needs tma_store, not groups; K a multiple of 16) W8A8 on the e4m3 tensor cores: x
                      and W in float8_e4m3fn with float32 scales per token (xscale [M]) and per W row
                      (wscale [N]); a stage row is 128 bytes of 128 k, the wgmma k32; the scales are
-                     applied to the f32 sums before the epilogue (runtime/quant.fp8_gemm).
-Not yet here: 4-bit weights and block-scaled FP8 on this path (the small-token kernel has them).
+                     applied to the f32 sums before the epilogue (runtime/quant.fp8_gemm). The sums are
+                     the tensor cores' own (cuBLAS's use_fast_accum): their error grows with K.
+    fp8_scales       (fp8) "token": the above. "k128": x with one scale per token and 128 k (xscale
+                     [M, KB], KB = ceil(K / 128): the small-token kernel's numerics), W per row; each
+                     128-k slice's sums start from zero and are added, scaled, into f32 totals (the
+                     promotion DeepSeek-V3 describes: f32 accuracy whatever K). "k128_blocks": the same
+                     with W's scales per 128 x 128 block (wscale [ceil(N / 128), KB], DeepSeek-V3's).
+                     Both hold two accumulator sets: BN 128 only (gated: NOUT a multiple of 64, so
+                     the up rows of a tile lie in one W block).
+Not yet here: 4-bit weights on this path (the small-token kernel and the decode-range GEMM have them).
 """
 from __future__ import annotations
 
@@ -73,6 +81,7 @@ SHARED_LIMIT = 227 * 1024
 # 50 MB), so a band stays resident while every row tile of x passes it.
 L2_BAND_BYTES = 24 << 20
 MAX_GROUPS = 1024        # a grouped product's groups (its shared tables: 8 bytes a group)
+FP8_SCALES = ("token", "k128", "k128_blocks")
 
 
 # Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
@@ -117,6 +126,7 @@ class GemmPlan(ProductPlan):
     cluster: int = 1             # 2: CTA pairs sharing W's tile by TMA multicast (needs persistent)
     tma_store: bool = False      # the epilogue by TMA stores from a shared staging tile (the module's docstring)
     fp8: bool = False            # x and W in e4m3 with f32 scales per token and per W row (needs tma_store)
+    fp8_scales: str = "token"    # "token" | "k128" | "k128_blocks" (the module's docstring)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
@@ -136,6 +146,11 @@ class GemmPlan(ProductPlan):
         if self.fp8 and (not self.tma_store or self.groups or self.k % 16):
             raise ValueError("gemm: fp8 needs tma_store, no groups, and K a multiple of 16 (16-byte e4m3 rows), "
                              f"got K {self.k}")
+        if self.fp8_scales not in FP8_SCALES or (self.fp8_scales != "token" and not self.fp8):
+            raise ValueError(f"gemm: fp8_scales must be one of {FP8_SCALES} (with fp8), got {self.fp8_scales!r}")
+        if self.fp8_scales != "token" and (self.bn != 128 or (self.gated and self.n_out % 64)):
+            raise ValueError(f"gemm: fp8_scales {self.fp8_scales!r} holds two accumulator sets: bn 128 only (got "
+                             f"{self.bn}), and gated a multiple of 64 outputs (got {self.n_out})")
         if self.fp8 and self.bn == 256 and self.k <= 2 * BK:
             # one k-slice: NVRTC 13.0 spills the f16 bias epilogue of BN 256 (24 bytes); BN 128 serves it
             raise ValueError(f"gemm: fp8 at K {self.k} (one 128-k slice) takes bn <= 192, got bn 256")
@@ -169,7 +184,7 @@ class GemmPlan(ProductPlan):
         if self.tma_store:
             parts.append("st")
         if self.fp8:
-            parts.append("f8")
+            parts.append({"token": "f8", "k128": "f8k", "k128_blocks": "f8b"}[self.fp8_scales])
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -215,7 +230,7 @@ class GemmPlan(ProductPlan):
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
                 **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {}),
-                **({"tma_store": True} if self.tma_store else {}), **({"fp8": True} if self.fp8 else {})}
+                **({"tma_store": True} if self.tma_store else {}), **({"fp8": self.fp8_scales} if self.fp8 else {})}
 
 
 def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool) -> SharedLayout:
@@ -264,21 +279,22 @@ def _render(plan: GemmPlan) -> str:
                   RESIDUAL=plan.residual, smem=plan.shared_layout.offsets, PRODUCER_REGS=plan.producer_regs,
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
                   PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
-                  CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store, FP8=plan.fp8, OUT_BF16=out_bf16)
+                  CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store, FP8=plan.fp8, OUT_BF16=out_bf16,
+                  FP8_K128=plan.fp8 and plan.fp8_scales != "token", FP8_WBLOCKS=plan.fp8_scales == "k128_blocks")
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
               persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False,
-              fp8: bool = False) -> GemmPlan:
+              fp8: bool = False, fp8_scales: str = "token") -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
     groups, cluster, tma_store: the module's docstring."""
-    bn = 256 if bn is None else bn
+    bn = (256 if fp8_scales == "token" else 128) if bn is None else bn
     if stages is None:   # as many as fit beside the staging tile and the group tables (at most 6)
         stages, bn_out = 6, bn // 2 if gated else bn
         while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store).bytes + 1024 > SHARED_LIMIT:
             stages -= 1
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
                     stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store,
-                    fp8=fp8)
+                    fp8=fp8, fp8_scales=fp8_scales)

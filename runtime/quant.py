@@ -57,7 +57,7 @@ __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pac
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
            "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
-           "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES", "fp8_gemm", "FP8_GEMM_MIN_ROWS",
+           "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES", "fp8_gemm", "FP8_GEMM_MIN_ROWS", "FP8_GEMM_SCALES",
            "fp8_activation_group"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
@@ -491,12 +491,16 @@ class _Fp8GemmLauncher:
 def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
              gated: str | None = None, out: torch.Tensor | None = None, cache=None, bn: int | None = None) -> torch.Tensor:
     """The W8A8 product on Hopper's e4m3 tensor cores (codegen/gemm.py fp8): q float8_e4m3fn
-    [..., K] with one f32 scale a token (xscale [...] or [..., 1]: quantize_fp8_rows_cuda(x, group=0))
-    times a row-scaled e4m3 W (qw group 0), y[m, n] = xscale[m] wscale[n] sum_k q[m, k] W_q[n, k] in
-    f32, then bias and act(gate) * up, rounded once to qw's activation dtype. sm_90 only; K a
-    multiple of 16, output columns a multiple of 8 (TMA's 16-byte rows). Errors before any launch."""
-    if qw.wtype != "f8e4m3" or qw.group:
-        raise LinearInputError(f"fp8_gemm takes an f8e4m3 weight with one scale a row, got {qw.wtype} group {qw.group}")
+    [..., K] times an e4m3 W (qw) with f32 scales, then bias and act(gate) * up, rounded once to qw's
+    activation dtype. The scales say the kernel (codegen/gemm.py fp8_scales):
+      xscale one a token ([...] or [..., 1]: quantize_fp8_rows_cuda(x, group=0)), W per row: "token",
+        y[m, n] = xscale[m] wscale[n] sum_k q[m, k] W_q[n, k], the tensor cores' own sums;
+      xscale per token and 128 k ([..., ceil(K / 128)]: quantize_fp8_rows_cuda(x)), W per row or per
+        128 x 128 block: "k128" / "k128_blocks", each 128-k slice scaled into f32 totals.
+    sm_90 only; K a multiple of 16, output columns a multiple of 8 (TMA's 16-byte rows; with W
+    blocks and gated, 64). Errors before any launch."""
+    if qw.wtype != "f8e4m3":
+        raise LinearInputError(f"fp8_gemm takes an f8e4m3 weight, got {qw.wtype}")
     k, n = qw.k, qw.n
     n_out = n // 2 if gated else n
     if q.dtype != torch.float8_e4m3fn or q.shape[-1] != k or q.device != qw.device:
@@ -504,14 +508,22 @@ def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch
                                f"{tuple(q.shape)} on {q.device}")
     lead = tuple(q.shape[:-1])
     rows = q.numel() // k
-    if xscale.dtype != torch.float32 or xscale.numel() != rows or xscale.device != q.device:
-        raise LinearInputError(f"xscale must be float32 with one scale a token ({rows}) on {q.device}, got "
-                               f"{xscale.dtype} {tuple(xscale.shape)} on {xscale.device}")
+    kb = -(-k // FP8_BLOCK)
+    if xscale.dtype != torch.float32 or xscale.device != q.device:
+        scales = None
+    elif xscale.numel() == rows * kb and (kb > 1 or qw.group):
+        scales = "k128_blocks" if qw.group else "k128"
+    else:
+        scales = "token" if xscale.numel() == rows and not qw.group else None
+    if scales is None:
+        raise LinearInputError(f"xscale must be float32 on {q.device} with one scale a token ({rows}) or a token "
+                               f"and 128 k ([{rows}, {kb}]; with 128 x 128 W blocks only that), got {xscale.dtype} "
+                               f"{tuple(xscale.shape)} on {xscale.device}")
     if gated and n % 2:
         raise LinearInputError(f"a gated product needs an even number of W rows, got {n}")
-    if k % 16 or n_out % 8:
-        raise LinearInputError(f"fp8_gemm needs K a multiple of 16 and output columns a multiple of 8, got K {k}, "
-                               f"{n_out} columns")
+    if k % 16 or n_out % (64 if gated and qw.group else 8):
+        raise LinearInputError(f"fp8_gemm needs K a multiple of 16 and output columns a multiple of 8 (gated with W "
+                               f"blocks: 64), got K {k}, {n_out} columns")
     if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != qw.dtype or bias.device != q.device):
         raise LinearInputError(f"bias must be {qw.dtype} [{n}] on {q.device}, got {bias.dtype} {tuple(bias.shape)}")
     if not q.is_cuda or _capability(q.device) != (9, 0):
@@ -525,32 +537,40 @@ def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch
         return y.view(*lead, n_out)
     from .linear import device_properties
     sms = device_properties(q.device).multi_processor_count
-    from ..codegen.gemm import pick_bn
-    bn = bn or pick_bn(rows, n_out, bool(gated), sms, (128,) if k <= 128 else (256, 192, 128))
-    key = ("fp8_gemm", n, k, gated, bias is not None, qw.dtype, q.device.index, bn)
+    if scales != "token":
+        bn = 128   # two accumulator sets
+    elif bn is None:
+        from ..codegen.gemm import pick_bn
+        bn = pick_bn(rows, n_out, bool(gated), sms, (128,) if k <= 128 else (256, 192, 128))
+    key = ("fp8_gemm", n, k, gated, bias is not None, qw.dtype, q.device.index, bn, scales)
     launcher = _DEQUANT.get(key)
     if launcher is None:
         from ..codegen.gemm import plan_gemm
         from .launch import load_plan
         plan = plan_gemm("bf16" if qw.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias is not None,
-                         bn=bn, tma=True, persistent=True, tma_store=True, fp8=True)
+                         bn=bn, tma=True, persistent=True, tma_store=True, fp8=True, fp8_scales=scales)
         launcher = _DEQUANT[key] = _Fp8GemmLauncher(plan, load_plan(plan, q.device, cache), sms)
-    launcher(_packed(q.reshape(rows, k), 16), _packed(xscale.reshape(rows), 16), qw.qweight, qw.wscale,
+    launcher(_packed(q.reshape(rows, k), 16), _packed(xscale.reshape(rows, -1), 16), qw.qweight, qw.wscale,
              None if bias is None else _packed(bias, 16), y, rows)
     return y.view(*lead, n_out)
 
 
 def _fp8_gemm_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated, norm) -> bool:
-    return (rows >= FP8_GEMM_MIN_ROWS and norm is None and qw.wtype == "f8e4m3" and qw.group == 0
-            and _gpu_ok(x, qw) and _capability(x.device) == (9, 0) and qw.k % 16 == 0
-            and (qw.n // 2 if gated else qw.n) % 8 == 0)
+    return (rows >= FP8_GEMM_MIN_ROWS and norm is None and qw.wtype == "f8e4m3" and _gpu_ok(x, qw)
+            and _capability(x.device) == (9, 0) and qw.k % 16 == 0
+            and (qw.n // 2 if gated else qw.n) % (64 if gated and qw.group else 8) == 0)
+
+
+def _fp8_per_token(qw: QuantWeight) -> bool:
+    return FP8_GEMM_SCALES == "token" and qw.group == 0
 
 
 def fp8_activation_group(x: torch.Tensor, qw: QuantWeight, *, gated: str | None = None, norm=None) -> int:
     """The k per activation scale gemv_quant's W8A8 product of x takes (the module's docstring):
-    qw.k (one scale a token: the Hopper FP8 GEMM's calls) or FP8_BLOCK."""
+    qw.k (one scale a token: the Hopper FP8 GEMM's calls with FP8_GEMM_SCALES "token" and a
+    row-scaled W) or FP8_BLOCK."""
     rows = x.numel() // qw.k if qw.k else 0
-    return qw.k if _fp8_gemm_ok(x, qw, rows, gated, norm) else FP8_BLOCK
+    return qw.k if _fp8_gemm_ok(x, qw, rows, gated, norm) and _fp8_per_token(qw) else FP8_BLOCK
 
 
 def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, cache=None) -> torch.Tensor:
@@ -565,12 +585,17 @@ def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, c
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm[1])
         u = (xf * (norm[0].float() + norm_offset)).to(x.dtype)
     rows = x.numel() // qw.k
-    if _fp8_gemm_ok(x, qw, rows, gated, norm):   # per token on the Hopper FP8 GEMM (the module's docstring)
-        q, s = quantize_fp8_rows_cuda(x, cache, group=0)
+    ours = _fp8_gemm_ok(x, qw, rows, gated, norm)
+    if ours and not qw.group:   # a row-scaled W on the Hopper FP8 GEMM (the module's docstring)
+        q, s = quantize_fp8_rows_cuda(x, cache, group=0 if _fp8_per_token(qw) else FP8_BLOCK)
         return _epilogue(fp8_gemm(q, s, qw, bias, gated=gated, cache=cache), None, residual)
     blockwise = _gpu_ok(x, qw) and x.numel() and norm is None and qw.k % 8 == 0
     q, s = quantize_fp8_rows_cuda(u, cache) if blockwise else quantize_fp8_rows(u)
+    # 128 x 128 W blocks: cuBLAS's blockwise product where it takes them (0.79-0.92 x its time ours,
+    # benchmarks/NOTES.md), else the Hopper FP8 GEMM's k128_blocks
     y = _scaled_mm_blockwise(q, s, qw, x.dtype) if blockwise else None
+    if y is None and ours:
+        return _epilogue(fp8_gemm(q, s, qw, bias, gated=gated, cache=cache), None, residual)
     if y is not None:   # cuBLAS rounded the sums to x's dtype: the rest as the bf16 products do it
         return _epilogue(y if bias is None else y + bias, gated, residual)
     xd = (q.float() * s.repeat_interleave(FP8_BLOCK, -1)[..., : qw.k])
@@ -600,8 +625,14 @@ QUANT_KERNEL_MAX_ROWS = 32
 FP8_KERNEL_MAX_ROWS = 16
 # Calls of at least this many rows with a row-scaled f8e4m3 W (no norm prologue) on sm_90 quantise x
 # per token (one pass, codegen/dequant.QuantRowsPlan group 0) and run the Hopper FP8 GEMM
-# (codegen/gemm.py fp8, fp8_gemm) instead of 1 x 128 blocks and cuBLAS's blockwise-scaled product
-FP8_GEMM_MIN_ROWS = 64
+# (codegen/gemm.py fp8, fp8_gemm) instead of 1 x 128 blocks and cuBLAS's blockwise-scaled product.
+# Measured (benchmarks/bench_fp8.py, H200): from 256 rows faster at every Llama-3 shape (8B down
+# 38.6 against 50.4 us); at 64-128 rows the o / down products are not (41.2 against 25.5 us at 64:
+# 32 tiles of 128 x 128 for 132 SMs)
+FP8_GEMM_MIN_ROWS = 256
+# Its scaling with a row-scaled W: "token" (x per token, the tensor cores' own sums) or "k128" (x per
+# token and 128 k as decode quantises it, sums promoted to f32 every 128 k); 128 x 128 W blocks: "k128"
+FP8_GEMM_SCALES = "token"
 # Calls of STREAM_QUANT_ROWS[0] .. [1] rows with a weight type in STREAM_WTYPES run, on sm_90, the
 # decode-range GEMM with W converted in registers (codegen/gemm_stream.py, wtype "u4" / "i8") instead of
 # dequantising W for cuBLAS (benchmarks/bench_gemv.py --quant, H200: u4 1.5-3.6x faster at 64-128 rows;

@@ -287,3 +287,35 @@ def test_fp8_gemm_plans():
         plan_gemm("bf16", n=256, k=264, fp8=True, **kw)
     with pytest.raises(ValueError, match="fp8"):
         plan_gemm("bf16", n=256, k=256, groups=4, fp8=True, **kw)
+
+
+@pytest.mark.parametrize("scales", ["k128", "k128_blocks"])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, None), (4096, 14336, None), (28672, 4096, "silu"),
+                                       (57344, 8192, "silu"), (1000, 3072, None), (2048, 3072, "gelu_tanh"),
+                                       (24, 128, None)])
+def test_fp8_promoted_gemm_compiles_clean(n, k, gated, scales):
+    """fp8_scales k128 / k128_blocks: each 128-k slice's four k32 MMAs start from zero (the first
+    with scale-d 0), are waited for, and are added scaled into f32 totals; BN 128, no spills."""
+    for bias, dtype in ((False, "bf16"), (True, "f16")):
+        plan = plan_gemm(dtype, n=n, k=k, gated=gated, bias=bias, tma=True, persistent=True, tma_store=True,
+                         fp8=True, fp8_scales=scales)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        for code in ("C7508", "C7510", "C7515"):
+            assert code not in res.log, (plan.key, res.log)
+        assert plan.bn == 128 and "wgmma.wait_group.sync.aligned 0" in res.ptx
+        assert "m64n128k32.f32.e4m3.e4m3" in res.ptx and plan.describe()["fp8"] == scales
+        assert plan.key.endswith("_st_f8k_sm90a" if scales == "k128" else "_st_f8b_sm90a")
+
+
+def test_fp8_promoted_plans_refuse_what_they_cannot_hold():
+    kw = dict(tma=True, persistent=True, tma_store=True, fp8=True)
+    with pytest.raises(ValueError, match="bn 128 only"):
+        plan_gemm("bf16", n=4096, k=4096, bn=256, fp8_scales="k128", **kw)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        plan_gemm("bf16", n=2 * 96, k=4096, gated="silu", fp8_scales="k128_blocks", **kw)
+    with pytest.raises(ValueError, match="fp8_scales"):
+        plan_gemm("bf16", n=4096, k=4096, fp8_scales="tensor", **kw)
+    with pytest.raises(ValueError, match="fp8_scales"):
+        plan_gemm("bf16", n=4096, k=4096, tma=True, persistent=True, tma_store=True, fp8_scales="k128")
