@@ -117,6 +117,12 @@ ROW_WARPS = 8
 TOKEN_CHUNKS = 4   # per-token quantisation: 8-element chunks a thread (16-byte loads held in registers)
 
 
+def _row_kernel(plan) -> bool:
+    """A CTA a token (the row in registers): per token always, per 128 k where the row fits (16
+    bytes a load; the warp-a-block kernel loads 8: measured 0.45-0.6 of copy at Llama's K)."""
+    return plan.group == 0 or plan.k <= 8 * 1024 * TOKEN_CHUNKS
+
+
 def token_threads(k: int) -> int:
     """Threads of the per-token quantisation's CTA: TOKEN_CHUNKS chunks of 8 a thread, whole warps,
     at least 2 warps (K 4096: 128 threads, 14336: 448)."""
@@ -127,9 +133,9 @@ def token_threads(k: int) -> int:
 class QuantRowsPlan(KernelPlan):
     """The W8A8 products' activation quantisation in one pass over x (templates/cuda/
     quant_fp8_rows.cu.jinja): x [M, K] -> e4m3 bytes [M, K] and f32 scales [M, ceil(K / 128)]
-    (group 128: one a token and 128 k, a warp a block) or [M, 1] (group 0: one a token, the
-    Hopper FP8 GEMM's; a CTA a row held in registers, TOKEN_THREADS(K) threads of 8-element
-    chunks), runtime/quant.quantize_fp8_rows's bytes exactly (group 0: its group K)."""
+    (group 128: one a token and 128 k) or [M, 1] (group 0: one a token, the Hopper FP8 GEMM's),
+    runtime/quant.quantize_fp8_rows's bytes exactly (group 0: its group K). A CTA a row held in
+    registers (token_threads(K) threads of 8-element chunks; group 128 past 32768 k: a warp a block)."""
     family: ClassVar[str] = "quant_rows"
     dtype: str                 # "bf16" | "f16": x
     k: int
@@ -170,7 +176,7 @@ def _rows_abi(plan: QuantRowsPlan) -> KernelABI:
     t = _TYPES[plan.dtype][0]
     args = (Arg("x", f"const {t}* __restrict__", "input"), Arg("q", "unsigned char* __restrict__", "output"),
             Arg("scale", "float* __restrict__", "output"), Arg("M", "int", "dim"))
-    if plan.group == 0:   # a CTA a token
+    if _row_kernel(plan):   # a CTA a token
         return KernelABI(name=plan.kernel_name, args=args, grid=("M",), block=(token_threads(plan.k),), problem=("M",))
     kb = -(-plan.k // 128)
     return KernelABI(name=plan.kernel_name, args=args, grid=(f"cdiv(M * {kb}, {ROW_WARPS})",),
@@ -182,5 +188,5 @@ def _rows_render(plan: QuantRowsPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/quant_fp8_rows.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, K=plan.k,
-                  WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0, TOKEN=plan.group == 0,
+                  WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0, TOKEN=plan.group == 0, ROW=_row_kernel(plan),
                   THREADS=token_threads(plan.k), CHUNKS=-(-plan.k // (8 * token_threads(plan.k))))

@@ -60,13 +60,18 @@ def test_plan_errors():
 def test_activation_quantisation_compiles(dtype):
     from layerforge.codegen.dequant import ROW_WARPS, QuantRowsPlan
     for arch in ("sm_89", "sm_90"):
-        for k in (1000, 4096, 14336):
+        for k in (1000, 4096, 14336, 40000):
             plan = QuantRowsPlan(dtype=dtype, k=k, arch=arch)
             res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch), want_ptx=True)
             (kr,) = res.resources.values()
             assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
-            assert res.ptx.count("cvt.rn.satfinite.e4m3x2.f32") == 2 and "shfl.sync.bfly" in res.ptx
-            assert plan.abi.grid_for(M=300) == (-(-300 * -(-k // 128) // ROW_WARPS), 1, 1)
+            assert "cvt.rn.satfinite.e4m3x2.f32" in res.ptx and "shfl.sync.bfly" in res.ptx
+            if k <= 32768:   # a CTA a token, the row in registers: 16-lane amax a block, 16-byte loads
+                assert plan.abi.grid_for(M=300) == (300, 1, 1) and re.search(r"ld\.global(\.nc)?\.v4", res.ptx)
+                assert "shfl.sync.bfly.b32" in res.ptx and "bar.sync" not in res.ptx
+            else:            # past what a CTA's registers hold: a warp a (token, block)
+                assert res.ptx.count("cvt.rn.satfinite.e4m3x2.f32") == 2
+                assert plan.abi.grid_for(M=300) == (-(-300 * -(-k // 128) // ROW_WARPS), 1, 1)
     with pytest.raises(ValueError, match="sm_89"):
         QuantRowsPlan(dtype=dtype, k=64, arch="sm_80")
     with pytest.raises(ValueError, match="multiple of 8"):

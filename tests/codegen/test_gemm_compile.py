@@ -305,6 +305,8 @@ def test_fp8_promoted_gemm_compiles_clean(n, k, gated, scales):
         for code in ("C7508", "C7510", "C7515"):
             assert code not in res.log, (plan.key, res.log)
         assert plan.bn == 128 and "wgmma.wait_group.sync.aligned 0" in res.ptx
+        # two slices in flight (slice kt + 1's MMAs under slice kt's scaling) where there are two
+        assert ("wgmma.wait_group.sync.aligned 1" in res.ptx) == (k > 128), plan.key
         assert "m64n128k32.f32.e4m3.e4m3" in res.ptx and plan.describe()["fp8"] == scales
         assert plan.key.endswith("_st_f8k_sm90a" if scales == "k128" else "_st_f8b_sm90a")
 

@@ -172,7 +172,7 @@ def test_swept_quant_splits_are_correct(split, wtype, group, gated, m):
 
 @pytest.mark.skipif(not FP8, reason="e4m3 conversion needs an sm_89+ GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m,k", [(1, 4096), (300, 1000), (77, 1152), (1024, 14336)])
+@pytest.mark.parametrize("m,k", [(1, 4096), (300, 1000), (77, 1152), (1024, 14336), (5, 8), (2, 28672), (3, 40000)])
 def test_activation_quantisation_kernel_makes_the_reference_bytes(m, k, dtype):
     """The one-pass activation quantisation (codegen/dequant.QuantRowsPlan) gives
     quantize_fp8_rows's e4m3 bytes and scales exactly: blocks past K, an all-zero block, values
