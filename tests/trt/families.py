@@ -161,6 +161,8 @@ def _products(rec: Recorder) -> list[Case]:
         x = meta(m, k)
         quant.quantize_fp8_rows_cuda(x)
         cases.append(from_launch(f"quant_rows_m{m}", *rec.one(), {"x": x}))
+        quant.quantize_fp8_rows_cuda(x, group=0)   # one scale a token (the Hopper FP8 GEMM's)
+        cases.append(from_launch(f"quant_rows_tok_m{m}", *rec.one(), {"x": x}))
     return cases
 
 
