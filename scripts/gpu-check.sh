@@ -73,6 +73,13 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         "$PY" -m benchmarks.bench_gemm --variant wgmma_persistent --bn auto,128,256 --json "$OUT_DIR/bench_gemm.json" 2>&1 \
             | tee "$OUT_DIR/bench_gemm.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # W8A8 FP8 products: the Hopper FP8 GEMM (token / k128 / 128 x 128 block scales) beside _scaled_mm and
+        # cuBLAS's blockwise recipe; an FP8 model beside the bf16 one
+        "$PY" -m benchmarks.bench_fp8 --json "$OUT_DIR/bench_fp8.json" 2>&1 | tee "$OUT_DIR/bench_fp8.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        [ -n "${SKIP_MODEL:-}" ] || "$PY" -m benchmarks.bench_model --no-hf --no-compile --weights f8e4m3 2>&1 \
+            | tee "$OUT_DIR/bench_model_fp8.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
         # decode-range products (8-128 rows): the stream-K GEMM beside cuBLAS and the small-token kernel
         "$PY" -m benchmarks.bench_gemv --stream --json "$OUT_DIR/bench_gemv_stream.json" 2>&1 | tee "$OUT_DIR/bench_gemv_stream.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
