@@ -18,8 +18,9 @@ at the token counts past the expert kernels' (16), the block again with the othe
 (runtime/moe.GROUPED_KERNEL flipped: the generated grouped GEMM with the activation in its epilogue,
 or torch's grouped GEMM with the activation kernel between), and the two products alone on the
 same sorted rows (gate/up + activation, down; TFLOP/s over the routed rows);
-then the decode token counts again with the experts quantised (--quant: u4 group 128, f8e4m3
-128 x 128 blocks), "of copy" on the packed bytes and scales.
+then every token count again with the experts quantised (--quant: u4 group 128, f8e4m3
+128 x 128 blocks; f8e4m3:0 for one scale a row, the grouped FP8 GEMM's at prefill): at decode counts
+"of copy" on the packed bytes and scales, past them the time against the bf16 experts'.
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=sorted(BLOCKS), default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' eager block")
     ap.add_argument("--quant", default="u4:128,f8e4m3:128",
-                    help="quantised experts timed at the decode token counts (wtype:group,...; '' for none)")
+                    help="quantised experts timed at every token count (wtype:group,...; '' for none)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also print each kernel's GPU time of one step (torch.profiler) at the decode token counts")
     ap.add_argument("--expert-split", default="",
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
         blk, conf = hf_block(name, dev, dt)
         moe = MoE.from_hf(blk, conf)
         peer = grouped_pipeline(blk, BLOCKS[name])
+        bf16_us = {}
         print(f"\n{name}: {'tokens':>6} {'ours us':>9} {'grouped_mm':>11} {'transformers':>13} "
               f"{'x grouped':>10} {'x hf':>7} {'of copy':>8}")
         for t in map(int, a.tokens.split(",")):
@@ -205,6 +207,7 @@ def main(argv=None) -> int:
                   f"{grouped / ours:10.2f} {hf / ours:7.2f} {frac:8.2f}   (max rel err vs transformers {err:.1e})")
             rows.append(dict(block=name, tokens=t, ours_s=ours, grouped_mm_s=grouped, transformers_s=hf,
                              of_copy=frac, rel_err=err))
+            bf16_us[t] = ours * 1e6
             if t > moe_mod.EXPERT_KERNEL_ROWS:
                 rows.extend(long_routes(moe, x, ref, name, t))
         for spec in filter(None, a.expert_split.split(",")):
@@ -227,13 +230,17 @@ def main(argv=None) -> int:
         for spec in filter(None, a.quant.split(",")):
             wtype, group = spec.split(":")
             qmoe = MoE.from_hf(blk, conf).quantize_(wtype, int(group))
-            for t in (n for n in map(int, a.tokens.split(",")) if n <= 16):
+            for t in map(int, a.tokens.split(",")):
                 x = torch.randn(t, conf.hidden_size, device=dev, dtype=dt)
                 with torch.no_grad():
                     ours = graph_time(lambda: qmoe(x))
                 frac = chosen_bytes(qmoe, x) / ours / ceiling
-                print(f"{'':10} {t:6d} {ours * 1e6:9.1f}  {wtype} group {group} experts: {frac:.2f} of copy on the "
-                      f"packed bytes")
+                if t > moe_mod.EXPERT_KERNEL_ROWS:   # prefill: against the same block's bf16 experts
+                    print(f"{'':10} {t:6d} {ours * 1e6:9.1f}  {wtype} group {group} experts ({bf16_us[t] / (ours * 1e6):.2f} "
+                          f"x the bf16 experts' {bf16_us[t]:.1f} us)")
+                else:
+                    print(f"{'':10} {t:6d} {ours * 1e6:9.1f}  {wtype} group {group} experts: {frac:.2f} of copy on the "
+                          f"packed bytes")
                 rows.append(dict(block=name, tokens=t, wtype=wtype, group=int(group), ours_s=ours, of_copy=frac))
             qmoe = None
         blk = moe = peer = None   # the next block's weights in their place

@@ -48,11 +48,13 @@ persistent schedule"):
                      M and columns past NOUT); the warpgroup goes on to the next tile's MMAs while
                      the copy engine writes. The staging tile costs a stage of the ring at BN 256.
                      Grouped: a warpgroup whose 64 rows pass its group's end stores from the registers.
-    fp8=True         (needs tma_store, not groups; K a multiple of 16) W8A8 on the e4m3 tensor cores: x
+    fp8=True         (needs tma_store; K a multiple of 16) W8A8 on the e4m3 tensor cores: x
                      and W in float8_e4m3fn with float32 scales per token (xscale [M]) and per W row
                      (wscale [N]); a stage row is 128 bytes of 128 k, the wgmma k32; the scales are
                      applied to the f32 sums before the epilogue (runtime/quant.fp8_gemm). The sums are
                      the tensor cores' own (cuBLAS's use_fast_accum): their error grows with K.
+                     Grouped (token scaling): x's rows sorted by group, one scale a sorted row; W's
+                     scales [G * N], group g's rows g N ...
     fp8_scales       (fp8) "token": the above. "k128": x with one scale per token and 128 k (xscale
                      [M, KB], KB = ceil(K / 128): the small-token kernel's numerics), W per row; each
                      128-k slice's sums start from zero and are added, scaled, into f32 totals (the
@@ -143,9 +145,9 @@ class GemmPlan(ProductPlan):
         if self.tma_store and (not self.persistent or self.cluster > 1 or self.residual or self.n_out % 8):
             raise ValueError("gemm: tma_store needs the persistent schedule without clusters or a residual, and "
                              f"output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
-        if self.fp8 and (not self.tma_store or self.groups or self.k % 16):
-            raise ValueError("gemm: fp8 needs tma_store, no groups, and K a multiple of 16 (16-byte e4m3 rows), "
-                             f"got K {self.k}")
+        if self.fp8 and (not self.tma_store or self.k % 16 or (self.groups and self.fp8_scales != "token")):
+            raise ValueError("gemm: fp8 needs tma_store, K a multiple of 16 (16-byte e4m3 rows), and grouped the "
+                             f"token scaling, got K {self.k}, {self.fp8_scales!r}{' grouped' if self.groups else ''}")
         if self.fp8_scales not in FP8_SCALES or (self.fp8_scales != "token" and not self.fp8):
             raise ValueError(f"gemm: fp8_scales must be one of {FP8_SCALES} (with fp8), got {self.fp8_scales!r}")
         if self.fp8_scales != "token" and (self.bn != 128 or (self.gated and self.n_out % 64)):

@@ -23,7 +23,9 @@ A step of T tokens:
      (`grouped_product`, codegen/gemm.py's `groups`: one persistent wgmma launch over every expert's
      tiles, the row counts read by the kernel; the gated activation in gate/up's epilogue) for
      gate/up and down; with GROUPED_KERNEL off, torch's grouped GEMM (`torch._grouped_mm`, bf16)
-     with the activation kernel between; elsewhere one torch product an expert;
+     with the activation kernel between; elsewhere one torch product an expert. Quantised experts
+     are dequantised for it, except f8e4m3 with one scale a row on sm_90: W8A8 on the grouped FP8
+     GEMM, the gathered x and then h quantised per token (runtime/quant.quantize_fp8_rows_cuda);
 4. the combine kernel: out[t] = sum_s w[t, s] y[pos[t, s]] in f32, plus the shared expert's
    output (Qwen2-MoE: gated by sigmoid(x @ shared_expert_gate^T); DeepSeek: ungated; below), one pass.
 CPU tensors and float32 run the same steps with torch operations and the routing layer's reference
@@ -324,6 +326,12 @@ class MoE(torch.nn.Module):
             listed = active if not S else None
             h = expert_product(x2, wgu, routed, src[:P], rows=T, gated=cfg.activation, active=listed)
             y = expert_product(h, wd, routed, None, rows=T, active=listed)
+        elif GROUPED_KERNEL and _grouped_fp8_serves(x2, wgu, wd):   # W8A8: x and h quantised per token
+            from .quant import quantize_fp8_rows_cuda
+            q, s = quantize_fp8_rows_cuda(moe_gather(x2, src[:P]), group=0)
+            h = grouped_product(q, wgu, routed, gated=cfg.activation, xscale=s)
+            q, s = quantize_fp8_rows_cuda(h, group=0)
+            y = grouped_product(q, wd, routed, xscale=s)
         else:
             if quant:   # W dequantised for the grouped GEMM
                 wgu, wd = dequantize_experts(wgu), dequantize_experts(wd)
@@ -389,7 +397,7 @@ class MoE(torch.nn.Module):
         """Quantise the routed experts' weights in place (round to nearest; u4 per group, i8 per
         row or group, f8e4m3 per row or 128 x 128 block: runtime/quant.py). Decode steps then read
         the packed experts in the expert kernel; longer steps dequantise them for the grouped
-        GEMM. The router and the shared expert stay in the model's dtype. Returns the module."""
+        GEMM (f8e4m3 per row on sm_90: the grouped FP8 GEMM on them as they are). The router and the shared expert stay in the model's dtype. Returns the module."""
         self.experts.quantize_(wtype, group_size)
         return self
 
@@ -568,61 +576,92 @@ def _expert_kernel_serves(w, x2: torch.Tensor) -> bool:
     return w.wtype != "f8e4m3" or (p.major, p.minor) >= (8, 9)
 
 
-def grouped_product(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gated: str | None = None,
-                    out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+def grouped_product(xs: torch.Tensor, w, offsets: torch.Tensor, *, gated: str | None = None,
+                    out: torch.Tensor | None = None, cache=None, xscale: torch.Tensor | None = None) -> torch.Tensor:
     """The generated grouped GEMM (codegen/gemm.py `groups`, sm_90a): y [P, N_out], sorted row j of
     group e (offsets[e] <= j < offsets[e + 1]) = epilogue(xs[j] @ w[e]^T), act(gate) * up over w's
     two row halves when gated, f32 accumulation rounded once. xs [P, K] and w [E, N, K] bf16/f16 on
-    one sm_90 device, K a multiple of 8; offsets int32 [E + 1] on the device (never read by the host:
+    one sm_90 device, K a multiple of 8; or W8A8 (codegen/gemm.py fp8, token scaling): w a
+    QuantExperts of f8e4m3 with one scale a row, xs float8_e4m3fn with xscale float32 one a row
+    (runtime/quant.quantize_fp8_rows_cuda(x, group=0)), K a multiple of 16 and N_out of 8, y in the
+    experts' activation dtype. offsets int32 [E + 1] on the device (never read by the host:
     graph-safe), offsets[0] = 0, non-decreasing, offsets[E] <= P (rows past it are left as they are; the
     kernel clamps offsets into [0, P] and gives a decreasing pair no rows: no access outside xs or out)."""
     from .linear import _capability
     from .tma import tensor_map
-    if w.dim() != 3 or xs.dim() != 2 or xs.shape[1] != w.shape[2] or xs.dtype != w.dtype \
-            or xs.dtype not in (torch.bfloat16, torch.float16) or xs.device != w.device or not xs.is_cuda:
-        raise LinearInputError(f"grouped_product: xs [P, K] and w [E, N, K] of one bf16/f16 dtype on one CUDA device, "
-                               f"got {tuple(xs.shape)} {xs.dtype} on {xs.device} and {tuple(w.shape)} {w.dtype} on "
-                               f"{w.device}")
-    E, n, k = w.shape
+    fp8 = isinstance(w, QuantExperts)
+    if fp8:
+        E, n, k = w.shape
+        if (w.wtype != "f8e4m3" or w.group or xs.dtype != torch.float8_e4m3fn or xs.dim() != 2 or xs.shape[1] != k
+                or xs.device != w.device or not xs.is_cuda or xscale is None or xscale.dtype != torch.float32
+                or xscale.numel() != xs.shape[0] or xscale.device != xs.device):
+            raise LinearInputError(f"grouped_product: W8A8 takes f8e4m3 experts with one scale a row, xs "
+                                   f"float8_e4m3fn [P, {k}] and xscale float32 [P] on their device, got {w.wtype} "
+                                   f"group {w.group}, xs {xs.dtype} {tuple(xs.shape)}, xscale "
+                                   f"{None if xscale is None else (xscale.dtype, tuple(xscale.shape))}")
+        dtype = w.dtype
+    else:
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or xs.dim() != 2 or xs.shape[1] != w.shape[2] \
+                or xs.dtype != w.dtype or xs.dtype not in (torch.bfloat16, torch.float16) or xs.device != w.device \
+                or not xs.is_cuda or xscale is not None:
+            raise LinearInputError(f"grouped_product: xs [P, K] and w [E, N, K] of one bf16/f16 dtype on one CUDA "
+                                   f"device (xscale only with f8e4m3 experts), got {tuple(xs.shape)} {xs.dtype} on "
+                                   f"{xs.device} and {tuple(w.shape)} {w.dtype} on {w.device}")
+        E, n, k = w.shape
+        dtype = xs.dtype
     from ..codegen.gemm import MAX_GROUPS, pick_bn, plan_gemm
     if not 1 <= E <= MAX_GROUPS:
         raise LinearInputError(f"grouped_product: 1 to {MAX_GROUPS} groups, got {E}")
-    if _capability(xs.device) != (9, 0) or k % 8:
-        raise LinearInputError(f"grouped_product: needs an sm_90 device and K a multiple of 8, got K {k} on "
-                               f"sm_{''.join(map(str, _capability(xs.device)))}")
+    if _capability(xs.device) != (9, 0) or k % (16 if fp8 else 8):
+        raise LinearInputError(f"grouped_product: needs an sm_90 device and K a multiple of {16 if fp8 else 8}, got "
+                               f"K {k} on sm_{''.join(map(str, _capability(xs.device)))}")
     if gated is not None and (gated not in GATED or n % 2):
         raise LinearInputError(f"grouped_product: gated must be one of {GATED} with N even, "
                                f"got {gated!r} with N {n}")
     if offsets.shape != (E + 1,) or offsets.dtype != torch.int32 or offsets.device != xs.device:
         raise LinearInputError(f"grouped_product: offsets must be int32 [{E + 1}] on {xs.device}")
     P, n_out = xs.shape[0], n // 2 if gated else n
-    if out is not None and (tuple(out.shape) != (P, n_out) or out.dtype != xs.dtype or out.device != xs.device
+    store = GROUPED_TMA_STORE and GROUPED_CLUSTER == 1 and n_out % 8 == 0
+    if fp8 and (GROUPED_CLUSTER != 1 or n_out % 8):
+        raise LinearInputError(f"grouped_product: W8A8 stores by TMA: output columns a multiple of 8 and no "
+                               f"clusters, got {n_out} columns, GROUPED_CLUSTER {GROUPED_CLUSTER}")
+    if out is not None and (tuple(out.shape) != (P, n_out) or out.dtype != dtype or out.device != xs.device
                             or not out.is_contiguous() or out.data_ptr() % 16):
         raise LinearInputError(f"grouped_product: out must be a contiguous 16-byte aligned ({P}, {n_out}) "
-                               f"{xs.dtype} on {xs.device}")
-    y = torch.empty(P, n_out, dtype=xs.dtype, device=xs.device) if out is None else out
+                               f"{dtype} on {xs.device}")
+    y = torch.empty(P, n_out, dtype=dtype, device=xs.device) if out is None else out
     if P == 0:
         return y
     sms = device_properties(xs.device).multi_processor_count
     # by the mean rows a group; the widths measured on the grouped product (BN 192 is not)
-    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128, 256))
-    store = GROUPED_TMA_STORE and GROUPED_CLUSTER == 1 and n_out % 8 == 0
-    key = ("grouped_gemm", xs.dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER, store)
+    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128,) if fp8 and k <= 128 else (128, 256))
+    store = store or fp8
+    key = ("grouped_gemm", dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER, store, fp8)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
         from .linear import persistent_ctas
-        plan = plan_gemm("bf16" if xs.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bn=bn,
-                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER, tma_store=store)
+        plan = plan_gemm("bf16" if dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bn=bn,
+                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER, tma_store=store, fp8=fp8)
         launcher = load_plan(plan, xs.device, cache)
         hit = _KERNELS[key] = (plan, launcher, persistent_ctas(plan, launcher, sms))
     plan, launcher, ctas = hit
     boxes = plan.tma_boxes
     xs = _packed(xs, 16)
     outs = [tensor_map(y, boxes["out"]), y] if plan.tma_store else [y]   # (the groups' last rows: through y)
-    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(_packed(w, 16).view(E * n, k), boxes["w"]), *outs, P,
-                         offsets])
+    wt = w.q.view(E * n, k) if fp8 else _packed(w, 16).view(E * n, k)
+    scales = [_packed(xscale.reshape(P), 16), w.s.reshape(E * n)] if fp8 else []
+    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(wt, boxes["w"]), *scales, *outs, P, offsets])
     return y
+
+
+def _grouped_fp8_serves(x2: torch.Tensor, wgu, wd) -> bool:
+    """The grouped W8A8 products take a step: f8e4m3 experts with one scale a row, on an sm_90 device,
+    H and F multiples of 16 (and 8 outputs: F, H)."""
+    from .linear import _capability
+    return (all(isinstance(w, QuantExperts) and w.wtype == "f8e4m3" and w.group == 0 for w in (wgu, wd))
+            and x2.is_cuda and x2.dtype == wgu.dtype and _capability(x2.device) == (9, 0) and GROUPED_CLUSTER == 1
+            and wgu.k % 16 == 0 and wd.k % 16 == 0 and wgu.n % 16 == 0 and wd.n % 8 == 0)
 
 
 def _grouped_kernel_serves(xs: torch.Tensor, wgu, wd) -> bool:

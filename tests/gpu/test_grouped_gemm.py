@@ -187,3 +187,55 @@ def test_grouped_tma_store_equals_register_stores(gated, monkeypatch):
     end = int(offsets[-1])
     assert torch.isnan(outs[True][end:]).all() and not torch.isnan(outs[True][:end]).any()
     assert torch.equal(outs[True][:end], outs[False][:end])
+
+
+def quantised_experts(w):
+    """[E, N, K] float -> QuantExperts of f8e4m3 with one scale a row (the MoE's quantize_ layout)."""
+    from layerforge.runtime.moe import QuantExperts
+    from layerforge.runtime.quant import quantize_fp8
+    qs = [quantize_fp8(w[e]) for e in range(w.shape[0])]
+    E, n, k = w.shape
+    return QuantExperts("f8e4m3", 0, torch.stack([q for q, _ in qs]).contiguous(),
+                        torch.stack([s.reshape(n) for _, s in qs]).float().contiguous(), n, k, torch.bfloat16)
+
+
+@pytest.mark.parametrize("gated", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("counts", [[128, 0, 129, 1, 127, 0, 0, 300], [0] * 7 + [5], [1000], [64, 65, 63, 200]])
+@pytest.mark.parametrize("n,k", [(2 * 704, 2048), (1024, 1408), (2 * 64, 128)])
+def test_grouped_fp8_gemm_against_float64(counts, n, k, gated):
+    """W8A8 grouped (an FP8 MoE's prefill): each sorted row's e4m3 bytes times its group's e4m3 W,
+    scaled per row and per W row, against float64 of the same operands; rows past the last group
+    untouched; groups ending at and off multiples of 64 (both store paths)."""
+    from layerforge.runtime.quant import quantize_fp8_rows_cuda
+    gen = seeded_generator("grouped_fp8", tuple(counts), n, k, gated)
+    E = len(counts)
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32, device="cuda")
+    P = int(offsets[-1]) + 9
+    xs = (torch.randn(P, k, generator=gen) * torch.logspace(-1, 1, P)[:, None]).bfloat16().cuda()
+    w = quantised_experts((torch.randn(E, n, k, generator=gen) * 0.05).cuda())
+    q, s = quantize_fp8_rows_cuda(xs, group=0)
+    out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = grouped_product(q, w, offsets, gated=gated, out=out, xscale=s)
+    torch.cuda.synchronize()
+    xd = q.double() * s.double()
+    wd = w.q.double() * w.s.double()[..., None]
+    ref, end = reference(xd, wd, offsets, gated)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(y[:end]).any() and torch.isnan(y[end:]).all()
+    err = ((y[:end].double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+def test_grouped_fp8_refuses_what_it_cannot_take():
+    gen = seeded_generator("grouped_fp8_bad")
+    w = quantised_experts((torch.randn(4, 256, 512, generator=gen) * 0.05).cuda())
+    offsets = torch.tensor([0, 10, 10, 20, 30], dtype=torch.int32, device="cuda")
+    xs = torch.randn(30, 512, generator=gen).bfloat16().cuda()
+    from layerforge.runtime.quant import quantize_fp8_rows_cuda
+    q, s = quantize_fp8_rows_cuda(xs, group=0)
+    with pytest.raises(LinearInputError, match="W8A8"):
+        grouped_product(q, w, offsets)            # no xscale
+    with pytest.raises(LinearInputError, match="W8A8"):
+        grouped_product(xs, w, offsets, xscale=s)  # x not e4m3
+    with pytest.raises(LinearInputError, match="xscale only"):
+        grouped_product(xs, torch.zeros(4, 256, 512, dtype=torch.bfloat16, device="cuda"), offsets, xscale=s)

@@ -151,8 +151,11 @@ def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens)
     with torch.no_grad():
         got = moe(x)
         w, ids = moe.route(x)
-        fp8_x = wtype == "f8e4m3" and tokens <= EXPERT_KERNEL_ROWS
-        ref = w8a8_reference(moe, x, w, ids) if fp8_x else moe._forward_torch(x, w, ids)
+        # W8A8: the expert kernel (per 128 k), or past it the grouped FP8 GEMM (f8e4m3 per row, sm_90: per token)
+        per_token = wtype == "f8e4m3" and group == 0 and tokens > EXPERT_KERNEL_ROWS \
+            and torch.cuda.get_device_capability() == (9, 0)
+        fp8_x = wtype == "f8e4m3" and (tokens <= EXPERT_KERNEL_ROWS or per_token)
+        ref = w8a8_reference(moe, x, w, ids, per_token) if fp8_x else moe._forward_torch(x, w, ids)
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
     scale = ref.float().abs().max().item()
@@ -163,13 +166,17 @@ def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens)
     assert err.mean().item() <= 4e-3 * scale
 
 
-def w8a8_reference(moe, x, w, ids):
+def w8a8_reference(moe, x, w, ids, per_token=False):
     """The W8A8 expert products in float64: each product's input quantised to e4m3 per 128-k chunk
-    as the kernel does (runtime/quant.quantize_fp8_rows), W dequantised; the gated activation's
-    output rounded to bf16 between the products, as the kernel stores it."""
+    as the expert kernel does (runtime/quant.quantize_fp8_rows; per_token: one scale a row, as before
+    the grouped FP8 GEMM), W dequantised; the gated activation's output rounded to bf16 between the
+    products, as the kernels store it."""
     from layerforge.runtime.moe import dequantize_experts
     from layerforge.runtime.quant import dequantize_fp8_rows, quantize_fp8_rows
-    q = lambda t: dequantize_fp8_rows(*quantize_fp8_rows(t))   # noqa: E731
+
+    def q(t):
+        group = t.shape[-1] if per_token else 128
+        return dequantize_fp8_rows(*quantize_fp8_rows(t, group), group)
     wgu = dequantize_experts(moe.experts.weights("gate_up_proj")).double()
     wd = dequantize_experts(moe.experts.weights("down_proj")).double()
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
