@@ -53,8 +53,8 @@ persistent schedule"):
                      (wscale [N]); a stage row is 128 bytes of 128 k, the wgmma k32; the scales are
                      applied to the f32 sums before the epilogue (runtime/quant.fp8_gemm). The sums are
                      the tensor cores' own (cuBLAS's use_fast_accum): their error grows with K.
-                     Grouped (token scaling): x's rows sorted by group, one scale a sorted row; W's
-                     scales [G * N], group g's rows g N ...
+                     Grouped: x's rows sorted by group, their scales in that order; W's scales of the
+                     stacked [G N, K] W (blocks: N a multiple of 128, so a group has whole blocks).
     fp8_scales       (fp8) "token": the above. "k128": x with one scale per token and 128 k (xscale
                      [M, KB], KB = ceil(K / 128): the small-token kernel's numerics), W per row; each
                      128-k slice's sums start from zero and are added, scaled, into f32 totals (the
@@ -145,9 +145,10 @@ class GemmPlan(ProductPlan):
         if self.tma_store and (not self.persistent or self.cluster > 1 or self.residual or self.n_out % 8):
             raise ValueError("gemm: tma_store needs the persistent schedule without clusters or a residual, and "
                              f"output columns a multiple of 8 (16-byte rows for the map), got n_out {self.n_out}")
-        if self.fp8 and (not self.tma_store or self.k % 16 or (self.groups and self.fp8_scales != "token")):
-            raise ValueError("gemm: fp8 needs tma_store, K a multiple of 16 (16-byte e4m3 rows), and grouped the "
-                             f"token scaling, got K {self.k}, {self.fp8_scales!r}{' grouped' if self.groups else ''}")
+        if self.fp8 and (not self.tma_store or self.k % 16
+                         or (self.groups and self.fp8_scales == "k128_blocks" and self.n % 128)):
+            raise ValueError("gemm: fp8 needs tma_store, K a multiple of 16 (16-byte e4m3 rows), and grouped with "
+                             f"128 x 128 W blocks N a multiple of 128 (whole blocks a group), got K {self.k}, N {self.n}")
         if self.fp8_scales not in FP8_SCALES or (self.fp8_scales != "token" and not self.fp8):
             raise ValueError(f"gemm: fp8_scales must be one of {FP8_SCALES} (with fp8), got {self.fp8_scales!r}")
         if self.fp8_scales != "token" and (self.bn != 128 or (self.gated and self.n_out % 64)):

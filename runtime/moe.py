@@ -24,8 +24,9 @@ A step of T tokens:
      tiles, the row counts read by the kernel; the gated activation in gate/up's epilogue) for
      gate/up and down; with GROUPED_KERNEL off, torch's grouped GEMM (`torch._grouped_mm`, bf16)
      with the activation kernel between; elsewhere one torch product an expert. Quantised experts
-     are dequantised for it, except f8e4m3 with one scale a row on sm_90: W8A8 on the grouped FP8
-     GEMM, the gathered x and then h quantised per token (runtime/quant.quantize_fp8_rows_cuda);
+     are dequantised for it, except f8e4m3 on sm_90: W8A8 on the grouped FP8 GEMM, the gathered x
+     and then h quantised per token (one scale a W row) or per token and 128 k (128 x 128 W blocks,
+     DeepSeek-V3's) (runtime/quant.quantize_fp8_rows_cuda);
 4. the combine kernel: out[t] = sum_s w[t, s] y[pos[t, s]] in f32, plus the shared expert's
    output (Qwen2-MoE: gated by sigmoid(x @ shared_expert_gate^T); DeepSeek: ungated; below), one pass.
 CPU tensors and float32 run the same steps with torch operations and the routing layer's reference
@@ -328,9 +329,10 @@ class MoE(torch.nn.Module):
             y = expert_product(h, wd, routed, None, rows=T, active=listed)
         elif GROUPED_KERNEL and _grouped_fp8_serves(x2, wgu, wd):   # W8A8: x and h quantised per token
             from .quant import quantize_fp8_rows_cuda
-            q, s = quantize_fp8_rows_cuda(moe_gather(x2, src[:P]), group=0)
+            per = 128 if wgu.group else 0   # 128 x 128 W blocks: x per token and 128 k, else per token
+            q, s = quantize_fp8_rows_cuda(moe_gather(x2, src[:P]), group=per)
             h = grouped_product(q, wgu, routed, gated=cfg.activation, xscale=s)
-            q, s = quantize_fp8_rows_cuda(h, group=0)
+            q, s = quantize_fp8_rows_cuda(h, group=per)
             y = grouped_product(q, wd, routed, xscale=s)
         else:
             if quant:   # W dequantised for the grouped GEMM
@@ -397,7 +399,7 @@ class MoE(torch.nn.Module):
         """Quantise the routed experts' weights in place (round to nearest; u4 per group, i8 per
         row or group, f8e4m3 per row or 128 x 128 block: runtime/quant.py). Decode steps then read
         the packed experts in the expert kernel; longer steps dequantise them for the grouped
-        GEMM (f8e4m3 per row on sm_90: the grouped FP8 GEMM on them as they are). The router and the shared expert stay in the model's dtype. Returns the module."""
+        GEMM (f8e4m3 on sm_90: the grouped FP8 GEMM on them as they are). The router and the shared expert stay in the model's dtype. Returns the module."""
         self.experts.quantize_(wtype, group_size)
         return self
 
@@ -581,23 +583,27 @@ def grouped_product(xs: torch.Tensor, w, offsets: torch.Tensor, *, gated: str | 
     """The generated grouped GEMM (codegen/gemm.py `groups`, sm_90a): y [P, N_out], sorted row j of
     group e (offsets[e] <= j < offsets[e + 1]) = epilogue(xs[j] @ w[e]^T), act(gate) * up over w's
     two row halves when gated, f32 accumulation rounded once. xs [P, K] and w [E, N, K] bf16/f16 on
-    one sm_90 device, K a multiple of 8; or W8A8 (codegen/gemm.py fp8, token scaling): w a
-    QuantExperts of f8e4m3 with one scale a row, xs float8_e4m3fn with xscale float32 one a row
-    (runtime/quant.quantize_fp8_rows_cuda(x, group=0)), K a multiple of 16 and N_out of 8, y in the
-    experts' activation dtype. offsets int32 [E + 1] on the device (never read by the host:
+    one sm_90 device, K a multiple of 8; or W8A8 (codegen/gemm.py fp8): w a QuantExperts of f8e4m3,
+    xs float8_e4m3fn with xscale float32 one a row (W per row: runtime/quant.quantize_fp8_rows_cuda(x,
+    group=0)) or one a row and 128 k (W per row or 128 x 128 block, N a multiple of 128:
+    quantize_fp8_rows_cuda(x)), K a multiple of 16 and N_out of 8, y in the experts' dtype. offsets int32 [E + 1] on the device (never read by the host:
     graph-safe), offsets[0] = 0, non-decreasing, offsets[E] <= P (rows past it are left as they are; the
     kernel clamps offsets into [0, P] and gives a decreasing pair no rows: no access outside xs or out)."""
     from .linear import _capability
     from .tma import tensor_map
     fp8 = isinstance(w, QuantExperts)
+    scales = "token"
     if fp8:
+        from .quant import fp8_scaling
         E, n, k = w.shape
-        if (w.wtype != "f8e4m3" or w.group or xs.dtype != torch.float8_e4m3fn or xs.dim() != 2 or xs.shape[1] != k
-                or xs.device != w.device or not xs.is_cuda or xscale is None or xscale.dtype != torch.float32
-                or xscale.numel() != xs.shape[0] or xscale.device != xs.device):
-            raise LinearInputError(f"grouped_product: W8A8 takes f8e4m3 experts with one scale a row, xs "
-                                   f"float8_e4m3fn [P, {k}] and xscale float32 [P] on their device, got {w.wtype} "
-                                   f"group {w.group}, xs {xs.dtype} {tuple(xs.shape)}, xscale "
+        ok = (w.wtype == "f8e4m3" and xs.dtype == torch.float8_e4m3fn and xs.dim() == 2 and xs.shape[1] == k
+              and xs.device == w.device and xs.is_cuda)
+        scales = fp8_scaling(xscale, xs.shape[0], k, w.group, xs.device) if ok else None
+        if scales is None or (scales == "k128_blocks" and n % 128):
+            raise LinearInputError(f"grouped_product: W8A8 takes f8e4m3 experts (one scale a row, or 128 x 128 blocks "
+                                   f"with N a multiple of 128), xs float8_e4m3fn [P, {k}] and xscale float32 one a "
+                                   f"row ([P]; and 128 k: [P, {-(-k // 128)}], blocks only that) on their device, got "
+                                   f"{w.wtype} group {w.group} N {n}, xs {xs.dtype} {tuple(xs.shape)}, xscale "
                                    f"{None if xscale is None else (xscale.dtype, tuple(xscale.shape))}")
         dtype = w.dtype
     else:
@@ -634,15 +640,17 @@ def grouped_product(xs: torch.Tensor, w, offsets: torch.Tensor, *, gated: str | 
         return y
     sms = device_properties(xs.device).multi_processor_count
     # by the mean rows a group; the widths measured on the grouped product (BN 192 is not)
-    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128,) if fp8 and k <= 128 else (128, 256))
+    narrow = fp8 and (k <= 128 or scales != "token")   # one k slice, or two accumulator sets: BN 128
+    bn = pick_bn(max(P // E, 1), n_out, gated is not None, sms, widths=(128,) if narrow else (128, 256))
     store = store or fp8
-    key = ("grouped_gemm", dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER, store, fp8)
+    key = ("grouped_gemm", dtype, E, n, k, gated, xs.device.index, bn, GROUPED_CLUSTER, store, fp8 and scales)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
         from .linear import persistent_ctas
         plan = plan_gemm("bf16" if dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bn=bn,
-                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER, tma_store=store, fp8=fp8)
+                         tma=True, persistent=True, groups=E, cluster=GROUPED_CLUSTER, tma_store=store, fp8=fp8,
+                         fp8_scales=scales)
         launcher = load_plan(plan, xs.device, cache)
         hit = _KERNELS[key] = (plan, launcher, persistent_ctas(plan, launcher, sms))
     plan, launcher, ctas = hit
@@ -650,18 +658,20 @@ def grouped_product(xs: torch.Tensor, w, offsets: torch.Tensor, *, gated: str | 
     xs = _packed(xs, 16)
     outs = [tensor_map(y, boxes["out"]), y] if plan.tma_store else [y]   # (the groups' last rows: through y)
     wt = w.q.view(E * n, k) if fp8 else _packed(w, 16).view(E * n, k)
-    scales = [_packed(xscale.reshape(P), 16), w.s.reshape(E * n)] if fp8 else []
-    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(wt, boxes["w"]), *scales, *outs, P, offsets])
+    sc = [_packed(xscale.reshape(P, -1), 16), w.s.reshape(-1)] if fp8 else []
+    launcher((P, ctas), [tensor_map(xs, boxes["x"]), tensor_map(wt, boxes["w"]), *sc, *outs, P, offsets])
     return y
 
 
 def _grouped_fp8_serves(x2: torch.Tensor, wgu, wd) -> bool:
-    """The grouped W8A8 products take a step: f8e4m3 experts with one scale a row, on an sm_90 device,
-    H and F multiples of 16 (and 8 outputs: F, H)."""
+    """The grouped W8A8 products take a step: f8e4m3 experts on an sm_90 device with one scale a row
+    (H and F multiples of 16: K and 8 outputs) or per 128 x 128 block (2F and H multiples of 128: a
+    group's whole blocks; K already is)."""
     from .linear import _capability
-    return (all(isinstance(w, QuantExperts) and w.wtype == "f8e4m3" and w.group == 0 for w in (wgu, wd))
+    return (all(isinstance(w, QuantExperts) and w.wtype == "f8e4m3" for w in (wgu, wd))
             and x2.is_cuda and x2.dtype == wgu.dtype and _capability(x2.device) == (9, 0) and GROUPED_CLUSTER == 1
-            and wgu.k % 16 == 0 and wd.k % 16 == 0 and wgu.n % 16 == 0 and wd.n % 8 == 0)
+            and wgu.k % 16 == 0 and wd.k % 16 == 0 and wgu.n % (128 if wgu.group else 16) == 0
+            and wd.n % (128 if wd.group else 8) == 0)
 
 
 def _grouped_kernel_serves(xs: torch.Tensor, wgu, wd) -> bool:

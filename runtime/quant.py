@@ -488,6 +488,18 @@ class _Fp8GemmLauncher:
         self.launcher((rows, self.sms), args)
 
 
+def fp8_scaling(xscale: torch.Tensor | None, rows: int, k: int, wgroup: int, device: torch.device) -> str | None:
+    """The Hopper FP8 GEMM's scaling (codegen/gemm.py fp8_scales) that x's scales `xscale` and W's scale
+    group `wgroup` (0: per row, 128: 128 x 128 blocks) make: "token" (one a row, W per row), "k128" /
+    "k128_blocks" (one a row and 128 k); None where they make none (or xscale is not float32 on `device`)."""
+    if xscale is None or xscale.dtype != torch.float32 or xscale.device != device:
+        return None
+    kb = -(-k // FP8_BLOCK)
+    if xscale.numel() == rows * kb and (kb > 1 or wgroup):
+        return "k128_blocks" if wgroup else "k128"
+    return "token" if xscale.numel() == rows and not wgroup else None
+
+
 def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
              gated: str | None = None, out: torch.Tensor | None = None, cache=None, bn: int | None = None) -> torch.Tensor:
     """The W8A8 product on Hopper's e4m3 tensor cores (codegen/gemm.py fp8): q float8_e4m3fn
@@ -509,12 +521,7 @@ def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch
     lead = tuple(q.shape[:-1])
     rows = q.numel() // k
     kb = -(-k // FP8_BLOCK)
-    if xscale.dtype != torch.float32 or xscale.device != q.device:
-        scales = None
-    elif xscale.numel() == rows * kb and (kb > 1 or qw.group):
-        scales = "k128_blocks" if qw.group else "k128"
-    else:
-        scales = "token" if xscale.numel() == rows and not qw.group else None
+    scales = fp8_scaling(xscale, rows, k, qw.group, q.device)
     if scales is None:
         raise LinearInputError(f"xscale must be float32 on {q.device} with one scale a token ({rows}) or a token "
                                f"and 128 k ([{rows}, {kb}]; with 128 x 128 W blocks only that), got {xscale.dtype} "

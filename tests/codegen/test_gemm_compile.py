@@ -285,27 +285,28 @@ def test_fp8_gemm_plans():
         plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, fp8=True)
     with pytest.raises(ValueError, match="fp8"):
         plan_gemm("bf16", n=256, k=264, fp8=True, **kw)
-    with pytest.raises(ValueError, match="fp8"):   # grouped: the token scaling only
-        plan_gemm("bf16", n=256, k=256, groups=4, fp8=True, fp8_scales="k128", bn=128, **kw)
+    with pytest.raises(ValueError, match="whole blocks"):   # grouped 128 x 128 blocks: N a multiple of 128
+        plan_gemm("bf16", n=320, k=256, groups=4, fp8=True, fp8_scales="k128_blocks", bn=128, **kw)
 
 
 @pytest.mark.parametrize("n,k,gated,groups", [(2 * 1408, 2048, "silu", 60), (2048, 1408, None, 60),
                                               (2 * 14336, 4096, "silu", 8), (4096, 14336, None, 8),
                                               (2 * 256, 128, "silu", 8)])
 @pytest.mark.parametrize("bn", [128, 256])
-def test_grouped_fp8_gemm_compiles_clean(n, k, gated, groups, bn):
-    """The grouped product in e4m3 (an FP8 MoE's experts at prefill): x's per-row scales in sorted
-    order, W's row scales offset by the group's first row, in both store paths."""
-    if k <= 128 and bn == 256:
+@pytest.mark.parametrize("scales", ["token", "k128", "k128_blocks"])
+def test_grouped_fp8_gemm_compiles_clean(n, k, gated, groups, bn, scales):
+    """The grouped product in e4m3 (an FP8 MoE's experts at prefill): x's scales in sorted order, W's
+    row scales offset by the group's first row (blocks: its block rows), in both store paths."""
+    if (k <= 128 or scales != "token") and bn == 256 or (scales == "k128_blocks" and n % 128):
         return
     plan = plan_gemm("bf16", n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, groups=groups,
-                     tma_store=True, fp8=True)
+                     tma_store=True, fp8=True, fp8_scales=scales)
     res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
     (kr,) = res.resources.values()
     assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
     for code in ("C7508", "C7510", "C7515"):
         assert code not in res.log, (plan.key, res.log)
-    assert "k32.f32.e4m3.e4m3" in res.ptx and "wscale + wrow + " in plan.source()
+    assert "k32.f32.e4m3.e4m3" in res.ptx and ("wscale + wrow + " in plan.source()) == (scales != "k128_blocks")
     assert [a.name for a in plan.abi.args] == ["x_map", "w_map", "xscale", "wscale", "out_map", "out", "M", "offsets"]
 
 

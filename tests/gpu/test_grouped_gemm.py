@@ -189,36 +189,40 @@ def test_grouped_tma_store_equals_register_stores(gated, monkeypatch):
     assert torch.equal(outs[True][:end], outs[False][:end])
 
 
-def quantised_experts(w):
-    """[E, N, K] float -> QuantExperts of f8e4m3 with one scale a row (the MoE's quantize_ layout)."""
+def quantised_experts(w, block=None):
+    """[E, N, K] float -> QuantExperts of f8e4m3 with one scale a row or per 128 x 128 block (the
+    MoE's quantize_ layout), and the experts' W in float64."""
     from layerforge.runtime.moe import QuantExperts
-    from layerforge.runtime.quant import quantize_fp8
-    qs = [quantize_fp8(w[e]) for e in range(w.shape[0])]
+    from layerforge.runtime.quant import dequantize, pack_fp8, quantize_fp8
+    qws = [pack_fp8(*quantize_fp8(w[e], block), block) for e in range(w.shape[0])]
     E, n, k = w.shape
-    return QuantExperts("f8e4m3", 0, torch.stack([q for q, _ in qs]).contiguous(),
-                        torch.stack([s.reshape(n) for _, s in qs]).float().contiguous(), n, k, torch.bfloat16)
+    qe = QuantExperts("f8e4m3", block or 0, torch.stack([qw.qweight for qw in qws]).contiguous(),
+                      torch.stack([qw.wscale for qw in qws]).contiguous(), n, k, torch.bfloat16)
+    return qe, torch.stack([dequantize(qw) for qw in qws])
 
 
+@pytest.mark.parametrize("scales", ["token", "k128", "blocks"])
 @pytest.mark.parametrize("gated", [None, "silu", "gelu_tanh"])
 @pytest.mark.parametrize("counts", [[128, 0, 129, 1, 127, 0, 0, 300], [0] * 7 + [5], [1000], [64, 65, 63, 200]])
 @pytest.mark.parametrize("n,k", [(2 * 704, 2048), (1024, 1408), (2 * 64, 128)])
-def test_grouped_fp8_gemm_against_float64(counts, n, k, gated):
+def test_grouped_fp8_gemm_against_float64(counts, n, k, gated, scales):
     """W8A8 grouped (an FP8 MoE's prefill): each sorted row's e4m3 bytes times its group's e4m3 W,
-    scaled per row and per W row, against float64 of the same operands; rows past the last group
-    untouched; groups ending at and off multiples of 64 (both store paths)."""
-    from layerforge.runtime.quant import quantize_fp8_rows_cuda
-    gen = seeded_generator("grouped_fp8", tuple(counts), n, k, gated)
+    scaled per row (and 128 k) and per W row (or 128 x 128 block), against float64 of the same
+    operands; rows past the last group untouched; groups ending at and off multiples of 64 (both
+    store paths)."""
+    from layerforge.runtime.quant import dequantize_fp8_rows, quantize_fp8_rows_cuda
+    gen = seeded_generator("grouped_fp8", tuple(counts), n, k, gated, scales)
     E = len(counts)
     offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32, device="cuda")
     P = int(offsets[-1]) + 9
     xs = (torch.randn(P, k, generator=gen) * torch.logspace(-1, 1, P)[:, None]).bfloat16().cuda()
-    w = quantised_experts((torch.randn(E, n, k, generator=gen) * 0.05).cuda())
-    q, s = quantize_fp8_rows_cuda(xs, group=0)
+    w, wd = quantised_experts((torch.randn(E, n, k, generator=gen) * 0.05).cuda(), 128 if scales == "blocks" else None)
+    group = k if scales == "token" else 128
+    q, s = quantize_fp8_rows_cuda(xs, group=0 if scales == "token" else 128)
     out = torch.full((P, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
     y = grouped_product(q, w, offsets, gated=gated, out=out, xscale=s)
     torch.cuda.synchronize()
-    xd = q.double() * s.double()
-    wd = w.q.double() * w.s.double()[..., None]
+    xd = dequantize_fp8_rows(q, s, group)
     ref, end = reference(xd, wd, offsets, gated)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(y[:end]).any() and torch.isnan(y[end:]).all()
@@ -228,7 +232,7 @@ def test_grouped_fp8_gemm_against_float64(counts, n, k, gated):
 
 def test_grouped_fp8_refuses_what_it_cannot_take():
     gen = seeded_generator("grouped_fp8_bad")
-    w = quantised_experts((torch.randn(4, 256, 512, generator=gen) * 0.05).cuda())
+    w, _ = quantised_experts((torch.randn(4, 256, 512, generator=gen) * 0.05).cuda())
     offsets = torch.tensor([0, 10, 10, 20, 30], dtype=torch.int32, device="cuda")
     xs = torch.randn(30, 512, generator=gen).bfloat16().cuda()
     from layerforge.runtime.quant import quantize_fp8_rows_cuda
@@ -237,5 +241,11 @@ def test_grouped_fp8_refuses_what_it_cannot_take():
         grouped_product(q, w, offsets)            # no xscale
     with pytest.raises(LinearInputError, match="W8A8"):
         grouped_product(xs, w, offsets, xscale=s)  # x not e4m3
+    wb, _ = quantised_experts((torch.randn(4, 320, 512, generator=gen) * 0.05).cuda(), 128)
+    with pytest.raises(LinearInputError, match="W8A8"):        # 128 x 128 blocks want x per 128 k, N whole blocks
+        grouped_product(q, wb, offsets, xscale=s)
+    qb, sb = quantize_fp8_rows_cuda(xs)
+    with pytest.raises(LinearInputError, match="W8A8"):
+        grouped_product(qb, wb, offsets, xscale=sb)
     with pytest.raises(LinearInputError, match="xscale only"):
         grouped_product(xs, torch.zeros(4, 256, 512, dtype=torch.bfloat16, device="cuda"), offsets, xscale=s)

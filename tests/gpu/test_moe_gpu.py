@@ -151,10 +151,10 @@ def test_quantised_experts_match_their_dequantised_weights(wtype, group, tokens)
     with torch.no_grad():
         got = moe(x)
         w, ids = moe.route(x)
-        # W8A8: the expert kernel (per 128 k), or past it the grouped FP8 GEMM (f8e4m3 per row, sm_90: per token)
-        per_token = wtype == "f8e4m3" and group == 0 and tokens > EXPERT_KERNEL_ROWS \
-            and torch.cuda.get_device_capability() == (9, 0)
-        fp8_x = wtype == "f8e4m3" and (tokens <= EXPERT_KERNEL_ROWS or per_token)
+        # W8A8: the expert kernel (per 128 k), or past it on sm_90 the grouped FP8 GEMM (W per row: x per token)
+        grouped_fp8 = wtype == "f8e4m3" and tokens > EXPERT_KERNEL_ROWS and torch.cuda.get_device_capability() == (9, 0)
+        per_token = grouped_fp8 and group == 0
+        fp8_x = wtype == "f8e4m3" and (tokens <= EXPERT_KERNEL_ROWS or grouped_fp8)
         ref = w8a8_reference(moe, x, w, ids, per_token) if fp8_x else moe._forward_torch(x, w, ids)
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
