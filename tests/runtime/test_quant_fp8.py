@@ -132,3 +132,40 @@ def test_from_fp8_and_errors():
         lin(torch.randn(2, 127).half())
     with pytest.raises(TypeError, match="float8_e4m3fn with f32 scales"):
         lin.double()
+
+
+def test_fp8_scaling_follows_the_scales_shapes():
+    """runtime/quant.fp8_scaling: which Hopper FP8 GEMM the scales make (x one a row, or a row and 128 k;
+    W per row or per 128 x 128 block)."""
+    from layerforge.runtime.quant import fp8_scaling
+    cpu = torch.device("cpu")
+    f = lambda *shape: torch.ones(*shape)   # noqa: E731
+    assert fp8_scaling(f(300), 300, 4096, 0, cpu) == "token"
+    assert fp8_scaling(f(300, 1), 300, 4096, 0, cpu) == "token"
+    assert fp8_scaling(f(300, 32), 300, 4096, 0, cpu) == "k128"
+    assert fp8_scaling(f(300, 32), 300, 4096, 128, cpu) == "k128_blocks"
+    assert fp8_scaling(f(300, 1), 300, 128, 128, cpu) == "k128_blocks"   # one k block: a row's scale is its block's
+    assert fp8_scaling(f(300), 300, 4096, 128, cpu) is None                # blocks want x per 128 k
+    assert fp8_scaling(f(300, 31), 300, 4096, 0, cpu) is None
+    assert fp8_scaling(f(300).double(), 300, 4096, 0, cpu) is None
+    assert fp8_scaling(None, 300, 4096, 0, cpu) is None
+
+
+def test_fp8_gemm_refuses_bad_inputs_before_any_launch():
+    """fp8_gemm's errors on the CPU (it runs on sm_90 only): each names what it wanted."""
+    from layerforge.runtime.quant import fp8_gemm
+    gen = seeded_generator("fp8-gemm-cpu")
+    qw = pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen)), None)
+    q, s = quantize_fp8_rows(torch.randn(8, 512, generator=gen).to(torch.bfloat16), 512)
+    with pytest.raises(LinearInputError, match="float8_e4m3fn"):
+        fp8_gemm(q.float(), s, qw)
+    with pytest.raises(LinearInputError, match="xscale"):
+        fp8_gemm(q, s[:4], qw)
+    with pytest.raises(LinearInputError, match="bias"):
+        fp8_gemm(q, s, qw, torch.zeros(255, dtype=torch.bfloat16))
+    with pytest.raises(LinearInputError, match="even number"):
+        fp8_gemm(q, s, pack_fp8(*quantize_fp8(torch.randn(255, 512, generator=gen)), None), gated="silu")
+    with pytest.raises(LinearInputError, match="sm_90"):
+        fp8_gemm(q, s, qw)
+    with pytest.raises(LinearInputError, match="f8e4m3"):
+        fp8_gemm(q, s, QuantLinear.from_float(torch.randn(256, 512, generator=gen), 0, wtype="i8").qw)

@@ -20,6 +20,15 @@ def test_x_and_w_maps_describe_rows_of_64_column_boxes_innermost_first():
     assert map_params(w, (128, 64)).global_dim == (4096, 28672) and map_params(w, (128, 64)).dtype == "f16"
 
 
+def test_e4m3_maps_take_boxes_of_128_one_byte_columns():
+    """The FP8 GEMM's operands: e4m3 bytes copied as they are (UINT8), a box row one 128-byte swizzle row."""
+    q = torch.empty(1000, 4096, dtype=torch.float8_e4m3fn)
+    p = map_params(q, (128, 128))
+    assert p.dtype == "u8" and p.global_dim == (4096, 1000) and p.global_strides == (4096,) and p.box_dim == (128, 128)
+    with pytest.raises(ValueError, match="128 columns"):
+        map_params(q, (128, 64))
+
+
 def test_a_row_stride_wider_than_the_row_is_kept():
     base = torch.empty(64, 4096 + 64, dtype=torch.bfloat16)
     p = map_params(base[:, :4096], (128, 64))
