@@ -8,8 +8,9 @@ A layer lowers when its one output is, up to float casts,
 
     [r +]  act(y[..., :n/2]) * y[..., n/2:]   or   [r +] y,      y = norm(x) @ w.T [+ b]
 
-with x [..., K], w [n, K] (torch.nn.Linear's layout), b [n] and r (the output's shape) tensor
-inputs; norm(x) is x, or an RMSNorm of it, x * rsqrt(mean(x * x) + eps) times gamma [K] (or
+with x [..., K], w [n, K] (torch.nn.Linear's layout; or an i8 weight dequantised by its row scales,
+T(f32(q) * f32(unsqueeze(s, 1))) with q i8 [n, K] and s [n]: the quantised kernel's i8 layout), b [n]
+and r (the output's shape) tensor inputs; norm(x) is x, or an RMSNorm of it, x * rsqrt(mean(x * x) + eps) times gamma [K] (or
 1 + gamma, Gemma's), with eps a runtime scalar or a constant; act is silu, gelu or gelu_tanh
 (swiglu / geglu / geglu_tanh over the product). The stdlib's `linear(x, w[, b])`, `rms_norm`,
 `gemma_rms_norm`, `swiglu`, `geglu`, `geglu_tanh` and `res + ...` inline to exactly these shapes.
@@ -54,6 +55,8 @@ class LinearPattern:
     norm_weight: str | None = None   # gamma [K] of the RMSNorm of x in the prologue
     norm_offset: float = 0.0         # 1.0: x * (1 + gamma)
     eps: str | float | None = None   # the norm's eps: a runtime scalar's name or a constant
+    wtype: str | None = None         # "i8": weight is i8 [n, K] with one scale a row, wscale [n] in dtype
+    wscale: str | None = None        #   (W = T(f32(weight) * f32(unsqueeze(wscale, 1))): the kernel's layout)
 
     def to_json(self) -> dict:
         """The pattern as a pack's manifest records it (LinearPattern(**d) reads it back)."""
@@ -63,7 +66,7 @@ class LinearPattern:
         try:
             return plan_gemv(self.dtype, n=self.n, k=self.k, max_m=max_m, gated=self.gated, bias=self.bias is not None,
                              residual=self.residual is not None, norm="rms" if self.norm_weight else None,
-                             norm_offset=self.norm_offset, arch=arch)
+                             norm_offset=self.norm_offset, arch=arch, wtype=self.wtype, group=0)
         except ValueError as e:
             raise LoweringError(str(e)) from None
 
@@ -183,17 +186,18 @@ class _Matcher:
             else:
                 self.fail(_at(t, outer_sum), f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
         x, gamma, offset, eps = self._prologue(_peel(product.src[0]))
-        w = self._weight(_peel(product.src[1]), product)
+        w, ws = self._weight(_peel(product.src[1]), product)
         k, n = _static(w.shape[1]), _static(w.shape[0])
         if k is None or n is None or n != n_rows:
             self.fail(w, f"the weight '{w.arg}' must have a static shape [out, in]")
-        for t in (x, w, bias, residual, gamma):
+        for t in (x, w if ws is None else ws, bias, residual, gamma):
             if t is not None and t.dtype != out.dtype:
                 self.fail(t, f"input '{t.arg}' is {t.dtype}; the kernel takes every tensor in the output's "
-                             f"dtype, {out.dtype}")
+                             f"dtype, {out.dtype}" + (" (an i8 weight's scales too)" if t is ws else ""))
         return LinearPattern(x=x.arg, weight=w.arg, n=n, k=k, dtype=str(out.dtype),
                              bias=None if bias is None else bias.arg, residual=None if residual is None else residual.arg,
-                             gated=act, norm_weight=None if gamma is None else gamma.arg, norm_offset=offset, eps=eps)
+                             gated=act, norm_weight=None if gamma is None else gamma.arg, norm_offset=offset, eps=eps,
+                             wtype=None if ws is None else "i8", wscale=None if ws is None else ws.arg)
 
     def _split_sum(self, n: Node) -> tuple[Node, list[Node]]:
         """A sum's term that holds the product, and the other terms."""
@@ -232,12 +236,34 @@ class _Matcher:
             self.fail(n, "the gate must be the first half of the product's last axis and up the second")
         return unary_name(act), y
 
-    def _weight(self, b: Node, product: Node) -> Node:
+    def _weight(self, b: Node, product: Node) -> tuple[Node, Node | None]:
+        """The weight input, and for a quantised one its row scales: w, or the dequantisation
+        T(f32(q) * f32(unsqueeze(s, 1))) of an i8 q [out, in] by s [out] (the kernel's i8 layout)."""
         w = _peel(b.src[0]) if b.op is Op.TRANSPOSE else None
+        if w is not None and w.op is Op.BINARY and w.arg == "mul":
+            return self._dequant(w)
         if w is None or w.op is not Op.INPUT or len(w.shape) != 2:
             self.fail(product, "the product's right operand must be a weight's transpose, w.T with w [out, in] as "
                          "torch.nn.Linear stores it (linear(x, w) writes it)")
-        return w
+        return w, None
+
+    def _dequant(self, m: Node) -> tuple[Node, Node]:
+        factors = _terms(m, "mul")
+        qs = [f for f in factors if f.op is Op.CAST and f.src[0].op is Op.INPUT and f.src[0].dtype.is_storage]
+        rest = [_peel(f) for f in factors if not any(f is g for g in qs)]
+        if len(factors) != 2 or len(qs) != 1 or len(rest) != 1:
+            self.fail(m, "a quantised weight lowers as f32(q) * f32(unsqueeze(s, 1)): an 8-bit weight q [out, in] "
+                         "times one scale s [out] per row")
+        q, sc = qs[0].src[0], rest[0]
+        s = _peel(sc.src[0]) if sc.op is Op.RESHAPE else None
+        if s is None or s.op is not Op.INPUT or len(s.shape) != 1 or len(q.shape) != 2 \
+                or not _same_shape(s.shape, q.shape[:1]) or not _same_shape(sc.shape, (q.shape[0], 1)):
+            self.fail(sc, f"the scales of '{q.arg}' lower as one per row: unsqueeze(s, 1) of an input s "
+                          f"[{q.shape[0]}] (groups along K and 128 x 128 blocks run the reference evaluator)")
+        if q.dtype is not DType.i8:
+            self.fail(q, f"an {q.dtype} weight lowers only in the W8A8 products (the activations quantised too), "
+                         "which the DSL's lowering does not match yet: this layer runs the reference evaluator")
+        return q, s
 
     def _prologue(self, a: Node):
         """x, or an RMSNorm of x -> (x, gamma, offset, eps)."""

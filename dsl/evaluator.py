@@ -243,6 +243,11 @@ class _Evaluator:
 
     def op_cast(self, n):
         x = self.arg(n)
+        if n.dtype.is_storage and x.is_floating_point():   # quantise: nearest even, saturating
+            if n.dtype is DType.i8:
+                return torch.round(x).clamp(-128, 127).to(torch.int8)
+            big = torch.finfo(n.dtype.torch).max
+            return x.clamp(-big, big).to(n.dtype.torch)
         if n.dtype.is_int and x.is_floating_point():
             x = torch.trunc(x)
         return x.to(self.storage(n.dtype))

@@ -19,6 +19,12 @@ class DType(enum.Enum):
     i32 = "i32"
     i64 = "i64"
     bool = "bool"
+    # 8-bit storage types of quantised tensors (weights, activations): no arithmetic of their own; a
+    # layer casts them to a float (f32(q)) and states the scales it multiplies by, and a cast to them
+    # quantises (dsl/evaluator.py op_cast: round to nearest even, saturating)
+    i8 = "i8"
+    f8e4m3 = "f8e4m3"   # float8 e4m3 (torch.float8_e4m3fn: no infinities, largest 448)
+    f8e5m2 = "f8e5m2"   # float8 e5m2 (largest finite 57344)
     T = "T"  # the dtype parameter, bound by specialisation
 
     @property
@@ -30,8 +36,14 @@ class DType(enum.Enum):
         return self in (DType.i32, DType.i64)
 
     @property
+    def is_storage(self) -> bool:
+        """An 8-bit storage type: cast it to compute with it."""
+        return self in (DType.i8, DType.f8e4m3, DType.f8e5m2)
+
+    @property
     def itemsize(self) -> int:
-        return {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "bool": 1}[self.value]
+        return {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "bool": 1, "i8": 1, "f8e4m3": 1,
+                "f8e5m2": 1}[self.value]
 
     @property
     def torch(self) -> "torch.dtype":
@@ -49,11 +61,13 @@ def _torch_dtypes() -> dict:
     (`layerforge check`, `list`) does not import it."""
     import torch
     return {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
-            DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool}
+            DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool,
+            DType.i8: torch.int8, DType.f8e4m3: torch.float8_e4m3fn, DType.f8e5m2: torch.float8_e5m2}
+STORAGE_DTYPES = {"i8": DType.i8, "f8e4m3": DType.f8e4m3, "f8e5m2": DType.f8e5m2}
 DSL_DTYPES = {"f32": DType.f32, "f16": DType.f16, "bf16": DType.bf16, "i32": DType.i32,
-              "i64": DType.i64, "bool": DType.bool, "T": DType.T}
-# Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars.
-SCALAR_TYPES = {**DSL_DTYPES, "int": DType.i64, "float": DType.f32}
+              "i64": DType.i64, "bool": DType.bool, "T": DType.T, **STORAGE_DTYPES}
+# Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars (no 8-bit scalars).
+SCALAR_TYPES = {**{k: v for k, v in DSL_DTYPES.items() if k not in STORAGE_DTYPES}, "int": DType.i64, "float": DType.f32}
 
 
 def parse_dtype(name: str) -> DType:
@@ -61,7 +75,7 @@ def parse_dtype(name: str) -> DType:
     aliases = {"bfloat16": "bf16", "float16": "f16", "half": "f16", "float32": "f32", "float": "f32",
                "int32": "i32", "int64": "i64"}
     key = aliases.get(name, name)
-    if key not in DSL_DTYPES or key == "T":
+    if key not in DSL_DTYPES or key == "T" or key in STORAGE_DTYPES:
         raise ValueError(f"unknown dtype '{name}' (expected one of f32, f16, bf16, i32, i64, bool)")
     return DSL_DTYPES[key]
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .ir import Node, Op
-from .types import SCALAR_TYPES, DType
+from .types import SCALAR_TYPES, STORAGE_DTYPES, DType
 
 ERR = Node(Op.ERROR, DType.f32, ())  # after a reported error: propagates without new messages
 
@@ -11,5 +11,6 @@ class _Tuple(tuple):
     """Several values (from split, topk or a layer returning several outputs)."""
 
 
-# names callable as casts: f32(x), bf16(x), T(x), float(x), int(x): the scalar type names
-_CAST_NAMES = SCALAR_TYPES
+# names callable as casts: f32(x), bf16(x), T(x), float(x), int(x): the scalar type names; and
+# the 8-bit storage types, whose casts quantise (i8(x), f8e4m3(x), f8e5m2(x))
+_CAST_NAMES = {**SCALAR_TYPES, **STORAGE_DTYPES}

@@ -291,11 +291,33 @@ class LayerModule(torch.nn.Module):
                 kernels = self._product_kernels[device.index] = {
                     rows: load_kernels(cubin, (abi,), device)[abi.name] for rows, (cubin, abi) in self._images.items()}
         try:
+            if p.wtype is not None:   # an i8 weight with its row scales: the quantised product
+                return self._run_quant_linear(p, tensors, bias, residual, norm, None if out is None else out[0],
+                                              kernels)
             return gemv(tensors[p.x], tensors[p.weight], bias, gated=p.gated, residual=residual, norm=norm,
                         norm_offset=p.norm_offset, out=None if out is None else out[0], cache=self._cache,
                         kernels=kernels)
         except LinearInputError as e:
             raise LayerInputError(f"{self.name}: {e}") from None
+
+    def _run_quant_linear(self, p, tensors, bias, residual, norm, out, kernels):
+        """runtime/quant.py's product of x and the layer's i8 weight (its kernel layout as the layer
+        states it: q [n, K], one scale a row in x's dtype); a pack's module: its kernels for up to
+        16 rows, torch's product of the dequantised W (W = T(q s), as the layer means it) past them."""
+        from .linear import _reference, check_call, launch_gemv
+        from .quant import QuantWeight, gemv_quant
+        x = tensors[p.x]
+        qw = QuantWeight(p.wtype, 0, tensors[p.weight], None, tensors[p.wscale], p.n, p.k, x.dtype)
+        if kernels is None:
+            return gemv_quant(x, qw, bias, gated=p.gated, residual=residual, norm=norm, norm_offset=p.norm_offset,
+                              out=out, cache=self._cache)
+        rows = check_call(x, p.n, p.k, bias, p.gated, residual, norm, p.norm_offset, out)
+        if 1 <= rows <= max(kernels):
+            return launch_gemv(x, qw.kernel_tensors, p.n, p.k, bias, p.gated, residual, norm, p.norm_offset, out,
+                               kernels=kernels, wtype=p.wtype, group=0)
+        w = (qw.qweight.float() * qw.wscale.float()[:, None]).to(x.dtype)
+        y = _reference(x, w, bias, p.gated, residual, norm, p.norm_offset)
+        return y if out is None else out.copy_(y)
 
     def _empty_outputs(self, dims: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """An empty batch (a dynamic dim of 0, e.g. no tokens) has empty outputs and nothing to

@@ -87,3 +87,37 @@ def test_unfused_product_runs_the_reference_on_cuda():
     x = torch.randn(4, 256, dtype=torch.bfloat16, device="cuda")
     want = (0.5 * (x.double() @ mod.weight.double().T))
     assert (mod(x).double() - want).norm() / want.norm() < 1e-2
+
+
+QUANT_NAMES = ["int8_linear", "int8_linear_residual", "rms_norm_int8_gate_up_swiglu"]
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("name", QUANT_NAMES)
+def test_int8_product_layer_against_float64(name, m):
+    """The stdlib's int8 layers (dsl/stdlib/quant.lf): the quantised small-token product on their
+    i8 weight and row scales up to 16 rows, runtime/quant.py's longer-call route past them, against
+    the layer's own dequantisation evaluated in float64, outputs poisoned with NaN first."""
+    from layerforge.runtime.quant import quantize_i8
+    mod = make(name)
+    assert mod.kernel_reason is None and mod._linear.wtype == "i8"
+    gen = seeded_generator("linear-dsl-i8", name, m)
+    n, k = mod.wq.shape
+    q, s = quantize_i8(torch.randn(n, k, generator=gen) / k ** 0.5, 0)
+    with torch.no_grad():
+        mod.wq.copy_(q)
+        mod.ws.copy_(s.to(torch.bfloat16))
+        if hasattr(mod, "gamma"):
+            mod.gamma.copy_((torch.randn(k, generator=gen) * 0.2 + 1.0).to(torch.bfloat16))
+    params = {p.name: p for p in mod.function.params}
+    scale = torch.logspace(-1, 1, m)[:, None]
+    args = [(torch.randn(m, int(params[nm].shape[1]), generator=gen) * scale).to(torch.bfloat16).cuda()
+            for nm in mod.input_names]
+    tensors = {**dict(zip(mod.input_names, args)), **{p: getattr(mod, a) for p, a in mod._weights.items()}}
+    (want,) = lf.evaluate(mod.function, {**tensors, "eps": 1e-5} if "norm" in name else tensors, precision="float64")
+    out = torch.full(tuple(want.shape), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = mod(*args, out=(out,))
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    err = (out.double() - want).norm() / want.norm()
+    assert err < 1e-2, err

@@ -37,13 +37,14 @@ ARCH = "sm_90"
 
 def build_trt_pack(out: Path, names: list[str] | None = None) -> Path:
     """The example model's pack with TensorRT plugins: every stdlib definition its dims bind (or
-    `names`) but the product layers (linear.lf), whose plugins test_family_plugins.py checks with
-    the other small-token products'."""
+    `names`) but the product layers (linear.lf, quant.lf), whose plugins test_family_plugins.py checks
+    with the other small-token products'."""
     from layerforge.dsl.program import dims_from_config
     from layerforge.runtime.build import build
     program = lf.stdlib()
     if names is None:
-        names = [n for n in program.names if program.definition(n).span.file != "<stdlib>/linear.lf"]
+        names = [n for n in program.names
+                 if program.definition(n).span.file not in ("<stdlib>/linear.lf", "<stdlib>/quant.lf")]
     build(program, dims_from_config(str(CONFIG)), dtype="bf16", arch=ARCH, out_dir=out, names=names, trt=True)
     return out
 

@@ -1,0 +1,105 @@
+"""Quantised product layers written in the DSL (dsl/stdlib/quant.lf) lower to the quantised
+small-token product: an i8 weight dequantised by its row scales, T(f32(q) * f32(unsqueeze(s, 1))),
+is the kernel's i8 layout (codegen/gemv.py wtype i8, group 0) with the same prologue / epilogue
+fusions as a float weight; the forms it does not serve (other scale shapes, fp8 weights, the W8A8
+layer) are LoweringErrors at their source position and run the reference evaluator; the
+kernels compile without spills for sm_80 / sm_90; a LayerModule of them runs the evaluator's
+meaning on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.codegen.families import plans_for_layer
+from layerforge.codegen.linear_lower import LinearPattern, match_linear, plan_linear
+from layerforge.codegen.plan import LoweringError
+
+from ..seeding import seeded_generator
+
+DIMS = {"H": 1024, "F": 1536, "I": 1024, "O": 768}
+QUANT = {
+    "int8_linear": dict(x="x", weight="wq", wscale="ws", n=768, k=1024),
+    "int8_linear_residual": dict(x="x", weight="wq", wscale="ws", n=1024, k=1024, residual="res"),
+    "rms_norm_int8_gate_up_swiglu": dict(x="x", weight="wq", wscale="ws", n=3072, k=1024, gated="silu",
+                                         norm_weight="gamma", eps="eps"),
+}
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+def specialise(prog, name, dtype="bf16"):
+    return prog.specialise(name, dtype=dtype, **prog.bindings_for(name, DIMS))
+
+
+@pytest.mark.parametrize("name", list(QUANT))
+def test_int8_layers_lower_to_the_quantised_product(prog, name):
+    layer = specialise(prog, name)
+    assert match_linear(layer) == LinearPattern(dtype="bf16", wtype="i8", **QUANT[name])
+    plans = plans_for_layer(layer, "sm_90")
+    assert [p.max_m for p in plans] == [8, 16] and all(p.wtype == "i8" and p.group == 0 for p in plans)
+    assert "_i8ch" in plan_linear(layer, "sm_90").key
+
+
+HEAD = "dims K, O\ndynamic N\n"
+REFUSED = [   # (parameters, body, what the error says, its line: 4 the expression, 3 an input's declaration)
+    ("x: T[N, K], q: i8[O, K], s: T[K]", "return linear(x, T(f32(q) * f32(unsqueeze(s, 0))))",
+     "lower as one per row", 4),
+    ("x: T[N, K], q: i8[O, K], s: T[O, K]", "return linear(x, T(f32(q) * f32(s)))", "lower as one per row", 3),
+    ("x: T[N, K], q: f8e4m3[O, K], s: T[O]", "return linear(x, T(f32(q) * f32(unsqueeze(s, 1))))",
+     "W8A8 products", 3),
+    ("x: T[N, K], q: i8[O, K], s: T[O]", "return linear(x, T(f32(q) * f32(unsqueeze(s, 1)) * 2.0))",
+     "f32(q) * f32(unsqueeze(s, 1))", 4),
+    ("x: T[N, K], q: i8[O, K], s: f32[O]", "return linear(x, T(f32(q) * unsqueeze(s, 1)))",
+     "input 's' is f32", 3),
+]
+
+
+@pytest.mark.parametrize("params,body,message,line", REFUSED, ids=[r[1] for r in REFUSED])
+def test_forms_the_kernel_does_not_serve_are_positioned_lowering_errors(tmp_path, params, body, message, line):
+    path = tmp_path / "q.lf"
+    path.write_text(HEAD + f"layer f({params}) -> T[N, O] {{\n    {body}\n}}\n")
+    layer = lf.load(path).specialise("f", K=64, O=48, dtype="bf16")
+    with pytest.raises(LoweringError) as info:
+        match_linear(layer)
+    text = str(info.value)
+    assert message in text, text
+    assert f"{path}:{line}:" in text and "^" in text, text   # file:line:col, the source line and a caret
+
+
+def test_the_w8a8_layer_runs_the_reference_evaluator(prog):
+    with pytest.raises(LoweringError, match="before the product cannot be fused"):
+        match_linear(specialise(prog, "fp8_linear_per_token"))
+
+
+@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", list(QUANT))
+def test_int8_layers_compile_without_spills(prog, name, arch, max_m):
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    plan = plan_linear(specialise(prog, name), arch, max_m=max_m)
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    assert res.cubin[:4] == b"\x7fELF"
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_module_of_an_int8_layer_on_the_cpu_is_the_evaluators():
+    """module("int8_linear"): weights wq (int8) and ws (T) as parameters under their DSL names, a
+    kernel on CUDA tensors (kernel_reason None), the reference evaluator on CPU tensors."""
+    from layerforge.runtime.layers import module
+    from layerforge.runtime.quant import pack_i8, quantize_i8
+    m = module("int8_linear", I=256, O=96, dtype="bf16")
+    assert m.kernel_reason is None and m.wq.dtype == torch.int8 and m.ws.dtype == torch.bfloat16
+    gen = seeded_generator("quant-module")
+    qw = pack_i8(*quantize_i8(torch.randn(96, 256, generator=gen) / 16, 0), 0, torch.bfloat16)
+    with torch.no_grad():
+        m.wq.copy_(qw.qweight)
+        m.ws.copy_(qw.wscale)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    ref = x.double() @ (qw.qweight.double() * qw.wscale.double()[:, None]).T
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
