@@ -78,17 +78,20 @@ def wgmma_overlap(on: bool | None):
 
 
 def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True,
-                 overlap=None):
+                 overlap=None, dv=None, consts=None):
     """overlap: plan the wgmma prefill with LAYERFORGE_WGMMA_OVERLAP=1 (True) or 0 (False); None:
-    as the environment says."""
+    as the environment says. dv: the value head dim of a block that declares one (dims Dv);
+    consts: the block's constants (its softmax scale ...)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+    dv = dv or d
+    layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **({"Dv": dv} if dv != d else {}),
+                            **(consts or {}))
     attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
     with wgmma_overlap(overlap):
         attn.tc_plan("prefill")   # the module keeps this plan
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
+    vc = torch.randn(batch * seq // page, page, hkv, dv, device="cuda", dtype=torch.bfloat16)
     table = torch.arange(batch * seq // page, dtype=torch.int32, device="cuda").view(batch, seq // page)
     lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
@@ -96,21 +99,25 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, pr
     ours = bench(lambda: attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out))
     qq = q.view(batch, seq, hq, d).transpose(1, 2)
     kk = kc.view(batch, seq, hkv, d).transpose(1, 2)
-    vv = vc.view(batch, seq, hkv, d).transpose(1, 2)
-    res = dict(kind="prefill", block=name, batch=batch, seq=seq, hq=hq, hkv=hkv, d=d, ours_s=ours,
+    vv = vc.view(batch, seq, hkv, dv).transpose(1, 2)
+    scale = float(consts["softmax_scale"]) if consts and "softmax_scale" in consts else None
+    res = dict(kind="prefill", block=name, batch=batch, seq=seq, hq=hq, hkv=hkv, d=d, dv=dv, ours_s=ours,
                kernel=attn.prefill_kernel, tiles=attn.tc_plan("prefill").config.label,
-               flops=4 * batch * hq * seq * seq * d / 2, flash_s=None, cudnn_s=None, flex_s=None)
+               flops=2 * batch * hq * seq * seq * (d + dv) / 2, flash_s=None, cudnn_s=None, flex_s=None)
     if not peers:
         return res
     for label, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
         try:
             with sdpa_kernel(backend):
                 res[f"{label}_s"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True,
-                                                                                   enable_gqa=hq != hkv))
+                                                                                   enable_gqa=hq != hkv, scale=scale))
         except RuntimeError as e:   # a backend that does not take this case
             print(f"  SDPA {label}: {str(e).splitlines()[0][:100]}")
             res[f"{label}_s"] = None
-    res["flex_s"] = flex_causal(qq, kk, vv, hq != hkv)
+    try:
+        res["flex_s"] = flex_causal(qq, kk, vv, hq != hkv)
+    except Exception as e:   # noqa: BLE001 - a shape Flex does not take
+        print(f"  Flex: {str(e).splitlines()[0][:100]}")
     return res
 
 

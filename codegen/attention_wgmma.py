@@ -62,15 +62,18 @@ class WGTileConfig:
     producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
     consumer_regs: int = 232
     overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
+    swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
 
     def __post_init__(self):
+        if self.swizzle not in (0, 32, 64, 128):
+            raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
         if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
 
     @property
     def label(self) -> str:
-        return f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "")
+        return f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
 
     @property
     def threads(self) -> int:
@@ -85,15 +88,54 @@ class WGTileConfig:
         return self.bn
 
 
-def tile_candidates(head_dim: int) -> list[WGTileConfig]:
+HEAD_DIMS = tuple(range(32, 257, 16))   # q/k and value head dims the kernel specialises (multiples of 16)
+DEFAULT_HEAD_DIMS = (64, 128, 256)      # where it is the sm_90 default prefill (supports())
+
+
+def native_swizzle(head_dim: int, v_head_dim: int) -> int:
+    """The widest swizzle (bytes) whose column block (swizzle / 2 elements) divides both head
+    dims: 128 for multiples of 64, 64 for 96 / 160, 32 for 80 / 112 / 144 / 176 / ..."""
+    return next(sw for sw in (128, 64, 32) if head_dim % (sw // 2) == 0 and v_head_dim % (sw // 2) == 0)
+
+
+def tile_dims(head_dim: int, v_head_dim: int, swizzle: int = 0) -> tuple[int, int, int]:
+    """(swizzle, HDP, HDVP): the shared tiles' swizzle and their Q/K and V rows in elements, the
+    head dims rounded up to whole column blocks (equal to them at the native swizzle)."""
+    sw = swizzle or native_swizzle(head_dim, v_head_dim)
+    e = sw // 2
+    return sw, -(-head_dim // e) * e, -(-v_head_dim // e) * e
+
+
+def _stage_bytes(bn: int, hdp: int, hdvp: int) -> int:
+    return 2 * bn * (hdp + hdvp)
+
+
+def tile_candidates(head_dim: int, v_head_dim: int | None = None) -> list[WGTileConfig]:
     """Tile shapes, best first. Shared memory bounds BN x STAGES: Q (128 rows) plus STAGES
     K and V tiles must fit in 227 KB (with a distance table too: the planner skips those that
-    do not); registers bound BN: S (BN / 2), P (BN / 4) and O (HD / 2) per consumer thread."""
-    if head_dim == 256:
+    do not); registers bound BN: S (BN / 2), P (BN / 4) and O (HDV / 2) per consumer thread."""
+    dv = v_head_dim or head_dim
+    if dv == head_dim and head_dim == 256:
         return [WGTileConfig(bn=64, stages=2)]
-    if head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
+    if dv == head_dim and head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
         return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
-    return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
+    if dv == head_dim and head_dim == 64:
+        return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
+    # other dims: as many stages as fit (up to 3 of 128 keys, 4 of 64), 128-key tiles first where
+    # O, S and P leave the consumers' registers room (O + S + P <= 176 a thread: D128's 160 runs
+    # spill-free, D256's 224 at 128 keys does not), 2 stages of 128 keys last
+    _, hdp, hdvp = tile_dims(head_dim, dv)
+    room = SHARED_LIMIT - 1024 - 2 * 128 * hdp - 256
+    out, late = [], []
+    for bn, most in ((128, 3), (64, 4)):
+        if hdvp // 2 + 3 * bn // 4 > 176:
+            continue
+        stages = min(most, room // _stage_bytes(bn, hdp, hdvp))
+        if stages >= 3:
+            out.append(WGTileConfig(bn=bn, stages=stages))
+        elif stages == 2:
+            late.append(WGTileConfig(bn=bn, stages=2))
+    return out + late or [WGTileConfig(bn=64, stages=2)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +158,12 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     @property
     def config(self) -> WGTileConfig:
-        return self.tiles or tile_candidates(int(self.spec.head_dim))[0]
+        return self.tiles or tile_candidates(int(self.spec.head_dim), int(self.spec.v_head_dim))[0]
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(swizzle bytes, HDP, HDVP): the shared tiles' layout (tile_dims)."""
+        return tile_dims(int(self.spec.head_dim), int(self.spec.v_head_dim), self.config.swizzle)
 
     @property
     def block_mask(self) -> bool:
@@ -149,10 +196,11 @@ class WGMMAAttentionPlan(AttentionPlan):
     def shared_layout(self) -> SharedLayout:
         """Q, the K and V stages (each 1024-byte aligned: the swizzle reads address bits 7-9),
         then the full / empty mbarriers, and the distance tables (two buffers per consumer)."""
-        c, hd = self.config, int(self.spec.head_dim)
+        c = self.config
+        _, hdp, hdvp = self.dims
         rel = self.rel_table
-        return SharedLayout((("sQ", 2 * c.rows * hd), ("sK", 2 * c.stages * c.keys * hd),
-                             ("sV", 2 * c.stages * c.keys * hd), ("bars", 8 * 2 * c.stages),
+        return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
+                             ("sV", 2 * c.stages * c.keys * hdvp), ("bars", 8 * 2 * c.stages),
                              *((("sRel", CONSUMERS * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
@@ -176,7 +224,9 @@ class WGMMAAttentionPlan(AttentionPlan):
 def _render(plan: WGMMAAttentionPlan) -> str:
     spec = plan.spec
     dtype = plan.layer.dtype
-    hd = check_specialisable(plan.layer, "wgmma attention")
+    hd = check_specialisable(plan.layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
+    hdv = int(spec.v_head_dim)
+    sw, hdp, hdvp = plan.dims
     c = plan.config
     mma_t = "bf16" if dtype is DType.bf16 else "f16"
     rel = plan.rel_table
@@ -187,25 +237,28 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         "cuda/attention_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
+        HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap,
-        wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hd, "a": "rs", "t": mma_t}],
+        wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
 
 
 def supports(layer: Layer, page_size: int) -> bool:
     """Whether the wgmma kernel is the default prefill of this block: bf16/f16, head dims
-    64/128/256 equal to the value dim, and pages of at least BN / 32 keys (a tile's page
-    entries, one per lane). A mask that reads tables at positions (document ids) stays on the
+    of DEFAULT_HEAD_DIMS (q/k and value), and pages of at least BN / 32 keys (a tile's page
+    entries, one per lane). The kernel specialises any of HEAD_DIMS (multiples of 16 from 32
+    to 256, value dim apart) where asked for (plan_wgmma_attention, PagedAttention(prefill=
+    "wgmma")). A mask that reads tables at positions (document ids) stays on the
     mma.sync prefill by default: the wgmma kernel's block-mask path measured 0.68x (n128s3) /
     0.90x (n64s3) its speed on an H200 (it runs when asked for: plan_wgmma_attention,
     PagedAttention(prefill="wgmma"))."""
     if needs_block_mask(layer):
         return False
     try:
-        check_specialisable(layer, "wgmma attention")
+        check_specialisable(layer, "wgmma attention", head_dims=DEFAULT_HEAD_DIMS)
     except LoweringError:
         return False
     plan = WGMMAAttentionPlan(layer=layer, page_size=page_size)
@@ -243,8 +296,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
                 distance_table: bool) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
-    check_specialisable(layer, "wgmma attention")
-    candidates = [tiles] if tiles is not None else tile_candidates(int(layer.function.outputs[0].arg.head_dim))
+    check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
+    spec = layer.function.outputs[0].arg
+    candidates = [tiles] if tiles is not None else tile_candidates(int(spec.head_dim), int(spec.v_head_dim))
     fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
                                                         distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
     if not fits:

@@ -138,8 +138,10 @@ class PagedAttention:
 
     @property
     def prefill_kernel(self) -> str:
-        """The kernel of the ragged prefill tiles: 'wgmma' (Hopper, sm_90; bf16/f16, head dims
-        64/128/256, pages of 4+ keys) or 'tc' (mma.sync, sm_80 and newer)."""
+        """The kernel of the ragged prefill tiles: 'wgmma' (Hopper, sm_90; bf16/f16; by default at
+        head dims 64/128/256 equal to the value dim, asked for (prefill="wgmma") at any multiple of
+        16 from 32 to 256 and value dims of their own; pages of 4+ keys) or 'tc' (mma.sync, sm_80
+        and newer)."""
         if self._prefill is None:
             # the wgmma kernel reads bf16/f16 caches only: an fp8 cache stays on mma.sync
             hopper = (self.target in ("sm_90", "sm_90a") and self.layer is not None and self.kernel == "tc"

@@ -19,11 +19,12 @@ Two paths:
   appended by the latent-cache append kernel (RoPE on k_r at write); a decode step (one new
   token a sequence) runs the MLA decode kernel (runtime/mla_decode.py) over the pages; a prefill
   (several new tokens, with or without cached ones before them) runs the non-absorbed form
-  (per-head keys [W_uk c, k_r] of 192 channels, values W_uv c of 128) through torch's
-  scaled_dot_product_attention, which takes Dqk != Dv: an interim until a prefill kernel of
-  ours serves Dqk 192 / Dv 128. On CPU tensors the paged path runs the same steps with torch
-  ops in place of the kernels (the decode's float64 reference), so its logic is tested without
-  a GPU. `step` is this path for a step of a model's layer: ragged tokens of several sequences,
+  (per-head keys [W_uk c, k_r] of 192 channels, values W_uv c of 128) through our prefill
+  kernel of the DSL block `MLA_PREFILL_SOURCE` (q/k head dim 192, value dim 128: the wgmma
+  kernel on sm_90, mma.sync elsewhere), the keys and values laid out as pages of 64 tokens.
+  On CPU tensors the paged path runs the same steps with torch ops in place of the kernels
+  (the decode's float64 reference; the prefill through torch's scaled_dot_product_attention),
+  so its logic is tested without a GPU. `step` is this path for a step of a model's layer: ragged tokens of several sequences,
   each sequence decoding or prefilling, over the layer's pages of a cache of many layers
   (models/deepseek.py).
 """
@@ -58,6 +59,19 @@ attention mla_attn(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, Dv
     mask = q_pos >= kv_pos
 }
 """
+
+# The non-absorbed prefill: per-head q/k of nope + rope channels (RoPE already applied), values of
+# their own head dim, causal over the sequence's cached tokens and the new ones
+MLA_PREFILL_SOURCE = """
+dims Hq, Hkv, D, Dv
+dynamic B, S, Skv
+attention mla_prefill(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, Dv],
+                      const softmax_scale: f32 = 0.0721687836) -> T[B, S, Hq, Dv] {
+    scale = softmax_scale
+    mask = q_pos >= kv_pos
+}
+"""
+PREFILL_PAGE = 64   # tokens a page of the prefill's key / value layout
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,7 @@ class MLAAttention(torch.nn.Module):
             theta=c.rope_theta, rope_dim=c.qk_rope_head_dim, softmax_scale=c.softmax_scale, **kw)
         self.rope = self.layer.function.outputs[0].arg.rope
         self._decoders: dict = {}
+        self._prefills: dict = {}
 
     def make_cache(self, batch: int, *, max_tokens: int | None = None, page_size: int = 64,
                    paged: bool | None = None):
@@ -304,19 +319,59 @@ class MLAAttention(torch.nn.Module):
         return rows[..., :self.config.kv_lora_rank], rows[..., self.config.kv_lora_rank:]
 
     def _prefill(self, q_nope, q_rope, latent, k_rope, *, past: int) -> torch.Tensor:
-        """The non-absorbed form through SDPA: q [B, S, nh, nope + R] (rotated) against keys
-        [W_uk c, k_r] and values W_uv c of the n = past + S tokens of `latent` [B, n, L] and
-        `k_rope` [B, n, R] (rotated); query i sees keys up to past + i. Returns [B, S, nh, v]."""
+        """The non-absorbed form: q [B, S, nh, nope + R] (rotated) against keys [W_uk c, k_r] and
+        values W_uv c of the n = past + S tokens of `latent` [B, n, L] and `k_rope` [B, n, R]
+        (rotated); query i sees keys up to past + i. Returns [B, S, nh, v]. CUDA bf16/f16: our
+        prefill kernel (`_prefill_kernel`); else torch's SDPA."""
         c = self.config
         B, S = q_nope.shape[:2]
         n = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, n, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        if q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16):
+            return self._prefill_kernel(q_nope, q_rope, kv, k_rope, past=past)
         k = torch.cat([kv[..., :c.qk_nope_head_dim], k_rope[:, :, None].expand(B, n, c.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         mask = torch.arange(n, device=q.device)[None] <= torch.arange(past, past + S, device=q.device)[:, None]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), kv[..., c.qk_nope_head_dim:].transpose(1, 2),
                                            attn_mask=mask, scale=c.softmax_scale)
         return o.transpose(1, 2)
+
+    def _prefill_kernel(self, q_nope, q_rope, kv, k_rope, *, past: int) -> torch.Tensor:
+        """The prefill kernel over keys [k_nope, k_r] and values, written once into pages of
+        PREFILL_PAGE tokens (the padding past n is never read): kv [B, n, nh, nope + v] from
+        kv_b_proj, k_rope [B, n, R]. Returns [B, S, nh, v]."""
+        c = self.config
+        B, S, nh = q_nope.shape[:3]
+        n = kv.shape[1]
+        nope, R, dv = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        per = -(-n // PREFILL_PAGE)
+        k = kv.new_empty(B, per * PREFILL_PAGE, nh, nope + R)
+        v = kv.new_empty(B, per * PREFILL_PAGE, nh, dv)
+        k[:, :n, :, :nope] = kv[..., :nope]
+        k[:, :n, :, nope:] = k_rope[:, :, None]
+        v[:, :n] = kv[..., nope:]
+        q = torch.cat([q_nope, q_rope], dim=-1).reshape(B * S, nh, nope + R)
+        dev = q.device
+        table = torch.arange(B * per, dtype=torch.int32, device=dev).view(B, per)
+        lens = torch.full((B,), n, dtype=torch.int32, device=dev)
+        cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=dev)
+        out = self._prefill_attention(q.dtype)(
+            q, k.view(B * per, PREFILL_PAGE, nh, nope + R), v.view(B * per, PREFILL_PAGE, nh, dv), table, lens, cu,
+            max_q_len=S, max_kv_len=n)
+        return out.view(B, S, nh, dv)
+
+    def _prefill_attention(self, dtype):
+        """The PagedAttention of MLA_PREFILL_SOURCE for this layer's heads, dims and scale (one per dtype)."""
+        attn = self._prefills.get(dtype)
+        if attn is None:
+            from .attention import PagedAttention
+            c = self.config
+            layer = Program.from_source(MLA_PREFILL_SOURCE, "mla_prefill.lf").specialise(
+                "mla_prefill", Hq=c.num_heads, Hkv=c.num_heads, D=c.qk_nope_head_dim + c.qk_rope_head_dim,
+                Dv=c.v_head_dim, dtype={torch.bfloat16: "bf16", torch.float16: "f16"}[dtype],
+                softmax_scale=c.softmax_scale)
+            attn = self._prefills[dtype] = PagedAttention(layer, page_size=PREFILL_PAGE)
+        return attn.prefill
 
     def _decoder(self, cache: PagedLatentCache) -> MLADecode:
         key = (cache.page_size, cache.dtype)

@@ -166,16 +166,18 @@ def test_runtime_picks_tensor_cores_for_new_head_dims(prog, mla, d, dv):
         assert PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3").kernel == "simt"
 
 
-def test_wgmma_prefill_keeps_64_128_256(prog, mla):
-    from layerforge.codegen.attention_wgmma import plan_wgmma_attention, supports
+def test_wgmma_prefill_defaults_and_other_dims(prog, mla):
+    """The wgmma prefill is the sm_90 default at 64/128/256; it plans the other dims (and value
+    dims of their own) where asked for; head dims outside multiples of 16 stay clear errors."""
+    from layerforge.codegen.attention_wgmma import DEFAULT_HEAD_DIMS, plan_wgmma_attention, supports
     assert supports(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), 16)
     d96 = prog.specialise("llama_attn", Hq=32, Hkv=8, D=96, dtype="bf16")
     mla192 = mla.specialise("mla_attn", Hq=16, Hkv=16, D=192, Dv=128, dtype="bf16")
-    assert not supports(d96, 16) and not supports(mla192, 16)
-    with pytest.raises(LoweringError, match="head dim 96"):
-        plan_wgmma_attention(d96)
-    with pytest.raises(LoweringError, match="value dim 128"):
-        plan_wgmma_attention(mla192)
+    assert supports(d96, 16) == (96 in DEFAULT_HEAD_DIMS)
+    assert plan_wgmma_attention(d96).dims == (64, 96, 96)
+    assert plan_wgmma_attention(mla192).dims == (128, 192, 128)
+    with pytest.raises(LoweringError, match="head dim 72"):
+        plan_wgmma_attention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=72, dtype="bf16"))
 
 
 def test_value_dim_on_cpu_tensors_runs_the_reference(mla):

@@ -1,6 +1,7 @@
 """The Hopper (wgmma) prefill kernel renders and compiles for sm_90a without register spills,
-for every stdlib attention block, head dims 64/128/256, bf16 and f16, GQA ratios, pages of 16
-and 64, and the mask-tile / sink / table hooks (no GPU needed)."""
+for every stdlib attention block, head dims 64/128/256 (and 48-240 off them, value dims of their
+own, in the native and padded swizzles), bf16 and f16, GQA ratios, pages of 16 and 64, and the
+mask-tile / sink / table hooks (no GPU needed)."""
 import pytest
 
 import layerforge as lf
@@ -60,6 +61,41 @@ def test_every_tile_candidate_compiles(prog, d, tiles):
     assert plan.shared_bytes <= 227 * 1024
 
 
+NEW_DIMS = [(80, 80), (96, 96), (160, 160), (192, 192), (192, 128), (128, 64), (96, 64)]
+
+
+@pytest.mark.parametrize("d,dv", NEW_DIMS)
+@pytest.mark.parametrize("swizzle", [0, 128])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_other_head_dims_compile_without_spills(d, dv, swizzle, overlap):
+    """Head dims off 64/128/256 and value dims of their own, every tile candidate, in the native
+    swizzle (32 / 64 bytes where 128 does not divide the dims) and in padded 128-byte rows: no
+    spills, no serialised wgmma; shared memory within 227 KB (a 2-stage 128-key n128 tile at
+    D160 with the overlap schedule spills: the planner keeps it plain)."""
+    from .test_attention_tc_dims import VALUE_DIM_BLOCKS
+    layer = lf.loads(VALUE_DIM_BLOCKS, "mla.lf").specialise("mla_attn", Hq=16, Hkv=4, D=d, Dv=dv, dtype="bf16",
+                                                           softcap=30.0)
+    for c in tile_candidates(d, dv):
+        tiles = WGTileConfig(bn=c.bn, stages=c.stages, swizzle=swizzle, overlap=overlap)
+        try:
+            plan = plan_wgmma_attention(layer, tiles=tiles)
+        except LoweringError as e:   # padded 128-byte rows may not fit this candidate's stages
+            assert swizzle and "shared memory" in str(e)
+            continue
+        assert plan.shared_bytes <= 227 * 1024
+        kr, _ = compile_main(plan)
+        if overlap and (d, c.bn, c.stages) == (160, 128, 2):
+            continue
+        assert_spill_free(kr)
+
+
+@pytest.mark.parametrize("d", [48, 80, 96, 112, 160, 192, 224, 240])
+def test_planner_choice_at_other_dims(prog, d):
+    """The planner's choice (spill-free through the compile function) for llama's block."""
+    plan = plan_wgmma_attention(specialise(prog, "llama_attn", 32, 8, d), compile_fn=resources, overlap=True)
+    assert_spill_free(compile_main(plan)[0])
+
+
 @pytest.mark.parametrize("name", ["prefix_lm", "sinks", "dilated", "natten", "by_head", "prefix_table", "head_window"])
 def test_block_sparse_masks_compile(name):
     from ..codegen.test_mask_tiles import MASKS
@@ -87,8 +123,10 @@ def test_kernel_uses_the_hopper_instructions(prog):
 
 
 def test_what_it_does_not_serve(prog):
-    with pytest.raises(LoweringError, match="head dim 96"):
-        plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96))
+    with pytest.raises(LoweringError, match="head dim 72"):
+        plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 72))
+    with pytest.raises(ValueError, match="swizzle"):
+        WGTileConfig(bn=128, stages=2, swizzle=16)
     with pytest.raises(LoweringError, match="f32"):
         plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 64, "f32"))
     with pytest.raises(LoweringError, match="pages of at least"):
