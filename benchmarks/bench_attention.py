@@ -95,7 +95,7 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, pr
     table = torch.arange(batch * seq // page, dtype=torch.int32, device="cuda").view(batch, seq // page)
     lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
+    out = q.new_empty(batch * seq, hq, dv)
     ours = bench(lambda: attn.prefill(q, kc, vc, table, lens, cu, max_q_len=seq, max_kv_len=seq, out=out))
     qq = q.view(batch, seq, hq, d).transpose(1, 2)
     kk = kc.view(batch, seq, hkv, d).transpose(1, 2)

@@ -43,8 +43,9 @@ def _prefill_rows(prog, name, batch, seq, hq, d, dv=None, consts=None, tiles=Fal
         cands = tile_candidates(d, dv or d)
         if tiles:
             runs += [("wgmma", c) for c in cands]
-        if native_swizzle(d, dv or d) != 128:
-            runs.append(("wgmma", WGTileConfig(bn=cands[0].bn, stages=cands[0].stages, swizzle=128)))
+        if native_swizzle(d, dv or d) != 128:   # the tile shape of the padded rows' dims
+            c = tile_candidates(-(-d // 64) * 64, -(-(dv or d) // 64) * 64)[0]
+            runs.append(("wgmma", WGTileConfig(bn=c.bn, stages=c.stages, swizzle=128)))
     peers = None
     for kernel, t in runs:
         try:

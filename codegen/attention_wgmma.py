@@ -89,7 +89,9 @@ class WGTileConfig:
 
 
 HEAD_DIMS = tuple(range(32, 257, 16))   # q/k and value head dims the kernel specialises (multiples of 16)
-DEFAULT_HEAD_DIMS = (64, 128, 256)      # where it is the sm_90 default prefill (supports())
+# where it is the sm_90 default prefill (supports()): every dim it specialises, value dims of their
+# own included; measured 1.19-1.69 x the mma.sync kernel at 80 / 96 / 160 / 192 (H200, benchmarks/NOTES.md)
+DEFAULT_HEAD_DIMS = HEAD_DIMS
 
 
 def native_swizzle(head_dim: int, v_head_dim: int) -> int:
@@ -258,7 +260,7 @@ def supports(layer: Layer, page_size: int) -> bool:
     if needs_block_mask(layer):
         return False
     try:
-        check_specialisable(layer, "wgmma attention", head_dims=DEFAULT_HEAD_DIMS)
+        check_specialisable(layer, "wgmma attention", head_dims=DEFAULT_HEAD_DIMS, value_dim=True)
     except LoweringError:
         return False
     plan = WGMMAAttentionPlan(layer=layer, page_size=page_size)

@@ -153,14 +153,16 @@ def test_head_dims_without_a_kernel_are_clear_errors(prog, mla):
 
 @pytest.mark.parametrize("d,dv", [(80, None), (96, None), (160, None), (192, None), (192, 128)])
 def test_runtime_picks_tensor_cores_for_new_head_dims(prog, mla, d, dv):
-    """Ampere and Hopper run them on tensor cores; on sm_90 the wgmma prefill (64/128/256) leaves
-    their prefill tiles to mma.sync, not to the CUDA-core kernel."""
+    """Ampere and Hopper run them on tensor cores: the mma.sync kernels on sm_80, the wgmma
+    prefill on sm_90 (mma.sync there when asked for), never the CUDA-core kernel."""
     layer = (mla.specialise("mla_attn", Hq=16, Hkv=16, D=d, Dv=dv, dtype="bf16") if dv else
              prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16"))
-    for arch in ("sm_80", "sm_90"):
-        attn = PagedAttention(layer, arch=arch)
+    for arch, prefill in (("sm_80", None), ("sm_90", "tc")):
+        attn = PagedAttention(layer, arch=arch, prefill=prefill)
         assert attn.kernel == "tc" and attn.prefill_kernel == "tc"
         assert attn.tc_plan("prefill").arch == arch and "_tcprefill_" in attn.tc_plan("prefill").key
+    attn = PagedAttention(layer, arch="sm_90")
+    assert attn.prefill_kernel == "wgmma" and "_wgprefill_" in attn.tc_plan("prefill").key
     assert PagedAttention(layer, arch="sm_75").kernel == "simt"
     if dv is None:   # the CUDA-core kernel reads fp8 caches at any head dim
         assert PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3").kernel == "simt"

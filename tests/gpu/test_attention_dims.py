@@ -11,7 +11,17 @@ import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
 
 from ..codegen.test_attention_tc_dims import NEW_DIMS, VALUE_DIM_BLOCKS
-from .test_paged_attention import run_case
+from .test_paged_attention import run_case as _run_case
+
+
+def run_case(*args, **kw):
+    """The mma.sync kernels' cases: their prefill asked for (the sm_90 default is the wgmma kernel,
+    tests/gpu/test_attention_wgmma_dims.py)."""
+    return _run_case(*args, prefill="tc", **kw)
+
+
+def hopper():
+    return torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +41,9 @@ def form(request):
 
 @pytest.mark.parametrize("d", NEW_DIMS)
 def test_new_head_dims_run_on_tensor_cores_by_default(prog, d):
-    """The default module takes the tensor-core kernels, the mma.sync prefill on Hopper too."""
+    """The default module takes the tensor-core kernels (the wgmma prefill on Hopper)."""
     attn = PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16"))
-    assert attn.kernel == "tc" and attn.prefill_kernel == "tc"
+    assert attn.kernel == "tc" and attn.prefill_kernel == ("wgmma" if hopper() else "tc")
 
 
 @pytest.mark.parametrize("page", [16, 64])
@@ -90,7 +100,7 @@ def test_f16_new_head_dim(prog, form):
 def test_value_dim_of_its_own(mla, form, d, dv, page):
     """Dv != D (MLA prefill: 192 / 128): S over D, O = P V over Dv, decode and prefill tiles."""
     attn = PagedAttention(mla.specialise("mla_attn", Hq=16, Hkv=16, D=d, Dv=dv, dtype="bf16"))
-    assert attn.kernel == "tc" and attn.prefill_kernel == "tc" and attn.dv == dv
+    assert attn.kernel == "tc" and attn.prefill_kernel == ("wgmma" if hopper() else "tc") and attn.dv == dv
     run_case(mla, form, "mla_attn", 16, 16, d, page, lens=[700, 1, 333, 90], new=[700, 1, 333, 7], dv=dv)
     run_case(mla, form, "mla_attn", 16, 4, d, page, lens=[300, 41], new=[1, 1], dv=dv, softcap=30.0)
 

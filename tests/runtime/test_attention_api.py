@@ -91,7 +91,10 @@ def test_prefill_kernel_falls_back_where_wgmma_does_not_serve():
     f32 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="f32"), arch="sm_90")
     assert f32.kernel == "simt"
     d96 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=96, dtype="bf16"), arch="sm_90")
-    assert d96.prefill_kernel == "tc"
+    assert d96.prefill_kernel == "wgmma"   # every multiple of 16 (its 64-byte swizzle)
+    pages2 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=128, dtype="bf16"), arch="sm_90",
+                            page_size=2)   # a 128-key tile would span 64 pages: more than a warp's lanes
+    assert pages2.prefill_kernel == "tc"
     tiles = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_90",
                            tiles={"prefill": TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)})
     assert tiles.prefill_kernel == "tc"
