@@ -327,7 +327,8 @@ class MLAAttention(torch.nn.Module):
         B, S = q_nope.shape[:2]
         n = latent.shape[1]
         kv = self.kv_b_proj(latent).view(B, n, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
-        if q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16):
+        if q_nope.is_cuda and q_nope.dtype in (torch.bfloat16, torch.float16) and \
+                self._prefill_attention(q_nope.dtype).kernel == "tc":   # head dims of the tensor-core kernels
             return self._prefill_kernel(q_nope, q_rope, kv, k_rope, past=past)
         k = torch.cat([kv[..., :c.qk_nope_head_dim], k_rope[:, :, None].expand(B, n, c.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
@@ -355,13 +356,15 @@ class MLAAttention(torch.nn.Module):
         table = torch.arange(B * per, dtype=torch.int32, device=dev).view(B, per)
         lens = torch.full((B,), n, dtype=torch.int32, device=dev)
         cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=dev)
-        out = self._prefill_attention(q.dtype)(
+        out = self._prefill_attention(q.dtype).prefill(
             q, k.view(B * per, PREFILL_PAGE, nh, nope + R), v.view(B * per, PREFILL_PAGE, nh, dv), table, lens, cu,
             max_q_len=S, max_kv_len=n)
         return out.view(B, S, nh, dv)
 
     def _prefill_attention(self, dtype):
-        """The PagedAttention of MLA_PREFILL_SOURCE for this layer's heads, dims and scale (one per dtype)."""
+        """The PagedAttention of MLA_PREFILL_SOURCE for this layer's heads, dims and scale (one per
+        dtype); its kernel is "tc" where the tensor-core kernels take the head dims (multiples of 16
+        from 32 to 256), else the prefill runs through SDPA."""
         attn = self._prefills.get(dtype)
         if attn is None:
             from .attention import PagedAttention
@@ -371,7 +374,7 @@ class MLAAttention(torch.nn.Module):
                 Dv=c.v_head_dim, dtype={torch.bfloat16: "bf16", torch.float16: "f16"}[dtype],
                 softmax_scale=c.softmax_scale)
             attn = self._prefills[dtype] = PagedAttention(layer, page_size=PREFILL_PAGE)
-        return attn.prefill
+        return attn
 
     def _decoder(self, cache: PagedLatentCache) -> MLADecode:
         key = (cache.page_size, cache.dtype)
