@@ -106,6 +106,8 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, pr
                flops=2 * batch * hq * seq * seq * (d + dv) / 2, flash_s=None, cudnn_s=None, flex_s=None)
     if not peers:
         return res
+    res["sdpa_s"] = bench(lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=hq != hkv,
+                                                                 scale=scale))   # torch's own choice of backend
     for label, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
         try:
             with sdpa_kernel(backend):

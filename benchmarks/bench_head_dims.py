@@ -28,7 +28,7 @@ def _row(label, r, peers):
     g = lambda t: f"{t / r['ours_s']:9.2f}" if t else f"{'-':>9s}"  # noqa: E731
     print(f"{label:44s} {r['kernel']:>6s} {r['ours_s'] * 1e3:8.2f} {r['flops'] / r['ours_s'] / 1e12:8.0f} "
           f"{f(peers['flash_s'])} {f(peers['cudnn_s'])} {f(peers['flex_s'])} "
-          f"{g(peers['flash_s'])} {g(peers['cudnn_s'])} {g(peers['flex_s'])}", flush=True)
+          f"{g(peers['flash_s'])} {g(peers['cudnn_s'])} {g(peers['flex_s'])} {f(peers.get('sdpa_s'))}", flush=True)
 
 
 def _prefill_rows(prog, name, batch, seq, hq, d, dv=None, consts=None, tiles=False):
@@ -70,7 +70,7 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
     dims = [int(d) for d in a.dims.split(",")] if a.dims else []
     print(f"{'causal prefill bf16':44s} {'kernel':>6s} {'ours ms':>8s} {'TFLOP/s':>8s} {'flash ms':>9s} {'cuDNN ms':>9s} "
-          f"{'Flex ms':>9s} {'ours/fl':>9s} {'ours/cuDNN':>9s} {'ours/Flex':>9s}")
+          f"{'Flex ms':>9s} {'ours/fl':>9s} {'ours/cuDNN':>9s} {'ours/Flex':>9s} {'SDPA ms':>9s}")
     for d in dims:
         _prefill_rows(prog, "gpt2_attn", 4, 4096, 32 if d <= 128 else 16, d, tiles=a.tiles)
     if a.mla:
