@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
-from .abi import Arg, KernelABI, SharedLayout
+from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_args, check_attention_layer,
                         check_kv_dtype, check_specialisable, extra_args, hook_context, output_args, tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
@@ -238,10 +238,11 @@ class TCAttentionPlan(AttentionPlan):
 
 
 def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
-                block_mask: bool = False, kv_dtype: str | None = None) -> KernelABI:
+                block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False) -> KernelABI:
     """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
     per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
-    lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8)."""
+    lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8);
+    tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views)."""
     dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
     if block_mask:
         dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
@@ -250,6 +251,8 @@ def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int,
             Arg("q_seq", "const int* __restrict__", "input"),
             Arg("q_pos_arr", "const int* __restrict__", "input", "q_pos"), *output_args(plan.layer.dtype), *dims,
             *extra_args(plan.layer))
+    if tma:
+        args += (Arg("k_map", TENSOR_MAP_CTYPE, "tmap", "k_map"), Arg("v_map", TENSOR_MAP_CTYPE, "tmap", "v_map"))
     # (query chunks, row blocks of the longest chunk, KV heads x splits)
     grid = ("chunks", f"cdiv(max_q_len * {plan.group}, {rows})", f"{int(plan.spec.num_kv_heads)} * num_splits")
     return KernelABI(name=plan.kernel_name, args=args, grid=grid, block=(threads,), shared_bytes=shared_bytes,

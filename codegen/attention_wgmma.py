@@ -63,6 +63,7 @@ class WGTileConfig:
     consumer_regs: int = 232
     overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
+    tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
@@ -73,7 +74,8 @@ class WGTileConfig:
 
     @property
     def label(self) -> str:
-        return f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
+        return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
+                + ("t" if self.tma else ""))
 
     @property
     def threads(self) -> int:
@@ -163,6 +165,23 @@ class WGMMAAttentionPlan(AttentionPlan):
         return self.tiles or tile_candidates(int(self.spec.head_dim), int(self.spec.v_head_dim))[0]
 
     @property
+    def tma(self) -> bool:
+        """Whether full K/V tiles arrive by TMA (config.tma asked for it): 128-byte swizzled rows
+        without padding (head dims multiples of 64), boxes of min(PAGE, BN) >= 8 keys that a
+        page holds whole (PAGE and BN multiples of one another), at most 32 boxes a tile's K or V."""
+        sw, hdp, hdvp = self.dims
+        c = self.config
+        box = min(self.page_size, c.keys)
+        return (c.tma and sw == 128 and hdp == int(self.spec.head_dim) and hdvp == int(self.spec.v_head_dim)
+                and box >= 8 and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0)
+                and c.keys // box * max(hdp, hdvp) // 64 <= 32)
+
+    @property
+    def tma_box(self) -> tuple[int, int]:
+        """(rows, columns) of the K / V maps' box: min(PAGE, BN) keys x 64 columns."""
+        return min(self.page_size, self.config.keys), 64
+
+    @property
     def dims(self) -> tuple[int, int, int]:
         """(swizzle bytes, HDP, HDVP): the shared tiles' layout (tile_dims)."""
         return tile_dims(int(self.spec.head_dim), int(self.spec.v_head_dim), self.config.swizzle)
@@ -210,7 +229,8 @@ class WGMMAAttentionPlan(AttentionPlan):
         return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
 
     def main_abi(self) -> KernelABI:
-        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask)
+        return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask,
+                           tma=self.tma)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -242,7 +262,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap,
+        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, BOXR=plan.tma_box[0],
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -275,9 +295,15 @@ def overlap_default() -> bool:
     return os.environ.get("LAYERFORGE_WGMMA_OVERLAP", "1") != "0"
 
 
+def tma_default() -> bool:
+    """Whether the wgmma prefill loads full K/V tiles by TMA where it can (WGMMAAttentionPlan.tma):
+    LAYERFORGE_WGMMA_TMA=1 asks for it (off by default until measured)."""
+    return os.environ.get("LAYERFORGE_WGMMA_TMA", "0") == "1"
+
+
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
-                         overlap: bool = False) -> WGMMAAttentionPlan:
+                         overlap: bool = False, tma: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -286,12 +312,18 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     without a distance term plan the same either way.
     overlap (without `tiles`): the chosen tile shape with WGTileConfig.overlap where that
     compiles without spills through `compile_fn` (never without one); else the plan above.
-    The shape is never changed for it, so both variants compare like for like."""
+    The shape is never changed for it, so both variants compare like for like.
+    tma (without `tiles`): the same with WGTileConfig.tma where the plan can take it and it
+    compiles without spills (never without a compile function)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if overlap and tiles is None:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
         if spill_free(twin, compile_fn):
-            return twin
+            plan = twin
+    if tma and tiles is None:
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
+        if twin.tma and spill_free(twin, compile_fn):
+            plan = twin
     return plan
 
 

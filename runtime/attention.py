@@ -51,7 +51,7 @@ import torch
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention, supports as tc_supports
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
-                                       supports as wgmma_supports)
+                                       supports as wgmma_supports, tma_default)
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
@@ -170,7 +170,7 @@ class PagedAttention:
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
-                                            overlap=overlap_default())
+                                            overlap=overlap_default(), tma=tma_default())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
@@ -548,6 +548,12 @@ class PagedAttention:
         num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys,
                                   one_wave=True)
         part_o, part_lse = self._workspace(dev, T, num_splits)
+        if any(a.ref == "k_map" for a in main.abi.args):   # the wgmma prefill's TMA tiles: maps of the caches
+            from .tma import tensor_map
+            box = (self.tc_plan(mode).tma_box if self.layer is not None else
+                   (min(self.page_size, keys), 64))
+            values.update(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box),
+                          v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box))
         values.update(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, cu_q=cu_q,
                       q_seq=q_seq, q_pos=q_pos, out=out, part_o=part_o, part_lse=part_lse, max_pages=max_pages,
                       num_pages=k_cache.shape[0], num_seqs=S, num_splits=num_splits, num_tokens=T)

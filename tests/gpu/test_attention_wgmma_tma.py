@@ -1,0 +1,68 @@
+"""The Hopper (wgmma) prefill with its K/V tiles loaded by TMA (LAYERFORGE_WGMMA_TMA=1: boxes of a
+page run through tensor maps of the caches; a range's last, partial tile by cp.async with the
+keys past it zero-filled), against the reference evaluator in float64 as every attention kernel
+(tests/gpu/test_paged_attention.py's run_case): lengths off the tile and page sizes, chunks over a
+cached prefix, pages of 16 / 64 / 256, head dims 64 / 128 / 256, GQA, split-KV, a block-sparse
+mask, f16, fully masked rows; plain and overlap schedules. Runs only on sm_90 GPUs."""
+import pytest
+import torch
+
+import layerforge as lf
+from layerforge.runtime.attention import PagedAttention
+
+from .test_paged_attention import run_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the wgmma prefill kernel runs on sm_90 GPUs (H100, H200) only")
+LONG = dict(lens=[700, 1, 333, 900], new=[700, 1, 333, 77])
+
+
+@pytest.fixture(scope="module")
+def prog():
+    return lf.stdlib()
+
+
+@pytest.fixture(autouse=True, params=["plain", "overlap"])
+def tma(request, monkeypatch):
+    monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "1")
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1" if request.param == "overlap" else "0")
+
+
+def wgmma(prog, name, hq, hkv, d, page, **kw):
+    run_case(prog, "tc-ragged", name, hq, hkv, d, page, prefill="wgmma", **kw)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_plans_take_tma(prog, d):
+    for page in (16, 64, 256):
+        plan = PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16"), page_size=page,
+                              prefill="wgmma").tc_plan("prefill")
+        assert plan.tma and plan.config.tma and "k_map" in plan.abi.signature, plan.key
+
+
+@pytest.mark.parametrize("page", [16, 64, 256])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "bloom_attn"])
+def test_variants_ragged(prog, name, d, page):
+    consts = {"window": 200} if name == "gemma2_attn" else {}
+    wgmma(prog, name, 16, 4, d, page, **LONG, **consts)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (32, 1)])
+def test_gqa(prog, hq, hkv):
+    wgmma(prog, "llama_attn", hq, hkv, 128, 16, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
+
+
+def test_split_kv_f16_and_masked_rows(prog):
+    wgmma(prog, "llama_attn", 8, 8, 128, 64, lens=[4096], new=[256], splits=5)
+    wgmma(prog, "gemma2_attn", 16, 8, 128, 16, lens=[512, 90], new=[512, 40], dtype=torch.float16, window=64)
+
+    def extra(nseq, gen):
+        return {"kv_len": torch.tensor([3, 0, 200][:nseq], dtype=torch.int32).cuda()}
+    wgmma(prog, "bert_attn", 8, 8, 128, 16, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
+
+
+def test_block_sparse_mask(prog):
+    from ..codegen.test_mask_tiles import MASKS
+    masks = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    wgmma(masks, "prefix_lm", 8, 2, 128, 16, lens=[1000, 300], new=[1000, 300])
