@@ -61,6 +61,31 @@ def test_every_tile_candidate_compiles(prog, d, tiles):
     assert plan.shared_bytes <= 227 * 1024
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize("page", [16, 256])   # boxes of a page; one box of a 128-key tile
+def test_tma_tiles_compile_without_spills(prog, name, d, page):
+    """K/V tiles by TMA (WGTileConfig.tma, as LAYERFORGE_WGMMA_TMA=1 plans it): the maps are the
+    kernel's last arguments; spill-free in both schedules."""
+    layer = specialise(prog, name, 32, 8, d)
+    plan = plan_wgmma_attention(layer, page_size=page, compile_fn=resources, overlap=True, tma=True)
+    assert plan.tma and plan.abi.args[-1].name == "v_map" and plan.abi.args[-2].role == "tmap"
+    assert "cp.async.bulk.tensor.2d" in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+    plain = plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True)
+    assert plain.tma and not plain.config.overlap
+    assert_spill_free(compile_main(plain)[0])
+
+
+def test_tma_only_where_it_applies(prog):
+    """Rows padded or not 128 bytes (96: the 64-byte swizzle), pages under 8 keys: cp.async as before."""
+    tiles = lambda d: WGTileConfig(bn=tile_candidates(d)[0].bn, stages=tile_candidates(d)[0].stages, tma=True)  # noqa: E731
+    assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96), tiles=tiles(96)).tma
+    assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=4).tma
+    assert plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=8).tma
+    assert "k_map" not in plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128)).abi.signature
+
+
 NEW_DIMS = [(80, 80), (96, 96), (160, 160), (192, 192), (192, 128), (128, 64), (96, 64)]
 
 
