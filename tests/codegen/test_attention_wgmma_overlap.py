@@ -141,19 +141,20 @@ def test_overlap_with_distance_tables_compiles(mask_prog, d):
 
 
 @pytest.mark.parametrize("name,d", [("t5_attn", 128), ("t5_attn", 256), ("rel_bias", 256)])
-def test_planner_keeps_the_plain_schedule_where_overlap_spills(prog, mask_prog, name, d):
-    """A distance term computed per score (distance_table=False) leaves too few registers for a
-    second P buffer beside 128-key tiles at D128 or any at D256: the planner keeps the plain
-    schedule and its tile shape. (rel_bias at D128 plans n64s3 without overlap, and n64s3ov
-    is spill-free.)"""
+def test_planner_takes_overlap_only_where_it_is_spill_free(prog, mask_prog, name, d):
+    """A distance term computed per score (distance_table=False) leaves few registers for a
+    second P buffer (T5 beside 128-key tiles at D128 spills): the planner keeps the plain
+    schedule and its tile shape where the overlap twin spills, and takes the twin where not."""
     layer = (specialise(prog, name, 32, 8, d) if name == "t5_attn"
              else mask_prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16"))
     plain = plan_wgmma_attention(layer, compile_fn=resources, distance_table=False)
     twin = plan_wgmma_attention(layer, tiles=overlapped(plain.config), distance_table=False)
     kr = resources(twin)[twin.kernel_name]
-    assert kr.spill_stores > 0   # why: the forced overlap spills
     plan = plan_wgmma_attention(layer, compile_fn=resources, distance_table=False, overlap=True)
-    assert plan == plain and not plan.config.overlap
+    if kr.spill_stores > 0:
+        assert plan == plain and not plan.config.overlap
+    else:
+        assert plan == twin and plan.config.overlap
 
 
 def test_overlap_is_off_unless_asked_for(prog):
