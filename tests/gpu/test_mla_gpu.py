@@ -171,14 +171,15 @@ def close_to(got, want, tol):
     assert (got - want).abs().max() <= 8 * tol * want.abs().max()
 
 
+@pytest.mark.parametrize("prefill", ["sdpa", "kernel"])
 @pytest.mark.parametrize("q_lora_rank", [None, 96])
 @pytest.mark.parametrize("yarn", [True, False])
-def test_layer_matches_deepseek_v3_bf16_and_float64(q_lora_rank, yarn):
+def test_layer_matches_deepseek_v3_bf16_and_float64(q_lora_rank, yarn, prefill):
     cfg = tiny_config(q_lora_rank, yarn)
     x = torch.randn(3, 70, 256, generator=seeded_generator("mla_layer", q_lora_rank, yarn))
     hf, want_bf16 = hf_reference(cfg, x, torch.bfloat16, "cuda")
     _, want_f64 = hf_reference(cfg, x, torch.float64, "cpu")
-    ours = MLAAttention(MLAConfig.from_hf(cfg), dtype=torch.bfloat16, device="cuda")
+    ours = MLAAttention(MLAConfig.from_hf(cfg), dtype=torch.bfloat16, device="cuda", prefill=prefill)
     missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
     assert not missing and not unexpected
     close_to(ours(x.cuda().bfloat16()), want_f64, 2e-2)                  # prefill without a cache

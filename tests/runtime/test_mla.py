@@ -137,3 +137,13 @@ def test_a_missing_key_is_an_error_naming_it():
     del d["kv_lora_rank"]
     with pytest.raises(ConfigError, match="missing 'kv_lora_rank'"):
         MLAConfig.from_hf(d)
+
+
+def test_prefill_route_is_checked():
+    """The prefill's attention on CUDA: "sdpa" (the default: torch's cuDNN backend measured faster
+    on an H200) or "kernel" (our prefill kernel of MLA_PREFILL_SOURCE); anything else is an error."""
+    cfg = MLAConfig(hidden_size=64, num_heads=2, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                    qk_rope_head_dim=16, v_head_dim=16)
+    assert MLAAttention(cfg).prefill == "sdpa" and MLAAttention(cfg, prefill="kernel").prefill == "kernel"
+    with pytest.raises(ValueError, match="'sdpa' or 'kernel'"):
+        MLAAttention(cfg, prefill="flash")
