@@ -167,12 +167,13 @@ class WGMMAAttentionPlan(AttentionPlan):
     @property
     def tma(self) -> bool:
         """Whether full K/V tiles arrive by TMA (config.tma asked for it): 128-byte swizzled rows
-        without padding (head dims multiples of 64), boxes of min(PAGE, BN) >= 8 keys that a
-        page holds whole (PAGE and BN multiples of one another), at most 32 boxes a tile's K or V."""
+        (head dims multiples of 64, or rows padded to them: swizzle=128), boxes of min(PAGE, BN) >= 8
+        keys that a page holds whole (PAGE and BN multiples of one another), at most 32 boxes a
+        tile's K or V. The cache rows must be 16-byte multiples (head dims of 8s: always here)."""
         sw, hdp, hdvp = self.dims
         c = self.config
         box = min(self.page_size, c.keys)
-        return (c.tma and sw == 128 and hdp == int(self.spec.head_dim) and hdvp == int(self.spec.v_head_dim)
+        return (c.tma and sw == 128
                 and box >= 8 and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0)
                 and c.keys // box * max(hdp, hdvp) // 64 <= 32)
 

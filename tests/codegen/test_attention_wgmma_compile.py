@@ -78,9 +78,14 @@ def test_tma_tiles_compile_without_spills(prog, name, d, page):
 
 
 def test_tma_only_where_it_applies(prog):
-    """Rows padded or not 128 bytes (96: the 64-byte swizzle), pages under 8 keys: cp.async as before."""
+    """Rows not of the 128-byte swizzle (96 natively: 64-byte), pages under 8 keys: cp.async as
+    before; 96 padded to 128-byte rows takes whole 64-column boxes."""
     tiles = lambda d: WGTileConfig(bn=tile_candidates(d)[0].bn, stages=tile_candidates(d)[0].stages, tma=True)  # noqa: E731
     assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96), tiles=tiles(96)).tma
+    padded = plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96),
+                                  tiles=WGTileConfig(bn=128, stages=3, swizzle=128, tma=True))
+    assert padded.tma and "k_map" in padded.abi.signature
+    assert_spill_free(compile_main(padded)[0])
     assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=4).tma
     assert plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=8).tma
     assert "k_map" not in plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128)).abi.signature

@@ -66,3 +66,15 @@ def test_block_sparse_mask(prog):
     from ..codegen.test_mask_tiles import MASKS
     masks = lf.loads(MASKS, "masks.lf", with_stdlib=False)
     wgmma(masks, "prefix_lm", 8, 2, 128, 16, lens=[1000, 300], new=[1000, 300])
+
+
+@pytest.mark.parametrize("d", [80, 96, 160])
+def test_padded_rows_take_whole_boxes(prog, d):
+    """Head dims padded to 128-byte rows (swizzle=128) load whole 64-column boxes: the columns past a
+    head are the next head's (zeros past the last), read neither by S nor stored from O."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    c = tile_candidates(-(-d // 64) * 64)[0]
+    tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, swizzle=128, tma=True)}
+    attn = PagedAttention(prog.specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16"), page_size=16, tiles=tiles)
+    assert attn.tc_plan("prefill").tma
+    wgmma(prog, "llama_attn", 16, 4, d, 16, tiles=tiles, **LONG)
