@@ -166,21 +166,19 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     @property
     def tma(self) -> bool:
-        """Whether full K/V tiles arrive by TMA (config.tma asked for it): 128-byte swizzled rows
-        (head dims multiples of 64, or rows padded to them: swizzle=128), boxes of min(PAGE, BN) >= 8
-        keys that a page holds whole (PAGE and BN multiples of one another), at most 32 boxes a
-        tile's K or V. The cache rows must be 16-byte multiples (head dims of 8s: always here)."""
-        sw, hdp, hdvp = self.dims
+        """Whether full K/V tiles arrive by TMA (config.tma asked for it): boxes of min(PAGE, BN) >= 8
+        keys (whole swizzle atoms) x one column block of the tile's swizzle (64 / 32 / 16 columns;
+        rows padded to a wider swizzle take whole blocks), that a page holds whole (PAGE and BN
+        multiples of one another, so a warp's lanes cover the page runs evenly)."""
         c = self.config
         box = min(self.page_size, c.keys)
-        return (c.tma and sw == 128
-                and box >= 8 and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0)
-                and c.keys // box * max(hdp, hdvp) // 64 <= 32)
+        return (c.tma and box >= 8 and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0)
+                and 32 % (c.keys // box) == 0)
 
     @property
     def tma_box(self) -> tuple[int, int]:
-        """(rows, columns) of the K / V maps' box: min(PAGE, BN) keys x 64 columns."""
-        return min(self.page_size, self.config.keys), 64
+        """(rows, columns) of the K / V maps' box: min(PAGE, BN) keys x a column block (swizzle / 2)."""
+        return min(self.page_size, self.config.keys), self.dims[0] // 2
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -322,9 +320,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
         if spill_free(twin, compile_fn):
             plan = twin
-    if tma and tiles is None:
+    if tma and tiles is None:   # measured at the 128-byte swizzle; the 64 / 32-byte ones where asked for (tiles)
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
-        if twin.tma and spill_free(twin, compile_fn):
+        if twin.tma and twin.dims[0] == 128 and spill_free(twin, compile_fn):
             plan = twin
     return plan
 

@@ -537,6 +537,14 @@ class PagedAttention:
             out[rows] = o[0].to(out.dtype)
         return out
 
+    def _tma_box(self, mode: str, keys: int) -> tuple[int, int]:
+        """The wgmma prefill's K / V map box (keys, columns): its plan's; a pack's kernel (no plan)
+        was built with the default tiles, so the native swizzle of the head dims."""
+        if self.layer is not None:
+            return self.tc_plan(mode).tma_box
+        from ..codegen.attention_wgmma import native_swizzle
+        return min(self.page_size, keys), native_swizzle(self.d, self.dv) // 2
+
     def _launch_tc(self, dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, S,
                    max_pages, chunks, max_q_len, max_kv_len, num_splits, values):
         main, merge, main_args, merge_args, keys = self._load(dev, mode)
@@ -550,10 +558,9 @@ class PagedAttention:
         part_o, part_lse = self._workspace(dev, T, num_splits)
         if any(a.ref == "k_map" for a in main.abi.args):   # the wgmma prefill's TMA tiles: maps of the caches
             from .tma import tensor_map
-            box = (self.tc_plan(mode).tma_box if self.layer is not None else
-                   (min(self.page_size, keys), 64))
-            values.update(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box),
-                          v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box))
+            box = self._tma_box(mode, keys)
+            values.update(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box, 2 * box[1]),
+                          v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box, 2 * box[1]))
         values.update(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, cu_q=cu_q,
                       q_seq=q_seq, q_pos=q_pos, out=out, part_o=part_o, part_lse=part_lse, max_pages=max_pages,
                       num_pages=k_cache.shape[0], num_seqs=S, num_splits=num_splits, num_tokens=T)

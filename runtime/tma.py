@@ -54,10 +54,16 @@ class MapParams:
     oob_fill: str = "CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE"   # zeros
 
 
-def map_params(t: torch.Tensor, box: tuple[int, int]) -> MapParams:
+_SWIZZLES = {128: "CU_TENSOR_MAP_SWIZZLE_128B", 64: "CU_TENSOR_MAP_SWIZZLE_64B", 32: "CU_TENSOR_MAP_SWIZZLE_32B"}
+
+
+def map_params(t: torch.Tensor, box: tuple[int, int], swizzle: int = 128) -> MapParams:
     """The parameters of the map of a 2-D row-major tensor `t` [rows, cols] (bf16/f16, or e4m3,
-    unit column stride) and a box of (rows, one 128-byte row: 64 16-bit or 128 8-bit elements);
-    ValueError where TMA cannot take them."""
+    unit column stride) and a box of (rows, one swizzle row: 128 bytes by default, 64 16-bit or
+    128 8-bit elements; 64 or 32 bytes for the narrower swizzles the Hopper attention's head
+    dims take); ValueError where TMA cannot take them."""
+    if swizzle not in _SWIZZLES:
+        raise ValueError(f"the swizzle is 128, 64 or 32 bytes, got {swizzle}")
     if t.dim() != 2 or t.dtype not in _DTYPES:
         raise ValueError(f"a tensor map here is of a 2-D bf16/f16/e4m3 tensor, got {t.dtype} of shape {tuple(t.shape)}")
     rows, cols = t.shape
@@ -66,13 +72,13 @@ def map_params(t: torch.Tensor, box: tuple[int, int]) -> MapParams:
     if t.stride(1) != 1 or row_bytes % 16 or t.data_ptr() % 16:
         raise ValueError(f"TMA needs unit column stride, 16-byte aligned rows and base: strides {t.stride()}, "
                          f"address {t.data_ptr():#x}")
-    want = 128 // t.element_size()
+    want = swizzle // t.element_size()
     if box_cols != want or not 1 <= box_rows <= 256:
-        raise ValueError(f"the box is (1..256 rows, {want} columns) for the 128-byte swizzle, got {box}")
+        raise ValueError(f"the box is (1..256 rows, {want} columns) for the {swizzle}-byte swizzle, got {box}")
     if not (1 <= rows < 1 << 32 and 1 <= cols < 1 << 32 and row_bytes < 1 << 40):
         raise ValueError(f"TMA takes 1 to 2^32 - 1 rows and columns, got {tuple(t.shape)}")
     return MapParams(dtype=_DTYPES[t.dtype], address=t.data_ptr(), global_dim=(cols, rows),
-                     global_strides=(row_bytes,), box_dim=(box_cols, box_rows))
+                     global_strides=(row_bytes,), box_dim=(box_cols, box_rows), swizzle=_SWIZZLES[swizzle])
 
 
 def encode(p: MapParams) -> cu.CUtensorMap:
@@ -90,9 +96,10 @@ _maps: dict[MapParams, cu.CUtensorMap] = {}
 _lock = threading.Lock()
 
 
-def tensor_map(t: torch.Tensor, box: tuple[int, int]) -> cu.CUtensorMap:
-    """The map of `t` for boxes of `box` = (rows, 64) elements, cached by its parameters."""
-    p = map_params(t, box)
+def tensor_map(t: torch.Tensor, box: tuple[int, int], swizzle: int = 128) -> cu.CUtensorMap:
+    """The map of `t` for boxes of `box` = (rows, 64) elements (16-bit; a narrower swizzle:
+    swizzle / 2), cached by its parameters."""
+    p = map_params(t, box, swizzle)
     m = _maps.get(p)
     if m is None:
         m = encode(p)

@@ -78,10 +78,10 @@ def test_tma_tiles_compile_without_spills(prog, name, d, page):
 
 
 def test_tma_only_where_it_applies(prog):
-    """Rows not of the 128-byte swizzle (96 natively: 64-byte), pages under 8 keys: cp.async as
-    before; 96 padded to 128-byte rows takes whole 64-column boxes."""
+    """Pages under 8 keys: cp.async as before; 96 natively (64-byte swizzle) takes boxes of 32
+    columns, padded to 128-byte rows whole 64-column boxes."""
     tiles = lambda d: WGTileConfig(bn=tile_candidates(d)[0].bn, stages=tile_candidates(d)[0].stages, tma=True)  # noqa: E731
-    assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96), tiles=tiles(96)).tma
+    assert plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96), tiles=tiles(96)).tma_box == (16, 32)
     padded = plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 96),
                                   tiles=WGTileConfig(bn=128, stages=3, swizzle=128, tma=True))
     assert padded.tma and "k_map" in padded.abi.signature
@@ -89,6 +89,19 @@ def test_tma_only_where_it_applies(prog):
     assert not plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=4).tma
     assert plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128), tiles=tiles(128), page_size=8).tma
     assert "k_map" not in plan_wgmma_attention(specialise(prog, "llama_attn", 8, 8, 128)).abi.signature
+
+
+@pytest.mark.parametrize("d,page", [(80, 16), (96, 16), (160, 64), (96, 256)])
+def test_tma_at_the_narrow_swizzles_compiles(prog, d, page):
+    """TMA boxes of 16 / 32 columns (the 32- and 64-byte swizzles), asked for by tiles: spill-free;
+    the planner's default keeps cp.async there until it is measured."""
+    c = tile_candidates(d)[0]
+    layer = specialise(prog, "gemma2_attn", 32, 8, d)
+    plan = plan_wgmma_attention(layer, page_size=page, tiles=WGTileConfig(bn=c.bn, stages=c.stages, tma=True,
+                                                                          overlap=True))
+    assert plan.tma and plan.tma_box == (min(page, c.bn), plan.dims[0] // 2) and plan.dims[0] < 128
+    assert_spill_free(compile_main(plan)[0])
+    assert not plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True).tma
 
 
 NEW_DIMS = [(80, 80), (96, 96), (160, 160), (192, 192), (192, 128), (128, 64), (96, 64)]

@@ -78,3 +78,15 @@ def test_padded_rows_take_whole_boxes(prog, d):
     attn = PagedAttention(prog.specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16"), page_size=16, tiles=tiles)
     assert attn.tc_plan("prefill").tma
     wgmma(prog, "llama_attn", 16, 4, d, 16, tiles=tiles, **LONG)
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("d", [80, 96, 160])
+def test_narrow_swizzles(prog, d, page):
+    """Head dims in the 32- / 64-byte swizzles take boxes of 16 / 32 columns (asked for by tiles)."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    c = tile_candidates(d)[0]
+    tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, tma=True)}
+    assert PagedAttention(prog.specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16"), page_size=page,
+                          tiles=tiles).tc_plan("prefill").tma
+    wgmma(prog, "gemma2_attn", 16, 4, d, page, tiles=tiles, window=200, **LONG)

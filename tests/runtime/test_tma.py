@@ -59,3 +59,16 @@ def test_encoded_maps_are_cached_by_their_parameters():
     assert len(first.opaque) == 16                                      # 128 opaque bytes
     # the map goes to the kernel by value (the driver copies its 128 bytes into the parameter
     # space, which the kernel declares 64-byte aligned): the host object's address is not used
+
+
+def test_narrow_swizzles_take_boxes_of_their_rows():
+    """The Hopper attention's caches at head dims of 32s / 16s (96, 80 ...): 64- and 32-byte swizzles,
+    a box row of 32 / 16 16-bit columns; the pages x heads view of a cache."""
+    cache = torch.empty(10, 16, 4, 96, dtype=torch.bfloat16)
+    p = map_params(cache.view(-1, 4 * 96), (16, 32), 64)
+    assert p.swizzle == "CU_TENSOR_MAP_SWIZZLE_64B" and p.box_dim == (32, 16) and p.global_dim == (384, 160)
+    assert map_params(cache.view(-1, 4 * 96), (16, 16), 32).swizzle == "CU_TENSOR_MAP_SWIZZLE_32B"
+    with pytest.raises(ValueError, match="32 columns\\) for the 64-byte swizzle"):
+        map_params(cache.view(-1, 4 * 96), (16, 64), 64)
+    with pytest.raises(ValueError, match="128, 64 or 32"):
+        map_params(cache.view(-1, 4 * 96), (16, 8), 16)
