@@ -66,7 +66,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     "$PY" -m benchmarks.bench_gemv --quant --sweep --only 8B 2>&1 | tee "$OUT_DIR/bench_gemv_quant_sweep.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # attention at head dims 80-192 (padded tensor-core kernels) beside SDPA
-    "$PY" -m benchmarks.bench_head_dims 2>&1 | tee "$OUT_DIR/bench_head_dims.txt"
+    "$PY" -m benchmarks.bench_head_dims --mla 2>&1 | tee "$OUT_DIR/bench_head_dims.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # prefill-sized products: the Hopper GEMM beside cuBLAS (sm_90 only)
     if "$PY" -c "import torch, sys; sys.exit(torch.cuda.get_device_capability() != (9, 0))"; then
