@@ -14,23 +14,13 @@ from layerforge.codegen.attention_wgmma import WGTileConfig, native_swizzle, til
 from layerforge.runtime.attention import PagedAttention
 from layerforge.runtime.mla import MLA_PREFILL_SOURCE
 
-from ..codegen.test_attention_tc_dims import VALUE_DIM_BLOCKS
+from .test_attention_dims import mla, prog  # noqa: F401 - the stdlib and the value-dim blocks (module fixtures)
 from .test_paged_attention import run_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                 reason="the wgmma prefill kernel runs on sm_90 GPUs (H100, H200) only")
 LONG = dict(lens=[700, 1, 333, 900], new=[700, 1, 333, 77])   # whole prompts, a length-1 one, a chunk
 DIMS = [80, 96, 160, 192]
-
-
-@pytest.fixture(scope="module")
-def prog():
-    return lf.stdlib()
-
-
-@pytest.fixture(scope="module")
-def mla():
-    return lf.loads(VALUE_DIM_BLOCKS, "mla.lf")
 
 
 @pytest.fixture(autouse=True, params=["plain", "overlap"])
