@@ -1,6 +1,7 @@
 """Attention at head dims without a 64/128/256 specialisation (Phi-3 and GPT-NeoX-20B's 96, 80,
 160, 192) and DeepSeek's MLA prefill (q/k 192, values 128, 128 heads), on the mma.sync kernels
-(padded rows) and the Hopper wgmma kernel (its native swizzle, and 128-byte rows padded: "w128"),
+(padded rows) and the Hopper wgmma kernel (its native swizzle, and 128-byte rows padded: "w128"; each with TMA tiles, "t", where the
+planner does not take them),
 beside SDPA's flash and cuDNN backends and FlexAttention (prefill) and SDPA on contiguous K/V
 (decode), with D128 on the same kernels as the yardstick, one run.
 
@@ -43,9 +44,12 @@ def _prefill_rows(prog, name, batch, seq, hq, d, dv=None, consts=None, tiles=Fal
         cands = tile_candidates(d, dv or d)
         if tiles:
             runs += [("wgmma", c) for c in cands]
-        if native_swizzle(d, dv or d) != 128:   # the tile shape of the padded rows' dims
-            c = tile_candidates(-(-d // 64) * 64, -(-(dv or d) // 64) * 64)[0]
+        if native_swizzle(d, dv or d) != 128:   # TMA at the narrow swizzle (asked for); padded rows with and without
+            c0 = cands[0]
+            runs.append(("wgmma", WGTileConfig(bn=c0.bn, stages=c0.stages, overlap=True, tma=True)))
+            c = tile_candidates(-(-d // 64) * 64, -(-(dv or d) // 64) * 64)[0]   # the tile shape of the padded dims
             runs.append(("wgmma", WGTileConfig(bn=c.bn, stages=c.stages, swizzle=128)))
+            runs.append(("wgmma", WGTileConfig(bn=c.bn, stages=c.stages, swizzle=128, overlap=True, tma=True)))
     peers = None
     for kernel, t in runs:
         try:
