@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +45,7 @@ from .attention import AttentionPlan, check_attention_layer, check_specialisable
 from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
-from .plan import CompileFn, layer_key, spill_free
+from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
@@ -291,14 +290,14 @@ def overlap_default() -> bool:
     without spills: the default, measured 3-7 % faster on the H200 at every benchmarked shape
     (benchmarks/NOTES.md); LAYERFORGE_WGMMA_OVERLAP=0 turns it off. Read by the runtime's plans
     and the pack build alike, so a pack holds the kernel that runs."""
-    return os.environ.get("LAYERFORGE_WGMMA_OVERLAP", "1") != "0"
+    return env_switch("LAYERFORGE_WGMMA_OVERLAP", True)
 
 
 def tma_default() -> bool:
     """Whether the wgmma prefill loads full K/V tiles by TMA where it can (WGMMAAttentionPlan.tma):
     the default, measured 6-12 % faster on an H200 at every benchmarked shape (benchmarks/NOTES.md);
     LAYERFORGE_WGMMA_TMA=0 turns it off. Read by the runtime's plans and the pack build alike."""
-    return os.environ.get("LAYERFORGE_WGMMA_TMA", "1") != "0"
+    return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,

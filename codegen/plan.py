@@ -15,6 +15,7 @@ interface alone. Tile searches take a `CompileFn` (codegen never imports the run
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Protocol
@@ -182,3 +183,18 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr, split=split)
     plan.lowered()  # fail early, with the reason
     return plan
+
+
+_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: unset or empty gives `default`; 1/0, true/false, yes/no,
+    on/off (any case) set it; anything else is an error naming the variable, so a misspelt value
+    never silently keeps the default."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in _SWITCH_VALUES:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+    return _SWITCH_VALUES[value]

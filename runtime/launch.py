@@ -58,8 +58,8 @@ def pdl_enabled() -> bool:
     (LAYERFORGE_PDL=1). Off by default: measured on an H200 (benchmarks/NOTES.md), a batch-1
     decode step of the 8-layer Llama-3-8B shape took 1.296 ms of graph replay with it against
     1.264 without, batch 8 1.462 against 1.418."""
-    import os
-    return os.environ.get("LAYERFORGE_PDL", "0") == "1"
+    from ..codegen.plan import env_switch
+    return env_switch("LAYERFORGE_PDL", False)
 
 
 class Launcher:

@@ -186,3 +186,22 @@ def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     forced = PagedAttention(layer, page_size=16, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=4)})
     assert forced.tc_plan("prefill").config.label == "n64s4"
     assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="tc").tc_plan("prefill").arch == "sm_90"
+
+
+def test_switches_refuse_misspelt_values(monkeypatch):
+    """LAYERFORGE_WGMMA_OVERLAP / _TMA (and LAYERFORGE_PDL) read 1/0, true/false, yes/no, on/off; unset or
+    empty is the default; anything else is an error naming the variable, not a silent default."""
+    from layerforge.codegen.attention_wgmma import overlap_default, tma_default
+    from layerforge.runtime.launch import pdl_enabled
+    for name, fn, default in (("LAYERFORGE_WGMMA_OVERLAP", overlap_default, True),
+                              ("LAYERFORGE_WGMMA_TMA", tma_default, True), ("LAYERFORGE_PDL", pdl_enabled, False)):
+        monkeypatch.delenv(name, raising=False)
+        assert fn() is default
+        monkeypatch.setenv(name, "")
+        assert fn() is default
+        for value, want in (("0", False), ("1", True), ("Off", False), ("TRUE", True)):
+            monkeypatch.setenv(name, value)
+            assert fn() is want
+        monkeypatch.setenv(name, "of")
+        with pytest.raises(ValueError, match=f"{name}='of'"):
+            fn()
