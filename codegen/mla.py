@@ -2,13 +2,16 @@
 
     plan = plan_mla_decode(num_heads=128, latent_dim=512, rope_dim=64, page_size=64,
                            dtype="bf16", arch="sm_90")
-    plan.key -> 'mla_decode_h128_l512_r64_p64_bf16_n64_sm90'   (n64: 64-key tiles)
+    plan.key -> 'mla_decode_h128_l512_r64_p64_bf16_n64_wg_sm90a'   (n64: 64-key tiles; wg: the Hopper kernel)
     plan = plan_mla_append(latent_dim=512, rope_dim=64, page_size=64, dtype="bf16",
                            rope=RopeSpec(10000.0, "gptj", 64, yarn), arch="sm_90")
 
 A latent cache row is a token's [latent (L) | rotated RoPE key (R)]. Decode in the absorbed
 form is multi-query attention of every query head over those rows (K: the whole row, V: its
-latent), templates/cuda/mla_decode.cu.jinja; split-KV parts are merged by the attention
+latent): on sm_90 the Hopper kernel (templates/cuda/mla_decode_wgmma.cu.jinja: wgmma with Q and
+K from shared memory, a producer warpgroup feeding TMA / cp.async stages) where the latent
+splits into two halves of whole 64-column blocks, else mma.sync (templates/cuda/mla_decode.cu.jinja,
+`kernel="mma"`, every arch from sm_80); split-KV parts are merged by the attention
 family's merge kernel (attention_merge.cuh.jinja) with a row of L channels. The append writes
 rows into pages, rotating the RoPE key (templates/cuda/mla_append.cu.jinja).
 """
@@ -22,7 +25,7 @@ from ..dsl.ir import RopeSpec
 from ..dsl.numerics import RopeScaling, as_rope_scaling, rope_scaling_key
 from ..dsl.types import DType
 from . import ops
-from .abi import Arg, KernelABI, SharedLayout
+from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .attention import merge_abi
 from .plan import KernelPlan
 from .render import read_template, render
@@ -30,10 +33,14 @@ from .row import LoweringError
 from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
-           "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "wgmma_decode_layout", "wgmma_serves", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
+WGMMA_THREADS = 384           # the Hopper kernel: a producer and two consumer warpgroups
+WGMMA_STAGES = 2              # key tiles in flight (Q and two 64-key stages of 576 channels: 216 KB)
+WGMMA_REGS = (40, 232)        # setmaxnreg: producer, consumers (O's half alone is 128 a thread)
+TMA_MIN_PAGE = 16             # TMA boxes are page runs of at least this many keys; smaller pages: cp.async
 APPEND_TOKENS_PER_BLOCK = 8   # one warp a token
 # dynamic shared memory a block may opt into, by compute capability (others: 99 KB)
 SMEM_LIMIT = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
@@ -62,6 +69,7 @@ class MLADecodePlan(KernelPlan):
     dtype: str = "bf16"
     keys: int = 32            # keys per tile (BN): 32 or 64 (plan_mla_decode picks 64 where shared memory allows)
     arch: str = "sm_90"
+    kernel: str = "mma"       # "mma" (mma.sync, sm_80+) or "wgmma" (sm_90a; 64-key tiles)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -74,15 +82,24 @@ class MLADecodePlan(KernelPlan):
                                 f"(a thread holds latent / 4 accumulators)")
         if self.keys not in (32, 64):
             raise ValueError(f"mla decode: keys per tile must be 32 or 64, got {self.keys!r}")
+        if self.kernel not in ("mma", "wgmma"):
+            raise ValueError(f"mla decode: kernel must be 'mma' or 'wgmma', got {self.kernel!r}")
+        if self.kernel == "wgmma":
+            if self.arch != "sm_90a":
+                raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
+            if self.latent_dim % 128 or self.keys != 64:
+                raise LoweringError(f"mla decode: the wgmma kernel takes 64-key tiles and a latent of whole 128-channel "
+                                    f"pairs of column blocks (its two consumers' halves), not keys {self.keys}, "
+                                    f"latent {self.latent_dim}")
         limit = smem_limit(self.arch)
-        if self.shared_layout.bytes > limit:
+        if self.shared_bytes > limit:
             raise LoweringError(f"mla decode: {self.keys}-key tiles with 64 heads of {dk} channels take "
-                                f"{self.shared_layout.bytes} bytes of shared memory; {self.arch} allows {limit}")
+                                f"{self.shared_bytes} bytes of shared memory; {self.arch} allows {limit}")
 
     @property
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
-                f"_n{self.keys}_{self.arch.replace('_', '')}")
+                f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}_{self.arch.replace('_', '')}")
 
     @property
     def merge_name(self) -> str:
@@ -93,8 +110,20 @@ class MLADecodePlan(KernelPlan):
         return self.latent_dim + self.rope_dim
 
     @property
+    def tma(self) -> bool:
+        """Full key tiles by TMA (the wgmma kernel, pages of at least TMA_MIN_PAGE keys)."""
+        return self.kernel == "wgmma" and self.page_size >= TMA_MIN_PAGE
+
+    @property
     def shared_layout(self) -> SharedLayout:
+        if self.kernel == "wgmma":
+            return wgmma_decode_layout(self.row_dim, self.keys)
         return decode_layout(self.row_dim, self.keys)
+
+    @property
+    def shared_bytes(self) -> int:
+        # the wgmma kernel aligns its base up to 1024 bytes (the swizzle reads address bits 7-9)
+        return self.shared_layout.bytes + (1024 if self.kernel == "wgmma" else 0)
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -102,7 +131,7 @@ class MLADecodePlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
-                "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys}
+                "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -116,16 +145,28 @@ def _decode_kernels(plan: MLADecodePlan) -> tuple[KernelABI, ...]:
             Arg("q_seq", "const int* __restrict__", "input"), Arg("out", f"{t}* __restrict__", "output"),
             Arg("part_o", "float* __restrict__", "workspace"), Arg("part_lse", "float* __restrict__", "workspace"),
             Arg("scale", "float", "scalar"),
-            *(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits")))
+            *(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits")),
+            *((Arg("kv_map", TENSOR_MAP_CTYPE, "tmap", "kv_map"),) if plan.tma else ()))
+    threads = WGMMA_THREADS if plan.kernel == "wgmma" else DECODE_THREADS
     main = KernelABI(name=plan.kernel_name, args=args,
                      grid=("tokens", f"cdiv({plan.num_heads}, {HEADS_PER_CTA})", "num_splits"),
-                     block=(DECODE_THREADS,), shared_bytes=plan.shared_layout.bytes, problem=("tokens", "num_splits"))
+                     block=(threads,), shared_bytes=plan.shared_bytes, problem=("tokens", "num_splits"))
     return main, merge_abi(plan.merge_name, DType[plan.dtype], plan.num_heads, plan.latent_dim)
 
 
 @functools.lru_cache(maxsize=64)
 def _decode_source(plan: MLADecodePlan) -> str:
     main, merge = plan.kernels
+    if plan.kernel == "wgmma":
+        return render("cuda/mla_decode_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
+                      plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
+                      MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
+                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, BOXR=min(plan.page_size, plan.keys),
+                      PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
+                      wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
+                                 {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
+                                 {"n": plan.latent_dim // 2, "a": "sst", "t": plan.dtype}],
+                      signature=main.signature, merge_signature=merge.signature, smem=plan.shared_layout.offsets)
     return render("cuda/mla_decode.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                   MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
@@ -198,19 +239,42 @@ def decode_layout(row_dim: int, keys: int) -> SharedLayout:
                          ("sP", 2 * HEADS_PER_CTA * keys), ("sPg", 4 * 3 * keys), ("sRed", 4 * 2 * HEADS_PER_CTA)))
 
 
+def wgmma_decode_layout(row_dim: int, keys: int) -> SharedLayout:
+    """The wgmma kernel's shared memory, 1024-byte aligned buffers: Q (64 heads), the key stages,
+    P (64 x keys), then one small buffer: the tile's factors and the row sums (64 floats each),
+    two tiles' page entries and the full / empty mbarriers."""
+    aux = 4 * HEADS_PER_CTA * 2 + 4 * 2 * keys + 8 * 2 * WGMMA_STAGES
+    return SharedLayout((("sQ", 2 * HEADS_PER_CTA * row_dim), ("sKV", 2 * WGMMA_STAGES * keys * row_dim),
+                         ("sP", 2 * HEADS_PER_CTA * keys), ("sAux", aux)), align=1024)
+
+
+def wgmma_serves(latent_dim: int, rope_dim: int, arch: str) -> bool:
+    """Whether the Hopper kernel takes these dims on this arch (sm_90: latent halves of whole
+    64-column blocks, at most 256 a half, and Q with two stages within shared memory)."""
+    if ops.arch_number(arch) != 90 or latent_dim % 128 or latent_dim > 512 or (latent_dim + rope_dim) % 64:
+        return False
+    return wgmma_decode_layout(latent_dim + rope_dim, 64).bytes + 1024 <= smem_limit(arch)
+
+
 def smem_limit(arch: str) -> int:
     return SMEM_LIMIT.get(int(arch.removeprefix("sm_").rstrip("af")), 101376)
 
 
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
-                    dtype: str = "bf16", arch: str, keys: int | None = None) -> MLADecodePlan:
-    """The decode plan. Keys per tile default to 64 where shared memory holds Q and two such tiles
-    (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys, not 16: 17 %
-    less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB)."""
+                    dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None) -> MLADecodePlan:
+    """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
+    sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
+    two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
+    not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB)."""
+    if kernel is None:
+        kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
+    if kernel == "wgmma":
+        keys = 64 if keys is None else keys
+        arch = "sm_90a" if ops.arch_number(arch) == 90 else arch
     if keys is None:
         keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
-                         dtype=dtype, keys=keys, arch=arch)
+                         dtype=dtype, keys=keys, arch=arch, kernel=kernel)
     plan.source()
     return plan
 

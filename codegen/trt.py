@@ -508,7 +508,11 @@ def _lora_expand_spec(plan) -> PluginSpec:
 def _mla_decode_spec(plan) -> PluginSpec:
     """q [T, H, L + R] over the paged latent cache [P, page, L + R] -> out [T, H, L], each token
     the last of its sequence (runtime/mla_decode.py) with num_splits = 1: the split parts and the
-    merge kernel are not used (null), the scale an attribute."""
+    merge kernel are not used (null), the scale an attribute. The wgmma kernel reads full key tiles
+    through a TMA tensor map of the cache (encoded on the host): no plugin; the mma.sync plan is."""
+    if plan.tma:
+        raise NotAPlugin("the wgmma MLA decode reads the cache through a TMA tensor map, which runtime/tma.py "
+                         "encodes on the host from its address; the plugins pass pointers (plan kernel='mma')")
     row, h, t = str(plan.latent_dim + plan.rope_dim), str(plan.num_heads), plan.dtype
     inputs = (TensorSpec("q", t, ("T", h, row)), TensorSpec("cache", t, ("P", str(plan.page_size), row)),
               TensorSpec("page_table", "i32", ("S", "MP")), TensorSpec("seq_lens", "i32", ("S",)),

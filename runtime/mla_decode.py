@@ -7,8 +7,9 @@ q [T, H, L + R]: token t's query heads, each [W_uk^T q_nope (L) | rotated q_rope
 [num_pages, page_size, L + R] (runtime/mla_cache.py); q_seq[t] the page-table row whose first
 seq_lens[q_seq[t]] rows token t attends to (all of them: a decode token is its sequence's last).
 Returns out [T, H, L], softmax(scale * q . rows) @ rows[:, :L]; the caller applies W_uv and
-o_proj. CUDA tensors run the tensor-core kernel (codegen/mla.py; sm_80 and newer, split-KV with
-the merge kernel); CPU tensors run `mla_decode_reference` in float64. Everything is checked
+o_proj. CUDA tensors run the tensor-core kernel (codegen/mla.py: on sm_90 the wgmma kernel, full key
+tiles by TMA; mma.sync on sm_80 and newer or with kernel="mma"; split-KV with the merge kernel);
+CPU tensors run `mla_decode_reference` in float64. Everything is checked
 before the launch; the split-KV workspace comes from torch's allocator.
 """
 from __future__ import annotations
@@ -55,10 +56,10 @@ def mla_decode_reference(q, cache, page_table, seq_lens, q_seq, *, scale: float,
 class MLADecode:
     def __init__(self, *, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                  dtype: torch.dtype = torch.bfloat16, arch: str | None = None, keys: int | None = None,
-                 kernel_cache=None):
+                 kernel: str | None = None, kernel_cache=None):
         self.num_heads, self.latent_dim, self.rope_dim = int(num_heads), int(latent_dim), int(rope_dim)
         self.row_dim = self.latent_dim + self.rope_dim
-        self.page_size, self.dtype, self.arch, self.keys = int(page_size), dtype, arch, keys
+        self.page_size, self.dtype, self.arch, self.keys, self.kernel = int(page_size), dtype, arch, keys, kernel
         self._kernel_cache = kernel_cache
         self._plan: MLADecodePlan | None = None
         self._kernels: dict[int, tuple] = {}
@@ -71,7 +72,7 @@ class MLADecode:
             from .launch import device_arch
             self._plan = plan_mla_decode(num_heads=self.num_heads, latent_dim=self.latent_dim, rope_dim=self.rope_dim,
                                          page_size=self.page_size, dtype=_DTYPES[self.dtype],
-                                         arch=self.arch or device_arch(), keys=self.keys)
+                                         arch=self.arch or device_arch(), keys=self.keys, kernel=self.kernel)
         return self._plan
 
     def _load(self, dev: torch.device):
@@ -154,6 +155,9 @@ class MLADecode:
         values = dict(q=q, cache=cache, page_table=page_table, seq_lens=seq_lens, q_seq=q_seq, out=out,
                       part_o=part_o, part_lse=part_lse, scale=float(scale), max_pages=max_pages,
                       num_pages=cache.shape[0], num_seqs=S, num_splits=num_splits)
+        if self.plan.tma:   # full key tiles by TMA: boxes of a page run (at most a tile) x 64 channels
+            from .tma import tensor_map
+            values["kv_map"] = tensor_map(cache.view(-1, self.row_dim), (min(self.page_size, self.plan.keys), 64))
         main((T, num_splits), main_args(values))
         if num_splits > 1:
             merge((T,), merge_args(values))

@@ -15,20 +15,26 @@ YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings":
 
 
 def compile_clean(plan, arch):
-    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    assert plan.arch.removesuffix("a") == arch
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
     assert set(res.resources) == {k.name for k in plan.kernels}
     for kr in res.resources.values():
         assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
     return res
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch,kernel", [("sm_80", None), ("sm_90", None), ("sm_90", "mma")])
 @pytest.mark.parametrize("heads,latent,rope,page", [(128, 512, 64, 64), (16, 512, 64, 16), (4, 256, 64, 64),
-                                                    (100, 512, 64, 1)])
-def test_decode_compiles_without_spills(heads, latent, rope, page, arch):
-    plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, arch=arch)
+                                                    (100, 512, 64, 1), (128, 512, 64, 32)])
+def test_decode_compiles_without_spills(heads, latent, rope, page, arch, kernel):
+    plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, arch=arch, kernel=kernel)
+    # sm_90's default is the Hopper kernel (built for sm_90a), full tiles by TMA from pages of 16 keys up
+    assert plan.kernel == ("wgmma" if arch == "sm_90" and kernel is None else "mma")
+    assert plan.tma == (plan.kernel == "wgmma" and page >= 16)
+    assert any(a.role == "tmap" for a in plan.abi.args) == plan.tma
     compile_clean(plan, arch)
     assert plan.abi.shared_bytes <= SMEM_LIMIT[arch]
+    assert plan.abi.block == ((384 if plan.kernel == "wgmma" else 256), 1, 1)
     assert plan.kernels[1].block == (latent, 1, 1)   # the merge: a thread per latent channel
 
 
@@ -37,6 +43,7 @@ def test_key_tiles_follow_the_arch_shared_memory():
     big = plan_mla_decode(num_heads=128, arch="sm_90")
     assert big.keys == 64 and SMEM_LIMIT["sm_80"] < big.abi.shared_bytes <= SMEM_LIMIT["sm_90"]
     assert plan_mla_decode(num_heads=128, arch="sm_80").keys == 32
+    assert plan_mla_decode(num_heads=128, arch="sm_90", keys=32).kernel == "mma"   # 32-key tiles: mma.sync
     compile_clean(plan_mla_decode(num_heads=128, arch="sm_90", keys=32), "sm_90")
     with pytest.raises(LoweringError, match="shared memory"):
         plan_mla_decode(num_heads=128, arch="sm_89")      # 99 KB: Q alone takes 72 KB
@@ -59,7 +66,27 @@ def test_decode_grid_covers_heads_in_blocks_of_64():
     plan = plan_mla_decode(num_heads=100, arch="sm_90")
     assert plan.abi.grid_for(7, 3) == (7, 2, 3)
     assert plan.kernels[1].grid_for(7) == (700, 1, 1)
-    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_sm90"
+    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_wg_sm90a"
+    assert plan_mla_decode(num_heads=100, arch="sm_90", kernel="mma").key == "mla_decode_h100_l512_r64_p64_bf16_n64_sm90"
+
+
+def test_wgmma_decode_takes_latents_of_whole_column_block_pairs():
+    """Latents of 128k channels up to 512 get the Hopper kernel; others (and other arches) mma.sync;
+    asking for it where it cannot serve is a clear error."""
+    assert plan_mla_decode(num_heads=16, latent_dim=384, arch="sm_90").kernel == "wgmma"
+    assert plan_mla_decode(num_heads=16, latent_dim=160, rope_dim=32, arch="sm_90").kernel == "mma"
+    with pytest.raises(LoweringError, match="128-channel"):
+        plan_mla_decode(num_heads=16, latent_dim=160, rope_dim=32, arch="sm_90", kernel="wgmma")
+    with pytest.raises(LoweringError, match="sm_90a"):
+        MLADecodePlan(num_heads=16, keys=64, arch="sm_80", kernel="wgmma")
+
+
+def test_wgmma_decode_shared_memory_fits_with_its_alignment():
+    plan = plan_mla_decode(num_heads=128, arch="sm_90")
+    off = plan.shared_layout.offsets
+    assert all(v % 1024 == 0 for v in off.values())                 # swizzled tiles on 1024-byte boundaries
+    assert plan.abi.shared_bytes == plan.shared_layout.bytes + 1024 <= SMEM_LIMIT["sm_90"]
+    assert off["sKV"] - off["sQ"] == 64 * 576 * 2 and off["sP"] - off["sKV"] == 2 * 64 * 576 * 2
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -36,8 +36,8 @@ def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
     return cache.cuda(), table.cuda()
 
 
-def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None):
-    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys)
+def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None, kernel=None):
+    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel)
     dk = latent + rope
     cache, table = build_cache(lens, page, dk, gen)
     T = len(lens) + 1
@@ -46,7 +46,9 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     q = torch.randn(T, heads, dk, generator=gen).to(torch.bfloat16).cuda()
     seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
     q_seq = q_seq.cuda()
-    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys)
+    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel)
+    if kernel is not None:
+        assert dec.plan.kernel == kernel
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -60,30 +62,53 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
 LENS = [1, 37, 64, 200, 513, 1]   # one token, partial last pages, a whole page, several pages
 
 
-@pytest.mark.parametrize("keys", [None, 32])   # None: the arch's default (64 on sm_90)
+# None: the arch's default (sm_90: the wgmma kernel, TMA tiles from pages of 16 keys up); then mma.sync with
+# 64- and 32-key tiles
+VARIANTS = [(None, None), (64, "mma"), (32, None)]
+
+
+@pytest.mark.parametrize("keys,kernel", VARIANTS)
 @pytest.mark.parametrize("num_splits", [1, 3, 8, None])
-@pytest.mark.parametrize("page", [64, 16])
-def test_decode_deepseek_shape(page, num_splits, keys):
-    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys)
+@pytest.mark.parametrize("page", [64, 16, 32])
+def test_decode_deepseek_shape(page, num_splits, keys, kernel):
+    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys, kernel)
 
 
+@pytest.mark.parametrize("kernel", [None, "mma"])
 @pytest.mark.parametrize("heads", [16, 100, 4])
-def test_decode_head_counts(heads):
-    run_decode(heads, 512, 64, 64, LENS, None, 192 ** -0.5, "heads")
+def test_decode_head_counts(heads, kernel):
+    run_decode(heads, 512, 64, 64, LENS, None, 192 ** -0.5, "heads", kernel=kernel)
 
 
-def test_decode_smaller_latent_and_page_of_one():
-    run_decode(32, 256, 64, 1, [1, 5, 70], 2, 0.1, "small")
+@pytest.mark.parametrize("kernel", [None, "mma"])
+@pytest.mark.parametrize("page", [1, 8])   # pages under TMA's: every tile by cp.async
+def test_decode_smaller_latent_and_small_pages(page, kernel):
+    run_decode(32, 256, 64, page, [1, 5, 70, 200], 2, 0.1, "small", kernel=kernel)
 
 
-@pytest.mark.parametrize("keys", [None, 32])
-def test_decode_peaked_scores_rescale_exactly(keys):
+@pytest.mark.parametrize("keys,kernel", VARIANTS)
+def test_decode_peaked_scores_rescale_exactly(keys, kernel):
     """Large scores: the running maximum moves many times along a long sequence (lazy rescaling)."""
-    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys)
+    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys, kernel)
 
 
-def test_decode_more_splits_than_tiles_and_an_empty_sequence():
-    got, _ = run_decode(64, 512, 64, 64, [0, 40, 1], 16, 0.05, "empty")
+def test_decode_f16_on_the_default_kernel():
+    heads, lens, page = 64, [300, 65], 64
+    gen = seeded_generator("mla_decode_f16", heads, tuple(lens))
+    cache, table = build_cache(lens, page, 576, gen, dtype=torch.float16)
+    q = torch.randn(3, heads, 576, generator=gen).half().cuda()
+    seq_lens, q_seq = torch.tensor(lens, dtype=torch.int32).cuda(), torch.tensor([0, 1, 0], dtype=torch.int32).cuda()
+    out = torch.full((3, heads, 512), float("nan"), dtype=torch.float16, device="cuda")
+    MLADecode(num_heads=heads, page_size=page, dtype=torch.float16)(q, cache, table, seq_lens, q_seq, scale=0.05,
+                                                                     max_kv_len=300, out=out)
+    want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=0.05, latent_dim=512)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu().double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kernel", [None, "mma"])
+def test_decode_more_splits_than_tiles_and_an_empty_sequence(kernel):
+    got, _ = run_decode(64, 512, 64, 64, [0, 40, 1], 16, 0.05, "empty", kernel=kernel)
     # the empty sequence's tokens are zeros, the others' not
     assert got.abs().sum() > 0
 

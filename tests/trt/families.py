@@ -271,7 +271,7 @@ def _lora() -> list[Case]:
 def _mla() -> list[Case]:
     """runtime/mla_decode.py (num_splits = 1: no parts, no merge) and runtime/mla_cache.py
     _write_cuda, their launch lines restated."""
-    plan = plan_mla_decode(num_heads=16, arch=ARCH)
+    plan = plan_mla_decode(num_heads=16, arch=ARCH, kernel="mma")   # sm_90's default reads a TMA map: no plugin
     T, S, MP, P, row = 5, 3, 4, 20, plan.latent_dim + plan.rope_dim
     q, cache, page_table, seq_lens, q_seq = meta(T, 16, row), meta(P, plan.page_size, row), \
         meta(S, MP, dtype=torch.int32), meta(S, dtype=torch.int32), meta(T, dtype=torch.int32)
