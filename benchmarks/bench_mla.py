@@ -30,7 +30,7 @@ def absorbed_torch(q, kv, scale):
     return torch.matmul(torch.softmax(s, dim=-1).to(kv.dtype), kv[..., :L])
 
 
-def case(batch, ctx, heads, page, compiled, keys=None, kernel=None):
+def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
     scale = 192 ** -0.5
     per = -(-ctx // page)
     cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
@@ -39,7 +39,8 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None):
     q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
-    dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel)
+    dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel,
+                    overlap=overlap)
     run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731
     run()
     splits = dec.splits(q.device, batch, ctx)
@@ -51,7 +52,8 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None):
     kv = cache[table.long()].view(batch, per * page, L + R)[:, :ctx].contiguous()
     run()
     torch.testing.assert_close(out.float(), absorbed_torch(q, kv, scale).float(), rtol=2e-2, atol=2e-2)
-    r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=dec.plan.keys, kernel=dec.plan.kernel, splits=splits,
+    r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=dec.plan.keys, kernel=dec.plan.kernel + ("-ov" if overlap else ""),
+             splits=splits,
              ours_s=ours, graph_s=graph,
              bytes=batch * ctx * (L + R) * 2, flops=2 * batch * heads * ctx * (L + R + L))
     r["eager_s"] = bench(lambda: absorbed_torch(q, kv, scale))
@@ -84,13 +86,16 @@ def main(argv=None):
           f"{'TB/s':>6s} {'TFLOP/s':>8s} {'ours/copy':>9s} {'bound us':>9s} {'ours/bound':>10s} {'eager us':>9s} "
           f"{'compile us':>10s} {'SDPA us':>8s} {'eager/ours':>10s}")
     rows = []
-    # the first cases again on the mma.sync kernel (the sm_80 one; on sm_90 the default is the wgmma
-    # kernel): the A/B; "n32" its 32-key tiles (sm_80's shape)
-    for batch, ctx, keys, kernel in [(64, 4096, None, None), (64, 4096, 64, "mma"), (64, 4096, 32, "mma"),
-                                     (32, 4096, None, None), (32, 4096, 64, "mma"), (16, 4096, None, None),
-                                     (8, 4096, None, None), (1, 4096, None, None), (1, 32768, None, None),
-                                     (64, 1024, None, None), (16, 1024, None, None)]:
-        r = case(batch, ctx, a.heads, a.page, not a.no_compile and kernel is None, keys, kernel)
+    # the first cases again with the wgmma kernel's overlap schedule ("wg-ov") and on the mma.sync kernel
+    # (the sm_80 one; on sm_90 the default is the wgmma kernel): the A/B; "n32" its 32-key tiles (sm_80's)
+    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", True),
+                                         (64, 4096, 64, "mma", False), (64, 4096, 32, "mma", False),
+                                         (32, 4096, None, None, False), (32, 4096, None, "wgmma", True),
+                                         (32, 4096, 64, "mma", False), (16, 4096, None, None, False),
+                                         (8, 4096, None, None, False), (8, 4096, 64, "mma", False),
+                                         (1, 4096, None, None, False), (1, 32768, None, None, False),
+                                         (64, 1024, None, None, False), (16, 1024, None, None, False)]:
+        r = case(batch, ctx, a.heads, a.page, not a.no_compile and kernel is None, keys, kernel, ov)
         best = min(r["ours_s"], r["graph_s"])
         bound = max(r["bytes"] / ceiling, r["flops"] / a.peak)
         r.update(ours_TBps=r["bytes"] / best / 1e12, ours_TFLOPs=r["flops"] / best / 1e12,
@@ -98,7 +103,7 @@ def main(argv=None):
                  eager_over_ours=r["eager_s"] / best)
         rows.append(r)
         fmt = lambda x: f"{x * 1e6:.1f}" if x else "-"  # noqa: E731
-        label = f"{batch} seqs x {ctx} n{r['keys']}{' wg' if r['kernel'] == 'wgmma' else ''}"
+        label = f"{batch} seqs x {ctx} n{r['keys']} {r['kernel'].replace('wgmma', 'wg')}"
         print(f"{label:26s} {r['splits']:6d} {r['ours_s'] * 1e6:8.1f} {r['graph_s'] * 1e6:9.1f} "
               f"{r['ours_TBps']:6.2f} {r['ours_TFLOPs']:8.0f} {r['ours_over_copy']:9.2f} {bound * 1e6:9.1f} "
               f"{r['ours_over_bound']:10.2f} {fmt(r['eager_s']):>9s} {fmt(r['compile_s']):>10s} "

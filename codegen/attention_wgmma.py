@@ -295,7 +295,8 @@ def overlap_default() -> bool:
 
 def tma_default() -> bool:
     """Whether the wgmma prefill loads full K/V tiles by TMA where it can (WGMMAAttentionPlan.tma):
-    the default, measured 6-12 % faster on an H200 at every benchmarked shape (benchmarks/NOTES.md);
+    the default, measured faster on an H200 at every benchmarked shape (benchmarks/NOTES.md: 6-12 % at
+    the 128-byte swizzle, 22-26 % at D80 / 96 / 160's 32 / 64-byte ones);
     LAYERFORGE_WGMMA_TMA=0 turns it off. Read by the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
@@ -319,9 +320,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
         if spill_free(twin, compile_fn):
             plan = twin
-    if tma and tiles is None:   # measured at the 128-byte swizzle; the 64 / 32-byte ones where asked for (tiles)
+    if tma and tiles is None:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
-        if twin.tma and twin.dims[0] == 128 and spill_free(twin, compile_fn):
+        if twin.tma and spill_free(twin, compile_fn):
             plan = twin
     return plan
 

@@ -70,6 +70,7 @@ class MLADecodePlan(KernelPlan):
     keys: int = 32            # keys per tile (BN): 32 or 64 (plan_mla_decode picks 64 where shared memory allows)
     arch: str = "sm_90"
     kernel: str = "mma"       # "mma" (mma.sync, sm_80+) or "wgmma" (sm_90a; 64-key tiles)
+    overlap: bool = False     # wgmma: consumer 0's softmax under its previous tile's P V
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -84,6 +85,8 @@ class MLADecodePlan(KernelPlan):
             raise ValueError(f"mla decode: keys per tile must be 32 or 64, got {self.keys!r}")
         if self.kernel not in ("mma", "wgmma"):
             raise ValueError(f"mla decode: kernel must be 'mma' or 'wgmma', got {self.kernel!r}")
+        if self.overlap and self.kernel != "wgmma":
+            raise ValueError("mla decode: overlap is a schedule of the wgmma kernel")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -99,7 +102,8 @@ class MLADecodePlan(KernelPlan):
     @property
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
-                f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}_{self.arch.replace('_', '')}")
+                f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
+                f"_{self.arch.replace('_', '')}")
 
     @property
     def merge_name(self) -> str:
@@ -131,7 +135,8 @@ class MLADecodePlan(KernelPlan):
 
     def describe(self) -> dict[str, Any]:
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
-                "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel}
+                "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
+                **({"overlap": True} if self.overlap else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -161,7 +166,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
         return render("cuda/mla_decode_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
-                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, BOXR=min(plan.page_size, plan.keys),
+                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, BOXR=min(plan.page_size, plan.keys),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
@@ -261,7 +266,8 @@ def smem_limit(arch: str) -> int:
 
 
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
-                    dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None) -> MLADecodePlan:
+                    dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
+                    overlap: bool = False) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
@@ -274,7 +280,7 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     if keys is None:
         keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
-                         dtype=dtype, keys=keys, arch=arch, kernel=kernel)
+                         dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap)
     plan.source()
     return plan
 

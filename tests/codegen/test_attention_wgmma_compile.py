@@ -94,14 +94,15 @@ def test_tma_only_where_it_applies(prog):
 @pytest.mark.parametrize("d,page", [(80, 16), (96, 16), (160, 64), (96, 256)])
 def test_tma_at_the_narrow_swizzles_compiles(prog, d, page):
     """TMA boxes of 16 / 32 columns (the 32- and 64-byte swizzles), asked for by tiles: spill-free;
-    the planner's default keeps cp.async there until it is measured."""
+    the planner takes them too (measured 22-26 % faster than cp.async at D80 / 96 / 160, H200)."""
     c = tile_candidates(d)[0]
     layer = specialise(prog, "gemma2_attn", 32, 8, d)
     plan = plan_wgmma_attention(layer, page_size=page, tiles=WGTileConfig(bn=c.bn, stages=c.stages, tma=True,
                                                                           overlap=True))
     assert plan.tma and plan.tma_box == (min(page, c.bn), plan.dims[0] // 2) and plan.dims[0] < 128
     assert_spill_free(compile_main(plan)[0])
-    assert not plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True).tma
+    default = plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True)
+    assert default.tma and default.dims[0] < 128
 
 
 NEW_DIMS = [(80, 80), (96, 96), (160, 160), (192, 192), (192, 128), (128, 64), (96, 64)]

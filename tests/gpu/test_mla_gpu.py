@@ -36,8 +36,8 @@ def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
     return cache.cuda(), table.cuda()
 
 
-def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None, kernel=None):
-    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel)
+def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None, kernel=None, overlap=False):
+    gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel, overlap)
     dk = latent + rope
     cache, table = build_cache(lens, page, dk, gen)
     T = len(lens) + 1
@@ -46,7 +46,8 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     q = torch.randn(T, heads, dk, generator=gen).to(torch.bfloat16).cuda()
     seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
     q_seq = q_seq.cuda()
-    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel)
+    dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel,
+                    overlap=overlap)
     if kernel is not None:
         assert dec.plan.kernel == kernel
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
@@ -62,16 +63,16 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
 LENS = [1, 37, 64, 200, 513, 1]   # one token, partial last pages, a whole page, several pages
 
 
-# None: the arch's default (sm_90: the wgmma kernel, TMA tiles from pages of 16 keys up); then mma.sync with
-# 64- and 32-key tiles
-VARIANTS = [(None, None), (64, "mma"), (32, None)]
+# None: the arch's default (sm_90: the wgmma kernel, TMA tiles from pages of 16 keys up); the wgmma kernel's
+# overlap schedule; then mma.sync with 64- and 32-key tiles
+VARIANTS = [(None, None, False), (None, "wgmma", True), (64, "mma", False), (32, None, False)]
 
 
-@pytest.mark.parametrize("keys,kernel", VARIANTS)
+@pytest.mark.parametrize("keys,kernel,overlap", VARIANTS)
 @pytest.mark.parametrize("num_splits", [1, 3, 8, None])
 @pytest.mark.parametrize("page", [64, 16, 32])
-def test_decode_deepseek_shape(page, num_splits, keys, kernel):
-    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys, kernel)
+def test_decode_deepseek_shape(page, num_splits, keys, kernel, overlap):
+    run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys, kernel, overlap)
 
 
 @pytest.mark.parametrize("kernel", [None, "mma"])
@@ -80,16 +81,16 @@ def test_decode_head_counts(heads, kernel):
     run_decode(heads, 512, 64, 64, LENS, None, 192 ** -0.5, "heads", kernel=kernel)
 
 
-@pytest.mark.parametrize("kernel", [None, "mma"])
+@pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", True), ("mma", False)])
 @pytest.mark.parametrize("page", [1, 8])   # pages under TMA's: every tile by cp.async
-def test_decode_smaller_latent_and_small_pages(page, kernel):
-    run_decode(32, 256, 64, page, [1, 5, 70, 200], 2, 0.1, "small", kernel=kernel)
+def test_decode_smaller_latent_and_small_pages(page, kernel, overlap):
+    run_decode(32, 256, 64, page, [1, 5, 70, 200], 2, 0.1, "small", kernel=kernel, overlap=overlap)
 
 
-@pytest.mark.parametrize("keys,kernel", VARIANTS)
-def test_decode_peaked_scores_rescale_exactly(keys, kernel):
+@pytest.mark.parametrize("keys,kernel,overlap", VARIANTS)
+def test_decode_peaked_scores_rescale_exactly(keys, kernel, overlap):
     """Large scores: the running maximum moves many times along a long sequence (lazy rescaling)."""
-    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys, kernel)
+    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys, kernel, overlap)
 
 
 def test_decode_f16_on_the_default_kernel():
