@@ -77,6 +77,8 @@ class ScalarEmitter:
                 bd = bool(n.arg[3])
                 self.t5.add((nb, md, bd))
                 return self._let("int", f"{t5_bucket_name(nb, md, bd)}({a[0]})")
+            if name == "tanh" and ct == "float":   # attention_hooks.cuh.jinja: on the SFU, within ~1e-7
+                return self._let(ct, f"lf_tanh_sfu({a[0]})")
             if n.dtype.is_float:
                 return self._let(ct, ops.UNARY_FLOAT[name].format(x=a[0]))
             if name == "relu":  # max(x, 0) with both sides of x's type

@@ -3,15 +3,38 @@
 step (tensor-core and CUDA-core kernels), the same kernels on corrupt page tables, lengths and
 offsets, a KV append, a document-mask prefill with its block-mask pre-pass (on sm_90 the wgmma
 prefill's too, over a corrupt block mask as well, and T5 with its distance tables (the default)
-and per score), an MLA decode over a paged latent cache (split), and small-token products (odd N
+and per score), MLA decodes over a paged latent cache (both kernels, TMA and cp.async tiles,
+split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
-    compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py"""
+    compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
+("mla": the MLA decode cases alone)."""
 import torch
 
 import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
 from layerforge.runtime.kv_cache import PagedKVCache
 from layerforge.runtime.layers import module
+
+
+def mla_cases(bf):
+    """The MLA decode kernels on a partial last tile, splits, a page-table entry outside the cache."""
+    from layerforge.runtime.mla_decode import MLADecode
+    lens, q_seq = torch.tensor([150, 1], dtype=torch.int32, device="cuda"), torch.tensor([0, 1], dtype=torch.int32,
+                                                                                           device="cuda")
+    q = torch.randn(2, 64, 576, device="cuda", dtype=bf)
+    for page, kernel in ((64, None), (8, None), (64, "mma")):
+        lat = torch.randn(9 * 64 // page, page, 576, device="cuda", dtype=bf)
+        n = -(-150 // page)
+        lat_table = torch.full((2, n + 1), -1, dtype=torch.int32, device="cuda")
+        lat_table[0, :n] = torch.arange(n, device="cuda") + 1
+        lat_table[1, 0] = 0
+        for splits in (1, 3):
+            MLADecode(num_heads=64, page_size=page, kernel=kernel)(q, lat, lat_table, lens, q_seq, scale=0.07,
+                                                                   max_kv_len=150, num_splits=splits)
+    bad = lat_table.clone()
+    bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds
+    MLADecode(num_heads=64, page_size=64)(q, torch.randn(9, 64, 576, device="cuda", dtype=bf), bad[:, :4], lens, q_seq,
+                                          scale=0.07, max_kv_len=150)
 
 
 def main():
@@ -94,14 +117,9 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
             PagedAttention(t5, page_size=16, prefill="wgmma", distance_table=tables).prefill(
                 qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
                 max_kv_len=100, extra={"rel_bias": torch.randn(32, 32, device="cuda")})
-    # MLA decode: 64 heads over a paged latent cache of 576-wide rows, split in 3
-    from layerforge.runtime.mla_decode import MLADecode
-    lat = torch.randn(9, 64, 576, device="cuda", dtype=bf)
-    lat_table = torch.tensor([[0, 3, 5], [7, -1, -1]], dtype=torch.int32, device="cuda")
-    MLADecode(num_heads=64, page_size=64)(torch.randn(2, 64, 576, device="cuda", dtype=bf), lat, lat_table,
-                                           torch.tensor([150, 1], dtype=torch.int32, device="cuda"),
-                                           torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
-                                           scale=0.07, max_kv_len=150, num_splits=3)
+    # MLA decode: 64 heads over a paged latent cache of 576-wide rows, split in 3 (on sm_90 the wgmma
+    # kernel: TMA tiles from pages of 64, cp.async from pages of 8; then mma.sync)
+    mla_cases(bf)
     # small-token products: N and K off the tiles, 3 and 11 tokens, gated with bias and residual
     from layerforge.runtime.linear import gemv
     w = torch.randn(1000, 3000, device="cuda", dtype=bf)
@@ -162,4 +180,8 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["mla"]:   # the MLA decode cases alone
+        mla_cases(torch.bfloat16)
+    else:
+        main()

@@ -52,7 +52,7 @@ def test_mask_bounds_skip_ruled_out_keys(prog):
 
 def test_hooks_are_inlined(prog):
     src = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 8, 128), "sm_90").source()
-    assert "tanhf" in src and "lf_score" in src
+    assert "lf_tanh_sfu(" in src and "lf_score" in src   # the soft-cap's tanh on the SFU
     src = plan_paged_attention(specialise(prog, "bloom_attn", 8, 8, 128), "sm_90").source()
     assert "lf_alibi_slopes[8]" in src
 
@@ -174,3 +174,19 @@ def test_alternative_prefill_tiles_compile(prog, name, tiles):
     plan = plan_tc_attention(specialise(prog, name, 32, 8, 128), "sm_90", tiles=tiles)
     res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
     assert set(res.resources) == {plan.kernel_name, plan.merge_name}
+
+
+def test_the_hooks_tanh_formula_matches_tanh(prog):
+    """lf_tanh_sfu's algebra for f32 kernels (attention_hooks.cuh.jinja) in float32, the SFU's ex2 / rcp
+    taken as exact: copysign(1 - 2 / (2^(2 log2(e) |x|) + 1), x) within 2e-7 of tanh, 0 at 0, +-1 where
+    2^x overflows. 16-bit kernels take tanh.approx.f32 (relative error 2^-11, under a bf16 score's 2^-9)."""
+    f32 = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 8, 128, dtype="f32"), "sm_90").source()
+    b16 = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 8, 128), "sm_90").source()
+    assert 'asm("tanh.approx.f32' in b16 and 'asm("tanh.approx.f32' not in f32 and 'asm("rcp.approx.ftz.f32' in f32
+    import numpy as np
+    x = np.concatenate([np.linspace(-60, 60, 200001), [0.0, 1e-30, -1e-30, 1e4, -1e4]]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        e = np.exp2(np.float32(2.8853900817779268) * np.abs(x))
+    got = np.copysign(np.float32(1) - np.float32(2) * (np.float32(1) / (e + np.float32(1))), x)
+    assert np.abs(got.astype(np.float64) - np.tanh(x.astype(np.float64))).max() < 2e-7
+    assert got[-4] == 0 and got[-2] == 1 and got[-1] == -1
