@@ -56,7 +56,15 @@ class LinearPattern:
     norm_offset: float = 0.0         # 1.0: x * (1 + gamma)
     eps: str | float | None = None   # the norm's eps: a runtime scalar's name or a constant
     wtype: str | None = None         # "i8": weight is i8 [n, K] with one scale a row, wscale [n] in dtype
-    wscale: str | None = None        #   (W = T(f32(weight) * f32(unsqueeze(wscale, 1))): the kernel's layout)
+    wscale: str | None = None        #   (W = T(f32(weight) * f32(unsqueeze(wscale, 1))): the kernel's layout);
+                                     # "u4" / "i4": weight u4 / i4 [n, K] (packed two a byte), wscale [n, K / group]
+    group: int = 0                   #   in dtype, wzero u4 [n, K / group] (u4 only): W = T((q - z) s) by group of
+    wzero: str | None = None         #   K (i4: z = 0); the u4 kernel's layout is made from them at run time
+
+    @property
+    def kernel_wtype(self) -> str | None:
+        """The quantised product's weight type: i4 runs as u4 (q + 8, zero point 8)."""
+        return "u4" if self.wtype == "i4" else self.wtype
 
     def to_json(self) -> dict:
         """The pattern as a pack's manifest records it (LinearPattern(**d) reads it back)."""
@@ -66,7 +74,7 @@ class LinearPattern:
         try:
             return plan_gemv(self.dtype, n=self.n, k=self.k, max_m=max_m, gated=self.gated, bias=self.bias is not None,
                              residual=self.residual is not None, norm="rms" if self.norm_weight else None,
-                             norm_offset=self.norm_offset, arch=arch, wtype=self.wtype, group=0)
+                             norm_offset=self.norm_offset, arch=arch, wtype=self.kernel_wtype, group=self.group)
         except ValueError as e:
             raise LoweringError(str(e)) from None
 
@@ -186,7 +194,7 @@ class _Matcher:
             else:
                 self.fail(_at(t, outer_sum), f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
         x, gamma, offset, eps = self._prologue(_peel(product.src[0]))
-        w, ws = self._weight(_peel(product.src[1]), product)
+        w, ws, wz, group = self._weight(_peel(product.src[1]), product)
         k, n = _static(w.shape[1]), _static(w.shape[0])
         if k is None or n is None or n != n_rows:
             self.fail(w, f"the weight '{w.arg}' must have a static shape [out, in]")
@@ -197,7 +205,8 @@ class _Matcher:
         return LinearPattern(x=x.arg, weight=w.arg, n=n, k=k, dtype=str(out.dtype),
                              bias=None if bias is None else bias.arg, residual=None if residual is None else residual.arg,
                              gated=act, norm_weight=None if gamma is None else gamma.arg, norm_offset=offset, eps=eps,
-                             wtype=None if ws is None else "i8", wscale=None if ws is None else ws.arg)
+                             wtype=None if ws is None else str(w.dtype), wscale=None if ws is None else ws.arg,
+                             group=group, wzero=None if wz is None else wz.arg)
 
     def _split_sum(self, n: Node) -> tuple[Node, list[Node]]:
         """A sum's term that holds the product, and the other terms."""
@@ -236,16 +245,64 @@ class _Matcher:
             self.fail(n, "the gate must be the first half of the product's last axis and up the second")
         return unary_name(act), y
 
-    def _weight(self, b: Node, product: Node) -> tuple[Node, Node | None]:
-        """The weight input, and for a quantised one its row scales: w, or the dequantisation
-        T(f32(q) * f32(unsqueeze(s, 1))) of an i8 q [out, in] by s [out] (the kernel's i8 layout)."""
+    def _weight(self, b: Node, product: Node) -> tuple[Node, Node | None, Node | None, int]:
+        """(weight, scales, zero points, group): w; or the dequantisation T(f32(q) * f32(unsqueeze(s, 1)))
+        of an i8 q [out, in] by s [out] (the kernel's i8 layout); or a grouped one of a 4-bit q (_group)."""
         w = _peel(b.src[0]) if b.op is Op.TRANSPOSE else None
         if w is not None and w.op is Op.BINARY and w.arg == "mul":
-            return self._dequant(w)
+            return (*self._dequant(w), None, 0)
+        if w is not None and w.op is Op.RESHAPE and _peel(w.src[0]).op is Op.BINARY:
+            return self._group(w)
         if w is None or w.op is not Op.INPUT or len(w.shape) != 2:
             self.fail(product, "the product's right operand must be a weight's transpose, w.T with w [out, in] as "
                          "torch.nn.Linear stores it (linear(x, w) writes it)")
-        return w, None
+        return w, None, None, 0
+
+    GROUPED = ("a 4-bit weight lowers as reshape((f32(reshape(q, O, I / G, G)) - f32(unsqueeze(z, 2))) * "
+               "f32(unsqueeze(s, 2)), O, I) (u4 q, zero points z [O, I / G], scales s [O, I / G]) or without the "
+               "zero points (i4 q): dsl/stdlib/quant.lf u4_linear / i4_linear")
+
+    def _group(self, r: Node) -> tuple[Node, Node, Node | None, int]:
+        """reshape(W3, O, I) of W3 [O, I / G, G] = (f32(reshape(q)) [- f32(unsqueeze(z, 2))]) * f32(unsqueeze(s, 2)):
+        (q, s, z or None, G) for a u4 q with zero points, or an i4 q without."""
+        m = _peel(r.src[0])
+        factors = _terms(m, "mul")
+        if len(m.shape) != 3 or len(r.shape) != 2 or len(factors) != 2:
+            self.fail(r, self.GROUPED)
+        o, i = r.shape
+        group = _static(m.shape[2])
+
+        def unsq(f, want):   # f32(unsqueeze(t, 2)) of an input t [O, I / G] of dtype `want` (None: a float)
+            f = f.src[0] if f.op is Op.CAST else f
+            t = f.src[0] if f.op is Op.RESHAPE else None
+            if t is None or t.op is not Op.INPUT or not _same_shape(t.shape, m.shape[:2]) \
+                    or not _same_shape(f.shape, (*m.shape[:2], 1)) or (want is not None and t.dtype is not want) \
+                    or (want is None and not t.dtype.is_float):
+                return None
+            return t
+
+        def values(f):   # f32(reshape(q, O, I / G, G)) of a 4-bit input q [O, I]
+            f = f.src[0] if f.op is Op.CAST else None
+            q = f.src[0] if f is not None and f.op is Op.RESHAPE else None
+            if q is None or q.op is not Op.INPUT or not q.dtype.is_packed or not _same_shape(q.shape, (o, i)):
+                return None
+            return q
+
+        scales = [(f, unsq(f, None)) for f in factors]
+        found = [(f, t) for f, t in scales if t is not None]
+        if len(found) != 1 or group is None:
+            self.fail(m, self.GROUPED)
+        s = found[0][1]
+        other = _peel(next(f for f in factors if f is not found[0][0]))
+        if other.op is Op.BINARY and other.arg == "sub":
+            q, z = values(other.src[0]), unsq(other.src[1], DType.u4)
+            if q is None or z is None or q.dtype is not DType.u4:
+                self.fail(other, self.GROUPED)
+        else:
+            q, z = values(other), None
+            if q is None or q.dtype is not DType.i4:
+                self.fail(other, self.GROUPED)
+        return q, s, z, group
 
     def _dequant(self, m: Node) -> tuple[Node, Node]:
         factors = _terms(m, "mul")

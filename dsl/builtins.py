@@ -71,7 +71,7 @@ class BuiltinRules:
         if x.dtype is DType.bool:
             return self.error(e.span, f"{name}() does not take bool tensors")
         if x.dtype.is_storage:
-            return self.error(e.span, f"{name}() on an {x.dtype} tensor: the 8-bit types are storage",
+            return self.error(e.span, f"{name}() on an {x.dtype} tensor: the quantised types are storage",
                               "cast it to compute with it, e.g. f32(...)")
         if name in ("mean", "var") and not x.dtype.is_float:
             return self.error(e.span, f"{name}() needs a float tensor, got {x.dtype}", "cast it: f32(x)")

@@ -192,8 +192,8 @@ class Checker(BuiltinRules):
         if name not in table:
             close = difflib.get_close_matches(name, list(table), n=1)
             self.error(span, f"unknown dtype '{name}'", f"did you mean '{close[0]}'?" if close else
-                       "dtypes are f32, f16, bf16, i32, i64, bool, the parameter T and the 8-bit storage types "
-                       "i8, f8e4m3, f8e5m2")
+                       "dtypes are f32, f16, bf16, i32, i64, bool, the parameter T and the storage types "
+                       "i8, f8e4m3, f8e5m2, u4, i4")
             return None
         dt = table[name]
         return scope.dtype_T if dt is DType.T else dt
@@ -651,7 +651,7 @@ class Checker(BuiltinRules):
                 return self.error(span, f"{what} does not take bool operands")
             for v in (a, b):
                 if v.dtype.is_storage:
-                    return self.error(span, f"{what} on an {v.dtype} value: the 8-bit types are storage",
+                    return self.error(span, f"{what} on an {v.dtype} value: the quantised types are storage",
                                       f"cast it to compute with it, e.g. f32(...), and multiply by its scales")
             dt = self.unify_dtypes(a, b, span, what)
             if dt is None:

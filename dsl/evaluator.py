@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .ir import Function, Node, ReduceArg, toposort, unary_name
 from .numerics import alibi_slopes, t5_relative_bucket
 from .recurrences import causal_conv1d
-from .types import DType, dim_str, shape_str
+from .types import DType, dim_str, pack_4bit, shape_str, unpack_4bit
 
 
 class LayerInputError(ValueError):
@@ -60,7 +60,8 @@ def bind_inputs(fn: Function, inputs: Mapping[str, Any], *, check_device: bool =
         if not isinstance(x, torch.Tensor):
             raise LayerInputError(f"{fn.name}: '{p.name}' must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != p.dtype.torch:
-            raise LayerInputError(f"{fn.name}: '{p.name}' must be {p.dtype} ({p.dtype.torch}), got {x.dtype}")
+            held = ", packed two a byte" if p.dtype.is_packed else ""
+            raise LayerInputError(f"{fn.name}: '{p.name}' must be {p.dtype} ({p.dtype.torch}{held}), got {x.dtype}")
         if check_device:
             if device is None:
                 device = x.device
@@ -70,7 +71,8 @@ def bind_inputs(fn: Function, inputs: Mapping[str, Any], *, check_device: bool =
             raise LayerInputError(f"{fn.name}: '{p.name}' must have shape {shape_str(p.shape)} "
                                   f"(rank {len(p.shape)}), got {tuple(x.shape)}")
         for axis, (d, n) in enumerate(zip(p.shape, x.shape)):
-            _bind_dim(fn, p.name, axis, d, int(n), dims)
+            # a 4-bit tensor's last axis holds two values a byte: its logical size is twice the bytes
+            _bind_dim(fn, p.name, axis, d, int(n) * (2 if p.dtype.is_packed and axis == len(p.shape) - 1 else 1), dims)
     return dims
 
 
@@ -105,8 +107,8 @@ def evaluate(fn: Function, inputs: Mapping[str, Any], *, precision: str = "progr
     ev = _Evaluator(fn, inputs, dims, precision == "float64", q_positions, kv_positions)
     ev.k_rotated = k_rotated
     ev.batch_offset = int(batch_offset)
-    outputs = tuple(ev.value(o) for o in fn.outputs)
-    updates = [(name, ev.value(n)) for name, n in fn.state_updates]
+    outputs = tuple(_stored(ev.value(o), o.dtype) for o in fn.outputs)
+    updates = [(name, _stored(ev.value(n), n.dtype)) for name, n in fn.state_updates]
     held = {inputs[name].untyped_storage().data_ptr() for name, _ in updates}
     outputs = tuple(o.clone() if o.untyped_storage().data_ptr() in held else o for o in outputs)   # not a view of a state
     with torch.no_grad():
@@ -122,7 +124,17 @@ def evaluate_states(fn: Function, inputs: Mapping[str, Any], *, precision: str =
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     ev = _Evaluator(fn, inputs, bind_inputs(fn, inputs), precision == "float64", None, None)
-    return tuple(ev.value(o) for o in fn.outputs), {name: ev.value(n) for name, n in fn.state_updates}
+    return (tuple(_stored(ev.value(o), o.dtype) for o in fn.outputs),
+            {name: _stored(ev.value(n), n.dtype) for name, n in fn.state_updates})
+
+
+def _stored(v: torch.Tensor, dt: DType) -> torch.Tensor:
+    """A value as a tensor of its type holds it: 4-bit values packed two a byte."""
+    if dt.is_packed:
+        if v.shape[-1] % 2:
+            raise LayerInputError(f"a {dt} tensor packs two values a byte along its last axis, which is {v.shape[-1]}")
+        return pack_4bit(v)
+    return v
 
 
 class _Evaluator:
@@ -149,6 +161,8 @@ class _Evaluator:
     def storage(self, dt: DType) -> torch.dtype:
         if self.f64 and dt.is_float:
             return torch.float64
+        if dt.is_packed:   # values held unpacked, one an element
+            return torch.uint8 if dt is DType.u4 else torch.int8
         return dt.torch
 
     def compute(self, dt: DType) -> torch.dtype:
@@ -180,6 +194,8 @@ class _Evaluator:
 
     def op_input(self, n):
         x = self.inputs[n.arg]
+        if n.dtype.is_packed:
+            return unpack_4bit(x, n.dtype)
         return x.to(self.storage(n.dtype))
 
     def op_scalar(self, n):
@@ -243,9 +259,10 @@ class _Evaluator:
 
     def op_cast(self, n):
         x = self.arg(n)
-        if n.dtype.is_storage and x.is_floating_point():   # quantise: nearest even, saturating
-            if n.dtype is DType.i8:
-                return torch.round(x).clamp(-128, 127).to(torch.int8)
+        if n.dtype.int_range is not None:   # quantise: nearest even, saturating
+            lo, hi = n.dtype.int_range
+            return (torch.round(x) if x.is_floating_point() else x.to(torch.int64)).clamp(lo, hi).to(self.storage(n.dtype))
+        if n.dtype.is_storage and x.is_floating_point():
             big = torch.finfo(n.dtype.torch).max
             return x.clamp(-big, big).to(n.dtype.torch)
         if n.dtype.is_int and x.is_floating_point():

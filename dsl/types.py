@@ -25,6 +25,11 @@ class DType(enum.Enum):
     i8 = "i8"
     f8e4m3 = "f8e4m3"   # float8 e4m3 (torch.float8_e4m3fn: no infinities, largest 448)
     f8e5m2 = "f8e5m2"   # float8 e5m2 (largest finite 57344)
+    # 4-bit storage types, packed two a byte along the last axis, the low nibble first: a u4 / i4
+    # tensor [.., K] is held as a uint8 tensor [.., K / 2] (K even); values 0..15 / -8..7 (two's
+    # complement nibbles). Storage as the 8-bit ones: cast to compute, cast to them to quantise.
+    u4 = "u4"
+    i4 = "i4"
     T = "T"  # the dtype parameter, bound by specialisation
 
     @property
@@ -37,13 +42,23 @@ class DType(enum.Enum):
 
     @property
     def is_storage(self) -> bool:
-        """An 8-bit storage type: cast it to compute with it."""
-        return self in (DType.i8, DType.f8e4m3, DType.f8e5m2)
+        """An 8- or 4-bit storage type: cast it to compute with it."""
+        return self in (DType.i8, DType.f8e4m3, DType.f8e5m2, DType.u4, DType.i4)
+
+    @property
+    def is_packed(self) -> bool:
+        """A 4-bit type: two values a byte along the last axis (uint8 storage, the low nibble first)."""
+        return self in (DType.u4, DType.i4)
+
+    @property
+    def int_range(self) -> tuple[int, int] | None:
+        """(lowest, highest) of an integer storage type; a cast to it rounds and saturates there."""
+        return {DType.i8: (-128, 127), DType.u4: (0, 15), DType.i4: (-8, 7)}.get(self)
 
     @property
     def itemsize(self) -> int:
         return {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "bool": 1, "i8": 1, "f8e4m3": 1,
-                "f8e5m2": 1}[self.value]
+                "f8e5m2": 1, "u4": 1, "i4": 1}[self.value]   # 4-bit: a byte holds two
 
     @property
     def torch(self) -> "torch.dtype":
@@ -62,8 +77,24 @@ def _torch_dtypes() -> dict:
     import torch
     return {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
             DType.f64: torch.float64, DType.i32: torch.int32, DType.i64: torch.int64, DType.bool: torch.bool,
-            DType.i8: torch.int8, DType.f8e4m3: torch.float8_e4m3fn, DType.f8e5m2: torch.float8_e5m2}
-STORAGE_DTYPES = {"i8": DType.i8, "f8e4m3": DType.f8e4m3, "f8e5m2": DType.f8e5m2}
+            DType.i8: torch.int8, DType.f8e4m3: torch.float8_e4m3fn, DType.f8e5m2: torch.float8_e5m2,
+            DType.u4: torch.uint8, DType.i4: torch.uint8}   # 4-bit: the packed bytes
+STORAGE_DTYPES = {"i8": DType.i8, "f8e4m3": DType.f8e4m3, "f8e5m2": DType.f8e5m2, "u4": DType.u4, "i4": DType.i4}
+
+
+def unpack_4bit(x: "torch.Tensor", dt: DType) -> "torch.Tensor":
+    """A packed u4 / i4 tensor (uint8 [.., K / 2]) -> its values [.., K], low nibble first: uint8 0..15 (u4)
+    or int8 -8..7 (i4)."""
+    import torch
+    v = torch.stack((x & 15, x >> 4), dim=-1).flatten(-2)
+    return v if dt is DType.u4 else (v.to(torch.int8) - 16 * (v >= 8).to(torch.int8))
+
+
+def pack_4bit(v: "torch.Tensor") -> "torch.Tensor":
+    """unpack_4bit's inverse: 4-bit values [.., K] (K even; u4 0..15 or i4 -8..7) -> uint8 [.., K / 2]."""
+    import torch
+    n = (v.to(torch.int16) & 15).to(torch.uint8)
+    return n[..., 0::2] | (n[..., 1::2] << 4)
 DSL_DTYPES = {"f32": DType.f32, "f16": DType.f16, "bf16": DType.bf16, "i32": DType.i32,
               "i64": DType.i64, "bool": DType.bool, "T": DType.T, **STORAGE_DTYPES}
 # Scalar parameter types: `int` and `float` are spellings of i64 and f32 for scalars (no 8-bit scalars).

@@ -12,5 +12,5 @@ class _Tuple(tuple):
 
 
 # names callable as casts: f32(x), bf16(x), T(x), float(x), int(x): the scalar type names; and
-# the 8-bit storage types, whose casts quantise (i8(x), f8e4m3(x), f8e5m2(x))
+# the 8- and 4-bit storage types, whose casts quantise (i8(x), f8e4m3(x), f8e5m2(x), u4(x), i4(x))
 _CAST_NAMES = {**SCALAR_TYPES, **STORAGE_DTYPES}

@@ -97,6 +97,9 @@ class LayerModule(torch.nn.Module):
         self._params = [(p["name"], p["dtype"], DType[p["dtype"]].torch, [_dim_spec(d) for d in p["shape"]])
                         for p in info["params"] if p["kind"] in ("tensor", "state")]
         self._specs = {n: spec for n, _, _, spec in self._params}
+        # 4-bit tensors (u4 / i4) are held packed two a byte: their last axis is half the DSL's
+        self._packed = {n for n, dt, _, _ in self._params if DType[dt].is_packed}
+        self._repacked: dict[tuple, Any] = {}   # 4-bit weights in the quantised product's layout (_quant_weight)
         for p in info["params"]:
             if p["kind"] in ("tensor", "state"):
                 spec = self._specs[p["name"]]
@@ -104,7 +107,8 @@ class LayerModule(torch.nn.Module):
                 if p["kind"] == "tensor" and all(isinstance(s, int) for s in spec):
                     attr = WEIGHT_NAMES.get(p["name"], p["name"])
                     init = torch.zeros if attr == "bias" else torch.ones
-                    t = init(*spec, dtype=DType[p["dtype"]].torch, device=device)
+                    shape = [*spec[:-1], spec[-1] // 2] if p["name"] in self._packed else spec
+                    t = init(*shape, dtype=DType[p["dtype"]].torch, device=device)
                     self.register_parameter(attr, torch.nn.Parameter(t, requires_grad=False))
                     self._weights[p["name"]] = attr
                 else:
@@ -305,19 +309,43 @@ class LayerModule(torch.nn.Module):
         states it: q [n, K], one scale a row in x's dtype); a pack's module: its kernels for up to
         16 rows, torch's product of the dequantised W (W = T(q s), as the layer means it) past them."""
         from .linear import _reference, check_call, launch_gemv
-        from .quant import QuantWeight, gemv_quant
+        from .quant import dequantize, gemv_quant
         x = tensors[p.x]
-        qw = QuantWeight(p.wtype, 0, tensors[p.weight], None, tensors[p.wscale], p.n, p.k, x.dtype)
+        qw = self._quant_weight(p, tensors, x.dtype)
         if kernels is None:
             return gemv_quant(x, qw, bias, gated=p.gated, residual=residual, norm=norm, norm_offset=p.norm_offset,
                               out=out, cache=self._cache)
         rows = check_call(x, p.n, p.k, bias, p.gated, residual, norm, p.norm_offset, out)
         if 1 <= rows <= max(kernels):
             return launch_gemv(x, qw.kernel_tensors, p.n, p.k, bias, p.gated, residual, norm, p.norm_offset, out,
-                               kernels=kernels, wtype=p.wtype, group=0)
-        w = (qw.qweight.float() * qw.wscale.float()[:, None]).to(x.dtype)
+                               kernels=kernels, wtype=p.kernel_wtype, group=p.group)
+        w = dequantize(qw).to(x.dtype)
         y = _reference(x, w, bias, p.gated, residual, norm, p.norm_offset)
         return y if out is None else out.copy_(y)
+
+    def _quant_weight(self, p, tensors, dtype):
+        """The layer's quantised weight in runtime/quant.py's kernel layout: i8 as the layer holds it;
+        u4 / i4 (packed two a byte, scales and u4 zero points by group) repacked into the u4 kernel's
+        words and (scale, zero) pairs, once per weight (kept while its tensors are unchanged: same
+        storage, same in-place version); i4 runs as u4 with q + 8 and zero point 8."""
+        from .quant import QuantWeight, pack_u4
+        q, s = tensors[p.weight], tensors[p.wscale]
+        if p.wtype == "i8":
+            return QuantWeight(p.wtype, 0, q, None, s, p.n, p.k, dtype)
+        z = None if p.wzero is None else tensors[p.wzero]
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (q, s) + (() if z is None else (z,)))
+        hit = self._repacked.get(key)
+        if hit is None:
+            from ..dsl.types import unpack_4bit
+            v = unpack_4bit(q, DType[p.wtype]).to(torch.int64)
+            if p.wtype == "i4":
+                v, zeros = v + 8, torch.full((p.n, p.k // p.group), 8, dtype=torch.int64, device=q.device)
+            else:
+                zeros = unpack_4bit(z, DType.u4).to(torch.int64)
+            if len(self._repacked) >= 8:
+                self._repacked.clear()
+            hit = self._repacked[key] = pack_u4(v, zeros, s, p.group, dtype)
+        return hit
 
     def _empty_outputs(self, dims: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """An empty batch (a dynamic dim of 0, e.g. no tokens) has empty outputs and nothing to
@@ -346,7 +374,10 @@ class LayerModule(torch.nn.Module):
                                       f"(all inputs and weights on one device)")
             if x.dim() != len(spec):
                 raise LayerInputError(f"{name}: '{pname}' must have shape {shape}, got {tuple(x.shape)}")
+            packed = pname in self._packed
             for axis, (s, n) in enumerate(zip(spec, x.shape)):
+                if packed and axis == len(spec) - 1:   # two values a byte
+                    n = 2 * n
                 if s.__class__ is int:
                     if n != s:
                         raise LayerInputError(f"{name}: '{pname}' must have shape {shape}; dim {axis} is {n}, "

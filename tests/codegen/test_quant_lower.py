@@ -4,7 +4,9 @@ is the kernel's i8 layout (codegen/gemv.py wtype i8, group 0) with the same prol
 fusions as a float weight; the forms it does not serve (other scale shapes, fp8 weights, the W8A8
 layer) are LoweringErrors at their source position and run the reference evaluator; the
 kernels compile without spills for sm_80 / sm_90; a LayerModule of them runs the evaluator's
-meaning on the CPU."""
+meaning on the CPU. The 4-bit layers (u4 with zero points, i4 symmetric, scales by group of K)
+lower to the u4 product (i4 as q + 8 with zero point 8), their module repacking the layer's packed
+tensors into the kernel's layout (runtime/layers.py _quant_weight)."""
 from __future__ import annotations
 
 import pytest
@@ -103,3 +105,80 @@ def test_module_of_an_int8_layer_on_the_cpu_is_the_evaluators():
     ref = x.double() @ (qw.qweight.double() * qw.wscale.double()[:, None]).T
     y = m(x)
     assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+FOUR = {"u4_linear": dict(x="x", weight="wq", wscale="ws", wzero="wz", wtype="u4"),
+        "i4_linear": dict(x="x", weight="wq", wscale="ws", wtype="i4")}
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("name", list(FOUR))
+def test_4_bit_layers_lower_to_the_u4_product(prog, name, group):
+    layer = prog.specialise(name, dtype="bf16", **prog.bindings_for(name, {"I": 1024, "O": 768, "G": group}))
+    pattern = match_linear(layer)
+    assert pattern == LinearPattern(dtype="bf16", n=768, k=1024, group=group, **FOUR[name])
+    assert pattern.kernel_wtype == "u4"
+    plans = plans_for_layer(layer, "sm_90")
+    assert [p.max_m for p in plans] == [8, 16] and all(p.wtype == "u4" and p.group == group for p in plans)
+    assert LinearPattern(**pattern.to_json()) == pattern   # a pack's manifest reads it back
+
+
+FOUR_REFUSED = [
+    ("x: T[N, K], q: u4[O, K], s: T[O, K / G]", "return linear(x, T(reshape(f32(reshape(q, O, K / G, G)) * "
+     "f32(unsqueeze(s, 2)), O, K)))", "a 4-bit weight lowers as", 4),          # u4 without its zero points
+    ("x: T[N, K], q: i4[O, K], s: T[O, K / G], z: u4[O, K / G]", "return linear(x, T(reshape((f32(reshape(q, O, "
+     "K / G, G)) - f32(unsqueeze(z, 2))) * f32(unsqueeze(s, 2)), O, K)))", "a 4-bit weight lowers as", 4),
+    ("x: T[N, K], q: u4[O, K], s: f32[O, K / G], z: u4[O, K / G]", "return linear(x, T(reshape((f32(reshape(q, O, "
+     "K / G, G)) - f32(unsqueeze(z, 2))) * unsqueeze(s, 2), O, K)))", "input 's' is f32", 3),
+]
+
+
+@pytest.mark.parametrize("params,body,message,line", FOUR_REFUSED, ids=["no-zeros", "i4-zeros", "f32-scales"])
+def test_4_bit_forms_the_kernel_does_not_serve_are_positioned_errors(tmp_path, params, body, message, line):
+    path = tmp_path / "q.lf"
+    path.write_text("dims K, O, G\ndynamic N\n" + f"layer f({params}) -> T[N, O] {{\n    {body}\n}}\n")
+    layer = lf.load(path).specialise("f", K=256, O=48, G=64, dtype="bf16")
+    with pytest.raises(LoweringError) as info:
+        match_linear(layer)
+    text = str(info.value)
+    assert message in text and f"{path}:{line}:" in text and "^" in text, text
+
+
+@pytest.mark.parametrize("name", list(FOUR))
+def test_4_bit_layers_compile_without_spills(prog, name):
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    layer = prog.specialise(name, dtype="bf16", **prog.bindings_for(name, {"I": 4096, "O": 1024, "G": 128}))
+    for plan in plans_for_layer(layer, "sm_90"):
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_module_of_a_u4_layer_holds_packed_weights_and_is_the_evaluators_on_the_cpu():
+    """module("u4_linear"): wq uint8 [O, I / 2], wz uint8 [O, I / G / 2] (packed two a byte), ws in T; the
+    CPU runs the evaluator; the kernel layout repacked from them dequantises to the layer's W, and once
+    per weight (a rewrite in place repacks)."""
+    from layerforge.dsl.types import pack_4bit
+    from layerforge.runtime.layers import module
+    from layerforge.runtime.quant import dequantize
+    m = module("u4_linear", I=256, O=96, G=64, dtype="bf16")
+    assert m.kernel_reason is None and m.wq.shape == (96, 128) and m.wq.dtype == torch.uint8
+    assert m.wz.shape == (96, 2) and m.ws.shape == (96, 4) and m.ws.dtype == torch.bfloat16
+    gen = seeded_generator("quant-module-u4")
+    q, z = torch.randint(0, 16, (96, 256), generator=gen), torch.randint(0, 16, (96, 4), generator=gen)
+    s = (torch.rand(96, 4, generator=gen) / 64).to(torch.bfloat16)
+    with torch.no_grad():
+        m.wq.copy_(pack_4bit(q))
+        m.wz.copy_(pack_4bit(z))
+        m.ws.copy_(s)
+    w = (q - z.repeat_interleave(64, 1)).double() * s.double().repeat_interleave(64, 1)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    y = m(x)
+    ref = x.double() @ w.T
+    assert y.dtype == torch.bfloat16 and ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+    tensors = {"wq": m.wq, "ws": m.ws, "wz": m.wz}
+    qw = m._quant_weight(m._linear, tensors, torch.bfloat16)
+    assert torch.equal(dequantize(qw), w) and m._quant_weight(m._linear, tensors, torch.bfloat16) is qw
+    with torch.no_grad():
+        m.ws.mul_(2)
+    assert torch.equal(dequantize(m._quant_weight(m._linear, tensors, torch.bfloat16)), 2 * w)

@@ -34,7 +34,7 @@ def test_arithmetic_on_an_8_bit_tensor_is_an_error():
             return q * unsqueeze(s, 1)
         }
         """))
-    expect(err, 3, 12, "operator '*' on an i8 value: the 8-bit types are storage", hint="f32(...)")
+    expect(err, 3, 12, "operator '*' on an i8 value: the quantised types are storage", hint="f32(...)")
 
 
 def test_reductions_and_products_of_8_bit_tensors_are_errors():
@@ -44,7 +44,7 @@ def test_reductions_and_products_of_8_bit_tensors_are_errors():
             return max(q, axis=-1)
         }
         """))
-    expect(err, 3, 12, "max() on an f8e4m3 tensor: the 8-bit types are storage")
+    expect(err, 3, 12, "max() on an f8e4m3 tensor: the quantised types are storage")
     err = load_error(src("""\
         dims I, O
         dynamic N
@@ -127,3 +127,114 @@ def test_fp8_per_token_layer_makes_the_runtimes_bytes():
     ref = dequantize_fp8_rows(rq, rs, 256) @ (wq.double() * ws.double()[:, None]).T
     assert torch.isfinite(y).all() and y[2].abs().max() == 0
     assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+# ---- 4-bit types: u4 / i4 packed two a byte --------------------------------------------------
+def test_4_bit_packing_is_two_a_byte_low_nibble_first():
+    from layerforge.dsl.types import DType, pack_4bit, unpack_4bit
+    b = torch.tensor([[0x21, 0xF8]], dtype=torch.uint8)
+    assert unpack_4bit(b, DType.u4).tolist() == [[1, 2, 8, 15]]
+    assert unpack_4bit(b, DType.i4).tolist() == [[1, 2, -8, -1]]
+    g = seeded_generator("pack_4bit")
+    for dt, lo, hi in ((DType.u4, 0, 16), (DType.i4, -8, 8)):
+        v = torch.randint(lo, hi, (3, 5, 10), generator=g)
+        packed = pack_4bit(v)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 5)
+        assert torch.equal(unpack_4bit(packed, dt).long(), v)
+
+
+def test_4_bit_inputs_are_packed_bytes_and_casts_saturate():
+    text = src("""\
+        dims I
+        layer f(q: i4[I], x: f32[I]) -> (f32[I], u4[I], i4[I]) {
+            return f32(q), u4(x), i4(x)
+        }
+        """)
+    x = torch.tensor([0.4, 0.6, 2.5, -1.0, 15.4, 99.0, -7.6, -100.0])
+    q = torch.tensor([0x7F, 0x08, 0x10, 0xEE], dtype=torch.uint8)   # nibbles 15 7 | 8 0 | 0 1 | 14 14
+    deq, u4, i4 = evaluate(text, {"q": q, "x": x}, I=8)
+    assert deq.tolist() == [-1, 7, -8, 0, 0, 1, -2, -2]
+    from layerforge.dsl.types import DType, unpack_4bit
+    assert u4.dtype == torch.uint8 and u4.shape == (4,)   # outputs packed as inputs are
+    assert unpack_4bit(u4, DType.u4).tolist() == [0, 1, 2, 0, 15, 15, 0, 0]
+    assert unpack_4bit(i4, DType.i4).tolist() == [0, 1, 2, -1, 7, 7, -8, -8]
+
+
+def test_4_bit_inputs_are_checked_as_packed():
+    text = src("""\
+        dims I
+        layer f(q: u4[I]) -> f32[I] {
+            return f32(q)
+        }
+        """)
+    prog = lf.loads(text, "q.lf")
+    layer = prog.specialise("f", dims={"I": 8}, dtype="bf16")
+    with pytest.raises(lf.LayerInputError, match=r"must be u4 \(torch.uint8, packed two a byte\)"):
+        lf.evaluate(layer.function, {"q": torch.zeros(4, dtype=torch.int8)})
+    with pytest.raises(lf.LayerInputError, match="dim 0 must be 8, got 16"):   # 8 bytes hold 16 values
+        lf.evaluate(layer.function, {"q": torch.zeros(8, dtype=torch.uint8)})
+    assert lf.evaluate(layer.function, {"q": torch.zeros(4, dtype=torch.uint8)})[0].shape == (8,)
+
+
+def test_4_bit_arithmetic_is_an_error():
+    err = load_error(src("""\
+        dims I
+        layer f(q: u4[I]) -> u4[I] {
+            return q + q
+        }
+        """))
+    expect(err, 3, 12, "operator '+' on an u4 value: the quantised types are storage", hint="f32(...)")
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_u4_group_quantiser_is_the_runtimes(group):
+    """quantize_u4_groups (f64 reference) gives runtime/quant.py quantize_u4's q, zeros and scales."""
+    from layerforge.dsl.types import DType, unpack_4bit
+    from layerforge.runtime.quant import quantize_u4
+    w = torch.randn(40, 256, generator=seeded_generator("u4_groups", group))
+    layer = lf.stdlib().specialise("quantize_u4_groups", dims={"O": 40, "I": 256, "G": group}, dtype="f32")
+    q, s, z = lf.evaluate(layer.function, {"w": w}, precision="float64")
+    rq, rz, rs = quantize_u4(w, group)
+    assert torch.equal(unpack_4bit(q, DType.u4).long(), rq) and torch.equal(unpack_4bit(z, DType.u4).long(), rz)
+    torch.testing.assert_close(s.double(), rs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["program", "float64"])
+def test_u4_linear_is_the_awq_checkpoints_meaning(precision):
+    """An AWQ (GEMM) checkpoint's int32 words, unpacked (runtime/quant.py unpack_awq) and packed two a
+    byte, through the stdlib's u4_linear: x @ W.T with W = T((q - z) s), as dequantize_awq defines W."""
+    from layerforge.dsl.types import pack_4bit
+    from layerforge.runtime.quant import _words, dequantize_awq, unpack_awq, AWQ_ORDER
+    g = seeded_generator("u4_awq", precision)
+    K, N, G, M = 256, 64, 64, 3
+    qv = torch.randint(0, 16, (K, N), generator=g)
+    zv = torch.randint(0, 16, (K // G, N), generator=g)
+    scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).bfloat16()
+    order = list(AWQ_ORDER)
+    qweight = _words(qv.view(K, N // 8, 8)[..., order])
+    qzeros = _words(zv.view(K // G, N // 8, 8)[..., order])
+    q, z, s = unpack_awq(qweight, qzeros, scales, G)
+    assert torch.equal(q, qv.T) and torch.equal(z, zv.T)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    layer = lf.stdlib().specialise("u4_linear", dims={"O": N, "I": K, "G": G}, dtype="bf16")
+    y, = lf.evaluate(layer.function, {"x": x, "wq": pack_4bit(q), "ws": s, "wz": pack_4bit(z)}, precision=precision)
+    w = dequantize_awq(qweight, qzeros, scales, G)
+    if precision == "float64":
+        torch.testing.assert_close(y, x.double() @ w.T, rtol=1e-12, atol=1e-12)
+    else:   # W rounded once to bf16, the product summed in f32 and rounded to bf16
+        want = (x.float() @ w.bfloat16().float().T).bfloat16()
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_i4_linear_is_symmetric_group_scales():
+    from layerforge.dsl.types import pack_4bit
+    g = seeded_generator("i4_linear")
+    K, N, G = 128, 32, 32
+    q = torch.randint(-8, 8, (N, K), generator=g)
+    s = torch.rand(N, K // G, generator=g).bfloat16()
+    x = torch.randn(4, K, generator=g).bfloat16()
+    layer = lf.stdlib().specialise("i4_linear", dims={"O": N, "I": K, "G": G}, dtype="bf16")
+    y, = lf.evaluate(layer.function, {"x": x, "wq": pack_4bit(q), "ws": s}, precision="float64")
+    torch.testing.assert_close(y, x.double() @ (q.double() * s.double().repeat_interleave(G, 1)).T, rtol=1e-12,
+                               atol=1e-12)

@@ -121,3 +121,40 @@ def test_int8_product_layer_against_float64(name, m):
     assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
     err = (out.double() - want).norm() / want.norm()
     assert err < 1e-2, err
+
+
+QUANT4 = [("u4_linear", 128), ("u4_linear", 64), ("i4_linear", 128), ("i4_linear", 32)]
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("name,group", QUANT4)
+def test_4_bit_product_layer_against_float64(name, group, m):
+    """The stdlib's 4-bit layers (u4 with zero points, i4 symmetric; scales a group of K): the u4 small-
+    token product on the weights repacked from the layer's packed tensors up to 16 rows, the longer-call
+    route past them, against the layer's dequantisation in float64, outputs poisoned first; weights
+    rewritten in place are repacked (the next call sees them)."""
+    from layerforge.dsl.types import pack_4bit
+    n, k = 768, 2048
+    mod = module(name, dims=lf.stdlib().bindings_for(name, {"I": k, "O": n, "G": group}), dtype="bf16", device="cuda")
+    assert mod.kernel_reason is None and mod._linear.wtype == name[:2] and mod._linear.group == group
+    gen = seeded_generator("linear-dsl-4bit", name, group, m)
+
+    def fill():
+        lo, hi = (0, 16) if name == "u4_linear" else (-8, 8)
+        with torch.no_grad():
+            mod.wq.copy_(pack_4bit(torch.randint(lo, hi, (n, k), generator=gen)))
+            mod.ws.copy_((torch.rand(n, k // group, generator=gen) * 2 / (8 * k ** 0.5)).to(torch.bfloat16))
+            if hasattr(mod, "wz"):
+                mod.wz.copy_(pack_4bit(torch.randint(0, 16, (n, k // group), generator=gen)))
+
+    for _ in range(2):
+        fill()
+        x = (torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, m)[:, None]).to(torch.bfloat16).cuda()
+        tensors = {"x": x, **{p: getattr(mod, a) for p, a in mod._weights.items()}}
+        (want,) = lf.evaluate(mod.function, tensors, precision="float64")
+        out = torch.full(tuple(want.shape), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y = mod(x, out=(out,))
+        torch.cuda.synchronize()
+        assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+        err = (out.double() - want).norm() / want.norm()
+        assert err < 1e-2, err

@@ -127,7 +127,7 @@ def test_cli_build_packs_product_layers_and_skips_what_does_not_fuse(tmp_path, c
         assert rec["layer"] == "rms_norm_linear" and rec["dims"] == {"H": 64, "O": 48}
         assert rec["linear"] == {"x": "x", "weight": "w", "n": 48, "k": 64, "dtype": "bf16", "bias": None,
                                  "residual": None, "gated": None, "norm_weight": "gamma", "norm_offset": 0.0,
-                                 "eps": "eps", "wtype": None, "wscale": None}
+                                 "eps": "eps", "wtype": None, "wscale": None, "group": 0, "wzero": None}
         assert [p["name"] for p in rec["interface"]["params"]] == ["x", "gamma", "w", "eps"]
     from layerforge.runtime.pack import load_pack
     pack = load_pack(out_dir, check_device=False)
