@@ -177,6 +177,13 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     if what:   # a row kernel would never write the state back: never lowered by accident
         raise LoweringError(not_lowered_reason(layer) or f"{layer.name}: {what}: the scan family's kernels serve "
                             "it (codegen/scan_lower.py, through codegen/families.plans_for_layer), not a row kernel")
+    quantised = [(p.name, p.dtype) for p in layer.function.params if p.kind not in ("const", "scalar")
+                 and p.dtype.is_storage] + [("an output", o.dtype) for o in layer.function.outputs if o.dtype.is_storage]
+    if quantised:   # the row kernels load and store float and integer types only
+        what, dt = quantised[0]
+        raise LoweringError(f"{layer.name}: {what if what == 'an output' else repr(what)} is {dt}: the quantised "
+                            f"types lower only as the weight of a product layer (codegen/linear_lower.py); this "
+                            f"layer runs the reference evaluator")
     from . import route   # (route.py builds on this module's KernelPlan)
     if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
         return route.plan_route(layer, arch, vec_bytes=vec_bytes)

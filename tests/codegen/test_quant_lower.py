@@ -182,3 +182,19 @@ def test_module_of_a_u4_layer_holds_packed_weights_and_is_the_evaluators_on_the_
     with torch.no_grad():
         m.ws.mul_(2)
     assert torch.equal(dequantize(m._quant_weight(m._linear, tensors, torch.bfloat16)), 2 * w)
+
+
+def test_row_layers_of_quantised_types_are_clear_lowering_errors(prog):
+    """A layer that is no product but reads or writes a quantised type (the u4 group quantiser) has no
+    row kernel: a LoweringError naming the type (its module runs the evaluator), not a lookup failure."""
+    from layerforge.runtime.layers import module
+    layer = prog.specialise("quantize_u4_groups", dtype="f32", **prog.bindings_for("quantize_u4_groups",
+                                                                                   {"I": 256, "O": 64, "G": 64}))
+    with pytest.raises(LoweringError, match="an output is u4: the quantised types lower only as the weight"):
+        plans_for_layer(layer, "sm_90")
+    m = module("quantize_u4_groups", I=256, O=64, G=64, dtype="f32")
+    assert "quantised types" in m.kernel_reason
+    with torch.no_grad():   # w [O, I] is static: a weight of the module
+        getattr(m, m._weights["w"]).copy_(torch.randn(64, 256, generator=seeded_generator("u4-row-module")))
+    q, s, z = m()
+    assert q.shape == (64, 128) and q.dtype == torch.uint8 and s.shape == (64, 4) and z.shape == (64, 2)
