@@ -56,10 +56,11 @@ class LinearPattern:
     norm_offset: float = 0.0         # 1.0: x * (1 + gamma)
     eps: str | float | None = None   # the norm's eps: a runtime scalar's name or a constant
     wtype: str | None = None         # "i8": weight is i8 [n, K] with one scale a row, wscale [n] in dtype
-    wscale: str | None = None        #   (W = T(f32(weight) * f32(unsqueeze(wscale, 1))): the kernel's layout);
+    wscale: str | None = None        #   (W = T(f32(weight) * f32(unsqueeze(wscale, 1))): the kernel's layout), or
+                                     #   [n, K / group];
                                      # "u4" / "i4": weight u4 / i4 [n, K] (packed two a byte), wscale [n, K / group]
     group: int = 0                   #   in dtype, wzero u4 [n, K / group] (u4 only): W = T((q - z) s) by group of
-    wzero: str | None = None         #   K (i4: z = 0); the u4 kernel's layout is made from them at run time
+    wzero: str | None = None         #   K (i4: z = 0); the kernels' layouts are made from them at run time
 
     @property
     def kernel_wtype(self) -> str | None:
@@ -201,7 +202,7 @@ class _Matcher:
         for t in (x, w if ws is None else ws, bias, residual, gamma):
             if t is not None and t.dtype != out.dtype:
                 self.fail(t, f"input '{t.arg}' is {t.dtype}; the kernel takes every tensor in the output's "
-                             f"dtype, {out.dtype}" + (" (an i8 weight's scales too)" if t is ws else ""))
+                             f"dtype, {out.dtype}" + (" (a quantised weight's scales too)" if t is ws else ""))
         return LinearPattern(x=x.arg, weight=w.arg, n=n, k=k, dtype=str(out.dtype),
                              bias=None if bias is None else bias.arg, residual=None if residual is None else residual.arg,
                              gated=act, norm_weight=None if gamma is None else gamma.arg, norm_offset=offset, eps=eps,
@@ -258,9 +259,10 @@ class _Matcher:
                          "torch.nn.Linear stores it (linear(x, w) writes it)")
         return w, None, None, 0
 
-    GROUPED = ("a 4-bit weight lowers as reshape((f32(reshape(q, O, I / G, G)) - f32(unsqueeze(z, 2))) * "
-               "f32(unsqueeze(s, 2)), O, I) (u4 q, zero points z [O, I / G], scales s [O, I / G]) or without the "
-               "zero points (i4 q): dsl/stdlib/quant.lf u4_linear / i4_linear")
+    GROUPED = ("a weight with scales by group of K lowers as reshape((f32(reshape(q, O, I / G, G)) - "
+               "f32(unsqueeze(z, 2))) * f32(unsqueeze(s, 2)), O, I) (u4 q, zero points z [O, I / G], scales s "
+               "[O, I / G]) or without the zero points (i4 or i8 q): dsl/stdlib/quant.lf u4_linear / i4_linear / "
+               "int8_group_linear")
 
     def _group(self, r: Node) -> tuple[Node, Node, Node | None, int]:
         """reshape(W3, O, I) of W3 [O, I / G, G] = (f32(reshape(q)) [- f32(unsqueeze(z, 2))]) * f32(unsqueeze(s, 2)):
@@ -281,10 +283,11 @@ class _Matcher:
                 return None
             return t
 
-        def values(f):   # f32(reshape(q, O, I / G, G)) of a 4-bit input q [O, I]
+        def values(f):   # f32(reshape(q, O, I / G, G)) of a 4-bit or i8 input q [O, I]
             f = f.src[0] if f.op is Op.CAST else None
             q = f.src[0] if f is not None and f.op is Op.RESHAPE else None
-            if q is None or q.op is not Op.INPUT or not q.dtype.is_packed or not _same_shape(q.shape, (o, i)):
+            if q is None or q.op is not Op.INPUT or q.dtype not in (DType.u4, DType.i4, DType.i8) \
+                    or not _same_shape(q.shape, (o, i)):
                 return None
             return q
 
@@ -300,7 +303,7 @@ class _Matcher:
                 self.fail(other, self.GROUPED)
         else:
             q, z = values(other), None
-            if q is None or q.dtype is not DType.i4:
+            if q is None or q.dtype not in (DType.i4, DType.i8):
                 self.fail(other, self.GROUPED)
         return q, s, z, group
 

@@ -324,27 +324,33 @@ class LayerModule(torch.nn.Module):
         return y if out is None else out.copy_(y)
 
     def _quant_weight(self, p, tensors, dtype):
-        """The layer's quantised weight in runtime/quant.py's kernel layout: i8 as the layer holds it;
-        u4 / i4 (packed two a byte, scales and u4 zero points by group) repacked into the u4 kernel's
-        words and (scale, zero) pairs, once per weight (kept while its tensors are unchanged: same
+        """The layer's quantised weight in runtime/quant.py's kernel layout: i8 with row scales as the
+        layer holds them; i8 with group scales (pack_i8's pairs) and u4 / i4 (packed two a byte,
+        scales and u4 zero points by group) repacked into the kernels' layouts
+        (u4: words and (scale, zero) pairs), once per weight (kept while its tensors are unchanged: same
         storage, same in-place version); i4 runs as u4 with q + 8 and zero point 8."""
-        from .quant import QuantWeight, pack_u4
+        from .quant import QuantWeight, pack_i8, pack_u4
         q, s = tensors[p.weight], tensors[p.wscale]
-        if p.wtype == "i8":
+        if p.wtype == "i8" and not p.group:
             return QuantWeight(p.wtype, 0, q, None, s, p.n, p.k, dtype)
         z = None if p.wzero is None else tensors[p.wzero]
         key = tuple((t.data_ptr(), t._version, t.device) for t in (q, s) + (() if z is None else (z,)))
         hit = self._repacked.get(key)
-        if hit is None:
+        if hit is not None:
+            return hit
+        if len(self._repacked) >= 8:
+            self._repacked.clear()
+        if p.wtype == "i8":   # scales by group: the kernel's (scale, zero) pairs
+            hit = pack_i8(q, s, p.group, dtype)
+        else:
             from ..dsl.types import unpack_4bit
             v = unpack_4bit(q, DType[p.wtype]).to(torch.int64)
             if p.wtype == "i4":
                 v, zeros = v + 8, torch.full((p.n, p.k // p.group), 8, dtype=torch.int64, device=q.device)
             else:
                 zeros = unpack_4bit(z, DType.u4).to(torch.int64)
-            if len(self._repacked) >= 8:
-                self._repacked.clear()
-            hit = self._repacked[key] = pack_u4(v, zeros, s, p.group, dtype)
+            hit = pack_u4(v, zeros, s, p.group, dtype)
+        self._repacked[key] = hit
         return hit
 
     def _empty_outputs(self, dims: dict[str, int], device: torch.device) -> tuple[torch.Tensor, ...] | None:

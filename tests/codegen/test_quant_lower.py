@@ -125,9 +125,9 @@ def test_4_bit_layers_lower_to_the_u4_product(prog, name, group):
 
 FOUR_REFUSED = [
     ("x: T[N, K], q: u4[O, K], s: T[O, K / G]", "return linear(x, T(reshape(f32(reshape(q, O, K / G, G)) * "
-     "f32(unsqueeze(s, 2)), O, K)))", "a 4-bit weight lowers as", 4),          # u4 without its zero points
+     "f32(unsqueeze(s, 2)), O, K)))", "a weight with scales by group of K lowers as", 4),          # u4 without its zero points
     ("x: T[N, K], q: i4[O, K], s: T[O, K / G], z: u4[O, K / G]", "return linear(x, T(reshape((f32(reshape(q, O, "
-     "K / G, G)) - f32(unsqueeze(z, 2))) * f32(unsqueeze(s, 2)), O, K)))", "a 4-bit weight lowers as", 4),
+     "K / G, G)) - f32(unsqueeze(z, 2))) * f32(unsqueeze(s, 2)), O, K)))", "a weight with scales by group of K lowers as", 4),
     ("x: T[N, K], q: u4[O, K], s: f32[O, K / G], z: u4[O, K / G]", "return linear(x, T(reshape((f32(reshape(q, O, "
      "K / G, G)) - f32(unsqueeze(z, 2))) * unsqueeze(s, 2), O, K)))", "input 's' is f32", 3),
 ]
@@ -198,3 +198,33 @@ def test_row_layers_of_quantised_types_are_clear_lowering_errors(prog):
         getattr(m, m._weights["w"]).copy_(torch.randn(64, 256, generator=seeded_generator("u4-row-module")))
     q, s, z = m()
     assert q.shape == (64, 128) and q.dtype == torch.uint8 and s.shape == (64, 4) and z.shape == (64, 2)
+
+
+
+def test_group_int8_layer_lowers_to_the_i8_group_product(prog):
+    """int8 weights with scales by group of K: the i8 product's group layout (pack_i8's pairs, made once
+    per weight by the module), which dequantises to the layer's W."""
+    from layerforge.runtime.layers import module
+    from layerforge.runtime.quant import dequantize
+    dims = prog.bindings_for("int8_group_linear", {"I": 512, "O": 96, "G": 64})
+    layer = prog.specialise("int8_group_linear", dtype="bf16", **dims)
+    pattern = match_linear(layer)
+    assert (pattern.wtype, pattern.group, pattern.wscale, pattern.kernel_wtype) == ("i8", 64, "ws", "i8")
+    assert all(p.wtype == "i8" and p.group == 64 for p in plans_for_layer(layer, "sm_90"))
+    m = module("int8_group_linear", dtype="bf16", **dims)
+    assert m.kernel_reason is None
+    gen = seeded_generator("quant-module-i8-group")
+    with torch.no_grad():
+        m.wq.copy_(torch.randint(-127, 128, (96, 512), generator=gen).to(torch.int8))
+        m.ws.copy_((torch.rand(96, 8, generator=gen) / 256).to(torch.bfloat16))
+    tensors = {"wq": m.wq, "ws": m.ws}
+    (w_ref,) = lf.evaluate(layer.function, {"x": torch.eye(512, dtype=torch.bfloat16), **tensors}, precision="float64")
+    torch.testing.assert_close(dequantize(m._quant_weight(m._linear, tensors, torch.bfloat16)), w_ref.T,
+                               rtol=0, atol=0)   # x = I: the product is W^T itself
+
+
+def test_the_fp8_block_layer_runs_the_reference_evaluator(prog):
+    layer = prog.specialise("fp8_block_linear", dtype="bf16", **prog.bindings_for("fp8_block_linear",
+                                                                                 {"I": 512, "O": 256, "G": 128}))
+    with pytest.raises(LoweringError, match="a weight with scales by group of K lowers as"):
+        match_linear(layer)

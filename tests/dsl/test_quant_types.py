@@ -238,3 +238,31 @@ def test_i4_linear_is_symmetric_group_scales():
     y, = lf.evaluate(layer.function, {"x": x, "wq": pack_4bit(q), "ws": s}, precision="float64")
     torch.testing.assert_close(y, x.double() @ (q.double() * s.double().repeat_interleave(G, 1)).T, rtol=1e-12,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fp8_block_linear"])
+def test_fp8_weight_layers_are_the_runtimes_fp8_layouts(name):
+    """e4m3 weights with 128 x 128 block scales (DeepSeek-V3's) mean what runtime/quant.py's pack_fp8
+    block layout dequantises to (float64: x = I gives W^T)."""
+    from layerforge.runtime.quant import dequantize, pack_fp8
+    g = seeded_generator("fp8-weight-layers", name)
+    O, I = 256, 384
+    q = (torch.randn(O, I, generator=g) * 40).to(torch.float8_e4m3fn)
+    block = name == "fp8_block_linear"
+    s = torch.rand(*((O // 128, I // 128) if block else (O,)), generator=g) + 0.01
+    layer = lf.stdlib().specialise(name, dims={"O": O, "I": I, "G": 128}, dtype="bf16")
+    (wt,) = lf.evaluate(layer.function, {"x": torch.eye(I, dtype=torch.bfloat16), "wq": q, "ws": s},
+                        precision="float64")
+    want = dequantize(pack_fp8(q, s, 128 if block else None))
+    torch.testing.assert_close(wt.T, want, rtol=0, atol=0)
+
+
+def test_int8_group_linear_is_the_i8_group_layout():
+    from layerforge.runtime.quant import dequantize, pack_i8
+    g = seeded_generator("int8-group")
+    q = torch.randint(-128, 128, (64, 256), generator=g).to(torch.int8)
+    s = (torch.rand(64, 4, generator=g) / 100).to(torch.bfloat16)
+    layer = lf.stdlib().specialise("int8_group_linear", dims={"O": 64, "I": 256, "G": 64}, dtype="bf16")
+    (wt,) = lf.evaluate(layer.function, {"x": torch.eye(256, dtype=torch.bfloat16), "wq": q, "ws": s},
+                        precision="float64")
+    torch.testing.assert_close(wt.T, dequantize(pack_i8(q, s, 64)), rtol=0, atol=0)

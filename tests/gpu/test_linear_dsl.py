@@ -158,3 +158,27 @@ def test_4_bit_product_layer_against_float64(name, group, m):
         assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
         err = (out.double() - want).norm() / want.norm()
         assert err < 1e-2, err
+
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 40])
+def test_group_int8_layer_against_float64(m):
+    """int8 weights with scales by group of 128 along K: the i8 small-token product on the module's
+    group pairs (made once per weight) up to 16 rows, the longer-call route past them, against the
+    layer's dequantisation in float64, outputs poisoned first."""
+    n, k = 768, 2048
+    mod = module("int8_group_linear", dims=lf.stdlib().bindings_for("int8_group_linear", {"I": k, "O": n, "G": 128}),
+                 dtype="bf16", device="cuda")
+    assert mod.kernel_reason is None and mod._linear.group == 128
+    gen = seeded_generator("linear-dsl-i8-group", m)
+    with torch.no_grad():
+        mod.wq.copy_(torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8))
+        mod.ws.copy_((torch.rand(n, k // 128, generator=gen) / (64 * k ** 0.5)).to(torch.bfloat16))
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, m)[:, None]).to(torch.bfloat16).cuda()
+    (want,) = lf.evaluate(mod.function, {"x": x, "wq": mod.wq, "ws": mod.ws}, precision="float64")
+    out = torch.full(tuple(want.shape), float("nan"), dtype=torch.bfloat16, device="cuda")
+    mod(x, out=(out,))
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+    err = (out.double() - want).norm() / want.norm()
+    assert err < 1e-2, err
