@@ -119,6 +119,11 @@ class MLADecodePlan(KernelPlan):
         return self.kernel == "wgmma" and self.page_size >= TMA_MIN_PAGE
 
     @property
+    def tma_box(self) -> tuple[int, int]:
+        """(rows, columns) of the cache map's box: a page run of at most a tile x one 128-byte column block."""
+        return min(self.page_size, self.keys), 64
+
+    @property
     def shared_layout(self) -> SharedLayout:
         if self.kernel == "wgmma":
             return wgmma_decode_layout(self.row_dim, self.keys)
@@ -126,8 +131,9 @@ class MLADecodePlan(KernelPlan):
 
     @property
     def shared_bytes(self) -> int:
-        # the wgmma kernel aligns its base up to 1024 bytes (the swizzle reads address bits 7-9)
-        return self.shared_layout.bytes + (1024 if self.kernel == "wgmma" else 0)
+        if self.kernel == "wgmma":
+            return wgmma_shared_bytes(self.row_dim, self.keys)
+        return self.shared_layout.bytes
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -166,7 +172,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
         return render("cuda/mla_decode_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
-                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, BOXR=min(plan.page_size, plan.keys),
+                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, BOXR=plan.tma_box[0],
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
@@ -253,12 +259,18 @@ def wgmma_decode_layout(row_dim: int, keys: int) -> SharedLayout:
                          ("sP", 2 * HEADS_PER_CTA * keys), ("sAux", aux)), align=1024)
 
 
+def wgmma_shared_bytes(row_dim: int, keys: int) -> int:
+    """The wgmma kernel's dynamic shared memory: its layout, and 1024 bytes to align its base up to
+    (the swizzle reads address bits 7-9)."""
+    return wgmma_decode_layout(row_dim, keys).bytes + 1024
+
+
 def wgmma_serves(latent_dim: int, rope_dim: int, arch: str) -> bool:
     """Whether the Hopper kernel takes these dims on this arch (sm_90: latent halves of whole
     64-column blocks, at most 256 a half, and Q with two stages within shared memory)."""
     if ops.arch_number(arch) != 90 or latent_dim % 128 or latent_dim > 512 or (latent_dim + rope_dim) % 64:
         return False
-    return wgmma_decode_layout(latent_dim + rope_dim, 64).bytes + 1024 <= smem_limit(arch)
+    return wgmma_shared_bytes(latent_dim + rope_dim, 64) <= smem_limit(arch)
 
 
 def smem_limit(arch: str) -> int:

@@ -159,7 +159,7 @@ class MLADecode:
                       num_pages=cache.shape[0], num_seqs=S, num_splits=num_splits)
         if self.plan.tma:   # full key tiles by TMA: boxes of a page run (at most a tile) x 64 channels
             from .tma import tensor_map
-            values["kv_map"] = tensor_map(cache.view(-1, self.row_dim), (min(self.page_size, self.plan.keys), 64))
+            values["kv_map"] = tensor_map(cache.view(-1, self.row_dim), self.plan.tma_box)
         main((T, num_splits), main_args(values))
         if num_splits > 1:
             merge((T,), merge_args(values))

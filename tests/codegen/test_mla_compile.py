@@ -30,7 +30,7 @@ def test_decode_compiles_without_spills(heads, latent, rope, page, arch, kernel)
     plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, arch=arch, kernel=kernel)
     # sm_90's default is the Hopper kernel (built for sm_90a), full tiles by TMA from pages of 16 keys up
     assert plan.kernel == ("wgmma" if arch == "sm_90" and kernel is None else "mma")
-    assert plan.tma == (plan.kernel == "wgmma" and page >= 16)
+    assert plan.tma == (plan.kernel == "wgmma" and page >= 16) and plan.tma_box == (min(page, plan.keys), 64)
     assert any(a.role == "tmap" for a in plan.abi.args) == plan.tma
     compile_clean(plan, arch)
     assert plan.abi.shared_bytes <= SMEM_LIMIT[arch]
