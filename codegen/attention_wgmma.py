@@ -64,12 +64,15 @@ class WGTileConfig:
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
     items: int = 1               # row blocks a CTA computes: 2 pairs row block Y - 1 - j with j (the template's ITEMS)
+    prefetch_q: bool = False     # items 2: the second block's Q loaded under the first one's last tile
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         if self.items not in (1, 2):
             raise ValueError(f"items (row blocks a CTA) must be 1 or 2, not {self.items}")
+        if self.prefetch_q and self.items == 1:
+            raise ValueError("prefetch_q loads the next row block's Q: it needs items=2")
         # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
         if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
@@ -77,7 +80,8 @@ class WGTileConfig:
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
-                + ("t" if self.tma else "") + (f"i{self.items}" if self.items > 1 else ""))
+                + ("t" if self.tma else "") + (f"i{self.items}" if self.items > 1 else "")
+                + ("q" if self.prefetch_q else ""))
 
     @property
     def threads(self) -> int:
@@ -264,6 +268,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, BOXR=plan.tma_box[0], ITEMS=c.items,
+        PREFETCH_Q=c.prefetch_q,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)

@@ -40,9 +40,11 @@ def test_plans_take_pairs(prog, d, schedule):
 
 @pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
                          ids=lambda x: getattr(x, "label", str(x)))
-def test_every_tile_candidate_paired(prog, d, tiles, schedule):
-    """Odd and even row-block counts (700 and 333 tokens x 4 heads), a one-token chunk."""
-    tiles = dataclasses.replace(tiles, overlap=schedule == "overlap", items=2)
+@pytest.mark.parametrize("prefetch_q", [False, True])
+def test_every_tile_candidate_paired(prog, d, tiles, schedule, prefetch_q):
+    """Odd and even row-block counts (700 and 333 tokens x 4 heads), a one-token chunk; the second
+    row block's Q loaded under the first one's last tile (prefetch_q) or after it."""
+    tiles = dataclasses.replace(tiles, overlap=schedule == "overlap", items=2, prefetch_q=prefetch_q)
     wgmma(prog, "gemma2_attn", 16, 4, d, 16, lens=[700, 1, 333], new=[700, 1, 100], window=200,
           tiles={"prefill": tiles})
     wgmma(prog, "llama_attn", 16, 4, d, 64, **LONG, tiles={"prefill": tiles})
