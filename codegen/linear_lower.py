@@ -15,6 +15,20 @@ and r (the output's shape) tensor inputs; norm(x) is x, or an RMSNorm of it, x *
 (swiglu / geglu / geglu_tanh over the product). The stdlib's `linear(x, w[, b])`, `rms_norm`,
 `gemma_rms_norm`, `swiglu`, `geglu`, `geglu_tanh` and `res + ...` inline to exactly these shapes.
 
+FP8 W8A8 with one scale a token (dsl/stdlib/quant.lf fp8_linear_per_token) is matched as written,
+nothing fused around it and no cast looked through (each rounding of the activations' quantisation is
+its meaning):
+
+    T((f32(q) * (amax * (1.0 / 448.0))) @ (f32(wq) * unsqueeze(ws, 1)).T),
+    q = f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)),  amax = max(abs(xf), axis=-1),  xf = f32(x)
+
+with wq f8e4m3 [n, K] and ws f32 [n] (LinearPattern xquant "token", wtype "f8e4m3"). It has no
+small-token plan: codegen/gemv.py's e4m3 kernels quantise x by 1 x 128 blocks, another meaning, so
+`plan` / `linear_plans` are LoweringErrors for it (a pack cannot hold it; its module runs runtime/quant.py's
+fp8_linear_per_token: the Hopper FP8 GEMM with per-token scales, compiled at run time, or torch). A
+layer that quantises its activations some other way, or an e4m3 weight without the activations
+quantised (fp8_block_linear), is a LoweringError saying what lowers; such layers run the evaluator.
+
 Float casts are looked through: the kernel keeps every intermediate in f32 and rounds once, at
 the output, where the reference rounds after some steps too (the normed x, the product); the
 difference is that rounding, within the tolerance the kernels are tested to. Anything else with
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import struct
 from dataclasses import dataclass
 
 import sympy
@@ -60,7 +75,9 @@ class LinearPattern:
                                      #   [n, K / group];
                                      # "u4" / "i4": weight u4 / i4 [n, K] (packed two a byte), wscale [n, K / group]
     group: int = 0                   #   in dtype, wzero u4 [n, K / group] (u4 only): W = T((q - z) s) by group of
-    wzero: str | None = None         #   K (i4: z = 0); the kernels' layouts are made from them at run time
+    wzero: str | None = None         #   K (i4: z = 0); the kernels' layouts are made from them at run time;
+                                     # "f8e4m3" (only with xquant "token"): weight e4m3 [n, K], wscale f32 [n]
+    xquant: str | None = None        # "token": x quantised to e4m3 in the layer, one scale a token (amax / 448)
 
     @property
     def kernel_wtype(self) -> str | None:
@@ -68,10 +85,16 @@ class LinearPattern:
         return "u4" if self.wtype == "i4" else self.wtype
 
     def to_json(self) -> dict:
-        """The pattern as a pack's manifest records it (LinearPattern(**d) reads it back)."""
-        return dataclasses.asdict(self)
+        """The pattern as a pack's manifest records it (LinearPattern(**d) reads it back); xquant only
+        when set (a pack holds no W8A8 per-token product: its manifests are as before)."""
+        d = dataclasses.asdict(self)
+        if self.xquant is None:
+            del d["xquant"]
+        return d
 
     def plan(self, arch: str, max_m: int = 16) -> GemvPlan:
+        if self.xquant is not None:
+            raise LoweringError(NO_TOKEN_PLAN)
         try:
             return plan_gemv(self.dtype, n=self.n, k=self.k, max_m=max_m, gated=self.gated, bias=self.bias is not None,
                              residual=self.residual is not None, norm="rms" if self.norm_weight else None,
@@ -101,9 +124,16 @@ def plan_linear(layer: Layer, arch: str, max_m: int = 16) -> GemvPlan:
 
 def linear_plans(layer: Layer, arch: str) -> list[GemvPlan]:
     """The kernels a module of the layer launches: one for up to 8 rows, one for 9 to 16
-    (runtime/linear.py's KERNEL_MAX_ROWS)."""
+    (runtime/linear.py's KERNEL_MAX_ROWS). The W8A8 per-token product has none (NO_TOKEN_PLAN): a
+    LoweringError, which a build records as the layer skipped."""
     pattern = match_linear(layer)
     return [pattern.plan(arch, 8), pattern.plan(arch, 16)]
+
+
+NO_TOKEN_PLAN = ("the W8A8 product with one activation scale a token has no small-token kernel (codegen/gemv.py's "
+                 "e4m3 kernels quantise x by 1 x 128 blocks, another meaning), so no plan a pack holds: a module of "
+                 "the layer runs runtime/quant.py's fp8_linear_per_token (the Hopper FP8 GEMM with per-token "
+                 "scales, compiled at run time, on sm_90; torch elsewhere)")
 
 
 # ---- the matcher ------------------------------------------------------------------------------
@@ -194,7 +224,15 @@ class _Matcher:
                 bias = self._bias(t, product, bias, outer_sum)
             else:
                 self.fail(_at(t, outer_sum), f"+ {_describe(t)} cannot be fused: " + self.EPILOGUE)
-        x, gamma, offset, eps = self._prologue(_peel(product.src[0]))
+        lhs = _peel(product.src[0])
+        if any(m.op is Op.CAST and m.dtype.is_storage for m in toposort([lhs])):   # x quantised in the layer
+            fused = [what for what, t in (("a gated activation", act), ("a bias", bias), ("a residual", residual))
+                     if t is not None]
+            if fused or _peel(out) is not product or out.op is not Op.CAST or out.src[0] is not product:
+                self.fail(_peel(out), f"the W8A8 product with one scale a token lowers alone, T(its product) with "
+                                      f"nothing fused around it ({', '.join(fused) or 'a cast'} here): " + self.TOKEN)
+            return self._token(lhs, product, out)
+        x, gamma, offset, eps = self._prologue(lhs)
         w, ws, wz, group = self._weight(_peel(product.src[1]), product)
         k, n = _static(w.shape[1]), _static(w.shape[0])
         if k is None or n is None or n != n_rows:
@@ -248,7 +286,11 @@ class _Matcher:
 
     def _weight(self, b: Node, product: Node) -> tuple[Node, Node | None, Node | None, int]:
         """(weight, scales, zero points, group): w; or the dequantisation T(f32(q) * f32(unsqueeze(s, 1)))
-        of an i8 q [out, in] by s [out] (the kernel's i8 layout); or a grouped one of a 4-bit q (_group)."""
+        of an i8 q [out, in] by s [out] (the kernel's i8 layout); or a grouped one of a 4-bit q (_group).
+        An fp8 weight here (x not quantised) is an error: only the W8A8 form lowers it."""
+        fp8 = [m for m in toposort([b]) if m.op is Op.INPUT and m.dtype in (DType.f8e4m3, DType.f8e5m2)]
+        if fp8:
+            self.fail(fp8[0], self.FP8_WEIGHT_ONLY.format(q=fp8[0].arg, t=fp8[0].dtype))
         w = _peel(b.src[0]) if b.op is Op.TRANSPOSE else None
         if w is not None and w.op is Op.BINARY and w.arg == "mul":
             return (*self._dequant(w), None, 0)
@@ -325,6 +367,104 @@ class _Matcher:
                          "which the DSL's lowering does not match yet: this layer runs the reference evaluator")
         return q, s
 
+    FP8_WEIGHT_ONLY = ("input '{q}' is {t}: an fp8 weight lowers only in the W8A8 products, with the "
+                       "activations quantised to e4m3 in the layer, one scale a token, as dsl/stdlib/quant.lf "
+                       "fp8_linear_per_token writes it; a weight-only fp8 layer (fp8_block_linear's 128 x 128 blocks) "
+                       "runs the reference evaluator")
+    TOKEN = ("W8A8 with one scale a token lowers as T((f32(q) * (amax * (1.0 / 448.0))) @ (f32(wq) * "
+             "unsqueeze(ws, 1)).T) with q = f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)), amax = "
+             "max(abs(xf), axis=-1), xf = f32(x), x a tensor input [..., I], wq f8e4m3 [O, I] and ws f32 [O] "
+             "(dsl/stdlib/quant.lf fp8_linear_per_token); other scalings run the reference evaluator")
+
+    def _token(self, a: Node, product: Node, out: Node) -> LinearPattern:
+        """The W8A8 product with x quantised per token (the TOKEN form, exactly: each cast and constant is
+        part of its rounding) -> its LinearPattern; a positioned error naming the part that differs."""
+        def const(n: Node, value: float, what: str) -> None:
+            if n.op is not Op.CONST or _f32(n.arg) != _f32(value):
+                self.fail(n, f"{what} must be the constant {value!r}: " + self.TOKEN)
+
+        def other(n: Node, first: Node) -> Node:
+            return n.src[1] if n.src[0] is first else n.src[0]
+
+        if a.op is not Op.BINARY or a.arg != "mul" or a.dtype is not DType.f32 or product.dtype is not DType.f32:
+            self.fail(a, "the product's left operand must be the f32 dequantised x, f32(q) * (amax * (1.0 / 448.0)): "
+                         + self.TOKEN)
+        fq = next((f for f in a.src if f.op is Op.CAST and f.src[0].op is Op.CAST and f.src[0].dtype.is_storage),
+                  None)
+        if fq is None or fq.dtype is not DType.f32:
+            self.fail(a, "the dequantised x is f32(q) times its token's scale: " + self.TOKEN)
+        q = fq.src[0]
+        if q.dtype is not DType.f8e4m3:
+            self.fail(q, f"x quantises to f8e4m3 (the FP8 GEMM's e4m3), not {q.dtype}: " + self.TOKEN)
+        m = q.src[0]
+        if m.op is not Op.BINARY or m.arg != "mul" or m.dtype is not DType.f32:
+            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)): " + self.TOKEN)
+        wh = next((f for f in m.src if f.op is Op.WHERE), None)
+        xf = None if wh is None else other(m, wh)
+        if wh is None or xf.op is not Op.CAST or xf.dtype is not DType.f32 or xf.src[0].op is not Op.INPUT:
+            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)) with xf = f32(x), x a "
+                         "tensor input: " + self.TOKEN)
+        x = xf.src[0]
+        cond, inv, zero = wh.src
+        if cond.op is not Op.BINARY or cond.arg != "gt" or inv.op is not Op.BINARY or inv.arg != "div" \
+                or inv.dtype is not DType.f32:
+            self.fail(wh, "a token's inverse scale is where(amax > 0.0, 448.0 / amax, 0.0) (zeros quantise to "
+                          "zeros): " + self.TOKEN)
+        self._amax(cond.src[0], x)
+        const(cond.src[1], 0.0, "amax's threshold")
+        const(inv.src[0], 448.0, "the e4m3 range a token's largest |x| maps to")
+        self._amax(inv.src[1], x)
+        const(zero, 0.0, "a token of zeros' inverse scale")
+        scale = other(a, fq)
+        amax = next((f for f in scale.src if f.op is Op.REDUCE), None) if scale.op is Op.BINARY else None
+        if amax is None or scale.arg != "mul" or scale.dtype is not DType.f32:
+            self.fail(scale, "a token's scale is amax * (1.0 / 448.0): " + self.TOKEN)
+        self._amax(amax, x)
+        const(other(scale, amax), 1.0 / 448.0, "the scale's factor")
+        q_w, ws = self._fp8_weight(_peel(product.src[1]), product)
+        k, n = _static(q_w.shape[1]), _static(q_w.shape[0])
+        if k is None or n is None or n != _static(product.shape[-1]):
+            self.fail(q_w, f"the weight '{q_w.arg}' must have a static shape [out, in]")
+        if x.dtype != out.dtype:
+            self.fail(x, f"input '{x.arg}' is {x.dtype}; the W8A8 product takes x in the output's dtype, "
+                         f"{out.dtype}")
+        return LinearPattern(x=x.arg, weight=q_w.arg, n=n, k=k, dtype=str(out.dtype), wtype="f8e4m3", wscale=ws.arg,
+                             xquant="token")
+
+    def _amax(self, r: Node, x: Node) -> None:
+        """r is max(abs(f32(x)), axis=-1): a token's largest |x| (keepdim, as max keeps it by default)."""
+        if r.op is not Op.REDUCE or r.arg.fn != "max" or r.dtype is not DType.f32:
+            self.fail(r, "amax is max(abs(xf), axis=-1): " + self.TOKEN)
+        if r.arg.axis != x.rank - 1 or not r.arg.keepdim:
+            self.fail(r, "amax is over the last axis, max(abs(xf), axis=-1) (one scale a token; other axes or "
+                         "blocks of x are other scalings): " + self.TOKEN)
+        a = r.src[0]
+        xf = a.src[0] if a.op is Op.UNARY and unary_name(a) == "abs" else None
+        if xf is None or xf.op is not Op.CAST or xf.dtype is not DType.f32 or xf.src[0] is not x:
+            self.fail(r, f"amax is max(abs(xf), axis=-1) of xf = f32({x.arg}), the x quantised: " + self.TOKEN)
+
+    def _fp8_weight(self, b: Node, product: Node) -> tuple[Node, Node]:
+        """(wq, ws) of the W8A8 weight (f32(wq) * unsqueeze(ws, 1)).T, wq f8e4m3 [O, I], ws f32 [O]."""
+        form = ("W8A8's weight lowers as (f32(wq) * unsqueeze(ws, 1)).T: an f8e4m3 wq [O, I] times one f32 scale "
+                "ws [O] a row (an fp8 checkpoint's per-channel weight_scale; 128 x 128 blocks and other scales run "
+                "the reference evaluator)")
+        d = b.src[0] if b.op is Op.TRANSPOSE else None
+        if d is None or d.op is not Op.BINARY or d.arg != "mul" or d.dtype is not DType.f32:
+            self.fail(product if d is None else d, form)
+        fq = next((f for f in d.src if f.op is Op.CAST and f.src[0].op is Op.INPUT), None)
+        q = None if fq is None else fq.src[0]
+        if q is None or q.dtype is not DType.f8e4m3 or fq.dtype is not DType.f32 or len(q.shape) != 2:
+            self.fail(d, form)
+        sc = _peel(d.src[1] if d.src[0] is fq else d.src[0])
+        s = sc.src[0] if sc.op is Op.RESHAPE else None
+        if s is None or s.op is not Op.INPUT or len(s.shape) != 1 or not _same_shape(s.shape, q.shape[:1]) \
+                or not _same_shape(sc.shape, (q.shape[0], 1)):
+            self.fail(sc, f"the scales of '{q.arg}' lower as one a row, unsqueeze(ws, 1) of an f32 input ws "
+                          f"[{q.shape[0]}]: " + form)
+        if s.dtype is not DType.f32:
+            self.fail(s, f"input '{s.arg}' is {s.dtype}; W8A8's weight scales are f32 [{q.shape[0]}]: " + form)
+        return q, s
+
     def _prologue(self, a: Node):
         """x, or an RMSNorm of x -> (x, gamma, offset, eps)."""
         if a.op is Op.INPUT:
@@ -364,6 +504,11 @@ class _Matcher:
         if len(terms) == 2 and len(ones) == 1 and len(ws) == 1:
             return ws[0], 1.0
         self.fail(g, f"an RMSNorm's weight is an input gamma [{x.shape[-1]}] or 1 + gamma")
+
+
+def _f32(v) -> float:
+    """v rounded to f32, as the layer's f32 constants are."""
+    return struct.unpack("f", struct.pack("f", float(v)))[0]
 
 
 _format = located   # dsl/program.py: the source line and a caret

@@ -27,6 +27,13 @@ for up to 16 rows, torch's product (cuBLAS) with the same epilogue beyond. Layer
 family lowers (two products, e.g. `lora`; a product with an epilogue the kernel lacks) run
 the reference evaluator on CUDA tensors too: torch operations, so cuBLAS for the products.
 `module.kernel_reason` says why (None when a generated kernel serves the layer).
+
+The FP8 W8A8 layer with one activation scale a token (dsl/stdlib/quant.lf fp8_linear_per_token, or a
+layer written the same way: LinearPattern xquant "token") runs runtime/quant.py's fp8_linear_per_token
+on every device, its weight wq / ws viewed as pack_fp8's per-channel layout once per weight: on sm_90
+the per-token quantiser and the Hopper FP8 GEMM at every row count (the small-token e4m3 kernels
+quantise x by 1 x 128 blocks: not this layer's meaning), elsewhere (CPU tensors too) the same e4m3
+bytes and scales in torch's f32 product, the evaluator's arithmetic.
 """
 from __future__ import annotations
 
@@ -129,6 +136,7 @@ class LayerModule(torch.nn.Module):
         self._linear_checked: set[tuple] = set()    # input signatures a product layer has checked
         self._product_kernels: dict = {}            # a pack's product layer: device index -> {rows: Launcher}
         self._scan: ScanPattern | None = None       # a scan-family layer's pattern (set with kernel_reason)
+        self._token: bool | None = None             # the W8A8 per-token product (its route on every device)
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, arch: str, device=None,
@@ -147,7 +155,9 @@ class LayerModule(torch.nn.Module):
     @property
     def kernel_reason(self) -> str | None:
         """None when CUDA tensors run a generated kernel; otherwise why they run the reference
-        evaluator's torch operations instead (no kernel family lowers this layer yet)."""
+        evaluator's torch operations instead (no kernel family lowers this layer yet). The W8A8
+        per-token layer: None, its route (quant.fp8_linear_per_token) taking the FP8 GEMM where the
+        GPU has it (sm_90) and torch's product of the same e4m3 operands elsewhere."""
         if self._no_kernel is False:
             try:
                 if scan_parts(self.function):   # scans, convolutions, state: the scan family or nothing
@@ -159,7 +169,8 @@ class LayerModule(torch.nn.Module):
                     self._scan = pattern
                 elif has_matmul(self.function):   # the small-token product family
                     pattern = match_linear(self.layer)
-                    pattern.plan(self.arch or "sm_90")
+                    if pattern.xquant is None:   # W8A8 per token: no small-token plan, quant.fp8_linear_per_token
+                        pattern.plan(self.arch or "sm_90")
                     self._linear = pattern
                 else:
                     plan_layer(self.layer, self.arch or "sm_90").lowered()
@@ -197,6 +208,8 @@ class LayerModule(torch.nn.Module):
         first = next(iter(tensors.values()))
         if not isinstance(first, torch.Tensor):
             raise LayerInputError(f"{self.name}: '{self._inputs[0]}' must be a torch.Tensor")
+        if first.device.type != "cuda" and self._token_product():   # the same route as on CUDA tensors
+            return self._run_linear(tensors, scalars, out)
         if first.device.type != "cuda" or self.kernel_reason is not None:
             if self.layer is None:
                 raise LayerInputError(f"{self.name}: a module loaded from a pack runs CUDA tensors only (the "
@@ -218,6 +231,14 @@ class LayerModule(torch.nn.Module):
         if self._scan is not None:
             return self._run_scan(tensors, out)
         return self._run_cuda(tensors, scalars, out)
+
+    def _token_product(self) -> bool:
+        """Whether the layer is the W8A8 product with one activation scale a token (LinearPattern xquant
+        "token"), which runs runtime/quant.fp8_linear_per_token on CPU tensors as on CUDA ones."""
+        if self._token is None:
+            self._token = (self.layer is not None and has_matmul(self.function) and self.kernel_reason is None
+                           and self._linear is not None and self._linear.xquant == "token")
+        return self._token
 
     def _run_scan(self, tensors, out):
         """A scan-family layer: runtime/scan.py's launch for the pattern, after the layer's own
@@ -295,6 +316,11 @@ class LayerModule(torch.nn.Module):
                 kernels = self._product_kernels[device.index] = {
                     rows: load_kernels(cubin, (abi,), device)[abi.name] for rows, (cubin, abi) in self._images.items()}
         try:
+            if p.xquant == "token":   # W8A8, x quantised per token in the layer (runtime/quant.py's route)
+                from .quant import fp8_linear_per_token
+                x = tensors[p.x]
+                return fp8_linear_per_token(x, self._quant_weight(p, tensors, x.dtype),
+                                            out=None if out is None else out[0], cache=self._cache)
             if p.wtype is not None:   # an i8 weight with its row scales: the quantised product
                 return self._run_quant_linear(p, tensors, bias, residual, norm, None if out is None else out[0],
                                               kernels)
@@ -328,8 +354,10 @@ class LayerModule(torch.nn.Module):
         layer holds them; i8 with group scales (pack_i8's pairs) and u4 / i4 (packed two a byte,
         scales and u4 zero points by group) repacked into the kernels' layouts
         (u4: words and (scale, zero) pairs), once per weight (kept while its tensors are unchanged: same
-        storage, same in-place version); i4 runs as u4 with q + 8 and zero point 8."""
-        from .quant import QuantWeight, pack_i8, pack_u4
+        storage, same in-place version); i4 runs as u4 with q + 8 and zero point 8; f8e4m3 (W8A8 per token)
+        as pack_fp8's per-channel layout, its f32 row scales as they are (K not a multiple of 16, which
+        pack_fp8 refuses for the kernels' 16-byte rows: the same layout, for the torch route)."""
+        from .quant import QuantWeight, pack_fp8, pack_i8, pack_u4
         q, s = tensors[p.weight], tensors[p.wscale]
         if p.wtype == "i8" and not p.group:
             return QuantWeight(p.wtype, 0, q, None, s, p.n, p.k, dtype)
@@ -340,7 +368,10 @@ class LayerModule(torch.nn.Module):
             return hit
         if len(self._repacked) >= 8:
             self._repacked.clear()
-        if p.wtype == "i8":   # scales by group: the kernel's (scale, zero) pairs
+        if p.wtype == "f8e4m3":
+            hit = (pack_fp8(q, s, None, dtype) if p.k % 16 == 0 else
+                   QuantWeight("f8e4m3", 0, q.contiguous(), None, s.float().contiguous(), p.n, p.k, dtype))
+        elif p.wtype == "i8":   # scales by group: the kernel's (scale, zero) pairs
             hit = pack_i8(q, s, p.group, dtype)
         else:
             from ..dsl.types import unpack_4bit

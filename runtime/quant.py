@@ -58,7 +58,7 @@ __all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pac
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
            "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
            "pack_stream_u4", "pack_stream_i8", "STREAM_QUANT_ROWS", "STREAM_WTYPES", "fp8_gemm", "FP8_GEMM_MIN_ROWS", "FP8_GEMM_SCALES",
-           "fp8_activation_group"]
+           "fp8_activation_group", "fp8_linear_per_token"]
 
 FP8_MAX = 448.0    # the largest finite e4m3 (float8_e4m3fn)
 FP8_BLOCK = 128    # k per activation scale (the kernel's chunk) and the side of a weight scale block
@@ -578,6 +578,52 @@ def fp8_activation_group(x: torch.Tensor, qw: QuantWeight, *, gated: str | None 
     row-scaled W) or FP8_BLOCK."""
     rows = x.numel() // qw.k if qw.k else 0
     return qw.k if _fp8_gemm_ok(x, qw, rows, gated, norm) and _fp8_per_token(qw) else FP8_BLOCK
+
+
+def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
+    """fp8_gemm's "token" scaling takes x and the row-scaled qw (at any row count): _fp8_gemm_ok's
+    conditions without its row threshold (which picks the scaling gemv_quant's W8A8 runs, not whether
+    this one can)."""
+    return (qw.wtype == "f8e4m3" and not qw.group and _gpu_ok(x, qw) and _capability(x.device) == (9, 0)
+            and qw.k % 16 == 0 and qw.n % 8 == 0)
+
+
+def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor | None = None,
+                         cache=None) -> torch.Tensor:
+    """W8A8 with one activation scale a token at every row count, dsl/stdlib/quant.lf fp8_linear_per_token's
+    meaning: x [..., K] quantised as quantize_fp8_rows(x, K) does (q = e4m3(x * (448 / amax)) rounded once,
+    scale amax * f32(1 / 448), a token of zeros all zeros), times a row-scaled e4m3 W (pack_fp8(q, s) per
+    channel): y = T(scale_x[m] * sum_k q[m, k] W[n, k]) with W = q_w s_w, rounded to x's dtype once.
+    gemv_quant's W8A8 differs below FP8_GEMM_MIN_ROWS (x by 1 x 128 blocks, the small-token kernel's).
+    Routes, each with these scales:
+      sm_90, K a multiple of 16, N of 8: quantize_fp8_rows_cuda(x, group=0) and fp8_gemm's "token" scaling
+        (the e4m3 tensor cores' sums scaled by x's and W's scales in the epilogue), any number of rows;
+      elsewhere (the CPU, other GPUs, other K / N): the same e4m3 bytes and scales in torch, the dequantised
+        x times W in f32 (what the reference evaluator computes), rounded once.
+    Errors (LinearInputError) before anything runs."""
+    if qw.wtype != "f8e4m3" or qw.group:
+        raise LinearInputError(f"fp8_linear_per_token takes an f8e4m3 weight with one scale a row, got {qw.wtype} "
+                               f"group {qw.group}")
+    k, n = qw.k, qw.n
+    if x.dtype != qw.dtype or x.dim() < 1 or x.shape[-1] != k or x.device != qw.device:
+        raise LinearInputError(f"x must be {qw.dtype} [..., {k}] on {qw.device}, got {x.dtype} {tuple(x.shape)} on "
+                               f"{x.device}")
+    lead = tuple(x.shape[:-1])
+    if out is not None and (tuple(out.shape) != (*lead, n) or out.dtype != x.dtype or out.device != x.device):
+        raise LinearInputError(f"out must be {x.dtype} {[*lead, n]} on {x.device}, got {out.dtype} "
+                               f"{tuple(out.shape)} on {out.device}")
+    if _fp8_token_gemm_ok(x, qw):
+        rows = x.numel() // k
+        q, s = quantize_fp8_rows_cuda(x, cache, group=0)
+        direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
+        y = fp8_gemm(q, s, qw, out=out.view(rows, n) if direct else None, cache=cache)
+        if out is None:
+            return y.view(*lead, n)
+        return out if direct else out.copy_(y.view(*lead, n))
+    q, s = quantize_fp8_rows(x, k)   # s [..., 1]
+    w = qw.qweight.float() * qw.wscale.float()[:, None]
+    y = ((q.float() * s) @ w.T).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _fp8_product(x, qw: QuantWeight, bias, gated, residual, norm, norm_offset, cache=None) -> torch.Tensor:

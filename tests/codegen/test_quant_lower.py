@@ -1,8 +1,10 @@
 """Quantised product layers written in the DSL (dsl/stdlib/quant.lf) lower to the quantised
 small-token product: an i8 weight dequantised by its row scales, T(f32(q) * f32(unsqueeze(s, 1))),
 is the kernel's i8 layout (codegen/gemv.py wtype i8, group 0) with the same prologue / epilogue
-fusions as a float weight; the forms it does not serve (other scale shapes, fp8 weights, the W8A8
-layer) are LoweringErrors at their source position and run the reference evaluator; the
+fusions as a float weight; the forms it does not serve (other scale shapes, weight-only fp8) are
+LoweringErrors at their source position and run the reference evaluator; the W8A8 layer with one
+activation scale a token is matched (LinearPattern xquant "token", no small-token plan: its module
+runs runtime/quant.py's fp8_linear_per_token), its near misses positioned errors; the
 kernels compile without spills for sm_80 / sm_90; a LayerModule of them runs the evaluator's
 meaning on the CPU. The 4-bit layers (u4 with zero points, i4 symmetric, scales by group of K)
 lower to the u4 product (i4 as q + 8 with zero point 8), their module repacking the layer's packed
@@ -72,9 +74,96 @@ def test_forms_the_kernel_does_not_serve_are_positioned_lowering_errors(tmp_path
     assert f"{path}:{line}:" in text and "^" in text, text   # file:line:col, the source line and a caret
 
 
-def test_the_w8a8_layer_runs_the_reference_evaluator(prog):
-    with pytest.raises(LoweringError, match="before the product cannot be fused"):
-        match_linear(specialise(prog, "fp8_linear_per_token"))
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_the_w8a8_per_token_layer_lowers_to_the_fp8_product(prog, dtype):
+    """fp8_linear_per_token: x quantised to e4m3 per token in the layer, an e4m3 weight with f32 row
+    scales: LinearPattern xquant "token". It has no small-token plan (the e4m3 kernels quantise x by
+    1 x 128 blocks), so plans for a pack are a LoweringError saying so; the module runs it."""
+    from layerforge.runtime.layers import module
+    layer = specialise(prog, "fp8_linear_per_token", dtype)
+    pattern = match_linear(layer)
+    assert pattern == LinearPattern(x="x", weight="wq", n=768, k=1024, dtype=dtype, wtype="f8e4m3", wscale="ws",
+                                    xquant="token")
+    assert LinearPattern(**pattern.to_json()) == pattern   # a pack's manifest reads it back
+    for plans in (lambda: pattern.plan("sm_90"), lambda: plans_for_layer(layer, "sm_90")):
+        with pytest.raises(LoweringError, match="no small-token kernel .* 1 x 128 blocks, another meaning"):
+            plans()
+    assert module("fp8_linear_per_token", I=256, O=96, dtype=dtype).kernel_reason is None
+
+
+TOKEN_BODY = ("    xf = f32(x)\n    amax = max(abs(xf), axis=-1)\n"
+              "    q = f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0))\n"
+              "    return T((f32(q) * (amax * (1.0 / 448.0))) @ (f32(wq) * unsqueeze(ws, 1)).T)\n")
+TOKEN_REFUSED = [   # (parameters, (old, new) in TOKEN_BODY, what the error says, its line)
+    ("ws: f32[O]", ("448.0 / amax", "240.0 / amax"), "the e4m3 range a token's largest |x| maps to must be the "
+     "constant 448.0", 6),
+    ("ws: f32[O]", ("axis=-1", "axis=0"), "amax is over the last axis", 5),
+    ("ws: f32[O]", ("amax * (1.0 / 448.0)", "amax / 448.0"), "a token's scale is amax * (1.0 / 448.0)", 7),
+    ("ws: f32[K]", ("unsqueeze(ws, 1)", "unsqueeze(ws, 0)"), "the scales of 'wq' lower as one a row", 7),
+    ("ws: f32[O / G, K / G]", ("(f32(wq) * unsqueeze(ws, 1))", "reshape(reshape(f32(wq), O / G, G, K / G, G) * "
+                                 "reshape(ws, O / G, 1, K / G, 1), O, K)"), "W8A8's weight lowers as", 7),   # blocks
+    ("ws: T[O]", ("unsqueeze(ws, 1)", "f32(unsqueeze(ws, 1))"), "input 'ws' is bf16; W8A8's weight scales are f32",
+     3),
+    ("ws: f32[O], b: T[O]", ("return T(", "return b + T("), "lowers alone", 7),
+    ("ws: f32[O]", ("f8e4m3(xf", "f8e5m2(xf"), "x quantises to f8e4m3", 6),
+]
+
+
+@pytest.mark.parametrize("params,edit,message,line", TOKEN_REFUSED,
+                         ids=["range", "axis", "division", "columns", "blocks", "T-scales", "bias", "e5m2"])
+def test_w8a8_near_misses_are_positioned_lowering_errors(tmp_path, params, edit, message, line):
+    """A layer that quantises its activations but not exactly as fp8_linear_per_token does (another
+    range, amax over another axis, the scale as a division, weight scales not one a row or not f32, a
+    bias, e5m2) is a LoweringError at the expression (or the input's declaration), saying the form."""
+    path = tmp_path / "q.lf"
+    body = TOKEN_BODY.replace(*edit)
+    path.write_text("dims K, O, G\ndynamic N\n" + f"layer f(x: T[N, K], wq: f8e4m3[O, K], {params}) -> T[N, O] "
+                    f"{{\n{body}}}\n")
+    layer = lf.load(path).specialise("f", K=64, O=48, G=16, dtype="bf16")
+    with pytest.raises(LoweringError) as info:
+        match_linear(layer)
+    text = str(info.value)
+    assert message in text, text
+    assert "W8A8 with one scale a token lowers as" in text or "W8A8's weight lowers as" in text, text   # the form
+    assert f"{path}:{line}:" in text and "^" in text, text   # file:line:col, the source line and a caret
+
+
+def test_the_w8a8_module_on_the_cpu_is_the_evaluators():
+    """module("fp8_linear_per_token") on CPU tensors: x quantised per token as quantize_fp8_rows(x, K),
+    the f32 product, rounded once: the reference evaluator's values on fresh inputs (bf16 and f16, a
+    token of zeros, K not a multiple of 16), into out= too; the float64 evaluator within the dtype's
+    rounding; the weight's layout made once per weight; a wrong input is an error naming it."""
+    from layerforge.dsl.evaluator import LayerInputError
+    from layerforge.runtime.layers import module
+    from layerforge.runtime.quant import quantize_fp8
+    for dt, dtype, tol in (("bf16", torch.bfloat16, 4e-3), ("f16", torch.float16, 1e-3)):
+        for k, n in ((256, 96), (200, 40)):
+            m = module("fp8_linear_per_token", I=k, O=n, dtype=dt)
+            assert m.kernel_reason is None and m.wq.dtype == torch.float8_e4m3fn and m.ws.dtype == torch.float32
+            assert m._token_product()   # runtime/quant.py's route on CPU tensors too, not the evaluator
+            gen = seeded_generator("quant-module-fp8-token", dt, k)
+            wq, ws = quantize_fp8(torch.randn(n, k, generator=gen) / k ** 0.5 * torch.logspace(-1, 1, n)[:, None])
+            with torch.no_grad():
+                m.wq.copy_(wq)
+                m.ws.copy_(ws)
+            x = (torch.randn(9, k, generator=gen) * torch.logspace(-2, 2, 9)[:, None]).to(dtype)
+            x[4] = 0
+            tensors = {"x": x, "wq": m.wq, "ws": m.ws}
+            (want,) = lf.evaluate(m.function, tensors)
+            (exact,) = lf.evaluate(m.function, tensors, precision="float64")
+            out = torch.full((9, n), float("nan"), dtype=dtype)
+            y = m(x, out=(out,))
+            assert y is out and not torch.isnan(y).any() and y[4].abs().max() == 0
+            torch.testing.assert_close(y, want, rtol=2 ** -8, atol=1e-6 * want.abs().max().item())
+            assert ((y.double() - exact).norm() / exact.norm()).item() < tol
+            qw = m._quant_weight(m._linear, {"wq": m.wq, "ws": m.ws}, dtype)
+            assert m._quant_weight(m._linear, {"wq": m.wq, "ws": m.ws}, dtype) is qw
+            with torch.no_grad():
+                m.ws.mul_(2)
+            (want,) = lf.evaluate(m.function, tensors)   # the next call reads the new scales
+            torch.testing.assert_close(m(x), want, rtol=2 ** -8, atol=1e-6 * want.abs().max().item())
+            with pytest.raises(LayerInputError, match="'x' must be"):
+                m(x.float())
 
 
 @pytest.mark.parametrize("max_m", [8, 16])
@@ -226,5 +315,8 @@ def test_group_int8_layer_lowers_to_the_i8_group_product(prog):
 def test_the_fp8_block_layer_runs_the_reference_evaluator(prog):
     layer = prog.specialise("fp8_block_linear", dtype="bf16", **prog.bindings_for("fp8_block_linear",
                                                                                  {"I": 512, "O": 256, "G": 128}))
-    with pytest.raises(LoweringError, match="a weight with scales by group of K lowers as"):
+    with pytest.raises(LoweringError, match="an fp8 weight lowers only in the W8A8 products") as info:
         match_linear(layer)
+    assert "quant.lf:" in str(info.value) and "^" in str(info.value)   # at wq's declaration
+    from layerforge.runtime.layers import module
+    assert "W8A8" in module("fp8_block_linear", I=512, O=256, G=128, dtype="bf16").kernel_reason
