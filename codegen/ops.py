@@ -20,6 +20,17 @@ STORE = {DType.f32: "{}", DType.f16: "__float2half_rn({})", DType.bf16: "__float
          DType.i32: "{}", DType.i64: "{}", DType.bool: "{}"}
 ROUND = {DType.f16: "lf_round_f16({})", DType.bf16: "lf_round_bf16({})"}
 
+# The 8-bit storage types, in the row kernels only (codegen/row.py; the other families keep refusing
+# them, so these are not in the tables above): a value of one is held as its storage, an i8 as its
+# integer (int), an f8e4m3 as its byte (torch.float8_e4m3fn's code). Casts convert, with
+# templates/cuda/quant8.cuh's helpers (the evaluator's op_cast: nearest even, saturating).
+Q8_C_TYPE = {DType.i8: "int", DType.f8e4m3: "unsigned char"}
+Q8_STORAGE_TYPE = {DType.i8: "signed char", DType.f8e4m3: "unsigned char"}
+ROW_C_TYPE = {**C_TYPE, **Q8_C_TYPE}
+ROW_STORAGE_TYPE = {**STORAGE_TYPE, **Q8_STORAGE_TYPE}
+ROW_LOAD = {**LOAD, DType.i8: "(int)({})", DType.f8e4m3: "{}"}
+ROW_STORE = {**STORE, DType.i8: "(signed char)({})", DType.f8e4m3: "{}"}
+
 
 def storage_ctype(dtype: str) -> str:
     """The C type a tensor of DSL dtype `dtype` ("bf16", ...) is stored as."""

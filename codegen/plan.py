@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol
 from ..dsl.program import Layer
 from .abi import KernelABI
 from .render import read_template, render
+from .ops import Q8_C_TYPE as ROW_8BIT
 from .row import LoweringError, RowKernel, RowLowering
 
 __all__ = ["KernelPlan", "RowPlan", "plan_layer", "layer_key", "layer_interface", "LoweringError", "CompileFn",
@@ -112,8 +113,11 @@ class RowPlan(KernelPlan):
 
     def source(self) -> str:
         k = self.lowered()
+        # casts to and from i8 / f8e4m3: their helpers (quant8.cuh builds on fp8.cuh's exact e4m3 widening)
+        quant = read_template("cuda/fp8.cuh") + read_template("cuda/quant8.cuh") if "quant8" in k.uses else ""
         return render("cuda/row_kernel.cu.jinja", kernel_name=self.kernel_name, plan_key=self.key,
-                      common=read_template("cuda/common.cuh"), signature=self.abi.signature, tpr=k.tpr, rpb=k.rpb,
+                      common=read_template("cuda/common.cuh"), quant=quant, signature=self.abi.signature,
+                      tpr=k.tpr, rpb=k.rpb,
                       split=k.split, smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
 
     def describe(self) -> dict[str, Any]:
@@ -177,13 +181,15 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     if what:   # a row kernel would never write the state back: never lowered by accident
         raise LoweringError(not_lowered_reason(layer) or f"{layer.name}: {what}: the scan family's kernels serve "
                             "it (codegen/scan_lower.py, through codegen/families.plans_for_layer), not a row kernel")
-    quantised = [(p.name, p.dtype) for p in layer.function.params if p.kind not in ("const", "scalar")
-                 and p.dtype.is_storage] + [("an output", o.dtype) for o in layer.function.outputs if o.dtype.is_storage]
-    if quantised:   # the row kernels load and store float and integer types only
+    fn = layer.function
+    quantised = [(p.name, p.dtype) for p in fn.params if p.kind not in ("const", "scalar") and p.dtype.is_storage
+                 and p.dtype not in ROW_8BIT] + [("an output", o.dtype) for o in fn.outputs
+                                                 if o.dtype.is_storage and o.dtype not in ROW_8BIT]
+    if quantised:   # the row kernels load and store float and integer types, i8 and f8e4m3 (codegen/ops.py)
         what, dt = quantised[0]
         raise LoweringError(f"{layer.name}: {what if what == 'an output' else repr(what)} is {dt}: the quantised "
-                            f"types lower only as the weight of a product layer (codegen/linear_lower.py); this "
-                            f"layer runs the reference evaluator")
+                            f"types lower only as the weight of a product layer (codegen/linear_lower.py), and i8 "
+                            f"and f8e4m3 also in row kernels; this layer runs the reference evaluator")
     from . import route   # (route.py builds on this module's KernelPlan)
     if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
         return route.plan_route(layer, arch, vec_bytes=vec_bytes)

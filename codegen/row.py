@@ -18,6 +18,10 @@ Every generated value is a named local at function scope, and the Python side un
 the column loops, so a value computed in a phase (an input element, x*x, ...) is reused
 from registers by the phases and stores after it: one pass over memory. Loads whose
 address is `aligned + column` become 16-byte vector loads; stores likewise.
+
+Tensors may also be of the 8-bit storage types i8 and f8e4m3 (codegen/ops.py ROW_*; casts with
+templates/cuda/quant8.cuh), and an output may hold one value a row (shape = the row space, e.g. a
+per-token scale): a width-1 loop, stored by the row's first thread.
 """
 from __future__ import annotations
 
@@ -105,7 +109,10 @@ class RowLowering:
         self._check_supported()
         self.phases = self._phases()
         self.lead = self._lead_shape()
-        tensors = [p for p in self.fn.params if p.kind == "tensor"] + list(self.fn.outputs)
+        # outputs of one value a row (a per-token scale) are stored one element a row, never as vectors:
+        # they do not narrow the other tensors' vectors (f32 scales beside bf16 rows: 8 columns, not 4)
+        tensors = [p for p in self.fn.params if p.kind == "tensor"] + [o for o in self.fn.outputs
+                                                                          if not self._same_lead(o.shape)]
         if any(n.op is Op.INDEX for n in self.fn.nodes()):
             # row lookups: the ids ([N], a dynamic last dim) load once per row, never as vectors,
             # so they do not narrow the table rows' vectors (i32 ids: 8 bf16 columns, not 4)
@@ -212,6 +219,10 @@ class RowLowering:
         for o in self.fn.outputs:
             if o.rank == 0:
                 raise LoweringError(f"{self.fn.name}: scalar outputs are not lowered to row kernels")
+        for n in list(self.fn.params) + list(self.fn.nodes()):
+            if n.dtype.is_storage and n.dtype not in ops.Q8_C_TYPE:
+                raise LoweringError(f"{self.fn.name}: {n.dtype} values are not lowered to row kernels (their "
+                                    f"8-bit storage types: {', '.join(map(str, ops.Q8_C_TYPE))})")
 
     def _phases(self) -> list[Node]:
         seen, out = set(), []
@@ -264,6 +275,8 @@ class RowLowering:
     def _output_width(self, o: Node) -> int:
         if self._same_lead(o.shape[:-1]):
             w = o.shape[-1]
+        elif self._same_lead(o.shape):   # one value a row (a reduction's, keepdim=false): width 1
+            return 1
         else:
             if self.phases:
                 w = self.phases[0].src[0].shape[-1]
@@ -332,11 +345,11 @@ class RowLowering:
         args = []
         for p in self.fn.params:
             if p.kind == "tensor":
-                args.append(Arg(f"p_{p.name}", f"const {ops.STORAGE_TYPE[p.dtype]}* __restrict__", "input", p.name))
+                args.append(Arg(f"p_{p.name}", f"const {ops.ROW_STORAGE_TYPE[p.dtype]}* __restrict__", "input", p.name))
             elif p.kind == "scalar":
-                args.append(Arg(f"s_{p.name}", ops.C_TYPE[p.dtype], "scalar", p.name))
+                args.append(Arg(f"s_{p.name}", ops.ROW_C_TYPE[p.dtype], "scalar", p.name))
         for i, o in enumerate(self.fn.outputs):
-            args.append(Arg(f"o_{i}", f"{ops.STORAGE_TYPE[o.dtype]}* __restrict__", "output", str(i)))
+            args.append(Arg(f"o_{i}", f"{ops.ROW_STORAGE_TYPE[o.dtype]}* __restrict__", "output", str(i)))
         dyn = sorted({s.name for p in self.fn.params for d in p.shape for s in sympy.sympify(d).free_symbols} |
                      {s.name for o in self.fn.outputs for d in o.shape for s in sympy.sympify(d).free_symbols})
         self.dyn_dims = dyn
@@ -417,7 +430,7 @@ class RowLowering:
         init = ops.REDUCE_INIT[r.fn] if is_float else (ops.REDUCE_INIT_I64 if wide else ops.REDUCE_INIT_INT)[r.fn]
         comb = ops.REDUCE_COMBINE[r.fn] if is_float else ops.REDUCE_COMBINE_INT[r.fn]
         acc = self.fresh("acc")
-        ctype = "float" if is_float else ops.C_TYPE[ph.dtype]
+        ctype = "float" if is_float else ops.ROW_C_TYPE[ph.dtype]
         self.lines.append(f"{ctype} {acc} = {init};")
         for k, elems in self._columns(loop):
             for col, okv, i in elems:
@@ -577,13 +590,16 @@ class RowLowering:
     # ---- outputs --------------------------------------------------------------------
     def _store_output(self, i: int, o: Node):
         loop = self.loops[("out", i)]
-        st = ops.STORAGE_TYPE[o.dtype]
+        st = ops.ROW_STORAGE_TYPE[o.dtype]
         same = self._same_lead(o.shape[:-1])
         row_strides = self.strides(self.lead + (loop.width,))
+        per_row = not same and self._same_lead(o.shape)   # [rows]: the row's first thread stores its value
         for k, elems in self._columns(loop):
             vals, addrs = [], []
             for col, okv, e in elems:
-                if same:
+                if per_row:
+                    idx = tuple(self.row_syms)
+                elif same:
                     idx = self._row_idx(o, col)
                 else:  # same elements as the row space, another shape: map through the flat offset
                     flat = sum((s * st_ for s, st_ in zip(self.row_syms, row_strides)), sympy.Integer(0)) + col
@@ -593,16 +609,16 @@ class RowLowering:
             okv = elems[0][1]
             base = self._vector_base(addrs, loop.vec)
             if base is not None:
-                conv = ", ".join(ops.STORE[o.dtype].format(self._to_storage(v, o.dtype)) for v in vals)
+                conv = ", ".join(ops.ROW_STORE[o.dtype].format(self._to_storage(v, o.dtype)) for v in vals)
                 self.lines.append(f"if ({okv}) lf_store_vec<{st}, {loop.vec}>(o_{i} + {self.cidx(base)}, {{{conv}}});")
             else:
                 for (col, okv, _), v, a in zip(elems, vals, addrs):
                     self.lines.append(f"if ({okv}) o_{i}[{self.cidx(a)}] = "
-                                      f"{ops.STORE[o.dtype].format(self._to_storage(v, o.dtype))};")
+                                      f"{ops.ROW_STORE[o.dtype].format(self._to_storage(v, o.dtype))};")
 
     def _to_storage(self, v: str, dt: DType) -> str:
         if dt.is_int:
-            return f"({ops.C_TYPE[dt]})({v})"
+            return f"({ops.ROW_C_TYPE[dt]})({v})"
         return v
 
     # ---- addresses --------------------------------------------------------------------
@@ -684,7 +700,7 @@ class RowLowering:
         return tuple(out)
 
     def _value(self, n: Node, idx: tuple) -> tuple[str, str]:
-        ct = ops.C_TYPE[n.dtype]
+        ct = ops.ROW_C_TYPE[n.dtype]
         op = n.op
         if op is Op.INPUT:
             return self._load(n, idx), ct
@@ -728,6 +744,18 @@ class RowLowering:
         if op is Op.CAST:
             x = self.emit(n.src[0], idx)
             src = n.src[0].dtype
+            if src is n.dtype:
+                return x, ct
+            if DType.f8e4m3 in (src, n.dtype) or DType.i8 in (src, n.dtype):
+                self.uses.add("quant8")   # templates/cuda/quant8.cuh (and fp8.cuh, which it builds on)
+            if src is DType.f8e4m3:   # its exact value, then as a cast from f32
+                x, src = f"lf_e4m3_value({x})", DType.f32
+            if n.dtype is DType.f8e4m3:
+                return f"lf_float_to_e4m3((float)({x}))", ct
+            if n.dtype is DType.i8:   # nearest even, saturating; integers saturate
+                if src.is_float:
+                    return f"lf_float_to_i8({x})", ct
+                return f"(int)min(max((long long)({x}), -128LL), 127LL)", ct
             if n.dtype.is_int and src.is_float:
                 return f"({ct})truncf({x})", ct
             return f"({ct})({x})", ct
@@ -843,8 +871,8 @@ class RowLowering:
     def _load(self, n: Node, idx: tuple) -> str:
         p = self.params[n.arg]
         addr = self.address(p.shape, idx)
-        conv = ops.LOAD[p.dtype]
-        st = ops.STORAGE_TYPE[p.dtype]
+        conv = ops.ROW_LOAD[p.dtype]
+        st = ops.ROW_STORAGE_TYPE[p.dtype]
         okv = self._ok_for(idx)
         if self.guard is not None and any(s in self.lookup_syms for i in idx for s in sympy.sympify(i).free_symbols):
             okv = f"({okv} && {self.guard})"

@@ -147,3 +147,73 @@ def test_an_empty_batch_launches_no_kernel_on_the_cuda_path():
     assert y.shape == (0, 16) and launched == []
     m._run_cuda({"x": torch.randn(3, 16), "w": m.weight}, {"eps": 1e-6}, None)
     assert launched == [(3,)]
+
+
+def test_per_token_fp8_layers_write_e4m3_rows_and_f32_scales():
+    """The fused per-token FP8 layers (dsl/stdlib/quant.lf) are row kernels (kernel_reason None); on the
+    CPU their outputs are float8_e4m3fn [N, H] and f32 [N], quantize_fp8_rows's bytes and scales of the
+    f32 row value (runtime/quant.py, the per-token FP8 GEMM's activation quantisation)."""
+    from layerforge.runtime.quant import quantize_fp8_rows
+    m = module("rms_norm_fp8_per_token", H=64, dtype="bf16", eps=1e-5)
+    assert m.kernel_reason is None and m.input_names == ["x"]
+    with torch.no_grad():
+        m.gamma.copy_(torch.randn(64) + 1)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    x[1] = 0
+    q, s = m(x)
+    xf = x.float()
+    y = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + 1e-5) * m.gamma.float()
+    rq, rs = quantize_fp8_rows(y, 64)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == (4,)
+    assert (q.view(torch.uint8) != rq.view(torch.uint8)).sum() <= 2 and torch.allclose(s, rs[:, 0], rtol=1e-6)
+    assert s[1] == 0 and (q[1].float() == 0).all()
+    e = module("swiglu_fp8_per_token", F=8, dtype="f16")(torch.randn(0, 16).half())
+    assert [(tuple(t.shape), t.dtype) for t in e] == [((0, 8), torch.float8_e4m3fn), ((0,), torch.float32)]
+
+
+def test_8bit_outputs_are_allocated_as_their_torch_dtypes_on_the_cuda_path():
+    """The CUDA path (a stand-in kernel, no GPU): e4m3 / i8 outputs allocated as float8_e4m3fn / int8, a
+    scale a row as f32 [N], passed in the kernel's argument order; a wrong out= dtype is an error."""
+    from layerforge.codegen.plan import plan_layer
+    from layerforge.runtime.layers import LayerInputError, _Launch
+    m = module("swiglu_fp8_per_token", F=32, dtype="bf16")
+    abi = plan_layer(m.layer, "sm_90").abi
+    seen = []
+
+    def launch_for(device, vec_bytes):
+        m._lead = ["N"]
+        return _Launch(lambda problem, argv: seen.append((problem, argv)), [(a.role, a.ref) for a in abi.args])
+    m._launch_for = launch_for
+    q, s = m._run_cuda({"gate_up": torch.randn(5, 64).to(torch.bfloat16)}, {}, None)
+    assert (q.dtype, tuple(q.shape), s.dtype, tuple(s.shape)) == (torch.float8_e4m3fn, (5, 32), torch.float32, (5,))
+    ((problem, argv),) = seen
+    assert problem == (5,) and argv[1] is q and argv[2] is s
+    with pytest.raises(LayerInputError, match=r"out\[0\] must be a contiguous torch.float8_e4m3fn tensor"):
+        m._run_cuda({"gate_up": torch.randn(5, 64).to(torch.bfloat16)}, {},
+                    (torch.empty(5, 32, dtype=torch.uint8), torch.empty(5)))
+    prog = lf.loads("layer to_i8(x: T[N, H]) -> i8[N, H] { return i8(f32(x)) }\n")
+    m8 = LayerModule(prog.specialise("to_i8", H=16, dtype="f32"))
+    assert m8.kernel_reason is None
+    abi8 = plan_layer(m8.layer, "sm_90").abi
+    m8._launch_for = lambda device, vb: (setattr(m8, "_lead", ["N"]) or
+                                         _Launch(lambda p, a: None, [(a.role, a.ref) for a in abi8.args]))
+    assert m8._run_cuda({"x": torch.randn(3, 16)}, {}, None).dtype == torch.int8
+    assert torch.equal(m8(torch.tensor([[0.5, 1.5, -2.5, 300.0] * 4])),
+                       torch.tensor([[0, 2, -2, 127] * 4], dtype=torch.int8))
+
+
+def test_8bit_inputs_are_checked_by_dtype():
+    prog = lf.loads("layer deq(q: f8e4m3[N, H], s: f32[N]) -> f32[N, H] {\n"
+                    "    return f32(q) * unsqueeze(s, -1)\n}\n"
+                    "layer wid(q: i8[N, H]) -> f32[N, H] { return f32(q) }\n")
+    m = LayerModule(prog.specialise("deq", H=8))
+    assert m.kernel_reason is None
+    with pytest.raises(lf.dsl.evaluator.LayerInputError,
+                       match=r"deq: 'q' must be f8e4m3 \(torch.float8_e4m3fn\), got torch.uint8"):
+        m(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2))
+    q = torch.tensor([[1.0, -448.0, 0.001953125, 0.0] * 2]).to(torch.float8_e4m3fn)
+    assert torch.equal(m(q, torch.full((1,), 2.0)), q.float() * 2)
+    w = LayerModule(prog.specialise("wid", H=4))
+    with pytest.raises(lf.dsl.evaluator.LayerInputError, match=r"wid: 'q' must be i8 \(torch.int8\), got torch.uint8"):
+        w(torch.zeros(1, 4, dtype=torch.uint8))
+    assert torch.equal(w(torch.tensor([[-128, 0, 5, 127]], dtype=torch.int8)), torch.tensor([[-128.0, 0, 5, 127]]))
