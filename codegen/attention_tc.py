@@ -238,12 +238,11 @@ class TCAttentionPlan(AttentionPlan):
 
 
 def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
-                block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False, items: int = 1) -> KernelABI:
+                block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False) -> KernelABI:
     """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
     per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
     lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8);
-    tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views); items:
-    row blocks a CTA computes (the wgmma prefill's pairs: the grid's y is halved)."""
+    tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views)."""
     dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
     if block_mask:
         dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
@@ -255,8 +254,7 @@ def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int,
     if tma:
         args += (Arg("k_map", TENSOR_MAP_CTYPE, "tmap", "k_map"), Arg("v_map", TENSOR_MAP_CTYPE, "tmap", "v_map"))
     # (query chunks, row blocks of the longest chunk, KV heads x splits)
-    blocks = f"cdiv(max_q_len * {plan.group}, {rows})"
-    grid = ("chunks", blocks if items == 1 else f"cdiv({blocks}, {items})", f"{int(plan.spec.num_kv_heads)} * num_splits")
+    grid = ("chunks", f"cdiv(max_q_len * {plan.group}, {rows})", f"{int(plan.spec.num_kv_heads)} * num_splits")
     return KernelABI(name=plan.kernel_name, args=args, grid=grid, block=(threads,), shared_bytes=shared_bytes,
                      problem=("chunks", "max_q_len", "num_splits"))
 

@@ -63,16 +63,10 @@ class WGTileConfig:
     overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
-    items: int = 1               # row blocks a CTA computes: 2 pairs row block Y - 1 - j with j (the template's ITEMS)
-    prefetch_q: bool = False     # items 2: the second block's Q loaded under the first one's last tile
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
-        if self.items not in (1, 2):
-            raise ValueError(f"items (row blocks a CTA) must be 1 or 2, not {self.items}")
-        if self.prefetch_q and self.items == 1:
-            raise ValueError("prefetch_q loads the next row block's Q: it needs items=2")
         # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
         if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
@@ -80,8 +74,7 @@ class WGTileConfig:
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
-                + ("t" if self.tma else "") + (f"i{self.items}" if self.items > 1 else "")
-                + ("q" if self.prefetch_q else ""))
+                + ("t" if self.tma else ""))
 
     @property
     def threads(self) -> int:
@@ -235,7 +228,7 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask,
-                           tma=self.tma, items=self.config.items)
+                           tma=self.tma)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -267,8 +260,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, BOXR=plan.tma_box[0], ITEMS=c.items,
-        PREFETCH_Q=c.prefetch_q,
+        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, BOXR=plan.tma_box[0],
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -309,18 +301,9 @@ def tma_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
 
-def items_default() -> int:
-    """Row blocks a CTA of the wgmma prefill computes (WGTileConfig.items) where it compiles
-    without spills: 2 pairs row block Y - 1 - j with j (every CTA of a
-    causal prefill then has as many key tiles, and the second block's first K/V tiles load
-    while the first one's softmax, P V and stores finish): LAYERFORGE_WGMMA_PAIRS=1; unset (the
-    default until measured), a CTA a row block. Read by the runtime's plans and the pack build alike."""
-    return 2 if env_switch("LAYERFORGE_WGMMA_PAIRS", False) else 1
-
-
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
-                         overlap: bool = False, tma: bool = False, items: int = 1) -> WGMMAAttentionPlan:
+                         overlap: bool = False, tma: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -331,9 +314,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     compiles without spills through `compile_fn` (never without one); else the plan above.
     The shape is never changed for it, so both variants compare like for like.
     tma (without `tiles`): the same with WGTileConfig.tma where the plan can take it and it
-    compiles without spills (never without a compile function). items (without `tiles`): the
-    same with WGTileConfig.items where it compiles without spills (never without a compile
-    function)."""
+    compiles without spills (never without a compile function)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if overlap and tiles is None:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
@@ -342,10 +323,6 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     if tma and tiles is None:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
         if twin.tma and spill_free(twin, compile_fn):
-            plan = twin
-    if items > 1 and tiles is None:
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, items=items))
-        if spill_free(twin, compile_fn):
             plan = twin
     return plan
 

@@ -281,20 +281,3 @@ def test_distance_tables_by_default(prog, mask_prog):
     with pytest.raises(LoweringError, match=r"shared memory beside the distance tables \(distance_table=False"):
         plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3))
     assert plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3), distance_table=False).rel_table is None
-
-
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn", "t5_attn", "bert_attn"])
-def test_paired_row_blocks_compile_without_spills(prog, name, d):
-    """Two row blocks a CTA (WGTileConfig.items=2, as LAYERFORGE_WGMMA_PAIRS=1 plans it), TMA and
-    cp.async tiles: each warpgroup role loops over them under its own setmaxnreg (a loop over both
-    roles put the consumers at the launch's 168 registers, and they spilled); the grid's y halved."""
-    layer = specialise(prog, name, 32, 8, d)
-    for tma in (True, False):
-        plan = plan_wgmma_attention(layer, compile_fn=resources, overlap=True, tma=tma, items=2)
-        assert plan.config.items == 2 and plan.abi.grid[1] == "cdiv(cdiv(max_q_len * 4, 128), 2)"
-        src = plan.source()
-        assert src.count("for (int item = 0; item < 2; ++item)") == 2 and src.count("setmaxnreg") >= 2
-        assert_spill_free(compile_main(plan)[0])
-    single = plan_wgmma_attention(layer, compile_fn=resources, overlap=True, tma=True)
-    assert single.config.items == 1 and "for (int item" not in single.source()
