@@ -192,3 +192,22 @@ def test_classified_kernels_compile_without_spills(prog, name, mode):
     res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"))
     for kr in res.resources.values():
         assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+
+
+def test_floor_division_by_powers_of_two_is_a_shift(prog):
+    """Integer // and % by a constant 2^k in a hook are the arithmetic shift and the low bits (no
+    division sequence per score): the floor semantics of the reference for negative operands too.
+    Other divisors keep the floor helpers."""
+    from layerforge.codegen.attention_wgmma import plan_wgmma_attention
+    src = plan_wgmma_attention(prog.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
+    mask = src[src.index("bool lf_mask("):].split("\n}\n")[0]
+    assert "(long long)(q_pos) >> 5" in mask and "& (long long)(31)" in mask, mask
+    assert "lf_floordiv" not in mask and "lf_mod_floor" not in mask, mask
+    dilated = plan_wgmma_attention(prog.specialise("dilated", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
+    assert "& (long long)(1))" in dilated[dilated.index("bool lf_mask("):].split("\n}\n")[0]
+    for x in range(-300, 300):   # what the C expressions compute, in Python's floor semantics
+        for k in range(8):
+            assert x >> k == x // 2 ** k and x & (2 ** k - 1) == x % 2 ** k
+    odd = lf.loads(MASKS.replace("const G: int = 32", "const G: int = 24"), "masks.lf", with_stdlib=False)
+    src = plan_wgmma_attention(odd.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
+    assert "lf_floordiv" in src[src.index("bool lf_mask("):].split("\n}\n")[0]
