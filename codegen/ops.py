@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from ..dsl.ir import Node, Op
 from ..dsl.types import DType
 
 C_TYPE = {DType.f32: "float", DType.f16: "float", DType.bf16: "float", DType.i32: "int",
@@ -77,6 +78,26 @@ BINARY_INT = {
     "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "floordiv": "lf_floordiv({a}, {b})",
     "mod": "lf_mod_floor({a}, {b})", "max": "max({a}, {b})", "min": "min({a}, {b})",
 }
+
+def const_divisor(n: Node) -> int | None:
+    """The divisor (second operand) of an IR binary node where it is an integer constant, for int_binary."""
+    d = n.src[1]
+    return int(d.arg) if d.op is Op.CONST and d.dtype.is_int else None
+
+
+def int_binary(op: str, a: str, b: str, ctype: str, divisor: int | None = None) -> str:
+    """An integer binary op of the kernels' emitters (row kernels, attention hooks), both operands in
+    the result's C type (min/max and the floor helpers take one integer type: `max(long long, int)` is
+    ambiguous). `divisor`: the constant divisor of a floordiv / mod, where it is one; by 2^k they are
+    the arithmetic shift and the low bits (the floor semantics for negative dividends too), not the
+    floor helpers' division sequence."""
+    x, y = f"({ctype})({a})", f"({ctype})({b})"
+    if op in ("floordiv", "mod") and divisor is not None and divisor > 0 and divisor & (divisor - 1) == 0:
+        k = divisor.bit_length() - 1
+        return f"({x} >> {k})" if op == "floordiv" else f"({x} & ({ctype})({divisor - 1}))"
+    return BINARY_INT[op].format(a=x, b=y)
+
+
 COMPARE = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 LOGICAL = {"and": "({a} && {b})", "or": "({a} || {b})"}
 

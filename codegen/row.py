@@ -727,8 +727,8 @@ class RowLowering:
                 return " * ".join([f"({ct})({a})"] * int(n.src[1].arg)) or f"({ct})1", ct
             if n.arg not in table:
                 raise LoweringError(f"operator {n.arg} on {n.dtype}")
-            if n.dtype.is_int:   # both operands in the result's type: min/max and the floor helpers
-                a, b = f"({ct})({a})", f"({ct})({b})"   # take one integer type (`max(long long, int)` is ambiguous)
+            if n.dtype.is_int:
+                return ops.int_binary(n.arg, a, b, ct, ops.const_divisor(n)), ct
             return table[n.arg].format(a=a, b=b), ct
         if op is Op.WHERE:
             cn, an, bn = n.src

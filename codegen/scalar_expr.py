@@ -94,15 +94,7 @@ class ScalarEmitter:
                 return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=x, b=y))
             if n.arg == "pow":   # the checker allows integer powers with a constant exponent 0..64 only
                 return self._let(ct, " * ".join([f"({ct})({a[0]})"] * int(n.src[1].arg)) or f"({ct})1")
-            # both operands in the result's type: min/max and the floor helpers are overloaded or
-            # templated on one integer type, so `min(int, long long)` would not resolve
-            x, y = (f"({ct})({v})" for v in a)
-            shift = _pow2_divisor(n) if n.arg in ("floordiv", "mod") else None
-            if shift is not None:   # by a constant 2^k: floor division is the arithmetic shift and the floor
-                # modulo the low bits, for negative dividends too (no division sequence per score)
-                low = f"({x} & ({ct})({(1 << shift) - 1}))"
-                return self._let(ct, f"({x} >> {shift})" if n.arg == "floordiv" else low)
-            return self._let(ct, ops.BINARY_INT[n.arg].format(a=x, b=y))
+            return self._let(ct, ops.int_binary(n.arg, a[0], a[1], ct, ops.const_divisor(n)))
         if n.op is Op.WHERE:
             return self._let(ct, f"({a[0]} ? ({ct})({a[1]}) : ({ct})({a[2]}))")
         if n.op is Op.INDEX:
@@ -113,15 +105,6 @@ class ScalarEmitter:
             addr = " + ".join(f"{i} * {s}" for i, s in zip(idx, t.strides))
             return self._let(ct, ops.LOAD[t.dtype].format(f"p_{t.name}[{addr}]"))
         raise NotImplementedError(f"{n.op.value} in an attention hook")
-
-
-def _pow2_divisor(n: Node) -> int | None:
-    """k where an integer floordiv / mod's divisor is the constant 2^k (k >= 0), else None."""
-    d = n.src[1]
-    if d.op is not Op.CONST or not d.dtype.is_int:
-        return None
-    v = int(d.arg)
-    return v.bit_length() - 1 if v > 0 and v & (v - 1) == 0 else None
 
 
 def _toposort_past(root: Node, done: dict) -> list[Node]:

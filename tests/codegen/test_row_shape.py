@@ -60,3 +60,14 @@ def test_each_chunk_loads_gate_and_up_before_its_arithmetic(prog, split, threads
         loads = [i for i, l in enumerate(lines) if "lf_load_vec" in l]
         first_math = next(i for i, l in enumerate(lines) if "lf_silu" in l)
         assert len(loads) == 2 and max(loads) < first_math
+
+
+def test_integer_floor_division_by_powers_of_two_is_a_shift():
+    """Row kernels emit integer // and % as the attention hooks do (codegen/ops.int_binary): by a
+    constant 2^k the arithmetic shift and the low bits, other divisors the floor helpers."""
+    prog = lf.loads("dynamic N\ndims H\nlayer f(x: i32[N, H]) -> (i32[N, H], i32[N, H], i32[N, H]) {\n"
+                    "    return x // 8, x % 8, x % 6\n}\n", "ints.lf", with_stdlib=False)
+    src = plan_layer(prog.specialise("f", H=64), "sm_90").source()
+    body = src[src.index('extern "C"'):]   # the helpers' definitions stay in the header
+    assert "((int)(v2) >> 3)" in body and "& (int)(7))" in body and "lf_mod_floor((int)" in body, body
+    assert "lf_floordiv(" not in body
