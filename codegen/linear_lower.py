@@ -357,9 +357,8 @@ class _Matcher:
             self.fail(m, "a quantised weight lowers as f32(q) * f32(unsqueeze(s, 1)): an 8-bit weight q [out, in] "
                          "times one scale s [out] per row")
         q, sc = qs[0].src[0], rest[0]
-        s = _peel(sc.src[0]) if sc.op is Op.RESHAPE else None
-        if s is None or s.op is not Op.INPUT or len(s.shape) != 1 or len(q.shape) != 2 \
-                or not _same_shape(s.shape, q.shape[:1]) or not _same_shape(sc.shape, (q.shape[0], 1)):
+        s = _row_scales(sc, q)
+        if s is None:
             self.fail(sc, f"the scales of '{q.arg}' lower as one per row: unsqueeze(s, 1) of an input s "
                           f"[{q.shape[0]}] (groups along K and 128 x 128 blocks run the reference evaluator)")
         if q.dtype is not DType.i8:
@@ -456,9 +455,8 @@ class _Matcher:
         if q is None or q.dtype is not DType.f8e4m3 or fq.dtype is not DType.f32 or len(q.shape) != 2:
             self.fail(d, form)
         sc = _peel(d.src[1] if d.src[0] is fq else d.src[0])
-        s = sc.src[0] if sc.op is Op.RESHAPE else None
-        if s is None or s.op is not Op.INPUT or len(s.shape) != 1 or not _same_shape(s.shape, q.shape[:1]) \
-                or not _same_shape(sc.shape, (q.shape[0], 1)):
+        s = _row_scales(sc, q, casts=False)
+        if s is None:
             self.fail(sc, f"the scales of '{q.arg}' lower as one a row, unsqueeze(ws, 1) of an f32 input ws "
                           f"[{q.shape[0]}]: " + form)
         if s.dtype is not DType.f32:
@@ -504,6 +502,16 @@ class _Matcher:
         if len(terms) == 2 and len(ones) == 1 and len(ws) == 1:
             return ws[0], 1.0
         self.fail(g, f"an RMSNorm's weight is an input gamma [{x.shape[-1]}] or 1 + gamma")
+
+
+def _row_scales(sc: Node, q: Node, casts: bool = True) -> Node | None:
+    """s where sc is unsqueeze(s, 1) of an input s [out] of q [out, in]'s rows (a scale a row), else None;
+    casts: float casts of s looked through (the W8A8 form takes none: each rounding is its meaning)."""
+    s = (_peel(sc.src[0]) if casts else sc.src[0]) if sc.op is Op.RESHAPE else None
+    if s is None or s.op is not Op.INPUT or len(s.shape) != 1 or len(q.shape) != 2 \
+            or not _same_shape(s.shape, q.shape[:1]) or not _same_shape(sc.shape, (q.shape[0], 1)):
+        return None
+    return s
 
 
 def _f32(v) -> float:

@@ -562,10 +562,15 @@ def fp8_gemm(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch
     return y.view(*lead, n_out)
 
 
-def _fp8_gemm_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated, norm) -> bool:
-    return (rows >= FP8_GEMM_MIN_ROWS and norm is None and qw.wtype == "f8e4m3" and _gpu_ok(x, qw)
-            and _capability(x.device) == (9, 0) and qw.k % 16 == 0
+def _fp8_gemm_takes(x: torch.Tensor, qw: QuantWeight, gated=None) -> bool:
+    """Whether the Hopper FP8 GEMM (fp8_gemm) takes x and qw at all: an sm_90 GPU, e4m3 W, its shapes."""
+    return (qw.wtype == "f8e4m3" and _gpu_ok(x, qw) and _capability(x.device) == (9, 0) and qw.k % 16 == 0
             and (qw.n // 2 if gated else qw.n) % (64 if gated and qw.group else 8) == 0)
+
+
+def _fp8_gemm_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated, norm) -> bool:
+    """Whether gemv_quant's W8A8 runs the FP8 GEMM: it takes the call, from FP8_GEMM_MIN_ROWS rows."""
+    return rows >= FP8_GEMM_MIN_ROWS and norm is None and _fp8_gemm_takes(x, qw, gated)
 
 
 def _fp8_per_token(qw: QuantWeight) -> bool:
@@ -584,8 +589,7 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
     """fp8_gemm's "token" scaling takes x and the row-scaled qw (at any row count): _fp8_gemm_ok's
     conditions without its row threshold (which picks the scaling gemv_quant's W8A8 runs, not whether
     this one can)."""
-    return (qw.wtype == "f8e4m3" and not qw.group and _gpu_ok(x, qw) and _capability(x.device) == (9, 0)
-            and qw.k % 16 == 0 and qw.n % 8 == 0)
+    return not qw.group and _fp8_gemm_takes(x, qw)
 
 
 def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor | None = None,
