@@ -34,7 +34,7 @@ from .row import LoweringError
 from .rope import rope_context
 from .distance_terms import distance_term
 from .mask_tiles import tile_context
-from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, t5_tables
+from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, mask_rest, t5_tables
 
 VARS = {"score": "score", "b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos", "kv_pos": "kv_pos"}
 
@@ -312,6 +312,9 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     score_value = score_em.emit(spec.score) if spec.score is not None else "score"
     mask_em = ScalarEmitter(VARS, tables, dims)
     mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
+    rest = mask_rest(spec.mask)
+    rest_em = ScalarEmitter(VARS, tables, dims)
+    rest_value = rest_em.emit(rest) if rest is not None else None
     bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims)
     lows, highs = mask_bounds(spec.mask, bound_em)
     sink_em = ScalarEmitter(VARS, tables, dims)
@@ -328,6 +331,7 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
+                rest_lines=rest_em.lines, rest_value=rest_value,
                 sink_lines=sink_em.lines, sink_value=sink_value, rel_term=rel_term,
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 

@@ -24,6 +24,8 @@ class ScalarEmitter:
         self.n = 0
         self.alibi: tuple[int, float] | None = None
         self.t5: set[tuple[int, int, bool]] = set()   # bucket tables used: (num_buckets, max_distance, bidirectional)
+        self.ranges: dict[int, tuple[int, int]] = {}    # integer nodes' value intervals (narrower C types)
+        self.int_of: dict[int, tuple[str, tuple[int, int]]] = {}   # f32 node -> an int it is the rounding of
 
     def fresh(self) -> str:
         self.n += 1
@@ -35,6 +37,42 @@ class ScalarEmitter:
         for n in _toposort_past(root, self.cache):
             self.cache[id(n)] = self._node(n)
         return self.cache[id(root)]
+
+    def _range(self, n: Node) -> tuple[int, int]:
+        """The value interval of an integer node: computed where it was emitted, else its type's."""
+        return self.ranges.get(id(n)) or TYPE_RANGE[n.dtype]
+
+    def _note_int_valued(self, n: Node, a: list[str]) -> None:
+        """f32 nodes that are an integer's rounding to f32 (a cast, and abs / neg of one): rounding is
+        monotone and odd, so fabsf((float)x) is (float)abs(x), and _int_compare may compare the integer."""
+        if n.op is Op.CAST and n.src[0].dtype.is_int:
+            self.int_of[id(n)] = (a[0], self._range(n.src[0]))
+        elif n.op is Op.UNARY and unary_name(n) in ("abs", "neg") and id(n.src[0]) in self.int_of:
+            x, (lo, hi) = self.int_of[id(n.src[0])]
+            r = (-hi, -lo) if unary_name(n) == "neg" else ((0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi)))
+            ct = "int" if _fits(r, I32) and _fits((lo, hi), I32) else "long long"
+            self.int_of[id(n)] = (self._let(ct, ops.UNARY_INT[unary_name(n)].format(x=f"({ct})({x})")), r)
+
+    def _int_compare(self, n: Node, a: list[str]) -> str | None:
+        """A comparison of an integer's f32 rounding with an integral constant c, |c| < 2^24, made on the
+        integer: c is exact in f32 and so are its neighbours, so monotone rounding keeps every order
+        (x <= c iff (float)x <= c). Both sides integers' roundings: the same where both lie within
+        +-2^24 (exact). Else None."""
+        sides = []
+        for src, c in zip(n.src, a):
+            if id(src) in self.int_of:
+                sides.append(self.int_of[id(src)])
+            elif src.op is Op.CONST and src.dtype is not DType.bool and float(src.arg).is_integer() \
+                    and abs(float(src.arg)) < 2 ** 24:
+                v = int(src.arg)
+                sides.append((str(v), (v, v)))
+            else:
+                return None
+        if not any(id(src) in self.int_of for src in n.src):
+            return None
+        if all(id(src) in self.int_of for src in n.src) and not all(_fits(r, EXACT_F32) for _, r in sides):
+            return None
+        return self._let("bool", f"({sides[0][0]} {ops.COMPARE[n.arg]} {sides[1][0]})")
 
     def _let(self, ctype: str, expr: str) -> str:
         name = self.fresh()
@@ -50,6 +88,16 @@ class ScalarEmitter:
     def _node(self, n: Node) -> str:
         a = [self.cache[id(s)] for s in n.src]
         ct = ops.C_TYPE[n.dtype]
+        if n.dtype.is_int:
+            r = self.ranges[id(n)] = _int_range(n, self._range)
+            if n.dtype is DType.i64 and _fits(r, I32) and all(_fits(self._range(s), I32) for s in n.src if s.dtype.is_int):
+                ct = "int"   # a 64-bit value of the IR whose operands and result fit 32 bits: the same value
+        elif n.op is Op.BINARY and n.arg in ops.COMPARE:
+            narrow = self._int_compare(n, a)
+            if narrow is not None:
+                return narrow
+        elif n.dtype is DType.f32:
+            self._note_int_valued(n, a)
         if n.op is Op.ATTN_VAR:
             return self.var_names[n.arg]
         if n.op is Op.CONST:
@@ -87,8 +135,9 @@ class ScalarEmitter:
         if n.op is Op.BINARY:
             if n.arg in ops.COMPARE:
                 return self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
-            if n.arg in ops.LOGICAL:
-                return self._let("bool", ops.LOGICAL[n.arg].format(a=a[0], b=a[1]))
+            if n.arg in ops.LOGICAL:   # & / | on the two bools: both are computed values, and a short
+                # circuit became a branch per score in the kernels' inner loops
+                return self._let("bool", f"({a[0]} {'&' if n.arg == 'and' else '|'} {a[1]})")
             if n.dtype.is_float:   # integer operands (`kv_pos / 2` is f32) divide as floats, as in the reference
                 x, y = (f"(float)({v})" if s.dtype.is_int else v for v, s in zip(a, n.src))
                 return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=x, b=y))
@@ -105,6 +154,63 @@ class ScalarEmitter:
             addr = " + ".join(f"{i} * {s}" for i, s in zip(idx, t.strides))
             return self._let(ct, ops.LOAD[t.dtype].format(f"p_{t.name}[{addr}]"))
         raise NotImplementedError(f"{n.op.value} in an attention hook")
+
+
+I32 = (-2 ** 31, 2 ** 31 - 1)
+I64 = (-2 ** 63, 2 ** 63 - 1)
+EXACT_F32 = (-2 ** 24, 2 ** 24)   # integers f32 holds exactly
+TYPE_RANGE = {DType.i32: I32, DType.i64: I64}
+
+
+def _fits(r: tuple[int, int], within: tuple[int, int]) -> bool:
+    return within[0] <= r[0] and r[1] <= within[1]
+
+
+def _int_range(n: Node, range_of) -> tuple[int, int]:
+    """Interval arithmetic over an integer node of a hook: the values it can take given its sources'
+    intervals (the kernels' int arguments: any 32-bit value), clipped to its type's range where the
+    operation could leave it (then it is the type's whole range: C wraps or the IR does)."""
+    full = TYPE_RANGE[n.dtype]
+    src = [range_of(s) if s.dtype.is_int else None for s in n.src]
+    r = None
+    if n.op is Op.CONST:
+        r = (int(n.arg), int(n.arg))
+    elif n.op is Op.DIM:
+        r = (0, I64[1])
+    elif n.op is Op.CAST and src and src[0] is not None:
+        r = src[0]
+    elif n.op is Op.WHERE and src[1] is not None and src[2] is not None:
+        r = (min(src[1][0], src[2][0]), max(src[1][1], src[2][1]))
+    elif n.op is Op.UNARY and src and src[0] is not None:
+        lo, hi = src[0]
+        name = unary_name(n)
+        if name == "neg":
+            r = (-hi, -lo)
+        elif name == "abs":
+            r = (0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+        elif name == "relu":
+            r = (max(lo, 0), max(hi, 0))
+    elif n.op is Op.BINARY and len(src) == 2 and src[0] is not None and src[1] is not None:
+        (alo, ahi), (blo, bhi) = src
+        d = ops.const_divisor(n)
+        if n.arg == "add":
+            r = (alo + blo, ahi + bhi)
+        elif n.arg == "sub":
+            r = (alo - bhi, ahi - blo)
+        elif n.arg == "mul":
+            c = [alo * blo, alo * bhi, ahi * blo, ahi * bhi]
+            r = (min(c), max(c))
+        elif n.arg == "min":
+            r = (min(alo, blo), min(ahi, bhi))
+        elif n.arg == "max":
+            r = (max(alo, blo), max(ahi, bhi))
+        elif n.arg == "floordiv" and d is not None and d > 0:
+            r = (alo // d, ahi // d)
+        elif n.arg == "mod" and d is not None and d > 0:
+            r = (0, d - 1) if (ahi - alo >= d or alo // d != ahi // d) else (alo % d, ahi % d)
+    if r is None or not _fits(r, full):
+        return full
+    return r
 
 
 def _toposort_past(root: Node, done: dict) -> list[Node]:
@@ -197,6 +303,22 @@ def mask_is_exact(mask: Node | None) -> bool:
         if _bound(n) is None and not (n.op is Op.CONST and n.arg is True):
             return False
     return True
+
+
+def mask_rest(mask: Node | None) -> Node | None:
+    """The conjuncts of a mask that `mask_bounds` does not turn into key bounds, AND-ed (the kernels
+    test the bounds with one unsigned compare a score and evaluate only this), or None when the mask
+    has no bounds (nothing to split off) or is nothing but them (mask_is_exact)."""
+    parts = list(_conjuncts(mask))
+    if not any(_bound(n) is not None for n in parts):
+        return None
+    rest = [n for n in parts if _bound(n) is None and not (n.op is Op.CONST and n.arg is True)]
+    if not rest:
+        return None
+    out = rest[0]
+    for n in rest[1:]:
+        out = Node(Op.BINARY, DType.bool, out.shape, (out, n), "and")
+    return out
 
 
 def _conjuncts(mask: Node | None):

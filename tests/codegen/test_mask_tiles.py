@@ -201,13 +201,104 @@ def test_floor_division_by_powers_of_two_is_a_shift(prog):
     from layerforge.codegen.attention_wgmma import plan_wgmma_attention
     src = plan_wgmma_attention(prog.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
     mask = src[src.index("bool lf_mask("):].split("\n}\n")[0]
-    assert "(long long)(q_pos) >> 5" in mask and "& (long long)(31)" in mask, mask
+    assert "(int)(q_pos) >> 5" in mask and "& (int)(31)" in mask, mask
     assert "lf_floordiv" not in mask and "lf_mod_floor" not in mask, mask
     dilated = plan_wgmma_attention(prog.specialise("dilated", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
-    assert "& (long long)(1))" in dilated[dilated.index("bool lf_mask("):].split("\n}\n")[0]
+    assert "& (int)(1))" in dilated[dilated.index("bool lf_mask("):].split("\n}\n")[0]
     for x in range(-300, 300):   # what the C expressions compute, in Python's floor semantics
         for k in range(8):
             assert x >> k == x // 2 ** k and x & (2 ** k - 1) == x % 2 ** k
     odd = lf.loads(MASKS.replace("const G: int = 32", "const G: int = 24"), "masks.lf", with_stdlib=False)
     src = plan_wgmma_attention(odd.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
     assert "lf_floordiv" in src[src.index("bool lf_mask("):].split("\n}\n")[0]
+
+
+def test_hook_integers_narrow_and_compare_as_integers(prog):
+    """A hook's 64-bit integer values that fit 32 bits (by interval arithmetic from the kernels' int
+    arguments) are computed as int, and an integer's f32 rounding compared with an integral constant
+    below 2^24 (NATTEN's abs(q // G - k // G) <= 2, the DSL's abs being f32) is compared as integers:
+    no 64-bit or int-to-float instructions a score."""
+    from layerforge.codegen.attention_wgmma import plan_wgmma_attention
+    src = plan_wgmma_attention(prog.specialise("natten", Hq=4, Hkv=2, D=64, dtype="bf16")).source()
+    mask = src[src.index("bool lf_mask("):].split("\n}\n")[0]
+    assert "long long" not in mask, mask
+    ret = mask.split("return ")[1].split(";")[0]
+    used = {ret}
+    for line in reversed(mask.splitlines()):   # the values the result depends on
+        if "const " in line and line.split("=")[0].split()[-1] in " ".join(used):
+            used.add(line)
+    assert not any("fabsf" in line or "(float)" in line for line in used), used
+    assert "abs((int)(" in mask
+
+
+def test_int_ranges_are_sound():
+    """_int_range's intervals hold every value the expression takes (random trees over int32 / int64
+    inputs and constants, exact Python integers), so a node narrowed to int never wraps."""
+    from layerforge.codegen.scalar_expr import I32, TYPE_RANGE, _fits, _int_range
+    from layerforge.dsl.ir import Node, Op
+    from layerforge.dsl.types import DType
+    rng = random.Random(7)
+    ops_ = ["add", "sub", "mul", "min", "max", "floordiv", "mod"]
+
+    def tree(depth):
+        if depth == 0 or rng.random() < 0.25:
+            if rng.random() < 0.5:
+                v = rng.choice([1, 2, 3, 7, 32, 64, 100, -5, 2 ** 20])
+                return Node(Op.CONST, DType.i64, (), (), v), (lambda env, v=v: v)
+            name = rng.choice(["q_pos", "kv_pos", "h"])
+            return Node(Op.ATTN_VAR, DType.i32, (), (), name), (lambda env, name=name: env[name])
+        if rng.random() < 0.2:
+            (a, fa) = tree(depth - 1)
+            u = rng.choice(["neg", "abs"])
+            dt = a.dtype
+            return wrap(Node(Op.UNARY, dt, (), (a,), u), lambda env: (-fa(env) if u == "neg" else abs(fa(env))))
+        op = rng.choice(ops_)
+        a, fa = tree(depth - 1)
+        if op in ("floordiv", "mod"):
+            d = rng.choice([1, 2, 3, 8, 64, 100])
+            b, fb = Node(Op.CONST, DType.i64, (), (), d), (lambda env, d=d: d)
+        else:
+            b, fb = tree(depth - 1)
+        dt = DType.i64 if DType.i64 in (a.dtype, b.dtype) else DType.i32
+        f = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y, "min": min,
+             "max": max, "floordiv": lambda x, y: x // y, "mod": lambda x, y: x % y}[op]
+        return wrap(Node(Op.BINARY, dt, (), (a, b), op), lambda env: f(fa(env), fb(env)))
+
+    def wrap(n, f):   # C's two's-complement value of the node's type (an int expression that overflows)
+        bits = 32 if n.dtype is DType.i32 else 64
+        return n, (lambda env: (f(env) + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1))
+
+    ranges = {}
+
+    def range_of(n):
+        if id(n) not in ranges:
+            for s in n.src:
+                range_of(s)
+            ranges[id(n)] = _int_range(n, lambda s: ranges[id(s)])
+        return ranges[id(n)]
+
+    checked = 0
+    for _ in range(400):
+        root, f = tree(4)
+        ranges.clear()   # keyed by id(): the last tree's nodes are gone
+        r = range_of(root)
+        for _ in range(30):
+            env = {k: rng.choice([0, 1, 63, 64, 4095, rng.randrange(2 ** 31), -rng.randrange(2 ** 31), 2 ** 31 - 1,
+                                  -2 ** 31]) for k in ("q_pos", "kv_pos", "h")}
+            v = f(env)
+            assert r[0] <= v <= r[1], (root, r, v)
+            checked += int(_fits(r, I32))
+    assert checked > 3000
+
+
+def test_f32_roundings_compare_as_integers():
+    """The exactness _int_compare relies on: for an integral constant c with |c| < 2^24 and any
+    integer x, (float)x <op> c equals x <op> c (f32 rounding is monotone and c's neighbours are exact)."""
+    import numpy as np
+    xs = np.array([0, 1, -1, 3, 4, -3, -4, 2 ** 24 - 1, 2 ** 24, 2 ** 24 + 1, -2 ** 24 - 1, 2 ** 31 - 1, -2 ** 31,
+                   2 ** 40 + 3, -2 ** 40 - 3, 16777217, 16777219], dtype=np.int64)
+    xs = np.concatenate([xs, np.random.default_rng(0).integers(-2 ** 33, 2 ** 33, 20000)])
+    xf = xs.astype(np.float32)
+    for c in [0, 3, -3, 2 ** 24 - 1, -(2 ** 24 - 1), 1000]:
+        for op in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
+            assert (getattr(xf, op)(np.float32(c)) == getattr(xs, op)(c)).all(), (c, op)
