@@ -63,6 +63,7 @@ class WGTileConfig:
     overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
+    rope_step: bool = False      # RoPE on q: one precise sincos a thread, the rows after it by an exact step rotation
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
@@ -74,7 +75,7 @@ class WGTileConfig:
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
-                + ("t" if self.tma else ""))
+                + ("t" if self.tma else "") + ("r" if self.rope_step else ""))
 
     @property
     def threads(self) -> int:
@@ -260,7 +261,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, BOXR=plan.tma_box[0],
+        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma,
+        ROPE_STEP=c.rope_step and ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0, BOXR=plan.tma_box[0],
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -301,9 +303,16 @@ def tma_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
 
+def rope_step_default() -> bool:
+    """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE: off
+    until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_WGMMA_ROPE_STEP=1 turns
+    it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_ROPE_STEP", False)
+
+
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
-                         overlap: bool = False, tma: bool = False) -> WGMMAAttentionPlan:
+                         overlap: bool = False, tma: bool = False, rope_step: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -314,7 +323,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     compiles without spills through `compile_fn` (never without one); else the plan above.
     The shape is never changed for it, so both variants compare like for like.
     tma (without `tiles`): the same with WGTileConfig.tma where the plan can take it and it
-    compiles without spills (never without a compile function)."""
+    compiles without spills (never without a compile function).
+    rope_step (without `tiles`): in a block with RoPE, the same with WGTileConfig.rope_step where it
+    compiles without spills (q's rotation: one precise sincos a thread, the rest by step rotations)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if overlap and tiles is None:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
@@ -323,6 +334,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     if tma and tiles is None:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
         if twin.tma and spill_free(twin, compile_fn):
+            plan = twin
+    if rope_step and tiles is None and plan.spec.rope is not None:
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_step=True))
+        if spill_free(twin, compile_fn):
             plan = twin
     return plan
 

@@ -51,7 +51,7 @@ import torch
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import TCAttentionPlan, pick_mode, plan_tc_attention, supports as tc_supports
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
-                                       supports as wgmma_supports, tma_default)
+                                       rope_step_default, supports as wgmma_supports, tma_default)
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
@@ -170,7 +170,8 @@ class PagedAttention:
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
-                                            overlap=overlap_default(), tma=tma_default())
+                                            overlap=overlap_default(), tma=tma_default(),
+                                            rope_step=rope_step_default())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),

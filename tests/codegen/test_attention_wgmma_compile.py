@@ -281,3 +281,18 @@ def test_distance_tables_by_default(prog, mask_prog):
     with pytest.raises(LoweringError, match=r"shared memory beside the distance tables \(distance_table=False"):
         plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3))
     assert plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3), distance_table=False).rel_table is None
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name,hq,hkv", [("llama_attn", 32, 8), ("mistral_attn", 32, 32), ("llama_attn", 32, 1)])
+def test_rope_by_steps_compiles_without_spills(prog, name, hq, hkv, d):
+    """WGTileConfig.rope_step, as LAYERFORGE_WGMMA_ROPE_STEP=1 plans it (with overlap and TMA): the stepped
+    rotation in the source, spill-free; blocks without RoPE never take it."""
+    layer = specialise(prog, name, hq, hkv, d)
+    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=resources, overlap=True, tma=True, rope_step=True)
+    assert plan.config.rope_step and plan.config.label.endswith("r")
+    assert "lf_rope_step_sincos(RS, p, dsn, dcs);" in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+    plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hq, d), page_size=64, compile_fn=resources,
+                                 rope_step=True)
+    assert not plain.config.rope_step

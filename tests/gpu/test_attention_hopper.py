@@ -108,3 +108,18 @@ def test_every_tile_candidate(prog, d, tiles, schedule):
     tiles = dataclasses.replace(tiles, overlap=schedule == "overlap")
     wgmma(prog, "gemma2_attn", 16, 4, d, 16, lens=[700, 1, 333], new=[700, 1, 100], window=200,
           tiles={"prefill": tiles})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,hq,hkv,consts", [("llama_attn", 32, 8, {}), ("llama_attn", 16, 16, {}),
+                                                 ("mistral_attn", 16, 16, {"window": 200}),
+                                                 ("llama_attn", 32, 1, {})])
+def test_rope_by_steps(prog, name, hq, hkv, consts, dtype):
+    """WGTileConfig.rope_step (q rotated by one precise sincos a thread and step rotations after it), MHA and
+    GQA, at positions up to 20000 (long contexts: the steps start from a large angle) and ragged, against the
+    float64 reference."""
+    import dataclasses
+    from layerforge.codegen.attention_wgmma import tile_candidates
+    tiles = dataclasses.replace(tile_candidates(128)[0], rope_step=True)
+    wgmma(prog, name, hq, hkv, 128, 64, lens=[20000, 300, 1000], new=[100, 129, 7], dtype=dtype,
+          tiles={"prefill": tiles}, **consts)
