@@ -39,7 +39,7 @@ from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_a
                         check_kv_dtype, check_specialisable, extra_args, hook_context, output_args, tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
-from .plan import CompileFn, layer_key, spill_free
+from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
@@ -164,11 +164,17 @@ class TCAttentionPlan(AttentionPlan):
     mode: str = "prefill"
     tiles: TileConfig | None = None   # None: the first of tile_candidates (plan_tc_attention chooses)
     kv_dtype: str | None = None       # "fp8_e4m3": e4m3 cache with per-head scales
+    fp8_cvt: bool = False             # fp8 on sm_89+: e4m3 pairs widened by the hardware's cvt to f16, the products
+    #                                   in f16 (bf16 q scaled into f16 by a power of two); see fp8_cvt_default
+
+    def __post_init__(self):
+        if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
+            raise ValueError(f"fp8_cvt needs an fp8 cache on sm_89 or newer (kv_dtype {self.kv_dtype}, {self.arch})")
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
-                         self.arch.replace("_", ""))
+                         *(("cvt",) if self.fp8_cvt else ()), self.arch.replace("_", ""))
 
     @property
     def config(self) -> TileConfig:
@@ -298,7 +304,7 @@ def _render(plan: TCAttentionPlan) -> str:
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
-        MMA_T="bf16" if dtype is DType.bf16 else "f16", HD=hd, HQ=int(spec.num_q_heads), padded=padded,
+        MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
@@ -309,13 +315,27 @@ def _render(plan: TCAttentionPlan) -> str:
         **ctx)
 
 
+def fp8_cvt_applies(arch: str, kv_dtype: str | None) -> bool:
+    """The hardware e4m3 conversion (cvt.rn.f16x2.e4m3x2) exists from sm_89."""
+    return kv_dtype is not None and int(arch.removeprefix("sm_").rstrip("af")) >= 89
+
+
+def fp8_cvt_default() -> bool:
+    """Whether plans over an fp8 cache on sm_89+ take TCAttentionPlan.fp8_cvt: off until measured on a GPU
+    (benchmarks/NOTES.md, its prediction); LAYERFORGE_FP8_KV_CVT=1 turns it on, for the runtime's plans and
+    the pack build alike."""
+    return env_switch("LAYERFORGE_FP8_KV_CVT", False)
+
+
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
                       tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
-                      kv_dtype: str | None = None) -> TCAttentionPlan:
+                      kv_dtype: str | None = None, fp8_cvt: bool = False) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
-    "fp8_e4m3": over an e4m3 cache with per-head scales."""
+    "fp8_e4m3": over an e4m3 cache with per-head scales; fp8_cvt: with the hardware's e4m3
+    conversion and f16 products where the arch has it (sm_89+; ignored elsewhere)."""
+    fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
     check_attention_layer(layer, page_size)
     check_kv_dtype(layer, kv_dtype)
     if mode not in MODES:
@@ -324,14 +344,16 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
+                               fp8_cvt=fp8_cvt)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
                                  int(spec.v_head_dim))
     for c in candidates:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype)
+        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
+                               fp8_cvt=fp8_cvt)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

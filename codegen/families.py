@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..dsl.program import Layer
 from .attention import plan_paged_attention
-from .attention_tc import MODES, plan_tc_attention
+from .attention_tc import MODES, fp8_cvt_default, plan_tc_attention
 from .attention_wgmma import (overlap_default, plan_wgmma_attention, rope_step_default, supports as wgmma_supports,
                               tma_default)
 from .kv_append import plan_kv_append
@@ -46,7 +46,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
         plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, overlap=overlap_default(),
                                        tma=tma_default(), rope_step=rope_step_default())
                   if m == "prefill" and hopper else
-                  plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache)
+                  plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache,
+                                    fp8_cvt=fp8_cvt_default())
                   for m in MODES]
         if getattr(plans[0], "block_mask", False):   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
             plans.append(plans[0].block_mask_plan())

@@ -181,3 +181,20 @@ def test_fp8_widening_constants_decode_every_e4m3_code():
             ok = finite[lo] & finite[hi]
             assert np.array_equal(got[ok, 0], want[lo][ok]), (ctype, name)
             assert np.array_equal(got[ok, 1], want[hi][ok]), (ctype, name)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_fp8_hardware_conversion_compiles_without_spills(prog, dtype, d, mode):
+    """TCAttentionPlan.fp8_cvt (sm_89+): cvt.rn.f16x2.e4m3x2 for K and V, f16 products, bf16 q scaled into f16
+    by a power of two; its own key; sm_80 plans never take it."""
+    plan = plan_tc_attention(specialise(prog, "llama_attn", d, dtype), "sm_90", mode=mode, kv_dtype=FP8, fp8_cvt=True)
+    assert plan.fp8_cvt and plan.key.endswith("_cvt_sm90")
+    compile_clean(plan, "sm_90")
+    src = plan.source()
+    assert "cvt.rn.f16x2.e4m3x2" in src and "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert ("ldexpf(lf_to_float(*x), -qe)" in src) == (dtype == "bf16")
+    assert "lf_e4m3_odd_to" not in src.split("extern \"C\"")[1]
+    old = plan_tc_attention(specialise(prog, "llama_attn", d, dtype), "sm_80", mode=mode, kv_dtype=FP8, fp8_cvt=True)
+    assert not old.fp8_cvt and "cvt.rn.f16x2.e4m3x2" not in old.source()

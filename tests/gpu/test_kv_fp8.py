@@ -124,14 +124,14 @@ def build_caches(ks, vs, page, spec, dtype, k_scale, v_scale, gen):
     return (k8.cuda(), v8.cuda()), (k16.cuda(), v16.cuda()), table.cuda(), lens.cuda()
 
 
-def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, splits=None, **consts):
+def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, splits=None, q_mult=1.0, **consts):
     gen = seeded_generator("fp8 attention", name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts)
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts)
     layer = prog.specialise(name, dtype="bf16" if dtype == torch.bfloat16 else "f16", **kw)
     spec = layer.function.outputs[0].arg
     ks = [(torch.randn(n, hkv, d, generator=gen) * 2).to(dtype) for n in lens]
     vs = [torch.randn(n, hkv, d, generator=gen).to(dtype) for n in lens]
-    qs = [torch.randn(m, hq, d, generator=gen).to(dtype) for m in new]
+    qs = [(torch.randn(m, hq, d, generator=gen) * q_mult).to(dtype) for m in new]
     # per-head scales from the heads' maxima (K: room for the rotation), each head its own
     k_scale = torch.stack([k.float().abs().amax(dim=(0, 2)) for k in ks]).amax(0) * 1.5 / 448
     v_scale = torch.stack([v.float().abs().amax(dim=(0, 2)) for v in vs]).amax(0) / 448
@@ -241,3 +241,25 @@ def test_append_then_decode_end_to_end(prog):
                               kv_positions=torch.arange(n)[None], k_rotated=True)[0][0, 0]
             err = (out[s].double().cpu() - ref).norm() / ref.norm()
             assert err < 2e-2, f"{kernel} seq {s}: relative error {err:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the hardware e4m3 conversion needs sm_89 or newer")
+@pytest.mark.parametrize("q_mult", [1.0, 40.0, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cvt_form", ["tc", "tc-ragged"])
+def test_hardware_conversion_path(prog, monkeypatch, cvt_form, dtype, q_mult):
+    """LAYERFORGE_FP8_KV_CVT=1 (TCAttentionPlan.fp8_cvt): e4m3 widened by cvt.rn.f16x2.e4m3x2, the products in
+    f16, bf16 q scaled into f16 by a power of two (large and small q: sharp and flat softmax), decode and
+    chunked prefill, GQA and MHA, split-KV, against the same float64 references as the default path."""
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_CVT", "1")
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3", fp8_cvt=True).key.endswith("_cvt_sm90")
+    new = [1, 1, 1, 1] if cvt_form == "tc" else [5, 3, 150, 17]
+    run_case(prog, cvt_form, "llama_attn", 32, 8, 128, 16, lens=[5, 33, 200, 1000], new=new, dtype=dtype, q_mult=q_mult)
+    run_case(prog, cvt_form, "mistral_attn", 16, 16, 64, 64, lens=[70, 300], new=new[:2], dtype=dtype, q_mult=q_mult,
+             window=37)
+    if cvt_form == "tc":
+        run_case(prog, cvt_form, "llama_attn", 32, 8, 256, 16, lens=[300, 1000], new=[1, 1], dtype=dtype, splits=3,
+                 q_mult=q_mult)
