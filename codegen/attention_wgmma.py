@@ -64,6 +64,7 @@ class WGTileConfig:
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
     rope_step: bool = False      # RoPE on q: one precise sincos a thread, the rows after it by an exact step rotation
+    fold: bool = False           # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
@@ -75,7 +76,7 @@ class WGTileConfig:
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
-                + ("t" if self.tma else "") + ("r" if self.rope_step else ""))
+                + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else ""))
 
     @property
     def threads(self) -> int:
@@ -262,7 +263,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma,
-        ROPE_STEP=c.rope_step and ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0, BOXR=plan.tma_box[0],
+        ROPE_STEP=c.rope_step and ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0,
+        FOLD=c.fold and folds(ctx), BOXR=plan.tma_box[0],
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -303,6 +305,19 @@ def tma_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
 
+def folds(ctx: dict) -> bool:
+    """Whether WGTileConfig.fold applies: no score hook and a positive constant scale (the raw scores' max
+    is then the scaled ones')."""
+    return not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
+
+
+def fold_default() -> bool:
+    """Whether the wgmma prefill folds the scale into the exponent's FFMA (WGTileConfig.fold) where it
+    applies: off until measured on a GPU (benchmarks/NOTES.md); LAYERFORGE_WGMMA_FOLD=1 turns it on, for the
+    runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_FOLD", False)
+
+
 def rope_step_default() -> bool:
     """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE: off
     until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_WGMMA_ROPE_STEP=1 turns
@@ -312,7 +327,8 @@ def rope_step_default() -> bool:
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
-                         overlap: bool = False, tma: bool = False, rope_step: bool = False) -> WGMMAAttentionPlan:
+                         overlap: bool = False, tma: bool = False, rope_step: bool = False,
+                         fold: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -325,7 +341,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     tma (without `tiles`): the same with WGTileConfig.tma where the plan can take it and it
     compiles without spills (never without a compile function).
     rope_step (without `tiles`): in a block with RoPE, the same with WGTileConfig.rope_step where it
-    compiles without spills (q's rotation: one precise sincos a thread, the rest by step rotations)."""
+    compiles without spills (q's rotation: one precise sincos a thread, the rest by step rotations).
+    fold (without `tiles`): where the block has no score hook and a positive constant scale, the same with
+    WGTileConfig.fold where it compiles without spills."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if overlap and tiles is None:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
@@ -337,6 +355,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
             plan = twin
     if rope_step and tiles is None and plan.spec.rope is not None:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_step=True))
+        if spill_free(twin, compile_fn):
+            plan = twin
+    if fold and tiles is None and folds(hook_context(layer)):
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, fold=True))
         if spill_free(twin, compile_fn):
             plan = twin
     return plan

@@ -296,3 +296,17 @@ def test_rope_by_steps_compiles_without_spills(prog, name, hq, hkv, d):
     plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hq, d), page_size=64, compile_fn=resources,
                                  rope_step=True)
     assert not plain.config.rope_step
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "mistral_attn", "bert_attn"])
+def test_scale_fold_compiles_without_spills(prog, name, d):
+    """WGTileConfig.fold, as LAYERFORGE_WGMMA_FOLD=1 plans it: one FFMA a score into the exponent where the block
+    has no score hook and a positive constant scale; blocks with a score hook (ALiBi, soft-cap) never take it."""
+    layer = specialise(prog, name, 32, 8, d)
+    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=resources, overlap=True, tma=True, fold=True)
+    assert plan.config.fold and "lf_ex2(fmaf(s[nt * 4 + half * 2], scale2, -mu))" in plan.source()
+    assert_spill_free(compile_main(plan)[0])
+    for other in ("bloom_attn", "gemma2_attn"):
+        hooked = plan_wgmma_attention(specialise(prog, other, 32, 8, d), page_size=64, compile_fn=resources, fold=True)
+        assert not hooked.config.fold and "fmaf(s[" not in hooked.source()

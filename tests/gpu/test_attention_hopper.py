@@ -123,3 +123,19 @@ def test_rope_by_steps(prog, name, hq, hkv, consts, dtype):
     tiles = dataclasses.replace(tile_candidates(128)[0], rope_step=True)
     wgmma(prog, name, hq, hkv, 128, 64, lens=[20000, 300, 1000], new=[100, 129, 7], dtype=dtype,
           tiles={"prefill": tiles}, **consts)
+
+
+@pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "mistral_attn", "bert_attn"])
+def test_scale_folded_into_the_exponent(prog, name):
+    """WGTileConfig.fold (no score hook, a positive constant scale: the raw scores' max, then 2^(s scale2 - m)
+    as one FFMA a score; with rope_step for the RoPE blocks) against the float64 reference: causal, GQA,
+    window, padding with fully masked rows, long ragged chunks."""
+    import dataclasses
+    from layerforge.codegen.attention_wgmma import tile_candidates
+    tiles = dataclasses.replace(tile_candidates(128)[0], fold=True, rope_step=True)
+    consts = {"window": 200} if name == "mistral_attn" else {}
+    extra = {}
+    if name == "bert_attn":
+        extra = {"extra_fn": lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}}
+    wgmma(prog, name, 16, 4 if name == "llama_attn" else 16, 128, 64, tiles={"prefill": tiles}, **LONG, **consts,
+          **extra)
