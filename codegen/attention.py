@@ -287,6 +287,12 @@ def _render(plan: PagedAttentionPlan) -> str:
         to_float="lf_e4m3_to_float" if fp8 else "lf_to_float", **ctx)
 
 
+def folds(ctx: dict) -> bool:
+    """Whether a kernel may fold the scale into the exponent's FFMA (WGTileConfig.fold, TCAttentionPlan.fold):
+    no score hook and a positive constant scale (the raw scores' max is then the scaled ones'). ctx: hook_context's."""
+    return not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
+
+
 def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     """Template variables of an attention block's hooks, shared by the attention templates:
     extra inputs and scalars, the score / mask / scale expressions, the mask's key bounds,

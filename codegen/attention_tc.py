@@ -36,7 +36,8 @@ from ..dsl.types import DType
 from . import ops
 from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_args, check_attention_layer,
-                        check_kv_dtype, check_specialisable, extra_args, hook_context, output_args, tile_page_entries)
+                        check_kv_dtype, check_specialisable, extra_args, folds, hook_context, output_args,
+                        tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .plan import CompileFn, env_switch, layer_key, spill_free
@@ -166,6 +167,7 @@ class TCAttentionPlan(AttentionPlan):
     kv_dtype: str | None = None       # "fp8_e4m3": e4m3 cache with per-head scales
     fp8_cvt: bool = False             # fp8 on sm_89+: e4m3 pairs widened by the hardware's cvt to f16, the products
     #                                   in f16 (bf16 q scaled into f16 by a power of two); see fp8_cvt_default
+    fold: bool = False                # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
 
     def __post_init__(self):
         if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
@@ -174,7 +176,7 @@ class TCAttentionPlan(AttentionPlan):
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
-                         *(("cvt",) if self.fp8_cvt else ()), self.arch.replace("_", ""))
+                         *(("cvt",) if self.fp8_cvt else ()), *(("f",) if self.fold else ()), self.arch.replace("_", ""))
 
     @property
     def config(self) -> TileConfig:
@@ -304,7 +306,8 @@ def _render(plan: TCAttentionPlan) -> str:
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
-        MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, HD=hd, HQ=int(spec.num_q_heads), padded=padded,
+        MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt,
+        FOLD=plan.fold and folds(ctx), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
@@ -320,6 +323,12 @@ def fp8_cvt_applies(arch: str, kv_dtype: str | None) -> bool:
     return kv_dtype is not None and int(arch.removeprefix("sm_").rstrip("af")) >= 89
 
 
+def fold_default() -> bool:
+    """Whether tensor-core plans fold the scale into the exponent's FFMA (TCAttentionPlan.fold) where it
+    applies (attention_wgmma.folds): off until measured on a GPU; LAYERFORGE_TC_FOLD=1 turns it on."""
+    return env_switch("LAYERFORGE_TC_FOLD", False)
+
+
 def fp8_cvt_default() -> bool:
     """Whether plans over an fp8 cache on sm_89+ take TCAttentionPlan.fp8_cvt: off until measured on a GPU
     (benchmarks/NOTES.md, its prediction); LAYERFORGE_FP8_KV_CVT=1 turns it on, for the runtime's plans and
@@ -329,13 +338,14 @@ def fp8_cvt_default() -> bool:
 
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
                       tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
-                      kv_dtype: str | None = None, fp8_cvt: bool = False) -> TCAttentionPlan:
+                      kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
     "fp8_e4m3": over an e4m3 cache with per-head scales; fp8_cvt: with the hardware's e4m3
     conversion and f16 products where the arch has it (sm_89+; ignored elsewhere)."""
     fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
+    fold = fold and folds(hook_context(layer))   # (only where it applies: one key for the plain kernel)
     check_attention_layer(layer, page_size)
     check_kv_dtype(layer, kv_dtype)
     if mode not in MODES:
@@ -345,7 +355,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt)
+                               fp8_cvt=fp8_cvt, fold=fold)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
@@ -353,7 +363,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                                  int(spec.v_head_dim))
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt)
+                               fp8_cvt=fp8_cvt, fold=fold)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

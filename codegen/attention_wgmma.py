@@ -41,7 +41,8 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
 from .abi import KernelABI, SharedLayout
-from .attention import AttentionPlan, check_attention_layer, check_specialisable, hook_context, tile_page_entries
+from .attention import (AttentionPlan, check_attention_layer, check_specialisable, folds, hook_context,
+                        tile_page_entries)
 from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
@@ -303,12 +304,6 @@ def tma_default() -> bool:
     the 128-byte swizzle, 22-26 % at D80 / 96 / 160's 32 / 64-byte ones);
     LAYERFORGE_WGMMA_TMA=0 turns it off. Read by the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
-
-
-def folds(ctx: dict) -> bool:
-    """Whether WGTileConfig.fold applies: no score hook and a positive constant scale (the raw scores' max
-    is then the scaled ones')."""
-    return not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
 
 
 def fold_default() -> bool:

@@ -48,3 +48,22 @@ def test_table_sized_by_a_dynamic_dim_other_than_b_compiles_with_its_dim_argumen
                  plan_tc_attention(doc, "sm_90", mode="decode", tiles=tile_candidates("decode", 64, 2)[0])):
         compiles(plan)
         assert [a.name for a in plan.kernels[0].args if a.ref in ("B", "Skv")] == ["d_B", "d_Skv"]
+
+
+def test_tc_scale_fold_compiles_without_spills():
+    """TCAttentionPlan.fold (LAYERFORGE_TC_FOLD=1): one FFMA a score into the exponent on the mma.sync tiles,
+    prefill and decode, sm_80 and sm_90, its own key; a block with a score hook never takes it."""
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    from layerforge.runtime.nvrtc import CompileOptions, compile_cuda
+    prog = lf.stdlib()
+    for arch in ("sm_80", "sm_90"):
+        for mode in ("prefill", "decode"):
+            plan = plan_tc_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch, mode=mode,
+                                     fold=True)
+            assert plan.fold and plan.key.endswith(f"_f_{arch.replace('_', '')}")
+            assert "lf_ex2(fmaf(s[mt][nt][half * 2], scale2, -mu))" in plan.source()
+            for kr in compile_cuda(plan.source(), plan.kernel_name, CompileOptions(arch)).resources.values():
+                assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
+            hooked = plan_tc_attention(prog.specialise("bloom_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch,
+                                       mode=mode, fold=True)
+            assert not hooked.fold and "fmaf(s[" not in hooked.source()

@@ -294,3 +294,15 @@ def test_wgmma_per_score_distance_term(prog, name):
         layer = prog.specialise("rel_bias", Hq=16, Hkv=4, D=128, dtype="bf16")
         extra = {"bias": torch.randn(129, 16, generator=gen)}
     run(layer, [600, 250, 1], [600, 70, 1], extra, hq=16, hkv=4, d=128, attn=wgmma_attn(layer, distance_table=False))
+
+
+@pytest.mark.parametrize("name,kind", [("doc_causal", "random"), ("doc", "one"), ("doc_pad", "pad")])
+def test_tc_scale_folded_into_the_exponent(prog, monkeypatch, name, kind):
+    """LAYERFORGE_TC_FOLD=1 (TCAttentionPlan.fold: the raw scores' max, one FFMA a score into the exponent) on the
+    mma.sync prefill and decode tiles over the block-mask lists: the same float64 reference, fully masked rows
+    zeros."""
+    monkeypatch.setenv("LAYERFORGE_TC_FOLD", "1")
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
+    attn = PagedAttention(layer, page_size=64)
+    assert attn.tc_plan("prefill").fold and attn.tc_plan("decode").fold
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)
