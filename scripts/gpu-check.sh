@@ -6,7 +6,7 @@
 # JSON go to OUT_DIR (default out/gpu-check).
 # Env knobs: PYTEST_ARGS (test paths, default "tests/gpu tests/runtime tests/trt tests/models"; add e.g. "-n 8" with pytest-xdist), PYTEST_K (pytest -k),
 # SKIP_SANITIZER, SKIP_BENCH (all benchmarks), SKIP_ATTENTION (bench_attention only), SKIP_MODEL (bench_model only),
-# SKIP_DECODER (bench_decoder only), SKIP_SSM (bench_scan / bench_ssd / bench_mamba), SKIP_MOE (bench_moe / bench_lora), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
+# SKIP_DECODER (bench_decoder only), AB_SWITCHES (also the off-by-default kernel switches), SKIP_SSM (bench_scan / bench_ssd / bench_mamba), SKIP_MOE (bench_moe / bench_lora), SKIP_ROWS (bench_rows only), BENCH_ONLY (bench_rows --only
 # TEXT), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,6 +105,17 @@ if [ -z "${SKIP_BENCH:-}" ]; then
             --context 2048 --steps 16 --json "$OUT_DIR/bench_lora.json" 2>&1 | tee "$OUT_DIR/bench_lora.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     fi
+    # the kernel switches that are off until measured (README, Hopper prefill): the same benchmarks with them on,
+    # beside the default lines printed above (AB_SWITCHES=1)
+    if [ -n "${AB_SWITCHES:-}" ]; then
+        LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 LAYERFORGE_TC_FOLD=1 \
+            "$PY" -m benchmarks.bench_masks --variants 2>&1 | tee "$OUT_DIR/bench_masks_switches.txt"
+        LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 \
+            | tee "$OUT_DIR/bench_attention_fp8_cvt.txt"
+    fi
+    # the fused per-token FP8 quantisers beside the two-kernel path
+    "$PY" -m benchmarks.bench_quant_rows 2>&1 | tee "$OUT_DIR/bench_quant_rows.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     [ -n "${SKIP_ROWS:-}" ] || "$PY" -m benchmarks.bench_rows $QUICK ${BENCH_ONLY:+--only "$BENCH_ONLY"} --json "$OUT_DIR/bench_rows.json" 2>&1 | tee "$OUT_DIR/bench_rows.txt"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
