@@ -46,7 +46,7 @@ import sympy
 
 from ..dsl.ir import Function, Node, Op, toposort, unary_name
 from ..dsl.program import Layer, located
-from ..dsl.types import DType
+from ..dsl.types import DType, shape_str
 from .gemv import GATED, GemvPlan, plan_gemv
 from .row import LoweringError
 
@@ -76,8 +76,10 @@ class LinearPattern:
                                      # "u4" / "i4": weight u4 / i4 [n, K] (packed two a byte), wscale [n, K / group]
     group: int = 0                   #   in dtype, wzero u4 [n, K / group] (u4 only): W = T((q - z) s) by group of
     wzero: str | None = None         #   K (i4: z = 0); the kernels' layouts are made from them at run time;
-                                     # "f8e4m3" (only with xquant "token"): weight e4m3 [n, K], wscale f32 [n]
-    xquant: str | None = None        # "token": x quantised to e4m3 in the layer, one scale a token (amax / 448)
+                                     # "f8e4m3" (only with xquant): weight e4m3 [n, K], wscale f32 [n] ("token"),
+                                     #   or [n / 128, K / 128] with group 128 ("k128")
+    xquant: str | None = None        # "token": x quantised to e4m3 in the layer, one scale a token (amax / 448);
+                                     # "k128": one scale a token and 128 k (runtime/quant.py gemv_quant's W8A8)
 
     @property
     def kernel_wtype(self) -> str | None:
@@ -93,6 +95,8 @@ class LinearPattern:
         return d
 
     def plan(self, arch: str, max_m: int = 16) -> GemvPlan:
+        if self.xquant == "k128":
+            raise LoweringError(NO_BLOCK_PLAN)
         if self.xquant is not None:
             raise LoweringError(NO_TOKEN_PLAN)
         try:
@@ -130,6 +134,10 @@ def linear_plans(layer: Layer, arch: str) -> list[GemvPlan]:
     return [pattern.plan(arch, 8), pattern.plan(arch, 16)]
 
 
+NO_BLOCK_PLAN = ("the W8A8 product with 128 x 128 weight blocks has no small-token kernel a pack holds (a pack's module "
+                 "takes torch's product of the dequantised W past 16 rows, which quantises no activations): a module of "
+                 "the layer runs runtime/quant.py's gemv_quant (the small-token e4m3 kernel, the Hopper FP8 GEMM's "
+                 "k128-blocks scaling; compiled at run time)")
 NO_TOKEN_PLAN = ("the W8A8 product with one activation scale a token has no small-token kernel (codegen/gemv.py's "
                  "e4m3 kernels quantise x by 1 x 128 blocks, another meaning), so no plan a pack holds: a module of "
                  "the layer runs runtime/quant.py's fp8_linear_per_token (the Hopper FP8 GEMM with per-token "
@@ -231,6 +239,8 @@ class _Matcher:
             if fused or _peel(out) is not product or out.op is not Op.CAST or out.src[0] is not product:
                 self.fail(_peel(out), f"the W8A8 product with one scale a token lowers alone, T(its product) with "
                                       f"nothing fused around it ({', '.join(fused) or 'a cast'} here): " + self.TOKEN)
+            if lhs.op is Op.RESHAPE:   # x quantised by blocks of 128 along K (DeepSeek-V3's W8A8)
+                return self._blocks(lhs, product, out)
             return self._token(lhs, product, out)
         x, gamma, offset, eps = self._prologue(lhs)
         w, ws, wz, group = self._weight(_peel(product.src[1]), product)
@@ -375,51 +385,59 @@ class _Matcher:
              "max(abs(xf), axis=-1), xf = f32(x), x a tensor input [..., I], wq f8e4m3 [O, I] and ws f32 [O] "
              "(dsl/stdlib/quant.lf fp8_linear_per_token); other scalings run the reference evaluator")
 
+    BLOCKS = ("W8A8 with 128 x 128 weight blocks lowers as T(xd @ reshape(w, O, I).T) with xd = reshape(f32(q) * "
+              "(amax * (1.0 / 448.0)), N, I), q = f8e4m3(xg * where(amax > 0.0, 448.0 / amax, 0.0)), amax = "
+              "max(abs(xg), axis=-1), xg = reshape(f32(x), N, I / G, G) and w = reshape(f32(wq), O / G, G, I / G, G) * "
+              "reshape(ws, O / G, 1, I / G, 1), G = 128, x a tensor input [N, I], wq f8e4m3 [O, I], ws f32 "
+              "[O / G, I / G] (dsl/stdlib/quant.lf fp8_block_w8a8_linear); other scalings run the reference evaluator")
+
+    def _blocks(self, r: Node, product: Node, out: Node) -> LinearPattern:
+        """The W8A8 product with x quantised by 1 x 128 blocks and W by 128 x 128 blocks (the BLOCKS form,
+        exactly) -> its LinearPattern (runtime/quant.py gemv_quant's meaning of a block-scaled e4m3 W)."""
+        a = r.src[0]
+        if len(a.shape) != 3 or _static(a.shape[-1]) != 128 or len(r.shape) != 2:
+            self.fail(r, "x's dequantised blocks [N, I / 128, 128] reshape back to [N, I]; blocks of 128 (the kernels' "
+                         "k groups): " + self.BLOCKS)
+        x = self._dequantised_x(a, self.BLOCKS, grouped=True)
+        if not _same_shape(r.shape, x.shape):
+            self.fail(r, f"the dequantised x must have x's shape {shape_str(x.shape)}: " + self.BLOCKS)
+        q_w, ws = self._fp8_block_weight(_peel(product.src[1]), product)
+        k, n = _static(q_w.shape[1]), _static(q_w.shape[0])
+        if k is None or n is None or n != _static(product.shape[-1]) or k % 128:
+            self.fail(q_w, f"the weight '{q_w.arg}' must have a static shape [out, in], in a multiple of 128")
+        if x.dtype != out.dtype:
+            self.fail(x, f"input '{x.arg}' is {x.dtype}; the W8A8 product takes x in the output's dtype, {out.dtype}")
+        return LinearPattern(x=x.arg, weight=q_w.arg, n=n, k=k, dtype=str(out.dtype), wtype="f8e4m3", wscale=ws.arg,
+                             group=128, xquant="k128")
+
+    def _fp8_block_weight(self, b: Node, product: Node) -> tuple[Node, Node]:
+        """(wq, ws) of reshape(reshape(f32(wq), O / G, G, I / G, G) * reshape(ws, O / G, 1, I / G, 1), O, I).T."""
+        t = b.src[0] if b.op is Op.TRANSPOSE else None
+        d = t.src[0] if t is not None and t.op is Op.RESHAPE else None
+        if d is None or d.op is not Op.BINARY or d.arg != "mul" or d.dtype is not DType.f32 or len(d.shape) != 4:
+            self.fail(product if d is None else d, "W8A8's block-scaled weight: " + self.BLOCKS)
+        wr = next((f for f in d.src if f.op is Op.RESHAPE and f.src[0].op is Op.CAST), None)
+        sr = next((f for f in d.src if f.op is Op.RESHAPE and f.src[0].op is Op.INPUT), None)
+        q = None if wr is None else wr.src[0].src[0]
+        if wr is None or sr is None or q.op is not Op.INPUT or q.dtype is not DType.f8e4m3 \
+                or wr.src[0].dtype is not DType.f32 or len(q.shape) != 2:
+            self.fail(d, "W8A8's block-scaled weight: " + self.BLOCKS)
+        o, i = q.shape
+        if not (_same_shape(wr.shape, (o / 128, 128, i / 128, 128)) and _same_shape(sr.shape, (o / 128, 1, i / 128, 1))
+                and _same_shape(t.shape, (o, i))):
+            self.fail(d, "the weight's blocks must be 128 x 128 (the FP8 kernels' blocks): " + self.BLOCKS)
+        ws = sr.src[0]
+        if ws.dtype is not DType.f32 or not _same_shape(ws.shape, (o / 128, i / 128)):
+            self.fail(ws, f"input '{ws.arg}' must be f32 [{o / 128}, {i / 128}], one scale a 128 x 128 block: "
+                          + self.BLOCKS)
+        return q, ws
+
     def _token(self, a: Node, product: Node, out: Node) -> LinearPattern:
         """The W8A8 product with x quantised per token (the TOKEN form, exactly: each cast and constant is
         part of its rounding) -> its LinearPattern; a positioned error naming the part that differs."""
-        def const(n: Node, value: float, what: str) -> None:
-            if n.op is not Op.CONST or _f32(n.arg) != _f32(value):
-                self.fail(n, f"{what} must be the constant {value!r}: " + self.TOKEN)
-
-        def other(n: Node, first: Node) -> Node:
-            return n.src[1] if n.src[0] is first else n.src[0]
-
-        if a.op is not Op.BINARY or a.arg != "mul" or a.dtype is not DType.f32 or product.dtype is not DType.f32:
-            self.fail(a, "the product's left operand must be the f32 dequantised x, f32(q) * (amax * (1.0 / 448.0)): "
-                         + self.TOKEN)
-        fq = next((f for f in a.src if f.op is Op.CAST and f.src[0].op is Op.CAST and f.src[0].dtype.is_storage),
-                  None)
-        if fq is None or fq.dtype is not DType.f32:
-            self.fail(a, "the dequantised x is f32(q) times its token's scale: " + self.TOKEN)
-        q = fq.src[0]
-        if q.dtype is not DType.f8e4m3:
-            self.fail(q, f"x quantises to f8e4m3 (the FP8 GEMM's e4m3), not {q.dtype}: " + self.TOKEN)
-        m = q.src[0]
-        if m.op is not Op.BINARY or m.arg != "mul" or m.dtype is not DType.f32:
-            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)): " + self.TOKEN)
-        wh = next((f for f in m.src if f.op is Op.WHERE), None)
-        xf = None if wh is None else other(m, wh)
-        if wh is None or xf.op is not Op.CAST or xf.dtype is not DType.f32 or xf.src[0].op is not Op.INPUT:
-            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)) with xf = f32(x), x a "
-                         "tensor input: " + self.TOKEN)
-        x = xf.src[0]
-        cond, inv, zero = wh.src
-        if cond.op is not Op.BINARY or cond.arg != "gt" or inv.op is not Op.BINARY or inv.arg != "div" \
-                or inv.dtype is not DType.f32:
-            self.fail(wh, "a token's inverse scale is where(amax > 0.0, 448.0 / amax, 0.0) (zeros quantise to "
-                          "zeros): " + self.TOKEN)
-        self._amax(cond.src[0], x)
-        const(cond.src[1], 0.0, "amax's threshold")
-        const(inv.src[0], 448.0, "the e4m3 range a token's largest |x| maps to")
-        self._amax(inv.src[1], x)
-        const(zero, 0.0, "a token of zeros' inverse scale")
-        scale = other(a, fq)
-        amax = next((f for f in scale.src if f.op is Op.REDUCE), None) if scale.op is Op.BINARY else None
-        if amax is None or scale.arg != "mul" or scale.dtype is not DType.f32:
-            self.fail(scale, "a token's scale is amax * (1.0 / 448.0): " + self.TOKEN)
-        self._amax(amax, x)
-        const(other(scale, amax), 1.0 / 448.0, "the scale's factor")
+        x = self._dequantised_x(a, self.TOKEN, grouped=False)
+        if product.dtype is not DType.f32:
+            self.fail(a, "the product is in f32: " + self.TOKEN)
         q_w, ws = self._fp8_weight(_peel(product.src[1]), product)
         k, n = _static(q_w.shape[1]), _static(q_w.shape[0])
         if k is None or n is None or n != _static(product.shape[-1]):
@@ -430,17 +448,71 @@ class _Matcher:
         return LinearPattern(x=x.arg, weight=q_w.arg, n=n, k=k, dtype=str(out.dtype), wtype="f8e4m3", wscale=ws.arg,
                              xquant="token")
 
-    def _amax(self, r: Node, x: Node) -> None:
-        """r is max(abs(f32(x)), axis=-1): a token's largest |x| (keepdim, as max keeps it by default)."""
+    def _dequantised_x(self, a: Node, form: str, grouped: bool) -> Node:
+        """x of the dequantised activations f32(q) * (amax * (1.0 / 448.0)), q = f8e4m3(xq * where(amax > 0.0,
+        448.0 / amax, 0.0)), amax = max(abs(xq), axis=-1), with xq = f32(x) (grouped: reshape(f32(x), N, I / 128,
+        128)); a positioned error naming the part that differs from `form`."""
+        TOKEN = form
+
+        def const(n: Node, value: float, what: str) -> None:
+            if n.op is not Op.CONST or _f32(n.arg) != _f32(value):
+                self.fail(n, f"{what} must be the constant {value!r}: " + TOKEN)
+
+        def other(n: Node, first: Node) -> Node:
+            return n.src[1] if n.src[0] is first else n.src[0]
+
+        if a.op is not Op.BINARY or a.arg != "mul" or a.dtype is not DType.f32:
+            self.fail(a, "the product's left operand must be the f32 dequantised x, f32(q) * (amax * (1.0 / 448.0)): "
+                         + TOKEN)
+        fq = next((f for f in a.src if f.op is Op.CAST and f.src[0].op is Op.CAST and f.src[0].dtype.is_storage),
+                  None)
+        if fq is None or fq.dtype is not DType.f32:
+            self.fail(a, "the dequantised x is f32(q) times its token's scale: " + TOKEN)
+        q = fq.src[0]
+        if q.dtype is not DType.f8e4m3:
+            self.fail(q, f"x quantises to f8e4m3 (the FP8 GEMM's e4m3), not {q.dtype}: " + TOKEN)
+        m = q.src[0]
+        if m.op is not Op.BINARY or m.arg != "mul" or m.dtype is not DType.f32:
+            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)): " + TOKEN)
+        wh = next((f for f in m.src if f.op is Op.WHERE), None)
+        xq = None if wh is None else other(m, wh)   # f32(x), or (grouped) reshape(f32(x), N, I / 128, 128)
+        xf = xq.src[0] if grouped and xq is not None and xq.op is Op.RESHAPE else None if grouped else xq
+        if wh is None or xf is None or xf.op is not Op.CAST or xf.dtype is not DType.f32 or xf.src[0].op is not Op.INPUT:
+            self.fail(m, "x quantises as f8e4m3(xf * where(amax > 0.0, 448.0 / amax, 0.0)) with xf = "
+                         + ("reshape(f32(x), N, I / 128, 128)" if grouped else "f32(x)") + ", x a tensor input: " + TOKEN)
+        x = xf.src[0]
+        if grouped and not _same_shape(xq.shape, (*x.shape[:-1], x.shape[-1] / 128, 128)):
+            self.fail(xq, f"x's blocks are reshape(f32(x), N, I / 128, 128), not {shape_str(xq.shape)}: " + TOKEN)
+        cond, inv, zero = wh.src
+        if cond.op is not Op.BINARY or cond.arg != "gt" or inv.op is not Op.BINARY or inv.arg != "div" \
+                or inv.dtype is not DType.f32:
+            self.fail(wh, "a token's inverse scale is where(amax > 0.0, 448.0 / amax, 0.0) (zeros quantise to "
+                          "zeros): " + TOKEN)
+        self._amax(cond.src[0], x, xq)
+        const(cond.src[1], 0.0, "amax's threshold")
+        const(inv.src[0], 448.0, "the e4m3 range a token's largest |x| maps to")
+        self._amax(inv.src[1], x, xq)
+        const(zero, 0.0, "a token of zeros' inverse scale")
+        scale = other(a, fq)
+        amax = next((f for f in scale.src if f.op is Op.REDUCE), None) if scale.op is Op.BINARY else None
+        if amax is None or scale.arg != "mul" or scale.dtype is not DType.f32:
+            self.fail(scale, "a token's scale is amax * (1.0 / 448.0): " + TOKEN)
+        self._amax(amax, x, xq)
+        const(other(scale, amax), 1.0 / 448.0, "the scale's factor")
+        return x
+
+    def _amax(self, r: Node, x: Node, xq: Node) -> None:
+        """r is max(abs(xq), axis=-1): a token's (or its block's) largest |x| (keepdim, as max keeps it by
+        default), xq the f32 x quantised (f32(x), or its blocks)."""
+        form = self.TOKEN if xq.op is Op.CAST else self.BLOCKS
         if r.op is not Op.REDUCE or r.arg.fn != "max" or r.dtype is not DType.f32:
-            self.fail(r, "amax is max(abs(xf), axis=-1): " + self.TOKEN)
-        if r.arg.axis != x.rank - 1 or not r.arg.keepdim:
-            self.fail(r, "amax is over the last axis, max(abs(xf), axis=-1) (one scale a token; other axes or "
-                         "blocks of x are other scalings): " + self.TOKEN)
+            self.fail(r, "amax is max(abs(xf), axis=-1): " + form)
+        if r.arg.axis != xq.rank - 1 or not r.arg.keepdim:
+            self.fail(r, "amax is over the last axis, max(abs(xf), axis=-1) (one scale a token or block; other axes "
+                         "are other scalings): " + form)
         a = r.src[0]
-        xf = a.src[0] if a.op is Op.UNARY and unary_name(a) == "abs" else None
-        if xf is None or xf.op is not Op.CAST or xf.dtype is not DType.f32 or xf.src[0] is not x:
-            self.fail(r, f"amax is max(abs(xf), axis=-1) of xf = f32({x.arg}), the x quantised: " + self.TOKEN)
+        if not (a.op is Op.UNARY and unary_name(a) == "abs" and a.src[0] is xq):
+            self.fail(r, f"amax is max(abs(xf), axis=-1) of xf = f32({x.arg}), the x quantised: " + form)
 
     def _fp8_weight(self, b: Node, product: Node) -> tuple[Node, Node]:
         """(wq, ws) of the W8A8 weight (f32(wq) * unsqueeze(ws, 1)).T, wq f8e4m3 [O, I], ws f32 [O]."""

@@ -233,11 +233,12 @@ class LayerModule(torch.nn.Module):
         return self._run_cuda(tensors, scalars, out)
 
     def _token_product(self) -> bool:
-        """Whether the layer is the W8A8 product with one activation scale a token (LinearPattern xquant
-        "token"), which runs runtime/quant.fp8_linear_per_token on CPU tensors as on CUDA ones."""
+        """Whether the layer is a W8A8 product whose activations the layer quantises (LinearPattern xquant
+        "token": runtime/quant.fp8_linear_per_token; "k128": gemv_quant over 128 x 128 weight blocks), which
+        runs its runtime route on CPU tensors as on CUDA ones."""
         if self._token is None:
             self._token = (self.layer is not None and has_matmul(self.function) and self.kernel_reason is None
-                           and self._linear is not None and self._linear.xquant == "token")
+                           and self._linear is not None and self._linear.xquant is not None)
         return self._token
 
     def _run_scan(self, tensors, out):
@@ -368,7 +369,9 @@ class LayerModule(torch.nn.Module):
             return hit
         if len(self._repacked) >= 8:
             self._repacked.clear()
-        if p.wtype == "f8e4m3":
+        if p.wtype == "f8e4m3" and p.group:   # W8A8 with 128 x 128 weight blocks (xquant "k128")
+            hit = pack_fp8(q, s, p.group, dtype)
+        elif p.wtype == "f8e4m3":
             hit = (pack_fp8(q, s, None, dtype) if p.k % 16 == 0 else
                    QuantWeight("f8e4m3", 0, q.contiguous(), None, s.float().contiguous(), p.n, p.k, dtype))
         elif p.wtype == "i8":   # scales by group: the kernel's (scale, zero) pairs

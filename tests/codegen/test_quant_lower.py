@@ -320,3 +320,79 @@ def test_the_fp8_block_layer_runs_the_reference_evaluator(prog):
     assert "quant.lf:" in str(info.value) and "^" in str(info.value)   # at wq's declaration
     from layerforge.runtime.layers import module
     assert "W8A8" in module("fp8_block_linear", I=512, O=256, G=128, dtype="bf16").kernel_reason
+
+
+BLOCK_BODY = ("    xg = reshape(f32(x), N, K / G, G)\n    amax = max(abs(xg), axis=-1)\n"
+              "    q = f8e4m3(xg * where(amax > 0.0, 448.0 / amax, 0.0))\n"
+              "    xd = reshape(f32(q) * (amax * (1.0 / 448.0)), N, K)\n"
+              "    w = reshape(f32(wq), O / G, G, K / G, G) * reshape(ws, O / G, 1, K / G, 1)\n"
+              "    return T(xd @ reshape(w, O, K).T)\n")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_the_w8a8_block_layer_lowers_to_the_block_scaled_product(prog, dtype):
+    """fp8_block_w8a8_linear (DeepSeek-V3's W8A8: x by 1 x 128 blocks, W by 128 x 128 blocks) at G = 128:
+    LinearPattern xquant "k128", wtype f8e4m3, group 128; no plan a pack holds (like the per-token form);
+    the module's route is runtime/quant.py gemv_quant over pack_fp8(block=128)."""
+    from layerforge.runtime.layers import module
+    layer = prog.specialise("fp8_block_w8a8_linear", I=1024, O=768, G=128, dtype=dtype)
+    pattern = match_linear(layer)
+    assert pattern == LinearPattern(x="x", weight="wq", n=768, k=1024, dtype=dtype, wtype="f8e4m3", wscale="ws",
+                                    group=128, xquant="k128")
+    assert LinearPattern(**pattern.to_json()) == pattern
+    with pytest.raises(LoweringError, match="128 x 128 weight blocks has no small-token kernel a pack holds"):
+        pattern.plan("sm_90")
+    assert module("fp8_block_w8a8_linear", I=256, O=384, G=128, dtype=dtype).kernel_reason is None
+
+
+BLOCK_REFUSED = [   # ((old, new) in BLOCK_BODY, G, what the error says, its line)
+    (("448.0 / amax", "240.0 / amax"), 128, "the e4m3 range a token's largest |x| maps to must be the constant 448.0",
+     6),
+    (("amax * (1.0 / 448.0)", "amax / 448.0"), 128, "a token's scale is amax * (1.0 / 448.0)", 7),
+    (("reshape(ws, O / G, 1, K / G, 1)", "reshape(ws, O / G, 1, K / G, 1) * 2.0"), 128, "block-scaled weight", 8),
+    (("", ""), 64, "blocks of 128", 7),
+]
+
+
+@pytest.mark.parametrize("edit,g,message,line", BLOCK_REFUSED, ids=["range", "division", "weight", "g64"])
+def test_w8a8_block_near_misses_are_positioned_lowering_errors(tmp_path, edit, g, message, line):
+    path = tmp_path / "q.lf"
+    body = BLOCK_BODY.replace(*edit) if edit[0] else BLOCK_BODY
+    path.write_text("dims K, O, G\ndynamic N\nlayer f(x: T[N, K], wq: f8e4m3[O, K], ws: f32[O / G, K / G]) -> T[N, O] "
+                    f"{{\n{body}}}\n")
+    layer = lf.load(path).specialise("f", K=256, O=384, G=g, dtype="bf16")
+    with pytest.raises(LoweringError) as info:
+        match_linear(layer)
+    text = str(info.value)
+    assert message in text and "W8A8 with 128 x 128 weight blocks lowers as" in text, text
+    assert f"{path}:{line}:" in text and "^" in text, text
+
+
+def test_the_w8a8_block_module_on_the_cpu_is_the_evaluators():
+    """module("fp8_block_w8a8_linear") on CPU tensors (gemv_quant's torch route): the reference evaluator's
+    values on fresh inputs (bf16 and f16, a token of zeros, a block of zeros, blocks of very different
+    scales), into out= too; the float64 evaluator within the dtype's rounding."""
+    from layerforge.runtime.layers import module
+    from layerforge.runtime.quant import quantize_fp8
+    for dt, dtype, tol in (("bf16", torch.bfloat16, 4e-3), ("f16", torch.float16, 1e-3)):
+        for k, n in ((256, 384), (512, 128)):
+            m = module("fp8_block_w8a8_linear", I=k, O=n, G=128, dtype=dt)
+            assert m.kernel_reason is None and m._token_product()
+            gen = seeded_generator("quant-module-fp8-blocks", dt, k)
+            wq, ws = quantize_fp8(torch.randn(n, k, generator=gen) / k ** 0.5 * torch.logspace(-1, 1, n)[:, None],
+                                  block=128)
+            with torch.no_grad():
+                m.wq.copy_(wq)
+                m.ws.copy_(ws)
+            x = (torch.randn(9, k, generator=gen) * torch.logspace(-2, 2, 9)[:, None]).to(dtype)
+            x[4] = 0
+            x[5, :128] = 0
+            x[6, 128:] *= 1e-3
+            tensors = {"x": x, "wq": m.wq, "ws": m.ws}
+            (want,) = lf.evaluate(m.function, tensors)
+            (exact,) = lf.evaluate(m.function, tensors, precision="float64")
+            out = torch.full((9, n), float("nan"), dtype=dtype)
+            y = m(x, out=(out,))
+            assert y is out and not torch.isnan(y).any() and y[4].abs().max() == 0
+            torch.testing.assert_close(y, want, rtol=2 ** -7, atol=1e-5 * want.abs().max().item())
+            assert ((y.double() - exact).norm() / exact.norm()).item() < tol

@@ -92,3 +92,21 @@ def test_w8a8_layer_with_k_off_the_fp8_gemm_runs_torch(m, dt):
     gen = seeded_generator("fp8-token-dsl-torch", m, dt)
     mod = make(36, 200, dt, gen)
     check(mod, tokens(m, 200, dt, gen), 36)
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() < (8, 9), reason="the e4m3 products need sm_89 or newer")
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("n,k", [(768, 2048), (1024, 3072)])
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 128, 1000])
+def test_w8a8_block_layer(m, n, k, dt):
+    """fp8_block_w8a8_linear (x by 1 x 128 blocks, W by 128 x 128 blocks, DeepSeek-V3's W8A8) through its module
+    (gemv_quant over pack_fp8(block=128): the small-token e4m3 kernel up to 16 rows, the FP8 GEMM / blockwise
+    route past them) against the layer in float64, a token of zeros among the rows."""
+    gen = seeded_generator("fp8-block-dsl", m, n, k, dt)
+    mod = module("fp8_block_w8a8_linear", I=k, O=n, G=128, dtype=dt, device="cuda")
+    assert mod.kernel_reason is None and mod._linear.xquant == "k128"
+    wq, ws = quantize_fp8(torch.randn(n, k, generator=gen) / k ** 0.5 * torch.logspace(-1, 1, n)[:, None], block=128)
+    with torch.no_grad():
+        mod.wq.copy_(wq)
+        mod.ws.copy_(ws)
+    check(mod, tokens(m, k, dt, gen), n)
