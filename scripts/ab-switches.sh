@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The kernel switches that are off until measured (README, "Hopper prefill"), on a CUDA GPU in one go:
+# their GPU tests, then each benchmark with the switch off and on, side by side (same run, same card).
+#   bash scripts/ab-switches.sh [OUT_DIR]
+# Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-out/ab-switches}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl
+    export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+status=0
+echo "== GPU tests of the switches (and the block-scaled W8A8 layer)"
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py tests/gpu/test_kv_fp8.py \
+    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py \
+    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer" 2>&1 \
+    | tee "$OUT_DIR/pytest.log" | tail -5
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
+"$PY" -m benchmarks.bench_masks --variants --only none 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" \
+    | tee "$OUT_DIR/masks_default.txt" | tail -8
+LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 \
+    | grep -v -i "deprecat\|create_block_mask\|return lambda" | tee "$OUT_DIR/masks_switches.txt" | tail -8
+echo "== document mask: default, then TC_FOLD"
+"$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" | tail -1
+LAYERFORGE_TC_FOLD=1 "$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" | tail -1
+echo "== decode: default, then FP8_KV_CVT"
+"$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_default.txt" | grep -i "fp8\|seqs" | tail -14
+LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_cvt.txt" \
+    | grep -i "fp8" | tail -8
+exit $status
