@@ -265,7 +265,10 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma,
         ROPE_STEP=c.rope_step and ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0,
-        FOLD=c.fold and folds(ctx), BOXR=plan.tma_box[0],
+        FOLD=c.fold and folds(ctx),
+        # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
+        # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
+        MASK_BRANCH=plan.block_mask, BOXR=plan.tma_box[0],
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
