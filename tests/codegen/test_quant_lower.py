@@ -128,6 +128,19 @@ def test_w8a8_near_misses_are_positioned_lowering_errors(tmp_path, params, edit,
     assert f"{path}:{line}:" in text and "^" in text, text   # file:line:col, the source line and a caret
 
 
+def check_w8a8_module(m, x, n, tol, *, rtol, atol):
+    """A W8A8 module on CPU tensors into a NaN-poisoned out=: the evaluator's values (rtol, atol relative to
+    their largest), the float64 evaluator within tol, row 4 (a token of zeros) zeros."""
+    tensors = {"x": x, "wq": m.wq, "ws": m.ws}
+    (want,) = lf.evaluate(m.function, tensors)
+    (exact,) = lf.evaluate(m.function, tensors, precision="float64")
+    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
+    y = m(x, out=(out,))
+    assert y is out and not torch.isnan(y).any() and y[4].abs().max() == 0
+    torch.testing.assert_close(y, want, rtol=rtol, atol=atol * want.abs().max().item())
+    assert ((y.double() - exact).norm() / exact.norm()).item() < tol
+
+
 def test_the_w8a8_module_on_the_cpu_is_the_evaluators():
     """module("fp8_linear_per_token") on CPU tensors: x quantised per token as quantize_fp8_rows(x, K),
     the f32 product, rounded once: the reference evaluator's values on fresh inputs (bf16 and f16, a
@@ -148,19 +161,12 @@ def test_the_w8a8_module_on_the_cpu_is_the_evaluators():
                 m.ws.copy_(ws)
             x = (torch.randn(9, k, generator=gen) * torch.logspace(-2, 2, 9)[:, None]).to(dtype)
             x[4] = 0
-            tensors = {"x": x, "wq": m.wq, "ws": m.ws}
-            (want,) = lf.evaluate(m.function, tensors)
-            (exact,) = lf.evaluate(m.function, tensors, precision="float64")
-            out = torch.full((9, n), float("nan"), dtype=dtype)
-            y = m(x, out=(out,))
-            assert y is out and not torch.isnan(y).any() and y[4].abs().max() == 0
-            torch.testing.assert_close(y, want, rtol=2 ** -8, atol=1e-6 * want.abs().max().item())
-            assert ((y.double() - exact).norm() / exact.norm()).item() < tol
+            check_w8a8_module(m, x, n, tol, rtol=2 ** -8, atol=1e-6)
             qw = m._quant_weight(m._linear, {"wq": m.wq, "ws": m.ws}, dtype)
             assert m._quant_weight(m._linear, {"wq": m.wq, "ws": m.ws}, dtype) is qw
             with torch.no_grad():
                 m.ws.mul_(2)
-            (want,) = lf.evaluate(m.function, tensors)   # the next call reads the new scales
+            (want,) = lf.evaluate(m.function, {"x": x, "wq": m.wq, "ws": m.ws})   # the next call reads the new scales
             torch.testing.assert_close(m(x), want, rtol=2 ** -8, atol=1e-6 * want.abs().max().item())
             with pytest.raises(LayerInputError, match="'x' must be"):
                 m(x.float())
@@ -388,11 +394,4 @@ def test_the_w8a8_block_module_on_the_cpu_is_the_evaluators():
             x[4] = 0
             x[5, :128] = 0
             x[6, 128:] *= 1e-3
-            tensors = {"x": x, "wq": m.wq, "ws": m.ws}
-            (want,) = lf.evaluate(m.function, tensors)
-            (exact,) = lf.evaluate(m.function, tensors, precision="float64")
-            out = torch.full((9, n), float("nan"), dtype=dtype)
-            y = m(x, out=(out,))
-            assert y is out and not torch.isnan(y).any() and y[4].abs().max() == 0
-            torch.testing.assert_close(y, want, rtol=2 ** -7, atol=1e-5 * want.abs().max().item())
-            assert ((y.double() - exact).norm() / exact.norm()).item() < tol
+            check_w8a8_module(m, x, n, tol, rtol=2 ** -7, atol=1e-5)
