@@ -11,7 +11,10 @@ the peers followed by the generated SwiGLU row kernel.
                                    [--json out.json]
 
 The quantisation kernel's row is its bytes (x read, q and scales written) against the copy ceiling
-measured in the same run.
+measured in the same run. At up to 16 tokens the token rows add the small-token e4m3 kernel over the same
+per-token q (runtime/quant.fp8_token_gemv, codegen/gemv.py x_e4m3): its time, its W bytes against the copy
+ceiling, and its layer (quantisation + that kernel: fp8_linear_per_token's route with
+LAYERFORGE_FP8_TOKEN_GEMV=1).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from layerforge.codegen.gemm import pick_bn
-from layerforge.runtime.quant import (_scaled_mm_blockwise, dequantize, dequantize_fp8_rows, fp8_gemm, pack_fp8,
-                                     quantize_fp8, quantize_fp8_rows_cuda)
+from layerforge.runtime.quant import (FP8_KERNEL_MAX_ROWS, _scaled_mm_blockwise, dequantize, dequantize_fp8_rows,
+                                     fp8_gemm, fp8_token_gemv, pack_fp8, quantize_fp8, quantize_fp8_rows_cuda)
 
 from .bench_gemm import SHAPES
 from .bench_gemv import graph_time, swiglu_module
@@ -48,10 +51,12 @@ def main(argv=None):
           "default accumulation (promoted to f32) and use_fast_accum (the tensor cores' own sums, as ours in token\n"
           "mode); blockwise = cuBLAS's 1 x 128 (x) by 128 x 128 (W; W per row given as 1 x 128 blocks) recipe, the\n"
           "peer of k128 / blocks. layer: x in bf16 quantised by our kernel, then the product. err: max |y - ref| /\n"
-          "max |ref| against the f32 product of the dequantised operands; err peer: sm rowwise fast (token), blockwise")
+          "max |ref| against the f32 product of the dequantised operands; err peer: sm rowwise fast (token), blockwise;\n"
+          "small: (token, <= 16 tokens) the small-token e4m3 kernel on the same q, its W bytes' share of copy, its layer")
     print(f"{'shape':12s} {'M':>5s} {'scales':>6s} {'bn':>4s} {'ours us':>8s} {'TFLOP/s':>7s} {'sm':>8s} {'sm fast':>8s} "
           f"{'blockwise':>9s} {'ours/sm':>7s} {'/fast':>6s} {'/blockw':>7s} | {'quant us':>8s} {'of copy':>7s} "
-          f"{'layer us':>8s} {'bf16 cuBLAS':>11s} {'err':>7s} {'err peer':>8s}")
+          f"{'layer us':>8s} {'bf16 cuBLAS':>11s} {'err':>7s} {'err peer':>8s} | {'small us':>8s} {'of copy':>7s} "
+          f"{'layer':>7s} {'err':>7s}")
     rows = []
     one = torch.ones((), device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -105,15 +110,24 @@ def main(argv=None):
                 t_bw = graph_time(lambda: blockwise(qw), calls, 5) if peer is not None and mode != "token" else float("nan")
                 err, err_peer = rel(fp8_gemm(q, s, qw, gated=gated)), (rel(peer) if peer is not None else float("nan"))
                 qbytes = m * k * 2 + m * k + 4 * m * (1 if mode == "token" else -(-k // 128))
+                t_small = l_small = err_small = float("nan")
+                if mode == "token" and m <= FP8_KERNEL_MAX_ROWS and k % 16 == 0:
+                    t_small = graph_time(lambda: fp8_token_gemv(q, s, qw, gated=gated), calls, 5)
+                    l_small = graph_time(lambda: fp8_token_gemv(*quantize_fp8_rows_cuda(x, group=0), qw, gated=gated),
+                                         calls, 5)
+                    err_small = rel(fp8_token_gemv(q, s, qw, gated=gated))
                 b = pick_bn(m, n_out, bool(gated), sms) if mode == "token" else 128
                 print(f"{name:12s} {m:5d} {mode:>6s} {b:4d} {ours * 1e6:8.1f} {flop / ours / 1e12:7.0f} {t_sm * 1e6:8.1f} "
                       f"{t_fast * 1e6:8.1f} {t_bw * 1e6:9.1f} {t_sm / ours:7.2f} {t_fast / ours:6.2f} {t_bw / ours:7.2f} | "
                       f"{t_quant * 1e6:8.1f} {qbytes / t_quant / ceiling:7.2f} {layer * 1e6:8.1f} {t_bf16 * 1e6:11.1f} "
-                      f"{err:7.1e} {err_peer:8.1e}", flush=True)
+                      f"{err:7.1e} {err_peer:8.1e} | {t_small * 1e6:8.1f} {n * k / t_small / ceiling:7.2f} "
+                      f"{l_small * 1e6:7.1f} {err_small:7.1e}", flush=True)
                 rows.append(dict(shape=name, m=m, scales=mode, bn=b, ours_us=ours * 1e6, scaled_mm_us=t_sm * 1e6,
                                  scaled_mm_fast_us=t_fast * 1e6, blockwise_us=t_bw * 1e6, quant_us=t_quant * 1e6,
                                  quant_of_copy=qbytes / t_quant / ceiling, layer_us=layer * 1e6,
-                                 bf16_cublas_us=t_bf16 * 1e6, max_rel_err=err, peer_max_rel_err=err_peer))
+                                 bf16_cublas_us=t_bf16 * 1e6, max_rel_err=err, peer_max_rel_err=err_peer,
+                                 small_us=t_small * 1e6, small_of_copy=n * k / t_small / ceiling,
+                                 small_layer_us=l_small * 1e6, small_max_rel_err=err_small))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": ceiling / 1e12, "rows": rows}, f, indent=1)

@@ -39,6 +39,11 @@ W8A8 (sm_89+): "f8e4m3"  W[n, k] = q * s, q float8_e4m3fn: w [N, K] bytes; wscal
           token, as i8's) and each token is quantised to e4m3 per 128-k chunk in registers, scale
           amax / 448 (runtime/quant.quantize_fp8_rows; the template's loop says why per chunk);
           the products run on m16n8k32 e4m3 mma, 16 k of W a lane's 16-byte read (two mma).
+          x_e4m3 (W with one scale a row): x arrives quantised instead, e4m3 bytes [M, K] and one
+          f32 scale a token (runtime/quant.quantize_fp8_rows_cuda(x, group=0): the per-token W8A8
+          meaning, dsl/stdlib/quant.lf fp8_linear_per_token); a token's 128 k are one 128-byte row
+          of the stage, its 16-byte pieces the mma's B fragments as they are (no conversion), each
+          chunk's sums added into f32 totals, scaled by x's and W's scales in the epilogue.
 """
 from __future__ import annotations
 
@@ -107,6 +112,8 @@ class GemvPlan(ProductPlan):
                                  # (the permutation's list of experts with rows): no CTAs of empty experts
     ldw: int = 0                 # elements between W's rows (0: K); unquantised W of one product only: W a
                                  # view of a wider buffer (runtime/lora.py's K-extended storage)
+    x_e4m3: bool = False         # f8e4m3 with one scale a W row: x arrives quantised, e4m3 bytes [M, K] and
+                                 # one f32 scale a token (xscale [M]; the module docstring)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -132,8 +139,8 @@ class GemvPlan(ProductPlan):
                 raise ValueError(f"gemv: the group size {self.group} must divide K = {self.k}")
             if self.wtype == "f8e4m3" and ops.arch_number(self.arch) < FP8_MIN_ARCH:
                 raise ValueError(f"gemv: f8e4m3 runs the fp8 tensor-core mma of sm_89 and newer, not {self.arch}")
-            if self.k % (8 * self.xr):
-                raise ValueError(f"gemv: {self.wtype} K = {self.k} must be a multiple of {8 * self.xr} "
+            if self.k % self.piece_k:
+                raise ValueError(f"gemv: {self.wtype} K = {self.k} must be a multiple of {self.piece_k} "
                                  f"(rows of 16-byte pieces of W)")
         if ops.arch_number(self.arch) < 80:
             raise ValueError(f"gemv: the kernel uses sm_80 tensor-core instructions, not {self.arch}")
@@ -149,6 +156,10 @@ class GemvPlan(ProductPlan):
             raise ValueError("gemv: a second (shared) expert stack is served with unquantised weights only")
         if self.experts and (self.residual or self.norm):
             raise ValueError("gemv: an expert product has no residual or norm (the combine kernel adds the branches)")
+        if self.x_e4m3 and (self.wtype != "f8e4m3" or self.group or self.norm or self.experts):
+            raise ValueError("gemv: x_e4m3 (x quantised per token before the product) takes an f8e4m3 W with one "
+                             f"scale a row, no norm and no experts; got wtype {self.wtype!r} group {self.group}"
+                             + (", a norm" if self.norm else "") + (", experts" if self.experts else ""))
         if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
                 self.wtype or self.experts or self.ldw < self.k or self.ldw % 8):
             raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
@@ -158,7 +169,7 @@ class GemvPlan(ProductPlan):
     def key(self) -> str:
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
         if self.wtype:
-            parts.append(wtype_label(self.wtype, self.group))
+            parts.append(wtype_label(self.wtype, self.group) + ("xt" if self.x_e4m3 else ""))
         parts += self.epilogue_key
         if self.norm:
             parts.append(self.norm + ("1p" if self.norm_offset else ""))
@@ -180,8 +191,14 @@ class GemvPlan(ProductPlan):
 
     @property
     def xr(self) -> int:
-        """128-byte x rows a token per chunk: the k of one 128-byte row of W over 64."""
-        return WTYPES.get(self.wtype, 1)
+        """128-byte x rows a token per chunk: the k of one 128-byte row of W over 64 (x in T), or 1 (x
+        in e4m3 bytes: x_e4m3)."""
+        return 1 if self.x_e4m3 else WTYPES.get(self.wtype, 1)
+
+    @property
+    def piece_k(self) -> int:
+        """k in one 16-byte piece of a W row (u4 32, i8 and f8e4m3 16, T 8)."""
+        return 8 * WTYPES.get(self.wtype, 1)
 
     @property
     def stage_bytes(self) -> int:
@@ -209,7 +226,8 @@ class GemvPlan(ProductPlan):
              "n_out": self.n_out}
         d |= {"experts": self.experts, "gather": self.gather, "fixed": self.fixed, "compact": self.compact} \
             if self.experts else {}
-        return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {})
+        return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {}) \
+            | ({"x_e4m3": True} if self.x_e4m3 else {})
 
 
 def wtype_label(wtype: str, group: int) -> str:
@@ -242,7 +260,8 @@ def product_args(plan, weights: tuple[Arg, ...] = ()) -> list[Arg]:
     x, W (then `weights`: a quantised W's scales), bias, residual, gamma, out, M, eps."""
     t = _TYPES[plan.dtype][0]
     wt = {None: t, "u4": "unsigned", "i8": "signed char", "f8e4m3": "unsigned char"}[getattr(plan, "wtype", None)]
-    args = [Arg("x", f"const {t}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input"), *weights]
+    xt = "unsigned char" if getattr(plan, "x_e4m3", False) else t
+    args = [Arg("x", f"const {xt}* __restrict__", "input"), Arg("w", f"const {wt}* __restrict__", "input"), *weights]
     norm = getattr(plan, "norm", None)
     for on, name in ((plan.bias, "bias"), (plan.residual, "residual"), (norm, "gamma")):
         if on:
@@ -259,6 +278,8 @@ def _abi(plan: GemvPlan) -> KernelABI:
     scales = ((Arg("wscale", "const float* __restrict__", "input"),) if plan.wtype == "f8e4m3" else
               (Arg("wgroup", "const unsigned* __restrict__", "input"),) if plan.group else
               (Arg("wscale", f"const {t}* __restrict__", "input"),) if plan.wtype else ())
+    if plan.x_e4m3:   # x's scales, one a token, after W's
+        scales += (Arg("xscale", "const float* __restrict__", "input"),)
     args = product_args(plan, scales)
     if plan.fixed:     # the shared expert's slices, after the routed experts' W
         args.insert(2, Arg("w_fixed", f"const {t}* __restrict__", "input"))
@@ -281,6 +302,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
+                  X_E4M3=plan.x_e4m3, PK=plan.piece_k,
                   EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
@@ -305,10 +327,11 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
-              compact: bool = False, ldw: int = 0) -> GemvPlan:
+              compact: bool = False, ldw: int = 0, x_e4m3: bool = False) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
-    make W weight-only quantised (the module's docstring)."""
+    make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
+    module's docstring)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
@@ -341,10 +364,10 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
         dw = 4 if warps is None else warps
         probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
-                         wtype=wtype, group=group, arch=arch)
+                         wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3)
         ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
-                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw)
+                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3)

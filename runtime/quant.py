@@ -592,6 +592,62 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
     return not qw.group and _fp8_gemm_takes(x, qw)
 
 
+def fp8_token_gemv_default() -> bool:
+    """Whether fp8_linear_per_token runs its calls of up to FP8_KERNEL_MAX_ROWS rows on the small-token e4m3
+    kernel with x quantised per token beforehand (codegen/gemv.py x_e4m3) instead of the FP8 GEMM's 128-row
+    tiles: off until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_FP8_TOKEN_GEMV=1
+    turns it on."""
+    from ..codegen.plan import env_switch
+    return env_switch("LAYERFORGE_FP8_TOKEN_GEMV", False)
+
+
+def _fp8_token_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
+    """The small-token e4m3 kernel over per-token x takes the call: the switch on, 1 to FP8_KERNEL_MAX_ROWS
+    rows on an sm_89+ GPU (x in W's dtype), K a multiple of 16 (the kernel's 16-byte pieces of W and x)."""
+    return (1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and not qw.group and _gpu_ok(x, qw)
+            and fp8_token_gemv_default())
+
+
+def fp8_token_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, out: torch.Tensor | None = None,
+                   cache=None, *, gated: str | None = None) -> torch.Tensor:
+    """y [rows, N] in qw's dtype = T(xscale[m] * wscale[n] * sum_k q[m, k] qw[n, k]): x already quantised per
+    token (q e4m3 [rows, K], xscale f32 [rows, 1]: quantize_fp8_rows_cuda(x, group=0)) times a row-scaled
+    e4m3 W, on the small-token kernel (codegen/gemv.py x_e4m3; up to FP8_KERNEL_MAX_ROWS rows, sm_89+);
+    `gated`: act(gate) * up over W's two row halves (y [rows, N / 2]); `out`: a contiguous tensor of y's
+    shape in qw's dtype to write."""
+    from ..codegen.gemv import plan_gemv
+    from .launch import device_arch, load_plan
+    from .linear import _tiles
+    rows, k = q.shape
+    if (q.dtype != torch.float8_e4m3fn or k != qw.k or tuple(xscale.shape) != (rows, 1)
+            or xscale.dtype != torch.float32 or not 1 <= rows <= FP8_KERNEL_MAX_ROWS or qw.group or k % 16):
+        raise LinearInputError(f"fp8_token_gemv: q must be e4m3 [1..{FP8_KERNEL_MAX_ROWS}, {qw.k}] (K a multiple of "
+                               f"16) with f32 scales [rows, 1] and a row-scaled W, got {q.dtype} {tuple(q.shape)}, "
+                               f"{xscale.dtype} {tuple(xscale.shape)}, W group {qw.group}")
+    if gated is not None and (gated not in _ACT or qw.n % 2):
+        raise LinearInputError(f"fp8_token_gemv: gated must be one of {sorted(_ACT)} over an even number of W rows, "
+                               f"got {gated!r} with {qw.n}")
+    n_out = qw.n // 2 if gated else qw.n
+    if not q.is_cuda or q.device != qw.device or xscale.device != q.device or _capability(q.device) < divmod(
+            FP8_MIN_ARCH, 10):
+        raise LinearInputError(f"fp8_token_gemv runs on an sm_89+ GPU with q, xscale and W on one device, got q on "
+                               f"{q.device}, xscale on {xscale.device}, W on {qw.device}")
+    if out is not None and (tuple(out.shape) != (rows, n_out) or out.dtype != qw.dtype or out.device != q.device
+                            or not out.is_contiguous()):
+        raise LinearInputError(f"out must be a contiguous {qw.dtype} [{rows}, {n_out}] on {q.device}, got {out.dtype} "
+                               f"{tuple(out.shape)} on {out.device}")
+    tiles = _tiles(rows)
+    key = ("token_gemv", qw.n, k, tiles, gated, qw.dtype, q.device.index)
+    launcher = _DEQUANT.get(key)
+    if launcher is None:
+        plan = plan_gemv("bf16" if qw.dtype == torch.bfloat16 else "f16", n=qw.n, k=k, max_m=tiles, gated=gated,
+                         arch=device_arch(q.device), wtype="f8e4m3", x_e4m3=True)
+        launcher = _DEQUANT[key] = load_plan(plan, q.device, cache)
+    y = out if out is not None else torch.empty(rows, n_out, dtype=qw.dtype, device=q.device)
+    launcher((), [_packed(q, 16), qw.qweight, qw.wscale, xscale.contiguous(), y, rows])
+    return y
+
+
 def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor | None = None,
                          cache=None) -> torch.Tensor:
     """W8A8 with one activation scale a token at every row count, dsl/stdlib/quant.lf fp8_linear_per_token's
@@ -600,6 +656,8 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
     channel): y = T(scale_x[m] * sum_k q[m, k] W[n, k]) with W = q_w s_w, rounded to x's dtype once.
     gemv_quant's W8A8 differs below FP8_GEMM_MIN_ROWS (x by 1 x 128 blocks, the small-token kernel's).
     Routes, each with these scales:
+      with fp8_token_gemv_default() (off until measured), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
+        multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_token_gemv (the small-token e4m3 kernel);
       sm_90, K a multiple of 16, N of 8: quantize_fp8_rows_cuda(x, group=0) and fp8_gemm's "token" scaling
         (the e4m3 tensor cores' sums scaled by x's and W's scales in the epilogue), any number of rows;
       elsewhere (the CPU, other GPUs, other K / N): the same e4m3 bytes and scales in torch, the dequantised
@@ -616,11 +674,12 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
     if out is not None and (tuple(out.shape) != (*lead, n) or out.dtype != x.dtype or out.device != x.device):
         raise LinearInputError(f"out must be {x.dtype} {[*lead, n]} on {x.device}, got {out.dtype} "
                                f"{tuple(out.shape)} on {out.device}")
-    if _fp8_token_gemm_ok(x, qw):
-        rows = x.numel() // k
-        q, s = quantize_fp8_rows_cuda(x, cache, group=0)
+    rows = x.numel() // k
+    small = _fp8_token_gemv_ok(x, qw, rows)
+    if small or _fp8_token_gemm_ok(x, qw):
+        q, s = quantize_fp8_rows_cuda(x.reshape(rows, k), cache, group=0)
         direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
-        y = fp8_gemm(q, s, qw, out=out.view(rows, n) if direct else None, cache=cache)
+        y = (fp8_token_gemv if small else fp8_gemm)(q, s, qw, out=out.view(rows, n) if direct else None, cache=cache)
         if out is None:
             return y.view(*lead, n)
         return out if direct else out.copy_(y.view(*lead, n))

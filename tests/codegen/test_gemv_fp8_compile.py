@@ -1,6 +1,8 @@
 """The W8A8 fp8 small-token product (codegen/gemv.py, wtype f8e4m3): every specialisation compiles
 for sm_89 and sm_90 without register spills, runs the e4m3 m16n8k32 mma on x converted in
 registers, streams W and its block scales through the cp.async ring, and is refused below sm_89."""
+import re
+
 import pytest
 
 from layerforge.codegen.gemv import plan_gemv
@@ -84,3 +86,49 @@ def test_fp8_plan_errors():
         plan_gemv("bf16", n=64, k=1040, wtype="f8e4m3", group=128)
     with pytest.raises(ValueError, match="multiple of 16"):
         plan_gemv("bf16", n=64, k=1000, wtype="f8e4m3")
+
+
+# ---- x quantised per token beforehand (x_e4m3: fp8_linear_per_token's small-token route) -----------------
+XT_CASES = [(6144, 4096, None, {}), (28672, 4096, "silu", dict(bias=True, residual=True)),
+            (4096, 14336, None, dict(residual=True)), (2000, 3008, "gelu_tanh", {})]
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+@pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("n,k,gated,extra", XT_CASES)
+def test_fp8_gemv_over_e4m3_x_compiles_without_spills(n, k, gated, extra, max_m, arch):
+    """Per 128-k chunk a lane reads 2 pieces of 16 k of each W row pair and of its token: 2 mma of 32 k per
+    piece, tile and token tile on the bytes as they are (no cvt to e4m3, no amax); x and W by cp.async."""
+    plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="f8e4m3", x_e4m3=True, **extra)
+    res = compiled(plan, ptx=True)
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+    tiles, mt = (2 if gated else 1), max_m // 8
+    assert res.ptx.count("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32") == 2 * 2 * tiles * mt
+    assert "cvt.rn.satfinite" not in res.ptx and "shfl" not in res.ptx and "m16n8k16" not in res.ptx
+
+
+def test_fp8_gemv_over_e4m3_x_f16_compiles():
+    plan = plan_gemv("f16", n=5632, k=2048, max_m=16, arch="sm_89", wtype="f8e4m3", x_e4m3=True, gated="silu")
+    (kr,) = compiled(plan).resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_fp8_gemv_over_e4m3_x_plan():
+    """x's stage rows: one 128-byte row a token (128 k of e4m3, against two of bf16); the ABI takes x as bytes
+    and its per-token scales after W's; the key says so; the plan refuses what it does not serve."""
+    p = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3", x_e4m3=True)
+    q = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3")
+    assert p.key == "gemv_n6144_k4096_m16_bf16_f8e4m3chxt_r1w4s4_sm90" and p.key != q.key
+    assert p.stage_bytes == 128 * (16 + 16) and q.stage_bytes == 128 * (16 + 32)
+    assert [(a.name, a.ctype) for a in p.abi.args] == [
+        ("x", "const unsigned char* __restrict__"), ("w", "const unsigned char* __restrict__"),
+        ("wscale", "const float* __restrict__"), ("xscale", "const float* __restrict__"),
+        ("out", "__nv_bfloat16* __restrict__"), ("M", "int")]
+    assert "xscale[(long long)m]" in p.source() and "lf_e4m3x4(" not in p.source().split("lf_gemv")[-1]
+    for bad, why in ((dict(wtype="f8e4m3", group=128), "group 128"), (dict(wtype="i8"), "'i8'"),
+                     (dict(), "None"), (dict(wtype="f8e4m3", norm="rms"), "a norm")):
+        with pytest.raises(ValueError, match=rf"x_e4m3 .*{re.escape(why)}"):
+            plan_gemv("bf16", n=256, k=1024, x_e4m3=True, **bad)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_gemv("bf16", n=64, k=1000, wtype="f8e4m3", x_e4m3=True)

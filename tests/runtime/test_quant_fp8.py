@@ -169,3 +169,41 @@ def test_fp8_gemm_refuses_bad_inputs_before_any_launch():
         fp8_gemm(q, s, qw)
     with pytest.raises(LinearInputError, match="f8e4m3"):
         fp8_gemm(q, s, QuantLinear.from_float(torch.randn(256, 512, generator=gen), 0, wtype="i8").qw)
+
+
+def test_fp8_token_gemv_refuses_bad_inputs_before_any_launch():
+    """fp8_token_gemv (x quantised per token, the small-token e4m3 kernel): its errors on the CPU, each naming
+    what it wanted."""
+    from layerforge.runtime.quant import fp8_token_gemv
+    gen = seeded_generator("fp8-token-gemv-cpu")
+    qw = pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen)), None)
+    q, s = quantize_fp8_rows(torch.randn(8, 512, generator=gen).to(torch.bfloat16), 512)
+    for bad_q, bad_s, what in ((q.float(), s, "e4m3"), (q, s[:4], r"\[rows, 1\]"), (q, s.double(), "f32"),
+                               (torch.cat([q] * 3), torch.cat([s] * 3), r"\[1\.\.16"),
+                               (q[:, :496].contiguous(), s, "512")):
+        with pytest.raises(LinearInputError, match=what):
+            fp8_token_gemv(bad_q, bad_s, qw)
+    with pytest.raises(LinearInputError, match="row-scaled"):
+        fp8_token_gemv(q, s, pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen), block=128), block=128))
+    with pytest.raises(LinearInputError, match="gated must be one of"):
+        fp8_token_gemv(q, s, qw, gated="relu")
+    with pytest.raises(LinearInputError, match="sm_89"):
+        fp8_token_gemv(q, s, qw)
+
+
+def test_fp8_token_gemv_switch(monkeypatch):
+    """LAYERFORGE_FP8_TOKEN_GEMV: off by default (until measured), on with 1; a misspelt value is an error; on
+    the CPU the per-token layer's torch route is taken either way, with the same result."""
+    from layerforge.runtime.quant import fp8_linear_per_token, fp8_token_gemv_default
+    monkeypatch.delenv("LAYERFORGE_FP8_TOKEN_GEMV", raising=False)
+    assert fp8_token_gemv_default() is False
+    gen = seeded_generator("fp8-token-gemv-switch")
+    qw = pack_fp8(*quantize_fp8(torch.randn(64, 256, generator=gen)), None)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    off = fp8_linear_per_token(x, qw)
+    monkeypatch.setenv("LAYERFORGE_FP8_TOKEN_GEMV", "1")
+    assert fp8_token_gemv_default() is True
+    assert torch.equal(fp8_linear_per_token(x, qw), off)
+    monkeypatch.setenv("LAYERFORGE_FP8_TOKEN_GEMV", "sure")
+    with pytest.raises(ValueError, match="LAYERFORGE_FP8_TOKEN_GEMV"):
+        fp8_token_gemv_default()
