@@ -12,9 +12,9 @@ the peers followed by the generated SwiGLU row kernel.
 
 The quantisation kernel's row is its bytes (x read, q and scales written) against the copy ceiling
 measured in the same run. At up to 16 tokens the token rows add the small-token e4m3 kernel over the same
-per-token q (runtime/quant.fp8_token_gemv, codegen/gemv.py x_e4m3): its time, its W bytes against the copy
+per-token q (runtime/quant.fp8_gemv, codegen/gemv.py x_e4m3): its time, its W bytes against the copy
 ceiling, and its layer (quantisation + that kernel: fp8_linear_per_token's route with
-LAYERFORGE_FP8_TOKEN_GEMV=1).
+LAYERFORGE_FP8_QUANT_X_FIRST=1).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from layerforge.codegen.gemm import pick_bn
 from layerforge.runtime.quant import (FP8_KERNEL_MAX_ROWS, _scaled_mm_blockwise, dequantize, dequantize_fp8_rows,
-                                     fp8_gemm, fp8_token_gemv, pack_fp8, quantize_fp8, quantize_fp8_rows_cuda)
+                                     fp8_gemm, fp8_gemv, pack_fp8, quantize_fp8, quantize_fp8_rows_cuda)
 
 from .bench_gemm import SHAPES
 from .bench_gemv import graph_time, swiglu_module
@@ -112,10 +112,10 @@ def main(argv=None):
                 qbytes = m * k * 2 + m * k + 4 * m * (1 if mode == "token" else -(-k // 128))
                 t_small = l_small = err_small = float("nan")
                 if mode == "token" and m <= FP8_KERNEL_MAX_ROWS and k % 16 == 0:
-                    t_small = graph_time(lambda: fp8_token_gemv(q, s, qw, gated=gated), calls, 5)
-                    l_small = graph_time(lambda: fp8_token_gemv(*quantize_fp8_rows_cuda(x, group=0), qw, gated=gated),
+                    t_small = graph_time(lambda: fp8_gemv(q, s, qw, gated=gated), calls, 5)
+                    l_small = graph_time(lambda: fp8_gemv(*quantize_fp8_rows_cuda(x, group=0), qw, gated=gated),
                                          calls, 5)
-                    err_small = rel(fp8_token_gemv(q, s, qw, gated=gated))
+                    err_small = rel(fp8_gemv(q, s, qw, gated=gated))
                 b = pick_bn(m, n_out, bool(gated), sms) if mode == "token" else 128
                 print(f"{name:12s} {m:5d} {mode:>6s} {b:4d} {ours * 1e6:8.1f} {flop / ours / 1e12:7.0f} {t_sm * 1e6:8.1f} "
                       f"{t_fast * 1e6:8.1f} {t_bw * 1e6:9.1f} {t_sm / ours:7.2f} {t_fast / ours:6.2f} {t_bw / ours:7.2f} | "

@@ -39,11 +39,12 @@ W8A8 (sm_89+): "f8e4m3"  W[n, k] = q * s, q float8_e4m3fn: w [N, K] bytes; wscal
           token, as i8's) and each token is quantised to e4m3 per 128-k chunk in registers, scale
           amax / 448 (runtime/quant.quantize_fp8_rows; the template's loop says why per chunk);
           the products run on m16n8k32 e4m3 mma, 16 k of W a lane's 16-byte read (two mma).
-          x_e4m3 (W with one scale a row): x arrives quantised instead, e4m3 bytes [M, K] and one
-          f32 scale a token (runtime/quant.quantize_fp8_rows_cuda(x, group=0): the per-token W8A8
-          meaning, dsl/stdlib/quant.lf fp8_linear_per_token); a token's 128 k are one 128-byte row
-          of the stage, its 16-byte pieces the mma's B fragments as they are (no conversion), each
-          chunk's sums added into f32 totals, scaled by x's and W's scales in the epilogue.
+          x_e4m3: x arrives quantised instead (runtime/quant.quantize_fp8_rows_cuda), e4m3 bytes
+          [M, K] and f32 scales: x_group 0, one a token (the per-token W8A8 meaning, dsl/stdlib/
+          quant.lf fp8_linear_per_token; W one scale a row), applied in the epilogue; x_group 128,
+          one a token and 128 k (the same bytes and scales the in-register quantisation makes),
+          copied into the stage with the chunk and applied to its sums. A token's 128 k are one
+          128-byte row of the stage, its 16-byte pieces the mma's B fragments as they are.
 """
 from __future__ import annotations
 
@@ -112,8 +113,10 @@ class GemvPlan(ProductPlan):
                                  # (the permutation's list of experts with rows): no CTAs of empty experts
     ldw: int = 0                 # elements between W's rows (0: K); unquantised W of one product only: W a
                                  # view of a wider buffer (runtime/lora.py's K-extended storage)
-    x_e4m3: bool = False         # f8e4m3 with one scale a W row: x arrives quantised, e4m3 bytes [M, K] and
-                                 # one f32 scale a token (xscale [M]; the module docstring)
+    x_e4m3: bool = False         # f8e4m3: x arrives quantised, e4m3 bytes [M, K] and f32 scales xscale (the
+                                 # module docstring)
+    x_group: int = 0             # x_e4m3: k per x scale, 0 (one a token, xscale [M]; W one scale a row) or 128
+                                 # (xscale [M, ceil(K / 128)], applied per chunk)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -156,10 +159,14 @@ class GemvPlan(ProductPlan):
             raise ValueError("gemv: a second (shared) expert stack is served with unquantised weights only")
         if self.experts and (self.residual or self.norm):
             raise ValueError("gemv: an expert product has no residual or norm (the combine kernel adds the branches)")
-        if self.x_e4m3 and (self.wtype != "f8e4m3" or self.group or self.norm or self.experts):
-            raise ValueError("gemv: x_e4m3 (x quantised per token before the product) takes an f8e4m3 W with one "
-                             f"scale a row, no norm and no experts; got wtype {self.wtype!r} group {self.group}"
-                             + (", a norm" if self.norm else "") + (", experts" if self.experts else ""))
+        if self.x_group not in (0, 128) or self.x_group and not self.x_e4m3:
+            raise ValueError(f"gemv: x_group (k per scale of x quantised beforehand) must be 0 or 128 with x_e4m3, "
+                             f"got {self.x_group!r}")
+        if self.x_e4m3 and (self.wtype != "f8e4m3" or self.group > self.x_group or self.norm or self.experts):
+            raise ValueError("gemv: x_e4m3 (x quantised before the product) takes an f8e4m3 W (128 x 128 blocks only "
+                             f"with x_group 128), no norm and no experts; got wtype {self.wtype!r} group {self.group} "
+                             f"x_group {self.x_group}" + (", a norm" if self.norm else "")
+                             + (", experts" if self.experts else ""))
         if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
                 self.wtype or self.experts or self.ldw < self.k or self.ldw % 8):
             raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
@@ -169,7 +176,8 @@ class GemvPlan(ProductPlan):
     def key(self) -> str:
         parts = ["gemv", f"n{self.n}", f"k{self.k}", f"m{self.max_m}", self.dtype]
         if self.wtype:
-            parts.append(wtype_label(self.wtype, self.group) + ("xt" if self.x_e4m3 else ""))
+            parts.append(wtype_label(self.wtype, self.group) + (f"xk{self.x_group}" if self.x_group else
+                                                                "xt" if self.x_e4m3 else ""))
         parts += self.epilogue_key
         if self.norm:
             parts.append(self.norm + ("1p" if self.norm_offset else ""))
@@ -206,8 +214,9 @@ class GemvPlan(ProductPlan):
         rows each) and gamma (XR), then a quantised W's (scale, zero) words of the chunk (f8e4m3
         blocks: one f32 scale a W row)."""
         wrows = 16 * (2 if self.gated else 1) * self.rt
-        pairs = wrows * (64 * self.xr // self.group) * 4 if self.group else 0
-        return 128 * (wrows + self.xr * (8 * (self.max_m // 8) + (1 if self.norm else 0))) + pairs
+        pairs = wrows * (8 * self.piece_k // self.group) * 4 if self.group else 0   # a chunk: 8 pieces of W
+        xscales = 4 * self.max_m if self.x_group else 0   # the chunk's scale of each token
+        return 128 * (wrows + self.xr * (8 * (self.max_m // 8) + (1 if self.norm else 0))) + pairs + xscales
 
     @property
     def shared_bytes(self) -> int:
@@ -227,7 +236,7 @@ class GemvPlan(ProductPlan):
         d |= {"experts": self.experts, "gather": self.gather, "fixed": self.fixed, "compact": self.compact} \
             if self.experts else {}
         return d | ({"wtype": self.wtype, "group": self.group} if self.wtype else {}) \
-            | ({"x_e4m3": True} if self.x_e4m3 else {})
+            | ({"x_e4m3": True, "x_group": self.x_group} if self.x_e4m3 else {})
 
 
 def wtype_label(wtype: str, group: int) -> str:
@@ -302,7 +311,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
-                  X_E4M3=plan.x_e4m3, PK=plan.piece_k,
+                  X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k,
                   EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
@@ -327,7 +336,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
-              compact: bool = False, ldw: int = 0, x_e4m3: bool = False) -> GemvPlan:
+              compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
@@ -364,10 +373,10 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
         dw = 4 if warps is None else warps
         probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
-                         wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3)
+                         wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
         ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
-                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3)
+                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3, x_group=x_group)

@@ -592,59 +592,78 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
     return not qw.group and _fp8_gemm_takes(x, qw)
 
 
-def fp8_token_gemv_default() -> bool:
-    """Whether fp8_linear_per_token runs its calls of up to FP8_KERNEL_MAX_ROWS rows on the small-token e4m3
-    kernel with x quantised per token beforehand (codegen/gemv.py x_e4m3) instead of the FP8 GEMM's 128-row
-    tiles: off until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_FP8_TOKEN_GEMV=1
-    turns it on."""
+def fp8_x_first_default() -> bool:
+    """Whether W8A8 calls of up to FP8_KERNEL_MAX_ROWS rows quantise x first (the row kernel,
+    quantize_fp8_rows_cuda) and run the small-token e4m3 kernel over those bytes (fp8_gemv; codegen/gemv.py
+    x_e4m3): fp8_linear_per_token (x per token) instead of the FP8 GEMM's 128-row tiles, gemv_quant's W8A8
+    without a norm prologue (x per token and 128 k) instead of quantising x in the product's registers. Off
+    until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_FP8_QUANT_X_FIRST=1 turns it on."""
     from ..codegen.plan import env_switch
-    return env_switch("LAYERFORGE_FP8_TOKEN_GEMV", False)
+    return env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", False)
 
 
-def _fp8_token_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
-    """The small-token e4m3 kernel over per-token x takes the call: the switch on, 1 to FP8_KERNEL_MAX_ROWS
-    rows on an sm_89+ GPU (x in W's dtype), K a multiple of 16 (the kernel's 16-byte pieces of W and x)."""
-    return (1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and not qw.group and _gpu_ok(x, qw)
-            and fp8_token_gemv_default())
+def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
+    """fp8_gemv takes the call of x quantised first: the switch on, 1 to FP8_KERNEL_MAX_ROWS rows on an sm_89+
+    GPU (x in W's dtype), K a multiple of 16 (the kernel's 16-byte pieces of W and x)."""
+    return (qw.wtype == "f8e4m3" and 1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and _gpu_ok(x, qw)
+            and fp8_x_first_default())
 
 
-def fp8_token_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, out: torch.Tensor | None = None,
-                   cache=None, *, gated: str | None = None) -> torch.Tensor:
-    """y [rows, N] in qw's dtype = T(xscale[m] * wscale[n] * sum_k q[m, k] qw[n, k]): x already quantised per
-    token (q e4m3 [rows, K], xscale f32 [rows, 1]: quantize_fp8_rows_cuda(x, group=0)) times a row-scaled
-    e4m3 W, on the small-token kernel (codegen/gemv.py x_e4m3; up to FP8_KERNEL_MAX_ROWS rows, sm_89+);
-    `gated`: act(gate) * up over W's two row halves (y [rows, N / 2]); `out`: a contiguous tensor of y's
-    shape in qw's dtype to write."""
+def fp8_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
+             gated: str | None = None, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             cache=None) -> torch.Tensor:
+    """The W8A8 product of x quantised beforehand, up to FP8_KERNEL_MAX_ROWS rows on an sm_89+ GPU: the
+    small-token e4m3 kernel reading q's bytes (codegen/gemv.py x_e4m3). q float8_e4m3fn [rows, K] (K a
+    multiple of 16) with xscale f32 [rows, 1] (one a token: W must have one scale a row; the epilogue scales
+    by both) or [rows, ceil(K / 128)] (a token and 128 k, as quantize_fp8_rows_cuda(x) makes: each 128-k
+    chunk's sums scaled by x's and, for 128 x 128 blocks, W's scale); then + bias, act(gate) * up over W's
+    two row halves (`gated`), + residual, in qw's dtype. `out`: a contiguous tensor of y's shape [rows, N or
+    N / 2] in qw's dtype. fp8_gemm's counterpart for decode-sized calls; errors before any launch."""
     from ..codegen.gemv import plan_gemv
     from .launch import device_arch, load_plan
     from .linear import _tiles
+    if q.dim() != 2 or q.dtype != torch.float8_e4m3fn or q.shape[1] != qw.k or qw.k % 16 or qw.wtype != "f8e4m3":
+        raise LinearInputError(f"fp8_gemv: q must be float8_e4m3fn [rows, {qw.k}] (K a multiple of 16) and W f8e4m3, "
+                               f"got {q.dtype} {tuple(q.shape)}, W {qw.wtype}")
     rows, k = q.shape
-    if (q.dtype != torch.float8_e4m3fn or k != qw.k or tuple(xscale.shape) != (rows, 1)
-            or xscale.dtype != torch.float32 or not 1 <= rows <= FP8_KERNEL_MAX_ROWS or qw.group or k % 16):
-        raise LinearInputError(f"fp8_token_gemv: q must be e4m3 [1..{FP8_KERNEL_MAX_ROWS}, {qw.k}] (K a multiple of "
-                               f"16) with f32 scales [rows, 1] and a row-scaled W, got {q.dtype} {tuple(q.shape)}, "
-                               f"{xscale.dtype} {tuple(xscale.shape)}, W group {qw.group}")
+    kb = -(-k // FP8_BLOCK)
+    if not 1 <= rows <= FP8_KERNEL_MAX_ROWS:
+        raise LinearInputError(f"fp8_gemv serves 1 to {FP8_KERNEL_MAX_ROWS} rows, got {rows}")
+    if xscale.dtype != torch.float32 or tuple(xscale.shape) not in ((rows, 1), (rows, kb)):
+        raise LinearInputError(f"fp8_gemv: xscale must be f32 [rows, 1] or [rows, {kb}], got {xscale.dtype} "
+                               f"{tuple(xscale.shape)}")
+    x_group = 0 if xscale.shape[1] == 1 and not qw.group else FP8_BLOCK
+    if qw.group and xscale.shape[1] != kb:
+        raise LinearInputError(f"fp8_gemv: W's 128 x 128 blocks need x's scales a token and 128 k ([rows, {kb}]), got "
+                               f"{tuple(xscale.shape)}")
     if gated is not None and (gated not in _ACT or qw.n % 2):
-        raise LinearInputError(f"fp8_token_gemv: gated must be one of {sorted(_ACT)} over an even number of W rows, "
-                               f"got {gated!r} with {qw.n}")
+        raise LinearInputError(f"fp8_gemv: gated must be one of {sorted(_ACT)} over an even number of W rows, got "
+                               f"{gated!r} with {qw.n}")
     n_out = qw.n // 2 if gated else qw.n
     if not q.is_cuda or q.device != qw.device or xscale.device != q.device or _capability(q.device) < divmod(
             FP8_MIN_ARCH, 10):
-        raise LinearInputError(f"fp8_token_gemv runs on an sm_89+ GPU with q, xscale and W on one device, got q on "
+        raise LinearInputError(f"fp8_gemv runs on an sm_89+ GPU with q, xscale and W on one device, got q on "
                                f"{q.device}, xscale on {xscale.device}, W on {qw.device}")
-    if out is not None and (tuple(out.shape) != (rows, n_out) or out.dtype != qw.dtype or out.device != q.device
-                            or not out.is_contiguous()):
-        raise LinearInputError(f"out must be a contiguous {qw.dtype} [{rows}, {n_out}] on {q.device}, got {out.dtype} "
-                               f"{tuple(out.shape)} on {out.device}")
+    for name, t, shape in (("bias", bias, (qw.n,)), ("residual", residual, (rows, n_out)), ("out", out, (rows, n_out))):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != qw.dtype or t.device != q.device):
+            raise LinearInputError(f"fp8_gemv: {name} must be {qw.dtype} {list(shape)} on {q.device}, got {t.dtype} "
+                                   f"{tuple(t.shape)} on {t.device}")
+    if out is not None and not out.is_contiguous():
+        raise LinearInputError("fp8_gemv: out must be contiguous")
     tiles = _tiles(rows)
-    key = ("token_gemv", qw.n, k, tiles, gated, qw.dtype, q.device.index)
+    key = ("fp8_gemv", qw.n, k, tiles, qw.group, x_group, gated, bias is not None, residual is not None, qw.dtype,
+           q.device.index)
     launcher = _DEQUANT.get(key)
     if launcher is None:
         plan = plan_gemv("bf16" if qw.dtype == torch.bfloat16 else "f16", n=qw.n, k=k, max_m=tiles, gated=gated,
-                         arch=device_arch(q.device), wtype="f8e4m3", x_e4m3=True)
+                         bias=bias is not None, residual=residual is not None, arch=device_arch(q.device),
+                         wtype="f8e4m3", group=qw.group, x_e4m3=True, x_group=x_group)
         launcher = _DEQUANT[key] = load_plan(plan, q.device, cache)
     y = out if out is not None else torch.empty(rows, n_out, dtype=qw.dtype, device=q.device)
-    launcher((), [_packed(q, 16), qw.qweight, qw.wscale, xscale.contiguous(), y, rows])
+    args = [_packed(q, 16), qw.qweight, qw.wscale, xscale.contiguous()]
+    args += [_packed(bias, 16)] if bias is not None else []
+    args += [_packed(residual, 16)] if residual is not None else []
+    launcher((), args + [y, rows])
     return y
 
 
@@ -656,8 +675,8 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
     channel): y = T(scale_x[m] * sum_k q[m, k] W[n, k]) with W = q_w s_w, rounded to x's dtype once.
     gemv_quant's W8A8 differs below FP8_GEMM_MIN_ROWS (x by 1 x 128 blocks, the small-token kernel's).
     Routes, each with these scales:
-      with fp8_token_gemv_default() (off until measured), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
-        multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_token_gemv (the small-token e4m3 kernel);
+      with fp8_x_first_default() (off until measured), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
+        multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_gemv (the small-token e4m3 kernel);
       sm_90, K a multiple of 16, N of 8: quantize_fp8_rows_cuda(x, group=0) and fp8_gemm's "token" scaling
         (the e4m3 tensor cores' sums scaled by x's and W's scales in the epilogue), any number of rows;
       elsewhere (the CPU, other GPUs, other K / N): the same e4m3 bytes and scales in torch, the dequantised
@@ -675,11 +694,11 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
         raise LinearInputError(f"out must be {x.dtype} {[*lead, n]} on {x.device}, got {out.dtype} "
                                f"{tuple(out.shape)} on {out.device}")
     rows = x.numel() // k
-    small = _fp8_token_gemv_ok(x, qw, rows)
+    small = _fp8_gemv_ok(x, qw, rows)
     if small or _fp8_token_gemm_ok(x, qw):
         q, s = quantize_fp8_rows_cuda(x.reshape(rows, k), cache, group=0)
         direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
-        y = (fp8_token_gemv if small else fp8_gemm)(q, s, qw, out=out.view(rows, n) if direct else None, cache=cache)
+        y = (fp8_gemv if small else fp8_gemm)(q, s, qw, out=out.view(rows, n) if direct else None, cache=cache)
         if out is None:
             return y.view(*lead, n)
         return out if direct else out.copy_(y.view(*lead, n))
@@ -823,7 +842,8 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
                residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """runtime/linear.gemv's product with a quantised W: the generated kernel for up to
-    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+); calls of
+    QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+; with
+    fp8_x_first_default() and no norm prologue, x quantised first and fp8_gemv over its bytes); calls of
     STREAM_QUANT_ROWS rows with a STREAM_WTYPES weight (u4, i8 with row scales) and no norm prologue on
     sm_90 the decode-range GEMM with W converted
     in registers (codegen/gemm_stream.py; W packed once by stream_packed); past them on such a GPU
@@ -855,6 +875,16 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
         w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else _dequantize_layout(qw).to(x.dtype)
         y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
+    if norm is None and _fp8_gemv_ok(x, qw, rows):   # x quantised first (a token and 128 k), the kernel on its bytes
+        n_out = qw.n // 2 if gated else qw.n
+        lead = tuple(x.shape[:-1])
+        q, s = quantize_fp8_rows_cuda(x.reshape(rows, qw.k), cache)
+        direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0
+        y = fp8_gemv(q, s, qw, bias, gated=gated, residual=None if residual is None else residual.reshape(rows, n_out),
+                     out=out.view(rows, n_out) if direct else None, cache=cache)
+        if out is None:
+            return y.view(*lead, n_out)
+        return out if direct else out.copy_(y.view(out.shape))
     return launch_gemv(x, qw.kernel_tensors, qw.n, qw.k, bias, gated, residual, norm, norm_offset, out, cache,
                        qw.wtype, qw.group)
 

@@ -16,8 +16,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=$
 status=0
 echo "== GPU tests of the switches (and the block-scaled W8A8 layer)"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py tests/gpu/test_kv_fp8.py \
-    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py \
-    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer or small_token_kernel" 2>&1 \
+    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py tests/gpu/test_gemv_fp8.py \
+    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer or small_token_kernel or x_quantised_first" 2>&1 \
     | tee "$OUT_DIR/pytest.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
@@ -32,6 +32,10 @@ echo "== decode: default, then FP8_KV_CVT"
 "$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_default.txt" | grep -i "fp8\|seqs" | tail -14
 LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_cvt.txt" \
     | grep -i "fp8" | tail -8
-echo "== W8A8 per token at 1-16 rows: the FP8 GEMM beside the small-token kernel over per-token q (FP8_TOKEN_GEMV)"
+echo "== W8A8 per token at 1-16 rows: the FP8 GEMM beside the small-token kernel over per-token q (FP8_QUANT_X_FIRST)"
 "$PY" -m benchmarks.bench_fp8 --scales token --tokens 1,4,16 --only 8B 2>&1 | tee "$OUT_DIR/fp8_small.txt" | tail -13
+echo "== W8A8 small-token layers (x by 1 x 128): x quantised in registers, then FP8_QUANT_X_FIRST"
+"$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_default.txt" | tail -17
+LAYERFORGE_FP8_QUANT_X_FIRST=1 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_xfirst.txt" \
+    | tail -16
 exit $status

@@ -88,24 +88,30 @@ def test_fp8_plan_errors():
         plan_gemv("bf16", n=64, k=1000, wtype="f8e4m3")
 
 
-# ---- x quantised per token beforehand (x_e4m3: fp8_linear_per_token's small-token route) -----------------
+# ---- x quantised beforehand (x_e4m3): per token (fp8_linear_per_token's route) or per token and 128 k ------
 XT_CASES = [(6144, 4096, None, {}), (28672, 4096, "silu", dict(bias=True, residual=True)),
             (4096, 14336, None, dict(residual=True)), (2000, 3008, "gelu_tanh", {})]
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 @pytest.mark.parametrize("max_m", [8, 16])
+@pytest.mark.parametrize("x_group,group", [(0, 0), (128, 0), (128, 128)])
 @pytest.mark.parametrize("n,k,gated,extra", XT_CASES)
-def test_fp8_gemv_over_e4m3_x_compiles_without_spills(n, k, gated, extra, max_m, arch):
+def test_fp8_gemv_over_e4m3_x_compiles_without_spills(n, k, gated, extra, x_group, group, max_m, arch):
     """Per 128-k chunk a lane reads 2 pieces of 16 k of each W row pair and of its token: 2 mma of 32 k per
-    piece, tile and token tile on the bytes as they are (no cvt to e4m3, no amax); x and W by cp.async."""
-    plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="f8e4m3", x_e4m3=True, **extra)
+    piece, tile and token tile on the bytes as they are (no cvt to e4m3, no amax); x, W (and the chunk's scales)
+    by cp.async."""
+    if group and n % 128:
+        pytest.skip("W's 128 x 128 blocks: N a multiple of 128 here")
+    plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="f8e4m3", group=group,
+                     x_e4m3=True, x_group=x_group, **extra)
     res = compiled(plan, ptx=True)
     (kr,) = res.resources.values()
     assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
     tiles, mt = (2 if gated else 1), max_m // 8
     assert res.ptx.count("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32") == 2 * 2 * tiles * mt
     assert "cvt.rn.satfinite" not in res.ptx and "shfl" not in res.ptx and "m16n8k16" not in res.ptx
+    assert ("cp.async.ca.shared.global" in res.ptx) == bool(x_group or group)   # the chunk's scales
 
 
 def test_fp8_gemv_over_e4m3_x_f16_compiles():
@@ -126,6 +132,14 @@ def test_fp8_gemv_over_e4m3_x_plan():
         ("wscale", "const float* __restrict__"), ("xscale", "const float* __restrict__"),
         ("out", "__nv_bfloat16* __restrict__"), ("M", "int")]
     assert "xscale[(long long)m]" in p.source() and "lf_e4m3x4(" not in p.source().split("lf_gemv")[-1]
+    b = plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, x_e4m3=True, x_group=128)
+    assert b.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128xk128_r1w4s4_sm90"
+    assert b.stage_bytes == 128 * (16 + 16) + 16 * 4 + 16 * 4   # W, x rows; W's block scales, x's (a row, a token)
+    assert "xscale[(long long)m]" not in b.source() and b.abi.args[3].name == "xscale"
+    with pytest.raises(ValueError, match="x_group"):
+        plan_gemv("bf16", n=256, k=1024, wtype="f8e4m3", x_group=128)
+    with pytest.raises(ValueError, match="x_group"):
+        plan_gemv("bf16", n=256, k=1024, wtype="f8e4m3", x_e4m3=True, x_group=64)
     for bad, why in ((dict(wtype="f8e4m3", group=128), "group 128"), (dict(wtype="i8"), "'i8'"),
                      (dict(), "None"), (dict(wtype="f8e4m3", norm="rms"), "a norm")):
         with pytest.raises(ValueError, match=rf"x_e4m3 .*{re.escape(why)}"):

@@ -89,15 +89,15 @@ def test_w8a8_layer_runs_the_fp8_gemm_with_per_token_scales(monkeypatch, m, n, k
 @pytest.mark.parametrize("n,k", [(768, 2048), (1000, 3008), (24, 16), (4096, 14336)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 def test_w8a8_layer_small_rows_on_the_small_token_kernel(monkeypatch, m, n, k, dt):
-    """LAYERFORGE_FP8_TOKEN_GEMV=1: up to 16 rows, x quantised per token by the row kernel, then the small-token
+    """LAYERFORGE_FP8_QUANT_X_FIRST=1: up to 16 rows, x quantised per token by the row kernel, then the small-token
     e4m3 kernel over those bytes (codegen/gemv.py x_e4m3) with x's and W's scales in its epilogue; the same check
     against float64, and the route: one scale a token reaches it, the FP8 GEMM is not called."""
-    monkeypatch.setenv("LAYERFORGE_FP8_TOKEN_GEMV", "1")
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
     gen = seeded_generator("fp8-token-gemv", m, n, k, dt)
     mod = make(n, k, dt, gen)
     x = tokens(m, k, dt, gen)
     seen = []
-    real = quant.fp8_token_gemv
+    real = quant.fp8_gemv
 
     def spy(q, xscale, qw, *args, **kwargs):
         seen.append((tuple(q.shape), tuple(xscale.shape), q.dtype))
@@ -106,7 +106,7 @@ def test_w8a8_layer_small_rows_on_the_small_token_kernel(monkeypatch, m, n, k, d
     def no_gemm(*args, **kwargs):
         raise AssertionError("the FP8 GEMM ran")
 
-    monkeypatch.setattr(quant, "fp8_token_gemv", spy)
+    monkeypatch.setattr(quant, "fp8_gemv", spy)
     monkeypatch.setattr(quant, "fp8_gemm", no_gemm)
     check(mod, x, n)
     assert seen and all(s == ((m, k), (m, 1), torch.float8_e4m3fn) for s in seen), seen

@@ -93,6 +93,40 @@ def test_fp8_gemv_epilogues(block, m, gated, norm):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("gated,bias,res", [(None, False, False), ("silu", True, True), ("gelu_tanh", False, True)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("block", [0, 128])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (2048, 3072), (7168, 2048), (1000, 1152)])
+def test_fp8_gemv_x_quantised_first(monkeypatch, n, k, block, m, gated, bias, res):
+    """LAYERFORGE_FP8_QUANT_X_FIRST=1: x quantised by the row kernel (a token and 128 k), then the small-token
+    kernel over those bytes and scales (runtime/quant.fp8_gemv, codegen/gemv.py x_e4m3 x_group 128): against
+    float64, and equal to the kernel that quantises x in its registers (the same bytes, scales and sums)."""
+    if block and (k % 128 or n % 256):
+        pytest.skip("block scales: K a multiple of 128, gate and up halves of whole blocks")
+    gen = seeded_generator("gemv-fp8-xfirst", n, k, block, m, gated, bias, res)
+    lin = fp8_linear(n, k, block, gen, bias=bias)
+    n_out = n // 2 if gated else n
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]).to(torch.bfloat16).cuda()
+    r = torch.randn(m, n_out, generator=gen).to(torch.bfloat16).cuda() if res else None
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    in_registers = lin(x, gated=gated, residual=r)
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
+    from layerforge.runtime import quant
+    seen = []
+    real = quant.fp8_gemv
+
+    def spy(q, xscale, qw, *args, **kwargs):
+        seen.append((tuple(q.shape), tuple(xscale.shape)))
+        return real(q, xscale, qw, *args, **kwargs)
+    monkeypatch.setattr(quant, "fp8_gemv", spy)
+    out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = gemv_quant(x, lin.qw, lin.bias, gated=gated, residual=r, out=out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr() and seen == [((m, k), (m, -(-k // 128)))]
+    assert rel_err(out, w8a8_reference(x, lin, gated, lin.bias, r)) < 1e-2
+    assert torch.equal(out, in_registers)
+
+
 @pytest.mark.parametrize("m", [1, 16])
 def test_kernel_and_torch_paths_agree(m):
     """The kernel (<= 16 rows) and the torch path (CPU) quantise x alike: same meaning."""

@@ -171,39 +171,45 @@ def test_fp8_gemm_refuses_bad_inputs_before_any_launch():
         fp8_gemm(q, s, QuantLinear.from_float(torch.randn(256, 512, generator=gen), 0, wtype="i8").qw)
 
 
-def test_fp8_token_gemv_refuses_bad_inputs_before_any_launch():
-    """fp8_token_gemv (x quantised per token, the small-token e4m3 kernel): its errors on the CPU, each naming
-    what it wanted."""
-    from layerforge.runtime.quant import fp8_token_gemv
-    gen = seeded_generator("fp8-token-gemv-cpu")
+def test_fp8_gemv_refuses_bad_inputs_before_any_launch():
+    """fp8_gemv (x quantised first, the small-token e4m3 kernel over its bytes): its errors on the CPU, each
+    naming what it wanted."""
+    from layerforge.runtime.quant import fp8_gemv
+    gen = seeded_generator("fp8-gemv-cpu")
     qw = pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen)), None)
-    q, s = quantize_fp8_rows(torch.randn(8, 512, generator=gen).to(torch.bfloat16), 512)
-    for bad_q, bad_s, what in ((q.float(), s, "e4m3"), (q, s[:4], r"\[rows, 1\]"), (q, s.double(), "f32"),
-                               (torch.cat([q] * 3), torch.cat([s] * 3), r"\[1\.\.16"),
+    blocks = pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen), block=128), block=128)
+    x = torch.randn(8, 512, generator=gen).to(torch.bfloat16)
+    q, s = quantize_fp8_rows(x, 512)   # s [8, 1]
+    qb, sb = quantize_fp8_rows(x)      # sb [8, 4]
+    for bad_q, bad_s, what in ((q.float(), s, "float8_e4m3fn"), (q, s[:4], r"\[rows, 1\] or \[rows, 4\]"),
+                               (q, s.double(), "f32"), (q, sb[:, :3], r"\[rows, 4\]"),
+                               (torch.cat([q] * 3), torch.cat([s] * 3), "1 to 16 rows"),
                                (q[:, :496].contiguous(), s, "512")):
         with pytest.raises(LinearInputError, match=what):
-            fp8_token_gemv(bad_q, bad_s, qw)
-    with pytest.raises(LinearInputError, match="row-scaled"):
-        fp8_token_gemv(q, s, pack_fp8(*quantize_fp8(torch.randn(256, 512, generator=gen), block=128), block=128))
+            fp8_gemv(bad_q, bad_s, qw)
+    with pytest.raises(LinearInputError, match="128 x 128 blocks need"):
+        fp8_gemv(q, s, blocks)
     with pytest.raises(LinearInputError, match="gated must be one of"):
-        fp8_token_gemv(q, s, qw, gated="relu")
+        fp8_gemv(q, s, qw, gated="relu")
     with pytest.raises(LinearInputError, match="sm_89"):
-        fp8_token_gemv(q, s, qw)
+        fp8_gemv(qb, sb, blocks)
+    with pytest.raises(LinearInputError, match="sm_89"):
+        fp8_gemv(q, s, qw)
 
 
-def test_fp8_token_gemv_switch(monkeypatch):
-    """LAYERFORGE_FP8_TOKEN_GEMV: off by default (until measured), on with 1; a misspelt value is an error; on
-    the CPU the per-token layer's torch route is taken either way, with the same result."""
-    from layerforge.runtime.quant import fp8_linear_per_token, fp8_token_gemv_default
-    monkeypatch.delenv("LAYERFORGE_FP8_TOKEN_GEMV", raising=False)
-    assert fp8_token_gemv_default() is False
-    gen = seeded_generator("fp8-token-gemv-switch")
+def test_fp8_x_first_switch(monkeypatch):
+    """LAYERFORGE_FP8_QUANT_X_FIRST: off by default (until measured), on with 1; a misspelt value is an error; on
+    the CPU the W8A8 layers' torch routes are taken either way, with the same results."""
+    from layerforge.runtime.quant import fp8_linear_per_token, fp8_x_first_default, gemv_quant
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    assert fp8_x_first_default() is False
+    gen = seeded_generator("fp8-x-first-switch")
     qw = pack_fp8(*quantize_fp8(torch.randn(64, 256, generator=gen)), None)
     x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
-    off = fp8_linear_per_token(x, qw)
-    monkeypatch.setenv("LAYERFORGE_FP8_TOKEN_GEMV", "1")
-    assert fp8_token_gemv_default() is True
-    assert torch.equal(fp8_linear_per_token(x, qw), off)
-    monkeypatch.setenv("LAYERFORGE_FP8_TOKEN_GEMV", "sure")
-    with pytest.raises(ValueError, match="LAYERFORGE_FP8_TOKEN_GEMV"):
-        fp8_token_gemv_default()
+    off = fp8_linear_per_token(x, qw), gemv_quant(x, qw, gated="silu")
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
+    assert fp8_x_first_default() is True
+    assert torch.equal(fp8_linear_per_token(x, qw), off[0]) and torch.equal(gemv_quant(x, qw, gated="silu"), off[1])
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "sure")
+    with pytest.raises(ValueError, match="LAYERFORGE_FP8_QUANT_X_FIRST"):
+        fp8_x_first_default()
