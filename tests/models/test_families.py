@@ -1,6 +1,7 @@
 """models/families.py: Hugging Face configs -> ModelSpec, checkpoints -> canonical names, and the
 config binding (dims_from_config, module(config=...), build --config) that goes through it."""
 import argparse
+import inspect
 import json
 
 import pytest
@@ -173,7 +174,11 @@ def test_falcon_alibi_uses_its_own_block_and_matches_FalconAttention(heads):
     causal = torch.full((S, S), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
         alibi = build_alibi_tensor(torch.ones(B, S), heads, torch.float32)
-        want, _ = attn(x, alibi=alibi, attention_mask=causal, output_attentions=True)
+        if "alibi" in inspect.signature(type(attn).forward).parameters:   # transformers before 5.25
+            want, _ = attn(x, alibi=alibi, attention_mask=causal, output_attentions=True)
+        else:   # later: FalconModel adds alibi / sqrt(D) to the mask, the same bias before the 1/sqrt(D) scaling
+            mask = (alibi.reshape(B, heads, 1, S) / D ** 0.5).masked_fill(causal < -1, torch.finfo(torch.float32).min)
+            want, _ = attn(x, attention_mask=mask, output_attentions=True)
         out = canonical_state_dict(spec, model.state_dict())
         y = x @ out["layers.0.attn.qkv.weight"].T + out["layers.0.attn.qkv.bias"]
         q, k, v = (t.reshape(B, S, heads, D) for t in y.split(heads * D, dim=-1))
@@ -546,11 +551,22 @@ def hf_qkv(name, model, i, x, cfg):
         return qkv.chunk(3, dim=-1)
     if name.startswith("falcon"):
         a = model.transformer.h[i].self_attention
-        q, k, v = a._split_heads(a.query_key_value(x))
-        if a.new_decoder_architecture:   # keys/values broadcast to every query head: one per group
-            g = a.num_heads // cfg.num_kv_heads
-            k, v = k[:, :, ::g], v[:, :, ::g]
-        return q, k, v
+        fused = a.query_key_value(x)
+        if hasattr(a, "_split_heads"):   # transformers before 5.25: its own split
+            q, k, v = a._split_heads(fused)
+            if a.new_decoder_architecture:   # keys/values broadcast to every query head: one per group
+                g = a.num_heads // cfg.num_kv_heads
+                k, v = k[:, :, ::g], v[:, :, ::g]
+            return q, k, v
+        # later ones split in forward, the same layouts: per KV group its queries, then its key and its value
+        # (the new architecture); every query head, then one key and one value (multi-query); per head its
+        # query, key and value (the original multi-head)
+        if a.new_decoder_architecture:
+            grouped = fused.view(B, S, cfg.num_kv_heads, -1, a.head_dim)
+            return grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
+        if a.multi_query:
+            return fused.view(B, S, -1, a.head_dim).split([a.num_heads, 1, 1], dim=2)
+        return fused.view(B, S, a.num_heads, 3, a.head_dim).unbind(3)
     if name == "gpt2":
         a = model.transformer.h[i].attn
         q, k, v = a.c_attn(x).split(a.split_size, dim=2)

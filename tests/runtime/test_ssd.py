@@ -179,7 +179,8 @@ def test_gated_rms_norm_matches_transformers_MambaRMSNormGated(dtype, groups, ga
     mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
     f = 64
     g = seeded_generator("gated_norm", groups, gate, str(dtype))
-    norm = mamba2.MambaRMSNormGated(f, group_size=f // groups, eps=1e-5).to(dtype)
+    gated_norm = getattr(mamba2, "Mamba2RMSNormGated", None) or mamba2.MambaRMSNormGated   # renamed in 5.25
+    norm = gated_norm(f, group_size=f // groups, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(f, generator=g) * 0.5 + 1.0)
     x = torch.randn(2, 5, f, generator=g).to(dtype)
