@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol
 from ..dsl.program import Layer
 from .abi import KernelABI
 from .render import read_template, render
+from . import ops
 from .ops import Q8_C_TYPE as ROW_8BIT
 from .row import LoweringError, RowKernel, RowLowering
 
@@ -96,12 +97,14 @@ class RowPlan(KernelPlan):
     tpr: int | None = None # threads per row (per block in split rows); None = chosen from the widths
     split: int | None = None  # blocks per row (consecutive blocks), rows without reductions; None = chosen
     #                            (wide rows split, others 1), 1 = one block per row
+    cluster: int = 1       # > 1 (sm_90): a row with reductions split over the CTAs of a cluster of this size
 
     @property
     def key(self) -> str:
         extra = [f"v{self.vec_bytes}"] if self.vec_bytes != 16 else []
         extra += [f"t{self.tpr}"] if self.tpr is not None else []
         extra += [f"s{self.split}"] if self.split is not None else []
+        extra += [f"c{self.cluster}"] if self.cluster > 1 else []
         return layer_key(self.layer, *extra, self.arch.replace("_", ""))
 
     def lowered(self) -> RowKernel:
@@ -117,8 +120,8 @@ class RowPlan(KernelPlan):
         quant = read_template("cuda/fp8.cuh") + read_template("cuda/quant8.cuh") if "quant8" in k.uses else ""
         return render("cuda/row_kernel.cu.jinja", kernel_name=self.kernel_name, plan_key=self.key,
                       common=read_template("cuda/common.cuh"), quant=quant, signature=self.abi.signature,
-                      tpr=k.tpr, rpb=k.rpb,
-                      split=k.split, smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
+                      tpr=k.tpr, rpb=k.rpb, split=k.split, cluster=k.cluster,
+                      smem_floats=max(1, k.smem_floats), topk=k.topk_smem, body=k.body)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": dict(self.layer.consts),
@@ -128,8 +131,11 @@ class RowPlan(KernelPlan):
 
 @functools.lru_cache(maxsize=512)
 def _lower(plan: RowPlan) -> RowKernel:
+    if plan.cluster > 1 and ops.arch_number(plan.arch) < 90:
+        raise LoweringError(f"{plan.layer.name}: a row split over a cluster needs sm_90 (thread block clusters), "
+                            f"not {plan.arch}")
     return RowLowering(plan.layer.function, plan.kernel_name, max_vec_bytes=max(1, plan.vec_bytes),
-                       tpr=plan.tpr, split=plan.split).lower()
+                       tpr=plan.tpr, split=plan.split, cluster=plan.cluster).lower()
 
 
 @functools.lru_cache(maxsize=512)
@@ -137,6 +143,22 @@ def _row_abi(plan: RowPlan) -> KernelABI:
     k = plan.lowered()
     grid = (f"rows * {k.split}",) if k.split > 1 else (f"cdiv(rows, {k.rpb})",)   # split: one row per block
     return KernelABI(name=plan.kernel_name, args=tuple(k.args), grid=grid, block=(k.tpr, k.rpb), problem=("rows",))
+
+
+# A row with reductions at least this wide (its widest loop's elements) may be split over a cluster of 4 CTAs
+# at few rows (sm_90), over 8 from twice as wide: one CTA a row reads it at one SM's share of the bandwidth
+ROW_CLUSTER_MIN_WIDTH = 4096
+
+
+def row_cluster_size(plan: KernelPlan) -> int:
+    """The cluster a row plan's layer splits a row over at few rows (RowPlan.cluster): 8 or 4 CTAs for a
+    row with reductions (no top-k) from 2 x / 1 x ROW_CLUSTER_MIN_WIDTH columns on sm_90, else 1."""
+    if not isinstance(plan, RowPlan) or ops.arch_number(plan.arch) < 90 or plan.cluster > 1:
+        return 1
+    k = plan.lowered()
+    if not k.reduces or k.topk_smem or any("lf_topk" in line for line in k.body) or k.width < ROW_CLUSTER_MIN_WIDTH:
+        return 1
+    return 8 if k.width >= 2 * ROW_CLUSTER_MIN_WIDTH else 4
 
 
 def layer_interface(layer: Layer) -> dict[str, Any]:
@@ -171,7 +193,7 @@ def layer_key(layer: Layer, *suffix: str) -> str:
 
 
 def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None = None,
-               split: int | None = None) -> KernelPlan:
+               split: int | None = None, cluster: int = 1) -> KernelPlan:
     """The row-kernel plan for a specialised layer (the grouped MoE routing layer's own family,
     codegen/route.py, for it); raises LoweringError if no family fits."""
     if layer.function.kind != "layer":
@@ -193,7 +215,9 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
     from . import route   # (route.py builds on this module's KernelPlan)
     if route.serves(layer):   # grouped MoE routing: rows of several shapes, one warp per token
         return route.plan_route(layer, arch, vec_bytes=vec_bytes)
-    plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr, split=split)
+    if cluster > 1 and route.serves(layer):
+        raise LoweringError(f"{layer.name}: the grouped routing kernel is not split over a cluster")
+    plan = RowPlan(layer=layer, arch=arch, vec_bytes=vec_bytes, tpr=tpr, split=split, cluster=cluster)
     plan.lowered()  # fail early, with the reason
     return plan
 

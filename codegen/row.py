@@ -40,6 +40,9 @@ from .rewrite import lower_composites
 from .topk import round_depths, sort_ops
 
 
+# Integer reductions a cluster combines (lf_cluster_reduce loads f32, s32 and s64 partials).
+CLUSTER_REDUCE_INTS = (DType.i32, DType.i64)
+
 # Where the current chunk's loads go (_columns replaces it when the chunk ends).
 _CHUNK_LOADS = "// (this chunk's loads)"
 
@@ -60,6 +63,9 @@ class RowKernel:
     lead_dims: tuple = ()
     uses: set = field(default_factory=set)
     split: int = 1    # blocks per row (consecutive blocks): each takes one contiguous span of every output's columns
+    cluster: int = 1  # > 1: the split blocks of a row with reductions are one cluster (sm_90; == split)
+    width: int = 0    # the widest column loop's elements
+    reduces: bool = False   # the row has reductions (phases)
 
 
 def _pow2floor(n: int) -> int:
@@ -95,7 +101,7 @@ class RowLowering:
     MAX_SPLIT = 65535
 
     def __init__(self, fn: Function, kernel_name: str, *, max_vec_bytes: int = 16, tpr: int | None = None,
-                 split: int | None = None):
+                 split: int | None = None, cluster: int = 1):
         self.fn = lower_composites(fn)
         self.name = kernel_name
         self.space = IndexSpace()
@@ -143,7 +149,10 @@ class RowLowering:
             if not self.phases:
                 self.tpr = self._threads_for_whole_chunks(self.tpr, chunks)
         self.split = 1
-        if split is not None and split > 1:
+        self.cluster = 1
+        if cluster > 1:
+            self._cluster_shape(cluster, split, tpr, chunks)
+        elif split is not None and split > 1:
             if self.phases:
                 raise LoweringError(f"{self.fn.name}: only rows without reductions split over blocks")
             if split > self.MAX_SPLIT:
@@ -168,6 +177,28 @@ class RowLowering:
         self.chunk_loads: list[str] | None = None   # inside _columns: the chunk's loads, put at _CHUNK_LOADS
         self.lookup_syms: set = set()   # the clamped row numbers of INDEX lookups
         self.guard: str | None = None   # inside a `where` branch of row lookups: when its loads are needed
+
+    def _cluster_shape(self, cluster: int, split: int | None, tpr: int | None, chunks: int) -> None:
+        """A row with reductions split over the `cluster` CTAs of a cluster (sm_90): each reduces its span of
+        the columns, and the partials are combined through distributed shared memory (lf_cluster_reduce), in
+        rank order in every CTA, so all of them hold the same bits. For few rows, where one CTA a row reads a
+        wide row at one SM's share of the bandwidth."""
+        if not self.phases:
+            raise LoweringError(f"{self.fn.name}: a cluster serves rows with reductions (rows without one split "
+                                "over plain blocks)")
+        if any(p.op is Op.TOPK for p in self.phases):
+            raise LoweringError(f"{self.fn.name}: top-k rows are not split over a cluster")
+        if any(not p.dtype.is_float and p.dtype not in CLUSTER_REDUCE_INTS for p in self.phases):
+            raise LoweringError(f"{self.fn.name}: a cluster combines float (f32 accumulators), i32 and i64 "
+                                "reductions only")
+        if cluster not in (2, 4, 8) or (split is not None and split != cluster):
+            raise LoweringError(f"{self.fn.name}: a cluster of 2, 4 or 8 CTAs a row (the portable sizes), got "
+                                f"{cluster} (split {split})")
+        self.split = self.cluster = cluster
+        if not tpr:   # ITEMS_PER_THREAD chunks a thread of its span, at least two warps (one row a block)
+            self.tpr = max(64, min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / cluster / self.ITEMS_PER_THREAD))))
+        elif tpr < 64:
+            raise LoweringError(f"{self.fn.name}: a cluster's CTAs take one row each: at least 64 threads, got {tpr}")
 
     def _threads_for_whole_chunks(self, tpr: int, chunks: int) -> int:
         """Fewer threads, down to 2 x ITEMS_PER_THREAD chunks each, when that leaves no partial
@@ -336,10 +367,13 @@ class RowLowering:
                 self._topk_phase(ph)
         for i, o in enumerate(self.fn.outputs):
             self._store_output(i, o)
+        if self.cluster > 1:   # no CTA leaves while another may still read its partials
+            self.lines.append("lf_cluster_barrier();")
         nw = max(1, self.tpr // 32)
         return RowKernel(self.name, args, self.lines, self.tpr, self.rpb, smem_floats=self.rpb * nw,
                          topk_smem=[(v, k) for (v, _, k) in self.topk_arrays.values()],
-                         lead_dims=tuple(self.lead), uses=self.uses, split=self.split)
+                         lead_dims=tuple(self.lead), uses=self.uses, split=self.split, cluster=self.cluster,
+                         width=max([l.width for l in self.loops.values()] + [1]), reduces=bool(self.phases))
 
     def _args(self) -> list[Arg]:
         args = []
@@ -445,6 +479,10 @@ class RowLowering:
             self.lines.append(f"__shared__ long long {smem}[{self.rpb * (self.tpr // 32)}];")
             smem = f"reinterpret_cast<float*>({smem})"
         self.lines.append(f"{ctype} {red} = lf_row_reduce<{self.tpr}, {ctype}, {op}>({acc}, {smem});")
+        if self.cluster > 1:   # this CTA's span reduced: the cluster's partials, combined in rank order
+            slot = self.fresh("slot")
+            self.lines.append(f"__shared__ {ctype} {slot};")
+            self.lines.append(f"{red} = lf_cluster_reduce<{self.cluster}, {ctype}, {op}>({red}, &{slot});")
         if r.fn == "mean":
             self.lines.append(f"{red} *= {ops.float_literal(1.0 / loop.width)};")
         if ph.dtype in ops.ROUND:

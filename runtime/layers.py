@@ -45,7 +45,7 @@ import sympy
 import torch
 
 from ..codegen.linear_lower import LinearPattern, has_matmul, match_linear
-from ..codegen.plan import layer_interface, plan_layer
+from ..codegen.plan import layer_interface, plan_layer, row_cluster_size
 from ..codegen.row import LoweringError
 from ..codegen.scan import not_lowered_reason, scan_parts
 from ..codegen.scan_lower import ScanPattern, match_scan
@@ -56,6 +56,17 @@ from . import ops
 from .linear import LinearInputError, gemv
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
+# Calls of at most this many rows of a row layer with reductions over wide rows run, on sm_90, the row split over
+# a cluster of CTAs (codegen/plan.row_cluster_size; one CTA a row reads a wide row at one SM's share of the
+# bandwidth), when row_cluster_default() says so
+ROW_CLUSTER_MAX_ROWS = 32
+
+
+def row_cluster_default() -> bool:
+    """Whether few-row calls take the cluster-split row kernel: off until measured on a GPU (benchmarks/NOTES.md,
+    its prediction); LAYERFORGE_ROW_CLUSTER=1 turns it on."""
+    from ..codegen.plan import env_switch
+    return env_switch("LAYERFORGE_ROW_CLUSTER", False)
 
 
 def _dim_spec(d) -> int | str | sympy.Expr:
@@ -127,7 +138,7 @@ class LayerModule(torch.nn.Module):
                             f"it takes {sorted(self._scalars) or 'none'}")
         self._out_specs = [[_dim_spec(d) for d in o["shape"]] for o in info["outputs"]]
         self._out_dtypes = [DType[o["dtype"]].torch for o in info["outputs"]]
-        self._launches: dict[tuple, _Launch] = {}
+        self._launches: dict[tuple, _Launch | None] = {}   # (device, vec bytes[, "cluster"]) -> launch
         self._images: dict[int, tuple] = {}   # vec_bytes -> (cubin, KernelABI, row dims): a pack's kernels
         self._lead: list | None = None
         self._recipes: dict[tuple, tuple] = {}  # per input shapes: everything but the pointers
@@ -465,6 +476,26 @@ class LayerModule(torch.nn.Module):
             self._lead = [_dim_spec(d) for d in lead]
         return launch
 
+    def _cluster_launch(self, device: torch.device, vec_bytes: int) -> _Launch | None:
+        """The layer's row kernel split over a cluster (sm_90, rows with reductions, wide: row_cluster_size), or
+        None; the same arguments as _launch_for's kernel, a grid of rows x the cluster."""
+        key = (device.index, vec_bytes, "cluster")
+        if key in self._launches:
+            return self._launches[key]
+        from .launch import compile_plan, device_arch, load_kernels
+        try:
+            plan = plan_layer(self.layer, self.arch or device_arch(device), vec_bytes=vec_bytes)
+        except LoweringError:
+            plan = None
+        size = row_cluster_size(plan) if plan is not None else 1
+        launch = None
+        if size > 1:
+            plan = plan_layer(self.layer, plan.arch, vec_bytes=vec_bytes, cluster=size)
+            kernel = load_kernels(compile_plan(plan, self._cache).cubin, (plan.abi,), device)[plan.abi.name]
+            launch = _Launch(kernel, [(a.role, a.ref) for a in plan.abi.args])
+        self._launches[key] = launch
+        return launch
+
     def _run_cuda(self, tensors, scalars, out):
         # Per-call host work is kept to checks that depend on the tensors themselves; what
         # depends only on shapes (dims, output shapes, grid, argument layout) is a recipe
@@ -492,6 +523,8 @@ class LayerModule(torch.nn.Module):
             while align > 1 and t.data_ptr() % align:
                 align //= 2
         launch = self._launches.get((device.index, align)) or self._launch_for(device, align)
+        if 0 < rows <= ROW_CLUSTER_MAX_ROWS and self.layer is not None and row_cluster_default():
+            launch = self._cluster_launch(device, align) or launch
         if rows > 0:
             argv = []
             for role, ref in launch.arg_refs:

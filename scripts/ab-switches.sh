@@ -16,8 +16,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=$
 status=0
 echo "== GPU tests of the switches (and the block-scaled W8A8 layer)"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py tests/gpu/test_kv_fp8.py \
-    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py tests/gpu/test_gemv_fp8.py \
-    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer or small_token_kernel or x_quantised_first" 2>&1 \
+    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py tests/gpu/test_gemv_fp8.py tests/gpu/test_row_cluster.py \
+    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 \
     | tee "$OUT_DIR/pytest.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
@@ -38,4 +38,8 @@ echo "== W8A8 small-token layers (x by 1 x 128): x quantised in registers, then 
 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_default.txt" | tail -17
 LAYERFORGE_FP8_QUANT_X_FIRST=1 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_xfirst.txt" \
     | tail -16
+echo "== per-token FP8 row quantisers at few rows: one CTA a row, then ROW_CLUSTER (a row over a cluster)"
+"$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 | tee "$OUT_DIR/quant_rows_default.txt" | tail -13
+LAYERFORGE_ROW_CLUSTER=1 "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
+    | tee "$OUT_DIR/quant_rows_cluster.txt" | tail -12
 exit $status

@@ -116,7 +116,8 @@ def accesses(body: list[str], tpr: int, split: int):
                 env[name] = eval(_py(expr), {}, env)
             for line in body:
                 for m in re.finditer(r"lf_(load|store)_vec<[^,]+, (\d+)>\((p_\w+|o_\d+) \+ ", line):
-                    addr = _operand(line, m.end())
+                    # a bracketed address, or one name (a row-broadcast weight: its column alone)
+                    addr = _operand(line, m.end()) if line[m.end()] in "([" else re.match(r"\w+", line[m.end():])[0]
                     rest = line[m.end() + len(addr):]
                     ok = (re.match(r", (\w+)\)", rest).group(1) if m.group(1) == "load"
                           else re.match(r"if \((\w+)\)", line).group(1))
