@@ -64,6 +64,19 @@ def check(mod, x, n):
     assert fresh.dtype == x.dtype and not torch.isnan(fresh).any() and torch.equal(fresh, out)
 
 
+def record_calls(monkeypatch, fname):
+    """runtime/quant's `fname` (fp8_gemm, fp8_gemv) wrapped: each call's (q's shape, xscale's shape, W's group,
+    q's dtype), in a list the test reads after the module ran."""
+    seen = []
+    real = getattr(quant, fname)
+
+    def spy(q, xscale, qw, *args, **kwargs):
+        seen.append((tuple(q.shape), tuple(xscale.shape), qw.group, q.dtype))
+        return real(q, xscale, qw, *args, **kwargs)
+    monkeypatch.setattr(quant, fname, spy)
+    return seen
+
+
 @pytest.mark.skipif(not HOPPER, reason="the per-token FP8 GEMM route needs an sm_90 GPU")
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("n,k", [(768, 2048), (1000, 3008), (24, 16)])
@@ -72,16 +85,9 @@ def test_w8a8_layer_runs_the_fp8_gemm_with_per_token_scales(monkeypatch, m, n, k
     gen = seeded_generator("fp8-token-dsl", m, n, k, dt)
     mod = make(n, k, dt, gen)
     x = tokens(m, k, dt, gen)
-    seen = []
-    real = quant.fp8_gemm
-
-    def spy(q, xscale, qw, *args, **kwargs):
-        seen.append((tuple(q.shape), tuple(xscale.shape), qw.group))
-        return real(q, xscale, qw, *args, **kwargs)
-
-    monkeypatch.setattr(quant, "fp8_gemm", spy)
+    seen = record_calls(monkeypatch, "fp8_gemm")
     check(mod, x, n)
-    assert seen and all(s == ((m, k), (m, 1), 0) for s in seen), seen   # one scale a token, W per row
+    assert seen and all(s[:3] == ((m, k), (m, 1), 0) for s in seen), seen   # one scale a token, W per row
 
 
 @pytest.mark.skipif(torch.cuda.get_device_capability() < (8, 9), reason="the e4m3 products need sm_89 or newer")
@@ -96,20 +102,10 @@ def test_w8a8_layer_small_rows_on_the_small_token_kernel(monkeypatch, m, n, k, d
     gen = seeded_generator("fp8-token-gemv", m, n, k, dt)
     mod = make(n, k, dt, gen)
     x = tokens(m, k, dt, gen)
-    seen = []
-    real = quant.fp8_gemv
-
-    def spy(q, xscale, qw, *args, **kwargs):
-        seen.append((tuple(q.shape), tuple(xscale.shape), q.dtype))
-        return real(q, xscale, qw, *args, **kwargs)
-
-    def no_gemm(*args, **kwargs):
-        raise AssertionError("the FP8 GEMM ran")
-
-    monkeypatch.setattr(quant, "fp8_gemv", spy)
-    monkeypatch.setattr(quant, "fp8_gemm", no_gemm)
+    seen, gemm = record_calls(monkeypatch, "fp8_gemv"), record_calls(monkeypatch, "fp8_gemm")
     check(mod, x, n)
-    assert seen and all(s == ((m, k), (m, 1), torch.float8_e4m3fn) for s in seen), seen
+    assert seen and all(s == ((m, k), (m, 1), 0, torch.float8_e4m3fn) for s in seen), seen
+    assert not gemm, gemm   # the FP8 GEMM never ran
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
