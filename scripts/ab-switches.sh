@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The kernel switches that are off until measured (README, "Hopper prefill"), on a CUDA GPU in one go:
-# their GPU tests, then each benchmark with the switch off and on, side by side (same run, same card).
-#   bash scripts/ab-switches.sh [OUT_DIR]
+# The kernel switches that are off until measured (README, "Hopper prefill" and the product / row notes), on a
+# CUDA GPU: their GPU tests, then each benchmark with the switch off and on, side by side (same run, same card).
+#   bash scripts/ab-switches.sh [OUT_DIR] [PART ...]
+# PARTs (default: all, in this order; each fits one 10-minute call of a borrowed GPU on its own):
+#   defaults   the GPU tests of default paths changed without a GPU run (small-token products, Hopper GEMMs)
+#   tests      the switches' GPU tests (and the block-scaled W8A8 layer)
+#   attention  stdlib blocks beside Flex (WGMMA_FOLD + WGMMA_ROPE_STEP), the document mask (TC_FOLD), decode
+#              (FP8_KV_CVT)
+#   products   W8A8 at 1-16 rows (FP8_QUANT_X_FIRST), the FP8 row quantisers at few rows (ROW_CLUSTER)
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/ab-switches}
+shift || true
+PARTS=${*:-defaults tests attention products}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -13,33 +21,59 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+FLEX_NOISE="deprecat\|create_block_mask\|return lambda"
 status=0
-echo "== GPU tests of the switches (and the block-scaled W8A8 layer)"
-"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py tests/gpu/test_kv_fp8.py \
-    tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py tests/gpu/test_gemv_fp8.py tests/gpu/test_row_cluster.py \
-    -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 \
-    | tee "$OUT_DIR/pytest.log" | tail -5
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
-"$PY" -m benchmarks.bench_masks --variants --only none 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" \
-    | tee "$OUT_DIR/masks_default.txt" | tail -8
-LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 \
-    | grep -v -i "deprecat\|create_block_mask\|return lambda" | tee "$OUT_DIR/masks_switches.txt" | tail -8
-echo "== document mask: default, then TC_FOLD"
-"$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" | tail -1
-LAYERFORGE_TC_FOLD=1 "$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "deprecat\|create_block_mask\|return lambda" | tail -1
-echo "== decode: default, then FP8_KV_CVT"
-"$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_default.txt" | grep -i "fp8\|seqs" | tail -14
-LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_cvt.txt" \
-    | grep -i "fp8" | tail -8
-echo "== W8A8 per token at 1-16 rows: the FP8 GEMM beside the small-token kernel over per-token q (FP8_QUANT_X_FIRST)"
-"$PY" -m benchmarks.bench_fp8 --scales token --tokens 1,4,16 --only 8B 2>&1 | tee "$OUT_DIR/fp8_small.txt" | tail -13
-echo "== W8A8 small-token layers (x by 1 x 128): x quantised in registers, then FP8_QUANT_X_FIRST"
-"$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_default.txt" | tail -17
-LAYERFORGE_FP8_QUANT_X_FIRST=1 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_xfirst.txt" \
-    | tail -16
-echo "== per-token FP8 row quantisers at few rows: one CTA a row, then ROW_CLUSTER (a row over a cluster)"
-"$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 | tee "$OUT_DIR/quant_rows_default.txt" | tail -13
-LAYERFORGE_ROW_CLUSTER=1 "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
-    | tee "$OUT_DIR/quant_rows_cluster.txt" | tail -12
+for part in $PARTS; do
+case $part in
+defaults)
+    echo "== GPU tests of default paths changed without a GPU run (small-token product copies, GEMM tile count)"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")   # (a machine without pytest-xdist: one process)
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemv.py tests/gpu/test_gemv_quant.py \
+        tests/gpu/test_gemv_fp8.py tests/gpu/test_moe_gpu.py tests/gpu/test_gemm.py tests/gpu/test_fp8_gemm.py \
+        tests/gpu/test_grouped_gemm.py 2>&1 | tee "$OUT_DIR/pytest_defaults.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+tests)
+    echo "== GPU tests of the switches (and the block-scaled W8A8 layer)"
+    "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py tests/gpu/test_kv_fp8.py \
+        tests/gpu/test_block_mask.py tests/gpu/test_fp8_linear_dsl.py tests/gpu/test_gemv_fp8.py \
+        tests/gpu/test_row_cluster.py -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or \
+block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 | tee "$OUT_DIR/pytest.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+attention)
+    echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
+    "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 | grep -v -i "$FLEX_NOISE" \
+        | tee "$OUT_DIR/masks_default.txt" | tail -8
+    LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 \
+        | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/masks_switches.txt" | tail -8
+    echo "== document mask: default, then TC_FOLD"
+    "$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "$FLEX_NOISE" | tail -1
+    LAYERFORGE_TC_FOLD=1 "$PY" -m benchmarks.bench_masks --only document 2>&1 | grep -v -i "$FLEX_NOISE" | tail -1
+    echo "== decode: default, then FP8_KV_CVT"
+    "$PY" -m benchmarks.bench_attention --only decode 2>&1 | tee "$OUT_DIR/decode_default.txt" \
+        | grep -i "fp8\|seqs" | tail -14
+    LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 \
+        | tee "$OUT_DIR/decode_cvt.txt" | grep -i "fp8" | tail -8
+    ;;
+products)
+    echo "== W8A8 per token at 1-16 rows: the FP8 GEMM beside the small-token kernel over per-token q"
+    "$PY" -m benchmarks.bench_fp8 --scales token --tokens 1,4,16 --only 8B 2>&1 | tee "$OUT_DIR/fp8_small.txt" \
+        | tail -13
+    echo "== W8A8 small-token layers (x by 1 x 128): x quantised in registers, then FP8_QUANT_X_FIRST"
+    "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 | tee "$OUT_DIR/gemv_quant_default.txt" | tail -17
+    LAYERFORGE_FP8_QUANT_X_FIRST=1 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 \
+        | tee "$OUT_DIR/gemv_quant_xfirst.txt" | tail -16
+    echo "== per-token FP8 row quantisers at few rows: one CTA a row, then ROW_CLUSTER (a row over a cluster)"
+    "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
+        | tee "$OUT_DIR/quant_rows_default.txt" | tail -13
+    LAYERFORGE_ROW_CLUSTER=1 "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
+        | tee "$OUT_DIR/quant_rows_cluster.txt" | tail -12
+    ;;
+*)
+    echo "unknown part '$part' (defaults, tests, attention, products)" >&2
+    exit 2
+    ;;
+esac
+done
 exit $status
