@@ -189,4 +189,5 @@ def _rows_render(plan: QuantRowsPlan) -> str:
     return render("cuda/quant_fp8_rows.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, K=plan.k,
                   WARPS=ROW_WARPS, WTYPE="f8e4m3", GROUP=0, TOKEN=plan.group == 0, ROW=_row_kernel(plan),
-                  THREADS=token_threads(plan.k), CHUNKS=-(-plan.k // (8 * token_threads(plan.k))))
+                  THREADS=token_threads(plan.k), CHUNKS=-(-plan.k // (8 * token_threads(plan.k))),
+                  TRIGGER=ops.arch_number(plan.arch) >= 90)

@@ -146,3 +146,23 @@ def test_fp8_gemv_over_e4m3_x_plan():
             plan_gemv("bf16", n=256, k=1024, x_e4m3=True, **bad)
     with pytest.raises(ValueError, match="multiple of 16"):
         plan_gemv("bf16", n=64, k=1000, wtype="f8e4m3", x_e4m3=True)
+
+
+def test_x_first_overlaps_the_quantiser_on_sm90():
+    """The per-token / 1 x 128 quantiser lets a programmatic dependent launch start (griddepcontrol.launch_dependents
+    first thing, sm_90 only), and the product over its bytes copies W's first ring stages before its
+    griddepcontrol.wait, x's after it (W does not come from the quantiser, x does)."""
+    from layerforge.codegen.dequant import QuantRowsPlan
+    for group in (0, 128):
+        src = QuantRowsPlan(dtype="bf16", k=4096, arch="sm_90", group=group).source()
+        body = src[src.index("{", src.index("__global__")):]   # from the kernel's opening brace
+        assert body.count("griddepcontrol.launch_dependents") == 1
+        assert body.index("griddepcontrol.launch_dependents") < body.index("const ")   # before any work
+        assert "griddepcontrol" not in QuantRowsPlan(dtype="bf16", k=4096, arch="sm_89", group=group).source()
+    p = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3", x_e4m3=True, x_group=128, arch="sm_90")
+    assert p.pdl and (p.stages, p.rt) == (4, 1)
+    ptx = compiled(p, ptx=True).ptx
+    before, after = ptx.split("griddepcontrol.wait", 1)
+    assert before.count("cp.async.cg.shared.global") == 4 * (p.stages - 1)   # W: 16 rows = 4 pieces a lane a stage
+    assert "cp.async.ca.shared.global" not in before and "cp.async.ca.shared.global" in after   # x's scales after
+    assert after.count("cp.async.cg.shared.global") > 0
