@@ -3,7 +3,8 @@
 # CUDA GPU: their GPU tests, then each benchmark with the switch off and on, side by side (same run, same card).
 #   bash scripts/ab-switches.sh [OUT_DIR] [PART ...]
 # PARTs (default: all, in this order; each fits one 10-minute call of a borrowed GPU on its own):
-#   defaults   the GPU tests of default paths changed without a GPU run (small-token products, Hopper GEMMs)
+#   defaults   the GPU tests of default paths changed without a GPU run (small-token products, Hopper GEMMs, the FP8
+#              activation quantiser's PDL trigger on sm_90)
 #   tests      the switches' GPU tests (and the block-scaled W8A8 layer)
 #   attention  stdlib blocks beside Flex (WGMMA_FOLD + WGMMA_ROPE_STEP), the document mask (TC_FOLD), decode
 #              (FP8_KV_CVT)
@@ -30,7 +31,7 @@ defaults)
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")   # (a machine without pytest-xdist: one process)
     "$PY" -m pytest -q -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemv.py tests/gpu/test_gemv_quant.py \
         tests/gpu/test_gemv_fp8.py tests/gpu/test_moe_gpu.py tests/gpu/test_gemm.py tests/gpu/test_fp8_gemm.py \
-        tests/gpu/test_grouped_gemm.py 2>&1 | tee "$OUT_DIR/pytest_defaults.log" | tail -5
+        tests/gpu/test_grouped_gemm.py tests/gpu/test_quant_rows.py 2>&1 | tee "$OUT_DIR/pytest_defaults.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 tests)
