@@ -213,3 +213,55 @@ def test_fp8_x_first_switch(monkeypatch):
     monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "sure")
     with pytest.raises(ValueError, match="LAYERFORGE_FP8_QUANT_X_FIRST"):
         fp8_x_first_default()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_x_first_routes_hand_the_kernel_its_operands(monkeypatch, per_token):
+    """The x-first routes' plumbing on the CPU (LAYERFORGE_FP8_QUANT_X_FIRST=1, the GPU checks faked, the row
+    quantiser and fp8_gemv replaced by torch stand-ins of their meaning): gemv_quant's W8A8 (x [2, 3, K] with bias,
+    gate and residual, into a given out) and fp8_linear_per_token hand fp8_gemv x's rows quantised per 128 k / per
+    token, the residual as rows, and give the torch route's result in the caller's shapes."""
+    from layerforge.runtime import quant
+    gen = seeded_generator("fp8-x-first-plumbing", per_token)
+    n, k = 64, 384
+    qw = pack_fp8(*quantize_fp8(torch.randn(n, k, generator=gen) / k ** 0.5), None)
+    x = torch.randn(2, 3, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    res = torch.randn(2, 3, n // 2, generator=gen).to(torch.bfloat16)
+    want = (quant.fp8_linear_per_token(x, qw) if per_token else
+            quant.gemv_quant(x, qw, bias, gated="silu", residual=res))   # the torch routes (no GPU)
+    calls = []
+
+    def fake_rows(x2, cache=None, group=quant.FP8_BLOCK):
+        calls.append(("quantise", tuple(x2.shape), group))
+        return quantize_fp8_rows(x2, group or x2.shape[-1])
+
+    def fake_gemv(q, xscale, qw_, bias=None, *, gated=None, residual=None, out=None, cache=None):
+        calls.append(("gemv", tuple(q.shape), tuple(xscale.shape), gated, None if residual is None else
+                      tuple(residual.shape), out is not None))
+        group = q.shape[1] if xscale.shape[1] == 1 else quant.FP8_BLOCK
+        y = dequantize_fp8_rows(q, xscale, group).float() @ dequantize(qw_).float().T
+        if bias is not None:
+            y = y + bias.float()
+        if gated:
+            g, up = y.chunk(2, -1)
+            y = torch.nn.functional.silu(g) * up
+        if residual is not None:
+            y = y + residual.float()
+        y = y.to(qw_.dtype)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
+    monkeypatch.setattr(quant, "_gpu_ok", lambda x_, qw_: True)
+    monkeypatch.setattr(quant, "quantize_fp8_rows_cuda", fake_rows)
+    monkeypatch.setattr(quant, "fp8_gemv", fake_gemv)
+    if per_token:
+        got = quant.fp8_linear_per_token(x, qw)
+        assert calls == [("quantise", (6, k), 0), ("gemv", (6, k), (6, 1), None, None, False)]
+        assert got.shape == (2, 3, n)
+    else:
+        out = torch.full((2, 3, n // 2), float("nan"), dtype=torch.bfloat16)
+        got = quant.gemv_quant(x, qw, bias, gated="silu", residual=res, out=out)
+        assert got is out
+        assert calls == [("quantise", (6, k), quant.FP8_BLOCK), ("gemv", (6, k), (6, 3), "silu", (6, n // 2), True)]
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
