@@ -156,7 +156,7 @@ def row_cluster_size(plan: KernelPlan) -> int:
     if not isinstance(plan, RowPlan) or ops.arch_number(plan.arch) < 90 or plan.cluster > 1:
         return 1
     k = plan.lowered()
-    if not k.reduces or k.topk_smem or any("lf_topk" in line for line in k.body) or k.width < ROW_CLUSTER_MIN_WIDTH:
+    if not k.reduces or k.topk or k.width < ROW_CLUSTER_MIN_WIDTH:
         return 1
     return 8 if k.width >= 2 * ROW_CLUSTER_MIN_WIDTH else 4
 

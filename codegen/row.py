@@ -66,6 +66,7 @@ class RowKernel:
     cluster: int = 1  # > 1: the split blocks of a row with reductions are one cluster (sm_90; == split)
     width: int = 0    # the widest column loop's elements
     reduces: bool = False   # the row has reductions (phases)
+    topk: bool = False      # one of them a top-k
 
 
 def _pow2floor(n: int) -> int:
@@ -373,7 +374,8 @@ class RowLowering:
         return RowKernel(self.name, args, self.lines, self.tpr, self.rpb, smem_floats=self.rpb * nw,
                          topk_smem=[(v, k) for (v, _, k) in self.topk_arrays.values()],
                          lead_dims=tuple(self.lead), uses=self.uses, split=self.split, cluster=self.cluster,
-                         width=max([l.width for l in self.loops.values()] + [1]), reduces=bool(self.phases))
+                         width=max([l.width for l in self.loops.values()] + [1]), reduces=bool(self.phases),
+                         topk=any(p.op is Op.TOPK for p in self.phases))
 
     def _args(self) -> list[Arg]:
         args = []
