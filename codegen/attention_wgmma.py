@@ -311,15 +311,18 @@ def tma_default() -> bool:
 
 def fold_default() -> bool:
     """Whether the wgmma prefill folds the scale into the exponent's FFMA (WGTileConfig.fold) where it
-    applies: off until measured on a GPU (benchmarks/NOTES.md); LAYERFORGE_WGMMA_FOLD=1 turns it on, for the
-    runtime's plans and the pack build alike."""
+    applies. Measured faster on an H200 with rope_step (benchmarks/NOTES.md: the stdlib blocks beside Flex,
+    mistral 0.891 -> 0.650 ms, llama 1.201 -> 1.125 ms), but still off: with both on by default, a run of the
+    Hopper attention GPU tests had about 9 failures, not yet identified (the run hit its time limit before
+    the report). LAYERFORGE_WGMMA_FOLD=1 turns it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_FOLD", False)
 
 
 def rope_step_default() -> bool:
-    """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE: off
-    until measured on a GPU (benchmarks/NOTES.md, its prediction); LAYERFORGE_WGMMA_ROPE_STEP=1 turns
-    it on, for the runtime's plans and the pack build alike."""
+    """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE. Measured
+    faster on an H200 with fold, still off until the failures fold_default names are found
+    (benchmarks/NOTES.md); LAYERFORGE_WGMMA_ROPE_STEP=1 turns it on, for the runtime's plans and the pack
+    build alike."""
     return env_switch("LAYERFORGE_WGMMA_ROPE_STEP", False)
 
 

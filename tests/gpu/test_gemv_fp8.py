@@ -108,7 +108,7 @@ def test_fp8_gemv_x_quantised_first(monkeypatch, n, k, block, m, gated, bias, re
     n_out = n // 2 if gated else n
     x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]).to(torch.bfloat16).cuda()
     r = torch.randn(m, n_out, generator=gen).to(torch.bfloat16).cuda() if res else None
-    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "0")
     in_registers = lin(x, gated=gated, residual=r)
     monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
     from layerforge.runtime import quant

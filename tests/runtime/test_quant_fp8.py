@@ -198,10 +198,12 @@ def test_fp8_gemv_refuses_bad_inputs_before_any_launch():
 
 
 def test_fp8_x_first_switch(monkeypatch):
-    """LAYERFORGE_FP8_QUANT_X_FIRST: off by default (until measured), on with 1; a misspelt value is an error; on
-    the CPU the W8A8 layers' torch routes are taken either way, with the same results."""
+    """LAYERFORGE_FP8_QUANT_X_FIRST: on by default (measured faster), off with 0; a misspelt value is an error;
+    on the CPU the W8A8 layers' torch routes are taken either way, with the same results."""
     from layerforge.runtime.quant import fp8_linear_per_token, fp8_x_first_default, gemv_quant
     monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    assert fp8_x_first_default() is True
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "0")
     assert fp8_x_first_default() is False
     gen = seeded_generator("fp8-x-first-switch")
     qw = pack_fp8(*quantize_fp8(torch.randn(64, 256, generator=gen)), None)
