@@ -97,6 +97,13 @@ class _Launch:
     arg_refs: list       # (role, ref) of each kernel argument, in the ABI's order
 
 
+def _loaded_launch(cubin: bytes, abi, device: torch.device) -> "_Launch":
+    """The kernel of `abi` loaded from `cubin` on `device`, with its arguments' roles."""
+    from .launch import load_kernels
+    kernel = load_kernels(cubin, (abi,), device)[abi.name]
+    return _Launch(kernel, [(a.role, a.ref) for a in abi.args])
+
+
 class LayerModule(torch.nn.Module):
     def __init__(self, layer: Layer | None, *, arch: str | None = None, cache=None, device=None,
                  interface: dict | None = None, name: str | None = None, **scalars: Any):
@@ -458,7 +465,7 @@ class LayerModule(torch.nn.Module):
         hit = self._launches.get(key)
         if hit is not None:
             return hit
-        from .launch import compile_plan, device_arch, load_kernels
+        from .launch import compile_plan, device_arch
         if self.layer is None:   # a pack's module: the kernels it was built with
             image = self._images.get(vec_bytes) or self._images.get(16)
             if image is None or (vec_bytes < 16 and vec_bytes not in self._images):
@@ -469,8 +476,7 @@ class LayerModule(torch.nn.Module):
             arch = self.arch or device_arch(device)
             plan = plan_layer(self.layer, arch, vec_bytes=vec_bytes)
             cubin, abi, lead = compile_plan(plan, self._cache).cubin, plan.abi, plan.lowered().lead_dims
-        kernel = load_kernels(cubin, (abi,), device)[abi.name]
-        launch = _Launch(kernel, [(a.role, a.ref) for a in abi.args])
+        launch = _loaded_launch(cubin, abi, device)
         self._launches[key] = launch
         if self._lead is None:
             self._lead = [_dim_spec(d) for d in lead]
@@ -482,7 +488,7 @@ class LayerModule(torch.nn.Module):
         key = (device.index, vec_bytes, "cluster")
         if key in self._launches:
             return self._launches[key]
-        from .launch import compile_plan, device_arch, load_kernels
+        from .launch import compile_plan, device_arch
         try:
             plan = plan_layer(self.layer, self.arch or device_arch(device), vec_bytes=vec_bytes)
         except LoweringError:
@@ -491,8 +497,7 @@ class LayerModule(torch.nn.Module):
         launch = None
         if size > 1:
             plan = plan_layer(self.layer, plan.arch, vec_bytes=vec_bytes, cluster=size)
-            kernel = load_kernels(compile_plan(plan, self._cache).cubin, (plan.abi,), device)[plan.abi.name]
-            launch = _Launch(kernel, [(a.role, a.ref) for a in plan.abi.args])
+            launch = _loaded_launch(compile_plan(plan, self._cache).cubin, plan.abi, device)
         self._launches[key] = launch
         return launch
 
