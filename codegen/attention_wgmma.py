@@ -312,9 +312,10 @@ def tma_default() -> bool:
 def fold_default() -> bool:
     """Whether the wgmma prefill folds the scale into the exponent's FFMA (WGTileConfig.fold) where it
     applies. Measured faster on an H200 with rope_step (benchmarks/NOTES.md: the stdlib blocks beside Flex,
-    mistral 0.891 -> 0.650 ms, llama 1.201 -> 1.125 ms), but still off: with both on by default, a run of the
-    Hopper attention GPU tests had about 9 failures, not yet identified (the run hit its time limit before
-    the report). LAYERFORGE_WGMMA_FOLD=1 turns it on, for the runtime's plans and the pack build alike."""
+    mistral 0.891 -> 0.650 ms, llama 1.201 -> 1.125 ms). Still off: the GPU run with both made the default hit
+    its time limit with failures it could not name. They were most likely a W8A8 route test of that same run
+    (benchmarks/NOTES.md), but that is not shown yet (scripts/ab-switches.sh, part fold).
+    LAYERFORGE_WGMMA_FOLD=1 turns it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_FOLD", False)
 
 

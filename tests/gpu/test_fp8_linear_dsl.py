@@ -82,6 +82,9 @@ def record_calls(monkeypatch, fname):
 @pytest.mark.parametrize("n,k", [(768, 2048), (1000, 3008), (24, 16)])
 @pytest.mark.parametrize("m", [1, 3, 16, 127, 128, 1000])
 def test_w8a8_layer_runs_the_fp8_gemm_with_per_token_scales(monkeypatch, m, n, k, dt):
+    """The FP8 GEMM route at every row count (at 1-16 rows the default takes the small-token kernel over x
+    quantised first: LAYERFORGE_FP8_QUANT_X_FIRST=0 keeps this route there, the test below takes the other)."""
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "0")
     gen = seeded_generator("fp8-token-dsl", m, n, k, dt)
     mod = make(n, k, dt, gen)
     x = tokens(m, k, dt, gen)
@@ -95,10 +98,10 @@ def test_w8a8_layer_runs_the_fp8_gemm_with_per_token_scales(monkeypatch, m, n, k
 @pytest.mark.parametrize("n,k", [(768, 2048), (1000, 3008), (24, 16), (4096, 14336)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 def test_w8a8_layer_small_rows_on_the_small_token_kernel(monkeypatch, m, n, k, dt):
-    """LAYERFORGE_FP8_QUANT_X_FIRST=1: up to 16 rows, x quantised per token by the row kernel, then the small-token
-    e4m3 kernel over those bytes (codegen/gemv.py x_e4m3) with x's and W's scales in its epilogue; the same check
-    against float64, and the route: one scale a token reaches it, the FP8 GEMM is not called."""
-    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
+    """By default (LAYERFORGE_FP8_QUANT_X_FIRST unset): up to 16 rows, x quantised per token by the row kernel, then
+    the small-token e4m3 kernel over those bytes (codegen/gemv.py x_e4m3) with x's and W's scales in its epilogue;
+    the same check against float64, and the route: one scale a token reaches it, the FP8 GEMM is not called."""
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
     gen = seeded_generator("fp8-token-gemv", m, n, k, dt)
     mod = make(n, k, dt, gen)
     x = tokens(m, k, dt, gen)
