@@ -264,7 +264,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma,
-        ROPE_STEP=c.rope_step and ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0,
+        ROPE_STEP=c.rope_step and rope_steps(ctx),
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -307,6 +307,12 @@ def tma_default() -> bool:
     the 128-byte swizzle, 22-26 % at D80 / 96 / 160's 32 / 64-byte ones);
     LAYERFORGE_WGMMA_TMA=0 turns it off. Read by the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
+
+
+def rope_steps(ctx: dict) -> bool:
+    """Whether WGTileConfig.rope_step changes the kernel of a block (ctx: hook_context's): RoPE on q, with a
+    pair count dividing a warpgroup's 128 threads (each thread one pair of every 128 / pairs-th row)."""
+    return ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0
 
 
 def fold_default() -> bool:
@@ -355,7 +361,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
         if twin.tma and spill_free(twin, compile_fn):
             plan = twin
-    if rope_step and tiles is None and plan.spec.rope is not None:
+    if rope_step and tiles is None and rope_steps(hook_context(layer)):
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_step=True))
         if spill_free(twin, compile_fn):
             plan = twin

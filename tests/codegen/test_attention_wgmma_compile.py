@@ -307,6 +307,15 @@ def test_rope_by_steps_compiles_without_spills(prog, name, hq, hkv, d):
     assert plan_wgmma_attention(layer, page_size=64, compile_fn=no_spills, rope_step=True).config.rope_step
 
 
+@pytest.mark.parametrize("d", [80, 96, 160, 192])
+def test_rope_steps_only_where_the_pairs_divide_a_warpgroup(prog, d):
+    """A RoPE block whose pair count does not divide 128 (D 80 / 96 / 160 / 192) keeps the per-item rotation: the
+    plan does not take rope_step (no second kernel key for the same code) and the source has no stepped form."""
+    layer = specialise(prog, "llama_attn", 32, 8, d)
+    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=no_spills, rope_step=True)
+    assert not plan.config.rope_step and "lf_rope_step_sincos" not in plan.source()
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "mistral_attn", "bert_attn"])
 def test_scale_fold_compiles_without_spills(prog, name, d):
