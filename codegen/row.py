@@ -196,8 +196,13 @@ class RowLowering:
             raise LoweringError(f"{self.fn.name}: a cluster of 2, 4 or 8 CTAs a row (the portable sizes), got "
                                 f"{cluster} (split {split})")
         self.split = self.cluster = cluster
-        if not tpr:   # ITEMS_PER_THREAD chunks a thread of its span, at least two warps (one row a block)
-            self.tpr = max(64, min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / cluster / self.ITEMS_PER_THREAD))))
+        if not tpr:
+            # one chunk a thread of its span (at least two warps, one row a block). With ITEMS_PER_THREAD chunks a
+            # thread, as the one-CTA plan has, each CTA held 2 warps, each running the one-CTA plan's whole
+            # instruction stream (~1000 for swiglu_fp8 F 14336) with nothing to hide its latencies: 7.4 us against
+            # the one CTA's 5.7 on an H200 (benchmarks/NOTES.md). The work is issue-bound, so it must spread
+            # over the cluster's SMs as more warps, not as the same warps spread thinner.
+            self.tpr = max(64, min(self.MAX_TPR, _pow2ceil(math.ceil(chunks / cluster))))
         elif tpr < 64:
             raise LoweringError(f"{self.fn.name}: a cluster's CTAs take one row each: at least 64 threads, got {tpr}")
 
