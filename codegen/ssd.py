@@ -40,8 +40,9 @@ from .abi import Arg, KernelABI, SharedLayout
 from .plan import KernelPlan
 from .render import read_template, render
 
-__all__ = ["SSDChunkStatePlan", "SSDStatePassingPlan", "SSDChunkScanPlan", "SSDStateUpdatePlan",
-           "plan_ssd_chunk_state", "plan_ssd_state_passing", "plan_ssd_chunk_scan", "plan_ssd_state_update",
+__all__ = ["SSDChunkStatePlan", "SSDStatePassingPlan", "SSDChunkScanPlan", "SSDChunkCBPlan", "SSDStateUpdatePlan",
+           "plan_ssd_chunk_state", "plan_ssd_state_passing", "plan_ssd_chunk_scan", "plan_ssd_chunk_cb",
+           "plan_ssd_state_update", "cb_table_default",
            "state_split", "scan_rows", "update_split", "DTYPES", "THREADS", "MAX_HEAD_DIM", "MAX_STATE", "MAX_CHUNK"]
 
 DTYPES = ("bf16", "f16", "f32")
@@ -76,7 +77,7 @@ def _check(what: str, arch: str, dtype: str, ints: dict[str, int], flags: dict[s
     if ops.arch_number(arch) < 80:
         raise ValueError(f"{what}: the kernels need sm_80 or newer (cp.async, mma.sync), not {arch}")
     heads, groups = ints.get("heads"), ints.get("groups")
-    if groups is not None and heads % groups:
+    if groups is not None and heads is not None and heads % groups:
         raise ValueError(f"{what}: the {heads} heads must split evenly over the {groups} groups")
     p, n = ints.get("head_dim"), ints.get("state")
     if p is not None and (p % 16 or p > MAX_HEAD_DIM):
@@ -204,18 +205,24 @@ class SSDChunkStatePlan(_ChunkPlan):
 @dataclass(frozen=True, kw_only=True)
 class SSDChunkScanPlan(_ChunkPlan):
     """x, dt, A, B, C [Bt, L, G, N], start [Bt, nc, H, P, N] (in the inputs' dtype) (+ dt_bias, D f32
-    [H], z [Bt, L, H, P]) -> y [Bt, L, H, P] contiguous."""
+    [H], z [Bt, L, H, P]) -> y [Bt, L, H, P] contiguous. cb_table (bf16 / f16): the scores C . B^T read
+    from cb f32 [Bt, nc, G, Q, Q] (SSDChunkCBPlan's, once per group) in place of B: no B tiles, no
+    score products in each head's blocks."""
 
     family: ClassVar[str] = "ssd_chunk_scan"
     skip: bool = False     # + D x
     gate: bool = False     # * silu(z)
+    cb_table: bool = False
 
     def __post_init__(self):
-        self._checked("ssd chunk scan", skip=self.skip, gate=self.gate)
+        self._checked("ssd chunk scan", skip=self.skip, gate=self.gate, cb_table=self.cb_table)
+        if self.cb_table and self.dtype == "f32":
+            raise ValueError("ssd chunk scan: the score table serves the tensor-core kernels (bf16 / f16), not f32")
 
     @property
     def key(self) -> str:
-        return f"ssd_chunk_scan_{self._dims_key()}" + "_d" * self.skip + "_z" * self.gate + f"_{ops.arch_key(self.arch)}"
+        return (f"ssd_chunk_scan_{self._dims_key()}" + "_d" * self.skip + "_z" * self.gate + "_cb" * self.cb_table
+                + f"_{ops.arch_key(self.arch)}")
 
     @property
     def shared(self) -> SharedLayout:
@@ -223,7 +230,8 @@ class SSDChunkScanPlan(_ChunkPlan):
         tile of B [R][N + PAD] and of x [R][P + PAD]; dt and s_l of the chunk, the cumulative sum's
         warp totals; f32 inputs also stage the masked score tile [R][R + 1] (CUDA cores)."""
         r, es, p, n = scan_rows(self.chunk, self.dtype), DType[self.dtype].itemsize, self.head_dim, self.state
-        bufs = [("c", r * (n + PAD) * es), ("h", p * (n + PAD) * es), ("b", 2 * r * (n + PAD) * es),
+        bufs = [("c", r * (n + PAD) * es), ("h", p * (n + PAD) * es),
+                *((("b", 2 * r * (n + PAD) * es),) if not self.cb_table else ()),
                 ("x", 2 * r * (p + PAD) * es), ("dt", self.chunk * 4), ("cs", self.chunk * 4), ("warps", 32 * 4)]
         if self.dtype == "f32":
             bufs.append(("m", r * (r + 1) * 4))
@@ -239,7 +247,59 @@ class SSDChunkScanPlan(_ChunkPlan):
     def describe(self) -> dict[str, Any]:
         return {"heads": self.heads, "head_dim": self.head_dim, "groups": self.groups, "state": self.state,
                 "chunk": self.chunk, "dtype": self.dtype, "dt_bias": self.dt_bias, "softplus": self.softplus,
-                "skip": self.skip, "gate": self.gate}
+                "skip": self.skip, "gate": self.gate, **({"cb_table": True} if self.cb_table else {})}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSDChunkCBPlan(KernelPlan):
+    """B, C [Bt, L, G, N] (bf16 / f16) -> cb f32 [Bt, nc, G, Q, Q]: each chunk's scores C_l . B_j, once per
+    group, for the chunk scan's cb_table form (row tile r's rows over the keys of tiles 0 .. r: the
+    places that form reads)."""
+
+    family: ClassVar[str] = "ssd_chunk_cb"
+    groups: int
+    state: int
+    chunk: int
+    dtype: str
+    arch: str = "sm_90"
+
+    def __post_init__(self):
+        _check("ssd chunk scores", self.arch, self.dtype, {"groups": self.groups, "state": self.state,
+                                                           "chunk": self.chunk}, {})
+        if self.dtype == "f32":
+            raise ValueError("ssd chunk scores: the score table serves the tensor-core kernels (bf16 / f16), not f32")
+        if self.shared.bytes > _smem_limit(self.arch):
+            raise ValueError(f"ssd chunk scores: {self.shared.bytes} bytes of shared memory, more than {self.arch} "
+                             "gives a block")
+
+    @property
+    def key(self) -> str:
+        return f"ssd_chunk_cb_g{self.groups}_n{self.state}_q{self.chunk}_{self.dtype}_{ops.arch_key(self.arch)}"
+
+    @property
+    def shared(self) -> SharedLayout:
+        """The block's C rows [R][N + PAD] and two stages of a key tile of B [R][N + PAD]."""
+        r, es, n = scan_rows(self.chunk, self.dtype), DType[self.dtype].itemsize, self.state
+        return SharedLayout(buffers=(("c", r * (n + PAD) * es), ("b", 2 * r * (n + PAD) * es)))
+
+    @property
+    def kernels(self) -> tuple[KernelABI, ...]:
+        return (_chunk_cb_abi(self),)
+
+    def source(self) -> str:
+        return _chunk_cb_source(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"groups": self.groups, "state": self.state, "chunk": self.chunk, "dtype": self.dtype}
+
+
+def cb_table_default() -> bool:
+    """Whether the chunked scan (bf16 / f16) computes each chunk's scores C . B^T once per group into a table
+    (SSDChunkCBPlan) that every head's chunk-scan blocks read (SSDChunkScanPlan.cb_table), instead of each
+    head computing them again (80 x the work at Mamba2-2.7B's one group). Off until measured on a GPU
+    (benchmarks/NOTES.md, its prediction); LAYERFORGE_SSD_CB=1 turns it on."""
+    from .plan import env_switch
+    return env_switch("LAYERFORGE_SSD_CB", False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,9 +398,13 @@ def plan_ssd_chunk_state(*, heads: int, head_dim: int, groups: int, state: int, 
 
 def plan_ssd_chunk_scan(*, heads: int, head_dim: int, groups: int, state: int, chunk: int, dtype: str,
                         dt_bias: bool = True, softplus: bool = True, skip: bool = False, gate: bool = False,
-                        arch: str = "sm_90") -> SSDChunkScanPlan:
+                        cb_table: bool = False, arch: str = "sm_90") -> SSDChunkScanPlan:
     return SSDChunkScanPlan(heads=heads, head_dim=head_dim, groups=groups, state=state, chunk=chunk, dtype=dtype,
-                            dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, arch=arch)
+                            dt_bias=dt_bias, softplus=softplus, skip=skip, gate=gate, cb_table=cb_table, arch=arch)
+
+
+def plan_ssd_chunk_cb(*, groups: int, state: int, chunk: int, dtype: str, arch: str = "sm_90") -> SSDChunkCBPlan:
+    return SSDChunkCBPlan(groups=groups, state=state, chunk=chunk, dtype=dtype, arch=arch)
 
 
 def plan_ssd_state_passing(*, heads: int, head_dim: int, state: int, dtype: str, initial: bool = False,
@@ -415,11 +479,12 @@ def _chunk_state_source(plan: SSDChunkStatePlan) -> str:
 @functools.lru_cache(maxsize=64)
 def _chunk_scan_abi(plan: SSDChunkScanPlan) -> KernelABI:
     t = ops.storage_ctype(plan.dtype)
-    args = (*_strided("x", t), *_strided("dt", t), *_strided("B", t), *_strided("C", t),
-            *((_strided("z", t)) if plan.gate else ()), *_step_args(plan),
+    args = (*_strided("x", t), *_strided("dt", t), *(_strided("B", t) if not plan.cb_table else ()),
+            *_strided("C", t), *((_strided("z", t)) if plan.gate else ()), *_step_args(plan),
             *((Arg("D", _F32_IN, "input"),) if plan.skip else ()),
-            Arg("start", f"const {t}* __restrict__", "workspace"), Arg("y", f"{t}* __restrict__", "output", "0"),
-            Arg("seqlen", "int", "dim"), Arg("nc", "int", "dim"))
+            Arg("start", f"const {t}* __restrict__", "workspace"),
+            *((Arg("cb", _F32_IN, "workspace"),) if plan.cb_table else ()),
+            Arg("y", f"{t}* __restrict__", "output", "0"), Arg("seqlen", "int", "dim"), Arg("nc", "int", "dim"))
     tiles = plan.chunk // scan_rows(plan.chunk, plan.dtype)
     return KernelABI(name=plan.kernel_name, args=args, grid=_chunk_grid(plan, tiles), block=(THREADS,),
                      shared_bytes=plan.shared.bytes, problem=("nc", "batch"))
@@ -431,8 +496,29 @@ def _chunk_scan_source(plan: SSDChunkScanPlan) -> str:
     # sizes): NVRTC 13.0's ptxas otherwise caps the gated kernel at 96 registers and spills 4 bytes
     # for an occupancy shared memory never allows (sm_90 keeps its measured code: no minimum)
     min_blocks = max(1, _smem_limit(plan.arch) // plan.shared.bytes) if ops.arch_number(plan.arch) < 90 else None
+    if min_blocks and plan.cb_table:   # its smaller shared memory would ask for more blocks than 128 registers allow
+        min_blocks = min(min_blocks, 65536 // (THREADS * 128))
     return render("cuda/ssd_chunk_scan.cu.jinja", **_chunk_variables(plan), skip=plan.skip, gate=plan.gate,
-                  tiles=plan.chunk // scan_rows(plan.chunk, plan.dtype), min_blocks=min_blocks)
+                  tiles=plan.chunk // scan_rows(plan.chunk, plan.dtype), min_blocks=min_blocks, CB=plan.cb_table)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_cb_abi(plan: SSDChunkCBPlan) -> KernelABI:
+    t = ops.storage_ctype(plan.dtype)
+    args = (*_strided("B", t), *_strided("C", t), Arg("cb", _F32_OUT, "workspace"), Arg("seqlen", "int", "dim"),
+            Arg("nc", "int", "dim"))
+    tiles = plan.chunk // scan_rows(plan.chunk, plan.dtype)
+    return KernelABI(name=plan.kernel_name, args=args, grid=(f"nc * {tiles}", str(plan.groups), "batch"),
+                     block=(THREADS,), shared_bytes=plan.shared.bytes, problem=("nc", "batch"))
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_cb_source(plan: SSDChunkCBPlan) -> str:
+    return render("cuda/ssd_chunk_cb.cu.jinja", kernel_name=plan.kernel_name, plan_key=plan.key,
+                  common=read_template("cuda/common.cuh"), signature=plan.abi.signature,
+                  T=ops.storage_ctype(plan.dtype), MMA_T=plan.dtype, N=plan.state, G=plan.groups, Q=plan.chunk,
+                  R=scan_rows(plan.chunk, plan.dtype), tiles=plan.chunk // scan_rows(plan.chunk, plan.dtype), PAD=PAD,
+                  smem=plan.shared.offsets, threads=THREADS)
 
 
 @functools.lru_cache(maxsize=64)

@@ -268,14 +268,18 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
         except ValueError as e:
             return plans, {"selective scan (Mamba's scan)": f"not served for this model: {e}"}
         return plans, {}
-    from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
-                               plan_ssd_state_update)
+    from ..codegen.ssd import (cb_table_default, plan_ssd_chunk_cb, plan_ssd_chunk_scan, plan_ssd_chunk_state,
+                               plan_ssd_state_passing, plan_ssd_state_update)
     dims = dict(heads=m.num_heads, head_dim=m.head_dim, state=m.state_size, dtype=dtype, arch=arch)
     ssd = dict(dims, groups=m.n_groups, dt_bias=True, softplus=True)
+    cb = dtype != "f32" and cb_table_default()
     try:
         plans += [plan_ssd_chunk_state(**ssd, chunk=m.chunk_size),
                   plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
-                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False),
+                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False, cb_table=cb),
+                  # the scores' table the chunk scan reads under LAYERFORGE_SSD_CB (a pack holds what runs)
+                  *([plan_ssd_chunk_cb(groups=m.n_groups, state=m.state_size, chunk=m.chunk_size, dtype=dtype,
+                                       arch=arch)] if cb else []),
                   # the decode step's: z, A_log, D and dt_bias read as the mixer holds them
                   plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True)]
     except ValueError as e:

@@ -36,8 +36,8 @@ import math
 
 import torch
 
-from ..codegen.ssd import (plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing,
-                           plan_ssd_state_update)
+from ..codegen.ssd import (cb_table_default, plan_ssd_chunk_cb, plan_ssd_chunk_scan, plan_ssd_chunk_state,
+                           plan_ssd_state_passing, plan_ssd_state_update)
 from .scan import vector_aligned
 
 __all__ = ["ssd_scan", "ssd_state_update", "gated_rms_norm", "ssd_scan_reference", "ssd_state_update_reference",
@@ -380,9 +380,14 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     k_pass = _launcher(("passing", heads, hp, n, dtype, init, idx), dev,
                        lambda arch: plan_ssd_state_passing(heads=heads, head_dim=hp, state=n, dtype=dtype, initial=init,
                                                            arch=arch))
-    opts = dict(skip=D is not None, gate=z is not None)
+    # the scores C . B^T once per group into a table the heads read (bf16 / f16; LAYERFORGE_SSD_CB)
+    opts = dict(skip=D is not None, gate=z is not None, cb_table=dtype != "f32" and cb_table_default())
     k_scan = _launcher(("chunk_scan", *dims.values(), *opts.values(), idx), dev,
                        lambda arch: plan_ssd_chunk_scan(**dims, **opts, arch=arch))
+    if opts["cb_table"]:
+        k_cb = _launcher(("chunk_cb", groups, n, chunk_size, dtype, idx), dev,
+                         lambda arch: plan_ssd_chunk_cb(groups=groups, state=n, chunk=chunk_size, dtype=dtype,
+                                                        arch=arch))
     nc = -(-length // chunk_size)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     A, D, dt_bias = _per_head(A), _per_head(D), _per_head(dt_bias)
@@ -395,8 +400,12 @@ def _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size,
     step = [A, *((dt_bias,) if dt_bias is not None else ()), lo, hi]
     k_state((nc, bt), [x, *xs, dt, *dts, B, *bs, *step, states, s_last, length, nc])
     k_pass((bt,), [states, s_last, *((initial_state,) if initial_state is not None else ()), start, final, nc])
-    k_scan((nc, bt), [x, *xs, dt, *dts, B, *bs, C, *cs, *((z, *zs) if z is not None else ()), *step,
-                      *((D,) if D is not None else ()), start, y, length, nc])
+    cb = ()
+    if opts["cb_table"]:
+        cb = (torch.empty(bt, nc, groups, chunk_size, chunk_size, dtype=f32, device=dev),)
+        k_cb((nc, bt), [B, *bs, C, *cs, cb[0], length, nc])
+    k_scan((nc, bt), [x, *xs, dt, *dts, *((B, *bs) if not cb else ()), C, *cs, *((z, *zs) if z is not None else ()),
+                      *step, *((D,) if D is not None else ()), start, *cb, y, length, nc])
     return y, final
 
 

@@ -13,6 +13,8 @@
 #   fold       the Hopper attention GPU tests with WGMMA_FOLD and WGMMA_ROPE_STEP both on (faster, but a run with
 #              both on had ~9 failures not yet named: benchmarks/NOTES.md); every test's result is written to
 #              OUT_DIR/pytest_fold.log as it ends, so a run cut short by a time limit still names them
+#   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB): its GPU test, then
+#              bench_ssd's prefill cases off and on
 # (default PARTs: defaults tests attention products)
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
@@ -88,8 +90,19 @@ fold)
     grep -E "FAILED|ERROR" "$OUT_DIR/pytest_fold.log" | sort | uniq | head -40
     tail -1 "$OUT_DIR/pytest_fold.log"
     ;;
+ssd)
+    echo "== SSD chunk scan reading the scores' table (LAYERFORGE_SSD_CB): GPU test, then prefill off / on"
+    "$PY" -m pytest -v -rfE -m gpu -p no:cacheprovider tests/gpu/test_ssd_gpu.py -k score_table \
+        > "$OUT_DIR/pytest_ssd.log" 2>&1
+    [ $? = 0 ] || status=1
+    tail -3 "$OUT_DIR/pytest_ssd.log"
+    LAYERFORGE_SSD_CB=0 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
+        | tee "$OUT_DIR/ssd_default.txt" | tail -4
+    LAYERFORGE_SSD_CB=1 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
+        | tee "$OUT_DIR/ssd_cb.txt" | tail -3
+    ;;
 *)
-    echo "unknown part '$part' (defaults, tests, attention, products, fold)" >&2
+    echo "unknown part '$part' (defaults, tests, attention, products, fold, ssd)" >&2
     exit 2
     ;;
 esac

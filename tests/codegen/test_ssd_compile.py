@@ -7,8 +7,8 @@ import torch
 
 import layerforge as lf
 from layerforge.codegen.plan import plan_layer
-from layerforge.codegen.ssd import (ACC_FLOATS, MAX_CHUNK, SSDChunkScanPlan, plan_ssd_chunk_scan,
-                                    plan_ssd_chunk_state, plan_ssd_state_passing, plan_ssd_state_update, scan_rows,
+from layerforge.codegen.ssd import (ACC_FLOATS, MAX_CHUNK, SSDChunkScanPlan, cb_table_default, plan_ssd_chunk_cb,
+                                    plan_ssd_chunk_scan, plan_ssd_chunk_state, plan_ssd_state_passing, plan_ssd_state_update, scan_rows,
                                     state_split, update_split)
 from layerforge.runtime.ssd import SSDInputError, _strides, gated_rms_norm_reference
 
@@ -131,6 +131,47 @@ def test_every_ssd_kernel_compiles_without_spills(dims, chunk, dtype, arch):
             mma = res.ptx.count("mma.sync.aligned.m16n8k16")
             assert (mma > 0) == (dtype != "f32"), plan.key   # tensor cores for 2-byte inputs only
             assert "cp.async" in res.ptx
+
+
+SCORE_CASES = [(BIG, 256, "bf16", "sm_90a"), (BIG, 256, "f16", "sm_80"), (SMALL, 32, "bf16", "sm_80"),
+               (SMALL, 16, "f16", "sm_90a"), (dict(heads=16, head_dim=128, groups=8, state=256), 128, "bf16", "sm_90a"),
+               (dict(heads=16, head_dim=32, groups=4, state=16), 64, "bf16", "sm_86")]
+
+
+@pytest.mark.parametrize("dims,chunk,dtype,arch", SCORE_CASES, ids=lambda v: v if isinstance(v, str) else None)
+def test_score_table_kernels_compile_without_spills(dims, chunk, dtype, arch):
+    """LAYERFORGE_SSD_CB's pair: the scores' kernel (once per group) and the chunk scan reading its table (no B
+    tiles, no score products: fewer mma than the scan that computes them), spill-free; sizes, ABI and grid."""
+    cb = plan_ssd_chunk_cb(groups=dims["groups"], state=dims["state"], chunk=chunk, dtype=dtype, arch=arch)
+    scan = plan_ssd_chunk_scan(**dims, chunk=chunk, dtype=dtype, skip=True, gate=True, cb_table=True, arch=arch)
+    plain = plan_ssd_chunk_scan(**dims, chunk=chunk, dtype=dtype, skip=True, gate=True, arch=arch)
+    assert [a.name for a in cb.abi.args] == ["B", "B_sb", "B_sl", "C", "C_sb", "C_sl", "cb", "seqlen", "nc"]
+    tiles = chunk // scan_rows(chunk, dtype)
+    assert cb.abi.grid_for(5, 2) == (5 * tiles, dims["groups"], 2)
+    names = [a.name for a in scan.abi.args]
+    assert "B" not in names and names[names.index("start") + 1] == "cb" and scan.key.endswith("_cb_" + arch.replace("_", ""))
+    assert scan.shared.bytes < plain.shared.bytes   # no B tiles
+    mma = {}
+    for plan in (cb, scan, plain):
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch), want_ptx=True)
+        kr = res.resources[plan.kernel_name]
+        assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+        mma[plan.family + ("_cb" if getattr(plan, "cb_table", False) else "")] = res.ptx.count("mma.sync.aligned")
+    assert mma["ssd_chunk_cb"] > 0 and 0 < mma["ssd_chunk_scan_cb"] < mma["ssd_chunk_scan"], mma
+
+
+def test_score_table_switch_and_refusals(monkeypatch):
+    """Off by default until measured; f32 (CUDA cores) has no table; the default scan's source names no table."""
+    monkeypatch.delenv("LAYERFORGE_SSD_CB", raising=False)
+    assert cb_table_default() is False
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", "1")
+    assert cb_table_default() is True
+    with pytest.raises(ValueError, match="not f32"):
+        plan_ssd_chunk_scan(**SMALL, chunk=32, dtype="f32", cb_table=True)
+    with pytest.raises(ValueError, match="not f32"):
+        plan_ssd_chunk_cb(groups=2, state=16, chunk=32, dtype="f32")
+    plain = plan_ssd_chunk_scan(**BIG, chunk=256, dtype="bf16", skip=True)
+    assert "cb" not in [a.name for a in plain.abi.args] and "cbc" not in plain.source() and "_cb" not in plain.key
 
 
 def test_f32_mamba2_sized_chunk_kernels_fit_an_sm80_block():

@@ -119,6 +119,27 @@ def test_scan_at_mamba2_2p7b_dims_batch_8():
     assert_near(final, ref_final, TOL[torch.bfloat16], "final state")
 
 
+@pytest.mark.parametrize("bt,length,dims,dtype,chunk", [
+    (1, 8192, dict(heads=16, head_dim=64, groups=2, state=128), torch.bfloat16, 256),
+    (2, 300, dict(heads=8, head_dim=64, groups=2, state=64), torch.float16, 256),
+    (2, 77, dict(heads=8, head_dim=64, groups=2, state=64), torch.bfloat16, 256),
+    (3, 333, dict(heads=8, head_dim=16, groups=2, state=16), torch.bfloat16, 16),
+    (3, 333, dict(heads=8, head_dim=16, groups=2, state=16), torch.bfloat16, 64),
+    (8, 2048 + 5, BIG, torch.bfloat16, 256)])
+def test_scan_with_the_score_table(monkeypatch, bt, length, dims, dtype, chunk):
+    """LAYERFORGE_SSD_CB=1: each chunk's scores C . B^T computed once per group into a table (codegen/ssd.py
+    SSDChunkCBPlan) that every head's chunk-scan blocks read. Checked against float64, and equal bit for bit to
+    the kernel that computes the scores itself (the same products in the same order)."""
+    inp = case(bt, length, dims, dtype, ("cb-table", length, chunk))
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", "0")
+    y0, final0 = ssd_scan(**inp, chunk_size=chunk, return_final_state=True)
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", "1")
+    y, final, ref_y, ref_final = run_scan(inp, chunk)
+    assert_near(y, ref_y, TOL[dtype], "y")
+    assert_near(final, ref_final, TOL[dtype], "final state")
+    assert torch.equal(y, y0) and torch.equal(final, final0)
+
+
 def test_scan_reads_strided_splits_of_one_row_like_contiguous_inputs():
     heads, hp, groups, n = 8, 64, 2, 64
     inp = case(2, 300, dict(heads=heads, head_dim=hp, groups=groups, state=n), torch.bfloat16, ("splits",))

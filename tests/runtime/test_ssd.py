@@ -329,3 +329,42 @@ def test_kernel_path_refuses_sizes_no_kernel_takes(recorded_launches):
     inp = ssd_inputs(1, 10, 2, 12, 1, 16, dtype=torch.bfloat16, seed=("nokernel",))   # head_dim 12
     with pytest.raises(SSDInputError, match="no SSD kernel.*head_dim = 12"):
         ssd_scan(**inp)
+
+
+@pytest.mark.parametrize("cb", ["0", "1"])
+def test_scan_launches_hand_each_kernel_its_abi(monkeypatch, cb):
+    """runtime/ssd._scan_cuda's launches without a GPU (the loaded kernels replaced by checkers of their plans'
+    ABIs, on CPU tensors): each launch gets its ABI's arguments in order (pointers as tensors of the declared
+    element type, dims and scalars as numbers), and with LAYERFORGE_SSD_CB=1 the scores' kernel runs first and
+    the chunk scan takes its table in place of B."""
+    from layerforge.runtime import ssd as rs
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", cb)
+    launched = []
+
+    def fake_launcher(key, device, make_plan, cache=None):
+        plan = make_plan("sm_90")
+
+        def launch(problem, args):
+            names = [a.name for a in plan.abi.args]
+            assert len(args) == len(names), (plan.key, names, len(args))
+            for a, v in zip(plan.abi.args, args):
+                if "*" in a.ctype:
+                    want = {"float": torch.float32, "__nv_bfloat16": torch.bfloat16}[
+                        a.ctype.replace("const ", "").split("*")[0].strip()]
+                    assert isinstance(v, torch.Tensor) and v.dtype == want, (plan.key, a.name, a.ctype, v.dtype)
+                else:
+                    assert isinstance(v, (int, float)) and not isinstance(v, bool), (plan.key, a.name, v)
+            launched.append((plan.family, names, dict(zip(names, args))))
+        return launch
+    monkeypatch.setattr(rs, "_launcher", fake_launcher)
+    inp = ssd_inputs(2, 300, 8, 16, 2, 16, dtype=torch.bfloat16, seed=("abi", cb))
+    rs._scan_cuda(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"], True,
+                  (0.0, math.inf), 64, inp["initial_state"], None)
+    families = [f for f, _, _ in launched]
+    if cb == "1":
+        assert families == ["ssd_chunk_state", "ssd_state_passing", "ssd_chunk_cb", "ssd_chunk_scan"]
+        table = launched[2][2]["cb"]
+        assert table.shape == (2, 5, 2, 64, 64) and launched[3][2]["cb"] is table and "B" not in launched[3][1]
+    else:
+        assert families == ["ssd_chunk_state", "ssd_state_passing", "ssd_chunk_scan"]
+        assert launched[2][2]["B"] is inp["B"] and "cb" not in launched[2][1]
