@@ -425,6 +425,9 @@ def _ssd_state_passing_spec(plan) -> PluginSpec:
 
 def _ssd_chunk_scan_spec(plan) -> PluginSpec:
     """y [Bt, L, H, P] from x, dt, B, C (z), A, dt_bias (D) and stage 2's start states."""
+    if getattr(plan, "cb_table", False):
+        raise NotAPlugin("the score-table form (LAYERFORGE_SSD_CB) reads a table another launch writes; no plugin "
+                         "pair for it yet (the plugins keep the form that computes the scores)")
     h, p, n = str(plan.heads), str(plan.head_dim), str(plan.state)
     inputs, strides = _ssd_inputs(plan, step=False, with_c=True)
     inputs += [TensorSpec("D", "f32", (h,))] if plan.skip else []
