@@ -15,13 +15,14 @@
 #              OUT_DIR/pytest_fold.log as it ends, so a run cut short by a time limit still names them
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB): its GPU test, then
 #              bench_ssd's prefill cases off and on
-# (default PARTs: defaults tests attention products)
+# (default PARTs, in order of what is still unmeasured: fold ssd products tests attention; defaults ran clean on an
+#  H200 and stays for the next default-path edit)
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/ab-switches}
 shift || true
-PARTS=${*:-defaults tests attention products}
+PARTS=${*:-fold ssd products tests attention}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
