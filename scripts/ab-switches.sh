@@ -2,7 +2,7 @@
 # The kernel switches that are off until measured (README, "Hopper prefill" and the product / row notes), on a
 # CUDA GPU: their GPU tests, then each benchmark with the switch off and on, side by side (same run, same card).
 #   bash scripts/ab-switches.sh [OUT_DIR] [PART ...]
-# PARTs (default: all, in this order; each fits one 10-minute call of a borrowed GPU on its own):
+# PARTs (each fits one 10-minute call of a borrowed GPU on its own; the default list is below):
 #   defaults   the GPU tests of default paths changed without a GPU run (small-token products, Hopper GEMMs, the FP8
 #              activation quantiser's PDL trigger on sm_90)
 #   tests      the switches' GPU tests (and the block-scaled W8A8 layer)
