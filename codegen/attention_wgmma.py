@@ -353,22 +353,23 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     fold (without `tiles`): where the block has no score hook and a positive constant scale, the same with
     WGTileConfig.fold where it compiles without spills."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
-    if overlap and tiles is None:
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, overlap=True))
-        if spill_free(twin, compile_fn):
-            plan = twin
-    if tma and tiles is None:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, tma=True))
-        if twin.tma and spill_free(twin, compile_fn):
-            plan = twin
-    if rope_step and tiles is None and rope_steps(hook_context(layer)):
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_step=True))
-        if spill_free(twin, compile_fn):
-            plan = twin
-    if fold and tiles is None and folds(hook_context(layer)):
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, fold=True))
-        if spill_free(twin, compile_fn):
-            plan = twin
+    if tiles is not None:
+        return plan
+    ctx = hook_context(layer) if rope_step or fold else None
+
+    def with_option(plan: WGMMAAttentionPlan, **option: bool) -> WGMMAAttentionPlan:
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
+        ok = twin.tma if option.get("tma") else True   # a plan that cannot take TMA keeps cp.async
+        return twin if ok and spill_free(twin, compile_fn) else plan
+
+    if overlap:
+        plan = with_option(plan, overlap=True)
+    if tma:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
+        plan = with_option(plan, tma=True)
+    if rope_step and rope_steps(ctx):
+        plan = with_option(plan, rope_step=True)
+    if fold and folds(ctx):
+        plan = with_option(plan, fold=True)
     return plan
 
 
