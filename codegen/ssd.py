@@ -90,6 +90,16 @@ def _check(what: str, arch: str, dtype: str, ints: dict[str, int], flags: dict[s
                          f"up to {MAX_CHUNK}")
 
 
+def _check_shared(what: str, plan) -> None:
+    if plan.shared.bytes > _smem_limit(plan.arch):
+        raise ValueError(f"{what}: {plan.shared.bytes} bytes of shared memory, more than {plan.arch} gives a block")
+
+
+def _check_score_table(what: str, dtype: str) -> None:
+    if dtype == "f32":
+        raise ValueError(f"{what}: the score table serves the tensor-core kernels (bf16 / f16), not f32")
+
+
 def _smem_limit(arch: str) -> int:
     return SMEM_LIMIT.get(ops.arch_number(arch), 99 * 1024 if ops.arch_number(arch) < 90 else 227 * 1024)
 
@@ -155,8 +165,7 @@ class _ChunkPlan(KernelPlan):
         _check(what, self.arch, self.dtype, {"heads": self.heads, "head_dim": self.head_dim, "groups": self.groups,
                                              "state": self.state, "chunk": self.chunk},
                {"dt_bias": self.dt_bias, "softplus": self.softplus, **flags})
-        if self.shared.bytes > _smem_limit(self.arch):
-            raise ValueError(f"{what}: {self.shared.bytes} bytes of shared memory, more than {self.arch} gives a block")
+        _check_shared(what, self)
 
     def _dims_key(self) -> str:
         return (f"h{self.heads}_p{self.head_dim}_g{self.groups}_n{self.state}_q{self.chunk}_{self.dtype}"
@@ -216,8 +225,8 @@ class SSDChunkScanPlan(_ChunkPlan):
 
     def __post_init__(self):
         self._checked("ssd chunk scan", skip=self.skip, gate=self.gate, cb_table=self.cb_table)
-        if self.cb_table and self.dtype == "f32":
-            raise ValueError("ssd chunk scan: the score table serves the tensor-core kernels (bf16 / f16), not f32")
+        if self.cb_table:
+            _check_score_table("ssd chunk scan", self.dtype)
 
     @property
     def key(self) -> str:
@@ -266,11 +275,8 @@ class SSDChunkCBPlan(KernelPlan):
     def __post_init__(self):
         _check("ssd chunk scores", self.arch, self.dtype, {"groups": self.groups, "state": self.state,
                                                            "chunk": self.chunk}, {})
-        if self.dtype == "f32":
-            raise ValueError("ssd chunk scores: the score table serves the tensor-core kernels (bf16 / f16), not f32")
-        if self.shared.bytes > _smem_limit(self.arch):
-            raise ValueError(f"ssd chunk scores: {self.shared.bytes} bytes of shared memory, more than {self.arch} "
-                             "gives a block")
+        _check_score_table("ssd chunk scores", self.dtype)
+        _check_shared("ssd chunk scores", self)
 
     @property
     def key(self) -> str:
