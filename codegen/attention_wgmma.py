@@ -317,20 +317,18 @@ def rope_steps(ctx: dict) -> bool:
 
 def fold_default() -> bool:
     """Whether the wgmma prefill folds the scale into the exponent's FFMA (WGTileConfig.fold) where it
-    applies. Measured faster on an H200 with rope_step (benchmarks/NOTES.md: the stdlib blocks beside Flex,
-    mistral 0.891 -> 0.650 ms, llama 1.201 -> 1.125 ms). Still off: the GPU run with both made the default hit
-    its time limit with failures it could not name. They were most likely a W8A8 route test of that same run
-    (benchmarks/NOTES.md), but that is not shown yet (scripts/ab-switches.sh, part fold).
-    LAYERFORGE_WGMMA_FOLD=1 turns it on, for the runtime's plans and the pack build alike."""
-    return env_switch("LAYERFORGE_WGMMA_FOLD", False)
+    applies. On by default: measured faster on an H200 with rope_step (benchmarks/NOTES.md: the stdlib blocks
+    beside Flex, mistral 0.891 -> 0.650 ms, llama 1.201 -> 1.125 ms), and the Hopper attention GPU tests pass
+    with both (scripts/ab-switches.sh, part fold: 470 passed). LAYERFORGE_WGMMA_FOLD=0 turns it off, for the
+    runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_FOLD", True)
 
 
 def rope_step_default() -> bool:
-    """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE. Measured
-    faster on an H200 with fold, still off until the failures fold_default names are found
-    (benchmarks/NOTES.md); LAYERFORGE_WGMMA_ROPE_STEP=1 turns it on, for the runtime's plans and the pack
-    build alike."""
-    return env_switch("LAYERFORGE_WGMMA_ROPE_STEP", False)
+    """Whether the wgmma prefill rotates q by steps (WGTileConfig.rope_step) in blocks with RoPE (rope_steps).
+    On by default, measured with fold_default (its note); LAYERFORGE_WGMMA_ROPE_STEP=0 turns it off, for the
+    runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_ROPE_STEP", True)
 
 
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,

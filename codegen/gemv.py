@@ -68,6 +68,9 @@ WTYPES = {"u4": 4, "i8": 2, "f8e4m3": 2}   # weight type -> 128-byte x rows a to
 GROUPS = {"u4": (32, 64, 128), "i8": (0, 32, 64, 128), "f8e4m3": (0, 128)}   # k per scale (0: one scale a W row)
 FP8_MIN_ARCH = 89                # the e4m3 mma.sync and cvt: sm_89 (Ada) and newer
 QUANT_SHARED_BUDGET = 160 * 1024  # the default stages of a quantised plan keep a CTA under this (sm_80: 163 KB)
+# u4 / i8 on sm_90: the H200 sweep at 16 rows (benchmarks/NOTES.md, "u4 / i8 at 16 rows: the sweep's splits") chose
+# narrow products' 2 x 8 warps at 192-196 KB, one CTA an SM, over the 96-98 KB split two CTAs an SM
+QUANT_SHARED_BUDGET_SM90 = 200 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,6 +360,11 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         narrow = not gated and n <= 4096
         drt, dw = (2, 8) if narrow else (1, 4)
         ds = 3 if wtype == "i8" and not gated else 2
+        if wtype == "u4" and mt == 2 and not narrow and ops.arch_number(arch) >= 90:
+            # u4 at 9-16 rows (the same sweep, 8B at 16 rows): wide products 2 column tiles (qkv 12.1 -> 9.4 us),
+            # gated ones 2 warps (gate/up 33.4 -> 31.2 us)
+            drt, dw = (1, 2) if gated else (2, 4)
+        budget = QUANT_SHARED_BUDGET_SM90 if ops.arch_number(arch) >= 90 else QUANT_SHARED_BUDGET
         # more tokens (x's rows a stage grow with them): fewer warps, then stages, then column
         # tiles, until the CTA fits the budget (sm_80 has 163 KB)
         for cand in ((drt, dw, ds), (drt, min(dw, 4), ds), (drt, min(dw, 4), 2), (1, min(dw, 4), 2), (1, 2, 2)):
@@ -366,7 +374,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
                                  arch=arch)
             except ValueError:   # past what a CTA can have
                 continue
-            if probe.shared_bytes <= QUANT_SHARED_BUDGET:
+            if probe.shared_bytes <= budget:
                 break
         drt, dw, ds = cand
     elif wtype is not None:

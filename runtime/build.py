@@ -276,9 +276,12 @@ def model_plans(config: dict[str, Any], dtype: str, arch: str) -> tuple[list[Ker
     try:
         plans += [plan_ssd_chunk_state(**ssd, chunk=m.chunk_size),
                   plan_ssd_state_passing(**dims, initial=False), plan_ssd_state_passing(**dims, initial=True),
-                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False, cb_table=cb),
-                  # the scores' table the chunk scan reads under LAYERFORGE_SSD_CB (a pack holds what runs)
-                  *([plan_ssd_chunk_cb(groups=m.n_groups, state=m.state_size, chunk=m.chunk_size, dtype=dtype,
+                  plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False),
+                  # the scores' table and the chunk scan that reads it (LAYERFORGE_SSD_CB, the default at bf16 /
+                  # f16: what the mixer runs); the form above computes the scores itself, for the TensorRT
+                  # plugins (codegen/trt.py serves no pair of launches sharing a table) and LAYERFORGE_SSD_CB=0
+                  *([plan_ssd_chunk_scan(**ssd, chunk=m.chunk_size, skip=True, gate=False, cb_table=True),
+                     plan_ssd_chunk_cb(groups=m.n_groups, state=m.state_size, chunk=m.chunk_size, dtype=dtype,
                                        arch=arch)] if cb else []),
                   # the decode step's: z, A_log, D and dt_bias read as the mixer holds them
                   plan_ssd_state_update(**ssd, skip=True, gate=True, params=dtype, a_log=True)]

@@ -58,15 +58,23 @@ from .linear import LinearInputError, gemv
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
 # Calls of at most this many rows of a row layer with reductions over wide rows run, on sm_90, the row split over
 # a cluster of CTAs (codegen/plan.row_cluster_size; one CTA a row reads a wide row at one SM's share of the
-# bandwidth), when row_cluster_default() says so
+# bandwidth), from the width row_cluster_min_width() gives
 ROW_CLUSTER_MAX_ROWS = 32
+# The narrowest row (its widest loop's elements) split over a cluster by default. Measured on an H200
+# (benchmarks/NOTES.md, bench_quant_rows at 1-32 rows): faster at 14336 (swiglu_fp8 5.5 -> 3.6 us), slower at
+# 4096 and 8192 (rms_norm_fp8 2.3 -> 2.7, 2.4 -> 3.0 us: a one-CTA row that short is near the launch floor)
+ROW_CLUSTER_DEFAULT_WIDTH = 12288
 
 
-def row_cluster_default() -> bool:
-    """Whether few-row calls take the cluster-split row kernel: off until measured on a GPU (benchmarks/NOTES.md,
-    its prediction); LAYERFORGE_ROW_CLUSTER=1 turns it on."""
-    from ..codegen.plan import env_switch
-    return env_switch("LAYERFORGE_ROW_CLUSTER", False)
+def row_cluster_min_width() -> int | None:
+    """The narrowest row few-row calls split over a cluster: ROW_CLUSTER_DEFAULT_WIDTH when
+    LAYERFORGE_ROW_CLUSTER is unset; =1 every row row_cluster_size splits (codegen/plan.ROW_CLUSTER_MIN_WIDTH
+    on), =0 none (None)."""
+    import os
+    from ..codegen.plan import ROW_CLUSTER_MIN_WIDTH, env_switch
+    if not os.environ.get("LAYERFORGE_ROW_CLUSTER", "").strip():
+        return ROW_CLUSTER_DEFAULT_WIDTH
+    return ROW_CLUSTER_MIN_WIDTH if env_switch("LAYERFORGE_ROW_CLUSTER", False) else None
 
 
 def _dim_spec(d) -> int | str | sympy.Expr:
@@ -482,10 +490,11 @@ class LayerModule(torch.nn.Module):
             self._lead = [_dim_spec(d) for d in lead]
         return launch
 
-    def _cluster_launch(self, device: torch.device, vec_bytes: int) -> _Launch | None:
-        """The layer's row kernel split over a cluster (sm_90, rows with reductions, wide: row_cluster_size), or
-        None; the same arguments as _launch_for's kernel, a grid of rows x the cluster."""
-        key = (device.index, vec_bytes, "cluster")
+    def _cluster_launch(self, device: torch.device, vec_bytes: int, min_width: int) -> _Launch | None:
+        """The layer's row kernel split over a cluster (sm_90, rows with reductions, wide: row_cluster_size; the
+        widest loop at least min_width), or None; the same arguments as _launch_for's kernel, a grid of rows x
+        the cluster."""
+        key = (device.index, vec_bytes, "cluster", min_width)
         if key in self._launches:
             return self._launches[key]
         from .launch import compile_plan, device_arch
@@ -494,6 +503,8 @@ class LayerModule(torch.nn.Module):
         except LoweringError:
             plan = None
         size = row_cluster_size(plan) if plan is not None else 1
+        if size > 1 and plan.lowered().width < min_width:
+            size = 1
         launch = None
         if size > 1:
             plan = plan_layer(self.layer, plan.arch, vec_bytes=vec_bytes, cluster=size)
@@ -528,8 +539,10 @@ class LayerModule(torch.nn.Module):
             while align > 1 and t.data_ptr() % align:
                 align //= 2
         launch = self._launches.get((device.index, align)) or self._launch_for(device, align)
-        if 0 < rows <= ROW_CLUSTER_MAX_ROWS and self.layer is not None and row_cluster_default():
-            launch = self._cluster_launch(device, align) or launch
+        if 0 < rows <= ROW_CLUSTER_MAX_ROWS and self.layer is not None and device.type == "cuda":
+            width = row_cluster_min_width()
+            if width is not None:
+                launch = self._cluster_launch(device, align, width) or launch
         if rows > 0:
             argv = []
             for role, ref in launch.arg_refs:

@@ -6,17 +6,17 @@
 #   defaults   the GPU tests of default paths changed without a GPU run (small-token products, Hopper GEMMs, the FP8
 #              activation quantiser's PDL trigger on sm_90)
 #   tests      the switches' GPU tests (and the block-scaled W8A8 layer)
-#   attention  stdlib blocks beside Flex (WGMMA_FOLD + WGMMA_ROPE_STEP), the document mask (TC_FOLD), decode
-#              (FP8_KV_CVT)
-#   products   W8A8 at 1-16 rows (FP8_QUANT_X_FIRST, now the default: off against on), the FP8 row quantisers at few
-#              rows (ROW_CLUSTER)
-#   fold       the Hopper attention GPU tests with WGMMA_FOLD and WGMMA_ROPE_STEP both on (faster, but a run with
-#              both on had ~9 failures not yet named: benchmarks/NOTES.md); every test's result is written to
-#              OUT_DIR/pytest_fold.log as it ends, so a run cut short by a time limit still names them
-#   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB): its GPU test, then
-#              bench_ssd's prefill cases off and on
-# (default PARTs, in order of what is still unmeasured: fold ssd products tests attention; defaults ran clean on an
-#  H200 and stays for the next default-path edit)
+#   attention  stdlib blocks beside Flex (WGMMA_FOLD + WGMMA_ROPE_STEP off, then on: the default since measured),
+#              the document mask (TC_FOLD), decode (FP8_KV_CVT)
+#   products   W8A8 at 1-16 rows (FP8_QUANT_X_FIRST, the default: off against on), the FP8 row quantisers at few
+#              rows (ROW_CLUSTER=0 against the default, clusters from 12288 columns, and =1, clusters from 4096)
+#   fold       the Hopper attention GPU tests with WGMMA_FOLD and WGMMA_ROPE_STEP both on (the default since 470
+#              passed on an H200); every test's result is written to OUT_DIR/pytest_fold.log as it ends, so a run
+#              cut short by a time limit still names them
+#   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
+#              measured): its GPU test, then bench_ssd's prefill cases off and on
+# (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
+#  default-path edit)
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,8 +51,8 @@ block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 | tee "$
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 attention)
-    echo "== stdlib blocks beside Flex: default, then WGMMA_FOLD + WGMMA_ROPE_STEP"
-    "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 | grep -v -i "$FLEX_NOISE" \
+    echo "== stdlib blocks beside Flex: WGMMA_FOLD + WGMMA_ROPE_STEP off, then on (the default)"
+    LAYERFORGE_WGMMA_FOLD=0 LAYERFORGE_WGMMA_ROPE_STEP=0 "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 | grep -v -i "$FLEX_NOISE" \
         | tee "$OUT_DIR/masks_default.txt" | tail -8
     LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 "$PY" -m benchmarks.bench_masks --variants --only none 2>&1 \
         | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/masks_switches.txt" | tail -8
@@ -74,7 +74,10 @@ products)
         | tee "$OUT_DIR/gemv_quant_default.txt" | tail -17
     LAYERFORGE_FP8_QUANT_X_FIRST=1 "$PY" -m benchmarks.bench_gemv --quant --only 8B 2>&1 \
         | tee "$OUT_DIR/gemv_quant_xfirst.txt" | tail -16
-    echo "== per-token FP8 row quantisers at few rows: one CTA a row, then ROW_CLUSTER (a row over a cluster)"
+    echo "== per-token FP8 row quantisers at few rows: one CTA a row (ROW_CLUSTER=0), the default (a row over a" \
+         "cluster from 12288 columns), then ROW_CLUSTER=1 (from 4096)"
+    LAYERFORGE_ROW_CLUSTER=0 "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
+        | tee "$OUT_DIR/quant_rows_one_cta.txt" | tail -13
     "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \
         | tee "$OUT_DIR/quant_rows_default.txt" | tail -13
     LAYERFORGE_ROW_CLUSTER=1 "$PY" -m benchmarks.bench_quant_rows --tokens 1,4,16,32 --no-compile 2>&1 \

@@ -108,8 +108,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     # the kernel switches that are off until measured (README, Hopper prefill): the same benchmarks with them on,
     # beside the default lines printed above (AB_SWITCHES=1)
     if [ -n "${AB_SWITCHES:-}" ]; then
-        LAYERFORGE_WGMMA_FOLD=1 LAYERFORGE_WGMMA_ROPE_STEP=1 LAYERFORGE_TC_FOLD=1 \
-            "$PY" -m benchmarks.bench_masks --variants 2>&1 | tee "$OUT_DIR/bench_masks_switches.txt"
+        LAYERFORGE_TC_FOLD=1 "$PY" -m benchmarks.bench_masks --variants 2>&1 | tee "$OUT_DIR/bench_masks_switches.txt"
         LAYERFORGE_FP8_KV_CVT=1 "$PY" -m benchmarks.bench_attention --only decode 2>&1 \
             | tee "$OUT_DIR/bench_attention_fp8_cvt.txt"
     fi

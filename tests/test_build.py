@@ -198,6 +198,8 @@ def test_mamba2_plans_hold_its_conv_gated_norm_and_ssd_kernels():
         "scan_conv_update_d128_k4_bf16_sbf16_wbf16_bbf16_silu_v_sm90",
         "ssd_chunk_state_h4_p16_g2_n16_q64_bf16_bias_softplus_sm90", "ssd_state_passing_h4_p16_n16_bf16_sm90",
         "ssd_state_passing_h4_p16_n16_bf16_init_sm90", "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_sm90",
+        # the scores' table and the scan reading it (the default), beside the computing scan (TensorRT's form)
+        "ssd_chunk_scan_h4_p16_g2_n16_q64_bf16_bias_softplus_d_cb_sm90", "ssd_chunk_cb_g2_n16_q64_bf16_sm90",
         "ssd_state_update_h4_p16_g2_n16_bf16_bias_softplus_d_z_pbf16_alog_sm90"]
     assert model_plans({**MAMBA, "model_type": "llama"}, "bf16", "sm_90") == ([], {})
 

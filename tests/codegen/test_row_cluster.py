@@ -100,12 +100,16 @@ def test_row_cluster_size(prog, name, dims, arch, size):
 
 
 def test_row_cluster_switch(monkeypatch):
-    """LAYERFORGE_ROW_CLUSTER: off by default (until measured), on with 1, a misspelt value an error."""
-    from layerforge.runtime.layers import row_cluster_default
+    """LAYERFORGE_ROW_CLUSTER: unset, clusters from the measured width; 1 every row row_cluster_size splits; 0
+    none; a misspelt value an error."""
+    from layerforge.codegen.plan import ROW_CLUSTER_MIN_WIDTH
+    from layerforge.runtime.layers import ROW_CLUSTER_DEFAULT_WIDTH, row_cluster_min_width
     monkeypatch.delenv("LAYERFORGE_ROW_CLUSTER", raising=False)
-    assert row_cluster_default() is False
+    assert row_cluster_min_width() == ROW_CLUSTER_DEFAULT_WIDTH and 8192 < ROW_CLUSTER_DEFAULT_WIDTH <= 14336
     monkeypatch.setenv("LAYERFORGE_ROW_CLUSTER", "1")
-    assert row_cluster_default() is True
+    assert row_cluster_min_width() == ROW_CLUSTER_MIN_WIDTH
+    monkeypatch.setenv("LAYERFORGE_ROW_CLUSTER", "0")
+    assert row_cluster_min_width() is None
     monkeypatch.setenv("LAYERFORGE_ROW_CLUSTER", "maybe")
     with pytest.raises(ValueError, match="LAYERFORGE_ROW_CLUSTER"):
-        row_cluster_default()
+        row_cluster_min_width()

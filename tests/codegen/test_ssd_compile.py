@@ -161,11 +161,12 @@ def test_score_table_kernels_compile_without_spills(dims, chunk, dtype, arch):
 
 
 def test_score_table_switch_and_refusals(monkeypatch):
-    """Off by default until measured; f32 (CUDA cores) has no table; the default scan's source names no table."""
+    """On by default (measured faster), off with 0; f32 (CUDA cores) has no table; the computing scan's source
+    names no table."""
     monkeypatch.delenv("LAYERFORGE_SSD_CB", raising=False)
-    assert cb_table_default() is False
-    monkeypatch.setenv("LAYERFORGE_SSD_CB", "1")
     assert cb_table_default() is True
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", "0")
+    assert cb_table_default() is False
     with pytest.raises(ValueError, match="not f32"):
         plan_ssd_chunk_scan(**SMALL, chunk=32, dtype="f32", cb_table=True)
     with pytest.raises(ValueError, match="not f32"):

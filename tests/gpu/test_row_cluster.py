@@ -1,4 +1,5 @@
-"""Row layers with reductions split over a thread block cluster at few rows (LAYERFORGE_ROW_CLUSTER=1; sm_90;
+"""Row layers with reductions split over a thread block cluster at few rows (LAYERFORGE_ROW_CLUSTER=1, and by
+default from runtime/layers.py ROW_CLUSTER_DEFAULT_WIDTH; sm_90;
 codegen/row.py _cluster_shape, runtime/layers.py ROW_CLUSTER_MAX_ROWS) against the float64 reference evaluator,
 outputs poisoned first: the per-token FP8 quantisers (their q and scales as tests/gpu/test_row_quant8.py holds
 them, and bit for bit the one-CTA kernel's, whose amax is the same exact max), norms and softmax (a sum's order
@@ -27,7 +28,7 @@ def prog():
 
 
 def cluster_used(mod) -> bool:
-    return any(len(k) == 3 and v is not None for k, v in mod._launches.items())
+    return any(k[2:3] == ("cluster",) and v is not None for k, v in mod._launches.items())
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32, 33])
@@ -43,8 +44,15 @@ def test_fp8_quantisers_on_a_cluster(monkeypatch, prog, name, w, rows):
         with torch.no_grad():
             mod.gamma.copy_((torch.randn(w, generator=gen) * 0.5 + 1).to(torch.bfloat16))
         tensors["gamma"] = mod.gamma
-    monkeypatch.delenv("LAYERFORGE_ROW_CLUSTER", raising=False)
+    monkeypatch.setenv("LAYERFORGE_ROW_CLUSTER", "0")
     q1, s1 = mod(x)
+    assert not cluster_used(mod)
+    monkeypatch.delenv("LAYERFORGE_ROW_CLUSTER", raising=False)   # the default: clusters from the measured width
+    qd, sd = mod(x)
+    by_default = rows <= layers.ROW_CLUSTER_MAX_ROWS and w >= layers.ROW_CLUSTER_DEFAULT_WIDTH
+    assert cluster_used(mod) == by_default
+    if not by_default or name.startswith("swiglu"):   # the one-CTA kernel, or the same max of the same values
+        assert torch.equal(qd.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(sd, s1)
     monkeypatch.setenv("LAYERFORGE_ROW_CLUSTER", "1")
     q_ref, s_ref = lf.evaluate(mod.function, {**tensors, **mod._scalars}, precision="float64")
     out = poisoned_fp8(rows, w)

@@ -292,7 +292,9 @@ def recorded_launches(monkeypatch):
     return calls
 
 
-def test_scan_launches_pass_what_the_kernels_declare(recorded_launches):
+def test_scan_launches_pass_what_the_kernels_declare(recorded_launches, monkeypatch):
+    # the form that computes the scores (three launches); the score table's four: the test after the next
+    monkeypatch.setenv("LAYERFORGE_SSD_CB", "0")
     wide = torch.randn(2, 70, 4 * 16 + 2 * 2 * 16 + 8, dtype=torch.bfloat16)   # x | B | C | 8 more: one row
     x, B, C = (t.unflatten(-1, s) for t, s in zip(wide[..., :128].split([64, 32, 32], -1), [(4, 16), (2, 16), (2, 16)]))
     inp = ssd_inputs(2, 70, 4, 16, 2, 16, dtype=torch.bfloat16, seed=("abi",))

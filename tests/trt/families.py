@@ -204,7 +204,11 @@ def _ssd(rec: Recorder) -> list[Case]:
         meta(bt, length, h, p)
     A, D, dtb, init = meta(h, dtype=f32), meta(h, dtype=f32), meta(h, dtype=f32), meta(bt, h, p, n, dtype=f32)
     limits = {"dt_lo": 0.0, "dt_hi": math.inf}
-    ssd.ssd_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dtb, chunk_size=chunk, initial_state=init, return_final_state=True)
+    # the form that computes the scores (TensorRT's: codegen/trt.py serves no pair of launches sharing a table)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAYERFORGE_SSD_CB", "0")
+        ssd.ssd_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dtb, chunk_size=chunk, initial_state=init,
+                     return_final_state=True)
     (state_plan, sp, sa), (pass_plan, pp, pa), (scan_plan, cp, ca) = rec.take()
     by_name = lambda plan, args: dict(zip((a.name for a in plan.abi.args), args))   # noqa: E731
     st, ps = by_name(state_plan, sa), by_name(pass_plan, pa)
