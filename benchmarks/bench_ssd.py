@@ -3,6 +3,7 @@ same card, bf16, Mamba2-2.7B sizes (d_model 2560, expand 2: H 80 heads of P 64, 
 
     python -m benchmarks.bench_ssd [--cases prefill:1x8192,prefill:8x2048,decode:64] [--json out.json]
     python -m benchmarks.bench_ssd --cpu-smoke        # tiny shapes on the CPU references: the script runs
+    python -m benchmarks.bench_ssd --kernels ...      # also each launch's own time (torch.profiler, CUPTI)
 
 Columns:
 - ours: ssd_scan (chunk state, state passing, chunk scan: three launches) with D and dt_bias and the
@@ -126,6 +127,21 @@ def hf_decode(s: dict):
     return lambda: update(s["state"], s["x"], dt, A, s["B"], s["C"], D, z=None, dt_bias=bias, dt_softplus=True)
 
 
+def kernel_times(fn, calls: int = 10) -> list[tuple[str, float, int]]:
+    """(kernel name, microseconds a call, launches a call) of every kernel fn launches, from the
+    profiler's device records (CUPTI sees the driver API's launches too), slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / calls, e.count // calls) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def gemm_peak() -> float:
     from .bench_rows import bench
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -180,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-transformers", action="store_true", help="skip the eager peer (slow at 8 x 2048)")
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="print each launch's own time (torch.profiler)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         return cpu_smoke()
@@ -202,6 +219,9 @@ def main(argv=None) -> int:
                   + (f", transformers {theirs * 1e6:.0f} us = {theirs / ours:.1f} x ours" if theirs else "")
                   + (f" (transformers over {pieces} spans carrying the state: whole, it runs out of memory)"
                      if pieces > 1 else ""))
+            if args.kernels:
+                for name, us, n in kernel_times(run_prefill(inp, args.chunk)):
+                    print(f"    {us:8.1f} us  x{n}  {name[:100]}")
         else:
             s = step_inputs(bt, DIMS, "cuda")
             ours = graph_time(run_decode(s), calls=20, replays=10)
