@@ -4,6 +4,7 @@ same card, bf16, Mamba2-2.7B sizes (d_model 2560, expand 2: H 80 heads of P 64, 
     python -m benchmarks.bench_ssd [--cases prefill:1x8192,prefill:8x2048,decode:64] [--json out.json]
     python -m benchmarks.bench_ssd --cpu-smoke        # tiny shapes on the CPU references: the script runs
     python -m benchmarks.bench_ssd --kernels ...      # also each launch's own time (torch.profiler, CUPTI)
+    ncu ... python -m benchmarks.bench_ssd --once ... # each case's kernels once, nothing timed (for a profiler)
 
 Columns:
 - ours: ssd_scan (chunk state, state passing, chunk scan: three launches) with D and dt_bias and the
@@ -197,9 +198,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true", help="skip the eager peer (slow at 8 x 2048)")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="print each launch's own time (torch.profiler)")
+    ap.add_argument("--once", action="store_true", help="run each case's kernels once, time nothing (for ncu)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         return cpu_smoke()
+    if args.once:
+        for mode, bt, length in parse_cases(args.cases):
+            (run_prefill(inputs(bt, length, DIMS, "cuda"), args.chunk) if mode == "prefill"
+             else run_decode(step_inputs(bt, DIMS, "cuda")))()
+        torch.cuda.synchronize()
+        return 0
     from .bench_gemv import graph_time
     from .bench_rows import bench, copy_ceiling
     copy_bw, peak = copy_ceiling(), gemm_peak()
