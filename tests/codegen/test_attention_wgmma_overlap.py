@@ -179,9 +179,10 @@ def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     assert not PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.overlap
     monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)   # the default
     plan = PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill")
-    assert plan.config.overlap and plan.config.label == "n128s3ovt"   # with TMA tiles, also the default
+    # with TMA tiles and the scale folded into the exponent (no score hook), also the defaults
+    assert plan.config.overlap and plan.config.label == "n128s3ovtf"
     monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "0")
-    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ov"
+    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovf"
     # forced tiles are as given; the mma.sync prefill is not affected
     forced = PagedAttention(layer, page_size=16, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=4)})
     assert forced.tc_plan("prefill").config.label == "n64s4"
