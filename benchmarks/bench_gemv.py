@@ -10,7 +10,7 @@ the generated SwiGLU row kernel. The "+norm" columns put the RMSNorm before the 
 decoder layer has it: ours fused in the prologue against the generated rms_norm row kernel
 followed by cuBLAS (and the SwiGLU kernel). --sweep also times every work split (16-column
 tiles per CTA, warps, ring stages) of each shape to choose the default. --quant times the
-weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B shapes beside cuBLAS on
+weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B and -70B shapes beside cuBLAS on
 bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128), "of copy" on
 the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
 (f8e4m3, per-row and 128 x 128 block scales, x quantised inside) beside torch._scaled_mm (e4m3 x
@@ -233,7 +233,7 @@ def main_stream(a, ceiling):
     return rows
 
 
-QUANT_SHAPES = SHAPES[:4]   # the 8B layer's products
+QUANT_SHAPES = SHAPES[:4] + SHAPES[5:]   # the 8B and 70B layers' products (--only 8B: the 8B ones)
 QUANT_TOKENS = (1, 4, 8, 16)
 
 
@@ -316,6 +316,8 @@ def main_quant(a, ceiling):
           f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
+        if a.only and a.only not in name:
+            continue
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
         u4 = QuantLinear.from_float(w, 128, wtype="u4")
         i8 = QuantLinear.from_float(w, 0, wtype="i8")
