@@ -91,7 +91,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     if [ -z "${SKIP_SSM:-}" ]; then
         "$PY" -m benchmarks.bench_scan --json "$OUT_DIR/bench_scan.json" 2>&1 | tee "$OUT_DIR/bench_scan.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
-        "$PY" -m benchmarks.bench_ssd --json "$OUT_DIR/bench_ssd.json" 2>&1 | tee "$OUT_DIR/bench_ssd.txt"
+        "$PY" -m benchmarks.bench_ssd --kernels --json "$OUT_DIR/bench_ssd.json" 2>&1 | tee "$OUT_DIR/bench_ssd.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
         "$PY" -m benchmarks.bench_mamba --json "$OUT_DIR/bench_mamba.json" 2>&1 | tee "$OUT_DIR/bench_mamba.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
