@@ -325,7 +325,8 @@ def fp8_cvt_applies(arch: str, kv_dtype: str | None) -> bool:
 
 def fold_default() -> bool:
     """Whether tensor-core plans fold the scale into the exponent's FFMA (TCAttentionPlan.fold) where it
-    applies (attention_wgmma.folds): off until measured on a GPU; LAYERFORGE_TC_FOLD=1 turns it on."""
+    applies (attention_wgmma.folds). Off: measured no faster on an H200 (the document mask's kernel 0.509 ->
+    0.506 ms, benchmarks/NOTES.md); LAYERFORGE_TC_FOLD=1 turns it on."""
     return env_switch("LAYERFORGE_TC_FOLD", False)
 
 

@@ -147,6 +147,7 @@ def _row_abi(plan: RowPlan) -> KernelABI:
 
 # A row with reductions at least this wide (its widest loop's elements) may be split over a cluster of 4 CTAs
 # at few rows (sm_90), over 8 from twice as wide: one CTA a row reads it at one SM's share of the bandwidth
+# (the runtime takes it by default only from runtime/layers.ROW_CLUSTER_DEFAULT_WIDTH, where it was faster)
 ROW_CLUSTER_MIN_WIDTH = 4096
 
 
