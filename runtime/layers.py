@@ -37,6 +37,7 @@ bytes and scales in torch's f32 product, the evaluator's arithmetic.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ import sympy
 import torch
 
 from ..codegen.linear_lower import LinearPattern, has_matmul, match_linear
-from ..codegen.plan import layer_interface, plan_layer, row_cluster_size
+from ..codegen.plan import ROW_CLUSTER_MIN_WIDTH, env_switch, layer_interface, plan_layer, row_cluster_size
 from ..codegen.row import LoweringError
 from ..codegen.scan import not_lowered_reason, scan_parts
 from ..codegen.scan_lower import ScanPattern, match_scan
@@ -69,9 +70,7 @@ ROW_CLUSTER_DEFAULT_WIDTH = 12288
 def row_cluster_min_width() -> int | None:
     """The narrowest row few-row calls split over a cluster: ROW_CLUSTER_DEFAULT_WIDTH when
     LAYERFORGE_ROW_CLUSTER is unset; =1 every row row_cluster_size splits (codegen/plan.ROW_CLUSTER_MIN_WIDTH
-    on), =0 none (None)."""
-    import os
-    from ..codegen.plan import ROW_CLUSTER_MIN_WIDTH, env_switch
+    on), =0 none (None). Read at every few-row call (no imports here: it is on the call's path)."""
     if not os.environ.get("LAYERFORGE_ROW_CLUSTER", "").strip():
         return ROW_CLUSTER_DEFAULT_WIDTH
     return ROW_CLUSTER_MIN_WIDTH if env_switch("LAYERFORGE_ROW_CLUSTER", False) else None
