@@ -151,13 +151,14 @@ def _row_abi(plan: RowPlan) -> KernelABI:
 ROW_CLUSTER_MIN_WIDTH = 4096
 
 
-def row_cluster_size(plan: KernelPlan) -> int:
+def row_cluster_size(plan: KernelPlan, min_width: int = ROW_CLUSTER_MIN_WIDTH) -> int:
     """The cluster a row plan's layer splits a row over at few rows (RowPlan.cluster): 8 or 4 CTAs for a
-    row with reductions (no top-k) from 2 x / 1 x ROW_CLUSTER_MIN_WIDTH columns on sm_90, else 1."""
+    row with reductions (no top-k) from 2 x / 1 x ROW_CLUSTER_MIN_WIDTH columns on sm_90, else 1; rows
+    narrower than min_width (a caller's threshold above ROW_CLUSTER_MIN_WIDTH) stay on one CTA."""
     if not isinstance(plan, RowPlan) or ops.arch_number(plan.arch) < 90 or plan.cluster > 1:
         return 1
     k = plan.lowered()
-    if not k.reduces or k.topk or k.width < ROW_CLUSTER_MIN_WIDTH:
+    if not k.reduces or k.topk or k.width < max(min_width, ROW_CLUSTER_MIN_WIDTH):
         return 1
     return 8 if k.width >= 2 * ROW_CLUSTER_MIN_WIDTH else 4
 
@@ -226,10 +227,10 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
-def env_switch(name: str, default: bool) -> bool:
-    """An on/off environment variable: unset or empty gives `default`; 1/0, true/false, yes/no,
-    on/off (any case) set it; anything else is an error naming the variable, so a misspelt value
-    never silently keeps the default."""
+def env_switch(name: str, default: bool | None) -> bool | None:
+    """An on/off environment variable: unset or empty gives `default` (None: the caller tells unset from
+    off); 1/0, true/false, yes/no, on/off (any case) set it; anything else is an error naming the
+    variable, so a misspelt value never silently keeps the default."""
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default

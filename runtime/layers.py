@@ -37,7 +37,6 @@ bytes and scales in torch's f32 product, the evaluator's arithmetic.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +70,10 @@ def row_cluster_min_width() -> int | None:
     """The narrowest row few-row calls split over a cluster: ROW_CLUSTER_DEFAULT_WIDTH when
     LAYERFORGE_ROW_CLUSTER is unset; =1 every row row_cluster_size splits (codegen/plan.ROW_CLUSTER_MIN_WIDTH
     on), =0 none (None). Read at every few-row call (no imports here: it is on the call's path)."""
-    if not os.environ.get("LAYERFORGE_ROW_CLUSTER", "").strip():
+    on = env_switch("LAYERFORGE_ROW_CLUSTER", None)
+    if on is None:
         return ROW_CLUSTER_DEFAULT_WIDTH
-    return ROW_CLUSTER_MIN_WIDTH if env_switch("LAYERFORGE_ROW_CLUSTER", False) else None
+    return ROW_CLUSTER_MIN_WIDTH if on else None
 
 
 def _dim_spec(d) -> int | str | sympy.Expr:
@@ -501,9 +501,7 @@ class LayerModule(torch.nn.Module):
             plan = plan_layer(self.layer, self.arch or device_arch(device), vec_bytes=vec_bytes)
         except LoweringError:
             plan = None
-        size = row_cluster_size(plan) if plan is not None else 1
-        if size > 1 and plan.lowered().width < min_width:
-            size = 1
+        size = row_cluster_size(plan, min_width) if plan is not None else 1
         launch = None
         if size > 1:
             plan = plan_layer(self.layer, plan.arch, vec_bytes=vec_bytes, cluster=size)

@@ -99,6 +99,16 @@ def test_row_cluster_size(prog, name, dims, arch, size):
     assert isinstance(p, RowPlan) and row_cluster_size(p) == size
 
 
+def test_row_cluster_size_above_a_callers_width(prog):
+    """The runtime's default threshold (ROW_CLUSTER_DEFAULT_WIDTH): swiglu_fp8 F 14336 still splits over 8, an
+    8192-wide RMSNorm stays on one CTA; a threshold under ROW_CLUSTER_MIN_WIDTH changes nothing."""
+    from layerforge.runtime.layers import ROW_CLUSTER_DEFAULT_WIDTH
+    wide = plan_layer(prog.specialise("swiglu_fp8_per_token", dtype="bf16", F=14336), "sm_90")
+    norm = plan_layer(prog.specialise("rms_norm", dtype="bf16", H=8192), "sm_90")
+    assert row_cluster_size(wide, ROW_CLUSTER_DEFAULT_WIDTH) == 8 and row_cluster_size(norm, ROW_CLUSTER_DEFAULT_WIDTH) == 1
+    assert row_cluster_size(norm, 1024) == row_cluster_size(norm) == 8
+
+
 def test_row_cluster_switch(monkeypatch):
     """LAYERFORGE_ROW_CLUSTER: unset, clusters from the measured width; 1 every row row_cluster_size splits; 0
     none; a misspelt value an error."""
