@@ -111,18 +111,10 @@ def kernel_table(fn, label: str, device: torch.device, iters: int = 5) -> None:
     if device.type != "cuda":
         print(f"  {label}: the kernel breakdown needs a CUDA device")
         return
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.self_device_time_total / iters, e.count // iters) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
+    from .bench_rows import kernel_times
+    rows = kernel_times(fn, calls=iters, warmup=2)
     print(f"  {label}: {sum(t for _, t, _ in rows):.1f} us of kernels a call")
-    for key, t, n in sorted(rows, key=lambda r: -r[1])[:16]:
+    for key, t, n in rows[:16]:
         print(f"    {t:9.1f} us {n:4d}x  {key[:90]}")
 
 

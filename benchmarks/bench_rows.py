@@ -31,6 +31,23 @@ def bench(fn, reps_ms=200):
     return do_bench(fn, warmup=25, rep=reps_ms, return_mode="median") * 1e-3  # seconds
 
 
+def kernel_times(fn, calls: int = 10, warmup: int = 1) -> list[tuple[str, float, int]]:
+    """(kernel name, microseconds a call, launches a call) of every kernel fn launches, the mean over
+    `calls` calls after `warmup`, from the profiler's device records (CUPTI sees the driver API's
+    launches too), slowest first; CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / calls, e.count // calls) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def in_pieces(measure, most: int):
     """measure(pieces) for pieces = 1, 2, 4, ... until a run fits in the GPU's memory (a peer's
     torch path that materialises too much at once, timed over pieces of its work); (result,

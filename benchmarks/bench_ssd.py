@@ -128,21 +128,6 @@ def hf_decode(s: dict):
     return lambda: update(s["state"], s["x"], dt, A, s["B"], s["C"], D, z=None, dt_bias=bias, dt_softplus=True)
 
 
-def kernel_times(fn, calls: int = 10) -> list[tuple[str, float, int]]:
-    """(kernel name, microseconds a call, launches a call) of every kernel fn launches, from the
-    profiler's device records (CUPTI sees the driver API's launches too), slowest first."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.self_device_time_total / calls, e.count // calls) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
-
-
 def gemm_peak() -> float:
     from .bench_rows import bench
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -209,7 +194,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return 0
     from .bench_gemv import graph_time
-    from .bench_rows import bench, copy_ceiling
+    from .bench_rows import bench, copy_ceiling, kernel_times
     copy_bw, peak = copy_ceiling(), gemm_peak()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s, bf16 GEMM {peak / 1e12:.0f} TFLOP/s")
     rows = []
