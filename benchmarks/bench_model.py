@@ -216,8 +216,9 @@ def bench_hf_decode(hf, cfg, batch: int, context: int, steps: int, compiled: boo
 
 def profile_decode(ours, context: int) -> None:
     """The kernels of one batch-1 graph replay, by total time (torch.profiler / CUPTI)."""
-    from torch.profiler import ProfilerActivity, profile
     from layerforge.models.engine import Engine
+
+    from .bench_rows import kernel_times
     eng = Engine(ours, max_seqs=1, max_seq_len=context + 64)
     eng.add(list(range(1, context + 1)))
     while eng.seqs[0].fed < context:
@@ -225,22 +226,15 @@ def profile_decode(ours, context: int) -> None:
     eng.feed(0, 1)
     eng.step()
     eng.feed(0, 2)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(5):
-            eng.step()
-            eng.feed(0, 3)
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            r = rows.setdefault(e.name[:90], [0, 0.0])
-            r[0] += 1
-            r[1] += e.device_time if hasattr(e, "device_time") else e.cuda_time
-    total = sum(v[1] for v in rows.values()) / 5
+
+    def step():
+        eng.step()
+        eng.feed(0, 3)
+    rows = kernel_times(step, calls=5, warmup=0)
+    total = sum(t for _, t, _ in rows)
     print(f"batch-1 decode step, GPU kernel time {total:.1f} us per step:")
-    for name, (n, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:25]:
-        print(f"  {t / 5:8.1f} us  {n // 5:4d}x  {name}")
+    for name, t, n in rows[:25]:
+        print(f"  {t:8.1f} us  {n:4d}x  {name[:90]}")
 
 
 def bench_prefill(hf, ours, batch: int, length: int, iters: int) -> tuple[float, float]:

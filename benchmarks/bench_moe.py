@@ -108,19 +108,12 @@ def chosen_bytes(moe, x) -> int:
 
 def breakdown(moe, x, label: str) -> None:
     """Each kernel's GPU time in one step (the mean of 20), from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
+    from .bench_rows import kernel_times
     with torch.no_grad():
-        for _ in range(3):
-            moe(x)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                moe(x)
-            torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 20) for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(t for _, t in rows)
+        rows = kernel_times(lambda: moe(x), calls=20, warmup=3)
+    total = sum(t for _, t, _ in rows)
     print(f"  {label}: {total:.1f} us of kernels a step")
-    for key, t in sorted(rows, key=lambda r: -r[1]):
+    for key, t, _ in rows:
         print(f"    {t:8.1f} us  {key[:100]}")
 
 
