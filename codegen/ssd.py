@@ -235,11 +235,13 @@ class SSDChunkScanPlan(_ChunkPlan):
 
     @property
     def shared(self) -> SharedLayout:
-        """The block's C rows [R][N + PAD], the chunk's start state [P][N + PAD], two stages of a key
-        tile of B [R][N + PAD] and of x [R][P + PAD]; dt and s_l of the chunk, the cumulative sum's
-        warp totals; f32 inputs also stage the masked score tile [R][R + 1] (CUDA cores)."""
+        """The block's C rows [R][N + PAD] (after the key loop the block's rows of y [R][N + PAD],
+        tensor cores only: as wide as P where P > N), the chunk's start state [P][N + PAD], two stages of
+        a key tile of B [R][N + PAD] and of x [R][P + PAD]; dt and s_l of the chunk, the cumulative
+        sum's warp totals; f32 inputs also stage the masked score tile [R][R + 1] (CUDA cores)."""
         r, es, p, n = scan_rows(self.chunk, self.dtype), DType[self.dtype].itemsize, self.head_dim, self.state
-        bufs = [("c", r * (n + PAD) * es), ("h", p * (n + PAD) * es),
+        cw = n if self.dtype == "f32" else max(n, p)
+        bufs = [("c", r * (cw + PAD) * es), ("h", p * (n + PAD) * es),
                 *((("b", 2 * r * (n + PAD) * es),) if not self.cb_table else ()),
                 ("x", 2 * r * (p + PAD) * es), ("dt", self.chunk * 4), ("cs", self.chunk * 4), ("warps", 32 * 4)]
         if self.dtype == "f32":

@@ -238,7 +238,7 @@ def _check_update(state, x, dt, A, B, C, D, z, dt_bias, dt_limit) -> None:
 
 def _check_out(out, shape, x, align: int = 1) -> None:
     """out: None, or a contiguous tensor of x's dtype and device, of `shape`, starting at an `align`-byte
-    address (the chunk scan stores y's bf16 / f16 elements in pairs)."""
+    address (the chunk scan stores y's rows as 16-byte vectors)."""
     if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape)
                             or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous()):
         got = f"{out.dtype} {list(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -277,7 +277,7 @@ def ssd_scan(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool 
     as transformers' chunked scan does). The kernels take x, B, C and z with contiguous rows at
     16-byte multiples of strides (splits of one wider row are fine)."""
     _check_scan(x, dt, A, B, C, D, z, dt_bias, dt_limit, chunk_size, initial_state)
-    _check_out(out, x.shape, x, align=4)   # the chunk scan stores y a pair (bf16 / f16) or an element (f32) at a time
+    _check_out(out, x.shape, x, align=4 if x.dtype == torch.float32 else 16)
     if _use_kernel(x) and x.numel():
         y, final = _scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, chunk_size, initial_state, out)
         return (y, final) if return_final_state else y

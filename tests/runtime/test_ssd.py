@@ -237,15 +237,15 @@ def test_state_update_rejects_bad_inputs_before_touching_the_state():
 
 
 def test_scan_out_must_start_where_the_kernel_can_store_vectors():
-    """The chunk scan stores y's bf16 / f16 elements in pairs (4 bytes): an `out` view starting at an odd
+    """The chunk scan stores y's rows as 16-byte vectors (bf16 / f16): an `out` view starting at an odd
     element is refused before any launch, and nothing is written into it."""
     inp = ssd_inputs(1, 40, 4, 16, 2, 16, dtype=torch.bfloat16, seed=("out-align",))
     buf = torch.zeros(1 * 40 * 4 * 16 + 8, dtype=torch.bfloat16)
     out = buf[1:2561].view(1, 40, 4, 16)
-    with pytest.raises(SSDInputError, match="4-byte aligned"):
+    with pytest.raises(SSDInputError, match="16-byte aligned"):
         ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], out=out)
     assert not buf.any()
-    ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], out=buf[8:].view(1, 40, 4, 16))   # 16 bytes in: fine
+    ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], out=buf[8:].view(1, 40, 4, 16))   # 16 bytes in
 
 
 def test_state_update_with_a_log_takes_a_as_minus_exp_of_it():
