@@ -28,6 +28,9 @@ SHAPES = (   # (shared memory per CTA at D 128; CTAs per SM the 228 KB allow)
     dict(wm=1, wn=2, mt=1, bnw=16, stages=3, min_blocks=4),   # 53 KB, 4
     dict(wm=1, wn=2, mt=1, bnw=32, stages=2, min_blocks=3),   # 70 KB, 3
     dict(wm=1, wn=8, mt=1, bnw=16, stages=2, min_blocks=1),   # 135 KB, 1
+    dict(wm=1, wn=4, mt=1, bnw=16, stages=5, min_blocks=1),   # 165 KB, 1: 4 tiles in flight
+    dict(wm=1, wn=8, mt=1, bnw=16, stages=3, min_blocks=1),   # 200 KB, 1: 2 tiles of 128 keys in flight
+    dict(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=1),   # 200 KB, 1
 )
 
 

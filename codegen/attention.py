@@ -333,7 +333,7 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     scale_const = float(spec.scale.arg) if spec.scale.op is Op.CONST else None
     tiles = tile_context(spec.mask, dims, exact=mask_is_exact(spec.mask), tables=tables)
     return dict(tile_lines=tiles.get("tile_lines"), tile_true=tiles.get("tile_true"), tile_false=tiles.get("tile_false"),
-                rope=rope_context(spec.rope), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5 | rel_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
+                rope=rope_context(spec.rope, memory="global"), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5 | rel_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),

@@ -168,15 +168,20 @@ class TCAttentionPlan(AttentionPlan):
     fp8_cvt: bool = False             # fp8 on sm_89+: e4m3 pairs widened by the hardware's cvt to f16, the products
     #                                   in f16 (bf16 q scaled into f16 by a power of two); see fp8_cvt_default
     fold: bool = False                # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
+    heads_first: bool = False         # decode: grid x walks (chunk, split, KV head), the KV head fastest (see
+    #                                   heads_first_default)
 
     def __post_init__(self):
+        if self.heads_first and self.mode != "decode":
+            raise ValueError("heads_first is a decode grid (prefill CTAs of one KV head share its K/V tiles in L2)")
         if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
             raise ValueError(f"fp8_cvt needs an fp8 cache on sm_89 or newer (kv_dtype {self.kv_dtype}, {self.arch})")
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
-                         *(("cvt",) if self.fp8_cvt else ()), *(("f",) if self.fold else ()), self.arch.replace("_", ""))
+                         *(("cvt",) if self.fp8_cvt else ()), *(("f",) if self.fold else ()),
+                         *(("hf",) if self.heads_first else ()), self.arch.replace("_", ""))
 
     @property
     def config(self) -> TileConfig:
@@ -233,7 +238,7 @@ class TCAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes,
-                           block_mask=self.block_mask, kv_dtype=self.kv_dtype)
+                           block_mask=self.block_mask, kv_dtype=self.kv_dtype, heads_first=self.heads_first)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -246,11 +251,14 @@ class TCAttentionPlan(AttentionPlan):
 
 
 def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
-                block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False) -> KernelABI:
+                block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False,
+                heads_first: bool = False) -> KernelABI:
     """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
     per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
     lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8);
-    tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views)."""
+    tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views).
+    heads_first: grid x is (query chunk, split, KV head) with the KV head fastest, so that the CTAs
+    running at once read every KV head of a token's cache rows, not one head of many sequences."""
     dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
     if block_mask:
         dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
@@ -263,6 +271,8 @@ def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int,
         args += (Arg("k_map", TENSOR_MAP_CTYPE, "tmap", "k_map"), Arg("v_map", TENSOR_MAP_CTYPE, "tmap", "v_map"))
     # (query chunks, row blocks of the longest chunk, KV heads x splits)
     grid = ("chunks", f"cdiv(max_q_len * {plan.group}, {rows})", f"{int(plan.spec.num_kv_heads)} * num_splits")
+    if heads_first:
+        grid = (f"chunks * {int(plan.spec.num_kv_heads)} * num_splits", grid[1], "1")
     return KernelABI(name=plan.kernel_name, args=args, grid=grid, block=(threads,), shared_bytes=shared_bytes,
                      problem=("chunks", "max_q_len", "num_splits"))
 
@@ -307,7 +317,7 @@ def _render(plan: TCAttentionPlan) -> str:
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt,
-        FOLD=plan.fold and folds(ctx), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
+        FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
         BNW=c.bnw, KW=c.ksub or c.bnw, SUNROLL=c.sunroll or (2 if (c.ksub or c.bnw) >= 64 else None), STAGES=c.stages, MIN_BLOCKS=c.min_blocks, QREG=c.qreg,
@@ -337,14 +347,22 @@ def fp8_cvt_default() -> bool:
     return env_switch("LAYERFORGE_FP8_KV_CVT", False)
 
 
+def heads_first_default() -> bool:
+    """Whether decode plans take TCAttentionPlan.heads_first (LAYERFORGE_DECODE_HEADS_FIRST=0 / 1)."""
+    return env_switch("LAYERFORGE_DECODE_HEADS_FIRST", True)
+
+
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
                       tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
-                      kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False) -> TCAttentionPlan:
+                      kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False,
+                      heads_first: bool = False) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
     "fp8_e4m3": over an e4m3 cache with per-head scales; fp8_cvt: with the hardware's e4m3
-    conversion and f16 products where the arch has it (sm_89+; ignored elsewhere)."""
+    conversion and f16 products where the arch has it (sm_89+; ignored elsewhere); heads_first: the
+    decode grid's order (TCAttentionPlan.heads_first; ignored for prefill)."""
+    heads_first = heads_first and mode == "decode"
     fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
     fold = fold and folds(hook_context(layer))   # (only where it applies: one key for the plain kernel)
     check_attention_layer(layer, page_size)
@@ -356,7 +374,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fold=fold)
+                               fp8_cvt=fp8_cvt, fold=fold, heads_first=heads_first)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
@@ -364,7 +382,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                                  int(spec.v_head_dim))
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fold=fold)
+                               fp8_cvt=fp8_cvt, fold=fold, heads_first=heads_first)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

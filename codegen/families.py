@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..dsl.program import Layer
 from .attention import plan_paged_attention
-from .attention_tc import MODES, fp8_cvt_default, plan_tc_attention, fold_default as tc_fold_default
+from .attention_tc import MODES, fp8_cvt_default, heads_first_default, plan_tc_attention, fold_default as tc_fold_default
 from .attention_wgmma import (fold_default, overlap_default, plan_wgmma_attention, rope_step_default,
                               supports as wgmma_supports, tma_default)
 from .kv_append import plan_kv_append
@@ -48,7 +48,8 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
                                        fold=fold_default())
                   if m == "prefill" and hopper else
                   plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache,
-                                    fp8_cvt=fp8_cvt_default(), fold=tc_fold_default())
+                                    fp8_cvt=fp8_cvt_default(), fold=tc_fold_default(),
+                                    heads_first=heads_first_default())
                   for m in MODES]
         if getattr(plans[0], "block_mask", False):   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
             plans.append(plans[0].block_mask_plan())

@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
-from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, pick_mode, plan_tc_attention,
-                                    fold_default as tc_fold_default, supports as tc_supports)
+from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, pick_mode,
+                                    plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
                                        fold_default, rope_step_default, supports as wgmma_supports, tma_default)
 from ..codegen.block_mask import needs_block_mask
@@ -177,7 +177,7 @@ class PagedAttention:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
                                          kv_dtype=self.kv_dtype, fp8_cvt=fp8_cvt_default(),
-                                         fold=tc_fold_default())
+                                         fold=tc_fold_default(), heads_first=heads_first_default())
             self._tc_plans[mode] = plan
         return plan
 

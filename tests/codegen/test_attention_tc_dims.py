@@ -209,3 +209,26 @@ def test_value_dim_on_cpu_tensors_runs_the_reference(mla):
     assert torch.equal(ragged, out)
     with pytest.raises(lf.LayerInputError, match="v_cache"):
         attn(q, kc, kc, table, lens, q_seq, q_pos, max_kv_len=20, extra={"kv_len": kv_len})
+
+
+def test_decode_grid_walks_the_kv_heads_first(monkeypatch, compile_fn):
+    """The decode kernel's grid: one dimension of (query chunk, split, KV head), the KV head fastest, so
+    the CTAs running at once read all heads of the same cache rows; LAYERFORGE_DECODE_HEADS_FIRST=0
+    gives the (chunk, row block, KV head x split) grid; prefill plans never take it."""
+    layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    plan = plan_tc_attention(layer, "sm_90", mode="decode", heads_first=True)
+    abi = plan.main_abi()
+    assert plan.key.endswith("_hf_sm90") and abi.grid[0] == "chunks * 8 * num_splits" and abi.grid[2] == "1"
+    assert abi.grid_for(chunks=5, max_q_len=1, num_splits=3) == (120, 1, 1)
+    src = plan.source()
+    assert "blockIdx.x / (HKV * num_splits)" in src and "blockIdx.z" not in src
+    assert_spill_free(plan, compile_fn, "sm_90")
+    off = plan_tc_attention(layer, "sm_90", mode="decode")
+    assert off.main_abi().grid_for(chunks=5, max_q_len=1, num_splits=3) == (5, 1, 24) and "blockIdx.z" in off.source()
+    assert not plan_tc_attention(layer, "sm_90", mode="prefill", heads_first=True).heads_first
+    with pytest.raises(ValueError, match="decode grid"):
+        type(plan)(layer=layer, arch="sm_90", mode="prefill", heads_first=True)
+    monkeypatch.setenv("LAYERFORGE_DECODE_HEADS_FIRST", "0")
+    assert not PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").heads_first
+    monkeypatch.setenv("LAYERFORGE_DECODE_HEADS_FIRST", "1")
+    assert PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").heads_first
