@@ -42,6 +42,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
         # sparse masks (block sparsity) and the stdlib blocks beside FlexAttention
         "$PY" -m benchmarks.bench_masks --variants 2>&1 | tee "$OUT_DIR/bench_masks.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        # each decode launch beside SDPA's kernels (where the end-to-end gap sits)
+        "$PY" -m benchmarks.bench_decode_kernels 2>&1 | tee "$OUT_DIR/bench_decode_kernels.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
         # the split-KV choice against a sweep of forced part counts
         "$PY" -m benchmarks.bench_splits 2>&1 | tee "$OUT_DIR/bench_splits.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1

@@ -31,3 +31,18 @@ def test_lora_benchmark_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):   # a misspelt mode is an error, not a label
         main(["--device", "cpu", "--cases", "engine-prefil:8"])
     assert "'engine-prefil:8' is not mode:tokens" in capsys.readouterr().err
+
+
+def test_decode_kernels_benchmark_arguments(capsys):
+    """bench_decode_kernels refuses a malformed case before touching a device, and says so without one."""
+    import torch
+
+    from benchmarks.bench_decode_kernels import main
+    with pytest.raises(SystemExit):
+        main(["--cases", "16x1024,64by512"])
+    assert "'64by512' is not BATCHxCONTEXT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--once", "0x512"])
+    if not torch.cuda.is_available():
+        assert main(["--cases", "1x64"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
