@@ -232,3 +232,16 @@ def test_decode_grid_walks_the_kv_heads_first(monkeypatch, compile_fn):
     assert not PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").heads_first
     monkeypatch.setenv("LAYERFORGE_DECODE_HEADS_FIRST", "1")
     assert PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").heads_first
+
+
+def test_attention_rope_table_lives_in_global_memory():
+    """Every attention template reads the RoPE frequency table with a different pair a lane: from
+    constant memory those reads serialise (32 addresses a warp), which ncu found on the decode CTA's
+    critical path (benchmarks/NOTES.md, "Decode under cuDNN's kernel"); the table is a global array,
+    and the mma.sync kernel loads each thread's frequency at its start."""
+    layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    for mode in ("decode", "prefill"):
+        src = plan_tc_attention(layer, "sm_90", mode=mode).source()
+        assert "__device__ __align__(16) const double lf_inv_freq" in src and "__constant__ double lf_inv_freq" not in src
+        assert "const double rope_freq = lf_inv_freq[threadIdx.x % LF_ROPE_PAIRS];" in src
+    assert "__constant__ double lf_inv_freq" not in PagedAttention(layer, arch="sm_90").tc_plan("prefill").source()
