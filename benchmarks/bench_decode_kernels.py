@@ -29,22 +29,6 @@ def _case(text: str) -> tuple[int, int]:
     return batch, ctx
 
 
-def inputs(batch: int, ctx: int, page: int = 16, in_order: bool = False):
-    """(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos) of one decode step."""
-    import torch
-    pages_per = -(-ctx // page)
-    total = batch * pages_per
-    kc = torch.randn(total, page, HKV, D, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    order = torch.arange(total, device="cuda") if in_order else torch.randperm(total, device="cuda")
-    table = order.to(torch.int32).view(batch, pages_per)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
-    q_pos = torch.full((batch,), ctx - 1, dtype=torch.int32, device="cuda")
-    return q, kc, vc, table, lens, q_seq, q_pos
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=lambda s: [_case(c) for c in s.split(",")], default=list(CASES),
@@ -62,6 +46,7 @@ def main(argv=None) -> int:
     import layerforge as lf
     from layerforge.runtime.attention import PagedAttention
 
+    from .bench_decode_tiles import inputs
     from .bench_rows import kernel_times
     layer = lf.stdlib().specialise("llama_attn", Hq=HQ, Hkv=HKV, D=D, dtype="bf16")
 
@@ -73,7 +58,7 @@ def main(argv=None) -> int:
     if a.once:
         batch, ctx = a.once
         attn = PagedAttention(layer, page_size=16)
-        args = inputs(batch, ctx)
+        args = inputs(batch, ctx, HQ, HKV, D)
         out = torch.empty_like(args[0])
         sdpa = sdpa_call(args[0], batch, ctx)
         for _ in range(3):
@@ -87,7 +72,7 @@ def main(argv=None) -> int:
         print(f"== {batch} x {ctx}")
         for page, in_order in layouts:
             attn = PagedAttention(layer, page_size=page)
-            args = inputs(batch, ctx, page, in_order)
+            args = inputs(batch, ctx, HQ, HKV, D, page, in_order)
             out = torch.empty_like(args[0])
             rows = kernel_times(lambda: attn(*args, max_kv_len=ctx, out=out), calls=30, warmup=3)
             label = f"ours, page {page}{' in order' if in_order else ''}"

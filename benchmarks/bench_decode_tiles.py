@@ -34,12 +34,15 @@ SHAPES = (   # (shared memory per CTA at D 128; CTAs per SM the 228 KB allow)
 )
 
 
-def inputs(batch, ctx, hq=32, hkv=8, d=128, page=16):
+def inputs(batch, ctx, hq=32, hkv=8, d=128, page=16, in_order=False):
+    """(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos) of one decode step over a paged bf16
+    cache, its pages in random order (in_order: in order)."""
     pages_per = -(-ctx // page)
     total = batch * pages_per
     kc = torch.randn(total, page, hkv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
-    table = torch.randperm(total, device="cuda").to(torch.int32).view(batch, pages_per)
+    order = torch.arange(total, device="cuda") if in_order else torch.randperm(total, device="cuda")
+    table = order.to(torch.int32).view(batch, pages_per)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
