@@ -167,6 +167,8 @@ class TCAttentionPlan(AttentionPlan):
     kv_dtype: str | None = None       # "fp8_e4m3": e4m3 cache with per-head scales
     fp8_cvt: bool = False             # fp8 on sm_89+: e4m3 pairs widened by the hardware's cvt to f16, the products
     #                                   in f16 (bf16 q scaled into f16 by a power of two); see fp8_cvt_default
+    fp8_raw: bool = False             # fp8 without fp8_cvt: e4m3 widened without the multiply (x 2^-120 in bf16, 2^-8
+    #                                   in f16), the powers of two folded into q, P and the scales; see fp8_raw_default
     fold: bool = False                # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
     heads_first: bool = False         # decode: grid x walks (chunk, split, KV head), the KV head fastest (see
     #                                   heads_first_default)
@@ -176,11 +178,14 @@ class TCAttentionPlan(AttentionPlan):
             raise ValueError("heads_first is a decode grid (prefill CTAs of one KV head share its K/V tiles in L2)")
         if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
             raise ValueError(f"fp8_cvt needs an fp8 cache on sm_89 or newer (kv_dtype {self.kv_dtype}, {self.arch})")
+        if self.fp8_raw and (self.kv_dtype is None or self.fp8_cvt):
+            raise ValueError("fp8_raw widens an fp8 cache's bytes with integer ops: it needs kv_dtype and not fp8_cvt")
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
-                         *(("cvt",) if self.fp8_cvt else ()), *(("f",) if self.fold else ()),
+                         *(("cvt",) if self.fp8_cvt else ()),
+                         *(("raw",) if self.fp8_raw else ()), *(("f",) if self.fold else ()),
                          *(("hf",) if self.heads_first else ()), self.arch.replace("_", ""))
 
     @property
@@ -316,7 +321,7 @@ def _render(plan: TCAttentionPlan) -> str:
         "cuda/attention_tc.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
-        MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt,
+        MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
         FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first,
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
@@ -348,6 +353,12 @@ def fp8_cvt_default() -> bool:
     return env_switch("LAYERFORGE_FP8_KV_CVT", False)
 
 
+def fp8_raw_default() -> bool:
+    """Whether plans over an fp8 cache (without fp8_cvt) take TCAttentionPlan.fp8_raw
+    (LAYERFORGE_FP8_KV_RAW=0 / 1)."""
+    return env_switch("LAYERFORGE_FP8_KV_RAW", True)
+
+
 def heads_first_default() -> bool:
     """Whether decode plans take TCAttentionPlan.heads_first (LAYERFORGE_DECODE_HEADS_FIRST=0 / 1)."""
     return env_switch("LAYERFORGE_DECODE_HEADS_FIRST", True)
@@ -356,7 +367,7 @@ def heads_first_default() -> bool:
 def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str = "prefill",
                       tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
                       kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False,
-                      heads_first: bool = False) -> TCAttentionPlan:
+                      heads_first: bool = False, fp8_raw: bool | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
@@ -365,6 +376,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     decode grid's order (TCAttentionPlan.heads_first; ignored for prefill)."""
     heads_first = heads_first and mode == "decode"
     fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
+    fp8_raw = kv_dtype is not None and not fp8_cvt and (fp8_raw_default() if fp8_raw is None else fp8_raw)
     fold = fold and folds(hook_context(layer))   # (only where it applies: one key for the plain kernel)
     check_attention_layer(layer, page_size)
     check_kv_dtype(layer, kv_dtype)
@@ -375,7 +387,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fold=fold, heads_first=heads_first)
+                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fold=fold, heads_first=heads_first)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
@@ -383,7 +395,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                                  int(spec.v_head_dim))
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fold=fold, heads_first=heads_first)
+                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fold=fold, heads_first=heads_first)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

@@ -32,3 +32,22 @@ template <typename T> __device__ __forceinline__ unsigned lf_e4m3x2_to(unsigned 
 // Bytes (0, 2) and (1, 3) of w -> pairs of T (byte 0 / byte 1 in the low half).
 template <typename T> __device__ __forceinline__ unsigned lf_e4m3_even_to(unsigned w) { return lf_e4m3_top_to<T>(w << 8); }
 template <typename T> __device__ __forceinline__ unsigned lf_e4m3_odd_to(unsigned w) { return lf_e4m3_top_to<T>(w); }
+
+// The same placements without the multiply ("raw"): the pair is x * 2^-LF_E4M3_RAW_EXP<T> (2^-120 in bf16,
+// 2^-8 in f16), e4m3 subnormals as T's subnormals; a kernel that folds the power of two into its scales
+// saves the multiply (the tensor cores take subnormal operands).
+template <typename T> struct lf_e4m3_raw_exp;
+template <> struct lf_e4m3_raw_exp<__nv_bfloat16> { static constexpr int value = 120; };
+template <> struct lf_e4m3_raw_exp<__half> { static constexpr int value = 8; };
+template <typename T> __device__ __forceinline__ unsigned lf_e4m3_top_raw(unsigned t);
+template <> __device__ __forceinline__ unsigned lf_e4m3_top_raw<__nv_bfloat16>(unsigned t) {
+    return (t & 0x80008000u) | ((t >> 4) & 0x07f007f0u);
+}
+template <> __device__ __forceinline__ unsigned lf_e4m3_top_raw<__half>(unsigned t) {
+    return (t & 0x80008000u) | ((t >> 1) & 0x3f803f80u);
+}
+template <typename T> __device__ __forceinline__ unsigned lf_e4m3x2_raw(unsigned w) {
+    return lf_e4m3_top_raw<T>(__byte_perm(w, 0u, 0x1404));
+}
+template <typename T> __device__ __forceinline__ unsigned lf_e4m3_even_raw(unsigned w) { return lf_e4m3_top_raw<T>(w << 8); }
+template <typename T> __device__ __forceinline__ unsigned lf_e4m3_odd_raw(unsigned w) { return lf_e4m3_top_raw<T>(w); }

@@ -69,21 +69,27 @@ def specialise(prog, name, d, dtype="bf16", hq=32, hkv=8):
     return prog.specialise(name, dtype=dtype, **kw)
 
 
+@pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("name", ["llama_attn", "gemma2_attn"])
-def test_fp8_tensor_core_attention_compiles_without_spills(prog, name, d, arch, mode, tmp_path):
+def test_fp8_tensor_core_attention_compiles_without_spills(prog, name, d, arch, mode, raw, tmp_path):
+    """Both widenings (TCAttentionPlan.fp8_raw: without the multiply, the powers of two in q, P and the
+    scales; and with it)."""
     from layerforge.runtime.cache import KernelCache
     from layerforge.runtime.launch import compile_fn
     plan = plan_tc_attention(specialise(prog, name, d), arch, mode=mode, kv_dtype=FP8,
-                             compile_fn=compile_fn(KernelCache(tmp_path)))
-    assert f"_kvfp8e4m3_tc{mode}_" in plan.key
+                             compile_fn=compile_fn(KernelCache(tmp_path)), fp8_raw=raw)
+    assert f"_kvfp8e4m3_tc{mode}_" in plan.key and ("_raw_" in plan.key) == raw
     res = compile_clean(plan, arch)
     assert set(res.resources) == {plan.kernel_name, plan.merge_name}
     assert plan.shared_bytes <= 227 * 1024
     src = plan.source()
-    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and "lf_e4m3_odd_to<__nv_bfloat16>(bv[3])" in src
+    form = "raw" if raw else "to"
+    assert "lf_k8_frag<__nv_bfloat16>(bk, k8," in src and f"lf_e4m3_odd_{form}<__nv_bfloat16>(bv[3])" in src
+    assert f"lf_e4m3x2_{form}<T>(*reinterpret_cast" in src
+    assert ("q in place times 2^40" in src and "mu - 100.0f" in src) == raw
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src and "lf_ldsm4(bk" not in src
     assert "sK8" in src and "sV8" in src and " sV = " not in src   # no widened copy in shared memory
     assert "* k_scale[kvh]" in src and ("v_sc / l[sl]" in src or "aa / ll * v_sc" in src)
@@ -95,7 +101,8 @@ def test_fp8_tensor_core_attention_f16_and_other_groups(prog, mode):
         plan = plan_tc_attention(specialise(prog, "llama_attn", 128, "f16", hq, hkv), "sm_90", mode=mode,
                                  kv_dtype=FP8, tiles=None)
         compile_clean(plan, "sm_90")
-        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3_even_to<__half>" in plan.source()
+        assert "lf_k8_frag<__half>" in plan.source() and "lf_e4m3_even_raw<__half>" in plan.source()
+        assert "q in place" not in plan.source() and "mu_p = mu;" in plan.source()   # f16: no q or P factors
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -114,8 +121,10 @@ def test_fp8_cuda_core_attention_compiles_without_spills(prog, name, d, arch):
 def test_fp8_plans_have_their_own_keys_and_arguments(prog):
     layer = specialise(prog, "llama_attn", 128)
     plain = plan_tc_attention(layer, "sm_90", mode="decode")
-    fp8 = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8)
+    fp8 = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, fp8_raw=False)
     assert plain.key.replace("_tcdecode", "_kvfp8e4m3_tcdecode") == fp8.key
+    raw = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, fp8_raw=True)
+    assert raw.key == fp8.key.replace("_sm90", "_raw_sm90")
     names = [a.name for a in fp8.main_abi().args]
     assert names[:7] == ["q", "k_cache", "v_cache", "page_table", "seq_lens", "k_scale", "v_scale"]
     assert "k_scale" not in [a.name for a in plain.main_abi().args]
@@ -155,6 +164,9 @@ def test_fp8_widening_constants_decode_every_e4m3_code():
         return out
 
     x2_sel = int(re.search(r"lf_e4m3x2_to\(unsigned w\) \{\s*return lf_e4m3_top_to<T>\(__byte_perm\(w, 0u, (0x[0-9a-f]+)\)", src)[1], 16)
+    assert f"lf_e4m3x2_raw(unsigned w) {{\n    return lf_e4m3_top_raw<T>(__byte_perm(w, 0u, 0x{x2_sel:x}));" in src
+    assert "lf_e4m3_even_raw(unsigned w) { return lf_e4m3_top_raw<T>(w << 8); }" in src
+    assert "lf_e4m3_odd_raw(unsigned w) { return lf_e4m3_top_raw<T>(w); }" in src
     assert "lf_e4m3_even_to(unsigned w) { return lf_e4m3_top_to<T>(w << 8); }" in src
     assert "lf_e4m3_odd_to(unsigned w) { return lf_e4m3_top_to<T>(w); }" in src
     c0, c1 = codes, (codes * 37 + 11) % 256   # two channels a word, every code in each
@@ -181,6 +193,11 @@ def test_fp8_widening_constants_decode_every_e4m3_code():
             ok = finite[lo] & finite[hi]
             assert np.array_equal(got[ok, 0], want[lo][ok]), (ctype, name)
             assert np.array_equal(got[ok, 1], want[hi][ok]), (ctype, name)
+        # the raw forms: the same placement without the multiply, the value times 2^-lf_e4m3_raw_exp<T>
+        raw = src[src.index(f"lf_e4m3_top_raw<{ctype}>(unsigned t) {{"):]
+        assert re.search(r"\(\(t >> (\d+)\) & (0x[0-9a-f]+)u\)", raw).groups() == (shift, mask)
+        exp = int(re.search(rf"lf_e4m3_raw_exp<{ctype}> {{ static constexpr int value = (\d+); }}", src)[1])
+        assert k == 2.0 ** exp, (ctype, k, exp)   # the factor the raw form leaves to the kernel's scales
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
