@@ -59,14 +59,33 @@ def test_quant_gemv_streams_w_and_pairs_through_shared_memory():
 
 
 def test_u4_conversion_is_lop3_then_two_ops_a_pair():
-    """The u4 loop converts 8 k with 4 lop3 (the magic-number OR) and 8 bf16x2 ops (subtract
-    MAGIC + z, multiply by s): per chunk of 256 k a lane converts 2 pieces x 2 rows x 4 words,
-    and each word of row g with its row g + 8 partner feeds 2 mma (PTX of the loop)."""
-    plan = plan_gemv("bf16", n=6144, k=4096, arch="sm_90", wtype="u4", group=128)
-    ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+    """Groups of 32 / 64 k (and past 16 tokens): the u4 loop converts 8 k with 4 lop3 (the magic-number OR) and
+    8 bf16x2 ops (subtract MAGIC + z, multiply by s): per chunk of 256 k a lane converts 2 pieces x 2 rows x 4
+    words, and each word of row g with its row g + 8 partner feeds 2 mma (PTX of the loop)."""
+    for group, m in ((64, 8), (128, 32)):
+        plan = plan_gemv("bf16", n=6144, k=4096, max_m=m, arch="sm_90", wtype="u4", group=group)
+        ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
+        words = 2 * 2 * 4
+        assert ptx.count("lop3.b32") >= 4 * words
+        assert ptx.count("mma.sync.aligned.m16n8k16") == words * (plan.max_m // 8)
+        assert "lf_dequant_m(" not in plan.source().split('extern "C"')[1]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_u4_group_sums_scaled_once(m):
+    """Groups of 128 k (and more) up to 16 tokens: a lane's 4-lane piece set lies in one group, so the pairs are
+    the lop3's MAGIC + q alone (no subtract or multiply), the mma sums (MAGIC + q) x and, with an A of ones, x;
+    the group's s ((MAGIC + q) x - (MAGIC + z) x) is two FFMA an accumulator a group (PTX of the loop)."""
+    plan = plan_gemv("bf16", n=6144, k=4096, max_m=m, arch="sm_90", wtype="u4", group=128)
+    src = plan.source()
+    assert "lf_dequant_m(lf_word(wv[t][0], j), a);" in src and "lf_mma(xacc[mt], ones, xv[mt].x, xv[mt].y);" in src
+    ptx = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
     words = 2 * 2 * 4
     assert ptx.count("lop3.b32") >= 4 * words
-    assert ptx.count("mma.sync.aligned.m16n8k16") == words
+    mt = plan.max_m // 8   # W's mma (words x row tiles x token tiles), then the ones' (2 a unit of x, 8 units)
+    assert ptx.count("mma.sync.aligned.m16n8k16") == words * plan.rt * mt + 2 * 8 * mt
+    loop = ptx[ptx.index("mma.sync"):ptx.rindex("mma.sync")]
+    assert "sub.bf16x2" not in loop and "mul.bf16x2" not in loop and "fma.rn.bf16x2" not in loop
 
 
 def test_plain_plans_unchanged():
