@@ -75,6 +75,24 @@ def main():
     q = torch.randn(3, 32, 128, device="cuda", dtype=bf)
     attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
          torch.tensor(ids, dtype=torch.int32, device="cuda"), pos.cuda(), max_kv_len=101, num_splits=4)
+    # an e4m3 cache (per-head scales): the append kernel, then decode (the raw widening on tensor cores; split-KV
+    # and the CUDA-core kernel too) and chunked prefill over it
+    c8 = PagedKVCache(64, 16, 8, 128, dtype=bf, device="cuda", max_seqs=4, max_pages_per_seq=16,
+                      kv_dtype="fp8_e4m3", scales="per_head")
+    c8.set_scales(0, torch.rand(8, device="cuda") * 0.01 + 0.02, torch.rand(8, device="cuda") * 0.005 + 0.006)
+    for s, n in lens.items():
+        c8.allocate(s, n + 1)
+        c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
+                  torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
+    k_sc, v_sc = c8.layer_scales(0)
+    for kernel in ("tc", "simt"):
+        a8 = PagedAttention(layer, page_size=16, kernel=kernel, kv_dtype="fp8_e4m3")
+        for splits in (1, 3):
+            a8(q, c8.k_cache, c8.v_cache, c8.page_table, c8.seq_lens, q_seq, q_pos, max_kv_len=100, num_splits=splits,
+               k_scale=k_sc, v_scale=v_sc)
+    PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3").prefill(
+        qr, c8.k_cache, c8.v_cache, c8.page_table, c8.seq_lens, cu, max_q_len=100, max_kv_len=100,
+        k_scale=k_sc, v_scale=v_sc)
     # corrupt inputs the host cannot check without a sync: page ids past the cache and
     # negative, lengths past the page table, a sequence id out of range, offsets past q.
     # The kernels clamp them: wrong numbers, never an out-of-bounds access.
