@@ -85,10 +85,11 @@ def main():
         c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
                   torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
     k_sc, v_sc = c8.layer_scales(0)
+    q6 = torch.randn(6, 32, 128, device="cuda", dtype=bf)   # the chunked-prefill tokens above (q_seq, q_pos)
     for kernel in ("tc", "simt"):
         a8 = PagedAttention(layer, page_size=16, kernel=kernel, kv_dtype="fp8_e4m3")
         for splits in (1, 3):
-            a8(q, c8.k_cache, c8.v_cache, c8.page_table, c8.seq_lens, q_seq, q_pos, max_kv_len=100, num_splits=splits,
+            a8(q6, c8.k_cache, c8.v_cache, c8.page_table, c8.seq_lens, q_seq, q_pos, max_kv_len=100, num_splits=splits,
                k_scale=k_sc, v_scale=v_sc)
     PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3").prefill(
         qr, c8.k_cache, c8.v_cache, c8.page_table, c8.seq_lens, cu, max_q_len=100, max_kv_len=100,
