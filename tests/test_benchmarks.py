@@ -46,3 +46,18 @@ def test_decode_kernels_benchmark_arguments(capsys):
     if not torch.cuda.is_available():
         assert main(["--cases", "1x64"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_ssd_chain_probe_compiles_and_needs_a_gpu(capsys):
+    """The look-back probe's kernel compiles for sm_90 without spills (its acquire / release flags and the
+    bf16 starts), and the script says plainly that it needs a GPU here."""
+    import torch
+
+    from benchmarks.probe_ssd_chain import SOURCE, main
+    from layerforge.runtime import nvrtc
+    res = nvrtc.compile_cuda(SOURCE, "ssd_chain_probe.cu", nvrtc.CompileOptions("sm_90"), want_ptx=True)
+    assert "ld.acquire.gpu.global.b32" in res.ptx and "st.release.gpu.global.b32" in res.ptx
+    assert res.resources["ssd_chain_probe"].spill_stores == 0
+    if not torch.cuda.is_available():
+        assert main(["--work", "0"]) == 1
+        assert "no CUDA GPU" in capsys.readouterr().err
