@@ -310,6 +310,20 @@ def main_quant(a, ceiling):
           f"{quant.STREAM_QUANT_ROWS[1]} rows on sm_90: the decode-range GEMM (u4 deq: W dequantised + cuBLAS, the "
           "route before it and of i8); past them W dequantised + cuBLAS")
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    if a.once:   # for a profiler: each shape's u4 and i8 products three times at each token count, nothing timed
+        for name, n, k, gated in QUANT_SHAPES:
+            if a.only and a.only not in name:
+                continue
+            w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+            u4, i8 = QuantLinear.from_float(w, 128, wtype="u4"), QuantLinear.from_float(w, 0, wtype="i8")
+            for m in tokens:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                for _ in range(3):
+                    u4(x, gated=gated)
+                    i8(x, gated=gated)
+        torch.cuda.synchronize()
+        print("ran each u4 / i8 product three times (--once)")
+        return []
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
           f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
@@ -360,6 +374,10 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16)")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
+    ap.add_argument("--once", action="store_true",
+                    help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "
+                         "ncu --set full -k regex:gemv --launch-skip 2 --launch-count 2 python -m benchmarks.bench_gemv "
+                         "--quant --once --only 'B qkv' --tokens 16)")
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     a = ap.parse_args(argv)
