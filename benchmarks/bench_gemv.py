@@ -377,7 +377,7 @@ def main(argv=None):
     ap.add_argument("--once", action="store_true",
                     help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "
                          "ncu --set full -k regex:gemv --launch-skip 2 --launch-count 2 python -m benchmarks.bench_gemv "
-                         "--quant --once --only 'B qkv' --tokens 16)")
+                         "--quant --once --only '8B qkv' --tokens 16)")
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     a = ap.parse_args(argv)
