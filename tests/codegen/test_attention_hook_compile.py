@@ -61,7 +61,7 @@ def test_tc_scale_fold_compiles_without_spills():
             plan = plan_tc_attention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch, mode=mode,
                                      fold=True)
             assert plan.fold and plan.key.endswith(f"_f_{arch.replace('_', '')}")
-            assert "lf_ex2(fmaf(s[mt][nt][half * 2], scale2, -mu))" in plan.source()
+            assert "lf_ex2(fmaf(s[mt][nt][half * 2], scale2, -mu_p))" in plan.source()
             for kr in compile_cuda(plan.source(), plan.kernel_name, CompileOptions(arch)).resources.values():
                 assert kr.spill_stores == 0 and kr.spill_loads == 0, kr
             hooked = plan_tc_attention(prog.specialise("bloom_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), arch,
