@@ -264,7 +264,7 @@ def torch_fp8(w: torch.Tensor, m: int):
         return None
 
 
-QUANT_SPLITS = tuple(itertools.product((1, 2, 4), (2, 4, 8), (2, 3, 4, 6)))   # (16-column tiles, warps, stages)
+QUANT_SPLITS = tuple(itertools.product((1, 2, 4), (2, 4, 8, 16), (2, 3, 4, 6)))   # (16-column tiles, warps, stages)
 QUANT_SWEEP = (("u4", 128), ("i8", 0))
 
 
@@ -276,15 +276,17 @@ def quant_sweep(a, ceiling):
     from layerforge.runtime.quant import QuantLinear
     arch = device_arch()
     shapes = [s for s in QUANT_SHAPES if not a.only or a.only in s[0]]
-    precompile([p for name, n, k, g in shapes for wt, gr in QUANT_SWEEP for m in (1, 8, 16)
+    sweep_tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (1, 8, 16)
+    wtypes = [(wt, gr) for wt, gr in QUANT_SWEEP if not a.wtype or wt == a.wtype]
+    precompile([p for name, n, k, g in shapes for wt, gr in wtypes for m in sweep_tokens
                 for rt, wp, st in QUANT_SPLITS for p in [split_plan(n, k, m, g, rt, wp, st, arch, wt, gr)]
                 if p is not None])
     for name, n, k, gated in shapes:
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
-        for wt, gr in QUANT_SWEEP:
+        for wt, gr in wtypes:
             lin = QuantLinear.from_float(w, gr, wtype=wt)
             nbytes = lin.qw.nbytes()
-            for m in (1, 8, 16):
+            for m in sweep_tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 default = graph_time(lambda: lin(x, gated=gated))
                 y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
@@ -372,7 +374,9 @@ def main(argv=None):
     ap.add_argument("--quant", action="store_true", help="the quantised kernels (u4, i8; f8e4m3 W8A8 on sm_89+)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
-    ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16)")
+    ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16; "
+                    "--sweep: 1,8,16)")
+    ap.add_argument("--wtype", default=None, help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
     ap.add_argument("--once", action="store_true",
                     help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "

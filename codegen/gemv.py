@@ -58,7 +58,7 @@ from .plan import KernelPlan
 from .render import read_template, render
 
 __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
-           "FP8_MIN_ARCH"]
+           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES"]
 
 MAX_M = 64
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
@@ -71,6 +71,24 @@ QUANT_SHARED_BUDGET = 160 * 1024  # the default stages of a quantised plan keep 
 # u4 / i8 on sm_90: the H200 sweep at 16 rows (benchmarks/NOTES.md, "u4 / i8 at 16 rows: the sweep's splits") chose
 # narrow products' 2 x 8 warps at 192-196 KB, one CTA an SM, over the 96-98 KB split two CTAs an SM
 QUANT_SHARED_BUDGET_SM90 = 200 * 1024
+# u4 at 1, 2 or 4 tokens: plans of max_m 1, 2, 4 whose stages hold that many x rows, not the n8 tile's 8
+# (at one token x's padding was 47 % of a u4 stage: shared memory that bounds the warps and stages an SM holds);
+# LAYERFORGE_GEMV_COMPACT_X=0: the 8-row plans
+# (i8 measured slower at one token: gate/up 32.2 -> 39.9 us; u4 faster: benchmarks/NOTES.md, "x's padding")
+COMPACT_X_WTYPES = ("u4",)
+
+
+def compact_x_default() -> bool:
+    import os
+    return os.environ.get("LAYERFORGE_GEMV_COMPACT_X", "1") != "0"
+
+
+def token_bucket(rows: int, wtype: str | None = None) -> int:
+    """max_m of the plan that serves `rows` tokens: 8, 16, 32 or 64; a u4 product (compact_x_default()) 1, 2
+    or 4 below 8."""
+    if wtype in COMPACT_X_WTYPES and rows < 8 and compact_x_default():
+        return 1 << max(0, (rows - 1).bit_length())
+    return 8 << max(0, (rows - 1).bit_length() - 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +141,9 @@ class GemvPlan(ProductPlan):
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
-        if self.max_m not in (8, 16, 32, 64):
-            raise ValueError(f"gemv: max_m must be 8, 16, 32 or 64, got {self.max_m!r}")
+        if self.max_m not in (8, 16, 32, 64) and not (self.wtype in COMPACT_X_WTYPES and self.max_m in (1, 2, 4)):
+            raise ValueError(f"gemv: max_m must be 8, 16, 32 or 64 (u4 also 1, 2 or 4), got {self.max_m!r} "
+                             f"with wtype {self.wtype!r}")
         if self.stages < 2:
             raise ValueError(f"gemv: stages must be at least 2, got {self.stages}")
         if self.norm not in (None, "rms"):
@@ -201,6 +220,17 @@ class GemvPlan(ProductPlan):
         return ops.arch_number(self.arch) >= 90 and not self.experts
 
     @property
+    def mt(self) -> int:
+        """n8 token tiles of the mma (1, 2, 4 or 8)."""
+        return max(1, self.max_m // 8)
+
+    @property
+    def xt(self) -> int:
+        """Token rows a stage holds: max_m (1, 2 or 4 for u4 at few tokens: the tile's other columns
+        read those rows again and are never stored), else the tiles' 8 MT."""
+        return self.max_m if self.max_m < 8 else 8 * self.mt
+
+    @property
     def xr(self) -> int:
         """128-byte x rows a token per chunk: the k of one 128-byte row of W over 64 (x in T), or 1 (x
         in e4m3 bytes: x_e4m3)."""
@@ -219,7 +249,7 @@ class GemvPlan(ProductPlan):
         wrows = 16 * (2 if self.gated else 1) * self.rt
         pairs = wrows * (8 * self.piece_k // self.group) * 4 if self.group else 0   # a chunk: 8 pieces of W
         xscales = 4 * self.max_m if self.x_group else 0   # the chunk's scale of each token
-        return 128 * (wrows + self.xr * (8 * (self.max_m // 8) + (1 if self.norm else 0))) + pairs + xscales
+        return 128 * (wrows + self.xr * (self.xt + (1 if self.norm else 0))) + pairs + xscales
 
     @property
     def shared_bytes(self) -> int:
@@ -311,7 +341,7 @@ def _render(plan: GemvPlan) -> str:
     t, mma = _TYPES[plan.dtype]
     return render("cuda/gemv.cu.jinja", kernel_name=plan.kernel_name, signature=plan.abi.signature,
                   plan_key=plan.key, common=read_template("cuda/common.cuh"), T=t, MMA_T=mma, N=plan.n, K=plan.k,
-                  NOUT=plan.n_out, RT=plan.rt, MT=plan.max_m // 8, WARPS=plan.warps, STAGES=plan.stages,
+                  NOUT=plan.n_out, RT=plan.rt, MT=plan.mt, XT=plan.xt, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
                   X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k,
@@ -347,6 +377,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
+    bucket = token_bucket(max_m, wtype)              # the plan's max_m: 8 mt, or (u4 / i8) 1, 2, 4
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
@@ -364,12 +395,15 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
             # u4 at 9-16 rows (the same sweep, 8B at 16 rows): wide products 2 column tiles (qkv 12.1 -> 9.4 us),
             # gated ones 2 warps (gate/up 33.4 -> 31.2 us)
             drt, dw = (1, 2) if gated else (2, 4)
+        if wtype == "u4" and bucket == 1 and narrow and k >= 8192 and ops.arch_number(arch) >= 90:
+            # one token, long K (8B down): 16 warps, 2+ chunks each (the H200 sweep at one token: 9.6 -> 9.1 us)
+            drt, dw = 2, 16
         budget = QUANT_SHARED_BUDGET_SM90 if ops.arch_number(arch) >= 90 else QUANT_SHARED_BUDGET
         # more tokens (x's rows a stage grow with them): fewer warps, then stages, then column
         # tiles, until the CTA fits the budget (sm_80 has 163 KB)
         for cand in ((drt, dw, ds), (drt, min(dw, 4), ds), (drt, min(dw, 4), 2), (1, min(dw, 4), 2), (1, 2, 2)):
             try:
-                probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or cand[0],
+                probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or cand[0],
                                  warps=warps or cand[1], stages=stages or cand[2], wtype=wtype, group=group,
                                  arch=arch)
             except ValueError:   # past what a CTA can have
@@ -380,11 +414,11 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     elif wtype is not None:
         # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
         dw = 4 if warps is None else warps
-        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
+        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
                          wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
         ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
-    return GemvPlan(dtype=dtype, n=n, k=k, max_m=8 * mt, gated=gated, bias=bias, residual=residual, norm=norm,
+    return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
                     fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3, x_group=x_group)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..codegen.gemm import pick_bn, plan_gemm
 from ..codegen.gemm_stream import max_rows as stream_max_rows, plan_gemm_stream, token_tile
-from ..codegen.gemv import GATED, plan_gemv
+from ..codegen.gemv import GATED, plan_gemv, token_bucket
 from .tma import tensor_map
 
 # Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
@@ -68,7 +68,7 @@ def _tiles(rows: int) -> int:
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
               wtype: str | None = None, group: int = 0, ldw: int = 0):
-    tiles = _tiles(rows)
+    tiles = token_bucket(rows, wtype)
     key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw)
     hit = _KERNELS.get(key)
     if hit is None:

@@ -4,7 +4,7 @@ tensor cores through the cp.async ring, the conversion is the documented instruc
 the plain bf16/f16 plans are untouched, and bad plans are clear errors."""
 import pytest
 
-from layerforge.codegen.gemv import plan_gemv
+from layerforge.codegen.gemv import GemvPlan, plan_gemv
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -67,7 +67,7 @@ def test_u4_conversion_is_lop3_then_two_ops_a_pair():
         ptx = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
         words = 2 * 2 * 4
         assert ptx.count("lop3.b32") >= 4 * words
-        assert ptx.count("mma.sync.aligned.m16n8k16") == words * (plan.max_m // 8)
+        assert ptx.count("mma.sync.aligned.m16n8k16") == words * plan.mt
         assert "lf_dequant_m(" not in plan.source().split('extern "C"')[1]
 
 
@@ -82,7 +82,7 @@ def test_u4_group_sums_scaled_once(m):
     ptx = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
     words = 2 * 2 * 4
     assert ptx.count("lop3.b32") >= 4 * words
-    mt = plan.max_m // 8   # W's mma (words x row tiles x token tiles), then the ones' (2 a unit of x, 8 units)
+    mt = plan.mt   # W's mma (words x row tiles x token tiles), then the ones' (2 a unit of x, 8 units)
     assert ptx.count("mma.sync.aligned.m16n8k16") == words * plan.rt * mt + 2 * 8 * mt
     loop = ptx[ptx.index("mma.sync"):ptx.rindex("mma.sync")]
     assert "sub.bf16x2" not in loop and "mul.bf16x2" not in loop and "fma.rn.bf16x2" not in loop
@@ -109,3 +109,47 @@ def test_quant_plan_errors():
         plan_gemv("bf16", n=64, k=4096, group=128)
     with pytest.raises(ValueError, match="multiple of 16"):
         plan_gemv("bf16", n=64, k=104, wtype="i8")
+
+
+@pytest.mark.parametrize("wtype,group", [("u4", 128), ("u4", 32)])
+@pytest.mark.parametrize("rows,bucket", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8)])
+def test_compact_x_buckets(wtype, group, rows, bucket, monkeypatch):
+    """u4 below 8 tokens: plans of max_m 1, 2, 4 whose stages hold that many x rows (LAYERFORGE_GEMV_COMPACT_X=0:
+    the n8 tile's 8); lane g reads x row g % XT, and the kernels compile without spills, gated and with the norm."""
+    from layerforge.codegen.gemv import token_bucket
+    from layerforge.runtime import nvrtc
+    assert token_bucket(rows, wtype) == bucket and token_bucket(rows, None) == 8
+    plan = plan_gemv("bf16", n=2 * 1000, k=3072, max_m=rows, gated="silu", norm="rms", arch="sm_90", wtype=wtype,
+                     group=group)
+    assert plan.max_m == bucket and plan.xt == bucket and plan.mt == 1 and f"_m{bucket}_" in plan.key
+    wide = GemvPlan(**{**plan.__dict__, "max_m": 8})
+    assert wide.stage_bytes - plan.stage_bytes == 128 * plan.xr * (8 - bucket)
+    src = plan.source()
+    assert f"XT = {bucket};" in src and "const int gx = XT < 8 ? g & (XT - 1) : g;" in src
+    res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"))
+    r = res.resources[plan.kernel_name]
+    assert r.spill_stores == 0 and r.spill_loads == 0
+    monkeypatch.setenv("LAYERFORGE_GEMV_COMPACT_X", "0")
+    assert token_bucket(rows, wtype) == 8
+    assert plan_gemv("bf16", n=2000, k=3072, max_m=rows, arch="sm_90", wtype=wtype, group=group).max_m == 8
+
+
+def test_compact_x_only_u4():
+    for wtype, group in ((None, 0), ("i8", 0)):
+        with pytest.raises(ValueError, match="max_m must be 8, 16, 32 or 64"):
+            GemvPlan(dtype="bf16", n=4096, k=4096, max_m=1, wtype=wtype, group=group)
+        assert plan_gemv("bf16", n=4096, k=4096, max_m=1, wtype=wtype, group=group).max_m == 8
+    # one token over a long K, narrow (8B down): 2 column tiles x 16 warps on sm_90
+    down = plan_gemv("bf16", n=4096, k=14336, max_m=1, arch="sm_90", wtype="u4", group=128)
+    assert (down.max_m, down.rt, down.warps, down.stages) == (1, 2, 16, 2) and down.shared_bytes <= 200 * 1024
+
+
+def test_quant_w_copies_before_the_pdl_wait():
+    """sm_90 (programmatic dependent launch): u4's W and pairs' first chunks are copied before
+    griddepcontrol.wait, x's after it (x comes from the kernel before, W does not); i8's all after it
+    (split, it measured slower)."""
+    for wtype, group, split in (("u4", 128, True), ("i8", 0, False)):
+        src = plan_gemv("bf16", n=6144, k=4096, max_m=1, arch="sm_90", wtype=wtype, group=group).source()
+        pre, post = src.split('extern "C"')[1].split('asm volatile("griddepcontrol.wait;" ::: "memory");')
+        assert ("load(warp + s * WARPS, s, 1);" in pre and "load(warp + s * WARPS, s, 2);" in post) == split
+        assert ("load(warp + s * WARPS, s);" in post) == (not split)

@@ -29,7 +29,7 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
 @pytest.mark.parametrize("wtype,group", WTYPES)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_quant_gemv_against_float64(n, k, wtype, group, m):
