@@ -2,12 +2,16 @@
 
     attn = PagedAttention(stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16"), page_size=16)
     out = attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=4096)      # per token
+    out = attn(q, k_cache, v_cache, page_table, seq_lens, max_kv_len=4096)    # decode, token t = sequence t
     out = attn.prefill(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens, max_q_len=512,
                        max_kv_len=4096)                                                        # ragged
 
 q is [T, Hq, D]: the new query tokens of every sequence, concatenated. In the per-token form
 q_seq[t] is token t's sequence (a row of page_table) and q_pos[t] its position (decode: one
-token per sequence). In the ragged form, sequence s owns q rows cu_seqlens[s] ..
+token per sequence); without both (None), token t is sequence t at its last position
+(seq_lens[t] - 1), a decode step of every sequence in order, and the kernels read neither
+array (one dependent global read less ahead of each CTA's first page-table and K/V loads).
+In the ragged form, sequence s owns q rows cu_seqlens[s] ..
 cu_seqlens[s+1]-1, which are its last tokens (prefill, chunked prefill over a cached prefix).
 The cache holds K already rotated (see runtime/kv_cache.py); seq_lens counts the tokens each
 sequence has in the cache, the new ones included.
@@ -295,6 +299,20 @@ class PagedAttention:
             values[d] = dims[d]
         return values
 
+    def _check_identity(self, q, page_table, q_seq, q_pos):
+        """The per-token form without q_seq / q_pos: both or neither, and T <= the page table's rows."""
+        if (q_seq is None) != (q_pos is None):
+            given, missing = ("q_seq", "q_pos") if q_pos is None else ("q_pos", "q_seq")
+            raise LayerInputError(f"{self.name}: '{given}' is given but '{missing}' is None; pass both (each token's "
+                                  f"sequence and position) or neither (token t is sequence t, at its last position)")
+        # (traced, the op's real implementation checks the sizes: no guard on the token count here)
+        if q_seq is None and not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) \
+                and isinstance(page_table, torch.Tensor) and q.dim() >= 1 and page_table.dim() >= 1 \
+                and q.shape[0] > page_table.shape[0]:
+            raise LayerInputError(f"{self.name}: without q_seq / q_pos token t is sequence t, but q has "
+                                  f"{q.shape[0]} tokens and the page table {page_table.shape[0]} rows (pass q_seq "
+                                  f"and q_pos, or at most one token per row)")
+
     def _splits(self, dev, ctas: int, max_kv_len: int, num_splits: int | None, tile: int = 256,
                 one_wave: bool = False) -> int:
         """Split-KV parts: enough CTAs for about two per SM, no more parts than key tiles.
@@ -322,12 +340,15 @@ class PagedAttention:
         return (torch.empty((T * self.hq * num_splits * self.dv,), dtype=torch.float32, device=dev),
                 torch.empty((T * self.hq * num_splits,), dtype=torch.float32, device=dev))
 
-    def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, *, max_kv_len: int,
+    def __call__(self, q, k_cache, v_cache, page_table, seq_lens, q_seq=None, q_pos=None, *, max_kv_len: int,
                  extra: dict[str, torch.Tensor] | None = None, num_splits: int | None = None,
                  out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None, **scalars) -> torch.Tensor:
-        """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position. k_scale,
+        """Per-token form: q_seq[t], q_pos[t] give token t's sequence and position. Both None:
+        token t is sequence t (T <= the page table's rows) at its last position, seq_lens[t] - 1
+        (a decode step of every sequence in order; the kernels then read neither array). k_scale,
         v_scale: an fp8 cache's float32 [Hkv] scales (required then, refused otherwise)."""
+        self._check_identity(q, page_table, q_seq, q_pos)
         if torch.compiler.is_compiling():   # traced: one custom op (runtime/ops.py); eager: the direct launch
             return ops.paged_attention(self, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos,
                                        max_kv_len=max_kv_len, extra=extra, num_splits=num_splits, out=out,
@@ -335,15 +356,23 @@ class PagedAttention:
         dev, S, max_pages, out, values = self._common_checks(q, k_cache, v_cache, page_table, seq_lens, max_kv_len,
                                                            extra, out, scalars, k_scale, v_scale)
         T = q.shape[0]
-        self._check("q_seq", q_seq, torch.int32, (T,), 1, dev)
-        self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
+        identity = q_seq is None   # (and q_pos: _check_identity): token t is sequence t, at its last position
+        if not identity:
+            self._check("q_seq", q_seq, torch.int32, (T,), 1, dev)
+            self._check("q_pos", q_pos, torch.int32, (T,), 1, dev)
         if T == 0:
             return out
         if dev.type == "cpu":
-            ids, pos = q_seq.long(), q_pos.long()
+            if identity:
+                ids, pos = torch.arange(T), seq_lens[:T].long() - 1
+            else:
+                ids, pos = q_seq.long(), q_pos.long()
             groups = [(int(b), (ids == b).nonzero()[:, 0]) for b in ids.unique()]
             return self._reference(q, k_cache, v_cache, page_table, seq_lens, [(b, r, pos[r]) for b, r in groups],
                                    extra, scalars, out, values)
+        if identity and self.layer is None:
+            # a pack's kernels may predate the null-pointer branches (its version check cannot tell): spelled out
+            q_seq, q_pos = torch.arange(T, dtype=torch.int32, device=dev), seq_lens[:T] - 1
         if self.kernel == "tc":
             return self._launch_tc(dev, "decode", q, k_cache, v_cache, page_table, seq_lens, None, q_seq, q_pos, out,
                                    S, max_pages, T, 1, max_kv_len, num_splits, values)

@@ -24,7 +24,8 @@ graph holds the real data flow.
 Ops:
   row_layer(h, tensors, scalars) -> outputs            a row layer (inputs then weights)
   row_layer_out(h, tensors, scalars, out!)             ... writing `out=`
-  paged_attention[_out](h, q, k_cache, ..., q_seq, q_pos, max_kv_len, ...)   per-token form
+  paged_attention[_out](h, q, k_cache, ..., q_seq?, q_pos?, max_kv_len, ...)   per-token form (q_seq and
+      q_pos None: token t is sequence t at its last position, as PagedAttention.__call__ takes them)
   paged_prefill[_out](h, q, k_cache, ..., cu_seqlens, max_q_len, max_kv_len, ...)   ragged form
   kv_append(h, k, v, seq_ids, positions, rope, k_cache!, v_cache!, page_table!, seq_lens!)
       -> (positions, q_seq, q_pos)
@@ -263,7 +264,7 @@ def paged_attention(attn, q, k_cache, v_cache, page_table, seq_lens, q_seq, q_po
 
 @_op()
 def _paged_attention(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seq_lens: Tensor,
-                     q_seq: Tensor, q_pos: Tensor, max_kv_len: int, num_splits: Optional[int],
+                     q_seq: Optional[Tensor], q_pos: Optional[Tensor], max_kv_len: int, num_splits: Optional[int],
                      extra: list[Tensor], scalars: list[float]) -> Tensor:
     attn = _owner(h)
     return attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=max_kv_len,
@@ -272,8 +273,8 @@ def _paged_attention(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_t
 
 @_op(mutates_args=("out",))
 def _paged_attention_out(h: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
-                         seq_lens: Tensor, q_seq: Tensor, q_pos: Tensor, max_kv_len: int, num_splits: Optional[int],
-                         extra: list[Tensor], scalars: list[float], out: Tensor) -> None:
+                         seq_lens: Tensor, q_seq: Optional[Tensor], q_pos: Optional[Tensor], max_kv_len: int,
+                         num_splits: Optional[int], extra: list[Tensor], scalars: list[float], out: Tensor) -> None:
     attn = _owner(h)
     attn(q, k_cache, v_cache, page_table, seq_lens, q_seq, q_pos, max_kv_len=max_kv_len, num_splits=num_splits,
          out=out, **_attention_kwargs(attn, extra, scalars))

@@ -57,10 +57,13 @@ def build_cache(ks, vs, page_size, spec, dtype, gen):
 
 
 def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16, extra_fn=None, splits=None,
-             tiles=None, prefill=None, dv=None, **consts):
+             tiles=None, prefill=None, dv=None, identity=False, **consts):
     """lens: total kv length per sequence; new: query tokens per sequence (the last ones);
     prefill: PagedAttention's prefill kernel (None: its default for the device); dv: the value
-    head dim of a block that declares one (its dim Dv; None: values of D)."""
+    head dim of a block that declares one (its dim Dv; None: values of D). identity (the
+    per-token forms, one token for each of the first sequences, none for the rest): the call
+    without q_seq / q_pos (token t is sequence t, at its last position) is the one checked
+    against the reference, and a second call with them spelled out must give the same bits."""
     # seeded by the problem, not the form or tiles: every kernel of a case sees the same inputs
     gen = seeded_generator(name, hq, hkv, d, page, tuple(lens), tuple(new), dtype, consts, *((dv,) if dv else ()))
     kw = dict(Hq=hq, Hkv=hkv, D=d, **consts, **({"Dv": dv} if dv else {}))
@@ -85,6 +88,18 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
         cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
         attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra,
                      out=out, num_splits=splits)
+    elif identity:
+        T = q.shape[0]
+        assert form != "tc-ragged" and list(new) == [1] * T + [0] * (len(new) - T), "token t is sequence t"
+        attn(q, kc, vc, table, seq_lens, max_kv_len=max(lens), extra=extra, out=out, num_splits=splits)
+        # spelled out: arange and seq_lens - 1 (what q_seq / q_pos above are for these tokens)
+        assert torch.equal(q_seq, torch.arange(T, dtype=torch.int32, device="cuda"))
+        assert torch.equal(q_pos, seq_lens[:T] - 1)
+        given = torch.full_like(out, float("nan"))
+        attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), extra=extra, out=given,
+             num_splits=splits)
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int16), given.view(torch.int16)), "q_seq / q_pos None changed the bits"
     else:
         attn(q, kc, vc, table, seq_lens, q_seq, q_pos, max_kv_len=max(lens), extra=extra, out=out,
              num_splits=splits)
@@ -92,6 +107,8 @@ def run_case(prog, form, name, hq, hkv, d, page, lens, new, dtype=torch.bfloat16
     assert not torch.isnan(out).any(), "NaN in output"
     start = 0
     for s, (n, m) in enumerate(zip(lens, new)):
+        if m == 0:   # (a sequence without query tokens: a page-table row past the identity form's tokens)
+            continue
         ins = {"q": qs[s][None], "k": ks[s][None], "v": vs[s][None]}
         for p in layer.function.params[3:]:
             if p.kind == "tensor":
@@ -300,3 +317,24 @@ def test_cuda_core_kernel_other_head_dims(prog, name, d):
     prefill, with and without split-KV."""
     run_case(prog, "simt", name, 8, 2, d, 16, lens=[1, 37, 300], new=[1, 5, 1])
     run_case(prog, "simt", name, 8, 2, d, 16, lens=[1000], new=[1], splits=4)
+
+
+# A decode step of every sequence in order without q_seq / q_pos (issue 11: the kernels read
+# neither array, so no global read waits ahead of a CTA's first page-table and K/V loads).
+IDENTITY_CASES = {
+    "decode": dict(name="llama_attn", lens=[1, 17, 100, 300], new=[1, 1, 1, 1]),
+    "split_kv": dict(name="llama_attn", lens=[4096, 1000], new=[1, 1], splits=7),
+    "window": dict(name="mistral_attn", lens=[1, 17, 100, 1000], new=[1, 1, 1, 1], splits=3, window=37),
+    "spare_rows": dict(name="gemma2_attn", lens=[300, 33, 700, 5], new=[1, 1, 0, 0], window=64),
+}
+
+
+@pytest.mark.parametrize("case", list(IDENTITY_CASES))
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_identity_decode_without_q_seq_q_pos(prog, kernel, case):
+    """q_seq / q_pos None against arange / seq_lens - 1 spelled out: the same bits, on the
+    tensor-core and CUDA-core kernels, split-KV forced, a sliding window (and split), and fewer
+    tokens than page-table rows; each against the reference."""
+    kw = dict(IDENTITY_CASES[case])
+    name = kw.pop("name")
+    run_case(prog, kernel, name, 32, 8, 128, 16, identity=True, **kw)

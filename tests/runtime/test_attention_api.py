@@ -67,6 +67,41 @@ def test_cpu_reference_rejects_bad_tables(layer, bad, match):
              max_kv_len=20)
 
 
+def test_identity_decode_matches_q_seq_q_pos_spelled_out(layer):
+    """Without q_seq / q_pos token t is sequence t at its last position: on CPU tensors (the
+    reference) exactly the call with arange / seq_lens - 1, also with fewer tokens than
+    page-table rows."""
+    attn = PagedAttention(layer, arch="sm_90")
+    kc, vc, table, lens = paged([5, 20, 1])
+    q = torch.randn(3, 8, 64).bfloat16()
+    for T in (3, 2):
+        got = attn(q[:T], kc, vc, table, lens, max_kv_len=20)
+        want = attn(q[:T], kc, vc, table, lens, torch.arange(T, dtype=torch.int32), lens[:T] - 1, max_kv_len=20)
+        assert torch.equal(got, want) and not torch.isnan(got).any()
+
+
+def test_identity_decode_argument_checks_fail_before_any_launch(layer, monkeypatch):
+    """q_seq / q_pos: both or neither; without them at most one token per page-table row. The
+    checks come before anything is compiled or launched (no GPU needed)."""
+    attn = PagedAttention(layer, arch="sm_90")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reached a kernel launch or the reference")
+    for path in ("_load", "_launch_tc", "_reference", "_common_checks"):
+        monkeypatch.setattr(attn, path, refuse)
+    kc, vc, table, lens = paged([5, 20])
+    q = torch.randn(3, 8, 64).bfloat16()
+    with pytest.raises(lf.LayerInputError, match="q has 3 tokens and the page table 2 rows"):
+        attn(q, kc, vc, table, lens, max_kv_len=20)
+    ids = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(lf.LayerInputError, match="'q_seq' is given but 'q_pos' is None"):
+        attn(q[:2], kc, vc, table, lens, ids, max_kv_len=20)
+    with pytest.raises(lf.LayerInputError, match="'q_pos' is given but 'q_seq' is None"):
+        attn(q[:2], kc, vc, table, lens, q_pos=ids, max_kv_len=20)
+    with pytest.raises(lf.LayerInputError, match="'q_pos' is given but 'q_seq' is None"):
+        attn(q[:2], kc, vc, table, lens, None, ids, max_kv_len=20)
+
+
 def test_tensor_core_plans_for_both_modes(layer, tmp_path):
     from layerforge.runtime.cache import KernelCache
     attn = PagedAttention(layer, arch="sm_90", cache=KernelCache(tmp_path), prefill="tc")

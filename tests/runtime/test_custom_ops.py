@@ -87,6 +87,8 @@ def test_attention_ops_pass_torch_library_opcheck():
     q = torch.randn(3, HQ, D).bfloat16()
     h = ops.handle(block.attn)
     opcheck(torch.ops.layerforge.paged_attention.default, (h, q, kc, vc, table, lens, q_seq, q_pos, 64, None, [], []))
+    # without q_seq / q_pos (token t is sequence t, at its last position): the schema's optional arguments
+    opcheck(torch.ops.layerforge.paged_attention.default, (h, q, kc, vc, table, lens, None, None, 64, None, [], []))
     cu = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     opcheck(torch.ops.layerforge.paged_prefill.default, (h, q, kc, vc, table, lens, cu, 1, 64, None, [], []))
 
@@ -174,6 +176,36 @@ def test_block_compiles_fullgraph_and_matches_eager(device):
         return torch._dynamo.backends.registry.lookup_backend(backend(device))(gm, example_inputs)
 
     got = torch.compile(block, fullgraph=True, backend=record)(*inputs)
+    assert len(graphs) == 1
+    assert layerforge_ops(graphs[0]) == ["layerforge.row_layer", "layerforge.paged_attention", "layerforge.row_layer"]
+    assert_matches(got, want, device)
+
+
+class IdentityBlock(Block):
+    """The block's decode step of every sequence in order, without q_seq / q_pos."""
+
+    def forward(self, x, k_cache, v_cache, page_table, seq_lens):
+        T = x.shape[0]
+        h = self.norm(x).view(T, HQ, D)
+        o = self.attn(h, k_cache, v_cache, page_table, seq_lens, max_kv_len=MAX_PAGES * PAGE)
+        return self.act(self.up(o.view(T, HQ * D)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identity_decode_compiles_fullgraph_and_matches_spelled_out(device):
+    """q_seq / q_pos None travel through the op (its schema's optional arguments): one graph,
+    matching eager and the block given arange / seq_lens - 1."""
+    block = IdentityBlock(device)
+    x, kc, vc, table, lens, q_seq, q_pos = block_inputs(device)
+    want = Block.forward(block, x, kc, vc, table, lens, q_seq, q_pos)
+    assert_matches(block(x, kc, vc, table, lens), want, device)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend(backend(device))(gm, example_inputs)
+
+    got = torch.compile(block, fullgraph=True, backend=record)(x, kc, vc, table, lens)
     assert len(graphs) == 1
     assert layerforge_ops(graphs[0]) == ["layerforge.row_layer", "layerforge.paged_attention", "layerforge.row_layer"]
     assert_matches(got, want, device)
