@@ -72,4 +72,12 @@ def test_readme_python_block_runs(namespace, line, code):
     missing = unmet(code)
     if missing:
         pytest.skip(f"README.md:{line} needs {', '.join(missing)}")
+    # the blocks before this one first, where this process has not run them (pytest-xdist may hand a
+    # block to a worker that did not get the ones before it)
+    done = namespace.setdefault("__readme_done__", set())
+    for earlier, code_before in BLOCKS:
+        if earlier < line and earlier not in done and not unmet(code_before):
+            exec(compile(code_before, f"README.md:{earlier}", "exec"), namespace)
+            done.add(earlier)
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    done.add(line)
