@@ -146,10 +146,12 @@ def test_compact_x_only_u4():
 
 def test_quant_w_copies_before_the_pdl_wait():
     """sm_90 (programmatic dependent launch): u4's W and pairs' first chunks are copied before
-    griddepcontrol.wait, x's after it (x comes from the kernel before, W does not); i8's all after it
-    (split, it measured slower)."""
-    for wtype, group, split in (("u4", 128, True), ("i8", 0, False)):
-        src = plan_gemv("bf16", n=6144, k=4096, max_m=1, arch="sm_90", wtype=wtype, group=group).source()
+    griddepcontrol.wait, x's after it (x comes from the kernel before, W does not), as the e4m3 kernel over
+    x quantised first; i8's all after it (split, it measured slower), and f8e4m3's with x in T (not measured)."""
+    for wtype, group, x_e4m3, split in (("u4", 128, False, True), ("i8", 0, False, False),
+                                        ("f8e4m3", 0, False, False), ("f8e4m3", 0, True, True)):
+        src = plan_gemv("bf16", n=6144, k=4096, max_m=1, arch="sm_90", wtype=wtype, group=group,
+                        x_e4m3=x_e4m3).source()
         pre, post = src.split('extern "C"')[1].split('asm volatile("griddepcontrol.wait;" ::: "memory");')
         assert ("load(warp + s * WARPS, s, 1);" in pre and "load(warp + s * WARPS, s, 2);" in post) == split
         assert ("load(warp + s * WARPS, s);" in post) == (not split)
