@@ -1,4 +1,6 @@
-"""The grouped MoE routing kernel (DeepSeek-V2/V3): the standard library's `moe_route_grouped`.
+"""The grouped MoE routing kernel (DeepSeek-V2/V3): the standard library's `moe_route_grouped`
+(V3's sigmoid scores plus a bias, groups scored by their best two) and `moe_route_limited` (V2's
+softmax scores, groups scored by their best expert, no bias).
 
     plan = plan_route(stdlib().specialise("moe_route_grouped", E=256, n_group=8, topk_group=4, k=8), "sm_90")
     plan.key   'moe_route_grouped_e256_k8_n_group8_topk_group4_f32_sm90'
@@ -25,6 +27,7 @@ from .row import LoweringError
 __all__ = ["RoutePlan", "RouteRows", "plan_route", "serves"]
 
 ROUTE_LAYER = "moe_route_grouped"
+ROUTE_LAYERS = (ROUTE_LAYER, "moe_route_limited")   # the layers this kernel serves: scoring mode "sigmoid", "softmax"
 STDLIB_FILE = "<stdlib>/rows.lf"
 MAX_EXPERTS = 512     # 16 per lane: two f32 and one 64-bit key each, in registers
 MAX_GROUPS = 32       # one bit each of the kept mask
@@ -33,9 +36,9 @@ WARPS = 4             # tokens per block
 
 
 def serves(layer: Layer) -> bool:
-    """The standard library's grouped routing layer (a user's layer of that name is not it)."""
+    """The standard library's grouped routing layers (a user's layer of those names is not one)."""
     fn = layer.function
-    return fn.name == ROUTE_LAYER and fn.span.file == STDLIB_FILE
+    return fn.name in ROUTE_LAYERS and fn.span.file == STDLIB_FILE
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ def _consts(layer: Layer) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class RoutePlan(KernelPlan):
-    """One warp per token: logits [N, E] (T), bias [E] (f32) -> weights f32 [N, k], ids i32 [N, k]."""
+    """One warp per token: logits [N, E] (T), bias [E] (f32; moe_route_grouped only) -> weights f32 [N, k],
+    ids i32 [N, k]."""
 
     family: ClassVar[str] = "moe_route"
     layer: Layer
@@ -68,7 +72,7 @@ class RoutePlan(KernelPlan):
             why = f"E = {e} experts (the kernel holds up to {MAX_EXPERTS})"
         elif not 1 <= g <= MAX_GROUPS or e % g:
             why = f"n_group = {g} (1 to {MAX_GROUPS}, dividing E = {e})"
-        elif e // g < 2:
+        elif e // g < 2 and not self.softmax:
             why = f"groups of {e // g} expert (a group scores its best two)"
         elif not 1 <= tg <= g:
             why = f"topk_group = {tg} (1 to n_group = {g})"
@@ -80,6 +84,11 @@ class RoutePlan(KernelPlan):
     @property
     def consts(self) -> dict[str, Any]:
         return _consts(self.layer)
+
+    @property
+    def softmax(self) -> bool:
+        """moe_route_limited: softmax scores, a group's best expert, no bias."""
+        return self.layer.function.name == "moe_route_limited"
 
     @property
     def experts(self) -> int:
@@ -95,8 +104,9 @@ class RoutePlan(KernelPlan):
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
         logits = self.layer.function.params[0]
+        bias = () if self.softmax else (Arg("p_bias", "const float* __restrict__", "input", "bias"),)
         args = (Arg("p_logits", f"const {ops.STORAGE_TYPE[logits.dtype]}* __restrict__", "input", "logits"),
-                Arg("p_bias", "const float* __restrict__", "input", "bias"),
+                *bias,
                 Arg("o_0", "float* __restrict__", "output", "0"),
                 Arg("o_1", "int* __restrict__", "output", "1"),
                 Arg("n_rows", "long long", "dim", "rows"))
@@ -110,7 +120,7 @@ class RoutePlan(KernelPlan):
                       x_type=ops.STORAGE_TYPE[self.layer.function.params[0].dtype], experts=e,
                       epl=-(-e // 32), n_group=c["n_group"], group_size=e // c["n_group"],
                       topk_group=c["topk_group"], k=c["k"], norm=bool(c["norm_topk_prob"]),
-                      scale=f"{float(c['routed_scaling_factor'])!r}f", warps=WARPS)
+                      scale=f"{float(c['routed_scaling_factor'])!r}f", warps=WARPS, softmax=self.softmax)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": self.layer.name, "dims": dict(self.layer.dims), "consts": self.consts,
@@ -120,5 +130,5 @@ class RoutePlan(KernelPlan):
 
 def plan_route(layer: Layer, arch: str, *, vec_bytes: int = 16) -> RoutePlan:
     if not serves(layer):
-        raise LoweringError(f"{layer.name}: not the standard library's {ROUTE_LAYER}")
+        raise LoweringError(f"{layer.name}: not the standard library's {' or '.join(ROUTE_LAYERS)}")
     return RoutePlan(layer=layer, arch=arch, vec_bytes=vec_bytes)

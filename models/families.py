@@ -392,22 +392,26 @@ def deepseek_v3(c: _Config) -> ModelSpec:
 
 def deepseek_v2(c: _Config) -> ModelSpec:
     # greedy routing: softmax over the experts, top k, not renormalised, times routed_scaling_factor;
-    # moe_route serves it where that factor is 1 (DeepSeek-V2-Lite). DeepSeek-V2's group_limited_greedy
-    # (softmax scores, groups ranked by their best expert) has no routing layer yet.
+    # moe_route serves it where that factor is 1 (DeepSeek-V2-Lite); group_limited_greedy (DeepSeek-V2:
+    # softmax scores, the topk_group groups of the best experts) and greedy with another factor take
+    # moe_route_limited (greedy as one group), with transformers' DeepseekV2TopkRouter's f32 logits
     method, scoring = c.get("topk_method", "greedy"), c.get("scoring_func", "softmax")
-    if method != "greedy" or scoring != "softmax":
-        raise c.error(f"'topk_method' {method!r} with 'scoring_func' {scoring!r} is not supported (greedy with "
-                      "softmax: DeepSeek-V2-Lite's; group_limited_greedy has no routing layer yet)")
+    if method not in ("greedy", "group_limited_greedy") or scoring != "softmax":
+        raise c.error(f"'topk_method' {method!r} with 'scoring_func' {scoring!r} is not supported (greedy or "
+                      "group_limited_greedy with softmax: DeepSeek-V2's)")
     scale = c.float("routed_scaling_factor", default=1.0)
-    if scale != 1.0:
-        raise c.error(f"'routed_scaling_factor' {scale} is not supported with greedy routing (1.0: the softmax "
-                      "routing layer does not scale its weights)")
+    routing: dict[str, Any] = {}
+    if method == "group_limited_greedy":
+        routing = dict(router="limited", n_group=c.int("n_group"), topk_group=c.int("topk_group"),
+                       routed_scaling_factor=scale)
+    elif scale != 1.0:
+        routing = dict(router="limited", n_group=1, topk_group=1, routed_scaling_factor=scale)
     if c.bool("norm_topk_prob", False):
         raise c.error("'norm_topk_prob' true is not supported (transformers' DeepseekV2TopkRouter never "
                       "renormalises, DeepSeek's code does: the config is ambiguous)")
     if c.bool("mlp_bias", False):
         raise c.error("'mlp_bias' true is not supported (the MoE layers' shared experts would have biases)")
-    return _deepseek(c, routing={}, norm_topk_prob=False, first_dense=0, shared_experts=2)
+    return _deepseek(c, routing=routing, norm_topk_prob=False, first_dense=0, shared_experts=2)
 
 
 def _gemma_common(c: _Config, *, gemma2: bool) -> ModelSpec:
@@ -1140,7 +1144,7 @@ def _moe_route_bindings(moe: MoEConfig) -> tuple[str, dict[str, Any]]:
     """The routing layer runtime/moe.MoE builds, with its bindings."""
     if moe.router == "softmax":
         return "moe_route", {"E": moe.experts, "k": moe.top_k, "renormalize": moe.norm_topk_prob}
-    return "moe_route_grouped", {"E": moe.experts, "n_group": moe.n_group, "topk_group": moe.topk_group,
+    return "moe_route_grouped" if moe.router == "grouped" else "moe_route_limited", {"E": moe.experts, "n_group": moe.n_group, "topk_group": moe.topk_group,
                                  "k": moe.top_k, "norm_topk_prob": moe.norm_topk_prob,
                                  "routed_scaling_factor": float(moe.routed_scaling_factor)}
 

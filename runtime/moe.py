@@ -85,9 +85,11 @@ _GATED_LAYER = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """One MoE layer. router: "softmax" (softmax over experts, top-k, renormalised when
-    norm_topk_prob: Mixtral, Qwen2/3-MoE) or "grouped" (DeepSeek-V3's noaux_tc: sigmoid scores +
+    norm_topk_prob: Mixtral, Qwen2/3-MoE), "grouped" (DeepSeek-V3's noaux_tc: sigmoid scores +
     e_score_correction_bias, the topk_group best of n_group groups, top-k, renormalised when
-    norm_topk_prob, times routed_scaling_factor). shared_inter: the shared expert's intermediate
+    norm_topk_prob, times routed_scaling_factor) or "limited" (DeepSeek-V2's group_limited_greedy,
+    and its greedy with n_group = topk_group = 1: softmax scores of f32 logits, the topk_group groups
+    of the best experts, top-k, renormalised when norm_topk_prob, times routed_scaling_factor). shared_inter: the shared expert's intermediate
     size (0: none; DeepSeek: moe_intermediate_size x n_shared_experts); shared_gate: Qwen2-MoE's
     sigmoid gate on it."""
     hidden: int
@@ -110,9 +112,9 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig: {name} must be a positive int, got {v!r}")
         if self.top_k > self.experts:
             raise ValueError(f"MoEConfig: top_k {self.top_k} > experts {self.experts}")
-        if self.router not in ("softmax", "grouped"):
-            raise ValueError(f"MoEConfig: router must be 'softmax' or 'grouped', got {self.router!r}")
-        if self.router == "grouped" and (self.experts % self.n_group or not 1 <= self.topk_group <= self.n_group):
+        if self.router not in ("softmax", "grouped", "limited"):
+            raise ValueError(f"MoEConfig: router must be 'softmax', 'grouped' or 'limited', got {self.router!r}")
+        if self.router != "softmax" and (self.experts % self.n_group or not 1 <= self.topk_group <= self.n_group):
             raise ValueError(f"MoEConfig: {self.experts} experts in {self.n_group} groups, keeping {self.topk_group}")
         if self.activation not in GATED:
             raise ValueError(f"MoEConfig: activation must be one of {GATED}, got {self.activation!r}")
@@ -251,10 +253,12 @@ class MoE(torch.nn.Module):
             route = module("moe_route", program=prog, dtype=dname, device=device, E=cfg.experts, k=cfg.top_k,
                            renormalize=cfg.norm_topk_prob)
         else:
-            # DeepSeek-V3's router computes its logits in f32 (transformers' DeepseekV3TopkRouter)
-            route = module("moe_route_grouped", program=prog, dtype="f32", device=device, E=cfg.experts,
-                           n_group=cfg.n_group, topk_group=cfg.topk_group, k=cfg.top_k,
-                           norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=float(cfg.routed_scaling_factor))
+            # DeepSeek-V2's and V3's routers compute their logits in f32 (transformers' DeepseekV2TopkRouter,
+            # DeepseekV3TopkRouter)
+            route = module("moe_route_grouped" if cfg.router == "grouped" else "moe_route_limited", program=prog,
+                           dtype="f32", device=device, E=cfg.experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                           k=cfg.top_k, norm_topk_prob=cfg.norm_topk_prob,
+                           routed_scaling_factor=float(cfg.routed_scaling_factor))
         if cfg.router == "grouped":   # one tensor: the routing layer reads the router's bias
             route.bias = self.gate.e_score_correction_bias
         # not a submodule: its one weight (the bias) is the router's, saved under the router's name
@@ -265,7 +269,7 @@ class MoE(torch.nn.Module):
     # ---- the steps --------------------------------------------------------------------------
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights f32 [T, k], ids i32 [T, k]) of the rows x2 [T, H]."""
-        if self.cfg.router == "grouped":
+        if self.cfg.router != "softmax":
             logits = F.linear(x2.float(), self.gate.weight.float())
         else:
             logits = F.linear(x2, self.gate.weight)

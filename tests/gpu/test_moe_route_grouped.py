@@ -84,3 +84,61 @@ def test_ties_go_to_the_lowest_index(cfg):
         assert torch.equal(ids.long(), rids.long())
         assert torch.allclose(w.double(), rw, rtol=1e-5, atol=0)
 
+
+
+# DeepSeek-V2's group-limited greedy routing (moe_route_limited: the kernel's softmax mode, no bias)
+LIMITED = [dict(E=160, n_group=8, topk_group=3, k=6, routed_scaling_factor=16.0),   # DeepSeek-V2
+           dict(E=64, n_group=1, topk_group=1, k=6, routed_scaling_factor=2.0),     # greedy, scaled
+           dict(E=64, n_group=8, topk_group=2, k=6, norm_topk_prob=True)]
+
+
+def limited_run(cfg, dtype, logits):
+    mod = module("moe_route_limited", dtype=dtype, device="cuda", **cfg)
+    assert mod.kernel_reason is None and plan_layer(mod.layer, "sm_90").softmax
+    n, k = logits.shape[0], cfg["k"]
+    outs = (torch.full((n, k), float("nan"), device="cuda"), torch.full((n, k), -1, dtype=torch.int32, device="cuda"))
+    got = mod(logits, out=outs)
+    torch.cuda.synchronize()
+    return got, lf.evaluate(mod.function, {"logits": logits, **mod._scalars}, precision="float64")
+
+
+def limited_clear_rows(logits, cfg):
+    """Rows whose kept groups and chosen experts all have a float64 margin > MARGIN."""
+    e, g, tg, k = cfg["E"], cfg["n_group"], cfg["topk_group"], cfg["k"]
+    n = logits.shape[0]
+    s = torch.softmax(logits.double(), -1).view(n, g, e // g)
+    gs = s.max(-1).values
+    ok = torch.ones(n, dtype=torch.bool, device=s.device)
+    if tg < g:
+        top = gs.sort(-1, descending=True).values
+        ok &= (top[:, tg - 1] - top[:, tg]) > MARGIN
+    keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(tg, dim=-1).indices, True)
+    best = s.masked_fill(~keep.unsqueeze(-1), 0.0).view(n, e).sort(-1, descending=True).values[:, :k + 1]
+    return ok & ((best[:, :-1] - best[:, 1:]) > MARGIN).all(-1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("cfg", LIMITED, ids=lambda c: f"e{c['E']}g{c['n_group']}k{c['k']}")
+def test_limited_kernel_matches_reference(cfg, dtype):
+    gen = seeded_generator("moe_route_limited", cfg["E"], cfg["n_group"], dtype)
+    for n in TOKENS:
+        logits = (torch.randn(n, cfg["E"], generator=gen) * 3).to(getattr(torch, {"bf16": "bfloat16",
+                                                                                  "f32": "float32"}[dtype])).cuda()
+        (w, ids), (rw, rids) = limited_run(cfg, dtype, logits)
+        assert not torch.isnan(w).any() and (ids >= 0).all()
+        clear = limited_clear_rows(logits, cfg)
+        assert (~clear).sum() <= max(1, n // 50), "too many near-ties to check"
+        assert torch.equal(ids[clear].long(), rids[clear].long())
+        assert torch.allclose(w[clear].double(), rw[clear], rtol=1e-5, atol=0)
+
+
+def test_limited_ties_go_to_the_lowest_index():
+    """Logits of a few values: the softmax scores tie exactly (the same exp of the same difference), groups
+    and experts alike; every id must be the reference's."""
+    cfg = LIMITED[2]
+    gen = seeded_generator("moe_route_limited_ties", cfg["E"])
+    for n in TOKENS:
+        logits = (torch.randint(-3, 4, (n, cfg["E"]), generator=gen).float() * 0.5).cuda()
+        (w, ids), (rw, rids) = limited_run(cfg, "f32", logits)
+        assert torch.equal(ids.long(), rids.long())
+        assert torch.allclose(w.double(), rw, rtol=1e-5, atol=0)

@@ -65,6 +65,10 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
                                                           beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
         "deepseek_v2": ("DeepseekV2Config", dict(common, **_mla(H), q_lora_rank=None, n_routed_experts=6,
                                                  n_shared_experts=2)),
+        # DeepSeek-V2's own routing (V2-Lite's is the greedy above): group_limited_greedy, scaled weights
+        "deepseek_v2_limited": ("DeepseekV2Config", dict(common, **_mla(H), q_lora_rank=None, n_routed_experts=8,
+                                                         n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                                                         routed_scaling_factor=16.0, n_shared_experts=2)),
     }
 
 
@@ -74,7 +78,7 @@ def _mla(H: int) -> dict:
 
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v3_yarn")   # MoE layers too
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v2_limited", "deepseek_v3", "deepseek_v3_yarn")   # MoE layers too
 
 
 def make_tiny(name: str, folder, *, head_dim: int = 16, seed: int = 0, dtype=torch.float32):

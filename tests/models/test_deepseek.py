@@ -69,10 +69,22 @@ def test_the_latent_norms_keep_eps_1e_6():
     assert attn.kv_a_layernorm.variance_epsilon == attn.q_a_layernorm.variance_epsilon == 1e-6
 
 
+def test_deepseek_v2_group_limited_greedy_and_scaled_greedy_take_the_limited_router():
+    s = spec_from_config(config("deepseek_v2_limited"))
+    m = s.moe
+    assert (m.router, m.experts, m.n_group, m.topk_group, m.top_k, m.routed_scaling_factor, m.norm_topk_prob) == \
+        ("limited", 8, 4, 2, 2, 16.0, False)
+    assert "moe_route_limited" in [n for n, _ in definitions_for(s)]
+    m = spec_from_config({**config("deepseek_v2"), "routed_scaling_factor": 2.0}).moe   # greedy, scaled: one group
+    assert (m.router, m.n_group, m.topk_group, m.routed_scaling_factor) == ("limited", 1, 1, 2.0)
+    assert not any(k.endswith("e_score_correction_bias") for k in canonical_shapes(s))
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
-     r"^deepseek_v2 config: 'topk_method' 'group_limited_greedy' with 'scoring_func' 'softmax' is not supported"),
-    ({"routed_scaling_factor": 16.0}, r"^deepseek_v2 config: 'routed_scaling_factor' 16.0 is not supported"),
+    ({"topk_method": "noaux_tc"},
+     r"^deepseek_v2 config: 'topk_method' 'noaux_tc' with 'scoring_func' 'softmax' is not supported"),
+    ({"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2},
+     r"^deepseek_v2 config: 6 experts in 4 groups, keeping 2$"),
     ({"norm_topk_prob": True}, r"^deepseek_v2 config: 'norm_topk_prob' true is not supported"),
     ({"moe_layer_freq": 2}, r"^deepseek_v2 config: 'moe_layer_freq' 2 is not supported"),
     ({"kv_lora_rank": None}, r"^deepseek_v2 config: missing 'kv_lora_rank'$"),
