@@ -46,4 +46,4 @@ def test_wheel_contains_package_data(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["62", "rms_norm_h64_f32_sm80"]   # + mamba2.lf (3), ssm.lf (6), quant.lf (12)
+    assert r.stdout.split() == ["63", "rms_norm_h64_f32_sm80"]   # + mamba2.lf (3), ssm.lf (6), quant.lf (12); rows.lf has moe_route_limited
