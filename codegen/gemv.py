@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 
 from . import ops
 from .abi import Arg, KernelABI
-from .plan import KernelPlan
+from .plan import KernelPlan, env_switch
 from .render import read_template, render
 
 __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
@@ -79,8 +79,8 @@ COMPACT_X_WTYPES = ("u4",)
 
 
 def compact_x_default() -> bool:
-    import os
-    return os.environ.get("LAYERFORGE_GEMV_COMPACT_X", "1") != "0"
+    """Whether u4 plans below 8 tokens hold only their tokens' x rows (LAYERFORGE_GEMV_COMPACT_X=0 / 1)."""
+    return env_switch("LAYERFORGE_GEMV_COMPACT_X", True)
 
 
 def token_bucket(rows: int, wtype: str | None = None) -> int:
@@ -376,8 +376,8 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     module's docstring)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
-    mt = 1 << max(0, (max_m - 1).bit_length() - 3)   # n8 token tiles: 1, 2, 4, 8
-    bucket = token_bucket(max_m, wtype)              # the plan's max_m: 8 mt, or (u4 / i8) 1, 2, 4
+    mt = token_bucket(max_m) // 8           # n8 token tiles: 1, 2, 4, 8
+    bucket = token_bucket(max_m, wtype)     # the plan's max_m: 8 mt, or (u4) 1, 2, 4
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)

@@ -63,7 +63,7 @@ _KERNELS: dict[tuple, object] = {}   # (dtype, n, k, 8/16/32/64 rows, gated, bia
 
 def _tiles(rows: int) -> int:
     """The token tile of the plan that serves `rows`: 8, 16, 32 or 64 rows."""
-    return 8 << max(0, (rows - 1).bit_length() - 3)
+    return token_bucket(rows)
 
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..codegen.gemv import GATED, plan_gemv
+from ..codegen.gemv import GATED, plan_gemv, token_bucket
 from ..dsl.program import Program
 from .layers import _dtype_name, module
 from .linear import GatedMLP, LinearInputError, _packed, device_major, device_properties
@@ -89,9 +89,9 @@ class MoEConfig:
     e_score_correction_bias, the topk_group best of n_group groups, top-k, renormalised when
     norm_topk_prob, times routed_scaling_factor) or "limited" (DeepSeek-V2's group_limited_greedy,
     and its greedy with n_group = topk_group = 1: softmax scores of f32 logits, the topk_group groups
-    of the best experts, top-k, renormalised when norm_topk_prob, times routed_scaling_factor). shared_inter: the shared expert's intermediate
-    size (0: none; DeepSeek: moe_intermediate_size x n_shared_experts); shared_gate: Qwen2-MoE's
-    sigmoid gate on it."""
+    of the best experts, top-k, renormalised when norm_topk_prob, times routed_scaling_factor).
+    shared_inter: the shared expert's intermediate size (0: none; DeepSeek: moe_intermediate_size x
+    n_shared_experts); shared_gate: Qwen2-MoE's sigmoid gate on it."""
     hidden: int
     inter: int
     experts: int
@@ -523,7 +523,7 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
         raise LinearInputError(f"expert_product: serves 1 to {limit} rows an expert, got {rows}")
     if active is not None and (active.shape != (E + 1,) or active.dtype != torch.int32 or active.device != x.device):
         raise LinearInputError(f"expert_product: active must be int32 [{E + 1}] on {x.device}")
-    tiles = 8 << max(0, (rows - 1).bit_length() - 3)
+    tiles = token_bucket(rows)   # (no wtype: an expert product keeps the n8 tile's rows)
     wtype, group = (w.wtype, w.group) if quant else (None, 0)
     key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S, active is not None,
            EXPERT_SPLIT.get((gated is not None, tiles == 8)))

@@ -134,6 +134,13 @@ def test_compact_x_buckets(wtype, group, rows, bucket, monkeypatch):
     assert plan_gemv("bf16", n=2000, k=3072, max_m=rows, arch="sm_90", wtype=wtype, group=group).max_m == 8
 
 
+def test_compact_x_switch_refuses_a_misspelt_value(monkeypatch):
+    from layerforge.codegen.gemv import token_bucket
+    monkeypatch.setenv("LAYERFORGE_GEMV_COMPACT_X", "maybe")
+    with pytest.raises(ValueError, match="LAYERFORGE_GEMV_COMPACT_X='maybe': expected 1 or 0"):
+        token_bucket(1, "u4")
+
+
 def test_compact_x_only_u4():
     for wtype, group in ((None, 0), ("i8", 0)):
         with pytest.raises(ValueError, match="max_m must be 8, 16, 32 or 64"):
