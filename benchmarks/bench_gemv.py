@@ -376,7 +376,7 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16; "
                     "--sweep: 1,8,16)")
-    ap.add_argument("--wtype", default=None, help="--quant --sweep: u4 or i8 only")
+    ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP], help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
     ap.add_argument("--once", action="store_true",
                     help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "
