@@ -63,30 +63,35 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16, kv_dtype
 
 
 @contextlib.contextmanager
-def wgmma_overlap(on: bool | None):
-    """LAYERFORGE_WGMMA_OVERLAP set to `on` inside the block (None: left as it is), restored after."""
-    saved = os.environ.get("LAYERFORGE_WGMMA_OVERLAP")
+def env_switch_set(name: str, on: bool | None):
+    """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is), restored after."""
+    saved = os.environ.get(name)
     if on is not None:
-        os.environ["LAYERFORGE_WGMMA_OVERLAP"] = "1" if on else "0"
+        os.environ[name] = "1" if on else "0"
     try:
         yield
     finally:
-        os.environ.pop("LAYERFORGE_WGMMA_OVERLAP", None)
+        os.environ.pop(name, None)
         if saved is not None:
-            os.environ["LAYERFORGE_WGMMA_OVERLAP"] = saved
+            os.environ[name] = saved
+
+
+def wgmma_overlap(on: bool | None):
+    """LAYERFORGE_WGMMA_OVERLAP set to `on` inside the block (None: left as it is), restored after."""
+    return env_switch_set("LAYERFORGE_WGMMA_OVERLAP", on)
 
 
 def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True,
-                 overlap=None, dv=None, consts=None):
+                 overlap=None, dv=None, consts=None, kv_rings=None):
     """overlap: plan the wgmma prefill with LAYERFORGE_WGMMA_OVERLAP=1 (True) or 0 (False); None:
     as the environment says. dv: the value head dim of a block that declares one (dims Dv);
-    consts: the block's constants (its softmax scale ...)."""
+    consts: the block's constants (its softmax scale ...). kv_rings: LAYERFORGE_WGMMA_KV_RINGS as overlap."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dv = dv or d
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **({"Dv": dv} if dv != d else {}),
                             **(consts or {}))
     attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
-    with wgmma_overlap(overlap):
+    with wgmma_overlap(overlap), env_switch_set("LAYERFORGE_WGMMA_KV_RINGS", kv_rings):
         attn.tc_plan("prefill")   # the module keeps this plan
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -142,6 +147,11 @@ def main(argv=None):
     ap.add_argument("--wgmma-overlap", action="store_true",
                     help="on sm_90, each default wgmma prefill row again with the overlap schedule "
                          "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
+    ap.add_argument("--wgmma-kv-rings", action="store_true",
+                    help="on sm_90, each default wgmma prefill row with K and V in one ring, then in rings of their own "
+                         "(LAYERFORGE_WGMMA_KV_RINGS=0 / 1), side by side")
+    ap.add_argument("--prefill-only", default=None,
+                    help="comma-separated substrings: the prefill rows whose label holds one (e.g. 'D256,H32/8')")
     a = ap.parse_args(argv)
     prog = lf.stdlib()
     ceiling = copy_ceiling()
@@ -177,8 +187,11 @@ def main(argv=None):
         # peers measured once per shape (with the first)
         # (--wgmma-overlap: the wgmma kernel twice, without and with the overlap schedule)
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        kernels = ((("wgmma", False), ("wgmma", True)) if a.wgmma_overlap else (("wgmma", None),)) + (("tc", None),)
-        kernels = kernels if hopper else ((None, None),)
+        # (--wgmma-kv-rings: without and with K and V in rings of their own)
+        kernels = ((("wgmma", False, None), ("wgmma", True, None)) if a.wgmma_overlap else
+                   (("wgmma", None, False), ("wgmma", None, True)) if a.wgmma_kv_rings else
+                   (("wgmma", None, None),)) + (("tc", None, None),)
+        kernels = kernels if hopper else ((None, None, None),)
         # the default (the first tile of tile_candidates that compiles without spills) beside
         # other tile shapes, forced whether they spill or not: 64-key tiles at once or in
         # softmax steps of 32 keys (k32), the S loop not unrolled (u1), 48-key tiles
@@ -194,12 +207,15 @@ def main(argv=None):
                 ("gpt2_attn", 2, 4096, 16, 16, 256, None)]
         if a.prefill_set == "main":
             cases = [c for c in cases if c[-1] is None]
+        if a.prefill_only:
+            cases = [c for c in cases if any(w in f"{c[0]} B{c[1]} H{c[3]}/{c[4]} S{c[2]} D{c[5]}"
+                                             for w in a.prefill_only.split(","))]
         fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>{f.split('.')[0]}s}"  # noqa: E731
         for name, batch, seq, hq, hkv, d, tiles in cases:
             peers = None
-            for kernel, overlap in kernels if tiles is None else ((None, None),):
+            for kernel, overlap, rings in kernels if tiles is None else ((None, None, None),):
                 r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
-                                 overlap=overlap)
+                                 overlap=overlap, kv_rings=rings)
                 if peers is None:
                     peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
                 r.update(peers)

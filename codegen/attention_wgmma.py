@@ -66,6 +66,7 @@ class WGTileConfig:
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
     rope_step: bool = False      # RoPE on q: one precise sincos a thread, the rows after it by an exact step rotation
     fold: bool = False           # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
+    kv_rings: bool = False       # (with TMA) K and V in rings of their own: K's stage free once S is in, V's after P V
 
     def __post_init__(self):
         if self.swizzle not in (0, 32, 64, 128):
@@ -77,7 +78,8 @@ class WGTileConfig:
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
-                + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else ""))
+                + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
+                + ("kv" if self.kv_rings else ""))
 
     @property
     def threads(self) -> int:
@@ -178,6 +180,11 @@ class WGMMAAttentionPlan(AttentionPlan):
                 and 32 % (c.keys // box) == 0)
 
     @property
+    def kv_rings(self) -> bool:
+        """Whether K and V take rings of their own (config.kv_rings asked for it, where tiles arrive by TMA)."""
+        return self.config.kv_rings and self.tma
+
+    @property
     def tma_box(self) -> tuple[int, int]:
         """(rows, columns) of the K / V maps' box: min(PAGE, BN) keys x a column block (swizzle / 2)."""
         return min(self.page_size, self.config.keys), self.dims[0] // 2
@@ -222,7 +229,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         _, hdp, hdvp = self.dims
         rel = self.rel_table
         return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
-                             ("sV", 2 * c.stages * c.keys * hdvp), ("bars", 8 * 2 * c.stages),
+                             ("sV", 2 * c.stages * c.keys * hdvp), ("bars", 8 * (4 if self.kv_rings else 2) * c.stages),
                              *((("sRel", CONSUMERS * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
@@ -263,7 +270,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma,
+        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=c.rope_step and rope_steps(ctx),
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
@@ -309,6 +316,12 @@ def tma_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_TMA", True)
 
 
+def kv_rings_default() -> bool:
+    """Whether the wgmma prefill gives K and V rings of their own (WGTileConfig.kv_rings) where tiles arrive by TMA.
+    Off until measured; LAYERFORGE_WGMMA_KV_RINGS=1 turns it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_KV_RINGS", False)
+
+
 def rope_steps(ctx: dict) -> bool:
     """Whether WGTileConfig.rope_step changes the kernel of a block (ctx: hook_context's): RoPE on q, with a
     pair count dividing a warpgroup's 128 threads (each thread one pair of every 128 / pairs-th row)."""
@@ -334,7 +347,7 @@ def rope_step_default() -> bool:
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
-                         fold: bool = False) -> WGMMAAttentionPlan:
+                         fold: bool = False, kv_rings: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -349,7 +362,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     rope_step (without `tiles`): in a block with RoPE, the same with WGTileConfig.rope_step where it
     compiles without spills (q's rotation: one precise sincos a thread, the rest by step rotations).
     fold (without `tiles`): where the block has no score hook and a positive constant scale, the same with
-    WGTileConfig.fold where it compiles without spills."""
+    WGTileConfig.fold where it compiles without spills.
+    kv_rings (without `tiles`): where the plan takes TMA, the same with WGTileConfig.kv_rings where it compiles
+    without spills (K and V in rings of their own)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if tiles is not None:
         return plan
@@ -357,7 +372,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
 
     def with_option(plan: WGMMAAttentionPlan, **option: bool) -> WGMMAAttentionPlan:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
-        ok = twin.tma if option.get("tma") else True   # a plan that cannot take TMA keeps cp.async
+        ok = twin.tma if option.get("tma") or option.get("kv_rings") else True   # a plan that cannot take TMA keeps cp.async
         return twin if ok and spill_free(twin, compile_fn) else plan
 
     if overlap:
@@ -368,6 +383,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = with_option(plan, rope_step=True)
     if fold and folds(ctx):
         plan = with_option(plan, fold=True)
+    if kv_rings and plan.tma:
+        plan = with_option(plan, kv_rings=True)
     return plan
 
 

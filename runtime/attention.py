@@ -56,7 +56,7 @@ from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_pa
 from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, pick_mode,
                                     plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
-                                       fold_default, rope_step_default, supports as wgmma_supports, tma_default)
+                                       fold_default, rope_step_default, kv_rings_default, supports as wgmma_supports, tma_default)
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
@@ -176,7 +176,8 @@ class PagedAttention:
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
                                             overlap=overlap_default(), tma=tma_default(),
-                                            rope_step=rope_step_default(), fold=fold_default())
+                                            rope_step=rope_step_default(), fold=fold_default(),
+                                            kv_rings=kv_rings_default())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),

@@ -85,6 +85,28 @@ def test_tma_tiles_compile_without_spills(prog, name, d, page):
     assert_spill_free(compile_main(plain)[0])
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ATTENTION)
+def test_kv_rings_compile_without_spills(prog, name, d, page=16):
+    """K and V in rings of their own (WGTileConfig.kv_rings, as LAYERFORGE_WGMMA_KV_RINGS=1 plans it, on the
+    default switches): two more barriers a stage, V's waited for before its P V; spill-free in both schedules.
+    Without TMA it does not apply (cp.async keeps one ring)."""
+    layer = specialise(prog, name, 32, 8, d)
+    kw = dict(page_size=page, compile_fn=resources, tma=True, rope_step=True, fold=True, kv_rings=True)
+    for overlap in (True, False):
+        plan = plan_wgmma_attention(layer, overlap=overlap, **kw)
+        assert plan.kv_rings and plan.config.label.endswith("kv") and plan.config.overlap == overlap
+        src = plan.source()
+        assert "full_v[prev]" in src and "empty_v[stage]" in src
+        assert_spill_free(compile_main(plan)[0])
+    one = plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True, overlap=True)
+    assert not one.kv_rings and "full_v" not in one.source()
+    assert one.shared_bytes <= plan.shared_bytes <= 227 * 1024
+    cp = plan_wgmma_attention(layer, page_size=page, tiles=WGTileConfig(bn=plan.config.bn, stages=plan.config.stages,
+                                                                         kv_rings=True))
+    assert not cp.kv_rings and "full_v" not in cp.source()
+
+
 def test_tma_only_where_it_applies(prog):
     """Pages under 8 keys: cp.async as before; 96 natively (64-byte swizzle) takes boxes of 32
     columns, padded to 128-byte rows whole 64-column boxes."""

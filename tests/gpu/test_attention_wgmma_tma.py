@@ -3,7 +3,7 @@ page run through tensor maps of the caches; a range's last, partial tile by cp.a
 keys past it zero-filled), against the reference evaluator in float64 as every attention kernel
 (tests/gpu/test_paged_attention.py's run_case): lengths off the tile and page sizes, chunks over a
 cached prefix, pages of 16 / 64 / 256, head dims 64 / 128 / 256, GQA, split-KV, a block-sparse
-mask, f16, fully masked rows; plain and overlap schedules. Runs only on sm_90 GPUs."""
+mask, f16, fully masked rows; plain and overlap schedules, K and V in one ring or in two. Runs only on sm_90 GPUs."""
 import pytest
 import torch
 
@@ -22,10 +22,13 @@ def prog():
     return lf.stdlib()
 
 
-@pytest.fixture(autouse=True, params=["plain", "overlap"])
+@pytest.fixture(autouse=True, params=["plain", "overlap", "plain-rings", "overlap-rings"])
 def tma(request, monkeypatch):
+    """Both schedules, each with K and V in one ring of stages and in rings of their own (WGTileConfig.kv_rings)."""
     monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "1")
-    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1" if request.param == "overlap" else "0")
+    monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1" if request.param.startswith("overlap") else "0")
+    monkeypatch.setenv("LAYERFORGE_WGMMA_KV_RINGS", "1" if request.param.endswith("rings") else "0")
+    return request.param
 
 
 def wgmma(prog, name, hq, hkv, d, page, **kw):
@@ -33,11 +36,12 @@ def wgmma(prog, name, hq, hkv, d, page, **kw):
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_plans_take_tma(prog, d):
+def test_plans_take_tma(prog, d, tma):
     for page in (16, 64, 256):
         plan = PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16"), page_size=page,
                               prefill="wgmma").tc_plan("prefill")
         assert plan.tma and plan.config.tma and "k_map" in plan.abi.signature, plan.key
+        assert plan.kv_rings == tma.endswith("rings"), plan.key
 
 
 @pytest.mark.parametrize("page", [16, 64, 256])
