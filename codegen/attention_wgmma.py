@@ -317,9 +317,11 @@ def tma_default() -> bool:
 
 
 def kv_rings_default() -> bool:
-    """Whether the wgmma prefill gives K and V rings of their own (WGTileConfig.kv_rings) where tiles arrive by TMA.
-    Off until measured; LAYERFORGE_WGMMA_KV_RINGS=1 turns it on, for the runtime's plans and the pack build alike."""
-    return env_switch("LAYERFORGE_WGMMA_KV_RINGS", False)
+    """Whether the wgmma prefill gives K and V rings of their own (WGTileConfig.kv_rings) where tiles arrive by TMA
+    in two stages (the planner's rule, plan_wgmma_attention). On by default: measured on an H200 (benchmarks/NOTES.md)
+    at D256 (n64s2) 0.71 -> 0.52 ms, 0.70 -> 0.96x cuDNN; at three stages (D64 / D128, n128s3) 1-5 % slower, so those
+    keep one ring. LAYERFORGE_WGMMA_KV_RINGS=0 turns it off, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_KV_RINGS", True)
 
 
 def rope_steps(ctx: dict) -> bool:
@@ -363,8 +365,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     compiles without spills (q's rotation: one precise sincos a thread, the rest by step rotations).
     fold (without `tiles`): where the block has no score hook and a positive constant scale, the same with
     WGTileConfig.fold where it compiles without spills.
-    kv_rings (without `tiles`): where the plan takes TMA, the same with WGTileConfig.kv_rings where it compiles
-    without spills (K and V in rings of their own)."""
+    kv_rings (without `tiles`): where the plan takes TMA in two stages, the same with WGTileConfig.kv_rings where it
+    compiles without spills (K and V in rings of their own: measured faster at two stages, slower at three; `tiles`
+    asks for it at any depth)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if tiles is not None:
         return plan
@@ -383,7 +386,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = with_option(plan, rope_step=True)
     if fold and folds(ctx):
         plan = with_option(plan, fold=True)
-    if kv_rings and plan.tma:
+    if kv_rings and plan.tma and plan.config.stages == 2:
         plan = with_option(plan, kv_rings=True)
     return plan
 

@@ -2,6 +2,8 @@
 for every stdlib attention block, head dims 64/128/256 (and 48-240 off them, value dims of their
 own, in the native and padded swizzles), bf16 and f16, GQA ratios, pages of 16 and 64, and the
 mask-tile / sink / table hooks (no GPU needed)."""
+import dataclasses
+
 import pytest
 
 import layerforge as lf
@@ -88,20 +90,24 @@ def test_tma_tiles_compile_without_spills(prog, name, d, page):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("name", ATTENTION)
 def test_kv_rings_compile_without_spills(prog, name, d, page=16):
-    """K and V in rings of their own (WGTileConfig.kv_rings, as LAYERFORGE_WGMMA_KV_RINGS=1 plans it, on the
-    default switches): two more barriers a stage, V's waited for before its P V; spill-free in both schedules.
-    Without TMA it does not apply (cp.async keeps one ring)."""
+    """K and V in rings of their own (WGTileConfig.kv_rings): the planner takes them at two stages (D256) on the
+    default switches; forced at three (D64 / D128) they compile too. Two more barriers a stage, V's waited for
+    before its P V; spill-free in both schedules. Without TMA they do not apply (cp.async keeps one ring)."""
     layer = specialise(prog, name, 32, 8, d)
     kw = dict(page_size=page, compile_fn=resources, tma=True, rope_step=True, fold=True, kv_rings=True)
     for overlap in (True, False):
         plan = plan_wgmma_attention(layer, overlap=overlap, **kw)
-        assert plan.kv_rings and plan.config.label.endswith("kv") and plan.config.overlap == overlap
-        src = plan.source()
+        assert plan.kv_rings == (plan.config.stages == 2) and plan.tma, plan.key
+        forced = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, kv_rings=True))
+        assert forced.kv_rings and forced.config.label.endswith("kv") and forced.config.overlap == overlap
+        src = forced.source()
         assert "full_v[prev]" in src and "empty_v[stage]" in src
-        assert_spill_free(compile_main(plan)[0])
+        assert_spill_free(compile_main(forced)[0])
+    assert plan_wgmma_attention(specialise(prog, name, 32, 8, 256), page_size=page, compile_fn=no_spills, tma=True,
+                                kv_rings=True).kv_rings
     one = plan_wgmma_attention(layer, page_size=page, compile_fn=resources, tma=True, overlap=True)
     assert not one.kv_rings and "full_v" not in one.source()
-    assert one.shared_bytes <= plan.shared_bytes <= 227 * 1024
+    assert one.shared_bytes <= forced.shared_bytes <= 227 * 1024
     cp = plan_wgmma_attention(layer, page_size=page, tiles=WGTileConfig(bn=plan.config.bn, stages=plan.config.stages,
                                                                          kv_rings=True))
     assert not cp.kv_rings and "full_v" not in cp.source()

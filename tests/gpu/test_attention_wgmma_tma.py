@@ -24,7 +24,8 @@ def prog():
 
 @pytest.fixture(autouse=True, params=["plain", "overlap", "plain-rings", "overlap-rings"])
 def tma(request, monkeypatch):
-    """Both schedules, each with K and V in one ring of stages and in rings of their own (WGTileConfig.kv_rings)."""
+    """Both schedules, each with K and V in one ring of stages and in rings of their own (WGTileConfig.kv_rings: the
+    planner's choice at two stages, D256 here; the other dims' tests force it through test_forced_rings)."""
     monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "1")
     monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "1" if request.param.startswith("overlap") else "0")
     monkeypatch.setenv("LAYERFORGE_WGMMA_KV_RINGS", "1" if request.param.endswith("rings") else "0")
@@ -41,7 +42,7 @@ def test_plans_take_tma(prog, d, tma):
         plan = PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16"), page_size=page,
                               prefill="wgmma").tc_plan("prefill")
         assert plan.tma and plan.config.tma and "k_map" in plan.abi.signature, plan.key
-        assert plan.kv_rings == tma.endswith("rings"), plan.key
+        assert not plan.kv_rings, plan.key   # three stages keep one ring (kv_rings_default)
 
 
 @pytest.mark.parametrize("page", [16, 64, 256])
@@ -94,3 +95,14 @@ def test_narrow_swizzles(prog, d, page):
     assert PagedAttention(prog.specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16"), page_size=page,
                           tiles=tiles).tc_plan("prefill").tma
     wgmma(prog, "gemma2_attn", 16, 4, d, page, tiles=tiles, window=200, **LONG)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_forced_rings(prog, d, tma):
+    """K and V in rings of their own at the default tile's depth, asked for by tiles (three stages at D64 / D128),
+    in both schedules: ragged lengths off the tile, split-KV, a window."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    c = tile_candidates(d)[0]
+    tiles = WGTileConfig(bn=c.bn, stages=c.stages, overlap=tma.startswith("overlap"), tma=True, kv_rings=True)
+    wgmma(prog, "llama_attn", 16, 4, d, 64, tiles={"prefill": tiles}, **LONG)
+    wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles={"prefill": tiles}, lens=[1500], new=[900], splits=3, window=300)
