@@ -82,16 +82,17 @@ def wgmma_overlap(on: bool | None):
 
 
 def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, prefill=None, peers=True,
-                 overlap=None, dv=None, consts=None, kv_rings=None):
+                 overlap=None, dv=None, consts=None, switch=None):
     """overlap: plan the wgmma prefill with LAYERFORGE_WGMMA_OVERLAP=1 (True) or 0 (False); None:
     as the environment says. dv: the value head dim of a block that declares one (dims Dv);
-    consts: the block's constants (its softmax scale ...). kv_rings: LAYERFORGE_WGMMA_KV_RINGS as overlap."""
+    consts: the block's constants (its softmax scale ...). switch: (name, on) of another
+    switch (an environment variable read at plan time), set as overlap is."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dv = dv or d
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **({"Dv": dv} if dv != d else {}),
                             **(consts or {}))
     attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
-    with wgmma_overlap(overlap), env_switch_set("LAYERFORGE_WGMMA_KV_RINGS", kv_rings):
+    with wgmma_overlap(overlap), env_switch_set(*(switch or ("LAYERFORGE_WGMMA_OVERLAP", None))):
         attn.tc_plan("prefill")   # the module keeps this plan
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -147,9 +148,9 @@ def main(argv=None):
     ap.add_argument("--wgmma-overlap", action="store_true",
                     help="on sm_90, each default wgmma prefill row again with the overlap schedule "
                          "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
-    ap.add_argument("--wgmma-kv-rings", action="store_true",
-                    help="on sm_90, each default wgmma prefill row with K and V in one ring, then in rings of their own "
-                         "(LAYERFORGE_WGMMA_KV_RINGS=0 / 1), side by side")
+    ap.add_argument("--ab-switch", default=None, metavar="NAME",
+                    help="on sm_90, each default wgmma prefill row planned with the switch NAME=0, then NAME=1 (e.g. "
+                         "LAYERFORGE_WGMMA_KV_RINGS), side by side")
     ap.add_argument("--prefill-only", default=None,
                     help="comma-separated substrings: the prefill rows whose label holds one (e.g. 'D256,H32/8')")
     a = ap.parse_args(argv)
@@ -187,9 +188,9 @@ def main(argv=None):
         # peers measured once per shape (with the first)
         # (--wgmma-overlap: the wgmma kernel twice, without and with the overlap schedule)
         hopper = torch.cuda.get_device_capability() == (9, 0)
-        # (--wgmma-kv-rings: without and with K and V in rings of their own)
+        # (--ab-switch NAME: with NAME=0, then NAME=1)
         kernels = ((("wgmma", False, None), ("wgmma", True, None)) if a.wgmma_overlap else
-                   (("wgmma", None, False), ("wgmma", None, True)) if a.wgmma_kv_rings else
+                   (("wgmma", None, (a.ab_switch, False)), ("wgmma", None, (a.ab_switch, True))) if a.ab_switch else
                    (("wgmma", None, None),)) + (("tc", None, None),)
         kernels = kernels if hopper else ((None, None, None),)
         # the default (the first tile of tile_candidates that compiles without spills) beside
@@ -215,7 +216,7 @@ def main(argv=None):
             peers = None
             for kernel, overlap, rings in kernels if tiles is None else ((None, None, None),):
                 r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
-                                 overlap=overlap, kv_rings=rings)
+                                 overlap=overlap, switch=rings)
                 if peers is None:
                     peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
                 r.update(peers)

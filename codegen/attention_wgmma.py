@@ -67,8 +67,11 @@ class WGTileConfig:
     rope_step: bool = False      # RoPE on q: one precise sincos a thread, the rows after it by an exact step rotation
     fold: bool = False           # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
     kv_rings: bool = False       # (with TMA) K and V in rings of their own: K's stage free once S is in, V's after P V
+    k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
 
     def __post_init__(self):
+        if self.k_stages and (self.k_stages < 2 or not self.kv_rings):
+            raise ValueError(f"k_stages ({self.k_stages}) is K's own ring depth, >= 2, with kv_rings")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
@@ -79,7 +82,7 @@ class WGTileConfig:
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
-                + ("kv" if self.kv_rings else ""))
+                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else ""))
 
     @property
     def threads(self) -> int:
@@ -185,6 +188,11 @@ class WGMMAAttentionPlan(AttentionPlan):
         return self.config.kv_rings and self.tma
 
     @property
+    def k_stages(self) -> int:
+        """K's stages: config.k_stages where K and V have rings of their own, else the tile's stages."""
+        return (self.config.k_stages or self.config.stages) if self.kv_rings else self.config.stages
+
+    @property
     def tma_box(self) -> tuple[int, int]:
         """(rows, columns) of the K / V maps' box: min(PAGE, BN) keys x a column block (swizzle / 2)."""
         return min(self.page_size, self.config.keys), self.dims[0] // 2
@@ -228,8 +236,10 @@ class WGMMAAttentionPlan(AttentionPlan):
         c = self.config
         _, hdp, hdvp = self.dims
         rel = self.rel_table
-        return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
-                             ("sV", 2 * c.stages * c.keys * hdvp), ("bars", 8 * (4 if self.kv_rings else 2) * c.stages),
+        ks = self.k_stages
+        return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * ks * c.keys * hdp),
+                             ("sV", 2 * c.stages * c.keys * hdvp),
+                             ("bars", 8 * 2 * (ks + (c.stages if self.kv_rings else 0))),
                              *((("sRel", CONSUMERS * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
@@ -269,7 +279,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype], MMA_T=mma_t, HD=hd,
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
-        NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, PRODUCER_REGS=c.producer_regs,
+        NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=c.rope_step and rope_steps(ctx),
         FOLD=c.fold and folds(ctx),
@@ -324,6 +334,13 @@ def kv_rings_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_KV_RINGS", True)
 
 
+def deep_k_default() -> bool:
+    """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
+    shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB). Off until measured;
+    LAYERFORGE_WGMMA_DEEP_K=1 turns it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_DEEP_K", False)
+
+
 def rope_steps(ctx: dict) -> bool:
     """Whether WGTileConfig.rope_step changes the kernel of a block (ctx: hook_context's): RoPE on q, with a
     pair count dividing a warpgroup's 128 threads (each thread one pair of every 128 / pairs-th row)."""
@@ -349,7 +366,7 @@ def rope_step_default() -> bool:
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
-                         fold: bool = False, kv_rings: bool = False) -> WGMMAAttentionPlan:
+                         fold: bool = False, kv_rings: bool = False, deep_k: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -367,7 +384,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     WGTileConfig.fold where it compiles without spills.
     kv_rings (without `tiles`): where the plan takes TMA in two stages, the same with WGTileConfig.kv_rings where it
     compiles without spills (K and V in rings of their own: measured faster at two stages, slower at three; `tiles`
-    asks for it at any depth)."""
+    asks for it at any depth). deep_k (with kv_rings taken): K's ring one stage deeper than V's where shared
+    memory holds it and it compiles without spills."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if tiles is not None:
         return plan
@@ -388,6 +406,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = with_option(plan, fold=True)
     if kv_rings and plan.tma and plan.config.stages == 2:
         plan = with_option(plan, kv_rings=True)
+        deeper = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, k_stages=plan.config.stages + 1))
+        if deep_k and plan.kv_rings and deeper.shared_bytes <= SHARED_LIMIT:
+            plan = with_option(plan, k_stages=plan.config.stages + 1)
     return plan
 
 

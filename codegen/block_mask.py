@@ -40,6 +40,7 @@ from .scalar_expr import TableInfo
 THREADS = 128
 
 
+@functools.lru_cache(maxsize=256)   # asked at every prefill call: a walk of the mask's graph
 def needs_block_mask(layer: Layer) -> bool:
     """True when the block's mask reads an i32 table at a query or key position (one index
     along the positions), which only a run-time pass can bound per tile."""

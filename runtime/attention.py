@@ -56,7 +56,8 @@ from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_pa
 from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, pick_mode,
                                     plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
-                                       fold_default, rope_step_default, kv_rings_default, supports as wgmma_supports, tma_default)
+                                       fold_default, rope_step_default, deep_k_default, kv_rings_default,
+                                       supports as wgmma_supports, tma_default)
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
@@ -111,6 +112,7 @@ class PagedAttention:
         self._plan: PagedAttentionPlan | None = None
         self._tc_plans: dict[str, TCAttentionPlan | WGMMAAttentionPlan] = {}
         self._kernels: dict[tuple, tuple] = {}   # (device, mode) -> (main, merge, arguments getter)
+        self._maps: dict[tuple, tuple] = {}      # the wgmma prefill's K / V tensor maps by the caches they map
         self._images: dict[str | None, tuple] = {}   # mode -> (cubin, ABIs): a pack's kernels
 
     @classmethod
@@ -177,7 +179,7 @@ class PagedAttention:
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
                                             overlap=overlap_default(), tma=tma_default(),
                                             rope_step=rope_step_default(), fold=fold_default(),
-                                            kv_rings=kv_rings_default())
+                                            kv_rings=kv_rings_default(), deep_k=deep_k_default())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
@@ -578,6 +580,25 @@ class PagedAttention:
         from ..codegen.attention_wgmma import native_swizzle
         return min(self.page_size, keys), native_swizzle(self.d, self.dv) // 2
 
+    def _tensor_maps(self, main, mode: str, keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict:
+        """The wgmma prefill's TMA maps of the caches ({} for a kernel that takes none), kept per module by the
+        caches' addresses and shapes (contiguous: checked before), as runtime/tma caches them by their
+        parameters: the lookup is one tuple's hash, a few microseconds under the parameters' a call."""
+        key = (mode, keys, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype, *k_cache.shape, v_cache.shape[3])
+        hit = self._maps.get(key)
+        if hit is None:
+            if not any(a.ref == "k_map" for a in main.abi.args):
+                hit = {}
+            else:   # the wgmma prefill's TMA tiles: maps of the caches
+                from .tma import tensor_map
+                box = self._tma_box(mode, keys)
+                hit = dict(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box, 2 * box[1]),
+                           v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box, 2 * box[1]))
+            if len(self._maps) >= 64:   # caches come and go (a model's pools are few): start over past 64
+                self._maps.clear()
+            self._maps[key] = hit
+        return hit
+
     def _launch_tc(self, dev, mode, q, k_cache, v_cache, page_table, seq_lens, cu_q, q_seq, q_pos, out, S,
                    max_pages, chunks, max_q_len, max_kv_len, num_splits, values):
         main, merge, main_args, merge_args, keys = self._load(dev, mode)
@@ -589,11 +610,7 @@ class PagedAttention:
         num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys,
                                   one_wave=True)
         part_o, part_lse = self._workspace(dev, T, num_splits)
-        if any(a.ref == "k_map" for a in main.abi.args):   # the wgmma prefill's TMA tiles: maps of the caches
-            from .tma import tensor_map
-            box = self._tma_box(mode, keys)
-            values.update(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box, 2 * box[1]),
-                          v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box, 2 * box[1]))
+        values.update(self._tensor_maps(main, mode, keys, k_cache, v_cache))
         values.update(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, cu_q=cu_q,
                       q_seq=q_seq, q_pos=q_pos, out=out, part_o=part_o, part_lse=part_lse, max_pages=max_pages,
                       num_pages=k_cache.shape[0], num_seqs=S, num_splits=num_splits, num_tokens=T)

@@ -103,6 +103,8 @@ def test_forced_rings(prog, d, tma):
     in both schedules: ragged lengths off the tile, split-KV, a window."""
     from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
     c = tile_candidates(d)[0]
-    tiles = WGTileConfig(bn=c.bn, stages=c.stages, overlap=tma.startswith("overlap"), tma=True, kv_rings=True)
-    wgmma(prog, "llama_attn", 16, 4, d, 64, tiles={"prefill": tiles}, **LONG)
-    wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles={"prefill": tiles}, lens=[1500], new=[900], splits=3, window=300)
+    for k_stages in (0, 3) if d == 256 else (0,):   # D256: K's ring also one stage deeper than V's (deep_k)
+        tiles = WGTileConfig(bn=c.bn, stages=c.stages, overlap=tma.startswith("overlap"), tma=True, kv_rings=True,
+                             k_stages=k_stages)
+        wgmma(prog, "llama_attn", 16, 4, d, 64, tiles={"prefill": tiles}, **LONG)
+        wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles={"prefill": tiles}, lens=[1500], new=[900], splits=3, window=300)
