@@ -337,6 +337,7 @@ def kv_rings_default() -> bool:
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
     shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB). Off until measured;
+    Measured no faster on an H200 (D256 B2 H16 S4096: 0.52 ms either way, benchmarks/NOTES.md), so it stays off;
     LAYERFORGE_WGMMA_DEEP_K=1 turns it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_DEEP_K", False)
 
@@ -405,10 +406,11 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     if fold and folds(ctx):
         plan = with_option(plan, fold=True)
     if kv_rings and plan.tma and plan.config.stages == 2:
-        plan = with_option(plan, kv_rings=True)
-        deeper = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, k_stages=plan.config.stages + 1))
-        if deep_k and plan.kv_rings and deeper.shared_bytes <= SHARED_LIMIT:
-            plan = with_option(plan, k_stages=plan.config.stages + 1)
+        plan = with_option(plan, kv_rings=True)   # where the rings spill (gemma2's D256 overlap), one ring
+        if deep_k and plan.kv_rings:
+            deeper = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, k_stages=plan.config.stages + 1))
+            if deeper.shared_bytes <= SHARED_LIMIT:
+                plan = with_option(plan, k_stages=plan.config.stages + 1)
     return plan
 
 
