@@ -1,0 +1,54 @@
+"""The wgmma prefill at one shape under several tile configurations (ring depths, key tiles, K/V rings),
+beside the planner's choice and cuDNN, one run. A probe for choosing tile candidates: prints, asserts nothing.
+
+    python -m benchmarks.probe_wgmma_tiles --d 64 [--hq 16 --hkv 16 --batch 4 --seq 4096 --name gpt2_attn]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import layerforge as lf
+from layerforge.codegen.attention_wgmma import SHARED_LIMIT, WGMMAAttentionPlan, WGTileConfig
+
+from .bench_attention import prefill_case
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="gpt2_attn")
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--hq", type=int, default=16)
+    ap.add_argument("--hkv", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    a = ap.parse_args(argv)
+    hkv = a.hkv or a.hq
+    prog = lf.stdlib()
+    layer = prog.specialise(a.name, Hq=a.hq, Hkv=hkv, D=a.d, dtype="bf16")
+    r = prefill_case(prog, a.name, a.batch, a.seq, a.hq, hkv, a.d, prefill="wgmma")
+    print(f"device: {torch.cuda.get_device_name()}  {a.name} B{a.batch} H{a.hq}/{hkv} S{a.seq} D{a.d}  "
+          f"cuDNN {r['cudnn_s'] * 1e3:.3f} ms  flash {r['flash_s'] * 1e3:.3f}  Flex {(r['flex_s'] or 0) * 1e3:.3f}")
+    print(f"  {'auto ' + r['tiles']:28s} {r['ours_s'] * 1e3:7.3f} ms {r['flops'] / r['ours_s'] / 1e12:5.0f} TFLOP/s "
+          f"{r['cudnn_s'] / r['ours_s']:5.2f}x cuDNN", flush=True)
+    base = dict(overlap=True, tma=True, fold=True, rope_step=True)   # the last two where the block takes them
+    for bn in (128, 64):
+        for stages in range(2, 7):
+            for rings in (False, True):
+                c = WGTileConfig(bn=bn, stages=stages, kv_rings=rings, **base)
+                if WGMMAAttentionPlan(layer=layer, page_size=64, tiles=c).shared_bytes > SHARED_LIMIT:
+                    continue
+                try:
+                    t = prefill_case(prog, a.name, a.batch, a.seq, a.hq, hkv, a.d, tiles=c, prefill="wgmma", peers=False)
+                except Exception as e:   # noqa: BLE001 - a configuration that does not build
+                    print(f"  {c.label:28s} {str(e).splitlines()[0][:80]}")
+                    continue
+                print(f"  {c.label:28s} {t['ours_s'] * 1e3:7.3f} ms {t['flops'] / t['ours_s'] / 1e12:5.0f} TFLOP/s "
+                      f"{r['cudnn_s'] / t['ours_s']:5.2f}x cuDNN", flush=True)
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
