@@ -7,7 +7,8 @@ and per score), MLA decodes over a paged latent cache (both kernels, TMA and cp.
 split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
-("mla": the MLA decode cases alone)."""
+("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
+also run by main)."""
 import torch
 
 import layerforge as lf
@@ -35,6 +36,33 @@ def mla_cases(bf):
     bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds
     MLADecode(num_heads=64, page_size=64)(q, torch.randn(9, 64, 576, device="cuda", dtype=bf), bad[:, :4], lens, q_seq,
                                           scale=0.07, max_kv_len=150)
+
+
+def d256_cases(bf):
+    """The wgmma prefill at D256 (K and V in rings of their own, the planner's choice at two stages): ragged lengths
+    off the tile, split-KV, a corrupt page table and lengths (sm_90 only)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    layer = lf.stdlib().specialise("llama_attn", Hq=16, Hkv=4, D=256, dtype="bf16")
+    cache = PagedKVCache(64, 16, 4, 256, dtype=bf, device="cuda", max_seqs=3, max_pages_per_seq=20)
+    lens = {0: 300, 1: 1, 2: 77}
+    for s, n in lens.items():
+        cache.allocate(s, n)
+        cache.append([s] * n, torch.randn(n, 4, 256, device="cuda", dtype=bf),
+                     torch.randn(n, 4, 256, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
+    attn = PagedAttention(layer, page_size=16, prefill="wgmma")
+    assert attn.tc_plan("prefill").kv_rings, attn.tc_plan("prefill").key
+    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
+    q = torch.randn(378, 16, 256, device="cuda", dtype=bf)
+    for splits in (None, 3):
+        attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=300,
+                     max_kv_len=300, num_splits=splits)
+    bad_table = cache.page_table.clone()
+    bad_table[0, 3] = 10**6
+    bad_table[2, 1] = -7
+    bad_lens = torch.tensor([10**6, 1, 77], dtype=torch.int32, device="cuda")
+    attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=300, max_kv_len=320)
+    torch.cuda.synchronize()
 
 
 def main():
@@ -194,6 +222,7 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
                            return_final_state=True)
     selective_state_update(hm, ym[..., 0].contiguous(), ym[..., 1].contiguous(), am, bm[..., 0].contiguous(),
                            cm[..., 0].contiguous(), None, None, None)
+    d256_cases(bf)
     torch.cuda.synchronize()
     print("sanitize cases ran")
 
@@ -202,5 +231,7 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["mla"]:   # the MLA decode cases alone
         mla_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["d256"]:   # the D256 wgmma prefill alone (K and V rings)
+        d256_cases(torch.bfloat16)
     else:
         main()
