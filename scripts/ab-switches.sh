@@ -13,6 +13,8 @@
 #   fold       the Hopper attention GPU tests with WGMMA_FOLD and WGMMA_ROPE_STEP both on (the default since 470
 #              passed on an H200); every test's result is written to OUT_DIR/pytest_fold.log as it ends, so a run
 #              cut short by a time limit still names them
+#   rings      the wgmma prefill's K / V rings (LAYERFORGE_WGMMA_KV_RINGS, the default at two stages: off against on)
+#              and K's deeper ring (LAYERFORGE_WGMMA_DEEP_K, off: measured no faster), bench_attention's prefill rows
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -49,6 +51,13 @@ tests)
         tests/gpu/test_row_cluster.py -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or \
 block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 | tee "$OUT_DIR/pytest.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+rings)
+    for sw in LAYERFORGE_WGMMA_KV_RINGS LAYERFORGE_WGMMA_DEEP_K; do
+        echo "== prefill rows with $sw=0, then =1"
+        "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --ab-switch $sw 2>&1 \
+            | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/prefill_$sw.txt" | tail -16
+    done
     ;;
 attention)
     echo "== stdlib blocks beside Flex: WGMMA_FOLD + WGMMA_ROPE_STEP off, then on (the default)"
