@@ -23,7 +23,13 @@ def main(argv=None):
     ap.add_argument("--hkv", type=int, default=None)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--bn", default="128,64", help="key tiles to try")
+    ap.add_argument("--stages", default="2,3,4,5,6", help="ring depths to try")
+    ap.add_argument("--rings", default="0,1", help="K and V in one ring (0), in two (1)")
+    ap.add_argument("--consumers", default="2", help="consumer warpgroups (2, 3)")
+    ap.add_argument("--overlap", default="1", help="the overlap schedule (1), the plain one (0)")
     a = ap.parse_args(argv)
+    ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
     hkv = a.hkv or a.hq
     prog = lf.stdlib()
     layer = prog.specialise(a.name, Hq=a.hq, Hkv=hkv, D=a.d, dtype="bf16")
@@ -32,21 +38,25 @@ def main(argv=None):
           f"cuDNN {r['cudnn_s'] * 1e3:.3f} ms  flash {r['flash_s'] * 1e3:.3f}  Flex {(r['flex_s'] or 0) * 1e3:.3f}")
     print(f"  {'auto ' + r['tiles']:28s} {r['ours_s'] * 1e3:7.3f} ms {r['flops'] / r['ours_s'] / 1e12:5.0f} TFLOP/s "
           f"{r['cudnn_s'] / r['ours_s']:5.2f}x cuDNN", flush=True)
-    base = dict(overlap=True, tma=True, fold=True, rope_step=True)   # the last two where the block takes them
-    for bn in (128, 64):
-        for stages in range(2, 7):
-            for rings in (False, True):
-                c = WGTileConfig(bn=bn, stages=stages, kv_rings=rings, **base)
-                if WGMMAAttentionPlan(layer=layer, page_size=64, tiles=c).shared_bytes > SHARED_LIMIT:
-                    continue
-                try:
-                    t = prefill_case(prog, a.name, a.batch, a.seq, a.hq, hkv, a.d, tiles=c, prefill="wgmma", peers=False)
-                except Exception as e:   # noqa: BLE001 - a configuration that does not build
-                    print(f"  {c.label:28s} {str(e).splitlines()[0][:80]}")
-                    continue
-                print(f"  {c.label:28s} {t['ours_s'] * 1e3:7.3f} ms {t['flops'] / t['ours_s'] / 1e12:5.0f} TFLOP/s "
-                      f"{r['cudnn_s'] / t['ours_s']:5.2f}x cuDNN", flush=True)
-                torch.cuda.empty_cache()
+    base = dict(tma=True, fold=True, rope_step=True)   # the last two where the block takes them
+    for consumers in ints(a.consumers):
+        for overlap in ints(a.overlap):
+            for bn in ints(a.bn):
+                for stages in ints(a.stages):
+                    for rings in ints(a.rings):
+                        c = WGTileConfig(bn=bn, stages=stages, kv_rings=bool(rings), consumers=consumers,
+                                         overlap=bool(overlap), **base)
+                        if WGMMAAttentionPlan(layer=layer, page_size=64, tiles=c).shared_bytes > SHARED_LIMIT:
+                            continue
+                        try:
+                            t = prefill_case(prog, a.name, a.batch, a.seq, a.hq, hkv, a.d, tiles=c, prefill="wgmma",
+                                             peers=False)
+                        except Exception as e:   # noqa: BLE001 - a configuration that does not build
+                            print(f"  {c.label:28s} {str(e).splitlines()[0][:80]}")
+                            continue
+                        print(f"  {c.label:28s} {t['ours_s'] * 1e3:7.3f} ms {t['flops'] / t['ours_s'] / 1e12:5.0f} "
+                              f"TFLOP/s {r['cudnn_s'] / t['ours_s']:5.2f}x cuDNN", flush=True)
+                        torch.cuda.empty_cache()
     return 0
 
 

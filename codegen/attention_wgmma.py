@@ -59,8 +59,8 @@ SHARED_LIMIT = 232448   # dynamic shared memory of a CTA on sm_90 (227 KB)
 class WGTileConfig:
     bn: int               # keys per tile (the N of S = Q K^T)
     stages: int           # K/V shared-memory buffers (the mbarrier ring)
-    producer_regs: int = 40      # 56 / 224 spilled the T5 block's consumers; 24 / 240 the producer
-    consumer_regs: int = 232
+    producer_regs: int = 0       # 0: 40 with two consumers (56 / 224 spilled the T5 block's consumers; 24 / 240 the
+    consumer_regs: int = 0       # producer), 32 / 160 with three (the SM's 64K registers over 512 threads; 24 spilled)
     overlap: bool = False        # the softmax under the consumer's own P V too (the template's OVERLAP)
     swizzle: int = 0             # shared tiles' swizzle bytes; 0: the widest whose column block divides both head dims
     tma: bool = False            # full K/V tiles by TMA boxes of a page run (WGMMAAttentionPlan.tma says where it applies)
@@ -68,29 +68,37 @@ class WGTileConfig:
     fold: bool = False           # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
     kv_rings: bool = False       # (with TMA) K and V in rings of their own: K's stage free once S is in, V's after P V
     k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
+    consumers: int = CONSUMERS   # consumer warpgroups of 64 query rows taking turns at the tensor cores (2 or 3)
 
     def __post_init__(self):
+        if self.consumers not in (2, 3):
+            raise ValueError(f"consumers is 2 or 3 warpgroups, not {self.consumers}")
+        if not self.producer_regs:
+            object.__setattr__(self, "producer_regs", 40 if self.consumers == 2 else 32)
+        if not self.consumer_regs:
+            object.__setattr__(self, "consumer_regs", 232 if self.consumers == 2 else 160)
         if self.k_stages and (self.k_stages < 2 or not self.kv_rings):
             raise ValueError(f"k_stages ({self.k_stages}) is K's own ring depth, >= 2, with kv_rings")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
-        # the SM's registers hold one CTA: 128 * producer + 128 * 2 * consumer
-        if 128 * (self.producer_regs + CONSUMERS * self.consumer_regs) > 65536:
+        # the SM's registers hold one CTA: 128 * producer + 128 * consumers * consumer
+        if 128 * (self.producer_regs + self.consumers * self.consumer_regs) > 65536:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
 
     @property
     def label(self) -> str:
         return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
-                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else ""))
+                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
+                + (f"c{self.consumers}" if self.consumers != CONSUMERS else ""))
 
     @property
     def threads(self) -> int:
-        return 128 * (CONSUMERS + 1)
+        return 128 * (self.consumers + 1)
 
     @property
     def rows(self) -> int:
-        return 64 * CONSUMERS
+        return 64 * self.consumers
 
     @property
     def keys(self) -> int:
@@ -240,7 +248,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * ks * c.keys * hdp),
                              ("sV", 2 * c.stages * c.keys * hdvp),
                              ("bars", 8 * 2 * (ks + (c.stages if self.kv_rings else 0))),
-                             *((("sRel", CONSUMERS * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
+                             *((("sRel", c.consumers * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
     def shared_bytes(self) -> int:
@@ -253,7 +261,7 @@ class WGMMAAttentionPlan(AttentionPlan):
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {**super().describe(), "mode": "prefill",
-                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": CONSUMERS + 1, "stages": c.stages,
+                "tiles": {"rows": c.rows, "keys": c.keys, "warpgroups": c.consumers + 1, "stages": c.stages,
                           **({"overlap": True} if c.overlap else {})}}
 
     def source(self) -> str:
@@ -280,7 +288,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HDV=hdv, SW=sw, HDP=hdp, HDVP=hdvp, UNIFORM_LOADS=hd == hdv == hdp and 128 % (hd // 8) == 0,
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
-        CONSUMER_REGS=c.consumer_regs, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
+        CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=c.rope_step and rope_steps(ctx),
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as

@@ -113,6 +113,23 @@ def test_kv_rings_compile_without_spills(prog, name, d, page=16):
     assert not cp.kv_rings and "full_v" not in cp.source()
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_three_consumers_compile(prog, overlap):
+    """Three consumer warpgroups (WGTileConfig.consumers: 192 query rows a CTA, turns in order, registers 32 / 160):
+    D64 with 64-key tiles compiles without spills in both schedules; 512 threads, barriers past the two-consumer
+    kernel's."""
+    c = WGTileConfig(bn=64, stages=3, overlap=overlap, tma=True, fold=True, consumers=3)
+    assert (c.rows, c.threads, c.producer_regs, c.consumer_regs) == (192, 512, 32, 160) and c.label.endswith("c3")
+    plan = plan_wgmma_attention(specialise(prog, "gpt2_attn", 16, 16, 64), page_size=64, tiles=c)
+    src = plan.source()
+    assert "constexpr int NCW = 3;" in src and plan.abi.threads == 512
+    assert_spill_free(compile_main(plan)[0])
+    with pytest.raises(ValueError, match="consumers"):
+        WGTileConfig(bn=64, stages=3, consumers=4)
+    with pytest.raises(ValueError, match="register budgets"):
+        WGTileConfig(bn=64, stages=3, consumers=3, consumer_regs=232)
+
+
 def test_tma_only_where_it_applies(prog):
     """Pages under 8 keys: cp.async as before; 96 natively (64-byte swizzle) takes boxes of 32
     columns, padded to 128-byte rows whole 64-column boxes."""

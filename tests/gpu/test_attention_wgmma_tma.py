@@ -108,3 +108,16 @@ def test_forced_rings(prog, d, tma):
                              k_stages=k_stages)
         wgmma(prog, "llama_attn", 16, 4, d, 64, tiles={"prefill": tiles}, **LONG)
         wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles={"prefill": tiles}, lens=[1500], new=[900], splits=3, window=300)
+
+
+@pytest.mark.parametrize("d,bn", [(64, 64), (64, 128), (128, 64)])
+def test_three_consumers(prog, d, bn, tma):
+    """Three consumer warpgroups (192 query rows a CTA, turns in order), both schedules, one ring or two: ragged
+    lengths off the tile, GQA packing of 3 and 4 heads (192 rows: 64 / 48 tokens), split-KV with a window."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig
+    tiles = {"prefill": WGTileConfig(bn=bn, stages=3, consumers=3, overlap=tma.startswith("overlap"), tma=True,
+                                     kv_rings=tma.endswith("rings"))}
+    wgmma(prog, "llama_attn", 16, 4, d, 64, tiles=tiles, **LONG)
+    wgmma(prog, "llama_attn", 12, 4, d, 16, tiles=tiles, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
+    wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500], new=[900], splits=3, window=300)
+
