@@ -138,7 +138,7 @@ def tile_candidates(head_dim: int, v_head_dim: int | None = None) -> list[WGTile
         return [WGTileConfig(bn=64, stages=2)]
     if dv == head_dim and head_dim == 128:   # 3 stages of 128 keys: 225 KB; 2 stages leave the consumers waiting on each tile
         return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=128, stages=2), WGTileConfig(bn=64, stages=3)]
-    if dv == head_dim and head_dim == 64:
+    if dv == head_dim and head_dim == 64:   # (three consumers, n128s3 plain, measured faster on gpt2's D64: NOTES.md)
         return [WGTileConfig(bn=128, stages=3), WGTileConfig(bn=64, stages=4)]
     # other dims: as many stages as fit (up to 3 of 128 keys, 4 of 64), 128-key tiles first where
     # O, S and P leave the consumers' registers room (O + S + P <= 176 a thread: D128's 160 runs
@@ -398,6 +398,19 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
     if tiles is not None:
         return plan
+    plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+    if plan.config.consumers > CONSUMERS and tma and not plan.tma:
+        # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
+        rest = [c for c in tile_candidates(int(plan.spec.head_dim), int(plan.spec.v_head_dim))
+                if c.consumers == CONSUMERS]
+        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, rest), layer, compile_fn,
+                             overlap, tma, rope_step, fold, kv_rings, deep_k)
+    return plan
+
+
+def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn | None, overlap: bool, tma: bool,
+                  rope_step: bool, fold: bool, kv_rings: bool, deep_k: bool) -> WGMMAAttentionPlan:
+    """plan_wgmma_attention's options on the tile shape chosen, each where it compiles without spills."""
     ctx = hook_context(layer) if rope_step or fold else None
 
     def with_option(plan: WGMMAAttentionPlan, **option: bool) -> WGMMAAttentionPlan:
@@ -423,11 +436,12 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
-                distance_table: bool) -> WGMMAAttentionPlan:
+                distance_table: bool, candidates: list[WGTileConfig] | None = None) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
-    candidates = [tiles] if tiles is not None else tile_candidates(int(spec.head_dim), int(spec.v_head_dim))
+    candidates = ([tiles] if tiles is not None else candidates
+                  or tile_candidates(int(spec.head_dim), int(spec.v_head_dim)))
     fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
                                                         distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
     if not fits:

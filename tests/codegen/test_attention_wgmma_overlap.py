@@ -73,6 +73,9 @@ def test_overlap_plans_compile_without_spills(prog, name, d):
     layer = specialise(prog, name, 32, 8, d)
     plain = plan_wgmma_attention(layer, compile_fn=resources)
     plan = plan_wgmma_attention(layer, compile_fn=resources, overlap=True)
+    if plain.config.consumers == 3:   # D64's three consumers: the overlap schedule spills there, they keep the plain one
+        assert plan.config == plain.config
+        return
     assert plan.config == overlapped(plain.config)
     assert (plan.abi.args, plan.abi.grid, plan.shared_bytes) == (plain.abi.args, plain.abi.grid, plain.shared_bytes)
     check_overlap_source(plan)
@@ -81,7 +84,8 @@ def test_overlap_plans_compile_without_spills(prog, name, d):
     assert kr.registers * plan.config.threads <= 65536
 
 
-@pytest.mark.parametrize("d,tiles", [(d, overlapped(c)) for d in (64, 128, 256) for c in tile_candidates(d)],
+@pytest.mark.parametrize("d,tiles", [(d, overlapped(c)) for d in (64, 128, 256) for c in tile_candidates(d)
+                                     if c.consumers == 2],   # (three consumers take the plain schedule)
                          ids=lambda x: getattr(x, "label", str(x)))
 def test_every_overlap_tile_candidate_compiles(prog, d, tiles):
     plan = plan_wgmma_attention(specialise(prog, "gemma2_attn", 32, 8, d), tiles=tiles)
