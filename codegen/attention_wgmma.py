@@ -87,10 +87,10 @@ class WGTileConfig:
 
     @property
     def label(self) -> str:
-        return (f"n{self.bn}s{self.stages}" + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
+        return (f"n{self.bn}s{self.stages}" + (f"c{self.consumers}" if self.consumers != CONSUMERS else "")
+                + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
-                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
-                + (f"c{self.consumers}" if self.consumers != CONSUMERS else ""))
+                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else ""))
 
     @property
     def threads(self) -> int:

@@ -99,7 +99,7 @@ def test_kv_rings_compile_without_spills(prog, name, d, page=16):
         plan = plan_wgmma_attention(layer, overlap=overlap, **kw)
         assert plan.kv_rings == (plan.config.stages == 2) and plan.tma, plan.key
         forced = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, kv_rings=True))
-        assert forced.kv_rings and forced.config.label.endswith("kv") and forced.config.overlap == overlap
+        assert forced.kv_rings and forced.config.label.endswith("kv") and forced.config.overlap == plan.config.overlap
         src = forced.source()
         assert "full_v[prev]" in src and "empty_v[stage]" in src
         assert_spill_free(compile_main(forced)[0])
@@ -119,7 +119,7 @@ def test_three_consumers_compile(prog, overlap):
     D64 with 64-key tiles compiles without spills in both schedules; 512 threads, barriers past the two-consumer
     kernel's."""
     c = WGTileConfig(bn=64, stages=3, overlap=overlap, tma=True, fold=True, consumers=3)
-    assert (c.rows, c.threads, c.producer_regs, c.consumer_regs) == (192, 512, 32, 160) and c.label.endswith("c3")
+    assert (c.rows, c.threads, c.producer_regs, c.consumer_regs) == (192, 512, 32, 160) and c.label.startswith("n64s3c3")
     plan = plan_wgmma_attention(specialise(prog, "gpt2_attn", 16, 16, 64), page_size=64, tiles=c)
     src = plan.source()
     assert "constexpr int NCW = 3;" in src and plan.abi.threads == 512
