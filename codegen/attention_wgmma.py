@@ -344,6 +344,15 @@ def kv_rings_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_KV_RINGS", True)
 
 
+def three_consumers_default() -> bool:
+    """Whether the wgmma prefill tries three consumer warpgroups first where tile_candidates lists them (D64). Measured
+    faster on an H200 (benchmarks/NOTES.md: gpt2 0.373 -> 0.356 ms, llama GQA 0.772 -> 0.660, 1.00x cuDNN; mistral
+    0.773 -> 0.670) and GPU-tested with forced tiles (both schedules, TMA, the rings), but not yet in the planner's
+    exact combination (with rope_step and fold), so off until that run; LAYERFORGE_WGMMA_THREE_CONSUMERS=1 turns it
+    on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_THREE_CONSUMERS", False)
+
+
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
     shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB). Off until measured;
@@ -377,7 +386,8 @@ def rope_step_default() -> bool:
 def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConfig | None = None,
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
-                         fold: bool = False, kv_rings: bool = False, deep_k: bool = False) -> WGMMAAttentionPlan:
+                         fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
+                         three_consumers: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -396,8 +406,12 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     kv_rings (without `tiles`): where the plan takes TMA in two stages, the same with WGTileConfig.kv_rings where it
     compiles without spills (K and V in rings of their own: measured faster at two stages, slower at three; `tiles`
     asks for it at any depth). deep_k (with kv_rings taken): K's ring one stage deeper than V's where shared
-    memory holds it and it compiles without spills."""
-    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table)
+    memory holds it and it compiles without spills. three_consumers (without `tiles`): the candidates of three consumer
+    warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for."""
+    spec = layer.function.outputs[0].arg
+    allowed = None if three_consumers or tiles is not None else [
+        c for c in tile_candidates(int(spec.head_dim), int(spec.v_head_dim)) if c.consumers == CONSUMERS]
+    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, allowed)
     if tiles is not None:
         return plan
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)

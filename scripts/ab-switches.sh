@@ -15,6 +15,8 @@
 #              cut short by a time limit still names them
 #   rings      the wgmma prefill's K / V rings (LAYERFORGE_WGMMA_KV_RINGS, the default at two stages: off against on)
 #              and K's deeper ring (LAYERFORGE_WGMMA_DEEP_K, off: measured no faster), bench_attention's prefill rows
+#   consumers  D64's three consumer warpgroups (LAYERFORGE_WGMMA_THREE_CONSUMERS, off until this runs): the Hopper
+#              attention GPU tests at D64 with it on, then bench_attention's D64 rows off against on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -51,6 +53,15 @@ tests)
         tests/gpu/test_row_cluster.py -k "rope_by_steps or scale_folded or hardware_conversion or tc_scale_folded or \
 block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 | tee "$OUT_DIR/pytest.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+consumers)
+    echo "== GPU tests at D64 with LAYERFORGE_WGMMA_THREE_CONSUMERS=1"
+    LAYERFORGE_WGMMA_THREE_CONSUMERS=1 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py \
+        tests/gpu/test_attention_wgmma_tma.py tests/gpu/test_paged_attention.py -k "64 and not 640" 2>&1 \
+        | tee "$OUT_DIR/pytest_consumers.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only D64 \
+        --ab-switch LAYERFORGE_WGMMA_THREE_CONSUMERS 2>&1 | grep -v -i "$FLEX_NOISE" | tail -4
     ;;
 rings)
     for sw in LAYERFORGE_WGMMA_KV_RINGS LAYERFORGE_WGMMA_DEEP_K; do
