@@ -408,10 +408,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     asks for it at any depth). deep_k (with kv_rings taken): K's ring one stage deeper than V's where shared
     memory holds it and it compiles without spills. three_consumers (without `tiles`): the candidates of three consumer
     warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for."""
-    spec = layer.function.outputs[0].arg
-    allowed = None if three_consumers or tiles is not None else [
-        c for c in tile_candidates(int(spec.head_dim), int(spec.v_head_dim)) if c.consumers == CONSUMERS]
-    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, allowed)
+    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
@@ -419,8 +416,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         rest = [c for c in tile_candidates(int(plan.spec.head_dim), int(plan.spec.v_head_dim))
                 if c.consumers == CONSUMERS]
-        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, rest), layer, compile_fn,
-                             overlap, tma, rope_step, fold, kv_rings, deep_k)
+        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, rest, three_consumers=False),
+                             layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     return plan
 
 
@@ -452,12 +449,14 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
-                distance_table: bool, candidates: list[WGTileConfig] | None = None) -> WGMMAAttentionPlan:
+                distance_table: bool, candidates: list[WGTileConfig] | None = None, *,
+                three_consumers: bool = True) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
     candidates = ([tiles] if tiles is not None else candidates
-                  or tile_candidates(int(spec.head_dim), int(spec.v_head_dim)))
+                  or [c for c in tile_candidates(int(spec.head_dim), int(spec.v_head_dim))
+                      if three_consumers or c.consumers == CONSUMERS])
     fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
                                                         distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
     if not fits:
