@@ -92,7 +92,7 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, pr
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=d, dtype="bf16", **({"Dv": dv} if dv != d else {}),
                             **(consts or {}))
     attn = PagedAttention(layer, page_size=page, tiles={"prefill": tiles} if tiles else None, prefill=prefill)
-    with wgmma_overlap(overlap), env_switch_set(*(switch or ("LAYERFORGE_WGMMA_OVERLAP", None))):
+    with wgmma_overlap(overlap), (env_switch_set(*switch) if switch else contextlib.nullcontext()):
         attn.tc_plan("prefill")   # the module keeps this plan
     q = torch.randn(batch * seq, hq, d, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(batch * seq // page, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -145,10 +145,11 @@ def main(argv=None):
     ap.add_argument("--only", choices=["decode", "prefill"], default=None)
     ap.add_argument("--prefill-set", choices=["all", "main"], default="all",
                     help="main: the default tiles of each shape only (no alternative tile shapes)")
-    ap.add_argument("--wgmma-overlap", action="store_true",
+    ab = ap.add_mutually_exclusive_group()
+    ab.add_argument("--wgmma-overlap", action="store_true",
                     help="on sm_90, each default wgmma prefill row again with the overlap schedule "
                          "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
-    ap.add_argument("--ab-switch", default=None, metavar="NAME",
+    ab.add_argument("--ab-switch", default=None, metavar="NAME",
                     help="on sm_90, each default wgmma prefill row planned with the switch NAME=0, then NAME=1 (e.g. "
                          "LAYERFORGE_WGMMA_KV_RINGS), side by side")
     ap.add_argument("--prefill-only", default=None,
@@ -214,9 +215,9 @@ def main(argv=None):
         fmt = lambda x, f="9.2f": format(x, f) if x is not None else f"{'-':>{f.split('.')[0]}s}"  # noqa: E731
         for name, batch, seq, hq, hkv, d, tiles in cases:
             peers = None
-            for kernel, overlap, rings in kernels if tiles is None else ((None, None, None),):
+            for kernel, overlap, switch in kernels if tiles is None else ((None, None, None),):
                 r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
-                                 overlap=overlap, switch=rings)
+                                 overlap=overlap, switch=switch)
                 if peers is None:
                     peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
                 r.update(peers)

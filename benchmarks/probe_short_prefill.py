@@ -54,7 +54,8 @@ def case(prog, kernel, batch, seq, hq=32, d=128, page=64, profile=False):
         pstats.Stats(pr).sort_stats("cumulative").print_stats(18)
     qq = q.view(batch, seq, hq, d).transpose(1, 2)
     kk = kc.view(batch, seq, hq, d).transpose(1, 2)
-    return qq, kk, kk
+    vv = vc.view(batch, seq, hq, d).transpose(1, 2)
+    return qq, kk, vv
 
 
 def main(argv=None):

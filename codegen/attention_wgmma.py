@@ -355,7 +355,7 @@ def three_consumers_default() -> bool:
 
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
-    shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB). Off until measured;
+    shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB).
     Measured no faster on an H200 (D256 B2 H16 S4096: 0.52 ms either way, benchmarks/NOTES.md), so it stays off;
     LAYERFORGE_WGMMA_DEEP_K=1 turns it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_DEEP_K", False)
@@ -414,9 +414,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if plan.config.consumers > CONSUMERS and tma and not plan.tma:
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
-        rest = [c for c in tile_candidates(int(plan.spec.head_dim), int(plan.spec.v_head_dim))
-                if c.consumers == CONSUMERS]
-        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, rest, three_consumers=False),
+        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     return plan
 
@@ -428,7 +426,7 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
     def with_option(plan: WGMMAAttentionPlan, **option: bool) -> WGMMAAttentionPlan:
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
-        ok = twin.tma if option.get("tma") or option.get("kv_rings") else True   # a plan that cannot take TMA keeps cp.async
+        ok = twin.tma if option.get("tma") else True   # a plan that cannot take TMA keeps cp.async
         return twin if ok and spill_free(twin, compile_fn) else plan
 
     if overlap:
@@ -449,14 +447,12 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
-                distance_table: bool, candidates: list[WGTileConfig] | None = None, *,
-                three_consumers: bool = True) -> WGMMAAttentionPlan:
+                distance_table: bool, *, three_consumers: bool = True) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
-    candidates = ([tiles] if tiles is not None else candidates
-                  or [c for c in tile_candidates(int(spec.head_dim), int(spec.v_head_dim))
-                      if three_consumers or c.consumers == CONSUMERS])
+    candidates = [tiles] if tiles is not None else [c for c in tile_candidates(int(spec.head_dim), int(spec.v_head_dim))
+                                                    if three_consumers or c.consumers == CONSUMERS]
     fits = [c for c in candidates if WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c,
                                                         distance_table=distance_table).shared_bytes <= SHARED_LIMIT]
     if not fits:
