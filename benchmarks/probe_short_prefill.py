@@ -2,12 +2,15 @@
 device time (profiler records), the call's host time (no sync inside), and do_bench's time, for the
 wgmma and the mma.sync prefill, beside cuDNN. A probe: prints, asserts nothing.
 
-    python -m benchmarks.probe_short_prefill [--profile]
+    python -m benchmarks.probe_short_prefill [--profile] [--ab-switch NAME]
+
+--ab-switch NAME: the wgmma prefill with the kernel switch NAME=0, then NAME=1 (e.g. LAYERFORGE_WGMMA_LPT).
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -61,13 +64,20 @@ def case(prog, kernel, batch, seq, hq=32, d=128, page=64, profile=False):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true", help="cProfile 200 calls of the wgmma prefill at B1 S1024")
+    ap.add_argument("--ab-switch", default=None, metavar="NAME",
+                    help="the wgmma prefill with NAME=0, then NAME=1 (a LAYERFORGE_* kernel switch)")
     a = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     prog = lf.stdlib()
     print(f"device: {torch.cuda.get_device_name()}")
     for batch, seq in [(1, 1024), (1, 2048), (2, 1024), (4, 1024)]:
-        for kernel in ("wgmma", "tc"):
+        for kernel, switch in ([("wgmma", "0"), ("wgmma", "1")] if a.ab_switch else [("wgmma", None)]) + [("tc", None)]:
+            if switch is not None:
+                os.environ[a.ab_switch] = switch
+                print(f"{a.ab_switch}={switch}")
             qq, kk, vv = case(prog, kernel, batch, seq, profile=a.profile and kernel == "wgmma" and (batch, seq) == (1, 1024))
+            if switch is not None:
+                del os.environ[a.ab_switch]
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             f = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)  # noqa: E731
             print(f"{'cuDNN':40s} do_bench {bench(f) * 1e6:8.1f} us  kernels: "

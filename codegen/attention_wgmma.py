@@ -53,6 +53,10 @@ from .row import LoweringError
 ARCH = "sm_90a"
 CONSUMERS = 2   # consumer warpgroups of 64 query rows, taking turns at the tensor cores (the template's NCW)
 SHARED_LIMIT = 232448   # dynamic shared memory of a CTA on sm_90 (227 KB)
+# WGTileConfig.lpt's launch order: sections of (chunk, KV head) pairs of about LPT_CTAS CTAs (four waves of an H100 /
+# H200's 132 SMs, one CTA an SM) whose K / V rows fit in LPT_L2 bytes (of the 50 MB L2), each run level by level
+LPT_CTAS = 4 * 132
+LPT_L2 = 32 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +73,7 @@ class WGTileConfig:
     kv_rings: bool = False       # (with TMA) K and V in rings of their own: K's stage free once S is in, V's after P V
     k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
     consumers: int = CONSUMERS   # consumer warpgroups of 64 query rows taking turns at the tensor cores (2 or 3)
+    lpt: int = 0                 # >0: the launch order longest row blocks first, over sections of about lpt CTAs
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -79,6 +84,8 @@ class WGTileConfig:
             object.__setattr__(self, "consumer_regs", 232 if self.consumers == 2 else 160)
         if self.k_stages and (self.k_stages < 2 or not self.kv_rings):
             raise ValueError(f"k_stages ({self.k_stages}) is K's own ring depth, >= 2, with kv_rings")
+        if self.lpt < 0:
+            raise ValueError(f"lpt is a section's CTAs (0: the default launch order), not {self.lpt}")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * consumers * consumer
@@ -90,7 +97,8 @@ class WGTileConfig:
         return (f"n{self.bn}s{self.stages}" + (f"c{self.consumers}" if self.consumers != CONSUMERS else "")
                 + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
-                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else ""))
+                + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
+                + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else ""))
 
     @property
     def threads(self) -> int:
@@ -291,7 +299,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=c.rope_step and rope_steps(ctx),
+        ROPE_STEP=c.rope_step and rope_steps(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -353,6 +361,15 @@ def three_consumers_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_THREE_CONSUMERS", False)
 
 
+def lpt_default() -> bool:
+    """Whether the wgmma prefill takes the longest-first launch order (WGTileConfig.lpt): the CTAs' (chunk, KV head)
+    pairs in sections of about LPT_CTAS CTAs, each section's row blocks level by level from the longest. The launch's
+    last CTAs are then short ones; with the default order (a head's row blocks longest first, head after head) a
+    long row block of the last heads starts late. Off until measured on a GPU; LAYERFORGE_WGMMA_LPT=1 turns it on,
+    for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_LPT", False)
+
+
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
     shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB).
@@ -387,7 +404,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
-                         three_consumers: bool = False) -> WGMMAAttentionPlan:
+                         three_consumers: bool = False, lpt: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -407,7 +424,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     compiles without spills (K and V in rings of their own: measured faster at two stages, slower at three; `tiles`
     asks for it at any depth). deep_k (with kv_rings taken): K's ring one stage deeper than V's where shared
     memory holds it and it compiles without spills. three_consumers (without `tiles`): the candidates of three consumer
-    warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for."""
+    warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for.
+    lpt (without `tiles`): the longest-first launch order (WGTileConfig.lpt; it changes the CTAs' prologue only)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
@@ -416,6 +434,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+    if lpt:
+        plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=LPT_CTAS))
     return plan
 
 

@@ -17,6 +17,8 @@
 #              and K's deeper ring (LAYERFORGE_WGMMA_DEEP_K, off: measured no faster), bench_attention's prefill rows
 #   consumers  D64's three consumer warpgroups (LAYERFORGE_WGMMA_THREE_CONSUMERS, off until this runs): the Hopper
 #              attention GPU tests at D64 with it on, then bench_attention's D64 rows off against on
+#   lpt        the wgmma prefill's longest-first launch order (LAYERFORGE_WGMMA_LPT, off until this runs): its GPU
+#              tests, then bench_attention's prefill rows and the short prompts (probe_short_prefill) off against on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -62,6 +64,16 @@ consumers)
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only D64 \
         --ab-switch LAYERFORGE_WGMMA_THREE_CONSUMERS 2>&1 | grep -v -i "$FLEX_NOISE" | tail -4
+    ;;
+lpt)
+    echo "== GPU tests of the longest-first order"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_wgmma_tma.py -k lpt 2>&1 \
+        | tee "$OUT_DIR/pytest_lpt.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --ab-switch LAYERFORGE_WGMMA_LPT 2>&1 \
+        | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/prefill_lpt.txt" | tail -16
+    "$PY" -m benchmarks.probe_short_prefill --ab-switch LAYERFORGE_WGMMA_LPT 2>&1 | tee "$OUT_DIR/short_lpt.txt"
     ;;
 rings)
     for sw in LAYERFORGE_WGMMA_KV_RINGS LAYERFORGE_WGMMA_DEEP_K; do

@@ -121,3 +121,19 @@ def test_three_consumers(prog, d, bn, tma):
     wgmma(prog, "llama_attn", 12, 4, d, 16, tiles=tiles, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
     wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500], new=[900], splits=3, window=300)
 
+
+
+@pytest.mark.parametrize("lpt", [3, 40, 528])
+def test_lpt_order(prog, lpt, tma):
+    """The longest-first launch order (WGTileConfig.lpt) over sections of about `lpt` CTAs: 3 and 40 cut these grids
+    into many sections of uneven sizes, 528 is the planner's. Every CTA must take one row block of one (chunk, KV head,
+    split): a row block missed stays NaN in the poisoned output. Both schedules, one ring or two, three consumers."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    for d in (128, 64):
+        c = tile_candidates(d)[0]
+        tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, consumers=c.consumers, tma=True, lpt=lpt,
+                                         overlap=tma.startswith("overlap") and c.consumers == 2,
+                                         kv_rings=tma.endswith("rings"))}
+        wgmma(prog, "llama_attn", 16, 4, d, 64, tiles=tiles, **LONG)
+        wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500, 40, 700], new=[900, 40, 3], splits=3,
+              window=300)
