@@ -58,7 +58,8 @@ block_layer or small_token_kernel or x_quantised_first or cluster" 2>&1 | tee "$
     ;;
 consumers)
     echo "== GPU tests at D64 with LAYERFORGE_WGMMA_THREE_CONSUMERS=1"
-    LAYERFORGE_WGMMA_THREE_CONSUMERS=1 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_attention_hopper.py \
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    LAYERFORGE_WGMMA_THREE_CONSUMERS=1 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
         tests/gpu/test_attention_wgmma_tma.py tests/gpu/test_paged_attention.py -k "64 and not 640" 2>&1 \
         | tee "$OUT_DIR/pytest_consumers.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
