@@ -53,9 +53,10 @@ from .row import LoweringError
 ARCH = "sm_90a"
 CONSUMERS = 2   # consumer warpgroups of 64 query rows, taking turns at the tensor cores (the template's NCW)
 SHARED_LIMIT = 232448   # dynamic shared memory of a CTA on sm_90 (227 KB)
-# WGTileConfig.lpt's launch order: sections of (chunk, KV head) pairs of about LPT_CTAS CTAs (four waves of an H100 /
-# H200's 132 SMs, one CTA an SM) whose K / V rows fit in LPT_L2 bytes (of the 50 MB L2), each run level by level
-LPT_CTAS = 4 * 132
+# WGTileConfig.lpt's launch order (templates/cuda/launch_order.jinja): sections of (chunk, z) pairs of at least
+# LPT_CTAS CTAs (about a wave of an H100 / H200's 132 SMs, one CTA an SM) whose K / V rows fit in LPT_L2 bytes (of the
+# 50 MB L2), each run level by level; launches whose X pairs hold that many keep the default order
+LPT_CTAS = 128
 LPT_L2 = 32 << 20
 
 
@@ -73,7 +74,7 @@ class WGTileConfig:
     kv_rings: bool = False       # (with TMA) K and V in rings of their own: K's stage free once S is in, V's after P V
     k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
     consumers: int = CONSUMERS   # consumer warpgroups of 64 query rows taking turns at the tensor cores (2 or 3)
-    lpt: int = 0                 # >0: the launch order longest row blocks first, over sections of about lpt CTAs
+    lpt: int = 0                 # >0: the launch order over sections of at least lpt CTAs (launch_order.jinja)
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -362,11 +363,11 @@ def three_consumers_default() -> bool:
 
 
 def lpt_default() -> bool:
-    """Whether the wgmma prefill takes the longest-first launch order (WGTileConfig.lpt): the CTAs' (chunk, KV head)
-    pairs in sections of about LPT_CTAS CTAs, each section's row blocks level by level from the longest. The launch's
-    last CTAs are then short ones; with the default order (a head's row blocks longest first, head after head) a
-    long row block of the last heads starts late. Off until measured on a GPU; LAYERFORGE_WGMMA_LPT=1 turns it on,
-    for the runtime's plans and the pack build alike."""
+    """Whether the wgmma prefill takes the sectioned launch order (WGTileConfig.lpt, templates/cuda/launch_order.jinja):
+    where a head's row blocks are under LPT_CTAS CTAs (a short prompt, or D256's few long ones), sections of several
+    heads' pairs run level by level from the longest row block, so that no long row block starts late; elsewhere the
+    default order. Off until measured on a GPU; LAYERFORGE_WGMMA_LPT=1 turns it on, for the runtime's plans and the
+    pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_LPT", False)
 
 

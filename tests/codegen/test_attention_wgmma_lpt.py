@@ -1,8 +1,9 @@
-"""The wgmma prefill's longest-first launch order (WGTileConfig.lpt): each CTA finds its (chunk, row block, KV head /
-split) from its place in the launch order. The kernel's own lines are cut from the rendered source and run on the
-host (a C++ compiler), so the order checked is the one the GPU runs: every CTA takes one item and every item one CTA,
-sections of the (chunk, z) pairs of equal sizes (off by one) run level by level from the longest row block, and the
-K / V rows of a section stay within the L2 budget. The plans compile for sm_90a without spills (no GPU needed)."""
+"""The wgmma prefill's sectioned launch order (WGTileConfig.lpt, templates/cuda/launch_order.jinja): each CTA finds
+its (chunk, row block, KV head / split) from its place in the launch order. The kernel's own lines are cut from the
+rendered source and run on the host (a C++ compiler), so the order checked is the one the GPU runs: every CTA takes
+one item and every item one CTA; sections of the (chunk, z) pairs of equal sizes (off by one) run level by level from
+the longest row block; a launch whose X pairs hold lpt CTAs keeps the default order; the K / V rows of a section stay
+within the L2 budget. The plans compile for sm_90a without spills (no GPU needed)."""
 import dataclasses
 import functools
 import itertools
@@ -69,12 +70,13 @@ def host_order(plan, tmp):
 
 
 def expected(plan, x, y, z):
-    """The order as specified: sections of about lpt / Y pairs (at most P, at least one, their K / V rows within
-    LPT_L2 bytes) cut P = X * Z pairs into equal sizes (the first P % sections one larger); in each, every pair's
-    level 0 (the longest row block), then level 1, ..., pairs in order (chunk fastest)."""
+    """The order as specified: sections of X pairs where X * Y >= lpt, else of ceil(lpt / Y) pairs (at most P, at
+    least one, their K / V rows within LPT_L2 bytes), cutting P = X * Z pairs into equal sizes (the first P %
+    sections one larger); in each, every pair's level 0 (the longest row block), then level 1, ..., pairs in order
+    (chunk fastest)."""
     p = x * z
     pair_bytes = y * plan.config.rows * (int(plan.spec.head_dim) + int(plan.spec.v_head_dim)) * 2 // plan.group + 1
-    sec = max(1, min(-(-plan.config.lpt // y), aw.LPT_L2 // pair_bytes, p))
+    sec = x if x * y >= plan.config.lpt else max(1, min(-(-plan.config.lpt // y), p, aw.LPT_L2 // pair_bytes))
     nsec = -(-p // sec)
     base, extra = divmod(p, nsec)
     out, p0 = [], 0
@@ -90,7 +92,7 @@ GRIDS = [(1, 1, 1), (1, 8, 32), (4, 32, 32), (4, 128, 8), (2, 32, 16), (3, 7, 5)
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler to run the kernel's order lines")
-@pytest.mark.parametrize("lpt", [1, 5, 40, aw.LPT_CTAS])
+@pytest.mark.parametrize("lpt", [1, 5, 40, aw.LPT_CTAS, 528])
 @pytest.mark.parametrize("d,hq,hkv,consumers", [(128, 32, 8, 2), (256, 16, 16, 2), (64, 16, 16, 3)])
 def test_order_is_a_bijection_longest_first(prog, tmp_path_factory, d, hq, hkv, consumers, lpt):
     c = aw.tile_candidates(d)[-1] if consumers == 2 and d == 64 else aw.tile_candidates(d)[0]
@@ -100,6 +102,8 @@ def test_order_is_a_bijection_longest_first(prog, tmp_path_factory, d, hq, hkv, 
     for (x, y, z), got in zip(GRIDS, run(GRIDS)):
         assert sorted(got) == sorted(itertools.product(range(x), range(y), range(z))), (x, y, z)
         assert got == expected(plan, x, y, z), (x, y, z)
+        if x * y >= lpt:   # the default order: chunk x, level y, z as launched
+            assert got == [(bx, by, bz) for bz in range(z) for by in range(y) for bx in range(x)], (x, y, z)
         # the launch's last CTA is a shortest row block (level Y - 1) and every pair's levels go longest first
         assert got[-1][1] == y - 1
         seen = {}
@@ -109,15 +113,14 @@ def test_order_is_a_bijection_longest_first(prog, tmp_path_factory, d, hq, hkv, 
 
 
 def test_sections_keep_kv_within_l2(prog):
-    """A long prompt's pairs hold more K / V than LPT_L2: sections shrink to fit it (one pair at the least)."""
-    plan = plan_wgmma_attention(specialise(prog, "llama_attn", 32, 8, 256), tiles=WGTileConfig(bn=64, stages=2,
-                                                                                                 lpt=aw.LPT_CTAS))
-    y = 65536 * 4 // 128   # 64K tokens, 4 heads a KV head
-    got = expected(plan, 1, y, 8)
-    assert [lvl for _, lvl, _ in got[:y]] == list(range(y))   # one pair a section: its levels, then the next pair's
-    assert [z for _, _, z in got[:y]] == [0] * y and got[y] == (0, 0, 1)
-    big = expected(plan, 4, 8, 8)   # short prompts: one section of every pair
-    assert [lvl for _, lvl, _ in big[:32]] == [0] * 32
+    """Where sections grow, their pairs' K / V stay within LPT_L2: at lpt 528, 30 row blocks a pair would take
+    every one of 16 pairs into a section (18 asked); at D256 a pair's K / V is 3.9 MB, so 32 MB holds 8."""
+    plan = plan_wgmma_attention(specialise(prog, "gpt2_attn", 16, 16, 256), tiles=WGTileConfig(bn=64, stages=2,
+                                                                                                lpt=528))
+    got = expected(plan, 1, 30, 16)   # 30 row blocks of 128 rows: 3840 tokens x 1 KB of K / V a pair
+    assert [lvl for _, lvl, _ in got[:8]] == [0] * 8 and got[8] == (0, 1, 0)   # two sections of 8 pairs
+    short = expected(plan, 1, 8, 32)   # a short prompt (8 row blocks a head): sections of 16 heads
+    assert [lvl for _, lvl, _ in short[:16]] == [0] * 16 and short[16] == (0, 1, 0) and short[128] == (0, 0, 16)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -123,11 +123,12 @@ def test_three_consumers(prog, d, bn, tma):
 
 
 
-@pytest.mark.parametrize("lpt", [3, 40, 528])
+@pytest.mark.parametrize("lpt", [40, 128, 528])
 def test_lpt_order(prog, lpt, tma):
-    """The longest-first launch order (WGTileConfig.lpt) over sections of about `lpt` CTAs: 3 and 40 cut these grids
-    into many sections of uneven sizes, 528 is the planner's. Every CTA must take one row block of one (chunk, KV head,
-    split): a row block missed stays NaN in the poisoned output. Both schedules, one ring or two, three consumers."""
+    """The sectioned launch order (WGTileConfig.lpt) over sections of at least `lpt` CTAs: these grids' heads hold
+    under 128 and 528, so their sections grow to several heads, cut into uneven sizes; 40 keeps some launches'
+    default order. Every CTA must take one row block of one (chunk, KV head, split): a row block missed stays NaN in
+    the poisoned output. Both schedules, one ring or two, three consumers."""
     from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
     for d in (128, 64):
         c = tile_candidates(d)[0]
