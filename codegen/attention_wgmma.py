@@ -354,12 +354,12 @@ def kv_rings_default() -> bool:
 
 
 def three_consumers_default() -> bool:
-    """Whether the wgmma prefill tries three consumer warpgroups first where tile_candidates lists them (D64). Measured
-    faster on an H200 (benchmarks/NOTES.md: gpt2 0.373 -> 0.356 ms, llama GQA 0.772 -> 0.660, 1.00x cuDNN; mistral
-    0.773 -> 0.670) and GPU-tested with forced tiles (both schedules, TMA, the rings), but not yet in the planner's
-    exact combination (with rope_step and fold), so off until that run; LAYERFORGE_WGMMA_THREE_CONSUMERS=1 turns it
-    on, for the runtime's plans and the pack build alike."""
-    return env_switch("LAYERFORGE_WGMMA_THREE_CONSUMERS", False)
+    """Whether the wgmma prefill tries three consumer warpgroups first where tile_candidates lists them (D64). On by
+    default: measured faster on an H200 (benchmarks/NOTES.md: gpt2 0.38 -> 0.36 ms, llama GQA 0.772 -> 0.660, 1.00x
+    cuDNN; mistral 0.773 -> 0.670), and the Hopper attention and model GPU tests pass with the planner's kernels
+    (rope_step, fold; spill-free under NVRTC 13.0 and 13.5). LAYERFORGE_WGMMA_THREE_CONSUMERS=0 keeps two, for the
+    runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_THREE_CONSUMERS", True)
 
 
 def lpt_default() -> bool:

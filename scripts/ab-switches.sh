@@ -15,7 +15,7 @@
 #              cut short by a time limit still names them
 #   rings      the wgmma prefill's K / V rings (LAYERFORGE_WGMMA_KV_RINGS, the default at two stages: off against on)
 #              and K's deeper ring (LAYERFORGE_WGMMA_DEEP_K, off: measured no faster), bench_attention's prefill rows
-#   consumers  D64's three consumer warpgroups (LAYERFORGE_WGMMA_THREE_CONSUMERS, off until this runs): the Hopper
+#   consumers  D64's three consumer warpgroups (LAYERFORGE_WGMMA_THREE_CONSUMERS, the default since measured): the Hopper
 #              attention GPU tests at D64 with it on, then bench_attention's D64 rows off against on
 #   lpt        the wgmma prefill's longest-first launch order (LAYERFORGE_WGMMA_LPT, off until this runs): its GPU
 #              tests, then bench_attention's prefill rows and the short prompts (probe_short_prefill) off against on

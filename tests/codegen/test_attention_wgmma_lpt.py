@@ -70,20 +70,21 @@ def host_order(plan, tmp):
 
 
 def expected(plan, x, y, z):
-    """The order as specified: sections of X pairs where X * Y >= lpt, else of ceil(lpt / Y) pairs (at most P, at
-    least one, their K / V rows within LPT_L2 bytes), cutting P = X * Z pairs into equal sizes (the first P %
-    sections one larger); in each, every pair's level 0 (the longest row block), then level 1, ..., pairs in order
-    (chunk fastest)."""
-    p = x * z
-    pair_bytes = y * plan.config.rows * (int(plan.spec.head_dim) + int(plan.spec.v_head_dim)) * 2 // plan.group + 1
-    sec = x if x * y >= plan.config.lpt else max(1, min(-(-plan.config.lpt // y), p, aw.LPT_L2 // pair_bytes))
-    nsec = -(-p // sec)
-    base, extra = divmod(p, nsec)
-    out, p0 = [], 0
+    """The order as specified: where X * Y >= lpt, the default one; else sections of k = ceil(lpt / (X * Y)) z values
+    (at most Z, at least one, their pairs' K / V rows within LPT_L2), cutting Z into equal sizes (the first Z %
+    sections one larger); in each, every pair's level 0 (the longest row block), then level 1, ..., pairs chunk
+    fastest, then z."""
+    if x * y >= plan.config.lpt:
+        return [(bx, by, bz) for bz in range(z) for by in range(y) for bx in range(x)]
+    pair_kb = y * plan.config.rows * (int(plan.spec.head_dim) + int(plan.spec.v_head_dim)) * 2 // plan.group // 1024 + 1
+    k = max(1, min(-(-plan.config.lpt // (x * y)), z, (aw.LPT_L2 // 1024) // (pair_kb * x)))
+    nsec = -(-z // k)
+    base, extra = divmod(z, nsec)
+    out, z0 = [], 0
     for s in range(nsec):
         size = base + (s < extra)
-        out += [(q % x, level, q // x) for level in range(y) for q in range(p0, p0 + size)]
-        p0 += size
+        out += [(c, level, zz) for level in range(y) for zz in range(z0, z0 + size) for c in range(x)]
+        z0 += size
     return out
 
 
@@ -102,8 +103,6 @@ def test_order_is_a_bijection_longest_first(prog, tmp_path_factory, d, hq, hkv, 
     for (x, y, z), got in zip(GRIDS, run(GRIDS)):
         assert sorted(got) == sorted(itertools.product(range(x), range(y), range(z))), (x, y, z)
         assert got == expected(plan, x, y, z), (x, y, z)
-        if x * y >= lpt:   # the default order: chunk x, level y, z as launched
-            assert got == [(bx, by, bz) for bz in range(z) for by in range(y) for bx in range(x)], (x, y, z)
         # the launch's last CTA is a shortest row block (level Y - 1) and every pair's levels go longest first
         assert got[-1][1] == y - 1
         seen = {}
@@ -113,14 +112,17 @@ def test_order_is_a_bijection_longest_first(prog, tmp_path_factory, d, hq, hkv, 
 
 
 def test_sections_keep_kv_within_l2(prog):
-    """Where sections grow, their pairs' K / V stay within LPT_L2: at lpt 528, 30 row blocks a pair would take
-    every one of 16 pairs into a section (18 asked); at D256 a pair's K / V is 3.9 MB, so 32 MB holds 8."""
+    """Where sections grow, their pairs' K / V stay within LPT_L2: at lpt 528, 30 row blocks of one chunk would
+    take 18 of 16 z values into a section; at D256 a pair's K / V is 3.9 MB, so 32 MB holds 8."""
     plan = plan_wgmma_attention(specialise(prog, "gpt2_attn", 16, 16, 256), tiles=WGTileConfig(bn=64, stages=2,
                                                                                                 lpt=528))
     got = expected(plan, 1, 30, 16)   # 30 row blocks of 128 rows: 3840 tokens x 1 KB of K / V a pair
-    assert [lvl for _, lvl, _ in got[:8]] == [0] * 8 and got[8] == (0, 1, 0)   # two sections of 8 pairs
-    short = expected(plan, 1, 8, 32)   # a short prompt (8 row blocks a head): sections of 16 heads
+    assert [lvl for _, lvl, _ in got[:8]] == [0] * 8 and got[8] == (0, 1, 0)   # two sections of 8
+    plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=aw.LPT_CTAS))
+    short = expected(plan, 1, 8, 32)   # a short prompt (8 row blocks a head): sections of 16 heads at lpt 128
     assert [lvl for _, lvl, _ in short[:16]] == [0] * 16 and short[16] == (0, 1, 0) and short[128] == (0, 0, 16)
+    two = expected(plan, 2, 8, 32)   # two chunks: 8 heads a section, chunk fastest
+    assert two[:4] == [(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1)] and two[16] == (0, 1, 0)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -187,9 +187,10 @@ def test_overlap_is_off_unless_asked_for(prog):
 def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     from layerforge.runtime.attention import PagedAttention
     d64 = specialise(prog, "gpt2_attn", 16, 16, 64)
-    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovtf"
-    monkeypatch.setenv("LAYERFORGE_WGMMA_THREE_CONSUMERS", "1")   # D64: three consumers (the plain schedule)
+    # D64: three consumers (the plain schedule: the overlap one spills there); two with the switch off
     assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3c3tf"
+    monkeypatch.setenv("LAYERFORGE_WGMMA_THREE_CONSUMERS", "0")
+    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovtf"
     monkeypatch.delenv("LAYERFORGE_WGMMA_THREE_CONSUMERS")
     layer = specialise(prog, "gpt2_attn", 16, 16, 128)
     monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "0")
