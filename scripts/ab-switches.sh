@@ -17,7 +17,7 @@
 #              and K's deeper ring (LAYERFORGE_WGMMA_DEEP_K, off: measured no faster), bench_attention's prefill rows
 #   consumers  D64's three consumer warpgroups (LAYERFORGE_WGMMA_THREE_CONSUMERS, the default since measured): the Hopper
 #              attention GPU tests at D64 with it on, then bench_attention's D64 rows off against on
-#   lpt        the wgmma prefill's longest-first launch order (LAYERFORGE_WGMMA_LPT, off until this runs): its GPU
+#   lpt        the wgmma prefill's sectioned launch order (LAYERFORGE_WGMMA_LPT, the default since measured): its GPU
 #              tests, then bench_attention's prefill rows and the short prompts (probe_short_prefill) off against on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on

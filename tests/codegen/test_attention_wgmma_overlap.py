@@ -188,19 +188,19 @@ def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     from layerforge.runtime.attention import PagedAttention
     d64 = specialise(prog, "gpt2_attn", 16, 16, 64)
     # D64: three consumers (the plain schedule: the overlap one spills there); two with the switch off
-    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3c3tf"
+    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3c3tfl"
     monkeypatch.setenv("LAYERFORGE_WGMMA_THREE_CONSUMERS", "0")
-    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovtf"
+    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovtfl"
     monkeypatch.delenv("LAYERFORGE_WGMMA_THREE_CONSUMERS")
     layer = specialise(prog, "gpt2_attn", 16, 16, 128)
     monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "0")
     assert not PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.overlap
     monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)   # the default
     plan = PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill")
-    # with TMA tiles and the scale folded into the exponent (no score hook), also the defaults
-    assert plan.config.overlap and plan.config.label == "n128s3ovtf"
+    # with TMA tiles, the scale folded into the exponent (no score hook) and the sectioned launch order, also defaults
+    assert plan.config.overlap and plan.config.label == "n128s3ovtfl"
     monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "0")
-    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovf"
+    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovfl"
     # forced tiles are as given; the mma.sync prefill is not affected
     forced = PagedAttention(layer, page_size=16, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=4)})
     assert forced.tc_plan("prefill").config.label == "n64s4"
