@@ -75,6 +75,8 @@ class WGTileConfig:
     k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
     consumers: int = CONSUMERS   # consumer warpgroups of 64 query rows taking turns at the tensor cores (2 or 3)
     lpt: int = 0                 # >0: the launch order over sections of at least lpt CTAs (launch_order.jinja)
+    pairs: bool = False          # a CTA takes two row blocks of its chunk, the longer then the shorter (the
+                                 # template's ITEMS = 2): half the CTAs, each with a causal block's mean work
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -99,7 +101,7 @@ class WGTileConfig:
                 + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
-                + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else ""))
+                + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else ""))
 
     @property
     def threads(self) -> int:
@@ -267,7 +269,7 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask,
-                           tma=self.tma)
+                           tma=self.tma, items=2 if self.config.pairs else 1)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -300,7 +302,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=c.rope_step and rope_steps(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2,
+        ROPE_STEP=c.rope_step and rope_steps(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -373,6 +375,17 @@ def lpt_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_LPT", True)
 
 
+def pairs_default() -> bool:
+    """Whether the wgmma prefill's CTAs take two row blocks each (WGTileConfig.pairs): the chunk's row block
+    yc - 1 - y, then y, one after the other in the same CTA, the rings' places carried over, so that the second's
+    first K / V tiles load under the first's last tiles and epilogue, and a causal CTA's work is the mean row block's
+    (half the CTAs, each the same length). Why: a CTA's fixed start (barriers, the page table, Q's load and RoPE, the
+    ring's first loads) fitted ~6.4 us a CTA on an H200 (benchmarks/NOTES.md). Written, compiled and tested on the
+    CPU, not yet run on a GPU, so off; LAYERFORGE_WGMMA_PAIRS=1 turns it on, for the runtime's plans and the pack
+    build alike."""
+    return env_switch("LAYERFORGE_WGMMA_PAIRS", False)
+
+
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
     shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB).
@@ -407,7 +420,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
-                         three_consumers: bool = False, lpt: bool = False) -> WGMMAAttentionPlan:
+                         three_consumers: bool = False, lpt: bool = False, pairs: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -428,7 +441,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     asks for it at any depth). deep_k (with kv_rings taken): K's ring one stage deeper than V's where shared
     memory holds it and it compiles without spills. three_consumers (without `tiles`): the candidates of three consumer
     warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for.
-    lpt (without `tiles`): the longest-first launch order (WGTileConfig.lpt; it changes the CTAs' prologue only)."""
+    lpt (without `tiles`): the longest-first launch order (WGTileConfig.lpt; it changes the CTAs' prologue only).
+    pairs (without `tiles`): two row blocks a CTA (WGTileConfig.pairs) where that compiles without spills; the launch
+    order is then the plain one (every CTA as long as the next), so lpt is not taken."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
@@ -437,6 +452,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+    if pairs:
+        paired = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, pairs=True))
+        if spill_free(paired, compile_fn):
+            return paired
     if lpt:
         plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=LPT_CTAS))
     return plan

@@ -138,3 +138,23 @@ def test_lpt_order(prog, lpt, tma):
         wgmma(prog, "llama_attn", 16, 4, d, 64, tiles=tiles, **LONG)
         wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500, 40, 700], new=[900, 40, 3], splits=3,
               window=300)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_pairs(prog, d, tma):
+    """Two row blocks a CTA (WGTileConfig.pairs: the longer, then the shorter, the rings' places carried over), both
+    schedules, one ring or two: ragged chunks over cached prefixes (odd and even row-block counts, a chunk of one
+    token), GQA packing, split-KV with a window, a fully masked row block (bert's lengths), the distance tables (T5)."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    c = tile_candidates(d)[-1] if d == 64 else tile_candidates(d)[0]   # D64: two consumers (three keep one block)
+    tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, overlap=tma.startswith("overlap"), tma=True,
+                                     kv_rings=tma.endswith("rings"), pairs=True)}
+    wgmma(prog, "llama_attn", 16, 4, d, 64, tiles=tiles, **LONG)
+    wgmma(prog, "llama_attn", 12, 4, d, 16, tiles=tiles, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
+    wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500, 40, 700], new=[900, 40, 3], splits=3, window=300)
+    if d == 128:
+        def extra(nseq, gen):
+            return {"kv_len": torch.tensor([3, 0, 200][:nseq], dtype=torch.int32).cuda()}
+        wgmma(prog, "bert_attn", 8, 8, d, 16, tiles=tiles, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
+        t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, pairs=True)}
+        wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
