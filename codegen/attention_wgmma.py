@@ -75,6 +75,7 @@ class WGTileConfig:
     k_stages: int = 0            # with kv_rings: K's ring depth (0: stages)
     consumers: int = CONSUMERS   # consumer warpgroups of 64 query rows taking turns at the tensor cores (2 or 3)
     lpt: int = 0                 # >0: the launch order over sections of at least lpt CTAs (launch_order.jinja)
+    rope_batch: bool = False     # with rope_step: a thread's q pairs all read before any is rotated and stored
     pairs: bool = False          # a CTA takes two row blocks of its chunk, the longer then the shorter (the
                                  # template's ITEMS = 2): half the CTAs, each with a causal block's mean work
 
@@ -101,7 +102,8 @@ class WGTileConfig:
                 + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
-                + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else ""))
+                + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
+                + ("b" if self.rope_batch else ""))
 
     @property
     def threads(self) -> int:
@@ -302,7 +304,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=c.rope_step and rope_steps(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
+        ROPE_STEP=c.rope_step and rope_steps(ctx), ROPE_BATCH=c.rope_batch, LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -375,6 +377,16 @@ def lpt_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_LPT", True)
 
 
+def rope_batch_default() -> bool:
+    """Whether the wgmma prefill's q rotation by steps (rope_step) reads all of a thread's pairs before it rotates
+    and stores any (WGTileConfig.rope_batch). The rotation in place orders each pair's shared-memory reads after the
+    last pair's stores (the swizzled offsets are not provably apart): 32 dependent read / rotate / store chains a
+    thread at D128, GQA 4, in each CTA's start. The GQA block without RoPE measured 1.040 ms against the llama
+    block's 1.10-1.11 on an H200 (benchmarks/NOTES.md). Written and compiled, not yet run on a GPU, so off;
+    LAYERFORGE_WGMMA_ROPE_BATCH=1 turns it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_ROPE_BATCH", False)
+
+
 def pairs_default() -> bool:
     """Whether the wgmma prefill's CTAs take two row blocks each (WGTileConfig.pairs): the chunk's row block
     yc - 1 - y, then y, one after the other in the same CTA, the rings' places carried over, so that the second's
@@ -420,7 +432,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          compile_fn: CompileFn | None = None, distance_table: bool = True,
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
-                         three_consumers: bool = False, lpt: bool = False, pairs: bool = False) -> WGMMAAttentionPlan:
+                         three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
+                         rope_batch: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -443,7 +456,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     warpgroups too (D64's first), taken where they compile without spills and take TMA when it is asked for.
     lpt (without `tiles`): the longest-first launch order (WGTileConfig.lpt; it changes the CTAs' prologue only).
     pairs (without `tiles`): two row blocks a CTA (WGTileConfig.pairs) where that compiles without spills; the launch
-    order is then the plain one (every CTA as long as the next), so lpt is not taken."""
+    order is then the plain one (every CTA as long as the next), so lpt is not taken. rope_batch (without `tiles`):
+    where rope_step is taken, its reads batched (WGTileConfig.rope_batch) where that compiles without spills."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
@@ -452,6 +466,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+    if rope_batch and plan.config.rope_step:
+        batched = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_batch=True))
+        if spill_free(batched, compile_fn):
+            plan = batched
     if pairs:
         paired = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, pairs=True))
         if spill_free(paired, compile_fn):

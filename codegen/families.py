@@ -16,8 +16,7 @@ from .attention import plan_paged_attention
 from .attention_tc import MODES, fp8_cvt_default, heads_first_default, plan_tc_attention, fold_default as tc_fold_default
 from .attention_wgmma import (fold_default, overlap_default, plan_wgmma_attention, rope_step_default,
                               deep_k_default, kv_rings_default, three_consumers_default, lpt_default,
-                              pairs_default,
-                              supports as wgmma_supports, tma_default)
+                              pairs_default, rope_batch_default, supports as wgmma_supports, tma_default)
 from .kv_append import plan_kv_append
 from .linear_lower import has_matmul, linear_plans
 from .plan import CompileFn, KernelPlan, LoweringError, plan_layer
@@ -49,7 +48,7 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
                                        tma=tma_default(), rope_step=rope_step_default(),
                                        fold=fold_default(), kv_rings=kv_rings_default(), deep_k=deep_k_default(),
                                        three_consumers=three_consumers_default(), lpt=lpt_default(),
-                                       pairs=pairs_default())
+                                       pairs=pairs_default(), rope_batch=rope_batch_default())
                   if m == "prefill" and hopper else
                   plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache,
                                     fp8_cvt=fp8_cvt_default(), fold=tc_fold_default(),

@@ -115,3 +115,20 @@ def test_pairs_off_renders_as_before(prog):
     src = plan.source()
     assert "for (int item" not in src and "if (r0 >= n * GROUP) return;" in src and "y_cta" not in src
     assert plan.abi.grid[1] == "cdiv(max_q_len * 4, 128)"
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 32, 128), (24, 8, 128), (32, 8, 64), (16, 2, 256)])
+def test_rope_batch_compiles(prog, hq, hkv, d):
+    """q's rotation with every pair read before any store (WGTileConfig.rope_batch): the planner takes it with
+    rope_step where spill-free; the reads come first in the kernel's source; no spills (GQA 1 / 3 / 4 / 8)."""
+    layer = specialise(prog, "llama_attn", hq, hkv, d)
+    kw = dict(compile_fn=resources, overlap=True, tma=True, rope_step=True, fold=True, kv_rings=True,
+              three_consumers=True, lpt=True)
+    plan = plan_wgmma_attention(layer, rope_batch=True, **kw)
+    assert plan.config.rope_batch and plan.config.rope_step and plan.config.label.endswith("b")
+    src = plan.source()
+    rope = src[src.index("xa[KT][GROUP]"):]
+    assert rope.index("xa[k][g] = *") < rope.index("lf_rope_rotated_lo(x1, x2, sn, cs)")
+    assert_spill_free(compile_main(plan)[0])
+    plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hkv, d), rope_batch=True, **kw)
+    assert not plain.config.rope_batch   # no RoPE: nothing to batch

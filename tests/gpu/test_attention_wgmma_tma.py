@@ -158,3 +158,16 @@ def test_pairs(prog, d, tma):
         wgmma(prog, "bert_attn", 8, 8, d, 16, tiles=tiles, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
         t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, pairs=True)}
         wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 4, 128), (8, 8, 128), (24, 8, 64), (16, 2, 256)])
+def test_rope_batch(prog, hq, hkv, d, tma):
+    """q's rotation with every pair read before any store (WGTileConfig.rope_batch), GQA 1 / 3 / 4 / 8: ragged chunks
+    over cached prefixes (rows past a chunk left as they are), split-KV."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+    c = tile_candidates(d)[0]
+    tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, consumers=c.consumers, tma=True, rope_step=True,
+                                     fold=True, rope_batch=True, overlap=tma.startswith("overlap") and c.consumers == 2,
+                                     kv_rings=tma.endswith("rings"))}
+    wgmma(prog, "llama_attn", hq, hkv, d, 64, tiles=tiles, **LONG)
+    wgmma(prog, "llama_attn", hq, hkv, d, 16, tiles=tiles, lens=[1500, 5], new=[900, 5], splits=3)
