@@ -304,7 +304,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=c.rope_step and rope_steps(ctx), ROPE_BATCH=c.rope_batch, LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
+        ROPE_STEP=c.rope_step and rope_steps(ctx), ROPE_BATCH=c.rope_batch,
+        ROPE_VEC=c.rope_batch and c.rope_step and rope_steps(ctx) and rope_runs(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -410,6 +411,13 @@ def rope_steps(ctx: dict) -> bool:
     """Whether WGTileConfig.rope_step changes the kernel of a block (ctx: hook_context's): RoPE on q, with a
     pair count dividing a warpgroup's 128 threads (each thread one pair of every 128 / pairs-th row)."""
     return ctx["rope"] is not None and 128 % (ctx["rope"]["rdim"] // 2) == 0
+
+
+def rope_runs(ctx: dict) -> bool:
+    """Whether rope_batch rotates q in 16-byte runs of 8 pairs (neox pairs, whose halves are 8-column runs: rdim a
+    multiple of 16, its runs dividing a warpgroup's 128 threads); otherwise pair by pair, reads first."""
+    rope = ctx["rope"]
+    return rope is not None and rope["style"] == "neox" and rope["rdim"] % 16 == 0 and 128 % (rope["rdim"] // 16) == 0
 
 
 def fold_default() -> bool:

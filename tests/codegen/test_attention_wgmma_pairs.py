@@ -117,18 +117,43 @@ def test_pairs_off_renders_as_before(prog):
     assert plan.abi.grid[1] == "cdiv(max_q_len * 4, 128)"
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 32, 128), (24, 8, 128), (32, 8, 64), (16, 2, 256)])
-def test_rope_batch_compiles(prog, hq, hkv, d):
+ROPE_BLOCKS = """
+attention gptj_attn(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    rope(theta = 10000.0, style = gptj)
+    mask = q_pos >= kv_pos
+}
+attention partial_attn(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
+    rope(theta = 10000.0, style = neox, dim = 32)
+    mask = q_pos >= kv_pos
+}
+"""
+
+
+@pytest.mark.parametrize("name,hq,hkv,d", [("llama_attn", 32, 8, 128), ("llama_attn", 32, 32, 128),
+                                           ("llama_attn", 24, 8, 128), ("llama_attn", 32, 8, 64),
+                                           ("llama_attn", 16, 2, 256), ("gptj_attn", 32, 8, 128),
+                                           ("partial_attn", 32, 8, 128)])
+def test_rope_batch_compiles(prog, name, hq, hkv, d):
     """q's rotation with every pair read before any store (WGTileConfig.rope_batch): the planner takes it with
-    rope_step where spill-free; the reads come first in the kernel's source; no spills (GQA 1 / 3 / 4 / 8)."""
-    layer = specialise(prog, "llama_attn", hq, hkv, d)
+    rope_step where spill-free; neox pairs (whole or partial rotary) in 16-byte runs of 8 pairs, gptj's pair by
+    pair; the reads come first in the kernel's source; no spills (GQA 1 / 3 / 4 / 8)."""
+    from layerforge.codegen.attention_wgmma import rope_runs
+    from layerforge.codegen.attention import hook_context
+    src_prog = prog if name == "llama_attn" else lf.loads(ROPE_BLOCKS, "rope_blocks.lf")
+    layer = specialise(src_prog, name, hq, hkv, d)
     kw = dict(compile_fn=resources, overlap=True, tma=True, rope_step=True, fold=True, kv_rings=True,
               three_consumers=True, lpt=True)
     plan = plan_wgmma_attention(layer, rope_batch=True, **kw)
     assert plan.config.rope_batch and plan.config.rope_step and plan.config.label.endswith("b")
     src = plan.source()
-    rope = src[src.index("xa[KT][GROUP]"):]
-    assert rope.index("xa[k][g] = *") < rope.index("lf_rope_rotated_lo(x1, x2, sn, cs)")
+    if rope_runs(hook_context(layer)):
+        assert name != "gptj_attn"
+        rope = src[src.index("uint4 xa[GROUP], xb[GROUP];"):]
+        assert rope.index("xa[g] = *reinterpret_cast<const uint4*>") < rope.index("lf_rope_rotated_lo(x1, x2")
+    else:
+        assert name == "gptj_attn"
+        rope = src[src.index("xa[KT][GROUP]"):]
+        assert rope.index("xa[k][g] = *") < rope.index("lf_rope_rotated_lo(x1, x2, sn, cs)")
     assert_spill_free(compile_main(plan)[0])
     plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hkv, d), rope_batch=True, **kw)
     assert not plain.config.rope_batch   # no RoPE: nothing to batch

@@ -160,14 +160,21 @@ def test_pairs(prog, d, tma):
         wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(16, 4, 128), (8, 8, 128), (24, 8, 64), (16, 2, 256)])
-def test_rope_batch(prog, hq, hkv, d, tma):
-    """q's rotation with every pair read before any store (WGTileConfig.rope_batch), GQA 1 / 3 / 4 / 8: ragged chunks
-    over cached prefixes (rows past a chunk left as they are), split-KV."""
+@pytest.mark.parametrize("name,hq,hkv,d", [("llama_attn", 16, 4, 128), ("llama_attn", 8, 8, 128),
+                                           ("llama_attn", 24, 8, 64), ("llama_attn", 16, 2, 256),
+                                           ("gptj_attn", 16, 4, 128), ("partial_attn", 16, 4, 128)])
+def test_rope_batch(prog, name, hq, hkv, d, tma):
+    """q's rotation with every pair read before any store (WGTileConfig.rope_batch: neox in 16-byte runs of 8 pairs,
+    whole or partial rotary; gptj pair by pair), GQA 1 / 3 / 4 / 8: ragged chunks over cached prefixes (rows past a
+    chunk left as they are), positions up to 20000, split-KV, f16."""
     from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
+
+    from ..codegen.test_attention_wgmma_pairs import ROPE_BLOCKS
+    src = prog if name == "llama_attn" else lf.loads(ROPE_BLOCKS, "rope_blocks.lf")
     c = tile_candidates(d)[0]
     tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, consumers=c.consumers, tma=True, rope_step=True,
                                      fold=True, rope_batch=True, overlap=tma.startswith("overlap") and c.consumers == 2,
                                      kv_rings=tma.endswith("rings"))}
-    wgmma(prog, "llama_attn", hq, hkv, d, 64, tiles=tiles, **LONG)
-    wgmma(prog, "llama_attn", hq, hkv, d, 16, tiles=tiles, lens=[1500, 5], new=[900, 5], splits=3)
+    wgmma(src, name, hq, hkv, d, 64, tiles=tiles, **LONG)
+    wgmma(src, name, hq, hkv, d, 16, tiles=tiles, lens=[20000, 5], new=[900, 5], splits=3)
+    wgmma(src, name, hq, hkv, d, 64, tiles=tiles, lens=[300, 129], new=[300, 7], dtype=torch.float16)
