@@ -9,8 +9,8 @@ wgmma and the mma.sync prefill, beside cuDNN. A probe: prints, asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
-import os
 import pstats
 import time
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
 
+from .bench_attention import env_switch_set
 from .bench_rows import bench, kernel_times
 
 
@@ -71,13 +72,12 @@ def main(argv=None):
     prog = lf.stdlib()
     print(f"device: {torch.cuda.get_device_name()}")
     for batch, seq in [(1, 1024), (1, 2048), (2, 1024), (4, 1024)]:
-        for kernel, switch in ([("wgmma", "0"), ("wgmma", "1")] if a.ab_switch else [("wgmma", None)]) + [("tc", None)]:
-            if switch is not None:
-                os.environ[a.ab_switch] = switch
-                print(f"{a.ab_switch}={switch}")
-            qq, kk, vv = case(prog, kernel, batch, seq, profile=a.profile and kernel == "wgmma" and (batch, seq) == (1, 1024))
-            if switch is not None:
-                del os.environ[a.ab_switch]
+        for kernel, on in ([("wgmma", False), ("wgmma", True)] if a.ab_switch else [("wgmma", None)]) + [("tc", None)]:
+            if on is not None:
+                print(f"{a.ab_switch}={int(on)}")
+            with env_switch_set(a.ab_switch, on) if on is not None else contextlib.nullcontext():
+                qq, kk, vv = case(prog, kernel, batch, seq,
+                                  profile=a.profile and kernel == "wgmma" and (batch, seq) == (1, 1024))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             f = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)  # noqa: E731
             print(f"{'cuDNN':40s} do_bench {bench(f) * 1e6:8.1f} us  kernels: "

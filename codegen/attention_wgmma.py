@@ -296,6 +296,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
     ctx = hook_context(plan.layer, distance_table=rel is not None)
     if plan.block_mask:   # the pre-pass classifies the tiles
         ctx.update(tile_lines=None, tile_true=None, tile_false=None)
+    rope_step = c.rope_step and rope_steps(ctx)
     return render(
         "cuda/attention_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
@@ -304,8 +305,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=c.rope_step and rope_steps(ctx), ROPE_BATCH=c.rope_batch,
-        ROPE_VEC=c.rope_batch and c.rope_step and rope_steps(ctx) and rope_runs(ctx), LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
+        ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
+        LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -407,6 +408,14 @@ def deep_k_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_DEEP_K", False)
 
 
+def default_options() -> dict[str, bool]:
+    """plan_wgmma_attention's options as the environment's switches set them (each `*_default` above): what the
+    runtime's plans and the pack build both ask for, so that a pack holds the kernel that runs."""
+    return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
+                kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
+                lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default())
+
+
 def rope_steps(ctx: dict) -> bool:
     """Whether WGTileConfig.rope_step changes the kernel of a block (ctx: hook_context's): RoPE on q, with a
     pair count dividing a warpgroup's 128 threads (each thread one pair of every 128 / pairs-th row)."""
@@ -475,12 +484,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if rope_batch and plan.config.rope_step:
-        batched = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, rope_batch=True))
-        if spill_free(batched, compile_fn):
-            plan = batched
+        plan = _with_option(plan, compile_fn, rope_batch=True)
     if pairs:
-        paired = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, pairs=True))
-        if spill_free(paired, compile_fn):
+        paired = _with_option(plan, compile_fn, pairs=True)
+        if paired.config.pairs:   # taken: the plain launch order (every CTA as long as the next), no lpt
             return paired
     if lpt:
         plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=LPT_CTAS))
@@ -492,10 +499,8 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
     """plan_wgmma_attention's options on the tile shape chosen, each where it compiles without spills."""
     ctx = hook_context(layer) if rope_step or fold else None
 
-    def with_option(plan: WGMMAAttentionPlan, **option: bool) -> WGMMAAttentionPlan:
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
-        ok = twin.tma if option.get("tma") else True   # a plan that cannot take TMA keeps cp.async
-        return twin if ok and spill_free(twin, compile_fn) else plan
+    def with_option(plan: WGMMAAttentionPlan, **option: bool | int) -> WGMMAAttentionPlan:
+        return _with_option(plan, compile_fn, **option)
 
     if overlap:
         plan = with_option(plan, overlap=True)
@@ -512,6 +517,14 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
             if deeper.shared_bytes <= SHARED_LIMIT:
                 plan = with_option(plan, k_stages=plan.config.stages + 1)
     return plan
+
+
+def _with_option(plan: WGMMAAttentionPlan, compile_fn: CompileFn | None, **option: bool | int) -> WGMMAAttentionPlan:
+    """The plan with `option` set in its tiles where that compiles without spills (and, for tma, where the plan can
+    take TMA: a plan that cannot keeps cp.async); else the plan as it was."""
+    twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
+    ok = twin.tma if option.get("tma") else True
+    return twin if ok and spill_free(twin, compile_fn) else plan
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,

@@ -14,9 +14,7 @@ from __future__ import annotations
 from ..dsl.program import Layer
 from .attention import plan_paged_attention
 from .attention_tc import MODES, fp8_cvt_default, heads_first_default, plan_tc_attention, fold_default as tc_fold_default
-from .attention_wgmma import (fold_default, overlap_default, plan_wgmma_attention, rope_step_default,
-                              deep_k_default, kv_rings_default, three_consumers_default, lpt_default,
-                              pairs_default, rope_batch_default, supports as wgmma_supports, tma_default)
+from .attention_wgmma import default_options as wgmma_options, plan_wgmma_attention, supports as wgmma_supports
 from .kv_append import plan_kv_append
 from .linear_lower import has_matmul, linear_plans
 from .plan import CompileFn, KernelPlan, LoweringError, plan_layer
@@ -44,11 +42,7 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
         # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a), with
         # its default distance tables, as PagedAttention plans it (so a pack holds what runs)
         hopper = arch.rstrip("af") == "sm_90" and not kv_cache and wgmma_supports(layer, page_size)
-        plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, overlap=overlap_default(),
-                                       tma=tma_default(), rope_step=rope_step_default(),
-                                       fold=fold_default(), kv_rings=kv_rings_default(), deep_k=deep_k_default(),
-                                       three_consumers=three_consumers_default(), lpt=lpt_default(),
-                                       pairs=pairs_default(), rope_batch=rope_batch_default())
+        plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, **wgmma_options())
                   if m == "prefill" and hopper else
                   plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache,
                                     fp8_cvt=fp8_cvt_default(), fold=tc_fold_default(),

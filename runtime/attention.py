@@ -55,10 +55,8 @@ import torch
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
 from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, pick_mode,
                                     plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
-from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, overlap_default, plan_wgmma_attention,
-                                       fold_default, rope_step_default, deep_k_default, kv_rings_default,
-                                       three_consumers_default, lpt_default, pairs_default, rope_batch_default,
-                                       supports as wgmma_supports, tma_default)
+from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, default_options as wgmma_options,
+                                       plan_wgmma_attention, supports as wgmma_supports)
 from ..codegen.block_mask import needs_block_mask
 from ..codegen.kv_append import KV_DTYPES
 from ..dsl.evaluator import LayerInputError
@@ -178,11 +176,7 @@ class PagedAttention:
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
-                                            overlap=overlap_default(), tma=tma_default(),
-                                            rope_step=rope_step_default(), fold=fold_default(),
-                                            kv_rings=kv_rings_default(), deep_k=deep_k_default(),
-                                            three_consumers=three_consumers_default(), lpt=lpt_default(),
-                                            pairs=pairs_default(), rope_batch=rope_batch_default())
+                                            **wgmma_options())
             else:
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
                                          tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
