@@ -70,7 +70,7 @@ consumers)
         --ab-switch LAYERFORGE_WGMMA_THREE_CONSUMERS 2>&1 | grep -v -i "$FLEX_NOISE" | tail -4
     ;;
 lpt)
-    echo "== GPU tests of the longest-first order"
+    echo "== GPU tests of the sectioned launch order"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_wgmma_tma.py -k lpt 2>&1 \
         | tee "$OUT_DIR/pytest_lpt.log" | tail -5

@@ -122,7 +122,6 @@ def test_three_consumers(prog, d, bn, tma):
     wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500], new=[900], splits=3, window=300)
 
 
-
 @pytest.mark.parametrize("lpt", [40, 128, 528])
 def test_lpt_order(prog, lpt, tma):
     """The sectioned launch order (WGTileConfig.lpt) over sections of at least `lpt` CTAs: these grids' heads hold
