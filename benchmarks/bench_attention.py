@@ -64,7 +64,10 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16, kv_dtype
 
 @contextlib.contextmanager
 def env_switch_set(name: str, on: bool | None):
-    """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is), restored after."""
+    """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is), restored after.
+    Set (on not None), a block that returns without any plan having read the switch (codegen.plan.env_switch) is an
+    error naming it: a misspelt or unrelated switch would measure the same kernel twice."""
+    from layerforge.codegen.plan import switch_read
     saved = os.environ.get(name)
     if on is not None:
         os.environ[name] = "1" if on else "0"
@@ -74,6 +77,9 @@ def env_switch_set(name: str, on: bool | None):
         os.environ.pop(name, None)
         if saved is not None:
             os.environ[name] = saved
+    if on is not None and not switch_read(name):
+        raise SystemExit(f"{name}: no kernel plan read this switch (misspelt, or not a switch of the kernels "
+                         f"measured here?)")
 
 
 def wgmma_overlap(on: bool | None):

@@ -257,14 +257,17 @@ class TCAttentionPlan(AttentionPlan):
 
 def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int, *,
                 block_mask: bool = False, kv_dtype: str | None = None, tma: bool = False,
-                heads_first: bool = False, items: int = 1) -> KernelABI:
+                heads_first: bool = False, items: int = 1, queue: bool = False) -> KernelABI:
     """The main kernel of a plan over query chunks (this template's and attention_wgmma's): a CTA
     per (query chunk, block of `rows` packed rows, KV head x split). block_mask: it walks the
     lists of the block-mask pre-pass (runtime BlockMask); kv_dtype: the cache's storage (fp8);
     tma: TMA tensor maps of the caches last (k_map, v_map: [pages x PAGE, HKV x D] views).
     heads_first: grid x is (query chunk, split, KV head) with the KV head fastest, so that the CTAs
     running at once read every KV head of a token's cache rows, not one head of many sequences.
-    items: row blocks a CTA takes (attention_wgmma's pairs: grid y is the row blocks / items, rounded up)."""
+    items: row blocks a CTA takes (attention_wgmma's pairs: grid y is the row blocks / items, rounded up).
+    queue: the CTAs take the grid's places from a work queue (attention_wgmma's persist): at most `sms` of them (the
+    device's SMs, a problem size), with the grid's sizes as arguments (chunks, max_q_len) and the queue's counter
+    (`work`: one int, zero between launches; the kernel sets it back)."""
     dims = tuple(Arg(n, "int", "dim") for n in ("max_pages", "num_pages", "num_seqs", "num_splits", "num_tokens"))
     if block_mask:
         dims += (Arg("bm_num", "const int* __restrict__", "input"), Arg("bm_idx", "const int* __restrict__", "input"),
@@ -279,6 +282,12 @@ def chunked_abi(plan: AttentionPlan, rows: int, threads: int, shared_bytes: int,
     grid = ("chunks", f"cdiv(max_q_len * {plan.group}, {rows})", f"{int(plan.spec.num_kv_heads)} * num_splits")
     if items > 1:
         grid = (grid[0], f"cdiv({grid[1]}, {items})", grid[2])
+    if queue:
+        args += (Arg("chunks", "int", "dim"), Arg("max_q_len", "int", "dim"),
+                 Arg("work", "int* __restrict__", "workspace"))
+        return KernelABI(name=plan.kernel_name, args=args, grid=(f"min({' * '.join(grid)}, sms)", "1", "1"),
+                         block=(threads,), shared_bytes=shared_bytes,
+                         problem=("chunks", "max_q_len", "num_splits", "sms"))
     if heads_first:
         grid = (f"chunks * {int(plan.spec.num_kv_heads)} * num_splits", grid[1], "1")
     return KernelABI(name=plan.kernel_name, args=args, grid=grid, block=(threads,), shared_bytes=shared_bytes,

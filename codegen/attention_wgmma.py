@@ -78,6 +78,8 @@ class WGTileConfig:
     rope_batch: bool = False     # with rope_step: a thread's q pairs all read before any is rotated and stored
     pairs: bool = False          # a CTA takes two row blocks of its chunk, the longer then the shorter (the
                                  # template's ITEMS = 2): half the CTAs, each with a causal block's mean work
+    persist: bool = False        # one CTA an SM taking row blocks from a work queue in launch order until none is
+                                 # left (the template's PERSIST): each next block's K / V loads go out under this one
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -90,6 +92,8 @@ class WGTileConfig:
             raise ValueError(f"k_stages ({self.k_stages}) is K's own ring depth, >= 2, with kv_rings")
         if self.lpt < 0:
             raise ValueError(f"lpt is a section's CTAs (0: the default launch order), not {self.lpt}")
+        if self.persist and self.pairs:
+            raise ValueError("persist and pairs are two ways of giving a CTA several row blocks: take one")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * consumers * consumer
@@ -103,7 +107,7 @@ class WGTileConfig:
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
-                + ("b" if self.rope_batch else ""))
+                + ("b" if self.rope_batch else "") + ("q" if self.persist else ""))
 
     @property
     def threads(self) -> int:
@@ -262,7 +266,8 @@ class WGMMAAttentionPlan(AttentionPlan):
         ks = self.k_stages
         return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * ks * c.keys * hdp),
                              ("sV", 2 * c.stages * c.keys * hdvp),
-                             ("bars", 8 * 2 * (ks + (c.stages if self.kv_rings else 0))),
+                             ("bars", 8 * 2 * (ks + (c.stages if self.kv_rings else 0))
+                              + (8 * 4 + 4 * 2 if c.persist else 0)),   # the work queue's two slots and barriers
                              *((("sRel", c.consumers * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
 
     @property
@@ -271,7 +276,7 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes, block_mask=self.block_mask,
-                           tma=self.tma, items=2 if self.config.pairs else 1)
+                           tma=self.tma, items=2 if self.config.pairs else 1, queue=self.config.persist)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -306,7 +311,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
-        LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1,
+        LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -400,6 +405,18 @@ def pairs_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_PAIRS", False)
 
 
+def persist_default() -> bool:
+    """Whether the wgmma prefill runs as a persistent kernel (WGTileConfig.persist): at most one CTA an SM, each taking
+    row blocks from a work queue in launch order (the sectioned order where lpt is taken) until none is left, its
+    rings carried from one row block to the next, so that each next block's page-table reads and K / V loads go out
+    under this one's last tiles and epilogue, and no CTA's start waits for a launch slot. Why: a CTA's fixed start
+    fitted ~6.4 us on an H200 (benchmarks/NOTES.md); a list-scheduling model with it gives B4 S1024 H32 D128 causal
+    111 -> ~80-94 us and B4 S4096 1055 -> ~920-980 us where a next block's start costs 2-4 us. Written, compiled and
+    tested on the CPU, not yet run on a GPU, so off; LAYERFORGE_WGMMA_PERSIST=1 turns it on, for the runtime's plans
+    and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_PERSIST", False)
+
+
 def deep_k_default() -> bool:
     """Whether the wgmma prefill's K ring takes one stage more than V's where K and V have rings of their own and
     shared memory holds it (D256: Q 64 KB + 3 x 32 KB of K + 2 x 32 KB of V, 224 KB).
@@ -413,7 +430,8 @@ def default_options() -> dict[str, bool]:
     runtime's plans and the pack build both ask for, so that a pack holds the kernel that runs."""
     return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
-                lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default())
+                lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
+                persist=persist_default())
 
 
 def rope_steps(ctx: dict) -> bool:
@@ -450,7 +468,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
-                         rope_batch: bool = False) -> WGMMAAttentionPlan:
+                         rope_batch: bool = False, persist: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -474,7 +492,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     lpt (without `tiles`): the longest-first launch order (WGTileConfig.lpt; it changes the CTAs' prologue only).
     pairs (without `tiles`): two row blocks a CTA (WGTileConfig.pairs) where that compiles without spills; the launch
     order is then the plain one (every CTA as long as the next), so lpt is not taken. rope_batch (without `tiles`):
-    where rope_step is taken, its reads batched (WGTileConfig.rope_batch) where that compiles without spills."""
+    where rope_step is taken, its reads batched (WGTileConfig.rope_batch) where that compiles without spills.
+    persist (without `tiles`): the persistent kernel over a work queue (WGTileConfig.persist) where that compiles
+    without spills, in the launch order lpt asks for; taken before pairs (a CTA with several row blocks either way)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
@@ -485,6 +505,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if rope_batch and plan.config.rope_step:
         plan = _with_option(plan, compile_fn, rope_batch=True)
+    if persist:
+        queued = _with_option(plan, compile_fn, persist=True, lpt=LPT_CTAS if lpt else 0)
+        if queued.config.persist:
+            return queued
     if pairs:
         paired = _with_option(plan, compile_fn, pairs=True)
         if paired.config.pairs:   # taken: the plain launch order (every CTA as long as the next), no lpt
@@ -520,10 +544,10 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
 
 def _with_option(plan: WGMMAAttentionPlan, compile_fn: CompileFn | None, **option: bool | int) -> WGMMAAttentionPlan:
-    """The plan with `option` set in its tiles where that compiles without spills (and, for tma, where the plan can
-    take TMA: a plan that cannot keeps cp.async); else the plan as it was."""
+    """The plan with `option` set in its tiles where its shared memory fits and it compiles without spills (and, for
+    tma, where the plan can take TMA: a plan that cannot keeps cp.async); else the plan as it was."""
     twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, **option))
-    ok = twin.tma if option.get("tma") else True
+    ok = (twin.tma if option.get("tma") else True) and twin.shared_bytes <= SHARED_LIMIT
     return twin if ok and spill_free(twin, compile_fn) else plan
 
 

@@ -227,13 +227,23 @@ def plan_layer(layer: Layer, arch: str, *, vec_bytes: int = 16, tpr: int | None 
 _SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
+_READ: set[str] = set()   # the switches env_switch has read in this process
+
+
 def env_switch(name: str, default: bool | None) -> bool | None:
     """An on/off environment variable: unset or empty gives `default` (None: the caller tells unset from
     off); 1/0, true/false, yes/no, on/off (any case) set it; anything else is an error naming the
     variable, so a misspelt value never silently keeps the default."""
+    _READ.add(name)
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
     if value not in _SWITCH_VALUES:
         raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
     return _SWITCH_VALUES[value]
+
+
+def switch_read(name: str) -> bool:
+    """Whether env_switch has read the switch `name` in this process (a benchmark's A / B of a switch checks that its
+    plans read it: a misspelt name would measure one kernel twice)."""
+    return name in _READ

@@ -112,6 +112,7 @@ class PagedAttention:
         self._tc_plans: dict[str, TCAttentionPlan | WGMMAAttentionPlan] = {}
         self._kernels: dict[tuple, tuple] = {}   # (device, mode) -> (main, merge, arguments getter)
         self._maps: dict[tuple, tuple] = {}      # the wgmma prefill's K / V tensor maps by the caches they map
+        self._queues: dict[int, torch.Tensor] = {}   # the persistent prefill's work counter, by device
         self._images: dict[str | None, tuple] = {}   # mode -> (cubin, ABIs): a pack's kernels
 
     @classmethod
@@ -333,6 +334,15 @@ class PagedAttention:
         if ctas >= sms:
             return 1
         return max(1, min(math.ceil(2 * sms / ctas), math.ceil(max_kv_len / tile), 64))
+
+    def _work_counter(self, dev) -> torch.Tensor:
+        """The persistent prefill's work counter on `dev`: one int, zero before and after each launch (the kernel
+        sets it back). One a module and device, so calls through a module must be ordered (one stream), as for
+        its split-KV workspace."""
+        hit = self._queues.get(dev.index)
+        if hit is None:
+            hit = self._queues[dev.index] = torch.zeros(1, dtype=torch.int32, device=dev)
+        return hit
 
     def _workspace(self, dev, T: int, num_splits: int):
         if num_splits == 1:
@@ -603,15 +613,23 @@ class PagedAttention:
             raise LayerInputError(f"{self.name}: this prefill kernel reads a block mask and there is no pre-pass "
                                   f"kernel to make one")
         T = q.shape[0]
-        _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
-        num_splits = self._splits(dev, chunks * row_blocks * self.hkv, max_kv_len, num_splits, tile=4 * keys,
-                                  one_wave=True)
+        queue = main.abi.problem[-1:] == ("sms",)   # the persistent kernel: its CTAs take the grid's places
+        if queue:   # its places: the grid before the min with the SMs
+            ctas = main.grid(chunks, max_q_len, 1, 1 << 30)[0]
+        else:
+            _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
+            ctas = chunks * row_blocks * self.hkv
+        num_splits = self._splits(dev, ctas, max_kv_len, num_splits, tile=4 * keys, one_wave=True)
         part_o, part_lse = self._workspace(dev, T, num_splits)
         values.update(self._tensor_maps(main, mode, keys, k_cache, v_cache))
         values.update(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, cu_q=cu_q,
                       q_seq=q_seq, q_pos=q_pos, out=out, part_o=part_o, part_lse=part_lse, max_pages=max_pages,
                       num_pages=k_cache.shape[0], num_seqs=S, num_splits=num_splits, num_tokens=T)
-        main((chunks, max_q_len, num_splits), main_args(values))
+        if queue:
+            values.update(chunks=chunks, max_q_len=max_q_len, work=self._work_counter(dev))
+            main((chunks, max_q_len, num_splits, device_properties(dev).multi_processor_count), main_args(values))
+        else:
+            main((chunks, max_q_len, num_splits), main_args(values))
         if num_splits > 1:
             merge((T,), merge_args(values))
         return out

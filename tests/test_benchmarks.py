@@ -61,3 +61,24 @@ def test_ssd_chain_probe_compiles_and_needs_a_gpu(capsys):
     if not torch.cuda.is_available():
         assert main(["--work", "0"]) == 1
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_ab_switch_must_be_read_by_a_plan():
+    """bench_attention's / probe_short_prefill's A / B of a switch (env_switch_set): a name that no plan made inside
+    the block reads is an error naming it (before, a misspelt name measured the same kernel twice); a switch that a
+    plan reads passes, and the environment is restored either way."""
+    import os
+
+    import layerforge as lf
+    from benchmarks.bench_attention import env_switch_set
+    from layerforge.codegen.attention_wgmma import plan_wgmma_attention
+    from layerforge.codegen.attention_wgmma import default_options
+    layer = lf.stdlib().specialise("llama_attn", Hq=8, Hkv=2, D=128, dtype="bf16")
+    with pytest.raises(SystemExit, match="LAYERFORGE_WGMMA_PERSITS: no kernel plan read"):
+        with env_switch_set("LAYERFORGE_WGMMA_PERSITS", True):
+            plan_wgmma_attention(layer, **default_options())
+    assert "LAYERFORGE_WGMMA_PERSITS" not in os.environ
+    for on in (False, True):
+        with env_switch_set("LAYERFORGE_WGMMA_PERSIST", on):
+            assert default_options()["persist"] is on
+    assert "LAYERFORGE_WGMMA_PERSIST" not in os.environ
