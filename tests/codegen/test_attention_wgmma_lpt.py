@@ -60,7 +60,12 @@ def host_order(plan, tmp):
                                                HDV=int(plan.spec.v_head_dim), GROUP=plan.group,
                                                BODY=order_lines(plan.source())))
     subprocess.run([CXX, "-std=c++17", "-O1", "-o", str(exe), str(tmp / "order.cpp")], check=True)
+    return places_of(exe)
 
+
+def places_of(exe):
+    """A function grids -> for each grid (x, y, z), the x * y * z (chunk, level, z) lines that the host program `exe`
+    prints for it (it reads the grids from its input, one a line)."""
     def run(grids):
         out = subprocess.run([str(exe)], input="".join(f"{x} {y} {z}\n" for x, y, z in grids), capture_output=True,
                              text=True, check=True).stdout.split("\n")

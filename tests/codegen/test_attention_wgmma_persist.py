@@ -20,7 +20,7 @@ from layerforge.codegen.attention_wgmma import WGTileConfig, plan_wgmma_attentio
 
 from .test_attention_compile import ATTENTION, specialise
 from .test_attention_wgmma_compile import assert_spill_free, compile_main, resources
-from .test_attention_wgmma_lpt import GRIDS, expected
+from .test_attention_wgmma_lpt import GRIDS, expected, places_of
 
 CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler to run the kernel's lines")
@@ -115,13 +115,7 @@ def host_order(plan, tmp):
     body = body[:body.rindex("    };")]   # the lambda's body, without its close
     exe = build(tmp, f"order_{plan.config.label}", ORDER % dict(
         BM=plan.config.rows, HD=int(plan.spec.head_dim), HDV=int(plan.spec.v_head_dim), GROUP=plan.group, BODY=body))
-
-    def run(grids):
-        out = subprocess.run([str(exe)], input="".join(f"{x} {y} {z}\n" for x, y, z in grids), capture_output=True,
-                             text=True, check=True).stdout.split("\n")
-        rows = iter(tuple(map(int, line.split())) for line in out if line)
-        return [[next(rows) for _ in range(x * y * z)] for x, y, z in grids]
-    return run
+    return places_of(exe)
 
 
 @needs_cxx
