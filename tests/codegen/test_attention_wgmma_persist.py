@@ -182,6 +182,7 @@ def test_persist_compiles_without_spills(prog, name, d):
     assert src.count("for (;;) {") == 1 and "for (int nit = 0;; ++nit) {" in src and "for (int item" not in src
     assert "the next item reuses the stage" in src
     assert "LPT_CTAS" in src and "if (r0 >= n * GROUP) return;" not in src
+    assert src.count("lf_prefetch_l2(row + off)") == 1   # the producer's L2 hint of the next row block's Q rows
     assert_spill_free(compile_main(plan)[0])
 
 
