@@ -80,6 +80,8 @@ class WGTileConfig:
                                  # template's ITEMS = 2): half the CTAs, each with a causal block's mean work
     persist: bool = False        # one CTA an SM taking row blocks from a work queue in launch order until none is
                                  # left (the template's PERSIST): each next block's K / V loads go out under this one
+    q_next: bool = False         # (with persist) each next row block's Q copies issued under this one's last P V and
+                                 # epilogue, once its S products are in (the template's Q_NEXT)
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -94,6 +96,8 @@ class WGTileConfig:
             raise ValueError(f"lpt is a section's CTAs (0: the default launch order), not {self.lpt}")
         if self.persist and self.pairs:
             raise ValueError("persist and pairs are two ways of giving a CTA several row blocks: take one")
+        if self.q_next and not self.persist:
+            raise ValueError("q_next loads the work queue's next row block's Q early: it needs persist")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * consumers * consumer
@@ -107,7 +111,7 @@ class WGTileConfig:
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
-                + ("b" if self.rope_batch else "") + ("q" if self.persist else ""))
+                + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else ""))
 
     @property
     def threads(self) -> int:
@@ -312,6 +316,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
+        Q_NEXT=c.q_next,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -409,7 +414,8 @@ def persist_default() -> bool:
     """Whether the wgmma prefill runs as a persistent kernel (WGTileConfig.persist): at most one CTA an SM, each taking
     row blocks from a work queue in launch order (the sectioned order where lpt is taken) until none is left, its
     rings carried from one row block to the next, so that each next block's page-table reads and K / V loads go out
-    under this one's last tiles and epilogue, and no CTA's start waits for a launch slot. Why: a CTA's fixed start
+    under this one's last tiles and epilogue, and no CTA's start waits for a launch slot; each next block's Q rows
+    are prefetched into L2 by the producer and copied into shared memory under this block's last P V (q_next). Why: a CTA's fixed start
     fitted ~6.4 us on an H200 (benchmarks/NOTES.md); a list-scheduling model with it gives B4 S1024 H32 D128 causal
     111 -> ~80-94 us and B4 S4096 1055 -> ~920-980 us where a next block's start costs 2-4 us. Written, compiled and
     tested on the CPU, not yet run on a GPU, so off; LAYERFORGE_WGMMA_PERSIST=1 turns it on, for the runtime's plans
@@ -494,7 +500,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     order is then the plain one (every CTA as long as the next), so lpt is not taken. rope_batch (without `tiles`):
     where rope_step is taken, its reads batched (WGTileConfig.rope_batch) where that compiles without spills.
     persist (without `tiles`): the persistent kernel over a work queue (WGTileConfig.persist) where that compiles
-    without spills, in the launch order lpt asks for; taken before pairs (a CTA with several row blocks either way)."""
+    without spills, in the launch order lpt asks for, with each next row block's Q loaded early (q_next) where that
+    compiles without spills too; taken before pairs (a CTA with several row blocks either way)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
     if tiles is not None:
         return plan
@@ -508,7 +515,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     if persist:
         queued = _with_option(plan, compile_fn, persist=True, lpt=LPT_CTAS if lpt else 0)
         if queued.config.persist:
-            return queued
+            return _with_option(queued, compile_fn, q_next=True)
     if pairs:
         paired = _with_option(plan, compile_fn, pairs=True)
         if paired.config.pairs:   # taken: the plain launch order (every CTA as long as the next), no lpt

@@ -20,7 +20,8 @@
 #   lpt        the wgmma prefill's sectioned launch order (LAYERFORGE_WGMMA_LPT, the default since measured): its GPU
 #              tests, then bench_attention's prefill rows and the short prompts (probe_short_prefill) off against on
 #   persist    the persistent wgmma prefill over a work queue (LAYERFORGE_WGMMA_PERSIST, off until this runs): its GPU
-#              tests (cut at 300 s), then, if they passed, bench_attention's prefill rows and the short prompts
+#              tests (cut at 300 s), then, if they passed, compute-sanitizer memcheck / racecheck / synccheck over its
+#              cases (scripts/sanitize_cases.py persist) and bench_attention's prefill rows and the short prompts
 #              (probe_short_prefill) off against on
 #   pairs      the same for two row blocks a wgmma prefill CTA (LAYERFORGE_WGMMA_PAIRS), with q's rotation with its
 #              reads batched (LAYERFORGE_WGMMA_ROPE_BATCH: its tests, then the GQA / D64 prefill rows off against on)
@@ -98,6 +99,14 @@ persist|pairs)
         status=1
         echo "== $part: tests failed or timed out (exit $rc); its benchmarks are skipped"
         continue
+    fi
+    if [ "$part" = persist ] && command -v compute-sanitizer >/dev/null 2>&1; then
+        for tool in memcheck racecheck synccheck; do
+            echo "== compute-sanitizer $tool: the persistent prefill's cases"
+            timeout -s KILL 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+                "$PY" scripts/sanitize_cases.py persist 2>&1 | tee "$OUT_DIR/sanitizer_persist_$tool.log" | tail -3
+            [ "${PIPESTATUS[0]}" = 0 ] || status=1
+        done
     fi
     for sw in $switches; do
         timeout -s KILL 240 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --ab-switch $sw 2>&1 \

@@ -8,7 +8,8 @@ split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
 ("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
-also run by main)."""
+also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
+and synccheck by scripts/ab-switches.sh's part persist)."""
 import torch
 
 import layerforge as lf
@@ -62,6 +63,40 @@ def d256_cases(bf):
     bad_table[2, 1] = -7
     bad_lens = torch.tensor([10**6, 1, 77], dtype=torch.int32, device="cuda")
     attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=300, max_kv_len=320)
+    torch.cuda.synchronize()
+
+
+def persist_cases(bf):
+    """The persistent wgmma prefill (the work queue's slots, each next row block's Q loaded early): D128 in the
+    sectioned and the default order and D64 with three consumers, ragged chunks, split-KV, a corrupt page table and
+    lengths; a grid of fewer places than SMs and one of many more (sm_90 only)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        return
+    from layerforge.codegen.attention_wgmma import WGTileConfig
+    for d, tiles in ((128, WGTileConfig(bn=128, stages=3, tma=True, overlap=True, persist=True, q_next=True, lpt=128)),
+                     (128, WGTileConfig(bn=128, stages=3, tma=True, persist=True, q_next=True)),
+                     (64, WGTileConfig(bn=128, stages=3, consumers=3, tma=True, persist=True, q_next=True, lpt=128))):
+        layer = lf.stdlib().specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16")
+        cache = PagedKVCache(128, 16, 4, d, dtype=bf, device="cuda", max_seqs=3, max_pages_per_seq=80)
+        lens = {0: 1200, 1: 1, 2: 77}
+        for s, n in lens.items():
+            cache.allocate(s, n)
+            cache.append([s] * n, torch.randn(n, 4, d, device="cuda", dtype=bf),
+                         torch.randn(n, 4, d, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
+        attn = PagedAttention(layer, page_size=16, prefill="wgmma", tiles={"prefill": tiles})
+        cu = torch.tensor([0, 1200, 1201, 1278], dtype=torch.int32, device="cuda")
+        q = torch.randn(1278, 16, d, device="cuda", dtype=bf)
+        for splits in (None, 3):
+            attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=1200,
+                         max_kv_len=1200, num_splits=splits)
+        small = torch.tensor([0, 5, 6, 9], dtype=torch.int32, device="cuda")   # 12 places: fewer than the SMs
+        attn.prefill(q[:9], cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, small, max_q_len=5,
+                     max_kv_len=1200)
+        bad_table = cache.page_table.clone()
+        bad_table[0, 3] = 10**6
+        bad_table[2, 1] = -7
+        bad_lens = torch.tensor([10**6, 1, 77], dtype=torch.int32, device="cuda")
+        attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=1200, max_kv_len=1220)
     torch.cuda.synchronize()
 
 
@@ -233,5 +268,7 @@ if __name__ == "__main__":
         mla_cases(torch.bfloat16)
     elif sys.argv[1:] == ["d256"]:   # the D256 wgmma prefill alone (K and V rings)
         d256_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["persist"]:   # the persistent wgmma prefill alone (off by default: not in main)
+        persist_cases(torch.bfloat16)
     else:
         main()

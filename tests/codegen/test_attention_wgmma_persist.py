@@ -163,14 +163,20 @@ def test_take_loop_hands_out_every_live_row_block_once(prog, tmp_path_factory):
 def test_persist_compiles_without_spills(prog, name, d):
     """Every stdlib block with the runtime's options and persist: the planner takes it (spill-free under NVRTC 13.0
     and the newest: the consumers' per-thread addresses are computed in each item, not hoisted out of the item loop),
-    in the sectioned order (label 'lq'), with the queue's arguments and a grid of at most `sms` CTAs."""
+    in the sectioned order, with each next row block's Q loaded early (label 'lqe'; persist alone where that spills),
+    the queue's arguments and a grid of at most `sms` CTAs."""
     layer = specialise(prog, name, 32, 8, d)
     kw = dict(compile_fn=resources, overlap=True, tma=True, rope_step=True, fold=True, kv_rings=True,
               three_consumers=True, lpt=True)
     one = plan_wgmma_attention(layer, **kw)
     plan = plan_wgmma_attention(layer, persist=True, **kw)
     assert plan.config.persist, one.key
-    assert plan.config == dataclasses.replace(one.config, persist=True) and plan.config.label.endswith("lq")
+    assert plan.config == dataclasses.replace(one.config, persist=True, q_next=plan.config.q_next)
+    if not plan.config.q_next:   # only where the early copies spill (T5's D64: three consumers beside its tables)
+        early = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, q_next=True))
+        kr = compile_main(early)[0]
+        assert kr.spill_stores or kr.spill_loads, early.key
+    assert plan.config.label.endswith("lqe" if plan.config.q_next else "lq")
     abi = plan.abi
     assert abi.problem == ("chunks", "max_q_len", "num_splits", "sms")
     assert [a.name for a in abi.args[-3:]] == ["chunks", "max_q_len", "work"] and abi.args[-1].role == "workspace"
@@ -183,6 +189,9 @@ def test_persist_compiles_without_spills(prog, name, d):
     assert "the next item reuses the stage" in src
     assert "LPT_CTAS" in src and "if (r0 >= n * GROUP) return;" not in src
     assert src.count("lf_prefetch_l2(row + off)") == 1   # the producer's L2 hint of the next row block's Q rows
+    if plan.config.q_next:   # the first row block's Q copies at its start, each next one's after the tile loop
+        assert src.count("for (int c = wt; c < 64 * CPR; c += 128)") == 2 and "if (nit == 0) {" in src
+        assert src.index("every S of this warpgroup is in") < src.index("the last tile's O += P V: one more turn")
     assert_spill_free(compile_main(plan)[0])
 
 
@@ -192,8 +201,12 @@ def test_persist_is_its_own_variant(prog):
     plain = plan_wgmma_attention(layer)
     assert "lf_item_place" not in plain.source() and plain.abi.problem == ("chunks", "max_q_len", "num_splits")
     assert WGTileConfig(bn=128, stages=3, persist=True).label == "n128s3q"
+    assert WGTileConfig(bn=128, stages=3, persist=True, q_next=True).label == "n128s3qe"
     with pytest.raises(ValueError, match="pairs"):
         WGTileConfig(bn=128, stages=3, persist=True, pairs=True)
+    with pytest.raises(ValueError, match="needs persist"):
+        WGTileConfig(bn=128, stages=3, q_next=True)
+    assert "if (nit == 0)" not in persistent(plain, 0).source()   # persist alone: Q at each row block's start
     queued = persistent(plain, 0)
     assert queued.shared_bytes == plain.shared_bytes + 40 or queued.shared_bytes > plain.shared_bytes
 

@@ -163,15 +163,15 @@ def test_pairs(prog, d, tma):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_persist(prog, d, lpt, tma):
     """The persistent kernel (WGTileConfig.persist: at most one CTA an SM taking row blocks from a work queue, in the
-    sectioned or the default order, the rings' places carried over), both schedules, one ring or two, D64 with three
-    consumers and with two: ragged chunks
+    sectioned or the default order, the rings' places carried over, each next row block's Q loaded early), both
+    schedules, one ring or two, D64 with three consumers and with two: ragged chunks
     over cached prefixes (row blocks without rows skipped by the producer), GQA packing, split-KV with a window, a
     fully masked row block (bert's lengths), the distance tables (T5)."""
     from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
     for c in tile_candidates(d)[:1] + (tile_candidates(d)[-1:] if d == 64 else []):   # D64: three consumers, two
         tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, consumers=c.consumers, tma=True, persist=True,
-                                         overlap=tma.startswith("overlap") and c.consumers == 2, lpt=lpt,
-                                         kv_rings=tma.endswith("rings"))}
+                                         q_next=True, overlap=tma.startswith("overlap") and c.consumers == 2,
+                                         lpt=lpt, kv_rings=tma.endswith("rings"))}
         wgmma(prog, "llama_attn", 16, 4, d, 64, tiles=tiles, **LONG)
         wgmma(prog, "llama_attn", 12, 4, d, 16, tiles=tiles, lens=[5, 33, 70, 300], new=[5, 3, 70, 129])
         wgmma(prog, "gemma2_attn", 8, 8, d, 16, tiles=tiles, lens=[1500, 40, 700], new=[900, 40, 3], splits=3,
@@ -180,7 +180,7 @@ def test_persist(prog, d, lpt, tma):
         def extra(nseq, gen):
             return {"kv_len": torch.tensor([3, 0, 200][:nseq], dtype=torch.int32).cuda()}
         wgmma(prog, "bert_attn", 8, 8, d, 16, tiles=tiles, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
-        t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, persist=True, lpt=lpt)}
+        t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, persist=True, q_next=True, lpt=lpt)}
         wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
 
 
@@ -197,8 +197,9 @@ def test_persist_same_bits_every_launch(prog, tma):
     spec = layer.function.outputs[0].arg
     base = dict(bn=128, stages=3, overlap=tma.startswith("overlap"), tma=True, kv_rings=tma.endswith("rings"),
                 lpt=128)
-    mods = [PagedAttention(layer, page_size=64, prefill="wgmma", tiles={"prefill": WGTileConfig(**base, persist=p)})
-            for p in (False, True)]
+    mods = [PagedAttention(layer, page_size=64, prefill="wgmma",
+                           tiles={"prefill": WGTileConfig(**base, persist=p, q_next=e)})
+            for p, e in ((False, False), (True, False), (True, True))]
     gen = torch.Generator().manual_seed(7)
     lens = [3000, 1, 700, 2048, 65]
     ks = [torch.randn(n, 4, 128, generator=gen).to(torch.bfloat16).cuda() for n in lens]
@@ -218,19 +219,21 @@ def test_persist_same_bits_every_launch(prog, tma):
         return out
     for new in ([3000, 1, 700, 2048, 65], [5, 1, 3], [3000, 1, 700, 2048, 65], [1, 1, 1, 1, 1]):
         case = inputs(new)
-        want, got = call(mods[0], case), call(mods[1], case)
-        torch.cuda.synchronize()
-        assert not torch.isnan(got).any()
-        assert torch.equal(want.view(torch.int16), got.view(torch.int16)), new
-        assert int(mods[1]._work_counter(got.device)[0]) == 0
+        want = call(mods[0], case)
+        for mod in mods[1:]:   # the queue with Q at each row block's start, and with each next one's early
+            got = call(mod, case)
+            torch.cuda.synchronize()
+            assert not torch.isnan(got).any()
+            assert torch.equal(want.view(torch.int16), got.view(torch.int16)), (new, mod.tc_plan("prefill").key)
+            assert int(mod._work_counter(got.device)[0]) == 0
     case = inputs([3000, 1, 700, 2048, 65])
     want = call(mods[0], case)
     out = torch.full_like(want, float("nan"))
-    call(mods[1], case, out)   # compiled and loaded before the capture
+    call(mods[2], case, out)   # compiled and loaded before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        call(mods[1], case, out)
+        call(mods[2], case, out)
     for _ in range(3):
         out.fill_(float("nan"))
         graph.replay()
