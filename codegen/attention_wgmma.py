@@ -415,11 +415,11 @@ def persist_default() -> bool:
     row blocks from a work queue in launch order (the sectioned order where lpt is taken) until none is left, its
     rings carried from one row block to the next, so that each next block's page-table reads and K / V loads go out
     under this one's last tiles and epilogue, and no CTA's start waits for a launch slot; each next block's Q rows
-    are prefetched into L2 by the producer and copied into shared memory under this block's last P V (q_next). Why: a CTA's fixed start
-    fitted ~6.4 us on an H200 (benchmarks/NOTES.md); a list-scheduling model with it gives B4 S1024 H32 D128 causal
-    111 -> ~80-94 us and B4 S4096 1055 -> ~920-980 us where a next block's start costs 2-4 us. Written, compiled and
-    tested on the CPU, not yet run on a GPU, so off; LAYERFORGE_WGMMA_PERSIST=1 turns it on, for the runtime's plans
-    and the pack build alike."""
+    are prefetched into L2 by the producer and copied into shared memory under this block's last P V (q_next).
+    Why: a CTA's fixed start fitted ~6.4 us on an H200 (benchmarks/NOTES.md); a list-scheduling model with it gives
+    B4 S1024 H32 D128 causal 111 -> ~80-94 us and B4 S4096 1055 -> ~920-980 us where a next block's start costs
+    2-4 us. Written, compiled and tested on the CPU, not yet run on a GPU, so off; LAYERFORGE_WGMMA_PERSIST=1 turns
+    it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_PERSIST", False)
 
 
