@@ -87,9 +87,9 @@ class WGTileConfig:
         if self.consumers not in (2, 3):
             raise ValueError(f"consumers is 2 or 3 warpgroups, not {self.consumers}")
         if not self.producer_regs:
-            object.__setattr__(self, "producer_regs", 40 if self.consumers == 2 else 32)
+            object.__setattr__(self, "producer_regs", self.default_regs[0])
         if not self.consumer_regs:
-            object.__setattr__(self, "consumer_regs", 232 if self.consumers == 2 else 160)
+            object.__setattr__(self, "consumer_regs", self.default_regs[1])
         if self.k_stages and (self.k_stages < 2 or not self.kv_rings):
             raise ValueError(f"k_stages ({self.k_stages}) is K's own ring depth, >= 2, with kv_rings")
         if self.lpt < 0:
@@ -105,8 +105,15 @@ class WGTileConfig:
             raise ValueError(f"register budgets {self.producer_regs}/{self.consumer_regs} exceed the SM's 64K")
 
     @property
+    def default_regs(self) -> tuple[int, int]:
+        """The (producer, consumer) setmaxnreg budgets where none are given."""
+        return (40, 232) if self.consumers == 2 else (32, 160)
+
+    @property
     def label(self) -> str:
+        regs = (self.producer_regs, self.consumer_regs)
         return (f"n{self.bn}s{self.stages}" + (f"c{self.consumers}" if self.consumers != CONSUMERS else "")
+                + (f"g{regs[0]}x{regs[1]}" if regs != self.default_regs else "")
                 + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
@@ -514,6 +521,11 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = _with_option(plan, compile_fn, rope_batch=True)
     if persist:
         queued = _with_option(plan, compile_fn, persist=True, lpt=LPT_CTAS if lpt else 0)
+        if not queued.config.persist and plan.config.consumers == CONSUMERS and plan.config.default_regs == (
+                plan.config.producer_regs, plan.config.consumer_regs):
+            # the producer's 40 registers short by one (the block-mask lists' walk): 8 more, the consumers 8 fewer
+            queued = _with_option(plan, compile_fn, persist=True, lpt=LPT_CTAS if lpt else 0, producer_regs=48,
+                                  consumer_regs=224)
         if queued.config.persist:
             return _with_option(queued, compile_fn, q_next=True)
     if pairs:

@@ -21,8 +21,9 @@
 #              tests, then bench_attention's prefill rows and the short prompts (probe_short_prefill) off against on
 #   persist    the persistent wgmma prefill over a work queue (LAYERFORGE_WGMMA_PERSIST, off until this runs): its GPU
 #              tests (cut at 300 s), then, if they passed, compute-sanitizer memcheck / racecheck / synccheck over its
-#              cases (scripts/sanitize_cases.py persist) and bench_attention's prefill rows and the short prompts
-#              (probe_short_prefill) off against on
+#              cases (scripts/sanitize_cases.py persist), bench_attention's prefill rows and the short prompts
+#              (probe_short_prefill) off against on, and the document mask on the persistent wgmma kernel beside
+#              the mma.sync default (bench_masks --only document --wgmma)
 #   pairs      the same for two row blocks a wgmma prefill CTA (LAYERFORGE_WGMMA_PAIRS), with q's rotation with its
 #              reads batched (LAYERFORGE_WGMMA_ROPE_BATCH: its tests, then the GQA / D64 prefill rows off against on)
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
@@ -92,7 +93,9 @@ persist|pairs)
     fi
     echo "== GPU tests: -k \"$keys\""
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 300 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_wgmma_tma.py \
+    files="tests/gpu/test_attention_wgmma_tma.py"
+    [ "$part" = persist ] && files="$files tests/gpu/test_block_mask.py"
+    timeout -s KILL 300 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST $files \
         -k "$keys" 2>&1 | tee "$OUT_DIR/pytest_$part.log" | tail -5
     rc=${PIPESTATUS[0]}
     if [ "$rc" != 0 ]; then
@@ -113,6 +116,11 @@ persist|pairs)
             | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/prefill_$sw.txt" | tail -16
         timeout -s KILL 120 "$PY" -m benchmarks.probe_short_prefill --ab-switch $sw 2>&1 | tee "$OUT_DIR/short_$sw.txt"
     done
+    if [ "$part" = persist ]; then   # packed documents: the mma.sync default's line, then the wgmma kernel's
+        echo "== document mask: the default (mma.sync), and the wgmma kernel over its lists, persistent"
+        LAYERFORGE_WGMMA_PERSIST=1 timeout -s KILL 180 "$PY" -m benchmarks.bench_masks --only document --wgmma 2>&1 \
+            | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/masks_document_persist.txt" | tail -4
+    fi
     if [ "$part" = pairs ]; then
         timeout -s KILL 120 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only "H32/8,D64" \
             --ab-switch LAYERFORGE_WGMMA_ROPE_BATCH 2>&1 | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/prefill_rope_batch.txt" | tail -6

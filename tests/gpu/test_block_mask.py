@@ -241,6 +241,20 @@ def test_wgmma_split_kv_over_the_tile_lists(prog, splits):
 
 
 @hopper
+@pytest.mark.parametrize("name,kind", [("doc_causal", "random"), ("doc", "one"), ("doc_pad", "pad")])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_wgmma_persist_over_the_tile_lists(prog, monkeypatch, name, kind, splits):
+    """The persistent wgmma prefill (LAYERFORGE_WGMMA_PERSIST=1: a work queue, each next row block's Q early, the
+    planner's register budgets for the lists' walk) over the pre-pass's lists: the same float64 reference, fully
+    masked rows zeros, split-KV."""
+    monkeypatch.setenv("LAYERFORGE_WGMMA_PERSIST", "1")
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
+    attn = wgmma_attn(layer)
+    assert attn.tc_plan("prefill").config.persist, attn.tc_plan("prefill").key
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(21))}, hq=32, hkv=8, splits=splits, attn=attn)
+
+
+@hopper
 def test_wgmma_block_mask_of_64_key_tiles(prog):
     """The pre-pass follows the kernel's tiling (128 rows x 64 keys here)."""
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
