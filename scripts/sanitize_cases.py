@@ -10,6 +10,8 @@ and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
 ("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist)."""
+import itertools
+
 import torch
 
 import layerforge as lf
@@ -39,31 +41,44 @@ def mla_cases(bf):
                                           scale=0.07, max_kv_len=150)
 
 
+def ragged_prefill(layer, attn, d, lens, bf, *, num_pages, max_pages, small=False):
+    """`attn`'s prefill over a fresh cache of `lens` (a dict: sequence -> tokens, the whole sequences the chunks),
+    unsplit and in 3 splits; with `small`, a launch of a few tokens (fewer places than SMs); then over a corrupt
+    page table and lengths (clamped: wrong numbers, never an out-of-bounds access). Hq 16 / Hkv 4, pages of 16."""
+    cache = PagedKVCache(num_pages, 16, 4, d, dtype=bf, device="cuda", max_seqs=len(lens), max_pages_per_seq=max_pages)
+    for s, n in lens.items():
+        cache.allocate(s, n)
+        cache.append([s] * n, torch.randn(n, 4, d, device="cuda", dtype=bf),
+                     torch.randn(n, 4, d, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
+    sizes = list(lens.values())
+    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(sizes), 16, d, device="cuda", dtype=bf)
+    for splits in (None, 3):
+        attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=max(sizes),
+                     max_kv_len=max(sizes), num_splits=splits)
+    if small:   # each sequence's last few tokens
+        few = [min(n, 5) for n in sizes]
+        attn.prefill(q[:sum(few)], cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
+                     torch.tensor([0, *itertools.accumulate(few)], dtype=torch.int32, device="cuda"),
+                     max_q_len=max(few), max_kv_len=max(sizes))
+    bad_table = cache.page_table.clone()
+    bad_table[0, 3] = 10**6
+    bad_table[2, 1] = -7
+    bad_lens = torch.tensor([10**6, *sizes[1:]], dtype=torch.int32, device="cuda")
+    attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=max(sizes),
+                 max_kv_len=max(sizes) + 20)
+    torch.cuda.synchronize()
+
+
 def d256_cases(bf):
     """The wgmma prefill at D256 (K and V in rings of their own, the planner's choice at two stages): ragged lengths
     off the tile, split-KV, a corrupt page table and lengths (sm_90 only)."""
     if torch.cuda.get_device_capability() != (9, 0):
         return
     layer = lf.stdlib().specialise("llama_attn", Hq=16, Hkv=4, D=256, dtype="bf16")
-    cache = PagedKVCache(64, 16, 4, 256, dtype=bf, device="cuda", max_seqs=3, max_pages_per_seq=20)
-    lens = {0: 300, 1: 1, 2: 77}
-    for s, n in lens.items():
-        cache.allocate(s, n)
-        cache.append([s] * n, torch.randn(n, 4, 256, device="cuda", dtype=bf),
-                     torch.randn(n, 4, 256, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
     attn = PagedAttention(layer, page_size=16, prefill="wgmma")
     assert attn.tc_plan("prefill").kv_rings, attn.tc_plan("prefill").key
-    cu = torch.tensor([0, 300, 301, 378], dtype=torch.int32, device="cuda")
-    q = torch.randn(378, 16, 256, device="cuda", dtype=bf)
-    for splits in (None, 3):
-        attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=300,
-                     max_kv_len=300, num_splits=splits)
-    bad_table = cache.page_table.clone()
-    bad_table[0, 3] = 10**6
-    bad_table[2, 1] = -7
-    bad_lens = torch.tensor([10**6, 1, 77], dtype=torch.int32, device="cuda")
-    attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=300, max_kv_len=320)
-    torch.cuda.synchronize()
+    ragged_prefill(layer, attn, 256, {0: 300, 1: 1, 2: 77}, bf, num_pages=64, max_pages=20)
 
 
 def persist_cases(bf):
@@ -77,27 +92,8 @@ def persist_cases(bf):
                      (128, WGTileConfig(bn=128, stages=3, tma=True, persist=True, q_next=True)),
                      (64, WGTileConfig(bn=128, stages=3, consumers=3, tma=True, persist=True, q_next=True, lpt=128))):
         layer = lf.stdlib().specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16")
-        cache = PagedKVCache(128, 16, 4, d, dtype=bf, device="cuda", max_seqs=3, max_pages_per_seq=80)
-        lens = {0: 1200, 1: 1, 2: 77}
-        for s, n in lens.items():
-            cache.allocate(s, n)
-            cache.append([s] * n, torch.randn(n, 4, d, device="cuda", dtype=bf),
-                         torch.randn(n, 4, d, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
         attn = PagedAttention(layer, page_size=16, prefill="wgmma", tiles={"prefill": tiles})
-        cu = torch.tensor([0, 1200, 1201, 1278], dtype=torch.int32, device="cuda")
-        q = torch.randn(1278, 16, d, device="cuda", dtype=bf)
-        for splits in (None, 3):
-            attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=1200,
-                         max_kv_len=1200, num_splits=splits)
-        small = torch.tensor([0, 5, 6, 9], dtype=torch.int32, device="cuda")   # 12 places: fewer than the SMs
-        attn.prefill(q[:9], cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, small, max_q_len=5,
-                     max_kv_len=1200)
-        bad_table = cache.page_table.clone()
-        bad_table[0, 3] = 10**6
-        bad_table[2, 1] = -7
-        bad_lens = torch.tensor([10**6, 1, 77], dtype=torch.int32, device="cuda")
-        attn.prefill(q, cache.k_cache, cache.v_cache, bad_table, bad_lens, cu, max_q_len=1200, max_kv_len=1220)
-    torch.cuda.synchronize()
+        ragged_prefill(layer, attn, d, {0: 1200, 1: 1, 2: 77}, bf, num_pages=128, max_pages=80, small=True)
 
 
 def main():
