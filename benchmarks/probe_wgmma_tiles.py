@@ -2,6 +2,7 @@
 beside the planner's choice and cuDNN, one run. A probe for choosing tile candidates: prints, asserts nothing.
 
     python -m benchmarks.probe_wgmma_tiles --d 64 [--hq 16 --hkv 16 --batch 4 --seq 4096 --name gpt2_attn]
+    python -m benchmarks.probe_wgmma_tiles --d 128 --hkv 4 --bn 128 --stages 3 --rings 0 --persist 0,1,2
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--rings", default="0,1", help="K and V in one ring (0), in two (1)")
     ap.add_argument("--consumers", default="2", help="consumer warpgroups (2, 3)")
     ap.add_argument("--overlap", default="1", help="the overlap schedule (1), the plain one (0)")
+    ap.add_argument("--persist", default="0", help="one row block a CTA (0), the persistent kernel over a work queue in "
+                                                   "the sectioned order (1), the same with each next Q early (2)")
     a = ap.parse_args(argv)
     ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
     hkv = a.hkv or a.hq
@@ -39,13 +42,14 @@ def main(argv=None):
     print(f"  {'auto ' + r['tiles']:28s} {r['ours_s'] * 1e3:7.3f} ms {r['flops'] / r['ours_s'] / 1e12:5.0f} TFLOP/s "
           f"{r['cudnn_s'] / r['ours_s']:5.2f}x cuDNN", flush=True)
     base = dict(tma=True, fold=True, rope_step=True)   # the last two where the block takes them
-    for consumers in ints(a.consumers):
+    for consumers, persist in ((c, p) for c in ints(a.consumers) for p in ints(a.persist)):
+        queue = dict(persist=True, q_next=persist == 2, lpt=128) if persist else {}
         for overlap in ints(a.overlap):
             for bn in ints(a.bn):
                 for stages in ints(a.stages):
                     for rings in ints(a.rings):
                         c = WGTileConfig(bn=bn, stages=stages, kv_rings=bool(rings), consumers=consumers,
-                                         overlap=bool(overlap), **base)
+                                         overlap=bool(overlap), **base, **queue)
                         if WGMMAAttentionPlan(layer=layer, page_size=64, tiles=c).shared_bytes > SHARED_LIMIT:
                             continue
                         try:
