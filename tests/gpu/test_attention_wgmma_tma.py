@@ -156,7 +156,8 @@ def test_pairs(prog, d, tma):
             return {"kv_len": torch.tensor([3, 0, 200][:nseq], dtype=torch.int32).cuda()}
         wgmma(prog, "bert_attn", 8, 8, d, 16, tiles=tiles, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
         t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, pairs=True)}
-        wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
+        wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77],
+              extra_fn=lambda nseq, gen: {"rel_bias": torch.randn(32, 8, generator=gen).cuda()})
 
 
 @pytest.mark.parametrize("lpt", [0, 128])
@@ -181,7 +182,8 @@ def test_persist(prog, d, lpt, tma):
             return {"kv_len": torch.tensor([3, 0, 200][:nseq], dtype=torch.int32).cuda()}
         wgmma(prog, "bert_attn", 8, 8, d, 16, tiles=tiles, lens=[100, 100, 384], new=[100, 100, 384], extra_fn=extra)
         t5 = {"prefill": WGTileConfig(bn=128, stages=2, overlap=False, tma=True, persist=True, q_next=True, lpt=lpt)}
-        wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77])
+        wgmma(prog, "t5_attn", 8, 8, d, 16, tiles=t5, lens=[700, 300], new=[700, 77],
+              extra_fn=lambda nseq, gen: {"rel_bias": torch.randn(32, 8, generator=gen).cuda()})
 
 
 def test_persist_same_bits_every_launch(prog, tma):
