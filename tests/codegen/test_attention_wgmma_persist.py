@@ -208,7 +208,7 @@ def test_persist_is_its_own_variant(prog):
         WGTileConfig(bn=128, stages=3, q_next=True)
     assert "if (nit == 0)" not in persistent(plain, 0).source()   # persist alone: Q at each row block's start
     queued = persistent(plain, 0)
-    assert queued.shared_bytes == plain.shared_bytes + 40 or queued.shared_bytes > plain.shared_bytes
+    assert queued.shared_bytes == plain.shared_bytes + 40   # the two slots and their four mbarriers, after the rest
 
 
 def test_runtime_launches_the_queue(prog, monkeypatch):
