@@ -99,11 +99,13 @@ def loader_lanes(hd: int, hdv: int) -> int:
     return 1 << (max(hd, hdv) // 8 - 1).bit_length()
 
 
-def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None = None) -> list[TileConfig]:
+def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None = None,
+                    kv_dtype: str | None = None) -> list[TileConfig]:
     """Tile shapes to try, best first. Wider key tiles amortise the per-tile work (barrier,
     row maxima, rescale) but hold more score registers; the first that compiles without
     register spills for the block at hand is used (hooks such as soft-capping or ALiBi cost
-    registers too). v_head_dim: the value head dim (None: head_dim)."""
+    registers too). v_head_dim: the value head dim (None: head_dim); kv_dtype: the cache's
+    storage (an e4m3 cache's decode shapes are their own: benchmarks/bench_decode_tiles.py --kv fp8)."""
     dv = v_head_dim or head_dim
     if dv != head_dim or head_dim not in SWIZZLED_HEAD_DIMS:
         return padded_candidates(mode, head_dim, dv, group)
@@ -121,7 +123,13 @@ def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None
     mt = 1 if group <= 16 else 2
     if head_dim == 256:   # O of two m16 row tiles would take all 256 registers: groups > 16 take 2 row blocks
         return [TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=1, qreg=q) for q in (True, False)]
-    return [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
+    n16 = [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
+    if kv_dtype and head_dim == 128 and mt == 1:
+        # e4m3 at D 128: 32 keys a warp (128-key tiles, 100 KB, 2 CTAs an SM) amortise a tile's fixed work over
+        # twice the keys. H200, GQA 32/8 (bench_decode_tiles --kv fp8, graph us, n16 -> n32): 64 x 4096 178.2 ->
+        # 167.7, 16 x 1024 24.4 -> 22.9, 64 x 512 38.3 -> 37.7, 8 x 4096 and 1 x 32768 within 0.3 %.
+        return [TileConfig(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=2, qreg=True)] + n16
+    return n16
 
 
 PADDED_PREFILL_SHARED = 100 * 1024   # the padded prefill tiles' shared memory at most (the 128 tiles': 96 KB)
@@ -404,7 +412,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
-                                 int(spec.v_head_dim))
+                                 int(spec.v_head_dim), kv_dtype)
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
                                fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fold=fold, heads_first=heads_first)

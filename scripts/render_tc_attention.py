@@ -40,7 +40,7 @@ def plans(prog, layers=LAYERS, dims=(64, 80, 96, 128, 256)):
                         if cvt and not fp8_cvt_applies(arch, kv):
                             continue
                         for mode in ("decode", "prefill"):
-                            for tiles in tile_candidates(mode, d, 4, d):
+                            for tiles in tile_candidates(mode, d, 4, d, kv):
                                 for hf in ((False, True) if mode == "decode" else (False,)):
                                     yield TCAttentionPlan(layer=layer, arch=arch, mode=mode, tiles=tiles, kv_dtype=kv,
                                                           fp8_raw=raw, fp8_cvt=cvt, heads_first=hf)
