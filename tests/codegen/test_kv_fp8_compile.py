@@ -6,7 +6,7 @@ import pytest
 
 import layerforge as lf
 from layerforge.codegen.attention import plan_paged_attention
-from layerforge.codegen.attention_tc import plan_tc_attention
+from layerforge.codegen.attention_tc import TCAttentionPlan, plan_tc_attention
 from layerforge.codegen.kv_append import plan_kv_append
 from layerforge.codegen.row import LoweringError
 from layerforge.dsl.ir import RopeSpec
@@ -215,3 +215,31 @@ def test_fp8_hardware_conversion_compiles_without_spills(prog, dtype, d, mode):
     assert "lf_e4m3_odd_to" not in src.split("extern \"C\"")[1]
     old = plan_tc_attention(specialise(prog, "llama_attn", d, dtype), "sm_80", mode=mode, kv_dtype=FP8, fp8_cvt=True)
     assert not old.fp8_cvt and "cvt.rn.f16x2.e4m3x2" not in old.source()
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_fp8_v_by_hardware_conversion_compiles_without_spills(prog, dtype, d, mode):
+    """TCAttentionPlan.fp8_vcvt (sm_89+, with fp8_raw): K widened by integer ops (q x 2^40 in bf16), V by
+    cvt.rn.f16x2.e4m3x2, P packed to f16 and P V in f16 with no 2^100 on P; its own key; sm_80 plans and
+    plans without fp8_raw never take it."""
+    layer = specialise(prog, "llama_attn", d, dtype)
+    plan = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True)
+    assert plan.fp8_vcvt and plan.key.endswith("_raw_vcvt_sm90")
+    compile_clean(plan, "sm_90")
+    src = plan.source()
+    body = src.split("extern \"C\"")[1]
+    assert "cvt.rn.f16x2.e4m3x2" in src and "lf_e4m3_odd_raw" not in body and "lf_k8_frag<" in body
+    assert "lf_e4m3x2_raw<T>(*reinterpret_cast" in src   # K: the integer widening
+    assert ("q in place times 2^40" in src) == (dtype == "bf16") and "mu - 100.0f" not in src
+    assert "const float v_sc = v_scale[kvh];" in src
+    if dtype == "bf16":   # Q K^T in bf16, P V in f16
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src
+        assert "lf_mma_pv(o[mt][4 * dp]" in body and "lf_pack2_pv(p0, p1)" in body
+    else:   # f16: both products in f16 already
+        assert "lf_mma_pv" not in src and "m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert not plan_tc_attention(layer, "sm_80", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True).fp8_vcvt
+    assert not plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=False, fp8_vcvt=True).fp8_vcvt
+    with pytest.raises(ValueError, match="fp8_vcvt"):
+        TCAttentionPlan(layer=layer, arch="sm_80", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True)

@@ -319,3 +319,36 @@ def test_raw_widening_switch(prog, monkeypatch, raw_form, dtype, q_mult, raw):
     if raw_form == "tc":
         run_case(prog, raw_form, name, 32, 8, 64, 16, lens=[300, 1000], new=[1, 1], dtype=dtype, splits=3,
                  q_mult=q_mult)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="the hardware e4m3 conversion needs sm_89 or newer")
+@pytest.mark.parametrize("q_mult", [1e-3, 1.0, 40.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vcvt_form", ["tc", "tc-ragged"])
+def test_v_by_hardware_conversion_switch(prog, monkeypatch, vcvt_form, dtype, q_mult):
+    """LAYERFORGE_FP8_KV_VCVT=1 (TCAttentionPlan.fp8_vcvt): K widened by integer ops as fp8_raw has it, V by
+    cvt.rn.f16x2.e4m3x2 and P V in f16 (P unscaled), flat and sharp softmax (the sharp case without RoPE, as in
+    test_raw_widening_switch), decode, chunked prefill, split-KV, subnormal codes and gpt-oss sinks, against the
+    float64 reference over the dequantised cache."""
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_VCVT", "1")
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert "_raw_vcvt_" in plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
+    new = [1, 1, 1, 1] if vcvt_form == "tc" else [5, 3, 150, 17]
+    name = "llama_attn" if q_mult <= 1.0 else "gpt2_attn"
+    run_case(prog, vcvt_form, name, 32, 8, 128, 16, lens=[5, 33, 200, 1000], new=new, dtype=dtype, q_mult=q_mult)
+    run_case(prog, vcvt_form, "gemma2_attn", 16, 16, 256, 64, lens=[70, 300], new=new[:2], dtype=dtype,
+             q_mult=q_mult, window=37)
+    if vcvt_form == "tc":
+        run_case(prog, vcvt_form, name, 32, 8, 64, 16, lens=[300, 1000], new=[1, 1], dtype=dtype, splits=3,
+                 q_mult=q_mult)
+        if q_mult == 1.0:
+            run_case(prog, vcvt_form, "llama_attn", 32, 8, 128, 16, lens=[300, 1000], new=[1, 1], dtype=dtype,
+                     splits=3, scale_mult=2.0 ** 15)
+            from ..dsl.test_attention_sinks import SINKS
+            sp = lf.loads(SINKS, "sinks.lf", with_stdlib=False)
+            sinks = lambda gen: {"sinks": (torch.randn(8, generator=gen) * 2).cuda()}   # noqa: E731
+            for splits in (None, 3):
+                run_case(sp, vcvt_form, "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[1, 1, 1, 1],
+                         extra_fn=sinks, splits=splits, dtype=dtype)
