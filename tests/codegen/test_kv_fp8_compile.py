@@ -236,10 +236,37 @@ def test_fp8_v_by_hardware_conversion_compiles_without_spills(prog, dtype, d, mo
     assert "const float v_sc = v_scale[kvh];" in src
     if dtype == "bf16":   # Q K^T in bf16, P V in f16
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in src
-        assert "lf_mma_pv(o[mt][4 * dp]" in body and "lf_pack2_pv(p0, p1)" in body
+        assert "lf_mma_h(o[mt][4 * dp]" in body and "lf_pack2_h(p0, p1)" in body
     else:   # f16: both products in f16 already
-        assert "lf_mma_pv" not in src and "m16n8k16.row.col.f32.f16.f16.f32" in src
+        assert "lf_mma_h" not in src and "m16n8k16.row.col.f32.f16.f16.f32" in src
     assert not plan_tc_attention(layer, "sm_80", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True).fp8_vcvt
     assert not plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=False, fp8_vcvt=True).fp8_vcvt
     with pytest.raises(ValueError, match="fp8_vcvt"):
         TCAttentionPlan(layer=layer, arch="sm_80", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_fp8_k_by_hardware_conversion_compiles_without_spills(prog, dtype, d, mode):
+    """TCAttentionPlan.fp8_kcvt (sm_89+, with fp8_raw, not with fp8_vcvt): K's channel pairs by
+    cvt.rn.f16x2.e4m3x2, Q K^T in f16 (bf16 q as f16 times 2^-qe, no 2^40), V by integer ops with P x 2^100 in
+    bf16; its own key; sm_80 plans never take it, and it does not go with fp8_vcvt."""
+    layer = specialise(prog, "llama_attn", d, dtype)
+    plan = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kcvt=True)
+    assert plan.fp8_kcvt and plan.key.endswith("_raw_kcvt_sm90")
+    compile_clean(plan, "sm_90")
+    src = plan.source()
+    body = src.split("extern \"C\"")[1]
+    assert "b[0] = lf_e4m3x2_cvt(*reinterpret_cast<const unsigned short*>(p0));" in src
+    assert f"lf_e4m3_odd_raw<{'__nv_bfloat16' if dtype == 'bf16' else '__half'}>(bv[3])" in body
+    assert "q in place times 2^40" not in src and ("mu - 100.0f" in src) == (dtype == "bf16")
+    assert ("ldexpf(lf_to_float(*x), -qe)" in src) == (dtype == "bf16")
+    if dtype == "bf16":   # Q K^T in f16, P V in bf16
+        assert "lf_mma_h(s[mt][2 * np]" in body and "lf_mma(o[mt][4 * dp]" in body
+    assert not plan_tc_attention(layer, "sm_80", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kcvt=True).fp8_kcvt
+    both = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True, fp8_kcvt=True)
+    assert both.fp8_vcvt and not both.fp8_kcvt
+    with pytest.raises(ValueError, match="fp8_kcvt"):
+        TCAttentionPlan(layer=layer, arch="sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True,
+                        fp8_kcvt=True)
