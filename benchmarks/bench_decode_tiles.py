@@ -2,7 +2,7 @@
 candidate shape with the split-KV heuristic and with the best of a few forced part counts,
 graph replays (launch cost out), Llama-3-8B heads (GQA 32/8, D 128, bf16, page 16).
 
-    python -m benchmarks.bench_decode_tiles [--cases 64x512,8x4096] [--kv fp8]
+    python -m benchmarks.bench_decode_tiles [--cases 64x512,8x4096] [--kv fp8] [--default-only]
 
 The first shape is the default (codegen.attention_tc.tile_candidates). A shape with more CTAs
 per SM (fewer stages, min_blocks 3-4) or more warps along keys changes how many key tiles are
@@ -88,12 +88,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=None, help="comma-separated BATCHxCTX, default: bench_attention's decode cases")
     ap.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="the cache's storage (fp8: e4m3)")
+    ap.add_argument("--default-only", action="store_true",
+                    help="only the default shape (an A / B of a switch: run once with it and once without)")
     a = ap.parse_args(argv)
     cases = CASES if not a.cases else tuple(tuple(int(x) for x in c.split("x")) for c in a.cases.split(","))
     kv = FP8 if a.kv == "fp8" else None
     layer = Program.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     default = tile_candidates("decode", 128, 4, kv_dtype=kv)[0]
-    shapes = [default] + [TileConfig(**s) for s in (FP8_SHAPES if kv else SHAPES)]
+    shapes = [default] + ([] if a.default_only else [TileConfig(**s) for s in (FP8_SHAPES if kv else SHAPES)])
     shapes = list(dict.fromkeys(shapes))   # (the default may be one of the list)
     scales = fp8_scales() if kv else {}
     bf16 = PagedAttention(layer, page_size=16) if kv else None   # the bf16 default, for "x bf16"
@@ -101,8 +103,7 @@ def main(argv=None):
     for c in shapes:
         try:
             attn = PagedAttention(layer, page_size=16, tiles={"decode": c}, kv_dtype=kv)
-            attn.tc_plan("decode")
-            mods[c.label] = attn
+            mods[attn.tc_plan("decode").key.split("_tcdecode_")[1]] = attn
         except Exception as e:  # a shape that does not build for this block is reported, not timed
             print(f"# {c.label}: {type(e).__name__}: {e}")
     ceiling = copy_ceiling()
