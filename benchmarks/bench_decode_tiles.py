@@ -43,6 +43,7 @@ FP8_SHAPES = (   # e4m3 stages (shared memory a CTA; CTAs an SM by shared memory
     dict(wm=1, wn=4, mt=1, bnw=16, stages=8, min_blocks=1),   # 132 KB, 1
     dict(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=2),   # 100 KB, 2: 128-key tiles
     dict(wm=1, wn=4, mt=1, bnw=32, stages=2, min_blocks=2),   # 68 KB, 2 (registers)
+    dict(wm=1, wn=4, mt=1, bnw=32, stages=2, min_blocks=3),   # 68 KB, 3 (registers capped at 168: spill-free)
     dict(wm=1, wn=2, mt=1, bnw=16, stages=6, min_blocks=4),   # 52 KB, 4 (64 threads a CTA)
     dict(wm=1, wn=2, mt=1, bnw=16, stages=4, min_blocks=4),   # 36 KB, 6
     dict(wm=1, wn=8, mt=1, bnw=16, stages=3, min_blocks=1),   # 100 KB, 1 (registers)
