@@ -183,6 +183,8 @@ class TCAttentionPlan(AttentionPlan):
     fp8_kcvt: bool = False            # fp8_raw on sm_89+ the other way round: K's pairs by the hardware's cvt (no
     #                                   gather: a pair is two channels) and Q K^T in f16 (bf16 q as f16 times
     #                                   2^-qe), V by integer ops; see fp8_kcvt_default
+    fp8_kwords: bool = False          # with fp8_kcvt: K's fragments as one 32-bit word a key and 16 channels (q's
+    #                                   channel pairs permuted in shared memory to match); see fp8_kwords_default
     fold: bool = False                # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
     heads_first: bool = False         # decode: grid x walks (chunk, split, KV head), the KV head fastest (see
     #                                   heads_first_default)
@@ -200,13 +202,15 @@ class TCAttentionPlan(AttentionPlan):
         if self.fp8_kcvt and not (self.fp8_raw and not self.fp8_vcvt and fp8_cvt_applies(self.arch, self.kv_dtype)):
             raise ValueError(f"fp8_kcvt widens K by the hardware's cvt beside fp8_raw's V: it needs fp8_raw on sm_89 or "
                              f"newer and not fp8_vcvt (both is fp8_cvt) ({self.arch}, fp8_raw {self.fp8_raw})")
+        if self.fp8_kwords and not self.fp8_kcvt:
+            raise ValueError("fp8_kwords reads K's words for the hardware's cvt: it needs fp8_kcvt")
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", *self.kv_suffix, f"tc{self.mode}", self.config.label,
                          *(("cvt",) if self.fp8_cvt else ()),
                          *(("raw",) if self.fp8_raw else ()), *(("vcvt",) if self.fp8_vcvt else ()),
-                         *(("kcvt",) if self.fp8_kcvt else ()),
+                         *(("kcvt",) if self.fp8_kcvt else ()), *(("kw",) if self.fp8_kwords else ()),
                          *(("f",) if self.fold else ()),
                          *(("hf",) if self.heads_first else ()), self.arch.replace("_", ""))
 
@@ -356,7 +360,7 @@ def _render(plan: TCAttentionPlan) -> str:
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
-        FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt,
+        FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt, FP8_KWORDS=plan.fp8_kwords,
         FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first,
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
@@ -406,6 +410,12 @@ def fp8_kcvt_default() -> bool:
     return env_switch("LAYERFORGE_FP8_KV_KCVT", False)
 
 
+def fp8_kwords_default() -> bool:
+    """Whether fp8_kcvt plans take TCAttentionPlan.fp8_kwords (K's fragments as 32-bit words): off until measured
+    on a GPU (benchmarks/NOTES.md); LAYERFORGE_FP8_KV_KWORDS=1 turns it on."""
+    return env_switch("LAYERFORGE_FP8_KV_KWORDS", False)
+
+
 def heads_first_default() -> bool:
     """Whether decode plans take TCAttentionPlan.heads_first (LAYERFORGE_DECODE_HEADS_FIRST=0 / 1)."""
     return env_switch("LAYERFORGE_DECODE_HEADS_FIRST", True)
@@ -415,7 +425,8 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                       tiles: TileConfig | None = None, compile_fn: CompileFn | None = None,
                       kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False,
                       heads_first: bool = False, fp8_raw: bool | None = None,
-                      fp8_vcvt: bool | None = None, fp8_kcvt: bool | None = None) -> TCAttentionPlan:
+                      fp8_vcvt: bool | None = None, fp8_kcvt: bool | None = None,
+                      fp8_kwords: bool | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
@@ -429,6 +440,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     fp8_vcvt = fp8_raw and fp8_cvt_applies(arch, kv_dtype) and (fp8_vcvt_default() if fp8_vcvt is None else fp8_vcvt)
     fp8_kcvt = (fp8_raw and not fp8_vcvt and fp8_cvt_applies(arch, kv_dtype)
                 and (fp8_kcvt_default() if fp8_kcvt is None else fp8_kcvt))
+    fp8_kwords = fp8_kcvt and (fp8_kwords_default() if fp8_kwords is None else fp8_kwords)
     fold = fold and folds(hook_context(layer))   # (only where it applies: one key for the plain kernel)
     check_attention_layer(layer, page_size)
     check_kv_dtype(layer, kv_dtype)
@@ -439,7 +451,8 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     if tiles is not None:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fold=fold,
+                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
+                               fp8_kwords=fp8_kwords, fold=fold,
                                heads_first=heads_first)
         plan.source()
         return plan
@@ -448,7 +461,8 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                                  int(spec.v_head_dim), kv_dtype)
     for c in candidates:
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fold=fold,
+                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
+                               fp8_kwords=fp8_kwords, fold=fold,
                                heads_first=heads_first)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):

@@ -270,3 +270,32 @@ def test_fp8_k_by_hardware_conversion_compiles_without_spills(prog, dtype, d, mo
     with pytest.raises(ValueError, match="fp8_kcvt"):
         TCAttentionPlan(layer=layer, arch="sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_vcvt=True,
                         fp8_kcvt=True)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_fp8_k_words_compile_without_spills(prog, dtype, d, mode):
+    """TCAttentionPlan.fp8_kwords (with fp8_kcvt): one 32-bit word of K a key and 16 channels, both halves widened
+    by the cvt; q's channel pairs permuted in shared memory once a CTA; its own key; it needs fp8_kcvt."""
+    layer = specialise(prog, "llama_attn", d, dtype)
+    plan = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kcvt=True, fp8_kwords=True)
+    assert plan.fp8_kwords and plan.key.endswith("_raw_kcvt_kw_sm90")
+    compile_clean(plan, "sm_90")
+    src = plan.source()
+    assert "lf_e4m3x4_cvt(w0, b[0], b[1]);" in src and "*c0 = make_uint4(a.x, a.z, b.x, b.z);" in src
+    assert not plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kwords=True).fp8_kwords
+    with pytest.raises(ValueError, match="fp8_kwords"):
+        TCAttentionPlan(layer=layer, arch="sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kwords=True)
+
+
+def test_k_words_permutation_matches_the_mma_k_slots():
+    """The channel permutation q takes in shared memory (pairs 0, 2, 4, 6 then 1, 3, 5, 7 of a 16-channel block)
+    puts in the mma's k slots (2 tig, 2 tig + 1 | 2 tig + 8, 2 tig + 9) of lane tig exactly the channels of K's
+    word 4 tig .. 4 tig + 3 (b[0]: its low half, b[1]: its high half)."""
+    pairs = [0, 2, 4, 6, 1, 3, 5, 7]          # position pair j <- channel pair pairs[j]
+    q_at = [2 * pairs[p // 2] + p % 2 for p in range(16)]   # the channel at each k position
+    for tig in range(4):
+        assert [q_at[2 * tig], q_at[2 * tig + 1]] == [4 * tig, 4 * tig + 1]          # b[0]
+        assert [q_at[2 * tig + 8], q_at[2 * tig + 9]] == [4 * tig + 2, 4 * tig + 3]  # b[1]
+    assert sorted(q_at) == list(range(16))

@@ -326,17 +326,21 @@ def test_raw_widening_switch(prog, monkeypatch, raw_form, dtype, q_mult, raw):
 @pytest.mark.parametrize("q_mult", [1e-3, 1.0, 40.0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vcvt_form", ["tc", "tc-ragged"])
-@pytest.mark.parametrize("which", ["V", "K"])
+@pytest.mark.parametrize("which", ["V", "K", "KW"])
 def test_one_operand_by_hardware_conversion_switch(prog, monkeypatch, which, vcvt_form, dtype, q_mult):
     """LAYERFORGE_FP8_KV_VCVT=1 (TCAttentionPlan.fp8_vcvt: K widened by integer ops as fp8_raw has it, V by
     cvt.rn.f16x2.e4m3x2 and P V in f16, P unscaled) and LAYERFORGE_FP8_KV_KCVT=1 (fp8_kcvt: K by the cvt and
     Q K^T in f16, bf16 q as f16 times 2^-qe; V by integer ops): flat and sharp softmax (the sharp case without
     RoPE, as in test_raw_widening_switch), decode, chunked prefill, split-KV, subnormal codes and gpt-oss
-    sinks, against the float64 reference over the dequantised cache."""
-    monkeypatch.setenv(f"LAYERFORGE_FP8_KV_{which}CVT", "1")
+    sinks, against the float64 reference over the dequantised cache. "KW": fp8_kcvt with fp8_kwords (K's
+    fragments as words, q's channel pairs permuted in shared memory)."""
+    monkeypatch.setenv(f"LAYERFORGE_FP8_KV_{which[0]}CVT", "1")
+    if which == "KW":
+        monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1")
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
-    assert f"_raw_{which.lower()}cvt_" in plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
+    key = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
+    assert f"_raw_{which[0].lower()}cvt_" in key and ("_kw_" in key) == (which == "KW")
     new = [1, 1, 1, 1] if vcvt_form == "tc" else [5, 3, 150, 17]
     name = "llama_attn" if q_mult <= 1.0 else "gpt2_attn"
     run_case(prog, vcvt_form, name, 32, 8, 128, 16, lens=[5, 33, 200, 1000], new=new, dtype=dtype, q_mult=q_mult)
