@@ -188,10 +188,14 @@ class TCAttentionPlan(AttentionPlan):
     fold: bool = False                # no score hook, a positive constant scale: 2^(s scale2 - m) as one FFMA a score
     heads_first: bool = False         # decode: grid x walks (chunk, split, KV head), the KV head fastest (see
     #                                   heads_first_default)
+    top_rows: bool = False            # decode: a CTA whose rows fit the m16 tile's first 8 (one token of <= 8 heads
+    #                                   a KV head) skips rows 8-15's softmax, their P zeros (see top_rows_default)
 
     def __post_init__(self):
         if self.heads_first and self.mode != "decode":
             raise ValueError("heads_first is a decode grid (prefill CTAs of one KV head share its K/V tiles in L2)")
+        if self.top_rows and self.mode != "decode":
+            raise ValueError("top_rows skips the second half of a decode tile's one m16 row tile")
         if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
             raise ValueError(f"fp8_cvt needs an fp8 cache on sm_89 or newer (kv_dtype {self.kv_dtype}, {self.arch})")
         if self.fp8_raw and (self.kv_dtype is None or self.fp8_cvt):
@@ -212,7 +216,8 @@ class TCAttentionPlan(AttentionPlan):
                          *(("raw",) if self.fp8_raw else ()), *(("vcvt",) if self.fp8_vcvt else ()),
                          *(("kcvt",) if self.fp8_kcvt else ()), *(("kw",) if self.fp8_kwords else ()),
                          *(("f",) if self.fold else ()),
-                         *(("hf",) if self.heads_first else ()), self.arch.replace("_", ""))
+                         *(("hf",) if self.heads_first else ()), *(("t8",) if self.top_rows else ()),
+                         self.arch.replace("_", ""))
 
     @property
     def config(self) -> TileConfig:
@@ -361,7 +366,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
         FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt, FP8_KWORDS=plan.fp8_kwords,
-        FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first,
+        FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, TOP_ROWS=plan.top_rows and c.wm == 1 and c.mt == 1,
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
@@ -416,6 +421,12 @@ def fp8_kwords_default() -> bool:
     return env_switch("LAYERFORGE_FP8_KV_KWORDS", False)
 
 
+def top_rows_default() -> bool:
+    """Whether decode plans take TCAttentionPlan.top_rows (rows 8-15 of the row tile skipped where no query row
+    lies there): off until measured on a GPU (benchmarks/NOTES.md); LAYERFORGE_DECODE_TOP_ROWS=1 turns it on."""
+    return env_switch("LAYERFORGE_DECODE_TOP_ROWS", False)
+
+
 def heads_first_default() -> bool:
     """Whether decode plans take TCAttentionPlan.heads_first (LAYERFORGE_DECODE_HEADS_FIRST=0 / 1)."""
     return env_switch("LAYERFORGE_DECODE_HEADS_FIRST", True)
@@ -426,7 +437,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                       kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False,
                       heads_first: bool = False, fp8_raw: bool | None = None,
                       fp8_vcvt: bool | None = None, fp8_kcvt: bool | None = None,
-                      fp8_kwords: bool | None = None) -> TCAttentionPlan:
+                      fp8_kwords: bool | None = None, top_rows: bool | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
@@ -435,6 +446,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     (None: their defaults): K and V widened by integer ops, or V or K by the hardware's cvt (sm_89+); heads_first: the
     decode grid's order (TCAttentionPlan.heads_first; ignored for prefill)."""
     heads_first = heads_first and mode == "decode"
+    top_rows = mode == "decode" and (top_rows_default() if top_rows is None else top_rows)
     fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
     fp8_raw = kv_dtype is not None and not fp8_cvt and (fp8_raw_default() if fp8_raw is None else fp8_raw)
     fp8_vcvt = fp8_raw and fp8_cvt_applies(arch, kv_dtype) and (fp8_vcvt_default() if fp8_vcvt is None else fp8_vcvt)
@@ -453,7 +465,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
                                fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
                                fp8_kwords=fp8_kwords, fold=fold,
-                               heads_first=heads_first)
+                               heads_first=heads_first, top_rows=top_rows)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
@@ -463,7 +475,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
                                fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
                                fp8_kwords=fp8_kwords, fold=fold,
-                               heads_first=heads_first)
+                               heads_first=heads_first, top_rows=top_rows)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan

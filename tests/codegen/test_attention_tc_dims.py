@@ -234,6 +234,28 @@ def test_decode_grid_walks_the_kv_heads_first(monkeypatch, compile_fn):
     assert PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").heads_first
 
 
+def test_decode_top_rows_skips_the_tiles_second_half(monkeypatch, compile_fn):
+    """TCAttentionPlan.top_rows (LAYERFORGE_DECODE_TOP_ROWS=1): the decode kernel skips rows 8-15's softmax where
+    the CTA's rows fit the first 8 (a uniform branch; their P zeros), with its own key, spill-free, bf16 and an
+    e4m3 cache; prefill plans never take it."""
+    layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    for kv in (None, "fp8_e4m3"):
+        plan = plan_tc_attention(layer, "sm_90", mode="decode", heads_first=True, top_rows=True, kv_dtype=kv)
+        assert plan.top_rows and plan.key.endswith("_hf_t8_sm90")
+        src = plan.source()
+        assert "if (half == 1 && rows <= 8) {" in src and "pa[mt][nt >> 1][(nt & 1) * 2 + 1] = 0u;" in src
+        assert_spill_free(plan, compile_fn, "sm_90")
+        off = plan_tc_attention(layer, "sm_90", mode="decode", heads_first=True, top_rows=False, kv_dtype=kv)
+        assert "rows <= 8" not in off.source() and off.key == plan.key.replace("_t8", "")
+    assert not plan_tc_attention(layer, "sm_90", mode="prefill", top_rows=True).top_rows
+    with pytest.raises(ValueError, match="top_rows"):
+        type(plan)(layer=layer, arch="sm_90", mode="prefill", top_rows=True)
+    monkeypatch.setenv("LAYERFORGE_DECODE_TOP_ROWS", "1")
+    assert PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").top_rows
+    monkeypatch.setenv("LAYERFORGE_DECODE_TOP_ROWS", "0")
+    assert not PagedAttention(layer, page_size=16, arch="sm_90").tc_plan("decode").top_rows
+
+
 def test_attention_rope_table_lives_in_global_memory():
     """Every attention template reads the RoPE frequency table with a different pair a lane: from
     constant memory those reads serialise (32 addresses a warp), which ncu found on the decode CTA's
