@@ -26,6 +26,13 @@
 #              the mma.sync default (bench_masks --only document --wgmma)
 #   pairs      the same for two row blocks a wgmma prefill CTA (LAYERFORGE_WGMMA_PAIRS), with q's rotation with its
 #              reads batched (LAYERFORGE_WGMMA_ROPE_BATCH: its tests, then the GQA / D64 prefill rows off against on)
+#   fp8kv      the e4m3 decode's widenings: the pipe rates (probe_fp8_widen), then bench_decode_tiles --kv fp8
+#              (the default shape) with the integer widening (the default), V by the hardware's cvt
+#              (LAYERFORGE_FP8_KV_VCVT), K by it (LAYERFORGE_FP8_KV_KCVT) and K as words (+ LAYERFORGE_FP8_KV_KWORDS),
+#              the last also over every e4m3 shape; then the GPU tests of the fp8 cache (cut at 240 s)
+#   toprows    decode's rows 8-15 skipped where no query row lies there (LAYERFORGE_DECODE_TOP_ROWS, off until
+#              this runs): bench_decode_tiles (bf16, default shape) and --kv fp8 off against on, then the decode
+#              GPU tests of test_paged_attention with it on (cut at 200 s)
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -177,6 +184,35 @@ fold)
     grep -E "FAILED|ERROR" "$OUT_DIR/pytest_fold.log" | sort | uniq | head -40
     tail -1 "$OUT_DIR/pytest_fold.log"
     ;;
+fp8kv)
+    echo "== e4m3 widening: pipe rates, then the decode with each widening (default shape), same card"
+    "$PY" -m benchmarks.probe_fp8_widen 2>&1 | tee "$OUT_DIR/fp8_widen.txt"
+    CASES=64x4096,1x4096,8x4096,1x32768,16x1024,64x512
+    for sw in NONE LAYERFORGE_FP8_KV_VCVT LAYERFORGE_FP8_KV_KCVT "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS"; do
+        env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -7 \
+            | tee -a "$OUT_DIR/fp8_widenings.txt"
+    done
+    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 \
+        --cases 64x4096,16x1024,64x512 2>&1 | tail -4 | tee "$OUT_DIR/fp8_kwords_shapes.txt"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
+        tests/models/test_kv_fp8_model.py 2>&1 | tee "$OUT_DIR/pytest_fp8kv.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+toprows)
+    echo "== decode's rows 8-15 skipped (LAYERFORGE_DECODE_TOP_ROWS) off against on, same card"
+    for on in 0 1; do
+        LAYERFORGE_DECODE_TOP_ROWS=$on "$PY" -m benchmarks.bench_decode_tiles --default-only 2>&1 | tail -7 \
+            | tee -a "$OUT_DIR/toprows.txt"
+        LAYERFORGE_DECODE_TOP_ROWS=$on "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only \
+            --cases 64x4096,16x1024,64x512 2>&1 | tail -4 | tee -a "$OUT_DIR/toprows.txt"
+    done
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_paged_attention.py -k "decode or gqa or sinks or identity or padding or t5 or f16" 2>&1 \
+        | tee "$OUT_DIR/pytest_toprows.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
 ssd)
     echo "== SSD chunk scan reading the scores' table (LAYERFORGE_SSD_CB): GPU test, then prefill off / on"
     "$PY" -m pytest -v -rfE -m gpu -p no:cacheprovider tests/gpu/test_ssd_gpu.py -k score_table \
@@ -189,7 +225,7 @@ ssd)
         | tee "$OUT_DIR/ssd_cb.txt" | tail -3
     ;;
 *)
-    echo "unknown part '$part' (defaults, tests, attention, products, fold, ssd)" >&2
+    echo "unknown part '$part' (see the list at the top)" >&2
     exit 2
     ;;
 esac
