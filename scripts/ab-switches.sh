@@ -29,10 +29,10 @@
 #   fp8kv      the e4m3 decode's widenings: the pipe rates (probe_fp8_widen), then bench_decode_tiles --kv fp8
 #              (the default shape) with the integer widening (the default), V by the hardware's cvt
 #              (LAYERFORGE_FP8_KV_VCVT), K by it (LAYERFORGE_FP8_KV_KCVT) and K as words (+ LAYERFORGE_FP8_KV_KWORDS),
-#              the last also over every e4m3 shape; then the GPU tests of the fp8 cache (cut at 240 s)
+#              the last also over every e4m3 shape; then the GPU tests of the fp8 cache (cut at 200 s)
 #   toprows    decode's rows 8-15 skipped where no query row lies there (LAYERFORGE_DECODE_TOP_ROWS, off until
 #              this runs): bench_decode_tiles (bf16, default shape) and --kv fp8 off against on, then the decode
-#              GPU tests of test_paged_attention with it on (cut at 200 s)
+#              GPU tests of test_paged_attention with it on (cut at 150 s)
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -195,7 +195,7 @@ fp8kv)
     LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 \
         --cases 64x4096,16x1024,64x512 2>&1 | tail -4 | tee "$OUT_DIR/fp8_kwords_shapes.txt"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
         tests/models/test_kv_fp8_model.py 2>&1 | tee "$OUT_DIR/pytest_fp8kv.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
@@ -208,7 +208,7 @@ toprows)
             --cases 64x4096,16x1024,64x512 2>&1 | tail -4 | tee -a "$OUT_DIR/toprows.txt"
     done
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+    LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
         tests/gpu/test_paged_attention.py -k "decode or gqa or sinks or identity or padding or t5 or f16" 2>&1 \
         | tee "$OUT_DIR/pytest_toprows.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
