@@ -33,6 +33,9 @@
 #   toprows    decode's rows 8-15 skipped where no query row lies there (LAYERFORGE_DECODE_TOP_ROWS, off until
 #              this runs): bench_decode_tiles (bf16, default shape) and --kv fp8 off against on, then the decode
 #              GPU tests of test_paged_attention with it on (cut at 150 s)
+#   decode     both of the above in one call: the pipe rates, the e4m3 decode (default shape) with each widening and
+#              with K as words + TOP_ROWS, the bf16 decode with TOP_ROWS off and on; then the GPU tests of the fp8
+#              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 280 s)
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -211,6 +214,26 @@ toprows)
     LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
         tests/gpu/test_paged_attention.py -k "decode or gqa or sinks or identity or padding or t5 or f16" 2>&1 \
         | tee "$OUT_DIR/pytest_toprows.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+decode)
+    echo "== the decode switches in one call: e4m3 widenings, K as words, TOP_ROWS (bf16 and e4m3), same card"
+    "$PY" -m benchmarks.probe_fp8_widen 2>&1 | tee "$OUT_DIR/fp8_widen.txt"
+    CASES=64x4096,1x4096,8x4096,1x32768,16x1024,64x512
+    for sw in NONE LAYERFORGE_FP8_KV_VCVT LAYERFORGE_FP8_KV_KCVT "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS" \
+              "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS" LAYERFORGE_DECODE_TOP_ROWS; do
+        env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -7 \
+            | tee -a "$OUT_DIR/decode_fp8.txt"
+    done
+    for on in 0 1; do
+        LAYERFORGE_DECODE_TOP_ROWS=$on "$PY" -m benchmarks.bench_decode_tiles --default-only 2>&1 | tail -7 \
+            | tee -a "$OUT_DIR/decode_bf16.txt"
+    done
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 280 "$PY" -m pytest \
+        -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py tests/models/test_kv_fp8_model.py \
+        tests/gpu/test_paged_attention.py -k "fp8 or decode or gqa or sinks or identity or padding or t5 or f16 or subnormal or variants or split or conversion or widening" \
+        2>&1 | tee "$OUT_DIR/pytest_decode.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 ssd)
