@@ -219,21 +219,29 @@ toprows)
 decode)
     echo "== the decode switches in one call: e4m3 widenings, K as words, TOP_ROWS (bf16 and e4m3), same card"
     "$PY" -m benchmarks.probe_fp8_widen 2>&1 | tee "$OUT_DIR/fp8_widen.txt"
-    CASES=64x4096,1x4096,8x4096,1x32768,16x1024,64x512
+    CASES=64x4096,1x32768,16x1024,64x512
     for sw in NONE LAYERFORGE_FP8_KV_VCVT LAYERFORGE_FP8_KV_KCVT "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS" \
               "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS" LAYERFORGE_DECODE_TOP_ROWS; do
-        env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -7 \
+        echo "-- $sw"
+        env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -5 \
             | tee -a "$OUT_DIR/decode_fp8.txt"
     done
     for on in 0 1; do
-        LAYERFORGE_DECODE_TOP_ROWS=$on "$PY" -m benchmarks.bench_decode_tiles --default-only 2>&1 | tail -7 \
-            | tee -a "$OUT_DIR/decode_bf16.txt"
+        echo "-- LAYERFORGE_DECODE_TOP_ROWS=$on (bf16)"
+        LAYERFORGE_DECODE_TOP_ROWS=$on "$PY" -m benchmarks.bench_decode_tiles --default-only --cases $CASES 2>&1 \
+            | tail -5 | tee -a "$OUT_DIR/decode_bf16.txt"
     done
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 280 "$PY" -m pytest \
+    echo "-- GPU tests, KCVT + KWORDS + TOP_ROWS on"
+    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 200 "$PY" -m pytest \
         -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py tests/models/test_kv_fp8_model.py \
-        tests/gpu/test_paged_attention.py -k "fp8 or decode or gqa or sinks or identity or padding or t5 or f16 or subnormal or variants or split or conversion or widening" \
-        2>&1 | tee "$OUT_DIR/pytest_decode.log" | tail -5
+        tests/gpu/test_paged_attention.py -k "fp8 or decode or gqa or sinks or identity or padding or t5 or f16 or variants or split" \
+        --junitxml="$OUT_DIR/pytest_decode_on.xml" 2>&1 | tee "$OUT_DIR/pytest_decode.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    echo "-- GPU tests of the default e4m3 decode (n32 tiles, integer widening)"
+    timeout -s KILL 80 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
+        -k "decode_over or split_kv or subnormal or sinks" --junitxml="$OUT_DIR/pytest_decode_default.xml" 2>&1 \
+        | tee "$OUT_DIR/pytest_decode_default.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 ssd)
