@@ -79,15 +79,11 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("probe_fp8_widen: no CUDA GPU on this machine", file=sys.stderr)
+    from .probe_kernel import best_us, load
+    k = load(SOURCE, "fp8_widen_probe", ["ptr", "i32", "i32"], "probe_fp8_widen")
+    if k is None:
         return 1
-    from layerforge.runtime import nvrtc
-    from layerforge.runtime.driver import LoadedKernel
-    from layerforge.runtime.launch import device_arch
-    res = nvrtc.compile_cuda(SOURCE, "fp8_widen_probe.cu", nvrtc.CompileOptions(device_arch()))
-    k = LoadedKernel.load(res.cubin, "fp8_widen_probe", ["ptr", "i32", "i32"])
+    import torch
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ctas, threads = sms * 8, 256
     out = torch.empty(ctas * threads, dtype=torch.int32, device="cuda")
@@ -96,16 +92,7 @@ def main(argv=None) -> int:
           f"threads x 8 chains x {a.iters} steps")
     print(f"{'kind':>5} {'us':>9} {'pairs/ns':>9} {'pairs/clk/SM':>13}")
     for kind, name in enumerate(KINDS):
-        run = lambda: k.launch(ctas, threads, [out, a.iters, kind])
-        run()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        best = float("inf")
-        for _ in range(a.reps):
-            ev[0].record()
-            run()
-            ev[1].record()
-            torch.cuda.synchronize()
-            best = min(best, ev[0].elapsed_time(ev[1]) * 1e3)
+        best = best_us(lambda: k.launch(ctas, threads, [out, a.iters, kind]), a.reps, warmup=1)
         pairs = ctas * threads * 8 * a.iters
         per_ns = pairs / (best * 1e3)
         per_clk = per_ns * 1e3 / mhz / sms if mhz else float("nan")

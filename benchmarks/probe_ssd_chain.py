@@ -61,15 +61,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=lambda s: [int(x) for x in s.split(",")], default=[0, 256, 1024, 4096])
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
-        print("probe_ssd_chain: no CUDA GPU on this machine", file=sys.stderr)
+    from .probe_kernel import best_us, load
+    k = load(SOURCE, "ssd_chain_probe", ["ptr", "ptr", "ptr", "ptr", "i32", "i32", "i32", "i32"], "probe_ssd_chain")
+    if k is None:
         return 1
-    from layerforge.runtime import nvrtc
-    from layerforge.runtime.driver import LoadedKernel
-    from layerforge.runtime.launch import device_arch
-    res = nvrtc.compile_cuda(SOURCE, "ssd_chain_probe.cu", nvrtc.CompileOptions(device_arch()))
-    k = LoadedKernel.load(res.cubin, "ssd_chain_probe", ["ptr", "ptr", "ptr", "ptr", "i32", "i32", "i32", "i32"])
+    import torch
     ctas = a.heads * a.chunks
     ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
     flags = torch.zeros(ctas, dtype=torch.int32, device="cuda")
@@ -82,17 +78,7 @@ def main(argv=None) -> int:
         k.launch(ctas, 256, [ticket, flags, states, starts, a.heads, a.state, work, chain])
 
     def timed(work, chain):
-        for _ in range(3):
-            run(work, chain)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        best = float("inf")
-        for _ in range(a.reps):
-            ev[0].record()
-            run(work, chain)
-            ev[1].record()
-            torch.cuda.synchronize()
-            best = min(best, ev[0].elapsed_time(ev[1]) * 1e3)
-        return best
+        return best_us(lambda: run(work, chain), a.reps)
 
     print(f"device: {torch.cuda.get_device_name()}; {a.chunks} chunks x {a.heads} heads, {a.state * 4 // 1024} KB of "
           f"f32 state a head; us, best of {a.reps} (two memsets included in both)")

@@ -63,6 +63,21 @@ def test_ssd_chain_probe_compiles_and_needs_a_gpu(capsys):
         assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_fp8_widen_probe_compiles_and_needs_a_gpu(capsys):
+    """The e4m3 widening probe's kernel compiles for sm_90 without spills, its cvt kind is the hardware's F2FP and
+    its raw kind the integer placement, and the script says plainly that it needs a GPU here."""
+    import torch
+
+    from benchmarks.probe_fp8_widen import SOURCE, main
+    from layerforge.runtime import nvrtc
+    res = nvrtc.compile_cuda(SOURCE, "fp8_widen_probe.cu", nvrtc.CompileOptions("sm_90"), want_ptx=True)
+    assert "cvt.rn.f16x2.e4m3x2" in res.ptx and "prmt.b32" in res.ptx
+    assert res.resources["fp8_widen_probe"].spill_stores == 0
+    if not torch.cuda.is_available():
+        assert main(["--iters", "1"]) == 1
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
 def test_ab_switch_must_be_read_by_a_plan():
     """bench_attention's / probe_short_prefill's A / B of a switch (env_switch_set): a name that no plan made inside
     the block reads is an error naming it (before, a misspelt name measured the same kernel twice); a switch that a
