@@ -35,7 +35,8 @@
 #              GPU tests of test_paged_attention with it on (cut at 150 s)
 #   decode     both of the above in one call: the pipe rates, the e4m3 decode (default shape) with each widening and
 #              with K as words + TOP_ROWS, the bf16 decode with TOP_ROWS off and on; then the GPU tests of the fp8
-#              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 280 s)
+#              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 150 s), and
+#              the default e4m3 decode's (cut at 60 s)
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -233,13 +234,13 @@ decode)
     done
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     echo "-- GPU tests, KCVT + KWORDS + TOP_ROWS on"
-    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 200 "$PY" -m pytest \
+    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 150 "$PY" -m pytest \
         -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py tests/models/test_kv_fp8_model.py \
         tests/gpu/test_paged_attention.py -k "fp8 or decode or gqa or sinks or identity or padding or t5 or f16 or variants or split" \
         --junitxml="$OUT_DIR/pytest_decode_on.xml" 2>&1 | tee "$OUT_DIR/pytest_decode.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     echo "-- GPU tests of the default e4m3 decode (n32 tiles, integer widening)"
-    timeout -s KILL 80 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
+    timeout -s KILL 60 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
         -k "decode_over or split_kv or subnormal or sinks" --junitxml="$OUT_DIR/pytest_decode_default.xml" 2>&1 \
         | tee "$OUT_DIR/pytest_decode_default.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
