@@ -125,7 +125,7 @@ def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None
         return [TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=1, qreg=q) for q in (True, False)]
     n16 = [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
     if kv_dtype and head_dim == 128 and mt == 1 and fp8_wide_default():
-        # e4m3 at D 128: 32 keys a warp (128-key tiles, 100 KB, 2 CTAs an SM) amortise a tile's fixed work over
+        # (LAYERFORGE_FP8_DECODE_WIDE=1) e4m3 at D 128: 32 keys a warp (128-key tiles, 100 KB, 2 CTAs an SM) amortise a tile's fixed work over
         # twice the keys. H200, GQA 32/8 (bench_decode_tiles --kv fp8, graph us, n16 -> n32): 64 x 4096 178.2 ->
         # 167.7, 16 x 1024 24.4 -> 22.9, 64 x 512 38.3 -> 37.7, 8 x 4096 and 1 x 32768 within 0.3 %.
         return [TileConfig(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=2, qreg=True)] + n16
@@ -379,8 +379,10 @@ def _render(plan: TCAttentionPlan) -> str:
 
 
 def fp8_wide_default() -> bool:
-    """Whether e4m3 decode plans at D128 try 128-key tiles first (tile_candidates; LAYERFORGE_FP8_DECODE_WIDE=0 / 1)."""
-    return env_switch("LAYERFORGE_FP8_DECODE_WIDE", True)
+    """Whether e4m3 decode plans at D128 try 128-key tiles first (tile_candidates): measured faster on an H200
+    (64 x 4096 178.2 -> 167.7 us, benchmarks/NOTES.md), but off until the GPU tests of the e4m3 cache have run with
+    them; LAYERFORGE_FP8_DECODE_WIDE=1 turns it on."""
+    return env_switch("LAYERFORGE_FP8_DECODE_WIDE", False)
 
 
 def fp8_cvt_applies(arch: str, kv_dtype: str | None) -> bool:
