@@ -33,7 +33,8 @@
 #   toprows    decode's rows 8-15 skipped where no query row lies there (LAYERFORGE_DECODE_TOP_ROWS, off until
 #              this runs): bench_decode_tiles (bf16, default shape) and --kv fp8 off against on, then the decode
 #              GPU tests of test_paged_attention with it on (cut at 150 s)
-#   decode     both of the above in one call: the pipe rates, the e4m3 decode (default shape) with each widening and
+#   decode     both of the above in one call, the e4m3 decode on 128-key tiles (LAYERFORGE_FP8_DECODE_WIDE=1, off
+#              until this runs): the pipe rates, the e4m3 decode (default shape) with each widening and
 #              with K as words + TOP_ROWS, the bf16 decode with TOP_ROWS off and on; then the GPU tests of the fp8
 #              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 150 s), and
 #              the default e4m3 decode's (cut at 60 s)
@@ -224,7 +225,7 @@ decode)
     for sw in NONE LAYERFORGE_FP8_KV_VCVT LAYERFORGE_FP8_KV_KCVT "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS" \
               "LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS" LAYERFORGE_DECODE_TOP_ROWS; do
         echo "-- $sw"
-        env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -5 \
+        LAYERFORGE_FP8_DECODE_WIDE=1 env $sw=1 "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -5 \
             | tee -a "$OUT_DIR/decode_fp8.txt"
     done
     for on in 0 1; do
@@ -234,13 +235,14 @@ decode)
     done
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     echo "-- GPU tests, KCVT + KWORDS + TOP_ROWS on"
-    LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 timeout -s KILL 150 "$PY" -m pytest \
+    LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1 \
+        timeout -s KILL 150 "$PY" -m pytest \
         -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py tests/models/test_kv_fp8_model.py \
         tests/gpu/test_paged_attention.py -k "fp8 or decode or gqa or sinks or identity or padding or t5 or f16 or variants or split" \
         --junitxml="$OUT_DIR/pytest_decode_on.xml" 2>&1 | tee "$OUT_DIR/pytest_decode.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    echo "-- GPU tests of the default e4m3 decode (n32 tiles, integer widening)"
-    timeout -s KILL 60 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
+    echo "-- GPU tests of the e4m3 decode's 128-key tiles with the integer widening (LAYERFORGE_FP8_DECODE_WIDE=1)"
+    LAYERFORGE_FP8_DECODE_WIDE=1 timeout -s KILL 60 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py \
         -k "decode_over or split_kv or subnormal or sinks" --junitxml="$OUT_DIR/pytest_decode_default.xml" 2>&1 \
         | tee "$OUT_DIR/pytest_decode_default.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
