@@ -125,8 +125,8 @@ def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None
         return [TileConfig(wm=1, wn=4, mt=1, bnw=16, stages=2, min_blocks=1, qreg=q) for q in (True, False)]
     n16 = [TileConfig(wm=1, wn=4, mt=mt, bnw=16, stages=3, min_blocks=2, qreg=q) for q in (True, False)]
     if kv_dtype and head_dim == 128 and mt == 1 and fp8_wide_default():
-        # (LAYERFORGE_FP8_DECODE_WIDE=1) e4m3 at D 128: 32 keys a warp (128-key tiles, 100 KB, 2 CTAs an SM) amortise a tile's fixed work over
-        # twice the keys. H200, GQA 32/8 (bench_decode_tiles --kv fp8, graph us, n16 -> n32): 64 x 4096 178.2 ->
+        # (LAYERFORGE_FP8_DECODE_WIDE=1) e4m3 at D 128: 32 keys a warp (128-key tiles, 100 KB, 2 CTAs an SM)
+        # amortise a tile's fixed work over twice the keys. H200, GQA 32/8 (bench_decode_tiles --kv fp8, graph us, n16 -> n32): 64 x 4096 178.2 ->
         # 167.7, 16 x 1024 24.4 -> 22.9, 64 x 512 38.3 -> 37.7, 8 x 4096 and 1 x 32768 within 0.3 %.
         return [TileConfig(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=2, qreg=True)] + n16
     return n16
@@ -216,8 +216,13 @@ class TCAttentionPlan(AttentionPlan):
                          *(("raw",) if self.fp8_raw else ()), *(("vcvt",) if self.fp8_vcvt else ()),
                          *(("kcvt",) if self.fp8_kcvt else ()), *(("kw",) if self.fp8_kwords else ()),
                          *(("f",) if self.fold else ()),
-                         *(("hf",) if self.heads_first else ()), *(("t8",) if self.top_rows else ()),
+                         *(("hf",) if self.heads_first else ()), *(("t8",) if self.skips_top_rows else ()),
                          self.arch.replace("_", ""))
+
+    @property
+    def skips_top_rows(self) -> bool:
+        """top_rows where the tile has it: one m16 row tile (WM = MT = 1; groups past 16 take two)."""
+        return self.top_rows and self.config.wm == 1 and self.config.mt == 1
 
     @property
     def config(self) -> TileConfig:
@@ -366,7 +371,7 @@ def _render(plan: TCAttentionPlan) -> str:
         common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[dtype],
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
         FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt, FP8_KWORDS=plan.fp8_kwords,
-        FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, TOP_ROWS=plan.top_rows and c.wm == 1 and c.mt == 1,
+        FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, TOP_ROWS=plan.skips_top_rows,
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
@@ -468,21 +473,18 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     major = int(arch.removeprefix("sm_").rstrip("af")) // 10
     if major < 8:
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
+    options = dict(layer=layer, arch=arch, page_size=page_size, mode=mode, kv_dtype=kv_dtype, fp8_cvt=fp8_cvt,
+                   fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fp8_kwords=fp8_kwords, fold=fold,
+                   heads_first=heads_first, top_rows=top_rows)
     if tiles is not None:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=tiles, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
-                               fp8_kwords=fp8_kwords, fold=fold,
-                               heads_first=heads_first, top_rows=top_rows)
+        plan = TCAttentionPlan(tiles=tiles, **options)
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
                                  int(spec.v_head_dim), kv_dtype)
     for c in candidates:
-        plan = TCAttentionPlan(layer=layer, arch=arch, page_size=page_size, mode=mode, tiles=c, kv_dtype=kv_dtype,
-                               fp8_cvt=fp8_cvt, fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt,
-                               fp8_kwords=fp8_kwords, fold=fold,
-                               heads_first=heads_first, top_rows=top_rows)
+        plan = TCAttentionPlan(tiles=c, **options)
         plan.source()
         if c is candidates[-1] or spill_free(plan, compile_fn):
             return plan
