@@ -190,6 +190,8 @@ class TCAttentionPlan(AttentionPlan):
     #                                   heads_first_default)
     top_rows: bool = False            # decode: a CTA whose rows fit the m16 tile's first 8 (one token of <= 8 heads
     #                                   a KV head) skips rows 8-15's softmax, their P zeros (see top_rows_default)
+    tma: bool = False                 # decode over an e4m3 cache (sm_90): whole K/V tiles as TMA boxes issued by one
+    #                                   thread, where the plan can take them (uses_tma; see decode_tma_default)
 
     def __post_init__(self):
         if self.heads_first and self.mode != "decode":
@@ -217,7 +219,25 @@ class TCAttentionPlan(AttentionPlan):
                          *(("kcvt",) if self.fp8_kcvt else ()), *(("kw",) if self.fp8_kwords else ()),
                          *(("f",) if self.fold else ()),
                          *(("hf",) if self.heads_first else ()), *(("t8",) if self.skips_top_rows else ()),
-                         self.arch.replace("_", ""))
+                         *(("tma",) if self.uses_tma else ()), self.arch.replace("_", ""))
+
+    @property
+    def uses_tma(self) -> bool:
+        """tma where the plan can take it: a decode over an e4m3 cache on sm_90+ at head dim 64 or 128 (a K/V row
+        one 128- or 64-byte swizzle row, the layout lf_st8 reads), tiles of whole pages or within one page (a tile's
+        rows are boxes of min(PAGE, BN) >= 8 keys), no tile skipped by a mask's classes."""
+        c = self.config
+        box = min(self.page_size, c.keys)
+        return (self.tma and self.mode == "decode" and self.kv_dtype is not None
+                and int(self.arch.removeprefix("sm_").rstrip("af")) >= 90
+                and int(self.spec.head_dim) in (64, 128) and int(self.spec.v_head_dim) == int(self.spec.head_dim)
+                and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0) and box >= 8
+                and not hook_context(self.layer).get("tile_lines"))
+
+    @property
+    def tma_box(self) -> tuple[int, int]:
+        """(keys, columns) of a TMA box of the caches (uses_tma): min(PAGE, BN) rows of one head's HD bytes."""
+        return min(self.page_size, self.config.keys), int(self.spec.head_dim)
 
     @property
     def skips_top_rows(self) -> bool:
@@ -268,6 +288,11 @@ class TCAttentionPlan(AttentionPlan):
                     ("sK8", c.stages * c.keys * hd), ("sV8", c.stages * c.keys * hd),
                     *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ()))
             merge = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows) if c.wn > 1 else 0
+            if self.uses_tma:   # stages 1024-byte aligned (the swizzle reads address bits 7-9); the stages'
+                # mbarriers past the merge's bytes (never written over while they are in use)
+                align = 1024
+                pad = max(0, merge - SharedLayout(bufs, align=align).bytes)
+                return SharedLayout(bufs + (("pad", pad), ("bars", 8 * c.stages)), align=align)
             return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs).bytes)),))
         return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
                              ("sV", 2 * c.stages * c.keys * hdvp), ("sPg", 4 * 2 * c.stages * self.page_entries),
@@ -275,11 +300,13 @@ class TCAttentionPlan(AttentionPlan):
 
     @property
     def shared_bytes(self) -> int:
-        return self.shared_layout.bytes
+        # (TMA: the kernel aligns its base up to 1024 bytes)
+        return self.shared_layout.bytes + (1024 if self.uses_tma else 0)
 
     def main_abi(self) -> KernelABI:
         return chunked_abi(self, self.config.rows, self.config.threads, self.shared_bytes,
-                           block_mask=self.block_mask, kv_dtype=self.kv_dtype, heads_first=self.heads_first)
+                           block_mask=self.block_mask, kv_dtype=self.kv_dtype, heads_first=self.heads_first,
+                           tma=self.uses_tma)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -372,6 +399,7 @@ def _render(plan: TCAttentionPlan) -> str:
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
         FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt, FP8_KWORDS=plan.fp8_kwords,
         FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, TOP_ROWS=plan.skips_top_rows,
+        TMA=plan.uses_tma, BOXR=plan.tma_box[0], wgmma_ops=(),
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
         HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size, NPG=plan.page_entries, WM=c.wm, WN=c.wn, MT=c.mt,
@@ -439,6 +467,13 @@ def top_rows_default() -> bool:
     return env_switch("LAYERFORGE_DECODE_TOP_ROWS", False)
 
 
+def decode_tma_default() -> bool:
+    """Whether decode plans over an e4m3 cache take TCAttentionPlan.tma (whole K/V tiles as TMA boxes from one thread,
+    where uses_tma says the plan can): off until measured on a GPU (benchmarks/NOTES.md, its prediction);
+    LAYERFORGE_DECODE_TMA=1 turns it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_DECODE_TMA", False)
+
+
 def heads_first_default() -> bool:
     """Whether decode plans take TCAttentionPlan.heads_first (LAYERFORGE_DECODE_HEADS_FIRST=0 / 1)."""
     return env_switch("LAYERFORGE_DECODE_HEADS_FIRST", True)
@@ -449,16 +484,19 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                       kv_dtype: str | None = None, fp8_cvt: bool = False, fold: bool = False,
                       heads_first: bool = False, fp8_raw: bool | None = None,
                       fp8_vcvt: bool | None = None, fp8_kcvt: bool | None = None,
-                      fp8_kwords: bool | None = None, top_rows: bool | None = None) -> TCAttentionPlan:
+                      fp8_kwords: bool | None = None, top_rows: bool | None = None,
+                      tma: bool | None = None) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
     "fp8_e4m3": over an e4m3 cache with per-head scales; fp8_cvt: with the hardware's e4m3
     conversion and f16 products where the arch has it (sm_89+; ignored elsewhere); fp8_raw / fp8_vcvt / fp8_kcvt
     (None: their defaults): K and V widened by integer ops, or V or K by the hardware's cvt (sm_89+); heads_first: the
-    decode grid's order (TCAttentionPlan.heads_first; ignored for prefill)."""
+    decode grid's order (TCAttentionPlan.heads_first; ignored for prefill); top_rows, tma (None: their defaults):
+    TCAttentionPlan's, decode only (tma over an e4m3 cache, where the plan can take it: uses_tma)."""
     heads_first = heads_first and mode == "decode"
     top_rows = mode == "decode" and (top_rows_default() if top_rows is None else top_rows)
+    tma = mode == "decode" and kv_dtype is not None and (decode_tma_default() if tma is None else tma)
     fp8_cvt = fp8_cvt and fp8_cvt_applies(arch, kv_dtype)
     fp8_raw = kv_dtype is not None and not fp8_cvt and (fp8_raw_default() if fp8_raw is None else fp8_raw)
     fp8_vcvt = fp8_raw and fp8_cvt_applies(arch, kv_dtype) and (fp8_vcvt_default() if fp8_vcvt is None else fp8_vcvt)
@@ -475,7 +513,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
         raise LoweringError(f"{layer.name}: tensor-core attention needs sm_80 or newer, not {arch}")
     options = dict(layer=layer, arch=arch, page_size=page_size, mode=mode, kv_dtype=kv_dtype, fp8_cvt=fp8_cvt,
                    fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fp8_kwords=fp8_kwords, fold=fold,
-                   heads_first=heads_first, top_rows=top_rows)
+                   heads_first=heads_first, top_rows=top_rows, tma=tma)
     if tiles is not None:
         plan = TCAttentionPlan(tiles=tiles, **options)
         plan.source()

@@ -580,15 +580,18 @@ class PagedAttention:
         return out
 
     def _tma_box(self, mode: str, keys: int) -> tuple[int, int]:
-        """The wgmma prefill's K / V map box (keys, columns): its plan's; a pack's kernel (no plan)
-        was built with the default tiles, so the native swizzle of the head dims."""
+        """The K / V map box (keys, columns) of a kernel that reads the caches by TMA: its plan's; a pack's kernel
+        (no plan) was built with the default tiles, so the native swizzle of the head dims (the wgmma prefill) or
+        one head's row of e4m3 bytes (the decode over an e4m3 cache: TCAttentionPlan.tma_box)."""
         if self.layer is not None:
             return self.tc_plan(mode).tma_box
+        if mode == "decode":
+            return min(self.page_size, keys), self.d
         from ..codegen.attention_wgmma import native_swizzle
         return min(self.page_size, keys), native_swizzle(self.d, self.dv) // 2
 
     def _tensor_maps(self, main, mode: str, keys: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict:
-        """The wgmma prefill's TMA maps of the caches ({} for a kernel that takes none), kept per module by the
+        """The TMA maps of the caches ({} for a kernel that takes none), kept per module by the
         caches' addresses and shapes (contiguous: checked before), as runtime/tma caches them by their
         parameters: the lookup is one tuple's hash, a few microseconds under the parameters' a call."""
         key = (mode, keys, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.dtype, *k_cache.shape, v_cache.shape[3])
@@ -596,11 +599,12 @@ class PagedAttention:
         if hit is None:
             if not any(a.ref == "k_map" for a in main.abi.args):
                 hit = {}
-            else:   # the wgmma prefill's TMA tiles: maps of the caches
+            else:   # the wgmma prefill's TMA tiles, or the e4m3 decode's: maps of the caches
                 from .tma import tensor_map
                 box = self._tma_box(mode, keys)
-                hit = dict(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box, 2 * box[1]),
-                           v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box, 2 * box[1]))
+                swizzle = box[1] * k_cache.element_size()   # a box row is one swizzle row
+                hit = dict(k_map=tensor_map(k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3]), box, swizzle),
+                           v_map=tensor_map(v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3]), box, swizzle))
             if len(self._maps) >= 64:   # caches come and go (a model's pools are few): start over past 64
                 self._maps.clear()
             self._maps[key] = hit

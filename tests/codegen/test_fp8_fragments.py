@@ -99,3 +99,26 @@ def test_v_pairs_by_ldmatrix_trans_and_the_store_permutation_give_p_v(hd):
                 O[g + 8 * half, 16 * c + 4 * tig: 16 * c + 4 * tig + 4] = [
                     o[2 * c, t, 2 * half], o[2 * c + 1, t, 2 * half], o[2 * c, t, 2 * half + 1], o[2 * c + 1, t, 2 * half + 1]]
     np.testing.assert_allclose(O, P @ V, atol=1e-12)
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+def test_tma_path_hoisted_fragment_addresses_equal_the_swizzle(hd):
+    """The TMA decode's K / V fragment addresses (templates/cuda/attention_tc.cu.jinja, TMA): a row base and one XOR a
+    chunk, because every warp's keys start at a multiple of 16 and rows 8-aligned + g take g's swizzle. They equal
+    lf_st8's for every lane, warp offset, chunk and row step (K: keys kw0 + 16 np + g (+ 8), chunk kk; V's ldmatrix
+    rows kw0 + 16 kk + v_r, chunks 2 dp + v_c)."""
+    def sw(r):   # lf_st8_sw
+        return r & 7 if hd >= 128 else (r >> 1) & 3
+    for lane in range(32):
+        g, v_r, v_c = lane >> 2, (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4
+        sw8, vx8 = sw(g), v_c ^ sw(v_r)
+        for kw0 in range(0, 128, 16):
+            kb8 = (kw0 + g) * hd
+            for kk in range(hd // 16):
+                for np_ in range(2):
+                    for half in range(2):
+                        assert kb8 + ((kk ^ sw8) << 4) + (np_ * 16 + 8 * half) * hd == st8(kw0 + np_ * 16 + 8 * half + g, kk, hd)
+            vb8 = (kw0 + v_r) * hd
+            for kk in range(2):
+                for dp in range(hd // 32):
+                    assert vb8 + kk * 16 * hd + ((2 * dp ^ vx8) << 4) == st8(kw0 + kk * 16 + v_r, 2 * dp + v_c, hd)

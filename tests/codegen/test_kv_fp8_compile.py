@@ -2,6 +2,8 @@
 without register spills or warnings: the append kernel with and without RoPE, the tensor-core
 decode and prefill kernels (head dims 64/128/256) and the CUDA-core kernel; fp8 keys are their
 own, and a plan without kv_dtype renders no fp8 code (no GPU needed)."""
+import dataclasses
+
 import pytest
 
 import layerforge as lf
@@ -317,3 +319,53 @@ def test_fp8_decode_takes_wide_tiles_at_d128(prog, monkeypatch, tmp_path):
     plan = plan_tc_attention(specialise(prog, "llama_attn", 128), "sm_90", mode="decode", kv_dtype=FP8,
                              compile_fn=compile_fn(KernelCache(tmp_path)))
     assert "_w1x4m1n32s3q_" in plan.key   # spill-free: the planner keeps it
+
+
+DECODE_TILES = {"n16": dict(wm=1, wn=4, mt=1, bnw=16, stages=3, min_blocks=2, qreg=True),
+                "n32": dict(wm=1, wn=4, mt=1, bnw=32, stages=3, min_blocks=2, qreg=True)}
+WIDENINGS = {"raw": {}, "kcvt": dict(fp8_kcvt=True), "kw": dict(fp8_kcvt=True, fp8_kwords=True),
+             "kw_t8": dict(fp8_kcvt=True, fp8_kwords=True, top_rows=True), "vcvt": dict(fp8_vcvt=True)}
+
+
+@pytest.mark.parametrize("widen", list(WIDENINGS))
+@pytest.mark.parametrize("d, tiles, dtype, page", [(128, "n16", "bf16", 16), (128, "n32", "bf16", 16),
+                                                   (128, "n32", "f16", 16), (64, "n16", "bf16", 16),
+                                                   (128, "n16", "bf16", 64), (128, "n32", "bf16", 8)])
+def test_fp8_decode_tma_compiles_without_spills(prog, d, tiles, dtype, page, widen):
+    """TCAttentionPlan.tma (a decode over an e4m3 cache on sm_90, head dim 64 / 128): whole K/V tiles as TMA boxes of
+    min(PAGE, BN) keys x HD bytes, each warp's lane 0 issuing its share, completing on the stage's mbarrier, the
+    partial tile by cp.async; stages 1024-byte aligned, the mbarriers past the warps' merge; k_map / v_map last
+    in the ABI; its own key; spill-free with every widening."""
+    from layerforge.codegen.attention_tc import TileConfig
+    layer = specialise(prog, "llama_attn", d, dtype)
+    plan = plan_tc_attention(layer, "sm_90", mode="decode", tiles=TileConfig(**DECODE_TILES[tiles]), page_size=page,
+                             kv_dtype=FP8, tma=True, **WIDENINGS[widen])
+    assert plan.uses_tma and plan.key.endswith("_tma_sm90") and plan.tma_box == (min(page, plan.config.keys), d)
+    compile_clean(plan, "sm_90")
+    src = plan.source()
+    assert "lf_tma_load_2d(dk + p * BOXR * HD, &k_map, kvh * HD, row, &bars[t % STAGES]);" in src
+    assert "lf_mbar_wait(&bars[i % STAGES], (i / STAGES) & 1);" in src
+    assert [a.name for a in plan.abi.args[-2:]] == ["k_map", "v_map"]
+    off, c = plan.shared_layout.offsets, plan.config
+    assert off["sK8"] % 1024 == 0 and off["sV8"] % 1024 == 0 and (c.keys * d) % 1024 == 0
+    merge = 4 * (c.wn * c.rows * d + 2 * c.wn * c.rows)
+    assert off["bars"] >= merge and plan.shared_bytes == plan.shared_layout.bytes + 1024
+    untouched = dataclasses.replace(plan, tma=False)
+    assert not untouched.uses_tma and "_tma" not in untouched.key and "lf_tma_load_2d" not in untouched.source()
+
+
+def test_fp8_decode_tma_only_where_it_applies(prog, monkeypatch):
+    """uses_tma: sm_90+, decode, an e4m3 cache, head dim 64 / 128, page-aligned tiles of boxes of >= 8 keys;
+    LAYERFORGE_DECODE_TMA=1 asks for it (off by default), a plan that cannot take it keeps cp.async."""
+    layer = specialise(prog, "llama_attn", 128)
+    monkeypatch.delenv("LAYERFORGE_DECODE_TMA", raising=False)
+    assert not plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8).uses_tma
+    monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
+    assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8).uses_tma
+    assert not plan_tc_attention(layer, "sm_80", mode="decode", kv_dtype=FP8).uses_tma
+    assert not plan_tc_attention(layer, "sm_90", mode="prefill", kv_dtype=FP8).uses_tma
+    assert not plan_tc_attention(layer, "sm_90", mode="decode").uses_tma               # a bf16 cache
+    assert not plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, page_size=4).uses_tma   # 4-key boxes
+    assert not plan_tc_attention(specialise(prog, "llama_attn", 256), "sm_90", mode="decode", kv_dtype=FP8).uses_tma
+    assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, page_size=256).tma_box == (64, 128)
+    assert not plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, tma=False).uses_tma

@@ -72,3 +72,27 @@ def test_narrow_swizzles_take_boxes_of_their_rows():
         map_params(cache.view(-1, 4 * 96), (16, 64), 64)
     with pytest.raises(ValueError, match="128, 64 or 32"):
         map_params(cache.view(-1, 4 * 96), (16, 8), 16)
+
+
+def test_e4m3_decode_maps_are_one_head_row_of_bytes_a_box_row(monkeypatch, tmp_path):
+    """LAYERFORGE_DECODE_TMA=1: the decode over an e4m3 cache takes maps of the caches as [pages x PAGE, HKV x D]
+    byte tensors, boxes of min(PAGE, BN) keys x D bytes and the D-byte swizzle (128 at D128, 64 at D64): one
+    head's row is one swizzle row, the layout the kernel's lf_st8 reads (runtime/attention._tensor_maps)."""
+    from types import SimpleNamespace
+
+    import layerforge as lf
+    from layerforge.runtime import tma
+    from layerforge.runtime.attention import PagedAttention
+    from layerforge.runtime.cache import KernelCache
+    monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
+    monkeypatch.setattr(tma, "tensor_map", map_params)   # the parameters, not the driver's encoding
+    prog = lf.stdlib()
+    for d, swizzle in ((128, "CU_TENSOR_MAP_SWIZZLE_128B"), (64, "CU_TENSOR_MAP_SWIZZLE_64B")):
+        layer = prog.specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=d)
+        attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
+        plan = attn.tc_plan("decode")
+        assert plan.uses_tma
+        cache = torch.empty(10, 16, 8, d, dtype=torch.float8_e4m3fn)
+        maps = attn._tensor_maps(SimpleNamespace(abi=plan.abi), "decode", plan.config.keys, cache, cache)
+        for p in maps.values():
+            assert p.dtype == "u8" and p.box_dim == (d, 16) and p.global_dim == (8 * d, 160) and p.swizzle == swizzle
