@@ -183,6 +183,9 @@ def _attention_spec(plan) -> PluginSpec:
     if plan.family in ("tc_attention", "wgmma_attention") and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")
+    if getattr(plan, "uses_tma", False):
+        raise NotAPlugin("the decode over an e4m3 cache by TMA (LAYERFORGE_DECODE_TMA) reads the caches through tensor "
+                         "maps, which runtime/tma.py encodes on the host from their addresses; the plugins pass pointers")
     info = attention_interface(plan.layer)
     hq, hkv, d, dtype, page = info["num_q_heads"], info["num_kv_heads"], info["head_dim"], info["dtype"], plan.page_size
     kv = getattr(plan, "kv_dtype", None)   # an fp8 cache: e4m3 pages and the layer's float32 scales [Hkv]

@@ -38,6 +38,10 @@
 #              with K as words + TOP_ROWS, the bf16 decode with TOP_ROWS off and on; then the GPU tests of the fp8
 #              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 150 s), and
 #              the default e4m3 decode's (cut at 60 s)
+#   decodetma  the decode over an e4m3 cache by TMA (LAYERFORGE_DECODE_TMA, off until this runs): its GPU test (every
+#              widening, 64- and 128-key tiles, pages 16 / 64 / 256; cut at 200 s), then, if it passed, the e4m3
+#              decode (bench_decode_tiles --kv fp8, default shape) on 128-key tiles without and with TMA, for the
+#              integer widening and for KCVT + KWORDS + TOP_ROWS, and TMA on the 64-key tiles
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -246,6 +250,25 @@ decode)
         -k "decode_over or split_kv or subnormal or sinks" --junitxml="$OUT_DIR/pytest_decode_default.xml" 2>&1 \
         | tee "$OUT_DIR/pytest_decode_default.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+decodetma)
+    echo "== the e4m3 decode by TMA (LAYERFORGE_DECODE_TMA): GPU test, then the decode without / with it, same card"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py -k tma \
+        --junitxml="$OUT_DIR/pytest_decode_tma.xml" 2>&1 | tee "$OUT_DIR/pytest_decode_tma.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        CASES=64x4096,1x32768,16x1024,64x512,8x4096
+        KW="LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1"
+        for run in "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=0" "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=1" \
+                   "LAYERFORGE_FP8_DECODE_WIDE=1 $KW LAYERFORGE_DECODE_TMA=0" "LAYERFORGE_FP8_DECODE_WIDE=1 $KW LAYERFORGE_DECODE_TMA=1" \
+                   "LAYERFORGE_FP8_DECODE_WIDE=0 LAYERFORGE_DECODE_TMA=0" "LAYERFORGE_FP8_DECODE_WIDE=0 LAYERFORGE_DECODE_TMA=1"; do
+            echo "-- $run"
+            env $run "$PY" -m benchmarks.bench_decode_tiles --kv fp8 --default-only --cases $CASES 2>&1 | tail -6 \
+                | tee -a "$OUT_DIR/decode_tma.txt"
+        done
+    else
+        status=1
+    fi
     ;;
 ssd)
     echo "== SSD chunk scan reading the scores' table (LAYERFORGE_SSD_CB): GPU test, then prefill off / on"

@@ -358,3 +358,43 @@ def test_one_operand_by_hardware_conversion_switch(prog, monkeypatch, which, vcv
             for splits in (None, 3):
                 run_case(sp, vcvt_form, "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[1, 1, 1, 1],
                          extra_fn=sinks, splits=splits, dtype=dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="TMA needs sm_90 or newer")
+@pytest.mark.parametrize("wide", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("widen", ["raw", "KW", "KW_T8", "V"])
+def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
+    """LAYERFORGE_DECODE_TMA=1 (TCAttentionPlan.tma: whole K/V tiles of an e4m3 cache as TMA boxes from each warp's
+    lane 0 on the stage's mbarrier, the partial last tile by cp.async with its rows past the length zeros): with the
+    64- and 128-key tiles (LAYERFORGE_FP8_DECODE_WIDE), each widening (raw; K by the cvt as words; with TOP_ROWS; V
+    by the cvt), pages of 16 (boxes of 16 keys), 64 and 256 (a box within a page: its row offset), lengths on and
+    off the tiles' multiples, unused pages and rows of NaN codes (build_caches), head dims 128 and 64, split-KV,
+    speculative tokens (2-4 a sequence, still decode tiles), subnormal codes and gpt-oss sinks, against the float64
+    reference over the dequantised cache."""
+    monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
+    monkeypatch.setenv("LAYERFORGE_FP8_DECODE_WIDE", wide)
+    if widen.startswith("KW"):
+        monkeypatch.setenv("LAYERFORGE_FP8_KV_KCVT", "1")
+        monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1")
+    if widen == "KW_T8":
+        monkeypatch.setenv("LAYERFORGE_DECODE_TOP_ROWS", "1")
+    if widen == "V":
+        monkeypatch.setenv("LAYERFORGE_FP8_KV_VCVT", "1")
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert "_tma_" in plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
+    lens = [5, 33, 128, 129, 200, 256, 1000]
+    for page in (16, 64, 256):
+        run_case(prog, "tc", "llama_attn", 32, 8, 128, page, lens=lens, new=[1] * len(lens), dtype=dtype)
+    run_case(prog, "tc", "llama_attn", 32, 8, 64, 16, lens=lens, new=[1] * len(lens), dtype=dtype)
+    run_case(prog, "tc", "llama_attn", 32, 8, 128, 16, lens=[300, 1000, 4097], new=[1, 1, 1], dtype=dtype, splits=3)
+    run_case(prog, "tc-ragged", "llama_attn", 32, 8, 128, 16, lens=[40, 300, 1000], new=[2, 4, 3], dtype=dtype)
+    run_case(prog, "tc", "llama_attn", 32, 8, 128, 16, lens=[300, 1000], new=[1, 1], dtype=dtype, splits=3,
+             scale_mult=2.0 ** 15)
+    from ..dsl.test_attention_sinks import SINKS
+    sp = lf.loads(SINKS, "sinks.lf", with_stdlib=False)
+    sinks = lambda gen: {"sinks": (torch.randn(8, generator=gen) * 2).cuda()}   # noqa: E731
+    run_case(sp, "tc", "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[1, 1, 1, 1], extra_fn=sinks,
+             splits=3, dtype=dtype)

@@ -364,7 +364,9 @@ attention doc(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc
 def excluded_plans() -> dict[str, KernelPlan]:
     """Plans whose kernels TensorRT's plugin interface cannot serve, by a key phrase of the reason."""
     doc = lf.loads(DOC_MASK, "doc.lf", with_stdlib=False).specialise("doc", dtype="bf16", Hq=8, Hkv=2, D=64)
-    return {"tensor maps": plan_gemm("bf16", n=256, k=512, tma=True),
+    fp8_decode = plan_tc_attention(lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=128), ARCH,
+                                   mode="decode", kv_dtype="fp8_e4m3", tma=True)
+    return {"tensor maps": plan_gemm("bf16", n=256, k=512, tma=True), "caches through tensor maps": fp8_decode,
             "SM count": plan_gemm("bf16", n=256, k=512, tma=True, persistent=True),
             "max_q_len": plan_block_mask(doc, ARCH, rows=64, keys=64)}
 
