@@ -367,7 +367,8 @@ def test_one_operand_by_hardware_conversion_switch(prog, monkeypatch, which, vcv
 @pytest.mark.parametrize("widen", ["raw", "KW", "KW_T8", "V"])
 def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
     """LAYERFORGE_DECODE_TMA=1 (TCAttentionPlan.tma: whole K/V tiles of an e4m3 cache as TMA boxes from each warp's
-    lane 0 on the stage's mbarrier, the partial last tile by cp.async with its rows past the length zeros): with the
+    lane 0 on the stage's mbarrier, an arrival a warp; the partial last tile by cp.async, its rows past the length
+    zeros): with the
     64- and 128-key tiles (LAYERFORGE_FP8_DECODE_WIDE), each widening (raw; K by the cvt as words; with TOP_ROWS; V
     by the cvt), pages of 16 (boxes of 16 keys), 64 and 256 (a box within a page: its row offset), lengths on and
     off the tiles' multiples, unused pages and rows of NaN codes (build_caches), head dims 128 and 64, split-KV,
