@@ -15,6 +15,8 @@ bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128
 the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
 (f8e4m3, per-row and 128 x 128 block scales, x quantised inside) beside torch._scaled_mm (e4m3 x
 already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
+"sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
+12.6 MB product is 3 us at the large copy's ceiling, where launch, ramp and tail weigh as much as the bytes.
 --stream times the decode-range Hopper GEMM (codegen/gemm_stream.py, sm_90) at 8-128 tokens beside
 cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out projections; with
 --sweep every work split (row blocks, consumer warpgroups, stages, CTAs an SM) as well.
@@ -302,6 +304,21 @@ def quant_sweep(a, ceiling):
                       + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
 
 
+_SIZED_COPY: dict[int, float] = {}
+
+
+def sized_copy_time(nbytes: int) -> float:
+    """A device-to-device copy moving `nbytes` in all (nbytes / 2 read, as many written: the copy ceiling's
+    accounting), timed by CUDA-graph replays as the products are: what moving these bytes costs at this size, launch,
+    ramp and tail included. A small product (8B q/k/v in u4: 12.6 MB, 3 us at 4.25 TB/s) is measured against it
+    beside the large copy's ceiling."""
+    if nbytes not in _SIZED_COPY:
+        src = torch.empty(max(64, nbytes // 4), dtype=torch.bfloat16, device="cuda")
+        dst = torch.empty_like(src)
+        _SIZED_COPY[nbytes] = graph_time(lambda: dst.copy_(src))
+    return _SIZED_COPY[nbytes]
+
+
 def main_quant(a, ceiling):
     from layerforge.runtime import quant
     from layerforge.runtime.quant import QuantLinear
@@ -326,7 +343,9 @@ def main_quant(a, ceiling):
         torch.cuda.synchronize()
         print("ran each u4 / i8 product three times (--once)")
         return []
-    print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
+    print("of copy: the bytes over the time at the large copy's ceiling; sized: the time of a copy moving the same "
+          "bytes at this size (graph replays) over the product's")
+    print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'sized':>5s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
           f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
           f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
@@ -356,10 +375,12 @@ def main_quant(a, ceiling):
             smm = torch_fp8(w, m) if fp8 else None
             theirs_f8 = graph_time(smm) if smm else nan
             bf8, bf8b = (f8.qw.nbytes(), f8b.qw.nbytes()) if fp8 else (nan, nan)
+            sized4 = sized_copy_time(b4)
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
                      torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_block_s=ours_f8b,
-                     scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b)
-            print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
+                     scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4)
+            print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {sized4 / ours4:>5.2f} "
+                  f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4 else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
                   f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8b * 1e6:>8.1f} {bf8b / ours_f8b / ceiling:>7.2f} "
