@@ -190,8 +190,9 @@ class TCAttentionPlan(AttentionPlan):
     #                                   heads_first_default)
     top_rows: bool = False            # decode: a CTA whose rows fit the m16 tile's first 8 (one token of <= 8 heads
     #                                   a KV head) skips rows 8-15's softmax, their P zeros (see top_rows_default)
-    tma: bool = False                 # decode over an e4m3 cache (sm_90): whole K/V tiles as TMA boxes issued by one
-    #                                   thread, where the plan can take them (uses_tma; see decode_tma_default)
+    tma: bool = False                 # decode over an e4m3 cache (sm_90): whole K/V tiles as TMA boxes, each warp's
+    #                                   lane 0 issuing its share, where the plan can take them (uses_tma; see
+    #                                   decode_tma_default)
 
     def __post_init__(self):
         if self.heads_first and self.mode != "decode":
@@ -468,8 +469,8 @@ def top_rows_default() -> bool:
 
 
 def decode_tma_default() -> bool:
-    """Whether decode plans over an e4m3 cache take TCAttentionPlan.tma (whole K/V tiles as TMA boxes from one thread,
-    where uses_tma says the plan can): off until measured on a GPU (benchmarks/NOTES.md, its prediction);
+    """Whether decode plans over an e4m3 cache take TCAttentionPlan.tma (whole K/V tiles as TMA boxes from each warp's
+    lane 0, where uses_tma says the plan can): off until measured on a GPU (benchmarks/NOTES.md, its prediction);
     LAYERFORGE_DECODE_TMA=1 turns it on, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_DECODE_TMA", False)
 
