@@ -1,6 +1,8 @@
 """Tensor maps (runtime/tma.py): the parameters passed to cuTensorMapEncodeTiled for the GEMM's
 boxes, the layouts TMA refuses, and the cache (the encoding itself needs the driver library:
 GPU machines only)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -78,8 +80,6 @@ def test_e4m3_decode_maps_are_one_head_row_of_bytes_a_box_row(monkeypatch, tmp_p
     """LAYERFORGE_DECODE_TMA=1: the decode over an e4m3 cache takes maps of the caches as [pages x PAGE, HKV x D]
     byte tensors, boxes of min(PAGE, BN) keys x D bytes and the D-byte swizzle (128 at D128, 64 at D64): one
     head's row is one swizzle row, the layout the kernel's lf_st8 reads (runtime/attention._tensor_maps)."""
-    from types import SimpleNamespace
-
     import layerforge as lf
     from layerforge.runtime import tma
     from layerforge.runtime.attention import PagedAttention
@@ -96,3 +96,45 @@ def test_e4m3_decode_maps_are_one_head_row_of_bytes_a_box_row(monkeypatch, tmp_p
         maps = attn._tensor_maps(SimpleNamespace(abi=plan.abi), "decode", plan.config.keys, cache, cache)
         for p in maps.values():
             assert p.dtype == "u8" and p.box_dim == (d, 16) and p.global_dim == (8 * d, 160) and p.swizzle == swizzle
+
+
+def test_e4m3_decode_launch_passes_the_maps_in_the_kernel_order(monkeypatch, tmp_path):
+    """The runtime's decode launch (PagedAttention._launch_tc) with LAYERFORGE_DECODE_TMA=1 gives the kernel its maps
+    last, as its ABI has them, the caches' other arguments as before (a recorder stands in for the kernel; the map
+    parameters for the driver's encoding)."""
+    from operator import itemgetter
+
+    import layerforge as lf
+    from layerforge.runtime import linear, tma
+    from layerforge.runtime.attention import PagedAttention
+    from layerforge.runtime.cache import KernelCache
+    monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
+    monkeypatch.setattr(tma, "tensor_map", map_params)
+    layer = lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=128)
+    attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
+    plan = attn.tc_plan("decode")
+    calls = []
+
+    class Recorder:
+        abi = plan.abi
+
+        def grid(self, *problem):
+            return plan.abi.grid_for(*problem)
+
+        def __call__(self, problem, args):
+            calls.append(dict(zip((a.name for a in plan.abi.args), args)))
+
+    getter = itemgetter(*(a.ref for a in plan.abi.args))
+    monkeypatch.setattr(attn, "_load", lambda dev, mode: (Recorder(), None, getter, None, plan.config.keys))
+    monkeypatch.setitem(linear._PROPS, None, SimpleNamespace(multi_processor_count=132, major=9, minor=0))
+    q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
+    k8 = torch.zeros(40, 16, 8, 128, dtype=torch.float8_e4m3fn)
+    v8 = torch.zeros_like(k8)
+    attn._launch_tc(torch.device("cpu"), "decode", q, k8, v8, "page_table", "seq_lens", None, None, None, "out",
+                    4, 10, 4, 1, 160, 1, {"k_scale": "ks", "v_scale": "vs"})
+    (args,) = calls
+    assert [a.name for a in plan.abi.args][-2:] == ["k_map", "v_map"]
+    for name, cache in (("k_map", k8), ("v_map", v8)):
+        p = args[name]
+        assert p.address == cache.data_ptr() and p.box_dim == (128, 16) and p.global_dim == (8 * 128, 40 * 16)
+    assert args["k_cache"] is k8 and args["num_pages"] == 40 and args["num_splits"] == 1
