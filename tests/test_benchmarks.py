@@ -97,3 +97,19 @@ def test_ab_switch_must_be_read_by_a_plan():
         with env_switch_set("LAYERFORGE_WGMMA_PERSIST", on):
             assert default_options()["persist"] is on
     assert "LAYERFORGE_WGMMA_PERSIST" not in os.environ
+
+
+def test_sass_loops_counts_a_kernels_main_loop(capsys):
+    """benchmarks/sass_loops (the SASS loop counts NOTES cites) finds the tensor-core loop of a small product, reports
+    its registers, takes an edit of the rendered source, and refuses an edit whose text is not there."""
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is None:
+        pytest.skip("no cuobjdump (the nvidia-cuda-cuobjdump wheel or a CUDA toolkit)")
+    expr = "plan_gemv('bf16', n=256, k=512, max_m=8, arch='sm_90')"
+    assert sass_loops.main([expr]) == 0
+    out = capsys.readouterr().out
+    assert "registers, spills 0 / 0 bytes" in out and "HMMA" in out.split("loop", 1)[1]
+    plan = eval(expr, sass_loops._namespace())
+    with pytest.raises(ValueError, match="not in the rendered source"):
+        sass_loops.report(plan, (("no such text", ""),))
+    assert sass_loops.main([expr, "--replace", "for (", "for ("]) == 0
