@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,30 +214,15 @@ def test_runtime_launches_the_queue(prog, monkeypatch):
     """PagedAttention's launch of a persistent prefill (no GPU: the kernel replaced by a recorder): the problem sizes
     end with the SM count, so the grid is min(places, SMs); the kernel gets chunks, max_q_len and the module's counter
     (zero, one a device, the same tensor every call); the split heuristic counts the queue's places as CTAs."""
-    from operator import itemgetter
-
-    from layerforge.runtime import linear
     from layerforge.runtime.attention import PagedAttention
+
+    from ..devices import record_tc_launches
     layer = specialise(prog, "llama_attn", 32, 8, 128)
     plan = persistent(plan_wgmma_attention(layer), aw.LPT_CTAS)
     attn = PagedAttention(layer, arch="sm_90")
-    calls = []
-
-    class Recorder:
-        abi = plan.abi
-
-        def grid(self, *problem):
-            return plan.abi.grid_for(*problem)
-
-        def __call__(self, problem, args):
-            calls.append((problem, self.grid(*problem), dict(zip((a.name for a in plan.abi.args), args))))
-
-    main = Recorder()
-    getter = itemgetter(*(a.ref for a in plan.abi.args))
-    monkeypatch.setattr(attn, "_load", lambda dev, mode: (main, None, getter, None, plan.config.keys))
+    calls = record_tc_launches(monkeypatch, attn, plan)
     monkeypatch.setattr(attn, "_tensor_maps", lambda *a: dict(k_map="k_map", v_map="v_map"))
     dev = torch.device("cpu")
-    monkeypatch.setitem(linear._PROPS, None, SimpleNamespace(multi_processor_count=132, major=9, minor=0))
     q = torch.zeros(3000, 32, 128, dtype=torch.bfloat16)
     cache = torch.zeros(200, 16, 8, 128, dtype=torch.bfloat16)
     for chunks, max_q_len in ((2, 1500), (1, 100)):

@@ -102,37 +102,24 @@ def test_e4m3_decode_launch_passes_the_maps_in_the_kernel_order(monkeypatch, tmp
     """The runtime's decode launch (PagedAttention._launch_tc) with LAYERFORGE_DECODE_TMA=1 gives the kernel its maps
     last, as its ABI has them, the caches' other arguments as before (a recorder stands in for the kernel; the map
     parameters for the driver's encoding)."""
-    from operator import itemgetter
-
     import layerforge as lf
-    from layerforge.runtime import linear, tma
+    from layerforge.runtime import tma
     from layerforge.runtime.attention import PagedAttention
     from layerforge.runtime.cache import KernelCache
+
+    from ..devices import record_tc_launches
     monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
     monkeypatch.setattr(tma, "tensor_map", map_params)
     layer = lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=128)
     attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
     plan = attn.tc_plan("decode")
-    calls = []
-
-    class Recorder:
-        abi = plan.abi
-
-        def grid(self, *problem):
-            return plan.abi.grid_for(*problem)
-
-        def __call__(self, problem, args):
-            calls.append(dict(zip((a.name for a in plan.abi.args), args)))
-
-    getter = itemgetter(*(a.ref for a in plan.abi.args))
-    monkeypatch.setattr(attn, "_load", lambda dev, mode: (Recorder(), None, getter, None, plan.config.keys))
-    monkeypatch.setitem(linear._PROPS, None, SimpleNamespace(multi_processor_count=132, major=9, minor=0))
+    calls = record_tc_launches(monkeypatch, attn, plan)
     q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
     k8 = torch.zeros(40, 16, 8, 128, dtype=torch.float8_e4m3fn)
     v8 = torch.zeros_like(k8)
     attn._launch_tc(torch.device("cpu"), "decode", q, k8, v8, "page_table", "seq_lens", None, None, None, "out",
                     4, 10, 4, 1, 160, 1, {"k_scale": "ks", "v_scale": "vs"})
-    (args,) = calls
+    ((_, _, args),) = calls
     assert [a.name for a in plan.abi.args][-2:] == ["k_map", "v_map"]
     for name, cache in (("k_map", k8), ("v_map", v8)):
         p = args[name]
