@@ -371,7 +371,8 @@ def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
     zeros): with the
     64- and 128-key tiles (LAYERFORGE_FP8_DECODE_WIDE), each widening (raw; K by the cvt as words; with TOP_ROWS; V
     by the cvt), pages of 16 (boxes of 16 keys), 64 and 256 (a box within a page: its row offset), lengths on and
-    off the tiles' multiples, unused pages and rows of NaN codes (build_caches), head dims 128 and 64, split-KV,
+    off the tiles' multiples, unused pages and rows of NaN codes (build_caches), head dims 128 and 64, sliding
+    windows (the keys starting past 0), split-KV,
     speculative tokens (2-4 a sequence, still decode tiles), subnormal codes and gpt-oss sinks, against the float64
     reference over the dequantised cache."""
     monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
@@ -390,6 +391,10 @@ def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
     for page in (16, 64, 256):
         run_case(prog, "tc", "llama_attn", 32, 8, 128, page, lens=lens, new=[1] * len(lens), dtype=dtype)
     run_case(prog, "tc", "llama_attn", 32, 8, 64, 16, lens=lens, new=[1] * len(lens), dtype=dtype)
+    # a window (mistral's, 37 and 300 keys): the keys start past 0, at a tile of whole pages
+    for window in (37, 300):
+        run_case(prog, "tc", "mistral_attn", 32, 8, 128, 16, lens=lens, new=[1] * len(lens), dtype=dtype,
+                 window=window)
     run_case(prog, "tc", "llama_attn", 32, 8, 128, 16, lens=[300, 1000, 4097], new=[1, 1, 1], dtype=dtype, splits=3)
     run_case(prog, "tc-ragged", "llama_attn", 32, 8, 128, 16, lens=[40, 300, 1000], new=[2, 4, 3], dtype=dtype)
     run_case(prog, "tc", "llama_attn", 32, 8, 128, 16, lens=[300, 1000], new=[1, 1], dtype=dtype, splits=3,
