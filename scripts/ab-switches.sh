@@ -39,7 +39,8 @@
 #              cache and the decode tests of test_paged_attention with KCVT + KWORDS + TOP_ROWS all on (cut at 150 s), and
 #              the default e4m3 decode's (cut at 60 s)
 #   decodetma  the decode over an e4m3 cache by TMA (LAYERFORGE_DECODE_TMA, off until this runs): its GPU test (every
-#              widening, 64- and 128-key tiles, pages 16 / 64 / 256; cut at 200 s), then, if it passed, the e4m3
+#              widening, 64- and 128-key tiles, pages 16 / 64 / 256; cut at 200 s), then, if it passed,
+#              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py decodetma) and the e4m3
 #              decode (bench_decode_tiles --kv fp8, default shape) on 128-key tiles without and with TMA, for the
 #              integer widening and for KCVT + KWORDS + TOP_ROWS, and TMA on the 64-key tiles
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
@@ -257,6 +258,14 @@ decodetma)
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py -k tma \
         --junitxml="$OUT_DIR/pytest_decode_tma.xml" 2>&1 | tee "$OUT_DIR/pytest_decode_tma.log" | tail -5
     if [ "${PIPESTATUS[0]}" = 0 ]; then
+        if command -v compute-sanitizer >/dev/null 2>&1; then
+            for tool in memcheck racecheck synccheck; do
+                echo "== compute-sanitizer $tool: the TMA decode's cases"
+                timeout -s KILL 90 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+                    "$PY" scripts/sanitize_cases.py decodetma 2>&1 | tee "$OUT_DIR/sanitizer_decodetma_$tool.log" | tail -3
+                [ "${PIPESTATUS[0]}" = 0 ] || status=1
+            done
+        fi
         CASES=64x4096,1x32768,16x1024,64x512,8x4096
         KW="LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1"
         for run in "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=0" "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=1" \

@@ -9,7 +9,8 @@ and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
 ("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
-and synccheck by scripts/ab-switches.sh's part persist)."""
+and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
+decodetma)."""
 import itertools
 
 import torch
@@ -94,6 +95,40 @@ def persist_cases(bf):
         layer = lf.stdlib().specialise("llama_attn", Hq=16, Hkv=4, D=d, dtype="bf16")
         attn = PagedAttention(layer, page_size=16, prefill="wgmma", tiles={"prefill": tiles})
         ragged_prefill(layer, attn, d, {0: 1200, 1: 1, 2: 77}, bf, num_pages=128, max_pages=80, small=True)
+
+
+def decode_tma_cases(bf):
+    """The e4m3 decode with its K/V tiles by TMA (LAYERFORGE_DECODE_TMA, off by default: run alone): 64- and 128-key
+    tiles, whole and partial last tiles (lengths 1, 128, 129, 300), unsplit and in 3 parts, and a page table with
+    entries past the cache and negative (clamped: wrong numbers, never an out-of-bounds access; sm_90 only)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        return
+    import os
+    from layerforge.codegen.attention_tc import TileConfig
+    os.environ["LAYERFORGE_DECODE_TMA"] = "1"
+    layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    rope = layer.function.outputs[0].arg.rope
+    lens = {0: 300, 1: 1, 2: 128, 3: 129}
+    c8 = PagedKVCache(80, 16, 8, 128, dtype=bf, device="cuda", max_seqs=4, max_pages_per_seq=20,
+                      kv_dtype="fp8_e4m3", scales="per_head")
+    c8.set_scales(0, torch.rand(8, device="cuda") * 0.01 + 0.02, torch.rand(8, device="cuda") * 0.005 + 0.006)
+    for s, n in lens.items():
+        c8.allocate(s, n)
+        c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
+                  torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
+    k_sc, v_sc = c8.layer_scales(0)
+    q = torch.randn(4, 32, 128, device="cuda", dtype=bf)
+    ids = torch.arange(4, dtype=torch.int32, device="cuda")
+    pos = torch.tensor([n - 1 for n in lens.values()], dtype=torch.int32, device="cuda")
+    bad = c8.page_table.clone()
+    bad[0, 1], bad[0, 2] = 10 ** 6, -5
+    for bnw in (16, 32):
+        tiles = TileConfig(wm=1, wn=4, mt=1, bnw=bnw, stages=3, min_blocks=2)
+        a8 = PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3", tiles={"decode": tiles})
+        for table, splits in ((c8.page_table, 1), (c8.page_table, 3), (bad, 1)):
+            a8(q, c8.k_cache, c8.v_cache, table, c8.seq_lens, ids, pos, max_kv_len=300, num_splits=splits,
+               k_scale=k_sc, v_scale=v_sc)
+    torch.cuda.synchronize()
 
 
 def main():
@@ -266,5 +301,7 @@ if __name__ == "__main__":
         d256_cases(torch.bfloat16)
     elif sys.argv[1:] == ["persist"]:   # the persistent wgmma prefill alone (off by default: not in main)
         persist_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["decodetma"]:   # the e4m3 decode by TMA alone (off by default: not in main)
+        decode_tma_cases(torch.bfloat16)
     else:
         main()
