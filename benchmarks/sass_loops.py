@@ -15,7 +15,8 @@ instructions is printed (the main loop of a matrix or attention kernel; the long
 per iteration there. A loop's count is static: branches inside it (a rescale taken rarely, a masked tile's path)
 count in full, so compare two kernels' loops, not a loop with a time.
 
-cuobjdump comes with the nvidia-cuda-cuobjdump wheel (or a CUDA toolkit's bin/, $CUDA_HOME).
+cuobjdump and the nvdisasm it runs come with the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels (the test
+extra's), or a CUDA toolkit's bin/ ($CUDA_HOME).
 """
 from __future__ import annotations
 
@@ -30,25 +31,31 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+INSTALL = "pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, or set CUDA_HOME to a CUDA toolkit"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _TENSOR = ("HMMA", "HGMMA", "QGMMA", "IMMA", "DMMA")
 
 
-def cuobjdump() -> str | None:
-    """The cuobjdump to use: the nvidia-cuda-cuobjdump wheel's, else $CUDA_HOME/bin's, else PATH's; None without."""
+def _tool(name: str) -> str | None:
+    """A CUDA binary utility: the nvidia-cuda-<name> wheel's, else $CUDA_HOME/bin's, else PATH's; None without."""
     try:
         import nvidia
         for root in nvidia.__path__:
-            for sub in ("cu13", "cuda_cuobjdump", "cu12"):
-                exe = Path(root) / sub / "bin" / "cuobjdump"
+            for sub in ("cu13", f"cuda_{name}", "cu12"):
+                exe = Path(root) / sub / "bin" / name
                 if exe.is_file():
                     return str(exe)
     except ImportError:
         pass
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "cuobjdump").is_file():
-        return str(Path(home) / "bin" / "cuobjdump")
-    return shutil.which("cuobjdump")
+    if home and (Path(home) / "bin" / name).is_file():
+        return str(Path(home) / "bin" / name)
+    return shutil.which(name)
+
+
+def cuobjdump() -> str | None:
+    """The cuobjdump to use, None where it or the nvdisasm it runs (`-sass`) is missing."""
+    return _tool("cuobjdump") if _tool("nvdisasm") else None
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,17 @@ def disassemble(cubin: bytes) -> dict[str, list[Instr]]:
     """Each kernel's instructions in address order, by (mangled) kernel name."""
     exe = cuobjdump()
     if exe is None:
-        raise RuntimeError("no cuobjdump: pip install nvidia-cuda-cuobjdump, or set CUDA_HOME to a CUDA toolkit")
+        raise RuntimeError(f"no cuobjdump / nvdisasm: {INSTALL}")
+    env = dict(os.environ, NVDISASM_PATH=str(Path(_tool("nvdisasm")).parent))   # cuobjdump -sass runs nvdisasm
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([exe, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        run = subprocess.run([exe, "-sass", f.name], capture_output=True, text=True, env=env)
     finally:
         os.unlink(f.name)
+    if run.returncode:
+        raise RuntimeError(f"cuobjdump -sass failed: {run.stderr.strip()}")
+    out = run.stdout
     kernels: dict[str, list[Instr]] = {}
     current = None
     for line in out.splitlines():
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=16, help="opcodes shown a loop")
     a = ap.parse_args(argv)
     if cuobjdump() is None:
-        print("sass_loops: no cuobjdump (pip install nvidia-cuda-cuobjdump, or set CUDA_HOME)", file=sys.stderr)
+        print(f"sass_loops: no cuobjdump / nvdisasm: {INSTALL}", file=sys.stderr)
         return 2
     plan = eval(a.plan, _namespace())   # noqa: S307 (a developer's command line)
     print("\n".join(report(plan, tuple(map(tuple, a.replace)), a.all, a.full, a.top)))

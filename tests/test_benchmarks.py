@@ -104,7 +104,7 @@ def test_sass_loops_counts_a_kernels_main_loop(capsys):
     its registers, takes an edit of the rendered source, and refuses an edit whose text is not there."""
     from benchmarks import sass_loops
     if sass_loops.cuobjdump() is None:
-        pytest.skip("no cuobjdump (the nvidia-cuda-cuobjdump wheel or a CUDA toolkit)")
+        pytest.skip(f"no cuobjdump / nvdisasm ({sass_loops.INSTALL})")
     expr = "plan_gemv('bf16', n=256, k=512, max_m=8, arch='sm_90')"
     assert sass_loops.main([expr]) == 0
     out = capsys.readouterr().out
