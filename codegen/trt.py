@@ -183,9 +183,6 @@ def _attention_spec(plan) -> PluginSpec:
     if plan.family in ("tc_attention", "wgmma_attention") and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")
-    if getattr(plan, "uses_tma", False):
-        raise NotAPlugin("the decode over an e4m3 cache by TMA (LAYERFORGE_DECODE_TMA) reads the caches through tensor "
-                         "maps, which runtime/tma.py encodes on the host from their addresses; the plugins pass pointers")
     info = attention_interface(plan.layer)
     hq, hkv, d, dtype, page = info["num_q_heads"], info["num_kv_heads"], info["head_dim"], info["dtype"], plan.page_size
     kv = getattr(plan, "kv_dtype", None)   # an fp8 cache: e4m3 pages and the layer's float32 scales [Hkv]
@@ -623,6 +620,9 @@ def _checked(spec: PluginSpec) -> PluginSpec:
     for g in spec.kernel.grid:
         _require_names(spec, g, known, "the grid")
     for arg in spec.kernel.args:
+        if arg.role == "tmap":   # (e.g. the e4m3 decode by TMA, LAYERFORGE_DECODE_TMA)
+            raise NotAPlugin(f"argument {arg.name} is a TMA tensor map, which runtime/tma.py encodes on the host from "
+                             f"the tensor's address; the plugins pass pointers")
         kind, ref = spec.source_of(arg)
         if kind == "size" and ref not in known:
             raise NotAPlugin(f"argument {arg.name}: no input shape gives {ref!r}")

@@ -366,7 +366,7 @@ def excluded_plans() -> dict[str, KernelPlan]:
     doc = lf.loads(DOC_MASK, "doc.lf", with_stdlib=False).specialise("doc", dtype="bf16", Hq=8, Hkv=2, D=64)
     fp8_decode = plan_tc_attention(lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=128), ARCH,
                                    mode="decode", kv_dtype="fp8_e4m3", tma=True)
-    return {"tensor maps": plan_gemm("bf16", n=256, k=512, tma=True), "caches through tensor maps": fp8_decode,
+    return {"tensor maps": plan_gemm("bf16", n=256, k=512, tma=True), "is a TMA tensor map": fp8_decode,
             "SM count": plan_gemm("bf16", n=256, k=512, tma=True, persistent=True),
             "max_q_len": plan_block_mask(doc, ARCH, rows=64, keys=64)}
 

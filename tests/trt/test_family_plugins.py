@@ -239,7 +239,7 @@ def test_entry_ptx_takes_inputs_then_int32_extras_then_outputs(specs, rendered):
         assert entry_params(ptx, entry.name) == want, key
 
 
-@pytest.mark.parametrize("why", ["tensor maps", "SM count", "max_q_len", "caches through tensor maps"])
+@pytest.mark.parametrize("why", ["tensor maps", "SM count", "max_q_len", "is a TMA tensor map"])
 def test_kernels_tensorrt_cannot_serve_are_excluded_with_the_reason(why):
     plans = excluded_plans()
     specs, excluded = plugin_specs([plans[why]])
