@@ -231,7 +231,7 @@ class TCAttentionPlan(AttentionPlan):
         box = min(self.page_size, c.keys)
         return (self.tma and self.mode == "decode" and self.kv_dtype is not None
                 and int(self.arch.removeprefix("sm_").rstrip("af")) >= 90
-                and int(self.spec.head_dim) in (64, 128) and int(self.spec.v_head_dim) == int(self.spec.head_dim)
+                and int(self.spec.head_dim) in (64, 128)   # (an e4m3 cache's value dim is the head dim: supports)
                 and (self.page_size % c.keys == 0 or c.keys % self.page_size == 0) and box >= 8
                 and not hook_context(self.layer).get("tile_lines"))
 
@@ -289,12 +289,12 @@ class TCAttentionPlan(AttentionPlan):
                     ("sK8", c.stages * c.keys * hd), ("sV8", c.stages * c.keys * hd),
                     *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ()))
             merge = 4 * (c.wn * c.rows * hd + 2 * c.wn * c.rows) if c.wn > 1 else 0
-            if self.uses_tma:   # stages 1024-byte aligned (the swizzle reads address bits 7-9); the stages'
-                # mbarriers past the merge's bytes (never written over while they are in use)
-                align = 1024
-                pad = max(0, merge - SharedLayout(bufs, align=align).bytes)
-                return SharedLayout(bufs + (("pad", pad), ("bars", 8 * c.stages)), align=align)
-            return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs).bytes)),))
+            # TMA: stages 1024-byte aligned (the swizzle reads address bits 7-9), the stages' mbarriers past the
+            # merge's bytes (never written over while they are in use)
+            align = 1024 if self.uses_tma else 128
+            bars = (("bars", 8 * c.stages),) if self.uses_tma else ()
+            return SharedLayout(bufs + (("pad", max(0, merge - SharedLayout(bufs, align=align).bytes)), *bars),
+                                align=align)
         return SharedLayout((("sQ", 2 * c.rows * hdp), ("sK", 2 * c.stages * c.keys * hdp),
                              ("sV", 2 * c.stages * c.keys * hdvp), ("sPg", 4 * 2 * c.stages * self.page_entries),
                              *((("sRel", 2 * 4 * rel[0] * rel[1]),) if rel else ())))
