@@ -62,6 +62,17 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
 FLEX_NOISE="deprecat\|create_block_mask\|return lambda"
 status=0
+# compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cases.py CASES (where it is installed), each cut
+# at LIMIT seconds; a report or a cut sets status
+sanitize() {   # CASES LIMIT WHAT
+    command -v compute-sanitizer >/dev/null 2>&1 || return 0
+    for tool in memcheck racecheck synccheck; do
+        echo "== compute-sanitizer $tool: $3"
+        timeout -s KILL "$2" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
+            "$PY" scripts/sanitize_cases.py "$1" 2>&1 | tee "$OUT_DIR/sanitizer_${1}_$tool.log" | tail -3
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+}
 for part in $PARTS; do
 case $part in
 defaults)
@@ -120,14 +131,7 @@ persist|pairs)
         echo "== $part: tests failed or timed out (exit $rc); its benchmarks are skipped"
         continue
     fi
-    if [ "$part" = persist ] && command -v compute-sanitizer >/dev/null 2>&1; then
-        for tool in memcheck racecheck synccheck; do
-            echo "== compute-sanitizer $tool: the persistent prefill's cases"
-            timeout -s KILL 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
-                "$PY" scripts/sanitize_cases.py persist 2>&1 | tee "$OUT_DIR/sanitizer_persist_$tool.log" | tail -3
-            [ "${PIPESTATUS[0]}" = 0 ] || status=1
-        done
-    fi
+    [ "$part" = persist ] && sanitize persist 150 "the persistent prefill's cases"
     for sw in $switches; do
         timeout -s KILL 240 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --ab-switch $sw 2>&1 \
             | grep -v -i "$FLEX_NOISE" | tee "$OUT_DIR/prefill_$sw.txt" | tail -16
@@ -258,14 +262,7 @@ decodetma)
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_kv_fp8.py -k tma \
         --junitxml="$OUT_DIR/pytest_decode_tma.xml" 2>&1 | tee "$OUT_DIR/pytest_decode_tma.log" | tail -5
     if [ "${PIPESTATUS[0]}" = 0 ]; then
-        if command -v compute-sanitizer >/dev/null 2>&1; then
-            for tool in memcheck racecheck synccheck; do
-                echo "== compute-sanitizer $tool: the TMA decode's cases"
-                timeout -s KILL 90 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
-                    "$PY" scripts/sanitize_cases.py decodetma 2>&1 | tee "$OUT_DIR/sanitizer_decodetma_$tool.log" | tail -3
-                [ "${PIPESTATUS[0]}" = 0 ] || status=1
-            done
-        fi
+        sanitize decodetma 90 "the TMA decode's cases"
         CASES=64x4096,1x32768,16x1024,64x512,8x4096
         KW="LAYERFORGE_FP8_KV_KCVT=1 LAYERFORGE_FP8_KV_KWORDS=1 LAYERFORGE_DECODE_TOP_ROWS=1"
         for run in "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=0" "LAYERFORGE_FP8_DECODE_WIDE=1 LAYERFORGE_DECODE_TMA=1" \
