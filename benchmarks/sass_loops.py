@@ -24,7 +24,6 @@ import argparse
 import collections
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,26 +35,10 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^
 _TENSOR = ("HMMA", "HGMMA", "QGMMA", "IMMA", "DMMA")
 
 
-def _tool(name: str) -> str | None:
-    """A CUDA binary utility: the nvidia-cuda-<name> wheel's, else $CUDA_HOME/bin's, else PATH's; None without."""
-    try:
-        import nvidia
-        for root in nvidia.__path__:
-            for sub in ("cu13", f"cuda_{name}", "cu12"):
-                exe = Path(root) / sub / "bin" / name
-                if exe.is_file():
-                    return str(exe)
-    except ImportError:
-        pass
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / name).is_file():
-        return str(Path(home) / "bin" / name)
-    return shutil.which(name)
-
-
 def cuobjdump() -> str | None:
-    """The cuobjdump to use, None where it or the nvdisasm it runs (`-sass`) is missing."""
-    return _tool("cuobjdump") if _tool("nvdisasm") else None
+    """The cuobjdump to use (runtime/nvrtc.cuda_tool), None where it or the nvdisasm it runs (`-sass`) is missing."""
+    from layerforge.runtime.nvrtc import cuda_tool
+    return cuda_tool("cuobjdump") if cuda_tool("nvdisasm") else None
 
 
 @dataclass(frozen=True)
@@ -74,7 +57,8 @@ def disassemble(cubin: bytes) -> dict[str, list[Instr]]:
     exe = cuobjdump()
     if exe is None:
         raise RuntimeError(f"no cuobjdump / nvdisasm: {INSTALL}")
-    env = dict(os.environ, NVDISASM_PATH=str(Path(_tool("nvdisasm")).parent))   # cuobjdump -sass runs nvdisasm
+    from layerforge.runtime.nvrtc import cuda_tool
+    env = dict(os.environ, NVDISASM_PATH=str(Path(cuda_tool("nvdisasm")).parent))   # cuobjdump -sass runs nvdisasm
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -203,16 +204,33 @@ def header_package(major: int) -> str:
     return "nvidia-cuda-runtime" if major >= 13 else f"nvidia-cuda-runtime-cu{major}"
 
 
-def _header_dir_candidates(major: int):
-    """(where, directory) pairs, the wheels first; `nvidia` is their namespace package."""
+def _cuda_dir_candidates(major: int, sub: str, package: str, cu12_folder: str):
+    """(where, directory) pairs of a CUDA folder (`sub`: include, bin), the wheels first (`nvidia` is their
+    namespace package: CUDA 13+ wheels share nvidia/cuXY/<sub>, CUDA 12's each have a folder of their own), then
+    $CUDA_HOME's and $CUDA_PATH's."""
     spec = importlib.util.find_spec("nvidia")
-    # CUDA 13+ wheels share nvidia/cuXY/include; CUDA 12's runtime wheel has its own folder
-    wheel_dir = f"cu{major}/include" if major >= 13 else "cuda_runtime/include"
+    wheel_dir = f"cu{major}/{sub}" if major >= 13 else f"{cu12_folder}/{sub}"
     for root in (spec.submodule_search_locations or []) if spec else []:
-        yield f"{header_package(major)} wheel", Path(root, wheel_dir)
+        yield f"{package} wheel", Path(root, wheel_dir)
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            yield f"${var}", Path(os.environ[var], "include")
+            yield f"${var}", Path(os.environ[var], sub)
+
+
+def _header_dir_candidates(major: int):
+    """(where, directory) pairs for the headers, the wheels first."""
+    return _cuda_dir_candidates(major, "include", header_package(major), "cuda_runtime")
+
+
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary utility of NVRTC's major version (cuobjdump, nvdisasm): its nvidia-cuda-<name> wheel's, else
+    $CUDA_HOME/bin's or $CUDA_PATH/bin's, else PATH's; None where there is none."""
+    major = nvrtc_version()[0]
+    package = f"nvidia-cuda-{name}" + ("" if major >= 13 else f"-cu{major}")
+    for _, folder in _cuda_dir_candidates(major, "bin", package, f"cuda_{name}"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return shutil.which(name)
 
 
 def cuda_header_version(include_dir: str | os.PathLike) -> tuple[int | None, int | None]:
