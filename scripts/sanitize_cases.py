@@ -97,6 +97,19 @@ def persist_cases(bf):
         ragged_prefill(layer, attn, d, {0: 1200, 1: 1, 2: 77}, bf, num_pages=128, max_pages=80, small=True)
 
 
+def e4m3_cache(lens, bf, rope, *, num_pages, max_pages, room=0):
+    """A paged e4m3 cache (Hkv 8, D 128, pages of 16, per-head scales) holding `lens` (sequence -> tokens, room
+    more allocated each) written by the append kernel; (cache, its K scales, its V scales)."""
+    c8 = PagedKVCache(num_pages, 16, 8, 128, dtype=bf, device="cuda", max_seqs=max(lens) + 1,
+                      max_pages_per_seq=max_pages, kv_dtype="fp8_e4m3", scales="per_head")
+    c8.set_scales(0, torch.rand(8, device="cuda") * 0.01 + 0.02, torch.rand(8, device="cuda") * 0.005 + 0.006)
+    for s, n in lens.items():
+        c8.allocate(s, n + room)
+        c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
+                  torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
+    return (c8, *c8.layer_scales(0))
+
+
 def decode_tma_cases(bf):
     """The e4m3 decode with its K/V tiles by TMA (LAYERFORGE_DECODE_TMA, off by default: run alone): 64- and 128-key
     tiles, whole and partial last tiles (lengths 1, 128, 129, 300), unsplit and in 3 parts, and a page table with
@@ -109,14 +122,7 @@ def decode_tma_cases(bf):
     layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     rope = layer.function.outputs[0].arg.rope
     lens = {0: 300, 1: 1, 2: 128, 3: 129}
-    c8 = PagedKVCache(80, 16, 8, 128, dtype=bf, device="cuda", max_seqs=4, max_pages_per_seq=20,
-                      kv_dtype="fp8_e4m3", scales="per_head")
-    c8.set_scales(0, torch.rand(8, device="cuda") * 0.01 + 0.02, torch.rand(8, device="cuda") * 0.005 + 0.006)
-    for s, n in lens.items():
-        c8.allocate(s, n)
-        c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
-                  torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
-    k_sc, v_sc = c8.layer_scales(0)
+    c8, k_sc, v_sc = e4m3_cache(lens, bf, rope, num_pages=80, max_pages=20)
     q = torch.randn(4, 32, 128, device="cuda", dtype=bf)
     ids = torch.arange(4, dtype=torch.int32, device="cuda")
     pos = torch.tensor([n - 1 for n in lens.values()], dtype=torch.int32, device="cuda")
@@ -171,14 +177,7 @@ def main():
          torch.tensor(ids, dtype=torch.int32, device="cuda"), pos.cuda(), max_kv_len=101, num_splits=4)
     # an e4m3 cache (per-head scales): the append kernel, then decode (the raw widening on tensor cores; split-KV
     # and the CUDA-core kernel too) and chunked prefill over it
-    c8 = PagedKVCache(64, 16, 8, 128, dtype=bf, device="cuda", max_seqs=4, max_pages_per_seq=16,
-                      kv_dtype="fp8_e4m3", scales="per_head")
-    c8.set_scales(0, torch.rand(8, device="cuda") * 0.01 + 0.02, torch.rand(8, device="cuda") * 0.005 + 0.006)
-    for s, n in lens.items():
-        c8.allocate(s, n + 1)
-        c8.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf) * 2,
-                  torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
-    k_sc, v_sc = c8.layer_scales(0)
+    c8, k_sc, v_sc = e4m3_cache(lens, bf, rope, num_pages=64, max_pages=16, room=1)
     q6 = torch.randn(6, 32, 128, device="cuda", dtype=bf)   # the chunked-prefill tokens above (q_seq, q_pos)
     for kernel in ("tc", "simt"):
         a8 = PagedAttention(layer, page_size=16, kernel=kernel, kv_dtype="fp8_e4m3")
