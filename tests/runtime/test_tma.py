@@ -76,21 +76,26 @@ def test_narrow_swizzles_take_boxes_of_their_rows():
         map_params(cache.view(-1, 4 * 96), (16, 8), 16)
 
 
-def test_e4m3_decode_maps_are_one_head_row_of_bytes_a_box_row(monkeypatch, tmp_path):
-    """LAYERFORGE_DECODE_TMA=1: the decode over an e4m3 cache takes maps of the caches as [pages x PAGE, HKV x D]
-    byte tensors, boxes of min(PAGE, BN) keys x D bytes and the D-byte swizzle (128 at D128, 64 at D64): one
-    head's row is one swizzle row, the layout the kernel's lf_st8 reads (runtime/attention._tensor_maps)."""
+def tma_decode(monkeypatch, tmp_path, d: int):
+    """A llama block's (GQA 32 / 8, head dim d) PagedAttention over an e4m3 cache with LAYERFORGE_DECODE_TMA=1, and
+    its decode plan; runtime/tma.tensor_map gives the maps' parameters, not the driver's encoding."""
     import layerforge as lf
     from layerforge.runtime import tma
     from layerforge.runtime.attention import PagedAttention
     from layerforge.runtime.cache import KernelCache
     monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
-    monkeypatch.setattr(tma, "tensor_map", map_params)   # the parameters, not the driver's encoding
-    prog = lf.stdlib()
+    monkeypatch.setattr(tma, "tensor_map", map_params)
+    layer = lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=d)
+    attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
+    return attn, attn.tc_plan("decode")
+
+
+def test_e4m3_decode_maps_are_one_head_row_of_bytes_a_box_row(monkeypatch, tmp_path):
+    """LAYERFORGE_DECODE_TMA=1: the decode over an e4m3 cache takes maps of the caches as [pages x PAGE, HKV x D]
+    byte tensors, boxes of min(PAGE, BN) keys x D bytes and the D-byte swizzle (128 at D128, 64 at D64): one
+    head's row is one swizzle row, the layout the kernel's lf_st8 reads (runtime/attention._tensor_maps)."""
     for d, swizzle in ((128, "CU_TENSOR_MAP_SWIZZLE_128B"), (64, "CU_TENSOR_MAP_SWIZZLE_64B")):
-        layer = prog.specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=d)
-        attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
-        plan = attn.tc_plan("decode")
+        attn, plan = tma_decode(monkeypatch, tmp_path, d)
         assert plan.uses_tma
         cache = torch.empty(10, 16, 8, d, dtype=torch.float8_e4m3fn)
         maps = attn._tensor_maps(SimpleNamespace(abi=plan.abi), "decode", plan.config.keys, cache, cache)
@@ -102,17 +107,8 @@ def test_e4m3_decode_launch_passes_the_maps_in_the_kernel_order(monkeypatch, tmp
     """The runtime's decode launch (PagedAttention._launch_tc) with LAYERFORGE_DECODE_TMA=1 gives the kernel its maps
     last, as its ABI has them, the caches' other arguments as before (a recorder stands in for the kernel; the map
     parameters for the driver's encoding)."""
-    import layerforge as lf
-    from layerforge.runtime import tma
-    from layerforge.runtime.attention import PagedAttention
-    from layerforge.runtime.cache import KernelCache
-
     from ..devices import record_tc_launches
-    monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
-    monkeypatch.setattr(tma, "tensor_map", map_params)
-    layer = lf.stdlib().specialise("llama_attn", dtype="bf16", Hq=32, Hkv=8, D=128)
-    attn = PagedAttention(layer, arch="sm_90", kv_dtype="fp8_e4m3", cache=KernelCache(tmp_path))
-    plan = attn.tc_plan("decode")
+    attn, plan = tma_decode(monkeypatch, tmp_path, 128)
     calls = record_tc_launches(monkeypatch, attn, plan)
     q = torch.zeros(4, 32, 128, dtype=torch.bfloat16)
     k8 = torch.zeros(40, 16, 8, 128, dtype=torch.float8_e4m3fn)
