@@ -47,6 +47,7 @@
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
 #  default-path edit)
+# SANITIZE=0 skips the compute-sanitizer passes (a call short of time; run them in a call of their own).
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,7 @@ status=0
 # at LIMIT seconds; a report or a cut sets status
 sanitize() {   # CASES LIMIT WHAT
     command -v compute-sanitizer >/dev/null 2>&1 || return 0
+    [ "${SANITIZE:-1}" = 0 ] && { echo "== sanitizer skipped (SANITIZE=0): $3"; return 0; }
     for tool in memcheck racecheck synccheck; do
         echo "== compute-sanitizer $tool: $3"
         timeout -s KILL "$2" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
