@@ -266,7 +266,8 @@ def test_hardware_conversion_path(prog, monkeypatch, cvt_form, dtype, q_mult):
     monkeypatch.setenv("LAYERFORGE_FP8_KV_CVT", "1")
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
-    assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3", fp8_cvt=True).key.endswith("_cvt_sm90")
+    assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3", fp8_cvt=True).key.endswith(
+        ("_cvt_hf_t8_sm90", "_cvt_hf_sm90"))
     new = [1, 1, 1, 1] if cvt_form == "tc" else [5, 3, 150, 17]
     run_case(prog, cvt_form, "llama_attn", 32, 8, 128, 16, lens=[5, 33, 200, 1000], new=new, dtype=dtype, q_mult=q_mult)
     run_case(prog, cvt_form, "mistral_attn", 16, 16, 64, 64, lens=[70, 300], new=new[:2], dtype=dtype, q_mult=q_mult,
@@ -308,6 +309,7 @@ def test_raw_widening_switch(prog, monkeypatch, raw_form, dtype, q_mult, raw):
     with RoPE the kernel's rotated q is rounded to bf16 (2^-9), which moves logits that large by ~0.1 and the
     output by ~0.025 on every path (the multiply, raw, the hardware cvt: the same 0.0247 on an H200)."""
     monkeypatch.setenv("LAYERFORGE_FP8_KV_RAW", raw)
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_KCVT", "0")   # K widened by integer ops too (KCVT, the default, elsewhere)
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     assert ("_raw_" in plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key) == (raw == "1")
@@ -335,8 +337,7 @@ def test_one_operand_by_hardware_conversion_switch(prog, monkeypatch, which, vcv
     sinks, against the float64 reference over the dequantised cache. "KW": fp8_kcvt with fp8_kwords (K's
     fragments as words, q's channel pairs permuted in shared memory)."""
     monkeypatch.setenv(f"LAYERFORGE_FP8_KV_{which[0]}CVT", "1")
-    if which == "KW":
-        monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1")
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1" if which == "KW" else "0")
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     key = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
@@ -377,13 +378,10 @@ def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
     reference over the dequantised cache."""
     monkeypatch.setenv("LAYERFORGE_DECODE_TMA", "1")
     monkeypatch.setenv("LAYERFORGE_FP8_DECODE_WIDE", wide)
-    if widen.startswith("KW"):
-        monkeypatch.setenv("LAYERFORGE_FP8_KV_KCVT", "1")
-        monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1")
-    if widen == "KW_T8":
-        monkeypatch.setenv("LAYERFORGE_DECODE_TOP_ROWS", "1")
-    if widen == "V":
-        monkeypatch.setenv("LAYERFORGE_FP8_KV_VCVT", "1")
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_KCVT", "1" if widen.startswith("KW") else "0")
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_KWORDS", "1" if widen.startswith("KW") else "0")
+    monkeypatch.setenv("LAYERFORGE_DECODE_TOP_ROWS", "1" if widen == "KW_T8" else "0")
+    monkeypatch.setenv("LAYERFORGE_FP8_KV_VCVT", "1" if widen == "V" else "0")
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     assert "_tma_" in plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3").key
