@@ -452,8 +452,9 @@ def fp8_vcvt_default() -> bool:
 
 def fp8_kcvt_default() -> bool:
     """Whether fp8_raw plans on sm_89+ (without fp8_vcvt) take TCAttentionPlan.fp8_kcvt (K by the hardware's cvt,
-    Q K^T in f16): on, measured on an H200 with fp8_kwords and top_rows (the e4m3 decode at 64 x 4096 168.1 -> 146.8
-    us, benchmarks/NOTES.md); LAYERFORGE_FP8_KV_KCVT=0 turns it off."""
+    Q K^T in f16): on for decode, measured on an H200 with fp8_kwords and top_rows (the e4m3 decode at 64 x 4096 168.1
+    -> 146.8 us, benchmarks/NOTES.md; prefill over an e4m3 cache keeps the integer widening, not measured with it);
+    LAYERFORGE_FP8_KV_KCVT=0 turns it off; plan_tc_attention(..., fp8_kcvt=True) asks for it in prefill."""
     return env_switch("LAYERFORGE_FP8_KV_KCVT", True)
 
 
@@ -504,7 +505,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     fp8_raw = kv_dtype is not None and not fp8_cvt and (fp8_raw_default() if fp8_raw is None else fp8_raw)
     fp8_vcvt = fp8_raw and fp8_cvt_applies(arch, kv_dtype) and (fp8_vcvt_default() if fp8_vcvt is None else fp8_vcvt)
     fp8_kcvt = (fp8_raw and not fp8_vcvt and fp8_cvt_applies(arch, kv_dtype)
-                and (fp8_kcvt_default() if fp8_kcvt is None else fp8_kcvt))
+                and (fp8_kcvt_default() and mode == "decode" if fp8_kcvt is None else fp8_kcvt))   # (measured for decode)
     fp8_kwords = fp8_kcvt and (fp8_kwords_default() if fp8_kwords is None else fp8_kwords)
     fold = fold and folds(hook_context(layer))   # (only where it applies: one key for the plain kernel)
     check_attention_layer(layer, page_size)

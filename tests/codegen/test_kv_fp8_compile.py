@@ -28,6 +28,34 @@ def prog():
     return lf.stdlib()
 
 
+@pytest.fixture(autouse=True)
+def integer_widening(monkeypatch):
+    """The tests below name the widening and tiles they check; the decode's defaults (128-key tiles, K by the cvt
+    as words, the top rows skipped) are pinned off here and checked on their own (test_fp8_decode_defaults)."""
+    for name in ("LAYERFORGE_FP8_KV_KCVT", "LAYERFORGE_FP8_DECODE_WIDE", "LAYERFORGE_DECODE_TOP_ROWS"):
+        monkeypatch.setenv(name, "0")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fp8_decode_defaults(prog, monkeypatch, d, dtype, tmp_path):
+    """Without switches an e4m3 decode on sm_90 takes K by the cvt as words and skips the top rows (and at D128 the
+    128-key tiles), spill-free; its prefill keeps the integer widening; sm_80 (no cvt) the integer widening."""
+    from layerforge.runtime.cache import KernelCache
+    from layerforge.runtime.launch import compile_fn
+    for name in ("LAYERFORGE_FP8_KV_KCVT", "LAYERFORGE_FP8_DECODE_WIDE", "LAYERFORGE_DECODE_TOP_ROWS"):
+        monkeypatch.delenv(name)
+    layer = specialise(prog, "llama_attn", d, dtype)
+    plan = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, compile_fn=compile_fn(KernelCache(tmp_path)))
+    assert "_raw_kcvt_kw_" in plan.key and "_t8_" in plan.key
+    assert ("_w1x4m1n32s3q_" in plan.key) == (d == 128)
+    compile_clean(plan, "sm_90")
+    prefill = plan_tc_attention(layer, "sm_90", mode="prefill", kv_dtype=FP8, tiles=None)
+    assert "_raw_" in prefill.key and "kcvt" not in prefill.key
+    old = plan_tc_attention(layer, "sm_80", mode="decode", kv_dtype=FP8, tiles=None)
+    assert "_raw_" in old.key and "kcvt" not in old.key
+
+
 def compile_clean(plan, arch):
     res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
     for kr in res.resources.values():
@@ -255,7 +283,8 @@ def test_fp8_k_by_hardware_conversion_compiles_without_spills(prog, dtype, d, mo
     cvt.rn.f16x2.e4m3x2, Q K^T in f16 (bf16 q as f16 times 2^-qe, no 2^40), V by integer ops with P x 2^100 in
     bf16; its own key; sm_80 plans never take it, and it does not go with fp8_vcvt."""
     layer = specialise(prog, "llama_attn", d, dtype)
-    plan = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kcvt=True)
+    plan = plan_tc_attention(layer, "sm_90", mode=mode, kv_dtype=FP8, fp8_raw=True, fp8_kcvt=True,
+                              fp8_kwords=False)
     assert plan.fp8_kcvt and plan.key.endswith("_raw_kcvt_sm90")
     compile_clean(plan, "sm_90")
     src = plan.source()
@@ -304,7 +333,7 @@ def test_k_words_permutation_matches_the_mma_k_slots():
 
 
 def test_fp8_decode_takes_wide_tiles_at_d128(prog, monkeypatch, tmp_path):
-    """LAYERFORGE_FP8_DECODE_WIDE=1 (off until the fp8 GPU tests run with it): an e4m3 decode at D128 tries 128-key
+    """LAYERFORGE_FP8_DECODE_WIDE=1 (the default, measured on an H200): an e4m3 decode at D128 tries 128-key
     tiles (32 keys a warp) first, spill-free, so the planner keeps them; a bf16 one and other head dims keep 64-key
     tiles; off, the e4m3 decode takes the bf16 tiles."""
     from layerforge.codegen.attention_tc import tile_candidates
