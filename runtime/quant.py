@@ -777,12 +777,14 @@ FP8_GEMM_SCALES = "token"
 # and kept while the weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
 STREAM_WTYPES = ("u4", "i8")
-# u4 with more than STREAM_U4_WIDE_ELEMENTS weights takes the decode-range GEMM from STREAM_U4_WIDE_ROWS rows (H200,
-# bench_gemv --stream --quant --tokens 20,32: 8B qkv 15.8 / 19.0 -> 14.1 us at 20 / 32 rows, gate/up 49.7 / 55.3 ->
-# 38.6 / 39.0, 70B qkv 46.3 / 54.5 -> 28.3; at 16 rows the small-token kernel is faster everywhere, and on 8B's o
-# (4096 x 4096) at 17-32 rows too: 7.9 / 9.3 against 11.8)
-STREAM_U4_WIDE_ROWS = 17
+# u4 with more than STREAM_U4_WIDE_ELEMENTS weights takes the decode-range GEMM from STREAM_U4_WIDE_ROWS rows (25; 17
+# where gated or at least STREAM_U4_HUGE_ELEMENTS). H200, bench_gemv --stream --quant --tokens 20,32 (small-token
+# kernel -> GEMM, us at 20 / 32 rows): 8B qkv 15.8 / 19.0 -> 15.2 / 15.1 (its default split), gate/up 49.7 / 55.3 ->
+# 38.6 / 39.0, down 22.1 / 26.4 -> 23.2 / 23.6, 70B qkv 46.3 / 54.5 -> 28.3 / 28.2, o 37.1 / 44.4 -> 22.7 / 23.2; at 16
+# rows the small-token kernel is faster everywhere, and on 8B's o (4096 x 4096) at 20-32 rows too (7.9 / 9.3 -> 11.8)
+STREAM_U4_WIDE_ROWS = (17, 25)
 STREAM_U4_WIDE_ELEMENTS = 4096 * 4096
+STREAM_U4_HUGE_ELEMENTS = 8192 * 8192
 _STREAM_PACKS: dict[tuple[int, str], tuple] = {}   # (id of qweight, plan key) -> (weakref, versions, packed W)
 _DEQUANT: dict[tuple, object] = {}      # (wtype, group, n, k, dtype, device) -> launcher; ("rows", k, ...): x to e4m3
 
@@ -804,7 +806,7 @@ def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
         raise ValueError(f"quant.STREAM_WTYPES may hold 'u4' and 'i8', got {sorted(unknown)}")
     first = STREAM_QUANT_ROWS[0]
     if qw.wtype == "u4" and qw.n * qw.k > STREAM_U4_WIDE_ELEMENTS:
-        first = min(first, STREAM_U4_WIDE_ROWS)
+        first = min(first, STREAM_U4_WIDE_ROWS[0 if gated or qw.n * qw.k >= STREAM_U4_HUGE_ELEMENTS else 1])
     return (qw.wtype in STREAM_WTYPES and not (qw.wtype == "i8" and qw.group)
             and first <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, qw.wtype))
             and _gpu_ok(x, qw) and _capability(x.device) == (9, 0))
