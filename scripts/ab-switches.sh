@@ -45,6 +45,8 @@
 #              integer widening and for KCVT + KWORDS + TOP_ROWS, and TMA on the 64-key tiles
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
+# (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
+#  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
 #  default-path edit)
 # SANITIZE=0 skips the compute-sanitizer passes (a call short of time; run them in a call of their own).
