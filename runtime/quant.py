@@ -777,8 +777,9 @@ FP8_GEMM_SCALES = "token"
 # and kept while the weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
 STREAM_WTYPES = ("u4", "i8")
-# u4 with more than STREAM_U4_WIDE_ELEMENTS weights takes the decode-range GEMM from STREAM_U4_WIDE_ROWS rows (25; 17
-# where gated or at least STREAM_U4_HUGE_ELEMENTS). H200, bench_gemv --stream --quant --tokens 20,32 (small-token
+# With LAYERFORGE_U4_STREAM_WIDE=1 (off until its GPU test runs: u4_stream_wide_default), u4 with more than
+# STREAM_U4_WIDE_ELEMENTS weights takes the decode-range GEMM from STREAM_U4_WIDE_ROWS rows (25; 17 where gated or at
+# least STREAM_U4_HUGE_ELEMENTS). H200, bench_gemv --stream --quant --tokens 20,32 (small-token
 # kernel -> GEMM, us at 20 / 32 rows): 8B qkv 15.8 / 19.0 -> 15.2 / 15.1 (its default split), gate/up 49.7 / 55.3 ->
 # 38.6 / 39.0, down 22.1 / 26.4 -> 23.2 / 23.6, 70B qkv 46.3 / 54.5 -> 28.3 / 28.2, o 37.1 / 44.4 -> 22.7 / 23.2; at 16
 # rows the small-token kernel is faster everywhere, and on 8B's o (4096 x 4096) at 20-32 rows too (7.9 / 9.3 -> 11.8)
@@ -799,13 +800,22 @@ def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
     return 1 <= rows <= limit and _gpu_ok(x, qw)
 
 
+def u4_stream_wide_default() -> bool:
+    """Whether wide u4 weights take the decode-range GEMM from 17 / 25 rows (STREAM_U4_WIDE_ROWS): measured faster on
+    an H200 (benchmarks/NOTES.md, "u4 at 17-32 rows"), but off until its GPU test (tests/gpu/test_gemm_stream.py -k
+    from_17: the u4 GEMM's 32-token tiles against the dequantised reference) has run; LAYERFORGE_U4_STREAM_WIDE=1
+    turns it on."""
+    from ..codegen.plan import env_switch
+    return env_switch("LAYERFORGE_U4_STREAM_WIDE", False)
+
+
 def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
     from ..codegen.gemm_stream import max_rows
     unknown = set(STREAM_WTYPES) - {"u4", "i8"}
     if unknown:   # a misspelt or unsupported entry is an error, not a silently unused one
         raise ValueError(f"quant.STREAM_WTYPES may hold 'u4' and 'i8', got {sorted(unknown)}")
     first = STREAM_QUANT_ROWS[0]
-    if qw.wtype == "u4" and qw.n * qw.k > STREAM_U4_WIDE_ELEMENTS:
+    if qw.wtype == "u4" and qw.n * qw.k > STREAM_U4_WIDE_ELEMENTS and u4_stream_wide_default():
         first = min(first, STREAM_U4_WIDE_ROWS[0 if gated or qw.n * qw.k >= STREAM_U4_HUGE_ELEMENTS else 1])
     return (qw.wtype in STREAM_WTYPES and not (qw.wtype == "i8" and qw.group)
             and first <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, qw.wtype))
