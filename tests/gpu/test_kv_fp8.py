@@ -267,7 +267,7 @@ def test_hardware_conversion_path(prog, monkeypatch, cvt_form, dtype, q_mult):
     from layerforge.codegen.attention_tc import plan_tc_attention
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype="fp8_e4m3", fp8_cvt=True).key.endswith(
-        ("_cvt_hf_t8_sm90", "_cvt_hf_sm90"))
+        ("_cvt_t8_sm90", "_cvt_hf_t8_sm90"))
     new = [1, 1, 1, 1] if cvt_form == "tc" else [5, 3, 150, 17]
     run_case(prog, cvt_form, "llama_attn", 32, 8, 128, 16, lens=[5, 33, 200, 1000], new=new, dtype=dtype, q_mult=q_mult)
     run_case(prog, cvt_form, "mistral_attn", 16, 16, 64, 64, lens=[70, 300], new=new[:2], dtype=dtype, q_mult=q_mult,
