@@ -814,9 +814,9 @@ def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:
     unknown = set(STREAM_WTYPES) - {"u4", "i8"}
     if unknown:   # a misspelt or unsupported entry is an error, not a silently unused one
         raise ValueError(f"quant.STREAM_WTYPES may hold 'u4' and 'i8', got {sorted(unknown)}")
-    first = STREAM_QUANT_ROWS[0]
-    if qw.wtype == "u4" and qw.n * qw.k > STREAM_U4_WIDE_ELEMENTS and u4_stream_wide_default():
-        first = min(first, STREAM_U4_WIDE_ROWS[0 if gated or qw.n * qw.k >= STREAM_U4_HUGE_ELEMENTS else 1])
+    first, size = STREAM_QUANT_ROWS[0], qw.n * qw.k
+    if qw.wtype == "u4" and size > STREAM_U4_WIDE_ELEMENTS and u4_stream_wide_default():
+        first = min(first, STREAM_U4_WIDE_ROWS[0 if gated or size >= STREAM_U4_HUGE_ELEMENTS else 1])
     return (qw.wtype in STREAM_WTYPES and not (qw.wtype == "i8" and qw.group)
             and first <= rows <= min(STREAM_QUANT_ROWS[1], max_rows(gated, qw.wtype))
             and _gpu_ok(x, qw) and _capability(x.device) == (9, 0))

@@ -175,8 +175,8 @@ def main():
     q = torch.randn(3, 32, 128, device="cuda", dtype=bf)
     attn(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens,
          torch.tensor(ids, dtype=torch.int32, device="cuda"), pos.cuda(), max_kv_len=101, num_splits=4)
-    # an e4m3 cache (per-head scales): the append kernel, then decode (the raw widening on tensor cores; split-KV
-    # and the CUDA-core kernel too) and chunked prefill over it
+    # an e4m3 cache (per-head scales): the append kernel, then decode (the default widening on tensor cores, K by the
+    # cvt as words on sm_90; split-KV and the CUDA-core kernel too) and chunked prefill over it
     c8, k_sc, v_sc = e4m3_cache(lens, bf, rope, num_pages=64, max_pages=16, room=1)
     q6 = torch.randn(6, 32, 128, device="cuda", dtype=bf)   # the chunked-prefill tokens above (q_seq, q_pos)
     for kernel in ("tc", "simt"):

@@ -28,11 +28,15 @@ def prog():
     return lf.stdlib()
 
 
+# the switches of the e4m3 decode's defaults (K by the cvt as words, 128-key tiles, the top rows skipped)
+DECODE_DEFAULTS = ("LAYERFORGE_FP8_KV_KCVT", "LAYERFORGE_FP8_DECODE_WIDE", "LAYERFORGE_DECODE_TOP_ROWS")
+
+
 @pytest.fixture(autouse=True)
 def integer_widening(monkeypatch):
-    """The tests below name the widening and tiles they check; the decode's defaults (128-key tiles, K by the cvt
-    as words, the top rows skipped) are pinned off here and checked on their own (test_fp8_decode_defaults)."""
-    for name in ("LAYERFORGE_FP8_KV_KCVT", "LAYERFORGE_FP8_DECODE_WIDE", "LAYERFORGE_DECODE_TOP_ROWS"):
+    """The tests below name the widening and tiles they check; the decode's defaults are pinned off here and
+    checked on their own (test_fp8_decode_defaults)."""
+    for name in DECODE_DEFAULTS:
         monkeypatch.setenv(name, "0")
 
 
@@ -43,7 +47,7 @@ def test_fp8_decode_defaults(prog, monkeypatch, d, dtype, tmp_path):
     128-key tiles), spill-free; its prefill keeps the integer widening; sm_80 (no cvt) the integer widening."""
     from layerforge.runtime.cache import KernelCache
     from layerforge.runtime.launch import compile_fn
-    for name in ("LAYERFORGE_FP8_KV_KCVT", "LAYERFORGE_FP8_DECODE_WIDE", "LAYERFORGE_DECODE_TOP_ROWS"):
+    for name in DECODE_DEFAULTS:
         monkeypatch.delenv(name)
     layer = specialise(prog, "llama_attn", d, dtype)
     plan = plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, compile_fn=compile_fn(KernelCache(tmp_path)))
