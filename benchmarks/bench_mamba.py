@@ -81,13 +81,18 @@ def timer(device: str):
 def peer_in_pieces(t, run, B: int):
     """transformers' time for a batch of B: run(lo, hi) on sequences lo..hi-1, timed whole, or (its
     torch path materialises [b, chunks, Q, Q, heads, N] products: 160 GB at 8 x 2048) as the sum of
-    equal batch pieces, halved until a piece fits (bench_rows.in_pieces). (seconds, pieces)."""
+    equal batch pieces, halved until a piece fits (bench_rows.in_pieces). (seconds, pieces); (None, B) where one
+    sequence alone does not fit (1 x 8192 on an 80 GB card asks for 80 GiB), so ours still prints."""
     from .bench_rows import in_pieces
 
     def measure(pieces):
         step = -(-B // pieces)
         return sum(t(lambda lo=lo: run(lo, lo + step)) for lo in range(0, B, step))
-    return in_pieces(measure, B)
+    try:
+        return in_pieces(measure, B)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, B
 
 
 def prefill_cost(c: Mamba2MixerConfig, B: int, L: int, elt: int) -> tuple[float, float]:
@@ -162,7 +167,9 @@ def main(argv=None) -> int:
                    "hf_pieces": pieces}
             rows.append(row)
             vs = "" if hf_s is None else f"  transformers {hf_s * 1e3:9.2f} ms  {hf_s / ours_s:6.1f} x"
-            if pieces > 1:
+            if hf_s is None and not a.no_hf:
+                vs = "  transformers: out of memory on this card, even one sequence at a time"
+            elif pieces > 1:
                 vs += f" (transformers in {pieces} batch pieces: whole, it runs out of memory)"
             print(f"prefill {B} x {L}: ours {ours_s * 1e3:9.3f} ms{vs}  roofline {roof * 1e3:.3f} ms "
                   f"({roof / ours_s:.2f} of it)")

@@ -777,12 +777,15 @@ FP8_GEMM_SCALES = "token"
 # and kept while the weight lives: (1, 0) turns the route off and keeps one copy.
 STREAM_QUANT_ROWS = (QUANT_KERNEL_MAX_ROWS + 1, 128)
 STREAM_WTYPES = ("u4", "i8")
-# With LAYERFORGE_U4_STREAM_WIDE=1 (off until its GPU test runs: u4_stream_wide_default), u4 with more than
+# By default (LAYERFORGE_U4_STREAM_WIDE=0 turns it off: u4_stream_wide_default), u4 with more than
 # STREAM_U4_WIDE_ELEMENTS weights takes the decode-range GEMM from STREAM_U4_WIDE_ROWS rows (25; 17 where gated or at
 # least STREAM_U4_HUGE_ELEMENTS). H200, bench_gemv --stream --quant --tokens 20,32 (small-token
 # kernel -> GEMM, us at 20 / 32 rows): 8B qkv 15.8 / 19.0 -> 15.2 / 15.1 (its default split), gate/up 49.7 / 55.3 ->
 # 38.6 / 39.0, down 22.1 / 26.4 -> 23.2 / 23.6, 70B qkv 46.3 / 54.5 -> 28.3 / 28.2, o 37.1 / 44.4 -> 22.7 / 23.2; at 16
-# rows the small-token kernel is faster everywhere, and on 8B's o (4096 x 4096) at 20-32 rows too (7.9 / 9.3 -> 11.8)
+# rows the small-token kernel is faster everywhere, and on 8B's o (4096 x 4096) at 20-32 rows too (7.9 / 9.3 -> 11.8).
+# H100, bench_gemv --quant --tokens 16,20,25,32, the switch off -> on (us at 20 / 25 / 32 rows): 8B qkv 16.0 / 17.0 /
+# 18.7 -> 15.8 / 15.4 / 15.4, gate/up 48.9 / 52.0 / 54.1 -> 48.6 / 48.6 / 49.3, down 21.5 / 23.3 / 26.2 -> 21.3 / 23.5 /
+# 23.0, 70B qkv 45.7 / 48.9 / 53.1 -> 31.4 / 30.6 / 31.0, gate/up 174.2 / 181.5 / 194.5 -> 144.9 / 138.6 / 138.8
 STREAM_U4_WIDE_ROWS = (17, 25)
 STREAM_U4_WIDE_ELEMENTS = 4096 * 4096
 STREAM_U4_HUGE_ELEMENTS = 8192 * 8192
@@ -801,12 +804,12 @@ def _kernel_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
 
 
 def u4_stream_wide_default() -> bool:
-    """Whether wide u4 weights take the decode-range GEMM from 17 / 25 rows (STREAM_U4_WIDE_ROWS): measured faster on
-    an H200 (benchmarks/NOTES.md, "u4 at 17-32 rows"), but off until its GPU test (tests/gpu/test_gemm_stream.py -k
-    from_17: the u4 GEMM's 32-token tiles against the dequantised reference) has run; LAYERFORGE_U4_STREAM_WIDE=1
-    turns it on."""
+    """Whether wide u4 weights take the decode-range GEMM from 17 / 25 rows (STREAM_U4_WIDE_ROWS): on by default,
+    measured faster on an H200 and an H100 (benchmarks/NOTES.md, "u4 at 17-32 rows") once its GPU test
+    (tests/gpu/test_gemm_stream.py -k from_17: the u4 GEMM's 32-token tiles against the dequantised reference)
+    passed; LAYERFORGE_U4_STREAM_WIDE=0 keeps the small-token kernel to 32 rows."""
     from ..codegen.plan import env_switch
-    return env_switch("LAYERFORGE_U4_STREAM_WIDE", False)
+    return env_switch("LAYERFORGE_U4_STREAM_WIDE", True)
 
 
 def _stream_ok(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool:

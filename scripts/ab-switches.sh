@@ -43,9 +43,9 @@
 #              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py decodetma) and the e4m3
 #              decode (bench_decode_tiles --kv fp8, default shape) on 128-key tiles without and with TMA, for the
 #              integer widening and for KCVT + KWORDS + TOP_ROWS, and TMA on the 64-key tiles
-#   u4wide     u4 weights wider than 4096 x 4096 on the decode-range GEMM from 17 / 25 rows (LAYERFORGE_U4_STREAM_WIDE, off
-#              until this runs): its GPU test (tests/gpu/test_gemm_stream.py -k from_17), then, if it passed,
-#              bench_gemv --quant --tokens 16,20,25,32 off against on
+#   u4wide     u4 weights wider than 4096 x 4096 on the decode-range GEMM from 17 / 25 rows (LAYERFORGE_U4_STREAM_WIDE, the
+#              default since measured on an H100): its GPU test (tests/gpu/test_gemm_stream.py -k from_17), then, if
+#              it passed, bench_gemv --quant --tokens 16,20,25,32 off against on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
@@ -290,7 +290,7 @@ u4wide)
     if [ "${PIPESTATUS[0]}" = 0 ]; then
         for on in 0 1; do
             echo "-- LAYERFORGE_U4_STREAM_WIDE=$on"
-            LAYERFORGE_U4_STREAM_WIDE=$on "$PY" -m benchmarks.bench_gemv --quant --tokens 16,20,25,32 2>&1 | tail -18 \
+            LAYERFORGE_U4_STREAM_WIDE=$on "$PY" -m benchmarks.bench_gemv --quant --tokens 16,20,25,32 2>&1 | tail -36 \
                 | tee -a "$OUT_DIR/u4wide.txt"
         done
     else

@@ -149,7 +149,7 @@ def test_u4_stream_against_the_dequantised_reference(n, k, gated, m, group, dtyp
 @pytest.mark.parametrize("m", [17, 20, 25, 32])
 @pytest.mark.parametrize("n,k,gated", [(6144, 4096, None), (2 * 5120, 4096, "silu"), (8192, 8192, None)])
 def test_u4_stream_from_17_rows_on_wide_weights(n, k, gated, m, monkeypatch):
-    """LAYERFORGE_U4_STREAM_WIDE=1: u4 weights of more than quant.STREAM_U4_WIDE_ELEMENTS take the decode-range GEMM
+    """The default (LAYERFORGE_U4_STREAM_WIDE on, pinned here): u4 weights of more than quant.STREAM_U4_WIDE_ELEMENTS take the decode-range GEMM
     from 25 rows, gated or huge ones from 17 (32-token tiles, rows past m never stored), against float64 of the
     dequantised W; 4096 x 4096 keeps the small-token kernel there."""
     from layerforge.runtime import quant
