@@ -304,6 +304,72 @@ def quant_sweep(a, ceiling):
                       + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
 
 
+XSHARE_SPLITS = ((1, 4, 2), (1, 4, 3), (1, 8, 2), (2, 4, 2), (1, 2, 2))   # (rt, warps, stages) of the shared-x layout
+
+
+def xshare_launcher(plan):
+    """The shared-x plan's kernel with its workspace (runtime/linear._SplitGemvLauncher), or None where it spills."""
+    from layerforge.runtime.launch import compile_plan, load_kernels
+    from layerforge.runtime.linear import _SplitGemvLauncher
+    res = compile_plan(plan)
+    if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
+        return None
+    launch = load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
+    return _SplitGemvLauncher(plan, launch, torch.device("cuda")) if plan.xshare > 1 else launch
+
+
+def xshare_sweep(a, ceiling):
+    """u4 (g128) products in the shared-x layout (codegen/gemv.py xshare: x staged once a CTA, K over CTAs) beside
+    the default plan, same weights, same run: each split (rt, warps, stages) at the default K split
+    (codegen/gemv.xshare_split), half and twice it; us and fraction of copy on the packed bytes, and each plan's
+    largest difference from the default's output (relative to its largest magnitude; NaN fails)."""
+    from layerforge.codegen.gemv import xshare_split
+    from layerforge.runtime.launch import device_arch
+    from layerforge.runtime.quant import QuantLinear
+    arch = device_arch()
+    shapes = [s for s in QUANT_SHAPES if not a.only or a.only in s[0]]
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (1, 8, 16)
+
+    def plans(n, k, m, gated):
+        out = {}
+        for rt, warps, stages in XSHARE_SPLITS:
+            auto = xshare_split(n, k, gated, rt, warps)
+            for split in sorted({max(1, auto // 2), auto, auto * 2}):
+                try:
+                    p = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps,
+                                  stages=stages, wtype="u4", group=128, xshare=split)
+                except ValueError:
+                    continue
+                out[p.key.split("_")[-2]] = p
+        return out
+    precompile([p for name, n, k, g in shapes for m in tokens for p in plans(n, k, m, g).values()])
+    for name, n, k, gated in shapes:
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+        lin = QuantLinear.from_float(w, 128, wtype="u4")
+        nbytes = lin.qw.nbytes()
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = lin(x, gated=gated).float()
+            default = graph_time(lambda: lin(x, gated=gated))
+            y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
+            sweep, errs = {}, {}
+            for label, plan in plans(n, k, m, gated).items():
+                launch = xshare_launcher(plan)
+                if launch is None:
+                    continue
+                y.fill_(float("nan"))
+                launch((), [x, *lin.qw.kernel_tensors, y, m])
+                err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                errs[label] = err if err == err else float("inf")
+                sweep[label] = graph_time(lambda: launch((), [x, *lin.qw.kernel_tensors, y, m]))
+            best = min(sweep, key=sweep.get)
+            worst = max(errs.values())
+            print(f"{name:12s} u4g128 {m:>3d} default {default * 1e6:6.1f} us {nbytes / default / ceiling:.2f} of copy | "
+                  f"xshare best {best} {sweep[best] * 1e6:6.1f} us {nbytes / sweep[best] / ceiling:.2f} | largest "
+                  f"difference {worst:.1e} | " + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in
+                                                         sorted(sweep.items(), key=lambda kv: kv[1])[:8]))
+
+
 _SIZED_COPY: dict[int, float] = {}
 
 
@@ -399,6 +465,9 @@ def main(argv=None):
                     "--sweep: 1,8,16)")
     ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP], help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
+    ap.add_argument("--xshare", action="store_true",
+                    help="u4's shared-x layout (x staged once a CTA, K over CTAs) beside the default, its splits "
+                         "(--tokens, default 1,8,16; --only)")
     ap.add_argument("--once", action="store_true",
                     help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "
                          "ncu --set full -k regex:gemv --launch-skip 2 --launch-count 2 python -m benchmarks.bench_gemv "
@@ -408,6 +477,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
+    if a.xshare:
+        xshare_sweep(a, ceiling)
+        return
     if a.quant and a.sweep and not a.stream:
         quant_sweep(a, ceiling)
         return

@@ -58,7 +58,7 @@ from .plan import KernelPlan, env_switch
 from .render import read_template, render
 
 __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
-           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES"]
+           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default"]
 
 MAX_M = 64
 SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
@@ -76,6 +76,27 @@ QUANT_SHARED_BUDGET_SM90 = 200 * 1024
 # LAYERFORGE_GEMV_COMPACT_X=0: the 8-row plans
 # (i8 measured slower at one token: gate/up 32.2 -> 39.9 us; u4 faster: benchmarks/NOTES.md, "x's padding")
 COMPACT_X_WTYPES = ("u4",)
+
+
+# the shared-x layout's defaults (plan_gemv xshare; not measured yet: benchmarks/NOTES.md): 16 rows a warp, 4
+# warps, 2 stages, and K split over enough CTAs that the grid holds XSHARE_CTAS of them (3 an SM of 132)
+XSHARE_RT, XSHARE_WARPS, XSHARE_STAGES, XSHARE_CTAS = 1, 4, 2, 396
+XSHARE_WARPS_SM = 16   # warps an SM the registers allow an ungated shared-x plan (min_blocks = this / warps)
+
+
+def xshare_split(n: int, k: int, gated: str | None = None, rt: int = XSHARE_RT, warps: int = XSHARE_WARPS) -> int:
+    """CTAs a u4 product's K is split over in the shared-x layout: about enough for XSHARE_CTAS CTAs in the grid,
+    every CTA with at least 2 of K's 256-k chunks where K has 4 or more, and no CTA without chunks (the split is
+    K's chunks over the chunks a CTA takes)."""
+    blocks = -(-(n // 2 if gated else n) // (16 * rt * warps))
+    chunks = -(-k // 256)
+    want = max(1, min(-(-XSHARE_CTAS // blocks), chunks // 2 if chunks >= 4 else chunks))
+    return -(-chunks // -(-chunks // want))
+
+
+def xshare_default() -> bool:
+    """Whether u4 products of 9-16 rows take the shared-x layout (LAYERFORGE_GEMV_XSHARE=1; off until measured)."""
+    return env_switch("LAYERFORGE_GEMV_XSHARE", False)
 
 
 def compact_x_default() -> bool:
@@ -138,6 +159,10 @@ class GemvPlan(ProductPlan):
                                  # module docstring)
     x_group: int = 0             # x_e4m3: k per x scale, 0 (one a token, xscale [M]; W one scale a row) or 128
                                  # (xscale [M, ceil(K / 128)], applied per chunk)
+    xshare: int = 0              # u4: 0, or the shared-x layout with K split over this many CTAs (grid y): the
+                                 # CTA's warps own different W rows (16 rt each) and stage x once a chunk
+                                 # together (the template's XSHARE; > 1: part / counts workspace)
+    min_blocks: int = 1          # xshare: CTAs an SM the registers must allow (__launch_bounds__'s second number)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -189,6 +214,17 @@ class GemvPlan(ProductPlan):
                              f"with x_group 128), no norm and no experts; got wtype {self.wtype!r} group {self.group} "
                              f"x_group {self.x_group}" + (", a norm" if self.norm else "")
                              + (", experts" if self.experts else ""))
+        if isinstance(self.xshare, bool) or not isinstance(self.xshare, int) or self.xshare < 0:
+            raise ValueError(f"gemv: xshare must be a non-negative int (CTAs K is split over), got {self.xshare!r}")
+        if self.xshare and (self.wtype != "u4" or self.experts or self.norm or self.ldw):
+            raise ValueError("gemv: xshare (x staged once a CTA) serves a u4 W of one product without a norm, got "
+                             f"wtype {self.wtype!r}" + (", experts" if self.experts else "")
+                             + (", a norm" if self.norm else "") + (", ldw" if self.ldw else ""))
+        if isinstance(self.min_blocks, bool) or not isinstance(self.min_blocks, int) or not 1 <= self.min_blocks <= 32 \
+                or self.min_blocks > 1 and not self.xshare:
+            raise ValueError(f"gemv: min_blocks must be an int in 1..32, above 1 with xshare only, got {self.min_blocks!r}")
+        if self.xshare > self.chunks:
+            raise ValueError(f"gemv: xshare = {self.xshare} splits {self.chunks} chunks of K: at most that many CTAs")
         if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
                 self.wtype or self.experts or self.ldw < self.k or self.ldw % 8):
             raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
@@ -208,7 +244,8 @@ class GemvPlan(ProductPlan):
                          + ("a" if self.compact else ""))
         if self.ldw and self.ldw != self.k:
             parts.append(f"ldw{self.ldw}")
-        parts.append(f"r{self.rt}w{self.warps}s{self.stages}")
+        parts.append(f"r{self.rt}w{self.warps}s{self.stages}" + (f"x{self.xshare}" if self.xshare else "")
+                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -253,7 +290,29 @@ class GemvPlan(ProductPlan):
 
     @property
     def shared_bytes(self) -> int:
+        if self.xshare:   # a stage: x's rows once, then each warp's W rows and pairs
+            w_stage = self.stage_bytes - 128 * self.xr * self.xt
+            return self.stages * (128 * self.xr * self.xt + self.warps * w_stage)
         return self.warps * self.stages * self.stage_bytes
+
+    @property
+    def chunks(self) -> int:
+        """K's chunks: 128-byte stage rows of W (u4 256 k, i8 / f8e4m3 128, T 64)."""
+        bk = 128 if self.x_e4m3 else 64 * self.xr
+        return -(-self.k // bk)
+
+    @property
+    def row_blocks(self) -> int:
+        """CTAs along the output columns: 16 rt columns a CTA, or (xshare) 16 rt a warp."""
+        return -(-self.n_out // (16 * self.rt * (self.warps if self.xshare else 1)))
+
+    def workspace(self) -> tuple[int, int]:
+        """(f32 partial sums, int counters) an xshare > 1 launch needs: a slice of every thread's sums for each CTA,
+        one counter a row block (zero, and left zero by the kernel)."""
+        if self.xshare <= 1:
+            return 0, 0
+        tiles = 2 * self.rt if self.gated else self.rt
+        return self.row_blocks * self.xshare * tiles * self.mt * 4 * 32 * self.warps, self.row_blocks
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -329,8 +388,12 @@ def _abi(plan: GemvPlan) -> KernelABI:
         args += [Arg("offsets", "const int* __restrict__", "input")]
         args += [Arg("src", "const int* __restrict__", "input")] if plan.gather else []
         args += [Arg("active", "const int* __restrict__", "input")] if plan.compact else []
+    if plan.xshare > 1:   # the K split's partial sums and each row block's counter (the launcher's)
+        args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
     experts = f"min({plan.experts}, rows)" if plan.compact else str(plan.experts)
     grid = (f"cdiv({plan.n_out}, {16 * plan.rt})",) + ((experts,) if plan.experts else ())
+    if plan.xshare:
+        grid = (str(plan.row_blocks), str(plan.xshare))
     return KernelABI(name=plan.kernel_name, args=tuple(args), grid=grid,
                      block=(32 * plan.warps,), shared_bytes=plan.shared_bytes,
                      problem=("rows",) if plan.compact else (), pdl=plan.pdl)
@@ -344,7 +407,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.mt, XT=plan.xt, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
-                  X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k,
+                  X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k, XSHARE=plan.xshare, SHARED_BYTES=plan.shared_bytes, MIN_BLOCKS=plan.min_blocks,
                   EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
@@ -369,15 +432,25 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
-              compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0) -> GemvPlan:
+              compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0,
+              xshare: int = 0, min_blocks: int | None = None) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
-    module's docstring)."""
+    module's docstring). xshare (u4): the shared-x layout with K over that many CTAs (xshare_split gives the
+    default), its own defaults rt 1, 4 warps, 2 stages, and registers for 16 warps an SM where not gated
+    (min_blocks; 128 a thread: 139 at 16 tokens would hold 12; gated, 16 warps spill)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = token_bucket(max_m) // 8           # n8 token tiles: 1, 2, 4, 8
     bucket = token_bucket(max_m, wtype)     # the plan's max_m: 8 mt, or (u4) 1, 2, 4
+    if xshare:
+        warps = warps or XSHARE_WARPS
+        if min_blocks is None:
+            min_blocks = 1 if gated else max(1, XSHARE_WARPS_SM // warps)
+        return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, arch=arch,
+                        rt=rt or XSHARE_RT, warps=warps, stages=stages or XSHARE_STAGES, wtype=wtype,
+                        group=group, xshare=xshare, min_blocks=min_blocks)
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
@@ -418,6 +491,8 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
                          wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
         ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
+    if min_blocks not in (None, 1):
+        raise ValueError("gemv: min_blocks is the shared-x layout's (xshare)")
     return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
                     norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
                     stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,

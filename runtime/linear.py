@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..codegen.gemm import pick_bn, plan_gemm
 from ..codegen.gemm_stream import max_rows as stream_max_rows, plan_gemm_stream, token_tile
-from ..codegen.gemv import GATED, plan_gemv, token_bucket
+from ..codegen.gemv import GATED, plan_gemv, token_bucket, xshare_default, xshare_split
 from .tma import tensor_map
 
 # Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
@@ -66,18 +66,42 @@ def _tiles(rows: int) -> int:
     return token_bucket(rows)
 
 
+# u4 products whose plans serve these token buckets take the shared-x layout (codegen/gemv.py xshare) where
+# LAYERFORGE_GEMV_XSHARE=1 (off until measured: benchmarks/NOTES.md)
+XSHARE_BUCKETS = (16,)
+
+
+class _SplitGemvLauncher:
+    """A loaded small-token kernel of the shared-x layout with K split over CTAs, with its workspace (the CTAs'
+    f32 sums and one counter a row block, zero: the kernel leaves them zero), allocated once a launcher, so calls
+    through one launcher must be ordered (one stream)."""
+
+    __slots__ = ("launcher", "part", "counts")
+
+    def __init__(self, plan, launcher, device: torch.device):
+        floats, counters = plan.workspace()
+        self.launcher = launcher
+        self.part = torch.empty(floats, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(counters, dtype=torch.int32, device=device)
+
+    def __call__(self, problem, args: list) -> None:
+        self.launcher(problem, [*args, self.part, self.counts])
+
+
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
               wtype: str | None = None, group: int = 0, ldw: int = 0):
     tiles = token_bucket(rows, wtype)
-    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw)
+    share = (wtype == "u4" and norm_offset is None and not ldw and tiles in XSHARE_BUCKETS and xshare_default())
+    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw, share)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import device_arch, load_plan
         plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
                          bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
                          norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group,
-                         ldw=ldw)
-        hit = _KERNELS[key] = load_plan(plan, x.device, cache)
+                         ldw=ldw, xshare=xshare_split(n, k, gated) if share else 0)
+        hit = load_plan(plan, x.device, cache)
+        hit = _KERNELS[key] = _SplitGemvLauncher(plan, hit, x.device) if plan.xshare > 1 else hit
     return hit
 
 

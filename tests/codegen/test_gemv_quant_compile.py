@@ -162,3 +162,62 @@ def test_quant_w_copies_before_the_pdl_wait():
         pre, post = src.split('extern "C"')[1].split('asm volatile("griddepcontrol.wait;" ::: "memory");')
         assert ("load(warp + s * WARPS, s, 1);" in pre and "load(warp + s * WARPS, s, 2);" in post) == split
         assert ("load(warp + s * WARPS, s);" in post) == (not split)
+
+
+# the shared-x layout (xshare): 8B and 70B products, gated with the epilogue, K not a multiple of the chunk
+XSHARE_CASES = [(6144, 4096, None, {}), (4096, 14336, None, {}), (28672, 4096, "silu", dict(bias=True, residual=True)),
+                (10240, 8192, None, dict(bias=True)), (3000, 1152, "gelu_tanh", {})]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("max_m", [1, 4, 8, 16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_xshare_compiles_without_spills(group, max_m, arch):
+    from layerforge.codegen.gemv import xshare_split
+    for n, k, gated, extra in XSHARE_CASES:
+        plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="u4", group=group,
+                         xshare=xshare_split(n, k, gated), **extra)
+        kr = resources(plan)
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def test_xshare_plan_key_abi_and_shared_bytes():
+    """The key names the split, the grid is (row blocks of 16 rt warps rows, the split), a split over CTAs takes
+    the part / counts workspace (sized by workspace()), and a stage holds x's rows once: at 16 tokens the default
+    layout's 4 warps hold x 4 times."""
+    from layerforge.codegen.gemv import xshare_split
+    plan = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, xshare=4)
+    assert plan.key == "gemv_n6144_k4096_m16_bf16_u4g128_r1w4s2x4b4_sm90"
+    assert plan.abi.grid == ("96", "4", "1")
+    names = [a.name for a in plan.abi.args]
+    assert names[-2:] == ["part", "counts"] and plan.workspace() == (96 * 4 * 2 * 4 * 128, 96)
+    xrows = 16 * 4 * 128   # 16 tokens x 4 rows of 128 bytes a 256-k chunk
+    wrows = 4 * 16 * (128 + 8)   # 4 warps x 16 rows, each with its (scale, zero) pairs (2 groups x 4 bytes)
+    assert plan.shared_bytes == 2 * (xrows + wrows)
+    one = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, xshare=1)
+    assert [a.name for a in one.abi.args][-2:] == ["out", "M"] and one.workspace() == (0, 0)
+    src = plan.source()
+    assert "threadIdx.x + NT * j" in src and "atomicAdd(&counts[blockIdx.x], 1)" in src
+    assert "__ldcg" not in one.source()   # no split, no sums through global memory
+    assert "__launch_bounds__(NT, 4)" in src and plan.min_blocks == 4   # registers for 16 warps an SM
+    assert plan_gemv("bf16", n=28672, k=4096, max_m=16, gated="silu", wtype="u4", group=128, xshare=2).min_blocks == 1
+    assert xshare_split(6144, 4096) == 4 and xshare_split(28672, 4096, "silu") == 2 and xshare_split(24, 128) == 1
+    # the default layout, unchanged by the option
+    assert "XSPLIT" not in plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128).source()
+
+
+def test_xshare_plan_errors():
+    for bad, match in ((dict(wtype="i8", group=0), "serves a u4 W"), (dict(norm="rms"), "without a norm"),
+                       (dict(xshare=17), "splits 16 chunks"), (dict(xshare=-1), "non-negative"),
+                       (dict(xshare=0, min_blocks=2), "with xshare only")):
+        kw = dict(n=6144, k=4096, max_m=16, wtype="u4", group=128, xshare=2) | bad
+        with pytest.raises(ValueError, match=match):
+            GemvPlan(dtype="bf16", **{k: v for k, v in kw.items()})
+
+
+def test_xshare_route_off_by_default(monkeypatch):
+    from layerforge.codegen.gemv import xshare_default
+    monkeypatch.delenv("LAYERFORGE_GEMV_XSHARE", raising=False)
+    assert xshare_default() is False
+    monkeypatch.setenv("LAYERFORGE_GEMV_XSHARE", "1")
+    assert xshare_default() is True
