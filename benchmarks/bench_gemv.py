@@ -304,7 +304,9 @@ def quant_sweep(a, ceiling):
                       + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
 
 
-XSHARE_SPLITS = ((1, 4, 2), (1, 4, 3), (1, 8, 2), (2, 4, 2), (1, 2, 2))   # (rt, warps, stages) of the shared-x layout
+# (rt, warps, stages, min_blocks) of the shared-x layout (spilling plans are skipped)
+XSHARE_SPLITS = ((1, 4, 2, 4), (1, 4, 2, 3), (1, 4, 2, 1), (1, 4, 3, 4), (1, 8, 2, 2), (2, 4, 2, 2), (2, 2, 2, 6),
+                 (1, 2, 2, 8), (1, 2, 2, 5))
 
 
 def xshare_launcher(plan):
@@ -320,7 +322,7 @@ def xshare_launcher(plan):
 
 def xshare_sweep(a, ceiling):
     """u4 (g128) products in the shared-x layout (codegen/gemv.py xshare: x staged once a CTA, K over CTAs) beside
-    the default plan, same weights, same run: each split (rt, warps, stages) at the default K split
+    the default plan, same weights, same run: each split (rt, warps, stages, min_blocks) at the default K split
     (codegen/gemv.xshare_split), half and twice it; us and fraction of copy on the packed bytes, and each plan's
     largest difference from the default's output (relative to its largest magnitude; NaN fails)."""
     from layerforge.codegen.gemv import xshare_split
@@ -332,12 +334,12 @@ def xshare_sweep(a, ceiling):
 
     def plans(n, k, m, gated):
         out = {}
-        for rt, warps, stages in XSHARE_SPLITS:
+        for rt, warps, stages, blocks in XSHARE_SPLITS:
             auto = xshare_split(n, k, gated, rt, warps)
             for split in sorted({max(1, auto // 2), auto, auto * 2}):
                 try:
                     p = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps,
-                                  stages=stages, wtype="u4", group=128, xshare=split)
+                                  stages=stages, wtype="u4", group=128, xshare=split, min_blocks=blocks)
                 except ValueError:
                     continue
                 out[p.key.split("_")[-2]] = p

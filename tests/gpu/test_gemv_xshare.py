@@ -61,10 +61,10 @@ def test_xshare_against_float64(n, k, group, m):
         assert rel_err(run(plan, lin, x), ref) < 1e-2, plan.key
 
 
-@pytest.mark.parametrize("split", [(1, 4, 2), (1, 4, 3), (1, 8, 2), (2, 4, 2), (1, 2, 2)])
+@pytest.mark.parametrize("split", [(1, 4, 2, 4), (1, 4, 3, 4), (1, 8, 2, 2), (2, 4, 2, 2), (2, 2, 2, 6), (1, 2, 2, 8)])
 def test_xshare_work_splits(split):
-    """Every (rt, warps, stages) the benchmark sweeps, at 16 tokens with the default K split and twice it."""
-    rt, warps, stages = split
+    """(rt, warps, stages, min_blocks) the benchmark sweeps, at 13 tokens with the default K split and twice it."""
+    rt, warps, stages, blocks = split
     n, k = 3000, 4096
     gen = seeded_generator("gemv-xshare-splits", *split)
     lin = quant_linear(n, k, "u4", 128, torch.bfloat16, gen)
@@ -73,7 +73,7 @@ def test_xshare_work_splits(split):
     auto = xshare_split(n, k, None, rt, warps)
     for ks in (auto, 2 * auto):
         plan = plan_gemv("bf16", n=n, k=k, max_m=16, wtype="u4", group=128, arch=arch(), rt=rt, warps=warps,
-                         stages=stages, xshare=ks)
+                         stages=stages, xshare=ks, min_blocks=blocks)
         assert rel_err(run(plan, lin, x), ref) < 1e-2, plan.key
 
 
