@@ -46,6 +46,10 @@
 #   u4wide     u4 weights wider than 4096 x 4096 on the decode-range GEMM from 17 / 25 rows (LAYERFORGE_U4_STREAM_WIDE, the
 #              default since measured on an H100): its GPU test (tests/gpu/test_gemm_stream.py -k from_17), then, if
 #              it passed, bench_gemv --quant --tokens 16,20,25,32 off against on
+#   xshare     u4's shared-x layout at 9-16 rows (LAYERFORGE_GEMV_XSHARE, off until this runs): bench_gemv --xshare (each
+#              split beside the default, 8B shapes at 16 / 8 / 1 tokens), its GPU test, then, if it passed,
+#              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py xshare) and
+#              bench_gemv --quant --tokens 9,16 with the switch off and on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
@@ -262,6 +266,24 @@ decode)
         -k "decode_over or split_kv or subnormal or sinks" --junitxml="$OUT_DIR/pytest_decode_default.xml" 2>&1 \
         | tee "$OUT_DIR/pytest_decode_default.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+xshare)
+    echo "== u4's shared-x layout (LAYERFORGE_GEMV_XSHARE): its splits beside the default, GPU test, sanitizers, off / on"
+    timeout -s KILL 150 "$PY" -m benchmarks.bench_gemv --xshare --only 8B --tokens 16,8,1 2>&1 | tail -12 \
+        | tee "$OUT_DIR/xshare_sweep.txt"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemv_xshare.py \
+        --junitxml="$OUT_DIR/pytest_xshare.xml" 2>&1 | tee "$OUT_DIR/pytest_xshare.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        sanitize xshare 60 "u4's shared-x cases"
+        for on in 0 1; do
+            echo "-- LAYERFORGE_GEMV_XSHARE=$on"
+            LAYERFORGE_GEMV_XSHARE=$on "$PY" -m benchmarks.bench_gemv --quant --tokens 9,16 2>&1 | tail -18 \
+                | tee -a "$OUT_DIR/xshare.txt"
+        done
+    else
+        status=1
+    fi
     ;;
 decodetma)
     echo "== the e4m3 decode by TMA (LAYERFORGE_DECODE_TMA): GPU test, then the decode without / with it, same card"

@@ -10,7 +10,7 @@ and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
 ("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
-decodetma)."""
+decodetma; "xshare": u4's shared-x products, the same way by its part xshare)."""
 import itertools
 
 import torch
@@ -135,6 +135,28 @@ def decode_tma_cases(bf):
             a8(q, c8.k_cache, c8.v_cache, table, c8.seq_lens, ids, pos, max_kv_len=300, num_splits=splits,
                k_scale=k_sc, v_scale=v_sc)
     torch.cuda.synchronize()
+
+
+def xshare_cases(bf):
+    """u4's shared-x layout (off by default): K split over CTAs (the workspace and counters), one CTA per row block,
+    N past a CTA's rows, fewer tokens than the plan's, a gated product with bias and residual."""
+    from layerforge.codegen.gemv import plan_gemv
+    from layerforge.runtime.launch import device_arch, load_plan
+    from layerforge.runtime.linear import _SplitGemvLauncher
+    from layerforge.runtime.quant import QuantLinear
+    dev = torch.device("cuda")
+    for n, k, gated, m, split in ((1040, 2048, None, 13, 3), (1000, 1152, None, 16, 1), (2 * 520, 3072, "silu", 5, 4)):
+        lin = QuantLinear.from_float(torch.randn(n, k) / k ** 0.5, 128, torch.randn(n), wtype="u4", dtype=bf).cuda()
+        n_out = n // 2 if gated else n
+        plan = plan_gemv("bf16", n=n, k=k, max_m=16, gated=gated, bias=True, residual=bool(gated), arch=device_arch(),
+                         wtype="u4", group=128, xshare=split)
+        launch = load_plan(plan, dev)
+        launch = _SplitGemvLauncher(plan, launch, dev) if plan.xshare > 1 else launch
+        x = torch.randn(m, k, device="cuda", dtype=bf)
+        out = torch.empty(m, n_out, device="cuda", dtype=bf)
+        res = [torch.randn(m, n_out, device="cuda", dtype=bf)] if gated else []
+        for _ in range(2):   # twice: the counters the first launch left zero
+            launch((), [x, *lin.qw.kernel_tensors, lin.bias, *res, out, m])
 
 
 def main():
@@ -302,5 +324,7 @@ if __name__ == "__main__":
         persist_cases(torch.bfloat16)
     elif sys.argv[1:] == ["decodetma"]:   # the e4m3 decode by TMA alone (off by default: not in main)
         decode_tma_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["xshare"]:   # u4's shared-x layout alone (off by default: not in main)
+        xshare_cases(torch.bfloat16)
     else:
         main()
