@@ -16,6 +16,8 @@ where the kernel stops being weight-bandwidth bound (issue 12 has the GEMM famil
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +90,22 @@ class _SplitGemvLauncher:
         self.launcher(problem, [*args, self.part, self.counts])
 
 
+def xshare_plan(dtype: str, *, n: int, k: int, max_m: int, gated, bias: bool, residual: bool, arch: str, group: int,
+                cache=None):
+    """The shared-x u4 plan the runtime runs: xshare_split's K split, and the most CTAs an SM (plan_gemv's
+    min_blocks default, then fewer) whose kernel compiles without spills (NVRTC 13.0 spills 8 bytes of 70B qkv's at
+    128 registers where 13.5 does not)."""
+    from .launch import compile_plan
+    plan = plan_gemv(dtype, n=n, k=k, max_m=max_m, gated=gated, bias=bias, residual=residual, arch=arch, wtype="u4",
+                     group=group, xshare=xshare_split(n, k, gated))
+    for blocks in range(plan.min_blocks, 0, -1):
+        cand = dataclasses.replace(plan, min_blocks=blocks)
+        if blocks == 1 or not any(r.spill_stores or r.spill_loads
+                                  for r in compile_plan(cand, cache).resources.values()):
+            return cand
+    return plan
+
+
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
               wtype: str | None = None, group: int = 0, ldw: int = 0):
     tiles = token_bucket(rows, wtype)
@@ -96,10 +114,12 @@ def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, res
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import device_arch, load_plan
-        plan = plan_gemv("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, max_m=tiles, gated=gated,
-                         bias=bias, residual=residual, norm=None if norm_offset is None else "rms",
-                         norm_offset=norm_offset or 0.0, arch=device_arch(x.device), wtype=wtype, group=group,
-                         ldw=ldw, xshare=xshare_split(n, k, gated) if share else 0)
+        dt = "bf16" if x.dtype == torch.bfloat16 else "f16"
+        plan = xshare_plan(dt, n=n, k=k, max_m=tiles, gated=gated, bias=bias, residual=residual,
+                           arch=device_arch(x.device), group=group, cache=cache) if share else plan_gemv(
+            dt, n=n, k=k, max_m=tiles, gated=gated, bias=bias, residual=residual,
+            norm=None if norm_offset is None else "rms", norm_offset=norm_offset or 0.0, arch=device_arch(x.device),
+            wtype=wtype, group=group, ldw=ldw)
         hit = load_plan(plan, x.device, cache)
         hit = _KERNELS[key] = _SplitGemvLauncher(plan, hit, x.device) if plan.xshare > 1 else hit
     return hit

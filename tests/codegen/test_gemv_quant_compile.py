@@ -173,10 +173,11 @@ XSHARE_CASES = [(6144, 4096, None, {}), (4096, 14336, None, {}), (28672, 4096, "
 @pytest.mark.parametrize("max_m", [1, 4, 8, 16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_xshare_compiles_without_spills(group, max_m, arch):
-    from layerforge.codegen.gemv import xshare_split
+    """The runtime's shared-x plans (runtime/linear.xshare_plan: fewer CTAs an SM where the most spill)."""
+    from layerforge.runtime.linear import xshare_plan
     for n, k, gated, extra in XSHARE_CASES:
-        plan = plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="u4", group=group,
-                         xshare=xshare_split(n, k, gated), **extra)
+        plan = xshare_plan("bf16", n=n, k=k, max_m=max_m, gated=gated, bias=extra.get("bias", False),
+                           residual=extra.get("residual", False), arch=arch, group=group)
         kr = resources(plan)
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
 
