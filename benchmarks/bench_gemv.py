@@ -305,8 +305,9 @@ def quant_sweep(a, ceiling):
 
 
 # (rt, warps, stages, min_blocks) of the shared-x layout (spilling plans are skipped)
-XSHARE_SPLITS = ((1, 4, 2, 4), (1, 4, 2, 3), (1, 4, 2, 1), (1, 4, 3, 4), (1, 8, 2, 2), (2, 4, 2, 2), (2, 2, 2, 6),
-                 (1, 2, 2, 8), (1, 2, 2, 5))
+# (4 stages: at 1-8 tokens a CTA's few chunks all in flight at once)
+XSHARE_SPLITS = ((1, 4, 2, 4), (1, 4, 2, 3), (1, 4, 2, 1), (1, 4, 3, 4), (1, 4, 4, 4), (1, 8, 2, 2), (2, 4, 2, 2),
+                 (2, 2, 2, 6), (1, 2, 2, 8), (1, 2, 2, 5))
 
 
 def xshare_launcher(plan):
