@@ -230,7 +230,12 @@ def test_fp8_checkpoint_loads_its_e4m3_weights_and_scales(tmp_path, layout, stra
         a, b = inplace.layers[1].mlp.down.qw, ours.layers[1].mlp.down.qw
         assert torch.equal(a.qweight.view(torch.uint8), b.qweight.view(torch.uint8))
         torch.testing.assert_close(a.wscale, b.wscale, rtol=1e-6, atol=0)   # amax / 448 of q * s: an ulp apart
-        torch.testing.assert_close(inplace(ids), got, rtol=1e-4, atol=1e-4)
+        # an ulp between the two models' scales (hundreds of rows per channel) moves a product by an ulp, which can
+        # flip the next layer's e4m3 rounding of an activation (a step of 1/16): a few logits differ by that, the
+        # rest agree (transformers 5.25's tiny model: 4 % of logits past 1e-4, 1.8e-3 of the largest at most)
+        diff, mag = (inplace(ids) - got).abs(), got.abs().max()
+        assert not torch.isnan(diff).any() and diff.max() <= 1e-2 * mag and (diff > 1e-4).float().mean() < 0.1, (
+            diff.max() / mag, (diff > 1e-4).float().mean())
 
 
 @pytest.mark.parametrize("qc, match", [
