@@ -92,10 +92,14 @@ def split_plan(n, k, m, gated, rt, warps, stages, arch, wtype=None, group=0):
 
 
 def split_launcher(n, k, m, gated, rt, warps, stages, wtype=None, group=0):
-    from layerforge.runtime.launch import compile_plan, device_arch, load_kernels
+    from layerforge.runtime.launch import device_arch
     plan = split_plan(n, k, m, gated, rt, warps, stages, device_arch(), wtype, group)
-    if plan is None:
-        return None
+    return None if plan is None else unspilled_launcher(plan)
+
+
+def unspilled_launcher(plan):
+    """The plan's kernel loaded on the GPU, or None where it spills registers."""
+    from layerforge.runtime.launch import compile_plan, load_kernels
     res = compile_plan(plan)
     if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
         return None
@@ -312,13 +316,11 @@ XSHARE_SPLITS = ((1, 4, 2, 4), (1, 4, 2, 3), (1, 4, 2, 1), (1, 4, 3, 4), (1, 4, 
 
 def xshare_launcher(plan):
     """The shared-x plan's kernel with its workspace (runtime/linear._SplitGemvLauncher), or None where it spills."""
-    from layerforge.runtime.launch import compile_plan, load_kernels
     from layerforge.runtime.linear import _SplitGemvLauncher
-    res = compile_plan(plan)
-    if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
-        return None
-    launch = load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[plan.kernel_name]
-    return _SplitGemvLauncher(plan, launch, torch.device("cuda")) if plan.xshare > 1 else launch
+    launch = unspilled_launcher(plan)
+    if launch is None or plan.xshare <= 1:
+        return launch
+    return _SplitGemvLauncher(plan, launch, torch.device("cuda"))
 
 
 def xshare_sweep(a, ceiling):

@@ -98,12 +98,11 @@ def xshare_plan(dtype: str, *, n: int, k: int, max_m: int, gated, bias: bool, re
     from .launch import compile_plan
     plan = plan_gemv(dtype, n=n, k=k, max_m=max_m, gated=gated, bias=bias, residual=residual, arch=arch, wtype="u4",
                      group=group, xshare=xshare_split(n, k, gated))
-    for blocks in range(plan.min_blocks, 0, -1):
+    for blocks in range(plan.min_blocks, 1, -1):
         cand = dataclasses.replace(plan, min_blocks=blocks)
-        if blocks == 1 or not any(r.spill_stores or r.spill_loads
-                                  for r in compile_plan(cand, cache).resources.values()):
+        if not any(r.spill_stores or r.spill_loads for r in compile_plan(cand, cache).resources.values()):
             return cand
-    return plan
+    return dataclasses.replace(plan, min_blocks=1)
 
 
 def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, residual: bool, norm_offset, cache=None,
