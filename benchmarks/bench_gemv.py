@@ -17,6 +17,10 @@ the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp
 already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
 "sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
 12.6 MB product is 3 us at the large copy's ceiling, where launch, ramp and tail weigh as much as the bytes.
+The main and --quant tables time each product on weights L2 does not hold: the timed graph cycles through
+copies of the weights (3 x L2 of other bytes between two reads of one copy), as a model's step reads each
+layer's weights once; --warm reads the same weights in every call (the way earlier tables were taken: W of
+up to ~30 MB then partly comes from L2, and "of copy" can pass 1).
 --stream times the decode-range Hopper GEMM (codegen/gemm_stream.py, sm_90) at 8-128 tokens beside
 cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out projections; with
 --sweep every work split (row blocks, consumer warpgroups, stages, CTAs an SM) as well.
@@ -47,13 +51,18 @@ SPLITS = tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6)))   # (16-column t
 
 
 def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call of `fn`, the median over `replays` replays of a graph of `calls` calls."""
-    fn()
+    """Seconds per call of `fn`, the median over `replays` replays of a graph of `calls` calls. `fn` may be a
+    list of callables (the same product on different copies of its weights, see `cold_copies`): the graph
+    calls them in turn, so each call reads weights the calls before it did not bring into L2."""
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    calls = len(fns) * -(-calls // len(fns))
+    for f in fns:
+        f()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fns[i % len(fns)]()
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,6 +74,24 @@ def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+WARM = False   # --warm: every timed call reads the same weights (small ones then come partly from L2)
+
+
+def cold_copies(nbytes: int) -> int:
+    """How many copies of a product's weights (`nbytes` each) a timed graph cycles through so that L2 holds
+    none of a copy when it is read again (3 x L2 of other bytes between two reads of one copy), as in a
+    model, where each layer's weights are read once a step; 1 with --warm."""
+    if WARM:
+        return 1
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return min(32, max(1, -(-3 * l2 // max(1, nbytes))))
+
+
+def copies(make, nbytes: int) -> list:
+    """`make()` called cold_copies(nbytes) times: one weight copy each (the first is the bench's own)."""
+    return [make() for _ in range(cold_copies(nbytes))]
 
 
 def swiglu_module(f: int):
@@ -382,11 +409,12 @@ def sized_copy_time(nbytes: int) -> float:
     """A device-to-device copy moving `nbytes` in all (nbytes / 2 read, as many written: the copy ceiling's
     accounting), timed by CUDA-graph replays as the products are: what moving these bytes costs at this size, launch,
     ramp and tail included. A small product (8B q/k/v in u4: 12.6 MB, 3 us at 4.25 TB/s) is measured against it
-    beside the large copy's ceiling."""
+    beside the large copy's ceiling. Like the products, the copy cycles through cold_copies buffers, so its
+    source comes from DRAM, not L2."""
     if nbytes not in _SIZED_COPY:
-        src = torch.empty(max(64, nbytes // 4), dtype=torch.bfloat16, device="cuda")
-        dst = torch.empty_like(src)
-        _SIZED_COPY[nbytes] = graph_time(lambda: dst.copy_(src))
+        pairs = copies(lambda: (torch.empty(max(64, nbytes // 4), dtype=torch.bfloat16, device="cuda"),
+                                torch.empty(max(64, nbytes // 4), dtype=torch.bfloat16, device="cuda")), nbytes)
+        _SIZED_COPY[nbytes] = graph_time([lambda d=d, s=s: d.copy_(s) for s, d in pairs])
     return _SIZED_COPY[nbytes]
 
 
@@ -425,27 +453,30 @@ def main_quant(a, ceiling):
         if a.only and a.only not in name:
             continue
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
-        u4 = QuantLinear.from_float(w, 128, wtype="u4")
-        i8 = QuantLinear.from_float(w, 0, wtype="i8")
-        t4 = torch_int4(w, 128)
-        f8 = QuantLinear.from_float(w, 0, wtype="f8e4m3") if fp8 else None
-        f8b = QuantLinear.from_float(w, 128, wtype="f8e4m3") if fp8 else None
+        # every product cycles through copies of its weights (cold_copies: none of them in L2 when read)
+        u4s = copies(lambda: QuantLinear.from_float(w, 128, wtype="u4"), n * k // 2)
+        i8s = copies(lambda: QuantLinear.from_float(w, 0, wtype="i8"), n * k)
+        ws = [w] + [w.clone() for _ in range(cold_copies(2 * n * k) - 1)]
+        t4s = [t for t in copies(lambda: torch_int4(w, 128), n * k // 2) if t]
+        f8s = copies(lambda: QuantLinear.from_float(w, 0, wtype="f8e4m3"), n * k) if fp8 else []
+        f8bs = copies(lambda: QuantLinear.from_float(w, 128, wtype="f8e4m3"), n * k) if fp8 else []
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ours4 = graph_time(lambda: u4(x, gated=gated))
+            ours4 = graph_time([lambda u4=u4: u4(x, gated=gated) for u4 in u4s])
             held, quant.STREAM_QUANT_ROWS = quant.STREAM_QUANT_ROWS, (1, 0)
-            deq4 = graph_time(lambda: u4(x, gated=gated)) if m > quant.QUANT_KERNEL_MAX_ROWS else float("nan")
+            deq4 = graph_time([lambda u4=u4: u4(x, gated=gated) for u4 in u4s]) \
+                if m > quant.QUANT_KERNEL_MAX_ROWS else float("nan")
             quant.STREAM_QUANT_ROWS = held
-            ours8 = graph_time(lambda: i8(x, gated=gated))
-            cublas = graph_time(lambda: F.linear(x, w))
-            theirs4 = graph_time(lambda: t4(x)) if t4 else float("nan")
-            b4, b8 = u4.qw.nbytes(), i8.qw.nbytes()
+            ours8 = graph_time([lambda i8=i8: i8(x, gated=gated) for i8 in i8s])
+            cublas = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+            theirs4 = graph_time([lambda t4=t4: t4(x) for t4 in t4s]) if t4s else float("nan")
+            b4, b8 = u4s[0].qw.nbytes(), i8s[0].qw.nbytes()
             nan = float("nan")
-            ours_f8 = graph_time(lambda: f8(x, gated=gated)) if fp8 else nan
-            ours_f8b = graph_time(lambda: f8b(x, gated=gated)) if fp8 else nan
-            smm = torch_fp8(w, m) if fp8 else None
-            theirs_f8 = graph_time(smm) if smm else nan
-            bf8, bf8b = (f8.qw.nbytes(), f8b.qw.nbytes()) if fp8 else (nan, nan)
+            ours_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
+            ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
+            smms = [q for q in copies(lambda: torch_fp8(w, m), n * k) if q] if fp8 else []
+            theirs_f8 = graph_time(smms) if smms else nan
+            bf8, bf8b = (f8s[0].qw.nbytes(), f8bs[0].qw.nbytes()) if fp8 else (nan, nan)
             sized4 = sized_copy_time(b4)
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
                      torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_block_s=ours_f8b,
@@ -453,7 +484,7 @@ def main_quant(a, ceiling):
             print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {sized4 / ours4:>5.2f} "
                   f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
-                  f"{theirs4 * 1e6 if t4 else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
+                  f"{theirs4 * 1e6 if t4s else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
                   f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8b * 1e6:>8.1f} {bf8b / ours_f8b / ceiling:>7.2f} "
                   f"{theirs_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f}")
             rows.append(r)
@@ -479,7 +510,13 @@ def main(argv=None):
                          "--quant --once --only '8B qkv' --tokens 16)")
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
+    ap.add_argument("--warm", action="store_true",
+                    help="the main and --quant tables: every timed call reads the same weights (small ones then come "
+                         "partly from L2); by default each product cycles through enough weight copies that none is "
+                         "in L2 when read, as in a model's step")
     a = ap.parse_args(argv)
+    global WARM
+    WARM = a.warm
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
     if a.xshare:
@@ -514,23 +551,25 @@ def main(argv=None):
         norm = norm_module(k)
         gamma = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         wbytes = n * k * 2
+        ws = [w] + [w.clone() for _ in range(cold_copies(wbytes) - 1)]   # cycled through: none in L2 when read
         for m in TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if m <= KERNEL_MAX_ROWS:
-                ours = graph_time(lambda: gemv(x, w, gated=gated))
+                ours = graph_time([lambda w=w: gemv(x, w, gated=gated) for w in ws])
             else:   # past the rows Linear sends to the kernel: the default plan, launched directly
                 launch = split_launcher(n, k, m, gated, 1, None, None)
                 y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-                ours = graph_time(lambda: launch((), [x, w, y, m])) if launch else float("nan")
-            cublas = graph_time(lambda: F.linear(x, w))
-            both = graph_time(lambda: act(F.linear(x, w))) if gated else cublas
-            ours_n = graph_time(lambda: gemv(x, w, gated=gated, norm=(gamma, 1e-5))) if m <= KERNEL_MAX_ROWS else float("nan")
+                ours = graph_time([lambda w=w: launch((), [x, w, y, m]) for w in ws]) if launch else float("nan")
+            cublas = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+            both = graph_time([lambda w=w: act(F.linear(x, w)) for w in ws]) if gated else cublas
+            ours_n = graph_time([lambda w=w: gemv(x, w, gated=gated, norm=(gamma, 1e-5)) for w in ws]) \
+                if m <= KERNEL_MAX_ROWS else float("nan")
             if m > KERNEL_MAX_ROWS:
                 theirs_n = float("nan")
             elif gated:
-                theirs_n = graph_time(lambda: act(F.linear(normed(norm, x, gamma), w)))
+                theirs_n = graph_time([lambda w=w: act(F.linear(normed(norm, x, gamma), w)) for w in ws])
             else:
-                theirs_n = graph_time(lambda: F.linear(normed(norm, x, gamma), w))
+                theirs_n = graph_time([lambda w=w: F.linear(normed(norm, x, gamma), w) for w in ws])
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas, cublas_act_s=both,
                      ours_norm_s=ours_n, norm_cublas_s=theirs_n, weight_bytes=wbytes)
             line = (f"{name:12s} {m:>3d} {ours * 1e6:>8.1f} {wbytes / ours / 1e12:>5.2f} {cublas * 1e6:>9.1f} "
