@@ -95,7 +95,8 @@ def xshare_split(n: int, k: int, gated: str | None = None, rt: int = XSHARE_RT, 
 
 
 def xshare_default() -> bool:
-    """Whether u4 products of 9-16 rows take the shared-x layout (LAYERFORGE_GEMV_XSHARE=1; off until measured)."""
+    """Whether u4 products of 9-16 rows take the shared-x layout (LAYERFORGE_GEMV_XSHARE=1; off: measured slower on an
+    H100, benchmarks/NOTES.md "u4's shared-x layout measured")."""
     return env_switch("LAYERFORGE_GEMV_XSHARE", False)
 
 

@@ -69,7 +69,7 @@ def _tiles(rows: int) -> int:
 
 
 # u4 products whose plans serve these token buckets take the shared-x layout (codegen/gemv.py xshare) where
-# LAYERFORGE_GEMV_XSHARE=1 (off until measured: benchmarks/NOTES.md)
+# LAYERFORGE_GEMV_XSHARE=1 (off: measured slower than the default on an H100, benchmarks/NOTES.md)
 XSHARE_BUCKETS = (16,)
 
 

@@ -46,7 +46,7 @@
 #   u4wide     u4 weights wider than 4096 x 4096 on the decode-range GEMM from 17 / 25 rows (LAYERFORGE_U4_STREAM_WIDE, the
 #              default since measured on an H100): its GPU test (tests/gpu/test_gemm_stream.py -k from_17), then, if
 #              it passed, bench_gemv --quant --tokens 16,20,25,32 off against on
-#   xshare     u4's shared-x layout at 9-16 rows (LAYERFORGE_GEMV_XSHARE, off until this runs): bench_gemv --xshare (each
+#   xshare     u4's shared-x layout at 9-16 rows (LAYERFORGE_GEMV_XSHARE, off: measured slower on an H100): bench_gemv --xshare (each
 #              split beside the default, 8B shapes at 16 / 8 / 1 tokens), its GPU test, then, if it passed,
 #              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py xshare) and
 #              bench_gemv --quant --tokens 9,16 with the switch off and on
