@@ -4,7 +4,9 @@ graph replays (launch cost out), Llama-3-8B heads (GQA 32/8, D 128, bf16, page 1
 
     python -m benchmarks.bench_decode_tiles [--cases 64x512,8x4096] [--kv fp8] [--default-only]
 
-The first shape is the default (codegen.attention_tc.tile_candidates). A shape with more CTAs
+"module" is PagedAttention as a model builds it (no forced tile: over an e4m3 cache, grids past the
+default tile's one wave take codegen.attention_tc.many_ctas_tile); the first shape after it is the
+default (codegen.attention_tc.tile_candidates). A shape with more CTAs
 per SM (fewer stages, min_blocks 3-4) or more warps along keys changes how many key tiles are
 in flight per SM; this sweep says which one each case wants.
 
@@ -100,7 +102,9 @@ def main(argv=None):
     shapes = list(dict.fromkeys(shapes))   # (the default may be one of the list)
     scales = fp8_scales() if kv else {}
     bf16 = PagedAttention(layer, page_size=16) if kv else None   # the bf16 default, for "x bf16"
-    mods = {}
+    # the module as a model builds it (no forced tile): the default tile, or, for an e4m3 grid past its one wave,
+    # the tile of more, smaller CTAs (codegen/attention_tc.many_ctas_tile)
+    mods = {"module": PagedAttention(layer, page_size=16, kv_dtype=kv)}
     for c in shapes:
         try:
             attn = PagedAttention(layer, page_size=16, tiles={"decode": c}, kv_dtype=kv)

@@ -132,6 +132,22 @@ def tile_candidates(mode: str, head_dim: int, group: int, v_head_dim: int | None
     return n16
 
 
+def many_ctas_tile(head_dim: int, group: int, v_head_dim: int | None = None,
+                   kv_dtype: str | None = None) -> TileConfig | None:
+    """The decode tile for grids the default tile cannot hold in one wave (more CTAs, tokens x KV heads x row
+    blocks, than SMs x its min_blocks), or None where no such tile was measured. Over an e4m3 cache at D 128 the
+    default (128-key tiles, 2 CTAs an SM) runs 64 sequences' 512 CTAs in two waves; 2 warps of 16 keys, 4 stages, 4
+    CTAs an SM (36 KB) holds them in one. bench_decode_tiles --kv fp8, graph us, default -> this tile: H200 64 x 4096
+    143.8 -> 140.0 (1.76x -> 1.80x the bf16 decode), 64 x 512 34.4 -> 31.9; H100 64 x 4096 201.7 -> 200.0. Where the
+    default fits one wave it loses (H200 16 x 1024 21.2 -> 31.6, 1 x 4096 16.2 -> 19.6), hence the runtime's
+    choice by the grid (runtime/attention.PagedAttention). LAYERFORGE_DECODE_MANY=0 turns it off."""
+    dv = v_head_dim or head_dim
+    if (kv_dtype and head_dim == 128 and dv == 128 and group <= 16 and fp8_wide_default()
+            and env_switch("LAYERFORGE_DECODE_MANY", True)):
+        return TileConfig(wm=1, wn=2, mt=1, bnw=16, stages=4, min_blocks=4, qreg=True)
+    return None
+
+
 PADDED_PREFILL_SHARED = 100 * 1024   # the padded prefill tiles' shared memory at most (the 128 tiles': 96 KB)
 
 

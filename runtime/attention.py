@@ -53,8 +53,8 @@ from typing import Any
 import torch
 
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
-from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, pick_mode,
-                                    plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
+from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, many_ctas_tile,
+                                    pick_mode, plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, default_options as wgmma_options,
                                        plan_wgmma_attention, supports as wgmma_supports)
 from ..codegen.block_mask import needs_block_mask
@@ -66,6 +66,10 @@ from . import block_mask as bmc, ops
 from .block_mask import BlockMask
 from .kv_cache import dequantise
 from .linear import device_properties
+
+
+# the decode plan for grids the default decode tile cannot hold in one wave (codegen/attention_tc.many_ctas_tile)
+DECODE_MANY = "decode_many"
 
 
 class PagedAttention:
@@ -114,6 +118,7 @@ class PagedAttention:
         self._maps: dict[tuple, tuple] = {}      # the wgmma prefill's K / V tensor maps by the caches they map
         self._queues: dict[int, torch.Tensor] = {}   # the persistent prefill's work counter, by device
         self._images: dict[str | None, tuple] = {}   # mode -> (cubin, ABIs): a pack's kernels
+        self._many: bool | None = None   # whether decode has a DECODE_MANY plan (decided at its first need)
 
     @classmethod
     def from_images(cls, name: str, interface: dict, images: dict, *, page_size: int, arch: str,
@@ -179,12 +184,39 @@ class PagedAttention:
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
                                             **wgmma_options())
             else:
-                plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=mode,
-                                         tiles=self.tiles.get(mode), compile_fn=compile_fn(self._cache),
+                plan_mode, tiles = mode, self.tiles.get(mode)
+                if mode == DECODE_MANY:
+                    plan_mode, tiles = "decode", self._many_tile()
+                plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=plan_mode,
+                                         tiles=tiles, compile_fn=compile_fn(self._cache),
                                          kv_dtype=self.kv_dtype, fp8_cvt=fp8_cvt_default(),
                                          fold=tc_fold_default(), heads_first=heads_first_default())
             self._tc_plans[mode] = plan
         return plan
+
+    def _many_tile(self):
+        spec = self.layer.function.outputs[0].arg
+        return many_ctas_tile(int(spec.head_dim), self.hq // self.hkv, int(spec.v_head_dim), self.kv_dtype)
+
+    def _decode_many(self) -> bool:
+        """Whether decode grids past one wave of the default tile take the DECODE_MANY plan: a block with such a
+        tile (codegen/attention_tc.many_ctas_tile; none where the decode tile is forced) that compiles without
+        register spills, or a pack that holds its kernel."""
+        if self._many is None:
+            if self.layer is None:
+                self._many = DECODE_MANY in self._images
+            elif self.tiles.get("decode") is not None or self.kernel != "tc" or self._many_tile() is None:
+                self._many = False
+            else:
+                from ..codegen.plan import spill_free
+                from .launch import compile_fn
+                self._many = spill_free(self.tc_plan(DECODE_MANY), compile_fn(self._cache))
+        return self._many
+
+    def _decode_slots(self, dev) -> int:
+        """CTAs the default decode tile holds in one wave: SMs x its CTAs an SM (a pack's: its plan's default, 2)."""
+        blocks = self.tc_plan("decode").config.min_blocks if self.layer is not None else 2
+        return blocks * device_properties(dev).multi_processor_count
 
     def _load(self, device: torch.device, mode: str | None = None):
         """(main, merge, main's and merge's argument getters, key tile) of the CUDA-core kernel
@@ -585,7 +617,7 @@ class PagedAttention:
         one head's row of e4m3 bytes (the decode over an e4m3 cache: TCAttentionPlan.tma_box)."""
         if self.layer is not None:
             return self.tc_plan(mode).tma_box
-        if mode == "decode":
+        if mode in ("decode", DECODE_MANY):
             return min(self.page_size, keys), self.d
         from ..codegen.attention_wgmma import native_swizzle
         return min(self.page_size, keys), native_swizzle(self.d, self.dv) // 2
@@ -623,9 +655,15 @@ class PagedAttention:
         else:
             _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
             ctas = chunks * row_blocks * self.hkv
+            if mode == "decode" and ctas > self._decode_slots(dev) and self._decode_many():
+                # past one wave of the default tile: the tile of more, smaller CTAs (many_ctas_tile)
+                mode = DECODE_MANY
+                main, merge, main_args, merge_args, keys = self._load(dev, mode)
+                _, row_blocks, _ = main.grid(chunks, max_q_len, 1)
+                ctas = chunks * row_blocks * self.hkv
         # (decode: a part at least 256 keys whatever the tile; e4m3's 128-key tiles at 1 x 4096 took 18.5 us with 8
         # parts against 16.9 with 16, bench_decode_tiles --kv fp8)
-        num_splits = self._splits(dev, ctas, max_kv_len, num_splits, tile=256 if mode == "decode" else 4 * keys,
+        num_splits = self._splits(dev, ctas, max_kv_len, num_splits, tile=256 if mode in ("decode", DECODE_MANY) else 4 * keys,
                                   one_wave=True)
         part_o, part_lse = self._workspace(dev, T, num_splits)
         values.update(self._tensor_maps(main, mode, keys, k_cache, v_cache))

@@ -10,7 +10,8 @@ and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
 ("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
-decodetma; "xshare": u4's shared-x products, the same way by its part xshare)."""
+decodetma; "xshare": u4's shared-x products, the same way by its part xshare; "many": the e4m3 decode's tile for grids
+past one wave, also run by main)."""
 import itertools
 
 import torch
@@ -137,6 +138,28 @@ def decode_tma_cases(bf):
     torch.cuda.synchronize()
 
 
+def many_ctas_cases(bf):
+    """The e4m3 decode's tile for grids past one wave of the default (runtime/attention.DECODE_MANY, by default): 48
+    sequences (384 CTAs), partial last tiles and single keys, unsplit and in 3 parts, and a page table with entries
+    past the cache and negative (clamped: wrong numbers, never an out-of-bounds access)."""
+    from layerforge.runtime.attention import DECODE_MANY
+    layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
+    rope = layer.function.outputs[0].arg.rope
+    lens = {s: (1, 16, 17, 129, 300, 64)[s % 6] for s in range(48)}
+    c8, k_sc, v_sc = e4m3_cache(lens, bf, rope, num_pages=48 * 20, max_pages=20)
+    q = torch.randn(48, 32, 128, device="cuda", dtype=bf)
+    ids = torch.arange(48, dtype=torch.int32, device="cuda")
+    pos = torch.tensor([n - 1 for n in lens.values()], dtype=torch.int32, device="cuda")
+    bad = c8.page_table.clone()
+    bad[4, 1], bad[4, 2] = 10 ** 6, -5
+    a8 = PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3")
+    for table, splits in ((c8.page_table, None), (c8.page_table, 3), (bad, None)):
+        a8(q, c8.k_cache, c8.v_cache, table, c8.seq_lens, ids, pos, max_kv_len=300, num_splits=splits,
+           k_scale=k_sc, v_scale=v_sc)
+    torch.cuda.synchronize()
+    assert any(mode == DECODE_MANY for _, mode in a8._kernels), "the many-CTA decode tile did not run"
+
+
 def xshare_cases(bf):
     """u4's shared-x layout (off by default): K split over CTAs (the workspace and counters), one CTA per row block,
     N past a CTA's rows, fewer tokens than the plan's, a gated product with bias and residual."""
@@ -254,6 +277,7 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     # MLA decode: 64 heads over a paged latent cache of 576-wide rows, split in 3 (on sm_90 the wgmma
     # kernel: TMA tiles from pages of 64, cp.async from pages of 8; then mma.sync)
     mla_cases(bf)
+    many_ctas_cases(bf)
     # small-token products: N and K off the tiles, 3 and 11 tokens, gated with bias and residual
     from layerforge.runtime.linear import gemv
     w = torch.randn(1000, 3000, device="cuda", dtype=bf)
@@ -324,6 +348,8 @@ if __name__ == "__main__":
         persist_cases(torch.bfloat16)
     elif sys.argv[1:] == ["decodetma"]:   # the e4m3 decode by TMA alone (off by default: not in main)
         decode_tma_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["many"]:   # the e4m3 decode's many-CTA tile alone (main runs it too)
+        many_ctas_cases(torch.bfloat16)
     elif sys.argv[1:] == ["xshare"]:   # u4's shared-x layout alone (off by default: not in main)
         xshare_cases(torch.bfloat16)
     else:

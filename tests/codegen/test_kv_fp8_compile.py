@@ -402,3 +402,35 @@ def test_fp8_decode_tma_only_where_it_applies(prog, monkeypatch):
     assert not plan_tc_attention(specialise(prog, "llama_attn", 256), "sm_90", mode="decode", kv_dtype=FP8).uses_tma
     assert plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, page_size=256).tma_box == (64, 128)
     assert not plan_tc_attention(layer, "sm_90", mode="decode", kv_dtype=FP8, tma=False).uses_tma
+
+
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_many_ctas_decode_tile(prog, monkeypatch, name, dtype, arch, tmp_path):
+    """The e4m3 decode's tile for grids past one wave of the default (many_ctas_tile: 2 warps of 16 keys, 4 stages,
+    4 CTAs an SM) exists at D128 with the decode's defaults, compiles without spills or warnings, and
+    PagedAttention takes it (its decode has a DECODE_MANY plan) only where it exists: not for a bf16 cache, other
+    head dims, a forced decode tile, or with LAYERFORGE_DECODE_MANY=0."""
+    from layerforge.codegen.attention_tc import many_ctas_tile
+    from layerforge.runtime.attention import DECODE_MANY, PagedAttention
+    from layerforge.runtime.cache import KernelCache
+    for sw in DECODE_DEFAULTS:
+        monkeypatch.delenv(sw)
+    tile = many_ctas_tile(128, 4, kv_dtype=FP8)
+    assert tile is not None and tile.label == "w1x2m1n16s4qb4"
+    assert many_ctas_tile(128, 4) is None and many_ctas_tile(64, 4, kv_dtype=FP8) is None
+    assert many_ctas_tile(256, 4, kv_dtype=FP8) is None and many_ctas_tile(128, 32, kv_dtype=FP8) is None
+    layer = specialise(prog, name, 128, dtype)
+    attn = PagedAttention(layer, page_size=16, arch=arch, kv_dtype=FP8, cache=KernelCache(tmp_path))
+    assert attn._decode_many()
+    plan = attn.tc_plan(DECODE_MANY)
+    assert plan.mode == "decode" and plan.config == tile and plan.key != attn.tc_plan("decode").key
+    assert (("_kcvt_kw_" in plan.key) == (arch == "sm_90")) and ("_t8_" in plan.key)   # the decode's widening
+    compile_clean(plan, arch)
+    assert not PagedAttention(layer, page_size=16, arch=arch)._decode_many()   # bf16 cache
+    forced = PagedAttention(layer, page_size=16, arch=arch, kv_dtype=FP8, tiles={"decode": tile})
+    assert not forced._decode_many()
+    monkeypatch.setenv("LAYERFORGE_DECODE_MANY", "0")
+    assert many_ctas_tile(128, 4, kv_dtype=FP8) is None
+    assert not PagedAttention(layer, page_size=16, arch=arch, kv_dtype=FP8, cache=KernelCache(tmp_path))._decode_many()

@@ -402,3 +402,35 @@ def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
     sinks = lambda gen: {"sinks": (torch.randn(8, generator=gen) * 2).cuda()}   # noqa: E731
     run_case(sp, "tc", "sink_attn", 8, 2, 128, 16, lens=[700, 1, 333, 90], new=[1, 1, 1, 1], extra_fn=sinks,
              splits=3, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_ctas_decode_over_fp8(prog, monkeypatch, dtype):
+    """Decode grids past one wave of the default e4m3 tile (48 sequences x 8 KV heads: 384 CTAs, more than 2 an SM on
+    up to 191 SMs) take the tile of more, smaller CTAs (runtime/attention.DECODE_MANY, codegen/attention_tc.
+    many_ctas_tile): per-token and ragged (2 tokens a sequence, still decode rows), lengths on and off the tiles'
+    multiples, pages of 16 and 64, a sliding window, against the float64 reference over the dequantised cache; 8
+    sequences keep the default tile."""
+    from layerforge.runtime.attention import DECODE_MANY
+    modes = []
+    load = PagedAttention._load
+
+    def spy(self, device, mode=None):
+        modes.append(mode)
+        return load(self, device, mode)
+    monkeypatch.setattr(PagedAttention, "_load", spy)
+    gen = torch.Generator().manual_seed(11)
+    lens = [int(n) for n in torch.randint(1, 700, (48,), generator=gen)] + [64, 65, 1, 2048]
+    for page in (16, 64):
+        modes.clear()
+        run_case(prog, "tc", "llama_attn", 32, 8, 128, page, lens=lens, new=[1] * len(lens), dtype=dtype)
+        assert DECODE_MANY in modes, modes
+    modes.clear()
+    run_case(prog, "tc-ragged", "llama_attn", 32, 8, 128, 16, lens=lens, new=[2] * len(lens), dtype=dtype)
+    assert DECODE_MANY in modes, modes
+    modes.clear()
+    run_case(prog, "tc", "mistral_attn", 32, 8, 128, 16, lens=lens, new=[1] * len(lens), dtype=dtype, window=37)
+    assert DECODE_MANY in modes, modes
+    modes.clear()
+    run_case(prog, "tc", "llama_attn", 32, 8, 128, 16, lens=lens[:8], new=[1] * 8, dtype=dtype)
+    assert "decode" in modes and DECODE_MANY not in modes, modes
