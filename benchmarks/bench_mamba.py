@@ -173,6 +173,11 @@ def main(argv=None) -> int:
                 vs += f" (transformers in {pieces} batch pieces: whole, it runs out of memory)"
             print(f"prefill {B} x {L}: ours {ours_s * 1e3:9.3f} ms{vs}  roofline {roof * 1e3:.3f} ms "
                   f"({roof / ours_s:.2f} of it)")
+        if dev == "cuda":
+            # transformers' prefills leave tens of GB in the caching allocator's segments; the decode state carved
+            # from them steps ~8 % slower on an H200 (134.7 against 125.1 us with expandable segments or none cached:
+            # benchmarks/NOTES.md), so they go back to the driver before the decode rows allocate
+            torch.cuda.empty_cache()
         for case in filter(None, a.decode.split(",")):
             B = int(case)
             state = ours.new_state(B)
