@@ -209,12 +209,17 @@ class TCAttentionPlan(AttentionPlan):
     tma: bool = False                 # decode over an e4m3 cache (sm_90): whole K/V tiles as TMA boxes, each warp's
     #                                   lane 0 issuing its share, where the plan can take them (uses_tma; see
     #                                   decode_tma_default)
+    many: bool = False                # decode: the plan of grids past one wave of the default tile (many_ctas_tile),
+    #                                   the module's second decode kernel; a pack's "decode_many" entry. Not in the
+    #                                   key: the tile's label tells the two apart
 
     def __post_init__(self):
         if self.heads_first and self.mode != "decode":
             raise ValueError("heads_first is a decode grid (prefill CTAs of one KV head share its K/V tiles in L2)")
         if self.top_rows and self.mode != "decode":
             raise ValueError("top_rows skips the second half of a decode tile's one m16 row tile")
+        if self.many and self.mode != "decode":
+            raise ValueError("many is a decode plan (the grids past one wave of the default decode tile)")
         if self.fp8_cvt and not fp8_cvt_applies(self.arch, self.kv_dtype):
             raise ValueError(f"fp8_cvt needs an fp8 cache on sm_89 or newer (kv_dtype {self.kv_dtype}, {self.arch})")
         if self.fp8_raw and (self.kv_dtype is None or self.fp8_cvt):
@@ -328,7 +333,7 @@ class TCAttentionPlan(AttentionPlan):
     def describe(self) -> dict[str, Any]:
         c = self.config
         kv = {"kv_dtype": self.kv_dtype} if self.kv_dtype else {}
-        return {**super().describe(), **kv, "mode": self.mode,
+        return {**super().describe(), **kv, "mode": "decode_many" if self.many else self.mode,
                 "tiles": {"rows": c.rows, "keys": c.keys, "warps": [c.wm, c.wn], "stages": c.stages}}
 
     def source(self) -> str:
@@ -505,7 +510,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                       heads_first: bool = False, fp8_raw: bool | None = None,
                       fp8_vcvt: bool | None = None, fp8_kcvt: bool | None = None,
                       fp8_kwords: bool | None = None, top_rows: bool | None = None,
-                      tma: bool | None = None) -> TCAttentionPlan:
+                      tma: bool | None = None, many: bool = False) -> TCAttentionPlan:
     """The tensor-core plan of an attention block. Without `tiles`, the first of
     `tile_candidates` that compiles without register spills (through `compile_fn`; without
     one, or when it cannot compile, the last candidate, which is the safest). kv_dtype
@@ -513,7 +518,9 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     conversion and f16 products where the arch has it (sm_89+; ignored elsewhere); fp8_raw / fp8_vcvt / fp8_kcvt
     (None: their defaults): K and V widened by integer ops, or V or K by the hardware's cvt (sm_89+); heads_first: the
     decode grid's order (TCAttentionPlan.heads_first; ignored for prefill); top_rows, tma (None: their defaults):
-    TCAttentionPlan's, decode only (tma over an e4m3 cache, where the plan can take it: uses_tma)."""
+    TCAttentionPlan's, decode only (tma over an e4m3 cache, where the plan can take it: uses_tma); many: the decode plan
+    of grids past one wave of the default tile, on many_ctas_tile (a ValueError where the block has none; `tiles`
+    must be None), the other options as the decode's."""
     heads_first = heads_first and mode == "decode"
     top_rows = mode == "decode" and (top_rows_default() if top_rows is None else top_rows)
     tma = mode == "decode" and kv_dtype is not None and (decode_tma_default() if tma is None else tma)
@@ -534,6 +541,16 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     options = dict(layer=layer, arch=arch, page_size=page_size, mode=mode, kv_dtype=kv_dtype, fp8_cvt=fp8_cvt,
                    fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fp8_kwords=fp8_kwords, fold=fold,
                    heads_first=heads_first, top_rows=top_rows, tma=tma)
+    if many:
+        spec = layer.function.outputs[0].arg
+        tile = many_ctas_tile(int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
+                              int(spec.v_head_dim), kv_dtype)
+        if mode != "decode" or tiles is not None or tile is None:
+            raise ValueError(f"{layer.name}: no decode tile for grids past one wave here (mode {mode}, kv_dtype "
+                             f"{kv_dtype}, tiles {tiles}): many_ctas_tile")
+        plan = TCAttentionPlan(tiles=tile, many=True, **options)
+        plan.source()
+        return plan
     if tiles is not None:
         plan = TCAttentionPlan(tiles=tiles, **options)
         plan.source()

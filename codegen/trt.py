@@ -180,6 +180,9 @@ def _row_spec(plan) -> PluginSpec:
 
 # ---- attention, per-token form -----------------------------------------------------------------
 def _attention_spec(plan) -> PluginSpec:
+    if getattr(plan, "many", False):
+        raise NotAPlugin("the decode kernel of grids past one wave of the default tile (PagedAttention's "
+                         "decode_many): a plugin launches the block's default decode kernel whatever the grid")
     if plan.family in ("tc_attention", "wgmma_attention") and plan.mode != "decode":
         raise NotAPlugin("the tensor-core prefill kernel's grid needs the longest query chunk (max_q_len), a host "
                          "value that no input shape gives; decode-form tokens run the decode and CUDA-core kernels")

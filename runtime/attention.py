@@ -184,11 +184,10 @@ class PagedAttention:
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
                                             **wgmma_options())
             else:
-                plan_mode, tiles = mode, self.tiles.get(mode)
-                if mode == DECODE_MANY:
-                    plan_mode, tiles = "decode", self._many_tile()
-                plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size, mode=plan_mode,
-                                         tiles=tiles, compile_fn=compile_fn(self._cache),
+                many = mode == DECODE_MANY   # (the decode's options on many_ctas_tile)
+                plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size,
+                                         mode="decode" if many else mode, many=many,
+                                         tiles=None if many else self.tiles.get(mode), compile_fn=compile_fn(self._cache),
                                          kv_dtype=self.kv_dtype, fp8_cvt=fp8_cvt_default(),
                                          fold=tc_fold_default(), heads_first=heads_first_default())
             self._tc_plans[mode] = plan

@@ -133,11 +133,15 @@ def test_build_with_an_fp8_kv_cache_and_load_it(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["kv_cache"] == "fp8_e4m3"
     fams = sorted(k["family"] for k in m["kernels"])
-    assert fams == ["kv_append", "paged_attention", "tc_attention", "tc_attention"], fams
+    # prefill, decode, and decode's kernel for grids past one wave of its default tile (decode_many)
+    assert fams == ["kv_append", "paged_attention", "tc_attention", "tc_attention", "tc_attention"], fams
+    modes = sorted(k["mode"] for k in m["kernels"] if k["family"] == "tc_attention")
+    assert modes == ["decode", "decode_many", "prefill"], modes
     assert all("fp8" in k["key"] or k.get("kv_dtype") == "fp8_e4m3" for k in m["kernels"]), [k["key"] for k in m["kernels"]]
     pack = load_pack(out, check_device=False)
     attn = pack.attention("llama_attn")
     assert attn.kv_dtype == "fp8_e4m3" and attn.cache_dtype == torch.float8_e4m3fn
+    assert attn._decode_many()   # the pack's module takes it as a built one does
     cache = pack.kv_cache("llama_attn", num_pages=4, max_seqs=1, max_pages_per_seq=4, device="cpu", scales="per_head")
     assert cache.kv_dtype == "fp8_e4m3" and cache.storage_dtype == torch.float8_e4m3fn and cache.scales == "per_head"
 

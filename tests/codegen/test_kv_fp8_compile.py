@@ -428,6 +428,20 @@ def test_many_ctas_decode_tile(prog, monkeypatch, name, dtype, arch, tmp_path):
     assert plan.mode == "decode" and plan.config == tile and plan.key != attn.tc_plan("decode").key
     assert (("_kcvt_kw_" in plan.key) == (arch == "sm_90")) and ("_t8_" in plan.key)   # the decode's widening
     compile_clean(plan, arch)
+    assert plan.many and plan.describe()["mode"] == "decode_many" and not attn.tc_plan("decode").many
+    assert plan_tc_attention(layer, arch, mode="decode", kv_dtype=FP8, many=True, fp8_cvt=False,
+                             heads_first=attn.tc_plan("decode").heads_first).key == plan.key
+    from layerforge.codegen.families import plans_for_layer
+    from layerforge.codegen.trt import plugin_specs
+    from layerforge.runtime.launch import compile_fn
+    plans = plans_for_layer(layer, arch, compile_fn=compile_fn(KernelCache(tmp_path)), kv_cache=FP8)
+    assert [p.key for p in plans if getattr(p, "many", False)] == [plan.key]   # a pack holds it
+    _, excluded = plugin_specs(plans)
+    assert "decode_many" in excluded[plan.key]   # a TensorRT plugin launches the default decode kernel
+    assert not any(getattr(p, "many", False) for p in plans_for_layer(layer, arch, compile_fn=compile_fn(
+        KernelCache(tmp_path))))   # a bf16 cache: none
+    with pytest.raises(ValueError, match="many_ctas_tile"):
+        plan_tc_attention(layer, arch, mode="decode", many=True)   # bf16 cache: no such tile
     assert not PagedAttention(layer, page_size=16, arch=arch)._decode_many()   # bf16 cache
     forced = PagedAttention(layer, page_size=16, arch=arch, kv_dtype=FP8, tiles={"decode": tile})
     assert not forced._decode_many()
