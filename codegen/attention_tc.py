@@ -140,11 +140,18 @@ def many_ctas_tile(head_dim: int, group: int, v_head_dim: int | None = None,
     CTAs an SM (36 KB) holds them in one. bench_decode_tiles --kv fp8, graph us, default -> this tile: H200 64 x 4096
     143.8 -> 140.0 (1.76x -> 1.80x the bf16 decode), 64 x 512 34.4 -> 31.9; H100 64 x 4096 201.7 -> 200.0. Where the
     default fits one wave it loses (H200 16 x 1024 21.2 -> 31.6, 1 x 4096 16.2 -> 19.6), hence the runtime's
-    choice by the grid (runtime/attention.PagedAttention). LAYERFORGE_DECODE_MANY=0 turns it off."""
+    choice by the grid (runtime/attention.PagedAttention). LAYERFORGE_DECODE_MANY=0 turns it off.
+    A bf16 / f16 cache at D128 (LAYERFORGE_DECODE_MANY_BF16=1, off until measured: benchmarks/NOTES.md): 2 warps of 16
+    keys, 3 stages, 4 CTAs an SM beside the default's 4 warps, 2 an SM (an earlier H200 sweep, before later decode
+    changes: 64 x 512 51.3 -> 48.1 us, 64 x 4096 261.5 -> 258.0; 16 x 1024 30.8 -> 36.3, which the grid rule keeps
+    on the default)."""
     dv = v_head_dim or head_dim
-    if (kv_dtype and head_dim == 128 and dv == 128 and group <= 16 and fp8_wide_default()
-            and env_switch("LAYERFORGE_DECODE_MANY", True)):
+    if head_dim != 128 or dv != 128 or group > 16 or not env_switch("LAYERFORGE_DECODE_MANY", True):
+        return None
+    if kv_dtype and fp8_wide_default():
         return TileConfig(wm=1, wn=2, mt=1, bnw=16, stages=4, min_blocks=4, qreg=True)
+    if not kv_dtype and env_switch("LAYERFORGE_DECODE_MANY_BF16", False):
+        return TileConfig(wm=1, wn=2, mt=1, bnw=16, stages=3, min_blocks=4, qreg=True)
     return None
 
 

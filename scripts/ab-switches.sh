@@ -50,6 +50,9 @@
 #              split beside the default, 8B shapes at 16 / 8 / 1 tokens), its GPU test, then, if it passed,
 #              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py xshare) and
 #              bench_gemv --quant --tokens 9,16 with the switch off and on
+#   many       decode grids past one wave of the default tile on smaller CTAs: the GPU tests of the e4m3 cache's (the
+#              default) and the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off until this runs), compute-sanitizer over
+#              both (sanitize_cases.py many), then bench_decode_tiles --default-only (bf16) with the switch off and on
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
@@ -280,6 +283,23 @@ xshare)
             echo "-- LAYERFORGE_GEMV_XSHARE=$on"
             LAYERFORGE_GEMV_XSHARE=$on "$PY" -m benchmarks.bench_gemv --quant --tokens 9,16 2>&1 | tail -18 \
                 | tee -a "$OUT_DIR/xshare.txt"
+        done
+    else
+        status=1
+    fi
+    ;;
+many)
+    echo "== decode grids past one wave on smaller CTAs: bf16 (LAYERFORGE_DECODE_MANY_BF16, off) GPU tests, sanitizers, off / on"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_paged_attention.py \
+        tests/gpu/test_kv_fp8.py -k many_ctas --junitxml="$OUT_DIR/pytest_many.xml" 2>&1 \
+        | tee "$OUT_DIR/pytest_many.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        LAYERFORGE_DECODE_MANY_BF16=1 sanitize many 90 "the many-CTA decode cases (e4m3 and bf16)"
+        for on in 0 1; do
+            echo "-- LAYERFORGE_DECODE_MANY_BF16=$on (the module column)"
+            LAYERFORGE_DECODE_MANY_BF16=$on timeout -s KILL 120 "$PY" -m benchmarks.bench_decode_tiles --default-only \
+                --cases 64x512,64x4096,48x2048,40x1024,32x4096,16x1024 2>&1 | tail -8 | tee -a "$OUT_DIR/many.txt"
         done
     else
         status=1

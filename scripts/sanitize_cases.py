@@ -158,6 +158,20 @@ def many_ctas_cases(bf):
            k_scale=k_sc, v_scale=v_sc)
     torch.cuda.synchronize()
     assert any(mode == DECODE_MANY for _, mode in a8._kernels), "the many-CTA decode tile did not run"
+    import os
+    if os.environ.get("LAYERFORGE_DECODE_MANY_BF16") == "1":   # the bf16 cache's (off by default): the same launches
+        cache = PagedKVCache(48 * 20, 16, 8, 128, dtype=bf, device="cuda", max_seqs=48, max_pages_per_seq=20)
+        for s, n in lens.items():
+            cache.allocate(s, n)
+            cache.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf),
+                         torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
+        a16 = PagedAttention(layer, page_size=16)
+        bad16 = cache.page_table.clone()
+        bad16[4, 1], bad16[4, 2] = 10 ** 6, -5
+        for table, splits in ((cache.page_table, None), (cache.page_table, 3), (bad16, None)):
+            a16(q, cache.k_cache, cache.v_cache, table, cache.seq_lens, ids, pos, max_kv_len=300, num_splits=splits)
+        torch.cuda.synchronize()
+        assert any(mode == DECODE_MANY for _, mode in a16._kernels), "the bf16 many-CTA decode tile did not run"
 
 
 def xshare_cases(bf):

@@ -448,3 +448,24 @@ def test_many_ctas_decode_tile(prog, monkeypatch, name, dtype, arch, tmp_path):
     monkeypatch.setenv("LAYERFORGE_DECODE_MANY", "0")
     assert many_ctas_tile(128, 4, kv_dtype=FP8) is None
     assert not PagedAttention(layer, page_size=16, arch=arch, kv_dtype=FP8, cache=KernelCache(tmp_path))._decode_many()
+
+
+@pytest.mark.parametrize("name", ["llama_attn", "mistral_attn", "gemma2_attn", "bloom_attn"])
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_many_ctas_decode_tile_bf16_switch(prog, monkeypatch, name, dtype, arch, tmp_path):
+    """LAYERFORGE_DECODE_MANY_BF16=1 (off until measured): a bf16 / f16 cache's decode at D128 gets the many-CTA tile
+    too (2 warps of 16 keys, 3 stages, 4 CTAs an SM), spill-free and warning-free; off, none."""
+    from layerforge.codegen.attention_tc import many_ctas_tile
+    from layerforge.runtime.attention import DECODE_MANY, PagedAttention
+    from layerforge.runtime.cache import KernelCache
+    layer = specialise(prog, name, 128, dtype)
+    assert many_ctas_tile(128, 4) is None
+    assert not PagedAttention(layer, page_size=16, arch=arch, cache=KernelCache(tmp_path))._decode_many()
+    monkeypatch.setenv("LAYERFORGE_DECODE_MANY_BF16", "1")
+    assert many_ctas_tile(128, 4).label == "w1x2m1n16s3qb4" and many_ctas_tile(64, 4) is None
+    attn = PagedAttention(layer, page_size=16, arch=arch, cache=KernelCache(tmp_path))
+    assert attn._decode_many()
+    plan = attn.tc_plan(DECODE_MANY)
+    assert plan.many and plan.kv_dtype is None and plan.config.label == "w1x2m1n16s3qb4"
+    compile_clean(plan, arch)
