@@ -405,20 +405,14 @@ def test_decode_by_tma_switch(prog, monkeypatch, widen, dtype, wide):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_many_ctas_decode_over_fp8(prog, monkeypatch, dtype):
+def test_many_ctas_decode_over_fp8(prog, loaded_modes, dtype):
     """Decode grids past one wave of the default e4m3 tile (48 sequences x 8 KV heads: 384 CTAs, more than 2 an SM on
     up to 191 SMs) take the tile of more, smaller CTAs (runtime/attention.DECODE_MANY, codegen/attention_tc.
     many_ctas_tile): per-token and ragged (2 tokens a sequence, still decode rows), lengths on and off the tiles'
     multiples, pages of 16 and 64, a sliding window, against the float64 reference over the dequantised cache; 8
     sequences keep the default tile."""
     from layerforge.runtime.attention import DECODE_MANY
-    modes = []
-    load = PagedAttention._load
-
-    def spy(self, device, mode=None):
-        modes.append(mode)
-        return load(self, device, mode)
-    monkeypatch.setattr(PagedAttention, "_load", spy)
+    modes = loaded_modes
     gen = torch.Generator().manual_seed(11)
     lens = [int(n) for n in torch.randint(1, 700, (48,), generator=gen)] + [64, 65, 1, 2048]
     for page in (16, 64):

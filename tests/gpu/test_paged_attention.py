@@ -341,20 +341,14 @@ def test_identity_decode_without_q_seq_q_pos(prog, kernel, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_many_ctas_decode_bf16_switch(prog, monkeypatch, dtype):
+def test_many_ctas_decode_bf16_switch(prog, monkeypatch, loaded_modes, dtype):
     """LAYERFORGE_DECODE_MANY_BF16=1 (off until measured): bf16 / f16 decode grids past one wave of the default tile
     (52 sequences x 8 KV heads) take the tile of more, smaller CTAs (runtime/attention.DECODE_MANY): per-token and
     ragged (2 tokens a sequence), pages of 16 and 64, a window and soft-capping, lengths on and off the tiles'
     multiples, against the float64 reference; 8 sequences keep the default tile."""
     from layerforge.runtime.attention import DECODE_MANY
     monkeypatch.setenv("LAYERFORGE_DECODE_MANY_BF16", "1")
-    modes = []
-    load = PagedAttention._load
-
-    def spy(self, device, mode=None):
-        modes.append(mode)
-        return load(self, device, mode)
-    monkeypatch.setattr(PagedAttention, "_load", spy)
+    modes = loaded_modes
     gen = torch.Generator().manual_seed(12)
     lens = [int(n) for n in torch.randint(1, 700, (48,), generator=gen)] + [64, 65, 1, 2048]
     for form, name, page, new, consts in (("tc", "llama_attn", 16, 1, {}), ("tc", "llama_attn", 64, 1, {}),
