@@ -17,7 +17,7 @@ the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp
 already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
 "sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
 12.6 MB product is 3 us at the large copy's ceiling, where launch, ramp and tail weigh as much as the bytes.
-The main and --quant tables time each product on weights L2 does not hold: the timed graph cycles through
+The main, --quant and their --sweep tables time each product on weights L2 does not hold: the timed graph cycles through
 copies of the weights (3 x L2 of other bytes between two reads of one copy), as a model's step reads each
 layer's weights once; --warm reads the same weights in every call (the way earlier tables were taken: W of
 up to ~30 MB then partly comes from L2, and "of copy" can pass 1).
@@ -303,8 +303,8 @@ QUANT_SWEEP = (("u4", 128), ("i8", 0))
 
 def quant_sweep(a, ceiling):
     """The quantised kernels' work splits (rt, warps, stages) at 1, 8 and 16 tokens, each timed on
-    the same weights as the default plan (runtime/quant's choice), fraction of the copy ceiling on
-    the packed bytes; compiled in parallel first, spilling plans skipped."""
+    the same weights as the default plan (runtime/quant's choice; both cycling through cold_copies of them),
+    fraction of the copy ceiling on the packed bytes; compiled in parallel first, spilling plans skipped."""
     from layerforge.runtime.launch import device_arch
     from layerforge.runtime.quant import QuantLinear
     arch = device_arch()
@@ -317,18 +317,18 @@ def quant_sweep(a, ceiling):
     for name, n, k, gated in shapes:
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
         for wt, gr in wtypes:
-            lin = QuantLinear.from_float(w, gr, wtype=wt)
-            nbytes = lin.qw.nbytes()
+            lins = copies(lambda: QuantLinear.from_float(w, gr, wtype=wt), n * k // (2 if wt == "u4" else 1))
+            nbytes = lins[0].qw.nbytes()
             for m in sweep_tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                default = graph_time(lambda: lin(x, gated=gated))
+                default = graph_time([lambda lin=lin: lin(x, gated=gated) for lin in lins])
                 y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
                 sweep = {}
                 for rt, warps, stages in QUANT_SPLITS:
                     launch = split_launcher(n, k, m, gated, rt, warps, stages, wt, gr)
                     if launch is not None:
                         sweep[f"r{rt}w{warps}s{stages}"] = graph_time(
-                            lambda: launch((), [x, *lin.qw.kernel_tensors, y, m]))
+                            [lambda lin=lin: launch((), [x, *lin.qw.kernel_tensors, y, m]) for lin in lins])
                 best = min(sweep, key=sweep.get)
                 print(f"{name:12s} {wt}g{gr:<4d} {m:>3d} default {default * 1e6:6.1f} us {nbytes / default / ceiling:.2f} "
                       f"of copy | best {best} {sweep[best] * 1e6:6.1f} us {nbytes / sweep[best] / ceiling:.2f} | "
@@ -511,7 +511,7 @@ def main(argv=None):
     ap.add_argument("--kernel-rows", type=int, default=0,
                     help="--quant: rows the small-token kernel serves (runtime/quant.QUANT_KERNEL_MAX_ROWS)")
     ap.add_argument("--warm", action="store_true",
-                    help="the main and --quant tables: every timed call reads the same weights (small ones then come "
+                    help="the main and --quant tables (and their sweeps): every timed call reads the same weights (small ones then come "
                          "partly from L2); by default each product cycles through enough weight copies that none is "
                          "in L2 when read, as in a model's step")
     a = ap.parse_args(argv)
@@ -583,7 +583,7 @@ def main(argv=None):
                     if launch is None:   # spills or too much shared memory: not a candidate
                         continue
                     y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-                    sweep[f"r{rt}w{warps}s{stages}"] = graph_time(lambda: launch((), [x, w, y, m]))
+                    sweep[f"r{rt}w{warps}s{stages}"] = graph_time([lambda w=w: launch((), [x, w, y, m]) for w in ws])
                 best = min(sweep, key=sweep.get)
                 r["sweep_s"] = sweep
                 line += f"  best {best} {sweep[best] * 1e6:.1f} | " + " ".join(
