@@ -16,8 +16,9 @@ if [ -z "$WORKERS" ]; then
         WORKERS=auto
     fi
 fi
+# --durations: the slowest tests at the end of the log (CI's time limit is 90 minutes)
 if [ "$WORKERS" = 1 ]; then
-    "$PY" -m pytest -q "$@"
+    "$PY" -m pytest -q --durations=25 "$@"
 else
-    "$PY" -m pytest -q -n "$WORKERS" "$@"
+    "$PY" -m pytest -q --durations=25 -n "$WORKERS" "$@"
 fi
