@@ -155,6 +155,13 @@ def many_ctas_tile(head_dim: int, group: int, v_head_dim: int | None = None,
     return None
 
 
+def block_many_tile(layer: Layer, kv_dtype: str | None) -> TileConfig | None:
+    """many_ctas_tile for an attention block's head dims and GQA group (None where it has none)."""
+    spec = layer.function.outputs[0].arg
+    return many_ctas_tile(int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads), int(spec.v_head_dim),
+                          kv_dtype)
+
+
 PADDED_PREFILL_SHARED = 100 * 1024   # the padded prefill tiles' shared memory at most (the 128 tiles': 96 KB)
 
 
@@ -549,9 +556,7 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
                    fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fp8_kwords=fp8_kwords, fold=fold,
                    heads_first=heads_first, top_rows=top_rows, tma=tma)
     if many:
-        spec = layer.function.outputs[0].arg
-        tile = many_ctas_tile(int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
-                              int(spec.v_head_dim), kv_dtype)
+        tile = block_many_tile(layer, kv_dtype)
         if mode != "decode" or tiles is not None or tile is None:
             raise ValueError(f"{layer.name}: no decode tile for grids past one wave here (mode {mode}, kv_dtype "
                              f"{kv_dtype}, tiles {tiles}): many_ctas_tile")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..dsl.program import Layer
 from .attention import plan_paged_attention
-from .attention_tc import (MODES, fp8_cvt_default, heads_first_default, many_ctas_tile, plan_tc_attention,
+from .attention_tc import (MODES, block_many_tile, fp8_cvt_default, heads_first_default, plan_tc_attention,
                            fold_default as tc_fold_default)
 from .attention_wgmma import default_options as wgmma_options, plan_wgmma_attention, supports as wgmma_supports
 from .kv_append import plan_kv_append
@@ -51,9 +51,7 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
                   for m in MODES]
         if getattr(plans[0], "block_mask", False):   # the prefill kernel's block-mask pre-pass (codegen/block_mask.py)
             plans.append(plans[0].block_mask_plan())
-        spec = layer.function.outputs[0].arg
-        if many_ctas_tile(int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads), int(spec.v_head_dim),
-                          kv_cache) is not None:
+        if block_many_tile(layer, kv_cache) is not None:
             # decode's kernel for grids past one wave of its default tile, as PagedAttention takes it (runtime/
             # attention.DECODE_MANY): in the pack where it compiles without spills
             many = plan_tc_attention(layer, arch, page_size=page_size, mode="decode", many=True, compile_fn=compile_fn,

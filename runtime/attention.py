@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from ..codegen.attention import PagedAttentionPlan, attention_interface, plan_paged_attention
-from ..codegen.attention_tc import (TCAttentionPlan, fp8_cvt_default, heads_first_default, many_ctas_tile,
+from ..codegen.attention_tc import (TCAttentionPlan, block_many_tile, fp8_cvt_default, heads_first_default,
                                     pick_mode, plan_tc_attention, fold_default as tc_fold_default, supports as tc_supports)
 from ..codegen.attention_wgmma import (WGMMAAttentionPlan, WGTileConfig, default_options as wgmma_options,
                                        plan_wgmma_attention, supports as wgmma_supports)
@@ -193,10 +193,6 @@ class PagedAttention:
             self._tc_plans[mode] = plan
         return plan
 
-    def _many_tile(self):
-        spec = self.layer.function.outputs[0].arg
-        return many_ctas_tile(int(spec.head_dim), self.hq // self.hkv, int(spec.v_head_dim), self.kv_dtype)
-
     def _decode_many(self) -> bool:
         """Whether decode grids past one wave of the default tile take the DECODE_MANY plan: a block with such a
         tile (codegen/attention_tc.many_ctas_tile; none where the decode tile is forced) that compiles without
@@ -204,7 +200,7 @@ class PagedAttention:
         if self._many is None:
             if self.layer is None:
                 self._many = DECODE_MANY in self._images
-            elif self.tiles.get("decode") is not None or self.kernel != "tc" or self._many_tile() is None:
+            elif self.tiles.get("decode") is not None or block_many_tile(self.layer, self.kv_dtype) is None:
                 self._many = False
             else:
                 from ..codegen.plan import spill_free

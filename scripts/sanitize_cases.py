@@ -142,6 +142,7 @@ def many_ctas_cases(bf):
     """The e4m3 decode's tile for grids past one wave of the default (runtime/attention.DECODE_MANY, by default): 48
     sequences (384 CTAs), partial last tiles and single keys, unsplit and in 3 parts, and a page table with entries
     past the cache and negative (clamped: wrong numbers, never an out-of-bounds access)."""
+    from layerforge.codegen.attention_tc import block_many_tile
     from layerforge.runtime.attention import DECODE_MANY
     layer = lf.stdlib().specialise("llama_attn", Hq=32, Hkv=8, D=128, dtype="bf16")
     rope = layer.function.outputs[0].arg.rope
@@ -150,28 +151,22 @@ def many_ctas_cases(bf):
     q = torch.randn(48, 32, 128, device="cuda", dtype=bf)
     ids = torch.arange(48, dtype=torch.int32, device="cuda")
     pos = torch.tensor([n - 1 for n in lens.values()], dtype=torch.int32, device="cuda")
-    bad = c8.page_table.clone()
-    bad[4, 1], bad[4, 2] = 10 ** 6, -5
-    a8 = PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3")
-    for table, splits in ((c8.page_table, None), (c8.page_table, 3), (bad, None)):
-        a8(q, c8.k_cache, c8.v_cache, table, c8.seq_lens, ids, pos, max_kv_len=300, num_splits=splits,
-           k_scale=k_sc, v_scale=v_sc)
-    torch.cuda.synchronize()
-    assert any(mode == DECODE_MANY for _, mode in a8._kernels), "the many-CTA decode tile did not run"
-    import os
-    if os.environ.get("LAYERFORGE_DECODE_MANY_BF16") == "1":   # the bf16 cache's (off by default): the same launches
+    runs = [(PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3"), c8, dict(k_scale=k_sc, v_scale=v_sc))]
+    if block_many_tile(layer, None) is not None:   # the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off by default)
         cache = PagedKVCache(48 * 20, 16, 8, 128, dtype=bf, device="cuda", max_seqs=48, max_pages_per_seq=20)
         for s, n in lens.items():
             cache.allocate(s, n)
             cache.append([s] * n, torch.randn(n, 8, 128, device="cuda", dtype=bf),
                          torch.randn(n, 8, 128, device="cuda", dtype=bf), rope)
-        a16 = PagedAttention(layer, page_size=16)
-        bad16 = cache.page_table.clone()
-        bad16[4, 1], bad16[4, 2] = 10 ** 6, -5
-        for table, splits in ((cache.page_table, None), (cache.page_table, 3), (bad16, None)):
-            a16(q, cache.k_cache, cache.v_cache, table, cache.seq_lens, ids, pos, max_kv_len=300, num_splits=splits)
+        runs.append((PagedAttention(layer, page_size=16), cache, {}))
+    for attn, c, scales in runs:
+        bad = c.page_table.clone()
+        bad[4, 1], bad[4, 2] = 10 ** 6, -5
+        for table, splits in ((c.page_table, None), (c.page_table, 3), (bad, None)):
+            attn(q, c.k_cache, c.v_cache, table, c.seq_lens, ids, pos, max_kv_len=300, num_splits=splits, **scales)
         torch.cuda.synchronize()
-        assert any(mode == DECODE_MANY for _, mode in a16._kernels), "the bf16 many-CTA decode tile did not run"
+        assert any(mode == DECODE_MANY for _, mode in attn._kernels), \
+            f"the many-CTA decode tile did not run ({attn.kv_dtype or 'bf16'} cache)"
 
 
 def xshare_cases(bf):
