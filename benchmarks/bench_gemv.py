@@ -231,11 +231,19 @@ def main_stream(a, ceiling):
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
         act = swiglu_module(n // 2) if gated else None
         wbytes = n * k * 2
+        ws = [w] + [w.clone() for _ in range(cold_copies(wbytes) - 1)]   # cycled through: none in L2 when read
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ours = graph_time(lambda: gemv(x, w, gated=gated, kernel="stream"))
-            cublas = graph_time(lambda: act(F.linear(x, w)) if gated else F.linear(x, w))
-            small = graph_time(lambda: gemv(x, w, gated=gated)) if m <= KERNEL_MAX_ROWS else float("nan")
+            if a.once:   # for a profiler: the stream kernel and cuBLAS three times each, nothing timed
+                for _ in range(3):
+                    gemv(x, w, gated=gated, kernel="stream")
+                    F.linear(x, w)
+                torch.cuda.synchronize()
+                continue
+            ours = graph_time([lambda w=w: gemv(x, w, gated=gated, kernel="stream") for w in ws])
+            cublas = graph_time([lambda w=w: act(F.linear(x, w)) if gated else F.linear(x, w) for w in ws])
+            small = graph_time([lambda w=w: gemv(x, w, gated=gated) for w in ws]) if m <= KERNEL_MAX_ROWS \
+                else float("nan")
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, stream_s=ours, cublas_s=cublas, small_s=small,
                      weight_bytes=wbytes)
             line = (f"{name:12s} {m:>3d} {ours * 1e6:>9.1f} {wbytes / ours / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
@@ -246,17 +254,17 @@ def main_stream(a, ceiling):
                 from layerforge.codegen.gemm_stream import pack_weight
                 packs = {}
                 for plan in stream_plans(n, k, m, gated, STREAM_SPLITS):
-                    wp = w
+                    wps = ws   # one per weight copy (cold, as above)
                     if plan.packed:
-                        wp = packs.get((plan.bw, plan.ka))
-                        if wp is None:
-                            wp = packs[(plan.bw, plan.ka)] = pack_weight(w, plan)
+                        wps = packs.get((plan.bw, plan.ka))
+                        if wps is None:
+                            wps = packs[(plan.bw, plan.ka)] = [pack_weight(wi, plan) for wi in ws]
                     res = compile_plan(plan)
                     if any(q.spill_stores or q.spill_loads for q in res.resources.values()):
                         continue
                     launch = _StreamLauncher(plan, load_kernels(res.cubin, plan.kernels, torch.device("cuda"))[
                         plan.kernel_name], sms, torch.device("cuda"))
-                    sweep[plan.key.split("_")[-2]] = graph_time(lambda: launch(m, [x, wp, y, m]))
+                    sweep[plan.key.split("_")[-2]] = graph_time([lambda wp=wp: launch(m, [x, wp, y, m]) for wp in wps])
                 best = min(sweep, key=sweep.get)
                 r["sweep_s"] = sweep
                 line += f"  best {best} {sweep[best] * 1e6:.1f} | " + " ".join(
@@ -505,7 +513,7 @@ def main(argv=None):
                     help="u4's shared-x layout (x staged once a CTA, K over CTAs) beside the default, its splits "
                          "(--tokens, default 1,8,16; --only)")
     ap.add_argument("--once", action="store_true",
-                    help="--quant: the u4 / i8 products three times each, nothing timed (for ncu: e.g. "
+                    help="--quant (or --stream, bf16): the products three times each, nothing timed (for ncu: e.g. "
                          "ncu --set full -k regex:gemv --launch-skip 2 --launch-count 2 python -m benchmarks.bench_gemv "
                          "--quant --once --only '8B qkv' --tokens 16)")
     ap.add_argument("--kernel-rows", type=int, default=0,
