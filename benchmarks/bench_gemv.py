@@ -28,7 +28,6 @@ cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out pro
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 from layerforge.codegen.gemv import plan_gemv
 from layerforge.runtime.linear import KERNEL_MAX_ROWS, gemv
+from layerforge.runtime.tune import CANDIDATES, cold_copy_count, graph_time   # (the other benchmarks import graph_time from here)
 
 from .bench_rows import copy_ceiling
 
@@ -47,46 +47,14 @@ SHAPES = [  # (name, N, K, gated)
 ]
 TOKENS = (1, 4, 8, 16, 32, 64)
 SWEEP_TOKENS = (1, 8, 16, 64)
-SPLITS = tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6)))   # (16-column tiles, warps, stages)
-
-
-def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call of `fn`, the median over `replays` replays of a graph of `calls` calls. `fn` may be a
-    list of callables (the same product on different copies of its weights, see `cold_copies`): the graph
-    calls them in turn, so each call reads weights the calls before it did not bring into L2."""
-    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
-    calls = len(fns) * -(-calls // len(fns))
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
-WARM = False   # --warm: every timed call reads the same weights (small ones then come partly from L2)
+SPLITS = CANDIDATES[None]   # (16-column tiles, warps, stages): what `layerforge tune` times
 
 
 def cold_copies(nbytes: int) -> int:
     """How many copies of a product's weights (`nbytes` each) a timed graph cycles through so that L2 holds
     none of a copy when it is read again (3 x L2 of other bytes between two reads of one copy), as in a
     model, where each layer's weights are read once a step; 1 with --warm."""
-    if WARM:
-        return 1
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return min(32, max(1, -(-3 * l2 // max(1, nbytes))))
+    return 1 if WARM else cold_copy_count(nbytes)
 
 
 def copies(make, nbytes: int) -> list:
@@ -305,7 +273,7 @@ def torch_fp8(w: torch.Tensor, m: int):
         return None
 
 
-QUANT_SPLITS = tuple(itertools.product((1, 2, 4), (2, 4, 8, 16), (2, 3, 4, 6)))   # (16-column tiles, warps, stages)
+QUANT_SPLITS = CANDIDATES["quant"]   # (16-column tiles, warps, stages)
 QUANT_SWEEP = (("u4", 128), ("i8", 0))
 
 

@@ -429,18 +429,44 @@ def _s_stride(plan: GemvPlan) -> int:
     return plan.n
 
 
+def arch_shared_limit(arch: str) -> int:
+    """Dynamic shared memory a CTA can have on `arch`: 227 KB on sm_90, 163 KB on sm_80 / sm_87, 99 KB on the
+    other sm_8x (sm_86, sm_89)."""
+    number = ops.arch_number(arch)
+    if number >= 90:
+        return SHARED_LIMIT
+    return 163 * 1024 if number in (80, 87) else 99 * 1024
+
+
+def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: int, arch: str, **rest):
+    """The plan with the tuning table's split for this problem (codegen/tuning.py), or None where no table has one
+    or the problem's plan cannot take it (then the rules decide)."""
+    from .tuning import lookup
+    split = lookup("gemv", arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=max_m)
+    if split is None:
+        return None
+    try:
+        plan = GemvPlan(dtype=dtype, n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype=wtype, group=group,
+                        **split, **rest)
+    except ValueError:
+        return None
+    return plan if plan.shared_bytes <= arch_shared_limit(arch) else None
+
+
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
               compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0,
-              xshare: int = 0, min_blocks: int | None = None) -> GemvPlan:
+              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
     module's docstring). xshare (u4): the shared-x layout with K over that many CTAs (xshare_split gives the
     default), its own defaults rt 1, 4 warps, 2 stages, and registers for 16 warps an SM where not gated
-    (min_blocks; 128 a thread: 139 at 16 tokens would hold 12; gated, 16 warps spill)."""
+    (min_blocks; 128 a thread: 139 at 16 tokens would hold 12; gated, 16 warps spill). Where rt, warps and
+    stages are not given, a split the tuning tables measured faster for this problem (codegen/tuning.py) comes
+    before the rules below; tuned=False: the rules alone (what `layerforge tune` measures a table's splits against)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = token_bucket(max_m) // 8           # n8 token tiles: 1, 2, 4, 8
@@ -452,6 +478,14 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, arch=arch,
                         rt=rt or XSHARE_RT, warps=warps, stages=stages or XSHARE_STAGES, wtype=wtype,
                         group=group, xshare=xshare, min_blocks=min_blocks)
+    if tuned and rt is None and warps is None and stages is None and min_blocks is None and not (experts or x_e4m3) \
+            and wtype in (None, "u4", "i8"):
+        # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`)
+        tuned = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
+                            norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group,
+                            ldw=0 if ldw == k else ldw)
+        if tuned is not None:
+            return tuned
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)

@@ -47,6 +47,15 @@ def _cmd_build(args) -> int:
     return cli_build(args)
 
 
+def _cmd_tune(args) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        print("error: layerforge tune measures on a CUDA GPU, and none is visible here", file=sys.stderr)
+        return 1
+    from .runtime.tune import cli_tune
+    return cli_tune(args)
+
+
 def _cmd_show(args) -> int:
     from .codegen.linear_lower import has_matmul, plan_linear
     from .codegen.plan import plan_layer
@@ -101,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", required=True, help="output folder")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_cmd_build)
+    t = sub.add_parser("tune", help="time the small-token products' work splits on this GPU; record the winners "
+                                    "in the tuning table the planner reads")
+    t.add_argument("--config", help="a model's config.json (Hugging Face): its decoder layer's products and lm_head")
+    t.add_argument("--products", help="N:K[:activation],... more products (W [N, K]; gated: N is gate + up)")
+    t.add_argument("--tokens", default="1,8,16", help="token counts (1-16) whose plans to tune (default 1,8,16)")
+    t.add_argument("--weights", default="bf16", help="comma-separated: bf16, f16, u4 (group --group), i8 (row scales)")
+    t.add_argument("--dtype", default="bf16", help="activations' dtype of the u4 / i8 products (default bf16)")
+    t.add_argument("--group", type=int, default=128, help="u4: k per (scale, zero) pair (default 128)")
+    t.add_argument("--margin", type=float, default=0.03,
+                   help="record a split only where it beats the rules' plan by more than this fraction (default 0.03)")
+    t.add_argument("--table", help="the table to write (default: the user's, <cache dir>/tuning/products.json)")
+    t.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
+    t.set_defaults(func=_cmd_tune)
     sh = sub.add_parser("show", help="print the generated CUDA of one layer")
     sh.add_argument("layer")
     sh.add_argument("--file", help="DSL file defining the layer (default: the standard library)")

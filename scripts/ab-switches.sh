@@ -53,6 +53,9 @@
 #   many       decode grids past one wave of the default tile on smaller CTAs: the GPU tests of the e4m3 cache's (the
 #              default) and the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off until this runs), compute-sanitizer over
 #              both (sanitize_cases.py many), then bench_decode_tiles --default-only (bf16) with the switch off and on
+#   tune       `layerforge tune` (runtime/tune.py, not yet run on a GPU): its GPU test, then the Llama-3-8B products (bf16 and
+#              u4 at 1 / 8 / 16 tokens) into OUT_DIR/products.json (copy its entries into codegen/tables/products.json
+#              to make them the packaged table), each split beside the rules' plan in OUT_DIR/tune.txt
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
@@ -301,6 +304,18 @@ many)
             LAYERFORGE_DECODE_MANY_BF16=$on timeout -s KILL 120 "$PY" -m benchmarks.bench_decode_tiles --default-only \
                 --cases 64x512,64x4096,48x2048,40x1024,32x4096,16x1024 2>&1 | tail -8 | tee -a "$OUT_DIR/many.txt"
         done
+    else
+        status=1
+    fi
+    ;;
+tune)
+    echo "== layerforge tune: its GPU test, then the Llama-3-8B products (bf16, u4; 1 / 8 / 16 tokens)"
+    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py 2>&1 \
+        | tee "$OUT_DIR/pytest_tune.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        timeout -s KILL 480 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 \
+            --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
     else
         status=1
     fi

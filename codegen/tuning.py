@@ -1,0 +1,150 @@
+"""Measured work splits: the table the product planner reads before its rules.
+
+    entry = lookup("gemv", arch="sm_90", dtype="bf16", wtype="u4", group=128, gated=None, n=6144, k=4096, bucket=16)
+    entry -> {"rt": 2, "warps": 4, "stages": 3} or None
+
+codegen/gemv.plan_gemv's default split (rt, warps, stages) comes from rules written from sweeps on
+one card. Where a table holds a split measured faster for the exact problem (family, arch, dtype,
+weight type and group, gated activation, N, K, the plan's token bucket), the planner takes it
+instead. `layerforge tune` (runtime/tune.py) measures the splits on the machine's GPU, each against
+the rules' plan in the same run, and records a split only where it beat that plan by a margin; where
+the rules' plan wins it removes the problem's entry, so a table never makes a product slower than the
+rules as measured on that card.
+
+Tables are JSON files, {"version": 1, "entries": [...]}, each entry the key's fields, "split"
+(the plan's fields), and what was measured ("us", "rules_us", "device", "date", "command"). Read in order,
+a later entry replacing an earlier one of the same key:
+  1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
+  2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
+     `layerforge tune` writes by default;
+  3. LAYERFORGE_TUNING_TABLE, a path (one more table, e.g. a pack's).
+LAYERFORGE_TUNING=0 reads none: the rules alone. An entry whose split a problem's plan cannot take
+(a norm prologue's extra shared-memory row past the budget, say) is passed over for the rules.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
+           "write_entry", "remove_entry", "clear_cache", "SPLIT_FIELDS"]
+
+TABLE_VERSION = 1
+PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
+KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "bucket")
+SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages")}
+
+
+def user_table_path() -> Path:
+    """The table `layerforge tune` writes by default: <cache dir>/tuning/products.json."""
+    from ..runtime.cache import default_cache_dir
+    return default_cache_dir() / "tuning" / "products.json"
+
+
+def table_paths() -> list[Path]:
+    """The tables lookup reads, in order (a later entry of a key replaces an earlier one); none where
+    LAYERFORGE_TUNING=0."""
+    from .plan import env_switch
+    if not env_switch("LAYERFORGE_TUNING", True):
+        return []
+    paths = [PACKAGED_TABLE, user_table_path()]
+    extra = os.environ.get("LAYERFORGE_TUNING_TABLE", "").strip()
+    if extra:
+        paths.append(Path(extra).expanduser())
+    return paths
+
+
+def problem_key(family: str, *, arch: str, dtype: str, wtype: str | None, group: int, gated: str | None, n: int,
+                k: int, bucket: int) -> tuple:
+    """The key of one problem: what the planner knows when it picks a split."""
+    if family not in SPLIT_FIELDS:
+        raise ValueError(f"tuning: no table for the {family!r} family (known: {sorted(SPLIT_FIELDS)})")
+    return (family, arch, dtype, wtype, int(group), gated, int(n), int(k), int(bucket))
+
+
+def _entry_key(e: dict) -> tuple:
+    return problem_key(e["family"], **{f: e.get(f) for f in KEY_FIELDS[1:]})
+
+
+def read_table(path: Path) -> list[dict]:
+    """A table's entries (none where the file does not exist); an unreadable table, a table of another
+    version or an entry missing a field is an error naming the file (a table is data the planner trusts)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a tuning table ({e})") from None
+    if not isinstance(data, dict) or data.get("version") != TABLE_VERSION or not isinstance(data.get("entries"), list):
+        raise ValueError(f"{path}: a tuning table is {{'version': {TABLE_VERSION}, 'entries': [...]}}")
+    for i, e in enumerate(data["entries"]):
+        missing = [f for f in (*KEY_FIELDS, "split") if f not in e]
+        fields = SPLIT_FIELDS.get(e.get("family"))
+        if missing or fields is None or sorted(e["split"]) != sorted(fields) or not all(
+                isinstance(e["split"][f], int) and not isinstance(e["split"][f], bool) and e["split"][f] > 0
+                for f in fields):
+            raise ValueError(f"{path}: entry {i} is not a split of a known family (needs {list(KEY_FIELDS)} and a "
+                             f"'split' of positive ints: {fields}): {e}")
+    return data["entries"]
+
+
+@functools.cache
+def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict]:
+    table: dict[tuple, dict] = {}
+    for p in paths:
+        for e in read_table(p):
+            table[_entry_key(e)] = dict(e["split"])
+    return table
+
+
+def clear_cache() -> None:
+    """Forget the tables read so far (after a table is written, or the environment changed)."""
+    _merged.cache_clear()
+
+
+def lookup(family: str, **key: Any) -> dict | None:
+    """The measured split of the problem (problem_key's fields), or None where no table has one."""
+    paths = tuple(table_paths())
+    if not paths:
+        return None
+    split = _merged(paths).get(problem_key(family, **key))
+    return dict(split) if split else None
+
+
+def _write(path: Path, entries: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = sorted(entries, key=lambda e: tuple(str(v) for v in _entry_key(e)))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": TABLE_VERSION, "entries": entries}, indent=1) + "\n")
+    os.replace(tmp, path)   # readers see the old table or the new one, never half of one
+    clear_cache()
+
+
+def write_entry(path: Path, family: str, split: dict, measured: dict | None = None, **key: Any) -> dict:
+    """Record `split` for the problem in the table at `path` (created if missing), replacing the key's
+    entry; `measured` (times, device, command) is kept beside it for the reader."""
+    fields = SPLIT_FIELDS[family]
+    if sorted(split) != sorted(fields):
+        raise ValueError(f"tuning: a {family} split has the fields {fields}, got {sorted(split)}")
+    k = problem_key(family, **key)
+    entry = dict(zip(KEY_FIELDS, k)) | {"split": {f: int(split[f]) for f in fields}}
+    entry |= {"date": datetime.date.today().isoformat()} | dict(measured or {})
+    entries = [e for e in read_table(path) if _entry_key(e) != k] + [entry]
+    _write(Path(path), entries)
+    return entry
+
+
+def remove_entry(path: Path, family: str, **key: Any) -> bool:
+    """Drop the problem's entry from the table at `path`; whether there was one."""
+    k = problem_key(family, **key)
+    entries = read_table(path)
+    kept = [e for e in entries if _entry_key(e) != k]
+    if len(kept) == len(entries):
+        return False
+    _write(Path(path), kept)
+    return True

@@ -1,0 +1,288 @@
+"""Tuning the small-token products on this machine's GPU: `layerforge tune`.
+
+    results = tune_products(model_products("config.json"), tokens=(1, 8, 16), wtype="u4", group=128)
+
+For every product of a model (q/k/v, o, gate/up with its gated activation, down, lm_head) and every
+token bucket its calls fall in, each work split of the small-token kernel (codegen/gemv.py: 16-row
+column tiles a CTA, warps, ring stages) that compiles without spills is timed beside the plan the
+rules give (plan_gemv(..., tuned=False)), in the same run, on cold weights: each timed graph cycles
+through enough copies of W that none of it is in L2 when read, as in a model's step, where a
+layer's weights are read once. A split that beats the rules' plan by more than `margin` is written
+to the tuning table (codegen/tuning.py; by default the user's, which plan_gemv reads from then
+on); where none does, the problem's entry is removed, so the table holds only measured wins.
+"""
+from __future__ import annotations
+
+import itertools
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+__all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "TuneResult",
+           "CANDIDATES", "DEFAULT_TOKENS", "cli_tune"]
+
+DEFAULT_TOKENS = (1, 8, 16)
+# (16-column tiles a CTA, warps, stages): what the sweeps in benchmarks/bench_gemv.py time
+CANDIDATES = {None: tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6))),
+              "quant": tuple(itertools.product((1, 2, 4), (2, 4, 8, 16), (2, 3, 4, 6)))}
+
+
+def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
+    """Seconds per call of `fn`, the median over `replays` replays of a CUDA graph of `calls` calls. `fn` may be a
+    list of callables (the same product on different copies of its weights, see cold_copy_count): the graph
+    calls them in turn, so each call reads weights the calls before it did not bring into L2."""
+    import torch
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    calls = len(fns) * -(-calls // len(fns))
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def cold_copy_count(nbytes: int, device=None) -> int:
+    """How many copies of a product's weights (`nbytes` each) a timed graph cycles through so that L2 holds none of
+    a copy when it is read again (3 x L2 of other bytes between two reads of one copy); at most 32."""
+    import torch
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return min(32, max(1, -(-3 * l2 // max(1, nbytes))))
+
+
+def model_products(config) -> list[tuple[str, int, int, str | None]]:
+    """(name, N, K, gated activation or None) of each distinct product a model's decoder layer and lm_head run,
+    from a Hugging Face config (dict, path or object: models/families.spec_from_config)."""
+    from ..codegen.gemv import GATED
+    from ..models.families import canonical_shapes, spec_from_config
+    spec = spec_from_config(config)
+    out: dict[tuple, str] = {}
+    for name, shape in canonical_shapes(spec).items():
+        if len(shape) != 2 or not name.endswith(".weight") or name.startswith(("embed", "pos_embed")):
+            continue
+        if name.startswith("layers.") and not name.startswith("layers.0."):
+            continue
+        short = name.removeprefix("layers.0.").removesuffix(".weight")
+        gated = spec.activation if short.endswith("gate_up") and spec.gated else None
+        if gated is not None and gated not in GATED:
+            continue   # the kernel's epilogue has no such activation: the product runs without it
+        out.setdefault((shape[0], shape[1], gated), short)
+    return [(name, n, k, g) for (n, k, g), name in out.items()]
+
+
+def parse_products(text: str) -> list[tuple[str, int, int, str | None]]:
+    """'N:K[:act],...' (e.g. '6144:4096,28672:4096:silu') as model_products gives them."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        f = part.split(":")
+        if len(f) not in (2, 3) or not all(v.isdigit() for v in f[:2]):
+            raise ValueError(f"tune: a product is N:K[:activation], got {part!r}")
+        out.append((part, int(f[0]), int(f[1]), f[2] if len(f) == 3 else None))
+    return out
+
+
+@dataclass
+class TuneResult:
+    """One problem's measurement: the rules' plan and the fastest split, us, and whether the table now has it."""
+    name: str
+    n: int
+    k: int
+    gated: str | None
+    wtype: str | None
+    bucket: int
+    rules: dict
+    rules_us: float
+    best: dict
+    best_us: float
+    recorded: bool
+    timings: dict = field(default_factory=dict)   # "r{rt}w{warps}s{stages}" -> us
+
+    def line(self) -> str:
+        label = self.wtype or "bf16"
+        verdict = "recorded" if self.recorded else "rules kept"
+        return (f"{self.name:14s} {label:5s} {self.bucket:>3d} rows  rules {_label(self.rules)} {self.rules_us:8.2f} us"
+                f"  best {_label(self.best)} {self.best_us:8.2f} us  ({self.rules_us / self.best_us:.3f}x)  {verdict}")
+
+
+def _label(split: dict) -> str:
+    return f"r{split['rt']}w{split['warps']}s{split['stages']}"
+
+
+def _split(plan) -> dict:
+    return {"rt": plan.rt, "warps": plan.warps, "stages": plan.stages}
+
+
+class _GpuMeasure:
+    """Times gemv plans of one problem on the GPU (cold weights, `rows` rows of x); None for a plan that spills."""
+
+    def __init__(self, n, k, gated, rows, dtype, wtype, group, device):
+        import torch
+        from .quant import QuantLinear
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        self.device, self.rows = device, rows
+        w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
+        if wtype is None:
+            ws = [w] + [w.clone() for _ in range(cold_copy_count(w.numel() * w.element_size(), device) - 1)]
+            self.weights = [[wi] for wi in ws]
+        else:
+            first = QuantLinear.from_float(w, group, wtype=wtype)
+            count = cold_copy_count(first.qw.nbytes(), device)
+            self.weights = [first.qw.kernel_tensors] + [
+                QuantLinear.from_float(w, group, wtype=wtype).qw.kernel_tensors for _ in range(count - 1)]
+        self.x = torch.randn(rows, k, device=device, dtype=tdt)
+        self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
+
+    def __call__(self, plan) -> float | None:
+        from .launch import compile_plan, load_kernels
+        res = compile_plan(plan)
+        if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
+            return None
+        launch = load_kernels(res.cubin, plan.kernels, self.device)[plan.kernel_name]
+        x, y, m = self.x, self.y, self.rows
+        return graph_time([lambda ts=ts: launch((), [x, *ts, y, m]) for ts in self.weights])
+
+
+def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, tokens: Iterable[int] = DEFAULT_TOKENS,
+                  dtype: str = "bf16", wtype: str | None = None, group: int = 128, arch: str | None = None,
+                  table: str | Path | None = None, margin: float = 0.03, write: bool = True,
+                  candidates: Iterable[tuple[int, int, int]] | None = None, measure_factory: Callable | None = None,
+                  command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
+    """Time each product's splits at each token bucket against the rules' plan (the module's docstring) and
+    record the winners in `table` (default: codegen/tuning.user_table_path()); write=False measures only.
+    measure_factory(n, k, gated, rows) -> measure(plan) -> seconds or None (a plan that spills) replaces the
+    GPU's timing (tests); then `arch` must be given."""
+    from ..codegen import tuning
+    from ..codegen.gemv import token_bucket
+    if wtype not in (None, "u4", "i8"):
+        raise ValueError(f"tune: weights bf16 (None), 'u4' or 'i8', got {wtype!r}")
+    if margin < 0:
+        raise ValueError(f"tune: margin must be >= 0, got {margin}")
+    group = 0 if wtype in (None, "i8") else group
+    gpu = measure_factory is None
+    if gpu:
+        import torch
+        from .launch import device_arch
+        if not torch.cuda.is_available():
+            raise RuntimeError("tune: measuring needs a CUDA GPU, and none is visible")
+        device = torch.device("cuda", torch.cuda.current_device())
+        arch = arch or device_arch(device)
+        device_name = device_name or torch.cuda.get_device_name(device)
+
+        def measure_factory(n, k, gated, rows):
+            return _GpuMeasure(n, k, gated, rows, dtype, wtype, group, device)
+    elif arch is None:
+        raise ValueError("tune: a measure_factory needs the arch its plans are for")
+    table = Path(table) if table is not None else tuning.user_table_path()
+    cands = tuple(candidates) if candidates is not None else CANDIDATES["quant" if wtype else None]
+    buckets = sorted({token_bucket(t, wtype) for t in tokens})
+    products = list(products)
+    if gpu:   # every plan compiled first, a process a core (hundreds of plans; the timing loop then loads them)
+        _precompile([p for _, n, k, gated in products for bucket in buckets
+                     for p in _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype,
+                                                        group=group))])
+    results = []
+    for name, n, k, gated in products:
+        for bucket in buckets:
+            rules, *others = _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype,
+                                                       group=group))
+            measure = measure_factory(n, k, gated, bucket)
+            rules_s = measure(rules)
+            if rules_s is None:
+                raise RuntimeError(f"tune: the rules' plan {rules.key} spills registers (a planner bug)")
+            timings = {_label(_split(rules)): rules_s * 1e6}
+            best, best_s = _split(rules), rules_s
+            for plan in others:
+                split = _split(plan)
+                if split == _split(rules):
+                    continue
+                s = measure(plan)   # None: it spills
+                if s is None:
+                    continue
+                timings[_label(split)] = s * 1e6
+                if s < best_s:
+                    best, best_s = split, s
+            key = dict(arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=bucket)
+            win = best != _split(rules) and best_s < rules_s * (1 - margin)
+            if write and win:
+                tuning.write_entry(table, "gemv", best, measured={
+                    "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": _split(rules),
+                    "device": device_name or "", "command": command or ""}, **key)
+            elif write:
+                tuning.remove_entry(table, "gemv", **key)
+            r = TuneResult(name, n, k, gated, wtype, bucket, _split(rules), rules_s * 1e6, best, best_s * 1e6,
+                           bool(write and win), timings)
+            log(r.line())
+            results.append(r)
+    return results
+
+
+def _plans(dtype: str, cands, common: dict) -> list:
+    """The rules' plan and every candidate split's that a CTA can hold, for one problem."""
+    from ..codegen.gemv import plan_gemv
+    plans = [plan_gemv(dtype, tuned=False, **common)]
+    for rt, warps, stages in cands:
+        try:
+            plan = plan_gemv(dtype, rt=rt, warps=warps, stages=stages, **common)
+        except ValueError:
+            continue
+        if plan.shared_bytes <= _shared_limit(common["arch"]):
+            plans.append(plan)
+    return plans
+
+
+def _compile(plan) -> None:
+    from .launch import compile_plan
+    compile_plan(plan)
+
+
+def _precompile(plans) -> None:
+    """Fill the kernel cache from a process per core."""
+    import concurrent.futures as cf
+    import os
+    todo = list({p.key: p for p in plans}.values())
+    with cf.ProcessPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 4) or 1) as ex:
+        list(ex.map(_compile, todo))
+
+
+def _shared_limit(arch: str) -> int:
+    from ..codegen.gemv import arch_shared_limit
+    return arch_shared_limit(arch)
+
+
+def cli_tune(args) -> int:
+    """`layerforge tune`: the products of --config (or --products) at --tokens, per weight type in --weights."""
+    if not args.config and not args.products:
+        raise ValueError("tune: give --config (a model's config.json) or --products N:K[:act],...")
+    products = (model_products(args.config) if args.config else []) + (
+        parse_products(args.products) if args.products else [])
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    if not tokens or min(tokens) < 1 or max(tokens) > 16:
+        raise ValueError(f"tune: --tokens are 1 to 16 (the small-token kernel's rows), got {args.tokens!r}")
+    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+    bad = [w for w in weights if w not in ("bf16", "f16", "u4", "i8")]
+    if bad:
+        raise ValueError(f"tune: --weights are bf16, f16, u4 or i8, got {bad}")
+    command = "layerforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "layerforge tune"
+    table = Path(args.table) if args.table else None
+    for w in weights:
+        dtype = w if w in ("bf16", "f16") else args.dtype
+        tune_products(products, tokens=tokens, dtype=dtype, wtype=None if w in ("bf16", "f16") else w,
+                      group=args.group, table=table, margin=args.margin, write=not args.dry_run, command=command)
+    if not args.dry_run:
+        from ..codegen.tuning import user_table_path
+        print(f"table: {table or user_table_path()}")
+    return 0

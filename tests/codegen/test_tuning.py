@@ -1,0 +1,177 @@
+"""The planner's tuning tables (codegen/tuning.py) and `layerforge tune`'s choice (runtime/tune.py): a table's
+split replaces the rules' for exactly its problem; unusable entries and switched-off tables leave the rules;
+the tuner records only splits that beat the rules' plan by the margin and removes entries the rules beat; every
+packaged entry compiles without spills. Timing is faked here (tests/gpu/test_tune_gpu.py measures on a GPU)."""
+import json
+
+import pytest
+
+from layerforge.codegen import tuning
+from layerforge.codegen.gemv import plan_gemv
+from layerforge.runtime.tune import model_products, parse_products, tune_products
+
+KEY = dict(arch="sm_90", dtype="bf16", wtype="u4", group=128, gated=None, n=6144, k=4096, bucket=16)
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """Tuning on, the user's table under tmp_path (not the real cache folder), no extra table."""
+    monkeypatch.setenv("LAYERFORGE_TUNING", "1")
+    monkeypatch.setenv("LAYERFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LAYERFORGE_TUNING_TABLE", raising=False)
+    tuning.clear_cache()
+    yield tmp_path
+    tuning.clear_cache()
+
+
+def _u4_16(**kw):
+    return plan_gemv("bf16", n=6144, k=4096, max_m=16, arch="sm_90", wtype="u4", group=128, **kw)
+
+
+def test_a_table_split_replaces_the_rules_for_exactly_its_problem(tables, monkeypatch):
+    rules = _u4_16(tuned=False)
+    split = {"rt": 1, "warps": 4, "stages": 3}
+    assert (rules.rt, rules.warps, rules.stages) != (1, 4, 3)
+    tuning.write_entry(tuning.user_table_path(), "gemv", split, measured={"us": 1.0}, **KEY)
+    tuned = _u4_16()
+    assert (tuned.rt, tuned.warps, tuned.stages) == (1, 4, 3) and tuned.key != rules.key
+    # other problems keep the rules: another bucket, N, weight type, arch
+    assert plan_gemv("bf16", n=6144, k=4096, max_m=8, arch="sm_90", wtype="u4", group=128).key == plan_gemv(
+        "bf16", n=6144, k=4096, max_m=8, arch="sm_90", wtype="u4", group=128, tuned=False).key
+    assert plan_gemv("bf16", n=4096, k=4096, max_m=16, arch="sm_90", wtype="u4", group=128).key == plan_gemv(
+        "bf16", n=4096, k=4096, max_m=16, arch="sm_90", wtype="u4", group=128, tuned=False).key
+    assert plan_gemv("bf16", n=6144, k=4096, max_m=16, arch="sm_80", wtype="u4", group=128).key == plan_gemv(
+        "bf16", n=6144, k=4096, max_m=16, arch="sm_80", wtype="u4", group=128, tuned=False).key
+    assert plan_gemv("bf16", n=6144, k=4096, max_m=16, arch="sm_90").key == plan_gemv(
+        "bf16", n=6144, k=4096, max_m=16, arch="sm_90", tuned=False).key
+    # the same problem with a bias / residual / norm takes the split too (they do not change its shared memory
+    # beyond the norm's row)
+    assert _u4_16(bias=True).stages == 3 and _u4_16(norm="rms").stages == 3
+    # an explicit split, tuned=False and LAYERFORGE_TUNING=0 ignore the table
+    assert _u4_16(rt=2, warps=4, stages=2).key == rules.key
+    monkeypatch.setenv("LAYERFORGE_TUNING", "0")
+    assert _u4_16().key == rules.key
+
+
+def test_a_later_table_replaces_an_earlier_entry(tables, monkeypatch):
+    tuning.write_entry(tuning.user_table_path(), "gemv", {"rt": 1, "warps": 4, "stages": 3}, **KEY)
+    extra = tables / "extra.json"
+    tuning.write_entry(extra, "gemv", {"rt": 1, "warps": 2, "stages": 4}, **KEY)
+    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(extra))
+    assert tuning.lookup("gemv", **KEY) == {"rt": 1, "warps": 2, "stages": 4}
+    assert tuning.remove_entry(extra, "gemv", **KEY) and not tuning.remove_entry(extra, "gemv", **KEY)
+    assert tuning.lookup("gemv", **KEY) == {"rt": 1, "warps": 4, "stages": 3}
+
+
+def test_an_entry_the_plan_cannot_take_leaves_the_rules(tables):
+    # 64 warps x 6 stages of a 16-token u4 ring pass any CTA's shared memory: the rules decide
+    tuning.write_entry(tuning.user_table_path(), "gemv", {"rt": 4, "warps": 64, "stages": 6}, **KEY)
+    assert _u4_16().key == _u4_16(tuned=False).key
+    # fits sm_90's 227 KB but not sm_80's 163 KB: an sm_80 entry of it is passed over
+    big = {"rt": 2, "warps": 8, "stages": 2}
+    assert 163 * 1024 < _u4_16(**big).shared_bytes <= 227 * 1024
+    tuning.write_entry(tuning.user_table_path(), "gemv", big, **(KEY | {"arch": "sm_80"}))
+    sm80 = dict(n=6144, k=4096, max_m=16, arch="sm_80", wtype="u4", group=128)
+    assert plan_gemv("bf16", **sm80).key == plan_gemv("bf16", **sm80, tuned=False).key
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[]", "is {'version'"),
+    ('{"version": 2, "entries": []}', "is {'version'"),
+    ('{"version": 1, "entries": [{"family": "gemv"}]}', "entry 0"),
+    ('{"version": 1, "entries": [{"family": "gemv", "arch": "sm_90", "dtype": "bf16", "wtype": null, "group": 0, '
+     '"gated": null, "n": 8, "k": 8, "bucket": 8, "split": {"rt": 1, "warps": 0, "stages": 2}}]}', "positive ints"),
+    ("{not json", "not a tuning table"),
+])
+def test_a_bad_table_is_an_error_naming_its_file(tables, monkeypatch, text, needle):
+    bad = tables / "bad.json"
+    bad.write_text(text)
+    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(bad))
+    with pytest.raises(ValueError, match="bad.json") as e:
+        tuning.lookup("gemv", **KEY)
+    assert needle in str(e.value)
+
+
+def test_the_packaged_table_loads_and_every_entry_compiles_without_spills():
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    entries = tuning.read_table(tuning.PACKAGED_TABLE)
+    assert json.loads(tuning.PACKAGED_TABLE.read_text())["version"] == tuning.TABLE_VERSION
+    for e in entries:
+        assert e["family"] == "gemv" and e.get("device") and e.get("us", 0) < e.get("rules_us", 0), e
+        plan = plan_gemv(e["dtype"], n=e["n"], k=e["k"], max_m=e["bucket"], gated=e["gated"], arch=e["arch"],
+                         wtype=e["wtype"], group=e["group"], **e["split"])
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(e["arch"]))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+def _fake(times: dict, spills=()):
+    """measure_factory whose plans take times[(rt, warps, stages)] us (1000 for any other), None for `spills`."""
+    seen = []
+
+    def factory(n, k, gated, rows):
+        def measure(plan):
+            split = (plan.rt, plan.warps, plan.stages)
+            seen.append((rows, split))
+            return None if split in spills else times.get(split, 1000.0) * 1e-6
+        return measure
+    return factory, seen
+
+
+def test_the_tuner_records_a_split_only_past_the_margin_and_removes_what_the_rules_beat(tables):
+    table = tables / "t.json"
+    rules = _u4_16(tuned=False)
+    r = (rules.rt, rules.warps, rules.stages)
+    cands = [(1, 4, 3), (2, 2, 4), (4, 2, 2), r]
+    common = dict(tokens=(16,), wtype="u4", group=128, arch="sm_90", table=table, candidates=cands, log=lambda s: None)
+    # (2, 2, 4) 5 % faster than the rules, (4, 2, 2) spills (never chosen, however fast its fake time)
+    factory, seen = _fake({r: 10.0, (1, 4, 3): 9.8, (2, 2, 4): 9.5, (4, 2, 2): 1.0}, spills={(4, 2, 2)})
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, **common)
+    assert res.recorded and res.best == {"rt": 2, "warps": 2, "stages": 4} and res.bucket == 16
+    assert {rows for rows, _ in seen} == {16} and seen[0][1] == r   # the rules' plan first, at the bucket's rows
+    (e,) = tuning.read_table(table)
+    assert e["split"] == {"rt": 2, "warps": 2, "stages": 4} and e["us"] == 9.5 and e["rules_us"] == 10.0
+    assert {f: e[f] for f in tuning.KEY_FIELDS[1:]} == KEY
+    # within the margin: nothing recorded, and the earlier entry goes
+    factory, _ = _fake({r: 10.0, (2, 2, 4): 9.8})
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, **common)
+    assert not res.recorded and res.best == {"rt": 2, "warps": 2, "stages": 4}
+    assert tuning.read_table(table) == []
+    # write=False measures and writes nothing
+    factory, _ = _fake({r: 10.0, (2, 2, 4): 5.0})
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, write=False, **common)
+    assert not res.recorded and not table.exists() or tuning.read_table(table) == []
+
+
+def test_the_tuner_times_each_bucket_of_the_tokens_and_the_table_then_serves_the_planner(tables):
+    table = tuning.user_table_path()
+    factory, seen = _fake({(1, 2, 3): 1.0})   # a split faster than every rule at each bucket
+    res = tune_products([("down", 4096, 14336, None)], tokens=(1, 3, 8, 9, 16), arch="sm_90", table=table,
+                        candidates=[(1, 2, 3)], measure_factory=factory, log=lambda s: None)
+    assert [r.bucket for r in res] == [8, 16] and all(r.recorded for r in res)
+    for m in (8, 16):
+        p = plan_gemv("bf16", n=4096, k=14336, max_m=m, arch="sm_90")
+        assert (p.rt, p.warps, p.stages) == (1, 2, 3)
+
+
+def test_model_products_are_a_decoder_layers_and_the_lm_head():
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_hidden_layers": 4, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False}
+    got = {(n, k, g) for _, n, k, g in model_products(cfg)}
+    assert got == {(6144, 4096, None), (4096, 4096, None), (28672, 4096, "silu"), (4096, 14336, None),
+                   (128256, 4096, None)}
+    assert parse_products("6144:4096, 28672:4096:silu") == [("6144:4096", 6144, 4096, None),
+                                                           ("28672:4096:silu", 28672, 4096, "silu")]
+    for bad in ("6144", "a:b", "1:2:3:4"):
+        with pytest.raises(ValueError, match="N:K"):
+            parse_products(bad)
+
+
+def test_tune_without_a_gpu_is_a_clear_error(capsys):
+    from layerforge.cli import main
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: tests/gpu/test_tune_gpu.py runs the tuner")
+    assert main(["tune", "--products", "6144:4096"]) == 1
+    assert "tune measures on a CUDA GPU, and none is visible" in capsys.readouterr().err
