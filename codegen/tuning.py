@@ -2,6 +2,8 @@
 
     entry = lookup("gemv", arch="sm_90", dtype="bf16", wtype="u4", group=128, gated=None, n=6144, k=4096, bucket=16)
     entry -> {"rt": 2, "warps": 4, "stages": 3} or None
+    lookup("route", arch="sm_90", dtype="bf16", wtype=None, group=0, gated=None, n=4096, k=4096, bucket=16)
+    -> {"cublas": 1} where torch's product measured faster than the kernel, else None
 
 codegen/gemv.plan_gemv's default split (rt, warps, stages) comes from rules written from sweeps on
 one card. Where a table holds a split measured faster for the exact problem (family, arch, dtype,
@@ -9,7 +11,9 @@ weight type and group, gated activation, N, K, the plan's token bucket), the pla
 instead. `layerforge tune` (runtime/tune.py) measures the splits on the machine's GPU, each against
 the rules' plan in the same run, and records a split only where it beat that plan by a margin; where
 the rules' plan wins it removes the problem's entry, so a table never makes a product slower than the
-rules as measured on that card.
+rules as measured on that card. Where torch's product (cuBLAS, with the epilogue in torch) beat every split,
+it records a "route" entry too, and runtime/linear.gemv then sends those calls to torch: a table never
+makes a product slower than the better of the two as measured.
 
 Tables are JSON files, {"version": 1, "entries": [...]}, each entry the key's fields, "split"
 (the plan's fields), and what was measured ("us", "rules_us", "device", "date", "command"). Read in order,
@@ -31,12 +35,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
-           "write_entry", "remove_entry", "clear_cache", "SPLIT_FIELDS"]
+           "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS"]
 
 TABLE_VERSION = 1
 PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
 KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "bucket")
-SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages")}
+# gemv: the small-token kernel's work split; route: {"cublas": 1} where torch's product (cuBLAS, the epilogue in torch)
+# was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue)
+SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "route": ("cublas",)}
+_GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
 
 
 def user_table_path() -> Path:
@@ -105,6 +112,12 @@ def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict]:
 def clear_cache() -> None:
     """Forget the tables read so far (after a table is written, or the environment changed)."""
     _merged.cache_clear()
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """A number that changes whenever clear_cache runs: a cache of lookups keyed on it stays true to the tables."""
+    return _GENERATION[0]
 
 
 def lookup(family: str, **key: Any) -> dict | None:

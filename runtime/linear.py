@@ -153,6 +153,24 @@ def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
             and not torch.compiler.is_compiling() and device_major(x.device) >= 8)
 
 
+_ROUTES: dict[tuple, bool] = {}   # (tables' generation, dtype, n, k, bucket, gated, device) -> torch's product
+
+
+def torch_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> bool:
+    """Whether the tuning tables (codegen/tuning.py, `layerforge tune`) measured torch's product (cuBLAS, the epilogue
+    in torch) faster than every split of the small-token kernel for this problem: then gemv sends the call there."""
+    from ..codegen import tuning
+    bucket = token_bucket(rows)
+    key = (tuning.generation(), x.dtype, n, k, bucket, gated, x.device.index)
+    hit = _ROUTES.get(key)
+    if hit is None:
+        from .launch import device_arch
+        hit = _ROUTES[key] = tuning.lookup(
+            "route", arch=device_arch(x.device), dtype="bf16" if x.dtype == torch.bfloat16 else "f16", wtype=None,
+            group=0, gated=gated, n=n, k=k, bucket=bucket) is not None
+    return hit
+
+
 def _gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.device == x.device and x.shape[-1] % 8 == 0 and x.numel() > 0
@@ -300,7 +318,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if kernel is not None and not wgmma:
         raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
                                "and no norm")
-    if not wgmma and not _kernel_ok(x, weight, rows):
+    if not wgmma and (not _kernel_ok(x, weight, rows) or (
+            kernel is None and norm is None and kernels is None and torch_route(x, n, k, rows, gated))):
         y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     # the small-token kernel reads W's rows where they are: a row-strided view of a wider buffer

@@ -9,7 +9,9 @@ rules give (plan_gemv(..., tuned=False)), in the same run, on cold weights: each
 through enough copies of W that none of it is in L2 when read, as in a model's step, where a
 layer's weights are read once. A split that beats the rules' plan by more than `margin` is written
 to the tuning table (codegen/tuning.py; by default the user's, which plan_gemv reads from then
-on); where none does, the problem's entry is removed, so the table holds only measured wins.
+on); where none does, the problem's entry is removed, so the table holds only measured wins. For bf16 / f16
+weights torch's product (cuBLAS, the epilogue in torch) is timed too, and where it beats every split a "route"
+entry sends those calls to torch (runtime/linear.torch_route).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ __all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", 
            "CANDIDATES", "DEFAULT_TOKENS", "cli_tune"]
 
 DEFAULT_TOKENS = (1, 8, 16)
+TORCH = "torch"   # what a measure times for torch's product (bf16 / f16 weights)
 # (16-column tiles a CTA, warps, stages): what the sweeps in benchmarks/bench_gemv.py time
 CANDIDATES = {None: tuple(itertools.product((1, 2), (2, 4, 8), (3, 4, 6))),
               "quant": tuple(itertools.product((1, 2, 4), (2, 4, 8, 16), (2, 3, 4, 6)))}
@@ -110,12 +113,18 @@ class TuneResult:
     best_us: float
     recorded: bool
     timings: dict = field(default_factory=dict)   # "r{rt}w{warps}s{stages}" -> us
+    torch_us: float | None = None                 # torch's product (bf16 / f16 weights)
+    torch_route: bool = False                     # recorded: torch's product beat every split by the margin
 
     def line(self) -> str:
         label = self.wtype or "bf16"
         verdict = "recorded" if self.recorded else "rules kept"
+        peer = "" if self.torch_us is None else (
+            f"  torch {self.torch_us:8.2f} us ({self.torch_us / self.best_us:.3f}x ours)"
+            + ("  -> torch's product" if self.torch_route else ""))
         return (f"{self.name:14s} {label:5s} {self.bucket:>3d} rows  rules {_label(self.rules)} {self.rules_us:8.2f} us"
-                f"  best {_label(self.best)} {self.best_us:8.2f} us  ({self.rules_us / self.best_us:.3f}x)  {verdict}")
+                f"  best {_label(self.best)} {self.best_us:8.2f} us  ({self.rules_us / self.best_us:.3f}x)  {verdict}"
+                + peer)
 
 
 def _label(split: dict) -> str:
@@ -133,7 +142,7 @@ class _GpuMeasure:
         import torch
         from .quant import QuantLinear
         tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
-        self.device, self.rows = device, rows
+        self.device, self.rows, self.gated = device, rows, gated
         w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
         if wtype is None:
             ws = [w] + [w.clone() for _ in range(cold_copy_count(w.numel() * w.element_size(), device) - 1)]
@@ -148,6 +157,10 @@ class _GpuMeasure:
 
     def __call__(self, plan) -> float | None:
         from .launch import compile_plan, load_kernels
+        if plan == TORCH:   # torch's product (cuBLAS) with the same epilogue in torch (runtime/linear._reference)
+            from .linear import _reference
+            x, gated = self.x, self.gated
+            return graph_time([lambda ts=ts: _reference(x, ts[0], None, gated, None) for ts in self.weights])
         res = compile_plan(plan)
         if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
             return None
@@ -163,8 +176,8 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                   command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
     """Time each product's splits at each token bucket against the rules' plan (the module's docstring) and
     record the winners in `table` (default: codegen/tuning.user_table_path()); write=False measures only.
-    measure_factory(n, k, gated, rows) -> measure(plan) -> seconds or None (a plan that spills) replaces the
-    GPU's timing (tests); then `arch` must be given."""
+    measure_factory(n, k, gated, rows) -> measure(plan) -> seconds or None (a plan that spills; measure(TORCH):
+    torch's product) replaces the GPU's timing (tests); then `arch` must be given."""
     from ..codegen import tuning
     from ..codegen.gemv import token_bucket
     if wtype not in (None, "u4", "i8"):
@@ -223,8 +236,18 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                     "device": device_name or "", "command": command or ""}, **key)
             elif write:
                 tuning.remove_entry(table, "gemv", **key)
+            torch_s = measure(TORCH) if wtype is None else None
+            route = torch_s is not None and torch_s < best_s * (1 - margin)
+            route_key = dict(key, wtype=None, group=0)
+            if write and route:
+                tuning.write_entry(table, "route", {"cublas": 1}, measured={
+                    "us": round(torch_s * 1e6, 2), "kernel_us": round(best_s * 1e6, 2), "kernel": best,
+                    "device": device_name or "", "command": command or ""}, **route_key)
+            elif write and wtype is None:
+                tuning.remove_entry(table, "route", **route_key)
             r = TuneResult(name, n, k, gated, wtype, bucket, _split(rules), rules_s * 1e6, best, best_s * 1e6,
-                           bool(write and win), timings)
+                           bool(write and win), timings, None if torch_s is None else torch_s * 1e6,
+                           bool(write and route))
             log(r.line())
             results.append(r)
     return results

@@ -106,11 +106,14 @@ def test_the_packaged_table_loads_and_every_entry_compiles_without_spills():
 
 
 def _fake(times: dict, spills=()):
-    """measure_factory whose plans take times[(rt, warps, stages)] us (1000 for any other), None for `spills`."""
+    """measure_factory whose plans take times[(rt, warps, stages)] us (1000 for any other; torch's product
+    times["torch"]), None for `spills`."""
     seen = []
 
     def factory(n, k, gated, rows):
         def measure(plan):
+            if plan == "torch":   # torch's product (bf16 / f16 problems)
+                return None if "torch" not in times else times["torch"] * 1e-6
             split = (plan.rt, plan.warps, plan.stages)
             seen.append((rows, split))
             return None if split in spills else times.get(split, 1000.0) * 1e-6
@@ -175,3 +178,23 @@ def test_tune_without_a_gpu_is_a_clear_error(capsys):
         pytest.skip("a CUDA GPU is present: tests/gpu/test_tune_gpu.py runs the tuner")
     assert main(["tune", "--products", "6144:4096"]) == 1
     assert "tune measures on a CUDA GPU, and none is visible" in capsys.readouterr().err
+
+
+def test_torch_product_faster_than_every_split_routes_the_calls_to_it(tables):
+    """bf16 problems: where torch's product (cuBLAS) beats the best split by the margin, a route entry sends the
+    calls there (runtime/linear.torch_route reads it); where it does not, the entry goes."""
+    table = tuning.user_table_path()
+    key = dict(arch="sm_90", dtype="bf16", wtype=None, group=0, gated=None, n=4096, k=4096, bucket=16)
+    common = dict(tokens=(16,), arch="sm_90", table=table, candidates=[(1, 2, 3)], log=lambda s: None)
+    factory, _ = _fake({(1, 2, 3): 9.0, "torch": 8.0})
+    (res,) = tune_products([("o", 4096, 4096, None)], measure_factory=factory, **common)
+    assert res.torch_route and res.torch_us == 8.0 and res.recorded   # the split is kept for calls with a norm
+    assert tuning.lookup("route", **key) == {"cublas": 1}
+    factory, _ = _fake({(1, 2, 3): 9.0, "torch": 8.9})
+    (res,) = tune_products([("o", 4096, 4096, None)], measure_factory=factory, **common)
+    assert not res.torch_route and tuning.lookup("route", **key) is None
+    # u4 problems never time torch's product (it would dequantise W first)
+    factory, seen = _fake({"torch": 0.1})
+    (res,) = tune_products([("o", 4096, 4096, None)], measure_factory=factory, wtype="u4",
+                           **(common | {"candidates": []}))
+    assert res.torch_us is None and not res.torch_route and all(s != "torch" for _, s in seen)

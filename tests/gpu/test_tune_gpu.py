@@ -60,3 +60,26 @@ def test_tune_records_the_fastest_split_and_the_product_runs_it(table, wtype):
         ref = reference(x, w, None, None, None)
     assert not torch.isnan(out).any()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_a_route_entry_sends_the_calls_to_torchs_product(table, monkeypatch):
+    """A "route" entry (torch's product measured faster than every split) sends calls of exactly its problem to
+    torch's product with the epilogue in torch; a call with a norm prologue, another bucket or another N keeps
+    the kernel."""
+    n, k = 3000, 2048
+    arch = "sm_%d%d" % torch.cuda.get_device_capability()
+    tuning.write_entry(table, "route", {"cublas": 1}, arch=arch, dtype="bf16", wtype=None, group=0, gated="silu",
+                       n=n, k=k, bucket=8)
+    launches = []
+    real = linear.launch_gemv
+    monkeypatch.setattr(linear, "launch_gemv", lambda *a, **kw: launches.append(a[2:4]) or real(*a, **kw))
+    gen = seeded_generator("tune-route", n, k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16).cuda()
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16).cuda()
+    y = linear.gemv(x, w, gated="silu")
+    assert launches == [] and torch.equal(y, linear._reference(x, w, None, "silu", None))
+    gamma = torch.ones(k, dtype=torch.bfloat16, device="cuda")
+    linear.gemv(x, w, gated="silu", norm=(gamma, 1e-5))                 # a norm prologue: the kernel
+    linear.gemv(torch.randn(12, k, device="cuda", dtype=torch.bfloat16), w, gated="silu")   # bucket 16: the kernel
+    linear.gemv(x, w[: n - 8], gated="silu")                            # another N: the kernel
+    assert launches == [(n, k), (n, k), (n - 8, k)]
