@@ -159,6 +159,8 @@ _ROUTES: dict[tuple, bool] = {}   # (tables' generation, dtype, n, k, bucket, ga
 def torch_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> bool:
     """Whether the tuning tables (codegen/tuning.py, `layerforge tune`) measured torch's product (cuBLAS, the epilogue
     in torch) faster than every split of the small-token kernel for this problem: then gemv sends the call there."""
+    if not x.is_cuda:
+        return False
     from ..codegen import tuning
     bucket = token_bucket(rows)
     key = (tuning.generation(), x.dtype, n, k, bucket, gated, x.device.index)
