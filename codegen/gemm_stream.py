@@ -248,11 +248,24 @@ def _render(plan: StreamGemmPlan) -> str:
 def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
                      residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
                      ctas: int | None = None, ka: int | None = None, packed: bool = False,
-                     wtype: str | None = None, group: int = 0, arch: str = "sm_90a") -> StreamGemmPlan:
+                     wtype: str | None = None, group: int = 0, arch: str = "sm_90a",
+                     tuned: bool = True) -> StreamGemmPlan:
     """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
     sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
     warpgroup (rb 2 gated, else 1; u4: see below), 128 k a unit, one CTA an SM with as many stages as fit (at
-    most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit)."""
+    most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit). Where no split field is given, a
+    split the tuning tables measured faster for this problem (codegen/tuning.py) comes first; tuned=False: the
+    rules alone."""
+    if tuned and rb is None and cw is None and stages is None and ctas is None and ka is None and not packed:
+        from .tuning import lookup
+        split = lookup("gemm_stream", arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k,
+                       bucket=mt)
+        if split is not None:
+            try:
+                return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch,
+                                      mt=mt, wtype=wtype, group=group, **(split | {"packed": bool(split["packed"])}))
+            except ValueError:   # a split this problem's plan cannot take: the rules decide
+                pass
     if wtype == "u4":   # the u4 sweep (bench_gemv --stream --quant, H200): two W row blocks a warpgroup past
         # 8192 k (8B down at 64 rows 27.1-27.3 us against 30.0-30.3), two consumer warpgroups gated at <= 64 rows
         # (gate/up + SwiGLU 44.2-44.4 against 46.5-46.8), where K is whole units of 256 (a partial last unit's

@@ -42,7 +42,9 @@ PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
 KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "bucket")
 # gemv: the small-token kernel's work split; route: {"cublas": 1} where torch's product (cuBLAS, the epilogue in torch)
 # was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue)
-SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "route": ("cublas",)}
+# gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1
+SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "route": ("cublas",),
+                "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed")}
 _GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
 
 
@@ -93,10 +95,10 @@ def read_table(path: Path) -> list[dict]:
         missing = [f for f in (*KEY_FIELDS, "split") if f not in e]
         fields = SPLIT_FIELDS.get(e.get("family"))
         if missing or fields is None or sorted(e["split"]) != sorted(fields) or not all(
-                isinstance(e["split"][f], int) and not isinstance(e["split"][f], bool) and e["split"][f] > 0
+                isinstance(e["split"][f], int) and not isinstance(e["split"][f], bool) and e["split"][f] >= 0
                 for f in fields):
             raise ValueError(f"{path}: entry {i} is not a split of a known family (needs {list(KEY_FIELDS)} and a "
-                             f"'split' of positive ints: {fields}): {e}")
+                             f"'split' of non-negative ints: {fields}): {e}")
     return data["entries"]
 
 

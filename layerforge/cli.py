@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "in the tuning table the planner reads")
     t.add_argument("--config", help="a model's config.json (Hugging Face): its decoder layer's products and lm_head")
     t.add_argument("--products", help="N:K[:activation],... more products (W [N, K]; gated: N is gate + up)")
-    t.add_argument("--tokens", default="1,8,16", help="token counts (1-16) whose plans to tune (default 1,8,16)")
+    t.add_argument("--tokens", default="1,8,16",
+                   help="token counts (1-16) whose small-token plans to tune (default 1,8,16; '' for none)")
+    t.add_argument("--stream-rows", default="",
+                   help="u4 / i8 weights on sm_90: row counts (17-128) whose decode-range GEMM plans to tune, e.g. 32,64,128")
     t.add_argument("--weights", default="bf16", help="comma-separated: bf16, f16, u4 (group --group), i8 (row scales)")
     t.add_argument("--dtype", default="bf16", help="activations' dtype of the u4 / i8 products (default bf16)")
     t.add_argument("--group", type=int, default=128, help="u4: k per (scale, zero) pair (default 128)")

@@ -266,8 +266,11 @@ class _StreamLauncher:
 
 def _stream_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
                      rows: int = 0, **split) -> _StreamLauncher:
+    from ..codegen.tuning import generation
     mt = token_tile(rows)
-    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())))
+    # the tables' generation: a quantised W is packed for the plan plan_gemm_stream gives now (runtime/quant.py)
+    key = ("gemm_stream", x.dtype, n, k, mt, gated, bias, residual, x.device.index, tuple(sorted(split.items())),
+           generation())
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "TuneResult",
-           "CANDIDATES", "DEFAULT_TOKENS", "cli_tune"]
+__all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "tune_stream",
+           "TuneResult", "CANDIDATES", "STREAM_CANDIDATES", "DEFAULT_TOKENS", "DEFAULT_STREAM_ROWS", "cli_tune"]
 
 DEFAULT_TOKENS = (1, 8, 16)
 TORCH = "torch"   # what a measure times for torch's product (bf16 / f16 weights)
@@ -113,17 +113,20 @@ class TuneResult:
     best_us: float
     recorded: bool
     timings: dict = field(default_factory=dict)   # "r{rt}w{warps}s{stages}" -> us
-    torch_us: float | None = None                 # torch's product (bf16 / f16 weights)
+    torch_us: float | None = None                 # torch's product (bf16 / f16 weights; stream: bf16 cuBLAS)
     torch_route: bool = False                     # recorded: torch's product beat every split by the margin
+    label: Callable = field(default=None, repr=False)   # a split's short name
+    peer: str = "torch"
 
     def line(self) -> str:
-        label = self.wtype or "bf16"
+        name = self.label or _label
+        kind = self.wtype or "bf16"
         verdict = "recorded" if self.recorded else "rules kept"
         peer = "" if self.torch_us is None else (
-            f"  torch {self.torch_us:8.2f} us ({self.torch_us / self.best_us:.3f}x ours)"
+            f"  {self.peer} {self.torch_us:8.2f} us ({self.torch_us / self.best_us:.3f}x ours)"
             + ("  -> torch's product" if self.torch_route else ""))
-        return (f"{self.name:14s} {label:5s} {self.bucket:>3d} rows  rules {_label(self.rules)} {self.rules_us:8.2f} us"
-                f"  best {_label(self.best)} {self.best_us:8.2f} us  ({self.rules_us / self.best_us:.3f}x)  {verdict}"
+        return (f"{self.name:14s} {kind:5s} {self.bucket:>3d} rows  rules {name(self.rules)} {self.rules_us:8.2f} us"
+                f"  best {name(self.best)} {self.best_us:8.2f} us  ({self.rules_us / self.best_us:.3f}x)  {verdict}"
                 + peer)
 
 
@@ -253,6 +256,139 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     return results
 
 
+# the decode-range GEMM's splits for quantised W (codegen/gemm_stream.py): (rb, cw, ctas, stages; None: as many
+# as fit); its units are 256 k, W packed
+STREAM_CANDIDATES = tuple(itertools.product((1, 2), (1, 2), (1, 2), (None, 3, 4)))
+DEFAULT_STREAM_ROWS = (32, 64, 128)
+
+
+def _stream_split(plan) -> dict:
+    return {"rb": plan.rb, "cw": plan.cw, "stages": plan.stages, "ctas": plan.ctas, "ka": plan.ka,
+            "packed": int(plan.packed)}
+
+
+def _stream_label(split: dict) -> str:
+    return f"r{split['rb']}w{split['cw']}s{split['stages']}c{split['ctas']}"
+
+
+def _stream_plans(dtype: str, cands, common: dict) -> list:
+    """The rules' decode-range plan and every candidate's that builds (distinct keys), for one problem."""
+    from ..codegen.gemm_stream import plan_gemm_stream
+    plans = {}
+    rules = plan_gemm_stream(dtype, tuned=False, **common)
+    plans[rules.key] = rules
+    for rb, cw, ctas, stages in cands:
+        try:
+            p = plan_gemm_stream(dtype, rb=rb, cw=cw, ctas=ctas, stages=stages, **common)
+        except ValueError:
+            continue
+        plans.setdefault(p.key, p)
+    return list(plans.values())
+
+
+class _GpuStreamMeasure:
+    """Times decode-range plans of one quantised problem on the GPU (cold weights: each copy packed for the plan);
+    None for a plan that spills; TORCH: bf16 cuBLAS on the unquantised W (the peer the issue names)."""
+
+    def __init__(self, n, k, gated, rows, dtype, wtype, group, device):
+        import torch
+        from .quant import QuantLinear
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        self.device, self.rows, self.gated, self.wtype = device, rows, gated, wtype
+        self.w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
+        first = QuantLinear.from_float(self.w, group, wtype=wtype)
+        self.qws = [first.qw] + [QuantLinear.from_float(self.w, group, wtype=wtype).qw
+                                 for _ in range(cold_copy_count(first.qw.nbytes(), device) - 1)]
+        self.x = torch.randn(rows, k, device=device, dtype=tdt)
+        self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
+
+    def __call__(self, plan) -> float | None:
+        import torch
+        from .launch import compile_plan, load_kernels
+        from .linear import _StreamLauncher, _reference
+        from .quant import pack_stream_i8, pack_stream_u4
+        x, y, m = self.x, self.y, self.rows
+        if plan == TORCH:
+            ws = [self.w] + [self.w.clone() for _ in range(cold_copy_count(self.w.numel() * 2, self.device) - 1)]
+            return graph_time([lambda w=w: _reference(x, w, None, self.gated, None) for w in ws])
+        res = compile_plan(plan)
+        if any(r.spill_stores or r.spill_loads for r in res.resources.values()):
+            return None
+        kernel = load_kernels(res.cubin, plan.kernels, self.device)[plan.kernel_name]
+        launch = _StreamLauncher(plan, kernel, torch.cuda.get_device_properties(self.device).multi_processor_count,
+                                 self.device)
+        pack = pack_stream_u4 if self.wtype == "u4" else pack_stream_i8
+        weights = [[pack(qw, plan)] + ([qw.wscale] if self.wtype == "i8" else []) for qw in self.qws]
+        return graph_time([lambda ws=ws: launch(m, [x, *ws, y, m]) for ws in weights])
+
+
+def tune_stream(products: Iterable[tuple[str, int, int, str | None]], *, rows: Iterable[int] = DEFAULT_STREAM_ROWS,
+                dtype: str = "bf16", wtype: str = "u4", group: int = 128, table: str | Path | None = None,
+                margin: float = 0.03, write: bool = True, candidates=None, measure_factory: Callable | None = None,
+                command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
+    """The decode-range GEMM's splits for a quantised W (u4 with groups, i8 with row scales) at each token tile of
+    `rows`, against the rules' plan (plan_gemm_stream(..., tuned=False)), recorded as tune_products records the
+    small-token kernel's; bf16 cuBLAS on the unquantised W is timed beside for the report (torch_us)."""
+    from ..codegen import tuning
+    from ..codegen.gemm_stream import max_rows, token_tile
+    if wtype not in ("u4", "i8"):
+        raise ValueError(f"tune: the decode-range GEMM's quantised weights are 'u4' or 'i8', got {wtype!r}")
+    group = 0 if wtype == "i8" else group
+    arch = "sm_90a"   # the kernel's (wgmma, TMA)
+    gpu = measure_factory is None
+    if gpu:
+        import torch
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            raise RuntimeError("tune: the decode-range GEMM runs on an sm_90 GPU, and none is visible")
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = device_name or torch.cuda.get_device_name(device)
+
+        def measure_factory(n, k, gated, rows):
+            return _GpuStreamMeasure(n, k, gated, rows, dtype, wtype, group, device)
+    table = Path(table) if table is not None else tuning.user_table_path()
+    cands = tuple(candidates) if candidates is not None else STREAM_CANDIDATES
+    products = list(products)
+    tiles = sorted({token_tile(r) for r in rows})
+    if gpu:
+        _precompile([p for _, n, k, gated in products for mt in tiles if mt <= max_rows(gated, wtype)
+                     for p in _stream_plans(dtype, cands, dict(n=n, k=k, mt=mt, gated=gated, wtype=wtype,
+                                                               group=group))])
+    results = []
+    for name, n, k, gated in products:
+        for mt in tiles:
+            if mt > max_rows(gated, wtype):
+                continue
+            rules, *others = _stream_plans(dtype, cands, dict(n=n, k=k, mt=mt, gated=gated, wtype=wtype, group=group))
+            measure = measure_factory(n, k, gated, mt)
+            rules_s = measure(rules)
+            if rules_s is None:
+                raise RuntimeError(f"tune: the rules' plan {rules.key} spills registers (a planner bug)")
+            timings = {_stream_label(_stream_split(rules)): rules_s * 1e6}
+            best, best_s = _stream_split(rules), rules_s
+            for plan in others:
+                t = measure(plan)
+                if t is None:
+                    continue
+                timings[_stream_label(_stream_split(plan))] = t * 1e6
+                if t < best_s:
+                    best, best_s = _stream_split(plan), t
+            key = dict(arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=mt)
+            win = best != _stream_split(rules) and best_s < rules_s * (1 - margin)
+            if write and win:
+                tuning.write_entry(table, "gemm_stream", best, measured={
+                    "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": _stream_split(rules),
+                    "device": device_name or "", "command": command or ""}, **key)
+            elif write:
+                tuning.remove_entry(table, "gemm_stream", **key)
+            peer = measure(TORCH)
+            r = TuneResult(name, n, k, gated, wtype, mt, _stream_split(rules), rules_s * 1e6, best, best_s * 1e6,
+                           bool(write and win), timings, None if peer is None else peer * 1e6, False,
+                           label=_stream_label, peer="bf16 cuBLAS")
+            log(r.line())
+            results.append(r)
+    return results
+
+
 def _plans(dtype: str, cands, common: dict) -> list:
     """The rules' plan and every candidate split's that a CTA can hold, for one problem."""
     from ..codegen.gemv import plan_gemv
@@ -293,8 +429,14 @@ def cli_tune(args) -> int:
     products = (model_products(args.config) if args.config else []) + (
         parse_products(args.products) if args.products else [])
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    if not tokens or min(tokens) < 1 or max(tokens) > 16:
+    if tokens and (min(tokens) < 1 or max(tokens) > 16):
         raise ValueError(f"tune: --tokens are 1 to 16 (the small-token kernel's rows), got {args.tokens!r}")
+    stream_rows = [int(t) for t in (args.stream_rows or "").split(",") if t.strip()]
+    if stream_rows and (min(stream_rows) < 17 or max(stream_rows) > 128):
+        raise ValueError(f"tune: --stream-rows are 17 to 128 (the decode-range GEMM's quantised rows), got "
+                         f"{args.stream_rows!r}")
+    if not tokens and not stream_rows:
+        raise ValueError("tune: nothing to tune (--tokens and --stream-rows both empty)")
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     bad = [w for w in weights if w not in ("bf16", "f16", "u4", "i8")]
     if bad:
@@ -303,8 +445,12 @@ def cli_tune(args) -> int:
     table = Path(args.table) if args.table else None
     for w in weights:
         dtype = w if w in ("bf16", "f16") else args.dtype
-        tune_products(products, tokens=tokens, dtype=dtype, wtype=None if w in ("bf16", "f16") else w,
-                      group=args.group, table=table, margin=args.margin, write=not args.dry_run, command=command)
+        if tokens:
+            tune_products(products, tokens=tokens, dtype=dtype, wtype=None if w in ("bf16", "f16") else w,
+                          group=args.group, table=table, margin=args.margin, write=not args.dry_run, command=command)
+        if stream_rows and w in ("u4", "i8"):
+            tune_stream(products, rows=stream_rows, dtype=dtype, wtype=w, group=args.group, table=table,
+                        margin=args.margin, write=not args.dry_run, command=command)
     if not args.dry_run:
         from ..codegen.tuning import user_table_path
         print(f"table: {table or user_table_path()}")

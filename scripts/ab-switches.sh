@@ -54,7 +54,7 @@
 #              default) and the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off until this runs), compute-sanitizer over
 #              both (sanitize_cases.py many), then bench_decode_tiles --default-only (bf16) with the switch off and on
 #   tune       `layerforge tune` (runtime/tune.py, not yet run on a GPU): its GPU test, then the Llama-3-8B products (bf16 and
-#              u4 at 1 / 8 / 16 tokens) into OUT_DIR/products.json (copy its entries into codegen/tables/products.json
+#              u4 at 1 / 8 / 16 tokens; u4 on the decode-range GEMM at 32 / 64 / 128 rows) into OUT_DIR/products.json (copy its entries into codegen/tables/products.json
 #              to make them the packaged table), each split beside the rules' plan in OUT_DIR/tune.txt
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
@@ -314,7 +314,7 @@ tune)
         | tee "$OUT_DIR/pytest_tune.log" | tail -5
     if [ "${PIPESTATUS[0]}" = 0 ]; then
         timeout -s KILL 480 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 \
-            --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune.txt"
+            --tokens 1,8,16 --stream-rows 32,64,128 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     else
         status=1

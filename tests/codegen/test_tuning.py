@@ -80,7 +80,7 @@ def test_an_entry_the_plan_cannot_take_leaves_the_rules(tables):
     ('{"version": 2, "entries": []}', "is {'version'"),
     ('{"version": 1, "entries": [{"family": "gemv"}]}', "entry 0"),
     ('{"version": 1, "entries": [{"family": "gemv", "arch": "sm_90", "dtype": "bf16", "wtype": null, "group": 0, '
-     '"gated": null, "n": 8, "k": 8, "bucket": 8, "split": {"rt": 1, "warps": 0, "stages": 2}}]}', "positive ints"),
+     '"gated": null, "n": 8, "k": 8, "bucket": 8, "split": {"rt": 1, "warps": -1, "stages": 2}}]}', "non-negative ints"),
     ("{not json", "not a tuning table"),
 ])
 def test_a_bad_table_is_an_error_naming_its_file(tables, monkeypatch, text, needle):
@@ -198,3 +198,57 @@ def test_torch_product_faster_than_every_split_routes_the_calls_to_it(tables):
     (res,) = tune_products([("o", 4096, 4096, None)], measure_factory=factory, wtype="u4",
                            **(common | {"candidates": []}))
     assert res.torch_us is None and not res.torch_route and all(s != "torch" for _, s in seen)
+
+
+def test_the_decode_range_gemm_takes_a_table_split_and_the_stream_tuner_records_wins(tables):
+    from layerforge.codegen.gemm_stream import plan_gemm_stream
+    from layerforge.runtime.tune import tune_stream
+    common = dict(n=4096, k=4096, mt=64, wtype="u4", group=128)
+    rules = plan_gemm_stream("bf16", tuned=False, **common)
+    key = dict(arch="sm_90a", dtype="bf16", wtype="u4", group=128, gated=None, n=4096, k=4096, bucket=64)
+    # a fake timing: the rules' plan 10 us, 2 CTAs an SM of one row block and warpgroup 9 us, the rest 20 us; the
+    # two-warpgroup, two-block plans spill
+    seen = []
+
+    def factory(n, k, gated, rows):
+        def measure(plan):
+            if plan == "torch":
+                return 12e-6
+            seen.append((rows, plan.key))
+            if plan.key == rules.key:
+                return 10e-6
+            if (plan.rb, plan.cw) == (2, 2):
+                return None
+            return 9e-6 if (plan.ctas, plan.rb, plan.cw, plan.stages) == (2, 1, 1, 2) else 20e-6
+        return measure
+    table = tuning.user_table_path()
+    (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, measure_factory=factory,
+                         log=lambda s: None)
+    assert res.recorded and res.best["ctas"] == 2 and res.best["stages"] == 2 and res.torch_us == 12.0
+    assert "bf16 cuBLAS" in res.line() and len({k for _, k in seen}) == len(seen)   # each plan once
+    plan = plan_gemm_stream("bf16", **common)
+    assert (plan.ctas, plan.stages, plan.ka, plan.packed) == (2, 2, 4, True) and plan.key != rules.key
+    assert plan_gemm_stream("bf16", **common, tuned=False).key == rules.key
+    assert plan_gemm_stream("bf16", **(common | {"mt": 128})).key == plan_gemm_stream(
+        "bf16", **(common | {"mt": 128}), tuned=False).key
+    # the rules win now: the entry goes
+    (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, log=lambda s: None,
+                         measure_factory=lambda *a: (lambda p: 12e-6 if p == "torch" else 10e-6 if p.key == rules.key
+                                                     else 11e-6))
+    assert not res.recorded and tuning.lookup("gemm_stream", **key) is None
+    with pytest.raises(ValueError, match="'u4' or 'i8'"):
+        tune_stream([("o", 4096, 4096, None)], wtype=None, measure_factory=factory)
+
+
+def test_the_stream_tuners_candidates_build_and_the_rules_plans_compile_without_spills():
+    """The stream tuner's candidates build at the 8B shapes (one that spills is skipped when tuning, not an error),
+    and the rules' plans compile without spills (tune_stream raises on a spilling rules' plan)."""
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    from layerforge.runtime.tune import STREAM_CANDIDATES, _stream_plans
+    for n, k, gated in ((6144, 4096, None), (4096, 4096, None), (28672, 4096, "silu"), (4096, 14336, None)):
+        plans = _stream_plans("bf16", STREAM_CANDIDATES, dict(n=n, k=k, mt=64, gated=gated, wtype="u4", group=128))
+        assert len(plans) >= 4
+        rules = plans[0]
+        res = nvrtc.compile_cuda(rules.source(), rules.kernel_name, nvrtc.CompileOptions("sm_90a"))
+        (kr,) = res.resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (rules.key, kr)

@@ -83,3 +83,34 @@ def test_a_route_entry_sends_the_calls_to_torchs_product(table, monkeypatch):
     linear.gemv(torch.randn(12, k, device="cuda", dtype=torch.bfloat16), w, gated="silu")   # bucket 16: the kernel
     linear.gemv(x, w[: n - 8], gated="silu")                            # another N: the kernel
     assert launches == [(n, k), (n, k), (n - 8, k)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the decode-range GEMM needs an sm_90 GPU")
+@pytest.mark.parametrize("wtype", ["u4", "i8"])
+def test_tune_stream_records_a_split_the_quantised_product_then_runs(table, wtype):
+    """tune_stream's measurements are real times; a recorded split is the plan gemv_quant's 64-row calls then
+    run (W packed for it), matching float64 of the dequantised W."""
+    from layerforge.codegen.gemm_stream import plan_gemm_stream
+    from layerforge.runtime.tune import tune_stream
+    n, k, m = 4096, 4096, 64
+    group = 128 if wtype == "u4" else 0
+    (res,) = tune_stream([("o", n, k, None)], rows=(m,), wtype=wtype, group=128, margin=0.0,
+                         candidates=[(1, 1, 2, None), (2, 1, 1, None), (1, 2, 1, 3)], log=lambda s: None)
+    assert len(res.timings) >= 2 and all(math.isfinite(t) and t > 0 for t in res.timings.values())
+    assert res.torch_us is not None and res.torch_us > 0
+    plan = plan_gemm_stream("bf16", n=n, k=k, mt=m, wtype=wtype, group=group)
+    if res.recorded:
+        assert {f: getattr(plan, f) for f in ("rb", "cw", "stages", "ctas")} == \
+            {f: res.best[f] for f in ("rb", "cw", "stages", "ctas")}
+    else:
+        assert plan.key == plan_gemm_stream("bf16", n=n, k=k, mt=m, wtype=wtype, group=group, tuned=False).key
+    gen = seeded_generator("tune-stream", wtype)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    lin = QuantLinear.from_float(w, group, wtype=wtype, dtype=torch.bfloat16).cuda()
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    gemv_quant(x, lin.qw, out=out)
+    ref = reference(x, dequantize(lin.qw), None, None, None)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
