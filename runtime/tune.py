@@ -213,32 +213,11 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     results = []
     for name, n, k, gated in products:
         for bucket in buckets:
-            rules, *others = _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype,
-                                                       group=group))
+            plans = _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype, group=group))
             measure = measure_factory(n, k, gated, bucket)
-            rules_s = measure(rules)
-            if rules_s is None:
-                raise RuntimeError(f"tune: the rules' plan {rules.key} spills registers (a planner bug)")
-            timings = {_label(_split(rules)): rules_s * 1e6}
-            best, best_s = _split(rules), rules_s
-            for plan in others:
-                split = _split(plan)
-                if split == _split(rules):
-                    continue
-                s = measure(plan)   # None: it spills
-                if s is None:
-                    continue
-                timings[_label(split)] = s * 1e6
-                if s < best_s:
-                    best, best_s = split, s
+            rules, rules_s, best, best_s, timings = _race(plans, measure, _split, _label)
             key = dict(arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=bucket)
-            win = best != _split(rules) and best_s < rules_s * (1 - margin)
-            if write and win:
-                tuning.write_entry(table, "gemv", best, measured={
-                    "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": _split(rules),
-                    "device": device_name or "", "command": command or ""}, **key)
-            elif write:
-                tuning.remove_entry(table, "gemv", **key)
+            win = _record(table, "gemv", key, rules, rules_s, best, best_s, margin, write, device_name, command)
             torch_s = measure(TORCH) if wtype is None else None
             route = torch_s is not None and torch_s < best_s * (1 - margin)
             route_key = dict(key, wtype=None, group=0)
@@ -248,9 +227,8 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                     "device": device_name or "", "command": command or ""}, **route_key)
             elif write and wtype is None:
                 tuning.remove_entry(table, "route", **route_key)
-            r = TuneResult(name, n, k, gated, wtype, bucket, _split(rules), rules_s * 1e6, best, best_s * 1e6,
-                           bool(write and win), timings, None if torch_s is None else torch_s * 1e6,
-                           bool(write and route))
+            r = TuneResult(name, n, k, gated, wtype, bucket, rules, rules_s * 1e6, best, best_s * 1e6, win, timings,
+                           None if torch_s is None else torch_s * 1e6, bool(write and route))
             log(r.line())
             results.append(r)
     return results
@@ -358,35 +336,55 @@ def tune_stream(products: Iterable[tuple[str, int, int, str | None]], *, rows: I
         for mt in tiles:
             if mt > max_rows(gated, wtype):
                 continue
-            rules, *others = _stream_plans(dtype, cands, dict(n=n, k=k, mt=mt, gated=gated, wtype=wtype, group=group))
+            plans = _stream_plans(dtype, cands, dict(n=n, k=k, mt=mt, gated=gated, wtype=wtype, group=group))
             measure = measure_factory(n, k, gated, mt)
-            rules_s = measure(rules)
-            if rules_s is None:
-                raise RuntimeError(f"tune: the rules' plan {rules.key} spills registers (a planner bug)")
-            timings = {_stream_label(_stream_split(rules)): rules_s * 1e6}
-            best, best_s = _stream_split(rules), rules_s
-            for plan in others:
-                t = measure(plan)
-                if t is None:
-                    continue
-                timings[_stream_label(_stream_split(plan))] = t * 1e6
-                if t < best_s:
-                    best, best_s = _stream_split(plan), t
+            rules, rules_s, best, best_s, timings = _race(plans, measure, _stream_split, _stream_label)
             key = dict(arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=mt)
-            win = best != _stream_split(rules) and best_s < rules_s * (1 - margin)
-            if write and win:
-                tuning.write_entry(table, "gemm_stream", best, measured={
-                    "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": _stream_split(rules),
-                    "device": device_name or "", "command": command or ""}, **key)
-            elif write:
-                tuning.remove_entry(table, "gemm_stream", **key)
+            win = _record(table, "gemm_stream", key, rules, rules_s, best, best_s, margin, write, device_name,
+                          command)
             peer = measure(TORCH)
-            r = TuneResult(name, n, k, gated, wtype, mt, _stream_split(rules), rules_s * 1e6, best, best_s * 1e6,
-                           bool(write and win), timings, None if peer is None else peer * 1e6, False,
-                           label=_stream_label, peer="bf16 cuBLAS")
+            r = TuneResult(name, n, k, gated, wtype, mt, rules, rules_s * 1e6, best, best_s * 1e6, win, timings,
+                           None if peer is None else peer * 1e6, False, label=_stream_label, peer="bf16 cuBLAS")
             log(r.line())
             results.append(r)
     return results
+
+
+def _race(plans: list, measure: Callable, split_of: Callable, label_of: Callable):
+    """Time plans[0] (the rules') and the others of a different split: (rules' split, its s, best split, its s,
+    {label: us}); a plan that spills (measure gives None) is passed over, the rules' plan spilling is an error."""
+    rules = split_of(plans[0])
+    rules_s = measure(plans[0])
+    if rules_s is None:
+        raise RuntimeError(f"tune: the rules' plan {plans[0].key} spills registers (a planner bug)")
+    timings = {label_of(rules): rules_s * 1e6}
+    best, best_s = rules, rules_s
+    for plan in plans[1:]:
+        split = split_of(plan)
+        if split == rules:
+            continue
+        t = measure(plan)
+        if t is None:
+            continue
+        timings[label_of(split)] = t * 1e6
+        if t < best_s:
+            best, best_s = split, t
+    return rules, rules_s, best, best_s, timings
+
+
+def _record(table: Path, family: str, key: dict, rules: dict, rules_s: float, best: dict, best_s: float,
+            margin: float, write: bool, device_name, command) -> bool:
+    """Write the best split where it beat the rules' by the margin, else remove the problem's entry (write=False:
+    neither); whether it was written."""
+    from ..codegen import tuning
+    win = best != rules and best_s < rules_s * (1 - margin)
+    if write and win:
+        tuning.write_entry(table, family, best, measured={
+            "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": rules,
+            "device": device_name or "", "command": command or ""}, **key)
+    elif write:
+        tuning.remove_entry(table, family, **key)
+    return bool(write and win)
 
 
 def _plans(dtype: str, cands, common: dict) -> list:
