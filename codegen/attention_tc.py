@@ -27,6 +27,7 @@ scale, V's into the output normalisation.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -555,24 +556,36 @@ def plan_tc_attention(layer: Layer, arch: str, *, page_size: int = 16, mode: str
     options = dict(layer=layer, arch=arch, page_size=page_size, mode=mode, kv_dtype=kv_dtype, fp8_cvt=fp8_cvt,
                    fp8_raw=fp8_raw, fp8_vcvt=fp8_vcvt, fp8_kcvt=fp8_kcvt, fp8_kwords=fp8_kwords, fold=fold,
                    heads_first=heads_first, top_rows=top_rows, tma=tma)
-    if many:
-        tile = block_many_tile(layer, kv_dtype)
-        if mode != "decode" or tiles is not None or tile is None:
+    limit = ops.shared_limit(arch)
+    if many or tiles is not None:
+        tile = block_many_tile(layer, kv_dtype) if many else tiles
+        if many and (mode != "decode" or tiles is not None or tile is None):
             raise ValueError(f"{layer.name}: no decode tile for grids past one wave here (mode {mode}, kv_dtype "
                              f"{kv_dtype}, tiles {tiles}): many_ctas_tile")
-        plan = TCAttentionPlan(tiles=tile, many=True, **options)
-        plan.source()
-        return plan
-    if tiles is not None:
-        plan = TCAttentionPlan(tiles=tiles, **options)
+        plan = TCAttentionPlan(tiles=tile, many=many, **options)
+        if plan.shared_bytes > limit:
+            raise ValueError(f"{layer.name}: the {mode} tile {tile.label} takes {plan.shared_bytes} bytes of shared "
+                             f"memory, past the {limit} a CTA has on {arch}")
         plan.source()
         return plan
     spec = layer.function.outputs[0].arg
     candidates = tile_candidates(mode, int(spec.head_dim), int(spec.num_q_heads) // int(spec.num_kv_heads),
                                  int(spec.v_head_dim), kv_dtype)
-    for c in candidates:
-        plan = TCAttentionPlan(tiles=c, **options)
+    # the candidates whose shared memory the arch holds, in order; the last of them is the fallback where none
+    # compiles without spills. Where it holds none (sm_86 / sm_89 / sm_120: 99 KB a CTA), the same tiles with
+    # fewer stages, then with half the key warps (wn), each as deep as fits
+    plans = [p for p in (TCAttentionPlan(tiles=c, **options) for c in candidates) if p.shared_bytes <= limit]
+    if not plans:
+        shallow = [dataclasses.replace(c, wn=wn, stages=st) for c in candidates
+                   for wn in sorted({c.wn, max(1, c.wn // 2)}, reverse=True)
+                   for st in range(c.stages - (wn == c.wn), 1, -1)]
+        plans = list({p.key: p for p in (TCAttentionPlan(tiles=c, **options) for c in shallow)
+                      if p.shared_bytes <= limit}.values())
+    if not plans:
+        raise LoweringError(f"{layer.name}: no tensor-core {mode} tile fits the {limit} bytes of shared memory a CTA "
+                            f"has on {arch}")
+    for plan in plans:
         plan.source()
-        if c is candidates[-1] or spill_free(plan, compile_fn):
+        if plan is plans[-1] or spill_free(plan, compile_fn):
             return plan
     raise AssertionError("unreachable")

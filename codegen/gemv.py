@@ -61,7 +61,6 @@ __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_prod
            "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default"]
 
 MAX_M = 64
-SHARED_LIMIT = 227 * 1024   # dynamic shared memory a CTA can have (sm_90; sm_80: 163 KB, checked at load)
 GATED = ("silu", "gelu", "gelu_tanh")
 _TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
 WTYPES = {"u4": 4, "i8": 2, "f8e4m3": 2}   # weight type -> 128-byte x rows a token per chunk (k per chunk / 64)
@@ -176,9 +175,10 @@ class GemvPlan(ProductPlan):
             raise ValueError(f"gemv: norm must be None or 'rms', got {self.norm!r}")
         if self.norm_offset not in (0.0, 1.0):
             raise ValueError(f"gemv: norm_offset must be 0 or 1, got {self.norm_offset!r}")
-        if self.shared_bytes > SHARED_LIMIT:
+        if self.shared_bytes > ops.shared_limit(self.arch):
             raise ValueError(f"gemv: {self.shared_bytes} bytes of shared memory (rings of {self.warps} warps x "
-                             f"{self.stages} stages) pass the {SHARED_LIMIT} a CTA can have")
+                             f"{self.stages} stages) pass the {ops.shared_limit(self.arch)} a CTA can have on "
+                             f"{self.arch}")
         if self.wtype is None and self.group:
             raise ValueError(f"gemv: a group size ({self.group}) needs a quantised wtype")
         if self.wtype is not None:
@@ -429,15 +429,6 @@ def _s_stride(plan: GemvPlan) -> int:
     return plan.n
 
 
-def arch_shared_limit(arch: str) -> int:
-    """Dynamic shared memory a CTA can have on `arch`: 227 KB on sm_90, 163 KB on sm_80 / sm_87, 99 KB on the
-    other sm_8x (sm_86, sm_89)."""
-    number = ops.arch_number(arch)
-    if number >= 90:
-        return SHARED_LIMIT
-    return 163 * 1024 if number in (80, 87) else 99 * 1024
-
-
 def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: int, arch: str, **rest):
     """The plan with the tuning table's split for this problem (codegen/tuning.py), or None where no table has one
     or the problem's plan cannot take it (then the rules decide)."""
@@ -450,7 +441,7 @@ def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: 
                         **split, **rest)
     except ValueError:
         return None
-    return plan if plan.shared_bytes <= arch_shared_limit(arch) else None
+    return plan
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
@@ -506,9 +497,10 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         if wtype == "u4" and bucket == 1 and narrow and k >= 8192 and ops.arch_number(arch) >= 90:
             # one token, long K (8B down): 16 warps, 2+ chunks each (the H200 sweep at one token: 9.6 -> 9.1 us)
             drt, dw = 2, 16
-        budget = QUANT_SHARED_BUDGET_SM90 if ops.arch_number(arch) >= 90 else QUANT_SHARED_BUDGET
+        budget = min(QUANT_SHARED_BUDGET_SM90 if ops.arch_number(arch) >= 90 else QUANT_SHARED_BUDGET,
+                     ops.shared_limit(arch))
         # more tokens (x's rows a stage grow with them): fewer warps, then stages, then column
-        # tiles, until the CTA fits the budget (sm_80 has 163 KB)
+        # tiles, until the CTA fits the budget (sm_80 has 163 KB, sm_86 / sm_89 99 KB)
         for cand in ((drt, dw, ds), (drt, min(dw, 4), ds), (drt, min(dw, 4), 2), (1, min(dw, 4), 2), (1, 2, 2)):
             try:
                 probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or cand[0],
@@ -522,13 +514,30 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     elif wtype is not None:
         # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
         dw = 4 if warps is None else warps
-        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or 1, warps=dw, stages=2,
+        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or 1, warps=1, stages=2,
                          wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
-        ds = max(2, min(4, QUANT_SHARED_BUDGET // (dw * probe.stage_bytes)))
+        ds = max(2, min(4, min(QUANT_SHARED_BUDGET, ops.shared_limit(arch)) // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
     if min_blocks not in (None, 1):
         raise ValueError("gemv: min_blocks is the shared-x layout's (xshare)")
-    return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
-                    norm_offset=float(norm_offset), arch=arch, rt=rt, warps=dw if warps is None else warps,
-                    stages=ds if stages is None else stages, wtype=wtype, group=group, experts=experts, gather=gather,
-                    fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3, x_group=x_group)
+    fields = dict(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
+                  norm_offset=float(norm_offset), arch=arch, rt=rt, wtype=wtype, group=group, experts=experts,
+                  gather=gather, fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3,
+                  x_group=x_group)
+    # the split the rules chose, then (where the arch's shared memory cannot hold it: sm_86 / sm_89's 99 KB) fewer
+    # stages, then half the warps, as far as the caller left them free
+    w0, s0 = (dw if warps is None else warps), (ds if stages is None else stages)
+    depths = range(s0, 1, -1) if stages is None else (s0,)
+    widths = [w0]
+    while warps is None and widths[-1] > 1:
+        widths.append(widths[-1] // 2)
+    error = None
+    for w in widths:
+        for d in depths:
+            try:
+                return GemvPlan(**fields, warps=w, stages=d)
+            except ValueError as e:
+                if "shared memory" not in str(e):
+                    raise
+                error = e
+    raise error

@@ -42,8 +42,6 @@ WGMMA_STAGES = 2              # key tiles in flight (Q and two 64-key stages of 
 WGMMA_REGS = (40, 232)        # setmaxnreg: producer, consumers (O's half alone is 128 a thread)
 TMA_MIN_PAGE = 16             # TMA boxes are page runs of at least this many keys; smaller pages: cp.async
 APPEND_TOKENS_PER_BLOCK = 8   # one warp a token
-# dynamic shared memory a block may opt into, by compute capability (others: 99 KB)
-SMEM_LIMIT = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
 _DTYPES = ("bf16", "f16")
 
 
@@ -274,7 +272,7 @@ def wgmma_serves(latent_dim: int, rope_dim: int, arch: str) -> bool:
 
 
 def smem_limit(arch: str) -> int:
-    return SMEM_LIMIT.get(int(arch.removeprefix("sm_").rstrip("af")), 101376)
+    return ops.shared_limit(arch)
 
 
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,

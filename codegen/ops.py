@@ -46,6 +46,18 @@ def arch_number(arch: str) -> int:
     return int(m.group(1))
 
 
+# Dynamic shared memory one CTA can opt in to, by compute capability (CUDA's "maximum shared memory per block,
+# opt-in"): A100 / Orin 163 KB; the sm_86 / sm_89 / sm_120 cards (A10, L4, L40S, RTX 30 / 40 / 50) 99 KB; Hopper and
+# datacenter Blackwell 227 KB. An arch not listed gets 99 KB, what every sm_80+ part has.
+SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 101: 232448,
+                 103: 232448, 110: 232448, 120: 101376, 121: 101376}
+
+
+def shared_limit(arch: str) -> int:
+    """Bytes of dynamic shared memory a CTA can have on `arch` (SHARED_LIMITS; 99 KB where not listed)."""
+    return SHARED_LIMITS.get(arch_number(arch), 101376)
+
+
 def arch_key(arch: str) -> str:
     """The arch as kernel keys spell it: 'sm_90a' -> 'sm90a'."""
     return arch.replace("_", "")

@@ -58,7 +58,6 @@ MAX_STATE = 256        # N
 MAX_CHUNK = 256        # Q: the chunk's dt and s_l live in shared memory
 ROW_TILE = 64          # the scan's rows (and key tile) per block; smaller chunks use the chunk
 ACC_FLOATS = 64        # accumulator floats a thread of the chunk-state product keeps
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 PAD = 8                # elements after each shared-memory row: ldmatrix's 8 rows fall in distinct banks
 
 
@@ -101,7 +100,7 @@ def _check_score_table(what: str, dtype: str) -> None:
 
 
 def _smem_limit(arch: str) -> int:
-    return SMEM_LIMIT.get(ops.arch_number(arch), 99 * 1024 if ops.arch_number(arch) < 90 else 227 * 1024)
+    return ops.shared_limit(arch)
 
 
 # ---- the tile splits, as data ----------------------------------------------------------------

@@ -392,12 +392,10 @@ def _plans(dtype: str, cands, common: dict) -> list:
     from ..codegen.gemv import plan_gemv
     plans = [plan_gemv(dtype, tuned=False, **common)]
     for rt, warps, stages in cands:
-        try:
-            plan = plan_gemv(dtype, rt=rt, warps=warps, stages=stages, **common)
+        try:   # a split past the arch's shared memory is an error here
+            plans.append(plan_gemv(dtype, rt=rt, warps=warps, stages=stages, **common))
         except ValueError:
             continue
-        if plan.shared_bytes <= _shared_limit(common["arch"]):
-            plans.append(plan)
     return plans
 
 
@@ -413,11 +411,6 @@ def _precompile(plans) -> None:
     todo = list({p.key: p for p in plans}.values())
     with cf.ProcessPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 4) or 1) as ex:
         list(ex.map(_compile, todo))
-
-
-def _shared_limit(arch: str) -> int:
-    from ..codegen.gemv import arch_shared_limit
-    return arch_shared_limit(arch)
 
 
 def cli_tune(args) -> int:
