@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..dsl.program import Layer
-from ..dsl.types import DType
 from . import ops
 from .abi import Arg, KernelABI
 from .plan import KernelPlan, layer_interface, layer_key
