@@ -652,7 +652,7 @@ class Checker(BuiltinRules):
             for v in (a, b):
                 if v.dtype.is_storage:
                     return self.error(span, f"{what} on an {v.dtype} value: the quantised types are storage",
-                                      f"cast it to compute with it, e.g. f32(...), and multiply by its scales")
+                                      "cast it to compute with it, e.g. f32(...), and multiply by its scales")
             dt = self.unify_dtypes(a, b, span, what)
             if dt is None:
                 return ERR

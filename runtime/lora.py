@@ -440,7 +440,7 @@ class MultiLoRA(torch.nn.Module):
         return x2 @ self.lora_a[:E].reshape(E * S * R, K).t()
 
     def _dense(self, x2: torch.Tensor, batch: AdapterBatch, out: torch.Tensor) -> torch.Tensor:
-        E, S, R, T = self.adapters, len(self.slices), self.rank, x2.shape[0]
+        E, R, T = self.adapters, self.rank, x2.shape[0]
         vm = self.mask(self.every_slot_v(x2), batch)                      # [T, S, E, R]: the token's slot only
         for s, (c0, c1) in enumerate(self.bounds):   # views of vm, B and out: cuBLAS takes their row strides
             out[:, c0:c1].addmm_(vm[:, s].reshape(T, E * R), self.lora_b[:E, :, c0:c1].reshape(E * R, c1 - c0),
