@@ -73,13 +73,18 @@ def model_products(config) -> list[tuple[str, int, int, str | None]]:
     from ..codegen.gemv import GATED
     from ..models.families import canonical_shapes, spec_from_config
     spec = spec_from_config(config)
+    shapes = canonical_shapes(spec)
+    if getattr(spec, "tie_word_embeddings", False) and "embed.weight" in shapes and "lm_head.weight" not in shapes:
+        shapes["lm_head.weight"] = shapes["embed.weight"]   # the tied head: the embedding's rows
     out: dict[tuple, str] = {}
-    for name, shape in canonical_shapes(spec).items():
+    for name, shape in shapes.items():
         if len(shape) != 2 or not name.endswith(".weight") or name.startswith(("embed", "pos_embed")):
             continue
         if name.startswith("layers.") and not name.startswith("layers.0."):
             continue
         short = name.removeprefix("layers.0.").removesuffix(".weight")
+        if short.endswith((".gate", "shared_expert_gate")) or shape[0] < 64:
+            continue   # a MoE router's or a shared expert's gate logits: a few outputs, not a weight stream
         gated = spec.activation if short.endswith("gate_up") and spec.gated else None
         if gated is not None and gated not in GATED:
             continue   # the kernel's epilogue has no such activation: the product runs without it

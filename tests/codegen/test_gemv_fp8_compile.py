@@ -68,11 +68,12 @@ def test_fp8_keys_and_abi():
         ("x", "const __nv_bfloat16* __restrict__"), ("w", "const unsigned char* __restrict__"),
         ("wscale", "const float* __restrict__")]
     blk = plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, gated="silu", arch="sm_89")
-    assert blk.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128_silu_r1w4s4_sm89"
+    # 3 stages: 4 (133,120 bytes) would pass the 101,376 a CTA has on sm_89 (codegen/ops.shared_limit)
+    assert blk.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128_silu_r1w4s3_sm89"
     assert not blk.pdl
     # a stage: 32 W rows of 128 k, 16 tokens x 2 rows of x, one f32 block scale a W row
     assert blk.stage_bytes == 128 * (32 + 32) + 32 * 4
-    assert blk.shared_bytes == blk.abi.shared_bytes <= 160 * 1024
+    assert blk.shared_bytes == blk.abi.shared_bytes <= 101376
 
 
 def test_fp8_plan_errors():

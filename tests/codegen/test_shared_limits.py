@@ -90,3 +90,20 @@ def test_the_decode_fallback_on_99_kb_parts_compiles_without_spills():
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_89"))
         main = res.resources[plan.kernel_name]
         assert main.spill_stores == 0 and main.spill_loads == 0, (plan.key, main)
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("sm_89", dict(n=6144, k=4096, max_m=16, wtype="u4", group=128)),
+    ("sm_89", dict(n=28672, k=4096, max_m=8, gated="silu", wtype="i8")),
+    ("sm_89", dict(n=28672, k=4096, max_m=16, gated="silu", wtype="f8e4m3", group=128)),
+    ("sm_89", dict(n=28672, k=4096, max_m=16, gated="silu")),
+    ("sm_86", dict(n=4096, k=14336, max_m=32, wtype="u4", group=128)),
+    ("sm_86", dict(n=4096, k=4096, max_m=8, wtype="i8", group=128, norm="rms")),
+])
+def test_the_shrunk_product_plans_compile_without_spills(arch, kw):
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    plan = plan_gemv("bf16", arch=arch, **kw)
+    assert plan.shared_bytes <= ops.shared_limit(arch)
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)

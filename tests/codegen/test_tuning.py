@@ -164,6 +164,14 @@ def test_model_products_are_a_decoder_layers_and_the_lm_head():
     got = {(n, k, g) for _, n, k, g in model_products(cfg)}
     assert got == {(6144, 4096, None), (4096, 4096, None), (28672, 4096, "silu"), (4096, 14336, None),
                    (128256, 4096, None)}
+    tied = dict(cfg, tie_word_embeddings=True, vocab_size=32000)
+    assert (32000, 4096, None) in {(n, k, g) for _, n, k, g in model_products(tied)}
+    moe = {"model_type": "qwen2_moe", "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+           "shared_expert_intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
+           "num_hidden_layers": 2, "vocab_size": 1000, "num_experts": 60, "num_experts_per_tok": 4,
+           "tie_word_embeddings": False}
+    names = {name for name, *_ in model_products(moe)}
+    assert names == {"attn.qkv", "attn.o", "lm_head"}   # no router logits; the experts are stacks (the MoE kernels')
     assert parse_products("6144:4096, 28672:4096:silu") == [("6144:4096", 6144, 4096, None),
                                                            ("28672:4096:silu", 28672, 4096, "silu")]
     for bad in ("6144", "a:b", "1:2:3:4"):
