@@ -57,10 +57,15 @@ from .abi import Arg, KernelABI
 from .plan import KernelPlan, env_switch
 from .render import read_template, render
 
-__all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
+__all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "SharedMemoryError", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
            "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default"]
 
 MAX_M = 64
+
+
+class SharedMemoryError(ValueError):
+    """A plan's rings pass the shared memory a CTA can have on its arch (codegen/ops.shared_limit)."""
+
 GATED = ("silu", "gelu", "gelu_tanh")
 _TYPES = {"bf16": ("__nv_bfloat16", "bf16"), "f16": ("__half", "f16")}
 WTYPES = {"u4": 4, "i8": 2, "f8e4m3": 2}   # weight type -> 128-byte x rows a token per chunk (k per chunk / 64)
@@ -176,7 +181,7 @@ class GemvPlan(ProductPlan):
         if self.norm_offset not in (0.0, 1.0):
             raise ValueError(f"gemv: norm_offset must be 0 or 1, got {self.norm_offset!r}")
         if self.shared_bytes > ops.shared_limit(self.arch):
-            raise ValueError(f"gemv: {self.shared_bytes} bytes of shared memory (rings of {self.warps} warps x "
+            raise SharedMemoryError(f"gemv: {self.shared_bytes} bytes of shared memory (rings of {self.warps} warps x "
                              f"{self.stages} stages) pass the {ops.shared_limit(self.arch)} a CTA can have on "
                              f"{self.arch}")
         if self.wtype is None and self.group:
@@ -437,11 +442,10 @@ def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: 
     if split is None:
         return None
     try:
-        plan = GemvPlan(dtype=dtype, n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype=wtype, group=group,
+        return GemvPlan(dtype=dtype, n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype=wtype, group=group,
                         **split, **rest)
     except ValueError:
         return None
-    return plan
 
 
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
@@ -472,11 +476,10 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     if tuned and rt is None and warps is None and stages is None and min_blocks is None and not (experts or x_e4m3) \
             and wtype in (None, "u4", "i8"):
         # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`)
-        tuned = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
-                            norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group,
-                            ldw=0 if ldw == k else ldw)
-        if tuned is not None:
-            return tuned
+        hit = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
+                          norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group, ldw=0 if ldw == k else ldw)
+        if hit is not None:
+            return hit
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory
     # rings"): 4 warps x 4 stages; a gated product of one token tile keeps more CTAs per SM with
     # 2 warps x 3 stages (8B gate/up 55.1 against 58.5 us), of two tiles 8 x 3 (59.0 / 60.3)
@@ -536,8 +539,6 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         for d in depths:
             try:
                 return GemvPlan(**fields, warps=w, stages=d)
-            except ValueError as e:
-                if "shared memory" not in str(e):
-                    raise
+            except SharedMemoryError as e:
                 error = e
     raise error
