@@ -310,10 +310,10 @@ many)
     ;;
 tune)
     echo "== layerforge tune: its GPU test, then the Llama-3-8B products (bf16, u4; 1 / 8 / 16 tokens)"
-    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py 2>&1 \
+    timeout -s KILL 180 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py 2>&1 \
         | tee "$OUT_DIR/pytest_tune.log" | tail -5
-    if [ "${PIPESTATUS[0]}" = 0 ]; then
-        timeout -s KILL 480 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 \
+    if [ "${PIPESTATUS[0]}" = 0 ]; then   # (entries are written as each problem is measured: a cut run keeps them)
+        timeout -s KILL 360 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 \
             --tokens 1,8,16 --stream-rows 32,64,128 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     else
