@@ -142,16 +142,16 @@ def many_ctas_tile(head_dim: int, group: int, v_head_dim: int | None = None,
     143.8 -> 140.0 (1.76x -> 1.80x the bf16 decode), 64 x 512 34.4 -> 31.9; H100 64 x 4096 201.7 -> 200.0. Where the
     default fits one wave it loses (H200 16 x 1024 21.2 -> 31.6, 1 x 4096 16.2 -> 19.6), hence the runtime's
     choice by the grid (runtime/attention.PagedAttention). LAYERFORGE_DECODE_MANY=0 turns it off.
-    A bf16 / f16 cache at D128 (LAYERFORGE_DECODE_MANY_BF16=1, off until measured: benchmarks/NOTES.md): 2 warps of 16
-    keys, 3 stages, 4 CTAs an SM beside the default's 4 warps, 2 an SM (an earlier H200 sweep, before later decode
-    changes: 64 x 512 51.3 -> 48.1 us, 64 x 4096 261.5 -> 258.0; 16 x 1024 30.8 -> 36.3, which the grid rule keeps
-    on the default)."""
+    A bf16 / f16 cache at D128 (on by default; LAYERFORGE_DECODE_MANY_BF16=0 turns it off): 2 warps of 16 keys, 3
+    stages, 4 CTAs an SM beside the default's 4 warps, 2 an SM. H100, bench_decode_tiles --default-only (the module,
+    graph us, off -> on): 64 x 512 62.8 -> 61.7, 48 x 2048 151.0 -> 149.7, 40 x 1024 76.1 -> 74.6, 64 x 4096 368.9 ->
+    368.0; 32 x 4096 and 16 x 1024 unchanged (one wave: the default); its GPU tests and compute-sanitizer clean."""
     dv = v_head_dim or head_dim
     if head_dim != 128 or dv != 128 or group > 16 or not env_switch("LAYERFORGE_DECODE_MANY", True):
         return None
     if kv_dtype and fp8_wide_default():
         return TileConfig(wm=1, wn=2, mt=1, bnw=16, stages=4, min_blocks=4, qreg=True)
-    if not kv_dtype and env_switch("LAYERFORGE_DECODE_MANY_BF16", False):
+    if not kv_dtype and env_switch("LAYERFORGE_DECODE_MANY_BF16", True):
         return TileConfig(wm=1, wn=2, mt=1, bnw=16, stages=3, min_blocks=4, qreg=True)
     return None
 

@@ -51,7 +51,7 @@
 #              compute-sanitizer memcheck / racecheck / synccheck over its cases (sanitize_cases.py xshare) and
 #              bench_gemv --quant --tokens 9,16 with the switch off and on
 #   many       decode grids past one wave of the default tile on smaller CTAs: the GPU tests of the e4m3 cache's (the
-#              default) and the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off until this runs), compute-sanitizer over
+#              default) and the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, the default since measured on an H100), compute-sanitizer over
 #              both (sanitize_cases.py many), then bench_decode_tiles --default-only (bf16) with the switch off and on
 #   tune       `layerforge tune` (runtime/tune.py, not yet run on a GPU): its GPU test, then the Llama-3-8B products (bf16 and
 #              u4 at 1 / 8 / 16 tokens; u4 on the decode-range GEMM at 32 / 64 / 128 rows) into OUT_DIR/products.json (copy its entries into codegen/tables/products.json
@@ -292,7 +292,7 @@ xshare)
     fi
     ;;
 many)
-    echo "== decode grids past one wave on smaller CTAs: bf16 (LAYERFORGE_DECODE_MANY_BF16, off) GPU tests, sanitizers, off / on"
+    echo "== decode grids past one wave on smaller CTAs: bf16 (LAYERFORGE_DECODE_MANY_BF16, on) GPU tests, sanitizers, off / on"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
     timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_paged_attention.py \
         tests/gpu/test_kv_fp8.py -k many_ctas --junitxml="$OUT_DIR/pytest_many.xml" 2>&1 \

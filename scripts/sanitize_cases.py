@@ -152,7 +152,7 @@ def many_ctas_cases(bf):
     ids = torch.arange(48, dtype=torch.int32, device="cuda")
     pos = torch.tensor([n - 1 for n in lens.values()], dtype=torch.int32, device="cuda")
     runs = [(PagedAttention(layer, page_size=16, kv_dtype="fp8_e4m3"), c8, dict(k_scale=k_sc, v_scale=v_sc))]
-    if block_many_tile(layer, None) is not None:   # the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, off by default)
+    if block_many_tile(layer, None) is not None:   # the bf16 cache's (LAYERFORGE_DECODE_MANY_BF16, on by default)
         cache = PagedKVCache(48 * 20, 16, 8, 128, dtype=bf, device="cuda", max_seqs=48, max_pages_per_seq=20)
         for s, n in lens.items():
             cache.allocate(s, n)

@@ -54,10 +54,11 @@ def test_build_includes_attention_and_kv_append_kernels(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     fams = sorted((k["family"], k["key"]) for k in m["kernels"])
-    # per block: tensor-core prefill and decode, the CUDA-core paged kernel; one append for both
-    assert [f for f, _ in fams] == ["kv_append"] + ["paged_attention"] * 2 + ["tc_attention"] * 4
-    assert sorted(k["mode"] for k in m["kernels"] if k["family"] == "tc_attention") == ["decode", "decode",
-                                                                                        "prefill", "prefill"]
+    # per block: tensor-core prefill, decode and (D128) decode's kernel for grids past one wave of its tile, the
+    # CUDA-core paged kernel; one append for both
+    assert [f for f, _ in fams] == ["kv_append"] + ["paged_attention"] * 2 + ["tc_attention"] * 6
+    assert sorted(k["mode"] for k in m["kernels"] if k["family"] == "tc_attention") == [
+        "decode", "decode", "decode_many", "decode_many", "prefill", "prefill"]
     att = next(k for k in m["kernels"] if k["layer"] == "llama_attn" and k["family"] == "paged_attention")
     assert att["consts"] == {"theta": 500000.0} and att["dims"] == {"D": 128, "Hkv": 8, "Hq": 32}
     assert len(att["kernels"]) == 2 and all(k["spill_bytes"] == 0 for k in m["kernels"])

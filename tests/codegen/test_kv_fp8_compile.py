@@ -410,13 +410,15 @@ def test_fp8_decode_tma_only_where_it_applies(prog, monkeypatch):
 def test_many_ctas_decode_tile(prog, monkeypatch, name, dtype, arch, tmp_path):
     """The e4m3 decode's tile for grids past one wave of the default (many_ctas_tile: 2 warps of 16 keys, 4 stages,
     4 CTAs an SM) exists at D128 with the decode's defaults, compiles without spills or warnings, and
-    PagedAttention takes it (its decode has a DECODE_MANY plan) only where it exists: not for a bf16 cache, other
-    head dims, a forced decode tile, or with LAYERFORGE_DECODE_MANY=0."""
+    PagedAttention takes it (its decode has a DECODE_MANY plan) only where it exists: not for a bf16 cache with its
+    own switch off (LAYERFORGE_DECODE_MANY_BF16=0; test_many_ctas_decode_tile_bf16_switch has it on), other head
+    dims, a forced decode tile, or with LAYERFORGE_DECODE_MANY=0."""
     from layerforge.codegen.attention_tc import many_ctas_tile
     from layerforge.runtime.attention import DECODE_MANY, PagedAttention
     from layerforge.runtime.cache import KernelCache
     for sw in DECODE_DEFAULTS:
         monkeypatch.delenv(sw)
+    monkeypatch.setenv("LAYERFORGE_DECODE_MANY_BF16", "0")
     tile = many_ctas_tile(128, 4, kv_dtype=FP8)
     assert tile is not None and tile.label == "w1x2m1n16s4qb4"
     assert many_ctas_tile(128, 4) is None and many_ctas_tile(64, 4, kv_dtype=FP8) is None
@@ -454,15 +456,16 @@ def test_many_ctas_decode_tile(prog, monkeypatch, name, dtype, arch, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "f16"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_many_ctas_decode_tile_bf16_switch(prog, monkeypatch, name, dtype, arch, tmp_path):
-    """LAYERFORGE_DECODE_MANY_BF16=1 (off until measured): a bf16 / f16 cache's decode at D128 gets the many-CTA tile
-    too (2 warps of 16 keys, 3 stages, 4 CTAs an SM), spill-free and warning-free; off, none."""
+    """A bf16 / f16 cache's decode at D128 gets the many-CTA tile too (2 warps of 16 keys, 3 stages, 4 CTAs an SM; on
+    by default since measured on an H100), spill-free and warning-free; LAYERFORGE_DECODE_MANY_BF16=0, none."""
     from layerforge.codegen.attention_tc import many_ctas_tile
     from layerforge.runtime.attention import DECODE_MANY, PagedAttention
     from layerforge.runtime.cache import KernelCache
     layer = specialise(prog, name, 128, dtype)
+    monkeypatch.setenv("LAYERFORGE_DECODE_MANY_BF16", "0")
     assert many_ctas_tile(128, 4) is None
     assert not PagedAttention(layer, page_size=16, arch=arch, cache=KernelCache(tmp_path))._decode_many()
-    monkeypatch.setenv("LAYERFORGE_DECODE_MANY_BF16", "1")
+    monkeypatch.delenv("LAYERFORGE_DECODE_MANY_BF16")
     assert many_ctas_tile(128, 4).label == "w1x2m1n16s3qb4" and many_ctas_tile(64, 4) is None
     attn = PagedAttention(layer, page_size=16, arch=arch, cache=KernelCache(tmp_path))
     assert attn._decode_many()

@@ -342,7 +342,8 @@ def test_identity_decode_without_q_seq_q_pos(prog, kernel, case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_many_ctas_decode_bf16_switch(prog, monkeypatch, loaded_modes, dtype):
-    """LAYERFORGE_DECODE_MANY_BF16=1 (off until measured): bf16 / f16 decode grids past one wave of the default tile
+    """LAYERFORGE_DECODE_MANY_BF16 (on by default; set here so the test holds either way): bf16 / f16 decode grids past
+    one wave of the default tile
     (52 sequences x 8 KV heads) take the tile of more, smaller CTAs (runtime/attention.DECODE_MANY): per-token and
     ragged (2 tokens a sequence), pages of 16 and 64, a window and soft-capping, lengths on and off the tiles'
     multiples, against the float64 reference; 8 sequences keep the default tile."""
