@@ -114,3 +114,40 @@ def test_tune_stream_records_a_split_the_quantised_product_then_runs(table, wtyp
     ref = reference(x, dequantize(lin.qw), None, None, None)
     assert not torch.isnan(out).any()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _packaged_entries():
+    return [e for e in tuning.read_table(tuning.PACKAGED_TABLE)
+            if e["family"] in ("gemv", "gemm_stream") and e["arch"].rstrip("a") == "sm_%d%d" % (
+                torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0))]
+
+
+@pytest.mark.parametrize("entry", _packaged_entries(), ids=lambda e: f"{e['family']}-{e['wtype']}-{e['n']}x{e['k']}-"
+                                                              f"{e['bucket']}")
+def test_every_packaged_entry_runs_its_split_against_float64(table, entry):
+    """With the packaged table on (no user table), the product of each entry's problem at its bucket's rows runs the
+    entry's split (the planner's key) and matches float64 (bf16: of W; u4: of the dequantised W)."""
+    from layerforge.codegen.gemm_stream import plan_gemm_stream
+    e, m = entry, entry["bucket"]
+    common = dict(n=e["n"], k=e["k"], gated=e["gated"], wtype=e["wtype"], group=e["group"])
+    if e["family"] == "gemv":
+        plan = plan_gemv(e["dtype"], max_m=m, arch=e["arch"], **common)
+        assert (plan.rt, plan.warps, plan.stages) == tuple(e["split"][f] for f in ("rt", "warps", "stages"))
+    else:
+        plan = plan_gemm_stream(e["dtype"], mt=m, arch=e["arch"], **common)
+        assert (plan.rb, plan.cw, plan.stages, plan.ctas) == tuple(e["split"][f] for f in ("rb", "cw", "stages", "ctas"))
+    gen = seeded_generator("tune-entry", e["family"], e["n"], e["k"], m)
+    n, k = e["n"], e["k"]
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16).cuda()
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    n_out = n // 2 if e["gated"] else n
+    out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+    if e["wtype"]:
+        lin = QuantLinear.from_float(w, e["group"], wtype=e["wtype"], dtype=torch.bfloat16)
+        gemv_quant(x, lin.qw, gated=e["gated"], out=out)
+        ref = reference(x, dequantize(lin.qw), None, e["gated"], None)
+    else:
+        linear.gemv(x, w, gated=e["gated"], out=out)
+        ref = reference(x, w, None, e["gated"], None)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
