@@ -71,11 +71,7 @@ shift || true
 PARTS=${*:-fold ssd products tests attention}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl
-    export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+. scripts/gpu-env.sh   # wheels from .whl/, PYTHONPATH, the kernel cache folder
 FLEX_NOISE="deprecat\|create_block_mask\|return lambda"
 status=0
 # compute-sanitizer memcheck / racecheck / synccheck over scripts/sanitize_cases.py CASES (where it is installed), each cut

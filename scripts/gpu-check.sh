@@ -15,13 +15,7 @@ if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; shift; fi
 OUT_DIR=${1:-${OUT:-out/gpu-check}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl
-    export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1
-export LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+. scripts/gpu-env.sh   # wheels from .whl/, PYTHONPATH, the kernel cache folder
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null | tee "$OUT_DIR/nvidia-smi.txt"
 status=0

@@ -9,11 +9,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-out/profile-products}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl
-    export PYTHONPATH=/tmp/lf-site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 LAYERFORGE_CACHE_DIR=${LAYERFORGE_CACHE_DIR:-/tmp/lf-cache}
+. scripts/gpu-env.sh   # wheels from .whl/, PYTHONPATH, the kernel cache folder
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout -s KILL 90 "$PY" -m benchmarks.probe_products_64 --rows 32,64,128
 timeout -s KILL 150 "$PY" -m benchmarks.bench_gemv --stream --tokens 64 --only Mamba2
