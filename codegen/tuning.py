@@ -21,7 +21,7 @@ a later entry replacing an earlier one of the same key:
   1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
   2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
      `layerforge tune` writes by default;
-  3. LAYERFORGE_TUNING_TABLE, a path (one more table, e.g. a pack's).
+  3. LAYERFORGE_TUNING_TABLE, a path (one more table, e.g. a pack's; a path that is not a file is an error).
 LAYERFORGE_TUNING=0 reads none: the rules alone. An entry whose split a problem's plan cannot take
 (a norm prologue's extra shared-memory row past the budget, say) is passed over for the rules.
 """
@@ -63,7 +63,10 @@ def table_paths() -> list[Path]:
     paths = [PACKAGED_TABLE, user_table_path()]
     extra = os.environ.get("LAYERFORGE_TUNING_TABLE", "").strip()
     if extra:
-        paths.append(Path(extra).expanduser())
+        path = Path(extra).expanduser()
+        if not path.is_file():   # a misspelt path is an error, not a table silently left out
+            raise ValueError(f"LAYERFORGE_TUNING_TABLE={extra!r}: no such file")
+        paths.append(path)
     return paths
 
 

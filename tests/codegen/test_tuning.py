@@ -63,6 +63,12 @@ def test_a_later_table_replaces_an_earlier_entry(tables, monkeypatch):
     assert tuning.lookup("gemv", **KEY) == {"rt": 1, "warps": 4, "stages": 3}
 
 
+def test_a_misspelt_extra_table_is_an_error(tables, monkeypatch):
+    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(tables / "no-such-table.json"))
+    with pytest.raises(ValueError, match="LAYERFORGE_TUNING_TABLE=.*no such file"):
+        tuning.lookup("gemv", **KEY)
+
+
 def test_an_entry_the_plan_cannot_take_leaves_the_rules(tables):
     # 64 warps x 6 stages of a 16-token u4 ring pass any CTA's shared memory: the rules decide
     tuning.write_entry(tuning.user_table_path(), "gemv", {"rt": 4, "warps": 64, "stages": 6}, **KEY)
@@ -224,7 +230,6 @@ def test_the_decode_range_gemm_takes_a_table_split_and_the_stream_tuner_records_
     from layerforge.runtime.tune import tune_stream
     common = dict(n=4096, k=4096, mt=64, wtype="u4", group=128)
     rules = plan_gemm_stream("bf16", tuned=False, **common)
-    key = dict(arch="sm_90a", dtype="bf16", wtype="u4", group=128, gated=None, n=4096, k=4096, bucket=64)
     # a fake timing: the rules' plan 10 us, 2 CTAs an SM of one row block and warpgroup 9 us, the rest 20 us; the
     # two-warpgroup, two-block plans spill
     seen = []
