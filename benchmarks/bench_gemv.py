@@ -473,8 +473,8 @@ def main(argv=None):
     ap.add_argument("--quant", action="store_true", help="the quantised kernels (u4, i8; f8e4m3 W8A8 on sm_89+)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
-    ap.add_argument("--tokens", default=None, help="--quant: comma-separated token counts (default 1,4,8,16; "
-                    "--sweep: 1,8,16)")
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,4,8,16,32,64; --quant "
+                    "1,4,8,16; --sweep: 1,8,16)")
     ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP], help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
     ap.add_argument("--xshare", action="store_true",
@@ -519,6 +519,7 @@ def main(argv=None):
                     for p in [split_plan(n, k, m, g, rt, wp, st, arch)] if p is not None] +
                    [plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch)
                     for name, n, k, g in SHAPES if not a.only or a.only in name for m in TOKENS])
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens and not a.sweep else TOKENS
     for name, n, k, gated in SHAPES:
         if a.only and a.only not in name:
             continue
@@ -528,7 +529,7 @@ def main(argv=None):
         gamma = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         wbytes = n * k * 2
         ws = [w] + [w.clone() for _ in range(cold_copies(wbytes) - 1)]   # cycled through: none in L2 when read
-        for m in TOKENS:
+        for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if m <= KERNEL_MAX_ROWS:
                 ours = graph_time([lambda w=w: gemv(x, w, gated=gated) for w in ws])
