@@ -74,16 +74,18 @@ def test_u4_conversion_is_lop3_then_two_ops_a_pair():
 @pytest.mark.parametrize("m", [1, 16])
 def test_u4_group_sums_scaled_once(m):
     """Groups of 128 k (and more) up to 16 tokens: a lane's 4-lane piece set lies in one group, so the pairs are
-    the lop3's MAGIC + q alone (no subtract or multiply), the mma sums (MAGIC + q) x and, with an A of ones, x;
-    the group's s ((MAGIC + q) x - (MAGIC + z) x) is two FFMA an accumulator a group (PTX of the loop)."""
+    the lop3's MAGIC + q alone (no subtract or multiply), the mma sums (MAGIC + q) x and x (a unit of a token tile
+    as the A of a product with a B of ones: one mma a unit and tile, its rows' totals shuffled to the accumulators'
+    columns once a group); the group's s ((MAGIC + q) x - (MAGIC + z) x) is two FFMA an accumulator a group (PTX)."""
     plan = plan_gemv("bf16", n=6144, k=4096, max_m=m, arch="sm_90", wtype="u4", group=128)
     src = plan.source()
-    assert "lf_dequant_m(lf_word(wv[t][0], j), a);" in src and "lf_mma(xacc[mt], ones, xv[mt].x, xv[mt].y);" in src
+    assert "lf_dequant_m(lf_word(wv[t][0], j), a);" in src and "lf_mma(xs4[mt], xa, one2, one2);" in src
     ptx = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions("sm_90"), want_ptx=True).ptx
     words = 2 * 2 * 4
     assert ptx.count("lop3.b32") >= 4 * words
-    mt = plan.mt   # W's mma (words x row tiles x token tiles), then the ones' (2 a unit of x, 8 units)
-    assert ptx.count("mma.sync.aligned.m16n8k16") == words * plan.rt * mt + 2 * 8 * mt
+    mt = plan.mt   # W's mma (words x row tiles x token tiles), then x's sums (1 a unit and token tile, 8 units)
+    assert ptx.count("mma.sync.aligned.m16n8k16") == words * plan.rt * mt + 8 * mt
+    assert ptx.count("shfl.sync.idx") == 2 * 2 * mt   # a group's sums to columns 2 tig, 2 tig + 1: 2 groups a chunk
     loop = ptx[ptx.index("mma.sync"):ptx.rindex("mma.sync")]
     assert "sub.bf16x2" not in loop and "mul.bf16x2" not in loop and "fma.rn.bf16x2" not in loop
 
