@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts (gpu-check.sh, ab-switches.sh, profile-products.sh) from the repository root, with PY set:
+# Sourced by the GPU scripts (gpu-check.sh, ab-switches.sh, profile-products.sh, profile-u4-tokens.sh) from the repository root, with PY set:
 # wheels in .whl/ (lark, for a machine without network) installed into a private folder, the checkout importable,
 # unbuffered output and a kernel cache folder of its own unless one is set.
 if ls .whl/*.whl >/dev/null 2>&1; then
