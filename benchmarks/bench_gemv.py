@@ -474,7 +474,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,4,8,16,32,64; --quant "
-                    "1,4,8,16; --sweep: 1,8,16)")
+                    "1,4,8,16; the rows --sweep sweeps: default 1,8,16,64, or 1,8,16 with --quant)")
     ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP], help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
     ap.add_argument("--xshare", action="store_true",
@@ -511,15 +511,16 @@ def main(argv=None):
     print(f"{'shape':12s} {'M':>3s} {'ours us':>8s} {'TB/s':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'+act us':>8s} "
           f"{'ours/cuBLAS':>11s} {'of copy':>7s} {'+norm ours':>10s} {'norm+cuBLAS':>11s} {'ratio':>5s}")
     rows = []
+    given = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else None
+    tokens, sweep_tokens = given or TOKENS, given or SWEEP_TOKENS   # --tokens: the table's rows, all swept
     if a.sweep:
         from layerforge.runtime.launch import device_arch
         arch = device_arch()
         precompile([p for name, n, k, g in SHAPES if not a.only or a.only in name
-                    for m in SWEEP_TOKENS for rt, wp, st in SPLITS
+                    for m in sweep_tokens for rt, wp, st in SPLITS
                     for p in [split_plan(n, k, m, g, rt, wp, st, arch)] if p is not None] +
                    [plan_gemv("bf16", n=n, k=k, max_m=m, gated=g, arch=arch)
-                    for name, n, k, g in SHAPES if not a.only or a.only in name for m in TOKENS])
-    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens and not a.sweep else TOKENS
+                    for name, n, k, g in SHAPES if not a.only or a.only in name for m in tokens])
     for name, n, k, gated in SHAPES:
         if a.only and a.only not in name:
             continue
@@ -553,7 +554,7 @@ def main(argv=None):
                     f"{wbytes / cublas / 1e12:>5.2f} {both * 1e6 if gated else float('nan'):>8.1f} "
                     f"{both / ours:>11.2f} {wbytes / ours / ceiling:>7.2f} {ours_n * 1e6:>10.1f} "
                     f"{theirs_n * 1e6:>11.1f} {theirs_n / ours_n:>5.2f}")
-            if a.sweep and m in SWEEP_TOKENS:
+            if a.sweep and m in sweep_tokens:
                 sweep = {}
                 for rt, warps, stages in SPLITS:
                     launch = split_launcher(n, k, m, gated, rt, warps, stages)
