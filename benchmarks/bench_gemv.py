@@ -311,61 +311,6 @@ def quant_sweep(a, ceiling):
                       + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
 
 
-PREFETCH_DEPTHS = (0, 2, 4)   # --prefetch: chunks a warp's W rows go to L2 ahead of its ring (0: none, the default)
-PREFETCH_TYPES = ((None, 0), ("u4", 128), ("i8", 0))
-
-
-def prefetch_ab(a, ceiling):
-    """--prefetch: each product's plan (the runtime's split) with W's rows prefetched into L2 0, 2 and 4 chunks ahead
-    of the ring (GemvPlan.prefetch; LAYERFORGE_GEMV_L2_PREFETCH), timed in the same run on the same cold weights
-    (bf16, u4 g128, i8; --wtype u4 / i8 / bf16 for one), us and fraction of the copy ceiling on W's bytes, a cold copy
-    of the same bytes beside, and each depth's largest difference from depth 0's output (a prefetch is a hint: 0)."""
-    from layerforge.codegen.gemv import token_bucket
-    from layerforge.runtime.launch import device_arch
-    from layerforge.runtime.quant import QuantLinear
-    arch = device_arch()
-    shapes = [s for s in SHAPES if not a.only or a.only in s[0]]
-    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (1, 8, 16)
-    types = [(wt, gr) for wt, gr in PREFETCH_TYPES if not a.wtype or (wt or "bf16") == a.wtype]
-
-    def plans(n, k, m, gated, wt, gr):
-        return {d: plan_gemv("bf16", n=n, k=k, max_m=token_bucket(m, wt), gated=gated, arch=arch, wtype=wt, group=gr,
-                             prefetch=d) for d in PREFETCH_DEPTHS}
-    precompile([p for name, n, k, g in shapes for wt, gr in types for m in tokens
-                for p in plans(n, k, m, g, wt, gr).values()])
-    print(f"{'shape':12s} {'W':>7s} {'M':>3s} " + " ".join(f"{'l%d us' % d:>8s} {'copy':>5s}" for d in PREFETCH_DEPTHS)
-          + f" {'sized us':>8s} {'best':>5s} {'diff':>7s}")
-    for name, n, k, gated in shapes:
-        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
-        for wt, gr in types:
-            if wt:
-                lins = copies(lambda: QuantLinear.from_float(w, gr, wtype=wt), n * k // (2 if wt == "u4" else 1))
-                weights = [lin.qw.kernel_tensors for lin in lins]
-                nbytes = lins[0].qw.nbytes()
-            else:
-                weights = [[c] for c in copies(lambda: w.clone(), n * k * 2)]
-                nbytes = n * k * 2
-            for m in tokens:
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-                times, outs = {}, {}
-                for d, plan in plans(n, k, m, gated, wt, gr).items():
-                    launch = unspilled_launcher(plan)
-                    if launch is None:
-                        continue
-                    y.fill_(float("nan"))
-                    launch((), [x, *weights[0], y, m])
-                    outs[d] = y.float().clone()
-                    times[d] = graph_time([lambda ws=ws: launch((), [x, *ws, y, m]) for ws in weights])
-                diff = max(((o - outs[0]).abs().max() / outs[0].abs().max().clamp_min(1e-6)).nan_to_num(float("inf")).item()
-                           for o in outs.values()) if 0 in outs else float("nan")
-                best = min(times, key=times.get)
-                print(f"{name:12s} {wt or 'bf16':>7s} {m:>3d} " + " ".join(
-                    f"{times[d] * 1e6:8.1f} {nbytes / times[d] / ceiling:5.2f}" if d in times else f"{'spills':>8s} {'':5s}"
-                    for d in PREFETCH_DEPTHS) + f" {sized_copy_time(nbytes) * 1e6:8.1f} {'l%d' % best:>5s} {diff:7.1e}",
-                      flush=True)
-
-
 # (rt, warps, stages, min_blocks) of the shared-x layout (spilling plans are skipped)
 # (4 stages: at 1-8 tokens a CTA's few chunks all in flight at once)
 XSHARE_SPLITS = ((1, 4, 2, 4), (1, 4, 2, 3), (1, 4, 2, 1), (1, 4, 3, 4), (1, 4, 4, 4), (1, 8, 2, 2), (2, 4, 2, 2),
@@ -530,11 +475,8 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring of the shape names")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,4,8,16,32,64; --quant "
                     "1,4,8,16; the rows --sweep sweeps: default 1,8,16,64, or 1,8,16 with --quant)")
-    ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP] + ["bf16"],
-                    help="--quant --sweep: u4 or i8 only; --prefetch: bf16, u4 or i8 only")
+    ap.add_argument("--wtype", default=None, choices=[wt for wt, _ in QUANT_SWEEP], help="--quant --sweep: u4 or i8 only")
     ap.add_argument("--stream", action="store_true", help="the decode-range Hopper GEMM (sm_90) at 8-128 tokens")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="W's rows into L2 ahead of the rings (0, 2, 4 chunks) beside each other, same run, cold weights")
     ap.add_argument("--xshare", action="store_true",
                     help="u4's shared-x layout (x staged once a CTA, K over CTAs) beside the default, its splits "
                          "(--tokens, default 1,8,16; --only)")
@@ -555,9 +497,6 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
     if a.xshare:
         xshare_sweep(a, ceiling)
-        return
-    if a.prefetch:
-        prefetch_ab(a, ceiling)
         return
     if a.quant and a.sweep and not a.stream:
         quant_sweep(a, ceiling)

@@ -48,7 +48,6 @@ W8A8 (sm_89+): "f8e4m3"  W[n, k] = q * s, q float8_e4m3fn: w [N, K] bytes; wscal
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -59,8 +58,7 @@ from .plan import KernelPlan, env_switch
 from .render import read_template, render
 
 __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "SharedMemoryError", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
-           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default",
-           "gemv_prefetch_default", "GEMV_PREFETCH_CHUNKS"]
+           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default"]
 
 MAX_M = 64
 
@@ -170,9 +168,6 @@ class GemvPlan(ProductPlan):
                                  # CTA's warps own different W rows (16 rt each) and stage x once a chunk
                                  # together (the template's XSHARE; > 1: part / counts workspace)
     min_blocks: int = 1          # xshare: CTAs an SM the registers must allow (__launch_bounds__'s second number)
-    prefetch: int = 0            # > 0: each warp prefetches into L2 the W rows of its chunk this many chunks past
-                                 # the ring's last copy (no registers, no shared memory: more bytes in flight than
-                                 # the ring holds; the template's PREFETCH; not with xshare)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -236,10 +231,6 @@ class GemvPlan(ProductPlan):
             raise ValueError(f"gemv: min_blocks must be an int in 1..32, above 1 with xshare only, got {self.min_blocks!r}")
         if self.xshare > self.chunks:
             raise ValueError(f"gemv: xshare = {self.xshare} splits {self.chunks} chunks of K: at most that many CTAs")
-        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 8 \
-                or self.prefetch and self.xshare:
-            raise ValueError(f"gemv: prefetch must be an int in 0..8 (chunks ahead of the ring), 0 with xshare, got "
-                             f"{self.prefetch!r}")
         if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
                 self.wtype or self.experts or self.ldw < self.k or self.ldw % 8):
             raise ValueError(f"gemv: ldw = {self.ldw!r} must be 0 or a multiple of 8 of at least K = {self.k}, for "
@@ -260,7 +251,7 @@ class GemvPlan(ProductPlan):
         if self.ldw and self.ldw != self.k:
             parts.append(f"ldw{self.ldw}")
         parts.append(f"r{self.rt}w{self.warps}s{self.stages}" + (f"x{self.xshare}" if self.xshare else "")
-                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + (f"l{self.prefetch}" if self.prefetch else ""))
+                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -423,7 +414,7 @@ def _render(plan: GemvPlan) -> str:
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
                   X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k, XSHARE=plan.xshare, SHARED_BYTES=plan.shared_bytes, MIN_BLOCKS=plan.min_blocks,
-                  PREFETCH=plan.prefetch, EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
+                  EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
 
@@ -457,24 +448,12 @@ def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: 
         return None
 
 
-# L2 prefetch (GemvPlan.prefetch): chunks a warp prefetches past its ring's last copy where LAYERFORGE_GEMV_L2_PREFETCH
-# is on (gemv_prefetch_default)
-GEMV_PREFETCH_CHUNKS = 2
-
-
-def gemv_prefetch_default() -> bool:
-    """Whether small-token products prefetch W's rows into L2 ahead of their rings (LAYERFORGE_GEMV_L2_PREFETCH=1;
-    off until measured: benchmarks/NOTES.md, "W into L2 ahead of the ring")."""
-    return env_switch("LAYERFORGE_GEMV_L2_PREFETCH", False)
-
-
 def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
               residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
               compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0,
-              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True,
-              prefetch: int | None = None) -> GemvPlan:
+              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
@@ -482,25 +461,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     default), its own defaults rt 1, 4 warps, 2 stages, and registers for 16 warps an SM where not gated
     (min_blocks; 128 a thread: 139 at 16 tokens would hold 12; gated, 16 warps spill). Where rt, warps and
     stages are not given, a split the tuning tables measured faster for this problem (codegen/tuning.py) comes
-    before the rules below; tuned=False: the rules alone (what `layerforge tune` measures a table's splits against).
-    prefetch: chunks each warp prefetches W's rows into L2 past its ring's last copy (None: GEMV_PREFETCH_CHUNKS where
-    gemv_prefetch_default() is on, else 0; never with xshare)."""
-    plan = _plan_gemv(dtype, n=n, k=k, max_m=max_m, gated=gated, bias=bias, residual=residual, norm=norm,
-                      norm_offset=norm_offset, arch=arch, rt=rt, warps=warps, stages=stages, wtype=wtype, group=group,
-                      experts=experts, gather=gather, fixed=fixed, compact=compact, ldw=ldw, x_e4m3=x_e4m3,
-                      x_group=x_group, xshare=xshare, min_blocks=min_blocks, tuned=tuned)
-    if prefetch is None:
-        prefetch = GEMV_PREFETCH_CHUNKS if gemv_prefetch_default() and not plan.xshare else 0
-    return dataclasses.replace(plan, prefetch=prefetch) if prefetch else plan
-
-
-def _plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None = None, bias: bool = False,
-              residual: bool = False, norm: str | None = None, norm_offset: float = 0.0, arch: str = "sm_90",
-              rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
-              group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
-              compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0,
-              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True) -> GemvPlan:
-    """plan_gemv without the L2 prefetch (its docstring)."""
+    before the rules below; tuned=False: the rules alone (what `layerforge tune` measures a table's splits against)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = token_bucket(max_m) // 8           # n8 token tiles: 1, 2, 4, 8

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..codegen.gemv import GATED, gemv_prefetch_default, plan_gemv, token_bucket
+from ..codegen.gemv import GATED, plan_gemv, token_bucket
 from ..dsl.program import Program
 from .layers import _dtype_name, module
 from .linear import GatedMLP, LinearInputError, _packed, device_major, device_properties
@@ -526,7 +526,7 @@ def expert_product(x: torch.Tensor, w, offsets: torch.Tensor, src: torch.Tensor 
     tiles = token_bucket(rows)   # (no wtype: an expert product keeps the n8 tile's rows)
     wtype, group = (w.wtype, w.group) if quant else (None, 0)
     key = (x.dtype, E, n, k, tiles, gated, src is not None, x.device.index, wtype, group, S, active is not None,
-           EXPERT_SPLIT.get((gated is not None, tiles == 8)), gemv_prefetch_default())
+           EXPERT_SPLIT.get((gated is not None, tiles == 8)))
     launcher = _KERNELS.get(key)
     if launcher is None:
         from .launch import device_arch, load_plan

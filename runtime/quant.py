@@ -48,7 +48,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ..codegen.gemv import FP8_MIN_ARCH, GROUPS, gemv_prefetch_default
+from ..codegen.gemv import FP8_MIN_ARCH, GROUPS
 from .linear import (_ACT, LinearInputError, _capability, _epilogue, _packed, _reference, check_call, device_major,
                      launch_gemv)
 from .tma import tensor_map
@@ -653,7 +653,7 @@ def fp8_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch
         raise LinearInputError("fp8_gemv: out must be contiguous")
     tiles = _tiles(rows)
     key = ("fp8_gemv", qw.n, k, tiles, qw.group, x_group, gated, bias is not None, residual is not None, qw.dtype,
-           q.device.index, gemv_prefetch_default())
+           q.device.index)
     launcher = _DEQUANT.get(key)
     if launcher is None:
         plan = plan_gemv("bf16" if qw.dtype == torch.bfloat16 else "f16", n=qw.n, k=k, max_m=tiles, gated=gated,
