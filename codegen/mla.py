@@ -27,13 +27,13 @@ from ..dsl.types import DType
 from . import ops
 from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .attention import merge_abi
-from .plan import KernelPlan
+from .plan import KernelPlan, env_switch
 from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
-           "wgmma_decode_layout", "wgmma_serves", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "wgmma_decode_layout", "wgmma_serves", "seesaw_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -69,6 +69,7 @@ class MLADecodePlan(KernelPlan):
     arch: str = "sm_90"
     kernel: str = "mma"       # "mma" (mma.sync, sm_80+) or "wgmma" (sm_90a; 64-key tiles)
     overlap: bool = False     # wgmma: consumer 0's softmax under its previous tile's P V
+    seesaw: bool = False      # wgmma: the consumers take turns on the tiles (the template's SEESAW)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -85,6 +86,10 @@ class MLADecodePlan(KernelPlan):
             raise ValueError(f"mla decode: kernel must be 'mma' or 'wgmma', got {self.kernel!r}")
         if self.overlap and self.kernel != "wgmma":
             raise ValueError("mla decode: overlap is a schedule of the wgmma kernel")
+        if self.seesaw and (self.kernel != "wgmma" or self.overlap or self.rope_dim < 64):
+            raise ValueError("mla decode: seesaw is a schedule of the wgmma kernel, not with overlap, and needs a RoPE "
+                             f"part of at least one 64-column block (P goes there), got kernel {self.kernel!r}, "
+                             f"overlap {self.overlap}, rope {self.rope_dim}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -101,6 +106,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
+                f"{'ss' if self.seesaw else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -140,7 +146,7 @@ class MLADecodePlan(KernelPlan):
     def describe(self) -> dict[str, Any]:
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
-                **({"overlap": True} if self.overlap else {})}
+                **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -170,7 +176,8 @@ def _decode_source(plan: MLADecodePlan) -> str:
         return render("cuda/mla_decode_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
-                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, BOXR=plan.tma_box[0],
+                      BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
+                      BOXR=plan.tma_box[0],
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
@@ -271,17 +278,24 @@ def wgmma_serves(latent_dim: int, rope_dim: int, arch: str) -> bool:
     return wgmma_shared_bytes(latent_dim + rope_dim, 64) <= smem_limit(arch)
 
 
+def seesaw_default() -> bool:
+    """Whether the wgmma MLA decode takes the seesaw schedule (LAYERFORGE_MLA_SEESAW=1; off until it has run on a GPU:
+    benchmarks/NOTES.md, "MLA decode: the consumers take turns")."""
+    return env_switch("LAYERFORGE_MLA_SEESAW", False)
+
+
 def smem_limit(arch: str) -> int:
     return ops.shared_limit(arch)
 
 
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
-                    overlap: bool = False) -> MLADecodePlan:
+                    overlap: bool = False, seesaw: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
-    not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB)."""
+    not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB).
+    seesaw (the wgmma kernel; None: seesaw_default() where the plan can take it): the consumers take turns."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -289,8 +303,10 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         arch = "sm_90a" if ops.arch_number(arch) == 90 else arch
     if keys is None:
         keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
+    if seesaw is None:
+        seesaw = kernel == "wgmma" and not overlap and rope_dim >= 64 and seesaw_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
-                         dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap)
+                         dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw)
     plan.source()
     return plan
 

@@ -103,3 +103,29 @@ def test_bad_append_rope_is_an_error():
         plan_mla_append(rope=RopeSpec(10000.0, "neox", 64), arch="sm_90")
     with pytest.raises(ValueError, match="rotates 32"):
         plan_mla_append(rope=RopeSpec(10000.0, "gptj", 32), arch="sm_90")
+
+
+@pytest.mark.parametrize("heads,latent,page,dtype", [(128, 512, 64, "bf16"), (16, 512, 16, "bf16"), (4, 256, 1, "bf16"),
+                                                     (128, 512, 32, "f16"), (100, 384, 64, "bf16")])
+def test_seesaw_decode_compiles_without_spills(heads, latent, page, dtype):
+    """The wgmma kernel's seesaw schedule (the consumers take turns on the tiles): every shape the wgmma kernel takes
+    compiles spill-free; its P lives in a stage's RoPE column block, so its shared memory is the default's."""
+    plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
+                           seesaw=True)
+    assert plan.kernel == "wgmma" and plan.seesaw and plan.key.split("_")[-2] == "wgss"
+    compile_clean(plan, "sm_90")
+    plain = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
+                            seesaw=False)
+    assert plan.shared_bytes == plain.shared_bytes and "dp0" in plan.source() and "dp0" not in plain.source()
+
+
+def test_seesaw_switch_and_bad_schedules(monkeypatch):
+    monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)
+    assert not plan_mla_decode(num_heads=16, arch="sm_90").seesaw
+    monkeypatch.setenv("LAYERFORGE_MLA_SEESAW", "1")
+    assert plan_mla_decode(num_heads=16, arch="sm_90").seesaw
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", overlap=True).seesaw     # one schedule at a time
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", kernel="mma").seesaw
+    for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", overlap=True)):
+        with pytest.raises(ValueError, match="seesaw"):
+            MLADecodePlan(num_heads=16, keys=64, seesaw=True, **kw)
