@@ -58,6 +58,9 @@
 #              to make them the packaged table), each split beside the rules' plan in OUT_DIR/tune.txt
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
+#   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off until this runs): its GPU tests (cut at
+#              200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among them) and
+#              bench_mla (its "wg-ss" rows beside the default's, same run)
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
 #  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -360,6 +363,18 @@ ssd)
         | tee "$OUT_DIR/ssd_default.txt" | tail -4
     LAYERFORGE_SSD_CB=1 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
         | tee "$OUT_DIR/ssd_cb.txt" | tail -3
+    ;;
+seesaw)
+    echo "== MLA decode, the consumers taking turns (LAYERFORGE_MLA_SEESAW): GPU tests, sanitizers, bench_mla"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_mla_gpu.py \
+        --junitxml="$OUT_DIR/pytest_seesaw.xml" 2>&1 | tee "$OUT_DIR/pytest_seesaw.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        sanitize mla 120 "the MLA decode cases (the seesaw schedule's among them)"
+        timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -22
+    else
+        status=1
+    fi
     ;;
 *)
     echo "unknown part '$part' (see the list at the top)" >&2
