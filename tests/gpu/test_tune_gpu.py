@@ -124,10 +124,11 @@ def _quant_reference(x, qw, gated, rows=16384):
     is 4 GB in float64 at once, more than a GPU shared by the suite's workers may have free."""
     if gated or qw.n <= rows or qw.perm is not None or qw.wtype not in ("u4", "i8"):
         return reference(x, dequantize(qw), None, gated, None)
-    part = lambda t, a, b: None if t is None or t.dim() == 0 or t.shape[0] != qw.n else t[a:b]
-    return torch.cat([reference(x, dequantize(dataclasses.replace(
-        qw, qweight=qw.qweight[a:a + rows], wgroup=part(qw.wgroup, a, a + rows), wscale=part(qw.wscale, a, a + rows),
-        n=min(rows, qw.n - a))), None, None, None) for a in range(0, qw.n, rows)], dim=-1)
+    parts = []
+    for a in range(0, qw.n, rows):   # u4 / i8: qweight, wgroup and wscale all have a row of W a row
+        sl = {f: t[a:a + rows] for f in ("qweight", "wgroup", "wscale") if (t := getattr(qw, f)) is not None}
+        parts.append(reference(x, dequantize(dataclasses.replace(qw, **sl, n=min(rows, qw.n - a))), None, None, None))
+    return torch.cat(parts, dim=-1)
 
 
 def _packaged_entries():
