@@ -33,7 +33,7 @@ from .row import LoweringError
 from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
-           "wgmma_decode_layout", "wgmma_serves", "seesaw_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -86,7 +86,7 @@ class MLADecodePlan(KernelPlan):
             raise ValueError(f"mla decode: kernel must be 'mma' or 'wgmma', got {self.kernel!r}")
         if self.overlap and self.kernel != "wgmma":
             raise ValueError("mla decode: overlap is a schedule of the wgmma kernel")
-        if self.seesaw and (self.kernel != "wgmma" or self.overlap or self.rope_dim < 64):
+        if self.seesaw and not seesaw_serves(self.kernel, self.overlap, self.rope_dim):
             raise ValueError("mla decode: seesaw is a schedule of the wgmma kernel, not with overlap, and needs a RoPE "
                              f"part of at least one 64-column block (P goes there), got kernel {self.kernel!r}, "
                              f"overlap {self.overlap}, rope {self.rope_dim}")
@@ -278,6 +278,12 @@ def wgmma_serves(latent_dim: int, rope_dim: int, arch: str) -> bool:
     return wgmma_shared_bytes(latent_dim + rope_dim, 64) <= smem_limit(arch)
 
 
+def seesaw_serves(kernel: str, overlap: bool, rope_dim: int) -> bool:
+    """Whether a decode plan can take the seesaw schedule: the wgmma kernel without the overlap schedule, and a RoPE part
+    of at least one 64-column block (each tile's P goes there)."""
+    return kernel == "wgmma" and not overlap and rope_dim >= 64
+
+
 def seesaw_default() -> bool:
     """Whether the wgmma MLA decode takes the seesaw schedule (LAYERFORGE_MLA_SEESAW=1; off until it has run on a GPU:
     benchmarks/NOTES.md, "MLA decode: the consumers take turns")."""
@@ -304,7 +310,7 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     if keys is None:
         keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
     if seesaw is None:
-        seesaw = kernel == "wgmma" and not overlap and rope_dim >= 64 and seesaw_default()
+        seesaw = seesaw_serves(kernel, overlap, rope_dim) and seesaw_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw)
     plan.source()
