@@ -41,8 +41,8 @@ def mla_cases(bf):
                 q, lat, lat_table, lens, q_seq, scale=0.07, max_kv_len=150, num_splits=splits)
     bad = lat_table.clone()
     bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds
-    MLADecode(num_heads=64, page_size=64)(q, torch.randn(9, 64, 576, device="cuda", dtype=bf), bad[:, :4], lens, q_seq,
-                                          scale=0.07, max_kv_len=150)
+    MLADecode(num_heads=64, page_size=64)(q, torch.randn(9, 64, 576, device="cuda", dtype=bf),
+                                          bad[:, :4].contiguous(), lens, q_seq, scale=0.07, max_kv_len=150)
 
 
 def ragged_prefill(layer, attn, d, lens, bf, *, num_pages, max_pages, small=False):
