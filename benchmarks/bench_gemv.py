@@ -378,63 +378,6 @@ def xshare_sweep(a, ceiling):
                                                          sorted(sweep.items(), key=lambda kv: kv[1])[:8]))
 
 
-# (rt, warps, stages, min_blocks) of the xldg layout beside its rules' plan (spilling plans are skipped)
-XLDG_SPLITS = ((2, 4, 4, 3), (2, 4, 3, 1), (1, 4, 4, 3), (1, 2, 4, 6), (2, 2, 6, 6), (1, 4, 6, 3), (1, 2, 4, 5),
-               (1, 2, 6, 5), (2, 8, 2, 1), (1, 8, 3, 1))
-
-
-def xldg_sweep(a, ceiling):
-    """u4 (g128) products with x read from global memory, not staged (codegen/gemv.py xldg), beside the default
-    (staged) plan, same weights cycling through cold copies, same run: the xldg rules' plan and the splits of
-    XLDG_SPLITS; us and fraction of copy on the packed bytes, the sized copy, and each plan's largest difference
-    from the default's output (relative to its largest magnitude; NaN fails)."""
-    from layerforge.runtime.launch import device_arch
-    from layerforge.runtime.quant import QuantLinear
-    arch = device_arch()
-    shapes = [s for s in QUANT_SHAPES if not a.only or a.only in s[0]]
-    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (1, 8, 16)
-
-    def plans(n, k, m, gated):
-        out = {}
-        for split in ((None, None, None, None),) + XLDG_SPLITS:
-            rt, warps, stages, blocks = split
-            try:
-                p = plan_gemv("bf16", n=n, k=k, max_m=m, gated=gated, arch=arch, rt=rt, warps=warps, stages=stages,
-                              min_blocks=blocks, wtype="u4", group=128, xldg=True)
-            except ValueError:
-                continue
-            out[("rules " if rt is None else "") + p.key.split("_")[-2]] = p
-        return out
-    precompile([p for name, n, k, g in shapes for m in tokens for p in plans(n, k, m, g).values()])
-    for name, n, k, gated in shapes:
-        w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
-        lins = copies(lambda: QuantLinear.from_float(w, 128, wtype="u4"), n * k // 2)
-        nbytes = lins[0].qw.nbytes()
-        for m in tokens:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = lins[0](x, gated=gated).float()
-            default = graph_time([lambda lin=lin: lin(x, gated=gated) for lin in lins])
-            y = torch.empty(m, n // 2 if gated else n, device="cuda", dtype=torch.bfloat16)
-            sweep, errs = {}, {}
-            for label, plan in plans(n, k, m, gated).items():
-                launch = unspilled_launcher(plan)
-                if launch is None:
-                    continue
-                y.fill_(float("nan"))
-                launch((), [x, *lins[0].qw.kernel_tensors, y, m])
-                err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
-                errs[label] = err if err == err else float("inf")
-                sweep[label] = graph_time([lambda lin=lin: launch((), [x, *lin.qw.kernel_tensors, y, m])
-                                           for lin in lins])
-            best = min(sweep, key=sweep.get)
-            rules = next((lab for lab in sweep if lab.startswith("rules")), None)
-            print(f"{name:12s} u4g128 {m:>3d} default {default * 1e6:6.1f} us {nbytes / default / ceiling:.2f} of copy | "
-                  + (f"xldg {rules} {sweep[rules] * 1e6:6.1f} us | " if rules else "")
-                  + f"best {best} {sweep[best] * 1e6:6.1f} us {nbytes / sweep[best] / ceiling:.2f} | sized copy "
-                  f"{sized_copy_time(nbytes) * 1e6:5.1f} us | largest difference {max(errs.values()):.1e} | "
-                  + " ".join(f"{s}:{t * 1e6:.1f}" for s, t in sorted(sweep.items(), key=lambda kv: kv[1])[:6]))
-
-
 _SIZED_COPY: dict[int, float] = {}
 
 
@@ -537,9 +480,6 @@ def main(argv=None):
     ap.add_argument("--xshare", action="store_true",
                     help="u4's shared-x layout (x staged once a CTA, K over CTAs) beside the default, its splits "
                          "(--tokens, default 1,8,16; --only)")
-    ap.add_argument("--xldg", action="store_true",
-                    help="u4 with x read from global memory, not staged, beside the default, its splits (--tokens, "
-                         "default 1,8,16; --only)")
     ap.add_argument("--once", action="store_true",
                     help="--quant (or --stream, bf16): the products three times each, nothing timed (for ncu: e.g. "
                          "ncu --set full -k regex:gemv --launch-skip 2 --launch-count 2 python -m benchmarks.bench_gemv "
@@ -557,9 +497,6 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s")
     if a.xshare:
         xshare_sweep(a, ceiling)
-        return
-    if a.xldg:
-        xldg_sweep(a, ceiling)
         return
     if a.quant and a.sweep and not a.stream:
         quant_sweep(a, ceiling)

@@ -58,8 +58,7 @@ from .plan import KernelPlan, env_switch
 from .render import read_template, render
 
 __all__ = ["GemvPlan", "ProductPlan", "plan_gemv", "SharedMemoryError", "MAX_M", "GATED", "check_product", "product_args", "WTYPES", "GROUPS",
-           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default",
-           "xldg_default"]
+           "FP8_MIN_ARCH", "token_bucket", "COMPACT_X_WTYPES", "xshare_split", "xshare_default"]
 
 MAX_M = 64
 
@@ -86,7 +85,6 @@ COMPACT_X_WTYPES = ("u4",)
 # the shared-x layout's defaults (plan_gemv xshare; not measured yet: benchmarks/NOTES.md): 16 rows a warp, 4
 # warps, 2 stages, and K split over enough CTAs that the grid holds XSHARE_CTAS of them (3 an SM of 132)
 XSHARE_RT, XSHARE_WARPS, XSHARE_STAGES, XSHARE_CTAS = 1, 4, 2, 396
-XLDG_STAGES = 4          # an xldg plan's ring (its stages hold W alone: ~4 KB a chunk at 16 tokens, not 12.5)
 XSHARE_WARPS_SM = 16   # warps an SM the registers allow an ungated shared-x plan (min_blocks = this / warps)
 
 
@@ -104,12 +102,6 @@ def xshare_default() -> bool:
     """Whether u4 products of 9-16 rows take the shared-x layout (LAYERFORGE_GEMV_XSHARE=1; off: measured slower on an
     H100, benchmarks/NOTES.md "u4's shared-x layout measured")."""
     return env_switch("LAYERFORGE_GEMV_XSHARE", False)
-
-
-def xldg_default() -> bool:
-    """Whether u4 products read x from global memory instead of staging it (LAYERFORGE_GEMV_XLDG=1; off until
-    measured: benchmarks/NOTES.md, "u4: x read through L1, not staged")."""
-    return env_switch("LAYERFORGE_GEMV_XLDG", False)
 
 
 def compact_x_default() -> bool:
@@ -175,9 +167,7 @@ class GemvPlan(ProductPlan):
     xshare: int = 0              # u4: 0, or the shared-x layout with K split over this many CTAs (grid y): the
                                  # CTA's warps own different W rows (16 rt each) and stage x once a chunk
                                  # together (the template's XSHARE; > 1: part / counts workspace)
-    min_blocks: int = 1          # xshare, xldg: CTAs an SM the registers must allow (__launch_bounds__'s second number)
-    xldg: bool = False           # u4: x not staged, read by the loop from global memory through L1 (the template's
-                                 # XLDG): a stage is W alone (xldg_default)
+    min_blocks: int = 1          # xshare: CTAs an SM the registers must allow (__launch_bounds__'s second number)
 
     def __post_init__(self):
         check_product(self, "gemv", ("n", "k", "rt", "warps", "stages"))
@@ -237,15 +227,8 @@ class GemvPlan(ProductPlan):
                              f"wtype {self.wtype!r}" + (", experts" if self.experts else "")
                              + (", a norm" if self.norm else "") + (", ldw" if self.ldw else ""))
         if isinstance(self.min_blocks, bool) or not isinstance(self.min_blocks, int) or not 1 <= self.min_blocks <= 32 \
-                or self.min_blocks > 1 and not (self.xshare or self.xldg):
-            raise ValueError(f"gemv: min_blocks must be an int in 1..32, above 1 with xshare or xldg only, got "
-                             f"{self.min_blocks!r}")
-        if not isinstance(self.xldg, bool) or self.xldg and (self.wtype != "u4" or self.experts or self.norm
-                                                             or self.xshare or self.ldw):
-            raise ValueError("gemv: xldg (x read from global memory, not staged) serves a u4 W of one product without a "
-                             f"norm or the shared-x layout, got xldg {self.xldg!r} wtype {self.wtype!r}"
-                             + (", experts" if self.experts else "") + (", a norm" if self.norm else "")
-                             + (", xshare" if self.xshare else ""))
+                or self.min_blocks > 1 and not self.xshare:
+            raise ValueError(f"gemv: min_blocks must be an int in 1..32, above 1 with xshare only, got {self.min_blocks!r}")
         if self.xshare > self.chunks:
             raise ValueError(f"gemv: xshare = {self.xshare} splits {self.chunks} chunks of K: at most that many CTAs")
         if isinstance(self.ldw, bool) or not isinstance(self.ldw, int) or self.ldw and (
@@ -268,7 +251,7 @@ class GemvPlan(ProductPlan):
         if self.ldw and self.ldw != self.k:
             parts.append(f"ldw{self.ldw}")
         parts.append(f"r{self.rt}w{self.warps}s{self.stages}" + (f"x{self.xshare}" if self.xshare else "")
-                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else "") + ("g" if self.xldg else ""))
+                     + (f"b{self.min_blocks}" if self.min_blocks > 1 else ""))
         parts.append(self.arch.replace("_", ""))
         return "_".join(parts)
 
@@ -309,8 +292,7 @@ class GemvPlan(ProductPlan):
         wrows = 16 * (2 if self.gated else 1) * self.rt
         pairs = wrows * (8 * self.piece_k // self.group) * 4 if self.group else 0   # a chunk: 8 pieces of W
         xscales = 4 * self.max_m if self.x_group else 0   # the chunk's scale of each token
-        xrows = 0 if self.xldg else self.xr * (self.xt + (1 if self.norm else 0))   # (xldg: x is not staged)
-        return 128 * (wrows + xrows) + pairs + xscales
+        return 128 * (wrows + self.xr * (self.xt + (1 if self.norm else 0))) + pairs + xscales
 
     @property
     def shared_bytes(self) -> int:
@@ -431,7 +413,7 @@ def _render(plan: GemvPlan) -> str:
                   NOUT=plan.n_out, RT=plan.rt, MT=plan.mt, XT=plan.xt, WARPS=plan.warps, STAGES=plan.stages,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, NORM=plan.norm is not None, PDL=plan.pdl,
                   NORM_OFFSET=f"{plan.norm_offset:.1f}", WTYPE=plan.wtype, GROUP=plan.group, XR=plan.xr,
-                  X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k, XSHARE=plan.xshare, XLDG=plan.xldg, SHARED_BYTES=plan.shared_bytes, MIN_BLOCKS=plan.min_blocks,
+                  X_E4M3=plan.x_e4m3, XGROUP=plan.x_group, PK=plan.piece_k, XSHARE=plan.xshare, SHARED_BYTES=plan.shared_bytes, MIN_BLOCKS=plan.min_blocks,
                   EXPERTS=plan.experts, GATHER=plan.gather, FIXED=plan.fixed, COMPACT=plan.compact, W_STRIDE=_w_stride(plan), S_STRIDE=_s_stride(plan), LDW=plan.ldw or plan.k,
                   XROW=("(long long)xrow_s[m]" if plan.gather else "(long long)(row0 + m)") if plan.experts
                   else "(long long)m")
@@ -471,8 +453,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
               rt: int | None = None, warps: int | None = None, stages: int | None = None, wtype: str | None = None,
               group: int = 0, experts: int = 0, gather: bool = False, fixed: int = 0,
               compact: bool = False, ldw: int = 0, x_e4m3: bool = False, x_group: int = 0,
-              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True,
-              xldg: bool | None = None) -> GemvPlan:
+              xshare: int = 0, min_blocks: int | None = None, tuned: bool = True) -> GemvPlan:
     """The plan for a product of at most `max_m` tokens (rounded up to 8, 16, 32 or 64); rt, warps
     and stages override the work split (benchmarks/bench_gemv.py sweeps them); wtype and group
     make W weight-only quantised, or W8A8 (f8e4m3; x_e4m3: x quantised per token beforehand; the
@@ -480,10 +461,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
     default), its own defaults rt 1, 4 warps, 2 stages, and registers for 16 warps an SM where not gated
     (min_blocks; 128 a thread: 139 at 16 tokens would hold 12; gated, 16 warps spill). Where rt, warps and
     stages are not given, a split the tuning tables measured faster for this problem (codegen/tuning.py) comes
-    before the rules below; tuned=False: the rules alone (what `layerforge tune` measures a table's splits against).
-    xldg (u4): x read from global memory in the loop, not staged (None: xldg_default() where the plan can take it);
-    its stages hold W alone, so the rules give its ring XLDG_STAGES chunks, and the tables (measured staged) are
-    not read."""
+    before the rules below; tuned=False: the rules alone (what `layerforge tune` measures a table's splits against)."""
     if not 1 <= max_m <= MAX_M:
         raise ValueError(f"gemv: serves 1 to {MAX_M} tokens, got max_m = {max_m}")
     mt = token_bucket(max_m) // 8           # n8 token tiles: 1, 2, 4, 8
@@ -495,11 +473,8 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, arch=arch,
                         rt=rt or XSHARE_RT, warps=warps, stages=stages or XSHARE_STAGES, wtype=wtype,
                         group=group, xshare=xshare, min_blocks=min_blocks)
-    if xldg is None:
-        xldg = (wtype == "u4" and not (experts or norm or xshare or (ldw and ldw != k) or x_e4m3)
-                and xldg_default())
     if tuned and rt is None and warps is None and stages is None and min_blocks is None and not (experts or x_e4m3) \
-            and wtype in (None, "u4", "i8") and not xldg:
+            and wtype in (None, "u4", "i8"):
         # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`)
         hit = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
                           norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group, ldw=0 if ldw == k else ldw)
@@ -517,7 +492,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         # (8B u4 at one token: gate/up 0.48 -> 0.67 of copy, down 0.53 -> 0.64, o 0.40 -> 0.45)
         narrow = not gated and n <= 4096
         drt, dw = (2, 8) if narrow else (1, 4)
-        ds = 3 if wtype == "i8" and not gated else XLDG_STAGES if xldg else 2
+        ds = 3 if wtype == "i8" and not gated else 2
         if wtype == "u4" and mt == 2 and not narrow and ops.arch_number(arch) >= 90:
             # u4 at 9-16 rows (the same sweep, 8B at 16 rows): wide products 2 column tiles (qkv 12.1 -> 9.4 us),
             # gated ones 2 warps (gate/up 33.4 -> 31.2 us)
@@ -533,7 +508,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
             try:
                 probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or cand[0],
                                  warps=warps or cand[1], stages=stages or cand[2], wtype=wtype, group=group,
-                                 arch=arch, xldg=xldg)
+                                 arch=arch)
             except ValueError:   # past what a CTA can have
                 continue
             if probe.shared_bytes <= budget:
@@ -546,12 +521,12 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
                          wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
         ds = max(2, min(4, min(QUANT_SHARED_BUDGET, ops.shared_limit(arch)) // (dw * probe.stage_bytes)))
     rt = drt if rt is None else rt
-    if min_blocks not in (None, 1) and not xldg:
-        raise ValueError("gemv: min_blocks is the shared-x and xldg layouts' (xshare, xldg)")
+    if min_blocks not in (None, 1):
+        raise ValueError("gemv: min_blocks is the shared-x layout's (xshare)")
     fields = dict(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
                   norm_offset=float(norm_offset), arch=arch, rt=rt, wtype=wtype, group=group, experts=experts,
                   gather=gather, fixed=fixed, compact=compact, ldw=0 if ldw == k else ldw, x_e4m3=x_e4m3,
-                  x_group=x_group, xldg=xldg, min_blocks=min_blocks or 1)
+                  x_group=x_group)
     # the split the rules chose, then (where the arch's shared memory cannot hold it: sm_86 / sm_89's 99 KB) fewer
     # stages, then half the warps, as far as the caller left them free
     w0, s0 = (dw if warps is None else warps), (ds if stages is None else stages)

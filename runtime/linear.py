@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..codegen.gemm import pick_bn, plan_gemm
 from ..codegen.gemm_stream import max_rows as stream_max_rows, plan_gemm_stream, token_tile
-from ..codegen.gemv import GATED, plan_gemv, token_bucket, xldg_default, xshare_default, xshare_split
+from ..codegen.gemv import GATED, plan_gemv, token_bucket, xshare_default, xshare_split
 from .tma import tensor_map
 
 # Calls of at most this many rows run the generated kernel (the plans serve up to 64: at 32 and
@@ -109,8 +109,7 @@ def _launcher(x: torch.Tensor, n: int, k: int, rows: int, gated, bias: bool, res
               wtype: str | None = None, group: int = 0, ldw: int = 0):
     tiles = token_bucket(rows, wtype)
     share = (wtype == "u4" and norm_offset is None and not ldw and tiles in XSHARE_BUCKETS and xshare_default())
-    xldg = wtype == "u4" and xldg_default()   # (the switch is read when the plan is made: part of the key)
-    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw, share, xldg)
+    key = (x.dtype, n, k, tiles, gated, bias, residual, norm_offset, x.device.index, wtype, group, ldw, share)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import device_arch, load_plan

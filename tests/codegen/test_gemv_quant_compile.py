@@ -212,7 +212,7 @@ def test_xshare_plan_key_abi_and_shared_bytes():
 def test_xshare_plan_errors():
     for bad, match in ((dict(wtype="i8", group=0), "serves a u4 W"), (dict(norm="rms"), "without a norm"),
                        (dict(xshare=17), "splits 16 chunks"), (dict(xshare=-1), "non-negative"),
-                       (dict(xshare=0, min_blocks=2), "with xshare or xldg only")):
+                       (dict(xshare=0, min_blocks=2), "with xshare only")):
         kw = dict(n=6144, k=4096, max_m=16, wtype="u4", group=128, xshare=2) | bad
         with pytest.raises(ValueError, match=match):
             GemvPlan(dtype="bf16", **{k: v for k, v in kw.items()})
@@ -224,54 +224,3 @@ def test_xshare_route_off_by_default(monkeypatch):
     assert xshare_default() is False
     monkeypatch.setenv("LAYERFORGE_GEMV_XSHARE", "1")
     assert xshare_default() is True
-
-
-# x read from global memory, not staged (xldg): the shapes above, gated with the epilogue, K off the chunk
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("max_m", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_xldg_compiles_without_spills(group, max_m, arch):
-    """The rules' xldg plans, and at 16 tokens splits with registers for 12 warps an SM (3 CTAs of 4 or 6 of 2; gated
-    5 CTAs of 2 warps)."""
-    for n, k, gated, extra in XSHARE_CASES:
-        plans = [plan_gemv("bf16", n=n, k=k, max_m=max_m, gated=gated, arch=arch, wtype="u4", group=group,
-                           xldg=True, **extra)]
-        if max_m == 16:
-            splits = ((1, 2, 5),) if gated else ((2, 4, 3), (1, 2, 6))   # (gated: 4 row tiles spill at 168)
-            plans += [plan_gemv("bf16", n=n, k=k, max_m=16, gated=gated, arch=arch, wtype="u4", group=group, xldg=True,
-                                rt=rt, warps=w, stages=4, min_blocks=b, **extra) for rt, w, b in splits]
-        for plan in plans:
-            kr = resources(plan)
-            assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
-
-
-def test_xldg_plan_stage_key_and_source(monkeypatch):
-    """A stage holds W's rows and pairs alone (at 16 tokens 4 KB + pairs, not 12 KB more of x), the ring is
-    XLDG_STAGES deep, the key says so ("g"), and the loop reads x with __ldg where the staged plan reads it from
-    shared memory; LAYERFORGE_GEMV_XLDG=1 makes it the rules' u4 plan (not a norm's, an i8's or an expert's)."""
-    from layerforge.codegen.gemv import XLDG_STAGES, xldg_default
-    plan = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, xldg=True)
-    staged = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, xldg=False, tuned=False)
-    assert plan.key == f"gemv_n6144_k4096_m16_bf16_u4g128_r2w4s{XLDG_STAGES}g_sm90"
-    wrows = 2 * 16 * (128 + 8)   # 2 row tiles of 16, each row with its (scale, zero) pairs (2 groups x 4 bytes)
-    assert plan.stage_bytes == wrows and staged.stage_bytes == wrows + 16 * 4 * 128
-    assert plan.shared_bytes == 4 * XLDG_STAGES * wrows
-    src = plan.source()
-    assert "xload(mt * 8 + gx" in src and "__ldg(src)" in src and "xload(" not in staged.source()
-    assert plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, xldg=True, min_blocks=3).key.endswith(
-        "r2w4s4b3g_sm90")
-    monkeypatch.delenv("LAYERFORGE_GEMV_XLDG", raising=False)
-    assert xldg_default() is False and not plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128).xldg
-    monkeypatch.setenv("LAYERFORGE_GEMV_XLDG", "1")
-    assert xldg_default() is True and plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128).xldg
-    assert not plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, norm="rms").xldg
-    assert not plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="i8").xldg
-    assert not plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="u4", group=128, experts=8).xldg
-
-
-def test_xldg_plan_errors():
-    for bad, match in ((dict(wtype="i8", group=0), "serves a u4 W"), (dict(norm="rms"), "without a norm"),
-                       (dict(xshare=2), "shared-x"), (dict(experts=4), "experts"), (dict(xldg=1), "xldg 1")):
-        kw = dict(n=6144, k=4096, max_m=16, wtype="u4", group=128, xldg=True) | bad
-        with pytest.raises(ValueError, match=match):
-            GemvPlan(dtype="bf16", **kw)
