@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -53,7 +54,6 @@ def graph_time(fn, calls: int = 20, replays: int = 10) -> float:
     # quantised on the host) the first ~10-20 ms of work ran up to 18 % slow on an H100 (its clocks climbing, as we
     # read it; not profiled), and the median of 10 replays of a 2 ms graph fell inside that (benchmarks/NOTES.md,
     # "The tune's first timing")
-    import time
     t0 = time.perf_counter()
     while True:
         g.replay()
@@ -372,8 +372,9 @@ def _race(plans: list, measure: Callable, split_of: Callable, label_of: Callable
     """Time plans[0] (the rules', which the product runs now: timed even where it spills) and the others of a
     different split: (rules' split, its s, best split, its s, {label: us}); a candidate that spills (measure gives
     None) is passed over. The rules' plan is timed first and again after the others, and the faster kept: the
-    first timing after the compiles (seconds of an idle GPU) ran up to 18 % slow on an H100 while the clocks
-    climbed (benchmarks/NOTES.md, "The tune's first timing"), which made candidates look faster than they are."""
+    first timing after the compiles (seconds of an idle GPU) ran up to 18 % slow on an H100 (the clocks climbing,
+    as we read it; benchmarks/NOTES.md, "The tune's first timing"), which made candidates look faster than they
+    are."""
     rules = split_of(plans[0])
     first = measure(plans[0], True)
     others = []   # (split, s) of the candidates that ran
