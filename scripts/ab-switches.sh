@@ -58,9 +58,12 @@
 #              to make them the packaged table), each split beside the rules' plan in OUT_DIR/tune.txt
 #   ssd        Mamba2's chunked scan with the scores once per group (LAYERFORGE_SSD_CB, the default since
 #              measured): its GPU test, then bench_ssd's prefill cases off and on
-#   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off until this runs): its GPU tests (cut at
-#              200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among them) and
-#              bench_mla (its "wg-ss" rows beside the default's, same run)
+#   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off: measured no faster on an H100): its GPU
+#              tests (cut at 200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among
+#              them) and bench_mla (its "wg-ss" rows beside the default's, same run)
+#   retime     the small-token products timed warm (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
+#              over Llama-3-8B (bf16, u4; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
+#              into OUT_DIR/products.json: this card's winners beside the packaged table's (measured on an H100)
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
 #  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -363,6 +366,19 @@ ssd)
         | tee "$OUT_DIR/ssd_default.txt" | tail -4
     LAYERFORGE_SSD_CB=1 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
         | tee "$OUT_DIR/ssd_cb.txt" | tail -3
+    ;;
+retime)
+    echo "== the products timed warm (graph_time's 50 ms of untimed replays first): bench_gemv --quant, then layerforge tune"
+    echo "   over Llama-3-8B and the 70B products into OUT_DIR/products.json (beside the packaged table's entries)"
+    timeout -s KILL 200 "$PY" -m benchmarks.bench_gemv --quant --tokens 1,8,16 2>&1 | grep -v Warning \
+        | tee "$OUT_DIR/bench_gemv_quant.txt" | tail -28
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 240 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 --tokens 1,8,16 \
+        --stream-rows 32,64,128 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune8.txt" | tail -45
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 150 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \
+        --weights u4,i8,bf16 --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune70.txt" | tail -30
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 seesaw)
     echo "== MLA decode, the consumers taking turns (LAYERFORGE_MLA_SEESAW): GPU tests, sanitizers, bench_mla"
