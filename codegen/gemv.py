@@ -474,7 +474,7 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
                         rt=rt or XSHARE_RT, warps=warps, stages=stages or XSHARE_STAGES, wtype=wtype,
                         group=group, xshare=xshare, min_blocks=min_blocks)
     if tuned and rt is None and warps is None and stages is None and min_blocks is None and not (experts or x_e4m3) \
-            and wtype in (None, "u4", "i8"):
+            and wtype in (None, "u4", "i8", "f8e4m3"):
         # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`)
         hit = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
                           norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group, ldw=0 if ldw == k else ldw)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "tune_stream",
-           "TuneResult", "CANDIDATES", "STREAM_CANDIDATES", "DEFAULT_TOKENS", "DEFAULT_STREAM_ROWS", "cli_tune"]
+           "TuneResult", "CANDIDATES", "STREAM_CANDIDATES", "DEFAULT_TOKENS", "DEFAULT_STREAM_ROWS", "cli_tune",
+           "parse_weights", "WEIGHTS"]
 
 DEFAULT_TOKENS = (1, 8, 16)
 TORCH = "torch"   # what a measure times for torch's product (bf16 / f16 weights)
@@ -201,10 +202,12 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     (tests); then `arch` must be given."""
     from ..codegen import tuning
     from ..codegen.gemv import token_bucket
-    if wtype not in (None, "u4", "i8"):
-        raise ValueError(f"tune: weights bf16 (None), 'u4' or 'i8', got {wtype!r}")
+    if wtype not in (None, "u4", "i8", "f8e4m3"):
+        raise ValueError(f"tune: weights bf16 (None), 'u4', 'i8' or 'f8e4m3', got {wtype!r}")
     if margin < 0:
         raise ValueError(f"tune: margin must be >= 0, got {margin}")
+    if wtype == "f8e4m3" and group not in (0, 128):
+        raise ValueError(f"tune: f8e4m3 weights have one scale a row (group 0) or 128 x 128 blocks (128), got {group}")
     group = 0 if wtype in (None, "i8") else group
     gpu = measure_factory is None
     if gpu:
@@ -435,6 +438,21 @@ def _precompile(plans) -> None:
         list(ex.map(_compile, todo))
 
 
+WEIGHTS = {"bf16": ("bf16", None, 0), "f16": ("f16", None, 0), "u4": (None, "u4", None), "i8": (None, "i8", 0),
+           "f8": (None, "f8e4m3", 0), "f8b": (None, "f8e4m3", 128)}
+
+
+def parse_weights(spec: str, group: int = 128) -> list[tuple[str | None, str | None, int]]:
+    """`tune --weights`: (activations' dtype or None for --dtype's, weight type, group) each: bf16 / f16 (W in that
+    dtype), u4 (groups of `group` k), i8 (one scale a row), f8 (W8A8 e4m3, one scale a row), f8b (e4m3 with 128 x
+    128 block scales)."""
+    names = [w.strip() for w in spec.split(",") if w.strip()]
+    bad = [w for w in names if w not in WEIGHTS]
+    if bad:
+        raise ValueError(f"tune: --weights are {', '.join(WEIGHTS)}, got {bad}")
+    return [(d, w, group if g is None else g) for d, w, g in (WEIGHTS[n] for n in names)]
+
+
 def cli_tune(args) -> int:
     """`layerforge tune`: the products of --config (or --products) at --tokens, per weight type in --weights."""
     if not args.config and not args.products:
@@ -450,19 +468,22 @@ def cli_tune(args) -> int:
                          f"{args.stream_rows!r}")
     if not tokens and not stream_rows:
         raise ValueError("tune: nothing to tune (--tokens and --stream-rows both empty)")
-    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
-    bad = [w for w in weights if w not in ("bf16", "f16", "u4", "i8")]
-    if bad:
-        raise ValueError(f"tune: --weights are bf16, f16, u4 or i8, got {bad}")
+    weights = parse_weights(args.weights, args.group)
+    if any(w == "f8e4m3" for _, w, _ in weights):
+        import torch
+        from ..codegen.gemv import FP8_MIN_ARCH
+        if torch.cuda.get_device_capability() < divmod(FP8_MIN_ARCH, 10):
+            raise ValueError(f"tune: f8 / f8b weights run the e4m3 tensor cores of sm_{FP8_MIN_ARCH} and newer, not "
+                             "this GPU's")
     command = "layerforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "layerforge tune"
     table = Path(args.table) if args.table else None
-    for w in weights:
-        dtype = w if w in ("bf16", "f16") else args.dtype
+    for dtype, wtype, group in weights:
+        dtype = dtype or args.dtype
         if tokens:
-            tune_products(products, tokens=tokens, dtype=dtype, wtype=None if w in ("bf16", "f16") else w,
-                          group=args.group, table=table, margin=args.margin, write=not args.dry_run, command=command)
-        if stream_rows and w in ("u4", "i8"):
-            tune_stream(products, rows=stream_rows, dtype=dtype, wtype=w, group=args.group, table=table,
+            tune_products(products, tokens=tokens, dtype=dtype, wtype=wtype, group=group, table=table,
+                          margin=args.margin, write=not args.dry_run, command=command)
+        if stream_rows and wtype in ("u4", "i8"):
+            tune_stream(products, rows=stream_rows, dtype=dtype, wtype=wtype, group=group, table=table,
                         margin=args.margin, write=not args.dry_run, command=command)
     if not args.dry_run:
         from ..codegen.tuning import user_table_path

@@ -62,7 +62,7 @@
 #              tests (cut at 200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among
 #              them) and bench_mla (its "wg-ss" rows beside the default's, same run)
 #   retime     the small-token products timed warm (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
-#              over Llama-3-8B (bf16, u4; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
+#              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
 #              into OUT_DIR/products.json: this card's winners beside the packaged table's (measured on an H100)
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
 #  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
@@ -373,7 +373,7 @@ retime)
     timeout -s KILL 200 "$PY" -m benchmarks.bench_gemv --quant --tokens 1,8,16 2>&1 | grep -v Warning \
         | tee "$OUT_DIR/bench_gemv_quant.txt" | tail -28
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    timeout -s KILL 240 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4 --tokens 1,8,16 \
+    timeout -s KILL 300 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights bf16,u4,f8,f8b --tokens 1,8,16 \
         --stream-rows 32,64,128 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune8.txt" | tail -45
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     timeout -s KILL 150 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \

@@ -294,3 +294,38 @@ def test_the_rules_plan_is_timed_first_and_last_and_the_faster_kept(tables):
     rules, rules_s, best, best_s, timings = _race(["rules", "a", "b"], measure, lambda p: p, lambda p: p)
     assert calls == ["rules", "a", "b", "rules"] and rules_s == 9.9e-6 and best == "rules" and best_s == 9.9e-6
     assert timings == {"rules": 9.9, "a": 10.0, "b": 11.0}
+
+
+def test_tune_weights_names():
+    from layerforge.runtime.tune import parse_weights
+    assert parse_weights("bf16, u4,i8,f8,f8b", group=64) == [("bf16", None, 0), (None, "u4", 64), (None, "i8", 0),
+                                                             (None, "f8e4m3", 0), (None, "f8e4m3", 128)]
+    with pytest.raises(ValueError, match="--weights are bf16, f16, u4, i8, f8, f8b"):
+        parse_weights("u4,fp8")
+
+
+@pytest.mark.parametrize("group", [0, 128])
+def test_the_tuner_takes_fp8_weights_and_the_planner_then_serves_their_split(tables, group):
+    """W8A8 e4m3 (one scale a row, or 128 x 128 blocks): the in-register path's plan (x quantised in the loop) takes
+    the recorded split; the path of x quantised beforehand (x_e4m3) keeps the rules'; the split compiles without
+    spills, as the rules' plan does."""
+    from layerforge.runtime import nvrtc
+    table = tuning.user_table_path()
+    common = dict(n=6144, k=4096, max_m=16, arch="sm_90", wtype="f8e4m3", group=group)
+    rules = plan_gemv("bf16", tuned=False, **common)
+    factory, seen = _fake({(rules.rt, rules.warps, rules.stages): 10.0, (1, 8, 2): 8.0})
+    (res,) = tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="f8e4m3", group=group, arch="sm_90",
+                           table=table, candidates=[(1, 8, 2), (1, 4, 3)], measure_factory=factory, log=lambda s: None)
+    assert res.recorded and res.best == {"rt": 1, "warps": 8, "stages": 2}
+    (e,) = tuning.read_table(table)
+    assert (e["wtype"], e["group"], e["bucket"]) == ("f8e4m3", group, 16)
+    plan = plan_gemv("bf16", **common)
+    assert (plan.rt, plan.warps, plan.stages) == (1, 8, 2) and plan.key != rules.key
+    xq = dict(common, x_e4m3=True, x_group=128)
+    assert plan_gemv("bf16", **xq).key == plan_gemv("bf16", tuned=False, **xq).key
+    for p in (plan, rules):
+        (kr,) = nvrtc.compile_cuda(p.source(), p.kernel_name, nvrtc.CompileOptions(p.arch)).resources.values()
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (p.key, kr)
+    with pytest.raises(ValueError, match="group 0"):
+        tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="f8e4m3", group=64, arch="sm_90", table=table,
+                      measure_factory=factory, log=lambda s: None)
