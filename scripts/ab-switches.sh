@@ -61,7 +61,8 @@
 #   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off: measured no faster on an H100): its GPU
 #              tests (cut at 200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among
 #              them) and bench_mla (its "wg-ss" rows beside the default's, same run)
-#   retime     the small-token products timed warm (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
+#   retime     tune's GPU tests (the f8 / f8b weights' among them, not yet run), the small-token products timed warm
+#              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
 #              into OUT_DIR/products.json: this card's winners beside the packaged table's (measured on an H100)
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
@@ -370,6 +371,9 @@ ssd)
 retime)
     echo "== the products timed warm (graph_time's 50 ms of untimed replays first): bench_gemv --quant, then layerforge tune"
     echo "   over Llama-3-8B and the 70B products into OUT_DIR/products.json (beside the packaged table's entries)"
+    timeout -s KILL 180 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py 2>&1 \
+        | tee "$OUT_DIR/pytest_tune.log" | tail -5
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     timeout -s KILL 200 "$PY" -m benchmarks.bench_gemv --quant --tokens 1,8,16 2>&1 | grep -v Warning \
         | tee "$OUT_DIR/bench_gemv_quant.txt" | tail -28
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
