@@ -31,8 +31,9 @@ def absorbed_torch(q, kv, scale):
 
 
 def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
-    """overlap: False, True (the wgmma kernel's overlap schedule, "-ov") or "seesaw" (its seesaw schedule, "-ss")."""
-    seesaw, overlap = overlap == "seesaw", overlap is True
+    """overlap: False, True (the wgmma kernel's overlap schedule, "-ov"), "seesaw" (its seesaw schedule, "-ss") or
+    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh")."""
+    seesaw, sync, overlap = overlap == "seesaw", overlap == "sync", overlap is True
     scale = 192 ** -0.5
     per = -(-ctx // page)
     cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
@@ -42,7 +43,7 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
     dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel,
-                    overlap=overlap, seesaw=seesaw or None)
+                    overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None)
     run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731
     run()
     splits = dec.splits(q.device, batch, ctx)
@@ -54,7 +55,8 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     kv = cache[table.long()].view(batch, per * page, L + R)[:, :ctx].contiguous()
     run()
     torch.testing.assert_close(out.float(), absorbed_torch(q, kv, scale).float(), rtol=2e-2, atol=2e-2)
-    r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=dec.plan.keys, kernel=dec.plan.kernel + ("-ov" if overlap else "-ss" if dec.plan.seesaw else ""),
+    r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=dec.plan.keys, kernel=dec.plan.kernel + ("-ov" if overlap else "-ss" if dec.plan.seesaw else "")
+             + ("-sh" if dec.plan.sync_handoff else ""),
              splits=splits,
              ours_s=ours, graph_s=graph,
              bytes=batch * ctx * (L + R) * 2, flops=2 * batch * heads * ctx * (L + R + L))
@@ -88,9 +90,12 @@ def main(argv=None):
           f"{'TB/s':>6s} {'TFLOP/s':>8s} {'ours/copy':>9s} {'bound us':>9s} {'ours/bound':>10s} {'eager us':>9s} "
           f"{'compile us':>10s} {'SDPA us':>8s} {'eager/ours':>10s}")
     rows = []
-    # the first cases again with the wgmma kernel's overlap ("wg-ov") and seesaw ("wg-ss") schedules and on the
-    # mma.sync kernel (the sm_80 one; on sm_90 the default is the wgmma kernel): the A/B; "n32" its 32-key tiles
-    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", True),
+    # the first cases again with the wgmma kernel's overlap ("wg-ov") and seesaw ("wg-ss") schedules, its synced
+    # hand-offs ("wg-sh") and on the mma.sync kernel (the sm_80 one; on sm_90 the default is the wgmma kernel): the
+    # A/B; "n32" its 32-key tiles
+    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", "sync"),
+                                         (32, 4096, None, "wgmma", "sync"), (1, 32768, None, "wgmma", "sync"),
+                                         (64, 4096, None, "wgmma", True),
                                          (64, 4096, None, "wgmma", "seesaw"), (32, 4096, None, "wgmma", "seesaw"),
                                          (8, 4096, None, "wgmma", "seesaw"), (1, 32768, None, "wgmma", "seesaw"),
                                          (64, 4096, 64, "mma", False), (64, 4096, 32, "mma", False),

@@ -33,7 +33,7 @@ from .row import LoweringError
 from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
-           "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -70,6 +70,8 @@ class MLADecodePlan(KernelPlan):
     kernel: str = "mma"       # "mma" (mma.sync, sm_80+) or "wgmma" (sm_90a; 64-key tiles)
     overlap: bool = False     # wgmma: consumer 0's softmax under its previous tile's P V
     seesaw: bool = False      # wgmma: the consumers take turns on the tiles (the template's SEESAW)
+    sync_handoff: bool = False   # wgmma, not seesaw: the consumers' hand-offs through named barriers are bar.sync on
+                                 # both sides (the template's SYNC_HANDOFF; sync_handoff_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -90,6 +92,9 @@ class MLADecodePlan(KernelPlan):
             raise ValueError("mla decode: seesaw is a schedule of the wgmma kernel, not with overlap, and needs a RoPE "
                              f"part of at least one 64-column block (P goes there), got kernel {self.kernel!r}, "
                              f"overlap {self.overlap}, rope {self.rope_dim}")
+        if self.sync_handoff and (self.kernel != "wgmma" or self.seesaw):
+            raise ValueError("mla decode: sync_handoff is an option of the wgmma kernel's two schedules (not the "
+                             f"seesaw), got kernel {self.kernel!r}, seesaw {self.seesaw}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -106,7 +111,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -146,7 +151,8 @@ class MLADecodePlan(KernelPlan):
     def describe(self) -> dict[str, Any]:
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
-                **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {})}
+                **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {}),
+                **({"sync_handoff": True} if self.sync_handoff else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -177,7 +183,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
-                      BOXR=plan.tma_box[0],
+                      SYNC_HANDOFF=plan.sync_handoff, BOXR=plan.tma_box[0],
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
@@ -290,18 +296,29 @@ def seesaw_default() -> bool:
     return env_switch("LAYERFORGE_MLA_SEESAW", False)
 
 
+def sync_handoff_default() -> bool:
+    """Whether the wgmma MLA decode's consumers hand P, O's factors and the row sums over with bar.sync on both sides
+    (LAYERFORGE_MLA_SYNC_HANDOFF=1; off until it has run on a GPU). bar.arrive on the writer's side is ordered in
+    PTX's model, but compute-sanitizer's racecheck reports it (benchmarks/probe_racecheck.py); with sync on both
+    sides it reports none, which issue 11 asks of an MLA decode case."""
+    return env_switch("LAYERFORGE_MLA_SYNC_HANDOFF", False)
+
+
 def smem_limit(arch: str) -> int:
     return ops.shared_limit(arch)
 
 
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
-                    overlap: bool = False, seesaw: bool | None = None) -> MLADecodePlan:
+                    overlap: bool = False, seesaw: bool | None = None,
+                    sync_handoff: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
     not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB).
-    seesaw (the wgmma kernel; None: seesaw_default() where the plan can take it): the consumers take turns."""
+    seesaw (the wgmma kernel; None: seesaw_default() where the plan can take it): the consumers take turns.
+    sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): bar.sync on both sides of the
+    consumers' hand-offs."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -311,8 +328,11 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         keys = 64 if decode_layout(latent_dim + rope_dim, 64).bytes <= smem_limit(arch) else 32
     if seesaw is None:
         seesaw = seesaw_serves(kernel, overlap, rope_dim) and seesaw_default()
+    if sync_handoff is None:
+        sync_handoff = kernel == "wgmma" and not seesaw and sync_handoff_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
-                         dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw)
+                         dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
+                         sync_handoff=sync_handoff)
     plan.source()
     return plan
 

@@ -61,6 +61,9 @@
 #   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off: measured no faster on an H100): its GPU
 #              tests (cut at 200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among
 #              them) and bench_mla (its "wg-ss" rows beside the default's, same run)
+#   mlasync    the MLA decode's hand-offs with bar.sync on both sides (LAYERFORGE_MLA_SYNC_HANDOFF, off until this
+#              runs): its GPU tests, compute-sanitizer over the MLA cases (racecheck should report none in the synced
+#              kernels), bench_mla (its "wg-sh" rows beside the default's)
 #   retime     tune's GPU tests (the f8 / f8b weights' among them, not yet run), the small-token products timed warm
 #              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
@@ -383,6 +386,20 @@ retime)
     timeout -s KILL 150 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \
         --weights u4,i8,bf16 --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune70.txt" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+mlasync)
+    echo "== MLA decode with bar.sync on both sides of the consumers' hand-offs (LAYERFORGE_MLA_SYNC_HANDOFF): GPU tests,"
+    echo "   sanitizers (racecheck: its synced kernels, names ending wgsh_, should show no hazard), bench_mla (wg-sh rows)"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_mla_gpu.py -k "sync" \
+        --junitxml="$OUT_DIR/pytest_mlasync.xml" 2>&1 | tee "$OUT_DIR/pytest_mlasync.log" | tail -5
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        sanitize mla 120 "the MLA decode cases (the synced ones among them)"
+        echo "racecheck hazards in the synced kernels: $(grep -c 'wgsh_sm90a' "$OUT_DIR/sanitizer_mla_racecheck.log" 2>/dev/null)"
+        timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -24
+    else
+        status=1
+    fi
     ;;
 seesaw)
     echo "== MLA decode, the consumers taking turns (LAYERFORGE_MLA_SEESAW): GPU tests, sanitizers, bench_mla"

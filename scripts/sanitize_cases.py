@@ -23,21 +23,24 @@ from layerforge.runtime.layers import module
 
 
 def mla_cases(bf):
-    """The MLA decode kernels (the wgmma kernel's seesaw schedule too) on a partial last tile, splits, a page-table
-    entry outside the cache."""
+    """The MLA decode kernels (the wgmma kernel's seesaw schedule and its synced hand-offs too) on a partial last tile,
+    splits, a page-table entry outside the cache. racecheck reports the bar.arrive hand-offs of the default wgmma
+    kernel and the seesaw (the tool's model: benchmarks/probe_racecheck.py); the synced ones are the cases it can
+    check."""
     from layerforge.runtime.mla_decode import MLADecode
     lens, q_seq = torch.tensor([150, 1], dtype=torch.int32, device="cuda"), torch.tensor([0, 1], dtype=torch.int32,
                                                                                            device="cuda")
     q = torch.randn(2, 64, 576, device="cuda", dtype=bf)
-    for page, kernel, seesaw in ((64, None, False), (8, None, False), (64, "mma", False), (64, "wgmma", True),
-                                 (8, "wgmma", True)):
+    for page, kernel, seesaw, sync in ((64, None, False, None), (8, None, False, None), (64, "mma", False, None),
+                                       (64, "wgmma", True, None), (8, "wgmma", True, None), (64, "wgmma", False, True),
+                                       (8, "wgmma", False, True)):
         lat = torch.randn(9 * 64 // page, page, 576, device="cuda", dtype=bf)
         n = -(-150 // page)
         lat_table = torch.full((2, n + 1), -1, dtype=torch.int32, device="cuda")
         lat_table[0, :n] = torch.arange(n, device="cuda") + 1
         lat_table[1, 0] = 0
         for splits in (1, 3):
-            MLADecode(num_heads=64, page_size=page, kernel=kernel, seesaw=seesaw or None)(
+            MLADecode(num_heads=64, page_size=page, kernel=kernel, seesaw=seesaw or None, sync_handoff=sync)(
                 q, lat, lat_table, lens, q_seq, scale=0.07, max_kv_len=150, num_splits=splits)
     bad = lat_table.clone()
     bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds

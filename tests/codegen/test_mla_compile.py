@@ -129,3 +129,36 @@ def test_seesaw_switch_and_bad_schedules(monkeypatch):
     for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", overlap=True)):
         with pytest.raises(ValueError, match="seesaw"):
             MLADecodePlan(num_heads=16, keys=64, seesaw=True, **kw)
+
+
+@pytest.mark.parametrize("heads,latent,page,dtype,overlap", [(128, 512, 64, "bf16", False), (16, 512, 16, "bf16", False),
+                                                             (4, 256, 1, "bf16", False), (128, 512, 32, "f16", False),
+                                                             (128, 512, 64, "bf16", True)])
+def test_sync_handoff_decode_compiles_without_spills(heads, latent, page, dtype, overlap):
+    """The wgmma kernel with bar.sync on both sides of the consumers' hand-offs (sync_handoff): spill-free, the three
+    hand-offs synced and none arrived at, consumer 1 handing its stage back before barrier 4; without the option the
+    source is the default's (arrives)."""
+    kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
+              overlap=overlap, seesaw=False)
+    plan = plan_mla_decode(**kw, sync_handoff=True)
+    assert plan.sync_handoff and plan.key.split("_")[-2] == ("wgovsh" if overlap else "wgsh")
+    compile_clean(plan, "sm_90")
+    src, plain = plan.source(), plan_mla_decode(**kw, sync_handoff=False).source()
+    for bar in (3, 4, 5):
+        assert f"lf_named_bar_sync({bar}, 256)" in src and f"lf_named_bar_arrive({bar}, 256)" not in src
+        assert f"lf_named_bar_arrive({bar}, 256)" in plain
+    assert src.index("lf_mbar_arrive(&empty[stage]);   // the stage back first") < src.index(
+        "if (i + 1 < ntiles) lf_named_bar_sync(4, 256);")
+
+
+def test_sync_handoff_switch_and_bad_plans(monkeypatch):
+    monkeypatch.delenv("LAYERFORGE_MLA_SYNC_HANDOFF", raising=False)
+    monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)
+    assert not plan_mla_decode(num_heads=16, arch="sm_90").sync_handoff
+    monkeypatch.setenv("LAYERFORGE_MLA_SYNC_HANDOFF", "1")
+    assert plan_mla_decode(num_heads=16, arch="sm_90").sync_handoff
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", kernel="mma").sync_handoff
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", seesaw=True).sync_handoff   # the seesaw has its own
+    for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", seesaw=True)):
+        with pytest.raises(ValueError, match="sync_handoff"):
+            MLADecodePlan(num_heads=16, keys=64, sync_handoff=True, **kw)
