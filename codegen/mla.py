@@ -33,7 +33,8 @@ from .row import LoweringError
 from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
-           "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
+           "sync_handoff_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -92,7 +93,7 @@ class MLADecodePlan(KernelPlan):
             raise ValueError("mla decode: seesaw is a schedule of the wgmma kernel, not with overlap, and needs a RoPE "
                              f"part of at least one 64-column block (P goes there), got kernel {self.kernel!r}, "
                              f"overlap {self.overlap}, rope {self.rope_dim}")
-        if self.sync_handoff and (self.kernel != "wgmma" or self.seesaw):
+        if self.sync_handoff and not sync_handoff_serves(self.kernel, self.seesaw):
             raise ValueError("mla decode: sync_handoff is an option of the wgmma kernel's two schedules (not the "
                              f"seesaw), got kernel {self.kernel!r}, seesaw {self.seesaw}")
         if self.kernel == "wgmma":
@@ -296,6 +297,12 @@ def seesaw_default() -> bool:
     return env_switch("LAYERFORGE_MLA_SEESAW", False)
 
 
+def sync_handoff_serves(kernel: str, seesaw: bool) -> bool:
+    """Whether a decode plan can take sync_handoff: the wgmma kernel's default and overlap schedules (the seesaw hands
+    over through barriers of its own)."""
+    return kernel == "wgmma" and not seesaw
+
+
 def sync_handoff_default() -> bool:
     """Whether the wgmma MLA decode's consumers hand P, O's factors and the row sums over with bar.sync on both sides
     (LAYERFORGE_MLA_SYNC_HANDOFF=1; off until it has run on a GPU). bar.arrive on the writer's side is ordered in
@@ -329,7 +336,7 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     if seesaw is None:
         seesaw = seesaw_serves(kernel, overlap, rope_dim) and seesaw_default()
     if sync_handoff is None:
-        sync_handoff = kernel == "wgmma" and not seesaw and sync_handoff_default()
+        sync_handoff = sync_handoff_serves(kernel, seesaw) and sync_handoff_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
                          sync_handoff=sync_handoff)
