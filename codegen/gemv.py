@@ -438,7 +438,8 @@ def _tuned_plan(*, dtype: str, n: int, k: int, max_m: int, gated, wtype, group: 
     """The plan with the tuning table's split for this problem (codegen/tuning.py), or None where no table has one
     or the problem's plan cannot take it (then the rules decide)."""
     from .tuning import lookup
-    split = lookup("gemv", arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=max_m)
+    split = lookup("gemv_x8" if rest.get("x_e4m3") else "gemv", arch=arch, dtype=dtype, wtype=wtype, group=group,
+                   gated=gated, n=n, k=k, bucket=max_m)
     if split is None:
         return None
     try:
@@ -473,11 +474,13 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         return GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, arch=arch,
                         rt=rt or XSHARE_RT, warps=warps, stages=stages or XSHARE_STAGES, wtype=wtype,
                         group=group, xshare=xshare, min_blocks=min_blocks)
-    if tuned and rt is None and warps is None and stages is None and min_blocks is None and not (experts or x_e4m3) \
+    if tuned and rt is None and warps is None and stages is None and min_blocks is None and not experts \
             and wtype in (None, "u4", "i8", "f8e4m3"):
-        # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`)
+        # a split measured faster than the rules below for this exact problem (codegen/tuning.py; `layerforge tune`;
+        # x quantised beforehand: the gemv_x8 family's)
         hit = _tuned_plan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, bias=bias, residual=residual, norm=norm,
-                          norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group, ldw=0 if ldw == k else ldw)
+                          norm_offset=float(norm_offset), arch=arch, wtype=wtype, group=group, ldw=0 if ldw == k else ldw,
+                          x_e4m3=x_e4m3, x_group=x_group)
         if hit is not None:
             return hit
     # defaults from the H200 sweep (benchmarks/NOTES.md, "Small-token products: shared-memory

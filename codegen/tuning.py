@@ -42,8 +42,9 @@ PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
 KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "bucket")
 # gemv: the small-token kernel's work split; route: {"cublas": 1} where torch's product (cuBLAS, the epilogue in torch)
 # was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue)
-# gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1
-SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "route": ("cublas",),
+# gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1; gemv_x8: the
+# small-token kernel's over x quantised beforehand (f8e4m3 W, x e4m3: runtime/quant.fp8_gemv, the W8A8 layer's path)
+SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "gemv_x8": ("rt", "warps", "stages"), "route": ("cublas",),
                 "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed")}
 _GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
 

@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stream-rows", default="",
                    help="u4 / i8 weights on sm_90: row counts (17-128) whose decode-range GEMM plans to tune, e.g. 32,64,128")
     t.add_argument("--weights", default="bf16", help="comma-separated: bf16, f16, u4 (group --group), i8 (row scales), "
-                                                     "f8 (W8A8 e4m3, row scales; sm_89+), f8b (e4m3, 128 x 128 blocks)")
+                                                     "f8 (W8A8 e4m3, row scales; sm_89+), f8b (e4m3, 128 x 128 blocks): x "
+                                                     "quantised first, the layer's path; f8r, f8br: x quantised in "
+                                                     "the kernel (a norm prologue's path)")
     t.add_argument("--dtype", default="bf16", help="activations' dtype of the u4 / i8 products (default bf16)")
     t.add_argument("--group", type=int, default=128, help="u4: k per (scale, zero) pair (default 128)")
     t.add_argument("--margin", type=float, default=0.03,

@@ -135,10 +135,11 @@ class TuneResult:
     torch_route: bool = False                     # recorded: torch's product beat every split by the margin
     label: Callable = field(default=None, repr=False)   # a split's short name
     peer: str = "torch"
+    kind: str | None = None                       # the weights' name in the line (default: wtype, or bf16)
 
     def line(self) -> str:
         name = self.label or _label
-        kind = self.wtype or "bf16"
+        kind = self.kind or self.wtype or "bf16"
         verdict = "recorded" if self.recorded else "rules kept"
         peer = "" if self.torch_us is None else (
             f"  {self.peer} {self.torch_us:8.2f} us ({self.torch_us / self.best_us:.3f}x ours)"
@@ -159,9 +160,9 @@ def _split(plan) -> dict:
 class _GpuMeasure:
     """Times gemv plans of one problem on the GPU (cold weights, `rows` rows of x); None for a plan that spills."""
 
-    def __init__(self, n, k, gated, rows, dtype, wtype, group, device):
+    def __init__(self, n, k, gated, rows, dtype, wtype, group, device, x_e4m3=False):
         import torch
-        from .quant import QuantLinear
+        from .quant import QuantLinear, quantize_fp8_rows_cuda
         tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
         self.device, self.rows, self.gated = device, rows, gated
         w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
@@ -174,6 +175,9 @@ class _GpuMeasure:
             self.weights = [first.qw.kernel_tensors] + [
                 QuantLinear.from_float(w, group, wtype=wtype).qw.kernel_tensors for _ in range(count - 1)]
         self.x = torch.randn(rows, k, device=device, dtype=tdt)
+        # x quantised beforehand (the W8A8 layer's default path, runtime/quant.fp8_gemv): its e4m3 bytes and scales
+        # a token and 128 k, as quantize_fp8_rows_cuda makes them; the quantiser's own time is not the split's
+        self.xq = quantize_fp8_rows_cuda(self.x) if x_e4m3 else None
         self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
 
     def __call__(self, plan, spills_ok: bool = False) -> float | None:
@@ -187,6 +191,9 @@ class _GpuMeasure:
             return None
         launch = load_kernels(res.cubin, plan.kernels, self.device)[plan.kernel_name]
         x, y, m = self.x, self.y, self.rows
+        if self.xq is not None:
+            q, s = self.xq
+            return graph_time([lambda ts=ts: launch((), [q, *ts, s, y, m]) for ts in self.weights])
         return graph_time([lambda ts=ts: launch((), [x, *ts, y, m]) for ts in self.weights])
 
 
@@ -194,9 +201,13 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                   dtype: str = "bf16", wtype: str | None = None, group: int = 128, arch: str | None = None,
                   table: str | Path | None = None, margin: float = 0.03, write: bool = True,
                   candidates: Iterable[tuple[int, int, int]] | None = None, measure_factory: Callable | None = None,
-                  command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
+                  command: str | None = None, device_name: str | None = None, x_e4m3: bool = False,
+                  log=print) -> list[TuneResult]:
     """Time each product's splits at each token bucket against the rules' plan (the module's docstring) and
     record the winners in `table` (default: codegen/tuning.user_table_path()); write=False measures only.
+    x_e4m3 (f8e4m3 W): the kernel over x quantised beforehand (a token and 128 k: the W8A8 layer's default path,
+    runtime/quant.fp8_gemv), recorded as the "gemv_x8" family; else x quantised in the kernel's registers (the path
+    of a norm prologue, and of every call with LAYERFORGE_FP8_QUANT_X_FIRST=0), the "gemv" family as u4's.
     measure_factory(n, k, gated, rows) -> measure(plan, spills_ok=False) -> seconds or None (a plan that spills,
     unless spills_ok: the rules' plan is timed as it runs; measure(TORCH): torch's product) replaces the GPU's timing
     (tests); then `arch` must be given."""
@@ -209,6 +220,13 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     if wtype == "f8e4m3" and group not in (0, 128):
         raise ValueError(f"tune: f8e4m3 weights have one scale a row (group 0) or 128 x 128 blocks (128), got {group}")
     group = 0 if wtype in (None, "i8") else group
+    if x_e4m3 and wtype != "f8e4m3":
+        raise ValueError(f"tune: x quantised beforehand (x_e4m3) is the f8e4m3 weights' path, not {wtype or 'bf16'}'s")
+    xq = {}
+    if x_e4m3:   # x's scales a token and 128 k, as quantize_fp8_rows_cuda makes them on the layer's path
+        from .quant import FP8_BLOCK
+        xq = dict(x_e4m3=True, x_group=FP8_BLOCK)
+    family = "gemv_x8" if x_e4m3 else "gemv"
     gpu = measure_factory is None
     if gpu:
         import torch
@@ -220,7 +238,7 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
         device_name = device_name or torch.cuda.get_device_name(device)
 
         def measure_factory(n, k, gated, rows):
-            return _GpuMeasure(n, k, gated, rows, dtype, wtype, group, device)
+            return _GpuMeasure(n, k, gated, rows, dtype, wtype, group, device, x_e4m3)
     elif arch is None:
         raise ValueError("tune: a measure_factory needs the arch its plans are for")
     table = Path(table) if table is not None else tuning.user_table_path()
@@ -230,15 +248,16 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     if gpu:   # every plan compiled first, a process a core (hundreds of plans; the timing loop then loads them)
         _precompile([p for _, n, k, gated in products for bucket in buckets
                      for p in _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype,
-                                                        group=group))])
+                                                        group=group, **xq))])
     results = []
     for name, n, k, gated in products:
         for bucket in buckets:
-            plans = _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype, group=group))
+            plans = _plans(dtype, cands, dict(n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype=wtype, group=group,
+                                              **xq))
             measure = measure_factory(n, k, gated, bucket)
             rules, rules_s, best, best_s, timings = _race(plans, measure, _split, _label)
             key = dict(arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k, bucket=bucket)
-            win = _record(table, "gemv", key, rules, rules_s, best, best_s, margin, write, device_name, command)
+            win = _record(table, family, key, rules, rules_s, best, best_s, margin, write, device_name, command)
             torch_s = measure(TORCH) if wtype is None else None
             route = torch_s is not None and torch_s < best_s * (1 - margin)
             route_key = dict(key, wtype=None, group=0)
@@ -249,7 +268,8 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
             elif write and wtype is None:
                 tuning.remove_entry(table, "route", **route_key)
             r = TuneResult(name, n, k, gated, wtype, bucket, rules, rules_s * 1e6, best, best_s * 1e6, win, timings,
-                           None if torch_s is None else torch_s * 1e6, bool(write and route))
+                           None if torch_s is None else torch_s * 1e6, bool(write and route),
+                           kind=_kind(wtype, group, x_e4m3))
             log(r.line())
             results.append(r)
     return results
@@ -445,19 +465,31 @@ def _precompile(plans) -> None:
         list(ex.map(_compile, todo))
 
 
-WEIGHTS = {"bf16": ("bf16", None, 0), "f16": ("f16", None, 0), "u4": (None, "u4", None), "i8": (None, "i8", 0),
-           "f8": (None, "f8e4m3", 0), "f8b": (None, "f8e4m3", 128)}
+# --weights names: (activations' dtype or None for --dtype's, weight type, group or None for --group's, x quantised
+# beforehand); f8 / f8b time the W8A8 layer's default path (x quantised first, runtime/quant.fp8_gemv), f8r / f8br
+# the kernel quantising x in its registers (a norm prologue's path, and every call's with LAYERFORGE_FP8_QUANT_X_FIRST=0)
+WEIGHTS = {"bf16": ("bf16", None, 0, False), "f16": ("f16", None, 0, False), "u4": (None, "u4", None, False),
+           "i8": (None, "i8", 0, False), "f8": (None, "f8e4m3", 0, True), "f8b": (None, "f8e4m3", 128, True),
+           "f8r": (None, "f8e4m3", 0, False), "f8br": (None, "f8e4m3", 128, False)}
 
 
-def parse_weights(spec: str, group: int = 128) -> list[tuple[str | None, str | None, int]]:
-    """`tune --weights`: (activations' dtype or None for --dtype's, weight type, group) each: bf16 / f16 (W in that
-    dtype), u4 (groups of `group` k), i8 (one scale a row), f8 (W8A8 e4m3, one scale a row), f8b (e4m3 with 128 x
-    128 block scales)."""
+def _kind(wtype: str | None, group: int, x_e4m3: bool) -> str | None:
+    """The --weights name of a tuned problem's weights, where the weight type alone does not say it (f8e4m3)."""
+    if wtype != "f8e4m3":
+        return None
+    return "f8" + ("b" if group else "") + ("" if x_e4m3 else "r")
+
+
+def parse_weights(spec: str, group: int = 128) -> list[tuple[str | None, str | None, int, bool]]:
+    """`tune --weights`: (activations' dtype or None for --dtype's, weight type, group, x quantised beforehand)
+    each: bf16 / f16 (W in that dtype), u4 (groups of `group` k), i8 (one scale a row), f8 (W8A8 e4m3, one scale a
+    row) and f8b (e4m3 with 128 x 128 block scales) over x quantised first (the layer's default path), f8r / f8br
+    the same weights with x quantised in the kernel's registers (a norm prologue's path)."""
     names = [w.strip() for w in spec.split(",") if w.strip()]
     bad = [w for w in names if w not in WEIGHTS]
     if bad:
         raise ValueError(f"tune: --weights are {', '.join(WEIGHTS)}, got {bad}")
-    return [(d, w, group if g is None else g) for d, w, g in (WEIGHTS[n] for n in names)]
+    return [(d, w, group if g is None else g, x) for d, w, g, x in (WEIGHTS[n] for n in names)]
 
 
 def cli_tune(args) -> int:
@@ -476,7 +508,7 @@ def cli_tune(args) -> int:
     if not tokens and not stream_rows:
         raise ValueError("tune: nothing to tune (--tokens and --stream-rows both empty)")
     weights = parse_weights(args.weights, args.group)
-    if any(w == "f8e4m3" for _, w, _ in weights):
+    if any(w == "f8e4m3" for _, w, _, _ in weights):
         import torch
         from ..codegen.gemv import FP8_MIN_ARCH
         if torch.cuda.get_device_capability() < divmod(FP8_MIN_ARCH, 10):
@@ -484,11 +516,11 @@ def cli_tune(args) -> int:
                              "this GPU's")
     command = "layerforge " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "layerforge tune"
     table = Path(args.table) if args.table else None
-    for dtype, wtype, group in weights:
+    for dtype, wtype, group, x_e4m3 in weights:
         dtype = dtype or args.dtype
         if tokens:
             tune_products(products, tokens=tokens, dtype=dtype, wtype=wtype, group=group, table=table,
-                          margin=args.margin, write=not args.dry_run, command=command)
+                          margin=args.margin, write=not args.dry_run, command=command, x_e4m3=x_e4m3)
         if stream_rows and wtype in ("u4", "i8"):
             tune_stream(products, rows=stream_rows, dtype=dtype, wtype=wtype, group=group, table=table,
                         margin=args.margin, write=not args.dry_run, command=command)

@@ -64,6 +64,10 @@
 #   mlasync    the MLA decode's hand-offs with bar.sync on both sides (LAYERFORGE_MLA_SYNC_HANDOFF, off until this
 #              runs): its GPU tests, compute-sanitizer over the MLA cases (racecheck should report none in the synced
 #              kernels), bench_mla (its "wg-sh" rows beside the default's)
+#   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
+#              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
+#              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
+#              at 8 / 16 tokens with the tables off (LAYERFORGE_TUNING=0) and with OUT_DIR's table (same run)
 #   retime     tune's GPU tests (the f8 / f8b weights' among them, not yet run), the small-token products timed warm
 #              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
@@ -386,6 +390,24 @@ retime)
     timeout -s KILL 150 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \
         --weights u4,i8,bf16 --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune70.txt" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+f8tune)
+    echo "== W8A8 over x quantised first: tune's fp8 tests, tune f8,f8b (8B, 70B), bench_gemv --quant tables off / on"
+    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py -k fp8 2>&1 \
+        | tee "$OUT_DIR/pytest_tune_fp8.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 150 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --weights f8,f8b --tokens 1,8,16 \
+        --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune8_f8.txt" | tail -31
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 100 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \
+        --weights f8,f8b --tokens 8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune70_f8.txt" | tail -17
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    for t in off on; do
+        echo "-- bench_gemv --quant, tuning tables $t"
+        if [ $t = off ]; then env=LAYERFORGE_TUNING=0; else env=LAYERFORGE_TUNING_TABLE=$OUT_DIR/products.json; fi
+        timeout -s KILL 150 env $env "$PY" -m benchmarks.bench_gemv --quant --tokens 8,16 2>&1 | grep -v Warning \
+            | tee "$OUT_DIR/bench_gemv_quant_$t.txt" | tail -18
+    done
     ;;
 mlasync)
     echo "== MLA decode with bar.sync on both sides of the consumers' hand-offs (LAYERFORGE_MLA_SYNC_HANDOFF): GPU tests,"

@@ -135,20 +135,30 @@ def test_seesaw_switch_and_bad_schedules(monkeypatch):
                                                              (4, 256, 1, "bf16", False), (128, 512, 32, "f16", False),
                                                              (128, 512, 64, "bf16", True)])
 def test_sync_handoff_decode_compiles_without_spills(heads, latent, page, dtype, overlap):
-    """The wgmma kernel with bar.sync on both sides of the consumers' hand-offs (sync_handoff): spill-free, the three
-    hand-offs synced and none arrived at, consumer 1 handing its stage back before barrier 4; without the option the
-    source is the default's (arrives)."""
+    """The wgmma kernel with a sync on both sides of the consumers' hand-offs (sync_handoff): spill-free, the three
+    hand-offs synced on both sides through the one barrier instruction both consumers call (bar.sync inlined at each
+    side: two instructions of one barrier, which compute-sanitizer's synccheck reported as divergent threads), so
+    the cubin has a single named-barrier sync of 256 threads, and none arrived at; consumer 1 hands its stage back
+    before barrier 4; without the option the source is the default's (arrives, one bar.sync a hand-off)."""
     kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
               overlap=overlap, seesaw=False)
     plan = plan_mla_decode(**kw, sync_handoff=True)
     assert plan.sync_handoff and plan.key.split("_")[-2] == ("wgovsh" if overlap else "wgsh")
-    compile_clean(plan, "sm_90")
+    res = compile_clean(plan, "sm_90")
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:   # the hand-offs' syncs: one instruction of 256 threads, six calls to it
+        (code,) = [c for name, c in sass_loops.disassemble(res.cubin).items() if name == plan.kernel_name]
+        syncs = [i.text for i in code if i.opcode.startswith("BAR.SYNC") and i.text.endswith("0x100")]
+        assert len(syncs) == 2 and sum("R" in t.split()[1] for t in syncs) == 1, syncs   # barrier 2 and the shared one
+        assert sum(i.opcode.startswith("CALL") for i in code) >= 6
     src, plain = plan.source(), plan_mla_decode(**kw, sync_handoff=False).source()
     for bar in (3, 4, 5):
-        assert f"lf_named_bar_sync({bar}, 256)" in src and f"lf_named_bar_arrive({bar}, 256)" not in src
-        assert f"lf_named_bar_arrive({bar}, 256)" in plain
+        assert src.count(f"lf_named_bar_sync_common({bar}, 256)") == 2, bar
+        assert f"lf_named_bar_sync({bar}, 256)" not in src and f"lf_named_bar_arrive({bar}, 256)" not in src
+        assert f"lf_named_bar_arrive({bar}, 256)" in plain and f"lf_named_bar_sync({bar}, 256)" in plain
+        assert f"lf_named_bar_sync_common({bar}, 256)" not in plain
     assert src.index("lf_mbar_arrive(&empty[stage]);   // the stage back first") < src.index(
-        "if (i + 1 < ntiles) lf_named_bar_sync(4, 256);")
+        "if (i + 1 < ntiles) lf_named_bar_sync_common(4, 256);")
 
 
 def test_sync_handoff_switch_and_bad_plans(monkeypatch):

@@ -318,34 +318,43 @@ def test_the_fastest_candidate_is_timed_again_and_its_slower_time_kept(tables):
 
 def test_tune_weights_names():
     from layerforge.runtime.tune import parse_weights
-    assert parse_weights("bf16, u4,i8,f8,f8b", group=64) == [("bf16", None, 0), (None, "u4", 64), (None, "i8", 0),
-                                                             (None, "f8e4m3", 0), (None, "f8e4m3", 128)]
-    with pytest.raises(ValueError, match="--weights are bf16, f16, u4, i8, f8, f8b"):
+    assert parse_weights("bf16, u4,i8,f8,f8b,f8r,f8br", group=64) == [
+        ("bf16", None, 0, False), (None, "u4", 64, False), (None, "i8", 0, False), (None, "f8e4m3", 0, True),
+        (None, "f8e4m3", 128, True), (None, "f8e4m3", 0, False), (None, "f8e4m3", 128, False)]
+    with pytest.raises(ValueError, match="--weights are bf16, f16, u4, i8, f8, f8b, f8r, f8br"):
         parse_weights("u4,fp8")
 
 
+@pytest.mark.parametrize("x_e4m3", [True, False], ids=["x_first", "x_in_registers"])
 @pytest.mark.parametrize("group", [0, 128])
-def test_the_tuner_takes_fp8_weights_and_the_planner_then_serves_their_split(tables, group):
-    """W8A8 e4m3 (one scale a row, or 128 x 128 blocks): the in-register path's plan (x quantised in the loop) takes
-    the recorded split; the path of x quantised beforehand (x_e4m3) keeps the rules'; the split compiles without
-    spills, as the rules' plan does."""
+def test_the_tuner_takes_fp8_weights_and_the_planner_then_serves_their_split(tables, group, x_e4m3):
+    """W8A8 e4m3 (one scale a row, or 128 x 128 blocks): x quantised beforehand (x_e4m3, the layer's default path:
+    the gemv_x8 family) or in the kernel's loop (gemv's): the tuned path's plan takes the recorded split, the other
+    path keeps the rules'; the split compiles without spills, as the rules' plan does."""
     from layerforge.runtime import nvrtc
     table = tuning.user_table_path()
     common = dict(n=6144, k=4096, max_m=16, arch="sm_90", wtype="f8e4m3", group=group)
-    rules = plan_gemv("bf16", tuned=False, **common)
+    tuned_path = dict(common, x_e4m3=True, x_group=128) if x_e4m3 else common
+    other_path = common if x_e4m3 else dict(common, x_e4m3=True, x_group=128)
+    rules = plan_gemv("bf16", tuned=False, **tuned_path)
+    assert (rules.rt, rules.warps, rules.stages) != (1, 8, 2)
     factory, seen = _fake({(rules.rt, rules.warps, rules.stages): 10.0, (1, 8, 2): 8.0})
     (res,) = tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="f8e4m3", group=group, arch="sm_90",
-                           table=table, candidates=[(1, 8, 2), (1, 4, 3)], measure_factory=factory, log=lambda s: None)
+                           table=table, candidates=[(1, 8, 2), (1, 4, 3)], measure_factory=factory,
+                           x_e4m3=x_e4m3, log=lambda s: None)
     assert res.recorded and res.best == {"rt": 1, "warps": 8, "stages": 2}
+    assert res.line().split()[1] == ("f8" + ("b" if group else "") + ("" if x_e4m3 else "r"))
     (e,) = tuning.read_table(table)
-    assert (e["wtype"], e["group"], e["bucket"]) == ("f8e4m3", group, 16)
-    plan = plan_gemv("bf16", **common)
-    assert (plan.rt, plan.warps, plan.stages) == (1, 8, 2) and plan.key != rules.key
-    xq = dict(common, x_e4m3=True, x_group=128)
-    assert plan_gemv("bf16", **xq).key == plan_gemv("bf16", tuned=False, **xq).key
+    assert (e["family"], e["wtype"], e["group"], e["bucket"]) == ("gemv_x8" if x_e4m3 else "gemv", "f8e4m3", group, 16)
+    plan = plan_gemv("bf16", **tuned_path)
+    assert (plan.rt, plan.warps, plan.stages) == (1, 8, 2) and plan.key != rules.key and plan.x_e4m3 == x_e4m3
+    assert plan_gemv("bf16", **other_path).key == plan_gemv("bf16", tuned=False, **other_path).key
     for p in (plan, rules):
         (kr,) = nvrtc.compile_cuda(p.source(), p.kernel_name, nvrtc.CompileOptions(p.arch)).resources.values()
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (p.key, kr)
     with pytest.raises(ValueError, match="group 0"):
         tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="f8e4m3", group=64, arch="sm_90", table=table,
                       measure_factory=factory, log=lambda s: None)
+    with pytest.raises(ValueError, match="x_e4m3"):
+        tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="u4", arch="sm_90", table=table,
+                      measure_factory=factory, x_e4m3=True, log=lambda s: None)

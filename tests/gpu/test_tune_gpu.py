@@ -67,23 +67,31 @@ def test_tune_records_the_fastest_split_and_the_product_runs_it(table, wtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="W8A8 e4m3 needs an sm_89+ GPU")
+@pytest.mark.parametrize("x_e4m3", [True, False], ids=["x_first", "x_in_registers"])
 @pytest.mark.parametrize("group", [0, 128])
-def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(table, group):
-    """f8 / f8b: the splits of the W8A8 product (x quantised in the kernel's loop) timed and recorded like u4's; the
-    product then runs the recorded split and matches float64 of the dequantised W and of x quantised as the kernel
-    does (test_gemv_fp8's reference, 1e-2)."""
+def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(table, group, x_e4m3, monkeypatch):
+    """f8 / f8b (x quantised first, the layer's default path) and f8r / f8br (x quantised in the kernel's loop): the
+    splits of the W8A8 product timed and recorded like u4's; the product then runs the recorded split on that path
+    and matches float64 of the dequantised W and of x quantised as the kernel does (test_gemv_fp8's reference,
+    1e-2)."""
+    from layerforge.runtime import launch
     from .test_gemv_fp8 import rel_err, w8a8_reference
     n, k, m = 3000, 2048, 9
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
-    before = plan_gemv("bf16", n=n, k=k, max_m=16, arch=arch, wtype="f8e4m3", group=group)
+    path = dict(x_e4m3=True, x_group=128) if x_e4m3 else {}
+    before = plan_gemv("bf16", n=n, k=k, max_m=16, arch=arch, wtype="f8e4m3", group=group, **path)
     (res,) = tune_products([("p", n, k, None)], tokens=(m,), wtype="f8e4m3", group=group, margin=0.0,
-                           candidates=[(1, 2, 3), (2, 4, 2), (1, 8, 2)], log=lambda s: None)
+                           candidates=[(1, 2, 3), (2, 4, 2), (1, 8, 2)], x_e4m3=x_e4m3, log=lambda s: None)
     assert res.bucket == 16 and len(res.timings) >= 2 and res.best_us == res.timings[_label(res.best)] <= res.rules_us
-    plan = plan_gemv("bf16", n=n, k=k, max_m=16, arch=arch, wtype="f8e4m3", group=group)
+    plan = plan_gemv("bf16", n=n, k=k, max_m=16, arch=arch, wtype="f8e4m3", group=group, **path)
     if res.recorded:
         assert (plan.rt, plan.warps, plan.stages) == (res.best["rt"], res.best["warps"], res.best["stages"])
     else:
         assert plan.key == before.key and res.best == res.rules
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1" if x_e4m3 else "0")
+    loaded = []
+    real = launch.load_plan
+    monkeypatch.setattr(launch, "load_plan", lambda p, *a, **kw: loaded.append(p.key) or real(p, *a, **kw))
     gen = seeded_generator("tune-fp8", n, k, group)
     lin = QuantLinear.from_float(torch.randn(n, k, generator=gen) / k ** 0.5, group, wtype="f8e4m3",
                                  dtype=torch.bfloat16).cuda()
@@ -91,6 +99,7 @@ def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(table, grou
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     gemv_quant(x, lin.qw, out=out)
     assert rel_err(out, w8a8_reference(x, lin)) < 1e-2
+    assert plan.key in loaded, (plan.key, loaded)   # the tuned path ran the plan the table gave it
 
 
 def test_a_route_entry_sends_the_calls_to_torchs_product(table, monkeypatch):
