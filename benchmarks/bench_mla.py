@@ -75,6 +75,25 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     return r
 
 
+def handoff_ab(a, ceiling) -> int:
+    """The default hand-offs and the synced ones in turns (one card's clocks drift between runs: 64 x 4096 read 186.6
+    and 154.0 us in two calls of one session on one H100), each time the best of eager and graph launches."""
+    import statistics
+    times = {}
+    for _ in range(a.handoff_ab):
+        for batch in (64, 32):
+            for ov in (False, "sync"):
+                r = case(batch, 4096, a.heads, a.page, False, None, "wgmma", ov)
+                times.setdefault((batch, r["kernel"]), []).append(min(r["ours_s"], r["graph_s"]))
+                torch.cuda.empty_cache()
+    for (batch, kernel), ts in times.items():
+        med = statistics.median(ts)
+        print(f"{batch} seqs x 4096 {kernel.replace('wgmma', 'wg'):8s} median {med * 1e6:7.1f} us  "
+              f"({batch * 4096 * (L + R) * 2 / med / ceiling:.2f} of copy)  each: "
+              + " ".join(f"{t * 1e6:.1f}" for t in ts))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--heads", type=int, default=128)
@@ -82,6 +101,9 @@ def main(argv=None):
     ap.add_argument("--peak", type=float, default=700e12, help="dense bf16 FLOP/s for the bound (H200 cuBLAS: ~700e12)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--handoff-ab", type=int, default=0, metavar="ROUNDS",
+                    help="only the A/B of the wgmma kernel's hand-offs: the default's (arrive + sync) and the synced "
+                         "ones (\"wg-sh\") taking turns ROUNDS times at 64 and 32 x 4096, then each one's median")
     a = ap.parse_args(argv)
     ceiling = copy_ceiling()
     print(f"device: {torch.cuda.get_device_name()}  copy ceiling: {ceiling / 1e12:.2f} TB/s  "
@@ -89,6 +111,8 @@ def main(argv=None):
     print(f"{f'MLA decode H{a.heads} L{L}+{R} p{a.page}':26s} {'splits':>6s} {'ours us':>8s} {'graph us':>9s} "
           f"{'TB/s':>6s} {'TFLOP/s':>8s} {'ours/copy':>9s} {'bound us':>9s} {'ours/bound':>10s} {'eager us':>9s} "
           f"{'compile us':>10s} {'SDPA us':>8s} {'eager/ours':>10s}")
+    if a.handoff_ab:
+        return handoff_ab(a, ceiling)
     rows = []
     # the first cases again with the wgmma kernel's overlap ("wg-ov") and seesaw ("wg-ss") schedules, its synced
     # hand-offs ("wg-sh") and on the mma.sync kernel (the sm_80 one; on sm_90 the default is the wgmma kernel): the

@@ -518,11 +518,34 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
                 break
         drt, dw, ds = cand
     elif wtype is not None:
-        # f8e4m3, not swept yet: 4 warps, and as many stages (2-4) as keep the CTA under the budget
-        dw = 4 if warps is None else warps
-        probe = GemvPlan(dtype=dtype, n=n, k=k, max_m=bucket, gated=gated, norm=norm, rt=rt or 1, warps=1, stages=2,
-                         wtype=wtype, group=group, arch=arch, x_e4m3=x_e4m3, x_group=x_group)
-        ds = max(2, min(4, min(QUANT_SHARED_BUDGET, ops.shared_limit(arch)) // (dw * probe.stage_bytes)))
+        # f8e4m3, from `layerforge tune` on an H100 (benchmarks/NOTES.md, "tuning the W8A8 path the layer runs"; the
+        # Llama-3-8B and -70B products, every split against the old rule, 4 warps x as many stages (2-4) as fit):
+        # 2 stages won nearly everywhere. x quantised in the kernel's registers (a norm prologue's path), at 9-16
+        # rows: narrow products (<= 4096 outputs) 2 column tiles x 8 warps (8B o 11.4 -> 9.8 us, down 32.6 -> 24.3),
+        # wide ones 4 x 8 (q/k/v 20.6 -> 13.8, lm_head 305 -> 182), gated 2 x 2 (gate/up 60.6 -> 46.1); at 1-8 rows
+        # narrow 2 x 8, wide 1 x 4, gated 1 x 2. Over x quantised first (x_e4m3, the layer's default path) the old
+        # rule was within 1-6 % of the best on the 8B products and 10-19 % behind on the 70B ones, whose winners
+        # spread over 4 and 8 warps: 8 warps at 1-8 rows, 4 from 9, 2 stages, 2 column tiles where K >= 8192.
+        narrow, long_k = not gated and n <= 4096, k >= 8192
+        if x_e4m3:
+            if gated:
+                drt, dw = 1, (8 if mt == 1 else 4)
+            elif narrow:
+                drt, dw = (2, 8) if mt == 1 or long_k else (1, 4)
+            elif long_k:
+                drt, dw = (2, 8) if mt == 1 else (2, 4)
+            else:
+                drt, dw = (1, 8) if mt == 1 else (1, 4)
+        elif gated:
+            drt, dw = (2, 8) if long_k else (2, 2) if mt == 2 else (1, 2)
+        elif narrow:
+            drt, dw = 2, 8
+        elif long_k:
+            drt, dw = (2, 4) if mt == 1 else (4, 4)
+        else:
+            drt, dw = (4, 8) if mt == 2 else (1, 4)
+        dw = dw if warps is None else warps
+        ds = 2
     rt = drt if rt is None else rt
     if min_blocks not in (None, 1):
         raise ValueError("gemv: min_blocks is the shared-x layout's (xshare)")

@@ -40,12 +40,12 @@ def test_fp8_gemv_f16_compiles():
 @pytest.mark.parametrize("max_m,gated", [(8, None), (16, "silu")])
 def test_fp8_loop_is_e4m3_mma_on_converted_x(max_m, gated):
     """Per 128-k chunk a lane reads 2 pieces of 16 k of each W row pair: 2 mma of 32 k per piece,
-    tile and token tile; its 32 k of each token become e4m3 by 16 cvt (2 values each), and no
-    bf16 mma is left."""
+    tile (rt column tiles, each gate and up with a gated product) and token tile; its 32 k of each token become
+    e4m3 by 16 cvt (2 values each), and no bf16 mma is left."""
     plan = plan_gemv("bf16", n=28672 if gated else 6144, k=4096, max_m=max_m, gated=gated, arch="sm_90",
                      wtype="f8e4m3")
     ptx = compiled(plan, ptx=True).ptx
-    tiles, mt = (2 if gated else 1), max_m // 8
+    tiles, mt = (2 if gated else 1) * plan.rt, max_m // 8
     assert ptx.count("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32") == 2 * 2 * tiles * mt
     assert ptx.count("cvt.rn.satfinite.e4m3x2.f32") == 16 * mt
     assert "m16n8k16" not in ptx
@@ -63,17 +63,22 @@ def test_fp8_streams_w_and_block_scales_through_shared_memory():
 
 def test_fp8_keys_and_abi():
     ch = plan_gemv("bf16", n=6144, k=4096, wtype="f8e4m3")
-    assert ch.key == "gemv_n6144_k4096_m8_bf16_f8e4m3ch_r1w4s4_sm90"
+    assert ch.key == "gemv_n6144_k4096_m8_bf16_f8e4m3ch_r1w4s2_sm90"
     assert [(a.name, a.ctype) for a in ch.abi.args[:3]] == [
         ("x", "const __nv_bfloat16* __restrict__"), ("w", "const unsigned char* __restrict__"),
         ("wscale", "const float* __restrict__")]
     blk = plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, gated="silu", arch="sm_89")
-    # 3 stages: 4 (133,120 bytes) would pass the 101,376 a CTA has on sm_89 (codegen/ops.shared_limit)
-    assert blk.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128_silu_r1w4s3_sm89"
+    # the rules at 9-16 rows, gated, K < 8192: 2 column tiles x 2 warps x 2 stages
+    assert blk.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128_silu_r2w2s2_sm89"
     assert not blk.pdl
-    # a stage: 32 W rows of 128 k, 16 tokens x 2 rows of x, one f32 block scale a W row
-    assert blk.stage_bytes == 128 * (32 + 32) + 32 * 4
+    # a stage: 2 x 32 W rows of 128 k, 16 tokens x 2 rows of x, one f32 block scale a W row
+    assert blk.stage_bytes == 128 * (64 + 32) + 64 * 4
     assert blk.shared_bytes == blk.abi.shared_bytes <= 101376
+    # a split given whole is built as given or refused: 4 warps x 4 stages (133,120 bytes) pass the 101,376 a CTA
+    # has on sm_89 (codegen/ops.shared_limit)
+    with pytest.raises(ValueError, match="133120 bytes of shared memory"):
+        plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, gated="silu", arch="sm_89", rt=1,
+                  warps=4, stages=4)
 
 
 def test_fp8_plan_errors():
@@ -109,7 +114,7 @@ def test_fp8_gemv_over_e4m3_x_compiles_without_spills(n, k, gated, extra, x_grou
     res = compiled(plan, ptx=True)
     (kr,) = res.resources.values()
     assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
-    tiles, mt = (2 if gated else 1), max_m // 8
+    tiles, mt = (2 if gated else 1) * plan.rt, max_m // 8
     assert res.ptx.count("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32") == 2 * 2 * tiles * mt
     assert "cvt.rn.satfinite" not in res.ptx and "shfl" not in res.ptx and "m16n8k16" not in res.ptx
     assert ("cp.async.ca.shared.global" in res.ptx) == bool(x_group or group)   # the chunk's scales
@@ -125,8 +130,8 @@ def test_fp8_gemv_over_e4m3_x_plan():
     """x's stage rows: one 128-byte row a token (128 k of e4m3, against two of bf16); the ABI takes x as bytes
     and its per-token scales after W's; the key says so; the plan refuses what it does not serve."""
     p = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3", x_e4m3=True)
-    q = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3")
-    assert p.key == "gemv_n6144_k4096_m16_bf16_f8e4m3chxt_r1w4s4_sm90" and p.key != q.key
+    q = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3", rt=1)   # one column tile, as p's
+    assert p.key == "gemv_n6144_k4096_m16_bf16_f8e4m3chxt_r1w4s2_sm90" and p.key != q.key
     assert p.stage_bytes == 128 * (16 + 16) and q.stage_bytes == 128 * (16 + 32)
     assert [(a.name, a.ctype) for a in p.abi.args] == [
         ("x", "const unsigned char* __restrict__"), ("w", "const unsigned char* __restrict__"),
@@ -134,7 +139,7 @@ def test_fp8_gemv_over_e4m3_x_plan():
         ("out", "__nv_bfloat16* __restrict__"), ("M", "int")]
     assert "xscale[(long long)m]" in p.source() and "lf_e4m3x4(" not in p.source().split("lf_gemv")[-1]
     b = plan_gemv("bf16", n=7168, k=2048, max_m=16, wtype="f8e4m3", group=128, x_e4m3=True, x_group=128)
-    assert b.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128xk128_r1w4s4_sm90"
+    assert b.key == "gemv_n7168_k2048_m16_bf16_f8e4m3b128xk128_r1w4s2_sm90"
     assert b.stage_bytes == 128 * (16 + 16) + 16 * 4 + 16 * 4   # W, x rows; W's block scales, x's (a row, a token)
     assert "xscale[(long long)m]" not in b.source() and b.abi.args[3].name == "xscale"
     with pytest.raises(ValueError, match="x_group"):
@@ -161,7 +166,7 @@ def test_x_first_overlaps_the_quantiser_on_sm90():
         assert body.index("griddepcontrol.launch_dependents") < body.index("const ")   # before any work
         assert "griddepcontrol" not in QuantRowsPlan(dtype="bf16", k=4096, arch="sm_89", group=group).source()
     p = plan_gemv("bf16", n=6144, k=4096, max_m=16, wtype="f8e4m3", x_e4m3=True, x_group=128, arch="sm_90")
-    assert p.pdl and (p.stages, p.rt) == (4, 1)
+    assert p.pdl and (p.stages, p.rt) == (2, 1)
     ptx = compiled(p, ptx=True).ptx
     before, after = ptx.split("griddepcontrol.wait", 1)
     assert before.count("cp.async.cg.shared.global") == 4 * (p.stages - 1)   # W: 16 rows = 4 pieces a lane a stage

@@ -100,15 +100,20 @@ def test_a_bad_table_is_an_error_naming_its_file(tables, monkeypatch, text, need
 
 def test_the_packaged_table_loads_and_every_entry_compiles_without_spills(tables):
     """Each packaged entry (measured beside the rules on the card it names) is the plan the planner gives its
-    problem with the tables on, and compiles without spills."""
+    problem with the tables on (a gemv_x8 entry: its plan over x quantised first; the in-register plan of the same
+    problem reads the gemv family's), and compiles without spills."""
     nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
     entries = tuning.read_table(tuning.PACKAGED_TABLE)
     assert json.loads(tuning.PACKAGED_TABLE.read_text())["version"] == tuning.TABLE_VERSION
     from layerforge.codegen.gemm_stream import plan_gemm_stream
     for e in entries:
-        assert e["family"] in ("gemv", "gemm_stream") and e.get("device") and e.get("us", 0) < e.get("rules_us", 0), e
+        assert e["family"] in ("gemv", "gemv_x8", "gemm_stream") and e.get("device") and e.get("us", 0) < e.get(
+            "rules_us", 0), e
         common = dict(n=e["n"], k=e["k"], gated=e["gated"], arch=e["arch"], wtype=e["wtype"], group=e["group"])
-        if e["family"] == "gemv":
+        if e["family"] == "gemv_x8":   # W8A8 over x quantised first (a token and 128 k: the layer's path)
+            assert e["wtype"] == "f8e4m3", e
+            common.update(x_e4m3=True, x_group=128)
+        if e["family"] in ("gemv", "gemv_x8"):
             plan = plan_gemv(e["dtype"], max_m=e["bucket"], **common, **e["split"])
             assert plan.key == plan_gemv(e["dtype"], max_m=e["bucket"], **common).key != plan_gemv(
                 e["dtype"], max_m=e["bucket"], **common, tuned=False).key
@@ -330,16 +335,17 @@ def test_tune_weights_names():
 def test_the_tuner_takes_fp8_weights_and_the_planner_then_serves_their_split(tables, group, x_e4m3):
     """W8A8 e4m3 (one scale a row, or 128 x 128 blocks): x quantised beforehand (x_e4m3, the layer's default path:
     the gemv_x8 family) or in the kernel's loop (gemv's): the tuned path's plan takes the recorded split, the other
-    path keeps the rules'; the split compiles without spills, as the rules' plan does."""
+    path keeps the rules'; the split compiles without spills, as the rules' plan does (N 5120: a problem the packaged
+    table has no entry of)."""
     from layerforge.runtime import nvrtc
     table = tuning.user_table_path()
-    common = dict(n=6144, k=4096, max_m=16, arch="sm_90", wtype="f8e4m3", group=group)
+    common = dict(n=5120, k=4096, max_m=16, arch="sm_90", wtype="f8e4m3", group=group)
     tuned_path = dict(common, x_e4m3=True, x_group=128) if x_e4m3 else common
     other_path = common if x_e4m3 else dict(common, x_e4m3=True, x_group=128)
     rules = plan_gemv("bf16", tuned=False, **tuned_path)
     assert (rules.rt, rules.warps, rules.stages) != (1, 8, 2)
     factory, seen = _fake({(rules.rt, rules.warps, rules.stages): 10.0, (1, 8, 2): 8.0})
-    (res,) = tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="f8e4m3", group=group, arch="sm_90",
+    (res,) = tune_products([("qkv", 5120, 4096, None)], tokens=(16,), wtype="f8e4m3", group=group, arch="sm_90",
                            table=table, candidates=[(1, 8, 2), (1, 4, 3)], measure_factory=factory,
                            x_e4m3=x_e4m3, log=lambda s: None)
     assert res.recorded and res.best == {"rt": 1, "warps": 8, "stages": 2}

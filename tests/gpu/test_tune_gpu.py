@@ -174,19 +174,28 @@ def _quant_reference(x, qw, gated, rows=16384):
 
 def _packaged_entries():
     return [e for e in tuning.read_table(tuning.PACKAGED_TABLE)
-            if e["family"] in ("gemv", "gemm_stream") and e["arch"].rstrip("a") == "sm_%d%d" % (
+            if e["family"] in ("gemv", "gemv_x8", "gemm_stream") and e["arch"].rstrip("a") == "sm_%d%d" % (
                 torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0))]
 
 
 @pytest.mark.parametrize("entry", _packaged_entries(), ids=lambda e: f"{e['family']}-{e['wtype']}-{e['n']}x{e['k']}-"
                                                               f"{e['bucket']}")
-def test_every_packaged_entry_runs_its_split_against_float64(table, entry):
+def test_every_packaged_entry_runs_its_split_against_float64(table, entry, monkeypatch):
     """With the packaged table on (no user table), the product of each entry's problem at its bucket's rows runs the
-    entry's split (the planner's key) and matches float64 (bf16: of W; u4: of the dequantised W)."""
+    entry's split (the planner's key) and matches float64 (bf16: of W; u4 / i8: of the dequantised W; f8e4m3: of it
+    and of x quantised as the kernel does; a gemv entry of e4m3 W runs the in-register path, a gemv_x8 one the path
+    of x quantised first)."""
     from layerforge.codegen.gemm_stream import plan_gemm_stream
     e, m = entry, entry["bucket"]
     common = dict(n=e["n"], k=e["k"], gated=e["gated"], wtype=e["wtype"], group=e["group"])
-    if e["family"] == "gemv":
+    if e["wtype"] == "f8e4m3":
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("W8A8 e4m3 needs an sm_89+ GPU")
+        x_first = e["family"] == "gemv_x8"
+        monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1" if x_first else "0")
+        if x_first:
+            common.update(x_e4m3=True, x_group=128)
+    if e["family"] in ("gemv", "gemv_x8"):
         plan = plan_gemv(e["dtype"], max_m=m, arch=e["arch"], **common)
         assert (plan.rt, plan.warps, plan.stages) == tuple(e["split"][f] for f in ("rt", "warps", "stages"))
     else:
@@ -198,7 +207,12 @@ def test_every_packaged_entry_runs_its_split_against_float64(table, entry):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     n_out = n // 2 if e["gated"] else n
     out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
-    if e["wtype"]:
+    if e["wtype"] == "f8e4m3":
+        from .test_gemv_fp8 import w8a8_reference
+        lin = QuantLinear.from_float(w, e["group"], wtype=e["wtype"], dtype=torch.bfloat16)
+        gemv_quant(x, lin.qw, gated=e["gated"], out=out)
+        ref = w8a8_reference(x, lin, gated=e["gated"])
+    elif e["wtype"]:
         lin = QuantLinear.from_float(w, e["group"], wtype=e["wtype"], dtype=torch.bfloat16)
         gemv_quant(x, lin.qw, gated=e["gated"], out=out)
         ref = _quant_reference(x, lin.qw, e["gated"])
