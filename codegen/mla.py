@@ -71,8 +71,8 @@ class MLADecodePlan(KernelPlan):
     kernel: str = "mma"       # "mma" (mma.sync, sm_80+) or "wgmma" (sm_90a; 64-key tiles)
     overlap: bool = False     # wgmma: consumer 0's softmax under its previous tile's P V
     seesaw: bool = False      # wgmma: the consumers take turns on the tiles (the template's SEESAW)
-    sync_handoff: bool = False   # wgmma, not seesaw: the consumers' hand-offs through named barriers are bar.sync on
-                                 # both sides (the template's SYNC_HANDOFF; sync_handoff_default)
+    sync_handoff: bool = False   # wgmma, not seesaw: the consumers' hand-offs through named barriers are syncs on
+                                 # both sides at one instruction (the template's SYNC_HANDOFF; sync_handoff_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -304,10 +304,13 @@ def sync_handoff_serves(kernel: str, seesaw: bool) -> bool:
 
 
 def sync_handoff_default() -> bool:
-    """Whether the wgmma MLA decode's consumers hand P, O's factors and the row sums over with bar.sync on both sides
-    (LAYERFORGE_MLA_SYNC_HANDOFF=1; off until it has run on a GPU). bar.arrive on the writer's side is ordered in
-    PTX's model, but compute-sanitizer's racecheck reports it (benchmarks/probe_racecheck.py); with sync on both
-    sides it reports none, which issue 11 asks of an MLA decode case."""
+    """Whether the wgmma MLA decode's consumers hand P, O's factors and the row sums over with a sync on both sides, at
+    one barrier instruction both call (LAYERFORGE_MLA_SYNC_HANDOFF=1; off). bar.arrive on the writer's side is ordered
+    in PTX's model, but compute-sanitizer's racecheck reports it (benchmarks/probe_racecheck.py); synced on both
+    sides it reports none, and at one instruction synccheck none either (two bar.sync sites of one barrier it
+    reports as divergent threads): the MLA decode case memcheck, racecheck and synccheck pass clean, which issue 11
+    asks (H100). Off: 6 % slower at 64 x 4096 on an H100 (155.5 -> 165.2 us, medians of five turns, bench_mla
+    --handoff-ab), the same at 32 x 4096 (benchmarks/NOTES.md, "the synced MLA hand-offs")."""
     return env_switch("LAYERFORGE_MLA_SYNC_HANDOFF", False)
 
 
@@ -324,8 +327,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
     not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB).
     seesaw (the wgmma kernel; None: seesaw_default() where the plan can take it): the consumers take turns.
-    sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): bar.sync on both sides of the
-    consumers' hand-offs."""
+    sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): a sync on both sides of the
+    consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule)."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":

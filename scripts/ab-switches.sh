@@ -61,9 +61,10 @@
 #   seesaw     the MLA decode's seesaw schedule (LAYERFORGE_MLA_SEESAW, off: measured no faster on an H100): its GPU
 #              tests (cut at 200 s), then, if they passed, compute-sanitizer over the MLA cases (the seesaw ones among
 #              them) and bench_mla (its "wg-ss" rows beside the default's, same run)
-#   mlasync    the MLA decode's hand-offs with bar.sync on both sides (LAYERFORGE_MLA_SYNC_HANDOFF, off until this
-#              runs): its GPU tests, compute-sanitizer over the MLA cases (racecheck should report none in the synced
-#              kernels), bench_mla (its "wg-sh" rows beside the default's)
+#   mlasync    the MLA decode's hand-offs synced on both sides at one barrier instruction (LAYERFORGE_MLA_SYNC_HANDOFF,
+#              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
+#              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
+#              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
 #   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
