@@ -523,9 +523,11 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
         # 2 stages won nearly everywhere. x quantised in the kernel's registers (a norm prologue's path), at 9-16
         # rows: narrow products (<= 4096 outputs) 2 column tiles x 8 warps (8B o 11.4 -> 9.8 us, down 32.6 -> 24.3),
         # wide ones 4 x 8 (q/k/v 20.6 -> 13.8, lm_head 305 -> 182), gated 2 x 2 (gate/up 60.6 -> 46.1); at 1-8 rows
-        # narrow 2 x 8, wide 1 x 4, gated 1 x 2. Over x quantised first (x_e4m3, the layer's default path) the old
-        # rule was within 1-6 % of the best on the 8B products and 10-19 % behind on the 70B ones, whose winners
-        # spread over 4 and 8 warps: 8 warps at 1-8 rows, 4 from 9, 2 stages, 2 column tiles where K >= 8192.
+        # narrow 2 x 8, wide 1 x 4, gated 1 x 2; long K (the 70B products) 2 x 4 / 4 x 4, gated 2 x 8. Over x
+        # quantised first (x_e4m3, the layer's default path) the old rule was up to 11 % behind the best split on the
+        # 8B products and up to 19 % on the 70B ones, whose winners spread over 4 and 8 warps: 8 warps at 1-8 rows, 4
+        # from 9, 2 column tiles where K >= 8192 (narrow products from 1 row). The rules checked against the old one,
+        # same run: in-register 1.0-1.76x faster, x first 0.92-1.25x (NOTES; 0.92: f8b 8B q/k/v at 8 rows, tabled).
         narrow, long_k = not gated and n <= 4096, k >= 8192
         if x_e4m3:
             if gated:

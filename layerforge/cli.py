@@ -49,6 +49,8 @@ def _cmd_build(args) -> int:
 
 def _cmd_tune(args) -> int:
     import torch
+    from .runtime.tune import parse_weights
+    parse_weights(args.weights, args.group)   # a misspelt name is an error here too, before the GPU's
     if not torch.cuda.is_available():
         print("error: layerforge tune measures on a CUDA GPU, and none is visible here", file=sys.stderr)
         return 1

@@ -208,6 +208,8 @@ def test_tune_without_a_gpu_is_a_clear_error(capsys):
         pytest.skip("a CUDA GPU is present: tests/gpu/test_tune_gpu.py runs the tuner")
     assert main(["tune", "--products", "6144:4096"]) == 1
     assert "tune measures on a CUDA GPU, and none is visible" in capsys.readouterr().err
+    assert main(["tune", "--products", "6144:4096", "--weights", "f8x"]) == 1   # the name first, on any machine
+    assert "--weights are bf16, f16, u4, i8, f8, f8b, f8r, f8br, got ['f8x']" in capsys.readouterr().err
 
 
 def test_torch_product_faster_than_every_split_routes_the_calls_to_it(tables):
