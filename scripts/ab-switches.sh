@@ -69,6 +69,8 @@
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
 #              at 8 / 16 tokens with the tables off (LAYERFORGE_TUNING=0) and with OUT_DIR's table (same run)
+#   xfirst     the W8A8 layer's two paths under the tuned rules: bench_gemv --quant at 1 / 8 / 16 tokens (8B and 70B)
+#              with x quantised in the product's registers (LAYERFORGE_FP8_QUANT_X_FIRST=0) and first (=1, the default)
 #   retime     tune's GPU tests (the f8 / f8b weights' among them, not yet run), the small-token products timed warm
 #              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
@@ -391,6 +393,13 @@ retime)
     timeout -s KILL 150 "$PY" -m layerforge tune --products 10240:8192,8192:8192,57344:8192:silu,8192:28672 \
         --weights u4,i8,bf16 --tokens 1,8,16 --table "$OUT_DIR/products.json" 2>&1 | tee "$OUT_DIR/tune70.txt" | tail -30
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+xfirst)
+    for v in 0 1; do
+        echo "-- LAYERFORGE_FP8_QUANT_X_FIRST=$v"
+        timeout -s KILL 150 env LAYERFORGE_FP8_QUANT_X_FIRST=$v "$PY" -m benchmarks.bench_gemv --quant --tokens 1,8,16 2>&1 \
+            | grep -v Warning | tee "$OUT_DIR/bench_gemv_quant_xfirst$v.txt" | tail -26
+    done
     ;;
 f8tune)
     echo "== W8A8 over x quantised first: tune's fp8 tests, tune f8,f8b (8B, 70B), bench_gemv --quant tables off / on"
