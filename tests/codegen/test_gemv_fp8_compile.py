@@ -14,6 +14,11 @@ CASES = [  # (N, K, gated, epilogue and prologue)
     (28672, 4096, "silu", dict(bias=True, residual=True)),
     (4096, 14336, None, dict(norm="rms")),
     (2048, 3072, "gelu_tanh", dict(norm="rms", norm_offset=1.0, bias=True, residual=True)),
+    # the rules' widest splits: q/k/v with the decoder's norm prologue (4 column tiles x 8 warps at 9-16 rows), the
+    # 70B products' long K (2-4 column tiles x 4 warps; gated 2 x 8, its norm's row in each stage)
+    (6144, 4096, None, dict(norm="rms")),
+    (10240, 8192, None, {}),
+    (57344, 8192, "silu", dict(norm="rms")),
 ]
 
 
