@@ -27,6 +27,14 @@ if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ];
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitize_cases.py 2>&1 \
         | tee "$OUT_DIR/sanitizer.log" | tail -4
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # the MLA decode's synced schedule (LAYERFORGE_MLA_SYNC_HANDOFF): no report from any of the three tools (the default
+    # schedule's bar.arrive hand-offs are ordered, but racecheck reports them: benchmarks/probe_racecheck.py)
+    for tool in racecheck synccheck; do
+        echo "== compute-sanitizer $tool (the MLA decode's synced schedule: no report expected)"
+        compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitize_cases.py mlasync \
+            2>&1 | tee "$OUT_DIR/sanitizer_mlasync_$tool.log" | tail -3
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
 fi
 echo "== benchmarks"
 if [ -z "${SKIP_BENCH:-}" ]; then

@@ -7,7 +7,8 @@ and per score), MLA decodes over a paged latent cache (both kernels, TMA and cp.
 split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
-("mla": the MLA decode cases alone; "d256": the D256 wgmma prefill with K and V in rings of their own,
+("mla": the MLA decode cases alone; "mlasync": its synced kernels alone (LAYERFORGE_MLA_SYNC_HANDOFF's schedule), which
+scripts/gpu-check.sh runs under racecheck and synccheck too, expecting no report; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
 decodetma; "xshare": u4's shared-x products, the same way by its part xshare; "many": the e4m3 decode's tile for grids
@@ -22,11 +23,12 @@ from layerforge.runtime.kv_cache import PagedKVCache
 from layerforge.runtime.layers import module
 
 
-def mla_cases(bf):
+def mla_cases(bf, sync_only=False):
     """The MLA decode kernels (the wgmma kernel's seesaw schedule and its synced hand-offs too) on a partial last tile,
     splits, a page-table entry outside the cache. racecheck reports the bar.arrive hand-offs of the default wgmma
     kernel and the seesaw (the tool's model: benchmarks/probe_racecheck.py); the synced ones are the cases it can
-    check."""
+    check. sync_only: the synced kernels alone (the corrupt-table case on one too): the MLA decode memcheck, racecheck
+    and synccheck all pass clean (scripts/gpu-check.sh runs them so)."""
     from layerforge.runtime.mla_decode import MLADecode
     lens, q_seq = torch.tensor([150, 1], dtype=torch.int32, device="cuda"), torch.tensor([0, 1], dtype=torch.int32,
                                                                                            device="cuda")
@@ -34,6 +36,8 @@ def mla_cases(bf):
     for page, kernel, seesaw, sync in ((64, None, False, None), (8, None, False, None), (64, "mma", False, None),
                                        (64, "wgmma", True, None), (8, "wgmma", True, None), (64, "wgmma", False, True),
                                        (8, "wgmma", False, True)):
+        if sync_only and not sync:
+            continue
         lat = torch.randn(9 * 64 // page, page, 576, device="cuda", dtype=bf)
         n = -(-150 // page)
         lat_table = torch.full((2, n + 1), -1, dtype=torch.int32, device="cuda")
@@ -44,8 +48,9 @@ def mla_cases(bf):
                 q, lat, lat_table, lens, q_seq, scale=0.07, max_kv_len=150, num_splits=splits)
     bad = lat_table.clone()
     bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds
-    MLADecode(num_heads=64, page_size=64)(q, torch.randn(9, 64, 576, device="cuda", dtype=bf),
-                                          bad[:, :4].contiguous(), lens, q_seq, scale=0.07, max_kv_len=150)
+    MLADecode(num_heads=64, page_size=64, sync_handoff=True if sync_only else None)(
+        q, torch.randn(9, 64, 576, device="cuda", dtype=bf), bad[:, :4].contiguous(), lens, q_seq, scale=0.07,
+        max_kv_len=150)
 
 
 def ragged_prefill(layer, attn, d, lens, bf, *, num_pages, max_pages, small=False):
@@ -356,6 +361,8 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["mla"]:   # the MLA decode cases alone
         mla_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["mlasync"]:   # the synced MLA decode kernels alone (clean under all three tools)
+        mla_cases(torch.bfloat16, sync_only=True)
     elif sys.argv[1:] == ["d256"]:   # the D256 wgmma prefill alone (K and V rings)
         d256_cases(torch.bfloat16)
     elif sys.argv[1:] == ["persist"]:   # the persistent wgmma prefill alone (off by default: not in main)
