@@ -13,8 +13,10 @@ tiles per CTA, warps, ring stages) of each shape to choose the default. --quant 
 weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B and -70B shapes beside cuBLAS on
 bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128), "of copy" on
 the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
-(f8e4m3, per-row and 128 x 128 block scales, x quantised inside) beside torch._scaled_mm (e4m3 x
-already quantised, per-tensor scales, M padded to 16), "of copy" on the fp8 bytes and scales.
+(f8e4m3, per-row and 128 x 128 block scales) beside torch._scaled_mm (e4m3 x already quantised, per-tensor
+scales, M padded to 16), "of copy" on the fp8 bytes and scales: "f8" the layer's call as it runs by default (x
+quantised first by the row kernel, then the product: LAYERFORGE_FP8_QUANT_X_FIRST), "f8 reg" the same weights with
+x quantised in the product's registers (the switch off), same run.
 "sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
 12.6 MB product is 3 us at the large copy's ceiling, where launch, ramp and tail weigh as much as the bytes.
 The main, --quant and their --sweep tables time each product on weights L2 does not hold: the timed graph cycles through
@@ -28,7 +30,9 @@ cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -422,7 +426,8 @@ def main_quant(a, ceiling):
           "bytes at this size (graph replays) over the product's")
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'sized':>5s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
-          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8blk us':>8s} {'of copy':>7s} "
+          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} {'f8blk us':>8s} "
+          f"{'of copy':>7s} "
           f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
@@ -449,22 +454,40 @@ def main_quant(a, ceiling):
             b4, b8 = u4s[0].qw.nbytes(), i8s[0].qw.nbytes()
             nan = float("nan")
             ours_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
+            with _env("LAYERFORGE_FP8_QUANT_X_FIRST", "0"):   # x quantised in the product's registers
+                ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
             ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
             smms = [q for q in copies(lambda: torch_fp8(w, m), n * k) if q] if fp8 else []
             theirs_f8 = graph_time(smms) if smms else nan
             bf8, bf8b = (f8s[0].qw.nbytes(), f8bs[0].qw.nbytes()) if fp8 else (nan, nan)
             sized4 = sized_copy_time(b4)
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
-                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_block_s=ours_f8b,
+                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r,
+                     f8_block_s=ours_f8b,
                      scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4)
             print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {sized4 / ours4:>5.2f} "
                   f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4s else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
-                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8b * 1e6:>8.1f} {bf8b / ours_f8b / ceiling:>7.2f} "
+                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8b * 1e6:>8.1f} "
+                  f"{bf8b / ours_f8b / ceiling:>7.2f} "
                   f"{theirs_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f}")
             rows.append(r)
     return rows
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """`name` set to `value` inside the block (a call's path is chosen as it is called or captured), then as it was."""
+    held = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if held is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = held
 
 
 def main(argv=None):
