@@ -30,9 +30,7 @@ cuBLAS and the small-token kernel, on the 8B shapes and Mamba2-2.7B's in/out pro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -401,6 +399,7 @@ def sized_copy_time(nbytes: int) -> float:
 def main_quant(a, ceiling):
     from layerforge.runtime import quant
     from layerforge.runtime.quant import QuantLinear
+    from .bench_attention import env_switch_set
     tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else QUANT_TOKENS
     if a.kernel_rows:
         quant.QUANT_KERNEL_MAX_ROWS = a.kernel_rows
@@ -454,7 +453,7 @@ def main_quant(a, ceiling):
             b4, b8 = u4s[0].qw.nbytes(), i8s[0].qw.nbytes()
             nan = float("nan")
             ours_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
-            with _env("LAYERFORGE_FP8_QUANT_X_FIRST", "0"):   # x quantised in the product's registers
+            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", False):   # x quantised in the product's registers
                 ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
             ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
             smms = [q for q in copies(lambda: torch_fp8(w, m), n * k) if q] if fp8 else []
@@ -474,20 +473,6 @@ def main_quant(a, ceiling):
                   f"{theirs_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f}")
             rows.append(r)
     return rows
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """`name` set to `value` inside the block (a call's path is chosen as it is called or captured), then as it was."""
-    held = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if held is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = held
 
 
 def main(argv=None):

@@ -84,12 +84,12 @@ def handoff_ab(a, ceiling) -> int:
         for batch in (64, 32):
             for ov in (False, "sync"):
                 r = case(batch, 4096, a.heads, a.page, False, None, "wgmma", ov)
-                times.setdefault((batch, r["kernel"]), []).append(min(r["ours_s"], r["graph_s"]))
+                times.setdefault((batch, r["kernel"], r["bytes"]), []).append(min(r["ours_s"], r["graph_s"]))
                 torch.cuda.empty_cache()
-    for (batch, kernel), ts in times.items():
+    for (batch, kernel, nbytes), ts in times.items():
         med = statistics.median(ts)
         print(f"{batch} seqs x 4096 {kernel.replace('wgmma', 'wg'):8s} median {med * 1e6:7.1f} us  "
-              f"({batch * 4096 * (L + R) * 2 / med / ceiling:.2f} of copy)  each: "
+              f"({nbytes / med / ceiling:.2f} of copy)  each: "
               + " ".join(f"{t * 1e6:.1f}" for t in ts))
     return 0
 

@@ -546,7 +546,6 @@ def plan_gemv(dtype: str, *, n: int, k: int, max_m: int = 8, gated: str | None =
             drt, dw = (2, 4) if mt == 1 else (4, 4)
         else:
             drt, dw = (4, 8) if mt == 2 else (1, 4)
-        dw = dw if warps is None else warps
         ds = 2
     rt = drt if rt is None else rt
     if min_blocks not in (None, 1):

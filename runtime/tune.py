@@ -474,10 +474,11 @@ WEIGHTS = {"bf16": ("bf16", None, 0, False), "f16": ("f16", None, 0, False), "u4
 
 
 def _kind(wtype: str | None, group: int, x_e4m3: bool) -> str | None:
-    """The --weights name of a tuned problem's weights, where the weight type alone does not say it (f8e4m3)."""
+    """The --weights name (WEIGHTS) of a tuned problem's weights, where the weight type alone does not say it
+    (f8e4m3)."""
     if wtype != "f8e4m3":
         return None
-    return "f8" + ("b" if group else "") + ("" if x_e4m3 else "r")
+    return next(name for name, (_, w, g, x) in WEIGHTS.items() if (w, g, x) == (wtype, group, x_e4m3))
 
 
 def parse_weights(spec: str, group: int = 128) -> list[tuple[str | None, str | None, int, bool]]:

@@ -97,7 +97,7 @@ def test_fp8_gemv_epilogues(block, m, gated, norm):
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("block", [0, 128])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (2048, 3072), (7168, 2048), (1000, 1152)])
-def test_fp8_gemv_x_quantised_first(monkeypatch, tmp_path, n, k, block, m, gated, bias, res):
+def test_fp8_gemv_x_quantised_first(monkeypatch, tuning_table, n, k, block, m, gated, bias, res):
     """LAYERFORGE_FP8_QUANT_X_FIRST=1: x quantised by the row kernel (a token and 128 k), then the small-token
     kernel over those bytes and scales (runtime/quant.fp8_gemv, codegen/gemv.py x_e4m3 x_group 128): against
     float64, and equal to the kernel that quantises x in its registers (the same bytes, scales and sums: both paths
@@ -107,21 +107,14 @@ def test_fp8_gemv_x_quantised_first(monkeypatch, tmp_path, n, k, block, m, gated
         pytest.skip("block scales: K a multiple of 128, gate and up halves of whole blocks")
     from layerforge.codegen import tuning
     from layerforge.codegen.gemv import plan_gemv
-    from layerforge.runtime import linear, quant
+    from layerforge.runtime import quant
     bucket = 8 if m <= 8 else 16
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
     rules = plan_gemv("bf16", n=n, k=k, max_m=bucket, gated=gated, arch=arch, wtype="f8e4m3", group=block,
                       x_e4m3=True, x_group=128, tuned=False)
-    table = tmp_path / "one_split.json"
     for family in ("gemv", "gemv_x8"):
-        tuning.write_entry(table, family, {"rt": rules.rt, "warps": rules.warps, "stages": rules.stages}, arch=arch,
-                           dtype="bf16", wtype="f8e4m3", group=block, gated=gated, n=n, k=k, bucket=bucket)
-    monkeypatch.setenv("LAYERFORGE_TUNING", "1")
-    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(table))
-    monkeypatch.setenv("LAYERFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(linear, "_KERNELS", {})   # launchers made before the table: not reused
-    monkeypatch.setattr(quant, "_DEQUANT", {})
-    tuning.clear_cache()
+        tuning.write_entry(tuning_table, family, {"rt": rules.rt, "warps": rules.warps, "stages": rules.stages},
+                           arch=arch, dtype="bf16", wtype="f8e4m3", group=block, gated=gated, n=n, k=k, bucket=bucket)
     gen = seeded_generator("gemv-fp8-xfirst", n, k, block, m, gated, bias, res)
     lin = fp8_linear(n, k, block, gen, bias=bias)
     n_out = n // 2 if gated else n
@@ -143,7 +136,6 @@ def test_fp8_gemv_x_quantised_first(monkeypatch, tmp_path, n, k, block, m, gated
     assert y.data_ptr() == out.data_ptr() and seen == [((m, k), (m, -(-k // 128)))]
     assert rel_err(out, w8a8_reference(x, lin, gated, lin.bias, r)) < 1e-2
     assert torch.equal(out, in_registers)
-    tuning.clear_cache()
 
 
 @pytest.mark.parametrize("m", [1, 16])

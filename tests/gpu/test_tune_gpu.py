@@ -9,7 +9,7 @@ import torch
 
 from layerforge.codegen import tuning
 from layerforge.codegen.gemv import plan_gemv
-from layerforge.runtime import linear, quant
+from layerforge.runtime import linear
 from layerforge.runtime.quant import QuantLinear, dequantize, gemv_quant
 from layerforge.runtime.tune import _label, tune_products
 
@@ -19,20 +19,8 @@ from .products import epilogue, reference
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture
-def table(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERFORGE_TUNING", "1")
-    monkeypatch.setenv("LAYERFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LAYERFORGE_TUNING_TABLE", raising=False)
-    monkeypatch.setattr(linear, "_KERNELS", {})   # launchers made before the table: not reused
-    monkeypatch.setattr(quant, "_DEQUANT", {})
-    tuning.clear_cache()
-    yield tuning.user_table_path()
-    tuning.clear_cache()
-
-
 @pytest.mark.parametrize("wtype", [None, "u4"])
-def test_tune_records_the_fastest_split_and_the_product_runs_it(table, wtype):
+def test_tune_records_the_fastest_split_and_the_product_runs_it(tuning_table, wtype):
     n, k, m = 3000, 2048, 9
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
     before = plan_gemv("bf16", n=n, k=k, max_m=16, arch=arch, wtype=wtype, group=128 if wtype else 0)
@@ -69,7 +57,7 @@ def test_tune_records_the_fastest_split_and_the_product_runs_it(table, wtype):
                     reason="W8A8 e4m3 needs an sm_89+ GPU")
 @pytest.mark.parametrize("x_e4m3", [True, False], ids=["x_first", "x_in_registers"])
 @pytest.mark.parametrize("group", [0, 128])
-def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(table, group, x_e4m3, monkeypatch):
+def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(tuning_table, group, x_e4m3, monkeypatch):
     """f8 / f8b (x quantised first, the layer's default path) and f8r / f8br (x quantised in the kernel's loop): the
     splits of the W8A8 product timed and recorded like u4's; the product then runs the recorded split on that path
     and matches float64 of the dequantised W and of x quantised as the kernel does (test_gemv_fp8's reference,
@@ -102,14 +90,14 @@ def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(table, grou
     assert plan.key in loaded, (plan.key, loaded)   # the tuned path ran the plan the table gave it
 
 
-def test_a_route_entry_sends_the_calls_to_torchs_product(table, monkeypatch):
+def test_a_route_entry_sends_the_calls_to_torchs_product(tuning_table, monkeypatch):
     """A "route" entry (torch's product measured faster than every split) sends calls of exactly its problem to
     torch's product with the epilogue in torch; a call with a norm prologue, another bucket or another N keeps
     the kernel."""
     n, k = 3000, 2048
     arch = "sm_%d%d" % torch.cuda.get_device_capability()
-    tuning.write_entry(table, "route", {"cublas": 1}, arch=arch, dtype="bf16", wtype=None, group=0, gated="silu",
-                       n=n, k=k, bucket=8)
+    tuning.write_entry(tuning_table, "route", {"cublas": 1}, arch=arch, dtype="bf16", wtype=None, group=0,
+                       gated="silu", n=n, k=k, bucket=8)
     launches = []
     real = linear.launch_gemv
     monkeypatch.setattr(linear, "launch_gemv", lambda *a, **kw: launches.append(a[2:4]) or real(*a, **kw))
@@ -128,7 +116,7 @@ def test_a_route_entry_sends_the_calls_to_torchs_product(table, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the decode-range GEMM needs an sm_90 GPU")
 @pytest.mark.parametrize("wtype", ["u4", "i8"])
-def test_tune_stream_records_a_split_the_quantised_product_then_runs(table, wtype):
+def test_tune_stream_records_a_split_the_quantised_product_then_runs(tuning_table, wtype):
     """tune_stream's measurements are real times; a recorded split is the plan gemv_quant's 64-row calls then
     run (W packed for it), matching float64 of the dequantised W."""
     from layerforge.codegen.gemm_stream import plan_gemm_stream
@@ -180,7 +168,7 @@ def _packaged_entries():
 
 @pytest.mark.parametrize("entry", _packaged_entries(), ids=lambda e: f"{e['family']}-{e['wtype']}-{e['n']}x{e['k']}-"
                                                               f"{e['bucket']}")
-def test_every_packaged_entry_runs_its_split_against_float64(table, entry, monkeypatch):
+def test_every_packaged_entry_runs_its_split_against_float64(tuning_table, entry, monkeypatch):
     """With the packaged table on (no user table), the product of each entry's problem at its bucket's rows runs the
     entry's split (the planner's key) and matches float64 (bf16: of W; u4 / i8: of the dequantised W; f8e4m3: of it
     and of x quantised as the kernel does; a gemv entry of e4m3 W runs the in-register path, a gemv_x8 one the path
