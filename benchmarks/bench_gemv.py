@@ -16,9 +16,13 @@ the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp
 (f8e4m3, per-row and 128 x 128 block scales) beside torch._scaled_mm (e4m3 x already quantised, per-tensor
 scales, M padded to 16), "of copy" on the fp8 bytes and scales: "f8" the layer's call as it runs by default (x
 quantised first by the row kernel, then the product: LAYERFORGE_FP8_QUANT_X_FIRST), "f8 reg" the same weights with
-x quantised in the product's registers (the switch off), same run.
+x quantised in the product's registers (the switch off), "f8 cuBLAS" the layer's call with the small-token kernel
+off (the same row quantiser, then cuBLAS's 1 x 128 / 128 x 128 blockwise-scaled e4m3 product: the peer with our
+scales), same run.
 "sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
 12.6 MB product is 3 us at the large copy's ceiling, where launch, ramp and tail weigh as much as the bytes.
+"f8 cp@size" is that copy's own fraction of the ceiling for the f8 product's bytes: the most "of copy" a product of
+that size could show when moving its bytes costs what a copy of them does.
 The main, --quant and their --sweep tables time each product on weights L2 does not hold: the timed graph cycles through
 copies of the weights (3 x L2 of other bytes between two reads of one copy), as a model's step reads each
 layer's weights once; --warm reads the same weights in every call (the way earlier tables were taken: W of
@@ -396,6 +400,13 @@ def sized_copy_time(nbytes: int) -> float:
     return _SIZED_COPY[nbytes]
 
 
+def _blockwise_takes(x, qw) -> bool:
+    """Whether cuBLAS takes the W8A8 product of x with qw blockwise-scaled (runtime/quant._scaled_mm_blockwise)."""
+    from layerforge.runtime import quant
+    q, s = quant.quantize_fp8_rows_cuda(x)
+    return quant._scaled_mm_blockwise(q, s, qw, x.dtype) is not None
+
+
 def main_quant(a, ceiling):
     from layerforge.runtime import quant
     from layerforge.runtime.quant import QuantLinear
@@ -422,12 +433,13 @@ def main_quant(a, ceiling):
         print("ran each u4 / i8 product three times (--once)")
         return []
     print("of copy: the bytes over the time at the large copy's ceiling; sized: the time of a copy moving the same "
-          "bytes at this size (graph replays) over the product's")
+          "bytes at this size (graph replays) over the product's; f8 cp@size: what such a copy of the f8 product's "
+          "bytes reaches, as a fraction of the ceiling (the most a product of that size could show in 'of copy')")
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'sized':>5s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
           f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} {'f8blk us':>8s} "
           f"{'of copy':>7s} "
-          f"{'scaled_mm us':>12s} {'f8/cuBLAS':>9s}")
+          f"{'scaled_mm us':>12s} {'f8 cuBLAS us':>12s} {'f8/cuBLAS':>9s} {'f8 cp@size':>10s}")
     rows = []
     for name, n, k, gated in QUANT_SHAPES:
         if a.only and a.only not in name:
@@ -456,21 +468,32 @@ def main_quant(a, ceiling):
             with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", False):   # x quantised in the product's registers
                 ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
             ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
+            # the layer's call with the small-token kernel off: the same row quantiser (a token and 128 k), then
+            # cuBLAS's blockwise-scaled e4m3 product (torch._scaled_mm; None where it has none: nan)
+            held, quant.FP8_KERNEL_MAX_ROWS = quant.FP8_KERNEL_MAX_ROWS, 0
+            try:
+                cub_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) \
+                    if fp8 and _blockwise_takes(x, f8s[0].qw) else nan
+            finally:
+                quant.FP8_KERNEL_MAX_ROWS = held
             smms = [q for q in copies(lambda: torch_fp8(w, m), n * k) if q] if fp8 else []
             theirs_f8 = graph_time(smms) if smms else nan
             bf8, bf8b = (f8s[0].qw.nbytes(), f8bs[0].qw.nbytes()) if fp8 else (nan, nan)
             sized4 = sized_copy_time(b4)
+            sized8 = sized_copy_time(bf8) if fp8 else nan
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
                      torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r,
                      f8_block_s=ours_f8b,
-                     scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4)
+                     scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4,
+                     f8_sized_copy_s=sized8, f8_cublas_route_s=cub_f8)
             print(f"{name:12s} {m:>3d} {ours4 * 1e6:>7.1f} {b4 / ours4 / ceiling:>7.2f} {sized4 / ours4:>5.2f} "
                   f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4s else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
                   f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8b * 1e6:>8.1f} "
                   f"{bf8b / ours_f8b / ceiling:>7.2f} "
-                  f"{theirs_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f}")
+                  f"{theirs_f8 * 1e6:>12.1f} {cub_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f} "
+                  f"{bf8 / sized8 / ceiling:>10.2f}")
             rows.append(r)
     return rows
 

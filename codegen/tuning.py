@@ -16,8 +16,14 @@ it records a "route" entry too, and runtime/linear.gemv then sends those calls t
 makes a product slower than the better of the two as measured.
 
 Tables are JSON files, {"version": 1, "entries": [...]}, each entry the key's fields, "split"
-(the plan's fields), and what was measured ("us", "rules_us", "device", "date", "command"). Read in order,
-a later entry replacing an earlier one of the same key:
+(the plan's fields), and what was measured ("us", "rules_us", "device", "date", "command"). An entry is a
+measurement on one card, its "device" (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are
+both sm_90, with other bandwidths and clocks), and serves that card only: where the runtime plans for a GPU it
+tells the tables which card an arch is (note_device; runtime/launch.device_arch does), and a problem then takes
+the entry measured on that card or one that names no device (the one read last), never another card's: on a card
+no table measured, the rules decide, as they do where the tuner found them fastest. Planned without a GPU (a build on a CPU machine
+for an arch, or a process with two cards of one arch), the card is unknown and the entry read last of any card
+serves. Read in order, a later entry replacing an earlier one of the same key and card:
   1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
   2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
      `layerforge tune` writes by default;
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
-           "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS"]
+           "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS", "note_device", "device_for"]
 
 TABLE_VERSION = 1
 PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
@@ -47,6 +53,27 @@ KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "b
 SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "gemv_x8": ("rt", "warps", "stages"), "route": ("cublas",),
                 "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed")}
 _GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
+_DEVICES: dict[str, set[str]] = {}   # arch (no "a" suffix) -> the names of the cards the runtime planned for
+
+
+def _base_arch(arch: str) -> str:
+    return arch[:-1] if arch.endswith("a") else arch
+
+
+def note_device(arch: str, name: str) -> None:
+    """The runtime plans for a card `name` of `arch` in this process: lookups of that arch take the entries
+    measured on it (the module's docstring). A second card's name for one arch makes the card unknown again."""
+    names = _DEVICES.setdefault(_base_arch(arch), set())
+    if name not in names:
+        names.add(name)
+        _GENERATION[0] += 1   # cached lookups (runtime/linear.torch_route) were taken for another card
+
+
+def device_for(arch: str) -> str | None:
+    """The card the runtime plans `arch` for in this process (note_device), or None where it is unknown (no GPU
+    planned for yet, or two cards of the arch)."""
+    names = _DEVICES.get(_base_arch(arch), ())
+    return next(iter(names)) if len(names) == 1 else None
 
 
 def user_table_path() -> Path:
@@ -83,6 +110,11 @@ def _entry_key(e: dict) -> tuple:
     return problem_key(e["family"], **{f: e.get(f) for f in KEY_FIELDS[1:]})
 
 
+def _entry_card(e: dict) -> str:
+    """The card an entry was measured on ("" where it names none: an entry for every card)."""
+    return str(e.get("device") or "")
+
+
 def read_table(path: Path) -> list[dict]:
     """A table's entries (none where the file does not exist); an unreadable table, a table of another
     version or an entry missing a field is an error naming the file (a table is data the planner trusts)."""
@@ -107,11 +139,15 @@ def read_table(path: Path) -> list[dict]:
 
 
 @functools.cache
-def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict]:
-    table: dict[tuple, dict] = {}
+def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict[str, dict]]:
+    """key -> {card: split}, each key's cards in the order last read (a later entry of a key and card moves it
+    last)."""
+    table: dict[tuple, dict[str, dict]] = {}
     for p in paths:
         for e in read_table(p):
-            table[_entry_key(e)] = dict(e["split"])
+            cards = table.setdefault(_entry_key(e), {})
+            cards.pop(_entry_card(e), None)
+            cards[_entry_card(e)] = dict(e["split"])
     return table
 
 
@@ -126,13 +162,19 @@ def generation() -> int:
     return _GENERATION[0]
 
 
-def lookup(family: str, **key: Any) -> dict | None:
-    """The measured split of the problem (problem_key's fields), or None where no table has one."""
+def lookup(family: str, *, device: str | None = None, **key: Any) -> dict | None:
+    """The measured split of the problem (problem_key's fields) on the card `device` (default: the one the runtime
+    plans key["arch"] for, device_for), or None where no table has one for that card. With no card known, the
+    entry read last of any card (the module's docstring)."""
     paths = tuple(table_paths())
     if not paths:
         return None
-    split = _merged(paths).get(problem_key(family, **key))
-    return dict(split) if split else None
+    cards = _merged(paths).get(problem_key(family, **key))
+    if not cards:
+        return None
+    card = device if device is not None else device_for(key["arch"])
+    mine = [split for c, split in cards.items() if card is None or c in (card, "")]   # in the order last read
+    return dict(mine[-1]) if mine else None
 
 
 def _write(path: Path, entries: list[dict]) -> None:
@@ -153,16 +195,18 @@ def write_entry(path: Path, family: str, split: dict, measured: dict | None = No
     k = problem_key(family, **key)
     entry = dict(zip(KEY_FIELDS, k)) | {"split": {f: int(split[f]) for f in fields}}
     entry |= {"date": datetime.date.today().isoformat()} | dict(measured or {})
-    entries = [e for e in read_table(path) if _entry_key(e) != k] + [entry]
+    card = _entry_card(entry)   # the card's entry of the key is replaced, another card's kept
+    entries = [e for e in read_table(path) if (_entry_key(e), _entry_card(e)) != (k, card)] + [entry]
     _write(Path(path), entries)
     return entry
 
 
-def remove_entry(path: Path, family: str, **key: Any) -> bool:
-    """Drop the problem's entry from the table at `path`; whether there was one."""
+def remove_entry(path: Path, family: str, *, device: str | None = None, **key: Any) -> bool:
+    """Drop the problem's entry measured on the card `device` ("": the entry that names none; None: every card's)
+    from the table at `path`; whether there was one."""
     k = problem_key(family, **key)
     entries = read_table(path)
-    kept = [e for e in entries if _entry_key(e) != k]
+    kept = [e for e in entries if _entry_key(e) != k or (device is not None and _entry_card(e) != device)]
     if len(kept) == len(entries):
         return False
     _write(Path(path), kept)

@@ -265,14 +265,15 @@ def nvrtc_library_path() -> str | None:
 
 
 def default_arch() -> str:
-    """`sm_XY` of torch's current CUDA device."""
+    """`sm_XY` of torch's current CUDA device (what is built next is for that card: the tuning tables learn its
+    name, codegen/tuning.note_device)."""
     import torch
 
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU is visible, so the target arch cannot be guessed: "
                            "pass one explicitly, e.g. CompileOptions(arch='sm_90')")
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+    from .launch import device_arch
+    return device_arch()
 
 
 _ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")

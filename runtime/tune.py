@@ -266,7 +266,7 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                     "us": round(torch_s * 1e6, 2), "kernel_us": round(best_s * 1e6, 2), "kernel": best,
                     "device": device_name or "", "command": command or ""}, **route_key)
             elif write and wtype is None:
-                tuning.remove_entry(table, "route", **route_key)
+                tuning.remove_entry(table, "route", device=device_name or "", **route_key)
             r = TuneResult(name, n, k, gated, wtype, bucket, rules, rules_s * 1e6, best, best_s * 1e6, win, timings,
                            None if torch_s is None else torch_s * 1e6, bool(write and route),
                            kind=_kind(wtype, group, x_e4m3))
@@ -434,8 +434,8 @@ def _record(table: Path, family: str, key: dict, rules: dict, rules_s: float, be
         tuning.write_entry(table, family, best, measured={
             "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": rules,
             "device": device_name or "", "command": command or ""}, **key)
-    elif write:
-        tuning.remove_entry(table, family, **key)
+    elif write:   # this card's entry: another card's measurement stands
+        tuning.remove_entry(table, family, device=device_name or "", **key)
     return bool(write and win)
 
 

@@ -19,6 +19,7 @@ def tables(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERFORGE_TUNING", "1")
     monkeypatch.setenv("LAYERFORGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("LAYERFORGE_TUNING_TABLE", raising=False)
+    monkeypatch.setattr(tuning, "_DEVICES", {})   # no card planned for yet (a GPU test before may have noted one)
     tuning.clear_cache()
     yield tmp_path
     tuning.clear_cache()
@@ -61,6 +62,67 @@ def test_a_later_table_replaces_an_earlier_entry(tables, monkeypatch):
     assert tuning.lookup("gemv", **KEY) == {"rt": 1, "warps": 2, "stages": 4}
     assert tuning.remove_entry(extra, "gemv", **KEY) and not tuning.remove_entry(extra, "gemv", **KEY)
     assert tuning.lookup("gemv", **KEY) == {"rt": 1, "warps": 4, "stages": 3}
+
+
+H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+
+
+def test_an_entry_serves_the_card_it_was_measured_on_and_no_other(tables):
+    """Two cards of one arch (an H100 and an H200 are both sm_90): each takes its own entry of a problem, a third
+    card none (the rules), an entry naming no card serves every card; with no card known (a build without a GPU)
+    the entry read last serves."""
+    user = tuning.user_table_path()
+    split100, split200, every = ({"rt": 1, "warps": 4, "stages": 3}, {"rt": 2, "warps": 2, "stages": 4},
+                                 {"rt": 1, "warps": 8, "stages": 2})
+    tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)
+    tuning.write_entry(user, "gemv", split200, measured={"device": H200}, **KEY)   # H100's entry kept beside it
+    assert tuning.lookup("gemv", device=H100, **KEY) == split100
+    assert tuning.lookup("gemv", device=H200, **KEY) == split200
+    assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) is None
+    assert tuning.lookup("gemv", **KEY) == split200        # no card known: the entry read last
+    # the runtime names the card it plans for (runtime/launch.device_arch): lookups of its arch take that card's
+    # entries, the "a" arch of the Hopper kernels included; a plan of the problem then takes the card's split
+    gen = tuning.generation()
+    tuning.note_device("sm_90", H100)
+    assert tuning.generation() != gen                      # cached lookups were taken for no card
+    assert tuning.lookup("gemv", **KEY) == split100 and tuning.device_for("sm_90a") == H100
+    assert (_u4_16().rt, _u4_16().warps, _u4_16().stages) == (1, 4, 3)
+    assert tuning.lookup("gemv", **(KEY | {"arch": "sm_80"})) is None and tuning.device_for("sm_80") is None
+    # an entry naming no card serves every card, the one read last of it and the card's own
+    tuning.write_entry(user, "gemv", every, **KEY)
+    assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) == every and tuning.lookup("gemv", **KEY) == every
+    assert tuning.lookup("gemv", device=H200, **KEY) == every   # read after the H200's own
+    tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)   # measured again: read last
+    assert tuning.lookup("gemv", **KEY) == split100 and tuning.lookup("gemv", device=H200, **KEY) == every
+    # two cards of one arch in a process: the card is unknown again, the entry read last serves
+    tuning.note_device("sm_90", H200)
+    assert tuning.device_for("sm_90") is None and tuning.lookup("gemv", **KEY) == split100
+    # removing one card's entry keeps the others'
+    assert tuning.remove_entry(user, "gemv", device=H100, **KEY)
+    assert not tuning.remove_entry(user, "gemv", device=H100, **KEY)
+    assert tuning.lookup("gemv", device=H100, **KEY) == every
+    assert tuning.remove_entry(user, "gemv", device="", **KEY)   # the entry naming no card
+    assert tuning.lookup("gemv", device=H100, **KEY) is None and tuning.lookup("gemv", device=H200, **KEY) == split200
+    assert tuning.remove_entry(user, "gemv", **KEY) and tuning.lookup("gemv", device=H200, **KEY) is None
+
+
+def test_the_tuner_on_a_second_card_leaves_the_first_cards_entry(tables):
+    """Tuning one problem on an H200 where the rules win removes the H200's entry only: the H100's measured win
+    stands for H100s."""
+    table = tuning.user_table_path()
+    common = dict(tokens=(16,), arch="sm_90", table=table, candidates=[(1, 4, 3)], wtype="u4", group=128,
+                  log=lambda s: None)
+    rules = _u4_16(tuned=False)
+    assert (rules.rt, rules.warps, rules.stages) != (1, 4, 3)
+    factory, _ = _fake({(1, 4, 3): 8.0, (rules.rt, rules.warps, rules.stages): 10.0})   # the split beats the rules
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, device_name=H100, **common)
+    assert res.recorded
+    factory, _ = _fake({(1, 4, 3): 11.0, (rules.rt, rules.warps, rules.stages): 10.0})  # on the other card, the rules
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, device_name=H200, **common)
+    assert not res.recorded
+    assert tuning.lookup("gemv", device=H100, **KEY) == {"rt": 1, "warps": 4, "stages": 3}
+    assert tuning.lookup("gemv", device=H200, **KEY) is None
+    assert [e["device"] for e in tuning.read_table(table)] == [H100]
 
 
 def test_a_misspelt_extra_table_is_an_error(tables, monkeypatch):

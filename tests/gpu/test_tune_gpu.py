@@ -161,9 +161,14 @@ def _quant_reference(x, qw, gated, rows=16384):
 
 
 def _packaged_entries():
+    """The packaged entries this card takes: its arch's, measured on it (codegen/tuning.py: an entry serves the card it
+    was measured on, or every card where it names none)."""
+    if not torch.cuda.is_available():
+        return []
+    card = torch.cuda.get_device_name()
     return [e for e in tuning.read_table(tuning.PACKAGED_TABLE)
-            if e["family"] in ("gemv", "gemv_x8", "gemm_stream") and e["arch"].rstrip("a") == "sm_%d%d" % (
-                torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0))]
+            if e["family"] in ("gemv", "gemv_x8", "gemm_stream") and e.get("device", "") in (card, "")
+            and e["arch"].rstrip("a") == "sm_%d%d" % torch.cuda.get_device_capability()]
 
 
 @pytest.mark.parametrize("entry", _packaged_entries(), ids=lambda e: f"{e['family']}-{e['wtype']}-{e['n']}x{e['k']}-"
