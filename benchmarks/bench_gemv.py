@@ -14,9 +14,11 @@ weight-only quantised kernels (u4 group 128, i8 per row) at Llama-3-8B and -70B 
 bf16 W and torch's int4 weight-only kernel (torch._weight_int4pack_mm, group 128), "of copy" on
 the bytes each reads for W (packed weight and its scales); on sm_89+ also the fp8 W8A8 kernel
 (f8e4m3, per-row and 128 x 128 block scales) beside torch._scaled_mm (e4m3 x already quantised, per-tensor
-scales, M padded to 16), "of copy" on the fp8 bytes and scales: "f8" the layer's call as it runs by default (x
-quantised first by the row kernel, then the product: LAYERFORGE_FP8_QUANT_X_FIRST), "f8 reg" the same weights with
-x quantised in the product's registers (the switch off), "f8 cuBLAS" the layer's call with the small-token kernel
+scales, M padded to 16), "of copy" on the fp8 bytes and scales: "f8" the layer's call as it runs by default
+(runtime/quant.fp8_x_first_default: x quantised in the product's registers up to FP8_REGISTER_MAX_ROWS rows, past them
+quantised first by the row kernel, then the product), "f8 reg" the same weights with x quantised in the product's
+registers at every row count (LAYERFORGE_FP8_QUANT_X_FIRST=0), "f8 x1st" x quantised first at every count (=1),
+"f8 cuBLAS" the layer's call with the small-token kernel
 off (the same row quantiser, then cuBLAS's 1 x 128 / 128 x 128 blockwise-scaled e4m3 product: the peer with our
 scales), same run.
 "sized" (--quant, u4) is the time a device copy moving the same bytes takes at that size over the product's: a
@@ -437,7 +439,8 @@ def main_quant(a, ceiling):
           "bytes reaches, as a fraction of the ceiling (the most a product of that size could show in 'of copy')")
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'sized':>5s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
-          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} {'f8blk us':>8s} "
+          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} {'f8 x1st us':>10s} "
+          f"{'f8blk us':>8s} "
           f"{'of copy':>7s} "
           f"{'scaled_mm us':>12s} {'f8 cuBLAS us':>12s} {'f8/cuBLAS':>9s} {'f8 cp@size':>10s}")
     rows = []
@@ -467,6 +470,8 @@ def main_quant(a, ceiling):
             ours_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
             with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", False):   # x quantised in the product's registers
                 ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
+            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", True):    # x quantised first, at every row count
+                ours_f8x = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
             ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
             # the layer's call with the small-token kernel off: the same row quantiser (a token and 128 k), then
             # cuBLAS's blockwise-scaled e4m3 product (torch._scaled_mm; None where it has none: nan)
@@ -482,7 +487,7 @@ def main_quant(a, ceiling):
             sized4 = sized_copy_time(b4)
             sized8 = sized_copy_time(bf8) if fp8 else nan
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
-                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r,
+                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r, f8_x_first_s=ours_f8x,
                      f8_block_s=ours_f8b,
                      scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4,
                      f8_sized_copy_s=sized8, f8_cublas_route_s=cub_f8)
@@ -490,7 +495,7 @@ def main_quant(a, ceiling):
                   f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4s else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
-                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8b * 1e6:>8.1f} "
+                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8x * 1e6:>10.1f} {ours_f8b * 1e6:>8.1f} "
                   f"{bf8b / ours_f8b / ceiling:>7.2f} "
                   f"{theirs_f8 * 1e6:>12.1f} {cub_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f} "
                   f"{bf8 / sized8 / ceiling:>10.2f}")

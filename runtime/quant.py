@@ -592,22 +592,32 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
     return not qw.group and _fp8_gemm_takes(x, qw)
 
 
-def fp8_x_first_default() -> bool:
+# gemv_quant's W8A8 calls (no norm prologue) of up to this many rows quantise x in the product's registers by
+# default, past it x first (fp8_x_first_default); 0: x first at every row count
+FP8_REGISTER_MAX_ROWS = 0
+
+
+def fp8_x_first_default(rows: int | None = None) -> bool:
     """Whether W8A8 calls of up to FP8_KERNEL_MAX_ROWS rows quantise x first (the row kernel,
     quantize_fp8_rows_cuda) and run the small-token e4m3 kernel over those bytes (fp8_gemv; codegen/gemv.py
-    x_e4m3): fp8_linear_per_token (x per token) instead of the FP8 GEMM's 128-row tiles, gemv_quant's W8A8
-    without a norm prologue (x per token and 128 k) instead of quantising x in the product's registers. The
-    default, measured faster on an H200 (benchmarks/NOTES.md: 8B shapes at 16 rows 1.4-2.1x, at 1-8 rows up to
-    1.3x, one case 4 % slower); LAYERFORGE_FP8_QUANT_X_FIRST=0 turns it off."""
+    x_e4m3): fp8_linear_per_token (x per token; rows None) instead of the FP8 GEMM's 128-row tiles, gemv_quant's
+    W8A8 without a norm prologue (x per token and 128 k; `rows` its rows) instead of quantising x in the
+    product's registers, the latter past FP8_REGISTER_MAX_ROWS rows. The default, measured faster on an H200
+    (benchmarks/NOTES.md: 8B shapes at 16 rows 1.4-2.1x, at 1-8 rows up to 1.3x, one case 4 % slower);
+    LAYERFORGE_FP8_QUANT_X_FIRST=0 turns it off and =1 on at every row count."""
     from ..codegen.plan import env_switch
-    return env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", True)
+    switch = env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None)
+    if switch is not None:
+        return switch
+    return rows is None or rows > FP8_REGISTER_MAX_ROWS
 
 
-def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int) -> bool:
-    """fp8_gemv takes the call of x quantised first: the switch on, 1 to FP8_KERNEL_MAX_ROWS rows on an sm_89+
-    GPU (x in W's dtype), K a multiple of 16 (the kernel's 16-byte pieces of W and x)."""
+def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int, per_token: bool = False) -> bool:
+    """fp8_gemv takes the call of x quantised first: the switch on (per_token: fp8_linear_per_token's call, else
+    gemv_quant's of `rows`), 1 to FP8_KERNEL_MAX_ROWS rows on an sm_89+ GPU (x in W's dtype), K a multiple of 16
+    (the kernel's 16-byte pieces of W and x)."""
     return (qw.wtype == "f8e4m3" and 1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and _gpu_ok(x, qw)
-            and fp8_x_first_default())
+            and fp8_x_first_default(None if per_token else rows))
 
 
 def fp8_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
@@ -695,7 +705,7 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
         raise LinearInputError(f"out must be {x.dtype} {[*lead, n]} on {x.device}, got {out.dtype} "
                                f"{tuple(out.shape)} on {out.device}")
     rows = x.numel() // k
-    small = _fp8_gemv_ok(x, qw, rows)
+    small = _fp8_gemv_ok(x, qw, rows, per_token=True)
     if small or _fp8_token_gemm_ok(x, qw):
         q, s = quantize_fp8_rows_cuda(x.reshape(rows, k), cache, group=0)
         direct = out is not None and out.is_contiguous() and out.data_ptr() % 16 == 0

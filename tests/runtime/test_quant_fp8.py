@@ -217,6 +217,22 @@ def test_fp8_x_first_switch(monkeypatch):
         fp8_x_first_default()
 
 
+def test_fp8_x_first_by_rows(monkeypatch):
+    """Unset, the switch leaves gemv_quant's calls of up to FP8_REGISTER_MAX_ROWS rows to the in-register kernel and
+    the per-token layer's (rows None) to x first at every count; set, it decides every call."""
+    from layerforge.runtime import quant
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    monkeypatch.setattr(quant, "FP8_REGISTER_MAX_ROWS", 8)
+    assert [quant.fp8_x_first_default(r) for r in (1, 8, 9, 16, None)] == [False, False, True, True, True]
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")
+    assert all(quant.fp8_x_first_default(r) for r in (1, 8, 16, None))
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "0")
+    assert not any(quant.fp8_x_first_default(r) for r in (1, 8, 16, None))
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST")
+    monkeypatch.setattr(quant, "FP8_REGISTER_MAX_ROWS", 0)
+    assert all(quant.fp8_x_first_default(r) for r in (1, 16, None))
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_x_first_routes_hand_the_kernel_its_operands(monkeypatch, per_token):
     """The x-first routes' plumbing on the CPU (LAYERFORGE_FP8_QUANT_X_FIRST=1, the GPU checks faked, the row
