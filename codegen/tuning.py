@@ -3,7 +3,8 @@
     entry = lookup("gemv", arch="sm_90", dtype="bf16", wtype="u4", group=128, gated=None, n=6144, k=4096, bucket=16)
     entry -> {"rt": 2, "warps": 4, "stages": 3} or None
     lookup("route", arch="sm_90", dtype="bf16", wtype=None, group=0, gated=None, n=4096, k=4096, bucket=16)
-    -> {"cublas": 1} where torch's product measured faster than the kernel, else None
+    -> {"cublas": 1} where torch's product measured faster than the kernel ({"cublas": 0}: a card that measured
+       the kernel faster where another card's route exists), else None
 
 codegen/gemv.plan_gemv's default split (rt, warps, stages) comes from rules written from sweeps on
 one card. Where a table holds a split measured faster for the exact problem (family, arch, dtype,
@@ -18,12 +19,15 @@ makes a product slower than the better of the two as measured.
 Tables are JSON files, {"version": 1, "entries": [...]}, each entry the key's fields, "split"
 (the plan's fields), and what was measured ("us", "rules_us", "device", "date", "command"). An entry is a
 measurement on one card, its "device" (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are
-both sm_90, with other bandwidths and clocks), and serves that card only: where the runtime plans for a GPU it
-tells the tables which card an arch is (note_device; runtime/launch.device_arch does), and a problem then takes
-the entry measured on that card or one that names no device (the one read last), never another card's: on a card
-no table measured, the rules decide, as they do where the tuner found them fastest. Planned without a GPU (a build on a CPU machine
-for an arch, or a process with two cards of one arch), the card is unknown and the entry read last of any card
-serves. Read in order, a later entry replacing an earlier one of the same key and card:
+both sm_90, with other bandwidths and clocks). Where the runtime plans for a GPU it tells the tables which card an
+arch is (note_device; runtime/launch.device_arch does), and a problem takes the entry measured on that card, or
+one that names no device (of those, the one read last); only where neither exists does another card's entry of the
+arch serve (a sibling's measurement, a better guess than rules never timed at that shape). `layerforge tune` on a
+card records that card's own entry: where the rules win there and another card's entry of the problem with another
+split would serve it, it records the rules' split for its card (so the sibling's no longer does), else it removes
+its card's entry. Planned without a GPU (a build on a CPU machine for an arch, or a process with two cards of one arch), the
+card is unknown and the entry read last of any card serves. Read in order, a later entry replacing an earlier one
+of the same key and card:
   1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
   2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
      `layerforge tune` writes by default;
@@ -41,13 +45,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
-           "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS", "note_device", "device_for"]
+           "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS", "note_device", "device_for",
+           "sibling_split"]
 
 TABLE_VERSION = 1
 PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
 KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "bucket")
 # gemv: the small-token kernel's work split; route: {"cublas": 1} where torch's product (cuBLAS, the epilogue in torch)
-# was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue)
+# was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue;
+# 0: not, on a card where another card's route is read)
 # gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1; gemv_x8: the
 # small-token kernel's over x quantised beforehand (f8e4m3 W, x e4m3: runtime/quant.fp8_gemv, the W8A8 layer's path)
 SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "gemv_x8": ("rt", "warps", "stages"), "route": ("cublas",),
@@ -163,18 +169,29 @@ def generation() -> int:
 
 
 def lookup(family: str, *, device: str | None = None, **key: Any) -> dict | None:
-    """The measured split of the problem (problem_key's fields) on the card `device` (default: the one the runtime
-    plans key["arch"] for, device_for), or None where no table has one for that card. With no card known, the
-    entry read last of any card (the module's docstring)."""
+    """The measured split of the problem (problem_key's fields) for the card `device` (default: the one the runtime
+    plans key["arch"] for, device_for): that card's entry or one naming none, else another card's; None where no
+    table has the problem. With no card known, the entry read last of any card (the module's docstring)."""
     paths = tuple(table_paths())
     if not paths:
         return None
-    cards = _merged(paths).get(problem_key(family, **key))
-    if not cards:
+    by_card = _merged(paths).get(problem_key(family, **key))
+    if not by_card:
         return None
     card = device if device is not None else device_for(key["arch"])
-    mine = [split for c, split in cards.items() if card is None or c in (card, "")]   # in the order last read
-    return dict(mine[-1]) if mine else None
+    mine = [split for c, split in by_card.items() if card is None or c in (card, "")]   # in the order last read
+    return dict(mine[-1] if mine else list(by_card.values())[-1])   # else a sibling card's
+
+
+def sibling_split(family: str, card: str, *, extra: Path | None = None, **key: Any) -> dict | None:
+    """The split a lookup for `card` would take from the entries of the problem not measured on it (another card's,
+    or one naming none: the one read last) in the tables read and `extra` (a table being written that may not be
+    among them), or None where there is none."""
+    paths = list(table_paths())
+    if extra is not None and Path(extra) not in paths:
+        paths.append(Path(extra))
+    others = [split for c, split in _merged(tuple(paths)).get(problem_key(family, **key), {}).items() if c != card]
+    return dict(others[-1]) if others else None
 
 
 def _write(path: Path, entries: list[dict]) -> None:

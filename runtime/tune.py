@@ -261,8 +261,10 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
             torch_s = measure(TORCH) if wtype is None else None
             route = torch_s is not None and torch_s < best_s * (1 - margin)
             route_key = dict(key, wtype=None, group=0)
-            if write and route:
-                tuning.write_entry(table, "route", {"cublas": 1}, measured={
+            if write and wtype is None and (route or _shadowed(table, "route", route_key, device_name or "",
+                                                               {"cublas": 0})):
+                # a route, or {"cublas": 0} where another card's route would otherwise send this card's calls to torch
+                tuning.write_entry(table, "route", {"cublas": int(route)}, measured={
                     "us": round(torch_s * 1e6, 2), "kernel_us": round(best_s * 1e6, 2), "kernel": best,
                     "device": device_name or "", "command": command or ""}, **route_key)
             elif write and wtype is None:
@@ -430,13 +432,23 @@ def _record(table: Path, family: str, key: dict, rules: dict, rules_s: float, be
     neither); whether it was written."""
     from ..codegen import tuning
     win = best != rules and best_s < rules_s * (1 - margin)
-    if write and win:
-        tuning.write_entry(table, family, best, measured={
-            "us": round(best_s * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": rules,
-            "device": device_name or "", "command": command or ""}, **key)
-    elif write:   # this card's entry: another card's measurement stands
-        tuning.remove_entry(table, family, device=device_name or "", **key)
+    card = device_name or ""
+    if write and (win or _shadowed(table, family, key, card, rules)):
+        # a win, or the rules' split where another card's entry would otherwise serve this card (codegen/tuning.py)
+        tuning.write_entry(table, family, best if win else rules, measured={
+            "us": round((best_s if win else rules_s) * 1e6, 2), "rules_us": round(rules_s * 1e6, 2), "rules": rules,
+            "device": card, "command": command or ""}, **key)
+    elif write:   # this card's entry only: another card's measurement stands for that card
+        tuning.remove_entry(table, family, device=card, **key)
     return bool(write and win)
+
+
+def _shadowed(table: Path, family: str, key: dict, card: str, rules: dict) -> bool:
+    """Whether, without an entry of its own, `card` would take another card's split of the problem (the tables' and
+    `table`'s) other than `rules` (route: a route, rules {"cublas": 0})."""
+    from ..codegen import tuning
+    other = tuning.sibling_split(family, card, extra=table, **key)
+    return other is not None and other != rules
 
 
 def _plans(dtype: str, cands, common: dict) -> list:

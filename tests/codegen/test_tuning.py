@@ -67,18 +67,20 @@ def test_a_later_table_replaces_an_earlier_entry(tables, monkeypatch):
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 
 
-def test_an_entry_serves_the_card_it_was_measured_on_and_no_other(tables):
-    """Two cards of one arch (an H100 and an H200 are both sm_90): each takes its own entry of a problem, a third
-    card none (the rules), an entry naming no card serves every card; with no card known (a build without a GPU)
-    the entry read last serves."""
+def test_an_entry_serves_its_card_first_and_a_sibling_card_where_that_has_none(tables):
+    """Two cards of one arch (an H100 and an H200 are both sm_90): each takes its own entry of a problem; an entry
+    naming no card serves every card (of a card's own and those, the one read last); a card with neither takes
+    another card's (the one read last); with no card known (a build without a GPU) the entry read last serves."""
     user = tuning.user_table_path()
     split100, split200, every = ({"rt": 1, "warps": 4, "stages": 3}, {"rt": 2, "warps": 2, "stages": 4},
                                  {"rt": 1, "warps": 8, "stages": 2})
     tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)
+    assert tuning.lookup("gemv", device=H200, **KEY) == split100   # a sibling's measurement, none of its own
     tuning.write_entry(user, "gemv", split200, measured={"device": H200}, **KEY)   # H100's entry kept beside it
+    assert tuning.sibling_split("gemv", H200, **KEY) == split100 and tuning.sibling_split("gemv", H100, **KEY) == split200
     assert tuning.lookup("gemv", device=H100, **KEY) == split100
     assert tuning.lookup("gemv", device=H200, **KEY) == split200
-    assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) is None
+    assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) == split200   # neither: the entry read last
     assert tuning.lookup("gemv", **KEY) == split200        # no card known: the entry read last
     # the runtime names the card it plans for (runtime/launch.device_arch): lookups of its arch take that card's
     # entries, the "a" arch of the Hopper kernels included; a plan of the problem then takes the card's split
@@ -88,10 +90,9 @@ def test_an_entry_serves_the_card_it_was_measured_on_and_no_other(tables):
     assert tuning.lookup("gemv", **KEY) == split100 and tuning.device_for("sm_90a") == H100
     assert (_u4_16().rt, _u4_16().warps, _u4_16().stages) == (1, 4, 3)
     assert tuning.lookup("gemv", **(KEY | {"arch": "sm_80"})) is None and tuning.device_for("sm_80") is None
-    # an entry naming no card serves every card, the one read last of it and the card's own
+    # an entry naming no card serves every card: the one read last of it and the card's own
     tuning.write_entry(user, "gemv", every, **KEY)
-    assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) == every and tuning.lookup("gemv", **KEY) == every
-    assert tuning.lookup("gemv", device=H200, **KEY) == every   # read after the H200's own
+    assert tuning.lookup("gemv", **KEY) == every and tuning.lookup("gemv", device=H200, **KEY) == every
     tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)   # measured again: read last
     assert tuning.lookup("gemv", **KEY) == split100 and tuning.lookup("gemv", device=H200, **KEY) == every
     # two cards of one arch in a process: the card is unknown again, the entry read last serves
@@ -102,27 +103,49 @@ def test_an_entry_serves_the_card_it_was_measured_on_and_no_other(tables):
     assert not tuning.remove_entry(user, "gemv", device=H100, **KEY)
     assert tuning.lookup("gemv", device=H100, **KEY) == every
     assert tuning.remove_entry(user, "gemv", device="", **KEY)   # the entry naming no card
-    assert tuning.lookup("gemv", device=H100, **KEY) is None and tuning.lookup("gemv", device=H200, **KEY) == split200
+    assert tuning.lookup("gemv", device=H100, **KEY) == split200 == tuning.lookup("gemv", device=H200, **KEY)
     assert tuning.remove_entry(user, "gemv", **KEY) and tuning.lookup("gemv", device=H200, **KEY) is None
 
 
-def test_the_tuner_on_a_second_card_leaves_the_first_cards_entry(tables):
-    """Tuning one problem on an H200 where the rules win removes the H200's entry only: the H100's measured win
-    stands for H100s."""
+def test_the_tuner_on_a_second_card_records_its_own_entry_beside_the_first_cards(tables):
+    """Tuning one problem on an H200 where the rules win records the rules' split for the H200 (the H100's entry
+    would serve it otherwise) and keeps the H100's measured win for H100s; tuning the H100 again where the rules win
+    there removes its entry (the H200's, the rules' split, would give it the rules anyway), and then the H200's own
+    on its next run (no other card's left to shadow)."""
     table = tuning.user_table_path()
     common = dict(tokens=(16,), arch="sm_90", table=table, candidates=[(1, 4, 3)], wtype="u4", group=128,
                   log=lambda s: None)
     rules = _u4_16(tuned=False)
-    assert (rules.rt, rules.warps, rules.stages) != (1, 4, 3)
-    factory, _ = _fake({(1, 4, 3): 8.0, (rules.rt, rules.warps, rules.stages): 10.0})   # the split beats the rules
-    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, device_name=H100, **common)
+    rsplit = {"rt": rules.rt, "warps": rules.warps, "stages": rules.stages}
+    assert tuple(rsplit.values()) != (1, 4, 3)
+    wins, loses = _fake({(1, 4, 3): 8.0, tuple(rsplit.values()): 10.0}), _fake({(1, 4, 3): 11.0,
+                                                                                tuple(rsplit.values()): 10.0})
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=wins[0], device_name=H100, **common)
     assert res.recorded
-    factory, _ = _fake({(1, 4, 3): 11.0, (rules.rt, rules.warps, rules.stages): 10.0})  # on the other card, the rules
-    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=factory, device_name=H200, **common)
+    (res,) = tune_products([("qkv", 6144, 4096, None)], measure_factory=loses[0], device_name=H200, **common)
     assert not res.recorded
     assert tuning.lookup("gemv", device=H100, **KEY) == {"rt": 1, "warps": 4, "stages": 3}
-    assert tuning.lookup("gemv", device=H200, **KEY) is None
-    assert [e["device"] for e in tuning.read_table(table)] == [H100]
+    assert tuning.lookup("gemv", device=H200, **KEY) == rsplit          # its own measurement: the rules
+    assert sorted(e["device"] for e in tuning.read_table(table)) == [H100, H200]
+    tune_products([("qkv", 6144, 4096, None)], measure_factory=loses[0], device_name=H100, **common)
+    assert [e["device"] for e in tuning.read_table(table)] == [H200]    # the H100's entry gone, the H200's stays
+    tune_products([("qkv", 6144, 4096, None)], measure_factory=loses[0], device_name=H200, **common)
+    assert tuning.read_table(table) == [] and tuning.lookup("gemv", device=H200, **KEY) is None
+
+
+def test_a_route_measured_on_one_card_is_countermanded_on_another(tables):
+    """bf16: torch's product faster on an H100 records a route; on an H200 where the kernel wins, a {"cublas": 0}
+    entry keeps the H200's calls on the kernel (runtime/linear.torch_route reads the flag)."""
+    table = tuning.user_table_path()
+    key = dict(arch="sm_90", dtype="bf16", wtype=None, group=0, gated=None, n=4096, k=4096, bucket=16)
+    common = dict(tokens=(16,), arch="sm_90", table=table, candidates=[(1, 2, 3)], log=lambda s: None)
+    tune_products([("o", 4096, 4096, None)], measure_factory=_fake({(1, 2, 3): 9.0, "torch": 8.0})[0],
+                  device_name=H100, **common)
+    (res,) = tune_products([("o", 4096, 4096, None)], measure_factory=_fake({(1, 2, 3): 9.0, "torch": 9.5})[0],
+                           device_name=H200, **common)
+    assert not res.torch_route
+    assert tuning.lookup("route", device=H100, **key) == {"cublas": 1}
+    assert tuning.lookup("route", device=H200, **key) == {"cublas": 0}
 
 
 def test_a_misspelt_extra_table_is_an_error(tables, monkeypatch):
@@ -316,7 +339,7 @@ def test_the_decode_range_gemm_takes_a_table_split_and_the_stream_tuner_records_
         return measure
     table = tuning.user_table_path()
     (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, measure_factory=factory,
-                         log=lambda s: None)
+                         log=lambda s: None, device_name=H100)
     assert res.recorded and res.best["ctas"] == 2 and res.best["stages"] == 2 and res.torch_us == 12.0
     # each plan once, the rules' twice (first, and after the others: the faster kept), then the fastest again
     keys = [k for _, k in seen]
@@ -327,8 +350,9 @@ def test_the_decode_range_gemm_takes_a_table_split_and_the_stream_tuner_records_
     assert plan_gemm_stream("bf16", **common, tuned=False).key == rules.key
     assert plan_gemm_stream("bf16", **(common | {"mt": 128})).key == plan_gemm_stream(
         "bf16", **(common | {"mt": 128}), tuned=False).key
-    # the rules win now: the entry goes
-    (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, log=lambda s: None,
+    # the rules win now on the card that recorded it: the entry goes (the packaged table's entry of this problem was
+    # measured on this card too, so none of another card's shadows the rules here)
+    (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, log=lambda s: None, device_name=H100,
                          measure_factory=lambda *a: (lambda p, spills_ok=False: 12e-6 if p == "torch" else
                                                      10e-6 if p.key == rules.key else 11e-6))
     assert not res.recorded and not any(e["family"] == "gemm_stream" for e in tuning.read_table(table))
