@@ -72,10 +72,11 @@
 #   xfirst     the W8A8 layer's two paths under the tuned rules: bench_gemv --quant at 1 / 8 / 16 tokens (8B and 70B),
 #              whose "f8 us" column is x quantised first (LAYERFORGE_FP8_QUANT_X_FIRST, the default) and "f8 reg us" x
 #              quantised in the product's registers, same run, same weights
-#   retime     tune's GPU tests (the f8 / f8b weights' among them, not yet run), the small-token products timed warm
+#   retime     tune's GPU tests, the small-token products timed warm
 #              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
-#              into OUT_DIR/products.json: this card's winners beside the packaged table's (measured on an H100)
+#              into OUT_DIR/products.json, a copy of the packaged table: this card's entries beside the other cards'
+#              (per card: codegen/tuning.py), the file to copy into codegen/tables/ on another card than the H100
 # (fp8kv, toprows, decode: WIDE, KCVT, KWORDS and TOP_ROWS are defaults since measured on an H200; their "=1" runs
 #  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
@@ -381,7 +382,9 @@ ssd)
     ;;
 retime)
     echo "== the products timed warm (graph_time's 50 ms of untimed replays first): bench_gemv --quant, then layerforge tune"
-    echo "   over Llama-3-8B and the 70B products into OUT_DIR/products.json (beside the packaged table's entries)"
+    echo "   over Llama-3-8B and the 70B products into OUT_DIR/products.json, a copy of the packaged table: this card's"
+    echo "   entries written beside the other cards' (codegen/tuning.py), so the file is the packaged table to ship"
+    cp codegen/tables/products.json "$OUT_DIR/products.json"
     timeout -s KILL 180 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py 2>&1 \
         | tee "$OUT_DIR/pytest_tune.log" | tail -5
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
