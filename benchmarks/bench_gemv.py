@@ -439,7 +439,8 @@ def main_quant(a, ceiling):
           "bytes reaches, as a fraction of the ceiling (the most a product of that size could show in 'of copy')")
     print(f"{'shape':12s} {'M':>3s} {'u4 us':>7s} {'of copy':>7s} {'sized':>5s} {'u4 deq us':>9s} {'i8 us':>7s} {'of copy':>7s} "
           f"{'cuBLAS us':>9s} "
-          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} {'f8 x1st us':>10s} "
+          f"{'torch int4 us':>13s} {'u4/cuBLAS':>9s} {'f8 us':>7s} {'of copy':>7s} {'f8 reg us':>9s} "
+          f"{'f8 x1st us':>10s} "
           f"{'f8blk us':>8s} "
           f"{'of copy':>7s} "
           f"{'scaled_mm us':>12s} {'f8 cuBLAS us':>12s} {'f8/cuBLAS':>9s} {'f8 cp@size':>10s}")
@@ -487,7 +488,8 @@ def main_quant(a, ceiling):
             sized4 = sized_copy_time(b4)
             sized8 = sized_copy_time(bf8) if fp8 else nan
             r = dict(shape=name, n=n, k=k, m=m, gated=gated, u4_s=ours4, u4_dequant_s=deq4, i8_s=ours8, cublas_s=cublas,
-                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r, f8_x_first_s=ours_f8x,
+                     torch_int4_s=theirs4, u4_bytes=b4, i8_bytes=b8, f8_s=ours_f8, f8_in_registers_s=ours_f8r,
+                     f8_x_first_s=ours_f8x,
                      f8_block_s=ours_f8b,
                      scaled_mm_s=theirs_f8, f8_bytes=bf8, f8_block_bytes=bf8b, u4_sized_copy_s=sized4,
                      f8_sized_copy_s=sized8, f8_cublas_route_s=cub_f8)
@@ -495,7 +497,8 @@ def main_quant(a, ceiling):
                   f"{deq4 * 1e6:>9.1f} {ours8 * 1e6:>7.1f} "
                   f"{b8 / ours8 / ceiling:>7.2f} {cublas * 1e6:>9.1f} "
                   f"{theirs4 * 1e6 if t4s else nan:>13.1f} {cublas / ours4:>9.2f} {ours_f8 * 1e6:>7.1f} "
-                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8x * 1e6:>10.1f} {ours_f8b * 1e6:>8.1f} "
+                  f"{bf8 / ours_f8 / ceiling:>7.2f} {ours_f8r * 1e6:>9.1f} {ours_f8x * 1e6:>10.1f} "
+                  f"{ours_f8b * 1e6:>8.1f} "
                   f"{bf8b / ours_f8b / ceiling:>7.2f} "
                   f"{theirs_f8 * 1e6:>12.1f} {cub_f8 * 1e6:>12.1f} {cublas / ours_f8:>9.2f} "
                   f"{bf8 / sized8 / ceiling:>10.2f}")

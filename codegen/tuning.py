@@ -25,9 +25,9 @@ one that names no device (of those, the one read last); only where neither exist
 arch serve (a sibling's measurement, a better guess than rules never timed at that shape). `layerforge tune` on a
 card records that card's own entry: where the rules win there and another card's entry of the problem with another
 split would serve it, it records the rules' split for its card (so the sibling's no longer does), else it removes
-its card's entry. Planned without a GPU (a build on a CPU machine for an arch, or a process with two cards of one arch), the
-card is unknown and the entry read last of any card serves. Read in order, a later entry replacing an earlier one
-of the same key and card:
+its card's entry. Planned without a GPU (a build on a CPU machine for an arch, or a process with two cards of one
+arch), the card is unknown and the entry read last of any card serves. Read in order, a later entry replacing an
+earlier one of the same key and card:
   1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
   2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
      `layerforge tune` writes by default;
@@ -184,14 +184,16 @@ def lookup(family: str, *, device: str | None = None, **key: Any) -> dict | None
 
 
 def sibling_split(family: str, card: str, *, extra: Path | None = None, **key: Any) -> dict | None:
-    """The split a lookup for `card` would take from the entries of the problem not measured on it (another card's,
-    or one naming none: the one read last) in the tables read and `extra` (a table being written that may not be
+    """The split a lookup for `card` would take from the entries of the problem not measured on it (one naming no
+    card, else another card's: the one read last) in the tables read and `extra` (a table being written that may not be
     among them), or None where there is none."""
     paths = list(table_paths())
     if extra is not None and Path(extra) not in paths:
         paths.append(Path(extra))
-    others = [split for c, split in _merged(tuple(paths)).get(problem_key(family, **key), {}).items() if c != card]
-    return dict(others[-1]) if others else None
+    others = [(c, split) for c, split in _merged(tuple(paths)).get(problem_key(family, **key), {}).items() if c != card]
+    named_none = [split for c, split in others if c == ""]   # these serve every card before another card's do
+    pick = named_none or [split for _, split in others]
+    return dict(pick[-1]) if pick else None
 
 
 def _write(path: Path, entries: list[dict]) -> None:

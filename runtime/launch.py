@@ -96,7 +96,7 @@ def load_plan(plan: KernelPlan, device: Any, cache=None) -> Launcher:
 def device_arch(device: Any = None) -> str:
     """'sm_90' for the device's compute capability (the arch the runtime compiles for). The runtime plans for
     this device next: the tuning tables learn which card the arch is here (codegen/tuning.note_device), so a
-    problem takes the splits measured on that card and no other's."""
+    problem takes the splits measured on that card before another card's."""
     from ..codegen import tuning
     arch = "sm_%d%d" % torch.cuda.get_device_capability(device)
     if torch.cuda.is_available():
