@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="u4 / i8 weights on sm_90: row counts (17-128) whose decode-range GEMM plans to tune, e.g. 32,64,128")
     t.add_argument("--weights", default="bf16", help="comma-separated: bf16, f16, u4 (group --group), i8 (row scales), "
                                                      "f8 (W8A8 e4m3, row scales; sm_89+), f8b (e4m3, 128 x 128 blocks): x "
-                                                     "quantised first, the layer's path; f8r, f8br: x quantised in "
-                                                     "the kernel (a norm prologue's path)")
+                                                     "quantised first, the layer's path past 8 rows; f8r, f8br: x "
+                                                     "quantised in the kernel (up to 8 rows, and with a norm prologue)")
     t.add_argument("--dtype", default="bf16", help="activations' dtype of the u4 / i8 products (default bf16)")
     t.add_argument("--group", type=int, default=128, help="u4: k per (scale, zero) pair (default 128)")
     t.add_argument("--margin", type=float, default=0.03,

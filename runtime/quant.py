@@ -593,8 +593,12 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
 
 
 # gemv_quant's W8A8 calls (no norm prologue) of up to this many rows quantise x in the product's registers by
-# default, past it x first (fp8_x_first_default); 0: x first at every row count
-FP8_REGISTER_MAX_ROWS = 0
+# default, past it x first (fp8_x_first_default; 0: x first at every row count). Measured on an H100 (bench_gemv
+# --quant, the layer's call, in registers against x first, same run; benchmarks/NOTES.md): at 1 / 8 rows 8B q/k/v
+# 11.8 / 11.7 against 13.2 / 13.3 us, o 8.5 / 8.5 against 10.2 / 10.3, gate/up 42.9 / 43.5 against 44.9 / 45.4, down
+# 22.7 / 23.0 against 25.4 / 25.9; 70B 4-9 % faster (o 25.9 against 28.4 at 1 row). At 16 rows mixed: 8B o and down
+# 7-11 % faster, q/k/v 1-4 % slower, the 70B products a tie and the lm_head 5 % slower (the run before): x first there
+FP8_REGISTER_MAX_ROWS = 8
 
 
 def fp8_x_first_default(rows: int | None = None) -> bool:
@@ -602,9 +606,9 @@ def fp8_x_first_default(rows: int | None = None) -> bool:
     quantize_fp8_rows_cuda) and run the small-token e4m3 kernel over those bytes (fp8_gemv; codegen/gemv.py
     x_e4m3): fp8_linear_per_token (x per token; rows None) instead of the FP8 GEMM's 128-row tiles, gemv_quant's
     W8A8 without a norm prologue (x per token and 128 k; `rows` its rows) instead of quantising x in the
-    product's registers, the latter past FP8_REGISTER_MAX_ROWS rows. The default, measured faster on an H200
-    (benchmarks/NOTES.md: 8B shapes at 16 rows 1.4-2.1x, at 1-8 rows up to 1.3x, one case 4 % slower);
-    LAYERFORGE_FP8_QUANT_X_FIRST=0 turns it off and =1 on at every row count."""
+    product's registers, the latter past FP8_REGISTER_MAX_ROWS rows (up to them the in-register kernel is 4-17 %
+    faster since its rules came from `layerforge tune`; x first was made the default when it was 1.3-2.1x slower);
+    LAYERFORGE_FP8_QUANT_X_FIRST=0 turns x first off and =1 on at every row count."""
     from ..codegen.plan import env_switch
     switch = env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None)
     if switch is not None:
@@ -686,7 +690,7 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
     channel): y = T(scale_x[m] * sum_k q[m, k] W[n, k]) with W = q_w s_w, rounded to x's dtype once.
     gemv_quant's W8A8 differs below FP8_GEMM_MIN_ROWS (x by 1 x 128 blocks, the small-token kernel's).
     Routes, each with these scales:
-      with fp8_x_first_default() (off until measured), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
+      with fp8_x_first_default() (on unless LAYERFORGE_FP8_QUANT_X_FIRST=0), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
         multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_gemv (the small-token e4m3 kernel);
       sm_90, K a multiple of 16, N of 8: quantize_fp8_rows_cuda(x, group=0) and fp8_gemm's "token" scaling
         (the e4m3 tensor cores' sums scaled by x's and W's scales in the epilogue), any number of rows;
@@ -878,7 +882,8 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
                norm_offset: float = 0.0, out: torch.Tensor | None = None, cache=None) -> torch.Tensor:
     """runtime/linear.gemv's product with a quantised W: the generated kernel for up to
     QUANT_KERNEL_MAX_ROWS rows in W's activation dtype on an sm_80+ GPU (f8e4m3: sm_89+; with
-    fp8_x_first_default() and no norm prologue, x quantised first and fp8_gemv over its bytes); calls of
+    fp8_x_first_default(rows) and no norm prologue, past FP8_REGISTER_MAX_ROWS rows by default, x quantised first
+    and fp8_gemv over its bytes); calls of
     STREAM_QUANT_ROWS rows with a STREAM_WTYPES weight (u4, i8 with row scales) and no norm prologue on
     sm_90 the decode-range GEMM with W converted
     in registers (codegen/gemm_stream.py; W packed once by stream_packed); past them on such a GPU

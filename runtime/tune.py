@@ -175,7 +175,7 @@ class _GpuMeasure:
             self.weights = [first.qw.kernel_tensors] + [
                 QuantLinear.from_float(w, group, wtype=wtype).qw.kernel_tensors for _ in range(count - 1)]
         self.x = torch.randn(rows, k, device=device, dtype=tdt)
-        # x quantised beforehand (the W8A8 layer's default path, runtime/quant.fp8_gemv): its e4m3 bytes and scales
+        # x quantised beforehand (the W8A8 layer's path past 8 rows, runtime/quant.fp8_gemv): its e4m3 bytes and scales
         # a token and 128 k, as quantize_fp8_rows_cuda makes them; the quantiser's own time is not the split's
         self.xq = quantize_fp8_rows_cuda(self.x) if x_e4m3 else None
         self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
@@ -205,9 +205,10 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
                   log=print) -> list[TuneResult]:
     """Time each product's splits at each token bucket against the rules' plan (the module's docstring) and
     record the winners in `table` (default: codegen/tuning.user_table_path()); write=False measures only.
-    x_e4m3 (f8e4m3 W): the kernel over x quantised beforehand (a token and 128 k: the W8A8 layer's default path,
+    x_e4m3 (f8e4m3 W): the kernel over x quantised beforehand (a token and 128 k: the W8A8 layer's path past 8 rows,
     runtime/quant.fp8_gemv), recorded as the "gemv_x8" family; else x quantised in the kernel's registers (the path
-    of a norm prologue, and of every call with LAYERFORGE_FP8_QUANT_X_FIRST=0), the "gemv" family as u4's.
+    of calls up to 8 rows, of a norm prologue, and of every call with LAYERFORGE_FP8_QUANT_X_FIRST=0), the "gemv"
+    family as u4's.
     measure_factory(n, k, gated, rows) -> measure(plan, spills_ok=False) -> seconds or None (a plan that spills,
     unless spills_ok: the rules' plan is timed as it runs; measure(TORCH): torch's product) replaces the GPU's timing
     (tests); then `arch` must be given."""
@@ -478,8 +479,9 @@ def _precompile(plans) -> None:
 
 
 # --weights names: (activations' dtype or None for --dtype's, weight type, group or None for --group's, x quantised
-# beforehand); f8 / f8b time the W8A8 layer's default path (x quantised first, runtime/quant.fp8_gemv), f8r / f8br
-# the kernel quantising x in its registers (a norm prologue's path, and every call's with LAYERFORGE_FP8_QUANT_X_FIRST=0)
+# beforehand); f8 / f8b time the W8A8 layer's path past FP8_REGISTER_MAX_ROWS rows (x quantised first,
+# runtime/quant.fp8_gemv), f8r / f8br the kernel quantising x in its registers (the layer's path up to those rows, a
+# norm prologue's at every count)
 WEIGHTS = {"bf16": ("bf16", None, 0, False), "f16": ("f16", None, 0, False), "u4": (None, "u4", None, False),
            "i8": (None, "i8", 0, False), "f8": (None, "f8e4m3", 0, True), "f8b": (None, "f8e4m3", 128, True),
            "f8r": (None, "f8e4m3", 0, False), "f8br": (None, "f8e4m3", 128, False)}
@@ -496,8 +498,9 @@ def _kind(wtype: str | None, group: int, x_e4m3: bool) -> str | None:
 def parse_weights(spec: str, group: int = 128) -> list[tuple[str | None, str | None, int, bool]]:
     """`tune --weights`: (activations' dtype or None for --dtype's, weight type, group, x quantised beforehand)
     each: bf16 / f16 (W in that dtype), u4 (groups of `group` k), i8 (one scale a row), f8 (W8A8 e4m3, one scale a
-    row) and f8b (e4m3 with 128 x 128 block scales) over x quantised first (the layer's default path), f8r / f8br
-    the same weights with x quantised in the kernel's registers (a norm prologue's path)."""
+    row) and f8b (e4m3 with 128 x 128 block scales) over x quantised first (the layer's path past
+    runtime/quant.FP8_REGISTER_MAX_ROWS rows), f8r / f8br the same weights with x quantised in the kernel's
+    registers (the layer's path up to those rows, a norm prologue's at every count)."""
     names = [w.strip() for w in spec.split(",") if w.strip()]
     bad = [w for w in names if w not in WEIGHTS]
     if bad:
