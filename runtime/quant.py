@@ -607,8 +607,8 @@ def fp8_x_first_default(rows: int | None = None) -> bool:
     x_e4m3): fp8_linear_per_token (x per token; rows None) instead of the FP8 GEMM's 128-row tiles, gemv_quant's
     W8A8 without a norm prologue (x per token and 128 k; `rows` its rows) instead of quantising x in the
     product's registers, the latter past FP8_REGISTER_MAX_ROWS rows (up to them the in-register kernel is 4-17 %
-    faster since its rules came from `layerforge tune`; x first was made the default when it was 1.3-2.1x slower);
-    LAYERFORGE_FP8_QUANT_X_FIRST=0 turns x first off and =1 on at every row count."""
+    faster since its rules came from `layerforge tune`; x first became the default when that kernel was 1.3-2.1x
+    slower); LAYERFORGE_FP8_QUANT_X_FIRST=0 turns x first off and =1 on at every row count."""
     from ..codegen.plan import env_switch
     switch = env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None)
     if switch is not None:
@@ -690,8 +690,8 @@ def fp8_linear_per_token(x: torch.Tensor, qw: QuantWeight, *, out: torch.Tensor 
     channel): y = T(scale_x[m] * sum_k q[m, k] W[n, k]) with W = q_w s_w, rounded to x's dtype once.
     gemv_quant's W8A8 differs below FP8_GEMM_MIN_ROWS (x by 1 x 128 blocks, the small-token kernel's).
     Routes, each with these scales:
-      with fp8_x_first_default() (on unless LAYERFORGE_FP8_QUANT_X_FIRST=0), up to FP8_KERNEL_MAX_ROWS rows on sm_89+, K a
-        multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_gemv (the small-token e4m3 kernel);
+      with fp8_x_first_default() (on unless LAYERFORGE_FP8_QUANT_X_FIRST=0), up to FP8_KERNEL_MAX_ROWS rows on
+        sm_89+, K a multiple of 16: quantize_fp8_rows_cuda(x, group=0) and fp8_gemv (the small-token e4m3 kernel);
       sm_90, K a multiple of 16, N of 8: quantize_fp8_rows_cuda(x, group=0) and fp8_gemm's "token" scaling
         (the e4m3 tensor cores' sums scaled by x's and W's scales in the epilogue), any number of rows;
       elsewhere (the CPU, other GPUs, other K / N): the same e4m3 bytes and scales in torch, the dequantised
