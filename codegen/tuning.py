@@ -55,9 +55,11 @@ KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "b
 # was measured faster than every split of the kernel (runtime/linear.torch_route; bf16 / f16 weights, no norm prologue;
 # 0: not, on a card where another card's route is read)
 # gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1; gemv_x8: the
-# small-token kernel's over x quantised beforehand (f8e4m3 W, x e4m3: runtime/quant.fp8_gemv, the W8A8 layer's path)
+# small-token kernel's over x quantised beforehand (f8e4m3 W, x e4m3: runtime/quant.fp8_gemv, the W8A8 layer's path);
+# fp8_path: the W8A8 layer's path where measured against runtime/quant.FP8_REGISTER_MAX_ROWS's rule, x_first 1 (x
+# quantised by the row kernel first) or 0 (in the product's registers) (runtime/tune.tune_fp8_paths)
 SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "gemv_x8": ("rt", "warps", "stages"), "route": ("cublas",),
-                "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed")}
+                "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed"), "fp8_path": ("x_first",)}
 _GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
 _DEVICES: dict[str, set[str]] = {}   # arch (no "a" suffix) -> the names of the cards the runtime planned for
 

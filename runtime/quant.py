@@ -616,12 +616,39 @@ def fp8_x_first_default(rows: int | None = None) -> bool:
     return rows is None or rows > FP8_REGISTER_MAX_ROWS
 
 
-def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int, per_token: bool = False) -> bool:
+_PATHS: dict[tuple, bool | None] = {}   # (tables' generation, problem, device) -> the measured path (None: none)
+
+
+def fp8_path_measured(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool | None:
+    """The W8A8 path the tuning tables measured faster for gemv_quant's call of this problem (family "fp8_path",
+    runtime/tune.tune_fp8_paths): True x first, False in registers; None where none is recorded or
+    LAYERFORGE_FP8_QUANT_X_FIRST is set (which decides every call)."""
+    from ..codegen.plan import env_switch
+    if env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None) is not None:
+        return None
+    from ..codegen import tuning
+    from ..codegen.gemv import token_bucket
+    bucket = token_bucket(rows, qw.wtype)
+    key = (tuning.generation(), x.dtype, qw.n, qw.k, qw.group, bucket, gated, x.device.index)
+    if key not in _PATHS:
+        from .launch import device_arch
+        entry = tuning.lookup("fp8_path", arch=device_arch(x.device), dtype="bf16" if x.dtype == torch.bfloat16 else
+                              "f16", wtype="f8e4m3", group=qw.group, gated=gated, n=qw.n, k=qw.k, bucket=bucket)
+        _PATHS[key] = None if entry is None else bool(entry["x_first"])
+    return _PATHS[key]
+
+
+def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int, per_token: bool = False, gated=None) -> bool:
     """fp8_gemv takes the call of x quantised first: the switch on (per_token: fp8_linear_per_token's call, else
-    gemv_quant's of `rows`), 1 to FP8_KERNEL_MAX_ROWS rows on an sm_89+ GPU (x in W's dtype), K a multiple of 16
-    (the kernel's 16-byte pieces of W and x)."""
-    return (qw.wtype == "f8e4m3" and 1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and _gpu_ok(x, qw)
-            and fp8_x_first_default(None if per_token else rows))
+    gemv_quant's of `rows` with `gated`: the path the tuning tables measured faster for it, else the rows' rule),
+    1 to FP8_KERNEL_MAX_ROWS rows on an sm_89+ GPU (x in W's dtype), K a multiple of 16 (the kernel's 16-byte
+    pieces of W and x)."""
+    if not (qw.wtype == "f8e4m3" and 1 <= rows <= FP8_KERNEL_MAX_ROWS and qw.k % 16 == 0 and _gpu_ok(x, qw)):
+        return False
+    if per_token:
+        return fp8_x_first_default()
+    measured = fp8_path_measured(x, qw, rows, gated)
+    return fp8_x_first_default(rows) if measured is None else measured
 
 
 def fp8_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,
@@ -915,7 +942,8 @@ def gemv_quant(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = Non
         w = dequantize_cuda(qw, cache) if _gpu_ok(x, qw) and rows else _dequantize_layout(qw).to(x.dtype)
         y = _reference(x, w, None if bias is None else bias.to(x.dtype), gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
-    if norm is None and _fp8_gemv_ok(x, qw, rows):   # x quantised first (a token and 128 k), the kernel on its bytes
+    if norm is None and _fp8_gemv_ok(x, qw, rows, gated=gated):   # x quantised first (a token and 128 k), the kernel
+        # on its bytes
         n_out = qw.n // 2 if gated else qw.n
         lead = tuple(x.shape[:-1])
         q, s = quantize_fp8_rows_cuda(x.reshape(rows, qw.k), cache)

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 __all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "tune_stream",
            "TuneResult", "CANDIDATES", "STREAM_CANDIDATES", "DEFAULT_TOKENS", "DEFAULT_STREAM_ROWS", "cli_tune",
-           "parse_weights", "WEIGHTS"]
+           "parse_weights", "WEIGHTS", "tune_fp8_paths"]
 
 DEFAULT_TOKENS = (1, 8, 16)
 TORCH = "torch"   # what a measure times for torch's product (bf16 / f16 weights)
@@ -273,6 +273,87 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
             r = TuneResult(name, n, k, gated, wtype, bucket, rules, rules_s * 1e6, best, best_s * 1e6, win, timings,
                            None if torch_s is None else torch_s * 1e6, bool(write and route),
                            kind=_kind(wtype, group, x_e4m3))
+            log(r.line())
+            results.append(r)
+    return results
+
+
+class _GpuPathMeasure:
+    """Times gemv_quant's W8A8 call of one problem on the GPU (cold weights, `rows` rows of x) on one path: x
+    quantised first (the row kernel, then the product) or in the product's registers, the switch set for the call."""
+
+    def __init__(self, n, k, gated, rows, dtype, group, device):
+        import torch
+        from .quant import QuantLinear
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
+        first = QuantLinear.from_float(w, group, wtype="f8e4m3", dtype=tdt).qw
+        self.weights = [first] + [QuantLinear.from_float(w, group, wtype="f8e4m3", dtype=tdt).qw
+                                  for _ in range(cold_copy_count(first.nbytes(), device) - 1)]
+        self.x = torch.randn(rows, k, device=device, dtype=tdt)
+        self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
+        self.gated = gated
+
+    def __call__(self, x_first: bool, spills_ok: bool = False) -> float:
+        import os
+        from .quant import gemv_quant
+        name = "LAYERFORGE_FP8_QUANT_X_FIRST"
+        held = os.environ.get(name)
+        os.environ[name] = "1" if x_first else "0"
+        try:
+            x, y, gated = self.x, self.y, self.gated
+            return graph_time([lambda qw=qw: gemv_quant(x, qw, gated=gated, out=y) for qw in self.weights])
+        finally:
+            if held is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = held
+
+
+def _path_label(split: dict) -> str:
+    return "x-first" if split["x_first"] else "in-regs"
+
+
+def tune_fp8_paths(products: Iterable[tuple[str, int, int, str | None]], *, tokens: Iterable[int] = DEFAULT_TOKENS,
+                   dtype: str = "bf16", group: int = 0, arch: str | None = None, table: str | Path | None = None,
+                   margin: float = 0.03, write: bool = True, measure_factory: Callable | None = None,
+                   command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
+    """Time gemv_quant's W8A8 call (f8e4m3 W, one scale a row or 128 x 128 blocks: `group` 0 / 128) of each product
+    at each token bucket on both paths, x quantised first and in the product's registers, each with the splits the
+    tables give it now; where the path runtime/quant.FP8_REGISTER_MAX_ROWS's rule does not take beats the rule's by
+    the margin, record it ("fp8_path" family: {"x_first": 0 or 1}, which gemv_quant then follows for exactly that
+    problem), else remove the card's entry (as _record does). measure_factory(n, k, gated, rows) -> measure(x_first,
+    spills_ok=False) -> seconds replaces the GPU's timing (tests); then `arch` must be given."""
+    from ..codegen.gemv import token_bucket
+    from .quant import FP8_REGISTER_MAX_ROWS
+    if group not in (0, 128):
+        raise ValueError(f"tune: f8e4m3 weights have one scale a row (group 0) or 128 x 128 blocks (128), got {group}")
+    if measure_factory is None:
+        import torch
+        from .launch import device_arch
+        if not torch.cuda.is_available():
+            raise RuntimeError("tune: measuring needs a CUDA GPU, and none is visible")
+        device = torch.device("cuda", torch.cuda.current_device())
+        arch = arch or device_arch(device)
+        device_name = device_name or torch.cuda.get_device_name(device)
+
+        def measure_factory(n, k, gated, rows):
+            return _GpuPathMeasure(n, k, gated, rows, dtype, group, device)
+    elif arch is None:
+        raise ValueError("tune: a measure_factory needs the arch its plans are for")
+    from ..codegen import tuning
+    table = Path(table) if table is not None else tuning.user_table_path()
+    results = []
+    for name, n, k, gated in products:
+        for bucket in sorted({token_bucket(t, "f8e4m3") for t in tokens}):
+            rule = bucket > FP8_REGISTER_MAX_ROWS
+            measure = measure_factory(n, k, gated, bucket)
+            rules, rules_s, best, best_s, timings = _race([rule, not rule], measure,
+                                                          lambda p: {"x_first": int(p)}, _path_label)
+            key = dict(arch=arch, dtype=dtype, wtype="f8e4m3", group=group, gated=gated, n=n, k=k, bucket=bucket)
+            win = _record(table, "fp8_path", key, rules, rules_s, best, best_s, margin, write, device_name, command)
+            r = TuneResult(name, n, k, gated, "f8e4m3", bucket, rules, rules_s * 1e6, best, best_s * 1e6, win,
+                           timings, label=_path_label, kind="f8" + ("b" if group else "") + "pth")
             log(r.line())
             results.append(r)
     return results
@@ -540,6 +621,11 @@ def cli_tune(args) -> int:
         if stream_rows and wtype in ("u4", "i8"):
             tune_stream(products, rows=stream_rows, dtype=dtype, wtype=wtype, group=group, table=table,
                         margin=args.margin, write=not args.dry_run, command=command)
+    # the W8A8 layer's two paths, each with the splits just tuned: the faster recorded where it is not the rows' rule's
+    for dtype, group in dict.fromkeys((d or args.dtype, g) for d, w, g, _ in weights if w == "f8e4m3"):
+        if tokens:
+            tune_fp8_paths(products, tokens=tokens, dtype=dtype, group=group, table=table, margin=args.margin,
+                           write=not args.dry_run, command=command)
     if not args.dry_run:
         from ..codegen.tuning import user_table_path
         print(f"table: {table or user_table_path()}")

@@ -460,3 +460,46 @@ def test_the_tuner_takes_fp8_weights_and_the_planner_then_serves_their_split(tab
     with pytest.raises(ValueError, match="x_e4m3"):
         tune_products([("qkv", 6144, 4096, None)], tokens=(16,), wtype="u4", arch="sm_90", table=table,
                       measure_factory=factory, x_e4m3=True, log=lambda s: None)
+
+
+def test_the_fp8_path_tuner_records_the_faster_path_and_gemv_quant_follows_it(tables, monkeypatch):
+    """tune_fp8_paths times the W8A8 layer's call on both paths at each bucket; where the path the rows' rule does not
+    take (runtime/quant.FP8_REGISTER_MAX_ROWS: in registers up to 8 rows, x first past them) is faster by the margin
+    it is recorded, and gemv_quant's route then follows it for exactly that problem; where the rule's path wins the
+    entry goes; a set LAYERFORGE_FP8_QUANT_X_FIRST decides over the table."""
+    import torch
+    from layerforge.runtime import launch, quant
+    from layerforge.runtime.quant import pack_fp8, quantize_fp8
+    from layerforge.runtime.tune import tune_fp8_paths
+    assert quant.FP8_REGISTER_MAX_ROWS == 8
+    table = tuning.user_table_path()
+    common = dict(tokens=(1, 16), arch="sm_90", table=table, group=0, device_name=H100, log=lambda s: None)
+    key = dict(arch="sm_90", dtype="bf16", wtype="f8e4m3", group=0, gated=None, n=4096, k=4096)
+    times = {(8, True): 10.0, (8, False): 8.5, (16, True): 11.0, (16, False): 9.8}   # us: in registers faster at both
+
+    def factory(n, k, gated, rows):
+        return lambda x_first, spills_ok=False: times[(rows, x_first)] * 1e-6
+    res = tune_fp8_paths([("o", 4096, 4096, None)], measure_factory=factory, **common)
+    assert [(r.bucket, r.rules, r.best, r.recorded) for r in res] == [
+        (8, {"x_first": 0}, {"x_first": 0}, False), (16, {"x_first": 1}, {"x_first": 0}, True)]
+    assert "in-regs" in res[1].line() and "x-first" in res[1].line()
+    assert tuning.lookup("fp8_path", bucket=16, **key) == {"x_first": 0}
+    assert tuning.lookup("fp8_path", bucket=8, **key) is None
+    # gemv_quant's choice (the GPU checks faked): the table at 16 rows, the rule at 8 and for another problem
+    monkeypatch.setattr(quant, "_gpu_ok", lambda x, qw: True)
+    monkeypatch.setattr(launch, "device_arch", lambda device=None: "sm_90")
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    qw = pack_fp8(*quantize_fp8(torch.randn(4096, 4096) / 64), None)
+    other = pack_fp8(*quantize_fp8(torch.randn(4096 + 128, 4096) / 64), None)
+    x = torch.randn(16, 4096).to(torch.bfloat16)
+    assert not quant._fp8_gemv_ok(x, qw, 16) and not quant._fp8_gemv_ok(x[:8], qw, 8)
+    assert quant._fp8_gemv_ok(x, other, 16) and quant._fp8_gemv_ok(x, qw, 16, gated="silu")   # not its problem
+    assert quant._fp8_gemv_ok(x, qw, 16, per_token=True)      # the per-token layer stays x first
+    monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1")   # set: decides every call
+    assert quant._fp8_gemv_ok(x, qw, 16) and quant._fp8_gemv_ok(x[:8], qw, 8)
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST")
+    # measured again, the rule's path now faster: the entry goes, the rule decides
+    times[(16, True)] = 9.0
+    res = tune_fp8_paths([("o", 4096, 4096, None)], measure_factory=factory, **common)
+    assert not res[1].recorded and tuning.lookup("fp8_path", bucket=16, **key) is None
+    assert quant._fp8_gemv_ok(x, qw, 16)

@@ -94,6 +94,40 @@ def test_tune_fp8_weights_records_a_split_the_w8a8_product_then_runs(tuning_tabl
     assert plan.key in loaded, (plan.key, loaded)   # the tuned path ran the plan the table gave it
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="W8A8 e4m3 needs an sm_89+ GPU")
+@pytest.mark.parametrize("group", [0, 128])
+def test_tune_fp8_paths_times_both_paths_and_the_layer_then_takes_the_faster(tuning_table, group, monkeypatch):
+    """tune_fp8_paths times gemv_quant's W8A8 call on both paths (x first, in registers) at 4 and 12 rows (buckets 8
+    and 16); where it records the path the rows' rule does not take, the layer's call then runs that path's kernel
+    (an x-first plan reads e4m3 x: its key has "xk128"), and either way it matches float64 (test_gemv_fp8's
+    reference)."""
+    from layerforge.runtime import launch, quant
+    from layerforge.runtime.tune import tune_fp8_paths
+    from .test_gemv_fp8 import rel_err, w8a8_reference
+    n, k = 3072, 2048
+    monkeypatch.delenv("LAYERFORGE_FP8_QUANT_X_FIRST", raising=False)
+    res = tune_fp8_paths([("p", n, k, None)], tokens=(4, 12), group=group, margin=0.0, log=lambda s: None)
+    assert [r.bucket for r in res] == [8, 16]
+    assert all(math.isfinite(t) and t > 0 for r in res for t in r.timings.values())
+    gen = seeded_generator("tune-fp8-paths", n, k, group)
+    lin = QuantLinear.from_float(torch.randn(n, k, generator=gen) / k ** 0.5, group, wtype="f8e4m3",
+                                 dtype=torch.bfloat16).cuda()
+    real = launch.load_plan
+    for r, m in zip(res, (4, 12)):
+        x_first = bool(r.best["x_first"]) if r.recorded else bool(r.rules["x_first"])
+        monkeypatch.setattr(linear, "_KERNELS", {})   # the tuner's calls made launchers: load them again, seen
+        monkeypatch.setattr(quant, "_DEQUANT", {})
+        loaded = []
+        monkeypatch.setattr(launch, "load_plan", lambda p, *a, **kw: loaded.append(p.key) or real(p, *a, **kw))
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gemv_quant(x, lin.qw, out=out)
+        assert rel_err(out, w8a8_reference(x, lin)) < 1e-2
+        gemv_keys = [key for key in loaded if key.startswith("gemv_")]
+        assert gemv_keys and all(("xk128" in key) == x_first for key in gemv_keys), (r, loaded)
+
+
 def test_a_route_entry_sends_the_calls_to_torchs_product(tuning_table, monkeypatch):
     """A "route" entry (torch's product measured faster than every split) sends calls of exactly its problem to
     torch's product with the epilogue in torch; a call with a norm prologue, another bucket or another N keeps
