@@ -230,13 +230,7 @@ def tune_products(products: Iterable[tuple[str, int, int, str | None]], *, token
     family = "gemv_x8" if x_e4m3 else "gemv"
     gpu = measure_factory is None
     if gpu:
-        import torch
-        from .launch import device_arch
-        if not torch.cuda.is_available():
-            raise RuntimeError("tune: measuring needs a CUDA GPU, and none is visible")
-        device = torch.device("cuda", torch.cuda.current_device())
-        arch = arch or device_arch(device)
-        device_name = device_name or torch.cuda.get_device_name(device)
+        device, arch, device_name = _this_gpu(arch, device_name)
 
         def measure_factory(n, k, gated, rows):
             return _GpuMeasure(n, k, gated, rows, dtype, wtype, group, device, x_e4m3)
@@ -310,6 +304,17 @@ class _GpuPathMeasure:
                 os.environ[name] = held
 
 
+def _this_gpu(arch: str | None, device_name: str | None):
+    """The GPU tune measures on: (device, `arch` or the device's, `device_name` or the device's); an error where none
+    is visible."""
+    import torch
+    from .launch import device_arch
+    if not torch.cuda.is_available():
+        raise RuntimeError("tune: measuring needs a CUDA GPU, and none is visible")
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device, arch or device_arch(device), device_name or torch.cuda.get_device_name(device)
+
+
 def _path_label(split: dict) -> str:
     return "x-first" if split["x_first"] else "in-regs"
 
@@ -329,13 +334,7 @@ def tune_fp8_paths(products: Iterable[tuple[str, int, int, str | None]], *, toke
     if group not in (0, 128):
         raise ValueError(f"tune: f8e4m3 weights have one scale a row (group 0) or 128 x 128 blocks (128), got {group}")
     if measure_factory is None:
-        import torch
-        from .launch import device_arch
-        if not torch.cuda.is_available():
-            raise RuntimeError("tune: measuring needs a CUDA GPU, and none is visible")
-        device = torch.device("cuda", torch.cuda.current_device())
-        arch = arch or device_arch(device)
-        device_name = device_name or torch.cuda.get_device_name(device)
+        device, arch, device_name = _this_gpu(arch, device_name)
 
         def measure_factory(n, k, gated, rows):
             return _GpuPathMeasure(n, k, gated, rows, dtype, group, device)
