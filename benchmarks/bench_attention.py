@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 
 import torch
@@ -67,16 +66,9 @@ def env_switch_set(name: str, on: bool | None):
     """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is), restored after.
     Set (on not None), a block that returns without any plan having read the switch (codegen.plan.env_switch) is an
     error naming it: a misspelt or unrelated switch would measure the same kernel twice."""
-    from layerforge.codegen.plan import switch_read
-    saved = os.environ.get(name)
-    if on is not None:
-        os.environ[name] = "1" if on else "0"
-    try:
+    from layerforge.codegen.plan import switch_read, switch_set
+    with switch_set(name, on):
         yield
-    finally:
-        os.environ.pop(name, None)
-        if saved is not None:
-            os.environ[name] = saved
     if on is not None and not switch_read(name):
         raise SystemExit(f"{name}: no kernel plan read this switch (misspelt, or not a switch of the kernels "
                          f"measured here?)")

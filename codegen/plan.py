@@ -14,6 +14,7 @@ interface alone. Tile searches take a `CompileFn` (codegen never imports the run
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -241,6 +242,21 @@ def env_switch(name: str, default: bool | None) -> bool | None:
     if value not in _SWITCH_VALUES:
         raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
     return _SWITCH_VALUES[value]
+
+
+@contextlib.contextmanager
+def switch_set(name: str, on: bool | None):
+    """The on/off switch `name` (an environment variable env_switch reads) set to `on` inside the block (None: left
+    as it is), restored after: a call's path is chosen as it is called or captured into a graph."""
+    saved = os.environ.get(name)
+    if on is not None:
+        os.environ[name] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def switch_read(name: str) -> bool:

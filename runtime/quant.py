@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -601,18 +602,23 @@ def _fp8_token_gemm_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
 FP8_REGISTER_MAX_ROWS = 8
 
 
-def fp8_x_first_default(rows: int | None = None) -> bool:
+def fp8_x_first_default(rows: int | None = None, measured: Callable[[], bool | None] | None = None) -> bool:
     """Whether W8A8 calls of up to FP8_KERNEL_MAX_ROWS rows quantise x first (the row kernel,
     quantize_fp8_rows_cuda) and run the small-token e4m3 kernel over those bytes (fp8_gemv; codegen/gemv.py
     x_e4m3): fp8_linear_per_token (x per token; rows None) instead of the FP8 GEMM's 128-row tiles, gemv_quant's
     W8A8 without a norm prologue (x per token and 128 k; `rows` its rows) instead of quantising x in the
     product's registers, the latter past FP8_REGISTER_MAX_ROWS rows (up to them the in-register kernel is 4-17 %
     faster since its rules came from `layerforge tune`; x first became the default when that kernel was 1.3-2.1x
-    slower); LAYERFORGE_FP8_QUANT_X_FIRST=0 turns x first off and =1 on at every row count."""
+    slower), or as measured() says where it gives True or False (the path the tuning tables measured faster for
+    the call's problem, fp8_path_measured: looked up only where the switch is unset); LAYERFORGE_FP8_QUANT_X_FIRST=0
+    turns x first off and =1 on at every call."""
     from ..codegen.plan import env_switch
     switch = env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None)
     if switch is not None:
         return switch
+    path = measured() if measured is not None else None
+    if path is not None:
+        return path
     return rows is None or rows > FP8_REGISTER_MAX_ROWS
 
 
@@ -621,11 +627,7 @@ _PATHS: dict[tuple, bool | None] = {}   # (tables' generation, problem, device) 
 
 def fp8_path_measured(x: torch.Tensor, qw: QuantWeight, rows: int, gated) -> bool | None:
     """The W8A8 path the tuning tables measured faster for gemv_quant's call of this problem (family "fp8_path",
-    runtime/tune.tune_fp8_paths): True x first, False in registers; None where none is recorded or
-    LAYERFORGE_FP8_QUANT_X_FIRST is set (which decides every call)."""
-    from ..codegen.plan import env_switch
-    if env_switch("LAYERFORGE_FP8_QUANT_X_FIRST", None) is not None:
-        return None
+    runtime/tune.tune_fp8_paths): True x first, False in registers; None where none is recorded."""
     from ..codegen import tuning
     from ..codegen.gemv import token_bucket
     bucket = token_bucket(rows, qw.wtype)
@@ -647,8 +649,7 @@ def _fp8_gemv_ok(x: torch.Tensor, qw: QuantWeight, rows: int, per_token: bool = 
         return False
     if per_token:
         return fp8_x_first_default()
-    measured = fp8_path_measured(x, qw, rows, gated)
-    return fp8_x_first_default(rows) if measured is None else measured
+    return fp8_x_first_default(rows, lambda: fp8_path_measured(x, qw, rows, gated))
 
 
 def fp8_gemv(q: torch.Tensor, xscale: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, *,

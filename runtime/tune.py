@@ -289,19 +289,11 @@ class _GpuPathMeasure:
         self.gated = gated
 
     def __call__(self, x_first: bool, spills_ok: bool = False) -> float:
-        import os
+        from ..codegen.plan import switch_set
         from .quant import gemv_quant
-        name = "LAYERFORGE_FP8_QUANT_X_FIRST"
-        held = os.environ.get(name)
-        os.environ[name] = "1" if x_first else "0"
-        try:
-            x, y, gated = self.x, self.y, self.gated
+        x, y, gated = self.x, self.y, self.gated
+        with switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", x_first):
             return graph_time([lambda qw=qw: gemv_quant(x, qw, gated=gated, out=y) for qw in self.weights])
-        finally:
-            if held is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = held
 
 
 def _this_gpu(arch: str | None, device_name: str | None):

@@ -283,3 +283,27 @@ def test_x_first_routes_hand_the_kernel_its_operands(monkeypatch, per_token):
         assert got is out
         assert calls == [("quantise", (6, k), quant.FP8_BLOCK), ("gemv", (6, k), (6, 3), "silu", (6, n // 2), True)]
     torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_switch_set_sets_and_restores_the_switch(monkeypatch):
+    """codegen.plan.switch_set (the tuner's and the benchmarks' A / B of a switch): the value inside the block, the
+    environment as it was after, an earlier value kept, an error inside the block restoring it too; None leaves the
+    switch alone."""
+    import os
+
+    from layerforge.codegen.plan import switch_set
+    from layerforge.runtime.quant import fp8_x_first_default
+    name = "LAYERFORGE_FP8_QUANT_X_FIRST"
+    monkeypatch.delenv(name, raising=False)
+    with switch_set(name, False):
+        assert fp8_x_first_default(16) is False
+    assert name not in os.environ
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(RuntimeError):
+        with switch_set(name, False):
+            assert os.environ[name] == "0"
+            raise RuntimeError
+    assert os.environ[name] == "1"
+    with switch_set(name, None):
+        assert os.environ[name] == "1"
+    assert os.environ[name] == "1"
