@@ -1,0 +1,110 @@
+"""What bounds the wgmma MLA decode: its default kernel timed beside copies of it with one part of the work cut.
+
+    python -m benchmarks.probe_mla_bound [--batch 64] [--ctx 4096] [--heads 128] [--variants default,noload,s1,pv1]
+
+The variants are the plan's own source with one edit each (the numbers they compute are wrong on purpose; only
+their time is read):
+  default   the kernel as built
+  noload    the producer copies the first STAGES tiles only, then marks every later stage full without a copy:
+            the consumers' MMAs, softmax and hand-offs alone (no load latency, no DRAM / L2 traffic)
+  s1        S = Q K^T runs one k16 step of its DK / 16 (the S MMAs almost gone)
+  pv1       O += P V runs one k16 step of its BN / 16 in both consumers (the P V MMAs almost gone)
+  nosync    consumer 0 does not wait for consumer 1 to be done with the previous P (barrier 4): the hand-off's wait
+  evict     the default with its TMA copies hinted L2 evict_first (createpolicy), as FlashMLA's are: numbers right
+Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from layerforge.codegen import mla as mla_codegen
+from layerforge.runtime.mla_decode import MLADecode
+
+from .probe_kernel import best_us
+
+L, R = 512, 64
+
+
+def _edit(source: str, variant: str) -> str:
+    def sub(old: str, new: str, count: int) -> str:
+        if source.count(old) != count:
+            raise SystemExit(f"probe_mla_bound: {variant}: expected {count} of {old!r} in the kernel, found "
+                             f"{source.count(old)} (the template changed: update the probe)")
+        return source.replace(old, new)
+
+    if variant == "default":
+        return source
+    if variant == "noload":
+        return sub("if (k0 + BN <= k_end) {",
+                   "if (i >= STAGES) { if (tid == 0) lf_mbar_arrive(&full[stage]); } else if (k0 + BN <= k_end) {", 1)
+    if variant == "s1":
+        return sub("kk < DK / 16", "kk < 1", 1)
+    if variant == "pv1":
+        return sub("kk < BN / 16", "kk < 1", 2)
+    if variant == "nosync":
+        return sub("if (i > 0) lf_named_bar_sync(4, 256);", "", 1)
+    if variant == "evict":
+        source = sub("__device__ __forceinline__ void lf_bulk_load(", _EVICT_FIRST + "__device__ __forceinline__ void lf_bulk_load(", 1)
+        return sub("lf_tma_load_2d(dst", "lf_tma_load_2d_ef(dst", 1)
+    raise SystemExit(f"probe_mla_bound: unknown variant {variant!r}")
+
+
+_EVICT_FIRST = r"""__device__ __forceinline__ void lf_tma_load_2d_ef(void* smem, const lf_tensor_map* map, int col, int row,
+                                                  unsigned long long* bar) {
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
+                 ::"r"(lf_smem_addr(smem)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row),
+                   "r"(lf_smem_addr(bar)), "l"(policy) : "memory");
+}
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=128)
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--variants", default="default,noload,s1,pv1,nosync,evict")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("probe_mla_bound: no CUDA GPU on this machine", file=sys.stderr)
+        return 0
+    batch, ctx, heads, page = a.batch, a.ctx, a.heads, a.page
+    per = -(-ctx // page)
+    cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(batch * per, device="cuda").to(torch.int32).view(batch, per)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * batch * heads * ctx * (L + R + L)
+    latent = batch * ctx * (L + R) * 2
+    print(f"{torch.cuda.get_device_name()}: MLA decode {batch} x {ctx}, {heads} heads, page {page}; graph replays, "
+          f"best of {a.reps}")
+    print(f"{'variant':>8} | {'us':>7} | TFLOP/s | latent TB/s")
+    base = mla_codegen.MLADecodePlan.source
+    try:
+        for variant in a.variants.split(","):
+            mla_codegen.MLADecodePlan.source = lambda self, v=variant: _edit(base(self), v)
+            dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page)
+            if variant == "default" or dec.plan.kernel == "wgmma":
+                run = lambda: dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)  # noqa: E731
+                run()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    run()
+                us = best_us(g.replay, a.reps)
+                print(f"{variant:>8} | {us:7.1f} | {flops / us / 1e6:7.0f} | {latent / us / 1e6:11.2f}")
+    finally:
+        mla_codegen.MLADecodePlan.source = base
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
