@@ -11,6 +11,8 @@ their time is read):
   pv1       O += P V runs one k16 step of its BN / 16 in both consumers (the P V MMAs almost gone)
   nosync    consumer 0 does not wait for consumer 1 to be done with the previous P (barrier 4): the hand-off's wait
   evict     the default with its TMA copies hinted L2 evict_first (createpolicy), as FlashMLA's are: numbers right
+  fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
+Variants join with "+" (fine+evict: the fine plan with the hints).
 Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
 from __future__ import annotations
 
@@ -28,13 +30,19 @@ L, R = 512, 64
 
 
 def _edit(source: str, variant: str) -> str:
+    for v in variant.split("+"):
+        source = _edit_one(source, v)
+    return source
+
+
+def _edit_one(source: str, variant: str) -> str:
     def sub(old: str, new: str, count: int) -> str:
         if source.count(old) != count:
             raise SystemExit(f"probe_mla_bound: {variant}: expected {count} of {old!r} in the kernel, found "
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant == "default":
+    if variant in ("default", "fine"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -46,13 +54,14 @@ def _edit(source: str, variant: str) -> str:
     if variant == "nosync":
         return sub("if (i > 0) lf_named_bar_sync(4, 256);", "", 1)
     if variant == "evict":
-        source = sub("__device__ __forceinline__ void lf_bulk_load(", _EVICT_FIRST + "__device__ __forceinline__ void lf_bulk_load(", 1)
+        anchor = "__device__ __forceinline__ void lf_bulk_load("
+        source = sub(anchor, _EVICT_FIRST + anchor, 1)
         return sub("lf_tma_load_2d(dst", "lf_tma_load_2d_ef(dst", 1)
     raise SystemExit(f"probe_mla_bound: unknown variant {variant!r}")
 
 
-_EVICT_FIRST = r"""__device__ __forceinline__ void lf_tma_load_2d_ef(void* smem, const lf_tensor_map* map, int col, int row,
-                                                  unsigned long long* bar) {
+_EVICT_FIRST = r"""__device__ __forceinline__ void lf_tma_load_2d_ef(void* smem, const lf_tensor_map* map, int col,
+                                                  int row, unsigned long long* bar) {
     unsigned long long policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
@@ -69,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--variants", default="default,noload,s1,pv1,nosync,evict")
+    ap.add_argument("--variants", default="default,noload,s1,pv1,nosync,evict,fine,fine+evict,default")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -92,9 +101,11 @@ def main(argv=None) -> int:
     try:
         for variant in a.variants.split(","):
             mla_codegen.MLADecodePlan.source = lambda self, v=variant: _edit(base(self), v)
-            dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page)
+            dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
+                            fine=True if "fine" in variant.split("+") else None)
             if variant == "default" or dec.plan.kernel == "wgmma":
-                run = lambda: dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)  # noqa: E731
+                def run():
+                    dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)
                 run()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):

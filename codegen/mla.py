@@ -34,7 +34,7 @@ from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
            "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
-           "sync_handoff_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -73,6 +73,8 @@ class MLADecodePlan(KernelPlan):
     seesaw: bool = False      # wgmma: the consumers take turns on the tiles (the template's SEESAW)
     sync_handoff: bool = False   # wgmma, not seesaw: the consumers' hand-offs through named barriers are syncs on
                                  # both sides at one instruction (the template's SYNC_HANDOFF; sync_handoff_default)
+    fine: bool = False        # wgmma, the default schedule: a full barrier a 64-column block, an empty barrier a
+                              # consumer (the template's FINE; fine_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -96,6 +98,9 @@ class MLADecodePlan(KernelPlan):
         if self.sync_handoff and not sync_handoff_serves(self.kernel, self.seesaw):
             raise ValueError("mla decode: sync_handoff is an option of the wgmma kernel's two schedules (not the "
                              f"seesaw), got kernel {self.kernel!r}, seesaw {self.seesaw}")
+        if self.fine and not fine_serves(self.kernel, self.overlap, self.seesaw):
+            raise ValueError("mla decode: fine is an option of the wgmma kernel's default schedule (not overlap, not "
+                             f"seesaw), got kernel {self.kernel!r}, overlap {self.overlap}, seesaw {self.seesaw}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -112,7 +117,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -153,7 +158,7 @@ class MLADecodePlan(KernelPlan):
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
                 **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {}),
-                **({"sync_handoff": True} if self.sync_handoff else {})}
+                **({"sync_handoff": True} if self.sync_handoff else {}), **({"fine": True} if self.fine else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -184,7 +189,9 @@ def _decode_source(plan: MLADecodePlan) -> str:
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
-                      SYNC_HANDOFF=plan.sync_handoff, BOXR=plan.tma_box[0],
+                      SYNC_HANDOFF=plan.sync_handoff, FINE=plan.fine, BOXR=plan.tma_box[0],
+                      FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
+                      FINE_FIRST=fine_order(plan.latent_dim, plan.rope_dim).index(plan.latent_dim // 128),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},
@@ -265,8 +272,9 @@ def decode_layout(row_dim: int, keys: int) -> SharedLayout:
 def wgmma_decode_layout(row_dim: int, keys: int) -> SharedLayout:
     """The wgmma kernel's shared memory, 1024-byte aligned buffers: Q (64 heads), the key stages,
     P (64 x keys), then one small buffer: the tile's factors and the row sums (64 floats each),
-    two tiles' page entries and the full / empty mbarriers."""
-    aux = 4 * HEADS_PER_CTA * 2 + 4 * 2 * keys + 8 * 2 * WGMMA_STAGES
+    two tiles' page entries and the full / empty mbarriers (room for the fine barriers: a full barrier a
+    64-column block and two empty barriers a stage, whichever the plan takes)."""
+    aux = 4 * HEADS_PER_CTA * 2 + 4 * 2 * keys + 8 * WGMMA_STAGES * (-(-row_dim // 64) + 2)
     return SharedLayout((("sQ", 2 * HEADS_PER_CTA * row_dim), ("sKV", 2 * WGMMA_STAGES * keys * row_dim),
                          ("sP", 2 * HEADS_PER_CTA * keys), ("sAux", aux)), align=1024)
 
@@ -314,6 +322,27 @@ def sync_handoff_default() -> bool:
     return env_switch("LAYERFORGE_MLA_SYNC_HANDOFF", False)
 
 
+def fine_serves(kernel: str, overlap: bool, seesaw: bool) -> bool:
+    """Whether a decode plan can take fine: the wgmma kernel's default schedule (the overlap and seesaw schedules hand
+    stages back whole)."""
+    return kernel == "wgmma" and not overlap and not seesaw
+
+
+def fine_order(latent_dim: int, rope_dim: int) -> list[int]:
+    """The 64-column blocks of a cache row in the order the fine schedule copies them and S reads them: consumer 0's
+    (its half of the latent, the RoPE blocks; consumer 0 hands them back first), then consumer 1's latent half."""
+    half, whole = latent_dim // 128, latent_dim // 64
+    return [*range(half), *range(whole, -(-(latent_dim + rope_dim) // 64)), *range(half, whole)]
+
+
+def fine_default() -> bool:
+    """Whether the wgmma MLA decode's stages have a full barrier a 64-column block and an empty barrier a consumer
+    (LAYERFORGE_MLA_FINE=1; off until it has run on a GPU: benchmarks/NOTES.md, "What bounds the wgmma MLA
+    decode"). S's MMAs start on a column block as its copy lands, and the producer refills consumer 0's blocks
+    (its V half, the RoPE blocks) once consumer 0 is done, not once both are: FlashMLA's per-block TMA barriers."""
+    return env_switch("LAYERFORGE_MLA_FINE", False)
+
+
 def smem_limit(arch: str) -> int:
     return ops.shared_limit(arch)
 
@@ -321,14 +350,16 @@ def smem_limit(arch: str) -> int:
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
                     overlap: bool = False, seesaw: bool | None = None,
-                    sync_handoff: bool | None = None) -> MLADecodePlan:
+                    sync_handoff: bool | None = None, fine: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
     not 16: 17 % less shared-memory traffic a key, which bounds the kernel), else 32 (sm_80's 163 KB).
     seesaw (the wgmma kernel; None: seesaw_default() where the plan can take it): the consumers take turns.
     sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): a sync on both sides of the
-    consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule)."""
+    consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule).
+    fine (the wgmma kernel's default schedule; None: fine_default()): a stage's barriers per column block and
+    consumer."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -340,9 +371,11 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         seesaw = seesaw_serves(kernel, overlap, rope_dim) and seesaw_default()
     if sync_handoff is None:
         sync_handoff = sync_handoff_serves(kernel, seesaw) and sync_handoff_default()
+    if fine is None:
+        fine = fine_serves(kernel, overlap, seesaw) and fine_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
-                         sync_handoff=sync_handoff)
+                         sync_handoff=sync_handoff, fine=fine)
     plan.source()
     return plan
 

@@ -1,9 +1,11 @@
 """The MLA kernels (codegen/mla.py) render and compile for sm_80 and sm_90 without register
 spills, and within each arch's shared memory (no GPU needed); bad specialisations are clear
 errors before anything renders."""
+import re
+
 import pytest
 
-from layerforge.codegen.mla import MLADecodePlan, plan_mla_append, plan_mla_decode
+from layerforge.codegen.mla import MLADecodePlan, fine_order, plan_mla_append, plan_mla_decode
 from layerforge.codegen.row import LoweringError
 from layerforge.dsl.ir import RopeSpec
 from layerforge.dsl.numerics import rope_scaling_from_hf
@@ -157,8 +159,48 @@ def test_sync_handoff_decode_compiles_without_spills(heads, latent, page, dtype,
         assert f"lf_named_bar_sync({bar}, 256)" not in src and f"lf_named_bar_arrive({bar}, 256)" not in src
         assert f"lf_named_bar_arrive({bar}, 256)" in plain and f"lf_named_bar_sync({bar}, 256)" in plain
         assert f"lf_named_bar_sync_common({bar}, 256)" not in plain
-    assert src.index("lf_mbar_arrive(&empty[stage]);   // the stage back first") < src.index(
+    assert src.index("// the stage back first") < src.index(
         "if (i + 1 < ntiles) lf_named_bar_sync_common(4, 256);")
+
+
+@pytest.mark.parametrize("heads,latent,page,dtype,sync", [(128, 512, 64, "bf16", False), (16, 512, 16, "f16", False),
+                                                          (4, 256, 1, "bf16", False), (100, 384, 64, "bf16", False),
+                                                          (128, 512, 64, "bf16", True)])
+def test_fine_decode_compiles_without_spills(heads, latent, page, dtype, sync):
+    """The wgmma kernel's default schedule with fine barriers (a full barrier a 64-column block, an empty barrier a
+    consumer): spill-free on every shape the kernel takes, the same shared memory as without; S waits on each of its
+    column blocks once (consumer 0's V blocks and the RoPE blocks first), consumer 1 on its V blocks; without the
+    option the source has none of it."""
+    kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
+              seesaw=False, sync_handoff=sync)
+    plan = plan_mla_decode(**kw, fine=True)
+    assert plan.fine and plan.key.split("_")[-2] == ("wgshfg" if sync else "wgfg")
+    compile_clean(plan, "sm_90")
+    plain = plan_mla_decode(**kw, fine=False)
+    assert plan.shared_bytes == plain.shared_bytes
+    src = plan.source()
+    assert "lf_mbar_wait(&full[stage * KB + cb], phase);" in src and "VB0" not in plain.source()
+    assert src.count("lf_mbar_arrive(&empty[stage * 2]);") == 1 and src.count("lf_mbar_arrive(&empty[stage * 2 + 1]);") == 1
+    kb, vb0, vb1 = (latent + 64) // 64, latent // 128, latent // 64
+    order = fine_order(latent, 64)
+    assert sorted(order) == list(range(kb)) and order[: kb - (vb1 - vb0)] == [*range(vb0), *range(vb1, kb)]
+    waits = [int(m) for m in re.findall(r"lf_mbar_wait\(&full\[stage \* KB \+ (\d+)\], phase\);", src)]
+    assert waits == order   # S waits on each block once, in the copy order
+
+
+def test_fine_switch_and_bad_plans(monkeypatch):
+    monkeypatch.delenv("LAYERFORGE_MLA_FINE", raising=False)
+    monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)
+    assert not plan_mla_decode(num_heads=16, arch="sm_90").fine
+    monkeypatch.setenv("LAYERFORGE_MLA_FINE", "1")
+    assert plan_mla_decode(num_heads=16, arch="sm_90").fine
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", kernel="mma").fine
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", seesaw=True).fine
+    assert not plan_mla_decode(num_heads=16, arch="sm_90", overlap=True).fine
+    for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", seesaw=True),
+               dict(kernel="wgmma", arch="sm_90a", overlap=True)):
+        with pytest.raises(ValueError, match="fine"):
+            MLADecodePlan(num_heads=16, keys=64, fine=True, **kw)
 
 
 def test_sync_handoff_switch_and_bad_plans(monkeypatch):

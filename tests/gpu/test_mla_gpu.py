@@ -38,10 +38,10 @@ def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
 
 def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None, kernel=None, overlap=False):
     """overlap: False, True (the wgmma kernel's overlap schedule), "seesaw" (its seesaw schedule), "sync" (the default
-    schedule with bar.sync on both sides of the consumers' hand-offs: sync_handoff) or "ovsync" (the overlap schedule
-    with them)."""
+    schedule with bar.sync on both sides of the consumers' hand-offs: sync_handoff), "ovsync" (the overlap schedule
+    with them) or "fine" (the default schedule with a full barrier a column block and an empty one a consumer)."""
     gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel, overlap)
-    seesaw, sync = overlap == "seesaw", overlap in ("sync", "ovsync")
+    seesaw, sync, fine = overlap == "seesaw", overlap in ("sync", "ovsync"), overlap == "fine"
     overlap = overlap is True or overlap == "ovsync"
     dk = latent + rope
     cache, table = build_cache(lens, page, dk, gen)
@@ -52,13 +52,16 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
     q_seq = q_seq.cuda()
     dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel,
-                    overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None)
+                    overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
+                    fine=True if fine else None)
     if kernel is not None:
         assert dec.plan.kernel == kernel
     if seesaw:
         assert dec.plan.seesaw
     if sync:
         assert dec.plan.sync_handoff and dec.plan.overlap == overlap
+    if fine:
+        assert dec.plan.fine and dec.plan.kernel == "wgmma"
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -73,9 +76,10 @@ LENS = [1, 37, 64, 200, 513, 1]   # one token, partial last pages, a whole page,
 
 
 # None: the arch's default (sm_90: the wgmma kernel, TMA tiles from pages of 16 keys up); the wgmma kernel's
-# overlap and seesaw schedules, its default with synced hand-offs; then mma.sync with 64- and 32-key tiles
+# overlap and seesaw schedules, its default with synced hand-offs and with fine barriers; then mma.sync with 64- and
+# 32-key tiles
 VARIANTS = [(None, None, False), (None, "wgmma", True), (None, "wgmma", "seesaw"), (None, "wgmma", "sync"),
-            (64, "mma", False), (32, None, False)]
+            (None, "wgmma", "fine"), (64, "mma", False), (32, None, False)]
 
 
 @pytest.mark.parametrize("keys,kernel,overlap", VARIANTS)
@@ -85,14 +89,15 @@ def test_decode_deepseek_shape(page, num_splits, keys, kernel, overlap):
     run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "base", keys, kernel, overlap)
 
 
-@pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", "seesaw"), ("wgmma", "sync"), ("mma", False)])
+@pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", "seesaw"), ("wgmma", "sync"), ("wgmma", "fine"),
+                                            ("mma", False)])
 @pytest.mark.parametrize("heads", [16, 100, 4])
 def test_decode_head_counts(heads, kernel, overlap):
     run_decode(heads, 512, 64, 64, LENS, None, 192 ** -0.5, "heads", kernel=kernel, overlap=overlap)
 
 
 @pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", True), ("wgmma", "seesaw"), ("wgmma", "sync"),
-                                            ("wgmma", "ovsync"), ("mma", False)])
+                                            ("wgmma", "ovsync"), ("wgmma", "fine"), ("mma", False)])
 @pytest.mark.parametrize("page", [1, 8])   # pages under TMA's: every tile by cp.async
 def test_decode_smaller_latent_and_small_pages(page, kernel, overlap):
     run_decode(32, 256, 64, page, [1, 5, 70, 200], 2, 0.1, "small", kernel=kernel, overlap=overlap)
@@ -118,7 +123,8 @@ def test_decode_f16_on_the_default_kernel():
     torch.testing.assert_close(out.cpu().double(), want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", "seesaw"), ("wgmma", "sync"), ("mma", False)])
+@pytest.mark.parametrize("kernel,overlap", [(None, False), ("wgmma", "seesaw"), ("wgmma", "sync"), ("wgmma", "fine"),
+                                            ("mma", False)])
 def test_decode_more_splits_than_tiles_and_an_empty_sequence(kernel, overlap):
     got, _ = run_decode(64, 512, 64, 64, [0, 40, 1], 16, 0.05, "empty", kernel=kernel, overlap=overlap)
     # the empty sequence's tokens are zeros, the others' not
