@@ -11,6 +11,8 @@ their time is read):
   pv1       O += P V runs one k16 step of its BN / 16 in both consumers (the P V MMAs almost gone)
   nosync    consumer 0 does not wait for consumer 1 to be done with the previous P (barrier 4): the hand-off's wait
   evict     the default with its TMA copies hinted L2 evict_first (createpolicy), as FlashMLA's are: numbers right
+  nopg      the producer reads no page table: tile i of sequence b is page b * max_pages + i (other pages, same
+            sizes and pattern; numbers wrong): the page-entry read's latency off the producer's chain
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
 Variants join with "+" (fine+evict: the fine plan with the hints).
 Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
@@ -53,6 +55,9 @@ def _edit_one(source: str, variant: str) -> str:
         return sub("kk < BN / 16", "kk < 1", 2)
     if variant == "nosync":
         return sub("if (i > 0) lf_named_bar_sync(4, 256);", "", 1)
+    if variant == "nopg":
+        return sub("pg[tid] = min(max(page_table[(long long)b * max_pages + key / PAGE], 0), num_pages - 1);",
+                   "pg[tid] = min(max(b * max_pages + key / PAGE, 0), num_pages - 1);", 1)
     if variant == "evict":
         anchor = "__device__ __forceinline__ void lf_bulk_load("
         source = sub(anchor, _EVICT_FIRST + anchor, 1)
