@@ -34,7 +34,7 @@ from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
            "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
-           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -75,6 +75,8 @@ class MLADecodePlan(KernelPlan):
                                  # both sides at one instruction (the template's SYNC_HANDOFF; sync_handoff_default)
     fine: bool = False        # wgmma, the default schedule: a full barrier a 64-column block, an empty barrier a
                               # consumer (the template's FINE; fine_default)
+    pair: bool = False        # wgmma, the default schedule: a token's two adjacent head blocks a cluster reading each key
+                              # tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -101,6 +103,12 @@ class MLADecodePlan(KernelPlan):
         if self.fine and not fine_serves(self.kernel, self.overlap, self.seesaw):
             raise ValueError("mla decode: fine is an option of the wgmma kernel's default schedule (not overlap, not "
                              f"seesaw), got kernel {self.kernel!r}, overlap {self.overlap}, seesaw {self.seesaw}")
+        if self.pair and not pair_serves(self.kernel, self.overlap, self.seesaw, self.fine, self.num_heads,
+                                         self.page_size):
+            raise ValueError("mla decode: pair is an option of the wgmma kernel's default schedule (not overlap, seesaw "
+                             f"or fine) with TMA tiles (pages of at least {TMA_MIN_PAGE} keys) and an even number of "
+                             f"{HEADS_PER_CTA}-head blocks, got kernel {self.kernel!r}, overlap {self.overlap}, seesaw "
+                             f"{self.seesaw}, fine {self.fine}, {self.num_heads} heads, page {self.page_size}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -117,7 +125,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -158,7 +166,8 @@ class MLADecodePlan(KernelPlan):
         return {"num_heads": self.num_heads, "latent_dim": self.latent_dim, "rope_dim": self.rope_dim,
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
                 **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {}),
-                **({"sync_handoff": True} if self.sync_handoff else {}), **({"fine": True} if self.fine else {})}
+                **({"sync_handoff": True} if self.sync_handoff else {}), **({"fine": True} if self.fine else {}),
+                **({"pair": True} if self.pair else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -190,7 +199,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
                       SYNC_HANDOFF=plan.sync_handoff, FINE=plan.fine, BOXR=plan.tma_box[0],
-                      FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
+                      PAIR=plan.pair, FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
                       FINE_FIRST=fine_order(plan.latent_dim, plan.rope_dim).index(plan.latent_dim // 128),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
@@ -328,6 +337,22 @@ def fine_serves(kernel: str, overlap: bool, seesaw: bool) -> bool:
     return kernel == "wgmma" and not overlap and not seesaw
 
 
+def pair_serves(kernel: str, overlap: bool, seesaw: bool, fine: bool, num_heads: int, page_size: int) -> bool:
+    """Whether a decode plan can take pair: the wgmma kernel's default schedule (not overlap, seesaw or fine), key tiles
+    by TMA (pages of at least TMA_MIN_PAGE keys) and an even number of HEADS_PER_CTA-head blocks (the grid's y, which
+    the clusters of (1, 2, 1) divide)."""
+    return (kernel == "wgmma" and not overlap and not seesaw and not fine and page_size >= TMA_MIN_PAGE
+            and -(-num_heads // HEADS_PER_CTA) % 2 == 0)
+
+
+def pair_default() -> bool:
+    """Whether the wgmma MLA decode runs a token's two head blocks as a cluster that reads each key tile from L2 once
+    (LAYERFORGE_MLA_PAIR=1; off until it has run on a GPU: benchmarks/NOTES.md, "What bounds the wgmma MLA decode").
+    The two CTAs of a token read the same rows; each copies half of a tile's column blocks by TMA multicast into
+    both, so a tile's L2-to-SM traffic halves."""
+    return env_switch("LAYERFORGE_MLA_PAIR", False)
+
+
 def fine_order(latent_dim: int, rope_dim: int) -> list[int]:
     """The 64-column blocks of a cache row in the order the fine schedule copies them and S reads them: consumer 0's
     (its half of the latent, the RoPE blocks; consumer 0 hands them back first), then consumer 1's latent half."""
@@ -350,7 +375,8 @@ def smem_limit(arch: str) -> int:
 def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
                     overlap: bool = False, seesaw: bool | None = None,
-                    sync_handoff: bool | None = None, fine: bool | None = None) -> MLADecodePlan:
+                    sync_handoff: bool | None = None, fine: bool | None = None,
+                    pair: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
@@ -359,7 +385,7 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): a sync on both sides of the
     consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule).
     fine (the wgmma kernel's default schedule; None: fine_default()): a stage's barriers per column block and
-    consumer."""
+    consumer. pair (None: pair_default() where pair_serves): a token's two head blocks a cluster sharing each tile."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -373,9 +399,11 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         sync_handoff = sync_handoff_serves(kernel, seesaw) and sync_handoff_default()
     if fine is None:
         fine = fine_serves(kernel, overlap, seesaw) and fine_default()
+    if pair is None:
+        pair = pair_serves(kernel, overlap, seesaw, fine, num_heads, page_size) and pair_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
-                         sync_handoff=sync_handoff, fine=fine)
+                         sync_handoff=sync_handoff, fine=fine, pair=pair)
     plan.source()
     return plan
 

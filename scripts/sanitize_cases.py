@@ -7,7 +7,7 @@ and per score), MLA decodes over a paged latent cache (both kernels, TMA and cp.
 split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
-("mla": the MLA decode cases alone; "mlasync": its synced kernels alone (LAYERFORGE_MLA_SYNC_HANDOFF's schedule), which
+("mla": the MLA decode cases alone; "mlapair": its pair schedule with synced hand-offs, off by default, run alone; "mlasync": its synced kernels alone (LAYERFORGE_MLA_SYNC_HANDOFF's schedule), which
 scripts/gpu-check.sh runs under racecheck and synccheck too, expecting no report; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
@@ -51,6 +51,29 @@ def mla_cases(bf, sync_only=False):
     MLADecode(num_heads=64, page_size=64, sync_handoff=True if sync_only else None)(
         q, torch.randn(9, 64, 576, device="cuda", dtype=bf), bad[:, :4].contiguous(), lens, q_seq, scale=0.07,
         max_kv_len=150)
+
+
+def mla_pair_cases(bf):
+    """The wgmma MLA decode's pair schedule (LAYERFORGE_MLA_PAIR's: a token's two head blocks a cluster sharing each
+    full key tile by TMA multicast), with synced hand-offs (the schedule racecheck follows): 128 heads (one pair a
+    token) and 100 (the second block partial), pages 64 and 16, a partial last tile (cp.async, each CTA its own),
+    splits 1 and 3, then a page-table entry outside the cache."""
+    from layerforge.runtime.mla_decode import MLADecode
+    lens = torch.tensor([150, 1], dtype=torch.int32, device="cuda")
+    q_seq = torch.tensor([0, 1, 0], dtype=torch.int32, device="cuda")
+    for heads, page in ((128, 64), (100, 16)):
+        q = torch.randn(3, heads, 576, device="cuda", dtype=bf)
+        lat = torch.randn(9 * 64 // page, page, 576, device="cuda", dtype=bf)
+        n = -(-150 // page)
+        table = torch.full((2, n + 1), -1, dtype=torch.int32, device="cuda")
+        table[0, :n] = torch.arange(n, device="cuda") + 1
+        table[1, 0] = 0
+        dec = MLADecode(num_heads=heads, page_size=page, pair=True, sync_handoff=True)
+        for splits in (1, 3):
+            dec(q, lat, table, lens, q_seq, scale=0.07, max_kv_len=150, num_splits=splits)
+        bad = table.clone()
+        bad[0, 1] = 10 ** 6   # outside the cache: clamped into it, never read out of bounds
+        dec(q, lat, bad, lens, q_seq, scale=0.07, max_kv_len=150)
 
 
 def ragged_prefill(layer, attn, d, lens, bf, *, num_pages, max_pages, small=False):
@@ -363,6 +386,8 @@ if __name__ == "__main__":
         mla_cases(torch.bfloat16)
     elif sys.argv[1:] == ["mlasync"]:   # the synced MLA decode kernels alone (clean under all three tools)
         mla_cases(torch.bfloat16, sync_only=True)
+    elif sys.argv[1:] == ["mlapair"]:   # the MLA decode's pair schedule alone (off by default: not in main)
+        mla_pair_cases(torch.bfloat16)
     elif sys.argv[1:] == ["d256"]:   # the D256 wgmma prefill alone (K and V rings)
         d256_cases(torch.bfloat16)
     elif sys.argv[1:] == ["persist"]:   # the persistent wgmma prefill alone (off by default: not in main)

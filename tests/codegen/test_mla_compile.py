@@ -203,6 +203,46 @@ def test_fine_switch_and_bad_plans(monkeypatch):
             MLADecodePlan(num_heads=16, keys=64, fine=True, **kw)
 
 
+@pytest.mark.parametrize("heads,latent,page,dtype,sync", [(128, 512, 64, "bf16", False), (100, 512, 16, "f16", False),
+                                                          (256, 256, 32, "bf16", False), (128, 384, 64, "bf16", False),
+                                                          (128, 512, 64, "bf16", True)])
+def test_pair_decode_compiles_without_spills(heads, latent, page, dtype, sync):
+    """The pair schedule (a token's two head blocks a cluster of (1, 2, 1) sharing each full key tile by TMA
+    multicast): spill-free, the same shared memory; every consumer warp arrives on both CTAs' empty barriers
+    (16 a stage), the CTAs sync as a cluster after the barriers' initialisation and before leaving."""
+    kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
+              seesaw=False, sync_handoff=sync, fine=False)
+    plan = plan_mla_decode(**kw, pair=True)
+    assert plan.pair and plan.key.split("_")[-2] == ("wgshcl" if sync else "wgcl")
+    compile_clean(plan, "sm_90")
+    plain = plan_mla_decode(**kw, pair=False)
+    assert plan.shared_bytes == plain.shared_bytes
+    src = plan.source()
+    assert "__cluster_dims__(1, 2, 1)" in src and "__cluster_dims__" not in plain.source()
+    assert src.count("lf_cluster_sync();") == 2 and "lf_mbar_init(&empty[s], 16);" in src
+    assert "lf_mbar_arrive(&empty[stage])" not in src and src.count("lf_mbar_arrive_pair(&empty[stage]);") == 2
+    assert "lf_tma_load_2d_multicast_ef(" in src and "lf_tma_load_2d(dst" not in src
+
+
+def test_pair_switch_and_bad_plans(monkeypatch):
+    monkeypatch.delenv("LAYERFORGE_MLA_PAIR", raising=False)
+    for name in ("LAYERFORGE_MLA_SEESAW", "LAYERFORGE_MLA_FINE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not plan_mla_decode(num_heads=128, arch="sm_90").pair
+    monkeypatch.setenv("LAYERFORGE_MLA_PAIR", "1")
+    assert plan_mla_decode(num_heads=128, arch="sm_90").pair
+    assert plan_mla_decode(num_heads=100, arch="sm_90").pair                   # two blocks, the second partial
+    assert not plan_mla_decode(num_heads=64, arch="sm_90").pair                # one block: no pair
+    assert not plan_mla_decode(num_heads=192, arch="sm_90").pair               # three blocks: odd
+    assert not plan_mla_decode(num_heads=128, page_size=8, arch="sm_90").pair  # no TMA tiles
+    assert not plan_mla_decode(num_heads=128, arch="sm_90", seesaw=True).pair
+    assert not plan_mla_decode(num_heads=128, arch="sm_90", kernel="mma").pair
+    for kw in (dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
+               dict(num_heads=128, fine=True)):
+        with pytest.raises(ValueError, match="pair"):
+            MLADecodePlan(keys=64, kernel="wgmma", arch="sm_90a", pair=True, **kw)
+
+
 def test_sync_handoff_switch_and_bad_plans(monkeypatch):
     monkeypatch.delenv("LAYERFORGE_MLA_SYNC_HANDOFF", raising=False)
     monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)

@@ -39,9 +39,10 @@ def build_cache(lens, page, dk, gen, dtype=torch.bfloat16, spare=3):
 def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=None, kernel=None, overlap=False):
     """overlap: False, True (the wgmma kernel's overlap schedule), "seesaw" (its seesaw schedule), "sync" (the default
     schedule with bar.sync on both sides of the consumers' hand-offs: sync_handoff), "ovsync" (the overlap schedule
-    with them) or "fine" (the default schedule with a full barrier a column block and an empty one a consumer)."""
+    with them), "fine" (the default schedule with a full barrier a column block and an empty one a consumer) or "pair"
+    (the default schedule with a token's two head blocks a cluster sharing each key tile by TMA multicast)."""
     gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel, overlap)
-    seesaw, sync, fine = overlap == "seesaw", overlap in ("sync", "ovsync"), overlap == "fine"
+    seesaw, sync, fine, pair = overlap == "seesaw", overlap in ("sync", "ovsync"), overlap == "fine", overlap == "pair"
     overlap = overlap is True or overlap == "ovsync"
     dk = latent + rope
     cache, table = build_cache(lens, page, dk, gen)
@@ -53,7 +54,7 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     q_seq = q_seq.cuda()
     dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
-                    fine=True if fine else None)
+                    fine=True if fine else None, pair=True if pair else None)
     if kernel is not None:
         assert dec.plan.kernel == kernel
     if seesaw:
@@ -62,6 +63,8 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
         assert dec.plan.sync_handoff and dec.plan.overlap == overlap
     if fine:
         assert dec.plan.fine and dec.plan.kernel == "wgmma"
+    if pair:
+        assert dec.plan.pair and dec.plan.kernel == "wgmma"
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -107,6 +110,21 @@ def test_decode_smaller_latent_and_small_pages(page, kernel, overlap):
 def test_decode_peaked_scores_rescale_exactly(keys, kernel, overlap):
     """Large scores: the running maximum moves many times along a long sequence (lazy rescaling)."""
     run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "peaked", keys, kernel, overlap)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("heads,page", [(128, 64), (128, 16), (100, 32), (256, 64)])
+def test_decode_pair_shares_tiles_between_head_blocks(heads, page, num_splits):
+    """The pair schedule (a token's two head blocks a cluster; each CTA copies half of a full tile's column blocks into
+    both by TMA multicast): partial last tiles (cp.async, each CTA its own), splits, a repeated sequence, heads past
+    HQ in the second block (100), two pairs a token (256)."""
+    run_decode(heads, 512, 64, page, LENS, num_splits, 192 ** -0.5, "pair", kernel="wgmma", overlap="pair")
+
+
+def test_decode_pair_peaked_scores_and_an_empty_sequence():
+    run_decode(128, 512, 64, 64, [3000, 17], 4, 0.5, "pair-peaked", kernel="wgmma", overlap="pair")
+    got, _ = run_decode(128, 512, 64, 64, [0, 40, 1], 16, 0.05, "pair-empty", kernel="wgmma", overlap="pair")
+    assert got.abs().sum() > 0
 
 
 def test_decode_f16_on_the_default_kernel():
