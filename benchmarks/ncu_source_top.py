@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ni_col = next((c for c in cols if c.startswith("Warp Stall Sampling (Not")), None)
     if all_col is None:
         raise SystemExit(f"ncu_source_top: no warp-stall sampling column among {cols[:12]}...")
-    reasons = [c for c in cols if c.startswith("stall_") or c.lower().startswith("stall ")]
+    reasons = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
     total = sum(_num(r[all_col]) for r in rows) or 1.0
     print(f"{len(rows)} instructions, {total:.0f} samples ({all_col})")
     order = sorted(range(len(rows)), key=lambda i: -_num(rows[i][all_col]))[: a.top]

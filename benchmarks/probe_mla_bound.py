@@ -16,6 +16,7 @@ their time is read):
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
   pair      the plan with pair=True (LAYERFORGE_MLA_PAIR: a token's two head blocks a cluster sharing each key tile
             by TMA multicast, hinted evict_first)
+  staged    the plan with staged_out=True (LAYERFORGE_MLA_STAGED_OUT: O out through shared memory in 16-byte stores)
 Variants join with "+" (fine+evict: the fine plan with the hints).
 Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _edit_one(source: str, variant: str) -> str:
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant in ("default", "fine", "pair"):
+    if variant in ("default", "fine", "pair", "staged"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
             mla_codegen.MLADecodePlan.source = lambda self, v=variant: _edit(base(self), v)
             dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
                             fine=True if "fine" in variant.split("+") else None,
-                            pair=True if "pair" in variant.split("+") else None)
+                            pair=True if "pair" in variant.split("+") else None,
+                            staged_out=True if "staged" in variant.split("+") else None)
             if variant == "default" or dec.plan.kernel == "wgmma":
                 def run():
                     dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)

@@ -34,7 +34,7 @@ from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
            "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
-           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default", "staged_out_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -77,6 +77,8 @@ class MLADecodePlan(KernelPlan):
                               # consumer (the template's FINE; fine_default)
     pair: bool = False        # wgmma, the default schedule: a token's two adjacent head blocks a cluster reading each key
                               # tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
+    staged_out: bool = False  # wgmma: O out through shared memory in 16-byte stores (the template's STAGED_OUT;
+                              # staged_out_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -109,6 +111,8 @@ class MLADecodePlan(KernelPlan):
                              f"or fine) with TMA tiles (pages of at least {TMA_MIN_PAGE} keys) and an even number of "
                              f"{HEADS_PER_CTA}-head blocks, got kernel {self.kernel!r}, overlap {self.overlap}, seesaw "
                              f"{self.seesaw}, fine {self.fine}, {self.num_heads} heads, page {self.page_size}")
+        if self.staged_out and self.kernel != "wgmma":
+            raise ValueError(f"mla decode: staged_out is an option of the wgmma kernel, got kernel {self.kernel!r}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -125,7 +129,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}{'so' if self.staged_out else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -167,7 +171,7 @@ class MLADecodePlan(KernelPlan):
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
                 **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {}),
                 **({"sync_handoff": True} if self.sync_handoff else {}), **({"fine": True} if self.fine else {}),
-                **({"pair": True} if self.pair else {})}
+                **({"pair": True} if self.pair else {}), **({"staged_out": True} if self.staged_out else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -199,7 +203,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
                       SYNC_HANDOFF=plan.sync_handoff, FINE=plan.fine, BOXR=plan.tma_box[0],
-                      PAIR=plan.pair, FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
+                      PAIR=plan.pair, STAGED_OUT=plan.staged_out, FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
                       FINE_FIRST=fine_order(plan.latent_dim, plan.rope_dim).index(plan.latent_dim // 128),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
@@ -353,6 +357,14 @@ def pair_default() -> bool:
     return env_switch("LAYERFORGE_MLA_PAIR", False)
 
 
+def staged_out_default() -> bool:
+    """Whether the wgmma MLA decode writes O through shared memory in 16-byte stores (LAYERFORGE_MLA_STAGED_OUT=1; off
+    until it has run on a GPU: benchmarks/NOTES.md, "What bounds the wgmma MLA decode"). From the accumulator
+    fragments a bf16 pair is a 4-byte piece of a row (NVRTC made it two 16-bit stores); Nsight Compute put 11 % of
+    the default kernel's warp samples on those stores."""
+    return env_switch("LAYERFORGE_MLA_STAGED_OUT", False)
+
+
 def fine_order(latent_dim: int, rope_dim: int) -> list[int]:
     """The 64-column blocks of a cache row in the order the fine schedule copies them and S reads them: consumer 0's
     (its half of the latent, the RoPE blocks; consumer 0 hands them back first), then consumer 1's latent half."""
@@ -376,7 +388,7 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
                     overlap: bool = False, seesaw: bool | None = None,
                     sync_handoff: bool | None = None, fine: bool | None = None,
-                    pair: bool | None = None) -> MLADecodePlan:
+                    pair: bool | None = None, staged_out: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
@@ -385,7 +397,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): a sync on both sides of the
     consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule).
     fine (the wgmma kernel's default schedule; None: fine_default()): a stage's barriers per column block and
-    consumer. pair (None: pair_default() where pair_serves): a token's two head blocks a cluster sharing each tile."""
+    consumer. pair (None: pair_default() where pair_serves): a token's two head blocks a cluster sharing each tile.
+    staged_out (the wgmma kernel; None: staged_out_default()): O out through shared memory in 16-byte stores."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -401,9 +414,11 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         fine = fine_serves(kernel, overlap, seesaw) and fine_default()
     if pair is None:
         pair = pair_serves(kernel, overlap, seesaw, fine, num_heads, page_size) and pair_default()
+    if staged_out is None:
+        staged_out = kernel == "wgmma" and staged_out_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
-                         sync_handoff=sync_handoff, fine=fine, pair=pair)
+                         sync_handoff=sync_handoff, fine=fine, pair=pair, staged_out=staged_out)
     plan.source()
     return plan
 

@@ -243,6 +243,36 @@ def test_pair_switch_and_bad_plans(monkeypatch):
             MLADecodePlan(keys=64, kernel="wgmma", arch="sm_90a", pair=True, **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(overlap=True), dict(seesaw=True), dict(sync_handoff=True), dict(pair=True),
+                                dict(num_heads=100, latent_dim=256, page_size=8, dtype="f16")])
+def test_staged_out_decode_compiles_without_spills(kw):
+    """O through shared memory (Q's buffer, free past barrier 5) and out in 16-byte stores: spill-free on every
+    schedule, the same shared memory; the cubin stores O's rows with STG.128 and a split's parts with STG.64, and
+    has no 16-bit store (the default's pairs compile to two)."""
+    args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16", arch="sm_90")
+    args.update(kw)
+    plan = plan_mla_decode(**args, staged_out=True)
+    assert plan.staged_out and plan.key.split("_")[-2].endswith("so")
+    res = compile_clean(plan, "sm_90")
+    assert plan.shared_bytes == plan_mla_decode(**args, staged_out=False).shared_bytes
+    assert plan.latent_dim // 2 * 2 * 64 * 2 <= 2 * 64 * plan.row_dim   # both consumers' O fit in Q's buffer
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:
+        (code,) = [c for name, c in sass_loops.disassemble(res.cubin).items() if name == plan.kernel_name]
+        stores = {i.opcode for i in code if i.opcode.startswith("STG")}
+        assert "STG.E.128" in stores and "STG.E.64" in stores and not any(".U16" in s for s in stores), stores
+
+
+def test_staged_out_switch(monkeypatch):
+    monkeypatch.delenv("LAYERFORGE_MLA_STAGED_OUT", raising=False)
+    assert not plan_mla_decode(num_heads=128, arch="sm_90").staged_out
+    monkeypatch.setenv("LAYERFORGE_MLA_STAGED_OUT", "1")
+    assert plan_mla_decode(num_heads=128, arch="sm_90").staged_out
+    assert not plan_mla_decode(num_heads=128, arch="sm_90", kernel="mma").staged_out
+    with pytest.raises(ValueError, match="staged_out"):
+        MLADecodePlan(num_heads=16, keys=64, kernel="mma", arch="sm_90", staged_out=True)
+
+
 def test_sync_handoff_switch_and_bad_plans(monkeypatch):
     monkeypatch.delenv("LAYERFORGE_MLA_SYNC_HANDOFF", raising=False)
     monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)

@@ -40,8 +40,12 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     """overlap: False, True (the wgmma kernel's overlap schedule), "seesaw" (its seesaw schedule), "sync" (the default
     schedule with bar.sync on both sides of the consumers' hand-offs: sync_handoff), "ovsync" (the overlap schedule
     with them), "fine" (the default schedule with a full barrier a column block and an empty one a consumer) or "pair"
-    (the default schedule with a token's two head blocks a cluster sharing each key tile by TMA multicast)."""
+    (the default schedule with a token's two head blocks a cluster sharing each key tile by TMA multicast); a "+staged"
+    suffix: O out through shared memory (staged_out)."""
     gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel, overlap)
+    staged = isinstance(overlap, str) and overlap.endswith("+staged")
+    if staged:
+        overlap = {"default+staged": False, "overlap+staged": True}.get(overlap, overlap.removesuffix("+staged"))
     seesaw, sync, fine, pair = overlap == "seesaw", overlap in ("sync", "ovsync"), overlap == "fine", overlap == "pair"
     overlap = overlap is True or overlap == "ovsync"
     dk = latent + rope
@@ -54,7 +58,7 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     q_seq = q_seq.cuda()
     dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
-                    fine=True if fine else None, pair=True if pair else None)
+                    fine=True if fine else None, pair=True if pair else None, staged_out=True if staged else None)
     if kernel is not None:
         assert dec.plan.kernel == kernel
     if seesaw:
@@ -65,6 +69,8 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
         assert dec.plan.fine and dec.plan.kernel == "wgmma"
     if pair:
         assert dec.plan.pair and dec.plan.kernel == "wgmma"
+    if staged:
+        assert dec.plan.staged_out and dec.plan.kernel == "wgmma"
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -119,6 +125,25 @@ def test_decode_pair_shares_tiles_between_head_blocks(heads, page, num_splits):
     both by TMA multicast): partial last tiles (cp.async, each CTA its own), splits, a repeated sequence, heads past
     HQ in the second block (100), two pairs a token (256)."""
     run_decode(heads, 512, 64, page, LENS, num_splits, 192 ** -0.5, "pair", kernel="wgmma", overlap="pair")
+
+
+STAGED = ["default+staged", "overlap+staged", "seesaw+staged", "sync+staged", "pair+staged"]
+
+
+@pytest.mark.parametrize("overlap", STAGED)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_staged_out_every_schedule(overlap, num_splits):
+    """O through shared memory in 16-byte stores (a whole output) or 8-byte f32 pieces (a split's part), on every
+    schedule: 128 heads (two blocks), pages of 64 and of 16 keys, the partial tiles and the repeated sequence."""
+    for page in (64, 16):
+        run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "staged", kernel="wgmma", overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap", ["default+staged", "sync+staged"])
+def test_decode_staged_out_partial_head_block_small_latent(overlap):
+    """Heads past HQ in the last block are never stored (100 heads), latent 256 (LH 128), pages under TMA's."""
+    run_decode(100, 256, 64, 8, [1, 5, 70, 200], 2, 0.1, "staged-small", kernel="wgmma", overlap=overlap)
+    run_decode(100, 256, 64, 8, [1, 5, 70, 200], 1, 0.1, "staged-small1", kernel="wgmma", overlap=overlap)
 
 
 def test_decode_pair_peaked_scores_and_an_empty_sequence():
