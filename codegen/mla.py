@@ -78,7 +78,7 @@ class MLADecodePlan(KernelPlan):
     pair: bool = False        # wgmma, the default schedule: a token's two adjacent head blocks a cluster reading each key
                               # tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
     staged_out: bool = False  # wgmma: O out through shared memory in 16-byte stores (the template's STAGED_OUT;
-                              # staged_out_default)
+                              # staged_out_default, on: plan_mla_decode's plans have it; key suffix "ns" without)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -129,7 +129,7 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}{'so' if self.staged_out else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -358,11 +358,11 @@ def pair_default() -> bool:
 
 
 def staged_out_default() -> bool:
-    """Whether the wgmma MLA decode writes O through shared memory in 16-byte stores (LAYERFORGE_MLA_STAGED_OUT=1; off
-    until it has run on a GPU: benchmarks/NOTES.md, "What bounds the wgmma MLA decode"). From the accumulator
-    fragments a bf16 pair is a 4-byte piece of a row (NVRTC made it two 16-bit stores); Nsight Compute put 11 % of
-    the default kernel's warp samples on those stores."""
-    return env_switch("LAYERFORGE_MLA_STAGED_OUT", False)
+    """Whether the wgmma MLA decode writes O through shared memory in 16-byte stores (on; LAYERFORGE_MLA_STAGED_OUT=0
+    turns it off). From the accumulator fragments a bf16 pair is a 4-byte piece of a row, which NVRTC made two 16-bit
+    stores; Nsight Compute put 11 % of the kernel's warp samples on them. Staged: 164.5 / 165.2 -> 151.9 us at
+    64 x 4096, 128 heads, on an H100 (benchmarks/NOTES.md, "What bounds the wgmma MLA decode")."""
+    return env_switch("LAYERFORGE_MLA_STAGED_OUT", True)
 
 
 def fine_order(latent_dim: int, rope_dim: int) -> list[int]:

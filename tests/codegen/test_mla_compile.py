@@ -252,7 +252,8 @@ def test_staged_out_decode_compiles_without_spills(kw):
     args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16", arch="sm_90")
     args.update(kw)
     plan = plan_mla_decode(**args, staged_out=True)
-    assert plan.staged_out and plan.key.split("_")[-2].endswith("so")
+    assert plan.staged_out and not plan.key.split("_")[-2].endswith("ns")
+    assert plan_mla_decode(**args, staged_out=False).key.split("_")[-2].endswith("ns")
     res = compile_clean(plan, "sm_90")
     assert plan.shared_bytes == plan_mla_decode(**args, staged_out=False).shared_bytes
     assert plan.latent_dim // 2 * 2 * 64 * 2 <= 2 * 64 * plan.row_dim   # both consumers' O fit in Q's buffer
@@ -265,6 +266,8 @@ def test_staged_out_decode_compiles_without_spills(kw):
 
 def test_staged_out_switch(monkeypatch):
     monkeypatch.delenv("LAYERFORGE_MLA_STAGED_OUT", raising=False)
+    assert plan_mla_decode(num_heads=128, arch="sm_90").staged_out          # on by default
+    monkeypatch.setenv("LAYERFORGE_MLA_STAGED_OUT", "0")
     assert not plan_mla_decode(num_heads=128, arch="sm_90").staged_out
     monkeypatch.setenv("LAYERFORGE_MLA_STAGED_OUT", "1")
     assert plan_mla_decode(num_heads=128, arch="sm_90").staged_out
