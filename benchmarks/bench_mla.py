@@ -30,11 +30,9 @@ def absorbed_torch(q, kv, scale):
     return torch.matmul(torch.softmax(s, dim=-1).to(kv.dtype), kv[..., :L])
 
 
-def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
-    """overlap: False, True (the wgmma kernel's overlap schedule, "-ov"), "seesaw" (its seesaw schedule, "-ss") or
-    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh")."""
-    seesaw, sync, overlap = overlap == "seesaw", overlap == "sync", overlap is True
-    scale = 192 ** -0.5
+def decode_inputs(batch, ctx, heads, page):
+    """A decode step's tensors on the GPU: a paged latent cache of `batch` sequences of `ctx` rows (pages in a random
+    order), their page table, lengths and q_seq, q [batch, heads, L + R] and out [batch, heads, L]."""
     per = -(-ctx // page)
     cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
     table = torch.randperm(batch * per, device="cuda").to(torch.int32).view(batch, per)
@@ -42,6 +40,16 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
+    return cache, table, lens, q_seq, q, out
+
+
+def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
+    """overlap: False, True (the wgmma kernel's overlap schedule, "-ov"), "seesaw" (its seesaw schedule, "-ss") or
+    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh")."""
+    seesaw, sync, overlap = overlap == "seesaw", overlap == "sync", overlap is True
+    scale = 192 ** -0.5
+    per = -(-ctx // page)
+    cache, table, lens, q_seq, q, out = decode_inputs(batch, ctx, heads, page)
     dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None)
     run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731

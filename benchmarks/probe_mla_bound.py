@@ -29,9 +29,8 @@ import torch
 from layerforge.codegen import mla as mla_codegen
 from layerforge.runtime.mla_decode import MLADecode
 
+from .bench_mla import L, R, decode_inputs
 from .probe_kernel import best_us
-
-L, R = 512, 64
 
 
 def _edit(source: str, variant: str) -> str:
@@ -93,13 +92,7 @@ def main(argv=None) -> int:
         print("probe_mla_bound: no CUDA GPU on this machine", file=sys.stderr)
         return 0
     batch, ctx, heads, page = a.batch, a.ctx, a.heads, a.page
-    per = -(-ctx // page)
-    cache = torch.randn(batch * per, page, L + R, device="cuda", dtype=torch.bfloat16)
-    table = torch.randperm(batch * per, device="cuda").to(torch.int32).view(batch, per)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    q_seq = torch.arange(batch, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, heads, L + R, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(batch, heads, L, device="cuda", dtype=torch.bfloat16)
+    cache, table, lens, q_seq, q, out = decode_inputs(batch, ctx, heads, page)
     flops = 2 * batch * heads * ctx * (L + R + L)
     latent = batch * ctx * (L + R) * 2
     print(f"{torch.cuda.get_device_name()}: MLA decode {batch} x {ctx}, {heads} heads, page {page}; graph replays, "

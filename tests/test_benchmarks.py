@@ -113,3 +113,40 @@ def test_sass_loops_counts_a_kernels_main_loop(capsys):
     with pytest.raises(ValueError, match="not in the rendered source"):
         sass_loops.report(plan, (("no such text", ""),))
     assert sass_loops.main([expr, "--replace", "for (", "for ("]) == 0
+
+
+def test_mla_bound_probe_edits_apply_and_compile(capsys):
+    """probe_mla_bound's variants are edits of the MLA decode plan's own source: each applies to today's template
+    (an edit that no longer matches stops the probe with a message) and compiles for sm_90a without spills; the
+    probe says so and exits where there is no GPU. ncu_source_top reads ncu's source-page CSV."""
+    import torch
+
+    nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
+    from benchmarks.probe_mla_bound import _edit, main
+    from layerforge.codegen.mla import plan_mla_decode
+    base = plan_mla_decode(num_heads=128, arch="sm_90")
+    for plan, variant in ((base, "noload+s1+pv1"), (base, "nosync+nopg"), (base, "evict"),
+                          (plan_mla_decode(num_heads=128, arch="sm_90", fine=True), "fine+evict"),
+                          (plan_mla_decode(num_heads=128, arch="sm_90", pair=True), "pair+noload")):
+        src = _edit(plan.source(), variant)
+        assert src != plan.source() or variant.startswith("pair")
+        res = nvrtc.compile_cuda(src, "mla_probe.cu", nvrtc.CompileOptions("sm_90a"))
+        assert res.resources[plan.kernel_name].spill_stores == 0, variant
+    with pytest.raises(SystemExit, match="expected 1"):
+        _edit("no kernel here", "noload")
+    if not torch.cuda.is_available():
+        assert main([]) == 0 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_ncu_source_top_reads_the_source_page(tmp_path, capsys):
+    from benchmarks.ncu_source_top import main
+    csv = tmp_path / "sass.csv"
+    csv.write_text('"Kernel Name","k",\n'
+                   '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+                   '"stall_barrier","stall_long_sb","stall_barrier (Not Issued)"\n'
+                   '"0x10","  BAR.SYNC 0x3, 0x100","300","290","280","20","270"\n'
+                   '"0x20","  LDS R5, [R0]","100","10","0","90","0"\n')
+    assert main([str(csv), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "400 samples" in out and "75.0%" in out and "BAR.SYNC" in out and "barrier 93%" in out
+    assert "LDS" not in out
