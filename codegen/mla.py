@@ -34,7 +34,8 @@ from .rope import rope_context, static_table
 
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
            "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
-           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default", "staged_out_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default",
+           "staged_out_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -75,8 +76,8 @@ class MLADecodePlan(KernelPlan):
                                  # both sides at one instruction (the template's SYNC_HANDOFF; sync_handoff_default)
     fine: bool = False        # wgmma, the default schedule: a full barrier a 64-column block, an empty barrier a
                               # consumer (the template's FINE; fine_default)
-    pair: bool = False        # wgmma, the default schedule: a token's two adjacent head blocks a cluster reading each key
-                              # tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
+    pair: bool = False        # wgmma, the default schedule: a token's two adjacent head blocks a cluster reading
+                              # each key tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
     staged_out: bool = False  # wgmma: O out through shared memory in 16-byte stores (the template's STAGED_OUT;
                               # staged_out_default, on: plan_mla_decode's plans have it; key suffix "ns" without)
 
@@ -107,8 +108,8 @@ class MLADecodePlan(KernelPlan):
                              f"seesaw), got kernel {self.kernel!r}, overlap {self.overlap}, seesaw {self.seesaw}")
         if self.pair and not pair_serves(self.kernel, self.overlap, self.seesaw, self.fine, self.num_heads,
                                          self.page_size):
-            raise ValueError("mla decode: pair is an option of the wgmma kernel's default schedule (not overlap, seesaw "
-                             f"or fine) with TMA tiles (pages of at least {TMA_MIN_PAGE} keys) and an even number of "
+            raise ValueError("mla decode: pair is an option of the wgmma kernel's default schedule (not overlap, "
+                             f"seesaw or fine) with TMA tiles (pages of at least {TMA_MIN_PAGE} keys) and an even number of "
                              f"{HEADS_PER_CTA}-head blocks, got kernel {self.kernel!r}, overlap {self.overlap}, seesaw "
                              f"{self.seesaw}, fine {self.fine}, {self.num_heads} heads, page {self.page_size}")
         if self.staged_out and self.kernel != "wgmma":
@@ -129,7 +130,8 @@ class MLADecodePlan(KernelPlan):
     def key(self) -> str:
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
-                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}{'cl' if self.pair else ''}{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
+                f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}"
+                f"{'cl' if self.pair else ''}{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property

@@ -7,7 +7,8 @@ and per score), MLA decodes over a paged latent cache (both kernels, TMA and cp.
 split, a corrupt page table), and small-token products (odd N
 and K, gated), Mamba2's SSD scan and decode step. Run by scripts/gpu-check.sh as
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_cases.py [mla]
-("mla": the MLA decode cases alone; "mlapair": its pair schedule with synced hand-offs, off by default, run alone; "mlasync": its synced kernels alone (LAYERFORGE_MLA_SYNC_HANDOFF's schedule), which
+("mla": the MLA decode cases alone; "mlapair": its pair schedule with synced hand-offs, off by default, run alone;
+"mlasync": its synced kernels alone (LAYERFORGE_MLA_SYNC_HANDOFF's schedule), which
 scripts/gpu-check.sh runs under racecheck and synccheck too, expecting no report; "d256": the D256 wgmma prefill with K and V in rings of their own,
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part

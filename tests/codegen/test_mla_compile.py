@@ -121,18 +121,6 @@ def test_seesaw_decode_compiles_without_spills(heads, latent, page, dtype):
     assert plan.shared_bytes == plain.shared_bytes and "dp0" in plan.source() and "dp0" not in plain.source()
 
 
-def test_seesaw_switch_and_bad_schedules(monkeypatch):
-    monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)
-    assert not plan_mla_decode(num_heads=16, arch="sm_90").seesaw
-    monkeypatch.setenv("LAYERFORGE_MLA_SEESAW", "1")
-    assert plan_mla_decode(num_heads=16, arch="sm_90").seesaw
-    assert not plan_mla_decode(num_heads=16, arch="sm_90", overlap=True).seesaw     # one schedule at a time
-    assert not plan_mla_decode(num_heads=16, arch="sm_90", kernel="mma").seesaw
-    for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", overlap=True)):
-        with pytest.raises(ValueError, match="seesaw"):
-            MLADecodePlan(num_heads=16, keys=64, seesaw=True, **kw)
-
-
 @pytest.mark.parametrize("heads,latent,page,dtype,overlap", [(128, 512, 64, "bf16", False), (16, 512, 16, "bf16", False),
                                                              (4, 256, 1, "bf16", False), (128, 512, 32, "f16", False),
                                                              (128, 512, 64, "bf16", True)])
@@ -180,27 +168,13 @@ def test_fine_decode_compiles_without_spills(heads, latent, page, dtype, sync):
     assert plan.shared_bytes == plain.shared_bytes
     src = plan.source()
     assert "lf_mbar_wait(&full[stage * KB + cb], phase);" in src and "VB0" not in plain.source()
-    assert src.count("lf_mbar_arrive(&empty[stage * 2]);") == 1 and src.count("lf_mbar_arrive(&empty[stage * 2 + 1]);") == 1
+    assert src.count("lf_mbar_arrive(&empty[stage * 2]);") == 1
+    assert src.count("lf_mbar_arrive(&empty[stage * 2 + 1]);") == 1
     kb, vb0, vb1 = (latent + 64) // 64, latent // 128, latent // 64
     order = fine_order(latent, 64)
     assert sorted(order) == list(range(kb)) and order[: kb - (vb1 - vb0)] == [*range(vb0), *range(vb1, kb)]
     waits = [int(m) for m in re.findall(r"lf_mbar_wait\(&full\[stage \* KB \+ (\d+)\], phase\);", src)]
     assert waits == order   # S waits on each block once, in the copy order
-
-
-def test_fine_switch_and_bad_plans(monkeypatch):
-    monkeypatch.delenv("LAYERFORGE_MLA_FINE", raising=False)
-    monkeypatch.delenv("LAYERFORGE_MLA_SEESAW", raising=False)
-    assert not plan_mla_decode(num_heads=16, arch="sm_90").fine
-    monkeypatch.setenv("LAYERFORGE_MLA_FINE", "1")
-    assert plan_mla_decode(num_heads=16, arch="sm_90").fine
-    assert not plan_mla_decode(num_heads=16, arch="sm_90", kernel="mma").fine
-    assert not plan_mla_decode(num_heads=16, arch="sm_90", seesaw=True).fine
-    assert not plan_mla_decode(num_heads=16, arch="sm_90", overlap=True).fine
-    for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", seesaw=True),
-               dict(kernel="wgmma", arch="sm_90a", overlap=True)):
-        with pytest.raises(ValueError, match="fine"):
-            MLADecodePlan(num_heads=16, keys=64, fine=True, **kw)
 
 
 @pytest.mark.parametrize("heads,latent,page,dtype,sync", [(128, 512, 64, "bf16", False), (100, 512, 16, "f16", False),
@@ -224,25 +198,6 @@ def test_pair_decode_compiles_without_spills(heads, latent, page, dtype, sync):
     assert "lf_tma_load_2d_multicast_ef(" in src and "lf_tma_load_2d(dst" not in src
 
 
-def test_pair_switch_and_bad_plans(monkeypatch):
-    monkeypatch.delenv("LAYERFORGE_MLA_PAIR", raising=False)
-    for name in ("LAYERFORGE_MLA_SEESAW", "LAYERFORGE_MLA_FINE"):
-        monkeypatch.delenv(name, raising=False)
-    assert not plan_mla_decode(num_heads=128, arch="sm_90").pair
-    monkeypatch.setenv("LAYERFORGE_MLA_PAIR", "1")
-    assert plan_mla_decode(num_heads=128, arch="sm_90").pair
-    assert plan_mla_decode(num_heads=100, arch="sm_90").pair                   # two blocks, the second partial
-    assert not plan_mla_decode(num_heads=64, arch="sm_90").pair                # one block: no pair
-    assert not plan_mla_decode(num_heads=192, arch="sm_90").pair               # three blocks: odd
-    assert not plan_mla_decode(num_heads=128, page_size=8, arch="sm_90").pair  # no TMA tiles
-    assert not plan_mla_decode(num_heads=128, arch="sm_90", seesaw=True).pair
-    assert not plan_mla_decode(num_heads=128, arch="sm_90", kernel="mma").pair
-    for kw in (dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
-               dict(num_heads=128, fine=True)):
-        with pytest.raises(ValueError, match="pair"):
-            MLADecodePlan(keys=64, kernel="wgmma", arch="sm_90a", pair=True, **kw)
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(overlap=True), dict(seesaw=True), dict(sync_handoff=True), dict(pair=True),
                                 dict(num_heads=100, latent_dim=256, page_size=8, dtype="f16")])
 def test_staged_out_decode_compiles_without_spills(kw):
@@ -264,16 +219,47 @@ def test_staged_out_decode_compiles_without_spills(kw):
         assert "STG.E.128" in stores and "STG.E.64" in stores and not any(".U16" in s for s in stores), stores
 
 
-def test_staged_out_switch(monkeypatch):
-    monkeypatch.delenv("LAYERFORGE_MLA_STAGED_OUT", raising=False)
-    assert plan_mla_decode(num_heads=128, arch="sm_90").staged_out          # on by default
-    monkeypatch.setenv("LAYERFORGE_MLA_STAGED_OUT", "0")
-    assert not plan_mla_decode(num_heads=128, arch="sm_90").staged_out
-    monkeypatch.setenv("LAYERFORGE_MLA_STAGED_OUT", "1")
-    assert plan_mla_decode(num_heads=128, arch="sm_90").staged_out
-    assert not plan_mla_decode(num_heads=128, arch="sm_90", kernel="mma").staged_out
-    with pytest.raises(ValueError, match="staged_out"):
-        MLADecodePlan(num_heads=16, keys=64, kernel="mma", arch="sm_90", staged_out=True)
+SCHEDULE_SWITCHES = [
+    # plan field, its switch, on by default, plans the planner gives it, plans it does not give it, plans that refuse it
+    ("seesaw", "LAYERFORGE_MLA_SEESAW", False, [dict(num_heads=16)],
+     [dict(num_heads=16, overlap=True), dict(num_heads=16, kernel="mma")],            # one schedule at a time
+     [dict(num_heads=16, kernel="mma", arch="sm_90"), dict(num_heads=16, overlap=True)]),
+    ("fine", "LAYERFORGE_MLA_FINE", False, [dict(num_heads=16)],
+     [dict(num_heads=16, kernel="mma"), dict(num_heads=16, seesaw=True), dict(num_heads=16, overlap=True)],
+     [dict(num_heads=16, kernel="mma", arch="sm_90"), dict(num_heads=16, seesaw=True),
+      dict(num_heads=16, overlap=True)]),
+    ("pair", "LAYERFORGE_MLA_PAIR", False, [dict(num_heads=128), dict(num_heads=100)],   # two head blocks
+     [dict(num_heads=64), dict(num_heads=192), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
+      dict(num_heads=128, kernel="mma")],                 # one block, three (odd), no TMA tiles, other schedules
+     [dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
+      dict(num_heads=128, fine=True)]),
+    ("staged_out", "LAYERFORGE_MLA_STAGED_OUT", True, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
+     [dict(num_heads=128, kernel="mma")], [dict(num_heads=16, kernel="mma", arch="sm_90")]),
+]
+
+
+@pytest.mark.parametrize("field,switch,default,takes,skips,refuses", SCHEDULE_SWITCHES,
+                         ids=[s[0] for s in SCHEDULE_SWITCHES])
+def test_schedule_switches_and_bad_plans(monkeypatch, field, switch, default, takes, skips, refuses):
+    """Each wgmma schedule option: its switch's default, the plans plan_mla_decode gives it with the switch on (and
+    those it leaves without: another schedule, another kernel, a shape it does not serve), and the plans that refuse
+    it when asked directly (a ValueError naming it)."""
+    for name in {s[1] for s in SCHEDULE_SWITCHES}:
+        monkeypatch.delenv(name, raising=False)
+    for kw in takes:
+        assert getattr(plan_mla_decode(arch="sm_90", **kw), field) == default, kw
+    monkeypatch.setenv(switch, "0")
+    assert not any(getattr(plan_mla_decode(arch="sm_90", **kw), field) for kw in takes)
+    monkeypatch.setenv(switch, "1")
+    for kw in takes:
+        assert getattr(plan_mla_decode(arch="sm_90", **kw), field), kw
+    for kw in skips:
+        assert not getattr(plan_mla_decode(arch="sm_90", **kw), field), kw
+    for kw in refuses:
+        args = dict(keys=64, kernel="wgmma", arch="sm_90a", **{field: True})
+        args.update(kw)
+        with pytest.raises(ValueError, match=field):
+            MLADecodePlan(**args)
 
 
 def test_sync_handoff_switch_and_bad_plans(monkeypatch):
