@@ -105,6 +105,10 @@ class MLADecode:
             raise LayerInputError(f"mla decode: '{name}' must have shape [{want}], got {tuple(t.shape)}")
         if not t.is_contiguous():
             raise LayerInputError(f"mla decode: '{name}' must be contiguous")
+        if t.is_cuda and name in ("q", "cache", "out") and t.data_ptr() % 16:
+            raise LayerInputError(f"mla decode: '{name}' must start at a 16-byte aligned address (the kernels move "
+                                  f"its rows in 16-byte pieces); it is a view {t.storage_offset()} elements into its "
+                                  f"storage")
 
     def splits(self, dev: torch.device, tokens: int, max_kv_len: int) -> int:
         """Split-KV parts: a CTA per SM fits (152 KB of shared memory each), so the parts fill

@@ -187,6 +187,14 @@ def test_decode_checks_before_launch():
         dec(q, cache[:, :16], table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=1)
     with pytest.raises(LayerInputError, match="max_kv_len"):
         dec(q, cache, table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=129)
+    # rows move in 16-byte pieces (q and the cache by cp.async / TMA, O by the staged 16-byte stores): a view at an
+    # odd offset is refused before the launch, not a misaligned access
+    out = torch.zeros(2 * 16 * 512 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(2, 16, 512)
+    with pytest.raises(LayerInputError, match="'out' must start at a 16-byte aligned address"):
+        dec(q, cache, table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=1, out=out)
+    q_odd = torch.zeros(2 * 16 * 576 + 3, dtype=torch.bfloat16, device="cuda")[3:].view(2, 16, 576)
+    with pytest.raises(LayerInputError, match="'q' must start at a 16-byte aligned address"):
+        dec(q_odd, cache, table, lens, torch.zeros(2, dtype=torch.int32, device="cuda"), scale=1.0, max_kv_len=1)
 
 
 @pytest.mark.parametrize("page", [64, 16])
