@@ -16,7 +16,8 @@ their time is read):
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
   pair      the plan with pair=True (LAYERFORGE_MLA_PAIR: a token's two head blocks a cluster sharing each key tile
             by TMA multicast, hinted evict_first)
-  staged    the plan with staged_out=True (LAYERFORGE_MLA_STAGED_OUT: O out through shared memory in 16-byte stores)
+  staged    the plan with staged_out=True (O out through shared memory in 16-byte stores; the default now)
+  unstaged  the plan with staged_out=False (O's bf16 pairs stored from the fragments, as before)
 Variants join with "+" (fine+evict: the fine plan with the hints).
 Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _edit_one(source: str, variant: str) -> str:
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant in ("default", "fine", "pair", "staged"):
+    if variant in ("default", "fine", "pair", "staged", "unstaged"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -85,13 +86,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--variants", default="default,noload,s1,pv1,nosync,evict,fine,fine+evict,default")
+    ap.add_argument("--variants", default="default,unstaged,noload,s1,pv1,nosync,evict,fine,fine+evict,default")
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_mla_bound: no CUDA GPU on this machine", file=sys.stderr)
         return 0
     batch, ctx, heads, page = a.batch, a.ctx, a.heads, a.page
+    if MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page).plan.kernel != "wgmma":
+        print("probe_mla_bound: the variants edit the wgmma kernel (sm_90); this GPU plans mma.sync", file=sys.stderr)
+        return 1
     cache, table, lens, q_seq, q, out = decode_inputs(batch, ctx, heads, page)
     flops = 2 * batch * heads * ctx * (L + R + L)
     latent = batch * ctx * (L + R) * 2
@@ -102,19 +106,18 @@ def main(argv=None) -> int:
     try:
         for variant in a.variants.split(","):
             mla_codegen.MLADecodePlan.source = lambda self, v=variant: _edit(base(self), v)
+            parts = variant.split("+")
             dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
-                            fine=True if "fine" in variant.split("+") else None,
-                            pair=True if "pair" in variant.split("+") else None,
-                            staged_out=True if "staged" in variant.split("+") else None)
-            if variant == "default" or dec.plan.kernel == "wgmma":
-                def run():
-                    dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)
+                            fine=True if "fine" in parts else None, pair=True if "pair" in parts else None,
+                            staged_out=True if "staged" in parts else False if "unstaged" in parts else None)
+            def run():
+                dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)
+            run()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
                 run()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    run()
-                us = best_us(g.replay, a.reps)
-                print(f"{variant:>8} | {us:7.1f} | {flops / us / 1e6:7.0f} | {latent / us / 1e6:11.2f}")
+            us = best_us(g.replay, a.reps)
+            print(f"{variant:>8} | {us:7.1f} | {flops / us / 1e6:7.0f} | {latent / us / 1e6:11.2f}")
     finally:
         mla_codegen.MLADecodePlan.source = base
     return 0

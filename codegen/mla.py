@@ -200,13 +200,14 @@ def _decode_kernels(plan: MLADecodePlan) -> tuple[KernelABI, ...]:
 def _decode_source(plan: MLADecodePlan) -> str:
     main, merge = plan.kernels
     if plan.kernel == "wgmma":
+        order = fine_order(plan.latent_dim, plan.rope_dim)
         return render("cuda/mla_decode_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name,
                       plan_key=plan.key, common=read_template("cuda/common.cuh"), T=ops.STORAGE_TYPE[DType[plan.dtype]],
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
                       SYNC_HANDOFF=plan.sync_handoff, FINE=plan.fine, BOXR=plan.tma_box[0],
-                      PAIR=plan.pair, STAGED_OUT=plan.staged_out, FINE_ORDER=fine_order(plan.latent_dim, plan.rope_dim),
-                      FINE_FIRST=fine_order(plan.latent_dim, plan.rope_dim).index(plan.latent_dim // 128),
+                      PAIR=plan.pair, STAGED_OUT=plan.staged_out, FINE_ORDER=order,
+                      FINE_FIRST=order.index(plan.latent_dim // 128),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
                                  {"n": plan.latent_dim // 2, "a": "rs", "t": plan.dtype},

@@ -613,10 +613,9 @@ def cli_tune(args) -> int:
             tune_stream(products, rows=stream_rows, dtype=dtype, wtype=wtype, group=group, table=table,
                         margin=args.margin, write=not args.dry_run, command=command)
     # the W8A8 layer's two paths, each with the splits just tuned: the faster recorded where it is not the rows' rule's
-    for dtype, group in dict.fromkeys((d or args.dtype, g) for d, w, g, _ in weights if w == "f8e4m3"):
-        if tokens:
-            tune_fp8_paths(products, tokens=tokens, dtype=dtype, group=group, table=table, margin=args.margin,
-                           write=not args.dry_run, command=command)
+    for dtype, group in dict.fromkeys((d or args.dtype, g) for d, w, g, _ in weights if w == "f8e4m3" and tokens):
+        tune_fp8_paths(products, tokens=tokens, dtype=dtype, group=group, table=table, margin=args.margin,
+                       write=not args.dry_run, command=command)
     if not args.dry_run:
         from ..codegen.tuning import user_table_path
         print(f"table: {table or user_table_path()}")

@@ -25,6 +25,17 @@ def compile_clean(plan, arch):
     return res
 
 
+def option_plans(option, **kw):
+    """The wgmma decode plan with the schedule option `option` on, compiled spill-free for sm_90, and the same plan
+    with it off; both take the same shared memory. Returns (plan, plain, compile result)."""
+    plan = plan_mla_decode(arch="sm_90", **kw, **{option: True})
+    assert plan.kernel == "wgmma" and getattr(plan, option)
+    res = compile_clean(plan, "sm_90")
+    plain = plan_mla_decode(arch="sm_90", **kw, **{option: False})
+    assert not getattr(plain, option) and plan.shared_bytes == plain.shared_bytes
+    return plan, plain, res
+
+
 @pytest.mark.parametrize("arch,kernel", [("sm_80", None), ("sm_90", None), ("sm_90", "mma")])
 @pytest.mark.parametrize("heads,latent,rope,page", [(128, 512, 64, 64), (16, 512, 64, 16), (4, 256, 64, 64),
                                                     (100, 512, 64, 1), (128, 512, 64, 32)])
@@ -112,13 +123,10 @@ def test_bad_append_rope_is_an_error():
 def test_seesaw_decode_compiles_without_spills(heads, latent, page, dtype):
     """The wgmma kernel's seesaw schedule (the consumers take turns on the tiles): every shape the wgmma kernel takes
     compiles spill-free; its P lives in a stage's RoPE column block, so its shared memory is the default's."""
-    plan = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
-                           seesaw=True)
-    assert plan.kernel == "wgmma" and plan.seesaw and plan.key.split("_")[-2] == "wgss"
-    compile_clean(plan, "sm_90")
-    plain = plan_mla_decode(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
-                            seesaw=False)
-    assert plan.shared_bytes == plain.shared_bytes and "dp0" in plan.source() and "dp0" not in plain.source()
+    plan, plain, _ = option_plans("seesaw", num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page,
+                                  dtype=dtype)
+    assert plan.key.split("_")[-2] == "wgss"
+    assert "dp0" in plan.source() and "dp0" not in plain.source()
 
 
 @pytest.mark.parametrize("heads,latent,page,dtype,overlap", [(128, 512, 64, "bf16", False), (16, 512, 16, "bf16", False),
@@ -159,13 +167,9 @@ def test_fine_decode_compiles_without_spills(heads, latent, page, dtype, sync):
     consumer): spill-free on every shape the kernel takes, the same shared memory as without; S waits on each of its
     column blocks once (consumer 0's V blocks and the RoPE blocks first), consumer 1 on its V blocks; without the
     option the source has none of it."""
-    kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
-              seesaw=False, sync_handoff=sync)
-    plan = plan_mla_decode(**kw, fine=True)
-    assert plan.fine and plan.key.split("_")[-2] == ("wgshfg" if sync else "wgfg")
-    compile_clean(plan, "sm_90")
-    plain = plan_mla_decode(**kw, fine=False)
-    assert plan.shared_bytes == plain.shared_bytes
+    plan, plain, _ = option_plans("fine", num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype,
+                                  seesaw=False, sync_handoff=sync)
+    assert plan.key.split("_")[-2] == ("wgshfg" if sync else "wgfg")
     src = plan.source()
     assert "lf_mbar_wait(&full[stage * KB + cb], phase);" in src and "VB0" not in plain.source()
     assert src.count("lf_mbar_arrive(&empty[stage * 2]);") == 1
@@ -184,13 +188,9 @@ def test_pair_decode_compiles_without_spills(heads, latent, page, dtype, sync):
     """The pair schedule (a token's two head blocks a cluster of (1, 2, 1) sharing each full key tile by TMA
     multicast): spill-free, the same shared memory; every consumer warp arrives on both CTAs' empty barriers
     (16 a stage), the CTAs sync as a cluster after the barriers' initialisation and before leaving."""
-    kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
-              seesaw=False, sync_handoff=sync, fine=False)
-    plan = plan_mla_decode(**kw, pair=True)
-    assert plan.pair and plan.key.split("_")[-2] == ("wgshcl" if sync else "wgcl")
-    compile_clean(plan, "sm_90")
-    plain = plan_mla_decode(**kw, pair=False)
-    assert plan.shared_bytes == plain.shared_bytes
+    plan, plain, _ = option_plans("pair", num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype,
+                                  seesaw=False, sync_handoff=sync, fine=False)
+    assert plan.key.split("_")[-2] == ("wgshcl" if sync else "wgcl")
     src = plan.source()
     assert "__cluster_dims__(1, 2, 1)" in src and "__cluster_dims__" not in plain.source()
     assert src.count("lf_cluster_sync();") == 2 and "lf_mbar_init(&empty[s], 16);" in src
@@ -204,13 +204,10 @@ def test_staged_out_decode_compiles_without_spills(kw):
     """O through shared memory (Q's buffer, free past barrier 5) and out in 16-byte stores: spill-free on every
     schedule, the same shared memory; the cubin stores O's rows with STG.128 and a split's parts with STG.64, and
     has no 16-bit store (the default's pairs compile to two)."""
-    args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16", arch="sm_90")
+    args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16")
     args.update(kw)
-    plan = plan_mla_decode(**args, staged_out=True)
-    assert plan.staged_out and not plan.key.split("_")[-2].endswith("ns")
-    assert plan_mla_decode(**args, staged_out=False).key.split("_")[-2].endswith("ns")
-    res = compile_clean(plan, "sm_90")
-    assert plan.shared_bytes == plan_mla_decode(**args, staged_out=False).shared_bytes
+    plan, plain, res = option_plans("staged_out", **args)
+    assert not plan.key.split("_")[-2].endswith("ns") and plain.key.split("_")[-2].endswith("ns")
     assert plan.latent_dim // 2 * 2 * 64 * 2 <= 2 * 64 * plan.row_dim   # both consumers' O fit in Q's buffer
     from benchmarks import sass_loops
     if sass_loops.cuobjdump() is not None:
