@@ -10,7 +10,7 @@ their time is read):
   s1        S = Q K^T runs one k16 step of its DK / 16 (the S MMAs almost gone)
   pv1       O += P V runs one k16 step of its BN / 16 in both consumers (the P V MMAs almost gone)
   nosync    consumer 0 does not wait for consumer 1 to be done with the previous P (barrier 4): the hand-off's wait
-  evict     the default with its TMA copies hinted L2 evict_first (createpolicy), as FlashMLA's are: numbers right
+  evict     the plan with evict=True (LAYERFORGE_MLA_EVICT: its TMA copies hinted L2 evict_first, as FlashMLA's are)
   nopg      the producer reads no page table: tile i of sequence b is page b * max_pages + i (other pages, same
             sizes and pattern; numbers wrong): the page-entry read's latency off the producer's chain
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
@@ -47,7 +47,7 @@ def _edit_one(source: str, variant: str) -> str:
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant in ("default", "fine", "pair", "staged", "unstaged"):
+    if variant in ("default", "fine", "pair", "staged", "unstaged", "evict"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -61,23 +61,7 @@ def _edit_one(source: str, variant: str) -> str:
     if variant == "nopg":
         return sub("pg[tid] = min(max(page_table[(long long)b * max_pages + key / PAGE], 0), num_pages - 1);",
                    "pg[tid] = min(max(b * max_pages + key / PAGE, 0), num_pages - 1);", 1)
-    if variant == "evict":
-        anchor = "__device__ __forceinline__ void lf_bulk_load("
-        source = sub(anchor, _EVICT_FIRST + anchor, 1)
-        return sub("lf_tma_load_2d(dst", "lf_tma_load_2d_ef(dst", 1)
     raise SystemExit(f"probe_mla_bound: unknown variant {variant!r}")
-
-
-_EVICT_FIRST = r"""__device__ __forceinline__ void lf_tma_load_2d_ef(void* smem, const lf_tensor_map* map, int col,
-                                                  int row, unsigned long long* bar) {
-    unsigned long long policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
-                 ::"r"(lf_smem_addr(smem)), "l"(reinterpret_cast<unsigned long long>(map)), "r"(col), "r"(row),
-                   "r"(lf_smem_addr(bar)), "l"(policy) : "memory");
-}
-"""
 
 
 def main(argv=None) -> int:
@@ -109,7 +93,8 @@ def main(argv=None) -> int:
             parts = variant.split("+")
             dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
                             fine=True if "fine" in parts else None, pair=True if "pair" in parts else None,
-                            staged_out=True if "staged" in parts else False if "unstaged" in parts else None)
+                            staged_out=True if "staged" in parts else False if "unstaged" in parts else None,
+                            evict=True if "evict" in parts else None)
             def run():
                 dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)
             run()

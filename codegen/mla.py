@@ -35,7 +35,7 @@ from .rope import rope_context, static_table
 __all__ = ["MLADecodePlan", "MLAAppendPlan", "plan_mla_decode", "plan_mla_append", "decode_layout", "smem_limit",
            "wgmma_decode_layout", "wgmma_serves", "seesaw_serves", "seesaw_default", "sync_handoff_serves",
            "sync_handoff_default", "fine_serves", "fine_default", "fine_order", "pair_serves", "pair_default",
-           "staged_out_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
+           "staged_out_default", "evict_serves", "evict_default", "HEADS_PER_CTA", "APPEND_TOKENS_PER_BLOCK"]
 
 HEADS_PER_CTA = 64            # query heads of a decode CTA (the M of its tiles)
 DECODE_THREADS = 256
@@ -80,6 +80,8 @@ class MLADecodePlan(KernelPlan):
                               # each key tile once by TMA multicast (the template's PAIR; pair_serves, pair_default)
     staged_out: bool = False  # wgmma: O out through shared memory in 16-byte stores (the template's STAGED_OUT;
                               # staged_out_default, on: plan_mla_decode's plans have it; key suffix "ns" without)
+    evict: bool = False       # wgmma with TMA tiles, not pair: the key tiles' TMA copies hinted L2 evict_first (the
+                              # template's EVICT; evict_serves, evict_default)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -114,6 +116,10 @@ class MLADecodePlan(KernelPlan):
                              f"{self.seesaw}, fine {self.fine}, {self.num_heads} heads, page {self.page_size}")
         if self.staged_out and self.kernel != "wgmma":
             raise ValueError(f"mla decode: staged_out is an option of the wgmma kernel, got kernel {self.kernel!r}")
+        if self.evict and not evict_serves(self.kernel, self.page_size, self.pair):
+            raise ValueError(f"mla decode: evict is an option of the wgmma kernel's TMA tiles (pages of at least "
+                             f"{TMA_MIN_PAGE} keys; the pair's copies are hinted already), got kernel "
+                             f"{self.kernel!r}, page {self.page_size}, pair {self.pair}")
         if self.kernel == "wgmma":
             if self.arch != "sm_90a":
                 raise LoweringError(f"mla decode: the wgmma kernel is built for sm_90a (wgmma, setmaxnreg), not {self.arch}")
@@ -131,7 +137,8 @@ class MLADecodePlan(KernelPlan):
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
                 f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}"
-                f"{'cl' if self.pair else ''}{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
+                f"{'cl' if self.pair else ''}{'ef' if self.evict else ''}"
+                f"{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
                 f"_{self.arch.replace('_', '')}")
 
     @property
@@ -173,7 +180,8 @@ class MLADecodePlan(KernelPlan):
                 "page_size": self.page_size, "dtype": self.dtype, "keys": self.keys, "kernel": self.kernel,
                 **({"overlap": True} if self.overlap else {}), **({"seesaw": True} if self.seesaw else {}),
                 **({"sync_handoff": True} if self.sync_handoff else {}), **({"fine": True} if self.fine else {}),
-                **({"pair": True} if self.pair else {}), **({"staged_out": True} if self.staged_out else {})}
+                **({"pair": True} if self.pair else {}), **({"staged_out": True} if self.staged_out else {}),
+                **({"evict": True} if self.evict else {})}
 
     def source(self) -> str:
         return _decode_source(self)
@@ -206,7 +214,7 @@ def _decode_source(plan: MLADecodePlan) -> str:
                       MMA_T=plan.dtype, L=plan.latent_dim, R=plan.rope_dim, HQ=plan.num_heads, PAGE=plan.page_size,
                       BN=plan.keys, STAGES=WGMMA_STAGES, TMA=plan.tma, OVERLAP=plan.overlap, SEESAW=plan.seesaw,
                       SYNC_HANDOFF=plan.sync_handoff, FINE=plan.fine, BOXR=plan.tma_box[0],
-                      PAIR=plan.pair, STAGED_OUT=plan.staged_out, FINE_ORDER=order,
+                      PAIR=plan.pair, STAGED_OUT=plan.staged_out, EVICT=plan.evict, FINE_ORDER=order,
                       FINE_FIRST=order.index(plan.latent_dim // 128),
                       PRODUCER_REGS=WGMMA_REGS[0], CONSUMER_REGS=WGMMA_REGS[1],
                       wgmma_ops=[{"n": plan.keys, "a": "ss", "t": plan.dtype},
@@ -368,6 +376,21 @@ def staged_out_default() -> bool:
     return env_switch("LAYERFORGE_MLA_STAGED_OUT", True)
 
 
+def evict_serves(kernel: str, page_size: int, pair: bool) -> bool:
+    """Whether a decode plan can take evict: the wgmma kernel copying full key tiles by TMA (pages of at least
+    TMA_MIN_PAGE keys), not the pair (its multicast copies are hinted already)."""
+    return kernel == "wgmma" and page_size >= TMA_MIN_PAGE and not pair
+
+
+def evict_default() -> bool:
+    """Whether the wgmma MLA decode's TMA copies of key tiles are hinted L2 evict_first (LAYERFORGE_MLA_EVICT=1; off
+    until measured with staged_out on: benchmarks/NOTES.md, "What bounds the wgmma MLA decode"). A token's head
+    blocks read each key tile at about the same time and never again, so its lines are the first L2 should give up;
+    as an edit of the kernel (benchmarks/probe_mla_bound.py) it measured 148.4 -> 144.3 us at 64 x 4096, 128 heads,
+    on an H100, before staged_out."""
+    return env_switch("LAYERFORGE_MLA_EVICT", False)
+
+
 def fine_order(latent_dim: int, rope_dim: int) -> list[int]:
     """The 64-column blocks of a cache row in the order the fine schedule copies them and S reads them: consumer 0's
     (its half of the latent, the RoPE blocks; consumer 0 hands them back first), then consumer 1's latent half."""
@@ -391,7 +414,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
                     dtype: str = "bf16", arch: str, keys: int | None = None, kernel: str | None = None,
                     overlap: bool = False, seesaw: bool | None = None,
                     sync_handoff: bool | None = None, fine: bool | None = None,
-                    pair: bool | None = None, staged_out: bool | None = None) -> MLADecodePlan:
+                    pair: bool | None = None, staged_out: bool | None = None,
+                    evict: bool | None = None) -> MLADecodePlan:
     """The decode plan. kernel: "wgmma" (the default on sm_90 where `wgmma_serves`; built for
     sm_90a) or "mma". The mma kernel's keys per tile default to 64 where shared memory holds Q and
     two such tiles (sm_90: 225 KB at 512 + 64 channels; a warp's Q fragments then serve 32 keys,
@@ -401,7 +425,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule).
     fine (the wgmma kernel's default schedule; None: fine_default()): a stage's barriers per column block and
     consumer. pair (None: pair_default() where pair_serves): a token's two head blocks a cluster sharing each tile.
-    staged_out (the wgmma kernel; None: staged_out_default()): O out through shared memory in 16-byte stores."""
+    staged_out (the wgmma kernel; None: staged_out_default()): O out through shared memory in 16-byte stores.
+    evict (None: evict_default() where evict_serves): the key tiles' TMA copies hinted L2 evict_first."""
     if kernel is None:
         kernel = "wgmma" if keys in (None, 64) and wgmma_serves(latent_dim, rope_dim, arch) else "mma"
     if kernel == "wgmma":
@@ -419,9 +444,12 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         pair = pair_serves(kernel, overlap, seesaw, fine, num_heads, page_size) and pair_default()
     if staged_out is None:
         staged_out = kernel == "wgmma" and staged_out_default()
+    if evict is None:
+        evict = evict_serves(kernel, page_size, pair) and evict_default()
     plan = MLADecodePlan(num_heads=num_heads, latent_dim=latent_dim, rope_dim=rope_dim, page_size=page_size,
                          dtype=dtype, keys=keys, arch=arch, kernel=kernel, overlap=overlap, seesaw=seesaw,
-                         sync_handoff=sync_handoff, fine=fine, pair=pair, staged_out=staged_out)
+                         sync_handoff=sync_handoff, fine=fine, pair=pair, staged_out=staged_out,
+                         evict=evict)
     plan.source()
     return plan
 

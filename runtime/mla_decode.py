@@ -58,12 +58,12 @@ class MLADecode:
                  dtype: torch.dtype = torch.bfloat16, arch: str | None = None, keys: int | None = None,
                  kernel: str | None = None, overlap: bool = False, seesaw: bool | None = None,
                  sync_handoff: bool | None = None, fine: bool | None = None, pair: bool | None = None,
-                 staged_out: bool | None = None, kernel_cache=None):
+                 staged_out: bool | None = None, evict: bool | None = None, kernel_cache=None):
         self.num_heads, self.latent_dim, self.rope_dim = int(num_heads), int(latent_dim), int(rope_dim)
         self.row_dim = self.latent_dim + self.rope_dim
         self.page_size, self.dtype, self.arch, self.keys, self.kernel = int(page_size), dtype, arch, keys, kernel
         self.overlap, self.seesaw, self.sync_handoff, self.fine, self.pair = overlap, seesaw, sync_handoff, fine, pair
-        self.staged_out = staged_out
+        self.staged_out, self.evict = staged_out, evict
         self._kernel_cache = kernel_cache
         self._plan: MLADecodePlan | None = None
         self._kernels: dict[int, tuple] = {}
@@ -78,7 +78,8 @@ class MLADecode:
                                          page_size=self.page_size, dtype=_DTYPES[self.dtype],
                                          arch=self.arch or device_arch(), keys=self.keys, kernel=self.kernel,
                                          overlap=self.overlap, seesaw=self.seesaw, sync_handoff=self.sync_handoff,
-                                         fine=self.fine, pair=self.pair, staged_out=self.staged_out)
+                                         fine=self.fine, pair=self.pair, staged_out=self.staged_out,
+                                         evict=self.evict)
         return self._plan
 
     def _load(self, dev: torch.device):

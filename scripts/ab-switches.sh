@@ -65,6 +65,10 @@
 #              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
 #              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
+#   mlaevict   the MLA decode's GPU tests, whole (staged_out the default; results as they end: pytest_mla.log), the
+#              hinted copies (LAYERFORGE_MLA_EVICT, off until this runs) beside the default and the cut variants
+#              (probe_mla_bound), compute-sanitizer memcheck over the MLA cases with the hints on, then bench_mla
+#              (its "wg-ef" rows beside the default's, same run)
 #   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
@@ -81,7 +85,8 @@
 #  are the default path now, "NONE" / "=0" the old one. decodetma: TMA measured no faster on top of them, off.)
 # (default PARTs: fold ssd products tests attention; defaults ran clean on an H200 and stays for the next
 #  default-path edit)
-# SANITIZE=0 skips the compute-sanitizer passes (a call short of time; run them in a call of their own).
+# SANITIZE=0 skips the compute-sanitizer passes (a call short of time; run them in a call of their own); SANITIZE_TOOLS
+# names the tools to run (default: memcheck racecheck synccheck).
 # Wheels in .whl/ (lark, for a machine without network) are installed into a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,7 +103,7 @@ status=0
 sanitize() {   # CASES LIMIT WHAT
     command -v compute-sanitizer >/dev/null 2>&1 || return 0
     [ "${SANITIZE:-1}" = 0 ] && { echo "== sanitizer skipped (SANITIZE=0): $3"; return 0; }
-    for tool in memcheck racecheck synccheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         echo "== compute-sanitizer $tool: $3"
         timeout -s KILL "$2" compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 3 \
             "$PY" scripts/sanitize_cases.py "$1" 2>&1 | tee "$OUT_DIR/sanitizer_${1}_$tool.log" | tail -3
@@ -435,6 +440,20 @@ mlasync)
     else
         status=1
     fi
+    ;;
+mlaevict)
+    echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider $XDIST tests/gpu/test_mla_gpu.py \
+        > "$OUT_DIR/pytest_mla.log" 2>&1
+    [ $? = 0 ] || status=1
+    grep -E "FAILED|ERROR" "$OUT_DIR/pytest_mla.log" | sort | uniq | head -20
+    tail -1 "$OUT_DIR/pytest_mla.log"
+    echo "== probe_mla_bound: the hints beside the default, each with the copies cut (noload)"
+    timeout -s KILL 150 "$PY" -m benchmarks.probe_mla_bound \
+        --variants default,evict,noload,evict+noload,unstaged,default,evict 2>&1 | tee "$OUT_DIR/probe_mla.txt"
+    LAYERFORGE_MLA_EVICT=1 SANITIZE_TOOLS=memcheck sanitize mla 120 "the MLA decode cases with the hinted copies"
+    timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -26
     ;;
 seesaw)
     echo "== MLA decode, the consumers taking turns (LAYERFORGE_MLA_SEESAW): GPU tests, sanitizers, bench_mla"

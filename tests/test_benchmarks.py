@@ -125,11 +125,14 @@ def test_mla_bound_probe_edits_apply_and_compile(capsys):
     from benchmarks.probe_mla_bound import _edit, main
     from layerforge.codegen.mla import plan_mla_decode
     base = plan_mla_decode(num_heads=128, arch="sm_90")
-    for plan, variant in ((base, "noload+s1+pv1"), (base, "nosync+nopg"), (base, "evict"),
-                          (plan_mla_decode(num_heads=128, arch="sm_90", fine=True), "fine+evict"),
+    for plan, variant in ((base, "noload+s1+pv1"), (base, "nosync+nopg"),
+                          (plan_mla_decode(num_heads=128, arch="sm_90", evict=True), "evict+noload"),
+                          (plan_mla_decode(num_heads=128, arch="sm_90", fine=True), "fine+noload"),
                           (plan_mla_decode(num_heads=128, arch="sm_90", pair=True), "pair+noload")):
         src = _edit(plan.source(), variant)
-        assert src != plan.source() or variant.startswith("pair")
+        assert src != plan.source()
+    for option in ("default", "evict", "fine", "pair", "staged", "unstaged"):   # plan options: no edit of the source
+        assert _edit(base.source(), option) == base.source()
         res = nvrtc.compile_cuda(src, "mla_probe.cu", nvrtc.CompileOptions("sm_90a"))
         assert res.resources[plan.kernel_name].spill_stores == 0, variant
     with pytest.raises(SystemExit, match="expected 1"):

@@ -216,6 +216,30 @@ def test_staged_out_decode_compiles_without_spills(kw):
         assert "STG.E.128" in stores and "STG.E.64" in stores and not any(".U16" in s for s in stores), stores
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(fine=True), dict(seesaw=True, num_heads=16), dict(overlap=True),
+                                dict(sync_handoff=True), dict(staged_out=False),
+                                dict(num_heads=100, latent_dim=256, page_size=16, dtype="f16")])
+def test_evict_decode_compiles_without_spills(kw):
+    """The key tiles' TMA copies hinted L2 evict_first: spill-free on every schedule that copies by TMA, the same shared
+    memory; the policy is made once (before the producer's loop) and every TMA copy of a tile carries it, none without;
+    the plan without it has neither."""
+    args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16")
+    args.update(kw)
+    plan, plain, res = option_plans("evict", **args)
+    assert "ef" in plan.key.split("_")[-2] and "ef" not in plain.key.split("_")[-2]
+    src, bare = plan.source(), plain.source()
+    assert src.count("lf_l2_evict_first();") == 1 and "createpolicy" not in bare and "cache_hint" not in bare
+    hinted = src.count("lf_tma_load_2d_hint(dst")
+    assert "lf_tma_load_2d(dst" not in src and hinted == bare.count("lf_tma_load_2d(dst") > 0
+    assert src.count(", ef);") == hinted
+    # otherwise the same kernel: the hinted source, its helpers, the policy and the hints taken out, is the plain one
+    helpers = src[src.index("// An L2 cache policy under which"):src.index("// Copy `bytes` (a multiple of 16")]
+    undone = (src.replace(helpers, "").replace("\n        const unsigned long long ef = lf_l2_evict_first();", "")
+              .replace("lf_tma_load_2d_hint(dst", "lf_tma_load_2d(dst").replace(", ef);", ");")
+              .replace(plan.key, plain.key).replace(plan.kernel_name, plain.kernel_name))
+    assert re.sub(r"\s+", " ", undone) == re.sub(r"\s+", " ", bare)
+
+
 SCHEDULE_SWITCHES = [
     # plan field, its switch, on by default, plans the planner gives it, plans it does not give it, plans that refuse it
     ("seesaw", "LAYERFORGE_MLA_SEESAW", False, [dict(num_heads=16)],
@@ -230,6 +254,10 @@ SCHEDULE_SWITCHES = [
       dict(num_heads=128, kernel="mma")],                 # one block, three (odd), no TMA tiles, other schedules
      [dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
       dict(num_heads=128, fine=True)]),
+    ("evict", "LAYERFORGE_MLA_EVICT", False, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
+     [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True), dict(num_heads=128, kernel="mma")],
+     [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True),
+      dict(num_heads=16, kernel="mma", arch="sm_90")]),
     ("staged_out", "LAYERFORGE_MLA_STAGED_OUT", True, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
      [dict(num_heads=128, kernel="mma")], [dict(num_heads=16, kernel="mma", arch="sm_90")]),
 ]

@@ -41,11 +41,13 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     schedule with bar.sync on both sides of the consumers' hand-offs: sync_handoff), "ovsync" (the overlap schedule
     with them), "fine" (the default schedule with a full barrier a column block and an empty one a consumer) or "pair"
     (the default schedule with a token's two head blocks a cluster sharing each key tile by TMA multicast); a "+staged"
-    suffix: O out through shared memory (staged_out)."""
+    suffix: O out through shared memory (staged_out); "+evict": the key tiles' TMA copies hinted L2 evict_first."""
     gen = seeded_generator("mla_decode", heads, latent, rope, page, tuple(lens), num_splits, tag, keys, kernel, overlap)
     staged = isinstance(overlap, str) and overlap.endswith("+staged")
-    if staged:
-        overlap = {"default+staged": False, "overlap+staged": True}.get(overlap, overlap.removesuffix("+staged"))
+    evict = isinstance(overlap, str) and overlap.endswith("+evict")
+    if staged or evict:
+        base = overlap.rsplit("+", 1)[0]
+        overlap = {"default": False, "overlap": True}.get(base, base)
     seesaw, sync, fine, pair = overlap == "seesaw", overlap in ("sync", "ovsync"), overlap == "fine", overlap == "pair"
     overlap = overlap is True or overlap == "ovsync"
     dk = latent + rope
@@ -58,7 +60,8 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
     q_seq = q_seq.cuda()
     dec = MLADecode(num_heads=heads, latent_dim=latent, rope_dim=rope, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
-                    fine=True if fine else None, pair=True if pair else None, staged_out=True if staged else None)
+                    fine=True if fine else None, pair=True if pair else None, staged_out=True if staged else None,
+                    evict=True if evict else None)
     if kernel is not None:
         assert dec.plan.kernel == kernel
     if seesaw:
@@ -71,6 +74,8 @@ def run_decode(heads, latent, rope, page, lens, num_splits, scale, tag, keys=Non
         assert dec.plan.pair and dec.plan.kernel == "wgmma"
     if staged:
         assert dec.plan.staged_out and dec.plan.kernel == "wgmma"
+    if evict:
+        assert dec.plan.evict and dec.plan.kernel == "wgmma"
     out = torch.full((T, heads, latent), float("nan"), dtype=torch.bfloat16, device="cuda")
     dec(q, cache, table, seq_lens, q_seq, scale=scale, max_kv_len=max(lens), num_splits=num_splits, out=out)
     want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=scale,
@@ -144,6 +149,20 @@ def test_decode_staged_out_partial_head_block_small_latent(overlap):
     """Heads past HQ in the last block are never stored (100 heads), latent 256 (LH 128), pages under TMA's."""
     run_decode(100, 256, 64, 8, [1, 5, 70, 200], 2, 0.1, "staged-small", kernel="wgmma", overlap=overlap)
     run_decode(100, 256, 64, 8, [1, 5, 70, 200], 1, 0.1, "staged-small1", kernel="wgmma", overlap=overlap)
+
+
+EVICT = ["default+evict", "overlap+evict", "seesaw+evict", "sync+evict", "fine+evict"]
+
+
+@pytest.mark.parametrize("overlap", EVICT)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_evict_every_schedule(overlap, num_splits):
+    """The key tiles' TMA copies hinted L2 evict_first, on every schedule that copies by TMA: 128 heads (two blocks
+    reading each tile), pages of 64 and of 16 keys, the partial tiles (cp.async, unhinted) and the repeated sequence;
+    then large scores along a long sequence."""
+    for page in (64, 16):
+        run_decode(128, 512, 64, page, LENS, num_splits, 192 ** -0.5, "evict", kernel="wgmma", overlap=overlap)
+    run_decode(64, 512, 64, 64, [3000, 17], 4, 0.5, "evict-peaked", kernel="wgmma", overlap=overlap)
 
 
 def test_decode_pair_peaked_scores_and_an_empty_sequence():
