@@ -45,15 +45,15 @@ def decode_inputs(batch, ctx, heads, page):
 
 def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
     """overlap: False, True (the wgmma kernel's overlap schedule, "-ov"), "seesaw" (its seesaw schedule, "-ss"),
-    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh") or "evict" (its
-    default schedule with the key tiles' TMA copies hinted L2 evict_first, "-ef"); "-ns": O not staged."""
-    seesaw, sync, evict, overlap = overlap == "seesaw", overlap == "sync", overlap == "evict", overlap is True
+    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh") or "noevict" (its
+    default schedule without the L2 evict_first hints on the key tiles' TMA copies, "-ne"); "-ns": O not staged."""
+    seesaw, sync, noevict, overlap = overlap == "seesaw", overlap == "sync", overlap == "noevict", overlap is True
     scale = 192 ** -0.5
     per = -(-ctx // page)
     cache, table, lens, q_seq, q, out = decode_inputs(batch, ctx, heads, page)
     dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
-                    evict=True if evict else None)
+                    evict=False if noevict else None)
     run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731
     run()
     splits = dec.splits(q.device, batch, ctx)
@@ -68,7 +68,7 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     plan = dec.plan
     r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=plan.keys,
              kernel=plan.kernel + ("-ov" if overlap else "-ss" if plan.seesaw else "")
-             + ("-sh" if plan.sync_handoff else "") + ("-ef" if plan.evict else "")
+             + ("-sh" if plan.sync_handoff else "") + ("-ne" if plan.tma and not plan.pair and not plan.evict else "")
              + ("-ns" if plan.kernel == "wgmma" and not plan.staged_out else ""),
              splits=splits,
              ours_s=ours, graph_s=graph,
@@ -128,10 +128,10 @@ def main(argv=None):
         return handoff_ab(a, ceiling)
     rows = []
     # the first cases again with the wgmma kernel's overlap ("wg-ov") and seesaw ("wg-ss") schedules, its synced
-    # hand-offs ("wg-sh"), its hinted copies ("wg-ef") and on the mma.sync kernel (the sm_80 one; on sm_90 the default
-    # is the wgmma kernel): the A/B; "n32" its 32-key tiles
-    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", "evict"),
-                                         (32, 4096, None, "wgmma", "evict"), (1, 32768, None, "wgmma", "evict"),
+    # hand-offs ("wg-sh"), its copies without the L2 hints ("wg-ne") and on the mma.sync kernel (the sm_80 one; on
+    # sm_90 the default is the wgmma kernel): the A/B; "n32" its 32-key tiles
+    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", "noevict"),
+                                         (32, 4096, None, "wgmma", "noevict"), (1, 32768, None, "wgmma", "noevict"),
                                          (64, 4096, None, "wgmma", "sync"),
                                          (32, 4096, None, "wgmma", "sync"), (1, 32768, None, "wgmma", "sync"),
                                          (64, 4096, None, "wgmma", True),

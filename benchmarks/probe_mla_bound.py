@@ -10,7 +10,9 @@ their time is read):
   s1        S = Q K^T runs one k16 step of its DK / 16 (the S MMAs almost gone)
   pv1       O += P V runs one k16 step of its BN / 16 in both consumers (the P V MMAs almost gone)
   nosync    consumer 0 does not wait for consumer 1 to be done with the previous P (barrier 4): the hand-off's wait
-  evict     the plan with evict=True (LAYERFORGE_MLA_EVICT: its TMA copies hinted L2 evict_first, as FlashMLA's are)
+  evict     the plan with evict=True (LAYERFORGE_MLA_EVICT: its TMA copies hinted L2 evict_first, as FlashMLA's are;
+            the default now)
+  noevict   the plan with evict=False (the copies unhinted)
   nopg      the producer reads no page table: tile i of sequence b is page b * max_pages + i (other pages, same
             sizes and pattern; numbers wrong): the page-entry read's latency off the producer's chain
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
@@ -19,11 +21,17 @@ their time is read):
   staged    the plan with staged_out=True (O out through shared memory in 16-byte stores; the default now)
   unstaged  the plan with staged_out=False (O's bf16 pairs stored from the fragments, as before)
 Variants join with "+" (fine+evict: the fine plan with the hints).
-Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card."""
+Each is timed as the best of graph replays (benchmarks.probe_kernel.best_us), same run, same card: isolated calls,
+the card idle between them. With --sustain SECONDS each is also replayed back to back (a graph of 20 calls) for that
+long: the min and median a call, and nvidia-smi's SM clock, power and throttle reasons sampled meanwhile (a kernel
+that holds the card at its power cap runs at lower clocks than isolated calls see)."""
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -47,7 +55,7 @@ def _edit_one(source: str, variant: str) -> str:
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant in ("default", "fine", "pair", "staged", "unstaged", "evict"):
+    if variant in ("default", "fine", "pair", "staged", "unstaged", "evict", "noevict"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -64,14 +72,40 @@ def _edit_one(source: str, variant: str) -> str:
     raise SystemExit(f"probe_mla_bound: unknown variant {variant!r}")
 
 
+def sustained(replay, seconds: float, calls: int) -> tuple[float, float, list[str]]:
+    """replay() (a graph of `calls` calls) back to back for `seconds`: (min, median) us a call and nvidia-smi's samples
+    (SM clock, power, throttle reasons; none where nvidia-smi is missing)."""
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+                                "--format=csv,noheader", "-lms", "250", "-i", str(torch.cuda.current_device())],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times, end = [], time.time() + seconds
+    while time.time() < end:
+        ev[0].record()
+        replay()
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]) * 1e3 / calls)
+    samples = []
+    if smi is not None:
+        smi.terminate()
+        samples = smi.communicate()[0].strip().splitlines()
+    times.sort()
+    return times[0], times[len(times) // 2], samples
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=128)
     ap.add_argument("--page", type=int, default=64)
-    ap.add_argument("--variants", default="default,unstaged,noload,s1,pv1,nosync,evict,fine,fine+evict,default")
+    ap.add_argument("--variants", default="default,noevict,unstaged,noload,s1,pv1,nosync,fine,default")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
+                    help="also replay each variant back to back this long (min / median a call, clocks and power)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_mla_bound: no CUDA GPU on this machine", file=sys.stderr)
@@ -94,7 +128,7 @@ def main(argv=None) -> int:
             dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
                             fine=True if "fine" in parts else None, pair=True if "pair" in parts else None,
                             staged_out=True if "staged" in parts else False if "unstaged" in parts else None,
-                            evict=True if "evict" in parts else None)
+                            evict=True if "evict" in parts else False if "noevict" in parts else None)
             def run():
                 dec(q, cache, table, lens, q_seq, scale=192 ** -0.5, max_kv_len=ctx, out=out)
             run()
@@ -102,7 +136,18 @@ def main(argv=None) -> int:
             with torch.cuda.graph(g):
                 run()
             us = best_us(g.replay, a.reps)
-            print(f"{variant:>8} | {us:7.1f} | {flops / us / 1e6:7.0f} | {latent / us / 1e6:11.2f}")
+            print(f"{variant:>8} | {us:7.1f} | {flops / us / 1e6:7.0f} | {latent / us / 1e6:11.2f}", flush=True)
+            if a.sustain > 0:
+                calls = 20
+                gs = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(gs):
+                    for _ in range(calls):
+                        run()
+                lo, med, samples = sustained(gs.replay, a.sustain, calls)
+                smi = " | ".join(samples[1::2][:6]) or "-"
+                print(f"{'':>8}   back to back {a.sustain:g} s: min {lo:.1f} us, median {med:.1f} us "
+                      f"({latent / med / 1e6:.2f} TB/s); nvidia-smi: {smi}", flush=True)
+                time.sleep(2)   # the card's clocks recover before the next variant
     finally:
         mla_codegen.MLADecodePlan.source = base
     return 0

@@ -81,7 +81,8 @@ class MLADecodePlan(KernelPlan):
     staged_out: bool = False  # wgmma: O out through shared memory in 16-byte stores (the template's STAGED_OUT;
                               # staged_out_default, on: plan_mla_decode's plans have it; key suffix "ns" without)
     evict: bool = False       # wgmma with TMA tiles, not pair: the key tiles' TMA copies hinted L2 evict_first (the
-                              # template's EVICT; evict_serves, evict_default)
+                              # template's EVICT; evict_serves, evict_default, on: plan_mla_decode's plans have it
+                              # where it serves; key suffix "ne" where it serves and is off)
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
@@ -137,7 +138,8 @@ class MLADecodePlan(KernelPlan):
         return (f"mla_decode_h{self.num_heads}_l{self.latent_dim}_r{self.rope_dim}_p{self.page_size}_{self.dtype}"
                 f"_n{self.keys}{'_wg' if self.kernel == 'wgmma' else ''}{'ov' if self.overlap else ''}"
                 f"{'ss' if self.seesaw else ''}{'sh' if self.sync_handoff else ''}{'fg' if self.fine else ''}"
-                f"{'cl' if self.pair else ''}{'ef' if self.evict else ''}"
+                f"{'cl' if self.pair else ''}"
+                f"{'ne' if evict_serves(self.kernel, self.page_size, self.pair) and not self.evict else ''}"
                 f"{'ns' if self.kernel == 'wgmma' and not self.staged_out else ''}"
                 f"_{self.arch.replace('_', '')}")
 
@@ -383,12 +385,12 @@ def evict_serves(kernel: str, page_size: int, pair: bool) -> bool:
 
 
 def evict_default() -> bool:
-    """Whether the wgmma MLA decode's TMA copies of key tiles are hinted L2 evict_first (LAYERFORGE_MLA_EVICT=1; off
-    until measured with staged_out on: benchmarks/NOTES.md, "What bounds the wgmma MLA decode"). A token's head
-    blocks read each key tile at about the same time and never again, so its lines are the first L2 should give up;
-    as an edit of the kernel (benchmarks/probe_mla_bound.py) it measured 148.4 -> 144.3 us at 64 x 4096, 128 heads,
-    on an H100, before staged_out."""
-    return env_switch("LAYERFORGE_MLA_EVICT", False)
+    """Whether the wgmma MLA decode's TMA copies of key tiles are hinted L2 evict_first (on; LAYERFORGE_MLA_EVICT=0
+    turns it off). A token's head blocks read each key tile at about the same time and never again, so its lines are
+    the first L2 should give up. At 64 x 4096, 128 heads, on an H100 (benchmarks/NOTES.md, "The MLA decode's TMA
+    copies hinted"): isolated calls 152.7 / 152.2 -> 148.7 / 149.7 us and 135.3 / 134.8 -> 130.2 / 129.7 us (two
+    calls), back-to-back graph replays at the card's 700 W power cap median 147.4 -> 141.7 us."""
+    return env_switch("LAYERFORGE_MLA_EVICT", True)
 
 
 def fine_order(latent_dim: int, rope_dim: int) -> list[int]:

@@ -46,7 +46,7 @@ from typing import Any
 
 __all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
            "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS", "note_device", "device_for",
-           "sibling_split"]
+           "sibling_split", "split_without"]
 
 TABLE_VERSION = 1
 PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
@@ -196,6 +196,30 @@ def sibling_split(family: str, card: str, *, extra: Path | None = None, **key: A
     named_none = [split for c, split in others if c == ""]   # these serve every card before another card's do
     pick = named_none or [split for _, split in others]
     return dict(pick[-1]) if pick else None
+
+
+def split_without(family: str, card: str, *, table: Path, **key: Any) -> dict | None:
+    """The split a lookup for `card` would take were `table`'s own entry of the problem for `card` gone: an entry
+    naming none, else another card's (from the tables read and `table`), and, where `table` is among the tables read
+    (the user's table, LAYERFORGE_TUNING_TABLE's), this card's entry in another of them (the packaged table's, read
+    beside it); None where no such entry is left. A `table` not read here (one written to ship as the packaged table,
+    or to point at later) does not count this card's entries elsewhere: it is to replace them, or they it."""
+    read = [Path(p) for p in table_paths()]
+    table = Path(table)
+    paths = read if table in read else [*read, table]
+    pk = problem_key(family, **key)
+    by_card: dict[str, dict] = {}
+    for p in paths:
+        for e in read_table(p):
+            c = _entry_card(e)
+            if _entry_key(e) != pk or (c == card and (p == table or table not in read)):
+                continue
+            by_card.pop(c, None)
+            by_card[c] = dict(e["split"])
+    if not by_card:
+        return None
+    mine = [split for c, split in by_card.items() if c in (card, "")]
+    return dict(mine[-1] if mine else list(by_card.values())[-1])
 
 
 def _write(path: Path, entries: list[dict]) -> None:

@@ -517,10 +517,11 @@ def _record(table: Path, family: str, key: dict, rules: dict, rules_s: float, be
 
 
 def _shadowed(table: Path, family: str, key: dict, card: str, rules: dict) -> bool:
-    """Whether, without an entry of its own, `card` would take another card's split of the problem (the tables' and
-    `table`'s) other than `rules` (route: a route, rules {"cublas": 0})."""
+    """Whether, without an entry of its own in `table`, `card` would take a split of the problem other than `rules`
+    (route: a route, rules {"cublas": 0}) from the other entries: another card's, or this card's in another table
+    (the packaged table's, when a user's tune on that card finds the rules faster)."""
     from ..codegen import tuning
-    other = tuning.sibling_split(family, card, extra=table, **key)
+    other = tuning.split_without(family, card, table=table, **key)
     return other is not None and other != rules
 
 

@@ -65,10 +65,10 @@
 #              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
 #              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
-#   mlaevict   the MLA decode's GPU tests, whole (staged_out the default; results as they end: pytest_mla.log), the
-#              hinted copies (LAYERFORGE_MLA_EVICT, off until this runs) beside the default and the cut variants
-#              (probe_mla_bound), compute-sanitizer memcheck over the MLA cases with the hints on, then bench_mla
-#              (its "wg-ef" rows beside the default's, same run)
+#   mlaevict   the MLA decode's GPU tests, whole (staged_out and the L2 evict_first hints the defaults; results as they
+#              end: pytest_mla.log), the copies without the hints (LAYERFORGE_MLA_EVICT=0, "noevict") beside the
+#              default and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA cases, then
+#              bench_mla (its "wg-ne" rows beside the default's, same run)
 #   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
@@ -449,10 +449,10 @@ mlaevict)
     [ $? = 0 ] || status=1
     grep -E "FAILED|ERROR" "$OUT_DIR/pytest_mla.log" | sort | uniq | head -20
     tail -1 "$OUT_DIR/pytest_mla.log"
-    echo "== probe_mla_bound: the hints beside the default, each with the copies cut (noload)"
+    echo "== probe_mla_bound: the default (hinted) beside the unhinted copies, each with the copies cut (noload)"
     timeout -s KILL 150 "$PY" -m benchmarks.probe_mla_bound \
-        --variants default,evict,noload,evict+noload,unstaged,default,evict 2>&1 | tee "$OUT_DIR/probe_mla.txt"
-    LAYERFORGE_MLA_EVICT=1 SANITIZE_TOOLS=memcheck sanitize mla 120 "the MLA decode cases with the hinted copies"
+        --variants default,noevict,noload,noevict+noload,unstaged,default,noevict 2>&1 | tee "$OUT_DIR/probe_mla.txt"
+    SANITIZE_TOOLS=memcheck sanitize mla 120 "the MLA decode cases (hinted copies)"
     timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -26
     ;;
 seesaw)

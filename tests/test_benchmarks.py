@@ -131,7 +131,7 @@ def test_mla_bound_probe_edits_apply_and_compile(capsys):
                           (plan_mla_decode(num_heads=128, arch="sm_90", pair=True), "pair+noload")):
         src = _edit(plan.source(), variant)
         assert src != plan.source()
-    for option in ("default", "evict", "fine", "pair", "staged", "unstaged"):   # plan options: no edit of the source
+    for option in ("default", "evict", "noevict", "fine", "pair", "staged", "unstaged"):   # plan options: no edit
         assert _edit(base.source(), option) == base.source()
         res = nvrtc.compile_cuda(src, "mla_probe.cu", nvrtc.CompileOptions("sm_90a"))
         assert res.resources[plan.kernel_name].spill_stores == 0, variant

@@ -226,7 +226,7 @@ def test_evict_decode_compiles_without_spills(kw):
     args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16")
     args.update(kw)
     plan, plain, res = option_plans("evict", **args)
-    assert "ef" in plan.key.split("_")[-2] and "ef" not in plain.key.split("_")[-2]
+    assert "ne" not in plan.key.split("_")[-2] and "ne" in plain.key.split("_")[-2]
     src, bare = plan.source(), plain.source()
     assert src.count("lf_l2_evict_first();") == 1 and "createpolicy" not in bare and "cache_hint" not in bare
     hinted = src.count("lf_tma_load_2d_hint(dst")
@@ -254,7 +254,7 @@ SCHEDULE_SWITCHES = [
       dict(num_heads=128, kernel="mma")],                 # one block, three (odd), no TMA tiles, other schedules
      [dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
       dict(num_heads=128, fine=True)]),
-    ("evict", "LAYERFORGE_MLA_EVICT", False, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
+    ("evict", "LAYERFORGE_MLA_EVICT", True, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
      [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True), dict(num_heads=128, kernel="mma")],
      [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True),
       dict(num_heads=16, kernel="mma", arch="sm_90")]),

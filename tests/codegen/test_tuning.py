@@ -67,6 +67,27 @@ def test_a_later_table_replaces_an_earlier_entry(tables, monkeypatch):
 H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 
 
+def test_a_retune_on_the_card_of_another_tables_entry_sees_that_entry(tables, monkeypatch, tmp_path):
+    """split_without (what tune's _record asks before it drops a card's entry): the split this card would take were the
+    written table's own entry gone. Another table read beside it (here LAYERFORGE_TUNING_TABLE's; the packaged table's
+    alike) with this card's entry counts; a table not read here (written to ship) counts other cards' entries only;
+    the written table's own entry for this card never."""
+    user, extra, ship = tuning.user_table_path(), tmp_path / "extra.json", tmp_path / "ship.json"
+    split100, old100, split200 = ({"rt": 1, "warps": 4, "stages": 3}, {"rt": 2, "warps": 8, "stages": 2},
+                                  {"rt": 2, "warps": 2, "stages": 4})
+    tuning.write_entry(extra, "gemv", old100, measured={"device": H100}, **KEY)
+    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(extra))
+    tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)
+    assert tuning.split_without("gemv", H100, table=user, **KEY) == old100     # read beside the user's table
+    tuning.write_entry(ship, "gemv", split100, measured={"device": H100}, **KEY)
+    assert tuning.split_without("gemv", H100, table=ship, **KEY) is None       # ship is not read: to replace it
+    tuning.write_entry(ship, "gemv", split200, measured={"device": H200}, **KEY)
+    assert tuning.split_without("gemv", H100, table=ship, **KEY) == split200   # another card's still serves
+    assert tuning.split_without("gemv", H200, table=ship, **KEY) == split100   # the H100's, read last
+    monkeypatch.delenv("LAYERFORGE_TUNING_TABLE")
+    assert tuning.split_without("gemv", H100, table=user, **KEY) is None       # extra no longer read
+
+
 def test_an_entry_serves_its_card_first_and_a_sibling_card_where_that_has_none(tables):
     """Two cards of one arch (an H100 and an H200 are both sm_90): each takes its own entry of a problem; an entry
     naming no card serves every card (of a card's own and those, the one read last); a card with neither takes
@@ -198,8 +219,12 @@ def test_the_packaged_table_loads_and_every_entry_compiles_without_spills(tables
         cards.setdefault(tuning._entry_key(e), []).append(e.get("device"))
     for e in entries:
         shadow = e["split"] == e.get("rules")
-        assert e["family"] in ("gemv", "gemv_x8", "gemm_stream") and e.get("device"), e
+        assert e["family"] in ("gemv", "gemv_x8", "gemm_stream", "fp8_path") and e.get("device"), e
         assert len(cards[tuning._entry_key(e)]) > 1 if shadow else e.get("us", 0) < e.get("rules_us", 0), e
+        if e["family"] == "fp8_path":   # a W8A8 path, not a split: the other path than the rows' rule takes
+            from layerforge.runtime.quant import FP8_REGISTER_MAX_ROWS
+            assert shadow or e["split"] == {"x_first": int(e["bucket"] <= FP8_REGISTER_MAX_ROWS)}, e
+            continue
         tuning._DEVICES.clear()
         tuning.note_device(e["arch"], e["device"])   # planned for the card the entry names
         common = dict(n=e["n"], k=e["k"], gated=e["gated"], arch=e["arch"], wtype=e["wtype"], group=e["group"])
@@ -358,12 +383,15 @@ def test_the_decode_range_gemm_takes_a_table_split_and_the_stream_tuner_records_
     assert plan_gemm_stream("bf16", **common, tuned=False).key == rules.key
     assert plan_gemm_stream("bf16", **(common | {"mt": 128})).key == plan_gemm_stream(
         "bf16", **(common | {"mt": 128}), tuned=False).key
-    # the rules win now on the card that recorded it: the entry goes (the packaged table's entry of this problem was
-    # measured on this card too, so none of another card's shadows the rules here)
+    # the rules win now on the card that recorded it: the rules serve it from here on. The user's table drops its
+    # entry, or, where another table read beside it (the packaged one) has an entry of this problem for this card,
+    # holds the rules' split over it
     (res,) = tune_stream([("o", 4096, 4096, None)], rows=(64,), table=table, log=lambda s: None, device_name=H100,
                          measure_factory=lambda *a: (lambda p, spills_ok=False: 12e-6 if p == "torch" else
                                                      10e-6 if p.key == rules.key else 11e-6))
-    assert not res.recorded and not any(e["family"] == "gemm_stream" for e in tuning.read_table(table))
+    assert not res.recorded and plan_gemm_stream("bf16", **common).key == rules.key
+    mine = [e for e in tuning.read_table(table) if e["family"] == "gemm_stream"]
+    assert all(e["split"] == e["rules"] and e["device"] == H100 for e in mine)
     with pytest.raises(ValueError, match="'u4' or 'i8'"):
         tune_stream([("o", 4096, 4096, None)], wtype=None, measure_factory=factory)
 
@@ -501,5 +529,5 @@ def test_the_fp8_path_tuner_records_the_faster_path_and_gemv_quant_follows_it(ta
     # measured again, the rule's path now faster: the entry goes, the rule decides
     times[(16, True)] = 9.0
     res = tune_fp8_paths([("o", 4096, 4096, None)], measure_factory=factory, **common)
-    assert not res[1].recorded and tuning.lookup("fp8_path", bucket=16, **key) is None
+    assert not res[1].recorded and tuning.lookup("fp8_path", bucket=16, **key) in (None, {"x_first": 1})
     assert quant._fp8_gemv_ok(x, qw, 16)
