@@ -46,7 +46,7 @@ from typing import Any
 
 __all__ = ["TABLE_VERSION", "PACKAGED_TABLE", "user_table_path", "table_paths", "lookup", "problem_key", "read_table",
            "write_entry", "remove_entry", "clear_cache", "generation", "SPLIT_FIELDS", "note_device", "device_for",
-           "sibling_split", "split_without"]
+           "split_without"]
 
 TABLE_VERSION = 1
 PACKAGED_TABLE = Path(__file__).resolve().parent / "tables" / "products.json"
@@ -183,19 +183,6 @@ def lookup(family: str, *, device: str | None = None, **key: Any) -> dict | None
     card = device if device is not None else device_for(key["arch"])
     mine = [split for c, split in by_card.items() if card is None or c in (card, "")]   # in the order last read
     return dict(mine[-1] if mine else list(by_card.values())[-1])   # else a sibling card's
-
-
-def sibling_split(family: str, card: str, *, extra: Path | None = None, **key: Any) -> dict | None:
-    """The split a lookup for `card` would take from the entries of the problem not measured on it (one naming no
-    card, else another card's: the one read last) in the tables read and `extra` (a table being written that may not be
-    among them), or None where there is none."""
-    paths = list(table_paths())
-    if extra is not None and Path(extra) not in paths:
-        paths.append(Path(extra))
-    others = [(c, split) for c, split in _merged(tuple(paths)).get(problem_key(family, **key), {}).items() if c != card]
-    named_none = [split for c, split in others if c == ""]   # these serve every card before another card's do
-    pick = named_none or [split for _, split in others]
-    return dict(pick[-1]) if pick else None
 
 
 def split_without(family: str, card: str, *, table: Path, **key: Any) -> dict | None:

@@ -98,8 +98,8 @@ def test_an_entry_serves_its_card_first_and_a_sibling_card_where_that_has_none(t
     tuning.write_entry(user, "gemv", split100, measured={"device": H100}, **KEY)
     assert tuning.lookup("gemv", device=H200, **KEY) == split100   # a sibling's measurement, none of its own
     tuning.write_entry(user, "gemv", split200, measured={"device": H200}, **KEY)   # H100's entry kept beside it
-    assert tuning.sibling_split("gemv", H200, **KEY) == split100
-    assert tuning.sibling_split("gemv", H100, **KEY) == split200
+    assert tuning.split_without("gemv", H200, table=user, **KEY) == split100   # what each would take without its own
+    assert tuning.split_without("gemv", H100, table=user, **KEY) == split200
     assert tuning.lookup("gemv", device=H100, **KEY) == split100
     assert tuning.lookup("gemv", device=H200, **KEY) == split200
     assert tuning.lookup("gemv", device="NVIDIA H20", **KEY) == split200   # neither: the entry read last
