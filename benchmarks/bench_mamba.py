@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import statistics
 import time
 
 import torch
@@ -125,6 +126,25 @@ def gemm_rate(device: str) -> float:
     return 2 * n ** 3 / t
 
 
+def ab_times(switch: str, step, rounds: int = 3) -> dict[str, list[float]]:
+    """step's graph time (bench_gemv.graph_time: a graph captured under the switch's value) with switch=0 and =1 in
+    turns, `rounds` times each; the environment as it was after."""
+    import os
+    from .bench_gemv import graph_time
+    before, times = os.environ.get(switch), {"0": [], "1": []}
+    try:
+        for _ in range(rounds):
+            for v in ("0", "1"):
+                os.environ[switch] = v
+                times[v].append(graph_time(step))
+    finally:
+        if before is None:
+            os.environ.pop(switch, None)
+        else:
+            os.environ[switch] = before
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -133,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default="64", help="batch sizes of the decode step")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' mixer")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ab-switch", default=None, metavar="NAME",
+                    help="the decode step with the switch NAME=0 and =1 in turns (three rounds, graph medians), after "
+                         "its rows (e.g. LAYERFORGE_MAMBA_PREFETCH)")
     a = ap.parse_args(argv)
     dev, dtype, elt = a.device, torch.bfloat16, 2
     c = mixer_config(*map(int, a.dims.split(",")))
@@ -211,6 +234,12 @@ def main(argv=None) -> int:
             print(f"decode batch {B}: ours {ours_s * 1e6:9.1f} us{spread}{vs}  {nbytes / 1e6:.1f} MB: "
                   f"{nbytes / ours_s / copy_bw:.2f} of copy ({nbytes / runs[-1] / copy_bw:.2f}-"
                   f"{nbytes / runs[0] / copy_bw:.2f})")
+            if a.ab_switch and dev == "cuda":
+                row["ab"] = ab_times(a.ab_switch, lambda: ours.step(x, state))
+                off, on = (statistics.median(row["ab"][v]) for v in ("0", "1"))
+                print(f"decode batch {B}: {a.ab_switch}=0 {off * 1e6:.1f} us ({nbytes / off / copy_bw:.2f} of copy), "
+                      f"=1 {on * 1e6:.1f} us ({nbytes / on / copy_bw:.2f}); each: "
+                      + "  ".join(f"{v}: " + " ".join(f"{s * 1e6:.1f}" for s in row["ab"][v]) for v in ("0", "1")))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": dev, "copy_Bps": copy_bw, "gemm_flops": flop_rate, "rows": rows}, f, indent=1)

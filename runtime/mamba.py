@@ -27,6 +27,11 @@ token; a decode step advances them by one token in place.
 One difference from transformers, where it differs from itself: its Mamba2 decode step applies
 no time_step_limit clamp (neither does mamba_ssm's), its prefill does; the mixers do the same,
 so they agree with transformers' cache at every step.
+
+With LAYERFORGE_MAMBA_PREFETCH=1 (off until measured on a GPU: benchmarks/NOTES.md) a Mamba2 decode step on a
+CUDA GPU asks for out_proj's weight to come into L2 (runtime/prefetch.py) after the state update and before the
+norm, so the product at decode rows reads it from L2: the norm between moves little, and cuBLAS reads that weight
+at 0.44 of copy at 64 rows from DRAM.
 """
 from __future__ import annotations
 
@@ -36,11 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..codegen.plan import env_switch
 from . import scan, ssd
 from .linear import Linear, gemv
 
 __all__ = ["MambaMixerConfig", "Mamba2MixerConfig", "MambaMixer", "Mamba2Mixer", "MixerState",
-           "MambaStateCache", "StateCacheError"]
+           "MambaStateCache", "StateCacheError", "prefetch_default"]
+
+
+def prefetch_default() -> bool:
+    """Whether a Mamba2 decode step on a CUDA GPU prefetches out_proj's weight into L2 before its norm
+    (LAYERFORGE_MAMBA_PREFETCH=1; off until it has run on a GPU)."""
+    return env_switch("LAYERFORGE_MAMBA_PREFETCH", False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,6 +354,10 @@ class Mamba2Mixer(_Mixer):
         y = ssd.ssd_state_update(state.ssm, x, dt, self.A_log, B, C, D=self.D,
                                  z=z.unflatten(-1, (c.num_heads, c.head_dim)), dt_bias=self.dt_bias, dt_softplus=True,
                                  a_log=True)   # no time_step_limit in decode: see the module's note
+        w = getattr(self.out_proj, "weight", None)
+        if h.is_cuda and isinstance(w, torch.Tensor) and w.is_cuda and prefetch_default():
+            from .prefetch import prefetch_l2
+            prefetch_l2(w)   # into L2 under the norm: out_proj then reads it there (the module's note)
         y = self.norm(y.reshape(h.shape[0], c.intermediate_size))
         return self.out_proj(y).view(shape)
 

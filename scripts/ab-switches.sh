@@ -69,6 +69,10 @@
 #              end: pytest_mla.log), the copies without the hints (LAYERFORGE_MLA_EVICT=0, "noevict") beside the
 #              default and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA cases, then
 #              bench_mla (its "wg-ne" rows beside the default's, same run)
+#   prefetch   Mamba2's decode step with out_proj's weight prefetched into L2 under the norm (LAYERFORGE_MAMBA_PREFETCH,
+#              off until this runs): the prefetch's GPU tests and the Mamba GPU tests with it on, compute-sanitizer
+#              memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step at batch 64 (and 1)
+#              with the switch off and on in turns
 #   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
@@ -440,6 +444,19 @@ mlasync)
     else
         status=1
     fi
+    ;;
+prefetch)
+    echo "== the L2 prefetch: its GPU tests, the Mamba GPU tests with it on, memcheck, bench_mamba's decode off / on"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+    timeout -s KILL 100 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_prefetch_gpu.py 2>&1 \
+        | tee "$OUT_DIR/pytest_prefetch.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    LAYERFORGE_MAMBA_PREFETCH=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_mamba_gpu.py 2>&1 | tee "$OUT_DIR/pytest_mamba_prefetch.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    SANITIZE_TOOLS=memcheck sanitize prefetch 90 "the L2 prefetch and a Mamba2 step with it"
+    timeout -s KILL 200 "$PY" -m benchmarks.bench_mamba --prefill "" --decode 64,1 --no-hf \
+        --ab-switch LAYERFORGE_MAMBA_PREFETCH 2>&1 | tee "$OUT_DIR/bench_mamba_prefetch.txt" | tail -6
     ;;
 mlaevict)
     echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"

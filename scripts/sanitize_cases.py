@@ -13,7 +13,8 @@ scripts/gpu-check.sh runs under racecheck and synccheck too, expecting no report
 also run by main; "persist": the persistent wgmma prefill, off by default and run alone, under memcheck, racecheck
 and synccheck by scripts/ab-switches.sh's part persist; "decodetma": the e4m3 decode by TMA, the same way by its part
 decodetma; "xshare": u4's shared-x products, the same way by its part xshare; "many": the e4m3 decode's tile for grids
-past one wave, also run by main)."""
+past one wave, also run by main; "prefetch": the L2 prefetch over tensors whose ends are not whole 16-byte pieces, and
+the Mamba2 decode step with it, also run by main)."""
 import itertools
 
 import torch
@@ -377,8 +378,26 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     selective_state_update(hm, ym[..., 0].contiguous(), ym[..., 1].contiguous(), am, bm[..., 0].contiguous(),
                            cm[..., 0].contiguous(), None, None, None)
     d256_cases(bf)
+    prefetch_cases(bf)
     torch.cuda.synchronize()
     print("sanitize cases ran")
+
+
+def prefetch_cases(bf):
+    """The L2 prefetch (runtime/prefetch.py) over allocations that end 1-15 bytes past a whole 16-byte piece and one
+    that runs past a thread's run, then a Mamba2 decode step with it on (LAYERFORGE_MAMBA_PREFETCH)."""
+    import os
+    from layerforge.runtime.mamba import Mamba2Mixer, Mamba2MixerConfig
+    from layerforge.runtime.prefetch import prefetch_l2
+    for nbytes in (1, 15, 17, 4095, 32 * 32768 + 40):
+        prefetch_l2(torch.zeros(nbytes, dtype=torch.uint8, device="cuda"))
+    cfg = Mamba2MixerConfig(hidden_size=64, intermediate_size=128, num_heads=8, head_dim=16, state_size=16, n_groups=1)
+    mixer = Mamba2Mixer(cfg, dtype=bf, device="cuda")
+    os.environ["LAYERFORGE_MAMBA_PREFETCH"] = "1"
+    try:
+        mixer.step(torch.randn(2, 64, device="cuda", dtype=bf), mixer.new_state(2))
+    finally:
+        del os.environ["LAYERFORGE_MAMBA_PREFETCH"]
 
 
 if __name__ == "__main__":
@@ -399,5 +418,7 @@ if __name__ == "__main__":
         many_ctas_cases(torch.bfloat16)
     elif sys.argv[1:] == ["xshare"]:   # u4's shared-x layout alone (off by default: not in main)
         xshare_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["prefetch"]:   # the L2 prefetch alone (main runs it too)
+        prefetch_cases(torch.bfloat16)
     else:
         main()
