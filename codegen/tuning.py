@@ -26,9 +26,9 @@ arch serve (a sibling's measurement, a better guess than rules never timed at th
 card records that card's own entry: where the rules win there and another entry of the problem with another split
 would serve it (another card's, or this card's in another table read beside the one written: the packaged table's
 under a user's table), it records the rules' split for its card (so that one no longer does), else it removes its
-card's entry (split_without). Planned without a GPU (a build on a CPU machine for an arch, or a process with two cards of one
-arch), the card is unknown and the entry read last of any card serves. Read in order, a later entry replacing an
-earlier one of the same key and card:
+card's entry (split_without). Planned without a GPU (a build on a CPU machine for an arch, or a process with two
+cards of one arch), the card is unknown and the entry read last of any card serves. Read in order, a later entry
+replacing an earlier one of the same key and card:
   1. the packaged table, codegen/tables/products.json (splits measured on the cards its entries name);
   2. the user's, <cache dir>/tuning/products.json (runtime/cache.default_cache_dir), which
      `layerforge tune` writes by default;

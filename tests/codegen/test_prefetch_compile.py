@@ -33,7 +33,8 @@ def test_prefetch_grid_covers_the_bytes_and_caps_at_four_ctas_an_sm():
 
 
 @pytest.mark.parametrize("kw,match", [(dict(arch="sm_75"), "sm_80"), (dict(arch="sm_90", threads=48), "threads"),
-                                      (dict(arch="sm_90", chunk=24), "chunk"), (dict(arch="sm_90", chunk=1 << 21), "chunk"),
+                                      (dict(arch="sm_90", chunk=24), "chunk"),
+                                      (dict(arch="sm_90", chunk=1 << 21), "chunk"),
                                       (dict(arch="sm_80", lines=3), "lines")])
 def test_bad_prefetch_plans_are_errors(kw, match):
     with pytest.raises(ValueError, match=match):
