@@ -69,6 +69,10 @@
 #              end: pytest_mla.log), the copies without the hints (LAYERFORGE_MLA_EVICT=0, "noevict") beside the
 #              default and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA cases, then
 #              bench_mla (its "wg-ne" rows beside the default's, same run)
+#   clusters   the CTA pairs with their stages handed back by a CTA-scope arrive (no GPU-scope fence a stage any more):
+#              the GPU tests of the cluster GEMM and of the MLA decode's pair schedule, compute-sanitizer over
+#              sanitize_cases.py mlapair, then bench_gemm's persistent GEMM beside its clusters (8B, 4096 rows) and
+#              probe_mla_bound's default beside the pair (isolated and back to back)
 #   prefetch   Mamba2's decode step with out_proj's weight prefetched into L2 under the norm (LAYERFORGE_MAMBA_PREFETCH,
 #              off until this runs): the prefetch's GPU tests and the Mamba GPU tests with it on, compute-sanitizer
 #              memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step at batch 64 (and 1)
@@ -441,6 +445,22 @@ mlasync)
         sanitize mla 120 "the MLA decode cases (the synced ones among them)"
         echo "racecheck hazards in the synced kernels: $(grep -c 'wgsh_sm90a' "$OUT_DIR/sanitizer_mla_racecheck.log" 2>/dev/null)"
         timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -24
+    else
+        status=1
+    fi
+    ;;
+clusters)
+    echo "== CTA pairs, stages back by a CTA-scope arrive: GPU tests, sanitizers, the GEMM and the MLA decode timed"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
+        tests/gpu/test_grouped_gemm.py tests/gpu/test_mla_gpu.py -k "cluster or pair" 2>&1 \
+        | tee "$OUT_DIR/pytest_clusters.log" | tail -3
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        sanitize mlapair 120 "the MLA decode's pair schedule (synced hand-offs)"
+        timeout -s KILL 120 "$PY" -m benchmarks.bench_gemm --only 8B --tokens 4096 \
+            --variant wgmma_persistent,wgmma_cluster 2>&1 | tee "$OUT_DIR/bench_gemm_clusters.txt" | tail -10
+        timeout -s KILL 100 "$PY" -m benchmarks.probe_mla_bound --variants default,pair,default,pair --sustain 3 \
+            2>&1 | tee "$OUT_DIR/probe_mla_pair.txt" | tail -9
     else
         status=1
     fi

@@ -74,6 +74,10 @@ def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
             assert ".multicast::cluster" in res.ptx and "mapa.shared::cluster" in res.ptx, plan.key
             assert ".reqnctapercluster 2, 1, 1" in res.ptx and res.ptx.count("barrier.cluster.wait") == 2
             assert plan.tma_boxes["w"] == (plan.bn // 2, 64)
+            from benchmarks import sass_loops   # the stages go back without a GPU-scope fence: only the 2 cluster syncs
+            if sass_loops.cuobjdump() is not None and bn == 256 and not bias:
+                code = sass_loops.disassemble(res.cubin)[plan.kernel_name]
+                assert sum(i.opcode == "MEMBAR.ALL.GPU" for i in code) == 2, plan.key
         if variant.get("tma_store"):   # the epilogue by bulk tensor stores, waited for before the CTA ends
             assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in res.ptx, plan.key
             assert "cp.async.bulk.wait_group.read 0" in res.ptx and "cp.async.bulk.wait_group 0" in res.ptx

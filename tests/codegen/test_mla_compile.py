@@ -188,14 +188,18 @@ def test_pair_decode_compiles_without_spills(heads, latent, page, dtype, sync):
     """The pair schedule (a token's two head blocks a cluster of (1, 2, 1) sharing each full key tile by TMA
     multicast): spill-free, the same shared memory; every consumer warp arrives on both CTAs' empty barriers
     (16 a stage), the CTAs sync as a cluster after the barriers' initialisation and before leaving."""
-    plan, plain, _ = option_plans("pair", num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype,
-                                  seesaw=False, sync_handoff=sync, fine=False)
+    plan, plain, res = option_plans("pair", num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page,
+                                    dtype=dtype, seesaw=False, sync_handoff=sync, fine=False)
     assert plan.key.split("_")[-2] == ("wgshcl" if sync else "wgcl")
     src = plan.source()
     assert "__cluster_dims__(1, 2, 1)" in src and "__cluster_dims__" not in plain.source()
     assert src.count("lf_cluster_sync();") == 2 and "lf_mbar_init(&empty[s], 16);" in src
     assert "lf_mbar_arrive(&empty[stage])" not in src and src.count("lf_mbar_arrive_pair(&empty[stage]);") == 2
     assert "lf_tma_load_2d_multicast_ef(" in src and "lf_tma_load_2d(dst" not in src
+    from benchmarks import sass_loops   # a stage goes back without a GPU-scope fence: only the 2 cluster syncs have one
+    if sass_loops.cuobjdump() is not None:
+        code = sass_loops.disassemble(res.cubin)[plan.kernel_name]
+        assert sum(i.opcode == "MEMBAR.ALL.GPU" for i in code) == 2
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(overlap=True), dict(seesaw=True), dict(sync_handoff=True), dict(pair=True),
