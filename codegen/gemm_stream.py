@@ -97,6 +97,9 @@ class StreamGemmPlan(ProductPlan):
     wtype: str | None = None     # "u4": 4-bit W with (scale, zero) pairs per group; "i8": 8-bit W with one scale a
                                  # row, applied to the f32 sum (the mixed-input form below)
     group: int = 0               # u4: k per (scale, zero) pair (32, 64 or 128); i8: 0
+    acqrel: bool = False         # a split tile's segments count in by thread 0 between one fence.acq_rel.gpu before
+                                 # and one after its atomic, not by every thread's __threadfence (fence.sc.gpu)
+                                 # twice (the template's ACQREL; acqrel_default; key suffix "ar")
 
     def __post_init__(self):
         check_product(self, "gemm_stream", ("n", "k", "mt", "rb", "cw", "stages", "ctas", "ka"))
@@ -184,7 +187,7 @@ class StreamGemmPlan(ProductPlan):
             parts.append(wtype_label(self.wtype, self.group))
         parts += self.epilogue_key
         parts += [f"mt{self.mt}", f"r{self.rb}w{self.cw}s{self.stages}c{self.ctas}" + (f"a{self.ka}" if self.ka > 1 else "")
-                  + ("p" if self.packed else ""),
+                  + ("p" if self.packed else "") + ("ar" if self.acqrel else ""),
                   self.arch.replace("_", "")]
         return "_".join(parts)
 
@@ -242,20 +245,31 @@ def _render(plan: StreamGemmPlan) -> str:
                   NOUT=plan.n_out, MT=plan.mt, RB=plan.rb, CW=plan.cw, STAGES=plan.stages, CTAS=plan.ctas, KA=plan.ka, PACKED=plan.packed, WTYPE=plan.wtype, GROUP=plan.group,
                   W_UNIT=plan.w_unit_bytes,
                   GATED=plan.gated, BIAS=plan.bias, RESIDUAL=plan.residual, smem=plan.shared_layout.offsets,
+                  ACQREL=plan.acqrel,
                   wgmma_ops=[{"n": plan.mt, "a": "rsk" if plan.wtype else "ss", "t": mma}], tma=True)
+
+
+def acqrel_default() -> bool:
+    """Whether a split tile's segments count in through thread 0's acquire-release fences (LAYERFORGE_STREAM_ACQREL=1;
+    off until it has run on a GPU: benchmarks/NOTES.md, "The stream GEMM's fences"). Every thread's __threadfence
+    compiles to MEMBAR.SC.GPU (sequentially consistent, GPU scope), two a segment; CUTLASS's stream-K barrier is a CTA
+    barrier, then one thread's fence.acq_rel.gpu and atomic."""
+    from .plan import env_switch
+    return env_switch("LAYERFORGE_STREAM_ACQREL", False)
 
 
 def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None = None, bias: bool = False,
                      residual: bool = False, rb: int | None = None, cw: int | None = None, stages: int | None = None,
                      ctas: int | None = None, ka: int | None = None, packed: bool = False,
                      wtype: str | None = None, group: int = 0, arch: str = "sm_90a",
-                     tuned: bool = True) -> StreamGemmPlan:
+                     tuned: bool = True, acqrel: bool | None = None) -> StreamGemmPlan:
     """The plan of a product of at most `mt` rows (token_tile(rows)). The defaults are the H200
     sweep's most frequent winners (benchmarks/NOTES.md, "A decode-range Hopper GEMM"): one consumer
     warpgroup (rb 2 gated, else 1; u4: see below), 128 k a unit, one CTA an SM with as many stages as fit (at
     most 8; at least 2, with 64 k a unit where two stages of 128 k do not fit). Where no split field is given, a
     split the tuning tables measured faster for this problem (codegen/tuning.py) comes first; tuned=False: the
-    rules alone."""
+    rules alone. acqrel (None: acqrel_default()): how a split tile's segments count in."""
+    acqrel = acqrel_default() if acqrel is None else acqrel
     if tuned and rb is None and cw is None and stages is None and ctas is None and ka is None and not packed:
         from .tuning import lookup
         split = lookup("gemm_stream", arch=arch, dtype=dtype, wtype=wtype, group=group, gated=gated, n=n, k=k,
@@ -263,7 +277,8 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
         if split is not None:
             try:
                 return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch,
-                                      mt=mt, wtype=wtype, group=group, **(split | {"packed": bool(split["packed"])}))
+                                      mt=mt, wtype=wtype, group=group, acqrel=acqrel,
+                                      **(split | {"packed": bool(split["packed"])}))
             except ValueError:   # a split this problem's plan cannot take: the rules decide
                 pass
     if wtype == "u4":   # the u4 sweep (bench_gemv --stream --quant, H200): two W row blocks a warpgroup past
@@ -289,7 +304,8 @@ def plan_gemm_stream(dtype: str, *, n: int, k: int, mt: int, gated: str | None =
     if stages is None:
         stages = max(2, min(8, fit(ka)))
     return StreamGemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, mt=mt, rb=rb,
-                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed, wtype=wtype, group=group)
+                          cw=cw, stages=stages, ctas=ctas, ka=ka, packed=packed, wtype=wtype, group=group,
+                          acqrel=acqrel)
 
 
 def pack_weight(w, plan: StreamGemmPlan):

@@ -73,6 +73,9 @@
 #              the GPU tests of the cluster GEMM and of the MLA decode's pair schedule, compute-sanitizer over
 #              sanitize_cases.py mlapair, then bench_gemm's persistent GEMM beside its clusters (8B, 4096 rows) and
 #              probe_mla_bound's default beside the pair (isolated and back to back)
+#   streamfence the decode-range GEMM's split tiles counted in by thread 0's acquire-release fences
+#              (LAYERFORGE_STREAM_ACQREL, off until this runs; every thread's __threadfence is a sequentially consistent
+#              GPU fence): its GPU tests with it on, then bench_gemv --quant (8B) at 32 / 64 / 128 rows off and on, twice
 #   prefetch   Mamba2's decode step with out_proj's weight prefetched into L2 under the norm (LAYERFORGE_MAMBA_PREFETCH,
 #              off until this runs): the prefetch's GPU tests and the Mamba GPU tests with it on, compute-sanitizer
 #              memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step at batch 64 (and 1)
@@ -461,6 +464,22 @@ clusters)
             --variant wgmma_persistent,wgmma_cluster 2>&1 | tee "$OUT_DIR/bench_gemm_clusters.txt" | tail -10
         timeout -s KILL 100 "$PY" -m benchmarks.probe_mla_bound --variants default,pair,default,pair --sustain 3 \
             2>&1 | tee "$OUT_DIR/probe_mla_pair.txt" | tail -9
+    else
+        status=1
+    fi
+    ;;
+streamfence)
+    echo "== the decode-range GEMM with acquire-release counts: GPU tests (it on), bench_gemv --quant off / on"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    LAYERFORGE_STREAM_ACQREL=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_gemm_stream.py 2>&1 | tee "$OUT_DIR/pytest_streamfence.log" | tail -3
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        for v in 0 1 0 1; do
+            echo "-- LAYERFORGE_STREAM_ACQREL=$v"
+            LAYERFORGE_STREAM_ACQREL=$v timeout -s KILL 100 "$PY" -m benchmarks.bench_gemv --quant --only 8B \
+                --tokens 32,64,128 \
+                2>&1 | grep -v Warning | tee "$OUT_DIR/bench_streamfence_$v.txt" | tail -12
+        done
     else
         status=1
     fi

@@ -28,6 +28,31 @@ def test_stream_compiles_clean(n, k, gated, mt):
         assert plan.abi.grid_for(mt, 132)[0] == min(132, plan.units)
 
 
+@pytest.mark.parametrize("kw", [dict(n=6144, k=4096, mt=64, wtype="u4", group=128), dict(n=4096, k=4096, mt=128),
+                                dict(n=28672, k=4096, mt=64, gated="silu", wtype="i8"), dict(n=10576, k=2560, mt=64)])
+def test_stream_acqrel_counts_compile_clean_without_sc_fences(kw, monkeypatch):
+    """acqrel (LAYERFORGE_STREAM_ACQREL): a split tile's segments count in by thread 0 between two fence.acq_rel.gpu,
+    spill-free like the plain plan; the cubin has no sequentially consistent fence (every thread's __threadfence is
+    MEMBAR.SC.GPU, which the plain plan has), and the source is the plain one but for the count."""
+    monkeypatch.delenv("LAYERFORGE_STREAM_ACQREL", raising=False)
+    plain = plan_gemm_stream("bf16", **kw)
+    monkeypatch.setenv("LAYERFORGE_STREAM_ACQREL", "1")
+    plan = plan_gemm_stream("bf16", **kw)
+    assert plan.acqrel and not plain.acqrel and plan.key == plain.key.replace("_sm90a", "ar_sm90a")
+    assert plan.source().count("fence.acq_rel.gpu") == 2 and "fence.acq_rel.gpu" not in plain.source()
+    assert "__threadfence" not in plan.source() and plain.source().count("__threadfence();") == 2
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:
+        fences = {name: [i.opcode for i in code if i.opcode.startswith("MEMBAR")]
+                  for name, code in sass_loops.disassemble(res.cubin).items()}
+        assert "MEMBAR.SC.GPU" not in fences[plan.kernel_name] and "MEMBAR.ALL.GPU" in fences[plan.kernel_name]
+        base = nvrtc.compile_cuda(plain.source(), plain.kernel_name, nvrtc.CompileOptions(plain.arch))
+        assert "MEMBAR.SC.GPU" in [i.opcode for i in sass_loops.disassemble(base.cubin)[plain.kernel_name]]
+
+
 @pytest.mark.parametrize("split", [dict(rb=2, cw=1, ctas=2), dict(rb=1, cw=1, ctas=2), dict(rb=2, cw=2, stages=3)])
 def test_stream_splits_compile_clean(split):
     for n, k, gated in SHAPES[:5]:
