@@ -75,7 +75,8 @@
 #              probe_mla_bound's default beside the pair (isolated and back to back)
 #   streamfence the decode-range GEMM's split tiles counted in by thread 0's acquire-release fences
 #              (LAYERFORGE_STREAM_ACQREL, off until this runs; every thread's __threadfence is a sequentially consistent
-#              GPU fence): its GPU tests with it on, then bench_gemv --quant (8B) at 32 / 64 / 128 rows off and on, twice
+#              GPU fence): its GPU tests with it on, then bench_gemv --quant (8B) at 32 / 64 / 128 rows off and on,
+#              twice
 #   prefetch   Mamba2's decode step with out_proj's weight prefetched into L2 under the norm (LAYERFORGE_MAMBA_PREFETCH,
 #              off until this runs): the prefetch's GPU tests and the Mamba GPU tests with it on, compute-sanitizer
 #              memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step at batch 64 (and 1)
