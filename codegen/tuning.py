@@ -147,17 +147,31 @@ def read_table(path: Path) -> list[dict]:
     return data["entries"]
 
 
-@functools.cache
-def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict[str, dict]]:
-    """key -> {card: split}, each key's cards in the order last read (a later entry of a key and card moves it
-    last)."""
+def _merge(paths, keep=None) -> dict[tuple, dict[str, dict]]:
+    """key -> {card: split} over the tables at `paths` (those entries e of table p where keep(p, e), if given), each
+    key's cards in the order last read (a later entry of a key and card moves it last)."""
     table: dict[tuple, dict[str, dict]] = {}
     for p in paths:
         for e in read_table(p):
+            if keep is not None and not keep(p, e):
+                continue
             cards = table.setdefault(_entry_key(e), {})
             cards.pop(_entry_card(e), None)
             cards[_entry_card(e)] = dict(e["split"])
     return table
+
+
+@functools.cache
+def _merged(paths: tuple[Path, ...]) -> dict[tuple, dict[str, dict]]:
+    """_merge of every entry of the tables at `paths`, kept until clear_cache."""
+    return _merge(paths)
+
+
+def _pick(by_card: dict[str, dict], card: str | None) -> dict:
+    """A problem's split for `card` from its {card: split} (non-empty): that card's entry or one naming none (the one
+    read last), else another card's (the one read last); with no card (None), the entry read last of any."""
+    mine = [split for c, split in by_card.items() if card is None or c in (card, "")]
+    return dict(mine[-1] if mine else list(by_card.values())[-1])
 
 
 def clear_cache() -> None:
@@ -181,9 +195,7 @@ def lookup(family: str, *, device: str | None = None, **key: Any) -> dict | None
     by_card = _merged(paths).get(problem_key(family, **key))
     if not by_card:
         return None
-    card = device if device is not None else device_for(key["arch"])
-    mine = [split for c, split in by_card.items() if card is None or c in (card, "")]   # in the order last read
-    return dict(mine[-1] if mine else list(by_card.values())[-1])   # else a sibling card's
+    return _pick(by_card, device if device is not None else device_for(key["arch"]))
 
 
 def split_without(family: str, card: str, *, table: Path, **key: Any) -> dict | None:
@@ -196,18 +208,11 @@ def split_without(family: str, card: str, *, table: Path, **key: Any) -> dict | 
     table = Path(table)
     paths = read if table in read else [*read, table]
     pk = problem_key(family, **key)
-    by_card: dict[str, dict] = {}
-    for p in paths:
-        for e in read_table(p):
-            c = _entry_card(e)
-            if _entry_key(e) != pk or (c == card and (p == table or table not in read)):
-                continue
-            by_card.pop(c, None)
-            by_card[c] = dict(e["split"])
-    if not by_card:
-        return None
-    mine = [split for c, split in by_card.items() if c in (card, "")]
-    return dict(mine[-1] if mine else list(by_card.values())[-1])
+
+    def keep(p: Path, e: dict) -> bool:
+        return _entry_key(e) == pk and not (_entry_card(e) == card and (Path(p) == table or table not in read))
+    by_card = _merge(paths, keep).get(pk)
+    return _pick(by_card, card) if by_card else None
 
 
 def _write(path: Path, entries: list[dict]) -> None:
