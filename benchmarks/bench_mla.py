@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from layerforge.runtime.mla_decode import MLADecode
+from layerforge.runtime.tune import graph_time
 
 from .bench_rows import bench, copy_ceiling, write_results
 
@@ -67,7 +68,6 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     with torch.cuda.graph(g):
         run()
     graph = bench(g.replay)
-    from layerforge.runtime.tune import graph_time
     b2b = graph_time(run)
     kv = cache[table.long()].view(batch, per * page, L + R)[:, :ctx].contiguous()
     run()

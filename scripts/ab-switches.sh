@@ -479,7 +479,7 @@ streamfence)
             echo "-- LAYERFORGE_STREAM_ACQREL=$v"
             LAYERFORGE_STREAM_ACQREL=$v timeout -s KILL 100 "$PY" -m benchmarks.bench_gemv --quant --only 8B \
                 --tokens 32,64,128 \
-                2>&1 | grep -v Warning | tee "$OUT_DIR/bench_streamfence_$v.txt" | tail -12
+                2>&1 | grep -v Warning | tee -a "$OUT_DIR/bench_streamfence_$v.txt" | tail -12
         done
     else
         status=1

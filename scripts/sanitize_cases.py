@@ -393,11 +393,15 @@ def prefetch_cases(bf):
         prefetch_l2(torch.zeros(nbytes, dtype=torch.uint8, device="cuda"))
     cfg = Mamba2MixerConfig(hidden_size=64, intermediate_size=128, num_heads=8, head_dim=16, state_size=16, n_groups=1)
     mixer = Mamba2Mixer(cfg, dtype=bf, device="cuda")
+    before = os.environ.get("LAYERFORGE_MAMBA_PREFETCH")
     os.environ["LAYERFORGE_MAMBA_PREFETCH"] = "1"
     try:
         mixer.step(torch.randn(2, 64, device="cuda", dtype=bf), mixer.new_state(2))
     finally:
-        del os.environ["LAYERFORGE_MAMBA_PREFETCH"]
+        if before is None:
+            del os.environ["LAYERFORGE_MAMBA_PREFETCH"]
+        else:
+            os.environ["LAYERFORGE_MAMBA_PREFETCH"] = before
 
 
 if __name__ == "__main__":
