@@ -44,7 +44,7 @@ from ..runtime.mamba import (Mamba2Mixer, Mamba2MixerConfig, MambaMixer, MambaMi
                              MixerState)
 from .engine import sample
 from .families import canonical_state_dict
-from .model import Norm, _torch_dtype
+from .model import LanguageModelWeights, Norm, _torch_dtype
 from .spec import ConfigError
 
 __all__ = ["MambaSpec", "MambaModel", "MambaBlock", "DecodeGraph", "load_mamba"]
@@ -112,7 +112,7 @@ class MambaBlock(torch.nn.Module):
         return residual + out     # float32 with a float32 residual, as transformers promotes it
 
 
-class MambaModel(torch.nn.Module):
+class MambaModel(LanguageModelWeights, torch.nn.Module):
     """A Mamba / Mamba2 language model from a MambaSpec (see the module docstring)."""
 
     def __init__(self, spec: MambaSpec, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
@@ -133,17 +133,6 @@ class MambaModel(torch.nn.Module):
                                dtype="f32" if spec.residual_in_fp32 else dname, device=device)
         self.lm_head = None if spec.tie_word_embeddings else Linear(H, spec.vocab_size, bias=False, dtype=td,
                                                                      device=device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def capturable(self, tokens: int) -> bool:
         """Whether a decode step can be captured in a CUDA graph: on a GPU, always (its kernels

@@ -300,7 +300,23 @@ class DecoderLayer(torch.nn.Module):
         return self._sum(self.mlp.fused(r, self.mlp_norm.prologue, self.adds_residual))
 
 
-class DecoderModel(torch.nn.Module):
+class LanguageModelWeights:
+    """What a language model's embedding and head say of it (its modules `embed` and `lm_head`, None where the head
+    is tied to the embedding): the dtype, the device and the head's weight."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+
+class DecoderModel(LanguageModelWeights, torch.nn.Module):
     def __init__(self, spec: ModelSpec, *, dtype: torch.dtype | str = torch.bfloat16, device=None,
                  page_size: int = 16, program: Program | None = None, kv_dtype: str | None = None,
                  kv_scales: str = "per_tensor"):
@@ -353,18 +369,6 @@ class DecoderModel(torch.nn.Module):
             hit = self._attention[aspec] = (PagedAttention(layer, page_size=self.page_size, kv_dtype=self.kv_dtype),
                                             layer.function.outputs[0].arg.rope)
         return hit
-
-    # ---- weights ------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     # ---- cache --------------------------------------------------------------------------
     def make_cache(self, *, num_pages: int, max_seqs: int, max_pages_per_seq: int) -> PagedKVCache:
