@@ -469,10 +469,12 @@ def main_quant(a, ceiling):
             b4, b8 = u4s[0].qw.nbytes(), i8s[0].qw.nbytes()
             nan = float("nan")
             ours_f8 = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
-            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", False):   # x quantised in the product's registers
-                ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
-            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", True):    # x quantised first, at every row count
-                ours_f8x = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if fp8 else nan
+            # the two x paths of the small-token kernel (past its rows no kernel reads the switch: nan)
+            small = fp8 and m <= quant.FP8_KERNEL_MAX_ROWS
+            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", False if small else None):   # x in the registers
+                ours_f8r = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if small else nan
+            with env_switch_set("LAYERFORGE_FP8_QUANT_X_FIRST", True if small else None):    # x quantised first
+                ours_f8x = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8s]) if small else nan
             ours_f8b = graph_time([lambda f8=f8: f8(x, gated=gated) for f8 in f8bs]) if fp8 else nan
             # the layer's call with the small-token kernel off: the same row quantiser (a token and 128 k), then
             # cuBLAS's blockwise-scaled e4m3 product (torch._scaled_mm; None where it has none: nan)
