@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from layerforge.codegen.mla import pair_serves
 from layerforge.runtime.mla_decode import MLADecode
 from layerforge.runtime.tune import graph_time
 
@@ -51,15 +52,18 @@ def decode_inputs(batch, ctx, heads, page):
 
 def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=False):
     """overlap: False, True (the wgmma kernel's overlap schedule, "-ov"), "seesaw" (its seesaw schedule, "-ss"),
-    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh") or "noevict" (its
-    default schedule without the L2 evict_first hints on the key tiles' TMA copies, "-ne"); "-ns": O not staged."""
+    "sync" (its default schedule with bar.sync on both sides of the consumers' hand-offs, "-sh"), "unpaired" (a CTA
+    a head block, each copying every key tile, hinted L2 evict_first: "-up") or "noevict" (that without the hints,
+    "-ne"); "-ns": O not staged. The default pairs a token's two head blocks where its splits are long enough
+    (MLADecode.plan_for)."""
+    unpaired = overlap == "unpaired"
     seesaw, sync, noevict, overlap = overlap == "seesaw", overlap == "sync", overlap == "noevict", overlap is True
     scale = 192 ** -0.5
     per = -(-ctx // page)
     cache, table, lens, q_seq, q, out = decode_inputs(batch, ctx, heads, page)
     dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page, keys=keys, kernel=kernel,
                     overlap=overlap, seesaw=seesaw or None, sync_handoff=True if sync else None,
-                    evict=False if noevict else None)
+                    evict=False if noevict else None, pair=False if unpaired else None)
     run = lambda: dec(q, cache, table, lens, q_seq, scale=scale, max_kv_len=ctx, out=out)  # noqa: E731
     run()
     splits = dec.splits(q.device, batch, ctx)
@@ -72,10 +76,12 @@ def case(batch, ctx, heads, page, compiled, keys=None, kernel=None, overlap=Fals
     kv = cache[table.long()].view(batch, per * page, L + R)[:, :ctx].contiguous()
     run()
     torch.testing.assert_close(out.float(), absorbed_torch(q, kv, scale).float(), rtol=2e-2, atol=2e-2)
-    plan = dec.plan
+    plan = dec.plan_for(ctx, splits)   # the plan the calls ran
     r = dict(batch=batch, ctx=ctx, heads=heads, page=page, keys=plan.keys,
              kernel=plan.kernel + ("-ov" if overlap else "-ss" if plan.seesaw else "")
              + ("-sh" if plan.sync_handoff else "") + ("-ne" if plan.tma and not plan.pair and not plan.evict else "")
+             + ("-up" if plan.evict and pair_serves(plan.kernel, plan.overlap, plan.seesaw, plan.fine, heads, page)
+                else "")
              + ("-ns" if plan.kernel == "wgmma" and not plan.staged_out else ""),
              splits=splits,
              ours_s=ours, graph_s=graph, b2b_s=b2b,
@@ -135,10 +141,13 @@ def main(argv=None):
     if a.handoff_ab:
         return handoff_ab(a, ceiling)
     rows = []
-    # the first cases again with the wgmma kernel's overlap ("wg-ov") and seesaw ("wg-ss") schedules, its synced
-    # hand-offs ("wg-sh"), its copies without the L2 hints ("wg-ne") and on the mma.sync kernel (the sm_80 one; on
+    # the first cases again with the wgmma kernel's head blocks unpaired ("wg-up"), its overlap ("wg-ov") and seesaw
+    # ("wg-ss") schedules, its synced hand-offs ("wg-sh"), its copies unpaired without the L2 hints ("wg-ne") and on
+    # the mma.sync kernel (the sm_80 one; on
     # sm_90 the default is the wgmma kernel): the A/B; "n32" its 32-key tiles
-    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", "noevict"),
+    for batch, ctx, keys, kernel, ov in [(64, 4096, None, None, False), (64, 4096, None, "wgmma", "unpaired"),
+                                         (32, 4096, None, "wgmma", "unpaired"), (16, 4096, None, "wgmma", "unpaired"),
+                                         (64, 1024, None, "wgmma", "unpaired"), (64, 4096, None, "wgmma", "noevict"),
                                          (32, 4096, None, "wgmma", "noevict"), (1, 32768, None, "wgmma", "noevict"),
                                          (64, 4096, None, "wgmma", "sync"),
                                          (32, 4096, None, "wgmma", "sync"), (1, 32768, None, "wgmma", "sync"),

@@ -17,7 +17,8 @@ their time is read):
             sizes and pattern; numbers wrong): the page-entry read's latency off the producer's chain
   fine      the plan with fine=True (LAYERFORGE_MLA_FINE: a full barrier a column block, an empty one a consumer)
   pair      the plan with pair=True (LAYERFORGE_MLA_PAIR: a token's two head blocks a cluster sharing each key tile
-            by TMA multicast, hinted evict_first)
+            by TMA multicast, hinted evict_first; the default now)
+  unpaired  the plan with pair=False (a CTA a head block, each copying every key tile itself)
   staged    the plan with staged_out=True (O out through shared memory in 16-byte stores; the default now)
   unstaged  the plan with staged_out=False (O's bf16 pairs stored from the fragments, as before)
 Variants join with "+" (fine+evict: the fine plan with the hints).
@@ -55,7 +56,7 @@ def _edit_one(source: str, variant: str) -> str:
                              f"{source.count(old)} (the template changed: update the probe)")
         return source.replace(old, new)
 
-    if variant in ("default", "fine", "pair", "staged", "unstaged", "evict", "noevict"):
+    if variant in ("default", "fine", "pair", "unpaired", "staged", "unstaged", "evict", "noevict"):
         return source
     if variant == "noload":
         return sub("if (k0 + BN <= k_end) {",
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
             mla_codegen.MLADecodePlan.source = lambda self, v=variant: _edit(base(self), v)
             parts = variant.split("+")
             dec = MLADecode(num_heads=heads, latent_dim=L, rope_dim=R, page_size=page,
-                            fine=True if "fine" in parts else None, pair=True if "pair" in parts else None,
+                            fine=True if "fine" in parts else None,
+                            pair=True if "pair" in parts else False if "unpaired" in parts else None,
                             staged_out=True if "staged" in parts else False if "unstaged" in parts else None,
                             evict=True if "evict" in parts else False if "noevict" in parts else None)
             def run():

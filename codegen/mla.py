@@ -364,10 +364,13 @@ def pair_serves(kernel: str, overlap: bool, seesaw: bool, fine: bool, num_heads:
 
 def pair_default() -> bool:
     """Whether the wgmma MLA decode runs a token's two head blocks as a cluster that reads each key tile from L2 once
-    (LAYERFORGE_MLA_PAIR=1; off until it has run on a GPU: benchmarks/NOTES.md, "What bounds the wgmma MLA decode").
-    The two CTAs of a token read the same rows; each copies half of a tile's column blocks by TMA multicast into
-    both, so a tile's L2-to-SM traffic halves."""
-    return env_switch("LAYERFORGE_MLA_PAIR", False)
+    (on; LAYERFORGE_MLA_PAIR=0 turns it off). The two CTAs of a token read the same rows; each copies half of a tile's
+    column blocks by TMA multicast into both, so a tile's L2-to-SM traffic halves. At 64 x 4096, 128 heads, on an
+    H100, once its stage hand-back lost a GPU-scope fence: isolated calls 147.8 / 147.3 -> 124.8 / 123.5 us,
+    back-to-back graph replays at the 700 W cap median 148.6 -> 134.6 / 135.4 us, the SM clock higher at the same
+    power (benchmarks/NOTES.md, "The CTA pairs without their GPU-scope fence"). Short splits run unpaired:
+    MLADecode's PAIR_MIN_KEYS."""
+    return env_switch("LAYERFORGE_MLA_PAIR", True)
 
 
 def staged_out_default() -> bool:
@@ -426,7 +429,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
     sync_handoff (the wgmma kernel without the seesaw; None: sync_handoff_default()): a sync on both sides of the
     consumers' hand-offs, at one barrier instruction (the sanitizer-clean schedule).
     fine (the wgmma kernel's default schedule; None: fine_default()): a stage's barriers per column block and
-    consumer. pair (None: pair_default() where pair_serves): a token's two head blocks a cluster sharing each tile.
+    consumer. pair (None: pair_default() where pair_serves and evict is None): a token's two head blocks a cluster
+    sharing each tile.
     staged_out (the wgmma kernel; None: staged_out_default()): O out through shared memory in 16-byte stores.
     evict (None: evict_default() where evict_serves): the key tiles' TMA copies hinted L2 evict_first."""
     if kernel is None:
@@ -442,8 +446,8 @@ def plan_mla_decode(*, num_heads: int, latent_dim: int = 512, rope_dim: int = 64
         sync_handoff = sync_handoff_serves(kernel, seesaw) and sync_handoff_default()
     if fine is None:
         fine = fine_serves(kernel, overlap, seesaw) and fine_default()
-    if pair is None:
-        pair = pair_serves(kernel, overlap, seesaw, fine, num_heads, page_size) and pair_default()
+    if pair is None:   # asked for evict, the hints of the unpaired kernel's copies: that kernel
+        pair = pair_serves(kernel, overlap, seesaw, fine, num_heads, page_size) and evict is None and pair_default()
     if staged_out is None:
         staged_out = kernel == "wgmma" and staged_out_default()
     if evict is None:

@@ -54,6 +54,14 @@ def mla_decode_reference(q, cache, page_table, seq_lens, q_seq, *, scale: float,
 
 
 class MLADecode:
+    """The decode layer (module docstring). Where its plan pairs a token's two head blocks (codegen/mla.py,
+    pair_default) and `pair` was left None, a call whose splits hold fewer than PAIR_MIN_KEYS keys each runs the
+    unpaired kernel: a pair's cluster syncs and coupled stages are paid per split, and on an H100 one sequence of 4096
+    keys in 32 splits took 22.9 us paired against 20.9 unpaired, 64 x 1024 (one split) 47.3 against 51.1
+    (benchmarks/NOTES.md, "The CTA pairs without their GPU-scope fence")."""
+
+    PAIR_MIN_KEYS = 1024
+
     def __init__(self, *, num_heads: int, latent_dim: int = 512, rope_dim: int = 64, page_size: int = 64,
                  dtype: torch.dtype = torch.bfloat16, arch: str | None = None, keys: int | None = None,
                  kernel: str | None = None, overlap: bool = False, seesaw: bool | None = None,
@@ -66,7 +74,8 @@ class MLADecode:
         self.staged_out, self.evict = staged_out, evict
         self._kernel_cache = kernel_cache
         self._plan: MLADecodePlan | None = None
-        self._kernels: dict[int, tuple] = {}
+        self._unpaired: MLADecodePlan | None = None
+        self._kernels: dict[tuple[int, str], tuple] = {}
 
     @property
     def plan(self) -> MLADecodePlan:
@@ -82,16 +91,29 @@ class MLADecode:
                                          evict=self.evict)
         return self._plan
 
-    def _load(self, dev: torch.device):
-        hit = self._kernels.get(dev.index)
+    def plan_for(self, max_kv_len: int, num_splits: int) -> MLADecodePlan:
+        """The plan a call runs: `plan`, or where it pairs head blocks by default and the call's splits hold fewer
+        than PAIR_MIN_KEYS keys each, the same plan unpaired."""
+        plan = self.plan
+        if not plan.pair or self.pair is not None or -(-max_kv_len // num_splits) >= self.PAIR_MIN_KEYS:
+            return plan
+        if self._unpaired is None:
+            self._unpaired = plan_mla_decode(num_heads=self.num_heads, latent_dim=self.latent_dim,
+                                             rope_dim=self.rope_dim, page_size=self.page_size, dtype=plan.dtype,
+                                             arch=plan.arch, keys=plan.keys, kernel=plan.kernel, overlap=plan.overlap,
+                                             seesaw=plan.seesaw, sync_handoff=plan.sync_handoff, fine=plan.fine,
+                                             pair=False, staged_out=plan.staged_out, evict=self.evict)
+        return self._unpaired
+
+    def _load(self, dev: torch.device, plan: MLADecodePlan):
+        hit = self._kernels.get((dev.index, plan.key))
         if hit is None:
             from .launch import compile_plan, load_kernels
-            plan = self.plan
             kernels = load_kernels(compile_plan(plan, self._kernel_cache).cubin, plan.kernels, dev)
             main, merge = kernels[plan.kernels[0].name], kernels[plan.kernels[1].name]
             hit = (main, merge, itemgetter(*(a.ref for a in plan.kernels[0].args)),
                    itemgetter(*(a.ref for a in plan.kernels[1].args)))
-            self._kernels[dev.index] = hit
+            self._kernels[dev.index, plan.key] = hit
         return hit
 
     def _check(self, name, t, dtype, shape, dev):
@@ -154,11 +176,12 @@ class MLADecode:
             out.copy_(mla_decode_reference(q, cache, page_table, seq_lens, q_seq, scale=scale,
                                            latent_dim=self.latent_dim))
             return out
-        main, merge, main_args, merge_args = self._load(dev)
         if num_splits is None:
             num_splits = self.splits(dev, T, max_kv_len)
         elif num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        plan = self.plan_for(max_kv_len, num_splits)
+        main, merge, main_args, merge_args = self._load(dev, plan)
         part_o = part_lse = None
         if num_splits > 1:
             part_o = torch.empty((T * self.num_heads * num_splits * self.latent_dim,), dtype=torch.float32, device=dev)
@@ -166,9 +189,9 @@ class MLADecode:
         values = dict(q=q, cache=cache, page_table=page_table, seq_lens=seq_lens, q_seq=q_seq, out=out,
                       part_o=part_o, part_lse=part_lse, scale=float(scale), max_pages=max_pages,
                       num_pages=cache.shape[0], num_seqs=S, num_splits=num_splits)
-        if self.plan.tma:   # full key tiles by TMA: boxes of a page run (at most a tile) x 64 channels
+        if plan.tma:   # full key tiles by TMA: boxes of a page run (at most a tile) x 64 channels
             from .tma import tensor_map
-            values["kv_map"] = tensor_map(cache.view(-1, self.row_dim), self.plan.tma_box)
+            values["kv_map"] = tensor_map(cache.view(-1, self.row_dim), plan.tma_box)
         main((T, num_splits), main_args(values))
         if num_splits > 1:
             merge((T,), merge_args(values))

@@ -72,15 +72,15 @@
 #   clusters   the CTA pairs with their stages handed back by a CTA-scope arrive (no GPU-scope fence a stage any more):
 #              the GPU tests of the cluster GEMM and of the MLA decode's pair schedule, compute-sanitizer over
 #              sanitize_cases.py mlapair, then bench_gemm's persistent GEMM beside its clusters (8B, 4096 rows) and
-#              probe_mla_bound's default beside the pair (isolated and back to back)
+#              probe_mla_bound's unpaired kernel beside the pair (the default since it ran; isolated and back to back)
 #   streamfence the decode-range GEMM's split tiles counted in by thread 0's acquire-release fences
-#              (LAYERFORGE_STREAM_ACQREL, off until this runs; every thread's __threadfence is a sequentially consistent
-#              GPU fence): its GPU tests with it on, then bench_gemv --quant (8B) at 32 / 64 / 128 rows off and on,
-#              twice
+#              (LAYERFORGE_STREAM_ACQREL, off: no change on an H100; every thread's __threadfence is a sequentially
+#              consistent GPU fence): its GPU tests with it on, then bench_gemv --quant (8B) at 32 / 64 / 128 rows off
+#              and on, twice
 #   prefetch   Mamba2's decode step with out_proj's weight prefetched into L2 under the norm (LAYERFORGE_MAMBA_PREFETCH,
-#              off until this runs): the prefetch's GPU tests and the Mamba GPU tests with it on, compute-sanitizer
-#              memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step at batch 64 (and 1)
-#              with the switch off and on in turns
+#              off: 2-8 % slower on an H100): the prefetch's GPU tests and the Mamba GPU tests with it on,
+#              compute-sanitizer memcheck over its cases (sanitize_cases.py prefetch), then bench_mamba's decode step
+#              at batch 64 (and 1) with the switch off and on in turns
 #   f8tune     the W8A8 small-token product over x quantised first (the layer's default path: tune's f8 / f8b now, the
 #              gemv_x8 table family): tune's fp8 GPU tests, `layerforge tune --weights f8,f8b` over Llama-3-8B at
 #              1 / 8 / 16 tokens and the 70B products at 8 / 16 into OUT_DIR/products.json, then bench_gemv --quant
@@ -463,7 +463,7 @@ clusters)
         sanitize mlapair 120 "the MLA decode's pair schedule (synced hand-offs)"
         timeout -s KILL 120 "$PY" -m benchmarks.bench_gemm --only 8B --tokens 4096 \
             --variant wgmma_persistent,wgmma_cluster 2>&1 | tee "$OUT_DIR/bench_gemm_clusters.txt" | tail -10
-        timeout -s KILL 100 "$PY" -m benchmarks.probe_mla_bound --variants default,pair,default,pair --sustain 3 \
+        timeout -s KILL 100 "$PY" -m benchmarks.probe_mla_bound --variants unpaired,pair,unpaired,pair --sustain 3 \
             2>&1 | tee "$OUT_DIR/probe_mla_pair.txt" | tail -9
     else
         status=1

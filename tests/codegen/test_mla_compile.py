@@ -79,7 +79,9 @@ def test_decode_grid_covers_heads_in_blocks_of_64():
     plan = plan_mla_decode(num_heads=100, arch="sm_90")
     assert plan.abi.grid_for(7, 3) == (7, 2, 3)
     assert plan.kernels[1].grid_for(7) == (700, 1, 1)
-    assert plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_wg_sm90a"
+    assert plan.pair and plan.key == "mla_decode_h100_l512_r64_p64_bf16_n64_wgcl_sm90a"   # two blocks: a pair
+    unpaired = plan_mla_decode(num_heads=100, arch="sm_90", pair=False)
+    assert unpaired.key == "mla_decode_h100_l512_r64_p64_bf16_n64_wg_sm90a"
     assert plan_mla_decode(num_heads=100, arch="sm_90", kernel="mma").key == "mla_decode_h100_l512_r64_p64_bf16_n64_sm90"
 
 
@@ -139,7 +141,7 @@ def test_sync_handoff_decode_compiles_without_spills(heads, latent, page, dtype,
     the cubin has a single named-barrier sync of 256 threads, and none arrived at; consumer 1 hands its stage back
     before barrier 4; without the option the source is the default's (arrives, one bar.sync a hand-off)."""
     kw = dict(num_heads=heads, latent_dim=latent, rope_dim=64, page_size=page, dtype=dtype, arch="sm_90",
-              overlap=overlap, seesaw=False)
+              overlap=overlap, seesaw=False, pair=False)
     plan = plan_mla_decode(**kw, sync_handoff=True)
     assert plan.sync_handoff and plan.key.split("_")[-2] == ("wgovsh" if overlap else "wgsh")
     res = compile_clean(plan, "sm_90")
@@ -253,13 +255,15 @@ SCHEDULE_SWITCHES = [
      [dict(num_heads=16, kernel="mma"), dict(num_heads=16, seesaw=True), dict(num_heads=16, overlap=True)],
      [dict(num_heads=16, kernel="mma", arch="sm_90"), dict(num_heads=16, seesaw=True),
       dict(num_heads=16, overlap=True)]),
-    ("pair", "LAYERFORGE_MLA_PAIR", False, [dict(num_heads=128), dict(num_heads=100)],   # two head blocks
+    ("pair", "LAYERFORGE_MLA_PAIR", True, [dict(num_heads=128), dict(num_heads=100)],   # two head blocks
      [dict(num_heads=64), dict(num_heads=192), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
-      dict(num_heads=128, kernel="mma")],                 # one block, three (odd), no TMA tiles, other schedules
+      dict(num_heads=128, kernel="mma"), dict(num_heads=128, evict=True), dict(num_heads=128, evict=False)],
+     # one block, three (odd), no TMA tiles, other schedules, the unpaired kernel's hints asked for
      [dict(num_heads=64), dict(num_heads=128, page_size=8), dict(num_heads=128, seesaw=True),
       dict(num_heads=128, fine=True)]),
-    ("evict", "LAYERFORGE_MLA_EVICT", True, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
-     [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True), dict(num_heads=128, kernel="mma")],
+    ("evict", "LAYERFORGE_MLA_EVICT", True, [dict(num_heads=128, pair=False), dict(num_heads=16, seesaw=True)],
+     [dict(num_heads=128, page_size=8), dict(num_heads=128), dict(num_heads=128, pair=True),
+      dict(num_heads=128, kernel="mma")],
      [dict(num_heads=128, page_size=8), dict(num_heads=128, pair=True),
       dict(num_heads=16, kernel="mma", arch="sm_90")]),
     ("staged_out", "LAYERFORGE_MLA_STAGED_OUT", True, [dict(num_heads=128), dict(num_heads=16, seesaw=True)],
@@ -302,3 +306,29 @@ def test_sync_handoff_switch_and_bad_plans(monkeypatch):
     for kw in (dict(kernel="mma", arch="sm_90"), dict(kernel="wgmma", arch="sm_90a", seesaw=True)):
         with pytest.raises(ValueError, match="sync_handoff"):
             MLADecodePlan(num_heads=16, keys=64, sync_handoff=True, **kw)
+
+
+def test_short_splits_run_the_unpaired_kernel(monkeypatch):
+    """MLADecode.plan_for: the paired plan (the default at two head blocks) where a split holds PAIR_MIN_KEYS keys or
+    more, else the same plan unpaired (made once); a pair asked for explicitly, or a plan that does not pair, always
+    runs as planned."""
+    from layerforge.runtime.mla_decode import MLADecode
+    for name in ("LAYERFORGE_MLA_PAIR", "LAYERFORGE_MLA_EVICT", "LAYERFORGE_MLA_FINE", "LAYERFORGE_MLA_SEESAW"):
+        monkeypatch.delenv(name, raising=False)
+    dec = MLADecode(num_heads=128, page_size=64, arch="sm_90")
+    least = MLADecode.PAIR_MIN_KEYS
+    assert dec.plan.pair and not dec.plan.evict
+    assert dec.plan_for(4096, 1) is dec.plan and dec.plan_for(4 * least, 4) is dec.plan
+    short = dec.plan_for(4 * (least - 1), 4)
+    assert not short.pair and short.evict and short.key != dec.plan.key
+    assert dec.plan_for(100, 1) is short and dec.plan_for(32768, 64) is short
+    fields = lambda p: {k: v for k, v in vars(p).items() if k not in ("pair", "evict")}  # noqa: E731
+    assert fields(short) == fields(dec.plan)
+    forced = MLADecode(num_heads=128, page_size=64, arch="sm_90", pair=True)
+    assert forced.plan_for(4096, 32) is forced.plan
+    for plain in (MLADecode(num_heads=64, arch="sm_90"), MLADecode(num_heads=128, page_size=8, arch="sm_90"),
+                  MLADecode(num_heads=128, arch="sm_90", pair=False)):
+        assert not plain.plan.pair and plain.plan_for(128, 2) is plain.plan
+    monkeypatch.setenv("LAYERFORGE_MLA_PAIR", "0")
+    off = MLADecode(num_heads=128, arch="sm_90")
+    assert not off.plan.pair and off.plan_for(128, 2) is off.plan
