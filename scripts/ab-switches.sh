@@ -65,10 +65,10 @@
 #              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
 #              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
-#   mlaevict   the MLA decode's GPU tests, whole (staged_out and the L2 evict_first hints the defaults; results as they
-#              end: pytest_mla.log), the copies without the hints (LAYERFORGE_MLA_EVICT=0, "noevict") beside the
-#              default and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA cases, then
-#              bench_mla (its "wg-ne" rows beside the default's, same run)
+#   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
+#              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
+#              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
+#              cases, then bench_mla (its "wg-up" and "wg-ne" rows beside the default's, same run)
 #   clusters   the CTA pairs with their stages handed back by a CTA-scope arrive (no GPU-scope fence a stage any more):
 #              the GPU tests of the cluster GEMM and of the MLA decode's pair schedule, compute-sanitizer over
 #              sanitize_cases.py mlapair, then bench_gemm's persistent GEMM beside its clusters (8B, 4096 rows) and
@@ -506,9 +506,11 @@ mlaevict)
     [ $? = 0 ] || status=1
     grep -E "FAILED|ERROR" "$OUT_DIR/pytest_mla.log" | sort | uniq | head -20
     tail -1 "$OUT_DIR/pytest_mla.log"
-    echo "== probe_mla_bound: the default (hinted) beside the unhinted copies, each with the copies cut (noload)"
+    echo "== probe_mla_bound: the default (the CTA pair) beside the unpaired kernel (hinted copies) and the unhinted"
+    echo "   one, the default and the unpaired with the copies cut (noload)"
     timeout -s KILL 150 "$PY" -m benchmarks.probe_mla_bound \
-        --variants default,noevict,noload,noevict+noload,unstaged,default,noevict 2>&1 | tee "$OUT_DIR/probe_mla.txt"
+        --variants default,unpaired,noevict,noload,unpaired+noload,unstaged,default,unpaired 2>&1 \
+        | tee "$OUT_DIR/probe_mla.txt"
     SANITIZE_TOOLS=memcheck sanitize mla 120 "the MLA decode cases (hinted copies)"
     timeout -s KILL 200 "$PY" -m benchmarks.bench_mla 2>&1 | tee "$OUT_DIR/bench_mla.txt" | tail -26
     ;;

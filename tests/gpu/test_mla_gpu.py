@@ -171,6 +171,30 @@ def test_decode_pair_peaked_scores_and_an_empty_sequence():
     assert got.abs().sum() > 0
 
 
+def test_decode_runs_the_pair_or_the_unpaired_kernel_by_split_length():
+    """The default at 128 heads: the paired kernel where a split holds MLADecode.PAIR_MIN_KEYS keys or more, the
+    unpaired one below (MLADecode.plan_for); both against float64 on the same inputs, both plans loaded."""
+    lens = [2 * MLADecode.PAIR_MIN_KEYS + 77, 300, 1]
+    gen = seeded_generator("mla_decode_pair_by_splits", tuple(lens))
+    cache, table = build_cache(lens, 64, 576, gen)
+    q = torch.randn(4, 128, 576, generator=gen).to(torch.bfloat16).cuda()
+    q_seq = torch.tensor([0, 1, 2, 0], dtype=torch.int32).cuda()
+    seq_lens = torch.tensor(lens, dtype=torch.int32).cuda()
+    want = mla_decode_reference(q.cpu(), cache.cpu(), table.cpu(), seq_lens.cpu(), q_seq.cpu(), scale=0.05,
+                                latent_dim=512)
+    dec = MLADecode(num_heads=128, page_size=64)
+    if not dec.plan.pair:
+        pytest.skip("this GPU's default MLA decode does not pair head blocks (not sm_90, or LAYERFORGE_MLA_PAIR=0)")
+    for splits, paired in ((1, True), (2, True), (3, False), (8, False)):
+        assert dec.plan_for(max(lens), splits).pair == paired
+        out = torch.full((4, 128, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+        dec(q, cache, table, seq_lens, q_seq, scale=0.05, max_kv_len=max(lens), num_splits=splits, out=out)
+        got = out.cpu().double()
+        assert torch.isfinite(got).all(), splits
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert len(dec._kernels) == 2
+
+
 def test_decode_f16_on_the_default_kernel():
     heads, lens, page = 64, [300, 65], 64
     gen = seeded_generator("mla_decode_f16", heads, tuple(lens))
