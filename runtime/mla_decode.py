@@ -77,32 +77,31 @@ class MLADecode:
         self._unpaired: MLADecodePlan | None = None
         self._kernels: dict[tuple[int, str], tuple] = {}
 
+    def _planned(self, pair: bool | None) -> MLADecodePlan:
+        """The plan of this layer's options, with `pair` for its pair option."""
+        if self.dtype not in _DTYPES:
+            raise LayerInputError(f"mla decode: the kernel takes bf16 or f16, not {self.dtype}")
+        from .launch import device_arch
+        return plan_mla_decode(num_heads=self.num_heads, latent_dim=self.latent_dim, rope_dim=self.rope_dim,
+                               page_size=self.page_size, dtype=_DTYPES[self.dtype], arch=self.arch or device_arch(),
+                               keys=self.keys, kernel=self.kernel, overlap=self.overlap, seesaw=self.seesaw,
+                               sync_handoff=self.sync_handoff, fine=self.fine, pair=pair, staged_out=self.staged_out,
+                               evict=self.evict)
+
     @property
     def plan(self) -> MLADecodePlan:
         if self._plan is None:
-            if self.dtype not in _DTYPES:
-                raise LayerInputError(f"mla decode: the kernel takes bf16 or f16, not {self.dtype}")
-            from .launch import device_arch
-            self._plan = plan_mla_decode(num_heads=self.num_heads, latent_dim=self.latent_dim, rope_dim=self.rope_dim,
-                                         page_size=self.page_size, dtype=_DTYPES[self.dtype],
-                                         arch=self.arch or device_arch(), keys=self.keys, kernel=self.kernel,
-                                         overlap=self.overlap, seesaw=self.seesaw, sync_handoff=self.sync_handoff,
-                                         fine=self.fine, pair=self.pair, staged_out=self.staged_out,
-                                         evict=self.evict)
+            self._plan = self._planned(self.pair)
         return self._plan
 
     def plan_for(self, max_kv_len: int, num_splits: int) -> MLADecodePlan:
         """The plan a call runs: `plan`, or where it pairs head blocks by default and the call's splits hold fewer
-        than PAIR_MIN_KEYS keys each, the same plan unpaired."""
+        than PAIR_MIN_KEYS keys each, the same options unpaired."""
         plan = self.plan
         if not plan.pair or self.pair is not None or -(-max_kv_len // num_splits) >= self.PAIR_MIN_KEYS:
             return plan
         if self._unpaired is None:
-            self._unpaired = plan_mla_decode(num_heads=self.num_heads, latent_dim=self.latent_dim,
-                                             rope_dim=self.rope_dim, page_size=self.page_size, dtype=plan.dtype,
-                                             arch=plan.arch, keys=plan.keys, kernel=plan.kernel, overlap=plan.overlap,
-                                             seesaw=plan.seesaw, sync_handoff=plan.sync_handoff, fine=plan.fine,
-                                             pair=False, staged_out=plan.staged_out, evict=self.evict)
+            self._unpaired = self._planned(False)
         return self._unpaired
 
     def _load(self, dev: torch.device, plan: MLADecodePlan):
