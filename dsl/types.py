@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import enum
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import sympy
+
+if TYPE_CHECKING:   # annotations only: the DSL imports torch where a function needs it
+    import torch
 
 
 class DType(enum.Enum):
