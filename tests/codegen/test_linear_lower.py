@@ -4,8 +4,6 @@ fuse is a LoweringError naming the expression at its source position; every stdl
 layer's kernels render and compile for sm_80 and sm_90 without spills (no GPU needed)."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 import layerforge as lf

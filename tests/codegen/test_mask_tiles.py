@@ -234,7 +234,7 @@ def test_hook_integers_narrow_and_compare_as_integers(prog):
 def test_int_ranges_are_sound():
     """_int_range's intervals hold every value the expression takes (random trees over int32 / int64
     inputs and constants, exact Python integers), so a node narrowed to int never wraps."""
-    from layerforge.codegen.scalar_expr import I32, TYPE_RANGE, _fits, _int_range
+    from layerforge.codegen.scalar_expr import I32, _fits, _int_range
     from layerforge.dsl.ir import Node, Op
     from layerforge.dsl.types import DType
     rng = random.Random(7)
