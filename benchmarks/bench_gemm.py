@@ -2,10 +2,11 @@
 (torch.nn.functional.linear) at Llama-3-8B / 70B shapes, TFLOP/s, CUDA-graph replays, same run.
 
     python -m benchmarks.bench_gemm [--only NAME] [--tokens 128,1024,4096,8192] [--json out.json]
-                                    [--variant wgmma,wgmma_tma,wgmma_persistent] [--tma-store on,off]
+                                    [--variant wgmma,wgmma_tma,wgmma_persistent,wgmma_split] [--tma-store on,off]
 
 --variant times each named GEMM variant (runtime/linear.GEMM_KERNELS: the cp.async kernel, TMA
-loads, TMA + the persistent schedule) beside cuBLAS in the same run, one row each; --tma-store
+loads, TMA + the persistent schedule, the same with its last round's tiles split along K) beside
+cuBLAS in the same run, one row each; --tma-store
 on,off times the persistent variant's epilogue both ways (TMA stores from a shared staging tile,
 `+st`, or stores from the registers; runtime/linear.GEMM_TMA_STORE).
 
@@ -70,7 +71,8 @@ def main(argv=None):
             if gated:
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
-            runs = [(v, b, st) for v in variants for b in bns for st in (stores if v == "wgmma_persistent" else [None])]
+            runs = [(v, b, st) for v in variants for b in bns
+                    for st in (stores if v in ("wgmma_persistent", "wgmma_split") else [None])]
             for variant, bn, st in runs:
                 linear.GEMM_BN = bn
                 if st is not None:

@@ -62,6 +62,17 @@ persistent schedule"):
                      with W's scales per 128 x 128 block (wscale [ceil(N / 128), KB], DeepSeek-V3's).
                      Both hold two accumulator sets: BN 128 only (gated: NOUT a multiple of 64, so
                      the up rows of a tile lie in one W block).
+    tail_split=P     (needs persistent; not cluster nor groups) the last round's tiles split along K: where
+                     the tiles are T = F G + R on a G-CTA grid (G the SMs; F whole rounds, 0 < R <= G / 2),
+                     each of the last R tiles is cut into S = min(G / R, P, KT) parts of its K slices,
+                     so the R S <= G parts run at once instead of R whole tiles on R SMs while the others
+                     idle (8B gate/up at 4096 rows: 3584 tiles of 128 x 256 on 132 SMs, 27 rounds and 20
+                     tiles: the 28th round ran a whole tile on 20 SMs). A part's f32 sums go to its slot
+                     of the workspace `part` and the tile's last part to count (`counts`, a counter a
+                     tail tile, incremented after a fence) sums the slots in part order (deterministic)
+                     and runs the epilogue, resetting the counter for the next launch; nothing waits on
+                     another CTA. The grid is G whatever the tiles (CTAs without work return), so a
+                     product of fewer tiles than G / 2 SMs splits too. Workspace: `workspace(sms)`.
 Not yet here: 4-bit weights on this path (the small-token kernel and the decode-range GEMM have them).
 """
 from __future__ import annotations
@@ -74,7 +85,7 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
-__all__ = ["GemmPlan", "plan_gemm", "tile_order", "pick_bn", "BM", "BN_COST", "MAX_GROUPS"]
+__all__ = ["GemmPlan", "plan_gemm", "tile_order", "tail_items", "pick_bn", "BM", "BN_COST", "MAX_GROUPS"]
 
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
@@ -84,6 +95,7 @@ SHARED_LIMIT = 227 * 1024
 L2_BAND_BYTES = 24 << 20
 MAX_GROUPS = 1024        # a grouped product's groups (its shared tables: 8 bytes a group)
 FP8_SCALES = ("token", "k128", "k128_blocks")
+MAX_TAIL_PARTS = 16      # tail_split's most parts a tile (the last part reads the others' slots)
 
 
 # Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
@@ -114,6 +126,27 @@ def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]
     return r // width, b * band + r % width
 
 
+def tail_items(tiles: int, grid: int, max_parts: int, kt: int) -> list[list[tuple[int, int, int]]]:
+    """The persistent walk with a split tail (GemmPlan.tail_split), as the kernel computes it
+    (lf_tail_item in templates/cuda/gemm_wgmma.cu.jinja): each CTA's work items in order, an item
+    (tile, first K slice, end K slice). Whole rounds of tiles, then the rest's tiles cut into `parts`."""
+    whole = tiles // grid * grid
+    rest = tiles - whole
+    parts = max(1, min(grid // rest, max_parts, kt)) if rest else 1
+    walks = []
+    for c in range(grid):
+        items = []
+        for item in range(c, whole + rest * parts, grid):
+            if item < whole:
+                items.append((item, 0, kt))
+            else:
+                u = item - whole
+                p = u % parts
+                items.append((whole + u // parts, p * kt // parts, (p + 1) * kt // parts))
+        walks.append(items)
+    return walks
+
+
 @dataclass(frozen=True, kw_only=True)
 class GemmPlan(ProductPlan):
     family: ClassVar[str] = "gemm"
@@ -129,6 +162,7 @@ class GemmPlan(ProductPlan):
     tma_store: bool = False      # the epilogue by TMA stores from a shared staging tile (the module's docstring)
     fp8: bool = False            # x and W in e4m3 with f32 scales per token and per W row (needs tma_store)
     fp8_scales: str = "token"    # "token" | "k128" | "k128_blocks" (the module's docstring)
+    tail_split: int = 0          # the last round's tiles cut into at most this many K parts (0: off)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
@@ -157,6 +191,10 @@ class GemmPlan(ProductPlan):
         if self.fp8 and self.bn == 256 and self.k <= 2 * BK:
             # one k-slice: NVRTC 13.0 spills the f16 bias epilogue of BN 256 (24 bytes); BN 128 serves it
             raise ValueError(f"gemm: fp8 at K {self.k} (one 128-k slice) takes bn <= 192, got bn 256")
+        if self.tail_split and (not 2 <= self.tail_split <= MAX_TAIL_PARTS or not self.persistent
+                                or self.cluster > 1 or self.groups):
+            raise ValueError(f"gemm: tail_split takes 2 to {MAX_TAIL_PARTS} parts and the persistent schedule "
+                             f"without clusters or groups, got {self.tail_split}")
         if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
             raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
                              f"{self.stages}{' gated' if self.gated else ''}")
@@ -186,6 +224,8 @@ class GemmPlan(ProductPlan):
             parts.append(f"c{self.cluster}")
         if self.tma_store:
             parts.append("st")
+        if self.tail_split:
+            parts.append(f"ts{self.tail_split}")
         if self.fp8:
             parts.append({"token": "f8", "k128": "f8k", "k128_blocks": "f8b"}[self.fp8_scales])
         parts.append(self.arch.replace("_", ""))
@@ -215,11 +255,17 @@ class GemmPlan(ProductPlan):
     def shared_layout(self) -> SharedLayout:
         """The x and W stages (1024-byte aligned: the swizzle reads address bits 7-9), then the
         staging tile of the TMA stores (tma_store), the full / empty mbarriers."""
-        return _layout(self.stages, self.bn, self.bn_out, self.groups, self.tma_store)
+        return _layout(self.stages, self.bn, self.bn_out, self.groups, self.tma_store, bool(self.tail_split))
 
     @property
     def shared_bytes(self) -> int:
         return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
+
+    def workspace(self, sms: int) -> tuple[int, int]:
+        """(floats of `part`, ints of `counts`) of a tail_split plan on a grid of `sms` CTAs: a slot
+        of 128 x BN sums a part (at most one part a CTA), a counter a tail tile (zero before the first
+        launch; the kernel leaves them zero). Calls sharing them must be ordered (one stream)."""
+        return (sms * BM * self.bn, sms) if self.tail_split else (0, 0)
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:
@@ -233,11 +279,13 @@ class GemmPlan(ProductPlan):
                 "residual": self.residual, "n_out": self.n_out, "tile": [BM, self.bn, BK], "stages": self.stages,
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
                 **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {}),
-                **({"tma_store": True} if self.tma_store else {}), **({"fp8": self.fp8_scales} if self.fp8 else {})}
+                **({"tma_store": True} if self.tma_store else {}), **({"fp8": self.fp8_scales} if self.fp8 else {}),
+                **({"tail_split": self.tail_split} if self.tail_split else {})}
 
 
-def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool) -> SharedLayout:
+def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool, tail: bool = False) -> SharedLayout:
     tables = ((("gtile", 4 * (groups + 1)), ("goff", 4 * (groups + 1))) if groups else ())
+    tables += (("flag", 16),) if tail else ()   # the tail part's "last to count" for its CTA
     staging = (("sC", BM * bn_out * 2),) if tma_store else ()
     return SharedLayout((("sA", stages * BM * BK * 2), ("sB", stages * bn * BK * 2), *staging,
                          ("bars", 8 * 2 * stages), *tables), align=1024)
@@ -260,6 +308,10 @@ def _abi(plan: GemmPlan) -> KernelABI:
         return KernelABI(name=plan.kernel_name, args=tuple(args),
                          grid=(f"min(SMS, {tiles})" if c == 1 else f"min(SMS, {c} * {tiles})",),
                          block=(384,), shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
+    if plan.tail_split:   # every SM a CTA (a tail of fewer tiles than SMs splits over them)
+        args += [Arg("part", "float* __restrict__", "workspace"), Arg("counts", "int* __restrict__", "workspace")]
+        return KernelABI(name=plan.kernel_name, args=tuple(args), grid=("SMS",), block=(384,),
+                         shared_bytes=plan.shared_bytes, problem=("M", "SMS"))
     if plan.persistent:   # SMS: the device's multiprocessors
         tiles = f"cdiv(M, {BM * c}) * {plan.tiles_n}"
         return KernelABI(name=plan.kernel_name, args=tuple(args),
@@ -283,21 +335,23 @@ def _render(plan: GemmPlan) -> str:
                   CONSUMER_REGS=plan.consumer_regs, wgmma_ops=[{"n": plan.bn, "a": "ss", "t": mma}], tma=plan.tma,
                   PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
                   CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store, FP8=plan.fp8, OUT_BF16=out_bf16,
-                  FP8_K128=plan.fp8 and plan.fp8_scales != "token", FP8_WBLOCKS=plan.fp8_scales == "k128_blocks")
+                  FP8_K128=plan.fp8 and plan.fp8_scales != "token", FP8_WBLOCKS=plan.fp8_scales == "k128_blocks",
+                  TAIL_SPLIT=plan.tail_split)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
               persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False,
-              fp8: bool = False, fp8_scales: str = "token") -> GemmPlan:
+              fp8: bool = False, fp8_scales: str = "token", tail_split: int = 0) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
-    groups, cluster, tma_store: the module's docstring."""
+    groups, cluster, tma_store, fp8, fp8_scales, tail_split: the module's docstring."""
     bn = (256 if fp8_scales == "token" else 128) if bn is None else bn
     if stages is None:   # as many as fit beside the staging tile and the group tables (at most 6)
         stages, bn_out = 6, bn // 2 if gated else bn
-        while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store).bytes + 1024 > SHARED_LIMIT:
+        tail = bool(tail_split)
+        while stages > 2 and _layout(stages, bn, bn_out, groups, tma_store, tail).bytes + 1024 > SHARED_LIMIT:
             stages -= 1
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
                     stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store,
-                    fp8=fp8, fp8_scales=fp8_scales)
+                    fp8=fp8, fp8_scales=fp8_scales, tail_split=tail_split)

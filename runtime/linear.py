@@ -35,7 +35,8 @@ WGMMA_MIN_ROWS = 1 << 62
 # The Hopper GEMM's variants, by gemv's `kernel` name: the plan options each sets (codegen/gemm.py;
 # measured in benchmarks/NOTES.md: the persistent one is the fastest, the GEMM route's default)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True},
-                "wgmma_cluster": {"tma": True, "persistent": True, "cluster": 2}}
+                "wgmma_cluster": {"tma": True, "persistent": True, "cluster": 2},
+                "wgmma_split": {"tma": True, "persistent": True, "tail_split": 8}}
 # The decode-range Hopper GEMM (codegen/gemm_stream.py: W's rows as the wgmma M, stream-K over the
 # SMs) by its gemv `kernel` name; calls of STREAM_ROWS[0] .. STREAM_ROWS[1] rows take it on sm_90
 # (off, an empty range, until measured faster than cuBLAS there: benchmarks/bench_gemv.py --stream)
@@ -200,14 +201,31 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return p.major, p.minor
 
 
+_SPLIT_WS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # device index -> tail_split's (part, counts)
+
+
+def split_workspace(device: torch.device, sms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace of the Hopper GEMM's split tail (codegen/gemm.py tail_split), one a device, sized for
+    the widest tile (BN 256) so it never grows: f32 partial sums (a 128 x 256 slot a CTA) and int32
+    counters (zero; the kernels leave them zero). Every launcher of the device shares it, as cuBLAS's
+    calls share its workspace: calls must be ordered (one stream)."""
+    ws = _SPLIT_WS.get(device.index)
+    if ws is None:
+        ws = _SPLIT_WS[device.index] = (torch.empty(sms * 128 * 256, dtype=torch.float32, device=device),
+                                        torch.zeros(sms, dtype=torch.int32, device=device))
+    return ws
+
+
 class _GemmLauncher:
     """A loaded Hopper GEMM and what its variant adds per call: tensor maps of x and W in place
-    of their pointers (tma; runtime/tma.py caches them), the device's SM count (persistent)."""
+    of their pointers (tma; runtime/tma.py caches them), the device's SM count (persistent), the
+    split tail's workspace (tail_split)."""
 
-    __slots__ = ("plan", "launcher", "sms")
+    __slots__ = ("plan", "launcher", "sms", "ws")
 
-    def __init__(self, plan, launcher, sms: int):
+    def __init__(self, plan, launcher, sms: int, device: torch.device | None = None):
         self.plan, self.launcher, self.sms = plan, launcher, persistent_ctas(plan, launcher, sms)
+        self.ws = split_workspace(device, self.sms) if getattr(plan, "tail_split", 0) else ()
 
     def __call__(self, rows: int, args: list) -> None:
         if self.plan.tma:
@@ -215,7 +233,7 @@ class _GemmLauncher:
             args = [tensor_map(args[0], boxes["x"]), tensor_map(args[1], boxes["w"]), *args[2:]]
             if self.plan.tma_store:   # out (the call's y: contiguous, 16-byte aligned) by its map
                 args[-2] = tensor_map(args[-2], boxes["out"])
-        self.launcher((rows, self.sms) if self.plan.persistent else (rows,), args)
+        self.launcher((rows, self.sms) if self.plan.persistent else (rows,), [*args, *self.ws])
 
 
 def persistent_ctas(plan, launcher, sms: int) -> int:
@@ -233,7 +251,8 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
     sms = device_properties(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
     opts = dict(GEMM_KERNELS[variant])
-    if GEMM_TMA_STORE and variant == "wgmma_persistent" and not residual and (n // 2 if gated else n) % 8 == 0:
+    if (GEMM_TMA_STORE and variant in ("wgmma_persistent", "wgmma_split") and not residual
+            and (n // 2 if gated else n) % 8 == 0):
         opts["tma_store"] = True
     key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, opts.get("tma_store", False))
     hit = _KERNELS.get(key)
@@ -241,7 +260,7 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
         from .launch import load_plan
         plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
                          residual=residual, bn=bn, **opts)
-        hit = _KERNELS[key] = _GemmLauncher(plan, load_plan(plan, x.device, cache), sms)
+        hit = _KERNELS[key] = _GemmLauncher(plan, load_plan(plan, x.device, cache), sms, x.device)
     return hit
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from layerforge.codegen.gemm import BM, plan_gemm, tile_order
+from layerforge.codegen.gemm import BM, plan_gemm, tail_items, tile_order
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -346,3 +346,66 @@ def test_fp8_promoted_plans_refuse_what_they_cannot_hold():
         plan_gemm("bf16", n=4096, k=4096, fp8_scales="tensor", **kw)
     with pytest.raises(ValueError, match="fp8_scales"):
         plan_gemm("bf16", n=4096, k=4096, tma=True, persistent=True, tma_store=True, fp8_scales="k128")
+
+
+@pytest.mark.parametrize("n,k,gated,bn,extra", [
+    (28672, 4096, "silu", 256, dict(tma_store=True)), (6144, 4096, None, 192, dict(tma_store=True)),
+    (4096, 14336, None, 256, dict(residual=True)), (1000, 3000, None, 256, dict(bias=True, residual=True)),
+    (4096, 4096, None, 128, dict(bias=True, tma_store=True)), (6144, 4096, None, 256, dict(tma_store=True, fp8=True)),
+    (28672, 4096, "silu", 128, dict(tma_store=True, fp8=True, fp8_scales="k128_blocks"))])
+def test_tail_split_compiles_clean(n, k, gated, bn, extra):
+    """The persistent GEMM with its last round's tiles split along K (tail_split): no spills, wgmma not
+    serialised; the parts' sums go to the workspace by L2 stores, the count after a GPU fence, the sums
+    read back from L2; a grid of every SM; the default plan's source untouched by the option."""
+    dtype = "f16" if extra.get("bias") else "bf16"
+    plan = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, tail_split=8, **extra)
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+    for code in ("C7508", "C7510", "C7515"):
+        assert code not in res.log, (plan.key, res.log)
+    assert "st.global.cg.v4.f32" in res.ptx and "ld.global.cg.v4.f32" in res.ptx and "atom.global.add" in res.ptx
+    assert "membar.gl" in res.ptx or "fence.sc.gpu" in res.ptx
+    assert [a.name for a in plan.abi.args][-2:] == ["part", "counts"] and "ts8" in plan.key.split("_")
+    assert plan.abi.grid_for(1, 132) == (132, 1, 1) and plan.workspace(132) == (132 * 128 * bn, 132)
+    base = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, **extra)
+    assert "lf_tail_item" not in base.source() and "part" not in [a.name for a in base.abi.args]
+    assert base.workspace(132) == (0, 0)
+
+
+@pytest.mark.parametrize("tiles,grid,max_parts,kt", [(3584, 132, 8, 64), (16, 132, 8, 64), (256, 132, 8, 64),
+                                                    (264, 132, 8, 64), (1, 132, 16, 3), (150, 132, 8, 47),
+                                                    (7, 8, 8, 2), (40, 16, 4, 10)])
+def test_tail_items_cover_every_tile_and_k_slice_once(tiles, grid, max_parts, kt):
+    """The split tail's walk (codegen/gemm.tail_items, the kernel's lf_tail_item): every (tile, K slice)
+    once, a CTA with at most one part and it last, no part empty, and the last round's tiles split where
+    they leave SMs idle (3584 tiles on 132 SMs: 20 tiles in 6 parts each)."""
+    walks = tail_items(tiles, grid, max_parts, kt)
+    seen = [[0] * kt for _ in range(tiles)]
+    for items in walks:
+        for i, (t, kb, ke) in enumerate(items):
+            assert 0 <= kb < ke <= kt
+            if (kb, ke) != (0, kt):
+                assert i == len(items) - 1
+            for s in range(kb, ke):
+                seen[t][s] += 1
+    assert all(c == 1 for row in seen for c in row)
+    rest = tiles % grid
+    split = sum(1 for items in walks for (t, kb, ke) in items if (kb, ke) != (0, kt))
+    parts = max(1, min(grid // rest, max_parts, kt)) if rest else 1
+    assert split == (rest * parts if parts > 1 else 0)
+    if (tiles, grid) == (3584, 132):
+        assert parts == 6 and split == 120
+
+
+def test_tail_split_plans():
+    with pytest.raises(ValueError, match="tail_split"):
+        plan_gemm("bf16", n=256, k=256, tma=True, tail_split=8)
+    with pytest.raises(ValueError, match="tail_split"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, cluster=2, tail_split=8)
+    with pytest.raises(ValueError, match="tail_split"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, groups=4, tail_split=8)
+    with pytest.raises(ValueError, match="tail_split"):
+        plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, tail_split=1)
+    p = plan_gemm("bf16", n=28672, k=4096, gated="silu", tma=True, persistent=True, tma_store=True, tail_split=8)
+    assert p.describe()["tail_split"] == 8 and "flag" in p.shared_layout.offsets and p.stages == 4

@@ -136,3 +136,31 @@ def test_tma_store_plan_taken(monkeypatch):
     assert linear._gemm_launcher(x, 1024, 512, None, False, False, None, "wgmma_persistent", 256).plan.tma_store
     assert not linear._gemm_launcher(x, 1001, 512, None, False, False, None, "wgmma_persistent", 256).plan.tma_store
     assert not linear._gemm_launcher(x, 1024, 512, None, False, True, None, "wgmma_persistent", 256).plan.tma_store
+
+
+@pytest.mark.parametrize("m,n,k,gated", [(4096, 28672, 4096, "silu"), (128, 4096, 4096, None), (1000, 1000, 3000, None),
+                                         (4097, 6144, 4096, None), (300, 2 * 1001, 128, "gelu"), (64, 24, 8, None)])
+def test_split_tail_against_float64_deterministic(m, n, k, gated):
+    """The persistent GEMM with its last round's tiles split along K (wgmma_split: 8B gate/up at 4096 rows,
+    3584 tiles on 132 SMs, its 20 last ones in 6 parts; 128 rows x 4096: 16 tiles in 8 parts; K = 128: two
+    parts of one slice; K = 8: one slice, no split): against float64, the same bits call after call (the
+    parts summed in part order), and the counters left zero for the next call."""
+    from layerforge.runtime import linear
+    x, w, b, r = operands("gemm", m, n, k, torch.bfloat16, gated, True, True)
+    n_out = n // 2 if gated else n
+    outs = []
+    for _ in range(3):
+        out = torch.full((m, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+        gemv(x, w, b, gated=gated, residual=r, out=out, kernel="wgmma_split")
+        outs.append(out)
+    torch.cuda.synchronize()
+    ref = reference(x, w, b, gated, r)
+    assert not torch.isnan(outs[0]).any()
+    assert (outs[0].double() - ref).norm() / ref.norm() < 1e-2
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert int(linear._SPLIT_WS[x.device.index][1].abs().sum()) == 0
+    y = torch.full((m + 70, n_out), float("nan"), dtype=torch.bfloat16, device="cuda")   # TMA stores: no row past M
+    gemv(x, w, b, gated=gated, out=y[:m], kernel="wgmma_split")
+    torch.cuda.synchronize()
+    assert torch.isnan(y[m:]).all() and not torch.isnan(y[:m]).any()
+    assert (y[:m].double() - reference(x, w, b, gated, None)).norm() / ref.norm() < 2e-2
