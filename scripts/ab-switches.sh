@@ -65,6 +65,9 @@
 #              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
 #              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
+#   tailsplit  the GEMM with its last round's tiles split along K (the wgmma_split variant, off until this runs): its
+#              GPU tests (tests/gpu/test_gemm.py -k split), compute-sanitizer memcheck over its cases
+#              (sanitize_cases.py tailsplit), then bench_gemm's persistent GEMM beside it (8B, 128 / 1024 / 4096 rows)
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -497,6 +500,19 @@ prefetch)
     SANITIZE_TOOLS=memcheck sanitize prefetch 90 "the L2 prefetch and a Mamba2 step with it"
     timeout -s KILL 200 "$PY" -m benchmarks.bench_mamba --prefill "" --decode 64,1 --no-hf \
         --ab-switch LAYERFORGE_MAMBA_PREFETCH 2>&1 | tee "$OUT_DIR/bench_mamba_prefetch.txt" | tail -6
+    ;;
+tailsplit)
+    echo "== the GEMM's split tail (wgmma_split): GPU tests, memcheck, bench_gemm beside the persistent GEMM"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py -k split \
+        2>&1 | tee "$OUT_DIR/pytest_tailsplit.log" | tail -3
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
+        timeout -s KILL 150 "$PY" -m benchmarks.bench_gemm --only 8B --tokens 128,1024,4096 \
+            --variant wgmma_persistent,wgmma_split 2>&1 | tee "$OUT_DIR/bench_gemm_tailsplit.txt" | tail -14
+    else
+        status=1
+    fi
     ;;
 mlaevict)
     echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"

@@ -383,6 +383,20 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
     print("sanitize cases ran")
 
 
+def tail_split_cases(bf):
+    """The GEMM with its last round split along K (the wgmma_split variant, off by default: run alone): a split
+    tail with TMA stores (8 tiles of 128 x 256 over a grid of every SM: 8 parts each), one with register stores and
+    a residual at an odd width (partial tiles, K = 3000 not a multiple of the slices), and one slice of K (no split)."""
+    from layerforge.runtime.linear import gemv
+    for m, n, k in ((200, 1024, 4096), (129, 1001, 3000), (64, 24, 8)):
+        x = torch.randn(m, k, device="cuda", dtype=bf)
+        w = torch.randn(n, k, device="cuda", dtype=bf) / k ** 0.5
+        gemv(x, w, kernel="wgmma_split")
+        gemv(x, w, residual=torch.randn(m, n, device="cuda", dtype=bf), kernel="wgmma_split")
+    torch.cuda.synchronize()
+    print("tail split cases ran")
+
+
 def prefetch_cases(bf):
     """The L2 prefetch (runtime/prefetch.py) over allocations that end 1-15 bytes past a whole 16-byte piece and one
     that runs past a thread's run, then a Mamba2 decode step with it on (LAYERFORGE_MAMBA_PREFETCH)."""
@@ -422,6 +436,8 @@ if __name__ == "__main__":
         many_ctas_cases(torch.bfloat16)
     elif sys.argv[1:] == ["xshare"]:   # u4's shared-x layout alone (off by default: not in main)
         xshare_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["tailsplit"]:   # the GEMM's split tail alone (off by default: not in main)
+        tail_split_cases(torch.bfloat16)
     elif sys.argv[1:] == ["prefetch"]:   # the L2 prefetch alone (main runs it too)
         prefetch_cases(torch.bfloat16)
     else:
