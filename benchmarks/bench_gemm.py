@@ -72,7 +72,7 @@ def main(argv=None):
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
             runs = [(v, b, st) for v in variants for b in bns
-                    for st in (stores if v in ("wgmma_persistent", "wgmma_split") else [None])]
+                    for st in (stores if v in linear.TMA_STORE_VARIANTS else [None])]
             for variant, bn, st in runs:
                 linear.GEMM_BN = bn
                 if st is not None:

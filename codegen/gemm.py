@@ -73,6 +73,13 @@ persistent schedule"):
                      and runs the epilogue, resetting the counter for the next launch; nothing waits on
                      another CTA. The grid is G whatever the tiles (CTAs without work return), so a
                      product of fewer tiles than G / 2 SMs splits too. Workspace: `workspace(sms)`.
+    skew=L           (needs persistent; not cluster nor the k128 scalings) consumer warpgroup 2 starts its first
+                     tile once warpgroup 1 has issued L k slices (a named barrier, once). Both read the
+                     same ring stages, so the lag stays (each runs alone at the tensor cores' full rate
+                     while the other is in its epilogue, and their MMAs share them otherwise): the one's
+                     epilogue runs under the other's MMAs, as a ping-pong schedule's does, at the price of
+                     L stages of the ring's slack (a stage is refilled once the later warpgroup is done
+                     with it). L < stages.
 Not yet here: 4-bit weights on this path (the small-token kernel and the decode-range GEMM have them).
 """
 from __future__ import annotations
@@ -163,6 +170,7 @@ class GemmPlan(ProductPlan):
     fp8: bool = False            # x and W in e4m3 with f32 scales per token and per W row (needs tma_store)
     fp8_scales: str = "token"    # "token" | "k128" | "k128_blocks" (the module's docstring)
     tail_split: int = 0          # the last round's tiles cut into at most this many K parts (0: off)
+    skew: int = 0                # k slices warpgroup 1 runs ahead of warpgroup 2 (0: off)
 
     def __post_init__(self):
         check_product(self, "gemm", ("n", "k", "bn", "stages"))
@@ -195,6 +203,10 @@ class GemmPlan(ProductPlan):
                                 or self.cluster > 1 or self.groups):
             raise ValueError(f"gemm: tail_split takes 2 to {MAX_TAIL_PARTS} parts and the persistent schedule "
                              f"without clusters or groups, got {self.tail_split}")
+        if self.skew and (not 0 < self.skew < self.stages or not self.persistent or self.cluster > 1
+                          or self.fp8_scales != "token"):
+            raise ValueError(f"gemm: skew takes 1 to stages - 1 ({self.stages - 1}) slices and the persistent "
+                             f"schedule without clusters or the k128 scalings, got {self.skew}")
         if self.bn not in (64, 128, 192, 256) or self.stages < 2 or (self.gated and self.bn == 192):
             raise ValueError(f"gemm: bn must be 64, 128, 192 (not gated) or 256 and stages >= 2, got {self.bn}, "
                              f"{self.stages}{' gated' if self.gated else ''}")
@@ -226,6 +238,8 @@ class GemmPlan(ProductPlan):
             parts.append("st")
         if self.tail_split:
             parts.append(f"ts{self.tail_split}")
+        if self.skew:
+            parts.append(f"sk{self.skew}")
         if self.fp8:
             parts.append({"token": "f8", "k128": "f8k", "k128_blocks": "f8b"}[self.fp8_scales])
         parts.append(self.arch.replace("_", ""))
@@ -280,7 +294,8 @@ class GemmPlan(ProductPlan):
                 **({"tma": True} if self.tma else {}), **({"band": self.band} if self.persistent else {}),
                 **({"groups": self.groups} if self.groups else {}), **({"cluster": self.cluster} if self.cluster > 1 else {}),
                 **({"tma_store": True} if self.tma_store else {}), **({"fp8": self.fp8_scales} if self.fp8 else {}),
-                **({"tail_split": self.tail_split} if self.tail_split else {})}
+                **({"tail_split": self.tail_split} if self.tail_split else {}),
+                **({"skew": self.skew} if self.skew else {})}
 
 
 def _layout(stages: int, bn: int, bn_out: int, groups: int, tma_store: bool, tail: bool = False) -> SharedLayout:
@@ -336,16 +351,16 @@ def _render(plan: GemmPlan) -> str:
                   PERSISTENT=plan.persistent, TILES_N=plan.tiles_n, BAND=plan.band, GROUPS=plan.groups,
                   CLUSTER=plan.cluster, cluster=plan.cluster, TMA_STORE=plan.tma_store, FP8=plan.fp8, OUT_BF16=out_bf16,
                   FP8_K128=plan.fp8 and plan.fp8_scales != "token", FP8_WBLOCKS=plan.fp8_scales == "k128_blocks",
-                  TAIL_SPLIT=plan.tail_split)
+                  TAIL_SPLIT=plan.tail_split, SKEW=plan.skew)
 
 
 def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: bool = False, residual: bool = False,
               arch: str = "sm_90a", bn: int | None = None, stages: int | None = None, tma: bool = False,
               persistent: bool = False, groups: int = 0, cluster: int = 1, tma_store: bool = False,
-              fp8: bool = False, fp8_scales: str = "token", tail_split: int = 0) -> GemmPlan:
+              fp8: bool = False, fp8_scales: str = "token", tail_split: int = 0, skew: int = 0) -> GemmPlan:
     """The Hopper plan of a product; bn and stages override the tile (128 x 256 x 64, 4 stages:
     192 KB of shared memory, one CTA an SM; 3 with tma_store's 64 KB staging tile); tma, persistent,
-    groups, cluster, tma_store, fp8, fp8_scales, tail_split: the module's docstring."""
+    groups, cluster, tma_store, fp8, fp8_scales, tail_split, skew: the module's docstring."""
     bn = (256 if fp8_scales == "token" else 128) if bn is None else bn
     if stages is None:   # as many as fit beside the staging tile and the group tables (at most 6)
         stages, bn_out = 6, bn // 2 if gated else bn
@@ -354,4 +369,4 @@ def plan_gemm(dtype: str, *, n: int, k: int, gated: str | None = None, bias: boo
             stages -= 1
     return GemmPlan(dtype=dtype, n=n, k=k, gated=gated, bias=bias, residual=residual, arch=arch, bn=bn,
                     stages=stages, tma=tma, persistent=persistent, groups=groups, cluster=cluster, tma_store=tma_store,
-                    fp8=fp8, fp8_scales=fp8_scales, tail_split=tail_split)
+                    fp8=fp8, fp8_scales=fp8_scales, tail_split=tail_split, skew=skew)

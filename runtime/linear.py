@@ -36,7 +36,9 @@ WGMMA_MIN_ROWS = 1 << 62
 # measured in benchmarks/NOTES.md: the persistent one is the fastest, the GEMM route's default)
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True},
                 "wgmma_cluster": {"tma": True, "persistent": True, "cluster": 2},
-                "wgmma_split": {"tma": True, "persistent": True, "tail_split": 8}}
+                "wgmma_split": {"tma": True, "persistent": True, "tail_split": 8},
+                "wgmma_skew": {"tma": True, "persistent": True, "skew": 2},
+                "wgmma_split_skew": {"tma": True, "persistent": True, "tail_split": 8, "skew": 2}}
 # The decode-range Hopper GEMM (codegen/gemm_stream.py: W's rows as the wgmma M, stream-K over the
 # SMs) by its gemv `kernel` name; calls of STREAM_ROWS[0] .. STREAM_ROWS[1] rows take it on sm_90
 # (off, an empty range, until measured faster than cuBLAS there: benchmarks/bench_gemv.py --stream)
@@ -51,6 +53,7 @@ GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.
 # The persistent Hopper GEMM's epilogue by TMA stores from a shared staging tile (codegen/gemm.py
 # tma_store), where the output's rows take a tensor map (columns a multiple of 8) and no residual is added
 GEMM_TMA_STORE = True
+TMA_STORE_VARIANTS = ("wgmma_persistent", "wgmma_split", "wgmma_skew", "wgmma_split_skew")   # the variants it applies to
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -251,7 +254,7 @@ def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual:
     sms = device_properties(x.device).multi_processor_count
     bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
     opts = dict(GEMM_KERNELS[variant])
-    if (GEMM_TMA_STORE and variant in ("wgmma_persistent", "wgmma_split") and not residual
+    if (GEMM_TMA_STORE and variant in TMA_STORE_VARIANTS and not residual
             and (n // 2 if gated else n) % 8 == 0):
         opts["tma_store"] = True
     key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, opts.get("tma_store", False))

@@ -65,9 +65,11 @@
 #              off: 6 % slower at 64 x 4096 on an H100): its GPU tests, compute-sanitizer over the MLA cases (racecheck
 #              and synccheck report none in the synced kernels), bench_mla (its "wg-sh" rows beside the default's);
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
-#   tailsplit  the GEMM with its last round's tiles split along K (the wgmma_split variant, off until this runs): its
-#              GPU tests (tests/gpu/test_gemm.py -k split), compute-sanitizer memcheck over its cases
-#              (sanitize_cases.py tailsplit), then bench_gemm's persistent GEMM beside it (8B, 128 / 1024 / 4096 rows)
+#   tailsplit  the GEMM with its last round's tiles split along K (the wgmma_split variant, off until this runs) and
+#              with its second consumer warpgroup skewed 2 slices behind the first (wgmma_skew, both: wgmma_split_skew):
+#              their GPU tests (tests/gpu/test_gemm.py -k "split or skew"), compute-sanitizer memcheck over the split
+#              tail's cases (sanitize_cases.py tailsplit), then bench_gemm's persistent GEMM beside the three (8B, 128 /
+#              1024 / 4096 rows)
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -504,12 +506,14 @@ prefetch)
 tailsplit)
     echo "== the GEMM's split tail (wgmma_split): GPU tests, memcheck, bench_gemm beside the persistent GEMM"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py -k split \
+    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
+        -k "split or skew" \
         2>&1 | tee "$OUT_DIR/pytest_tailsplit.log" | tail -3
     if [ "${PIPESTATUS[0]}" = 0 ]; then
         SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
         timeout -s KILL 150 "$PY" -m benchmarks.bench_gemm --only 8B --tokens 128,1024,4096 \
-            --variant wgmma_persistent,wgmma_split 2>&1 | tee "$OUT_DIR/bench_gemm_tailsplit.txt" | tail -14
+            --variant wgmma_persistent,wgmma_split,wgmma_skew,wgmma_split_skew 2>&1 \
+            | tee "$OUT_DIR/bench_gemm_tailsplit.txt" | tail -50
     else
         status=1
     fi

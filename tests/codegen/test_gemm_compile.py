@@ -409,3 +409,34 @@ def test_tail_split_plans():
         plan_gemm("bf16", n=256, k=256, tma=True, persistent=True, tail_split=1)
     p = plan_gemm("bf16", n=28672, k=4096, gated="silu", tma=True, persistent=True, tma_store=True, tail_split=8)
     assert p.describe()["tail_split"] == 8 and "flag" in p.shared_layout.offsets and p.stages == 4
+
+
+@pytest.mark.parametrize("tail_split", [0, 8])
+@pytest.mark.parametrize("n,k,gated,bn,extra", [
+    (28672, 4096, "silu", 256, dict(tma_store=True)), (4096, 14336, None, 256, dict(residual=True)),
+    (1000, 3000, None, 192, dict(bias=True, residual=True)), (6144, 4096, None, 256, dict(tma_store=True, fp8=True)),
+    (24, 8, None, 128, dict())])
+def test_skew_compiles_clean(n, k, gated, bn, extra, tail_split):
+    """Consumer warpgroup 2 starting SKEW slices after warpgroup 1 (skew): one arrive and one wait on named
+    barrier 4 of 256 threads, no spills, wgmma not serialised; alone and with the split tail."""
+    dtype = "f16" if extra.get("bias") else "bf16"
+    plan = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, skew=2, tail_split=tail_split,
+                     **extra)
+    res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
+    (kr,) = res.resources.values()
+    assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
+    for code in ("C7508", "C7510", "C7515"):
+        assert code not in res.log, (plan.key, res.log)
+    assert "sk2" in plan.key.split("_") and plan.describe()["skew"] == 2
+    assert re.search(r"bar\.arrive\s+%r\d+,\s*%r\d+;|bar\.arrive\s+4,\s*256;", res.ptx), plan.key
+    src = plan.source()
+    assert src.count("lf_named_bar_arrive(4, 256)") == 2 and src.count("lf_named_bar_sync(4, 256)") == 1
+
+
+def test_skew_plans():
+    for bad in (dict(skew=4), dict(skew=2, persistent=False), dict(skew=2, cluster=2),
+                dict(skew=1, fp8=True, tma_store=True, fp8_scales="k128", bn=128)):
+        opts = dict(tma=True, persistent=True) | bad
+        with pytest.raises(ValueError, match="skew"):
+            plan_gemm("bf16", n=256, k=256, stages=4, **opts)
+    assert "lf_named_bar_arrive(4" not in plan_gemm("bf16", n=256, k=256, tma=True, persistent=True).source()
