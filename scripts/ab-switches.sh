@@ -67,7 +67,8 @@
 #              `python -m benchmarks.bench_mla --handoff-ab 5` times the two in turns
 #   tailsplit  the GEMM with its last round's tiles split along K (the wgmma_split variant, off until this runs) and
 #              with its second consumer warpgroup skewed 2 slices behind the first (wgmma_skew, both: wgmma_split_skew):
-#              their GPU tests (tests/gpu/test_gemm.py -k "split or skew"), compute-sanitizer memcheck over the split
+#              their GPU tests (tests/gpu/test_gemm.py: the split tail's, every variant's graph capture, both switches
+#              against float64 and at each tile width), compute-sanitizer memcheck over the split
 #              tail's cases (sanitize_cases.py tailsplit), then bench_gemm's persistent GEMM beside the three (8B, 128 /
 #              1024 / 4096 rows)
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
@@ -507,7 +508,7 @@ tailsplit)
     echo "== the GEMM's split tail (wgmma_split): GPU tests, memcheck, bench_gemm beside the persistent GEMM"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
-        -k "split or skew" \
+        -k "split_tail or graph_capture or (wgmma_split_skew and (float64 or tile_widths))" \
         2>&1 | tee "$OUT_DIR/pytest_tailsplit.log" | tail -3
     if [ "${PIPESTATUS[0]}" = 0 ]; then
         SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
