@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from layerforge.codegen.gemm import BM, plan_gemm, tail_items, tile_order
+from layerforge.codegen.gemm import BM, plan_gemm, tail_items, tail_owner, tile_order
 
 nvrtc = pytest.importorskip("layerforge.runtime.nvrtc")
 
@@ -367,7 +367,7 @@ def test_tail_split_compiles_clean(n, k, gated, bn, extra):
     assert "st.global.cg.v4.f32" in res.ptx and "ld.global.cg.v4.f32" in res.ptx and "atom.global.add" in res.ptx
     assert "membar.gl" in res.ptx or "fence.sc.gpu" in res.ptx
     assert [a.name for a in plan.abi.args][-2:] == ["part", "counts"] and "ts8" in plan.key.split("_")
-    assert plan.abi.grid_for(1, 132) == (132, 1, 1) and plan.workspace(132) == (132 * 128 * bn, 132)
+    assert plan.abi.grid_for(1, 132) == (132, 1, 1) and plan.workspace(132) == (2 * 132 * 128 * bn, 132)
     base = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, **extra)
     assert "lf_tail_item" not in base.source() and "part" not in [a.name for a in base.abi.args]
     assert base.workspace(132) == (0, 0)
@@ -375,27 +375,43 @@ def test_tail_split_compiles_clean(n, k, gated, bn, extra):
 
 @pytest.mark.parametrize("tiles,grid,max_parts,kt", [(3584, 132, 8, 64), (16, 132, 8, 64), (256, 132, 8, 64),
                                                     (264, 132, 8, 64), (1, 132, 16, 3), (150, 132, 8, 47),
-                                                    (7, 8, 8, 2), (40, 16, 4, 10)])
+                                                    (7, 8, 8, 2), (40, 16, 4, 10), (768, 132, 8, 64), (1, 132, 8, 1)])
 def test_tail_items_cover_every_tile_and_k_slice_once(tiles, grid, max_parts, kt):
-    """The split tail's walk (codegen/gemm.tail_items, the kernel's lf_tail_item): every (tile, K slice)
-    once, a CTA with at most one part and it last, no part empty, and the last round's tiles split where
-    they leave SMs idle (3584 tiles on 132 SMs: 20 tiles in 6 parts each)."""
+    """The stream-K last round (codegen/gemm.tail_items, the kernel's lf_tail_item and lf_tail_owner): every
+    (tile, k slice) once; a CTA's whole tiles first, then at most two segments, each in one tile; no share
+    empty nor more than one slice longer than another; a tile's segments from the CTAs tail_owner names, at
+    most max_parts of them; the whole rounds as before (8B gate/up at 4096 rows: 3584 tiles on 132 SMs, the
+    last 20 tiles' 1280 slices in shares of 9-10; q/k/v: 108 tiles' 6912 in shares of 52-53)."""
     walks = tail_items(tiles, grid, max_parts, kt)
+    rounds, rest = divmod(tiles, grid)
     seen = [[0] * kt for _ in range(tiles)]
-    for items in walks:
-        for i, (t, kb, ke) in enumerate(items):
+    segs = {}
+    shares = []
+    for c, items in enumerate(walks):
+        assert [t for t, _, _ in items[:rounds]] == [c + i * grid for i in range(rounds)]
+        tail = items[rounds:]
+        assert len(tail) <= 2 and all(kb == 0 and ke == kt for _, kb, ke in items[:rounds])
+        if tail:
+            shares.append(sum(ke - kb for _, kb, ke in tail))
+        for t, kb, ke in items:
             assert 0 <= kb < ke <= kt
-            if (kb, ke) != (0, kt):
-                assert i == len(items) - 1
             for s in range(kb, ke):
                 seen[t][s] += 1
-    assert all(c == 1 for row in seen for c in row)
-    rest = tiles % grid
-    split = sum(1 for items in walks for (t, kb, ke) in items if (kb, ke) != (0, kt))
-    parts = max(1, min(grid // rest, max_parts, kt)) if rest else 1
-    assert split == (rest * parts if parts > 1 else 0)
+        for t, kb, ke in tail:
+            segs.setdefault(t, []).append(c)
+    assert all(n == 1 for row in seen for n in row)
+    if rest:
+        u_all = rest * kt
+        gt = min(grid, max(rest, min(rest * max_parts, u_all // 4)))
+        assert len(shares) == gt and max(shares) - min(shares) <= 1
+        for t, owners in segs.items():
+            t0 = (t - rounds * grid) * kt
+            assert owners == list(range(tail_owner(t0, u_all, gt), tail_owner(t0 + kt - 1, u_all, gt) + 1))
+            assert len(owners) <= max_parts
     if (tiles, grid) == (3584, 132):
-        assert parts == 6 and split == 120
+        assert sorted(set(shares)) == [9, 10] and len(shares) == 132
+    if (tiles, grid) == (768, 132):
+        assert sorted(set(shares)) == [52, 53]
 
 
 def test_tail_split_plans():

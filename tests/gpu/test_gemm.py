@@ -141,10 +141,11 @@ def test_tma_store_plan_taken(monkeypatch):
 @pytest.mark.parametrize("m,n,k,gated", [(4096, 28672, 4096, "silu"), (128, 4096, 4096, None), (1000, 1000, 3000, None),
                                          (4097, 6144, 4096, None), (300, 2 * 1001, 128, "gelu"), (64, 24, 8, None)])
 def test_split_tail_against_float64_deterministic(m, n, k, gated):
-    """The persistent GEMM with its last round's tiles split along K (wgmma_split: 8B gate/up at 4096 rows,
-    3584 tiles on 132 SMs, its 20 last ones in 6 parts; 128 rows x 4096: 16 tiles in 8 parts; K = 128: two
-    parts of one slice; K = 8: one slice, no split): against float64, the same bits call after call (the
-    parts summed in part order), and the counters left zero for the next call."""
+    """The persistent GEMM with a stream-K last round (wgmma_split: 8B gate/up at 4096 rows, 3584 tiles on
+    132 SMs, its last 20 tiles' slices in shares of 9-10 over every SM, 6-7 segments a tile; 4097 x 6144: a
+    partial row tile among them; 128 rows x 4096: 16 tiles on 128 CTAs; K = 128: two slices a tile; K = 8:
+    one, no split): against float64, the same bits call after call (the segments summed in CTA order), the
+    counters left zero for the next call, and with TMA stores nothing written past out's rows."""
     from layerforge.runtime import linear
     x, w, b, r = operands("gemm", m, n, k, torch.bfloat16, gated, True, True)
     n_out = n // 2 if gated else n
