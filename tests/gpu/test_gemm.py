@@ -143,7 +143,7 @@ def test_tma_store_plan_taken(monkeypatch):
 def test_split_tail_against_float64_deterministic(m, n, k, gated):
     """The persistent GEMM with a stream-K last round (wgmma_split: 8B gate/up at 4096 rows, 3584 tiles on
     132 SMs, its last 20 tiles' slices in shares of 9-10 over every SM, 6-7 segments a tile; 4097 x 6144: a
-    partial row tile among them; 128 rows x 4096: 16 tiles on 128 CTAs; K = 128: two slices a tile; K = 8:
+    partial row tile among them; 128 rows x 4096: 32 tiles of BN 128 on 132 CTAs; K = 128: two slices a tile; K = 8:
     one, no split): against float64, the same bits call after call (the segments summed in CTA order), the
     counters left zero for the next call, and with TMA stores nothing written past out's rows."""
     from layerforge.runtime import linear
