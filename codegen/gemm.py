@@ -62,18 +62,20 @@ persistent schedule"):
                      with W's scales per 128 x 128 block (wscale [ceil(N / 128), KB], DeepSeek-V3's).
                      Both hold two accumulator sets: BN 128 only (gated: NOUT a multiple of 64, so
                      the up rows of a tile lie in one W block).
-    tail_split=P     (needs persistent; not cluster nor groups) the last round stream-K: where the tiles are
-                     T = F G + R on a G-CTA grid (G the SMs; F whole rounds, 0 < R < G), the R tiles' k
-                     slices (U = R KT) are shared evenly by GT = min(G, max(R, min(R P, U / TAIL_MIN))) CTAs, each
-                     taking a contiguous run of them (tile-major; at most two segments: the end of one
-                     tile and the start of the next), instead of R whole tiles on R SMs while the others
-                     idle (8B gate/up at 4096 rows: 3584 tiles of 128 x 256 on 132 SMs, 27 rounds and
-                     20 tiles; q/k/v: 5 rounds and 108). A partial segment's f32 sums go to its CTA's slot
-                     of the workspace `part` (two a CTA), and the tile's last segment to count (`counts`,
-                     a counter a tail tile, incremented after a fence) sums the tile's slots in CTA
-                     order (deterministic) and runs the epilogue, resetting the counter for the next
+    tail_split=P     (needs persistent; not cluster nor groups) the last round's tiles split along K: where
+                     the tiles are T = F G + R on a G-CTA grid (G the SMs; F whole rounds, 0 < R <= G / 2),
+                     each of the last R tiles is cut into S = min(G / R, P, KT / TAIL_MIN) parts of its k
+                     slices, so the R S <= G parts run at once instead of R whole tiles on R SMs while the
+                     others idle (8B gate/up at 4096 rows: 3584 tiles of 128 x 256 on 132 SMs, 27 rounds
+                     and 20 tiles: the 28th round ran a whole tile on 20 SMs). Every tile's part p covers
+                     the same k slices, so the parts running at once share x's and W's slices in L2 as a
+                     round of whole tiles does (a stream-K share of the tail at any k offset was measured
+                     1.1-2.6 x slower than the whole tiles there on an H100: benchmarks/NOTES.md). A
+                     part's f32 sums go to its slot of the workspace `part` and the tile's last part to
+                     count (`counts`, a counter a tail tile, incremented after a fence) sums the slots in
+                     part order (deterministic) and runs the epilogue, resetting the counter for the next
                      launch; nothing waits on another CTA. The grid is G whatever the tiles (CTAs without
-                     work return), so a product of fewer tiles than SMs is shared out too. Workspace:
+                     work return), so a product of fewer tiles than G / 2 splits too. Workspace:
                      `workspace(sms)`.
     skew=L           (needs persistent; not cluster nor the k128 scalings) consumer warpgroup 2 starts its first
                      tile once warpgroup 1 has issued L k slices (a named barrier, once). Both read the
@@ -94,7 +96,7 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .gemv import _TYPES, ProductPlan, check_product, product_args
 from .render import read_template, render
 
-__all__ = ["GemmPlan", "plan_gemm", "tile_order", "tail_items", "tail_owner", "pick_bn", "BM", "BN_COST", "MAX_GROUPS"]
+__all__ = ["GemmPlan", "plan_gemm", "tile_order", "tail_items", "pick_bn", "BM", "BN_COST", "MAX_GROUPS"]
 
 BM = 128                 # rows (tokens) per CTA: two consumer warpgroups of 64
 BK = 64                  # K per stage: one 128-byte swizzle row
@@ -104,8 +106,8 @@ SHARED_LIMIT = 227 * 1024
 L2_BAND_BYTES = 24 << 20
 MAX_GROUPS = 1024        # a grouped product's groups (its shared tables: 8 bytes a group)
 FP8_SCALES = ("token", "k128", "k128_blocks")
-MAX_TAIL_PARTS = 16      # tail_split's most segments a tile (the last one reads the others' slots)
-TAIL_MIN = 4             # tail_split's fewest k slices a CTA's share (a segment's slot costs a tile's f32 sums)
+MAX_TAIL_PARTS = 16      # tail_split's most parts a tile (the last one reads the others' slots)
+TAIL_MIN = 4             # tail_split's fewest k slices a part (a part's slot costs a tile's f32 sums)
 
 
 # Time of a tile per column of W, relative to BN 256 (a 128 x 128 tile reads 1.5 x the shared-
@@ -137,30 +139,24 @@ def tile_order(t: int, tiles_m: int, tiles_n: int, band: int) -> tuple[int, int]
 
 
 def tail_items(tiles: int, grid: int, max_parts: int, kt: int) -> list[list[tuple[int, int, int]]]:
-    """The persistent walk with a stream-K last round (GemmPlan.tail_split), as the kernel computes it
-    (lf_tail_item in templates/cuda/gemm_wgmma.cu.jinja): each CTA's work items in order, an item (tile,
-    first k slice, end k slice). Whole rounds of tiles, then each CTA's share of the rest's slices."""
-    rounds = tiles // grid
-    whole, rest = rounds * grid, tiles - rounds * grid
-    u_all = rest * kt
-    gt = min(grid, max(rest, min(rest * max_parts, u_all // TAIL_MIN)))
+    """The persistent walk with a split tail (GemmPlan.tail_split), as the kernel computes it
+    (lf_tail_item in templates/cuda/gemm_wgmma.cu.jinja): each CTA's work items in order, an item
+    (tile, first k slice, end k slice). Whole rounds of tiles, then the rest's tiles cut into `parts`."""
+    whole = tiles // grid * grid
+    rest = tiles - whole
+    parts = max(1, min(grid // rest, max_parts, kt // TAIL_MIN)) if rest else 1
     walks = []
     for c in range(grid):
-        items = [(c + i * grid, 0, kt) for i in range(rounds)]
-        u0, u1 = (c * u_all // gt, (c + 1) * u_all // gt) if c < gt else (0, 0)
-        u = u0
-        while u < u1:
-            kb = u % kt
-            ke = min(kt, kb + u1 - u)
-            items.append((whole + u // kt, kb, ke))
-            u += ke - kb
+        items = []
+        for item in range(c, whole + rest * parts, grid):
+            if item < whole:
+                items.append((item, 0, kt))
+            else:
+                u = item - whole
+                p = u % parts
+                items.append((whole + u // parts, p * kt // parts, (p + 1) * kt // parts))
         walks.append(items)
     return walks
-
-
-def tail_owner(s: int, u_all: int, gt: int) -> int:
-    """The CTA whose share holds tail slice s (the kernel's lf_tail_owner)."""
-    return ((s + 1) * gt - 1) // u_all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +174,7 @@ class GemmPlan(ProductPlan):
     tma_store: bool = False      # the epilogue by TMA stores from a shared staging tile (the module's docstring)
     fp8: bool = False            # x and W in e4m3 with f32 scales per token and per W row (needs tma_store)
     fp8_scales: str = "token"    # "token" | "k128" | "k128_blocks" (the module's docstring)
-    tail_split: int = 0          # the last round stream-K, at most this many segments a tile (0: off)
+    tail_split: int = 0          # the last round's tiles cut into at most this many K parts (0: off)
     skew: int = 0                # k slices warpgroup 1 runs ahead of warpgroup 2 (0: off)
 
     def __post_init__(self):
@@ -285,10 +281,10 @@ class GemmPlan(ProductPlan):
         return self.shared_layout.bytes + 1024   # the kernel aligns its base up to 1024 bytes
 
     def workspace(self, sms: int) -> tuple[int, int]:
-        """(floats of `part`, ints of `counts`) of a tail_split plan on a grid of `sms` CTAs: two slots
-        of 128 x BN sums a CTA (its share's two segments at most), a counter a tail tile (zero before the
-        first launch; the kernel leaves them zero). Calls sharing them must be ordered (one stream)."""
-        return (2 * sms * BM * self.bn, sms) if self.tail_split else (0, 0)
+        """(floats of `part`, ints of `counts`) of a tail_split plan on a grid of `sms` CTAs: a slot of
+        128 x BN sums a part (a CTA one at most), a counter a tail tile (zero before the first launch; the
+        kernel leaves them zero). Calls sharing them must be ordered (one stream)."""
+        return (sms * BM * self.bn, sms) if self.tail_split else (0, 0)
 
     @property
     def kernels(self) -> tuple[KernelABI, ...]:

@@ -209,12 +209,12 @@ _SPLIT_WS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # device index ->
 
 def split_workspace(device: torch.device, sms: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The workspace of the Hopper GEMM's split tail (codegen/gemm.py tail_split), one a device, sized for
-    the widest tile (BN 256) so it never grows: f32 partial sums (two 128 x 256 slots a CTA) and int32
+    the widest tile (BN 256) so it never grows: f32 partial sums (a 128 x 256 slot a CTA) and int32
     counters (zero; the kernels leave them zero). Every launcher of the device shares it, as cuBLAS's
     calls share its workspace: calls must be ordered (one stream)."""
     ws = _SPLIT_WS.get(device.index)
     if ws is None:
-        ws = _SPLIT_WS[device.index] = (torch.empty(2 * sms * 128 * 256, dtype=torch.float32, device=device),
+        ws = _SPLIT_WS[device.index] = (torch.empty(sms * 128 * 256, dtype=torch.float32, device=device),
                                         torch.zeros(sms, dtype=torch.int32, device=device))
     return ws
 

@@ -384,9 +384,9 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
 
 
 def tail_split_cases(bf):
-    """The GEMM with a stream-K last round (the wgmma_split variant, off by default: run alone): a tail with TMA
-    stores (16 tiles of 128 x 128 shared by 128 CTAs, 8 segments a tile), one with register stores and a residual at
-    an odd width (partial tiles, K = 3000 not a multiple of the slices), and one slice of K (no split)."""
+    """The GEMM with its last round's tiles split along K (the wgmma_split variant, off by default: run alone): a
+    tail with TMA stores (16 tiles of 128 x 128 in 8 parts each), one with register stores and a residual at an odd
+    width (partial tiles, K = 3000 not a multiple of the slices), and one slice of K (no split)."""
     from layerforge.runtime.linear import gemv
     for m, n, k in ((200, 1024, 4096), (129, 1001, 3000), (64, 24, 8)):
         x = torch.randn(m, k, device="cuda", dtype=bf)

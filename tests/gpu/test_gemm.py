@@ -139,13 +139,14 @@ def test_tma_store_plan_taken(monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,k,gated", [(4096, 28672, 4096, "silu"), (128, 4096, 4096, None), (1000, 1000, 3000, None),
-                                         (4097, 6144, 4096, None), (300, 2 * 1001, 128, "gelu"), (64, 24, 8, None)])
+                                         (4097, 6144, 4096, None), (300, 2 * 1001, 512, "gelu"), (64, 24, 8, None)])
 def test_split_tail_against_float64_deterministic(m, n, k, gated):
-    """The persistent GEMM with a stream-K last round (wgmma_split: 8B gate/up at 4096 rows, 3584 tiles on
-    132 SMs, its last 20 tiles' slices in shares of 9-10 over every SM, 6-7 segments a tile; 4097 x 6144: a
-    partial row tile among them; 128 rows x 4096: 32 tiles of BN 128 on 132 CTAs; K = 128: two slices a tile; K = 8:
-    one, no split): against float64, the same bits call after call (the segments summed in CTA order), the
-    counters left zero for the next call, and with TMA stores nothing written past out's rows."""
+    """The persistent GEMM with its last round's tiles split along K (wgmma_split: 8B gate/up at 4096 rows, 3584
+    tiles on 132 SMs, its last 20 in 6 parts; 128 rows x 4096: 32 tiles of BN 128 in 4 parts; 1000 x 1000 x 3000:
+    64 partial tiles in 2 parts, K not a multiple of the slices; 4097 x 6144: 768 tiles and a partial row tile, not
+    split; K = 512: 2 parts of 4 slices; K = 8: one slice, not split): against float64, the same bits call after call
+    (the parts summed in part order), the counters left zero for the next call, and with TMA stores nothing
+    written past out's rows."""
     from layerforge.runtime import linear
     x, w, b, r = operands("gemm", m, n, k, torch.bfloat16, gated, True, True)
     n_out = n // 2 if gated else n
