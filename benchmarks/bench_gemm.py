@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--variant", default="wgmma", help=f"comma-separated, of {sorted(GEMM_KERNELS)}")
     ap.add_argument("--bn", default="auto", help="comma-separated tile widths (128, 256) or auto (codegen/gemm.pick_bn)")
     ap.add_argument("--tma-store", default="on", help="on, off or on,off: the persistent GEMM's epilogue by TMA stores")
+    ap.add_argument("--rounds", type=int, default=1, help="time cuBLAS and every variant this many times in turn "
+                    "(interleaved: a card's clocks drift between calls), then print each one's medians")
     a = ap.parse_args(argv)
     if not set(a.tma_store.split(",")) <= {"on", "off"}:
         ap.error(f"--tma-store takes on, off or on,off, got {a.tma_store!r}")
@@ -65,32 +68,43 @@ def main(argv=None):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             flop = 2 * m * n * k
             calls = max(2, min(20, int(2e11 // flop)))
-            cublas = graph_time(lambda: F.linear(x, w), calls, 5)
-            both = graph_time(lambda: act(F.linear(x, w)), calls, 5) if gated else cublas
             ref = F.linear(x, w).float()
             if gated:
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
-            runs = [(v, b, st) for v in variants for b in bns
-                    for st in (stores if v in linear.TMA_STORE_VARIANTS else [None])]
-            for variant, bn, st in runs:
-                linear.GEMM_BN = bn
-                if st is not None:
-                    linear.GEMM_TMA_STORE = st
-                bn = bn or pick_bn(m, n // 2 if gated else n, bool(gated), sms)
-                ours = graph_time(lambda v=variant: gemv(x, w, gated=gated, kernel=v), calls, 5)
-                y = gemv(x, w, gated=gated, kernel=variant).float()
-                linear.GEMM_BN, linear.GEMM_TMA_STORE = None, default_store
-                st = bool(st) and (n // 2 if gated else n) % 8 == 0
-                variant += "+st" if st else ""
-                err = ((y - ref).norm() / ref.norm()).item()
-                r = dict(shape=name, variant=variant, bn=bn, n=n, k=k, m=m, gated=gated, ours_s=ours, cublas_s=cublas,
-                         cublas_act_s=both, rel_err=err)
-                rows.append(r)
-                print(f"{name:12s} {variant:16s} {bn:>4d} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} "
-                      f"{cublas * 1e6:>9.1f} "
-                      f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} "
-                      f"{both / ours:>11.2f} {err:>8.1e}")
+            seen = []
+            for _ in range(a.rounds):
+                cublas = graph_time(lambda: F.linear(x, w), calls, 5)
+                both = graph_time(lambda: act(F.linear(x, w)), calls, 5) if gated else cublas
+                runs = [(v, b, st) for v in variants for b in bns
+                        for st in (stores if v in linear.TMA_STORE_VARIANTS else [None])]
+                for variant, bn, st in runs:
+                    linear.GEMM_BN = bn
+                    if st is not None:
+                        linear.GEMM_TMA_STORE = st
+                    bn = bn or pick_bn(m, n // 2 if gated else n, bool(gated), sms)
+                    ours = graph_time(lambda v=variant: gemv(x, w, gated=gated, kernel=v), calls, 5)
+                    y = gemv(x, w, gated=gated, kernel=variant).float()
+                    linear.GEMM_BN, linear.GEMM_TMA_STORE = None, default_store
+                    st = bool(st) and (n // 2 if gated else n) % 8 == 0
+                    variant += "+st" if st else ""
+                    err = ((y - ref).norm() / ref.norm()).item()
+                    r = dict(shape=name, variant=variant, bn=bn, n=n, k=k, m=m, gated=gated, ours_s=ours,
+                             cublas_s=cublas, cublas_act_s=both, rel_err=err)
+                    rows.append(r)
+                    seen.append(r)
+                    print(f"{name:12s} {variant:16s} {bn:>4d} {m:>5d} {ours * 1e6:>9.1f} {flop / ours / 1e12:>7.0f} "
+                          f"{cublas * 1e6:>9.1f} "
+                          f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} "
+                          f"{both / ours:>11.2f} {err:>8.1e}")
+            if a.rounds > 1:   # each variant's medians over the rounds (cuBLAS's over the same rounds)
+                for v in dict.fromkeys(r["variant"] for r in seen):
+                    mine = [r for r in seen if r["variant"] == v]
+                    ours, cublas, both = (statistics.median(r[f] for r in mine)
+                                          for f in ("ours_s", "cublas_s", "cublas_act_s"))
+                    print(f"{name:12s} {v:16s} {mine[0]['bn']:>4d} {m:>5d} {ours * 1e6:>9.1f} "
+                          f"{flop / ours / 1e12:>7.0f} {cublas * 1e6:>9.1f} {flop / cublas / 1e12:>7.0f} "
+                          f"{both * 1e6 if gated else float('nan'):>9.1f} {both / ours:>11.2f}  median of {a.rounds}")
         w = act = None   # free the weight before the next shape's
         torch.cuda.empty_cache()
     if a.json:
