@@ -53,7 +53,8 @@ GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.
 # The persistent Hopper GEMM's epilogue by TMA stores from a shared staging tile (codegen/gemm.py
 # tma_store), where the output's rows take a tensor map (columns a multiple of 8) and no residual is added
 GEMM_TMA_STORE = True
-TMA_STORE_VARIANTS = ("wgmma_persistent", "wgmma_split", "wgmma_skew", "wgmma_split_skew")   # the variants it applies to
+# (the variants it applies to)
+TMA_STORE_VARIANTS = ("wgmma_persistent", "wgmma_split", "wgmma_skew", "wgmma_split_skew")
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]

@@ -375,7 +375,8 @@ def test_tail_split_compiles_clean(n, k, gated, bn, extra):
 
 @pytest.mark.parametrize("tiles,grid,max_parts,kt", [(3584, 132, 8, 64), (16, 132, 8, 64), (256, 132, 8, 64),
                                                     (264, 132, 8, 64), (1, 132, 16, 3), (150, 132, 8, 47),
-                                                    (7, 8, 8, 2), (40, 16, 4, 10), (768, 132, 8, 64), (32, 132, 8, 224)])
+                                                    (7, 8, 8, 2), (40, 16, 4, 10), (768, 132, 8, 64),
+                                                    (32, 132, 8, 224)])
 def test_tail_items_cover_every_tile_and_k_slice_once(tiles, grid, max_parts, kt):
     """The split tail's walk (codegen/gemm.tail_items, the kernel's lf_tail_item): every (tile, k slice) once, a
     CTA with at most one part and it last, no part empty or under 4 slices where there are 4, every tile's part p
