@@ -73,11 +73,11 @@ def main(argv=None):
                 gt, up = ref.chunk(2, -1)
                 ref = F.silu(gt) * up
             seen = []
+            runs = [(v, b, st) for v in variants for b in bns
+                    for st in (stores if v in linear.TMA_STORE_VARIANTS else [None])]
             for _ in range(a.rounds):
                 cublas = graph_time(lambda: F.linear(x, w), calls, 5)
                 both = graph_time(lambda: act(F.linear(x, w)), calls, 5) if gated else cublas
-                runs = [(v, b, st) for v in variants for b in bns
-                        for st in (stores if v in linear.TMA_STORE_VARIANTS else [None])]
                 for variant, bn, st in runs:
                     linear.GEMM_BN = bn
                     if st is not None:

@@ -53,8 +53,8 @@ GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.
 # The persistent Hopper GEMM's epilogue by TMA stores from a shared staging tile (codegen/gemm.py
 # tma_store), where the output's rows take a tensor map (columns a multiple of 8) and no residual is added
 GEMM_TMA_STORE = True
-# (the variants it applies to)
-TMA_STORE_VARIANTS = ("wgmma_persistent", "wgmma_split", "wgmma_skew", "wgmma_split_skew")
+# (the variants it applies to: the persistent ones without clusters)
+TMA_STORE_VARIANTS = tuple(v for v, o in GEMM_KERNELS.items() if o.get("persistent") and o.get("cluster", 1) == 1)
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -208,16 +208,18 @@ def _capability(device: torch.device) -> tuple[int, int]:
 _SPLIT_WS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # device index -> tail_split's (part, counts)
 
 
-def split_workspace(device: torch.device, sms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The workspace of the Hopper GEMM's split tail (codegen/gemm.py tail_split), one a device, sized for
-    the widest tile (BN 256) so it never grows: f32 partial sums (a 128 x 256 slot a CTA) and int32
-    counters (zero; the kernels leave them zero). Every launcher of the device shares it, as cuBLAS's
-    calls share its workspace: calls must be ordered (one stream)."""
-    ws = _SPLIT_WS.get(device.index)
-    if ws is None:
-        ws = _SPLIT_WS[device.index] = (torch.empty(sms * 128 * 256, dtype=torch.float32, device=device),
-                                        torch.zeros(sms, dtype=torch.int32, device=device))
-    return ws
+def split_workspace(device: torch.device, floats: int, ints: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace of the Hopper GEMM's split tail (codegen/gemm.py tail_split, GemmPlan.workspace's sizes),
+    one a device: f32 partial sums and int32 counters (zero; the kernels leave them zero). Launchers of the
+    device share it, as cuBLAS's calls share its workspace: calls must be ordered (one stream). A plan wanting
+    more gets a larger one; the launchers made before keep theirs (and graphs captured through them stay valid)."""
+    part, counts = _SPLIT_WS.get(device.index, (None, None))
+    if part is None or part.numel() < floats:
+        part = torch.empty(floats, dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < ints:
+        counts = torch.zeros(ints, dtype=torch.int32, device=device)
+    _SPLIT_WS[device.index] = (part, counts)
+    return part, counts
 
 
 class _GemmLauncher:
@@ -229,7 +231,7 @@ class _GemmLauncher:
 
     def __init__(self, plan, launcher, sms: int, device: torch.device | None = None):
         self.plan, self.launcher, self.sms = plan, launcher, persistent_ctas(plan, launcher, sms)
-        self.ws = split_workspace(device, self.sms) if getattr(plan, "tail_split", 0) else ()
+        self.ws = split_workspace(device, *plan.workspace(self.sms)) if getattr(plan, "tail_split", 0) else ()
 
     def __call__(self, rows: int, args: list) -> None:
         if self.plan.tma:
