@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1, help="time cuBLAS and every variant this many times in turn "
                     "(interleaved: a card's clocks drift between calls), then print each one's medians")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds takes 1 or more, got {a.rounds}")
     if not set(a.tma_store.split(",")) <= {"on", "off"}:
         ap.error(f"--tma-store takes on, off or on,off, got {a.tma_store!r}")
     stores = [s == "on" for s in a.tma_store.split(",")]
