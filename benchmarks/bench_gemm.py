@@ -31,6 +31,8 @@ from .bench_gemv import graph_time, swiglu_module
 SHAPES = [  # (name, N, K, gated)
     ("8B qkv", 6144, 4096, None), ("8B o", 4096, 4096, None), ("8B gate/up", 28672, 4096, "silu"),
     ("8B down", 4096, 14336, None), ("70B gate/up", 57344, 8192, "silu"), ("70B down", 8192, 28672, None),
+    # Mamba2-2.7B's in / out projections (its decode step's products at batch 64; bench_gemv.STREAM_SHAPES)
+    ("Mamba2 in", 10576, 2560, None), ("Mamba2 out", 2560, 5120, None),
 ]
 
 

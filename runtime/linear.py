@@ -37,6 +37,7 @@ WGMMA_MIN_ROWS = 1 << 62
 GEMM_KERNELS = {"wgmma": {}, "wgmma_tma": {"tma": True}, "wgmma_persistent": {"tma": True, "persistent": True},
                 "wgmma_cluster": {"tma": True, "persistent": True, "cluster": 2},
                 "wgmma_split": {"tma": True, "persistent": True, "tail_split": 8},
+                "wgmma_split16": {"tma": True, "persistent": True, "tail_split": 16},
                 "wgmma_skew": {"tma": True, "persistent": True, "skew": 2},
                 "wgmma_split_skew": {"tma": True, "persistent": True, "tail_split": 8, "skew": 2}}
 # The decode-range Hopper GEMM (codegen/gemm_stream.py: W's rows as the wgmma M, stream-K over the

@@ -71,6 +71,9 @@
 #              against float64 and at each tile width), compute-sanitizer memcheck over the split
 #              tail's cases (sanitize_cases.py tailsplit), then bench_gemm's persistent GEMM beside the split tail
 #              (8B, 128 / 1024 / 4096 rows), five interleaved rounds, medians (the skew measured no change: not timed)
+#   mambaprod  Mamba2-2.7B's decode products at 64 / 128 rows on the Hopper GEMM with its tail split in 8 and 16 parts
+#              (wgmma_split, wgmma_split16) beside the persistent GEMM and cuBLAS (bench_gemm, three interleaved rounds,
+#              tile widths 128 and 256) and the decode-range GEMM (bench_gemv --stream); wgmma_split16's GPU tests first
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -517,6 +520,18 @@ tailsplit)
     else
         status=1
     fi
+    ;;
+mambaprod)
+    echo "== Mamba2's decode products on the split-tail GEMM: wgmma_split16's GPU tests, then bench_gemm / bench_gemv"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
+        -k "wgmma_split16 and (float64 or graph_capture or tile_widths)" \
+        2>&1 | tee "$OUT_DIR/pytest_mambaprod.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 150 "$PY" -m benchmarks.bench_gemm --only Mamba2 --tokens 64,128 --rounds 3 --bn 128,256 \
+        --variant wgmma_persistent,wgmma_split,wgmma_split16 2>&1 | tee "$OUT_DIR/bench_gemm_mamba.txt" | grep -E "median|device"
+    timeout -s KILL 60 "$PY" -m benchmarks.bench_gemv --stream --only Mamba2 --tokens 64,128 2>&1 \
+        | tee "$OUT_DIR/bench_gemv_mamba.txt" | tail -8
     ;;
 mlaevict)
     echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"
