@@ -55,10 +55,10 @@ def main(argv=None):
     default_store = linear.GEMM_TMA_STORE
     variants = a.variant.split(",")
     bns = [None if b == "auto" else int(b) for b in a.bn.split(",")]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     unknown = sorted(set(variants) - set(GEMM_KERNELS))
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {sorted(GEMM_KERNELS)}")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"{'shape':12s} {'variant':16s} {'bn':>4s} {'M':>5s} {'ours us':>9s} {'TFLOP/s':>7s} {'cuBLAS us':>9s} {'TFLOP/s':>7s} {'+act us':>9s} "
           f"{'ours/cuBLAS':>11s} {'max err':>8s}")
