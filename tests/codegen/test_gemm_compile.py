@@ -352,13 +352,17 @@ def test_fp8_promoted_plans_refuse_what_they_cannot_hold():
     (28672, 4096, "silu", 256, dict(tma_store=True)), (6144, 4096, None, 192, dict(tma_store=True)),
     (4096, 14336, None, 256, dict(residual=True)), (1000, 3000, None, 256, dict(bias=True, residual=True)),
     (4096, 4096, None, 128, dict(bias=True, tma_store=True)), (6144, 4096, None, 256, dict(tma_store=True, fp8=True)),
-    (28672, 4096, "silu", 128, dict(tma_store=True, fp8=True, fp8_scales="k128_blocks"))])
+    (28672, 4096, "silu", 128, dict(tma_store=True, fp8=True, fp8_scales="k128_blocks")),
+    # Mamba2-2.7B's in / out projections in up to 16 parts (wgmma_split16: their 42 / 10 tiles at 64 rows)
+    (10576, 2560, None, 256, dict(tma_store=True, parts=16)), (2560, 5120, None, 256, dict(tma_store=True, parts=16))])
 def test_tail_split_compiles_clean(n, k, gated, bn, extra):
     """The persistent GEMM with its last round's tiles split along K (tail_split): no spills, wgmma not
     serialised; the parts' sums go to the workspace by L2 stores, the count after a GPU fence, the sums
     read back from L2; a grid of every SM; the default plan's source untouched by the option."""
+    extra = dict(extra)
+    parts = extra.pop("parts", 8)
     dtype = "f16" if extra.get("bias") else "bf16"
-    plan = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, tail_split=8, **extra)
+    plan = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, tail_split=parts, **extra)
     res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch), want_ptx=True)
     (kr,) = res.resources.values()
     assert kr.spill_stores == 0 and kr.spill_loads == 0 and kr.stack_frame == 0, (plan.key, kr)
@@ -366,7 +370,7 @@ def test_tail_split_compiles_clean(n, k, gated, bn, extra):
         assert code not in res.log, (plan.key, res.log)
     assert "st.global.cg.v4.f32" in res.ptx and "ld.global.cg.v4.f32" in res.ptx and "atom.global.add" in res.ptx
     assert "membar.gl" in res.ptx or "fence.sc.gpu" in res.ptx
-    assert [a.name for a in plan.abi.args][-2:] == ["part", "counts"] and "ts8" in plan.key.split("_")
+    assert [a.name for a in plan.abi.args][-2:] == ["part", "counts"] and f"ts{parts}" in plan.key.split("_")
     assert plan.abi.grid_for(1, 132) == (132, 1, 1) and plan.workspace(132) == (132 * 128 * bn, 132)
     base = plan_gemm(dtype, n=n, k=k, gated=gated, bn=bn, tma=True, persistent=True, **extra)
     assert "lf_tail_item" not in base.source() and "part" not in [a.name for a in base.abi.args]
@@ -376,7 +380,7 @@ def test_tail_split_compiles_clean(n, k, gated, bn, extra):
 @pytest.mark.parametrize("tiles,grid,max_parts,kt", [(3584, 132, 8, 64), (16, 132, 8, 64), (256, 132, 8, 64),
                                                     (264, 132, 8, 64), (1, 132, 16, 3), (150, 132, 8, 47),
                                                     (7, 8, 8, 2), (40, 16, 4, 10), (768, 132, 8, 64),
-                                                    (32, 132, 8, 224)])
+                                                    (32, 132, 8, 224), (42, 132, 16, 40), (10, 132, 16, 80)])
 def test_tail_items_cover_every_tile_and_k_slice_once(tiles, grid, max_parts, kt):
     """The split tail's walk (codegen/gemm.tail_items, the kernel's lf_tail_item): every (tile, k slice) once, a
     CTA with at most one part and it last, no part empty or under 4 slices where there are 4, every tile's part p
