@@ -73,7 +73,7 @@
 #              (8B, 128 / 1024 / 4096 rows), five interleaved rounds, medians (the skew measured no change: not timed)
 #   mambaprod  Mamba2-2.7B's decode products at 64 / 128 rows on the Hopper GEMM with its tail split in 8 and 16 parts
 #              (wgmma_split, wgmma_split16) beside the persistent GEMM and cuBLAS (bench_gemm, three interleaved rounds,
-#              tile widths 128 and 256) and the decode-range GEMM (bench_gemv --stream); the split variants' GPU tests first
+#              tile widths 128 and 256) and the decode-range GEMM (bench_gemv --stream); the split variants' GPU tests and memcheck first
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -527,7 +527,11 @@ mambaprod)
     timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
         -k "wgmma_split and (float64 or graph_capture or tile_widths or epilogues)" \
         2>&1 | tee "$OUT_DIR/pytest_mambaprod.log" | tail -3
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
+    else
+        status=1
+    fi
     timeout -s KILL 150 "$PY" -m benchmarks.bench_gemm --only Mamba2 --tokens 64,128 --rounds 3 --bn 128,256 \
         --variant wgmma_persistent,wgmma_split,wgmma_split16 2>&1 | tee "$OUT_DIR/bench_gemm_mamba.txt" | grep -E "median|device"
     timeout -s KILL 60 "$PY" -m benchmarks.bench_gemv --stream --only Mamba2 --tokens 64,128 2>&1 \

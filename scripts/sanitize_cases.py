@@ -386,13 +386,15 @@ attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]
 def tail_split_cases(bf):
     """The GEMM with its last round's tiles split along K (the wgmma_split variant, off by default: run alone): a
     tail with TMA stores (16 tiles of 128 x 128 in 8 parts each), one with register stores and a residual at an odd
-    width (partial tiles, K = 3000 not a multiple of the slices), and one slice of K (no split)."""
+    width (partial tiles, K = 3000 not a multiple of the slices), and one slice of K (no split); then a few-row call
+    in up to 16 parts (wgmma_split16: 40 rows, Mamba2's out_proj shape, 10 tiles in 13 parts, warps past M idle)."""
     from layerforge.runtime.linear import gemv
-    for m, n, k in ((200, 1024, 4096), (129, 1001, 3000), (64, 24, 8)):
+    for m, n, k, kernel in ((200, 1024, 4096, "wgmma_split"), (129, 1001, 3000, "wgmma_split"),
+                            (64, 24, 8, "wgmma_split"), (40, 2560, 5120, "wgmma_split16")):
         x = torch.randn(m, k, device="cuda", dtype=bf)
         w = torch.randn(n, k, device="cuda", dtype=bf) / k ** 0.5
-        gemv(x, w, kernel="wgmma_split")
-        gemv(x, w, residual=torch.randn(m, n, device="cuda", dtype=bf), kernel="wgmma_split")
+        gemv(x, w, kernel=kernel)
+        gemv(x, w, residual=torch.randn(m, n, device="cuda", dtype=bf), kernel=kernel)
     torch.cuda.synchronize()
     print("tail split cases ran")
 
