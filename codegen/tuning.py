@@ -5,6 +5,8 @@
     lookup("route", arch="sm_90", dtype="bf16", wtype=None, group=0, gated=None, n=4096, k=4096, bucket=16)
     -> {"cublas": 1} where torch's product measured faster than the kernel ({"cublas": 0}: a card that measured
        the kernel faster where another card's route exists), else None
+    lookup("gemm", arch="sm_90a", dtype="bf16", wtype=None, group=0, gated=None, n=10576, k=2560, bucket=64)
+    -> {"wgmma": 1, "tail": 16, "bn": 256} where the Hopper GEMM measured faster than torch's product past 16 rows
 
 codegen/gemv.plan_gemv's default split (rt, warps, stages) comes from rules written from sweeps on
 one card. Where a table holds a split measured faster for the exact problem (family, arch, dtype,
@@ -58,9 +60,14 @@ KEY_FIELDS = ("family", "arch", "dtype", "wtype", "group", "gated", "n", "k", "b
 # gemm_stream: the decode-range GEMM's (codegen/gemm_stream.py; u4 / i8 at 17-128 rows), packed 0 / 1; gemv_x8: the
 # small-token kernel's over x quantised beforehand (f8e4m3 W, x e4m3: runtime/quant.fp8_gemv, the W8A8 layer's path);
 # fp8_path: the W8A8 layer's path where measured against runtime/quant.FP8_REGISTER_MAX_ROWS's rule, x_first 1 (x
-# quantised by the row kernel first) or 0 (in the product's registers) (runtime/tune.tune_fp8_paths)
+# quantised by the row kernel first) or 0 (in the product's registers) (runtime/tune.tune_fp8_paths);
+# gemm: past 16 rows on sm_90, bf16 / f16 weights, the Hopper GEMM (codegen/gemm.py) where measured faster than
+# torch's product at the row bucket (32, 64, ... rows): wgmma 1, its last round's tiles split in at most `tail` K parts
+# (0: not split; runtime/linear.GEMM_TABLE_VARIANTS), tile width bn; wgmma 0 (tail, bn 0): torch's product, on a card
+# where another card's entry is read (runtime/tune.tune_gemm, runtime/linear.gemm_table_route)
 SPLIT_FIELDS = {"gemv": ("rt", "warps", "stages"), "gemv_x8": ("rt", "warps", "stages"), "route": ("cublas",),
-                "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed"), "fp8_path": ("x_first",)}
+                "gemm_stream": ("rb", "cw", "stages", "ctas", "ka", "packed"), "fp8_path": ("x_first",),
+                "gemm": ("wgmma", "tail", "bn")}
 _GENERATION = [0]   # bumped whenever the tables read are forgotten (callers caching lookups key on it)
 _DEVICES: dict[str, set[str]] = {}   # arch (no "a" suffix) -> the names of the cards the runtime planned for
 

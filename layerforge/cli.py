@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token counts (1-16) whose small-token plans to tune (default 1,8,16; '' for none)")
     t.add_argument("--stream-rows", default="",
                    help="u4 / i8 weights on sm_90: row counts (17-128) whose decode-range GEMM plans to tune, e.g. 32,64,128")
+    t.add_argument("--gemm-rows", default="",
+                   help="bf16 / f16 weights on sm_90: row counts (17 and up) at which the Hopper GEMM is timed "
+                        "against cuBLAS, e.g. 64,1024,4096; its wins are recorded")
     t.add_argument("--weights", default="bf16", help="comma-separated: bf16, f16, u4 (group --group), i8 (row scales), "
                                                      "f8 (W8A8 e4m3, row scales; sm_89+), f8b (e4m3, 128 x 128 blocks): x "
                                                      "quantised first, the layer's path past 8 rows; f8r, f8br: x "

@@ -13,6 +13,9 @@ most 16 rows, is on a CUDA GPU of sm_80 or newer, in bf16/f16 with the weight's 
 multiple of 8 and 16-byte aligned rows; anything else (more rows, f32, CPU, torch.compile
 tracing) runs torch's own product (cuBLAS) with the same epilogue in torch. The row limit is
 where the kernel stops being weight-bandwidth bound (issue 12 has the GEMM family for more).
+Past 16 rows on an sm_90 GPU, a "gemm" entry of the tuning tables (codegen/tuning.py, written by
+`layerforge tune --gemm-rows`) for the problem's row bucket sends the call to the Hopper GEMM
+variant it measured faster than cuBLAS there (gemm_table_route); without one, cuBLAS.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ GEMM_BN: int | None = None   # the Hopper GEMM's tile width; None: codegen/gemm.
 GEMM_TMA_STORE = True
 # (the variants it applies to: the persistent ones without clusters)
 TMA_STORE_VARIANTS = tuple(v for v, o in GEMM_KERNELS.items() if o.get("persistent") and o.get("cluster", 1) == 1)
+# A "gemm" table entry's variant by its split's "tail" (the most K parts of the last round's tiles; 0: none):
+# the persistent schedule, alone or with its tail split (runtime/tune.tune_gemm times these)
+GEMM_TABLE_VARIANTS = {0: "wgmma_persistent", 8: "wgmma_split", 16: "wgmma_split16"}
 
 __all__ = ["Linear", "GatedMLP", "gemv", "rms_norm", "device_major", "LinearInputError", "KERNEL_MAX_ROWS",
            "check_call", "launch_gemv", "GEMM_KERNELS"]
@@ -180,6 +186,33 @@ def torch_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> bool:
     return hit
 
 
+_GEMM_ROUTES: dict[tuple, tuple[str, int] | None] = {}   # (generation, dtype, n, k, bucket, gated, device) -> route
+
+
+def gemm_table_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> tuple[str, int] | None:
+    """(Hopper GEMM variant, tile width) where the tuning tables hold a "gemm" entry measured faster than torch's
+    product (cuBLAS, the epilogue in torch) for this problem and row bucket (token_bucket: 32, 64, ... rows),
+    else None (torch's product: no entry, an entry of {"wgmma": 0}, or a split this build cannot take). The
+    caller has checked _gemm_ok (an sm_90 GPU, bf16 / f16) and rows > KERNEL_MAX_ROWS."""
+    from ..codegen import tuning
+    bucket = token_bucket(rows)
+    key = (tuning.generation(), x.dtype, n, k, bucket, gated, x.device.index)
+    if key in _GEMM_ROUTES:
+        return _GEMM_ROUTES[key]
+    split = tuning.lookup("gemm", arch="sm_90a", dtype="bf16" if x.dtype == torch.bfloat16 else "f16", wtype=None,
+                          group=0, gated=gated, n=n, k=k, bucket=bucket)
+    hit = None
+    if split and split["wgmma"] and split["tail"] in GEMM_TABLE_VARIANTS:
+        variant, bn = GEMM_TABLE_VARIANTS[split["tail"]], split["bn"]
+        try:   # a width the problem's plan cannot take (a gated 192, say) leaves torch's product
+            gemm_plan(x.dtype, n, k, gated, False, False, variant, bn)
+            hit = (variant, bn)
+        except ValueError:
+            hit = None
+    _GEMM_ROUTES[key] = hit
+    return hit
+
+
 def _gemm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.device == x.device and x.shape[-1] % 8 == 0 and x.numel() > 0
@@ -253,20 +286,27 @@ def persistent_ctas(plan, launcher, sms: int) -> int:
     return c * max(1, launcher.function.max_active_clusters(c, plan.abi.block[0], plan.shared_bytes))
 
 
-def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
-                   variant: str = "wgmma", rows: int = 0) -> _GemmLauncher:
-    sms = device_properties(x.device).multi_processor_count
-    bn = GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
+def gemm_plan(dtype: torch.dtype, n: int, k: int, gated, bias: bool, residual: bool, variant: str, bn: int):
+    """The Hopper GEMM's plan of a gemv call on `variant` (GEMM_KERNELS) at tile width `bn`: the variant's options,
+    TMA stores where it has them (GEMM_TMA_STORE; no residual, 16-byte output rows). ValueError where the plan
+    cannot take the problem."""
     opts = dict(GEMM_KERNELS[variant])
     if (GEMM_TMA_STORE and variant in TMA_STORE_VARIANTS and not residual
             and (n // 2 if gated else n) % 8 == 0):
         opts["tma_store"] = True
-    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, opts.get("tma_store", False))
+    return plan_gemm("bf16" if dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
+                     residual=residual, bn=bn, **opts)
+
+
+def _gemm_launcher(x: torch.Tensor, n: int, k: int, gated, bias: bool, residual: bool, cache=None,
+                   variant: str = "wgmma", rows: int = 0, bn: int = 0) -> _GemmLauncher:
+    sms = device_properties(x.device).multi_processor_count
+    bn = bn or GEMM_BN or pick_bn(rows, n // 2 if gated else n, bool(gated), sms)
+    key = ("gemm", x.dtype, n, k, gated, bias, residual, x.device.index, variant, bn, GEMM_TMA_STORE)
     hit = _KERNELS.get(key)
     if hit is None:
         from .launch import load_plan
-        plan = plan_gemm("bf16" if x.dtype == torch.bfloat16 else "f16", n=n, k=k, gated=gated, bias=bias,
-                         residual=residual, bn=bn, **opts)
+        plan = gemm_plan(x.dtype, n, k, gated, bias, residual, variant, bn)
         hit = _KERNELS[key] = _GemmLauncher(plan, load_plan(plan, x.device, cache), sms, x.device)
     return hit
 
@@ -346,6 +386,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                f"{' gated' if gated else ''}, got {rows}")
     if kernel is None and norm is None and kernels is None and stream_route(x, weight, gated):
         kernel = STREAM_KERNEL
+    gemm_bn = 0
+    if kernel is None and norm is None and kernels is None and rows > KERNEL_MAX_ROWS and _gemm_ok(x, weight):
+        measured = gemm_table_route(x, n, k, rows, gated)   # a tuning table's measured Hopper GEMM
+        if measured is not None:
+            kernel, gemm_bn = measured
     wgmma = norm is None and kernels is None and (_gemm_ok(x, weight) if kernel is not None else gemm_route(x, weight))
     if kernel is not None and not wgmma:
         raise LinearInputError(f"kernel={kernel!r} needs bf16/f16 CUDA tensors on an sm_90 GPU, K a multiple of 8 "
@@ -358,7 +403,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     # (16-byte aligned rows) needs no copy; the GEMMs take W packed
     ldw = _row_stride(weight) if STRIDED_W and not wgmma and kernels is None else 0
     return launch_gemv(x, [weight if ldw else _packed(weight, 16)], n, k, bias, gated, residual, norm, norm_offset,
-                       out, cache, wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels, ldw=ldw)
+                       out, cache, wgmma=(kernel or "wgmma_persistent") if wgmma else None, kernels=kernels, ldw=ldw,
+                       gemm_bn=gemm_bn)
 
 
 def _row_stride(w: torch.Tensor) -> int:
@@ -406,11 +452,12 @@ def _packed(t: torch.Tensor, align: int) -> torch.Tensor:
 
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bias, gated, residual, norm,
                 norm_offset, out, cache=None, wtype: str | None = None, group: int = 0,
-                wgmma: str | None = None, kernels: dict | None = None, ldw: int = 0) -> torch.Tensor:
+                wgmma: str | None = None, kernels: dict | None = None, ldw: int = 0, gemm_bn: int = 0) -> torch.Tensor:
     """Run the generated kernel on a call check_call accepted and the kernel serves; `weights`
     are W's tensors in the ABI's order (W; a quantised W's then its pairs or row scales);
     `wgmma`: the Hopper GEMM variant (GEMM_KERNELS) instead of the small-token kernel; `ldw`: W's
-    row stride where it is a wider buffer's view (the small-token kernel; 0: K, W packed)."""
+    row stride where it is a wider buffer's view (the small-token kernel; 0: K, W packed); `gemm_bn`: the Hopper
+    GEMM's tile width (0: GEMM_BN or codegen/gemm.pick_bn's)."""
     n_out = n // 2 if gated else n
     lead = tuple(x.shape[:-1])
     rows = x.numel() // k
@@ -428,7 +475,7 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int, bi
         _stream_launcher(x, n, k, gated, bias is not None, res is not None, cache, rows,
                          **({"wtype": wtype, "group": group} if wtype else {}))(rows, args)
     elif wgmma:
-        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows)(rows, args)
+        _gemm_launcher(x, n, k, gated, bias is not None, res is not None, cache, wgmma, rows, gemm_bn)(rows, args)
     elif kernels is not None:   # a pack's kernels (plans for 8 and 16 rows: runtime/build.py)
         kernels[_tiles(rows)]((), args)
     else:

@@ -11,7 +11,9 @@ layer's weights are read once. A split that beats the rules' plan by more than `
 to the tuning table (codegen/tuning.py; by default the user's, which plan_gemv reads from then
 on); where none does, the problem's entry is removed, so the table holds only measured wins. For bf16 / f16
 weights torch's product (cuBLAS, the epilogue in torch) is timed too, and where it beats every split a "route"
-entry sends those calls to torch (runtime/linear.torch_route).
+entry sends those calls to torch (runtime/linear.torch_route). Past 16 rows on an sm_90 GPU (`--gemm-rows`,
+tune_gemm) the Hopper GEMM's variants and tile widths are timed against torch's product, and a "gemm" entry sends
+a row bucket's calls to the Hopper GEMM only where it won (runtime/linear.gemm_table_route).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 __all__ = ["graph_time", "cold_copy_count", "model_products", "parse_products", "tune_products", "tune_stream",
+           "tune_gemm", "gemm_candidates", "DEFAULT_GEMM_ROWS",
            "TuneResult", "CANDIDATES", "STREAM_CANDIDATES", "DEFAULT_TOKENS", "DEFAULT_STREAM_ROWS", "cli_tune",
            "parse_weights", "WEIGHTS", "tune_fp8_paths"]
 
@@ -466,6 +469,140 @@ def tune_stream(products: Iterable[tuple[str, int, int, str | None]], *, rows: I
     return results
 
 
+DEFAULT_GEMM_ROWS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CUBLAS = {"wgmma": 0, "tail": 0, "bn": 0}   # a "gemm" split: torch's product
+
+
+def _gemm_label(split: dict) -> str:
+    if not split["wgmma"]:
+        return "cuBLAS"
+    from .linear import GEMM_TABLE_VARIANTS
+    return f"{GEMM_TABLE_VARIANTS[split['tail']]}/bn{split['bn']}"
+
+
+def gemm_candidates(gated: str | None) -> list[dict]:
+    """The Hopper GEMM splits tune_gemm times: each table variant (the persistent schedule, its tail in up to 8 or
+    16 K parts) at each tile width the problem's plan takes (gated: 128 and 256, whole 64-column output boxes)."""
+    from ..codegen.gemm import BN_COST, GATED_BN
+    from .linear import GEMM_TABLE_VARIANTS
+    widths = GATED_BN if gated else tuple(sorted(BN_COST))
+    return [{"wgmma": 1, "tail": tail, "bn": bn} for tail in GEMM_TABLE_VARIANTS for bn in widths]
+
+
+class _GpuGemmMeasure:
+    """Times one problem's calls at `rows` rows on the GPU, cold weights: torch's product with its epilogue in torch
+    (TORCH; what gemv runs past 16 rows without an entry) or the Hopper GEMM at a split (gemm_candidates); None for a
+    split whose plan the problem cannot take or that spills."""
+
+    def __init__(self, n, k, gated, rows, dtype, device):
+        import torch
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        self.n, self.k, self.gated, self.rows, self.device = n, k, gated, rows, device
+        w = (torch.randn(n, k, device=device) / k ** 0.5).to(tdt)
+        self.weights = [w] + [w.clone() for _ in range(cold_copy_count(w.numel() * w.element_size(), device) - 1)]
+        self.x = torch.randn(rows, k, device=device, dtype=tdt)
+        self.y = torch.empty(rows, n // 2 if gated else n, device=device, dtype=tdt)
+
+    def __call__(self, split, spills_ok: bool = False) -> float | None:
+        from .launch import compile_plan
+        from .linear import GEMM_TABLE_VARIANTS, _reference, gemm_plan, launch_gemv
+        x, y, n, k, gated = self.x, self.y, self.n, self.k, self.gated
+        if split == TORCH:
+            return graph_time([lambda w=w: _reference(x, w, None, gated, None) for w in self.weights])
+        variant = GEMM_TABLE_VARIANTS[split["tail"]]
+        try:
+            plan = gemm_plan(x.dtype, n, k, gated, False, False, variant, split["bn"])
+        except ValueError:
+            return None
+        res = compile_plan(plan)
+        if not spills_ok and any(r.spill_stores or r.spill_loads for r in res.resources.values()):
+            return None
+        return graph_time([lambda w=w: launch_gemv(x, [w], n, k, None, gated, None, None, 0.0, y, wgmma=variant,
+                                                   gemm_bn=split["bn"]) for w in self.weights])
+
+
+def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Iterable[int] = DEFAULT_GEMM_ROWS,
+              dtype: str = "bf16", table: str | Path | None = None, margin: float = 0.03, write: bool = True,
+              candidates: Iterable[dict] | None = None, measure_factory: Callable | None = None,
+              command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
+    """Past 16 rows (bf16 / f16 weights, sm_90): each product at each row bucket of `rows` (token_bucket: 32, 64,
+    ... rows, timed at the bucket's top) on the Hopper GEMM's splits (gemm_candidates) against torch's product with
+    its epilogue in torch, which gemv runs there without an entry. torch's is timed first and again after the
+    others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split again (its
+    slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the calls of the
+    bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another card's entry
+    would serve this card, {"wgmma": 0} (torch's product) is written for it. The result's "rules" are torch's.
+    measure_factory(n, k, gated, rows) -> measure(split or TORCH, spills_ok=False) -> seconds or None replaces the
+    GPU's timing (tests)."""
+    from ..codegen import tuning
+    if dtype not in ("bf16", "f16"):
+        raise ValueError(f"tune: the Hopper GEMM's weights are bf16 or f16, got {dtype!r}")
+    if margin < 0:
+        raise ValueError(f"tune: margin must be >= 0, got {margin}")
+    rows = list(rows)
+    if rows and min(rows) <= 16:
+        raise ValueError(f"tune: the GEMM's rows are past 16 (the small-token kernel's), got {rows}")
+    from ..codegen.gemv import token_bucket
+    gpu = measure_factory is None
+    if gpu:
+        import torch
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+            raise RuntimeError("tune: the Hopper GEMM runs on an sm_90 GPU, and none is visible")
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = device_name or torch.cuda.get_device_name(device)
+
+        def measure_factory(n, k, gated, rows):
+            return _GpuGemmMeasure(n, k, gated, rows, dtype, device)
+    table = Path(table) if table is not None else tuning.user_table_path()
+    products = list(products)
+    buckets = sorted({token_bucket(r) for r in rows})
+    if gpu:
+        import torch
+        from .linear import GEMM_TABLE_VARIANTS, gemm_plan
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        plans = []
+        for _, n, k, gated in products:
+            for c in (candidates if candidates is not None else gemm_candidates(gated)):
+                try:
+                    plans.append(gemm_plan(tdt, n, k, gated, False, False, GEMM_TABLE_VARIANTS[c["tail"]], c["bn"]))
+                except ValueError:
+                    pass
+        _precompile(plans)
+    card = device_name or ""
+    results = []
+    for name, n, k, gated in products:
+        cands = list(candidates) if candidates is not None else gemm_candidates(gated)
+        for bucket in buckets:
+            measure = measure_factory(n, k, gated, bucket)
+            first = measure(TORCH)
+            timed = [(c, measure(c)) for c in cands]
+            torch_s = min(first, measure(TORCH))
+            timings = {"cuBLAS": torch_s * 1e6} | {_gemm_label(c): t * 1e6 for c, t in timed if t is not None}
+            best, best_s = CUBLAS, torch_s
+            for c, t in timed:
+                if t is not None and t < best_s:
+                    best, best_s = c, t
+            if best is not CUBLAS:
+                again = measure(best)
+                best_s = max(best_s, again if again is not None else float("inf"))
+                timings[_gemm_label(best)] = best_s * 1e6
+                if best_s >= torch_s:
+                    best, best_s = CUBLAS, torch_s
+            win = best["wgmma"] == 1 and best_s < torch_s * (1 - margin)
+            key = dict(arch="sm_90a", dtype=dtype, wtype=None, group=0, gated=gated, n=n, k=k, bucket=bucket)
+            if write and (win or _shadowed(table, "gemm", key, card, CUBLAS)):
+                tuning.write_entry(table, "gemm", best if win else CUBLAS, measured={
+                    "us": round((best_s if win else torch_s) * 1e6, 2), "rules_us": round(torch_s * 1e6, 2),
+                    "rules": CUBLAS, "device": card, "command": command or ""}, **key)
+            elif write:
+                tuning.remove_entry(table, "gemm", device=card, **key)
+            r = TuneResult(name, n, k, gated, None, bucket, CUBLAS, torch_s * 1e6, best, best_s * 1e6,
+                           bool(write and win), timings, label=_gemm_label, kind=dtype)
+            log(r.line())
+            results.append(r)
+    return results
+
+
 def _race(plans: list, measure: Callable, split_of: Callable, label_of: Callable):
     """Time plans[0] (the rules', which the product runs now: timed even where it spills) and the others of a
     different split: (rules' split, its s, best split, its s, {label: us}); a candidate that spills (measure gives
@@ -594,8 +731,11 @@ def cli_tune(args) -> int:
     if stream_rows and (min(stream_rows) < 17 or max(stream_rows) > 128):
         raise ValueError(f"tune: --stream-rows are 17 to 128 (the decode-range GEMM's quantised rows), got "
                          f"{args.stream_rows!r}")
-    if not tokens and not stream_rows:
-        raise ValueError("tune: nothing to tune (--tokens and --stream-rows both empty)")
+    gemm_rows = [int(t) for t in (getattr(args, "gemm_rows", "") or "").split(",") if t.strip()]
+    if gemm_rows and min(gemm_rows) < 17:
+        raise ValueError(f"tune: --gemm-rows are past 16 (the Hopper GEMM against cuBLAS), got {args.gemm_rows!r}")
+    if not tokens and not stream_rows and not gemm_rows:
+        raise ValueError("tune: nothing to tune (--tokens, --stream-rows and --gemm-rows all empty)")
     weights = parse_weights(args.weights, args.group)
     if any(w == "f8e4m3" for _, w, _, _ in weights):
         import torch
@@ -613,6 +753,9 @@ def cli_tune(args) -> int:
         if stream_rows and wtype in ("u4", "i8"):
             tune_stream(products, rows=stream_rows, dtype=dtype, wtype=wtype, group=group, table=table,
                         margin=args.margin, write=not args.dry_run, command=command)
+        if gemm_rows and wtype is None:
+            tune_gemm(products, rows=gemm_rows, dtype=dtype, table=table, margin=args.margin,
+                      write=not args.dry_run, command=command)
     # the W8A8 layer's two paths, each with the splits just tuned: the faster recorded where it is not the rows' rule's
     for dtype, group in dict.fromkeys((d or args.dtype, g) for d, w, g, _ in weights if w == "f8e4m3" and tokens):
         tune_fp8_paths(products, tokens=tokens, dtype=dtype, group=group, table=table, margin=args.margin,

@@ -531,3 +531,79 @@ def test_the_fp8_path_tuner_records_the_faster_path_and_gemv_quant_follows_it(ta
     res = tune_fp8_paths([("o", 4096, 4096, None)], measure_factory=factory, **common)
     assert not res[1].recorded and tuning.lookup("fp8_path", bucket=16, **key) in (None, {"x_first": 1})
     assert quant._fp8_gemv_ok(x, qw, 16)
+
+
+def test_the_gemm_tuner_records_the_hopper_gemm_only_where_it_beats_torch_and_gemv_follows_the_table(tables,
+                                                                                                     monkeypatch):
+    """`tune --gemm-rows` (tune_gemm): past 16 rows each row bucket's Hopper GEMM splits against torch's product (the
+    fastest timed again, its slower time kept); a win past the margin is a "gemm" entry, which
+    runtime/linear.gemm_table_route turns into the call's variant and tile width; within the margin the card's
+    entry goes, and where another card's entry would serve this card, cuBLAS's split is written for it."""
+    import torch
+
+    from layerforge.runtime import linear
+    from layerforge.runtime.tune import CUBLAS, gemm_candidates, tune_gemm
+    table = tuning.user_table_path()
+    key = dict(arch="sm_90a", dtype="bf16", wtype=None, group=0, gated=None, n=10576, k=2560)
+    seen = []
+    times = {"torch": 20.0, (16, 256): 17.0, (8, 256): 18.0, (0, 128): 40.0}   # us; the rest 30
+
+    def factory(n, k, gated, rows):
+        def measure(split, spills_ok=False):
+            seen.append((rows, "torch" if split == "torch" else (split["tail"], split["bn"])))
+            return times.get(seen[-1][1], 30.0) * 1e-6
+        return measure
+    res = tune_gemm([("in_proj", 10576, 2560, None)], rows=(64, 100), measure_factory=factory, device_name=H100,
+                    log=lambda s: None)
+    assert [(r.bucket, r.recorded, r.best) for r in res] == [(64, True, {"wgmma": 1, "tail": 16, "bn": 256}),
+                                                             (128, True, {"wgmma": 1, "tail": 16, "bn": 256})]
+    assert res[0].rules == CUBLAS and res[0].rules_us == 20.0 and "cuBLAS" in res[0].line()
+    assert "wgmma_split16/bn256" in res[0].line()
+    # torch's first and after the splits, every candidate once, then the fastest again
+    first = [s for r, s in seen if r == 64]
+    assert first[0] == first[-2] == "torch" and first[-1] == (16, 256)
+    assert len(first) == len(gemm_candidates(None)) + 3
+    assert tuning.lookup("gemm", bucket=64, **key) == {"wgmma": 1, "tail": 16, "bn": 256}
+    (e,) = [e for e in tuning.read_table(table) if e["bucket"] == 64]
+    assert (e["us"], e["rules_us"], e["device"]) == (17.0, 20.0, H100)
+    x = torch.empty(64, 2560, dtype=torch.bfloat16)
+    assert linear.gemm_table_route(x, 10576, 2560, 64, None) == ("wgmma_split16", 256)
+    assert linear.gemm_table_route(x, 10576, 2560, 33, None) == ("wgmma_split16", 256)   # bucket 64
+    assert linear.gemm_table_route(x, 10576, 2560, 300, None) is None                    # bucket 512: no entry
+    assert linear.gemm_table_route(x, 10576, 2560, 64, "silu") is None                   # another problem
+    # within the margin now: the card's entry goes and torch's product serves it again
+    times[(16, 256)] = times[(8, 256)] = 19.8
+    (res,) = tune_gemm([("in_proj", 10576, 2560, None)], rows=(64,), measure_factory=factory, device_name=H100,
+                       log=lambda s: None)
+    assert not res.recorded and tuning.lookup("gemm", bucket=64, **key) is None
+    assert linear.gemm_table_route(x, 10576, 2560, 64, None) is None
+    # another card's win read beside this card's loss: cuBLAS's split written for this card
+    other = tables / "other.json"
+    tuning.write_entry(other, "gemm", {"wgmma": 1, "tail": 8, "bn": 128}, {"device": H200}, bucket=64, **key)
+    monkeypatch.setenv("LAYERFORGE_TUNING_TABLE", str(other))
+    tuning.clear_cache()
+    tuning.note_device("sm_90a", H100)
+    assert linear.gemm_table_route(x, 10576, 2560, 64, None) == ("wgmma_split", 128)   # the H200's, for want of one
+    (res,) = tune_gemm([("in_proj", 10576, 2560, None)], rows=(64,), measure_factory=factory, device_name=H100,
+                       log=lambda s: None)
+    assert not res.recorded and tuning.lookup("gemm", bucket=64, **key) == CUBLAS
+    assert linear.gemm_table_route(x, 10576, 2560, 64, None) is None
+    with pytest.raises(ValueError, match="past 16"):
+        tune_gemm([("o", 4096, 4096, None)], rows=(16,), measure_factory=factory)
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        tune_gemm([("o", 4096, 4096, None)], dtype="f32", measure_factory=factory)
+
+
+def test_a_gemm_entry_the_problems_plan_cannot_take_leaves_torchs_product(tables):
+    import torch
+
+    from layerforge.runtime import linear
+    table = tuning.user_table_path()
+    key = dict(arch="sm_90a", dtype="bf16", wtype=None, group=0, gated="silu", n=2 * 1024, k=4096, bucket=64)
+    tuning.write_entry(table, "gemm", {"wgmma": 1, "tail": 8, "bn": 192}, **key)   # gated takes 128 / 256 only
+    x = torch.empty(64, 4096, dtype=torch.bfloat16)
+    assert linear.gemm_table_route(x, 2048, 4096, 64, "silu") is None
+    tuning.write_entry(table, "gemm", {"wgmma": 1, "tail": 4, "bn": 128}, **key)    # no variant of 4 parts
+    assert linear.gemm_table_route(x, 2048, 4096, 64, "silu") is None
+    tuning.write_entry(table, "gemm", {"wgmma": 1, "tail": 0, "bn": 128}, **key)
+    assert linear.gemm_table_route(x, 2048, 4096, 64, "silu") == ("wgmma_persistent", 128)

@@ -152,6 +152,39 @@ def test_a_route_entry_sends_the_calls_to_torchs_product(tuning_table, monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the Hopper GEMM needs an sm_90 GPU")
+@pytest.mark.parametrize("tail,bn,gated,m,bias", [(16, 256, None, 64, False), (8, 128, "silu", 40, True),
+                                                  (0, 256, None, 300, False), (16, 128, None, 17, True)])
+def test_a_gemm_entry_sends_its_row_buckets_calls_to_the_hopper_gemm(tuning_table, monkeypatch, tail, bn, gated,
+                                                                     m, bias):
+    """A "gemm" entry (the Hopper GEMM measured faster than cuBLAS past 16 rows) sends calls of its problem and row
+    bucket to its variant and tile width, which match float64 (outputs poisoned with NaN first); a call of another
+    bucket, or with a norm prologue, does not take it."""
+    from layerforge.codegen.gemv import token_bucket
+    n, k = (2 * 1000, 3000) if gated else (2560, 5120)
+    tuning.write_entry(tuning_table, "gemm", {"wgmma": 1, "tail": tail, "bn": bn}, arch="sm_90a", dtype="bf16",
+                       wtype=None, group=0, gated=gated, n=n, k=k, bucket=token_bucket(m))
+    launches = []
+    real = linear.launch_gemv
+    monkeypatch.setattr(linear, "launch_gemv", lambda *a, **kw: launches.append((kw.get("wgmma"), kw.get("gemm_bn")))
+                        or real(*a, **kw))
+    gen = seeded_generator("tune-gemm", n, k, m, tail)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(torch.bfloat16).cuda()
+    b = torch.randn(n, generator=gen).to(torch.bfloat16).cuda() if bias else None
+    for rows in (m, m - 1 if m > 17 else m + 1):   # two row counts of the bucket
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16).cuda()
+        out = torch.full((rows, n // 2 if gated else n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        linear.gemv(x, w, b, gated=gated, out=out)
+        ref = reference(x, w, b, gated, None)
+        assert not torch.isnan(out).any()
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert launches == [(linear.GEMM_TABLE_VARIANTS[tail], bn)] * 2
+    x = torch.randn(2 * token_bucket(m) + 1, k, device="cuda", dtype=torch.bfloat16)   # another bucket: torch's
+    y = linear.gemv(x, w, b, gated=gated)
+    assert len(launches) == 2 and torch.equal(y, linear._reference(x, w, b, gated, None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="the decode-range GEMM needs an sm_90 GPU")
 @pytest.mark.parametrize("wtype", ["u4", "i8"])
 def test_tune_stream_records_a_split_the_quantised_product_then_runs(tuning_table, wtype):
