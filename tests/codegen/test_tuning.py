@@ -219,8 +219,20 @@ def test_the_packaged_table_loads_and_every_entry_compiles_without_spills(tables
         cards.setdefault(tuning._entry_key(e), []).append(e.get("device"))
     for e in entries:
         shadow = e["split"] == e.get("rules")
-        assert e["family"] in ("gemv", "gemv_x8", "gemm_stream", "fp8_path") and e.get("device"), e
+        assert e["family"] in ("gemv", "gemv_x8", "gemm_stream", "fp8_path", "gemm") and e.get("device"), e
         assert len(cards[tuning._entry_key(e)]) > 1 if shadow else e.get("us", 0) < e.get("rules_us", 0), e
+        if e["family"] == "gemm":   # the Hopper GEMM past 16 rows (or cuBLAS: wgmma 0, over another card's entry)
+            if not e["split"]["wgmma"]:
+                continue
+            import torch
+
+            from layerforge.runtime.linear import GEMM_TABLE_VARIANTS, gemm_plan
+            plan = gemm_plan(torch.bfloat16 if e["dtype"] == "bf16" else torch.float16, e["n"], e["k"], e["gated"],
+                             False, False, GEMM_TABLE_VARIANTS[e["split"]["tail"]], e["split"]["bn"])
+            res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+            (kr,) = res.resources.values()
+            assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+            continue
         if e["family"] == "fp8_path":   # a W8A8 path, not a split: the other path than the rows' rule takes
             from layerforge.runtime.quant import FP8_REGISTER_MAX_ROWS
             assert shadow or e["split"] == {"x_first": int(e["bucket"] <= FP8_REGISTER_MAX_ROWS)}, e
