@@ -130,12 +130,16 @@ def ab_times(switch: str, step, rounds: int = 3) -> dict[str, list[float]]:
     """step's graph time (bench_gemv.graph_time: a graph captured under the switch's value) with switch=0 and =1 in
     turns, `rounds` times each; the environment as it was after."""
     import os
+
+    from layerforge.codegen import tuning
+
     from .bench_gemv import graph_time
     before, times = os.environ.get(switch), {"0": [], "1": []}
     try:
         for _ in range(rounds):
             for v in ("0", "1"):
                 os.environ[switch] = v
+                tuning.clear_cache()   # lookups cached on the tables' generation (LAYERFORGE_TUNING: the tables)
                 times[v].append(graph_time(step))
     finally:
         if before is None:
@@ -155,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--ab-switch", default=None, metavar="NAME",
                     help="the decode step with the switch NAME=0 and =1 in turns (three rounds, graph medians), after "
-                         "its rows (e.g. LAYERFORGE_MAMBA_PREFETCH)")
+                         "its rows (e.g. LAYERFORGE_MAMBA_PREFETCH; LAYERFORGE_TUNING: the tuning tables, with "
+                         "LAYERFORGE_TUNING_TABLE naming one)")
     a = ap.parse_args(argv)
     dev, dtype, elt = a.device, torch.bfloat16, 2
     c = mixer_config(*map(int, a.dims.split(",")))

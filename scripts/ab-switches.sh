@@ -74,6 +74,9 @@
 #   mambaprod  Mamba2-2.7B's decode products at 64 / 128 rows on the Hopper GEMM with its tail split in 8 and 16 parts
 #              (wgmma_split, wgmma_split16) beside the persistent GEMM and cuBLAS (bench_gemm, three interleaved rounds,
 #              tile widths 128 and 256) and the decode-range GEMM (bench_gemv --stream); the split variants' GPU tests and memcheck first
+#   gemmtune   `layerforge tune --gemm-rows`: its GPU test (a "gemm" entry's route), then the Hopper GEMM against cuBLAS
+#              for Mamba2-2.7B's in / out projections at 64 rows and the Llama-3-8B products at 64 / 1024 / 4096 rows
+#              (a table of this run's), then the Mamba2 decode step with that table off and on (bench_mamba --ab-switch)
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -536,6 +539,18 @@ mambaprod)
         --variant wgmma_persistent,wgmma_split,wgmma_split16 2>&1 | tee "$OUT_DIR/bench_gemm_mamba.txt" | grep -E "median|device"
     timeout -s KILL 60 "$PY" -m benchmarks.bench_gemv --stream --only Mamba2 --tokens 64,128 2>&1 \
         | tee "$OUT_DIR/bench_gemv_mamba.txt" | tail -8
+    ;;
+gemmtune)
+    echo "== tune --gemm-rows: its GPU test, the Mamba2 / 8B products against cuBLAS, the Mamba2 step with the table"
+    timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_tune_gpu.py -k gemm_entry \
+        2>&1 | tee "$OUT_DIR/pytest_gemmtune.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 150 "$PY" -m layerforge tune --products 10576:2560,2560:5120 --tokens "" --gemm-rows 64 \
+        --table "$OUT_DIR/gemm_table.json" 2>&1 | tee "$OUT_DIR/tune_gemm_mamba.txt" | grep -v "^table"
+    LAYERFORGE_TUNING_TABLE="$OUT_DIR/gemm_table.json" timeout -s KILL 120 "$PY" -m benchmarks.bench_mamba --no-hf \
+        --prefill "" --decode 64 --ab-switch LAYERFORGE_TUNING 2>&1 | tee "$OUT_DIR/bench_mamba_gemmtune.txt" | tail -4
+    timeout -s KILL 200 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --tokens "" \
+        --gemm-rows 64,1024,4096 --table "$OUT_DIR/gemm_table.json" 2>&1 | tee "$OUT_DIR/tune_gemm_8b.txt" | grep -v "^table"
     ;;
 mlaevict)
     echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"
