@@ -102,8 +102,8 @@ def main(argv=None):
                           f"{flop / cublas / 1e12:>7.0f} {both * 1e6 if gated else float('nan'):>9.1f} "
                           f"{both / ours:>11.2f} {err:>8.1e}")
             if a.rounds > 1:   # each variant's medians over the rounds (cuBLAS's over the same rounds)
-                for v in dict.fromkeys(r["variant"] for r in seen):
-                    mine = [r for r in seen if r["variant"] == v]
+                for v, b in dict.fromkeys((r["variant"], r["bn"]) for r in seen):   # (a variant at each width)
+                    mine = [r for r in seen if (r["variant"], r["bn"]) == (v, b)]
                     ours, cublas, both = (statistics.median(r[f] for r in mine)
                                           for f in ("ours_s", "cublas_s", "cublas_act_s"))
                     print(f"{name:12s} {v:16s} {mine[0]['bn']:>4d} {m:>5d} {ours * 1e6:>9.1f} "
