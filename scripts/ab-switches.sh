@@ -77,6 +77,8 @@
 #   gemmtune   `layerforge tune --gemm-rows`: its GPU test (a "gemm" entry's route), then the Hopper GEMM against cuBLAS
 #              for Mamba2-2.7B's in / out projections at 64 rows and the Llama-3-8B products at 64 / 1024 / 4096 rows
 #              (a table of this run's), then the Mamba2 decode step with that table off and on (bench_mamba --ab-switch)
+#   gemmmodel  `layerforge tune --gemm-rows` over every row bucket (32-8192) of the Llama-3-8B products (a table of this
+#              run's), then bench_model (8 layers: prefill 1 x 2048 / 8 x 512, decode batch 64) without and with it
 #   mlaevict   the MLA decode's GPU tests, whole (staged_out, the CTA pair and, unpaired, the L2 evict_first hints
 #              the defaults; results as they end: pytest_mla.log), the default beside the unpaired kernel with and
 #              without the hints and the cut variants (probe_mla_bound), compute-sanitizer memcheck over the MLA
@@ -551,6 +553,20 @@ gemmtune)
         --prefill "" --decode 64 --ab-switch LAYERFORGE_TUNING 2>&1 | tee "$OUT_DIR/bench_mamba_gemmtune.txt" | tail -4
     timeout -s KILL 200 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --tokens "" \
         --gemm-rows 64,1024,4096 --table "$OUT_DIR/gemm_table.json" 2>&1 | tee "$OUT_DIR/tune_gemm_8b.txt" | grep -v "^table"
+    ;;
+gemmmodel)
+    echo "== tune --gemm-rows over every bucket (8B), then bench_model without / with the table"
+    timeout -s KILL 240 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --tokens "" \
+        --gemm-rows 32,64,128,256,512,1024,2048,4096,8192 --table "$OUT_DIR/gemm_8b.json" 2>&1 \
+        | tee "$OUT_DIR/tune_gemm_8b_all.txt" | grep -v "^table"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    for run in without with; do
+        echo "-- bench_model, the table $run"
+        if [ $run = with ]; then export LAYERFORGE_TUNING_TABLE="$OUT_DIR/gemm_8b.json"; fi
+        timeout -s KILL 150 "$PY" -m benchmarks.bench_model --no-hf --batches 64 --steps 20 2>&1 \
+            | tee "$OUT_DIR/bench_model_gemm_$run.txt" | tail -6
+        unset LAYERFORGE_TUNING_TABLE
+    done
     ;;
 mlaevict)
     echo "== MLA decode GPU tests, whole (results as they end: pytest_mla.log)"

@@ -260,8 +260,8 @@ def _packaged_entries():
         return []
     card, chosen = torch.cuda.get_device_name(), {}
     for e in tuning.read_table(tuning.PACKAGED_TABLE):
-        if e["family"] not in ("gemv", "gemv_x8", "gemm_stream") or e["arch"].rstrip("a") != "sm_%d%d" % (
-                torch.cuda.get_device_capability()):
+        if e["family"] not in ("gemv", "gemv_x8", "gemm_stream", "gemm") or e["arch"].rstrip("a") != "sm_%d%d" % (
+                torch.cuda.get_device_capability()) or (e["family"] == "gemm" and not e["split"]["wgmma"]):
             continue
         key, mine = tuning._entry_key(e), e.get("device", "") in (card, "")
         if key not in chosen or mine or not chosen[key][1]:
@@ -291,7 +291,12 @@ def _check_packaged_entry(entry, monkeypatch):
         monkeypatch.setenv("LAYERFORGE_FP8_QUANT_X_FIRST", "1" if x_first else "0")
         if x_first:
             common.update(x_e4m3=True, x_group=128)
-    if e["family"] in ("gemv", "gemv_x8"):
+    launches = []
+    if e["family"] == "gemm":   # the Hopper GEMM past 16 rows: the call takes the entry's variant and width
+        real = linear.launch_gemv
+        monkeypatch.setattr(linear, "launch_gemv", lambda *a, **kw: launches.append((kw.get("wgmma"),
+                                                                                     kw.get("gemm_bn"))) or real(*a, **kw))
+    elif e["family"] in ("gemv", "gemv_x8"):
         plan = plan_gemv(e["dtype"], max_m=m, arch=e["arch"], **common)
         assert (plan.rt, plan.warps, plan.stages) == tuple(e["split"][f] for f in ("rt", "warps", "stages"))
     else:
@@ -317,3 +322,5 @@ def _check_packaged_entry(entry, monkeypatch):
         ref = reference(x, w, None, e["gated"], None)
     assert not torch.isnan(out).any()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    if e["family"] == "gemm":
+        assert launches == [(linear.GEMM_TABLE_VARIANTS[e["split"]["tail"]], e["split"]["bn"])], launches
