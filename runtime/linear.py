@@ -159,6 +159,35 @@ def _epilogue(y, gated, residual):
     return y if residual is None else y + residual
 
 
+_GATED_LAYERS = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}   # dsl/stdlib/activations.lf
+_GATED_ROWS: dict[tuple, object] = {}   # (act, output columns, dtype, device) -> the generated gated row kernel's module
+
+
+def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0):
+    """What gemv runs where no generated product serves the call: _reference, except that a gated call on an sm_80+
+    GPU (bf16 / f16, not traced) takes act(gate) * up from the generated row kernel of the stdlib's swiglu / geglu /
+    geglu_tanh (the same meaning: the product rounded to x's dtype, the activation in float32, rounded back) in one
+    pass over the product, where torch's epilogue makes five (the halves to float32, the activation, the multiply,
+    the cast)."""
+    if not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
+            and device_major(x.device) >= 8):
+        return _reference(x, weight, bias, gated, residual, norm, norm_offset)
+    if norm is not None:
+        x = rms_norm(x, norm[0], norm[1], norm_offset)
+    y = F.linear(x, weight, bias)
+    f = y.shape[-1] // 2
+    key = (gated, f, y.dtype, y.device.index)
+    module = _GATED_ROWS.get(key)
+    if module is None:
+        from ..dsl.program import Program
+        from .layers import LayerModule
+        dtype = "bf16" if y.dtype == torch.bfloat16 else "f16"
+        module = _GATED_ROWS[key] = LayerModule(Program.stdlib().specialise(_GATED_LAYERS[gated], F=f, dtype=dtype),
+                                                device=y.device)
+    h = module(y.reshape(-1, 2 * f)).view(*y.shape[:-1], f)
+    return h if residual is None else h + residual
+
+
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and weight.device == x.device and 1 <= rows <= KERNEL_MAX_ROWS and x.shape[-1] % 8 == 0
@@ -397,7 +426,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                "and no norm")
     if not wgmma and (not _kernel_ok(x, weight, rows) or (
             kernel is None and norm is None and kernels is None and torch_route(x, n, k, rows, gated))):
-        y = _reference(x, weight, bias, gated, residual, norm, norm_offset)
+        y = _torch_product(x, weight, bias, gated, residual, norm, norm_offset)
         return y if out is None else out.copy_(y)
     # the small-token kernel reads W's rows where they are: a row-strided view of a wider buffer
     # (16-byte aligned rows) needs no copy; the GEMMs take W packed

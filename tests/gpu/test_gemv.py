@@ -186,3 +186,30 @@ def test_every_swept_split_is_correct(split, gated, m):
     ref = reference(x, w, None, gated, r)
     assert not torch.isnan(out).any()
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("m,bias,residual", [(17, False, False), (300, True, True), (5, False, True)])
+def test_gated_calls_torch_serves_take_the_generated_row_kernel(gated, dtype, m, bias, residual, monkeypatch):
+    """A gated call no generated product serves (past 16 rows, or routed to torch: here the small-token kernel
+    switched off) runs torch's product, then act(gate) * up from the stdlib's gated row kernel (linear._torch_product):
+    float64's result within bf16 / f16 rounding, and within a rounding step of torch's own epilogue (_reference),
+    with the bias and the residual add; outputs poisoned with NaN first."""
+    import layerforge.runtime.linear as linear
+    monkeypatch.setattr(linear, "KERNEL_MAX_ROWS", 0)   # every row count on torch's product
+    monkeypatch.setattr(linear, "_GATED_ROWS", {})
+    n, k = 2 * 1000, 3000
+    gen = seeded_generator("gated-rows", gated, dtype, m, bias, residual)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda() if bias else None
+    r = torch.randn(m, n // 2, generator=gen).to(dtype).cuda() if residual else None
+    out = torch.full((m, n // 2), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, b, gated=gated, residual=r, out=out)
+    assert len(linear._GATED_ROWS) == 1   # the row kernel ran
+    ref = reference(x, w, b, gated, r)
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    torch_epilogue = linear._reference(x, w, b, gated, r).double()
+    assert ((out.double() - torch_epilogue).abs() <= 1e-2 * (torch_epilogue.abs() + 1)).all()
