@@ -185,10 +185,10 @@ class _GpuMeasure:
 
     def __call__(self, plan, spills_ok: bool = False) -> float | None:
         from .launch import compile_plan, load_kernels
-        if plan == TORCH:   # torch's product (cuBLAS) with the same epilogue in torch (runtime/linear._reference)
-            from .linear import _reference
+        if plan == TORCH:   # torch's product (cuBLAS) with the same epilogue, as gemv runs it (linear._torch_product)
+            from .linear import _torch_product
             x, gated = self.x, self.gated
-            return graph_time([lambda ts=ts: _reference(x, ts[0], None, gated, None) for ts in self.weights])
+            return graph_time([lambda ts=ts: _torch_product(x, ts[0], None, gated, None) for ts in self.weights])
         res = compile_plan(plan)
         if not spills_ok and any(r.spill_stores or r.spill_loads for r in res.resources.values()):
             return None
@@ -402,12 +402,12 @@ class _GpuStreamMeasure:
     def __call__(self, plan, spills_ok: bool = False) -> float | None:
         import torch
         from .launch import compile_plan, load_kernels
-        from .linear import _StreamLauncher, _reference
+        from .linear import _StreamLauncher, _torch_product
         from .quant import pack_stream_i8, pack_stream_u4
         x, y, m = self.x, self.y, self.rows
         if plan == TORCH:
             ws = [self.w] + [self.w.clone() for _ in range(cold_copy_count(self.w.numel() * 2, self.device) - 1)]
-            return graph_time([lambda w=w: _reference(x, w, None, self.gated, None) for w in ws])
+            return graph_time([lambda w=w: _torch_product(x, w, None, self.gated, None) for w in ws])
         res = compile_plan(plan)
         if not spills_ok and any(r.spill_stores or r.spill_loads for r in res.resources.values()):
             return None
@@ -490,8 +490,8 @@ def gemm_candidates(gated: str | None) -> list[dict]:
 
 
 class _GpuGemmMeasure:
-    """Times one problem's calls at `rows` rows on the GPU, cold weights: torch's product with its epilogue in torch
-    (TORCH; what gemv runs past 16 rows without an entry) or the Hopper GEMM at a split (gemm_candidates); None for a
+    """Times one problem's calls at `rows` rows on the GPU, cold weights: torch's product with its epilogue
+    (TORCH; what gemv runs past 16 rows without an entry: linear._torch_product) or the Hopper GEMM at a split (gemm_candidates); None for a
     split whose plan the problem cannot take or that spills."""
 
     def __init__(self, n, k, gated, rows, dtype, device):
@@ -505,10 +505,10 @@ class _GpuGemmMeasure:
 
     def __call__(self, split, spills_ok: bool = False) -> float | None:
         from .launch import compile_plan
-        from .linear import GEMM_TABLE_VARIANTS, _reference, gemm_plan, launch_gemv
+        from .linear import GEMM_TABLE_VARIANTS, _torch_product, gemm_plan, launch_gemv
         x, y, n, k, gated = self.x, self.y, self.n, self.k, self.gated
         if split == TORCH:
-            return graph_time([lambda w=w: _reference(x, w, None, gated, None) for w in self.weights])
+            return graph_time([lambda w=w: _torch_product(x, w, None, gated, None) for w in self.weights])
         variant = GEMM_TABLE_VARIANTS[split["tail"]]
         try:
             plan = gemm_plan(x.dtype, n, k, gated, False, False, variant, split["bn"])

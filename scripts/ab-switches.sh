@@ -556,6 +556,8 @@ gemmtune)
     ;;
 gemmmodel)
     echo "== tune --gemm-rows over every bucket (8B), then bench_model without / with the table"
+    timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_gemv.py \
+        tests/gpu/test_tune_gpu.py -k "gated_calls or gemm_entry or route_entry" 2>&1 | tail -3
     timeout -s KILL 240 "$PY" -m layerforge tune --config examples/llama-3-8b/config.json --tokens "" \
         --gemm-rows 32,64,128,256,512,1024,2048,4096,8192 --table "$OUT_DIR/gemm_8b.json" 2>&1 \
         | tee "$OUT_DIR/tune_gemm_8b_all.txt" | grep -v "^table"
