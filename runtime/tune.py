@@ -527,7 +527,7 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
               command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
     """Past 16 rows (bf16 / f16 weights, sm_90): each product at each row bucket of `rows` (token_bucket: 32, 64,
     ... rows, timed at the bucket's top) on the Hopper GEMM's splits (gemm_candidates) against torch's product with
-    its epilogue in torch, which gemv runs there without an entry. torch's is timed first and again after the
+    its epilogue (linear._torch_product), which gemv runs there without an entry. torch's is timed first and again after the
     others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split again (its
     slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the calls of the
     bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another card's entry
