@@ -434,11 +434,7 @@ def tune_stream(products: Iterable[tuple[str, int, int, str | None]], *, rows: I
     arch = "sm_90a"   # the kernel's (wgmma, TMA)
     gpu = measure_factory is None
     if gpu:
-        import torch
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-            raise RuntimeError("tune: the decode-range GEMM runs on an sm_90 GPU, and none is visible")
-        device = torch.device("cuda", torch.cuda.current_device())
-        device_name = device_name or torch.cuda.get_device_name(device)
+        device, device_name = _sm90_gpu("the decode-range GEMM", device_name)
 
         def measure_factory(n, k, gated, rows):
             return _GpuStreamMeasure(n, k, gated, rows, dtype, wtype, group, device)
@@ -545,11 +541,7 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
     from ..codegen.gemv import token_bucket
     gpu = measure_factory is None
     if gpu:
-        import torch
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-            raise RuntimeError("tune: the Hopper GEMM runs on an sm_90 GPU, and none is visible")
-        device = torch.device("cuda", torch.cuda.current_device())
-        device_name = device_name or torch.cuda.get_device_name(device)
+        device, device_name = _sm90_gpu("the Hopper GEMM", device_name)
 
         def measure_factory(n, k, gated, rows):
             return _GpuGemmMeasure(n, k, gated, rows, dtype, device)
@@ -601,6 +593,16 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
             log(r.line())
             results.append(r)
     return results
+
+
+def _sm90_gpu(kernel: str, device_name: str | None):
+    """(device, `device_name` or its name) of the current sm_90 GPU a Hopper kernel is timed on; an error naming
+    `kernel` where none is visible."""
+    import torch
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise RuntimeError(f"tune: {kernel} runs on an sm_90 GPU, and none is visible")
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device, device_name or torch.cuda.get_device_name(device)
 
 
 def _race(plans: list, measure: Callable, split_of: Callable, label_of: Callable):
