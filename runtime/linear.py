@@ -169,8 +169,8 @@ def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0)
     geglu_tanh (the same meaning: the product rounded to x's dtype, the activation in float32, rounded back) in one
     pass over the product, where torch's epilogue makes five (the halves to float32, the activation, the multiply,
     the cast)."""
-    if not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
-            and device_major(x.device) >= 8):
+    if not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0
+            and not torch.compiler.is_compiling() and device_major(x.device) >= 8):
         return _reference(x, weight, bias, gated, residual, norm, norm_offset)
     if norm is not None:
         x = rms_norm(x, norm[0], norm[1], norm_offset)

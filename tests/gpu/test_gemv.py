@@ -213,3 +213,4 @@ def test_gated_calls_torch_serves_take_the_generated_row_kernel(gated, dtype, m,
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
     torch_epilogue = linear._reference(x, w, b, gated, r).double()
     assert ((out.double() - torch_epilogue).abs() <= 1e-2 * (torch_epilogue.abs() + 1)).all()
+    assert gemv(x[:0], w, b, gated=gated).shape == (0, n // 2)   # no rows: torch's own, no launch
