@@ -168,9 +168,11 @@ def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0)
     GPU (bf16 / f16, not traced) takes act(gate) * up from the generated row kernel of the stdlib's swiglu / geglu /
     geglu_tanh (the same meaning: the product rounded to x's dtype, the activation in float32, rounded back) in one
     pass over the product, where torch's epilogue makes five (the halves to float32, the activation, the multiply,
-    the cast)."""
-    if not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0
-            and not torch.compiler.is_compiling() and device_major(x.device) >= 8):
+    the cast). Where autograd records the call (grad enabled and x or W requiring it), torch's epilogue, which it
+    can differentiate."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)   # torch's, differentiable
+    if grad or not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0
+                    and not torch.compiler.is_compiling() and device_major(x.device) >= 8):
         return _reference(x, weight, bias, gated, residual, norm, norm_offset)
     if norm is not None:
         x = rms_norm(x, norm[0], norm[1], norm_offset)

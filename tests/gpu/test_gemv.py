@@ -214,3 +214,7 @@ def test_gated_calls_torch_serves_take_the_generated_row_kernel(gated, dtype, m,
     torch_epilogue = linear._reference(x, w, b, gated, r).double()
     assert ((out.double() - torch_epilogue).abs() <= 1e-2 * (torch_epilogue.abs() + 1)).all()
     assert gemv(x[:0], w, b, gated=gated).shape == (0, n // 2)   # no rows: torch's own, no launch
+    linear._GATED_ROWS.clear()
+    wg = w.detach().clone().requires_grad_()   # autograd records the call: torch's differentiable epilogue
+    y = gemv(x, wg, b, gated=gated, residual=r)
+    assert y.grad_fn is not None and not linear._GATED_ROWS
