@@ -10,7 +10,9 @@ bytes; "x bf16" is the bf16 row's time over theirs (same kernel kind, same shape
 Prefill: causal attention over whole prompts, ours (ragged form, K/V read through the page
 table; on sm_90 both the wgmma kernel and the mma.sync one) beside SDPA's flash and cuDNN
 backends and FlexAttention (torch.compile'd, causal block mask built outside the timing) on
-[B, H, S, D] tensors. FLOPs count the visible half of the causal score matrix:
+[B, H, S, D] tensors; for the blocks that rotate q in the kernel (llama_attn, mistral_attn) a second line adds
+to cuDNN's time the rotation of q the peers are spared (torch.compile'd RoPE). FLOPs count the visible half of
+the causal score matrix:
 4 * B * Hq * S^2 * D / 2. --prefill-set main: only the default tiles of each shape.
 --wgmma-overlap: on sm_90 each shape's default wgmma row is followed by one planned under
 LAYERFORGE_WGMMA_OVERLAP=1 (WGTileConfig.overlap, tiles labelled ...ov), in the same process."""
@@ -123,7 +125,26 @@ def prefill_case(prog, name, batch, seq, hq, hkv, d=128, page=64, tiles=None, pr
         res["flex_s"] = flex_causal(qq, kk, vv, hq != hkv)
     except Exception as e:   # noqa: BLE001 - a shape Flex does not take
         print(f"  Flex: {str(e).splitlines()[0][:100]}")
+    res["rope_s"] = rope_peer(qq) if name in ROPE_BLOCKS else None
     return res
+
+
+ROPE_BLOCKS = ("llama_attn", "mistral_attn")   # rotate q in the kernel (K is rotated when appended to the cache)
+
+
+def rope_peer(q) -> float:
+    """The rotation of q the peers are spared (they are handed q as it is): NeoX-style RoPE over q [B, H, S, D] as
+    transformers applies it, torch.compile'd into one kernel, from tables made outside the timing."""
+    _, _, S, D = q.shape
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=q.device).float() / D))
+    ang = torch.arange(S, device=q.device).float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos().to(q.dtype), torch.cat([ang, ang], -1).sin().to(q.dtype)
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+    rot = torch.compile(rotate, dynamic=False)
+    return bench(lambda: rot(q))
 
 
 def flex_causal(q, k, v, gqa: bool) -> float:
@@ -220,7 +241,7 @@ def main(argv=None):
                 r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
                                  overlap=overlap, switch=switch)
                 if peers is None:
-                    peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s")}
+                    peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s", "rope_s")}
                 r.update(peers)
                 fl, cd, fx = peers["flash_s"], peers["cudnn_s"], peers["flex_s"]
                 r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,
@@ -231,6 +252,12 @@ def main(argv=None):
                 print(f"{label:60s} {r['ours_s']*1e3:8.2f} {r['ours_TFLOPs']:8.0f} "
                       f"{fmt(fl and fl * 1e3)} {fmt(cd and cd * 1e3)} {fmt(fx and fx * 1e3)} {fmt(r['ours_over_flash'], '10.2f')} "
                       f"{fmt(r['ours_over_cudnn'], '10.2f')} {fmt(r['ours_over_flex'], '10.2f')}", flush=True)
+                if peers["rope_s"] and cd:   # the layer's work: the peer rotates q first, ours inside the kernel
+                    r["ours_over_cudnn_rope"] = (cd + peers["rope_s"]) / r["ours_s"]
+                    note = f"  (cuDNN + q rotated by torch.compile first: {peers['rope_s'] * 1e3:.3f} ms)"
+                    print(f"{note:60s}"
+                          f" {'':8s} {'':8s} {'':9s} {(cd + peers['rope_s']) * 1e3:9.2f} {'':9s} {'':10s} "
+                          f"{r['ours_over_cudnn_rope']:10.2f}", flush=True)
                 torch.cuda.empty_cache()
     if a.json:
         write_results(a.json, ceiling, rows)

@@ -160,7 +160,7 @@ def _epilogue(y, gated, residual):
 
 
 _GATED_LAYERS = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}   # dsl/stdlib/activations.lf
-_GATED_ROWS: dict[tuple, object] = {}   # (act, output columns, dtype, device) -> the generated gated row kernel's module
+_GATED_ROWS: dict[tuple, object] = {}   # (act, output columns, dtype, device) -> the gated row kernel's module
 
 
 def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0):

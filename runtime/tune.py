@@ -487,8 +487,8 @@ def gemm_candidates(gated: str | None) -> list[dict]:
 
 class _GpuGemmMeasure:
     """Times one problem's calls at `rows` rows on the GPU, cold weights: torch's product with its epilogue
-    (TORCH; what gemv runs past 16 rows without an entry: linear._torch_product) or the Hopper GEMM at a split (gemm_candidates); None for a
-    split whose plan the problem cannot take or that spills."""
+    (TORCH; what gemv runs past 16 rows without an entry: linear._torch_product) or the Hopper GEMM at a split
+    (gemm_candidates); None for a split whose plan the problem cannot take or that spills."""
 
     def __init__(self, n, k, gated, rows, dtype, device):
         import torch
@@ -523,9 +523,9 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
               command: str | None = None, device_name: str | None = None, log=print) -> list[TuneResult]:
     """Past 16 rows (bf16 / f16 weights, sm_90): each product at each row bucket of `rows` (token_bucket: 32, 64,
     ... rows, timed at the bucket's top) on the Hopper GEMM's splits (gemm_candidates) against torch's product with
-    its epilogue (linear._torch_product), which gemv runs there without an entry. torch's is timed first and again after the
-    others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split again (its
-    slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the calls of the
+    its epilogue (linear._torch_product), which gemv runs there without an entry. torch's is timed first and again
+    after the others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split
+    again (its slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the calls of the
     bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another card's entry
     would serve this card, {"wgmma": 0} (torch's product) is written for it. The result's "rules" are torch's.
     measure_factory(n, k, gated, rows) -> measure(split or TORCH, spills_ok=False) -> seconds or None replaces the

@@ -294,8 +294,8 @@ def _check_packaged_entry(entry, monkeypatch):
     launches = []
     if e["family"] == "gemm":   # the Hopper GEMM past 16 rows: the call takes the entry's variant and width
         real = linear.launch_gemv
-        monkeypatch.setattr(linear, "launch_gemv", lambda *a, **kw: launches.append((kw.get("wgmma"),
-                                                                                     kw.get("gemm_bn"))) or real(*a, **kw))
+        monkeypatch.setattr(linear, "launch_gemv",
+                            lambda *a, **kw: launches.append((kw.get("wgmma"), kw.get("gemm_bn"))) or real(*a, **kw))
     elif e["family"] in ("gemv", "gemv_x8"):
         plan = plan_gemv(e["dtype"], max_m=m, arch=e["arch"], **common)
         assert (plan.rt, plan.warps, plan.stages) == tuple(e["split"][f] for f in ("rt", "warps", "stages"))
