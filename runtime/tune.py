@@ -525,9 +525,9 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
     ... rows, timed at the bucket's top) on the Hopper GEMM's splits (gemm_candidates) against torch's product with
     its epilogue (linear._torch_product), which gemv runs there without an entry. torch's is timed first and again
     after the others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split
-    again (its slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the calls of the
-    bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another card's entry
-    would serve this card, {"wgmma": 0} (torch's product) is written for it. The result's "rules" are torch's.
+    again (its slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the
+    calls of the bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another
+    card's entry would serve this card, {"wgmma": 0} (torch's product) is written for it. The result's "rules" are torch's.
     measure_factory(n, k, gated, rows) -> measure(split or TORCH, spills_ok=False) -> seconds or None replaces the
     GPU's timing (tests)."""
     from ..codegen import tuning
