@@ -230,6 +230,10 @@ def gemm_table_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> tuple
     key = (tuning.generation(), x.dtype, n, k, bucket, gated, x.device.index)
     if key in _GEMM_ROUTES:
         return _GEMM_ROUTES[key]
+    if x.is_cuda:   # the tables learn which card this is (its own entries first; a new card: a new generation)
+        from .launch import device_arch
+        device_arch(x.device)
+        key = (tuning.generation(), *key[1:])
     split = tuning.lookup("gemm", arch="sm_90a", dtype="bf16" if x.dtype == torch.bfloat16 else "f16", wtype=None,
                           group=0, gated=gated, n=n, k=k, bucket=bucket)
     hit = None
