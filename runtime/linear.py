@@ -163,13 +163,14 @@ _GATED_LAYERS = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}  
 _GATED_ROWS: dict[tuple, object] = {}   # (act, output columns, dtype, device) -> the gated row kernel's module
 
 
-def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0):
+def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0, cache=None):
     """What gemv runs where no generated product serves the call: _reference, except that a gated call on an sm_80+
     GPU (bf16 / f16, not traced) takes act(gate) * up from the generated row kernel of the stdlib's swiglu / geglu /
     geglu_tanh (the same meaning: the product rounded to x's dtype, the activation in float32, rounded back) in one
     pass over the product, where torch's epilogue makes five (the halves to float32, the activation, the multiply,
     the cast). Where autograd records the call (grad enabled and x or W requiring it), torch's epilogue, which it
-    can differentiate."""
+    can differentiate; where the row kernel is neither cached nor may be compiled (LAYERFORGE_NO_JIT=1), torch's
+    too. `cache`: the kernel cache the row kernel is loaded from (gemv's)."""
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)   # torch's, differentiable
     if grad or not (gated and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() > 0
                     and not torch.compiler.is_compiling() and device_major(x.device) >= 8):
@@ -185,8 +186,15 @@ def _torch_product(x, weight, bias, gated, residual, norm=None, norm_offset=0.0)
         from .layers import LayerModule
         dtype = "bf16" if y.dtype == torch.bfloat16 else "f16"
         module = _GATED_ROWS[key] = LayerModule(Program.stdlib().specialise(_GATED_LAYERS[gated], F=f, dtype=dtype),
-                                                device=y.device)
-    h = module(y.reshape(-1, 2 * f)).view(*y.shape[:-1], f)
+                                                device=y.device, cache=cache)
+    if module is False:
+        return _epilogue(y, gated, residual)
+    from .cache import KernelNotCachedError
+    try:
+        h = module(y.reshape(-1, 2 * f)).view(*y.shape[:-1], f)
+    except KernelNotCachedError:   # compiling at run time is off and no cache holds the kernel: torch's epilogue
+        _GATED_ROWS[key] = False
+        return _epilogue(y, gated, residual)
     return h if residual is None else h + residual
 
 
@@ -432,7 +440,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                "and no norm")
     if not wgmma and (not _kernel_ok(x, weight, rows) or (
             kernel is None and norm is None and kernels is None and torch_route(x, n, k, rows, gated))):
-        y = _torch_product(x, weight, bias, gated, residual, norm, norm_offset)
+        y = _torch_product(x, weight, bias, gated, residual, norm, norm_offset, cache)
         return y if out is None else out.copy_(y)
     # the small-token kernel reads W's rows where they are: a row-strided view of a wider buffer
     # (16-byte aligned rows) needs no copy; the GEMMs take W packed

@@ -218,3 +218,20 @@ def test_gated_calls_torch_serves_take_the_generated_row_kernel(gated, dtype, m,
     wg = w.detach().clone().requires_grad_()   # autograd records the call: torch's differentiable epilogue
     y = gemv(x, wg, b, gated=gated, residual=r)
     assert y.grad_fn is not None and not linear._GATED_ROWS
+
+
+def test_gated_fallback_without_jit_or_cached_kernel_keeps_torchs_epilogue(monkeypatch, tmp_path):
+    """LAYERFORGE_NO_JIT=1 and a cache without the row kernel: the gated call past 16 rows still runs (torch's
+    epilogue, as before the row kernel), and keeps doing so without trying again."""
+    import layerforge.runtime.linear as linear
+    monkeypatch.setenv("LAYERFORGE_NO_JIT", "1")
+    monkeypatch.setenv("LAYERFORGE_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(linear, "_GATED_ROWS", {})
+    monkeypatch.setattr(linear, "WGMMA_MIN_ROWS", 1 << 62)
+    gen = seeded_generator("gated-nojit")
+    x = torch.randn(40, 3000, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.randn(2 * 1000, 3000, generator=gen) / 3000 ** 0.5).to(torch.bfloat16).cuda()
+    for _ in range(2):
+        y = gemv(x, w, gated="silu")
+        assert torch.equal(y, linear._reference(x, w, None, "silu", None))
+    assert list(linear._GATED_ROWS.values()) == [False]
