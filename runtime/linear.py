@@ -230,8 +230,8 @@ _GEMM_ROUTES: dict[tuple, tuple[str, int] | None] = {}   # (generation, dtype, n
 
 def gemm_table_route(x: torch.Tensor, n: int, k: int, rows: int, gated) -> tuple[str, int] | None:
     """(Hopper GEMM variant, tile width) where the tuning tables hold a "gemm" entry measured faster than torch's
-    product (cuBLAS, the epilogue in torch) for this problem and row bucket (token_bucket: 32, 64, ... rows),
-    else None (torch's product: no entry, an entry of {"wgmma": 0}, or a split this build cannot take). The
+    product (cuBLAS and its epilogue: _torch_product) for this problem and row bucket (token_bucket: 32, 64, ...
+    rows), else None (torch's product: no entry, an entry of {"wgmma": 0}, or a split this build cannot take). The
     caller has checked _gemm_ok (an sm_90 GPU, bf16 / f16) and rows > KERNEL_MAX_ROWS."""
     from ..codegen import tuning
     bucket = token_bucket(rows)

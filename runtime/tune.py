@@ -566,30 +566,12 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
         cands = list(candidates) if candidates is not None else gemm_candidates(gated)
         for bucket in buckets:
             measure = measure_factory(n, k, gated, bucket)
-            first = measure(TORCH)
-            timed = [(c, measure(c)) for c in cands]
-            torch_s = min(first, measure(TORCH))
-            timings = {"cuBLAS": torch_s * 1e6} | {_gemm_label(c): t * 1e6 for c, t in timed if t is not None}
-            best, best_s = CUBLAS, torch_s
-            for c, t in timed:
-                if t is not None and t < best_s:
-                    best, best_s = c, t
-            if best is not CUBLAS:
-                again = measure(best)
-                best_s = max(best_s, again if again is not None else float("inf"))
-                timings[_gemm_label(best)] = best_s * 1e6
-                if best_s >= torch_s:
-                    best, best_s = CUBLAS, torch_s
-            win = best["wgmma"] == 1 and best_s < torch_s * (1 - margin)
+            rules, torch_s, best, best_s, timings = _race([TORCH, *cands], measure,
+                                                          lambda p: CUBLAS if p == TORCH else p, _gemm_label)
             key = dict(arch="sm_90a", dtype=dtype, wtype=None, group=0, gated=gated, n=n, k=k, bucket=bucket)
-            if write and (win or _shadowed(table, "gemm", key, card, CUBLAS)):
-                tuning.write_entry(table, "gemm", best if win else CUBLAS, measured={
-                    "us": round((best_s if win else torch_s) * 1e6, 2), "rules_us": round(torch_s * 1e6, 2),
-                    "rules": CUBLAS, "device": card, "command": command or ""}, **key)
-            elif write:
-                tuning.remove_entry(table, "gemm", device=card, **key)
-            r = TuneResult(name, n, k, gated, None, bucket, CUBLAS, torch_s * 1e6, best, best_s * 1e6,
-                           bool(write and win), timings, label=_gemm_label, kind=dtype)
+            win = _record(table, "gemm", key, rules, torch_s, best, best_s, margin, write, card, command)
+            r = TuneResult(name, n, k, gated, None, bucket, rules, torch_s * 1e6, best, best_s * 1e6, win, timings,
+                           label=_gemm_label, kind=dtype)
             log(r.line())
             results.append(r)
     return results
