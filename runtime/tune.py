@@ -527,7 +527,8 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
     after the others (the faster kept: a GPU's first timing after the compiles can read slow), the fastest split
     again (its slower time kept). Where that split beats torch's by more than `margin`, a "gemm" entry sends the
     calls of the bucket to it (runtime/linear.gemm_table_route); else the card's entry goes, or, where another
-    card's entry would serve this card, {"wgmma": 0} (torch's product) is written for it. The result's "rules" are torch's.
+    card's entry would serve this card, {"wgmma": 0} (torch's product) is written for it (tune_products's _race and
+    _record: the result's "rules" are torch's product).
     measure_factory(n, k, gated, rows) -> measure(split or TORCH, spills_ok=False) -> seconds or None replaces the
     GPU's timing (tests)."""
     from ..codegen import tuning
@@ -546,15 +547,16 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
         def measure_factory(n, k, gated, rows):
             return _GpuGemmMeasure(n, k, gated, rows, dtype, device)
     table = Path(table) if table is not None else tuning.user_table_path()
-    products = list(products)
+    # each product with its candidate splits
+    work = [(p, list(candidates) if candidates is not None else gemm_candidates(p[3])) for p in products]
     buckets = sorted({token_bucket(r) for r in rows})
-    if gpu:
+    if gpu:   # every plan the problems take compiled first, a process a core
         import torch
         from .linear import GEMM_TABLE_VARIANTS, gemm_plan
         tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
         plans = []
-        for _, n, k, gated in products:
-            for c in (candidates if candidates is not None else gemm_candidates(gated)):
+        for (_, n, k, gated), cands in work:
+            for c in cands:
                 try:
                     plans.append(gemm_plan(tdt, n, k, gated, False, False, GEMM_TABLE_VARIANTS[c["tail"]], c["bn"]))
                 except ValueError:
@@ -562,8 +564,7 @@ def tune_gemm(products: Iterable[tuple[str, int, int, str | None]], *, rows: Ite
         _precompile(plans)
     card = device_name or ""
     results = []
-    for name, n, k, gated in products:
-        cands = list(candidates) if candidates is not None else gemm_candidates(gated)
+    for (name, n, k, gated), cands in work:
         for bucket in buckets:
             measure = measure_factory(n, k, gated, bucket)
             rules, torch_s, best, best_s, timings = _race([TORCH, *cands], measure,
