@@ -136,6 +136,17 @@ sanitize() {   # CASES LIMIT WHAT
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
 }
+# the split-tail GEMM's GPU tests (tests/gpu/test_gemm.py -k K, cut at LIMIT seconds, to OUT_DIR/LOG), then memcheck
+# over sanitize_cases.py tailsplit where they passed; fails (and sets status) where the tests did
+split_tail_checks() {   # LIMIT K LOG
+    local xdist
+    xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL "$1" "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $xdist tests/gpu/test_gemm.py -k "$2" \
+        2>&1 | tee "$OUT_DIR/$3" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || { status=1; return 1; }
+    SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
+    return 0
+}
 for part in $PARTS; do
 case $part in
 defaults)
@@ -514,29 +525,15 @@ prefetch)
     ;;
 tailsplit)
     echo "== the GEMM's split tail (wgmma_split): GPU tests, memcheck, bench_gemm beside the persistent GEMM"
-    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
-        -k "split_tail or graph_capture or (wgmma_split_skew and (float64 or tile_widths))" \
-        2>&1 | tee "$OUT_DIR/pytest_tailsplit.log" | tail -3
-    if [ "${PIPESTATUS[0]}" = 0 ]; then
-        SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
+    if split_tail_checks 150 "split_tail or graph_capture or (wgmma_split_skew and (float64 or tile_widths))" \
+            pytest_tailsplit.log; then
         timeout -s KILL 200 "$PY" -m benchmarks.bench_gemm --only 8B --tokens 128,1024,4096 --rounds 5 \
             --variant wgmma_persistent,wgmma_split 2>&1 | tee "$OUT_DIR/bench_gemm_tailsplit.txt" | grep -E "median"
-    else
-        status=1
     fi
     ;;
 mambaprod)
     echo "== Mamba2's decode products on the split-tail GEMM: wgmma_split16's GPU tests, then bench_gemm / bench_gemv"
-    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_gemm.py \
-        -k "wgmma_split and (float64 or graph_capture or tile_widths or epilogues)" \
-        2>&1 | tee "$OUT_DIR/pytest_mambaprod.log" | tail -3
-    if [ "${PIPESTATUS[0]}" = 0 ]; then
-        SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
-    else
-        status=1
-    fi
+    split_tail_checks 120 "wgmma_split and (float64 or graph_capture or tile_widths or epilogues)" pytest_mambaprod.log
     timeout -s KILL 150 "$PY" -m benchmarks.bench_gemm --only Mamba2 --tokens 64,128 --rounds 3 --bn 128,256 \
         --variant wgmma_persistent,wgmma_split,wgmma_split16 2>&1 | tee "$OUT_DIR/bench_gemm_mamba.txt" | grep -E "median|device"
     timeout -s KILL 60 "$PY" -m benchmarks.bench_gemv --stream --only Mamba2 --tokens 64,128 2>&1 \
