@@ -102,6 +102,9 @@
 #   xfirst     the W8A8 layer's two paths under the tuned rules: bench_gemv --quant at 1 / 8 / 16 tokens (8B and 70B),
 #              whose "f8 us" column is x quantised first (LAYERFORGE_FP8_QUANT_X_FIRST, the default) and "f8 reg us" x
 #              quantised in the product's registers, same run, same weights
+#   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
+#              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
+#              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
 #   retime     tune's GPU tests, the small-token products timed warm
 #              (bench_gemv --quant at 1 / 8 / 16 tokens), then `layerforge tune`
 #              over Llama-3-8B (bf16, u4, f8, f8b; the decode-range GEMM at 32-128 rows) and the 70B products (u4, i8, bf16)
@@ -421,6 +424,15 @@ ssd)
         | tee "$OUT_DIR/ssd_default.txt" | tail -4
     LAYERFORGE_SSD_CB=1 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
         | tee "$OUT_DIR/ssd_cb.txt" | tail -3
+    ;;
+pending)
+    echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"
+    timeout -s KILL 150 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider tests/gpu/test_gemv.py \
+        tests/gpu/test_tune_gpu.py -k "gated or (packaged and gemm-None)" 2>&1 | tee "$OUT_DIR/pytest_pending.log" | tail -4
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/bench_attention_main.txt" | tail -16
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 retime)
     echo "== the products timed warm (graph_time's 50 ms of untimed replays first): bench_gemv --quant, then layerforge tune"
