@@ -33,6 +33,7 @@ from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context
 from .distance_terms import distance_term
+from .mask_terms import attention_mask_split
 from .mask_tiles import tile_context
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, mask_rest, t5_tables
 
@@ -321,6 +322,20 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     rest = mask_rest(spec.mask)
     rest_em = ScalarEmitter(VARS, tables, dims)
     rest_value = rest_em.emit(rest) if rest is not None else None
+    split = attention_mask_split(spec.mask)
+    split_ctx = None
+    if split is not None:   # the per-score test over its key / row terms' values (codegen/mask_terms.py)
+        def term(node, names):
+            em = ScalarEmitter(names, tables, dims)
+            value = em.emit(node)
+            return {"ctype": ops.C_TYPE[node.dtype], "lines": em.lines, "value": value}
+        test_em = ScalarEmitter(VARS, tables, dims)
+        test_em.cache.update({id(n): f"kt{i}" for i, n in enumerate(split.keys)})
+        test_em.cache.update({id(n): f"rt{i}" for i, n in enumerate(split.rows)})
+        test_value = test_em.emit(split.expr)
+        split_ctx = {"keys": [term(n, {"b": "b", "kv_h": "kv_h", "kv_pos": "kv_pos"}) for n in split.keys],
+                     "rows": [term(n, {"b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos"}) for n in split.rows],
+                     "lines": test_em.lines, "value": test_value, "bounds": rest is not None}
     bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims)
     lows, highs = mask_bounds(spec.mask, bound_em)
     sink_em = ScalarEmitter(VARS, tables, dims)
@@ -339,6 +354,7 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
                 mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
                 rest_lines=rest_em.lines, rest_value=rest_value,
                 sink_lines=sink_em.lines, sink_value=sink_value, rel_term=rel_term,
+                mask_split=split_ctx,
                 bound_lines=bound_em.lines, lows=lows, highs=highs, alibi=alibi_table(*alibi) if alibi else None)
 
 

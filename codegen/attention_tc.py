@@ -41,6 +41,7 @@ from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_a
                         tile_page_entries)
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
+from .mask_terms import attention_mask_split
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
@@ -224,6 +225,10 @@ class TCAttentionPlan(AttentionPlan):
     tma: bool = False                 # decode over an e4m3 cache (sm_90): whole K/V tiles as TMA boxes, each warp's
     #                                   lane 0 issuing its share, where the plan can take them (uses_tma; see
     #                                   decode_tma_default)
+    mask_bits: bool = dataclasses.field(default_factory=lambda: tc_mask_bits_default())
+    #                                   a mask whose per-score test reads tables at the key (packed documents' ids):
+    #                                   the test made once a tile as bits, on the tiles the mask does not hold on whole
+    #                                   (mask_split; LAYERFORGE_TC_MASK_BITS=0: per score, on every tile)
     many: bool = False                # decode: the plan of grids past one wave of the default tile (many_ctas_tile),
     #                                   the module's second decode kernel; a pack's "decode_many" entry. Not in the
     #                                   key: the tile's label tells the two apart
@@ -256,7 +261,16 @@ class TCAttentionPlan(AttentionPlan):
                          *(("kcvt",) if self.fp8_kcvt else ()), *(("kw",) if self.fp8_kwords else ()),
                          *(("f",) if self.fold else ()),
                          *(("hf",) if self.heads_first else ()), *(("t8",) if self.skips_top_rows else ()),
-                         *(("tma",) if self.uses_tma else ()), self.arch.replace("_", ""))
+                         *(("tma",) if self.uses_tma else ()), *(("mb",) if self.mask_split else ()),
+                         self.arch.replace("_", ""))
+
+    @property
+    def mask_split(self) -> bool:
+        """With mask_bits, where the mask's per-score test reads a table at the key (codegen/mask_terms.py): each
+        thread makes the test of its scores of a tile the mask does not hold on whole once, as bits, each key's table
+        reads once for all its rows and each row's once. Without it the test is a select beside every score, its
+        reads made on full tiles too."""
+        return self.mask_bits and attention_mask_split(self.spec.mask) is not None
 
     @property
     def uses_tma(self) -> bool:
@@ -436,6 +450,7 @@ def _render(plan: TCAttentionPlan) -> str:
         MMA_T="bf16" if dtype is DType.bf16 and not plan.fp8_cvt else "f16", FP8_CVT=plan.fp8_cvt, FP8_RAW=plan.fp8_raw,
         FP8_VCVT=plan.fp8_vcvt, FP8_KCVT=plan.fp8_kcvt, FP8_KWORDS=plan.fp8_kwords,
         FOLD=plan.fold and folds(ctx), HEADS_FIRST=plan.heads_first, TOP_ROWS=plan.skips_top_rows,
+        MASK_BITS=plan.mask_split, KEEPW=((c.ksub or c.bnw) // 4 + 31) // 32,
         TMA=plan.uses_tma, BOXR=plan.tma_box[0], wgmma_ops=(),
         EARLY_PAGES=not plan.block_mask and not ctx.get("lows"), HD=hd, HQ=int(spec.num_q_heads), padded=padded,
         HDV=hdv, HDP=padded_dim(hd), HDVP=padded_dim(hdv), CPRL=loader_lanes(hd, hdv),
@@ -446,6 +461,12 @@ def _render(plan: TCAttentionPlan) -> str:
         fp8=plan.kv_dtype is not None, KT="unsigned char" if plan.kv_dtype else ops.STORAGE_TYPE[dtype],
         SWZ="lf_st8" if plan.kv_dtype else "lf_swz", fp8_helpers=read_template("cuda/fp8.cuh") if plan.kv_dtype else "",
         **ctx)
+
+
+def tc_mask_bits_default() -> bool:
+    """Whether the tensor-core kernels test a mask reading tables at the key once a tile as bits
+    (TCAttentionPlan.mask_bits); LAYERFORGE_TC_MASK_BITS=0 tests it beside every score."""
+    return env_switch("LAYERFORGE_TC_MASK_BITS", True)
 
 
 def fp8_wide_default() -> bool:

@@ -46,6 +46,7 @@ from .attention import (AttentionPlan, check_attention_layer, check_specialisabl
 from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
 from .distance_terms import distance_term
+from .mask_terms import attention_mask_split
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
@@ -195,11 +196,20 @@ class WGMMAAttentionPlan(AttentionPlan):
     page_size: int = 16
     tiles: WGTileConfig | None = None   # None: the first of tile_candidates
     distance_table: bool = True         # tabulate the score's distance term per tile (rel_table); False: per score
+    mask_bits: bool = True              # a mask's table reads once per key and row, its test as bits (mask_split)
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label,
-                         *(("dt",) if self.rel_table else ()), self.arch.replace("_", ""))
+                         *(("dt",) if self.rel_table else ()), *(("mb",) if self.mask_split else ()),
+                         self.arch.replace("_", ""))
+
+    @property
+    def mask_split(self) -> bool:
+        """With mask_bits, where the mask's per-score test reads a table at the key (codegen/mask_terms.py: packed
+        documents' ids): each consumer thread makes the test of its scores of a tile once, as bits, while the tile's
+        MMAs run, each key's table reads once for both its rows and each row's once; False: the test per score."""
+        return self.mask_bits and attention_mask_split(self.spec.mask) is not None
 
     @property
     def mode(self) -> str:
@@ -327,7 +337,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
-        MASK_BRANCH=plan.block_mask, BOXR=plan.tma_box[0],
+        MASK_BRANCH=plan.block_mask, BOXR=plan.tma_box[0], MASK_BITS=plan.mask_split, KEEPW=(c.bn // 4 + 31) // 32,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)
@@ -447,7 +457,14 @@ def default_options() -> dict[str, bool]:
     return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
-                persist=persist_default())
+                persist=persist_default(), mask_bits=mask_bits_default())
+
+
+def mask_bits_default() -> bool:
+    """Whether a mask whose per-score test reads tables at the key (packed documents' ids) is tested once per tile
+    as bits (WGMMAAttentionPlan.mask_bits); LAYERFORGE_WGMMA_MASK_BITS=0 tests it per score. Only kernels of such
+    masks change (the block-mask kernels, which run where asked for: supports())."""
+    return env_switch("LAYERFORGE_WGMMA_MASK_BITS", True)
 
 
 def rope_steps(ctx: dict) -> bool:
@@ -484,7 +501,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
-                         rope_batch: bool = False, persist: bool = False) -> WGMMAAttentionPlan:
+                         rope_batch: bool = False, persist: bool = False, mask_bits: bool = True) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -511,14 +528,17 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     where rope_step is taken, its reads batched (WGTileConfig.rope_batch) where that compiles without spills.
     persist (without `tiles`): the persistent kernel over a work queue (WGTileConfig.persist) where that compiles
     without spills, in the launch order lpt asks for, with each next row block's Q loaded early (q_next) where that
-    compiles without spills too; taken before pairs (a CTA with several row blocks either way)."""
-    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers)
+    compiles without spills too; taken before pairs (a CTA with several row blocks either way). mask_bits: a mask
+    whose per-score test reads tables at the key tested once per tile as bits (WGMMAAttentionPlan.mask_split)."""
+    plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
+                       mask_bits=mask_bits)
     if tiles is not None:
         return plan
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if plan.config.consumers > CONSUMERS and tma and not plan.tma:
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
-        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False),
+        plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False,
+                                         mask_bits=mask_bits),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if rope_batch and plan.config.rope_step:
         plan = _with_option(plan, compile_fn, rope_batch=True)
@@ -574,7 +594,7 @@ def _with_option(plan: WGMMAAttentionPlan, compile_fn: CompileFn | None, **optio
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
-                distance_table: bool, *, three_consumers: bool = True) -> WGMMAAttentionPlan:
+                distance_table: bool, *, three_consumers: bool = True, mask_bits: bool = True) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
@@ -590,7 +610,8 @@ def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compil
                                if tables else ""))
     candidates = fits
     for c in candidates:
-        plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table)
+        plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table,
+                                  mask_bits=mask_bits)
         if plan.page_entries > 32:
             raise LoweringError(f"{layer.name}: wgmma attention needs pages of at least {c.keys // 32 + 1} keys "
                                 f"for {c.keys}-key tiles, not {page_size}")

@@ -102,6 +102,9 @@
 #   xfirst     the W8A8 layer's two paths under the tuned rules: bench_gemv --quant at 1 / 8 / 16 tokens (8B and 70B),
 #              whose "f8 us" column is x quantised first (LAYERFORGE_FP8_QUANT_X_FIRST, the default) and "f8 reg us" x
 #              quantised in the product's registers, same run, same weights
+#   maskbits   document masks tested once a tile as bits (their key-side table reads once per key; the default, mma.sync
+#              and wgmma): the block-mask GPU tests (bits and per score), compute-sanitizer memcheck over
+#              sanitize_cases.py documents, then bench_masks --only document --wgmma with the bits off, on, off, on
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -424,6 +427,19 @@ ssd)
         | tee "$OUT_DIR/ssd_default.txt" | tail -4
     LAYERFORGE_SSD_CB=1 "$PY" -m benchmarks.bench_ssd --cases prefill:1x8192,prefill:8x2048 --no-transformers 2>&1 \
         | tee "$OUT_DIR/ssd_cb.txt" | tail -3
+    ;;
+maskbits)
+    echo "== document masks as bits: GPU tests, memcheck, bench_masks (bits off / on, twice)"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_block_mask.py 2>&1 \
+        | tee "$OUT_DIR/pytest_maskbits.log" | tail -4
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize documents 90 "the document masks' prefills (bits)"
+    for v in 0 1 0 1; do
+        echo "-- LAYERFORGE_WGMMA_MASK_BITS=$v LAYERFORGE_TC_MASK_BITS=$v"
+        LAYERFORGE_WGMMA_MASK_BITS=$v LAYERFORGE_TC_MASK_BITS=$v timeout -s KILL 120 "$PY" -m benchmarks.bench_masks \
+            --only document --wgmma 2>&1 | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_bits_$v.txt" | tail -3
+    done
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

@@ -118,6 +118,47 @@ def d256_cases(bf):
     ragged_prefill(layer, attn, 256, {0: 300, 1: 1, 2: 77}, bf, num_pages=64, max_pages=20)
 
 
+def document_cases(bf):
+    """Document masks with their test made once a tile as bits (the default: the key's table reads once per key,
+    the row's once), on the mma.sync prefill and (sm_90) the wgmma one at D128 and D64 (three consumers): ragged
+    lengths off the tiles, split-KV, ids in runs of 1-400 tokens, then a corrupt block mask (clamped)."""
+    doc_prog = lf.loads("""
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}""", "document.lf", with_stdlib=False)
+    lens = [700, 1, 300]
+    g = torch.Generator().manual_seed(3)
+    runs = torch.tensor([1, 2, 9, 33, 64, 150, 400])[torch.randint(0, 7, (3, 64), generator=g)]
+    doc = torch.stack([torch.repeat_interleave(torch.arange(64), r)[:max(lens)] for r in runs]).int().cuda()
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    from layerforge.runtime.block_mask import BlockMask
+    for d, kernel in ((128, "tc"), (128, "wgmma"), (64, "wgmma")):
+        if kernel == "wgmma" and not hopper:
+            continue
+        layer = doc_prog.specialise("document", Hq=16, Hkv=4, D=d, dtype="bf16")
+        cache = PagedKVCache(128, 16, 4, d, dtype=bf, device="cuda", max_seqs=3, max_pages_per_seq=48)
+        for s, n in enumerate(lens):
+            cache.allocate(s, n)
+            cache.append([s] * n, torch.randn(n, 4, d, device="cuda", dtype=bf),
+                         torch.randn(n, 4, d, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
+        attn = PagedAttention(layer, page_size=16, **({"prefill": "wgmma"} if kernel == "wgmma" else {}))
+        assert attn.tc_plan("prefill").mask_split, attn.tc_plan("prefill").key
+        q = torch.randn(sum(lens), 16, d, device="cuda", dtype=bf)
+        call = dict(max_q_len=max(lens), max_kv_len=max(lens), extra={"doc": doc})
+        for splits in (None, 3):
+            attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, num_splits=splits,
+                         **call)
+        good = attn.block_mask(cache.seq_lens, cu, **call)
+        bad = BlockMask(cls=good.cls, num=torch.full_like(good.num, 10**6),
+                        idx=torch.randint(-2**30, 2**30, good.idx.shape, dtype=torch.int32, device="cuda"),
+                        rows=good.rows, keys=good.keys, kernel=good.kernel)
+        attn.prefill(q, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, block_mask=bad, **call)
+    torch.cuda.synchronize()
+
+
 def persist_cases(bf):
     """The persistent wgmma prefill (the work queue's slots, each next row block's Q loaded early): D128 in the
     sectioned and the default order and D64 with three consumers, ragged chunks, split-KV, a corrupt page table and
@@ -440,6 +481,8 @@ if __name__ == "__main__":
         xshare_cases(torch.bfloat16)
     elif sys.argv[1:] == ["tailsplit"]:   # the GEMM's split tail alone (off by default: not in main)
         tail_split_cases(torch.bfloat16)
+    elif sys.argv[1:] == ["documents"]:   # the document masks' prefills alone, their test as bits
+        document_cases(torch.bfloat16)
     elif sys.argv[1:] == ["prefetch"]:   # the L2 prefetch alone (main runs it too)
         prefetch_cases(torch.bfloat16)
     else:

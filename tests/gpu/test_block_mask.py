@@ -125,6 +125,19 @@ def test_document_masks(prog, name, kind, hq, hkv):
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv)
 
 
+@pytest.mark.parametrize("bits", [True, False])
+@pytest.mark.parametrize("name,kind", [("doc_causal", "random"), ("doc", "random"), ("doc_pad", "pad")])
+def test_document_masks_tested_as_bits_or_per_score(prog, monkeypatch, name, kind, bits):
+    """The mask's test made once a tile as bits (its key-side table reads once per key: the default,
+    TCAttentionPlan.mask_bits) and beside every score (LAYERFORGE_TC_MASK_BITS=0): the same float64 reference."""
+    monkeypatch.setenv("LAYERFORGE_TC_MASK_BITS", "1" if bits else "0")
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
+    attn = PagedAttention(layer, page_size=64)
+    plan = attn.tc_plan("prefill")
+    assert plan.mask_split is bits and ("_mb_" in plan.key) is bits, plan.key
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)
+
+
 def test_fully_masked_rows_give_zeros(prog):
     layer = prog.specialise("doc_pad", Hq=32, Hkv=8, D=128, dtype="bf16")
     run(layer, LENS, NEW, {"doc": doc_table(LENS, "pad", random.Random(5))}, hq=32, hkv=8)
@@ -216,6 +229,19 @@ def test_wgmma_document_masks(prog, name, kind, hq, hkv):
     attn = wgmma_attn(layer)
     assert PagedAttention(layer, page_size=64).prefill_kernel == "tc"   # not the default (yet)
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv, attn=attn)
+
+
+@hopper
+@pytest.mark.parametrize("name,kind", [("doc_causal", "random"), ("doc", "one"), ("doc_pad", "pad")])
+def test_wgmma_document_masks_per_score(prog, monkeypatch, name, kind):
+    """With LAYERFORGE_WGMMA_MASK_BITS=0 the wgmma kernel tests the mask beside every score (its table reads per
+    score), as before the bits: the same float64 reference; the default takes the bits."""
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert wgmma_attn(layer).tc_plan("prefill").mask_split
+    monkeypatch.setenv("LAYERFORGE_WGMMA_MASK_BITS", "0")
+    attn = wgmma_attn(layer)
+    assert not attn.tc_plan("prefill").mask_split and "_mb_" not in attn.tc_plan("prefill").key
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)
 
 
 @hopper
