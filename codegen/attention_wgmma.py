@@ -205,6 +205,23 @@ class WGMMAAttentionPlan(AttentionPlan):
                          self.arch.replace("_", ""))
 
     @property
+    def key_term_slots(self) -> tuple[int, ...]:
+        """With mask_split: the bytes of each key term's slot in a consumer warpgroup's shared buffer (a tile's BN
+        values, 16-byte aligned); () without."""
+        split = attention_mask_split(self.spec.mask) if self.mask_split else None
+        if split is None:
+            return ()
+        size = {"bool": 1, "int": 4, "float": 4, "long long": 8}
+        return tuple(-(-self.config.keys * size[ops.C_TYPE[n.dtype]] // 16) * 16 for n in split.keys)
+
+    @property
+    def key_terms_staged(self) -> bool:
+        """With mask_split, where shared memory holds it beside the stages: each consumer warpgroup makes a tile's key
+        terms once, a key a thread, into a buffer of its own (sKeyT: [NCW][key_term_slots]) that its threads read;
+        else each thread makes the terms of its keys itself."""
+        return bool(self.key_term_slots) and self._layout(True).bytes + 1024 <= SHARED_LIMIT
+
+    @property
     def mask_split(self) -> bool:
         """With mask_bits, where the mask's per-score test reads a table at the key (codegen/mask_terms.py: packed
         documents' ids): each consumer thread makes the test of its scores of a tile once, as bits, while the tile's
@@ -280,7 +297,11 @@ class WGMMAAttentionPlan(AttentionPlan):
     @property
     def shared_layout(self) -> SharedLayout:
         """Q, the K and V stages (each 1024-byte aligned: the swizzle reads address bits 7-9),
-        then the full / empty mbarriers, and the distance tables (two buffers per consumer)."""
+        then the full / empty mbarriers, the distance tables (two buffers per consumer) and the
+        mask's key terms (key_terms_staged: a buffer per consumer)."""
+        return self._layout(self.key_terms_staged)
+
+    def _layout(self, key_terms: bool) -> SharedLayout:
         c = self.config
         _, hdp, hdvp = self.dims
         rel = self.rel_table
@@ -289,7 +310,8 @@ class WGMMAAttentionPlan(AttentionPlan):
                              ("sV", 2 * c.stages * c.keys * hdvp),
                              ("bars", 8 * 2 * (ks + (c.stages if self.kv_rings else 0))
                               + (8 * 4 + 4 * 2 if c.persist else 0)),   # the work queue's two slots and barriers
-                             *((("sRel", c.consumers * 2 * 4 * rel[0] * rel[1]),) if rel else ())), align=1024)
+                             *((("sRel", c.consumers * 2 * 4 * rel[0] * rel[1]),) if rel else ()),
+                             *((("sKeyT", c.consumers * sum(self.key_term_slots)),) if key_terms else ())), align=1024)
 
     @property
     def shared_bytes(self) -> int:
@@ -338,6 +360,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
         MASK_BRANCH=plan.block_mask, BOXR=plan.tma_box[0], MASK_BITS=plan.mask_split, KEEPW=(c.bn // 4 + 31) // 32,
+        KEY_STAGED=plan.key_terms_staged, KEY_SLOTS=plan.key_term_slots,
         wgmma_ops=[{"n": c.bn, "a": "ss", "t": mma_t}, {"n": hdvp, "a": "rs", "t": mma_t}],
         block_mask=plan.block_mask, BM_HEADS=mask_heads(plan.layer) if plan.block_mask else 1,
         RELH=rel[0] if rel else None, RELW=rel[1] if rel else None, **ctx)

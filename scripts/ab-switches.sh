@@ -104,7 +104,8 @@
 #              quantised in the product's registers, same run, same weights
 #   maskbits   document masks tested once a tile as bits (their key-side table reads once per key; the default, mma.sync
 #              and wgmma): the block-mask GPU tests (bits and per score), compute-sanitizer memcheck over
-#              sanitize_cases.py documents, then bench_masks --only document --wgmma with the bits off, on, off, on
+#              sanitize_cases.py documents, probe_doc_bound (each prefill beside its all-tiles-full copy), then
+#              bench_masks --only document --wgmma with the bits off and on
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -435,7 +436,9 @@ maskbits)
         | tee "$OUT_DIR/pytest_maskbits.log" | tail -4
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize documents 90 "the document masks' prefills (bits)"
-    for v in 0 1 0 1; do
+    timeout -s KILL 200 "$PY" -m benchmarks.probe_doc_bound 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/probe_doc_bound.txt" | tail -7
+    for v in 0 1; do
         echo "-- LAYERFORGE_WGMMA_MASK_BITS=$v LAYERFORGE_TC_MASK_BITS=$v"
         LAYERFORGE_WGMMA_MASK_BITS=$v LAYERFORGE_TC_MASK_BITS=$v timeout -s KILL 120 "$PY" -m benchmarks.bench_masks \
             --only document --wgmma 2>&1 | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_bits_$v.txt" | tail -3
