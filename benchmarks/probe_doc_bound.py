@@ -5,7 +5,7 @@ take the full-tile path (no mask test, no bits: the numbers are wrong on purpose
 
 Rows (B H32/8 D128 bf16, documents of 128-1024 tokens as bench_masks builds them, its block mask made once, outside
 the timing): the mma.sync prefill (the documents' default) and the wgmma one, plain and persistent
-(LAYERFORGE_WGMMA_PERSIST), each as built ("as built") and with every listed tile full ("all full"); the time left
+(LAYERFORGE_WGMMA_PERSIST), with the key terms staged in shared memory (LAYERFORGE_WGMMA_KEY_STAGE), each as built ("as built") and with every listed tile full ("all full"); the time left
 between the two is what the partial tiles' mask work costs. The per-score test (the mask beside every score,
 LAYERFORGE_*_MASK_BITS=0) is timed too. Flex's time beside, same run."""
 from __future__ import annotations
@@ -72,6 +72,10 @@ def main(argv=None) -> int:
             ("tc", "mma.sync, per score", {"LAYERFORGE_TC_MASK_BITS": "0"}),
             ("wgmma", "wgmma, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "0"}),
             ("wgmma", "wgmma persist, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "1"}),
+            ("wgmma", "wgmma, bits, keys staged", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "0",
+                                                   "LAYERFORGE_WGMMA_KEY_STAGE": "1"}),
+            ("wgmma", "wgmma persist, keys staged", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "1",
+                                                     "LAYERFORGE_WGMMA_KEY_STAGE": "1"}),
             ("wgmma", "wgmma, per score", {"LAYERFORGE_WGMMA_MASK_BITS": "0", "LAYERFORGE_WGMMA_PERSIST": "0"})]
     for kind, label, env in rows:
         times, key = [], None

@@ -197,11 +197,13 @@ class WGMMAAttentionPlan(AttentionPlan):
     tiles: WGTileConfig | None = None   # None: the first of tile_candidates
     distance_table: bool = True         # tabulate the score's distance term per tile (rel_table); False: per score
     mask_bits: bool = True              # a mask's table reads once per key and row, its test as bits (mask_split)
+    stage_keys: bool = False            # with mask_split: its key terms made once a tile into shared memory
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label,
                          *(("dt",) if self.rel_table else ()), *(("mb",) if self.mask_split else ()),
+                         *(("ks",) if self.key_terms_staged else ()),
                          self.arch.replace("_", ""))
 
     @property
@@ -216,10 +218,11 @@ class WGMMAAttentionPlan(AttentionPlan):
 
     @property
     def key_terms_staged(self) -> bool:
-        """With mask_split, where shared memory holds it beside the stages: each consumer warpgroup makes a tile's key
-        terms once, a key a thread, into a buffer of its own (sKeyT: [NCW][key_term_slots]) that its threads read;
-        else each thread makes the terms of its keys itself."""
-        return bool(self.key_term_slots) and self._layout(True).bytes + 1024 <= SHARED_LIMIT
+        """With stage_keys and mask_split, where shared memory holds it beside the stages: each consumer warpgroup makes
+        a tile's key terms once, a key a thread, into a buffer of its own (sKeyT: [NCW][key_term_slots]) that its
+        threads read; else each thread makes the terms of its keys itself. Off by default (LAYERFORGE_WGMMA_KEY_STAGE=1)
+        until it has run on a GPU."""
+        return self.stage_keys and bool(self.key_term_slots) and self._layout(True).bytes + 1024 <= SHARED_LIMIT
 
     @property
     def mask_split(self) -> bool:
@@ -481,7 +484,14 @@ def default_options() -> dict[str, bool]:
     return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
-                persist=persist_default(), mask_bits=mask_bits_default())
+                persist=persist_default(), mask_bits=mask_bits_default(), stage_keys=key_stage_default())
+
+
+def key_stage_default() -> bool:
+    """Whether a mask tested as bits has its key terms made once a tile into shared memory by the consumer
+    warpgroups (WGMMAAttentionPlan.key_terms_staged): off (LAYERFORGE_WGMMA_KEY_STAGE=1 asks for it) until it has
+    run on a GPU (built and compiled spill-free on the CPU: the consumer loop 5186 -> 2117 instructions)."""
+    return env_switch("LAYERFORGE_WGMMA_KEY_STAGE", False)
 
 
 def mask_bits_default() -> bool:
@@ -525,7 +535,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          overlap: bool = False, tma: bool = False, rope_step: bool = False,
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
-                         rope_batch: bool = False, persist: bool = False, mask_bits: bool = True) -> WGMMAAttentionPlan:
+                         rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
+                         stage_keys: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -553,16 +564,17 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     persist (without `tiles`): the persistent kernel over a work queue (WGTileConfig.persist) where that compiles
     without spills, in the launch order lpt asks for, with each next row block's Q loaded early (q_next) where that
     compiles without spills too; taken before pairs (a CTA with several row blocks either way). mask_bits: a mask
-    whose per-score test reads tables at the key tested once per tile as bits (WGMMAAttentionPlan.mask_split)."""
+    whose per-score test reads tables at the key tested once per tile as bits (WGMMAAttentionPlan.mask_split);
+    stage_keys: its key terms made into shared memory once a tile (WGMMAAttentionPlan.key_terms_staged)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
-                       mask_bits=mask_bits)
+                       mask_bits=mask_bits, stage_keys=stage_keys)
     if tiles is not None:
         return plan
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if plan.config.consumers > CONSUMERS and tma and not plan.tma:
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False,
-                                         mask_bits=mask_bits),
+                                         mask_bits=mask_bits, stage_keys=stage_keys),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if rope_batch and plan.config.rope_step:
         plan = _with_option(plan, compile_fn, rope_batch=True)
@@ -618,7 +630,8 @@ def _with_option(plan: WGMMAAttentionPlan, compile_fn: CompileFn | None, **optio
 
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
-                distance_table: bool, *, three_consumers: bool = True, mask_bits: bool = True) -> WGMMAAttentionPlan:
+                distance_table: bool, *, three_consumers: bool = True, mask_bits: bool = True,
+                stage_keys: bool = False) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
@@ -635,7 +648,7 @@ def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compil
     candidates = fits
     for c in candidates:
         plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table,
-                                  mask_bits=mask_bits)
+                                  mask_bits=mask_bits, stage_keys=stage_keys)
         if plan.page_entries > 32:
             raise LoweringError(f"{layer.name}: wgmma attention needs pages of at least {c.keys // 32 + 1} keys "
                                 f"for {c.keys}-key tiles, not {page_size}")

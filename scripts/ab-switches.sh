@@ -103,7 +103,8 @@
 #              whose "f8 us" column is x quantised first (LAYERFORGE_FP8_QUANT_X_FIRST, the default) and "f8 reg us" x
 #              quantised in the product's registers, same run, same weights
 #   maskbits   document masks tested once a tile as bits (their key-side table reads once per key; the default, mma.sync
-#              and wgmma): the block-mask GPU tests (bits and per score), compute-sanitizer memcheck over
+#              and wgmma): the block-mask GPU tests (bits and per score; the wgmma ones again with its key terms staged
+#              in shared memory, LAYERFORGE_WGMMA_KEY_STAGE=1, off until this runs), compute-sanitizer memcheck over
 #              sanitize_cases.py documents, probe_doc_bound (each prefill beside its all-tiles-full copy), then
 #              bench_masks --only document --wgmma with the bits off and on
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
@@ -435,7 +436,12 @@ maskbits)
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_block_mask.py 2>&1 \
         | tee "$OUT_DIR/pytest_maskbits.log" | tail -4
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    echo "-- the same with the wgmma kernel's key terms staged in shared memory (LAYERFORGE_WGMMA_KEY_STAGE=1)"
+    LAYERFORGE_WGMMA_KEY_STAGE=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_block_mask.py -k wgmma 2>&1 | tee "$OUT_DIR/pytest_keystage.log" | tail -4
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize documents 90 "the document masks' prefills (bits)"
+    LAYERFORGE_WGMMA_KEY_STAGE=1 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize documents 90 "the same, keys staged"
     timeout -s KILL 200 "$PY" -m benchmarks.probe_doc_bound 2>&1 | grep -v "$FLEX_NOISE" \
         | tee "$OUT_DIR/probe_doc_bound.txt" | tail -7
     for v in 0 1; do

@@ -75,10 +75,13 @@ def test_no_split_without_a_key_read_or_with_the_score(prog):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, d):
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=d, dtype="bf16")
-    plan = plan_wgmma_attention(layer, page_size=64)
+    plain = plan_wgmma_attention(layer, page_size=64)   # staging is off by default (not yet run on a GPU)
+    assert plain.mask_split and not plain.key_terms_staged and "sKeyT" not in plain.source()
+    plan = plan_wgmma_attention(layer, page_size=64, stage_keys=True)
     src = plan.source()
     assert plan.mask_split and "_mb_" in plan.key and "lf_mask_split(" in src and "keep[half]" in src
-    assert plan.key_terms_staged == ("sKeyT" in plan.shared_layout.offsets) == ("key_t0[kp - k0]" in src)
+    assert plan.key_terms_staged and "_ks_" in plan.key
+    assert "sKeyT" in plan.shared_layout.offsets and "key_t0[kp - k0]" in src
     assert plan.shared_bytes <= SHARED_LIMIT
     off = plan_wgmma_attention(layer, page_size=64, mask_bits=False)
     assert not off.mask_split and "_mb_" not in off.key and "lf_mask_split(" not in off.source().split("__global__")[1]
@@ -86,7 +89,7 @@ def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, 
 
 def test_wgmma_key_terms_fit_beside_three_stages(prog):
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
-    full = plan_wgmma_attention(layer, page_size=64, tiles=WGTileConfig(bn=128, stages=3))
+    full = plan_wgmma_attention(layer, page_size=64, tiles=WGTileConfig(bn=128, stages=3), stage_keys=True)
     assert full.key_terms_staged   # 1 KB left beside three 128-key stages: a consumer's 512 bytes of ids each
     assert full._layout(True).bytes + 1024 <= SHARED_LIMIT < full._layout(True).bytes + 1024 + 1024
 
