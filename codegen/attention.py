@@ -322,7 +322,9 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     rest = mask_rest(spec.mask)
     rest_em = ScalarEmitter(VARS, tables, dims)
     rest_value = rest_em.emit(rest) if rest is not None else None
-    split = attention_mask_split(spec.mask)
+    from .block_mask import needs_block_mask   # (codegen/block_mask.py imports this module)
+    # the masks the block-mask kernels walk (tables read at positions: packed documents); others keep their sources
+    split = attention_mask_split(spec.mask) if needs_block_mask(layer) else None
     split_ctx = None
     if split is not None:   # the per-score test over its key / row terms' values (codegen/mask_terms.py)
         def term(node, names):

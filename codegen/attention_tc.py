@@ -270,7 +270,7 @@ class TCAttentionPlan(AttentionPlan):
         thread makes the test of its scores of a tile the mask does not hold on whole once, as bits, each key's table
         reads once for all its rows and each row's once. Without it the test is a select beside every score, its
         reads made on full tiles too."""
-        return self.mask_bits and attention_mask_split(self.spec.mask) is not None
+        return self.mask_bits and self.block_mask and attention_mask_split(self.spec.mask) is not None
 
     @property
     def uses_tma(self) -> bool:

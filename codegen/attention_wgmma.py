@@ -229,7 +229,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         """With mask_bits, where the mask's per-score test reads a table at the key (codegen/mask_terms.py: packed
         documents' ids): each consumer thread makes the test of its scores of a tile once, as bits, while the tile's
         MMAs run, each key's table reads once for both its rows and each row's once; False: the test per score."""
-        return self.mask_bits and attention_mask_split(self.spec.mask) is not None
+        return self.mask_bits and self.block_mask and attention_mask_split(self.spec.mask) is not None
 
     @property
     def mode(self) -> str:

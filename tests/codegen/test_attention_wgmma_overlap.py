@@ -53,7 +53,8 @@ def overlapped(tiles: WGTileConfig) -> WGTileConfig:
 def check_overlap_source(plan):
     src = plan.source()
     assert plan.config.overlap
-    assert plan.key.endswith(f"_{plan.config.label}_" + ("dt_" if plan.rel_table else "") + "sm90a")
+    assert plan.key.endswith(f"_{plan.config.label}_" + ("dt_" if plan.rel_table else "")
+                             + ("mb_" if plan.mask_split else "") + "sm90a")
     # S, then the previous tile's P V: two groups a turn; the softmax after the first is in
     turn = src.split("lf_wgmma_ss_n")[-1]
     second = turn.index("lf_wgmma_commit();\n            if (prev >= 0) pv(pa_prev, prev);")

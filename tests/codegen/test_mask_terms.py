@@ -26,6 +26,9 @@ attention keyed(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], k
 attention scored(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
     mask = kv_pos <= q_pos and doc[b, kv_pos] > score
 }
+attention prefix(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], pre: i32[B]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos or kv_pos < pre[b]
+}
 attention parity(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D]) -> T[B, S, Hq, D] {
     mask = kv_pos <= q_pos and kv_pos % 2 == 0
 }
@@ -101,3 +104,13 @@ def test_tc_kernel_takes_the_bits(prog, monkeypatch):
     monkeypatch.setenv("LAYERFORGE_TC_MASK_BITS", "0")
     off = plan_tc_attention(layer, "sm_90", page_size=64)
     assert not off.mask_split and "keep[sl]" not in off.source()
+
+
+def test_only_block_mask_kernels_take_the_bits(prog):
+    """A mask whose table is read at the batch only (a prefix length) is bounded per tile by the classifier, not by a
+    block mask: its key read splits off, but the kernels keep their per-score test and their sources."""
+    layer = prog.specialise("prefix", Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert attention_mask_split(layer.function.outputs[0].arg.mask) is not None
+    for plan in (plan_wgmma_attention(layer, page_size=64), plan_tc_attention(layer, "sm_90", page_size=64)):
+        assert not plan.block_mask and not plan.mask_split and "lf_mask_split" not in plan.source()
+
