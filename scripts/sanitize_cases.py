@@ -78,6 +78,15 @@ def mla_pair_cases(bf):
         dec(q, lat, bad, lens, q_seq, scale=0.07, max_kv_len=150)
 
 
+# a document mask (packed sequences: a row sees the keys of its own document)
+DOCUMENT = """
+dims Hq, Hkv, D
+dynamic B, S, Skv
+attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
+    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
+}"""
+
+
 def ragged_prefill(layer, attn, d, lens, bf, *, num_pages, max_pages, small=False):
     """`attn`'s prefill over a fresh cache of `lens` (a dict: sequence -> tokens, the whole sequences the chunks),
     unsplit and in 3 splits; with `small`, a launch of a few tokens (fewer places than SMs); then over a corrupt
@@ -122,12 +131,7 @@ def document_cases(bf):
     """Document masks with their test made once a tile as bits (the default: the key's table reads once per key,
     the row's once), on the mma.sync prefill and (sm_90) the wgmma one at D128 and D64 (three consumers): ragged
     lengths off the tiles, split-KV, ids in runs of 1-400 tokens, then a corrupt block mask (clamped)."""
-    doc_prog = lf.loads("""
-dims Hq, Hkv, D
-dynamic B, S, Skv
-attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
-    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
-}""", "document.lf", with_stdlib=False)
+    doc_prog = lf.loads(DOCUMENT, "document.lf", with_stdlib=False)
     lens = [700, 1, 300]
     g = torch.Generator().manual_seed(3)
     runs = torch.tensor([1, 2, 9, 33, 64, 150, 400])[torch.randint(0, 7, (3, 64), generator=g)]
@@ -330,12 +334,7 @@ def main():
     bad_cu = torch.tensor([0, 1, 500, 38, 10**6], dtype=torch.int32, device="cuda")
     attn.prefill(qr, cache.k_cache, cache.v_cache, bad_table, bad_lens, bad_cu, max_q_len=100, max_kv_len=256)
     # a document mask (packed sequences): the block-mask pre-pass, then the prefill walking its lists
-    doc_prog = lf.loads("""
-dims Hq, Hkv, D
-dynamic B, S, Skv
-attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
-    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
-}""", "document.lf", with_stdlib=False)
+    doc_prog = lf.loads(DOCUMENT, "document.lf", with_stdlib=False)
     dlayer = doc_prog.specialise("document", Hq=32, Hkv=8, D=128, dtype="bf16")
     dattn = PagedAttention(dlayer, page_size=16)
     doc = (torch.arange(128, device="cuda") // 37).to(torch.int32).repeat(4, 1)

@@ -10,15 +10,9 @@ from layerforge.codegen.attention_wgmma import SHARED_LIMIT, WGTileConfig, plan_
 from layerforge.codegen.mask_terms import attention_mask_split
 from layerforge.dsl.ir import Op
 
-SRC = """
-dims Hq, Hkv, D
-dynamic B, S, Skv
-attention doc_causal(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
-    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
-}
-attention doc(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
-    mask = doc[b, kv_pos] == doc[b, q_pos]
-}
+from ..gpu.test_block_mask import SRC as BLOCKS   # doc_causal, doc, doc_pad, doc_heads, ...
+
+SRC = BLOCKS + """
 attention keyed(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], keep: i32[B, Skv],
                  lim: i32[Hq]) -> T[B, S, Hq, D] {
     mask = kv_pos <= q_pos and keep[b, kv_pos] + h < lim[h] + 7
