@@ -33,7 +33,6 @@ from .render import read_template, render
 from .row import LoweringError
 from .rope import rope_context
 from .distance_terms import distance_term
-from .mask_terms import attention_mask_split
 from .mask_tiles import tile_context
 from .scalar_expr import ScalarEmitter, TableInfo, alibi_table, mask_bounds, mask_is_exact, mask_rest, t5_tables
 
@@ -322,9 +321,8 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     rest = mask_rest(spec.mask)
     rest_em = ScalarEmitter(VARS, tables, dims)
     rest_value = rest_em.emit(rest) if rest is not None else None
-    from .block_mask import needs_block_mask   # (codegen/block_mask.py imports this module)
-    # the masks the block-mask kernels walk (tables read at positions: packed documents); others keep their sources
-    split = attention_mask_split(spec.mask) if needs_block_mask(layer) else None
+    from .block_mask import block_mask_split   # (codegen/block_mask.py imports this module)
+    split = block_mask_split(layer)
     split_ctx = None
     if split is not None:   # the per-score test over its key / row terms' values (codegen/mask_terms.py)
         def term(node, names):

@@ -39,9 +39,8 @@ from .abi import TENSOR_MAP_CTYPE, Arg, KernelABI, SharedLayout
 from .attention import (SWIZZLED_HEAD_DIMS, TC_HEAD_DIMS, AttentionPlan, cache_args, check_attention_layer,
                         check_kv_dtype, check_specialisable, extra_args, folds, hook_context, output_args,
                         tile_page_entries)
-from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
+from .block_mask import BlockMaskPlan, block_mask_split, mask_heads, needs_block_mask
 from .distance_terms import distance_term
-from .mask_terms import attention_mask_split
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
@@ -270,7 +269,7 @@ class TCAttentionPlan(AttentionPlan):
         thread makes the test of its scores of a tile the mask does not hold on whole once, as bits, each key's table
         reads once for all its rows and each row's once. Without it the test is a select beside every score, its
         reads made on full tiles too."""
-        return self.mask_bits and self.block_mask and attention_mask_split(self.spec.mask) is not None
+        return self.mask_bits and self.block_mask and block_mask_split(self.layer) is not None
 
     @property
     def uses_tma(self) -> bool:

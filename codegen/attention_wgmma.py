@@ -44,9 +44,8 @@ from .abi import KernelABI, SharedLayout
 from .attention import (AttentionPlan, check_attention_layer, check_specialisable, folds, hook_context,
                         tile_page_entries)
 from .attention_tc import chunked_abi, distance_table_shape
-from .block_mask import BlockMaskPlan, mask_heads, needs_block_mask
+from .block_mask import BlockMaskPlan, block_mask_split, mask_heads, needs_block_mask
 from .distance_terms import distance_term
-from .mask_terms import attention_mask_split
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
@@ -210,7 +209,7 @@ class WGMMAAttentionPlan(AttentionPlan):
     def key_term_slots(self) -> tuple[int, ...]:
         """With mask_split: the bytes of each key term's slot in a consumer warpgroup's shared buffer (a tile's BN
         values, 16-byte aligned); () without."""
-        split = attention_mask_split(self.spec.mask) if self.mask_split else None
+        split = block_mask_split(self.layer) if self.mask_split else None
         if split is None:
             return ()
         size = {"bool": 1, "int": 4, "float": 4, "long long": 8}
@@ -229,7 +228,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         """With mask_bits, where the mask's per-score test reads a table at the key (codegen/mask_terms.py: packed
         documents' ids): each consumer thread makes the test of its scores of a tile once, as bits, while the tile's
         MMAs run, each key's table reads once for both its rows and each row's once; False: the test per score."""
-        return self.mask_bits and self.block_mask and attention_mask_split(self.spec.mask) is not None
+        return self.mask_bits and block_mask_split(self.layer) is not None
 
     @property
     def mode(self) -> str:

@@ -32,6 +32,7 @@ from ..dsl.program import Layer
 from ..dsl.types import DType
 from .abi import Arg, KernelABI
 from .attention import extra_args, extra_inputs, hook_context, table_dims
+from .mask_terms import MaskSplit, attention_mask_split
 from .mask_tiles import EMPTY, FULL, TileClassifier, python_classifier, range_axis
 from .plan import KernelPlan, layer_key
 from .render import read_template, render
@@ -50,6 +51,14 @@ def needs_block_mask(layer: Layer) -> bool:
     tensors = {p.name for p in extra_inputs(layer)[0]}
     return any(n.op is Op.INDEX and n.dtype is DType.i32 and n.src[0].op is Op.INPUT and n.src[0].arg in tensors
                and range_axis(n) is not None for n in toposort([mask]))
+
+
+@functools.lru_cache(maxsize=256)   # asked by every plan's key and render: a walk of the mask's graph
+def block_mask_split(layer: Layer) -> MaskSplit | None:
+    """The split of a block-mask kernel's mask into its key / row table reads (codegen/mask_terms.py), which the
+    tensor-core prefills test once a tile as bits; None for blocks that need no block mask (their kernels keep their
+    per-score test and their sources) or whose mask has no key term."""
+    return attention_mask_split(layer.function.outputs[0].arg.mask) if needs_block_mask(layer) else None
 
 
 def mask_heads(layer: Layer) -> int:

@@ -71,7 +71,7 @@ def mask_split(expr: Node | None) -> MaskSplit | None:
             stack.extend(n.src)
     if not keys:
         return None
-    order = {id(n): i for i, n in enumerate(toposort([expr]))}   # a fixed order: the same source every render
+    order = {k: i for i, k in enumerate(facts)}   # _facts' toposort order: the same source every render
     return MaskSplit(expr=expr, keys=tuple(sorted(keys.values(), key=lambda n: order[id(n)])),
                      rows=tuple(sorted(rows.values(), key=lambda n: order[id(n)])))
 
