@@ -12,13 +12,15 @@ Block masks are built outside the kernels' timing and timed on their own: ours (
 pre-pass, once per batch and shared by the layers; "ours+pre" adds it) beside Flex's
 create_block_mask ("flex bm ms"). Outputs are compared with Flex's (bf16 tolerance).
 
---wgmma (sm_90): for the table cases, also the Hopper prefill variant that is not the default,
-one more line per case with its kernel time, its own pre-pass, its error against Flex, its
-tile label and its speed over the default's line: "document wg", the document mask on the
-wgmma kernel's block-mask lists (prefill="wgmma"; the default stays on mma.sync, measured
-faster); "t5 per-score" / "rel_bias per-score", the wgmma kernel without its distance tables
-(distance_table=False; the tables are the default). --wgmma-tiles picks its WGTileConfig
-(n<keys>s<stages>), else the planner's.
+--wgmma (sm_90): for the table cases, also the prefill variant that is not the default, one
+more line per case with its kernel time, its own pre-pass, its error against Flex, its tile
+label and its speed over the default's line: "document tc", the document mask on the mma.sync
+kernel's block-mask lists (prefill="tc"; the default is the wgmma kernel with the mask's key
+terms staged, measured faster; with LAYERFORGE_WGMMA_KEY_STAGE=0 the default is mma.sync and
+the line is "document wg", prefill="wgmma"); "t5 per-score" / "rel_bias per-score", the wgmma
+kernel without its distance tables (distance_table=False; the tables are the default).
+--wgmma-tiles picks the wgmma kernel's WGTileConfig (n<keys>s<stages>), else the planner's.
+--head-dim: D (64 / 128 / 256; 128 by default).
 
 --variants: the standard library's attention blocks beside Flex with the equivalent
 score_mod / mask_mod (MHA 32/32, Llama GQA 32/8). Flex has no RoPE: the blocks that rotate q in
@@ -113,20 +115,23 @@ def per_element():
     from layerforge.codegen import attention_tc as TC
     from layerforge.codegen import attention_wgmma as W
     from layerforge.runtime import attention as RA
-    saved = A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term, W.distance_term
+    saved = (A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term, W.distance_term,
+             W.needs_block_mask, W.block_mask_split)
 
     def clear():
         TC._render.cache_clear()
         W._render.cache_clear()   # else the wgmma plan (equal to the sparse run's) gets its cached source
         A._attention_kernels.cache_clear()   # the ABIs: block-mask arguments, shared memory
     A.tile_context = lambda *a, **k: {}
-    TC.needs_block_mask = RA.needs_block_mask = lambda layer: False   # (documents stay on mma.sync)
+    TC.needs_block_mask = RA.needs_block_mask = W.needs_block_mask = lambda layer: False
+    W.block_mask_split = lambda layer: None   # (documents: the wgmma kernel's per-score test, as mma.sync's)
     TC.distance_term = W.distance_term = lambda score: None
     clear()
     try:
         yield
     finally:
-        A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term, W.distance_term = saved
+        (A.tile_context, TC.needs_block_mask, RA.needs_block_mask, TC.distance_term, W.distance_term,
+         W.needs_block_mask, W.block_mask_split) = saved
         clear()
 
 
@@ -220,6 +225,7 @@ def main() -> None:
                     help="the table cases also on the wgmma variant that is not the default (documents on its "
                          "block-mask lists; t5 / rel_bias without distance tables)")
     ap.add_argument("--wgmma-tiles", default=None, help="its WGTileConfig as n<keys>s<stages> (e.g. n64s3)")
+    ap.add_argument("--head-dim", type=int, default=128)
     a = ap.parse_args()
     wg_module = None
     if a.wgmma:
@@ -228,7 +234,7 @@ def main() -> None:
         if a.wgmma_tiles:
             bn, stages = a.wgmma_tiles.removeprefix("n").split("s")
             wg_module["tiles"] = {"prefill": WGTileConfig(bn=int(bn), stages=int(stages))}
-    B, S, hq, hkv, d, page = a.batch, a.seq, 32, 8, 128, 64
+    B, S, hq, hkv, d, page = a.batch, a.seq, 32, 8, a.head_dim, 64
     prog = lf.loads(SRC, "masks.lf", with_stdlib=False)
     q, kc, vc, table, lens, cu, (qq, kk, vv) = problem(B, S, hq, hkv, d, page, seed=0)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -263,13 +269,15 @@ def main() -> None:
         print(f"{name:>10} {density:>8.3f} {t_sparse * 1e3:>8.3f} {pre} {(t_sparse + (t_pre or 0)) * 1e3:>8.3f} "
               f"{t_dense * 1e3:>9.3f} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_sparse:>9.2f} "
               f"{t_dense / t_sparse:>11.2f} {err:>8.4f}  {attn.tc_plan('prefill').key.split('_p64_')[1]}", flush=True)
-        if wg_module and name in TABLE_CASES:   # the wgmma variant that is not the default, beside it
+        if wg_module and name in TABLE_CASES:   # the variant that is not the default, beside it
             per_score = name != "document"   # t5 / rel_bias: the per-score kernel (tables are the default)
-            module = {**wg_module, "distance_table": False} if per_score else wg_module
+            other = "tc" if attn.prefill_kernel == "wgmma" else "wg"   # documents: the other prefill kernel
+            module = ({**wg_module, "distance_table": False} if per_score
+                      else {**wg_module, "prefill": "tc", "tiles": None} if other == "tc" else wg_module)
             t_wg, out_wg, t_wpre, wg = ours(layer, q, kc, vc, table, lens, cu, S, True, extra, **module)
             err_wg = (out_wg.view(B, S, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item()
             wpre = f"{t_wpre * 1e3:>7.3f}" if t_wpre else f"{'-':>7}"
-            label = f"{name} per-score" if per_score else f"{name} wg"
+            label = f"{name} per-score" if per_score else f"{name} {other}"
             print(f"{label:>10} {density:>8.3f} {t_wg * 1e3:>8.3f} {wpre} {(t_wg + (t_wpre or 0)) * 1e3:>8.3f} "
                   f"{'-':>9} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_wg:>9.2f} {'-':>11} "
                   f"{err_wg:>8.4f}  {wg.tc_plan('prefill').key.split('_p64_')[1]} "

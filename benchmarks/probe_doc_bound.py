@@ -70,8 +70,10 @@ def main(argv=None) -> int:
     print(f"{'kernel':>34} {'as built ms':>11} {'all full ms':>11} {'mask work':>9}  key")
     rows = [("tc", "mma.sync, bits", {"LAYERFORGE_TC_MASK_BITS": "1"}),
             ("tc", "mma.sync, per score", {"LAYERFORGE_TC_MASK_BITS": "0"}),
-            ("wgmma", "wgmma, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "0"}),
-            ("wgmma", "wgmma persist, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "1"}),
+            ("wgmma", "wgmma, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "0",
+                                      "LAYERFORGE_WGMMA_KEY_STAGE": "0"}),
+            ("wgmma", "wgmma persist, bits", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "1",
+                                              "LAYERFORGE_WGMMA_KEY_STAGE": "0"}),
             ("wgmma", "wgmma, bits, keys staged", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "0",
                                                    "LAYERFORGE_WGMMA_KEY_STAGE": "1"}),
             ("wgmma", "wgmma persist, keys staged", {"LAYERFORGE_WGMMA_MASK_BITS": "1", "LAYERFORGE_WGMMA_PERSIST": "1",
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         times, key = [], None
         for full in (False, True):
             with patched(kind, full, env):
-                attn = PagedAttention(layer, page_size=page, **({"prefill": "wgmma"} if kind == "wgmma" else {}))
+                attn = PagedAttention(layer, page_size=page, prefill=kind)
                 out = torch.empty_like(q)
                 call = dict(max_q_len=S, max_kv_len=S, extra=extra)
                 bm = attn.block_mask(lens, cu, **call)

@@ -11,9 +11,9 @@ so the runtime launches either the same way. Compiled for sm_90a only (wgmma, se
 
 As the tensor-core prefill, a mask that reads tables at positions (document ids) walks the
 key-tile lists of the block-mask pre-pass (codegen/block_mask.py) over this kernel's tiling
-(`block_mask_plan()`); `supports()` leaves such blocks to the mma.sync kernel, which was
-faster on an H200 (wgmma n128s3 0.68x, n64s3 0.90x its speed on documents), so it runs where
-asked for (PagedAttention(prefill="wgmma"), or a WGTileConfig in `tiles`).
+(`block_mask_plan()`), the mask tested once a tile as bits (codegen/mask_terms.py) with its
+key-side table reads staged in shared memory; `supports()` makes it such blocks' default where
+the staging fits (documents at D128 on an H100: 1.20x the mma.sync kernel, 1.23x Flex).
 
 The score's distance term (T5 buckets, relative-bias tables: codegen/distance_terms.py) is
 tabulated per tile in shared memory by default, one table per consumer warpgroup
@@ -219,8 +219,8 @@ class WGMMAAttentionPlan(AttentionPlan):
     def key_terms_staged(self) -> bool:
         """With stage_keys and mask_split, where shared memory holds it beside the stages: each consumer warpgroup makes
         a tile's key terms once, a key a thread, into a buffer of its own (sKeyT: [NCW][key_term_slots]) that its
-        threads read; else each thread makes the terms of its keys itself. Off by default (LAYERFORGE_WGMMA_KEY_STAGE=1)
-        until it has run on a GPU."""
+        threads read; else each thread makes the terms of its keys itself. The runtime's default (key_stage_default;
+        LAYERFORGE_WGMMA_KEY_STAGE=0 turns it off)."""
         return self.stage_keys and bool(self.key_term_slots) and self._layout(True).bytes + 1024 <= SHARED_LIMIT
 
     @property
@@ -373,19 +373,18 @@ def supports(layer: Layer, page_size: int) -> bool:
     of DEFAULT_HEAD_DIMS (q/k and value), and pages of at least BN / 32 keys (a tile's page
     entries, one per lane). The kernel specialises any of HEAD_DIMS (multiples of 16 from 32
     to 256, value dim apart) where asked for (plan_wgmma_attention, PagedAttention(prefill=
-    "wgmma")). A mask that reads tables at positions (document ids) stays on the
-    mma.sync prefill by default: the wgmma kernel's block-mask path measured 0.68x (n128s3) /
-    0.90x (n64s3) its speed on an H200, and 1.00x (1.05x persistent) on an H100 since both test
-    the mask as bits (mask_split; it runs when asked for: plan_wgmma_attention,
-    PagedAttention(prefill="wgmma"))."""
-    if needs_block_mask(layer):
-        return False
+    "wgmma")). A mask that reads tables at positions (document ids) takes it where its key terms are
+    staged in shared memory (key_stage_default, WGMMAAttentionPlan.key_terms_staged): documents measured
+    1.20x the mma.sync prefill that way on an H100 (D128), against 1.00x with each thread making its own
+    key terms and 0.68x with the per-score test (H200). Other block-mask kernels (a mask without a key
+    term, or the staging off) stay on mma.sync, and run on this one where asked for."""
     try:
         check_specialisable(layer, "wgmma attention", head_dims=DEFAULT_HEAD_DIMS, value_dim=True)
     except LoweringError:
         return False
-    plan = WGMMAAttentionPlan(layer=layer, page_size=page_size)
-    return plan.page_entries <= 32
+    plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, mask_bits=mask_bits_default(),
+                              stage_keys=key_stage_default())
+    return plan.page_entries <= 32 and (plan.key_terms_staged or not needs_block_mask(layer))
 
 
 def overlap_default() -> bool:
@@ -488,9 +487,11 @@ def default_options() -> dict[str, bool]:
 
 def key_stage_default() -> bool:
     """Whether a mask tested as bits has its key terms made once a tile into shared memory by the consumer
-    warpgroups (WGMMAAttentionPlan.key_terms_staged): off (LAYERFORGE_WGMMA_KEY_STAGE=1 asks for it) until it has
-    run on a GPU (built and compiled spill-free on the CPU: the consumer loop 5186 -> 2117 instructions)."""
-    return env_switch("LAYERFORGE_WGMMA_KEY_STAGE", False)
+    warpgroups (WGMMAAttentionPlan.key_terms_staged). On by default: measured on an H100 (benchmarks/NOTES.md,
+    documents at B4 H32/8 S4096 D128) 0.482 -> 0.405 ms, 1.20x the mma.sync prefill and 1.23x Flex, its GPU tests
+    and memcheck clean; it is what sends such blocks to the wgmma prefill (supports()).
+    LAYERFORGE_WGMMA_KEY_STAGE=0 turns it off, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_KEY_STAGE", True)
 
 
 def mask_bits_default() -> bool:
@@ -590,8 +591,9 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         paired = _with_option(plan, compile_fn, pairs=True)
         if paired.config.pairs:   # taken: the plain launch order (every CTA as long as the next), no lpt
             return paired
-    if lpt:
-        plan = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=LPT_CTAS))
+    if lpt:   # where it compiles without spills (D256's document kernel spills with it); without a compile function too
+        ordered = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, lpt=LPT_CTAS))
+        plan = ordered if compile_fn is None or spill_free(ordered, compile_fn) else plan
     return plan
 
 

@@ -29,8 +29,9 @@ kernel="simt" the CUDA-core one (codegen/attention.py; the default before sm_80)
 serves only the per-token form. Under kernel="tc", prefill="wgmma" runs the ragged prefill
 tiles on the Hopper kernel (codegen/attention_wgmma.py, compiled for sm_90a; the default on
 sm_90 where it serves the block), prefill="tc" on the mma.sync one. A block whose mask reads
-tables at positions (document ids) runs on the wgmma kernel only when asked for (prefill="wgmma"
-or a WGTileConfig in tiles), over the same block-mask pre-pass. The wgmma kernel tabulates
+tables at positions (document ids) runs on the wgmma kernel too, over the same block-mask
+pre-pass, where its key-side reads are staged in shared memory (1.20x mma.sync on an H100;
+LAYERFORGE_WGMMA_KEY_STAGE=0 keeps such blocks on mma.sync). The wgmma kernel tabulates
 the score's distance term per tile (T5 buckets, relative-bias tables) by default: 1.67-1.74x
 the per-score kernel on an H200 (codegen/attention_wgmma.py, benchmarks/NOTES.md);
 distance_table=False computes the term per score instead. The wgmma prefill takes its overlap

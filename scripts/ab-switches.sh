@@ -104,9 +104,12 @@
 #              quantised in the product's registers, same run, same weights
 #   maskbits   document masks tested once a tile as bits (their key-side table reads once per key; the default, mma.sync
 #              and wgmma): the block-mask GPU tests (bits and per score; the wgmma ones again with its key terms staged
-#              in shared memory, LAYERFORGE_WGMMA_KEY_STAGE=1, off until this runs), compute-sanitizer memcheck over
+#              in shared memory, LAYERFORGE_WGMMA_KEY_STAGE=1, the default since), compute-sanitizer memcheck over
 #              sanitize_cases.py documents, probe_doc_bound (each prefill beside its all-tiles-full copy), then
 #              bench_masks --only document --wgmma with the bits off and on
+#   docwgmma   documents on the wgmma prefill by default (its key terms staged): the block-mask GPU tests, then
+#              bench_masks --only document --wgmma at D64 / 128 / 256 (the mma.sync kernel's line beside the default),
+#              then bench_masks over every mask at D128 beside Flex
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -449,6 +452,19 @@ maskbits)
         LAYERFORGE_WGMMA_MASK_BITS=$v LAYERFORGE_TC_MASK_BITS=$v timeout -s KILL 120 "$PY" -m benchmarks.bench_masks \
             --only document --wgmma 2>&1 | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_bits_$v.txt" | tail -3
     done
+    ;;
+docwgmma)
+    echo "== documents on the wgmma prefill (key terms staged): GPU tests, bench_masks at D64 / 128 / 256, every mask"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
+    timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_block_mask.py 2>&1 \
+        | tee "$OUT_DIR/pytest_docwgmma.log" | tail -4
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    for d in 64 128 256; do
+        timeout -s KILL 120 "$PY" -m benchmarks.bench_masks --only document --wgmma --head-dim $d 2>&1 \
+            | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_doc_d$d.txt" | tail -3
+    done
+    timeout -s KILL 240 "$PY" -m benchmarks.bench_masks 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/bench_masks_all.txt" | tail -10
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

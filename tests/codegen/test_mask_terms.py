@@ -72,7 +72,7 @@ def test_no_split_without_a_key_read_or_with_the_score(prog):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, d):
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=d, dtype="bf16")
-    plain = plan_wgmma_attention(layer, page_size=64)   # staging is off by default (not yet run on a GPU)
+    plain = plan_wgmma_attention(layer, page_size=64)   # stage_keys=False: each thread makes its keys' terms
     assert plain.mask_split and not plain.key_terms_staged and "sKeyT" not in plain.source()
     plan = plan_wgmma_attention(layer, page_size=64, stage_keys=True)
     src = plan.source()
@@ -82,6 +82,23 @@ def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, 
     assert plan.shared_bytes <= SHARED_LIMIT
     off = plan_wgmma_attention(layer, page_size=64, mask_bits=False)
     assert not off.mask_split and "_mb_" not in off.key and "lf_mask_split(" not in off.source().split("__global__")[1]
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_runtime_takes_the_staged_wgmma_kernel_for_documents_spill_free(prog, d):
+    """On sm_90 a document block's default prefill is the wgmma kernel with its key terms staged, as the runtime and
+    the pack plan it; compiled, it does not spill (at D256 the longest-first order spilled 32 bytes with the lists'
+    walk: the planner drops it there)."""
+    from layerforge.codegen.attention_wgmma import default_options
+    from layerforge.runtime.attention import PagedAttention
+    from layerforge.runtime.launch import compile_fn
+    layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=d, dtype="bf16")
+    attn = PagedAttention(layer, arch="sm_90", page_size=64)
+    assert attn.prefill_kernel == "wgmma"
+    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=compile_fn(), **default_options())
+    assert plan.key_terms_staged and plan.block_mask and "_ks_" in plan.key
+    res = compile_fn()(plan)[plan.abi.name]
+    assert res.spill_stores == 0 and res.spill_loads == 0, (plan.key, res)
 
 
 def test_wgmma_key_terms_fit_beside_three_stages(prog):

@@ -4,9 +4,11 @@ alone in their document, one document, rows with nothing to attend to -> zeros),
 head-dependent document mask, split-KV over the tile lists, an explicit BlockMask shared by
 calls and the automatic cache; the device pre-pass equals its CPU model tile for tile. T5
 buckets and clamped relative biases (the per-tile distance table) over several key tiles. The
-same on the Hopper (wgmma) prefill (sm_90 only): document masks where asked for
-(prefill="wgmma"; its producer and consumers walk the pre-pass's lists over its own tiling),
-distance tables by default and the per-score kernel with distance_table=False."""
+same on the Hopper (wgmma) prefill (sm_90 only): document masks (its producer and consumers walk
+the pre-pass's lists over its own tiling; the default there, with the mask's key-side reads staged
+in shared memory; LAYERFORGE_WGMMA_KEY_STAGE=0 each thread's own), distance tables by default and
+the per-score kernel with distance_table=False. The mma.sync tests ask for it (prefill="tc"): the
+default before sm_90."""
 from __future__ import annotations
 
 import itertools
@@ -82,7 +84,7 @@ def run(layer, lens, new, extra, *, hq, hkv, d=128, splits=None, block_mask=None
     kc, vc, table, seq_lens = build_cache(ks, vs, 64, spec, dtype, gen)
     q = torch.cat(qs)
     cu = torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32, device="cuda")
-    attn = attn or PagedAttention(layer, page_size=64)
+    attn = attn or PagedAttention(layer, page_size=64, prefill="tc")
     extra = {k: v.cuda() for k, v in extra.items()}
     out = torch.full_like(q, float("nan"))
     attn.prefill(q, kc, vc, table, seq_lens, cu, max_q_len=max(new), max_kv_len=max(lens), extra=extra, out=out,
@@ -132,7 +134,7 @@ def test_document_masks_tested_as_bits_or_per_score(prog, monkeypatch, name, kin
     TCAttentionPlan.mask_bits) and beside every score (LAYERFORGE_TC_MASK_BITS=0): the same float64 reference."""
     monkeypatch.setenv("LAYERFORGE_TC_MASK_BITS", "1" if bits else "0")
     layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
-    attn = PagedAttention(layer, page_size=64)
+    attn = PagedAttention(layer, page_size=64, prefill="tc")
     plan = attn.tc_plan("prefill")
     assert plan.mask_split is bits and ("_mb_" in plan.key) is bits, plan.key
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)
@@ -165,7 +167,7 @@ def test_block_mask_shared_by_calls_and_cached(prog):
     q = torch.randn(350, 32, 128, generator=gen).bfloat16().cuda()
     cu = torch.tensor([0, 300, 350], dtype=torch.int32, device="cuda")
     doc = doc_table(lens, "random", random.Random(11)).cuda()
-    attn = PagedAttention(layer, page_size=64)
+    attn = PagedAttention(layer, page_size=64, prefill="tc")
     call = dict(max_q_len=300, max_kv_len=300, extra={"doc": doc})
     bm = attn.block_mask(seq_lens, cu, **call)
     assert 0 < bm.walked() < 1
@@ -227,7 +229,8 @@ def wgmma_attn(layer, *, distance_table=True, tiles=None):
 def test_wgmma_document_masks(prog, name, kind, hq, hkv):
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=128, dtype="bf16")
     attn = wgmma_attn(layer)
-    assert PagedAttention(layer, page_size=64).prefill_kernel == "tc"   # not the default (yet)
+    assert PagedAttention(layer, page_size=64).prefill_kernel == "wgmma"   # the default on sm_90
+    assert attn.tc_plan("prefill").key_terms_staged and "_ks_" in attn.tc_plan("prefill").key
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv, attn=attn)
 
 
@@ -242,6 +245,19 @@ def test_wgmma_document_masks_per_score(prog, monkeypatch, name, kind):
     attn = wgmma_attn(layer)
     assert not attn.tc_plan("prefill").mask_split and "_mb_" not in attn.tc_plan("prefill").key
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)
+
+
+@hopper
+@pytest.mark.parametrize("name,kind,hq", [("doc_causal", "random", 32), ("doc", "one", 8), ("doc_pad", "pad", 32)])
+def test_wgmma_document_key_terms_per_thread(prog, monkeypatch, name, kind, hq):
+    """LAYERFORGE_WGMMA_KEY_STAGE=0: each consumer thread makes its keys' table reads itself (no shared buffer), and
+    the block goes back to the mma.sync prefill by default: the same float64 reference, fully masked rows zeros."""
+    monkeypatch.setenv("LAYERFORGE_WGMMA_KEY_STAGE", "0")
+    layer = prog.specialise(name, Hq=hq, Hkv=8, D=128, dtype="bf16")
+    assert PagedAttention(layer, page_size=64).prefill_kernel == "tc"
+    attn = wgmma_attn(layer)
+    assert attn.tc_plan("prefill").mask_split and not attn.tc_plan("prefill").key_terms_staged
+    run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + 3))}, hq=hq, hkv=8, attn=attn)
 
 
 @hopper
@@ -343,6 +359,6 @@ def test_tc_scale_folded_into_the_exponent(prog, monkeypatch, name, kind):
     zeros."""
     monkeypatch.setenv("LAYERFORGE_TC_FOLD", "1")
     layer = prog.specialise(name, Hq=32, Hkv=8, D=128, dtype="bf16")
-    attn = PagedAttention(layer, page_size=64)
+    attn = PagedAttention(layer, page_size=64, prefill="tc")
     assert attn.tc_plan("prefill").fold and attn.tc_plan("decode").fold
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name)))}, hq=32, hkv=8, attn=attn)

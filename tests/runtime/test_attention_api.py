@@ -120,7 +120,7 @@ def test_prefill_kernel_by_arch(layer, arch, want):
         assert attn.tc_plan("prefill").arch == "sm_90a" and attn.tc_plan("decode").arch == "sm_90"
 
 
-def test_prefill_kernel_falls_back_where_wgmma_does_not_serve():
+def test_prefill_kernel_falls_back_where_wgmma_does_not_serve(monkeypatch):
     from layerforge.codegen.attention_tc import TileConfig
     prog = lf.stdlib()
     f32 = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="f32"), arch="sm_90")
@@ -139,9 +139,12 @@ dynamic B, S, Skv
 attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
     mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
 }""", "doc.lf", with_stdlib=False).specialise("document", Hq=8, Hkv=8, D=64, dtype="bf16")
-    documents = PagedAttention(doc, arch="sm_90")   # the block-mask lists: the wgmma prefill's wait to be measured
-    assert documents.needs_block_mask and documents.prefill_kernel == "tc"
+    documents = PagedAttention(doc, arch="sm_90")   # the block-mask lists, the key terms staged: wgmma
+    assert documents.needs_block_mask and documents.prefill_kernel == "wgmma"
     assert documents.tc_plan("prefill").block_mask_plan() is not None
+    assert documents.tc_plan("prefill").key_terms_staged
+    monkeypatch.setenv("LAYERFORGE_WGMMA_KEY_STAGE", "0")   # each thread's own key terms: mma.sync stays faster
+    assert PagedAttention(doc, arch="sm_90").prefill_kernel == "tc"
     with pytest.raises(lf.LayerInputError, match="sm_90"):
         _ = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_80",
                            prefill="wgmma").prefill_kernel
