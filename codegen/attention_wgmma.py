@@ -454,7 +454,7 @@ def pairs_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_PAIRS", False)
 
 
-def persist_default() -> bool:
+def persist_default(layer: Layer | None = None) -> bool:
     """Whether the wgmma prefill runs as a persistent kernel (WGTileConfig.persist): at most one CTA an SM, each taking
     row blocks from a work queue in launch order (the sectioned order where lpt is taken) until none is left, its
     rings carried from one row block to the next, so that each next block's page-table reads and K / V loads go out
@@ -463,9 +463,13 @@ def persist_default() -> bool:
     Why: a CTA's fixed start fitted ~6.4 us on an H200 (benchmarks/NOTES.md); a list-scheduling model with it gives
     B4 S1024 H32 D128 causal 111 -> ~80-94 us and B4 S4096 1055 -> ~920-980 us where a next block's start costs
     2-4 us. Measured on an H200 (its GPU tests and compute-sanitizer pass): B4 S4096 D128 1.06 -> 1.04 ms, GQA 1.10
-    -> 1.08, B4 S1024 108.5 -> 103.9 us, D64 0.35 -> 0.36, B1 S1024 29.8 -> 30.2 us: far under the model, so off;
-    LAYERFORGE_WGMMA_PERSIST=1 turns it on, for the runtime's plans and the pack build alike."""
-    return env_switch("LAYERFORGE_WGMMA_PERSIST", False)
+    -> 1.08, B4 S1024 108.5 -> 103.9 us, D64 0.35 -> 0.36, B1 S1024 29.8 -> 30.2 us: far under the model, so off,
+    but for a block whose mask reads tables at positions (`layer` given: packed documents, the block-mask lists'
+    ~3.6 key tiles a CTA, start-heavy), where it measured 1.06x the plain kernel on an H100 (0.405 -> 0.382 ms with
+    the key terms staged). LAYERFORGE_WGMMA_PERSIST=1 / 0 turns it on / off for every block, for the runtime's plans
+    and the pack build alike."""
+    asked = env_switch("LAYERFORGE_WGMMA_PERSIST", None)
+    return asked if asked is not None else layer is not None and needs_block_mask(layer)
 
 
 def deep_k_default() -> bool:
@@ -476,13 +480,14 @@ def deep_k_default() -> bool:
     return env_switch("LAYERFORGE_WGMMA_DEEP_K", False)
 
 
-def default_options() -> dict[str, bool]:
+def default_options(layer: Layer | None = None) -> dict[str, bool]:
     """plan_wgmma_attention's options as the environment's switches set them (each `*_default` above): what the
-    runtime's plans and the pack build both ask for, so that a pack holds the kernel that runs."""
+    runtime's plans and the pack build both ask for, so that a pack holds the kernel that runs. `layer`: the block
+    planned, for the defaults that depend on it (persist_default)."""
     return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
-                persist=persist_default(), mask_bits=mask_bits_default(), stage_keys=key_stage_default())
+                persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default())
 
 
 def key_stage_default() -> bool:

@@ -43,7 +43,7 @@ def plans_for_layer(layer: Layer, arch: str, *, page_size: int = 16, compile_fn:
         # on Hopper the ragged prefill is the wgmma kernel where it serves the block (sm_90a), with
         # its default distance tables, as PagedAttention plans it (so a pack holds what runs)
         hopper = arch.rstrip("af") == "sm_90" and not kv_cache and wgmma_supports(layer, page_size)
-        plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, **wgmma_options())
+        plans += [plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, **wgmma_options(layer))
                   if m == "prefill" and hopper else
                   plan_tc_attention(layer, arch, page_size=page_size, mode=m, compile_fn=compile_fn, kv_dtype=kv_cache,
                                     fp8_cvt=fp8_cvt_default(), fold=tc_fold_default(),

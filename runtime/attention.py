@@ -183,7 +183,7 @@ class PagedAttention:
             if mode == "prefill" and self.prefill_kernel == "wgmma":
                 plan = plan_wgmma_attention(self.layer, page_size=self.page_size, tiles=self.tiles.get("prefill"),
                                             compile_fn=compile_fn(self._cache), distance_table=self.distance_table,
-                                            **wgmma_options())
+                                            **wgmma_options(self.layer))
             else:
                 many = mode == DECODE_MANY   # (the decode's options on many_ctas_tile)
                 plan = plan_tc_attention(self.layer, self.target, page_size=self.page_size,

@@ -86,8 +86,8 @@ def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_runtime_takes_the_staged_wgmma_kernel_for_documents_spill_free(prog, d):
-    """On sm_90 a document block's default prefill is the wgmma kernel with its key terms staged, as the runtime and
-    the pack plan it; compiled, it does not spill (at D256 the longest-first order spilled 32 bytes with the lists'
+    """On sm_90 a document block's default prefill is the persistent wgmma kernel with its key terms staged, as the
+    runtime and the pack plan it; compiled, it does not spill (at D256 the longest-first order spilled 32 bytes with the lists'
     walk: the planner drops it there)."""
     from layerforge.codegen.attention_wgmma import default_options
     from layerforge.runtime.attention import PagedAttention
@@ -95,8 +95,8 @@ def test_runtime_takes_the_staged_wgmma_kernel_for_documents_spill_free(prog, d)
     layer = prog.specialise("doc_causal", Hq=32, Hkv=8, D=d, dtype="bf16")
     attn = PagedAttention(layer, arch="sm_90", page_size=64)
     assert attn.prefill_kernel == "wgmma"
-    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=compile_fn(), **default_options())
-    assert plan.key_terms_staged and plan.block_mask and "_ks_" in plan.key
+    plan = plan_wgmma_attention(layer, page_size=64, compile_fn=compile_fn(), **default_options(layer))
+    assert plan.key_terms_staged and plan.block_mask and "_ks_" in plan.key and plan.config.persist
     res = compile_fn()(plan)[plan.abi.name]
     assert res.spill_stores == 0 and res.spill_loads == 0, (plan.key, res)
 

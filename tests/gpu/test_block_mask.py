@@ -226,11 +226,17 @@ def wgmma_attn(layer, *, distance_table=True, tiles=None):
 @pytest.mark.parametrize("kind", ["random", "one"])
 @pytest.mark.parametrize("name", ["doc_causal", "doc"])
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (8, 8)])
-def test_wgmma_document_masks(prog, name, kind, hq, hkv):
+@pytest.mark.parametrize("persist", [None, "0"])
+def test_wgmma_document_masks(prog, monkeypatch, name, kind, hq, hkv, persist):
+    """The default on sm_90: the persistent wgmma kernel, its key terms staged; with LAYERFORGE_WGMMA_PERSIST=0 the
+    plain one."""
+    if persist is not None:
+        monkeypatch.setenv("LAYERFORGE_WGMMA_PERSIST", persist)
     layer = prog.specialise(name, Hq=hq, Hkv=hkv, D=128, dtype="bf16")
     attn = wgmma_attn(layer)
     assert PagedAttention(layer, page_size=64).prefill_kernel == "wgmma"   # the default on sm_90
     assert attn.tc_plan("prefill").key_terms_staged and "_ks_" in attn.tc_plan("prefill").key
+    assert attn.tc_plan("prefill").config.persist is (persist is None)
     run(layer, LENS, NEW, {"doc": doc_table(LENS, kind, random.Random(len(name) + hq))}, hq=hq, hkv=hkv, attn=attn)
 
 
