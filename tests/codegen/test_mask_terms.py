@@ -87,8 +87,8 @@ def test_wgmma_kernel_stages_the_key_terms_where_shared_memory_holds_them(prog, 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_runtime_takes_the_staged_wgmma_kernel_for_documents_spill_free(prog, d):
     """On sm_90 a document block's default prefill is the persistent wgmma kernel with its key terms staged, as the
-    runtime and the pack plan it; compiled, it does not spill (at D256 the longest-first order spilled 32 bytes with the lists'
-    walk: the planner drops it there)."""
+    runtime and the pack plan it; compiled, it does not spill (at D256 the plain kernel's longest-first order
+    spilled 32 bytes with the lists' walk: the planner drops it there)."""
     from layerforge.codegen.attention_wgmma import default_options
     from layerforge.runtime.attention import PagedAttention
     from layerforge.runtime.launch import compile_fn
