@@ -45,6 +45,7 @@ from .attention import (AttentionPlan, check_attention_layer, check_specialisabl
                         tile_page_entries)
 from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, block_mask_split, mask_heads, needs_block_mask
+from .mask_tiles import local_tiles
 from .distance_terms import distance_term
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
@@ -469,7 +470,27 @@ def persist_default(layer: Layer | None = None) -> bool:
     the key terms staged). LAYERFORGE_WGMMA_PERSIST=1 / 0 turns it on / off for every block, for the runtime's plans
     and the pack build alike."""
     asked = env_switch("LAYERFORGE_WGMMA_PERSIST", None)
-    return asked if asked is not None else layer is not None and needs_block_mask(layer)
+    if asked is not None or layer is None:
+        return bool(asked)
+    return needs_block_mask(layer) or (persist_local_default() and short_local_mask(layer))
+
+
+LOCAL_PERSIST_TILES = 8   # the most key tiles a row block of a local mask visits for persist_local_default to apply
+
+
+def short_local_mask(layer: Layer) -> bool:
+    """Whether the block's mask keeps each row block to a few key tiles whatever the sequence's length
+    (codegen/mask_tiles.local_tiles over 128 x 128 tiles: NATTEN's 7 x 7 neighbourhood visits 3-4), so that its CTAs
+    are start-heavy as the documents' are."""
+    tiles = local_tiles(layer.function.outputs[0].arg.mask)
+    return tiles is not None and tiles <= LOCAL_PERSIST_TILES
+
+
+def persist_local_default() -> bool:
+    """Whether blocks with a short local mask (short_local_mask: 2-D neighbourhoods) take the persistent kernel by
+    default, as the block-mask blocks do. Off (LAYERFORGE_WGMMA_PERSIST_LOCAL=1 turns it on) until measured: predicted
+    4-8 % on NATTEN (4 key tiles a row block, 4096 CTAs at B4 H32 S4096; benchmarks/NOTES.md)."""
+    return env_switch("LAYERFORGE_WGMMA_PERSIST_LOCAL", False)
 
 
 def deep_k_default() -> bool:

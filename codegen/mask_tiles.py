@@ -352,6 +352,23 @@ def _never_decides(mask: Node, tile: int = 64, extent: int = 2048, heads: int = 
     return True
 
 
+def local_tiles(mask: Node | None, rows: int = 128, keys: int = 128, lengths: tuple[int, ...] = (4096, 16384),
+                heads: int = 8) -> int | None:
+    """The key tiles a row block visits under a mask whose visited tiles do not grow with the sequence (a 2-D
+    neighbourhood, a window with sinks), sampled at the last row block of each of `lengths` (heads 0-7, batch 0): that
+    count where it is the same at every length, else None (causal, prefix-LM, full: the count grows). Masks that read
+    tables, scalars or dims give None (their values are not known here), as does a mask the classifier cannot bound."""
+    if mask is None or any(m.op in (Op.INDEX, Op.INPUT, Op.SCALAR, Op.DIM) for m in toposort([mask])):
+        return None
+    try:
+        classify = python_classifier(mask)
+        counts = {sum(classify(n - rows, n - 1, k0, k0 + keys - 1, 0, heads - 1, 0, 0) != EMPTY
+                      for k0 in range(0, n, keys)) for n in lengths}
+    except (NameError, ZeroDivisionError, TypeError):
+        return None
+    return counts.pop() if len(counts) == 1 else None
+
+
 def python_classifier(mask: Node, dims: dict[str, str] | None = None, tables: dict | None = None,
                       ranges: bool = False):
     """The classifier as a Python function of (q_lo, q_hi, k_lo, k_hi, h_lo, h_hi, kv_h, b,

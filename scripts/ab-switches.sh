@@ -110,6 +110,9 @@
 #   docwgmma   documents on the wgmma prefill by default (its key terms staged): the block-mask GPU tests, then
 #              bench_masks --only document --wgmma at D64 / 128 / 256 (the mma.sync kernel's line beside the default),
 #              then bench_masks over every mask at D128 beside Flex
+#   persistlocal  the persistent wgmma prefill for short local masks (NATTEN; LAYERFORGE_WGMMA_PERSIST_LOCAL, off
+#              until this runs): the block-sparse Hopper GPU tests with it on, then bench_masks --only natten / sinks
+#              with it off and on, two rounds
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -465,6 +468,17 @@ docwgmma)
     done
     timeout -s KILL 240 "$PY" -m benchmarks.bench_masks 2>&1 | grep -v "$FLEX_NOISE" \
         | tee "$OUT_DIR/bench_masks_all.txt" | tail -10
+    ;;
+persistlocal)
+    echo "== persist for short local masks (LAYERFORGE_WGMMA_PERSIST_LOCAL): GPU tests, bench_masks natten / sinks"
+    LAYERFORGE_WGMMA_PERSIST=1 timeout -s KILL 120 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider \
+        tests/gpu/test_attention_hopper.py -k block_sparse_masks 2>&1 | tee "$OUT_DIR/pytest_persistlocal.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    for r in 1 2; do for v in 0 1; do for m in natten sinks; do
+        echo "-- LAYERFORGE_WGMMA_PERSIST_LOCAL=$v $m (round $r)"
+        LAYERFORGE_WGMMA_PERSIST_LOCAL=$v timeout -s KILL 90 "$PY" -m benchmarks.bench_masks --only $m 2>&1 \
+            | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_persistlocal.txt" | tail -1
+    done; done; done
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

@@ -302,3 +302,35 @@ def test_f32_roundings_compare_as_integers():
     for c in [0, 3, -3, 2 ** 24 - 1, -(2 ** 24 - 1), 1000]:
         for op in ("__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__"):
             assert (getattr(xf, op)(np.float32(c)) == getattr(xs, op)(c)).all(), (c, op)
+
+
+def test_local_tiles_counts_what_does_not_grow_with_the_length():
+    """local_tiles: the key tiles the last row block visits where that count is the same at 4096 and 16384 positions
+    (a 2-D neighbourhood, windows), against the mask evaluated element by element; None where it grows (causal,
+    prefix-LM, a head that sees everything) or the mask reads tables."""
+    from layerforge.codegen.mask_tiles import local_tiles
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    masks = {"natten": lambda q, k: abs(q // 32 - k // 32) <= 2 and abs(q % 32 - k % 32) <= 2,
+             "sinks": lambda q, k: k <= q and (q - k < 64 or k < 4),
+             "dilated": lambda q, k: k <= q and q - k < 128 and (q - k) % 2 == 0}
+    for name, mod in masks.items():
+        mask = prog.specialise(name, Hq=8, Hkv=8, D=64, dtype="bf16").function.outputs[0].arg.mask
+        rows = range(4096 - 128, 4096)
+        exact = sum(any(mod(q, k) for q in rows for k in range(k0, k0 + 128)) for k0 in range(0, 4096, 128))
+        assert local_tiles(mask) == exact, name
+    for name in ("causal", "prefix_lm", "by_head", "doc", "head_window", "prefix_table"):
+        assert local_tiles(prog.specialise(name, Hq=8, Hkv=8, D=64, dtype="bf16").function.outputs[0].arg.mask) is None
+
+
+def test_persist_for_short_local_masks_only_where_asked(monkeypatch):
+    """The persistent wgmma prefill is a block-mask block's default; a short local mask's (NATTEN) only with
+    LAYERFORGE_WGMMA_PERSIST_LOCAL=1 (not yet measured); LAYERFORGE_WGMMA_PERSIST sets it for every block."""
+    from layerforge.codegen.attention_wgmma import persist_default, short_local_mask
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    layer = {n: prog.specialise(n, Hq=8, Hkv=8, D=64, dtype="bf16") for n in ("natten", "causal", "doc", "sinks")}
+    assert short_local_mask(layer["natten"]) and not short_local_mask(layer["causal"])
+    assert [persist_default(layer[n]) for n in layer] == [False, False, True, False]
+    monkeypatch.setenv("LAYERFORGE_WGMMA_PERSIST_LOCAL", "1")
+    assert [persist_default(layer[n]) for n in layer] == [True, False, True, short_local_mask(layer["sinks"])]
+    monkeypatch.setenv("LAYERFORGE_WGMMA_PERSIST", "0")
+    assert not any(persist_default(layer[n]) for n in layer) and not persist_default()
