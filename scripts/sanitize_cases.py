@@ -129,7 +129,8 @@ def d256_cases(bf):
 
 def document_cases(bf):
     """Document masks with their test made once a tile as bits (the default: the key's table reads once per key,
-    the row's once), on the mma.sync prefill and (sm_90) the wgmma one at D128 and D64 (three consumers): ragged
+    the row's once), on the mma.sync prefill and (sm_90) the wgmma one (the default there: persistent, its key terms
+    staged in shared memory) at D128 and D64 (three consumers): ragged
     lengths off the tiles, split-KV, ids in runs of 1-400 tokens, then a corrupt block mask (clamped)."""
     doc_prog = lf.loads(DOCUMENT, "document.lf", with_stdlib=False)
     lens = [700, 1, 300]
@@ -148,7 +149,7 @@ def document_cases(bf):
             cache.allocate(s, n)
             cache.append([s] * n, torch.randn(n, 4, d, device="cuda", dtype=bf),
                          torch.randn(n, 4, d, device="cuda", dtype=bf), layer.function.outputs[0].arg.rope)
-        attn = PagedAttention(layer, page_size=16, **({"prefill": "wgmma"} if kernel == "wgmma" else {}))
+        attn = PagedAttention(layer, page_size=16, prefill=kernel)   # wgmma: the default (persistent, keys staged)
         assert attn.tc_plan("prefill").mask_split, attn.tc_plan("prefill").key
         q = torch.randn(sum(lens), 16, d, device="cuda", dtype=bf)
         call = dict(max_q_len=max(lens), max_kv_len=max(lens), extra={"doc": doc})
@@ -336,12 +337,12 @@ def main():
     # a document mask (packed sequences): the block-mask pre-pass, then the prefill walking its lists
     doc_prog = lf.loads(DOCUMENT, "document.lf", with_stdlib=False)
     dlayer = doc_prog.specialise("document", Hq=32, Hkv=8, D=128, dtype="bf16")
-    dattn = PagedAttention(dlayer, page_size=16)
+    dattn = PagedAttention(dlayer, page_size=16, prefill="tc")
     doc = (torch.arange(128, device="cuda") // 37).to(torch.int32).repeat(4, 1)
     dattn.prefill(qr, cache.k_cache, cache.v_cache, cache.page_table, cache.seq_lens, cu, max_q_len=100,
                   max_kv_len=100, extra={"doc": doc})
     if torch.cuda.get_device_capability() == (9, 0):
-        # the same on the wgmma prefill (asked for: documents stay on mma.sync by default), then over
+        # the same on the wgmma prefill (the documents' default on sm_90), then over
         # a corrupt block mask (counts and tile entries out of range: clamped), and T5 with its
         # distance tables (the default, asked for explicitly here) and per score
         from layerforge.runtime.block_mask import BlockMask
