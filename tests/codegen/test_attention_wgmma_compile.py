@@ -246,7 +246,7 @@ def mask_prog():
 
 def check_block_mask_source(plan):
     src = plan.source()
-    assert plan.block_mask and not supports(plan.layer, plan.page_size)   # not the default prefill
+    assert plan.block_mask and supports(plan.layer, plan.page_size)   # the default prefill (its key terms staged)
     assert [a.name for a in plan.abi.args if a.name.startswith("bm_")] == ["bm_num", "bm_idx", "bm_rows", "bm_cols"]
     # the producer and both consumers walk the list; no per-tile classifier of its own
     assert src.count("const int k0 = tile_k0(t);") == 2 and "LF_TILE" not in src
@@ -314,10 +314,11 @@ def test_negated_distance_term_table(mask_prog):
     assert_spill_free(compile_main(plan)[0])
 
 
-def test_distance_tables_by_default(prog, mask_prog):
+def test_distance_tables_by_default(prog, mask_prog, monkeypatch):
     """Distance tables are the default (distance_table=False: the per-score kernel); no block
-    mask for blocks that need none, documents stay off the default wgmma prefill, and the flag
-    on a block without a distance term changes nothing."""
+    mask for blocks that need none, documents take the default wgmma prefill only with their key
+    terms staged (LAYERFORGE_WGMMA_KEY_STAGE=0: mma.sync), and the flag on a block without a
+    distance term changes nothing."""
     t5 = specialise(prog, "t5_attn", 32, 8, 128)
     plan = plan_wgmma_attention(t5)
     assert plan.distance_table and plan.rel_table == (4, 144) and plan.config.label == "n128s2"
@@ -329,7 +330,11 @@ def test_distance_tables_by_default(prog, mask_prog):
     llama = specialise(prog, "llama_attn", 32, 8, 128)
     on, off = plan_wgmma_attention(llama), plan_wgmma_attention(llama, distance_table=False)
     assert on.rel_table is None and on.key == off.key and on.source() == off.source()
-    assert not supports(mask_prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16"), 16)
+    doc = mask_prog.specialise("doc_causal", Hq=32, Hkv=8, D=128, dtype="bf16")
+    assert supports(doc, 16)
+    monkeypatch.setenv("LAYERFORGE_WGMMA_KEY_STAGE", "0")
+    assert not supports(doc, 16)
+    monkeypatch.delenv("LAYERFORGE_WGMMA_KEY_STAGE")
     # 3 stages of 128 keys leave no room for the tables: asked for, they are an error that says the way out
     with pytest.raises(LoweringError, match=r"shared memory beside the distance tables \(distance_table=False"):
         plan_wgmma_attention(t5, tiles=WGTileConfig(bn=128, stages=3))
