@@ -45,8 +45,8 @@ from .attention import (AttentionPlan, check_attention_layer, check_specialisabl
                         tile_page_entries)
 from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, block_mask_split, mask_heads, needs_block_mask
-from .mask_tiles import local_tiles
 from .distance_terms import distance_term
+from .mask_tiles import local_tiles
 from .plan import CompileFn, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
