@@ -133,12 +133,7 @@ def test_prefill_kernel_falls_back_where_wgmma_does_not_serve(monkeypatch):
     tiles = PagedAttention(prog.specialise("llama_attn", Hq=8, Hkv=8, D=64, dtype="bf16"), arch="sm_90",
                            tiles={"prefill": TileConfig(wm=4, wn=1, mt=2, bnw=32, stages=3, min_blocks=2)})
     assert tiles.prefill_kernel == "tc"
-    doc = lf.loads("""
-dims Hq, Hkv, D
-dynamic B, S, Skv
-attention document(q: T[B, S, Hq, D], k: T[B, Skv, Hkv, D], v: T[B, Skv, Hkv, D], doc: i32[B, Skv]) -> T[B, S, Hq, D] {
-    mask = kv_pos <= q_pos and doc[b, kv_pos] == doc[b, q_pos]
-}""", "doc.lf", with_stdlib=False).specialise("document", Hq=8, Hkv=8, D=64, dtype="bf16")
+    doc = lf.loads(DOC, "doc.lf", with_stdlib=False).specialise("document", Hq=8, Hkv=8, D=64, dtype="bf16")
     documents = PagedAttention(doc, arch="sm_90")   # the block-mask lists, the key terms staged: wgmma
     assert documents.needs_block_mask and documents.prefill_kernel == "wgmma"
     assert documents.tc_plan("prefill").block_mask_plan() is not None
