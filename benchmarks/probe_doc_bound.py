@@ -4,9 +4,10 @@ take the full-tile path (no mask test, no bits: the numbers are wrong on purpose
     python -m benchmarks.probe_doc_bound [--batch 4] [--seq 4096]
 
 Rows (B H32/8 D128 bf16, documents of 128-1024 tokens as bench_masks builds them, its block mask made once, outside
-the timing): the mma.sync prefill (the documents' default) and the wgmma one, plain and persistent
-(LAYERFORGE_WGMMA_PERSIST), with the key terms staged in shared memory (LAYERFORGE_WGMMA_KEY_STAGE), each as built ("as built") and with every listed tile full ("all full"); the time left
-between the two is what the partial tiles' mask work costs. The per-score test (the mask beside every score,
+the timing): the mma.sync prefill (the documents' default before sm_90) and the wgmma one (their default on sm_90:
+persistent, its key terms staged), plain and persistent (LAYERFORGE_WGMMA_PERSIST), with and without the key terms
+staged in shared memory (LAYERFORGE_WGMMA_KEY_STAGE), each as built ("as built") and with every listed tile full
+("all full"); the time left between the two is what the partial tiles' mask work costs. The per-score test (the mask beside every score,
 LAYERFORGE_*_MASK_BITS=0) is timed too. Flex's time beside, same run."""
 from __future__ import annotations
 
