@@ -7,8 +7,8 @@ Rows (B H32/8 D128 bf16, documents of 128-1024 tokens as bench_masks builds them
 the timing): the mma.sync prefill (the documents' default before sm_90) and the wgmma one (their default on sm_90:
 persistent, its key terms staged), plain and persistent (LAYERFORGE_WGMMA_PERSIST), with and without the key terms
 staged in shared memory (LAYERFORGE_WGMMA_KEY_STAGE), each as built ("as built") and with every listed tile full
-("all full"); the time left between the two is what the partial tiles' mask work costs. The per-score test (the mask beside every score,
-LAYERFORGE_*_MASK_BITS=0) is timed too. Flex's time beside, same run."""
+("all full"); the time left between the two is what the partial tiles' mask work costs. The per-score test (the
+mask beside every score, LAYERFORGE_*_MASK_BITS=0) is timed too. Flex's time beside, same run."""
 from __future__ import annotations
 
 import argparse
