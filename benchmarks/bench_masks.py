@@ -21,6 +21,9 @@ the line is "document wg", prefill="wgmma"); "t5 per-score" / "rel_bias per-scor
 kernel without its distance tables (distance_table=False; the tables are the default).
 --wgmma-tiles picks the wgmma kernel's WGTileConfig (n<keys>s<stages>), else the planner's.
 --head-dim: D (64 / 128 / 256; 128 by default).
+--ab-switch NAME[,NAME...]: after each mask's line, ours again under every setting of the named environment
+switches (0 / 1 each, all combinations), three rounds in turns, in the same process: one line per setting with
+its rounds' kernel ms, its speed over Flex (best round), its error against Flex and its kernel's label.
 
 --variants: the standard library's attention blocks beside Flex with the equivalent
 score_mod / mask_mod (MHA 32/32, Llama GQA 32/8). Flex has no RoPE: the blocks that rotate q in
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import os
 
 import torch
 
@@ -226,6 +231,8 @@ def main() -> None:
                          "block-mask lists; t5 / rel_bias without distance tables)")
     ap.add_argument("--wgmma-tiles", default=None, help="its WGTileConfig as n<keys>s<stages> (e.g. n64s3)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--ab-switch", default=None, metavar="NAME[,NAME...]",
+                    help="ours again with each environment switch 0 / 1 (all combinations), three rounds in turns")
     a = ap.parse_args()
     wg_module = None
     if a.wgmma:
@@ -282,8 +289,44 @@ def main() -> None:
                   f"{'-':>9} {t_flex * 1e3:>8.3f} {t_flex_bm * 1e3:>10.3f} {t_flex / t_wg:>9.2f} {'-':>11} "
                   f"{err_wg:>8.4f}  {wg.tc_plan('prefill').key.split('_p64_')[1]} "
                   f"({t_sparse / t_wg:.2f}x the line above)", flush=True)
+        if a.ab_switch:
+            ab_lines(a.ab_switch.split(","), lambda: ours(layer, q, kc, vc, table, lens, cu, S, True, extra),
+                     lambda o: (o.view(B, S, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item(), t_flex)
     if a.variants:
         variants(B, S)
+
+
+@contextlib.contextmanager
+def switches(values: dict[str, str]):
+    """The environment with `values` set, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ab_lines(names: list[str], run, error, t_flex: float, rounds: int = 3) -> None:
+    """--ab-switch: `run` (ours(...)'s tuple) under every 0 / 1 setting of `names`, `rounds` rounds in turns (a new
+    module each time: its plan reads the switches), then a line per setting."""
+    settings = list(itertools.product("01", repeat=len(names)))
+    times: dict[tuple, list[float]] = {c: [] for c in settings}
+    info: dict[tuple, tuple[float, str]] = {}
+    for _ in range(rounds):
+        for c in settings:
+            with switches(dict(zip(names, c))):
+                t, out, _, attn = run()
+            times[c].append(t)
+            info[c] = (error(out), attn.tc_plan("prefill").key.split("_p64_")[1])
+    for c in settings:
+        label = ",".join(f"{n.removeprefix('LAYERFORGE_')}={v}" for n, v in zip(names, c))
+        ms = " / ".join(f"{t * 1e3:.3f}" for t in times[c])
+        print(f"    {label}: {ms} ms, {t_flex / min(times[c]):.2f}x Flex, err {info[c][0]:.4f}  {info[c][1]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -293,11 +293,17 @@ def folds(ctx: dict) -> bool:
     return not ctx["has_score"] and ctx["scale_const"] is not None and ctx["scale_const"] > 0
 
 
-def hook_context(layer: Layer, distance_table: bool = False) -> dict:
+def hook_context(layer: Layer, distance_table: bool = False, key_tile: int | None = None,
+                 unsigned_abs: bool = True) -> dict:
     """Template variables of an attention block's hooks, shared by the attention templates:
     extra inputs and scalars, the score / mask / scale expressions, the mask's key bounds,
     RoPE and ALiBi. distance_table: the score's distance term (codegen/distance_terms.py)
-    becomes `lf_rel_term(rel, ...)`, and lf_score takes its value (`rel_v`) from the kernel."""
+    becomes `lf_rel_term(rel, ...)`, and lf_score takes its value (`rel_v`) from the kernel.
+    key_tile (a kernel's keys a tile, a power of two): where the mask reads kv_pos // 2^j or kv_pos % 2^j with
+    2^j dividing it, also `lf_mask_kt(..., kv_tile, kv_off)` (mask_kt), the mask at key kv_tile + kv_off for a
+    tile start kv_tile and 0 <= kv_off < key_tile, those terms split over the two (ScalarEmitter.key_split):
+    a kernel passing a constant kv_off per unrolled key has them folded, not computed per score. unsigned_abs: |x|
+    against a constant as one unsigned compare (ScalarEmitter.unsigned_abs; False: abs and a signed compare)."""
     spec = layer.function.outputs[0].arg
     tensors, scalars = extra_inputs(layer)
     dims = {d: f"d_{d}" for d in table_dims(layer)}
@@ -305,9 +311,9 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
     extra = extra_args(layer)   # the hooks take the kernel's extra arguments as they are
     extra_params = [f"{a.ctype} {a.name}" for a in extra]
 
-    score_em = ScalarEmitter(VARS, tables, dims)
+    score_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
     term = distance_term(spec.score) if distance_table else None
-    rel_em = ScalarEmitter({"b": "b", "h": "h", "kv_h": "kv_h"}, tables, dims)
+    rel_em = ScalarEmitter({"b": "b", "h": "h", "kv_h": "kv_h"}, tables, dims, unsigned_abs=unsigned_abs)
     rel_term = None
     if term is not None:
         score_em.cache[id(term.node)] = "rel_v"
@@ -316,31 +322,37 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
         rel_term = {"ctype": term.ctype, "lines": rel_em.lines, "value": rel_value, "sign": term.sign,
                     "heads": term.heads}
     score_value = score_em.emit(spec.score) if spec.score is not None else "score"
-    mask_em = ScalarEmitter(VARS, tables, dims)
+    mask_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
     mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
+    mask_kt = None
+    if key_tile is not None and spec.mask is not None:
+        kt_em = ScalarEmitter({**VARS, "kv_pos": "(kv_tile + kv_off)"}, tables, dims,
+                              key_split=("kv_tile", "kv_off", key_tile), unsigned_abs=unsigned_abs)
+        kt_value = kt_em.emit(spec.mask)
+        mask_kt = {"lines": kt_em.lines, "value": kt_value} if kt_em.split_used else None
     rest = mask_rest(spec.mask)
-    rest_em = ScalarEmitter(VARS, tables, dims)
+    rest_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
     rest_value = rest_em.emit(rest) if rest is not None else None
     from .block_mask import block_mask_split   # (codegen/block_mask.py imports this module)
     split = block_mask_split(layer)
     split_ctx = None
     if split is not None:   # the per-score test over its key / row terms' values (codegen/mask_terms.py)
         def term(node, names):
-            em = ScalarEmitter(names, tables, dims)
+            em = ScalarEmitter(names, tables, dims, unsigned_abs=unsigned_abs)
             value = em.emit(node)
             return {"ctype": ops.C_TYPE[node.dtype], "lines": em.lines, "value": value}
-        test_em = ScalarEmitter(VARS, tables, dims)
+        test_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
         test_em.cache.update({id(n): f"kt{i}" for i, n in enumerate(split.keys)})
         test_em.cache.update({id(n): f"rt{i}" for i, n in enumerate(split.rows)})
         test_value = test_em.emit(split.expr)
         split_ctx = {"keys": [term(n, {"b": "b", "kv_h": "kv_h", "kv_pos": "kv_pos"}) for n in split.keys],
                      "rows": [term(n, {"b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos"}) for n in split.rows],
                      "lines": test_em.lines, "value": test_value, "bounds": rest is not None}
-    bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims)
+    bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims, unsigned_abs=unsigned_abs)
     lows, highs = mask_bounds(spec.mask, bound_em)
-    sink_em = ScalarEmitter(VARS, tables, dims)
+    sink_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
     sink_value = sink_em.emit(spec.sink) if spec.sink is not None else None
-    scale_em = ScalarEmitter({}, tables, dims)
+    scale_em = ScalarEmitter({}, tables, dims, unsigned_abs=unsigned_abs)
     scale_value = scale_em.emit(spec.scale)
     if scale_em.lines:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"
@@ -351,7 +363,7 @@ def hook_context(layer: Layer, distance_table: bool = False) -> dict:
                 rope=rope_context(spec.rope, memory="global"), t5=t5_tables(score_em.t5 | mask_em.t5 | sink_em.t5 | rel_em.t5), scale=scale_value, scale_const=scale_const, extra_params=extra_params,
                 extra_args=[a.name for a in extra],
                 score_lines=score_em.lines, score_value=score_value, has_score=spec.score is not None,
-                mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask),
+                mask_lines=mask_em.lines, mask_value=mask_value, exact_mask=mask_is_exact(spec.mask), mask_kt=mask_kt,
                 rest_lines=rest_em.lines, rest_value=rest_value,
                 sink_lines=sink_em.lines, sink_value=sink_value, rel_term=rel_term,
                 mask_split=split_ctx,

@@ -198,12 +198,14 @@ class WGMMAAttentionPlan(AttentionPlan):
     distance_table: bool = True         # tabulate the score's distance term per tile (rel_table); False: per score
     mask_bits: bool = True              # a mask's table reads once per key and row, its test as bits (mask_split)
     stage_keys: bool = False            # with mask_split: its key terms made once a tile into shared memory
+    key_split: bool = True              # the mask's kv_pos // 2^j, % 2^j split over the key tile (lf_mask_kt), and
+    #                                     |x| <= c as an unsigned compare (False: the kernel as before both)
 
     @property
     def key(self) -> str:
         return layer_key(self.layer, f"p{self.page_size}", "wgprefill", self.config.label,
                          *(("dt",) if self.rel_table else ()), *(("mb",) if self.mask_split else ()),
-                         *(("ks",) if self.key_terms_staged else ()),
+                         *(("ks",) if self.key_terms_staged else ()), *(() if self.key_split else ("nosplit",)),
                          self.arch.replace("_", ""))
 
     @property
@@ -344,7 +346,8 @@ def _render(plan: WGMMAAttentionPlan) -> str:
     c = plan.config
     mma_t = "bf16" if dtype is DType.bf16 else "f16"
     rel = plan.rel_table
-    ctx = hook_context(plan.layer, distance_table=rel is not None)
+    ctx = hook_context(plan.layer, distance_table=rel is not None, key_tile=c.bn if plan.key_split else None,
+                       unsigned_abs=plan.key_split)
     if plan.block_mask:   # the pre-pass classifies the tiles
         ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     rope_step = c.rope_step and rope_steps(ctx)
@@ -508,7 +511,18 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
     return dict(overlap=overlap_default(), tma=tma_default(), rope_step=rope_step_default(), fold=fold_default(),
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
-                persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default())
+                persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
+                key_split=key_split_default())
+
+
+def key_split_default() -> bool:
+    """Whether a mask that reads kv_pos // 2^j or kv_pos % 2^j (a 2-D neighbourhood's grid row and column) has
+    those terms split over the key tile (WGMMAAttentionPlan.key_split, codegen/scalar_expr.ScalarEmitter.key_split):
+    the tile start's part once a tile, the key's offset a constant per unrolled key, folded by the compiler. NATTEN's
+    consumer loop 3554 -> 2710 instructions (with |x| <= c as one unsigned compare; NVRTC 13.5, D128). Only such
+    masks' kernels change. LAYERFORGE_WGMMA_KEY_SPLIT=0 turns both off (the kernel as it was), for the runtime's
+    plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_KEY_SPLIT", True)
 
 
 def key_stage_default() -> bool:
@@ -562,7 +576,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
-                         stage_keys: bool = False) -> WGMMAAttentionPlan:
+                         stage_keys: bool = False, key_split: bool = True) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -591,16 +605,17 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     without spills, in the launch order lpt asks for, with each next row block's Q loaded early (q_next) where that
     compiles without spills too; taken before pairs (a CTA with several row blocks either way). mask_bits: a mask
     whose per-score test reads tables at the key tested once per tile as bits (WGMMAAttentionPlan.mask_split);
-    stage_keys: its key terms made into shared memory once a tile (WGMMAAttentionPlan.key_terms_staged)."""
+    stage_keys: its key terms made into shared memory once a tile (WGMMAAttentionPlan.key_terms_staged); key_split:
+    the mask's kv_pos // 2^j and % 2^j split over the key tile (WGMMAAttentionPlan.key_split)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
-                       mask_bits=mask_bits, stage_keys=stage_keys)
+                       mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)
     if tiles is not None:
         return plan
     plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if plan.config.consumers > CONSUMERS and tma and not plan.tma:
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False,
-                                         mask_bits=mask_bits, stage_keys=stage_keys),
+                                         mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split),
                              layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
     if rope_batch and plan.config.rope_step:
         plan = _with_option(plan, compile_fn, rope_batch=True)
@@ -658,7 +673,7 @@ def _with_option(plan: WGMMAAttentionPlan, compile_fn: CompileFn | None, **optio
 
 def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
                 distance_table: bool, *, three_consumers: bool = True, mask_bits: bool = True,
-                stage_keys: bool = False) -> WGMMAAttentionPlan:
+                stage_keys: bool = False, key_split: bool = True) -> WGMMAAttentionPlan:
     check_attention_layer(layer, page_size)
     check_specialisable(layer, "wgmma attention", head_dims=HEAD_DIMS, value_dim=True)
     spec = layer.function.outputs[0].arg
@@ -675,7 +690,7 @@ def _plan_tiles(layer: Layer, page_size: int, tiles: WGTileConfig | None, compil
     candidates = fits
     for c in candidates:
         plan = WGMMAAttentionPlan(layer=layer, page_size=page_size, tiles=c, distance_table=distance_table,
-                                  mask_bits=mask_bits, stage_keys=stage_keys)
+                                  mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)
         if plan.page_entries > 32:
             raise LoweringError(f"{layer.name}: wgmma attention needs pages of at least {c.keys // 32 + 1} keys "
                                 f"for {c.keys}-key tiles, not {page_size}")

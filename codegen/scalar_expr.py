@@ -15,8 +15,19 @@ from . import ops
 
 
 class ScalarEmitter:
-    def __init__(self, var_names: dict[str, str], tables: dict[str, "TableInfo"], dims: dict[str, str]):
+    """key_split (tile, off, size): kv_pos is `tile + off` with `tile` a multiple of `size` (a power of two) and
+    0 <= off < size, two C names (a kernel's key tile start and a key's place in it, often a constant after
+    unrolling): kv_pos // 2^j and kv_pos % 2^j for 2^j dividing `size` become `(tile >> j) + (off >> j)` and
+    `off & (2^j - 1)`, which the compiler folds per unrolled key (`split_used` tells whether one did).
+    unsigned_abs: |x| against an integral constant as one unsigned compare (_abs_compare); False: abs, then the
+    compare."""
+
+    def __init__(self, var_names: dict[str, str], tables: dict[str, "TableInfo"], dims: dict[str, str],
+                 key_split: tuple[str, str, int] | None = None, unsigned_abs: bool = True):
         self.var_names = var_names      # attention variable -> C expression
+        self.key_split = key_split
+        self.unsigned_abs = unsigned_abs
+        self.split_used = False
         self.tables = tables            # extra input name -> TableInfo
         self.dims = dims                # dynamic dim name -> C expression
         self.lines: list[str] = []
@@ -26,6 +37,7 @@ class ScalarEmitter:
         self.t5: set[tuple[int, int, bool]] = set()   # bucket tables used: (num_buckets, max_distance, bidirectional)
         self.ranges: dict[int, tuple[int, int]] = {}    # integer nodes' value intervals (narrower C types)
         self.int_of: dict[int, tuple[str, tuple[int, int]]] = {}   # f32 node -> an int it is the rounding of
+        self.abs_of: dict[int, tuple[str, str]] = {}   # node (int, or f32 in int_of) -> (x, C type): it is abs(x)
 
     def fresh(self) -> str:
         self.n += 1
@@ -52,6 +64,8 @@ class ScalarEmitter:
             r = (-hi, -lo) if unary_name(n) == "neg" else ((0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi)))
             ct = "int" if _fits(r, I32) and _fits((lo, hi), I32) else "long long"
             self.int_of[id(n)] = (self._let(ct, ops.UNARY_INT[unary_name(n)].format(x=f"({ct})({x})")), r)
+            if unary_name(n) == "abs":
+                self.abs_of[id(n)] = (x, ct)
 
     def _int_compare(self, n: Node, a: list[str]) -> str | None:
         """A comparison of an integer's f32 rounding with an integral constant c, |c| < 2^24, made on the
@@ -72,7 +86,48 @@ class ScalarEmitter:
             return None
         if all(id(src) in self.int_of for src in n.src) and not all(_fits(r, EXACT_F32) for _, r in sides):
             return None
-        return self._let("bool", f"({sides[0][0]} {ops.COMPARE[n.arg]} {sides[1][0]})")
+        return self._abs_compare(n) or self._let("bool", f"({sides[0][0]} {ops.COMPARE[n.arg]} {sides[1][0]})")
+
+    def _abs_compare(self, n: Node) -> str | None:
+        """|x| against an integer constant c as one unsigned compare: |x| <= c iff (unsigned)x + c <= 2c (modulo
+        2^32, or 2^64 for a 64-bit x; exact for every x, INT_MIN too), where abs, a subtraction and a signed
+        compare were three operations. |x| < c is |x| <= c - 1, >= / > their negations; a constant on the left
+        mirrors them. Else None (== / !=, or no abs of an int against a constant)."""
+        flip = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}
+        if not self.unsigned_abs or n.arg not in flip:
+            return None
+        for side, op in ((0, n.arg), (1, flip[n.arg])):
+            x, c = n.src[side], n.src[1 - side]
+            if id(x) not in self.abs_of or c.op is not Op.CONST or c.dtype is DType.bool \
+                    or not float(c.arg).is_integer():
+                continue
+            v, ct = self.abs_of[id(x)]
+            bound = int(c.arg) - (op in ("lt", "ge"))   # le / lt: |x| <= bound; ge / gt: not that
+            ut, suffix = ("unsigned", "u") if ct == "int" else ("unsigned long long", "ull")
+            limit = (2 ** 31 if ct == "int" else 2 ** 63) - 1
+            if bound < 0:
+                inside = "false"
+            elif bound > limit:
+                inside = "true"
+            else:
+                inside = f"(({ut})({v}) + {bound}{suffix} <= {2 * bound}{suffix})"
+            return self._let("bool", inside if op in ("le", "lt") else f"(!{inside})")
+        return None
+
+    def _key_split(self, n: Node, ct: str) -> str | None:
+        """kv_pos // 2^j or kv_pos % 2^j over key_split's tile and offset (see the class), else None."""
+        if self.key_split is None or n.arg not in ("floordiv", "mod") or n.src[0].op is not Op.ATTN_VAR \
+                or n.src[0].arg != "kv_pos":
+            return None
+        d = ops.const_divisor(n)
+        tile, off, size = self.key_split
+        if d is None or d <= 0 or d & (d - 1) or size % d:
+            return None
+        self.split_used = True
+        j = d.bit_length() - 1
+        if n.arg == "mod":
+            return f"(({ct})({off}) & ({ct})({d - 1}))"
+        return f"((({ct})({tile}) >> {j}) + (({ct})({off}) >> {j}))"
 
     def _let(self, ctype: str, expr: str) -> str:
         name = self.fresh()
@@ -131,10 +186,12 @@ class ScalarEmitter:
                 return self._let(ct, ops.UNARY_FLOAT[name].format(x=a[0]))
             if name == "relu":  # max(x, 0) with both sides of x's type
                 return self._let(ct, f"max(({ct})({a[0]}), ({ct})0)")
+            if name == "abs" and ct in ("int", "long long"):
+                self.abs_of[id(n)] = (f"({ct})({a[0]})", ct)
             return self._let(ct, ops.UNARY_INT[name].format(x=a[0]))
         if n.op is Op.BINARY:
             if n.arg in ops.COMPARE:
-                return self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
+                return self._abs_compare(n) or self._let("bool", f"({a[0]} {ops.COMPARE[n.arg]} {a[1]})")
             if n.arg in ops.LOGICAL:   # & / | on the two bools: both are computed values, and a short
                 # circuit became a branch per score in the kernels' inner loops
                 return self._let("bool", f"({a[0]} {'&' if n.arg == 'and' else '|'} {a[1]})")
@@ -143,6 +200,9 @@ class ScalarEmitter:
                 return self._let(ct, ops.BINARY_FLOAT[n.arg].format(a=x, b=y))
             if n.arg == "pow":   # the checker allows integer powers with a constant exponent 0..64 only
                 return self._let(ct, " * ".join([f"({ct})({a[0]})"] * int(n.src[1].arg)) or f"({ct})1")
+            split = self._key_split(n, ct)
+            if split is not None:
+                return self._let(ct, split)
             return self._let(ct, ops.int_binary(n.arg, a[0], a[1], ct, ops.const_divisor(n)))
         if n.op is Op.WHERE:
             return self._let(ct, f"({a[0]} ? ({ct})({a[1]}) : ({ct})({a[2]}))")

@@ -113,6 +113,10 @@
 #   persistlocal  the persistent wgmma prefill for short local masks (NATTEN; LAYERFORGE_WGMMA_PERSIST_LOCAL, off
 #              until this runs): the block-sparse Hopper GPU tests with it on, then bench_masks --only natten / sinks
 #              with it off and on, two rounds
+#   keysplit   a mask's kv_pos // 2^j and % 2^j split over the wgmma kernel's key tile, |x| <= c as one unsigned
+#              compare (LAYERFORGE_WGMMA_KEY_SPLIT, on): the split masks' and block-sparse masks' GPU tests (wgmma and
+#              mma.sync), then bench_masks --only natten --ab-switch KEY_SPLIT,PERSIST_LOCAL at D128 (KEY_SPLIT alone
+#              at D64 / D256) and --only sinks --ab-switch PERSIST_LOCAL (three rounds in turns each)
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -479,6 +483,24 @@ persistlocal)
         LAYERFORGE_WGMMA_PERSIST_LOCAL=$v timeout -s KILL 90 "$PY" -m benchmarks.bench_masks --only $m 2>&1 \
             | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_persistlocal.txt" | tail -1
     done; done; done
+    ;;
+keysplit)
+    echo "== the mask's key terms split over the key tile (LAYERFORGE_WGMMA_KEY_SPLIT): GPU tests, bench_masks A/B"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 300 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
+        tests/gpu/test_paged_attention.py -k "split_over_the_key_tile or block_sparse_masks" 2>&1 \
+        | tee "$OUT_DIR/pytest_keysplit.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 200 "$PY" -m benchmarks.bench_masks --only natten \
+        --ab-switch LAYERFORGE_WGMMA_KEY_SPLIT,LAYERFORGE_WGMMA_PERSIST_LOCAL 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/bench_masks_keysplit.txt" | tail -6
+    for d in 64 256; do
+        timeout -s KILL 150 "$PY" -m benchmarks.bench_masks --only natten --head-dim $d \
+            --ab-switch LAYERFORGE_WGMMA_KEY_SPLIT 2>&1 | grep -v "$FLEX_NOISE" \
+            | tee -a "$OUT_DIR/bench_masks_keysplit.txt" | tail -3
+    done
+    timeout -s KILL 150 "$PY" -m benchmarks.bench_masks --only sinks --ab-switch LAYERFORGE_WGMMA_PERSIST_LOCAL 2>&1 \
+        | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_keysplit.txt" | tail -3
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

@@ -153,3 +153,33 @@ def test_ncu_source_top_reads_the_source_page(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "400 samples" in out and "75.0%" in out and "BAR.SYNC" in out and "barrier 93%" in out
     assert "LDS" not in out
+
+
+def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
+    """bench_masks --ab-switch: each 0 / 1 setting of the switches, in turns over the rounds, the environment restored."""
+    from benchmarks.bench_masks import ab_lines
+
+    class Attn:
+        def __init__(self, label):
+            self.label = label
+
+        def tc_plan(self, mode):
+            return type("P", (), {"key": f"x_p64_{self.label}"})()
+
+    seen = []
+    monkeypatch.setenv("LAYERFORGE_B", "7")
+    monkeypatch.delenv("LAYERFORGE_A", raising=False)
+
+    def run():
+        import os
+        a, b = os.environ["LAYERFORGE_A"], os.environ["LAYERFORGE_B"]
+        seen.append(a + b)
+        return (1e-3 * (1 + int(a) + 2 * int(b)), None, None, Attn(a + b))
+
+    ab_lines(["LAYERFORGE_A", "LAYERFORGE_B"], run, lambda out: 0.0, t_flex=2e-3, rounds=2)
+    import os
+    assert seen == ["00", "01", "10", "11"] * 2
+    assert "LAYERFORGE_A" not in os.environ and os.environ["LAYERFORGE_B"] == "7"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].strip() == "A=0,B=0: 1.000 / 1.000 ms, 2.00x Flex, err 0.0000  00"
+    assert lines[3].strip().startswith("A=1,B=1: 4.000 / 4.000 ms, 0.50x Flex")

@@ -101,6 +101,22 @@ def test_block_sparse_masks(name):
     wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
 
 
+@pytest.mark.parametrize("name", ["natten32", "natten64", "natten128", "strided", "outside", "never"])
+@pytest.mark.parametrize("split", ["1", "0"])
+def test_masks_split_over_the_key_tile(name, split, schedule, monkeypatch):
+    """Masks that read kv_pos // 2^j or % 2^j, with those terms split over the key tile (lf_mask_kt, the default)
+    and without (LAYERFORGE_WGMMA_KEY_SPLIT=0), and |x| against constants as unsigned compares: the planner's
+    kernel, 64-key tiles (G = 128's terms not split there), and a second shape."""
+    from layerforge.codegen.attention_wgmma import WGTileConfig
+    from ..codegen.test_mask_key_split import MASKS
+    monkeypatch.setenv("LAYERFORGE_WGMMA_KEY_SPLIT", split)
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    wgmma(prog, name, 8, 2, 128, 16, **LONG)
+    bn64 = WGTileConfig(bn=64, stages=2, overlap=schedule == "overlap")
+    wgmma(prog, name, 8, 2, 128, 16, tiles={"prefill": bn64}, **LONG)
+    wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
+
+
 @pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
                          ids=lambda x: getattr(x, "label", str(x)))
 def test_every_tile_candidate(prog, d, tiles, schedule):
