@@ -64,8 +64,9 @@ def decode_case(prog, batch, ctx, kernel, hq=32, hkv=8, d=128, page=16, kv_dtype
 
 
 @contextlib.contextmanager
-def env_switch_set(name: str, on: bool | None):
-    """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is), restored after.
+def env_switch_set(name: str, on: bool | str | None):
+    """The switch `name` (an environment variable) set to `on` inside the block (None: left as it is; a string: that
+    value, for a whole-number setting such as LAYERFORGE_WGMMA_POLY_EXP), restored after.
     Set (on not None), a block that returns without any plan having read the switch (codegen.plan.env_switch) is an
     error naming it: a misspelt or unrelated switch would measure the same kernel twice."""
     from layerforge.codegen.plan import switch_read, switch_set
@@ -168,9 +169,10 @@ def main(argv=None):
     ab.add_argument("--wgmma-overlap", action="store_true",
                     help="on sm_90, each default wgmma prefill row again with the overlap schedule "
                          "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
-    ab.add_argument("--ab-switch", default=None, metavar="NAME",
+    ab.add_argument("--ab-switch", default=None, metavar="NAME[=V,V...]",
                     help="on sm_90, each default wgmma prefill row planned with the switch NAME=0, then NAME=1 (e.g. "
-                         "LAYERFORGE_WGMMA_KV_RINGS), side by side")
+                         "LAYERFORGE_WGMMA_KV_RINGS), side by side; NAME=V,V...: with those values, in turn (e.g. "
+                         "LAYERFORGE_WGMMA_POLY_EXP=0,2,4)")
     ap.add_argument("--prefill-only", default=None,
                     help="comma-separated substrings: the prefill rows whose label holds one (e.g. 'D256,H32/8')")
     a = ap.parse_args(argv)
@@ -209,8 +211,10 @@ def main(argv=None):
         # (--wgmma-overlap: the wgmma kernel twice, without and with the overlap schedule)
         hopper = torch.cuda.get_device_capability() == (9, 0)
         # (--ab-switch NAME: with NAME=0, then NAME=1)
+        switch, _, values = (a.ab_switch or "").partition("=")
+        settings = values.split(",") if values else [False, True]
         kernels = ((("wgmma", False, None), ("wgmma", True, None)) if a.wgmma_overlap else
-                   (("wgmma", None, (a.ab_switch, False)), ("wgmma", None, (a.ab_switch, True))) if a.ab_switch else
+                   tuple(("wgmma", None, (switch, v)) for v in settings) if a.ab_switch else
                    (("wgmma", None, None),)) + (("tc", None, None),)
         kernels = kernels if hopper else ((None, None, None),)
         # the default (the first tile of tile_candidates that compiles without spills) beside

@@ -47,7 +47,7 @@ from .attention_tc import chunked_abi, distance_table_shape
 from .block_mask import BlockMaskPlan, block_mask_split, mask_heads, needs_block_mask
 from .distance_terms import distance_term
 from .mask_tiles import local_tiles
-from .plan import CompileFn, env_switch, layer_key, spill_free
+from .plan import CompileFn, env_int, env_switch, layer_key, spill_free
 from .render import read_template, render
 from .row import LoweringError
 
@@ -83,6 +83,8 @@ class WGTileConfig:
                                  # left (the template's PERSIST): each next block's K / V loads go out under this one
     q_next: bool = False         # (with persist) each next row block's Q copies issued under this one's last P V and
                                  # epilogue, once its S products are in (the template's Q_NEXT)
+    poly: int = 0                # the first `poly` of a row's BN / 8 key groups take 2^x on the FMA pipe (a
+                                 # polynomial), the rest on the SFU (the template's POLY; 0: all on the SFU)
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -99,6 +101,8 @@ class WGTileConfig:
             raise ValueError("persist and pairs are two ways of giving a CTA several row blocks: take one")
         if self.q_next and not self.persist:
             raise ValueError("q_next loads the work queue's next row block's Q early: it needs persist")
+        if not 0 <= self.poly <= self.bn // 8:
+            raise ValueError(f"poly is key groups of 8 of a {self.bn}-key tile, 0 .. {self.bn // 8}, not {self.poly}")
         if self.swizzle not in (0, 32, 64, 128):
             raise ValueError(f"swizzle must be 0 (native), 32, 64 or 128 bytes, not {self.swizzle}")
         # the SM's registers hold one CTA: 128 * producer + 128 * consumers * consumer
@@ -119,7 +123,8 @@ class WGTileConfig:
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
-                + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else ""))
+                + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else "")
+                + (f"x{self.poly}" if self.poly else ""))
 
     @property
     def threads(self) -> int:
@@ -361,7 +366,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
-        Q_NEXT=c.q_next,
+        Q_NEXT=c.q_next, POLY=c.poly,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -512,7 +517,13 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
-                key_split=key_split_default())
+                key_split=key_split_default(), poly=poly_default())
+
+
+def poly_default() -> int:
+    """Key groups of 8 (of a tile's BN / 8) whose 2^x a row takes on the FMA pipe (WGTileConfig.poly), from
+    LAYERFORGE_WGMMA_POLY_EXP (an integer; unset or 0: none, every 2^x on the SFU). Not measured yet: off."""
+    return env_int("LAYERFORGE_WGMMA_POLY_EXP", 0)
 
 
 def key_split_default() -> bool:
@@ -576,7 +587,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
-                         stage_keys: bool = False, key_split: bool = True) -> WGMMAAttentionPlan:
+                         stage_keys: bool = False, key_split: bool = True, poly: int = 0) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -606,7 +617,17 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     compiles without spills too; taken before pairs (a CTA with several row blocks either way). mask_bits: a mask
     whose per-score test reads tables at the key tested once per tile as bits (WGMMAAttentionPlan.mask_split);
     stage_keys: its key terms made into shared memory once a tile (WGMMAAttentionPlan.key_terms_staged); key_split:
-    the mask's kv_pos // 2^j and % 2^j split over the key tile (WGMMAAttentionPlan.key_split)."""
+    the mask's kv_pos // 2^j and % 2^j split over the key tile (WGMMAAttentionPlan.key_split). poly (without
+    `tiles`): that many key groups of 8 a row take 2^x on the FMA pipe (WGTileConfig.poly; at most the tile's),
+    on the plan the other options give, where it compiles without spills (without a compile function, as asked)."""
+    if poly and tiles is None:
+        plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
+                                    overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
+                                    deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
+                                    rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
+                                    stage_keys=stage_keys, key_split=key_split)
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8)))
+        return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
                        mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)
     if tiles is not None:

@@ -244,13 +244,26 @@ def env_switch(name: str, default: bool | None) -> bool | None:
     return _SWITCH_VALUES[value]
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole-number environment variable (>= 0): unset or empty gives `default`; anything else than digits is an
+    error naming the variable. Read as env_switch's are (switch_read, a benchmark's A / B)."""
+    _READ.add(name)
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name}={os.environ[name]!r}: expected a whole number (0, 1, 2, ...)")
+    return int(value)
+
+
 @contextlib.contextmanager
-def switch_set(name: str, on: bool | None):
+def switch_set(name: str, on: bool | str | None):
     """The on/off switch `name` (an environment variable env_switch reads) set to `on` inside the block (None: left
-    as it is), restored after: a call's path is chosen as it is called or captured into a graph."""
+    as it is; a string: that value, for env_int's), restored after: a call's path is chosen as it is called or
+    captured into a graph."""
     saved = os.environ.get(name)
     if on is not None:
-        os.environ[name] = "1" if on else "0"
+        os.environ[name] = on if isinstance(on, str) else "1" if on else "0"
     try:
         yield
     finally:

@@ -117,6 +117,8 @@
 #              compare (LAYERFORGE_WGMMA_KEY_SPLIT, on): the split masks' and block-sparse masks' GPU tests (wgmma and
 #              mma.sync), then bench_masks --only natten --ab-switch KEY_SPLIT,PERSIST_LOCAL at D128 (KEY_SPLIT alone
 #              at D64 / D256) and --only sinks --ab-switch PERSIST_LOCAL (three rounds in turns each)
+#   polyexp    a row's first key groups' 2^x as a polynomial on the FMA pipe (LAYERFORGE_WGMMA_POLY_EXP=N, 0 until this
+#              runs): its GPU tests, then bench_attention's D64 and D128 causal rows with N = 0, 2, 4, 0
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -501,6 +503,16 @@ keysplit)
     done
     timeout -s KILL 150 "$PY" -m benchmarks.bench_masks --only sinks --ab-switch LAYERFORGE_WGMMA_PERSIST_LOCAL 2>&1 \
         | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_keysplit.txt" | tail -3
+    ;;
+polyexp)
+    echo "== 2^x on the FMA pipe for a row's first key groups (LAYERFORGE_WGMMA_POLY_EXP): GPU tests, bench_attention"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
+        -k poly_exp2 2>&1 | tee "$OUT_DIR/pytest_polyexp.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+        --prefill-only "D64,H32/32 S4096 D128" --ab-switch LAYERFORGE_WGMMA_POLY_EXP=0,2,4,0 2>&1 \
+        | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_polyexp.txt" | tail -12
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

@@ -183,3 +183,20 @@ def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].strip() == "A=0,B=0: 1.000 / 1.000 ms, 2.00x Flex, err 0.0000  00"
     assert lines[3].strip().startswith("A=1,B=1: 4.000 / 4.000 ms, 0.50x Flex")
+
+
+def test_ab_switch_takes_whole_number_settings():
+    """bench_attention --ab-switch NAME=V,V...: env_switch_set with a string sets that value (env_int reads it); a
+    whole-number setting that is not one is an error naming it."""
+    import os
+
+    import layerforge as lf
+    from benchmarks.bench_attention import env_switch_set
+    from layerforge.codegen.attention_wgmma import default_options
+    layer = lf.stdlib().specialise("gpt2_attn", Hq=8, Hkv=8, D=64, dtype="bf16")
+    for v in ("0", "2", "4"):
+        with env_switch_set("LAYERFORGE_WGMMA_POLY_EXP", v):
+            assert default_options(layer)["poly"] == int(v)
+    assert "LAYERFORGE_WGMMA_POLY_EXP" not in os.environ
+    with env_switch_set("LAYERFORGE_WGMMA_POLY_EXP", "two"), pytest.raises(ValueError, match="POLY_EXP='two'"):
+        default_options(layer)

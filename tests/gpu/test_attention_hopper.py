@@ -117,6 +117,21 @@ def test_masks_split_over_the_key_tile(name, split, schedule, monkeypatch):
     wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("poly", ["2", "16"])
+def test_poly_exp2_on_the_fma_pipe(prog, d, poly, monkeypatch):
+    """LAYERFORGE_WGMMA_POLY_EXP (WGTileConfig.poly: a row's first key groups take 2^x as a polynomial on the FMA
+    pipe; 16: every group of a 128-key tile) on the planner's kernel (D64: three consumers), against the float64
+    reference: causal GQA over ragged chunks, a window, and padding with fully masked rows (their sums stay 0)."""
+    monkeypatch.setenv("LAYERFORGE_WGMMA_POLY_EXP", poly)
+    wgmma(prog, "llama_attn", 32, 8, d, 16, lens=[5, 33, 700, 300], new=[5, 3, 700, 129])
+    wgmma(prog, "mistral_attn", 16, 4, d, 64, **LONG, window=200)
+    extra = lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}   # noqa: E731
+    wgmma(prog, "bert_attn", 16, 4, d, 16, **LONG, extra_fn=extra)
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16")
+    assert PagedAttention(layer, page_size=16).tc_plan("prefill").config.poly > 0
+
+
 @pytest.mark.parametrize("d,tiles", [(d, c) for d in (64, 128, 256) for c in tile_candidates(d)],
                          ids=lambda x: getattr(x, "label", str(x)))
 def test_every_tile_candidate(prog, d, tiles, schedule):
