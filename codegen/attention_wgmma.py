@@ -85,6 +85,8 @@ class WGTileConfig:
                                  # epilogue, once its S products are in (the template's Q_NEXT)
     poly: int = 0                # the first `poly` of a row's BN / 8 key groups take 2^x on the FMA pipe (a
                                  # polynomial), the rest on the SFU (the template's POLY; 0: all on the SFU)
+    chains: int = 1              # a row's max and sum over this many partial values joined as a tree (1, 2, 4, 8;
+                                 # the template's CHAINS): dependent chains of BN / 4 / chains steps, not BN / 4
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -101,6 +103,8 @@ class WGTileConfig:
             raise ValueError("persist and pairs are two ways of giving a CTA several row blocks: take one")
         if self.q_next and not self.persist:
             raise ValueError("q_next loads the work queue's next row block's Q early: it needs persist")
+        if self.chains not in (1, 2, 4, 8):
+            raise ValueError(f"chains is 1, 2, 4 or 8 partial values a row, not {self.chains}")
         if not 0 <= self.poly <= self.bn // 8:
             raise ValueError(f"poly is key groups of 8 of a {self.bn}-key tile, 0 .. {self.bn // 8}, not {self.poly}")
         if self.swizzle not in (0, 32, 64, 128):
@@ -124,7 +128,7 @@ class WGTileConfig:
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
                 + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else "")
-                + (f"x{self.poly}" if self.poly else ""))
+                + (f"x{self.poly}" if self.poly else "") + (f"y{self.chains}" if self.chains > 1 else ""))
 
     @property
     def threads(self) -> int:
@@ -366,7 +370,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
-        Q_NEXT=c.q_next, POLY=c.poly,
+        Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -517,7 +521,13 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
-                key_split=key_split_default(), poly=poly_default())
+                key_split=key_split_default(), poly=poly_default(), chains=chains_default())
+
+
+def chains_default() -> int:
+    """Partial values a row's max and sum are taken over (WGTileConfig.chains), from LAYERFORGE_WGMMA_CHAINS (1, 2,
+    4 or 8; unset: 1, one chain, the kernel as it was). Not measured yet."""
+    return env_int("LAYERFORGE_WGMMA_CHAINS", 1)
 
 
 def poly_default() -> int:
@@ -587,7 +597,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          fold: bool = False, kv_rings: bool = False, deep_k: bool = False,
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
-                         stage_keys: bool = False, key_split: bool = True, poly: int = 0) -> WGMMAAttentionPlan:
+                         stage_keys: bool = False, key_split: bool = True, poly: int = 0,
+                         chains: int = 1) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -619,7 +630,16 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     stage_keys: its key terms made into shared memory once a tile (WGMMAAttentionPlan.key_terms_staged); key_split:
     the mask's kv_pos // 2^j and % 2^j split over the key tile (WGMMAAttentionPlan.key_split). poly (without
     `tiles`): that many key groups of 8 a row take 2^x on the FMA pipe (WGTileConfig.poly; at most the tile's),
-    on the plan the other options give, where it compiles without spills (without a compile function, as asked)."""
+    on the plan the other options give, where it compiles without spills (without a compile function, as asked).
+    chains (without `tiles`): a row's max and sum over that many partial values (WGTileConfig.chains), the same way."""
+    if chains > 1 and tiles is None:
+        plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
+                                    overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
+                                    deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
+                                    rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
+                                    stage_keys=stage_keys, key_split=key_split, poly=poly)
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, chains=chains))
+        return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
     if poly and tiles is None:
         plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
                                     overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,

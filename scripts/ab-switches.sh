@@ -119,6 +119,8 @@
 #              at D64 / D256) and --only sinks --ab-switch PERSIST_LOCAL (three rounds in turns each)
 #   polyexp    a row's first key groups' 2^x as a polynomial on the FMA pipe (LAYERFORGE_WGMMA_POLY_EXP=N, 0 until this
 #              runs): its GPU tests, then bench_attention's D64 and D128 causal rows with N = 0, 2, 4, 0
+#   chains     a row's max and sum over LAYERFORGE_WGMMA_CHAINS partial values (1 until this runs): its GPU tests, then
+#              bench_attention's D64, D128 and D256 causal rows with 1, 4, 8 chains, two rounds in turns
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -508,11 +510,21 @@ polyexp)
     echo "== 2^x on the FMA pipe for a row's first key groups (LAYERFORGE_WGMMA_POLY_EXP): GPU tests, bench_attention"
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
-        -k poly_exp2 2>&1 | tee "$OUT_DIR/pytest_polyexp.log" | tail -3
+        -k "softmax_variants and POLY" 2>&1 | tee "$OUT_DIR/pytest_polyexp.log" | tail -3
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
         --prefill-only "D64,H32/32 S4096 D128" --ab-switch LAYERFORGE_WGMMA_POLY_EXP=0,2,4,0 2>&1 \
         | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_polyexp.txt" | tail -12
+    ;;
+chains)
+    echo "== a row's max and sum over partial values joined as a tree (LAYERFORGE_WGMMA_CHAINS): GPU tests, bench_attention"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
+        -k "softmax_variants and CHAINS" 2>&1 | tee "$OUT_DIR/pytest_chains.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+        --prefill-only "D64,H32/32 S4096 D128,D256" --ab-switch LAYERFORGE_WGMMA_CHAINS=1,4,8,1,4,8 2>&1 \
+        | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_chains.txt" | tail -22
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

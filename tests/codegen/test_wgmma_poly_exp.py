@@ -92,3 +92,24 @@ def test_poly_off_is_the_kernel_as_it_was(prog, monkeypatch):
     assert capped.config.poly == capped.config.bn // 8
     with pytest.raises(ValueError, match="poly is key groups"):
         WGTileConfig(bn=64, stages=2, poly=9)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("chains", [4, 8])
+def test_partial_row_max_and_sum_compile_without_spills(prog, d, chains):
+    """WGTileConfig.chains: a row's max and sum over `chains` partial values, joined as a tree."""
+    layer = prog.specialise("llama_attn" if d == 128 else "gpt2_attn", Hq=16, Hkv=16, D=d, dtype="bf16")
+    plan = plan_wgmma_attention(layer, tiles=dataclasses.replace(tile_candidates(d)[0], chains=chains))
+    src = plan.source()
+    assert f"y{chains}" in plan.key and f"constexpr int CHAINS = {chains};" in src and "rsc[nt % CHAINS] +=" in src
+    assert_spill_free(compile_main(plan)[0])
+
+
+def test_one_chain_is_the_kernel_as_it_was(prog, monkeypatch):
+    layer = prog.specialise("gpt2_attn", Hq=16, Hkv=16, D=64, dtype="bf16")
+    plain = plan_wgmma_attention(layer, **default_options(layer))
+    assert "CHAINS" not in plain.source() and plain.config.chains == 1
+    monkeypatch.setenv("LAYERFORGE_WGMMA_CHAINS", "4")
+    assert plan_wgmma_attention(layer, **default_options(layer)).config.chains == 4
+    with pytest.raises(ValueError, match="chains is 1, 2, 4 or 8"):
+        WGTileConfig(bn=64, stages=2, chains=3)
