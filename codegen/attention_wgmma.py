@@ -85,6 +85,8 @@ class WGTileConfig:
                                  # epilogue, once its S products are in (the template's Q_NEXT)
     poly: int = 0                # the first `poly` of a row's BN / 8 key groups take 2^x on the FMA pipe (a
                                  # polynomial), the rest on the SFU (the template's POLY; 0: all on the SFU)
+    late_pack: bool = False      # (with overlap) one P buffer: the softmax leaves p in S's registers and packs it
+                                 # once the previous P V is done (the template's LATE_PACK): overlap in fewer registers
     chains: int = 1              # a row's max and sum over this many partial values joined as a tree (1, 2, 4, 8;
                                  # the template's CHAINS): dependent chains of BN / 4 / chains steps, not BN / 4
 
@@ -103,6 +105,8 @@ class WGTileConfig:
             raise ValueError("persist and pairs are two ways of giving a CTA several row blocks: take one")
         if self.q_next and not self.persist:
             raise ValueError("q_next loads the work queue's next row block's Q early: it needs persist")
+        if self.late_pack and not self.overlap:
+            raise ValueError("late_pack is a form of the overlap schedule: it needs overlap")
         if self.chains not in (1, 2, 4, 8):
             raise ValueError(f"chains is 1, 2, 4 or 8 partial values a row, not {self.chains}")
         if not 0 <= self.poly <= self.bn // 8:
@@ -123,7 +127,8 @@ class WGTileConfig:
         regs = (self.producer_regs, self.consumer_regs)
         return (f"n{self.bn}s{self.stages}" + (f"c{self.consumers}" if self.consumers != CONSUMERS else "")
                 + (f"g{regs[0]}x{regs[1]}" if regs != self.default_regs else "")
-                + ("ov" if self.overlap else "") + (f"w{self.swizzle}" if self.swizzle else "")
+                + ("ov" if self.overlap else "") + ("z" if self.late_pack else "")
+                + (f"w{self.swizzle}" if self.swizzle else "")
                 + ("t" if self.tma else "") + ("r" if self.rope_step else "") + ("f" if self.fold else "")
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
@@ -370,7 +375,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
-        Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains,
+        Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains, LATE_PACK=c.late_pack,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -522,6 +527,12 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
                 key_split=key_split_default(), poly=poly_default(), chains=chains_default())
+
+
+def late_pack_default() -> bool:
+    """Whether a plan whose overlap schedule spills takes it with one P buffer (WGTileConfig.late_pack: p packed after
+    the previous P V), where that compiles without spills (LAYERFORGE_WGMMA_LATE_PACK=1; off: not measured yet)."""
+    return env_switch("LAYERFORGE_WGMMA_LATE_PACK", False)
 
 
 def chains_default() -> int:
@@ -689,6 +700,8 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
     if overlap:
         plan = with_option(plan, overlap=True)
+        if not plan.config.overlap and late_pack_default():   # (three consumers' 160 registers): one P buffer
+            plan = with_option(plan, overlap=True, late_pack=True)
     if tma:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
         plan = with_option(plan, tma=True)
     if rope_step and rope_steps(ctx):

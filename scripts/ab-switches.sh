@@ -121,6 +121,9 @@
 #              runs): its GPU tests, then bench_attention's D64 and D128 causal rows with N = 0, 2, 4, 0
 #   chains     a row's max and sum over LAYERFORGE_WGMMA_CHAINS partial values (1 until this runs): its GPU tests, then
 #              bench_attention's D64, D128 and D256 causal rows with 1, 4, 8 chains, two rounds in turns
+#   latepack   the overlap schedule with one P buffer where the two-buffer one spills (D64's three consumers;
+#              LAYERFORGE_WGMMA_LATE_PACK, off until this runs): the Hopper prefill's D64 GPU tests with it on, then
+#              bench_attention's D64 row with it 0 / 1, two rounds in turns
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -525,6 +528,16 @@ chains)
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
         --prefill-only "D64,H32/32 S4096 D128,D256" --ab-switch LAYERFORGE_WGMMA_CHAINS=1,4,8,1,4,8 2>&1 \
         | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_chains.txt" | tail -22
+    ;;
+latepack)
+    echo "== the overlap schedule with one P buffer (LAYERFORGE_WGMMA_LATE_PACK): GPU tests at D64, bench_attention"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    LAYERFORGE_WGMMA_LATE_PACK=1 timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_attention_hopper.py -k "64 or LATE_PACK" 2>&1 | tee "$OUT_DIR/pytest_latepack.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 200 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only "D64" \
+        --ab-switch LAYERFORGE_WGMMA_LATE_PACK=0,1,0,1 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/bench_attention_latepack.txt" | tail -6
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"
