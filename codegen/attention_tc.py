@@ -436,7 +436,10 @@ def _render(plan: TCAttentionPlan) -> str:
     padded = hdv != hd or hd not in SWIZZLED_HEAD_DIMS
     c = plan.config
     rel = plan.distance_table
-    ctx = hook_context(plan.layer, distance_table=rel is not None)
+    kw = c.ksub or c.bnw
+    # a warp's key slice starts at k0 + kw0, a multiple of KW's lowest power of two: the mask's kv_pos // 2^j and
+    # % 2^j split over it (lf_mask_kt)
+    ctx = hook_context(plan.layer, distance_table=rel is not None, key_tile=kw & -kw)
     if plan.block_mask:   # the pre-pass classifies the tiles
         ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     if c.wn > 1:   # the warps' partial results are merged in the Q and K/V buffers

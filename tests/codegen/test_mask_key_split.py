@@ -138,3 +138,19 @@ def test_the_switch_keeps_the_kernel_as_it_was(prog, monkeypatch):
     assert default_options(layer)["key_split"] is False
     monkeypatch.delenv("LAYERFORGE_WGMMA_KEY_SPLIT")
     assert default_options(layer)["key_split"] is True
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_the_mma_sync_kernels_split_over_a_warps_key_slice(prog, arch):
+    """attention_tc splits over a warp's key slice (k0 + kw0, a multiple of the slice's lowest power of two): the
+    sm_80 prefill's 64-key slices take NATTEN-64's terms; 16- or 32-key slices (decode, sm_90's k32 prefill) are too
+    narrow for G = 64 and keep lf_mask, G = 16's terms split there. All compile without spills."""
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    from layerforge.runtime import nvrtc
+    for name, mode in (("natten64", "prefill"), ("natten64", "decode"), ("strided", "decode")):
+        plan = plan_tc_attention(prog.specialise(name, Hq=8, Hkv=2, D=128, dtype="bf16"), arch, mode=mode)
+        kw = plan.config.ksub or plan.config.bnw
+        split = "lf_mask_kt(s[mt][nt]" in plan.source()
+        assert split == (name == "strided" or kw % 64 == 0), (name, mode, plan.config.label)
+        res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions(arch))
+        assert res.resources[plan.kernel_name].spill_stores == 0

@@ -300,6 +300,17 @@ def test_block_sparse_masks(form, name):
     run_case(prog, form, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
 
 
+@pytest.mark.parametrize("name", ["natten32", "natten64", "natten128", "strided", "outside", "never"])
+def test_masks_split_over_a_warps_key_slice(name):
+    """The mma.sync kernels' lf_mask_kt (a mask's kv_pos // 2^j, % 2^j split over a warp's key slice; |x| against
+    constants as unsigned compares): prefill on the mma.sync kernel (prefill="tc", the sm_80 path) and decode."""
+    from ..codegen.test_mask_key_split import MASKS
+    prog = lf.loads(MASKS, "masks.lf", with_stdlib=False)
+    run_case(prog, "tc-ragged", name, 8, 2, 128, 16, lens=[700, 1, 333, 900], new=[700, 1, 333, 77], prefill="tc")
+    run_case(prog, "tc-ragged", name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3], prefill="tc")
+    run_case(prog, "tc", name, 8, 2, 128, 16, lens=[700, 1, 333, 900], new=[1, 1, 1, 1])
+
+
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("window", [0, 40])
 def test_attention_sinks(form, window, splits):
