@@ -643,21 +643,14 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     `tiles`): that many key groups of 8 a row take 2^x on the FMA pipe (WGTileConfig.poly; at most the tile's),
     on the plan the other options give, where it compiles without spills (without a compile function, as asked).
     chains (without `tiles`): a row's max and sum over that many partial values (WGTileConfig.chains), the same way."""
-    if chains > 1 and tiles is None:
-        plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
-                                    overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
-                                    deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
-                                    rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
-                                    stage_keys=stage_keys, key_split=key_split, poly=poly)
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, chains=chains))
-        return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
-    if poly and tiles is None:
+    if (poly or chains > 1) and tiles is None:   # the softmax's variants, on the plan the other options give
         plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
                                     overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
                                     deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
                                     rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
                                     stage_keys=stage_keys, key_split=key_split)
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8)))
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8),
+                                                                   chains=chains))
         return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
                        mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)

@@ -172,6 +172,18 @@ split_tail_checks() {   # LIMIT K LOG
     SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck} sanitize tailsplit 90 "the GEMM's split tail"
     return 0
 }
+# a softmax variant of the wgmma prefill: its GPU tests (test_softmax_variants -k KEY), then bench_attention's causal
+# rows ROWS with the switch's SETTING (NAME=V,V...) in turn, to OUT_DIR/pytest_LOG.log and bench_attention_LOG.txt
+softmax_ab() {   # WHAT KEY SETTING ROWS LOG
+    echo "== $1 (${3%%=*}): GPU tests, bench_attention"
+    local xdist
+    xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $xdist tests/gpu/test_attention_hopper.py \
+        -k "softmax_variants and $2" 2>&1 | tee "$OUT_DIR/pytest_$5.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only "$4" \
+        --ab-switch "$3" 2>&1 | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_$5.txt" | tail -22
+}
 for part in $PARTS; do
 case $part in
 defaults)
@@ -510,24 +522,12 @@ keysplit)
         | grep -v "$FLEX_NOISE" | tee -a "$OUT_DIR/bench_masks_keysplit.txt" | tail -3
     ;;
 polyexp)
-    echo "== 2^x on the FMA pipe for a row's first key groups (LAYERFORGE_WGMMA_POLY_EXP): GPU tests, bench_attention"
-    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
-        -k "softmax_variants and POLY" 2>&1 | tee "$OUT_DIR/pytest_polyexp.log" | tail -3
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
-        --prefill-only "D64,H32/32 S4096 D128" --ab-switch LAYERFORGE_WGMMA_POLY_EXP=0,2,4,0 2>&1 \
-        | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_polyexp.txt" | tail -12
+    softmax_ab "2^x on the FMA pipe for a row's first key groups" POLY LAYERFORGE_WGMMA_POLY_EXP=0,2,4,0 \
+        "D64,H32/32 S4096 D128" polyexp
     ;;
 chains)
-    echo "== a row's max and sum over partial values joined as a tree (LAYERFORGE_WGMMA_CHAINS): GPU tests, bench_attention"
-    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST tests/gpu/test_attention_hopper.py \
-        -k "softmax_variants and CHAINS" 2>&1 | tee "$OUT_DIR/pytest_chains.log" | tail -3
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
-        --prefill-only "D64,H32/32 S4096 D128,D256" --ab-switch LAYERFORGE_WGMMA_CHAINS=1,4,8,1,4,8 2>&1 \
-        | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_chains.txt" | tail -22
+    softmax_ab "a row's max and sum over partial values joined as a tree" CHAINS LAYERFORGE_WGMMA_CHAINS=1,4,8,1,4,8 \
+        "D64,H32/32 S4096 D128,D256" chains
     ;;
 latepack)
     echo "== the overlap schedule with one P buffer (LAYERFORGE_WGMMA_LATE_PACK): GPU tests at D64, bench_attention"
