@@ -326,7 +326,8 @@ def ab_lines(names: list[str], run, error, t_flex: float, rounds: int = 3) -> No
     for c in settings:
         label = ",".join(f"{n.removeprefix('LAYERFORGE_')}={v}" for n, v in zip(names, c))
         ms = " / ".join(f"{t * 1e3:.3f}" for t in times[c])
-        print(f"    {label}: {ms} ms, {t_flex / min(times[c]):.2f}x Flex, err {info[c][0]:.4f}  {info[c][1]}", flush=True)
+        print(f"    {label}: {ms} ms, {t_flex / min(times[c]):.2f}x Flex, err {info[c][0]:.4f}  {info[c][1]}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ class ScalarEmitter:
     def _abs_compare(self, n: Node) -> str | None:
         """|x| against an integer constant c as one unsigned compare: |x| <= c iff (unsigned)x + c <= 2c (modulo
         2^32, or 2^64 for a 64-bit x; exact for every x, INT_MIN too), where abs and a signed compare were two
-        operations. |x| < c is |x| <= c - 1, >= / > their negations; a constant on the left mirrors them. Else None (== / !=, or no abs of an int against a constant)."""
+        operations. |x| < c is |x| <= c - 1, >= / > their negations; a constant on the left mirrors them. Else
+        None (== / !=, or no abs of an int against a constant)."""
         flip = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}
         if not self.unsigned_abs or n.arg not in flip:
             return None

@@ -156,7 +156,8 @@ def test_ncu_source_top_reads_the_source_page(tmp_path, capsys):
 
 
 def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
-    """bench_masks --ab-switch: each 0 / 1 setting of the switches, in turns over the rounds, the environment restored."""
+    """bench_masks --ab-switch: each 0 / 1 setting of the switches, in turns over the rounds, the environment
+    restored."""
     from benchmarks.bench_masks import ab_lines
 
     class Attn:
