@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import os
 
 import torch
 
 import layerforge as lf
 from layerforge.runtime.attention import PagedAttention
 
+from .bench_attention import env_switch_set
 from .bench_rows import bench
 
 SRC = """
@@ -296,21 +296,6 @@ def main() -> None:
         variants(B, S)
 
 
-@contextlib.contextmanager
-def switches(values: dict[str, str]):
-    """The environment with `values` set, restored after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def ab_lines(names: list[str], run, error, t_flex: float, rounds: int = 3) -> None:
     """--ab-switch: `run` (ours(...)'s tuple) under every 0 / 1 setting of `names`, `rounds` rounds in turns (a new
     module each time: its plan reads the switches), then a line per setting."""
@@ -319,7 +304,9 @@ def ab_lines(names: list[str], run, error, t_flex: float, rounds: int = 3) -> No
     info: dict[tuple, tuple[float, str]] = {}
     for _ in range(rounds):
         for c in settings:
-            with switches(dict(zip(names, c))):
+            with contextlib.ExitStack() as stack:   # each set for the run, checked read by its plan, restored
+                for name, v in zip(names, c):
+                    stack.enter_context(env_switch_set(name, v))
                 t, out, _, attn = run()
             times[c].append(t)
             info[c] = (error(out), attn.tc_plan("prefill").key.split("_p64_")[1])

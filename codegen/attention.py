@@ -311,9 +311,12 @@ def hook_context(layer: Layer, distance_table: bool = False, key_tile: int | Non
     extra = extra_args(layer)   # the hooks take the kernel's extra arguments as they are
     extra_params = [f"{a.ctype} {a.name}" for a in extra]
 
-    score_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
+    def emitter(names: dict[str, str], **kw) -> ScalarEmitter:
+        return ScalarEmitter(names, tables, dims, unsigned_abs=unsigned_abs, **kw)
+
+    score_em = emitter(VARS)
     term = distance_term(spec.score) if distance_table else None
-    rel_em = ScalarEmitter({"b": "b", "h": "h", "kv_h": "kv_h"}, tables, dims, unsigned_abs=unsigned_abs)
+    rel_em = emitter({"b": "b", "h": "h", "kv_h": "kv_h"})
     rel_term = None
     if term is not None:
         score_em.cache[id(term.node)] = "rel_v"
@@ -322,37 +325,36 @@ def hook_context(layer: Layer, distance_table: bool = False, key_tile: int | Non
         rel_term = {"ctype": term.ctype, "lines": rel_em.lines, "value": rel_value, "sign": term.sign,
                     "heads": term.heads}
     score_value = score_em.emit(spec.score) if spec.score is not None else "score"
-    mask_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
+    mask_em = emitter(VARS)
     mask_value = mask_em.emit(spec.mask) if spec.mask is not None else None
     mask_kt = None
     if key_tile is not None and spec.mask is not None:
-        kt_em = ScalarEmitter({**VARS, "kv_pos": "(kv_tile + kv_off)"}, tables, dims,
-                              key_split=("kv_tile", "kv_off", key_tile), unsigned_abs=unsigned_abs)
+        kt_em = emitter({**VARS, "kv_pos": "(kv_tile + kv_off)"}, key_split=("kv_tile", "kv_off", key_tile))
         kt_value = kt_em.emit(spec.mask)
         mask_kt = {"lines": kt_em.lines, "value": kt_value} if kt_em.split_used else None
     rest = mask_rest(spec.mask)
-    rest_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
+    rest_em = emitter(VARS)
     rest_value = rest_em.emit(rest) if rest is not None else None
     from .block_mask import block_mask_split   # (codegen/block_mask.py imports this module)
     split = block_mask_split(layer)
     split_ctx = None
     if split is not None:   # the per-score test over its key / row terms' values (codegen/mask_terms.py)
         def term(node, names):
-            em = ScalarEmitter(names, tables, dims, unsigned_abs=unsigned_abs)
+            em = emitter(names)
             value = em.emit(node)
             return {"ctype": ops.C_TYPE[node.dtype], "lines": em.lines, "value": value}
-        test_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
+        test_em = emitter(VARS)
         test_em.cache.update({id(n): f"kt{i}" for i, n in enumerate(split.keys)})
         test_em.cache.update({id(n): f"rt{i}" for i, n in enumerate(split.rows)})
         test_value = test_em.emit(split.expr)
         split_ctx = {"keys": [term(n, {"b": "b", "kv_h": "kv_h", "kv_pos": "kv_pos"}) for n in split.keys],
                      "rows": [term(n, {"b": "b", "h": "h", "kv_h": "kv_h", "q_pos": "q_pos"}) for n in split.rows],
                      "lines": test_em.lines, "value": test_value, "bounds": rest is not None}
-    bound_em = ScalarEmitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"}, tables, dims, unsigned_abs=unsigned_abs)
+    bound_em = emitter({"b": "b", "q_pos": "qp", "kv_h": "kvh"})
     lows, highs = mask_bounds(spec.mask, bound_em)
-    sink_em = ScalarEmitter(VARS, tables, dims, unsigned_abs=unsigned_abs)
+    sink_em = emitter(VARS)
     sink_value = sink_em.emit(spec.sink) if spec.sink is not None else None
-    scale_em = ScalarEmitter({}, tables, dims, unsigned_abs=unsigned_abs)
+    scale_em = emitter({})
     scale_value = scale_em.emit(spec.scale)
     if scale_em.lines:
         scale_value = "[&]() { " + " ".join(scale_em.lines) + f" return (float)({scale_value}); }}()"

@@ -526,7 +526,8 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 kv_rings=kv_rings_default(), deep_k=deep_k_default(), three_consumers=three_consumers_default(),
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
-                key_split=key_split_default(), poly=poly_default(), chains=chains_default())
+                key_split=key_split_default(), poly=poly_default(), chains=chains_default(),
+                late_pack=late_pack_default())
 
 
 def late_pack_default() -> bool:
@@ -609,7 +610,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
                          stage_keys: bool = False, key_split: bool = True, poly: int = 0,
-                         chains: int = 1) -> WGMMAAttentionPlan:
+                         chains: int = 1, late_pack: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -642,13 +643,15 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     the mask's kv_pos // 2^j and % 2^j split over the key tile (WGMMAAttentionPlan.key_split). poly (without
     `tiles`): that many key groups of 8 a row take 2^x on the FMA pipe (WGTileConfig.poly; at most the tile's),
     on the plan the other options give, where it compiles without spills (without a compile function, as asked).
-    chains (without `tiles`): a row's max and sum over that many partial values (WGTileConfig.chains), the same way."""
+    chains (without `tiles`): a row's max and sum over that many partial values (WGTileConfig.chains), the same way.
+    late_pack (with overlap, without `tiles`): where the overlap schedule spills, the same with one P buffer
+    (WGTileConfig.late_pack) where that compiles without spills."""
     if (poly or chains > 1) and tiles is None:   # the softmax's variants, on the plan the other options give
         plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
                                     overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
                                     deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
                                     rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
-                                    stage_keys=stage_keys, key_split=key_split)
+                                    stage_keys=stage_keys, key_split=key_split, late_pack=late_pack)
         twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8),
                                                                    chains=chains))
         return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
@@ -656,12 +659,12 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                        mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)
     if tiles is not None:
         return plan
-    plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+    plan = _with_options(plan, layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k, late_pack)
     if plan.config.consumers > CONSUMERS and tma and not plan.tma:
         # three consumers were measured with TMA tiles: where those spill (gemma2's D64), the two-consumer tiles
         plan = _with_options(_plan_tiles(layer, page_size, None, compile_fn, distance_table, three_consumers=False,
                                          mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split),
-                             layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k)
+                             layer, compile_fn, overlap, tma, rope_step, fold, kv_rings, deep_k, late_pack)
     if rope_batch and plan.config.rope_step:
         plan = _with_option(plan, compile_fn, rope_batch=True)
     if persist:
@@ -684,7 +687,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
 
 
 def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn | None, overlap: bool, tma: bool,
-                  rope_step: bool, fold: bool, kv_rings: bool, deep_k: bool) -> WGMMAAttentionPlan:
+                  rope_step: bool, fold: bool, kv_rings: bool, deep_k: bool,
+                  late_pack: bool = False) -> WGMMAAttentionPlan:
     """plan_wgmma_attention's options on the tile shape chosen, each where it compiles without spills."""
     ctx = hook_context(layer) if rope_step or fold else None
 
@@ -693,7 +697,7 @@ def _with_options(plan: WGMMAAttentionPlan, layer: Layer, compile_fn: CompileFn 
 
     if overlap:
         plan = with_option(plan, overlap=True)
-        if not plan.config.overlap and late_pack_default():   # (three consumers' 160 registers): one P buffer
+        if not plan.config.overlap and late_pack:   # (three consumers' 160 registers): one P buffer
             plan = with_option(plan, overlap=True, late_pack=True)
     if tma:   # measured faster at the 128, 64 and 32-byte swizzles (D128 / D80, D96 / D160)
         plan = with_option(plan, tma=True)

@@ -251,7 +251,7 @@ def env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ValueError(f"{name}={os.environ[name]!r}: expected a whole number (0, 1, 2, ...)")
     return int(value)
 

@@ -171,9 +171,9 @@ def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
     monkeypatch.setenv("LAYERFORGE_B", "7")
     monkeypatch.delenv("LAYERFORGE_A", raising=False)
 
-    def run():
-        import os
-        a, b = os.environ["LAYERFORGE_A"], os.environ["LAYERFORGE_B"]
+    def run():   # a plan reads the switches as env_switch does
+        from layerforge.codegen.plan import env_switch
+        a, b = (str(int(env_switch(n, False))) for n in ("LAYERFORGE_A", "LAYERFORGE_B"))
         seen.append(a + b)
         return (1e-3 * (1 + int(a) + 2 * int(b)), None, None, Attn(a + b))
 
@@ -184,6 +184,11 @@ def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].strip() == "A=0,B=0: 1.000 / 1.000 ms, 2.00x Flex, err 0.0000  00"
     assert lines[3].strip().startswith("A=1,B=1: 4.000 / 4.000 ms, 0.50x Flex")
+    # a switch no plan reads (misspelt) is an error naming it, not the same kernel measured twice
+    with pytest.raises(SystemExit, match="LAYERFORGE_NOT_READ_ANYWHERE: no kernel plan read"):
+        ab_lines(["LAYERFORGE_NOT_READ_ANYWHERE"], lambda: (1e-3, None, None, Attn("x")), lambda out: 0.0,
+                 t_flex=2e-3, rounds=1)
+    assert "LAYERFORGE_NOT_READ_ANYWHERE" not in os.environ
 
 
 def test_ab_switch_takes_whole_number_settings():
