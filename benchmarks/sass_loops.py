@@ -108,6 +108,31 @@ def main_loop(code: list[Instr]) -> tuple[int, int] | None:
     return (min if most else max)(ties, key=lambda fl: fl[1] - fl[0])
 
 
+_PARTIAL_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
+
+
+def empty_groups_waited_behind(code: list[Instr]) -> list[Instr]:
+    """The empty wgmma groups (`HGMMA.64x8x16.F16 RZ, gdesc[URZ], ...`: ptxas's commit of a group with no wgmma of its
+    own on the path, e.g. a commit after a join one branch of which issued none) from which straight-line code reaches a
+    partial wait (`WARPGROUP.DEPBAR.LE gsb0, N`, N > 0). Such a group is one more than the code counted: the wait that
+    was to leave the last N groups running leaves only the empty one, and waits for the real work behind it (the
+    overlap schedules' softmax under the previous P V). An empty group in a branch of its own (followed by the branch's
+    BRA) stands in for the group the other branch commits, and is not reported."""
+    out = []
+    for i, c in enumerate(code):
+        if c.op != "HGMMA" or "gdesc[URZ]" not in c.text:
+            continue
+        for d in code[i + 1:]:
+            if d.op in ("BRA", "EXIT", "RET", "HGMMA"):
+                break
+            m = _PARTIAL_WAIT.search(d.text)
+            if m:
+                if int(m.group(1), 16) > 0:
+                    out.append(c)
+                break
+    return out
+
+
 def mix(code: list[Instr], full: bool = False) -> collections.Counter:
     """Opcode counts (without modifiers, or with them: full)."""
     return collections.Counter(c.opcode if full else c.op for c in code)

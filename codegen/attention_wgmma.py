@@ -532,8 +532,10 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
 
 def late_pack_default() -> bool:
     """Whether a plan whose overlap schedule spills takes it with one P buffer (WGTileConfig.late_pack: p packed after
-    the previous P V), where that compiles without spills (LAYERFORGE_WGMMA_LATE_PACK=1; off: not measured yet)."""
-    return env_switch("LAYERFORGE_WGMMA_LATE_PACK", False)
+    the previous P V), where that compiles without spills: the default (D64's three consumers), measured on an H100
+    at 395-399 TFLOP/s against the plain schedule's 386-388 (benchmarks/NOTES.md); LAYERFORGE_WGMMA_LATE_PACK=0 turns
+    it off."""
+    return env_switch("LAYERFORGE_WGMMA_LATE_PACK", True)
 
 
 def chains_default() -> int:

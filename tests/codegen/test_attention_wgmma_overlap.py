@@ -25,6 +25,18 @@ def resources(plan):
     return compiled(plan).resources
 
 
+def check_groups(plan, res):
+    """In the SASS (where cuobjdump is at hand): the turn's partial wait is there, and no empty wgmma group (ptxas's
+    commit of a group without a wgmma on its path) is waited behind: one would make wait_group 1 wait for the P V too
+    (benchmarks/sass_loops.empty_groups_waited_behind)."""
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is None:
+        return
+    code = sass_loops.disassemble(res.cubin)[plan.kernel_name]
+    assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in c.text for c in code)
+    assert sass_loops.empty_groups_waited_behind(code) == []
+
+
 def compile_main(plan):
     """The main kernel's resources; no setmaxnreg ignored (C7508 / C7510), no wgmma serialised
     (C7515), no wait injected (C7517)."""
@@ -57,7 +69,10 @@ def check_overlap_source(plan):
                              + ("mb_" if plan.mask_split else "") + "sm90a")
     # S, then the previous tile's P V: two groups a turn; the softmax after the first is in
     turn = src.split("lf_wgmma_ss_n")[-1]
-    second = turn.index("lf_wgmma_commit();\n            if (prev >= 0) pv(pa_prev, prev);")
+    # (the second group committed in each branch: one commit after the join is an empty group on both paths)
+    second = turn.index("if (prev >= 0) {\n" + " " * 16 + "pv(pa_prev, prev);\n" + " " * 16 + "lf_wgmma_commit();\n"
+                        + " " * 12 + "} else {\n" + " " * 16 + "lf_wgmma_commit();")
+    assert turn.index("lf_wgmma_commit();") < second   # S's group first
     assert second < turn.index("lf_wgmma_wait<1>();")
     assert "unsigned pa0[BN / 16][4], pa1[BN / 16][4];" in src and "if (done++ & 1) tile(pa0, pa1);" in src
     # O is rescaled only after the P V that accumulates into it is waited for
@@ -80,9 +95,10 @@ def test_overlap_plans_compile_without_spills(prog, name, d):
     assert plan.config == overlapped(plain.config)
     assert (plan.abi.args, plan.abi.grid, plan.shared_bytes) == (plain.abi.args, plain.abi.grid, plain.shared_bytes)
     check_overlap_source(plan)
-    kr, _ = compile_main(plan)
+    kr, res = compile_main(plan)
     assert_spill_free(kr)
     assert kr.registers * plan.config.threads <= 65536
+    check_groups(plan, res)
 
 
 @pytest.mark.parametrize("d,tiles", [(d, overlapped(c)) for d in (64, 128, 256) for c in tile_candidates(d)
@@ -188,8 +204,12 @@ def test_overlap_is_off_unless_asked_for(prog):
 def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     from layerforge.runtime.attention import PagedAttention
     d64 = specialise(prog, "gpt2_attn", 16, 16, 64)
-    # D64: three consumers (the plain schedule: the overlap one spills there); two with the switch off
+    # D64: three consumers, the overlap schedule with one P buffer (late_pack: the two-buffer one spills there); the
+    # plain schedule with LATE_PACK off; two consumers with THREE_CONSUMERS off
+    assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3c3ovztfl"
+    monkeypatch.setenv("LAYERFORGE_WGMMA_LATE_PACK", "0")
     assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3c3tfl"
+    monkeypatch.delenv("LAYERFORGE_WGMMA_LATE_PACK")
     monkeypatch.setenv("LAYERFORGE_WGMMA_THREE_CONSUMERS", "0")
     assert PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovtfl"
     monkeypatch.delenv("LAYERFORGE_WGMMA_THREE_CONSUMERS")

@@ -332,3 +332,21 @@ def test_short_splits_run_the_unpaired_kernel(monkeypatch):
     monkeypatch.setenv("LAYERFORGE_MLA_PAIR", "0")
     off = MLADecode(num_heads=128, arch="sm_90")
     assert not off.plan.pair and off.plan_for(128, 2) is off.plan
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(sync_handoff=True), dict(num_heads=16, page_size=16)])
+def test_overlap_decode_waits_for_s_only(kw):
+    """The overlap schedule's turn (tile i's S, then tile i - 1's P V, committed in each branch): in the SASS the turn's
+    wait_group 1 is there and no empty wgmma group is waited behind (a commit after the join compiled to one on both
+    paths, and the wait then held the softmax behind the P V: benchmarks/sass_loops.empty_groups_waited_behind)."""
+    args = dict(num_heads=128, latent_dim=512, rope_dim=64, page_size=64, dtype="bf16", arch="sm_90",
+                overlap=True, seesaw=False, pair=False)
+    args.update(kw)
+    plan = plan_mla_decode(**args)
+    res = compile_clean(plan, "sm_90")
+    assert "} else {\n                    lf_wgmma_commit();" in plan.source()
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:
+        code = sass_loops.disassemble(res.cubin)[plan.kernel_name]
+        assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in c.text for c in code)
+        assert sass_loops.empty_groups_waited_behind(code) == []

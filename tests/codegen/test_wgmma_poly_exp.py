@@ -17,6 +17,7 @@ import layerforge as lf
 from layerforge.codegen.attention_wgmma import WGTileConfig, default_options, plan_wgmma_attention, tile_candidates
 
 from .test_attention_wgmma_compile import assert_spill_free, compile_main
+from .test_attention_wgmma_overlap import check_groups
 
 CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 HOST = """#include <cmath>
@@ -117,18 +118,21 @@ def test_one_chain_is_the_kernel_as_it_was(prog, monkeypatch):
 
 @pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "gemma2_attn", "bert_attn"])
 def test_late_pack_takes_the_overlap_schedule_in_three_consumers_registers(prog, name, monkeypatch):
-    """LAYERFORGE_WGMMA_LATE_PACK=1: at D64 (three consumers, whose two-buffer overlap schedule spills) the planner
-    takes the overlap schedule with one P buffer (WGTileConfig.late_pack), spill-free and with no wgmma serialised;
-    off (the default), the plain schedule as before."""
+    """At D64 (three consumers, whose two-buffer overlap schedule spills) the planner takes the overlap schedule with
+    one P buffer (WGTileConfig.late_pack; the default), spill-free and with no wgmma serialised;
+    LAYERFORGE_WGMMA_LATE_PACK=0, the plain schedule as before."""
     from layerforge.runtime.launch import compile_fn
     consts = {"window": 64} if name == "gemma2_attn" else {}
     layer = prog.specialise(name, Hq=16, Hkv=8, D=64, dtype="bf16", **consts)
+    monkeypatch.setenv("LAYERFORGE_WGMMA_LATE_PACK", "0")
     plain = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
     assert not plain.config.late_pack and "LATE_PACK" not in plain.source()
-    monkeypatch.setenv("LAYERFORGE_WGMMA_LATE_PACK", "1")
+    monkeypatch.delenv("LAYERFORGE_WGMMA_LATE_PACK")
     plan = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
     assert plan.config.consumers == 3 and plan.config.overlap and plan.config.late_pack, plan.config.label
     assert "tile(pa0, pa0);" in plan.source()
-    assert_spill_free(compile_main(plan)[0])
+    kr, res = compile_main(plan)
+    assert_spill_free(kr)
+    check_groups(plan, res)   # the one-buffer turn's wait_group 1 leaves the P V running
     with pytest.raises(ValueError, match="late_pack is a form of the overlap schedule"):
         WGTileConfig(bn=128, stages=3, late_pack=True)

@@ -123,7 +123,7 @@ def test_masks_split_over_the_key_tile(name, split, schedule, monkeypatch):
                                                 ("LAYERFORGE_WGMMA_CHAINS", "4", "chains"),
                                                 ("LAYERFORGE_WGMMA_CHAINS", "8", "chains"),
                                                 ("LAYERFORGE_WGMMA_LATE_PACK", "1", "late_pack")])
-def test_softmax_variants(prog, d, switch, value, field, monkeypatch):
+def test_softmax_variants(prog, d, switch, value, field, monkeypatch, schedule):
     """The softmax's variants on the planner's kernel (D64: three consumers) against the float64 reference: 2^x as a
     polynomial on the FMA pipe for a row's first key groups (POLY_EXP; 16: every group of a 128-key tile), a row's
     max and sum over partial values (CHAINS), the overlap schedule with one P buffer (LATE_PACK: taken where the
@@ -135,7 +135,7 @@ def test_softmax_variants(prog, d, switch, value, field, monkeypatch):
     extra = lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}   # noqa: E731
     wgmma(prog, "bert_attn", 16, 4, d, 16, **LONG, extra_fn=extra)
     layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16")
-    if field != "late_pack" or d == 64:
+    if field != "late_pack" or (d == 64 and schedule == "overlap"):   # (late_pack is a form of the overlap schedule)
         assert getattr(PagedAttention(layer, page_size=16).tc_plan("prefill").config, field) == int(value)
 
 
