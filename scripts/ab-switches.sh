@@ -122,7 +122,8 @@
 #   chains     a row's max and sum over LAYERFORGE_WGMMA_CHAINS partial values (1 until this runs): its GPU tests, then
 #              bench_attention's D64, D128 and D256 causal rows with 1, 4, 8 chains, two rounds in turns
 #   latepack   the overlap schedule with one P buffer where the two-buffer one spills (D64's three consumers;
-#              LAYERFORGE_WGMMA_LATE_PACK, the default since measured): the Hopper prefill's D64 GPU tests with it on, then
+#              LAYERFORGE_WGMMA_LATE_PACK, the default since measured): the Hopper prefill's D64 GPU tests with it
+#              on, then
 #              bench_attention's D64 row with it 0 / 1, two rounds in turns
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their

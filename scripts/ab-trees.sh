@@ -7,7 +7,10 @@
 # keeps a kernel cache of its own (LAYERFORGE_CACHE_DIR), so no kernel built from one tree's source runs for the
 # other's. ROUNDS rounds of old then new; each output line is prefixed "old N:" / "new N:".
 set -uo pipefail
-[ $# -ge 4 ] && [ "$3" = "--" ] || { echo "usage: bash scripts/ab-trees.sh OLD_TREE ROUNDS -- COMMAND ..." >&2; exit 2; }
+if [ $# -lt 4 ] || [ "$3" != "--" ]; then
+    echo "usage: bash scripts/ab-trees.sh OLD_TREE ROUNDS -- COMMAND ..." >&2
+    exit 2
+fi
 OLD=$(cd "$1" && pwd) ROUNDS=$2
 shift 3
 NEW=$PWD
