@@ -89,6 +89,9 @@ class WGTileConfig:
                                  # once the previous P V is done (the template's LATE_PACK): overlap in fewer registers
     chains: int = 1              # a row's max and sum over this many partial values joined as a tree (1, 2, 4, 8;
                                  # the template's CHAINS): dependent chains of BN / 4 / chains steps, not BN / 4
+    staged_out: bool = False     # O out through the warpgroup's rows of Q's buffer in 16-byte stores, a row's chunks
+                                 # by consecutive threads (the template's STAGED_OUT), not 4-byte stores from the
+                                 # fragments; not with q_next (the next row block's Q copies land in that buffer)
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -107,6 +110,8 @@ class WGTileConfig:
             raise ValueError("q_next loads the work queue's next row block's Q early: it needs persist")
         if self.late_pack and not self.overlap:
             raise ValueError("late_pack is a form of the overlap schedule: it needs overlap")
+        if self.staged_out and self.q_next:
+            raise ValueError("staged_out stages O in Q's buffer, where q_next copies the next row block's Q: take one")
         if self.chains not in (1, 2, 4, 8):
             raise ValueError(f"chains is 1, 2, 4 or 8 partial values a row, not {self.chains}")
         if not 0 <= self.poly <= self.bn // 8:
@@ -133,7 +138,8 @@ class WGTileConfig:
                 + ("kv" if self.kv_rings else "") + (f"k{self.k_stages}" if self.k_stages else "")
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
                 + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else "")
-                + (f"x{self.poly}" if self.poly else "") + (f"y{self.chains}" if self.chains > 1 else ""))
+                + (f"x{self.poly}" if self.poly else "") + (f"y{self.chains}" if self.chains > 1 else "")
+                + ("u" if self.staged_out else ""))
 
     @property
     def threads(self) -> int:
@@ -349,6 +355,15 @@ class WGMMAAttentionPlan(AttentionPlan):
     def source(self) -> str:
         return _render(self)
 
+    @property
+    def staged_out_serves(self) -> bool:
+        """Whether O can go out through Q's buffer (WGTileConfig.staged_out): a row of O (HDV elements, whole 16-byte
+        chunks) fits in a row of Q's column blocks (HDP), and no next row block's Q is copied there early (q_next)."""
+        spec = self.layer.function.outputs[0].arg
+        sw, hdp, _ = tile_dims(int(spec.head_dim), int(spec.v_head_dim), self.config.swizzle)
+        hdv = int(spec.v_head_dim)
+        return hdv % 8 == 0 and hdv <= hdp and not self.config.q_next
+
 
 @functools.lru_cache(maxsize=128)
 def _render(plan: WGMMAAttentionPlan) -> str:
@@ -375,7 +390,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
-        Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains, LATE_PACK=c.late_pack,
+        Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains, LATE_PACK=c.late_pack, STAGED_OUT=c.staged_out,
         FOLD=c.fold and folds(ctx),
         # a mask reading tables at positions (the block-mask kernels): its compare and lookups behind a branch, as
         # the select of both kept the lookups' registers live and the overlap schedule spilled (D64 / D256)
@@ -527,7 +542,7 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
                 key_split=key_split_default(), poly=poly_default(), chains=chains_default(),
-                late_pack=late_pack_default())
+                late_pack=late_pack_default(), staged_out=staged_out_default())
 
 
 def late_pack_default() -> bool:
@@ -536,6 +551,12 @@ def late_pack_default() -> bool:
     at 395-399 TFLOP/s against the plain schedule's 386-388 (benchmarks/NOTES.md); LAYERFORGE_WGMMA_LATE_PACK=0 turns
     it off."""
     return env_switch("LAYERFORGE_WGMMA_LATE_PACK", True)
+
+
+def staged_out_default() -> bool:
+    """Whether the wgmma prefill sends O out through Q's buffer in 16-byte stores (WGTileConfig.staged_out) where
+    it can and compiles without spills (LAYERFORGE_WGMMA_STAGED_OUT=1; off: not yet measured)."""
+    return env_switch("LAYERFORGE_WGMMA_STAGED_OUT", False)
 
 
 def chains_default() -> int:
@@ -612,7 +633,7 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
                          stage_keys: bool = False, key_split: bool = True, poly: int = 0,
-                         chains: int = 1, late_pack: bool = False) -> WGMMAAttentionPlan:
+                         chains: int = 1, late_pack: bool = False, staged_out: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -647,7 +668,22 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     on the plan the other options give, where it compiles without spills (without a compile function, as asked).
     chains (without `tiles`): a row's max and sum over that many partial values (WGTileConfig.chains), the same way.
     late_pack (with overlap, without `tiles`): where the overlap schedule spills, the same with one P buffer
-    (WGTileConfig.late_pack) where that compiles without spills."""
+    (WGTileConfig.late_pack) where that compiles without spills. staged_out (without `tiles`): O out through Q's
+    buffer in 16-byte stores (WGTileConfig.staged_out) where the plan can (staged_out_serves: not with q_next) and it
+    compiles without spills."""
+    args = dict(locals())
+    plan = _plan_wgmma_attention(**{k: v for k, v in args.items() if k != "staged_out"})
+    if staged_out and tiles is None and plan.staged_out_serves:
+        plan = _with_option(plan, compile_fn, staged_out=True)
+    return plan
+
+
+def _plan_wgmma_attention(layer: Layer, *, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
+                          distance_table: bool, overlap: bool, tma: bool, rope_step: bool, fold: bool, kv_rings: bool,
+                          deep_k: bool, three_consumers: bool, lpt: bool, pairs: bool, rope_batch: bool,
+                          persist: bool, mask_bits: bool, stage_keys: bool, key_split: bool, poly: int, chains: int,
+                          late_pack: bool) -> WGMMAAttentionPlan:
+    """plan_wgmma_attention but for staged_out (taken last, on the plan the others give)."""
     if (poly or chains > 1) and tiles is None:   # the softmax's variants, on the plan the other options give
         plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
                                     overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,

@@ -73,6 +73,10 @@ from .linear import device_properties
 DECODE_MANY = "decode_many"
 
 
+# the tensors the kernels read or write in 16-byte pieces (cp.async / TMA / vector stores): checked before a launch
+_ALIGNED = frozenset({"q", "k_cache", "v_cache", "out"})
+
+
 class PagedAttention:
     def __init__(self, layer: Layer | None, *, page_size: int = 16, arch: str | None = None, cache=None,
                  kernel: str | None = None, prefill: str | None = None, tiles: dict | None = None,
@@ -253,6 +257,9 @@ class PagedAttention:
                                           f"(shape {tuple(t.shape)})")
         if not t.is_contiguous():
             raise LayerInputError(f"{self.name}: '{name}' must be contiguous")
+        if name in _ALIGNED and t.is_cuda and t.data_ptr() % 16:
+            raise LayerInputError(f"{self.name}: '{name}' must start at a 16-byte aligned address (the kernels move "
+                                  f"it in 16-byte pieces); this view starts {t.data_ptr() % 16} bytes past one")
 
     def _common_checks(self, q, k_cache, v_cache, page_table, seq_lens, max_kv_len, extra, out, scalars,
                        k_scale=None, v_scale=None):

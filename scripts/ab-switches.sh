@@ -125,6 +125,8 @@
 #              LAYERFORGE_WGMMA_LATE_PACK, the default since measured): the Hopper prefill's D64 GPU tests with it
 #              on, then
 #              bench_attention's D64 row with it 0 / 1, two rounds in turns
+#   stagedout  O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT, off until this runs): its GPU
+#              tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -539,6 +541,16 @@ latepack)
     timeout -s KILL 200 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main --prefill-only "D64" \
         --ab-switch LAYERFORGE_WGMMA_LATE_PACK=0,1,0,1 2>&1 | grep -v "$FLEX_NOISE" \
         | tee "$OUT_DIR/bench_attention_latepack.txt" | tail -6
+    ;;
+stagedout)
+    echo "== O through Q's buffer (LAYERFORGE_WGMMA_STAGED_OUT): GPU tests, then bench_attention's prefill rows"
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $("$PY" -c "import xdist" 2>/dev/null \
+        && echo "-n 8") tests/gpu/test_attention_hopper.py tests/gpu/test_paged_attention.py \
+        -k "staged_out or bad_inputs" 2>&1 | tee "$OUT_DIR/pytest_stagedout.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+        --prefill-only "H32/32 S4096 D128,H32/8 S4096 D128,D64,D256" --ab-switch LAYERFORGE_WGMMA_STAGED_OUT=0,1,0,1 \
+        2>&1 | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_stagedout.txt" | grep wgmma
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"

@@ -248,3 +248,28 @@ def test_switches_refuse_misspelt_values(monkeypatch):
         monkeypatch.setenv(name, "of")
         with pytest.raises(ValueError, match=f"{name}='of'"):
             fn()
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "gemma2_attn", "bert_attn"])
+def test_staged_out_compiles_and_stores_16_bytes(prog, name, d, monkeypatch):
+    """LAYERFORGE_WGMMA_STAGED_OUT=1: O goes out through Q's buffer (WGTileConfig.staged_out, label u) on the plan the
+    other options give, spill-free; its cubin stores O's rows 16 bytes at a time (STG.E.128) beside the split-KV
+    parts' fragment stores, and off (the default) the source is the plan's as it was."""
+    from layerforge.codegen.attention_wgmma import default_options
+    from layerforge.runtime.launch import compile_fn
+    consts = {"window": 64} if name == "gemma2_attn" else {}
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16", **consts)
+    plain = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
+    assert not plain.config.staged_out and "STAGED_OUT" not in plain.source()
+    monkeypatch.setenv("LAYERFORGE_WGMMA_STAGED_OUT", "1")
+    plan = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
+    assert plan.config == dataclasses.replace(plain.config, staged_out=True) and plan.key.count("u_") == 1
+    kr, res = compile_main(plan)
+    assert_spill_free(kr)
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:
+        code = sass_loops.disassemble(res.cubin)[plan.kernel_name]
+        assert any(c.opcode == "STG.E.128" for c in code) and any(c.opcode == "LDS.128" for c in code)
+    with pytest.raises(ValueError, match="staged_out stages O in Q's buffer"):
+        WGTileConfig(bn=128, stages=3, persist=True, q_next=True, staged_out=True)

@@ -117,6 +117,22 @@ def test_masks_split_over_the_key_tile(name, split, schedule, monkeypatch):
     wgmma(prog, name, 16, 4, 64, 64, lens=[1000, 257], new=[1000, 3])
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_staged_out(prog, d, monkeypatch):
+    """O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT=1) against the float64 reference: ragged
+    chunks whose last row block is partial (its rows past the chunk not stored), GQA, a window, bert's fully masked
+    rows (zeros), f16, and split-KV (its f32 parts keep the fragments' stores)."""
+    monkeypatch.setenv("LAYERFORGE_WGMMA_STAGED_OUT", "1")
+    wgmma(prog, "llama_attn", 32, 8, d, 16, lens=[5, 33, 700, 300], new=[5, 3, 700, 129])
+    wgmma(prog, "mistral_attn", 16, 4, d, 64, **LONG, window=200)
+    extra = lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}   # noqa: E731
+    wgmma(prog, "bert_attn", 16, 4, d, 16, **LONG, extra_fn=extra)
+    wgmma(prog, "gemma2_attn", 16, 8, d, 16, lens=[300, 90], new=[300, 40], dtype=torch.float16, window=64)
+    wgmma(prog, "llama_attn", 32, 8, d, 16, lens=[3000, 17], new=[300, 17], splits=5)
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16")
+    assert PagedAttention(layer, page_size=16).tc_plan("prefill").config.staged_out
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("switch,value,field", [("LAYERFORGE_WGMMA_POLY_EXP", "2", "poly"),
                                                 ("LAYERFORGE_WGMMA_POLY_EXP", "16", "poly"),

@@ -214,6 +214,12 @@ def test_bad_inputs_fail_before_launch(prog):
         attn(q, kc[:, :, :4].contiguous(), kc, table, lens, qs, qs, max_kv_len=1)
     with pytest.raises(lf.LayerInputError, match="past the page table"):
         attn(q, kc, kc, table, lens, qs, qs, max_kv_len=33)
+    # views the kernels cannot move in 16-byte pieces: refused, not a misaligned-address fault
+    odd = torch.empty(2 * 32 * 128 + 1, device="cuda", dtype=torch.bfloat16)
+    for name, args, kw in [("q", (odd[1:].view(2, 32, 128), kc, kc), {}),
+                           ("out", (q, kc, kc), {"out": odd[1:].view(2, 32, 128)})]:
+        with pytest.raises(lf.LayerInputError, match=f"'{name}' must start at a 16-byte aligned address"):
+            attn(*args, table, lens, qs, qs, max_kv_len=1, **kw)
     with pytest.raises(LoweringError, match="head dim 72"):     # not a multiple of 16: no kernel
         PagedAttention(prog.specialise("llama_attn", Hq=32, Hkv=8, D=72, dtype="bf16")).plan.source()
     with pytest.raises(LoweringError, match="head dim 96"):     # over an fp8 cache 96 has the CUDA-core kernel only
