@@ -206,3 +206,26 @@ def test_ab_switch_takes_whole_number_settings():
     assert "LAYERFORGE_WGMMA_POLY_EXP" not in os.environ
     with env_switch_set("LAYERFORGE_WGMMA_POLY_EXP", "two"), pytest.raises(ValueError, match="POLY_EXP='two'"):
         default_options(layer)
+
+
+def test_empty_groups_waited_behind_reads_the_sass_shapes():
+    """sass_loops.empty_groups_waited_behind on SASS as ptxas writes it (no GPU or cuobjdump needed): an empty wgmma
+    group that falls through to a partial wait is reported (the overlap schedule's old turn: its softmax waited for
+    the P V); one in a branch of its own (followed by the BRA over the other branch's wgmmas) or before a full wait
+    is not."""
+    from benchmarks.sass_loops import Instr, empty_groups_waited_behind
+
+    def code(*texts):
+        return [Instr(16 * i, t.split()[0] if not t.startswith("@") else t.split()[1], t) for i, t in enumerate(texts)]
+
+    dummy = "HGMMA.64x8x16.F16 RZ, gdesc[URZ], RZ, !UPT, gsb0"
+    s = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24, gsb0"
+    pv = "HGMMA.64x128x16.F32.BF16 R88, R156, gdesc[UR16].tnspB, R88, gsb0"
+    old = code(s, "@!P0 BRA 0x60", "WARPGROUP.ARRIVE", pv, "WARPGROUP.ARRIVE", dummy, "BAR.ARV R11, 0x100",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x1")
+    assert [i.address for i in empty_groups_waited_behind(old)] == [80]
+    new = code(s, "@P0 BRA 0x40", "WARPGROUP.ARRIVE", dummy, "BRA 0x70", "WARPGROUP.ARRIVE", pv,
+               "WARPGROUP.DEPBAR.LE gsb0, 0x1")
+    assert empty_groups_waited_behind(new) == []
+    full = code(pv, "WARPGROUP.ARRIVE", dummy, "WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    assert empty_groups_waited_behind(full) == []

@@ -70,6 +70,9 @@ def test_gemm_tma_variants_compile_clean(n, k, gated, bn, variant):
             assert code not in res.log, (plan.key, res.log)
         assert "cp.async.bulk.tensor.2d" in res.ptx and "cp.async.cg" not in res.ptx, plan.key
         assert "prefetch.tensormap" in res.ptx
+        from benchmarks import sass_loops   # no empty wgmma group (a commit without a wgmma) before a partial wait
+        if sass_loops.cuobjdump() is not None and bn == 256 and not bias:
+            assert sass_loops.empty_groups_waited_behind(sass_loops.disassemble(res.cubin)[plan.kernel_name]) == []
         if variant.get("cluster"):   # W by multicast, both CTAs' barriers, the pair declared to the driver
             assert ".multicast::cluster" in res.ptx and "mapa.shared::cluster" in res.ptx, plan.key
             assert ".reqnctapercluster 2, 1, 1" in res.ptx and res.ptx.count("barrier.cluster.wait") == 2
