@@ -243,9 +243,10 @@ class MLAAppendPlan(KernelPlan):
 
     def __post_init__(self):
         _check_dims(self.latent_dim, self.rope_dim, self.page_size, self.dtype, self.arch)
-        if self.latent_dim % 8 or self.rope_dim % 2:
-            raise LoweringError(f"mla append: latent {self.latent_dim} must be a multiple of 8 and rope "
-                                f"{self.rope_dim} even")
+        if self.latent_dim % 8 or self.rope_dim % 8:
+            # a row (latent + rope) in 16-byte chunks: the latent part is stored 16 bytes at a time at each row's start
+            raise LoweringError(f"mla append: latent {self.latent_dim} and rope {self.rope_dim} must be multiples of "
+                                f"8 (the cache's rows are written in 16-byte pieces)")
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
         object.__setattr__(self, "rope_scaling", as_rope_scaling(self.rope_scaling))
         static_table(self.rope_theta, self.rope_dim, self.rope_scaling)   # a length-dependent type: an error

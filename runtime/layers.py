@@ -53,7 +53,7 @@ from ..dsl.evaluator import LayerInputError, _bind_dim, evaluate
 from ..dsl.program import Layer
 from ..dsl.types import DType
 from . import ops
-from .linear import LinearInputError, gemv
+from .linear import LinearInputError, _packed, gemv
 
 WEIGHT_NAMES = {"w": "weight", "b": "bias"}
 # Calls of at most this many rows of a row layer with reductions over wide rows run, on sm_90, the row split over
@@ -385,8 +385,8 @@ class LayerModule(torch.nn.Module):
         pack_fp8 refuses for the kernels' 16-byte rows: the same layout, for the torch route)."""
         from .quant import QuantWeight, pack_fp8, pack_i8, pack_u4
         q, s = tensors[p.weight], tensors[p.wscale]
-        if p.wtype == "i8" and not p.group:
-            return QuantWeight(p.wtype, 0, q, None, s, p.n, p.k, dtype)
+        if p.wtype == "i8" and not p.group:   # (views at an odd offset copied: the kernels read 16 bytes)
+            return QuantWeight(p.wtype, 0, _packed(q, 16), None, _packed(s, 16), p.n, p.k, dtype)
         z = None if p.wzero is None else tensors[p.wzero]
         key = tuple((t.data_ptr(), t._version, t.device) for t in (q, s) + (() if z is None else (z,)))
         hit = self._repacked.get(key)

@@ -138,6 +138,16 @@ class QuantWeight:
     perm: torch.Tensor | None = None   # int64 [K] (GPTQ act-order): the layout's column j is W's column
                                        # perm[j], so products take x[..., perm] (and gamma[perm])
 
+    def __post_init__(self):
+        # the kernels read W and its pairs in 16-byte pieces, f8e4m3's row scales two at a time
+        rows8 = self.wtype == "f8e4m3" and not self.group
+        for name, align in (("qweight", 16), ("wgroup", 16), ("wscale", 8 if rows8 else 1)):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.is_cuda and t.data_ptr() % align:
+                raise ValueError(f"QuantWeight: {name} must start at a {align}-byte aligned address (the kernels "
+                                 f"read it {align} bytes at a time); this view starts {t.data_ptr() % align} bytes "
+                                 f"past one (pack_u4 / pack_i8 / pack_fp8 copy such views)")
+
     @property
     def device(self) -> torch.device:
         return self.qweight.device
@@ -192,11 +202,11 @@ def pack_i8(q: torch.Tensor, scales: torch.Tensor, group: int = 0, dtype: torch.
     _check_group("i8", group, k)
     if k % 16:
         raise ValueError(f"i8: K = {k} must be a multiple of 16 (rows of 16-byte pieces)")
-    q8 = q.to(torch.int8).contiguous()
+    q8 = _packed(q.to(torch.int8), 16)   # (a contiguous view at an odd offset: copied, the kernels read 16 bytes)
     if group == 0:
         if scales.shape != (n,):
             raise ValueError(f"i8: row scales must be [{n}], got {tuple(scales.shape)}")
-        return QuantWeight("i8", 0, q8, None, scales.to(dtype).contiguous(), n, k, dtype)
+        return QuantWeight("i8", 0, q8, None, _packed(scales.to(dtype), 16), n, k, dtype)
     if scales.shape != (n, k // group):
         raise ValueError(f"i8: scales must be [{n}, {k // group}], got {tuple(scales.shape)}")
     return QuantWeight("i8", group, q8, _pairs(scales, torch.zeros_like(scales), dtype), None, n, k, dtype)
@@ -406,7 +416,7 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
         want = (-(-n // FP8_BLOCK), k // FP8_BLOCK)
         if tuple(scale.shape) != want:
             raise ValueError(f"f8e4m3: block scales must be {list(want)}, got {list(scale.shape)}")
-        return QuantWeight("f8e4m3", FP8_BLOCK, q.contiguous(), None, scale.float().contiguous(), n, k, dtype)
+        return QuantWeight("f8e4m3", FP8_BLOCK, _packed(q, 16), None, _packed(scale.float(), 16), n, k, dtype)
     if scale.numel() == 1:
         rows = scale.float().reshape(1).expand(n)
     elif tuple(scale.shape) in ((n,), (n, 1)):
@@ -414,7 +424,7 @@ def pack_fp8(q: torch.Tensor, scale: torch.Tensor, block=None, dtype: torch.dtyp
     else:
         raise ValueError(f"f8e4m3: scales must be [], [1], [{n}] or [{n}, 1] (or blocks with block=128), "
                          f"got {list(scale.shape)}")
-    return QuantWeight("f8e4m3", 0, q.contiguous(), None, rows.contiguous(), n, k, dtype)
+    return QuantWeight("f8e4m3", 0, _packed(q, 16), None, _packed(rows, 16), n, k, dtype)
 
 
 _BLOCKWISE: dict[int, bool] = {}   # device index -> cuBLAS took the blockwise-scaled fp8 product
@@ -901,6 +911,9 @@ def dequantize_cuda(qw: QuantWeight, cache=None, out: torch.Tensor | None = None
     w = torch.empty(qw.n, qw.k, dtype=qw.dtype, device=dev) if out is None else out
     if tuple(w.shape) != (qw.n, qw.k) or w.dtype != qw.dtype or w.device != dev or not w.is_contiguous():
         raise LinearInputError(f"out must be a contiguous {qw.dtype} [{qw.n}, {qw.k}] on {dev}")
+    if w.data_ptr() % 16:   # written in 16-byte pieces
+        raise LinearInputError(f"out must start at a 16-byte aligned address; this view starts {w.data_ptr() % 16} "
+                               f"bytes past one")
     launcher((), [*qw.kernel_tensors, w])
     return w
 

@@ -118,6 +118,9 @@ def test_bad_append_rope_is_an_error():
         plan_mla_append(rope=RopeSpec(10000.0, "neox", 64), arch="sm_90")
     with pytest.raises(ValueError, match="rotates 32"):
         plan_mla_append(rope=RopeSpec(10000.0, "gptj", 32), arch="sm_90")
+    # rows of latent + rope in 16-byte pieces: a rope of 66 would put every other row's 16-byte stores off by 4
+    with pytest.raises(LoweringError, match="multiples of 8"):
+        plan_mla_append(rope_dim=66, rope=RopeSpec(10000.0, "gptj", 66), arch="sm_90")
 
 
 @pytest.mark.parametrize("heads,latent,page,dtype", [(128, 512, 64, "bf16"), (16, 512, 16, "bf16"), (4, 256, 1, "bf16"),

@@ -115,3 +115,24 @@ def test_graph_capture():
     x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
     y = replayed(lin, x)
     assert rel_err(y, reference(x, lin.dequantized(), lin.bias, None, None)) < 1e-2
+
+
+def test_misaligned_views_are_refused_or_copied():
+    """W views at an odd offset never reach a kernel that reads them 16 bytes at a time: pack_i8 / pack_fp8 copy them,
+    a QuantWeight built from one directly is refused, and dequantize_cuda refuses an `out` that is (no
+    misaligned-address fault, which would end the process's CUDA context)."""
+    import dataclasses
+    from layerforge.runtime.linear import LinearInputError
+    from layerforge.runtime.quant import dequantize_cuda, pack_i8, quantize_i8
+    gen = seeded_generator("misaligned")
+    q, s = quantize_i8(torch.randn(64, 256, generator=gen), 0)
+    buf = torch.zeros(q.numel() + 1, dtype=torch.int8, device="cuda")
+    buf[1:] = q.to(torch.int8).reshape(-1).cuda()
+    qw = pack_i8(buf[1:].view(64, 256), s.cuda(), 0, dtype=torch.bfloat16)
+    assert qw.qweight.data_ptr() % 16 == 0
+    torch.testing.assert_close(dequantize_cuda(qw), dequantize(qw).to(torch.bfloat16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="qweight must start at a 16-byte aligned address"):
+        dataclasses.replace(qw, qweight=buf[1:].view(64, 256))
+    out = torch.empty(64 * 256 + 1, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(LinearInputError, match="16-byte aligned"):
+        dequantize_cuda(qw, out=out[1:].view(64, 256))

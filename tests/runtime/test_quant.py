@@ -91,6 +91,12 @@ def test_i8_layouts():
         ref_bf = q.double() * (s_bf[:, None] if group == 0 else s_bf.repeat_interleave(group, 1))
         assert torch.equal(dequantize(qw), ref_bf)
         assert (ref - w.double()).abs().max() <= 0.5 * s.max() + 1e-9      # half a step
+        # a contiguous view at an odd offset (which .contiguous() returns as it is) is copied: the kernels read
+        # W 16 bytes at a time
+        buf = torch.zeros(q.numel() + 1, dtype=torch.int8)
+        buf[1:] = q.to(torch.int8).reshape(-1)
+        odd = pack_i8(buf[1:].view_as(q), s, group, dtype=torch.bfloat16)
+        assert odd.qweight.data_ptr() % 16 == 0 and torch.equal(dequantize(odd), ref_bf)
 
 
 @pytest.mark.parametrize("gated", [None, "silu"])
