@@ -360,7 +360,7 @@ class WGMMAAttentionPlan(AttentionPlan):
         """Whether O can go out through Q's buffer (WGTileConfig.staged_out): a row of O (HDV elements, whole 16-byte
         chunks) fits in a row of Q's column blocks (HDP), and no next row block's Q is copied there early (q_next)."""
         spec = self.layer.function.outputs[0].arg
-        sw, hdp, _ = tile_dims(int(spec.head_dim), int(spec.v_head_dim), self.config.swizzle)
+        _, hdp, _ = tile_dims(int(spec.head_dim), int(spec.v_head_dim), self.config.swizzle)
         hdv = int(spec.v_head_dim)
         return hdv % 8 == 0 and hdv <= hdp and not self.config.q_next
 
