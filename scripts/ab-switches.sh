@@ -127,6 +127,9 @@
 #              bench_attention's D64 row with it 0 / 1, two rounds in turns
 #   stagedout  O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT, off until this runs): its GPU
 #              tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
+#   overlapped the choices measured while the overlap schedule did not overlap (before its mend), again:
+#              bench_attention's prefill rows with LAYERFORGE_WGMMA_PERSIST 0 / 1, LAYERFORGE_WGMMA_CHAINS 1 / 2 and
+#              LAYERFORGE_WGMMA_POLY_EXP 0 / 2, two rounds each in turns
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -551,6 +554,15 @@ stagedout)
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
         --prefill-only "H32/32 S4096 D128,H32/8 S4096 D128,D64,D256" --ab-switch LAYERFORGE_WGMMA_STAGED_OUT=0,1,0,1 \
         2>&1 | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_stagedout.txt" | grep wgmma
+    ;;
+overlapped)
+    echo "== persist, chains, poly again on the mended overlap schedule: bench_attention's prefill rows"
+    for ab in LAYERFORGE_WGMMA_PERSIST=0,1,0,1 LAYERFORGE_WGMMA_CHAINS=1,2,1,2 LAYERFORGE_WGMMA_POLY_EXP=0,2,0,2; do
+        timeout -s KILL 180 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+            --prefill-only "H32/32 S4096 D128,llama_attn B4 H32/8,D64,D256" --ab-switch "$ab" 2>&1 \
+            | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_${ab%%=*}.txt" | grep wgmma
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
     ;;
 pending)
     echo "== the guards' GPU tests, then bench_attention's prefill rows (default tiles)"
