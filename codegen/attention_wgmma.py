@@ -672,8 +672,14 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     buffer in 16-byte stores (WGTileConfig.staged_out) where the plan can (staged_out_serves: not with q_next) and it
     compiles without spills."""
     args = dict(locals())
-    plan = _plan_wgmma_attention(**{k: v for k, v in args.items() if k != "staged_out"})
-    if staged_out and tiles is None and plan.staged_out_serves:
+    plan = _plan_wgmma_attention(**{k: v for k, v in args.items() if k not in ("poly", "chains", "staged_out")})
+    if tiles is not None:
+        return plan
+    if poly or chains > 1:   # the softmax's variants, on the plan the other options give
+        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8),
+                                                                   chains=chains))
+        plan = twin if compile_fn is None or spill_free(twin, compile_fn) else plan
+    if staged_out and plan.staged_out_serves:
         plan = _with_option(plan, compile_fn, staged_out=True)
     return plan
 
@@ -681,18 +687,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
 def _plan_wgmma_attention(layer: Layer, *, page_size: int, tiles: WGTileConfig | None, compile_fn: CompileFn | None,
                           distance_table: bool, overlap: bool, tma: bool, rope_step: bool, fold: bool, kv_rings: bool,
                           deep_k: bool, three_consumers: bool, lpt: bool, pairs: bool, rope_batch: bool,
-                          persist: bool, mask_bits: bool, stage_keys: bool, key_split: bool, poly: int, chains: int,
+                          persist: bool, mask_bits: bool, stage_keys: bool, key_split: bool,
                           late_pack: bool) -> WGMMAAttentionPlan:
-    """plan_wgmma_attention but for staged_out (taken last, on the plan the others give)."""
-    if (poly or chains > 1) and tiles is None:   # the softmax's variants, on the plan the other options give
-        plan = plan_wgmma_attention(layer, page_size=page_size, compile_fn=compile_fn, distance_table=distance_table,
-                                    overlap=overlap, tma=tma, rope_step=rope_step, fold=fold, kv_rings=kv_rings,
-                                    deep_k=deep_k, three_consumers=three_consumers, lpt=lpt, pairs=pairs,
-                                    rope_batch=rope_batch, persist=persist, mask_bits=mask_bits,
-                                    stage_keys=stage_keys, key_split=key_split, late_pack=late_pack)
-        twin = dataclasses.replace(plan, tiles=dataclasses.replace(plan.config, poly=min(poly, plan.config.bn // 8),
-                                                                   chains=chains))
-        return twin if compile_fn is None or spill_free(twin, compile_fn) else plan
+    """plan_wgmma_attention's tile and the options taken on it, before the softmax's variants and staged_out (which
+    plan_wgmma_attention takes last, on the plan this gives)."""
     plan = _plan_tiles(layer, page_size, tiles, compile_fn, distance_table, three_consumers=three_consumers,
                        mask_bits=mask_bits, stage_keys=stage_keys, key_split=key_split)
     if tiles is not None:
