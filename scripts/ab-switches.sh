@@ -127,6 +127,8 @@
 #              bench_attention's D64 row with it 0 / 1, two rounds in turns
 #   stagedout  O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT, off until this runs): its GPU
 #              tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
+#   ropeprofile  ncu's source counters of GQA 32/8 D128 without RoPE and with it (1.01 against 1.08 ms on an H100), by
+#              span (ncu_source_top --phases), the reports and CSVs kept in OUT_DIR
 #   overlapped the choices measured while the overlap schedule did not overlap (before its mend), again:
 #              bench_attention's prefill rows with LAYERFORGE_WGMMA_PERSIST 0 / 1, LAYERFORGE_WGMMA_CHAINS 1 / 2 and
 #              LAYERFORGE_WGMMA_POLY_EXP 0 / 2, two rounds each in turns
@@ -562,6 +564,23 @@ overlapped)
             --prefill-only "H32/32 S4096 D128,llama_attn B4 H32/8,D64,D256" --ab-switch "$ab" 2>&1 \
             | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_${ab%%=*}.txt" | grep wgmma
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+    ;;
+ropeprofile)
+    echo "== ncu source counters of the GQA 32/8 D128 prefill without RoPE (gpt2_attn) and with it (llama_attn),"
+    echo "   summarised by span (before the first wgmma, the tile loop, after): where the RoPE case's extra time goes"
+    NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+    for row in "gpt2_attn B4 H32/8" "llama_attn B4 H32/8"; do
+        name=${row%%_*}
+        timeout -s KILL 200 "$NCU" --clock-control none --section WarpStateStats --section SourceCounters \
+            -k "regex:wgprefill.*sm90a$" --launch-skip 3 -c 1 -f -o "$OUT_DIR/ncu_$name" "$PY" -m benchmarks.bench_attention \
+            --only prefill --prefill-set main --prefill-only "$row" > "$OUT_DIR/ncu_$name.log" 2>&1
+        [ $? = 0 ] || { status=1; tail -5 "$OUT_DIR/ncu_$name.log"; continue; }
+        "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT_DIR/sass_$name.csv"
+        "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page details --csv > "$OUT_DIR/details_$name.csv"
+        echo "-- $row"
+        grep -E '"Duration"|"Warp Cycles Per Issued' "$OUT_DIR/details_$name.csv" | cut -d, -f12- | head -4
+        "$PY" -m benchmarks.ncu_source_top "$OUT_DIR/sass_$name.csv" --phases --top 12 | tee "$OUT_DIR/top_$name.txt"
     done
     ;;
 pending)

@@ -155,6 +155,26 @@ def test_ncu_source_top_reads_the_source_page(tmp_path, capsys):
     assert "LDS" not in out
 
 
+def test_ncu_source_top_phases_split_at_the_wgmmas(tmp_path, capsys):
+    """--phases: the samples before the first HGMMA, from it to the last, and after, each with its reasons."""
+    from benchmarks.ncu_source_top import main
+    head = ('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",'
+            '"stall_barrier","stall_long_sb"\n')
+    body = ['"0x10","  LDGSTS.E [R1], [R2]","50","40","0","50"',
+            '"0x20","  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","200","100","0","0"',
+            '"0x30","  MUFU.EX2 R3, R4","100","20","0","0"',
+            '"0x40","  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24","100","50","0","0"',
+            '"0x50","  BAR.SYNC 0x3, 0x100","50","50","40","0"']
+    csv = tmp_path / "sass.csv"
+    csv.write_text(head + "\n".join(body) + "\n")
+    assert main([str(csv), "--top", "0", "--phases"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pro, span, after = (next(ln for ln in lines if ln.strip().startswith(w)) for w in ("prologue", "wgmma", "after"))
+    assert "1 instructions" in pro and "50 samples" in pro and "10.0%" in pro and "long_sb 100%" in pro
+    assert "3 instructions" in span and "400 samples" in span and "80.0%" in span
+    assert "1 instructions" in after and "barrier 80%" in after
+
+
 def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
     """bench_masks --ab-switch: each 0 / 1 setting of the switches, in turns over the rounds, the environment
     restored."""
