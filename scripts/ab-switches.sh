@@ -550,8 +550,8 @@ latepack)
 stagedout)
     echo "== O through Q's buffer (LAYERFORGE_WGMMA_STAGED_OUT): GPU tests, then bench_attention's prefill rows"
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $("$PY" -c "import xdist" 2>/dev/null \
-        && echo "-n 8") tests/gpu/test_attention_hopper.py tests/gpu/test_paged_attention.py \
-        -k "staged_out or bad_inputs" 2>&1 | tee "$OUT_DIR/pytest_stagedout.log" | tail -3
+        && echo "-n 8") tests/gpu/test_attention_hopper.py tests/gpu/test_paged_attention.py tests/gpu/test_gemv_quant.py \
+        -k "staged_out or bad_inputs or misaligned" 2>&1 | tee "$OUT_DIR/pytest_stagedout.log" | tail -3
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
         --prefill-only "H32/32 S4096 D128,H32/8 S4096 D128,D64,D256" --ab-switch LAYERFORGE_WGMMA_STAGED_OUT=0,1,0,1 \
