@@ -77,6 +77,12 @@ def env_switch_set(name: str, on: bool | str | None):
                          f"measured here?)")
 
 
+def ab_settings(ab: str) -> list[tuple[str, bool | str]]:
+    """--ab-switch's NAME (0, then 1) or NAME=V,V... (those values, in turn) as (name, setting) pairs."""
+    switch, _, values = ab.partition("=")
+    return [(switch, v) for v in (values.split(",") if values else [False, True])]
+
+
 def wgmma_overlap(on: bool | None):
     """LAYERFORGE_WGMMA_OVERLAP set to `on` inside the block (None: left as it is), restored after."""
     return env_switch_set("LAYERFORGE_WGMMA_OVERLAP", on)
@@ -169,10 +175,11 @@ def main(argv=None):
     ab.add_argument("--wgmma-overlap", action="store_true",
                     help="on sm_90, each default wgmma prefill row again with the overlap schedule "
                          "(LAYERFORGE_WGMMA_OVERLAP=1), side by side")
-    ab.add_argument("--ab-switch", default=None, metavar="NAME[=V,V...]",
+    ab.add_argument("--ab-switch", action="append", default=None, metavar="NAME[=V,V...]",
                     help="on sm_90, each default wgmma prefill row planned with the switch NAME=0, then NAME=1 (e.g. "
                          "LAYERFORGE_WGMMA_KV_RINGS), side by side; NAME=V,V...: with those values, in turn (e.g. "
-                         "LAYERFORGE_WGMMA_POLY_EXP=0,2,4)")
+                         "LAYERFORGE_WGMMA_POLY_EXP=0,2,4). Repeatable: each switch's settings in turn, one after "
+                         "the other, the peers timed once a shape")
     ap.add_argument("--prefill-only", default=None,
                     help="comma-separated substrings: the prefill rows whose label holds one (e.g. 'D256,H32/8')")
     a = ap.parse_args(argv)
@@ -211,11 +218,10 @@ def main(argv=None):
         # (--wgmma-overlap: the wgmma kernel twice, without and with the overlap schedule)
         hopper = torch.cuda.get_device_capability() == (9, 0)
         # (--ab-switch NAME: with NAME=0, then NAME=1)
-        switch, _, values = (a.ab_switch or "").partition("=")
-        settings = values.split(",") if values else [False, True]
         kernels = ((("wgmma", False, None), ("wgmma", True, None)) if a.wgmma_overlap else
-                   tuple(("wgmma", None, (switch, v)) for v in settings) if a.ab_switch else
-                   (("wgmma", None, None),)) + (("tc", None, None),)
+                   tuple(("wgmma", None, setting) for ab in a.ab_switch for setting in ab_settings(ab))
+                   if a.ab_switch else (("wgmma", None, None),))
+        kernels += () if a.ab_switch else (("tc", None, None),)   # (an A/B run times the wgmma kernel only)
         kernels = kernels if hopper else ((None, None, None),)
         # the default (the first tile of tile_candidates that compiles without spills) beside
         # other tile shapes, forced whether they spill or not: 64-key tiles at once or in

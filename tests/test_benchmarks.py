@@ -211,6 +211,13 @@ def test_bench_masks_ab_switch_runs_every_setting_in_turns(capsys, monkeypatch):
     assert "LAYERFORGE_NOT_READ_ANYWHERE" not in os.environ
 
 
+def test_ab_switch_settings_in_turn_per_switch():
+    """--ab-switch NAME (0 then 1) and NAME=V,V... (those values), each repetition's settings after the last's."""
+    from benchmarks.bench_attention import ab_settings
+    assert ab_settings("LAYERFORGE_X") == [("LAYERFORGE_X", False), ("LAYERFORGE_X", True)]
+    assert ab_settings("LAYERFORGE_Y=0,2,0") == [("LAYERFORGE_Y", "0"), ("LAYERFORGE_Y", "2"), ("LAYERFORGE_Y", "0")]
+
+
 def test_ab_switch_takes_whole_number_settings():
     """bench_attention --ab-switch NAME=V,V...: env_switch_set with a string sets that value (env_int reads it); a
     whole-number setting that is not one is an error naming it."""
