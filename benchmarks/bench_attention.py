@@ -180,6 +180,8 @@ def main(argv=None):
                          "LAYERFORGE_WGMMA_KV_RINGS), side by side; NAME=V,V...: with those values, in turn (e.g. "
                          "LAYERFORGE_WGMMA_POLY_EXP=0,2,4). Repeatable: each switch's settings in turn, one after "
                          "the other, the peers timed once a shape")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="prefill: our kernels only, no SDPA / Flex / RoPE peer (a profiler's run: ncu -k ...)")
     ap.add_argument("--prefill-only", default=None,
                     help="comma-separated substrings: the prefill rows whose label holds one (e.g. 'D256,H32/8')")
     a = ap.parse_args(argv)
@@ -248,10 +250,10 @@ def main(argv=None):
         for name, batch, seq, hq, hkv, d, tiles in cases:
             peers = None
             for kernel, overlap, switch in kernels if tiles is None else ((None, None, None),):
-                r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel, peers=peers is None,
-                                 overlap=overlap, switch=switch)
+                r = prefill_case(prog, name, batch, seq, hq, hkv, d, tiles=tiles, prefill=kernel,
+                                 peers=peers is None and not a.no_peers, overlap=overlap, switch=switch)
                 if peers is None:
-                    peers = {k: r[k] for k in ("flash_s", "cudnn_s", "flex_s", "rope_s")}
+                    peers = {k: r.get(k) for k in ("flash_s", "cudnn_s", "flex_s", "rope_s")}
                 r.update(peers)
                 fl, cd, fx = peers["flash_s"], peers["cudnn_s"], peers["flex_s"]
                 r.update(ours_TFLOPs=r["flops"] / r["ours_s"] / 1e12,

@@ -574,7 +574,7 @@ ropeprofile)
         name=${row%%_*}
         timeout -s KILL 200 "$NCU" --clock-control none --section WarpStateStats --section SourceCounters \
             -k "regex:wgprefill.*sm90a$" --launch-skip 3 -c 1 -f -o "$OUT_DIR/ncu_$name" "$PY" -m benchmarks.bench_attention \
-            --only prefill --prefill-set main --prefill-only "$row" > "$OUT_DIR/ncu_$name.log" 2>&1
+            --only prefill --prefill-set main --prefill-only "$row" --no-peers > "$OUT_DIR/ncu_$name.log" 2>&1
         [ $? = 0 ] || { status=1; tail -5 "$OUT_DIR/ncu_$name.log"; continue; }
         "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT_DIR/sass_$name.csv"
         "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page details --csv > "$OUT_DIR/details_$name.csv"
