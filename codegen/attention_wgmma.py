@@ -468,11 +468,11 @@ def rope_batch_default() -> bool:
     """Whether the wgmma prefill's q rotation by steps (rope_step) reads all of a thread's pairs before it rotates
     and stores any (WGTileConfig.rope_batch). The rotation in place orders each pair's shared-memory reads after the
     last pair's stores (the swizzled offsets are not provably apart): 32 dependent read / rotate / store chains a
-    thread at D128, GQA 4, in each CTA's start. The GQA block without RoPE measured 1.040 ms against the llama
-    block's 1.10-1.11 on an H200 (benchmarks/NOTES.md). Its GPU tests pass (24); measured on an H200 at llama GQA
-    1.10 -> 1.09 ms, D64 unchanged: off until the whole Hopper suite has run with it;
-    LAYERFORGE_WGMMA_ROPE_BATCH=1 turns it on, for the runtime's plans and the pack build alike."""
-    return env_switch("LAYERFORGE_WGMMA_ROPE_BATCH", False)
+    thread at D128, GQA 4, in each CTA's start. On by default: measured on an H100 (benchmarks/NOTES.md, llama GQA
+    32/8 D128, three rounds in turns) 515-519 -> 523-528 TFLOP/s (+1.7 % in each round; an H200 had given 1.10 ->
+    1.09 ms), the RoPE blocks' Hopper, model and paged-attention GPU tests passing with it (117);
+    LAYERFORGE_WGMMA_ROPE_BATCH=0 turns it off, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_ROPE_BATCH", True)
 
 
 def pairs_default() -> bool:
@@ -555,8 +555,12 @@ def late_pack_default() -> bool:
 
 def staged_out_default() -> bool:
     """Whether the wgmma prefill sends O out through Q's buffer in 16-byte stores (WGTileConfig.staged_out) where
-    it can and compiles without spills (LAYERFORGE_WGMMA_STAGED_OUT=1; off: not yet measured)."""
-    return env_switch("LAYERFORGE_WGMMA_STAGED_OUT", False)
+    it can and compiles without spills. On by default: measured on an H100 (benchmarks/NOTES.md, five rounds in
+    turns at the headline B4 H32 S4096 D128 causal) 1.7 % faster in the median (four rounds +1.3 to +2.4 %, one
+    -2.6 %), D256 +4.3 to +5.0 % in every round, D64 +1 to +3.3 %, llama GQA +1.4 to +1.8 % in four of five; the
+    whole Hopper GPU file passes with it (192). LAYERFORGE_WGMMA_STAGED_OUT=0 turns it off, for the runtime's plans
+    and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_STAGED_OUT", True)
 
 
 def chains_default() -> int:

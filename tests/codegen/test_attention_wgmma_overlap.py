@@ -209,22 +209,23 @@ def test_runtime_takes_overlap_by_default(prog, monkeypatch):
     def label():
         return PagedAttention(d64, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label
 
-    assert label() == "n128s3c3ovztfl"
+    assert label() == "n128s3c3ovztflu"
     monkeypatch.setenv("LAYERFORGE_WGMMA_LATE_PACK", "0")
-    assert label() == "n128s3c3tfl"
+    assert label() == "n128s3c3tflu"
     monkeypatch.delenv("LAYERFORGE_WGMMA_LATE_PACK")
     monkeypatch.setenv("LAYERFORGE_WGMMA_THREE_CONSUMERS", "0")
-    assert label() == "n128s3ovtfl"
+    assert label() == "n128s3ovtflu"
     monkeypatch.delenv("LAYERFORGE_WGMMA_THREE_CONSUMERS")
     layer = specialise(prog, "gpt2_attn", 16, 16, 128)
     monkeypatch.setenv("LAYERFORGE_WGMMA_OVERLAP", "0")
     assert not PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.overlap
     monkeypatch.delenv("LAYERFORGE_WGMMA_OVERLAP", raising=False)   # the default
     plan = PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill")
-    # with TMA tiles, the scale folded into the exponent (no score hook) and the sectioned launch order, also defaults
-    assert plan.config.overlap and plan.config.label == "n128s3ovtfl"
+    # with TMA tiles, the scale folded into the exponent (no score hook), the sectioned launch order and O staged, also
+    # defaults
+    assert plan.config.overlap and plan.config.label == "n128s3ovtflu"
     monkeypatch.setenv("LAYERFORGE_WGMMA_TMA", "0")
-    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovfl"
+    assert PagedAttention(layer, page_size=16, arch="sm_90", prefill="wgmma").tc_plan("prefill").config.label == "n128s3ovflu"
     # forced tiles are as given; the mma.sync prefill is not affected
     forced = PagedAttention(layer, page_size=16, arch="sm_90", tiles={"prefill": WGTileConfig(bn=64, stages=4)})
     assert forced.tc_plan("prefill").config.label == "n64s4"
@@ -253,16 +254,17 @@ def test_switches_refuse_misspelt_values(monkeypatch):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("name", ["gpt2_attn", "llama_attn", "gemma2_attn", "bert_attn"])
 def test_staged_out_compiles_and_stores_16_bytes(prog, name, d, monkeypatch):
-    """LAYERFORGE_WGMMA_STAGED_OUT=1: O goes out through Q's buffer (WGTileConfig.staged_out, label u) on the plan the
-    other options give, spill-free; its cubin stores O's rows 16 bytes at a time (STG.E.128) beside the split-KV
-    parts' fragment stores, and off (the default) the source is the plan's as it was."""
+    """O goes out through Q's buffer (WGTileConfig.staged_out, label u: the default) on the plan the other options
+    give, spill-free; its cubin stores O's rows 16 bytes at a time (STG.E.128) beside the split-KV parts' fragment
+    stores, and off (LAYERFORGE_WGMMA_STAGED_OUT=0) the source is the plan's as it was."""
     from layerforge.codegen.attention_wgmma import default_options
     from layerforge.runtime.launch import compile_fn
     consts = {"window": 64} if name == "gemma2_attn" else {}
     layer = prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16", **consts)
+    monkeypatch.setenv("LAYERFORGE_WGMMA_STAGED_OUT", "0")
     plain = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
     assert not plain.config.staged_out and "STAGED_OUT" not in plain.source()
-    monkeypatch.setenv("LAYERFORGE_WGMMA_STAGED_OUT", "1")
+    monkeypatch.delenv("LAYERFORGE_WGMMA_STAGED_OUT")
     plan = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
     assert plan.config == dataclasses.replace(plain.config, staged_out=True) and plan.key.count("u_") == 1
     kr, res = compile_main(plan)
