@@ -469,8 +469,8 @@ def rope_batch_default() -> bool:
     and stores any (WGTileConfig.rope_batch). The rotation in place orders each pair's shared-memory reads after the
     last pair's stores (the swizzled offsets are not provably apart): 32 dependent read / rotate / store chains a
     thread at D128, GQA 4, in each CTA's start. On by default: measured on an H100 (benchmarks/NOTES.md, llama GQA
-    32/8 D128, three rounds in turns) 515-519 -> 523-528 TFLOP/s (+1.7 % in each round; an H200 had given 1.10 ->
-    1.09 ms), the RoPE blocks' Hopper, model and paged-attention GPU tests passing with it (117);
+    32/8 D128, three rounds in turns) 515-519 -> 523-528 TFLOP/s (+1.7 % in two rounds, +5.9 % in the third; an
+    H200 had given 1.10 -> 1.09 ms), the RoPE blocks' Hopper, model and paged-attention GPU tests passing with it (117);
     LAYERFORGE_WGMMA_ROPE_BATCH=0 turns it off, for the runtime's plans and the pack build alike."""
     return env_switch("LAYERFORGE_WGMMA_ROPE_BATCH", True)
 

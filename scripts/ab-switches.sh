@@ -550,7 +550,8 @@ latepack)
 stagedout)
     echo "== O through Q's buffer (LAYERFORGE_WGMMA_STAGED_OUT): GPU tests, then bench_attention's prefill rows"
     timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $("$PY" -c "import xdist" 2>/dev/null \
-        && echo "-n 8") tests/gpu/test_attention_hopper.py tests/gpu/test_paged_attention.py tests/gpu/test_gemv_quant.py \
+        && echo "-n 8") tests/gpu/test_attention_hopper.py tests/gpu/test_paged_attention.py \
+        tests/gpu/test_gemv_quant.py \
         -k "staged_out or bad_inputs or misaligned" 2>&1 | tee "$OUT_DIR/pytest_stagedout.log" | tail -3
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
@@ -573,7 +574,8 @@ ropeprofile)
     for row in "gpt2_attn B4 H32/8" "llama_attn B4 H32/8"; do
         name=${row%%_*}
         timeout -s KILL 200 "$NCU" --clock-control none --section WarpStateStats --section SourceCounters \
-            -k "regex:wgprefill.*sm90a$" --launch-skip 3 -c 1 -f -o "$OUT_DIR/ncu_$name" "$PY" -m benchmarks.bench_attention \
+            -k "regex:wgprefill.*sm90a$" --launch-skip 3 -c 1 -f -o "$OUT_DIR/ncu_$name" \
+            "$PY" -m benchmarks.bench_attention \
             --only prefill --prefill-set main --prefill-only "$row" --no-peers > "$OUT_DIR/ncu_$name.log" 2>&1
         [ $? = 0 ] || { status=1; tail -5 "$OUT_DIR/ncu_$name.log"; continue; }
         "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT_DIR/sass_$name.csv"

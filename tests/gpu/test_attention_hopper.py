@@ -119,7 +119,7 @@ def test_masks_split_over_the_key_tile(name, split, schedule, monkeypatch):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_staged_out(prog, d, monkeypatch):
-    """O out through Q's buffer in 16-byte stores (the default; set here all the same) against the float64 reference: ragged
+    """O out through Q's buffer in 16-byte stores (the default; set here as well) against the float64 reference: ragged
     chunks whose last row block is partial (its rows past the chunk not stored), GQA, a window, bert's fully masked
     rows (zeros), f16, and split-KV (its f32 parts keep the fragments' stores)."""
     monkeypatch.setenv("LAYERFORGE_WGMMA_STAGED_OUT", "1")
