@@ -125,13 +125,13 @@
 #              LAYERFORGE_WGMMA_LATE_PACK, the default since measured): the Hopper prefill's D64 GPU tests with it
 #              on, then
 #              bench_attention's D64 row with it 0 / 1, two rounds in turns
-#   stagedout  O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT, off until this runs): its GPU
-#              tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
+#   stagedout  O out through Q's buffer in 16-byte stores (LAYERFORGE_WGMMA_STAGED_OUT, on since this ran on an H100):
+#              its GPU tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
 #   ropeprofile  ncu's source counters of GQA 32/8 D128 without RoPE and with it (1.01 against 1.08 ms on an H100), by
 #              span (ncu_source_top --phases), the reports and CSVs kept in OUT_DIR
 #   overlapped the choices measured while the overlap schedule did not overlap (before its mend), again:
 #              bench_attention's prefill rows with LAYERFORGE_WGMMA_PERSIST 0 / 1, LAYERFORGE_WGMMA_CHAINS 1 / 2 and
-#              LAYERFORGE_WGMMA_POLY_EXP 0 / 2, two rounds each in turns
+#              LAYERFORGE_WGMMA_POLY_EXP 0 / 2, two rounds each in turns (ran on an H100: none gained, all stay off)
 #   pending    the GPU tests of the runtime's guards that had not run (the gated fallback's zero-row / autograd / no-JIT
 #              cases, the packaged "gemm" entries at their buckets' rows), then bench_attention's prefill rows at their
 #              default tiles (GQA 32/8 with and without RoPE, cuDNN with q rotated first beside llama / mistral)
@@ -581,7 +581,7 @@ ropeprofile)
         "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT_DIR/sass_$name.csv"
         "$NCU" -i "$OUT_DIR/ncu_$name.ncu-rep" --page details --csv > "$OUT_DIR/details_$name.csv"
         echo "-- $row"
-        grep -E '"Duration"|"Warp Cycles Per Issued' "$OUT_DIR/details_$name.csv" | cut -d, -f12- | head -4
+        grep -E 'Duration|Warp Cycles Per Issued' "$OUT_DIR/details_$name.csv" | cut -d, -f12- | head -4
         "$PY" -m benchmarks.ncu_source_top "$OUT_DIR/sass_$name.csv" --phases --top 12 | tee "$OUT_DIR/top_$name.txt"
     done
     ;;
