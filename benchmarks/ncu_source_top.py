@@ -34,6 +34,12 @@ def load(path: str) -> tuple[list[str], list[dict[str, str]]]:
     return list(rows[0].keys()) if rows else [], rows
 
 
+def top_reasons(part: list[dict[str, str]], reasons: list[str], n: float) -> str:
+    """The three largest stall reasons of the instructions `part` (n samples between them), as shares of n."""
+    why = sorted(((c, sum(_num(r[c]) for r in part)) for c in reasons), key=lambda t: -t[1])[:3]
+    return ", ".join(f"{c.removeprefix('stall_')} {v / n:.0%}" for c, v in why if v > 0) if n else ""
+
+
 def phases(rows: list[dict[str, str]], all_col: str, reasons: list[str], total: float) -> list[str]:
     """The samples of the spans before the first HGMMA, from it to the last, and after, with each span's three
     largest stall reasons (shares of the span's samples)."""
@@ -45,9 +51,8 @@ def phases(rows: list[dict[str, str]], all_col: str, reasons: list[str], total: 
     for name, lo, hi in spans:
         part = rows[lo:hi]
         n = sum(_num(r[all_col]) for r in part)
-        why = sorted(((c, sum(_num(r[c]) for r in part)) for c in reasons), key=lambda t: -t[1])[:3]
-        why_s = ", ".join(f"{c.removeprefix('stall_')} {v / n:.0%}" for c, v in why if v > 0) if n else ""
-        out.append(f"  {name:10s} {hi - lo:5d} instructions {n:9.0f} samples {n / total:6.1%}   [{why_s}]")
+        out.append(f"  {name:10s} {hi - lo:5d} instructions {n:9.0f} samples {n / total:6.1%}   "
+                   f"[{top_reasons(part, reasons, n)}]")
     return out
 
 
@@ -74,8 +79,7 @@ def main(argv=None) -> int:
         r = rows[i]
         n = _num(r[all_col])
         ni = _num(r[ni_col]) if ni_col else 0.0
-        why = sorted(((c, _num(r[c])) for c in reasons), key=lambda t: -t[1])[:3]
-        why_s = ", ".join(f"{c.removeprefix('stall_')} {v / n:.0%}" for c, v in why if v > 0) if n else ""
+        why_s = top_reasons([r], reasons, n)
         for j in range(max(0, i - a.around), i):
             print(f"          {rows[j].get('Address', '')}  {rows[j].get('Source', '')}")
         print(f"{n / total:6.1%} {ni / max(n, 1):4.0%}ni {r.get('Address', '')}  {r.get('Source', '')}"
