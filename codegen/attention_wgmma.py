@@ -380,6 +380,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
     if plan.block_mask:   # the pre-pass classifies the tiles
         ctx.update(tile_lines=None, tile_true=None, tile_false=None)
     rope_step = c.rope_step and rope_steps(ctx)
+    rope_vec = rope_step and c.rope_batch and rope_runs(ctx)
     return render(
         "cuda/attention_wgmma.cu.jinja", kernel_name=plan.kernel_name, merge_name=plan.merge_name, plan_key=plan.key,
         signature=plan.abi.signature, merge_signature=plan.kernels[1].signature, smem=plan.shared_layout.offsets,
@@ -388,7 +389,9 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         HQ=int(spec.num_q_heads), HKV=int(spec.num_kv_heads), GROUP=plan.group, PAGE=plan.page_size,
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
-        ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_step and c.rope_batch and rope_runs(ctx),
+        ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_vec,
+        # q's rotated columns read into registers, rotated and stored (but where q_next copies them early)
+        ROPE_REGS=rope_vec and not c.q_next,
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
         Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains, LATE_PACK=c.late_pack, STAGED_OUT=c.staged_out,
         FOLD=c.fold and folds(ctx),

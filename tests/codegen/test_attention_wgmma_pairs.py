@@ -147,9 +147,15 @@ def test_rope_batch_compiles(prog, name, hq, hkv, d):
     assert plan.config.rope_batch and plan.config.rope_step and plan.config.label.endswith("b")
     src = plan.source()
     if rope_runs(hook_context(layer)):
-        assert name != "gptj_attn"
-        rope = src[src.index("uint4 xa[GROUP], xb[GROUP];"):]
-        assert rope.index("xa[g] = *reinterpret_cast<const uint4*>") < rope.index("lf_rope_rotated_lo(x1, x2")
+        # (rope_regs) the rotated columns straight from global memory into registers, every load before the first
+        # rotation; the cp.async copies skip them, and no copy is waited for before the rotation
+        assert name != "gptj_attn" and not plan.config.q_next
+        rope = src[src.index("uint4 xa[KT][GROUP], xb[KT][GROUP];"):]
+        assert rope.index("xa[k][g] = __ldg(") < rope.index("xb[k][g] = __ldg(") < rope.index("lf_rope_sincos(")
+        assert rope.index("lf_rope_sincos(") < rope.index("lf_rope_rotated_lo(x1, x2")
+        assert "if (ch < LF_ROPE_PAIRS / 4 && ok) continue;" in src
+        head = src[:src.index("uint4 xa[KT][GROUP], xb[KT][GROUP];")]
+        assert "lf_cp_wait<0>();" not in head[head.rindex("lf_setmaxnreg_inc"):]
     else:
         assert name == "gptj_attn"
         rope = src[src.index("xa[KT][GROUP]"):]
