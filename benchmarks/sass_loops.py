@@ -133,6 +133,32 @@ def empty_groups_waited_behind(code: list[Instr]) -> list[Instr]:
     return out
 
 
+def sfu_after_full_wait(code: list[Instr]) -> list[int]:
+    """For each partial wait (`WARPGROUP.DEPBAR.LE gsb0, N`, N > 0: the overlap schedule's wait for S with the previous
+    P V still running), in address order: the MUFU instructions between the next full wait (`gsb0, 0x0`: the P V
+    done) and the next wgmma. A softmax all under the P V gives 0; ptxas's early placement of the full wait in the
+    block after the second row's max left about half a tile's exponentials behind it. Branches are not followed:
+    the count is of the code as laid out, both sides of a branch together."""
+    out = []
+    for i, c in enumerate(code):
+        m = _PARTIAL_WAIT.search(c.text)
+        if not m or int(m.group(1), 16) == 0:
+            continue
+        after, full = 0, False
+        for d in code[i + 1:]:
+            if d.op == "HGMMA" or d.op in ("EXIT", "RET"):
+                break
+            w = _PARTIAL_WAIT.search(d.text)
+            if w:
+                if int(w.group(1), 16) > 0:
+                    break
+                full = True
+            elif full and d.op == "MUFU":
+                after += 1
+        out.append(after)
+    return out
+
+
 def mix(code: list[Instr], full: bool = False) -> collections.Counter:
     """Opcode counts (without modifiers, or with them: full)."""
     return collections.Counter(c.opcode if full else c.op for c in code)

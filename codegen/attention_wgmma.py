@@ -92,6 +92,12 @@ class WGTileConfig:
     staged_out: bool = False     # O out through the warpgroup's rows of Q's buffer in 16-byte stores, a row's chunks
                                  # by consecutive threads (the template's STAGED_OUT), not 4-byte stores from the
                                  # fragments; not with q_next (the next row block's Q copies land in that buffer)
+    rope_regs: bool = False      # (with rope_batch, where it rotates in 16-byte runs) q's rotated columns read from
+                                 # global memory into registers, rotated there and stored (the template's ROPE_REGS):
+                                 # no copy wait, barrier or shared-memory read before the rotation; not with q_next
+    tile_branch: bool = False    # (with overlap, a mask with full tiles) the full-tile branch around both rows' softmax,
+                                 # not in each row (the template's TILE_BRANCH): the P V's wait stays after the second
+                                 # row's exponentials (ptxas puts it early in its block); the softmax rendered twice
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -112,6 +118,11 @@ class WGTileConfig:
             raise ValueError("late_pack is a form of the overlap schedule: it needs overlap")
         if self.staged_out and self.q_next:
             raise ValueError("staged_out stages O in Q's buffer, where q_next copies the next row block's Q: take one")
+        if self.tile_branch and not self.overlap:
+            raise ValueError("tile_branch keeps the overlap schedule's P V wait after the softmax: it needs overlap")
+        if self.rope_regs and (not self.rope_batch or self.q_next):
+            raise ValueError("rope_regs is a form of rope_batch's rotation of the row block's own Q: it needs "
+                             "rope_batch, and not q_next (which copies Q before the rotation)")
         if self.chains not in (1, 2, 4, 8):
             raise ValueError(f"chains is 1, 2, 4 or 8 partial values a row, not {self.chains}")
         if not 0 <= self.poly <= self.bn // 8:
@@ -139,7 +150,7 @@ class WGTileConfig:
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
                 + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else "")
                 + (f"x{self.poly}" if self.poly else "") + (f"y{self.chains}" if self.chains > 1 else "")
-                + ("u" if self.staged_out else ""))
+                + ("u" if self.staged_out else "") + ("i" if self.rope_regs else "") + ("j" if self.tile_branch else ""))
 
     @property
     def threads(self) -> int:
@@ -356,6 +367,15 @@ class WGMMAAttentionPlan(AttentionPlan):
         return _render(self)
 
     @property
+    def tile_branch_serves(self) -> bool:
+        """Whether the kernel branches on tiles the mask holds on whole (exact key bounds, the block mask's pre-pass or
+        the mask's tile classifier): the branch tile_branch moves around both rows' softmax."""
+        if self.block_mask:
+            return True
+        ctx = hook_context(self.layer)
+        return bool(ctx.get("exact_mask") or ctx.get("tile_lines"))
+
+    @property
     def staged_out_serves(self) -> bool:
         """Whether O can go out through Q's buffer (WGTileConfig.staged_out): a row of O (HDV elements, whole 16-byte
         chunks) fits in a row of Q's column blocks (HDP), and no next row block's Q is copied there early (q_next)."""
@@ -390,8 +410,7 @@ def _render(plan: WGMMAAttentionPlan) -> str:
         NPG=plan.page_entries, BN=c.bn, STAGES=c.stages, KSTAGES=plan.k_stages, PRODUCER_REGS=c.producer_regs,
         CONSUMER_REGS=c.consumer_regs, NCW=c.consumers, OVERLAP=c.overlap, TMA=plan.tma, KV_RINGS=plan.kv_rings,
         ROPE_STEP=rope_step, ROPE_BATCH=c.rope_batch, ROPE_VEC=rope_vec,
-        # q's rotated columns read into registers, rotated and stored (but where q_next copies them early)
-        ROPE_REGS=rope_vec and not c.q_next,
+        ROPE_REGS=rope_vec and c.rope_regs, TILE_BRANCH=c.tile_branch,
         LPT=c.lpt > 0, LPT_CTAS=c.lpt, LPT_L2=LPT_L2, ITEMS=2 if c.pairs else 1, PERSIST=c.persist,
         Q_NEXT=c.q_next, POLY=c.poly, CHAINS=c.chains, LATE_PACK=c.late_pack, STAGED_OUT=c.staged_out,
         FOLD=c.fold and folds(ctx),
@@ -545,7 +564,8 @@ def default_options(layer: Layer | None = None) -> dict[str, bool]:
                 lpt=lpt_default(), pairs=pairs_default(), rope_batch=rope_batch_default(),
                 persist=persist_default(layer), mask_bits=mask_bits_default(), stage_keys=key_stage_default(),
                 key_split=key_split_default(), poly=poly_default(), chains=chains_default(),
-                late_pack=late_pack_default(), staged_out=staged_out_default())
+                late_pack=late_pack_default(), staged_out=staged_out_default(), rope_regs=rope_regs_default(),
+                tile_branch=tile_branch_default())
 
 
 def late_pack_default() -> bool:
@@ -554,6 +574,21 @@ def late_pack_default() -> bool:
     at 395-399 TFLOP/s against the plain schedule's 386-388 (benchmarks/NOTES.md); LAYERFORGE_WGMMA_LATE_PACK=0 turns
     it off."""
     return env_switch("LAYERFORGE_WGMMA_LATE_PACK", True)
+
+
+def tile_branch_default() -> bool:
+    """Whether the overlap schedule takes the full-tile branch around both rows' softmax (WGTileConfig.tile_branch)
+    where the mask has full tiles. Off until measured on a GPU (benchmarks/NOTES.md: the headline predicted 1-4 %
+    faster); LAYERFORGE_WGMMA_TILE_BRANCH=1 turns it on, for the runtime's plans and the pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_TILE_BRANCH", False)
+
+
+def rope_regs_default() -> bool:
+    """Whether the wgmma prefill reads q's rotated columns into registers and rotates them there
+    (WGTileConfig.rope_regs) where rope_batch rotates in 16-byte runs. Off until measured on a GPU (benchmarks/NOTES.md:
+    Llama's GQA predicted 1-2 % faster); LAYERFORGE_WGMMA_ROPE_REGS=1 turns it on, for the runtime's plans and the
+    pack build alike."""
+    return env_switch("LAYERFORGE_WGMMA_ROPE_REGS", False)
 
 
 def staged_out_default() -> bool:
@@ -640,7 +675,8 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
                          three_consumers: bool = False, lpt: bool = False, pairs: bool = False,
                          rope_batch: bool = False, persist: bool = False, mask_bits: bool = True,
                          stage_keys: bool = False, key_split: bool = True, poly: int = 0,
-                         chains: int = 1, late_pack: bool = False, staged_out: bool = False) -> WGMMAAttentionPlan:
+                         chains: int = 1, late_pack: bool = False, staged_out: bool = False,
+                         rope_regs: bool = False, tile_branch: bool = False) -> WGMMAAttentionPlan:
     """The Hopper prefill plan of an attention block. Without `tiles`, the first of
     `tile_candidates` whose shared memory fits and that compiles without register spills
     (through `compile_fn`; without one, the first that fits). distance_table (the default):
@@ -677,9 +713,13 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
     late_pack (with overlap, without `tiles`): where the overlap schedule spills, the same with one P buffer
     (WGTileConfig.late_pack) where that compiles without spills. staged_out (without `tiles`): O out through Q's
     buffer in 16-byte stores (WGTileConfig.staged_out) where the plan can (staged_out_serves: not with q_next) and it
-    compiles without spills."""
+    compiles without spills. rope_regs (without `tiles`): where rope_batch rotates q in 16-byte runs (rope_runs) and
+    q_next is not taken, q's rotated columns read into registers (WGTileConfig.rope_regs) where that compiles without
+    spills. tile_branch (without `tiles`): with the overlap schedule, the full-tile branch around both rows' softmax
+    (WGTileConfig.tile_branch) where the mask has full tiles (tile_branch_serves) and it compiles without spills."""
     args = dict(locals())
-    plan = _plan_wgmma_attention(**{k: v for k, v in args.items() if k not in ("poly", "chains", "staged_out")})
+    plan = _plan_wgmma_attention(**{k: v for k, v in args.items()
+                                    if k not in ("poly", "chains", "staged_out", "rope_regs", "tile_branch")})
     if tiles is not None:
         return plan
     if poly or chains > 1:   # the softmax's variants, on the plan the other options give
@@ -688,6 +728,10 @@ def plan_wgmma_attention(layer: Layer, *, page_size: int = 16, tiles: WGTileConf
         plan = twin if compile_fn is None or spill_free(twin, compile_fn) else plan
     if staged_out and plan.staged_out_serves:
         plan = _with_option(plan, compile_fn, staged_out=True)
+    if rope_regs and plan.config.rope_batch and not plan.config.q_next and rope_runs(hook_context(layer)):
+        plan = _with_option(plan, compile_fn, rope_regs=True)
+    if tile_branch and plan.config.overlap and plan.tile_branch_serves:
+        plan = _with_option(plan, compile_fn, tile_branch=True)
     return plan
 
 

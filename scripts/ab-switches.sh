@@ -129,6 +129,12 @@
 #              its GPU tests and the misaligned-view guards, then bench_attention's prefill rows with it 0 / 1, two rounds
 #   ropeprofile  ncu's source counters of GQA 32/8 D128 without RoPE and with it (1.01 against 1.08 ms on an H100), by
 #              span (ncu_source_top --phases), the reports and CSVs kept in OUT_DIR
+#   roperegs   q's rotated columns read into registers and rotated there (LAYERFORGE_WGMMA_ROPE_REGS, off until this
+#              runs): its GPU tests (test_rope_batch, smem and regs; the RoPE cases of the Hopper file and the models
+#              with it on), then bench_attention's llama GQA and headline rows with it 0 / 1, three rounds in turns
+#   tilebranch the full-tile branch around both rows' softmax (LAYERFORGE_WGMMA_TILE_BRANCH, off until this runs: the
+#              P V's wait kept after the softmax's exponentials): its GPU tests, the Hopper and block-mask files with it
+#              on, then bench_attention's prefill main set with it 0 / 1, three rounds in turns
 #   overlapped the choices measured while the overlap schedule did not overlap (before its mend), again:
 #              bench_attention's prefill rows with LAYERFORGE_WGMMA_PERSIST 0 / 1, LAYERFORGE_WGMMA_CHAINS 1 / 2 and
 #              LAYERFORGE_WGMMA_POLY_EXP 0 / 2, two rounds each in turns (ran on an H100: none gained, all stay off)
@@ -557,6 +563,33 @@ stagedout)
     timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
         --prefill-only "H32/32 S4096 D128,H32/8 S4096 D128,D64,D256" --ab-switch LAYERFORGE_WGMMA_STAGED_OUT=0,1,0,1 \
         2>&1 | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_stagedout.txt" | grep wgmma
+    ;;
+roperegs)
+    echo "== q rotated in registers (LAYERFORGE_WGMMA_ROPE_REGS): GPU tests, then bench_attention's prefill rows"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
+    timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_attention_wgmma_tma.py -k rope_batch 2>&1 | tee "$OUT_DIR/pytest_roperegs.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    LAYERFORGE_WGMMA_ROPE_REGS=1 timeout -s KILL 200 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_attention_hopper.py tests/gpu/test_models_gpu.py tests/gpu/test_paged_attention.py \
+        -k "rope or llama or mistral or qwen" 2>&1 | tee -a "$OUT_DIR/pytest_roperegs.log" | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 300 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+        --prefill-only "H32/32 S4096 D128,llama_attn B4 H32/8" --ab-switch LAYERFORGE_WGMMA_ROPE_REGS=0,1,0,1,0,1 \
+        2>&1 | grep -v "$FLEX_NOISE" | tee "$OUT_DIR/bench_attention_roperegs.txt" | grep "wgmma\|cuDNN"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    ;;
+tilebranch)
+    echo "== the full-tile branch around the softmax (LAYERFORGE_WGMMA_TILE_BRANCH): GPU tests, bench_attention"
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 12")
+    LAYERFORGE_WGMMA_TILE_BRANCH=1 timeout -s KILL 240 "$PY" -m pytest -q -rfE -m gpu -p no:cacheprovider $XDIST \
+        tests/gpu/test_attention_hopper.py tests/gpu/test_block_mask.py 2>&1 | tee "$OUT_DIR/pytest_tilebranch.log" \
+        | tail -3
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    timeout -s KILL 330 "$PY" -m benchmarks.bench_attention --only prefill --prefill-set main \
+        --ab-switch LAYERFORGE_WGMMA_TILE_BRANCH=0,1,0,1,0,1 2>&1 | grep -v "$FLEX_NOISE" \
+        | tee "$OUT_DIR/bench_attention_tilebranch.txt" | grep "wgmma\|cuDNN"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     ;;
 overlapped)
     echo "== persist, chains, poly again on the mended overlap schedule: bench_attention's prefill rows"

@@ -276,3 +276,32 @@ def test_staged_out_compiles_and_stores_16_bytes(prog, name, d, monkeypatch):
         assert any(c.opcode == "STG.E.128" for c in code) and any(c.opcode == "LDS.128" for c in code)
     with pytest.raises(ValueError, match="staged_out stages O in Q's buffer"):
         WGTileConfig(bn=128, stages=3, persist=True, q_next=True, staged_out=True)
+
+
+@pytest.mark.parametrize("name,d", [("gpt2_attn", 128), ("llama_attn", 128), ("gpt2_attn", 64), ("gemma2_attn", 256),
+                                    ("mistral_attn", 128)])
+def test_tile_branch_keeps_the_pv_wait_after_the_softmax(prog, name, d, monkeypatch):
+    """The full-tile branch around both rows' softmax (WGTileConfig.tile_branch, label j; LAYERFORGE_WGMMA_TILE_BRANCH=1,
+    off until measured) on the plan the other options give, spill-free: in its SASS no exponential of a tile's softmax
+    comes after the overlap schedule's wait for the previous P V, where without it ptxas put that wait early in the
+    block after the second row's max and left about half of them behind it (benchmarks/sass_loops.
+    sfu_after_full_wait). Off (the default), the source is the plan's as it was."""
+    from layerforge.codegen.attention_wgmma import default_options
+    from layerforge.runtime.launch import compile_fn
+    consts = {"window": 64} if name in ("gemma2_attn", "mistral_attn") else {}
+    layer = prog.specialise(name, Hq=32, Hkv=8, D=d, dtype="bf16", **consts)
+    monkeypatch.delenv("LAYERFORGE_WGMMA_TILE_BRANCH", raising=False)
+    plain = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
+    assert plain.config.overlap and not plain.config.tile_branch and "TILE_BRANCH" not in plain.source()
+    monkeypatch.setenv("LAYERFORGE_WGMMA_TILE_BRANCH", "1")
+    plan = plan_wgmma_attention(layer, compile_fn=compile_fn(), **default_options(layer))
+    assert plan.tile_branch_serves and plan.config == dataclasses.replace(plain.config, tile_branch=True)
+    assert plan.key.count("j_") == 1 and plan.source().count("if (full_tile) {") == 1
+    kr, res = compile_main(plan)
+    assert_spill_free(kr)
+    from benchmarks import sass_loops
+    if sass_loops.cuobjdump() is not None:
+        after = sass_loops.sfu_after_full_wait(sass_loops.disassemble(res.cubin)[plan.kernel_name])
+        assert after and max(after) == 0, after
+    with pytest.raises(ValueError, match="tile_branch keeps the overlap schedule's P V wait"):
+        WGTileConfig(bn=128, stages=3, tile_branch=True)

@@ -146,20 +146,31 @@ def test_rope_batch_compiles(prog, name, hq, hkv, d):
     plan = plan_wgmma_attention(layer, rope_batch=True, **kw)
     assert plan.config.rope_batch and plan.config.rope_step and plan.config.label.endswith("b")
     src = plan.source()
+    assert not plan.config.rope_regs and "ROPE_REGS" not in src
     if rope_runs(hook_context(layer)):
-        # (rope_regs) the rotated columns straight from global memory into registers, every load before the first
-        # rotation; the cp.async copies skip them, and no copy is waited for before the rotation
-        assert name != "gptj_attn" and not plan.config.q_next
+        assert name != "gptj_attn"
+        rope = src[src.index("uint4 xa[GROUP], xb[GROUP];"):]
+        assert rope.index("xa[g] = *reinterpret_cast<const uint4*>") < rope.index("lf_rope_rotated_lo(x1, x2")
+        # rope_regs (label i): the rotated columns from global memory into registers, every load before the angles
+        # and the first rotation; the cp.async copies skip them, and no copy is waited for before the rotation
+        regs = plan_wgmma_attention(layer, rope_batch=True, rope_regs=True, **kw)
+        assert regs.config == dataclasses.replace(plan.config, rope_regs=True) and regs.key.count("bi") == 1
+        src = regs.source()
         rope = src[src.index("uint4 xa[KT][GROUP], xb[KT][GROUP];"):]
         assert rope.index("xa[k][g] = __ldg(") < rope.index("xb[k][g] = __ldg(") < rope.index("lf_rope_sincos(")
         assert rope.index("lf_rope_sincos(") < rope.index("lf_rope_rotated_lo(x1, x2")
         assert "if (ch < LF_ROPE_PAIRS / 4 && ok) continue;" in src
         head = src[:src.index("uint4 xa[KT][GROUP], xb[KT][GROUP];")]
         assert "lf_cp_wait<0>();" not in head[head.rindex("lf_setmaxnreg_inc"):]
+        assert_spill_free(compile_main(regs)[0])
     else:
         assert name == "gptj_attn"
         rope = src[src.index("xa[KT][GROUP]"):]
         assert rope.index("xa[k][g] = *") < rope.index("lf_rope_rotated_lo(x1, x2, sn, cs)")
     assert_spill_free(compile_main(plan)[0])
-    plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hkv, d), rope_batch=True, **kw)
-    assert not plain.config.rope_batch   # no RoPE: nothing to batch
+    plain = plan_wgmma_attention(specialise(prog, "gpt2_attn", hq, hkv, d), rope_batch=True, rope_regs=True, **kw)
+    assert not plain.config.rope_batch and not plain.config.rope_regs   # no RoPE: nothing to batch
+    with pytest.raises(ValueError, match="rope_regs is a form of rope_batch"):
+        WGTileConfig(bn=128, stages=3, rope_regs=True)
+    with pytest.raises(ValueError, match="rope_regs is a form of rope_batch"):
+        WGTileConfig(bn=128, stages=3, rope_step=True, rope_batch=True, persist=True, q_next=True, rope_regs=True)

@@ -133,6 +133,25 @@ def test_staged_out(prog, d, monkeypatch):
     assert PagedAttention(layer, page_size=16).tc_plan("prefill").config.staged_out
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_tile_branch(prog, d, monkeypatch, schedule):
+    """The full-tile branch around both rows' softmax (LAYERFORGE_WGMMA_TILE_BRANCH=1, off until measured; the overlap
+    schedule's) against the float64 reference: causal GQA over ragged chunks (full and diagonal tiles), a window,
+    soft-cap with a window in f16, bert's padding with fully masked rows (zeros), split-KV, a mask of positional key
+    terms (natten: tiles classified by the mask's tile lines)."""
+    from ..codegen.test_mask_key_split import MASKS
+    monkeypatch.setenv("LAYERFORGE_WGMMA_TILE_BRANCH", "1")
+    wgmma(prog, "llama_attn", 32, 8, d, 16, lens=[5, 33, 700, 300], new=[5, 3, 700, 129])
+    wgmma(prog, "mistral_attn", 16, 4, d, 64, **LONG, window=200)
+    wgmma(prog, "gemma2_attn", 16, 8, d, 16, lens=[300, 90], new=[300, 40], dtype=torch.float16, window=64)
+    extra = lambda nseq, gen: {"kv_len": torch.tensor([700, 0, 100, 900], dtype=torch.int32).cuda()}   # noqa: E731
+    wgmma(prog, "bert_attn", 16, 4, d, 16, **LONG, extra_fn=extra)
+    wgmma(prog, "llama_attn", 32, 8, d, 16, lens=[3000, 17], new=[300, 17], splits=5)
+    wgmma(lf.loads(MASKS, "masks.lf", with_stdlib=False), "natten32", 8, 2, d, 16, **LONG)
+    layer = prog.specialise("llama_attn", Hq=32, Hkv=8, D=d, dtype="bf16")
+    assert PagedAttention(layer, page_size=16).tc_plan("prefill").config.tile_branch == (schedule == "overlap")
+
+
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("switch,value,field", [("LAYERFORGE_WGMMA_POLY_EXP", "2", "poly"),
                                                 ("LAYERFORGE_WGMMA_POLY_EXP", "16", "poly"),

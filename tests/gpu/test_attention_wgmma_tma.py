@@ -243,13 +243,17 @@ def test_persist_same_bits_every_launch(prog, tma):
         assert torch.equal(want.view(torch.int16), out.view(torch.int16))
 
 
+@pytest.mark.parametrize("regs", [False, True], ids=["smem", "regs"])
 @pytest.mark.parametrize("name,hq,hkv,d", [("llama_attn", 16, 4, 128), ("llama_attn", 8, 8, 128),
                                            ("llama_attn", 24, 8, 64), ("llama_attn", 16, 2, 256),
-                                           ("gptj_attn", 16, 4, 128), ("partial_attn", 16, 4, 128)])
-def test_rope_batch(prog, name, hq, hkv, d, tma):
+                                           ("llama_attn", 28, 4, 128), ("gptj_attn", 16, 4, 128),
+                                           ("partial_attn", 16, 4, 128)])
+def test_rope_batch(prog, name, hq, hkv, d, tma, regs):
     """q's rotation with every pair read before any store (WGTileConfig.rope_batch: neox in 16-byte runs of 8 pairs,
-    whole or partial rotary; gptj pair by pair), GQA 1 / 3 / 4 / 8: ragged chunks over cached prefixes (rows past a
-    chunk left as they are), positions up to 20000, split-KV, f16."""
+    whole or partial rotary; gptj pair by pair), GQA 1 / 3 / 4 / 7 / 8: ragged chunks over cached prefixes (rows past
+    a chunk left as they are), positions up to 20000, split-KV, f16. regs: the neox runs read from global memory into
+    registers and rotated there (WGTileConfig.rope_regs; gptj's pairs keep the shared-memory path), the other columns
+    and the zero rows copied; GQA 3 and 7 put a token's rows across two warpgroups."""
     from layerforge.codegen.attention_wgmma import WGTileConfig, tile_candidates
 
     from ..codegen.test_attention_wgmma_pairs import ROPE_BLOCKS
@@ -257,7 +261,11 @@ def test_rope_batch(prog, name, hq, hkv, d, tma):
     c = tile_candidates(d)[0]
     tiles = {"prefill": WGTileConfig(bn=c.bn, stages=c.stages, consumers=c.consumers, tma=True, rope_step=True,
                                      fold=True, rope_batch=True, overlap=tma.startswith("overlap") and c.consumers == 2,
-                                     kv_rings=tma.endswith("rings"))}
+                                     kv_rings=tma.endswith("rings"), rope_regs=regs)}
     wgmma(src, name, hq, hkv, d, 64, tiles=tiles, **LONG)
     wgmma(src, name, hq, hkv, d, 16, tiles=tiles, lens=[20000, 5], new=[900, 5], splits=3)
     wgmma(src, name, hq, hkv, d, 64, tiles=tiles, lens=[300, 129], new=[300, 7], dtype=torch.float16)
+    if regs and name == "llama_attn":   # the persistent kernel: each row block's Q rotated in registers in its turn
+        import dataclasses
+        queued = {"prefill": dataclasses.replace(tiles["prefill"], persist=True, lpt=128)}
+        wgmma(src, name, hq, hkv, d, 64, tiles=queued, **LONG)
