@@ -257,12 +257,33 @@ def _fused(name: str, qws: list, dtype: torch.dtype):
                        sum(w.n for w in qws), first.k, dtype, first.perm)
 
 
+def quant_weight(name: str, parts, q: dict, dtype: torch.dtype):
+    """The QuantWeight (the kernel's layout) of a canonical weight's quantised parts (a QuantPart, or a list of them
+    stacked along N: a fused q/k/v or gate/up)."""
+    qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
+    perms = [w.perm for w in qws]
+    if any(p is not None for p in perms) and not all(p is not None and torch.equal(p, perms[0]) for p in perms):
+        # act-order parts of one fused projection share x, so GPTQ orders their columns alike
+        raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have different "
+                          f"act-order column orders (g_idx); they cannot share one product")
+    return _fused(name, qws, dtype)
+
+
+def quant_dtype(dtype) -> torch.dtype:
+    """The activation dtype of a model's quantised products: the model's where it is 16-bit, else fp16 (the
+    kernels' (scale, zero) pairs are 16-bit)."""
+    from ..dsl.types import DType
+    t = DType(_dtype_name(dtype)).torch if not isinstance(dtype, torch.dtype) else dtype
+    return t if t in (torch.bfloat16, torch.float16) else torch.float16
+
+
 def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict, dtype: torch.dtype) -> None:
     """Replace the model's Linears whose canonical weight is quantised (QuantPart, or a list of
-    them for a fused projection) by QuantLinears in the kernel's layout (u4, f8e4m3), their
+    them for a fused projection, or a QuantWeight already made of them: a tensor-parallel rank's
+    part) by QuantLinears in the kernel's layout (u4, f8e4m3), their
     biases too; an MoE layer's quantised experts (a QuantStack) become its expert kernels'
     stacks (runtime/moe.py _Experts.set_quantized)."""
-    from ..runtime.quant import QuantLinear
+    from ..runtime.quant import QuantLinear, QuantWeight
     from .families import QuantStack
     for name in [n for n, w in weights.items() if isinstance(w, QuantStack)]:   # an MoE layer's experts
         stack = weights.pop(name)
@@ -275,15 +296,10 @@ def _quantised_modules(model: DecoderModel, weights: dict[str, object], q: dict,
                                          for e, parts in enumerate(stack)])
         except ValueError as e:
             raise ConfigError(f"checkpoint: {path}: {e}") from None
-    for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list))]:
-        parts = weights.pop(name)
-        qws = [p.to_kernel(q, dtype) for p in (parts if isinstance(parts, list) else [parts])]
-        perms = [w.perm for w in qws]
-        if any(p is not None for p in perms) and not all(p is not None and torch.equal(p, perms[0]) for p in perms):
-            # act-order parts of one fused projection share x, so GPTQ orders their columns alike
-            raise ConfigError(f"checkpoint: the parts of the fused {name.removesuffix('.weight')} have different "
-                              f"act-order column orders (g_idx); they cannot share one product")
-        qw = _fused(name, qws, dtype)
+    for name in [n for n, w in weights.items() if isinstance(w, (QuantPart, list, QuantWeight))]:
+        qw = weights.pop(name)
+        if not isinstance(qw, QuantWeight):
+            qw = quant_weight(name, qw, q, dtype)
         path = name.removesuffix(".weight")
         if not path.startswith("layers."):
             raise ConfigError(f"checkpoint: {path} is quantised: only the decoder layers' projections are served "
@@ -311,7 +327,7 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
     kv_dtype / kv_scales: the paged cache's storage (DecoderModel). tp_size / pp_size: this
     process's part of the model split over tp_size x pp_size processes started by torchrun
     (models/parallel.py: tensor and pipeline parallelism; every rank reads only its part of the
-    checkpoint: read_rank_state_dict)."""
+    checkpoint: read_rank_state_dict; of a quantised one each reads it whole and keeps its part)."""
     root = Path(folder)
     config_path = root / "config.json"
     if not config_path.is_file():
@@ -344,16 +360,20 @@ def from_pretrained(folder: str | os.PathLike, *, dtype: torch.dtype | str = tor
         return model.eval()
     # the quantised projections become QuantLinears (activations in the model's dtype where it is
     # 16-bit, else fp16 pairs); the rest loads as usual
-    td = model.dtype if model.dtype in (torch.bfloat16, torch.float16) else torch.float16
-    _quantised_modules(model, tensors, q, td)
+    _quantised_modules(model, tensors, q, quant_dtype(model.dtype))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    quant_buffers = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
-    quant_experts = {f"{n}.{p}_{b}" for n, m in model.named_modules() if hasattr(m, "set_quantized")
-                     for p in m._shapes for b in "qs"}
-    missing = [k for k in missing if k.rpartition(".")[0] not in quant_buffers and k not in quant_experts]
+    missing = quant_loaded(model, missing)
     if missing or unexpected:
         raise ConfigError(f"checkpoint: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
     return model.eval()
+
+
+def quant_loaded(model, missing: list[str]) -> list[str]:
+    """load_state_dict's missing names less those of the quantised modules' buffers (already set)."""
+    quant_buffers = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
+    quant_experts = {f"{n}.{p}_{b}" for n, m in model.named_modules() if hasattr(m, "set_quantized")
+                     for p in m._shapes for b in "qs"}
+    return [k for k in missing if k.rpartition(".")[0] not in quant_buffers and k not in quant_experts]
 
 
 def _load_parallel(root: Path, spec, config: dict, tp_size: int, pp_size: int, *, dtype, device, **kw) -> DecoderModel:
@@ -362,12 +382,16 @@ def _load_parallel(root: Path, spec, config: dict, tp_size: int, pp_size: int, *
     from ..runtime.parallel import init_parallel
     from .parallel import check_parallel, parallel_model, stage_layers
     check_parallel(spec, tp_size, pp_size)
-    if quant_config(config) is not None:
-        raise ConfigError("config.json: a quantised checkpoint is not served with tp_size or pp_size > 1")
+    q = quant_config(config)
     layout = init_parallel(tp_size, pp_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())   # init_parallel made LOCAL_RANK's current
+    if q is not None:
+        # a quantised checkpoint: each rank reads it whole, makes the kernel's layout of each projection, and keeps
+        # its part of that (models/parallel.shard_state_dict: rows or whole groups of columns)
+        tensors = canonical_state_dict(spec, split_quantized(load_tensors(checkpoint_files(root)), q["method"]))
+        return parallel_model(spec, tensors, layout, dtype=dtype, device=device, quant=q, **kw)
     layers = stage_layers(spec.num_layers, layout.pp.size, layout.stage)
     tensors = read_rank_state_dict(checkpoint_files(root), spec, tp_rank=layout.tp.rank, tp_size=layout.tp.size,
                                    layers=layers, first=layout.stage == 0, last=layout.stage == layout.pp.size - 1)

@@ -45,8 +45,11 @@ files (models/loading.read_rank_state_dict: the slices shard_plan names, per can
 
 Not served (a ShardError says so): tensor parallelism of ALiBi attention (its slopes depend on a
 head's index among all heads), of MoE layers whose F/n is not a multiple of 8 (the expert
-products' K), and of quantised checkpoints; latent attention (DeepSeek) and state-space models in
-either form.
+products' K), of quantised MoE experts (pipeline stages serve them), of GPTQ act-order projections along K
+(o, down: their columns are stored sorted by group) and of K splits not at whole groups; latent attention
+(DeepSeek) and state-space models in either form. A quantised checkpoint is read whole by every rank, each
+projection made the kernel's layout, and the rank's rows (q/k/v, gate/up) or whole groups of columns (o, down)
+kept.
 """
 from __future__ import annotations
 
@@ -211,10 +214,21 @@ def shard_state_dict(spec: ModelSpec, tensors: dict[str, torch.Tensor], rank: in
     if world == 1:
         return dict(tensors)
     check_parallel(spec, world, 1)
+    from ..runtime.quant import QuantWeight, shard_quant
     out = {}
     for name, t in tensors.items():
+        if isinstance(t, QuantWeight):   # a quantised projection, in the kernel's layout (models/loading.py)
+            plan = shard_plan(spec, name, (t.n, t.k), rank, world)
+            if plan == "rank0":
+                raise ShardError(f"{name}: a quantised weight is not a bias")
+            try:
+                out[name] = t if plan is None else shard_quant(t, *plan)
+            except ValueError as e:
+                raise ShardError(f"{name}: {e}") from None
+            continue
         if not isinstance(t, torch.Tensor):
-            raise ShardError(f"{name}: a quantised checkpoint cannot be split over ranks (not served)")
+            raise ShardError(f"{name}: a quantised MoE layer's experts are not split over tensor-parallel ranks "
+                             f"(not served; pipeline stages serve them)")
         plan = shard_plan(spec, name, tuple(t.shape), rank, world)
         out[name] = (t if rank == 0 else torch.zeros_like(t)) if plan == "rank0" else apply_shard_plan(t, plan)
     return out
@@ -244,15 +258,24 @@ def stage_state_dict(tensors: dict[str, torch.Tensor], layers: range, *, first: 
 def parallel_model(spec: ModelSpec, tensors: dict[str, torch.Tensor], layout: Layout, *,
                    dtype: torch.dtype | str = torch.bfloat16, device=None, page_size: int = 16, program=None,
                    kv_dtype: str | None = None, kv_scales: str = "per_tensor",
-                   micro_batch_tokens: int = MICRO_BATCH_TOKENS, sharded: bool = False) -> DecoderModel:
+                   micro_batch_tokens: int = MICRO_BATCH_TOKENS, sharded: bool = False,
+                   quant: dict | None = None) -> DecoderModel:
     """This rank's DecoderModel (a PipelineStage with pp_size > 1) of a canonical state dict of
     the FULL model (every rank passes the whole checkpoint; each keeps its part), or with
     sharded=True of this rank's part already (models/loading.read_rank_state_dict: its tensor-
-    parallel shards, under the full model's layer numbers)."""
+    parallel shards, under the full model's layer numbers). quant: a quantised checkpoint's
+    models/loading.quant_config (its projections QuantParts, as models/loading.split_quantized
+    leaves them): each projection is made the kernel's layout first, then split."""
     tp, pp = layout.tp, layout.pp
     local = rank_spec(spec, layout)
     layers = range(*local.extra["sharding"]["layers"])
     first, last = pp.rank == 0, pp.rank == pp.size - 1
+    if quant is not None:
+        from .families import QuantStack
+        from .loading import QuantPart, quant_dtype, quant_weight
+        tensors = {name: quant_weight(name, t, quant, quant_dtype(dtype))
+                   if isinstance(t, (QuantPart, list)) and not isinstance(t, QuantStack) else t
+                   for name, t in tensors.items()}
     if not sharded:
         tensors = shard_state_dict(spec, tensors, tp.rank, tp.size)
     weights = stage_state_dict(tensors, layers, first=first, last=last, tied=spec.tie_word_embeddings)
@@ -268,7 +291,12 @@ def parallel_model(spec: ModelSpec, tensors: dict[str, torch.Tensor], layout: La
         # no embedding lookups on this stage: its table keeps no rows (dtype and device still read)
         model.embed.weight = torch.nn.Parameter(model.embed.weight.new_empty(0, spec.hidden_size),
                                                 requires_grad=False)
+    if quant is not None:   # the quantised projections become QuantLinears (their buffers then loaded)
+        from .loading import _quantised_modules, quant_dtype, quant_loaded
+        _quantised_modules(model, weights, quant, quant_dtype(model.dtype))
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    if quant is not None:
+        missing = quant_loaded(model, missing)
     unused = () if pp.size == 1 else ((() if first else _FIRST) + (() if last else _LAST))
     missing = [n for n in missing if not n.startswith(unused)]
     if missing or unexpected:

@@ -54,7 +54,7 @@ from .linear import (_ACT, LinearInputError, _capability, _epilogue, _packed, _r
                      launch_gemv)
 from .tma import tensor_map
 
-__all__ = ["QuantWeight", "QuantLinear", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
+__all__ = ["QuantWeight", "QuantLinear", "shard_quant", "AWQ_ORDER", "pack_u4", "pack_i8", "pack_fp8", "quantize_u4",
            "quantize_i8", "quantize_fp8", "quantize_fp8_rows", "dequantize_fp8_rows", "awq_to_kernel",
            "gptq_to_kernel", "dequantize", "dequantize_awq", "dequantize_gptq", "unpack_awq", "unpack_gptq",
            "gemv_quant", "dequantize_cuda", "quantize_fp8_rows_cuda", "FP8_MAX", "FP8_BLOCK", "QUANT_KERNEL_MAX_ROWS",
@@ -231,6 +231,54 @@ def _dequantize_layout(qw: QuantWeight) -> torch.Tensor:
     if qw.group == 0:
         return q * qw.wscale.double()[:, None]
     return q * qw.scales_zeros()[0].double().repeat_interleave(qw.group, 1)
+
+
+def shard_quant(qw: QuantWeight, dim: int, ranges) -> QuantWeight:
+    """The part of W [N, K] a tensor-parallel rank holds, in the same layout: rows (dim 0: its heads' q/k/v, its
+    features' gate/up; several ranges, concatenated in order) or columns (dim 1: o's and down's K, one range). Rows
+    split anywhere but FP8's 128 x 128 block scales, which split only in whole blocks; columns split only at whole
+    groups (u4: whole 8-column words too; FP8 blocks: whole blocks), and not where GPTQ's act-order sorted W's
+    columns by group (a rank's columns are then in every group). A ValueError says which."""
+    ranges = list(ranges)
+    block = qw.wtype == "f8e4m3" and qw.group
+    if dim == 0:
+        rows = torch.cat([torch.arange(r.start, r.stop) for r in ranges]).to(qw.qweight.device)
+        if block:
+            if any(r.start % qw.group or (r.stop % qw.group and r.stop != qw.n) for r in ranges):
+                raise ValueError(f"{qw.wtype}: rows {[(r.start, r.stop) for r in ranges]} of {qw.n} do not split at "
+                                 f"whole {qw.group} x {qw.group} scale blocks")
+            wscale = torch.cat([qw.wscale[r.start // qw.group: -(-r.stop // qw.group)] for r in ranges])
+        else:
+            wscale = None if qw.wscale is None else qw.wscale[rows]
+        wgroup = None if qw.wgroup is None else qw.wgroup[rows]
+        return dataclasses.replace(qw, qweight=qw.qweight[rows].contiguous(), n=len(rows),
+                                   wgroup=None if wgroup is None else wgroup.contiguous(),
+                                   wscale=None if wscale is None else wscale.contiguous())
+    if dim != 1 or len(ranges) != 1:
+        raise ValueError(f"{qw.wtype}: a quantised weight splits along its rows (several ranges) or its columns "
+                         f"(one range), not dim {dim} in {len(ranges)} ranges")
+    (r,) = ranges
+    if qw.perm is not None:
+        raise ValueError("GPTQ act-order (desc_act): W's columns are stored sorted by group, so a rank's columns "
+                         "[%d, %d) lie in every group; such a checkpoint does not split along K" % (r.start, r.stop))
+    unit = qw.group or 16   # (u4 is always grouped; i8 / f8 rows are read in 16-byte pieces)
+    if r.start % unit or r.stop % unit:
+        raise ValueError(f"{qw.wtype}: columns [{r.start}, {r.stop}) of {qw.k} do not split at whole "
+                         f"{'groups of ' + str(qw.group) if qw.group else '16-byte pieces'} ({unit} columns)")
+    k = len(r)
+    if qw.wtype == "u4":
+        qweight = qw.qweight[:, r.start // 8: r.stop // 8]
+    else:
+        qweight = qw.qweight[:, r.start: r.stop]
+    wgroup, wscale = qw.wgroup, qw.wscale
+    if block:
+        wscale = wscale[:, r.start // qw.group: -(-r.stop // qw.group)]
+    elif qw.group:   # the (scale, zero) pairs of the rank's groups, padded to whole 16-byte pieces again
+        g0, g = r.start // qw.group, k // qw.group
+        wgroup = torch.zeros(qw.n, (g + 3) // 4 * 4, dtype=torch.int32, device=qw.wgroup.device)
+        wgroup[:, :g] = qw.wgroup[:, g0: g0 + g]
+    return dataclasses.replace(qw, qweight=_packed(qweight.contiguous(), 16), k=k, wgroup=wgroup,
+                               wscale=None if wscale is None else wscale.contiguous())
 
 
 def _tile_rows(t: torch.Tensor, plan, width: int) -> torch.Tensor:

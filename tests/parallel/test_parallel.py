@@ -73,6 +73,88 @@ def test_moe_tensor_and_pipeline_parallel_equal_one_process(moe_cases):
     run_ranks(workers.check_moe_models, 2, list(moe_cases.values()), moe_cases["qwen2_moe"])
 
 
+@pytest.fixture(scope="module")
+def quant_cases(tmp_path_factory):
+    """name -> a tiny quantised checkpoint folder (tests/models/test_quantized_pretrained) with the one-process
+    model's results: Llama in AWQ's layout and Qwen2 (q/k/v biases) in GPTQ's (4-bit, group 32), Llama in
+    compressed-tensors' FP8 (e4m3 weights, a scale a channel; activations quantised per token and 128 columns)."""
+    from ..models.test_quantized_pretrained import fp8_checkpoint, quantised_checkpoint
+    out = {}
+    for name, method in (("llama", "awq"), ("qwen2", "gptq"), ("llama", "fp8")):
+        folder = tmp_path_factory.mktemp(f"{name}_{method}")
+        if method == "fp8":
+            fp8_checkpoint(folder, "compressed-tensors", "channel")
+        else:
+            quantised_checkpoint(name, folder, method)
+        workers.make_case(folder)
+        out[f"{name}_{method}"] = str(folder)
+    return out
+
+
+def test_quantised_checkpoints_split_over_ranks(quant_cases):
+    """AWQ, GPTQ and FP8 checkpoints, TP = 2: each rank makes the kernel's layout (u4, f8e4m3) of every projection
+    and keeps its rows (q/k/v, gate/up) or whole groups of K (o, down): logits, a decode step and greedy tokens are
+    the one-process quantised model's; then PP = 2 (each stage its layers' quantised projections whole)."""
+    run_ranks(workers.check_models, 2, list(quant_cases.values()), 2, 1)
+    run_ranks(workers.check_models, 2, list(quant_cases.values()), 1, 2)
+
+
+# ---- without spawning -------------------------------------------------------------------------
+def test_quantised_weights_split_by_rows_and_whole_groups():
+    """runtime/quant.shard_quant: a rank's rows (several ranges, in order) or columns of W in the kernel's layout
+    dequantise to that part of W (u4 in groups, i8 with row scales and in groups, FP8 per channel and in 128 x 128
+    blocks); what cannot split is a ShardError-able ValueError naming why."""
+    from layerforge.runtime.quant import (dequantize, gptq_to_kernel, pack_fp8, pack_i8, pack_u4, quantize_fp8,
+                                          quantize_i8, quantize_u4, shard_quant)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=g)
+    rows = [range(0, 16), range(48, 56), range(80, 96)]
+    cols = range(128, 256)
+    u4 = pack_u4(*quantize_u4(w, 64), 64)
+    i8r, i8g = pack_i8(*quantize_i8(w)), pack_i8(*quantize_i8(w, 32), 32)
+    f8c = pack_fp8(*quantize_fp8(w))
+    for qw in (u4, i8r, i8g, f8c):
+        full = dequantize(qw)
+        part = shard_quant(qw, 0, rows)
+        assert (part.n, part.k) == (40, 256)
+        assert torch.equal(dequantize(part), torch.cat([full[r.start:r.stop] for r in rows])), qw.wtype
+        part = shard_quant(qw, 1, [cols])
+        assert (part.n, part.k) == (96, 128) and part.qweight.is_contiguous()
+        assert torch.equal(dequantize(part), full[:, cols.start:cols.stop]), qw.wtype
+    wb = torch.randn(320, 384, generator=g)
+    f8b = pack_fp8(*quantize_fp8(wb, 128), 128)
+    full = dequantize(f8b)
+    part = shard_quant(f8b, 0, [range(128, 320)])   # whole blocks, the last one partial
+    assert torch.equal(dequantize(part), full[128:320])
+    assert torch.equal(dequantize(shard_quant(f8b, 1, [range(256, 384)])), full[:, 256:384])
+    with pytest.raises(ValueError, match="do not split at whole 128 x 128 scale blocks"):
+        shard_quant(f8b, 0, [range(0, 160)])
+    with pytest.raises(ValueError, match="do not split at whole groups of 64"):
+        shard_quant(u4, 1, [range(32, 96)])
+    with pytest.raises(ValueError, match="do not split at whole 16-byte pieces"):
+        shard_quant(i8r, 1, [range(8, 40)])
+    # GPTQ act-order: columns sorted by group, so a rank's K slice lies in every group (rows still split)
+    q, z, sc = quantize_u4(w, 64)
+    g_idx = (torch.randperm(256, generator=g) // 64).to(torch.int32)   # each group 64 columns, anywhere along K
+    act = gptq_to_kernel(*_gptq_words(q, z, sc), g_idx, 64, torch.bfloat16)
+    assert act.perm is not None and shard_quant(act, 0, rows).perm is act.perm
+    with pytest.raises(ValueError, match="act-order"):
+        shard_quant(act, 1, [cols])
+
+
+def _gptq_words(q, z, s):
+    """GPTQ's qweight [K / 8, N], qzeros [G, N / 8] (classic format: zeros stored minus 1), scales [G, N]."""
+    from ..runtime.quant_formats import gptq_tensors
+    qweight, qzeros, scales, _ = gptq_tensors(q.T.contiguous(), z.T.contiguous(), s.T.contiguous(), 64)
+    return qweight, qzeros, scales
+
+
+def test_quantised_moe_experts_are_not_split():
+    from layerforge.models.families import QuantStack
+    with pytest.raises(ShardError, match="quantised MoE layer's experts are not split"):
+        shard_state_dict(_spec("mixtral"), {"layers.0.mlp.experts.gate_up_proj": QuantStack()}, 0, 2)
+
+
 # ---- without spawning -------------------------------------------------------------------------
 def _spec(name, **over):
     from ..models.hf_tiny import tiny_configs
