@@ -104,7 +104,8 @@ class Engine:
             raise EngineError("cuda_graphs needs the model on a CUDA device")
         if cuda_graphs and not model.capturable(max_seqs):
             raise EngineError(f"cuda_graphs: a decode step of {max_seqs} sequences of this model cannot be captured "
-                              f"(its MoE layers read expert row counts on the host)")
+                              f"(its MoE layers read expert row counts on the host, or its LongRoPE attention takes "
+                              f"its short or long factors by the step's positions on the host)")
         self.graphs = None
         self.eager_steps: dict[str, int] = {}   # decode steps that could not replay a graph: reason -> count
         if on_gpu and cuda_graphs is not False and model.capturable(max_seqs):
@@ -199,6 +200,15 @@ class Engine:
             for _, s in work:
                 s.fed += 1
             return {slot: logits[i] for i, slot in enumerate(slots)}
+        threshold = getattr(self.model, "longrope_threshold", lambda: None)()
+        if threshold is not None:
+            for slot, s in work:
+                if 0 < s.fed <= threshold < len(s.tokens):
+                    # LongRoPE: a sequence passing original_max_position from here on takes the long factors; its
+                    # cache, computed with the short ones, is computed again with them (transformers' Phi-3 does
+                    # the same: it drops the cache at that step and runs the whole sequence)
+                    self.cache.free(slot)
+                    s.fed = 0
         budget = self.prefill_chunk
         chunks = []
         prompt = False   # a prompt chunk is in this step: at least one goes, so no prompt starves
@@ -211,26 +221,36 @@ class Engine:
                 prompt = True
             budget -= n
             chunks.append((slot, s, n))
-        ids = [t for _, s, n in chunks for t in s.tokens[s.fed: s.fed + n]]
-        seq_ids = [slot for slot, _, n in chunks for _ in range(n)]
         for slot, s, n in chunks:
             self.cache.allocate(slot, s.fed + n)
-        tokens = torch.tensor(ids, dtype=torch.int32).to(self.model.device, non_blocking=True)
-        if per_seq is None:
-            logits = self.model.step(tokens, seq_ids, self.cache)
-        else:   # each token runs with its sequence's adapter (none at all: the base products alone)
-            of = dict(zip((slot for slot, _ in work), per_seq))
-            choice = [of[slot] for slot, _, n in chunks for _ in range(n)]
-            choice = None if all(a < 0 for a in choice) else \
-                torch.tensor(choice, dtype=torch.int32).to(self.model.device, non_blocking=True)
-            with attached_adapters(self.model).use(choice):
-                logits = self.model.step(tokens, seq_ids, self.cache)
+        # LongRoPE: a step runs one set of factors, so the sequences past original_max_position (by their whole
+        # length, as transformers decides over the text it runs) step apart from the others
+        groups = [(chunks, None)] if threshold is None else \
+            [(g, long) for long in (False, True) if (g := [c for c in chunks if (len(c[1].tokens) > threshold) == long])]
         out = {}
-        for i, (slot, s, n) in enumerate(chunks):
-            s.fed += n
-            if s.fed == len(s.tokens):
-                out[slot] = logits[i]
+        for group, long in groups:
+            logits = self._run(group, work, per_seq, long)
+            for i, (slot, s, n) in enumerate(group):
+                s.fed += n
+                if s.fed == len(s.tokens):
+                    out[slot] = logits[i]
         return out
+
+    def _run(self, chunks, work, per_seq, long_rope):
+        """The model's step over `chunks` ((slot, sequence, tokens) in order): each sequence's last logits."""
+        ids = [t for _, s, n in chunks for t in s.tokens[s.fed: s.fed + n]]
+        seq_ids = [slot for slot, _, n in chunks for _ in range(n)]
+        tokens = torch.tensor(ids, dtype=torch.int32).to(self.model.device, non_blocking=True)
+        kw = {} if long_rope is None else {"long_rope": long_rope}
+        if per_seq is None:
+            return self.model.step(tokens, seq_ids, self.cache, **kw)
+        # each token runs with its sequence's adapter (none at all: the base products alone)
+        of = dict(zip((slot for slot, _ in work), per_seq))
+        choice = [of[slot] for slot, _, n in chunks for _ in range(n)]
+        choice = None if all(a < 0 for a in choice) else \
+            torch.tensor(choice, dtype=torch.int32).to(self.model.device, non_blocking=True)
+        with attached_adapters(self.model).use(choice):
+            return self.model.step(tokens, seq_ids, self.cache, **kw)
 
     def graph_serves(self, n: int) -> bool:
         """Whether a decode step of n sequences replays a CUDA graph; where the graphs cannot

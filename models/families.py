@@ -1156,8 +1156,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     """The stdlib definitions the model (models/model.py) uses, each with its bindings: its norms
     and their residual-add forms, the q/k norms (H = D) of Qwen3, its dense MLP's activation, its
     MoE layers' routing and experts' activation (F = the experts' size), and its attention block
-    once per distinct const set (with the model's RoPE scaling; not DeepSeek's latent attention,
-    which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
+    once per distinct const set (with the model's RoPE scaling, LongRoPE's without a fixed regime twice: short
+    and long; not DeepSeek's latent attention, which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
     if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2 (models/mamba.py)
         return _ssm_definitions(spec)
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
@@ -1184,8 +1184,11 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
             continue
         b = {**dims, **_attention_bindings(a)}
         b = {k: v for k, v in b.items() if k not in ("H", "F")}
-        if (a.definition, b) not in seen:
-            seen.append((a.definition, b))
+        # LongRoPE without a fixed regime: the block with its short factors and with its long ones (models/model.py
+        # takes one a step, by its largest position)
+        for extra in ({},) if a.longrope_threshold() is None else ({"rope_regime": "short"}, {"rope_regime": "long"}):
+            if (a.definition, {**b, **extra}) not in seen:
+                seen.append((a.definition, {**b, **extra}))
     out += seen
     return out
 

@@ -151,6 +151,7 @@ class StepContext:
     meta: torch.Tensor | None = None   # captured: int32 [2T] pages then positions, on the device
     cu_seqlens: torch.Tensor | None = None   # prefill form: int32 [max_seqs + 1]
     max_q_len: int = 1
+    long_rope: bool | None = None   # LongRoPE's factors for the step (True: long); None: by max_kv_len
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rope) -> None:
         if self.meta is not None:
@@ -171,8 +172,16 @@ class StepContext:
 
 
 class Attention(torch.nn.Module):
+    """A decoder layer's attention: the q/k/v product, (Qwen3) the q / k norms, K / V appended to the paged cache
+    (K rotated there), the paged kernel, the output product. `long`: a LongRoPE block without a fixed regime
+    (Phi-3's long-context models) as (original_max_position, the long factors' PagedAttention, their RopeSpec):
+    a step whose largest position + 1 is past original_max_position takes those, as transformers does
+    (its inv_freq switches to the long factors once the sequence length passes it); ctx.long_rope, where set,
+    chooses instead (models/engine.py: by each sequence's whole length, running a sequence that crosses over
+    again from its start, as transformers' Phi-3 generation does)."""
+
     def __init__(self, spec: ModelSpec, index: int, attn: PagedAttention, rope, *, program: Program, dtype: str,
-                 device=None):
+                 device=None, long: tuple | None = None):
         super().__init__()
         self.index = index
         self.hq, self.hkv, self.d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -186,6 +195,7 @@ class Attention(torch.nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = attn
         self.rope = rope
+        self.long = long
         self.splits = (self.hq * self.d, self.hkv * self.d, self.hkv * self.d)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -205,9 +215,12 @@ class Attention(torch.nn.Module):
         if self.q_norm is not None:   # Qwen3: RMSNorm of each head (before RoPE)
             q = self.q_norm(q.reshape(T * self.hq, self.d))
             k = self.k_norm(k.reshape(T * self.hkv, self.d))
+        attn, rope = self.attn, self.rope
+        if self.long is not None and (ctx.max_kv_len > self.long[0] if ctx.long_rope is None else ctx.long_rope):
+            _, attn, rope = self.long   # LongRoPE: the step is past the short range
         # k and v may stay strided views of the fused output (the append takes token strides)
-        ctx.write(self.index, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), self.rope)
-        o = ctx.attend(self.attn, self.index, q.contiguous().view(T, self.hq, self.d))
+        ctx.write(self.index, k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d), rope)
+        o = ctx.attend(attn, self.index, q.contiguous().view(T, self.hq, self.d))
         return o.view(T, self.hq * self.d)
 
 
@@ -353,10 +366,13 @@ class DecoderModel(LanguageModelWeights, torch.nn.Module):
     def _make_attention(self, index: int, prog: Program, dname: str, device) -> torch.nn.Module:
         """Layer `index`'s attention module (a subclass with another kind of attention and cache
         overrides this, make_cache and context)."""
-        attn, rope = self._attention_for(self.spec.attention[index], prog, dname)
-        return Attention(self.spec, index, attn, rope, program=prog, dtype=dname, device=device)
+        attn, rope, long = self._attention_for(self.spec.attention[index], prog, dname)
+        return Attention(self.spec, index, attn, rope, program=prog, dtype=dname, device=device, long=long)
 
     def _attention_for(self, aspec: AttentionSpec, prog: Program, dname: str):
+        """(PagedAttention, RopeSpec, long) of an attention spec, built once: `long` is None, or for a LongRoPE
+        block without a fixed regime (original_max_position, PagedAttention, RopeSpec) of its long factors (the
+        first two then of its short ones): each a block with one constant frequency table."""
         hit = self._attention.get(aspec)
         if hit is None:
             s = self.spec
@@ -364,10 +380,15 @@ class DecoderModel(LanguageModelWeights, torch.nn.Module):
             if aspec.rope_scaling is not None:
                 params, max_pos = aspec.rope_scaling
                 kw["rope_scaling"] = (dict(params), max_pos)
-            layer = prog.specialise(aspec.definition, Hq=s.num_heads, Hkv=s.num_kv_heads, D=s.head_dim,
-                                    dtype=dname, **kw)
-            hit = self._attention[aspec] = (PagedAttention(layer, page_size=self.page_size, kv_dtype=self.kv_dtype),
-                                            layer.function.outputs[0].arg.rope)
+            threshold = aspec.longrope_threshold()
+            built = []
+            for regime in (None,) if threshold is None else ("short", "long"):
+                layer = prog.specialise(aspec.definition, Hq=s.num_heads, Hkv=s.num_kv_heads, D=s.head_dim,
+                                        dtype=dname, **kw, **({} if regime is None else {"rope_regime": regime}))
+                built.append((PagedAttention(layer, page_size=self.page_size, kv_dtype=self.kv_dtype),
+                              layer.function.outputs[0].arg.rope))
+            long = None if threshold is None else (threshold, *built[1])
+            hit = self._attention[aspec] = (*built[0], long)
         return hit
 
     # ---- cache --------------------------------------------------------------------------
@@ -498,11 +519,18 @@ class DecoderModel(LanguageModelWeights, torch.nn.Module):
                 and all(n % 8 == 0 for n in (s.hidden_size, s.num_heads * s.head_dim, s.intermediate_size))
                 and device_major(x.device) >= 8)
 
+    def longrope_threshold(self) -> float | None:
+        """A LongRoPE model's original_max_position (its attention's long factors past it), else None."""
+        return min((layer.attn.long[0] for layer in self.layers if getattr(layer.attn, "long", None) is not None),
+                   default=None)
+
     def capturable(self, tokens: int) -> bool:
         """Whether a step of `tokens` tokens reads nothing back to the host, so that a CUDA graph
         can capture it (models/graphs.py): every dense model; MoE layers where their step does
         (runtime/moe.MoE.capturable: the expert kernels or the grouped GEMM; their torch path
         reads each expert's row count)."""
+        if any(getattr(layer.attn, "long", None) is not None for layer in self.layers):
+            return False   # LongRoPE: the step's regime is the host's choice by its largest position (eager)
         return all(layer.mlp.capturable(tokens) for layer in self.layers if isinstance(layer.mlp, MoE))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -520,17 +548,22 @@ class DecoderModel(LanguageModelWeights, torch.nn.Module):
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, seq_ids, cache: PagedKVCache, *, logits: str = "last",
-             prompt_table: torch.Tensor | None = None, tasks: torch.Tensor | int | None = None) -> torch.Tensor:
+             prompt_table: torch.Tensor | None = None, tasks: torch.Tensor | int | None = None,
+             long_rope: bool | None = None) -> torch.Tensor:
         """Run one step: tokens [T] (ids on the model's device), seq_ids [T] (host ints; for prefill
         grouped by sequence in order). Returns the logits of each sequence's last token of the step,
         in order of appearance ([num_seqs, V]), or of every token (`logits="all"`, [T, V]).
         prompt_table ([NT, NV, H]) and tasks (each token's task, or one for all): prompt tuning,
-        token ids >= vocab_size are virtual tokens of their task (PromptTuningEmbedding)."""
+        token ids >= vocab_size are virtual tokens of their task (PromptTuningEmbedding).
+        long_rope: a LongRoPE model's factors for the step (True: long, False: short; None: long where the
+        step's largest position + 1 passes original_max_position; models/engine.py decides by each
+        sequence's whole length)."""
         ids = [int(i) for i in seq_ids]
         if tokens.shape != (len(ids),):
             raise ValueError(f"step: tokens must have shape [{len(ids)}] (one per seq_ids entry), "
                              f"got {list(tokens.shape)}")
         ctx = self.context(cache, ids)
+        ctx.long_rope = long_rope
         rows = None
         if logits == "last":
             last = {s: t for t, s in enumerate(ids)}

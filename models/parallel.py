@@ -356,13 +356,20 @@ class PipelineStage(DecoderModel):
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, seq_ids, cache, *, logits: str = "last", prompt_table=None,
-             tasks=None) -> torch.Tensor:
+             tasks=None, long_rope: bool | None = None) -> torch.Tensor:
         """DecoderModel.step over the pipeline: the step's tokens in micro-batches (consecutive
-        slices, each a step of its own on this stage's cache), each received, run and sent on."""
+        slices, each a step of its own on this stage's cache), each received, run and sent on
+        (LongRoPE: every micro-batch with the factors of the whole step)."""
         if prompt_table is not None:
             raise ValueError("a pipeline stage does not serve prompt tuning")
         ids = [int(i) for i in seq_ids]
         T = len(ids)
+        threshold = self.longrope_threshold()
+        if long_rope is None and threshold is not None:   # the step's largest position + 1, from the host's lengths
+            ends = {s: cache.seq_len(s) for s in ids}
+            for s_ in ids:
+                ends[s_] += 1
+            long_rope = max(ends.values(), default=0) > threshold
         if tokens.shape != (T,):
             raise ValueError(f"step: tokens must have shape [{T}] (one per seq_ids entry), got {list(tokens.shape)}")
         if logits == "last":
@@ -376,6 +383,7 @@ class PipelineStage(DecoderModel):
         for a in range(0, T, mb):
             b = min(T, a + mb)
             ctx = self.context(cache, ids[a:b])
+            ctx.long_rope = long_rope
             if self.first:
                 x, residual = self.embed_tokens(tokens[a:b], ctx.q_pos), None
             else:

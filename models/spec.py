@@ -95,6 +95,18 @@ class AttentionSpec:
     def const_dict(self) -> dict[str, Any]:
         return dict(self.consts)
 
+    def longrope_threshold(self) -> float | None:
+        """A LongRoPE scaling without a fixed regime (Phi-3's long-context models): its original_max_position, past
+        which transformers takes the long factors (a step's largest position + 1 above it); None otherwise."""
+        if self.rope_scaling is None:
+            return None
+        params, max_pos = self.rope_scaling
+        p = dict(params)
+        if p.get("rope_type") != "longrope" or p.get("regime") is not None:
+            return None
+        from ..dsl.numerics import rope_scaling_from_hf
+        return float(rope_scaling_from_hf(p, max_pos).original_max_position)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:

@@ -24,6 +24,15 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
                                         query_pre_attn_scalar=2 * head_dim)),
         "phi3": ("Phi3Config", dict(common, num_key_value_heads=2, partial_rotary_factor=0.5,
                                     pad_token_id=0)),
+        # Phi-3's long-context RoPE: LongRoPE with both factor sets, the long ones past 16 positions (so that a
+        # generation crosses over; the attention factor sqrt(1 + ln 16 / ln 16))
+        "phi3_longrope": ("Phi3Config", dict(common, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0,
+                                             original_max_position_embeddings=16,   # (Phi3Config's own key wins)
+                                             rope_parameters=dict(
+                                                 rope_type="longrope", rope_theta=10000.0,
+                                                 short_factor=[1.0 + 0.25 * i for i in range(head_dim // 4)],
+                                                 long_factor=[2.0 + i for i in range(head_dim // 4)],
+                                                 original_max_position_embeddings=16))),
         "gpt_neox": ("GPTNeoXConfig", dict(common, rotary_pct=0.25, use_parallel_residual=True)),
         "gpt_neox_seq": ("GPTNeoXConfig", dict(common, rotary_pct=0.5, use_parallel_residual=False)),
         "falcon": ("FalconConfig", dict(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
