@@ -225,8 +225,10 @@ class Engine:
             self.cache.allocate(slot, s.fed + n)
         # LongRoPE: a step runs one set of factors, so the sequences past original_max_position (by their whole
         # length, as transformers decides over the text it runs) step apart from the others
-        groups = [(chunks, None)] if threshold is None else \
-            [(g, long) for long in (False, True) if (g := [c for c in chunks if (len(c[1].tokens) > threshold) == long])]
+        groups = [(chunks, None)]
+        if threshold is not None:
+            parts = {long: [c for c in chunks if (len(c[1].tokens) > threshold) == long] for long in (False, True)}
+            groups = [(g, long) for long, g in parts.items() if g]
         out = {}
         for group, long in groups:
             logits = self._run(group, work, per_seq, long)

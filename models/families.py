@@ -1157,7 +1157,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     and their residual-add forms, the q/k norms (H = D) of Qwen3, its dense MLP's activation, its
     MoE layers' routing and experts' activation (F = the experts' size), and its attention block
     once per distinct const set (with the model's RoPE scaling, LongRoPE's without a fixed regime twice: short
-    and long; not DeepSeek's latent attention, which is runtime/mla.py's). No rope row layer: the attention block and its KV append rotate q and k."""
+    and long; not DeepSeek's latent attention, which is runtime/mla.py's). No rope row layer: the attention
+    block and its KV append rotate q and k."""
     if spec.model_type in SSM_FAMILIES:   # Mamba / Mamba2 (models/mamba.py)
         return _ssm_definitions(spec)
     dims = {"H": spec.hidden_size, "F": spec.intermediate_size, "Hq": spec.num_heads, "Hkv": spec.num_kv_heads,
