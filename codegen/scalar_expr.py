@@ -174,7 +174,7 @@ class ScalarEmitter:
             if name == "alibi_slope":
                 heads, max_bias = int(sympy.sympify(n.arg[1])), float(n.arg[2])
                 self.alibi = (heads, max_bias)
-                return self._let("float", f"lf_alibi_slopes[min(max({a[0]}, 0), {heads - 1})]")
+                return self._let("float", f"lf_alibi_slopes[min(max((int)({a[0]}), 0), {heads - 1})]")
             if name == "t5_bucket":
                 nb, md = (_build_time_int(x, "t5_bucket's num_buckets / max_distance") for x in n.arg[1:3])
                 bd = bool(n.arg[3])

@@ -5,6 +5,7 @@
         rope(theta = 10000.0, style = neox, dim = D)   # optional: rotate q and k by position
         rope(theta = 1e6, type = yarn, factor = 4.0, original_max_position = 32768)  # scaled (dsl/numerics)
         alibi(max_bias = 8.0)                          # optional: score += slope(h) * (kv_pos - q_pos)
+                                                       # (heads, first: the block's heads among a model's)
         scale = 1.0 / sqrt(D)                          # optional, this is the default
         score = 50.0 * tanh(score / 50.0)              # optional: any scalar f32 expression
         mask  = q_pos >= kv_pos                        # optional: any scalar bool expression
@@ -121,9 +122,19 @@ def check_attention(ck, d: ast.AttentionDef, scope, params: list[Param]):
                 rope = _rope(ck, st, args, scope, hd)
             else:
                 mb = ck.build_time(args["max_bias"], scope, "max_bias", float)
-                if mb is None:
+                heads = ck.build_time(args["heads"], scope, "heads")
+                first = ck.build_time(args["first"], scope, "first")
+                if mb is None or heads is None or first is None:
                     continue
-                slope = Node(Op.UNARY, DType.f32, (), (scope.vars["h"],), ("alibi_slope", hq, float(mb)), st.span)
+                nq = int(hq) if getattr(hq, "is_number", False) or isinstance(hq, int) else None
+                if heads < 0 or first < 0 or (nq is not None and first + nq > (heads or nq)):
+                    ck.error(st.span, f"alibi(heads = {heads}, first = {first}): the block's {hq} heads must lie "
+                                      f"within the model's heads (0: the block's own)")
+                    continue
+                h = scope.vars["h"]
+                if first:   # a tensor-parallel rank's heads: their slopes are those of the model's heads first ..
+                    h = ck.binary("add", h, ck.const(int(first), st.span), st.span)
+                slope = Node(Op.UNARY, DType.f32, (), (h,), ("alibi_slope", heads or hq, float(mb)), st.span)
                 rel = ck.binary("sub", scope.vars["kv_pos"], scope.vars["q_pos"], st.span)
                 bias = ck.binary("mul", slope, ck.cast(rel, DType.f32, st.span), st.span)
                 scope.vars["score"] = ck.binary("add", scope.vars["score"], bias, st.span)

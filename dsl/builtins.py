@@ -429,11 +429,14 @@ class BuiltinRules:
     def builtin_alibi_slope(self, name, args, e, scope):
         h = self.value(args["h"], scope)
         mb = self.build_time(args["max_bias"], scope, "max_bias", float)
-        if h.op is Op.ERROR or mb is None:
+        heads = self.build_time(args["heads"], scope, "heads")
+        if h.op is Op.ERROR or mb is None or heads is None:
             return ERR
         if not h.dtype.is_int or h.shape != ():
             return self.error(e.span, "alibi_slope(h): h must be an integer head index")
-        return Node(Op.UNARY, DType.f32, (), (h,), ("alibi_slope", scope.attn_heads, float(mb)), e.span)
+        if heads < 0:
+            return self.error(e.span, f"alibi_slope: heads must be >= 0 (0: the block's heads), got {heads}")
+        return Node(Op.UNARY, DType.f32, (), (h,), ("alibi_slope", heads or scope.attn_heads, float(mb)), e.span)
 
     def builtin_t5_bucket(self, name, args, e, scope):
         rel = self.value(args["rel"], scope)

@@ -105,7 +105,8 @@ BUILTINS: dict[str, Signature] = {
     # state: the K - 1 inputs before x along the axis (zeros when not given)
     "conv1d_causal": sig("x", "w", ("axis", -1), ("state", None)),
     # attention-only helpers
-    "alibi_slope": sig("h", ("max_bias", 8.0)),
+    # the slope of head h among `heads` (0: the block's Hq; a tensor-parallel rank's block passes the model's)
+    "alibi_slope": sig("h", ("max_bias", 8.0), ("heads", 0)),
     "t5_bucket": sig("rel", ("num_buckets", 32), ("max_distance", 128), ("bidirectional", True)),
 }
 ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
@@ -113,5 +114,6 @@ ATTENTION_ONLY = ("alibi_slope", "t5_bucket")
 ATTENTION_DIRECTIVES: dict[str, Signature] = {
     # type: default | linear | llama3 | yarn | longrope (dsl/numerics); `factor` alone is llama3
     "rope": sig(("theta", 10000.0), ("style", None), ("dim", None), *ROPE_SCALING_KEYS),
-    "alibi": sig(("max_bias", 8.0)),
+    # heads (0: the block's Hq) and first: the block's heads are heads first .. first + Hq - 1 of the model's
+    "alibi": sig(("max_bias", 8.0), ("heads", 0), ("first", 0)),
 }

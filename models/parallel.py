@@ -43,8 +43,10 @@ is False: the send/recv between stages are the host's).
 from_pretrained(tp_size=..., pp_size=...) reads each rank's part straight from the safetensors
 files (models/loading.read_rank_state_dict: the slices shard_plan names, per canonical tensor).
 
-Not served (a ShardError says so): tensor parallelism of ALiBi attention (its slopes depend on a
-head's index among all heads), of MoE layers whose F/n is not a multiple of 8 (the expert
+ALiBi attention: each rank's block takes its heads' slopes among all the model's (the stdlib blocks'
+alibi_heads / alibi_first).
+
+Not served (a ShardError says so): tensor parallelism of MoE layers whose F/n is not a multiple of 8 (the expert
 products' K), of quantised MoE experts (pipeline stages serve them), of GPTQ act-order projections along K
 (o, down: their columns are stored sorted by group) and of K splits not at whole groups; latent attention
 (DeepSeek) and state-space models in either form. A quantised checkpoint is read whole by every rank, each
@@ -89,9 +91,6 @@ def check_parallel(spec: Any, tp_size: int, pp_size: int) -> None:
         raise ShardError(f"pp_size {pp_size}: the model has {spec.num_layers} layers (at least one a stage)")
     if tp_size == 1:
         return
-    if spec.positions == "alibi":
-        raise ShardError(f"{spec.model_type}: tensor parallelism of ALiBi attention is not served (a head's slope "
-                         f"depends on its index among all heads)")
     kv_head_range(spec.num_heads, spec.num_kv_heads, 0, tp_size)
     if not (spec.moe_layers and all(spec.moe_layers)):   # some dense MLP layers
         split_size(spec.intermediate_size, tp_size, "MLP intermediate size")
@@ -135,9 +134,15 @@ def rank_spec(spec: ModelSpec, layout: Layout) -> ModelSpec:
         # each rank's experts (and shared expert) hold F / n of their features; shared_slices is unchanged
         sharding.update(moe_inter=moe.inter, moe_shared_inter=moe.shared_inter)
         moe = dataclasses.replace(moe, inter=moe.inter // tp.size, shared_inter=moe.shared_inter // tp.size)
+    attention = spec.attention[layers.start:layers.stop]
+    if spec.positions == "alibi" and tp.size > 1:
+        # ALiBi: a head's slope is its place among all the model's heads, so the rank's block says which they are
+        attention = tuple(dataclasses.replace(a, consts=tuple(a.consts) + (("alibi_heads", spec.num_heads),
+                                                                           ("alibi_first", q.start)))
+                          for a in attention)
     return dataclasses.replace(
         spec, num_heads=len(q), num_kv_heads=len(kv), intermediate_size=spec.intermediate_size // tp.size, moe=moe,
-        num_layers=len(layers), attention=spec.attention[layers.start:layers.stop],
+        num_layers=len(layers), attention=attention,
         moe_layers=spec.moe_layers[layers.start:layers.stop] if spec.moe_layers else (),
         extra={**spec.extra, "sharding": sharding})
 

@@ -54,7 +54,8 @@ def test_hooks_are_inlined(prog):
     src = plan_paged_attention(specialise(prog, "gemma2_attn", 8, 8, 128), "sm_90").source()
     assert "lf_tanh_sfu(" in src and "lf_score" in src   # the soft-cap's tanh on the SFU
     src = plan_paged_attention(specialise(prog, "bloom_attn", 8, 8, 128), "sm_90").source()
-    assert "lf_alibi_slopes[8]" in src
+    table = src[src.index("lf_alibi_slopes[] = {"):]
+    assert table[:table.index("}")].count("f,") == 7 and "lf_alibi_slopes[min(max((int)(" in src   # 8 heads' slopes
 
 
 def test_unsupported_head_dim_is_a_clear_error(prog):

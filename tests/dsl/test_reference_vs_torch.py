@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import layerforge as lf
+
 from .reference_checks import BF16, F32, F64, MODES, assert_finite, assert_matches, distinct_rows, run
 
 ROWS = [(1, 7), (5, 64), (3, 1536)]  # (N, H): one token, a small width, a model-sized width
@@ -518,6 +520,25 @@ def test_bloom_attn_adds_alibi_bias_per_head(mode, B, S, Skv, Hq, Hkv, max_bias)
     bias = alibi_slopes_mpt(Hq, max_bias)[None, :, None, None] * dist
     want = sdpa(mode, q, k, v, allowed=causal(qp, kp), bias=bias)
     assert_matches(o, want, mode, **attn_tol(mode))
+
+
+@pytest.mark.parametrize("name", ["bloom_attn", "falcon_alibi_attn"])
+def test_alibi_block_of_a_ranks_heads_equals_those_heads_of_the_whole(name):
+    """alibi_heads / alibi_first (a tensor-parallel rank's block: heads 4 .. 7 of 8, or 3 .. 5 of 6 with BLOOM's
+    slopes for a head count not a power of two): its outputs are the whole block's for those heads; heads outside
+    the model's are an error at specialisation."""
+    D, mode = 16, F64
+    for H, first, n in ((8, 4, 4), (6, 3, 3)):
+        q, k, v = qkv(mode, 2, 7, 7, H, H, D)
+        (whole,) = run(name, mode, {"q": q, "k": k, "v": v}, Hq=H, Hkv=H, D=D)
+        part = {"q": q[:, :, first:first + n], "k": k[:, :, first:first + n], "v": v[:, :, first:first + n]}
+        (o,) = run(name, mode, part, Hq=n, Hkv=n, D=D, alibi_heads=H, alibi_first=first)
+        torch.testing.assert_close(o, whole[:, :, first:first + n], rtol=1e-12, atol=1e-12)
+        (own,) = run(name, mode, part, Hq=n, Hkv=n, D=D)   # its own slopes: not the same (the test can tell)
+        assert not torch.allclose(own, o)
+    if name == "bloom_attn":
+        with pytest.raises(lf.DSLError, match="must lie within the model's heads"):
+            lf.stdlib().specialise(name, Hq=4, Hkv=4, D=D, dtype="f32", alibi_heads=6, alibi_first=4)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)

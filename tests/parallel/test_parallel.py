@@ -51,6 +51,26 @@ def test_pipeline_parallel_equals_one_process(cases):
     run_ranks(workers.check_models, 2, [cases["llama"], cases["gemma"]], 1, 2)
 
 
+@pytest.fixture(scope="module")
+def alibi_cases(tmp_path_factory):
+    return _built(tmp_path_factory, ("bloom", "falcon_alibi"))
+
+
+def test_alibi_tensor_parallel_equals_one_process(alibi_cases):
+    """TP = 2 of BLOOM (ALiBi in the score, fused interleaved q/k/v) and Falcon-RW (ALiBi before the scaling): each
+    rank's heads keep their slopes among all the model's heads (alibi_heads / alibi_first), so logits, a decode step
+    and greedy tokens are the one-process model's."""
+    run_ranks(workers.check_models, 2, list(alibi_cases.values()), 2, 1)
+
+
+def test_alibi_rank_spec_names_its_heads():
+    spec = _spec("bloom")
+    local = rank_spec(spec, _layout(1))
+    consts = dict(local.attention[0].consts)
+    assert (consts["alibi_heads"], consts["alibi_first"]) == (spec.num_heads, spec.num_heads // 2)
+    assert "alibi_first" not in dict(rank_spec(spec, Layout()).attention[0].consts)   # one rank: as it was
+
+
 def test_tensor_and_pipeline_parallel_together(cases):
     """TP = 2 x PP = 2 on 4 ranks (ranks 0-1 the first stage, 2-3 the second): GPT-NeoX's (parallel
     residual: one sum of both branches; LayerNorms, biases on rank 0 only for the row-split
@@ -195,8 +215,7 @@ def test_check_parallel_refuses_what_it_cannot_split():
         check_parallel(_spec("llama", vocab_size=95), 2, 1)
     with pytest.raises(ShardError, match="pp_size 3: the model has 2 layers"):
         check_parallel(llama, 1, 3)
-    with pytest.raises(ShardError, match="ALiBi"):
-        check_parallel(_spec("bloom"), 2, 1)
+    check_parallel(_spec("bloom"), 2, 1)   # ALiBi: each rank's block takes its heads' slopes (alibi_first)
     check_parallel(_spec("mixtral"), 1, 2)   # MoE layers go whole into their stage
     check_parallel(_spec("mixtral"), 2, 1)
     check_parallel(_spec("qwen2_moe"), 2, 1)

@@ -58,3 +58,22 @@ def test_rank_expert_products_compile_for_the_shard():
         res = nvrtc.compile_cuda(plan.source(), plan.kernel_name, nvrtc.CompileOptions("sm_90"))
         (kr,) = res.resources.values()
         assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
+
+
+@pytest.mark.parametrize("name", ["bloom_attn", "falcon_alibi_attn"])
+def test_alibi_rank_attention_compiles_with_the_models_slopes(name):
+    """A rank's ALiBi block (BLOOM-176B's 112 heads over 8 ranks: heads 42 .. 55) carries all the model's slopes
+    and reads its heads' from its first: the Hopper prefill and the decode kernel compile without spills, and their
+    table holds 112 slopes."""
+    import layerforge as lf
+    from layerforge.codegen.attention_tc import plan_tc_attention
+    from layerforge.codegen.attention_wgmma import default_options, plan_wgmma_attention
+    layer = lf.stdlib().specialise(name, Hq=14, Hkv=14, D=128, dtype="bf16", alibi_heads=112, alibi_first=42)
+    for plan in (plan_wgmma_attention(layer, page_size=16, **default_options(layer)),
+                 plan_tc_attention(layer, "sm_90", mode="decode")):
+        src = plan.source()
+        table = src[src.index("lf_alibi_slopes[] = {"):]
+        assert table[:table.index("}")].count("f,") == 111 and "lf_alibi_slopes[min(max((int)(" in src
+        res = nvrtc.compile_cuda(src, plan.kernel_name, nvrtc.CompileOptions(plan.arch))
+        kr = res.resources[plan.kernel_name]
+        assert kr.spill_stores == 0 and kr.spill_loads == 0, (plan.key, kr)
