@@ -451,6 +451,55 @@ def gemma2(c: _Config) -> ModelSpec:
     return _gemma_common(c, gemma2=True)
 
 
+def qk_norm_kind(spec: ModelSpec) -> str:
+    """The per-head q / k norm of a qk_norm model: Gemma's (1 + w) where its norms are, else RMSNorm (Qwen3)."""
+    return "rms_1p" if spec.norm == "rms_1p" else "rms"
+
+
+def _gemma3_ropes(c: _Config, D: int) -> dict[str, tuple[float, int, tuple | None]]:
+    """Gemma 3's RoPE by layer type: transformers 5's `rope_parameters` per type ({"sliding_attention": {...},
+    "full_attention": {...}}), or the older keys (`rope_theta` and `rope_scaling` for the full layers,
+    `rope_local_base_freq` for the sliding ones, unscaled)."""
+    params = c.cfg.get("rope_parameters")
+    kinds = ("sliding_attention", "full_attention")
+    if isinstance(params, Mapping) and any(k in params for k in kinds):
+        out = {}
+        for kind in kinds:
+            sub = params.get(kind)
+            if not isinstance(sub, Mapping):
+                raise c.error(f"'rope_parameters.{kind}' must be an object, got {sub!r}")
+            out[kind] = _Config(c.family, {**c.cfg, "rope_scaling": None, "rope_parameters": sub}).rope(D)
+        return out
+    full = c.rope(D)
+    return {"full_attention": full, "sliding_attention": (c.float("rope_local_base_freq", default=10000.0), full[1], None)}
+
+
+def gemma3_text(c: _Config) -> ModelSpec:
+    """Gemma 3 (text): Gemma 2's sandwich norms, scaled embedding, query_pre_attn_scalar and sliding layers (every
+    sliding_window_pattern-th layer global, or `layer_types`), an RMSNorm (1 + w) over each q and k head, and RoPE
+    of its own a layer type (the sliding layers' local base, the global ones' theta and scaling)."""
+    base = _common(c)
+    H, Hq, n = base["hidden_size"], base["num_heads"], base["num_layers"]
+    D = c.head_dim(H, Hq)
+    Hkv = c.kv_heads(Hq)
+    act = c.activation("hidden_activation", "hidden_act", default="gelu_pytorch_tanh",
+                       aliases={"gelu": "gelu_pytorch_tanh"})
+    pattern = c.int("sliding_window_pattern", default=6)
+    windows = _layer_windows(c, n, _window(c), lambda i: (i + 1) % pattern != 0)
+    ropes = _gemma3_ropes(c, D)
+    softcap = c.float("attn_logit_softcapping", default=0.0)
+    qs = c.float("query_pre_attn_scalar", default=256.0)
+    attention = tuple(_decoder_attention(1, *ropes["sliding_attention" if w else "full_attention"], [w], softcap, qs)[0]
+                      for w in windows)
+    bias = c.bool("attention_bias", False)
+    return ModelSpec(
+        model_type=c.family, **base, num_kv_heads=Hkv, head_dim=D, intermediate_size=c.int("intermediate_size"),
+        norm="rms_1p", norm_eps=c.float("rms_norm_eps", default=1e-6), attention=attention,
+        qkv_bias=bias, o_bias=bias, activation=act, gated=True, sandwich_norms=True, qk_norm=True,
+        embed_scale=math.sqrt(H), final_logit_softcap=c.float("final_logit_softcapping", default=0.0) or None,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), extra={"config": dict(c.cfg)})
+
+
 def phi3(c: _Config) -> ModelSpec:
     w = _window(c)
     spec = _llama_like(c, qkv_bias=False, o_bias=False, windows=lambda n: [w] * n)
@@ -558,6 +607,7 @@ def bloom(c: _Config) -> ModelSpec:
 
 FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
+    "gemma3_text": gemma3_text,
     "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
     "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
@@ -701,8 +751,8 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
         if bias:
             out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
 
-    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
-             "deepseek_v2", "deepseek_v3"):
+    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
+             "qwen3_moe", "deepseek_v2", "deepseek_v3"):
         out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
         norm("final_norm", "model.norm")
         for i in range(spec.num_layers):
@@ -1167,8 +1217,8 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     norm_key = ("layer", spec.norm_bias) if spec.norm == "layer" else spec.norm
     for name in _NORM_DEFS[norm_key]:
         out.append((name, {"H": spec.hidden_size}))
-    if spec.qk_norm:    # Qwen3's per-head RMSNorm (models/model.py builds both of its kernels)
-        out += [(name, {"H": spec.head_dim}) for name in _NORM_DEFS["rms"]]
+    if spec.qk_norm:    # Qwen3's / Gemma 3's per-head RMSNorm (models/model.py builds both of its kernels)
+        out += [(name, {"H": spec.head_dim}) for name in _NORM_DEFS[qk_norm_kind(spec)]]
     act = _ACT_DEFS.get((spec.gated, spec.activation))
     if act is None:
         raise ConfigError(f"{spec.model_type}: no stdlib activation for a {'gated ' * spec.gated}{spec.activation} MLP")

@@ -188,9 +188,10 @@ class Attention(torch.nn.Module):
         td = _torch_dtype(dtype)
         self.qkv = torch.nn.Linear(spec.hidden_size, spec.qkv_size, bias=spec.qkv_bias, dtype=td, device=device)
         self.o = torch.nn.Linear(self.hq * self.d, spec.hidden_size, bias=spec.o_bias, dtype=td, device=device)
-        if spec.qk_norm:
-            self.q_norm = Norm("rms", self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
-            self.k_norm = Norm("rms", self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
+        if spec.qk_norm:   # Qwen3's RMSNorm of each head, Gemma 3's (1 + w) one
+            kind = "rms_1p" if spec.norm == "rms_1p" else "rms"
+            self.q_norm = Norm(kind, self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
+            self.k_norm = Norm(kind, self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
         else:
             self.q_norm = self.k_norm = None
         self.attn = attn

@@ -22,6 +22,13 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
         "gemma2": ("Gemma2Config", dict(common, num_key_value_heads=2, head_dim=head_dim, sliding_window=5,
                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                                         query_pre_attn_scalar=2 * head_dim)),
+        # Gemma 3 (text): a sliding layer (local base 10000) then a global one (theta 1e6, linear scaling 8), q/k norms
+        "gemma3_text": ("Gemma3TextConfig", dict(common, num_key_value_heads=2, head_dim=head_dim, sliding_window=5,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 query_pre_attn_scalar=2 * head_dim, rope_parameters={
+                                                     "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                                     "full_attention": dict(rope_type="linear", factor=8.0,
+                                                                            rope_theta=1000000.0)})),
         "phi3": ("Phi3Config", dict(common, num_key_value_heads=2, partial_rotary_factor=0.5,
                                     pad_token_id=0)),
         # Phi-3's long-context RoPE: LongRoPE with both factor sets, the long ones past 16 positions (so that a

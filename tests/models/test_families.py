@@ -122,6 +122,27 @@ def test_phi3_partial_rotary_and_window():
     assert consts(s)["rotary_dim"] == 8 and consts(s)["window"] == 2047 and not s.qkv_bias
 
 
+def test_gemma3_text_layers_take_their_rope_and_window():
+    """Gemma 3's older config keys (gemma-3-1b's): every sliding_window_pattern-th layer global with rope_theta and
+    rope_scaling, the others sliding with rope_local_base_freq unscaled; the per-head q / k norms are Gemma's
+    (1 + w) kernels; transformers 5's rope_parameters by layer type read the same."""
+    cfg = {**LLAMA, "model_type": "gemma3_text", "head_dim": 16, "num_hidden_layers": 7, "sliding_window": 512,
+           "sliding_window_pattern": 6, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "query_pre_attn_scalar": 256}
+    s = spec_from_config(cfg)
+    assert [a.const_dict()["window"] for a in s.attention] == [512] * 5 + [0, 512]
+    assert [a.const_dict()["theta"] for a in s.attention] == [10000.0] * 5 + [1000000.0, 10000.0]
+    assert [a.rope_scaling is not None for a in s.attention] == [False] * 5 + [True, False]
+    assert s.qk_norm and s.sandwich_norms and s.norm == "rms_1p" and s.attention[0].const_dict()["query_scalar"] == 256
+    assert ("gemma_rms_norm", {"H": 16}) in definitions_for(s)
+    new = {**cfg, "rope_theta": None, "rope_local_base_freq": None, "rope_scaling": None, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}}
+    assert spec_from_config(new).attention == s.attention
+    with pytest.raises(ConfigError, match="rope_parameters.full_attention' must be an object"):
+        spec_from_config({**new, "rope_parameters": {"sliding_attention": {"rope_theta": 10000.0}}})
+
+
 NEOX = {"model_type": "gpt_neox", "vocab_size": 100, "hidden_size": 256, "intermediate_size": 1024,
         "num_hidden_layers": 2, "num_attention_heads": 4, "rotary_pct": 0.25, "rotary_emb_base": 10000,
         "layer_norm_eps": 1e-5, "use_parallel_residual": True, "hidden_act": "gelu"}
@@ -454,6 +475,8 @@ def hf_configs():
                                head_dim=16, **TINY),
         "gemma2": t.Gemma2Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                                  head_dim=16, **TINY),
+        "gemma3_text": t.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, **TINY),
         "phi3": t.Phi3Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                              pad_token_id=0, **TINY),
         "gpt_neox": t.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, **TINY),
@@ -534,7 +557,8 @@ def test_canonical_qkv_rows_reproduce_the_hf_projections(hf_models, name):
 def hf_qkv(name, model, i, x, cfg):
     """transformers' q [B, S, Hq, D], k and v [B, S, Hkv, D] for layer i's input x (before RoPE)."""
     B, S, _ = x.shape
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe"):
+    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
+                "qwen3_moe"):
         a = model.model.layers[i].self_attn
         D = a.head_dim
         return tuple(p(x).view(B, S, -1, D) for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -579,7 +603,8 @@ def hf_qkv(name, model, i, x, cfg):
 
 
 def hf_o(name, model, i, o):
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"):
+    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
+                "qwen3_moe"):
         return model.model.layers[i].self_attn.o_proj(o)
     if name == "gpt_neox":
         return model.gpt_neox.layers[i].attention.dense(o)
