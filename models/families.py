@@ -471,7 +471,8 @@ def _gemma3_ropes(c: _Config, D: int) -> dict[str, tuple[float, int, tuple | Non
             out[kind] = _Config(c.family, {**c.cfg, "rope_scaling": None, "rope_parameters": sub}).rope(D)
         return out
     full = c.rope(D)
-    return {"full_attention": full, "sliding_attention": (c.float("rope_local_base_freq", default=10000.0), full[1], None)}
+    local = c.float("rope_local_base_freq", default=10000.0)
+    return {"full_attention": full, "sliding_attention": (local, full[1], None)}
 
 
 def gemma3_text(c: _Config) -> ModelSpec:
