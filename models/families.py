@@ -752,8 +752,8 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
         if bias:
             out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
 
-    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-             "qwen3_moe", "deepseek_v2", "deepseek_v3"):
+    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
+             "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):
         out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
         norm("final_norm", "model.norm")
         for i in range(spec.num_layers):
@@ -912,10 +912,23 @@ _ALIASES = {"gpt_neox": {"embed_out.weight": "lm_head.weight"},
                for f in ("mamba", "mamba2")}}
 
 
+# an image-text checkpoint's language model (read_config takes its text_config) under a prefix of its own (Gemma 3's
+# Gemma3ForConditionalGeneration: `language_model.model.` as the Hub stores it, `model.language_model.` as
+# transformers 5 holds it), and its other parts, not loaded (text prompts only)
+_PREFIX_ALIASES = {"gemma3_text": (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                   ("language_model.lm_head.", "lm_head."))}
+_NOT_LOADED = {"gemma3_text": ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                               "model.multi_modal_projector.")}
+
+
 def checkpoint_key(spec: ModelSpec, name: str, wanted) -> tuple[str, str]:
     """(name, key) of a checkpoint tensor: its name with the family's old aliases renamed, and that
     name as hf_names' recipes spell it (the model's prefix added unless `wanted` has it bare)."""
     name = _ALIASES.get(spec.model_type, {}).get(name, name)
+    for old, new in _PREFIX_ALIASES.get(spec.model_type, ()):
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
     return name, name if name in wanted else _PREFIX.get(spec.model_type, "model") + "." + name
 
 
@@ -941,7 +954,8 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
             have[key] = t
         elif key == tied:
             continue       # transformers' state_dict lists the tied head too
-        elif name.endswith(_IGNORED_SUFFIXES) or _prediction_layer(spec, name):
+        elif name.endswith(_IGNORED_SUFFIXES) or _prediction_layer(spec, name) or \
+                name.startswith(_NOT_LOADED.get(spec.model_type, ())):
             continue
         else:
             unexpected.append(name)
