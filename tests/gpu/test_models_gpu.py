@@ -80,7 +80,7 @@ def test_moe_decode_runs_the_expert_kernels_and_graphs_equal_eager(loaded, name,
     ours.release_engine()
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "gpt2", "bloom", "falcon", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text", "qwen3", "gpt2", "bloom", "falcon", "phi3"])
 def test_graph_decode_equals_eager_and_transformers(loaded, name):
     hf, ours = loaded(name)
     g = torch.Generator().manual_seed(2)
@@ -163,10 +163,11 @@ def decode_logits(model, prompts, steps, token, *, fused=True, graphs=False):
         model.fused_decode = True
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "qwen3", "gemma3_text", "phi3"])
 def test_fused_decode_step_equals_unfused(loaded, name):
     """Decode steps on the fused small-token products (norms in the prologues, activation and
-    residual adds in the epilogues; Qwen2's q/k/v bias, Gemma's 1 + w norms, Qwen3's q/k norms)
+    residual adds in the epilogues; Qwen2's q/k/v bias, Gemma's 1 + w norms, Qwen3's q/k norms, Gemma 3's
+    (1 + w) ones)
     give the unfused step's logits, eager and from CUDA graphs, and transformers'."""
     hf, ours = loaded(name)
     g = torch.Generator().manual_seed(11)
@@ -356,3 +357,27 @@ def test_mla_decode_kernel_steps_follow_transformers_where_the_routing_agrees(lo
     out = generate(ours, [[1, 2, 3], [4, 5, 6, 7, 8], [9]], max_new_tokens=4)
     assert all(len(x) == 4 for x in out) and 3 in calls and ours._engine.graphs is None
     ours.release_engine()
+
+
+def test_longrope_decode_crosses_to_the_long_factors(loaded):
+    """Phi-3's LongRoPE on the GPU (bf16): the engine's eager steps follow transformers' generate across
+    original_max_position (16 in the tiny config: the crossing sequence run again with the long factors' kernels),
+    and a CUDA-graph engine is refused with the reason."""
+    from layerforge.models.engine import EngineError
+    hf, ours = loaded("phi3_longrope")
+    assert not ours.capturable(1)
+    with pytest.raises(EngineError, match="LongRoPE"):
+        Engine(ours, max_seqs=1, max_seq_len=64, cuda_graphs=True)
+    prompt = torch.randint(1, 96, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=14, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    feed = out.sequences[0, 10:-1].tolist()
+    eng = Engine(ours, max_seqs=1, max_seq_len=64, cuda_graphs=False)
+    slot = eng.add(prompt)
+    got = [eng.step()[slot]]
+    for tok in feed:
+        eng.feed(slot, tok)
+        got.append(eng.step()[slot])
+    for step, (a, b) in enumerate(zip(got, out.logits)):
+        _close(a, b[0])
