@@ -13,6 +13,7 @@ are touched only by `canonical_state_dict`; transformers is never imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -285,6 +286,20 @@ def _qwen_windows(c: _Config, slides: Callable[[int, int], bool] = lambda i, fir
         first = c.int("max_window_layers", default=28, positive=False)
         return _layer_windows(c, n, w, lambda i: slides(i, first))
     return windows
+
+
+def granite(c: _Config) -> ModelSpec:
+    """IBM Granite (3.x): Llama's structure with four multipliers: the embeddings times embedding_multiplier, the
+    attention scaled by attention_multiplier (not 1 / sqrt(D)), each branch's output times residual_multiplier
+    before the residual add (o's and down's weights scaled so when read), the logits over logits_scaling."""
+    spec = _llama_like(c)
+    emb, att = c.float("embedding_multiplier", default=1.0), c.float("attention_multiplier", default=1.0)
+    res, logits = c.float("residual_multiplier", default=1.0), c.float("logits_scaling", default=1.0)
+    attention = tuple(dataclasses.replace(a, consts=tuple((k, 1.0 / att ** 2 if k == "query_scalar" else v)
+                                                          for k, v in a.consts)) for a in spec.attention)
+    return dataclasses.replace(spec, attention=attention, embed_scale=None if emb == 1.0 else emb,
+                               residual_scale=None if res == 1.0 else res,
+                               logit_divisor=None if logits == 1.0 else logits)
 
 
 def qwen2(c: _Config) -> ModelSpec:
@@ -607,9 +622,8 @@ def bloom(c: _Config) -> ModelSpec:
 
 
 FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
-    "llama": llama, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma, "gemma2": gemma2,
-    "gemma3_text": gemma3_text,
-    "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
+    "llama": llama, "granite": granite, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma,
+    "gemma2": gemma2, "gemma3_text": gemma3_text, "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
     "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
 }
@@ -752,7 +766,7 @@ def hf_names(spec: ModelSpec, *, fused_experts: bool = False) -> dict[str, Recip
         if bias:
             out[f"{canon}.bias"] = (op if op != "T" else "copy", (f"{hf}.bias",))
 
-    if f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
+    if f in ("llama", "granite", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
              "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):
         out["embed.weight"] = ("copy", ("model.embed_tokens.weight",))
         norm("final_norm", "model.norm")
@@ -975,6 +989,7 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
                                                                            for t in ts):
                 raise ConfigError(f"checkpoint: {names[0]} is quantised, and the {spec.model_type} model's "
                                   f"{canon} needs it reordered ({op}): not served for quantised checkpoints")
+            branch_scaled(spec, canon, ts[0])   # (refuses a scale it cannot fold in)
             if op in ("stack", "stack_pairs"):   # experts: one QuantExperts of their parts (models/loading.py)
                 step = 2 if op == "stack_pairs" else 1
                 out[canon] = QuantStack([list(ts[j:j + step]) for j in range(0, len(ts), step)])
@@ -1005,9 +1020,24 @@ def canonical_state_dict(spec: ModelSpec, tensors: Mapping[str, Any]) -> dict[st
                  else shared_down_slices(ts[0], spec.moe.inter))
         else:   # pragma: no cover
             raise AssertionError(op)
-        out[canon] = t
+        out[canon] = branch_scaled(spec, canon, t)
     _check_shapes(spec, out)
     return out
+
+
+_BRANCH_OUT = re.compile(r"layers\.\d+\.(attn\.o|mlp\.down)\.(weight|bias)")
+
+
+def branch_scaled(spec: ModelSpec, canon: str, t):
+    """A canonical tensor with the family's residual_scale folded in where it is o's or down's weight or bias (the
+    branches' outputs: Granite's residual_multiplier); any other as it is."""
+    if getattr(spec, "residual_scale", None) is None or not _BRANCH_OUT.fullmatch(canon):   # (MambaSpec: none)
+        return t
+    import torch
+    if not isinstance(t, torch.Tensor):
+        raise ConfigError(f"checkpoint: {canon} is quantised: {spec.model_type}'s residual_multiplier cannot be "
+                          f"folded into it (not served)")
+    return t * spec.residual_scale
 
 
 def _prediction_layer(spec: ModelSpec, name: str) -> bool:

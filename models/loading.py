@@ -420,7 +420,7 @@ def read_rank_state_dict(files: list[Path], spec, *, tp_rank: int = 0, tp_size: 
     shared expert's slices. Read whole, then split: GPT-NeoX's and BLOOM's head-interleaved q/k/v
     and Falcon's grouped q/k/v (reordered by a whole read), the replicated tensors (norms, router,
     shared-expert gate), and the row-split biases on rank 0 (the other ranks' zeros read nothing)."""
-    from .families import canonical_state_dict, checkpoint_key, hf_names
+    from .families import branch_scaled, canonical_state_dict, checkpoint_key, hf_names
     from .parallel import apply_shard_plan, shard_plan, stage_state_dict
     from contextlib import ExitStack
     layers = range(spec.num_layers) if layers is None else layers
@@ -464,7 +464,7 @@ def read_rank_state_dict(files: list[Path], spec, *, tp_rank: int = 0, tp_size: 
                                                                      lambda n: meta[file_of[n]].shape)) is None:
                 whole.append(canon)
             else:
-                out[canon] = t
+                out[canon] = branch_scaled(spec, canon, t)
         if whole:   # the recipes' own reordering on whole reads (the rest stays on the meta device)
             needed = {file_of[n] for c in whole for n in recipes[c][1]}
             real = {n: (where[n].get_tensor(n) if n in needed else t) for n, t in meta.items()}

@@ -545,6 +545,8 @@ class DecoderModel(LanguageModelWeights, torch.nn.Module):
         cap = self.spec.final_logit_softcap
         if cap:   # Gemma-2, as transformers: in the logits' dtype
             logits = torch.tanh(logits / cap) * cap
+        if self.spec.logit_divisor:   # Granite, as transformers
+            logits = logits / self.spec.logit_divisor
         return logits
 
     @torch.no_grad()

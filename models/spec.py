@@ -147,6 +147,10 @@ class ModelSpec:
     embed_scale: float | None = None    # Gemma: x * sqrt(H), in the model dtype
     embed_norm: bool = False        # BLOOM: LayerNorm after the embedding
     final_logit_softcap: float | None = None   # Gemma-2
+    logit_divisor: float | None = None   # Granite: logits / logits_scaling
+    # Granite: each branch's output times this before the residual add (o's and down's weights and biases are
+    # scaled by it when the checkpoint is read: models/families.canonical_state_dict)
+    residual_scale: float | None = None
     tie_word_embeddings: bool = False
     lm_head_bias: bool = False
     # what else the family wants known (e.g. the config it came from), never read by the model

@@ -15,6 +15,9 @@ def tiny_configs(head_dim: int = 16) -> dict[str, tuple[str, dict]]:
         "llama3_scaled": ("LlamaConfig", dict(common, num_key_value_heads=2, rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64))),
+        # IBM Granite: Llama with its four multipliers (embedding, attention scale, residual branches, logits)
+        "granite": ("GraniteConfig", dict(common, num_key_value_heads=2, embedding_multiplier=12.0,
+                                          attention_multiplier=0.125, residual_multiplier=0.22, logits_scaling=8.0)),
         "mistral": ("MistralConfig", dict(common, num_key_value_heads=2, sliding_window=6)),
         "qwen2": ("Qwen2Config", dict(common, num_key_value_heads=2)),
         "qwen3": ("Qwen3Config", dict(common, num_key_value_heads=2, head_dim=head_dim)),

@@ -316,7 +316,7 @@ def test_a_config_file_path_and_a_pretrained_config(tmp_path):
 
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("cfg, message", [
-    ({"model_type": "foo"}, "config.json: model_type 'foo' is not supported (supported: llama, mistral"),
+    ({"model_type": "foo"}, "config.json: model_type 'foo' is not supported (supported: llama, granite, mistral"),
     ({"hidden_size": 8}, "config.json: missing 'model_type'"),
     ({k: v for k, v in LLAMA.items() if k != "num_attention_heads"}, "llama config: missing 'num_attention_heads'"),
     ({k: v for k, v in GPT2.items() if k != "n_embd"}, "gpt2 config: missing 'n_embd'"),
@@ -475,6 +475,8 @@ def hf_configs():
                                head_dim=16, **TINY),
         "gemma2": t.Gemma2Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                                  head_dim=16, **TINY),
+        "granite": t.GraniteConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                   residual_multiplier=0.5, **TINY),
         "gemma3_text": t.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
                                           num_key_value_heads=2, head_dim=16, **TINY),
         "phi3": t.Phi3Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -557,8 +559,8 @@ def test_canonical_qkv_rows_reproduce_the_hf_projections(hf_models, name):
 def hf_qkv(name, model, i, x, cfg):
     """transformers' q [B, S, Hq, D], k and v [B, S, Hkv, D] for layer i's input x (before RoPE)."""
     B, S, _ = x.shape
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe",
-                "qwen3_moe"):
+    if name in ("llama", "granite", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral",
+                "qwen2_moe", "qwen3_moe"):
         a = model.model.layers[i].self_attn
         D = a.head_dim
         return tuple(p(x).view(B, S, -1, D) for p in (a.q_proj, a.k_proj, a.v_proj))
@@ -603,9 +605,10 @@ def hf_qkv(name, model, i, x, cfg):
 
 
 def hf_o(name, model, i, o):
-    if name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
-                "qwen3_moe"):
-        return model.model.layers[i].self_attn.o_proj(o)
+    if name in ("llama", "granite", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
+                "qwen2_moe", "qwen3_moe"):
+        # (Granite's branch output, times residual_multiplier: folded into the canonical o weight)
+        return model.model.layers[i].self_attn.o_proj(o) * getattr(model.config, "residual_multiplier", 1.0)
     if name == "gpt_neox":
         return model.gpt_neox.layers[i].attention.dense(o)
     if name.startswith("falcon") or name == "bloom":

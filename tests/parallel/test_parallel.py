@@ -51,6 +51,12 @@ def test_pipeline_parallel_equals_one_process(cases):
     run_ranks(workers.check_models, 2, [cases["llama"], cases["gemma"]], 1, 2)
 
 
+def test_granite_tensor_parallel_reads_its_scaled_slices(tmp_path_factory):
+    """TP = 2 of Granite: each rank reads its slices of o and down from the files (models/loading.
+    read_rank_state_dict) with the residual multiplier folded in, as the one-process model does."""
+    run_ranks(workers.check_models, 2, list(_built(tmp_path_factory, ("granite",)).values()), 2, 1)
+
+
 @pytest.fixture(scope="module")
 def alibi_cases(tmp_path_factory):
     return _built(tmp_path_factory, ("bloom", "falcon_alibi"))
