@@ -623,7 +623,8 @@ def bloom(c: _Config) -> ModelSpec:
 
 FAMILIES: dict[str, Callable[[_Config], ModelSpec]] = {
     "llama": llama, "granite": granite, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "gemma": gemma,
-    "gemma2": gemma2, "gemma3_text": gemma3_text, "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon, "gpt2": gpt2, "bloom": bloom,
+    "gemma2": gemma2, "gemma3_text": gemma3_text, "phi3": phi3, "gpt_neox": gpt_neox, "falcon": falcon,
+    "gpt2": gpt2, "bloom": bloom,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
     "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3,
 }
