@@ -95,9 +95,10 @@ class WGTileConfig:
     rope_regs: bool = False      # (with rope_batch, where it rotates in 16-byte runs) q's rotated columns read from
                                  # global memory into registers, rotated there and stored (the template's ROPE_REGS):
                                  # no copy wait, barrier or shared-memory read before the rotation; not with q_next
-    tile_branch: bool = False    # (with overlap, a mask with full tiles) the full-tile branch around both rows' softmax,
-                                 # not in each row (the template's TILE_BRANCH): the P V's wait stays after the second
-                                 # row's exponentials (ptxas puts it early in its block); the softmax rendered twice
+    tile_branch: bool = False    # (with overlap, a mask with full tiles) the full-tile branch around both rows'
+                                 # softmax, not in each row (the template's TILE_BRANCH): the P V's wait stays after
+                                 # the second row's exponentials (ptxas puts it early in its block); the softmax
+                                 # rendered twice
 
     def __post_init__(self):
         if self.consumers not in (2, 3):
@@ -150,7 +151,8 @@ class WGTileConfig:
                 + (("l" if self.lpt == LPT_CTAS else f"l{self.lpt}") if self.lpt else "") + ("p" if self.pairs else "")
                 + ("b" if self.rope_batch else "") + ("q" if self.persist else "") + ("e" if self.q_next else "")
                 + (f"x{self.poly}" if self.poly else "") + (f"y{self.chains}" if self.chains > 1 else "")
-                + ("u" if self.staged_out else "") + ("i" if self.rope_regs else "") + ("j" if self.tile_branch else ""))
+                + ("u" if self.staged_out else "") + ("i" if self.rope_regs else "")
+                + ("j" if self.tile_branch else ""))
 
     @property
     def threads(self) -> int:

@@ -281,11 +281,11 @@ def test_staged_out_compiles_and_stores_16_bytes(prog, name, d, monkeypatch):
 @pytest.mark.parametrize("name,d", [("gpt2_attn", 128), ("llama_attn", 128), ("gpt2_attn", 64), ("gemma2_attn", 256),
                                     ("mistral_attn", 128)])
 def test_tile_branch_keeps_the_pv_wait_after_the_softmax(prog, name, d, monkeypatch):
-    """The full-tile branch around both rows' softmax (WGTileConfig.tile_branch, label j; LAYERFORGE_WGMMA_TILE_BRANCH=1,
-    off until measured) on the plan the other options give, spill-free: in its SASS no exponential of a tile's softmax
-    comes after the overlap schedule's wait for the previous P V, where without it ptxas put that wait early in the
-    block after the second row's max and left about half of them behind it (benchmarks/sass_loops.
-    sfu_after_full_wait). Off (the default), the source is the plan's as it was."""
+    """The full-tile branch around both rows' softmax (WGTileConfig.tile_branch, label j;
+    LAYERFORGE_WGMMA_TILE_BRANCH=1, off until measured) on the plan the other options give, spill-free: in its SASS
+    no exponential of a tile's softmax comes after the overlap schedule's wait for the previous P V, where without
+    it ptxas put that wait early in the block after the second row's max and left about half of them behind it
+    (benchmarks/sass_loops.sfu_after_full_wait). Off (the default), the source is the plan's as it was."""
     from layerforge.codegen.attention_wgmma import default_options
     from layerforge.runtime.launch import compile_fn
     consts = {"window": 64} if name in ("gemma2_attn", "mistral_attn") else {}
