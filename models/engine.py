@@ -98,6 +98,8 @@ class Engine:
                                       max_pages_per_seq=pages_per_seq)
         self.cache.allocate(self.pad_slot, 1)
         self._free = list(range(max_seqs - 1, -1, -1))
+        # LongRoPE (Phi-3's long-context models): the length past which a sequence takes the long factors
+        self._longrope = getattr(model, "longrope_threshold", lambda: None)()
         self.seqs: dict[int, _Seq] = {}
         on_gpu = model.device.type == "cuda"
         if cuda_graphs and not on_gpu:
@@ -200,7 +202,7 @@ class Engine:
             for _, s in work:
                 s.fed += 1
             return {slot: logits[i] for i, slot in enumerate(slots)}
-        threshold = getattr(self.model, "longrope_threshold", lambda: None)()
+        threshold = self._longrope
         if threshold is not None:
             for slot, s in work:
                 if 0 < s.fed <= threshold < len(s.tokens):

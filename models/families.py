@@ -466,11 +466,6 @@ def gemma2(c: _Config) -> ModelSpec:
     return _gemma_common(c, gemma2=True)
 
 
-def qk_norm_kind(spec: ModelSpec) -> str:
-    """The per-head q / k norm of a qk_norm model: Gemma's (1 + w) where its norms are, else RMSNorm (Qwen3)."""
-    return "rms_1p" if spec.norm == "rms_1p" else "rms"
-
-
 def _gemma3_ropes(c: _Config, D: int) -> dict[str, tuple[float, int, tuple | None]]:
     """Gemma 3's RoPE by layer type: transformers 5's `rope_parameters` per type ({"sliding_attention": {...},
     "full_attention": {...}}), or the older keys (`rope_theta` and `rope_scaling` for the full layers,
@@ -500,7 +495,7 @@ def gemma3_text(c: _Config) -> ModelSpec:
     Hkv = c.kv_heads(Hq)
     act = c.activation("hidden_activation", "hidden_act", default="gelu_pytorch_tanh",
                        aliases={"gelu": "gelu_pytorch_tanh"})
-    pattern = c.int("sliding_window_pattern", default=6)
+    pattern = c.int("sliding_window_pattern", "_sliding_window_pattern", default=6)   # (transformers 5's name)
     windows = _layer_windows(c, n, _window(c), lambda i: (i + 1) % pattern != 0)
     ropes = _gemma3_ropes(c, D)
     softcap = c.float("attn_logit_softcapping", default=0.0)
@@ -1264,7 +1259,7 @@ def definitions_for(spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
     for name in _NORM_DEFS[norm_key]:
         out.append((name, {"H": spec.hidden_size}))
     if spec.qk_norm:    # Qwen3's / Gemma 3's per-head RMSNorm (models/model.py builds both of its kernels)
-        out += [(name, {"H": spec.head_dim}) for name in _NORM_DEFS[qk_norm_kind(spec)]]
+        out += [(name, {"H": spec.head_dim}) for name in _NORM_DEFS[spec.qk_norm_kind]]
     act = _ACT_DEFS.get((spec.gated, spec.activation))
     if act is None:
         raise ConfigError(f"{spec.model_type}: no stdlib activation for a {'gated ' * spec.gated}{spec.activation} MLP")

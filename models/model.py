@@ -189,7 +189,7 @@ class Attention(torch.nn.Module):
         self.qkv = torch.nn.Linear(spec.hidden_size, spec.qkv_size, bias=spec.qkv_bias, dtype=td, device=device)
         self.o = torch.nn.Linear(self.hq * self.d, spec.hidden_size, bias=spec.o_bias, dtype=td, device=device)
         if spec.qk_norm:   # Qwen3's RMSNorm of each head, Gemma 3's (1 + w) one
-            kind = "rms_1p" if spec.norm == "rms_1p" else "rms"
+            kind = spec.qk_norm_kind
             self.q_norm = Norm(kind, self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
             self.k_norm = Norm(kind, self.d, spec.norm_eps, bias=False, program=program, dtype=dtype, device=device)
         else:

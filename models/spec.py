@@ -157,6 +157,12 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
+    def qk_norm_kind(self) -> str:
+        """The per-head q / k norm of a qk_norm model: Gemma's (1 + w) where its norms are (Gemma 3), else
+        RMSNorm (Qwen3)."""
+        return "rms_1p" if self.norm == "rms_1p" else "rms"
+
+    @property
     def qkv_size(self) -> int:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 

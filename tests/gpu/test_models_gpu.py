@@ -13,7 +13,7 @@ from layerforge.models.engine import Engine, generate
 from layerforge.runtime import moe
 from layerforge.runtime.mla_decode import MLADecode
 
-from ..models.hf_tiny import MLA_FAMILIES, MOE_FAMILIES, routed_logits, tiny_configs, tiny_loader
+from ..models.hf_tiny import MLA_FAMILIES, MOE_FAMILIES, engine_logits, routed_logits, tiny_configs, tiny_loader
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")
@@ -373,11 +373,5 @@ def test_longrope_decode_crosses_to_the_long_factors(loaded):
         out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=14, do_sample=False,
                           output_logits=True, return_dict_in_generate=True)
     feed = out.sequences[0, 10:-1].tolist()
-    eng = Engine(ours, max_seqs=1, max_seq_len=64, cuda_graphs=False)
-    slot = eng.add(prompt)
-    got = [eng.step()[slot]]
-    for tok in feed:
-        eng.feed(slot, tok)
-        got.append(eng.step()[slot])
-    for step, (a, b) in enumerate(zip(got, out.logits)):
+    for a, b in zip(engine_logits(ours, prompt, feed), out.logits):
         _close(a, b[0])

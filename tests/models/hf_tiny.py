@@ -170,3 +170,15 @@ def routed_logits(hf, ours, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     for a, b in zip(theirs, mine):
         same &= (a.sort(-1).values.cpu() == b.long().sort(-1).values.cpu()).all(-1).view(B, S)
     return got, ref, same.cumprod(-1).bool()
+
+
+def engine_logits(model, prompt: list[int], feed: list[int]) -> list[torch.Tensor]:
+    """An eager Engine's logits for the prompt, then for each token of `feed` fed in turn (one sequence)."""
+    from layerforge.models.engine import Engine
+    eng = Engine(model, max_seqs=1, max_seq_len=64, cuda_graphs=False)
+    slot = eng.add(prompt)
+    got = [eng.step()[slot]]
+    for tok in feed:
+        eng.feed(slot, tok)
+        got.append(eng.step()[slot])
+    return got

@@ -13,7 +13,7 @@ import layerforge as lf
 from layerforge.models.engine import Engine
 from layerforge.models.families import definitions_for, spec_from_config
 
-from .hf_tiny import make_tiny, tiny_configs
+from .hf_tiny import engine_logits, make_tiny, tiny_configs
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,22 +32,13 @@ def test_longrope_switches_to_the_long_factors_past_the_original_length(tmp_path
                           return_dict_in_generate=True)
     feed = out.sequences[0, 10:-1].tolist()
     ref = [x[0] for x in out.logits]
-
-    def run(model):
-        eng = Engine(model, max_seqs=1, max_seq_len=64, cuda_graphs=False)
-        slot = eng.add(prompt)
-        got = [eng.step()[slot]]
-        for tok in feed:
-            eng.feed(slot, tok)
-            got.append(eng.step()[slot])
-        return got
-    got = run(ours)
+    got = engine_logits(ours, prompt, feed)
     for i, (a, b) in enumerate(zip(got, ref)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=f"step {i}")
     # the short factors throughout match up to position 16 and not after: the steps above tell the two apart
     for layer in ours.layers:
         layer.attn.long = None
-    short = run(ours)
+    short = engine_logits(ours, prompt, feed)
     err = [(a - b).abs().max().item() / b.abs().max().item() for a, b in zip(short, ref)]
     assert max(err[:7]) < 1e-4 and max(err[7:]) > 1e-3, err
 
